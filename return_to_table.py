@@ -1,0 +1,2216 @@
+#!/usr/bin/env python3
+"""Return To Table: the daily reactivation campaign for dormant members of a social-dining app.
+
+It reads members and events (MongoDB, a mongoexport folder, or a built-in demo world), finds the
+members 31 to 90 days away from their last table whose profile is rich enough to personalise,
+ranks them, picks for each the one upcoming public event most likely to bring them back, drafts a
+welcome-back SMS for it, and stores users, events, matches and messages in Firebase, where people
+review and approve every message before anything is sent. Then it writes a report.
+
+The file reads top-down in the plan's step order: configuration, data loading, the rules (pure
+functions), the service edges (MongoDB, Claude, Firebase), the ``ReturnToTable`` orchestration,
+and the command line.
+"""
+
+from __future__ import annotations
+
+import argparse
+import csv
+import hashlib
+import json
+import logging
+import math
+import os
+import random
+import re
+import sys
+import unicodedata
+from collections import Counter
+from collections.abc import Iterable, Mapping, Sequence
+from dataclasses import dataclass, field
+from datetime import UTC, datetime, timedelta, timezone
+from pathlib import Path
+from typing import Any, Protocol, TypedDict
+from urllib.parse import quote_plus
+from zoneinfo import ZoneInfo, ZoneInfoNotFoundError
+
+from bson import ObjectId, json_util
+from bson.errors import InvalidId
+from dotenv import dotenv_values
+
+# =============================================================================================
+# Configuration
+# =============================================================================================
+
+SCRIPT_DIR = Path(__file__).resolve().parent
+DOTENV_PATH = SCRIPT_DIR / ".env"
+CENTROIDS_CSV = SCRIPT_DIR / "data" / "nyc_nta2020_centroids.csv"
+
+CAMPAIGN_NAME = "return-to-table"
+MATCH_PURPOSE = "reactivate_dormant_user"
+EVENT_LINK_PREFIX = "https://cuculi.net/events/"
+USER_COLLECTION = "user"
+EVENT_COLLECTION = "event"
+PROFILE_FIELDS = (
+    "firstName", "lastName", "email", "phone", "gender", "interests", "occupation",
+    "homeNeighborhood",
+)
+MIN_PROFILE_FIELDS = 4
+DEFAULT_TIMEZONE = "America/New_York"
+DEFAULT_BASE_PATH = "Leo"
+
+EXIT_OK = 0
+EXIT_FAILURE = 1
+EXIT_USAGE = 2
+
+
+class UsageError(Exception):
+    """Bad input or configuration: the operator gets one line and exit code 2, never a traceback."""
+
+
+@dataclass(frozen=True)
+class Settings:
+    """What the environment (and ``.env``) configures: services, secrets and the campaign zone.
+
+    No secret, host or database name has a default here: an unset value means "not configured".
+    """
+
+    mongo_uri: str | None = None
+    mongo_db_name: str | None = None
+    firebase_url: str | None = None
+    firebase_base_path: str = DEFAULT_BASE_PATH
+    firebase_auth_token: str | None = None
+    google_credentials: str | None = None
+    anthropic_api_key: str | None = None
+    campaign_timezone: str = DEFAULT_TIMEZONE
+    env: Mapping[str, str] = field(default_factory=dict, repr=False)
+
+    @classmethod
+    def from_env(cls, env: Mapping[str, str]) -> Settings:
+        """Read settings from a mapping (the process environment over ``.env``)."""
+
+        def get(name: str) -> str | None:
+            value = (env.get(name) or "").strip()
+            return value or None
+
+        mongo_uri = get("MONGO_URI")
+        if not mongo_uri and get("MONGO_HOST"):
+            user, password, host = get("MONGO_USERNAME"), get("MONGO_PASSWORD"), get("MONGO_HOST")
+            if not (user and password):
+                raise UsageError("MONGO_HOST is set: set MONGO_USERNAME and MONGO_PASSWORD too "
+                                 "(or one MONGO_URI)")
+            credentials = f"{quote_plus(user)}:{quote_plus(password)}"
+            mongo_uri = f"mongodb+srv://{credentials}@{host}/?retryWrites=true&w=majority"
+        zone = get("CAMPAIGN_TIMEZONE") or DEFAULT_TIMEZONE
+        try:
+            ZoneInfo(zone)
+        except (ZoneInfoNotFoundError, ValueError):
+            raise UsageError(f"CAMPAIGN_TIMEZONE={zone!r} is not an IANA time zone") from None
+        return cls(
+            mongo_uri=mongo_uri,
+            mongo_db_name=get("MONGO_DB_NAME"),
+            firebase_url=(get("FIREBASE_DATABASE_URL") or "").rstrip("/") or None,
+            firebase_base_path=(get("FIREBASE_BASE_PATH") or DEFAULT_BASE_PATH).strip("/"),
+            firebase_auth_token=get("FIREBASE_AUTH_TOKEN"),
+            google_credentials=get("GOOGLE_APPLICATION_CREDENTIALS"),
+            anthropic_api_key=get("ANTHROPIC_API_KEY"),
+            campaign_timezone=zone,
+            env=dict(env),
+        )
+
+    @property
+    def zone(self) -> ZoneInfo:
+        return ZoneInfo(self.campaign_timezone)
+
+
+def read_environment(dotenv_path: Path | None = None) -> dict[str, str]:
+    """The real environment laid over ``.env``: python-dotenv, never overriding what is set."""
+    path = dotenv_path or DOTENV_PATH
+    from_file = {k: v for k, v in dotenv_values(path).items() if v is not None} if path.is_file() else {}
+    return {**from_file, **os.environ}
+
+
+@dataclass(frozen=True)
+class RunOptions:
+    """One run's choices, from the command line."""
+
+    source: str  # "demo", "mongo", or a folder path
+    now: datetime
+    out_dir: Path
+    limit: int = 10
+    llm: str = "off"  # resolved: "claude" or "off"
+    dry_run: bool = False
+    min_confidence: float = 70.0
+    candidates: int = 15
+    concurrency: int = 6
+    cooldown_days: int = 30
+    insecure_tls: bool = False
+    verbose: bool = False
+
+    @property
+    def is_demo(self) -> bool:
+        return self.source == "demo"
+
+
+def setup_logging(out_dir: Path, now: datetime, verbose: bool = False) -> tuple[logging.Logger, Path]:
+    """The plan's logging: a timestamped DEBUG file under ``logs/`` and INFO on the console.
+
+    Console and INFO lines never carry an email address or a phone number.
+    """
+    log_dir = out_dir / "logs"
+    log_dir.mkdir(parents=True, exist_ok=True)
+    log_file = log_dir / f"return_to_table_{now.strftime('%Y-%m-%d_%H-%M-%S')}.log"
+    logger = logging.getLogger("ReturnToTable")
+    logger.setLevel(logging.DEBUG)
+    logger.propagate = False
+    for handler in list(logger.handlers):
+        handler.close()
+        logger.removeHandler(handler)
+    file_handler = logging.FileHandler(log_file, encoding="utf-8")
+    file_handler.setLevel(logging.DEBUG)
+    file_handler.setFormatter(logging.Formatter(
+        "%(asctime)s - %(name)s - %(levelname)s - %(message)s", datefmt="%Y-%m-%d %H:%M:%S"))
+    console = logging.StreamHandler(sys.stdout)
+    console.setLevel(logging.DEBUG if verbose else logging.INFO)
+    console.setFormatter(logging.Formatter("%(levelname)s - %(message)s"))
+    logger.addHandler(file_handler)
+    logger.addHandler(console)
+    logger.info("Logging initialized. Log file: %s", log_file)
+    return logger, log_file
+
+
+def close_logging(logger: logging.Logger) -> None:
+    for handler in list(logger.handlers):
+        handler.close()
+        logger.removeHandler(handler)
+
+
+# =============================================================================================
+# Data loading: dates, ids, files and the demo world
+# =============================================================================================
+
+
+def to_utc(value: Any) -> datetime | None:
+    """Any date form found in the data as an aware UTC datetime, or None.
+
+    BSON dates come back naive (they are UTC); ISO strings may carry Z, an offset or nothing
+    (nothing means UTC); numbers are epoch milliseconds. Anything else is no date.
+    """
+    if isinstance(value, datetime):
+        return value.replace(tzinfo=UTC) if value.tzinfo is None else value.astimezone(UTC)
+    if isinstance(value, bool):
+        return None
+    if isinstance(value, (int, float)):
+        try:
+            if not math.isfinite(value):
+                return None
+            return datetime.fromtimestamp(value / 1000, tz=UTC)
+        except (OverflowError, OSError, ValueError):
+            return None
+    if isinstance(value, str):
+        text = value.strip()
+        if not text or not text[0].isdigit():
+            return None
+        try:
+            parsed = datetime.fromisoformat(text.replace("z", "Z"))
+        except ValueError:
+            return None
+        return parsed.replace(tzinfo=UTC) if parsed.tzinfo is None else parsed.astimezone(UTC)
+    if isinstance(value, Mapping) and "$date" in value:
+        inner = value["$date"]
+        if isinstance(inner, Mapping) and "$numberLong" in inner:
+            try:
+                return to_utc(int(inner["$numberLong"]))
+            except (TypeError, ValueError):
+                return None
+        return to_utc(inner)
+    return None
+
+
+def iso_utc(moment: datetime | None) -> str | None:
+    """ISO-8601 in UTC with milliseconds and Z, the plan's timestamp form."""
+    if moment is None:
+        return None
+    moment = moment.astimezone(UTC)
+    return moment.strftime("%Y-%m-%dT%H:%M:%S.") + f"{moment.microsecond // 1000:03d}Z"
+
+
+def id_of(value: Any) -> str | None:
+    """A document id as a string: ObjectId, id string, or an object holding ``_id``/``userId``/``id``."""
+    if isinstance(value, ObjectId):
+        return str(value)
+    if isinstance(value, str):
+        return value.strip() or None
+    if isinstance(value, Mapping):
+        for key in ("$oid", "_id", "userId", "id"):
+            if key in value:
+                return id_of(value[key])
+    return None
+
+
+def to_plain(value: Any) -> Any:
+    """A document made JSON-ready: ObjectIds as strings, dates as ISO UTC, recursively."""
+    if isinstance(value, ObjectId):
+        return str(value)
+    if isinstance(value, datetime):
+        return iso_utc(to_utc(value))
+    if isinstance(value, Mapping):
+        if set(value) == {"$oid"}:
+            return id_of(value)
+        return {str(k): to_plain(v) for k, v in value.items()}
+    if isinstance(value, (list, tuple)):
+        return [to_plain(v) for v in value]
+    if isinstance(value, float) and not math.isfinite(value):
+        return None
+    if value is None or isinstance(value, (str, int, float, bool)):
+        return value
+    return str(value)
+
+
+def load_collection_file(path: Path) -> list[dict[str, Any]]:
+    """One ``mongoexport`` file: a JSON array (``--jsonArray``) or JSON Lines, Extended JSON either way."""
+    try:
+        text = path.read_text(encoding="utf-8-sig")
+    except FileNotFoundError:
+        raise UsageError(f"{path}: file not found") from None
+    except (OSError, UnicodeDecodeError) as exc:
+        raise UsageError(f"{path}: cannot read ({exc.__class__.__name__}: {exc})") from None
+    stripped = text.strip()
+    try:
+        if not stripped:
+            docs: Any = []
+        elif stripped.startswith("["):
+            docs = json_util.loads(stripped)
+        else:
+            docs = [json_util.loads(line) for line in stripped.splitlines() if line.strip()]
+    except (ValueError, TypeError, InvalidId) as exc:
+        raise UsageError(f"{path}: invalid JSON ({exc})") from None
+    if not isinstance(docs, list) or not all(isinstance(d, dict) for d in docs):
+        raise UsageError(f"{path}: expected a JSON array of documents or one document per line")
+    return docs
+
+
+def require_ids(docs: Iterable[Mapping[str, Any]], what: str) -> None:
+    """Every document needs an ``_id``: without one, nothing can point at it safely."""
+    for position, doc in enumerate(docs):
+        if id_of(doc.get("_id")) is None:
+            raise UsageError(f"{what}: document #{position + 1} has no _id")
+
+
+# --- the demo world ----------------------------------------------------------------------------
+
+
+def build_demo_world(now: datetime) -> tuple[list[dict[str, Any]], list[dict[str, Any]]]:
+    """Return fictional raw (users, events) documents as Mongo would hand them over.
+
+    Why: the CLI must be demoable and testable without a database, so this builds
+    dormant / active / churned / eventless users and deliberately messy fields
+    (missing keys, odd id and date shapes) that the cleaning code has to survive.
+    Deterministic for a given `now` (fixed-seed RNG); all dates are relative to it.
+    """
+    rng = random.Random(20240611)
+    now = now.astimezone(UTC)
+    interests = [
+        "music", "clubbing", "food", "wine", "cocktails", "travel", "reading", "fashion",
+        "finance", "outdoor", "hiking", "fitness", "yoga", "art", "comedy", "theater", "film",
+        "tech", "startups", "photography", "cooking", "coffee", "brunch", "dancing", "games",
+        "sports", "networking", "jazz",
+    ]
+    # First interest always has an obvious event synonym, so every user is matchable.
+    core = [i for i in interests if i not in ("travel", "fashion", "finance", "photography")]
+    city = [  # Manhattan + Brooklyn: where events mostly happen
+        "hells-kitchen", "west-village", "east-village", "midtown-east", "soho", "tribeca",
+        "chelsea", "lower-east-side", "upper-west-side", "upper-east-side", "harlem",
+        "financial-district", "gramercy", "murray-hill", "flatiron", "chinatown",
+        "williamsburg", "greenpoint", "bushwick", "park-slope", "dumbo", "fort-greene",
+        "crown-heights",
+    ]
+    hoods = [*city, "astoria", "long-island-city"]
+    firsts = [
+        "Aaliyah", "Mateo", "Priya", "Jamal", "Sofia", "Wei", "Fatima", "Diego", "Hannah",
+        "Kwame", "Yuki", "Isabella", "Omar", "Grace", "Dmitri", "Amara", "Luis", "Mei", "Noah",
+        "Ananya", "Tariq", "Camila", "Ethan", "Nia", "Rafael", "Leah", "Hiroshi", "Maya",
+        "Santiago", "Esther", "Kofi", "Rosa", "Jae-won", "Thandiwe", "Bogdan", "Marisol",
+    ]
+    # Non-GSM-7 letters + one very long name; given to clean dormant users (SMS encoding).
+    special = ["Zoë", "Łukasz", "Siobhán", "Nguyễn", "Chloé", "Alexandrina-Konstantina-Maria"]
+    lasts = [
+        "Rivera", "Chen", "Patel", "Johnson", "Okafor", "Kim", "Goldberg", "Nguyen", "Rossi",
+        "Haddad", "Morales", "O'Brien", "Kowalski", "Tanaka", "Williams", "Mensah", "Cohen",
+        "Singh", "Garcia", "Park", "Ivanova", "Brown", "Diallo", "Ortiz",
+    ]
+    occupations = [
+        "AI Specialist", "Architect", "Editor", "Illustrator", "Urban Planner",
+        "Software Engineer", "Nurse", "Chef", "Product Designer", "Teacher", "Lawyer",
+        "Data Analyst", "Barista", "Photographer", "Consultant",
+    ]
+    # (name, categories, features, blurb, slot) -- slot "b" = brunch time, "d" = dinner.
+    templates = [
+        ("Karaoke Night", "MUSIC BAR", "karaoke groups", "Belt out 2000s anthems in a private room", "d"),
+        ("Ramen Supper Club", "DINNER", "supper-club family-style", "Slurp four regional ramen styles at one long table", "d"),
+        ("Sunrise Hike & Brunch", "OUTDOOR BRUNCH", "hike coffee", "Walk the riverside trail, then share a big brunch", "b"),
+        ("Natural Wine Tasting", "WINE", "wine-tasting groups", "Taste six low-intervention wines with a sommelier", "d"),
+        ("Stand-up & Dinner", "COMEDY DINNER", "stand-up", "Catch a short stand-up set over a shared dinner", "d"),
+        ("Jazz Brunch", "MUSIC BRUNCH", "jazz live-music", "A live trio plays while we linger over eggs", "b"),
+        ("Board Game Night", "GAMES BAR", "board-games trivia groups", "Settle in for strategy games and a trivia round", "d"),
+        ("Rooftop DJ Night", "MUSIC BAR", "dj dancing rooftop cocktails", "Dance to a house DJ with skyline views", "d"),
+        ("Book Club Dinner", "BOOKS DINNER", "book-club family-style", "Discuss this month's novel over family-style plates", "d"),
+        ("Gallery Walk & Drinks", "ART BAR", "gallery cocktails", "Hop three small galleries, then grab a drink", "d"),
+        ("Run Club & Coffee", "FITNESS SPORTS", "run-club coffee", "Easy 5K loop followed by flat whites", "b"),
+        ("Pottery & Pasta", "ART COOKING DINNER", "pottery cooking-class", "Throw a bowl, then fill it with fresh pasta", "d"),
+        ("Startup Founders Dinner", "TECH NETWORKING DINNER", "startup-pitch speed-friending", "Founders swap notes and one-minute pitches", "d"),
+        ("Film Night & Tacos", "FILM DINNER", "film-screening", "Watch an indie classic with a taco spread", "d"),
+        ("Yoga & Juice", "FITNESS", "yoga", "A gentle flow class followed by cold-pressed juice", "b"),
+        ("Omakase Tasting Menu", "DINNER", "tasting-menu", "Twelve courses at an intimate counter", "d"),
+        ("Cocktail Masterclass", "BAR", "cocktails groups", "Learn three classic cocktails from a bartender", "d"),
+        ("Broadway Preview & Dinner", "THEATER DINNER", "groups", "Early dinner before a preview performance", "d"),
+        ("Open Mic & Mezcal", "MUSIC COMEDY BAR", "open-mic live-music", "Sign up for five minutes or just cheer", "d"),
+        ("Speed-Friending Mixer", "NETWORKING BAR", "speed-friending cocktails", "Meet twelve new people in an hour", "d"),
+        ("Pickup Soccer & Beers", "SPORTS OUTDOOR BAR", "groups", "Casual seven-a-side game, then the beer garden", "b"),
+        ("Dumpling Cooking Class", "COOKING DINNER", "cooking-class family-style", "Fold and pan-fry dumplings together", "d"),
+        ("Salsa Night & Tapas", "MUSIC DINNER", "dancing live-music", "Beginner salsa lesson with shared tapas", "d"),
+    ]
+    venues = [
+        "Ember & Oak", "The Lantern Room", "Juniper Hall", "Fig & Thistle", "Saltwater Social",
+        "Blue Heron Loft", "The Tin Whistle", "Marigold Studio", "Paper Crane Kitchen",
+        "Dockside Commons", "The Velvet Note", "Copperleaf Table",
+    ]
+
+    def slug(text: str) -> str:
+        """ASCII-fold names so fictional emails stay plain."""
+        folded = unicodedata.normalize("NFKD", text.replace("ł", "l").replace("Ł", "L"))
+        return "".join(c for c in folded.encode("ascii", "ignore").decode() if c.isalnum()).lower()
+
+    def fmt(dt: datetime) -> str | int:
+        """Serialise one instant in one of the messy shapes seen in production."""
+        form = rng.choices(["z", "offset", "naive", "ms"], [78, 9, 6, 7])[0]
+        if form == "offset":
+            return dt.astimezone(timezone(timedelta(hours=-5))).isoformat(timespec="seconds")
+        if form == "naive":
+            return dt.strftime("%Y-%m-%dT%H:%M:%S")  # UTC wall time, zone dropped
+        if form == "ms":
+            return int(dt.timestamp() * 1000)
+        return dt.strftime("%Y-%m-%dT%H:%M:%S.000Z")
+
+    def at(days: int, slot: str) -> datetime:
+        """NYC brunch (15-16 UTC) or evening (23-00 UTC) slot `days` from now."""
+        hour = rng.choice([15, 16]) if slot == "b" else rng.choice([23, 0])
+        day = now + timedelta(days=days)
+        return day.replace(hour=hour, minute=rng.choice([0, 30]), second=0, microsecond=0)
+
+    def ref(u: int) -> str | dict[str, str]:
+        """Participant entry: mostly a plain id, sometimes wrapped."""
+        r = rng.random()
+        if r < 0.82:
+            return uid[u]
+        return {("_id" if r < 0.88 else "userId" if r < 0.94 else "id"): uid[u]}
+
+    # --- users: a role decides when their last event happened -------------------
+    roles = ["none"] * 20 + ["dormant"] * 55 + ["active"] * 130 + ["churned"] * 95
+    rng.shuffle(roles)
+    uid = [f"64d0{i:020x}" for i in range(len(roles))]
+    by_role = {r: [i for i, x in enumerate(roles) if x == r] for r in ("none", "dormant", "active", "churned")}
+    showcase = by_role["dormant"][:10]  # clean dormant users covering all history buckets
+    kinds = [  # ~7% messy; the first 8 go to dormant users so filtering shows up in the demo
+        "sparse", "int_empty", "int_blank", "int_str", "no_first", "oid", "jersey", "no_last",
+        "no_last", "no_phone", "no_phone", "no_gender", "no_occupation", "no_hood", "sparse",
+        "sparse", "int_none", "jersey", "no_first", "oid",
+    ]
+    others = [i for i in range(len(roles)) if roles[i] != "dormant"]
+    victims = rng.sample(by_role["dormant"][10:], 8) + rng.sample(others, len(kinds) - 8)
+    messy = dict(zip(victims, kinds))
+    drop = {
+        "no_last": ("lastName",), "no_phone": ("phone",), "no_gender": ("gender",),
+        "no_occupation": ("occupation",), "no_hood": ("homeNeighborhood",), "no_first": ("firstName",),
+        "sparse": ("lastName", "phone", "gender", "occupation", "homeNeighborhood"),
+    }
+    bad_interests: dict[str, Any] = {"int_empty": [], "int_none": None, "int_blank": [""]}
+    users: list[dict[str, Any]] = []
+    for i in range(len(roles)):
+        first = special[showcase.index(i)] if i in showcase[: len(special)] else rng.choice(firsts)
+        last = rng.choice(lasts)
+        top = rng.choice(core)
+        picked = [top] + [x for x in rng.sample(interests, rng.randint(0, 5)) if x != top]
+        doc: dict[str, Any] = {
+            "_id": uid[i], "firstName": first, "lastName": last,
+            "email": f"{slug(first)}.{slug(last)}{i}@example.com", "phone": f"+121255501{i % 100:02d}",
+            "gender": rng.choices(["female", "male", "non-binary"], [48, 46, 6])[0],
+            "interests": picked, "occupation": rng.choice(occupations), "homeNeighborhood": rng.choice(hoods),
+        }
+        kind = messy.get(i, "")
+        doc = {k: v for k, v in doc.items() if k not in drop.get(kind, ())}
+        if kind in bad_interests:
+            doc["interests"] = bad_interests[kind]
+        elif kind == "int_str":
+            doc["interests"] = ", ".join(picked)
+        elif kind == "jersey":
+            doc["homeNeighborhood"] = "jersey-city"
+        elif kind == "oid":
+            doc["_id"] = {"$oid": uid[i]}
+        users.append(doc)
+
+    # --- past events: pick day offsets per window, then seat users --------------
+    days = sorted(
+        [rng.randint(1, 28) for _ in range(25)] + [rng.randint(33, 88) for _ in range(20)]
+        + [rng.randint(93, 400) for _ in range(55)],
+        reverse=True,
+    )
+    plan = [(rng.choice(templates), d) for d in days]
+    starts = [at(-d, tpl[4]) for tpl, d in plan]
+    members: list[list[int]] = [[] for _ in plan]
+    windows = {"active": (1, 28), "dormant": (33, 88), "churned": (93, 400)}
+    anchor: dict[int, int] = {}
+    for role, (lo, hi) in windows.items():
+        pool = [e for e, d in enumerate(days) if lo <= d <= hi]
+        for u in by_role[role]:
+            e = min(rng.sample(pool, 2), key=lambda x: len(members[x]))  # keep seats balanced
+            members[e].append(u)
+            anchor[u] = e
+    bucket_showcase = [1, 3, 6, 9, 11, 13, 16, 18, 21, 24]  # total events, dormant showcase
+    for role in windows:
+        for k, u in enumerate(by_role[role]):
+            if role == "dormant":
+                want = bucket_showcase[k] - 1 if k < 10 else rng.choice([0, 0, 1, 1, 2, 3, 4, 6])
+            else:
+                want = rng.choice([0, 0, 1, 1, 2, 3, 5] if role == "active" else [0, 0, 0, 1, 2])
+            older = [x for x in range(len(plan)) if starts[x] < starts[anchor[u]] and len(members[x]) < 12]
+            for x in rng.sample(older, min(want, len(older))):
+                members[x].append(u)
+    for e, seated in enumerate(members):  # top up thin events without moving anyone's last event
+        later = [u for u, a in anchor.items() if starts[a] > starts[e] and u not in seated]
+        seated.extend(rng.sample(later, max(0, 2 - len(seated))))
+
+    events: list[dict[str, Any]] = []
+
+    def add(tpl: tuple[str, ...], when: Any, seated: list[int], owner: int, **extra: Any) -> dict[str, Any]:
+        """Append one raw event document built from a template."""
+        venue = rng.choice(venues)
+        hood = rng.choice(hoods if rng.random() < 0.1 else city)
+        doc = {
+            "_id": f"65e0{len(events):020x}", "name": tpl[0], "description": f"{tpl[3]} at {venue}.",
+            "venueName": venue, "neighborhood": hood, "categories": tpl[1].split(),
+            "features": tpl[2].split(), "participants": [ref(u) for u in seated],
+            "maxParticipants": max(len(seated), rng.randint(4, 20)), "startDate": when,
+            "type": "private" if rng.random() < 0.1 else "public", "active": rng.random() > 0.08,
+            "eventStatus": rng.choices(["approved", "pending", "cancelled", None], [85, 4, 5, 6])[0],
+            "ownerId": uid[owner],
+        }
+        doc.update(extra)
+        if doc["eventStatus"] is None:
+            del doc["eventStatus"]
+        events.append(doc)
+        return doc
+
+    for (tpl, _), start, seated in zip(plan, starts, members):
+        add(tpl, fmt(start), seated, rng.choice(seated))
+    for e, odd in zip(rng.sample(range(len(events)), 4), [None, 42, {"name": "x"}, "dup"]):
+        plist = events[e]["participants"]
+        plist.append(plist[0] if odd == "dup" else odd)
+
+    # --- future events: first pass of templates all open; then the edge cases ----
+    states = {
+        23: "full", 24: "full", 25: "full", 26: "full", 27: "over", 28: "nomax", 29: "zero",
+        30: "private", 31: "private", 32: "private", 33: "inactive", 34: "inactive",
+        35: "pending", 36: "cancelled", 37: "nostatus",
+    }
+    active = by_role["active"][:60]  # only some active users already hold a future RSVP
+    for f in range(50):
+        tpl = templates[f % len(templates)]
+        if f == 3:
+            tpl = (tpl[0] + ": Orange, Pét-Nat & Skin-Contact Pours from Finger Lakes Producers",) + tpl[1:]
+        state = states.get(f, ("low", "mid", "high")[f % 3])
+        cap = rng.randint(12, 20) if state == "high" else rng.randint(4, 20)
+        n = {
+            "low": int(cap * rng.uniform(0, 0.29)), "high": cap - rng.randint(1, 2), "full": cap,
+            "over": cap + 2, "nomax": rng.randint(2, 8), "zero": rng.randint(1, 3),
+        }.get(state, round(cap * rng.uniform(0.5, 0.8)))
+        extra: dict[str, Any] = {
+            "maxParticipants": 0 if state == "zero" else cap, "type": "private" if state == "private" else "public",
+            "active": state != "inactive", "eventStatus": state if state in ("pending", "cancelled") else "approved",
+        }
+        if state == "nostatus":
+            extra["eventStatus"] = None
+        doc = add(tpl, fmt(at(rng.randint(1, 30), tpl[4])), rng.sample(active, n), rng.choice(active), **extra)
+        if state == "nomax":
+            del doc["maxParticipants"]
+    for when in ("TBD", None):  # undated drafts; only an already-active owner is attached
+        owner = rng.choice(active)
+        add(rng.choice(templates), when, [owner], owner, type="private", eventStatus="pending")
+
+    # --- createdAt: before each user's first event; some users lack it ----------
+    first_seen: dict[int, datetime] = {}
+    for e, seated in enumerate(members):
+        for u in seated:
+            first_seen[u] = min(first_seen.get(u, starts[e]), starts[e])
+    for i, doc in enumerate(users):
+        if rng.random() < 0.85:
+            base = first_seen.get(i, now) - timedelta(days=rng.randint(1, 60), minutes=rng.randint(0, 1440))
+            doc["createdAt"] = base.strftime("%Y-%m-%dT%H:%M:%S.000Z")
+    return users, events
+
+
+# =============================================================================================
+# Rules, step 1: dormant members and their reactivation score
+# =============================================================================================
+
+
+@dataclass(frozen=True)
+class Activity:
+    """What the events say about one member: how many they joined or hosted, and the latest."""
+
+    event_count: int
+    last_event: datetime | None
+
+
+@dataclass
+class DataIssues:
+    """Bad single records that were skipped or treated as missing, counted for the report."""
+
+    counts: Counter[str] = field(default_factory=Counter)
+
+    def add(self, kind: str, n: int = 1) -> None:
+        if n:
+            self.counts[kind] += n
+
+    def as_dict(self) -> dict[str, int]:
+        return dict(sorted(self.counts.items()))
+
+
+def event_member_ids(event: Mapping[str, Any], issues: DataIssues) -> set[str]:
+    """The owner and participants of one event, each once; odd participant entries are counted."""
+    members: set[str] = set()
+    owner = event.get("ownerId")
+    if owner is not None:
+        owner_id = id_of(owner)
+        if owner_id:
+            members.add(owner_id)
+        else:
+            issues.add("odd_owner_ids")
+    participants = event.get("participants")
+    if participants is None:
+        return members
+    if not isinstance(participants, list):
+        issues.add("odd_participant_lists")
+        return members
+    for entry in participants:
+        member = id_of(entry)
+        if member:
+            members.add(member)
+        else:
+            issues.add("odd_participants")
+    return members
+
+
+def index_member_activity(events: Iterable[Mapping[str, Any]], issues: DataIssues) -> dict[str, Activity]:
+    """Every member's event count and latest ``startDate``, over all events of any type or date."""
+    counts: Counter[str] = Counter()
+    latest: dict[str, datetime] = {}
+    for event in events:
+        start = to_utc(event.get("startDate"))
+        if start is None:
+            issues.add("events_without_valid_start_date")
+        for member in event_member_ids(event, issues):
+            counts[member] += 1
+            if start is not None and (member not in latest or start > latest[member]):
+                latest[member] = start
+    return {member: Activity(n, latest.get(member)) for member, n in counts.items()}
+
+
+def count_profile_fields(user: Mapping[str, Any]) -> int:
+    """How many of the plan's eight profile fields are filled (truthy)."""
+    return sum(1 for name in PROFILE_FIELDS if user.get(name))
+
+
+def clean_interests(value: Any) -> list[str]:
+    """The usable interests: non-empty strings from a list, trimmed, each once, in order."""
+    if not isinstance(value, list):
+        return []
+    seen: dict[str, None] = {}
+    for item in value:
+        if isinstance(item, str) and item.strip():
+            seen.setdefault(item.strip(), None)
+    return list(seen)
+
+
+def derive_engagement(last_event: datetime | None, now: datetime) -> tuple[int | None, str]:
+    """``days_inactive`` and status: <=30 active, <=90 dormant, else churned (or new, no events)."""
+    if last_event is None:
+        return None, "new"
+    days = (now - last_event).days
+    if days <= 30:
+        return days, "active"
+    if days <= 90:
+        return days, "dormant"
+    return days, "churned"
+
+
+def calculate_reactivation_score(user: Mapping[str, Any]) -> float:
+    """The plan's composite score, exactly as its code reads (the linear dormancy formula rules)."""
+    completeness_score = min(40, count_profile_fields(user) * 5)
+    days_inactive = user.get("days_inactive") or 0
+    if 31 <= days_inactive <= 90:
+        dormancy_score = 10 + ((days_inactive - 31) / 59) * 20
+    else:
+        dormancy_score = 0
+    event_count = user.get("eventCount") or 0
+    if event_count >= 20:
+        history_score = 30
+    elif event_count >= 15:
+        history_score = 25
+    elif event_count >= 10:
+        history_score = 20
+    elif event_count >= 5:
+        history_score = 15
+    elif event_count >= 1:
+        history_score = 10
+    else:
+        history_score = 0
+    return completeness_score + dormancy_score + history_score
+
+
+def dormant_rank_key(user: Mapping[str, Any]) -> tuple[float, int, str]:
+    """Score descending, then event count descending, then id ascending."""
+    return (-user["reactivation_score"], -user["eventCount"], user["_id"])
+
+
+@dataclass(frozen=True)
+class DormancyCensus:
+    """Step 1's result: the eligible members in rank order plus the counts the report quotes."""
+
+    eligible: list[dict[str, Any]]
+    dormant_total: int
+    status_counts: dict[str, int]
+
+
+def find_dormant_users(users: Iterable[Mapping[str, Any]], activity: Mapping[str, Activity],
+                       now: datetime) -> DormancyCensus:
+    """Step 1: enrich every member, keep the personalisable dormant ones, rank them."""
+    eligible: list[dict[str, Any]] = []
+    statuses: Counter[str] = Counter()
+    for raw in users:
+        user_id = id_of(raw.get("_id"))
+        if user_id is None:
+            continue
+        seen = activity.get(user_id, Activity(0, None))
+        days, status = derive_engagement(seen.last_event, now)
+        statuses[status] += 1
+        ready = count_profile_fields(raw) >= MIN_PROFILE_FIELDS
+        if status != "dormant" or seen.event_count < 1 or not ready or not clean_interests(raw.get("interests")):
+            continue
+        user = to_plain(raw)
+        user.update({
+            "_id": user_id,
+            "eventCount": seen.event_count,
+            "last_event_date": iso_utc(seen.last_event),
+            "days_inactive": days,
+            "engagement_status": status,
+            "personalization_ready": ready,
+        })
+        user["reactivation_score"] = calculate_reactivation_score(user)
+        eligible.append(user)
+    eligible.sort(key=dormant_rank_key)
+    return DormancyCensus(eligible, statuses["dormant"], dict(sorted(statuses.items())))
+
+
+# =============================================================================================
+# Rules, step 2: future public events and their participation
+# =============================================================================================
+
+
+def positive_number(value: Any) -> float | None:
+    """A capacity that means something: a positive, finite number (never a bool)."""
+    if isinstance(value, bool) or not isinstance(value, (int, float)):
+        return None
+    return value if math.isfinite(value) and value > 0 else None
+
+
+def event_metrics(event: Mapping[str, Any]) -> dict[str, Any]:
+    """``participantCount``, ``participationPercentage`` and ``remaining_spots`` (None: unknown)."""
+    participants = event.get("participants")
+    count = len(participants) if isinstance(participants, list) else 0
+    capacity = positive_number(event.get("maxParticipants"))
+    if capacity is None:
+        return {"participantCount": count, "participationPercentage": 0.0, "remaining_spots": None}
+    remaining = max(0.0, capacity - count)
+    return {
+        "participantCount": count,
+        "participationPercentage": count / capacity * 100,
+        "remaining_spots": int(remaining) if float(remaining).is_integer() else remaining,
+    }
+
+
+def is_open_future_public(event: Mapping[str, Any], now: datetime) -> bool:
+    """Step 2's eligibility: future, public, active, and approved when a status is recorded."""
+    start = to_utc(event.get("startDate"))
+    if start is None or start <= now:
+        return False
+    if event.get("type") != "public" or event.get("active") is not True:
+        return False
+    return "eventStatus" not in event or event.get("eventStatus") == "approved"
+
+
+def find_future_events(events: Iterable[Mapping[str, Any]], now: datetime) -> list[dict[str, Any]]:
+    """Step 2: the future public events with participation, best attended first."""
+    chosen: list[dict[str, Any]] = []
+    for raw in events:
+        event_id = id_of(raw.get("_id"))
+        if event_id is None or not is_open_future_public(raw, now):
+            continue
+        event = to_plain(raw)
+        event["_id"] = event_id
+        event["startDate"] = iso_utc(to_utc(raw.get("startDate")))
+        event.update(event_metrics(raw))
+        event["summary"] = event_summary(event)
+        chosen.append(event)
+    chosen.sort(key=lambda e: (-e["participationPercentage"], e["startDate"], e["_id"]))
+    return chosen
+
+
+# =============================================================================================
+# Rules, steps 3-4: summaries in plain English
+# =============================================================================================
+
+_CONSONANT_SOUNDING = re.compile(r"^(uni|use|usu|eu|one|once|ubi)", re.IGNORECASE)
+_VOWEL_SOUNDING = re.compile(r"^(hour|honest|honou?r|heir)", re.IGNORECASE)
+_VOWEL_LETTER_NAMES = set("AEFHILMNORSX")
+
+
+def indefinite_article(phrase: str) -> str:
+    """``a`` or ``an`` by sound, well enough for job titles ("an AI Specialist", "a UX Designer")."""
+    word = phrase.strip().split(" ", 1)[0] if phrase.strip() else ""
+    if not word:
+        return "a"
+    letters = re.sub(r"[^A-Za-z]", "", word)
+    if len(letters) >= 2 and letters.isupper():  # an acronym is read letter by letter
+        return "an" if letters[0] in _VOWEL_LETTER_NAMES else "a"
+    if _VOWEL_SOUNDING.match(word):
+        return "an"
+    if word[0].lower() in "aeiou" and not _CONSONANT_SOUNDING.match(word):
+        return "an"
+    return "a"
+
+
+def text_field(doc: Mapping[str, Any], name: str) -> str | None:
+    value = doc.get(name)
+    if isinstance(value, str) and value.strip():
+        return value.strip()
+    return None
+
+
+def text_list(doc: Mapping[str, Any], name: str) -> list[str]:
+    value = doc.get(name)
+    if not isinstance(value, list):
+        return []
+    return [str(v).strip() for v in value if isinstance(v, (str, int, float)) and str(v).strip()]
+
+
+def full_name(user: Mapping[str, Any]) -> str:
+    parts = [text_field(user, "firstName"), text_field(user, "lastName")]
+    return " ".join(p for p in parts if p) or "A member"
+
+
+def plural(n: float, word: str) -> str:
+    return f"{n:g} {word}" if n == 1 else f"{n:g} {word}s"
+
+
+def user_summary(user: Mapping[str, Any]) -> str:
+    """Step 3: the plan's member summary, leaving out what is missing instead of printing None."""
+    occupation = text_field(user, "occupation")
+    hood = text_field(user, "homeNeighborhood")
+    head = full_name(user) + " is "
+    head += f"{indefinite_article(occupation)} {occupation}" if occupation else "a member"
+    if hood:
+        head += f" from {hood}"
+    head += f" who has attended {plural(user.get('eventCount') or 0, 'event')}."
+    parts = [head]
+    last = to_utc(user.get("last_event_date"))
+    if last is not None:
+        ago = user.get("days_inactive")
+        parts.append(f"Last attended: {last.date().isoformat()}"
+                     + (f" ({plural(ago, 'day')} ago)." if ago is not None else "."))
+    interests = clean_interests(user.get("interests"))
+    if interests:
+        parts.append(f"Interests: {', '.join(interests)}.")
+    if user.get("engagement_status"):
+        parts.append(f"Engagement: {user['engagement_status']}.")
+    return " ".join(parts)
+
+
+def event_summary(event: Mapping[str, Any]) -> str:
+    """Step 4: the plan's event summary, leaving out what is missing."""
+    name = text_field(event, "name") or "Untitled event"
+    head = f"Event: {name}"
+    if text_field(event, "venueName"):
+        head += f" at {event['venueName'].strip()}"
+    if text_field(event, "neighborhood"):
+        head += f" in {event['neighborhood'].strip()}"
+    parts = [head + "."]
+    tags = []
+    if text_list(event, "categories"):
+        tags.append(f"Categories: {', '.join(text_list(event, 'categories'))}.")
+    if text_list(event, "features"):
+        tags.append(f"Features: {', '.join(text_list(event, 'features'))}.")
+    parts.extend(tags)
+    capacity = positive_number(event.get("maxParticipants"))
+    count = event.get("participantCount", 0)
+    if capacity is not None:
+        parts.append(f"Capacity: {capacity:g}, Participants: {count} "
+                     f"({event.get('participationPercentage', 0.0):.1f}% full).")
+    else:
+        parts.append(f"Participants: {count}.")
+    start = to_utc(event.get("startDate"))
+    if start is not None:
+        parts.append(f"Date: {start.strftime('%Y-%m-%d %H:%M')} UTC.")
+    if text_field(event, "description"):
+        parts.append(event["description"].strip())
+    return " ".join(parts)
+
+
+# =============================================================================================
+# Rules, step 5: one best event per member (the rules matcher)
+# =============================================================================================
+
+
+def slugify(name: str) -> str:
+    """The centroid file's slug rule: lower case, apostrophes dropped, other punctuation to ``-``."""
+    text = name.lower().replace("'", "").replace("\u2019", "")
+    return re.sub(r"[^a-z0-9]+", "-", text).strip("-")
+
+
+# App slugs that neither match an NTA slug exactly nor by prefix.
+NEIGHBOURHOOD_ALIASES = {
+    "midtown-east": "east-midtown-turtle-bay",
+    "dumbo": "downtown-brooklyn-dumbo-boerum-hill",
+    "downtown-brooklyn": "downtown-brooklyn-dumbo-boerum-hill",
+    "boerum-hill": "downtown-brooklyn-dumbo-boerum-hill",
+    "flatiron": "midtown-south-flatiron-union-square",
+    "union-square": "midtown-south-flatiron-union-square",
+    "nomad": "midtown-south-flatiron-union-square",
+    "midtown": "midtown-times-square",
+    "times-square": "midtown-times-square",
+    "nolita": "soho-little-italy-hudson-square",
+    "little-italy": "soho-little-italy-hudson-square",
+    "hudson-square": "soho-little-italy-hudson-square",
+    "kips-bay": "murray-hill-kips-bay",
+    "turtle-bay": "east-midtown-turtle-bay",
+    "hudson-yards": "chelsea-hudson-yards",
+    "battery-park-city": "financial-district-battery-park-city",
+    "fidi": "financial-district-battery-park-city",
+    "two-bridges": "chinatown-two-bridges",
+    "bed-stuy": "bedford-stuyvesant-west",
+    "cobble-hill": "carroll-gardens-cobble-hill-gowanus-red-hook",
+    "carroll-gardens": "carroll-gardens-cobble-hill-gowanus-red-hook",
+    "gowanus": "carroll-gardens-cobble-hill-gowanus-red-hook",
+    "red-hook": "carroll-gardens-cobble-hill-gowanus-red-hook",
+    "greenwich-village": "greenwich-village",
+    "stuy-town": "stuyvesant-town-peter-cooper-village",
+    "noho": "greenwich-village",
+    "meatpacking": "west-village",
+    "lic": "long-island-city-hunters-point",
+}
+
+
+@dataclass(frozen=True)
+class NeighbourhoodMap:
+    """NYC neighbourhood centroids (2020 NTAs), resolving app slugs by exact, prefix or alias."""
+
+    centroids: Mapping[str, tuple[float, float]]
+    residential: frozenset[str] = frozenset()
+
+    @classmethod
+    def from_csv(cls, path: Path) -> NeighbourhoodMap:
+        centroids: dict[str, tuple[float, float]] = {}
+        residential: set[str] = set()
+        with path.open(encoding="utf-8", newline="") as handle:
+            for row in csv.DictReader(handle):
+                centroids[row["slug"]] = (float(row["lat"]), float(row["lon"]))
+                if row.get("nta_type", "0").strip() == "0":
+                    residential.add(row["slug"])
+        return cls(centroids, frozenset(residential))
+
+    def locate(self, name: str | None) -> tuple[float, float] | None:
+        """The centroid of an app slug, or None outside NYC or when unknown."""
+        if not name:
+            return None
+        slug = slugify(name)
+        slug = NEIGHBOURHOOD_ALIASES.get(slug, slug)
+        if slug in self.centroids:
+            return self.centroids[slug]
+        matches = [s for s in self.centroids if s.startswith(slug + "-")]
+        homes = [s for s in matches if s in self.residential] or matches
+        if not homes:
+            return None
+        return (sum(self.centroids[s][0] for s in homes) / len(homes),
+                sum(self.centroids[s][1] for s in homes) / len(homes))
+
+    def distance_km(self, a: str | None, b: str | None) -> float | None:
+        here, there = self.locate(a), self.locate(b)
+        if here is None or there is None:
+            return None
+        return haversine_km(here, there)
+
+
+def haversine_km(a: tuple[float, float], b: tuple[float, float]) -> float:
+    lat1, lon1, lat2, lon2 = map(math.radians, (*a, *b))
+    h = math.sin((lat2 - lat1) / 2) ** 2 + math.cos(lat1) * math.cos(lat2) * math.sin((lon2 - lon1) / 2) ** 2
+    return 2 * 6371.0 * math.asin(math.sqrt(h))
+
+
+def norm_tag(value: str) -> str:
+    """Tags and interests compared case-blind, with spaces and underscores as hyphens."""
+    return re.sub(r"[\s_]+", "-", value.strip().lower())
+
+
+# What each member interest means in event categories and features (all normalised tags).
+INTEREST_SYNONYMS: dict[str, frozenset[str]] = {k: frozenset(v) for k, v in {
+    "music": {"music", "karaoke", "live-music", "dj", "jazz", "open-mic", "concert"},
+    "clubbing": {"bar", "dancing", "dj", "nightlife", "cocktails"},
+    "food": {"dinner", "brunch", "lunch", "supper-club", "tasting-menu", "family-style", "cooking",
+             "cooking-class"},
+    "wine": {"wine", "wine-tasting"},
+    "cocktails": {"cocktails", "bar"},
+    "reading": {"books", "book-club"},
+    "books": {"books", "book-club"},
+    "fashion": {"fashion", "shopping"},
+    "finance": {"finance", "startup-pitch", "networking"},
+    "outdoor": {"outdoor", "hike", "rooftop", "run-club", "picnic"},
+    "hiking": {"hike", "outdoor"},
+    "fitness": {"fitness", "run-club", "yoga", "sports"},
+    "yoga": {"yoga", "fitness"},
+    "art": {"art", "gallery", "pottery"},
+    "comedy": {"comedy", "stand-up", "open-mic"},
+    "theater": {"theater", "theatre"},
+    "film": {"film", "film-screening"},
+    "tech": {"tech", "startup-pitch"},
+    "startups": {"startup-pitch", "tech", "networking"},
+    "photography": {"photography", "gallery"},
+    "cooking": {"cooking", "cooking-class"},
+    "coffee": {"coffee"},
+    "brunch": {"brunch"},
+    "dancing": {"dancing", "dj"},
+    "games": {"games", "board-games", "trivia"},
+    "sports": {"sports", "run-club"},
+    "networking": {"networking", "speed-friending", "startup-pitch"},
+    "jazz": {"jazz", "live-music"},
+}.items()}
+
+
+def event_tags(event: Mapping[str, Any]) -> dict[str, str]:
+    """An event's categories and features, normalised, each mapped to how the event spells it."""
+    tags: dict[str, str] = {}
+    for name in ("categories", "features"):
+        for tag in text_list(event, name):
+            tags.setdefault(norm_tag(tag), tag)
+    return tags
+
+
+def matched_interests(interests: Sequence[str], tags: Mapping[str, str]) -> list[tuple[str, str]]:
+    """(interest, the event tag it matched) for every member interest the event serves."""
+    found = []
+    for interest in interests:
+        key = norm_tag(interest)
+        for wanted in sorted({key} | INTEREST_SYNONYMS.get(key, frozenset())):
+            if wanted in tags:
+                found.append((interest, tags[wanted]))
+                break
+    return found
+
+
+@dataclass(frozen=True)
+class Candidate:
+    """One open future event scored for one member; ``rank_key`` orders best first."""
+
+    event: Mapping[str, Any]
+    interests: tuple[tuple[str, str], ...]  # (member interest, event tag)
+    same_neighbourhood: bool
+    distance_km: float | None
+    participation: float
+    days_until: float
+    confidence: int
+
+    @property
+    def rank_key(self) -> tuple[Any, ...]:
+        """Tiers in the plan's order; a clear difference in a tier beats anything below it."""
+        return (-min(len(self.interests), 3), -proximity_tier(self), -participation_tier(self.participation),
+                math.floor(self.days_until), self.distance_km if self.distance_km is not None else 1e9,
+                -self.participation, self.event["_id"])
+
+
+def proximity_tier(candidate: Candidate) -> int:
+    """10 for the member's own neighbourhood, then one step down per 2 km, 0 when unknown."""
+    if candidate.same_neighbourhood:
+        return 10
+    if candidate.distance_km is None:
+        return 0
+    return max(1, 9 - int(candidate.distance_km // 2))
+
+
+def participation_tier(percentage: float) -> int:
+    """The plan's event quality: >80% excellent, 50-80% ideal, <30% least appealing."""
+    if percentage >= 80:
+        return 3
+    if percentage >= 50:
+        return 2
+    if percentage >= 30:
+        return 1
+    return 0
+
+
+def match_confidence(n_interests: int, tier_near: int, participation: float, days_until: float) -> int:
+    """0-100: one shared interest and an open spot reach 70 even across town; the rest adds up."""
+    if n_interests < 1:
+        return 0
+    score = 70 + 6 * (min(n_interests, 3) - 1) + tier_near + participation_tier(participation) * 5 // 3
+    if days_until <= 7:
+        score += 3
+    return max(0, min(100, score))
+
+
+def score_candidates(user: Mapping[str, Any], events: Iterable[Mapping[str, Any]],
+                     hoods: NeighbourhoodMap, now: datetime) -> list[Candidate]:
+    """Every open future event that shares an interest with the member, best first."""
+    interests = clean_interests(user.get("interests"))
+    home = text_field(user, "homeNeighborhood")
+    found = []
+    for event in events:
+        if event.get("remaining_spots") == 0:
+            continue
+        shared = matched_interests(interests, event_tags(event))
+        if not shared:
+            continue
+        where = text_field(event, "neighborhood")
+        same = bool(home and where and slugify(home) == slugify(where))
+        distance = 0.0 if same else hoods.distance_km(home, where)
+        start = to_utc(event.get("startDate")) or now
+        days_until = max(0.0, (start - now).total_seconds() / 86400)
+        pct = float(event.get("participationPercentage") or 0.0)
+        draft = Candidate(event, tuple(shared), same, distance, pct, days_until, 0)
+        confidence = match_confidence(len(shared), proximity_tier(draft), pct, days_until)
+        found.append(Candidate(event, tuple(shared), same, distance, pct, days_until, confidence))
+    found.sort(key=lambda c: c.rank_key)
+    return found
+
+
+class Match(TypedDict):
+    """One member's chosen event, in the plan's match schema plus ``matcher``."""
+
+    user_name: str
+    user_id: str
+    event_name: str
+    event_id: str
+    reasoning: str
+    confidence_percentage: int
+    match_purpose: str
+    strategy: str
+    matched_at: str
+    matcher: str
+    matched_interests: list[str]
+    user: dict[str, Any]
+    event: dict[str, Any]
+
+
+def local_when(start: datetime, zone: ZoneInfo, now: datetime) -> str:
+    """An event's day and time as a member reads it: "Sat 7:30pm", with the date past a week."""
+    local = start.astimezone(zone)
+    hour = local.hour % 12 or 12
+    clock = f"{hour}{local.strftime(':%M') if local.minute else ''}{'am' if local.hour < 12 else 'pm'}"
+    day = local.strftime("%a")
+    if (start - now) >= timedelta(days=6):
+        return f"{day} {local.strftime('%b')} {local.day}, {clock}"
+    return f"{day} {clock}"
+
+
+def explain_candidate(user: Mapping[str, Any], c: Candidate, zone: ZoneInfo, now: datetime) -> str:
+    """The reviewer's "why": interests, place, attendance and timing in three or four sentences."""
+    first = text_field(user, "firstName") or "This member"
+    name = text_field(c.event, "name") or "this event"
+    pairs = ", ".join(f"{i} ({t})" for i, t in c.interests)
+    sentences = [f"{name} serves {first}'s interests: {pairs}."]
+    home, where = text_field(user, "homeNeighborhood"), text_field(c.event, "neighborhood")
+    if c.same_neighbourhood:
+        sentences.append(f"It is in {where}, their own neighbourhood.")
+    elif c.distance_km is not None:
+        sentences.append(f"It is in {where}, about {c.distance_km:.1f} km from {home}.")
+    elif where:
+        sentences.append(f"It is in {where}.")
+    spots = c.event.get("remaining_spots")
+    going = c.event.get("participantCount", 0)
+    if spots is not None:
+        sentences.append(f"It is {c.participation:.0f}% full ({going} going, {spots} left), "
+                         "social proof for a returning member.")
+    elif going:
+        sentences.append(f"{going} people are already going.")
+    start = to_utc(c.event.get("startDate"))
+    if start is not None:
+        sentences.append(f"It starts {local_when(start, zone, now)}, {c.days_until:.0f} days from now, "
+                         f"after {user.get('days_inactive')} days away.")
+    return " ".join(sentences)
+
+
+def build_match(user: Mapping[str, Any], event: Mapping[str, Any], *, reasoning: str, confidence: int,
+                interests: Sequence[str], matcher: str, now: datetime) -> Match:
+    """A match record in the dashboard's schema, with the full member and event attached."""
+    return Match(
+        user_name=full_name(user),
+        user_id=user["_id"],
+        event_name=text_field(event, "name") or "",
+        event_id=event["_id"],
+        reasoning=reasoning,
+        confidence_percentage=int(confidence),
+        match_purpose=MATCH_PURPOSE,
+        strategy=MATCH_PURPOSE,
+        matched_at=iso_utc(now) or "",
+        matcher=matcher,
+        matched_interests=list(interests),
+        user=dict(user),
+        event=dict(event),
+    )
+
+
+def rules_match(user: Mapping[str, Any], candidates: Sequence[Candidate], min_confidence: float,
+                zone: ZoneInfo, now: datetime) -> Match | None:
+    """Step 5 by rules: the best candidate, if it meets the confidence threshold."""
+    if not candidates or candidates[0].confidence < min_confidence:
+        return None
+    best = candidates[0]
+    return build_match(user, best.event, reasoning=explain_candidate(user, best, zone, now),
+                       confidence=best.confidence, interests=[i for i, _ in best.interests],
+                       matcher="rules", now=now)
+
+
+# =============================================================================================
+# Rules, step 6: the SMS contract and the template writer
+# =============================================================================================
+
+GSM7_BASIC = set(
+    "@£$¥èéùìòÇ\nØø\rÅåΔ_ΦΓΛΩΠΨΣΘΞÆæßÉ !\"#¤%&'()*+,-./0123456789:;<=>?¡ABCDEFGHIJKLMNOPQRSTUVWXYZ"
+    "ÄÖÑÜ§¿abcdefghijklmnopqrstuvwxyzäöñüà")
+GSM7_EXTENSION = set("\f^{}\\[~]|€")
+GSM7_LIMIT = 160
+UCS2_LIMIT = 134
+ALLOWED_ACRONYM = re.compile(r"^[A-Z]{2,3}$")
+URL_PATTERN = re.compile(r"(https?://|www\.)\S*", re.IGNORECASE)
+
+
+@dataclass(frozen=True)
+class SmsSize:
+    """How a text is billed: its encoding, its length in that encoding's units, and segments."""
+
+    encoding: str
+    units: int
+    segments: int
+
+    @property
+    def limit(self) -> int:
+        return GSM7_LIMIT if self.encoding == "GSM-7" else UCS2_LIMIT
+
+
+def sms_size(text: str) -> SmsSize:
+    """GSM-7 when every character is in its set (extension characters cost two), else UCS-2."""
+    if all(ch in GSM7_BASIC or ch in GSM7_EXTENSION for ch in text):
+        units = sum(2 if ch in GSM7_EXTENSION else 1 for ch in text)
+        return SmsSize("GSM-7", units, 1 if units <= 160 else math.ceil(units / 153))
+    units = len(text.encode("utf-16-le")) // 2
+    return SmsSize("UCS-2", units, 1 if units <= 70 else math.ceil(units / 67))
+
+
+def event_link(event_id: str) -> str:
+    return EVENT_LINK_PREFIX + event_id
+
+
+def greeting_name(first_name: Any) -> str | None:
+    """The name we greet by: the first word of ``firstName``; None when there is none usable."""
+    if not isinstance(first_name, str):
+        return None
+    word = first_name.strip().split()[0] if first_name.strip() else ""
+    if len(word) > 20 and "-" in word:  # "Alexandrina-Konstantina-Maria" goes by her first part
+        word = word.split("-")[0]
+    if not word or len(word) > 20 or not any(ch.isalpha() for ch in word):
+        return None
+    return word
+
+
+@dataclass(frozen=True)
+class MessageFacts:
+    """Everything an SMS may say about a match: what the template uses and Claude is held to."""
+
+    first_name: str | None
+    event_id: str
+    event_name: str
+    interests: tuple[str, ...]  # the member interests the event serves, as the member wrote them
+    when: str  # "Sat 7:30pm" in the campaign's time zone
+    spots_left: int | None
+    going: int
+    neighbourhood: str | None
+
+    @property
+    def link(self) -> str:
+        return event_link(self.event_id)
+
+    @property
+    def allowed_numbers(self) -> set[str]:
+        """The only numbers a message may contain outside the link, names and interests."""
+        numbers = set(re.findall(r"\d+", self.when))
+        numbers |= {str(self.going)} if self.going else set()
+        if self.spots_left is not None:
+            numbers.add(str(self.spots_left))
+        return numbers
+
+
+def message_facts(match: Match, zone: ZoneInfo, now: datetime) -> MessageFacts:
+    event = match["event"]
+    start = to_utc(event.get("startDate")) or now
+    spots = event.get("remaining_spots")
+    return MessageFacts(
+        first_name=greeting_name(match["user"].get("firstName")),
+        event_id=match["event_id"],
+        event_name=" ".join(match["event_name"].split()) or "our next table",
+        interests=tuple(match["matched_interests"]),
+        when=local_when(start, zone, now),
+        spots_left=int(spots) if isinstance(spots, (int, float)) else None,
+        going=int(event.get("participantCount") or 0),
+        neighbourhood=text_field(event, "neighborhood"),
+    )
+
+
+def interest_label(interest: str) -> str:
+    return " ".join(interest.replace("_", " ").replace("-", " ").split())
+
+
+def shortened_names(name: str) -> list[str]:
+    """The event name, then ever shorter cuts at word boundaries (ending in "…"), longest first."""
+    words = name.split()
+    cuts = [name] + [" ".join(words[:n]) + "…" for n in range(len(words) - 1, 0, -1)]
+    return cuts
+
+
+def _fold(text: str) -> str:
+    return " ".join(text.replace("-", " ").replace("_", " ").lower().split())
+
+
+def mentions_event(text: str, name: str) -> str | None:
+    """The form of the event name the text uses (whole, or cut at a word boundary), if any."""
+    folded = _fold(text)
+    for cut in shortened_names(name):
+        stem = _fold(cut.rstrip("…"))
+        whole = cut == name
+        if stem and stem in folded and (whole or len(stem) >= min(12, len(_fold(name)))):
+            return cut.rstrip("…")
+    return None
+
+
+def _count_near(text: str, number: int, words: str) -> bool:
+    return re.search(rf"(?<![\d.]){number}\s+(?:[\w'’-]+\s+){{0,2}}?(?:{words})\b", text, re.IGNORECASE) is not None
+
+
+def validate_sms(text: str, facts: MessageFacts) -> list[str]:
+    """The SMS contract, for template and Claude alike: every problem found, empty when fine."""
+    problems: list[str] = []
+    if not isinstance(text, str) or not text.strip():
+        return ["message is empty"]
+    link = facts.link
+    if not text.endswith(link):
+        problems.append(f"must end with exactly {link}")
+    if len(URL_PATTERN.findall(text)) != 1 or text.count("cuculi.net") != 1:
+        problems.append("must contain exactly one link, the event link")
+    size = sms_size(text)
+    if size.units > size.limit:
+        problems.append(f"{size.units} {size.encoding} characters; at most {size.limit} allowed")
+    body = text[: -len(link)] if text.endswith(link) else URL_PATTERN.sub(" ", text)
+    head = body[:40].lower()
+    if facts.first_name and facts.first_name.lower() not in head:
+        problems.append(f"must greet the member by first name ({facts.first_name}) at the start")
+    if "welcome back" not in body.lower():
+        problems.append('must say "welcome back"')
+    named = mentions_event(body, facts.event_name)
+    if named is None:
+        problems.append(f"must name the event ({facts.event_name})")
+    if facts.interests and not any(_fold(interest_label(i)) in _fold(body) for i in facts.interests):
+        problems.append(f"must mention an interest the event matches ({', '.join(facts.interests)})")
+    if facts.when.lower() not in body.lower():
+        problems.append(f"must give the local day and time as {facts.when!r}")
+    if facts.spots_left is not None and not _count_near(body, facts.spots_left, r"spots?|seats?|places?|left"):
+        problems.append(f"must say {facts.spots_left} spots left")
+    if facts.going and not _count_near(
+            body, facts.going,
+            r"going|in|joining|attending|signed|booked|already|people|members|diners|guests|friends|others"):
+        problems.append(f"must say {facts.going} people are going")
+    protected = {w for w in re.findall(r"[\w'’]+", f"{facts.event_name} {facts.first_name or ''}")}
+    shouting = [w for w in re.findall(r"\b[^\W\d_]{2,}\b", body)
+                if w.isupper() and not ALLOWED_ACRONYM.match(w) and w not in {"RSVP"} and w not in protected]
+    if shouting:
+        problems.append(f"no ALL-CAPS words ({', '.join(shouting)})")
+    if body.count("?") > 1:
+        problems.append("at most one question mark")
+    if "!!" in text:
+        problems.append('no "!!"')
+    scrubbed = body
+    for fixed in sorted({named or "", facts.first_name or "", *facts.interests}, key=len, reverse=True):
+        if fixed:
+            scrubbed = re.sub(re.escape(fixed), " ", scrubbed, flags=re.IGNORECASE)
+    invented = sorted(set(re.findall(r"\d+", scrubbed)) - facts.allowed_numbers)
+    if invented:
+        problems.append(f"numbers not among the facts: {', '.join(invented)}")
+    return problems
+
+
+def write_template_sms(facts: MessageFacts) -> str:
+    """Step 6 by template: the richest wording that passes the contract, shortening as needed."""
+    greet = f"Hi {facts.first_name}!" if facts.first_name else "Hi there!"
+    interest = interest_label(facts.interests[0]) if facts.interests else ""
+    going = f"{facts.going} going" if facts.going else ""
+    spots = "" if facts.spots_left is None else (
+        f"{facts.spots_left} spot left" if facts.spots_left == 1 else f"{facts.spots_left} spots left")
+    proof = ", ".join(p for p in (going, spots) if p)
+    hood = f" in {facts.neighbourhood.replace('-', ' ').title()}" if facts.neighbourhood else ""
+    link = facts.link
+    fans = f"one for {interest} fans" if interest else "a good one"
+    short_proof = ", ".join(p for p in (going, "" if facts.spots_left is None else f"{facts.spots_left} left") if p)
+    for name in shortened_names(facts.event_name):
+        variants = [
+            f"{greet} Welcome back, we miss you. {name} is {fans}: {facts.when}{hood}. {proof}. Tap to RSVP: {link}",
+            f"{greet} Welcome back, we miss you. {name} is {fans}: {facts.when}. {proof}. Tap to RSVP: {link}",
+            f"{greet} Welcome back. {name}, {fans}: {facts.when}. {proof}. RSVP: {link}",
+            f"{greet} Welcome back. {name} ({interest}) {facts.when}. {proof}. {link}",
+            f"{greet} Welcome back. {name} ({interest}) {facts.when}, {short_proof}. {link}",
+        ]
+        for text in variants:
+            text = re.sub(r"\s+", " ", text.replace(" ()", "").replace(". . ", ". ").replace(", . ", ". "))
+            if not validate_sms(text, facts):
+                return text
+    raise ValueError(f"no template fits the SMS contract for event {facts.event_id}")
+
+
+class Message(TypedDict):
+    """One drafted SMS awaiting review, in the plan's messages schema plus our fields."""
+
+    user_name: str
+    user_id: str
+    user_email: str | None
+    user_phone: str | None
+    event_name: str
+    event_id: str
+    message_text: str
+    personalization_notes: str
+    character_count: int
+    similarity_score: int
+    confidence_percentage: int
+    reasoning: str
+    status: str
+    generated_at: str
+    generator: str
+    sms_encoding: str
+    sms_segments: int
+
+
+def build_message(match: Match, text: str, *, generator: str, notes: str, now: datetime) -> Message:
+    size = sms_size(text)
+    return Message(
+        user_name=match["user_name"],
+        user_id=match["user_id"],
+        user_email=text_field(match["user"], "email"),
+        user_phone=text_field(match["user"], "phone"),
+        event_name=match["event_name"],
+        event_id=match["event_id"],
+        message_text=text,
+        personalization_notes=notes,
+        character_count=size.units,
+        similarity_score=match["confidence_percentage"],
+        confidence_percentage=match["confidence_percentage"],
+        reasoning=match["reasoning"],
+        status="pending",
+        generated_at=iso_utc(now) or "",
+        generator=generator,
+        sms_encoding=size.encoding,
+        sms_segments=size.segments,
+    )
+
+
+def template_notes(facts: MessageFacts) -> str:
+    parts = ["Welcome back, time away acknowledged"]
+    if facts.interests:
+        parts.append(f"interest: {interest_label(facts.interests[0])}")
+    parts.append(f"local time {facts.when}")
+    if facts.spots_left is not None:
+        parts.append(f"{facts.spots_left} spots left")
+    if facts.going:
+        parts.append(f"{facts.going} going")
+    return "; ".join(parts)
+
+
+# =============================================================================================
+# Rules, steps 7-8: dashboard payloads and the report
+# =============================================================================================
+
+
+def dashboard_user(user: Mapping[str, Any]) -> dict[str, Any]:
+    """A member as the dashboard reads it (plan's users schema)."""
+    record = dict(user)
+    record.update({
+        "id": user["_id"],
+        "name": full_name(user),
+        "summary": user.get("summary") or user_summary(user),
+        "event_count": user.get("eventCount", 0),
+        "user_id": user["_id"],
+        "neighborhood": user.get("homeNeighborhood"),
+    })
+    return record
+
+
+def dashboard_event(event: Mapping[str, Any]) -> dict[str, Any]:
+    """An event as the dashboard reads it (plan's events schema)."""
+    record = dict(event)
+    record.update({
+        "id": event["_id"],
+        "event_id": event["_id"],
+        "capacity": event.get("maxParticipants"),
+        "participants_count": event.get("participantCount", 0),
+        "fill_rate_percent": round(float(event.get("participationPercentage") or 0.0), 1),
+        "summary": event.get("summary") or event_summary(event),
+    })
+    record.setdefault("maxParticipants", None)
+    return record
+
+
+def listing(name: str, items: Sequence[Mapping[str, Any]], updated_at: str) -> dict[str, Any]:
+    """The dashboard's list shape: ``{<name>: [...], count, updatedAt}``, the list a real array."""
+    return {name: list(items), "count": len(items), "updatedAt": updated_at}
+
+
+def unique_matched_events(matches: Sequence[Match]) -> list[dict[str, Any]]:
+    seen: dict[str, dict[str, Any]] = {}
+    for match in matches:
+        seen.setdefault(match["event_id"], dashboard_event(match["event"]))
+    return list(seen.values())
+
+
+# --- report -------------------------------------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class Skip:
+    """A selected member who got no message, and why."""
+
+    user_id: str
+    user_name: str
+    reason: str
+
+
+def campaign_id_for(moment: datetime) -> str:
+    return f"{CAMPAIGN_NAME}-{moment.astimezone(UTC).strftime('%Y%m%d-%H%M%S')}"
+
+
+def mean(values: Sequence[float]) -> float:
+    return round(sum(values) / len(values), 1) if values else 0.0
+
+
+RECOMMENDATIONS = [
+    "Focus on welcome-back messaging that acknowledges time away.",
+    "Prioritize interest alignment for reactivation.",
+    "Use urgency (spots left, time) to drive immediate action.",
+    "Consider proximity (neighborhood) for convenience.",
+    "Track reactivation success rate (RSVPs from dormant users).",
+]
+
+
+def report_markdown(report: Mapping[str, Any]) -> str:
+    """The human report: goal, run summary, who was tried, matches, messages, recommendations."""
+    s, st = report["summary"], report["statistics"]
+    lines = [
+        f"# Return To Table report: {report['campaign_id']}",
+        "",
+        ("**Goal:** bring dormant members (31-90 days since their last table) back with one "
+         "well-matched upcoming event and a warm welcome-back SMS, reviewed before sending."),
+        "",
+        f"- Run date: {report['run_date']} (as of {report['as_of']})",
+        f"- Source: {report['source']}; matcher: {report['llm']}; dry run: {report['dry_run']}",
+        "",
+        "## Run summary",
+        "",
+        "| figure | value |",
+        "| --- | --- |",
+    ]
+    for key in ("total_dormant_users_found", "total_users_with_complete_profiles",
+                "users_left_out_by_cooldown", "total_future_events", "total_matches_created",
+                "total_messages_generated", "total_sms_segments", "average_days_inactive",
+                "average_confidence_score", "error_count"):
+        lines.append(f"| {key.replace('_', ' ')} | {s.get(key)} |")
+    lines += ["", f"Users tried: {st['users_processed']}; future events considered: {st['events_processed']}.", ""]
+    lines += ["## Matches and messages", "", "| member | event | confidence | matcher | SMS | segments |",
+              "| --- | --- | --- | --- | --- | --- |"]
+    messages = {m["user_id"]: m for m in report.get("messages", [])}
+    for match in report.get("matches", []):
+        msg = messages.get(match["user_id"], {})
+        text = str(msg.get("message_text", "")).replace("|", "\\|")
+        lines.append(f"| {match['user_name']} | {match['event_name']} | {match['confidence_percentage']} "
+                     f"| {match['matcher']} | {text} | {msg.get('sms_segments', '')} |")
+    lines += ["", "## Members skipped", ""]
+    skipped = report.get("skipped", [])
+    lines += [f"- {s['user_name']} ({s['user_id']}): {s['reason']}" for s in skipped] or ["None."]
+    issues = report.get("data_issues", {})
+    lines += ["", "## Data issues (records skipped or treated as missing)", ""]
+    lines += [f"- {k.replace('_', ' ')}: {v}" for k, v in issues.items()] or ["None."]
+    lines += ["", "## Errors", ""]
+    lines += [f"- {e}" for e in report.get("errors", [])] or ["None."]
+    lines += ["", "## Recommendations", ""] + [f"- {r}" for r in report["recommendations"]]
+    return "\n".join(lines) + "\n"
+
+
+def build_report(*, campaign_id: str, run_started: datetime, options: RunOptions, source_label: str,
+                 census: DormancyCensus, selected: Sequence[Mapping[str, Any]], cooled_down: int,
+                 future_events: Sequence[Mapping[str, Any]], matches: Sequence[Match],
+                 messages: Sequence[Message], skipped: Sequence[Skip], issues: DataIssues,
+                 errors: Sequence[str], extra: Mapping[str, Any] | None = None) -> dict[str, Any]:
+    """Step 8: the plan's statistics and summary, plus who was skipped, segments and errors."""
+    statistics = {
+        "users_processed": len(selected),
+        "events_processed": len(future_events),
+        "matches_created": len(matches),
+        "messages_generated": len(messages),
+        "errors": list(errors),
+    }
+    summary = {
+        "total_dormant_users_found": census.dormant_total,
+        "total_users_with_complete_profiles": len(census.eligible),
+        "users_left_out_by_cooldown": cooled_down,
+        "total_future_events": len(future_events),
+        "total_matches_created": len(matches),
+        "total_messages_generated": len(messages),
+        "total_sms_segments": sum(m["sms_segments"] for m in messages),
+        "users_skipped": len(skipped),
+        "average_days_inactive": mean([u["days_inactive"] for u in selected]),
+        "average_confidence_score": mean([m["confidence_percentage"] for m in matches]),
+        "error_count": len(errors),
+        "matchers": dict(Counter(m["matcher"] for m in matches)),
+        "generators": dict(Counter(m["generator"] for m in messages)),
+    }
+    report: dict[str, Any] = {
+        "campaign_id": campaign_id,
+        "campaign_name": CAMPAIGN_NAME,
+        "run_date": iso_utc(run_started),
+        "as_of": iso_utc(options.now),
+        "source": source_label,
+        "llm": options.llm,
+        "dry_run": options.dry_run,
+        "limit": options.limit,
+        "min_confidence": options.min_confidence,
+        "statistics": statistics,
+        "summary": summary,
+        "engagement_counts": census.status_counts,
+        "skipped": [vars(s) for s in skipped],
+        "data_issues": issues.as_dict(),
+        "errors": list(errors),
+        "recommendations": list(RECOMMENDATIONS),
+        "matches": [{k: m[k] for k in ("user_name", "user_id", "event_name", "event_id",  # type: ignore[literal-required]
+                                       "confidence_percentage", "matcher")} for m in matches],
+        "messages": [{k: m[k] for k in ("user_id", "event_id", "message_text", "sms_encoding",  # type: ignore[literal-required]
+                                        "sms_segments", "generator")} for m in messages],
+    }
+    report.update(extra or {})
+    return report
+
+
+# =============================================================================================
+# Service edges: where the data comes from (MongoDB, a folder, the demo world)
+# =============================================================================================
+
+
+class DataSource(Protocol):
+    """Where members and events are read from; ``label`` names it in logs and the report."""
+
+    label: str
+
+    def read(self) -> tuple[list[dict[str, Any]], list[dict[str, Any]]]: ...
+
+
+class DemoSource:
+    """The built-in sample world, generated for the run's ``now`` so it is valid any day."""
+
+    label = "demo"
+
+    def __init__(self, now: datetime) -> None:
+        self.now = now
+
+    def read(self) -> tuple[list[dict[str, Any]], list[dict[str, Any]]]:
+        return build_demo_world(self.now)
+
+
+class FolderSource:
+    """A folder of ``mongoexport`` output: ``users.json`` and ``events.json``."""
+
+    def __init__(self, folder: Path) -> None:
+        self.folder = folder
+        self.label = f"folder {folder}"
+
+    def read(self) -> tuple[list[dict[str, Any]], list[dict[str, Any]]]:
+        if not self.folder.is_dir():
+            raise UsageError(f"--source {self.folder}: not a readable folder")
+        users = load_collection_file(self.folder / "users.json")
+        events = load_collection_file(self.folder / "events.json")
+        return users, events
+
+
+class MongoSource:
+    """The live database through pymongo: every member and every event, read once per run.
+
+    All events are needed anyway (a member's history counts events of any type and date), so
+    nothing is filtered server-side; dates stored as strings or numbers are never lost.
+    """
+
+    label = "mongo"
+
+    def __init__(self, client: Any, db_name: str) -> None:
+        self.client = client
+        self.db_name = db_name
+
+    def read(self) -> tuple[list[dict[str, Any]], list[dict[str, Any]]]:
+        db = self.client.get_database(self.db_name)
+        users = list(db[USER_COLLECTION].find({}))
+        events = list(db[EVENT_COLLECTION].find({}))
+        return users, events
+
+
+def connect_mongo(settings: Settings, insecure_tls: bool, logger: logging.Logger) -> Any:
+    """A pymongo client with verified TLS; ``--insecure-tls`` opts out loudly."""
+    from pymongo import MongoClient
+    from pymongo.errors import ConfigurationError, InvalidURI
+
+    if not settings.mongo_uri:
+        raise UsageError("--source mongo needs MONGO_URI (or MONGO_USERNAME, MONGO_PASSWORD and "
+                         "MONGO_HOST) and MONGO_DB_NAME")
+    options: dict[str, Any] = {"serverSelectionTimeoutMS": 20000, "appname": CAMPAIGN_NAME}
+    if insecure_tls:
+        logger.warning("TLS certificate verification for MongoDB is OFF (--insecure-tls)")
+        options["tlsAllowInvalidCertificates"] = True
+    try:
+        return MongoClient(settings.mongo_uri, **options)
+    except (ConfigurationError, InvalidURI, ValueError) as exc:
+        raise UsageError(f"MongoDB configuration: {exc}") from None
+
+
+def mongo_db_name(settings: Settings, client: Any) -> str:
+    from pymongo.errors import ConfigurationError
+
+    if settings.mongo_db_name:
+        return settings.mongo_db_name
+    try:
+        return client.get_default_database().name
+    except ConfigurationError:  # the URI names no database
+        raise UsageError("set MONGO_DB_NAME (or name the database in MONGO_URI)") from None
+
+
+def write_json(path: Path, value: Any, *, private: bool = False) -> None:
+    """Write JSON atomically enough for a batch job; ``private`` files are readable by the owner only."""
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_name(path.name + ".tmp")
+    flags = os.O_WRONLY | os.O_CREAT | os.O_TRUNC
+    fd = os.open(tmp, flags, 0o600 if private else 0o644)
+    with os.fdopen(fd, "w", encoding="utf-8") as handle:
+        json.dump(value, handle, ensure_ascii=False, indent=2, default=str)
+        handle.write("\n")
+    os.replace(tmp, path)
+    if private:
+        os.chmod(path, 0o600)
+
+
+def write_raw(path: Path, docs: Sequence[Mapping[str, Any]]) -> None:
+    """What was read, as relaxed Extended JSON, readable by the owner only (it is personal data)."""
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
+    with os.fdopen(fd, "w", encoding="utf-8") as handle:
+        handle.write(json_util.dumps(list(docs), json_options=json_util.RELAXED_JSON_OPTIONS))
+    os.chmod(path, 0o600)
+
+
+# =============================================================================================
+# Service edges: Firebase Realtime Database (one store, swappable transports)
+# =============================================================================================
+
+NULL_ETAG = "null_etag"
+
+
+class FirebaseError(Exception):
+    """A Firebase write or read that failed for good (after any retries)."""
+
+
+@dataclass(frozen=True)
+class PutResult:
+    """A conditional write's answer: written, or refused with the current value and ETag."""
+
+    ok: bool
+    value: Any
+    etag: str
+
+
+class FirebaseTransport(Protocol):
+    """A Realtime Database as paths (below the base path) holding JSON, with ETag conditions."""
+
+    description: str
+
+    def get(self, path: str) -> tuple[Any, str]: ...
+
+    def put(self, path: str, value: Any, if_match: str | None = None) -> PutResult: ...
+
+
+def etag_of(value: Any) -> str:
+    if value is None:
+        return NULL_ETAG
+    canonical = json.dumps(value, sort_keys=True, separators=(",", ":"), ensure_ascii=False)
+    return hashlib.sha256(canonical.encode("utf-8")).hexdigest()[:28]
+
+
+class LocalMirrorTransport:
+    """A file-backed Firebase: one JSON file per written path under ``data/firebase/<base>/``.
+
+    It answers ETags and refuses stale conditional writes like the real database, so ``--demo``
+    and tests run the same merge logic as production.
+    """
+
+    def __init__(self, root: Path, base_path: str) -> None:
+        self.root = root / base_path
+        self.description = f"local mirror {self.root}"
+
+    def _file(self, path: str) -> Path:
+        return self.root / f"{path}.json"
+
+    def get(self, path: str) -> tuple[Any, str]:
+        file = self._file(path)
+        try:
+            value = json.loads(file.read_text(encoding="utf-8"))
+        except FileNotFoundError:
+            value = None
+        except (OSError, ValueError) as exc:
+            raise FirebaseError(f"local mirror {file}: unreadable ({exc})") from None
+        return value, etag_of(value)
+
+    def put(self, path: str, value: Any, if_match: str | None = None) -> PutResult:
+        current, etag = self.get(path)
+        if if_match is not None and if_match != etag:
+            return PutResult(False, current, etag)
+        write_json(self._file(path), value, private=True)
+        return PutResult(True, value, etag_of(value))
+
+
+def as_item_list(value: Any, key: str) -> list[dict[str, Any]]:
+    """A dashboard list read back in either shape: an array, or an object with numeric keys."""
+    items = value.get(key) if isinstance(value, Mapping) else None
+    if isinstance(items, Mapping):
+        def index(k: Any) -> tuple[int, Any]:
+            return (0, int(k)) if str(k).isdigit() else (1, str(k))
+        items = [items[k] for k in sorted(items, key=index)]
+    if not isinstance(items, list):
+        return []
+    return [item for item in items if isinstance(item, Mapping)]
+
+
+def merge_key(item: Mapping[str, Any]) -> tuple[str, str]:
+    return (str(item.get("user_id", "")), str(item.get("event_id", "")))
+
+
+class FirebaseStore:
+    """Step 7's writer: replaces ``users``/``events``, appends ``matches``/``messages`` safely.
+
+    Appends are transactions (read with ETag, merge, conditional write, retry on conflict), so
+    items others wrote or edited (a reviewer approving a message) are never overwritten, and the
+    merge key ``(user_id, event_id)`` keeps reruns from adding duplicates.
+    """
+
+    MAX_TRIES = 8
+
+    def __init__(self, transport: FirebaseTransport, logger: logging.Logger) -> None:
+        self.transport = transport
+        self.logger = logger
+
+    def read(self, path: str) -> Any:
+        return self.transport.get(path)[0]
+
+    def read_items(self, path: str, key: str) -> list[dict[str, Any]]:
+        return as_item_list(self.read(path), key)
+
+    def replace(self, path: str, value: Any) -> None:
+        self.transport.put(path, value)
+
+    def append(self, path: str, key: str, items: Sequence[Mapping[str, Any]], updated_at: str) -> int:
+        """Add the items not already there; returns how many were added."""
+        current, etag = self.transport.get(path)
+        for _attempt in range(self.MAX_TRIES):
+            existing = as_item_list(current, key)
+            known = {merge_key(item) for item in existing}
+            fresh = [dict(item) for item in items if merge_key(item) not in known]
+            merged = existing + fresh
+            result = self.transport.put(path, listing(key, merged, updated_at), if_match=etag)
+            if result.ok:
+                return len(fresh)
+            self.logger.debug("Firebase %s changed while appending; merging again", path)
+            current, etag = result.value, result.etag
+        raise FirebaseError(f"{path}: gave up after {self.MAX_TRIES} conflicting writes")
+
+
+# =============================================================================================
+# The campaign: ReturnToTable runs the plan's eight steps in order
+# =============================================================================================
+
+
+@dataclass
+class RunResult:
+    """What a run produced, for the CLI's exit code and for tests."""
+
+    campaign_id: str
+    report: dict[str, Any]
+    report_path: Path
+    exit_code: int
+
+
+class ReturnToTable:
+    """One campaign run: fetch, rank, pick events, summarise, match, write, store, report.
+
+    I/O happens at the edges (the source, the store, the files under ``out``); every decision
+    is a pure function above, so each step can be tested on its own.
+    """
+
+    def __init__(self, options: RunOptions, settings: Settings, logger: logging.Logger, *,
+                 source: DataSource, store: FirebaseStore | None, hoods: NeighbourhoodMap) -> None:
+        self.options = options
+        self.settings = settings
+        self.logger = logger
+        self.source = source
+        self.store = store
+        self.hoods = hoods
+        self.zone = settings.zone
+        self.issues = DataIssues()
+        self.errors: list[str] = []
+        self.data_dir = options.out_dir / "data"
+
+    # --- step 1 ---------------------------------------------------------------------------
+
+    def fetch(self) -> tuple[list[dict[str, Any]], list[dict[str, Any]]]:
+        users, events = self.source.read()
+        require_ids(users, f"{self.source.label}: users")
+        require_ids(events, f"{self.source.label}: events")
+        self.logger.info("Step 1: read %d users and %d events from %s", len(users), len(events),
+                         self.source.label)
+        write_raw(self.data_dir / "raw" / "users.json", users)
+        write_raw(self.data_dir / "raw" / "events.json", events)
+        return users, events
+
+    def dormant_users(self, users: Sequence[Mapping[str, Any]],
+                      events: Sequence[Mapping[str, Any]]) -> DormancyCensus:
+        activity = index_member_activity(events, self.issues)
+        census = find_dormant_users(users, activity, self.options.now)
+        for user in census.eligible:
+            user["summary"] = user_summary(user)
+        write_json(self.data_dir / "processed" / "dormant_users.json", census.eligible, private=True)
+        self.logger.info("Step 1: %d dormant members, %d personalisation-ready (statuses: %s)",
+                         census.dormant_total, len(census.eligible), census.status_counts)
+        return census
+
+    def recently_messaged(self) -> set[str]:
+        """Members with a message generated within the cooldown (or later than now)."""
+        if self.store is None or self.options.cooldown_days <= 0:
+            return set()
+        since = self.options.now - timedelta(days=self.options.cooldown_days)
+        recent = set()
+        for item in self.store.read_items("messages", "messages"):
+            when = to_utc(item.get("generated_at"))
+            if when is not None and when >= since and item.get("user_id"):
+                recent.add(str(item["user_id"]))
+        return recent
+
+    def select(self, census: DormancyCensus) -> tuple[list[dict[str, Any]], int]:
+        recent = self.recently_messaged()
+        pool = [u for u in census.eligible if u["_id"] not in recent]
+        left_out = len(census.eligible) - len(pool)
+        if left_out:
+            self.logger.info("Step 1: %d members left out, messaged in the last %d days",
+                             left_out, self.options.cooldown_days)
+        selected = pool[: self.options.limit]
+        for rank, user in enumerate(selected, 1):
+            self.logger.info("  #%d %s (%s): score %.1f, %d days inactive, %d events", rank,
+                             full_name(user), user["_id"], user["reactivation_score"],
+                             user["days_inactive"], user["eventCount"])
+        return selected, left_out
+
+    # --- step 2 ---------------------------------------------------------------------------
+
+    def future_events(self, events: Sequence[Mapping[str, Any]]) -> list[dict[str, Any]]:
+        future = find_future_events(events, self.options.now)
+        write_json(self.data_dir / "processed" / "future_events.json", future)
+        open_count = sum(1 for e in future if e["remaining_spots"] != 0)
+        self.logger.info("Step 2: %d future public events, %d with open spots", len(future), open_count)
+        return future
+
+    # --- steps 5-6 ------------------------------------------------------------------------
+
+    def match_and_write(self, user: Mapping[str, Any], events: Sequence[Mapping[str, Any]]
+                        ) -> tuple[Match | None, Message | None, Skip | None]:
+        """One member through steps 5 and 6: a match (or a reason for none) and its SMS."""
+        now = self.options.now
+        candidates = score_candidates(user, events, self.hoods, now)
+        match = rules_match(user, candidates, self.options.min_confidence, self.zone, now)
+        if match is None:
+            reason = ("no open future event shares an interest" if not candidates else
+                      f"best match {candidates[0].confidence}% is below --min-confidence "
+                      f"{self.options.min_confidence:g}")
+            return None, None, Skip(user["_id"], full_name(user), reason)
+        facts = message_facts(match, self.zone, now)
+        try:
+            text = write_template_sms(facts)
+        except ValueError as exc:
+            self.errors.append(f"{user['_id']}: {exc}")
+            return match, None, Skip(user["_id"], full_name(user), f"no message: {exc}")
+        message = build_message(match, text, generator="template", notes=template_notes(facts), now=now)
+        return match, message, None
+
+    # --- step 7 ---------------------------------------------------------------------------
+
+    def save_to_firebase(self, campaign_id: str, selected: Sequence[Mapping[str, Any]],
+                         matches: Sequence[Match], messages: Sequence[Message], stats: Mapping[str, Any]
+                         ) -> dict[str, Any]:
+        """The dashboard payloads and the campaign archive; what failed is listed, not raised."""
+        if self.options.dry_run or self.store is None:
+            self.logger.info("Step 7: dry run, nothing written to Firebase")
+            return {"target": "none (dry run)", "written": [], "failed": []}
+        updated = iso_utc(self.options.now) or ""
+        users_payload = [dashboard_user(u) for u in selected]
+        events_payload = unique_matched_events(matches)
+        plan: list[tuple[str, Any]] = [
+            (f"campaigns/{campaign_id}/metadata", {"id": campaign_id, "name": CAMPAIGN_NAME,
+                                                   "created_at": updated, "stats": dict(stats)}),
+            (f"campaigns/{campaign_id}/users", listing("users", users_payload, updated)),
+            (f"campaigns/{campaign_id}/events", listing("events", events_payload, updated)),
+            (f"campaigns/{campaign_id}/matches", listing("matches", list(matches), updated)),
+            (f"campaigns/{campaign_id}/messages", listing("messages", list(messages), updated)),
+        ]
+        if selected:
+            plan += [("users", listing("users", users_payload, updated)),
+                     ("events", listing("events", events_payload, updated))]
+        written, failed = [], []
+        for path, payload in plan:
+            try:
+                self.store.replace(path, payload)
+                written.append(path)
+            except FirebaseError as exc:
+                failed.append(path)
+                self.errors.append(f"Firebase {path}: {exc}")
+        for key, items in (("matches", matches), ("messages", messages)):
+            try:
+                added = self.store.append(key, key, list(items), updated)
+                written.append(key)
+                self.logger.info("Step 7: %s: %d added (%d already there)", key, added, len(items) - added)
+            except FirebaseError as exc:
+                failed.append(key)
+                self.errors.append(f"Firebase {key}: {exc}")
+        self.logger.info("Step 7: wrote %d paths to %s", len(written), self.store.transport.description)
+        return {"target": self.store.transport.description, "written": written, "failed": failed}
+
+    # --- the whole run ---------------------------------------------------------------------
+
+    def run(self) -> RunResult:
+        started = datetime.now(UTC)
+        campaign_id = campaign_id_for(started)
+        options = self.options
+        self.logger.info("Campaign %s as of %s (source: %s, matcher: %s%s)", campaign_id,
+                         iso_utc(options.now), self.source.label,
+                         "claude" if options.llm == "claude" else "rules",
+                         ", dry run" if options.dry_run else "")
+        users, events = self.fetch()
+        census = self.dormant_users(users, events)
+        selected, cooled_down = self.select(census)
+        future = self.future_events(events)
+
+        matches: list[Match] = []
+        messages: list[Message] = []
+        skipped: list[Skip] = []
+        for user in selected:
+            match, message, skip = self.match_and_write(user, future)
+            if match is not None:
+                matches.append(match)
+                self.logger.info("Step 5: %s -> %s (%d%%, %s)", match["user_name"], match["event_name"],
+                                 match["confidence_percentage"], match["matcher"])
+            if message is not None:
+                messages.append(message)
+                self.logger.debug("Step 6: %s: %s", message["user_id"], message["message_text"])
+            if skip is not None:
+                skipped.append(skip)
+                self.logger.info("Skipped %s (%s): %s", skip.user_name, skip.user_id, skip.reason)
+        write_json(self.data_dir / "processed" / "matches.json", matches, private=True)
+        write_json(self.data_dir / "processed" / "messages.json", messages, private=True)
+        self.logger.info("Steps 5-6: %d matches, %d messages, %d skipped", len(matches), len(messages),
+                         len(skipped))
+
+        stats = {"users_processed": len(selected), "events_processed": len(future),
+                 "matches_created": len(matches), "messages_generated": len(messages)}
+        firebase = self.save_to_firebase(campaign_id, selected, matches, messages,
+                                         {**stats, "errors": list(self.errors)})
+        report = build_report(
+            campaign_id=campaign_id, run_started=started, options=options, source_label=self.source.label,
+            census=census, selected=selected, cooled_down=cooled_down, future_events=future,
+            matches=matches, messages=messages, skipped=skipped, issues=self.issues, errors=self.errors,
+            extra={"firebase": firebase,
+                   "duration_seconds": round((datetime.now(UTC) - started).total_seconds(), 3)})
+        reports = options.out_dir / "reports"
+        write_json(reports / f"return_to_table_report_{campaign_id}.json", report)
+        report_path = reports / f"return_to_table_report_{campaign_id}.md"
+        report_path.parent.mkdir(parents=True, exist_ok=True)
+        report_path.write_text(report_markdown(report), encoding="utf-8")
+        s = report["summary"]
+        self.logger.info("Step 8: %d dormant, %d ready, %d matched, %d messages, %d SMS segments, %d errors. "
+                         "Report: %s", s["total_dormant_users_found"], s["total_users_with_complete_profiles"],
+                         s["total_matches_created"], s["total_messages_generated"], s["total_sms_segments"],
+                         s["error_count"], report_path)
+        code = EXIT_FAILURE if firebase["failed"] else EXIT_OK
+        return RunResult(campaign_id, report, report_path, code)
+
+
+# =============================================================================================
+# Command line
+# =============================================================================================
+
+
+def positive_int(text: str) -> int:
+    value = int(text)
+    if value < 1:
+        raise argparse.ArgumentTypeError("must be a whole number of at least 1")
+    return value
+
+
+def non_negative_int(text: str) -> int:
+    value = int(text)
+    if value < 0:
+        raise argparse.ArgumentTypeError("must be a whole number of at least 0")
+    return value
+
+
+def percentage(text: str) -> float:
+    value = float(text)
+    if not 0 <= value <= 100:
+        raise argparse.ArgumentTypeError("must be between 0 and 100")
+    return value
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(
+        prog="return_to_table.py",
+        description="Return To Table: match dormant members with one upcoming event each and draft "
+                    "a welcome-back SMS for review.")
+    where = parser.add_mutually_exclusive_group()
+    where.add_argument("--demo", action="store_true",
+                       help="run on the built-in sample world (rules, template, local mirror only)")
+    where.add_argument("--source", metavar="mongo|DIR",
+                       help="'mongo' (default when MongoDB is configured) or a folder with users.json "
+                            "and events.json from mongoexport")
+    parser.add_argument("--now", metavar="ISO8601", help="the as-of instant (default: current UTC time)")
+    parser.add_argument("--out", metavar="DIR", type=Path, default=SCRIPT_DIR,
+                        help="root for data/, logs/ and reports/ (default: the script's folder)")
+    parser.add_argument("--limit", type=positive_int, default=10, help="top-ranked members to try (10)")
+    parser.add_argument("--llm", choices=("auto", "claude", "off"), default="auto",
+                        help="auto: Claude when ANTHROPIC_API_KEY is set; off: rules and template")
+    parser.add_argument("--dry-run", action="store_true",
+                        help="write data/, logs and the report; nothing to Firebase or its mirror")
+    parser.add_argument("--min-confidence", type=percentage, default=70.0, metavar="0-100",
+                        help="least match confidence to message a member (70)")
+    parser.add_argument("--candidates", type=positive_int, default=15, metavar="K",
+                        help="events offered to Claude per member, the rules' top K (15)")
+    parser.add_argument("--concurrency", type=positive_int, default=6, metavar="N",
+                        help="members handled at once on the Claude path (6)")
+    parser.add_argument("--cooldown-days", type=non_negative_int, default=30, metavar="D",
+                        help="leave out members messaged in the last D days (30; 0 disables)")
+    parser.add_argument("--insecure-tls", action="store_true",
+                        help="do not verify MongoDB's TLS certificate (logged as a warning)")
+    parser.add_argument("-v", "--verbose", action="store_true", help="DEBUG on the console too")
+    return parser
+
+
+def resolve_options(args: argparse.Namespace, settings: Settings) -> RunOptions:
+    """Turn arguments and settings into one run's options; refuse what cannot be run."""
+    now = datetime.now(UTC).replace(microsecond=0)
+    if args.now:
+        parsed = to_utc(args.now)
+        if parsed is None:
+            raise UsageError(f"--now {args.now!r} is not an ISO-8601 date-time (e.g. 2026-11-23T06:00:00Z)")
+        now = parsed
+    if args.demo:
+        source = "demo"
+        if args.llm == "claude":
+            raise UsageError("--demo never calls remote services: drop --llm claude or use --source")
+    elif args.source:
+        source = "mongo" if args.source == "mongo" else str(Path(args.source).expanduser())
+    elif settings.mongo_uri:
+        source = "mongo"
+    else:
+        raise UsageError("no data source: set MONGO_URI (or MONGO_USERNAME, MONGO_PASSWORD, MONGO_HOST) "
+                         "and MONGO_DB_NAME, or pass --source DIR; --demo runs on built-in sample data")
+    if source == "mongo" and not settings.mongo_uri:
+        raise UsageError("--source mongo needs MONGO_URI (or MONGO_USERNAME, MONGO_PASSWORD and "
+                         "MONGO_HOST) and MONGO_DB_NAME")
+    llm = args.llm
+    if source == "demo":
+        llm = "off"
+    elif llm == "auto":
+        llm = "claude" if settings.anthropic_api_key else "off"
+    if llm == "claude" and not settings.anthropic_api_key:
+        raise UsageError("--llm claude needs ANTHROPIC_API_KEY")
+    return RunOptions(source=source, now=now, out_dir=args.out.expanduser().resolve(), limit=args.limit,
+                      llm=llm, dry_run=args.dry_run, min_confidence=args.min_confidence,
+                      candidates=args.candidates, concurrency=args.concurrency,
+                      cooldown_days=args.cooldown_days, insecure_tls=args.insecure_tls, verbose=args.verbose)
+
+
+def make_source(options: RunOptions, settings: Settings, logger: logging.Logger,
+                mongo_client: Any = None) -> DataSource:
+    if options.is_demo:
+        return DemoSource(options.now)
+    if options.source == "mongo":
+        client = mongo_client or connect_mongo(settings, options.insecure_tls, logger)
+        return MongoSource(client, mongo_db_name(settings, client))
+    return FolderSource(Path(options.source))
+
+
+def make_store(options: RunOptions, settings: Settings, logger: logging.Logger) -> FirebaseStore | None:
+    if options.dry_run:
+        return None
+    mirror = options.out_dir / "data" / "firebase"
+    if options.is_demo or not settings.firebase_url:
+        if not options.is_demo:
+            logger.info("FIREBASE_DATABASE_URL is not set: writing to the local mirror %s", mirror)
+        return FirebaseStore(LocalMirrorTransport(mirror, settings.firebase_base_path), logger)
+    raise UsageError("writing to a real Firebase (FIREBASE_DATABASE_URL) is not available yet; "
+                     "unset it to use the local mirror, or use --dry-run")
+
+
+def main(argv: Sequence[str] | None = None, *, env: Mapping[str, str] | None = None,
+         mongo_client: Any = None) -> int:
+    """Run one campaign; returns the exit code (0 ok, 1 a service failed, 2 bad input or usage)."""
+    args = build_parser().parse_args(argv)
+    logger: logging.Logger | None = None
+    try:
+        settings = Settings.from_env(env if env is not None else read_environment())
+        options = resolve_options(args, settings)
+        logger, _ = setup_logging(options.out_dir, datetime.now(UTC), options.verbose)
+        source = make_source(options, settings, logger, mongo_client)
+        store = make_store(options, settings, logger)
+        hoods = NeighbourhoodMap.from_csv(CENTROIDS_CSV)
+        result = ReturnToTable(options, settings, logger, source=source, store=store, hoods=hoods).run()
+        return result.exit_code
+    except UsageError as exc:
+        print(f"error: {exc}", file=sys.stderr)
+        if logger:
+            logger.debug("usage error: %s", exc)
+        return EXIT_USAGE
+    except FirebaseError as exc:
+        print(f"error: Firebase: {exc}", file=sys.stderr)
+        return EXIT_FAILURE
+    except Exception as exc:
+        from pymongo.errors import PyMongoError
+
+        if isinstance(exc, PyMongoError):
+            print(f"error: MongoDB: {exc.__class__.__name__}: {str(exc).splitlines()[0][:300]}", file=sys.stderr)
+            return EXIT_FAILURE
+        raise
+    finally:
+        if logger:
+            close_logging(logger)
+
+
+if __name__ == "__main__":
+    sys.exit(main())
