@@ -60,6 +60,11 @@ Semantics reproduced (source in brackets; "assumed" where no public source was f
 * Query parameters other than the known ones answer 400 [assumed];
   ``orderBy``/``limitTo*``/``startAt``/``endAt``/``equalTo``/``format``/
   ``download``/``callback`` are real but not implemented here: 501.
+* Also assumed: the wording of the invalid-JSON, ``if-match``, depth (paths
+  under 32 levels [limits page]) and PATCH-overlap errors; 404 for URLs not
+  ending in ``.json``; 400 for ``shallow=true`` with ``X-Firebase-ETag``
+  (firebase-admin-python refuses that pair client-side); numbers are kept as
+  sent (``1.0`` stays a float).
 """
 
 from __future__ import annotations
@@ -220,10 +225,7 @@ def _path_segments(path: str) -> list[str]:
     """Segments of a database path such as ``"a/b"``, ``"/a/b"`` (no ``.json``)."""
     segs = [s for s in path.split("/") if s != ""]
     for seg in segs:
-        if (
-            any(ch in _FORBIDDEN_PATH_CHARS for ch in seg)
-            or len(seg.encode()) > MAX_KEY_BYTES
-        ):
+        if any(ch in _FORBIDDEN_PATH_CHARS for ch in seg) or len(seg.encode()) > MAX_KEY_BYTES:
             raise _RtdbError(400, MSG_BAD_PATH)
     return segs
 
@@ -317,9 +319,7 @@ def _depth(value: Value) -> int:
     return 0
 
 
-def _normalize(
-    value: Any, loc: list[str], current: Callable[[list[str]], Value]
-) -> Value:
+def _normalize(value: Any, loc: list[str], current: Callable[[list[str]], Value]) -> Value:
     """Turn request JSON into stored form (arrays -> dicts, nulls and empties dropped).
 
     ``loc`` is where ``value`` will be written; ``current(segs)`` reads the tree
@@ -348,9 +348,7 @@ def _normalize(
     return out or None
 
 
-def _server_value(
-    spec: Any, loc: list[str], current: Callable[[list[str]], Value]
-) -> Value:
+def _server_value(spec: Any, loc: list[str], current: Callable[[list[str]], Value]) -> Value:
     if spec == "timestamp":
         return int(time.time() * 1000)
     if isinstance(spec, dict) and set(spec) == {"increment"}:
@@ -381,9 +379,7 @@ def etag_of(node: Value) -> str:
     """The ETag of a stored node: ``null_etag`` when empty, else base64(sha1(JSON))."""
     if node is None:
         return NULL_ETAG
-    canon = json.dumps(
-        _render(node), sort_keys=True, separators=(",", ":"), ensure_ascii=False
-    )
+    canon = json.dumps(_render(node), sort_keys=True, separators=(",", ":"), ensure_ascii=False)
     return base64.b64encode(hashlib.sha1(canon.encode("utf-8")).digest()).decode()
 
 
@@ -396,9 +392,7 @@ def _dumps(value: Any, *, pretty: bool = False) -> bytes:
 
 
 def _error_payload(message: str) -> bytes:
-    return (
-        '{\n  "error" : ' + json.dumps(message, ensure_ascii=False) + "\n}\n"
-    ).encode()
+    return ('{\n  "error" : ' + json.dumps(message, ensure_ascii=False) + "\n}\n").encode()
 
 
 def _reject_constant(name: str) -> Any:
@@ -444,9 +438,7 @@ class _Failure:
     used: int = field(default=0)
 
     def matches(self, method: str, segs: list[str] | None) -> bool:
-        return (self.method is None or self.method == method) and (
-            self.segs is None or self.segs == segs
-        )
+        return (self.method is None or self.method == method) and (self.segs is None or self.segs == segs)
 
 
 def _user_path_segments(path: str) -> list[str]:
@@ -569,9 +561,7 @@ class FakeRealtimeDatabase:
         server = _Server(("127.0.0.1", 0), _Handler)
         server.fake = self
         self._server = server
-        self._thread = threading.Thread(
-            target=server.serve_forever, kwargs={"poll_interval": 0.05}, daemon=True
-        )
+        self._thread = threading.Thread(target=server.serve_forever, kwargs={"poll_interval": 0.01}, daemon=True)
         self._thread.start()
         return self
 
@@ -616,18 +606,20 @@ class FakeRealtimeDatabase:
 
     def get_rendered(self, path: str = "") -> Any:
         """What ``GET /<path>.json`` would return (arrays rendered, None when empty)."""
+        segs = self._segments_or_value_error(path)
         with self._lock:
-            return _render(_get(self._root, _path_segments(path)))
+            return _render(_get(self._root, segs))
 
     def etag(self, path: str = "") -> str:
         """The current ETag of ``path`` (``null_etag`` when it holds nothing)."""
+        segs = self._segments_or_value_error(path)
         with self._lock:
-            return etag_of(_get(self._root, _path_segments(path)))
+            return etag_of(_get(self._root, segs))
 
     def set(self, path: str, value: Any) -> None:
         """Seed data at ``path`` with PUT's rules (None deletes); ValueError if invalid."""
+        segs = self._segments_or_value_error(path)
         with self._lock:
-            segs = self._segments_or_value_error(path)
             try:
                 norm = _normalize(value, segs, lambda s: _get(self._root, s))
                 self._check_depth(segs, norm)
@@ -660,15 +652,9 @@ class FakeRealtimeDatabase:
             payload = _dumps(body)
         segs = None if path is None else _user_path_segments(path)
         with self._lock:
-            self._failures.append(
-                _Failure(
-                    status, count, method.upper() if method else None, segs, payload
-                )
-            )
+            self._failures.append(_Failure(status, count, method.upper() if method else None, segs, payload))
 
-    def on_request(
-        self, callback: Callable[[RecordedRequest], None]
-    ) -> Callable[[RecordedRequest], None]:
+    def on_request(self, callback: Callable[[RecordedRequest], None]) -> Callable[[RecordedRequest], None]:
         """Call ``callback(request)`` for every request before it is processed.
 
         The callback may change the data (``db.set(...)``), e.g. to imitate a
@@ -691,9 +677,7 @@ class FakeRealtimeDatabase:
     @staticmethod
     def _check_depth(segs: list[str], norm: Value) -> None:
         if norm is not None and len(segs) + _depth(norm) >= MAX_DEPTH:
-            raise _RtdbError(
-                400, f"Invalid data; paths must be less than {MAX_DEPTH} levels deep."
-            )
+            raise _RtdbError(400, f"Invalid data; paths must be less than {MAX_DEPTH} levels deep.")
 
     def _track(self, conn: socket.socket, *, add: bool) -> None:
         with self._lock:
@@ -717,11 +701,7 @@ class FakeRealtimeDatabase:
             return answer
 
     def _scripted(self, request: RecordedRequest) -> _Answer | None:
-        segs = (
-            _user_path_segments(request.path)
-            if request.path.endswith(".json")
-            else None
-        )
+        segs = _user_path_segments(request.path) if request.path.endswith(".json") else None
         for failure in self._failures:
             if failure.matches(request.method, segs):
                 failure.used += 1
@@ -763,9 +743,7 @@ class FakeRealtimeDatabase:
     def _process(self, request: RecordedRequest) -> _Answer:
         method = request.method
         if method == "POST":
-            override = request.headers.get(
-                "x-http-method-override"
-            ) or request.query.get("x-http-method-override")
+            override = request.headers.get("x-http-method-override") or request.query.get("x-http-method-override")
             if override:
                 method = override.upper()
         if method not in ("GET", "PUT", "PATCH", "POST", "DELETE"):
@@ -776,9 +754,7 @@ class FakeRealtimeDatabase:
         q = request.query
         for name in q:
             if name in _UNIMPLEMENTED_PARAMS:
-                raise _RtdbError(
-                    501, f"fake_rtdb does not implement the {name!r} parameter."
-                )
+                raise _RtdbError(501, f"fake_rtdb does not implement the {name!r} parameter.")
             if name not in _KNOWN_PARAMS:
                 raise _RtdbError(400, f"Invalid parameter: {name!r}.")
         printing = q.get("print")
@@ -811,9 +787,7 @@ class FakeRealtimeDatabase:
             return reply(value, etag=etag_of(current) if want_etag else None)
 
         if if_match is not None and if_match != etag_of(current):
-            return _Answer(
-                412, _dumps(_render(current), pretty=pretty), etag_of(current)
-            )
+            return _Answer(412, _dumps(_render(current), pretty=pretty), etag_of(current))
 
         if method == "DELETE":
             self._root = _set(self._root, segs, None)
@@ -856,8 +830,7 @@ class FakeRealtimeDatabase:
                 if b[: len(a)] == a:
                     raise _RtdbError(
                         400,
-                        f"Invalid data; path '{'/'.join(a)}' is an ancestor of "
-                        f"'{'/'.join(b)}' in the same update.",
+                        f"Invalid data; path '{'/'.join(a)}' is an ancestor of '{'/'.join(b)}' in the same update.",
                     )
             root = self._root
             for loc, norm in updates:
@@ -866,7 +839,5 @@ class FakeRealtimeDatabase:
             return reply(body, etag=etag_of(_get(root, segs)) if want_etag else None)
         except _RtdbError as exc:
             if exc.bad_key:
-                raise _RtdbError(
-                    400, _bad_key_message(text, patch=method == "PATCH")
-                ) from None
+                raise _RtdbError(400, _bad_key_message(text, patch=method == "PATCH")) from None
             raise

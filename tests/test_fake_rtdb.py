@@ -89,9 +89,7 @@ def test_put_of_primitives_round_trips(client: httpx2.Client) -> None:
         assert client.get("/v.json").json() == value
 
 
-def test_writing_null_deletes_and_empty_parents_disappear(
-    client: httpx2.Client, db: FakeRealtimeDatabase
-) -> None:
+def test_writing_null_deletes_and_empty_parents_disappear(client: httpx2.Client, db: FakeRealtimeDatabase) -> None:
     db.set("a/b/c", 1)
     db.set("keep", 2)
     r = client.put("/a/b/c.json", content=b"null")
@@ -100,26 +98,20 @@ def test_writing_null_deletes_and_empty_parents_disappear(
     assert client.get("/a.json").json() is None
 
 
-def test_nested_null_and_empty_objects_are_not_stored(
-    client: httpx2.Client, db: FakeRealtimeDatabase
-) -> None:
+def test_nested_null_and_empty_objects_are_not_stored(client: httpx2.Client, db: FakeRealtimeDatabase) -> None:
     client.put("/n.json", json={"x": None, "y": {"z": None}, "e": [], "o": {}})
     assert db.data is None
     assert client.get("/n.json").json() is None
 
 
-def test_delete_returns_null_and_removes_subtree(
-    client: httpx2.Client, db: FakeRealtimeDatabase
-) -> None:
+def test_delete_returns_null_and_removes_subtree(client: httpx2.Client, db: FakeRealtimeDatabase) -> None:
     db.set("a", {"b": 1, "c": {"d": 2}})
     r = client.delete("/a/c.json")
     assert r.status_code == 200 and r.json() is None
     assert db.data == {"a": {"b": 1}}
 
 
-def test_writing_below_a_leaf_replaces_the_leaf(
-    client: httpx2.Client, db: FakeRealtimeDatabase
-) -> None:
+def test_writing_below_a_leaf_replaces_the_leaf(client: httpx2.Client, db: FakeRealtimeDatabase) -> None:
     db.set("a", "leaf")
     client.put("/a/b.json", json=1)
     assert db.data == {"a": {"b": 1}}
@@ -180,9 +172,7 @@ def test_server_timestamp_is_resolved(client: httpx2.Client, db: FakeRealtimeDat
     assert isinstance(at, int) and at > 1_600_000_000_000
 
 
-def test_method_override_header_turns_post_into_patch(
-    client: httpx2.Client, db: FakeRealtimeDatabase
-) -> None:
+def test_method_override_header_turns_post_into_patch(client: httpx2.Client, db: FakeRealtimeDatabase) -> None:
     db.set("m", {"a": 1})
     r = client.post("/m.json", json={"b": 2}, headers={"X-HTTP-Method-Override": "PATCH"})
     assert r.status_code == 200
@@ -216,9 +206,7 @@ def test_sparse_keys_with_more_than_half_present_render_as_array_with_null_holes
     assert client.get("/m.json").json() == [None, "b", "c"]
 
 
-def test_too_sparse_integer_keys_render_as_object(
-    client: httpx2.Client, db: FakeRealtimeDatabase
-) -> None:
+def test_too_sparse_integer_keys_render_as_object(client: httpx2.Client, db: FakeRealtimeDatabase) -> None:
     # the blog's example: ['a','b','c','d','e'] with a, b and d deleted
     client.put("/l.json", json=["a", "b", "c", "d", "e"])
     for i in (0, 1, 3):
@@ -267,9 +255,7 @@ def test_push_ids_sort_by_time_even_within_one_millisecond() -> None:
     assert push_id(now_ms=1_800_000_000_000) > same_ms[-1]
 
 
-def test_patch_updates_named_children_and_keeps_others(
-    client: httpx2.Client, db: FakeRealtimeDatabase
-) -> None:
+def test_patch_updates_named_children_and_keeps_others(client: httpx2.Client, db: FakeRealtimeDatabase) -> None:
     db.set("users/jack", {"first": "Jack", "last": "Sparrow"})
     r = client.patch("/users/jack.json", json={"last": "Jones"})
     assert r.status_code == 200 and r.json() == {"last": "Jones"}
@@ -312,9 +298,7 @@ def test_get_with_etag_header_returns_etag_and_plain_get_does_not(
     assert "etag" not in client.get("/v.json").headers
 
 
-def test_etag_is_deterministic_and_changes_with_the_data(
-    client: httpx2.Client, db: FakeRealtimeDatabase
-) -> None:
+def test_etag_is_deterministic_and_changes_with_the_data(client: httpx2.Client, db: FakeRealtimeDatabase) -> None:
     db.set("v", {"a": 1, "b": 2})
     first = client.get("/v.json", headers=ETAG_ON).headers["etag"]
     db.set("v", {"b": 2, "a": 1})
@@ -356,9 +340,7 @@ def test_conditional_put_with_stale_etag_is_412_with_current_value_and_etag(
     assert retry.status_code == 200
 
 
-def test_if_match_null_etag_writes_only_when_location_is_empty(
-    client: httpx2.Client, db: FakeRealtimeDatabase
-) -> None:
+def test_if_match_null_etag_writes_only_when_location_is_empty(client: httpx2.Client, db: FakeRealtimeDatabase) -> None:
     r = client.put("/lock.json", json="me", headers={"if-match": NULL_ETAG})
     assert r.status_code == 200
     again = client.put("/lock.json", json="other", headers={"if-match": NULL_ETAG})
@@ -367,9 +349,7 @@ def test_if_match_null_etag_writes_only_when_location_is_empty(
     assert db.data == {"lock": "me"}
 
 
-def test_conditional_delete_matching_and_stale(
-    client: httpx2.Client, db: FakeRealtimeDatabase
-) -> None:
+def test_conditional_delete_matching_and_stale(client: httpx2.Client, db: FakeRealtimeDatabase) -> None:
     db.set("d", 1)
     stale = db.etag("d")
     db.set("d", 2)
@@ -382,9 +362,7 @@ def test_conditional_delete_matching_and_stale(
 
 
 @pytest.mark.parametrize("method", ["PATCH", "POST"])
-def test_if_match_on_patch_or_post_is_400(
-    client: httpx2.Client, db: FakeRealtimeDatabase, method: str
-) -> None:
+def test_if_match_on_patch_or_post_is_400(client: httpx2.Client, db: FakeRealtimeDatabase, method: str) -> None:
     db.set("a", {"x": 1})
     r = client.request(method, "/a.json", json={"y": 2}, headers={"if-match": db.etag("a")})
     assert r.status_code == 400
@@ -398,7 +376,10 @@ def test_if_match_combined_with_print_silent_is_400(
 ) -> None:
     db.set("a", 1)
     r = client.request(
-        method, "/a.json", params={"print": "silent"}, content=b"2",
+        method,
+        "/a.json",
+        params={"print": "silent"},
+        content=b"2",
         headers={"if-match": db.etag("a")},
     )
     assert r.status_code == 400
@@ -467,9 +448,7 @@ def test_invalid_url_path_is_400(client: httpx2.Client, path: str) -> None:
     assert error_of(r) == "Invalid path: Invalid token in path"
 
 
-def test_patch_allows_slash_in_keys_but_validates_segments(
-    client: httpx2.Client, db: FakeRealtimeDatabase
-) -> None:
+def test_patch_allows_slash_in_keys_but_validates_segments(client: httpx2.Client, db: FakeRealtimeDatabase) -> None:
     assert client.patch("/.json", json={"a/b": 1}).status_code == 200
     for bad in ("a/b.c", "a//b", "", "/"):
         r = client.patch("/.json", json={bad: 1})
@@ -557,9 +536,7 @@ def test_error_body_has_the_real_layout(locked: FakeRealtimeDatabase) -> None:
 # -- scripting: failures, hooks, recording ------------------------------
 
 
-def test_fail_next_answers_scripted_status_then_recovers(
-    client: httpx2.Client, db: FakeRealtimeDatabase
-) -> None:
+def test_fail_next_answers_scripted_status_then_recovers(client: httpx2.Client, db: FakeRealtimeDatabase) -> None:
     db.fail_next(503, count=2)
     assert client.put("/a.json", json=1).status_code == 503
     r = client.put("/a.json", json=1)
@@ -569,9 +546,7 @@ def test_fail_next_answers_scripted_status_then_recovers(
     assert db.data == {"a": 1}
 
 
-def test_fail_next_filters_by_method_and_path(
-    client: httpx2.Client, db: FakeRealtimeDatabase
-) -> None:
+def test_fail_next_filters_by_method_and_path(client: httpx2.Client, db: FakeRealtimeDatabase) -> None:
     db.fail_next(500, method="put", path="target")
     assert client.get("/target.json").status_code == 200
     assert client.put("/other.json", json=1).status_code == 200
@@ -585,9 +560,7 @@ def test_fail_next_custom_body_and_auth_style_failure(client: httpx2.Client, db:
     assert r.status_code == 401 and r.json() == {"error": "Auth token is expired"}
 
 
-def test_fail_next_status_zero_drops_the_connection(
-    client: httpx2.Client, db: FakeRealtimeDatabase
-) -> None:
+def test_fail_next_status_zero_drops_the_connection(client: httpx2.Client, db: FakeRealtimeDatabase) -> None:
     db.fail_next(0, method="PUT")
     with pytest.raises(httpx2.TransportError):
         client.put("/a.json", json=1)
