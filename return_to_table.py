@@ -2070,7 +2070,7 @@ class ClaudeAdvisor:
         problem = ""
         for attempt in (1, 2):
             try:
-                reply = self.client.messages.create(model=model, max_tokens=1024, system=self._system(system, model),
+                reply = self.client.messages.create(model=model, max_tokens=2048, system=self._system(system, model),
                                                     messages=messages, output_config=output_config)
             except anthropic.APIError as exc:
                 raise InvalidAnswer(f"API error: {exc.__class__.__name__}") from None
@@ -2640,10 +2640,11 @@ class ReturnToTable:
         self.lists: dict[str, DashboardList] = {}
         self.not_written: list[str] = []
         self.written: list[str] = []
+        self.firebase_down: str | None = None
 
     @property
     def writes(self) -> bool:
-        return self.store is not None and not self.options.dry_run
+        return self.store is not None and not self.options.dry_run and self.firebase_down is None
 
     # --- step 1 ---------------------------------------------------------------------------
 
@@ -2679,9 +2680,13 @@ class ReturnToTable:
         try:
             items = self.store.read_items("messages", "messages")
         except FirebaseError as exc:
-            if not self.options.dry_run:
-                raise
-            self.logger.warning("Cooldown not applied in this dry run: %s", exc)
+            if self.options.dry_run:
+                self.logger.warning("Cooldown not applied in this dry run: %s", exc)
+                return set()
+            # Without knowing who was messaged, writing could draft someone twice: write nothing.
+            self.firebase_down = str(exc)
+            self.errors.append(f"Firebase messages: {exc}")
+            self.logger.error("Firebase unreadable, nothing will be written there this run: %s", exc)
             return set()
         since = self.options.now - timedelta(days=self.options.cooldown_days)
         return {str(item["user_id"]) for item in items
@@ -2803,7 +2808,7 @@ class ReturnToTable:
         write_json(self.data_dir / "processed" / "matches.json", [o.match for o in ordered if o.match], private=True)
         write_json(self.data_dir / "processed" / "messages.json", [o.message for o in ordered if o.message],
                    private=True)
-        if self.writes:
+        if self.store is not None and not self.options.dry_run:
             for key, item in (("matches", outcome.match), ("messages", outcome.message)):
                 if item is not None:
                     self.append(key, item)
@@ -2842,11 +2847,10 @@ class ReturnToTable:
                          matches: Sequence[Match], messages: Sequence[Message], stats: Mapping[str, Any]
                          ) -> dict[str, Any]:
         """The dashboard's users and events, and the campaign archive; failures listed, not raised."""
-        if not self.writes:
+        if self.store is None or self.options.dry_run:
             self.logger.info("Step 7: dry run, nothing written to Firebase")
             return {"target": "none (dry run)", "written": [], "not_written": [], "bytes_sent": 0}
         store = self.store
-        assert store is not None
         updated = iso_utc(self.options.now) or ""
         users_payload = [dashboard_user(u) for u in selected]
         events_payload = unique_matched_events(matches)
@@ -2863,6 +2867,9 @@ class ReturnToTable:
             (f"campaigns/{campaign_id}/messages", listing("messages", list(messages), updated)),
         ]
         for path, payload in plan:
+            if self.firebase_down is not None:
+                self.not_written.append(path)
+                continue
             try:
                 store.replace(path, payload)
                 self.written.append(path)
@@ -3081,6 +3088,11 @@ def main(argv: Sequence[str] | None = None, *, env: Mapping[str, str] | None = N
         hoods = NeighbourhoodMap.from_csv(CENTROIDS_CSV)
         result = ReturnToTable(options, settings, logger, source=source, store=store, hoods=hoods,
                                advisor=advisor).run()
+        not_written = result.report["firebase"]["not_written"]
+        if not_written:
+            first = next((e for e in result.report["errors"] if e.startswith("Firebase")), "")
+            print(f"error: {len(not_written)} Firebase writes failed ({first}); local files and the report "
+                  f"{result.report_path} are complete", file=sys.stderr)
         return result.exit_code
     except UsageError as exc:
         print(f"error: {exc}", file=sys.stderr)
