@@ -192,6 +192,9 @@ def close_logging(logger: logging.Logger) -> None:
 # =============================================================================================
 
 
+ISO_DATE_START = re.compile(r"^\d{4}-\d{2}-\d{2}(?:$|[T ])")
+
+
 def to_utc(value: Any) -> datetime | None:
     """Any date form found in the data as an aware UTC datetime, or None.
 
@@ -211,7 +214,7 @@ def to_utc(value: Any) -> datetime | None:
             return None
     if isinstance(value, str):
         text = value.strip()
-        if not text or not text[0].isdigit():
+        if not ISO_DATE_START.match(text):  # extended ISO only: "17100720…" is not a date here
             return None
         try:
             parsed = datetime.fromisoformat(text.replace("z", "Z"))
@@ -1076,14 +1079,19 @@ def participation_tier(percentage: float, going: int = 0, capacity_known: bool =
     return 0
 
 
+def timing_tier(days_until: float) -> int:
+    """Sooner is better: within 2 days 3, within a week 2, within two weeks 1, later 0."""
+    return 3 if days_until <= 2 else 2 if days_until <= 7 else 1 if days_until <= 14 else 0
+
+
 def match_confidence(n_interests: int, tier_near: int, quality: int, days_until: float) -> int:
-    """0-100: one shared interest and an open spot reach 70 even across town; the rest adds up."""
+    """0-100, in the same order as the ranking: one shared interest and an open spot reach 70 even
+    across town, and the tiers above add up in mixed radix, so a clear win in a higher tier always
+    scores at least as high as any combination of lower ones."""
     if n_interests < 1:
         return 0
-    score = 70 + 6 * (min(n_interests, 3) - 1) + tier_near + quality * 5 // 3
-    if days_until <= 7:
-        score += 3
-    return max(0, min(100, score))
+    index = (((min(n_interests, 3) - 1) * 11 + tier_near) * 4 + quality) * 4 + timing_tier(days_until)
+    return 70 + (30 * index) // 527  # 527 = the largest index: 3 interests, own neighbourhood, full, soon
 
 
 def score_candidates(user: Mapping[str, Any], events: Iterable[Mapping[str, Any]],
@@ -1299,13 +1307,15 @@ def interest_label(interest: str) -> str:
     return " ".join(interest.replace("_", " ").replace("-", " ").split())
 
 
+ELLIPSIS = "..."
 _DANGLING = {"&", "+", "-", "and", "with", "at", "of", "the", "a", "an", "for", "in", "on", "x", "|", "/", ":"}
 
 
 def shortened_names(name: str) -> list[str]:
-    """The event name, then ever shorter cuts at word boundaries (ending in "…"), longest first.
+    """The event name, then ever shorter cuts at word boundaries (ending in "..."), longest first.
 
-    A cut never ends on a connector ("Gallery Walk &…" becomes "Gallery Walk…").
+    A cut never ends on a connector ("Gallery Walk &..." becomes "Gallery Walk..."). The ellipsis
+    is three dots, not "…", which would push the whole text out of GSM-7 into UCS-2.
     """
     words = name.split()
     cuts = [name]
@@ -1313,7 +1323,7 @@ def shortened_names(name: str) -> list[str]:
         kept = words[:n]
         while kept and (kept[-1].lower() in _DANGLING or not any(ch.isalnum() for ch in kept[-1])):
             kept = kept[:-1]
-        cut = " ".join(kept).rstrip(",;:-") + "…" if kept else ""
+        cut = " ".join(kept).rstrip(",;:-") + ELLIPSIS if kept else ""
         if cut and cut not in cuts:
             cuts.append(cut)
     return cuts
@@ -1327,10 +1337,10 @@ def mentions_event(text: str, name: str) -> str | None:
     """The form of the event name the text uses (whole, or cut at a word boundary), if any."""
     folded = _fold(text)
     for cut in shortened_names(name):
-        stem = _fold(cut.rstrip("…"))
+        stem = _fold(cut.removesuffix(ELLIPSIS))
         whole = cut == name
         if stem and stem in folded and (whole or len(stem) >= min(12, len(_fold(name)))):
-            return cut.rstrip("…")
+            return cut.removesuffix(ELLIPSIS)
     return None
 
 
@@ -1380,7 +1390,8 @@ def validate_sms(text: str, facts: MessageFacts) -> list[str]:
     if "!!" in text:
         problems.append('no "!!"')
     scrubbed = body
-    for fixed in sorted({named or "", facts.first_name or "", *facts.interests}, key=len, reverse=True):
+    fixed_words = {named or "", facts.first_name or "", *facts.interests, *map(interest_label, facts.interests)}
+    for fixed in sorted(fixed_words, key=len, reverse=True):
         if fixed:
             scrubbed = re.sub(re.escape(fixed), " ", scrubbed, flags=re.IGNORECASE)
     invented = sorted(set(re.findall(r"\d+", scrubbed)) - facts.allowed_numbers)
@@ -1392,16 +1403,17 @@ def validate_sms(text: str, facts: MessageFacts) -> list[str]:
 def write_template_sms(facts: MessageFacts) -> str:
     """Step 6 by template: the richest wording that passes the contract, shortening as needed."""
     greet = f"Hi {facts.first_name}!" if facts.first_name else "Hi there!"
-    interest = interest_label(facts.interests[0]) if facts.interests else ""
     going = f"{facts.going} going" if facts.going else ""
     spots = "" if facts.spots_left is None else (
         f"{facts.spots_left} spot left" if facts.spots_left == 1 else f"{facts.spots_left} spots left")
     proof = ", ".join(p for p in (going, spots) if p)
     hood = f" in {facts.neighbourhood.replace('-', ' ').title()}" if facts.neighbourhood else ""
     link = facts.link
-    fans = f"one for {interest} fans" if interest else "a good one"
     short_proof = ", ".join(p for p in (going, "" if facts.spots_left is None else f"{facts.spots_left} left") if p)
-    for name in shortened_names(facts.event_name):
+    labels = [interest_label(i) for i in facts.interests]
+    interests = labels[:1] + sorted(labels[1:], key=len) or [""]
+    for name, interest in ((n, i) for n in shortened_names(facts.event_name) for i in interests):
+        fans = f"one for {interest} fans" if interest else "a good one"
         variants = [
             f"{greet} Welcome back, we miss you. {name} is {fans}: {facts.when}{hood}. {proof}. Tap to RSVP: {link}",
             f"{greet} Welcome back, we miss you. {name} is {fans}: {facts.when}. {proof}. Tap to RSVP: {link}",
@@ -2204,6 +2216,9 @@ def rtdb_normalize(value: Any) -> Any:
     return value
 
 
+CANONICAL_INDEX = re.compile(r"^(0|[1-9][0-9]*)$")
+
+
 def rtdb_render(value: Any) -> Any:
     """What a read returns: an object with integer keys comes back as an array when dense enough.
 
@@ -2213,7 +2228,7 @@ def rtdb_render(value: Any) -> Any:
         return value
     rendered = {k: rtdb_render(v) for k, v in value.items()}
     keys = list(rendered)
-    if keys and all(k.isdigit() and (k == "0" or not k.startswith("0")) for k in keys):
+    if keys and all(CANONICAL_INDEX.match(k) for k in keys):
         top = max(int(k) for k in keys)
         if top < 2 * len(keys):
             return [rendered.get(str(i)) for i in range(top + 1)]
@@ -2336,6 +2351,9 @@ class LocalMirrorTransport:
             self._store([*segments, *check_path(key)], rtdb_normalize(value))
 
 
+NO_BODY = object()
+
+
 class RestTransport:
     """The Realtime Database REST API over httpx2 (installed with the anthropic SDK).
 
@@ -2367,7 +2385,7 @@ class RestTransport:
         segments = [quote_plus(s).replace("+", "%20") for s in [*self.base_path.split("/"), *check_path(path)] if s]
         return f"{self.url}/{'/'.join(segments)}.json"
 
-    def _send(self, method: str, path: str, *, body: Any = None, headers: Mapping[str, str] | None = None,
+    def _send(self, method: str, path: str, *, body: Any = NO_BODY, headers: Mapping[str, str] | None = None,
               silent: bool = False) -> Any:
         params = {"auth": self.auth_token} if self.auth_token else {}
         if silent:
@@ -2375,7 +2393,7 @@ class RestTransport:
         all_headers = dict(headers or {})
         if self.token_source is not None:
             all_headers["Authorization"] = f"Bearer {self.token_source()}"
-        content = None if body is None else json.dumps(body, ensure_ascii=False).encode("utf-8")
+        content = None if body is NO_BODY else json.dumps(body, ensure_ascii=False).encode("utf-8")
         for attempt in range(self.retries + 1):
             if content:
                 self.bytes_sent += len(content)
@@ -2489,7 +2507,7 @@ def as_item_list(value: Any, key: str) -> list[dict[str, Any]]:
     items = value.get(key) if isinstance(value, Mapping) else None
     if isinstance(items, Mapping):
         def index(k: Any) -> tuple[int, Any]:
-            return (0, int(k)) if str(k).isdigit() else (1, str(k))
+            return (0, int(k)) if CANONICAL_INDEX.match(str(k)) else (1, str(k))
         items = [items[k] for k in sorted(items, key=index)]
     if not isinstance(items, list):
         return []
