@@ -2530,6 +2530,10 @@ def merge_key(item: Mapping[str, Any]) -> tuple[str, str]:
     return (str(item.get("user_id", "")), str(item.get("event_id", "")))
 
 
+class CountNotUpdated(FirebaseError):
+    """The item was written, but the list's ``count`` and ``updatedAt`` were not (the next run heals it)."""
+
+
 class DashboardList:
     """One appended dashboard list (``matches`` or ``messages``), grown item by item as the run goes.
 
@@ -2580,7 +2584,10 @@ class DashboardList:
             if result.ok:
                 self.items.append(record)
                 self.size += 1
-                self.transport.patch(self.path, {"count": self.size, "updatedAt": self.updated_at})
+                try:
+                    self.transport.patch(self.path, {"count": self.size, "updatedAt": self.updated_at})
+                except FirebaseError as exc:
+                    raise CountNotUpdated(str(exc)) from None
                 return True
             self.open()
         raise FirebaseError(f"{self.path}: gave up after {self.MAX_TRIES} conflicting appends")
@@ -2855,6 +2862,11 @@ class ReturnToTable:
         try:
             if not target.add(item):
                 self.logger.info("Firebase %s: already there, not added again", label)
+        except CountNotUpdated as exc:
+            self.errors.append(f"Firebase {key}: item written, count not updated: {exc}")
+            self.logger.error("Firebase %s: item written, count not updated: %s", key, exc)
+            self.not_written.append(f"{key} count")
+            del self.lists[key]
         except FirebaseError as exc:
             self.errors.append(f"Firebase {key}: {exc}")
             self.logger.error("Firebase %s: %s", key, exc)
