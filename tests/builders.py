@@ -1,0 +1,143 @@
+"""Hand-built test data and helpers shared by the test modules (fixtures live in conftest.py).
+
+All people and places here are fictional (``@example.com`` emails, ``+1555`` phones).
+"""
+
+from __future__ import annotations
+
+import contextlib
+import io
+import json
+from collections.abc import Sequence
+from dataclasses import dataclass
+from datetime import UTC, datetime, timedelta
+from pathlib import Path
+from typing import Any
+
+from bson import ObjectId, json_util
+
+import return_to_table as rtt
+
+NOW = datetime(2026, 1, 15, 12, 0, tzinfo=UTC)  # a Thursday
+NOW_ISO = "2026-01-15T12:00:00Z"
+
+# Members of the small world.
+MAYA = ObjectId("6500000000000000000000a1")  # dormant 45 days, 3 events, full profile
+ZOE = ObjectId("6500000000000000000000a2")  # dormant 60 days, 1 event, full profile, non-GSM name
+OMAR = ObjectId("6500000000000000000000a3")  # active (10 days)
+GRACE = ObjectId("6500000000000000000000a4")  # churned (120 days)
+NOAH = ObjectId("6500000000000000000000a5")  # new: no events
+IVY = ObjectId("6500000000000000000000a6")  # dormant but only 3 profile fields
+# Events of the small world.
+JAZZ_BRUNCH = ObjectId("6600000000000000000000f1")
+WINE_TASTING = ObjectId("6600000000000000000000f2")
+PRIVATE_SUPPER = ObjectId("6600000000000000000000f3")
+FULL_KARAOKE = ObjectId("6600000000000000000000f4")
+
+
+def days_ago(days: float, hour: int | None = None) -> datetime:
+    """``days`` before NOW (negative: after), optionally at ``hour`` UTC; naive, as pymongo returns dates."""
+    moment = NOW - timedelta(days=days)
+    if hour is not None:
+        moment = moment.replace(hour=hour, minute=0, second=0, microsecond=0)
+    return moment.replace(tzinfo=None)
+
+
+def filler_ids(n: int, start: int = 0xB0) -> list[ObjectId]:
+    """Participants who are not in the users collection (members of other campaigns)."""
+    return [ObjectId(f"{start + i:024x}") for i in range(n)]
+
+
+def small_world() -> tuple[list[dict[str, Any]], list[dict[str, Any]]]:
+    """Six members and eight events, shaped like pymongo's output (ObjectIds, naive UTC datetimes)."""
+    users = [
+        {"_id": MAYA, "firstName": "Maya", "lastName": "Rivera", "email": "maya.rivera@example.com",
+         "phone": "+15555550101", "gender": "female", "interests": ["music", "food"],
+         "occupation": "AI Specialist", "homeNeighborhood": "hells-kitchen", "createdAt": days_ago(400)},
+        {"_id": ZOE, "firstName": "Zoë", "lastName": "Okafor", "email": "zoe.okafor@example.com",
+         "phone": "+15555550102", "gender": "female", "interests": ["wine"], "occupation": "UX Designer",
+         "homeNeighborhood": "west-village"},
+        {"_id": OMAR, "firstName": "Omar", "lastName": "Haddad", "email": "omar.haddad@example.com",
+         "phone": "+15555550103", "gender": "male", "interests": ["music"], "occupation": "Chef",
+         "homeNeighborhood": "chelsea"},
+        {"_id": GRACE, "firstName": "Grace", "lastName": "Kim", "email": "grace.kim@example.com",
+         "phone": "+15555550104", "interests": ["art"], "homeNeighborhood": "soho"},
+        {"_id": NOAH, "firstName": "Noah", "lastName": "Park", "email": "noah.park@example.com",
+         "interests": ["games"]},
+        {"_id": IVY, "firstName": "Ivy", "email": "ivy@example.com", "interests": ["art"]},
+    ]
+    base = {"type": "public", "active": True, "eventStatus": "approved"}
+    events = [
+        {**base, "_id": ObjectId("6600000000000000000000e1"), "name": "Ramen Supper Club",
+         "categories": ["DINNER"], "features": ["supper-club"], "neighborhood": "chelsea",
+         "startDate": days_ago(60), "ownerId": OMAR, "participants": [MAYA, ZOE, IVY], "maxParticipants": 8},
+        {**base, "_id": ObjectId("6600000000000000000000e2"), "name": "Karaoke Night",
+         "categories": ["MUSIC", "BAR"], "features": ["karaoke"], "neighborhood": "hells-kitchen",
+         "startDate": days_ago(45), "ownerId": MAYA, "participants": [MAYA, {"_id": str(OMAR)}],
+         "maxParticipants": 10},
+        {**base, "_id": ObjectId("6600000000000000000000e3"), "name": "Board Game Night",
+         "categories": ["GAMES"], "features": ["board-games"], "neighborhood": "chelsea",
+         "startDate": days_ago(10), "ownerId": OMAR, "participants": [OMAR], "maxParticipants": 6},
+        {**base, "_id": ObjectId("6600000000000000000000e4"), "name": "Gallery Walk & Drinks",
+         "categories": ["ART", "BAR"], "features": ["gallery"], "neighborhood": "soho",
+         "startDate": days_ago(120), "ownerId": GRACE, "participants": [{"userId": str(GRACE)}, MAYA],
+         "maxParticipants": 12},
+        {**base, "_id": JAZZ_BRUNCH, "name": "Jazz Brunch", "venueName": "The Velvet Note",
+         "categories": ["MUSIC", "BRUNCH"], "features": ["jazz", "live-music"], "neighborhood": "hells-kitchen",
+         "startDate": days_ago(-3, 16), "ownerId": OMAR, "participants": [OMAR, *filler_ids(5)],
+         "maxParticipants": 10, "description": "A live trio plays while we linger over eggs."},
+        {**base, "_id": WINE_TASTING, "name": "Natural Wine Tasting", "venueName": "Fig & Thistle",
+         "categories": ["WINE"], "features": ["wine-tasting"], "neighborhood": "west-village",
+         "startDate": days_ago(-5, 23), "ownerId": OMAR, "participants": filler_ids(5, 0xC0),
+         "maxParticipants": 8},
+        {**base, "_id": PRIVATE_SUPPER, "name": "Private Supper", "type": "private",
+         "categories": ["DINNER", "WINE", "MUSIC"], "neighborhood": "hells-kitchen",
+         "startDate": days_ago(-2, 23), "ownerId": OMAR, "participants": [OMAR], "maxParticipants": 6},
+        {**base, "_id": FULL_KARAOKE, "name": "Karaoke Night", "categories": ["MUSIC", "BAR"],
+         "features": ["karaoke"], "neighborhood": "hells-kitchen", "startDate": days_ago(-2, 23),
+         "ownerId": OMAR, "participants": filler_ids(4, 0xD0), "maxParticipants": 4},
+    ]
+    return users, events
+
+
+def write_folder(folder: Path, users: Sequence[dict[str, Any]], events: Sequence[dict[str, Any]],
+                 form: str = "relaxed") -> Path:
+    """Write ``users.json`` and ``events.json`` as ``mongoexport`` would: a JSON array or JSON Lines."""
+    folder.mkdir(parents=True, exist_ok=True)
+    options = json_util.CANONICAL_JSON_OPTIONS if form == "canonical" else json_util.RELAXED_JSON_OPTIONS
+    for name, docs in (("users.json", users), ("events.json", events)):
+        if form == "lines":
+            text = "\n".join(json_util.dumps(doc, json_options=options) for doc in docs) + "\n"
+        else:
+            text = json_util.dumps(list(docs), json_options=options)
+        (folder / name).write_text(text, encoding="utf-8")
+    return folder
+
+
+@dataclass
+class CliRun:
+    """One in-process run of ``return_to_table.main``: exit code, console output and the ``--out`` root."""
+
+    code: int
+    out: str
+    err: str
+    root: Path
+
+    def load(self, relative: str) -> Any:
+        return json.loads((self.root / relative).read_text(encoding="utf-8"))
+
+    def report_path(self, suffix: str = ".json") -> Path:
+        found = sorted((self.root / "reports").glob(f"return_to_table_report_*{suffix}"))
+        assert len(found) == 1, found
+        return found[0]
+
+    def report(self) -> dict[str, Any]:
+        return json.loads(self.report_path().read_text(encoding="utf-8"))
+
+
+def run_main(argv: Sequence[str], root: Path, env: dict[str, str] | None = None, **kwargs: Any) -> CliRun:
+    """Call the CLI in-process with ``--out root``; the environment is ``env`` (empty by default)."""
+    out, err = io.StringIO(), io.StringIO()
+    with contextlib.redirect_stdout(out), contextlib.redirect_stderr(err):
+        code = rtt.main([*argv, "--out", str(root)], env={} if env is None else env, **kwargs)
+    return CliRun(code, out.getvalue(), err.getvalue(), root)

@@ -1,0 +1,65 @@
+"""Fixtures: an isolated environment, a fixed clock, the small hand-built world, a CLI runner."""
+
+from __future__ import annotations
+
+import copy
+from collections.abc import Callable
+from datetime import datetime
+from pathlib import Path
+from typing import Any
+from zoneinfo import ZoneInfo
+
+import pytest
+from builders import NOW, CliRun, run_main, small_world, write_folder
+
+import return_to_table as rtt
+
+ISOLATED_VARIABLES = (
+    "MONGO_URI", "MONGO_USERNAME", "MONGO_PASSWORD", "MONGO_HOST", "MONGO_DB_NAME",
+    "FIREBASE_DATABASE_URL", "FIREBASE_BASE_PATH", "FIREBASE_AUTH_TOKEN", "GOOGLE_APPLICATION_CREDENTIALS",
+    "ANTHROPIC_API_KEY", "ANTHROPIC_BASE_URL", "ANTHROPIC_MODEL", "CAMPAIGN_TIMEZONE",
+)
+
+
+@pytest.fixture(autouse=True)
+def isolated_environment(monkeypatch: pytest.MonkeyPatch, tmp_path: Path) -> None:
+    """No developer setting or ``.env`` leaks into a test."""
+    for name in ISOLATED_VARIABLES:
+        monkeypatch.delenv(name, raising=False)
+    monkeypatch.setattr(rtt, "DOTENV_PATH", tmp_path / "no-such-folder" / ".env")
+
+
+@pytest.fixture
+def now() -> datetime:
+    return NOW
+
+
+@pytest.fixture
+def zone() -> ZoneInfo:
+    return ZoneInfo("America/New_York")
+
+
+@pytest.fixture(scope="session")
+def hoods() -> rtt.NeighbourhoodMap:
+    return rtt.NeighbourhoodMap.from_csv(rtt.CENTROIDS_CSV)
+
+
+@pytest.fixture
+def world() -> tuple[list[dict[str, Any]], list[dict[str, Any]]]:
+    return copy.deepcopy(small_world())
+
+
+@pytest.fixture
+def world_folder(tmp_path: Path, world: tuple[list[dict[str, Any]], list[dict[str, Any]]]) -> Path:
+    """The small world as a ``mongoexport --jsonArray`` folder (relaxed Extended JSON)."""
+    return write_folder(tmp_path / "export", *world)
+
+
+@pytest.fixture
+def run_cli(tmp_path: Path) -> Callable[..., CliRun]:
+    """``run_cli(*args, env=..., root=...)``: the CLI in-process, into ``tmp_path/out`` by default."""
+
+    def run(*argv: str, env: dict[str, str] | None = None, root: Path | None = None, **kwargs: Any) -> CliRun:
+        return run_main(argv, root or tmp_path / "out", env, **kwargs)
+
+    return run

@@ -1,0 +1,361 @@
+"""Step 6: the SMS contract (``validate_sms``) and the template writer (``write_template_sms``)."""
+
+from __future__ import annotations
+
+import dataclasses
+import re
+import string
+from datetime import UTC, datetime, timedelta
+from zoneinfo import ZoneInfo
+
+import pytest
+from builders import NOW
+from hypothesis import HealthCheck, assume, example, given, settings
+from hypothesis import strategies as st
+
+from return_to_table import (
+    GSM7_LIMIT,
+    INTEREST_SYNONYMS,
+    UCS2_LIMIT,
+    MessageFacts,
+    SmsSize,
+    build_match,
+    greeting_name,
+    interest_label,
+    local_when,
+    message_facts,
+    shortened_names,
+    sms_size,
+    validate_sms,
+    write_template_sms,
+)
+
+NEW_YORK = ZoneInfo("America/New_York")
+EVENT_ID = "6600000000000000000000f1"
+LINK = f"https://cuculi.net/events/{EVENT_ID}"
+FACTS = MessageFacts(first_name="Maya", event_id=EVENT_ID, event_name="Jazz Brunch", interests=("music",),
+                     when="Sat 11am", spots_left=4, going=6, neighbourhood="hells-kitchen")
+GOOD = f"Hi Maya! Welcome back. Jazz Brunch is one for music fans: Sat 11am. 6 going, 4 spots left. RSVP: {LINK}"
+
+
+def padded(text: str, units: int) -> str:
+    """``text`` with spaces added before the link until it is ``units`` long in its encoding."""
+    missing = units - sms_size(text).units
+    assert missing >= 0
+    return text.replace(" " + LINK, " " * (missing + 1) + LINK)
+
+
+def problems_of(text: str, facts: MessageFacts = FACTS) -> str:
+    return " | ".join(validate_sms(text, facts))
+
+
+# --- the validator ------------------------------------------------------------------------------------
+
+
+def test_well_formed_message_passes():
+    assert validate_sms(GOOD, FACTS) == []
+
+
+@pytest.mark.parametrize("text", ["", "   "])
+def test_empty_message_is_rejected(text):
+    assert validate_sms(text, FACTS) == ["message is empty"]
+
+
+def test_message_must_end_with_the_event_link():
+    assert "must end with exactly " + LINK in problems_of(GOOD + " See you there.")
+
+
+def test_link_first_is_rejected():
+    text = LINK + " " + GOOD.removesuffix(" RSVP: " + LINK)
+    assert "must end with exactly" in problems_of(text)
+
+
+def test_link_to_another_event_is_rejected():
+    assert "must end with exactly" in problems_of(GOOD.replace(EVENT_ID, "6600000000000000000000f2"))
+
+
+@pytest.mark.parametrize("extra", ["menu at https://example.com/menu", "menu at www.example.com",
+                                   "see https://cuculi.net/events/6600000000000000000000f2"])
+def test_second_link_is_rejected(extra):
+    assert "exactly one link" in problems_of(GOOD.replace("RSVP:", f"{extra}. RSVP:"))
+
+
+def test_160_gsm7_characters_fit_and_161_do_not():
+    assert validate_sms(padded(GOOD, GSM7_LIMIT), FACTS) == []
+    assert sms_size(padded(GOOD, GSM7_LIMIT)) == SmsSize("GSM-7", 160, 1)
+    assert "161 GSM-7 characters; at most 160 allowed" in problems_of(padded(GOOD, GSM7_LIMIT + 1))
+
+
+def test_gsm7_accented_letters_stay_gsm7():
+    assert sms_size("Hi Renée, José, Jürgen, Søren! Ça va?").encoding == "GSM-7"
+
+
+def test_name_outside_gsm7_makes_the_limit_134_ucs2_units():
+    facts = dataclasses.replace(FACTS, first_name="Zoë")
+    text = f"Hi Zoë! Welcome back. Jazz Brunch for music fans: Sat 11am. 6 going, 4 spots left. {LINK}"
+    assert sms_size(text).encoding == "UCS-2"
+    assert validate_sms(padded(text, UCS2_LIMIT), facts) == []
+    assert "135 UCS-2 characters; at most 134 allowed" in problems_of(padded(text, UCS2_LIMIT + 1), facts)
+
+
+def test_emoji_counts_two_ucs2_units():
+    assert sms_size("Hi 😀").units == 5
+
+
+@pytest.mark.parametrize("characters", ["€", "[]", "{}", "~^|\\"])
+def test_gsm7_extension_characters_count_double(characters):
+    assert sms_size(characters) == SmsSize("GSM-7", 2 * len(characters), 1)
+
+
+def test_extension_characters_count_double_against_the_limit():
+    text = GOOD.replace("for music fans", "for [music] fans")
+    assert validate_sms(padded(text, GSM7_LIMIT), FACTS) == []
+    assert len(padded(text, GSM7_LIMIT)) == GSM7_LIMIT - 2
+    assert "161 GSM-7 characters" in problems_of(padded(text, GSM7_LIMIT + 1))
+
+
+@pytest.mark.parametrize(("broken", "problem"), [
+    (GOOD.replace("Hi Maya!", "Hi there!"), "must greet the member by first name (Maya)"),
+    (GOOD.replace("Hi Maya! ", "").replace("RSVP:", "Maya, RSVP:"), "must greet the member by first name"),
+    (GOOD.replace("Welcome back.", "We miss you."), 'must say "welcome back"'),
+    (GOOD.replace("Jazz Brunch", "This brunch"), "must name the event (Jazz Brunch)"),
+    (GOOD.replace("is one for music fans", "is a good one"), "must mention an interest the event matches (music)"),
+    (GOOD.replace("Sat 11am", "this weekend"), "must give the local day and time as 'Sat 11am'"),
+    (GOOD.replace("Sat 11am", "Sat 16:00 UTC"), "must give the local day and time as 'Sat 11am'"),
+    (GOOD.replace(", 4 spots left", ""), "must say 4 spots left"),
+    (GOOD.replace("6 going, ", ""), "must say 6 people are going"),
+], ids=["no-name", "name-not-at-the-start", "no-welcome-back", "no-event-name", "no-interest", "no-time",
+        "raw-utc-time", "no-spots", "no-social-proof"])
+def test_message_missing_a_required_element_is_rejected(broken, problem):
+    assert problem in problems_of(broken)
+
+
+def test_spots_and_social_proof_are_only_required_when_known():
+    facts = dataclasses.replace(FACTS, spots_left=None, going=0)
+    assert validate_sms(GOOD.replace(" 6 going, 4 spots left.", ""), facts) == []
+
+
+def test_all_caps_word_is_rejected():
+    assert "no ALL-CAPS words (HURRY)" in problems_of(GOOD.replace("Welcome back.", "Welcome back. HURRY."))
+
+
+@pytest.mark.parametrize("acronym", ["RSVP", "NYC"])
+def test_acronyms_are_not_shouting(acronym):
+    assert validate_sms(GOOD.replace("fans:", f"fans in {acronym}:"), FACTS) == []
+
+
+def test_capitals_in_the_event_name_or_first_name_are_not_shouting():
+    facts = dataclasses.replace(FACTS, first_name="MAYA", event_name="JAZZ BRUNCH")
+    assert validate_sms(GOOD.replace("Maya", "MAYA").replace("Jazz Brunch", "JAZZ BRUNCH"), facts) == []
+
+
+def test_one_question_mark_is_fine_and_two_are_rejected():
+    assert validate_sms(GOOD.replace("Welcome back.", "Welcome back. Ready?"), FACTS) == []
+    assert "at most one question mark" in problems_of(GOOD.replace("Welcome back.", "Welcome back? Ready?"))
+
+
+def test_double_exclamation_mark_is_rejected():
+    assert 'no "!!"' in problems_of(GOOD.replace("Hi Maya!", "Hi Maya!!"))
+
+
+@pytest.mark.parametrize("claim", ["Only 2 seats left.", "20% off tonight.", "Starts at 9pm."])
+def test_number_not_among_the_facts_is_rejected(claim):
+    assert "numbers not among the facts" in problems_of(GOOD.replace("Welcome back.", f"Welcome back. {claim}"))
+
+
+def test_numbers_in_the_event_name_are_facts():
+    facts = dataclasses.replace(FACTS, event_name="2000s Karaoke for 12")
+    assert validate_sms(GOOD.replace("Jazz Brunch", "2000s Karaoke for 12"), facts) == []
+
+
+def test_digits_inside_a_matched_interest_are_facts():
+    # The interest "80s-music" reads "80s music" in a message; its 80 is not an invented number.
+    facts = dataclasses.replace(FACTS, interests=("80s-music",))
+    assert validate_sms(GOOD.replace("for music fans", "for 80s music fans"), facts) == []
+
+
+# --- message facts -------------------------------------------------------------------------------------
+
+
+def test_local_time_is_day_and_clock_in_the_campaign_zone():
+    assert local_when(datetime(2026, 1, 18, 0, 30, tzinfo=UTC), NEW_YORK, NOW) == "Sat 7:30pm"
+
+
+@pytest.mark.parametrize(("start", "when"), [
+    (datetime(2026, 1, 17, 5, 0, tzinfo=UTC), "Sat 12am"),
+    (datetime(2026, 1, 17, 17, 0, tzinfo=UTC), "Sat 12pm"),
+    (datetime(2026, 1, 17, 14, 45, tzinfo=UTC), "Sat 9:45am"),
+])
+def test_local_time_reads_midnight_noon_and_minutes_naturally(start, when):
+    assert local_when(start, NEW_YORK, NOW) == when
+
+
+def test_local_time_a_week_or_more_away_carries_the_date():
+    assert local_when(datetime(2026, 1, 22, 0, 0, tzinfo=UTC), NEW_YORK, NOW) == "Wed Jan 21, 7pm"
+
+
+@pytest.mark.parametrize(("raw", "name"), [
+    ("Maya", "Maya"), ("Zoë", "Zoë"), ("  Mary Ann ", "Mary"), ("Łukasz", "Łukasz"),
+    ("Alexandrina-Konstantina-Maria", "Alexandrina"), ("Jae-won", "Jae-won"),
+    (None, None), ("", None), ("   ", None), (42, None), ("😀", None), ("Bartholomewbartholomew", None),
+])
+def test_greeting_name_is_the_first_word_of_the_first_name_unchanged(raw, name):
+    assert greeting_name(raw) == name
+
+
+def test_message_facts_come_from_the_match_in_the_campaign_zone():
+    user = {"_id": "m1", "firstName": "Zoë", "lastName": "Okafor"}
+    event = {"_id": EVENT_ID, "name": "  Jazz   Brunch ", "startDate": "2026-01-17T16:00:00.000Z",
+             "remaining_spots": 4, "participantCount": 6, "neighborhood": "west-village"}
+    match = build_match(user, event, reasoning="", confidence=80, interests=["music"], matcher="rules", now=NOW)
+    assert message_facts(match, NEW_YORK, NOW) == MessageFacts(
+        first_name="Zoë", event_id=EVENT_ID, event_name="Jazz Brunch", interests=("music",), when="Sat 11am",
+        spots_left=4, going=6, neighbourhood="west-village")
+
+
+# --- the template writer ----------------------------------------------------------------------------------
+
+
+def test_template_writes_a_valid_single_segment_message():
+    text = write_template_sms(FACTS)
+    assert validate_sms(text, FACTS) == []
+    assert text.startswith("Hi Maya! ")
+    assert text.endswith(" " + LINK)
+    assert sms_size(text) == SmsSize("GSM-7", len(text), 1)
+
+
+def test_template_keeps_accents_and_respects_the_ucs2_limit():
+    facts = dataclasses.replace(FACTS, first_name="Zoë")
+    text = write_template_sms(facts)
+    assert text.startswith("Hi Zoë! ")
+    assert validate_sms(text, facts) == []
+    assert sms_size(text).encoding == "UCS-2" and sms_size(text).units <= UCS2_LIMIT
+
+
+def test_template_without_a_name_greets_everyone():
+    facts = dataclasses.replace(FACTS, first_name=None)
+    text = write_template_sms(facts)
+    assert text.startswith("Hi there! ") and validate_sms(text, facts) == []
+
+
+def test_template_leaves_out_unknown_spots_and_empty_social_proof():
+    facts = dataclasses.replace(FACTS, spots_left=None, going=0)
+    text = write_template_sms(facts)
+    assert validate_sms(text, facts) == []
+    assert not re.search(r"\d+ (going|spots?|left)", text)
+
+
+def test_template_shortens_a_long_event_name_at_a_word_boundary():
+    name = "Natural Wine Tasting: Orange, Pét-Nat & Skin-Contact Pours from Finger Lakes Producers"
+    facts = dataclasses.replace(FACTS, event_name=name, when="Sat 7:30pm")
+    text = write_template_sms(facts)
+    assert validate_sms(text, facts) == []
+    assert name not in text
+    words = name.split()
+    assert any(re.search(re.escape(" ".join(words[:n])) + r"(?![\w-])", text) for n in range(2, len(words)))
+
+
+def test_template_shortens_a_long_event_name_for_a_twenty_letter_name():
+    # A one-segment GSM-7 text exists ("Natural Wine Tasting..." with three dots is 159 characters);
+    # the writer must find a wording, not give up.
+    facts = MessageFacts(first_name="Alexandrinakonstanti", event_id="ab" * 12,
+                         event_name="Natural Wine Tasting with Orange Pours from Finger Lakes Producers Tonight",
+                         interests=("photography",), when="Wed Feb 14, 10:30am", spots_left=12, going=18,
+                         neighbourhood="hells-kitchen")
+    text = write_template_sms(facts)
+    assert validate_sms(text, facts) == []
+
+
+def test_template_falls_back_to_a_shorter_matched_interest():
+    # From the Montana data: the first matched interest is a 41-character tag, the second is short.
+    facts = MessageFacts(first_name="Logan", event_id="6b00000e000000000dce477d",
+                         event_name="Head to the Union Club and Dance to Cash for Junkers tonight!",
+                         interests=("swing-dance-lindy-blues-balboa-charleston", "swingdancing"),
+                         when="Fri 11:30pm", spots_left=None, going=1, neighbourhood="missoula")
+    text = write_template_sms(facts)
+    assert validate_sms(text, facts) == []
+
+
+# --- the template writer under hypothesis -------------------------------------------------------------------
+
+HEX_IDS = st.text("0123456789abcdef", min_size=24, max_size=24)
+INTERESTS = sorted(INTEREST_SYNONYMS)
+NEIGHBOURHOODS = ["hells-kitchen", "west-village", "lower-east-side", "williamsburg", "long-island-city"]
+NAME_LETTERS = string.ascii_letters + "éèàùìòçñüöäåøæßÉÑÜÖÄÅØÆ" + "ëïâêîôûłśźżćńóąęőűšžčřýãõŁŚŻ"
+REALISTIC_NAMES = st.text(NAME_LETTERS, min_size=1, max_size=20)
+EVENT_WORDS = st.text(string.ascii_letters + string.digits + "éü", min_size=1, max_size=10)
+REALISTIC_EVENT_NAMES = st.lists(EVENT_WORDS, min_size=1, max_size=14).map(" ".join).filter(lambda n: len(n) <= 80)
+STARTS = st.integers(1, 30 * 48).map(lambda k: NOW + timedelta(minutes=30 * k))
+REALISTIC_WHENS = STARTS.map(lambda start: local_when(start, NEW_YORK, NOW))
+
+
+@settings(max_examples=250, deadline=None)
+@given(
+    first=st.one_of(st.none(), st.text(max_size=40), REALISTIC_NAMES,
+                    st.sampled_from(["Zoë", "😀", "Zoë😀", "Łukasz", "Alexandrina-Konstantina-Maria", "x" * 60])),
+    event_name=st.one_of(st.text(max_size=200), REALISTIC_EVENT_NAMES,
+                         st.text(string.ascii_letters + " ", min_size=100, max_size=300)),
+    interests=st.lists(st.one_of(st.sampled_from(INTERESTS), st.text(max_size=30)), max_size=3).map(tuple),
+    when=st.one_of(REALISTIC_WHENS, st.text(max_size=25)),
+    spots=st.one_of(st.none(), st.integers(0, 500)),
+    going=st.integers(0, 500),
+    hood=st.one_of(st.none(), st.sampled_from(NEIGHBOURHOODS), st.text(max_size=30)),
+    event_id=HEX_IDS,
+)
+def test_template_returns_a_valid_message_or_raises_value_error(first, event_name, interests, when, spots, going,
+                                                                  hood, event_id):
+    facts = MessageFacts(greeting_name(first), event_id, event_name, interests, when, spots, going, hood)
+    try:
+        text = write_template_sms(facts)
+    except ValueError:
+        return
+    assert validate_sms(text, facts) == []
+    size = sms_size(text)
+    assert size.units <= size.limit
+    assert text.endswith(facts.link)
+    if facts.first_name:
+        assert text.startswith(f"Hi {facts.first_name}!")
+
+
+def tightest_wordings(facts: MessageFacts) -> list[str]:
+    """The template's own tightest shape, cutting the event name with a GSM-7 "..." where needed.
+
+    When one of these passes the contract, a message for these facts exists within one segment
+    (GSM-7) or 134 UCS-2 units, so the writer has no excuse to give up.
+    """
+    interest = interest_label(facts.interests[0])
+    proof = ", ".join(p for p in (f"{facts.going} going" if facts.going else "",
+                                  "" if facts.spots_left is None else f"{facts.spots_left} left") if p)
+    texts = []
+    for cut in shortened_names(facts.event_name):
+        text = (f"Hi {facts.first_name}! Welcome back. {cut.replace('…', '...')} ({interest}) {facts.when}, "
+                f"{proof}. {facts.link}")
+        texts.append(re.sub(r"\s+", " ", text.replace(", . ", ". ")))
+    return texts
+
+
+@settings(max_examples=250, deadline=None, suppress_health_check=[HealthCheck.filter_too_much])
+@given(
+    first=REALISTIC_NAMES,
+    event_name=REALISTIC_EVENT_NAMES,
+    interests=st.lists(st.sampled_from(INTERESTS), min_size=1, max_size=3, unique=True).map(tuple),
+    when=REALISTIC_WHENS,
+    spots=st.one_of(st.none(), st.integers(1, 30)),
+    going=st.integers(0, 40),
+    hood=st.one_of(st.none(), st.sampled_from(NEIGHBOURHOODS)),
+    event_id=HEX_IDS,
+)
+@example(first="Alexandrinakonstanti", event_name="Natural Wine Tasting with Orange Pours from Finger Lakes Producers",
+         interests=("photography",), when="Wed Feb 14, 10:30am", spots=12, going=18, hood="hells-kitchen",
+         event_id="ab" * 12)
+@example(first="Zoë", event_name="Natural Wine Tasting", interests=("wine",), when="Sat 7:30pm", spots=3, going=9,
+         hood="west-village", event_id="65e0" + "0" * 20)
+def test_template_always_writes_realistic_messages_and_never_strips_accents(first, event_name, interests, when,
+                                                                           spots, going, hood, event_id):
+    facts = MessageFacts(greeting_name(first), event_id, event_name, interests, when, spots, going, hood)
+    assert facts.first_name == first
+    assume(any(validate_sms(text, facts) == [] for text in tightest_wordings(facts)))
+    text = write_template_sms(facts)
+    assert validate_sms(text, facts) == []
+    assert text.startswith(f"Hi {first}! ")
+    assert sms_size(text).units <= sms_size(text).limit
