@@ -165,9 +165,7 @@ def setup_logging(out_dir: Path, now: datetime, verbose: bool = False) -> tuple[
     logger = logging.getLogger("ReturnToTable")
     logger.setLevel(logging.DEBUG)
     logger.propagate = False
-    for handler in list(logger.handlers):
-        handler.close()
-        logger.removeHandler(handler)
+    close_logging(logger)  # a second run in the same process starts clean
     file_handler = logging.FileHandler(log_file, encoding="utf-8")
     file_handler.setLevel(logging.DEBUG)
     file_handler.setFormatter(logging.Formatter(
