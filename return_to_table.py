@@ -29,6 +29,7 @@ import time
 import unicodedata
 from collections import Counter
 from collections.abc import Iterable, Mapping, Sequence
+from concurrent.futures import ThreadPoolExecutor, as_completed
 from dataclasses import dataclass, field
 from datetime import UTC, datetime, timedelta, timezone
 from pathlib import Path
@@ -2613,7 +2614,8 @@ class DashboardList:
                 return self
             healed = {**value, self.key: items, "count": len(items)} if isinstance(value, Mapping) else \
                 listing(self.key, items, self.updated_at)
-            result = self.transport.put(self.path, healed, if_match=etag)
+            # A server that sends no ETag cannot take a conditional write: write plainly then.
+            result = self.transport.put(self.path, healed, if_match=etag or None)
             if result.ok:
                 self.items, self.size = items, len(items)
                 return self
@@ -2859,8 +2861,6 @@ class ReturnToTable:
             for rank, user in enumerate(selected):
                 self.finish_user(self.process_user(rank, user, events), done)
             return sorted(done, key=lambda o: o.rank)
-        from concurrent.futures import ThreadPoolExecutor, as_completed
-
         with ThreadPoolExecutor(max_workers=self.options.concurrency, thread_name_prefix="member") as pool:
             futures = [pool.submit(self.process_user, rank, user, events) for rank, user in enumerate(selected)]
             for future in as_completed(futures):
