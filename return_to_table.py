@@ -1441,7 +1441,9 @@ def write_template_sms(facts: MessageFacts) -> str:
         variants = [
             f"{greet} Welcome back, we miss you. {name} is {fans}: {facts.when}{hood}. {proof}. Tap to RSVP: {link}",
             f"{greet} Welcome back, we miss you. {name} is {fans}: {facts.when}. {proof}. Tap to RSVP: {link}",
+            f"{greet} Welcome back. {name} is {fans}: {facts.when}. {proof}. Tap to RSVP: {link}",
             f"{greet} Welcome back. {name}, {fans}: {facts.when}. {proof}. RSVP: {link}",
+            f"{greet} Welcome back. {name} for {interest} fans, {facts.when}. {proof}. {link}",
             f"{greet} Welcome back. {name} ({interest}) {facts.when}. {proof}. {link}",
             f"{greet} Welcome back. {name} ({interest}) {facts.when}, {short_proof}. {link}",
         ]
@@ -1587,6 +1589,7 @@ RECOMMENDATIONS = [
 def report_markdown(report: Mapping[str, Any]) -> str:
     """The human report: goal, run summary, who was tried, matches, messages, recommendations."""
     s, st = report["summary"], report["statistics"]
+    matcher = "claude" if report["llm"] == "claude" else "rules"
     lines = [
         f"# Return To Table report: {report['campaign_id']}",
         "",
@@ -1594,7 +1597,7 @@ def report_markdown(report: Mapping[str, Any]) -> str:
          "well-matched upcoming event and a warm welcome-back SMS, reviewed before sending."),
         "",
         f"- Run date: {report['run_date']} (as of {report['as_of']})",
-        f"- Source: {report['source']}; matcher: {report['llm']}; dry run: {report['dry_run']}",
+        f"- Source: {report['source']}; matcher: {matcher}; dry run: {report['dry_run']}",
         "",
         "## Run summary",
         "",
