@@ -3200,7 +3200,11 @@ def main(argv: Sequence[str] | None = None, *, env: Mapping[str, str] | None = N
         from pymongo.errors import PyMongoError
 
         if isinstance(exc, PyMongoError):
-            print(f"error: MongoDB: {exc.__class__.__name__}: {str(exc).splitlines()[0][:300]}", file=sys.stderr)
+            # pymongo's text names cluster hosts; they stay out of stderr, which cron keeps in logs.
+            print(f"error: MongoDB: {exc.__class__.__name__} (check MONGO_URI or MONGO_HOST, the network and "
+                  "the credentials)", file=sys.stderr)
+            if logger:
+                logger.debug("MongoDB error: %s", exc.__class__.__name__)
             return EXIT_FAILURE
         raise
     finally:
