@@ -14,16 +14,22 @@ from builders import NOW, CliRun, run_main, small_world, write_folder
 
 import return_to_table as rtt
 
+PROXY_VARIABLES = tuple(
+    name for proxy in ("HTTP_PROXY", "HTTPS_PROXY", "ALL_PROXY", "NO_PROXY") for name in (proxy, proxy.lower())
+)
 ISOLATED_VARIABLES = (
     "MONGO_URI", "MONGO_USERNAME", "MONGO_PASSWORD", "MONGO_HOST", "MONGO_DB_NAME",
     "FIREBASE_DATABASE_URL", "FIREBASE_BASE_PATH", "FIREBASE_AUTH_TOKEN", "GOOGLE_APPLICATION_CREDENTIALS",
-    "ANTHROPIC_API_KEY", "ANTHROPIC_BASE_URL", "ANTHROPIC_MODEL", "CAMPAIGN_TIMEZONE",
+    "ANTHROPIC_API_KEY", "ANTHROPIC_AUTH_TOKEN", "ANTHROPIC_BASE_URL", "ANTHROPIC_MODEL",
+    "ANTHROPIC_MATCH_MODEL", "ANTHROPIC_WRITE_MODEL", "ANTHROPIC_MAX_RETRIES", "ANTHROPIC_TIMEOUT",
+    "ANTHROPIC_EFFORT", "ANTHROPIC_PRICES", "CAMPAIGN_TIMEZONE",
+    *PROXY_VARIABLES,  # the fakes listen on 127.0.0.1: no proxy may sit in between
 )
 
 
 @pytest.fixture(autouse=True)
 def isolated_environment(monkeypatch: pytest.MonkeyPatch, tmp_path: Path) -> None:
-    """No developer setting or ``.env`` leaks into a test."""
+    """No developer setting, proxy or ``.env`` leaks into a test (the only copy of this isolation)."""
     for name in ISOLATED_VARIABLES:
         monkeypatch.delenv(name, raising=False)
     monkeypatch.setattr(rtt, "DOTENV_PATH", tmp_path / "no-such-folder" / ".env")

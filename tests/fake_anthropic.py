@@ -28,15 +28,15 @@ from __future__ import annotations
 import copy
 import json
 import secrets
-import socket
 import string
 import threading
 import time
 from collections import deque
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
-from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
-from typing import Any, Self
+from typing import Any
+
+from loopback import LoopbackHandler, LoopbackServer
 
 __all__ = [
     "FakeMessagesAPI",
@@ -290,29 +290,7 @@ def error_reply(
 # --------------------------------------------------------------------------
 
 
-class _Server(ThreadingHTTPServer):
-    daemon_threads = True
-    request_queue_size = 128
-    fake: FakeMessagesAPI
-
-
-class _Handler(BaseHTTPRequestHandler):
-    protocol_version = "HTTP/1.1"  # keep-alive, like the real API
-    server: _Server
-
-    def setup(self) -> None:
-        super().setup()
-        self.server.fake._track(self.connection, add=True)
-
-    def finish(self) -> None:
-        try:
-            super().finish()
-        finally:
-            self.server.fake._track(self.connection, add=False)
-
-    def log_message(self, format: str, *args: Any) -> None:
-        pass  # keep pytest output clean
-
+class _Handler(LoopbackHandler):
     def _handle(self) -> None:
         arrived = time.monotonic()
         length = int(self.headers.get("content-length") or 0)
@@ -364,7 +342,7 @@ class _Handler(BaseHTTPRequestHandler):
         self.wfile.flush()
 
 
-class FakeMessagesAPI:
+class FakeMessagesAPI(LoopbackServer):
     """Threaded loopback HTTP server imitating ``POST /v1/messages``.
 
     Args:
@@ -373,65 +351,24 @@ class FakeMessagesAPI:
             served on separate threads, so concurrent calls overlap.
     """
 
+    handler = _Handler
+
     def __init__(
         self, default: Responder | None = None, *, latency: float = 0.0
     ) -> None:
+        super().__init__()
         self.default: Responder | None = default
         self.latency = latency
         self.requests: list[RecordedRequest] = []
         self._queue: deque[Reply | Responder] = deque()
         self._lock = threading.Lock()
-        self._conns: set[socket.socket] = set()
-        self._server: _Server | None = None
-        self._thread: threading.Thread | None = None
 
-    # -- lifecycle ---------------------------------------------------------
-
-    def start(self) -> Self:
-        if self._server is not None:
-            return self
-        server = _Server(("127.0.0.1", 0), _Handler)
-        server.fake = self
-        self._server = server
-        self._thread = threading.Thread(
-            target=server.serve_forever, kwargs={"poll_interval": 0.05}, daemon=True
-        )
-        self._thread.start()
-        return self
-
-    def stop(self) -> None:
-        server, self._server = self._server, None
-        if server is None:
-            return
-        server.shutdown()
-        server.server_close()
-        with self._lock:
-            conns, self._conns = list(self._conns), set()
-        for conn in conns:  # drop idle keep-alive connections
-            try:
-                conn.shutdown(socket.SHUT_RDWR)
-            except OSError:
-                pass
-        if self._thread is not None:
-            self._thread.join(timeout=5)
-            self._thread = None
-
-    def __enter__(self) -> Self:
-        return self.start()
-
-    def __exit__(self, *exc: object) -> None:
-        self.stop()
-
-    @property
-    def port(self) -> int:
-        if self._server is None:
-            raise RuntimeError("FakeMessagesAPI is not started")
-        return self._server.server_address[1]
+    # -- lifecycle: start/stop/with/port come from LoopbackServer ------------
 
     @property
     def base_url(self) -> str:
         """For ``anthropic.Anthropic(base_url=fake.base_url, api_key="test-key")``."""
-        return f"http://127.0.0.1:{self.port}"
+        return self.url
 
     # -- scripting ---------------------------------------------------------
 
@@ -452,13 +389,6 @@ class FakeMessagesAPI:
             return self.requests[-1]
 
     # -- internals ---------------------------------------------------------
-
-    def _track(self, conn: socket.socket, *, add: bool) -> None:
-        with self._lock:
-            if add:
-                self._conns.add(conn)
-            else:
-                self._conns.discard(conn)
 
     def _answer(self, request: RecordedRequest) -> Reply:
         path = request.path.split("?", 1)[0]

@@ -76,15 +76,15 @@ import itertools
 import json
 import re
 import secrets
-import socket
 import threading
 import time
 import urllib.parse
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
 from http import HTTPStatus
-from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
-from typing import Any, Self
+from typing import Any
+
+from loopback import LoopbackHandler, LoopbackServer
 
 __all__ = ["NULL_ETAG", "FakeRealtimeDatabase", "RecordedRequest", "push_id"]
 
@@ -459,31 +459,10 @@ class _Answer:
     drop: bool = False  # close the connection without answering
 
 
-class _Server(ThreadingHTTPServer):
-    daemon_threads = True
-    request_queue_size = 128
-    fake: FakeRealtimeDatabase
-
-
-class _Handler(BaseHTTPRequestHandler):
-    protocol_version = "HTTP/1.1"
-    server: _Server
+class _Handler(LoopbackHandler):
     # one buffered write per answer, sent at once: no Nagle / delayed-ACK stalls
     wbufsize = 64 * 1024
     disable_nagle_algorithm = True
-
-    def setup(self) -> None:
-        super().setup()
-        self.server.fake._track(self.connection, add=True)
-
-    def finish(self) -> None:
-        try:
-            super().finish()
-        finally:
-            self.server.fake._track(self.connection, add=False)
-
-    def log_message(self, format: str, *args: Any) -> None:
-        pass
 
     def _read_body(self) -> bytes:
         if "chunked" in (self.headers.get("transfer-encoding") or "").lower():
@@ -533,7 +512,7 @@ class _Handler(BaseHTTPRequestHandler):
 # ---------------------------------------------------------------------------
 
 
-class FakeRealtimeDatabase:
+class FakeRealtimeDatabase(LoopbackServer):
     """Threaded loopback server imitating the Realtime Database REST API.
 
     Args:
@@ -541,60 +520,19 @@ class FakeRealtimeDatabase:
             ``?access_token=`` or ``Authorization: Bearer``; otherwise 401.
     """
 
+    handler = _Handler
+    poll_interval = 0.01
+
     def __init__(self, auth_token: str | None = None) -> None:
+        super().__init__()
         self.auth_token = auth_token
         self.requests: list[RecordedRequest] = []
         self._root: Value = None
         self._lock = threading.RLock()
         self._failures: list[_Failure] = []
         self._hooks: list[Callable[[RecordedRequest], None]] = []
-        self._conns: set[socket.socket] = set()
-        self._server: _Server | None = None
-        self._thread: threading.Thread | None = None
 
-    # -- lifecycle ---------------------------------------------------------
-
-    def start(self) -> Self:
-        """Start serving on a free 127.0.0.1 port (no-op when already started)."""
-        if self._server is not None:
-            return self
-        server = _Server(("127.0.0.1", 0), _Handler)
-        server.fake = self
-        self._server = server
-        self._thread = threading.Thread(target=server.serve_forever, kwargs={"poll_interval": 0.01}, daemon=True)
-        self._thread.start()
-        return self
-
-    def stop(self) -> None:
-        """Stop serving and drop open keep-alive connections."""
-        server, self._server = self._server, None
-        if server is None:
-            return
-        server.shutdown()
-        server.server_close()
-        with self._lock:
-            conns, self._conns = list(self._conns), set()
-        for conn in conns:
-            try:
-                conn.shutdown(socket.SHUT_RDWR)
-            except OSError:
-                pass
-        if self._thread is not None:
-            self._thread.join(timeout=5)
-            self._thread = None
-
-    def __enter__(self) -> Self:
-        return self.start()
-
-    def __exit__(self, *exc: object) -> None:
-        self.stop()
-
-    @property
-    def url(self) -> str:
-        """The database URL, ``http://127.0.0.1:PORT`` (append ``/<path>.json``)."""
-        if self._server is None:
-            raise RuntimeError("FakeRealtimeDatabase is not started")
-        return f"http://127.0.0.1:{self._server.server_address[1]}"
+    # -- lifecycle: start/stop/with and url (append ``/<path>.json``) come from LoopbackServer
 
     # -- test helpers ------------------------------------------------------
 
@@ -678,13 +616,6 @@ class FakeRealtimeDatabase:
     def _check_depth(segs: list[str], norm: Value) -> None:
         if norm is not None and len(segs) + _depth(norm) >= MAX_DEPTH:
             raise _RtdbError(400, f"Invalid data; paths must be less than {MAX_DEPTH} levels deep.")
-
-    def _track(self, conn: socket.socket, *, add: bool) -> None:
-        with self._lock:
-            if add:
-                self._conns.add(conn)
-            else:
-                self._conns.discard(conn)
 
     def _answer(self, request: RecordedRequest) -> _Answer:
         with self._lock:

@@ -354,15 +354,22 @@ def test_campaign_timezone_sets_the_message_times(tmp_path, world):
 
 # --- MongoDB through pymongo's API (mongomock) ----------------------------------------------------------------
 
+MONGO_ENV = {"MONGO_URI": "mongodb://127.0.0.1:1/x", "MONGO_DB_NAME": "testdb"}
 
-def test_mongo_source_gives_the_same_results_as_the_folder_source(tmp_path, world):
+
+@pytest.fixture
+def mongo_client(world) -> mongomock.MongoClient:
+    """The small world in the mongomock database ``MONGO_ENV`` names."""
     users, events = world
     client = mongomock.MongoClient()
     client["testdb"]["user"].insert_many(copy.deepcopy(users))
     client["testdb"]["event"].insert_many(copy.deepcopy(events))
-    env = {"MONGO_URI": "mongodb://127.0.0.1:1/x", "MONGO_DB_NAME": "testdb"}
-    mongo = run_main(["--source", "mongo", "--now", NOW_ISO, "--dry-run"], tmp_path / "mongo", env,
-                     mongo_client=client)
+    return client
+
+
+def test_mongo_source_gives_the_same_results_as_the_folder_source(tmp_path, world, mongo_client):
+    mongo = run_main(["--source", "mongo", "--now", NOW_ISO, "--dry-run"], tmp_path / "mongo", MONGO_ENV,
+                     mongo_client=mongo_client)
     folder = folder_run(tmp_path, world, "relaxed")
     assert mongo.code == 0, mongo.err
     assert mongo.report()["source"] == "mongo"
@@ -371,13 +378,8 @@ def test_mongo_source_gives_the_same_results_as_the_folder_source(tmp_path, worl
     assert [u["_id"] for u in mongo.load("data/processed/dormant_users.json")] == [str(ZOE), str(MAYA)]
 
 
-def test_configured_mongo_is_the_default_source(tmp_path, world):
-    users, events = world
-    client = mongomock.MongoClient()
-    client["testdb"]["user"].insert_many(copy.deepcopy(users))
-    client["testdb"]["event"].insert_many(copy.deepcopy(events))
-    env = {"MONGO_URI": "mongodb://127.0.0.1:1/x", "MONGO_DB_NAME": "testdb"}
-    run = run_main(["--now", NOW_ISO, "--dry-run"], tmp_path, env, mongo_client=client)
+def test_configured_mongo_is_the_default_source(tmp_path, mongo_client):
+    run = run_main(["--now", NOW_ISO, "--dry-run"], tmp_path, MONGO_ENV, mongo_client=mongo_client)
     assert run.code == 0, run.err
     assert run.report()["summary"]["total_matches_created"] == 2
 

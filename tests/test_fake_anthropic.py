@@ -10,29 +10,16 @@ from collections.abc import Iterator
 import anthropic
 import pytest
 from anthropic.types import Message, RedactedThinkingBlock, TextBlock, ThinkingBlock
-
-try:
-    from tests.fake_anthropic import (
-        FakeMessagesAPI,
-        RecordedRequest,
-        Reply,
-        error_reply,
-        json_reply,
-        max_tokens_reply,
-        refusal_reply,
-        text_reply,
-    )
-except ImportError:  # plain `pytest`: tests/ (no __init__.py) is on sys.path instead
-    from fake_anthropic import (
-        FakeMessagesAPI,
-        RecordedRequest,
-        Reply,
-        error_reply,
-        json_reply,
-        max_tokens_reply,
-        refusal_reply,
-        text_reply,
-    )
+from fake_anthropic import (
+    FakeMessagesAPI,
+    RecordedRequest,
+    Reply,
+    error_reply,
+    json_reply,
+    max_tokens_reply,
+    refusal_reply,
+    text_reply,
+)
 
 MODEL = "claude-sonnet-5-5"
 USER = [{"role": "user", "content": "Hello"}]

@@ -11,8 +11,7 @@ from collections.abc import Iterator
 
 import httpx2
 import pytest
-
-from tests.fake_rtdb import (
+from fake_rtdb import (
     NULL_ETAG,
     FakeRealtimeDatabase,
     RecordedRequest,

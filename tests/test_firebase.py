@@ -14,17 +14,16 @@ import base64
 import itertools
 import json
 import socket
-import threading
 import urllib.parse
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from datetime import UTC, datetime, timedelta
-from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from pathlib import Path
 from typing import Any
 
 import pytest
 from fake_rtdb import NULL_ETAG, FakeRealtimeDatabase, RecordedRequest
+from loopback import LoopbackHandler, LoopbackServer
 
 import return_to_table as rtt
 from return_to_table import (
@@ -47,21 +46,6 @@ WRONG_TOKEN = "wrong-secret-4711"
 BASE = "Leo"
 DASHBOARD_LISTS = ("users", "events", "matches", "messages")
 ARCHIVE_PARTS = ("metadata", "users", "events", "matches", "messages")
-
-ENV_NAMES = (
-    "FIREBASE_DATABASE_URL", "FIREBASE_BASE_PATH", "FIREBASE_AUTH_TOKEN", "GOOGLE_APPLICATION_CREDENTIALS",
-    "ANTHROPIC_API_KEY", "ANTHROPIC_BASE_URL", "MONGO_URI", "MONGO_HOST", "MONGO_USERNAME", "MONGO_PASSWORD",
-    "MONGO_DB_NAME", "CAMPAIGN_TIMEZONE",
-)
-
-
-@pytest.fixture(autouse=True)
-def _isolated_environment(monkeypatch: pytest.MonkeyPatch, tmp_path: Path) -> None:
-    """No real service configuration leaks in (the CLI also gets an explicit ``env``)."""
-    for name in ENV_NAMES:
-        monkeypatch.delenv(name, raising=False)
-    monkeypatch.setattr(rtt, "DOTENV_PATH", tmp_path / "no.env")
-
 
 # =============================================================================================
 # A small fictional world: 31-90 days dormant members and a few matching future events
@@ -140,6 +124,11 @@ def ranked_ids(members: int) -> list[str]:
 
 def rest_env(db: FakeRealtimeDatabase, token: str = TOKEN) -> dict[str, str]:
     return {"FIREBASE_DATABASE_URL": db.url, "FIREBASE_AUTH_TOKEN": token}
+
+
+def rest_transport(url: str, token: str = TOKEN, **options: Any) -> RestTransport:
+    """A ``RestTransport`` on ``BASE`` with a short backoff (``options``: timeout, retries)."""
+    return RestTransport(url, BASE, auth_token=token, backoff=0.01, **options)
 
 
 @dataclass
@@ -222,6 +211,21 @@ def old_message(uid: str = "u-old", eid: str = "ev-old", *, status: str = "pendi
 
 def requests_to(db: FakeRealtimeDatabase, method: str, prefix: str) -> list[RecordedRequest]:
     return [r for r in db.requests if r.method == method and r.path.startswith(prefix)]
+
+
+def reviewer_approves(db: FakeRealtimeDatabase, status_path: str,
+                      when: Callable[[RecordedRequest], bool]) -> list[str]:
+    """A reviewer who sets ``status_path`` to "approved" on the first request ``when`` accepts, before it is
+    processed; returns the paths of the requests it acted on (one at most)."""
+    fired: list[str] = []
+
+    def reviewer(request: RecordedRequest) -> None:
+        if not fired and when(request):
+            fired.append(request.path)
+            db.set(status_path, "approved")
+
+    db.on_request(reviewer)
+    return fired
 
 
 # =============================================================================================
@@ -382,15 +386,8 @@ def test_list_with_a_null_hole_is_healed_and_recounted(db: FakeRealtimeDatabase,
 def test_reviewer_approving_between_our_read_and_our_append_keeps_the_approval(
         db: FakeRealtimeDatabase, cli: Cli) -> None:
     db.set(f"{BASE}/messages", rtt.listing("messages", [old_message()], "2026-01-10T12:00:00.000Z"))
-    fired: list[str] = []
-
-    def reviewer(request: RecordedRequest) -> None:
-        if not fired and request.method == "PUT" and request.path.startswith(f"/{BASE}/messages/") \
-                and "if-match" in request.headers:
-            fired.append(request.path)
-            db.set(f"{BASE}/messages/messages/0/status", "approved")
-
-    db.on_request(reviewer)
+    fired = reviewer_approves(db, f"{BASE}/messages/messages/0/status", lambda r: r.method == "PUT"
+                              and r.path.startswith(f"/{BASE}/messages/") and "if-match" in r.headers)
     run = cli(rest_env(db))
     assert run.code == 0 and fired
     messages = items_of(db, "messages")
@@ -401,15 +398,8 @@ def test_reviewer_approving_between_our_read_and_our_append_keeps_the_approval(
 def test_reviewer_approving_during_our_heal_survives_the_412_and_merge(db: FakeRealtimeDatabase, cli: Cli) -> None:
     first, second = old_message("u-old1"), old_message("u-old2")
     db.set(f"{BASE}/messages", {"messages": {"0": first, "7": second}, "count": 2, "updatedAt": "2026-01-10"})
-    fired: list[str] = []
-
-    def reviewer(request: RecordedRequest) -> None:
-        if not fired and request.method == "PUT" and request.path == f"/{BASE}/messages.json" \
-                and "if-match" in request.headers:
-            fired.append(request.path)
-            db.set(f"{BASE}/messages/messages/0/status", "approved")
-
-    db.on_request(reviewer)
+    fired = reviewer_approves(db, f"{BASE}/messages/messages/0/status", lambda r: r.method == "PUT"
+                              and r.path == f"/{BASE}/messages.json" and "if-match" in r.headers)
     run = cli(rest_env(db))
     assert run.code == 0 and fired
     assert any(r.status == 412 for r in db.requests if r.path == f"/{BASE}/messages.json")
@@ -511,6 +501,13 @@ def test_500_on_a_read_is_retried(db: FakeRealtimeDatabase, cli: Cli) -> None:
     assert len(items_of(db, "matches")) == 10
 
 
+def assert_every_list_reported_unwritten(not_written: list[str]) -> None:
+    """users and events, and each of the ten matches and ten messages."""
+    assert {"users", "events"} <= set(not_written)
+    assert sum(p.startswith("matches") for p in not_written) == 10
+    assert sum(p.startswith("messages") for p in not_written) == 10
+
+
 def test_401_wrong_token_exits_non_zero(db: FakeRealtimeDatabase, cli: Cli) -> None:
     run = cli(rest_env(db, WRONG_TOKEN))
     assert run.code != 0
@@ -539,9 +536,7 @@ def test_401_wrong_token_report_lists_what_was_not_written(db: FakeRealtimeDatab
     assert run.code != 0
     assert list((run.out / "reports").glob("*.json")), "no report after a 401"
     not_written = run.report["firebase"]["not_written"]
-    assert {"users", "events"} <= set(not_written)
-    assert sum(p.startswith("matches") for p in not_written) == 10
-    assert sum(p.startswith("messages") for p in not_written) == 10
+    assert_every_list_reported_unwritten(not_written)
     assert {p.rsplit("/", 1)[-1] for p in not_written if p.startswith("campaigns/")} == set(ARCHIVE_PARTS)
 
 
@@ -553,10 +548,7 @@ def test_401_on_writes_only_keeps_local_files_and_reports_every_unwritten_path(
     assert run.code != 0
     assert db.data is None
     assert len(run.processed("matches")) == len(run.processed("messages")) == 10
-    not_written = run.report["firebase"]["not_written"]
-    assert {"users", "events"} <= set(not_written)
-    assert sum(p.startswith("matches") for p in not_written) == 10
-    assert sum(p.startswith("messages") for p in not_written) == 10
+    assert_every_list_reported_unwritten(run.report["firebase"]["not_written"])
     assert "FIREBASE_AUTH_TOKEN" in run.stdout + run.stderr
     assert "Traceback" not in run.stderr
 
@@ -754,7 +746,7 @@ def test_check_keys_finds_a_bad_key_deep_in_lists_and_objects() -> None:
 
 
 def test_rest_transport_refuses_bad_keys_and_paths_before_sending(db: FakeRealtimeDatabase) -> None:
-    transport = RestTransport(db.url, BASE, auth_token=TOKEN, backoff=0.01)
+    transport = rest_transport(db.url)
     with pytest.raises(FirebaseError):
         transport.put("users", {"users": [{"links": {"example.com": 1}}]})
     with pytest.raises(FirebaseError):
@@ -889,7 +881,7 @@ def exercise(transport: Any, delete: Callable[[str], None]) -> list[Any]:
 
 
 def test_local_mirror_gives_the_same_results_as_the_fake(db: FakeRealtimeDatabase, tmp_path: Path) -> None:
-    remote = exercise(RestTransport(db.url, BASE, auth_token=TOKEN, backoff=0.01),
+    remote = exercise(rest_transport(db.url),
                       lambda path: db.set(f"{BASE}/{path}", None))
     mirror = LocalMirrorTransport(tmp_path, BASE)
     local = exercise(mirror, lambda path: mirror._store(rtt.check_path(path), None))
@@ -899,7 +891,7 @@ def test_local_mirror_gives_the_same_results_as_the_fake(db: FakeRealtimeDatabas
 
 @pytest.mark.parametrize("kind", ["rest", "mirror"])
 def test_put_of_null_deletes_on_both_transports(kind: str, db: FakeRealtimeDatabase, tmp_path: Path) -> None:
-    transport: Any = (RestTransport(db.url, BASE, auth_token=TOKEN, backoff=0.01) if kind == "rest"
+    transport: Any = (rest_transport(db.url) if kind == "rest"
                       else LocalMirrorTransport(tmp_path, BASE))
     transport.put("matches", {"matches": [A, B], "count": 2})
     transport.put("matches/matches/1", None)
@@ -936,7 +928,7 @@ def test_demo_uses_the_local_mirror_and_its_merge_logic(tmp_path: Path, capsys: 
 
 @pytest.fixture
 def transport(db: FakeRealtimeDatabase) -> RestTransport:
-    return RestTransport(db.url, BASE, auth_token=TOKEN, backoff=0.01)
+    return rest_transport(db.url)
 
 
 def test_dashboard_list_appends_item_by_item_at_the_next_index(
@@ -962,7 +954,7 @@ def test_dashboard_list_does_not_add_an_item_with_a_known_merge_key(
 def test_dashboard_list_two_writers_both_land_without_loss_or_duplicate(
         db: FakeRealtimeDatabase, transport: RestTransport) -> None:
     first = DashboardList(transport, "matches", "matches", "T1").open()
-    second = DashboardList(RestTransport(db.url, BASE, auth_token=TOKEN, backoff=0.01),
+    second = DashboardList(rest_transport(db.url),
                            "matches", "matches", "T2").open()
     assert first.add(A)
     assert second.add(B)  # its slot 0 is taken: 412, re-read, slot 1
@@ -974,14 +966,7 @@ def test_dashboard_list_two_writers_both_land_without_loss_or_duplicate(
 def test_dashboard_list_heal_merges_with_the_412_answer_without_rereading(
         db: FakeRealtimeDatabase, transport: RestTransport) -> None:
     db.set(f"{BASE}/matches", {"matches": {"0": A, "4": B}, "count": 2, "updatedAt": "T0"})
-    fired: list[str] = []
-
-    def reviewer(request: RecordedRequest) -> None:
-        if not fired and request.method == "PUT":
-            fired.append(request.path)
-            db.set(f"{BASE}/matches/matches/4/status", "approved")
-
-    db.on_request(reviewer)
+    reviewer_approves(db, f"{BASE}/matches/matches/4/status", lambda r: r.method == "PUT")
     dashboard = DashboardList(transport, "matches", "matches", "T1").open()
     assert [(r.method, r.status) for r in db.requests] == [("GET", 200), ("PUT", 412), ("PUT", 200)]
     assert dashboard.items == [A, {**B, "status": "approved"}]
@@ -1057,7 +1042,7 @@ def test_rest_gives_up_after_its_retries(db: FakeRealtimeDatabase, transport: Re
 
 
 def test_rest_401_is_not_retried_and_names_the_credentials_not_the_token(db: FakeRealtimeDatabase) -> None:
-    transport = RestTransport(db.url, BASE, auth_token=WRONG_TOKEN, backoff=0.01)
+    transport = rest_transport(db.url, WRONG_TOKEN)
     with pytest.raises(FirebaseError) as caught:
         transport.put("users", {"count": 1})
     assert "401" in str(caught.value) and "FIREBASE_AUTH_TOKEN" in str(caught.value)
@@ -1100,7 +1085,7 @@ def test_rest_call_times_out_against_a_server_that_never_answers() -> None:
         silent.bind(("127.0.0.1", 0))
         silent.listen(8)  # connections complete in the backlog, nothing is ever read or answered
         url = f"http://127.0.0.1:{silent.getsockname()[1]}"
-        transport = RestTransport(url, BASE, auth_token=TOKEN, timeout=0.2, retries=1, backoff=0.01)
+        transport = rest_transport(url, timeout=0.2, retries=1)
         with pytest.raises(FirebaseError, match="cannot reach"):
             transport.get("users")
 
@@ -1109,7 +1094,7 @@ def test_rest_unreachable_database_fails_cleanly() -> None:
     with socket.socket() as probe:
         probe.bind(("127.0.0.1", 0))
         port = probe.getsockname()[1]  # closed again: nothing listens there
-    transport = RestTransport(f"http://127.0.0.1:{port}", BASE, auth_token=TOKEN, retries=1, backoff=0.01)
+    transport = rest_transport(f"http://127.0.0.1:{port}", retries=1)
     with pytest.raises(FirebaseError, match="cannot reach") as caught:
         transport.put("users", {"count": 1})
     assert TOKEN not in str(caught.value)
@@ -1154,13 +1139,12 @@ def test_appends_send_each_item_once_for_a_ten_member_campaign(db: FakeRealtimeD
 SA_TOKEN = "ya29.test"
 
 
-class _TokenHandler(BaseHTTPRequestHandler):
-    protocol_version = "HTTP/1.1"
-
+class _TokenHandler(LoopbackHandler):
     def do_POST(self) -> None:
+        endpoint: TokenEndpoint = self.server.fake
         length = int(self.headers.get("content-length") or 0)
-        self.server.grants.append(self.rfile.read(length).decode())  # type: ignore[attr-defined]
-        status = self.server.status  # type: ignore[attr-defined]
+        endpoint.grants.append(self.rfile.read(length).decode())
+        status = endpoint.status
         answer = ({"access_token": SA_TOKEN, "expires_in": 3600, "token_type": "Bearer"} if status == 200
                   else {"error": "invalid_grant", "error_description": "Invalid JWT Signature."})
         body = json.dumps(answer).encode()
@@ -1170,27 +1154,27 @@ class _TokenHandler(BaseHTTPRequestHandler):
         self.end_headers()
         self.wfile.write(body)
 
-    def log_message(self, format: str, *args: Any) -> None:
-        pass
+
+class TokenEndpoint(LoopbackServer):
+    """A local OAuth2 token endpoint: records each grant, answers ``SA_TOKEN`` (or a refusal if ``status`` != 200)."""
+
+    handler = _TokenHandler
+    poll_interval = 0.01
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.grants: list[str] = []
+        self.status = 200
 
 
 @pytest.fixture
-def token_server() -> Iterator[ThreadingHTTPServer]:
-    server = ThreadingHTTPServer(("127.0.0.1", 0), _TokenHandler)
-    server.grants = []  # type: ignore[attr-defined]
-    server.status = 200  # type: ignore[attr-defined]
-    thread = threading.Thread(target=server.serve_forever, kwargs={"poll_interval": 0.01}, daemon=True)
-    thread.start()
-    try:
+def token_server() -> Iterator[TokenEndpoint]:
+    with TokenEndpoint() as server:
         yield server
-    finally:
-        server.shutdown()
-        server.server_close()
-        thread.join(timeout=5)
 
 
 @pytest.fixture
-def service_account_file(tmp_path: Path, token_server: ThreadingHTTPServer) -> Path:
+def service_account_file(tmp_path: Path, token_server: TokenEndpoint) -> Path:
     pytest.importorskip("google.oauth2.service_account")
     crypto = pytest.importorskip("cryptography.hazmat.primitives.asymmetric.rsa")
     from cryptography.hazmat.primitives import serialization
@@ -1202,13 +1186,13 @@ def service_account_file(tmp_path: Path, token_server: ThreadingHTTPServer) -> P
     path.write_text(json.dumps({
         "type": "service_account", "project_id": "rtt-test", "private_key_id": "test-key-1",
         "private_key": pem, "client_email": "rtt-test@rtt-test.iam.gserviceaccount.com", "client_id": "1",
-        "token_uri": f"http://127.0.0.1:{token_server.server_address[1]}/token",
+        "token_uri": f"{token_server.url}/token",
     }), encoding="utf-8")
     return path
 
 
 def test_service_account_token_is_sent_as_a_bearer_token(
-        cli: Cli, service_account_file: Path, token_server: ThreadingHTTPServer) -> None:
+        cli: Cli, service_account_file: Path, token_server: TokenEndpoint) -> None:
     with FakeRealtimeDatabase(auth_token=SA_TOKEN) as sa_db:
         run = cli({"FIREBASE_DATABASE_URL": sa_db.url, "GOOGLE_APPLICATION_CREDENTIALS": str(service_account_file)})
         assert run.code == 0
@@ -1223,7 +1207,7 @@ def test_service_account_token_is_sent_as_a_bearer_token(
 
 
 def test_service_account_asks_for_the_firebase_scopes(
-        cli: Cli, service_account_file: Path, token_server: ThreadingHTTPServer) -> None:
+        cli: Cli, service_account_file: Path, token_server: TokenEndpoint) -> None:
     with FakeRealtimeDatabase(auth_token=SA_TOKEN) as sa_db:
         assert cli({"FIREBASE_DATABASE_URL": sa_db.url,
                     "GOOGLE_APPLICATION_CREDENTIALS": str(service_account_file)}).code == 0
@@ -1236,8 +1220,8 @@ def test_service_account_asks_for_the_firebase_scopes(
 
 
 def test_service_account_token_refusal_exits_non_zero_without_leaking_the_key(
-        db: FakeRealtimeDatabase, cli: Cli, service_account_file: Path, token_server: ThreadingHTTPServer) -> None:
-    token_server.status = 400  # type: ignore[attr-defined]
+        db: FakeRealtimeDatabase, cli: Cli, service_account_file: Path, token_server: TokenEndpoint) -> None:
+    token_server.status = 400
     run = cli({"FIREBASE_DATABASE_URL": db.url, "GOOGLE_APPLICATION_CREDENTIALS": str(service_account_file)})
     assert run.code == 1
     assert db.data is None

@@ -1,0 +1,114 @@
+"""The HTTP scaffolding the fakes share: a threaded server on a free 127.0.0.1 port.
+
+``tests/fake_anthropic.py`` and ``tests/fake_rtdb.py`` each subclass :class:`LoopbackServer`
+(start/stop, ``with``, ``port``/``url``) and :class:`LoopbackHandler` (HTTP/1.1 keep-alive,
+connection tracking, no request log), and supply only what their service says.
+Standard library only.
+"""
+
+from __future__ import annotations
+
+import socket
+import threading
+from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
+from typing import Any, ClassVar, Self
+
+__all__ = ["LoopbackHandler", "LoopbackServer"]
+
+
+class _HTTPServer(ThreadingHTTPServer):
+    daemon_threads = True
+    request_queue_size = 128
+    fake: Any  # the LoopbackServer subclass serving through this server
+
+
+class LoopbackHandler(BaseHTTPRequestHandler):
+    """Keep-alive handler that registers its connection with the fake and logs nothing."""
+
+    protocol_version = "HTTP/1.1"  # keep-alive, like the real services
+    server: _HTTPServer
+
+    def setup(self) -> None:
+        super().setup()
+        self.server.fake._track(self.connection, add=True)
+
+    def finish(self) -> None:
+        try:
+            super().finish()
+        finally:
+            self.server.fake._track(self.connection, add=False)
+
+    def log_message(self, format: str, *args: Any) -> None:
+        pass  # keep pytest output clean
+
+
+class LoopbackServer:
+    """Serve ``handler`` on a free 127.0.0.1 port from a daemon thread.
+
+    Subclasses set ``handler`` (a :class:`LoopbackHandler` subclass, which reaches the
+    fake as ``self.server.fake``) and may change ``poll_interval``.
+    """
+
+    handler: ClassVar[type[LoopbackHandler]]
+    poll_interval: ClassVar[float] = 0.05
+
+    def __init__(self) -> None:
+        self._conns: set[socket.socket] = set()
+        self._conns_lock = threading.Lock()
+        self._server: _HTTPServer | None = None
+        self._thread: threading.Thread | None = None
+
+    def start(self) -> Self:
+        """Start serving on a free 127.0.0.1 port (no-op when already started)."""
+        if self._server is not None:
+            return self
+        server = _HTTPServer(("127.0.0.1", 0), self.handler)
+        server.fake = self
+        self._server = server
+        self._thread = threading.Thread(
+            target=server.serve_forever, kwargs={"poll_interval": self.poll_interval}, daemon=True
+        )
+        self._thread.start()
+        return self
+
+    def stop(self) -> None:
+        """Stop serving and drop open keep-alive connections."""
+        server, self._server = self._server, None
+        if server is None:
+            return
+        server.shutdown()
+        server.server_close()
+        with self._conns_lock:
+            conns, self._conns = list(self._conns), set()
+        for conn in conns:
+            try:
+                conn.shutdown(socket.SHUT_RDWR)
+            except OSError:
+                pass
+        if self._thread is not None:
+            self._thread.join(timeout=5)
+            self._thread = None
+
+    def __enter__(self) -> Self:
+        return self.start()
+
+    def __exit__(self, *exc: object) -> None:
+        self.stop()
+
+    @property
+    def port(self) -> int:
+        if self._server is None:
+            raise RuntimeError(f"{type(self).__name__} is not started")
+        return self._server.server_address[1]
+
+    @property
+    def url(self) -> str:
+        """``http://127.0.0.1:PORT``."""
+        return f"http://127.0.0.1:{self.port}"
+
+    def _track(self, conn: socket.socket, *, add: bool) -> None:
+        with self._conns_lock:
+            if add:
+                self._conns.add(conn)
+            else:
+                self._conns.discard(conn)
