@@ -1754,7 +1754,9 @@ def connect_mongo(settings: Settings, insecure_tls: bool, logger: logging.Logger
     if not settings.mongo_uri:
         raise UsageError("--source mongo needs MONGO_URI (or MONGO_USERNAME, MONGO_PASSWORD and "
                          "MONGO_HOST) and MONGO_DB_NAME")
-    options: dict[str, Any] = {"serverSelectionTimeoutMS": 20000, "appname": CAMPAIGN_NAME}
+    options: dict[str, Any] = {"appname": CAMPAIGN_NAME}
+    if "serverselectiontimeoutms" not in settings.mongo_uri.lower():  # the URI's own setting wins
+        options["serverSelectionTimeoutMS"] = 20000
     if insecure_tls:
         logger.warning("TLS certificate verification for MongoDB is OFF (--insecure-tls)")
         options["tlsAllowInvalidCertificates"] = True

@@ -469,3 +469,19 @@ def test_every_matched_real_member_gets_a_message(tmp_path):
     assert report["errors"] == []
     assert report["summary"]["total_messages_generated"] == report["summary"]["total_matches_created"] > 0
     assert_messages_keep_the_contract(run, rtt.to_utc(MONTANA_NOW))
+
+
+def test_a_usage_error_is_one_line_and_exit_2(run_cli):
+    assert_one_line_error(run_cli("--demo", "--limit", "0"), "--limit")
+
+
+def test_help_exits_0(run_cli):
+    assert run_cli("--help").code == 0
+
+
+def test_unreachable_mongodb_exits_1_with_one_line_and_no_host(run_cli):
+    env = {"MONGO_URI": "mongodb://127.0.0.1:9/campaign?serverSelectionTimeoutMS=300", "MONGO_DB_NAME": "campaign"}
+    run = run_cli("--source", "mongo", "--now", NOW_ISO, "--dry-run", env=env)
+    assert run.code == 1
+    assert run.err.startswith("error: MongoDB: ") and run.err.count("\n") == 1
+    assert "127.0.0.1" not in run.err and "Traceback" not in run.err

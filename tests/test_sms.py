@@ -144,6 +144,11 @@ def test_acronyms_are_not_shouting(acronym):
     assert validate_sms(GOOD.replace("fans:", f"fans in {acronym}:"), FACTS) == []
 
 
+@pytest.mark.parametrize("word", ["NOW", "WOW", "FREE"])
+def test_short_capitalised_words_that_are_not_acronyms_are_shouting(word):
+    assert f"no ALL-CAPS words ({word})" in problems_of(GOOD.replace("Welcome back.", f"Welcome back. {word}."))
+
+
 def test_capitals_in_the_event_name_or_first_name_are_not_shouting():
     facts = dataclasses.replace(FACTS, first_name="MAYA", event_name="JAZZ BRUNCH")
     assert validate_sms(GOOD.replace("Maya", "MAYA").replace("Jazz Brunch", "JAZZ BRUNCH"), facts) == []
