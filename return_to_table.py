@@ -32,6 +32,7 @@ from collections.abc import Iterable, Mapping, Sequence
 from concurrent.futures import ThreadPoolExecutor, as_completed
 from dataclasses import dataclass, field
 from datetime import UTC, datetime, timedelta, timezone
+from enum import Enum
 from pathlib import Path
 from typing import Any, Protocol, TypedDict
 from urllib.parse import quote_plus
@@ -61,6 +62,9 @@ PROFILE_FIELDS = (
 MIN_PROFILE_FIELDS = 4
 DEFAULT_TIMEZONE = "America/New_York"
 DEFAULT_BASE_PATH = "Leo"
+
+MONGO_NOT_CONFIGURED = ("--source mongo needs MONGO_URI (or MONGO_USERNAME, MONGO_PASSWORD and MONGO_HOST) "
+                        "and MONGO_DB_NAME")
 
 EXIT_OK = 0
 EXIT_FAILURE = 1
@@ -133,15 +137,24 @@ def read_environment(dotenv_path: Path | None = None) -> dict[str, str]:
     return {**from_file, **os.environ}
 
 
+class SourceKind(Enum):
+    """Where a run reads members and events from."""
+
+    DEMO = "demo"
+    MONGO = "mongo"
+    FOLDER = "folder"
+
+
 @dataclass(frozen=True)
 class RunOptions:
-    """One run's choices, from the command line."""
+    """One run's choices, from the command line, resolved against the settings."""
 
-    source: str  # "demo", "mongo", or a folder path
+    source: SourceKind
     now: datetime
     out_dir: Path
+    folder: Path | None = None  # with SourceKind.FOLDER
     limit: int = 10
-    llm: str = "off"  # resolved: "claude" or "off"
+    use_claude: bool = False
     dry_run: bool = False
     min_confidence: float = 70.0
     candidates: int = 15
@@ -152,7 +165,7 @@ class RunOptions:
 
     @property
     def is_demo(self) -> bool:
-        return self.source == "demo"
+        return self.source is SourceKind.DEMO
 
 
 def setup_logging(out_dir: Path, now: datetime, verbose: bool = False) -> tuple[logging.Logger, Path]:
@@ -274,7 +287,28 @@ def to_plain(value: Any) -> Any:
     return str(value)
 
 
-def load_collection_file(path: Path) -> list[dict[str, Any]]:
+@dataclass
+class ExtendedJsonDecoder:
+    """Extended JSON (relaxed or canonical) decoded value by value, as ``bson.json_util`` does.
+
+    One bad value (``{"$date": "TBD"}``, ``{"$oid": "zz"}``) becomes None and is counted, instead of
+    failing the whole file: a bad single record is treated as missing, never fatal.
+    """
+
+    bad_values: int = 0
+
+    def hook(self, obj: dict[str, Any]) -> Any:
+        try:
+            return json_util.object_hook(obj, json_util.RELAXED_JSON_OPTIONS)
+        except (ValueError, TypeError, KeyError, OverflowError, InvalidId):
+            self.bad_values += 1
+            return None
+
+    def loads(self, text: str) -> Any:
+        return json.loads(text, object_hook=self.hook)
+
+
+def load_collection_file(path: Path, decoder: ExtendedJsonDecoder) -> list[dict[str, Any]]:
     """One ``mongoexport`` file: a JSON array (``--jsonArray``) or JSON Lines, Extended JSON either way."""
     try:
         text = path.read_text(encoding="utf-8-sig")
@@ -283,22 +317,15 @@ def load_collection_file(path: Path) -> list[dict[str, Any]]:
     except (OSError, UnicodeDecodeError) as exc:
         raise UsageError(f"{path}: cannot read ({exc.__class__.__name__}: {exc})") from None
     stripped = text.strip()
-    def parse(loads: Any) -> Any:
-        if not stripped:
-            return []
-        if stripped.startswith("["):
-            return loads(stripped)
-        return [loads(line) for line in stripped.splitlines() if line.strip()]
-
     try:
-        docs = parse(json_util.loads)
-    except (ValueError, TypeError, InvalidId) as exc:
-        # Valid JSON whose Extended JSON is bad in one record ({"$date": "TBD"}) is read plainly:
-        # ids and dates in {"$oid"}/{"$date"} form are understood downstream, bad ones count as missing.
-        try:
-            docs = parse(json.loads)
-        except ValueError:
-            raise UsageError(f"{path}: invalid JSON ({exc})") from None
+        if not stripped:
+            docs: Any = []
+        elif stripped.startswith("["):
+            docs = decoder.loads(stripped)
+        else:
+            docs = [decoder.loads(line) for line in stripped.splitlines() if line.strip()]
+    except ValueError as exc:
+        raise UsageError(f"{path}: invalid JSON ({exc})") from None
     if not isinstance(docs, list) or not all(isinstance(d, dict) for d in docs):
         raise UsageError(f"{path}: expected a JSON array of documents or one document per line")
     return docs
@@ -320,7 +347,7 @@ def require_ids(docs: Iterable[Mapping[str, Any]], what: str) -> None:
     """Every document needs an ``_id``: without one, nothing can point at it safely."""
     for position, doc in enumerate(docs):
         if id_of(doc.get("_id")) is None:
-            raise UsageError(f"{what}: document #{position + 1} has no _id")
+            raise UsageError(f"{what}: document #{position + 1} has no usable _id (an ObjectId or a string)")
 
 
 # --- the demo world ----------------------------------------------------------------------------
@@ -1664,7 +1691,7 @@ def build_report(*, campaign_id: str, run_started: datetime, options: RunOptions
         "run_date": iso_utc(run_started),
         "as_of": iso_utc(options.now),
         "source": source_label,
-        "llm": options.llm,
+        "llm": "claude" if options.use_claude else "off",
         "dry_run": options.dry_run,
         "limit": options.limit,
         "min_confidence": options.min_confidence,
@@ -1689,12 +1716,21 @@ def build_report(*, campaign_id: str, run_started: datetime, options: RunOptions
 # =============================================================================================
 
 
+@dataclass
+class SourceData:
+    """What a source read: the raw documents, each with an ``_id``, and how many values were unreadable."""
+
+    users: list[dict[str, Any]]
+    events: list[dict[str, Any]]
+    bad_values: int = 0
+
+
 class DataSource(Protocol):
     """Where members and events are read from; ``label`` names it in logs and the report."""
 
     label: str
 
-    def read(self) -> tuple[list[dict[str, Any]], list[dict[str, Any]]]: ...
+    def read(self) -> SourceData: ...
 
 
 class DemoSource:
@@ -1705,8 +1741,9 @@ class DemoSource:
     def __init__(self, now: datetime) -> None:
         self.now = now
 
-    def read(self) -> tuple[list[dict[str, Any]], list[dict[str, Any]]]:
-        return build_demo_world(self.now)
+    def read(self) -> SourceData:
+        users, events = build_demo_world(self.now)
+        return SourceData(users, events)
 
 
 class FolderSource:
@@ -1716,14 +1753,15 @@ class FolderSource:
         self.folder = folder
         self.label = f"folder {folder}"
 
-    def read(self) -> tuple[list[dict[str, Any]], list[dict[str, Any]]]:
+    def read(self) -> SourceData:
         if not self.folder.is_dir():
             raise UsageError(f"--source {self.folder}: not a readable folder")
-        users = load_collection_file(self.folder / "users.json")
-        events = load_collection_file(self.folder / "events.json")
+        decoder = ExtendedJsonDecoder()
+        users = load_collection_file(self.folder / "users.json", decoder)
+        events = load_collection_file(self.folder / "events.json", decoder)
         require_ids(users, str(self.folder / "users.json"))
         require_ids(events, str(self.folder / "events.json"))
-        return users, events
+        return SourceData(users, events, decoder.bad_values)
 
 
 class MongoSource:
@@ -1739,11 +1777,13 @@ class MongoSource:
         self.client = client
         self.db_name = db_name
 
-    def read(self) -> tuple[list[dict[str, Any]], list[dict[str, Any]]]:
+    def read(self) -> SourceData:
         db = self.client.get_database(self.db_name)
         users = list(db[USER_COLLECTION].find({}))
         events = list(db[EVENT_COLLECTION].find({}))
-        return users, events
+        require_ids(users, f"MongoDB collection {USER_COLLECTION!r}")
+        require_ids(events, f"MongoDB collection {EVENT_COLLECTION!r}")
+        return SourceData(users, events)
 
 
 def connect_mongo(settings: Settings, insecure_tls: bool, logger: logging.Logger) -> Any:
@@ -1752,8 +1792,7 @@ def connect_mongo(settings: Settings, insecure_tls: bool, logger: logging.Logger
     from pymongo.errors import ConfigurationError, InvalidURI
 
     if not settings.mongo_uri:
-        raise UsageError("--source mongo needs MONGO_URI (or MONGO_USERNAME, MONGO_PASSWORD and "
-                         "MONGO_HOST) and MONGO_DB_NAME")
+        raise UsageError(MONGO_NOT_CONFIGURED)
     options: dict[str, Any] = {"appname": CAMPAIGN_NAME}
     if "serverselectiontimeoutms" not in settings.mongo_uri.lower():  # the URI's own setting wins
         options["serverSelectionTimeoutMS"] = 20000
@@ -2731,9 +2770,9 @@ class ReturnToTable:
     # --- step 1 ---------------------------------------------------------------------------
 
     def fetch(self) -> tuple[list[dict[str, Any]], list[dict[str, Any]]]:
-        users, events = self.source.read()
-        require_ids(users, f"{self.source.label}: users")
-        require_ids(events, f"{self.source.label}: events")
+        data = self.source.read()
+        users, events = data.users, data.events
+        self.issues.add("unreadable_extended_json_values", data.bad_values)
         self.logger.info("Step 1: read %d users and %d events from %s", len(users), len(events),
                          self.source.label)
         write_raw(self.data_dir / "raw" / "users.json", users)
@@ -3099,42 +3138,48 @@ def resolve_options(args: argparse.Namespace, settings: Settings) -> RunOptions:
         parsed = to_utc(args.now)
         if parsed is None:
             raise UsageError(f"--now {args.now!r} is not an ISO-8601 date-time (e.g. 2026-11-23T06:00:00Z)")
+        if not 1970 <= parsed.year <= 2200:
+            raise UsageError(f"--now {args.now!r} is outside the years 1970-2200")
         now = parsed
     if args.demo:
-        source = "demo"
         if args.llm == "claude":
             raise UsageError("--demo never calls remote services: drop --llm claude or use --source")
-    elif args.source:
-        source = "mongo" if args.source == "mongo" else str(Path(args.source).expanduser())
-    elif settings.mongo_uri:
-        source = "mongo"
+        kind, folder = SourceKind.DEMO, None
+    elif args.source == "mongo" or (args.source is None and settings.mongo_uri):
+        kind, folder = SourceKind.MONGO, None
+    elif args.source:  # any other value is a folder, even one named "demo"
+        kind, folder = SourceKind.FOLDER, Path(args.source).expanduser()
     else:
         raise UsageError("no data source: set MONGO_URI (or MONGO_USERNAME, MONGO_PASSWORD, MONGO_HOST) "
                          "and MONGO_DB_NAME, or pass --source DIR; --demo runs on built-in sample data")
-    if source == "mongo" and not settings.mongo_uri:
-        raise UsageError("--source mongo needs MONGO_URI (or MONGO_USERNAME, MONGO_PASSWORD and "
-                         "MONGO_HOST) and MONGO_DB_NAME")
-    llm = args.llm
-    if source == "demo":
-        llm = "off"
-    elif llm == "auto":
-        llm = "claude" if settings.anthropic_api_key else "off"
-    if llm == "claude" and not settings.anthropic_api_key:
+    if kind is SourceKind.MONGO and not settings.mongo_uri:
+        raise UsageError(MONGO_NOT_CONFIGURED)
+    use_claude = kind is not SourceKind.DEMO and (
+        args.llm == "claude" or (args.llm == "auto" and bool(settings.anthropic_api_key)))
+    if use_claude and not settings.anthropic_api_key:
         raise UsageError("--llm claude needs ANTHROPIC_API_KEY")
-    return RunOptions(source=source, now=now, out_dir=args.out.expanduser().resolve(), limit=args.limit,
-                      llm=llm, dry_run=args.dry_run, min_confidence=args.min_confidence,
+    out_dir = args.out.expanduser().resolve()
+    try:
+        out_dir.mkdir(parents=True, exist_ok=True)
+    except OSError as exc:
+        raise UsageError(f"--out {out_dir}: cannot create the folder ({exc.strerror})") from None
+    if not os.access(out_dir, os.W_OK):
+        raise UsageError(f"--out {out_dir}: not writable")
+    return RunOptions(source=kind, folder=folder, now=now, out_dir=out_dir, limit=args.limit,
+                      use_claude=use_claude, dry_run=args.dry_run, min_confidence=args.min_confidence,
                       candidates=args.candidates, concurrency=args.concurrency,
                       cooldown_days=args.cooldown_days, insecure_tls=args.insecure_tls, verbose=args.verbose)
 
 
 def make_source(options: RunOptions, settings: Settings, logger: logging.Logger,
                 mongo_client: Any = None) -> DataSource:
-    if options.is_demo:
+    if options.source is SourceKind.DEMO:
         return DemoSource(options.now)
-    if options.source == "mongo":
+    if options.source is SourceKind.MONGO:
         client = mongo_client or connect_mongo(settings, options.insecure_tls, logger)
         return MongoSource(client, mongo_db_name(settings, client))
-    return FolderSource(Path(options.source))
+    assert options.folder is not None
+    return FolderSource(options.folder)
 
 
 def make_store(options: RunOptions, settings: Settings, logger: logging.Logger) -> FirebaseStore:
@@ -3159,7 +3204,7 @@ def make_store(options: RunOptions, settings: Settings, logger: logging.Logger) 
 
 
 def make_advisor(options: RunOptions, settings: Settings, logger: logging.Logger) -> ClaudeAdvisor | None:
-    if options.llm != "claude":
+    if not options.use_claude:
         return None
     advisor = ClaudeAdvisor.connect(settings, logger)
     logger.info("Claude: matching with %s, writing with %s", advisor.config.match_model, advisor.config.write_model)

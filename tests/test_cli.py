@@ -243,7 +243,7 @@ def test_invalid_json_exits_2_naming_the_file(run_cli, world_folder, text):
 
 def test_an_invalid_objectid_is_no_id_and_exits_2_naming_the_file(run_cli, world_folder):
     (world_folder / "events.json").write_text('[{"_id": {"$oid": "zz"}}]', encoding="utf-8")
-    assert_one_line_error(run_cli("--source", str(world_folder), "--now", NOW_ISO), "events.json", "no _id")
+    assert_one_line_error(run_cli("--source", str(world_folder), "--now", NOW_ISO), "events.json", "no usable _id")
 
 
 def test_a_bad_extended_json_date_counts_as_a_missing_date_not_a_fatal_error(run_cli, world_folder):
