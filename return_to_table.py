@@ -75,6 +75,10 @@ class UsageError(Exception):
     """Bad input or configuration: the operator gets one line and exit code 2, never a traceback."""
 
 
+class ServiceError(Exception):
+    """A service (MongoDB, Firebase) failed for good: one line, exit code 1."""
+
+
 @dataclass(frozen=True)
 class Settings:
     """What the environment (and ``.env``) configures: services, secrets and the campaign zone.
@@ -1799,10 +1803,14 @@ def connect_mongo(settings: Settings, insecure_tls: bool, logger: logging.Logger
     if insecure_tls:
         logger.warning("TLS certificate verification for MongoDB is OFF (--insecure-tls)")
         options["tlsAllowInvalidCertificates"] = True
+    # pymongo's messages name cluster hosts: only the kind of failure is shown.
     try:
         return MongoClient(settings.mongo_uri, **options)
-    except (ConfigurationError, InvalidURI, ValueError) as exc:
-        raise UsageError(f"MongoDB configuration: {exc}") from None
+    except (InvalidURI, ValueError) as exc:
+        raise UsageError(f"MONGO_URI is not a valid MongoDB URI ({exc.__class__.__name__})") from None
+    except ConfigurationError as exc:
+        raise ServiceError(f"MongoDB: cannot use MONGO_URI ({exc.__class__.__name__}): check the host, "
+                           "its DNS records and the options") from None
 
 
 def mongo_db_name(settings: Settings, client: Any) -> str:
@@ -2243,7 +2251,7 @@ NULL_ETAG = "null_etag"  # the ETag of an empty location: ``if-match: null_etag`
 FORBIDDEN_KEY = re.compile(r"[.$#\[\]/\x00-\x1f\x7f]")
 
 
-class FirebaseError(Exception):
+class FirebaseError(ServiceError):
     """A Firebase read or write that failed for good (after any retries)."""
 
 
@@ -2473,7 +2481,7 @@ class RestTransport:
         self.retries = retries
         self.backoff = backoff
         self.bytes_sent = 0
-        self.description = f"Firebase {self.url}/{self.base_path}"
+        self.description = f"Firebase (FIREBASE_DATABASE_URL), base path {self.base_path or '/'}"
         self._transport_errors: tuple[type[BaseException], ...] = (httpx2.TransportError,)
 
     def _url(self, path: str) -> str:
@@ -2597,16 +2605,22 @@ def service_account_tokens(credentials_file: str) -> Any:
     return token
 
 
-def as_item_list(value: Any, key: str) -> list[dict[str, Any]]:
-    """A dashboard list read back in either shape (array, or object with numeric keys), holes dropped."""
-    items = value.get(key) if isinstance(value, Mapping) else None
+def listing_entries(value: Any, key: str) -> list[Any]:
+    """Every entry of a dashboard list in index order, holes dropped, whatever shape it came back in:
+    ``{key: [...]}``, ``{key: {"0": ...}}`` once holes made it an object, or a bare array at the path."""
+    items = value.get(key) if isinstance(value, Mapping) else value
     if isinstance(items, Mapping):
         def index(k: Any) -> tuple[int, Any]:
             return (0, int(k)) if CANONICAL_INDEX.match(str(k)) else (1, str(k))
         items = [items[k] for k in sorted(items, key=index)]
     if not isinstance(items, list):
         return []
-    return [item for item in items if isinstance(item, Mapping)]
+    return [item for item in items if item is not None]
+
+
+def as_item_list(value: Any, key: str) -> list[dict[str, Any]]:
+    """The records (objects) of a dashboard list, in order."""
+    return [item for item in listing_entries(value, key) if isinstance(item, Mapping)]
 
 
 def is_clean_listing(value: Any, key: str) -> bool:
@@ -2618,7 +2632,15 @@ def is_clean_listing(value: Any, key: str) -> bool:
     items = value.get(key)
     if items is None:
         return value.get("count") in (None, 0)
-    return isinstance(items, list) and all(isinstance(i, Mapping) for i in items) and value.get("count") == len(items)
+    return isinstance(items, list) and None not in items and value.get("count") == len(items)
+
+
+def refuse_foreign_shape(value: Any, key: str, path: str) -> None:
+    """A location that holds something other than a dashboard list is never rewritten."""
+    inner = value.get(key) if isinstance(value, Mapping) else None
+    if (value is not None and not isinstance(value, (Mapping, list))) or (
+            inner is not None and not isinstance(inner, (Mapping, list))):
+        raise FirebaseError(f"{path}: holds something other than a list of {key}; left untouched")
 
 
 def merge_key(item: Mapping[str, Any]) -> tuple[str, str]:
@@ -2652,18 +2674,19 @@ class DashboardList:
     def open(self) -> DashboardList:
         value, etag = self.transport.get(self.path)
         for _attempt in range(self.MAX_TRIES):
-            items = as_item_list(value, self.key)
-            if is_clean_listing(value, self.key):
-                self.items, self.size = items, len(items)
-                return self
-            healed = {**value, self.key: items, "count": len(items)} if isinstance(value, Mapping) else \
-                listing(self.key, items, self.updated_at)
-            # A server that sends no ETag cannot take a conditional write: write plainly then.
-            result = self.transport.put(self.path, healed, if_match=etag or None)
-            if result.ok:
-                self.items, self.size = items, len(items)
-                return self
-            value, etag = result.value, result.etag
+            refuse_foreign_shape(value, self.key, self.path)
+            entries = listing_entries(value, self.key)
+            if not is_clean_listing(value, self.key):
+                healed = ({**value, self.key: entries, "count": len(entries)} if isinstance(value, Mapping)
+                          else listing(self.key, entries, self.updated_at))
+                # A server that sends no ETag cannot take a conditional write: write plainly then.
+                result = self.transport.put(self.path, healed, if_match=etag or None)
+                if not result.ok:
+                    value, etag = result.value, result.etag
+                    continue
+            self.items = [item for item in entries if isinstance(item, Mapping)]
+            self.size = len(entries)
+            return self
         raise FirebaseError(f"{self.path}: gave up healing after {self.MAX_TRIES} conflicting writes")
 
     @property
@@ -2677,7 +2700,8 @@ class DashboardList:
             if merge_key(record) in self.known:
                 return False
             result = self.transport.put(f"{self.path}/{self.key}/{self.size}", record, if_match=NULL_ETAG)
-            if result.ok:
+            # A 412 that answers our own record means an earlier attempt landed and its answer was lost.
+            if result.ok or (isinstance(result.value, Mapping) and merge_key(result.value) == merge_key(record)):
                 self.items.append(record)
                 self.size += 1
                 try:
@@ -2685,7 +2709,7 @@ class DashboardList:
                 except FirebaseError as exc:
                     raise CountNotUpdated(str(exc)) from None
                 return True
-            self.open()
+            self.open()  # someone else took the slot: read the list again
         raise FirebaseError(f"{self.path}: gave up after {self.MAX_TRIES} conflicting appends")
 
 
@@ -2734,7 +2758,15 @@ class UserOutcome:
     match: Match | None = None
     message: Message | None = None
     skip: Skip | None = None
-    fallbacks: list[str] = field(default_factory=list)
+    fallbacks: list[Fallback] = field(default_factory=list)
+
+
+@dataclass(frozen=True)
+class Fallback:
+    """Claude's answer was not used for one step ("match" or "sms"), and why."""
+
+    step: str
+    reason: str
 
 
 class ReturnToTable:
@@ -2761,11 +2793,23 @@ class ReturnToTable:
         self.lists: dict[str, DashboardList] = {}
         self.not_written: list[str] = []
         self.written: list[str] = []
-        self.firebase_down: str | None = None
+        self.firebase_errors: list[str] = []
+        self.firebase_down = False  # unreadable at the start: nothing is written this run
+        self.pending: dict[int, UserOutcome] = {}  # finished members waiting for a higher-ranked one
+        self.next_rank = 0
 
     @property
-    def writes(self) -> bool:
-        return self.store is not None and not self.options.dry_run and self.firebase_down is None
+    def can_write(self) -> bool:
+        """Whether this run writes to Firebase at all (a dry run never does)."""
+        return self.store is not None and not self.options.dry_run
+
+    def firebase_failed(self, what: str, exc: Exception, label: str | None = None) -> None:
+        """Record a Firebase failure once: the error, the log line, and what was not written."""
+        self.firebase_errors.append(f"Firebase {what}: {exc}")
+        self.errors.append(f"Firebase {what}: {exc}")
+        self.logger.error("Firebase %s: %s", what, exc)
+        if label:
+            self.not_written.append(label)
 
     # --- step 1 ---------------------------------------------------------------------------
 
@@ -2805,9 +2849,8 @@ class ReturnToTable:
                 self.logger.warning("Cooldown not applied in this dry run: %s", exc)
                 return set()
             # Without knowing who was messaged, writing could draft someone twice: write nothing.
-            self.firebase_down = str(exc)
-            self.errors.append(f"Firebase messages: {exc}")
-            self.logger.error("Firebase unreadable, nothing will be written there this run: %s", exc)
+            self.firebase_down = True
+            self.firebase_failed("messages (unreadable, nothing will be written this run)", exc)
             return set()
         since = self.options.now - timedelta(days=self.options.cooldown_days)
         return {str(item["user_id"]) for item in items
@@ -2848,7 +2891,7 @@ class ReturnToTable:
                 chosen, confidence, reasoning = self.advisor.choose(
                     user, candidates[: self.options.candidates], self.zone, now)
             except InvalidAnswer as exc:
-                outcome.fallbacks.append(f"match: {exc}")
+                outcome.fallbacks.append(Fallback("match", str(exc)))
                 self.logger.warning("Claude match for %s fell back to rules: %s", user["_id"], exc)
             else:
                 if confidence < floor:
@@ -2872,7 +2915,7 @@ class ReturnToTable:
                 text, notes = self.advisor.write(facts, match["user"])
                 return build_message(match, text, generator="claude", notes=notes, now=now)
             except InvalidAnswer as exc:
-                outcome.fallbacks.append(f"sms: {exc}")
+                outcome.fallbacks.append(Fallback("sms", str(exc)))
                 self.logger.warning("Claude SMS for %s fell back to the template: %s", match["user_id"], exc)
         try:
             text = write_template_sms(facts)
@@ -2927,8 +2970,14 @@ class ReturnToTable:
         write_json(self.data_dir / "processed" / "matches.json", [o.match for o in ordered if o.match], private=True)
         write_json(self.data_dir / "processed" / "messages.json", [o.message for o in ordered if o.message],
                    private=True)
-        if self.store is not None and not self.options.dry_run:
-            for key, item in (("matches", outcome.match), ("messages", outcome.message)):
+        if not self.can_write:
+            return
+        # Firebase keeps rank order too: a member is written once everyone ranked above is final.
+        self.pending[outcome.rank] = outcome
+        while self.next_rank in self.pending:
+            ready = self.pending.pop(self.next_rank)
+            self.next_rank += 1
+            for key, item in (("matches", ready.match), ("messages", ready.message)):
                 if item is not None:
                     self.append(key, item)
 
@@ -2936,15 +2985,14 @@ class ReturnToTable:
 
     def open_lists(self) -> None:
         """Open the appended dashboard lists before the first result, healing them if needed."""
-        if not self.writes:
+        if self.store is None or not self.can_write or self.firebase_down:
             return
         updated = iso_utc(self.options.now) or ""
         for key in ("matches", "messages"):
             try:
-                self.lists[key] = self.store.open_list(key, key, updated)  # type: ignore[union-attr]
+                self.lists[key] = self.store.open_list(key, key, updated)
             except FirebaseError as exc:
-                self.errors.append(f"Firebase {key}: {exc}")
-                self.logger.error("Firebase %s: %s", key, exc)
+                self.firebase_failed(key, exc)
 
     def append(self, key: str, item: Mapping[str, Any]) -> None:
         """One item to a dashboard list; after a failure the list is not retried this run."""
@@ -2957,23 +3005,19 @@ class ReturnToTable:
             if not target.add(item):
                 self.logger.info("Firebase %s: already there, not added again", label)
         except CountNotUpdated as exc:
-            self.errors.append(f"Firebase {key}: item written, count not updated: {exc}")
-            self.logger.error("Firebase %s: item written, count not updated: %s", key, exc)
-            self.not_written.append(f"{key} count")
+            self.firebase_failed(f"{key} (item written, count not updated)", exc, f"{key} count")
             del self.lists[key]
         except FirebaseError as exc:
-            self.errors.append(f"Firebase {key}: {exc}")
-            self.logger.error("Firebase %s: %s", key, exc)
-            self.not_written.append(label)
+            self.firebase_failed(key, exc, label)
             del self.lists[key]
 
     def save_to_firebase(self, campaign_id: str, selected: Sequence[Mapping[str, Any]],
                          matches: Sequence[Match], messages: Sequence[Message], stats: Mapping[str, Any]
                          ) -> dict[str, Any]:
         """The dashboard's users and events, and the campaign archive; failures listed, not raised."""
-        if self.store is None or self.options.dry_run:
+        if self.store is None or not self.can_write:
             self.logger.info("Step 7: dry run, nothing written to Firebase")
-            return {"target": "none (dry run)", "written": [], "not_written": [], "bytes_sent": 0}
+            return {"target": "none (dry run)", "written": [], "not_written": [], "errors": [], "bytes_sent": 0}
         store = self.store
         updated = iso_utc(self.options.now) or ""
         users_payload = [dashboard_user(u) for u in selected]
@@ -2991,21 +3035,20 @@ class ReturnToTable:
             (f"campaigns/{campaign_id}/messages", listing("messages", list(messages), updated)),
         ]
         for path, payload in plan:
-            if self.firebase_down is not None:
+            if self.firebase_down:
                 self.not_written.append(path)
                 continue
             try:
                 store.replace(path, payload)
                 self.written.append(path)
             except FirebaseError as exc:
-                self.not_written.append(path)
-                self.errors.append(f"Firebase {path}: {exc}")
-                self.logger.error("Firebase %s: %s", path, exc)
+                self.firebase_failed(path, exc, path)
         self.written += [k for k in ("matches", "messages") if k in self.lists]
         self.logger.info("Step 7: %d paths written to %s, %d not written, %d bytes sent", len(self.written),
                          store.transport.description, len(self.not_written), store.transport.bytes_sent)
         return {"target": store.transport.description, "written": list(self.written),
-                "not_written": list(self.not_written), "bytes_sent": store.transport.bytes_sent}
+                "not_written": list(self.not_written), "errors": list(self.firebase_errors),
+                "bytes_sent": store.transport.bytes_sent}
 
     # --- the whole run ---------------------------------------------------------------------
 
@@ -3028,7 +3071,7 @@ class ReturnToTable:
         matches = [o.match for o in outcomes if o.match is not None]
         messages = [o.message for o in outcomes if o.message is not None]
         skipped = [o.skip for o in outcomes if o.skip is not None]
-        fallbacks = [f"{o.user['_id']}: {reason}" for o in outcomes for reason in o.fallbacks]
+        fallbacks = [f"{o.user['_id']}: {f.step}: {f.reason}" for o in outcomes for f in o.fallbacks]
         self.logger.info("Steps 5-6: %d matches, %d messages, %d skipped, %d fallbacks in %.1f s", len(matches),
                          len(messages), len(skipped), len(fallbacks), llm_seconds)
 
@@ -3038,8 +3081,8 @@ class ReturnToTable:
                                          {**stats, "errors": list(self.errors)})
         extra: dict[str, Any] = {
             "firebase": firebase,
-            "fallbacks": {"match": sum(r.startswith("match:") for o in outcomes for r in o.fallbacks),
-                          "sms": sum(r.startswith("sms:") for o in outcomes for r in o.fallbacks),
+            "fallbacks": {"match": sum(f.step == "match" for o in outcomes for f in o.fallbacks),
+                          "sms": sum(f.step == "sms" for o in outcomes for f in o.fallbacks),
                           "reasons": fallbacks},
             "steps_5_6_seconds": round(llm_seconds, 3),
         }
@@ -3231,7 +3274,7 @@ def main(argv: Sequence[str] | None = None, *, env: Mapping[str, str] | None = N
                                advisor=advisor).run()
         not_written = result.report["firebase"]["not_written"]
         if not_written:
-            first = next((e for e in result.report["errors"] if e.startswith("Firebase")), "")
+            first = (result.report["firebase"]["errors"] or [""])[0]
             print(f"error: {len(not_written)} Firebase writes failed ({first}); local files and the report "
                   f"{result.report_path} are complete", file=sys.stderr)
         return result.exit_code
@@ -3240,8 +3283,8 @@ def main(argv: Sequence[str] | None = None, *, env: Mapping[str, str] | None = N
         if logger:
             logger.debug("usage error: %s", exc)
         return EXIT_USAGE
-    except FirebaseError as exc:
-        print(f"error: Firebase: {exc}", file=sys.stderr)
+    except ServiceError as exc:
+        print(f"error: {exc}", file=sys.stderr)
         return EXIT_FAILURE
     except Exception as exc:
         from pymongo.errors import PyMongoError
