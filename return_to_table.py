@@ -30,6 +30,7 @@ import unicodedata
 from collections import Counter
 from collections.abc import Iterable, Mapping, Sequence
 from concurrent.futures import ThreadPoolExecutor, as_completed
+from contextlib import ExitStack
 from dataclasses import dataclass, field
 from datetime import UTC, datetime, timedelta, timezone
 from enum import Enum
@@ -1866,6 +1867,7 @@ MODEL_PRICES: dict[str, tuple[float, float, float, float]] = {
 # The shortest prompt prefix each family will cache; shorter prefixes are not marked.
 CACHE_MIN_TOKENS = {"claude-haiku-4-5": 4096, "claude-opus-4-5": 4096, "claude-opus-4-6": 4096}
 CACHE_MIN_TOKENS_DEFAULT = 1024
+EFFORT_LEVELS = ("low", "medium", "high", "xhigh", "max", "none")
 # Models that predate ``output_config.effort`` (they would answer 400 to it).
 NO_EFFORT_MODELS = ("claude-haiku-4", "claude-sonnet-4-5", "claude-opus-4-1", "claude-3")
 
@@ -1892,19 +1894,24 @@ class ClaudeConfig:
         if get("ANTHROPIC_PRICES"):
             try:
                 extra = json.loads(env["ANTHROPIC_PRICES"])
-                prices.update({str(k): tuple(float(x) for x in v) for k, v in extra.items()})  # type: ignore[misc]
+                table = {str(k): tuple(float(x) for x in v) for k, v in extra.items()}
+                if any(len(row) != 4 for row in table.values()):
+                    raise ValueError("four prices per model")
             except (ValueError, TypeError, AttributeError):
                 raise UsageError("ANTHROPIC_PRICES must be JSON like {\"model\": [in, out, read, write]}") from None
+            prices.update(table)  # type: ignore[arg-type]
         try:
             retries = int(get("ANTHROPIC_MAX_RETRIES") or 4)
             timeout = float(get("ANTHROPIC_TIMEOUT") or 60)
         except ValueError:
             raise UsageError("ANTHROPIC_MAX_RETRIES and ANTHROPIC_TIMEOUT must be numbers") from None
-        effort = get("ANTHROPIC_EFFORT")
+        effort = (get("ANTHROPIC_EFFORT") or "low").lower()
+        if effort not in EFFORT_LEVELS:
+            raise UsageError(f"ANTHROPIC_EFFORT must be one of {', '.join(EFFORT_LEVELS)}")
         return cls(match_model=get("ANTHROPIC_MATCH_MODEL") or model,
                    write_model=get("ANTHROPIC_WRITE_MODEL") or model,
                    max_retries=max(0, retries), timeout=max(1.0, timeout),
-                   effort=None if (effort or "low").lower() == "none" else (effort or "low"),
+                   effort=None if effort == "none" else effort,
                    base_url=get("ANTHROPIC_BASE_URL"), prices=prices)
 
 
@@ -3262,13 +3269,20 @@ def main(argv: Sequence[str] | None = None, *, env: Mapping[str, str] | None = N
     except SystemExit as exc:  # --help, or a usage error already printed
         return exc.code if isinstance(exc.code, int) else EXIT_USAGE
     logger: logging.Logger | None = None
+    closing = ExitStack()  # every client opened for the run is closed when it ends
     try:
         settings = Settings.from_env(env if env is not None else read_environment())
         options = resolve_options(args, settings)
         logger, _ = setup_logging(options.out_dir, datetime.now(UTC), options.verbose)
         source = make_source(options, settings, logger, mongo_client)
+        if isinstance(source, MongoSource) and mongo_client is None:
+            closing.callback(source.client.close)
         store = make_store(options, settings, logger)
+        if isinstance(store.transport, RestTransport):
+            closing.callback(store.transport.client.close)
         advisor = make_advisor(options, settings, logger)
+        if advisor is not None:
+            closing.callback(advisor.client.close)
         hoods = NeighbourhoodMap.from_csv(CENTROIDS_CSV)
         result = ReturnToTable(options, settings, logger, source=source, store=store, hoods=hoods,
                                advisor=advisor).run()
@@ -3298,6 +3312,7 @@ def main(argv: Sequence[str] | None = None, *, env: Mapping[str, str] | None = N
             return EXIT_FAILURE
         raise
     finally:
+        closing.close()
         if logger:
             close_logging(logger)
 
