@@ -992,12 +992,21 @@ class NeighbourhoodMap:
                     residential.add(row["slug"])
         return cls(centroids, frozenset(residential))
 
+    @staticmethod
+    def canonical(name: str) -> str:
+        """An app slug in the centroid file's spelling, aliases resolved."""
+        slug = slugify(name)
+        return NEIGHBOURHOOD_ALIASES.get(slug, slug)
+
+    def same_place(self, a: str | None, b: str | None) -> bool:
+        """One neighbourhood under two spellings ("midtown-east", "east-midtown-turtle-bay") is one place."""
+        return bool(a and b and self.canonical(a) == self.canonical(b))
+
     def locate(self, name: str | None) -> tuple[float, float] | None:
         """The centroid of an app slug, or None outside NYC or when unknown."""
         if not name:
             return None
-        slug = slugify(name)
-        slug = NEIGHBOURHOOD_ALIASES.get(slug, slug)
+        slug = self.canonical(name)
         if slug in self.centroids:
             return self.centroids[slug]
         matches = [s for s in self.centroids if s.startswith(slug + "-")]
@@ -1089,25 +1098,30 @@ class Candidate:
     same_neighbourhood: bool
     distance_km: float | None
     participation: float
-    quality: int  # participation_tier: 0 (under 30% full) to 3 (80% or more)
+    fill_tier: int  # participation_tier: 0 (under 30% full) to 3 (80% or more)
     days_until: float
     confidence: int
 
     @property
+    def alignment(self) -> int:
+        """How many distinct event tags the member's interests hit (two synonyms of one tag count once)."""
+        return min(len({norm_tag(tag) for _, tag in self.interests}), 3)
+
+    @property
     def rank_key(self) -> tuple[Any, ...]:
         """Tiers in the plan's order; a clear difference in a tier beats anything below it."""
-        return (-min(len(self.interests), 3), -proximity_tier(self), -self.quality,
+        return (-self.alignment, -proximity_tier(self.same_neighbourhood, self.distance_km), -self.fill_tier,
                 math.floor(self.days_until), self.distance_km if self.distance_km is not None else 1e9,
                 -self.participation, self.event["_id"])
 
 
-def proximity_tier(candidate: Candidate) -> int:
+def proximity_tier(same_neighbourhood: bool, distance_km: float | None) -> int:
     """10 for the member's own neighbourhood, then one step down per 2 km, 0 when unknown."""
-    if candidate.same_neighbourhood:
+    if same_neighbourhood:
         return 10
-    if candidate.distance_km is None:
+    if distance_km is None:
         return 0
-    return max(1, 9 - int(candidate.distance_km // 2))
+    return max(1, 9 - int(distance_km // 2))
 
 
 def participation_tier(percentage: float, going: int = 0, capacity_known: bool = True) -> int:
@@ -1131,13 +1145,13 @@ def timing_tier(days_until: float) -> int:
     return 3 if days_until <= 2 else 2 if days_until <= 7 else 1 if days_until <= 14 else 0
 
 
-def match_confidence(n_interests: int, tier_near: int, quality: int, days_until: float) -> int:
+def match_confidence(n_interests: int, tier_near: int, fill_tier: int, days_until: float) -> int:
     """0-100, in the same order as the ranking: one shared interest and an open spot reach 70 even
     across town, and the tiers above add up in mixed radix, so a clear win in a higher tier always
     scores at least as high as any combination of lower ones."""
     if n_interests < 1:
         return 0
-    index = (((min(n_interests, 3) - 1) * 11 + tier_near) * 4 + quality) * 4 + timing_tier(days_until)
+    index = (((min(n_interests, 3) - 1) * 11 + tier_near) * 4 + fill_tier) * 4 + timing_tier(days_until)
     return 70 + (30 * index) // 527  # 527 = the largest index: 3 interests, own neighbourhood, full, soon
 
 
@@ -1154,16 +1168,16 @@ def score_candidates(user: Mapping[str, Any], events: Iterable[Mapping[str, Any]
         if not shared:
             continue
         where = text_field(event, "neighborhood")
-        same = bool(home and where and slugify(home) == slugify(where))
+        same = hoods.same_place(home, where)
         distance = 0.0 if same else hoods.distance_km(home, where)
         start = to_utc(event.get("startDate")) or now
         days_until = max(0.0, (start - now).total_seconds() / 86400)
         pct = float(event.get("participationPercentage") or 0.0)
-        quality = participation_tier(pct, int(event.get("participantCount") or 0),
-                                     positive_number(event.get("maxParticipants")) is not None)
-        draft = Candidate(event, tuple(shared), same, distance, pct, quality, days_until, 0)
-        confidence = match_confidence(len(shared), proximity_tier(draft), quality, days_until)
-        found.append(Candidate(event, tuple(shared), same, distance, pct, quality, days_until, confidence))
+        fill = participation_tier(pct, int(event.get("participantCount") or 0),
+                                  positive_number(event.get("maxParticipants")) is not None)
+        alignment = min(len({norm_tag(tag) for _, tag in shared}), 3)
+        confidence = match_confidence(alignment, proximity_tier(same, distance), fill, days_until)
+        found.append(Candidate(event, tuple(shared), same, distance, pct, fill, days_until, confidence))
     found.sort(key=lambda c: c.rank_key)
     return found
 
@@ -1269,7 +1283,15 @@ UCS2_LIMIT = 134
 # name are allowed too; any other all-caps word is shouting.
 ALLOWED_ACRONYMS = frozenset({"RSVP", "NYC", "NY", "DJ", "BBQ", "BYOB", "VIP", "IPA", "AI", "UX", "TV", "AM", "PM",
                               "LES", "UES", "UWS", "LIC", "USA", "US", "OK", "ID"})
-URL_PATTERN = re.compile(r"(https?://|www\.)\S*", re.IGNORECASE)
+# Anything a phone would make tappable: schemes, www., bare domains, and email addresses.
+URL_PATTERN = re.compile(
+    r"(?:https?://|www\.)\S*"
+    r"|[\w.+-]+@[\w-]+(?:\.[\w-]+)+"
+    r"|(?<![\w.])[a-z0-9][a-z0-9-]*(?:\.[a-z0-9-]+)*\.(?:com|net|org|io|co|ly|me|app|link|gl|us|nyc|info|biz|xyz"
+    r"|site|shop|online|club|events?)\b(?:/\S*)?",
+    re.IGNORECASE)
+NUMBER_WORDS = re.compile(r"\b(?:two|three|four|five|six|seven|eight|nine|ten|eleven|twelve|twenty|thirty|forty|"
+                          r"fifty|hundred|dozen|half)\b", re.IGNORECASE)
 
 
 @dataclass(frozen=True)
@@ -1305,8 +1327,8 @@ def greeting_name(first_name: Any) -> str | None:
     word = first_name.strip().split()[0] if first_name.strip() else ""
     if len(word) > 20 and "-" in word:  # "Alexandrina-Konstantina-Maria" goes by her first part
         word = word.split("-")[0]
-    if not word or len(word) > 20 or not any(ch.isalpha() for ch in word):
-        return None
+    if not word or len(word) > 20 or not all(ch.isalpha() or ch in "'’-." for ch in word):
+        return None  # no emoji, digits or email addresses in a greeting
     return word
 
 
@@ -1417,15 +1439,15 @@ def validate_sms(text: str, facts: MessageFacts) -> list[str]:
     if size.units > size.limit:
         problems.append(f"{size.units} {size.encoding} characters; at most {size.limit} allowed")
     body = text[: -len(link)] if text.endswith(link) else URL_PATTERN.sub(" ", text)
-    head = body[:40].lower()
-    if facts.first_name and facts.first_name.lower() not in head:
+    if facts.first_name and not re.search(rf"(?<!\w){re.escape(facts.first_name)}(?!\w)", body[:40], re.IGNORECASE):
         problems.append(f"must greet the member by first name ({facts.first_name}) at the start")
     if "welcome back" not in body.lower():
         problems.append('must say "welcome back"')
     named = mentions_event(body, facts.event_name) or mentions_event(body, one_line(facts.event_name))
     if named is None:
         problems.append(f"must name the event ({facts.event_name})")
-    if facts.interests and not any(_fold(interest_label(i)) in _fold(body) for i in facts.interests):
+    if facts.interests and not any(re.search(rf"(?<!\w){re.escape(_fold(interest_label(i)))}(?!\w)", _fold(body))
+                                   for i in facts.interests):
         problems.append(f"must mention an interest the event matches ({', '.join(facts.interests)})")
     if facts.when.lower() not in body.lower():
         problems.append(f"must give the local day and time as {facts.when!r}")
@@ -1433,7 +1455,7 @@ def validate_sms(text: str, facts: MessageFacts) -> list[str]:
         problems.append(f"must say {facts.spots_left} spots left")
     if facts.going and not _count_near(
             body, facts.going,
-            r"going|in|joining|attending|signed|booked|already|people|members|diners|guests|friends|others"):
+            r"going|joining|attending|signed|booked|already|people|members|diners|guests|friends|others"):
         problems.append(f"must say {facts.going} people are going")
     protected = {w for w in re.findall(r"[\w'’]+", f"{facts.event_name} {facts.first_name or ''}")}
     protected |= {w for i in facts.interests for w in re.findall(r"[\w'’]+", i)}
@@ -1451,8 +1473,11 @@ def validate_sms(text: str, facts: MessageFacts) -> list[str]:
         if fixed:
             scrubbed = re.sub(re.escape(fixed), " ", scrubbed, flags=re.IGNORECASE)
     invented = sorted(set(re.findall(r"\d+", scrubbed)) - facts.allowed_numbers)
+    invented += sorted({w.lower() for w in NUMBER_WORDS.findall(scrubbed)})
     if invented:
-        problems.append(f"numbers not among the facts: {', '.join(invented)}")
+        problems.append(f"numbers not among the facts: {', '.join(invented)} (use the digits given)")
+    if re.search(r"[%$€£]", scrubbed):
+        problems.append("no prices, discounts or percentages: they are not among the facts")
     return problems
 
 
