@@ -929,3 +929,25 @@ def test_injected_event_name_in_the_facts_is_json_quoted_data(fake, advisor):
     [line] = [x for x in facts.split("\n") if x.startswith("event_name: ")]
     name = json.loads(line[len("event_name: "):])
     assert "ignore previous instructions" in name and "\n" not in name
+
+
+def test_firebase_lists_keep_rank_order_when_the_top_ranked_finish_last(tmp_path):
+    from fake_rtdb import FakeRealtimeDatabase
+
+    folder = write_world(tmp_path / "export")
+    order = [m["firstName"] for m in MEMBERS]
+
+    def slow_first(request: RecordedRequest) -> Reply:
+        reply = smart(request)
+        reply.delay = 0.04 * (len(order) - order.index(member_first_name(request)))
+        return reply
+
+    with FakeMessagesAPI(default=slow_first) as fake, FakeRealtimeDatabase(auth_token="db-secret") as db:
+        env = {"ANTHROPIC_API_KEY": "test-key", "ANTHROPIC_BASE_URL": fake.base_url,
+               "FIREBASE_DATABASE_URL": db.url, "FIREBASE_AUTH_TOKEN": "db-secret"}
+        code = rtt.main(["--source", str(folder), "--now", NOW_ISO, "--out", str(tmp_path / "out"),
+                         "--llm", "claude", "--concurrency", "6"], env=env)
+        assert code == 0
+        ranked = [u["_id"] for u in read_json(tmp_path / "out" / "data" / "processed" / "dormant_users.json")]
+        for name in ("matches", "messages"):
+            assert [item["user_id"] for item in db.get_rendered(f"Leo/{name}")[name]] == ranked

@@ -485,3 +485,41 @@ def test_unreachable_mongodb_exits_1_with_one_line_and_no_host(run_cli):
     assert run.code == 1
     assert run.err.startswith("error: MongoDB: ") and run.err.count("\n") == 1
     assert "127.0.0.1" not in run.err and "Traceback" not in run.err
+
+
+def test_a_folder_named_demo_is_read_as_a_folder_not_the_demo(run_cli, tmp_path, world):
+    folder = write_folder(tmp_path / "demo", *world)
+    run = run_cli("--source", str(folder), "--now", NOW_ISO, "--dry-run")
+    assert run.code == 0, run.err
+    assert run.report()["source"].startswith("folder ")
+    assert len(run.load("data/raw/users.json")) == len(world[0])
+
+
+def test_source_demo_without_such_a_folder_is_bad_input(run_cli, tmp_path, monkeypatch):
+    monkeypatch.chdir(tmp_path)
+    assert_one_line_error(run_cli("--source", "demo", "--now", NOW_ISO), "demo")
+
+
+def test_a_bad_value_in_a_canonical_export_never_lets_a_full_event_through(run_cli, tmp_path, world):
+    users, events = world
+    events.append({"_id": "bad-date", "name": "Draft", "startDate": "TBD", "type": "public", "active": True})
+    folder = write_folder(tmp_path / "canonical", users, events, form="canonical")
+    text = (folder / "events.json").read_text(encoding="utf-8").replace('"TBD"', '{"$date": "TBD"}')
+    (folder / "events.json").write_text(text, encoding="utf-8")
+    run = run_cli("--source", str(folder), "--now", NOW_ISO, "--dry-run")
+    assert run.code == 0, run.err
+    assert str(FULL_KARAOKE) not in {m["event_id"] for m in run.load("data/processed/matches.json")}
+    assert next(e for e in run.load("data/processed/future_events.json")
+                if e["_id"] == str(FULL_KARAOKE))["remaining_spots"] == 0
+    assert run.report()["data_issues"]["unreadable_extended_json_values"] == 1
+
+
+def test_out_pointing_at_a_file_is_bad_input(run_cli, tmp_path):
+    target = tmp_path / "a-file"
+    target.write_text("x", encoding="utf-8")
+    assert_one_line_error(run_cli("--demo", root=target), "--out")
+
+
+@pytest.mark.parametrize("moment", ["9999-12-31T23:59:59Z", "0001-01-01T00:00:00Z"])
+def test_now_outside_a_sane_range_is_bad_input(run_cli, moment):
+    assert_one_line_error(run_cli("--demo", "--now", moment), "--now")

@@ -409,3 +409,17 @@ def test_confidence_follows_the_ranking_and_decides_the_threshold(hoods, specs, 
     assert (match is not None) == any(c >= threshold for c in confidences)
     if match is not None:
         assert match["event_id"] == candidates[0].event["_id"]
+
+
+def test_two_interests_hitting_one_tag_count_once_and_proximity_decides(now, hoods):
+    outdoorsy = {**MEMBER, "interests": ["hiking", "outdoor", "music"], "homeNeighborhood": "west-village"}
+    far_outdoor = open_event(now, "far-outdoor", tags=["OUTDOOR"], hood="astoria", going=1, days=25)
+    music_here = open_event(now, "music-here", tags=["MUSIC"], hood="west-village", going=8, days=2)
+    assert ranked(now, hoods, far_outdoor, music_here, user=outdoorsy) == ["music-here", "far-outdoor"]
+
+
+def test_an_aliased_neighbourhood_is_the_members_own(now, hoods):
+    member = {**MEMBER, "homeNeighborhood": "midtown-east"}
+    [candidate] = score_candidates(member, find_future_events(
+        [open_event(now, "e", tags=["MUSIC"], hood="east-midtown-turtle-bay")], now), hoods, now)
+    assert candidate.same_neighbourhood

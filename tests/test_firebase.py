@@ -1239,3 +1239,36 @@ def test_unreadable_service_account_file_is_a_usage_error(db: FakeRealtimeDataba
     assert run.code == 2
     assert "GOOGLE_APPLICATION_CREDENTIALS" in run.stderr and "Traceback" not in run.stderr
     assert db.requests == []
+
+
+def test_a_bare_array_at_the_list_path_is_wrapped_not_wiped(
+        db: FakeRealtimeDatabase, transport: RestTransport) -> None:
+    approved = {**A, "status": "approved"}
+    db.set(f"{BASE}/messages", [approved, B])
+    dashboard = DashboardList(transport, "messages", "messages", "T1").open()
+    assert dashboard.add(C)
+    assert db.get_rendered(f"{BASE}/messages") == {"messages": [approved, B, C], "count": 3, "updatedAt": "T1"}
+
+
+def test_entries_that_are_not_records_survive_healing(db: FakeRealtimeDatabase, transport: RestTransport) -> None:
+    db.set(f"{BASE}/matches", {"matches": {"0": A, "1": "a note", "5": B}, "count": 3, "owner": "dashboard"})
+    DashboardList(transport, "matches", "matches", "T1").open()
+    assert db.get_rendered(f"{BASE}/matches") == {"matches": [A, "a note", B], "count": 3, "owner": "dashboard"}
+
+
+@pytest.mark.parametrize("foreign", ["a string", 42, {"matches": "not a list"}])
+def test_a_location_holding_something_else_is_left_untouched(
+        db: FakeRealtimeDatabase, transport: RestTransport, foreign: Any) -> None:
+    db.set(f"{BASE}/matches", foreign)
+    with pytest.raises(FirebaseError, match="left untouched"):
+        DashboardList(transport, "matches", "matches", "T1").open()
+    assert db.get_rendered(f"{BASE}/matches") == foreign
+    assert [r.method for r in db.requests] == ["GET"]
+
+
+def test_our_own_write_whose_answer_was_lost_counts_as_added(
+        db: FakeRealtimeDatabase, transport: RestTransport) -> None:
+    dashboard = DashboardList(transport, "matches", "matches", "T1").open()
+    db.set(f"{BASE}/matches/matches/0", A)  # the first PUT landed; its answer never came back
+    assert dashboard.add(A)
+    assert db.get_rendered(f"{BASE}/matches") == {"matches": [A], "count": 1, "updatedAt": "T1"}

@@ -364,3 +364,29 @@ def test_template_always_writes_realistic_messages_and_never_strips_accents(firs
     assert validate_sms(text, facts) == []
     assert text.startswith(f"Hi {first}! ")
     assert sms_size(text).units <= sms_size(text).limit
+
+
+@pytest.mark.parametrize("extra", ["Pay at evil.com/pay.", "Write to host@example.com.", "See bit.ly/x."])
+def test_bare_domains_and_email_addresses_count_as_links(extra):
+    assert "exactly one link" in problems_of(GOOD.replace("Welcome back.", f"Welcome back. {extra}"))
+
+
+def test_the_greeting_needs_the_whole_first_name():
+    facts = dataclasses.replace(FACTS, first_name="Ed")
+    text = GOOD.replace("Hi Maya!", "Hey! We missed you.")
+    assert "must greet the member by first name (Ed)" in problems_of(text, facts)
+
+
+def test_an_interest_must_be_a_whole_word_not_part_of_one():
+    facts = dataclasses.replace(FACTS, interests=("art",))
+    assert "must mention an interest" in problems_of(GOOD.replace("music fans", "fans, it starts"), facts)
+
+
+@pytest.mark.parametrize("claim", ["twenty percent off", "a dozen friends", "only $25", "50% off"])
+def test_number_words_prices_and_percentages_are_not_facts(claim):
+    assert validate_sms(GOOD.replace("Welcome back.", f"Welcome back, {claim}."), FACTS) != []
+
+
+@pytest.mark.parametrize("raw", ["jane.doe@example.com", "Zoë🎉", "R2D2"])
+def test_greeting_name_refuses_emails_emoji_and_digits(raw):
+    assert greeting_name(raw) is None
