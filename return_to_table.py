@@ -1643,6 +1643,11 @@ RECOMMENDATIONS = [
 ]
 
 
+def cell(value: Any) -> str:
+    """Text made safe for one Markdown table cell or list line."""
+    return " ".join(str(value).split()).replace("|", "\\|")
+
+
 def report_markdown(report: Mapping[str, Any]) -> str:
     """The human report: goal, run summary, who was tried, matches, messages, recommendations."""
     s, st = report["summary"], report["statistics"]
@@ -1672,19 +1677,42 @@ def report_markdown(report: Mapping[str, Any]) -> str:
     messages = {m["user_id"]: m for m in report.get("messages", [])}
     for match in report.get("matches", []):
         msg = messages.get(match["user_id"], {})
-        text = str(msg.get("message_text", "")).replace("|", "\\|")
-        lines.append(f"| {match['user_name']} | {match['event_name']} | {match['confidence_percentage']} "
-                     f"| {match['matcher']} | {text} | {msg.get('sms_segments', '')} |")
+        lines.append(f"| {cell(match['user_name'])} | {cell(match['event_name'])} | {match['confidence_percentage']} "
+                     f"| {match['matcher']} | {cell(msg.get('message_text', ''))} | {msg.get('sms_segments', '')} |")
     lines += ["", "## Members skipped", ""]
     skipped = report.get("skipped", [])
-    lines += [f"- {s['user_name']} ({s['user_id']}): {s['reason']}" for s in skipped] or ["None."]
+    lines += [f"- {cell(s['user_name'])} ({s['user_id']}): {cell(s['reason'])}" for s in skipped] or ["None."]
+    fallbacks = report.get("fallbacks", {})
+    if fallbacks.get("reasons"):
+        lines += ["", f"## Claude fallbacks ({fallbacks['match']} matches, {fallbacks['sms']} messages)", ""]
+        lines += [f"- {cell(reason)}" for reason in fallbacks["reasons"]]
+    usage = report.get("llm_usage")
+    if usage:
+        header = "| step | model | calls | input | output | cache read | cache write | cost (USD) |"
+        lines += ["", "## Claude usage", "", header, "| --- " * 8 + "|"]
+        for step in ("matching", "writing"):
+            u = usage[step]
+            lines.append(f"| {step} | {u['model']} | {u['calls']} | {u['input_tokens']} | {u['output_tokens']} | "
+                         f"{u['cache_read_tokens']} | {u['cache_write_tokens']} | {u['estimated_cost_usd']} |")
+        lines.append(f"\nEstimated cost in all: {usage['estimated_cost_usd']} USD.")
+    firebase = report.get("firebase", {})
+    lines += ["", "## Firebase", "", f"- Target: {firebase.get('target')}",
+              f"- Written: {len(firebase.get('written', []))} paths, {firebase.get('bytes_sent', 0)} bytes sent"]
+    lines += [f"- Not written: {cell(item)}" for item in firebase.get("not_written", [])]
     issues = report.get("data_issues", {})
     lines += ["", "## Data issues (records skipped or treated as missing)", ""]
     lines += [f"- {k.replace('_', ' ')}: {v}" for k, v in issues.items()] or ["None."]
     lines += ["", "## Errors", ""]
-    lines += [f"- {e}" for e in report.get("errors", [])] or ["None."]
+    lines += [f"- {cell(e)}" for e in report.get("errors", [])] or ["None."]
     lines += ["", "## Recommendations", ""] + [f"- {r}" for r in report["recommendations"]]
     return "\n".join(lines) + "\n"
+
+
+def run_statistics(selected: Sequence[Any], future_events: Sequence[Any], matches: Sequence[Any],
+                   messages: Sequence[Any], errors: Sequence[str]) -> dict[str, Any]:
+    """The plan's campaign statistics, for the report and the archived metadata alike."""
+    return {"users_processed": len(selected), "events_processed": len(future_events),
+            "matches_created": len(matches), "messages_generated": len(messages), "errors": list(errors)}
 
 
 def build_report(*, campaign_id: str, run_started: datetime, options: RunOptions, source_label: str,
@@ -1693,13 +1721,7 @@ def build_report(*, campaign_id: str, run_started: datetime, options: RunOptions
                  messages: Sequence[Message], skipped: Sequence[Skip], issues: DataIssues,
                  errors: Sequence[str], extra: Mapping[str, Any] | None = None) -> dict[str, Any]:
     """Step 8: the plan's statistics and summary, plus who was skipped, segments and errors."""
-    statistics = {
-        "users_processed": len(selected),
-        "events_processed": len(future_events),
-        "matches_created": len(matches),
-        "messages_generated": len(messages),
-        "errors": list(errors),
-    }
+    statistics = run_statistics(selected, future_events, matches, messages, errors)
     summary = {
         "total_dormant_users_found": census.dormant_total,
         "total_users_with_complete_profiles": len(census.eligible),
@@ -2752,9 +2774,8 @@ class FirebaseStore:
     appended through ``DashboardList``. Failures are counted per path, never fatal mid-run.
     """
 
-    def __init__(self, transport: FirebaseTransport, logger: logging.Logger) -> None:
+    def __init__(self, transport: FirebaseTransport) -> None:
         self.transport = transport
-        self.logger = logger
 
     def read_items(self, path: str, key: str) -> list[dict[str, Any]]:
         return as_item_list(self.transport.get(path)[0], key)
@@ -3107,10 +3128,8 @@ class ReturnToTable:
         self.logger.info("Steps 5-6: %d matches, %d messages, %d skipped, %d fallbacks in %.1f s", len(matches),
                          len(messages), len(skipped), len(fallbacks), llm_seconds)
 
-        stats = {"users_processed": len(selected), "events_processed": len(future),
-                 "matches_created": len(matches), "messages_generated": len(messages)}
         firebase = self.save_to_firebase(campaign_id, selected, matches, messages,
-                                         {**stats, "errors": list(self.errors)})
+                                         run_statistics(selected, future, matches, messages, self.errors))
         extra: dict[str, Any] = {
             "firebase": firebase,
             "fallbacks": {"match": sum(f.step == "match" for o in outcomes for f in o.fallbacks),
@@ -3266,7 +3285,7 @@ def make_store(options: RunOptions, settings: Settings, logger: logging.Logger) 
         mirror = options.out_dir / "data" / "firebase"
         if not options.is_demo:
             logger.info("FIREBASE_DATABASE_URL is not set: using the local mirror %s", mirror)
-        return FirebaseStore(LocalMirrorTransport(mirror, settings.firebase_base_path), logger)
+        return FirebaseStore(LocalMirrorTransport(mirror, settings.firebase_base_path))
     token_source = None
     if not settings.firebase_auth_token and settings.google_credentials:
         token_source = service_account_tokens(settings.google_credentials)
@@ -3275,7 +3294,7 @@ def make_store(options: RunOptions, settings: Settings, logger: logging.Logger) 
                        "GOOGLE_APPLICATION_CREDENTIALS")
     transport = RestTransport(settings.firebase_url, settings.firebase_base_path,
                               auth_token=settings.firebase_auth_token, token_source=token_source)
-    return FirebaseStore(transport, logger)
+    return FirebaseStore(transport)
 
 
 def make_advisor(options: RunOptions, settings: Settings, logger: logging.Logger) -> ClaudeAdvisor | None:
