@@ -2750,10 +2750,11 @@ class DashboardList:
     def add(self, item: Mapping[str, Any]) -> bool:
         """Append one item unless it is already there; True when it was added."""
         record = firebase_ready(dict(item))
+        empty_etag = NULL_ETAG
         for _attempt in range(self.MAX_TRIES):
             if merge_key(record) in self.known:
                 return False
-            result = self.transport.put(f"{self.path}/{self.key}/{self.size}", record, if_match=NULL_ETAG)
+            result = self.transport.put(f"{self.path}/{self.key}/{self.size}", record, if_match=empty_etag)
             # A 412 that answers our own record means an earlier attempt landed and its answer was lost.
             if result.ok or (isinstance(result.value, Mapping) and merge_key(result.value) == merge_key(record)):
                 self.items.append(record)
@@ -2763,6 +2764,9 @@ class DashboardList:
                 except FirebaseError as exc:
                     raise CountNotUpdated(str(exc)) from None
                 return True
+            if result.value is None and result.etag and result.etag != empty_etag:
+                empty_etag = result.etag  # the slot is empty; this server spells an empty ETag its own way
+                continue
             self.open()  # someone else took the slot: read the list again
         raise FirebaseError(f"{self.path}: gave up after {self.MAX_TRIES} conflicting appends")
 

@@ -1272,3 +1272,13 @@ def test_our_own_write_whose_answer_was_lost_counts_as_added(
     db.set(f"{BASE}/matches/matches/0", A)  # the first PUT landed; its answer never came back
     assert dashboard.add(A)
     assert db.get_rendered(f"{BASE}/matches") == {"matches": [A], "count": 1, "updatedAt": "T1"}
+
+
+def test_a_server_with_its_own_etag_for_empty_locations_still_gets_the_append(
+        db: FakeRealtimeDatabase, transport: RestTransport, monkeypatch: pytest.MonkeyPatch) -> None:
+    import fake_rtdb
+
+    monkeypatch.setattr(fake_rtdb, "NULL_ETAG", "empty-0")  # a server that does not say null_etag
+    dashboard = DashboardList(transport, "matches", "matches", "T1").open()
+    assert dashboard.add(A)
+    assert db.get_rendered(f"{BASE}/matches") == {"matches": [A], "count": 1, "updatedAt": "T1"}
