@@ -67,6 +67,8 @@ DEFAULT_BASE_PATH = "Leo"
 MONGO_NOT_CONFIGURED = ("--source mongo needs MONGO_URI (or MONGO_USERNAME, MONGO_PASSWORD and MONGO_HOST) "
                         "and MONGO_DB_NAME")
 
+MAX_NEXT_EVENTS = 5  # candidates tried when the chosen event cannot be phrased within the SMS contract
+
 EXIT_OK = 0
 EXIT_FAILURE = 1
 EXIT_USAGE = 2
@@ -1201,12 +1203,16 @@ class Match(TypedDict):
 
 
 def local_when(start: datetime, zone: ZoneInfo, now: datetime) -> str:
-    """An event's day and time as a member reads it: "Sat 7:30pm", with the date past a week."""
+    """An event's day and time as a member reads it: "Sat 7:30pm", with the date from six local days on.
+
+    Days are counted on the member's calendar, not in hours, so a weekday never reads as this week's
+    when it is next week's (daylight-saving changes included).
+    """
     local = start.astimezone(zone)
     hour = local.hour % 12 or 12
     clock = f"{hour}{local.strftime(':%M') if local.minute else ''}{'am' if local.hour < 12 else 'pm'}"
     day = local.strftime("%a")
-    if (start - now) >= timedelta(days=6):
+    if (local.date() - now.astimezone(zone).date()).days >= 6:
         return f"{day} {local.strftime('%b')} {local.day}, {clock}"
     return f"{day} {clock}"
 
@@ -1457,9 +1463,9 @@ def validate_sms(text: str, facts: MessageFacts) -> list[str]:
             body, facts.going,
             r"going|joining|attending|signed|booked|already|people|members|diners|guests|friends|others"):
         problems.append(f"must say {facts.going} people are going")
-    protected = {w for w in re.findall(r"[\w'’]+", f"{facts.event_name} {facts.first_name or ''}")}
-    protected |= {w for i in facts.interests for w in re.findall(r"[\w'’]+", i)}
-    shouting = [w for w in re.findall(r"\b[^\W\d_]{2,}\b", body)
+    letters_words = re.compile(r"\b[^\W\d_]{2,}\b")  # one tokeniser for the text and for what is exempt
+    protected = set(letters_words.findall(" ".join([facts.event_name, facts.first_name or "", *facts.interests])))
+    shouting = [w for w in letters_words.findall(body)
                 if w.isupper() and w not in ALLOWED_ACRONYMS and w not in protected]
     if shouting:
         problems.append(f"no ALL-CAPS words ({', '.join(shouting)})")
@@ -1484,6 +1490,7 @@ def validate_sms(text: str, facts: MessageFacts) -> list[str]:
 def write_template_sms(facts: MessageFacts) -> str:
     """Step 6 by template: the richest wording that passes the contract, shortening as needed."""
     greet = f"Hi {facts.first_name}!" if facts.first_name else "Hi there!"
+    first = facts.first_name or "Hi"
     going = f"{facts.going} going" if facts.going else ""
     spots = "" if facts.spots_left is None else (
         f"{facts.spots_left} spot left" if facts.spots_left == 1 else f"{facts.spots_left} spots left")
@@ -1503,6 +1510,8 @@ def write_template_sms(facts: MessageFacts) -> str:
             f"{greet} Welcome back. {name} for {interest} fans, {facts.when}. {proof}. {link}",
             f"{greet} Welcome back. {name} ({interest}) {facts.when}. {proof}. {link}",
             f"{greet} Welcome back. {name} ({interest}) {facts.when}, {short_proof}. {link}",
+            f"{first}, welcome back! {name} ({interest}) {facts.when}: {short_proof}. {link}",
+            f"{first}, welcome back! {name} ({interest}) {facts.when}, {short_proof} {link}",
         ]
         for text in variants:
             text = re.sub(r"\s+", " ", text.replace(" ()", "").replace(". . ", ". ").replace(", . ", ". "))
@@ -2176,10 +2185,23 @@ def answer_json(message: Any) -> dict[str, Any]:
     try:
         value = json.loads(text)
     except ValueError:
-        raise InvalidAnswer("the answer was not a JSON object") from None
+        value = first_json_object(text)
     if not isinstance(value, dict):
         raise InvalidAnswer("the answer was not a JSON object")
     return value
+
+
+def first_json_object(text: str) -> dict[str, Any] | None:
+    """The first JSON object inside prose ("Here it is: {...}"); validation decides if it is any good."""
+    decoder = json.JSONDecoder()
+    for start in (i for i, ch in enumerate(text) if ch == "{"):
+        try:
+            value, _ = decoder.raw_decode(text, start)
+        except ValueError:
+            continue
+        if isinstance(value, dict):
+            return value
+    return None
 
 
 def check_match_answer(answer: Mapping[str, Any], candidates: Sequence[Candidate]) -> tuple[Candidate, int]:
@@ -2202,8 +2224,12 @@ class ClaudeAdvisor:
     """Claude's two jobs, each answer validated: choose a member's event, and write the SMS.
 
     It never decides alone what reaches a member: a bad or failed answer gets one corrective retry,
-    then the caller falls back to the rules match or the template message.
+    then the caller falls back to the rules match or the template message. After a credentials
+    error, or several failed calls in a row (each after the SDK's own retries), it stops calling
+    for the rest of the run, so a revoked key or an outage costs seconds, not minutes.
     """
+
+    MAX_CONSECUTIVE_FAILURES = 4
 
     def __init__(self, client: Any, config: ClaudeConfig, logger: logging.Logger) -> None:
         self.client = client
@@ -2211,6 +2237,8 @@ class ClaudeAdvisor:
         self.logger = logger
         self.usage = {"matching": TokenUsage(), "writing": TokenUsage()}
         self._lock = threading.Lock()
+        self.consecutive_failures = 0
+        self.unavailable: str | None = None  # set once Claude is known to be unusable for this run
 
     @classmethod
     def connect(cls, settings: Settings, logger: logging.Logger) -> ClaudeAdvisor:
@@ -2238,12 +2266,17 @@ class ClaudeAdvisor:
             output_config["effort"] = self.config.effort
         problem = ""
         for attempt in (1, 2):
+            with self._lock:
+                if self.unavailable:
+                    raise InvalidAnswer(f"Claude unavailable this run ({self.unavailable})")
             try:
                 reply = self.client.messages.create(model=model, max_tokens=2048, system=self._system(system, model),
                                                     messages=messages, output_config=output_config)
             except anthropic.APIError as exc:
+                self._count_failure(exc)
                 raise InvalidAnswer(f"API error: {exc.__class__.__name__}") from None
             with self._lock:
+                self.consecutive_failures = 0
                 self.usage[step].add(getattr(reply, "usage", None))
             try:
                 return check(answer_json(reply)), attempt
@@ -2254,6 +2287,18 @@ class ClaudeAdvisor:
                              {"role": "user", "content": f"That answer is invalid: {problem}. "
                                                          "Answer again with only a valid JSON object."}]
         raise InvalidAnswer(f"invalid twice: {problem}")
+
+    def _count_failure(self, exc: Exception) -> None:
+        """Stop calling for the rest of the run after a credentials error or a run of failures."""
+        import anthropic
+
+        fatal = (anthropic.AuthenticationError, anthropic.PermissionDeniedError, anthropic.NotFoundError)
+        with self._lock:
+            self.consecutive_failures += 1
+            if isinstance(exc, fatal):
+                self.unavailable = f"{exc.__class__.__name__}: check ANTHROPIC_API_KEY and the model"
+            elif self.consecutive_failures >= self.MAX_CONSECUTIVE_FAILURES:
+                self.unavailable = f"{self.consecutive_failures} calls in a row failed, the last {exc.__class__.__name__}"
 
     def choose(self, user: Mapping[str, Any], candidates: Sequence[Candidate], zone: ZoneInfo,
                now: datetime) -> tuple[Candidate, int, str]:
@@ -2294,6 +2339,7 @@ class ClaudeAdvisor:
             out[step] = {"model": model, **vars(usage), "estimated_cost_usd": cost}
             total = None if cost is None or total is None else total + cost
         out["estimated_cost_usd"] = None if total is None else round(total, 6)
+        out["unavailable"] = self.unavailable
         return out
 
 
@@ -2569,6 +2615,15 @@ class RestTransport:
         raise FirebaseError(f"{method} {path}: no answer")  # unreachable: the loop returns or raises
 
     @staticmethod
+    def _json(response: Any, method: str, path: str) -> Any:
+        """A body that must be JSON; anything else means the URL is not a Realtime Database."""
+        try:
+            return response.json()
+        except ValueError:
+            raise FirebaseError(f"{method} {path}: {response.status_code} with a body that is not JSON: is "
+                                "FIREBASE_DATABASE_URL a Realtime Database?") from None
+
+    @staticmethod
     def _fail(response: Any, method: str, path: str) -> FirebaseError:
         try:
             detail = str(response.json().get("error", "")).strip()
@@ -2586,14 +2641,14 @@ class RestTransport:
         response = self._send("GET", path, headers={"X-Firebase-ETag": "true"})
         if response.status_code != 200:
             raise self._fail(response, "GET", path)
-        return response.json(), response.headers.get("ETag", "")
+        return self._json(response, "GET", path), response.headers.get("ETag", "")
 
     def put(self, path: str, value: Any, if_match: str | None = None) -> PutResult:
         check_keys(value, path)
         headers = {"if-match": if_match} if if_match is not None else {}
         response = self._send("PUT", path, body=value, headers=headers, silent=if_match is None)
         if response.status_code == 412:
-            return PutResult(False, response.json(), response.headers.get("ETag", ""))
+            return PutResult(False, self._json(response, "PUT", path), response.headers.get("ETag", ""))
         if response.status_code not in (200, 204):
             raise self._fail(response, "PUT", path)
         return PutResult(True, value, response.headers.get("ETag", ""))
@@ -2724,6 +2779,8 @@ class DashboardList:
         self.updated_at = updated_at
         self.items: list[dict[str, Any]] = []
         self.size = 0
+        self.added = 0
+        self.empty_etag = NULL_ETAG
 
     def open(self) -> DashboardList:
         value, etag = self.transport.get(self.path)
@@ -2750,22 +2807,22 @@ class DashboardList:
     def add(self, item: Mapping[str, Any]) -> bool:
         """Append one item unless it is already there; True when it was added."""
         record = firebase_ready(dict(item))
-        empty_etag = NULL_ETAG
         for _attempt in range(self.MAX_TRIES):
             if merge_key(record) in self.known:
                 return False
-            result = self.transport.put(f"{self.path}/{self.key}/{self.size}", record, if_match=empty_etag)
+            result = self.transport.put(f"{self.path}/{self.key}/{self.size}", record, if_match=self.empty_etag)
             # A 412 that answers our own record means an earlier attempt landed and its answer was lost.
             if result.ok or (isinstance(result.value, Mapping) and merge_key(result.value) == merge_key(record)):
                 self.items.append(record)
                 self.size += 1
+                self.added += 1
                 try:
                     self.transport.patch(self.path, {"count": self.size, "updatedAt": self.updated_at})
                 except FirebaseError as exc:
                     raise CountNotUpdated(str(exc)) from None
                 return True
-            if result.value is None and result.etag and result.etag != empty_etag:
-                empty_etag = result.etag  # the slot is empty; this server spells an empty ETag its own way
+            if result.value is None and result.etag and result.etag != self.empty_etag:
+                self.empty_etag = result.etag  # the slot is empty; this server spells an empty ETag its own way
                 continue
             self.open()  # someone else took the slot: read the list again
         raise FirebaseError(f"{self.path}: gave up after {self.MAX_TRIES} conflicting appends")
@@ -2852,6 +2909,7 @@ class ReturnToTable:
         self.written: list[str] = []
         self.firebase_errors: list[str] = []
         self.firebase_down = False  # unreadable at the start: nothing is written this run
+        self.broken_lists: set[str] = set()  # dashboard lists that failed mid-run
         self.pending: dict[int, UserOutcome] = {}  # finished members waiting for a higher-ranked one
         self.next_rank = 0
 
@@ -2976,11 +3034,27 @@ class ReturnToTable:
                 self.logger.warning("Claude SMS for %s fell back to the template: %s", match["user_id"], exc)
         try:
             text = write_template_sms(facts)
-        except ValueError as exc:
-            self.errors.append(f"{match['user_id']}: {exc}")
-            outcome.skip = Skip(match["user_id"], match["user_name"], f"no message: {exc}")
+        except ValueError:
             return None
         return build_message(match, text, generator="template", notes=template_notes(facts), now=now)
+
+    def next_phrasable(self, user: Mapping[str, Any], candidates: Sequence[Candidate], tried: str,
+                       ) -> tuple[Match, Message] | None:
+        """When no SMS within the contract can name the chosen event (a long name in UCS-2, a name
+        with a web address), the next candidates above the threshold, by the rules and the template."""
+        now, floor = self.options.now, self.options.min_confidence
+        for c in [c for c in candidates if c.event["_id"] != tried and c.confidence >= floor][:MAX_NEXT_EVENTS]:
+            match = build_match(user, c.event, reasoning=explain_candidate(user, c, self.zone, now)
+                                + " (The first choice could not be phrased within the SMS limits.)",
+                                confidence=c.confidence, interests=[i for i, _ in c.interests], matcher="rules",
+                                now=now)
+            facts = message_facts(match, self.zone, now)
+            try:
+                text = write_template_sms(facts)
+            except ValueError:
+                continue
+            return match, build_message(match, text, generator="template", notes=template_notes(facts), now=now)
+        return None
 
     def process_user(self, rank: int, user: Mapping[str, Any], events: Sequence[Mapping[str, Any]]) -> UserOutcome:
         """One member through steps 5 and 6."""
@@ -2990,8 +3064,16 @@ class ReturnToTable:
             outcome.skip = Skip(user["_id"], full_name(user), "no open future event shares an interest")
             return outcome
         outcome.match = self.choose_event(user, candidates, outcome)
-        if outcome.match is not None:
-            outcome.message = self.write_message(outcome.match, outcome)
+        if outcome.match is None:
+            return outcome
+        outcome.message = self.write_message(outcome.match, outcome)
+        if outcome.message is None:
+            chosen = outcome.match
+            alternative = self.next_phrasable(user, candidates, chosen["event_id"])
+            outcome.match, outcome.message = alternative or (None, None)
+            if alternative is None:  # a match without a message would only confuse the reviewers
+                outcome.skip = Skip(user["_id"], full_name(user),
+                                    f"no SMS within the contract for {chosen['event_name']!r} or the next events")
         return outcome
 
     def process_all(self, selected: Sequence[Mapping[str, Any]],
@@ -3042,7 +3124,7 @@ class ReturnToTable:
 
     def open_lists(self) -> None:
         """Open the appended dashboard lists before the first result, healing them if needed."""
-        if self.store is None or not self.can_write or self.firebase_down:
+        if self.store is None or self.options.dry_run or self.firebase_down:
             return
         updated = iso_utc(self.options.now) or ""
         for key in ("matches", "messages"):
@@ -3053,7 +3135,7 @@ class ReturnToTable:
 
     def append(self, key: str, item: Mapping[str, Any]) -> None:
         """One item to a dashboard list; after a failure the list is not retried this run."""
-        target = self.lists.get(key)
+        target = None if key in self.broken_lists else self.lists.get(key)
         label = f"{key} ({item.get('user_id')}, {item.get('event_id')})"
         if target is None:
             self.not_written.append(label)
@@ -3063,10 +3145,10 @@ class ReturnToTable:
                 self.logger.info("Firebase %s: already there, not added again", label)
         except CountNotUpdated as exc:
             self.firebase_failed(f"{key} (item written, count not updated)", exc, f"{key} count")
-            del self.lists[key]
+            self.broken_lists.add(key)
         except FirebaseError as exc:
             self.firebase_failed(key, exc, label)
-            del self.lists[key]
+            self.broken_lists.add(key)
 
     def save_to_firebase(self, campaign_id: str, selected: Sequence[Mapping[str, Any]],
                          matches: Sequence[Match], messages: Sequence[Message], stats: Mapping[str, Any]
@@ -3100,7 +3182,9 @@ class ReturnToTable:
                 self.written.append(path)
             except FirebaseError as exc:
                 self.firebase_failed(path, exc, path)
-        self.written += [k for k in ("matches", "messages") if k in self.lists]
+        self.written += [key if key not in self.broken_lists else f"{key} ({dashboard.added} items before the failure)"
+                         for key, dashboard in self.lists.items()
+                         if key not in self.broken_lists or dashboard.added]
         self.logger.info("Step 7: %d paths written to %s, %d not written, %d bytes sent", len(self.written),
                          store.transport.description, len(self.not_written), store.transport.bytes_sent)
         return {"target": store.transport.description, "written": list(self.written),
@@ -3143,6 +3227,8 @@ class ReturnToTable:
         }
         if self.advisor is not None:
             extra["llm_usage"] = self.advisor.usage_report()
+            if self.advisor.unavailable:
+                self.logger.error("Claude was unavailable (%s): rules and template were used", self.advisor.unavailable)
         extra["duration_seconds"] = round((datetime.now(UTC) - started).total_seconds(), 3)
         report = build_report(
             campaign_id=campaign_id, run_started=started, options=options, source_label=self.source.label,
@@ -3158,7 +3244,7 @@ class ReturnToTable:
                          "Report: %s", s["total_dormant_users_found"], s["total_users_with_complete_profiles"],
                          s["total_matches_created"], s["total_messages_generated"], s["total_sms_segments"],
                          s["error_count"], report_path)
-        code = EXIT_FAILURE if firebase["not_written"] else EXIT_OK
+        code = EXIT_FAILURE if firebase["not_written"] or firebase["errors"] else EXIT_OK
         return RunResult(campaign_id, report, report_path, code)
 
 
@@ -3334,11 +3420,15 @@ def main(argv: Sequence[str] | None = None, *, env: Mapping[str, str] | None = N
         hoods = NeighbourhoodMap.from_csv(CENTROIDS_CSV)
         result = ReturnToTable(options, settings, logger, source=source, store=store, hoods=hoods,
                                advisor=advisor).run()
-        not_written = result.report["firebase"]["not_written"]
-        if not_written:
-            first = (result.report["firebase"]["errors"] or [""])[0]
-            print(f"error: {len(not_written)} Firebase writes failed ({first}); local files and the report "
-                  f"{result.report_path} are complete", file=sys.stderr)
+        claude_down = (result.report.get("llm_usage") or {}).get("unavailable")
+        if claude_down:
+            print(f"warning: Claude was unavailable ({claude_down}); the rules matcher and the template wrote "
+                  "this run's messages", file=sys.stderr)
+        firebase = result.report["firebase"]
+        if firebase["not_written"] or firebase["errors"]:
+            first = (firebase["errors"] or [""])[0]
+            print(f"error: {len(firebase['not_written'])} Firebase writes failed ({first}); local files and the "
+                  f"report {result.report_path} are complete", file=sys.stderr)
         return result.exit_code
     except UsageError as exc:
         print(f"error: {exc}", file=sys.stderr)

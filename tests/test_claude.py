@@ -951,3 +951,31 @@ def test_firebase_lists_keep_rank_order_when_the_top_ranked_finish_last(tmp_path
         ranked = [u["_id"] for u in read_json(tmp_path / "out" / "data" / "processed" / "dormant_users.json")]
         for name in ("matches", "messages"):
             assert [item["user_id"] for item in db.get_rendered(f"Leo/{name}")[name]] == ranked
+
+
+def test_json_inside_prose_is_read(fake, folder, tmp_path):
+    fake.queue(lambda r: text_reply(f"Here is my pick: {json.dumps(match_answer(r))} Hope it helps."),
+               lambda r: text_reply(f"Sure!\n```json\n{json.dumps({'message_text': good_sms(r)})}\n```"))
+    run = run_cli(fake, folder, tmp_path / "out", "--limit", "1")
+    assert (run.matches[0]["matcher"], run.messages[0]["generator"]) == ("claude", "claude")
+    assert len(fake.requests) == 2
+
+
+def test_a_rejected_key_stops_all_calls_for_the_run(folder, tmp_path, capsys):
+    with FakeMessagesAPI(default=lambda r: error_reply(401, "authentication_error")) as fake:
+        run = run_cli(fake, folder, tmp_path / "out", "--concurrency", "1")
+    assert run.code == 0
+    assert len(fake.requests) == 1  # no retry of a 401, and no further call once the key is refused
+    assert run.report["summary"]["matchers"] == {"rules": len(MEMBERS)}
+    assert "AuthenticationError" in run.report["llm_usage"]["unavailable"]
+    err = capsys.readouterr().err
+    assert err.startswith("warning: Claude was unavailable") and err.count("\n") == 1
+
+
+def test_an_outage_stops_calling_after_a_run_of_failures(folder, tmp_path):
+    with FakeMessagesAPI(default=lambda r: error_reply(500, "api_error", headers=FAST)) as fake:
+        run = run_cli(fake, folder, tmp_path / "out", "--concurrency", "1")
+    limit = rtt.ClaudeAdvisor.MAX_CONSECUTIVE_FAILURES
+    assert len(fake.requests) == limit * 3  # each failed call: 1 try + 2 SDK retries; then no more calls
+    assert run.code == 0
+    assert run.report["summary"]["generators"] == {"template": len(MEMBERS)}

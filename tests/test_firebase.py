@@ -1282,3 +1282,46 @@ def test_a_server_with_its_own_etag_for_empty_locations_still_gets_the_append(
     dashboard = DashboardList(transport, "matches", "matches", "T1").open()
     assert dashboard.add(A)
     assert db.get_rendered(f"{BASE}/matches") == {"matches": [A], "count": 1, "updatedAt": "T1"}
+
+
+class _HtmlHandler(LoopbackHandler):
+    """A web server that is not a Realtime Database: every request gets a 200 HTML page."""
+
+    def _answer(self) -> None:
+        self.rfile.read(int(self.headers.get("content-length") or 0))
+        body = b"<html><body>Welcome</body></html>"
+        self.send_response(200)
+        self.send_header("Content-Type", "text/html")
+        self.send_header("Content-Length", str(len(body)))
+        self.end_headers()
+        self.wfile.write(body)
+
+    do_GET = do_PUT = do_PATCH = _answer
+
+
+class HtmlSite(LoopbackServer):
+    handler = _HtmlHandler
+
+
+def test_a_url_that_is_not_a_realtime_database_fails_cleanly_with_a_report(cli: Cli) -> None:
+    with HtmlSite() as site:
+        run = cli({"FIREBASE_DATABASE_URL": site.url, "FIREBASE_AUTH_TOKEN": TOKEN})
+    assert run.code == 1
+    assert run.stderr.startswith("error: ") and run.stderr.count("\n") == 1 and "not JSON" in run.stderr
+    assert "Traceback" not in run.stderr
+    assert len(run.processed("messages")) == 10 and run.report["firebase"]["not_written"]
+
+
+def test_items_written_before_a_mid_run_failure_are_reported_as_written(
+        db: FakeRealtimeDatabase, cli: Cli) -> None:
+    puts = itertools.count()
+
+    @db.on_request
+    def fail_after_three_items(request: RecordedRequest) -> None:
+        if request.method == "PUT" and "/matches/matches/" in request.path and next(puts) == 3:
+            db.fail_next(400, body={"error": "quota"})
+
+    run = cli(rest_env(db))
+    assert run.code == 1
+    assert "matches (3 items before the failure)" in run.report["firebase"]["written"]
+    assert len(items_of(db, "matches")) == 3
