@@ -523,3 +523,17 @@ def test_out_pointing_at_a_file_is_bad_input(run_cli, tmp_path):
 @pytest.mark.parametrize("moment", ["9999-12-31T23:59:59Z", "0001-01-01T00:00:00Z"])
 def test_now_outside_a_sane_range_is_bad_input(run_cli, moment):
     assert_one_line_error(run_cli("--demo", "--now", moment), "--now")
+
+
+def test_a_member_whose_best_event_cannot_be_phrased_gets_the_next_event(run_cli, tmp_path, world):
+    users, events = world
+    jazz = next(e for e in events if e["_id"] == JAZZ_BRUNCH)
+    jazz["name"] = "Visit jazzbrunch.com for the Jazz Brunch"  # a web address in the name: never in an SMS
+    folder = write_folder(tmp_path / "export", users, events)
+    run = run_cli("--source", str(folder), "--now", NOW_ISO, "--dry-run")
+    assert run.code == 0, run.err
+    matches = run.load("data/processed/matches.json")
+    messages = run.load("data/processed/messages.json")
+    assert str(JAZZ_BRUNCH) not in {m["event_id"] for m in matches}
+    assert {m["user_id"] for m in matches} == {m["user_id"] for m in messages}
+    assert_messages_keep_the_contract(run, NOW)

@@ -390,3 +390,22 @@ def test_number_words_prices_and_percentages_are_not_facts(claim):
 @pytest.mark.parametrize("raw", ["jane.doe@example.com", "Zoë🎉", "R2D2"])
 def test_greeting_name_refuses_emails_emoji_and_digits(raw):
     assert greeting_name(raw) is None
+
+
+def test_next_week_across_the_spring_change_carries_the_date():
+    now = datetime(2026, 3, 8, 4, 50, tzinfo=UTC)  # Sat Mar 7, 11:50pm EST
+    start = datetime(2026, 3, 14, 4, 20, tzinfo=UTC)  # Sat Mar 14, 12:20am EDT: under six days away
+    assert local_when(start, NEW_YORK, now) == "Sat Mar 14, 12:20am"
+
+
+def test_an_acronym_with_a_possessive_in_the_event_name_is_not_shouting():
+    facts = dataclasses.replace(FACTS, event_name="RMSP's Winter Seminar")
+    text = GOOD.replace("Jazz Brunch", "RMSP's Winter Seminar")
+    assert validate_sms(text, facts) == []
+
+
+def test_template_fits_a_non_gsm_name_with_a_date_and_full_facts():
+    facts = MessageFacts("Zoë", "6600000000000000000000f1", "Tango Connections", ("dancing",),
+                         "Wed Dec 2, 6am", 3, 7, "flatiron")
+    text = write_template_sms(facts)
+    assert validate_sms(text, facts) == [] and sms_size(text).encoding == "UCS-2"
