@@ -1106,8 +1106,7 @@ class Candidate:
 
     @property
     def alignment(self) -> int:
-        """How many distinct event tags the member's interests hit (two synonyms of one tag count once)."""
-        return min(len({norm_tag(tag) for _, tag in self.interests}), 3)
+        return interest_alignment(self.interests)
 
     @property
     def rank_key(self) -> tuple[Any, ...]:
@@ -1115,6 +1114,11 @@ class Candidate:
         return (-self.alignment, -proximity_tier(self.same_neighbourhood, self.distance_km), -self.fill_tier,
                 math.floor(self.days_until), self.distance_km if self.distance_km is not None else 1e9,
                 -self.participation, self.event["_id"])
+
+
+def interest_alignment(shared: Iterable[tuple[str, str]]) -> int:
+    """How many distinct event tags the member's interests hit (two synonyms of one tag count once), up to 3."""
+    return min(len({norm_tag(tag) for _, tag in shared}), 3)
 
 
 def proximity_tier(same_neighbourhood: bool, distance_km: float | None) -> int:
@@ -1177,8 +1181,7 @@ def score_candidates(user: Mapping[str, Any], events: Iterable[Mapping[str, Any]
         pct = float(event.get("participationPercentage") or 0.0)
         fill = participation_tier(pct, int(event.get("participantCount") or 0),
                                   positive_number(event.get("maxParticipants")) is not None)
-        alignment = min(len({norm_tag(tag) for _, tag in shared}), 3)
-        confidence = match_confidence(alignment, proximity_tier(same, distance), fill, days_until)
+        confidence = match_confidence(interest_alignment(shared), proximity_tier(same, distance), fill, days_until)
         found.append(Candidate(event, tuple(shared), same, distance, pct, fill, days_until, confidence))
     found.sort(key=lambda c: c.rank_key)
     return found
@@ -1973,7 +1976,7 @@ class ClaudeConfig:
 
 @dataclass
 class TokenUsage:
-    """Tokens one step spent across its calls, thread-safe enough for a bounded pool (under a lock)."""
+    """Tokens one step spent across its calls (``ClaudeAdvisor`` adds to it under its lock)."""
 
     calls: int = 0
     input_tokens: int = 0
@@ -2231,23 +2234,22 @@ class ClaudeAdvisor:
 
     MAX_CONSECUTIVE_FAILURES = 4
 
-    def __init__(self, client: Any, config: ClaudeConfig, logger: logging.Logger) -> None:
+    def __init__(self, client: Any, config: ClaudeConfig) -> None:
         self.client = client
         self.config = config
-        self.logger = logger
         self.usage = {"matching": TokenUsage(), "writing": TokenUsage()}
         self._lock = threading.Lock()
         self.consecutive_failures = 0
         self.unavailable: str | None = None  # set once Claude is known to be unusable for this run
 
     @classmethod
-    def connect(cls, settings: Settings, logger: logging.Logger) -> ClaudeAdvisor:
+    def connect(cls, settings: Settings) -> ClaudeAdvisor:
         import anthropic
 
         config = ClaudeConfig.from_env(settings.env)
         client = anthropic.Anthropic(api_key=settings.anthropic_api_key, base_url=config.base_url,
                                      max_retries=config.max_retries, timeout=config.timeout)
-        return cls(client, config, logger)
+        return cls(client, config)
 
     def _system(self, text: str, model: str) -> list[dict[str, Any]]:
         block: dict[str, Any] = {"type": "text", "text": text}
@@ -2256,8 +2258,8 @@ class ClaudeAdvisor:
         return [block]
 
     def _ask(self, step: str, model: str, system: str, prompt: str, schema: dict[str, Any],
-             check: Any) -> tuple[Any, int]:
-        """One question with one corrective retry; returns (checked answer, calls made)."""
+             check: Any) -> Any:
+        """One question with one corrective retry; returns the checked answer or raises InvalidAnswer."""
         import anthropic
 
         messages: list[dict[str, Any]] = [{"role": "user", "content": prompt}]
@@ -2265,7 +2267,7 @@ class ClaudeAdvisor:
         if self.config.effort and not model.startswith(NO_EFFORT_MODELS):
             output_config["effort"] = self.config.effort
         problem = ""
-        for attempt in (1, 2):
+        for _attempt in (1, 2):
             with self._lock:
                 if self.unavailable:
                     raise InvalidAnswer(f"Claude unavailable this run ({self.unavailable})")
@@ -2279,7 +2281,7 @@ class ClaudeAdvisor:
                 self.consecutive_failures = 0
                 self.usage[step].add(getattr(reply, "usage", None))
             try:
-                return check(answer_json(reply)), attempt
+                return check(answer_json(reply))
             except InvalidAnswer as exc:
                 problem = str(exc)
                 said = "".join(getattr(b, "text", "") for b in reply.content or [] if getattr(b, "type", "") == "text")
@@ -2309,9 +2311,8 @@ class ClaudeAdvisor:
             chosen, confidence = check_match_answer(answer, candidates)
             return chosen, confidence, " ".join(str(answer["reasoning"]).split())
 
-        result, _ = self._ask("matching", self.config.match_model, MATCH_SYSTEM,
-                              match_prompt(user, candidates, zone, now), match_schema(ids), check)
-        return result
+        return self._ask("matching", self.config.match_model, MATCH_SYSTEM,
+                         match_prompt(user, candidates, zone, now), match_schema(ids), check)
 
     def write(self, facts: MessageFacts, user: Mapping[str, Any]) -> tuple[str, str]:
         """Claude's SMS for the facts, held to the same contract as the template: (text, notes)."""
@@ -2326,9 +2327,8 @@ class ClaudeAdvisor:
                 raise InvalidAnswer("; ".join(problems))
             return text, " ".join(str(answer.get("personalization_notes") or "").split())
 
-        result, _ = self._ask("writing", self.config.write_model, WRITE_SYSTEM, facts_prompt(facts, user),
-                              SMS_SCHEMA, check)
-        return result
+        return self._ask("writing", self.config.write_model, WRITE_SYSTEM, facts_prompt(facts, user),
+                         SMS_SCHEMA, check)
 
     def usage_report(self) -> dict[str, Any]:
         out: dict[str, Any] = {}
@@ -2832,7 +2832,8 @@ class FirebaseStore:
     """Step 7's writer: one interface over the REST API and the local mirror.
 
     ``users``/``events`` and the campaign archive are replaced; ``matches``/``messages`` are
-    appended through ``DashboardList``. Failures are counted per path, never fatal mid-run.
+    appended through ``DashboardList``. Failures raise ``FirebaseError``; the campaign records them
+    per path and carries on.
     """
 
     def __init__(self, transport: FirebaseTransport) -> None:
@@ -2863,6 +2864,14 @@ class RunResult:
     exit_code: int
 
 
+@dataclass(frozen=True)
+class Fallback:
+    """Claude's answer was not used for one step ("match" or "sms"), and why."""
+
+    step: str
+    reason: str
+
+
 @dataclass
 class UserOutcome:
     """One selected member after steps 5 and 6: a match and message, or a reason for neither."""
@@ -2873,14 +2882,6 @@ class UserOutcome:
     message: Message | None = None
     skip: Skip | None = None
     fallbacks: list[Fallback] = field(default_factory=list)
-
-
-@dataclass(frozen=True)
-class Fallback:
-    """Claude's answer was not used for one step ("match" or "sms"), and why."""
-
-    step: str
-    reason: str
 
 
 class ReturnToTable:
@@ -2894,7 +2895,6 @@ class ReturnToTable:
                  source: DataSource, store: FirebaseStore | None, hoods: NeighbourhoodMap,
                  advisor: ClaudeAdvisor | None = None) -> None:
         self.options = options
-        self.settings = settings
         self.logger = logger
         self.source = source
         self.store = store
@@ -3208,13 +3208,13 @@ class ReturnToTable:
         self.open_lists()
         clock = time.monotonic()
         outcomes = self.process_all(selected, future)
-        llm_seconds = time.monotonic() - clock
+        steps_5_6_seconds = time.monotonic() - clock
         matches = [o.match for o in outcomes if o.match is not None]
         messages = [o.message for o in outcomes if o.message is not None]
         skipped = [o.skip for o in outcomes if o.skip is not None]
         fallbacks = [f"{o.user['_id']}: {f.step}: {f.reason}" for o in outcomes for f in o.fallbacks]
         self.logger.info("Steps 5-6: %d matches, %d messages, %d skipped, %d fallbacks in %.1f s", len(matches),
-                         len(messages), len(skipped), len(fallbacks), llm_seconds)
+                         len(messages), len(skipped), len(fallbacks), steps_5_6_seconds)
 
         firebase = self.save_to_firebase(campaign_id, selected, matches, messages,
                                          run_statistics(selected, future, matches, messages, self.errors))
@@ -3223,7 +3223,7 @@ class ReturnToTable:
             "fallbacks": {"match": sum(f.step == "match" for o in outcomes for f in o.fallbacks),
                           "sms": sum(f.step == "sms" for o in outcomes for f in o.fallbacks),
                           "reasons": fallbacks},
-            "steps_5_6_seconds": round(llm_seconds, 3),
+            "steps_5_6_seconds": round(steps_5_6_seconds, 3),
         }
         if self.advisor is not None:
             extra["llm_usage"] = self.advisor.usage_report()
@@ -3390,7 +3390,7 @@ def make_store(options: RunOptions, settings: Settings, logger: logging.Logger) 
 def make_advisor(options: RunOptions, settings: Settings, logger: logging.Logger) -> ClaudeAdvisor | None:
     if not options.use_claude:
         return None
-    advisor = ClaudeAdvisor.connect(settings, logger)
+    advisor = ClaudeAdvisor.connect(settings)
     logger.info("Claude: matching with %s, writing with %s", advisor.config.match_model, advisor.config.write_model)
     return advisor
 

@@ -13,7 +13,6 @@ match, (corrective match), write, (corrective write).
 from __future__ import annotations
 
 import json
-import logging
 import re
 import time
 from collections.abc import Callable, Iterator, Sequence
@@ -861,7 +860,7 @@ def priya_and_candidates(hoods: rtt.NeighbourhoodMap) -> tuple[dict[str, Any], l
 @pytest.fixture
 def advisor(fake: FakeMessagesAPI) -> Iterator[rtt.ClaudeAdvisor]:
     with anthropic.Anthropic(api_key="test-key", base_url=fake.base_url, max_retries=2) as client:
-        yield rtt.ClaudeAdvisor(client, rtt.ClaudeConfig(), logging.getLogger("test_claude"))
+        yield rtt.ClaudeAdvisor(client, rtt.ClaudeConfig())
 
 
 def test_advisor_choose_returns_the_offered_candidate(fake, advisor, hoods):
