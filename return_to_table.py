@@ -206,6 +206,32 @@ def close_logging(logger: logging.Logger) -> None:
         logger.removeHandler(handler)
 
 
+# --- output files ------------------------------------------------------------------------------
+
+
+def write_json(path: Path, value: Any, *, private: bool = False) -> None:
+    """Write JSON atomically enough for a batch job; ``private`` files are readable by the owner only."""
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_name(path.name + ".tmp")
+    flags = os.O_WRONLY | os.O_CREAT | os.O_TRUNC
+    fd = os.open(tmp, flags, 0o600 if private else 0o644)
+    with os.fdopen(fd, "w", encoding="utf-8") as handle:
+        json.dump(value, handle, ensure_ascii=False, indent=2, default=str)
+        handle.write("\n")
+    os.replace(tmp, path)
+    if private:
+        os.chmod(path, 0o600)
+
+
+def write_raw(path: Path, docs: Sequence[Mapping[str, Any]]) -> None:
+    """What was read, as relaxed Extended JSON, readable by the owner only (it is personal data)."""
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
+    with os.fdopen(fd, "w", encoding="utf-8") as handle:
+        handle.write(json_util.dumps(list(docs), json_options=json_util.RELAXED_JSON_OPTIONS))
+    os.chmod(path, 0o600)
+
+
 # =============================================================================================
 # Data loading: dates, ids, files and the demo world
 # =============================================================================================
@@ -1882,29 +1908,6 @@ def mongo_db_name(settings: Settings, client: Any) -> str:
         return client.get_default_database().name
     except ConfigurationError:  # the URI names no database
         raise UsageError("set MONGO_DB_NAME (or name the database in MONGO_URI)") from None
-
-
-def write_json(path: Path, value: Any, *, private: bool = False) -> None:
-    """Write JSON atomically enough for a batch job; ``private`` files are readable by the owner only."""
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(path.name + ".tmp")
-    flags = os.O_WRONLY | os.O_CREAT | os.O_TRUNC
-    fd = os.open(tmp, flags, 0o600 if private else 0o644)
-    with os.fdopen(fd, "w", encoding="utf-8") as handle:
-        json.dump(value, handle, ensure_ascii=False, indent=2, default=str)
-        handle.write("\n")
-    os.replace(tmp, path)
-    if private:
-        os.chmod(path, 0o600)
-
-
-def write_raw(path: Path, docs: Sequence[Mapping[str, Any]]) -> None:
-    """What was read, as relaxed Extended JSON, readable by the owner only (it is personal data)."""
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
-    with os.fdopen(fd, "w", encoding="utf-8") as handle:
-        handle.write(json_util.dumps(list(docs), json_options=json_util.RELAXED_JSON_OPTIONS))
-    os.chmod(path, 0o600)
 
 
 # =============================================================================================
