@@ -3196,9 +3196,16 @@ class ReturnToTable:
 
     # --- the whole run ---------------------------------------------------------------------
 
+    def fresh_campaign_id(self, started: datetime) -> str:
+        """The run's id; a second run within the same second takes the next free second."""
+        moment = started
+        while (self.options.out_dir / "reports" / f"return_to_table_report_{campaign_id_for(moment)}.json").exists():
+            moment += timedelta(seconds=1)
+        return campaign_id_for(moment)
+
     def run(self) -> RunResult:
         started = datetime.now(UTC)
-        campaign_id = campaign_id_for(started)
+        campaign_id = self.fresh_campaign_id(started)
         options = self.options
         self.logger.info("Campaign %s as of %s (source: %s, matcher: %s%s)", campaign_id,
                          iso_utc(options.now), self.source.label, "claude" if self.advisor else "rules",

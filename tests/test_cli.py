@@ -537,3 +537,18 @@ def test_a_member_whose_best_event_cannot_be_phrased_gets_the_next_event(run_cli
     assert str(JAZZ_BRUNCH) not in {m["event_id"] for m in matches}
     assert {m["user_id"] for m in matches} == {m["user_id"] for m in messages}
     assert_messages_keep_the_contract(run, NOW)
+
+
+def test_two_runs_in_the_same_second_get_two_campaign_ids(run_cli, monkeypatch):
+    class FrozenClock(rtt.datetime):
+        @classmethod
+        def now(cls, tz=None):
+            return rtt.datetime(2026, 1, 15, 12, 0, 0, tzinfo=tz)
+
+    monkeypatch.setattr(rtt, "datetime", FrozenClock)
+    first = run_cli("--demo", "--now", NOW_ISO)
+    second = run_cli("--demo", "--now", NOW_ISO)
+    ids = sorted(p.name for p in (second.root / "reports").glob("*.json"))
+    assert first.code == second.code == 0
+    assert ids == ["return_to_table_report_return-to-table-20260115-120000.json",
+                   "return_to_table_report_return-to-table-20260115-120001.json"]
