@@ -188,6 +188,7 @@ def setup_logging(out_dir: Path, now: datetime, verbose: bool = False) -> tuple[
     logger.propagate = False
     close_logging(logger)  # a second run in the same process starts clean
     file_handler = logging.FileHandler(log_file, encoding="utf-8")
+    os.chmod(log_file, 0o600)  # it names members
     file_handler.setLevel(logging.DEBUG)
     file_handler.setFormatter(logging.Formatter(
         "%(asctime)s - %(name)s - %(levelname)s - %(message)s", datefmt="%Y-%m-%d %H:%M:%S"))
@@ -223,13 +224,18 @@ def write_json(path: Path, value: Any, *, private: bool = False) -> None:
         os.chmod(path, 0o600)
 
 
-def write_raw(path: Path, docs: Sequence[Mapping[str, Any]]) -> None:
-    """What was read, as relaxed Extended JSON, readable by the owner only (it is personal data)."""
+def write_text_private(path: Path, text: str) -> None:
+    """A text file readable by the owner only (reports name members and quote their messages)."""
     path.parent.mkdir(parents=True, exist_ok=True)
     fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
     with os.fdopen(fd, "w", encoding="utf-8") as handle:
-        handle.write(json_util.dumps(list(docs), json_options=json_util.RELAXED_JSON_OPTIONS))
+        handle.write(text)
     os.chmod(path, 0o600)
+
+
+def write_raw(path: Path, docs: Sequence[Mapping[str, Any]]) -> None:
+    """What was read, as relaxed Extended JSON, readable by the owner only (it is personal data)."""
+    write_text_private(path, json_util.dumps(list(docs), json_options=json_util.RELAXED_JSON_OPTIONS))
 
 
 # =============================================================================================
@@ -3246,9 +3252,9 @@ class ReturnToTable:
             matches=matches, messages=messages, skipped=skipped, issues=self.issues, errors=self.errors,
             extra=extra)
         reports = options.out_dir / "reports"
-        write_json(reports / f"return_to_table_report_{campaign_id}.json", report)
+        write_json(reports / f"return_to_table_report_{campaign_id}.json", report, private=True)
         report_path = reports / f"return_to_table_report_{campaign_id}.md"
-        report_path.write_text(report_markdown(report), encoding="utf-8")
+        write_text_private(report_path, report_markdown(report))
         s = report["summary"]
         self.logger.info("Step 8: %d dormant, %d ready, %d matched, %d messages, %d SMS segments, %d errors. "
                          "Report: %s", s["total_dormant_users_found"], s["total_users_with_complete_profiles"],

@@ -552,3 +552,10 @@ def test_two_runs_in_the_same_second_get_two_campaign_ids(run_cli, monkeypatch):
     assert first.code == second.code == 0
     assert ids == ["return_to_table_report_return-to-table-20260115-120000.json",
                    "return_to_table_report_return-to-table-20260115-120001.json"]
+
+
+def test_logs_and_reports_are_readable_by_the_owner_only(run_cli):
+    run = run_cli("--demo", "--now", NOW_ISO)
+    files = [*(run.root / "logs").glob("*.log"), *(run.root / "reports").glob("*")]
+    assert len(files) == 3
+    assert all(stat.S_IMODE(f.stat().st_mode) == 0o600 for f in files)
