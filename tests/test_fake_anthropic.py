@@ -287,7 +287,7 @@ def test_latency_does_not_serialize_concurrent_requests():
         elapsed = time.monotonic() - start
     assert len(results) == n and all(isinstance(r, Message) for r in results), results
     assert len(fake.requests) == n
-    assert latency <= elapsed < 2 * latency  # ~one latency, not n * latency
+    assert latency <= elapsed < n * latency / 2  # the calls overlapped: far from n latencies in a row
 
 
 def test_per_reply_delay(fake, client):
