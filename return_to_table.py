@@ -1304,10 +1304,13 @@ def rules_match(user: Mapping[str, Any], candidates: Sequence[Candidate], min_co
     """Step 5 by rules: the best candidate, if it meets the confidence threshold."""
     if not candidates or candidates[0].confidence < min_confidence:
         return None
-    best = candidates[0]
-    return build_match(user, best.event, reasoning=explain_candidate(user, best, zone, now),
-                       confidence=best.confidence, interests=[i for i, _ in best.interests],
-                       matcher="rules", now=now)
+    return candidate_match(user, candidates[0], zone, now)
+
+
+def candidate_match(user: Mapping[str, Any], c: Candidate, zone: ZoneInfo, now: datetime, note: str = "") -> Match:
+    """The rules' match record for one candidate, its reasoning explained (plus ``note``)."""
+    return build_match(user, c.event, reasoning=explain_candidate(user, c, zone, now) + note,
+                       confidence=c.confidence, interests=[i for i, _ in c.interests], matcher="rules", now=now)
 
 
 # =============================================================================================
@@ -2791,8 +2794,9 @@ class DashboardList:
         self.added = 0
         self.empty_etag = NULL_ETAG
 
-    def open(self) -> DashboardList:
-        value, etag = self.transport.get(self.path)
+    def open(self, snapshot: tuple[Any, str] | None = None) -> DashboardList:
+        """Read the list (or take a ``(value, etag)`` just read), healing it if needed."""
+        value, etag = snapshot if snapshot is not None else self.transport.get(self.path)
         for _attempt in range(self.MAX_TRIES):
             refuse_foreign_shape(value, self.key, self.path)
             entries = listing_entries(value, self.key)
@@ -2848,14 +2852,12 @@ class FirebaseStore:
     def __init__(self, transport: FirebaseTransport) -> None:
         self.transport = transport
 
-    def read_items(self, path: str, key: str) -> list[dict[str, Any]]:
-        return as_item_list(self.transport.get(path)[0], key)
-
     def replace(self, path: str, value: Any) -> None:
         self.transport.put(path, firebase_ready(value))
 
-    def open_list(self, path: str, key: str, updated_at: str) -> DashboardList:
-        return DashboardList(self.transport, path, key, updated_at).open()
+    def open_list(self, path: str, key: str, updated_at: str, snapshot: tuple[Any, str] | None = None
+                  ) -> DashboardList:
+        return DashboardList(self.transport, path, key, updated_at).open(snapshot)
 
 
 # =============================================================================================
@@ -2918,6 +2920,7 @@ class ReturnToTable:
         self.written: list[str] = []
         self.firebase_errors: list[str] = []
         self.firebase_down = False  # unreadable at the start: nothing is written this run
+        self.messages_snapshot: tuple[Any, str] | None = None  # read for the cooldown, reused to open the list
         self.broken_lists: set[str] = set()  # dashboard lists that failed mid-run
         self.pending: dict[int, UserOutcome] = {}  # finished members waiting for a higher-ranked one
         self.next_rank = 0
@@ -2967,7 +2970,7 @@ class ReturnToTable:
         if self.store is None or self.options.cooldown_days <= 0:
             return set()
         try:
-            items = self.store.read_items("messages", "messages")
+            self.messages_snapshot = self.store.transport.get("messages")
         except FirebaseError as exc:
             if self.options.dry_run:
                 self.logger.warning("Cooldown not applied in this dry run: %s", exc)
@@ -2977,7 +2980,7 @@ class ReturnToTable:
             self.firebase_failed("messages (unreadable, nothing will be written this run)", exc)
             return set()
         since = self.options.now - timedelta(days=self.options.cooldown_days)
-        return {str(item["user_id"]) for item in items
+        return {str(item["user_id"]) for item in as_item_list(self.messages_snapshot[0], "messages")
                 if item.get("user_id") and (when := to_utc(item.get("generated_at"))) is not None and when >= since}
 
     def select(self, census: DormancyCensus) -> tuple[list[dict[str, Any]], int]:
@@ -3053,10 +3056,8 @@ class ReturnToTable:
         with a web address), the next candidates above the threshold, by the rules and the template."""
         now, floor = self.options.now, self.options.min_confidence
         for c in [c for c in candidates if c.event["_id"] != tried and c.confidence >= floor][:MAX_NEXT_EVENTS]:
-            match = build_match(user, c.event, reasoning=explain_candidate(user, c, self.zone, now)
-                                + " (The first choice could not be phrased within the SMS limits.)",
-                                confidence=c.confidence, interests=[i for i, _ in c.interests], matcher="rules",
-                                now=now)
+            match = candidate_match(user, c, self.zone, now,
+                                    " (The first choice could not be phrased within the SMS limits.)")
             facts = message_facts(match, self.zone, now)
             try:
                 text = write_template_sms(facts)
@@ -3138,7 +3139,8 @@ class ReturnToTable:
         updated = iso_utc(self.options.now) or ""
         for key in ("matches", "messages"):
             try:
-                self.lists[key] = self.store.open_list(key, key, updated)
+                snapshot = self.messages_snapshot if key == "messages" else None
+                self.lists[key] = self.store.open_list(key, key, updated, snapshot)
             except FirebaseError as exc:
                 self.firebase_failed(key, exc)
 
