@@ -7,9 +7,22 @@ ranks them, picks for each the one upcoming public event most likely to bring th
 welcome-back SMS for it, and stores users, events, matches and messages in Firebase, where people
 review and approve every message before anything is sent. Then it writes a report.
 
-The file reads top-down in the plan's step order: configuration, data loading, the rules (pure
-functions), the service edges (MongoDB, Claude, Firebase), the ``ReturnToTable`` orchestration,
-and the command line.
+Glossary (one name per concept, here and in the code):
+  member     a user document; its ``_id`` is the member id.  event: an event document.
+  dormant    31-90 days since the member's latest event (owned or joined); ``days_inactive``.
+  eligible   dormant, at least one event, 4 of the 8 profile fields, and interests (step 1).
+  candidate  an open future public event sharing an interest with the member, scored (step 5).
+  match      the one event chosen for a member, by the ``rules`` or ``claude`` matcher.
+  facts      what an SMS may say about a match (``MessageFacts``); nothing else may be claimed.
+  SMS contract  ``validate_sms``: length, GSM-7, greeting, event, facts, link last; every writer
+             (``template`` or ``claude`` generator) is held to it.
+  dashboard list  ``{<key>: [...], count, updatedAt}`` at users/events/matches/messages in Firebase.
+  mirror     the local, file-backed Firebase under ``data/firebase/`` when no database is set.
+  cooldown   members messaged in the last ``--cooldown-days`` are not drafted again.
+
+The file reads top-down in the plan's step order: configuration, data loading, the rules of
+steps 1-8 (pure functions), the service edges (sources, the demo world, Claude for steps 5-6,
+Firebase for step 7), the ``ReturnToTable`` orchestration, and the command line.
 """
 
 from __future__ import annotations
@@ -35,7 +48,7 @@ from dataclasses import dataclass, field
 from datetime import UTC, datetime, timedelta, timezone
 from enum import Enum
 from pathlib import Path
-from typing import Any, Protocol, TypedDict
+from typing import Any, NamedTuple, Protocol, TypedDict
 from urllib.parse import quote_plus
 from zoneinfo import ZoneInfo, ZoneInfoNotFoundError
 
@@ -239,7 +252,7 @@ def write_raw(path: Path, docs: Sequence[Mapping[str, Any]]) -> None:
 
 
 # =============================================================================================
-# Data loading: dates, ids, files and the demo world
+# Data loading: dates, ids and mongoexport files
 # =============================================================================================
 
 
@@ -389,258 +402,6 @@ def require_ids(docs: Iterable[Mapping[str, Any]], what: str) -> None:
             raise UsageError(f"{what}: document #{position + 1} has no usable _id (an ObjectId or a string)")
 
 
-# --- the demo world ----------------------------------------------------------------------------
-
-
-def build_demo_world(now: datetime) -> tuple[list[dict[str, Any]], list[dict[str, Any]]]:
-    """Return fictional raw (users, events) documents as Mongo would hand them over.
-
-    Why: the CLI must be demoable and testable without a database, so this builds
-    dormant / active / churned / eventless users and deliberately messy fields
-    (missing keys, odd id and date shapes) that the cleaning code has to survive.
-    Deterministic for a given `now` (fixed-seed RNG); all dates are relative to it.
-    """
-    rng = random.Random(20240611)
-    now = now.astimezone(UTC)
-    interests = [
-        "music", "clubbing", "food", "wine", "cocktails", "travel", "reading", "fashion",
-        "finance", "outdoor", "hiking", "fitness", "yoga", "art", "comedy", "theater", "film",
-        "tech", "startups", "photography", "cooking", "coffee", "brunch", "dancing", "games",
-        "sports", "networking", "jazz",
-    ]
-    # First interest always has an obvious event synonym, so every user is matchable.
-    core = [i for i in interests if i not in ("travel", "fashion", "finance", "photography")]
-    city = [  # Manhattan + Brooklyn: where events mostly happen
-        "hells-kitchen", "west-village", "east-village", "midtown-east", "soho", "tribeca",
-        "chelsea", "lower-east-side", "upper-west-side", "upper-east-side", "harlem",
-        "financial-district", "gramercy", "murray-hill", "flatiron", "chinatown",
-        "williamsburg", "greenpoint", "bushwick", "park-slope", "dumbo", "fort-greene",
-        "crown-heights",
-    ]
-    hoods = [*city, "astoria", "long-island-city"]
-    firsts = [
-        "Aaliyah", "Mateo", "Priya", "Jamal", "Sofia", "Wei", "Fatima", "Diego", "Hannah",
-        "Kwame", "Yuki", "Isabella", "Omar", "Grace", "Dmitri", "Amara", "Luis", "Mei", "Noah",
-        "Ananya", "Tariq", "Camila", "Ethan", "Nia", "Rafael", "Leah", "Hiroshi", "Maya",
-        "Santiago", "Esther", "Kofi", "Rosa", "Jae-won", "Thandiwe", "Bogdan", "Marisol",
-    ]
-    # Non-GSM-7 letters + one very long name; given to clean dormant users (SMS encoding).
-    special = ["Zoë", "Łukasz", "Siobhán", "Nguyễn", "Chloé", "Alexandrina-Konstantina-Maria"]
-    lasts = [
-        "Rivera", "Chen", "Patel", "Johnson", "Okafor", "Kim", "Goldberg", "Nguyen", "Rossi",
-        "Haddad", "Morales", "O'Brien", "Kowalski", "Tanaka", "Williams", "Mensah", "Cohen",
-        "Singh", "Garcia", "Park", "Ivanova", "Brown", "Diallo", "Ortiz",
-    ]
-    occupations = [
-        "AI Specialist", "Architect", "Editor", "Illustrator", "Urban Planner",
-        "Software Engineer", "Nurse", "Chef", "Product Designer", "Teacher", "Lawyer",
-        "Data Analyst", "Barista", "Photographer", "Consultant",
-    ]
-    # (name, categories, features, blurb, slot) -- slot "b" = brunch time, "d" = dinner.
-    templates = [
-        ("Karaoke Night", "MUSIC BAR", "karaoke groups", "Belt out 2000s anthems in a private room", "d"),
-        ("Ramen Supper Club", "DINNER", "supper-club family-style", "Slurp four regional ramen styles at one long table", "d"),
-        ("Sunrise Hike & Brunch", "OUTDOOR BRUNCH", "hike coffee", "Walk the riverside trail, then share a big brunch", "b"),
-        ("Natural Wine Tasting", "WINE", "wine-tasting groups", "Taste six low-intervention wines with a sommelier", "d"),
-        ("Stand-up & Dinner", "COMEDY DINNER", "stand-up", "Catch a short stand-up set over a shared dinner", "d"),
-        ("Jazz Brunch", "MUSIC BRUNCH", "jazz live-music", "A live trio plays while we linger over eggs", "b"),
-        ("Board Game Night", "GAMES BAR", "board-games trivia groups", "Settle in for strategy games and a trivia round", "d"),
-        ("Rooftop DJ Night", "MUSIC BAR", "dj dancing rooftop cocktails", "Dance to a house DJ with skyline views", "d"),
-        ("Book Club Dinner", "BOOKS DINNER", "book-club family-style", "Discuss this month's novel over family-style plates", "d"),
-        ("Gallery Walk & Drinks", "ART BAR", "gallery cocktails", "Hop three small galleries, then grab a drink", "d"),
-        ("Run Club & Coffee", "FITNESS SPORTS", "run-club coffee", "Easy 5K loop followed by flat whites", "b"),
-        ("Pottery & Pasta", "ART COOKING DINNER", "pottery cooking-class", "Throw a bowl, then fill it with fresh pasta", "d"),
-        ("Startup Founders Dinner", "TECH NETWORKING DINNER", "startup-pitch speed-friending", "Founders swap notes and one-minute pitches", "d"),
-        ("Film Night & Tacos", "FILM DINNER", "film-screening", "Watch an indie classic with a taco spread", "d"),
-        ("Yoga & Juice", "FITNESS", "yoga", "A gentle flow class followed by cold-pressed juice", "b"),
-        ("Omakase Tasting Menu", "DINNER", "tasting-menu", "Twelve courses at an intimate counter", "d"),
-        ("Cocktail Masterclass", "BAR", "cocktails groups", "Learn three classic cocktails from a bartender", "d"),
-        ("Broadway Preview & Dinner", "THEATER DINNER", "groups", "Early dinner before a preview performance", "d"),
-        ("Open Mic & Mezcal", "MUSIC COMEDY BAR", "open-mic live-music", "Sign up for five minutes or just cheer", "d"),
-        ("Speed-Friending Mixer", "NETWORKING BAR", "speed-friending cocktails", "Meet twelve new people in an hour", "d"),
-        ("Pickup Soccer & Beers", "SPORTS OUTDOOR BAR", "groups", "Casual seven-a-side game, then the beer garden", "b"),
-        ("Dumpling Cooking Class", "COOKING DINNER", "cooking-class family-style", "Fold and pan-fry dumplings together", "d"),
-        ("Salsa Night & Tapas", "MUSIC DINNER", "dancing live-music", "Beginner salsa lesson with shared tapas", "d"),
-    ]
-    venues = [
-        "Ember & Oak", "The Lantern Room", "Juniper Hall", "Fig & Thistle", "Saltwater Social",
-        "Blue Heron Loft", "The Tin Whistle", "Marigold Studio", "Paper Crane Kitchen",
-        "Dockside Commons", "The Velvet Note", "Copperleaf Table",
-    ]
-
-    def slug(text: str) -> str:
-        """ASCII-fold names so fictional emails stay plain."""
-        folded = unicodedata.normalize("NFKD", text.replace("ł", "l").replace("Ł", "L"))
-        return "".join(c for c in folded.encode("ascii", "ignore").decode() if c.isalnum()).lower()
-
-    def fmt(dt: datetime) -> str | int:
-        """Serialise one instant in one of the messy shapes seen in production."""
-        form = rng.choices(["z", "offset", "naive", "ms"], [78, 9, 6, 7])[0]
-        if form == "offset":
-            return dt.astimezone(timezone(timedelta(hours=-5))).isoformat(timespec="seconds")
-        if form == "naive":
-            return dt.strftime("%Y-%m-%dT%H:%M:%S")  # UTC wall time, zone dropped
-        if form == "ms":
-            return int(dt.timestamp() * 1000)
-        return dt.strftime("%Y-%m-%dT%H:%M:%S.000Z")
-
-    def at(days: int, slot: str) -> datetime:
-        """NYC brunch (15-16 UTC) or evening (23-00 UTC) slot `days` from now."""
-        hour = rng.choice([15, 16]) if slot == "b" else rng.choice([23, 0])
-        day = now + timedelta(days=days)
-        return day.replace(hour=hour, minute=rng.choice([0, 30]), second=0, microsecond=0)
-
-    def ref(u: int) -> str | dict[str, str]:
-        """Participant entry: mostly a plain id, sometimes wrapped."""
-        r = rng.random()
-        if r < 0.82:
-            return uid[u]
-        return {("_id" if r < 0.88 else "userId" if r < 0.94 else "id"): uid[u]}
-
-    # --- users: a role decides when their last event happened -------------------
-    roles = ["none"] * 20 + ["dormant"] * 55 + ["active"] * 130 + ["churned"] * 95
-    rng.shuffle(roles)
-    uid = [f"64d0{i:020x}" for i in range(len(roles))]
-    by_role = {r: [i for i, x in enumerate(roles) if x == r] for r in ("none", "dormant", "active", "churned")}
-    showcase = by_role["dormant"][:10]  # clean dormant users covering all history buckets
-    kinds = [  # ~7% messy; the first 8 go to dormant users so filtering shows up in the demo
-        "sparse", "int_empty", "int_blank", "int_str", "no_first", "oid", "jersey", "no_last",
-        "no_last", "no_phone", "no_phone", "no_gender", "no_occupation", "no_hood", "sparse",
-        "sparse", "int_none", "jersey", "no_first", "oid",
-    ]
-    others = [i for i in range(len(roles)) if roles[i] != "dormant"]
-    victims = rng.sample(by_role["dormant"][10:], 8) + rng.sample(others, len(kinds) - 8)
-    messy = dict(zip(victims, kinds))
-    drop = {
-        "no_last": ("lastName",), "no_phone": ("phone",), "no_gender": ("gender",),
-        "no_occupation": ("occupation",), "no_hood": ("homeNeighborhood",), "no_first": ("firstName",),
-        "sparse": ("lastName", "phone", "gender", "occupation", "homeNeighborhood"),
-    }
-    bad_interests: dict[str, Any] = {"int_empty": [], "int_none": None, "int_blank": [""]}
-    users: list[dict[str, Any]] = []
-    for i in range(len(roles)):
-        first = special[showcase.index(i)] if i in showcase[: len(special)] else rng.choice(firsts)
-        last = rng.choice(lasts)
-        top = rng.choice(core)
-        picked = [top] + [x for x in rng.sample(interests, rng.randint(0, 5)) if x != top]
-        doc: dict[str, Any] = {
-            "_id": uid[i], "firstName": first, "lastName": last,
-            "email": f"{slug(first)}.{slug(last)}{i}@example.com", "phone": f"+121255501{i % 100:02d}",
-            "gender": rng.choices(["female", "male", "non-binary"], [48, 46, 6])[0],
-            "interests": picked, "occupation": rng.choice(occupations), "homeNeighborhood": rng.choice(hoods),
-        }
-        kind = messy.get(i, "")
-        doc = {k: v for k, v in doc.items() if k not in drop.get(kind, ())}
-        if kind in bad_interests:
-            doc["interests"] = bad_interests[kind]
-        elif kind == "int_str":
-            doc["interests"] = ", ".join(picked)
-        elif kind == "jersey":
-            doc["homeNeighborhood"] = "jersey-city"
-        elif kind == "oid":
-            doc["_id"] = {"$oid": uid[i]}
-        users.append(doc)
-
-    # --- past events: pick day offsets per window, then seat users --------------
-    days = sorted(
-        [rng.randint(1, 28) for _ in range(25)] + [rng.randint(33, 88) for _ in range(20)]
-        + [rng.randint(93, 400) for _ in range(55)],
-        reverse=True,
-    )
-    plan = [(rng.choice(templates), d) for d in days]
-    starts = [at(-d, tpl[4]) for tpl, d in plan]
-    members: list[list[int]] = [[] for _ in plan]
-    windows = {"active": (1, 28), "dormant": (33, 88), "churned": (93, 400)}
-    anchor: dict[int, int] = {}
-    for role, (lo, hi) in windows.items():
-        pool = [e for e, d in enumerate(days) if lo <= d <= hi]
-        for u in by_role[role]:
-            e = min(rng.sample(pool, 2), key=lambda x: len(members[x]))  # keep seats balanced
-            members[e].append(u)
-            anchor[u] = e
-    bucket_showcase = [1, 3, 6, 9, 11, 13, 16, 18, 21, 24]  # total events, dormant showcase
-    for role in windows:
-        for k, u in enumerate(by_role[role]):
-            if role == "dormant":
-                want = bucket_showcase[k] - 1 if k < 10 else rng.choice([0, 0, 1, 1, 2, 3, 4, 6])
-            else:
-                want = rng.choice([0, 0, 1, 1, 2, 3, 5] if role == "active" else [0, 0, 0, 1, 2])
-            older = [x for x in range(len(plan)) if starts[x] < starts[anchor[u]] and len(members[x]) < 12]
-            for x in rng.sample(older, min(want, len(older))):
-                members[x].append(u)
-    for e, seated in enumerate(members):  # top up thin events without moving anyone's last event
-        later = [u for u, a in anchor.items() if starts[a] > starts[e] and u not in seated]
-        seated.extend(rng.sample(later, max(0, 2 - len(seated))))
-
-    events: list[dict[str, Any]] = []
-
-    def add(tpl: tuple[str, ...], when: Any, seated: list[int], owner: int, **extra: Any) -> dict[str, Any]:
-        """Append one raw event document built from a template."""
-        venue = rng.choice(venues)
-        hood = rng.choice(hoods if rng.random() < 0.1 else city)
-        doc = {
-            "_id": f"65e0{len(events):020x}", "name": tpl[0], "description": f"{tpl[3]} at {venue}.",
-            "venueName": venue, "neighborhood": hood, "categories": tpl[1].split(),
-            "features": tpl[2].split(), "participants": [ref(u) for u in seated],
-            "maxParticipants": max(len(seated), rng.randint(4, 20)), "startDate": when,
-            "type": "private" if rng.random() < 0.1 else "public", "active": rng.random() > 0.08,
-            "eventStatus": rng.choices(["approved", "pending", "cancelled", None], [85, 4, 5, 6])[0],
-            "ownerId": uid[owner],
-        }
-        doc.update(extra)
-        if doc["eventStatus"] is None:
-            del doc["eventStatus"]
-        events.append(doc)
-        return doc
-
-    for (tpl, _), start, seated in zip(plan, starts, members):
-        add(tpl, fmt(start), seated, rng.choice(seated))
-    for e, odd in zip(rng.sample(range(len(events)), 4), [None, 42, {"name": "x"}, "dup"]):
-        plist = events[e]["participants"]
-        plist.append(plist[0] if odd == "dup" else odd)
-
-    # --- future events: first pass of templates all open; then the edge cases ----
-    states = {
-        23: "full", 24: "full", 25: "full", 26: "full", 27: "over", 28: "nomax", 29: "zero",
-        30: "private", 31: "private", 32: "private", 33: "inactive", 34: "inactive",
-        35: "pending", 36: "cancelled", 37: "nostatus",
-    }
-    active = by_role["active"][:60]  # only some active users already hold a future RSVP
-    for f in range(50):
-        tpl = templates[f % len(templates)]
-        if f == 3:
-            tpl = (tpl[0] + ": Orange, Pét-Nat & Skin-Contact Pours from Finger Lakes Producers",) + tpl[1:]
-        state = states.get(f, ("low", "mid", "high")[f % 3])
-        cap = rng.randint(12, 20) if state == "high" else rng.randint(4, 20)
-        n = {
-            "low": int(cap * rng.uniform(0, 0.29)), "high": cap - rng.randint(1, 2), "full": cap,
-            "over": cap + 2, "nomax": rng.randint(2, 8), "zero": rng.randint(1, 3),
-        }.get(state, round(cap * rng.uniform(0.5, 0.8)))
-        extra: dict[str, Any] = {
-            "maxParticipants": 0 if state == "zero" else cap, "type": "private" if state == "private" else "public",
-            "active": state != "inactive", "eventStatus": state if state in ("pending", "cancelled") else "approved",
-        }
-        if state == "nostatus":
-            extra["eventStatus"] = None
-        doc = add(tpl, fmt(at(rng.randint(1, 30), tpl[4])), rng.sample(active, n), rng.choice(active), **extra)
-        if state == "nomax":
-            del doc["maxParticipants"]
-    for when in ("TBD", None):  # undated drafts; only an already-active owner is attached
-        owner = rng.choice(active)
-        add(rng.choice(templates), when, [owner], owner, type="private", eventStatus="pending")
-
-    # --- createdAt: before each user's first event; some users lack it ----------
-    first_seen: dict[int, datetime] = {}
-    for e, seated in enumerate(members):
-        for u in seated:
-            first_seen[u] = min(first_seen.get(u, starts[e]), starts[e])
-    for i, doc in enumerate(users):
-        if rng.random() < 0.85:
-            base = first_seen.get(i, now) - timedelta(days=rng.randint(1, 60), minutes=rng.randint(0, 1440))
-            doc["createdAt"] = base.strftime("%Y-%m-%dT%H:%M:%S.000Z")
-    return users, events
-
-
 # =============================================================================================
 # Rules, step 1: dormant members and their reactivation score
 # =============================================================================================
@@ -765,19 +526,49 @@ def dormant_rank_key(user: Mapping[str, Any]) -> tuple[float, int, str]:
     return (-user["reactivation_score"], -user["eventCount"], user["_id"])
 
 
+class DormantMember(TypedDict):
+    """An eligible member as steps 1-8 pass it on: every field of the member document (JSON-ready)
+    plus the keys listed here, which step 1 derives (``summary`` is step 3's)."""
+
+    _id: str
+    eventCount: int
+    last_event_date: str | None
+    days_inactive: int
+    engagement_status: str
+    personalization_ready: bool
+    reactivation_score: float
+    summary: str
+
+
 @dataclass(frozen=True)
 class DormancyCensus:
     """Step 1's result: the eligible members in rank order plus the counts the report quotes."""
 
-    eligible: list[dict[str, Any]]
+    eligible: tuple[DormantMember, ...]
     dormant_total: int
     status_counts: dict[str, int]
+
+
+def dormant_member(raw: Mapping[str, Any], user_id: str, seen: Activity, days: int) -> DormantMember:
+    """Step 1's enriched record of one eligible member, with step 3's summary attached here, once."""
+    user = to_plain(raw)
+    user.update({
+        "_id": user_id,
+        "eventCount": seen.event_count,
+        "last_event_date": iso_utc(seen.last_event),
+        "days_inactive": days,
+        "engagement_status": "dormant",
+        "personalization_ready": True,
+    })
+    user["reactivation_score"] = calculate_reactivation_score(user)
+    user["summary"] = user_summary(user)  # step 3 (its section follows step 2): one visible place
+    return user  # type: ignore[return-value]
 
 
 def find_dormant_users(users: Iterable[Mapping[str, Any]], activity: Mapping[str, Activity],
                        now: datetime) -> DormancyCensus:
     """Step 1: enrich every member, keep the personalisable dormant ones, rank them."""
-    eligible: list[dict[str, Any]] = []
+    eligible: list[DormantMember] = []
     statuses: Counter[str] = Counter()
     for raw in users:
         user_id = id_of(raw.get("_id"))
@@ -789,19 +580,10 @@ def find_dormant_users(users: Iterable[Mapping[str, Any]], activity: Mapping[str
         ready = count_profile_fields(raw) >= MIN_PROFILE_FIELDS
         if status != "dormant" or seen.event_count < 1 or not ready or not clean_interests(raw.get("interests")):
             continue
-        user = to_plain(raw)
-        user.update({
-            "_id": user_id,
-            "eventCount": seen.event_count,
-            "last_event_date": iso_utc(seen.last_event),
-            "days_inactive": days,
-            "engagement_status": status,
-            "personalization_ready": ready,
-        })
-        user["reactivation_score"] = calculate_reactivation_score(user)
-        eligible.append(user)
+        assert days is not None  # a dormant member has a last event
+        eligible.append(dormant_member(raw, user_id, seen, days))
     eligible.sort(key=dormant_rank_key)
-    return DormancyCensus(eligible, statuses["dormant"], dict(sorted(statuses.items())))
+    return DormancyCensus(tuple(eligible), statuses["dormant"], dict(sorted(statuses.items())))
 
 
 # =============================================================================================
@@ -841,19 +623,36 @@ def is_open_future_public(event: Mapping[str, Any], now: datetime) -> bool:
     return "eventStatus" not in event or event.get("eventStatus") == "approved"
 
 
-def find_future_events(events: Iterable[Mapping[str, Any]], now: datetime) -> list[dict[str, Any]]:
+class FutureEvent(TypedDict):
+    """A future public event as steps 2-8 pass it on: every field of the event document (JSON-ready)
+    plus the keys listed here, which step 2 derives (``summary`` is step 4's)."""
+
+    _id: str
+    startDate: str
+    participantCount: int
+    participationPercentage: float
+    remaining_spots: float | None
+    summary: str
+
+
+def future_event(raw: Mapping[str, Any], event_id: str) -> FutureEvent:
+    """Step 2's enriched record of one event, with step 4's summary attached here, once."""
+    event = to_plain(raw)
+    event["_id"] = event_id
+    event["startDate"] = iso_utc(to_utc(raw.get("startDate")))
+    event.update(event_metrics(raw))
+    event["summary"] = event_summary(event)  # step 4 (its section follows): one visible place
+    return event  # type: ignore[return-value]
+
+
+def find_future_events(events: Iterable[Mapping[str, Any]], now: datetime) -> list[FutureEvent]:
     """Step 2: the future public events with participation, best attended first."""
-    chosen: list[dict[str, Any]] = []
+    chosen: list[FutureEvent] = []
     for raw in events:
         event_id = id_of(raw.get("_id"))
         if event_id is None or not is_open_future_public(raw, now):
             continue
-        event = to_plain(raw)
-        event["_id"] = event_id
-        event["startDate"] = iso_utc(to_utc(raw.get("startDate")))
-        event.update(event_metrics(raw))
-        event["summary"] = event_summary(event)
-        chosen.append(event)
+        chosen.append(future_event(raw, event_id))
     chosen.sort(key=lambda e: (-e["participationPercentage"], e["startDate"], e["_id"]))
     return chosen
 
@@ -1525,8 +1324,12 @@ def validate_sms(text: str, facts: MessageFacts) -> list[str]:
     return problems
 
 
-def write_template_sms(facts: MessageFacts) -> str:
-    """Step 6 by template: the richest wording that passes the contract, shortening as needed."""
+def write_template_sms(facts: MessageFacts) -> str | None:
+    """Step 6 by template: the richest wording that passes the contract, shortening as needed.
+
+    None when no wording fits (a long non-GSM-7 name, a web address in the event name): the caller
+    tries the next event. A plain return, so an unrelated bug can never pass for "no wording fits".
+    """
     greet = f"Hi {facts.first_name}!" if facts.first_name else "Hi there!"
     first = facts.first_name or "Hi"
     going = f"{facts.going} going" if facts.going else ""
@@ -1555,7 +1358,7 @@ def write_template_sms(facts: MessageFacts) -> str:
             text = re.sub(r"\s+", " ", text.replace(" ()", "").replace(". . ", ". ").replace(", . ", ". "))
             if not validate_sms(text, facts):
                 return text
-    raise ValueError(f"no template fits the SMS contract for event {facts.event_id}")
+    return None
 
 
 class Message(TypedDict):
@@ -1626,7 +1429,7 @@ def dashboard_user(user: Mapping[str, Any]) -> dict[str, Any]:
     record.update({
         "id": user["_id"],
         "name": full_name(user),
-        "summary": user.get("summary") or user_summary(user),
+        "summary": user["summary"],
         "event_count": user.get("eventCount", 0),
         "user_id": user["_id"],
         "neighborhood": user.get("homeNeighborhood"),
@@ -1643,7 +1446,7 @@ def dashboard_event(event: Mapping[str, Any]) -> dict[str, Any]:
         "capacity": event.get("maxParticipants"),
         "participants_count": event.get("participantCount", 0),
         "fill_rate_percent": round(float(event.get("participationPercentage") or 0.0), 1),
-        "summary": event.get("summary") or event_summary(event),
+        "summary": event["summary"],
     })
     record.setdefault("maxParticipants", None)
     return record
@@ -1731,7 +1534,7 @@ def report_markdown(report: Mapping[str, Any]) -> str:
     lines += [f"- {cell(s['user_name'])} ({s['user_id']}): {cell(s['reason'])}" for s in skipped] or ["None."]
     fallbacks = report.get("fallbacks", {})
     if fallbacks.get("reasons"):
-        lines += ["", f"## Claude fallbacks ({fallbacks['match']} matches, {fallbacks['sms']} messages)", ""]
+        lines += ["", f"## Claude fallbacks ({fallbacks['matching']} matches, {fallbacks['writing']} messages)", ""]
         lines += [f"- {cell(reason)}" for reason in fallbacks["reasons"]]
     usage = report.get("llm_usage")
     if usage:
@@ -1762,12 +1565,43 @@ def run_statistics(selected: Sequence[Any], future_events: Sequence[Any], matche
             "matches_created": len(matches), "messages_generated": len(messages), "errors": list(errors)}
 
 
-def build_report(*, campaign_id: str, run_started: datetime, options: RunOptions, source_label: str,
-                 census: DormancyCensus, selected: Sequence[Mapping[str, Any]], cooled_down: int,
-                 future_events: Sequence[Mapping[str, Any]], matches: Sequence[Match],
-                 messages: Sequence[Message], skipped: Sequence[Skip], issues: DataIssues,
-                 errors: Sequence[str], extra: Mapping[str, Any] | None = None) -> dict[str, Any]:
-    """Step 8: the plan's statistics and summary, plus who was skipped, segments and errors."""
+@dataclass(frozen=True)
+class Fallback:
+    """Claude's answer was not used for one step ("matching" or "writing"), and why."""
+
+    step: str
+    reason: str
+
+
+@dataclass
+class UserOutcome:
+    """One selected member after steps 5 and 6: a match and message, or a reason for neither."""
+
+    rank: int
+    user: DormantMember
+    match: Match | None = None
+    message: Message | None = None
+    skip: Skip | None = None
+    fallbacks: list[Fallback] = field(default_factory=list)
+
+
+def fallback_counts(outcomes: Sequence[UserOutcome]) -> dict[str, Any]:
+    """How often each step fell back from Claude, and why (member id, step, reason)."""
+    used = [(o.user["_id"], f) for o in outcomes for f in o.fallbacks]
+    return {"matching": sum(f.step == "matching" for _, f in used),
+            "writing": sum(f.step == "writing" for _, f in used),
+            "reasons": [f"{user_id}: {f.step}: {f.reason}" for user_id, f in used]}
+
+
+def build_report(*, campaign_id: str, run_started: datetime, finished: datetime, options: RunOptions,
+                 source_label: str, census: DormancyCensus, selected: Sequence[DormantMember], cooled_down: int,
+                 future_events: Sequence[FutureEvent], outcomes: Sequence[UserOutcome], steps_5_6_seconds: float,
+                 issues: DataIssues, firebase: Mapping[str, Any], errors: Sequence[str],
+                 llm_usage: Mapping[str, Any] | None) -> dict[str, Any]:
+    """Step 8: the plan's statistics and summary, plus who was skipped, segments, services and errors."""
+    matches = [o.match for o in outcomes if o.match is not None]
+    messages = [o.message for o in outcomes if o.message is not None]
+    skipped = [o.skip for o in outcomes if o.skip is not None]
     statistics = run_statistics(selected, future_events, matches, messages, errors)
     summary = {
         "total_dormant_users_found": census.dormant_total,
@@ -1805,13 +1639,18 @@ def build_report(*, campaign_id: str, run_started: datetime, options: RunOptions
                                        "confidence_percentage", "matcher")} for m in matches],
         "messages": [{k: m[k] for k in ("user_id", "event_id", "message_text", "sms_encoding",  # type: ignore[literal-required]
                                         "sms_segments", "generator")} for m in messages],
+        "firebase": dict(firebase),
+        "fallbacks": fallback_counts(outcomes),
+        "steps_5_6_seconds": round(steps_5_6_seconds, 3),
+        "duration_seconds": round((finished - run_started).total_seconds(), 3),
     }
-    report.update(extra or {})
+    if llm_usage is not None:
+        report["llm_usage"] = dict(llm_usage)
     return report
 
 
 # =============================================================================================
-# Service edges: where the data comes from (MongoDB, a folder, the demo world)
+# Service edges, step 1: where the data comes from (MongoDB, a mongoexport folder)
 # =============================================================================================
 
 
@@ -1830,19 +1669,6 @@ class DataSource(Protocol):
     label: str
 
     def read(self) -> SourceData: ...
-
-
-class DemoSource:
-    """The built-in sample world, generated for the run's ``now`` so it is valid any day."""
-
-    label = "demo"
-
-    def __init__(self, now: datetime) -> None:
-        self.now = now
-
-    def read(self) -> SourceData:
-        users, events = build_demo_world(self.now)
-        return SourceData(users, events)
 
 
 class FolderSource:
@@ -1877,12 +1703,23 @@ class MongoSource:
         self.db_name = db_name
 
     def read(self) -> SourceData:
+        from pymongo.errors import PyMongoError
+
         db = self.client.get_database(self.db_name)
-        users = list(db[USER_COLLECTION].find({}))
-        events = list(db[EVENT_COLLECTION].find({}))
+        try:
+            users = list(db[USER_COLLECTION].find({}))
+            events = list(db[EVENT_COLLECTION].find({}))
+        except PyMongoError as exc:
+            raise mongo_failure(exc) from None
         require_ids(users, f"MongoDB collection {USER_COLLECTION!r}")
         require_ids(events, f"MongoDB collection {EVENT_COLLECTION!r}")
         return SourceData(users, events)
+
+
+def mongo_failure(exc: Exception) -> ServiceError:
+    """pymongo's text names cluster hosts: only the kind of failure goes to stderr, logs and cron mail."""
+    return ServiceError(f"MongoDB: {exc.__class__.__name__} (check MONGO_URI or MONGO_HOST, the network and "
+                        "the credentials)")
 
 
 def connect_mongo(settings: Settings, insecure_tls: bool, logger: logging.Logger) -> Any:
@@ -1920,7 +1757,283 @@ def mongo_db_name(settings: Settings, client: Any) -> str:
 
 
 # =============================================================================================
-# Service edges: Claude for matching and copywriting, always validated, always with a fallback
+# Service edges, step 1: the demo world (``--demo``), fictional and generated for the run's ``now``
+# =============================================================================================
+
+
+class DemoEventTemplate(NamedTuple):
+    """One kind of demo event; ``slot`` "b" is brunch time, "d" dinner."""
+
+    name: str
+    categories: str  # space-separated
+    features: str  # space-separated
+    blurb: str
+    slot: str
+
+
+class DemoSource:
+    """The built-in sample world, generated for the run's ``now`` so it is valid any day."""
+
+    label = "demo"
+
+    def __init__(self, now: datetime) -> None:
+        self.now = now
+
+    def read(self) -> SourceData:
+        users, events = build_demo_world(self.now)
+        return SourceData(users, events)
+
+
+def build_demo_world(now: datetime) -> tuple[list[dict[str, Any]], list[dict[str, Any]]]:
+    """Return fictional raw (users, events) documents as Mongo would hand them over.
+
+    Why: the CLI must be demoable and testable without a database, so this builds
+    dormant / active / churned / eventless users and deliberately messy fields
+    (missing keys, odd id and date shapes) that the cleaning code has to survive.
+    Deterministic for a given `now` (fixed-seed RNG); all dates are relative to it.
+    """
+    rng = random.Random(20240611)
+    now = now.astimezone(UTC)
+    interests = [
+        "music", "clubbing", "food", "wine", "cocktails", "travel", "reading", "fashion",
+        "finance", "outdoor", "hiking", "fitness", "yoga", "art", "comedy", "theater", "film",
+        "tech", "startups", "photography", "cooking", "coffee", "brunch", "dancing", "games",
+        "sports", "networking", "jazz",
+    ]
+    # First interest always has an obvious event synonym, so every user is matchable.
+    core = [i for i in interests if i not in ("travel", "fashion", "finance", "photography")]
+    city = [  # Manhattan + Brooklyn: where events mostly happen
+        "hells-kitchen", "west-village", "east-village", "midtown-east", "soho", "tribeca",
+        "chelsea", "lower-east-side", "upper-west-side", "upper-east-side", "harlem",
+        "financial-district", "gramercy", "murray-hill", "flatiron", "chinatown",
+        "williamsburg", "greenpoint", "bushwick", "park-slope", "dumbo", "fort-greene",
+        "crown-heights",
+    ]
+    hoods = [*city, "astoria", "long-island-city"]
+    firsts = [
+        "Aaliyah", "Mateo", "Priya", "Jamal", "Sofia", "Wei", "Fatima", "Diego", "Hannah",
+        "Kwame", "Yuki", "Isabella", "Omar", "Grace", "Dmitri", "Amara", "Luis", "Mei", "Noah",
+        "Ananya", "Tariq", "Camila", "Ethan", "Nia", "Rafael", "Leah", "Hiroshi", "Maya",
+        "Santiago", "Esther", "Kofi", "Rosa", "Jae-won", "Thandiwe", "Bogdan", "Marisol",
+    ]
+    # Non-GSM-7 letters + one very long name; given to clean dormant users (SMS encoding).
+    special = ["Zoë", "Łukasz", "Siobhán", "Nguyễn", "Chloé", "Alexandrina-Konstantina-Maria"]
+    lasts = [
+        "Rivera", "Chen", "Patel", "Johnson", "Okafor", "Kim", "Goldberg", "Nguyen", "Rossi",
+        "Haddad", "Morales", "O'Brien", "Kowalski", "Tanaka", "Williams", "Mensah", "Cohen",
+        "Singh", "Garcia", "Park", "Ivanova", "Brown", "Diallo", "Ortiz",
+    ]
+    occupations = [
+        "AI Specialist", "Architect", "Editor", "Illustrator", "Urban Planner",
+        "Software Engineer", "Nurse", "Chef", "Product Designer", "Teacher", "Lawyer",
+        "Data Analyst", "Barista", "Photographer", "Consultant",
+    ]
+    templates = [DemoEventTemplate(*row) for row in [
+        ("Karaoke Night", "MUSIC BAR", "karaoke groups", "Belt out 2000s anthems in a private room", "d"),
+        ("Ramen Supper Club", "DINNER", "supper-club family-style", "Slurp four regional ramen styles at one long table", "d"),
+        ("Sunrise Hike & Brunch", "OUTDOOR BRUNCH", "hike coffee", "Walk the riverside trail, then share a big brunch", "b"),
+        ("Natural Wine Tasting", "WINE", "wine-tasting groups", "Taste six low-intervention wines with a sommelier", "d"),
+        ("Stand-up & Dinner", "COMEDY DINNER", "stand-up", "Catch a short stand-up set over a shared dinner", "d"),
+        ("Jazz Brunch", "MUSIC BRUNCH", "jazz live-music", "A live trio plays while we linger over eggs", "b"),
+        ("Board Game Night", "GAMES BAR", "board-games trivia groups", "Settle in for strategy games and a trivia round", "d"),
+        ("Rooftop DJ Night", "MUSIC BAR", "dj dancing rooftop cocktails", "Dance to a house DJ with skyline views", "d"),
+        ("Book Club Dinner", "BOOKS DINNER", "book-club family-style", "Discuss this month's novel over family-style plates", "d"),
+        ("Gallery Walk & Drinks", "ART BAR", "gallery cocktails", "Hop three small galleries, then grab a drink", "d"),
+        ("Run Club & Coffee", "FITNESS SPORTS", "run-club coffee", "Easy 5K loop followed by flat whites", "b"),
+        ("Pottery & Pasta", "ART COOKING DINNER", "pottery cooking-class", "Throw a bowl, then fill it with fresh pasta", "d"),
+        ("Startup Founders Dinner", "TECH NETWORKING DINNER", "startup-pitch speed-friending", "Founders swap notes and one-minute pitches", "d"),
+        ("Film Night & Tacos", "FILM DINNER", "film-screening", "Watch an indie classic with a taco spread", "d"),
+        ("Yoga & Juice", "FITNESS", "yoga", "A gentle flow class followed by cold-pressed juice", "b"),
+        ("Omakase Tasting Menu", "DINNER", "tasting-menu", "Twelve courses at an intimate counter", "d"),
+        ("Cocktail Masterclass", "BAR", "cocktails groups", "Learn three classic cocktails from a bartender", "d"),
+        ("Broadway Preview & Dinner", "THEATER DINNER", "groups", "Early dinner before a preview performance", "d"),
+        ("Open Mic & Mezcal", "MUSIC COMEDY BAR", "open-mic live-music", "Sign up for five minutes or just cheer", "d"),
+        ("Speed-Friending Mixer", "NETWORKING BAR", "speed-friending cocktails", "Meet twelve new people in an hour", "d"),
+        ("Pickup Soccer & Beers", "SPORTS OUTDOOR BAR", "groups", "Casual seven-a-side game, then the beer garden", "b"),
+        ("Dumpling Cooking Class", "COOKING DINNER", "cooking-class family-style", "Fold and pan-fry dumplings together", "d"),
+        ("Salsa Night & Tapas", "MUSIC DINNER", "dancing live-music", "Beginner salsa lesson with shared tapas", "d"),
+    ]]
+    venues = [
+        "Ember & Oak", "The Lantern Room", "Juniper Hall", "Fig & Thistle", "Saltwater Social",
+        "Blue Heron Loft", "The Tin Whistle", "Marigold Studio", "Paper Crane Kitchen",
+        "Dockside Commons", "The Velvet Note", "Copperleaf Table",
+    ]
+
+    def slug(text: str) -> str:
+        """ASCII-fold names so fictional emails stay plain."""
+        folded = unicodedata.normalize("NFKD", text.replace("ł", "l").replace("Ł", "L"))
+        return "".join(c for c in folded.encode("ascii", "ignore").decode() if c.isalnum()).lower()
+
+    def fmt(dt: datetime) -> str | int:
+        """Serialise one instant in one of the messy shapes seen in production."""
+        form = rng.choices(["z", "offset", "naive", "ms"], [78, 9, 6, 7])[0]
+        if form == "offset":
+            return dt.astimezone(timezone(timedelta(hours=-5))).isoformat(timespec="seconds")
+        if form == "naive":
+            return dt.strftime("%Y-%m-%dT%H:%M:%S")  # UTC wall time, zone dropped
+        if form == "ms":
+            return int(dt.timestamp() * 1000)
+        return dt.strftime("%Y-%m-%dT%H:%M:%S.000Z")
+
+    def at(days: int, slot: str) -> datetime:
+        """NYC brunch (15-16 UTC) or evening (23-00 UTC) slot `days` from now."""
+        hour = rng.choice([15, 16]) if slot == "b" else rng.choice([23, 0])
+        day = now + timedelta(days=days)
+        return day.replace(hour=hour, minute=rng.choice([0, 30]), second=0, microsecond=0)
+
+    def ref(u: int) -> str | dict[str, str]:
+        """Participant entry: mostly a plain id, sometimes wrapped."""
+        r = rng.random()
+        if r < 0.82:
+            return uid[u]
+        return {("_id" if r < 0.88 else "userId" if r < 0.94 else "id"): uid[u]}
+
+    # --- users: a role decides when their last event happened -------------------
+    roles = ["none"] * 20 + ["dormant"] * 55 + ["active"] * 130 + ["churned"] * 95
+    rng.shuffle(roles)
+    uid = [f"64d0{i:020x}" for i in range(len(roles))]
+    by_role = {r: [i for i, x in enumerate(roles) if x == r] for r in ("none", "dormant", "active", "churned")}
+    showcase = by_role["dormant"][:10]  # clean dormant users covering all history buckets
+    kinds = [  # ~7% messy; the first 8 go to dormant users so filtering shows up in the demo
+        "sparse", "int_empty", "int_blank", "int_str", "no_first", "oid", "jersey", "no_last",
+        "no_last", "no_phone", "no_phone", "no_gender", "no_occupation", "no_hood", "sparse",
+        "sparse", "int_none", "jersey", "no_first", "oid",
+    ]
+    others = [i for i in range(len(roles)) if roles[i] != "dormant"]
+    victims = rng.sample(by_role["dormant"][10:], 8) + rng.sample(others, len(kinds) - 8)
+    messy = dict(zip(victims, kinds))
+    drop = {
+        "no_last": ("lastName",), "no_phone": ("phone",), "no_gender": ("gender",),
+        "no_occupation": ("occupation",), "no_hood": ("homeNeighborhood",), "no_first": ("firstName",),
+        "sparse": ("lastName", "phone", "gender", "occupation", "homeNeighborhood"),
+    }
+    bad_interests: dict[str, Any] = {"int_empty": [], "int_none": None, "int_blank": [""]}
+    users: list[dict[str, Any]] = []
+    for i in range(len(roles)):
+        first = special[showcase.index(i)] if i in showcase[: len(special)] else rng.choice(firsts)
+        last = rng.choice(lasts)
+        top = rng.choice(core)
+        picked = [top] + [x for x in rng.sample(interests, rng.randint(0, 5)) if x != top]
+        doc: dict[str, Any] = {
+            "_id": uid[i], "firstName": first, "lastName": last,
+            "email": f"{slug(first)}.{slug(last)}{i}@example.com", "phone": f"+121255501{i % 100:02d}",
+            "gender": rng.choices(["female", "male", "non-binary"], [48, 46, 6])[0],
+            "interests": picked, "occupation": rng.choice(occupations), "homeNeighborhood": rng.choice(hoods),
+        }
+        kind = messy.get(i, "")
+        doc = {k: v for k, v in doc.items() if k not in drop.get(kind, ())}
+        if kind in bad_interests:
+            doc["interests"] = bad_interests[kind]
+        elif kind == "int_str":
+            doc["interests"] = ", ".join(picked)
+        elif kind == "jersey":
+            doc["homeNeighborhood"] = "jersey-city"
+        elif kind == "oid":
+            doc["_id"] = {"$oid": uid[i]}
+        users.append(doc)
+
+    # --- past events: pick day offsets per window, then seat users --------------
+    days = sorted(
+        [rng.randint(1, 28) for _ in range(25)] + [rng.randint(33, 88) for _ in range(20)]
+        + [rng.randint(93, 400) for _ in range(55)],
+        reverse=True,
+    )
+    plan = [(rng.choice(templates), d) for d in days]
+    starts = [at(-d, tpl.slot) for tpl, d in plan]
+    members: list[list[int]] = [[] for _ in plan]
+    windows = {"active": (1, 28), "dormant": (33, 88), "churned": (93, 400)}
+    anchor: dict[int, int] = {}
+    for role, (lo, hi) in windows.items():
+        pool = [e for e, d in enumerate(days) if lo <= d <= hi]
+        for u in by_role[role]:
+            e = min(rng.sample(pool, 2), key=lambda x: len(members[x]))  # keep seats balanced
+            members[e].append(u)
+            anchor[u] = e
+    bucket_showcase = [1, 3, 6, 9, 11, 13, 16, 18, 21, 24]  # total events, dormant showcase
+    for role in windows:
+        for k, u in enumerate(by_role[role]):
+            if role == "dormant":
+                want = bucket_showcase[k] - 1 if k < 10 else rng.choice([0, 0, 1, 1, 2, 3, 4, 6])
+            else:
+                want = rng.choice([0, 0, 1, 1, 2, 3, 5] if role == "active" else [0, 0, 0, 1, 2])
+            older = [x for x in range(len(plan)) if starts[x] < starts[anchor[u]] and len(members[x]) < 12]
+            for x in rng.sample(older, min(want, len(older))):
+                members[x].append(u)
+    for e, seated in enumerate(members):  # top up thin events without moving anyone's last event
+        later = [u for u, a in anchor.items() if starts[a] > starts[e] and u not in seated]
+        seated.extend(rng.sample(later, max(0, 2 - len(seated))))
+
+    events: list[dict[str, Any]] = []
+
+    def add(tpl: DemoEventTemplate, when: Any, seated: list[int], owner: int, **extra: Any) -> dict[str, Any]:
+        """Append one raw event document built from a template."""
+        venue = rng.choice(venues)
+        hood = rng.choice(hoods if rng.random() < 0.1 else city)
+        doc = {
+            "_id": f"65e0{len(events):020x}", "name": tpl.name, "description": f"{tpl.blurb} at {venue}.",
+            "venueName": venue, "neighborhood": hood, "categories": tpl.categories.split(),
+            "features": tpl.features.split(), "participants": [ref(u) for u in seated],
+            "maxParticipants": max(len(seated), rng.randint(4, 20)), "startDate": when,
+            "type": "private" if rng.random() < 0.1 else "public", "active": rng.random() > 0.08,
+            "eventStatus": rng.choices(["approved", "pending", "cancelled", None], [85, 4, 5, 6])[0],
+            "ownerId": uid[owner],
+        }
+        doc.update(extra)
+        if doc["eventStatus"] is None:
+            del doc["eventStatus"]
+        events.append(doc)
+        return doc
+
+    for (tpl, _), start, seated in zip(plan, starts, members):
+        add(tpl, fmt(start), seated, rng.choice(seated))
+    for e, odd in zip(rng.sample(range(len(events)), 4), [None, 42, {"name": "x"}, "dup"]):
+        plist = events[e]["participants"]
+        plist.append(plist[0] if odd == "dup" else odd)
+
+    # --- future events: first pass of templates all open; then the edge cases ----
+    states = {
+        23: "full", 24: "full", 25: "full", 26: "full", 27: "over", 28: "nomax", 29: "zero",
+        30: "private", 31: "private", 32: "private", 33: "inactive", 34: "inactive",
+        35: "pending", 36: "cancelled", 37: "nostatus",
+    }
+    active = by_role["active"][:60]  # only some active users already hold a future RSVP
+    for f in range(50):
+        tpl = templates[f % len(templates)]
+        if f == 3:
+            tpl = tpl._replace(name=tpl.name + ": Orange, Pét-Nat & Skin-Contact Pours from Finger Lakes Producers")
+        state = states.get(f, ("low", "mid", "high")[f % 3])
+        cap = rng.randint(12, 20) if state == "high" else rng.randint(4, 20)
+        n = {
+            "low": int(cap * rng.uniform(0, 0.29)), "high": cap - rng.randint(1, 2), "full": cap,
+            "over": cap + 2, "nomax": rng.randint(2, 8), "zero": rng.randint(1, 3),
+        }.get(state, round(cap * rng.uniform(0.5, 0.8)))
+        extra: dict[str, Any] = {
+            "maxParticipants": 0 if state == "zero" else cap, "type": "private" if state == "private" else "public",
+            "active": state != "inactive", "eventStatus": state if state in ("pending", "cancelled") else "approved",
+        }
+        if state == "nostatus":
+            extra["eventStatus"] = None
+        doc = add(tpl, fmt(at(rng.randint(1, 30), tpl.slot)), rng.sample(active, n), rng.choice(active), **extra)
+        if state == "nomax":
+            del doc["maxParticipants"]
+    for when in ("TBD", None):  # undated drafts; only an already-active owner is attached
+        owner = rng.choice(active)
+        add(rng.choice(templates), when, [owner], owner, type="private", eventStatus="pending")
+
+    # --- createdAt: before each user's first event; some users lack it ----------
+    first_seen: dict[int, datetime] = {}
+    for e, seated in enumerate(members):
+        for u in seated:
+            first_seen[u] = min(first_seen.get(u, starts[e]), starts[e])
+    for i, doc in enumerate(users):
+        if rng.random() < 0.85:
+            base = first_seen.get(i, now) - timedelta(days=rng.randint(1, 60), minutes=rng.randint(0, 1440))
+            doc["createdAt"] = base.strftime("%Y-%m-%dT%H:%M:%S.000Z")
+    return users, events
+
+
+# =============================================================================================
+# Service edges, steps 5-6: Claude for matching and copywriting, always validated, with a fallback
 # =============================================================================================
 
 # Sonnet 5.5 is the current Sonnet: fast, cheap enough for a daily batch of a few dozen calls, and
@@ -1972,11 +2085,11 @@ class ClaudeConfig:
                 raise UsageError("ANTHROPIC_PRICES must be JSON like {\"model\": [in, out, read, write]}") from None
             prices.update(table)  # type: ignore[arg-type]
         try:
-            retries = int(get("ANTHROPIC_MAX_RETRIES") or 4)
-            timeout = float(get("ANTHROPIC_TIMEOUT") or 60)
+            retries = int(get("ANTHROPIC_MAX_RETRIES") or cls.max_retries)
+            timeout = float(get("ANTHROPIC_TIMEOUT") or cls.timeout)
         except ValueError:
             raise UsageError("ANTHROPIC_MAX_RETRIES and ANTHROPIC_TIMEOUT must be numbers") from None
-        effort = (get("ANTHROPIC_EFFORT") or "low").lower()
+        effort = (get("ANTHROPIC_EFFORT") or cls.effort or "none").lower()
         if effort not in EFFORT_LEVELS:
             raise UsageError(f"ANTHROPIC_EFFORT must be one of {', '.join(EFFORT_LEVELS)}")
         return cls(match_model=get("ANTHROPIC_MATCH_MODEL") or model,
@@ -2356,7 +2469,7 @@ class ClaudeAdvisor:
 
 
 # =============================================================================================
-# Service edges: Firebase Realtime Database (one store, swappable transports)
+# Service edges, step 7: Firebase (REST or the local mirror) and the dashboard writer
 # =============================================================================================
 
 NULL_ETAG = "null_etag"  # the ETag of an empty location: ``if-match: null_etag`` means "only if empty"
@@ -2841,23 +2954,149 @@ class DashboardList:
         raise FirebaseError(f"{self.path}: gave up after {self.MAX_TRIES} conflicting appends")
 
 
-class FirebaseStore:
-    """Step 7's writer: one interface over the REST API and the local mirror.
+class DashboardWriter:
+    """Step 7's one home: everything this run writes to the dashboard, and what it could not write.
 
-    ``users``/``events`` and the campaign archive are replaced; ``matches``/``messages`` are
-    appended through ``DashboardList``. Failures raise ``FirebaseError``; the campaign records them
-    per path and carries on.
+    Its surface is small: the cooldown read (``recent_recipients``), ``open_lists`` before the
+    first result, ``submit`` for each member's result (written in rank order), ``save_campaign``
+    for the replaced lists and the archive, and ``writes``, the one answer to "may this run write?".
+    Failures never raise out of it: each is logged once, kept in ``errors``, and what it cost is
+    listed in ``not_written``.
     """
 
-    def __init__(self, transport: FirebaseTransport) -> None:
+    LIST_KEYS = ("matches", "messages")
+
+    def __init__(self, transport: FirebaseTransport | None, logger: logging.Logger, *, dry_run: bool,
+                 updated_at: str) -> None:
         self.transport = transport
+        self.logger = logger
+        self.dry_run = dry_run
+        self.updated_at = updated_at
+        self.lists: dict[str, DashboardList] = {}
+        self.broken: set[str] = set()  # lists that failed mid-run: not retried this run
+        self.written: list[str] = []
+        self.not_written: list[str] = []
+        self.errors: list[str] = []
+        self.stood_down: str | None = None  # why nothing (more) is written this run
+        self._messages_read: tuple[Any, str] | None = None  # the cooldown's read, reused to open the list
+        self._waiting: dict[int, tuple[Match | None, Message | None]] = {}  # results above the next rank
+        self._next_rank = 0
 
-    def replace(self, path: str, value: Any) -> None:
-        self.transport.put(path, firebase_ready(value))
+    @property
+    def writes(self) -> bool:
+        """Whether this run writes to the dashboard: a store, no dry run, nothing that made it stand down."""
+        return self.transport is not None and not self.dry_run and self.stood_down is None
 
-    def open_list(self, path: str, key: str, updated_at: str, snapshot: tuple[Any, str] | None = None
-                  ) -> DashboardList:
-        return DashboardList(self.transport, path, key, updated_at).open(snapshot)
+    @property
+    def target(self) -> str:
+        return self.transport.description if self.transport is not None and not self.dry_run else "none (dry run)"
+
+    @property
+    def bytes_sent(self) -> int:
+        return self.transport.bytes_sent if self.transport is not None else 0
+
+    def failed(self, what: str, exc: Exception, label: str | None = None) -> None:
+        """Record a failure once: the error, the log line, and what was not written."""
+        self.errors.append(f"Firebase {what}: {exc}")
+        self.logger.error("Firebase %s: %s", what, exc)
+        if label:
+            self.not_written.append(label)
+
+    def recent_recipients(self, since: datetime) -> set[str]:
+        """Members with a message generated at or after ``since``; raises FirebaseError when unreadable."""
+        if self.transport is None:
+            return set()
+        self._messages_read = self.transport.get("messages")
+        return {str(item["user_id"]) for item in as_item_list(self._messages_read[0], "messages")
+                if item.get("user_id") and (when := to_utc(item.get("generated_at"))) is not None and when >= since}
+
+    def stand_down(self, what: str, exc: Exception) -> None:
+        """Write nothing more this run (for example: who was messaged recently cannot be known)."""
+        self.stood_down = what
+        self.failed(what, exc)
+
+    def open_lists(self) -> None:
+        """Open the appended dashboard lists before the first result, healing them if needed."""
+        if not self.writes:
+            return
+        for key in self.LIST_KEYS:
+            snapshot = self._messages_read if key == "messages" else None
+            try:
+                self.lists[key] = DashboardList(self.transport, key, key, self.updated_at).open(snapshot)
+            except FirebaseError as exc:
+                self.failed(key, exc)
+
+    def submit(self, rank: int, match: Match | None, message: Message | None) -> None:
+        """One member's result; written once every member ranked above it is final (rank order).
+
+        After the run stood down, each item is listed as not written, so the report says what is missing.
+        """
+        if self.transport is None or self.dry_run:
+            return
+        self._waiting[rank] = (match, message)
+        while self._next_rank in self._waiting:
+            ready = self._waiting.pop(self._next_rank)
+            self._next_rank += 1
+            for key, item in zip(self.LIST_KEYS, ready):
+                if item is not None:
+                    self._append(key, item)
+
+    def _append(self, key: str, item: Mapping[str, Any]) -> None:
+        """One item to a dashboard list; after a failure the list is not retried this run."""
+        target = self.lists.get(key) if self.writes and key not in self.broken else None
+        label = f"{key} ({item.get('user_id')}, {item.get('event_id')})"
+        if target is None:
+            self.not_written.append(label)
+            return
+        try:
+            if not target.add(item):
+                self.logger.info("Firebase %s: already there, not added again", label)
+        except CountNotUpdated as exc:
+            self.failed(f"{key} (item written, count not updated)", exc, f"{key} count")
+            self.broken.add(key)
+        except FirebaseError as exc:
+            self.failed(key, exc, label)
+            self.broken.add(key)
+
+    def save_campaign(self, campaign_id: str, users: Sequence[Mapping[str, Any]], matches: Sequence[Match],
+                      messages: Sequence[Message], stats: Mapping[str, Any]) -> None:
+        """The dashboard's users and events (replaced), and the campaign archive."""
+        if self.transport is None or self.dry_run:
+            self.logger.info("Step 7: dry run, nothing written to Firebase")
+            return
+        updated = self.updated_at
+        users_payload = [dashboard_user(u) for u in users]
+        events_payload = unique_matched_events(matches)
+        plan: list[tuple[str, Any]] = []
+        if users:  # a run that selects no one leaves the dashboard's users and events as they were
+            plan += [("users", listing("users", users_payload, updated)),
+                     ("events", listing("events", events_payload, updated))]
+        plan += [
+            (f"campaigns/{campaign_id}/metadata", {"id": campaign_id, "name": CAMPAIGN_NAME,
+                                                   "created_at": updated, "stats": dict(stats)}),
+            (f"campaigns/{campaign_id}/users", listing("users", users_payload, updated)),
+            (f"campaigns/{campaign_id}/events", listing("events", events_payload, updated)),
+            (f"campaigns/{campaign_id}/matches", listing("matches", list(matches), updated)),
+            (f"campaigns/{campaign_id}/messages", listing("messages", list(messages), updated)),
+        ]
+        for path, payload in plan:
+            if not self.writes:
+                self.not_written.append(path)
+                continue
+            try:
+                self.transport.put(path, firebase_ready(payload))
+                self.written.append(path)
+            except FirebaseError as exc:
+                self.failed(path, exc, path)
+        self.written += [key if key not in self.broken else f"{key} ({dashboard.added} items before the failure)"
+                         for key, dashboard in self.lists.items() if key not in self.broken or dashboard.added]
+        self.logger.info("Step 7: %d paths written to %s, %d not written, %d bytes sent", len(self.written),
+                         self.transport.description, len(self.not_written), self.transport.bytes_sent)
+
+    def summary(self) -> dict[str, Any]:
+        """The report's ``firebase`` section."""
+        return {"target": self.target, "written": list(self.written), "not_written": list(self.not_written),
+                "errors": list(self.errors), "bytes_sent": self.bytes_sent}
 
 
 # =============================================================================================
@@ -2867,78 +3106,45 @@ class FirebaseStore:
 
 @dataclass
 class RunResult:
-    """What a run produced, for the CLI's exit code and for tests."""
+    """What a run produced: the report and what ``main`` tells the operator. The exit-code rule lives here."""
 
     campaign_id: str
     report: dict[str, Any]
     report_path: Path
-    exit_code: int
+    firebase: dict[str, Any]
+    claude_unavailable: str | None
 
+    @property
+    def firebase_failed(self) -> bool:
+        return bool(self.firebase["not_written"] or self.firebase["errors"])
 
-@dataclass(frozen=True)
-class Fallback:
-    """Claude's answer was not used for one step ("match" or "sms"), and why."""
-
-    step: str
-    reason: str
-
-
-@dataclass
-class UserOutcome:
-    """One selected member after steps 5 and 6: a match and message, or a reason for neither."""
-
-    rank: int
-    user: Mapping[str, Any]
-    match: Match | None = None
-    message: Message | None = None
-    skip: Skip | None = None
-    fallbacks: list[Fallback] = field(default_factory=list)
+    @property
+    def exit_code(self) -> int:
+        return EXIT_FAILURE if self.firebase_failed else EXIT_OK
 
 
 class ReturnToTable:
-    """One campaign run: fetch, rank, pick events, summarise, match, write, store, report.
+    """One campaign run: the plan's eight steps, in order, and nothing else.
 
-    I/O happens at the edges (the source, Claude, the store, the files under ``out``); every
-    decision is a pure function above, so each step can be tested on its own.
+    Each step is a pure function above; this class only sequences them and does the I/O at the
+    edges: the source, Claude (``ClaudeAdvisor``), the dashboard (``DashboardWriter``) and the
+    files under ``--out``.
     """
 
     def __init__(self, options: RunOptions, settings: Settings, logger: logging.Logger, *,
-                 source: DataSource, store: FirebaseStore | None, hoods: NeighbourhoodMap,
+                 source: DataSource, dashboard: DashboardWriter, hoods: NeighbourhoodMap,
                  advisor: ClaudeAdvisor | None = None) -> None:
         self.options = options
         self.logger = logger
         self.source = source
-        self.store = store
+        self.dashboard = dashboard
         self.hoods = hoods
         self.advisor = advisor
         self.zone = settings.zone
         self.issues = DataIssues()
-        self.errors: list[str] = []
         self.data_dir = options.out_dir / "data"
-        self.lists: dict[str, DashboardList] = {}
-        self.not_written: list[str] = []
-        self.written: list[str] = []
-        self.firebase_errors: list[str] = []
-        self.firebase_down = False  # unreadable at the start: nothing is written this run
-        self.messages_snapshot: tuple[Any, str] | None = None  # read for the cooldown, reused to open the list
-        self.broken_lists: set[str] = set()  # dashboard lists that failed mid-run
-        self.pending: dict[int, UserOutcome] = {}  # finished members waiting for a higher-ranked one
-        self.next_rank = 0
 
-    @property
-    def can_write(self) -> bool:
-        """Whether this run writes to Firebase at all (a dry run never does)."""
-        return self.store is not None and not self.options.dry_run
-
-    def firebase_failed(self, what: str, exc: Exception, label: str | None = None) -> None:
-        """Record a Firebase failure once: the error, the log line, and what was not written."""
-        self.firebase_errors.append(f"Firebase {what}: {exc}")
-        self.errors.append(f"Firebase {what}: {exc}")
-        self.logger.error("Firebase %s: %s", what, exc)
-        if label:
-            self.not_written.append(label)
-
-    # --- step 1 ---------------------------------------------------------------------------
+    # --- step 1: fetch, find and rank the dormant members -----------------------------------
 
     def fetch(self) -> tuple[list[dict[str, Any]], list[dict[str, Any]]]:
         data = self.source.read()
@@ -2958,34 +3164,27 @@ class ReturnToTable:
                       events: Sequence[Mapping[str, Any]]) -> DormancyCensus:
         activity = index_member_activity(events, self.issues)
         census = find_dormant_users(users, activity, self.options.now)
-        for user in census.eligible:
-            user["summary"] = user_summary(user)
         write_json(self.data_dir / "processed" / "dormant_users.json", census.eligible, private=True)
         self.logger.info("Step 1: %d dormant members, %d personalisation-ready (statuses: %s)",
                          census.dormant_total, len(census.eligible), census.status_counts)
         return census
 
-    def recently_messaged(self) -> set[str]:
+    def cooldown(self) -> set[str]:
         """Members with a message generated within the cooldown, or later than ``now``."""
-        if self.store is None or self.options.cooldown_days <= 0:
+        if self.options.cooldown_days <= 0:
             return set()
         try:
-            self.messages_snapshot = self.store.transport.get("messages")
+            return self.dashboard.recent_recipients(self.options.now - timedelta(days=self.options.cooldown_days))
         except FirebaseError as exc:
             if self.options.dry_run:
                 self.logger.warning("Cooldown not applied in this dry run: %s", exc)
-                return set()
-            # Without knowing who was messaged, writing could draft someone twice: write nothing.
-            self.firebase_down = True
-            self.firebase_failed("messages (unreadable, nothing will be written this run)", exc)
+            else:  # without knowing who was messaged, writing could draft someone twice
+                self.dashboard.stand_down("messages (unreadable, nothing will be written this run)", exc)
             return set()
-        since = self.options.now - timedelta(days=self.options.cooldown_days)
-        return {str(item["user_id"]) for item in as_item_list(self.messages_snapshot[0], "messages")
-                if item.get("user_id") and (when := to_utc(item.get("generated_at"))) is not None and when >= since}
 
-    def select(self, census: DormancyCensus) -> tuple[list[dict[str, Any]], int]:
+    def select(self, census: DormancyCensus) -> tuple[list[DormantMember], int]:
         """The top ``--limit`` eligible members not messaged within the cooldown."""
-        recent = self.recently_messaged()
+        recent = self.cooldown()
         pool = [u for u in census.eligible if u["_id"] not in recent]
         left_out = len(census.eligible) - len(pool)
         if left_out:
@@ -2998,16 +3197,16 @@ class ReturnToTable:
                              user["days_inactive"], user["eventCount"])
         return selected, left_out
 
-    # --- step 2 ---------------------------------------------------------------------------
+    # --- step 2: future public events (steps 3-4, the summaries, are attached in steps 1-2) --
 
-    def future_events(self, events: Sequence[Mapping[str, Any]]) -> list[dict[str, Any]]:
+    def future_events(self, events: Sequence[Mapping[str, Any]]) -> list[FutureEvent]:
         future = find_future_events(events, self.options.now)
         write_json(self.data_dir / "processed" / "future_events.json", future)
         open_count = sum(1 for e in future if e["remaining_spots"] != 0)
         self.logger.info("Step 2: %d future public events, %d with open spots", len(future), open_count)
         return future
 
-    # --- steps 5-6 ------------------------------------------------------------------------
+    # --- steps 5-6: match each member and write the SMS -------------------------------------
 
     def choose_event(self, user: Mapping[str, Any], candidates: Sequence[Candidate],
                      outcome: UserOutcome) -> Match | None:
@@ -3018,7 +3217,7 @@ class ReturnToTable:
                 chosen, confidence, reasoning = self.advisor.choose(
                     user, candidates[: self.options.candidates], self.zone, now)
             except InvalidAnswer as exc:
-                outcome.fallbacks.append(Fallback("match", str(exc)))
+                outcome.fallbacks.append(Fallback("matching", str(exc)))
                 self.logger.warning("Claude match for %s fell back to rules: %s", user["_id"], exc)
             else:
                 if confidence < floor:
@@ -3042,11 +3241,10 @@ class ReturnToTable:
                 text, notes = self.advisor.write(facts, match["user"])
                 return build_message(match, text, generator="claude", notes=notes, now=now)
             except InvalidAnswer as exc:
-                outcome.fallbacks.append(Fallback("sms", str(exc)))
+                outcome.fallbacks.append(Fallback("writing", str(exc)))
                 self.logger.warning("Claude SMS for %s fell back to the template: %s", match["user_id"], exc)
-        try:
-            text = write_template_sms(facts)
-        except ValueError:
+        text = write_template_sms(facts)
+        if text is None:
             return None
         return build_message(match, text, generator="template", notes=template_notes(facts), now=now)
 
@@ -3059,9 +3257,8 @@ class ReturnToTable:
             match = candidate_match(user, c, self.zone, now,
                                     " (The first choice could not be phrased within the SMS limits.)")
             facts = message_facts(match, self.zone, now)
-            try:
-                text = write_template_sms(facts)
-            except ValueError:
+            text = write_template_sms(facts)
+            if text is None:
                 continue
             return match, build_message(match, text, generator="template", notes=template_notes(facts), now=now)
         return None
@@ -3086,11 +3283,10 @@ class ReturnToTable:
                                     f"no SMS within the contract for {chosen['event_name']!r} or the next events")
         return outcome
 
-    def process_all(self, selected: Sequence[Mapping[str, Any]],
-                    events: Sequence[Mapping[str, Any]]) -> list[UserOutcome]:
+    def process_all(self, selected: Sequence[DormantMember], events: Sequence[FutureEvent]) -> list[UserOutcome]:
         """Every selected member, concurrently (bounded) on the Claude path; results in rank order.
 
-        Each member's result is saved (local files, Firebase) as soon as it is final.
+        Each member's result is saved (local files, the dashboard) as soon as it is final.
         """
         done: list[UserOutcome] = []
         if self.advisor is None or self.options.concurrency <= 1 or len(selected) <= 1:
@@ -3104,7 +3300,7 @@ class ReturnToTable:
         return sorted(done, key=lambda o: o.rank)
 
     def finish_user(self, outcome: UserOutcome, done: list[UserOutcome]) -> None:
-        """Log one member's result and save it at once: local files in rank order, then Firebase."""
+        """Log one member's result and save it at once: local files in rank order, then the dashboard."""
         done.append(outcome)
         if outcome.match is not None:
             m = outcome.match
@@ -3119,90 +3315,23 @@ class ReturnToTable:
         write_json(self.data_dir / "processed" / "matches.json", [o.match for o in ordered if o.match], private=True)
         write_json(self.data_dir / "processed" / "messages.json", [o.message for o in ordered if o.message],
                    private=True)
-        if not self.can_write:
-            return
-        # Firebase keeps rank order too: a member is written once everyone ranked above is final.
-        self.pending[outcome.rank] = outcome
-        while self.next_rank in self.pending:
-            ready = self.pending.pop(self.next_rank)
-            self.next_rank += 1
-            for key, item in (("matches", ready.match), ("messages", ready.message)):
-                if item is not None:
-                    self.append(key, item)
+        self.dashboard.submit(outcome.rank, outcome.match, outcome.message)
 
-    # --- step 7 ---------------------------------------------------------------------------
+    # --- step 8: the report -------------------------------------------------------------------
 
-    def open_lists(self) -> None:
-        """Open the appended dashboard lists before the first result, healing them if needed."""
-        if self.store is None or self.options.dry_run or self.firebase_down:
-            return
-        updated = iso_utc(self.options.now) or ""
-        for key in ("matches", "messages"):
-            try:
-                snapshot = self.messages_snapshot if key == "messages" else None
-                self.lists[key] = self.store.open_list(key, key, updated, snapshot)
-            except FirebaseError as exc:
-                self.firebase_failed(key, exc)
+    def write_report(self, campaign_id: str, report: Mapping[str, Any]) -> Path:
+        reports = self.options.out_dir / "reports"
+        write_json(reports / f"return_to_table_report_{campaign_id}.json", report, private=True)
+        report_path = reports / f"return_to_table_report_{campaign_id}.md"
+        write_text_private(report_path, report_markdown(report))
+        s = report["summary"]
+        self.logger.info("Step 8: %d dormant, %d ready, %d matched, %d messages, %d SMS segments, %d errors. "
+                         "Report: %s", s["total_dormant_users_found"], s["total_users_with_complete_profiles"],
+                         s["total_matches_created"], s["total_messages_generated"], s["total_sms_segments"],
+                         s["error_count"], report_path)
+        return report_path
 
-    def append(self, key: str, item: Mapping[str, Any]) -> None:
-        """One item to a dashboard list; after a failure the list is not retried this run."""
-        target = None if key in self.broken_lists else self.lists.get(key)
-        label = f"{key} ({item.get('user_id')}, {item.get('event_id')})"
-        if target is None:
-            self.not_written.append(label)
-            return
-        try:
-            if not target.add(item):
-                self.logger.info("Firebase %s: already there, not added again", label)
-        except CountNotUpdated as exc:
-            self.firebase_failed(f"{key} (item written, count not updated)", exc, f"{key} count")
-            self.broken_lists.add(key)
-        except FirebaseError as exc:
-            self.firebase_failed(key, exc, label)
-            self.broken_lists.add(key)
-
-    def save_to_firebase(self, campaign_id: str, selected: Sequence[Mapping[str, Any]],
-                         matches: Sequence[Match], messages: Sequence[Message], stats: Mapping[str, Any]
-                         ) -> dict[str, Any]:
-        """The dashboard's users and events, and the campaign archive; failures listed, not raised."""
-        if self.store is None or not self.can_write:
-            self.logger.info("Step 7: dry run, nothing written to Firebase")
-            return {"target": "none (dry run)", "written": [], "not_written": [], "errors": [], "bytes_sent": 0}
-        store = self.store
-        updated = iso_utc(self.options.now) or ""
-        users_payload = [dashboard_user(u) for u in selected]
-        events_payload = unique_matched_events(matches)
-        plan: list[tuple[str, Any]] = []
-        if selected:  # a run that selects no one leaves the dashboard's users and events as they were
-            plan += [("users", listing("users", users_payload, updated)),
-                     ("events", listing("events", events_payload, updated))]
-        plan += [
-            (f"campaigns/{campaign_id}/metadata", {"id": campaign_id, "name": CAMPAIGN_NAME,
-                                                   "created_at": updated, "stats": dict(stats)}),
-            (f"campaigns/{campaign_id}/users", listing("users", users_payload, updated)),
-            (f"campaigns/{campaign_id}/events", listing("events", events_payload, updated)),
-            (f"campaigns/{campaign_id}/matches", listing("matches", list(matches), updated)),
-            (f"campaigns/{campaign_id}/messages", listing("messages", list(messages), updated)),
-        ]
-        for path, payload in plan:
-            if self.firebase_down:
-                self.not_written.append(path)
-                continue
-            try:
-                store.replace(path, payload)
-                self.written.append(path)
-            except FirebaseError as exc:
-                self.firebase_failed(path, exc, path)
-        self.written += [key if key not in self.broken_lists else f"{key} ({dashboard.added} items before the failure)"
-                         for key, dashboard in self.lists.items()
-                         if key not in self.broken_lists or dashboard.added]
-        self.logger.info("Step 7: %d paths written to %s, %d not written, %d bytes sent", len(self.written),
-                         store.transport.description, len(self.not_written), store.transport.bytes_sent)
-        return {"target": store.transport.description, "written": list(self.written),
-                "not_written": list(self.not_written), "errors": list(self.firebase_errors),
-                "bytes_sent": store.transport.bytes_sent}
-
-    # --- the whole run ---------------------------------------------------------------------
+    # --- the whole run ------------------------------------------------------------------------
 
     def fresh_campaign_id(self, started: datetime) -> str:
         """The run's id; a second run within the same second takes the next free second."""
@@ -3218,52 +3347,33 @@ class ReturnToTable:
         self.logger.info("Campaign %s as of %s (source: %s, matcher: %s%s)", campaign_id,
                          iso_utc(options.now), self.source.label, "claude" if self.advisor else "rules",
                          ", dry run" if options.dry_run else "")
-        users, events = self.fetch()
+        users, events = self.fetch()                       # step 1
         census = self.dormant_users(users, events)
         selected, cooled_down = self.select(census)
-        future = self.future_events(events)
-
-        self.open_lists()
+        future = self.future_events(events)                # step 2 (3-4: summaries attached)
+        self.dashboard.open_lists()
         clock = time.monotonic()
-        outcomes = self.process_all(selected, future)
+        outcomes = self.process_all(selected, future)      # steps 5-6
         steps_5_6_seconds = time.monotonic() - clock
         matches = [o.match for o in outcomes if o.match is not None]
         messages = [o.message for o in outcomes if o.message is not None]
-        skipped = [o.skip for o in outcomes if o.skip is not None]
-        fallbacks = [f"{o.user['_id']}: {f.step}: {f.reason}" for o in outcomes for f in o.fallbacks]
         self.logger.info("Steps 5-6: %d matches, %d messages, %d skipped, %d fallbacks in %.1f s", len(matches),
-                         len(messages), len(skipped), len(fallbacks), steps_5_6_seconds)
-
-        firebase = self.save_to_firebase(campaign_id, selected, matches, messages,
-                                         run_statistics(selected, future, matches, messages, self.errors))
-        extra: dict[str, Any] = {
-            "firebase": firebase,
-            "fallbacks": {"match": sum(f.step == "match" for o in outcomes for f in o.fallbacks),
-                          "sms": sum(f.step == "sms" for o in outcomes for f in o.fallbacks),
-                          "reasons": fallbacks},
-            "steps_5_6_seconds": round(steps_5_6_seconds, 3),
-        }
-        if self.advisor is not None:
-            extra["llm_usage"] = self.advisor.usage_report()
-            if self.advisor.unavailable:
-                self.logger.error("Claude was unavailable (%s): rules and template were used", self.advisor.unavailable)
-        extra["duration_seconds"] = round((datetime.now(UTC) - started).total_seconds(), 3)
-        report = build_report(
-            campaign_id=campaign_id, run_started=started, options=options, source_label=self.source.label,
-            census=census, selected=selected, cooled_down=cooled_down, future_events=future,
-            matches=matches, messages=messages, skipped=skipped, issues=self.issues, errors=self.errors,
-            extra=extra)
-        reports = options.out_dir / "reports"
-        write_json(reports / f"return_to_table_report_{campaign_id}.json", report, private=True)
-        report_path = reports / f"return_to_table_report_{campaign_id}.md"
-        write_text_private(report_path, report_markdown(report))
-        s = report["summary"]
-        self.logger.info("Step 8: %d dormant, %d ready, %d matched, %d messages, %d SMS segments, %d errors. "
-                         "Report: %s", s["total_dormant_users_found"], s["total_users_with_complete_profiles"],
-                         s["total_matches_created"], s["total_messages_generated"], s["total_sms_segments"],
-                         s["error_count"], report_path)
-        code = EXIT_FAILURE if firebase["not_written"] or firebase["errors"] else EXIT_OK
-        return RunResult(campaign_id, report, report_path, code)
+                         len(messages), sum(o.skip is not None for o in outcomes),
+                         sum(len(o.fallbacks) for o in outcomes), steps_5_6_seconds)
+        self.dashboard.save_campaign(campaign_id, selected, matches, messages,   # step 7
+                                     run_statistics(selected, future, matches, messages, self.dashboard.errors))
+        claude_down = self.advisor.unavailable if self.advisor is not None else None
+        if claude_down:
+            self.logger.error("Claude was unavailable (%s): rules and template were used", claude_down)
+        firebase = self.dashboard.summary()
+        report = build_report(                             # step 8
+            campaign_id=campaign_id, run_started=started, finished=datetime.now(UTC), options=options,
+            source_label=self.source.label, census=census, selected=selected, cooled_down=cooled_down,
+            future_events=future, outcomes=outcomes, steps_5_6_seconds=steps_5_6_seconds, issues=self.issues,
+            firebase=firebase, errors=list(self.dashboard.errors),
+            llm_usage=self.advisor.usage_report() if self.advisor is not None else None)
+        report_path = self.write_report(campaign_id, report)
+        return RunResult(campaign_id, report, report_path, firebase, claude_down)
 
 
 # =============================================================================================
@@ -3314,19 +3424,20 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--now", metavar="ISO8601", help="the as-of instant (default: current UTC time)")
     parser.add_argument("--out", metavar="DIR", type=Path, default=SCRIPT_DIR,
                         help="root for data/, logs/ and reports/ (default: the script's folder)")
-    parser.add_argument("--limit", type=positive_int, default=10, help="top-ranked members to try (10)")
+    parser.add_argument("--limit", type=positive_int, default=RunOptions.limit,
+                        help="top-ranked members to try (%(default)s)")
     parser.add_argument("--llm", choices=("auto", "claude", "off"), default="auto",
                         help="auto: Claude when ANTHROPIC_API_KEY is set; off: rules and template")
     parser.add_argument("--dry-run", action="store_true",
                         help="write data/, logs and the report; nothing to Firebase or its mirror")
-    parser.add_argument("--min-confidence", type=percentage, default=70.0, metavar="0-100",
-                        help="least match confidence to message a member (70)")
-    parser.add_argument("--candidates", type=positive_int, default=15, metavar="K",
-                        help="events offered to Claude per member, the rules' top K (15)")
-    parser.add_argument("--concurrency", type=positive_int, default=6, metavar="N",
-                        help="members handled at once on the Claude path (6)")
-    parser.add_argument("--cooldown-days", type=non_negative_int, default=30, metavar="D",
-                        help="leave out members messaged in the last D days (30; 0 disables)")
+    parser.add_argument("--min-confidence", type=percentage, default=RunOptions.min_confidence, metavar="0-100",
+                        help="least match confidence to message a member (%(default)g)")
+    parser.add_argument("--candidates", type=positive_int, default=RunOptions.candidates, metavar="K",
+                        help="events offered to Claude per member, the rules' top K (%(default)s)")
+    parser.add_argument("--concurrency", type=positive_int, default=RunOptions.concurrency, metavar="N",
+                        help="members handled at once on the Claude path (%(default)s)")
+    parser.add_argument("--cooldown-days", type=non_negative_int, default=RunOptions.cooldown_days, metavar="D",
+                        help="leave out members messaged in the last D days (%(default)s; 0 disables)")
     parser.add_argument("--insecure-tls", action="store_true",
                         help="do not verify MongoDB's TLS certificate (logged as a warning)")
     parser.add_argument("-v", "--verbose", action="store_true", help="DEBUG on the console too")
@@ -3384,16 +3495,18 @@ def make_source(options: RunOptions, settings: Settings, logger: logging.Logger,
     return FolderSource(options.folder)
 
 
-def make_store(options: RunOptions, settings: Settings, logger: logging.Logger) -> FirebaseStore:
-    """The Firebase store: the REST API when configured (never in --demo), else the local mirror.
+def make_dashboard(options: RunOptions, settings: Settings, logger: logging.Logger) -> DashboardWriter:
+    """The dashboard: the REST API when configured (never in --demo), else the local mirror.
 
-    A dry run gets a store too, to read who was messaged recently; it writes nothing.
+    A dry run gets one too, to read who was messaged recently; it writes nothing.
     """
+    updated_at = iso_utc(options.now) or ""
     if options.is_demo or not settings.firebase_url:
         mirror = options.out_dir / "data" / "firebase"
         if not options.is_demo:
             logger.info("FIREBASE_DATABASE_URL is not set: using the local mirror %s", mirror)
-        return FirebaseStore(LocalMirrorTransport(mirror, settings.firebase_base_path))
+        transport: FirebaseTransport = LocalMirrorTransport(mirror, settings.firebase_base_path)
+        return DashboardWriter(transport, logger, dry_run=options.dry_run, updated_at=updated_at)
     token_source = None
     if not settings.firebase_auth_token and settings.google_credentials:
         token_source = service_account_tokens(settings.google_credentials)
@@ -3402,7 +3515,7 @@ def make_store(options: RunOptions, settings: Settings, logger: logging.Logger) 
                        "GOOGLE_APPLICATION_CREDENTIALS")
     transport = RestTransport(settings.firebase_url, settings.firebase_base_path,
                               auth_token=settings.firebase_auth_token, token_source=token_source)
-    return FirebaseStore(transport)
+    return DashboardWriter(transport, logger, dry_run=options.dry_run, updated_at=updated_at)
 
 
 def make_advisor(options: RunOptions, settings: Settings, logger: logging.Logger) -> ClaudeAdvisor | None:
@@ -3429,21 +3542,20 @@ def main(argv: Sequence[str] | None = None, *, env: Mapping[str, str] | None = N
         source = make_source(options, settings, logger, mongo_client)
         if isinstance(source, MongoSource) and mongo_client is None:
             closing.callback(source.client.close)
-        store = make_store(options, settings, logger)
-        if isinstance(store.transport, RestTransport):
-            closing.callback(store.transport.client.close)
+        dashboard = make_dashboard(options, settings, logger)
+        if isinstance(dashboard.transport, RestTransport):
+            closing.callback(dashboard.transport.client.close)
         advisor = make_advisor(options, settings, logger)
         if advisor is not None:
             closing.callback(advisor.client.close)
         hoods = NeighbourhoodMap.from_csv(CENTROIDS_CSV)
-        result = ReturnToTable(options, settings, logger, source=source, store=store, hoods=hoods,
+        result = ReturnToTable(options, settings, logger, source=source, dashboard=dashboard, hoods=hoods,
                                advisor=advisor).run()
-        claude_down = (result.report.get("llm_usage") or {}).get("unavailable")
-        if claude_down:
-            print(f"warning: Claude was unavailable ({claude_down}); the rules matcher and the template wrote "
-                  "this run's messages", file=sys.stderr)
-        firebase = result.report["firebase"]
-        if firebase["not_written"] or firebase["errors"]:
+        if result.claude_unavailable:
+            print(f"warning: Claude was unavailable ({result.claude_unavailable}); the rules matcher and the "
+                  "template wrote this run's messages", file=sys.stderr)
+        firebase = result.firebase
+        if result.firebase_failed:
             first = (firebase["errors"] or [""])[0]
             print(f"error: {len(firebase['not_written'])} Firebase writes failed ({first}); local files and the "
                   f"report {result.report_path} are complete", file=sys.stderr)
@@ -3455,18 +3567,9 @@ def main(argv: Sequence[str] | None = None, *, env: Mapping[str, str] | None = N
         return EXIT_USAGE
     except ServiceError as exc:
         print(f"error: {exc}", file=sys.stderr)
+        if logger:
+            logger.debug("service error: %s", exc)
         return EXIT_FAILURE
-    except Exception as exc:
-        from pymongo.errors import PyMongoError
-
-        if isinstance(exc, PyMongoError):
-            # pymongo's text names cluster hosts; they stay out of stderr, which cron keeps in logs.
-            print(f"error: MongoDB: {exc.__class__.__name__} (check MONGO_URI or MONGO_HOST, the network and "
-                  "the credentials)", file=sys.stderr)
-            if logger:
-                logger.debug("MongoDB error: %s", exc.__class__.__name__)
-            return EXIT_FAILURE
-        raise
     finally:
         closing.close()
         if logger:

@@ -296,7 +296,7 @@ def test_valid_answers_give_claude_match_and_claude_message_that_pass_the_sms_co
     for message in run.messages:
         assert rtt.validate_sms(message["message_text"], facts_for(message, run.matches)) == []
         assert message["sms_segments"] == 1 and message["sms_encoding"] == "GSM-7"
-    assert run.report["fallbacks"]["match"] == 0 and run.report["fallbacks"]["sms"] == 0
+    assert run.report["fallbacks"]["matching"] == 0 and run.report["fallbacks"]["writing"] == 0
     assert len(fake.requests) == 2 * len(MEMBERS)
 
 
@@ -316,7 +316,7 @@ def test_summary_counts_matchers_and_generators(fake, folder, tmp_path):
     summary = run.report["summary"]
     assert summary["matchers"] == {"claude": 2}
     assert summary["generators"] == {"template": 1, "claude": 1}
-    assert run.report["fallbacks"]["sms"] == 1 and run.report["fallbacks"]["match"] == 0
+    assert run.report["fallbacks"]["writing"] == 1 and run.report["fallbacks"]["matching"] == 0
 
 
 def test_llm_auto_with_api_key_takes_the_claude_path(fake, folder, tmp_path):
@@ -361,7 +361,7 @@ def test_text_that_is_not_json_is_retried_with_the_complaint(fake, folder, tmp_p
                                           "content": "I would pick the wine tasting, it is lovely."}
     assert "not a JSON object" in last_user_turn(second)
     assert run.matches[0]["matcher"] == "claude"  # the retry answered well
-    assert run.report["fallbacks"]["match"] == 0
+    assert run.report["fallbacks"]["matching"] == 0
 
 
 def test_text_that_is_not_json_twice_falls_back_to_rules_and_is_counted(fake, folder, tmp_path):
@@ -369,7 +369,7 @@ def test_text_that_is_not_json_twice_falls_back_to_rules_and_is_counted(fake, fo
     run = run_cli(fake, folder, tmp_path / "out", "--limit", "1")
     assert len(matching_requests(fake)) == 2
     assert run.matches[0]["matcher"] == "rules"
-    assert run.report["fallbacks"]["match"] == 1
+    assert run.report["fallbacks"]["matching"] == 1
     assert any("not a JSON object" in r for r in run.report["fallbacks"]["reasons"])
     assert run.report["summary"]["matchers"] == {"rules": 1}
     assert run.messages[0]["generator"] == "claude"  # writing is independent of matching
@@ -392,7 +392,7 @@ def test_event_id_never_offered_is_retried_then_falls_back_to_rules(fake, folder
     assert "ev-full" in last_user_turn(second) and "not one of the listed events" in last_user_turn(second)
     assert run.matches[0]["matcher"] == "rules"
     assert run.matches[0]["event_id"] != "ev-full"
-    assert run.report["fallbacks"]["match"] == 1
+    assert run.report["fallbacks"]["matching"] == 1
 
 
 @pytest.mark.parametrize("confidence", [101, -1, "85", 85.5, True, None])
@@ -465,7 +465,7 @@ def test_529_then_success_is_retried_by_the_sdk(fake, folder, tmp_path):
     assert first.body == second.body  # the same request again, not a corrective turn
     assert second.headers.get("x-stainless-retry-count") == "1"
     assert run.matches[0]["matcher"] == "claude"
-    assert run.report["fallbacks"]["match"] == 0
+    assert run.report["fallbacks"]["matching"] == 0
 
 
 def test_429_with_retry_after_ms_is_honoured_then_success(fake, folder, tmp_path):
@@ -485,7 +485,7 @@ def test_persistent_500_falls_back_to_rules_and_template_and_exits_0(tmp_path, f
     assert run.matches[0]["matcher"] == "rules"
     assert run.messages[0]["generator"] == "template"
     assert rtt.validate_sms(run.messages[0]["message_text"], facts_for(run.messages[0], run.matches)) == []
-    assert run.report["fallbacks"]["match"] == 1 and run.report["fallbacks"]["sms"] == 1
+    assert run.report["fallbacks"]["matching"] == 1 and run.report["fallbacks"]["writing"] == 1
     assert any("API error" in r for r in run.report["fallbacks"]["reasons"])
 
 
@@ -579,7 +579,7 @@ def test_bad_message_is_retried_with_the_validator_complaint_then_template(fake,
     [message] = run.messages
     assert message["generator"] == "template"
     assert rtt.validate_sms(message["message_text"], facts_for(message, run.matches)) == []
-    assert run.report["fallbacks"]["sms"] == 1
+    assert run.report["fallbacks"]["writing"] == 1
     assert any(r.startswith("u-priya: sms:") for r in run.report["fallbacks"]["reasons"])
 
 
@@ -605,7 +605,7 @@ def test_bad_message_then_good_one_is_claudes(fake, folder, tmp_path):
     run = run_cli(fake, folder, tmp_path / "out", "--limit", "1")
     assert len(writing_requests(fake)) == 2
     assert run.messages[0]["generator"] == "claude"
-    assert run.report["fallbacks"]["sms"] == 0
+    assert run.report["fallbacks"]["writing"] == 0
 
 
 def test_message_text_is_stored_as_claude_wrote_it(fake, folder, tmp_path):
