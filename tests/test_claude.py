@@ -580,7 +580,7 @@ def test_bad_message_is_retried_with_the_validator_complaint_then_template(fake,
     assert message["generator"] == "template"
     assert rtt.validate_sms(message["message_text"], facts_for(message, run.matches)) == []
     assert run.report["fallbacks"]["writing"] == 1
-    assert any(r.startswith("u-priya: sms:") for r in run.report["fallbacks"]["reasons"])
+    assert any(r.startswith("u-priya: writing:") for r in run.report["fallbacks"]["reasons"])
 
 
 def test_message_naming_the_event_as_the_facts_show_it_is_accepted(fake, tmp_path):
