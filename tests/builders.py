@@ -19,7 +19,8 @@ from bson import ObjectId, json_util
 import return_to_table as rtt
 
 NOW = datetime(2026, 1, 15, 12, 0, tzinfo=UTC)  # a Thursday
-NOW_ISO = "2026-01-15T12:00:00Z"
+NOW_ISO = "2026-01-15T12:00:00Z"  # NOW as an ISO string, as --now takes it
+PROCESSED = ("dormant_users", "future_events", "matches", "messages")  # data/processed/<name>.json
 
 # Members of the small world.
 MAYA = ObjectId("6500000000000000000000a1")  # dormant 45 days, 3 events, full profile
@@ -124,7 +125,21 @@ class CliRun:
     root: Path
 
     def load(self, relative: str) -> Any:
+        """A JSON file the run wrote, by its path under the ``--out`` root."""
         return json.loads((self.root / relative).read_text(encoding="utf-8"))
+
+    @property
+    def matches(self) -> list[dict[str, Any]]:
+        return self.load("data/processed/matches.json")
+
+    @property
+    def messages(self) -> list[dict[str, Any]]:
+        return self.load("data/processed/messages.json")
+
+    @property
+    def ranked(self) -> list[str]:
+        """The eligible members' ids in rank order (``data/processed/dormant_users.json``)."""
+        return [user["_id"] for user in self.load("data/processed/dormant_users.json")]
 
     def report_path(self, suffix: str = ".json") -> Path:
         found = sorted((self.root / "reports").glob(f"return_to_table_report_*{suffix}"))
@@ -134,10 +149,33 @@ class CliRun:
     def report(self) -> dict[str, Any]:
         return json.loads(self.report_path().read_text(encoding="utf-8"))
 
+    def assert_complete(self) -> None:
+        """The run left its one report and every processed file (whatever its exit code)."""
+        self.report_path()
+        for name in PROCESSED:
+            assert (self.root / "data" / "processed" / f"{name}.json").is_file(), name
 
-def run_main(argv: Sequence[str], root: Path, env: dict[str, str] | None = None, **kwargs: Any) -> CliRun:
-    """Call the CLI in-process with ``--out root``; the environment is ``env`` (empty by default)."""
+    def all_text(self) -> str:
+        """Console output and every file the run left under the ``--out`` root (logs, reports, data)."""
+        texts = [self.out, self.err]
+        texts += [p.read_text(encoding="utf-8", errors="replace") for p in self.root.rglob("*") if p.is_file()]
+        return "\n".join(texts)
+
+
+def run_main(argv: Sequence[str], root: Path, env: dict[str, str] | None = None, *, complete: bool = False,
+             real_environment: bool = False, **kwargs: Any) -> CliRun:
+    """Call the CLI in-process with ``--out root``, its stdout and stderr captured.
+
+    The environment is ``env`` (empty by default); ``real_environment=True`` passes none instead, so the CLI
+    reads the process environment and ``.env`` as the script does.  ``complete=True`` asserts the run left its
+    report and processed files.  Other keywords go to ``main`` (e.g. ``mongo_client``).
+    """
+    assert not (real_environment and env is not None), "env and real_environment exclude each other"
+    environment = None if real_environment else {} if env is None else env
     out, err = io.StringIO(), io.StringIO()
     with contextlib.redirect_stdout(out), contextlib.redirect_stderr(err):
-        code = rtt.main([*argv, "--out", str(root)], env={} if env is None else env, **kwargs)
-    return CliRun(code, out.getvalue(), err.getvalue(), root)
+        code = rtt.main([*argv, "--out", str(root)], env=environment, **kwargs)
+    run = CliRun(code, out.getvalue(), err.getvalue(), root)
+    if complete:
+        run.assert_complete()
+    return run

@@ -63,7 +63,10 @@ def world_folder(tmp_path: Path, world: tuple[list[dict[str, Any]], list[dict[st
 
 @pytest.fixture
 def run_cli(tmp_path: Path) -> Callable[..., CliRun]:
-    """``run_cli(*args, env=..., root=...)``: the CLI in-process, into ``tmp_path/out`` by default."""
+    """``run_cli(*args, env=..., root=..., **options)``: ``builders.run_main`` into ``tmp_path/out`` by default.
+
+    ``options`` are ``run_main``'s (``complete``, ``real_environment``, ``mongo_client``).
+    """
 
     def run(*argv: str, env: dict[str, str] | None = None, root: Path | None = None, **kwargs: Any) -> CliRun:
         return run_main(argv, root or tmp_path / "out", env, **kwargs)

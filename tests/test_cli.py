@@ -9,7 +9,7 @@ import re
 import stat
 import subprocess
 import sys
-from datetime import datetime
+from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any
 from zoneinfo import ZoneInfo
@@ -17,23 +17,35 @@ from zoneinfo import ZoneInfo
 import mongomock
 import pytest
 from bson import json_util
-from builders import FULL_KARAOKE, JAZZ_BRUNCH, MAYA, NOW, NOW_ISO, WINE_TASTING, ZOE, CliRun, run_main, write_folder
+from builders import (
+    FULL_KARAOKE,
+    JAZZ_BRUNCH,
+    MAYA,
+    NOW,
+    NOW_ISO,
+    PROCESSED,
+    WINE_TASTING,
+    ZOE,
+    CliRun,
+    run_main,
+    write_folder,
+)
 
 import return_to_table as rtt
 
 SCRIPT = Path(rtt.__file__).resolve()
 MONTANA = SCRIPT.parent.parent / "shared" / "data" / "meetup_montana"
-MONTANA_NOW = "2016-06-03T00:00:00Z"
+MONTANA_NOW = datetime(2016, 6, 3, tzinfo=UTC)  # the as-of instant of the real Montana data
+MONTANA_NOW_ISO = "2016-06-03T00:00:00Z"  # MONTANA_NOW as --now takes it
 
 EMAIL = re.compile(r"[\w.+-]+@[\w-]+(?:\.[\w-]+)+")
 PHONE = re.compile(r"\+1[\d\s().-]{9,}\d")
-PROCESSED = ("dormant_users", "future_events", "matches", "messages")
 
 
 def assert_messages_keep_the_contract(run: CliRun, now: datetime, zone: str = "America/New_York") -> None:
     """Every drafted message passes ``validate_sms`` against the facts of its own match."""
-    matches = {m["user_id"]: m for m in run.load("data/processed/matches.json")}
-    messages = run.load("data/processed/messages.json")
+    matches = {m["user_id"]: m for m in run.matches}
+    messages = run.messages
     assert messages
     for message in messages:
         facts = rtt.message_facts(matches[message["user_id"]], ZoneInfo(zone), now)
@@ -107,7 +119,7 @@ def test_future_events_file_lists_open_events_best_attended_first(demo):
 
 
 def test_demo_uses_the_rules_matcher_and_the_template_writer(demo):
-    matches, messages = demo.load("data/processed/matches.json"), demo.load("data/processed/messages.json")
+    matches, messages = demo.matches, demo.messages
     assert matches and len(messages) == len(matches)
     assert {m["matcher"] for m in matches} == {"rules"}
     assert {m["generator"] for m in messages} == {"template"}
@@ -119,18 +131,18 @@ def test_every_demo_message_passes_the_sms_contract(demo):
     assert_messages_keep_the_contract(demo, NOW)
 
 
-@pytest.mark.parametrize("now", ["2024-02-29T23:59:59Z", "2026-03-08T06:30:00Z", "2030-12-31T23:00:00-05:00"])
-def test_demo_is_valid_whatever_the_date_for_every_eligible_member(tmp_path, now):
-    run = run_main(["--demo", "--dry-run", "--limit", "1000", "--now", now], tmp_path)
+@pytest.mark.parametrize("as_of", ["2024-02-29T23:59:59Z", "2026-03-08T06:30:00Z", "2030-12-31T23:00:00-05:00"])
+def test_demo_is_valid_whatever_the_date_for_every_eligible_member(tmp_path, as_of):
+    run = run_main(["--demo", "--dry-run", "--limit", "1000", "--now", as_of], tmp_path)
     assert run.code == 0, run.err
     report = run.report()
     assert report["errors"] == [] and report["skipped"] == []
     assert report["summary"]["total_messages_generated"] == report["summary"]["total_users_with_complete_profiles"]
-    assert_messages_keep_the_contract(run, rtt.to_utc(now))
+    assert_messages_keep_the_contract(run, rtt.to_utc(as_of))
 
 
 def test_demo_never_matches_an_event_without_spots_left(demo):
-    assert all(m["event"]["remaining_spots"] != 0 for m in demo.load("data/processed/matches.json"))
+    assert all(m["event"]["remaining_spots"] != 0 for m in demo.matches)
 
 
 def test_firebase_mirror_holds_the_dashboard_lists_as_arrays(demo):
@@ -143,7 +155,7 @@ def test_firebase_mirror_holds_the_dashboard_lists_as_arrays(demo):
     for user in payloads["users"]["users"]:
         assert user["id"] == user["_id"] and user["event_count"] == user["eventCount"]
         assert "reactivation_score" in user and user["summary"]
-    matched = {m["event_id"] for m in demo.load("data/processed/matches.json")}
+    matched = {m["event_id"] for m in demo.matches}
     assert {e["id"] for e in payloads["events"]["events"]} == matched
     for event in payloads["events"]["events"]:
         assert event["id"] == event["_id"] and event.get("capacity") == event.get("maxParticipants")
@@ -156,8 +168,8 @@ def test_report_has_statistics_summary_and_recommendations(demo):
     assert demo.report_path().name == f"return_to_table_report_{report['campaign_id']}.json"
     assert demo.report_path(".md").name == f"return_to_table_report_{report['campaign_id']}.md"
     summary = report["summary"]
-    messages = demo.load("data/processed/messages.json")
-    assert summary["total_matches_created"] == len(demo.load("data/processed/matches.json"))
+    messages = demo.messages
+    assert summary["total_matches_created"] == len(demo.matches)
     assert summary["total_messages_generated"] == len(messages)
     assert summary["total_sms_segments"] == sum(m["sms_segments"] for m in messages)
     assert summary["total_future_events"] == len(demo.load("data/processed/future_events.json"))
@@ -166,14 +178,14 @@ def test_report_has_statistics_summary_and_recommendations(demo):
     assert "## Members skipped" in demo.report_path(".md").read_text(encoding="utf-8")
 
 
-def test_console_and_info_log_lines_carry_no_email_or_phone(tmp_path, capsys):
-    assert rtt.main(["--demo", "--now", NOW_ISO, "--out", str(tmp_path)], env={}) == 0
-    console = capsys.readouterr()
-    assert "Step 8" in console.out
+def test_console_and_info_log_lines_carry_no_email_or_phone(tmp_path):
+    run = run_main(["--demo", "--now", NOW_ISO], tmp_path)
+    assert run.code == 0
+    assert "Step 8" in run.out
     [log] = (tmp_path / "logs").glob("*.log")
     info_lines = [line for line in log.read_text(encoding="utf-8").splitlines() if " - INFO - " in line]
     assert info_lines
-    for text in (console.out, console.err, *info_lines):
+    for text in (run.out, run.err, *info_lines):
         assert not EMAIL.search(text), EMAIL.search(text)
         assert not PHONE.search(text), PHONE.search(text)
 
@@ -199,11 +211,12 @@ def test_demo_never_touches_configured_remote_services(tmp_path):
 
 def test_demo_is_deterministic_for_the_same_now(tmp_path, demo):
     again = run_main(["--demo", "--now", NOW_ISO], tmp_path)
-    assert again.load("data/processed/matches.json") == demo.load("data/processed/matches.json")
-    assert again.load("data/processed/messages.json") == demo.load("data/processed/messages.json")
+    assert again.matches == demo.matches
+    assert again.messages == demo.messages
 
 
 def test_demo_runs_as_a_script(tmp_path):
+    # A subprocess on purpose, not the in-process harness: this checks the file runs as a script.
     result = subprocess.run([sys.executable, str(SCRIPT), "--demo", "--now", NOW_ISO, "--out", str(tmp_path)],
                             check=False, capture_output=True, text=True, env=dict(os.environ), cwd=tmp_path,
                             timeout=120)
@@ -291,8 +304,8 @@ def folder_run(tmp_path: Path, world: tuple[list[dict[str, Any]], list[dict[str,
 def test_small_world_picks_the_dormant_members_and_their_best_events(tmp_path, world):
     run = folder_run(tmp_path, world, "relaxed")
     assert run.code == 0, run.err
-    assert [u["_id"] for u in run.load("data/processed/dormant_users.json")] == [str(ZOE), str(MAYA)]
-    picks = {m["user_id"]: m["event_id"] for m in run.load("data/processed/matches.json")}
+    assert run.ranked == [str(ZOE), str(MAYA)]
+    picks = {m["user_id"]: m["event_id"] for m in run.matches}
     assert picks == {str(ZOE): str(WINE_TASTING), str(MAYA): str(JAZZ_BRUNCH)}
     future = {e["_id"] for e in run.load("data/processed/future_events.json")}
     assert str(FULL_KARAOKE) in future and str(FULL_KARAOKE) not in picks.values()
@@ -330,7 +343,7 @@ def test_member_below_min_confidence_is_skipped_and_named_in_the_report(tmp_path
     skipped = {s["user_id"]: s for s in run.report()["skipped"]}
     assert set(skipped) == {str(ZOE), str(MAYA)}
     assert "min-confidence" in skipped[str(MAYA)]["reason"]
-    assert run.load("data/processed/matches.json") == []
+    assert run.matches == []
     markdown = run.report_path(".md").read_text(encoding="utf-8")
     assert "Maya Rivera" in markdown and "Zoë Okafor" in markdown
 
@@ -347,7 +360,7 @@ def test_campaign_timezone_sets_the_message_times(tmp_path, world):
     env = {"CAMPAIGN_TIMEZONE": "America/Los_Angeles"}
     run = run_main(["--source", str(folder), "--now", NOW_ISO, "--dry-run"], tmp_path / "out", env)
     assert run.code == 0, run.err
-    texts = {m["user_id"]: m["message_text"] for m in run.load("data/processed/messages.json")}
+    texts = {m["user_id"]: m["message_text"] for m in run.messages}
     assert "Sun 8am" in texts[str(MAYA)]  # Jazz Brunch starts 16:00 UTC
     assert_messages_keep_the_contract(run, NOW, zone="America/Los_Angeles")
 
@@ -375,7 +388,7 @@ def test_mongo_source_gives_the_same_results_as_the_folder_source(tmp_path, worl
     assert mongo.report()["source"] == "mongo"
     for name in PROCESSED:
         assert mongo.load(f"data/processed/{name}.json") == folder.load(f"data/processed/{name}.json"), name
-    assert [u["_id"] for u in mongo.load("data/processed/dormant_users.json")] == [str(ZOE), str(MAYA)]
+    assert mongo.ranked == [str(ZOE), str(MAYA)]
 
 
 def test_configured_mongo_is_the_default_source(tmp_path, mongo_client):
@@ -400,15 +413,16 @@ def test_missing_dotenv_file_is_not_an_error(tmp_path):
     assert "MONGO_URI" not in rtt.read_environment(tmp_path / "absent.env")
 
 
-def test_cli_reads_dotenv_under_the_real_environment(tmp_path, monkeypatch, capsys):
+def test_cli_reads_dotenv_under_the_real_environment(run_cli, tmp_path, monkeypatch):
     dotenv = tmp_path / ".env"
     dotenv.write_text("CAMPAIGN_TIMEZONE=Mars/Olympus_Mons\n", encoding="utf-8")
     monkeypatch.setattr(rtt, "DOTENV_PATH", dotenv)
-    argv = ["--demo", "--dry-run", "--now", NOW_ISO, "--out", str(tmp_path / "out")]
-    assert rtt.main(argv) == 2
-    assert "CAMPAIGN_TIMEZONE" in capsys.readouterr().err
+    argv = ["--demo", "--dry-run", "--now", NOW_ISO]
+    run = run_cli(*argv, real_environment=True)
+    assert run.code == 2
+    assert "CAMPAIGN_TIMEZONE" in run.err
     monkeypatch.setenv("CAMPAIGN_TIMEZONE", "America/Chicago")
-    assert rtt.main(argv) == 0
+    assert run_cli(*argv, real_environment=True).code == 0
 
 
 def test_mongo_credentials_are_url_quoted():
@@ -436,7 +450,7 @@ def test_nothing_configured_means_no_host_secret_or_database():
 def montana(tmp_path_factory) -> CliRun:
     if not (MONTANA / "users.json").is_file():
         pytest.skip(f"real data not found at {MONTANA}")
-    return run_main(["--source", str(MONTANA), "--now", MONTANA_NOW, "--dry-run"], tmp_path_factory.mktemp("mt"))
+    return run_main(["--source", str(MONTANA), "--now", MONTANA_NOW_ISO, "--dry-run"], tmp_path_factory.mktemp("mt"))
 
 
 def test_real_data_runs_cleanly(montana):
@@ -447,7 +461,7 @@ def test_real_data_runs_cleanly(montana):
 
 
 def test_real_data_has_300_upcoming_event_records_read_once_per_id(montana):
-    now = rtt.to_utc(MONTANA_NOW)
+    now = MONTANA_NOW
     records = json_util.loads((MONTANA / "events.json").read_text(encoding="utf-8"))
     upcoming = [e for e in records if (rtt.to_utc(e.get("startDate")) or now) > now]
     assert len(upcoming) == 300  # as the data's README says; a few records repeat an _id
@@ -457,18 +471,18 @@ def test_real_data_has_300_upcoming_event_records_read_once_per_id(montana):
 
 
 def test_every_real_data_message_passes_the_sms_contract(montana):
-    assert_messages_keep_the_contract(montana, rtt.to_utc(MONTANA_NOW))
+    assert_messages_keep_the_contract(montana, MONTANA_NOW)
 
 
 def test_every_matched_real_member_gets_a_message(tmp_path):
     if not (MONTANA / "users.json").is_file():
         pytest.skip(f"real data not found at {MONTANA}")
-    run = run_main(["--source", str(MONTANA), "--now", MONTANA_NOW, "--dry-run", "--limit", "1000"], tmp_path)
+    run = run_main(["--source", str(MONTANA), "--now", MONTANA_NOW_ISO, "--dry-run", "--limit", "1000"], tmp_path)
     assert run.code == 0, run.err
     report = run.report()
     assert report["errors"] == []
     assert report["summary"]["total_messages_generated"] == report["summary"]["total_matches_created"] > 0
-    assert_messages_keep_the_contract(run, rtt.to_utc(MONTANA_NOW))
+    assert_messages_keep_the_contract(run, MONTANA_NOW)
 
 
 def test_a_usage_error_is_one_line_and_exit_2(run_cli):
@@ -508,7 +522,7 @@ def test_a_bad_value_in_a_canonical_export_never_lets_a_full_event_through(run_c
     (folder / "events.json").write_text(text, encoding="utf-8")
     run = run_cli("--source", str(folder), "--now", NOW_ISO, "--dry-run")
     assert run.code == 0, run.err
-    assert str(FULL_KARAOKE) not in {m["event_id"] for m in run.load("data/processed/matches.json")}
+    assert str(FULL_KARAOKE) not in {m["event_id"] for m in run.matches}
     assert next(e for e in run.load("data/processed/future_events.json")
                 if e["_id"] == str(FULL_KARAOKE))["remaining_spots"] == 0
     assert run.report()["data_issues"]["unreadable_extended_json_values"] == 1
@@ -532,8 +546,8 @@ def test_a_member_whose_best_event_cannot_be_phrased_gets_the_next_event(run_cli
     folder = write_folder(tmp_path / "export", users, events)
     run = run_cli("--source", str(folder), "--now", NOW_ISO, "--dry-run")
     assert run.code == 0, run.err
-    matches = run.load("data/processed/matches.json")
-    messages = run.load("data/processed/messages.json")
+    matches = run.matches
+    messages = run.messages
     assert str(JAZZ_BRUNCH) not in {m["event_id"] for m in matches}
     assert {m["user_id"] for m in matches} == {m["user_id"] for m in messages}
     assert_messages_keep_the_contract(run, NOW)

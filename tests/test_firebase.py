@@ -1,6 +1,6 @@
-"""Issue #4: Firebase writes that lose nothing, and no member messaged twice.
+"""Firebase writes that lose nothing, and no member messaged twice.
 
-Driven end to end: the CLI runs in-process (``return_to_table.main``) on a small hand-made
+Driven end to end: the CLI runs in-process (``builders.run_main``) on a small hand-made
 ``--source`` folder against ``tests/fake_rtdb.FakeRealtimeDatabase`` on 127.0.0.1, which keeps the
 real Realtime Database's wire semantics (arrays as numeric keys, ETags, ``if-match``, 412,
 ``print=silent``, auth). The transports and ``DashboardList`` are also tested directly.
@@ -16,12 +16,12 @@ import json
 import socket
 import urllib.parse
 from collections.abc import Callable, Iterator
-from dataclasses import dataclass
 from datetime import UTC, datetime, timedelta
 from pathlib import Path
 from typing import Any
 
 import pytest
+from builders import CliRun, run_main
 from fake_rtdb import NULL_ETAG, FakeRealtimeDatabase, RecordedRequest
 from loopback import LoopbackHandler, LoopbackServer
 
@@ -38,9 +38,9 @@ from return_to_table import (
     rtdb_render,
 )
 
-NOW = "2026-03-01T12:00:00Z"
-NOW_DT = datetime(2026, 3, 1, 12, 0, tzinfo=UTC)
-NOW_ISO = "2026-03-01T12:00:00.000Z"  # how the CLI writes --now back (updatedAt, matched_at, ...)
+FIREBASE_NOW = datetime(2026, 3, 1, 12, 0, tzinfo=UTC)  # this module's as-of instant (a Sunday)
+FIREBASE_NOW_ISO = "2026-03-01T12:00:00Z"  # FIREBASE_NOW as --now takes it
+FIREBASE_NOW_STAMP = "2026-03-01T12:00:00.000Z"  # FIREBASE_NOW as the CLI writes it back (updatedAt, matched_at)
 TOKEN = "test-secret"
 WRONG_TOKEN = "wrong-secret-4711"
 BASE = "Leo"
@@ -81,7 +81,7 @@ def world_docs(members: int) -> tuple[list[dict[str, Any]], list[dict[str, Any]]
         events.append({  # the member's last table, 35 + 3i days ago: dormant
             "_id": f"past-{i:02d}", "name": "Neighbourhood Supper", "categories": ["DINNER"],
             "participants": [uid], "ownerId": uid, "maxParticipants": 8,
-            "startDate": iso(NOW_DT - timedelta(days=35 + 3 * i)),
+            "startDate": iso(FIREBASE_NOW - timedelta(days=35 + 3 * i)),
             "type": "public", "active": True, "eventStatus": "approved",
         })
     for eid, name, categories, features, hood, days, capacity, going in FUTURE_EVENTS:
@@ -89,13 +89,13 @@ def world_docs(members: int) -> tuple[list[dict[str, Any]], list[dict[str, Any]]
             "_id": eid, "name": name, "description": "A friendly table for twelve.",
             "venueName": "The Test Kitchen", "neighborhood": hood, "categories": categories, "features": features,
             "participants": [f"guest-{eid}-{k}" for k in range(going)], "ownerId": "host-1",
-            "maxParticipants": capacity, "startDate": iso(NOW_DT + timedelta(days=days, hours=11, minutes=30)),
+            "maxParticipants": capacity, "startDate": iso(FIREBASE_NOW + timedelta(days=days, hours=11, minutes=30)),
             "type": "public", "active": True, "eventStatus": "approved",
         })
     events.append({  # private: never offered
         "_id": "ev-private", "name": "Private Jazz", "categories": ["MUSIC"], "features": ["jazz"],
         "neighborhood": "chelsea", "participants": [], "ownerId": "host-1", "maxParticipants": 6,
-        "startDate": iso(NOW_DT + timedelta(days=3)), "type": "private", "active": True, "eventStatus": "approved",
+        "startDate": iso(FIREBASE_NOW + timedelta(days=3)), "type": "private", "active": True, "eventStatus": "approved",
     })
     return users, events
 
@@ -114,7 +114,7 @@ def ranked_ids(members: int) -> list[str]:
     """The eligible members in the CLI's rank order (step 1's pure functions)."""
     users, events = world_docs(members)
     activity = rtt.index_member_activity(events, rtt.DataIssues())
-    return [u["_id"] for u in rtt.find_dormant_users(users, activity, NOW_DT).eligible]
+    return [u["_id"] for u in rtt.find_dormant_users(users, activity, FIREBASE_NOW).eligible]
 
 
 # =============================================================================================
@@ -131,49 +131,23 @@ def rest_transport(url: str, token: str = TOKEN, **options: Any) -> RestTranspor
     return RestTransport(url, BASE, auth_token=token, backoff=0.01, **options)
 
 
-@dataclass
-class Run:
-    code: int
-    out: Path
-    stdout: str
-    stderr: str
-
-    @property
-    def report(self) -> dict[str, Any]:
-        reports = sorted((self.out / "reports").glob("*.json"))
-        assert len(reports) == 1, f"expected one report JSON, found {reports}"
-        return json.loads(reports[0].read_text(encoding="utf-8"))
-
-    def processed(self, name: str) -> Any:
-        return json.loads((self.out / "data" / "processed" / f"{name}.json").read_text(encoding="utf-8"))
-
-    def all_text(self) -> str:
-        """Console output and every file the run left under --out (logs, reports, data)."""
-        texts = [self.stdout, self.stderr]
-        texts += [p.read_text(encoding="utf-8", errors="replace") for p in self.out.rglob("*") if p.is_file()]
-        return "\n".join(texts)
-
-
-Cli = Callable[..., Run]
+Cli = Callable[..., CliRun]
 
 
 @pytest.fixture
-def world(tmp_path: Path) -> Path:
+def firebase_world(tmp_path: Path) -> Path:
+    """Ten dormant members and their events, as a ``--source`` folder."""
     return write_world(tmp_path / "world", 10)
 
 
 @pytest.fixture
-def cli(tmp_path: Path, capsys: pytest.CaptureFixture[str], world: Path) -> Cli:
-    """``cli(env, *args, source=world)`` runs the CLI once, each run in its own --out folder."""
+def cli(run_cli: Callable[..., CliRun], tmp_path: Path, firebase_world: Path) -> Cli:
+    """``cli(env, *args, source=firebase_world)`` runs the CLI once (``--llm off``), each run in its own --out."""
     counter = itertools.count(1)
 
-    def run(env: dict[str, str], *args: str, source: Path | None = None) -> Run:
-        out = tmp_path / f"out{next(counter)}"
-        capsys.readouterr()
-        code = rtt.main(["--source", str(source or world), "--now", NOW, "--out", str(out), "--llm", "off", *args],
-                        env=env)
-        captured = capsys.readouterr()
-        return Run(code, out, captured.out, captured.err)
+    def run(env: dict[str, str], *args: str, source: Path | None = None) -> CliRun:
+        return run_cli("--source", str(source or firebase_world), "--now", FIREBASE_NOW_ISO, "--llm", "off", *args,
+                       env=env, root=tmp_path / f"out{next(counter)}")
 
     return run
 
@@ -233,62 +207,62 @@ def reviewer_approves(db: FakeRealtimeDatabase, status_path: str,
 # =============================================================================================
 
 
-@dataclass
-class FirstRun:
-    db: FakeRealtimeDatabase
-    code: int
-    report: dict[str, Any]
+DatabaseAndRun = tuple[FakeRealtimeDatabase, CliRun]
 
 
 @pytest.fixture(scope="module")
-def first_run(tmp_path_factory: pytest.TempPathFactory) -> Iterator[FirstRun]:
+def first_run(tmp_path_factory: pytest.TempPathFactory) -> Iterator[DatabaseAndRun]:
+    """One run of ten members on an empty database: the database and the run."""
     base = tmp_path_factory.mktemp("first_run")
-    world = write_world(base / "world", 10)
+    source = write_world(base / "world", 10)
     with FakeRealtimeDatabase(auth_token=TOKEN) as db:
-        code = rtt.main(["--source", str(world), "--now", NOW, "--out", str(base / "out"), "--llm", "off"],
-                        env=rest_env(db))
-        report = Run(code, base / "out", "", "").report
-        yield FirstRun(db, code, report)
+        yield db, run_main(["--source", str(source), "--now", FIREBASE_NOW_ISO, "--llm", "off"], base / "out",
+                           rest_env(db))
 
 
-def test_first_run_on_an_empty_database_exits_zero_and_matches_every_member(first_run: FirstRun) -> None:
-    assert first_run.code == 0
-    assert first_run.report["summary"]["total_matches_created"] == 10
-    assert first_run.report["summary"]["total_messages_generated"] == 10
-    assert first_run.report["firebase"]["not_written"] == []
+def test_first_run_on_an_empty_database_exits_zero_and_matches_every_member(first_run: DatabaseAndRun) -> None:
+    _, run = first_run
+    assert run.code == 0
+    assert run.report()["summary"]["total_matches_created"] == 10
+    assert run.report()["summary"]["total_messages_generated"] == 10
+    assert run.report()["firebase"]["not_written"] == []
 
 
 @pytest.mark.parametrize("name", DASHBOARD_LISTS)
 def test_first_run_writes_each_dashboard_list_as_an_array_with_count_and_updated_at(
-        first_run: FirstRun, name: str) -> None:
-    value = first_run.db.get_rendered(f"{BASE}/{name}")
+        first_run: DatabaseAndRun, name: str) -> None:
+    db, _ = first_run
+    value = db.get_rendered(f"{BASE}/{name}")
     assert set(value) == {name, "count", "updatedAt"}
     assert isinstance(value[name], list) and value[name]
     assert all(isinstance(item, dict) for item in value[name])
     assert value["count"] == len(value[name])
-    assert value["updatedAt"] == NOW_ISO
+    assert value["updatedAt"] == FIREBASE_NOW_STAMP
 
 
-def test_first_run_archives_the_campaign_under_its_id(first_run: FirstRun) -> None:
-    cid = first_run.report["campaign_id"]
-    archive = first_run.db.get_rendered(f"{BASE}/campaigns/{cid}")
+def test_first_run_archives_the_campaign_under_its_id(first_run: DatabaseAndRun) -> None:
+    db, run = first_run
+    cid = run.report()["campaign_id"]
+    archive = db.get_rendered(f"{BASE}/campaigns/{cid}")
     assert set(archive) == set(ARCHIVE_PARTS)
     assert archive["metadata"]["id"] == cid
     assert archive["metadata"]["stats"]["matches_created"] == 10
     for part in ("users", "events", "matches", "messages"):
         assert isinstance(archive[part][part], list)
         assert archive[part]["count"] == len(archive[part][part])
-    assert keys_of(archive["matches"]["matches"]) == keys_of(items_of(first_run.db, "matches"))
-    assert keys_of(archive["messages"]["messages"]) == keys_of(items_of(first_run.db, "messages"))
+    assert keys_of(archive["matches"]["matches"]) == keys_of(items_of(db, "matches"))
+    assert keys_of(archive["messages"]["messages"]) == keys_of(items_of(db, "messages"))
 
 
-def test_first_run_touches_nothing_but_the_dashboard_and_the_archive(first_run: FirstRun) -> None:
-    assert set(first_run.db.get_rendered(BASE)) == {*DASHBOARD_LISTS, "campaigns"}
-    assert set(first_run.db.get_rendered("")) == {BASE}
+def test_first_run_touches_nothing_but_the_dashboard_and_the_archive(first_run: DatabaseAndRun) -> None:
+    db, _ = first_run
+    assert set(db.get_rendered(BASE)) == {*DASHBOARD_LISTS, "campaigns"}
+    assert set(db.get_rendered("")) == {BASE}
 
 
-def test_dashboard_users_have_the_fields_the_dashboard_reads(first_run: FirstRun) -> None:
-    users = items_of(first_run.db, "users")
+def test_dashboard_users_have_the_fields_the_dashboard_reads(first_run: DatabaseAndRun) -> None:
+    db, _ = first_run
+    users = items_of(db, "users")
     assert sorted(u["id"] for u in users) == sorted(ranked_ids(10))
     for user in users:
         assert user["id"] == user["_id"]
@@ -298,9 +272,10 @@ def test_dashboard_users_have_the_fields_the_dashboard_reads(first_run: FirstRun
         assert user["name"] == f"{user['firstName']} Testwell"
 
 
-def test_dashboard_events_are_the_matched_events_each_once_with_their_fields(first_run: FirstRun) -> None:
-    events = items_of(first_run.db, "events")
-    matched = {m["event_id"] for m in items_of(first_run.db, "matches")}
+def test_dashboard_events_are_the_matched_events_each_once_with_their_fields(first_run: DatabaseAndRun) -> None:
+    db, _ = first_run
+    events = items_of(db, "events")
+    matched = {m["event_id"] for m in items_of(db, "matches")}
     assert sorted(e["id"] for e in events) == sorted(matched)  # only matched events, each once
     assert "ev-private" not in matched
     for event in events:
@@ -312,26 +287,28 @@ def test_dashboard_events_are_the_matched_events_each_once_with_their_fields(fir
         assert event["summary"].startswith(f"Event: {event['name']}")
 
 
-def test_dashboard_matches_have_the_fields_the_dashboard_reads(first_run: FirstRun) -> None:
-    matches = items_of(first_run.db, "matches")
+def test_dashboard_matches_have_the_fields_the_dashboard_reads(first_run: DatabaseAndRun) -> None:
+    db, _ = first_run
+    matches = items_of(db, "matches")
     assert sorted(m["user_id"] for m in matches) == sorted(ranked_ids(10))
     for match in matches:
         for name in ("user_name", "event_name", "user_id", "event_id", "reasoning", "matched_at"):
             assert isinstance(match[name], str) and match[name], name
         assert 70 <= match["confidence_percentage"] <= 100
         assert match["match_purpose"] == match["strategy"] == "reactivate_dormant_user"
-        assert match["matched_at"] == NOW_ISO
+        assert match["matched_at"] == FIREBASE_NOW_STAMP
         assert match["user"]["_id"] == match["user_id"] and match["user"]["email"].endswith("@example.com")
         assert match["event"]["_id"] == match["event_id"] and match["event"]["name"] == match["event_name"]
 
 
-def test_dashboard_messages_have_the_fields_the_dashboard_reads_and_wait_for_review(first_run: FirstRun) -> None:
-    messages = items_of(first_run.db, "messages")
-    matches = {m["user_id"]: m for m in items_of(first_run.db, "matches")}
+def test_dashboard_messages_have_the_fields_the_dashboard_reads_and_wait_for_review(first_run: DatabaseAndRun) -> None:
+    db, _ = first_run
+    messages = items_of(db, "messages")
+    matches = {m["user_id"]: m for m in items_of(db, "matches")}
     assert sorted(matches) == sorted(m["user_id"] for m in messages)
     for msg in messages:
         assert msg["status"] == "pending"
-        assert msg["generated_at"] == NOW_ISO
+        assert msg["generated_at"] == FIREBASE_NOW_STAMP
         assert msg["user_email"].endswith("@example.com") and msg["user_phone"].startswith("+1555")
         assert msg["user_name"] == matches[msg["user_id"]]["user_name"]
         assert msg["event_id"] == matches[msg["user_id"]]["event_id"]
@@ -448,7 +425,7 @@ def test_firebase_base_path_from_the_environment_is_used(db: FakeRealtimeDatabas
 
 
 def test_progress_is_saved_as_the_run_goes_when_it_crashes_mid_run(
-        db: FakeRealtimeDatabase, world: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+        db: FakeRealtimeDatabase, firebase_world: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
     real = rtt.write_template_sms
     calls: list[Any] = []
 
@@ -461,7 +438,7 @@ def test_progress_is_saved_as_the_run_goes_when_it_crashes_mid_run(
     monkeypatch.setattr(rtt, "write_template_sms", crashing)
     out = tmp_path / "out"
     with pytest.raises(RuntimeError, match="simulated crash"):
-        rtt.main(["--source", str(world), "--now", NOW, "--out", str(out), "--llm", "off"], env=rest_env(db))
+        run_main(["--source", str(firebase_world), "--now", FIREBASE_NOW_ISO, "--llm", "off"], out, rest_env(db))
     first_three = ranked_ids(10)[:3]
     assert [m["user_id"] for m in items_of(db, "matches")] == first_three
     assert [m["user_id"] for m in items_of(db, "messages")] == first_three
@@ -481,7 +458,7 @@ def test_503_on_a_write_then_success_exits_zero_with_complete_data(db: FakeRealt
     assert [r.status for r in db.requests if r.method == "PUT"][:2] == [503, 200]
     assert sorted(m["user_id"] for m in items_of(db, "matches")) == sorted(ranked_ids(10))
     assert sorted(m["user_id"] for m in items_of(db, "messages")) == sorted(ranked_ids(10))
-    assert len(items_of(db, "users")) == 10 and run.report["firebase"]["not_written"] == []
+    assert len(items_of(db, "users")) == 10 and run.report()["firebase"]["not_written"] == []
 
 
 def test_503_on_the_first_request_then_success_exits_zero(db: FakeRealtimeDatabase, cli: Cli) -> None:
@@ -516,26 +493,26 @@ def test_401_wrong_token_exits_non_zero(db: FakeRealtimeDatabase, cli: Cli) -> N
 
 def test_401_wrong_token_prints_one_line_about_credentials_on_stderr(db: FakeRealtimeDatabase, cli: Cli) -> None:
     run = cli(rest_env(db, WRONG_TOKEN))
-    lines = [line for line in run.stderr.splitlines() if line.strip()]
-    assert len(lines) == 1, run.stderr
+    lines = [line for line in run.err.splitlines() if line.strip()]
+    assert len(lines) == 1, run.err
     assert "401" in lines[0] and "FIREBASE_AUTH_TOKEN" in lines[0]
-    assert "Traceback" not in run.stderr
+    assert "Traceback" not in run.err
 
 
 def test_401_wrong_token_still_leaves_complete_local_files(db: FakeRealtimeDatabase, cli: Cli) -> None:
     run = cli(rest_env(db, WRONG_TOKEN))
     assert run.code != 0
-    processed = run.out / "data" / "processed"
+    processed = run.root / "data" / "processed"
     assert (processed / "matches.json").is_file(), "no local matches after a 401"
-    assert sorted(m["user_id"] for m in run.processed("matches")) == sorted(ranked_ids(10))
-    assert sorted(m["user_id"] for m in run.processed("messages")) == sorted(ranked_ids(10))
+    assert sorted(m["user_id"] for m in run.matches) == sorted(ranked_ids(10))
+    assert sorted(m["user_id"] for m in run.messages) == sorted(ranked_ids(10))
 
 
 def test_401_wrong_token_report_lists_what_was_not_written(db: FakeRealtimeDatabase, cli: Cli) -> None:
     run = cli(rest_env(db, WRONG_TOKEN))
     assert run.code != 0
-    assert list((run.out / "reports").glob("*.json")), "no report after a 401"
-    not_written = run.report["firebase"]["not_written"]
+    assert list((run.root / "reports").glob("*.json")), "no report after a 401"
+    not_written = run.report()["firebase"]["not_written"]
     assert_every_list_reported_unwritten(not_written)
     assert {p.rsplit("/", 1)[-1] for p in not_written if p.startswith("campaigns/")} == set(ARCHIVE_PARTS)
 
@@ -547,10 +524,10 @@ def test_401_on_writes_only_keeps_local_files_and_reports_every_unwritten_path(
     run = cli(rest_env(db))
     assert run.code != 0
     assert db.data is None
-    assert len(run.processed("matches")) == len(run.processed("messages")) == 10
-    assert_every_list_reported_unwritten(run.report["firebase"]["not_written"])
-    assert "FIREBASE_AUTH_TOKEN" in run.stdout + run.stderr
-    assert "Traceback" not in run.stderr
+    assert len(run.matches) == len(run.messages) == 10
+    assert_every_list_reported_unwritten(run.report()["firebase"]["not_written"])
+    assert "FIREBASE_AUTH_TOKEN" in run.out + run.err
+    assert "Traceback" not in run.err
 
 
 def test_item_written_before_its_count_update_failed_is_not_reported_as_unwritten(
@@ -562,7 +539,7 @@ def test_item_written_before_its_count_update_failed_is_not_reported_as_unwritte
     in_firebase = {(m["user_id"], m["event_id"]) for m in (db.get_rendered(f"{BASE}/matches/matches") or [])}
     assert in_firebase, "the first match was written before its count update failed"
     listed = {tuple(p.removeprefix("matches (").removesuffix(")").split(", "))
-              for p in run.report["firebase"]["not_written"] if p.startswith("matches (")}
+              for p in run.report()["firebase"]["not_written"] if p.startswith("matches (")}
     assert listed and not listed & in_firebase, f"reported as not written but present: {listed & in_firebase}"
 
 
@@ -571,7 +548,7 @@ def test_token_never_appears_in_logs_reports_or_console(db: FakeRealtimeDatabase
     run = cli(rest_env(db), "--verbose")
     assert run.code == 0
     assert any(r.query.get("auth") == TOKEN for r in db.requests)  # it was sent, as auth=
-    assert list((run.out / "logs").glob("*.log"))
+    assert list((run.root / "logs").glob("*.log"))
     assert TOKEN not in run.all_text()
 
 
@@ -585,7 +562,7 @@ def test_unauthenticated_run_works_with_a_warning(cli: Cli) -> None:
     with FakeRealtimeDatabase() as open_db:
         run = cli({"FIREBASE_DATABASE_URL": open_db.url})
         assert run.code == 0
-        assert "unauthenticated" in run.stdout.lower()
+        assert "unauthenticated" in run.out.lower()
         assert len(items_of(open_db, "matches")) == 10
 
 
@@ -599,8 +576,8 @@ def test_rerun_of_the_same_campaign_adds_no_match_or_message(db: FakeRealtimeDat
     matches, messages = items_of(db, "matches"), items_of(db, "messages")
     second = cli(rest_env(db))
     assert second.code == 0
-    assert second.report["summary"]["total_messages_generated"] == 0
-    assert second.report["summary"]["users_left_out_by_cooldown"] == 10
+    assert second.report()["summary"]["total_messages_generated"] == 0
+    assert second.report()["summary"]["users_left_out_by_cooldown"] == 10
     assert items_of(db, "matches") == matches
     assert items_of(db, "messages") == messages
 
@@ -611,7 +588,7 @@ def test_rerun_without_cooldown_adds_no_duplicates(db: FakeRealtimeDatabase, cli
     puts_before = len(db.requests)
     second = cli(rest_env(db), "--cooldown-days", "0")
     assert second.code == 0
-    assert second.report["summary"]["total_messages_generated"] == 10  # drafted again locally ...
+    assert second.report()["summary"]["total_messages_generated"] == 10  # drafted again locally ...
     assert items_of(db, "matches") == matches  # ... but not appended twice
     assert items_of(db, "messages") == messages
     assert len(set(keys_of(messages))) == len(messages) == 10
@@ -621,73 +598,73 @@ def test_rerun_without_cooldown_adds_no_duplicates(db: FakeRealtimeDatabase, cli
 def test_run_that_selects_no_one_leaves_users_and_events_as_they_were(db: FakeRealtimeDatabase, cli: Cli) -> None:
     assert cli(rest_env(db)).code == 0
     users, events = db.get_rendered(f"{BASE}/users"), db.get_rendered(f"{BASE}/events")
-    later = iso(NOW_DT + timedelta(days=1))
+    later = iso(FIREBASE_NOW + timedelta(days=1))
     second = cli(rest_env(db), "--now", later)
     assert second.code == 0
-    assert second.report["statistics"]["users_processed"] == 0
+    assert second.report()["statistics"]["users_processed"] == 0
     assert db.get_rendered(f"{BASE}/users") == users
     assert db.get_rendered(f"{BASE}/events") == events
 
 
 def test_cooldown_leaves_out_last_runs_members_and_takes_the_next_ranked(
         db: FakeRealtimeDatabase, cli: Cli, tmp_path: Path) -> None:
-    world = write_world(tmp_path / "world8", 8)
+    eight = write_world(tmp_path / "world8", 8)
     ranked = ranked_ids(8)
-    first = cli(rest_env(db), "--limit", "3", source=world)
+    first = cli(rest_env(db), "--limit", "3", source=eight)
     assert first.code == 0
-    assert [m["user_id"] for m in first.report["matches"]] == ranked[:3]
-    second = cli(rest_env(db), "--limit", "3", source=world)
+    assert [m["user_id"] for m in first.report()["matches"]] == ranked[:3]
+    second = cli(rest_env(db), "--limit", "3", source=eight)
     assert second.code == 0
-    assert second.report["summary"]["users_left_out_by_cooldown"] == 3
-    assert [m["user_id"] for m in second.report["matches"]] == ranked[3:6]
+    assert second.report()["summary"]["users_left_out_by_cooldown"] == 3
+    assert [m["user_id"] for m in second.report()["matches"]] == ranked[3:6]
     assert [m["user_id"] for m in items_of(db, "messages")] == ranked[:6]
 
 
 def test_users_and_events_are_replaced_by_the_next_run(db: FakeRealtimeDatabase, cli: Cli, tmp_path: Path) -> None:
-    world = write_world(tmp_path / "world8", 8)
+    eight = write_world(tmp_path / "world8", 8)
     ranked = ranked_ids(8)
-    assert cli(rest_env(db), "--limit", "3", source=world).code == 0
-    second = cli(rest_env(db), "--limit", "3", source=world)
+    assert cli(rest_env(db), "--limit", "3", source=eight).code == 0
+    second = cli(rest_env(db), "--limit", "3", source=eight)
     assert second.code == 0
     assert [u["id"] for u in items_of(db, "users")] == ranked[3:6]
-    assert sorted(e["id"] for e in items_of(db, "events")) == sorted({m["event_id"] for m in second.report["matches"]})
+    assert sorted(e["id"] for e in items_of(db, "events")) == sorted({m["event_id"] for m in second.report()["matches"]})
 
 
 def test_cooldown_counts_a_message_generated_after_now_whatever_its_status(
         db: FakeRealtimeDatabase, cli: Cli) -> None:
     ranked = ranked_ids(10)
-    future = iso(NOW_DT + timedelta(days=3))
+    future = iso(FIREBASE_NOW + timedelta(days=3))
     db.set(f"{BASE}/messages", rtt.listing("messages", [
         old_message(ranked[0], "ev-jazz", status="rejected", generated_at=future),
-        old_message(ranked[2], "ev-wine", status="sent", generated_at=iso(NOW_DT - timedelta(days=2))),
+        old_message(ranked[2], "ev-wine", status="sent", generated_at=iso(FIREBASE_NOW - timedelta(days=2))),
     ], future))
     run = cli(rest_env(db), "--limit", "3")
     assert run.code == 0
-    assert run.report["summary"]["users_left_out_by_cooldown"] == 2
-    assert [m["user_id"] for m in run.report["matches"]] == [ranked[1], ranked[3], ranked[4]]
+    assert run.report()["summary"]["users_left_out_by_cooldown"] == 2
+    assert [m["user_id"] for m in run.report()["matches"]] == [ranked[1], ranked[3], ranked[4]]
 
 
 def test_cooldown_window_starts_exactly_cooldown_days_before_now(db: FakeRealtimeDatabase, cli: Cli) -> None:
     ranked = ranked_ids(10)
     db.set(f"{BASE}/messages", rtt.listing("messages", [
-        old_message(ranked[0], generated_at=iso(NOW_DT - timedelta(days=30))),  # on the edge: counts
-        old_message(ranked[1], generated_at=iso(NOW_DT - timedelta(days=30, seconds=1))),  # just outside
-    ], NOW_ISO))
+        old_message(ranked[0], generated_at=iso(FIREBASE_NOW - timedelta(days=30))),  # on the edge: counts
+        old_message(ranked[1], generated_at=iso(FIREBASE_NOW - timedelta(days=30, seconds=1))),  # just outside
+    ], FIREBASE_NOW_STAMP))
     run = cli(rest_env(db), "--limit", "2")
     assert run.code == 0
-    assert run.report["summary"]["users_left_out_by_cooldown"] == 1
-    assert [m["user_id"] for m in run.report["matches"]] == [ranked[1], ranked[2]]
+    assert run.report()["summary"]["users_left_out_by_cooldown"] == 1
+    assert [m["user_id"] for m in run.report()["matches"]] == [ranked[1], ranked[2]]
 
 
 def test_cooldown_days_option_sets_the_window(db: FakeRealtimeDatabase, cli: Cli) -> None:
     ranked = ranked_ids(10)
     db.set(f"{BASE}/messages", rtt.listing("messages", [
-        old_message(ranked[0], generated_at=iso(NOW_DT - timedelta(days=8))),
-    ], NOW_ISO))
+        old_message(ranked[0], generated_at=iso(FIREBASE_NOW - timedelta(days=8))),
+    ], FIREBASE_NOW_STAMP))
     run = cli(rest_env(db), "--limit", "1", "--cooldown-days", "7")
     assert run.code == 0
-    assert run.report["summary"]["users_left_out_by_cooldown"] == 0
-    assert [m["user_id"] for m in run.report["matches"]] == [ranked[0]]
+    assert run.report()["summary"]["users_left_out_by_cooldown"] == 0
+    assert [m["user_id"] for m in run.report()["matches"]] == [ranked[0]]
 
 
 # =============================================================================================
@@ -700,23 +677,23 @@ def test_dry_run_sends_no_write_to_firebase(db: FakeRealtimeDatabase, cli: Cli) 
     assert run.code == 0
     assert {r.method for r in db.requests} <= {"GET"}
     assert db.data is None
-    assert not (run.out / "data" / "firebase").exists()
-    assert len(run.processed("messages")) == 10
+    assert not (run.root / "data" / "firebase").exists()
+    assert len(run.messages) == 10
 
 
 def test_dry_run_with_the_local_mirror_writes_no_mirror(cli: Cli) -> None:
     run = cli({}, "--dry-run")
     assert run.code == 0
-    assert not (run.out / "data" / "firebase").exists()
+    assert not (run.root / "data" / "firebase").exists()
 
 
 def test_dry_run_still_applies_the_cooldown(db: FakeRealtimeDatabase, cli: Cli) -> None:
     ranked = ranked_ids(10)
-    db.set(f"{BASE}/messages", rtt.listing("messages", [old_message(ranked[0], generated_at=NOW_ISO)], NOW_ISO))
+    db.set(f"{BASE}/messages", rtt.listing("messages", [old_message(ranked[0], generated_at=FIREBASE_NOW_STAMP)], FIREBASE_NOW_STAMP))
     run = cli(rest_env(db), "--dry-run", "--limit", "1")
     assert run.code == 0
-    assert run.report["summary"]["users_left_out_by_cooldown"] == 1
-    assert [m["user_id"] for m in run.report["matches"]] == [ranked[1]]
+    assert run.report()["summary"]["users_left_out_by_cooldown"] == 1
+    assert [m["user_id"] for m in run.report()["matches"]] == [ranked[1]]
 
 
 # =============================================================================================
@@ -778,10 +755,10 @@ def test_firebase_ready_sanitises_document_keys() -> None:
 
 def test_documents_with_forbidden_keys_are_written_sanitised(db: FakeRealtimeDatabase, cli: Cli,
                                                               tmp_path: Path) -> None:
-    world = write_world(tmp_path / "dotted", 10, extra={"prefs.v2": True, "links": {"example.com": "home"}})
-    run = cli(rest_env(db), source=world)
+    dotted = write_world(tmp_path / "dotted", 10, extra={"prefs.v2": True, "links": {"example.com": "home"}})
+    run = cli(rest_env(db), source=dotted)
     assert run.code == 0
-    assert run.report["firebase"]["not_written"] == []
+    assert run.report()["firebase"]["not_written"] == []
     user = items_of(db, "users")[0]
     assert user["prefs_v2"] is True and user["links"] == {"example_com": "home"}
     assert items_of(db, "matches")[0]["user"]["links"] == {"example_com": "home"}
@@ -900,23 +877,23 @@ def test_put_of_null_deletes_on_both_transports(kind: str, db: FakeRealtimeDatab
 
 def test_local_mirror_splits_files_and_keeps_arrays_as_arrays(tmp_path: Path) -> None:
     mirror = LocalMirrorTransport(tmp_path, BASE)
-    dashboard = DashboardList(mirror, "matches", "matches", NOW_ISO).open()
+    dashboard = DashboardList(mirror, "matches", "matches", FIREBASE_NOW_STAMP).open()
     for item in (A, B, C):
         assert dashboard.add(item)
     mirror.put("campaigns/c1/messages", {"messages": [A], "count": 1})
     on_disk = json.loads((tmp_path / BASE / "matches.json").read_text(encoding="utf-8"))
-    assert on_disk == {"matches": [A, B, C], "count": 3, "updatedAt": NOW_ISO}
+    assert on_disk == {"matches": [A, B, C], "count": 3, "updatedAt": FIREBASE_NOW_STAMP}
     assert (tmp_path / BASE / "campaigns" / "c1" / "messages.json").is_file()
 
 
-def test_demo_uses_the_local_mirror_and_its_merge_logic(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+def test_demo_uses_the_local_mirror_and_its_merge_logic(tmp_path: Path) -> None:
     out = tmp_path / "demo"
-    args = ["--demo", "--now", NOW, "--out", str(out)]
-    assert rtt.main(args, env={}) == 0
+    args = ["--demo", "--now", FIREBASE_NOW_ISO]
+    assert run_main(args, out).code == 0
     mirror = out / "data" / "firebase" / BASE
     first = json.loads((mirror / "messages.json").read_text(encoding="utf-8"))
     assert first["count"] == len(first["messages"]) > 0
-    assert rtt.main([*args, "--cooldown-days", "0"], env={}) == 0
+    assert run_main([*args, "--cooldown-days", "0"], out).code == 0
     second = json.loads((mirror / "messages.json").read_text(encoding="utf-8"))
     assert keys_of(second["messages"]) == keys_of(first["messages"])
 
@@ -1112,7 +1089,7 @@ def body_bytes(requests: list[RecordedRequest]) -> int:
 def test_appends_send_each_item_once_for_a_ten_member_campaign(db: FakeRealtimeDatabase, cli: Cli) -> None:
     run = cli(rest_env(db))
     assert run.code == 0
-    total = run.report["firebase"]["bytes_sent"]
+    total = run.report()["firebase"]["bytes_sent"]
     assert total == body_bytes(db.requests) > 0
     figures = {"total": total}
     for name in DASHBOARD_LISTS:
@@ -1225,9 +1202,9 @@ def test_service_account_token_refusal_exits_non_zero_without_leaking_the_key(
     run = cli({"FIREBASE_DATABASE_URL": db.url, "GOOGLE_APPLICATION_CREDENTIALS": str(service_account_file)})
     assert run.code == 1
     assert db.data is None
-    lines = [line for line in run.stderr.splitlines() if line.strip()]
-    assert len(lines) == 1 and "token" in lines[0].lower(), run.stderr
-    assert len(run.processed("messages")) == 10
+    lines = [line for line in run.err.splitlines() if line.strip()]
+    assert len(lines) == 1 and "token" in lines[0].lower(), run.err
+    assert len(run.messages) == 10
     assert "PRIVATE KEY" not in run.all_text()
 
 
@@ -1237,7 +1214,7 @@ def test_unreadable_service_account_file_is_a_usage_error(db: FakeRealtimeDataba
     broken.write_text('{"type": "service_account", "private_key": "not a key"}', encoding="utf-8")
     run = cli({"FIREBASE_DATABASE_URL": db.url, "GOOGLE_APPLICATION_CREDENTIALS": str(broken)})
     assert run.code == 2
-    assert "GOOGLE_APPLICATION_CREDENTIALS" in run.stderr and "Traceback" not in run.stderr
+    assert "GOOGLE_APPLICATION_CREDENTIALS" in run.err and "Traceback" not in run.err
     assert db.requests == []
 
 
@@ -1307,9 +1284,9 @@ def test_a_url_that_is_not_a_realtime_database_fails_cleanly_with_a_report(cli: 
     with HtmlSite() as site:
         run = cli({"FIREBASE_DATABASE_URL": site.url, "FIREBASE_AUTH_TOKEN": TOKEN})
     assert run.code == 1
-    assert run.stderr.startswith("error: ") and run.stderr.count("\n") == 1 and "not JSON" in run.stderr
-    assert "Traceback" not in run.stderr
-    assert len(run.processed("messages")) == 10 and run.report["firebase"]["not_written"]
+    assert run.err.startswith("error: ") and run.err.count("\n") == 1 and "not JSON" in run.err
+    assert "Traceback" not in run.err
+    assert len(run.messages) == 10 and run.report()["firebase"]["not_written"]
 
 
 def test_items_written_before_a_mid_run_failure_are_reported_as_written(
@@ -1323,5 +1300,5 @@ def test_items_written_before_a_mid_run_failure_are_reported_as_written(
 
     run = cli(rest_env(db))
     assert run.code == 1
-    assert "matches (3 items before the failure)" in run.report["firebase"]["written"]
+    assert "matches (3 items before the failure)" in run.report()["firebase"]["written"]
     assert len(items_of(db, "matches")) == 3
