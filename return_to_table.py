@@ -28,7 +28,9 @@ Firebase for step 7), the ``ReturnToTable`` orchestration, and the command line.
 from __future__ import annotations
 
 import argparse
+import contextlib
 import csv
+import fcntl
 import hashlib
 import json
 import logging
@@ -36,19 +38,21 @@ import math
 import os
 import random
 import re
+import signal
 import sys
+import tempfile
 import threading
 import time
 import unicodedata
 from collections import Counter
-from collections.abc import Iterable, Mapping, Sequence
-from concurrent.futures import ThreadPoolExecutor, as_completed
+from collections.abc import Iterable, Iterator, Mapping, Sequence
+from concurrent.futures import ThreadPoolExecutor
 from contextlib import ExitStack
 from dataclasses import dataclass, field
 from datetime import UTC, datetime, timedelta, timezone
 from enum import Enum
 from pathlib import Path
-from typing import Any, NamedTuple, Protocol, TypedDict
+from typing import Any, NamedTuple, Protocol, Self, TypedDict
 from urllib.parse import quote_plus
 from zoneinfo import ZoneInfo, ZoneInfoNotFoundError
 
@@ -82,9 +86,28 @@ MONGO_NOT_CONFIGURED = ("--source mongo needs MONGO_URI (or MONGO_USERNAME, MONG
 
 MAX_NEXT_EVENTS = 5  # candidates tried when the chosen event cannot be phrased within the SMS contract
 
-EXIT_OK = 0
-EXIT_FAILURE = 1
-EXIT_USAGE = 2
+# Exit codes: the table in the README and in --help. 3 tells cron "done, but look at the report".
+EXIT_OK = 0  # done cleanly
+EXIT_FAILURE = 1  # failed, no campaign produced (source unreadable, MongoDB unreachable, out of disk)
+EXIT_USAGE = 2  # bad usage, configuration or input
+EXIT_ATTENTION = 3  # done, but something needs a look (Firebase writes, Claude down, members failed, deadline)
+EXIT_LOCKED = 75  # another run holds the lock on this --out (EX_TEMPFAIL: cron may simply try again)
+EXIT_SIGNALS = {signal.SIGINT: 130, signal.SIGTERM: 143}  # 128 + the signal's number
+
+GRACE_SECONDS = 10.0  # after a stop (signal or deadline), how long calls already in flight may still take
+SAVE_EVERY_SECONDS = 2.0  # progress files are rewritten at most this often during steps 5-6, and at the end
+LOCK_FILE = ".return_to_table.lock"
+LOG_FILE_PATTERN = re.compile(r"^return_to_table_\d{4}-\d{2}-\d{2}_\d{2}-\d{2}-\d{2}(?:_\d+)?\.log$")
+
+EXIT_CODES_HELP = """exit codes:
+  0    done cleanly
+  3    done, but something needs a look: Firebase writes failed (listed in the report), Firebase was
+       unreadable at the start (nothing written there), Claude was unavailable, members failed, or
+       the --deadline-minutes was reached
+  1    failed, no campaign produced: source unreadable, MongoDB unreachable, out of disk
+  2    bad usage, configuration or input
+  75   another run holds the lock on this --out
+  130  interrupted by SIGINT; 143 by SIGTERM (the report is written, marked "interrupted")"""
 
 
 class UsageError(Exception):
@@ -92,7 +115,87 @@ class UsageError(Exception):
 
 
 class ServiceError(Exception):
-    """A service (MongoDB, Firebase) failed for good: one line, exit code 1."""
+    """A service (MongoDB, Firebase) or the disk failed for good: one line, exit code 1."""
+
+
+class OutputError(ServiceError):
+    """A file under ``--out`` could not be written (full disk, read-only or blocked folder)."""
+
+
+class Locked(Exception):
+    """Another run holds the lock on this ``--out``: exit code 75."""
+
+
+class ServiceTimeout(ServiceError):
+    """A call took longer than its bound: the service is treated as down for the rest of the run."""
+
+
+class RunControl:
+    """When the run must stop starting new work: a signal (SIGINT/SIGTERM) or the deadline.
+
+    Every remote call asks it for its time budget, so no service can hold the run past the
+    deadline, and after a stop, calls in flight get ``GRACE_SECONDS`` at most.
+    """
+
+    def __init__(self, deadline_seconds: float | None = None, clock: Any = time.monotonic) -> None:
+        self.clock = clock
+        self.deadline = None if deadline_seconds is None else clock() + deadline_seconds
+        self.signal: int | None = None
+        self._stopped_at: float | None = None
+        self._event = threading.Event()
+
+    def request_stop(self, signum: int) -> None:
+        """The first signal: finish what is in flight, then report. (The handler exits on the second.)"""
+        self.signal = signum
+        self._stopped_at = self.clock()
+        self._event.set()
+
+    @property
+    def status(self) -> str:
+        """``completed``, ``interrupted`` (a signal) or ``deadline``: the report's ``status``."""
+        if self.signal is not None:
+            return "interrupted"
+        if self.deadline is not None and self.clock() >= self.deadline:
+            return "deadline"
+        return "completed"
+
+    @property
+    def stopping(self) -> bool:
+        return self.status != "completed"
+
+    def budget(self, wanted: float) -> float:
+        """Seconds a new or running call may take: ``wanted``, cut at the deadline (plus grace once stopped)."""
+        now = self.clock()
+        limits = [wanted]
+        if self._stopped_at is not None:
+            limits.append(self._stopped_at + GRACE_SECONDS - now)
+        if self.deadline is not None:
+            limits.append(self.deadline + (GRACE_SECONDS if now >= self.deadline else 0.0) - now)
+        return max(0.0, min(limits))
+
+
+def bounded_call(fn: Any, seconds: float, what: str) -> Any:
+    """``fn()`` in a daemon thread, waited for at most ``seconds`` of wall time.
+
+    Per-read socket timeouts cannot stop a server that answers one byte at a time; this can. A call
+    that overruns is abandoned (its thread dies with the process) and raises ServiceTimeout.
+    """
+    box: dict[str, Any] = {}
+
+    def target() -> None:
+        try:
+            box["value"] = fn()
+        except BaseException as exc:  # noqa: BLE001 - handed to the caller; never printed by the thread
+            box["error"] = exc
+
+    worker = threading.Thread(target=target, name=f"call-{what}", daemon=True)
+    worker.start()
+    worker.join(seconds if seconds > 0 else 0.0)
+    if worker.is_alive():
+        raise ServiceTimeout(f"{what}: no complete answer within {seconds:.0f} s")
+    if "error" in box:
+        raise box["error"]
+    return box.get("value")
 
 
 @dataclass(frozen=True)
@@ -109,6 +212,7 @@ class Settings:
     firebase_auth_token: str | None = None
     google_credentials: str | None = None
     anthropic_api_key: str | None = None
+    firebase_timeout: float = 20.0  # seconds per request; the first timeout ends Firebase writes for the run
     campaign_timezone: str = DEFAULT_TIMEZONE
     env: Mapping[str, str] = field(default_factory=dict, repr=False)
 
@@ -128,6 +232,12 @@ class Settings:
                                  "(or one MONGO_URI)")
             credentials = f"{quote_plus(user)}:{quote_plus(password)}"
             mongo_uri = f"mongodb+srv://{credentials}@{host}/?retryWrites=true&w=majority"
+        try:
+            firebase_timeout = float(get("FIREBASE_TIMEOUT") or cls.firebase_timeout)
+        except ValueError:
+            raise UsageError("FIREBASE_TIMEOUT must be a number of seconds") from None
+        if not math.isfinite(firebase_timeout) or firebase_timeout <= 0:
+            raise UsageError("FIREBASE_TIMEOUT must be a number of seconds above 0")
         zone = get("CAMPAIGN_TIMEZONE") or DEFAULT_TIMEZONE
         try:
             ZoneInfo(zone)
@@ -141,6 +251,7 @@ class Settings:
             firebase_auth_token=get("FIREBASE_AUTH_TOKEN"),
             google_credentials=get("GOOGLE_APPLICATION_CREDENTIALS"),
             anthropic_api_key=get("ANTHROPIC_API_KEY"),
+            firebase_timeout=firebase_timeout,
             campaign_timezone=zone,
             env=dict(env),
         )
@@ -180,38 +291,89 @@ class RunOptions:
     candidates: int = 15
     concurrency: int = 6
     cooldown_days: int = 30
+    deadline_minutes: float = 30.0
+    keep_logs_days: int = 30
     insecure_tls: bool = False
     verbose: bool = False
+    quiet: bool = False
+    progress: bool = False  # a progress bar: on a terminal and not --quiet
 
     @property
     def is_demo(self) -> bool:
         return self.source is SourceKind.DEMO
 
 
-def setup_logging(out_dir: Path, now: datetime, verbose: bool = False) -> tuple[logging.Logger, Path]:
+class QuietFileHandler(logging.FileHandler):
+    """The run's log file; a failing write (full disk) never prints a traceback to cron mail."""
+
+    failed = False
+
+    def handleError(self, record: logging.LogRecord) -> None:
+        self.failed = True
+
+
+class ConsoleFilter(logging.Filter):
+    """The console's level, except that the final summary line (``extra={"summary": True}``) always shows."""
+
+    def __init__(self, level: int) -> None:
+        super().__init__()
+        self.level = level
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        return record.levelno >= self.level or getattr(record, "summary", False)
+
+
+def setup_logging(out_dir: Path, now: datetime, *, verbose: bool = False, quiet: bool = False,
+                  keep_logs_days: int = 0) -> tuple[logging.Logger, Path]:
     """The plan's logging: a timestamped DEBUG file under ``logs/`` and INFO on the console.
 
+    ``--quiet`` keeps the console to warnings and the final summary, so cron mail stays short.
     Console and INFO lines never carry an email address or a phone number.
     """
     log_dir = out_dir / "logs"
-    log_dir.mkdir(parents=True, exist_ok=True)
-    log_file = log_dir / f"return_to_table_{now.strftime('%Y-%m-%d_%H-%M-%S')}.log"
+    try:
+        log_dir.mkdir(parents=True, exist_ok=True)
+        pruned = prune_logs(log_dir, now, keep_logs_days)
+        log_file = log_dir / f"return_to_table_{now.strftime('%Y-%m-%d_%H-%M-%S')}.log"
+        fd = os.open(log_file, os.O_WRONLY | os.O_CREAT | os.O_APPEND, 0o600)  # it names members
+        os.close(fd)
+        file_handler = QuietFileHandler(log_file, encoding="utf-8")
+    except OSError as exc:
+        raise OutputError(f"{log_dir}: cannot write the log ({exc.strerror or exc.__class__.__name__})") from None
     logger = logging.getLogger("ReturnToTable")
     logger.setLevel(logging.DEBUG)
     logger.propagate = False
     close_logging(logger)  # a second run in the same process starts clean
-    file_handler = logging.FileHandler(log_file, encoding="utf-8")
-    os.chmod(log_file, 0o600)  # it names members
     file_handler.setLevel(logging.DEBUG)
     file_handler.setFormatter(logging.Formatter(
         "%(asctime)s - %(name)s - %(levelname)s - %(message)s", datefmt="%Y-%m-%d %H:%M:%S"))
     console = logging.StreamHandler(sys.stdout)
-    console.setLevel(logging.DEBUG if verbose else logging.INFO)
+    console.setLevel(logging.DEBUG)
+    console.addFilter(ConsoleFilter(logging.WARNING if quiet else logging.DEBUG if verbose else logging.INFO))
     console.setFormatter(logging.Formatter("%(levelname)s - %(message)s"))
     logger.addHandler(file_handler)
     logger.addHandler(console)
     logger.info("Logging initialized. Log file: %s", log_file)
+    if pruned:
+        logger.info("Removed %d log files older than %d days", pruned, keep_logs_days)
     return logger, log_file
+
+
+def prune_logs(log_dir: Path, now: datetime, keep_days: int) -> int:
+    """Delete this tool's own log files older than ``keep_days`` (0 keeps all); other files are never touched."""
+    if keep_days <= 0:
+        return 0
+    cutoff = now.timestamp() - keep_days * 86400
+    removed = 0
+    for path in log_dir.iterdir():
+        try:
+            if LOG_FILE_PATTERN.match(path.name) and path.is_file() and not path.is_symlink() \
+                    and path.stat().st_mtime < cutoff:
+                path.unlink()
+                removed += 1
+        except OSError:
+            continue
+    return removed
 
 
 def close_logging(logger: logging.Logger) -> None:
@@ -220,30 +382,77 @@ def close_logging(logger: logging.Logger) -> None:
         logger.removeHandler(handler)
 
 
-# --- output files ------------------------------------------------------------------------------
+class RunLock:
+    """One run at a time per ``--out``: ``flock`` on a lock file, released by the kernel when the process
+    ends, however it ends, so a killed run leaves no stale lock."""
+
+    def __init__(self, out_dir: Path) -> None:
+        self.path = out_dir / LOCK_FILE
+        self.fd: int | None = None
+
+    def __enter__(self) -> Self:
+        try:
+            self.fd = os.open(self.path, os.O_RDWR | os.O_CREAT, 0o600)
+        except OSError as exc:
+            raise OutputError(f"{self.path}: cannot open the lock file ({exc.strerror})") from None
+        try:
+            fcntl.flock(self.fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            os.close(self.fd)
+            self.fd = None
+            raise Locked(f"another run holds the lock {self.path}; not started") from None
+        os.ftruncate(self.fd, 0)
+        os.write(self.fd, f"{os.getpid()}\n".encode())  # for the operator: who holds it
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        if self.fd is not None:
+            os.close(self.fd)  # closing releases the flock
+            self.fd = None
+
+
+# --- output files: every one written atomically -------------------------------------------------
+
+
+def atomic_write(path: Path, write: Any, *, private: bool = False) -> None:
+    """Write a file so that a kill at any moment leaves the old file or the new one, never a torn one.
+
+    A uniquely named temporary file in the same folder is written through ``write(handle)``, flushed
+    and synced, then renamed over ``path``. Any OSError (full disk, read-only folder) removes the
+    temporary file and becomes an OutputError; the old file stays as it was.
+    """
+    tmp: str | None = None
+    try:
+        path.parent.mkdir(parents=True, exist_ok=True)
+        fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
+        os.fchmod(fd, 0o600 if private else 0o644)
+        with os.fdopen(fd, "w", encoding="utf-8") as handle:
+            write(handle)
+            handle.flush()
+            os.fsync(handle.fileno())
+        os.replace(tmp, path)
+        tmp = None
+    except OSError as exc:
+        raise OutputError(f"cannot write {path} ({exc.strerror or exc.__class__.__name__})") from None
+    finally:
+        if tmp is not None:
+            with contextlib.suppress(OSError):
+                os.unlink(tmp)
 
 
 def write_json(path: Path, value: Any, *, private: bool = False) -> None:
-    """Write JSON atomically enough for a batch job; ``private`` files are readable by the owner only."""
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(path.name + ".tmp")
-    flags = os.O_WRONLY | os.O_CREAT | os.O_TRUNC
-    fd = os.open(tmp, flags, 0o600 if private else 0o644)
-    with os.fdopen(fd, "w", encoding="utf-8") as handle:
+    """JSON, atomically; ``private`` files are readable by the owner only."""
+
+    def write(handle: Any) -> None:
         json.dump(value, handle, ensure_ascii=False, indent=2, default=str)
         handle.write("\n")
-    os.replace(tmp, path)
-    if private:
-        os.chmod(path, 0o600)
+
+    atomic_write(path, write, private=private)
 
 
 def write_text_private(path: Path, text: str) -> None:
-    """A text file readable by the owner only (reports name members and quote their messages)."""
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
-    with os.fdopen(fd, "w", encoding="utf-8") as handle:
-        handle.write(text)
-    os.chmod(path, 0o600)
+    """A text file readable by the owner only (reports name members and quote their messages), atomically."""
+    atomic_write(path, lambda handle: handle.write(text), private=True)
 
 
 def write_raw(path: Path, docs: Sequence[Mapping[str, Any]]) -> None:
@@ -1480,6 +1689,12 @@ def campaign_id_for(moment: datetime) -> str:
     return f"{CAMPAIGN_NAME}-{moment.astimezone(UTC).strftime('%Y%m%d-%H%M%S')}"
 
 
+def next_campaign_id(campaign_id: str) -> str:
+    """The id one second later: the next one to try when this one is taken."""
+    moment = datetime.strptime(campaign_id.removeprefix(f"{CAMPAIGN_NAME}-"), "%Y%m%d-%H%M%S")
+    return campaign_id_for(moment.replace(tzinfo=UTC) + timedelta(seconds=1))
+
+
 def mean(values: Sequence[float]) -> float:
     return round(sum(values) / len(values), 1) if values else 0.0
 
@@ -1583,6 +1798,7 @@ class UserOutcome:
     message: Message | None = None
     skip: Skip | None = None
     fallbacks: list[Fallback] = field(default_factory=list)
+    failed: bool = False  # an unexpected error, not a decision: the run exits 3
 
 
 def fallback_counts(outcomes: Sequence[UserOutcome]) -> dict[str, Any]:
@@ -1597,7 +1813,7 @@ def build_report(*, campaign_id: str, run_started: datetime, finished: datetime,
                  source_label: str, census: DormancyCensus, selected: Sequence[DormantMember], cooled_down: int,
                  future_events: Sequence[FutureEvent], outcomes: Sequence[UserOutcome], steps_5_6_seconds: float,
                  issues: DataIssues, firebase: Mapping[str, Any], errors: Sequence[str],
-                 llm_usage: Mapping[str, Any] | None) -> dict[str, Any]:
+                 llm_usage: Mapping[str, Any] | None, status: str = "completed") -> dict[str, Any]:
     """Step 8: the plan's statistics and summary, plus who was skipped, segments, services and errors."""
     matches = [o.match for o in outcomes if o.match is not None]
     messages = [o.message for o in outcomes if o.message is not None]
@@ -1612,6 +1828,8 @@ def build_report(*, campaign_id: str, run_started: datetime, finished: datetime,
         "total_messages_generated": len(messages),
         "total_sms_segments": sum(m["sms_segments"] for m in messages),
         "users_skipped": len(skipped),
+        "users_failed": sum(o.failed for o in outcomes),
+        "users_not_started": len(selected) - len(outcomes),
         "average_days_inactive": mean([u["days_inactive"] for u in selected]),
         "average_confidence_score": mean([m["confidence_percentage"] for m in matches]),
         "error_count": len(errors),
@@ -1621,6 +1839,7 @@ def build_report(*, campaign_id: str, run_started: datetime, finished: datetime,
     report: dict[str, Any] = {
         "campaign_id": campaign_id,
         "campaign_name": CAMPAIGN_NAME,
+        "status": status,
         "run_date": iso_utc(run_started),
         "as_of": iso_utc(options.now),
         "source": source_label,
@@ -1730,8 +1949,10 @@ def connect_mongo(settings: Settings, insecure_tls: bool, logger: logging.Logger
     if not settings.mongo_uri:
         raise UsageError(MONGO_NOT_CONFIGURED)
     options: dict[str, Any] = {"appname": CAMPAIGN_NAME}
-    if "serverselectiontimeoutms" not in settings.mongo_uri.lower():  # the URI's own setting wins
-        options["serverSelectionTimeoutMS"] = 20000
+    for name, millis in (("serverSelectionTimeoutMS", 20000), ("connectTimeoutMS", 20000),
+                         ("socketTimeoutMS", 120000)):  # a server that never answers cannot hold the run
+        if name.lower() not in settings.mongo_uri.lower():  # the URI's own setting wins
+            options[name] = millis
     if insecure_tls:
         logger.warning("TLS certificate verification for MongoDB is OFF (--insecure-tls)")
         options["tlsAllowInvalidCertificates"] = True
@@ -2358,23 +2579,61 @@ class ClaudeAdvisor:
     """
 
     MAX_CONSECUTIVE_FAILURES = 4
+    MAX_QUOTED_ANSWER = 600  # characters of a bad answer quoted back in the corrective retry
 
-    def __init__(self, client: Any, config: ClaudeConfig) -> None:
+    def __init__(self, client: Any, config: ClaudeConfig, control: RunControl | None = None) -> None:
         self.client = client
         self.config = config
+        self.control = control or RunControl()
         self.usage = {"matching": TokenUsage(), "writing": TokenUsage()}
-        self._lock = threading.Lock()
+        self._lock = threading.Condition()
         self.consecutive_failures = 0
+        self.in_flight = 0
+        self.failed_calls = 0
+        self.answered_calls = 0
         self.unavailable: str | None = None  # set once Claude is known to be unusable for this run
 
     @classmethod
-    def connect(cls, settings: Settings) -> ClaudeAdvisor:
+    def connect(cls, settings: Settings, control: RunControl | None = None) -> ClaudeAdvisor:
         import anthropic
 
         config = ClaudeConfig.from_env(settings.env)
         client = anthropic.Anthropic(api_key=settings.anthropic_api_key, base_url=config.base_url,
                                      max_retries=config.max_retries, timeout=config.timeout)
-        return cls(client, config)
+        return cls(client, config, control)
+
+    def _start_call(self) -> None:
+        """Wait for a call slot: calls in flight never exceed the failures still allowed in a row, so
+        "stop after four failures in a row" holds however many members run at once."""
+        with self._lock:
+            while True:
+                if self.unavailable:
+                    raise InvalidAnswer(f"Claude unavailable this run ({self.unavailable})")
+                if self.control.stopping:
+                    raise InvalidAnswer(f"not asked: the run is stopping ({self.control.status})")
+                if self.in_flight < self.MAX_CONSECUTIVE_FAILURES - self.consecutive_failures:
+                    self.in_flight += 1
+                    return
+                self._lock.wait(0.1)
+
+    def _call(self, **request: Any) -> Any:
+        """One Messages API call (the SDK's own retries included) within its time budget."""
+        self._start_call()
+        try:
+            budget = self.control.budget(self.config.timeout)
+            reply = bounded_call(lambda: self.client.messages.create(**request), budget, "Claude")
+        except Exception as exc:
+            self._count_failure(exc)
+            raise
+        else:
+            with self._lock:
+                self.consecutive_failures = 0
+                self.answered_calls += 1
+            return reply
+        finally:
+            with self._lock:
+                self.in_flight -= 1
+                self._lock.notify_all()
 
     def _system(self, text: str, model: str) -> list[dict[str, Any]]:
         block: dict[str, Any] = {"type": "text", "text": text}
@@ -2393,37 +2652,38 @@ class ClaudeAdvisor:
             output_config["effort"] = self.config.effort
         problem = ""
         for _attempt in (1, 2):
-            with self._lock:
-                if self.unavailable:
-                    raise InvalidAnswer(f"Claude unavailable this run ({self.unavailable})")
             try:
-                reply = self.client.messages.create(model=model, max_tokens=2048, system=self._system(system, model),
-                                                    messages=messages, output_config=output_config)
-            except anthropic.APIError as exc:
-                self._count_failure(exc)
+                reply = self._call(model=model, max_tokens=2048, system=self._system(system, model),
+                                   messages=messages, output_config=output_config)
+            except (anthropic.APIError, ServiceTimeout) as exc:
                 raise InvalidAnswer(f"API error: {exc.__class__.__name__}") from None
             with self._lock:
-                self.consecutive_failures = 0
                 self.usage[step].add(getattr(reply, "usage", None))
             try:
                 return check(answer_json(reply))
             except InvalidAnswer as exc:
                 problem = str(exc)
                 said = "".join(getattr(b, "text", "") for b in reply.content or [] if getattr(b, "type", "") == "text")
+                said = said[: self.MAX_QUOTED_ANSWER] + (" [...]" if len(said) > self.MAX_QUOTED_ANSWER else "")
                 messages += [{"role": "assistant", "content": said if said.strip() else "(no answer)"},
                              {"role": "user", "content": f"That answer is invalid: {problem}. "
                                                          "Answer again with only a valid JSON object."}]
         raise InvalidAnswer(f"invalid twice: {problem}")
 
     def _count_failure(self, exc: Exception) -> None:
-        """Stop calling for the rest of the run after a credentials error or a run of failures."""
+        """Stop calling for the rest of the run after a credentials error, a timeout or a run of failures."""
         import anthropic
 
         fatal = (anthropic.AuthenticationError, anthropic.PermissionDeniedError, anthropic.NotFoundError)
         with self._lock:
             self.consecutive_failures += 1
+            self.failed_calls += 1
+            if self.unavailable:
+                return
             if isinstance(exc, fatal):
                 self.unavailable = f"{exc.__class__.__name__}: check ANTHROPIC_API_KEY and the model"
+            elif isinstance(exc, (anthropic.APITimeoutError, ServiceTimeout)):
+                self.unavailable = f"no answer in time ({exc.__class__.__name__}); not asked again this run"
             elif self.consecutive_failures >= self.MAX_CONSECUTIVE_FAILURES:
                 self.unavailable = f"{self.consecutive_failures} calls in a row failed, the last {exc.__class__.__name__}"
 
@@ -2455,6 +2715,15 @@ class ClaudeAdvisor:
         return self._ask("writing", self.config.write_model, WRITE_SYSTEM, facts_prompt(facts, user),
                          SMS_SCHEMA, check)
 
+    @property
+    def down(self) -> str | None:
+        """Why Claude was down this run: it stopped being asked, or it never answered at all; else None."""
+        if self.unavailable:
+            return self.unavailable
+        if self.failed_calls and not self.answered_calls:
+            return f"none of {self.failed_calls} calls answered"
+        return None
+
     def usage_report(self) -> dict[str, Any]:
         out: dict[str, Any] = {}
         total: float | None = 0.0
@@ -2465,6 +2734,7 @@ class ClaudeAdvisor:
             total = None if cost is None or total is None else total + cost
         out["estimated_cost_usd"] = None if total is None else round(total, 6)
         out["unavailable"] = self.unavailable
+        out["failed_calls"] = self.failed_calls
         return out
 
 
@@ -2500,6 +2770,8 @@ class FirebaseTransport(Protocol):
     def put(self, path: str, value: Any, if_match: str | None = None) -> PutResult: ...
 
     def patch(self, path: str, updates: Mapping[str, Any]) -> None: ...
+
+    def flush(self) -> None: ...
 
 
 def check_key(key: str, where: str) -> None:
@@ -2601,12 +2873,18 @@ class LocalMirrorTransport:
 
     Arrays are stored and rendered by the database's rules, ETags are answered and stale
     conditional writes refused, so ``--demo`` and tests exercise the same merge logic as production.
+    Files are kept in memory while the run appends to them and written (atomically) at most every
+    ``SAVE_EVERY_SECONDS`` and at ``flush()``, so a long run does not rewrite a growing file per item.
     """
 
-    def __init__(self, root: Path, base_path: str) -> None:
+    def __init__(self, root: Path, base_path: str, save_every: float = SAVE_EVERY_SECONDS) -> None:
         self.root = root / base_path if base_path else root
         self.description = f"local mirror {self.root}"
         self.bytes_sent = 0
+        self.save_every = save_every
+        self._files: dict[Path, Any] = {}  # file -> its tree as stored (normalised), read or written this run
+        self._dirty: set[Path] = set()
+        self._saved_at = time.monotonic()
 
     def _split(self, segments: list[str]) -> tuple[Path, list[str]] | None:
         depth = MIRROR_FILE_DEPTH.get(segments[0], 1) if segments else 1
@@ -2615,25 +2893,30 @@ class LocalMirrorTransport:
         return self.root.joinpath(*segments[: depth - 1]) / f"{segments[depth - 1]}.json", segments[depth:]
 
     def _load(self, file: Path) -> Any:
+        if file in self._files:
+            return self._files[file]
         try:
-            return rtdb_normalize(json.loads(file.read_text(encoding="utf-8")))
+            tree = rtdb_normalize(json.loads(file.read_text(encoding="utf-8")))
         except FileNotFoundError:
-            return None
+            tree = None
         except (OSError, ValueError) as exc:
             raise FirebaseError(f"local mirror {file}: unreadable ({exc})") from None
+        self._files[file] = tree
+        return tree
 
     def _stored(self, segments: list[str]) -> Any:
         split = self._split(segments)
         if split is not None:
             file, rest = split
             return tree_get(self._load(file), rest)
+        self.flush()  # a read above the file level lists the files on disk
         folder = self.root.joinpath(*segments)
         if not folder.is_dir():
             return None
         tree: dict[str, Any] = {}
         for child in sorted(folder.iterdir()):
             name = child.name[:-5] if child.suffix == ".json" else child.name
-            if child.is_dir() or child.suffix == ".json":
+            if child.is_dir() or (child.suffix == ".json" and not child.name.startswith(".")):
                 value = self._stored([*segments, name])
                 if value is not None:
                     tree[name] = value
@@ -2642,19 +2925,37 @@ class LocalMirrorTransport:
     def _store(self, segments: list[str], value: Any) -> None:
         split = self._split(segments)
         if split is None:  # a write above the file level replaces whole files
+            self.flush()
             folder = self.root.joinpath(*segments)
             if folder.is_dir():
                 for file in folder.rglob("*.json"):
                     file.unlink()
+                    self._files.pop(file, None)
             for key, child in (value or {}).items():
                 self._store([*segments, key], child)
             return
         file, rest = split
-        tree = tree_set(self._load(file), rest, value)
-        if tree is None:
-            file.unlink(missing_ok=True)
-        else:
-            write_json(file, rtdb_render(tree), private=True)
+        self._files[file] = tree_set(self._load(file), rest, value)
+        self._dirty.add(file)
+
+    def flush(self) -> None:
+        """Write every changed file now (atomically); a failure is a FirebaseError like any other."""
+        for file in sorted(self._dirty):
+            tree = self._files.get(file)
+            try:
+                if tree is None:
+                    file.unlink(missing_ok=True)
+                else:
+                    write_json(file, rtdb_render(tree), private=True)
+            except (OutputError, OSError) as exc:
+                raise FirebaseError(f"local mirror: {exc}") from None
+            self._dirty.discard(file)
+        self._saved_at = time.monotonic()
+
+    def checkpoint(self) -> None:
+        """Save progress if the last save is older than ``save_every``."""
+        if self._dirty and time.monotonic() - self._saved_at >= self.save_every:
+            self.flush()
 
     def get(self, path: str) -> tuple[Any, str]:
         value = rtdb_render(self._stored(check_path(path)))
@@ -2668,6 +2969,7 @@ class LocalMirrorTransport:
             return PutResult(False, current, etag)
         self.bytes_sent += len(json.dumps(value, ensure_ascii=False).encode("utf-8"))
         self._store(segments, rtdb_normalize(value))
+        self.checkpoint()
         written, new_etag = self.get(path)
         return PutResult(True, written, new_etag)
 
@@ -2677,6 +2979,7 @@ class LocalMirrorTransport:
         self.bytes_sent += len(json.dumps(updates, ensure_ascii=False).encode("utf-8"))
         for key, value in updates.items():
             self._store([*segments, *check_path(key)], rtdb_normalize(value))
+        self.checkpoint()
 
 
 NO_BODY = object()
@@ -2695,19 +2998,26 @@ class RestTransport:
 
     def __init__(self, url: str, base_path: str, *, auth_token: str | None = None,
                  token_source: Any = None, client: Any = None, timeout: float = 20.0, retries: int = 3,
-                 backoff: float = 0.5) -> None:
+                 backoff: float = 0.5, control: RunControl | None = None) -> None:
         import httpx2
 
         self.url = url.rstrip("/")
         self.base_path = base_path.strip("/")
         self.auth_token = auth_token
         self.token_source = token_source
+        self.timeout = timeout
         self.client = client or httpx2.Client(timeout=timeout)
         self.retries = retries
         self.backoff = backoff
+        self.control = control or RunControl()
         self.bytes_sent = 0
+        self.down: str | None = None  # set at the first timeout: nothing more is sent this run
         self.description = f"Firebase (FIREBASE_DATABASE_URL), base path {self.base_path or '/'}"
         self._transport_errors: tuple[type[BaseException], ...] = (httpx2.TransportError,)
+        self._timeouts: tuple[type[BaseException], ...] = (httpx2.TimeoutException, ServiceTimeout)
+
+    def flush(self) -> None:
+        """Nothing is buffered: every request is sent when it is made."""
 
     def _url(self, path: str) -> str:
         segments = [quote_plus(s).replace("+", "%20") for s in [*self.base_path.split("/"), *check_path(path)] if s]
@@ -2723,18 +3033,27 @@ class RestTransport:
             all_headers["Authorization"] = f"Bearer {self.token_source()}"
         content = None if body is NO_BODY else json.dumps(body, ensure_ascii=False).encode("utf-8")
         for attempt in range(self.retries + 1):
+            if self.down:
+                raise FirebaseError(f"{method} {path}: not sent ({self.down})")
             if content:
                 self.bytes_sent += len(content)
             try:
-                response = self.client.request(method, self._url(path), params=params, headers=all_headers,
-                                               content=content)
+                response = bounded_call(
+                    lambda: self.client.request(method, self._url(path), params=params, headers=all_headers,
+                                                content=content),
+                    self.control.budget(self.timeout), f"Firebase {method} {path}")
+            except self._timeouts as exc:
+                # A server that accepts and never answers must not cost a timeout per request.
+                self.down = f"Firebase timed out earlier in this run ({exc.__class__.__name__})"
+                raise FirebaseError(f"{method} {path}: no answer in time ({exc.__class__.__name__}); "
+                                    "nothing more is sent to Firebase this run") from None
             except self._transport_errors as exc:
-                if attempt < self.retries:
-                    time.sleep(self.backoff * 2 ** attempt)
+                if attempt < self.retries and self.control.budget(self.backoff * 2 ** attempt) > 0:
+                    time.sleep(self.control.budget(self.backoff * 2 ** attempt))
                     continue
                 raise FirebaseError(f"{method} {path}: cannot reach the database ({exc.__class__.__name__})") from None
             if response.status_code in self.RETRY_STATUSES and attempt < self.retries:
-                time.sleep(self.backoff * 2 ** attempt)
+                time.sleep(self.control.budget(self.backoff * 2 ** attempt))
                 continue
             return response
         raise FirebaseError(f"{method} {path}: no answer")  # unreachable: the loop returns or raises
@@ -3010,6 +3329,35 @@ class DashboardWriter:
         return {str(item["user_id"]) for item in as_item_list(self._messages_read[0], "messages")
                 if item.get("user_id") and (when := to_utc(item.get("generated_at"))) is not None and when >= since}
 
+    def claim_campaign(self, first_id: str, next_id: Any, tries: int = 60) -> str:
+        """The campaign id, claimed: its archive's metadata is created with a create-only write
+        (``if-match: null_etag``), taking the next id while one exists, so two machines sharing one
+        database never share an archive. Without writes, ``first_id`` (free under ``--out``) is used."""
+        campaign_id = first_id
+        for _attempt in range(tries):
+            if not self.writes:
+                return campaign_id
+            claim = {"id": campaign_id, "name": CAMPAIGN_NAME, "created_at": self.updated_at, "status": "running"}
+            try:
+                if self.transport.put(f"campaigns/{campaign_id}/metadata", claim, if_match=NULL_ETAG).ok:
+                    return campaign_id
+            except FirebaseError as exc:
+                self.failed(f"campaigns/{campaign_id}/metadata (claiming the campaign id)", exc)
+                return campaign_id
+            campaign_id = next_id(campaign_id)
+        self.stand_down("campaigns (no free campaign id, nothing written this run)",
+                        FirebaseError(f"{tries} ids from {first_id} are taken"))
+        return campaign_id
+
+    def flush(self) -> None:
+        """Save what the transport holds back (the local mirror's files); failures recorded, not raised."""
+        if self.transport is None or self.dry_run:
+            return
+        try:
+            self.transport.flush()
+        except FirebaseError as exc:
+            self.failed("saving the local mirror", exc)
+
     def stand_down(self, what: str, exc: Exception) -> None:
         """Write nothing more this run (for example: who was messaged recently cannot be known)."""
         self.stood_down = what
@@ -3059,7 +3407,7 @@ class DashboardWriter:
             self.broken.add(key)
 
     def save_campaign(self, campaign_id: str, users: Sequence[Mapping[str, Any]], matches: Sequence[Match],
-                      messages: Sequence[Message], stats: Mapping[str, Any]) -> None:
+                      messages: Sequence[Message], stats: Mapping[str, Any], status: str) -> None:
         """The dashboard's users and events (replaced), and the campaign archive."""
         if self.transport is None or self.dry_run:
             self.logger.info("Step 7: dry run, nothing written to Firebase")
@@ -3072,8 +3420,8 @@ class DashboardWriter:
             plan += [("users", listing("users", users_payload, updated)),
                      ("events", listing("events", events_payload, updated))]
         plan += [
-            (f"campaigns/{campaign_id}/metadata", {"id": campaign_id, "name": CAMPAIGN_NAME,
-                                                   "created_at": updated, "stats": dict(stats)}),
+            (f"campaigns/{campaign_id}/metadata", {"id": campaign_id, "name": CAMPAIGN_NAME, "created_at": updated,
+                                                   "status": status, "stats": dict(stats)}),
             (f"campaigns/{campaign_id}/users", listing("users", users_payload, updated)),
             (f"campaigns/{campaign_id}/events", listing("events", events_payload, updated)),
             (f"campaigns/{campaign_id}/matches", listing("matches", list(matches), updated)),
@@ -3113,6 +3461,9 @@ class RunResult:
     report_path: Path
     firebase: dict[str, Any]
     claude_unavailable: str | None
+    status: str = "completed"
+    failed_members: int = 0
+    signal: int | None = None
 
     @property
     def firebase_failed(self) -> bool:
@@ -3120,7 +3471,12 @@ class RunResult:
 
     @property
     def exit_code(self) -> int:
-        return EXIT_FAILURE if self.firebase_failed else EXIT_OK
+        """130/143 after a signal; 3 when done but something needs a look; else 0."""
+        if self.signal is not None:
+            return EXIT_SIGNALS.get(self.signal, 128 + self.signal)
+        needs_a_look = (self.status == "deadline" or self.firebase_failed or self.claude_unavailable
+                        or self.failed_members)
+        return EXIT_ATTENTION if needs_a_look else EXIT_OK
 
 
 class ReturnToTable:
@@ -3133,7 +3489,8 @@ class ReturnToTable:
 
     def __init__(self, options: RunOptions, settings: Settings, logger: logging.Logger, *,
                  source: DataSource, dashboard: DashboardWriter, hoods: NeighbourhoodMap,
-                 advisor: ClaudeAdvisor | None = None) -> None:
+                 advisor: ClaudeAdvisor | None = None, control: RunControl | None = None) -> None:
+        control = control or RunControl()
         self.options = options
         self.logger = logger
         self.source = source
@@ -3141,8 +3498,11 @@ class ReturnToTable:
         self.hoods = hoods
         self.advisor = advisor
         self.zone = settings.zone
+        self.control = control
         self.issues = DataIssues()
         self.data_dir = options.out_dir / "data"
+        self.saved_at = time.monotonic()
+        self.progress: Any = None  # the members progress bar during steps 5-6, on a terminal
 
     # --- step 1: fetch, find and rank the dormant members -----------------------------------
 
@@ -3283,24 +3643,55 @@ class ReturnToTable:
                                     f"no SMS within the contract for {chosen['event_name']!r} or the next events")
         return outcome
 
+    def process_member(self, rank: int, user: DormantMember, events: Sequence[FutureEvent]) -> UserOutcome:
+        """One member through steps 5 and 6; an unexpected failure costs that member only (counted)."""
+        try:
+            return self.process_user(rank, user, events)
+        except ServiceError:
+            raise
+        except Exception as exc:  # the run goes on; the traceback goes to the log file
+            self.logger.debug("member %s failed", user["_id"], exc_info=True)
+            self.logger.error("Member %s failed: %s", user["_id"], exc.__class__.__name__)
+            return UserOutcome(rank, user, skip=Skip(user["_id"], full_name(user),
+                                                     f"failed: {exc.__class__.__name__} (see the log)"), failed=True)
+
     def process_all(self, selected: Sequence[DormantMember], events: Sequence[FutureEvent]) -> list[UserOutcome]:
         """Every selected member, concurrently (bounded) on the Claude path; results in rank order.
 
-        Each member's result is saved (local files, the dashboard) as soon as it is final.
+        Members are started one by one, so a stop (signal or deadline) starts no new member while
+        those in flight finish. Results are saved as they come (local files at most every
+        ``SAVE_EVERY_SECONDS``, the dashboard item by item) and once more at the end.
         """
         done: list[UserOutcome] = []
-        if self.advisor is None or self.options.concurrency <= 1 or len(selected) <= 1:
-            for rank, user in enumerate(selected):
-                self.finish_user(self.process_user(rank, user, events), done)
-            return sorted(done, key=lambda o: o.rank)
-        with ThreadPoolExecutor(max_workers=self.options.concurrency, thread_name_prefix="member") as pool:
-            futures = [pool.submit(self.process_user, rank, user, events) for rank, user in enumerate(selected)]
-            for future in as_completed(futures):
-                self.finish_user(future.result(), done)
+        try:
+            if self.advisor is None or self.options.concurrency <= 1 or len(selected) <= 1:
+                for rank, user in enumerate(selected):
+                    if self.control.stopping:
+                        break
+                    self.finish_user(self.process_member(rank, user, events), done)
+            else:
+                self.process_concurrently(selected, events, done)
+        finally:
+            self.save_progress(done)
         return sorted(done, key=lambda o: o.rank)
 
+    def process_concurrently(self, selected: Sequence[DormantMember], events: Sequence[FutureEvent],
+                             done: list[UserOutcome]) -> None:
+        waiting = list(enumerate(selected))
+        with ThreadPoolExecutor(max_workers=self.options.concurrency, thread_name_prefix="member") as pool:
+            running: set[Any] = set()
+            while waiting or running:
+                while waiting and len(running) < self.options.concurrency and not self.control.stopping:
+                    rank, user = waiting.pop(0)
+                    running.add(pool.submit(self.process_member, rank, user, events))
+                if not running:
+                    break
+                finished, running = wait_first(running)
+                for future in finished:
+                    self.finish_user(future.result(), done)
+
     def finish_user(self, outcome: UserOutcome, done: list[UserOutcome]) -> None:
-        """Log one member's result and save it at once: local files in rank order, then the dashboard."""
+        """Log one member's result and save it: local files (throttled), then the dashboard (rank order)."""
         done.append(outcome)
         if outcome.match is not None:
             m = outcome.match
@@ -3311,11 +3702,19 @@ class ReturnToTable:
                               outcome.message["message_text"])
         if outcome.skip is not None:
             self.logger.info("Skipped %s (%s): %s", outcome.skip.user_name, outcome.skip.user_id, outcome.skip.reason)
+        if self.progress is not None:
+            self.progress.update(1)
+        if time.monotonic() - self.saved_at >= SAVE_EVERY_SECONDS:
+            self.save_progress(done)
+        self.dashboard.submit(outcome.rank, outcome.match, outcome.message)
+
+    def save_progress(self, done: Sequence[UserOutcome]) -> None:
+        """``matches.json`` and ``messages.json`` as they stand, in rank order (atomically)."""
         ordered = sorted(done, key=lambda o: o.rank)
         write_json(self.data_dir / "processed" / "matches.json", [o.match for o in ordered if o.match], private=True)
         write_json(self.data_dir / "processed" / "messages.json", [o.message for o in ordered if o.message],
                    private=True)
-        self.dashboard.submit(outcome.rank, outcome.match, outcome.message)
+        self.saved_at = time.monotonic()
 
     # --- step 8: the report -------------------------------------------------------------------
 
@@ -3325,44 +3724,53 @@ class ReturnToTable:
         report_path = reports / f"return_to_table_report_{campaign_id}.md"
         write_text_private(report_path, report_markdown(report))
         s = report["summary"]
-        self.logger.info("Step 8: %d dormant, %d ready, %d matched, %d messages, %d SMS segments, %d errors. "
-                         "Report: %s", s["total_dormant_users_found"], s["total_users_with_complete_profiles"],
-                         s["total_matches_created"], s["total_messages_generated"], s["total_sms_segments"],
-                         s["error_count"], report_path)
+        self.logger.info("Step 8 (%s): %d dormant, %d ready, %d matched, %d messages, %d SMS segments, %d errors. "
+                         "Report: %s", report["status"], s["total_dormant_users_found"],
+                         s["total_users_with_complete_profiles"], s["total_matches_created"],
+                         s["total_messages_generated"], s["total_sms_segments"], s["error_count"], report_path,
+                         extra={"summary": True})
         return report_path
 
     # --- the whole run ------------------------------------------------------------------------
 
     def fresh_campaign_id(self, started: datetime) -> str:
-        """The run's id; a second run within the same second takes the next free second."""
+        """A campaign id free under ``--out``; the dashboard then claims it (or the next free one)."""
         moment = started
         while (self.options.out_dir / "reports" / f"return_to_table_report_{campaign_id_for(moment)}.json").exists():
             moment += timedelta(seconds=1)
-        return campaign_id_for(moment)
+        return self.dashboard.claim_campaign(campaign_id_for(moment), next_campaign_id)
 
     def run(self) -> RunResult:
         started = datetime.now(UTC)
-        campaign_id = self.fresh_campaign_id(started)
         options = self.options
-        self.logger.info("Campaign %s as of %s (source: %s, matcher: %s%s)", campaign_id,
-                         iso_utc(options.now), self.source.label, "claude" if self.advisor else "rules",
-                         ", dry run" if options.dry_run else "")
+        self.logger.info("Run as of %s (source: %s, matcher: %s%s)", iso_utc(options.now), self.source.label,
+                         "claude" if self.advisor else "rules", ", dry run" if options.dry_run else "")
         users, events = self.fetch()                       # step 1
         census = self.dormant_users(users, events)
         selected, cooled_down = self.select(census)
         future = self.future_events(events)                # step 2 (3-4: summaries attached)
+        campaign_id = self.fresh_campaign_id(started)
+        self.logger.info("Campaign %s", campaign_id)
         self.dashboard.open_lists()
         clock = time.monotonic()
-        outcomes = self.process_all(selected, future)      # steps 5-6
+        with progress_bar(len(selected), "members", enabled=options.progress) as self.progress:
+            outcomes = self.process_all(selected, future)  # steps 5-6
+        self.progress = None
         steps_5_6_seconds = time.monotonic() - clock
+        status = self.final_status(len(outcomes), len(selected))
+        if status != "completed":
+            self.logger.warning("Run %s: %d of %d members done; the rest were not started", status,
+                                len(outcomes), len(selected))
         matches = [o.match for o in outcomes if o.match is not None]
         messages = [o.message for o in outcomes if o.message is not None]
         self.logger.info("Steps 5-6: %d matches, %d messages, %d skipped, %d fallbacks in %.1f s", len(matches),
                          len(messages), sum(o.skip is not None for o in outcomes),
                          sum(len(o.fallbacks) for o in outcomes), steps_5_6_seconds)
         self.dashboard.save_campaign(campaign_id, selected, matches, messages,   # step 7
-                                     run_statistics(selected, future, matches, messages, self.dashboard.errors))
-        claude_down = self.advisor.unavailable if self.advisor is not None else None
+                                     run_statistics(selected, future, matches, messages, self.dashboard.errors),
+                                     status)
+        self.dashboard.flush()
+        claude_down = self.advisor.down if self.advisor is not None else None
         if claude_down:
             self.logger.error("Claude was unavailable (%s): rules and template were used", claude_down)
         firebase = self.dashboard.summary()
@@ -3370,10 +3778,40 @@ class ReturnToTable:
             campaign_id=campaign_id, run_started=started, finished=datetime.now(UTC), options=options,
             source_label=self.source.label, census=census, selected=selected, cooled_down=cooled_down,
             future_events=future, outcomes=outcomes, steps_5_6_seconds=steps_5_6_seconds, issues=self.issues,
-            firebase=firebase, errors=list(self.dashboard.errors),
+            firebase=firebase, errors=list(self.dashboard.errors), status=status,
             llm_usage=self.advisor.usage_report() if self.advisor is not None else None)
         report_path = self.write_report(campaign_id, report)
-        return RunResult(campaign_id, report, report_path, firebase, claude_down)
+        return RunResult(campaign_id, report, report_path, firebase, claude_down, status,
+                         failed_members=sum(o.failed for o in outcomes), signal=self.control.signal)
+
+    def final_status(self, finished: int, selected: int) -> str:
+        """``interrupted`` after a signal; ``deadline`` when the deadline left members unstarted."""
+        if self.control.signal is not None:
+            return "interrupted"
+        return "deadline" if finished < selected and self.control.stopping else "completed"
+
+
+def wait_first(running: set[Any]) -> tuple[set[Any], set[Any]]:
+    """The futures that finished (at least one), and those still running."""
+    from concurrent.futures import FIRST_COMPLETED
+    from concurrent.futures import wait as wait_futures
+
+    finished, still = wait_futures(running, return_when=FIRST_COMPLETED)
+    return set(finished), set(still)
+
+
+@contextlib.contextmanager
+def progress_bar(total: int, unit: str, *, enabled: bool) -> Iterator[Any]:
+    """A progress bar on a terminal (tqdm, on stderr, log lines kept above it); None elsewhere."""
+    if not enabled or total <= 1:
+        yield None
+        return
+    from tqdm import tqdm
+    from tqdm.contrib.logging import logging_redirect_tqdm
+
+    with logging_redirect_tqdm(loggers=[logging.getLogger("ReturnToTable")]), \
+            tqdm(total=total, unit=f" {unit}", file=sys.stderr, leave=False, dynamic_ncols=True) as bar:
+        yield bar
 
 
 # =============================================================================================
@@ -3392,6 +3830,13 @@ def non_negative_int(text: str) -> int:
     value = int(text)
     if value < 0:
         raise argparse.ArgumentTypeError("must be a whole number of at least 0")
+    return value
+
+
+def positive_float(text: str) -> float:
+    value = float(text)
+    if not math.isfinite(value) or value <= 0:
+        raise argparse.ArgumentTypeError("must be a number above 0")
     return value
 
 
@@ -3414,7 +3859,8 @@ def build_parser() -> argparse.ArgumentParser:
     parser = OneLineParser(
         prog="return_to_table.py",
         description="Return To Table: match dormant members with one upcoming event each and draft "
-                    "a welcome-back SMS for review.")
+                    "a welcome-back SMS for review.",
+        epilog=EXIT_CODES_HELP, formatter_class=argparse.RawDescriptionHelpFormatter)
     where = parser.add_mutually_exclusive_group()
     where.add_argument("--demo", action="store_true",
                        help="run on the built-in sample world (rules, template, local mirror only)")
@@ -3440,7 +3886,15 @@ def build_parser() -> argparse.ArgumentParser:
                         help="leave out members messaged in the last D days (%(default)s; 0 disables)")
     parser.add_argument("--insecure-tls", action="store_true",
                         help="do not verify MongoDB's TLS certificate (logged as a warning)")
-    parser.add_argument("-v", "--verbose", action="store_true", help="DEBUG on the console too")
+    parser.add_argument("--deadline-minutes", type=positive_float, default=RunOptions.deadline_minutes, metavar="M",
+                        help="stop starting members after M minutes, finish those in flight, write what is "
+                             "final and the report, exit 3 (%(default)g)")
+    parser.add_argument("--keep-logs", type=non_negative_int, default=RunOptions.keep_logs_days, metavar="DAYS",
+                        help="delete this tool's own log files older than DAYS (%(default)s; 0 keeps all)")
+    noise = parser.add_mutually_exclusive_group()
+    noise.add_argument("-q", "--quiet", action="store_true",
+                       help="console: warnings and the final summary line only (for cron mail)")
+    noise.add_argument("-v", "--verbose", action="store_true", help="DEBUG on the console too")
     return parser
 
 
@@ -3481,7 +3935,9 @@ def resolve_options(args: argparse.Namespace, settings: Settings) -> RunOptions:
     return RunOptions(source=kind, folder=folder, now=now, out_dir=out_dir, limit=args.limit,
                       use_claude=use_claude, dry_run=args.dry_run, min_confidence=args.min_confidence,
                       candidates=args.candidates, concurrency=args.concurrency,
-                      cooldown_days=args.cooldown_days, insecure_tls=args.insecure_tls, verbose=args.verbose)
+                      cooldown_days=args.cooldown_days, deadline_minutes=args.deadline_minutes,
+                      keep_logs_days=args.keep_logs, insecure_tls=args.insecure_tls, verbose=args.verbose,
+                      quiet=args.quiet, progress=not args.quiet and sys.stderr.isatty())
 
 
 def make_source(options: RunOptions, settings: Settings, logger: logging.Logger,
@@ -3495,7 +3951,8 @@ def make_source(options: RunOptions, settings: Settings, logger: logging.Logger,
     return FolderSource(options.folder)
 
 
-def make_dashboard(options: RunOptions, settings: Settings, logger: logging.Logger) -> DashboardWriter:
+def make_dashboard(options: RunOptions, settings: Settings, logger: logging.Logger,
+                   control: RunControl | None = None) -> DashboardWriter:
     """The dashboard: the REST API when configured (never in --demo), else the local mirror.
 
     A dry run gets one too, to read who was messaged recently; it writes nothing.
@@ -3514,66 +3971,106 @@ def make_dashboard(options: RunOptions, settings: Settings, logger: logging.Logg
         logger.warning("Firebase requests are unauthenticated: set FIREBASE_AUTH_TOKEN or "
                        "GOOGLE_APPLICATION_CREDENTIALS")
     transport = RestTransport(settings.firebase_url, settings.firebase_base_path,
-                              auth_token=settings.firebase_auth_token, token_source=token_source)
+                              auth_token=settings.firebase_auth_token, token_source=token_source,
+                              timeout=settings.firebase_timeout, control=control)
     return DashboardWriter(transport, logger, dry_run=options.dry_run, updated_at=updated_at)
 
 
-def make_advisor(options: RunOptions, settings: Settings, logger: logging.Logger) -> ClaudeAdvisor | None:
+def make_advisor(options: RunOptions, settings: Settings, logger: logging.Logger,
+                 control: RunControl | None = None) -> ClaudeAdvisor | None:
     if not options.use_claude:
         return None
-    advisor = ClaudeAdvisor.connect(settings)
+    advisor = ClaudeAdvisor.connect(settings, control)
     logger.info("Claude: matching with %s, writing with %s", advisor.config.match_model, advisor.config.write_model)
     return advisor
 
 
+def handle_stop_signals(control: RunControl) -> Any:
+    """SIGINT/SIGTERM: the first asks the run to stop (members in flight finish, the report is written);
+    a second ends the process at once. Returns a function that puts the previous handlers back."""
+    if threading.current_thread() is not threading.main_thread():
+        return lambda: None
+
+    def on_signal(signum: int, _frame: Any) -> None:
+        code = EXIT_SIGNALS.get(signal.Signals(signum), 128 + signum)
+        if control.signal is not None:
+            os._exit(code)  # a second signal: now (every file is written atomically, the lock dies with us)
+        control.request_stop(signum)
+        print(f"warning: {signal.Signals(signum).name}: finishing the members in flight, then writing the "
+              "report (signal again to stop at once)", file=sys.stderr)
+
+    previous = {s: signal.signal(s, on_signal) for s in (signal.SIGINT, signal.SIGTERM)}
+    return lambda: [signal.signal(s, h) for s, h in previous.items()]
+
+
+def run_campaign(args: argparse.Namespace, env: Mapping[str, str] | None, mongo_client: Any,
+                 closing: ExitStack) -> RunResult:
+    """The program itself: settings, the lock, the services, one campaign. ``main`` handles the errors."""
+    settings = Settings.from_env(env if env is not None else read_environment())
+    options = resolve_options(args, settings)
+    control = RunControl(options.deadline_minutes * 60)
+    closing.callback(handle_stop_signals(control))
+    closing.enter_context(RunLock(options.out_dir))
+    logger, _ = setup_logging(options.out_dir, datetime.now(UTC), verbose=options.verbose, quiet=options.quiet,
+                              keep_logs_days=options.keep_logs_days)
+    closing.callback(close_logging, logger)
+    source = make_source(options, settings, logger, mongo_client)
+    if isinstance(source, MongoSource) and mongo_client is None:
+        closing.callback(source.client.close)
+    dashboard = make_dashboard(options, settings, logger, control)
+    if isinstance(dashboard.transport, RestTransport):
+        closing.callback(dashboard.transport.client.close)
+    advisor = make_advisor(options, settings, logger, control)
+    if advisor is not None:
+        closing.callback(advisor.client.close)
+    hoods = NeighbourhoodMap.from_csv(CENTROIDS_CSV)
+    try:
+        return ReturnToTable(options, settings, logger, source=source, dashboard=dashboard, hoods=hoods,
+                             advisor=advisor, control=control).run()
+    except ServiceError as exc:
+        logger.error("%s", exc)  # the run's log file says why it failed, too
+        raise
+
+
 def main(argv: Sequence[str] | None = None, *, env: Mapping[str, str] | None = None,
          mongo_client: Any = None) -> int:
-    """Run one campaign; returns the exit code (0 ok, 1 a service failed, 2 bad input or usage)."""
+    """Run one campaign and return its exit code (the table in EXIT_CODES_HELP); never a traceback
+    for bad input, a service failure, a full disk or a held lock."""
     try:
         args = build_parser().parse_args(argv)
     except SystemExit as exc:  # --help, or a usage error already printed
         return exc.code if isinstance(exc.code, int) else EXIT_USAGE
-    logger: logging.Logger | None = None
-    closing = ExitStack()  # every client opened for the run is closed when it ends
-    try:
-        settings = Settings.from_env(env if env is not None else read_environment())
-        options = resolve_options(args, settings)
-        logger, _ = setup_logging(options.out_dir, datetime.now(UTC), options.verbose)
-        source = make_source(options, settings, logger, mongo_client)
-        if isinstance(source, MongoSource) and mongo_client is None:
-            closing.callback(source.client.close)
-        dashboard = make_dashboard(options, settings, logger)
-        if isinstance(dashboard.transport, RestTransport):
-            closing.callback(dashboard.transport.client.close)
-        advisor = make_advisor(options, settings, logger)
-        if advisor is not None:
-            closing.callback(advisor.client.close)
-        hoods = NeighbourhoodMap.from_csv(CENTROIDS_CSV)
-        result = ReturnToTable(options, settings, logger, source=source, dashboard=dashboard, hoods=hoods,
-                               advisor=advisor).run()
-        if result.claude_unavailable:
-            print(f"warning: Claude was unavailable ({result.claude_unavailable}); the rules matcher and the "
-                  "template wrote this run's messages", file=sys.stderr)
+    with ExitStack() as closing:  # the lock, the clients and the log are released however the run ends
+        try:
+            result = run_campaign(args, env, mongo_client, closing)
+        except UsageError as exc:
+            print(f"error: {exc}", file=sys.stderr)
+            return EXIT_USAGE
+        except Locked as exc:
+            print(f"error: {exc}", file=sys.stderr)
+            return EXIT_LOCKED
+        except ServiceError as exc:
+            print(f"error: {exc}", file=sys.stderr)
+            return EXIT_FAILURE
+    report_problems(result)
+    return result.exit_code
+
+
+def report_problems(result: RunResult) -> None:
+    """What cron mail should show besides the summary line: one line per kind of trouble."""
+    if result.status != "completed":
+        print(f"warning: run {result.status}: {result.report['summary']['users_not_started']} members not started; "
+              f"the report {result.report_path} says what was done", file=sys.stderr)
+    if result.claude_unavailable:
+        print(f"warning: Claude was unavailable ({result.claude_unavailable}); the rules matcher and the "
+              "template wrote this run's messages", file=sys.stderr)
+    if result.failed_members:
+        print(f"warning: {result.failed_members} members failed (see the log); the others are done", file=sys.stderr)
+    if result.firebase_failed:
         firebase = result.firebase
-        if result.firebase_failed:
-            first = (firebase["errors"] or [""])[0]
-            print(f"error: {len(firebase['not_written'])} Firebase writes failed ({first}); local files and the "
-                  f"report {result.report_path} are complete", file=sys.stderr)
-        return result.exit_code
-    except UsageError as exc:
-        print(f"error: {exc}", file=sys.stderr)
-        if logger:
-            logger.debug("usage error: %s", exc)
-        return EXIT_USAGE
-    except ServiceError as exc:
-        print(f"error: {exc}", file=sys.stderr)
-        if logger:
-            logger.debug("service error: %s", exc)
-        return EXIT_FAILURE
-    finally:
-        closing.close()
-        if logger:
-            close_logging(logger)
+        first = (firebase["errors"] or [""])[0]
+        print(f"error: {len(firebase['not_written'])} Firebase writes failed ({first}); local files and the "
+              f"report {result.report_path} are complete", file=sys.stderr)
 
 
 if __name__ == "__main__":

@@ -462,10 +462,10 @@ def test_429_with_retry_after_ms_is_honoured_then_success(fake, folder, tmp_path
     assert run.matches[0]["matcher"] == "claude"
 
 
-def test_persistent_500_falls_back_to_rules_and_template_and_exits_0(tmp_path, folder):
+def test_persistent_500_falls_back_to_rules_and_template_and_exits_3(tmp_path, folder):
     with FakeMessagesAPI(default=lambda r: error_reply(500, "api_error", headers=FAST)) as fake:
         run = claude_cli(fake, folder, tmp_path / "out", "--limit", "1")
-    assert run.code == 0
+    assert run.code == rtt.EXIT_ATTENTION  # Claude never answered: done, but look at this
     assert len(fake.requests) == 2 * 3  # each step: 1 try + ANTHROPIC_MAX_RETRIES=2, no corrective turn
     assert run.matches[0]["matcher"] == "rules"
     assert run.messages[0]["generator"] == "template"
@@ -474,21 +474,21 @@ def test_persistent_500_falls_back_to_rules_and_template_and_exits_0(tmp_path, f
     assert any("API error" in r for r in run.report()["fallbacks"]["reasons"])
 
 
-def test_400_is_not_retried_and_falls_back_with_exit_0(tmp_path, folder):
+def test_400_is_not_retried_and_falls_back_with_exit_3(tmp_path, folder):
     with FakeMessagesAPI(default=lambda r: error_reply(400, "invalid_request_error")) as fake:
         run = claude_cli(fake, folder, tmp_path / "out", "--limit", "2", "--concurrency", "1")
-    assert run.code == 0
+    assert run.code == rtt.EXIT_ATTENTION
     assert len(fake.requests) == 4
     assert run.report()["summary"]["matchers"] == {"rules": 2}
     assert run.report()["summary"]["generators"] == {"template": 2}
 
 
-def test_unreachable_api_falls_back_and_exits_0(tmp_path, folder):
+def test_unreachable_api_falls_back_and_exits_3(tmp_path, folder):
     with FakeMessagesAPI() as fake:
         base_url = fake.base_url  # stopped again: nothing listens there
     run = claude_cli(base_url, folder, tmp_path / "out", "--limit", "1",
                   env={"ANTHROPIC_MAX_RETRIES": "0", "ANTHROPIC_TIMEOUT": "2"})
-    assert run.code == 0
+    assert run.code == rtt.EXIT_ATTENTION
     assert run.report()["summary"]["matchers"] == {"rules": 1}
     assert run.report()["summary"]["generators"] == {"template": 1}
 
@@ -507,9 +507,11 @@ def test_anthropic_timeout_is_honoured(fake, folder, tmp_path):
     run = claude_cli(fake, folder, tmp_path / "out", "--limit", "1",
                   env={"ANTHROPIC_MAX_RETRIES": "0", "ANTHROPIC_TIMEOUT": "1"})
     assert time.monotonic() - started < 2.4
-    assert run.code == 0
+    assert run.code == rtt.EXIT_ATTENTION  # a timeout means Claude is down for the rest of the run
     assert run.matches[0]["matcher"] == "rules"
     assert any("Timeout" in r for r in run.report()["fallbacks"]["reasons"])
+    assert len(fake.requests) == 1  # the writing step did not ask again
+    assert run.messages[0]["generator"] == "template"
 
 
 # --------------------------------------------------------------------------------------------
@@ -819,7 +821,8 @@ def test_matches_and_messages_are_in_rank_order(tmp_path, concurrency):
     assert [m["user_id"] for m in run.report()["matches"]] == run.ranked
 
 
-def test_each_members_result_is_written_before_the_next_member_is_asked(tmp_path):
+def test_progress_is_saved_as_the_run_goes_when_the_save_interval_allows(tmp_path, monkeypatch):
+    monkeypatch.setattr(rtt, "SAVE_EVERY_SECONDS", 0.0)  # every result is saved before the next member
     folder = write_world(tmp_path / "export")
     out = tmp_path / "out"
     seen: dict[str, list[str]] = {}
@@ -958,7 +961,7 @@ def test_json_inside_prose_is_read(fake, folder, tmp_path):
 def test_a_rejected_key_stops_all_calls_for_the_run(folder, tmp_path):
     with FakeMessagesAPI(default=lambda r: error_reply(401, "authentication_error")) as fake:
         run = claude_cli(fake, folder, tmp_path / "out", "--concurrency", "1")
-    assert run.code == 0
+    assert run.code == rtt.EXIT_ATTENTION
     assert len(fake.requests) == 1  # no retry of a 401, and no further call once the key is refused
     assert run.report()["summary"]["matchers"] == {"rules": len(MEMBERS)}
     assert "AuthenticationError" in run.report()["llm_usage"]["unavailable"]
@@ -971,5 +974,5 @@ def test_an_outage_stops_calling_after_a_run_of_failures(folder, tmp_path):
         run = claude_cli(fake, folder, tmp_path / "out", "--concurrency", "1")
     limit = rtt.ClaudeAdvisor.MAX_CONSECUTIVE_FAILURES
     assert len(fake.requests) == limit * 3  # each failed call: 1 try + 2 SDK retries; then no more calls
-    assert run.code == 0
+    assert run.code == rtt.EXIT_ATTENTION
     assert run.report()["summary"]["generators"] == {"template": len(MEMBERS)}

@@ -424,7 +424,7 @@ def test_firebase_base_path_from_the_environment_is_used(db: FakeRealtimeDatabas
     assert len(items_of(db, "matches", base="Staging")) == 10
 
 
-def test_progress_is_saved_as_the_run_goes_when_it_crashes_mid_run(
+def test_a_member_that_crashes_is_skipped_as_failed_and_the_others_are_saved(
         db: FakeRealtimeDatabase, firebase_world: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
     real = rtt.write_template_sms
     calls: list[Any] = []
@@ -437,13 +437,17 @@ def test_progress_is_saved_as_the_run_goes_when_it_crashes_mid_run(
 
     monkeypatch.setattr(rtt, "write_template_sms", crashing)
     out = tmp_path / "out"
-    with pytest.raises(RuntimeError, match="simulated crash"):
-        run_main(["--source", str(firebase_world), "--now", FIREBASE_NOW_ISO, "--llm", "off"], out, rest_env(db))
-    first_three = ranked_ids(10)[:3]
-    assert [m["user_id"] for m in items_of(db, "matches")] == first_three
-    assert [m["user_id"] for m in items_of(db, "messages")] == first_three
-    processed = json.loads((out / "data" / "processed" / "messages.json").read_text(encoding="utf-8"))
-    assert [m["user_id"] for m in processed] == first_three
+    run = run_main(["--source", str(firebase_world), "--now", FIREBASE_NOW_ISO, "--llm", "off"], out, rest_env(db))
+    assert run.code == rtt.EXIT_ATTENTION and "Traceback" not in run.err
+    ranked = ranked_ids(10)
+    others = ranked[:3] + ranked[4:]
+    assert [m["user_id"] for m in items_of(db, "matches")] == others
+    assert [m["user_id"] for m in items_of(db, "messages")] == others
+    assert [m["user_id"] for m in run.messages] == others
+    [failed] = run.report()["skipped"]
+    assert failed["user_id"] == ranked[3] and failed["reason"].startswith("failed: RuntimeError")
+    assert run.report()["summary"]["users_failed"] == 1
+    assert "simulated crash" in run.all_text()  # the traceback is in the log file, not on the console
 
 
 # =============================================================================================
@@ -487,7 +491,7 @@ def assert_every_list_reported_unwritten(not_written: list[str]) -> None:
 
 def test_401_wrong_token_exits_non_zero(db: FakeRealtimeDatabase, cli: Cli) -> None:
     run = cli(rest_env(db, WRONG_TOKEN))
-    assert run.code != 0
+    assert run.code == rtt.EXIT_ATTENTION
     assert db.data is None
 
 
@@ -501,7 +505,7 @@ def test_401_wrong_token_prints_one_line_about_credentials_on_stderr(db: FakeRea
 
 def test_401_wrong_token_still_leaves_complete_local_files(db: FakeRealtimeDatabase, cli: Cli) -> None:
     run = cli(rest_env(db, WRONG_TOKEN))
-    assert run.code != 0
+    assert run.code == rtt.EXIT_ATTENTION
     processed = run.root / "data" / "processed"
     assert (processed / "matches.json").is_file(), "no local matches after a 401"
     assert sorted(m["user_id"] for m in run.matches) == sorted(ranked_ids(10))
@@ -510,7 +514,7 @@ def test_401_wrong_token_still_leaves_complete_local_files(db: FakeRealtimeDatab
 
 def test_401_wrong_token_report_lists_what_was_not_written(db: FakeRealtimeDatabase, cli: Cli) -> None:
     run = cli(rest_env(db, WRONG_TOKEN))
-    assert run.code != 0
+    assert run.code == rtt.EXIT_ATTENTION
     assert list((run.root / "reports").glob("*.json")), "no report after a 401"
     not_written = run.report()["firebase"]["not_written"]
     assert_every_list_reported_unwritten(not_written)
@@ -522,7 +526,7 @@ def test_401_on_writes_only_keeps_local_files_and_reports_every_unwritten_path(
     db.fail_next(401, count=1000, method="PUT", body={"error": "Permission denied"})
     db.fail_next(401, count=1000, method="PATCH", body={"error": "Permission denied"})
     run = cli(rest_env(db))
-    assert run.code != 0
+    assert run.code == rtt.EXIT_ATTENTION
     assert db.data is None
     assert len(run.matches) == len(run.messages) == 10
     assert_every_list_reported_unwritten(run.report()["firebase"]["not_written"])
@@ -535,7 +539,7 @@ def test_item_written_before_its_count_update_failed_is_not_reported_as_unwritte
     monkeypatch.setattr(rtt.time, "sleep", lambda seconds: None)  # no real backoff in this test
     db.fail_next(503, count=100, method="PATCH", path=f"{BASE}/matches")
     run = cli(rest_env(db))
-    assert run.code != 0
+    assert run.code == rtt.EXIT_ATTENTION
     in_firebase = {(m["user_id"], m["event_id"]) for m in (db.get_rendered(f"{BASE}/matches/matches") or [])}
     assert in_firebase, "the first match was written before its count update failed"
     listed = {tuple(p.removeprefix("matches (").removesuffix(")").split(", "))
@@ -554,7 +558,7 @@ def test_token_never_appears_in_logs_reports_or_console(db: FakeRealtimeDatabase
 
 def test_wrong_token_never_appears_in_logs_reports_or_console(db: FakeRealtimeDatabase, cli: Cli) -> None:
     run = cli(rest_env(db, WRONG_TOKEN), "--verbose")
-    assert run.code != 0
+    assert run.code == rtt.EXIT_ATTENTION
     assert WRONG_TOKEN not in run.all_text()
 
 
@@ -881,6 +885,7 @@ def test_local_mirror_splits_files_and_keeps_arrays_as_arrays(tmp_path: Path) ->
     for item in (A, B, C):
         assert dashboard.add(item)
     mirror.put("campaigns/c1/messages", {"messages": [A], "count": 1})
+    mirror.flush()
     on_disk = json.loads((tmp_path / BASE / "matches.json").read_text(encoding="utf-8"))
     assert on_disk == {"matches": [A, B, C], "count": 3, "updatedAt": FIREBASE_NOW_STAMP}
     assert (tmp_path / BASE / "campaigns" / "c1" / "messages.json").is_file()
@@ -1063,8 +1068,10 @@ def test_rest_call_times_out_against_a_server_that_never_answers() -> None:
         silent.listen(8)  # connections complete in the backlog, nothing is ever read or answered
         url = f"http://127.0.0.1:{silent.getsockname()[1]}"
         transport = rest_transport(url, timeout=0.2, retries=1)
-        with pytest.raises(FirebaseError, match="cannot reach"):
+        with pytest.raises(FirebaseError, match="no answer in time"):
             transport.get("users")
+        with pytest.raises(FirebaseError, match="not sent"):  # after one timeout, nothing more is tried
+            transport.put("users", {"count": 1})
 
 
 def test_rest_unreachable_database_fails_cleanly() -> None:
@@ -1200,7 +1207,7 @@ def test_service_account_token_refusal_exits_non_zero_without_leaking_the_key(
         db: FakeRealtimeDatabase, cli: Cli, service_account_file: Path, token_server: TokenEndpoint) -> None:
     token_server.status = 400
     run = cli({"FIREBASE_DATABASE_URL": db.url, "GOOGLE_APPLICATION_CREDENTIALS": str(service_account_file)})
-    assert run.code == 1
+    assert run.code == rtt.EXIT_ATTENTION  # done, Firebase writes listed
     assert db.data is None
     lines = [line for line in run.err.splitlines() if line.strip()]
     assert len(lines) == 1 and "token" in lines[0].lower(), run.err
@@ -1283,7 +1290,7 @@ class HtmlSite(LoopbackServer):
 def test_a_url_that_is_not_a_realtime_database_fails_cleanly_with_a_report(cli: Cli) -> None:
     with HtmlSite() as site:
         run = cli({"FIREBASE_DATABASE_URL": site.url, "FIREBASE_AUTH_TOKEN": TOKEN})
-    assert run.code == 1
+    assert run.code == rtt.EXIT_ATTENTION  # done, Firebase writes listed
     assert run.err.startswith("error: ") and run.err.count("\n") == 1 and "not JSON" in run.err
     assert "Traceback" not in run.err
     assert len(run.messages) == 10 and run.report()["firebase"]["not_written"]
@@ -1299,6 +1306,6 @@ def test_items_written_before_a_mid_run_failure_are_reported_as_written(
             db.fail_next(400, body={"error": "quota"})
 
     run = cli(rest_env(db))
-    assert run.code == 1
+    assert run.code == rtt.EXIT_ATTENTION  # done, Firebase writes listed
     assert "matches (3 items before the failure)" in run.report()["firebase"]["written"]
     assert len(items_of(db, "matches")) == 3
