@@ -1883,11 +1883,15 @@ class SourceData:
 
 
 class DataSource(Protocol):
-    """Where members and events are read from; ``label`` names it in logs and the report."""
+    """Where members and events are read from; ``label`` names it in logs and the report.
+
+    ``progress``, when given, is ``progress(total, unit)``: a context manager yielding a bar (or None)
+    that the source advances while it reads, so a large source shows how far it got on a terminal.
+    """
 
     label: str
 
-    def read(self) -> SourceData: ...
+    def read(self, progress: Any = None) -> SourceData: ...
 
 
 class FolderSource:
@@ -1897,12 +1901,17 @@ class FolderSource:
         self.folder = folder
         self.label = f"folder {folder}"
 
-    def read(self) -> SourceData:
+    def read(self, progress: Any = None) -> SourceData:
         if not self.folder.is_dir():
             raise UsageError(f"--source {self.folder}: not a readable folder")
         decoder = ExtendedJsonDecoder()
-        users = load_collection_file(self.folder / "users.json", decoder)
-        events = load_collection_file(self.folder / "events.json", decoder)
+        files = [self.folder / "users.json", self.folder / "events.json"]
+        sizes = [path.stat().st_size if path.is_file() else 0 for path in files]
+        with (progress or no_progress)(sum(sizes), "B") as bar:
+            users = load_collection_file(files[0], decoder)
+            if bar is not None:
+                bar.update(sizes[0])
+            events = load_collection_file(files[1], decoder)
         require_ids(users, str(self.folder / "users.json"))
         require_ids(events, str(self.folder / "events.json"))
         return SourceData(users, events, decoder.bad_values)
@@ -1921,18 +1930,33 @@ class MongoSource:
         self.client = client
         self.db_name = db_name
 
-    def read(self) -> SourceData:
+    def read(self, progress: Any = None) -> SourceData:
         from pymongo.errors import PyMongoError
 
         db = self.client.get_database(self.db_name)
         try:
-            users = list(db[USER_COLLECTION].find({}))
-            events = list(db[EVENT_COLLECTION].find({}))
+            if progress is None:
+                users = list(db[USER_COLLECTION].find({}))
+                events = list(db[EVENT_COLLECTION].find({}))
+            else:
+                total = db[USER_COLLECTION].estimated_document_count() + db[EVENT_COLLECTION].estimated_document_count()
+                with progress(total, "documents") as bar:
+                    users, events = read_counted(db[USER_COLLECTION], bar), read_counted(db[EVENT_COLLECTION], bar)
         except PyMongoError as exc:
             raise mongo_failure(exc) from None
         require_ids(users, f"MongoDB collection {USER_COLLECTION!r}")
         require_ids(events, f"MongoDB collection {EVENT_COLLECTION!r}")
         return SourceData(users, events)
+
+
+def read_counted(collection: Any, bar: Any) -> list[dict[str, Any]]:
+    """Every document of a collection, advancing the progress bar as batches arrive."""
+    docs = []
+    for doc in collection.find({}):
+        docs.append(doc)
+        if bar is not None:
+            bar.update(1)
+    return docs
 
 
 def mongo_failure(exc: Exception) -> ServiceError:
@@ -2000,7 +2024,7 @@ class DemoSource:
     def __init__(self, now: datetime) -> None:
         self.now = now
 
-    def read(self) -> SourceData:
+    def read(self, progress: Any = None) -> SourceData:
         users, events = build_demo_world(self.now)
         return SourceData(users, events)
 
@@ -3507,7 +3531,7 @@ class ReturnToTable:
     # --- step 1: fetch, find and rank the dormant members -----------------------------------
 
     def fetch(self) -> tuple[list[dict[str, Any]], list[dict[str, Any]]]:
-        data = self.source.read()
+        data = self.source.read(reading_progress if self.options.progress else None)
         users, events = data.users, data.events
         self.issues.add("unreadable_extended_json_values", data.bad_values)
         self.logger.info("Step 1: read %d users and %d events from %s", len(users), len(events),
@@ -3801,7 +3825,7 @@ def wait_first(running: set[Any]) -> tuple[set[Any], set[Any]]:
 
 
 @contextlib.contextmanager
-def progress_bar(total: int, unit: str, *, enabled: bool) -> Iterator[Any]:
+def progress_bar(total: int, unit: str, *, enabled: bool, desc: str | None = None) -> Iterator[Any]:
     """A progress bar on a terminal (tqdm, on stderr, log lines kept above it); None elsewhere."""
     if not enabled or total <= 1:
         yield None
@@ -3810,8 +3834,20 @@ def progress_bar(total: int, unit: str, *, enabled: bool) -> Iterator[Any]:
     from tqdm.contrib.logging import logging_redirect_tqdm
 
     with logging_redirect_tqdm(loggers=[logging.getLogger("ReturnToTable")]), \
-            tqdm(total=total, unit=f" {unit}", file=sys.stderr, leave=False, dynamic_ncols=True) as bar:
+            tqdm(total=total, unit=unit if unit == "B" else f" {unit}", unit_scale=unit == "B", desc=desc,
+                 file=sys.stderr, leave=False, dynamic_ncols=True) as bar:
         yield bar
+
+
+def reading_progress(total: int, unit: str) -> Any:
+    """The progress factory a source gets on a terminal (step 1's read)."""
+    return progress_bar(total, unit, enabled=True, desc="reading")
+
+
+@contextlib.contextmanager
+def no_progress(_total: int, _unit: str) -> Iterator[None]:
+    """The progress factory when there is no terminal: no bar."""
+    yield None
 
 
 # =============================================================================================
