@@ -2963,7 +2963,8 @@ class LocalMirrorTransport:
         self._dirty.add(file)
 
     def flush(self) -> None:
-        """Write every changed file now (atomically); a failure is a FirebaseError like any other."""
+        """Write every changed file now (atomically), each one tried; any failure is a FirebaseError."""
+        failures: list[str] = []
         for file in sorted(self._dirty):
             tree = self._files.get(file)
             try:
@@ -2972,9 +2973,12 @@ class LocalMirrorTransport:
                 else:
                     write_json(file, rtdb_render(tree), private=True)
             except (OutputError, OSError) as exc:
-                raise FirebaseError(f"local mirror: {exc}") from None
+                failures.append(str(exc))
+                continue
             self._dirty.discard(file)
         self._saved_at = time.monotonic()
+        if failures:
+            raise FirebaseError(f"local mirror: {len(failures)} files not saved ({failures[0]})")
 
     def checkpoint(self) -> None:
         """Save progress if the last save is older than ``save_every``."""
@@ -3373,14 +3377,16 @@ class DashboardWriter:
                         FirebaseError(f"{tries} ids from {first_id} are taken"))
         return campaign_id
 
-    def flush(self) -> None:
-        """Save what the transport holds back (the local mirror's files); failures recorded, not raised."""
+    def flush(self) -> bool:
+        """Save what the transport holds back (the local mirror's files); False (recorded) when it failed."""
         if self.transport is None or self.dry_run:
-            return
+            return True
         try:
             self.transport.flush()
         except FirebaseError as exc:
-            self.failed("saving the local mirror", exc)
+            self.failed("local mirror (not saved: what this run wrote there may be missing)", exc)
+            return False
+        return True
 
     def stand_down(self, what: str, exc: Exception) -> None:
         """Write nothing more this run (for example: who was messaged recently cannot be known)."""
@@ -3462,6 +3468,9 @@ class DashboardWriter:
                 self.failed(path, exc, path)
         self.written += [key if key not in self.broken else f"{key} ({dashboard.added} items before the failure)"
                          for key, dashboard in self.lists.items() if key not in self.broken or dashboard.added]
+        if not self.flush():  # nothing the mirror held back can be counted as written
+            self.not_written += self.written
+            self.written = []
         self.logger.info("Step 7: %d paths written to %s, %d not written, %d bytes sent", len(self.written),
                          self.transport.description, len(self.not_written), self.transport.bytes_sent)
 
@@ -3793,7 +3802,6 @@ class ReturnToTable:
         self.dashboard.save_campaign(campaign_id, selected, matches, messages,   # step 7
                                      run_statistics(selected, future, matches, messages, self.dashboard.errors),
                                      status)
-        self.dashboard.flush()
         claude_down = self.advisor.down if self.advisor is not None else None
         if claude_down:
             self.logger.error("Claude was unavailable (%s): rules and template were used", claude_down)
