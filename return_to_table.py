@@ -2369,6 +2369,10 @@ class TokenUsage:
                       + self.cache_write_tokens * p_write) / 1_000_000, 6)
 
 
+class ClaudeDown(Exception):
+    """Claude is down for the rest of this run: no attempt is sent (never retried by the SDK)."""
+
+
 class InvalidAnswer(Exception):
     """Claude's answer broke the contract; the message says how, and is sent back on the retry."""
 
@@ -2622,9 +2626,18 @@ class ClaudeAdvisor:
         import anthropic
 
         config = ClaudeConfig.from_env(settings.env)
-        client = anthropic.Anthropic(api_key=settings.anthropic_api_key, base_url=config.base_url,
-                                     max_retries=config.max_retries, timeout=config.timeout)
-        return cls(client, config, control)
+        advisor = cls(None, config, control)
+        advisor.client = anthropic.Anthropic(api_key=settings.anthropic_api_key, base_url=config.base_url,
+                                             max_retries=config.max_retries, timeout=config.timeout,
+                                             middleware=[advisor.refuse_when_down])
+        return advisor
+
+    def refuse_when_down(self, request: Any, call_next: Any) -> Any:
+        """SDK middleware, run before every attempt, the SDK's own retries included: once Claude is down
+        for this run, a call abandoned at its time bound sends nothing more."""
+        if self.unavailable:
+            raise ClaudeDown(self.unavailable)
+        return call_next(request)
 
     def _start_call(self) -> None:
         """Wait for a call slot: calls in flight never exceed the failures still allowed in a row, so
@@ -2679,7 +2692,7 @@ class ClaudeAdvisor:
             try:
                 reply = self._call(model=model, max_tokens=2048, system=self._system(system, model),
                                    messages=messages, output_config=output_config)
-            except (anthropic.APIError, ServiceTimeout) as exc:
+            except (anthropic.APIError, ServiceTimeout, ClaudeDown) as exc:
                 raise InvalidAnswer(f"API error: {exc.__class__.__name__}") from None
             with self._lock:
                 self.usage[step].add(getattr(reply, "usage", None))
