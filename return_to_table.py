@@ -249,7 +249,7 @@ class Settings:
             mongo_uri=mongo_uri,
             mongo_db_name=get("MONGO_DB_NAME"),
             firebase_url=(get("FIREBASE_DATABASE_URL") or "").rstrip("/") or None,
-            firebase_base_path=(get("FIREBASE_BASE_PATH") or DEFAULT_BASE_PATH).strip("/"),
+            firebase_base_path=database_path(get("FIREBASE_BASE_PATH") or DEFAULT_BASE_PATH),
             firebase_auth_token=get("FIREBASE_AUTH_TOKEN"),
             google_credentials=get("GOOGLE_APPLICATION_CREDENTIALS"),
             anthropic_api_key=get("ANTHROPIC_API_KEY"),
@@ -261,6 +261,18 @@ class Settings:
     @property
     def zone(self) -> ZoneInfo:
         return ZoneInfo(self.campaign_timezone)
+
+
+BASE_PATH_SEGMENT = re.compile(r"^[A-Za-z0-9_-]{1,128}$")
+
+
+def database_path(value: str) -> str:
+    """``FIREBASE_BASE_PATH`` is a path inside the database, never on disk: plain segments only, so the
+    local mirror can never write outside ``--out`` (``..``, ``.``, ``~`` or key characters are refused)."""
+    segments = value.strip().strip("/").split("/")
+    if not all(BASE_PATH_SEGMENT.match(s) for s in segments):
+        raise UsageError(f"FIREBASE_BASE_PATH={value!r}: use segments of letters, digits, _ and - joined by /")
+    return "/".join(segments)
 
 
 def read_environment(dotenv_path: Path | None = None) -> dict[str, str]:
@@ -4263,11 +4275,23 @@ def handle_stop_signals(control: RunControl) -> Any:
     return lambda: [signal.signal(s, h) for s, h in previous.items()]
 
 
+MAX_NOW_AHEAD = timedelta(days=1)
+
+
+def refuse_writes_from_the_future(options: RunOptions) -> None:
+    """A run with ``--now`` more than a day ahead of the clock is a rehearsal: it must be ``--dry-run``,
+    or its messages would fill the cooldown for as long as that future is away."""
+    if not options.dry_run and options.now > datetime.now(UTC) + MAX_NOW_AHEAD:
+        raise UsageError(f"--now {iso_utc(options.now)} is more than a day ahead of the clock: add --dry-run "
+                         "(a rehearsal must not fill the cooldown)")
+
+
 def run_campaign(args: argparse.Namespace, env: Mapping[str, str] | None, mongo_client: Any,
                  closing: ExitStack) -> RunResult:
     """The program itself: settings, the lock, the services, one campaign. ``main`` handles the errors."""
     settings = Settings.from_env(env if env is not None else read_environment())
     options = resolve_options(args, settings)
+    refuse_writes_from_the_future(options)
     control = RunControl(options.deadline_minutes * 60)
     closing.callback(handle_stop_signals(control))
     closing.enter_context(RunLock(options.out_dir))
