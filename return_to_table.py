@@ -34,6 +34,7 @@ import csv
 import fcntl
 import functools
 import hashlib
+import itertools
 import json
 import logging
 import math
@@ -59,7 +60,7 @@ from urllib.parse import quote_plus
 from zoneinfo import ZoneInfo, ZoneInfoNotFoundError
 
 from bson import ObjectId, json_util
-from bson.errors import InvalidId
+from bson.errors import BSONError
 from dotenv import dotenv_values
 
 # =============================================================================================
@@ -377,7 +378,7 @@ def prune_logs(log_dir: Path, now: datetime, keep_days: int) -> int:
     """Delete this tool's own log files older than ``keep_days`` (0 keeps all); other files are never touched."""
     if keep_days <= 0:
         return 0
-    cutoff = now.timestamp() - keep_days * 86400
+    cutoff = days_before(now, keep_days).timestamp()
     removed = 0
     for path in log_dir.iterdir():
         try:
@@ -480,43 +481,55 @@ def write_raw(path: Path, docs: Sequence[Mapping[str, Any]]) -> None:
 
 
 ISO_DATE_START = re.compile(r"^\d{4}-\d{2}-\d{2}(?:$|[T ])")
+# A date is only a date a day inside datetime's range: shown in any time zone or moved by a day, it never overflows.
+EARLIEST_DATE = datetime.min.replace(tzinfo=UTC) + timedelta(days=1)
+LATEST_DATE = datetime.max.replace(tzinfo=UTC) - timedelta(days=1)
 
 
 def to_utc(value: Any) -> datetime | None:
-    """Any date form found in the data as an aware UTC datetime, or None.
+    """Any date form found in the data as an aware UTC datetime, or None; it never raises.
 
     BSON dates come back naive (they are UTC); ISO strings may carry Z, an offset or nothing
-    (nothing means UTC); numbers are epoch milliseconds. Anything else is no date.
+    (nothing means UTC); numbers are epoch milliseconds. Anything else is no date, and so is a
+    date at the edges of the calendar (year 1 or 9999 with an offset, milliseconds beyond it).
     """
+    try:
+        moment = parse_moment(value)
+        if moment is None:
+            return None
+        moment = moment.replace(tzinfo=UTC) if moment.tzinfo is None else moment.astimezone(UTC)
+    except (ValueError, OverflowError, OSError):
+        return None
+    return moment if EARLIEST_DATE <= moment <= LATEST_DATE else None
+
+
+def parse_moment(value: Any) -> datetime | None:
+    """A datetime (naive or aware) from a datetime, epoch milliseconds, an extended ISO string or Extended
+    JSON's ``$date`` (unwrapped once), or None; out-of-range values raise, for ``to_utc`` to catch."""
+    if isinstance(value, Mapping) and "$date" in value:
+        value = value["$date"]
+        if isinstance(value, Mapping):
+            digits = value.get("$numberLong")
+            value = int(digits) if isinstance(digits, (str, int)) and not isinstance(digits, bool) else None
     if isinstance(value, datetime):
-        return value.replace(tzinfo=UTC) if value.tzinfo is None else value.astimezone(UTC)
+        return value
     if isinstance(value, bool):
         return None
     if isinstance(value, (int, float)):
-        try:
-            if not math.isfinite(value):
-                return None
-            return datetime.fromtimestamp(value / 1000, tz=UTC)
-        except (OverflowError, OSError, ValueError):
-            return None
+        return datetime.fromtimestamp(value / 1000, tz=UTC) if math.isfinite(value) else None
     if isinstance(value, str):
         text = value.strip()
         if not ISO_DATE_START.match(text):  # extended ISO only: "17100720…" is not a date here
             return None
-        try:
-            parsed = datetime.fromisoformat(text.replace("z", "Z"))
-        except ValueError:
-            return None
-        return parsed.replace(tzinfo=UTC) if parsed.tzinfo is None else parsed.astimezone(UTC)
-    if isinstance(value, Mapping) and "$date" in value:
-        inner = value["$date"]
-        if isinstance(inner, Mapping) and "$numberLong" in inner:
-            try:
-                return to_utc(int(inner["$numberLong"]))
-            except (TypeError, ValueError):
-                return None
-        return to_utc(inner)
+        return datetime.fromisoformat(text.replace("z", "Z"))
     return None
+
+
+def days_before(moment: datetime, days: int) -> datetime:
+    """``days`` before ``moment``, or the calendar's first day when there are not that many days before it
+    (a huge ``--cooldown-days`` or ``--keep-logs`` means "since the beginning", never an overflow)."""
+    start = datetime.min.replace(tzinfo=UTC)
+    return start if days >= (moment - start).days else moment - timedelta(days=days)
 
 
 def iso_utc(moment: datetime | None) -> str | None:
@@ -566,25 +579,227 @@ def to_plain(value: Any) -> Any:
 class ExtendedJsonDecoder:
     """Extended JSON (relaxed or canonical) decoded value by value, as ``bson.json_util`` does.
 
-    One bad value (``{"$date": "TBD"}``, ``{"$oid": "zz"}``) becomes None and is counted, instead of
-    failing the whole file: a bad single record is treated as missing, never fatal.
+    One bad value (``{"$date": "TBD"}``, ``{"$oid": "zz"}``, a ``$date`` beyond the calendar) becomes
+    None and is counted, instead of failing the whole file: a bad single record is treated as missing,
+    never fatal.
     """
 
     bad_values: int = 0
+    _decoder: json.JSONDecoder | None = field(default=None, repr=False)
 
     def hook(self, obj: dict[str, Any]) -> Any:
         try:
             return json_util.object_hook(obj, json_util.RELAXED_JSON_OPTIONS)
-        except (ValueError, TypeError, KeyError, OverflowError, InvalidId):
+        except (ValueError, TypeError, KeyError, ArithmeticError, BSONError):  # Overflow, InvalidBSON, InvalidId…
             self.bad_values += 1
             return None
 
     def loads(self, text: str) -> Any:
         return json.loads(text, object_hook=self.hook)
 
+    def raw_decode(self, text: str, position: int) -> tuple[Any, int]:
+        """One JSON value starting at ``position``, and where it ends."""
+        if self._decoder is None:
+            self._decoder = json.JSONDecoder(object_hook=self.hook)
+        return self._decoder.raw_decode(text, position)
 
-def load_collection_file(path: Path, decoder: ExtendedJsonDecoder) -> list[dict[str, Any]]:
-    """One ``mongoexport`` file: a JSON array (``--jsonArray``) or JSON Lines, Extended JSON either way."""
+
+# --- records read: nesting, ids and text bounded before anything else touches them ---------------
+
+MAX_NESTING_DEPTH = 64  # objects and arrays inside one record (the record itself is level 1); deeper is refused
+MAX_TEXT_CHARS = 200  # a name or any other short text field of a member or event, when read
+MAX_LONG_TEXT_CHARS = 2000  # the prose fields below
+LONG_TEXT_FIELDS = frozenset({"description", "bio", "about"})
+# Terminal escape sequences (ECMA-48: CSI, the string commands OSC/DCS/SOS/PM/APC, and the short ones such
+# as "ESC c" or "ESC ( B") go whole, so no "[31m" is left behind.
+_ESCAPE_SEQUENCES = re.compile(r"\x1b(?:\[[0-?]*[ -/]*[@-~]?|[\]PX^_][^\x00-\x1f]*(?:\x07|\x1b\\)?|[ -/]*[0-~]?)"
+                               r"|\x9b[0-?]*[ -/]*[@-~]?")
+_LINE_BREAKS = re.compile("[\t\n\r\x0b\x0c\x1c-\x1f\x85\u2028\u2029]+")  # become one space
+# C0 and C1 controls, DEL, bidi marks, overrides and isolates, zero-width and invisible characters, BOM,
+# and the Unicode line and paragraph separators.
+_CONTROL_CHARACTERS = re.compile("[\x00-\x1f\x7f-\x9f\u061c\u180e\u200b-\u200f\u2028-\u202e"
+                                 "\u2060-\u206f\ufeff]")
+_JSON_SPACE = re.compile(r"[ \t\n\r]*")
+_JSON_STRING_OR_BRACKET = re.compile(r'"[^"\\]*(?:\\.[^"\\]*)*"|[\[\]{}]')
+
+
+def within_depth(value: Any, limit: int = MAX_NESTING_DEPTH) -> bool:
+    """Whether objects and arrays nest at most ``limit`` levels, measured without recursion (for values
+    that are not records, such as Claude's answers; records are measured by ``clean_document``)."""
+    stack = [(value, 1)]
+    while stack:
+        item, level = stack.pop()
+        children = item.values() if isinstance(item, Mapping) else item if isinstance(item, (list, tuple)) else None
+        if children is None:
+            continue
+        if level > limit:
+            return False
+        stack.extend((child, level + 1) for child in children)
+    return True
+
+
+def clean_text(text: str, limit: int) -> tuple[str, bool, bool]:
+    """``text`` safe to show and copy: (cleaned, had control characters, was cut).
+
+    Escape sequences, control, bidi and zero-width characters are removed (tabs and line breaks
+    become one space), then the text is cut to ``limit`` characters. Only a bounded head of a huge
+    value is ever scanned.
+    """
+    head = text[: 4 * limit]
+    cleaned = _CONTROL_CHARACTERS.sub("", _LINE_BREAKS.sub(" ", _ESCAPE_SEQUENCES.sub("", head)))
+    stripped = cleaned != head
+    cut = len(text) > len(head) or len(cleaned) > limit
+    return cleaned[:limit], stripped, cut
+
+
+class NestedTooDeep(ValueError):
+    """A record nests deeper than ``MAX_NESTING_DEPTH``."""
+
+
+def clean_document(value: Any, found: Counter[str], limit: int = MAX_TEXT_CHARS, level: int = 1) -> Any:
+    """A copy of a record with every string value through ``clean_text``, what was done counted in ``found``.
+
+    Keys and other values are kept as they are; a field in ``LONG_TEXT_FIELDS`` gets the larger bound.
+    The same walk measures the nesting: deeper than ``MAX_NESTING_DEPTH`` raises NestedTooDeep, long
+    before Python's own recursion limit.
+    """
+    if isinstance(value, str):
+        if len(value) <= limit and not _CONTROL_CHARACTERS.search(value):
+            return value
+        text, stripped, cut = clean_text(value, limit)
+        if stripped:
+            found["text_values_with_control_characters"] += 1
+        if cut:
+            found["text_values_cut"] += 1
+        return text
+    if isinstance(value, (Mapping, list, tuple)) and level > MAX_NESTING_DEPTH:
+        raise NestedTooDeep(f"deeper than {MAX_NESTING_DEPTH} levels")
+    if isinstance(value, Mapping):
+        return {k: clean_document(v, found, MAX_LONG_TEXT_CHARS if k in LONG_TEXT_FIELDS else MAX_TEXT_CHARS,
+                                  level + 1)
+                for k, v in value.items()}
+    if isinstance(value, (list, tuple)):
+        return [clean_document(v, found, limit, level + 1) for v in value]
+    if value is None or isinstance(value, (bool, int, float, datetime, ObjectId)):
+        return value
+    return clean_document(str(value), found, limit, level)  # other BSON values (code, regex, binary) as text
+
+
+def usable_id(value: Any) -> str | None:
+    """A record's ``_id`` as an id string, or None when it is odd: no ObjectId or clean, bounded string."""
+    key = id_of(value) if isinstance(value, (ObjectId, str)) or (
+        isinstance(value, Mapping) and set(value) == {"$oid"}) else None
+    if key is None or len(key) > MAX_TEXT_CHARS or _CONTROL_CHARACTERS.search(key):
+        return None
+    return key
+
+
+@dataclass
+class ScreenedRecords:
+    """One collection as read (``originals``, kept whole for ``data/raw/``) and as the campaign uses it."""
+
+    originals: list[dict[str, Any]]
+    records: list[dict[str, Any]]
+    issues: Counter[str]
+
+
+def screen_records(docs: Iterable[Mapping[str, Any]], what: str) -> ScreenedRecords:
+    """Every record made safe before any step reads it, or skipped and counted (never the whole run).
+
+    Refused: records nested deeper than ``MAX_NESTING_DEPTH`` and records whose ``_id`` is odd (missing,
+    a number, null, a list, an object other than ``$oid``). The others get their text cleaned and bounded.
+    """
+    screened = ScreenedRecords([], [], Counter())
+    for doc in docs:
+        if usable_id(doc.get("_id")) is None:
+            screened.issues[f"{what}_without_usable_id"] += 1
+            continue
+        found: Counter[str] = Counter()
+        try:
+            record = clean_document(doc, found)
+        except NestedTooDeep:
+            screened.issues[f"{what}_nested_too_deep"] += 1
+            continue
+        screened.records.append(record)
+        screened.originals.append(doc)
+        screened.issues.update(found)
+    return screened
+
+
+# --- mongoexport files ---------------------------------------------------------------------------
+
+
+def json_value_end(text: str, position: int) -> int:
+    """Where the object or array starting at ``position`` ends, found without decoding (any depth)."""
+    depth = 0
+    for token in _JSON_STRING_OR_BRACKET.finditer(text, position):
+        if token.group() in "[{":
+            depth += 1
+        elif token.group() in "]}":
+            depth -= 1
+            if depth == 0:
+                return token.end()
+    raise json.JSONDecodeError("Unterminated value", text, position)
+
+
+def decode_array(text: str, decoder: ExtendedJsonDecoder) -> tuple[list[Any], int]:
+    """A ``--jsonArray`` file element by element: (the elements, how many nested too deep to decode).
+
+    One element deeper than the decoder's stack can take is skipped, not the file; positions in
+    errors are the file's own.
+    """
+    position = _JSON_SPACE.match(text, text.index("[") + 1).end()
+    items: list[Any] = []
+    too_deep = 0
+    if text.startswith("]", position):
+        position += 1
+    else:
+        while True:
+            try:
+                item, position = decoder.raw_decode(text, position)
+                items.append(item)
+            except RecursionError:
+                position = json_value_end(text, position)
+                too_deep += 1
+            position = _JSON_SPACE.match(text, position).end()
+            if text.startswith(",", position):
+                position = _JSON_SPACE.match(text, position + 1).end()
+            elif text.startswith("]", position):
+                position += 1
+                break
+            else:
+                raise json.JSONDecodeError("Expecting ',' delimiter", text, position)
+    if text[position:].strip():
+        raise json.JSONDecodeError("Extra data", text, _JSON_SPACE.match(text, position).end())
+    return items, too_deep
+
+
+def decode_lines(text: str, path: Path, decoder: ExtendedJsonDecoder) -> tuple[list[Any], int]:
+    """JSON Lines, one record a line: (the records, how many nested too deep to decode).
+
+    Errors name the file's real line (blank lines counted). Only a line feed ends a line, as in JSON
+    Lines: a U+2028 inside a string value does not.
+    """
+    items: list[Any] = []
+    too_deep = 0
+    for number, line in enumerate(text.split("\n"), 1):
+        if not line.strip():
+            continue
+        try:
+            items.append(decoder.loads(line))
+        except RecursionError:
+            too_deep += 1
+        except json.JSONDecodeError as exc:
+            raise UsageError(f"{path}: line {number}: invalid JSON ({exc.msg}, column {exc.colno})") from None
+    return items, too_deep
+
+
+def load_collection_file(path: Path, decoder: ExtendedJsonDecoder) -> tuple[list[dict[str, Any]], int]:
+    """One ``mongoexport`` file: a JSON array (``--jsonArray``) or JSON Lines, Extended JSON either way.
+
+    Returns the documents and how many records nested too deep to decode (skipped, for the report).
+    Only a file that is not JSON, or not a list of documents, is refused as a whole.
+    """
     try:
         text = path.read_text(encoding="utf-8-sig")
     except FileNotFoundError:
@@ -594,16 +809,16 @@ def load_collection_file(path: Path, decoder: ExtendedJsonDecoder) -> list[dict[
     stripped = text.strip()
     try:
         if not stripped:
-            docs: Any = []
+            docs, too_deep = [], 0
         elif stripped.startswith("["):
-            docs = decoder.loads(stripped)
+            docs, too_deep = decode_array(text, decoder)
         else:
-            docs = [decoder.loads(line) for line in stripped.splitlines() if line.strip()]
+            docs, too_deep = decode_lines(text, path, decoder)
     except ValueError as exc:
         raise UsageError(f"{path}: invalid JSON ({exc})") from None
-    if not isinstance(docs, list) or not all(isinstance(d, dict) for d in docs):
+    if not all(isinstance(d, dict) for d in docs):
         raise UsageError(f"{path}: expected a JSON array of documents or one document per line")
-    return docs
+    return docs, too_deep
 
 
 def dedupe_by_id(docs: Sequence[dict[str, Any]]) -> tuple[list[dict[str, Any]], int]:
@@ -616,13 +831,6 @@ def dedupe_by_id(docs: Sequence[dict[str, Any]]) -> tuple[list[dict[str, Any]], 
             seen.add(key)
             kept.append(doc)
     return kept, len(docs) - len(kept)
-
-
-def require_ids(docs: Iterable[Mapping[str, Any]], what: str) -> None:
-    """Every document needs an ``_id``: without one, nothing can point at it safely."""
-    for position, doc in enumerate(docs):
-        if id_of(doc.get("_id")) is None:
-            raise UsageError(f"{what}: document #{position + 1} has no usable _id (an ObjectId or a string)")
 
 
 # =============================================================================================
@@ -2086,11 +2294,12 @@ def build_report(*, campaign_id: str, run_started: datetime, finished: datetime,
 
 @dataclass
 class SourceData:
-    """What a source read: the raw documents, each with an ``_id``, and how many values were unreadable."""
+    """What a source read: the raw documents, how many values were unreadable, and records it had to skip."""
 
     users: list[dict[str, Any]]
     events: list[dict[str, Any]]
     bad_values: int = 0
+    skipped: Counter[str] = field(default_factory=Counter)  # e.g. records nested too deep to decode
 
 
 class DataSource(Protocol):
@@ -2119,13 +2328,12 @@ class FolderSource:
         files = [self.folder / "users.json", self.folder / "events.json"]
         sizes = [path.stat().st_size if path.is_file() else 0 for path in files]
         with (progress or no_progress)(sum(sizes), "B") as bar:
-            users = load_collection_file(files[0], decoder)
+            users, deep_users = load_collection_file(files[0], decoder)
             if bar is not None:
                 bar.update(sizes[0])
-            events = load_collection_file(files[1], decoder)
-        require_ids(users, str(self.folder / "users.json"))
-        require_ids(events, str(self.folder / "events.json"))
-        return SourceData(users, events, decoder.bad_values)
+            events, deep_events = load_collection_file(files[1], decoder)
+        skipped = Counter({"users_nested_too_deep": deep_users, "events_nested_too_deep": deep_events})
+        return SourceData(users, events, decoder.bad_values, +skipped)
 
 
 class MongoSource:
@@ -2155,8 +2363,6 @@ class MongoSource:
                     users, events = read_counted(db[USER_COLLECTION], bar), read_counted(db[EVENT_COLLECTION], bar)
         except PyMongoError as exc:
             raise mongo_failure(exc) from None
-        require_ids(users, f"MongoDB collection {USER_COLLECTION!r}")
-        require_ids(events, f"MongoDB collection {EVENT_COLLECTION!r}")
         return SourceData(users, events)
 
 
@@ -2778,19 +2984,34 @@ def answer_json(message: Any) -> dict[str, Any]:
         value = json.loads(text)
     except ValueError:
         value = first_json_object(text)
+    except RecursionError:
+        raise InvalidAnswer(ANSWER_TOO_DEEP) from None
     if not isinstance(value, dict):
         raise InvalidAnswer("the answer was not a JSON object")
+    if not within_depth(value):
+        raise InvalidAnswer(ANSWER_TOO_DEEP)
     return value
 
 
+ANSWER_TOO_DEEP = f"the answer nests deeper than {MAX_NESTING_DEPTH} levels"
+MAX_OBJECT_STARTS = 100  # "{" tried by first_json_object: each failed try costs time in the answer's length
+
+
 def first_json_object(text: str) -> dict[str, Any] | None:
-    """The first JSON object inside prose ("Here it is: {...}"); validation decides if it is any good."""
+    """The first JSON object inside prose ("Here it is: {...}"); validation decides if it is any good.
+
+    Brackets are tried in order, at most ``MAX_OBJECT_STARTS`` of them, so a wall of brackets costs linear
+    time; an object too deep for the decoder makes the answer invalid at once (InvalidAnswer).
+    """
     decoder = json.JSONDecoder()
-    for start in (i for i, ch in enumerate(text) if ch == "{"):
+    starts = (i for i, ch in enumerate(text) if ch == "{")
+    for start in itertools.islice(starts, MAX_OBJECT_STARTS):
         try:
             value, _ = decoder.raw_decode(text, start)
         except ValueError:
             continue
+        except RecursionError:
+            raise InvalidAnswer(ANSWER_TOO_DEEP) from None
         if isinstance(value, dict):
             return value
     return None
@@ -3554,6 +3775,7 @@ class DashboardWriter:
         self.errors: list[str] = []
         self.stood_down: str | None = None  # why nothing (more) is written this run
         self._messages_read: tuple[Any, str] | None = None  # the cooldown's read, reused to open the list
+        self.undated_messages = 0  # messages read by the cooldown whose generated_at is no date
         self._waiting: dict[int, tuple[Match | None, Message | None]] = {}  # results above the next rank
         self._next_rank = 0
 
@@ -3578,12 +3800,25 @@ class DashboardWriter:
             self.not_written.append(label)
 
     def recent_recipients(self, since: datetime) -> set[str]:
-        """Members with a message generated at or after ``since``; raises FirebaseError when unreadable."""
+        """Members with a message generated at or after ``since``; raises FirebaseError when unreadable.
+
+        A message whose ``generated_at`` is no date (a reviewer's typo, a poisoned value) is skipped and
+        counted in ``undated_messages``; it never stops the run.
+        """
+        self.undated_messages = 0
         if self.transport is None:
             return set()
         self._messages_read = self.transport.get("messages")
-        return {str(item["user_id"]) for item in as_item_list(self._messages_read[0], "messages")
-                if item.get("user_id") and (when := to_utc(item.get("generated_at"))) is not None and when >= since}
+        recent: set[str] = set()
+        for item in as_item_list(self._messages_read[0], "messages"):
+            if not item.get("user_id"):
+                continue
+            when = to_utc(item.get("generated_at"))
+            if when is None:
+                self.undated_messages += 1
+            elif when >= since:
+                recent.add(str(item["user_id"]))
+        return recent
 
     def claim_campaign(self, first_id: str, next_id: Any, tries: int = 60) -> str:
         """The campaign id, claimed: its archive's metadata is created with a create-only write
@@ -3768,13 +4003,24 @@ class ReturnToTable:
     # --- step 1: fetch, find and rank the dormant members -----------------------------------
 
     def fetch(self) -> tuple[list[dict[str, Any]], list[dict[str, Any]]]:
+        """The source's records, screened (``screen_records``): ``data/raw/`` keeps them as read, in full."""
         data = self.source.read(reading_progress if self.options.progress else None)
-        users, events = data.users, data.events
         self.issues.add("unreadable_extended_json_values", data.bad_values)
-        self.logger.info("Step 1: read %d users and %d events from %s", len(users), len(events),
+        for kind, n in data.skipped.items():
+            self.issues.add(kind, n)
+        screened_users, screened_events = screen_records(data.users, "users"), screen_records(data.events, "events")
+        for kind, n in (screened_users.issues + screened_events.issues).items():
+            self.issues.add(kind, n)
+        self.logger.info("Step 1: read %d users and %d events from %s", len(data.users), len(data.events),
                          self.source.label)
-        write_raw(self.data_dir / "raw" / "users.json", users)
-        write_raw(self.data_dir / "raw" / "events.json", events)
+        skipped = (sum(data.skipped.values()) + len(data.users) + len(data.events)
+                   - len(screened_users.records) - len(screened_events.records))
+        if skipped:
+            self.logger.warning("Step 1: %d records skipped (nested too deep or without a usable _id); "
+                                "the report's data_issues counts them", skipped)
+        write_raw(self.data_dir / "raw" / "users.json", screened_users.originals)
+        write_raw(self.data_dir / "raw" / "events.json", screened_events.originals)
+        users, events = screened_users.records, screened_events.records
         users, repeated_users = dedupe_by_id(users)
         events, repeated_events = dedupe_by_id(events)
         self.issues.add("repeated_user_ids", repeated_users)
@@ -3795,7 +4041,9 @@ class ReturnToTable:
         if self.options.cooldown_days <= 0:
             return set()
         try:
-            return self.dashboard.recent_recipients(self.options.now - timedelta(days=self.options.cooldown_days))
+            recent = self.dashboard.recent_recipients(days_before(self.options.now, self.options.cooldown_days))
+            self.issues.add("dashboard_messages_without_valid_generated_at", self.dashboard.undated_messages)
+            return recent
         except FirebaseError as exc:
             if self.options.dry_run:
                 self.logger.warning("Cooldown not applied in this dry run: %s", exc)
@@ -4155,7 +4403,8 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--concurrency", type=positive_int, default=RunOptions.concurrency, metavar="N",
                         help="members handled at once on the Claude path (%(default)s)")
     parser.add_argument("--cooldown-days", type=non_negative_int, default=RunOptions.cooldown_days, metavar="D",
-                        help="leave out members messaged in the last D days (%(default)s; 0 disables)")
+                        help="leave out members messaged in the last D days (%(default)s; 0 disables; more days "
+                             "than the calendar holds: every message so far)")
     parser.add_argument("--insecure-tls", action="store_true",
                         help="do not verify MongoDB's TLS certificate (logged as a warning)")
     parser.add_argument("--deadline-minutes", type=positive_float, default=RunOptions.deadline_minutes, metavar="M",
@@ -4176,7 +4425,7 @@ def resolve_options(args: argparse.Namespace, settings: Settings) -> RunOptions:
     if args.now is not None:
         parsed = to_utc(args.now)
         if parsed is None:
-            raise UsageError(f"--now {args.now!r} is not an ISO-8601 date-time (e.g. 2026-11-23T06:00:00Z)")
+            raise UsageError(f"--now {args.now!r} is not a valid ISO-8601 date-time (e.g. 2026-11-23T06:00:00Z)")
         if not 1970 <= parsed.year <= 2200:
             raise UsageError(f"--now {args.now!r} is outside the years 1970-2200")
         now = parsed

@@ -254,9 +254,11 @@ def test_invalid_json_exits_2_naming_the_file(run_cli, world_folder, text):
     assert_one_line_error(run_cli("--source", str(world_folder), "--now", NOW_ISO), "events.json", "invalid JSON")
 
 
-def test_an_invalid_objectid_is_no_id_and_exits_2_naming_the_file(run_cli, world_folder):
+def test_an_invalid_objectid_is_no_id_and_skips_that_event_counted(run_cli, world_folder):
     (world_folder / "events.json").write_text('[{"_id": {"$oid": "zz"}}]', encoding="utf-8")
-    assert_one_line_error(run_cli("--source", str(world_folder), "--now", NOW_ISO), "events.json", "no usable _id")
+    run = run_cli("--source", str(world_folder), "--now", NOW_ISO, "--dry-run")
+    assert run.code == 0, run.err
+    assert run.report()["data_issues"]["events_without_usable_id"] == 1
 
 
 def test_a_bad_extended_json_date_counts_as_a_missing_date_not_a_fatal_error(run_cli, world_folder):
@@ -268,11 +270,14 @@ def test_a_bad_extended_json_date_counts_as_a_missing_date_not_a_fatal_error(run
     assert run.report()["data_issues"]["events_without_valid_start_date"] >= 1
 
 
-def test_document_without_id_exits_2(run_cli, tmp_path, world):
+def test_a_document_without_id_is_skipped_and_counted_not_the_run(run_cli, tmp_path, world):
     users, events = world
     del users[2]["_id"]
     folder = write_folder(tmp_path / "export", users, events)
-    assert_one_line_error(run_cli("--source", str(folder), "--now", NOW_ISO), "users", "#3", "_id")
+    run = run_cli("--source", str(folder), "--now", NOW_ISO, "--dry-run")
+    assert run.code == 0, run.err
+    assert run.report()["data_issues"]["users_without_usable_id"] == 1
+    assert run.ranked == [str(ZOE), str(MAYA)]
 
 
 @pytest.mark.parametrize("value", ["yesterday", "2026-02-30T00:00:00Z", "1/15/2026"])
