@@ -3372,8 +3372,8 @@ class LocalMirrorTransport:
             tree = rtdb_normalize(json.loads(file.read_text(encoding="utf-8")))
         except FileNotFoundError:
             tree = None
-        except (OSError, ValueError) as exc:
-            raise FirebaseError(f"local mirror {file}: unreadable ({exc})") from None
+        except (OSError, ValueError, RecursionError) as exc:
+            raise FirebaseError(f"local mirror {file}: unreadable ({exc.__class__.__name__})") from None
         self._files[file] = tree
         return tree
 
@@ -3540,7 +3540,7 @@ class RestTransport:
         """A body that must be JSON; anything else means the URL is not a Realtime Database."""
         try:
             return response.json()
-        except ValueError:
+        except (ValueError, RecursionError):  # not JSON, or nested too deep to be a dashboard value
             raise FirebaseError(f"{method} {path}: {response.status_code} with a body that is not JSON: is "
                                 "FIREBASE_DATABASE_URL a Realtime Database?") from None
 

@@ -381,7 +381,8 @@ def test_no_prompt_carries_an_email_or_phone_number_from_any_field(tmp_path):
         digits = re.sub(r"\D", "", sent)
         for number in ("5558675309", "5550100199"):
             assert number not in digits
-    assert "occupation: Architect, call or mail" in prompt_of(next(r for r in requests if is_matching(r)))
+    matching_prompts = [prompt_of(r) for r in requests if is_matching(r)]  # members run concurrently: any order
+    assert any("occupation: Architect, call or mail" in prompt for prompt in matching_prompts)
 
 
 PLAIN_TEXT = st.text(st.characters(blacklist_categories=("Nd", "No", "Nl", "Cs"), blacklist_characters="@＠﹫"),
