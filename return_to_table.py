@@ -1764,6 +1764,10 @@ def report_markdown(report: Mapping[str, Any]) -> str:
     lines += ["", "## Firebase", "", f"- Target: {firebase.get('target')}",
               f"- Written: {len(firebase.get('written', []))} paths, {firebase.get('bytes_sent', 0)} bytes sent"]
     lines += [f"- Not written: {cell(item)}" for item in firebase.get("not_written", [])]
+    if firebase.get("keys_renamed") or firebase.get("keys_dropped"):
+        lines.append(f"- Keys changed to be storable: {firebase.get('keys_renamed', 0)} renamed, "
+                     f"{firebase.get('keys_dropped', 0)} dropped")
+        lines += [f"  - {cell(change)}" for change in firebase.get("key_changes", [])]
     issues = report.get("data_issues", {})
     lines += ["", "## Data issues (records skipped or treated as missing)", ""]
     lines += [f"- {k.replace('_', ' ')}: {v}" for k, v in issues.items()] or ["None."]
@@ -2780,7 +2784,10 @@ class ClaudeAdvisor:
 # =============================================================================================
 
 NULL_ETAG = "null_etag"  # the ETag of an empty location: ``if-match: null_etag`` means "only if empty"
-FORBIDDEN_KEY = re.compile(r"[.$#\[\]/\x00-\x1f\x7f]")
+# Characters the database refuses in a key, and lone surrogates (no UTF-8 spelling, so never storable).
+FORBIDDEN_KEY = re.compile(r"[.$#\[\]/\x00-\x1f\x7f\ud800-\udfff]")
+MAX_KEY_BYTES = 768  # the database's limit on one key, in UTF-8 bytes
+KEY_DIGEST_LENGTH = 8  # hex digits of the original key's SHA-256 in a renamed key: "<cut>_<digest>"
 
 
 class FirebaseError(ServiceError):
@@ -2812,8 +2819,9 @@ class FirebaseTransport(Protocol):
 
 
 def check_key(key: str, where: str) -> None:
-    if not key or FORBIDDEN_KEY.search(key) or len(key.encode("utf-8")) > 768:
-        raise FirebaseError(f"{where}: key {key!r} is not allowed in Firebase (no . $ # [ ] / or control characters)")
+    if not key or FORBIDDEN_KEY.search(key) or len(key.encode("utf-8")) > MAX_KEY_BYTES:
+        raise FirebaseError(f"{where}: key {key[:60]!r} is not allowed in Firebase (no . $ # [ ] / or control "
+                            f"characters, at most {MAX_KEY_BYTES} bytes)")
 
 
 def check_path(path: str) -> list[str]:
@@ -2834,12 +2842,65 @@ def check_keys(value: Any, where: str) -> None:
             check_keys(child, where)
 
 
-def firebase_ready(value: Any) -> Any:
-    """A document's keys made storable: characters Firebase forbids in keys become ``_``."""
+KeyChange = tuple[str, str | None]  # (a key as found, the key it is stored under; None: the field was dropped)
+
+
+def key_digest(key: str) -> str:
+    """A short, stable fingerprint of a key as found (lone surrogates included)."""
+    return hashlib.sha256(key.encode("utf-8", "surrogatepass")).hexdigest()[:KEY_DIGEST_LENGTH]
+
+
+def cut_utf8(text: str, limit: int) -> str:
+    """``text`` cut to at most ``limit`` UTF-8 bytes, never inside a character."""
+    return text.encode("utf-8")[:limit].decode("utf-8", "ignore")
+
+
+def storable_keys(keys: Sequence[str]) -> dict[str, str | None]:
+    """The key each of one object's keys is stored under, so that no value is lost; None drops one.
+
+    A storable key is kept as it is. Any other key is spelt with ``_`` for each character the
+    database forbids (an empty key becomes ``_``). When that spelling is longer than
+    ``MAX_KEY_BYTES``, or is shared with another key of the object (``a.b``, ``a/b`` and ``a_b`` all
+    spell ``a_b``), the changed key is cut to fit and suffixed with ``_`` and a digest of the key as
+    found: ``a.b`` -> ``a_b_<digest of "a.b">``, while ``a_b`` keeps its name. The result depends on
+    the set of keys only, never on their order, so a record is renamed the same way on every run.
+    A changed key whose new name is still taken (by a key that is literally ``a_b_<digest>``) is
+    dropped; every rename and drop is reported by the caller.
+    """
+    kept = {key for key in keys if key and not FORBIDDEN_KEY.search(key) and len(key.encode("utf-8")) <= MAX_KEY_BYTES}
+    spelt = {key: FORBIDDEN_KEY.sub("_", key) or "_" for key in keys if key not in kept}
+    shared = Counter(spelt.values())
+    taken = set(kept)
+    wanted = {key: spelling if shared[spelling] == 1 and spelling not in kept
+              and len(spelling.encode("utf-8")) <= MAX_KEY_BYTES
+              else f"{cut_utf8(spelling, MAX_KEY_BYTES - KEY_DIGEST_LENGTH - 1)}_{key_digest(key)}"
+              for key, spelling in spelt.items()}
+    names: dict[str, str | None] = {key: key for key in kept}
+    for key in sorted(wanted, key=lambda k: (wanted[k] != spelt[k], k)):  # plain spellings first, then by key
+        names[key] = None if wanted[key] in taken else wanted[key]
+        taken.add(wanted[key])
+    return {key: names[key] for key in keys}
+
+
+def firebase_ready(value: Any, changes: set[KeyChange] | None = None) -> Any:
+    """A document made storable key by key (``storable_keys``), recursively; the rest is unchanged.
+
+    Every key that was renamed or dropped is added to ``changes`` (when given) as
+    ``(key as found, stored key or None)``, so the report can say what was changed.
+    """
     if isinstance(value, Mapping):
-        return {(FORBIDDEN_KEY.sub("_", str(k)) or "_"): firebase_ready(v) for k, v in value.items()}
+        items = {str(k): v for k, v in value.items()}
+        names = storable_keys(list(items))
+        out = {}
+        for key, child in items.items():
+            name = names[key]
+            if name != key and changes is not None:
+                changes.add((key, name))
+            if name is not None:
+                out[name] = firebase_ready(child, changes)
+        return out
     if isinstance(value, list):
-        return [firebase_ready(v) for v in value]
+        return [firebase_ready(v, changes) for v in value]
     return value
 
 
@@ -3257,11 +3318,13 @@ class DashboardList:
 
     MAX_TRIES = 8
 
-    def __init__(self, transport: FirebaseTransport, path: str, key: str, updated_at: str) -> None:
+    def __init__(self, transport: FirebaseTransport, path: str, key: str, updated_at: str,
+                 key_changes: set[KeyChange] | None = None) -> None:
         self.transport = transport
         self.path = path
         self.key = key
         self.updated_at = updated_at
+        self.key_changes = key_changes  # keys renamed or dropped to make items storable (``firebase_ready``)
         self.items: list[dict[str, Any]] = []
         self.size = 0
         self.added = 0
@@ -3292,7 +3355,7 @@ class DashboardList:
 
     def add(self, item: Mapping[str, Any]) -> bool:
         """Append one item unless it is already there; True when it was added."""
-        record = firebase_ready(dict(item))
+        record = firebase_ready(dict(item), self.key_changes)
         for _attempt in range(self.MAX_TRIES):
             if merge_key(record) in self.known:
                 return False
@@ -3338,6 +3401,7 @@ class DashboardWriter:
         self.not_written: list[str] = []
         self.errors: list[str] = []
         self.stood_down: str | None = None  # why nothing (more) is written this run
+        self.key_changes: set[KeyChange] = set()  # keys renamed or dropped so that records could be stored
         self._messages_read: tuple[Any, str] | None = None  # the cooldown's read, reused to open the list
         self._waiting: dict[int, tuple[Match | None, Message | None]] = {}  # results above the next rank
         self._next_rank = 0
@@ -3413,7 +3477,8 @@ class DashboardWriter:
         for key in self.LIST_KEYS:
             snapshot = self._messages_read if key == "messages" else None
             try:
-                self.lists[key] = DashboardList(self.transport, key, key, self.updated_at).open(snapshot)
+                self.lists[key] = DashboardList(self.transport, key, key, self.updated_at,
+                                                self.key_changes).open(snapshot)
             except FirebaseError as exc:
                 self.failed(key, exc)
 
@@ -3475,7 +3540,7 @@ class DashboardWriter:
                 self.not_written.append(path)
                 continue
             try:
-                self.transport.put(path, firebase_ready(payload))
+                self.transport.put(path, firebase_ready(payload, self.key_changes))
                 self.written.append(path)
             except FirebaseError as exc:
                 self.failed(path, exc, path)
@@ -3488,9 +3553,26 @@ class DashboardWriter:
                          self.transport.description, len(self.not_written), self.transport.bytes_sent)
 
     def summary(self) -> dict[str, Any]:
-        """The report's ``firebase`` section."""
+        """The report's ``firebase`` section; ``keys_renamed``/``keys_dropped`` count distinct key changes."""
+        changes = sorted(self.key_changes, key=lambda change: (change[1] is None, change[0], change[1] or ""))
         return {"target": self.target, "written": list(self.written), "not_written": list(self.not_written),
-                "errors": list(self.errors), "bytes_sent": self.bytes_sent}
+                "errors": list(self.errors), "bytes_sent": self.bytes_sent,
+                "keys_renamed": sum(stored is not None for _, stored in changes),
+                "keys_dropped": sum(stored is None for _, stored in changes),
+                "key_changes": [describe_key_change(change) for change in changes[:MAX_KEY_CHANGES_LISTED]]}
+
+
+MAX_KEY_CHANGES_LISTED = 20  # key changes named in the report; all of them are counted
+
+
+def describe_key_change(change: KeyChange) -> str:
+    """``'a.b' -> 'a_b_<digest>'`` for the report, long keys shortened, odd characters escaped."""
+
+    def shown(key: str) -> str:
+        return repr(key) if len(key) <= 40 else f"{key[:40]!r}... ({len(key.encode('utf-8', 'surrogatepass'))} bytes)"
+
+    original, stored = change
+    return f"{shown(original)} -> {shown(stored) if stored is not None else 'dropped'}"
 
 
 # =============================================================================================
