@@ -247,7 +247,7 @@ class Settings:
             mongo_uri=mongo_uri,
             mongo_db_name=get("MONGO_DB_NAME"),
             firebase_url=(get("FIREBASE_DATABASE_URL") or "").rstrip("/") or None,
-            firebase_base_path=(get("FIREBASE_BASE_PATH") or DEFAULT_BASE_PATH).strip("/"),
+            firebase_base_path=database_path(get("FIREBASE_BASE_PATH") or DEFAULT_BASE_PATH),
             firebase_auth_token=get("FIREBASE_AUTH_TOKEN"),
             google_credentials=get("GOOGLE_APPLICATION_CREDENTIALS"),
             anthropic_api_key=get("ANTHROPIC_API_KEY"),
@@ -259,6 +259,27 @@ class Settings:
     @property
     def zone(self) -> ZoneInfo:
         return ZoneInfo(self.campaign_timezone)
+
+
+BASE_PATH_RULE = ("a path inside the database: names separated by '/', none of them '.' or '..', "
+                  "empty, or holding . $ # [ ] \\ or control characters")
+
+
+def database_path(text: str) -> str:
+    """``FIREBASE_BASE_PATH`` as the database path it names, or UsageError (exit 2).
+
+    It is a path inside the database, never on disk: the local mirror joins it under ``--out``, so
+    nothing that could leave that folder is accepted (``..``, ``../../x``, ``a//b``, a backslash, a
+    name the database would refuse as a key). Slashes at either end name the database's root, as in
+    its URLs (``/Staging/`` is ``Staging``; ``/`` alone is the root itself).
+    """
+    inner = text.strip().strip("/")
+    segments = inner.split("/") if inner else []
+    for segment in segments:
+        if (not segment or "\\" in segment or FORBIDDEN_KEY.search(segment)
+                or len(segment.encode("utf-8")) > MAX_KEY_BYTES):
+            raise UsageError(f"FIREBASE_BASE_PATH={text[:100]!r} is not {BASE_PATH_RULE}")
+    return "/".join(segments)
 
 
 def read_environment(dotenv_path: Path | None = None) -> dict[str, str]:
@@ -2976,7 +2997,10 @@ class LocalMirrorTransport:
     """
 
     def __init__(self, root: Path, base_path: str, save_every: float = SAVE_EVERY_SECONDS) -> None:
-        self.root = root / base_path if base_path else root
+        base = database_path(base_path)
+        self.root = root.joinpath(*base.split("/")) if base else root
+        if not self.root.resolve().is_relative_to(root.resolve()):  # a symlinked folder pointing elsewhere
+            raise UsageError(f"local mirror {self.root}: leads outside {root}; not used")
         self.description = f"local mirror {self.root}"
         self.bytes_sent = 0
         self.save_every = save_every
@@ -3104,7 +3128,7 @@ class RestTransport:
         import httpx2
 
         self.url = url.rstrip("/")
-        self.base_path = base_path.strip("/")
+        self.base_path = database_path(base_path)
         self.auth_token = auth_token
         self.token_source = token_source
         self.timeout = timeout
