@@ -4061,8 +4061,15 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
+MAX_NOW_AHEAD = timedelta(days=1)  # a --now further ahead of the clock is a rehearsal: --dry-run only
+
+
 def resolve_options(args: argparse.Namespace, settings: Settings) -> RunOptions:
-    """Turn arguments and settings into one run's options; refuse what cannot be run."""
+    """Turn arguments and settings into one run's options; refuse what cannot be run.
+
+    A ``--now`` more than ``MAX_NOW_AHEAD`` ahead of the clock needs ``--dry-run`` (``--demo`` too: its
+    mirror keeps a cooldown like the real dashboard), so a rehearsal never fills the cooldown for years.
+    """
     now = datetime.now(UTC).replace(microsecond=0)
     if args.now is not None:
         parsed = to_utc(args.now)
@@ -4070,6 +4077,9 @@ def resolve_options(args: argparse.Namespace, settings: Settings) -> RunOptions:
             raise UsageError(f"--now {args.now!r} is not an ISO-8601 date-time (e.g. 2026-11-23T06:00:00Z)")
         if not 1970 <= parsed.year <= 2200:
             raise UsageError(f"--now {args.now!r} is outside the years 1970-2200")
+        if parsed > now + MAX_NOW_AHEAD and not args.dry_run:  # the cooldown would hold members out until then
+            raise UsageError(f"--now {args.now!r} is more than a day ahead of the clock: a run in the future "
+                             "must be a --dry-run, or its messages hold members out of the cooldown until then")
         now = parsed
     if args.demo:
         if args.llm == "claude":
