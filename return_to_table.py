@@ -3149,11 +3149,8 @@ class RestTransport:
         segments = [quote_plus(s).replace("+", "%20") for s in [*self.base_path.split("/"), *check_path(path)] if s]
         return f"{self.url}/{'/'.join(segments)}.json"
 
-    def _send(self, method: str, path: str, *, body: Any = NO_BODY, headers: Mapping[str, str] | None = None,
-              silent: bool = False) -> Any:
+    def _send(self, method: str, path: str, *, body: Any = NO_BODY, headers: Mapping[str, str] | None = None) -> Any:
         params = {"auth": self.auth_token} if self.auth_token else {}
-        if silent:
-            params["print"] = "silent"
         all_headers = dict(headers or {})
         if self.token_source is not None:
             all_headers["Authorization"] = f"Bearer {self.token_source()}"
@@ -3214,20 +3211,59 @@ class RestTransport:
         return self._json(response, "GET", path), response.headers.get("ETag", "")
 
     def put(self, path: str, value: Any, if_match: str | None = None) -> PutResult:
+        """Write ``value``; written only when the database echoes it back (``_verify``)."""
         check_keys(value, path)
         headers = {"if-match": if_match} if if_match is not None else {}
-        response = self._send("PUT", path, body=value, headers=headers, silent=if_match is None)
+        response = self._send("PUT", path, body=value, headers=headers)
         if response.status_code == 412:
             return PutResult(False, self._json(response, "PUT", path), response.headers.get("ETag", ""))
         if response.status_code not in (200, 204):
             raise self._fail(response, "PUT", path)
+        self._verify(response, "PUT", path, value)
         return PutResult(True, value, response.headers.get("ETag", ""))
 
     def patch(self, path: str, updates: Mapping[str, Any]) -> None:
+        """Update children of ``path``; written only when the database echoes the updates back."""
         check_keys(updates, path)
-        response = self._send("PATCH", path, body=dict(updates), silent=True)
+        response = self._send("PATCH", path, body=dict(updates))
         if response.status_code not in (200, 204):
             raise self._fail(response, "PATCH", path)
+        self._verify(response, "PATCH", path, dict(updates))
+
+    @staticmethod
+    def _verify(response: Any, method: str, path: str, sent: Any) -> None:
+        """A write counts only when the answer's body is the JSON that was sent, as the database stores it.
+
+        Without ``print=silent`` the Realtime Database answers a PUT or PATCH with the data written, so
+        a 200 whose body is anything else (an HTML page from a proxy or captive portal, another JSON
+        value) was not written by it. No write here uses ``print=silent``: its 204 carries nothing to
+        verify and would be believed from any server. A 204, and any answer that differs, is a FirebaseError.
+        """
+        if response.status_code == 200:
+            try:
+                echoed = response.json()
+            except ValueError:
+                echoed = NO_BODY
+            if echoed is not NO_BODY and same_stored(rtdb_normalize(echoed), rtdb_normalize(sent)):
+                return
+        kind = (response.headers.get("content-type") or "no content type").split(";")[0].strip()
+        raise FirebaseError(f"{method} {path}: {response.status_code} ({kind}) without the data written: not "
+                            "counted as written; is FIREBASE_DATABASE_URL a Realtime Database, not a proxy or "
+                            "captive portal?")
+
+
+def same_stored(a: Any, b: Any) -> bool:
+    """Two stored values (``rtdb_normalize``) alike, numbers compared as the database keeps them (doubles)."""
+    if isinstance(a, Mapping) and isinstance(b, Mapping):
+        return a.keys() == b.keys() and all(same_stored(a[k], b[k]) for k in a)
+    if isinstance(a, bool) or isinstance(b, bool):
+        return a is b
+    if isinstance(a, (int, float)) and isinstance(b, (int, float)):
+        try:
+            return a == b or float(a) == float(b)
+        except OverflowError:
+            return False
+    return type(a) is type(b) and a == b
 
 
 def service_account_tokens(credentials_file: str) -> Any:
