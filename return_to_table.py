@@ -102,8 +102,8 @@ LOG_FILE_PATTERN = re.compile(r"^return_to_table_\d{4}-\d{2}-\d{2}_\d{2}-\d{2}-\
 EXIT_CODES_HELP = """exit codes:
   0    done cleanly
   3    done, but something needs a look: Firebase writes failed (listed in the report), Firebase was
-       unreadable at the start (nothing written there), Claude was unavailable, members failed, or
-       the --deadline-minutes was reached
+       unreadable at the start (nothing written there), Claude was unavailable, members failed,
+       the --deadline-minutes was reached, or the input was empty (no users or no events)
   1    failed, no campaign produced: source unreadable, MongoDB unreachable, out of disk
   2    bad usage, configuration or input
   75   another run holds the lock on this --out
@@ -1734,6 +1734,15 @@ def cell(value: Any) -> str:
     return " ".join(str(value).split()).replace("|", "\\|")
 
 
+def empty_input_lines(empty: Sequence[str]) -> list[str]:
+    """The report's line for empty input: a run that read nothing is not a day that found nobody."""
+    if not empty:
+        return []
+    line = (f"- **Empty input:** the source has no {' and no '.join(empty)}; check it before reading this run "
+            "as a day that found nobody")
+    return [line]
+
+
 def report_markdown(report: Mapping[str, Any]) -> str:
     """The human report: goal, run summary, who was tried, matches, messages, recommendations."""
     s, st = report["summary"], report["statistics"]
@@ -1746,6 +1755,7 @@ def report_markdown(report: Mapping[str, Any]) -> str:
         "",
         f"- Run date: {report['run_date']} (as of {report['as_of']})",
         f"- Source: {report['source']}; matcher: {matcher}; dry run: {report['dry_run']}",
+        *empty_input_lines(report.get("empty_input") or []),
         "",
         "## Run summary",
         "",
@@ -1838,8 +1848,12 @@ def build_report(*, campaign_id: str, run_started: datetime, finished: datetime,
                  source_label: str, census: DormancyCensus, selected: Sequence[DormantMember], cooled_down: int,
                  future_events: Sequence[FutureEvent], outcomes: Sequence[UserOutcome], steps_5_6_seconds: float,
                  issues: DataIssues, firebase: Mapping[str, Any], errors: Sequence[str],
-                 llm_usage: Mapping[str, Any] | None, status: str = "completed") -> dict[str, Any]:
-    """Step 8: the plan's statistics and summary, plus who was skipped, segments, services and errors."""
+                 llm_usage: Mapping[str, Any] | None, status: str = "completed",
+                 empty_input: Sequence[str] = ()) -> dict[str, Any]:
+    """Step 8: the plan's statistics and summary, plus who was skipped, segments, services and errors.
+
+    ``empty_input`` names the collections the source had no documents in (``"users"``, ``"events"``).
+    """
     matches = [o.match for o in outcomes if o.match is not None]
     messages = [o.message for o in outcomes if o.message is not None]
     skipped = [o.skip for o in outcomes if o.skip is not None]
@@ -1868,6 +1882,7 @@ def build_report(*, campaign_id: str, run_started: datetime, finished: datetime,
         "run_date": iso_utc(run_started),
         "as_of": iso_utc(options.now),
         "source": source_label,
+        "empty_input": list(empty_input),
         "llm": "claude" if options.use_claude else "off",
         "dry_run": options.dry_run,
         "limit": options.limit,
@@ -1972,6 +1987,20 @@ class MongoSource:
         require_ids(users, f"MongoDB collection {USER_COLLECTION!r}")
         require_ids(events, f"MongoDB collection {EVENT_COLLECTION!r}")
         return SourceData(users, events)
+
+
+def empty_collections(data: SourceData) -> list[str]:
+    """Which of ``users`` and ``events`` the source had none of: empty input, not a quiet day (exit 3)."""
+    return [name for name, docs in (("users", data.users), ("events", data.events)) if not docs]
+
+
+def input_location(source: DataSource, name: str) -> str:
+    """Where a source reads ``users`` or ``events`` from, for the line that says it was empty."""
+    if isinstance(source, FolderSource):
+        return str(source.folder / f"{name}.json")
+    if isinstance(source, MongoSource):
+        return f"MongoDB collection {USER_COLLECTION if name == 'users' else EVENT_COLLECTION!r}"
+    return source.label
 
 
 def read_counted(collection: Any, bar: Any) -> list[dict[str, Any]]:
@@ -3652,6 +3681,7 @@ class RunResult:
     status: str = "completed"
     failed_members: int = 0
     signal: int | None = None
+    empty_input: list[str] = field(default_factory=list)  # "users", "events": read, but there were none
 
     @property
     def firebase_failed(self) -> bool:
@@ -3663,7 +3693,7 @@ class RunResult:
         if self.signal is not None:
             return EXIT_SIGNALS.get(self.signal, 128 + self.signal)
         needs_a_look = (self.status == "deadline" or self.firebase_failed or self.claude_unavailable
-                        or self.failed_members)
+                        or self.failed_members or self.empty_input)
         return EXIT_ATTENTION if needs_a_look else EXIT_OK
 
 
@@ -3688,6 +3718,7 @@ class ReturnToTable:
         self.zone = settings.zone
         self.control = control
         self.issues = DataIssues()
+        self.empty_input: list[str] = []  # collections the source had no documents in (``empty_collections``)
         self.data_dir = options.out_dir / "data"
         self.saved_at = time.monotonic()
         self.progress: Any = None  # the members progress bar during steps 5-6, on a terminal
@@ -3700,6 +3731,10 @@ class ReturnToTable:
         self.issues.add("unreadable_extended_json_values", data.bad_values)
         self.logger.info("Step 1: read %d users and %d events from %s", len(users), len(events),
                          self.source.label)
+        self.empty_input = empty_collections(data)
+        for name in self.empty_input:
+            self.logger.warning("Empty input: no %s in %s (the run goes on; exit 3)", name,
+                                input_location(self.source, name))
         write_raw(self.data_dir / "raw" / "users.json", users)
         write_raw(self.data_dir / "raw" / "events.json", events)
         users, repeated_users = dedupe_by_id(users)
@@ -3912,8 +3947,10 @@ class ReturnToTable:
         report_path = reports / f"return_to_table_report_{campaign_id}.md"
         write_text_private(report_path, report_markdown(report))
         s = report["summary"]
+        empty = report.get("empty_input") or []
+        status = report["status"] + (f", empty input: {', '.join(empty)}" if empty else "")
         self.logger.info("Step 8 (%s): %d dormant, %d ready, %d matched, %d messages, %d SMS segments, %d errors. "
-                         "Report: %s", report["status"], s["total_dormant_users_found"],
+                         "Report: %s", status, s["total_dormant_users_found"],
                          s["total_users_with_complete_profiles"], s["total_matches_created"],
                          s["total_messages_generated"], s["total_sms_segments"], s["error_count"], report_path,
                          extra={"summary": True})
@@ -3966,10 +4003,12 @@ class ReturnToTable:
             source_label=self.source.label, census=census, selected=selected, cooled_down=cooled_down,
             future_events=future, outcomes=outcomes, steps_5_6_seconds=steps_5_6_seconds, issues=self.issues,
             firebase=firebase, errors=list(self.dashboard.errors), status=status,
-            llm_usage=self.advisor.usage_report() if self.advisor is not None else None)
+            llm_usage=self.advisor.usage_report() if self.advisor is not None else None,
+            empty_input=self.empty_input)
         report_path = self.write_report(campaign_id, report)
         return RunResult(campaign_id, report, report_path, firebase, claude_down, status,
-                         failed_members=sum(o.failed for o in outcomes), signal=self.control.signal)
+                         failed_members=sum(o.failed for o in outcomes), signal=self.control.signal,
+                         empty_input=list(self.empty_input))
 
     def final_status(self, finished: int, selected: int) -> str:
         """``interrupted`` after a signal; ``deadline`` when the deadline left members unstarted."""
@@ -4275,6 +4314,9 @@ def report_problems(result: RunResult) -> None:
               "template wrote this run's messages", file=sys.stderr)
     if result.failed_members:
         print(f"warning: {result.failed_members} members failed (see the log); the others are done", file=sys.stderr)
+    if result.empty_input:
+        print(f"warning: empty input: the source has no {' and no '.join(result.empty_input)}; the report "
+              f"{result.report_path} says what was read", file=sys.stderr)
     if result.firebase_failed:
         firebase = result.firebase
         first = (firebase["errors"] or [""])[0]
