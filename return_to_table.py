@@ -105,8 +105,8 @@ LOG_FILE_PATTERN = re.compile(r"^return_to_table_\d{4}-\d{2}-\d{2}_\d{2}-\d{2}-\
 EXIT_CODES_HELP = """exit codes:
   0    done cleanly
   3    done, but something needs a look: Firebase writes failed (listed in the report), Firebase was
-       unreadable at the start (nothing written there), Claude was unavailable, members failed, or
-       the --deadline-minutes was reached
+       unreadable at the start (nothing written there), Claude was unavailable, members failed,
+       the --deadline-minutes was reached, or the input was empty (no users or no events)
   1    failed, no campaign produced: source unreadable, MongoDB unreachable, out of disk
   2    bad usage, configuration or input
   75   another run holds the lock on this --out
@@ -264,15 +264,24 @@ class Settings:
         return ZoneInfo(self.campaign_timezone)
 
 
-BASE_PATH_SEGMENT = re.compile(r"^[A-Za-z0-9_-]{1,128}$")
+BASE_PATH_RULE = ("a path inside the database: names separated by '/', none of them '.' or '..', "
+                  "empty, or holding . $ # [ ] \\ or control characters")
 
 
-def database_path(value: str) -> str:
-    """``FIREBASE_BASE_PATH`` is a path inside the database, never on disk: plain segments only, so the
-    local mirror can never write outside ``--out`` (``..``, ``.``, ``~`` or key characters are refused)."""
-    segments = value.strip().strip("/").split("/")
-    if not all(BASE_PATH_SEGMENT.match(s) for s in segments):
-        raise UsageError(f"FIREBASE_BASE_PATH={value!r}: use segments of letters, digits, _ and - joined by /")
+def database_path(text: str) -> str:
+    """``FIREBASE_BASE_PATH`` as the database path it names, or UsageError (exit 2).
+
+    It is a path inside the database, never on disk: the local mirror joins it under ``--out``, so
+    nothing that could leave that folder is accepted (``..``, ``../../x``, ``a//b``, a backslash, a
+    name the database would refuse as a key). Slashes at either end name the database's root, as in
+    its URLs (``/Staging/`` is ``Staging``; ``/`` alone is the root itself).
+    """
+    inner = text.strip().strip("/")
+    segments = inner.split("/") if inner else []
+    for segment in segments:
+        if (not segment or "\\" in segment or FORBIDDEN_KEY.search(segment)
+                or len(segment.encode("utf-8")) > MAX_KEY_BYTES):
+            raise UsageError(f"FIREBASE_BASE_PATH={text[:100]!r} is not {BASE_PATH_RULE}")
     return "/".join(segments)
 
 
@@ -2132,6 +2141,15 @@ def cell(value: Any) -> str:
     return " ".join(str(value).split()).replace("|", "\\|")
 
 
+def empty_input_lines(empty: Sequence[str]) -> list[str]:
+    """The report's line for empty input: a run that read nothing is not a day that found nobody."""
+    if not empty:
+        return []
+    line = (f"- **Empty input:** the source has no {' and no '.join(empty)}; check it before reading this run "
+            "as a day that found nobody")
+    return [line]
+
+
 def report_markdown(report: Mapping[str, Any]) -> str:
     """The human report: goal, run summary, who was tried, matches, messages, recommendations."""
     s, st = report["summary"], report["statistics"]
@@ -2144,6 +2162,7 @@ def report_markdown(report: Mapping[str, Any]) -> str:
         "",
         f"- Run date: {report['run_date']} (as of {report['as_of']})",
         f"- Source: {report['source']}; matcher: {matcher}; dry run: {report['dry_run']}",
+        *empty_input_lines(report.get("empty_input") or []),
         "",
         "## Run summary",
         "",
@@ -2183,6 +2202,10 @@ def report_markdown(report: Mapping[str, Any]) -> str:
     lines += ["", "## Firebase", "", f"- Target: {firebase.get('target')}",
               f"- Written: {len(firebase.get('written', []))} paths, {firebase.get('bytes_sent', 0)} bytes sent"]
     lines += [f"- Not written: {cell(item)}" for item in firebase.get("not_written", [])]
+    if firebase.get("keys_renamed") or firebase.get("keys_dropped"):
+        lines.append(f"- Keys changed to be storable: {firebase.get('keys_renamed', 0)} renamed, "
+                     f"{firebase.get('keys_dropped', 0)} dropped")
+        lines += [f"  - {cell(change)}" for change in firebase.get("key_changes", [])]
     issues = report.get("data_issues", {})
     lines += ["", "## Data issues (records skipped or treated as missing)", ""]
     lines += [f"- {k.replace('_', ' ')}: {v}" for k, v in issues.items()] or ["None."]
@@ -2232,8 +2255,12 @@ def build_report(*, campaign_id: str, run_started: datetime, finished: datetime,
                  source_label: str, census: DormancyCensus, selected: Sequence[DormantMember], cooled_down: int,
                  future_events: Sequence[FutureEvent], outcomes: Sequence[UserOutcome], steps_5_6_seconds: float,
                  issues: DataIssues, firebase: Mapping[str, Any], errors: Sequence[str],
-                 llm_usage: Mapping[str, Any] | None, status: str = "completed") -> dict[str, Any]:
-    """Step 8: the plan's statistics and summary, plus who was skipped, segments, services and errors."""
+                 llm_usage: Mapping[str, Any] | None, status: str = "completed",
+                 empty_input: Sequence[str] = ()) -> dict[str, Any]:
+    """Step 8: the plan's statistics and summary, plus who was skipped, segments, services and errors.
+
+    ``empty_input`` names the collections the source had no documents in (``"users"``, ``"events"``).
+    """
     matches = [o.match for o in outcomes if o.match is not None]
     messages = [o.message for o in outcomes if o.message is not None]
     skipped = [o.skip for o in outcomes if o.skip is not None]
@@ -2262,6 +2289,7 @@ def build_report(*, campaign_id: str, run_started: datetime, finished: datetime,
         "run_date": iso_utc(run_started),
         "as_of": iso_utc(options.now),
         "source": source_label,
+        "empty_input": list(empty_input),
         "llm": "claude" if options.use_claude else "off",
         "dry_run": options.dry_run,
         "limit": options.limit,
@@ -2364,6 +2392,20 @@ class MongoSource:
         except PyMongoError as exc:
             raise mongo_failure(exc) from None
         return SourceData(users, events)
+
+
+def empty_collections(data: SourceData) -> list[str]:
+    """Which of ``users`` and ``events`` the source had none of: empty input, not a quiet day (exit 3)."""
+    return [name for name, docs in (("users", data.users), ("events", data.events)) if not docs]
+
+
+def input_location(source: DataSource, name: str) -> str:
+    """Where a source reads ``users`` or ``events`` from, for the line that says it was empty."""
+    if isinstance(source, FolderSource):
+        return str(source.folder / f"{name}.json")
+    if isinstance(source, MongoSource):
+        return f"MongoDB collection {USER_COLLECTION if name == 'users' else EVENT_COLLECTION!r}"
+    return source.label
 
 
 def read_counted(collection: Any, bar: Any) -> list[dict[str, Any]]:
@@ -3216,7 +3258,10 @@ class ClaudeAdvisor:
 # =============================================================================================
 
 NULL_ETAG = "null_etag"  # the ETag of an empty location: ``if-match: null_etag`` means "only if empty"
-FORBIDDEN_KEY = re.compile(r"[.$#\[\]/\x00-\x1f\x7f]")
+# Characters the database refuses in a key, and lone surrogates (no UTF-8 spelling, so never storable).
+FORBIDDEN_KEY = re.compile(r"[.$#\[\]/\x00-\x1f\x7f\ud800-\udfff]")
+MAX_KEY_BYTES = 768  # the database's limit on one key, in UTF-8 bytes
+KEY_DIGEST_LENGTH = 8  # hex digits of the original key's SHA-256 in a renamed key: "<cut>_<digest>"
 
 
 class FirebaseError(ServiceError):
@@ -3248,8 +3293,9 @@ class FirebaseTransport(Protocol):
 
 
 def check_key(key: str, where: str) -> None:
-    if not key or FORBIDDEN_KEY.search(key) or len(key.encode("utf-8")) > 768:
-        raise FirebaseError(f"{where}: key {key!r} is not allowed in Firebase (no . $ # [ ] / or control characters)")
+    if not key or FORBIDDEN_KEY.search(key) or len(key.encode("utf-8")) > MAX_KEY_BYTES:
+        raise FirebaseError(f"{where}: key {key[:60]!r} is not allowed in Firebase (no . $ # [ ] / or control "
+                            f"characters, at most {MAX_KEY_BYTES} bytes)")
 
 
 def check_path(path: str) -> list[str]:
@@ -3270,12 +3316,65 @@ def check_keys(value: Any, where: str) -> None:
             check_keys(child, where)
 
 
-def firebase_ready(value: Any) -> Any:
-    """A document's keys made storable: characters Firebase forbids in keys become ``_``."""
+KeyChange = tuple[str, str | None]  # (a key as found, the key it is stored under; None: the field was dropped)
+
+
+def key_digest(key: str) -> str:
+    """A short, stable fingerprint of a key as found (lone surrogates included)."""
+    return hashlib.sha256(key.encode("utf-8", "surrogatepass")).hexdigest()[:KEY_DIGEST_LENGTH]
+
+
+def cut_utf8(text: str, limit: int) -> str:
+    """``text`` cut to at most ``limit`` UTF-8 bytes, never inside a character."""
+    return text.encode("utf-8")[:limit].decode("utf-8", "ignore")
+
+
+def storable_keys(keys: Sequence[str]) -> dict[str, str | None]:
+    """The key each of one object's keys is stored under, so that no value is lost; None drops one.
+
+    A storable key is kept as it is. Any other key is spelt with ``_`` for each character the
+    database forbids (an empty key becomes ``_``). When that spelling is longer than
+    ``MAX_KEY_BYTES``, or is shared with another key of the object (``a.b``, ``a/b`` and ``a_b`` all
+    spell ``a_b``), the changed key is cut to fit and suffixed with ``_`` and a digest of the key as
+    found: ``a.b`` -> ``a_b_<digest of "a.b">``, while ``a_b`` keeps its name. The result depends on
+    the set of keys only, never on their order, so a record is renamed the same way on every run.
+    A changed key whose new name is still taken (by a key that is literally ``a_b_<digest>``) is
+    dropped; every rename and drop is reported by the caller.
+    """
+    kept = {key for key in keys if key and not FORBIDDEN_KEY.search(key) and len(key.encode("utf-8")) <= MAX_KEY_BYTES}
+    spelt = {key: FORBIDDEN_KEY.sub("_", key) or "_" for key in keys if key not in kept}
+    shared = Counter(spelt.values())
+    taken = set(kept)
+    wanted = {key: spelling if shared[spelling] == 1 and spelling not in kept
+              and len(spelling.encode("utf-8")) <= MAX_KEY_BYTES
+              else f"{cut_utf8(spelling, MAX_KEY_BYTES - KEY_DIGEST_LENGTH - 1)}_{key_digest(key)}"
+              for key, spelling in spelt.items()}
+    names: dict[str, str | None] = {key: key for key in kept}
+    for key in sorted(wanted, key=lambda k: (wanted[k] != spelt[k], k)):  # plain spellings first, then by key
+        names[key] = None if wanted[key] in taken else wanted[key]
+        taken.add(wanted[key])
+    return {key: names[key] for key in keys}
+
+
+def firebase_ready(value: Any, changes: set[KeyChange] | None = None) -> Any:
+    """A document made storable key by key (``storable_keys``), recursively; the rest is unchanged.
+
+    Every key that was renamed or dropped is added to ``changes`` (when given) as
+    ``(key as found, stored key or None)``, so the report can say what was changed.
+    """
     if isinstance(value, Mapping):
-        return {(FORBIDDEN_KEY.sub("_", str(k)) or "_"): firebase_ready(v) for k, v in value.items()}
+        items = {str(k): v for k, v in value.items()}
+        names = storable_keys(list(items))
+        out = {}
+        for key, child in items.items():
+            name = names[key]
+            if name != key and changes is not None:
+                changes.add((key, name))
+            if name is not None:
+                out[name] = firebase_ready(child, changes)
+        return out
     if isinstance(value, list):
-        return [firebase_ready(v) for v in value]
+        return [firebase_ready(v, changes) for v in value]
     return value
 
 
@@ -3351,7 +3450,10 @@ class LocalMirrorTransport:
     """
 
     def __init__(self, root: Path, base_path: str, save_every: float = SAVE_EVERY_SECONDS) -> None:
-        self.root = root / base_path if base_path else root
+        base = database_path(base_path)
+        self.root = root.joinpath(*base.split("/")) if base else root
+        if not self.root.resolve().is_relative_to(root.resolve()):  # a symlinked folder pointing elsewhere
+            raise UsageError(f"local mirror {self.root}: leads outside {root}; not used")
         self.description = f"local mirror {self.root}"
         self.bytes_sent = 0
         self.save_every = save_every
@@ -3479,7 +3581,7 @@ class RestTransport:
         import httpx2
 
         self.url = url.rstrip("/")
-        self.base_path = base_path.strip("/")
+        self.base_path = database_path(base_path)
         self.auth_token = auth_token
         self.token_source = token_source
         self.timeout = timeout
@@ -3500,11 +3602,8 @@ class RestTransport:
         segments = [quote_plus(s).replace("+", "%20") for s in [*self.base_path.split("/"), *check_path(path)] if s]
         return f"{self.url}/{'/'.join(segments)}.json"
 
-    def _send(self, method: str, path: str, *, body: Any = NO_BODY, headers: Mapping[str, str] | None = None,
-              silent: bool = False) -> Any:
+    def _send(self, method: str, path: str, *, body: Any = NO_BODY, headers: Mapping[str, str] | None = None) -> Any:
         params = {"auth": self.auth_token} if self.auth_token else {}
-        if silent:
-            params["print"] = "silent"
         all_headers = dict(headers or {})
         if self.token_source is not None:
             all_headers["Authorization"] = f"Bearer {self.token_source()}"
@@ -3565,20 +3664,59 @@ class RestTransport:
         return self._json(response, "GET", path), response.headers.get("ETag", "")
 
     def put(self, path: str, value: Any, if_match: str | None = None) -> PutResult:
+        """Write ``value``; written only when the database echoes it back (``_verify``)."""
         check_keys(value, path)
         headers = {"if-match": if_match} if if_match is not None else {}
-        response = self._send("PUT", path, body=value, headers=headers, silent=if_match is None)
+        response = self._send("PUT", path, body=value, headers=headers)
         if response.status_code == 412:
             return PutResult(False, self._json(response, "PUT", path), response.headers.get("ETag", ""))
         if response.status_code not in (200, 204):
             raise self._fail(response, "PUT", path)
+        self._verify(response, "PUT", path, value)
         return PutResult(True, value, response.headers.get("ETag", ""))
 
     def patch(self, path: str, updates: Mapping[str, Any]) -> None:
+        """Update children of ``path``; written only when the database echoes the updates back."""
         check_keys(updates, path)
-        response = self._send("PATCH", path, body=dict(updates), silent=True)
+        response = self._send("PATCH", path, body=dict(updates))
         if response.status_code not in (200, 204):
             raise self._fail(response, "PATCH", path)
+        self._verify(response, "PATCH", path, dict(updates))
+
+    @staticmethod
+    def _verify(response: Any, method: str, path: str, sent: Any) -> None:
+        """A write counts only when the answer's body is the JSON that was sent, as the database stores it.
+
+        Without ``print=silent`` the Realtime Database answers a PUT or PATCH with the data written, so
+        a 200 whose body is anything else (an HTML page from a proxy or captive portal, another JSON
+        value) was not written by it. No write here uses ``print=silent``: its 204 carries nothing to
+        verify and would be believed from any server. A 204, and any answer that differs, is a FirebaseError.
+        """
+        if response.status_code == 200:
+            try:
+                echoed = response.json()
+            except ValueError:
+                echoed = NO_BODY
+            if echoed is not NO_BODY and same_stored(rtdb_normalize(echoed), rtdb_normalize(sent)):
+                return
+        kind = (response.headers.get("content-type") or "no content type").split(";")[0].strip()
+        raise FirebaseError(f"{method} {path}: {response.status_code} ({kind}) without the data written: not "
+                            "counted as written; is FIREBASE_DATABASE_URL a Realtime Database, not a proxy or "
+                            "captive portal?")
+
+
+def same_stored(a: Any, b: Any) -> bool:
+    """Two stored values (``rtdb_normalize``) alike, numbers compared as the database keeps them (doubles)."""
+    if isinstance(a, Mapping) and isinstance(b, Mapping):
+        return a.keys() == b.keys() and all(same_stored(a[k], b[k]) for k in a)
+    if isinstance(a, bool) or isinstance(b, bool):
+        return a is b
+    if isinstance(a, (int, float)) and isinstance(b, (int, float)):
+        try:
+            return a == b or float(a) == float(b)
+        except OverflowError:
+            return False
+    return type(a) is type(b) and a == b
 
 
 def service_account_tokens(credentials_file: str) -> Any:
@@ -3693,11 +3831,13 @@ class DashboardList:
 
     MAX_TRIES = 8
 
-    def __init__(self, transport: FirebaseTransport, path: str, key: str, updated_at: str) -> None:
+    def __init__(self, transport: FirebaseTransport, path: str, key: str, updated_at: str,
+                 key_changes: set[KeyChange] | None = None) -> None:
         self.transport = transport
         self.path = path
         self.key = key
         self.updated_at = updated_at
+        self.key_changes = key_changes  # keys renamed or dropped to make items storable (``firebase_ready``)
         self.items: list[dict[str, Any]] = []
         self.size = 0
         self.added = 0
@@ -3728,7 +3868,7 @@ class DashboardList:
 
     def add(self, item: Mapping[str, Any]) -> bool:
         """Append one item unless it is already there; True when it was added."""
-        record = firebase_ready(dict(item))
+        record = firebase_ready(dict(item), self.key_changes)
         for _attempt in range(self.MAX_TRIES):
             if merge_key(record) in self.known:
                 return False
@@ -3774,6 +3914,7 @@ class DashboardWriter:
         self.not_written: list[str] = []
         self.errors: list[str] = []
         self.stood_down: str | None = None  # why nothing (more) is written this run
+        self.key_changes: set[KeyChange] = set()  # keys renamed or dropped so that records could be stored
         self._messages_read: tuple[Any, str] | None = None  # the cooldown's read, reused to open the list
         self.undated_messages = 0  # messages read by the cooldown whose generated_at is no date
         self._waiting: dict[int, tuple[Match | None, Message | None]] = {}  # results above the next rank
@@ -3863,7 +4004,8 @@ class DashboardWriter:
         for key in self.LIST_KEYS:
             snapshot = self._messages_read if key == "messages" else None
             try:
-                self.lists[key] = DashboardList(self.transport, key, key, self.updated_at).open(snapshot)
+                self.lists[key] = DashboardList(self.transport, key, key, self.updated_at,
+                                                self.key_changes).open(snapshot)
             except FirebaseError as exc:
                 self.failed(key, exc)
 
@@ -3925,7 +4067,7 @@ class DashboardWriter:
                 self.not_written.append(path)
                 continue
             try:
-                self.transport.put(path, firebase_ready(payload))
+                self.transport.put(path, firebase_ready(payload, self.key_changes))
                 self.written.append(path)
             except FirebaseError as exc:
                 self.failed(path, exc, path)
@@ -3938,9 +4080,26 @@ class DashboardWriter:
                          self.transport.description, len(self.not_written), self.transport.bytes_sent)
 
     def summary(self) -> dict[str, Any]:
-        """The report's ``firebase`` section."""
+        """The report's ``firebase`` section; ``keys_renamed``/``keys_dropped`` count distinct key changes."""
+        changes = sorted(self.key_changes, key=lambda change: (change[1] is None, change[0], change[1] or ""))
         return {"target": self.target, "written": list(self.written), "not_written": list(self.not_written),
-                "errors": list(self.errors), "bytes_sent": self.bytes_sent}
+                "errors": list(self.errors), "bytes_sent": self.bytes_sent,
+                "keys_renamed": sum(stored is not None for _, stored in changes),
+                "keys_dropped": sum(stored is None for _, stored in changes),
+                "key_changes": [describe_key_change(change) for change in changes[:MAX_KEY_CHANGES_LISTED]]}
+
+
+MAX_KEY_CHANGES_LISTED = 20  # key changes named in the report; all of them are counted
+
+
+def describe_key_change(change: KeyChange) -> str:
+    """``'a.b' -> 'a_b_<digest>'`` for the report, long keys shortened, odd characters escaped."""
+
+    def shown(key: str) -> str:
+        return repr(key) if len(key) <= 40 else f"{key[:40]!r}... ({len(key.encode('utf-8', 'surrogatepass'))} bytes)"
+
+    original, stored = change
+    return f"{shown(original)} -> {shown(stored) if stored is not None else 'dropped'}"
 
 
 # =============================================================================================
@@ -3960,6 +4119,7 @@ class RunResult:
     status: str = "completed"
     failed_members: int = 0
     signal: int | None = None
+    empty_input: list[str] = field(default_factory=list)  # "users", "events": read, but there were none
 
     @property
     def firebase_failed(self) -> bool:
@@ -3971,7 +4131,7 @@ class RunResult:
         if self.signal is not None:
             return EXIT_SIGNALS.get(self.signal, 128 + self.signal)
         needs_a_look = (self.status == "deadline" or self.firebase_failed or self.claude_unavailable
-                        or self.failed_members)
+                        or self.failed_members or self.empty_input)
         return EXIT_ATTENTION if needs_a_look else EXIT_OK
 
 
@@ -3996,6 +4156,7 @@ class ReturnToTable:
         self.zone = settings.zone
         self.control = control
         self.issues = DataIssues()
+        self.empty_input: list[str] = []  # collections the source had no documents in (``empty_collections``)
         self.data_dir = options.out_dir / "data"
         self.saved_at = time.monotonic()
         self.progress: Any = None  # the members progress bar during steps 5-6, on a terminal
@@ -4013,6 +4174,10 @@ class ReturnToTable:
             self.issues.add(kind, n)
         self.logger.info("Step 1: read %d users and %d events from %s", len(data.users), len(data.events),
                          self.source.label)
+        self.empty_input = empty_collections(data)
+        for name in self.empty_input:
+            self.logger.warning("Empty input: no %s in %s (the run goes on; exit 3)", name,
+                                input_location(self.source, name))
         skipped = (sum(data.skipped.values()) + len(data.users) + len(data.events)
                    - len(screened_users.records) - len(screened_events.records))
         if skipped:
@@ -4233,8 +4398,10 @@ class ReturnToTable:
         report_path = reports / f"return_to_table_report_{campaign_id}.md"
         write_text_private(report_path, report_markdown(report))
         s = report["summary"]
+        empty = report.get("empty_input") or []
+        status = report["status"] + (f", empty input: {', '.join(empty)}" if empty else "")
         self.logger.info("Step 8 (%s): %d dormant, %d ready, %d matched, %d messages, %d SMS segments, %d errors. "
-                         "Report: %s", report["status"], s["total_dormant_users_found"],
+                         "Report: %s", status, s["total_dormant_users_found"],
                          s["total_users_with_complete_profiles"], s["total_matches_created"],
                          s["total_messages_generated"], s["total_sms_segments"], s["error_count"], report_path,
                          extra={"summary": True})
@@ -4287,10 +4454,12 @@ class ReturnToTable:
             source_label=self.source.label, census=census, selected=selected, cooled_down=cooled_down,
             future_events=future, outcomes=outcomes, steps_5_6_seconds=steps_5_6_seconds, issues=self.issues,
             firebase=firebase, errors=list(self.dashboard.errors), status=status,
-            llm_usage=self.advisor.usage_report() if self.advisor is not None else None)
+            llm_usage=self.advisor.usage_report() if self.advisor is not None else None,
+            empty_input=self.empty_input)
         report_path = self.write_report(campaign_id, report)
         return RunResult(campaign_id, report, report_path, firebase, claude_down, status,
-                         failed_members=sum(o.failed for o in outcomes), signal=self.control.signal)
+                         failed_members=sum(o.failed for o in outcomes), signal=self.control.signal,
+                         empty_input=list(self.empty_input))
 
     def final_status(self, finished: int, selected: int) -> str:
         """``interrupted`` after a signal; ``deadline`` when the deadline left members unstarted."""
@@ -4419,8 +4588,15 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
+MAX_NOW_AHEAD = timedelta(days=1)  # a --now further ahead of the clock is a rehearsal: --dry-run only
+
+
 def resolve_options(args: argparse.Namespace, settings: Settings) -> RunOptions:
-    """Turn arguments and settings into one run's options; refuse what cannot be run."""
+    """Turn arguments and settings into one run's options; refuse what cannot be run.
+
+    A ``--now`` more than ``MAX_NOW_AHEAD`` ahead of the clock needs ``--dry-run`` (``--demo`` too: its
+    mirror keeps a cooldown like the real dashboard), so a rehearsal never fills the cooldown for years.
+    """
     now = datetime.now(UTC).replace(microsecond=0)
     if args.now is not None:
         parsed = to_utc(args.now)
@@ -4428,6 +4604,9 @@ def resolve_options(args: argparse.Namespace, settings: Settings) -> RunOptions:
             raise UsageError(f"--now {args.now!r} is not a valid ISO-8601 date-time (e.g. 2026-11-23T06:00:00Z)")
         if not 1970 <= parsed.year <= 2200:
             raise UsageError(f"--now {args.now!r} is outside the years 1970-2200")
+        if parsed > now + MAX_NOW_AHEAD and not args.dry_run:  # the cooldown would hold members out until then
+            raise UsageError(f"--now {args.now!r} is more than a day ahead of the clock: a run in the future "
+                             "must be a --dry-run, or its messages hold members out of the cooldown until then")
         now = parsed
     if args.demo:
         if args.llm == "claude":
@@ -4524,23 +4703,11 @@ def handle_stop_signals(control: RunControl) -> Any:
     return lambda: [signal.signal(s, h) for s, h in previous.items()]
 
 
-MAX_NOW_AHEAD = timedelta(days=1)
-
-
-def refuse_writes_from_the_future(options: RunOptions) -> None:
-    """A run with ``--now`` more than a day ahead of the clock is a rehearsal: it must be ``--dry-run``,
-    or its messages would fill the cooldown for as long as that future is away."""
-    if not options.dry_run and options.now > datetime.now(UTC) + MAX_NOW_AHEAD:
-        raise UsageError(f"--now {iso_utc(options.now)} is more than a day ahead of the clock: add --dry-run "
-                         "(a rehearsal must not fill the cooldown)")
-
-
 def run_campaign(args: argparse.Namespace, env: Mapping[str, str] | None, mongo_client: Any,
                  closing: ExitStack) -> RunResult:
     """The program itself: settings, the lock, the services, one campaign. ``main`` handles the errors."""
     settings = Settings.from_env(env if env is not None else read_environment())
     options = resolve_options(args, settings)
-    refuse_writes_from_the_future(options)
     control = RunControl(options.deadline_minutes * 60)
     closing.callback(handle_stop_signals(control))
     closing.enter_context(RunLock(options.out_dir))
@@ -4599,6 +4766,9 @@ def report_problems(result: RunResult) -> None:
               "template wrote this run's messages", file=sys.stderr)
     if result.failed_members:
         print(f"warning: {result.failed_members} members failed (see the log); the others are done", file=sys.stderr)
+    if result.empty_input:
+        print(f"warning: empty input: the source has no {' and no '.join(result.empty_input)}; the report "
+              f"{result.report_path} says what was read", file=sys.stderr)
     if result.firebase_failed:
         firebase = result.firebase
         first = (firebase["errors"] or [""])[0]

@@ -65,6 +65,9 @@ Semantics reproduced (source in brackets; "assumed" where no public source was f
   ending in ``.json``; 400 for ``shallow=true`` with ``X-Firebase-ETag``
   (firebase-admin-python refuses that pair client-side); numbers are kept as
   sent (``1.0`` stays a float).
+
+Not the database itself: ``answer_writes_with(200, "<html>...")`` plays a proxy or captive
+portal in front of it, answering writes with a fixed reply and storing nothing.
 """
 
 from __future__ import annotations
@@ -86,7 +89,7 @@ from typing import Any
 
 from loopback import LoopbackHandler, LoopbackServer
 
-__all__ = ["NULL_ETAG", "FakeRealtimeDatabase", "RecordedRequest", "push_id"]
+__all__ = ["CAPTIVE_PORTAL_PAGE", "NULL_ETAG", "FakeRealtimeDatabase", "RecordedRequest", "push_id"]
 
 NULL_ETAG = "null_etag"
 """The ETag of a location that holds no data (and the ``if-match`` for "only if empty")."""
@@ -457,6 +460,26 @@ class _Answer:
     body: bytes | None = None  # None: no body (204)
     etag: str | None = None
     drop: bool = False  # close the connection without answering
+    content_type: str = "application/json; charset=utf-8"
+
+
+@dataclass
+class _WriteAnswer:
+    """A fixed answer to writes, from something in front of the database (``answer_writes_with``)."""
+
+    status: int
+    body: bytes | None
+    content_type: str
+    segs: list[str] | None
+    count: int | None  # None: every matching write
+    used: int = field(default=0)
+
+
+WRITE_METHODS = frozenset({"PUT", "PATCH", "POST", "DELETE"})
+CAPTIVE_PORTAL_PAGE = (
+    "<!DOCTYPE html><html><head><title>Sign in to the network</title></head>"
+    "<body><h1>Welcome</h1><p>Accept the terms to continue.</p></body></html>"
+)
 
 
 class _Handler(LoopbackHandler):
@@ -493,7 +516,7 @@ class _Handler(LoopbackHandler):
             return
         self.send_response(answer.status)
         if answer.body is not None:
-            self.send_header("Content-Type", "application/json; charset=utf-8")
+            self.send_header("Content-Type", answer.content_type)
             self.send_header("Content-Length", str(len(answer.body)))
         self.send_header("Cache-Control", "no-cache")
         self.send_header("Access-Control-Allow-Origin", "*")
@@ -530,6 +553,7 @@ class FakeRealtimeDatabase(LoopbackServer):
         self._root: Value = None
         self._lock = threading.RLock()
         self._failures: list[_Failure] = []
+        self._write_answers: list[_WriteAnswer] = []
         self._hooks: list[Callable[[RecordedRequest], None]] = []
 
     # -- lifecycle: start/stop/with and url (append ``/<path>.json``) come from LoopbackServer
@@ -592,6 +616,33 @@ class FakeRealtimeDatabase(LoopbackServer):
         with self._lock:
             self._failures.append(_Failure(status, count, method.upper() if method else None, segs, payload))
 
+    def answer_writes_with(
+        self,
+        status: int = 200,
+        body: Any = CAPTIVE_PORTAL_PAGE,
+        content_type: str = "text/html; charset=utf-8",
+        *,
+        path: str | None = None,
+        count: int | None = None,
+    ) -> None:
+        """Answer writes (PUT, PATCH, POST, DELETE) with ``status`` and ``body`` and store nothing.
+
+        This is a proxy or captive portal in front of the database: it answers, say, 200 with an
+        HTML page, and the write never reaches the data.  ``body``: bytes/str are sent as is
+        (``None``: no body), anything else as JSON, under ``content_type``.  ``path`` narrows it to
+        writes at that path; ``count`` to the next ``count`` of them (``None``: every one).  GETs and
+        scripted failures (``fail_next``, tried first) are unaffected.
+        """
+        if body is None or isinstance(body, bytes):
+            payload = body
+        elif isinstance(body, str):
+            payload = body.encode("utf-8")
+        else:
+            payload = _dumps(body)
+        segs = None if path is None else _user_path_segments(path)
+        with self._lock:
+            self._write_answers.append(_WriteAnswer(status, payload, content_type, segs, count))
+
     def on_request(self, callback: Callable[[RecordedRequest], None]) -> Callable[[RecordedRequest], None]:
         """Call ``callback(request)`` for every request before it is processed.
 
@@ -625,7 +676,7 @@ class FakeRealtimeDatabase(LoopbackServer):
             hook(request)
         with self._lock:
             try:
-                answer = self._scripted(request) or self._process(request)
+                answer = self._scripted(request) or self._intercepted(request) or self._process(request)
             except _RtdbError as exc:
                 answer = _Answer(exc.status, _error_payload(exc.message))
             request.status = answer.status
@@ -648,6 +699,18 @@ class FakeRealtimeDatabase(LoopbackServer):
                         reason = "Error"
                     body = _error_payload(reason)
                 return _Answer(failure.status, body)
+        return None
+
+    def _intercepted(self, request: RecordedRequest) -> _Answer | None:
+        if request.method not in WRITE_METHODS:
+            return None
+        segs = _user_path_segments(request.path) if request.path.endswith(".json") else None
+        for answer in self._write_answers:
+            if answer.segs is None or answer.segs == segs:
+                answer.used += 1
+                if answer.count is not None and answer.used >= answer.count:
+                    self._write_answers.remove(answer)
+                return _Answer(answer.status, answer.body, content_type=answer.content_type)
         return None
 
     def _check_auth(self, request: RecordedRequest) -> None:
