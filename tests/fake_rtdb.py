@@ -444,6 +444,15 @@ class _Failure:
         return (self.method is None or self.method == method) and (self.segs is None or self.segs == segs)
 
 
+def _body_bytes(body: Any) -> bytes | None:
+    """A scripted answer's body: None stays None, bytes as is, text as UTF-8, anything else as JSON."""
+    if body is None or isinstance(body, bytes):
+        return body
+    if isinstance(body, str):
+        return body.encode("utf-8")
+    return _dumps(body)
+
+
 def _user_path_segments(path: str) -> list[str]:
     path = path.split("?", 1)[0].removesuffix(".json")
     return [s for s in urllib.parse.unquote(path).split("/") if s]
@@ -604,14 +613,7 @@ class FakeRealtimeDatabase(LoopbackServer):
         as is; anything else as JSON.  ``status=0`` closes the connection
         without any answer (a network drop).  Failures are used in FIFO order.
         """
-        if body is None:
-            payload = None
-        elif isinstance(body, bytes):
-            payload = body
-        elif isinstance(body, str):
-            payload = body.encode("utf-8")
-        else:
-            payload = _dumps(body)
+        payload = _body_bytes(body)
         segs = None if path is None else _user_path_segments(path)
         with self._lock:
             self._failures.append(_Failure(status, count, method.upper() if method else None, segs, payload))
@@ -633,12 +635,7 @@ class FakeRealtimeDatabase(LoopbackServer):
         writes at that path; ``count`` to the next ``count`` of them (``None``: every one).  GETs and
         scripted failures (``fail_next``, tried first) are unaffected.
         """
-        if body is None or isinstance(body, bytes):
-            payload = body
-        elif isinstance(body, str):
-            payload = body.encode("utf-8")
-        else:
-            payload = _dumps(body)
+        payload = _body_bytes(body)
         segs = None if path is None else _user_path_segments(path)
         with self._lock:
             self._write_answers.append(_WriteAnswer(status, payload, content_type, segs, count))
