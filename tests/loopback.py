@@ -43,7 +43,30 @@ class LoopbackHandler(BaseHTTPRequestHandler):
         pass  # keep pytest output clean
 
 
-class LoopbackServer:
+class _Served:
+    """``with server: ...`` and ``url`` for a loopback server with ``start``, ``stop`` and ``port``."""
+
+    port: int
+
+    def start(self) -> Self:
+        raise NotImplementedError
+
+    def stop(self) -> None:
+        raise NotImplementedError
+
+    def __enter__(self) -> Self:
+        return self.start()
+
+    def __exit__(self, *exc: object) -> None:
+        self.stop()
+
+    @property
+    def url(self) -> str:
+        """``http://127.0.0.1:PORT``."""
+        return f"http://127.0.0.1:{self.port}"
+
+
+class LoopbackServer(_Served):
     """Serve ``handler`` on a free 127.0.0.1 port from a daemon thread.
 
     Subclasses set ``handler`` (a :class:`LoopbackHandler` subclass, which reaches the
@@ -90,22 +113,12 @@ class LoopbackServer:
             self._thread.join(timeout=5)
             self._thread = None
 
-    def __enter__(self) -> Self:
-        return self.start()
-
-    def __exit__(self, *exc: object) -> None:
-        self.stop()
-
     @property
     def port(self) -> int:
         if self._server is None:
             raise RuntimeError(f"{type(self).__name__} is not started")
         return self._server.server_address[1]
 
-    @property
-    def url(self) -> str:
-        """``http://127.0.0.1:PORT``."""
-        return f"http://127.0.0.1:{self.port}"
 
     def _track(self, conn: socket.socket, *, add: bool) -> None:
         with self._conns_lock:
@@ -115,7 +128,7 @@ class LoopbackServer:
                 self._conns.discard(conn)
 
 
-class SilentServer:
+class SilentServer(_Served):
     """A 127.0.0.1 listener that accepts connections, reads each request's head and never answers.
 
     For timeouts: ``connections`` counts accepted connections and ``requests`` holds the request heads
@@ -165,22 +178,12 @@ class SilentServer:
                 pass
             conn.close()
 
-    def __enter__(self) -> Self:
-        return self.start()
-
-    def __exit__(self, *exc: object) -> None:
-        self.stop()
-
     @property
     def port(self) -> int:
         if self._listener is None:
             raise RuntimeError("SilentServer is not started")
         return self._listener.getsockname()[1]
 
-    @property
-    def url(self) -> str:
-        """``http://127.0.0.1:PORT``."""
-        return f"http://127.0.0.1:{self.port}"
 
     def _accept(self, listener: socket.socket) -> None:
         while not self._stopped.is_set():
