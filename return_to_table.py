@@ -865,6 +865,10 @@ class DataIssues:
         if n:
             self.counts[kind] += n
 
+    def add_all(self, counts: Mapping[str, int]) -> None:
+        for kind, n in counts.items():
+            self.add(kind, n)
+
     def as_dict(self) -> dict[str, int]:
         return dict(sorted(self.counts.items()))
 
@@ -2395,8 +2399,12 @@ class MongoSource:
 
 
 def empty_collections(data: SourceData) -> list[str]:
-    """Which of ``users`` and ``events`` the source had none of: empty input, not a quiet day (exit 3)."""
-    return [name for name, docs in (("users", data.users), ("events", data.events)) if not docs]
+    """Which of ``users`` and ``events`` the source had none of: empty input, not a quiet day (exit 3).
+
+    A collection whose every record had to be skipped while decoding was not empty: its records are
+    counted in ``data_issues`` instead."""
+    return [name for name, docs in (("users", data.users), ("events", data.events))
+            if not docs and not data.skipped.get(f"{name}_nested_too_deep")]
 
 
 def input_location(source: DataSource, name: str) -> str:
@@ -4167,11 +4175,9 @@ class ReturnToTable:
         """The source's records, screened (``screen_records``): ``data/raw/`` keeps them as read, in full."""
         data = self.source.read(reading_progress if self.options.progress else None)
         self.issues.add("unreadable_extended_json_values", data.bad_values)
-        for kind, n in data.skipped.items():
-            self.issues.add(kind, n)
+        self.issues.add_all(data.skipped)
         screened_users, screened_events = screen_records(data.users, "users"), screen_records(data.events, "events")
-        for kind, n in (screened_users.issues + screened_events.issues).items():
-            self.issues.add(kind, n)
+        self.issues.add_all(screened_users.issues + screened_events.issues)
         self.logger.info("Step 1: read %d users and %d events from %s", len(data.users), len(data.events),
                          self.source.label)
         self.empty_input = empty_collections(data)
