@@ -53,6 +53,7 @@ from concurrent.futures import ThreadPoolExecutor
 from contextlib import ExitStack
 from dataclasses import dataclass, field
 from datetime import UTC, datetime, timedelta, timezone
+from datetime import time as dt_time
 from enum import Enum
 from pathlib import Path
 from typing import Any, NamedTuple, Protocol, Self, TypedDict
@@ -201,6 +202,70 @@ def bounded_call(fn: Any, seconds: float, what: str) -> Any:
     return box.get("value")
 
 
+DEFAULT_QUIET_HOURS = "21:00-08:00"  # 8am-9pm local may send: the US federal rule and NY GBL 399-z
+
+
+class QuietHours(NamedTuple):
+    """Local hours when no SMS may go out: from ``start`` to ``end`` (wrapping midnight when start > end)."""
+
+    start: dt_time
+    end: dt_time
+
+    @classmethod
+    def parse(cls, text: str) -> QuietHours:
+        """``"21:00-08:00"`` (HH:MM-HH:MM, 24-hour); a usage error otherwise."""
+        found = re.fullmatch(r"\s*(\d{1,2}):(\d{2})\s*-\s*(\d{1,2}):(\d{2})\s*", text)
+        if not found:
+            raise UsageError(f"QUIET_HOURS={text!r} must be HH:MM-HH:MM, e.g. 21:00-08:00")
+        h1, m1, h2, m2 = (int(g) for g in found.groups())
+        if not (h1 < 24 and h2 < 24 and m1 < 60 and m2 < 60) or (h1, m1) == (h2, m2):
+            raise UsageError(f"QUIET_HOURS={text!r} must be two different times of day, e.g. 21:00-08:00")
+        return cls(dt_time(h1, m1), dt_time(h2, m2))
+
+
+DEFAULT_QUIET = QuietHours.parse(DEFAULT_QUIET_HOURS)
+DEFAULT_OPT_OUT_FIELDS = ("smsOptOut", "sms_opt_out", "unsubscribed", "doNotText", "optOut.sms")
+DEFAULT_CONSENT_FIELDS = ("smsConsent", "allowSms", "notificationSettings.sms", "preferences.sms")
+
+
+def field_paths(text: str | None, default: tuple[str, ...], name: str) -> tuple[str, ...]:
+    """A comma-separated list of dotted field paths (``SMS_OPT_OUT_FIELDS``); unset: ``default``."""
+    if text is None:
+        return default
+    paths = tuple(p.strip() for p in text.split(",") if p.strip())
+    bad = [p for p in paths if not re.fullmatch(r"[A-Za-z0-9_$-]+(\.[A-Za-z0-9_$-]+)*", p)]
+    if bad:
+        raise UsageError(f"{name}: {bad[0]!r} is not a dotted field path (e.g. optOut.sms)")
+    return paths
+
+
+@dataclass(frozen=True)
+class SmsPolicy:
+    """Who may be texted and when, and what every message must carry (issue: contactability)."""
+
+    default_region: str = "US"
+    opt_out_fields: tuple[str, ...] = DEFAULT_OPT_OUT_FIELDS
+    consent_fields: tuple[str, ...] = DEFAULT_CONSENT_FIELDS
+    quiet_hours: QuietHours = DEFAULT_QUIET
+    sender: str | None = None  # SMS_SENDER, named near the start of every message
+    opt_out_text: str | None = None  # SMS_OPT_OUT_TEXT, just before the link
+
+    @classmethod
+    def from_env(cls, get: Any) -> SmsPolicy:
+        region = (get("SMS_DEFAULT_REGION") or "US").upper()
+        if not re.fullmatch(r"[A-Z]{2}", region):
+            raise UsageError(f"SMS_DEFAULT_REGION={region!r} must be a two-letter region code such as US")
+        sender, opt_out = get("SMS_SENDER"), get("SMS_OPT_OUT_TEXT")
+        for name, value in (("SMS_SENDER", sender), ("SMS_OPT_OUT_TEXT", opt_out)):
+            if value is not None and (len(value) > 60 or any(unicodedata.category(ch)[0] == "C" for ch in value)):
+                raise UsageError(f"{name} must be one line of at most 60 characters")
+        return cls(default_region=region,
+                   opt_out_fields=field_paths(get("SMS_OPT_OUT_FIELDS"), DEFAULT_OPT_OUT_FIELDS, "SMS_OPT_OUT_FIELDS"),
+                   consent_fields=field_paths(get("SMS_CONSENT_FIELDS"), DEFAULT_CONSENT_FIELDS, "SMS_CONSENT_FIELDS"),
+                   quiet_hours=QuietHours.parse(get("QUIET_HOURS") or DEFAULT_QUIET_HOURS),
+                   sender=sender, opt_out_text=opt_out)
+
+
 @dataclass(frozen=True)
 class Settings:
     """What the environment (and ``.env``) configures: services, secrets and the campaign zone.
@@ -217,6 +282,7 @@ class Settings:
     anthropic_api_key: str | None = None
     firebase_timeout: float = 20.0  # seconds per request; the first timeout ends Firebase writes for the run
     campaign_timezone: str = DEFAULT_TIMEZONE
+    sms: SmsPolicy = field(default_factory=lambda: SmsPolicy())
     env: Mapping[str, str] = field(default_factory=dict, repr=False)
 
     @classmethod
@@ -256,6 +322,7 @@ class Settings:
             anthropic_api_key=get("ANTHROPIC_API_KEY"),
             firebase_timeout=firebase_timeout,
             campaign_timezone=zone,
+            sms=SmsPolicy.from_env(get),
             env=dict(env),
         )
 
@@ -315,6 +382,8 @@ class RunOptions:
     candidates: int = 15
     concurrency: int = 6
     cooldown_days: int = 30
+    holdout: float = 0.0  # share of members kept as the control group (stable hash of campaign, member)
+    min_lead_hours: float = 3.0  # the last send moment is at least this long before the event
     deadline_minutes: float = 30.0
     keep_logs_days: int = 30
     insecure_tls: bool = False
@@ -2110,11 +2179,28 @@ def unique_matched_events(matches: Sequence[Match]) -> list[dict[str, Any]]:
 
 @dataclass(frozen=True)
 class Skip:
-    """A selected member who got no message, and why."""
+    """A selected member who got no message, and why: ``code`` is the ``skip_reason`` in
+    ``dormant_users.json`` (one of SKIP_REASONS), ``reason`` the sentence for the report."""
 
     user_id: str
     user_name: str
     reason: str
+    code: str = "no_matching_event"
+
+
+SKIP_REASONS = (  # dormant_users.json's skip_reason for an eligible member not selected, in walk order
+    "cooldown",                 # messaged (or held out) within --cooldown-days
+    "no_valid_phone",           # no phone, or not a valid number that can receive SMS
+    "opted_out",                # an opt-out field set, or consent explicitly refused
+    "holdout",                  # the control group: recorded, never texted
+    "no_matching_event",        # no open future event shares an interest
+    "no_event_in_send_window",  # every candidate starts too soon or leaves only quiet hours to send
+    "below_min_confidence",     # the best match is below --min-confidence
+    "no_sms_within_contract",   # no SMS within the contract for the chosen event or the next ones
+    "failed",                   # an unexpected error on this member (see the log)
+    "not_started",              # the run stopped (signal or deadline) before this member
+    "below_limit",              # --limit members were messaged before this one's turn
+)
 
 
 def campaign_id_for(moment: datetime) -> str:
@@ -4248,6 +4334,11 @@ class ReturnToTable:
 
     # --- steps 5-6: match each member and write the SMS -------------------------------------
 
+    def recipient_zone(self, user: Mapping[str, Any]) -> ZoneInfo:
+        """The member's own zone, for the send window: from the number when it maps to one zone, else
+        CAMPAIGN_TIMEZONE."""
+        return self.zone
+
     def choose_event(self, user: Mapping[str, Any], candidates: Sequence[Candidate],
                      outcome: UserOutcome) -> Match | None:
         """Step 5: Claude's pick among the rules' top K when enabled, else (or on failure) the rules'."""
@@ -4262,14 +4353,16 @@ class ReturnToTable:
             else:
                 if confidence < floor:
                     outcome.skip = Skip(user["_id"], full_name(user),
-                                        f"Claude's best match {confidence}% is below --min-confidence {floor:g}")
+                                        f"Claude's best match {confidence}% is below --min-confidence {floor:g}",
+                                        "below_min_confidence")
                     return None
                 return build_match(user, chosen.event, reasoning=reasoning, confidence=confidence,
                                    interests=[i for i, _ in chosen.interests], matcher="claude", now=now)
         match = rules_match(user, candidates, floor, self.zone, now)
         if match is None:
             outcome.skip = Skip(user["_id"], full_name(user),
-                                f"best match {candidates[0].confidence}% is below --min-confidence {floor:g}")
+                                f"best match {candidates[0].confidence}% is below --min-confidence {floor:g}",
+                                "below_min_confidence")
         return match
 
     def write_message(self, match: Match, outcome: UserOutcome) -> Message | None:
@@ -4320,7 +4413,8 @@ class ReturnToTable:
             outcome.match, outcome.message = alternative or (None, None)
             if alternative is None:  # a match without a message would only confuse the reviewers
                 outcome.skip = Skip(user["_id"], full_name(user),
-                                    f"no SMS within the contract for {chosen['event_name']!r} or the next events")
+                                    f"no SMS within the contract for {chosen['event_name']!r} or the next events",
+                                    "no_sms_within_contract")
         return outcome
 
     def process_member(self, rank: int, user: DormantMember, events: Sequence[FutureEvent]) -> UserOutcome:
@@ -4333,7 +4427,8 @@ class ReturnToTable:
             self.logger.debug("member %s failed", user["_id"], exc_info=True)
             self.logger.error("Member %s failed: %s", user["_id"], exc.__class__.__name__)
             return UserOutcome(rank, user, skip=Skip(user["_id"], full_name(user),
-                                                     f"failed: {exc.__class__.__name__} (see the log)"), failed=True)
+                                                     f"failed: {exc.__class__.__name__} (see the log)", "failed"),
+                              failed=True)
 
     def process_all(self, selected: Sequence[DormantMember], events: Sequence[FutureEvent]) -> list[UserOutcome]:
         """Every selected member, concurrently (bounded) on the Claude path; results in rank order.
@@ -4535,6 +4630,23 @@ def positive_float(text: str) -> float:
     return value
 
 
+def non_negative_float(text: str) -> float:
+    value = float(text)
+    if not math.isfinite(value) or value < 0:
+        raise argparse.ArgumentTypeError("must be a number from 0 up")
+    return value
+
+
+def holdout_fraction(text: str) -> float:
+    try:
+        value = float(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"{text!r} is not a number") from None
+    if not 0.0 <= value <= 0.5:
+        raise argparse.ArgumentTypeError(f"{text!r} is not a fraction from 0 to 0.5")
+    return value
+
+
 def percentage(text: str) -> float:
     value = float(text)
     if not 0 <= value <= 100:
@@ -4580,6 +4692,11 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--cooldown-days", type=non_negative_int, default=RunOptions.cooldown_days, metavar="D",
                         help="leave out members messaged in the last D days (%(default)s; 0 disables; more days "
                              "than the calendar holds: every message so far)")
+    parser.add_argument("--holdout", type=holdout_fraction, default=RunOptions.holdout, metavar="FRACTION",
+                        help="share of members kept as a control group, never texted (%(default)g; 0-0.5; "
+                             "0.1 recommended)")
+    parser.add_argument("--min-lead-hours", type=non_negative_float, default=RunOptions.min_lead_hours,
+                        metavar="H", help="a message may go out until H hours before its event (%(default)g)")
     parser.add_argument("--insecure-tls", action="store_true",
                         help="do not verify MongoDB's TLS certificate (logged as a warning)")
     parser.add_argument("--deadline-minutes", type=positive_float, default=RunOptions.deadline_minutes, metavar="M",
@@ -4641,7 +4758,8 @@ def resolve_options(args: argparse.Namespace, settings: Settings) -> RunOptions:
     return RunOptions(source=kind, folder=folder, now=now, out_dir=out_dir, limit=args.limit,
                       use_claude=use_claude, dry_run=args.dry_run, min_confidence=args.min_confidence,
                       candidates=args.candidates, concurrency=args.concurrency,
-                      cooldown_days=args.cooldown_days, deadline_minutes=args.deadline_minutes,
+                      cooldown_days=args.cooldown_days, holdout=args.holdout,
+                      min_lead_hours=args.min_lead_hours, deadline_minutes=args.deadline_minutes,
                       keep_logs_days=args.keep_logs, insecure_tls=args.insecure_tls, verbose=args.verbose,
                       quiet=args.quiet, progress=not args.quiet and sys.stderr.isatty())
 
@@ -4741,7 +4859,11 @@ def run_campaign(args: argparse.Namespace, env: Mapping[str, str] | None, mongo_
 def main(argv: Sequence[str] | None = None, *, env: Mapping[str, str] | None = None,
          mongo_client: Any = None) -> int:
     """Run one campaign and return its exit code (the table in EXIT_CODES_HELP); never a traceback
-    for bad input, a service failure, a full disk or a held lock."""
+    for bad input, a service failure, a full disk or a held lock. ``measure`` and ``backtest`` as the
+    first argument run those subcommands instead (same exit codes)."""
+    argv = list(sys.argv[1:] if argv is None else argv)
+    if argv and argv[0] in SUBCOMMANDS:
+        return SUBCOMMANDS[argv[0]](argv[1:], env=env, mongo_client=mongo_client)
     try:
         args = build_parser().parse_args(argv)
     except SystemExit as exc:  # --help, or a usage error already printed
@@ -4760,6 +4882,21 @@ def main(argv: Sequence[str] | None = None, *, env: Mapping[str, str] | None = N
             return EXIT_FAILURE
     report_problems(result)
     return result.exit_code
+
+
+def measure_command(argv: Sequence[str], *, env: Mapping[str, str] | None = None, mongo_client: Any = None) -> int:
+    """``measure``: did the campaigns bring anyone back, treated against the holdout (read-only)."""
+    print("error: measure is not built yet", file=sys.stderr)
+    return EXIT_USAGE
+
+
+def backtest_command(argv: Sequence[str], *, env: Mapping[str, str] | None = None, mongo_client: Any = None) -> int:
+    """``backtest``: would the rules matcher's picks have been events members really went to."""
+    print("error: backtest is not built yet", file=sys.stderr)
+    return EXIT_USAGE
+
+
+SUBCOMMANDS = {"measure": measure_command, "backtest": backtest_command}
 
 
 def report_problems(result: RunResult) -> None:
