@@ -60,6 +60,8 @@ from typing import Any, NamedTuple, Protocol, Self, TypedDict
 from urllib.parse import quote_plus
 from zoneinfo import ZoneInfo, ZoneInfoNotFoundError
 
+import phonenumbers
+import phonenumbers.timezone
 from bson import ObjectId, json_util
 from bson.errors import BSONError
 from dotenv import dotenv_values
@@ -1051,6 +1053,8 @@ class DormantMember(TypedDict):
     personalization_ready: bool
     reactivation_score: float
     summary: str
+    phone_e164: str | None  # the phone as E.164 when it can receive texts (``textable_phone``); ``phone`` stays as stored
+    phone_timezone: str | None  # the number's one time zone, when it maps to exactly one
 
 
 @dataclass(frozen=True)
@@ -1062,9 +1066,11 @@ class DormancyCensus:
     status_counts: dict[str, int]
 
 
-def dormant_member(raw: Mapping[str, Any], user_id: str, seen: Activity, days: int) -> DormantMember:
+def dormant_member(raw: Mapping[str, Any], user_id: str, seen: Activity, days: int,
+                   region: str = "US") -> DormantMember:
     """Step 1's enriched record of one eligible member, with step 3's summary attached here, once."""
     user = to_plain(raw)
+    phone = textable_phone(raw.get("phone"), region)
     user.update({
         "_id": user_id,
         "eventCount": seen.event_count,
@@ -1072,6 +1078,8 @@ def dormant_member(raw: Mapping[str, Any], user_id: str, seen: Activity, days: i
         "days_inactive": days,
         "engagement_status": "dormant",
         "personalization_ready": True,
+        "phone_e164": phone.e164,
+        "phone_timezone": phone.timezone,
     })
     user["reactivation_score"] = calculate_reactivation_score(user)
     user["summary"] = user_summary(user)  # step 3 (its section follows step 2): one visible place
@@ -1079,7 +1087,7 @@ def dormant_member(raw: Mapping[str, Any], user_id: str, seen: Activity, days: i
 
 
 def find_dormant_users(users: Iterable[Mapping[str, Any]], activity: Mapping[str, Activity],
-                       now: datetime) -> DormancyCensus:
+                       now: datetime, region: str = "US") -> DormancyCensus:
     """Step 1: enrich every member, keep the personalisable dormant ones, rank them."""
     eligible: list[DormantMember] = []
     statuses: Counter[str] = Counter()
@@ -1094,9 +1102,155 @@ def find_dormant_users(users: Iterable[Mapping[str, Any]], activity: Mapping[str
         if status != "dormant" or seen.event_count < 1 or not ready or not clean_interests(raw.get("interests")):
             continue
         assert days is not None  # a dormant member has a last event
-        eligible.append(dormant_member(raw, user_id, seen, days))
+        eligible.append(dormant_member(raw, user_id, seen, days, region))
     eligible.sort(key=dormant_rank_key)
     return DormancyCensus(tuple(eligible), statuses["dormant"], dict(sorted(statuses.items())))
+
+
+# =============================================================================================
+# Rules, step 1 (end): who may be texted, and the control group
+# =============================================================================================
+# The plan's eligible list stays whole (``dormant_users.json``); these rules decide, walking it in
+# rank order, who is texted: a number that can receive SMS, no opt-out, not in the holdout.
+
+NO_SMS_TYPES = frozenset({  # numbers that cannot (or must not) receive a text, where the library can tell
+    phonenumbers.PhoneNumberType.FIXED_LINE, phonenumbers.PhoneNumberType.TOLL_FREE,
+    phonenumbers.PhoneNumberType.PREMIUM_RATE, phonenumbers.PhoneNumberType.SHARED_COST,
+    phonenumbers.PhoneNumberType.VOICEMAIL, phonenumbers.PhoneNumberType.PAGER,
+})  # US numbers come back FIXED_LINE_OR_MOBILE: allowed
+MAX_PHONE_CHARS = 40  # longer is no phone number (and is not handed to the parser)
+
+
+class PhoneCheck(NamedTuple):
+    """What one ``phone`` value is worth for texting: E.164 and the number's zone, or why not."""
+
+    e164: str | None
+    timezone: str | None
+    problem: str | None  # None when textable: "missing", "not_text", "invalid", "extension", "type"
+
+
+def phone_text(value: Any) -> str | None:
+    """The phone as text: a string, or an integer as some exports store it (never a bool or a float)."""
+    if isinstance(value, str):
+        return value.strip() or None
+    if isinstance(value, int) and not isinstance(value, bool) and value > 0:
+        return str(value)
+    return None
+
+
+def number_zone(number: phonenumbers.PhoneNumber) -> str | None:
+    """The number's time zone when the library maps it to exactly one real zone."""
+    zones = phonenumbers.timezone.time_zones_for_number(number)
+    if len(zones) != 1 or zones[0] == phonenumbers.timezone.UNKNOWN_TIMEZONE:
+        return None
+    try:
+        return ZoneInfo(zones[0]).key
+    except (ZoneInfoNotFoundError, ValueError):
+        return None
+
+
+def textable_phone(value: Any, region: str) -> PhoneCheck:
+    """A number the campaign may text: valid for the library, no extension (a switchboard reaches
+    no one in particular), and of a type that receives SMS (``NO_SMS_TYPES`` excluded)."""
+    if value is None or value == "":
+        return PhoneCheck(None, None, "missing")
+    text = phone_text(value)
+    if text is None or len(text) > MAX_PHONE_CHARS:
+        return PhoneCheck(None, None, "not_text")
+    try:
+        number = phonenumbers.parse(text, region)
+    except phonenumbers.NumberParseException:
+        return PhoneCheck(None, None, "invalid")
+    if not phonenumbers.is_valid_number(number):
+        return PhoneCheck(None, None, "invalid")
+    if number.extension:
+        return PhoneCheck(None, None, "extension")
+    if phonenumbers.number_type(number) in NO_SMS_TYPES:
+        return PhoneCheck(None, None, "type")
+    return PhoneCheck(phonenumbers.format_number(number, phonenumbers.PhoneNumberFormat.E164),
+                      number_zone(number), None)
+
+
+NO_WORDS = frozenset({"", "false", "no", "n", "off", "0", "none", "null"})
+YES_WORDS = frozenset({"true", "yes", "y", "on", "1"})
+
+
+class Preference(Enum):
+    """One stored SMS preference as read: yes, no, absent, or a value of a type that says neither."""
+
+    YES = "yes"
+    NO = "no"
+    ABSENT = "absent"
+    ODD = "odd"
+
+
+def field_at(doc: Mapping[str, Any], path: str) -> Any:
+    """The value at a dotted path (``optOut.sms``); a literal dotted key wins. A scalar where a
+    sub-document should be is returned as it is, for ``read_preference`` to call odd."""
+    if path in doc:
+        return doc[path]
+    value: Any = doc
+    for part in path.split("."):
+        if not isinstance(value, Mapping):
+            return value if value is not doc else None
+        value = value.get(part)
+        if value is None:
+            return None
+    return value
+
+
+def read_preference(value: Any) -> Preference:
+    """A stored yes/no read defensively: booleans, 0/1, and the usual words; anything else is odd."""
+    if value is None:
+        return Preference.ABSENT
+    if isinstance(value, bool):
+        return Preference.YES if value else Preference.NO
+    if isinstance(value, (int, float)) and value in (0, 1):
+        return Preference.YES if value else Preference.NO
+    if isinstance(value, str) and value.strip().lower() in NO_WORDS | YES_WORDS:
+        return Preference.YES if value.strip().lower() in YES_WORDS else Preference.NO
+    return Preference.ODD
+
+
+def sms_opt_out(user: Mapping[str, Any], opt_out_fields: Sequence[str],
+                consent_fields: Sequence[str]) -> tuple[bool, int]:
+    """Whether the member opted out, and how many of the fields read held odd values.
+
+    An opt-out field that holds anything but a "no" (a date, a reason, a list) opts out; a consent
+    field opts out only when it says "no"; an odd consent value (neither yes nor no) opts out too,
+    so that doubt never sends a text. A missing field records no opt-out."""
+    odd, opted_out = 0, False
+    for path in opt_out_fields:
+        said = read_preference(field_at(user, path))
+        odd += said is Preference.ODD
+        opted_out |= said in (Preference.YES, Preference.ODD)
+    for path in consent_fields:
+        said = read_preference(field_at(user, path))
+        odd += said is Preference.ODD
+        opted_out |= said in (Preference.NO, Preference.ODD)
+    return opted_out, odd
+
+
+def holdout_share(campaign_name: str, member_id: str) -> float:
+    """A member's stable place in [0, 1): the same campaign name and id always give the same share,
+    so a member stays in the same group run after run."""
+    digest = hashlib.sha256(f"{campaign_name}\x00{member_id}".encode()).digest()
+    return int.from_bytes(digest[:8], "big") / 2**64
+
+
+def in_holdout(campaign_name: str, member_id: str, fraction: float) -> bool:
+    return fraction > 0 and holdout_share(campaign_name, member_id) < fraction
+
+
+def contact_block(user: DormantMember, recent: set[str], policy: SmsPolicy) -> tuple[str | None, int]:
+    """Why a member may not be texted today (``cooldown``, ``no_valid_phone``, ``opted_out``), or None;
+    and how many odd preference values were read."""
+    opted_out, odd = sms_opt_out(user, policy.opt_out_fields, policy.consent_fields)
+    if user["_id"] in recent:
+        return "cooldown", odd
+    if user["phone_e164"] is None:
+        return "no_valid_phone", odd
+    return ("opted_out" if opted_out else None), odd
 
 
 # =============================================================================================
@@ -2099,7 +2253,7 @@ def build_message(match: Match, text: str, *, generator: str, notes: str, now: d
         user_name=match["user_name"],
         user_id=match["user_id"],
         user_email=text_field(match["user"], "email"),
-        user_phone=text_field(match["user"], "phone"),
+        user_phone=match["user"].get("phone_e164"),  # E.164: what the sender needs; the stored form is on the user
         event_name=match["event_name"],
         event_id=match["event_id"],
         message_text=text,
@@ -2114,6 +2268,35 @@ def build_message(match: Match, text: str, *, generator: str, notes: str, now: d
         sms_encoding=size.encoding,
         sms_segments=size.segments,
     )
+
+
+class HoldoutRecord(TypedDict):
+    """A control-group member: eligible, contactable, deliberately not texted, and what the rules
+    would have offered (``measure`` compares their return with the messaged members')."""
+
+    user_id: str
+    user_name: str
+    rank: int  # 1-based, in the eligible list
+    reactivation_score: float
+    days_inactive: int
+    event_id: str
+    event_name: str
+    event_start: str | None
+    confidence_percentage: int
+    held_out_at: str
+    campaign_id: str
+    holdout_fraction: float
+
+
+def holdout_record(rank: int, match: Match, *, campaign_id: str, fraction: float, now: datetime) -> HoldoutRecord:
+    """What a holdout member gets instead of a message: a record of the rules' pick (never Claude's)."""
+    user, event = match["user"], match["event"]
+    return HoldoutRecord(user_id=match["user_id"], user_name=match["user_name"], rank=rank,
+                         reactivation_score=user["reactivation_score"], days_inactive=user["days_inactive"],
+                         event_id=match["event_id"], event_name=match["event_name"],
+                         event_start=event.get("startDate"),
+                         confidence_percentage=match["confidence_percentage"],
+                         held_out_at=iso_utc(now) or "", campaign_id=campaign_id, holdout_fraction=fraction)
 
 
 def template_notes(facts: MessageFacts) -> str:
@@ -2322,15 +2505,50 @@ class Fallback:
 
 @dataclass
 class UserOutcome:
-    """One selected member after steps 5 and 6: a match and message, or a reason for neither."""
+    """One member the walk reached, after steps 5 and 6: a match and message, a holdout record (the
+    control group), or a reason for neither. ``rank`` orders the dashboard writes; ``eligible_rank``
+    is the member's place in the eligible list (1-based)."""
 
     rank: int
     user: DormantMember
     match: Match | None = None
     message: Message | None = None
     skip: Skip | None = None
+    holdout: HoldoutRecord | None = None
+    eligible_rank: int = 0
+    held_out: bool = False  # in the control group (recorded in ``holdout``, or skipped when the rules had no pick)
     fallbacks: list[Fallback] = field(default_factory=list)
     failed: bool = False  # an unexpected error, not a decision: the run exits 3
+
+
+def walk_codes(outcomes: Iterable[UserOutcome]) -> dict[str, str]:
+    """Each reached member's decision: ``selected`` (messaged), ``holdout``, or the skip's code."""
+    codes: dict[str, str] = {}
+    for o in outcomes:
+        if o.message is not None:
+            codes[o.user["_id"]] = "selected"
+        elif o.holdout is not None:
+            codes[o.user["_id"]] = "holdout"
+        elif o.skip is not None:
+            codes[o.user["_id"]] = o.skip.code
+    return codes
+
+
+def walk_listing(eligible: Sequence[DormantMember], decisions: Mapping[str, str]) -> list[dict[str, Any]]:
+    """``dormant_users.json``: every eligible member in rank order, with ``selected`` and, for those not
+    selected, ``skip_reason`` (a member the walk never decided on is ``below_limit``)."""
+    listing_: list[dict[str, Any]] = []
+    for user in eligible:
+        decision = decisions.get(user["_id"], "below_limit")
+        listing_.append({**user, "selected": True} if decision == "selected"
+                        else {**user, "selected": False, "skip_reason": decision})
+    return listing_
+
+
+def skip_reason_counts(decisions: Mapping[str, str]) -> dict[str, int]:
+    """How many eligible members were left out for each reason, in ``SKIP_REASONS`` order."""
+    counts = Counter(code for code in decisions.values() if code != "selected")
+    return {code: counts[code] for code in (*SKIP_REASONS, *sorted(set(counts) - set(SKIP_REASONS))) if counts[code]}
 
 
 def fallback_counts(outcomes: Sequence[UserOutcome]) -> dict[str, Any]:
@@ -2342,15 +2560,19 @@ def fallback_counts(outcomes: Sequence[UserOutcome]) -> dict[str, Any]:
 
 
 def build_report(*, campaign_id: str, run_started: datetime, finished: datetime, options: RunOptions,
-                 source_label: str, census: DormancyCensus, selected: Sequence[DormantMember], cooled_down: int,
+                 source_label: str, census: DormancyCensus, selected: Sequence[DormantMember],
+                 decisions: Mapping[str, str],
                  future_events: Sequence[FutureEvent], outcomes: Sequence[UserOutcome], steps_5_6_seconds: float,
                  issues: DataIssues, firebase: Mapping[str, Any], errors: Sequence[str],
                  llm_usage: Mapping[str, Any] | None, status: str = "completed",
                  empty_input: Sequence[str] = ()) -> dict[str, Any]:
     """Step 8: the plan's statistics and summary, plus who was skipped, segments, services and errors.
 
-    ``empty_input`` names the collections the source had no documents in (``"users"``, ``"events"``).
+    ``empty_input`` names the collections the source had no documents in (``"users"``, ``"events"``);
+    ``decisions`` is each eligible member's ``selected`` or skip code.
     """
+    reasons = skip_reason_counts(decisions)
+    held_out = [o.holdout for o in outcomes if o.holdout is not None]
     matches = [o.match for o in outcomes if o.match is not None]
     messages = [o.message for o in outcomes if o.message is not None]
     skipped = [o.skip for o in outcomes if o.skip is not None]
@@ -2358,14 +2580,15 @@ def build_report(*, campaign_id: str, run_started: datetime, finished: datetime,
     summary = {
         "total_dormant_users_found": census.dormant_total,
         "total_users_with_complete_profiles": len(census.eligible),
-        "users_left_out_by_cooldown": cooled_down,
+        "users_left_out_by_cooldown": reasons.get("cooldown", 0),
         "total_future_events": len(future_events),
         "total_matches_created": len(matches),
         "total_messages_generated": len(messages),
         "total_sms_segments": sum(m["sms_segments"] for m in messages),
         "users_skipped": len(skipped),
         "users_failed": sum(o.failed for o in outcomes),
-        "users_not_started": len(selected) - len(outcomes),
+        "users_not_started": reasons.get("not_started", 0),
+        "users_held_out": len(held_out),
         "average_days_inactive": mean([u["days_inactive"] for u in selected]),
         "average_confidence_score": mean([m["confidence_percentage"] for m in matches]),
         "error_count": len(errors),
@@ -2388,6 +2611,8 @@ def build_report(*, campaign_id: str, run_started: datetime, finished: datetime,
         "summary": summary,
         "engagement_counts": census.status_counts,
         "skipped": [vars(s) for s in skipped],
+        "skip_reasons": reasons,
+        "holdout": {"fraction": options.holdout, "count": len(held_out), "ranks": [h["rank"] for h in held_out]},
         "data_issues": issues.as_dict(),
         "errors": list(errors),
         "recommendations": list(RECOMMENDATIONS),
@@ -3994,11 +4219,12 @@ class DashboardWriter:
     listed in ``not_written``.
     """
 
-    LIST_KEYS = ("matches", "messages")
+    LIST_KEYS = ("matches", "messages", "holdout")
 
     def __init__(self, transport: FirebaseTransport | None, logger: logging.Logger, *, dry_run: bool,
-                 updated_at: str) -> None:
+                 updated_at: str, holdout: bool = False) -> None:
         self.transport = transport
+        self.holdout = holdout  # this run keeps a control group: the holdout list and archive are written
         self.logger = logger
         self.dry_run = dry_run
         self.updated_at = updated_at
@@ -4009,9 +4235,9 @@ class DashboardWriter:
         self.errors: list[str] = []
         self.stood_down: str | None = None  # why nothing (more) is written this run
         self.key_changes: set[KeyChange] = set()  # keys renamed or dropped so that records could be stored
-        self._messages_read: tuple[Any, str] | None = None  # the cooldown's read, reused to open the list
-        self.undated_messages = 0  # messages read by the cooldown whose generated_at is no date
-        self._waiting: dict[int, tuple[Match | None, Message | None]] = {}  # results above the next rank
+        self._cooldown_reads: dict[str, tuple[Any, str]] = {}  # the cooldown's reads, reused to open the lists
+        self.undated_messages = 0  # messages (and holdout records) read by the cooldown whose date is no date
+        self._waiting: dict[int, tuple[Match | None, Message | None, HoldoutRecord | None]] = {}  # above the next rank
         self._next_rank = 0
 
     @property
@@ -4035,24 +4261,26 @@ class DashboardWriter:
             self.not_written.append(label)
 
     def recent_recipients(self, since: datetime) -> set[str]:
-        """Members with a message generated at or after ``since``; raises FirebaseError when unreadable.
+        """Members with a message generated, or a holdout record made, at or after ``since`` (so both
+        groups are counted once per period); raises FirebaseError when either list is unreadable.
 
-        A message whose ``generated_at`` is no date (a reviewer's typo, a poisoned value) is skipped and
-        counted in ``undated_messages``; it never stops the run.
+        An item whose date is no date (a reviewer's typo, a poisoned value) is skipped and counted in
+        ``undated_messages``; it never stops the run.
         """
         self.undated_messages = 0
         if self.transport is None:
             return set()
-        self._messages_read = self.transport.get("messages")
         recent: set[str] = set()
-        for item in as_item_list(self._messages_read[0], "messages"):
-            if not item.get("user_id"):
-                continue
-            when = to_utc(item.get("generated_at"))
-            if when is None:
-                self.undated_messages += 1
-            elif when >= since:
-                recent.add(str(item["user_id"]))
+        for key, dated_by in (("messages", "generated_at"), ("holdout", "held_out_at")):
+            self._cooldown_reads[key] = self.transport.get(key)
+            for item in as_item_list(self._cooldown_reads[key][0], key):
+                if not item.get("user_id"):
+                    continue
+                when = to_utc(item.get(dated_by))
+                if when is None:
+                    self.undated_messages += 1
+                elif when >= since:
+                    recent.add(str(item["user_id"]))
         return recent
 
     def claim_campaign(self, first_id: str, next_id: Any, tries: int = 60) -> str:
@@ -4095,22 +4323,23 @@ class DashboardWriter:
         """Open the appended dashboard lists before the first result, healing them if needed."""
         if not self.writes:
             return
-        for key in self.LIST_KEYS:
-            snapshot = self._messages_read if key == "messages" else None
+        for key in self.LIST_KEYS if self.holdout else self.LIST_KEYS[:2]:
+            snapshot = self._cooldown_reads.get(key)
             try:
                 self.lists[key] = DashboardList(self.transport, key, key, self.updated_at,
                                                 self.key_changes).open(snapshot)
             except FirebaseError as exc:
                 self.failed(key, exc)
 
-    def submit(self, rank: int, match: Match | None, message: Message | None) -> None:
+    def submit(self, rank: int, match: Match | None, message: Message | None,
+               holdout: HoldoutRecord | None = None) -> None:
         """One member's result; written once every member ranked above it is final (rank order).
 
         After the run stood down, each item is listed as not written, so the report says what is missing.
         """
         if self.transport is None or self.dry_run:
             return
-        self._waiting[rank] = (match, message)
+        self._waiting[rank] = (match, message, holdout)
         while self._next_rank in self._waiting:
             ready = self._waiting.pop(self._next_rank)
             self._next_rank += 1
@@ -4136,8 +4365,9 @@ class DashboardWriter:
             self.broken.add(key)
 
     def save_campaign(self, campaign_id: str, users: Sequence[Mapping[str, Any]], matches: Sequence[Match],
-                      messages: Sequence[Message], stats: Mapping[str, Any], status: str) -> None:
-        """The dashboard's users and events (replaced), and the campaign archive."""
+                      messages: Sequence[Message], stats: Mapping[str, Any], status: str,
+                      holdout: Sequence[HoldoutRecord] = ()) -> None:
+        """The dashboard's users and events (replaced), and the campaign archive (holdout included)."""
         if self.transport is None or self.dry_run:
             self.logger.info("Step 7: dry run, nothing written to Firebase")
             return
@@ -4156,6 +4386,8 @@ class DashboardWriter:
             (f"campaigns/{campaign_id}/matches", listing("matches", list(matches), updated)),
             (f"campaigns/{campaign_id}/messages", listing("messages", list(messages), updated)),
         ]
+        if self.holdout:
+            plan.append((f"campaigns/{campaign_id}/holdout", listing("holdout", list(holdout), updated)))
         for path, payload in plan:
             if not self.writes:
                 self.not_written.append(path)
@@ -4254,6 +4486,9 @@ class ReturnToTable:
         self.data_dir = options.out_dir / "data"
         self.saved_at = time.monotonic()
         self.progress: Any = None  # the members progress bar during steps 5-6, on a terminal
+        self.sms = settings.sms
+        self.decisions: dict[str, str] = {}  # eligible member id -> "selected" or its skip_reason (``SKIP_REASONS``)
+        self.campaign_id = ""  # claimed before steps 5-6 (holdout records carry it)
 
     # --- step 1: fetch, find and rank the dormant members -----------------------------------
 
@@ -4294,7 +4529,7 @@ class ReturnToTable:
         return census
 
     def cooldown(self) -> set[str]:
-        """Members with a message generated within the cooldown, or later than ``now``."""
+        """Members with a message generated (or a holdout record made) within the cooldown, or later than ``now``."""
         if self.options.cooldown_days <= 0:
             return set()
         try:
@@ -4308,20 +4543,24 @@ class ReturnToTable:
                 self.dashboard.stand_down("messages (unreadable, nothing will be written this run)", exc)
             return set()
 
-    def select(self, census: DormancyCensus) -> tuple[list[DormantMember], int]:
-        """The top ``--limit`` eligible members not messaged within the cooldown."""
+    def select(self, census: DormancyCensus) -> list[tuple[int, DormantMember]]:
+        """The eligible members who may be texted today, as ``(rank, member)`` in rank order; each of the
+        others gets its skip code (``cooldown``, ``no_valid_phone``, ``opted_out``) in ``decisions``."""
         recent = self.cooldown()
-        pool = [u for u in census.eligible if u["_id"] not in recent]
-        left_out = len(census.eligible) - len(pool)
-        if left_out:
-            self.logger.info("Step 1: %d members left out, messaged in the last %d days",
-                             left_out, self.options.cooldown_days)
-        selected = pool[: self.options.limit]
-        for rank, user in enumerate(selected, 1):
-            self.logger.info("  #%d %s (%s): score %.1f, %d days inactive, %d events", rank,
-                             full_name(user), user["_id"], user["reactivation_score"],
-                             user["days_inactive"], user["eventCount"])
-        return selected, left_out
+        walk: list[tuple[int, DormantMember]] = []
+        odd = 0
+        for rank, user in enumerate(census.eligible, 1):
+            block, odd_values = contact_block(user, recent, self.sms)
+            odd += odd_values
+            if block is None:
+                walk.append((rank, user))
+            else:
+                self.decisions[user["_id"]] = block
+        self.issues.add("odd_sms_preference_values", odd)
+        left_out = Counter(self.decisions.values())
+        self.logger.info("Step 1: %d of %d eligible members may be texted (%s)", len(walk), len(census.eligible),
+                         ", ".join(f"{n} {code}" for code, n in sorted(left_out.items())) or "none left out")
+        return walk
 
     # --- step 2: future public events (steps 3-4, the summaries, are attached in steps 1-2) --
 
@@ -4337,7 +4576,27 @@ class ReturnToTable:
     def recipient_zone(self, user: Mapping[str, Any]) -> ZoneInfo:
         """The member's own zone, for the send window: from the number when it maps to one zone, else
         CAMPAIGN_TIMEZONE."""
-        return self.zone
+        zone = user.get("phone_timezone")
+        return ZoneInfo(zone) if isinstance(zone, str) else self.zone
+
+    def candidates_for(self, user: Mapping[str, Any], events: Sequence[Mapping[str, Any]]) -> list[Candidate]:
+        """The events this member may be offered, best first (the rules' order)."""
+        return score_candidates(user, events, self.hoods, self.options.now)
+
+    def hold_out(self, rank: int, eligible_rank: int, user: DormantMember,
+                 events: Sequence[FutureEvent]) -> UserOutcome:
+        """A control-group member: the rules' pick is recorded, nothing is drafted or sent. A member the
+        rules would not message either is skipped for that reason, so both groups hold the same kind."""
+        outcome = UserOutcome(rank, user, eligible_rank=eligible_rank, held_out=True)
+        candidates = self.candidates_for(user, events)
+        match = rules_match(user, candidates, self.options.min_confidence, self.zone, self.options.now)
+        if match is None:
+            code = "below_min_confidence" if candidates else "no_matching_event"
+            outcome.skip = Skip(user["_id"], full_name(user), "held out; the rules would not have messaged them", code)
+        else:
+            outcome.holdout = holdout_record(eligible_rank, match, campaign_id=self.campaign_id,
+                                             fraction=self.options.holdout, now=self.options.now)
+        return outcome
 
     def choose_event(self, user: Mapping[str, Any], candidates: Sequence[Candidate],
                      outcome: UserOutcome) -> Match | None:
@@ -4399,7 +4658,7 @@ class ReturnToTable:
     def process_user(self, rank: int, user: Mapping[str, Any], events: Sequence[Mapping[str, Any]]) -> UserOutcome:
         """One member through steps 5 and 6."""
         outcome = UserOutcome(rank, user)
-        candidates = score_candidates(user, events, self.hoods, self.options.now)
+        candidates = self.candidates_for(user, events)
         if not candidates:
             outcome.skip = Skip(user["_id"], full_name(user), "no open future event shares an interest")
             return outcome
@@ -4417,53 +4676,67 @@ class ReturnToTable:
                                     "no_sms_within_contract")
         return outcome
 
-    def process_member(self, rank: int, user: DormantMember, events: Sequence[FutureEvent]) -> UserOutcome:
+    def process_member(self, rank: int, eligible_rank: int, user: DormantMember,
+                       events: Sequence[FutureEvent]) -> UserOutcome:
         """One member through steps 5 and 6; an unexpected failure costs that member only (counted)."""
         try:
-            return self.process_user(rank, user, events)
+            outcome = self.process_user(rank, user, events)
         except ServiceError:
             raise
         except Exception as exc:  # the run goes on; the traceback goes to the log file
             self.logger.debug("member %s failed", user["_id"], exc_info=True)
             self.logger.error("Member %s failed: %s", user["_id"], exc.__class__.__name__)
-            return UserOutcome(rank, user, skip=Skip(user["_id"], full_name(user),
-                                                     f"failed: {exc.__class__.__name__} (see the log)", "failed"),
-                              failed=True)
+            outcome = UserOutcome(rank, user, skip=Skip(user["_id"], full_name(user),
+                                                        f"failed: {exc.__class__.__name__} (see the log)", "failed"),
+                                  failed=True)
+        outcome.eligible_rank = eligible_rank
+        return outcome
 
-    def process_all(self, selected: Sequence[DormantMember], events: Sequence[FutureEvent]) -> list[UserOutcome]:
-        """Every selected member, concurrently (bounded) on the Claude path; results in rank order.
+    def process_all(self, walk: Sequence[tuple[int, DormantMember]], events: Sequence[FutureEvent]) -> list[UserOutcome]:
+        """Walk the contactable members in rank order until ``--limit`` are messaged; results in walk order.
 
-        Members are started one by one, so a stop (signal or deadline) starts no new member while
-        those in flight finish. Results are saved as they come (local files at most every
-        ``SAVE_EVERY_SECONDS``, the dashboard item by item) and once more at the end.
+        Holdout members passed on the way are recorded, never texted. Treatment members run
+        concurrently (bounded) on the Claude path, one at a time otherwise; no more are in flight than
+        messages still wanted, and a stop (signal or deadline) starts no new member while those in
+        flight finish. Members the walk did not reach get ``below_limit`` (``not_started`` after a stop).
+        Results are saved as they come (local files at most every ``SAVE_EVERY_SECONDS``, the
+        dashboard item by item) and once more at the end.
         """
         done: list[UserOutcome] = []
+        waiting = list(reversed(walk))
+        width = self.options.concurrency if self.advisor is not None else 1
         try:
-            if self.advisor is None or self.options.concurrency <= 1 or len(selected) <= 1:
-                for rank, user in enumerate(selected):
-                    if self.control.stopping:
-                        break
-                    self.finish_user(self.process_member(rank, user, events), done)
-            else:
-                self.process_concurrently(selected, events, done)
+            with ThreadPoolExecutor(max_workers=width, thread_name_prefix="member") as pool:
+                self.walk(waiting, events, pool, width, done)
         finally:
+            for _rank, user in waiting:
+                self.decisions[user["_id"]] = "not_started" if self.control.stopping else "below_limit"
             self.save_progress(done)
         return sorted(done, key=lambda o: o.rank)
 
-    def process_concurrently(self, selected: Sequence[DormantMember], events: Sequence[FutureEvent],
-                             done: list[UserOutcome]) -> None:
-        waiting = list(enumerate(selected))
-        with ThreadPoolExecutor(max_workers=self.options.concurrency, thread_name_prefix="member") as pool:
-            running: set[Any] = set()
-            while waiting or running:
-                while waiting and len(running) < self.options.concurrency and not self.control.stopping:
-                    rank, user = waiting.pop(0)
-                    running.add(pool.submit(self.process_member, rank, user, events))
-                if not running:
-                    break
-                finished, running = wait_first(running)
-                for future in finished:
-                    self.finish_user(future.result(), done)
+    def walk(self, waiting: list[tuple[int, DormantMember]], events: Sequence[FutureEvent], pool: ThreadPoolExecutor,
+             width: int, done: list[UserOutcome]) -> None:
+        """``process_all``'s loop: ``waiting`` is a stack (the next member last), emptied as members start."""
+        running: set[Any] = set()
+        messaged, order = 0, itertools.count()
+        while True:
+            while (waiting and len(running) < width and messaged + len(running) < self.options.limit
+                   and not self.control.stopping):
+                eligible_rank, user = waiting.pop()
+                self.logger.info("  #%d %s (%s): score %.1f, %d days inactive, %d events", eligible_rank,
+                                 full_name(user), user["_id"], user["reactivation_score"],
+                                 user["days_inactive"], user["eventCount"])
+                if in_holdout(CAMPAIGN_NAME, user["_id"], self.options.holdout):
+                    self.finish_user(self.hold_out(next(order), eligible_rank, user, events), done)
+                else:
+                    running.add(pool.submit(self.process_member, next(order), eligible_rank, user, events))
+            if not running:
+                return
+            finished, running = wait_first(running)
+            for future in finished:
+                outcome = future.result()
+                messaged += outcome.message is not None
+                self.finish_user(outcome, done)
 
     def finish_user(self, outcome: UserOutcome, done: list[UserOutcome]) -> None:
         """Log one member's result and save it: local files (throttled), then the dashboard (rank order)."""
@@ -4477,17 +4750,23 @@ class ReturnToTable:
                               outcome.message["message_text"])
         if outcome.skip is not None:
             self.logger.info("Skipped %s (%s): %s", outcome.skip.user_name, outcome.skip.user_id, outcome.skip.reason)
+        if outcome.holdout is not None:
+            self.logger.info("Held out %s (%s): control group, rank %d", outcome.holdout["user_name"],
+                             outcome.holdout["user_id"], outcome.holdout["rank"])
+        self.decisions.update(walk_codes([outcome]))
         if self.progress is not None:
             self.progress.update(1)
         if time.monotonic() - self.saved_at >= SAVE_EVERY_SECONDS:
             self.save_progress(done)
-        self.dashboard.submit(outcome.rank, outcome.match, outcome.message)
+        self.dashboard.submit(outcome.rank, outcome.match, outcome.message, outcome.holdout)
 
     def save_progress(self, done: Sequence[UserOutcome]) -> None:
         """``matches.json`` and ``messages.json`` as they stand, in rank order (atomically)."""
         ordered = sorted(done, key=lambda o: o.rank)
         write_json(self.data_dir / "processed" / "matches.json", [o.match for o in ordered if o.match], private=True)
         write_json(self.data_dir / "processed" / "messages.json", [o.message for o in ordered if o.message],
+                   private=True)
+        write_json(self.data_dir / "processed" / "holdout.json", [o.holdout for o in ordered if o.holdout],
                    private=True)
         self.saved_at = time.monotonic()
 
@@ -4524,35 +4803,39 @@ class ReturnToTable:
                          "claude" if self.advisor else "rules", ", dry run" if options.dry_run else "")
         users, events = self.fetch()                       # step 1
         census = self.dormant_users(users, events)
-        selected, cooled_down = self.select(census)
+        walk = self.select(census)
         future = self.future_events(events)                # step 2 (3-4: summaries attached)
-        campaign_id = self.fresh_campaign_id(started)
+        self.campaign_id = campaign_id = self.fresh_campaign_id(started)
         self.logger.info("Campaign %s", campaign_id)
         self.dashboard.open_lists()
         clock = time.monotonic()
-        with progress_bar(len(selected), "members", enabled=options.progress) as self.progress:
-            outcomes = self.process_all(selected, future)  # steps 5-6
+        with progress_bar(min(len(walk), options.limit), "members", enabled=options.progress) as self.progress:
+            outcomes = self.process_all(walk, future)      # steps 5-6
         self.progress = None
         steps_5_6_seconds = time.monotonic() - clock
-        status = self.final_status(len(outcomes), len(selected))
+        write_json(self.data_dir / "processed" / "dormant_users.json", walk_listing(census.eligible, self.decisions),
+                   private=True)
+        selected = [o.user for o in outcomes if not o.held_out]  # the treatment members the walk reached
+        not_started = sum(code == "not_started" for code in self.decisions.values())
+        status = self.final_status(not_started)
         if status != "completed":
-            self.logger.warning("Run %s: %d of %d members done; the rest were not started", status,
-                                len(outcomes), len(selected))
+            self.logger.warning("Run %s: %d members done; %d were not started", status, len(outcomes), not_started)
         matches = [o.match for o in outcomes if o.match is not None]
         messages = [o.message for o in outcomes if o.message is not None]
-        self.logger.info("Steps 5-6: %d matches, %d messages, %d skipped, %d fallbacks in %.1f s", len(matches),
-                         len(messages), sum(o.skip is not None for o in outcomes),
+        held_out = [o.holdout for o in outcomes if o.holdout is not None]
+        self.logger.info("Steps 5-6: %d matches, %d messages, %d held out, %d skipped, %d fallbacks in %.1f s",
+                         len(matches), len(messages), len(held_out), sum(o.skip is not None for o in outcomes),
                          sum(len(o.fallbacks) for o in outcomes), steps_5_6_seconds)
         self.dashboard.save_campaign(campaign_id, selected, matches, messages,   # step 7
                                      run_statistics(selected, future, matches, messages, self.dashboard.errors),
-                                     status)
+                                     status, held_out)
         claude_down = self.advisor.down if self.advisor is not None else None
         if claude_down:
             self.logger.error("Claude was unavailable (%s): rules and template were used", claude_down)
         firebase = self.dashboard.summary()
         report = build_report(                             # step 8
             campaign_id=campaign_id, run_started=started, finished=datetime.now(UTC), options=options,
-            source_label=self.source.label, census=census, selected=selected, cooled_down=cooled_down,
+            source_label=self.source.label, census=census, selected=selected, decisions=self.decisions,
             future_events=future, outcomes=outcomes, steps_5_6_seconds=steps_5_6_seconds, issues=self.issues,
             firebase=firebase, errors=list(self.dashboard.errors), status=status,
             llm_usage=self.advisor.usage_report() if self.advisor is not None else None,
@@ -4562,11 +4845,11 @@ class ReturnToTable:
                          failed_members=sum(o.failed for o in outcomes), signal=self.control.signal,
                          empty_input=list(self.empty_input))
 
-    def final_status(self, finished: int, selected: int) -> str:
+    def final_status(self, not_started: int) -> str:
         """``interrupted`` after a signal; ``deadline`` when the deadline left members unstarted."""
         if self.control.signal is not None:
             return "interrupted"
-        return "deadline" if finished < selected and self.control.stopping else "completed"
+        return "deadline" if not_started and self.control.stopping else "completed"
 
 
 def wait_first(running: set[Any]) -> tuple[set[Any], set[Any]]:
@@ -4787,7 +5070,8 @@ def make_dashboard(options: RunOptions, settings: Settings, logger: logging.Logg
         if not options.is_demo:
             logger.info("FIREBASE_DATABASE_URL is not set: using the local mirror %s", mirror)
         transport: FirebaseTransport = LocalMirrorTransport(mirror, settings.firebase_base_path)
-        return DashboardWriter(transport, logger, dry_run=options.dry_run, updated_at=updated_at)
+        return DashboardWriter(transport, logger, dry_run=options.dry_run, updated_at=updated_at,
+                               holdout=options.holdout > 0)
     token_source = None
     if not settings.firebase_auth_token and settings.google_credentials:
         token_source = service_account_tokens(settings.google_credentials)
@@ -4797,7 +5081,8 @@ def make_dashboard(options: RunOptions, settings: Settings, logger: logging.Logg
     transport = RestTransport(settings.firebase_url, settings.firebase_base_path,
                               auth_token=settings.firebase_auth_token, token_source=token_source,
                               timeout=settings.firebase_timeout, control=control)
-    return DashboardWriter(transport, logger, dry_run=options.dry_run, updated_at=updated_at)
+    return DashboardWriter(transport, logger, dry_run=options.dry_run, updated_at=updated_at,
+                           holdout=options.holdout > 0)
 
 
 def make_advisor(options: RunOptions, settings: Settings, logger: logging.Logger,

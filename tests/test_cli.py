@@ -353,11 +353,13 @@ def test_member_below_min_confidence_is_skipped_and_named_in_the_report(tmp_path
     assert "Maya Rivera" in markdown and "Zoë Okafor" in markdown
 
 
-def test_limit_tries_only_the_top_members_and_does_not_replace_a_skipped_one(tmp_path, world):
+def test_limit_counts_messages_so_the_walk_goes_past_members_who_get_none(tmp_path, world):
     run = folder_run(tmp_path, world, "relaxed", "--limit", "1", "--min-confidence", "100")
     report = run.report()
-    assert report["statistics"]["users_processed"] == 1
-    assert [s["user_id"] for s in report["skipped"]] == [str(ZOE)]
+    assert report["summary"]["total_messages_generated"] == 0
+    assert report["statistics"]["users_processed"] == len(run.ranked)  # nobody reached 100%: every member tried
+    assert {s["user_id"] for s in report["skipped"]} == set(run.ranked)
+    assert report["skip_reasons"] == {"below_min_confidence": len(run.ranked)}
 
 
 def test_campaign_timezone_sets_the_message_times(tmp_path, world):
