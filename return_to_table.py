@@ -5086,9 +5086,11 @@ def backtest_source(args: argparse.Namespace, settings: Settings, out_dir: Path,
 
 
 def run_backtest(history: History, days: Sequence[datetime], window_days: int, hoods: NeighbourhoodMap,
-                 pick: Picker = rules_pick) -> list[tuple[datetime, int, list[Trial]]]:
-    """Every as-of date: (D, eligible members, trials). ``pick`` is the matcher under test."""
-    return [(day, *backtest_date(history, day, window_days, hoods, pick)) for day in days]
+                 pick: Picker | None = None) -> list[tuple[datetime, int, list[Trial]]]:
+    """Every as-of date: (D, eligible members, trials). ``pick`` is the matcher under test: by default
+    ``rules_pick`` as the campaign has it when the run starts."""
+    chosen = pick or rules_pick
+    return [(day, *backtest_date(history, day, window_days, hoods, chosen)) for day in days]
 
 
 def write_backtest_report(out_dir: Path, report: Mapping[str, Any], started: datetime) -> Path:
@@ -5103,7 +5105,7 @@ def write_backtest_report(out_dir: Path, report: Mapping[str, Any], started: dat
 
 
 def backtest(args: argparse.Namespace, env: Mapping[str, str] | None, mongo_client: Any, closing: ExitStack,
-             pick: Picker = rules_pick) -> int:
+             pick: Picker | None = None) -> int:
     """The subcommand itself: settings, source, history, every date, the report. Errors are the caller's."""
     settings = Settings.from_env(env if env is not None else read_environment())
     started = datetime.now(UTC).replace(microsecond=0)
