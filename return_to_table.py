@@ -1832,12 +1832,19 @@ def build_match(user: Mapping[str, Any], event: Mapping[str, Any], *, reasoning:
     )
 
 
+def rules_pick(user: Mapping[str, Any], candidates: Sequence[Candidate]) -> Candidate | None:
+    """The rules' choice among a member's scored candidates, before any threshold: the one place the
+    campaign (``rules_match``) and ``backtest`` take it from, so a better pick is measured as it ships."""
+    return candidates[0] if candidates else None
+
+
 def rules_match(user: Mapping[str, Any], candidates: Sequence[Candidate], min_confidence: float,
                 zone: ZoneInfo, now: datetime) -> Match | None:
     """Step 5 by rules: the best candidate, if it meets the confidence threshold."""
-    if not candidates or candidates[0].confidence < min_confidence:
+    best = rules_pick(user, candidates)
+    if best is None or best.confidence < min_confidence:
         return None
-    return candidate_match(user, candidates[0], zone, now)
+    return candidate_match(user, best, zone, now)
 
 
 def candidate_match(user: Mapping[str, Any], c: Candidate, zone: ZoneInfo, now: datetime, note: str = "") -> Match:
@@ -4888,6 +4895,529 @@ def no_progress(_total: int, _unit: str) -> Iterator[None]:
 
 
 # =============================================================================================
+# Backtest: the matcher against history
+# =============================================================================================
+
+BACKTEST_RESAMPLES = 2000  # bootstrap resamples behind each pooled 95% interval
+BACKTEST_SEED = 20150601  # the bootstrap's fixed seed: the same history always gives the same intervals
+MAX_BACKTEST_DATES = 1000  # as-of dates in one run; more is a slip in --from/--to or --every-days
+# What an as-of date D cannot know of an event that starts after D: who is going (RSVP times are not
+# stored) and every field computed from it. The campaign recomputes the last three from the list.
+PARTICIPANT_FIELDS = ("participants", "participants_count", "participantCount", "participationPercentage",
+                      "remaining_spots")
+BASELINES = {
+    "random": "a candidate drawn uniformly at random, counted at its exact expectation "
+              "(attended candidates / candidates)",
+    "soonest": "the candidate that starts first (ties: the event id)",
+    "soonest_nearby": "the first candidate in the member's home neighbourhood (the matcher's own same-place "
+                      "rule); with none there, or no home recorded, the soonest candidate",
+    "host_next": "the first candidate of the host whose events the member joined most often up to D (ties: "
+                 "the host joined more recently, then the host id; a host without a candidate gives way to "
+                 "the next one); with none, the soonest candidate",
+}
+BACKTEST_METHODS = ("rules", *BASELINES)
+CANDIDATE_SET = (
+    "the campaign's own: step 2 at D (future, public, active, approved and offerable events, with the "
+    "participants removed as the no-leak rule says), scored for the member at D by step 5's "
+    "score_candidates (not full, and sharing an interest with the profile through the synonym map). There "
+    "is no horizon: event creation times are not stored, so every later event in the data counts as "
+    "announced at D. A member who came back with no candidate at all counts as a miss for every method.")
+NO_LEAK_RULE = (
+    "Events that start after D lose every participant and every field computed from them "
+    f"({', '.join(PARTICIPANT_FIELDS)}): RSVP times are not stored, so none of them can be known at D, and "
+    "every candidate's fill is unknown. Member activity (event count, last event, days inactive, dormancy, "
+    "reactivation score, the hosts they joined) is recomputed from the events that started by D. Events "
+    "without a valid start date are left out: they cannot be placed in time.")
+LATER_INFORMATION = (
+    ("Member profile fields are stored as they are now: interests, homeNeighborhood, occupation, gender, "
+     "names, email and phone may have been filled in or changed after D, which moves who is eligible (4 of 8 "
+     "fields and interests) and which events are candidates (interests, home)."),
+    "Members who joined after D are in the data but have no event up to D, so they are never eligible.",
+    ("Events keep their stored name, categories, features, neighbourhood, type, active, eventStatus and "
+     "maxParticipants as they are now: an event cancelled or edited after D is seen at D as it is now."),
+    ("Any other stored field of a member or event (createdAt, updatedAt, counters the app keeps) is as it is "
+     "now; the rules matcher reads none of them."),
+)
+
+
+class Picker(Protocol):
+    """A matcher under test: one member's pick among their scored candidates (``rules_pick`` by default)."""
+
+    def __call__(self, user: Mapping[str, Any], candidates: Sequence[Candidate]) -> Candidate | None: ...
+
+
+class ScreenedInput(NamedTuple):
+    """What a source read, screened and deduplicated as the campaign's step 1 does it."""
+
+    users: list[dict[str, Any]]
+    events: list[dict[str, Any]]
+    issues: DataIssues
+    empty: list[str]  # "users", "events": the source had none
+
+
+def read_screened(source: DataSource) -> ScreenedInput:
+    """The source's records through the campaign's screen (``screen_records``, ``dedupe_by_id``); nothing written."""
+    data = source.read()
+    issues = DataIssues()
+    issues.add("unreadable_extended_json_values", data.bad_values)
+    issues.add_all(data.skipped)
+    users, events = screen_records(data.users, "users"), screen_records(data.events, "events")
+    issues.add_all(users.issues + events.issues)
+    kept_users, repeated_users = dedupe_by_id(users.records)
+    kept_events, repeated_events = dedupe_by_id(events.records)
+    issues.add("repeated_user_ids", repeated_users)
+    issues.add("repeated_event_ids", repeated_events)
+    return ScreenedInput(kept_users, kept_events, issues, empty_collections(data))
+
+
+@dataclass(frozen=True)
+class History:
+    """Members and events read once, indexed by time, so each as-of date is a slice, never a new scan.
+
+    ``events`` are the dated events by start (``starts``); ``unknown_yet`` the same events as any date
+    before their start sees them (``without_participants``). ``attended``: per member, (start, event id)
+    of every event joined or hosted; ``joined_hosts``: per member, (start, host id) of the events they
+    joined as a guest. Both in time order.
+    """
+
+    users: list[dict[str, Any]]
+    events: list[dict[str, Any]]
+    starts: list[datetime]
+    unknown_yet: list[dict[str, Any]]
+    attended: dict[str, list[tuple[datetime, str]]]
+    joined_hosts: dict[str, list[tuple[datetime, str]]]
+
+
+def without_participants(event: Mapping[str, Any]) -> dict[str, Any]:
+    """An event as a date before its start knows it: nobody going yet, nothing computed from who is."""
+    kept = {k: v for k, v in event.items() if k not in PARTICIPANT_FIELDS}
+    kept["participants"] = []
+    return kept
+
+
+def build_history(users: list[dict[str, Any]], events: Sequence[dict[str, Any]], issues: DataIssues) -> History:
+    """The time index of a whole history; undated events are left out and counted."""
+    dated = sorted(((start, e) for e in events if (start := to_utc(e.get("startDate"))) is not None),
+                   key=lambda pair: (pair[0], id_of(pair[1].get("_id")) or ""))
+    issues.add("events_without_valid_start_date", len(events) - len(dated))
+    attended: dict[str, list[tuple[datetime, str]]] = {}
+    joined_hosts: dict[str, list[tuple[datetime, str]]] = {}
+    for start, event in dated:
+        event_id, host = id_of(event.get("_id")) or "", id_of(event.get("ownerId"))
+        for member in event_member_ids(event, issues):
+            attended.setdefault(member, []).append((start, event_id))
+            if host is not None and member != host:
+                joined_hosts.setdefault(member, []).append((start, host))
+    return History(users, [e for _, e in dated], [s for s, _ in dated],
+                   [without_participants(e) for _, e in dated], attended, joined_hosts)
+
+
+def world_at(history: History, day: datetime) -> tuple[DormancyCensus, list[FutureEvent]]:
+    """Steps 1 and 2 as they would have run at ``day``: dormancy from the events started by then, and the
+    future events as then known (``unknown_yet``)."""
+    cut = bisect.bisect_right(history.starts, day)
+    activity = index_member_activity(history.events[:cut], DataIssues())  # counted once, in build_history
+    return find_dormant_users(history.users, activity, day), find_future_events(history.unknown_yet[cut:], day)
+
+
+def after(timeline: Sequence[tuple[datetime, str]], day: datetime) -> int:
+    """Where the entries after ``day`` begin in a time-ordered (moment, id) list."""
+    return bisect.bisect_right(timeline, day, key=lambda entry: entry[0])
+
+
+def attended_between(history: History, member: str, start: datetime, end: datetime) -> set[str]:
+    """The events a member joined or hosted that start in (start, end]: the truth for one as-of date."""
+    timeline = history.attended.get(member, [])
+    return {event_id for _, event_id in timeline[after(timeline, start):after(timeline, end)]}
+
+
+def favourite_hosts(joined: Sequence[tuple[datetime, str]]) -> list[str]:
+    """Hosts by how often the member joined them, then the more recent, then the id (``host_next``)."""
+    counts = Counter(host for _, host in joined)
+    latest = {host: moment for moment, host in joined}  # time order: the last one stays
+    return sorted(counts, key=lambda host: (-counts[host], -latest[host].timestamp(), host))
+
+
+def soonest_key(c: Candidate) -> tuple[float, str]:
+    return c.days_until, c.event["_id"]
+
+
+def host_next(candidates: Sequence[Candidate], hosts: Sequence[str]) -> Candidate | None:
+    """The soonest candidate of the first host in ``hosts`` who has one, or None."""
+    first_of: dict[str | None, Candidate] = {}
+    for c in sorted(candidates, key=soonest_key):
+        first_of.setdefault(id_of(c.event.get("ownerId")), c)
+    return next((first_of[h] for h in hosts if h in first_of), None)
+
+
+class Trial(NamedTuple):
+    """One eligible member who came back within the window after one as-of date, and how each method did.
+
+    ``hits``: per method (and ``oracle``), 1.0 a hit and 0.0 a miss; ``random`` holds its expectation.
+    ``fallbacks``: the baselines that had to fall back to the soonest candidate.
+    """
+
+    member: str
+    candidates: int
+    hits: dict[str, float]
+    fallbacks: frozenset[str]
+
+
+def score_trial(user: Mapping[str, Any], candidates: Sequence[Candidate], attended: set[str],
+                hosts: Sequence[str], pick: Picker) -> Trial:
+    """The matcher's pick and the baselines on exactly the same candidates, against what really happened."""
+
+    def hit(c: Candidate | None) -> float:
+        return float(c is not None and c.event["_id"] in attended)
+
+    soonest = min(candidates, key=soonest_key, default=None)
+    nearby = min((c for c in candidates if c.same_neighbourhood), key=soonest_key, default=None)
+    by_host = host_next(candidates, hosts)
+    going = sum(c.event["_id"] in attended for c in candidates)
+    hits = {"rules": hit(pick(user, candidates)),
+            "random": going / len(candidates) if candidates else 0.0,
+            "soonest": hit(soonest), "soonest_nearby": hit(nearby or soonest), "host_next": hit(by_host or soonest),
+            "oracle": float(going > 0)}
+    fell_back = frozenset(name for name, c in (("soonest_nearby", nearby), ("host_next", by_host))
+                          if c is None and candidates)
+    return Trial(user["_id"], len(candidates), hits, fell_back)
+
+
+def backtest_date(history: History, day: datetime, window_days: int, hoods: NeighbourhoodMap,
+                  pick: Picker) -> tuple[int, list[Trial]]:
+    """One as-of date: how many members were eligible, and a trial for each who came back within the window.
+
+    Only members who came back are scored, so the matcher runs for them alone.
+    """
+    census, future = world_at(history, day)
+    end = day + timedelta(days=window_days)
+    trials = []
+    for user in census.eligible:
+        attended = attended_between(history, user["_id"], day, end)
+        if not attended:
+            continue
+        joined = history.joined_hosts.get(user["_id"], [])
+        candidates = score_candidates(user, future, hoods, day)
+        trials.append(score_trial(user, candidates, attended, favourite_hosts(joined[:after(joined, day)]), pick))
+    return len(census.eligible), trials
+
+
+def as_of_dates(start: datetime, end: datetime, every_days: int) -> list[datetime]:
+    """``start``, then every ``every_days`` up to ``end`` included."""
+    days, day = [], start
+    while day <= end and len(days) <= MAX_BACKTEST_DATES:
+        days.append(day)
+        day += timedelta(days=every_days)
+    return days
+
+
+def hit_rates(trials: Sequence[Trial], names: Sequence[str]) -> dict[str, float | None]:
+    """Each method's share of hits (None when nobody came back)."""
+    if not trials:
+        return {name: None for name in names}
+    return {name: round(sum(t.hits[name] for t in trials) / len(trials), 4) for name in names}
+
+
+def percentile(ordered: Sequence[float], q: float) -> float:
+    """The ``q`` quantile of sorted values, interpolated between neighbours (the "inclusive" definition)."""
+    position = q * (len(ordered) - 1)
+    low = math.floor(position)
+    high = min(low + 1, len(ordered) - 1)
+    return ordered[low] + (ordered[high] - ordered[low]) * (position - low)
+
+
+def bootstrap_intervals(rows: Sequence[tuple[str, Mapping[str, float]]], resamples: int,
+                        seed: int) -> dict[str, tuple[float, float]]:
+    """95% percentile intervals of pooled means, resampling members (with all their dates) with replacement.
+
+    ``rows`` are (member, values by name); a member seen at several dates is one unit, so the interval
+    does not pretend their dates are independent. The same rows and seed always give the same intervals.
+    """
+    if not rows:
+        return {}
+    units: dict[str, list[Mapping[str, float]]] = {}
+    for member, values in rows:
+        units.setdefault(member, []).append(values)
+    groups = list(units.values())
+    names = list(rows[0][1])
+    sizes = [len(g) for g in groups]
+    sums = {name: [sum(v[name] for v in g) for g in groups] for name in names}
+    rng = random.Random(seed)
+    draws: dict[str, list[float]] = {name: [] for name in names}
+    for _ in range(resamples):
+        chosen = rng.choices(range(len(groups)), k=len(groups))
+        n = sum(map(sizes.__getitem__, chosen))
+        for name in names:
+            draws[name].append(sum(map(sums[name].__getitem__, chosen)) / n)
+    return {name: (round(percentile(sorted(v), 0.025), 4), round(percentile(sorted(v), 0.975), 4))
+            for name, v in draws.items()}
+
+
+def backtest_row(day: datetime | None, eligible: int, trials: Sequence[Trial]) -> dict[str, Any]:
+    """One line of the table: a date (or the pooled row, ``day`` None) and each method's hit@1."""
+    return {
+        "as_of": iso_utc(day) if day is not None else "pooled",
+        "eligible": eligible,
+        "returned": len(trials),
+        "members": len({t.member for t in trials}),
+        "with_candidates": sum(t.candidates > 0 for t in trials),
+        "candidates_mean": round(sum(t.candidates for t in trials) / len(trials), 1) if trials else None,
+        "hit_at_1": hit_rates(trials, BACKTEST_METHODS),
+        "oracle": hit_rates(trials, ("oracle",))["oracle"],
+        "fallbacks": {name: sum(name in t.fallbacks for t in trials) for name in ("soonest_nearby", "host_next")},
+    }
+
+
+def pooled_row(dated: Sequence[tuple[datetime, int, list[Trial]]], resamples: int, seed: int) -> dict[str, Any]:
+    """All dates together, with bootstrap intervals and the matcher's lead over the best baseline."""
+    trials = [t for _, _, ts in dated for t in ts]
+    row = backtest_row(None, sum(n for _, n, _ in dated), trials)
+    rates = row["hit_at_1"]
+    best = max(BASELINES, key=lambda name: (rates[name] or 0.0, name)) if trials else None
+    rows = [(t.member, {**t.hits, "lead": t.hits["rules"] - t.hits[best]}) for t in trials] if best else []
+    intervals = bootstrap_intervals(rows, resamples, seed)
+    row["interval_95"] = {name: list(intervals[name]) for name in (*BACKTEST_METHODS, "oracle")} if rows else {}
+    lead = round(rates["rules"] - rates[best], 4) if best else None
+    row["lead"] = {"over": best, "points": lead, "interval_95": list(intervals["lead"]) if rows else None}
+    return row
+
+
+def build_backtest_report(*, source: str, start: datetime, end: datetime, every_days: int, window_days: int,
+                          dated: Sequence[tuple[datetime, int, list[Trial]]], issues: DataIssues,
+                          resamples: int, seed: int, started: datetime, seconds: float) -> dict[str, Any]:
+    """The report: what was asked, the rules the numbers follow, one row per date, the pooled row."""
+    return {
+        "kind": "backtest",
+        "generated_at": iso_utc(started),
+        "source": source,
+        "from": iso_utc(start), "to": iso_utc(end), "every_days": every_days, "window_days": window_days,
+        "last_as_of": iso_utc(dated[-1][0]) if dated else None,
+        "matcher": "rules",
+        "truth": "the events a member joined or hosted that start in (D, D + window]",
+        "scored": "eligible members (step 1 at D, no limit, no cooldown, no holdout) who came back in the window",
+        "candidate_set": CANDIDATE_SET,
+        "no_leak_rule": NO_LEAK_RULE,
+        "later_information": list(LATER_INFORMATION),
+        "baselines": dict(BASELINES),
+        "bootstrap": {"resamples": resamples, "seed": seed, "unit": "member (all their dates)", "level": 0.95,
+                      "interval": "percentile"},
+        "dates": [backtest_row(day, n, trials) for day, n, trials in dated],
+        "pooled": pooled_row(dated, resamples, seed),
+        "data_issues": issues.as_dict(),
+        "duration_seconds": round(seconds, 3),
+    }
+
+
+def percent(value: float | None) -> str:
+    return "-" if value is None else f"{100 * value:.1f}%"
+
+
+def backtest_table(report: Mapping[str, Any]) -> list[list[str]]:
+    """The table's cells: a header, one row per date, the pooled row and its intervals."""
+    header = ["as of", "eligible", "returned", "candidates", *BACKTEST_METHODS, "oracle"]
+    cells = [header]
+    for row in [*report["dates"], report["pooled"]]:
+        cells.append([row["as_of"][:10], str(row["eligible"]), str(row["returned"]),
+                      "-" if row["candidates_mean"] is None else f"{row['candidates_mean']:.1f}",
+                      *(percent(row["hit_at_1"][m]) for m in BACKTEST_METHODS), percent(row["oracle"])])
+    intervals = report["pooled"]["interval_95"]
+    if intervals:
+        cells.append(["95% interval", "", "", "", *(f"{100 * intervals[m][0]:.1f}-{100 * intervals[m][1]:.1f}"
+                                                    for m in (*BACKTEST_METHODS, "oracle"))])
+    return cells
+
+
+def lead_line(report: Mapping[str, Any]) -> str:
+    lead = report["pooled"]["lead"]
+    if lead["over"] is None:
+        return "Nobody came back within a window: nothing to score."
+    low, high = lead["interval_95"]
+    return (f"Lead of the rules matcher over the best baseline ({lead['over']}): {100 * lead['points']:+.1f} "
+            f"points (95% interval {100 * low:+.1f} to {100 * high:+.1f}; {report['bootstrap']['resamples']} "
+            f"bootstrap resamples of members, seed {report['bootstrap']['seed']}).")
+
+
+def console_table(report: Mapping[str, Any]) -> str:
+    cells = backtest_table(report)
+    widths = [max(len(row[i]) for row in cells) for i in range(len(cells[0]))]
+    lines = ["  ".join(c.ljust(w) if i == 0 else c.rjust(w) for i, (c, w) in enumerate(zip(row, widths, strict=True)))
+             for row in cells]
+    return "\n".join([*lines, lead_line(report)])
+
+
+def backtest_markdown(report: Mapping[str, Any]) -> str:
+    """The human report: the question, the rules of the game, the table and the caveats."""
+    cells = backtest_table(report)
+    lines = [
+        "# Return To Table backtest",
+        "",
+        "Would the rules matcher's pick for each eligible member have been an event they really went to?",
+        "",
+        (f"- Source: {cell(report['source'])}; as-of dates D from {report['from'][:10]} to {report['to'][:10]} "
+         f"every {report['every_days']} days ({len(report['dates'])} dates); window W = {report['window_days']} days"),
+        f"- Truth: {report['truth']}.",
+        f"- Scored: {report['scored']}; hit@1 = the pick is one of the events they went to.",
+        f"- Candidates: {report['candidate_set']}",
+        f"- No leaks: {report['no_leak_rule']}",
+        "",
+        "| " + " | ".join(cells[0]) + " |",
+        "| " + " | ".join("---" for _ in cells[0]) + " |",
+        *("| " + " | ".join(cell(c) for c in row) + " |" for row in cells[1:]),
+        "",
+        lead_line(report),
+        "",
+        ("The oracle is the share of returning members whose event was among the candidates at all: no "
+         "matcher choosing among these candidates can score more."),
+        "",
+        "## Baselines (same members, same candidates)",
+        "",
+        *(f"- **{name}**: {text}." for name, text in report["baselines"].items()),
+        f"- Fallbacks to the soonest candidate, pooled: {report['pooled']['fallbacks']}.",
+        "",
+        "## What may still carry later information",
+        "",
+        *(f"- {text}" for text in report["later_information"]),
+        "",
+        "## Data issues (records skipped or treated as missing)",
+        "",
+        *([f"- {k.replace('_', ' ')}: {v}" for k, v in report["data_issues"].items()] or ["None."]),
+        "",
+        f"Computed in {report['duration_seconds']} s.",
+    ]
+    return "\n".join(lines) + "\n"
+
+
+BACKTEST_EXIT_CODES = """exit codes:
+  0    done cleanly
+  3    done, but nothing or little to read: the input was empty, or nobody came back within any window
+  1    failed: source unreadable, MongoDB unreachable, the report could not be written
+  2    bad usage, configuration or input (dates, flags, a window that has not closed yet)
+  130  interrupted by SIGINT (nothing written)"""
+
+
+def backtest_parser() -> argparse.ArgumentParser:
+    parser = OneLineParser(
+        prog="return_to_table.py backtest",
+        description="Replay the rules matcher on history: at each as-of date, would its pick for each eligible "
+                    "member have been an event they really went to? Writes only the report.",
+        epilog=BACKTEST_EXIT_CODES, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--source", metavar="mongo|DIR", required=True,
+                        help="'mongo' or a folder with users.json and events.json from mongoexport")
+    parser.add_argument("--from", dest="start", metavar="DATE", required=True, help="first as-of date (YYYY-MM-DD)")
+    parser.add_argument("--to", dest="end", metavar="DATE", required=True, help="last as-of date, included")
+    parser.add_argument("--every-days", type=positive_int, default=14, metavar="N",
+                        help="days between as-of dates (%(default)s)")
+    parser.add_argument("--window-days", type=positive_int, default=30, metavar="W",
+                        help="a member came back when they went to an event within W days after D (%(default)s)")
+    parser.add_argument("--out", metavar="DIR", type=Path, default=SCRIPT_DIR,
+                        help="the report goes to DIR/reports/ (default: the script's folder)")
+    parser.add_argument("--resamples", type=positive_int, default=BACKTEST_RESAMPLES, metavar="N",
+                        help="bootstrap resamples for the pooled intervals (%(default)s)")
+    parser.add_argument("--seed", type=int, default=BACKTEST_SEED, help="the bootstrap's seed (%(default)s)")
+    parser.add_argument("--insecure-tls", action="store_true",
+                        help="do not verify MongoDB's TLS certificate (logged as a warning)")
+    return parser
+
+
+def as_of_flag(text: str, flag: str) -> datetime:
+    """``--from``/``--to``: a date (midnight UTC) or an ISO-8601 date-time, 1970-2200."""
+    moment = to_utc(text)
+    if moment is None:
+        raise UsageError(f"{flag} {text!r} is not a date (YYYY-MM-DD, or an ISO-8601 date-time)")
+    if not 1970 <= moment.year <= 2200:
+        raise UsageError(f"{flag} {text!r} is outside the years 1970-2200")
+    return moment
+
+
+def backtest_days(args: argparse.Namespace, clock: datetime) -> list[datetime]:
+    """The as-of dates, refused when there are none or too many, or the last window has not closed."""
+    start, end = as_of_flag(args.start, "--from"), as_of_flag(args.end, "--to")
+    if start > end:
+        raise UsageError(f"--from {args.start!r} is after --to {args.end!r}")
+    days = as_of_dates(start, end, args.every_days)
+    if len(days) > MAX_BACKTEST_DATES:
+        raise UsageError(f"more than {MAX_BACKTEST_DATES} as-of dates: widen --every-days or narrow --from/--to")
+    if days[-1] + timedelta(days=args.window_days) > clock:
+        raise UsageError(f"the window after {iso_utc(days[-1])} ends after now: it has not closed, so it cannot "
+                         "be scored (move --to back or shorten --window-days)")
+    return days
+
+
+def writable_folder(path: Path) -> Path:
+    """``--out`` resolved and created, or a usage error."""
+    out_dir = path.expanduser().resolve()
+    try:
+        out_dir.mkdir(parents=True, exist_ok=True)
+    except OSError as exc:
+        raise UsageError(f"--out {out_dir}: cannot create the folder ({exc.strerror})") from None
+    if not os.access(out_dir, os.W_OK):
+        raise UsageError(f"--out {out_dir}: not writable")
+    return out_dir
+
+
+def backtest_source(args: argparse.Namespace, settings: Settings, out_dir: Path, clock: datetime,
+                    mongo_client: Any) -> DataSource:
+    """The campaign's readers (``make_source``): MongoDB or a mongoexport folder."""
+    if args.source == "mongo":
+        if not settings.mongo_uri:
+            raise UsageError(MONGO_NOT_CONFIGURED)
+        options = RunOptions(source=SourceKind.MONGO, now=clock, out_dir=out_dir, insecure_tls=args.insecure_tls)
+    else:
+        options = RunOptions(source=SourceKind.FOLDER, now=clock, out_dir=out_dir,
+                             folder=Path(args.source).expanduser())
+    return make_source(options, settings, logging.getLogger("ReturnToTable.backtest"), mongo_client)
+
+
+def run_backtest(history: History, days: Sequence[datetime], window_days: int, hoods: NeighbourhoodMap,
+                 pick: Picker | None = None) -> list[tuple[datetime, int, list[Trial]]]:
+    """Every as-of date: (D, eligible members, trials). ``pick`` is the matcher under test: by default
+    ``rules_pick`` as the campaign has it when the run starts."""
+    chosen = pick or rules_pick
+    return [(day, *backtest_date(history, day, window_days, hoods, chosen)) for day in days]
+
+
+def write_backtest_report(out_dir: Path, report: Mapping[str, Any], started: datetime) -> Path:
+    """``reports/return_to_table_backtest_{stamp}.json`` and ``.md``, atomically; a taken stamp moves a second."""
+    reports, moment = out_dir / "reports", started
+    while (reports / f"return_to_table_backtest_{moment.strftime('%Y%m%d-%H%M%S')}.json").exists():
+        moment += timedelta(seconds=1)
+    stem = reports / f"return_to_table_backtest_{moment.strftime('%Y%m%d-%H%M%S')}"
+    write_json(stem.with_suffix(".json"), report, private=True)
+    write_text_private(stem.with_suffix(".md"), backtest_markdown(report))
+    return stem.with_suffix(".md")
+
+
+def backtest(args: argparse.Namespace, env: Mapping[str, str] | None, mongo_client: Any, closing: ExitStack,
+             pick: Picker | None = None) -> int:
+    """The subcommand itself: settings, source, history, every date, the report. Errors are the caller's."""
+    settings = Settings.from_env(env if env is not None else read_environment())
+    started = datetime.now(UTC).replace(microsecond=0)
+    days = backtest_days(args, started)
+    out_dir = writable_folder(args.out)
+    source = backtest_source(args, settings, out_dir, started, mongo_client)
+    if isinstance(source, MongoSource) and mongo_client is None:
+        closing.callback(source.client.close)
+    clock = time.monotonic()
+    screened = read_screened(source)
+    for name in screened.empty:
+        print(f"warning: empty input: no {name} in {input_location(source, name)}", file=sys.stderr)
+    history = build_history(screened.users, screened.events, screened.issues)
+    dated = run_backtest(history, days, args.window_days, NeighbourhoodMap.from_csv(CENTROIDS_CSV), pick)
+    report = build_backtest_report(source=source.label, start=days[0], end=as_of_flag(args.end, "--to"),
+                                   every_days=args.every_days,
+                                   window_days=args.window_days, dated=dated, issues=screened.issues,
+                                   resamples=args.resamples, seed=args.seed, started=started,
+                                   seconds=time.monotonic() - clock)
+    path = write_backtest_report(out_dir, report, started)
+    print(console_table(report))
+    print(f"Report: {path} (and .json)")
+    if report["pooled"]["returned"] == 0:
+        print("warning: nobody came back within any window: nothing was scored", file=sys.stderr)
+    return EXIT_ATTENTION if screened.empty or report["pooled"]["returned"] == 0 else EXIT_OK
+
+
+
+# =============================================================================================
 # Command line
 # =============================================================================================
 
@@ -5176,9 +5706,24 @@ def measure_command(argv: Sequence[str], *, env: Mapping[str, str] | None = None
 
 
 def backtest_command(argv: Sequence[str], *, env: Mapping[str, str] | None = None, mongo_client: Any = None) -> int:
-    """``backtest``: would the rules matcher's picks have been events members really went to."""
-    print("error: backtest is not built yet", file=sys.stderr)
-    return EXIT_USAGE
+    """``backtest``: would the rules matcher's picks have been events members really went to (read-only;
+    only the report is written). Exit codes in BACKTEST_EXIT_CODES; never a traceback."""
+    try:
+        args = backtest_parser().parse_args(argv)
+    except SystemExit as exc:  # --help, or a usage error already printed
+        return exc.code if isinstance(exc.code, int) else EXIT_USAGE
+    with ExitStack() as closing:
+        try:
+            return backtest(args, env, mongo_client, closing)
+        except UsageError as exc:
+            print(f"error: {exc}", file=sys.stderr)
+            return EXIT_USAGE
+        except ServiceError as exc:
+            print(f"error: {exc}", file=sys.stderr)
+            return EXIT_FAILURE
+        except KeyboardInterrupt:
+            print("error: interrupted; no report written", file=sys.stderr)
+            return EXIT_SIGNALS[signal.SIGINT]
 
 
 SUBCOMMANDS = {"measure": measure_command, "backtest": backtest_command}

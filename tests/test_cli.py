@@ -34,7 +34,7 @@ from builders import (
 import return_to_table as rtt
 
 SCRIPT = Path(rtt.__file__).resolve()
-MONTANA = SCRIPT.parent.parent / "shared" / "data" / "meetup_montana"
+MONTANA = SCRIPT.parent / "samples" / "meetup_montana"  # shipped with the repository
 MONTANA_NOW = datetime(2016, 6, 3, tzinfo=UTC)  # the as-of instant of the real Montana data
 MONTANA_NOW_ISO = "2016-06-03T00:00:00Z"  # MONTANA_NOW as --now takes it
 
