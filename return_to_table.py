@@ -5121,17 +5121,23 @@ def measure_console(report: Mapping[str, Any], report_path: Path) -> str:
 
 def markdown_table(rows: Sequence[Sequence[str]]) -> list[str]:
     header, *body = rows
-    return [f"| {' | '.join(header)} |", "| " + " --- |" * len(header)] + [
+    return [f"| {' | '.join(header)} |", "|" + " --- |" * len(header)] + [
         f"| {' | '.join(cell(c) for c in row)} |" for row in body]
+
+
+def range_text(report: Mapping[str, Any]) -> str:
+    """Which campaigns were asked for, in words (``until`` is exclusive)."""
+    since, until, campaign = report["since"], report["until"], report["campaign"]
+    dates = (f"campaigns dated from {since or 'the first'} to before {until}" if until
+             else f"campaigns dated from {since}" if since else "campaigns of any date")
+    return dates + (f"; only campaign {cell(campaign)}" if campaign else "")
 
 
 def measure_markdown(report: Mapping[str, Any]) -> str:
     """The human report: the proxy in two sentences, the method, the pooled and per-campaign tables."""
     method = report["method"]
     lines = ["# Return To Table measure: did the campaigns bring anyone back?", "",
-             f"- As of {report['as_of']}; window {report['window_days']} days; campaigns dated from "
-             f"{report['since'] or 'the first'} to before {report['until'] or 'the last'}"
-             + (f"; campaign {cell(report['campaign'])}" if report["campaign"] else ""),
+             f"- As of {report['as_of']}; window {report['window_days']} days; {range_text(report)}",
              f"- Archive: {cell(report['archive'])}; events: {cell(report['source'])}",
              f"- Campaigns measured: {report['campaigns_measured']}",
              *empty_input_lines(report["empty_input"]),
