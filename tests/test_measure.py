@@ -18,7 +18,7 @@ from typing import Any
 import mongomock
 import pytest
 from bson import ObjectId
-from builders import CliRun, write_folder
+from builders import NOW, NOW_ISO, CliRun, write_folder
 from fake_rtdb import FakeRealtimeDatabase
 
 import return_to_table as rtt
@@ -663,3 +663,33 @@ def test_pooled_measurement_of_nothing_has_empty_groups_and_no_lift() -> None:
     assert pooled.lifts == {"treated": None}
     assert pooled.note == "no holdout members: lift cannot be computed; rates only"
     assert math.isclose(rtt.Z_95, 1.959964, abs_tol=1e-6)
+
+
+# =============================================================================================
+# End to end: a real campaign's archive, then joins added after it
+# =============================================================================================
+
+
+def test_measure_reads_the_archive_a_real_campaign_run_wrote(run_cli, tmp_path: Path, world) -> None:
+    """The campaign archives its messages in the mirror; a join added after it is a member back at the
+    suggested event. (No --holdout here: this branch does not write holdout records yet.)"""
+    users, events = world
+    folder = write_folder(tmp_path / "export", users, events)
+    root = tmp_path / "out"
+    campaign = run_cli("--source", str(folder), "--now", NOW_ISO, "--llm", "off", root=root)
+    assert campaign.code == 0, campaign.err
+    messages = campaign.messages
+    assert len(messages) == 2
+    first = messages[0]
+    for event in events:
+        if str(event["_id"]) == first["event_id"]:
+            event["participants"].append(ObjectId(first["user_id"]))
+    write_folder(folder, users, events)
+    later = iso(NOW + timedelta(days=30))
+    run = run_cli("measure", "--source", str(folder), "--now", later, root=root)
+    assert run.code == 0, run.err
+    (entry,) = report_of(run)["campaigns"]
+    assert entry["campaign_id"] == campaign.report()["campaign_id"]
+    assert entry["created_at"] == iso(NOW)
+    assert group(entry, "treated") == (2, 1, 1, 0)
+    assert entry["note"] == "no holdout members: lift cannot be computed; rates only"
