@@ -5102,7 +5102,8 @@ def text_table(rows: Sequence[Sequence[str]], indent: str = "  ") -> list[str]:
 
 
 def campaign_title(entry: Mapping[str, Any]) -> str:
-    return f"{entry['campaign_id']} (created {entry['created_at']}, {entry['status']})"
+    """A campaign's heading; its id as read, made safe to show (no bidi or zero-width tricks, bounded)."""
+    return f"{clean_text(entry['campaign_id'], 100)[0]} (created {entry['created_at']}, {entry['status']})"
 
 
 def measure_console(report: Mapping[str, Any], report_path: Path) -> str:

@@ -20,6 +20,8 @@ import pytest
 from bson import ObjectId
 from builders import NOW, NOW_ISO, CliRun, write_folder
 from fake_rtdb import FakeRealtimeDatabase
+from hypothesis import given, settings
+from hypothesis import strategies as st
 
 import return_to_table as rtt
 
@@ -693,3 +695,39 @@ def test_measure_reads_the_archive_a_real_campaign_run_wrote(run_cli, tmp_path: 
     assert entry["created_at"] == iso(NOW)
     assert group(entry, "treated") == (2, 1, 1, 0)
     assert entry["note"] == "no holdout members: lift cannot be computed; rates only"
+
+
+def test_help_is_exit_0_and_names_the_exit_codes(run_cli) -> None:
+    run = run_cli("measure", "--help")
+    assert run.code == 0
+    assert "--window-days" in run.out and "exit codes:" in run.out
+
+
+json_values = st.recursive(
+    st.none() | st.booleans() | st.integers() | st.floats() | st.text(max_size=30),
+    lambda children: st.lists(children, max_size=4) | st.dictionaries(st.text(max_size=8), children, max_size=4),
+    max_leaves=12)
+FIELDS = ("user_id", "event_id", "status", "generated_at", "sent_at", "held_out_at")
+odd_records = st.dictionaries(st.sampled_from(FIELDS), json_values | st.sampled_from(
+    ["sent", "approved", "2026-01-10T11:00:00Z", "6500000000000000000000a1", "9999-12-31T23:59:59+00:00"]))
+odd_lists = json_values | st.fixed_dictionaries({"messages": st.lists(odd_records | json_values, max_size=6),
+                                                 "holdout": st.lists(odd_records | json_values, max_size=6)})
+
+
+@settings(max_examples=300, deadline=None)
+@given(metadata=json_values | st.fixed_dictionaries({"created_at": json_values, "status": json_values}),
+       messages=odd_lists, holdout=odd_lists)
+def test_any_archived_values_are_measured_or_counted_never_a_crash(metadata: Any, messages: Any,
+                                                                   holdout: Any) -> None:
+    issues = rtt.DataIssues()
+    campaign = rtt.archived_campaign("c\u202e1", metadata, messages, holdout, issues)
+    assert len({o.user_id for o in campaign.observations}) == len(campaign.observations)
+    assert all(o.reference.tzinfo is not None for o in campaign.observations)
+    events = [{"_id": "e1", "startDate": "2026-01-12T00:00:00Z", "participants": ["6500000000000000000000a1"]}]
+    measured = rtt.measure_campaigns([campaign], events, AS_OF, 14, issues) if campaign.created_at else []
+    pooled = rtt.pooled_measurement([m for _, m in measured])
+    report = rtt.measure_report(run_date=AS_OF, now=AS_OF, window_days=14, dates=rtt.DateRange(), campaign=None,
+                                source_label="test", archive="test", measured=measured, pooled=pooled,
+                                issues=issues, errors=[], empty_input=[])
+    json.dumps(report, allow_nan=False)
+    assert "\u202e" not in rtt.measure_console(report, Path("r.md")) + rtt.measure_markdown(report)
