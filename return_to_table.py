@@ -4748,14 +4748,23 @@ def lift(treated: Tally, holdout: Tally) -> Lift | None:
     return Lift(100 * (t_rate - h_rate), 100 * low, 100 * high, relative, z, p_value)
 
 
+LIFT_NOTES = {  # why treated-against-holdout has no lift: (the report's sentence, the console table's words)
+    "no_holdout": ("no holdout members: lift cannot be computed; rates only", "no holdout: rates only"),
+    "holdout_open": ("no holdout member's window has closed yet: lift cannot be computed yet; rates only",
+                     "holdout windows open"),
+    "treated_open": ("no treated member's window has closed yet: lift cannot be computed yet; rates only",
+                     "treated windows open"),
+}
+
+
 def lift_note(treated: Tally, holdout: Tally) -> str | None:
-    """Why treated-against-holdout has no lift, said plainly; None when it has one."""
+    """Why treated-against-holdout has no lift (a ``LIFT_NOTES`` key); None when it has one."""
     if not holdout.size and not holdout.open:
-        return "no holdout members: lift cannot be computed; rates only"
+        return "no_holdout"
     if not holdout.size:
-        return "no holdout member's window has closed yet: lift cannot be computed yet; rates only"
+        return "holdout_open"
     if not treated.size:
-        return "no treated member's window has closed yet: lift cannot be computed yet; rates only"
+        return "treated_open"
     return None
 
 
@@ -4984,7 +4993,7 @@ class Measurement:
 
     groups: dict[str, Tally]
     lifts: dict[str, Lift | None]
-    note: str | None
+    note: str | None  # a LIFT_NOTES key
 
 
 def measurement(groups: Mapping[str, Tally]) -> Measurement:
@@ -5026,7 +5035,7 @@ def measurement_json(m: Measurement) -> dict[str, Any]:
     return {"groups": {name: tally_json(t) for name, t in m.groups.items()},
             "lift_computable": m.lifts["treated"] is not None,
             "lift": {name: lift_json(found) for name, found in m.lifts.items()},
-            "note": m.note}
+            "note": LIFT_NOTES[m.note][0] if m.note else None, "note_code": m.note}
 
 
 def measure_report(*, run_date: datetime, now: datetime, window_days: int, dates: DateRange,
@@ -5072,13 +5081,18 @@ def group_row(name: str, g: Mapping[str, Any]) -> list[str]:
 MEASURE_COLUMNS = ["group", "size", "came back", "rate (95% CI)", "to suggested event", "open (already back)"]
 
 
+def p_value_text(p_value: float) -> str:
+    return "< 0.0001" if p_value < 0.0001 else f"{p_value:.4f}"
+
+
 def p_text(p_value: float) -> str:
-    return "p < 0.0001" if p_value < 0.0001 else f"p = {p_value:.4f}"
+    shown = p_value_text(p_value)
+    return f"p {shown}" if shown.startswith("<") else f"p = {shown}"
 
 
 def lift_lines(block: Mapping[str, Any]) -> list[str]:
     """The lift of each treated group over the holdout as sentences, or the plain reason there is none."""
-    lines = [] if block["note"] is None else [block["note"]]
+    lines = [] if block["note"] is None else [block["note"]]  # the sentence of LIFT_NOTES
     for name, found in block["lift"].items():
         if found is None:
             continue
@@ -5106,16 +5120,36 @@ def campaign_title(entry: Mapping[str, Any]) -> str:
     return f"{clean_text(entry['campaign_id'], 100)[0]} (created {entry['created_at']}, {entry['status']})"
 
 
+CAMPAIGN_COLUMNS = ["campaign", "treated", "holdout", "lift, pp (95% CI)", "p", "open"]
+
+
+def share(g: Mapping[str, Any]) -> str:
+    return f"{g['came_back']}/{g['size']} {percent(g['rate'])}"
+
+
+def campaign_row(entry: Mapping[str, Any]) -> list[str]:
+    """One campaign on one line: treated and holdout came back / size, the lift (or why none), open windows."""
+    groups, found = entry["groups"], entry["lift"]["treated"]
+    if found is None:
+        lift_cells = [LIFT_NOTES[entry["note_code"]][1], ""]
+    else:
+        low, high = found["interval_pp"]
+        lift_cells = [f"{found['difference_pp']:+.1f} ({low:+.1f} to {high:+.1f})", p_value_text(found["p_value"])]
+    return [clean_text(entry["campaign_id"], 100)[0], share(groups["treated"]), share(groups["holdout"]), *lift_cells,
+            str(groups["treated"]["open"] + groups["holdout"]["open"])]
+
+
 def measure_console(report: Mapping[str, Any], report_path: Path) -> str:
-    """The console table: one block per campaign, then the pooled block, the method, the report's path."""
+    """The console table: one line per campaign, then the pooled block in full, the method, the report's path
+    (a year of daily campaigns stays a readable table; the report has every campaign in full)."""
     lines = [f"Measure: {plural(report['campaigns_measured'], 'campaign')}, window {report['window_days']} days, "
-             + f"as of {report['as_of']}"]
-    blocks = [(campaign_title(c), c) for c in report["campaigns"]]
-    blocks.append((f"pooled ({plural(report['campaigns_measured'], 'campaign')}, each campaign-member once)",
-                   report["pooled"]))
-    for title, block in blocks:
-        lines += ["", title, *text_table([MEASURE_COLUMNS, *block_rows(block)])]
-        lines += [f"  {line}" for line in lift_lines(block)]
+             + f"as of {report['as_of']}", ""]
+    if report["campaigns"]:
+        lines += text_table([CAMPAIGN_COLUMNS, *(campaign_row(c) for c in report["campaigns"])], indent="") + [""]
+    pooled = report["pooled"]
+    lines += [f"pooled ({plural(report['campaigns_measured'], 'campaign')}, each campaign-member once)",
+              *text_table([MEASURE_COLUMNS, *block_rows(pooled)])]
+    lines += [f"  {line}" for line in lift_lines(pooled)]
     lines += ["", INTERVAL_METHOD + "; " + TEST_METHOD + ".", f"Report: {report_path}"]
     return "\n".join(lines) + "\n"
 
@@ -5147,6 +5181,9 @@ def measure_markdown(report: Mapping[str, Any]) -> str:
              f"- {method['reviewed_groups']}",
              "", "## Pooled", "", *markdown_table([MEASURE_COLUMNS, *block_rows(report["pooled"])]), ""]
     lines += [f"- {line}" for line in lift_lines(report["pooled"])]
+    if report["campaigns"]:
+        lines += ["", "## Campaigns at a glance", "",
+                  *markdown_table([CAMPAIGN_COLUMNS, *(campaign_row(c) for c in report["campaigns"])])]
     lines += ["", "## Per campaign"]
     for entry in report["campaigns"]:
         lines += ["", f"### {cell(campaign_title(entry))}", "", *markdown_table([MEASURE_COLUMNS, *block_rows(entry)]),

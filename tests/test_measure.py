@@ -285,6 +285,7 @@ def test_a_campaign_without_holdout_says_lift_cannot_be_computed_and_gives_rates
     assert entry["lift"]["treated"] is None
     assert entry["note"] == "no holdout members: lift cannot be computed; rates only"
     assert "no holdout members: lift cannot be computed; rates only" in run.out
+    assert "10/40 25.0%" in run.out and "no holdout: rates only" in run.out  # the campaign's line
     assert "no holdout members: lift cannot be computed; rates only" in markdown_of(run)
 
 
@@ -663,7 +664,7 @@ def test_pooled_measurement_of_nothing_has_empty_groups_and_no_lift() -> None:
     pooled = rtt.pooled_measurement([])
     assert pooled.groups == {"treated": rtt.Tally(), "holdout": rtt.Tally()}
     assert pooled.lifts == {"treated": None}
-    assert pooled.note == "no holdout members: lift cannot be computed; rates only"
+    assert pooled.note == "no_holdout"
     assert math.isclose(rtt.Z_95, 1.959964, abs_tol=1e-6)
 
 
