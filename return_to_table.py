@@ -22,7 +22,8 @@ Glossary (one name per concept, here and in the code):
 
 The file reads top-down in the plan's step order: configuration, data loading, the rules of
 steps 1-8 (pure functions), the service edges (sources, the demo world, Claude for steps 5-6,
-Firebase for step 7), the ``ReturnToTable`` orchestration, and the command line.
+Firebase for step 7), the ``ReturnToTable`` orchestration, ``measure`` (did the campaigns bring
+anyone back: treated against holdout, read only), and the command line.
 """
 
 from __future__ import annotations
