@@ -5125,6 +5125,9 @@ CAMPAIGN_COLUMNS = ["campaign", "treated", "holdout", "lift, pp (95% CI)", "p", 
 
 
 def share(g: Mapping[str, Any]) -> str:
+    """``came back/size rate``; a group with no closed window says how many are open instead."""
+    if not g["size"]:
+        return f"({g['open']} open)" if g["open"] else "-"
     return f"{g['came_back']}/{g['size']} {percent(g['rate'])}"
 
 
@@ -5151,6 +5154,8 @@ def measure_console(report: Mapping[str, Any], report_path: Path) -> str:
     lines += [f"pooled ({plural(report['campaigns_measured'], 'campaign')}, each campaign-member once)",
               *text_table([MEASURE_COLUMNS, *block_rows(pooled)])]
     lines += [f"  {line}" for line in lift_lines(pooled)]
+    if any(name in pooled["groups"] for name in REVIEWED_GROUPS):
+        lines.append(f"  {REVIEWED_TEXT}")
     lines += ["", INTERVAL_METHOD + "; " + TEST_METHOD + ".", f"Report: {report_path}"]
     return "\n".join(lines) + "\n"
 

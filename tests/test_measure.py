@@ -310,6 +310,7 @@ def test_open_windows_are_counted_apart_never_as_not_back(measure) -> None:
     assert group(report["pooled"], "treated") == (10, 3, round(3 * 0.5), 10)
     assert group(report["pooled"], "holdout") == (10, 2, 1, 10)
     assert "10 (4 back)" in run.out
+    assert "(10 open)" in run.out  # the recent campaign's line: no closed window, ten open in each group
 
 
 def test_a_member_back_at_another_event_came_back_but_not_to_the_suggested_one(measure) -> None:
@@ -359,6 +360,7 @@ def test_sent_messages_are_followed_from_sent_at_approved_ones_from_generated_at
     assert group(entry, "approved_or_sent") == (3, 2, 1, 0)
     assert group(entry, "treated") == (4, 2, 1, 0)
     assert entry["note"] == "no holdout members: lift cannot be computed; rates only"
+    assert "not chosen at random" in run.out
 
 
 def test_a_sent_message_without_a_valid_sent_at_falls_back_to_generated_at_and_is_counted(measure) -> None:
@@ -375,6 +377,7 @@ def test_a_sent_message_without_a_valid_sent_at_falls_back_to_generated_at_and_i
 def test_without_statuses_beyond_pending_there_are_no_reviewed_rows(measure) -> None:
     run = measure(lift_world())
     assert set(report_of(run)["pooled"]["groups"]) == {"treated", "holdout"}
+    assert "not chosen at random" not in run.out
 
 
 def test_pooled_counts_each_campaign_member_once_and_a_member_in_two_campaigns_twice(measure) -> None:
