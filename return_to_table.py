@@ -22,7 +22,8 @@ Glossary (one name per concept, here and in the code):
 
 The file reads top-down in the plan's step order: configuration, data loading, the rules of
 steps 1-8 (pure functions), the service edges (sources, the demo world, Claude for steps 5-6,
-Firebase for step 7), the ``ReturnToTable`` orchestration, and the command line.
+Firebase for step 7), the ``ReturnToTable`` orchestration, ``measure`` (did the campaigns bring
+anyone back: treated against holdout, read only), and the command line.
 """
 
 from __future__ import annotations
@@ -56,6 +57,7 @@ from datetime import UTC, datetime, timedelta, timezone
 from datetime import time as dt_time
 from enum import Enum
 from pathlib import Path
+from statistics import NormalDist
 from typing import Any, NamedTuple, Protocol, Self, TypedDict
 from urllib.parse import quote_plus
 from zoneinfo import ZoneInfo, ZoneInfoNotFoundError
@@ -3617,6 +3619,8 @@ class FirebaseTransport(Protocol):
 
     def flush(self) -> None: ...
 
+    def child_keys(self, path: str) -> list[str]: ...
+
 
 def check_key(key: str, where: str) -> None:
     if not key or FORBIDDEN_KEY.search(key) or len(key.encode("utf-8")) > MAX_KEY_BYTES:
@@ -3886,6 +3890,20 @@ class LocalMirrorTransport:
             self._store([*segments, *check_path(key)], rtdb_normalize(value))
         self.checkpoint()
 
+    def child_keys(self, path: str) -> list[str]:
+        """The names of the children at ``path`` (the database's ``shallow=true``): above the file level
+        the folder is listed, nothing in it read (a reader of every archived campaign needs only ids)."""
+        segments = check_path(path)
+        if self._split(segments) is not None:
+            value = self._stored(segments)
+            return sorted(value) if isinstance(value, Mapping) else []
+        self.flush()  # what this process holds back is on disk before the folder is listed
+        folder = self.root.joinpath(*segments)
+        if not folder.is_dir():
+            return []
+        return sorted({child.name.removesuffix(".json") for child in folder.iterdir()
+                       if child.is_dir() or (child.suffix == ".json" and not child.name.startswith("."))})
+
 
 NO_BODY = object()
 
@@ -3928,8 +3946,10 @@ class RestTransport:
         segments = [quote_plus(s).replace("+", "%20") for s in [*self.base_path.split("/"), *check_path(path)] if s]
         return f"{self.url}/{'/'.join(segments)}.json"
 
-    def _send(self, method: str, path: str, *, body: Any = NO_BODY, headers: Mapping[str, str] | None = None) -> Any:
+    def _send(self, method: str, path: str, *, body: Any = NO_BODY, headers: Mapping[str, str] | None = None,
+              query: Mapping[str, str] | None = None) -> Any:
         params = {"auth": self.auth_token} if self.auth_token else {}
+        params.update(query or {})
         all_headers = dict(headers or {})
         if self.token_source is not None:
             all_headers["Authorization"] = f"Bearer {self.token_source()}"
@@ -3988,6 +4008,15 @@ class RestTransport:
         if response.status_code != 200:
             raise self._fail(response, "GET", path)
         return self._json(response, "GET", path), response.headers.get("ETag", "")
+
+    def child_keys(self, path: str) -> list[str]:
+        """The names of the children at ``path``, read with ``shallow=true`` (their values never travel);
+        a location holding a plain value, or nothing, has none."""
+        response = self._send("GET", path, query={"shallow": "true"})
+        if response.status_code != 200:
+            raise self._fail(response, "GET", path)
+        value = self._json(response, "GET", path)
+        return sorted(str(key) for key in value) if isinstance(value, Mapping) else []
 
     def put(self, path: str, value: Any, if_match: str | None = None) -> PutResult:
         """Write ``value``; written only when the database echoes it back (``_verify``)."""
@@ -4895,6 +4924,774 @@ def no_progress(_total: int, _unit: str) -> Iterator[None]:
 
 
 # =============================================================================================
+# Measure: did the campaign bring anyone back
+# =============================================================================================
+#
+# ``measure`` follows every member of every archived campaign in range, messaged ("treated") or held
+# out, for ``--window-days`` after their reference time, and compares how many came back. Pure
+# functions first (statistics, reading archived records, following members, grouping, the report),
+# then the I/O at the edges (``read_campaigns``, ``read_events``, ``run_measure``). It writes nothing
+# to Firebase or its mirror: only reads, and its two report files.
+
+CONFIDENCE = 0.95
+Z_95 = NormalDist().inv_cdf(0.5 + CONFIDENCE / 2)  # 1.959964...
+MEASURE_GROUPS = ("treated", "approved_or_sent", "sent", "holdout")
+REVIEWED_GROUPS = {"approved_or_sent": frozenset({"approved", "sent"}), "sent": frozenset({"sent"})}
+MESSAGE_STATUSES = frozenset({"pending", "approved", "sent", "rejected"})
+MAX_ARCHIVE_ITEMS = 100_000  # records read from one archived list; the rest are a data error (counted)
+MAX_WINDOW_DAYS = 365
+DATE_ONLY = re.compile(r"\d{4}-\d{2}-\d{2}")
+INTERVAL_METHOD = ("95% interval: Newcombe's hybrid score interval for a difference of proportions (method 10 "
+                   "in Newcombe 1998, Statistics in Medicine 17:873-890), built on Wilson score intervals")
+TEST_METHOD = "p: two-sided two-proportion z-test with the pooled standard error"
+PROXY_TEXT = ("A member counts as having come back when the app records them as a participant or the owner of an "
+              "event starting within {days} days after their message (or their hold-out), because RSVP times are "
+              "not stored. Members also join events without any message, which is what the holdout is for: only "
+              "the difference between the treated and the holdout rates is the campaign's doing.")
+POOLING_TEXT = ("Pooled rows add up the campaigns: each (campaign, member) counts once, so a member messaged or "
+                "held out in several campaigns counts once in each; the pooled interval is then a little too "
+                "narrow, and pooling is not stratified by campaign.")
+REVIEWED_TEXT = ("The approved_or_sent and sent rows are the messages reviewers approved or sent: they were not "
+                 "chosen at random, so their lift over the holdout describes, it does not prove.")
+REFERENCE_TEXT = ("Reference time: a message's sent_at when its status is sent and sent_at is a date, else its "
+                  "generated_at; a holdout member's held_out_at. A member whose window has not closed at --now is "
+                  "counted as open (and whether they are already back), never as not back.")
+
+
+# --- statistics: Wilson, Newcombe's method 10, the two-proportion z-test -----------------------
+
+
+def wilson_interval(successes: int, trials: int, z: float = Z_95) -> tuple[float, float]:
+    """Wilson's score interval for one rate (``trials`` > 0): unlike the textbook (Wald) interval it
+    stays inside 0-1 and does not collapse to a point at 0 or ``trials`` successes."""
+    p = successes / trials
+    centre = 2 * trials * p + z * z
+    spread = z * math.sqrt(z * z + 4 * trials * p * (1 - p))
+    denominator = 2 * (trials + z * z)
+    return max(0.0, (centre - spread) / denominator), min(1.0, (centre + spread) / denominator)
+
+
+def newcombe_interval(x1: int, n1: int, x2: int, n2: int, z: float = Z_95) -> tuple[float, float]:
+    """The interval for ``x1/n1 - x2/n2``, Newcombe's method 10: each limit combines the distances from
+    each rate to its Wilson limits, so it is good at small counts and at rates near 0 or 1."""
+    p1, p2 = x1 / n1, x2 / n2
+    (l1, u1), (l2, u2) = wilson_interval(x1, n1, z), wilson_interval(x2, n2, z)
+    difference = p1 - p2
+    return (difference - math.sqrt((p1 - l1) ** 2 + (u2 - p2) ** 2),
+            difference + math.sqrt((u1 - p1) ** 2 + (p2 - l2) ** 2))
+
+
+def two_proportion_z_test(x1: int, n1: int, x2: int, n2: int) -> tuple[float, float]:
+    """(z, two-sided p) for "the two rates are equal", with the pooled standard error. When nobody or
+    everybody came back in both groups the rates are equal and nothing differs: z 0, p 1."""
+    pooled = (x1 + x2) / (n1 + n2)
+    standard_error = math.sqrt(pooled * (1 - pooled) * (1 / n1 + 1 / n2))
+    if standard_error == 0:
+        return 0.0, 1.0
+    z = (x1 / n1 - x2 / n2) / standard_error
+    return z, 2 * NormalDist().cdf(-abs(z))
+
+
+@dataclass(frozen=True)
+class Tally:
+    """One group's counts. ``size`` counts the members whose window has closed (the rate's denominator);
+    those still open are counted apart, with how many are already back, and never as not back."""
+
+    size: int = 0
+    came_back: int = 0
+    came_to_suggested: int = 0
+    open: int = 0
+    open_came_back: int = 0
+
+    @property
+    def rate(self) -> float | None:
+        return self.came_back / self.size if self.size else None
+
+
+def sum_tallies(tallies: Iterable[Tally]) -> Tally:
+    """Tallies added up (the pooled row): every count is a sum."""
+    rows = list(tallies)
+    return Tally(*(sum(getattr(t, name) for t in rows)
+                   for name in ("size", "came_back", "came_to_suggested", "open", "open_came_back")))
+
+
+class Lift(NamedTuple):
+    """Treated against holdout: the difference in percentage points with its interval, the relative lift
+    (None when no holdout member came back) and the z-test."""
+
+    difference_pp: float
+    low_pp: float
+    high_pp: float
+    relative: float | None
+    z: float
+    p_value: float
+
+
+def lift(treated: Tally, holdout: Tally) -> Lift | None:
+    """The lift of ``treated`` over ``holdout``; None when either has no closed window."""
+    if not treated.size or not holdout.size:
+        return None
+    args = (treated.came_back, treated.size, holdout.came_back, holdout.size)
+    low, high = newcombe_interval(*args)
+    z, p_value = two_proportion_z_test(*args)
+    t_rate, h_rate = treated.came_back / treated.size, holdout.came_back / holdout.size
+    relative = (t_rate - h_rate) / h_rate if h_rate else None
+    return Lift(100 * (t_rate - h_rate), 100 * low, 100 * high, relative, z, p_value)
+
+
+LIFT_NOTES = {  # why treated-against-holdout has no lift: (the report's sentence, the console table's words)
+    "no_holdout": ("no holdout members: lift cannot be computed; rates only", "no holdout: rates only"),
+    "holdout_open": ("no holdout member's window has closed yet: lift cannot be computed yet; rates only",
+                     "holdout windows open"),
+    "treated_open": ("no treated member's window has closed yet: lift cannot be computed yet; rates only",
+                     "treated windows open"),
+}
+
+
+def lift_note(treated: Tally, holdout: Tally) -> str | None:
+    """Why treated-against-holdout has no lift (a ``LIFT_NOTES`` key); None when it has one."""
+    if not holdout.size and not holdout.open:
+        return "no_holdout"
+    if not holdout.size:
+        return "holdout_open"
+    if not treated.size:
+        return "treated_open"
+    return None
+
+
+# --- archived campaigns: every value read is untrusted ----------------------------------------
+
+
+class Observation(NamedTuple):
+    """One member of one archived campaign to follow: messaged ("treated") or held out ("holdout"), from
+    when (``reference``), and the suggested event (the message's, or the rules' pick for the holdout)."""
+
+    user_id: str
+    arm: str
+    status: str  # the message's status ("pending", "approved", "sent", "rejected", or "" when odd or held out)
+    reference: datetime
+    event_id: str | None
+
+
+class ArchivedCampaign(NamedTuple):
+    """An archived campaign as measured: its date (metadata ``created_at``, the run's --now; without one,
+    its earliest reference time), its recorded status, and each of its members once."""
+
+    campaign_id: str
+    created_at: datetime | None
+    status: str
+    observations: tuple[Observation, ...]
+
+
+class DateRange(NamedTuple):
+    """``--since``/``--until`` on the campaigns' dates; ``until`` is exclusive (see ``range_bound``)."""
+
+    since: datetime | None = None
+    until: datetime | None = None
+
+    def holds(self, moment: datetime) -> bool:
+        return (self.since is None or moment >= self.since) and (self.until is None or moment < self.until)
+
+
+def range_bound(text: str, flag: str, *, end: bool) -> datetime:
+    """``--since``/``--until`` as an instant: a date is that whole day in UTC (``--until`` includes it), a
+    date-time that instant (``--until`` includes it too); UsageError for anything else."""
+    moment = to_utc(text.strip())
+    if moment is None or not 1970 <= moment.year <= 2200:
+        raise UsageError(f"{flag} {text!r} is not a date (2026-01-31) or an ISO-8601 date-time in 1970-2200")
+    if not end:
+        return moment
+    return moment + (timedelta(days=1) if DATE_ONLY.fullmatch(text.strip()) else timedelta(microseconds=1))
+
+
+def usable_key(key: str) -> bool:
+    """A key the database could have stored, so a path built from it reads what it names."""
+    return bool(key) and not FORBIDDEN_KEY.search(key) and len(key.encode("utf-8")) <= MAX_KEY_BYTES
+
+
+def archive_records(value: Any, key: str, issues: DataIssues) -> list[Mapping[str, Any]]:
+    """The records of one archived list (``{key: [...], count, updatedAt}``, in any shape the database
+    returns it); a list that is no list, entries that are not objects and entries beyond
+    ``MAX_ARCHIVE_ITEMS`` are counted and skipped."""
+    inner = value.get(key) if isinstance(value, Mapping) else value
+    if inner is not None and not isinstance(inner, (Mapping, list)):
+        issues.add(f"archived_{key}_lists_with_odd_shape")
+        return []
+    entries = listing_entries(value, key)
+    if len(entries) > MAX_ARCHIVE_ITEMS:
+        issues.add(f"archived_{key}_beyond_{MAX_ARCHIVE_ITEMS}", len(entries) - MAX_ARCHIVE_ITEMS)
+        entries = entries[:MAX_ARCHIVE_ITEMS]
+    records = [entry for entry in entries if isinstance(entry, Mapping)]
+    issues.add(f"archived_{key}_not_objects", len(entries) - len(records))
+    return records
+
+
+def message_status(value: Any, issues: DataIssues) -> str:
+    """A message's status as the dashboard sets it; anything else is counted and treated as no status."""
+    status = value.strip().lower() if isinstance(value, str) and len(value) <= 40 else None
+    if status in MESSAGE_STATUSES:
+        return status
+    issues.add("archived_messages_with_odd_status")
+    return ""
+
+
+def message_observation(item: Mapping[str, Any], issues: DataIssues) -> Observation | None:
+    """A messaged member from an archived message, or None (counted): no usable ``user_id``, or no date
+    to start from. From ``sent_at`` when the status is sent and it is a date, else ``generated_at``."""
+    user_id = usable_id(item.get("user_id"))
+    if user_id is None:
+        issues.add("archived_messages_without_usable_user_id")
+        return None
+    status = message_status(item.get("status"), issues)
+    sent_at = to_utc(item.get("sent_at")) if status == "sent" else None
+    if status == "sent" and sent_at is None:
+        issues.add("sent_messages_without_valid_sent_at")
+    reference = sent_at or to_utc(item.get("generated_at"))
+    if reference is None:
+        issues.add("archived_messages_without_valid_generated_at")
+        return None
+    return Observation(user_id, "treated", status, reference, usable_id(item.get("event_id")))
+
+
+def holdout_observation(item: Mapping[str, Any], issues: DataIssues) -> Observation | None:
+    """A held-out member from a holdout record, from ``held_out_at``, or None (counted)."""
+    user_id = usable_id(item.get("user_id"))
+    if user_id is None:
+        issues.add("archived_holdout_without_usable_user_id")
+        return None
+    held_out_at = to_utc(item.get("held_out_at"))
+    if held_out_at is None:
+        issues.add("archived_holdout_without_valid_held_out_at")
+        return None
+    return Observation(user_id, "holdout", "", held_out_at, usable_id(item.get("event_id")))
+
+
+def first_per_member(observations: Iterable[Observation]) -> dict[str, Observation]:
+    kept: dict[str, Observation] = {}
+    for observation in observations:
+        kept.setdefault(observation.user_id, observation)
+    return kept
+
+
+def campaign_members(treated: Sequence[Observation], held_out: Sequence[Observation],
+                     issues: DataIssues) -> tuple[Observation, ...]:
+    """Each member once per campaign (their first record); a member both messaged and held out in one
+    campaign belongs to neither group (counted), as no one can tell which they were."""
+    messaged, holdout = first_per_member(treated), first_per_member(held_out)
+    issues.add("repeated_members_in_a_campaign", len(treated) - len(messaged) + len(held_out) - len(holdout))
+    both = messaged.keys() & holdout.keys()
+    issues.add("members_both_messaged_and_held_out", len(both))
+    return tuple(o for o in [*messaged.values(), *holdout.values()] if o.user_id not in both)
+
+
+def metadata_moment(metadata: Any) -> datetime | None:
+    return to_utc(metadata.get("created_at")) if isinstance(metadata, Mapping) else None
+
+
+def metadata_status(metadata: Any) -> str:
+    status = metadata.get("status") if isinstance(metadata, Mapping) else None
+    return clean_text(status, 40)[0] or "unknown" if isinstance(status, str) else "unknown"
+
+
+def archived_campaign(campaign_id: str, metadata: Any, messages: Any, holdout: Any,
+                      issues: DataIssues) -> ArchivedCampaign:
+    """One campaign from its archived ``metadata``, ``messages`` and ``holdout``, as read."""
+    if metadata is not None and not isinstance(metadata, Mapping):
+        issues.add("archived_metadata_not_objects")
+    treated = [o for item in archive_records(messages, "messages", issues)
+               if (o := message_observation(item, issues)) is not None]
+    held_out = [o for item in archive_records(holdout, "holdout", issues)
+                if (o := holdout_observation(item, issues)) is not None]
+    members = campaign_members(treated, held_out, issues)
+    created_at = metadata_moment(metadata) or min((o.reference for o in members), default=None)
+    return ArchivedCampaign(campaign_id, created_at, metadata_status(metadata), members)
+
+
+# --- following members: who came back ------------------------------------------------------------
+
+
+class Followed(NamedTuple):
+    """One observation followed through its window."""
+
+    observation: Observation
+    open: bool  # the window ends after --now
+    came_back: bool
+    came_to_suggested: bool
+
+
+class Attendance:
+    """The followed members' events in start order, so "did they come back within W days of t" is a
+    bisect. Events of any type count, as they do for step 1's activity; odd entries are counted."""
+
+    def __init__(self, events: Iterable[Mapping[str, Any]], members: set[str], issues: DataIssues) -> None:
+        found: dict[str, list[tuple[datetime, str]]] = {}
+        for event in events:
+            start, event_id = to_utc(event.get("startDate")), id_of(event.get("_id")) or ""
+            if start is None:
+                issues.add("events_without_valid_start_date")
+                continue
+            for member in event_member_ids(event, issues) & members:
+                found.setdefault(member, []).append((start, event_id))
+        self.events = {member: sorted(seen) for member, seen in found.items()}
+
+    def between(self, member: str, after: datetime, until: datetime) -> set[str]:
+        """The events ``member`` joined or hosted that start after ``after`` and at the latest ``until``."""
+        seen = self.events.get(member, [])
+        first = bisect.bisect_right(seen, after, key=lambda entry: entry[0])
+        last = bisect.bisect_right(seen, until, key=lambda entry: entry[0])
+        return {event_id for _, event_id in seen[first:last]}
+
+
+def window_end(reference: datetime, days: int) -> datetime:
+    """``days`` after ``reference``, or the calendar's last usable day (a date in 9999 never overflows)."""
+    window = timedelta(days=days)
+    return reference + window if LATEST_DATE - reference > window else LATEST_DATE
+
+
+def follow(observation: Observation, attendance: Attendance, now: datetime, days: int) -> Followed:
+    """Did this member come back (to any event, and to the suggested one) within the window?"""
+    end = window_end(observation.reference, days)
+    went = attendance.between(observation.user_id, observation.reference, end)
+    return Followed(observation, end > now, bool(went), observation.event_id in went)
+
+
+def tally(followed: Iterable[Followed]) -> Tally:
+    """One group's counts; open windows apart."""
+    closed, still_open = [], []
+    for f in followed:
+        (still_open if f.open else closed).append(f)
+    return Tally(len(closed), sum(f.came_back for f in closed), sum(f.came_to_suggested for f in closed),
+                 len(still_open), sum(f.came_back for f in still_open))
+
+
+def group_tallies(followed: Sequence[Followed]) -> dict[str, Tally]:
+    """The groups of one campaign: every message ("treated"), the reviewed subsets when some message has
+    such a status, and the holdout."""
+    treated = [f for f in followed if f.observation.arm == "treated"]
+    groups = {"treated": tally(treated)}
+    for name, statuses in REVIEWED_GROUPS.items():
+        subset = [f for f in treated if f.observation.status in statuses]
+        if subset:
+            groups[name] = tally(subset)
+    groups["holdout"] = tally(f for f in followed if f.observation.arm == "holdout")
+    return groups
+
+
+@dataclass(frozen=True)
+class Measurement:
+    """One block of the table: a campaign's (or the pooled) groups, each treated group's lift over the
+    holdout, and, when treated-against-holdout has no lift, why."""
+
+    groups: dict[str, Tally]
+    lifts: dict[str, Lift | None]
+    note: str | None  # a LIFT_NOTES key
+
+
+def measurement(groups: Mapping[str, Tally]) -> Measurement:
+    holdout = groups["holdout"]
+    lifts = {name: lift(t, holdout) for name, t in groups.items() if name != "holdout"}
+    return Measurement(dict(groups), lifts, lift_note(groups["treated"], holdout))
+
+
+def pooled_measurement(blocks: Sequence[Measurement]) -> Measurement:
+    """The campaigns added up (``POOLING_TEXT``): each (campaign, member) once."""
+    names = [n for n in MEASURE_GROUPS if n in ("treated", "holdout") or any(n in b.groups for b in blocks)]
+    return measurement({n: sum_tallies(b.groups[n] for b in blocks if n in b.groups) for n in names})
+
+
+# --- the report: JSON, Markdown and the console table --------------------------------------------
+
+
+def rounded(value: float | None, digits: int = 4) -> float | None:
+    return None if value is None else round(value, digits)
+
+
+def tally_json(t: Tally) -> dict[str, Any]:
+    interval = [rounded(v) for v in wilson_interval(t.came_back, t.size)] if t.size else None
+    return {"size": t.size, "came_back": t.came_back, "rate": rounded(t.rate), "rate_interval": interval,
+            "came_to_suggested": t.came_to_suggested,
+            "suggested_rate": rounded(t.came_to_suggested / t.size if t.size else None),
+            "open": t.open, "open_came_back": t.open_came_back}
+
+
+def lift_json(found: Lift | None) -> dict[str, Any] | None:
+    if found is None:
+        return None
+    return {"difference_pp": round(found.difference_pp, 2),
+            "interval_pp": [round(found.low_pp, 2), round(found.high_pp, 2)],
+            "relative_lift": rounded(found.relative), "z": round(found.z, 4), "p_value": float(f"{found.p_value:.4g}")}
+
+
+def measurement_json(m: Measurement) -> dict[str, Any]:
+    return {"groups": {name: tally_json(t) for name, t in m.groups.items()},
+            "lift_computable": m.lifts["treated"] is not None,
+            "lift": {name: lift_json(found) for name, found in m.lifts.items()},
+            "note": LIFT_NOTES[m.note][0] if m.note else None, "note_code": m.note}
+
+
+def measure_report(*, run_date: datetime, now: datetime, window_days: int, dates: DateRange,
+                   campaign: str | None, source_label: str, archive: str,
+                   measured: Sequence[tuple[ArchivedCampaign, Measurement]], pooled: Measurement,
+                   issues: DataIssues, errors: Sequence[str], empty_input: Sequence[str]) -> dict[str, Any]:
+    """The report's JSON: the settings, the method in words, pooled and per-campaign blocks, what was odd."""
+    return {
+        "kind": "measure",
+        "run_date": iso_utc(run_date),
+        "as_of": iso_utc(now),
+        "window_days": window_days,
+        "since": iso_utc(dates.since),
+        "until": iso_utc(dates.until),  # exclusive
+        "campaign": campaign,
+        "source": source_label,
+        "archive": archive,
+        "empty_input": list(empty_input),
+        "method": {"came_back": PROXY_TEXT.format(days=window_days), "reference_time": REFERENCE_TEXT,
+                   "interval": INTERVAL_METHOD, "test": TEST_METHOD, "confidence": CONFIDENCE,
+                   "pooling": POOLING_TEXT, "reviewed_groups": REVIEWED_TEXT},
+        "campaigns_measured": len(measured),
+        "pooled": measurement_json(pooled),
+        "campaigns": [{"campaign_id": c.campaign_id, "created_at": iso_utc(c.created_at), "status": c.status,
+                       **measurement_json(m)} for c, m in measured],
+        "data_issues": issues.as_dict(),
+        "errors": list(errors),
+    }
+
+
+def percent(rate: float | None) -> str:
+    return "-" if rate is None else f"{100 * rate:.1f}%"
+
+
+def group_row(name: str, g: Mapping[str, Any]) -> list[str]:
+    """One group as table cells: size, came back, rate with its Wilson interval, suggested event, open."""
+    interval = g["rate_interval"]
+    rate = percent(g["rate"]) + (f" ({percent(interval[0])}-{percent(interval[1])})" if interval else "")
+    return [name, str(g["size"]), str(g["came_back"]), rate, str(g["came_to_suggested"]),
+            f"{g['open']} ({g['open_came_back']} back)"]
+
+
+MEASURE_COLUMNS = ["group", "size", "came back", "rate (95% CI)", "to suggested event", "open (already back)"]
+
+
+def p_value_text(p_value: float) -> str:
+    return "< 0.0001" if p_value < 0.0001 else f"{p_value:.4f}"
+
+
+def p_text(p_value: float) -> str:
+    shown = p_value_text(p_value)
+    return f"p {shown}" if shown.startswith("<") else f"p = {shown}"
+
+
+def lift_lines(block: Mapping[str, Any]) -> list[str]:
+    """The lift of each treated group over the holdout as sentences, or the plain reason there is none."""
+    lines = [] if block["note"] is None else [block["note"]]  # the sentence of LIFT_NOTES
+    for name, found in block["lift"].items():
+        if found is None:
+            continue
+        relative = found["relative_lift"]
+        lines.append(f"lift {name} vs holdout: {found['difference_pp']:+.1f} pp (95% CI {found['interval_pp'][0]:+.1f} "
+                     f"to {found['interval_pp'][1]:+.1f} pp), relative "
+                     f"{'n/a (no holdout member came back)' if relative is None else f'{100 * relative:+.1f}%'}, "
+                     f"{p_text(found['p_value'])}")
+    return lines
+
+
+def block_rows(block: Mapping[str, Any]) -> list[list[str]]:
+    return [group_row(name, g) for name, g in block["groups"].items()]
+
+
+def text_table(rows: Sequence[Sequence[str]], indent: str = "  ") -> list[str]:
+    """Rows as aligned console lines (the first row is the header)."""
+    widths = [max(len(row[i]) for row in rows) for i in range(len(rows[0]))]
+    return [indent + "  ".join(c.ljust(w) if i == 0 else c.rjust(w) for i, (c, w) in enumerate(zip(row, widths)))
+            for row in rows]
+
+
+def campaign_title(entry: Mapping[str, Any]) -> str:
+    """A campaign's heading; its id as read, made safe to show (no bidi or zero-width tricks, bounded)."""
+    return f"{clean_text(entry['campaign_id'], 100)[0]} (created {entry['created_at']}, {entry['status']})"
+
+
+CAMPAIGN_COLUMNS = ["campaign", "treated", "holdout", "lift, pp (95% CI)", "p", "open"]
+
+
+def share(g: Mapping[str, Any]) -> str:
+    """``came back/size rate``; a group with no closed window says how many are open instead."""
+    if not g["size"]:
+        return f"({g['open']} open)" if g["open"] else "-"
+    return f"{g['came_back']}/{g['size']} {percent(g['rate'])}"
+
+
+def campaign_row(entry: Mapping[str, Any]) -> list[str]:
+    """One campaign on one line: treated and holdout came back / size, the lift (or why none), open windows."""
+    groups, found = entry["groups"], entry["lift"]["treated"]
+    if found is None:
+        lift_cells = [LIFT_NOTES[entry["note_code"]][1], ""]
+    else:
+        low, high = found["interval_pp"]
+        lift_cells = [f"{found['difference_pp']:+.1f} ({low:+.1f} to {high:+.1f})", p_value_text(found["p_value"])]
+    return [clean_text(entry["campaign_id"], 100)[0], share(groups["treated"]), share(groups["holdout"]), *lift_cells,
+            str(groups["treated"]["open"] + groups["holdout"]["open"])]
+
+
+def measure_console(report: Mapping[str, Any], report_path: Path) -> str:
+    """The console table: one line per campaign, then the pooled block in full, the method, the report's path
+    (a year of daily campaigns stays a readable table; the report has every campaign in full)."""
+    lines = [f"Measure: {plural(report['campaigns_measured'], 'campaign')}, window {report['window_days']} days, "
+             + f"as of {report['as_of']}", ""]
+    if report["campaigns"]:
+        lines += text_table([CAMPAIGN_COLUMNS, *(campaign_row(c) for c in report["campaigns"])], indent="") + [""]
+    pooled = report["pooled"]
+    lines += [f"pooled ({plural(report['campaigns_measured'], 'campaign')}, each campaign-member once)",
+              *text_table([MEASURE_COLUMNS, *block_rows(pooled)])]
+    lines += [f"  {line}" for line in lift_lines(pooled)]
+    if any(name in pooled["groups"] for name in REVIEWED_GROUPS):
+        lines.append(f"  {REVIEWED_TEXT}")
+    lines += ["", INTERVAL_METHOD + "; " + TEST_METHOD + ".", f"Report: {report_path}"]
+    return "\n".join(lines) + "\n"
+
+
+def markdown_table(rows: Sequence[Sequence[str]]) -> list[str]:
+    header, *body = rows
+    return [f"| {' | '.join(header)} |", "|" + " --- |" * len(header)] + [
+        f"| {' | '.join(cell(c) for c in row)} |" for row in body]
+
+
+def range_text(report: Mapping[str, Any]) -> str:
+    """Which campaigns were asked for, in words (``until`` is exclusive)."""
+    since, until, campaign = report["since"], report["until"], report["campaign"]
+    dates = (f"campaigns dated from {since or 'the first'} to before {until}" if until
+             else f"campaigns dated from {since}" if since else "campaigns of any date")
+    return dates + (f"; only campaign {cell(campaign)}" if campaign else "")
+
+
+def measure_markdown(report: Mapping[str, Any]) -> str:
+    """The human report: the proxy in two sentences, the method, the pooled and per-campaign tables."""
+    method = report["method"]
+    lines = ["# Return To Table measure: did the campaigns bring anyone back?", "",
+             f"- As of {report['as_of']}; window {report['window_days']} days; {range_text(report)}",
+             f"- Archive: {cell(report['archive'])}; events: {cell(report['source'])}",
+             f"- Campaigns measured: {report['campaigns_measured']}",
+             *empty_input_lines(report["empty_input"]),
+             "", "## What \"came back\" means", "", method["came_back"], "", method["reference_time"],
+             "", "## Method", "", f"- {INTERVAL_METHOD}.", f"- {TEST_METHOD}.", f"- {method['pooling']}",
+             f"- {method['reviewed_groups']}",
+             "", "## Pooled", "", *markdown_table([MEASURE_COLUMNS, *block_rows(report["pooled"])]), ""]
+    lines += [f"- {line}" for line in lift_lines(report["pooled"])]
+    if report["campaigns"]:
+        lines += ["", "## Campaigns at a glance", "",
+                  *markdown_table([CAMPAIGN_COLUMNS, *(campaign_row(c) for c in report["campaigns"])])]
+    lines += ["", "## Per campaign"]
+    for entry in report["campaigns"]:
+        lines += ["", f"### {cell(campaign_title(entry))}", "", *markdown_table([MEASURE_COLUMNS, *block_rows(entry)]),
+                  ""]
+        lines += [f"- {line}" for line in lift_lines(entry)]
+    if not report["campaigns"]:
+        lines += ["", "No archived campaign in range."]
+    lines += ["", "## Data issues (records skipped or treated as missing)", ""]
+    lines += [f"- {k.replace('_', ' ')}: {v}" for k, v in report["data_issues"].items()] or ["None."]
+    lines += ["", "## Errors", ""] + ([f"- {cell(e)}" for e in report["errors"]] or ["None."])
+    return "\n".join(lines) + "\n"
+
+
+# --- the edges: the archive, the events, the run ------------------------------------------------
+
+
+@dataclass(frozen=True)
+class MeasureOptions:
+    """One ``measure`` run's choices; ``run`` carries what the campaign's source and transport need."""
+
+    run: RunOptions
+    window_days: int = 14
+    dates: DateRange = field(default_factory=DateRange)
+    campaign: str | None = None
+
+
+def read_campaigns(transport: FirebaseTransport, options: MeasureOptions, issues: DataIssues,
+                   errors: list[str]) -> list[ArchivedCampaign]:
+    """The archived campaigns in range (or ``--campaign``), read only: the ids from a shallow listing, each
+    one's metadata, then its messages and holdout. An id the database could not hold is counted; a
+    campaign that cannot be read is named in ``errors`` and skipped. A listing that fails raises."""
+    ids = [options.campaign] if options.campaign else transport.child_keys("campaigns")
+    campaigns = []
+    for campaign_id in ids:
+        if not usable_key(campaign_id):
+            issues.add("archived_campaign_ids_not_usable")
+            continue
+        try:
+            metadata, _ = transport.get(f"campaigns/{campaign_id}/metadata")
+            created = metadata_moment(metadata)
+            if created is not None and not options.dates.holds(created):
+                continue
+            messages, _ = transport.get(f"campaigns/{campaign_id}/messages")
+            holdout, _ = transport.get(f"campaigns/{campaign_id}/holdout")
+        except FirebaseError as exc:
+            errors.append(f"campaign {campaign_id}: not read ({exc})")
+            continue
+        if options.campaign and metadata is None and messages is None and holdout is None:
+            raise UsageError(f"--campaign {campaign_id}: no such campaign in {transport.description}")
+        campaign = archived_campaign(campaign_id, metadata, messages, holdout, issues)
+        if campaign.created_at is None:
+            issues.add("archived_campaigns_without_valid_date")
+        elif options.dates.holds(campaign.created_at):
+            campaigns.append(campaign)
+    return sorted(campaigns, key=lambda c: (c.created_at, c.campaign_id))
+
+
+def read_events(source: DataSource, issues: DataIssues) -> tuple[list[dict[str, Any]], list[str]]:
+    """The source's events, screened as the campaign screens them (read only), and ``["events"]`` when
+    there were none (empty input)."""
+    data = source.read()
+    issues.add("unreadable_extended_json_values", data.bad_values)
+    issues.add_all({kind: n for kind, n in data.skipped.items() if kind.startswith("events")})
+    screened = screen_records(data.events, "events")
+    issues.add_all(screened.issues)
+    events, repeated = dedupe_by_id(screened.records)
+    issues.add("repeated_event_ids", repeated)
+    return events, [name for name in empty_collections(data) if name == "events"]
+
+
+def measure_campaigns(campaigns: Sequence[ArchivedCampaign], events: Iterable[Mapping[str, Any]], now: datetime,
+                      days: int, issues: DataIssues) -> list[tuple[ArchivedCampaign, Measurement]]:
+    """Every campaign's members followed through their windows and grouped."""
+    attendance = Attendance(events, {o.user_id for c in campaigns for o in c.observations}, issues)
+    return [(c, measurement(group_tallies([follow(o, attendance, now, days) for o in c.observations])))
+            for c in campaigns]
+
+
+def measure_report_paths(out_dir: Path, started: datetime) -> tuple[Path, Path]:
+    """``reports/return_to_table_measure_<UTC timestamp>.json`` and ``.md``, the next free second if taken."""
+    reports, moment = out_dir / "reports", started
+    while (reports / f"return_to_table_measure_{moment.strftime('%Y%m%d-%H%M%S')}.json").exists():
+        moment += timedelta(seconds=1)
+    stem = f"return_to_table_measure_{moment.strftime('%Y%m%d-%H%M%S')}"
+    return reports / f"{stem}.json", reports / f"{stem}.md"
+
+
+def measure_exit_code(report: Mapping[str, Any]) -> int:
+    """3 when something needs a look (a campaign unreadable, no events, no campaign measured), else 0."""
+    return EXIT_ATTENTION if report["errors"] or report["empty_input"] or not report["campaigns_measured"] else EXIT_OK
+
+
+def measure_source_choice(text: str | None, settings: Settings) -> tuple[SourceKind, Path | None]:
+    """``--source``: 'mongo' (the default when MongoDB is configured) or a mongoexport folder."""
+    if text == "mongo" or (text is None and settings.mongo_uri):
+        if not settings.mongo_uri:
+            raise UsageError(MONGO_NOT_CONFIGURED)
+        return SourceKind.MONGO, None
+    if text:
+        return SourceKind.FOLDER, Path(text).expanduser()
+    raise UsageError("no source for the events: set MONGO_URI (or MONGO_USERNAME, MONGO_PASSWORD, MONGO_HOST) "
+                     "and MONGO_DB_NAME, or pass --source DIR")
+
+
+def window_days(text: str) -> int:
+    value = positive_int(text)
+    if value > MAX_WINDOW_DAYS:
+        raise argparse.ArgumentTypeError(f"must be at most {MAX_WINDOW_DAYS} days")
+    return value
+
+
+MEASURE_EXIT_CODES_HELP = """exit codes:
+  0    done cleanly
+  3    done, but something needs a look: a campaign could not be read (named in the report), the
+       source has no events, or no archived campaign is in range
+  1    failed, nothing measured: the archive or the source is unreadable, MongoDB unreachable, out of disk
+  2    bad usage, configuration or input
+  130  interrupted by SIGINT; 143 by SIGTERM"""
+
+
+def build_measure_parser() -> argparse.ArgumentParser:
+    parser = OneLineParser(
+        prog="return_to_table.py measure",
+        description="Did the campaigns bring anyone back? Treated against holdout, per campaign and pooled, "
+                    "from the archived campaigns and the current events (read only).",
+        epilog=MEASURE_EXIT_CODES_HELP, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--since", metavar="DATE", help="campaigns dated from DATE on (a date, UTC, or a date-time)")
+    parser.add_argument("--until", metavar="DATE", help="campaigns dated up to DATE, that day included")
+    parser.add_argument("--window-days", type=window_days, default=14, metavar="N",
+                        help="a member came back when at an event within N days of their message (%(default)s)")
+    parser.add_argument("--source", metavar="mongo|DIR",
+                        help="where the events are: 'mongo' (default when MongoDB is configured) or a folder "
+                             "with users.json and events.json from mongoexport")
+    parser.add_argument("--campaign", metavar="ID", help="only this archived campaign")
+    parser.add_argument("--now", metavar="ISO8601", help="the as-of instant: later windows are open (default: now)")
+    parser.add_argument("--out", metavar="DIR", type=Path, default=SCRIPT_DIR,
+                        help="root for reports/ and the local mirror data/firebase (default: the script's folder)")
+    return parser
+
+
+def measure_options(args: argparse.Namespace, settings: Settings) -> MeasureOptions:
+    """Arguments and settings as one measure run's options; UsageError for what cannot be measured."""
+    now = parse_now(args.now) if args.now is not None else datetime.now(UTC).replace(microsecond=0)
+    dates = DateRange(range_bound(args.since, "--since", end=False) if args.since else None,
+                      range_bound(args.until, "--until", end=True) if args.until else None)
+    if dates.since and dates.until and dates.since >= dates.until:
+        raise UsageError(f"--since {args.since} is not before --until {args.until}")
+    if args.campaign is not None and not usable_key(args.campaign):
+        raise UsageError(f"--campaign {args.campaign[:100]!r} is not a campaign id")
+    kind, folder = measure_source_choice(args.source, settings)
+    run = RunOptions(source=kind, folder=folder, now=now, out_dir=usable_out_dir(args.out), dry_run=True)
+    return MeasureOptions(run, args.window_days, dates, args.campaign)
+
+
+def measure_logger() -> logging.Logger:
+    """Warnings on stderr (the table is stdout's); ``measure`` keeps no log file."""
+    logger = logging.getLogger("ReturnToTable.measure")
+    logger.setLevel(logging.WARNING)
+    logger.propagate = False
+    close_logging(logger)
+    handler = logging.StreamHandler(sys.stderr)
+    handler.setFormatter(logging.Formatter("%(levelname)s - %(message)s"))
+    logger.addHandler(handler)
+    return logger
+
+
+def run_measure(args: argparse.Namespace, env: Mapping[str, str] | None, mongo_client: Any,
+                closing: ExitStack) -> int:
+    """The ``measure`` run: the archive, the events, the statistics, the report; returns the exit code."""
+    started = datetime.now(UTC)
+    settings = Settings.from_env(env if env is not None else read_environment())
+    options = measure_options(args, settings)
+    logger = measure_logger()
+    closing.callback(close_logging, logger)
+    transport = make_dashboard(options.run, settings, logger).transport  # dry run: it can only read
+    assert transport is not None
+    if isinstance(transport, RestTransport):
+        closing.callback(transport.client.close)
+    issues, errors = DataIssues(), []
+    campaigns = read_campaigns(transport, options, issues, errors)
+    source = make_source(options.run, settings, logger, mongo_client)
+    if isinstance(source, MongoSource) and mongo_client is None:
+        closing.callback(source.client.close)
+    events, empty = read_events(source, issues)
+    measured = measure_campaigns(campaigns, events, options.run.now, options.window_days, issues)
+    report = measure_report(run_date=started, now=options.run.now, window_days=options.window_days,
+                            dates=options.dates, campaign=options.campaign, source_label=source.label,
+                            archive=transport.description, measured=measured,
+                            pooled=pooled_measurement([m for _, m in measured]), issues=issues, errors=errors,
+                            empty_input=empty)
+    json_path, md_path = measure_report_paths(options.run.out_dir, started)
+    write_json(json_path, report, private=True)
+    write_text_private(md_path, measure_markdown(report))
+    print(measure_console(report, md_path), end="")
+    for problem in measure_problems(report, source):
+        print(problem, file=sys.stderr)
+    return measure_exit_code(report)
+
+
+def measure_problems(report: Mapping[str, Any], source: DataSource) -> list[str]:
+    """What cron mail should show besides the table: one line per kind of trouble."""
+    problems = [f"error: {e}" for e in report["errors"]]
+    if report["empty_input"]:
+        problems.append(f"warning: empty input: no events in {input_location(source, 'events')}; nobody can "
+                        "have come back")
+    if not report["campaigns_measured"]:
+        problems.append(f"warning: no archived campaign in range in {report['archive']}")
+    return problems
+
+
+
+# =============================================================================================
 # Backtest: the matcher against history
 # =============================================================================================
 
@@ -5208,10 +6005,6 @@ def build_backtest_report(*, source: str, start: datetime, end: datetime, every_
     }
 
 
-def percent(value: float | None) -> str:
-    return "-" if value is None else f"{100 * value:.1f}%"
-
-
 def backtest_table(report: Mapping[str, Any]) -> list[list[str]]:
     """The table's cells: a header, one row per date, the pooled row and its intervals."""
     header = ["as of", "eligible", "returned", "candidates", *BACKTEST_METHODS, "oracle"]
@@ -5416,7 +6209,6 @@ def backtest(args: argparse.Namespace, env: Mapping[str, str] | None, mongo_clie
     return EXIT_ATTENTION if screened.empty or report["pooled"]["returned"] == 0 else EXIT_OK
 
 
-
 # =============================================================================================
 # Command line
 # =============================================================================================
@@ -5527,6 +6319,28 @@ def build_parser() -> argparse.ArgumentParser:
 MAX_NOW_AHEAD = timedelta(days=1)  # a --now further ahead of the clock is a rehearsal: --dry-run only
 
 
+def parse_now(text: str) -> datetime:
+    """``--now`` as an aware UTC instant (any subcommand), or UsageError: no date, or outside 1970-2200."""
+    parsed = to_utc(text)
+    if parsed is None:
+        raise UsageError(f"--now {text!r} is not a valid ISO-8601 date-time (e.g. 2026-11-23T06:00:00Z)")
+    if not 1970 <= parsed.year <= 2200:
+        raise UsageError(f"--now {text!r} is outside the years 1970-2200")
+    return parsed
+
+
+def usable_out_dir(path: Path) -> Path:
+    """``--out`` resolved and created, or UsageError when it cannot be created or written."""
+    out_dir = path.expanduser().resolve()
+    try:
+        out_dir.mkdir(parents=True, exist_ok=True)
+    except OSError as exc:
+        raise UsageError(f"--out {out_dir}: cannot create the folder ({exc.strerror})") from None
+    if not os.access(out_dir, os.W_OK):
+        raise UsageError(f"--out {out_dir}: not writable")
+    return out_dir
+
+
 def resolve_options(args: argparse.Namespace, settings: Settings) -> RunOptions:
     """Turn arguments and settings into one run's options; refuse what cannot be run.
 
@@ -5535,11 +6349,7 @@ def resolve_options(args: argparse.Namespace, settings: Settings) -> RunOptions:
     """
     now = datetime.now(UTC).replace(microsecond=0)
     if args.now is not None:
-        parsed = to_utc(args.now)
-        if parsed is None:
-            raise UsageError(f"--now {args.now!r} is not a valid ISO-8601 date-time (e.g. 2026-11-23T06:00:00Z)")
-        if not 1970 <= parsed.year <= 2200:
-            raise UsageError(f"--now {args.now!r} is outside the years 1970-2200")
+        parsed = parse_now(args.now)
         if parsed > now + MAX_NOW_AHEAD and not args.dry_run:  # the cooldown would hold members out until then
             raise UsageError(f"--now {args.now!r} is more than a day ahead of the clock: a run in the future "
                              "must be a --dry-run, or its messages hold members out of the cooldown until then")
@@ -5561,13 +6371,7 @@ def resolve_options(args: argparse.Namespace, settings: Settings) -> RunOptions:
         args.llm == "claude" or (args.llm == "auto" and bool(settings.anthropic_api_key)))
     if use_claude and not settings.anthropic_api_key:
         raise UsageError("--llm claude needs ANTHROPIC_API_KEY")
-    out_dir = args.out.expanduser().resolve()
-    try:
-        out_dir.mkdir(parents=True, exist_ok=True)
-    except OSError as exc:
-        raise UsageError(f"--out {out_dir}: cannot create the folder ({exc.strerror})") from None
-    if not os.access(out_dir, os.W_OK):
-        raise UsageError(f"--out {out_dir}: not writable")
+    out_dir = usable_out_dir(args.out)
     return RunOptions(source=kind, folder=folder, now=now, out_dir=out_dir, limit=args.limit,
                       use_claude=use_claude, dry_run=args.dry_run, min_confidence=args.min_confidence,
                       candidates=args.candidates, concurrency=args.concurrency,
@@ -5700,9 +6504,24 @@ def main(argv: Sequence[str] | None = None, *, env: Mapping[str, str] | None = N
 
 
 def measure_command(argv: Sequence[str], *, env: Mapping[str, str] | None = None, mongo_client: Any = None) -> int:
-    """``measure``: did the campaigns bring anyone back, treated against the holdout (read-only)."""
-    print("error: measure is not built yet", file=sys.stderr)
-    return EXIT_USAGE
+    """``measure``: did the campaigns bring anyone back, treated against the holdout (read-only).
+    Same error handling and exit codes as ``main``; the work is ``run_measure``."""
+    try:
+        args = build_measure_parser().parse_args(list(argv))
+    except SystemExit as exc:  # --help, or a usage error already printed
+        return exc.code if isinstance(exc.code, int) else EXIT_USAGE
+    with ExitStack() as closing:
+        try:
+            return run_measure(args, env, mongo_client, closing)
+        except UsageError as exc:
+            print(f"error: {exc}", file=sys.stderr)
+            return EXIT_USAGE
+        except ServiceError as exc:
+            print(f"error: {exc}", file=sys.stderr)
+            return EXIT_FAILURE
+        except KeyboardInterrupt:
+            print("error: measure interrupted; no report written", file=sys.stderr)
+            return EXIT_SIGNALS[signal.SIGINT]
 
 
 def backtest_command(argv: Sequence[str], *, env: Mapping[str, str] | None = None, mongo_client: Any = None) -> int:

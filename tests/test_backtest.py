@@ -1,7 +1,7 @@
 """``backtest``: the rules matcher replayed on history, without leaks, against baselines on the same candidates.
 
 Worlds are hand-built so the truth is known; the real Montana sample ships in ``samples/meetup_montana``.
-All people and places here are fictional (``@example.com`` emails, ``+1555`` phones).
+All people and places here are fictional (``@example.com`` emails, ``+1 212 555-01xx`` phones).
 """
 
 from __future__ import annotations
@@ -36,7 +36,7 @@ def at(days: float) -> datetime:
 
 def member(oid: ObjectId, first: str, interests: list[str], home: str = "chelsea") -> dict[str, Any]:
     return {"_id": oid, "firstName": first, "lastName": "Example", "email": f"{first.lower()}@example.com",
-            "phone": "+15555550100", "interests": interests, "homeNeighborhood": home}
+            "phone": "+12125550100", "interests": interests, "homeNeighborhood": home}
 
 
 def event(oid: ObjectId, name: str, start: datetime, owner: ObjectId, participants: list[ObjectId], *,
