@@ -2432,6 +2432,17 @@ def empty_input_lines(empty: Sequence[str]) -> list[str]:
     return [line]
 
 
+def skip_reason_lines(reasons: Mapping[str, int], holdout: Mapping[str, Any]) -> list[str]:
+    """Why eligible members were not texted (counts only), and the control group."""
+    lines = ["## Who was texted", "", "| eligible members not texted, by reason | count |", "| --- | --- |"]
+    lines += [f"| {code} | {n} |" for code, n in reasons.items()] or ["| (none) | 0 |"]
+    if holdout.get("fraction"):
+        ranks = ", ".join(str(r) for r in holdout.get("ranks", [])) or "none"
+        lines += ["", (f"Holdout (control group, {holdout['fraction']:g} of members by a stable hash): "
+                       f"{holdout.get('count', 0)} recorded, never texted; ranks {ranks}.")]
+    return lines + [""]
+
+
 def report_markdown(report: Mapping[str, Any]) -> str:
     """The human report: goal, run summary, who was tried, matches, messages, recommendations."""
     s, st = report["summary"], report["statistics"]
@@ -2457,6 +2468,7 @@ def report_markdown(report: Mapping[str, Any]) -> str:
                 "average_confidence_score", "error_count"):
         lines.append(f"| {key.replace('_', ' ')} | {s.get(key)} |")
     lines += ["", f"Users tried: {st['users_processed']}; future events considered: {st['events_processed']}.", ""]
+    lines += skip_reason_lines(report.get("skip_reasons", {}), report.get("holdout", {}))
     lines += ["## Matches and messages", "", "| member | event | confidence | matcher | SMS | segments |",
               "| --- | --- | --- | --- | --- | --- |"]
     messages = {m["user_id"]: m for m in report.get("messages", [])}
