@@ -52,7 +52,7 @@ from collections import Counter
 from collections.abc import Iterable, Iterator, Mapping, Sequence
 from concurrent.futures import ThreadPoolExecutor
 from contextlib import ExitStack
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from datetime import UTC, datetime, timedelta, timezone
 from datetime import time as dt_time
 from enum import Enum
@@ -1962,10 +1962,17 @@ class MessageFacts:
     spots_left: int | None
     going: int
     neighbourhood: str | None
+    sender: str | None = None  # SMS_SENDER: named near the start of every message when set
+    opt_out_text: str | None = None  # SMS_OPT_OUT_TEXT: just before the link when set
 
     @property
     def link(self) -> str:
         return event_link(self.event_id)
+
+    @property
+    def dressed(self) -> bool:
+        """A sender or opt-out text must be carried: the optional facts may then give way (``OPTIONAL_FACTS``)."""
+        return bool(self.sender or self.opt_out_text)
 
     @property
     def allowed_numbers(self) -> set[str]:
@@ -1977,7 +1984,10 @@ class MessageFacts:
         return numbers
 
 
-def message_facts(match: Match, zone: ZoneInfo, now: datetime) -> MessageFacts:
+def message_facts(match: Match, zone: ZoneInfo, now: datetime, *, sender: str | None = None,
+                  opt_out_text: str | None = None) -> MessageFacts:
+    """What an SMS about this match may say, the day and time in ``zone``; plus the sender and opt-out
+    text every message must carry (``SmsPolicy``), when set."""
     event = match["event"]
     start = to_utc(event.get("startDate")) or now
     spots = event.get("remaining_spots")
@@ -1990,6 +2000,8 @@ def message_facts(match: Match, zone: ZoneInfo, now: datetime) -> MessageFacts:
         spots_left=int(spots) if isinstance(spots, (int, float)) else None,
         going=int(event.get("participantCount") or 0),
         neighbourhood=text_field(event, "neighborhood"),
+        sender=sender,
+        opt_out_text=opt_out_text,
     )
 
 
@@ -2118,6 +2130,59 @@ def _name_words(name: str) -> frozenset[str]:
     return frozenset(LETTER_WORDS.findall(name))
 
 
+GOING_WORDS = r"going|joining|attending|signed|booked|already|people|members|diners|guests|friends|others"
+SPOTS_WORDS = r"spots?|seats?|places?|left"
+# With a sender or opt-out text to carry, these facts give way to make room, in this order (the template
+# drops them so; the contract lets a message leave out only a leading part of this order). The greeting,
+# "welcome back", the event name, the day and time and the link never give way.
+OPTIONAL_FACTS = ("going", "spots", "interest")
+DROP_ORDER = " (to make room, leave out the going count first, then the spots, then the interest)"
+SENDER_WITHIN = 40  # the sender's name starts within this many characters, as the greeting does
+MIN_MESSAGE_ROOM = 45  # characters a sender and opt-out text must leave beside the link for the message itself
+
+
+def optional_facts_said(body: str, facts: MessageFacts) -> dict[str, bool]:
+    """For each optional fact these facts hold (``OPTIONAL_FACTS``), whether ``body`` says it."""
+    said = {}
+    if facts.going:
+        said["going"] = _count_near(body, facts.going, GOING_WORDS)
+    if facts.spots_left is not None:
+        said["spots"] = _count_near(body, facts.spots_left, SPOTS_WORDS)
+    if facts.interests:
+        said["interest"] = any(re.search(rf"(?<!\w){re.escape(_fold(interest_label(i)))}(?!\w)", _fold(body))
+                               for i in facts.interests)
+    return said
+
+
+def required_facts(facts: MessageFacts, said: Mapping[str, bool]) -> set[str]:
+    """The optional facts a message must say: all of them; with a sender or opt-out text, those from the
+    first one it says on, in ``OPTIONAL_FACTS`` order (so it may leave out only a leading part)."""
+    if not facts.dressed:
+        return set(said)
+    held = [name for name in OPTIONAL_FACTS if name in said]
+    first = next((i for i, name in enumerate(held) if said[name]), len(held))
+    return set(held[first:])
+
+
+def without_sender_parts(body: str, facts: MessageFacts) -> tuple[str, list[str]]:
+    """``body`` (the text before the link) without the sender (its first mention, near the start) and
+    the opt-out text (at its end), so their words, digits and capitals are no claims; and what is missing."""
+    problems = []
+    if facts.sender:
+        at = body.find(facts.sender)
+        if 0 <= at <= SENDER_WITHIN:
+            body = body[:at] + " " + body[at + len(facts.sender):]
+        else:
+            problems.append(f"must name the sender ({facts.sender}) near the start, exactly so")
+    if facts.opt_out_text:
+        found = re.search(re.escape(facts.opt_out_text) + r"[.!]?\s*$", body)
+        if found:
+            body = body[: found.start()]
+        else:
+            problems.append(f"must put the opt-out text ({facts.opt_out_text}) just before the link, exactly so")
+    return body, problems
+
+
 def validate_sms(text: str, facts: MessageFacts) -> list[str]:
     """The SMS contract, for template and Claude alike: every problem found, empty when fine.
 
@@ -2149,6 +2214,12 @@ def validate_sms(text: str, facts: MessageFacts) -> list[str]:
     if size.units > size.limit:
         problems.append(f"{size.units} {size.encoding} characters; at most {size.limit} allowed")
     body = text[: -len(link)] if text.endswith(link) else URL_PATTERN.sub(" ", text)
+    if facts.dressed:
+        body, missing = without_sender_parts(body, facts)
+        problems += missing
+    said = optional_facts_said(body, facts)
+    required = required_facts(facts, said)
+    hint = DROP_ORDER if facts.dressed else ""
     if facts.first_name and not re.search(rf"(?<!\w){re.escape(facts.first_name)}(?!\w)", body[:40], re.IGNORECASE):
         problems.append(f"must greet the member by first name ({facts.first_name}) at the start")
     if "welcome back" not in body.lower():
@@ -2159,17 +2230,14 @@ def validate_sms(text: str, facts: MessageFacts) -> list[str]:
         problems.append("the event name is only links or contact details: it cannot be named")
     elif named is None:
         problems.append(f"must name the event ({name})")
-    if facts.interests and not any(re.search(rf"(?<!\w){re.escape(_fold(interest_label(i)))}(?!\w)", _fold(body))
-                                   for i in facts.interests):
-        problems.append(f"must mention an interest the event matches ({', '.join(facts.interests)})")
+    if "interest" in required and not said["interest"]:
+        problems.append(f"must mention an interest the event matches ({', '.join(facts.interests)}){hint}")
     if facts.when.lower() not in body.lower():
         problems.append(f"must give the local day and time as {facts.when!r}")
-    if facts.spots_left is not None and not _count_near(body, facts.spots_left, r"spots?|seats?|places?|left"):
-        problems.append(f"must say {facts.spots_left} spots left")
-    if facts.going and not _count_near(
-            body, facts.going,
-            r"going|joining|attending|signed|booked|already|people|members|diners|guests|friends|others"):
-        problems.append(f"must say {facts.going} people are going")
+    if "spots" in required and not said["spots"]:
+        problems.append(f"must say {facts.spots_left} spots left{hint}")
+    if "going" in required and not said["going"]:
+        problems.append(f"must say {facts.going} people are going{hint}")
     protected = _name_words(name) | set(LETTER_WORDS.findall(" ".join([facts.first_name or "", *facts.interests])))
     shouting = [w for w in LETTER_WORDS.findall(body)
                 if w.isupper() and w not in ALLOWED_ACRONYMS and w not in protected]
@@ -2193,14 +2261,43 @@ def validate_sms(text: str, facts: MessageFacts) -> list[str]:
     return problems
 
 
-def write_template_sms(facts: MessageFacts) -> str | None:
-    """Step 6 by template: the richest wording that passes the contract, shortening as needed.
+def sender_prefix(facts: MessageFacts) -> str:
+    """How the template names the sender, first of all: "Cuculi: " ("" when no sender is set)."""
+    if not facts.sender:
+        return ""
+    return f"{facts.sender} " if facts.sender[-1] in ":.!?" else f"{facts.sender}: "
 
-    None when no wording fits (a long non-GSM-7 name, a name that is only a web address): the caller
-    tries the next event. A plain return, so an unrelated bug can never pass for "no wording fits".
-    Linear in the name's length: only the cuts of its ``phone_safe_name`` short enough to fit beside
-    the link are built and tried.
-    """
+
+def opt_out_clause(facts: MessageFacts) -> str:
+    """The template's last sentence before the link: the opt-out text ("" when none is set)."""
+    if not facts.opt_out_text:
+        return ""
+    return facts.opt_out_text if facts.opt_out_text[-1] in ".!?" else facts.opt_out_text + "."
+
+
+def fact_levels(facts: MessageFacts) -> list[MessageFacts]:
+    """The facts the template tries to say, most first: all of them; with a sender or opt-out text to
+    carry, then without the going count, then without the spots too, then without the interest too."""
+    if not facts.dressed:
+        return [facts]
+    fewer = replace(facts, going=0)
+    fewest = replace(fewer, spots_left=None)
+    return list(dict.fromkeys([facts, fewer, fewest, replace(fewest, interests=())]))
+
+
+def template_attempts(facts: MessageFacts, names: Sequence[str]) -> Iterator[tuple[str, MessageFacts]]:
+    """(cut of the event name, facts to say) in the template's order of preference. With a sender or
+    opt-out text to carry, the going count and then the spots give way before the event name is cut; the
+    interest only when no cut of the name fits beside it."""
+    levels = fact_levels(facts)
+    personal = [level for level in levels if level.interests or not facts.interests]
+    yield from ((name, level) for name in names for level in personal)
+    yield from ((name, level) for name in names for level in levels if level not in personal)
+
+
+def template_wordings(facts: MessageFacts, name: str) -> Iterator[tuple[str, str]]:
+    """The template's wordings naming the event ``name``, richest first, for each matched interest:
+    (the text before the call to action, the call to action before the link)."""
     greet = f"Hi {facts.first_name}!" if facts.first_name else "Hi there!"
     first = facts.first_name or "Hi"
     going = f"{facts.going} going" if facts.going else ""
@@ -2208,30 +2305,184 @@ def write_template_sms(facts: MessageFacts) -> str | None:
         f"{facts.spots_left} spot left" if facts.spots_left == 1 else f"{facts.spots_left} spots left")
     proof = ", ".join(p for p in (going, spots) if p)
     hood = f" in {facts.neighbourhood.replace('-', ' ').title()}" if facts.neighbourhood else ""
-    link = facts.link
     short_proof = ", ".join(p for p in (going, "" if facts.spots_left is None else f"{facts.spots_left} left") if p)
     labels = [interest_label(i) for i in facts.interests]
     interests = labels[:1] + sorted(labels[1:], key=len) or [""]
-    safe = phone_safe_name(facts.event_name)
-    names = shortened_names(safe, max_len=GSM7_LIMIT - len(link) - 1) if safe else []
-    for name, interest in ((n, i) for n in names for i in interests):
+    for interest in interests:
         fans = f"one for {interest} fans" if interest else "a good one"
-        variants = [
-            f"{greet} Welcome back, we miss you. {name} is {fans}: {facts.when}{hood}. {proof}. Tap to RSVP: {link}",
-            f"{greet} Welcome back, we miss you. {name} is {fans}: {facts.when}. {proof}. Tap to RSVP: {link}",
-            f"{greet} Welcome back. {name} is {fans}: {facts.when}. {proof}. Tap to RSVP: {link}",
-            f"{greet} Welcome back. {name}, {fans}: {facts.when}. {proof}. RSVP: {link}",
-            f"{greet} Welcome back. {name} for {interest} fans, {facts.when}. {proof}. {link}",
-            f"{greet} Welcome back. {name} ({interest}) {facts.when}. {proof}. {link}",
-            f"{greet} Welcome back. {name} ({interest}) {facts.when}, {short_proof}. {link}",
-            f"{first}, welcome back! {name} ({interest}) {facts.when}: {short_proof}. {link}",
-            f"{first}, welcome back! {name} ({interest}) {facts.when}, {short_proof} {link}",
+        yield from [
+            (f"{greet} Welcome back, we miss you. {name} is {fans}: {facts.when}{hood}. {proof}.", "Tap to RSVP: "),
+            (f"{greet} Welcome back, we miss you. {name} is {fans}: {facts.when}. {proof}.", "Tap to RSVP: "),
+            (f"{greet} Welcome back. {name} is {fans}: {facts.when}. {proof}.", "Tap to RSVP: "),
+            (f"{greet} Welcome back. {name}, {fans}: {facts.when}. {proof}.", "RSVP: "),
+            (f"{greet} Welcome back. {name} for {interest} fans, {facts.when}. {proof}.", ""),
+            (f"{greet} Welcome back. {name} ({interest}) {facts.when}. {proof}.", ""),
+            (f"{greet} Welcome back. {name} ({interest}) {facts.when}, {short_proof}.", ""),
+            (f"{first}, welcome back! {name} ({interest}) {facts.when}: {short_proof}.", ""),
+            (f"{first}, welcome back! {name} ({interest}) {facts.when}, {short_proof}", ""),
         ]
-        for text in variants:
-            text = re.sub(r"\s+", " ", text.replace(" ()", "").replace(". . ", ". ").replace(", . ", ". "))
+
+
+def dress(facts: MessageFacts, body: str, action: str) -> str:
+    """One whole wording: the sender first, then ``body``; then the opt-out text in place of the call to
+    action when one is set; the link last; stray spaces and empty clauses tidied away."""
+    if facts.opt_out_text:
+        text = f"{sender_prefix(facts)}{body.rstrip(' .,:')}. {opt_out_clause(facts)} {facts.link}"
+    else:
+        text = f"{sender_prefix(facts)}{body} {action}{facts.link}"
+    return re.sub(r"\s+", " ", text.replace(" ()", "").replace(". . ", ". ").replace(", . ", ". "))
+
+
+def write_template_sms(facts: MessageFacts) -> str | None:
+    """Step 6 by template: the richest wording that passes the contract, shortening as needed.
+
+    None when no wording fits (a long non-GSM-7 name, a name that is only a web address): the caller
+    tries the next event. A plain return, so an unrelated bug can never pass for "no wording fits".
+    Linear in the name's length: only the cuts of its ``phone_safe_name`` short enough to fit beside
+    the link (and the sender and opt-out text) are built and tried. With a sender or opt-out text set,
+    the going count, the spots and the interest give way in turn (``fact_levels``, ``template_attempts``);
+    the greeting, the event name (cut at a word boundary at most), the day and time and the link never do.
+    """
+    safe = phone_safe_name(facts.event_name)
+    carried = len(sender_prefix(facts)) + (len(opt_out_clause(facts)) + 1 if facts.opt_out_text else 0)
+    names = shortened_names(safe, max_len=GSM7_LIMIT - carried - len(facts.link) - 1) if safe else []
+    tried: set[str] = set()
+    for name, level in template_attempts(facts, names):
+        for body, action in template_wordings(level, name):
+            text = dress(facts, body, action)
+            if text in tried:
+                continue
+            tried.add(text)
             if len(text) <= GSM7_LIMIT and not validate_sms(text, facts):  # longer never fits, in any encoding
                 return text
     return None
+
+
+def sms_policy_problem(policy: SmsPolicy) -> str | None:
+    """Why SMS_SENDER or SMS_OPT_OUT_TEXT could never be carried within the SMS contract, or None: they
+    may hold nothing a phone makes tappable, and must leave room for the greeting, the event and its time."""
+    for name, value in (("SMS_SENDER", policy.sender), ("SMS_OPT_OUT_TEXT", policy.opt_out_text)):
+        if value and first_tappable(phone_view(value)) is not None:
+            return f"{name} may not hold a link, web address, email address or phone number (only the event link is)"
+    facts = MessageFacts(None, "0" * 24, "", (), "", None, 0, None, policy.sender, policy.opt_out_text)
+    room = GSM7_LIMIT - len(dress(facts, "", ""))
+    if room < MIN_MESSAGE_ROOM:
+        return (f"SMS_SENDER and SMS_OPT_OUT_TEXT leave {room} of {GSM7_LIMIT} characters beside the link; "
+                f"the greeting, event name and time need at least {MIN_MESSAGE_ROOM}")
+    return None
+
+
+# --- when a message may go out: the send window ----------------------------------------------------------
+
+ONE_MICROSECOND = timedelta(microseconds=1)
+ONE_DAY = timedelta(days=1)
+FIRST_SEND_SEARCH = timedelta(days=3)  # allowed hours recur daily: none in three days means none at all
+
+
+class SendWindow(NamedTuple):
+    """When the dashboard may send one message, in UTC: at or after ``send_after`` and strictly before
+    ``send_before``. Both ends lie in allowed local hours; nights in between are still quiet hours, so the
+    sender checks the local time in ``recipient_timezone`` too."""
+
+    send_after: datetime
+    send_before: datetime
+
+
+def utc_offset(moment: datetime, zone: ZoneInfo) -> timedelta:
+    return moment.astimezone(zone).utcoffset() or timedelta(0)
+
+
+def offset_change(lo: datetime, hi: datetime, zone: ZoneInfo) -> datetime:
+    """The first instant after ``lo`` whose UTC offset is not ``lo``'s, given that ``hi``'s is not (to the
+    microsecond, by bisection: zoneinfo does not list its transitions)."""
+    before = utc_offset(lo, zone)
+    while hi - lo > ONE_MICROSECOND:
+        mid = lo + (hi - lo) / 2
+        lo, hi = (mid, hi) if utc_offset(mid, zone) == before else (lo, mid)
+    return hi
+
+
+def steady_offsets(lo: datetime, hi: datetime, zone: ZoneInfo) -> list[tuple[datetime, datetime, timedelta]]:
+    """``[lo, hi)`` (at most a day or so) cut where the zone's UTC offset changes: (from, to, offset).
+    A change and its undoing within one such span would go unseen; no zone has one."""
+    pieces = []
+    while lo < hi:
+        offset, end = utc_offset(lo, zone), hi
+        if utc_offset(hi - ONE_MICROSECOND, zone) != offset:
+            end = offset_change(lo, hi - ONE_MICROSECOND, zone)
+        pieces.append((lo, end, offset))
+        lo = end
+    return pieces
+
+
+def allowed_wall_spans(lo: datetime, hi: datetime, quiet: QuietHours) -> Iterator[tuple[datetime, datetime]]:
+    """The allowed wall-clock spans (naive local times) meeting ``[lo, hi)``: each day from the end of quiet
+    hours up to, not including, their start (past midnight when quiet hours do not wrap it)."""
+    day = lo.date() - ONE_DAY
+    while day <= hi.date():
+        opens = datetime.combine(day, quiet.end)
+        closes = datetime.combine(day if quiet.start > quiet.end else day + ONE_DAY, quiet.start)
+        if max(opens, lo) < min(closes, hi):
+            yield max(opens, lo), min(closes, hi)
+        day += ONE_DAY
+
+
+def allowed_spans(lo: datetime, hi: datetime, zone: ZoneInfo, quiet: QuietHours) -> list[tuple[datetime, datetime]]:
+    """The UTC spans within ``[lo, hi)`` whose local time in ``zone`` is outside quiet hours, in order.
+
+    Exact across daylight-saving changes: within a steady offset the wall clock is UTC plus that offset,
+    so a local time the clocks skip is never allowed and one they repeat is allowed both times it occurs.
+    """
+    spans: list[tuple[datetime, datetime]] = []
+    for start, end, offset in steady_offsets(lo, hi, zone):
+        wall = [(moment + offset).replace(tzinfo=None) for moment in (start, end)]
+        for a, b in allowed_wall_spans(wall[0], wall[1], quiet):
+            span = ((a - offset).replace(tzinfo=UTC), (b - offset).replace(tzinfo=UTC))
+            if spans and spans[-1][1] == span[0]:
+                spans[-1] = (spans[-1][0], span[1])
+            else:
+                spans.append(span)
+    return spans
+
+
+def first_allowed(lo: datetime, hi: datetime, zone: ZoneInfo, quiet: QuietHours) -> datetime | None:
+    """The first allowed moment in ``[lo, hi)``, or None; looked for a day at a time."""
+    while lo < hi:
+        spans = allowed_spans(lo, min(lo + ONE_DAY, hi), zone, quiet)
+        if spans:
+            return spans[0][0]
+        lo += ONE_DAY
+    return None
+
+
+def allowed_end(lo: datetime, hi: datetime, zone: ZoneInfo, quiet: QuietHours) -> datetime:
+    """Where the last allowed span in ``[lo, hi)`` ends (exclusive), given that ``lo`` is allowed."""
+    while True:
+        spans = allowed_spans(max(hi - ONE_DAY, lo), hi, zone, quiet)
+        if spans:
+            return spans[-1][1]
+        hi -= ONE_DAY
+
+
+@functools.lru_cache(maxsize=8192)
+def send_window(start: datetime, now: datetime, zone: ZoneInfo, quiet: QuietHours,
+                min_lead: timedelta) -> SendWindow | None:
+    """When a message about an event starting at ``start`` may go out to a member in ``zone``, or None.
+
+    ``send_after`` is the first moment at or after ``now`` outside quiet hours, local time; ``send_before``
+    is exclusive: the end of the last allowed span before ``start - min_lead`` (the start of quiet hours,
+    21:00 local by default, or ``start - min_lead`` itself when that falls in allowed hours). So every
+    moment in the window is more than ``min_lead`` before the event. None when no moment is left: the
+    event starts too soon, only quiet hours remain before it, or a date is at the end of datetime's range.
+    Cached: members in one zone share each event's window.
+    """
+    start, now = start.astimezone(UTC), now.astimezone(UTC)  # the spans' arithmetic is on UTC instants
+    cutoff = start - min_lead
+    try:
+        first = first_allowed(now, min(cutoff, now + FIRST_SEND_SEARCH), zone, quiet)
+        return None if first is None else SendWindow(first, allowed_end(first, cutoff, zone, quiet))
+    except OverflowError:
+        return None
 
 
 class Message(TypedDict):
@@ -2254,9 +2505,14 @@ class Message(TypedDict):
     generator: str
     sms_encoding: str
     sms_segments: int
+    send_after: str  # ISO UTC: the dashboard sends at or after this ...
+    send_before: str  # ... and strictly before this (``SendWindow``), outside quiet hours in:
+    recipient_timezone: str  # the member's IANA zone (``ReturnToTable.recipient_zone``)
 
 
-def build_message(match: Match, text: str, *, generator: str, notes: str, now: datetime) -> Message:
+def build_message(match: Match, text: str, *, generator: str, notes: str, now: datetime, window: SendWindow,
+                  zone: ZoneInfo) -> Message:
+    """The dashboard's record of one drafted SMS, with when it may be sent and in which zone that is judged."""
     size = sms_size(text)
     return Message(
         user_name=match["user_name"],
@@ -2276,6 +2532,9 @@ def build_message(match: Match, text: str, *, generator: str, notes: str, now: d
         generator=generator,
         sms_encoding=size.encoding,
         sms_segments=size.segments,
+        send_after=iso_utc(window.send_after) or "",
+        send_before=iso_utc(window.send_before) or "",
+        recipient_timezone=zone.key,
     )
 
 
@@ -2308,15 +2567,21 @@ def holdout_record(rank: int, match: Match, *, campaign_id: str, fraction: float
                          held_out_at=iso_utc(now) or "", campaign_id=campaign_id, holdout_fraction=fraction)
 
 
-def template_notes(facts: MessageFacts) -> str:
+def template_notes(facts: MessageFacts, text: str) -> str:
+    """The reviewer's line on what the template's ``text`` personalised, and what it left out to fit."""
+    said = optional_facts_said(without_sender_parts(text.removesuffix(facts.link), facts)[0], facts)
     parts = ["Welcome back, time away acknowledged"]
-    if facts.interests:
+    if said.get("interest"):
         parts.append(f"interest: {interest_label(facts.interests[0])}")
     parts.append(f"local time {facts.when}")
-    if facts.spots_left is not None:
+    if said.get("spots"):
         parts.append(f"{facts.spots_left} spots left")
-    if facts.going:
+    if said.get("going"):
         parts.append(f"{facts.going} going")
+    parts += [part for part, value in (("sender named", facts.sender), ("opt-out text", facts.opt_out_text)) if value]
+    left_out = [name for name in OPTIONAL_FACTS if said.get(name) is False]
+    if left_out:
+        parts.append(f"left out to fit: {', '.join(left_out)}")
     return "; ".join(parts)
 
 
@@ -3343,8 +3608,37 @@ def facts_prompt(facts: MessageFacts, user: Mapping[str, Any]) -> str:
         f"occupation: {one_line(text_field(user, 'occupation')) or 'unknown'}",
         f"days_away: {user.get('days_inactive')}",
         f"link: {facts.link}",
+        *carried_lines(facts),
     ]
     return "<facts>\n" + "\n".join(lines) + "\n</facts>\nWrite the SMS. Return only the JSON object."
+
+
+def length_budget(facts: MessageFacts) -> tuple[int, int, str]:
+    """(the whole text's limit, what the sender, opt-out text and link take of it, its encoding): UCS-2's
+    134 when a name or one of those strings is outside GSM-7, as the template would write it."""
+    fixed = dress(facts, "", "")
+    size = sms_size(f"{fixed} {facts.first_name or ''} {facts.event_name}")
+    return size.limit, sms_size(fixed).units, size.encoding
+
+
+def carried_lines(facts: MessageFacts) -> list[str]:
+    """The facts lines that tell Claude the exact sender and opt-out strings, the budget they leave and
+    what gives way to fit; none when neither is set."""
+    if not facts.dressed:
+        return []
+    limit, taken, encoding = length_budget(facts)
+    lines = []
+    if facts.sender:
+        lines.append(f"sender: {json.dumps(facts.sender, ensure_ascii=False)} (name it exactly so at the very start, "
+                     f"before the greeting: {json.dumps(sender_prefix(facts) + 'Hi ...', ensure_ascii=False)})")
+    if facts.opt_out_text:
+        lines.append(f"opt_out_text: {json.dumps(facts.opt_out_text, ensure_ascii=False)} (exactly so, as the last "
+                     "words just before the link)")
+    lines.append(f"length_budget: {limit} {encoding} characters in all; the sender, opt-out text and link take "
+                 f"{taken}, so {limit - taken} are left for everything else")
+    lines.append("if_too_long: leave out the going count first, then spots_left, then the interest; never the "
+                 "greeting, the event name, day_time or the link")
+    return lines
 
 
 _FENCE = re.compile(r"^```(?:json)?\s*(.*?)\s*```$", re.DOTALL)
@@ -4528,6 +4822,8 @@ class ReturnToTable:
         self.hoods = hoods
         self.advisor = advisor
         self.zone = settings.zone
+        self.sms = settings.sms  # who may be texted, when (quiet hours), and what every message carries
+        self.min_lead = timedelta(hours=options.min_lead_hours)
         self.control = control
         self.issues = DataIssues()
         self.empty_input: list[str] = []  # collections the source had no documents in (``empty_collections``)
@@ -4627,24 +4923,43 @@ class ReturnToTable:
         zone = user.get("phone_timezone")
         return ZoneInfo(zone) if isinstance(zone, str) else self.zone
 
-    def candidates_for(self, user: Mapping[str, Any], events: Sequence[Mapping[str, Any]]) -> list[Candidate]:
-        """The events this member may be offered, best first (the rules' order)."""
-        return score_candidates(user, events, self.hoods, self.options.now)
+    def candidates_for(self, user: Mapping[str, Any], events: Sequence[Mapping[str, Any]],
+                       ) -> tuple[list[Candidate], Skip | None]:
+        """The events this member may be offered, best first (the rules' order), or why there are none:
+        no open event shares an interest, or none leaves a moment to send in (``window_for``)."""
+        candidates = score_candidates(user, events, self.hoods, self.options.now)
+        if not candidates:
+            return [], Skip(user["_id"], full_name(user), "no open future event shares an interest")
+        zone = self.recipient_zone(user)
+        candidates = [c for c in candidates if self.window_for(c.event, zone) is not None]
+        if not candidates:  # every matching event starts too soon, or leaves only quiet hours to send in
+            return [], Skip(user["_id"], full_name(user),
+                            "every matching event is too soon: none leaves a moment outside QUIET_HOURS "
+                            f"(member's local time) at least {self.options.min_lead_hours:g}h before it starts "
+                            "(--min-lead-hours)", "no_event_in_send_window")
+        return candidates, None
 
     def hold_out(self, rank: int, eligible_rank: int, user: DormantMember,
                  events: Sequence[FutureEvent]) -> UserOutcome:
         """A control-group member: the rules' pick is recorded, nothing is drafted or sent. A member the
         rules would not message either is skipped for that reason, so both groups hold the same kind."""
         outcome = UserOutcome(rank, user, eligible_rank=eligible_rank, held_out=True)
-        candidates = self.candidates_for(user, events)
+        candidates, outcome.skip = self.candidates_for(user, events)
         match = rules_match(user, candidates, self.options.min_confidence, self.zone, self.options.now)
         if match is None:
-            code = "below_min_confidence" if candidates else "no_matching_event"
+            code = outcome.skip.code if outcome.skip is not None else "below_min_confidence"
             outcome.skip = Skip(user["_id"], full_name(user), "held out; the rules would not have messaged them", code)
         else:
             outcome.holdout = holdout_record(eligible_rank, match, campaign_id=self.campaign_id,
                                              fraction=self.options.holdout, now=self.options.now)
         return outcome
+
+    def window_for(self, event: Mapping[str, Any], zone: ZoneInfo) -> SendWindow | None:
+        """When a message about ``event`` may go out to a member in ``zone`` (``send_window``), or None."""
+        start = to_utc(event.get("startDate"))
+        if start is None:
+            return None
+        return send_window(start, self.options.now, zone, self.sms.quiet_hours, self.min_lead)
 
     def choose_event(self, user: Mapping[str, Any], candidates: Sequence[Candidate],
                      outcome: UserOutcome) -> Match | None:
@@ -4673,42 +4988,47 @@ class ReturnToTable:
         return match
 
     def write_message(self, match: Match, outcome: UserOutcome) -> Message | None:
-        """Step 6: Claude's SMS when enabled and valid, else the template's."""
-        now = self.options.now
-        facts = message_facts(match, self.zone, now)
+        """Step 6: Claude's SMS when enabled and valid, else the template's; None when no wording fits
+        or the event leaves no send window (candidates without one are never offered)."""
+        now, zone = self.options.now, self.recipient_zone(match["user"])
+        window = self.window_for(match["event"], zone)
+        if window is None:
+            return None
+        when = {"now": now, "window": window, "zone": zone}
+        facts = message_facts(match, self.zone, now, sender=self.sms.sender, opt_out_text=self.sms.opt_out_text)
         if self.advisor is not None:
             try:
                 text, notes = self.advisor.write(facts, match["user"])
-                return build_message(match, text, generator="claude", notes=notes, now=now)
+                return build_message(match, text, generator="claude", notes=notes, **when)
             except InvalidAnswer as exc:
                 outcome.fallbacks.append(Fallback("writing", str(exc)))
                 self.logger.warning("Claude SMS for %s fell back to the template: %s", match["user_id"], exc)
         text = write_template_sms(facts)
         if text is None:
             return None
-        return build_message(match, text, generator="template", notes=template_notes(facts), now=now)
+        return build_message(match, text, generator="template", notes=template_notes(facts, text), **when)
 
     def next_phrasable(self, user: Mapping[str, Any], candidates: Sequence[Candidate], tried: str,
                        ) -> tuple[Match, Message] | None:
         """When no SMS within the contract can name the chosen event (a long name in UCS-2, a name
         with a web address), the next candidates above the threshold, by the rules and the template."""
-        now, floor = self.options.now, self.options.min_confidence
+        now, floor, zone = self.options.now, self.options.min_confidence, self.recipient_zone(user)
         for c in [c for c in candidates if c.event["_id"] != tried and c.confidence >= floor][:MAX_NEXT_EVENTS]:
             match = candidate_match(user, c, self.zone, now,
                                     " (The first choice could not be phrased within the SMS limits.)")
-            facts = message_facts(match, self.zone, now)
-            text = write_template_sms(facts)
-            if text is None:
+            facts = message_facts(match, self.zone, now, sender=self.sms.sender, opt_out_text=self.sms.opt_out_text)
+            text, window = write_template_sms(facts), self.window_for(c.event, zone)
+            if text is None or window is None:
                 continue
-            return match, build_message(match, text, generator="template", notes=template_notes(facts), now=now)
+            return match, build_message(match, text, generator="template", notes=template_notes(facts, text),
+                                        now=now, window=window, zone=zone)
         return None
 
     def process_user(self, rank: int, user: Mapping[str, Any], events: Sequence[Mapping[str, Any]]) -> UserOutcome:
         """One member through steps 5 and 6."""
         outcome = UserOutcome(rank, user)
-        candidates = self.candidates_for(user, events)
-        if not candidates:
-            outcome.skip = Skip(user["_id"], full_name(user), "no open future event shares an interest")
+        candidates, outcome.skip = self.candidates_for(user, events)
+        if outcome.skip is not None:
             return outcome
         outcome.match = self.choose_event(user, candidates, outcome)
         if outcome.match is None:
@@ -6359,6 +6679,9 @@ def resolve_options(args: argparse.Namespace, settings: Settings) -> RunOptions:
     A ``--now`` more than ``MAX_NOW_AHEAD`` ahead of the clock needs ``--dry-run`` (``--demo`` too: its
     mirror keeps a cooldown like the real dashboard), so a rehearsal never fills the cooldown for years.
     """
+    problem = sms_policy_problem(settings.sms)
+    if problem:  # otherwise every member would be skipped, each for a message that cannot fit
+        raise UsageError(problem)
     now = datetime.now(UTC).replace(microsecond=0)
     if args.now is not None:
         parsed = parse_now(args.now)
