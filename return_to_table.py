@@ -1188,7 +1188,7 @@ class Preference(Enum):
 
 def field_at(doc: Mapping[str, Any], path: str) -> Any:
     """The value at a dotted path (``optOut.sms``); a literal dotted key wins. A scalar where a
-    sub-document should be is returned as it is, for ``read_preference`` to call odd."""
+    sub-document should be is returned as it is (``optOut: true`` opts out of texts too; "weekly" is odd)."""
     if path in doc:
         return doc[path]
     value: Any = doc
