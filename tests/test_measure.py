@@ -701,6 +701,59 @@ def test_measure_reads_the_archive_a_real_campaign_run_wrote(run_cli, tmp_path: 
     assert entry["note"] == "no holdout members: lift cannot be computed; rates only"
 
 
+def history_world(members: int) -> tuple[list[dict[str, Any]], list[dict[str, Any]]]:
+    """``members`` dormant wine lovers (35-85 days away) and four open wine tables in the next two weeks."""
+    users: list[dict[str, Any]] = []
+    events: list[dict[str, Any]] = []
+    for i in range(members):
+        uid = f"h{i:04d}"
+        users.append({"_id": uid, "firstName": "Robin", "lastName": "Testwell", "email": f"{uid}@example.com",
+                      "phone": f"+12125550{100 + i % 100:03d}", "gender": "female", "interests": ["wine"],
+                      "occupation": "Teacher", "homeNeighborhood": "chelsea"})
+        events.append({"_id": f"past-{uid}", "name": "Neighbourhood Supper", "categories": ["DINNER"],
+                       "participants": [uid], "ownerId": uid, "startDate": iso(NOW - timedelta(days=35 + i % 50)),
+                       "maxParticipants": 8, "type": "public", "active": True, "eventStatus": "approved"})
+    for k in range(4):
+        events.append({"_id": f"wine-{k}", "name": f"Wine Social {k + 1}", "categories": ["WINE"],
+                       "neighborhood": "chelsea", "participants": [], "ownerId": "host-1", "maxParticipants": 500,
+                       "startDate": iso(NOW + timedelta(days=4 + 3 * k, hours=11)), "type": "public",
+                       "active": True, "eventStatus": "approved"})
+    return users, events
+
+
+def test_two_daily_runs_with_a_holdout_then_joins_are_measured_as_they_were_built(run_cli, tmp_path: Path) -> None:
+    """The closing note's history: two daily campaigns with --holdout 0.2, then joins added after them:
+    every second messaged member joins the suggested table, every fifth held-out member joins one."""
+    users, events = history_world(400)
+    folder, root = tmp_path / "export", tmp_path / "out"
+    write_folder(folder, users, events)
+    messaged: list[dict[str, Any]] = []
+    held: list[dict[str, Any]] = []
+    for day in (0, 1):
+        daily = run_cli("--source", str(folder), "--now", iso(NOW + timedelta(days=day)), "--holdout", "0.2",
+                        "--limit", "100", root=root)
+        assert daily.code == 0, daily.err
+        messaged += daily.messages
+        held += daily.load("data/processed/holdout.json")
+    assert len(messaged) == 200 and len({m["user_id"] for m in messaged}) == 200  # the cooldown: no one twice
+    assert len(held) >= 30 and not {h["user_id"] for h in held} & {m["user_id"] for m in messaged}
+    by_id = {e["_id"]: e for e in events}
+    treated_back = [m for i, m in enumerate(sorted(messaged, key=lambda m: m["user_id"])) if i % 2 == 0]
+    held_back = [h for i, h in enumerate(sorted(held, key=lambda h: h["user_id"])) if i % 5 == 0]
+    for joined in treated_back + held_back:
+        by_id[joined["event_id"]]["participants"].append(joined["user_id"])
+    write_folder(folder, users, events)
+    run = run_cli("measure", "--source", str(folder), "--now", iso(NOW + timedelta(days=30)), root=root)
+    assert run.code == 0, run.err
+    pooled = report_of(run)["pooled"]
+    assert group(pooled, "treated") == (200, 100, 100, 0)
+    assert group(pooled, "holdout") == (len(held), len(held_back), len(held_back), 0)
+    lift = pooled["lift"]["treated"]
+    assert lift["difference_pp"] == pytest.approx(100 * (0.5 - len(held_back) / len(held)), abs=0.01)
+    assert lift["interval_pp"][0] > 0 and lift["p_value"] < 0.05
+    assert len(report_of(run)["campaigns"]) == 2
+
+
 def test_help_is_exit_0_and_names_the_exit_codes(run_cli) -> None:
     run = run_cli("measure", "--help")
     assert run.code == 0
