@@ -16,14 +16,21 @@ Glossary (one name per concept, here and in the code):
   facts      what an SMS may say about a match (``MessageFacts``); nothing else may be claimed.
   SMS contract  ``validate_sms``: length, GSM-7, greeting, event, facts, link last; every writer
              (``template`` or ``claude`` generator) is held to it.
-  dashboard list  ``{<key>: [...], count, updatedAt}`` at users/events/matches/messages in Firebase.
+  dashboard list  ``{<key>: [...], count, updatedAt}`` at users/events/matches/messages/holdout.
   mirror     the local, file-backed Firebase under ``data/firebase/`` when no database is set.
-  cooldown   members messaged in the last ``--cooldown-days`` are not drafted again.
+  cooldown   members messaged (or held out) in the last ``--cooldown-days`` are not drafted again.
+  contactable  eligible, a valid number that takes texts (``textable_phone``), no opt-out.
+  holdout    the control group: contactable members whose stable hash falls below ``--holdout``;
+             their rules' pick is recorded (``HoldoutRecord``), nothing is sent.
+  walk       steps 5-6 going down the ranked contactable members until ``--limit`` are messaged;
+             every eligible member ends ``selected`` or with a ``skip_reason`` (``SKIP_REASONS``).
+  send window  when a message may go out (``send_window``): outside QUIET_HOURS, before the lead.
 
 The file reads top-down in the plan's step order: configuration, data loading, the rules of
 steps 1-8 (pure functions), the service edges (sources, the demo world, Claude for steps 5-6,
 Firebase for step 7), the ``ReturnToTable`` orchestration, ``measure`` (did the campaigns bring
-anyone back: treated against holdout, read only), and the command line.
+anyone back: treated against holdout, read only), ``backtest`` (the matcher against history), and
+the command line.
 """
 
 from __future__ import annotations
