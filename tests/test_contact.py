@@ -365,3 +365,13 @@ def test_every_eligible_member_gets_selected_or_a_skip_reason(run_cli, tmp_path:
     second = run_cli("--source", str(write(tmp_path / "w", members)), "--now", NOW_ISO, "--holdout", str(FRACTION),
                      "--limit", "2", root=run.root)
     assert [decisions(second)[i] for i in (plain[6], plain[7], plain[8])] == ["cooldown", "cooldown", "selected"]
+
+
+def test_a_member_whose_events_cannot_be_phrased_is_skipped_as_no_sms_within_contract(
+        run_cli, tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setattr(rtt, "write_template_sms", lambda _facts: None)  # no wording fits, for any event
+    user, past = member("m-long", 60)
+    run = run_cli("--source", str(write(tmp_path / "w", [(user, past)])), "--now", NOW_ISO, "--dry-run")
+    assert run.code == 0, run.err
+    assert decisions(run) == {"m-long": "no_sms_within_contract"} and run.matches == []
+    assert run.report()["skip_reasons"] == {"no_sms_within_contract": 1}
