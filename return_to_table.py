@@ -3247,6 +3247,10 @@ def build_demo_world(now: datetime) -> tuple[list[dict[str, Any]], list[dict[str
         elif kind == "oid":
             doc["_id"] = {"$oid": uid[i]}
         users.append(doc)
+    # Members who may not be texted, so the report's skip reasons show them (ranked low: the top is unchanged).
+    for index, preference in ((0xCF, {"smsOptOut": True}), (0xF3, {"notificationSettings": {"sms": False}}),
+                              (0x0A, {"phone": "+1 800 555 0199"})):
+        users[index].update(preference)
 
     # --- past events: pick day offsets per window, then seat users --------------
     days = sorted(
