@@ -5915,18 +5915,6 @@ def measure_exit_code(report: Mapping[str, Any]) -> int:
     return EXIT_ATTENTION if report["errors"] or report["empty_input"] or not report["campaigns_measured"] else EXIT_OK
 
 
-def measure_source_choice(text: str | None, settings: Settings) -> tuple[SourceKind, Path | None]:
-    """``--source``: 'mongo' (the default when MongoDB is configured) or a mongoexport folder."""
-    if text == "mongo" or (text is None and settings.mongo_uri):
-        if not settings.mongo_uri:
-            raise UsageError(MONGO_NOT_CONFIGURED)
-        return SourceKind.MONGO, None
-    if text:
-        return SourceKind.FOLDER, Path(text).expanduser()
-    raise UsageError("no source for the events: set MONGO_URI (or MONGO_USERNAME, MONGO_PASSWORD, MONGO_HOST) "
-                     "and MONGO_DB_NAME, or pass --source DIR")
-
-
 def window_days(text: str) -> int:
     value = positive_int(text)
     if value > MAX_WINDOW_DAYS:
@@ -5972,7 +5960,7 @@ def measure_options(args: argparse.Namespace, settings: Settings) -> MeasureOpti
         raise UsageError(f"--since {args.since} is not before --until {args.until}")
     if args.campaign is not None and not usable_key(args.campaign):
         raise UsageError(f"--campaign {args.campaign[:100]!r} is not a campaign id")
-    kind, folder = measure_source_choice(args.source, settings)
+    kind, folder = source_choice(args.source, settings)
     run = RunOptions(source=kind, folder=folder, now=now, out_dir=usable_out_dir(args.out), dry_run=True)
     return MeasureOptions(run, args.window_days, dates, args.campaign)
 
@@ -6494,13 +6482,8 @@ def writable_folder(path: Path) -> Path:
 def backtest_source(args: argparse.Namespace, settings: Settings, out_dir: Path, clock: datetime,
                     mongo_client: Any) -> DataSource:
     """The campaign's readers (``make_source``): MongoDB or a mongoexport folder."""
-    if args.source == "mongo":
-        if not settings.mongo_uri:
-            raise UsageError(MONGO_NOT_CONFIGURED)
-        options = RunOptions(source=SourceKind.MONGO, now=clock, out_dir=out_dir, insecure_tls=args.insecure_tls)
-    else:
-        options = RunOptions(source=SourceKind.FOLDER, now=clock, out_dir=out_dir,
-                             folder=Path(args.source).expanduser())
+    kind, folder = source_choice(args.source, settings)
+    options = RunOptions(source=kind, folder=folder, now=clock, out_dir=out_dir, insecure_tls=args.insecure_tls)
     return make_source(options, settings, logging.getLogger("ReturnToTable.backtest"), mongo_client)
 
 
@@ -6684,6 +6667,19 @@ def usable_out_dir(path: Path) -> Path:
     return out_dir
 
 
+def source_choice(text: str | None, settings: Settings, hint: str = "") -> tuple[SourceKind, Path | None]:
+    """``--source`` for the campaign and both subcommands: 'mongo' (the default when MongoDB is
+    configured) or, any other value, a mongoexport folder (even one named "demo")."""
+    if text == "mongo" or (text is None and settings.mongo_uri):
+        if not settings.mongo_uri:
+            raise UsageError(MONGO_NOT_CONFIGURED)
+        return SourceKind.MONGO, None
+    if text:
+        return SourceKind.FOLDER, Path(text).expanduser()
+    raise UsageError("no data source: set MONGO_URI (or MONGO_USERNAME, MONGO_PASSWORD, MONGO_HOST) "
+                     f"and MONGO_DB_NAME, or pass --source DIR{hint}")
+
+
 def resolve_options(args: argparse.Namespace, settings: Settings) -> RunOptions:
     """Turn arguments and settings into one run's options; refuse what cannot be run.
 
@@ -6704,15 +6700,8 @@ def resolve_options(args: argparse.Namespace, settings: Settings) -> RunOptions:
         if args.llm == "claude":
             raise UsageError("--demo never calls remote services: drop --llm claude or use --source")
         kind, folder = SourceKind.DEMO, None
-    elif args.source == "mongo" or (args.source is None and settings.mongo_uri):
-        kind, folder = SourceKind.MONGO, None
-    elif args.source:  # any other value is a folder, even one named "demo"
-        kind, folder = SourceKind.FOLDER, Path(args.source).expanduser()
     else:
-        raise UsageError("no data source: set MONGO_URI (or MONGO_USERNAME, MONGO_PASSWORD, MONGO_HOST) "
-                         "and MONGO_DB_NAME, or pass --source DIR; --demo runs on built-in sample data")
-    if kind is SourceKind.MONGO and not settings.mongo_uri:
-        raise UsageError(MONGO_NOT_CONFIGURED)
+        kind, folder = source_choice(args.source, settings, "; --demo runs on built-in sample data")
     use_claude = kind is not SourceKind.DEMO and (
         args.llm == "claude" or (args.llm == "auto" and bool(settings.anthropic_api_key)))
     if use_claude and not settings.anthropic_api_key:
@@ -6849,16 +6838,17 @@ def main(argv: Sequence[str] | None = None, *, env: Mapping[str, str] | None = N
     return result.exit_code
 
 
-def measure_command(argv: Sequence[str], *, env: Mapping[str, str] | None = None, mongo_client: Any = None) -> int:
-    """``measure``: did the campaigns bring anyone back, treated against the holdout (read-only).
-    Same error handling and exit codes as ``main``; the work is ``run_measure``."""
+def run_subcommand(name: str, parser: argparse.ArgumentParser, program: Any, argv: Sequence[str],
+                   env: Mapping[str, str] | None, mongo_client: Any) -> int:
+    """A subcommand with ``main``'s error handling and exit codes: ``program(args, env, mongo_client,
+    closing)`` does the work; bad input is one line and exit 2, a failed service exit 1, Ctrl-C 130."""
     try:
-        args = build_measure_parser().parse_args(list(argv))
+        args = parser.parse_args(list(argv))
     except SystemExit as exc:  # --help, or a usage error already printed
         return exc.code if isinstance(exc.code, int) else EXIT_USAGE
     with ExitStack() as closing:
         try:
-            return run_measure(args, env, mongo_client, closing)
+            return program(args, env, mongo_client, closing)
         except UsageError as exc:
             print(f"error: {exc}", file=sys.stderr)
             return EXIT_USAGE
@@ -6866,29 +6856,19 @@ def measure_command(argv: Sequence[str], *, env: Mapping[str, str] | None = None
             print(f"error: {exc}", file=sys.stderr)
             return EXIT_FAILURE
         except KeyboardInterrupt:
-            print("error: measure interrupted; no report written", file=sys.stderr)
+            print(f"error: {name} interrupted; no report written", file=sys.stderr)
             return EXIT_SIGNALS[signal.SIGINT]
+
+
+def measure_command(argv: Sequence[str], *, env: Mapping[str, str] | None = None, mongo_client: Any = None) -> int:
+    """``measure``: did the campaigns bring anyone back, treated against the holdout (read-only)."""
+    return run_subcommand("measure", build_measure_parser(), run_measure, argv, env, mongo_client)
 
 
 def backtest_command(argv: Sequence[str], *, env: Mapping[str, str] | None = None, mongo_client: Any = None) -> int:
     """``backtest``: would the rules matcher's picks have been events members really went to (read-only;
-    only the report is written). Exit codes in BACKTEST_EXIT_CODES; never a traceback."""
-    try:
-        args = backtest_parser().parse_args(argv)
-    except SystemExit as exc:  # --help, or a usage error already printed
-        return exc.code if isinstance(exc.code, int) else EXIT_USAGE
-    with ExitStack() as closing:
-        try:
-            return backtest(args, env, mongo_client, closing)
-        except UsageError as exc:
-            print(f"error: {exc}", file=sys.stderr)
-            return EXIT_USAGE
-        except ServiceError as exc:
-            print(f"error: {exc}", file=sys.stderr)
-            return EXIT_FAILURE
-        except KeyboardInterrupt:
-            print("error: interrupted; no report written", file=sys.stderr)
-            return EXIT_SIGNALS[signal.SIGINT]
+    only the report is written)."""
+    return run_subcommand("backtest", backtest_parser(), backtest, argv, env, mongo_client)
 
 
 SUBCOMMANDS = {"measure": measure_command, "backtest": backtest_command}

@@ -465,7 +465,7 @@ def test_bad_usage_is_one_line_and_exit_2(measure, args: tuple[str, ...]) -> Non
 def test_no_source_is_a_usage_error(run_cli, tmp_path: Path) -> None:
     run = run_cli("measure", "--now", AS_OF_ISO)
     assert run.code == 2
-    assert "no source for the events" in run.err
+    assert "no data source" in run.err and "--source DIR" in run.err
 
 
 def test_the_report_explains_the_proxy_and_the_method(measure) -> None:
