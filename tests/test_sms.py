@@ -303,6 +303,17 @@ STARTS = st.integers(1, 30 * 48).map(lambda k: NOW + timedelta(minutes=30 * k))
 REALISTIC_WHENS = STARTS.map(lambda start: local_when(start, NEW_YORK, NOW))
 
 
+def valid_template_or_none(facts: MessageFacts) -> str | None:
+    """The template's text for ``facts``, checked against the contract, budget and link-last rule."""
+    text = write_template_sms(facts)
+    if text is not None:
+        assert validate_sms(text, facts) == []
+        size = sms_size(text)
+        assert size.units <= size.limit
+        assert text.endswith(facts.link)
+    return text
+
+
 @settings(max_examples=250, deadline=None)
 @given(
     first=st.one_of(st.none(), st.text(max_size=40), REALISTIC_NAMES,
@@ -319,13 +330,9 @@ REALISTIC_WHENS = STARTS.map(lambda start: local_when(start, NEW_YORK, NOW))
 def test_template_returns_a_valid_message_or_none(first, event_name, interests, when, spots, going,
                                                                   hood, event_id):
     facts = MessageFacts(greeting_name(first), event_id, event_name, interests, when, spots, going, hood)
-    text = write_template_sms(facts)
+    text = valid_template_or_none(facts)
     if text is None:
         return
-    assert validate_sms(text, facts) == []
-    size = sms_size(text)
-    assert size.units <= size.limit
-    assert text.endswith(facts.link)
     if facts.first_name:
         assert text.startswith((f"Hi {facts.first_name}!", f"{facts.first_name}, welcome back!"))
 
@@ -582,13 +589,9 @@ def test_the_dressed_template_returns_a_valid_message_or_none(first, event_name,
                                                              sender, opt_out, event_id):
     facts = MessageFacts(greeting_name(first), event_id, event_name, interests, when, spots, going, "soho",
                          sender, opt_out)
-    text = write_template_sms(facts)
+    text = valid_template_or_none(facts)
     if text is None:
         return
-    assert validate_sms(text, facts) == []
-    size = sms_size(text)
-    assert size.units <= size.limit
-    assert text.endswith(facts.link)
     if sender:
         assert text.startswith(sender)
     if opt_out:
