@@ -2089,8 +2089,8 @@ def score_candidates(user: Mapping[str, Any], events: Iterable[Mapping[str, Any]
                                   positive_number(event.get("maxParticipants")) is not None)
         plan = plan_index(interest_alignment(shared), proximity_tier(same, distance), fill, days_until)
         signals = history_signals(habits, str(event["_id"]), features, days_until)
-        candidate = Candidate(event, tuple(shared), same, distance, pct, fill, days_until, 0, signals, plan)
-        found.append(dataclasses.replace(candidate, confidence=match_confidence(candidate.total)))
+        found.append(Candidate(event, tuple(shared), same, distance, pct, fill, days_until, 0, signals, plan))
+    found = [dataclasses.replace(c, confidence=match_confidence(c.total)) for c in found]
     found.sort(key=lambda c: c.rank_key)
     return found
 
@@ -2128,12 +2128,46 @@ def local_when(start: datetime, zone: ZoneInfo, now: datetime) -> str:
     return f"{day} {clock}"
 
 
+WEEKDAY_NAMES = dict(zip(WEEKDAYS, ("Mondays", "Tuesdays", "Wednesdays", "Thursdays", "Fridays", "Saturdays",
+                                      "Sundays"), strict=True))
+
+
+def history_reasons(h: HistorySignals) -> list[str]:
+    """Each history signal a candidate has, as the counts it came from, strongest first."""
+    n = h.past_events
+    phrases = {
+        "host": f"came to {h.host_events} of this host's events",
+        "series": f"came to {h.series_events} events of this series",
+        "company": f"{h.company} {'person' if h.company == 1 else 'people'} they've sat with "
+                   f"{'is' if h.company == 1 else 'are'} going",
+        "place": f"{h.place_share:.0%} of their recent events were in {h.place}",
+        "tags": f"its categories and features run through {h.tag_share:.0%} of their recent events",
+        "weekday": f"usually goes on {WEEKDAY_NAMES.get(h.weekday, h.weekday)} ({h.weekday_events} of {n} events)",
+        "day_part": f"usually goes in the {h.day_part} ({h.day_part_events} of {n} events)",
+    }
+    ranked = sorted(((v, k) for k, v in h.contributions().items() if v > 0), key=lambda vk: -vk[0])
+    return [phrases[k] for _, k in ranked]
+
+
+def history_sentence(c: Candidate) -> str | None:
+    """Which history signal decided (the strongest), and the others, for the reviewer's "why"."""
+    reasons = history_reasons(c.history)
+    if not reasons:
+        return None
+    also = f" (also: {'; '.join(reasons[1:])})" if len(reasons) > 1 else ""
+    far = f" It is {c.days_until:.0f} days off, so that counts for less." if c.history.timing < 1 else ""
+    return f"Their own history decided: {reasons[0]}{also}.{far}"
+
+
 def explain_candidate(user: Mapping[str, Any], c: Candidate, zone: ZoneInfo, now: datetime) -> str:
     """The reviewer's "why": interests, place, attendance and timing in three or four sentences."""
     first = person_name(user, "firstName") or "This member"
     name = text_field(c.event, "name") or "this event"
     pairs = ", ".join(f"{i} ({t})" for i, t in c.interests)
     sentences = [f"{name} serves {first}'s interests: {pairs}."]
+    decided = history_sentence(c)
+    if decided:
+        sentences.append(decided)
     home, where = text_field(user, "homeNeighborhood"), text_field(c.event, "neighborhood")
     if c.same_neighbourhood:
         sentences.append(f"It is in {where}, their own neighbourhood.")
@@ -2303,6 +2337,7 @@ class MessageFacts:
     spots_left: int | None
     going: int
     neighbourhood: str | None
+    company: int = 0  # people the member sat with before who are going: a count, never who ("2 people you've dined with")
 
     @property
     def link(self) -> str:
@@ -2313,6 +2348,7 @@ class MessageFacts:
         """The only numbers a message may contain outside the link, names and interests."""
         numbers = set(re.findall(r"\d+", self.when))
         numbers |= {str(self.going)} if self.going else set()
+        numbers |= {str(self.company)} if self.company else set()
         if self.spots_left is not None:
             numbers.add(str(self.spots_left))
         return numbers
@@ -2331,7 +2367,16 @@ def message_facts(match: Match, zone: ZoneInfo, now: datetime) -> MessageFacts:
         spots_left=int(spots) if isinstance(spots, (int, float)) else None,
         going=int(event.get("participantCount") or 0),
         neighbourhood=text_field(event, "neighborhood"),
+        company=company_count(match["user"], match["event_id"]),
     )
+
+
+def company_count(user: Mapping[str, Any], event_id: str) -> int:
+    """How many people the member sat with before are going to the event (``MemberHistory.company_going``)."""
+    history = user.get("history")
+    going = history.get("company_going") if isinstance(history, Mapping) else None
+    count = going.get(event_id) if isinstance(going, Mapping) else None
+    return count if isinstance(count, int) and not isinstance(count, bool) and 0 < count <= MAX_PLAUSIBLE_COUNT else 0
 
 
 def interest_label(interest: str) -> str:
@@ -2798,6 +2843,8 @@ def report_markdown(report: Mapping[str, Any]) -> str:
                 "average_confidence_score", "error_count"):
         lines.append(f"| {key.replace('_', ' ')} | {s.get(key)} |")
     lines += ["", f"Users tried: {st['users_processed']}; future events considered: {st['events_processed']}.", ""]
+    if report.get("places_not_located"):
+        lines += [places_line(report["places_not_located"]), ""]
     lines += ["## Matches and messages", "", "| member | event | confidence | matcher | SMS | segments |",
               "| --- | --- | --- | --- | --- | --- |"]
     messages = {m["user_id"]: m for m in report.get("messages", [])}
@@ -2915,7 +2962,8 @@ def build_report(*, campaign_id: str, run_started: datetime, finished: datetime,
                  future_events: Sequence[FutureEvent], outcomes: Sequence[UserOutcome], steps_5_6_seconds: float,
                  issues: DataIssues, firebase: Mapping[str, Any], errors: Sequence[str],
                  llm_usage: Mapping[str, Any] | None, status: str = "completed",
-                 empty_input: Sequence[str] = ()) -> dict[str, Any]:
+                 empty_input: Sequence[str] = (), places_not_located: Mapping[str, int] | None = None,
+                 ) -> dict[str, Any]:
     """Step 8: the plan's statistics and summary, plus who was skipped, segments, services and errors.
 
     ``empty_input`` names the collections the source had no documents in (``"users"``, ``"events"``);
@@ -2977,7 +3025,21 @@ def build_report(*, campaign_id: str, run_started: datetime, finished: datetime,
     }
     if llm_usage is not None:
         report["llm_usage"] = dict(llm_usage)
+    report["places_not_located"] = places_report(places_not_located or {})
     return report
+
+
+def places_report(unlocated: Mapping[str, int]) -> dict[str, Any]:
+    """The places the centroid table could not locate: how many, and the most seen (slugs, at most 10)."""
+    top = sorted(unlocated.items(), key=lambda kv: (-kv[1], kv[0]))[:10]
+    return {"count": len(unlocated), "mentions": sum(unlocated.values()), "most_seen": dict(top)}
+
+
+def places_line(places: Mapping[str, Any]) -> str:
+    """One Markdown line: the places no distance could be computed for (NEIGHBOURHOODS_CSV names none of them)."""
+    seen = ", ".join(f"{cell(k)} ({n})" for k, n in places["most_seen"].items())
+    return (f"Places not located in NEIGHBOURHOODS_CSV: {places['count']} ({places['mentions']} mentions"
+            f"{': ' + seen if seen else ''}); distances to them are unknown.")
 
 
 # =============================================================================================
@@ -3635,7 +3697,16 @@ def candidate_line(c: Candidate, zone: ZoneInfo, now: datetime) -> str:
     return (f"- id={e['_id']} | name={host_text(e.get('name'))} | where={where} | tags={tags} | "
             f"when={local_when(start, zone, now)} (in {c.days_until:.0f} days) | "
             f"going={'unknown' if going is None else going}"
-            f" | {room} | fits={one_line(', '.join(i for i, _ in c.interests))}")
+            f" | {room} | fits={one_line(', '.join(i for i, _ in c.interests))} | {history_line(c.history)}")
+
+
+def history_line(h: HistorySignals) -> str:
+    """The member's own history for one candidate, as the rules saw it: counts and shares, never who."""
+    n = h.past_events
+    return (f"history: this_host={h.host_events}/{n} events, this_series={h.series_events}/{n}, "
+            f"sat_with_going={h.company}, this_place={h.place_share:.0%}, categories={h.tag_share:.0%}, "
+            f"this_weekday={h.weekday_events}/{n}, this_time_of_day={h.day_part_events}/{n}, "
+            f"history_points={h.points:.2f}")
 
 
 def member_block(user: Mapping[str, Any]) -> str:
@@ -3648,6 +3719,8 @@ def member_block(user: Mapping[str, Any]) -> str:
         f"occupation: {one_line(text_field(user, 'occupation')) or 'unknown'}",
         f"days_inactive: {user.get('days_inactive')}",
         f"events_attended: {user.get('eventCount')}",
+        ("history: per event below, how many of their past events had this host, this series, this place, this "
+         "weekday and time of day, and how many people they sat with before are going (counts only)"),
         f"last_event: {(user.get('last_event_date') or '')[:10]}",
     ]
     return "\n".join(lines)
@@ -3667,6 +3740,9 @@ def facts_prompt(facts: MessageFacts, user: Mapping[str, Any]) -> str:
         f"day_time: {facts.when}",
         f"spots_left: {facts.spots_left if facts.spots_left is not None else '(unknown: do not mention spots)'}",
         f"going: {facts.going}",
+        (f"sat_with_going: {facts.company} (people the member dined with before who are going; you may say it "
+         f"as a count only, e.g. \"{facts.company} people you've dined with are going\")" if facts.company
+         else "sat_with_going: 0 (do not mention it)"),
         f"event_neighbourhood: {one_line(facts.neighbourhood or 'unknown')}",
         f"member_neighbourhood: {one_line(text_field(user, 'homeNeighborhood')) or 'unknown'}",
         f"occupation: {one_line(text_field(user, 'occupation')) or 'unknown'}",
@@ -5216,7 +5292,9 @@ class ReturnToTable:
             future_events=future, outcomes=outcomes, steps_5_6_seconds=steps_5_6_seconds, issues=self.issues,
             firebase=firebase, errors=list(self.dashboard.errors), status=status,
             llm_usage=self.advisor.usage_report() if self.advisor is not None else None,
-            empty_input=self.empty_input)
+            empty_input=self.empty_input, places_not_located=unlocated_places(
+                self.hoods, [*(text_field(u, "homeNeighborhood") for u in census.eligible),
+                             *(text_field(e, "neighborhood") for e in future)]))
         report_path = self.write_report(campaign_id, report)
         return RunResult(campaign_id, report, report_path, firebase, claude_down, status,
                          failed_members=sum(o.failed for o in outcomes), signal=self.control.signal,
@@ -6322,7 +6400,8 @@ def pooled_row(dated: Sequence[tuple[datetime, int, list[Trial]]], resamples: in
 
 def build_backtest_report(*, source: str, start: datetime, end: datetime, every_days: int, window_days: int,
                           dated: Sequence[tuple[datetime, int, list[Trial]]], issues: DataIssues,
-                          resamples: int, seed: int, started: datetime, seconds: float) -> dict[str, Any]:
+                          resamples: int, seed: int, started: datetime, seconds: float,
+                          places_not_located: Mapping[str, int] | None = None) -> dict[str, Any]:
     """The report: what was asked, the rules the numbers follow, one row per date, the pooled row."""
     return {
         "kind": "backtest",
@@ -6342,6 +6421,7 @@ def build_backtest_report(*, source: str, start: datetime, end: datetime, every_
         "dates": [backtest_row(day, n, trials) for day, n, trials in dated],
         "pooled": pooled_row(dated, resamples, seed),
         "data_issues": issues.as_dict(),
+        "places_not_located": places_report(places_not_located or {}),
         "duration_seconds": round(seconds, 3),
     }
 
@@ -6415,6 +6495,8 @@ def backtest_markdown(report: Mapping[str, Any]) -> str:
         "## Data issues (records skipped or treated as missing)",
         "",
         *([f"- {k.replace('_', ' ')}: {v}" for k, v in report["data_issues"].items()] or ["None."]),
+        "",
+        places_line(report["places_not_located"]),
         "",
         f"Computed in {report['duration_seconds']} s.",
     ]
@@ -6542,7 +6624,9 @@ def backtest(args: argparse.Namespace, env: Mapping[str, str] | None, mongo_clie
                                    every_days=args.every_days,
                                    window_days=args.window_days, dated=dated, issues=screened.issues,
                                    resamples=args.resamples, seed=args.seed, started=started,
-                                   seconds=time.monotonic() - clock)
+                                   seconds=time.monotonic() - clock, places_not_located=unlocated_places(
+                                       hoods, [*(text_field(u, "homeNeighborhood") for u in screened.users),
+                                               *(text_field(e, "neighborhood") for e in screened.events)]))
     path = write_backtest_report(out_dir, report, started)
     print(console_table(report))
     print(f"Report: {path} (and .json)")
