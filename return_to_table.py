@@ -1140,14 +1140,15 @@ def after_moment(attended: Sequence[Attended], moment: datetime) -> int:
 
 def company_going(member: str, past: Sequence[Attended], activity: Mapping[str, Activity],
                   now: datetime) -> dict[str, int]:
-    """Per upcoming open public event, how many people the member sat with before are going: counts only."""
+    """Per upcoming open public event, how many people the member sat with before are going as guests
+    (its host is the host signal's, not company): counts only."""
     company = set().union(*(a.members for a in past)) - {member}
     going: Counter[str] = Counter()
     for other in company:
         attended = activity[other].attended if other in activity else ()
         for a in attended[after_moment(attended, now):]:
             event_id = id_of(a.event.get("_id"))
-            if event_id and is_open_future_public(a.event, now):
+            if event_id and id_of(a.event.get("ownerId")) != other and is_open_future_public(a.event, now):
                 going[event_id] += 1
     return dict(sorted(going.items()))
 
