@@ -16,12 +16,12 @@ from zoneinfo import ZoneInfo
 import pytest
 from bson import ObjectId
 from builders import NOW, NOW_ISO, days_ago, filler_ids, run_main, write_folder
+from fake_anthropic import FakeMessagesAPI
 from hypothesis import given, settings
 from hypothesis import strategies as st
 from test_claude import smart
 
 import return_to_table as rtt
-from fake_anthropic import FakeMessagesAPI
 
 NEW_YORK = ZoneInfo("America/New_York")
 BASE = {"type": "public", "active": True, "eventStatus": "approved"}
@@ -190,7 +190,7 @@ def test_confidence_follows_the_ranking_whatever_the_history(hoods, past, future
                     hood=hood) for i, (o, hood, w, h) in enumerate(past)]
     events += [event(eid(100 + i), f"Table {i}", days_ago(-d, hour=h), hosts[o], FRIENDS[:n], hood=hood,
                      maxParticipants=cap) for i, ((o, hood, _, h), d, n, cap) in enumerate(future)]
-    user, candidates = member_and_candidates([lena()], events, hoods)
+    _, candidates = member_and_candidates([lena()], events, hoods)
     confidences = [c.confidence for c in candidates]
     assert confidences == sorted(confidences, reverse=True)
     assert all(70 <= c <= 100 for c in confidences)
