@@ -6143,7 +6143,9 @@ NO_LEAK_RULE = (
     "Events that start after D lose every participant and every field computed from them "
     f"({', '.join(PARTICIPANT_FIELDS)}): RSVP times are not stored, so none of them can be known at D, and "
     "every candidate's fill is unknown. Member activity (event count, last event, days inactive, dormancy, "
-    "reactivation score, the hosts they joined) is recomputed from the events that started by D. Events "
+    "reactivation score, the hosts they joined) and the history the matcher ranks by (places, hosts, series, "
+    "categories, weekdays, times of day) are recomputed from the events that started by D, so the "
+    "co-attendees-going signal is always 0 here. Events "
     "without a valid start date are left out: they cannot be placed in time.")
 LATER_INFORMATION = (
     ("Member profile fields are stored as they are now: interests, homeNeighborhood, occupation, gender, "
