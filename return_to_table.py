@@ -2143,8 +2143,8 @@ def history_reasons(h: HistorySignals) -> list[str]:
                    f"{'is' if h.company == 1 else 'are'} going",
         "place": f"{h.place_share:.0%} of their recent events were in {h.place}",
         "tags": f"its categories and features run through {h.tag_share:.0%} of their recent events",
-        "weekday": f"usually goes on {WEEKDAY_NAMES.get(h.weekday, h.weekday)} ({h.weekday_events} of {n} events)",
-        "day_part": f"usually goes in the {h.day_part} ({h.day_part_events} of {n} events)",
+        "weekday": f"{h.weekday_events} of their {n} events were on {WEEKDAY_NAMES.get(h.weekday, h.weekday)}",
+        "day_part": f"{h.day_part_events} of their {n} events were in the {h.day_part}",
     }
     ranked = sorted(((v, k) for k, v in h.contributions().items() if v > 0), key=lambda vk: -vk[0])
     return [phrases[k] for _, k in ranked]
@@ -2155,7 +2155,7 @@ def history_sentence(c: Candidate) -> str | None:
     reasons = history_reasons(c.history)
     if not reasons:
         return None
-    also = f" (also: {'; '.join(reasons[1:])})" if len(reasons) > 1 else ""
+    also = f" (also: {'; '.join(reasons[1:3])})" if len(reasons) > 1 else ""  # the next two: a readable "why"
     far = f" It is {c.days_until:.0f} days off, so that counts for less." if c.history.timing < 1 else ""
     return f"Their own history decided: {reasons[0]}{also}.{far}"
 

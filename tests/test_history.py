@@ -136,7 +136,7 @@ def test_a_member_who_always_goes_on_thursdays_gets_the_thursday_table(hoods):
     assert user["history"]["weekdays"] == {"Thu": 4} and user["history"]["day_parts"] == {"evening": 4}
     assert ids(candidates) == [str(eid(31)), str(eid(30))]
     match = rtt.rules_match(user, candidates, 70, NEW_YORK, NOW)
-    assert match is not None and "usually goes on Thursdays (4 of 4 events)" in match["reasoning"]
+    assert match is not None and "4 of their 4 events were on Thursdays" in match["reasoning"]
 
 
 def test_an_event_six_weeks_off_ranks_below_a_comparable_nearer_one(hoods):
