@@ -1196,7 +1196,7 @@ class DormantMember(TypedDict):
     summary: str
     phone_e164: str | None  # the phone as E.164 when it can receive texts (``textable_phone``); ``phone`` stays as stored
     phone_timezone: str | None  # the number's one time zone, when it maps to exactly one
-    history: MemberHistory  # what their own past events say (``member_history``), for step 5
+    event_history: MemberHistory  # what their own past events say (``member_history``), for step 5
 
 
 @dataclass(frozen=True)
@@ -1224,7 +1224,7 @@ def dormant_member(raw: Mapping[str, Any], user_id: str, seen: Activity, days: i
         "personalization_ready": True,
         "phone_e164": phone.e164,
         "phone_timezone": phone.timezone,
-        "history": member_history(user_id, seen, activity or {}, moment, phone.timezone or zone),
+        "event_history": member_history(user_id, seen, activity or {}, moment, phone.timezone or zone),
     })
     user["reactivation_score"] = calculate_reactivation_score(user)
     user["summary"] = user_summary(user)  # step 3 (its section follows step 2): one visible place
@@ -1934,9 +1934,9 @@ class Habits(NamedTuple):
 
 def member_habits(user: Mapping[str, Any]) -> Habits | None:
     """The member's history ready for scoring, or None when there is none (a neutral history)."""
-    history = user.get("history")
-    if not isinstance(history, Mapping) or not history.get("events"):
-        return None
+    history = user.get("event_history")
+    if not isinstance(history, Mapping) or not isinstance(history.get("events"), int) or history["events"] < 1:
+        return None  # step 1 writes it; anything else is no history
     try:
         zone: ZoneInfo | None = ZoneInfo(str(history.get("zone")))
     except (ZoneInfoNotFoundError, ValueError):
@@ -2374,7 +2374,7 @@ def message_facts(match: Match, zone: ZoneInfo, now: datetime) -> MessageFacts:
 
 def company_count(user: Mapping[str, Any], event_id: str) -> int:
     """How many people the member sat with before are going to the event (``MemberHistory.company_going``)."""
-    history = user.get("history")
+    history = user.get("event_history")
     going = history.get("company_going") if isinstance(history, Mapping) else None
     count = going.get(event_id) if isinstance(going, Mapping) else None
     return count if isinstance(count, int) and not isinstance(count, bool) and 0 < count <= MAX_PLAUSIBLE_COUNT else 0

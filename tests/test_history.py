@@ -73,7 +73,7 @@ def test_a_member_loyal_to_one_host_beats_a_closer_strangers_event(hoods):
     near = event(eid(10), "Wine on the Block", days_ago(-3), STRANGER, [], hood="chelsea")  # her own street
     loyal = event(eid(11), "Cellar Night 5", days_ago(-10), HOST, [], hood="west-village")
     user, candidates = member_and_candidates([lena()], [*past, near, loyal], hoods)
-    assert user["history"]["hosts"] == {str(HOST): 4}
+    assert user["event_history"]["hosts"] == {str(HOST): 4}
     assert ids(candidates) == [str(eid(11)), str(eid(10))]
     assert candidates[0].confidence >= candidates[1].confidence
     match = rtt.rules_match(user, candidates, 70, NEW_YORK, NOW)
@@ -87,7 +87,7 @@ def test_without_that_history_the_closer_event_wins(hoods):
     events = [*past, event(eid(10), "Wine on the Block", days_ago(-3), STRANGER, [], hood="chelsea"),
               event(eid(11), "Cellar Night 5", days_ago(-10), HOST, [], hood="west-village")]
     user, _ = member_and_candidates([lena()], events, hoods)
-    plain = {k: v for k, v in user.items() if k != "history"}
+    plain = {k: v for k, v in user.items() if k != "event_history"}
     assert ids(rtt.score_candidates(plain, rtt.find_future_events(events, NOW), hoods, NOW))[0] == str(eid(10))
 
 
@@ -106,7 +106,7 @@ def friends_world() -> list[dict[str, Any]]:
 
 def test_co_attendees_going_beat_a_fuller_event_of_strangers(hoods):
     user, candidates = member_and_candidates([lena()], friends_world(), hoods)
-    assert user["history"]["company_going"] == {str(eid(20)): 3}  # per event, a count: nobody named
+    assert user["event_history"]["company_going"] == {str(eid(20)): 3}  # per event, a count: nobody named
     assert ids(candidates) == [str(eid(20)), str(eid(21))]
     assert candidates[1].fill_tier > candidates[0].fill_tier  # the plan alone would take the fuller one
     match = rtt.rules_match(user, candidates, 70, NEW_YORK, NOW)
@@ -133,7 +133,7 @@ def test_a_member_who_always_goes_on_thursdays_gets_the_thursday_table(hoods):
     tuesday = event(eid(30), "Ember Pour", days_ago(-5, hour=23), hosts[4], [])  # sooner, a Tuesday
     thursday_next = event(eid(31), "Fjord Pour", days_ago(-7, hour=23), hosts[5], [])
     user, candidates = member_and_candidates([lena()], [*past, tuesday, thursday_next], hoods)
-    assert user["history"]["weekdays"] == {"Thu": 4} and user["history"]["day_parts"] == {"evening": 4}
+    assert user["event_history"]["weekdays"] == {"Thu": 4} and user["event_history"]["day_parts"] == {"evening": 4}
     assert ids(candidates) == [str(eid(31)), str(eid(30))]
     match = rtt.rules_match(user, candidates, 70, NEW_YORK, NOW)
     assert match is not None and "4 of their 4 events were on Thursdays" in match["reasoning"]
@@ -172,7 +172,7 @@ def test_a_one_event_member_gets_the_plans_order(hoods):
                   (2, 23, STRANGER, "tottenville", ("WINE", "DINNER")), (9, 15, HOST, "west-village", ("WINE",)),
                   (4, 23, STRANGER, "chelsea", ("WINE",)), (20, 1, HOST, "astoria", ("WINE", "DINNER"))])]
     user, candidates = member_and_candidates([lena(interests=("wine", "food"))], [*past, *future], hoods)
-    assert user["history"]["events"] == 1
+    assert user["event_history"]["events"] == 1
     assert all(c.history.points == 0 for c in candidates)
     assert ids(candidates) == ids(sorted(candidates, key=lambda c: c.plan_key))
 
