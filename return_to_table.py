@@ -39,6 +39,7 @@ import argparse
 import bisect
 import contextlib
 import csv
+import dataclasses
 import fcntl
 import functools
 import hashlib
@@ -293,6 +294,7 @@ class Settings:
     anthropic_api_key: str | None = None
     firebase_timeout: float = 20.0  # seconds per request; the first timeout ends Firebase writes for the run
     campaign_timezone: str = DEFAULT_TIMEZONE
+    neighbourhoods_csv: Path = CENTROIDS_CSV  # NEIGHBOURHOODS_CSV: the centroid table places are located in
     sms: SmsPolicy = field(default_factory=lambda: SmsPolicy())
     env: Mapping[str, str] = field(default_factory=dict, repr=False)
 
@@ -333,6 +335,7 @@ class Settings:
             anthropic_api_key=get("ANTHROPIC_API_KEY"),
             firebase_timeout=firebase_timeout,
             campaign_timezone=zone,
+            neighbourhoods_csv=Path(get("NEIGHBOURHOODS_CSV") or CENTROIDS_CSV).expanduser(),
             sms=SmsPolicy.from_env(get),
             env=dict(env),
         )
@@ -927,12 +930,22 @@ def dedupe_by_id(docs: Sequence[dict[str, Any]]) -> tuple[list[dict[str, Any]], 
 # =============================================================================================
 
 
+class Attended(NamedTuple):
+    """One dated event a member joined or hosted, with everyone at it (the one set shared by all of them)."""
+
+    start: datetime
+    event: Mapping[str, Any]
+    members: frozenset[str]
+
+
 @dataclass(frozen=True)
 class Activity:
-    """What the events say about one member: how many they joined or hosted, and the latest."""
+    """What the events say about one member: how many they joined or hosted, the latest, and the dated
+    ones in start order (``attended``: what step 1's ``member_history`` reads, no second pass)."""
 
     event_count: int
     last_event: datetime | None
+    attended: tuple[Attended, ...] = field(default=(), compare=False)
 
 
 @dataclass
@@ -979,18 +992,24 @@ def event_member_ids(event: Mapping[str, Any], issues: DataIssues) -> set[str]:
 
 
 def index_member_activity(events: Iterable[Mapping[str, Any]], issues: DataIssues) -> dict[str, Activity]:
-    """Every member's event count and latest ``startDate``, over all events of any type or date."""
+    """Every member's event count and latest ``startDate``, over all events of any type or date, and
+    the dated events each one was at, in start order."""
     counts: Counter[str] = Counter()
     latest: dict[str, datetime] = {}
+    attended: dict[str, list[Attended]] = {}
     for event in events:
         start = to_utc(event.get("startDate"))
         if start is None:
             issues.add("events_without_valid_start_date")
-        for member in event_member_ids(event, issues):
+        members = frozenset(event_member_ids(event, issues))
+        for member in members:
             counts[member] += 1
-            if start is not None and (member not in latest or start > latest[member]):
-                latest[member] = start
-    return {member: Activity(n, latest.get(member)) for member, n in counts.items()}
+            if start is not None:
+                attended.setdefault(member, []).append(Attended(start, event, members))
+                if member not in latest or start > latest[member]:
+                    latest[member] = start
+    return {member: Activity(n, latest.get(member), tuple(sorted(attended.get(member, ()), key=lambda a: a.start)))
+            for member, n in counts.items()}
 
 
 def count_profile_fields(user: Mapping[str, Any]) -> int:
@@ -1050,6 +1069,126 @@ def dormant_rank_key(user: Mapping[str, Any]) -> tuple[float, int, str]:
     return (-user["reactivation_score"], -user["eventCount"], user["_id"])
 
 
+# --- the member's own history (issue 11): what step 5 ranks by, from the events step 1 already read ---
+
+HISTORY_HALF_LIFE_DAYS = 180.0  # a past event's weight in places and tags halves every this many days: where they go now
+HISTORY_TOP = 12  # places, hosts, series and tags kept per member (the strongest ones): the record stays readable
+SERIES_STEM_WORDS = 2  # a series by name: its first this many words once calendar words and numbers are dropped
+CALENDAR_WORDS = frozenset(  # words that change from one edition of a series to the next ("April First Tuesday ...")
+    {"january", "february", "march", "april", "may", "june", "july", "august", "september", "october", "november",
+     "december", "jan", "feb", "mar", "apr", "jun", "jul", "aug", "sep", "sept", "oct", "nov", "dec", "monday",
+     "tuesday", "wednesday", "thursday", "friday", "saturday", "sunday", "mon", "tue", "tues", "wed", "thu", "thur",
+     "thurs", "fri", "sat", "sun", "first", "second", "third", "fourth", "fifth", "last", "next", "monthly",
+     "weekly", "annual", "the", "a", "an"})
+WEEKDAYS = ("Mon", "Tue", "Wed", "Thu", "Fri", "Sat", "Sun")
+DAY_PARTS = ((5, "morning"), (12, "afternoon"), (17, "evening"), (22, "night"))  # the local hour each part starts
+
+
+class MemberHistory(TypedDict):
+    """What a member's own past events say, for step 5's ranking: computed in step 1 from the events it
+    read, JSON-ready, and counts only: no co-attendee is named or identified here (``company_going``
+    holds, per upcoming event, how many of them are going)."""
+
+    events: int  # past events joined or hosted (started by now)
+    zone: str  # the IANA zone ``weekdays`` and ``day_parts`` are read in (the phone's, else the campaign's)
+    places: dict[str, float]  # neighbourhood slug -> recency-weighted share of the past events there
+    hosts: dict[str, int]  # host id -> past events of theirs joined, for hosts joined more than once
+    series: dict[str, int]  # series key (``series_keys``) -> past events in it, for series attended more than once
+    tags: dict[str, float]  # normalised category or feature -> recency-weighted share of the past events with it
+    weekdays: dict[str, int]  # "Mon".."Sun" -> past events on that local day
+    day_parts: dict[str, int]  # "morning", "afternoon", "evening", "night" -> past events then, local time
+    company_going: dict[str, int]  # upcoming open event id -> how many of the member's past co-attendees are going
+
+
+def day_part(hour: int) -> str:
+    """The part of the day a local hour falls in (night runs from 22:00 to 05:00)."""
+    return next((name for start, name in reversed(DAY_PARTS) if hour >= start), DAY_PARTS[-1][1])
+
+
+def name_stem(name: str | None) -> str | None:
+    """A series' name without what changes between editions: "April First Tuesday Drupal Meetup" and
+    "June Drupal Meetup #12" share "drupal meetup"."""
+    words = [w for w in re.findall(r"[^\W\d_]+", (name or "").lower()) if w not in CALENDAR_WORDS]
+    return " ".join(words[:SERIES_STEM_WORDS]) or None
+
+
+def series_keys(event: Mapping[str, Any]) -> tuple[str, ...]:
+    """The recurring series an event belongs to: its host at its venue, and its name stem."""
+    keys = []
+    host, venue = id_of(event.get("ownerId")), slugify(text_field(event, "venueName") or "")
+    if host and venue:
+        keys.append(f"{host}@{venue}")
+    stem = name_stem(text_field(event, "name"))
+    if stem:
+        keys.append(f"name:{stem}")
+    return tuple(keys)
+
+
+def recency_weight(start: datetime, now: datetime) -> float:
+    """1 for an event today, halving every ``HISTORY_HALF_LIFE_DAYS``."""
+    return 0.5 ** (max(0.0, (now - start).total_seconds() / 86400) / HISTORY_HALF_LIFE_DAYS)
+
+
+def top_shares(weights: Mapping[str, float], total: float) -> dict[str, float]:
+    """The strongest ``HISTORY_TOP`` entries as shares of ``total``, rounded for the record."""
+    best = sorted(weights.items(), key=lambda kv: (-kv[1], kv[0]))[:HISTORY_TOP]
+    return {k: round(v / total, 4) for k, v in best} if total > 0 else {}
+
+
+def repeated(counts: Counter[str]) -> dict[str, int]:
+    """The entries seen more than once, strongest first, at most ``HISTORY_TOP``."""
+    return dict(sorted(((k, n) for k, n in counts.items() if n > 1), key=lambda kv: (-kv[1], kv[0]))[:HISTORY_TOP])
+
+
+def after_moment(attended: Sequence[Attended], moment: datetime) -> int:
+    """Where the events starting after ``moment`` begin in a start-ordered list."""
+    return bisect.bisect_right(attended, moment, key=lambda a: a.start)
+
+
+def company_going(member: str, past: Sequence[Attended], activity: Mapping[str, Activity],
+                  now: datetime) -> dict[str, int]:
+    """Per upcoming open public event, how many people the member sat with before are going as guests
+    (its host is the host signal's, not company): counts only."""
+    company = set().union(*(a.members for a in past)) - {member}
+    going: Counter[str] = Counter()
+    for other in company:
+        attended = activity[other].attended if other in activity else ()
+        for a in attended[after_moment(attended, now):]:
+            event_id = id_of(a.event.get("_id"))
+            if event_id and id_of(a.event.get("ownerId")) != other and is_open_future_public(a.event, now):
+                going[event_id] += 1
+    return dict(sorted(going.items()))
+
+
+def member_history(member: str, seen: Activity, activity: Mapping[str, Activity], now: datetime,
+                   zone: str) -> MemberHistory:
+    """Where, with whom, what and when the member actually went, from the events step 1 read."""
+    past = seen.attended[:after_moment(seen.attended, now)]
+    local = ZoneInfo(zone)
+    places: Counter[str] = Counter()
+    tags: Counter[str] = Counter()
+    hosts, series, weekdays, parts = Counter[str](), Counter[str](), Counter[str](), Counter[str]()
+    total = 0.0
+    for a in past:
+        weight = recency_weight(a.start, now)
+        total += weight
+        place = slugify(text_field(a.event, "neighborhood") or "")
+        if place:
+            places[place] += weight
+        for tag in event_tags(a.event):
+            tags[tag] += weight
+        host = id_of(a.event.get("ownerId"))
+        if host and host != member:
+            hosts[host] += 1
+        series.update(series_keys(a.event))
+        when = a.start.astimezone(local)
+        weekdays[WEEKDAYS[when.weekday()]] += 1
+        parts[day_part(when.hour)] += 1
+    return MemberHistory(events=len(past), zone=zone, places=top_shares(places, total), hosts=repeated(hosts),
+                         series=repeated(series), tags=top_shares(tags, total), weekdays=dict(weekdays),
+                         day_parts=dict(parts), company_going=company_going(member, past, activity, now))
+
+
 class DormantMember(TypedDict):
     """An eligible member as steps 1-8 pass it on: every field of the member document (JSON-ready)
     plus the keys listed here, which step 1 derives (``summary`` is step 3's)."""
@@ -1064,6 +1203,7 @@ class DormantMember(TypedDict):
     summary: str
     phone_e164: str | None  # the phone as E.164 when it can receive texts (``textable_phone``); ``phone`` stays as stored
     phone_timezone: str | None  # the number's one time zone, when it maps to exactly one
+    event_history: MemberHistory  # what their own past events say (``member_history``), for step 5
 
 
 @dataclass(frozen=True)
@@ -1076,10 +1216,12 @@ class DormancyCensus:
 
 
 def dormant_member(raw: Mapping[str, Any], user_id: str, seen: Activity, days: int,
-                   region: str = "US") -> DormantMember:
+                   region: str = "US", *, activity: Mapping[str, Activity] | None = None,
+                   now: datetime | None = None, zone: str = DEFAULT_TIMEZONE) -> DormantMember:
     """Step 1's enriched record of one eligible member, with step 3's summary attached here, once."""
     user = to_plain(raw)
     phone = textable_phone(raw.get("phone"), region)
+    moment = now or seen.last_event or datetime.now(UTC)
     user.update({
         "_id": user_id,
         "eventCount": seen.event_count,
@@ -1089,6 +1231,7 @@ def dormant_member(raw: Mapping[str, Any], user_id: str, seen: Activity, days: i
         "personalization_ready": True,
         "phone_e164": phone.e164,
         "phone_timezone": phone.timezone,
+        "event_history": member_history(user_id, seen, activity or {}, moment, phone.timezone or zone),
     })
     user["reactivation_score"] = calculate_reactivation_score(user)
     user["summary"] = user_summary(user)  # step 3 (its section follows step 2): one visible place
@@ -1096,8 +1239,9 @@ def dormant_member(raw: Mapping[str, Any], user_id: str, seen: Activity, days: i
 
 
 def find_dormant_users(users: Iterable[Mapping[str, Any]], activity: Mapping[str, Activity],
-                       now: datetime, region: str = "US") -> DormancyCensus:
-    """Step 1: enrich every member, keep the personalisable dormant ones, rank them."""
+                       now: datetime, region: str = "US", zone: str = DEFAULT_TIMEZONE) -> DormancyCensus:
+    """Step 1: enrich every member, keep the personalisable dormant ones, rank them; ``zone`` (the
+    campaign's) reads the habits of members whose phone gives no zone."""
     eligible: list[DormantMember] = []
     statuses: Counter[str] = Counter()
     for raw in users:
@@ -1111,7 +1255,7 @@ def find_dormant_users(users: Iterable[Mapping[str, Any]], activity: Mapping[str
         if status != "dormant" or seen.event_count < 1 or not ready or not clean_interests(raw.get("interests")):
             continue
         assert days is not None  # a dormant member has a last event
-        eligible.append(dormant_member(raw, user_id, seen, days, region))
+        eligible.append(dormant_member(raw, user_id, seen, days, region, activity=activity, now=now, zone=zone))
     eligible.sort(key=dormant_rank_key)
     return DormancyCensus(tuple(eligible), statuses["dormant"], dict(sorted(statuses.items())))
 
@@ -1550,23 +1694,46 @@ NEIGHBOURHOOD_ALIASES = {
 }
 
 
+def named_places(name: str) -> list[str]:
+    """The slugs of the places an area's name lists: "SoHo-Little Italy-Hudson Square" names three,
+    "Harlem (North)" names Harlem. A place is a whole listed name, never the start of one, so a town
+    called "Hamilton" is not "Hamilton Heights" and "Clinton" is not "Clinton Hill"."""
+    plain = re.sub(r"\([^)]*\)", " ", name)
+    return [slug for part in plain.split("-") if (slug := slugify(part))]
+
+
 @dataclass(frozen=True)
 class NeighbourhoodMap:
-    """NYC neighbourhood centroids (2020 NTAs), resolving app slugs by exact, prefix or alias."""
+    """Neighbourhood centroids (``NEIGHBOURHOODS_CSV``, by default NYC's 2020 NTAs), resolving app slugs by
+    an area's exact slug, by a whole place its name lists (``named_places``), or by alias.
+
+    ``places``: place slug -> the areas that name it (residential ones preferred when there are some).
+    """
 
     centroids: Mapping[str, tuple[float, float]]
     residential: frozenset[str] = frozenset()
+    places: Mapping[str, tuple[str, ...]] = field(default_factory=dict)
 
     @classmethod
     def from_csv(cls, path: Path) -> NeighbourhoodMap:
+        """Columns ``slug``, ``lat``, ``lon``; optional ``name`` (the places it lists) and ``nta_type``
+        (``0`` residential). KeyError or ValueError on a row without them (``load_neighbourhoods`` says which)."""
         centroids: dict[str, tuple[float, float]] = {}
         residential: set[str] = set()
+        named: dict[str, list[str]] = {}
         with path.open(encoding="utf-8", newline="") as handle:
             for row in csv.DictReader(handle):
-                centroids[row["slug"]] = (float(row["lat"]), float(row["lon"]))
-                if row.get("nta_type", "0").strip() == "0":
-                    residential.add(row["slug"])
-        return cls(centroids, frozenset(residential))
+                slug = slugify(row["slug"] or "")
+                lat, lon = float(row["lat"]), float(row["lon"])
+                if not slug or not (-90 <= lat <= 90 and -180 <= lon <= 180):
+                    raise ValueError(f"row {len(centroids) + 2}: a slug and a latitude/longitude are needed")
+                centroids[slug] = (lat, lon)
+                if (row.get("nta_type") or "0").strip() == "0":
+                    residential.add(slug)
+                for place in named_places(row.get("name") or ""):
+                    named.setdefault(place, []).append(slug)
+        homes = {place: tuple(s for s in areas if s in residential) or tuple(areas) for place, areas in named.items()}
+        return cls(centroids, frozenset(residential), homes)
 
     @staticmethod
     def canonical(name: str) -> str:
@@ -1579,14 +1746,14 @@ class NeighbourhoodMap:
         return bool(a and b and self.canonical(a) == self.canonical(b))
 
     def locate(self, name: str | None) -> tuple[float, float] | None:
-        """The centroid of an app slug, or None outside NYC or when unknown."""
+        """The centroid of an app slug (the mean of the areas a place name covers), or None when the
+        table does not name it."""
         if not name:
             return None
         slug = self.canonical(name)
         if slug in self.centroids:
             return self.centroids[slug]
-        matches = [s for s in self.centroids if s.startswith(slug + "-")]
-        homes = [s for s in matches if s in self.residential] or matches
+        homes = self.places.get(slug)
         if not homes:
             return None
         return (sum(self.centroids[s][0] for s in homes) / len(homes),
@@ -1597,6 +1764,26 @@ class NeighbourhoodMap:
         if here is None or there is None:
             return None
         return haversine_km(here, there)
+
+
+def load_neighbourhoods(path: Path) -> NeighbourhoodMap:
+    """``NEIGHBOURHOODS_CSV`` read, or a one-line UsageError (exit 2) naming the file and what is wrong."""
+    try:
+        hoods = NeighbourhoodMap.from_csv(path)
+    except OSError as exc:
+        raise UsageError(f"NEIGHBOURHOODS_CSV={path}: cannot read it ({exc.strerror or exc})") from None
+    except KeyError as exc:
+        raise UsageError(f"NEIGHBOURHOODS_CSV={path}: no {exc} column (slug, lat, lon are needed)") from None
+    except (ValueError, TypeError, UnicodeDecodeError, csv.Error) as exc:
+        raise UsageError(f"NEIGHBOURHOODS_CSV={path}: not a centroid table ({one_line(str(exc))[:120]})") from None
+    if not hoods.centroids:
+        raise UsageError(f"NEIGHBOURHOODS_CSV={path}: no neighbourhoods in it")
+    return hoods
+
+
+def unlocated_places(hoods: NeighbourhoodMap, names: Iterable[str | None]) -> Counter[str]:
+    """The places (as slugs) the table cannot locate, with how often each was seen: the report counts them."""
+    return Counter(slugify(n) for n in names if n and slugify(n) and hoods.locate(n) is None)
 
 
 def haversine_km(a: tuple[float, float], b: tuple[float, float]) -> float:
@@ -1665,6 +1852,139 @@ def matched_interests(interests: Sequence[str], tags: Mapping[str, str]) -> list
     return found
 
 
+class EventFeatures(NamedTuple):
+    """What step 5 reads of one event, computed once per event (not once per member and event)."""
+
+    tags: dict[str, str]  # ``event_tags``
+    host: str | None
+    series: tuple[str, ...]  # ``series_keys``
+    place: str  # the neighbourhood's slug ("" when none)
+    start: datetime | None
+
+
+MAX_CACHED_EVENTS = 50_000  # events whose features are kept between members; past this the cache starts over
+_EVENT_FEATURES: dict[int, tuple[Mapping[str, Any], EventFeatures]] = {}
+
+
+def event_features(event: Mapping[str, Any]) -> EventFeatures:
+    """An event's features, cached by identity: the cache holds the event itself, so an entry can only
+    ever answer for the very object it was computed from (steps 2 and 5 never change an event)."""
+    cached = _EVENT_FEATURES.get(id(event))
+    if cached is not None and cached[0] is event:
+        return cached[1]
+    features = EventFeatures(event_tags(event), id_of(event.get("ownerId")), series_keys(event),
+                             slugify(text_field(event, "neighborhood") or ""), to_utc(event.get("startDate")))
+    if len(_EVENT_FEATURES) >= MAX_CACHED_EVENTS:
+        _EVENT_FEATURES.clear()
+    _EVENT_FEATURES[id(event)] = (event, features)
+    return features
+
+
+# --- history signals (issue 11): how much a candidate looks like what the member actually came back to ---
+# Each signal is a share (0-1) of the member's past events, or a capped count, times its weight; their sum
+# (``HistorySignals.points``) ranks the candidates, discounted for events far off (``timing_factor``).
+W_HOST = 3.0  # share of their past events that were this host's (hosts joined more than once): groups keep their people
+W_SERIES = 1.0  # share that were this recurring series (same host and venue, or same name stem): the regular night
+W_COMPANY = 2.0  # people they sat with before who are going, up to COMPANY_CAP: the strongest social pull
+COMPANY_CAP = 3  # co-attendees beyond this many add nothing more
+W_PLACE = 2.0  # recency-weighted share of their past events in this neighbourhood: where they really go
+W_TAGS = 0.5  # mean recency-weighted share of this event's categories/features in their past events
+W_WEEKDAY = 1.0  # share of their past events on this local weekday: their usual night
+W_DAY_PART = 0.5  # share at this part of the day (morning, afternoon, evening, night)
+MIN_PATTERN_EVENTS = 2  # place, tags and habits count from this many past events on: one event is not a habit
+NEAR_DAYS = 21.0  # events within three weeks keep their full history points: the next ones first
+FAR_HALVING_DAYS = 21.0  # past NEAR_DAYS, the points halve every this many days (six weeks out: half)
+PLAN_WEIGHT = 1.0  # the plan's tiers (interest, location, quality, timing) as points: they order a neutral history
+CONFIDENCE_HALF_POINTS = 0.5  # the total that reads 85%: confidence = 70 + 30 * total / (total + this)
+
+
+class HistorySignals(NamedTuple):
+    """Why a candidate looks like the member's own history: each signal as the counts it came from."""
+
+    past_events: int = 0
+    host_events: int = 0  # past events with this host
+    series_events: int = 0  # past events in this series
+    company: int = 0  # past co-attendees going
+    place_share: float = 0.0
+    place: str = ""
+    tag_share: float = 0.0
+    weekday_events: int = 0
+    weekday: str = ""
+    day_part_events: int = 0
+    day_part: str = ""
+    timing: float = 1.0  # ``timing_factor``
+
+    def contributions(self) -> dict[str, float]:
+        """Each signal's points before timing, by name (the reasoning names the largest)."""
+        n = max(self.past_events, 1)
+        return {"host": W_HOST * self.host_events / n, "series": W_SERIES * self.series_events / n,
+                "company": W_COMPANY * min(self.company, COMPANY_CAP) / COMPANY_CAP,
+                "place": W_PLACE * self.place_share, "tags": W_TAGS * self.tag_share,
+                "weekday": W_WEEKDAY * self.weekday_events / n, "day_part": W_DAY_PART * self.day_part_events / n}
+
+    @property
+    def points(self) -> float:
+        return sum(self.contributions().values()) * self.timing
+
+
+NEUTRAL_HISTORY = HistorySignals()
+
+
+class Habits(NamedTuple):
+    """A member's ``MemberHistory`` as step 5 reads it, once per member (places in the table's spelling)."""
+
+    history: Mapping[str, Any]
+    zone: ZoneInfo | None
+    places: dict[str, float]
+    patterns: bool  # enough past events for place, tags and habits to count
+
+
+def member_habits(user: Mapping[str, Any]) -> Habits | None:
+    """The member's history ready for scoring, or None when there is none (a neutral history)."""
+    history = user.get("event_history")
+    if not isinstance(history, Mapping) or not isinstance(history.get("events"), int) or history["events"] < 1:
+        return None  # step 1 writes it; anything else is no history
+    try:
+        zone: ZoneInfo | None = ZoneInfo(str(history.get("zone")))
+    except (ZoneInfoNotFoundError, ValueError):
+        zone = None
+    places: dict[str, float] = {}
+    for place, share in (history.get("places") or {}).items():
+        key = NeighbourhoodMap.canonical(place)
+        places[key] = places.get(key, 0.0) + float(share)
+    return Habits(history, zone, places, int(history["events"]) >= MIN_PATTERN_EVENTS)
+
+
+def timing_factor(days_until: float) -> float:
+    """1 within ``NEAR_DAYS``, then halving every ``FAR_HALVING_DAYS``: a comparable nearer event wins."""
+    return 1.0 if days_until <= NEAR_DAYS else 0.5 ** ((days_until - NEAR_DAYS) / FAR_HALVING_DAYS)
+
+
+def history_signals(habits: Habits | None, event_id: str, features: EventFeatures, days_until: float) -> HistorySignals:
+    """How the candidate matches what the member's own past events say."""
+    if habits is None:
+        return NEUTRAL_HISTORY
+    h = habits.history
+    series = h.get("series") or {}
+    tags = h.get("tags") or {}
+    local = features.start.astimezone(habits.zone) if features.start and habits.zone else None
+    weekday = WEEKDAYS[local.weekday()] if local else ""
+    part = day_part(local.hour) if local else ""
+    place = NeighbourhoodMap.canonical(features.place) if features.place else ""
+    patterns = habits.patterns
+    return HistorySignals(
+        past_events=int(h["events"]),
+        host_events=int((h.get("hosts") or {}).get(features.host or "", 0)),
+        series_events=max((int(series.get(k, 0)) for k in features.series), default=0),
+        company=int((h.get("company_going") or {}).get(event_id, 0)),
+        place_share=habits.places.get(place, 0.0) if patterns and place else 0.0, place=features.place,
+        tag_share=(sum(float(tags.get(t, 0.0)) for t in features.tags) / len(features.tags)
+                   if patterns and features.tags else 0.0),
+        weekday_events=int((h.get("weekdays") or {}).get(weekday, 0)) if patterns else 0, weekday=weekday,
+        day_part_events=int((h.get("day_parts") or {}).get(part, 0)) if patterns else 0, day_part=part,
+        timing=timing_factor(days_until))
+
+
 @dataclass(frozen=True)
 class Candidate:
     """One open future event scored for one member; ``rank_key`` orders best first."""
@@ -1677,17 +1997,30 @@ class Candidate:
     fill_tier: int  # participation_tier: 0 (under 30% full) to 3 (80% or more)
     days_until: float
     confidence: int
+    history: HistorySignals = NEUTRAL_HISTORY
+    plan_index: int = 0  # ``plan_index``: the plan's tiers in mixed radix, 0 to PLAN_INDEX_MAX
 
     @property
     def alignment(self) -> int:
         return interest_alignment(self.interests)
 
     @property
-    def rank_key(self) -> tuple[Any, ...]:
+    def total(self) -> float:
+        """The history's points plus the plan's tiers as points: what ranks and what confidence reads."""
+        return round(self.history.points + PLAN_WEIGHT * self.plan_index / PLAN_INDEX_MAX, 9)
+
+    @property
+    def plan_key(self) -> tuple[Any, ...]:
         """Tiers in the plan's order; a clear difference in a tier beats anything below it."""
         return (-self.alignment, -proximity_tier(self.same_neighbourhood, self.distance_km), -self.fill_tier,
                 math.floor(self.days_until), self.distance_km if self.distance_km is not None else 1e9,
                 -self.participation, self.event["_id"])
+
+    @property
+    def rank_key(self) -> tuple[Any, ...]:
+        """The total first (history, then the plan's tiers); equal totals in the plan's order. With a
+        neutral history the total is the plan's index, so the order is exactly the plan's."""
+        return (-self.total, *self.plan_key)
 
 
 def interest_alignment(shared: Iterable[tuple[str, str]]) -> int:
@@ -1725,38 +2058,47 @@ def timing_tier(days_until: float) -> int:
     return 3 if days_until <= 2 else 2 if days_until <= 7 else 1 if days_until <= 14 else 0
 
 
-def match_confidence(n_interests: int, tier_near: int, fill_tier: int, days_until: float) -> int:
-    """0-100, in the same order as the ranking: one shared interest and an open spot reach 70 even
-    across town, and the tiers above add up in mixed radix, so a clear win in a higher tier always
-    scores at least as high as any combination of lower ones."""
-    if n_interests < 1:
-        return 0
-    index = (((min(n_interests, 3) - 1) * 11 + tier_near) * 4 + fill_tier) * 4 + timing_tier(days_until)
-    return 70 + (30 * index) // 527  # 527 = the largest index: 3 interests, own neighbourhood, full, soon
+PLAN_INDEX_MAX = 527  # plan_index of 3 interests, own neighbourhood, full, soon
+
+
+def plan_index(n_interests: int, tier_near: int, fill_tier: int, days_until: float) -> int:
+    """The plan's tiers in mixed radix (interest, location, quality, timing), 0 to ``PLAN_INDEX_MAX``:
+    a clear win in a higher tier always outweighs any combination of lower ones."""
+    return (((min(n_interests, 3) - 1) * 11 + tier_near) * 4 + fill_tier) * 4 + timing_tier(days_until)
+
+
+def match_confidence(total: float) -> int:
+    """70-100, rising with the candidate's total (``Candidate.total``), so always in the ranking's order:
+    a candidate that shares an interest and has an open spot reaches 70 even across town with no history."""
+    return 70 + min(29, int(30 * total / (total + CONFIDENCE_HALF_POINTS))) if total > 0 else 70
 
 
 def score_candidates(user: Mapping[str, Any], events: Iterable[Mapping[str, Any]],
                      hoods: NeighbourhoodMap, now: datetime) -> list[Candidate]:
-    """Every open future event that shares an interest with the member, best first."""
+    """Every open future event that shares an interest with the member, best first: by what the member's
+    own history says (``history_signals``), then by the plan's tiers."""
     interests = clean_interests(user.get("interests"))
     home = text_field(user, "homeNeighborhood")
+    habits = member_habits(user)
     found = []
     for event in events:
         if event.get("remaining_spots") == 0:
             continue
-        shared = matched_interests(interests, event_tags(event))
+        features = event_features(event)
+        shared = matched_interests(interests, features.tags)
         if not shared:
             continue
         where = text_field(event, "neighborhood")
         same = hoods.same_place(home, where)
         distance = 0.0 if same else hoods.distance_km(home, where)
-        start = to_utc(event.get("startDate")) or now
-        days_until = max(0.0, (start - now).total_seconds() / 86400)
+        days_until = max(0.0, ((features.start or now) - now).total_seconds() / 86400)
         pct = float(event.get("participationPercentage") or 0.0)
         fill = participation_tier(pct, int(event.get("participantCount") or 0),
                                   positive_number(event.get("maxParticipants")) is not None)
-        confidence = match_confidence(interest_alignment(shared), proximity_tier(same, distance), fill, days_until)
-        found.append(Candidate(event, tuple(shared), same, distance, pct, fill, days_until, confidence))
+        plan = plan_index(interest_alignment(shared), proximity_tier(same, distance), fill, days_until)
+        signals = history_signals(habits, str(event["_id"]), features, days_until)
+        found.append(Candidate(event, tuple(shared), same, distance, pct, fill, days_until, 0, signals, plan))
+    found = [dataclasses.replace(c, confidence=match_confidence(c.total)) for c in found]
     found.sort(key=lambda c: c.rank_key)
     return found
 
@@ -1794,12 +2136,46 @@ def local_when(start: datetime, zone: ZoneInfo, now: datetime) -> str:
     return f"{day} {clock}"
 
 
+WEEKDAY_NAMES = dict(zip(WEEKDAYS, ("Mondays", "Tuesdays", "Wednesdays", "Thursdays", "Fridays", "Saturdays",
+                                      "Sundays"), strict=True))
+
+
+def history_reasons(h: HistorySignals) -> list[str]:
+    """Each history signal a candidate has, as the counts it came from, strongest first."""
+    n = h.past_events
+    phrases = {
+        "host": f"came to {h.host_events} of this host's events",
+        "series": f"came to {h.series_events} events of this series",
+        "company": f"{h.company} {'person' if h.company == 1 else 'people'} they've sat with "
+                   f"{'is' if h.company == 1 else 'are'} going",
+        "place": f"{h.place_share:.0%} of their recent events were in {h.place}",
+        "tags": f"its categories and features run through {h.tag_share:.0%} of their recent events",
+        "weekday": f"{h.weekday_events} of their {n} events were on {WEEKDAY_NAMES.get(h.weekday, h.weekday)}",
+        "day_part": f"{h.day_part_events} of their {n} events were in the {h.day_part}",
+    }
+    ranked = sorted(((v, k) for k, v in h.contributions().items() if v > 0), key=lambda vk: -vk[0])
+    return [phrases[k] for _, k in ranked]
+
+
+def history_sentence(c: Candidate) -> str | None:
+    """Which history signal decided (the strongest), and the others, for the reviewer's "why"."""
+    reasons = history_reasons(c.history)
+    if not reasons:
+        return None
+    also = f" (also: {'; '.join(reasons[1:3])})" if len(reasons) > 1 else ""  # the next two: a readable "why"
+    far = f" It is {c.days_until:.0f} days off, so that counts for less." if c.history.timing < 1 else ""
+    return f"Their own history decided: {reasons[0]}{also}.{far}"
+
+
 def explain_candidate(user: Mapping[str, Any], c: Candidate, zone: ZoneInfo, now: datetime) -> str:
     """The reviewer's "why": interests, place, attendance and timing in three or four sentences."""
     first = person_name(user, "firstName") or "This member"
     name = text_field(c.event, "name") or "this event"
     pairs = ", ".join(f"{i} ({t})" for i, t in c.interests)
     sentences = [f"{name} serves {first}'s interests: {pairs}."]
+    decided = history_sentence(c)
+    if decided:
+        sentences.append(decided)
     home, where = text_field(user, "homeNeighborhood"), text_field(c.event, "neighborhood")
     if c.same_neighbourhood:
         sentences.append(f"It is in {where}, their own neighbourhood.")
@@ -1971,6 +2347,7 @@ class MessageFacts:
     neighbourhood: str | None
     sender: str | None = None  # SMS_SENDER: named near the start of every message when set
     opt_out_text: str | None = None  # SMS_OPT_OUT_TEXT: just before the link when set
+    company: int = 0  # people the member sat with before who are going: a count, never who ("2 people you've dined with")
 
     @property
     def link(self) -> str:
@@ -1986,6 +2363,7 @@ class MessageFacts:
         """The only numbers a message may contain outside the link, names and interests."""
         numbers = set(re.findall(r"\d+", self.when))
         numbers |= {str(self.going)} if self.going else set()
+        numbers |= {str(self.company)} if self.company else set()
         if self.spots_left is not None:
             numbers.add(str(self.spots_left))
         return numbers
@@ -2009,7 +2387,16 @@ def message_facts(match: Match, zone: ZoneInfo, now: datetime, *, sender: str | 
         neighbourhood=text_field(event, "neighborhood"),
         sender=sender,
         opt_out_text=opt_out_text,
+        company=company_count(match["user"], match["event_id"]),
     )
+
+
+def company_count(user: Mapping[str, Any], event_id: str) -> int:
+    """How many people the member sat with before are going to the event (``MemberHistory.company_going``)."""
+    history = user.get("event_history")
+    going = history.get("company_going") if isinstance(history, Mapping) else None
+    count = going.get(event_id) if isinstance(going, Mapping) else None
+    return count if isinstance(count, int) and not isinstance(count, bool) and 0 < count <= MAX_PLAUSIBLE_COUNT else 0
 
 
 def interest_label(interest: str) -> str:
@@ -2740,6 +3127,8 @@ def report_markdown(report: Mapping[str, Any]) -> str:
                 "average_confidence_score", "error_count"):
         lines.append(f"| {key.replace('_', ' ')} | {s.get(key)} |")
     lines += ["", f"Users tried: {st['users_processed']}; future events considered: {st['events_processed']}.", ""]
+    if report.get("places_not_located"):
+        lines += [places_line(report["places_not_located"]), ""]
     lines += skip_reason_lines(report.get("skip_reasons", {}), report.get("holdout", {}))
     lines += ["## Matches and messages", "", "| member | event | confidence | matcher | SMS | segments |",
               "| --- | --- | --- | --- | --- | --- |"]
@@ -2858,7 +3247,8 @@ def build_report(*, campaign_id: str, run_started: datetime, finished: datetime,
                  future_events: Sequence[FutureEvent], outcomes: Sequence[UserOutcome], steps_5_6_seconds: float,
                  issues: DataIssues, firebase: Mapping[str, Any], errors: Sequence[str],
                  llm_usage: Mapping[str, Any] | None, status: str = "completed",
-                 empty_input: Sequence[str] = ()) -> dict[str, Any]:
+                 empty_input: Sequence[str] = (), places_not_located: Mapping[str, int] | None = None,
+                 ) -> dict[str, Any]:
     """Step 8: the plan's statistics and summary, plus who was skipped, segments, services and errors.
 
     ``empty_input`` names the collections the source had no documents in (``"users"``, ``"events"``);
@@ -2920,7 +3310,21 @@ def build_report(*, campaign_id: str, run_started: datetime, finished: datetime,
     }
     if llm_usage is not None:
         report["llm_usage"] = dict(llm_usage)
+    report["places_not_located"] = places_report(places_not_located or {})
     return report
+
+
+def places_report(unlocated: Mapping[str, int]) -> dict[str, Any]:
+    """The places the centroid table could not locate: how many, and the most seen (slugs, at most 10)."""
+    top = sorted(unlocated.items(), key=lambda kv: (-kv[1], kv[0]))[:10]
+    return {"count": len(unlocated), "mentions": sum(unlocated.values()), "most_seen": dict(top)}
+
+
+def places_line(places: Mapping[str, Any]) -> str:
+    """One Markdown line: the places no distance could be computed for (NEIGHBOURHOODS_CSV names none of them)."""
+    seen = ", ".join(f"{cell(k)} ({n})" for k, n in places["most_seen"].items())
+    return (f"Places not located in NEIGHBOURHOODS_CSV: {places['count']} ({places['mentions']} mentions"
+            f"{': ' + seen if seen else ''}); distances to them are unknown.")
 
 
 # =============================================================================================
@@ -3582,7 +3986,16 @@ def candidate_line(c: Candidate, zone: ZoneInfo, now: datetime) -> str:
     return (f"- id={e['_id']} | name={host_text(e.get('name'))} | where={where} | tags={tags} | "
             f"when={local_when(start, zone, now)} (in {c.days_until:.0f} days) | "
             f"going={'unknown' if going is None else going}"
-            f" | {room} | fits={one_line(', '.join(i for i, _ in c.interests))}")
+            f" | {room} | fits={one_line(', '.join(i for i, _ in c.interests))} | {history_line(c.history)}")
+
+
+def history_line(h: HistorySignals) -> str:
+    """The member's own history for one candidate, as the rules saw it: counts and shares, never who."""
+    n = h.past_events
+    return (f"history: this_host={h.host_events}/{n} events, this_series={h.series_events}/{n}, "
+            f"sat_with_going={h.company}, this_place={h.place_share:.0%}, categories={h.tag_share:.0%}, "
+            f"this_weekday={h.weekday_events}/{n}, this_time_of_day={h.day_part_events}/{n}, "
+            f"history_points={h.points:.2f}")
 
 
 def member_block(user: Mapping[str, Any]) -> str:
@@ -3595,6 +4008,8 @@ def member_block(user: Mapping[str, Any]) -> str:
         f"occupation: {one_line(text_field(user, 'occupation')) or 'unknown'}",
         f"days_inactive: {user.get('days_inactive')}",
         f"events_attended: {user.get('eventCount')}",
+        ("history: per event below, how many of their past events had this host, this series, this place, this "
+         "weekday and time of day, and how many people they sat with before are going (counts only)"),
         f"last_event: {(user.get('last_event_date') or '')[:10]}",
     ]
     return "\n".join(lines)
@@ -3614,6 +4029,9 @@ def facts_prompt(facts: MessageFacts, user: Mapping[str, Any]) -> str:
         f"day_time: {facts.when}",
         f"spots_left: {facts.spots_left if facts.spots_left is not None else '(unknown: do not mention spots)'}",
         f"going: {facts.going}",
+        (f"sat_with_going: {facts.company} (people the member dined with before who are going; you may say it "
+         f"as a count only, e.g. \"{facts.company} people you've dined with are going\")" if facts.company
+         else "sat_with_going: 0 (do not mention it)"),
         f"event_neighbourhood: {one_line(facts.neighbourhood or 'unknown')}",
         f"member_neighbourhood: {one_line(text_field(user, 'homeNeighborhood')) or 'unknown'}",
         f"occupation: {one_line(text_field(user, 'occupation')) or 'unknown'}",
@@ -4877,7 +5295,7 @@ class ReturnToTable:
     def dormant_users(self, users: Sequence[Mapping[str, Any]],
                       events: Sequence[Mapping[str, Any]]) -> DormancyCensus:
         activity = index_member_activity(events, self.issues)
-        census = find_dormant_users(users, activity, self.options.now)
+        census = find_dormant_users(users, activity, self.options.now, zone=self.zone.key)
         write_json(self.data_dir / "processed" / "dormant_users.json", census.eligible, private=True)
         self.logger.info("Step 1: %d dormant members, %d personalisation-ready (statuses: %s)",
                          census.dormant_total, len(census.eligible), census.status_counts)
@@ -5218,7 +5636,9 @@ class ReturnToTable:
             future_events=future, outcomes=outcomes, steps_5_6_seconds=steps_5_6_seconds, issues=self.issues,
             firebase=firebase, errors=list(self.dashboard.errors), status=status,
             llm_usage=self.advisor.usage_report() if self.advisor is not None else None,
-            empty_input=self.empty_input)
+            empty_input=self.empty_input, places_not_located=unlocated_places(
+                self.hoods, [*(text_field(u, "homeNeighborhood") for u in census.eligible),
+                             *(text_field(e, "neighborhood") for e in future)]))
         report_path = self.write_report(campaign_id, report)
         return RunResult(campaign_id, report, report_path, firebase, claude_down, status,
                          failed_members=sum(o.failed for o in outcomes), signal=self.control.signal,
@@ -6054,7 +6474,9 @@ NO_LEAK_RULE = (
     "Events that start after D lose every participant and every field computed from them "
     f"({', '.join(PARTICIPANT_FIELDS)}): RSVP times are not stored, so none of them can be known at D, and "
     "every candidate's fill is unknown. Member activity (event count, last event, days inactive, dormancy, "
-    "reactivation score, the hosts they joined) is recomputed from the events that started by D. Events "
+    "reactivation score, the hosts they joined) and the history the matcher ranks by (places, hosts, series, "
+    "categories, weekdays, times of day) are recomputed from the events that started by D, so the "
+    "co-attendees-going signal is always 0 here. Events "
     "without a valid start date are left out: they cannot be placed in time.")
 LATER_INFORMATION = (
     ("Member profile fields are stored as they are now: interests, homeNeighborhood, occupation, gender, "
@@ -6312,7 +6734,8 @@ def pooled_row(dated: Sequence[tuple[datetime, int, list[Trial]]], resamples: in
 
 def build_backtest_report(*, source: str, start: datetime, end: datetime, every_days: int, window_days: int,
                           dated: Sequence[tuple[datetime, int, list[Trial]]], issues: DataIssues,
-                          resamples: int, seed: int, started: datetime, seconds: float) -> dict[str, Any]:
+                          resamples: int, seed: int, started: datetime, seconds: float,
+                          places_not_located: Mapping[str, int] | None = None) -> dict[str, Any]:
     """The report: what was asked, the rules the numbers follow, one row per date, the pooled row."""
     return {
         "kind": "backtest",
@@ -6332,6 +6755,7 @@ def build_backtest_report(*, source: str, start: datetime, end: datetime, every_
         "dates": [backtest_row(day, n, trials) for day, n, trials in dated],
         "pooled": pooled_row(dated, resamples, seed),
         "data_issues": issues.as_dict(),
+        "places_not_located": places_report(places_not_located or {}),
         "duration_seconds": round(seconds, 3),
     }
 
@@ -6405,6 +6829,8 @@ def backtest_markdown(report: Mapping[str, Any]) -> str:
         "## Data issues (records skipped or treated as missing)",
         "",
         *([f"- {k.replace('_', ' ')}: {v}" for k, v in report["data_issues"].items()] or ["None."]),
+        "",
+        places_line(report["places_not_located"]),
         "",
         f"Computed in {report['duration_seconds']} s.",
     ]
@@ -6512,6 +6938,7 @@ def backtest(args: argparse.Namespace, env: Mapping[str, str] | None, mongo_clie
     settings = Settings.from_env(env if env is not None else read_environment())
     started = datetime.now(UTC).replace(microsecond=0)
     days = backtest_days(args, started)
+    hoods = load_neighbourhoods(settings.neighbourhoods_csv)
     out_dir = writable_folder(args.out)
     source = backtest_source(args, settings, out_dir, started, mongo_client)
     if isinstance(source, MongoSource) and mongo_client is None:
@@ -6521,12 +6948,14 @@ def backtest(args: argparse.Namespace, env: Mapping[str, str] | None, mongo_clie
     for name in screened.empty:
         print(f"warning: empty input: no {name} in {input_location(source, name)}", file=sys.stderr)
     history = build_history(screened.users, screened.events, screened.issues)
-    dated = run_backtest(history, days, args.window_days, NeighbourhoodMap.from_csv(CENTROIDS_CSV), pick)
+    dated = run_backtest(history, days, args.window_days, hoods, pick)
     report = build_backtest_report(source=source.label, start=days[0], end=as_of_flag(args.end, "--to"),
                                    every_days=args.every_days,
                                    window_days=args.window_days, dated=dated, issues=screened.issues,
                                    resamples=args.resamples, seed=args.seed, started=started,
-                                   seconds=time.monotonic() - clock)
+                                   seconds=time.monotonic() - clock, places_not_located=unlocated_places(
+                                       hoods, [*(text_field(u, "homeNeighborhood") for u in screened.users),
+                                               *(text_field(e, "neighborhood") for e in screened.events)]))
     path = write_backtest_report(out_dir, report, started)
     print(console_table(report))
     print(f"Report: {path} (and .json)")
@@ -6786,6 +7215,7 @@ def run_campaign(args: argparse.Namespace, env: Mapping[str, str] | None, mongo_
     """The program itself: settings, the lock, the services, one campaign. ``main`` handles the errors."""
     settings = Settings.from_env(env if env is not None else read_environment())
     options = resolve_options(args, settings)
+    hoods = load_neighbourhoods(settings.neighbourhoods_csv)  # before the lock: a bad table is exit 2 at once
     control = RunControl(options.deadline_minutes * 60)
     closing.callback(handle_stop_signals(control))
     closing.enter_context(RunLock(options.out_dir))
@@ -6801,7 +7231,6 @@ def run_campaign(args: argparse.Namespace, env: Mapping[str, str] | None, mongo_
     advisor = make_advisor(options, settings, logger, control)
     if advisor is not None:
         closing.callback(advisor.client.close)
-    hoods = NeighbourhoodMap.from_csv(CENTROIDS_CSV)
     try:
         return ReturnToTable(options, settings, logger, source=source, dashboard=dashboard, hoods=hoods,
                              advisor=advisor, control=control).run()

@@ -75,16 +75,18 @@ def backtest_report(run: CliRun) -> dict[str, Any]:
 # --- known truth ------------------------------------------------------------------------------
 
 
-def test_a_member_loyal_to_one_host_is_a_hit_for_the_host_baseline_only(run_cli, tmp_path):
+def test_a_member_loyal_to_one_host_is_a_hit_for_the_matcher_and_the_host_baseline(run_cli, tmp_path):
+    # Since issue 11 the rules read the member's history: five of HOST's dinners beat a stranger's on
+    # their own street (before, the rules missed here and only host_next hit).
     folder = write_folder(tmp_path / "loyal", *loyal_world())
     report = backtest_report(run_backtest_cli(run_cli, folder, "--from", D_FLAG, "--to", D_FLAG))
     (row,) = report["dates"]
     assert (row["eligible"], row["returned"], row["with_candidates"]) == (1, 1, 1)
-    assert row["hit_at_1"] == {"rules": 0.0, "random": 0.5, "soonest": 0.0, "soonest_nearby": 0.0,
+    assert row["hit_at_1"] == {"rules": 1.0, "random": 0.5, "soonest": 0.0, "soonest_nearby": 0.0,
                                "host_next": 1.0}
     assert row["oracle"] == 1.0
     assert report["pooled"]["lead"]["over"] == "host_next"
-    assert report["pooled"]["lead"]["points"] == -1.0
+    assert report["pooled"]["lead"]["points"] == 0.0
 
 
 def test_members_who_did_not_come_back_within_the_window_are_not_scored(run_cli, tmp_path):
@@ -120,7 +122,8 @@ def test_the_backtests_pick_is_the_campaigns_pick_on_the_same_world(run_cli, tmp
     campaign = run_cli("--source", str(as_known), "--now", "2025-06-01T00:00:00Z", "--dry-run",
                        "--min-confidence", "0", "--limit", "1000", "--cooldown-days", "0", root=tmp_path / "campaign")
     assert campaign.code == 0, campaign.err
-    assert picks == {m["user_id"]: m["event_id"] for m in campaign.matches} == {str(LOYAL): str(NEAR_STRANGER_DINNER)}
+    # One call path: both read the member's history (issue 11), so both take HOST's next dinner.
+    assert picks == {m["user_id"]: m["event_id"] for m in campaign.matches} == {str(LOYAL): str(FAR_HOST_DINNER)}
 
 
 def test_favourite_hosts_rank_by_count_then_recency_then_id():

@@ -673,7 +673,7 @@ def test_member_block_has_only_what_matching_needs(fake, folder, tmp_path):
     member = block(prompt_of(fake.requests[0]), "member")
     keys = [line.split(":", 1)[0] for line in member.split("\n")]
     assert set(keys) <= {"first_name", "interests", "neighbourhood", "occupation", "days_inactive",
-                         "events_attended", "last_event"}
+                         "events_attended", "history", "last_event"}  # history: what each event line's counts mean
     assert "first_name: Priya" in member and "interests: wine, food" in member
 
 
