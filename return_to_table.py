@@ -2189,7 +2189,7 @@ def explain_candidate(user: Mapping[str, Any], c: Candidate, zone: ZoneInfo, now
         sentences.append(f"It is {c.participation:.0f}% full ({going} going, {spots} left), "
                          "social proof for a returning member.")
     elif going:
-        sentences.append(f"{going} people are already going.")
+        sentences.append(f"{going} {'person is' if going == 1 else 'people are'} already going.")
     start = to_utc(c.event.get("startDate"))
     if start is not None:
         sentences.append(f"It starts {local_when(start, zone, now)}, {c.days_until:.0f} days from now, "
