@@ -41,6 +41,7 @@ import math
 import os
 import random
 import re
+import shutil
 import signal
 import sys
 import tempfile
@@ -63,6 +64,11 @@ from zoneinfo import ZoneInfo, ZoneInfoNotFoundError
 from bson import ObjectId, json_util
 from bson.errors import BSONError
 from dotenv import dotenv_values
+
+try:  # the fast JSON decoder for mongoexport files (requirements.txt); without it, the literal path
+    import orjson
+except ImportError:  # pragma: no cover - orjson is a declared dependency
+    orjson = None
 
 # =============================================================================================
 # Configuration
@@ -548,9 +554,51 @@ def write_text_private(path: Path, text: str) -> None:
     atomic_write(path, lambda handle: handle.write(text), private=True)
 
 
-def write_raw(path: Path, docs: Sequence[Mapping[str, Any]]) -> None:
-    """What was read, as relaxed Extended JSON, readable by the owner only (it is personal data)."""
-    write_text_private(path, json_util.dumps(list(docs), json_options=json_util.RELAXED_JSON_OPTIONS))
+def write_raw(path: Path, docs: Iterable[Mapping[str, Any]]) -> int:
+    """What was read, as a relaxed Extended JSON array, readable by the owner only (it is personal data).
+
+    Streamed document by document as ``docs`` yields them (a cursor is written as it is read), never
+    built in memory as one text; returns how many documents were written."""
+    written = 0
+
+    def write(handle: Any) -> None:
+        nonlocal written
+        handle.write("[")
+        for doc in docs:
+            handle.write(",\n" if written else "\n")
+            handle.write(json_util.dumps(doc, json_options=json_util.RELAXED_JSON_OPTIONS))
+            written += 1
+        handle.write("\n]\n" if written else "]")
+
+    atomic_write(path, write, private=True)
+    return written
+
+
+def copy_raw(path: Path, source: Path) -> None:
+    """A source file's bytes, readable by the owner only: ``data/raw/`` keeps exactly what was read.
+
+    A JSON array is copied as it is (without a byte-order mark); JSON Lines become an array of the
+    same lines' bytes, so ``data/raw/`` is always one JSON array, whatever the source's form."""
+
+    def write(handle: Any) -> None:
+        handle.flush()
+        out = handle.buffer
+        with source.open("rb") as original:
+            head = original.read(4096)
+            body = head.removeprefix(b"\xef\xbb\xbf")
+            if body.lstrip().startswith(b"["):
+                out.write(body)
+                shutil.copyfileobj(original, out, 1 << 20)
+                return
+            first = True
+            for line in itertools.chain((body + original.readline()).split(b"\n"), original):
+                if line.strip():
+                    out.write(b"[\n" if first else b",\n")
+                    out.write(line.strip(b" \t\r\n"))
+                    first = False
+            out.write(b"[]" if first else b"\n]\n")
+
+    atomic_write(path, write, private=True)
 
 
 # =============================================================================================
@@ -772,6 +820,42 @@ def usable_id(value: Any) -> str | None:
     return key
 
 
+_PLAIN_SCALARS = frozenset({bool, int, float, datetime, ObjectId, type(None)})
+
+
+def clean_string(text: str, limit: int) -> bool:
+    """Whether ``clean_text`` would leave ``text`` as it is (``isprintable`` is the quick yes)."""
+    return len(text) <= limit and (text.isprintable() or not _CONTROL_CHARACTERS.search(text))
+
+
+def already_clean(value: Any, limit: int = MAX_TEXT_CHARS, level: int = 1) -> bool:
+    """Whether ``clean_document`` would return an equal copy with nothing counted: then the record itself
+    is kept, no copy made (most records; a million of them copied would double step 1's memory).
+
+    Only plain dicts, lists and scalars qualify; anything else is left to ``clean_document``. Depth is
+    measured the same way, raising NestedTooDeep.
+    """
+    if type(value) is str:
+        return clean_string(value, limit)
+    if type(value) is not dict and type(value) is not list:
+        return type(value) in _PLAIN_SCALARS
+    if level > MAX_NESTING_DEPTH:
+        raise NestedTooDeep(f"deeper than {MAX_NESTING_DEPTH} levels")
+    pairs = value.items() if type(value) is dict else ((None, item) for item in value)
+    for key, item in pairs:
+        bound = limit if key is None else MAX_LONG_TEXT_CHARS if key in LONG_TEXT_FIELDS else MAX_TEXT_CHARS
+        kind = type(item)
+        if kind is str:
+            if not clean_string(item, bound):
+                return False
+        elif kind is dict or kind is list:
+            if not already_clean(item, bound, level + 1):
+                return False
+        elif kind not in _PLAIN_SCALARS:
+            return False
+    return True
+
+
 @dataclass
 class ScreenedRecords:
     """One collection as read (``originals``, kept whole for ``data/raw/``) and as the campaign uses it."""
@@ -794,7 +878,7 @@ def screen_records(docs: Iterable[Mapping[str, Any]], what: str) -> ScreenedReco
             continue
         found: Counter[str] = Counter()
         try:
-            record = clean_document(doc, found)
+            record = doc if already_clean(doc) else clean_document(doc, found)
         except NestedTooDeep:
             screened.issues[f"{what}_nested_too_deep"] += 1
             continue
@@ -876,14 +960,23 @@ def load_collection_file(path: Path, decoder: ExtendedJsonDecoder) -> tuple[list
     """One ``mongoexport`` file: a JSON array (``--jsonArray``) or JSON Lines, Extended JSON either way.
 
     Returns the documents and how many records nested too deep to decode (skipped, for the report).
-    Only a file that is not JSON, or not a list of documents, is refused as a whole.
+    Only a file that is not JSON, or not a list of documents, is refused as a whole. The fast decoder
+    (``fast_decode``) reads the file when it can; anything it cannot vouch for is read the literal way.
     """
     try:
-        text = path.read_text(encoding="utf-8-sig")
+        data = path.read_bytes()
     except FileNotFoundError:
         raise UsageError(f"{path}: file not found") from None
-    except (OSError, UnicodeDecodeError) as exc:
+    except OSError as exc:
         raise UsageError(f"{path}: cannot read ({exc.__class__.__name__}: {exc})") from None
+    fast = fast_decode(data, decoder)
+    if fast is not None:
+        return fast, 0
+    try:
+        text = data.decode("utf-8-sig")
+    except UnicodeDecodeError as exc:
+        raise UsageError(f"{path}: cannot read ({exc.__class__.__name__}: {exc})") from None
+    del data
     stripped = text.strip()
     try:
         if not stripped:
@@ -897,6 +990,69 @@ def load_collection_file(path: Path, decoder: ExtendedJsonDecoder) -> tuple[list
     if not all(isinstance(d, dict) for d in docs):
         raise UsageError(f"{path}: expected a JSON array of documents or one document per line")
     return docs, too_deep
+
+
+# --- the fast path: orjson parses, a small converter gives bson.json_util's values ---------------
+
+# An integer of 20 digits or more may pass 64 bits: orjson reads it as a float, json as an int. (Digits inside
+# a string rarely look like this; when they do, the file merely takes the literal path.)
+_BIG_INTEGER = re.compile(rb"[\[:,]\s*-?\d{20,}\s*[\]},]")
+_UTF8_BOM = b"\xef\xbb\xbf"
+
+
+class FastPathRefused(Exception):
+    """The fast decoder cannot vouch for this input: the literal decoder reads it (same values, same errors)."""
+
+
+def extended_values(value: Any, decoder: ExtendedJsonDecoder, level: int = 1) -> Any:
+    """Plain JSON values (as orjson gives them) turned into what ``json_util`` gives, in place.
+
+    Bottom-up, as ``json.loads`` calls its object hook: every object holding a ``$`` key goes through
+    the same ``decoder.hook`` (so a bad value is None and counted the same). A record deeper than
+    ``MAX_NESTING_DEPTH`` is refused here, for the literal decoder to measure and count as it always has.
+    """
+    if level > MAX_NESTING_DEPTH:
+        raise FastPathRefused("nested too deep")
+    if type(value) is dict:
+        extended = False
+        for key, item in value.items():
+            if type(item) is dict or type(item) is list:
+                value[key] = extended_values(item, decoder, level + 1)
+            if key[:1] == "$":
+                extended = True
+        return decoder.hook(value) if extended else value
+    if type(value) is list:
+        for n, item in enumerate(value):
+            if type(item) is dict or type(item) is list:
+                value[n] = extended_values(item, decoder, level + 1)
+    return value
+
+
+def fast_decode(data: bytes, decoder: ExtendedJsonDecoder) -> list[dict[str, Any]] | None:
+    """A whole export file (JSON array or JSON Lines) through orjson, or None when the literal decoder must
+    read it: not valid UTF-8 or JSON as orjson reads it, integers of 20 digits, NaN, deep records, a value
+    that is not a document. ``decoder.bad_values`` is left as it was when the fast path gives up."""
+    if orjson is None or _BIG_INTEGER.search(data):
+        return None
+    bad_before = decoder.bad_values
+    try:
+        body = data[3:] if data.startswith(_UTF8_BOM) else data
+        head = body.lstrip()
+        if not head:
+            return None
+        if head.startswith(b"["):
+            docs = orjson.loads(body)
+        else:
+            docs = [orjson.loads(line) for line in body.split(b"\n") if line.strip()]
+        if not isinstance(docs, list):
+            raise FastPathRefused("not a list")
+        docs = [extended_values(doc, decoder) for doc in docs]
+        if not all(type(d) is dict for d in docs):
+            raise FastPathRefused("not documents")
+        return docs
+    except (orjson.JSONDecodeError, FastPathRefused, RecursionError):
+        decoder.bad_values = bad_before
+        return None
 
 
 def dedupe_by_id(docs: Sequence[dict[str, Any]]) -> tuple[list[dict[str, Any]], int]:
@@ -2418,6 +2574,7 @@ class SourceData:
     events: list[dict[str, Any]]
     bad_values: int = 0
     skipped: Counter[str] = field(default_factory=Counter)  # e.g. records nested too deep to decode
+    files: dict[str, Path] = field(default_factory=dict)  # "users"/"events": the file read, for data/raw/
 
 
 class DataSource(Protocol):
@@ -2451,7 +2608,7 @@ class FolderSource:
                 bar.update(sizes[0])
             events, deep_events = load_collection_file(files[1], decoder)
         skipped = Counter({"users_nested_too_deep": deep_users, "events_nested_too_deep": deep_events})
-        return SourceData(users, events, decoder.bad_values, +skipped)
+        return SourceData(users, events, decoder.bad_values, +skipped, dict(zip(("users", "events"), files)))
 
 
 class MongoSource:
@@ -2500,6 +2657,18 @@ def input_location(source: DataSource, name: str) -> str:
     if isinstance(source, MongoSource):
         return f"MongoDB collection {USER_COLLECTION if name == 'users' else EVENT_COLLECTION!r}"
     return source.label
+
+
+def keep_raw(folder: Path, data: SourceData, screened: Mapping[str, ScreenedRecords]) -> None:
+    """``data/raw/``: the records read, skipped ones left out. A byte copy of the file the source read
+    when none was skipped (the usual case, and the fast one), else the kept originals re-encoded."""
+    for name in ("users", "events"):
+        read = data.users if name == "users" else data.events
+        whole = not data.skipped.get(f"{name}_nested_too_deep") and len(screened[name].originals) == len(read)
+        if name in data.files and whole:
+            copy_raw(folder / f"{name}.json", data.files[name])
+        else:
+            write_raw(folder / f"{name}.json", screened[name].originals)
 
 
 def read_counted(collection: Any, bar: Any) -> list[dict[str, Any]]:
@@ -4275,8 +4444,7 @@ class ReturnToTable:
         if skipped:
             self.logger.warning("Step 1: %d records skipped (nested too deep or without a usable _id); "
                                 "the report's data_issues counts them", skipped)
-        write_raw(self.data_dir / "raw" / "users.json", screened_users.originals)
-        write_raw(self.data_dir / "raw" / "events.json", screened_events.originals)
+        keep_raw(self.data_dir / "raw", data, {"users": screened_users, "events": screened_events})
         users, events = screened_users.records, screened_events.records
         users, repeated_users = dedupe_by_id(users)
         events, repeated_events = dedupe_by_id(events)
