@@ -1598,6 +1598,7 @@ def haversine_km(a: tuple[float, float], b: tuple[float, float]) -> float:
     return 2 * 6371.0 * math.asin(math.sqrt(h))
 
 
+@functools.lru_cache(maxsize=1 << 16)  # a few hundred distinct tags, compared millions of times at scale
 def norm_tag(value: str) -> str:
     """Tags and interests compared case-blind, with spaces and underscores as hyphens."""
     return re.sub(r"[\s_]+", "-", value.strip().lower())
@@ -1752,6 +1753,114 @@ def score_candidates(user: Mapping[str, Any], events: Iterable[Mapping[str, Any]
         found.append(Candidate(event, tuple(shared), same, distance, pct, fill, days_until, confidence))
     found.sort(key=lambda c: c.rank_key)
     return found
+
+
+# --- the candidate index: step 5's scoring for many members, each event's features computed once ----
+
+
+MAX_REMEMBERED_DISTANCES = 100_000  # (home, event place) pairs: real data has hundreds of places, hostile data more
+
+
+class EventFeatures(NamedTuple):
+    """What ``score_candidates`` derives from one event alone, for a given ``now``."""
+
+    event: Mapping[str, Any]
+    tags: dict[str, str]
+    where: str | None
+    place: str | None  # ``where`` in the centroid file's spelling (``NeighbourhoodMap.canonical``)
+    days_until: float
+    participation: float
+    fill_tier: int
+
+
+def event_features(event: Mapping[str, Any], now: datetime) -> EventFeatures:
+    """One event's half of ``score_candidates``, computed once per run instead of once per member."""
+    where = text_field(event, "neighborhood")
+    start = to_utc(event.get("startDate")) or now
+    pct = float(event.get("participationPercentage") or 0.0)
+    fill = participation_tier(pct, int(event.get("participantCount") or 0),
+                              positive_number(event.get("maxParticipants")) is not None)
+    return EventFeatures(event, event_tags(event), where, NeighbourhoodMap.canonical(where) if where else None,
+                         max(0.0, (start - now).total_seconds() / 86400), pct, fill)
+
+
+def interest_keys(interests: Sequence[str]) -> list[tuple[str, list[str]]]:
+    """Each interest with the event tags that serve it, in ``matched_interests``' order of trying."""
+    return [(i, sorted({norm_tag(i)} | INTEREST_SYNONYMS.get(norm_tag(i), frozenset()))) for i in interests]
+
+
+def shared_tags(keys: Sequence[tuple[str, list[str]]], tags: Mapping[str, str]) -> list[tuple[str, str]]:
+    """``matched_interests`` with the member's tags worked out beforehand (``interest_keys``)."""
+    found = []
+    for interest, wanted in keys:
+        for tag in wanted:
+            if tag in tags:
+                found.append((interest, tags[tag]))
+                break
+    return found
+
+
+@dataclass(frozen=True)
+class CandidateIndex:
+    """The open future events indexed once by tag, so a member is scored against only the events that
+    share an interest with them, each event's features computed once. ``score`` gives exactly what
+    ``score_candidates(user, events, hoods, now)`` gives (tests/test_scale.py holds it to that)."""
+
+    events: Sequence[Mapping[str, Any]]  # the list indexed, as step 2 gave it
+    features: tuple[EventFeatures, ...]
+    by_tag: Mapping[str, tuple[int, ...]]  # normalised tag -> positions in ``features``, ascending
+    hoods: NeighbourhoodMap
+    now: datetime
+    distances: dict[tuple[str | None, str | None], float | None] = field(default_factory=dict, compare=False)
+
+    @classmethod
+    def build(cls, events: Sequence[Mapping[str, Any]], hoods: NeighbourhoodMap, now: datetime) -> CandidateIndex:
+        features = tuple(event_features(e, now) for e in events if e.get("remaining_spots") != 0)
+        by_tag: dict[str, list[int]] = {}
+        for n, feature in enumerate(features):
+            for tag in feature.tags:
+                by_tag.setdefault(tag, []).append(n)
+        return cls(events, features, {t: tuple(p) for t, p in by_tag.items()}, hoods, now)
+
+    def could_match(self, keys: Sequence[tuple[str, list[str]]]) -> list[EventFeatures]:
+        """The events carrying a tag one of the member's interests wants, in step 2's order."""
+        positions: set[int] = set()
+        for _, wanted in keys:
+            for tag in wanted:
+                positions.update(self.by_tag.get(tag, ()))
+        return [self.features[n] for n in sorted(positions)]
+
+    def distance_km(self, home: str | None, where: str | None) -> float | None:
+        """``hoods.distance_km``, remembered per pair of spellings (up to ``MAX_REMEMBERED_DISTANCES``)."""
+        pair = (home, where)
+        if pair in self.distances:
+            return self.distances[pair]
+        distance = self.hoods.distance_km(home, where)
+        if len(self.distances) < MAX_REMEMBERED_DISTANCES:
+            self.distances[pair] = distance
+        return distance
+
+    def score(self, user: Mapping[str, Any]) -> list[Candidate]:
+        """``score_candidates`` for one member, over the events that can match only."""
+        keys = interest_keys(clean_interests(user.get("interests")))
+        home = text_field(user, "homeNeighborhood")
+        home_place = NeighbourhoodMap.canonical(home) if home else None
+        found = []
+        for f in self.could_match(keys):
+            shared = shared_tags(keys, f.tags)
+            if not shared:
+                continue
+            same = bool(home_place and f.place and home_place == f.place)
+            if same:
+                distance: float | None = 0.0
+            else:
+                distance = self.distance_km(home, f.where)
+            confidence = match_confidence(interest_alignment(shared), proximity_tier(same, distance), f.fill_tier,
+                                          f.days_until)
+            found.append(Candidate(f.event, tuple(shared), same, distance, f.participation, f.fill_tier,
+                                   f.days_until, confidence))
+        found.sort(key=lambda c: c.rank_key)
+        return found
 
 
 class Match(TypedDict):
@@ -4423,6 +4532,7 @@ class ReturnToTable:
         self.data_dir = options.out_dir / "data"
         self.saved_at = time.monotonic()
         self.progress: Any = None  # the members progress bar during steps 5-6, on a terminal
+        self.candidate_index: CandidateIndex | None = None  # step 2's open events indexed for step 5
 
     # --- step 1: fetch, find and rank the dormant members -----------------------------------
 
@@ -4496,11 +4606,19 @@ class ReturnToTable:
     def future_events(self, events: Sequence[Mapping[str, Any]]) -> list[FutureEvent]:
         future = find_future_events(events, self.options.now, self.issues)
         write_json(self.data_dir / "processed" / "future_events.json", future)
+        self.candidate_index = CandidateIndex.build(future, self.hoods, self.options.now)
         open_count = sum(1 for e in future if e["remaining_spots"] != 0)
         self.logger.info("Step 2: %d future public events, %d with open spots", len(future), open_count)
         return future
 
     # --- steps 5-6: match each member and write the SMS -------------------------------------
+
+    def candidates_for(self, user: Mapping[str, Any], events: Sequence[Mapping[str, Any]]) -> list[Candidate]:
+        """``score_candidates``, through the candidate index when it was built for these events."""
+        index = self.candidate_index
+        if index is not None and index.events is events:
+            return index.score(user)
+        return score_candidates(user, events, self.hoods, self.options.now)
 
     def recipient_zone(self, user: Mapping[str, Any]) -> ZoneInfo:
         """The member's own zone, for the send window: from the number when it maps to one zone, else
@@ -4567,7 +4685,7 @@ class ReturnToTable:
     def process_user(self, rank: int, user: Mapping[str, Any], events: Sequence[Mapping[str, Any]]) -> UserOutcome:
         """One member through steps 5 and 6."""
         outcome = UserOutcome(rank, user)
-        candidates = score_candidates(user, events, self.hoods, self.options.now)
+        candidates = self.candidates_for(user, events)
         if not candidates:
             outcome.skip = Skip(user["_id"], full_name(user), "no open future event shares an interest")
             return outcome
