@@ -31,8 +31,10 @@ import argparse
 import bisect
 import contextlib
 import csv
+import dataclasses
 import fcntl
 import functools
+import gc
 import hashlib
 import itertools
 import json
@@ -65,10 +67,11 @@ from bson import ObjectId, json_util
 from bson.errors import BSONError
 from dotenv import dotenv_values
 
-try:  # the fast JSON decoder for mongoexport files (requirements.txt); without it, the literal path
+try:  # the fast JSON decoders for mongoexport files (requirements.txt); without them, the literal path
+    import msgspec
     import orjson
-except ImportError:  # pragma: no cover - orjson is a declared dependency
-    orjson = None
+except ImportError:  # pragma: no cover - both are declared dependencies
+    msgspec = orjson = None
 
 # =============================================================================================
 # Configuration
@@ -956,6 +959,16 @@ def decode_lines(text: str, path: Path, decoder: ExtendedJsonDecoder) -> tuple[l
     return items, too_deep
 
 
+def export_bytes(path: Path) -> bytes:
+    """A whole export file, or the one-line error naming it."""
+    try:
+        return path.read_bytes()
+    except FileNotFoundError:
+        raise UsageError(f"{path}: file not found") from None
+    except OSError as exc:
+        raise UsageError(f"{path}: cannot read ({exc.__class__.__name__}: {exc})") from None
+
+
 def load_collection_file(path: Path, decoder: ExtendedJsonDecoder) -> tuple[list[dict[str, Any]], int]:
     """One ``mongoexport`` file: a JSON array (``--jsonArray``) or JSON Lines, Extended JSON either way.
 
@@ -963,12 +976,7 @@ def load_collection_file(path: Path, decoder: ExtendedJsonDecoder) -> tuple[list
     Only a file that is not JSON, or not a list of documents, is refused as a whole. The fast decoder
     (``fast_decode``) reads the file when it can; anything it cannot vouch for is read the literal way.
     """
-    try:
-        data = path.read_bytes()
-    except FileNotFoundError:
-        raise UsageError(f"{path}: file not found") from None
-    except OSError as exc:
-        raise UsageError(f"{path}: cannot read ({exc.__class__.__name__}: {exc})") from None
+    data = export_bytes(path)
     fast = fast_decode(data, decoder)
     if fast is not None:
         return fast, 0
@@ -1053,6 +1061,106 @@ def fast_decode(data: bytes, decoder: ExtendedJsonDecoder) -> list[dict[str, Any
     except (orjson.JSONDecodeError, FastPathRefused, RecursionError):
         decoder.bad_values = bad_before
         return None
+
+
+@contextlib.contextmanager
+def collection_paused() -> Iterator[None]:
+    """No cyclic garbage collection while millions of records are built: they hold no cycles, and each
+    collection would walk every one of them again (a third of a large read's time)."""
+    enabled = gc.isenabled()
+    gc.disable()
+    try:
+        yield
+    finally:
+        if enabled:
+            gc.enable()
+
+
+def export_elements(data: bytes) -> list[Any]:
+    """An export file's records as undecoded byte slices (msgspec splits a JSON array without decoding
+    it; JSON Lines split on line feeds), so each can be decoded, screened and dropped in turn.
+    FastPathRefused when it cannot (not JSON to msgspec, nested beyond its stack, big integers)."""
+    if msgspec is None or orjson is None or _BIG_INTEGER.search(data):
+        raise FastPathRefused("no fast decoder for this file")
+    body = data[3:] if data.startswith(_UTF8_BOM) else data
+    if not body.lstrip().startswith(b"["):
+        return [line for line in body.split(b"\n") if line.strip()]
+    try:
+        return msgspec.json.decode(body, type=list[msgspec.Raw])
+    except (msgspec.DecodeError, RecursionError):
+        raise FastPathRefused("not a JSON array msgspec can split") from None
+
+
+def clean_values(value: Any, decoder: ExtendedJsonDecoder, limit: int = MAX_TEXT_CHARS,
+                 level: int = 1) -> tuple[Any, bool]:
+    """``extended_values`` and ``already_clean`` in one walk: (the value as ``json_util`` gives it, whether
+    ``clean_document`` would leave it as it is). For orjson's values (dicts, lists, str, numbers, None)."""
+    if level > MAX_NESTING_DEPTH:
+        raise FastPathRefused("nested too deep")
+    clean, extended = True, False
+    pairs = value.items() if type(value) is dict else enumerate(value)
+    for key, item in pairs:
+        kind = type(item)
+        if kind is dict or kind is list:
+            bound = limit if type(key) is int else MAX_LONG_TEXT_CHARS if key in LONG_TEXT_FIELDS else MAX_TEXT_CHARS
+            value[key], item_clean = clean_values(item, decoder, bound, level + 1)
+            clean = clean and item_clean
+        elif kind is str and clean:
+            bound = limit if type(key) is int else MAX_LONG_TEXT_CHARS if key in LONG_TEXT_FIELDS else MAX_TEXT_CHARS
+            clean = len(item) <= bound and (item.isprintable() or not _CONTROL_CHARACTERS.search(item))
+        if type(key) is str and key[:1] == "$":
+            extended = True
+    if extended:
+        result = decoder.hook(value)
+        if result is not value:
+            return result, type(result) in _PLAIN_SCALARS
+    return value, clean
+
+
+def fast_record(element: Any, decoder: ExtendedJsonDecoder) -> tuple[dict[str, Any], bool]:
+    """One record through orjson and ``clean_values``: (what the literal decoder gives, already clean),
+    or FastPathRefused."""
+    try:
+        doc = orjson.loads(element if isinstance(element, bytes) else memoryview(element))
+    except orjson.JSONDecodeError:
+        raise FastPathRefused("not JSON to orjson") from None
+    if type(doc) is not dict:
+        raise FastPathRefused("not a document")
+    doc, clean = clean_values(doc, decoder)
+    if type(doc) is not dict:
+        raise FastPathRefused("not a document")
+    return doc, clean
+
+
+def screened_stream(elements: list[Any], what: str, decoder: ExtendedJsonDecoder, issues: Counter[str],
+                    tick: Any = None) -> Iterator[dict[str, Any]]:
+    """Each record of a collection decoded, screened (``screen_records``) and deduplicated
+    (``dedupe_by_id``) in turn, what was found counted in ``issues``; the slices are released as they go.
+
+    A record screening would skip (odd ``_id``, nested too deep) refuses the fast path: the classic read
+    then keeps its exact account of such files, ``data/raw/`` without them included."""
+    seen: set[str] = set()
+    repeated = f"repeated_{what[:-1]}_ids"
+    for n, element in enumerate(elements):
+        elements[n] = None
+        record, clean = fast_record(element, decoder)
+        if usable_id(record.get("_id")) is None:
+            raise FastPathRefused(f"a record screening skips ({what})")
+        if not clean:
+            found: Counter[str] = Counter()
+            try:
+                record = clean_document(record, found)
+            except NestedTooDeep:
+                raise FastPathRefused(f"a record screening skips ({what})") from None
+            issues.update(found)
+        key = id_of(record.get("_id")) or ""
+        if tick is not None and n % 8192 == 8191:
+            tick(8192)  # progress, in records
+        if key in seen:
+            issues[repeated] += 1
+            continue
+        seen.add(key)
+        yield record
 
 
 def dedupe_by_id(docs: Sequence[dict[str, Any]]) -> tuple[list[dict[str, Any]], int]:
@@ -2684,6 +2792,12 @@ class SourceData:
     bad_values: int = 0
     skipped: Counter[str] = field(default_factory=Counter)  # e.g. records nested too deep to decode
     files: dict[str, Path] = field(default_factory=dict)  # "users"/"events": the file read, for data/raw/
+    # A source that counts each member's events itself (``read_dormant``) hands over only the members they
+    # make dormant and the events that may be step 2's, with what it counted on the way:
+    issues: Counter[str] = field(default_factory=Counter)  # data issues found while reading
+    activity: dict[str, Activity] | None = None  # the kept members' event count and latest event
+    statuses: dict[str, int] | None = None  # every member's engagement status (step 1's census)
+    read: dict[str, int] = field(default_factory=dict)  # "users"/"events": documents read, kept or not
 
 
 class DataSource(Protocol):
@@ -2718,6 +2832,67 @@ class FolderSource:
             events, deep_events = load_collection_file(files[1], decoder)
         skipped = Counter({"users_nested_too_deep": deep_users, "events_nested_too_deep": deep_events})
         return SourceData(users, events, decoder.bad_values, +skipped, dict(zip(("users", "events"), files)))
+
+
+    def read_dormant(self, now: datetime, progress: Any = None) -> SourceData:
+        """The fast read: events decoded, screened and counted into each member's activity one at a time
+        (only those that may be step 2's kept), then the members, only those the events make dormant kept.
+        A file the fast decoders cannot vouch for, or holding a record screening skips, is read by ``read``."""
+        if not self.folder.is_dir():
+            raise UsageError(f"--source {self.folder}: not a readable folder")
+        try:
+            with collection_paused():
+                return self.stream(now, progress)
+        except FastPathRefused:
+            return self.read(progress)
+
+    def stream(self, now: datetime, progress: Any) -> SourceData:
+        decoder, issues, counted = ExtendedJsonDecoder(), Counter[str](), DataIssues()
+        users_file, events_file = self.folder / "users.json", self.folder / "events.json"
+        sizes = [path.stat().st_size if path.is_file() else 0 for path in (users_file, events_file)]
+        with (progress or no_progress)(sum(sizes), "B") as bar:
+            elements = export_elements(export_bytes(events_file))
+            events_read, future = len(elements), []
+            records = screened_stream(elements, "events", decoder, issues, bytes_tick(bar, sizes[1], len(elements)))
+            activity = index_member_activity(kept_future(records, now, future), counted)
+            elements = export_elements(export_bytes(users_file))
+            users_read, users, statuses = len(elements), [], Counter[str]()
+            for user in screened_stream(elements, "users", decoder, issues, bytes_tick(bar, sizes[0], len(elements))):
+                seen = activity.get(id_of(user.get("_id")) or "", Activity(0, None))
+                status = derive_engagement(seen.last_event, now)[1]
+                statuses[status] += 1
+                if status == "dormant":
+                    users.append(user)
+        kept = {key: activity[key] for key in (id_of(u.get("_id")) or "" for u in users)}
+        return SourceData(users, future, decoder.bad_values, files={"users": users_file, "events": events_file},
+                          issues=issues + counted.counts, activity=kept, statuses=dict(sorted(statuses.items())),
+                          read={"users": users_read, "events": events_read})
+
+
+def kept_future(events: Iterable[dict[str, Any]], now: datetime, kept: list[dict[str, Any]]) -> Iterator[dict[str, Any]]:
+    """Every event passed on, the open future public ones (step 2's candidates) also kept in ``kept``."""
+    for event in events:
+        if is_open_future_public(event, now):
+            kept.append(event)
+        yield event
+
+
+def bytes_tick(bar: Any, size: int, records: int) -> Any:
+    """A progress callback taking records read and advancing a bar in bytes (records are of like size)."""
+    if bar is None or not records:
+        return None
+    return lambda n: bar.update(size * n // records)
+
+
+def read_source(source: DataSource, now: datetime, progress: Any = None) -> SourceData:
+    """A source's ``read_dormant`` when it counts activity itself (folder, MongoDB), else its ``read``."""
+    reader = getattr(source, "read_dormant", None)
+    return reader(now, progress) if reader is not None else source.read(progress)
+
+
+def read_totals(data: SourceData) -> tuple[int, int]:
+    """How many users and events the source read, kept or not."""
+    return data.read.get("users", len(data.users)), data.read.get("events", len(data.events))
 
 
 class MongoSource:
@@ -2755,8 +2930,8 @@ def empty_collections(data: SourceData) -> list[str]:
 
     A collection whose every record had to be skipped while decoding was not empty: its records are
     counted in ``data_issues`` instead."""
-    return [name for name, docs in (("users", data.users), ("events", data.events))
-            if not docs and not data.skipped.get(f"{name}_nested_too_deep")]
+    return [name for name, read in zip(("users", "events"), read_totals(data), strict=True)
+            if not read and not data.skipped.get(f"{name}_nested_too_deep")]
 
 
 def input_location(source: DataSource, name: str) -> str:
@@ -2773,7 +2948,8 @@ def keep_raw(folder: Path, data: SourceData, screened: Mapping[str, ScreenedReco
     when none was skipped (the usual case, and the fast one), else the kept originals re-encoded."""
     for name in ("users", "events"):
         read = data.users if name == "users" else data.events
-        whole = not data.skipped.get(f"{name}_nested_too_deep") and len(screened[name].originals) == len(read)
+        whole = data.activity is not None or (  # a counting read refuses files with records to skip
+            not data.skipped.get(f"{name}_nested_too_deep") and len(screened[name].originals) == len(read))
         if name in data.files and whole:
             copy_raw(folder / f"{name}.json", data.files[name])
         else:
@@ -4533,18 +4709,20 @@ class ReturnToTable:
         self.saved_at = time.monotonic()
         self.progress: Any = None  # the members progress bar during steps 5-6, on a terminal
         self.candidate_index: CandidateIndex | None = None  # step 2's open events indexed for step 5
+        self.counted: SourceData | None = None  # what a counting source read (``read_dormant``)
 
     # --- step 1: fetch, find and rank the dormant members -----------------------------------
 
     def fetch(self) -> tuple[list[dict[str, Any]], list[dict[str, Any]]]:
         """The source's records, screened (``screen_records``): ``data/raw/`` keeps them as read, in full."""
-        data = self.source.read(reading_progress if self.options.progress else None)
+        data = read_source(self.source, self.options.now, reading_progress if self.options.progress else None)
         self.issues.add("unreadable_extended_json_values", data.bad_values)
         self.issues.add_all(data.skipped)
+        self.issues.add_all(data.issues)
+        self.counted = data if data.activity is not None else None
         screened_users, screened_events = screen_records(data.users, "users"), screen_records(data.events, "events")
         self.issues.add_all(screened_users.issues + screened_events.issues)
-        self.logger.info("Step 1: read %d users and %d events from %s", len(data.users), len(data.events),
-                         self.source.label)
+        self.logger.info("Step 1: read %d users and %d events from %s", *read_totals(data), self.source.label)
         self.empty_input = empty_collections(data)
         for name in self.empty_input:
             self.logger.warning("Empty input: no %s in %s (the run goes on; exit 3)", name,
@@ -4564,8 +4742,12 @@ class ReturnToTable:
 
     def dormant_users(self, users: Sequence[Mapping[str, Any]],
                       events: Sequence[Mapping[str, Any]]) -> DormancyCensus:
-        activity = index_member_activity(events, self.issues)
+        counted = self.counted  # the source counted the activity and handed over the dormant members only
+        activity = counted.activity if counted and counted.activity is not None else index_member_activity(
+            events, self.issues)
         census = find_dormant_users(users, activity, self.options.now)
+        if counted is not None and counted.statuses is not None:
+            census = dataclasses.replace(census, status_counts=counted.statuses)
         write_json(self.data_dir / "processed" / "dormant_users.json", census.eligible, private=True)
         self.logger.info("Step 1: %d dormant members, %d personalisation-ready (statuses: %s)",
                          census.dormant_total, len(census.eligible), census.status_counts)
