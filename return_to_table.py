@@ -1117,15 +1117,41 @@ def clean_values(value: Any, decoder: ExtendedJsonDecoder, limit: int = MAX_TEXT
     return value, clean
 
 
+# The UTF-8 of the characters clean_text removes above U+007F: the C1 controls, U+061C, U+180E, U+200B-U+200F,
+# U+2028-U+202E, U+2060-U+206F and U+FEFF (the C0 controls cannot appear raw in JSON, DEL is checked alone).
+_UNSAFE_UTF8 = re.compile(rb"\xc2[\x80-\x9f]|\xd8\x9c|\xe1\xa0\x8e|\xe2\x80[\x8b-\x8f\xa8-\xae]|\xe2\x81[\xa0-\xaf]"
+                          rb"|\xef\xbb\xbf")
+
+
+_LONG_RUN = re.compile(rb'[^"]{%d}' % (MAX_TEXT_CHARS + 1))
+
+
+def plain_and_clean(data: bytes) -> bool:
+    """Whether a record's bytes guarantee that orjson's values are final and ``already_clean``, so the
+    record skips the walk: no ``"$`` (an Extended JSON key), no escape, no DEL or ``_UNSAFE_UTF8``, no run
+    of more than ``MAX_TEXT_CHARS`` bytes without a quote (a long string), and no more brackets than
+    ``MAX_NESTING_DEPTH`` (so never nested deeper). Cheap byte tests, most records pass."""
+    if b'"$' in data or b"\\" in data or b"\x7f" in data:
+        return False
+    if data.count(b"{") + data.count(b"[") > MAX_NESTING_DEPTH:
+        return False
+    if not data.isascii() and _UNSAFE_UTF8.search(data):
+        return False
+    return len(data) <= MAX_TEXT_CHARS or not _LONG_RUN.search(data)
+
+
 def fast_record(element: Any, decoder: ExtendedJsonDecoder) -> tuple[dict[str, Any], bool]:
     """One record through orjson and ``clean_values``: (what the literal decoder gives, already clean),
     or FastPathRefused."""
+    data = element if isinstance(element, bytes) else bytes(memoryview(element))
     try:
-        doc = orjson.loads(element if isinstance(element, bytes) else memoryview(element))
+        doc = orjson.loads(data)
     except orjson.JSONDecodeError:
         raise FastPathRefused("not JSON to orjson") from None
     if type(doc) is not dict:
         raise FastPathRefused("not a document")
+    if plain_and_clean(data):
+        return doc, True
     doc, clean = clean_values(doc, decoder)
     if type(doc) is not dict:
         raise FastPathRefused("not a document")
