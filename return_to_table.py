@@ -2921,11 +2921,148 @@ def read_totals(data: SourceData) -> tuple[int, int]:
     return data.read.get("users", len(data.users)), data.read.get("events", len(data.events))
 
 
-class MongoSource:
-    """The live database through pymongo: every member and every event, read once per run.
+# --- MongoDB doing the counting: aggregation expressions (MongoDB 5.0+ operators only) --------------
 
-    All events are needed anyway (a member's history counts events of any type and date), so
-    nothing is filtered server-side; dates stored as strings or numbers are never lost.
+MONGO_BATCH_SIZE = 5000  # documents per batch on large reads
+MONGO_IDS_PER_QUERY = 10_000  # member ids per $in query
+ISO_DATE_REGEX = r"^\d{4}-\d{2}-\d{2}($|[T ])"  # ISO_DATE_START, for $regexMatch
+EPOCH_MS_RANGE = (-62135596800000 + 86400000, 253402300799999 - 86400000)  # EARLIEST_DATE..LATEST_DATE in ms
+NUMBER_TYPES = ["int", "long", "double", "decimal"]
+
+
+def mongo_is(expr: Any, *types: str) -> dict[str, Any]:
+    """``$type`` of an expression is one of ``types``."""
+    return {"$in": [{"$type": expr}, list(types)]}
+
+
+def mongo_trimmed_id(expr: Any) -> dict[str, Any]:
+    """``id_of`` for an ObjectId or a string: its hex, or the trimmed string (null when empty)."""
+    return {"$switch": {"branches": [
+        {"case": mongo_is(expr, "objectId"), "then": {"$toString": expr}},
+        {"case": mongo_is(expr, "string"),
+         "then": {"$let": {"vars": {"t": {"$trim": {"input": expr}}},
+                           "in": {"$cond": [{"$eq": ["$$t", ""]}, None, "$$t"]}}}},
+    ], "default": None}}
+
+
+def mongo_id(expr: str) -> dict[str, Any]:
+    """``id_of`` in the pipeline: an ObjectId, an id string, or an object holding ``_id``/``userId``/``id``
+    (the first present), one level deep; anything else null (an odd entry, left out as in Python)."""
+    inner = [{"case": {"$ne": [{"$type": f"{expr}.{key}"}, "missing"]}, "then": mongo_trimmed_id(f"{expr}.{key}")}
+             for key in ("_id", "userId", "id")]
+    return {"$switch": {"branches": [
+        {"case": mongo_is(expr, "objectId", "string"), "then": mongo_trimmed_id(expr)},
+        {"case": mongo_is(expr, "object"), "then": {"$switch": {"branches": inner, "default": None}}},
+    ], "default": None}}
+
+
+def mongo_start_date(expr: str = "$startDate") -> dict[str, Any]:
+    """``to_utc`` in the pipeline: a date; epoch milliseconds within the calendar; an extended ISO string
+    (``ISO_DATE_START`` after trimming; no zone is UTC). Anything else null: such events still count for
+    their members, and those with a date Python can read are fetched and read in Python (never dropped)."""
+    text = {"$trim": {"input": expr}}
+    return {"$switch": {"branches": [
+        {"case": mongo_is(expr, "date"), "then": expr},
+        {"case": {"$and": [mongo_is(expr, *NUMBER_TYPES), {"$gte": [expr, EPOCH_MS_RANGE[0]]},
+                           {"$lte": [expr, EPOCH_MS_RANGE[1]]}]},
+         "then": {"$convert": {"input": expr, "to": "date", "onError": None, "onNull": None}}},
+        {"case": {"$and": [mongo_is(expr, "string"), {"$regexMatch": {"input": text, "regex": ISO_DATE_REGEX}}]},
+         "then": {"$dateFromString": {"dateString": text, "timezone": "UTC", "onError": None, "onNull": None}}},
+    ], "default": None}}
+
+
+def mongo_members() -> dict[str, Any]:
+    """The owner and participants of an event as one set of id strings (``event_member_ids``)."""
+    participants = {"$cond": [{"$isArray": "$participants"}, "$participants", []]}
+    ids = {"$setUnion": [[mongo_id("$ownerId")], {"$map": {"input": participants, "as": "p", "in": mongo_id("$$p")}}]}
+    return {"$filter": {"input": ids, "as": "m", "cond": {"$ne": ["$$m", None]}}}
+
+
+USABLE_ID_TYPES = ["objectId", "string"]  # screen_records skips records with other _ids
+
+
+def normalise_events_stage() -> dict[str, Any]:
+    """Each event reduced to its normalised start and its members (the one stage of odd forms)."""
+    return {"$project": {"_id": 0, "start": mongo_start_date(), "members": mongo_members()}}
+
+
+def member_activity_stages() -> list[dict[str, Any]]:
+    """Events -> one document per member: ``eventCount`` and ``last`` (latest start; null: none known)."""
+    return [{"$match": {"_id": {"$type": USABLE_ID_TYPES}}}, normalise_events_stage(),
+            {"$unwind": "$members"},
+            {"$group": {"_id": "$members", "eventCount": {"$sum": 1}, "last": {"$max": "$start"}}}]
+
+
+def dormant_window(now: datetime) -> tuple[datetime, datetime]:
+    """The latest event dates that make a member dormant at ``now``: after the first, up to the second
+    (``derive_engagement``: 31 to 90 whole days)."""
+    return now - timedelta(days=91), now - timedelta(days=31)
+
+
+def dormant_activity_pipeline(now: datetime) -> list[dict[str, Any]]:
+    """The members whose latest event makes them dormant at ``now``, with their count and date."""
+    after, until = dormant_window(now)
+    return [*member_activity_stages(), {"$match": {"last": {"$gt": after, "$lte": until}}}]
+
+
+def status_count_pipeline(now: datetime) -> list[dict[str, Any]]:
+    """How many members the events make active, dormant, churned or (no date) new: four documents."""
+    after, until = dormant_window(now)
+    status = {"$switch": {"branches": [
+        {"case": {"$eq": [{"$ifNull": ["$last", None]}, None]}, "then": "new"},
+        {"case": {"$gt": ["$last", until]}, "then": "active"},
+        {"case": {"$gt": ["$last", after]}, "then": "dormant"},
+    ], "default": "churned"}}
+    return [*member_activity_stages(), {"$group": {"_id": status, "n": {"$sum": 1}}}]
+
+
+def undated_events_pipeline() -> list[dict[str, Any]]:
+    """Events whose start the pipeline could not read but which have one: read again in Python."""
+    return [{"$match": {"_id": {"$type": USABLE_ID_TYPES}, "startDate": {"$exists": True, "$ne": None}}},
+            {"$project": {"ownerId": 1, "participants": 1, "startDate": 1, "start": mongo_start_date()}},
+            {"$match": {"start": None}}]
+
+
+def future_events_pipeline(now: datetime) -> list[dict[str, Any]]:
+    """Step 2's candidates: public, active, starting after ``now`` (or with a start only Python reads)."""
+    return [{"$match": {"type": "public", "active": True, "_id": {"$type": USABLE_ID_TYPES}}},
+            {"$addFields": {"rtt_start": mongo_start_date()}},
+            {"$match": {"$or": [{"rtt_start": {"$gt": now}},
+                                {"rtt_start": None, "startDate": {"$exists": True, "$ne": None}}]}},
+            {"$project": {"rtt_start": 0}}]
+
+
+def member_id_query(ids: Sequence[str]) -> dict[str, Any]:
+    """Members by id, whether their ``_id`` is stored as an ObjectId or as the string."""
+    values: list[Any] = list(ids)
+    values.extend(ObjectId(i) for i in ids if len(i) == 24 and ObjectId.is_valid(i))
+    return {"_id": {"$in": values}}
+
+
+def merge_rescued(activity: dict[str, Activity], rescued: dict[str, datetime],
+                  window: tuple[datetime, datetime], everyone: Mapping[str, Activity]) -> dict[str, Activity]:
+    """Dormant members after the events only Python could date (``rescued``: member -> latest such date):
+    ``everyone`` holds those members' counts and dates from the pipeline."""
+    merged = {k: v for k, v in activity.items() if k not in rescued}
+    for member, moment in rescued.items():
+        seen = everyone.get(member, Activity(0, None))
+        last = moment if seen.last_event is None or moment > seen.last_event else seen.last_event
+        if window[0] < last <= window[1]:
+            merged[member] = Activity(seen.event_count, last)
+    return merged
+
+
+def mongo_activity(doc: Mapping[str, Any]) -> Activity:
+    """One member document of the activity pipeline as an Activity (dates come back naive: UTC)."""
+    return Activity(int(doc["eventCount"]), to_utc(doc.get("last")))
+
+
+class MongoSource:
+    """The live database through pymongo.
+
+    ``read_dormant`` lets MongoDB do the counting (``dormant_activity_pipeline``) and reads only the members
+    it makes dormant and step 2's candidate events. ``read`` reads every member and every event: the
+    fallback for a server that cannot run the pipeline (before 5.0), and for callers without a ``now``.
     """
 
     label = "mongo"
@@ -2949,6 +3086,65 @@ class MongoSource:
         except PyMongoError as exc:
             raise mongo_failure(exc) from None
         return SourceData(users, events)
+
+
+    def read_dormant(self, now: datetime, progress: Any = None) -> SourceData:
+        """The members the events make dormant at ``now`` and the candidate future events, with each kept
+        member's activity and every member's status counted by the database; ``read`` when the server
+        cannot run the pipeline."""
+        from pymongo.errors import OperationFailure, PyMongoError
+
+        db = self.client.get_database(self.db_name)
+        try:
+            try:
+                return self.counted_read(db, now, progress)
+            except (OperationFailure, NotImplementedError):  # an operator this server lacks
+                return self.read(progress)
+        except PyMongoError as exc:
+            raise mongo_failure(exc) from None
+
+    def counted_read(self, db: Any, now: datetime, progress: Any) -> SourceData:
+        users, events = db[USER_COLLECTION], db[EVENT_COLLECTION]
+        window = dormant_window(now)
+        activity = {d["_id"]: mongo_activity(d) for d in
+                    events.aggregate(dormant_activity_pipeline(now), allowDiskUse=True, batchSize=MONGO_BATCH_SIZE)}
+        rescued = self.rescued_dates(events)
+        if rescued:
+            involved = {d["_id"]: mongo_activity(d) for d in events.aggregate(
+                [*member_activity_stages(), {"$match": {"_id": {"$in": list(rescued)}}}], allowDiskUse=True)}
+            activity = merge_rescued(activity, rescued, window, involved)
+        statuses = Counter({d["_id"]: d["n"] for d in events.aggregate(status_count_pipeline(now), allowDiskUse=True)})
+        read = {"users": users.count_documents({}), "events": events.count_documents({})}
+        members = self.members(users, sorted(activity), progress)
+        statuses["dormant"] = sum(1 for m in members if id_of(m.get("_id")) in activity)  # members that exist
+        statuses["new"] = max(0, read["users"] - statuses["active"] - statuses["dormant"] - statuses["churned"])
+        future = list(events.aggregate(future_events_pipeline(now), allowDiskUse=True, batchSize=MONGO_BATCH_SIZE))
+        return SourceData(members, future, activity=activity, statuses=dict(sorted((+statuses).items())), read=read)
+
+    @staticmethod
+    def rescued_dates(events: Any) -> dict[str, datetime]:
+        """Members' latest dates from the events whose start only Python can read (none, usually)."""
+        latest: dict[str, datetime] = {}
+        for event in events.aggregate(undated_events_pipeline(), batchSize=MONGO_BATCH_SIZE):
+            start = to_utc(event.get("startDate"))
+            if start is None:
+                continue
+            for member in event_member_ids(event, DataIssues()):
+                if member not in latest or start > latest[member]:
+                    latest[member] = start
+        return latest
+
+    @staticmethod
+    def members(users: Any, ids: Sequence[str], progress: Any) -> list[dict[str, Any]]:
+        """The member documents of ``ids``, by batches of ``MONGO_IDS_PER_QUERY``."""
+        docs: list[dict[str, Any]] = []
+        with (progress or no_progress)(len(ids), "members") as bar:
+            for start in range(0, len(ids), MONGO_IDS_PER_QUERY):
+                chunk = ids[start:start + MONGO_IDS_PER_QUERY]
+                docs.extend(users.find(member_id_query(chunk), batch_size=MONGO_BATCH_SIZE))
+                if bar is not None:
+                    bar.update(len(chunk))
+        return docs
 
 
 def empty_collections(data: SourceData) -> list[str]:
