@@ -2978,7 +2978,7 @@ def mongo_members() -> dict[str, Any]:
     return {"$filter": {"input": ids, "as": "m", "cond": {"$ne": ["$$m", None]}}}
 
 
-USABLE_ID_TYPES = ["objectId", "string"]  # screen_records skips records with other _ids
+USABLE_ID = {"$or": [{"_id": {"$type": "objectId"}}, {"_id": {"$type": "string"}}]}  # screen_records skips others
 
 
 def normalise_events_stage() -> dict[str, Any]:
@@ -2988,7 +2988,7 @@ def normalise_events_stage() -> dict[str, Any]:
 
 def member_activity_stages() -> list[dict[str, Any]]:
     """Events -> one document per member: ``eventCount`` and ``last`` (latest start; null: none known)."""
-    return [{"$match": {"_id": {"$type": USABLE_ID_TYPES}}}, normalise_events_stage(),
+    return [{"$match": USABLE_ID}, normalise_events_stage(),
             {"$unwind": "$members"},
             {"$group": {"_id": "$members", "eventCount": {"$sum": 1}, "last": {"$max": "$start"}}}]
 
@@ -3018,14 +3018,14 @@ def status_count_pipeline(now: datetime) -> list[dict[str, Any]]:
 
 def undated_events_pipeline() -> list[dict[str, Any]]:
     """Events whose start the pipeline could not read but which have one: read again in Python."""
-    return [{"$match": {"_id": {"$type": USABLE_ID_TYPES}, "startDate": {"$exists": True, "$ne": None}}},
+    return [{"$match": {**USABLE_ID, "startDate": {"$exists": True, "$ne": None}}},
             {"$project": {"ownerId": 1, "participants": 1, "startDate": 1, "start": mongo_start_date()}},
             {"$match": {"start": None}}]
 
 
 def future_events_pipeline(now: datetime) -> list[dict[str, Any]]:
     """Step 2's candidates: public, active, starting after ``now`` (or with a start only Python reads)."""
-    return [{"$match": {"type": "public", "active": True, "_id": {"$type": USABLE_ID_TYPES}}},
+    return [{"$match": {"type": "public", "active": True, **USABLE_ID}},
             {"$addFields": {"rtt_start": mongo_start_date()}},
             {"$match": {"$or": [{"rtt_start": {"$gt": now}},
                                 {"rtt_start": None, "startDate": {"$exists": True, "$ne": None}}]}},
