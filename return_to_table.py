@@ -2999,15 +2999,20 @@ def dormant_window(now: datetime) -> tuple[datetime, datetime]:
     return now - timedelta(days=91), now - timedelta(days=31)
 
 
+def bson_window(now: datetime) -> tuple[datetime, datetime]:
+    """``dormant_window`` as BSON dates are compared: naive UTC (what pymongo encodes as UTC)."""
+    return tuple(moment.astimezone(UTC).replace(tzinfo=None) for moment in dormant_window(now))  # type: ignore[return-value]
+
+
 def dormant_activity_pipeline(now: datetime) -> list[dict[str, Any]]:
     """The members whose latest event makes them dormant at ``now``, with their count and date."""
-    after, until = dormant_window(now)
+    after, until = bson_window(now)
     return [*member_activity_stages(), {"$match": {"last": {"$gt": after, "$lte": until}}}]
 
 
 def status_count_pipeline(now: datetime) -> list[dict[str, Any]]:
     """How many members the events make active, dormant, churned or (no date) new: four documents."""
-    after, until = dormant_window(now)
+    after, until = bson_window(now)
     status = {"$switch": {"branches": [
         {"case": {"$eq": [{"$ifNull": ["$last", None]}, None]}, "then": "new"},
         {"case": {"$gt": ["$last", until]}, "then": "active"},
@@ -3027,7 +3032,7 @@ def future_events_pipeline(now: datetime) -> list[dict[str, Any]]:
     """Step 2's candidates: public, active, starting after ``now`` (or with a start only Python reads)."""
     return [{"$match": {"type": "public", "active": True, **USABLE_ID}},
             {"$addFields": {"rtt_start": mongo_start_date()}},
-            {"$match": {"$or": [{"rtt_start": {"$gt": now}},
+            {"$match": {"$or": [{"rtt_start": {"$gt": now.astimezone(UTC).replace(tzinfo=None)}},
                                 {"rtt_start": None, "startDate": {"$exists": True, "$ne": None}}]}},
             {"$project": {"rtt_start": 0}}]
 
