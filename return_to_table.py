@@ -1950,6 +1950,8 @@ class CandidateIndex:
     @classmethod
     def build(cls, events: Sequence[Mapping[str, Any]], hoods: NeighbourhoodMap, now: datetime) -> CandidateIndex:
         features = tuple(event_features(e, now) for e in events if e.get("remaining_spots") != 0)
+        same_tags: dict[frozenset[tuple[str, str]], dict[str, str]] = {}
+        features = tuple(f._replace(tags=same_tags.setdefault(frozenset(f.tags.items()), f.tags)) for f in features)
         by_tag: dict[str, list[int]] = {}
         for n, feature in enumerate(features):
             for tag in feature.tags:
@@ -1980,8 +1982,11 @@ class CandidateIndex:
         home = text_field(user, "homeNeighborhood")
         home_place = NeighbourhoodMap.canonical(home) if home else None
         found = []
+        matched: dict[int, tuple[tuple[str, str], ...]] = {}  # events of one tag set share one dict (``build``)
         for f in self.could_match(keys):
-            shared = shared_tags(keys, f.tags)
+            shared = matched.get(id(f.tags))
+            if shared is None:
+                shared = matched[id(f.tags)] = tuple(shared_tags(keys, f.tags))
             if not shared:
                 continue
             same = bool(home_place and f.place and home_place == f.place)
@@ -1991,7 +1996,7 @@ class CandidateIndex:
                 distance = self.distance_km(home, f.where)
             confidence = match_confidence(interest_alignment(shared), proximity_tier(same, distance), f.fill_tier,
                                           f.days_until)
-            found.append(Candidate(f.event, tuple(shared), same, distance, f.participation, f.fill_tier,
+            found.append(Candidate(f.event, shared, same, distance, f.participation, f.fill_tier,
                                    f.days_until, confidence))
         found.sort(key=lambda c: c.rank_key)
         return found
