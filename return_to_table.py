@@ -818,8 +818,8 @@ def usable_id(value: Any) -> str | None:
     """A record's ``_id`` as an id string, or None when it is odd: no ObjectId or clean, bounded string."""
     key = id_of(value) if isinstance(value, (ObjectId, str)) or (
         isinstance(value, Mapping) and set(value) == {"$oid"}) else None
-    if key is None or len(key) > MAX_TEXT_CHARS or _CONTROL_CHARACTERS.search(key):
-        return None
+    if key is None or len(key) > MAX_TEXT_CHARS or (not key.isprintable() and _CONTROL_CHARACTERS.search(key)):
+        return None  # (a printable key holds no control character: the quick test first)
     return key
 
 
