@@ -49,9 +49,23 @@ ORIGINAL_FIND = mongomock.collection.Collection.find
 INSIDE = {"aggregate": False}  # the pipeline's own reads stay in the server
 
 
+BY_ID: dict[str, dict[Any, Any]] = {}  # the server's _id index (mongomock scans the collection per $in value)
+
+
+def by_id(collection: Any, values: list[Any]) -> list[Any]:
+    if collection.name not in BY_ID:
+        BY_ID[collection.name] = {doc["_id"]: doc for doc in ORIGINAL_FIND(collection)}
+    index = BY_ID[collection.name]
+    return [index[v] for v in dict.fromkeys(values) if v in index]
+
+
 def counted_find(delivered: Counter[str]) -> Any:
     def find(self: Any, *args: Any, **kwargs: Any) -> Any:
-        docs = list(ORIGINAL_FIND(self, *args, **kwargs))
+        query = args[0] if args else {}
+        if not INSIDE["aggregate"] and list(query) == ["_id"] and list(query["_id"]) == ["$in"]:
+            docs = by_id(self, query["_id"]["$in"])
+        else:
+            docs = list(ORIGINAL_FIND(self, *args, **kwargs))
         if not INSIDE["aggregate"]:
             delivered[f"find {self.name}"] += len(docs)
         return iter(docs)
