@@ -2929,6 +2929,7 @@ def read_totals(data: SourceData) -> tuple[int, int]:
 # --- MongoDB doing the counting: aggregation expressions (MongoDB 5.0+ operators only) --------------
 
 MONGO_BATCH_SIZE = 5000  # documents per batch on large reads
+UNKNOWN_OPERATOR_CODES = (168, 40324, 15952)  # InvalidPipelineOperator, unknown stage, unknown group operator
 MONGO_IDS_PER_QUERY = 10_000  # member ids per $in query
 ISO_DATE_REGEX = r"^\d{4}-\d{2}-\d{2}($|[T ])"  # ISO_DATE_START, for $regexMatch
 EPOCH_MS_RANGE = (-62135596800000 + 86400000, 253402300799999 - 86400000)  # EARLIEST_DATE..LATEST_DATE in ms
@@ -3108,7 +3109,11 @@ class MongoSource:
         try:
             try:
                 return self.counted_read(db, now, progress)
-            except (OperationFailure, NotImplementedError):  # an operator this server lacks
+            except OperationFailure as exc:
+                if exc.code not in (None, *UNKNOWN_OPERATOR_CODES):
+                    raise
+                return self.read(progress)
+            except NotImplementedError:  # mongomock: an operator it lacks
                 return self.read(progress)
         except PyMongoError as exc:
             raise mongo_failure(exc) from None
