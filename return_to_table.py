@@ -1140,17 +1140,16 @@ def plain_and_clean(data: bytes) -> bool:
     return len(data) <= MAX_TEXT_CHARS or not _LONG_RUN.search(data)
 
 
-def fast_record(element: Any, decoder: ExtendedJsonDecoder) -> tuple[dict[str, Any], bool]:
-    """One record through orjson and ``clean_values``: (what the literal decoder gives, already clean),
-    or FastPathRefused."""
-    data = element if isinstance(element, bytes) else bytes(memoryview(element))
+def fast_record(data: bytes, decoder: ExtendedJsonDecoder, plain: bool) -> tuple[dict[str, Any], bool]:
+    """One record through orjson and, unless ``plain`` (``plain_and_clean``), ``clean_values``: (what the
+    literal decoder gives, already clean), or FastPathRefused."""
     try:
         doc = orjson.loads(data)
     except orjson.JSONDecodeError:
         raise FastPathRefused("not JSON to orjson") from None
     if type(doc) is not dict:
         raise FastPathRefused("not a document")
-    if plain_and_clean(data):
+    if plain:
         return doc, True
     doc, clean = clean_values(doc, decoder)
     if type(doc) is not dict:
@@ -1158,8 +1157,25 @@ def fast_record(element: Any, decoder: ExtendedJsonDecoder) -> tuple[dict[str, A
     return doc, clean
 
 
+if msgspec is not None:
+    class IdOnly(msgspec.Struct):
+        """A record's ``_id`` alone: msgspec skips the other fields without building them."""
+
+        id: Any = msgspec.field(default=None, name="_id")
+
+
+def quick_id(data: bytes) -> str | None:
+    """The usable ``_id`` string of a record (one ``plain_and_clean`` vouches for), without decoding the
+    rest (None: decode it whole). Such a record has nothing to count, so skipping it loses no count."""
+    try:
+        value = msgspec.json.decode(data, type=IdOnly).id
+    except (msgspec.DecodeError, RecursionError):
+        return None
+    return usable_id(value) if isinstance(value, str) else None
+
+
 def screened_stream(elements: list[Any], what: str, decoder: ExtendedJsonDecoder, issues: Counter[str],
-                    tick: Any = None) -> Iterator[dict[str, Any]]:
+                    tick: Any = None, wanted: Any = None) -> Iterator[dict[str, Any]]:
     """Each record of a collection decoded, screened (``screen_records``) and deduplicated
     (``dedupe_by_id``) in turn, what was found counted in ``issues``; the slices are released as they go.
 
@@ -1169,7 +1185,19 @@ def screened_stream(elements: list[Any], what: str, decoder: ExtendedJsonDecoder
     repeated = f"repeated_{what[:-1]}_ids"
     for n, element in enumerate(elements):
         elements[n] = None
-        record, clean = fast_record(element, decoder)
+        data = element if isinstance(element, bytes) else bytes(memoryview(element))
+        plain = plain_and_clean(data)
+        key = quick_id(data) if wanted is not None and plain else None
+        if key is not None and not wanted(key):  # ``wanted`` says no: only the id is passed on
+            if tick is not None and n % 8192 == 8191:
+                tick(8192)
+            if key in seen:
+                issues[repeated] += 1
+            else:
+                seen.add(key)
+                yield {"_id": key}
+            continue
+        record, clean = fast_record(data, decoder, plain)
         if usable_id(record.get("_id")) is None:
             raise FastPathRefused(f"a record screening skips ({what})")
         if not clean:
@@ -2888,7 +2916,11 @@ class FolderSource:
             activity = index_member_activity(kept_future(records, now, future), counted)
             elements = export_elements(export_bytes(users_file))
             users_read, users, statuses = len(elements), [], Counter[str]()
-            for user in screened_stream(elements, "users", decoder, issues, bytes_tick(bar, sizes[0], len(elements))):
+            def dormant(key: str) -> bool:
+                return derive_engagement(activity.get(key, Activity(0, None)).last_event, now)[1] == "dormant"
+
+            for user in screened_stream(elements, "users", decoder, issues, bytes_tick(bar, sizes[0], len(elements)),
+                                        wanted=dormant):
                 seen = activity.get(id_of(user.get("_id")) or "", Activity(0, None))
                 status = derive_engagement(seen.last_event, now)[1]
                 statuses[status] += 1
