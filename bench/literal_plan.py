@@ -61,6 +61,14 @@ def score(user: dict[str, Any]) -> float:
     return completeness + dormancy + history
 
 
+def read(path: Path) -> list[dict[str, Any]]:
+    """A JSON array whole, or JSON Lines line by line, through ``bson.json_util``."""
+    text = path.read_text(encoding="utf-8")
+    if text.lstrip().startswith("["):
+        return json_util.loads(text)
+    return [json_util.loads(line) for line in text.split("\n") if line.strip()]
+
+
 def main() -> None:
     parser = argparse.ArgumentParser()
     parser.add_argument("folder", type=Path)
@@ -68,8 +76,7 @@ def main() -> None:
     parser.add_argument("--out", type=Path, required=True)
     args = parser.parse_args()
     now = datetime.fromisoformat(args.now)
-    users = json_util.loads((args.folder / "users.json").read_text(encoding="utf-8"))
-    events = json_util.loads((args.folder / "events.json").read_text(encoding="utf-8"))
+    users, events = read(args.folder / "users.json"), read(args.folder / "events.json")
     (args.out / "data" / "raw").mkdir(parents=True, exist_ok=True)
     (args.out / "data" / "processed").mkdir(parents=True, exist_ok=True)
     for name, docs in (("users", users), ("events", events)):
