@@ -1123,7 +1123,7 @@ _UNSAFE_UTF8 = re.compile(rb"\xc2[\x80-\x9f]|\xd8\x9c|\xe1\xa0\x8e|\xe2\x80[\x8b
                           rb"|\xef\xbb\xbf")
 
 
-_LONG_RUN = re.compile(rb'[^"]{%d}' % (MAX_TEXT_CHARS + 1))
+_LONG_RUN = re.compile(rb'"[^"]{%d}' % (MAX_TEXT_CHARS + 1))  # a string's opening quote, then too many bytes
 
 
 def plain_and_clean(data: bytes) -> bool:
@@ -1131,13 +1131,29 @@ def plain_and_clean(data: bytes) -> bool:
     record skips the walk: no ``"$`` (an Extended JSON key), no escape, no DEL or ``_UNSAFE_UTF8``, no run
     of more than ``MAX_TEXT_CHARS`` bytes without a quote (a long string), and no more brackets than
     ``MAX_NESTING_DEPTH`` (so never nested deeper). Cheap byte tests, most records pass."""
-    if b'"$' in data or b"\\" in data or b"\x7f" in data:
-        return False
-    if data.count(b"{") + data.count(b"[") > MAX_NESTING_DEPTH:
+    return b'"$' not in data and nothing_to_count(data)
+
+
+# Extended JSON values json_util always reads (no bad value to count): a valid ObjectId, a $date in ISO form
+# with a day every month has (1900-2099), a $date of up to 12 digits of milliseconds (1938-2286).
+_SAFE_EXTENDED = re.compile(
+    rb'\{"\$oid": ?"[0-9a-fA-F]{24}"\}'
+    rb'|\{"\$date": ?"(?:19|20)\d\d-(?:0[1-9]|1[0-2])-(?:0[1-9]|1\d|2[0-8])T(?:[01]\d|2[0-3]):[0-5]\d:[0-5]\d'
+    rb'(?:\.\d{1,3})?Z"\}'
+    rb'|\{"\$date": ?\{"\$numberLong": ?"-?\d{1,12}"\}\}')
+
+
+def nothing_to_count(data: bytes) -> bool:
+    """Whether a record's bytes guarantee that decoding and screening it would count nothing: the tests of
+    ``plain_and_clean``, except that Extended JSON values are allowed in ``_SAFE_EXTENDED``'s forms."""
+    if b"\\" in data or b"\x7f" in data or data.count(b"{") + data.count(b"[") > MAX_NESTING_DEPTH:
         return False
     if not data.isascii() and _UNSAFE_UTF8.search(data):
         return False
-    return len(data) <= MAX_TEXT_CHARS or not _LONG_RUN.search(data)
+    if len(data) > MAX_TEXT_CHARS and _LONG_RUN.search(data):
+        return False
+    dollars = data.count(b'"$')
+    return not dollars or dollars == sum(m.count(b'"$') for m in _SAFE_EXTENDED.findall(data))
 
 
 def fast_record(data: bytes, decoder: ExtendedJsonDecoder, plain: bool) -> tuple[dict[str, Any], bool]:
@@ -1157,47 +1173,84 @@ def fast_record(data: bytes, decoder: ExtendedJsonDecoder, plain: bool) -> tuple
     return doc, clean
 
 
+ACTIVITY_FIELDS = ("_id", "ownerId", "participants", "startDate", "type", "active", "eventStatus")
+
 if msgspec is not None:
     class IdOnly(msgspec.Struct):
         """A record's ``_id`` alone: msgspec skips the other fields without building them."""
 
         id: Any = msgspec.field(default=None, name="_id")
 
+    class ActivityOnly(msgspec.Struct):
+        """What steps 1 and 2 read of an event to count it for its members and to know it is past."""
 
-def quick_id(data: bytes) -> str | None:
-    """The usable ``_id`` string of a record (one ``plain_and_clean`` vouches for), without decoding the
-    rest (None: decode it whole). Such a record has nothing to count, so skipping it loses no count."""
+        id: Any = msgspec.field(default=msgspec.UNSET, name="_id")
+        ownerId: Any = msgspec.UNSET
+        participants: Any = msgspec.UNSET
+        startDate: Any = msgspec.UNSET
+        type: Any = msgspec.UNSET
+        active: Any = msgspec.UNSET
+        eventStatus: Any = msgspec.UNSET
+
+
+def skimmed(data: bytes, shape: Any) -> dict[str, Any] | None:
+    """The fields of ``shape`` that a record has, as read (Extended JSON left as objects: ``id_of`` and
+    ``to_utc`` read ``_SAFE_EXTENDED``'s forms as json_util's values), or None when msgspec cannot."""
     try:
-        value = msgspec.json.decode(data, type=IdOnly).id
+        found = msgspec.json.decode(data, type=shape)
     except (msgspec.DecodeError, RecursionError):
         return None
-    return usable_id(value) if isinstance(value, str) else None
+    names = ("_id", *shape.__struct_fields__[1:])
+    return {n: v for n, v in zip(names, (getattr(found, f) for f in shape.__struct_fields__), strict=True)
+            if v is not msgspec.UNSET}
+
+
+def member_skim(dormant: Any) -> Any:
+    """Skim members: only the ``_id`` of one ``dormant(key)`` does not want (the others: decoded whole)."""
+    def skim(data: bytes) -> dict[str, Any] | None:
+        doc = skimmed(data, IdOnly)
+        key = usable_id(doc.get("_id")) if doc else None
+        return {"_id": key} if key is not None and not dormant(key) else None
+    return skim
+
+
+def event_skim(now: datetime) -> Any:
+    """Skim events: only ``ACTIVITY_FIELDS`` of one that cannot be step 2's (those: decoded whole)."""
+    def skim(data: bytes) -> dict[str, Any] | None:
+        doc = skimmed(data, ActivityOnly)
+        if doc is None or usable_id(doc.get("_id")) is None or is_open_future_public(doc, now):
+            return None
+        return doc
+    return skim
 
 
 def screened_stream(elements: list[Any], what: str, decoder: ExtendedJsonDecoder, issues: Counter[str],
-                    tick: Any = None, wanted: Any = None) -> Iterator[dict[str, Any]]:
+                    tick: Any = None, skim: Any = None) -> Iterator[dict[str, Any]]:
     """Each record of a collection decoded, screened (``screen_records``) and deduplicated
     (``dedupe_by_id``) in turn, what was found counted in ``issues``; the slices are released as they go.
 
     A record screening would skip (odd ``_id``, nested too deep) refuses the fast path: the classic read
-    then keeps its exact account of such files, ``data/raw/`` without them included."""
+    then keeps its exact account of such files, ``data/raw/`` without them included. ``skim(bytes)``, for a
+    record with nothing to count (``nothing_to_count``), may return a stand-in of the few fields the caller
+    reads, when it does not want the record whole: such records are never decoded in full."""
     seen: set[str] = set()
     repeated = f"repeated_{what[:-1]}_ids"
     for n, element in enumerate(elements):
         elements[n] = None
         data = element if isinstance(element, bytes) else bytes(memoryview(element))
-        plain = plain_and_clean(data)
-        key = quick_id(data) if wanted is not None and plain else None
-        if key is not None and not wanted(key):  # ``wanted`` says no: only the id is passed on
+        quiet = nothing_to_count(data)
+        stand_in = skim(data) if skim is not None and quiet else None
+        if stand_in is not None:
+            key = id_of(stand_in.get("_id")) or ""
             if tick is not None and n % 8192 == 8191:
                 tick(8192)
             if key in seen:
                 issues[repeated] += 1
             else:
                 seen.add(key)
-                yield {"_id": key}
+                yield stand_in
             continue
-        record, clean = fast_record(data, decoder, plain)
+        record, clean = fast_record(data, decoder, quiet and b'"$' not in data)
         if usable_id(record.get("_id")) is None:
             raise FastPathRefused(f"a record screening skips ({what})")
         if not clean:
@@ -2912,7 +2965,8 @@ class FolderSource:
         with (progress or no_progress)(sum(sizes), "B") as bar:
             elements = export_elements(export_bytes(events_file))
             events_read, future = len(elements), []
-            records = screened_stream(elements, "events", decoder, issues, bytes_tick(bar, sizes[1], len(elements)))
+            records = screened_stream(elements, "events", decoder, issues, bytes_tick(bar, sizes[1], len(elements)),
+                                      skim=event_skim(now))
             activity = index_member_activity(kept_future(records, now, future), counted)
             elements = export_elements(export_bytes(users_file))
             users_read, users, statuses = len(elements), [], Counter[str]()
@@ -2920,7 +2974,7 @@ class FolderSource:
                 return derive_engagement(activity.get(key, Activity(0, None)).last_event, now)[1] == "dormant"
 
             for user in screened_stream(elements, "users", decoder, issues, bytes_tick(bar, sizes[0], len(elements)),
-                                        wanted=dormant):
+                                        skim=member_skim(dormant)):
                 seen = activity.get(id_of(user.get("_id")) or "", Activity(0, None))
                 status = derive_engagement(seen.last_event, now)[1]
                 statuses[status] += 1
