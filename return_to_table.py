@@ -16,13 +16,21 @@ Glossary (one name per concept, here and in the code):
   facts      what an SMS may say about a match (``MessageFacts``); nothing else may be claimed.
   SMS contract  ``validate_sms``: length, GSM-7, greeting, event, facts, link last; every writer
              (``template`` or ``claude`` generator) is held to it.
-  dashboard list  ``{<key>: [...], count, updatedAt}`` at users/events/matches/messages in Firebase.
+  dashboard list  ``{<key>: [...], count, updatedAt}`` at users/events/matches/messages/holdout.
   mirror     the local, file-backed Firebase under ``data/firebase/`` when no database is set.
-  cooldown   members messaged in the last ``--cooldown-days`` are not drafted again.
+  cooldown   members messaged (or held out) in the last ``--cooldown-days`` are not drafted again.
+  contactable  eligible, a valid number that takes texts (``textable_phone``), no opt-out.
+  holdout    the control group: contactable members whose stable hash falls below ``--holdout``;
+             their rules' pick is recorded (``HoldoutRecord``), nothing is sent.
+  walk       steps 5-6 going down the ranked contactable members until ``--limit`` are messaged;
+             every eligible member ends ``selected`` or with a ``skip_reason`` (``SKIP_REASONS``).
+  send window  when a message may go out (``send_window``): outside QUIET_HOURS, before the lead.
 
 The file reads top-down in the plan's step order: configuration, data loading, the rules of
 steps 1-8 (pure functions), the service edges (sources, the demo world, Claude for steps 5-6,
-Firebase for step 7), the ``ReturnToTable`` orchestration, and the command line.
+Firebase for step 7), the ``ReturnToTable`` orchestration, ``measure`` (did the campaigns bring
+anyone back: treated against holdout, read only), ``backtest`` (the matcher against history), and
+the command line.
 """
 
 from __future__ import annotations
@@ -54,15 +62,18 @@ from collections import Counter
 from collections.abc import Iterable, Iterator, Mapping, Sequence
 from concurrent.futures import ThreadPoolExecutor
 from contextlib import ExitStack
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from datetime import UTC, datetime, timedelta, timezone
 from datetime import time as dt_time
 from enum import Enum
 from pathlib import Path
+from statistics import NormalDist
 from typing import Any, NamedTuple, Protocol, Self, TypedDict
 from urllib.parse import quote_plus
 from zoneinfo import ZoneInfo, ZoneInfoNotFoundError
 
+import phonenumbers
+import phonenumbers.timezone
 from bson import ObjectId, json_util
 from bson.errors import BSONError
 from dotenv import dotenv_values
@@ -291,6 +302,7 @@ class Settings:
     anthropic_api_key: str | None = None
     firebase_timeout: float = 20.0  # seconds per request; the first timeout ends Firebase writes for the run
     campaign_timezone: str = DEFAULT_TIMEZONE
+    neighbourhoods_csv: Path = CENTROIDS_CSV  # NEIGHBOURHOODS_CSV: the centroid table places are located in
     sms: SmsPolicy = field(default_factory=lambda: SmsPolicy())
     env: Mapping[str, str] = field(default_factory=dict, repr=False)
 
@@ -331,6 +343,7 @@ class Settings:
             anthropic_api_key=get("ANTHROPIC_API_KEY"),
             firebase_timeout=firebase_timeout,
             campaign_timezone=zone,
+            neighbourhoods_csv=Path(get("NEIGHBOURHOODS_CSV") or CENTROIDS_CSV).expanduser(),
             sms=SmsPolicy.from_env(get),
             env=dict(env),
         )
@@ -1173,7 +1186,10 @@ def fast_record(data: bytes, decoder: ExtendedJsonDecoder, plain: bool) -> tuple
     return doc, clean
 
 
-ACTIVITY_FIELDS = ("_id", "ownerId", "participants", "startDate", "type", "active", "eventStatus")
+# What steps 1 and 2 read of an event that cannot be step 2's: to count it for its members, to know it is past,
+# and what ``member_history`` reads of it (place, categories and features, host, venue and name for the series).
+ACTIVITY_FIELDS = ("_id", "ownerId", "participants", "startDate", "type", "active", "eventStatus",
+                   "neighborhood", "categories", "features", "venueName", "name")
 
 if msgspec is not None:
     class IdOnly(msgspec.Struct):
@@ -1182,7 +1198,7 @@ if msgspec is not None:
         id: Any = msgspec.field(default=None, name="_id")
 
     class ActivityOnly(msgspec.Struct):
-        """What steps 1 and 2 read of an event to count it for its members and to know it is past."""
+        """``ACTIVITY_FIELDS``, in that order: an event as step 1 counts it and ``member_history`` reads it."""
 
         id: Any = msgspec.field(default=msgspec.UNSET, name="_id")
         ownerId: Any = msgspec.UNSET
@@ -1191,6 +1207,11 @@ if msgspec is not None:
         type: Any = msgspec.UNSET
         active: Any = msgspec.UNSET
         eventStatus: Any = msgspec.UNSET
+        neighborhood: Any = msgspec.UNSET
+        categories: Any = msgspec.UNSET
+        features: Any = msgspec.UNSET
+        venueName: Any = msgspec.UNSET
+        name: Any = msgspec.UNSET
 
 
 def skimmed(data: bytes, shape: Any) -> dict[str, Any] | None:
@@ -1287,12 +1308,22 @@ def dedupe_by_id(docs: Sequence[dict[str, Any]]) -> tuple[list[dict[str, Any]], 
 # =============================================================================================
 
 
+class Attended(NamedTuple):
+    """One dated event a member joined or hosted, with everyone at it (the one set shared by all of them)."""
+
+    start: datetime
+    event: Mapping[str, Any]
+    members: frozenset[str]
+
+
 @dataclass(frozen=True)
 class Activity:
-    """What the events say about one member: how many they joined or hosted, and the latest."""
+    """What the events say about one member: how many they joined or hosted, the latest, and the dated
+    ones in start order (``attended``: what step 1's ``member_history`` reads, no second pass)."""
 
     event_count: int
     last_event: datetime | None
+    attended: tuple[Attended, ...] = field(default=(), compare=False)
 
 
 @dataclass
@@ -1339,18 +1370,24 @@ def event_member_ids(event: Mapping[str, Any], issues: DataIssues) -> set[str]:
 
 
 def index_member_activity(events: Iterable[Mapping[str, Any]], issues: DataIssues) -> dict[str, Activity]:
-    """Every member's event count and latest ``startDate``, over all events of any type or date."""
+    """Every member's event count and latest ``startDate``, over all events of any type or date, and
+    the dated events each one was at, in start order."""
     counts: Counter[str] = Counter()
     latest: dict[str, datetime] = {}
+    attended: dict[str, list[Attended]] = {}
     for event in events:
         start = to_utc(event.get("startDate"))
         if start is None:
             issues.add("events_without_valid_start_date")
-        for member in event_member_ids(event, issues):
+        members = frozenset(event_member_ids(event, issues))
+        for member in members:
             counts[member] += 1
-            if start is not None and (member not in latest or start > latest[member]):
-                latest[member] = start
-    return {member: Activity(n, latest.get(member)) for member, n in counts.items()}
+            if start is not None:
+                attended.setdefault(member, []).append(Attended(start, event, members))
+                if member not in latest or start > latest[member]:
+                    latest[member] = start
+    return {member: Activity(n, latest.get(member), tuple(sorted(attended.get(member, ()), key=lambda a: a.start)))
+            for member, n in counts.items()}
 
 
 def count_profile_fields(user: Mapping[str, Any]) -> int:
@@ -1410,6 +1447,126 @@ def dormant_rank_key(user: Mapping[str, Any]) -> tuple[float, int, str]:
     return (-user["reactivation_score"], -user["eventCount"], user["_id"])
 
 
+# --- the member's own history (issue 11): what step 5 ranks by, from the events step 1 already read ---
+
+HISTORY_HALF_LIFE_DAYS = 180.0  # a past event's weight in places and tags halves every this many days: where they go now
+HISTORY_TOP = 12  # places, hosts, series and tags kept per member (the strongest ones): the record stays readable
+SERIES_STEM_WORDS = 2  # a series by name: its first this many words once calendar words and numbers are dropped
+CALENDAR_WORDS = frozenset(  # words that change from one edition of a series to the next ("April First Tuesday ...")
+    {"january", "february", "march", "april", "may", "june", "july", "august", "september", "october", "november",
+     "december", "jan", "feb", "mar", "apr", "jun", "jul", "aug", "sep", "sept", "oct", "nov", "dec", "monday",
+     "tuesday", "wednesday", "thursday", "friday", "saturday", "sunday", "mon", "tue", "tues", "wed", "thu", "thur",
+     "thurs", "fri", "sat", "sun", "first", "second", "third", "fourth", "fifth", "last", "next", "monthly",
+     "weekly", "annual", "the", "a", "an"})
+WEEKDAYS = ("Mon", "Tue", "Wed", "Thu", "Fri", "Sat", "Sun")
+DAY_PARTS = ((5, "morning"), (12, "afternoon"), (17, "evening"), (22, "night"))  # the local hour each part starts
+
+
+class MemberHistory(TypedDict):
+    """What a member's own past events say, for step 5's ranking: computed in step 1 from the events it
+    read, JSON-ready, and counts only: no co-attendee is named or identified here (``company_going``
+    holds, per upcoming event, how many of them are going)."""
+
+    events: int  # past events joined or hosted (started by now)
+    zone: str  # the IANA zone ``weekdays`` and ``day_parts`` are read in (the phone's, else the campaign's)
+    places: dict[str, float]  # neighbourhood slug -> recency-weighted share of the past events there
+    hosts: dict[str, int]  # host id -> past events of theirs joined, for hosts joined more than once
+    series: dict[str, int]  # series key (``series_keys``) -> past events in it, for series attended more than once
+    tags: dict[str, float]  # normalised category or feature -> recency-weighted share of the past events with it
+    weekdays: dict[str, int]  # "Mon".."Sun" -> past events on that local day
+    day_parts: dict[str, int]  # "morning", "afternoon", "evening", "night" -> past events then, local time
+    company_going: dict[str, int]  # upcoming open event id -> how many of the member's past co-attendees are going
+
+
+def day_part(hour: int) -> str:
+    """The part of the day a local hour falls in (night runs from 22:00 to 05:00)."""
+    return next((name for start, name in reversed(DAY_PARTS) if hour >= start), DAY_PARTS[-1][1])
+
+
+def name_stem(name: str | None) -> str | None:
+    """A series' name without what changes between editions: "April First Tuesday Drupal Meetup" and
+    "June Drupal Meetup #12" share "drupal meetup"."""
+    words = [w for w in re.findall(r"[^\W\d_]+", (name or "").lower()) if w not in CALENDAR_WORDS]
+    return " ".join(words[:SERIES_STEM_WORDS]) or None
+
+
+def series_keys(event: Mapping[str, Any]) -> tuple[str, ...]:
+    """The recurring series an event belongs to: its host at its venue, and its name stem."""
+    keys = []
+    host, venue = id_of(event.get("ownerId")), slugify(text_field(event, "venueName") or "")
+    if host and venue:
+        keys.append(f"{host}@{venue}")
+    stem = name_stem(text_field(event, "name"))
+    if stem:
+        keys.append(f"name:{stem}")
+    return tuple(keys)
+
+
+def recency_weight(start: datetime, now: datetime) -> float:
+    """1 for an event today, halving every ``HISTORY_HALF_LIFE_DAYS``."""
+    return 0.5 ** (max(0.0, (now - start).total_seconds() / 86400) / HISTORY_HALF_LIFE_DAYS)
+
+
+def top_shares(weights: Mapping[str, float], total: float) -> dict[str, float]:
+    """The strongest ``HISTORY_TOP`` entries as shares of ``total``, rounded for the record."""
+    best = sorted(weights.items(), key=lambda kv: (-kv[1], kv[0]))[:HISTORY_TOP]
+    return {k: round(v / total, 4) for k, v in best} if total > 0 else {}
+
+
+def repeated(counts: Counter[str]) -> dict[str, int]:
+    """The entries seen more than once, strongest first, at most ``HISTORY_TOP``."""
+    return dict(sorted(((k, n) for k, n in counts.items() if n > 1), key=lambda kv: (-kv[1], kv[0]))[:HISTORY_TOP])
+
+
+def after_moment(attended: Sequence[Attended], moment: datetime) -> int:
+    """Where the events starting after ``moment`` begin in a start-ordered list."""
+    return bisect.bisect_right(attended, moment, key=lambda a: a.start)
+
+
+def company_going(member: str, past: Sequence[Attended], activity: Mapping[str, Activity],
+                  now: datetime) -> dict[str, int]:
+    """Per upcoming open public event, how many people the member sat with before are going as guests
+    (its host is the host signal's, not company): counts only."""
+    company = set().union(*(a.members for a in past)) - {member}
+    going: Counter[str] = Counter()
+    for other in company:
+        attended = activity[other].attended if other in activity else ()
+        for a in attended[after_moment(attended, now):]:
+            event_id = id_of(a.event.get("_id"))
+            if event_id and id_of(a.event.get("ownerId")) != other and is_open_future_public(a.event, now):
+                going[event_id] += 1
+    return dict(sorted(going.items()))
+
+
+def member_history(member: str, seen: Activity, activity: Mapping[str, Activity], now: datetime,
+                   zone: str) -> MemberHistory:
+    """Where, with whom, what and when the member actually went, from the events step 1 read."""
+    past = seen.attended[:after_moment(seen.attended, now)]
+    local = ZoneInfo(zone)
+    places: Counter[str] = Counter()
+    tags: Counter[str] = Counter()
+    hosts, series, weekdays, parts = Counter[str](), Counter[str](), Counter[str](), Counter[str]()
+    total = 0.0
+    for a in past:
+        weight = recency_weight(a.start, now)
+        total += weight
+        place = slugify(text_field(a.event, "neighborhood") or "")
+        if place:
+            places[place] += weight
+        for tag in event_tags(a.event):
+            tags[tag] += weight
+        host = id_of(a.event.get("ownerId"))
+        if host and host != member:
+            hosts[host] += 1
+        series.update(series_keys(a.event))
+        when = a.start.astimezone(local)
+        weekdays[WEEKDAYS[when.weekday()]] += 1
+        parts[day_part(when.hour)] += 1
+    return MemberHistory(events=len(past), zone=zone, places=top_shares(places, total), hosts=repeated(hosts),
+                         series=repeated(series), tags=top_shares(tags, total), weekdays=dict(weekdays),
+                         day_parts=dict(parts), company_going=company_going(member, past, activity, now))
+
+
 class DormantMember(TypedDict):
     """An eligible member as steps 1-8 pass it on: every field of the member document (JSON-ready)
     plus the keys listed here, which step 1 derives (``summary`` is step 3's)."""
@@ -1422,6 +1579,9 @@ class DormantMember(TypedDict):
     personalization_ready: bool
     reactivation_score: float
     summary: str
+    phone_e164: str | None  # the phone as E.164 when it can receive texts (``textable_phone``); ``phone`` stays as stored
+    phone_timezone: str | None  # the number's one time zone, when it maps to exactly one
+    event_history: MemberHistory  # what their own past events say (``member_history``), for step 5
 
 
 @dataclass(frozen=True)
@@ -1433,9 +1593,13 @@ class DormancyCensus:
     status_counts: dict[str, int]
 
 
-def dormant_member(raw: Mapping[str, Any], user_id: str, seen: Activity, days: int) -> DormantMember:
+def dormant_member(raw: Mapping[str, Any], user_id: str, seen: Activity, days: int,
+                   region: str = "US", *, activity: Mapping[str, Activity] | None = None,
+                   now: datetime | None = None, zone: str = DEFAULT_TIMEZONE) -> DormantMember:
     """Step 1's enriched record of one eligible member, with step 3's summary attached here, once."""
     user = to_plain(raw)
+    phone = textable_phone(raw.get("phone"), region)
+    moment = now or seen.last_event or datetime.now(UTC)
     user.update({
         "_id": user_id,
         "eventCount": seen.event_count,
@@ -1443,6 +1607,9 @@ def dormant_member(raw: Mapping[str, Any], user_id: str, seen: Activity, days: i
         "days_inactive": days,
         "engagement_status": "dormant",
         "personalization_ready": True,
+        "phone_e164": phone.e164,
+        "phone_timezone": phone.timezone,
+        "event_history": member_history(user_id, seen, activity or {}, moment, phone.timezone or zone),
     })
     user["reactivation_score"] = calculate_reactivation_score(user)
     user["summary"] = user_summary(user)  # step 3 (its section follows step 2): one visible place
@@ -1450,8 +1617,9 @@ def dormant_member(raw: Mapping[str, Any], user_id: str, seen: Activity, days: i
 
 
 def find_dormant_users(users: Iterable[Mapping[str, Any]], activity: Mapping[str, Activity],
-                       now: datetime) -> DormancyCensus:
-    """Step 1: enrich every member, keep the personalisable dormant ones, rank them."""
+                       now: datetime, region: str = "US", zone: str = DEFAULT_TIMEZONE) -> DormancyCensus:
+    """Step 1: enrich every member, keep the personalisable dormant ones, rank them; ``zone`` (the
+    campaign's) reads the habits of members whose phone gives no zone."""
     eligible: list[DormantMember] = []
     statuses: Counter[str] = Counter()
     for raw in users:
@@ -1465,9 +1633,155 @@ def find_dormant_users(users: Iterable[Mapping[str, Any]], activity: Mapping[str
         if status != "dormant" or seen.event_count < 1 or not ready or not clean_interests(raw.get("interests")):
             continue
         assert days is not None  # a dormant member has a last event
-        eligible.append(dormant_member(raw, user_id, seen, days))
+        eligible.append(dormant_member(raw, user_id, seen, days, region, activity=activity, now=now, zone=zone))
     eligible.sort(key=dormant_rank_key)
     return DormancyCensus(tuple(eligible), statuses["dormant"], dict(sorted(statuses.items())))
+
+
+# =============================================================================================
+# Rules, step 1 (end): who may be texted, and the control group
+# =============================================================================================
+# The plan's eligible list stays whole (``dormant_users.json``); these rules decide, walking it in
+# rank order, who is texted: a number that can receive SMS, no opt-out, not in the holdout.
+
+NO_SMS_TYPES = frozenset({  # numbers that cannot (or must not) receive a text, where the library can tell
+    phonenumbers.PhoneNumberType.FIXED_LINE, phonenumbers.PhoneNumberType.TOLL_FREE,
+    phonenumbers.PhoneNumberType.PREMIUM_RATE, phonenumbers.PhoneNumberType.SHARED_COST,
+    phonenumbers.PhoneNumberType.VOICEMAIL, phonenumbers.PhoneNumberType.PAGER,
+})  # US numbers come back FIXED_LINE_OR_MOBILE: allowed
+MAX_PHONE_CHARS = 40  # longer is no phone number (and is not handed to the parser)
+
+
+class PhoneCheck(NamedTuple):
+    """What one ``phone`` value is worth for texting: E.164 and the number's zone, or why not."""
+
+    e164: str | None
+    timezone: str | None
+    problem: str | None  # None when textable: "missing", "not_text", "invalid", "extension", "type"
+
+
+def phone_text(value: Any) -> str | None:
+    """The phone as text: a string, or an integer as some exports store it (never a bool or a float)."""
+    if isinstance(value, str):
+        return value.strip() or None
+    if isinstance(value, int) and not isinstance(value, bool) and value > 0:
+        return str(value)
+    return None
+
+
+def number_zone(number: phonenumbers.PhoneNumber) -> str | None:
+    """The number's time zone when the library maps it to exactly one real zone."""
+    zones = phonenumbers.timezone.time_zones_for_number(number)
+    if len(zones) != 1 or zones[0] == phonenumbers.timezone.UNKNOWN_TIMEZONE:
+        return None
+    try:
+        return ZoneInfo(zones[0]).key
+    except (ZoneInfoNotFoundError, ValueError):
+        return None
+
+
+def textable_phone(value: Any, region: str) -> PhoneCheck:
+    """A number the campaign may text: valid for the library, no extension (a switchboard reaches
+    no one in particular), and of a type that receives SMS (``NO_SMS_TYPES`` excluded)."""
+    if value is None or value == "":
+        return PhoneCheck(None, None, "missing")
+    text = phone_text(value)
+    if text is None or len(text) > MAX_PHONE_CHARS:
+        return PhoneCheck(None, None, "not_text")
+    try:
+        number = phonenumbers.parse(text, region)
+    except phonenumbers.NumberParseException:
+        return PhoneCheck(None, None, "invalid")
+    if not phonenumbers.is_valid_number(number):
+        return PhoneCheck(None, None, "invalid")
+    if number.extension:
+        return PhoneCheck(None, None, "extension")
+    if phonenumbers.number_type(number) in NO_SMS_TYPES:
+        return PhoneCheck(None, None, "type")
+    return PhoneCheck(phonenumbers.format_number(number, phonenumbers.PhoneNumberFormat.E164),
+                      number_zone(number), None)
+
+
+NO_WORDS = frozenset({"", "false", "no", "n", "off", "0", "none", "null"})
+YES_WORDS = frozenset({"true", "yes", "y", "on", "1"})
+
+
+class Preference(Enum):
+    """One stored SMS preference as read: yes, no, absent, or a value of a type that says neither."""
+
+    YES = "yes"
+    NO = "no"
+    ABSENT = "absent"
+    ODD = "odd"
+
+
+def field_at(doc: Mapping[str, Any], path: str) -> Any:
+    """The value at a dotted path (``optOut.sms``); a literal dotted key wins. A scalar where a
+    sub-document should be is returned as it is (``optOut: true`` opts out of texts too; "weekly" is odd)."""
+    if path in doc:
+        return doc[path]
+    value: Any = doc
+    for part in path.split("."):
+        if not isinstance(value, Mapping):
+            return value if value is not doc else None
+        value = value.get(part)
+        if value is None:
+            return None
+    return value
+
+
+def read_preference(value: Any) -> Preference:
+    """A stored yes/no read defensively: booleans, 0/1, and the usual words; anything else is odd."""
+    if value is None:
+        return Preference.ABSENT
+    if isinstance(value, bool):
+        return Preference.YES if value else Preference.NO
+    if isinstance(value, (int, float)) and value in (0, 1):
+        return Preference.YES if value else Preference.NO
+    if isinstance(value, str) and value.strip().lower() in NO_WORDS | YES_WORDS:
+        return Preference.YES if value.strip().lower() in YES_WORDS else Preference.NO
+    return Preference.ODD
+
+
+def sms_opt_out(user: Mapping[str, Any], opt_out_fields: Sequence[str],
+                consent_fields: Sequence[str]) -> tuple[bool, int]:
+    """Whether the member opted out, and how many of the fields read held odd values.
+
+    An opt-out field that holds anything but a "no" (a date, a reason, a list) opts out; a consent
+    field opts out only when it says "no"; an odd consent value (neither yes nor no) opts out too,
+    so that doubt never sends a text. A missing field records no opt-out."""
+    odd, opted_out = 0, False
+    for path in opt_out_fields:
+        said = read_preference(field_at(user, path))
+        odd += said is Preference.ODD
+        opted_out |= said in (Preference.YES, Preference.ODD)
+    for path in consent_fields:
+        said = read_preference(field_at(user, path))
+        odd += said is Preference.ODD
+        opted_out |= said in (Preference.NO, Preference.ODD)
+    return opted_out, odd
+
+
+def holdout_share(campaign_name: str, member_id: str) -> float:
+    """A member's stable place in [0, 1): the same campaign name and id always give the same share,
+    so a member stays in the same group run after run."""
+    digest = hashlib.sha256(f"{campaign_name}\x00{member_id}".encode()).digest()
+    return int.from_bytes(digest[:8], "big") / 2**64
+
+
+def in_holdout(campaign_name: str, member_id: str, fraction: float) -> bool:
+    return fraction > 0 and holdout_share(campaign_name, member_id) < fraction
+
+
+def contact_block(user: DormantMember, recent: set[str], policy: SmsPolicy) -> tuple[str | None, int]:
+    """Why a member may not be texted today (``cooldown``, ``no_valid_phone``, ``opted_out``), or None;
+    and how many odd preference values were read."""
+    opted_out, odd = sms_opt_out(user, policy.opt_out_fields, policy.consent_fields)
+    if user["_id"] in recent:
+        return "cooldown", odd
+    if user["phone_e164"] is None:
+        return "no_valid_phone", odd
+    return ("opted_out" if opted_out else None), odd
 
 
 # =============================================================================================
@@ -1758,23 +2072,46 @@ NEIGHBOURHOOD_ALIASES = {
 }
 
 
+def named_places(name: str) -> list[str]:
+    """The slugs of the places an area's name lists: "SoHo-Little Italy-Hudson Square" names three,
+    "Harlem (North)" names Harlem. A place is a whole listed name, never the start of one, so a town
+    called "Hamilton" is not "Hamilton Heights" and "Clinton" is not "Clinton Hill"."""
+    plain = re.sub(r"\([^)]*\)", " ", name)
+    return [slug for part in plain.split("-") if (slug := slugify(part))]
+
+
 @dataclass(frozen=True)
 class NeighbourhoodMap:
-    """NYC neighbourhood centroids (2020 NTAs), resolving app slugs by exact, prefix or alias."""
+    """Neighbourhood centroids (``NEIGHBOURHOODS_CSV``, by default NYC's 2020 NTAs), resolving app slugs by
+    an area's exact slug, by a whole place its name lists (``named_places``), or by alias.
+
+    ``places``: place slug -> the areas that name it (residential ones preferred when there are some).
+    """
 
     centroids: Mapping[str, tuple[float, float]]
     residential: frozenset[str] = frozenset()
+    places: Mapping[str, tuple[str, ...]] = field(default_factory=dict)
 
     @classmethod
     def from_csv(cls, path: Path) -> NeighbourhoodMap:
+        """Columns ``slug``, ``lat``, ``lon``; optional ``name`` (the places it lists) and ``nta_type``
+        (``0`` residential). KeyError or ValueError on a row without them (``load_neighbourhoods`` says which)."""
         centroids: dict[str, tuple[float, float]] = {}
         residential: set[str] = set()
+        named: dict[str, list[str]] = {}
         with path.open(encoding="utf-8", newline="") as handle:
             for row in csv.DictReader(handle):
-                centroids[row["slug"]] = (float(row["lat"]), float(row["lon"]))
-                if row.get("nta_type", "0").strip() == "0":
-                    residential.add(row["slug"])
-        return cls(centroids, frozenset(residential))
+                slug = slugify(row["slug"] or "")
+                lat, lon = float(row["lat"]), float(row["lon"])
+                if not slug or not (-90 <= lat <= 90 and -180 <= lon <= 180):
+                    raise ValueError(f"row {len(centroids) + 2}: a slug and a latitude/longitude are needed")
+                centroids[slug] = (lat, lon)
+                if (row.get("nta_type") or "0").strip() == "0":
+                    residential.add(slug)
+                for place in named_places(row.get("name") or ""):
+                    named.setdefault(place, []).append(slug)
+        homes = {place: tuple(s for s in areas if s in residential) or tuple(areas) for place, areas in named.items()}
+        return cls(centroids, frozenset(residential), homes)
 
     @staticmethod
     def canonical(name: str) -> str:
@@ -1787,14 +2124,14 @@ class NeighbourhoodMap:
         return bool(a and b and self.canonical(a) == self.canonical(b))
 
     def locate(self, name: str | None) -> tuple[float, float] | None:
-        """The centroid of an app slug, or None outside NYC or when unknown."""
+        """The centroid of an app slug (the mean of the areas a place name covers), or None when the
+        table does not name it."""
         if not name:
             return None
         slug = self.canonical(name)
         if slug in self.centroids:
             return self.centroids[slug]
-        matches = [s for s in self.centroids if s.startswith(slug + "-")]
-        homes = [s for s in matches if s in self.residential] or matches
+        homes = self.places.get(slug)
         if not homes:
             return None
         return (sum(self.centroids[s][0] for s in homes) / len(homes),
@@ -1805,6 +2142,26 @@ class NeighbourhoodMap:
         if here is None or there is None:
             return None
         return haversine_km(here, there)
+
+
+def load_neighbourhoods(path: Path) -> NeighbourhoodMap:
+    """``NEIGHBOURHOODS_CSV`` read, or a one-line UsageError (exit 2) naming the file and what is wrong."""
+    try:
+        hoods = NeighbourhoodMap.from_csv(path)
+    except OSError as exc:
+        raise UsageError(f"NEIGHBOURHOODS_CSV={path}: cannot read it ({exc.strerror or exc})") from None
+    except KeyError as exc:
+        raise UsageError(f"NEIGHBOURHOODS_CSV={path}: no {exc} column (slug, lat, lon are needed)") from None
+    except (ValueError, TypeError, UnicodeDecodeError, csv.Error) as exc:
+        raise UsageError(f"NEIGHBOURHOODS_CSV={path}: not a centroid table ({one_line(str(exc))[:120]})") from None
+    if not hoods.centroids:
+        raise UsageError(f"NEIGHBOURHOODS_CSV={path}: no neighbourhoods in it")
+    return hoods
+
+
+def unlocated_places(hoods: NeighbourhoodMap, names: Iterable[str | None]) -> Counter[str]:
+    """The places (as slugs) the table cannot locate, with how often each was seen: the report counts them."""
+    return Counter(slugify(n) for n in names if n and slugify(n) and hoods.locate(n) is None)
 
 
 def haversine_km(a: tuple[float, float], b: tuple[float, float]) -> float:
@@ -1862,16 +2219,155 @@ def event_tags(event: Mapping[str, Any]) -> dict[str, str]:
     return tags
 
 
+@functools.lru_cache(maxsize=1 << 12)
+def interest_tags(interest: str) -> tuple[str, ...]:
+    """The event tags that serve one member interest, in the order ``matched_interests`` tries them."""
+    key = norm_tag(interest)
+    return tuple(sorted({key} | INTEREST_SYNONYMS.get(key, frozenset())))
+
+
 def matched_interests(interests: Sequence[str], tags: Mapping[str, str]) -> list[tuple[str, str]]:
     """(interest, the event tag it matched) for every member interest the event serves."""
     found = []
     for interest in interests:
-        key = norm_tag(interest)
-        for wanted in sorted({key} | INTEREST_SYNONYMS.get(key, frozenset())):
+        for wanted in interest_tags(interest):
             if wanted in tags:
                 found.append((interest, tags[wanted]))
                 break
     return found
+
+
+class EventFeatures(NamedTuple):
+    """What step 5 reads of one event, computed once per event (not once per member and event)."""
+
+    tags: dict[str, str]  # ``event_tags``
+    host: str | None
+    series: tuple[str, ...]  # ``series_keys``
+    place: str  # the neighbourhood's slug ("" when none)
+    start: datetime | None
+
+
+MAX_CACHED_EVENTS = 50_000  # events whose features are kept between members; past this the cache starts over
+_EVENT_FEATURES: dict[int, tuple[Mapping[str, Any], EventFeatures]] = {}
+
+
+def event_features(event: Mapping[str, Any]) -> EventFeatures:
+    """An event's features, cached by identity: the cache holds the event itself, so an entry can only
+    ever answer for the very object it was computed from (steps 2 and 5 never change an event)."""
+    cached = _EVENT_FEATURES.get(id(event))
+    if cached is not None and cached[0] is event:
+        return cached[1]
+    features = EventFeatures(event_tags(event), id_of(event.get("ownerId")), series_keys(event),
+                             slugify(text_field(event, "neighborhood") or ""), to_utc(event.get("startDate")))
+    if len(_EVENT_FEATURES) >= MAX_CACHED_EVENTS:
+        _EVENT_FEATURES.clear()
+    _EVENT_FEATURES[id(event)] = (event, features)
+    return features
+
+
+# --- history signals (issue 11): how much a candidate looks like what the member actually came back to ---
+# Each signal is a share (0-1) of the member's past events, or a capped count, times its weight; their sum
+# (``HistorySignals.points``) ranks the candidates, discounted for events far off (``timing_factor``).
+W_HOST = 3.0  # share of their past events that were this host's (hosts joined more than once): groups keep their people
+W_SERIES = 1.0  # share that were this recurring series (same host and venue, or same name stem): the regular night
+W_COMPANY = 2.0  # people they sat with before who are going, up to COMPANY_CAP: the strongest social pull
+COMPANY_CAP = 3  # co-attendees beyond this many add nothing more
+W_PLACE = 2.0  # recency-weighted share of their past events in this neighbourhood: where they really go
+W_TAGS = 0.5  # mean recency-weighted share of this event's categories/features in their past events
+W_WEEKDAY = 1.0  # share of their past events on this local weekday: their usual night
+W_DAY_PART = 0.5  # share at this part of the day (morning, afternoon, evening, night)
+MIN_PATTERN_EVENTS = 2  # place, tags and habits count from this many past events on: one event is not a habit
+NEAR_DAYS = 21.0  # events within three weeks keep their full history points: the next ones first
+FAR_HALVING_DAYS = 21.0  # past NEAR_DAYS, the points halve every this many days (six weeks out: half)
+PLAN_WEIGHT = 1.0  # the plan's tiers (interest, location, quality, timing) as points: they order a neutral history
+CONFIDENCE_HALF_POINTS = 0.5  # the total that reads 85%: confidence = 70 + 30 * total / (total + this)
+
+
+class HistorySignals(NamedTuple):
+    """Why a candidate looks like the member's own history: each signal as the counts it came from."""
+
+    past_events: int = 0
+    host_events: int = 0  # past events with this host
+    series_events: int = 0  # past events in this series
+    company: int = 0  # past co-attendees going
+    place_share: float = 0.0
+    place: str = ""
+    tag_share: float = 0.0
+    weekday_events: int = 0
+    weekday: str = ""
+    day_part_events: int = 0
+    day_part: str = ""
+    timing: float = 1.0  # ``timing_factor``
+
+    def contributions(self) -> dict[str, float]:
+        """Each signal's points before timing, by name (the reasoning names the largest)."""
+        n = max(self.past_events, 1)
+        return {"host": W_HOST * self.host_events / n, "series": W_SERIES * self.series_events / n,
+                "company": W_COMPANY * min(self.company, COMPANY_CAP) / COMPANY_CAP,
+                "place": W_PLACE * self.place_share, "tags": W_TAGS * self.tag_share,
+                "weekday": W_WEEKDAY * self.weekday_events / n, "day_part": W_DAY_PART * self.day_part_events / n}
+
+    @property
+    def points(self) -> float:
+        return sum(self.contributions().values()) * self.timing
+
+
+NEUTRAL_HISTORY = HistorySignals()
+
+
+class Habits(NamedTuple):
+    """A member's ``MemberHistory`` as step 5 reads it, once per member (places in the table's spelling)."""
+
+    history: Mapping[str, Any]
+    zone: ZoneInfo | None
+    places: dict[str, float]
+    patterns: bool  # enough past events for place, tags and habits to count
+
+
+def member_habits(user: Mapping[str, Any]) -> Habits | None:
+    """The member's history ready for scoring, or None when there is none (a neutral history)."""
+    history = user.get("event_history")
+    if not isinstance(history, Mapping) or not isinstance(history.get("events"), int) or history["events"] < 1:
+        return None  # step 1 writes it; anything else is no history
+    try:
+        zone: ZoneInfo | None = ZoneInfo(str(history.get("zone")))
+    except (ZoneInfoNotFoundError, ValueError):
+        zone = None
+    places: dict[str, float] = {}
+    for place, share in (history.get("places") or {}).items():
+        key = NeighbourhoodMap.canonical(place)
+        places[key] = places.get(key, 0.0) + float(share)
+    return Habits(history, zone, places, int(history["events"]) >= MIN_PATTERN_EVENTS)
+
+
+def timing_factor(days_until: float) -> float:
+    """1 within ``NEAR_DAYS``, then halving every ``FAR_HALVING_DAYS``: a comparable nearer event wins."""
+    return 1.0 if days_until <= NEAR_DAYS else 0.5 ** ((days_until - NEAR_DAYS) / FAR_HALVING_DAYS)
+
+
+def history_signals(habits: Habits | None, event_id: str, features: EventFeatures, days_until: float) -> HistorySignals:
+    """How the candidate matches what the member's own past events say."""
+    if habits is None:
+        return NEUTRAL_HISTORY
+    h = habits.history
+    series = h.get("series") or {}
+    tags = h.get("tags") or {}
+    local = features.start.astimezone(habits.zone) if features.start and habits.zone else None
+    weekday = WEEKDAYS[local.weekday()] if local else ""
+    part = day_part(local.hour) if local else ""
+    place = NeighbourhoodMap.canonical(features.place) if features.place else ""
+    patterns = habits.patterns
+    return HistorySignals(
+        past_events=int(h["events"]),
+        host_events=int((h.get("hosts") or {}).get(features.host or "", 0)),
+        series_events=max((int(series.get(k, 0)) for k in features.series), default=0),
+        company=int((h.get("company_going") or {}).get(event_id, 0)),
+        place_share=habits.places.get(place, 0.0) if patterns and place else 0.0, place=features.place,
+        tag_share=(sum(float(tags.get(t, 0.0)) for t in features.tags) / len(features.tags)
+                   if patterns and features.tags else 0.0),
+        weekday_events=int((h.get("weekdays") or {}).get(weekday, 0)) if patterns else 0, weekday=weekday,
+        day_part_events=int((h.get("day_parts") or {}).get(part, 0)) if patterns else 0, day_part=part,
+        timing=timing_factor(days_until))
 
 
 @dataclass(frozen=True)
@@ -1886,17 +2382,30 @@ class Candidate:
     fill_tier: int  # participation_tier: 0 (under 30% full) to 3 (80% or more)
     days_until: float
     confidence: int
+    history: HistorySignals = NEUTRAL_HISTORY
+    plan_index: int = 0  # ``plan_index``: the plan's tiers in mixed radix, 0 to PLAN_INDEX_MAX
 
     @property
     def alignment(self) -> int:
         return interest_alignment(self.interests)
 
     @property
-    def rank_key(self) -> tuple[Any, ...]:
+    def total(self) -> float:
+        """The history's points plus the plan's tiers as points: what ranks and what confidence reads."""
+        return round(self.history.points + PLAN_WEIGHT * self.plan_index / PLAN_INDEX_MAX, 9)
+
+    @property
+    def plan_key(self) -> tuple[Any, ...]:
         """Tiers in the plan's order; a clear difference in a tier beats anything below it."""
         return (-self.alignment, -proximity_tier(self.same_neighbourhood, self.distance_km), -self.fill_tier,
                 math.floor(self.days_until), self.distance_km if self.distance_km is not None else 1e9,
                 -self.participation, self.event["_id"])
+
+    @property
+    def rank_key(self) -> tuple[Any, ...]:
+        """The total first (history, then the plan's tiers); equal totals in the plan's order. With a
+        neutral history the total is the plan's index, so the order is exactly the plan's."""
+        return (-self.total, *self.plan_key)
 
 
 def interest_alignment(shared: Iterable[tuple[str, str]]) -> int:
@@ -1934,153 +2443,115 @@ def timing_tier(days_until: float) -> int:
     return 3 if days_until <= 2 else 2 if days_until <= 7 else 1 if days_until <= 14 else 0
 
 
-def match_confidence(n_interests: int, tier_near: int, fill_tier: int, days_until: float) -> int:
-    """0-100, in the same order as the ranking: one shared interest and an open spot reach 70 even
-    across town, and the tiers above add up in mixed radix, so a clear win in a higher tier always
-    scores at least as high as any combination of lower ones."""
-    if n_interests < 1:
-        return 0
-    index = (((min(n_interests, 3) - 1) * 11 + tier_near) * 4 + fill_tier) * 4 + timing_tier(days_until)
-    return 70 + (30 * index) // 527  # 527 = the largest index: 3 interests, own neighbourhood, full, soon
+PLAN_INDEX_MAX = 527  # plan_index of 3 interests, own neighbourhood, full, soon
+
+
+def plan_index(n_interests: int, tier_near: int, fill_tier: int, days_until: float) -> int:
+    """The plan's tiers in mixed radix (interest, location, quality, timing), 0 to ``PLAN_INDEX_MAX``:
+    a clear win in a higher tier always outweighs any combination of lower ones."""
+    return (((min(n_interests, 3) - 1) * 11 + tier_near) * 4 + fill_tier) * 4 + timing_tier(days_until)
+
+
+def match_confidence(total: float) -> int:
+    """70-100, rising with the candidate's total (``Candidate.total``), so always in the ranking's order:
+    a candidate that shares an interest and has an open spot reaches 70 even across town with no history."""
+    return 70 + min(29, int(30 * total / (total + CONFIDENCE_HALF_POINTS))) if total > 0 else 70
 
 
 def score_candidates(user: Mapping[str, Any], events: Iterable[Mapping[str, Any]],
                      hoods: NeighbourhoodMap, now: datetime) -> list[Candidate]:
-    """Every open future event that shares an interest with the member, best first."""
+    """Every open future event that shares an interest with the member, best first: by what the member's
+    own history says (``history_signals``), then by the plan's tiers."""
     interests = clean_interests(user.get("interests"))
     home = text_field(user, "homeNeighborhood")
+    habits = member_habits(user)
     found = []
     for event in events:
         if event.get("remaining_spots") == 0:
             continue
-        shared = matched_interests(interests, event_tags(event))
+        features = event_features(event)
+        shared = matched_interests(interests, features.tags)
         if not shared:
             continue
         where = text_field(event, "neighborhood")
         same = hoods.same_place(home, where)
         distance = 0.0 if same else hoods.distance_km(home, where)
-        start = to_utc(event.get("startDate")) or now
-        days_until = max(0.0, (start - now).total_seconds() / 86400)
+        days_until = max(0.0, ((features.start or now) - now).total_seconds() / 86400)
         pct = float(event.get("participationPercentage") or 0.0)
         fill = participation_tier(pct, int(event.get("participantCount") or 0),
                                   positive_number(event.get("maxParticipants")) is not None)
-        confidence = match_confidence(interest_alignment(shared), proximity_tier(same, distance), fill, days_until)
-        found.append(Candidate(event, tuple(shared), same, distance, pct, fill, days_until, confidence))
+        plan = plan_index(interest_alignment(shared), proximity_tier(same, distance), fill, days_until)
+        signals = history_signals(habits, str(event["_id"]), features, days_until)
+        found.append(Candidate(event, tuple(shared), same, distance, pct, fill, days_until, 0, signals, plan))
+    found = [dataclasses.replace(c, confidence=match_confidence(c.total)) for c in found]
     found.sort(key=lambda c: c.rank_key)
     return found
 
 
-# --- the candidate index: step 5's scoring for many members, each event's features computed once ----
+# --- the candidate index: step 5's scoring for many members, over only the events that can match ----
 
 
 MAX_REMEMBERED_DISTANCES = 100_000  # (home, event place) pairs: real data has hundreds of places, hostile data more
 
 
-class EventFeatures(NamedTuple):
-    """What ``score_candidates`` derives from one event alone, for a given ``now``."""
+@dataclass
+class RememberedPlaces:
+    """A ``NeighbourhoodMap`` whose ``same_place`` and ``distance_km`` answers are remembered per pair of
+    spellings (up to ``MAX_REMEMBERED_DISTANCES``): the very same answers, each looked up once per run."""
 
-    event: Mapping[str, Any]
-    tags: dict[str, str]
-    where: str | None
-    place: str | None  # ``where`` in the centroid file's spelling (``NeighbourhoodMap.canonical``)
-    days_until: float
-    participation: float
-    fill_tier: int
+    hoods: NeighbourhoodMap
+    same: dict[tuple[str | None, str | None], bool] = field(default_factory=dict)
+    distances: dict[tuple[str | None, str | None], float | None] = field(default_factory=dict)
 
+    def same_place(self, a: str | None, b: str | None) -> bool:
+        pair = (a, b)
+        if pair not in self.same:
+            if len(self.same) >= MAX_REMEMBERED_DISTANCES:
+                return self.hoods.same_place(a, b)
+            self.same[pair] = self.hoods.same_place(a, b)
+        return self.same[pair]
 
-def event_features(event: Mapping[str, Any], now: datetime) -> EventFeatures:
-    """One event's half of ``score_candidates``, computed once per run instead of once per member."""
-    where = text_field(event, "neighborhood")
-    start = to_utc(event.get("startDate")) or now
-    pct = float(event.get("participationPercentage") or 0.0)
-    fill = participation_tier(pct, int(event.get("participantCount") or 0),
-                              positive_number(event.get("maxParticipants")) is not None)
-    return EventFeatures(event, event_tags(event), where, NeighbourhoodMap.canonical(where) if where else None,
-                         max(0.0, (start - now).total_seconds() / 86400), pct, fill)
-
-
-def interest_keys(interests: Sequence[str]) -> list[tuple[str, list[str]]]:
-    """Each interest with the event tags that serve it, in ``matched_interests``' order of trying."""
-    return [(i, sorted({norm_tag(i)} | INTEREST_SYNONYMS.get(norm_tag(i), frozenset()))) for i in interests]
-
-
-def shared_tags(keys: Sequence[tuple[str, list[str]]], tags: Mapping[str, str]) -> list[tuple[str, str]]:
-    """``matched_interests`` with the member's tags worked out beforehand (``interest_keys``)."""
-    found = []
-    for interest, wanted in keys:
-        for tag in wanted:
-            if tag in tags:
-                found.append((interest, tags[tag]))
-                break
-    return found
+    def distance_km(self, a: str | None, b: str | None) -> float | None:
+        pair = (a, b)
+        if pair not in self.distances:
+            if len(self.distances) >= MAX_REMEMBERED_DISTANCES:
+                return self.hoods.distance_km(a, b)
+            self.distances[pair] = self.hoods.distance_km(a, b)
+        return self.distances[pair]
 
 
 @dataclass(frozen=True)
 class CandidateIndex:
-    """The open future events indexed once by tag, so a member is scored against only the events that
-    share an interest with them, each event's features computed once. ``score`` gives exactly what
-    ``score_candidates(user, events, hoods, now)`` gives (tests/test_scale.py holds it to that)."""
+    """Step 2's open future events indexed once by tag. ``score`` narrows the events to those carrying a
+    tag one of the member's interests wants (``interest_tags``, as ``matched_interests`` tries them), in
+    step 2's order, and hands them to ``score_candidates``: the ranking and its values come from there
+    alone, only fewer events are looked at (an event sharing no tag is one ``score_candidates`` skips)."""
 
     events: Sequence[Mapping[str, Any]]  # the list indexed, as step 2 gave it
-    features: tuple[EventFeatures, ...]
-    by_tag: Mapping[str, tuple[int, ...]]  # normalised tag -> positions in ``features``, ascending
-    hoods: NeighbourhoodMap
+    by_tag: Mapping[str, tuple[int, ...]]  # normalised tag -> positions in ``events`` of open events, ascending
+    places: RememberedPlaces
     now: datetime
-    distances: dict[tuple[str | None, str | None], float | None] = field(default_factory=dict, compare=False)
 
     @classmethod
     def build(cls, events: Sequence[Mapping[str, Any]], hoods: NeighbourhoodMap, now: datetime) -> CandidateIndex:
-        features = tuple(event_features(e, now) for e in events if e.get("remaining_spots") != 0)
-        same_tags: dict[frozenset[tuple[str, str]], dict[str, str]] = {}
-        features = tuple(f._replace(tags=same_tags.setdefault(frozenset(f.tags.items()), f.tags)) for f in features)
         by_tag: dict[str, list[int]] = {}
-        for n, feature in enumerate(features):
-            for tag in feature.tags:
-                by_tag.setdefault(tag, []).append(n)
-        return cls(events, features, {t: tuple(p) for t, p in by_tag.items()}, hoods, now)
+        for n, event in enumerate(events):
+            if event.get("remaining_spots") != 0:
+                for tag in event_features(event).tags:
+                    by_tag.setdefault(tag, []).append(n)
+        return cls(events, {t: tuple(p) for t, p in by_tag.items()}, RememberedPlaces(hoods), now)
 
-    def could_match(self, keys: Sequence[tuple[str, list[str]]]) -> list[EventFeatures]:
-        """The events carrying a tag one of the member's interests wants, in step 2's order."""
+    def narrow(self, user: Mapping[str, Any]) -> list[Mapping[str, Any]]:
+        """The open events carrying a tag one of the member's interests wants, in step 2's order."""
         positions: set[int] = set()
-        for _, wanted in keys:
-            for tag in wanted:
+        for interest in clean_interests(user.get("interests")):
+            for tag in interest_tags(interest):
                 positions.update(self.by_tag.get(tag, ()))
-        return [self.features[n] for n in sorted(positions)]
-
-    def distance_km(self, home: str | None, where: str | None) -> float | None:
-        """``hoods.distance_km``, remembered per pair of spellings (up to ``MAX_REMEMBERED_DISTANCES``)."""
-        pair = (home, where)
-        if pair in self.distances:
-            return self.distances[pair]
-        distance = self.hoods.distance_km(home, where)
-        if len(self.distances) < MAX_REMEMBERED_DISTANCES:
-            self.distances[pair] = distance
-        return distance
+        return [self.events[n] for n in sorted(positions)]
 
     def score(self, user: Mapping[str, Any]) -> list[Candidate]:
-        """``score_candidates`` for one member, over the events that can match only."""
-        keys = interest_keys(clean_interests(user.get("interests")))
-        home = text_field(user, "homeNeighborhood")
-        home_place = NeighbourhoodMap.canonical(home) if home else None
-        found = []
-        matched: dict[int, tuple[tuple[str, str], ...]] = {}  # events of one tag set share one dict (``build``)
-        for f in self.could_match(keys):
-            shared = matched.get(id(f.tags))
-            if shared is None:
-                shared = matched[id(f.tags)] = tuple(shared_tags(keys, f.tags))
-            if not shared:
-                continue
-            same = bool(home_place and f.place and home_place == f.place)
-            if same:
-                distance: float | None = 0.0
-            else:
-                distance = self.distance_km(home, f.where)
-            confidence = match_confidence(interest_alignment(shared), proximity_tier(same, distance), f.fill_tier,
-                                          f.days_until)
-            found.append(Candidate(f.event, shared, same, distance, f.participation, f.fill_tier,
-                                   f.days_until, confidence))
-        found.sort(key=lambda c: c.rank_key)
-        return found
+        """``score_candidates(user, events, hoods, now)`` for one member, over the narrowed events."""
+        return score_candidates(user, self.narrow(user), self.places, self.now)  # type: ignore[arg-type]
 
 
 class Match(TypedDict):
@@ -2116,12 +2587,46 @@ def local_when(start: datetime, zone: ZoneInfo, now: datetime) -> str:
     return f"{day} {clock}"
 
 
+WEEKDAY_NAMES = dict(zip(WEEKDAYS, ("Mondays", "Tuesdays", "Wednesdays", "Thursdays", "Fridays", "Saturdays",
+                                      "Sundays"), strict=True))
+
+
+def history_reasons(h: HistorySignals) -> list[str]:
+    """Each history signal a candidate has, as the counts it came from, strongest first."""
+    n = h.past_events
+    phrases = {
+        "host": f"came to {h.host_events} of this host's events",
+        "series": f"came to {h.series_events} events of this series",
+        "company": f"{h.company} {'person' if h.company == 1 else 'people'} they've sat with "
+                   f"{'is' if h.company == 1 else 'are'} going",
+        "place": f"{h.place_share:.0%} of their recent events were in {h.place}",
+        "tags": f"its categories and features run through {h.tag_share:.0%} of their recent events",
+        "weekday": f"{h.weekday_events} of their {n} events were on {WEEKDAY_NAMES.get(h.weekday, h.weekday)}",
+        "day_part": f"{h.day_part_events} of their {n} events were in the {h.day_part}",
+    }
+    ranked = sorted(((v, k) for k, v in h.contributions().items() if v > 0), key=lambda vk: -vk[0])
+    return [phrases[k] for _, k in ranked]
+
+
+def history_sentence(c: Candidate) -> str | None:
+    """Which history signal decided (the strongest), and the others, for the reviewer's "why"."""
+    reasons = history_reasons(c.history)
+    if not reasons:
+        return None
+    also = f" (also: {'; '.join(reasons[1:3])})" if len(reasons) > 1 else ""  # the next two: a readable "why"
+    far = f" It is {c.days_until:.0f} days off, so that counts for less." if c.history.timing < 1 else ""
+    return f"Their own history decided: {reasons[0]}{also}.{far}"
+
+
 def explain_candidate(user: Mapping[str, Any], c: Candidate, zone: ZoneInfo, now: datetime) -> str:
     """The reviewer's "why": interests, place, attendance and timing in three or four sentences."""
     first = person_name(user, "firstName") or "This member"
     name = text_field(c.event, "name") or "this event"
     pairs = ", ".join(f"{i} ({t})" for i, t in c.interests)
     sentences = [f"{name} serves {first}'s interests: {pairs}."]
+    decided = history_sentence(c)
+    if decided:
+        sentences.append(decided)
     home, where = text_field(user, "homeNeighborhood"), text_field(c.event, "neighborhood")
     if c.same_neighbourhood:
         sentences.append(f"It is in {where}, their own neighbourhood.")
@@ -2163,12 +2668,19 @@ def build_match(user: Mapping[str, Any], event: Mapping[str, Any], *, reasoning:
     )
 
 
+def rules_pick(user: Mapping[str, Any], candidates: Sequence[Candidate]) -> Candidate | None:
+    """The rules' choice among a member's scored candidates, before any threshold: the one place the
+    campaign (``rules_match``) and ``backtest`` take it from, so a better pick is measured as it ships."""
+    return candidates[0] if candidates else None
+
+
 def rules_match(user: Mapping[str, Any], candidates: Sequence[Candidate], min_confidence: float,
                 zone: ZoneInfo, now: datetime) -> Match | None:
     """Step 5 by rules: the best candidate, if it meets the confidence threshold."""
-    if not candidates or candidates[0].confidence < min_confidence:
+    best = rules_pick(user, candidates)
+    if best is None or best.confidence < min_confidence:
         return None
-    return candidate_match(user, candidates[0], zone, now)
+    return candidate_match(user, best, zone, now)
 
 
 def candidate_match(user: Mapping[str, Any], c: Candidate, zone: ZoneInfo, now: datetime, note: str = "") -> Match:
@@ -2284,22 +2796,34 @@ class MessageFacts:
     spots_left: int | None
     going: int
     neighbourhood: str | None
+    sender: str | None = None  # SMS_SENDER: named near the start of every message when set
+    opt_out_text: str | None = None  # SMS_OPT_OUT_TEXT: just before the link when set
+    company: int = 0  # people the member sat with before who are going: a count, never who ("2 people you've dined with")
 
     @property
     def link(self) -> str:
         return event_link(self.event_id)
 
     @property
+    def dressed(self) -> bool:
+        """A sender or opt-out text must be carried: the optional facts may then give way (``OPTIONAL_FACTS``)."""
+        return bool(self.sender or self.opt_out_text)
+
+    @property
     def allowed_numbers(self) -> set[str]:
         """The only numbers a message may contain outside the link, names and interests."""
         numbers = set(re.findall(r"\d+", self.when))
         numbers |= {str(self.going)} if self.going else set()
+        numbers |= {str(self.company)} if self.company else set()
         if self.spots_left is not None:
             numbers.add(str(self.spots_left))
         return numbers
 
 
-def message_facts(match: Match, zone: ZoneInfo, now: datetime) -> MessageFacts:
+def message_facts(match: Match, zone: ZoneInfo, now: datetime, *, sender: str | None = None,
+                  opt_out_text: str | None = None) -> MessageFacts:
+    """What an SMS about this match may say, the day and time in ``zone``; plus the sender and opt-out
+    text every message must carry (``SmsPolicy``), when set."""
     event = match["event"]
     start = to_utc(event.get("startDate")) or now
     spots = event.get("remaining_spots")
@@ -2312,7 +2836,18 @@ def message_facts(match: Match, zone: ZoneInfo, now: datetime) -> MessageFacts:
         spots_left=int(spots) if isinstance(spots, (int, float)) else None,
         going=int(event.get("participantCount") or 0),
         neighbourhood=text_field(event, "neighborhood"),
+        sender=sender,
+        opt_out_text=opt_out_text,
+        company=company_count(match["user"], match["event_id"]),
     )
+
+
+def company_count(user: Mapping[str, Any], event_id: str) -> int:
+    """How many people the member sat with before are going to the event (``MemberHistory.company_going``)."""
+    history = user.get("event_history")
+    going = history.get("company_going") if isinstance(history, Mapping) else None
+    count = going.get(event_id) if isinstance(going, Mapping) else None
+    return count if isinstance(count, int) and not isinstance(count, bool) and 0 < count <= MAX_PLAUSIBLE_COUNT else 0
 
 
 def interest_label(interest: str) -> str:
@@ -2440,6 +2975,59 @@ def _name_words(name: str) -> frozenset[str]:
     return frozenset(LETTER_WORDS.findall(name))
 
 
+GOING_WORDS = r"going|joining|attending|signed|booked|already|people|members|diners|guests|friends|others"
+SPOTS_WORDS = r"spots?|seats?|places?|left"
+# With a sender or opt-out text to carry, these facts give way to make room, in this order (the template
+# drops them so; the contract lets a message leave out only a leading part of this order). The greeting,
+# "welcome back", the event name, the day and time and the link never give way.
+OPTIONAL_FACTS = ("going", "spots", "interest")
+DROP_ORDER = " (to make room, leave out the going count first, then the spots, then the interest)"
+SENDER_WITHIN = 40  # the sender's name starts within this many characters, as the greeting does
+MIN_MESSAGE_ROOM = 45  # characters a sender and opt-out text must leave beside the link for the message itself
+
+
+def optional_facts_said(body: str, facts: MessageFacts) -> dict[str, bool]:
+    """For each optional fact these facts hold (``OPTIONAL_FACTS``), whether ``body`` says it."""
+    said = {}
+    if facts.going:
+        said["going"] = _count_near(body, facts.going, GOING_WORDS)
+    if facts.spots_left is not None:
+        said["spots"] = _count_near(body, facts.spots_left, SPOTS_WORDS)
+    if facts.interests:
+        said["interest"] = any(re.search(rf"(?<!\w){re.escape(_fold(interest_label(i)))}(?!\w)", _fold(body))
+                               for i in facts.interests)
+    return said
+
+
+def required_facts(facts: MessageFacts, said: Mapping[str, bool]) -> set[str]:
+    """The optional facts a message must say: all of them; with a sender or opt-out text, those from the
+    first one it says on, in ``OPTIONAL_FACTS`` order (so it may leave out only a leading part)."""
+    if not facts.dressed:
+        return set(said)
+    held = [name for name in OPTIONAL_FACTS if name in said]
+    first = next((i for i, name in enumerate(held) if said[name]), len(held))
+    return set(held[first:])
+
+
+def without_sender_parts(body: str, facts: MessageFacts) -> tuple[str, list[str]]:
+    """``body`` (the text before the link) without the sender (its first mention, near the start) and
+    the opt-out text (at its end), so their words, digits and capitals are no claims; and what is missing."""
+    problems = []
+    if facts.sender:
+        at = body.find(facts.sender)
+        if 0 <= at <= SENDER_WITHIN:
+            body = body[:at] + " " + body[at + len(facts.sender):]
+        else:
+            problems.append(f"must name the sender ({facts.sender}) near the start, exactly so")
+    if facts.opt_out_text:
+        found = re.search(re.escape(facts.opt_out_text) + r"[.!]?\s*$", body)
+        if found:
+            body = body[: found.start()]
+        else:
+            problems.append(f"must put the opt-out text ({facts.opt_out_text}) just before the link, exactly so")
+    return body, problems
+
+
 def validate_sms(text: str, facts: MessageFacts) -> list[str]:
     """The SMS contract, for template and Claude alike: every problem found, empty when fine.
 
@@ -2471,6 +3059,12 @@ def validate_sms(text: str, facts: MessageFacts) -> list[str]:
     if size.units > size.limit:
         problems.append(f"{size.units} {size.encoding} characters; at most {size.limit} allowed")
     body = text[: -len(link)] if text.endswith(link) else URL_PATTERN.sub(" ", text)
+    if facts.dressed:
+        body, missing = without_sender_parts(body, facts)
+        problems += missing
+    said = optional_facts_said(body, facts)
+    required = required_facts(facts, said)
+    hint = DROP_ORDER if facts.dressed else ""
     if facts.first_name and not re.search(rf"(?<!\w){re.escape(facts.first_name)}(?!\w)", body[:40], re.IGNORECASE):
         problems.append(f"must greet the member by first name ({facts.first_name}) at the start")
     if "welcome back" not in body.lower():
@@ -2481,17 +3075,14 @@ def validate_sms(text: str, facts: MessageFacts) -> list[str]:
         problems.append("the event name is only links or contact details: it cannot be named")
     elif named is None:
         problems.append(f"must name the event ({name})")
-    if facts.interests and not any(re.search(rf"(?<!\w){re.escape(_fold(interest_label(i)))}(?!\w)", _fold(body))
-                                   for i in facts.interests):
-        problems.append(f"must mention an interest the event matches ({', '.join(facts.interests)})")
+    if "interest" in required and not said["interest"]:
+        problems.append(f"must mention an interest the event matches ({', '.join(facts.interests)}){hint}")
     if facts.when.lower() not in body.lower():
         problems.append(f"must give the local day and time as {facts.when!r}")
-    if facts.spots_left is not None and not _count_near(body, facts.spots_left, r"spots?|seats?|places?|left"):
-        problems.append(f"must say {facts.spots_left} spots left")
-    if facts.going and not _count_near(
-            body, facts.going,
-            r"going|joining|attending|signed|booked|already|people|members|diners|guests|friends|others"):
-        problems.append(f"must say {facts.going} people are going")
+    if "spots" in required and not said["spots"]:
+        problems.append(f"must say {facts.spots_left} spots left{hint}")
+    if "going" in required and not said["going"]:
+        problems.append(f"must say {facts.going} people are going{hint}")
     protected = _name_words(name) | set(LETTER_WORDS.findall(" ".join([facts.first_name or "", *facts.interests])))
     shouting = [w for w in LETTER_WORDS.findall(body)
                 if w.isupper() and w not in ALLOWED_ACRONYMS and w not in protected]
@@ -2515,14 +3106,43 @@ def validate_sms(text: str, facts: MessageFacts) -> list[str]:
     return problems
 
 
-def write_template_sms(facts: MessageFacts) -> str | None:
-    """Step 6 by template: the richest wording that passes the contract, shortening as needed.
+def sender_prefix(facts: MessageFacts) -> str:
+    """How the template names the sender, first of all: "Cuculi: " ("" when no sender is set)."""
+    if not facts.sender:
+        return ""
+    return f"{facts.sender} " if facts.sender[-1] in ":.!?" else f"{facts.sender}: "
 
-    None when no wording fits (a long non-GSM-7 name, a name that is only a web address): the caller
-    tries the next event. A plain return, so an unrelated bug can never pass for "no wording fits".
-    Linear in the name's length: only the cuts of its ``phone_safe_name`` short enough to fit beside
-    the link are built and tried.
-    """
+
+def opt_out_clause(facts: MessageFacts) -> str:
+    """The template's last sentence before the link: the opt-out text ("" when none is set)."""
+    if not facts.opt_out_text:
+        return ""
+    return facts.opt_out_text if facts.opt_out_text[-1] in ".!?" else facts.opt_out_text + "."
+
+
+def fact_levels(facts: MessageFacts) -> list[MessageFacts]:
+    """The facts the template tries to say, most first: all of them; with a sender or opt-out text to
+    carry, then without the going count, then without the spots too, then without the interest too."""
+    if not facts.dressed:
+        return [facts]
+    fewer = replace(facts, going=0)
+    fewest = replace(fewer, spots_left=None)
+    return list(dict.fromkeys([facts, fewer, fewest, replace(fewest, interests=())]))
+
+
+def template_attempts(facts: MessageFacts, names: Sequence[str]) -> Iterator[tuple[str, MessageFacts]]:
+    """(cut of the event name, facts to say) in the template's order of preference. With a sender or
+    opt-out text to carry, the going count and then the spots give way before the event name is cut; the
+    interest only when no cut of the name fits beside it."""
+    levels = fact_levels(facts)
+    personal = [level for level in levels if level.interests or not facts.interests]
+    yield from ((name, level) for name in names for level in personal)
+    yield from ((name, level) for name in names for level in levels if level not in personal)
+
+
+def template_wordings(facts: MessageFacts, name: str) -> Iterator[tuple[str, str]]:
+    """The template's wordings naming the event ``name``, richest first, for each matched interest:
+    (the text before the call to action, the call to action before the link)."""
     greet = f"Hi {facts.first_name}!" if facts.first_name else "Hi there!"
     first = facts.first_name or "Hi"
     going = f"{facts.going} going" if facts.going else ""
@@ -2530,30 +3150,184 @@ def write_template_sms(facts: MessageFacts) -> str | None:
         f"{facts.spots_left} spot left" if facts.spots_left == 1 else f"{facts.spots_left} spots left")
     proof = ", ".join(p for p in (going, spots) if p)
     hood = f" in {facts.neighbourhood.replace('-', ' ').title()}" if facts.neighbourhood else ""
-    link = facts.link
     short_proof = ", ".join(p for p in (going, "" if facts.spots_left is None else f"{facts.spots_left} left") if p)
     labels = [interest_label(i) for i in facts.interests]
     interests = labels[:1] + sorted(labels[1:], key=len) or [""]
-    safe = phone_safe_name(facts.event_name)
-    names = shortened_names(safe, max_len=GSM7_LIMIT - len(link) - 1) if safe else []
-    for name, interest in ((n, i) for n in names for i in interests):
+    for interest in interests:
         fans = f"one for {interest} fans" if interest else "a good one"
-        variants = [
-            f"{greet} Welcome back, we miss you. {name} is {fans}: {facts.when}{hood}. {proof}. Tap to RSVP: {link}",
-            f"{greet} Welcome back, we miss you. {name} is {fans}: {facts.when}. {proof}. Tap to RSVP: {link}",
-            f"{greet} Welcome back. {name} is {fans}: {facts.when}. {proof}. Tap to RSVP: {link}",
-            f"{greet} Welcome back. {name}, {fans}: {facts.when}. {proof}. RSVP: {link}",
-            f"{greet} Welcome back. {name} for {interest} fans, {facts.when}. {proof}. {link}",
-            f"{greet} Welcome back. {name} ({interest}) {facts.when}. {proof}. {link}",
-            f"{greet} Welcome back. {name} ({interest}) {facts.when}, {short_proof}. {link}",
-            f"{first}, welcome back! {name} ({interest}) {facts.when}: {short_proof}. {link}",
-            f"{first}, welcome back! {name} ({interest}) {facts.when}, {short_proof} {link}",
+        yield from [
+            (f"{greet} Welcome back, we miss you. {name} is {fans}: {facts.when}{hood}. {proof}.", "Tap to RSVP: "),
+            (f"{greet} Welcome back, we miss you. {name} is {fans}: {facts.when}. {proof}.", "Tap to RSVP: "),
+            (f"{greet} Welcome back. {name} is {fans}: {facts.when}. {proof}.", "Tap to RSVP: "),
+            (f"{greet} Welcome back. {name}, {fans}: {facts.when}. {proof}.", "RSVP: "),
+            (f"{greet} Welcome back. {name} for {interest} fans, {facts.when}. {proof}.", ""),
+            (f"{greet} Welcome back. {name} ({interest}) {facts.when}. {proof}.", ""),
+            (f"{greet} Welcome back. {name} ({interest}) {facts.when}, {short_proof}.", ""),
+            (f"{first}, welcome back! {name} ({interest}) {facts.when}: {short_proof}.", ""),
+            (f"{first}, welcome back! {name} ({interest}) {facts.when}, {short_proof}", ""),
         ]
-        for text in variants:
-            text = re.sub(r"\s+", " ", text.replace(" ()", "").replace(". . ", ". ").replace(", . ", ". "))
+
+
+def dress(facts: MessageFacts, body: str, action: str) -> str:
+    """One whole wording: the sender first, then ``body``; then the opt-out text in place of the call to
+    action when one is set; the link last; stray spaces and empty clauses tidied away."""
+    if facts.opt_out_text:
+        text = f"{sender_prefix(facts)}{body.rstrip(' .,:')}. {opt_out_clause(facts)} {facts.link}"
+    else:
+        text = f"{sender_prefix(facts)}{body} {action}{facts.link}"
+    return re.sub(r"\s+", " ", text.replace(" ()", "").replace(". . ", ". ").replace(", . ", ". "))
+
+
+def write_template_sms(facts: MessageFacts) -> str | None:
+    """Step 6 by template: the richest wording that passes the contract, shortening as needed.
+
+    None when no wording fits (a long non-GSM-7 name, a name that is only a web address): the caller
+    tries the next event. A plain return, so an unrelated bug can never pass for "no wording fits".
+    Linear in the name's length: only the cuts of its ``phone_safe_name`` short enough to fit beside
+    the link (and the sender and opt-out text) are built and tried. With a sender or opt-out text set,
+    the going count, the spots and the interest give way in turn (``fact_levels``, ``template_attempts``);
+    the greeting, the event name (cut at a word boundary at most), the day and time and the link never do.
+    """
+    safe = phone_safe_name(facts.event_name)
+    carried = len(sender_prefix(facts)) + (len(opt_out_clause(facts)) + 1 if facts.opt_out_text else 0)
+    names = shortened_names(safe, max_len=GSM7_LIMIT - carried - len(facts.link) - 1) if safe else []
+    tried: set[str] = set()
+    for name, level in template_attempts(facts, names):
+        for body, action in template_wordings(level, name):
+            text = dress(facts, body, action)
+            if text in tried:
+                continue
+            tried.add(text)
             if len(text) <= GSM7_LIMIT and not validate_sms(text, facts):  # longer never fits, in any encoding
                 return text
     return None
+
+
+def sms_policy_problem(policy: SmsPolicy) -> str | None:
+    """Why SMS_SENDER or SMS_OPT_OUT_TEXT could never be carried within the SMS contract, or None: they
+    may hold nothing a phone makes tappable, and must leave room for the greeting, the event and its time."""
+    for name, value in (("SMS_SENDER", policy.sender), ("SMS_OPT_OUT_TEXT", policy.opt_out_text)):
+        if value and first_tappable(phone_view(value)) is not None:
+            return f"{name} may not hold a link, web address, email address or phone number (only the event link is)"
+    facts = MessageFacts(None, "0" * 24, "", (), "", None, 0, None, policy.sender, policy.opt_out_text)
+    room = GSM7_LIMIT - len(dress(facts, "", ""))
+    if room < MIN_MESSAGE_ROOM:
+        return (f"SMS_SENDER and SMS_OPT_OUT_TEXT leave {room} of {GSM7_LIMIT} characters beside the link; "
+                f"the greeting, event name and time need at least {MIN_MESSAGE_ROOM}")
+    return None
+
+
+# --- when a message may go out: the send window ----------------------------------------------------------
+
+ONE_MICROSECOND = timedelta(microseconds=1)
+ONE_DAY = timedelta(days=1)
+FIRST_SEND_SEARCH = timedelta(days=3)  # allowed hours recur daily: none in three days means none at all
+
+
+class SendWindow(NamedTuple):
+    """When the dashboard may send one message, in UTC: at or after ``send_after`` and strictly before
+    ``send_before``. Both ends lie in allowed local hours; nights in between are still quiet hours, so the
+    sender checks the local time in ``recipient_timezone`` too."""
+
+    send_after: datetime
+    send_before: datetime
+
+
+def utc_offset(moment: datetime, zone: ZoneInfo) -> timedelta:
+    return moment.astimezone(zone).utcoffset() or timedelta(0)
+
+
+def offset_change(lo: datetime, hi: datetime, zone: ZoneInfo) -> datetime:
+    """The first instant after ``lo`` whose UTC offset is not ``lo``'s, given that ``hi``'s is not (to the
+    microsecond, by bisection: zoneinfo does not list its transitions)."""
+    before = utc_offset(lo, zone)
+    while hi - lo > ONE_MICROSECOND:
+        mid = lo + (hi - lo) / 2
+        lo, hi = (mid, hi) if utc_offset(mid, zone) == before else (lo, mid)
+    return hi
+
+
+def steady_offsets(lo: datetime, hi: datetime, zone: ZoneInfo) -> list[tuple[datetime, datetime, timedelta]]:
+    """``[lo, hi)`` (at most a day or so) cut where the zone's UTC offset changes: (from, to, offset).
+    A change and its undoing within one such span would go unseen; no zone has one."""
+    pieces = []
+    while lo < hi:
+        offset, end = utc_offset(lo, zone), hi
+        if utc_offset(hi - ONE_MICROSECOND, zone) != offset:
+            end = offset_change(lo, hi - ONE_MICROSECOND, zone)
+        pieces.append((lo, end, offset))
+        lo = end
+    return pieces
+
+
+def allowed_wall_spans(lo: datetime, hi: datetime, quiet: QuietHours) -> Iterator[tuple[datetime, datetime]]:
+    """The allowed wall-clock spans (naive local times) meeting ``[lo, hi)``: each day from the end of quiet
+    hours up to, not including, their start (past midnight when quiet hours do not wrap it)."""
+    day = lo.date() - ONE_DAY
+    while day <= hi.date():
+        opens = datetime.combine(day, quiet.end)
+        closes = datetime.combine(day if quiet.start > quiet.end else day + ONE_DAY, quiet.start)
+        if max(opens, lo) < min(closes, hi):
+            yield max(opens, lo), min(closes, hi)
+        day += ONE_DAY
+
+
+def allowed_spans(lo: datetime, hi: datetime, zone: ZoneInfo, quiet: QuietHours) -> list[tuple[datetime, datetime]]:
+    """The UTC spans within ``[lo, hi)`` whose local time in ``zone`` is outside quiet hours, in order.
+
+    Exact across daylight-saving changes: within a steady offset the wall clock is UTC plus that offset,
+    so a local time the clocks skip is never allowed and one they repeat is allowed both times it occurs.
+    """
+    spans: list[tuple[datetime, datetime]] = []
+    for start, end, offset in steady_offsets(lo, hi, zone):
+        wall = [(moment + offset).replace(tzinfo=None) for moment in (start, end)]
+        for a, b in allowed_wall_spans(wall[0], wall[1], quiet):
+            span = ((a - offset).replace(tzinfo=UTC), (b - offset).replace(tzinfo=UTC))
+            if spans and spans[-1][1] == span[0]:
+                spans[-1] = (spans[-1][0], span[1])
+            else:
+                spans.append(span)
+    return spans
+
+
+def first_allowed(lo: datetime, hi: datetime, zone: ZoneInfo, quiet: QuietHours) -> datetime | None:
+    """The first allowed moment in ``[lo, hi)``, or None; looked for a day at a time."""
+    while lo < hi:
+        spans = allowed_spans(lo, min(lo + ONE_DAY, hi), zone, quiet)
+        if spans:
+            return spans[0][0]
+        lo += ONE_DAY
+    return None
+
+
+def allowed_end(lo: datetime, hi: datetime, zone: ZoneInfo, quiet: QuietHours) -> datetime:
+    """Where the last allowed span in ``[lo, hi)`` ends (exclusive), given that ``lo`` is allowed."""
+    while True:
+        spans = allowed_spans(max(hi - ONE_DAY, lo), hi, zone, quiet)
+        if spans:
+            return spans[-1][1]
+        hi -= ONE_DAY
+
+
+@functools.lru_cache(maxsize=8192)
+def send_window(start: datetime, now: datetime, zone: ZoneInfo, quiet: QuietHours,
+                min_lead: timedelta) -> SendWindow | None:
+    """When a message about an event starting at ``start`` may go out to a member in ``zone``, or None.
+
+    ``send_after`` is the first moment at or after ``now`` outside quiet hours, local time; ``send_before``
+    is exclusive: the end of the last allowed span before ``start - min_lead`` (the start of quiet hours,
+    21:00 local by default, or ``start - min_lead`` itself when that falls in allowed hours). So every
+    moment in the window is more than ``min_lead`` before the event. None when no moment is left: the
+    event starts too soon, only quiet hours remain before it, or a date is at the end of datetime's range.
+    Cached: members in one zone share each event's window.
+    """
+    start, now = start.astimezone(UTC), now.astimezone(UTC)  # the spans' arithmetic is on UTC instants
+    cutoff = start - min_lead
+    try:
+        first = first_allowed(now, min(cutoff, now + FIRST_SEND_SEARCH), zone, quiet)
+        return None if first is None else SendWindow(first, allowed_end(first, cutoff, zone, quiet))
+    except OverflowError:
+        return None
 
 
 class Message(TypedDict):
@@ -2576,15 +3350,20 @@ class Message(TypedDict):
     generator: str
     sms_encoding: str
     sms_segments: int
+    send_after: str  # ISO UTC: the dashboard sends at or after this ...
+    send_before: str  # ... and strictly before this (``SendWindow``), outside quiet hours in:
+    recipient_timezone: str  # the member's IANA zone (``ReturnToTable.recipient_zone``)
 
 
-def build_message(match: Match, text: str, *, generator: str, notes: str, now: datetime) -> Message:
+def build_message(match: Match, text: str, *, generator: str, notes: str, now: datetime, window: SendWindow,
+                  zone: ZoneInfo) -> Message:
+    """The dashboard's record of one drafted SMS, with when it may be sent and in which zone that is judged."""
     size = sms_size(text)
     return Message(
         user_name=match["user_name"],
         user_id=match["user_id"],
         user_email=text_field(match["user"], "email"),
-        user_phone=text_field(match["user"], "phone"),
+        user_phone=match["user"].get("phone_e164"),  # E.164: what the sender needs; the stored form is on the user
         event_name=match["event_name"],
         event_id=match["event_id"],
         message_text=text,
@@ -2598,18 +3377,56 @@ def build_message(match: Match, text: str, *, generator: str, notes: str, now: d
         generator=generator,
         sms_encoding=size.encoding,
         sms_segments=size.segments,
+        send_after=iso_utc(window.send_after) or "",
+        send_before=iso_utc(window.send_before) or "",
+        recipient_timezone=zone.key,
     )
 
 
-def template_notes(facts: MessageFacts) -> str:
+class HoldoutRecord(TypedDict):
+    """A control-group member: eligible, contactable, deliberately not texted, and what the rules
+    would have offered (``measure`` compares their return with the messaged members')."""
+
+    user_id: str
+    user_name: str
+    rank: int  # 1-based, in the eligible list
+    reactivation_score: float
+    days_inactive: int
+    event_id: str
+    event_name: str
+    event_start: str | None
+    confidence_percentage: int
+    held_out_at: str
+    campaign_id: str
+    holdout_fraction: float
+
+
+def holdout_record(rank: int, match: Match, *, campaign_id: str, fraction: float, now: datetime) -> HoldoutRecord:
+    """What a holdout member gets instead of a message: a record of the rules' pick (never Claude's)."""
+    user, event = match["user"], match["event"]
+    return HoldoutRecord(user_id=match["user_id"], user_name=match["user_name"], rank=rank,
+                         reactivation_score=user["reactivation_score"], days_inactive=user["days_inactive"],
+                         event_id=match["event_id"], event_name=match["event_name"],
+                         event_start=event.get("startDate"),
+                         confidence_percentage=match["confidence_percentage"],
+                         held_out_at=iso_utc(now) or "", campaign_id=campaign_id, holdout_fraction=fraction)
+
+
+def template_notes(facts: MessageFacts, text: str) -> str:
+    """The reviewer's line on what the template's ``text`` personalised, and what it left out to fit."""
+    said = optional_facts_said(without_sender_parts(text.removesuffix(facts.link), facts)[0], facts)
     parts = ["Welcome back, time away acknowledged"]
-    if facts.interests:
+    if said.get("interest"):
         parts.append(f"interest: {interest_label(facts.interests[0])}")
     parts.append(f"local time {facts.when}")
-    if facts.spots_left is not None:
+    if said.get("spots"):
         parts.append(f"{facts.spots_left} spots left")
-    if facts.going:
+    if said.get("going"):
         parts.append(f"{facts.going} going")
+    parts += [part for part, value in (("sender named", facts.sender), ("opt-out text", facts.opt_out_text)) if value]
+    left_out = [name for name in OPTIONAL_FACTS if said.get(name) is False]
+    if left_out:
+        parts.append(f"left out to fit: {', '.join(left_out)}")
     return "; ".join(parts)
 
 
@@ -2725,6 +3542,17 @@ def empty_input_lines(empty: Sequence[str]) -> list[str]:
     return [line]
 
 
+def skip_reason_lines(reasons: Mapping[str, int], holdout: Mapping[str, Any]) -> list[str]:
+    """Why eligible members were not texted (counts only), and the control group."""
+    lines = ["## Who was texted", "", "| eligible members not texted, by reason | count |", "| --- | --- |"]
+    lines += [f"| {code} | {n} |" for code, n in reasons.items()] or ["| (none) | 0 |"]
+    if holdout.get("fraction"):
+        ranks = ", ".join(str(r) for r in holdout.get("ranks", [])) or "none"
+        lines += ["", (f"Holdout (control group, {holdout['fraction']:g} of members by a stable hash): "
+                       f"{holdout.get('count', 0)} recorded, never texted; ranks {ranks}.")]
+    return lines + [""]
+
+
 def report_markdown(report: Mapping[str, Any]) -> str:
     """The human report: goal, run summary, who was tried, matches, messages, recommendations."""
     s, st = report["summary"], report["statistics"]
@@ -2750,6 +3578,9 @@ def report_markdown(report: Mapping[str, Any]) -> str:
                 "average_confidence_score", "error_count"):
         lines.append(f"| {key.replace('_', ' ')} | {s.get(key)} |")
     lines += ["", f"Users tried: {st['users_processed']}; future events considered: {st['events_processed']}.", ""]
+    if report.get("places_not_located"):
+        lines += [places_line(report["places_not_located"]), ""]
+    lines += skip_reason_lines(report.get("skip_reasons", {}), report.get("holdout", {}))
     lines += ["## Matches and messages", "", "| member | event | confidence | matcher | SMS | segments |",
               "| --- | --- | --- | --- | --- | --- |"]
     messages = {m["user_id"]: m for m in report.get("messages", [])}
@@ -2807,15 +3638,50 @@ class Fallback:
 
 @dataclass
 class UserOutcome:
-    """One selected member after steps 5 and 6: a match and message, or a reason for neither."""
+    """One member the walk reached, after steps 5 and 6: a match and message, a holdout record (the
+    control group), or a reason for neither. ``rank`` orders the dashboard writes; ``eligible_rank``
+    is the member's place in the eligible list (1-based)."""
 
     rank: int
     user: DormantMember
     match: Match | None = None
     message: Message | None = None
     skip: Skip | None = None
+    holdout: HoldoutRecord | None = None
+    eligible_rank: int = 0
+    held_out: bool = False  # in the control group (recorded in ``holdout``, or skipped when the rules had no pick)
     fallbacks: list[Fallback] = field(default_factory=list)
     failed: bool = False  # an unexpected error, not a decision: the run exits 3
+
+
+def walk_codes(outcomes: Iterable[UserOutcome]) -> dict[str, str]:
+    """Each reached member's decision: ``selected`` (messaged), ``holdout``, or the skip's code."""
+    codes: dict[str, str] = {}
+    for o in outcomes:
+        if o.message is not None:
+            codes[o.user["_id"]] = "selected"
+        elif o.holdout is not None:
+            codes[o.user["_id"]] = "holdout"
+        elif o.skip is not None:
+            codes[o.user["_id"]] = o.skip.code
+    return codes
+
+
+def walk_listing(eligible: Sequence[DormantMember], decisions: Mapping[str, str]) -> list[dict[str, Any]]:
+    """``dormant_users.json``: every eligible member in rank order, with ``selected`` and, for those not
+    selected, ``skip_reason`` (a member the walk never decided on is ``below_limit``)."""
+    listing_: list[dict[str, Any]] = []
+    for user in eligible:
+        decision = decisions.get(user["_id"], "below_limit")
+        listing_.append({**user, "selected": True} if decision == "selected"
+                        else {**user, "selected": False, "skip_reason": decision})
+    return listing_
+
+
+def skip_reason_counts(decisions: Mapping[str, str]) -> dict[str, int]:
+    """How many eligible members were left out for each reason, in ``SKIP_REASONS`` order."""
+    counts = Counter(code for code in decisions.values() if code != "selected")
+    return {code: counts[code] for code in (*SKIP_REASONS, *sorted(set(counts) - set(SKIP_REASONS))) if counts[code]}
 
 
 def fallback_counts(outcomes: Sequence[UserOutcome]) -> dict[str, Any]:
@@ -2827,15 +3693,20 @@ def fallback_counts(outcomes: Sequence[UserOutcome]) -> dict[str, Any]:
 
 
 def build_report(*, campaign_id: str, run_started: datetime, finished: datetime, options: RunOptions,
-                 source_label: str, census: DormancyCensus, selected: Sequence[DormantMember], cooled_down: int,
+                 source_label: str, census: DormancyCensus, selected: Sequence[DormantMember],
+                 decisions: Mapping[str, str],
                  future_events: Sequence[FutureEvent], outcomes: Sequence[UserOutcome], steps_5_6_seconds: float,
                  issues: DataIssues, firebase: Mapping[str, Any], errors: Sequence[str],
                  llm_usage: Mapping[str, Any] | None, status: str = "completed",
-                 empty_input: Sequence[str] = ()) -> dict[str, Any]:
+                 empty_input: Sequence[str] = (), places_not_located: Mapping[str, int] | None = None,
+                 ) -> dict[str, Any]:
     """Step 8: the plan's statistics and summary, plus who was skipped, segments, services and errors.
 
-    ``empty_input`` names the collections the source had no documents in (``"users"``, ``"events"``).
+    ``empty_input`` names the collections the source had no documents in (``"users"``, ``"events"``);
+    ``decisions`` is each eligible member's ``selected`` or skip code.
     """
+    reasons = skip_reason_counts(decisions)
+    held_out = [o.holdout for o in outcomes if o.holdout is not None]
     matches = [o.match for o in outcomes if o.match is not None]
     messages = [o.message for o in outcomes if o.message is not None]
     skipped = [o.skip for o in outcomes if o.skip is not None]
@@ -2843,14 +3714,15 @@ def build_report(*, campaign_id: str, run_started: datetime, finished: datetime,
     summary = {
         "total_dormant_users_found": census.dormant_total,
         "total_users_with_complete_profiles": len(census.eligible),
-        "users_left_out_by_cooldown": cooled_down,
+        "users_left_out_by_cooldown": reasons.get("cooldown", 0),
         "total_future_events": len(future_events),
         "total_matches_created": len(matches),
         "total_messages_generated": len(messages),
         "total_sms_segments": sum(m["sms_segments"] for m in messages),
         "users_skipped": len(skipped),
         "users_failed": sum(o.failed for o in outcomes),
-        "users_not_started": len(selected) - len(outcomes),
+        "users_not_started": reasons.get("not_started", 0),
+        "users_held_out": len(held_out),
         "average_days_inactive": mean([u["days_inactive"] for u in selected]),
         "average_confidence_score": mean([m["confidence_percentage"] for m in matches]),
         "error_count": len(errors),
@@ -2873,6 +3745,8 @@ def build_report(*, campaign_id: str, run_started: datetime, finished: datetime,
         "summary": summary,
         "engagement_counts": census.status_counts,
         "skipped": [vars(s) for s in skipped],
+        "skip_reasons": reasons,
+        "holdout": {"fraction": options.holdout, "count": len(held_out), "ranks": [h["rank"] for h in held_out]},
         "data_issues": issues.as_dict(),
         "errors": list(errors),
         "recommendations": list(RECOMMENDATIONS),
@@ -2887,7 +3761,21 @@ def build_report(*, campaign_id: str, run_started: datetime, finished: datetime,
     }
     if llm_usage is not None:
         report["llm_usage"] = dict(llm_usage)
+    report["places_not_located"] = places_report(places_not_located or {})
     return report
+
+
+def places_report(unlocated: Mapping[str, int]) -> dict[str, Any]:
+    """The places the centroid table could not locate: how many, and the most seen (slugs, at most 10)."""
+    top = sorted(unlocated.items(), key=lambda kv: (-kv[1], kv[0]))[:10]
+    return {"count": len(unlocated), "mentions": sum(unlocated.values()), "most_seen": dict(top)}
+
+
+def places_line(places: Mapping[str, Any]) -> str:
+    """One Markdown line: the places no distance could be computed for (NEIGHBOURHOODS_CSV names none of them)."""
+    seen = ", ".join(f"{cell(k)} ({n})" for k, n in places["most_seen"].items())
+    return (f"Places not located in NEIGHBOURHOODS_CSV: {places['count']} ({places['mentions']} mentions"
+            f"{': ' + seen if seen else ''}); distances to them are unknown.")
 
 
 # =============================================================================================
@@ -2907,7 +3795,7 @@ class SourceData:
     # A source that counts each member's events itself (``read_dormant``) hands over only the members they
     # make dormant and the events that may be step 2's, with what it counted on the way:
     issues: Counter[str] = field(default_factory=Counter)  # data issues found while reading
-    activity: dict[str, Activity] | None = None  # the kept members' event count and latest event
+    activity: dict[str, Activity] | None = None  # each member's activity (count, latest, attended) as step 1 reads it
     statuses: dict[str, int] | None = None  # every member's engagement status (step 1's census)
     read: dict[str, int] = field(default_factory=dict)  # "users"/"events": documents read, kept or not
 
@@ -2980,9 +3868,10 @@ class FolderSource:
                 statuses[status] += 1
                 if status == "dormant":
                     users.append(user)
-        kept = {key: activity[key] for key in (id_of(u.get("_id")) or "" for u in users)}
+        # Every member's activity is handed over, not only the kept members': ``member_history`` reads the
+        # upcoming events of their past co-attendees (``company_going``), whoever those are.
         return SourceData(users, future, decoder.bad_values, files={"users": users_file, "events": events_file},
-                          issues=issues + counted.counts, activity=kept, statuses=dict(sorted(statuses.items())),
+                          issues=issues + counted.counts, activity=activity, statuses=dict(sorted(statuses.items())),
                           read={"users": users_read, "events": events_read})
 
 
@@ -3129,6 +4018,25 @@ def future_events_pipeline(now: datetime) -> list[dict[str, Any]]:
             {"$project": {"rtt_start": 0}}]
 
 
+MONGO_IDS_PER_PIPELINE = 50_000  # member ids per $in of the history pipeline (a few MB: far below the 16 MB limit)
+
+
+def member_events_pipeline(ids: Sequence[str]) -> list[dict[str, Any]]:
+    """The events any of ``ids`` joined or hosted, whatever form their entries take (``mongo_members``)."""
+    return [{"$match": USABLE_ID}, {"$addFields": {"rtt_members": mongo_members()}},
+            {"$match": {"rtt_members": {"$in": list(ids)}}}, {"$project": {"rtt_members": 0}}]
+
+
+def with_attended(counted: Mapping[str, Activity], attended: Mapping[str, Activity]) -> dict[str, Activity]:
+    """The pipeline's counts and dates for the dormant members, with the events each attended from Python;
+    the other members (co-attendees) with what Python saw of them (their upcoming events)."""
+    merged = dict(attended)
+    for member, seen in counted.items():
+        merged[member] = Activity(seen.event_count, seen.last_event,
+                                  attended[member].attended if member in attended else ())
+    return merged
+
+
 def member_id_query(ids: Sequence[str]) -> dict[str, Any]:
     """Members by id, whether their ``_id`` is stored as an ObjectId or as the string."""
     values: list[Any] = list(ids)
@@ -3220,7 +4128,23 @@ class MongoSource:
         statuses["dormant"] = sum(1 for m in members if id_of(m.get("_id")) in activity)  # members that exist
         statuses["new"] = max(0, read["users"] - statuses["active"] - statuses["dormant"] - statuses["churned"])
         future = list(events.aggregate(future_events_pipeline(now), allowDiskUse=True, batchSize=MONGO_BATCH_SIZE))
-        return SourceData(members, future, activity=activity, statuses=dict(sorted((+statuses).items())), read=read)
+        attended = self.attended(events, sorted(activity), future)
+        return SourceData(members, future, activity=with_attended(activity, attended),
+                          statuses=dict(sorted((+statuses).items())), read=read)
+
+    @staticmethod
+    def attended(events: Any, ids: Sequence[str], future: Sequence[Mapping[str, Any]]) -> dict[str, Activity]:
+        """``index_member_activity`` in Python over the events of the dormant members ``ids`` (fetched by
+        their normalised members, ``MONGO_IDS_PER_PIPELINE`` ids a pipeline) and the future events: the
+        dormant members' whole history, and every co-attendee's upcoming events (``company_going``).
+        Screened as step 1 screens (their data issues are not counted: the pipeline read counts none)."""
+        fetched: list[dict[str, Any]] = []
+        for start in range(0, len(ids), MONGO_IDS_PER_PIPELINE):
+            chunk = ids[start:start + MONGO_IDS_PER_PIPELINE]
+            fetched.extend(events.aggregate(member_events_pipeline(chunk), allowDiskUse=True,
+                                            batchSize=MONGO_BATCH_SIZE))
+        records, _ = dedupe_by_id(screen_records([*fetched, *future], "events").records)
+        return index_member_activity(records, DataIssues())
 
     @staticmethod
     def rescued_dates(events: Any) -> dict[str, datetime]:
@@ -3506,6 +4430,10 @@ def build_demo_world(now: datetime) -> tuple[list[dict[str, Any]], list[dict[str
         elif kind == "oid":
             doc["_id"] = {"$oid": uid[i]}
         users.append(doc)
+    # Members who may not be texted, so the report's skip reasons show them (ranked low: the top is unchanged).
+    for index, preference in ((0xCF, {"smsOptOut": True}), (0xF3, {"notificationSettings": {"sms": False}}),
+                              (0x0A, {"phone": "+1 800 555 0199"})):
+        users[index].update(preference)
 
     # --- past events: pick day offsets per window, then seat users --------------
     days = sorted(
@@ -3837,7 +4765,16 @@ def candidate_line(c: Candidate, zone: ZoneInfo, now: datetime) -> str:
     return (f"- id={e['_id']} | name={host_text(e.get('name'))} | where={where} | tags={tags} | "
             f"when={local_when(start, zone, now)} (in {c.days_until:.0f} days) | "
             f"going={'unknown' if going is None else going}"
-            f" | {room} | fits={one_line(', '.join(i for i, _ in c.interests))}")
+            f" | {room} | fits={one_line(', '.join(i for i, _ in c.interests))} | {history_line(c.history)}")
+
+
+def history_line(h: HistorySignals) -> str:
+    """The member's own history for one candidate, as the rules saw it: counts and shares, never who."""
+    n = h.past_events
+    return (f"history: this_host={h.host_events}/{n} events, this_series={h.series_events}/{n}, "
+            f"sat_with_going={h.company}, this_place={h.place_share:.0%}, categories={h.tag_share:.0%}, "
+            f"this_weekday={h.weekday_events}/{n}, this_time_of_day={h.day_part_events}/{n}, "
+            f"history_points={h.points:.2f}")
 
 
 def member_block(user: Mapping[str, Any]) -> str:
@@ -3850,6 +4787,8 @@ def member_block(user: Mapping[str, Any]) -> str:
         f"occupation: {one_line(text_field(user, 'occupation')) or 'unknown'}",
         f"days_inactive: {user.get('days_inactive')}",
         f"events_attended: {user.get('eventCount')}",
+        ("history: per event below, how many of their past events had this host, this series, this place, this "
+         "weekday and time of day, and how many people they sat with before are going (counts only)"),
         f"last_event: {(user.get('last_event_date') or '')[:10]}",
     ]
     return "\n".join(lines)
@@ -3869,13 +4808,45 @@ def facts_prompt(facts: MessageFacts, user: Mapping[str, Any]) -> str:
         f"day_time: {facts.when}",
         f"spots_left: {facts.spots_left if facts.spots_left is not None else '(unknown: do not mention spots)'}",
         f"going: {facts.going}",
+        (f"sat_with_going: {facts.company} (people the member dined with before who are going; you may say it "
+         f"as a count only, e.g. \"{facts.company} people you've dined with are going\")" if facts.company
+         else "sat_with_going: 0 (do not mention it)"),
         f"event_neighbourhood: {one_line(facts.neighbourhood or 'unknown')}",
         f"member_neighbourhood: {one_line(text_field(user, 'homeNeighborhood')) or 'unknown'}",
         f"occupation: {one_line(text_field(user, 'occupation')) or 'unknown'}",
         f"days_away: {user.get('days_inactive')}",
         f"link: {facts.link}",
+        *carried_lines(facts),
     ]
     return "<facts>\n" + "\n".join(lines) + "\n</facts>\nWrite the SMS. Return only the JSON object."
+
+
+def length_budget(facts: MessageFacts) -> tuple[int, int, str]:
+    """(the whole text's limit, what the sender, opt-out text and link take of it, its encoding): UCS-2's
+    134 when a name or one of those strings is outside GSM-7, as the template would write it."""
+    fixed = dress(facts, "", "")
+    size = sms_size(f"{fixed} {facts.first_name or ''} {facts.event_name}")
+    return size.limit, sms_size(fixed).units, size.encoding
+
+
+def carried_lines(facts: MessageFacts) -> list[str]:
+    """The facts lines that tell Claude the exact sender and opt-out strings, the budget they leave and
+    what gives way to fit; none when neither is set."""
+    if not facts.dressed:
+        return []
+    limit, taken, encoding = length_budget(facts)
+    lines = []
+    if facts.sender:
+        lines.append(f"sender: {json.dumps(facts.sender, ensure_ascii=False)} (name it exactly so at the very start, "
+                     f"before the greeting: {json.dumps(sender_prefix(facts) + 'Hi ...', ensure_ascii=False)})")
+    if facts.opt_out_text:
+        lines.append(f"opt_out_text: {json.dumps(facts.opt_out_text, ensure_ascii=False)} (exactly so, as the last "
+                     "words just before the link)")
+    lines.append(f"length_budget: {limit} {encoding} characters in all; the sender, opt-out text and link take "
+                 f"{taken}, so {limit - taken} are left for everything else")
+    lines.append("if_too_long: leave out the going count first, then spots_left, then the interest; never the "
+                 "greeting, the event name, day_time or the link")
+    return lines
 
 
 _FENCE = re.compile(r"^```(?:json)?\s*(.*?)\s*```$", re.DOTALL)
@@ -4162,6 +5133,8 @@ class FirebaseTransport(Protocol):
 
     def flush(self) -> None: ...
 
+    def child_keys(self, path: str) -> list[str]: ...
+
 
 def check_key(key: str, where: str) -> None:
     if not key or FORBIDDEN_KEY.search(key) or len(key.encode("utf-8")) > MAX_KEY_BYTES:
@@ -4431,6 +5404,20 @@ class LocalMirrorTransport:
             self._store([*segments, *check_path(key)], rtdb_normalize(value))
         self.checkpoint()
 
+    def child_keys(self, path: str) -> list[str]:
+        """The names of the children at ``path`` (the database's ``shallow=true``): above the file level
+        the folder is listed, nothing in it read (a reader of every archived campaign needs only ids)."""
+        segments = check_path(path)
+        if self._split(segments) is not None:
+            value = self._stored(segments)
+            return sorted(value) if isinstance(value, Mapping) else []
+        self.flush()  # what this process holds back is on disk before the folder is listed
+        folder = self.root.joinpath(*segments)
+        if not folder.is_dir():
+            return []
+        return sorted({child.name.removesuffix(".json") for child in folder.iterdir()
+                       if child.is_dir() or (child.suffix == ".json" and not child.name.startswith("."))})
+
 
 NO_BODY = object()
 
@@ -4473,8 +5460,10 @@ class RestTransport:
         segments = [quote_plus(s).replace("+", "%20") for s in [*self.base_path.split("/"), *check_path(path)] if s]
         return f"{self.url}/{'/'.join(segments)}.json"
 
-    def _send(self, method: str, path: str, *, body: Any = NO_BODY, headers: Mapping[str, str] | None = None) -> Any:
+    def _send(self, method: str, path: str, *, body: Any = NO_BODY, headers: Mapping[str, str] | None = None,
+              query: Mapping[str, str] | None = None) -> Any:
         params = {"auth": self.auth_token} if self.auth_token else {}
+        params.update(query or {})
         all_headers = dict(headers or {})
         if self.token_source is not None:
             all_headers["Authorization"] = f"Bearer {self.token_source()}"
@@ -4533,6 +5522,15 @@ class RestTransport:
         if response.status_code != 200:
             raise self._fail(response, "GET", path)
         return self._json(response, "GET", path), response.headers.get("ETag", "")
+
+    def child_keys(self, path: str) -> list[str]:
+        """The names of the children at ``path``, read with ``shallow=true`` (their values never travel);
+        a location holding a plain value, or nothing, has none."""
+        response = self._send("GET", path, query={"shallow": "true"})
+        if response.status_code != 200:
+            raise self._fail(response, "GET", path)
+        value = self._json(response, "GET", path)
+        return sorted(str(key) for key in value) if isinstance(value, Mapping) else []
 
     def put(self, path: str, value: Any, if_match: str | None = None) -> PutResult:
         """Write ``value``; written only when the database echoes it back (``_verify``)."""
@@ -4771,11 +5769,12 @@ class DashboardWriter:
     listed in ``not_written``.
     """
 
-    LIST_KEYS = ("matches", "messages")
+    LIST_KEYS = ("matches", "messages", "holdout")
 
     def __init__(self, transport: FirebaseTransport | None, logger: logging.Logger, *, dry_run: bool,
-                 updated_at: str) -> None:
+                 updated_at: str, holdout: bool = False) -> None:
         self.transport = transport
+        self.holdout = holdout  # this run keeps a control group: the holdout list and archive are written
         self.logger = logger
         self.dry_run = dry_run
         self.updated_at = updated_at
@@ -4786,9 +5785,9 @@ class DashboardWriter:
         self.errors: list[str] = []
         self.stood_down: str | None = None  # why nothing (more) is written this run
         self.key_changes: set[KeyChange] = set()  # keys renamed or dropped so that records could be stored
-        self._messages_read: tuple[Any, str] | None = None  # the cooldown's read, reused to open the list
-        self.undated_messages = 0  # messages read by the cooldown whose generated_at is no date
-        self._waiting: dict[int, tuple[Match | None, Message | None]] = {}  # results above the next rank
+        self._cooldown_reads: dict[str, tuple[Any, str]] = {}  # the cooldown's reads, reused to open the lists
+        self.undated_messages = 0  # messages (and holdout records) read by the cooldown whose date is no date
+        self._waiting: dict[int, tuple[Match | None, Message | None, HoldoutRecord | None]] = {}  # above the next rank
         self._next_rank = 0
 
     @property
@@ -4812,24 +5811,26 @@ class DashboardWriter:
             self.not_written.append(label)
 
     def recent_recipients(self, since: datetime) -> set[str]:
-        """Members with a message generated at or after ``since``; raises FirebaseError when unreadable.
+        """Members with a message generated, or a holdout record made, at or after ``since`` (so both
+        groups are counted once per period); raises FirebaseError when either list is unreadable.
 
-        A message whose ``generated_at`` is no date (a reviewer's typo, a poisoned value) is skipped and
-        counted in ``undated_messages``; it never stops the run.
+        An item whose date is no date (a reviewer's typo, a poisoned value) is skipped and counted in
+        ``undated_messages``; it never stops the run.
         """
         self.undated_messages = 0
         if self.transport is None:
             return set()
-        self._messages_read = self.transport.get("messages")
         recent: set[str] = set()
-        for item in as_item_list(self._messages_read[0], "messages"):
-            if not item.get("user_id"):
-                continue
-            when = to_utc(item.get("generated_at"))
-            if when is None:
-                self.undated_messages += 1
-            elif when >= since:
-                recent.add(str(item["user_id"]))
+        for key, dated_by in (("messages", "generated_at"), ("holdout", "held_out_at")):
+            self._cooldown_reads[key] = self.transport.get(key)
+            for item in as_item_list(self._cooldown_reads[key][0], key):
+                if not item.get("user_id"):
+                    continue
+                when = to_utc(item.get(dated_by))
+                if when is None:
+                    self.undated_messages += 1
+                elif when >= since:
+                    recent.add(str(item["user_id"]))
         return recent
 
     def claim_campaign(self, first_id: str, next_id: Any, tries: int = 60) -> str:
@@ -4872,22 +5873,23 @@ class DashboardWriter:
         """Open the appended dashboard lists before the first result, healing them if needed."""
         if not self.writes:
             return
-        for key in self.LIST_KEYS:
-            snapshot = self._messages_read if key == "messages" else None
+        for key in self.LIST_KEYS if self.holdout else self.LIST_KEYS[:2]:
+            snapshot = self._cooldown_reads.get(key)
             try:
                 self.lists[key] = DashboardList(self.transport, key, key, self.updated_at,
                                                 self.key_changes).open(snapshot)
             except FirebaseError as exc:
                 self.failed(key, exc)
 
-    def submit(self, rank: int, match: Match | None, message: Message | None) -> None:
+    def submit(self, rank: int, match: Match | None, message: Message | None,
+               holdout: HoldoutRecord | None = None) -> None:
         """One member's result; written once every member ranked above it is final (rank order).
 
         After the run stood down, each item is listed as not written, so the report says what is missing.
         """
         if self.transport is None or self.dry_run:
             return
-        self._waiting[rank] = (match, message)
+        self._waiting[rank] = (match, message, holdout)
         while self._next_rank in self._waiting:
             ready = self._waiting.pop(self._next_rank)
             self._next_rank += 1
@@ -4913,8 +5915,9 @@ class DashboardWriter:
             self.broken.add(key)
 
     def save_campaign(self, campaign_id: str, users: Sequence[Mapping[str, Any]], matches: Sequence[Match],
-                      messages: Sequence[Message], stats: Mapping[str, Any], status: str) -> None:
-        """The dashboard's users and events (replaced), and the campaign archive."""
+                      messages: Sequence[Message], stats: Mapping[str, Any], status: str,
+                      holdout: Sequence[HoldoutRecord] = ()) -> None:
+        """The dashboard's users and events (replaced), and the campaign archive (holdout included)."""
         if self.transport is None or self.dry_run:
             self.logger.info("Step 7: dry run, nothing written to Firebase")
             return
@@ -4933,6 +5936,8 @@ class DashboardWriter:
             (f"campaigns/{campaign_id}/matches", listing("matches", list(matches), updated)),
             (f"campaigns/{campaign_id}/messages", listing("messages", list(messages), updated)),
         ]
+        if self.holdout:
+            plan.append((f"campaigns/{campaign_id}/holdout", listing("holdout", list(holdout), updated)))
         for path, payload in plan:
             if not self.writes:
                 self.not_written.append(path)
@@ -5025,12 +6030,17 @@ class ReturnToTable:
         self.hoods = hoods
         self.advisor = advisor
         self.zone = settings.zone
+        self.sms = settings.sms  # who may be texted, when (quiet hours), and what every message carries
+        self.min_lead = timedelta(hours=options.min_lead_hours)
         self.control = control
         self.issues = DataIssues()
         self.empty_input: list[str] = []  # collections the source had no documents in (``empty_collections``)
         self.data_dir = options.out_dir / "data"
         self.saved_at = time.monotonic()
         self.progress: Any = None  # the members progress bar during steps 5-6, on a terminal
+        self.sms = settings.sms
+        self.decisions: dict[str, str] = {}  # eligible member id -> "selected" or its skip_reason (``SKIP_REASONS``)
+        self.campaign_id = ""  # claimed before steps 5-6 (holdout records carry it)
         self.candidate_index: CandidateIndex | None = None  # step 2's open events indexed for step 5
         self.counted: SourceData | None = None  # what a counting source read (``read_dormant``)
 
@@ -5068,7 +6078,7 @@ class ReturnToTable:
         counted = self.counted  # the source counted the activity and handed over the dormant members only
         activity = counted.activity if counted and counted.activity is not None else index_member_activity(
             events, self.issues)
-        census = find_dormant_users(users, activity, self.options.now)
+        census = find_dormant_users(users, activity, self.options.now, zone=self.zone.key)
         if counted is not None and counted.statuses is not None:
             census = dataclasses.replace(census, status_counts=counted.statuses)
         write_json(self.data_dir / "processed" / "dormant_users.json", census.eligible, private=True)
@@ -5077,7 +6087,7 @@ class ReturnToTable:
         return census
 
     def cooldown(self) -> set[str]:
-        """Members with a message generated within the cooldown, or later than ``now``."""
+        """Members with a message generated (or a holdout record made) within the cooldown, or later than ``now``."""
         if self.options.cooldown_days <= 0:
             return set()
         try:
@@ -5091,20 +6101,24 @@ class ReturnToTable:
                 self.dashboard.stand_down("messages (unreadable, nothing will be written this run)", exc)
             return set()
 
-    def select(self, census: DormancyCensus) -> tuple[list[DormantMember], int]:
-        """The top ``--limit`` eligible members not messaged within the cooldown."""
+    def select(self, census: DormancyCensus) -> list[tuple[int, DormantMember]]:
+        """The eligible members who may be texted today, as ``(rank, member)`` in rank order; each of the
+        others gets its skip code (``cooldown``, ``no_valid_phone``, ``opted_out``) in ``decisions``."""
         recent = self.cooldown()
-        pool = [u for u in census.eligible if u["_id"] not in recent]
-        left_out = len(census.eligible) - len(pool)
-        if left_out:
-            self.logger.info("Step 1: %d members left out, messaged in the last %d days",
-                             left_out, self.options.cooldown_days)
-        selected = pool[: self.options.limit]
-        for rank, user in enumerate(selected, 1):
-            self.logger.info("  #%d %s (%s): score %.1f, %d days inactive, %d events", rank,
-                             full_name(user), user["_id"], user["reactivation_score"],
-                             user["days_inactive"], user["eventCount"])
-        return selected, left_out
+        walk: list[tuple[int, DormantMember]] = []
+        odd = 0
+        for rank, user in enumerate(census.eligible, 1):
+            block, odd_values = contact_block(user, recent, self.sms)
+            odd += odd_values
+            if block is None:
+                walk.append((rank, user))
+            else:
+                self.decisions[user["_id"]] = block
+        self.issues.add("odd_sms_preference_values", odd)
+        left_out = Counter(self.decisions.values())
+        self.logger.info("Step 1: %d of %d eligible members may be texted (%s)", len(walk), len(census.eligible),
+                         ", ".join(f"{n} {code}" for code, n in sorted(left_out.items())) or "none left out")
+        return walk
 
     # --- step 2: future public events (steps 3-4, the summaries, are attached in steps 1-2) --
 
@@ -5118,17 +6132,57 @@ class ReturnToTable:
 
     # --- steps 5-6: match each member and write the SMS -------------------------------------
 
-    def candidates_for(self, user: Mapping[str, Any], events: Sequence[Mapping[str, Any]]) -> list[Candidate]:
-        """``score_candidates``, through the candidate index when it was built for these events."""
+    def recipient_zone(self, user: Mapping[str, Any]) -> ZoneInfo:
+        """The member's own zone, for the send window: from the number when it maps to one zone, else
+        CAMPAIGN_TIMEZONE."""
+        zone = user.get("phone_timezone")
+        return ZoneInfo(zone) if isinstance(zone, str) else self.zone
+
+    def scored(self, user: Mapping[str, Any], events: Sequence[Mapping[str, Any]]) -> list[Candidate]:
+        """``score_candidates``, over only the events the candidate index says can match when it was built
+        for these events (the same list, in the same order: ``CandidateIndex.narrow``)."""
         index = self.candidate_index
         if index is not None and index.events is events:
             return index.score(user)
         return score_candidates(user, events, self.hoods, self.options.now)
 
-    def recipient_zone(self, user: Mapping[str, Any]) -> ZoneInfo:
-        """The member's own zone, for the send window: from the number when it maps to one zone, else
-        CAMPAIGN_TIMEZONE."""
-        return self.zone
+    def candidates_for(self, user: Mapping[str, Any], events: Sequence[Mapping[str, Any]],
+                       ) -> tuple[list[Candidate], Skip | None]:
+        """The events this member may be offered, best first (the rules' order), or why there are none:
+        no open event shares an interest, or none leaves a moment to send in (``window_for``)."""
+        candidates = self.scored(user, events)
+        if not candidates:
+            return [], Skip(user["_id"], full_name(user), "no open future event shares an interest")
+        zone = self.recipient_zone(user)
+        candidates = [c for c in candidates if self.window_for(c.event, zone) is not None]
+        if not candidates:  # every matching event starts too soon, or leaves only quiet hours to send in
+            return [], Skip(user["_id"], full_name(user),
+                            "every matching event is too soon: none leaves a moment outside QUIET_HOURS "
+                            f"(member's local time) at least {self.options.min_lead_hours:g}h before it starts "
+                            "(--min-lead-hours)", "no_event_in_send_window")
+        return candidates, None
+
+    def hold_out(self, rank: int, eligible_rank: int, user: DormantMember,
+                 events: Sequence[FutureEvent]) -> UserOutcome:
+        """A control-group member: the rules' pick is recorded, nothing is drafted or sent. A member the
+        rules would not message either is skipped for that reason, so both groups hold the same kind."""
+        outcome = UserOutcome(rank, user, eligible_rank=eligible_rank, held_out=True)
+        candidates, outcome.skip = self.candidates_for(user, events)
+        match = rules_match(user, candidates, self.options.min_confidence, self.zone, self.options.now)
+        if match is None:
+            code = outcome.skip.code if outcome.skip is not None else "below_min_confidence"
+            outcome.skip = Skip(user["_id"], full_name(user), "held out; the rules would not have messaged them", code)
+        else:
+            outcome.holdout = holdout_record(eligible_rank, match, campaign_id=self.campaign_id,
+                                             fraction=self.options.holdout, now=self.options.now)
+        return outcome
+
+    def window_for(self, event: Mapping[str, Any], zone: ZoneInfo) -> SendWindow | None:
+        """When a message about ``event`` may go out to a member in ``zone`` (``send_window``), or None."""
+        start = to_utc(event.get("startDate"))
+        if start is None:
+            return None
+        return send_window(start, self.options.now, zone, self.sms.quiet_hours, self.min_lead)
 
     def choose_event(self, user: Mapping[str, Any], candidates: Sequence[Candidate],
                      outcome: UserOutcome) -> Match | None:
@@ -5157,42 +6211,47 @@ class ReturnToTable:
         return match
 
     def write_message(self, match: Match, outcome: UserOutcome) -> Message | None:
-        """Step 6: Claude's SMS when enabled and valid, else the template's."""
-        now = self.options.now
-        facts = message_facts(match, self.zone, now)
+        """Step 6: Claude's SMS when enabled and valid, else the template's; None when no wording fits
+        or the event leaves no send window (candidates without one are never offered)."""
+        now, zone = self.options.now, self.recipient_zone(match["user"])
+        window = self.window_for(match["event"], zone)
+        if window is None:
+            return None
+        when = {"now": now, "window": window, "zone": zone}
+        facts = message_facts(match, self.zone, now, sender=self.sms.sender, opt_out_text=self.sms.opt_out_text)
         if self.advisor is not None:
             try:
                 text, notes = self.advisor.write(facts, match["user"])
-                return build_message(match, text, generator="claude", notes=notes, now=now)
+                return build_message(match, text, generator="claude", notes=notes, **when)
             except InvalidAnswer as exc:
                 outcome.fallbacks.append(Fallback("writing", str(exc)))
                 self.logger.warning("Claude SMS for %s fell back to the template: %s", match["user_id"], exc)
         text = write_template_sms(facts)
         if text is None:
             return None
-        return build_message(match, text, generator="template", notes=template_notes(facts), now=now)
+        return build_message(match, text, generator="template", notes=template_notes(facts, text), **when)
 
     def next_phrasable(self, user: Mapping[str, Any], candidates: Sequence[Candidate], tried: str,
                        ) -> tuple[Match, Message] | None:
         """When no SMS within the contract can name the chosen event (a long name in UCS-2, a name
         with a web address), the next candidates above the threshold, by the rules and the template."""
-        now, floor = self.options.now, self.options.min_confidence
+        now, floor, zone = self.options.now, self.options.min_confidence, self.recipient_zone(user)
         for c in [c for c in candidates if c.event["_id"] != tried and c.confidence >= floor][:MAX_NEXT_EVENTS]:
             match = candidate_match(user, c, self.zone, now,
                                     " (The first choice could not be phrased within the SMS limits.)")
-            facts = message_facts(match, self.zone, now)
-            text = write_template_sms(facts)
-            if text is None:
+            facts = message_facts(match, self.zone, now, sender=self.sms.sender, opt_out_text=self.sms.opt_out_text)
+            text, window = write_template_sms(facts), self.window_for(c.event, zone)
+            if text is None or window is None:
                 continue
-            return match, build_message(match, text, generator="template", notes=template_notes(facts), now=now)
+            return match, build_message(match, text, generator="template", notes=template_notes(facts, text),
+                                        now=now, window=window, zone=zone)
         return None
 
     def process_user(self, rank: int, user: Mapping[str, Any], events: Sequence[Mapping[str, Any]]) -> UserOutcome:
         """One member through steps 5 and 6."""
         outcome = UserOutcome(rank, user)
-        candidates = self.candidates_for(user, events)
-        if not candidates:
-            outcome.skip = Skip(user["_id"], full_name(user), "no open future event shares an interest")
+        candidates, outcome.skip = self.candidates_for(user, events)
+        if outcome.skip is not None:
             return outcome
         outcome.match = self.choose_event(user, candidates, outcome)
         if outcome.match is None:
@@ -5208,53 +6267,67 @@ class ReturnToTable:
                                     "no_sms_within_contract")
         return outcome
 
-    def process_member(self, rank: int, user: DormantMember, events: Sequence[FutureEvent]) -> UserOutcome:
+    def process_member(self, rank: int, eligible_rank: int, user: DormantMember,
+                       events: Sequence[FutureEvent]) -> UserOutcome:
         """One member through steps 5 and 6; an unexpected failure costs that member only (counted)."""
         try:
-            return self.process_user(rank, user, events)
+            outcome = self.process_user(rank, user, events)
         except ServiceError:
             raise
         except Exception as exc:  # the run goes on; the traceback goes to the log file
             self.logger.debug("member %s failed", user["_id"], exc_info=True)
             self.logger.error("Member %s failed: %s", user["_id"], exc.__class__.__name__)
-            return UserOutcome(rank, user, skip=Skip(user["_id"], full_name(user),
-                                                     f"failed: {exc.__class__.__name__} (see the log)", "failed"),
-                              failed=True)
+            outcome = UserOutcome(rank, user, skip=Skip(user["_id"], full_name(user),
+                                                        f"failed: {exc.__class__.__name__} (see the log)", "failed"),
+                                  failed=True)
+        outcome.eligible_rank = eligible_rank
+        return outcome
 
-    def process_all(self, selected: Sequence[DormantMember], events: Sequence[FutureEvent]) -> list[UserOutcome]:
-        """Every selected member, concurrently (bounded) on the Claude path; results in rank order.
+    def process_all(self, walk: Sequence[tuple[int, DormantMember]], events: Sequence[FutureEvent]) -> list[UserOutcome]:
+        """Walk the contactable members in rank order until ``--limit`` are messaged; results in walk order.
 
-        Members are started one by one, so a stop (signal or deadline) starts no new member while
-        those in flight finish. Results are saved as they come (local files at most every
-        ``SAVE_EVERY_SECONDS``, the dashboard item by item) and once more at the end.
+        Holdout members passed on the way are recorded, never texted. Treatment members run
+        concurrently (bounded) on the Claude path, one at a time otherwise; no more are in flight than
+        messages still wanted, and a stop (signal or deadline) starts no new member while those in
+        flight finish. Members the walk did not reach get ``below_limit`` (``not_started`` after a stop).
+        Results are saved as they come (local files at most every ``SAVE_EVERY_SECONDS``, the
+        dashboard item by item) and once more at the end.
         """
         done: list[UserOutcome] = []
+        waiting = list(reversed(walk))
+        width = self.options.concurrency if self.advisor is not None else 1
         try:
-            if self.advisor is None or self.options.concurrency <= 1 or len(selected) <= 1:
-                for rank, user in enumerate(selected):
-                    if self.control.stopping:
-                        break
-                    self.finish_user(self.process_member(rank, user, events), done)
-            else:
-                self.process_concurrently(selected, events, done)
+            with ThreadPoolExecutor(max_workers=width, thread_name_prefix="member") as pool:
+                self.walk(waiting, events, pool, width, done)
         finally:
+            for _rank, user in waiting:
+                self.decisions[user["_id"]] = "not_started" if self.control.stopping else "below_limit"
             self.save_progress(done)
         return sorted(done, key=lambda o: o.rank)
 
-    def process_concurrently(self, selected: Sequence[DormantMember], events: Sequence[FutureEvent],
-                             done: list[UserOutcome]) -> None:
-        waiting = list(enumerate(selected))
-        with ThreadPoolExecutor(max_workers=self.options.concurrency, thread_name_prefix="member") as pool:
-            running: set[Any] = set()
-            while waiting or running:
-                while waiting and len(running) < self.options.concurrency and not self.control.stopping:
-                    rank, user = waiting.pop(0)
-                    running.add(pool.submit(self.process_member, rank, user, events))
-                if not running:
-                    break
-                finished, running = wait_first(running)
-                for future in finished:
-                    self.finish_user(future.result(), done)
+    def walk(self, waiting: list[tuple[int, DormantMember]], events: Sequence[FutureEvent], pool: ThreadPoolExecutor,
+             width: int, done: list[UserOutcome]) -> None:
+        """``process_all``'s loop: ``waiting`` is a stack (the next member last), emptied as members start."""
+        running: set[Any] = set()
+        messaged, order = 0, itertools.count()
+        while True:
+            while (waiting and len(running) < width and messaged + len(running) < self.options.limit
+                   and not self.control.stopping):
+                eligible_rank, user = waiting.pop()
+                self.logger.info("  #%d %s (%s): score %.1f, %d days inactive, %d events", eligible_rank,
+                                 full_name(user), user["_id"], user["reactivation_score"],
+                                 user["days_inactive"], user["eventCount"])
+                if in_holdout(CAMPAIGN_NAME, user["_id"], self.options.holdout):
+                    self.finish_user(self.hold_out(next(order), eligible_rank, user, events), done)
+                else:
+                    running.add(pool.submit(self.process_member, next(order), eligible_rank, user, events))
+            if not running:
+                return
+            finished, running = wait_first(running)
+            for future in finished:
+                outcome = future.result()
+                messaged += outcome.message is not None
+                self.finish_user(outcome, done)
 
     def finish_user(self, outcome: UserOutcome, done: list[UserOutcome]) -> None:
         """Log one member's result and save it: local files (throttled), then the dashboard (rank order)."""
@@ -5268,17 +6341,23 @@ class ReturnToTable:
                               outcome.message["message_text"])
         if outcome.skip is not None:
             self.logger.info("Skipped %s (%s): %s", outcome.skip.user_name, outcome.skip.user_id, outcome.skip.reason)
+        if outcome.holdout is not None:
+            self.logger.info("Held out %s (%s): control group, rank %d", outcome.holdout["user_name"],
+                             outcome.holdout["user_id"], outcome.holdout["rank"])
+        self.decisions.update(walk_codes([outcome]))
         if self.progress is not None:
             self.progress.update(1)
         if time.monotonic() - self.saved_at >= SAVE_EVERY_SECONDS:
             self.save_progress(done)
-        self.dashboard.submit(outcome.rank, outcome.match, outcome.message)
+        self.dashboard.submit(outcome.rank, outcome.match, outcome.message, outcome.holdout)
 
     def save_progress(self, done: Sequence[UserOutcome]) -> None:
         """``matches.json`` and ``messages.json`` as they stand, in rank order (atomically)."""
         ordered = sorted(done, key=lambda o: o.rank)
         write_json(self.data_dir / "processed" / "matches.json", [o.match for o in ordered if o.match], private=True)
         write_json(self.data_dir / "processed" / "messages.json", [o.message for o in ordered if o.message],
+                   private=True)
+        write_json(self.data_dir / "processed" / "holdout.json", [o.holdout for o in ordered if o.holdout],
                    private=True)
         self.saved_at = time.monotonic()
 
@@ -5315,49 +6394,55 @@ class ReturnToTable:
                          "claude" if self.advisor else "rules", ", dry run" if options.dry_run else "")
         users, events = self.fetch()                       # step 1
         census = self.dormant_users(users, events)
-        selected, cooled_down = self.select(census)
+        walk = self.select(census)
         future = self.future_events(events)                # step 2 (3-4: summaries attached)
-        campaign_id = self.fresh_campaign_id(started)
+        self.campaign_id = campaign_id = self.fresh_campaign_id(started)
         self.logger.info("Campaign %s", campaign_id)
         self.dashboard.open_lists()
         clock = time.monotonic()
-        with progress_bar(len(selected), "members", enabled=options.progress) as self.progress:
-            outcomes = self.process_all(selected, future)  # steps 5-6
+        with progress_bar(min(len(walk), options.limit), "members", enabled=options.progress) as self.progress:
+            outcomes = self.process_all(walk, future)      # steps 5-6
         self.progress = None
         steps_5_6_seconds = time.monotonic() - clock
-        status = self.final_status(len(outcomes), len(selected))
+        write_json(self.data_dir / "processed" / "dormant_users.json", walk_listing(census.eligible, self.decisions),
+                   private=True)
+        selected = [o.user for o in outcomes if not o.held_out]  # the treatment members the walk reached
+        not_started = sum(code == "not_started" for code in self.decisions.values())
+        status = self.final_status(not_started)
         if status != "completed":
-            self.logger.warning("Run %s: %d of %d members done; the rest were not started", status,
-                                len(outcomes), len(selected))
+            self.logger.warning("Run %s: %d members done; %d were not started", status, len(outcomes), not_started)
         matches = [o.match for o in outcomes if o.match is not None]
         messages = [o.message for o in outcomes if o.message is not None]
-        self.logger.info("Steps 5-6: %d matches, %d messages, %d skipped, %d fallbacks in %.1f s", len(matches),
-                         len(messages), sum(o.skip is not None for o in outcomes),
+        held_out = [o.holdout for o in outcomes if o.holdout is not None]
+        self.logger.info("Steps 5-6: %d matches, %d messages, %d held out, %d skipped, %d fallbacks in %.1f s",
+                         len(matches), len(messages), len(held_out), sum(o.skip is not None for o in outcomes),
                          sum(len(o.fallbacks) for o in outcomes), steps_5_6_seconds)
         self.dashboard.save_campaign(campaign_id, selected, matches, messages,   # step 7
                                      run_statistics(selected, future, matches, messages, self.dashboard.errors),
-                                     status)
+                                     status, held_out)
         claude_down = self.advisor.down if self.advisor is not None else None
         if claude_down:
             self.logger.error("Claude was unavailable (%s): rules and template were used", claude_down)
         firebase = self.dashboard.summary()
         report = build_report(                             # step 8
             campaign_id=campaign_id, run_started=started, finished=datetime.now(UTC), options=options,
-            source_label=self.source.label, census=census, selected=selected, cooled_down=cooled_down,
+            source_label=self.source.label, census=census, selected=selected, decisions=self.decisions,
             future_events=future, outcomes=outcomes, steps_5_6_seconds=steps_5_6_seconds, issues=self.issues,
             firebase=firebase, errors=list(self.dashboard.errors), status=status,
             llm_usage=self.advisor.usage_report() if self.advisor is not None else None,
-            empty_input=self.empty_input)
+            empty_input=self.empty_input, places_not_located=unlocated_places(
+                self.hoods, [*(text_field(u, "homeNeighborhood") for u in census.eligible),
+                             *(text_field(e, "neighborhood") for e in future)]))
         report_path = self.write_report(campaign_id, report)
         return RunResult(campaign_id, report, report_path, firebase, claude_down, status,
                          failed_members=sum(o.failed for o in outcomes), signal=self.control.signal,
                          empty_input=list(self.empty_input))
 
-    def final_status(self, finished: int, selected: int) -> str:
+    def final_status(self, not_started: int) -> str:
         """``interrupted`` after a signal; ``deadline`` when the deadline left members unstarted."""
         if self.control.signal is not None:
             return "interrupted"
-        return "deadline" if finished < selected and self.control.stopping else "completed"
+        return "deadline" if not_started and self.control.stopping else "completed"
 
 
 def wait_first(running: set[Any]) -> tuple[set[Any], set[Any]]:
@@ -5393,6 +6478,1284 @@ def reading_progress(total: int, unit: str) -> Any:
 def no_progress(_total: int, _unit: str) -> Iterator[None]:
     """The progress factory when there is no terminal: no bar."""
     yield None
+
+
+# =============================================================================================
+# Measure: did the campaign bring anyone back
+# =============================================================================================
+#
+# ``measure`` follows every member of every archived campaign in range, messaged ("treated") or held
+# out, for ``--window-days`` after their reference time, and compares how many came back. Pure
+# functions first (statistics, reading archived records, following members, grouping, the report),
+# then the I/O at the edges (``read_campaigns``, ``read_events``, ``run_measure``). It writes nothing
+# to Firebase or its mirror: only reads, and its two report files.
+
+CONFIDENCE = 0.95
+Z_95 = NormalDist().inv_cdf(0.5 + CONFIDENCE / 2)  # 1.959964...
+MEASURE_GROUPS = ("treated", "approved_or_sent", "sent", "holdout")
+REVIEWED_GROUPS = {"approved_or_sent": frozenset({"approved", "sent"}), "sent": frozenset({"sent"})}
+MESSAGE_STATUSES = frozenset({"pending", "approved", "sent", "rejected"})
+MAX_ARCHIVE_ITEMS = 100_000  # records read from one archived list; the rest are a data error (counted)
+MAX_WINDOW_DAYS = 365
+DATE_ONLY = re.compile(r"\d{4}-\d{2}-\d{2}")
+INTERVAL_METHOD = ("95% interval: Newcombe's hybrid score interval for a difference of proportions (method 10 "
+                   "in Newcombe 1998, Statistics in Medicine 17:873-890), built on Wilson score intervals")
+TEST_METHOD = "p: two-sided two-proportion z-test with the pooled standard error"
+PROXY_TEXT = ("A member counts as having come back when the app records them as a participant or the owner of an "
+              "event starting within {days} days after their message (or their hold-out), because RSVP times are "
+              "not stored. Members also join events without any message, which is what the holdout is for: only "
+              "the difference between the treated and the holdout rates is the campaign's doing.")
+POOLING_TEXT = ("Pooled rows add up the campaigns: each (campaign, member) counts once, so a member messaged or "
+                "held out in several campaigns counts once in each; the pooled interval is then a little too "
+                "narrow, and pooling is not stratified by campaign.")
+REVIEWED_TEXT = ("The approved_or_sent and sent rows are the messages reviewers approved or sent: they were not "
+                 "chosen at random, so their lift over the holdout describes, it does not prove.")
+REFERENCE_TEXT = ("Reference time: a message's sent_at when its status is sent and sent_at is a date, else its "
+                  "generated_at; a holdout member's held_out_at. A member whose window has not closed at --now is "
+                  "counted as open (and whether they are already back), never as not back.")
+
+
+# --- statistics: Wilson, Newcombe's method 10, the two-proportion z-test -----------------------
+
+
+def wilson_interval(successes: int, trials: int, z: float = Z_95) -> tuple[float, float]:
+    """Wilson's score interval for one rate (``trials`` > 0): unlike the textbook (Wald) interval it
+    stays inside 0-1 and does not collapse to a point at 0 or ``trials`` successes."""
+    p = successes / trials
+    centre = 2 * trials * p + z * z
+    spread = z * math.sqrt(z * z + 4 * trials * p * (1 - p))
+    denominator = 2 * (trials + z * z)
+    return max(0.0, (centre - spread) / denominator), min(1.0, (centre + spread) / denominator)
+
+
+def newcombe_interval(x1: int, n1: int, x2: int, n2: int, z: float = Z_95) -> tuple[float, float]:
+    """The interval for ``x1/n1 - x2/n2``, Newcombe's method 10: each limit combines the distances from
+    each rate to its Wilson limits, so it is good at small counts and at rates near 0 or 1."""
+    p1, p2 = x1 / n1, x2 / n2
+    (l1, u1), (l2, u2) = wilson_interval(x1, n1, z), wilson_interval(x2, n2, z)
+    difference = p1 - p2
+    return (difference - math.sqrt((p1 - l1) ** 2 + (u2 - p2) ** 2),
+            difference + math.sqrt((u1 - p1) ** 2 + (p2 - l2) ** 2))
+
+
+def two_proportion_z_test(x1: int, n1: int, x2: int, n2: int) -> tuple[float, float]:
+    """(z, two-sided p) for "the two rates are equal", with the pooled standard error. When nobody or
+    everybody came back in both groups the rates are equal and nothing differs: z 0, p 1."""
+    pooled = (x1 + x2) / (n1 + n2)
+    standard_error = math.sqrt(pooled * (1 - pooled) * (1 / n1 + 1 / n2))
+    if standard_error == 0:
+        return 0.0, 1.0
+    z = (x1 / n1 - x2 / n2) / standard_error
+    return z, 2 * NormalDist().cdf(-abs(z))
+
+
+@dataclass(frozen=True)
+class Tally:
+    """One group's counts. ``size`` counts the members whose window has closed (the rate's denominator);
+    those still open are counted apart, with how many are already back, and never as not back."""
+
+    size: int = 0
+    came_back: int = 0
+    came_to_suggested: int = 0
+    open: int = 0
+    open_came_back: int = 0
+
+    @property
+    def rate(self) -> float | None:
+        return self.came_back / self.size if self.size else None
+
+
+def sum_tallies(tallies: Iterable[Tally]) -> Tally:
+    """Tallies added up (the pooled row): every count is a sum."""
+    rows = list(tallies)
+    return Tally(*(sum(getattr(t, name) for t in rows)
+                   for name in ("size", "came_back", "came_to_suggested", "open", "open_came_back")))
+
+
+class Lift(NamedTuple):
+    """Treated against holdout: the difference in percentage points with its interval, the relative lift
+    (None when no holdout member came back) and the z-test."""
+
+    difference_pp: float
+    low_pp: float
+    high_pp: float
+    relative: float | None
+    z: float
+    p_value: float
+
+
+def lift(treated: Tally, holdout: Tally) -> Lift | None:
+    """The lift of ``treated`` over ``holdout``; None when either has no closed window."""
+    if not treated.size or not holdout.size:
+        return None
+    args = (treated.came_back, treated.size, holdout.came_back, holdout.size)
+    low, high = newcombe_interval(*args)
+    z, p_value = two_proportion_z_test(*args)
+    t_rate, h_rate = treated.came_back / treated.size, holdout.came_back / holdout.size
+    relative = (t_rate - h_rate) / h_rate if h_rate else None
+    return Lift(100 * (t_rate - h_rate), 100 * low, 100 * high, relative, z, p_value)
+
+
+LIFT_NOTES = {  # why treated-against-holdout has no lift: (the report's sentence, the console table's words)
+    "no_holdout": ("no holdout members: lift cannot be computed; rates only", "no holdout: rates only"),
+    "holdout_open": ("no holdout member's window has closed yet: lift cannot be computed yet; rates only",
+                     "holdout windows open"),
+    "treated_open": ("no treated member's window has closed yet: lift cannot be computed yet; rates only",
+                     "treated windows open"),
+}
+
+
+def lift_note(treated: Tally, holdout: Tally) -> str | None:
+    """Why treated-against-holdout has no lift (a ``LIFT_NOTES`` key); None when it has one."""
+    if not holdout.size and not holdout.open:
+        return "no_holdout"
+    if not holdout.size:
+        return "holdout_open"
+    if not treated.size:
+        return "treated_open"
+    return None
+
+
+# --- archived campaigns: every value read is untrusted ----------------------------------------
+
+
+class Observation(NamedTuple):
+    """One member of one archived campaign to follow: messaged ("treated") or held out ("holdout"), from
+    when (``reference``), and the suggested event (the message's, or the rules' pick for the holdout)."""
+
+    user_id: str
+    arm: str
+    status: str  # the message's status ("pending", "approved", "sent", "rejected", or "" when odd or held out)
+    reference: datetime
+    event_id: str | None
+
+
+class ArchivedCampaign(NamedTuple):
+    """An archived campaign as measured: its date (metadata ``created_at``, the run's --now; without one,
+    its earliest reference time), its recorded status, and each of its members once."""
+
+    campaign_id: str
+    created_at: datetime | None
+    status: str
+    observations: tuple[Observation, ...]
+
+
+class DateRange(NamedTuple):
+    """``--since``/``--until`` on the campaigns' dates; ``until`` is exclusive (see ``range_bound``)."""
+
+    since: datetime | None = None
+    until: datetime | None = None
+
+    def holds(self, moment: datetime) -> bool:
+        return (self.since is None or moment >= self.since) and (self.until is None or moment < self.until)
+
+
+def range_bound(text: str, flag: str, *, end: bool) -> datetime:
+    """``--since``/``--until`` as an instant: a date is that whole day in UTC (``--until`` includes it), a
+    date-time that instant (``--until`` includes it too); UsageError for anything else."""
+    moment = to_utc(text.strip())
+    if moment is None or not 1970 <= moment.year <= 2200:
+        raise UsageError(f"{flag} {text!r} is not a date (2026-01-31) or an ISO-8601 date-time in 1970-2200")
+    if not end:
+        return moment
+    return moment + (timedelta(days=1) if DATE_ONLY.fullmatch(text.strip()) else timedelta(microseconds=1))
+
+
+def usable_key(key: str) -> bool:
+    """A key the database could have stored, so a path built from it reads what it names."""
+    return bool(key) and not FORBIDDEN_KEY.search(key) and len(key.encode("utf-8")) <= MAX_KEY_BYTES
+
+
+def archive_records(value: Any, key: str, issues: DataIssues) -> list[Mapping[str, Any]]:
+    """The records of one archived list (``{key: [...], count, updatedAt}``, in any shape the database
+    returns it); a list that is no list, entries that are not objects and entries beyond
+    ``MAX_ARCHIVE_ITEMS`` are counted and skipped."""
+    inner = value.get(key) if isinstance(value, Mapping) else value
+    if inner is not None and not isinstance(inner, (Mapping, list)):
+        issues.add(f"archived_{key}_lists_with_odd_shape")
+        return []
+    entries = listing_entries(value, key)
+    if len(entries) > MAX_ARCHIVE_ITEMS:
+        issues.add(f"archived_{key}_beyond_{MAX_ARCHIVE_ITEMS}", len(entries) - MAX_ARCHIVE_ITEMS)
+        entries = entries[:MAX_ARCHIVE_ITEMS]
+    records = [entry for entry in entries if isinstance(entry, Mapping)]
+    issues.add(f"archived_{key}_not_objects", len(entries) - len(records))
+    return records
+
+
+def message_status(value: Any, issues: DataIssues) -> str:
+    """A message's status as the dashboard sets it; anything else is counted and treated as no status."""
+    status = value.strip().lower() if isinstance(value, str) and len(value) <= 40 else None
+    if status in MESSAGE_STATUSES:
+        return status
+    issues.add("archived_messages_with_odd_status")
+    return ""
+
+
+def message_observation(item: Mapping[str, Any], issues: DataIssues) -> Observation | None:
+    """A messaged member from an archived message, or None (counted): no usable ``user_id``, or no date
+    to start from. From ``sent_at`` when the status is sent and it is a date, else ``generated_at``."""
+    user_id = usable_id(item.get("user_id"))
+    if user_id is None:
+        issues.add("archived_messages_without_usable_user_id")
+        return None
+    status = message_status(item.get("status"), issues)
+    sent_at = to_utc(item.get("sent_at")) if status == "sent" else None
+    if status == "sent" and sent_at is None:
+        issues.add("sent_messages_without_valid_sent_at")
+    reference = sent_at or to_utc(item.get("generated_at"))
+    if reference is None:
+        issues.add("archived_messages_without_valid_generated_at")
+        return None
+    return Observation(user_id, "treated", status, reference, usable_id(item.get("event_id")))
+
+
+def holdout_observation(item: Mapping[str, Any], issues: DataIssues) -> Observation | None:
+    """A held-out member from a holdout record, from ``held_out_at``, or None (counted)."""
+    user_id = usable_id(item.get("user_id"))
+    if user_id is None:
+        issues.add("archived_holdout_without_usable_user_id")
+        return None
+    held_out_at = to_utc(item.get("held_out_at"))
+    if held_out_at is None:
+        issues.add("archived_holdout_without_valid_held_out_at")
+        return None
+    return Observation(user_id, "holdout", "", held_out_at, usable_id(item.get("event_id")))
+
+
+def first_per_member(observations: Iterable[Observation]) -> dict[str, Observation]:
+    kept: dict[str, Observation] = {}
+    for observation in observations:
+        kept.setdefault(observation.user_id, observation)
+    return kept
+
+
+def campaign_members(treated: Sequence[Observation], held_out: Sequence[Observation],
+                     issues: DataIssues) -> tuple[Observation, ...]:
+    """Each member once per campaign (their first record); a member both messaged and held out in one
+    campaign belongs to neither group (counted), as no one can tell which they were."""
+    messaged, holdout = first_per_member(treated), first_per_member(held_out)
+    issues.add("repeated_members_in_a_campaign", len(treated) - len(messaged) + len(held_out) - len(holdout))
+    both = messaged.keys() & holdout.keys()
+    issues.add("members_both_messaged_and_held_out", len(both))
+    return tuple(o for o in [*messaged.values(), *holdout.values()] if o.user_id not in both)
+
+
+def metadata_moment(metadata: Any) -> datetime | None:
+    return to_utc(metadata.get("created_at")) if isinstance(metadata, Mapping) else None
+
+
+def metadata_status(metadata: Any) -> str:
+    status = metadata.get("status") if isinstance(metadata, Mapping) else None
+    return clean_text(status, 40)[0] or "unknown" if isinstance(status, str) else "unknown"
+
+
+def archived_campaign(campaign_id: str, metadata: Any, messages: Any, holdout: Any,
+                      issues: DataIssues) -> ArchivedCampaign:
+    """One campaign from its archived ``metadata``, ``messages`` and ``holdout``, as read."""
+    if metadata is not None and not isinstance(metadata, Mapping):
+        issues.add("archived_metadata_not_objects")
+    treated = [o for item in archive_records(messages, "messages", issues)
+               if (o := message_observation(item, issues)) is not None]
+    held_out = [o for item in archive_records(holdout, "holdout", issues)
+                if (o := holdout_observation(item, issues)) is not None]
+    members = campaign_members(treated, held_out, issues)
+    created_at = metadata_moment(metadata) or min((o.reference for o in members), default=None)
+    return ArchivedCampaign(campaign_id, created_at, metadata_status(metadata), members)
+
+
+# --- following members: who came back ------------------------------------------------------------
+
+
+class Followed(NamedTuple):
+    """One observation followed through its window."""
+
+    observation: Observation
+    open: bool  # the window ends after --now
+    came_back: bool
+    came_to_suggested: bool
+
+
+class Attendance:
+    """The followed members' events in start order, so "did they come back within W days of t" is a
+    bisect. Events of any type count, as they do for step 1's activity; odd entries are counted."""
+
+    def __init__(self, events: Iterable[Mapping[str, Any]], members: set[str], issues: DataIssues) -> None:
+        found: dict[str, list[tuple[datetime, str]]] = {}
+        for event in events:
+            start, event_id = to_utc(event.get("startDate")), id_of(event.get("_id")) or ""
+            if start is None:
+                issues.add("events_without_valid_start_date")
+                continue
+            for member in event_member_ids(event, issues) & members:
+                found.setdefault(member, []).append((start, event_id))
+        self.events = {member: sorted(seen) for member, seen in found.items()}
+
+    def between(self, member: str, after: datetime, until: datetime) -> set[str]:
+        """The events ``member`` joined or hosted that start after ``after`` and at the latest ``until``."""
+        seen = self.events.get(member, [])
+        first = bisect.bisect_right(seen, after, key=lambda entry: entry[0])
+        last = bisect.bisect_right(seen, until, key=lambda entry: entry[0])
+        return {event_id for _, event_id in seen[first:last]}
+
+
+def window_end(reference: datetime, days: int) -> datetime:
+    """``days`` after ``reference``, or the calendar's last usable day (a date in 9999 never overflows)."""
+    window = timedelta(days=days)
+    return reference + window if LATEST_DATE - reference > window else LATEST_DATE
+
+
+def follow(observation: Observation, attendance: Attendance, now: datetime, days: int) -> Followed:
+    """Did this member come back (to any event, and to the suggested one) within the window?"""
+    end = window_end(observation.reference, days)
+    went = attendance.between(observation.user_id, observation.reference, end)
+    return Followed(observation, end > now, bool(went), observation.event_id in went)
+
+
+def tally(followed: Iterable[Followed]) -> Tally:
+    """One group's counts; open windows apart."""
+    closed, still_open = [], []
+    for f in followed:
+        (still_open if f.open else closed).append(f)
+    return Tally(len(closed), sum(f.came_back for f in closed), sum(f.came_to_suggested for f in closed),
+                 len(still_open), sum(f.came_back for f in still_open))
+
+
+def group_tallies(followed: Sequence[Followed]) -> dict[str, Tally]:
+    """The groups of one campaign: every message ("treated"), the reviewed subsets when some message has
+    such a status, and the holdout."""
+    treated = [f for f in followed if f.observation.arm == "treated"]
+    groups = {"treated": tally(treated)}
+    for name, statuses in REVIEWED_GROUPS.items():
+        subset = [f for f in treated if f.observation.status in statuses]
+        if subset:
+            groups[name] = tally(subset)
+    groups["holdout"] = tally(f for f in followed if f.observation.arm == "holdout")
+    return groups
+
+
+@dataclass(frozen=True)
+class Measurement:
+    """One block of the table: a campaign's (or the pooled) groups, each treated group's lift over the
+    holdout, and, when treated-against-holdout has no lift, why."""
+
+    groups: dict[str, Tally]
+    lifts: dict[str, Lift | None]
+    note: str | None  # a LIFT_NOTES key
+
+
+def measurement(groups: Mapping[str, Tally]) -> Measurement:
+    holdout = groups["holdout"]
+    lifts = {name: lift(t, holdout) for name, t in groups.items() if name != "holdout"}
+    return Measurement(dict(groups), lifts, lift_note(groups["treated"], holdout))
+
+
+def pooled_measurement(blocks: Sequence[Measurement]) -> Measurement:
+    """The campaigns added up (``POOLING_TEXT``): each (campaign, member) once."""
+    names = [n for n in MEASURE_GROUPS if n in ("treated", "holdout") or any(n in b.groups for b in blocks)]
+    return measurement({n: sum_tallies(b.groups[n] for b in blocks if n in b.groups) for n in names})
+
+
+# --- the report: JSON, Markdown and the console table --------------------------------------------
+
+
+def rounded(value: float | None, digits: int = 4) -> float | None:
+    return None if value is None else round(value, digits)
+
+
+def tally_json(t: Tally) -> dict[str, Any]:
+    interval = [rounded(v) for v in wilson_interval(t.came_back, t.size)] if t.size else None
+    return {"size": t.size, "came_back": t.came_back, "rate": rounded(t.rate), "rate_interval": interval,
+            "came_to_suggested": t.came_to_suggested,
+            "suggested_rate": rounded(t.came_to_suggested / t.size if t.size else None),
+            "open": t.open, "open_came_back": t.open_came_back}
+
+
+def lift_json(found: Lift | None) -> dict[str, Any] | None:
+    if found is None:
+        return None
+    return {"difference_pp": round(found.difference_pp, 2),
+            "interval_pp": [round(found.low_pp, 2), round(found.high_pp, 2)],
+            "relative_lift": rounded(found.relative), "z": round(found.z, 4), "p_value": float(f"{found.p_value:.4g}")}
+
+
+def measurement_json(m: Measurement) -> dict[str, Any]:
+    return {"groups": {name: tally_json(t) for name, t in m.groups.items()},
+            "lift_computable": m.lifts["treated"] is not None,
+            "lift": {name: lift_json(found) for name, found in m.lifts.items()},
+            "note": LIFT_NOTES[m.note][0] if m.note else None, "note_code": m.note}
+
+
+def measure_report(*, run_date: datetime, now: datetime, window_days: int, dates: DateRange,
+                   campaign: str | None, source_label: str, archive: str,
+                   measured: Sequence[tuple[ArchivedCampaign, Measurement]], pooled: Measurement,
+                   issues: DataIssues, errors: Sequence[str], empty_input: Sequence[str]) -> dict[str, Any]:
+    """The report's JSON: the settings, the method in words, pooled and per-campaign blocks, what was odd."""
+    return {
+        "kind": "measure",
+        "run_date": iso_utc(run_date),
+        "as_of": iso_utc(now),
+        "window_days": window_days,
+        "since": iso_utc(dates.since),
+        "until": iso_utc(dates.until),  # exclusive
+        "campaign": campaign,
+        "source": source_label,
+        "archive": archive,
+        "empty_input": list(empty_input),
+        "method": {"came_back": PROXY_TEXT.format(days=window_days), "reference_time": REFERENCE_TEXT,
+                   "interval": INTERVAL_METHOD, "test": TEST_METHOD, "confidence": CONFIDENCE,
+                   "pooling": POOLING_TEXT, "reviewed_groups": REVIEWED_TEXT},
+        "campaigns_measured": len(measured),
+        "pooled": measurement_json(pooled),
+        "campaigns": [{"campaign_id": c.campaign_id, "created_at": iso_utc(c.created_at), "status": c.status,
+                       **measurement_json(m)} for c, m in measured],
+        "data_issues": issues.as_dict(),
+        "errors": list(errors),
+    }
+
+
+def percent(rate: float | None) -> str:
+    return "-" if rate is None else f"{100 * rate:.1f}%"
+
+
+def group_row(name: str, g: Mapping[str, Any]) -> list[str]:
+    """One group as table cells: size, came back, rate with its Wilson interval, suggested event, open."""
+    interval = g["rate_interval"]
+    rate = percent(g["rate"]) + (f" ({percent(interval[0])}-{percent(interval[1])})" if interval else "")
+    return [name, str(g["size"]), str(g["came_back"]), rate, str(g["came_to_suggested"]),
+            f"{g['open']} ({g['open_came_back']} back)"]
+
+
+MEASURE_COLUMNS = ["group", "size", "came back", "rate (95% CI)", "to suggested event", "open (already back)"]
+
+
+def p_value_text(p_value: float) -> str:
+    return "< 0.0001" if p_value < 0.0001 else f"{p_value:.4f}"
+
+
+def p_text(p_value: float) -> str:
+    shown = p_value_text(p_value)
+    return f"p {shown}" if shown.startswith("<") else f"p = {shown}"
+
+
+def lift_lines(block: Mapping[str, Any]) -> list[str]:
+    """The lift of each treated group over the holdout as sentences, or the plain reason there is none."""
+    lines = [] if block["note"] is None else [block["note"]]  # the sentence of LIFT_NOTES
+    for name, found in block["lift"].items():
+        if found is None:
+            continue
+        relative = found["relative_lift"]
+        lines.append(f"lift {name} vs holdout: {found['difference_pp']:+.1f} pp (95% CI {found['interval_pp'][0]:+.1f} "
+                     f"to {found['interval_pp'][1]:+.1f} pp), relative "
+                     f"{'n/a (no holdout member came back)' if relative is None else f'{100 * relative:+.1f}%'}, "
+                     f"{p_text(found['p_value'])}")
+    return lines
+
+
+def block_rows(block: Mapping[str, Any]) -> list[list[str]]:
+    return [group_row(name, g) for name, g in block["groups"].items()]
+
+
+def text_table(rows: Sequence[Sequence[str]], indent: str = "  ") -> list[str]:
+    """Rows as aligned console lines (the first row is the header)."""
+    widths = [max(len(row[i]) for row in rows) for i in range(len(rows[0]))]
+    return [indent + "  ".join(c.ljust(w) if i == 0 else c.rjust(w) for i, (c, w) in enumerate(zip(row, widths)))
+            for row in rows]
+
+
+def campaign_title(entry: Mapping[str, Any]) -> str:
+    """A campaign's heading; its id as read, made safe to show (no bidi or zero-width tricks, bounded)."""
+    return f"{clean_text(entry['campaign_id'], 100)[0]} (created {entry['created_at']}, {entry['status']})"
+
+
+CAMPAIGN_COLUMNS = ["campaign", "treated", "holdout", "lift, pp (95% CI)", "p", "open"]
+
+
+def share(g: Mapping[str, Any]) -> str:
+    """``came back/size rate``; a group with no closed window says how many are open instead."""
+    if not g["size"]:
+        return f"({g['open']} open)" if g["open"] else "-"
+    return f"{g['came_back']}/{g['size']} {percent(g['rate'])}"
+
+
+def campaign_row(entry: Mapping[str, Any]) -> list[str]:
+    """One campaign on one line: treated and holdout came back / size, the lift (or why none), open windows."""
+    groups, found = entry["groups"], entry["lift"]["treated"]
+    if found is None:
+        lift_cells = [LIFT_NOTES[entry["note_code"]][1], ""]
+    else:
+        low, high = found["interval_pp"]
+        lift_cells = [f"{found['difference_pp']:+.1f} ({low:+.1f} to {high:+.1f})", p_value_text(found["p_value"])]
+    return [clean_text(entry["campaign_id"], 100)[0], share(groups["treated"]), share(groups["holdout"]), *lift_cells,
+            str(groups["treated"]["open"] + groups["holdout"]["open"])]
+
+
+def measure_console(report: Mapping[str, Any], report_path: Path) -> str:
+    """The console table: one line per campaign, then the pooled block in full, the method, the report's path
+    (a year of daily campaigns stays a readable table; the report has every campaign in full)."""
+    lines = [f"Measure: {plural(report['campaigns_measured'], 'campaign')}, window {report['window_days']} days, "
+             + f"as of {report['as_of']}", ""]
+    if report["campaigns"]:
+        lines += text_table([CAMPAIGN_COLUMNS, *(campaign_row(c) for c in report["campaigns"])], indent="") + [""]
+    pooled = report["pooled"]
+    lines += [f"pooled ({plural(report['campaigns_measured'], 'campaign')}, each campaign-member once)",
+              *text_table([MEASURE_COLUMNS, *block_rows(pooled)])]
+    lines += [f"  {line}" for line in lift_lines(pooled)]
+    if any(name in pooled["groups"] for name in REVIEWED_GROUPS):
+        lines.append(f"  {REVIEWED_TEXT}")
+    lines += ["", INTERVAL_METHOD + "; " + TEST_METHOD + ".", f"Report: {report_path}"]
+    return "\n".join(lines) + "\n"
+
+
+def markdown_table(rows: Sequence[Sequence[str]]) -> list[str]:
+    header, *body = rows
+    return [f"| {' | '.join(header)} |", "|" + " --- |" * len(header)] + [
+        f"| {' | '.join(cell(c) for c in row)} |" for row in body]
+
+
+def range_text(report: Mapping[str, Any]) -> str:
+    """Which campaigns were asked for, in words (``until`` is exclusive)."""
+    since, until, campaign = report["since"], report["until"], report["campaign"]
+    dates = (f"campaigns dated from {since or 'the first'} to before {until}" if until
+             else f"campaigns dated from {since}" if since else "campaigns of any date")
+    return dates + (f"; only campaign {cell(campaign)}" if campaign else "")
+
+
+def measure_markdown(report: Mapping[str, Any]) -> str:
+    """The human report: the proxy in two sentences, the method, the pooled and per-campaign tables."""
+    method = report["method"]
+    lines = ["# Return To Table measure: did the campaigns bring anyone back?", "",
+             f"- As of {report['as_of']}; window {report['window_days']} days; {range_text(report)}",
+             f"- Archive: {cell(report['archive'])}; events: {cell(report['source'])}",
+             f"- Campaigns measured: {report['campaigns_measured']}",
+             *empty_input_lines(report["empty_input"]),
+             "", "## What \"came back\" means", "", method["came_back"], "", method["reference_time"],
+             "", "## Method", "", f"- {INTERVAL_METHOD}.", f"- {TEST_METHOD}.", f"- {method['pooling']}",
+             f"- {method['reviewed_groups']}",
+             "", "## Pooled", "", *markdown_table([MEASURE_COLUMNS, *block_rows(report["pooled"])]), ""]
+    lines += [f"- {line}" for line in lift_lines(report["pooled"])]
+    if report["campaigns"]:
+        lines += ["", "## Campaigns at a glance", "",
+                  *markdown_table([CAMPAIGN_COLUMNS, *(campaign_row(c) for c in report["campaigns"])])]
+    lines += ["", "## Per campaign"]
+    for entry in report["campaigns"]:
+        lines += ["", f"### {cell(campaign_title(entry))}", "", *markdown_table([MEASURE_COLUMNS, *block_rows(entry)]),
+                  ""]
+        lines += [f"- {line}" for line in lift_lines(entry)]
+    if not report["campaigns"]:
+        lines += ["", "No archived campaign in range."]
+    lines += ["", "## Data issues (records skipped or treated as missing)", ""]
+    lines += [f"- {k.replace('_', ' ')}: {v}" for k, v in report["data_issues"].items()] or ["None."]
+    lines += ["", "## Errors", ""] + ([f"- {cell(e)}" for e in report["errors"]] or ["None."])
+    return "\n".join(lines) + "\n"
+
+
+# --- the edges: the archive, the events, the run ------------------------------------------------
+
+
+@dataclass(frozen=True)
+class MeasureOptions:
+    """One ``measure`` run's choices; ``run`` carries what the campaign's source and transport need."""
+
+    run: RunOptions
+    window_days: int = 14
+    dates: DateRange = field(default_factory=DateRange)
+    campaign: str | None = None
+
+
+def read_campaigns(transport: FirebaseTransport, options: MeasureOptions, issues: DataIssues,
+                   errors: list[str]) -> list[ArchivedCampaign]:
+    """The archived campaigns in range (or ``--campaign``), read only: the ids from a shallow listing, each
+    one's metadata, then its messages and holdout. An id the database could not hold is counted; a
+    campaign that cannot be read is named in ``errors`` and skipped. A listing that fails raises."""
+    ids = [options.campaign] if options.campaign else transport.child_keys("campaigns")
+    campaigns = []
+    for campaign_id in ids:
+        if not usable_key(campaign_id):
+            issues.add("archived_campaign_ids_not_usable")
+            continue
+        try:
+            metadata, _ = transport.get(f"campaigns/{campaign_id}/metadata")
+            created = metadata_moment(metadata)
+            if created is not None and not options.dates.holds(created):
+                continue
+            messages, _ = transport.get(f"campaigns/{campaign_id}/messages")
+            holdout, _ = transport.get(f"campaigns/{campaign_id}/holdout")
+        except FirebaseError as exc:
+            errors.append(f"campaign {campaign_id}: not read ({exc})")
+            continue
+        if options.campaign and metadata is None and messages is None and holdout is None:
+            raise UsageError(f"--campaign {campaign_id}: no such campaign in {transport.description}")
+        campaign = archived_campaign(campaign_id, metadata, messages, holdout, issues)
+        if campaign.created_at is None:
+            issues.add("archived_campaigns_without_valid_date")
+        elif options.dates.holds(campaign.created_at):
+            campaigns.append(campaign)
+    return sorted(campaigns, key=lambda c: (c.created_at, c.campaign_id))
+
+
+def read_events(source: DataSource, issues: DataIssues) -> tuple[list[dict[str, Any]], list[str]]:
+    """The source's events, screened as the campaign screens them (read only), and ``["events"]`` when
+    there were none (empty input)."""
+    data = source.read()
+    issues.add("unreadable_extended_json_values", data.bad_values)
+    issues.add_all({kind: n for kind, n in data.skipped.items() if kind.startswith("events")})
+    screened = screen_records(data.events, "events")
+    issues.add_all(screened.issues)
+    events, repeated = dedupe_by_id(screened.records)
+    issues.add("repeated_event_ids", repeated)
+    return events, [name for name in empty_collections(data) if name == "events"]
+
+
+def measure_campaigns(campaigns: Sequence[ArchivedCampaign], events: Iterable[Mapping[str, Any]], now: datetime,
+                      days: int, issues: DataIssues) -> list[tuple[ArchivedCampaign, Measurement]]:
+    """Every campaign's members followed through their windows and grouped."""
+    attendance = Attendance(events, {o.user_id for c in campaigns for o in c.observations}, issues)
+    return [(c, measurement(group_tallies([follow(o, attendance, now, days) for o in c.observations])))
+            for c in campaigns]
+
+
+def measure_report_paths(out_dir: Path, started: datetime) -> tuple[Path, Path]:
+    """``reports/return_to_table_measure_<UTC timestamp>.json`` and ``.md``, the next free second if taken."""
+    reports, moment = out_dir / "reports", started
+    while (reports / f"return_to_table_measure_{moment.strftime('%Y%m%d-%H%M%S')}.json").exists():
+        moment += timedelta(seconds=1)
+    stem = f"return_to_table_measure_{moment.strftime('%Y%m%d-%H%M%S')}"
+    return reports / f"{stem}.json", reports / f"{stem}.md"
+
+
+def measure_exit_code(report: Mapping[str, Any]) -> int:
+    """3 when something needs a look (a campaign unreadable, no events, no campaign measured), else 0."""
+    return EXIT_ATTENTION if report["errors"] or report["empty_input"] or not report["campaigns_measured"] else EXIT_OK
+
+
+def window_days(text: str) -> int:
+    value = positive_int(text)
+    if value > MAX_WINDOW_DAYS:
+        raise argparse.ArgumentTypeError(f"must be at most {MAX_WINDOW_DAYS} days")
+    return value
+
+
+MEASURE_EXIT_CODES_HELP = """exit codes:
+  0    done cleanly
+  3    done, but something needs a look: a campaign could not be read (named in the report), the
+       source has no events, or no archived campaign is in range
+  1    failed, nothing measured: the archive or the source is unreadable, MongoDB unreachable, out of disk
+  2    bad usage, configuration or input
+  130  interrupted by SIGINT; 143 by SIGTERM"""
+
+
+def build_measure_parser() -> argparse.ArgumentParser:
+    parser = OneLineParser(
+        prog="return_to_table.py measure",
+        description="Did the campaigns bring anyone back? Treated against holdout, per campaign and pooled, "
+                    "from the archived campaigns and the current events (read only).",
+        epilog=MEASURE_EXIT_CODES_HELP, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--since", metavar="DATE", help="campaigns dated from DATE on (a date, UTC, or a date-time)")
+    parser.add_argument("--until", metavar="DATE", help="campaigns dated up to DATE, that day included")
+    parser.add_argument("--window-days", type=window_days, default=14, metavar="N",
+                        help="a member came back when at an event within N days of their message (%(default)s)")
+    parser.add_argument("--source", metavar="mongo|DIR",
+                        help="where the events are: 'mongo' (default when MongoDB is configured) or a folder "
+                             "with users.json and events.json from mongoexport")
+    parser.add_argument("--campaign", metavar="ID", help="only this archived campaign")
+    parser.add_argument("--now", metavar="ISO8601", help="the as-of instant: later windows are open (default: now)")
+    parser.add_argument("--out", metavar="DIR", type=Path, default=SCRIPT_DIR,
+                        help="root for reports/ and the local mirror data/firebase (default: the script's folder)")
+    return parser
+
+
+def measure_options(args: argparse.Namespace, settings: Settings) -> MeasureOptions:
+    """Arguments and settings as one measure run's options; UsageError for what cannot be measured."""
+    now = parse_now(args.now) if args.now is not None else datetime.now(UTC).replace(microsecond=0)
+    dates = DateRange(range_bound(args.since, "--since", end=False) if args.since else None,
+                      range_bound(args.until, "--until", end=True) if args.until else None)
+    if dates.since and dates.until and dates.since >= dates.until:
+        raise UsageError(f"--since {args.since} is not before --until {args.until}")
+    if args.campaign is not None and not usable_key(args.campaign):
+        raise UsageError(f"--campaign {args.campaign[:100]!r} is not a campaign id")
+    kind, folder = source_choice(args.source, settings)
+    run = RunOptions(source=kind, folder=folder, now=now, out_dir=usable_out_dir(args.out), dry_run=True)
+    return MeasureOptions(run, args.window_days, dates, args.campaign)
+
+
+def measure_logger() -> logging.Logger:
+    """Warnings on stderr (the table is stdout's); ``measure`` keeps no log file."""
+    logger = logging.getLogger("ReturnToTable.measure")
+    logger.setLevel(logging.WARNING)
+    logger.propagate = False
+    close_logging(logger)
+    handler = logging.StreamHandler(sys.stderr)
+    handler.setFormatter(logging.Formatter("%(levelname)s - %(message)s"))
+    logger.addHandler(handler)
+    return logger
+
+
+def run_measure(args: argparse.Namespace, env: Mapping[str, str] | None, mongo_client: Any,
+                closing: ExitStack) -> int:
+    """The ``measure`` run: the archive, the events, the statistics, the report; returns the exit code."""
+    started = datetime.now(UTC)
+    settings = Settings.from_env(env if env is not None else read_environment())
+    options = measure_options(args, settings)
+    logger = measure_logger()
+    closing.callback(close_logging, logger)
+    transport = make_dashboard(options.run, settings, logger).transport  # dry run: it can only read
+    assert transport is not None
+    if isinstance(transport, RestTransport):
+        closing.callback(transport.client.close)
+    issues, errors = DataIssues(), []
+    campaigns = read_campaigns(transport, options, issues, errors)
+    source = make_source(options.run, settings, logger, mongo_client)
+    if isinstance(source, MongoSource) and mongo_client is None:
+        closing.callback(source.client.close)
+    events, empty = read_events(source, issues)
+    measured = measure_campaigns(campaigns, events, options.run.now, options.window_days, issues)
+    report = measure_report(run_date=started, now=options.run.now, window_days=options.window_days,
+                            dates=options.dates, campaign=options.campaign, source_label=source.label,
+                            archive=transport.description, measured=measured,
+                            pooled=pooled_measurement([m for _, m in measured]), issues=issues, errors=errors,
+                            empty_input=empty)
+    json_path, md_path = measure_report_paths(options.run.out_dir, started)
+    write_json(json_path, report, private=True)
+    write_text_private(md_path, measure_markdown(report))
+    print(measure_console(report, md_path), end="")
+    for problem in measure_problems(report, source):
+        print(problem, file=sys.stderr)
+    return measure_exit_code(report)
+
+
+def measure_problems(report: Mapping[str, Any], source: DataSource) -> list[str]:
+    """What cron mail should show besides the table: one line per kind of trouble."""
+    problems = [f"error: {e}" for e in report["errors"]]
+    if report["empty_input"]:
+        problems.append(f"warning: empty input: no events in {input_location(source, 'events')}; nobody can "
+                        "have come back")
+    if not report["campaigns_measured"]:
+        problems.append(f"warning: no archived campaign in range in {report['archive']}")
+    return problems
+
+
+
+# =============================================================================================
+# Backtest: the matcher against history
+# =============================================================================================
+
+BACKTEST_RESAMPLES = 2000  # bootstrap resamples behind each pooled 95% interval
+BACKTEST_SEED = 20150601  # the bootstrap's fixed seed: the same history always gives the same intervals
+MAX_BACKTEST_DATES = 1000  # as-of dates in one run; more is a slip in --from/--to or --every-days
+# What an as-of date D cannot know of an event that starts after D: who is going (RSVP times are not
+# stored) and every field computed from it. The campaign recomputes the last three from the list.
+PARTICIPANT_FIELDS = ("participants", "participants_count", "participantCount", "participationPercentage",
+                      "remaining_spots")
+BASELINES = {
+    "random": "a candidate drawn uniformly at random, counted at its exact expectation "
+              "(attended candidates / candidates)",
+    "soonest": "the candidate that starts first (ties: the event id)",
+    "soonest_nearby": "the first candidate in the member's home neighbourhood (the matcher's own same-place "
+                      "rule); with none there, or no home recorded, the soonest candidate",
+    "host_next": "the first candidate of the host whose events the member joined most often up to D (ties: "
+                 "the host joined more recently, then the host id; a host without a candidate gives way to "
+                 "the next one); with none, the soonest candidate",
+}
+BACKTEST_METHODS = ("rules", *BASELINES)
+CANDIDATE_SET = (
+    "the campaign's own: step 2 at D (future, public, active, approved and offerable events, with the "
+    "participants removed as the no-leak rule says), scored for the member at D by step 5's "
+    "score_candidates (not full, and sharing an interest with the profile through the synonym map). There "
+    "is no horizon: event creation times are not stored, so every later event in the data counts as "
+    "announced at D. A member who came back with no candidate at all counts as a miss for every method.")
+NO_LEAK_RULE = (
+    "Events that start after D lose every participant and every field computed from them "
+    f"({', '.join(PARTICIPANT_FIELDS)}): RSVP times are not stored, so none of them can be known at D, and "
+    "every candidate's fill is unknown. Member activity (event count, last event, days inactive, dormancy, "
+    "reactivation score, the hosts they joined) and the history the matcher ranks by (places, hosts, series, "
+    "categories, weekdays, times of day) are recomputed from the events that started by D, so the "
+    "co-attendees-going signal is always 0 here. Events "
+    "without a valid start date are left out: they cannot be placed in time.")
+LATER_INFORMATION = (
+    ("Member profile fields are stored as they are now: interests, homeNeighborhood, occupation, gender, "
+     "names, email and phone may have been filled in or changed after D, which moves who is eligible (4 of 8 "
+     "fields and interests) and which events are candidates (interests, home)."),
+    "Members who joined after D are in the data but have no event up to D, so they are never eligible.",
+    ("Events keep their stored name, categories, features, neighbourhood, type, active, eventStatus and "
+     "maxParticipants as they are now: an event cancelled or edited after D is seen at D as it is now."),
+    ("Any other stored field of a member or event (createdAt, updatedAt, counters the app keeps) is as it is "
+     "now; the rules matcher reads none of them."),
+)
+
+
+class Picker(Protocol):
+    """A matcher under test: one member's pick among their scored candidates (``rules_pick`` by default)."""
+
+    def __call__(self, user: Mapping[str, Any], candidates: Sequence[Candidate]) -> Candidate | None: ...
+
+
+class ScreenedInput(NamedTuple):
+    """What a source read, screened and deduplicated as the campaign's step 1 does it."""
+
+    users: list[dict[str, Any]]
+    events: list[dict[str, Any]]
+    issues: DataIssues
+    empty: list[str]  # "users", "events": the source had none
+
+
+def read_screened(source: DataSource) -> ScreenedInput:
+    """The source's records through the campaign's screen (``screen_records``, ``dedupe_by_id``); nothing written."""
+    data = source.read()
+    issues = DataIssues()
+    issues.add("unreadable_extended_json_values", data.bad_values)
+    issues.add_all(data.skipped)
+    users, events = screen_records(data.users, "users"), screen_records(data.events, "events")
+    issues.add_all(users.issues + events.issues)
+    kept_users, repeated_users = dedupe_by_id(users.records)
+    kept_events, repeated_events = dedupe_by_id(events.records)
+    issues.add("repeated_user_ids", repeated_users)
+    issues.add("repeated_event_ids", repeated_events)
+    return ScreenedInput(kept_users, kept_events, issues, empty_collections(data))
+
+
+@dataclass(frozen=True)
+class History:
+    """Members and events read once, indexed by time, so each as-of date is a slice, never a new scan.
+
+    ``events`` are the dated events by start (``starts``); ``unknown_yet`` the same events as any date
+    before their start sees them (``without_participants``). ``attended``: per member, (start, event id)
+    of every event joined or hosted; ``joined_hosts``: per member, (start, host id) of the events they
+    joined as a guest. Both in time order.
+    """
+
+    users: list[dict[str, Any]]
+    events: list[dict[str, Any]]
+    starts: list[datetime]
+    unknown_yet: list[dict[str, Any]]
+    attended: dict[str, list[tuple[datetime, str]]]
+    joined_hosts: dict[str, list[tuple[datetime, str]]]
+
+
+def without_participants(event: Mapping[str, Any]) -> dict[str, Any]:
+    """An event as a date before its start knows it: nobody going yet, nothing computed from who is."""
+    kept = {k: v for k, v in event.items() if k not in PARTICIPANT_FIELDS}
+    kept["participants"] = []
+    return kept
+
+
+def build_history(users: list[dict[str, Any]], events: Sequence[dict[str, Any]], issues: DataIssues) -> History:
+    """The time index of a whole history; undated events are left out and counted."""
+    dated = sorted(((start, e) for e in events if (start := to_utc(e.get("startDate"))) is not None),
+                   key=lambda pair: (pair[0], id_of(pair[1].get("_id")) or ""))
+    issues.add("events_without_valid_start_date", len(events) - len(dated))
+    attended: dict[str, list[tuple[datetime, str]]] = {}
+    joined_hosts: dict[str, list[tuple[datetime, str]]] = {}
+    for start, event in dated:
+        event_id, host = id_of(event.get("_id")) or "", id_of(event.get("ownerId"))
+        for member in event_member_ids(event, issues):
+            attended.setdefault(member, []).append((start, event_id))
+            if host is not None and member != host:
+                joined_hosts.setdefault(member, []).append((start, host))
+    return History(users, [e for _, e in dated], [s for s, _ in dated],
+                   [without_participants(e) for _, e in dated], attended, joined_hosts)
+
+
+def world_at(history: History, day: datetime) -> tuple[DormancyCensus, list[FutureEvent]]:
+    """Steps 1 and 2 as they would have run at ``day``: dormancy from the events started by then, and the
+    future events as then known (``unknown_yet``)."""
+    cut = bisect.bisect_right(history.starts, day)
+    activity = index_member_activity(history.events[:cut], DataIssues())  # counted once, in build_history
+    return find_dormant_users(history.users, activity, day), find_future_events(history.unknown_yet[cut:], day)
+
+
+def after(timeline: Sequence[tuple[datetime, str]], day: datetime) -> int:
+    """Where the entries after ``day`` begin in a time-ordered (moment, id) list."""
+    return bisect.bisect_right(timeline, day, key=lambda entry: entry[0])
+
+
+def attended_between(history: History, member: str, start: datetime, end: datetime) -> set[str]:
+    """The events a member joined or hosted that start in (start, end]: the truth for one as-of date."""
+    timeline = history.attended.get(member, [])
+    return {event_id for _, event_id in timeline[after(timeline, start):after(timeline, end)]}
+
+
+def favourite_hosts(joined: Sequence[tuple[datetime, str]]) -> list[str]:
+    """Hosts by how often the member joined them, then the more recent, then the id (``host_next``)."""
+    counts = Counter(host for _, host in joined)
+    latest = {host: moment for moment, host in joined}  # time order: the last one stays
+    return sorted(counts, key=lambda host: (-counts[host], -latest[host].timestamp(), host))
+
+
+def soonest_key(c: Candidate) -> tuple[float, str]:
+    return c.days_until, c.event["_id"]
+
+
+def host_next(candidates: Sequence[Candidate], hosts: Sequence[str]) -> Candidate | None:
+    """The soonest candidate of the first host in ``hosts`` who has one, or None."""
+    first_of: dict[str | None, Candidate] = {}
+    for c in sorted(candidates, key=soonest_key):
+        first_of.setdefault(id_of(c.event.get("ownerId")), c)
+    return next((first_of[h] for h in hosts if h in first_of), None)
+
+
+class Trial(NamedTuple):
+    """One eligible member who came back within the window after one as-of date, and how each method did.
+
+    ``hits``: per method (and ``oracle``), 1.0 a hit and 0.0 a miss; ``random`` holds its expectation.
+    ``fallbacks``: the baselines that had to fall back to the soonest candidate.
+    """
+
+    member: str
+    candidates: int
+    hits: dict[str, float]
+    fallbacks: frozenset[str]
+
+
+def score_trial(user: Mapping[str, Any], candidates: Sequence[Candidate], attended: set[str],
+                hosts: Sequence[str], pick: Picker) -> Trial:
+    """The matcher's pick and the baselines on exactly the same candidates, against what really happened."""
+
+    def hit(c: Candidate | None) -> float:
+        return float(c is not None and c.event["_id"] in attended)
+
+    soonest = min(candidates, key=soonest_key, default=None)
+    nearby = min((c for c in candidates if c.same_neighbourhood), key=soonest_key, default=None)
+    by_host = host_next(candidates, hosts)
+    going = sum(c.event["_id"] in attended for c in candidates)
+    hits = {"rules": hit(pick(user, candidates)),
+            "random": going / len(candidates) if candidates else 0.0,
+            "soonest": hit(soonest), "soonest_nearby": hit(nearby or soonest), "host_next": hit(by_host or soonest),
+            "oracle": float(going > 0)}
+    fell_back = frozenset(name for name, c in (("soonest_nearby", nearby), ("host_next", by_host))
+                          if c is None and candidates)
+    return Trial(user["_id"], len(candidates), hits, fell_back)
+
+
+def backtest_date(history: History, day: datetime, window_days: int, hoods: NeighbourhoodMap,
+                  pick: Picker) -> tuple[int, list[Trial]]:
+    """One as-of date: how many members were eligible, and a trial for each who came back within the window.
+
+    Only members who came back are scored, so the matcher runs for them alone.
+    """
+    census, future = world_at(history, day)
+    end = day + timedelta(days=window_days)
+    trials = []
+    for user in census.eligible:
+        attended = attended_between(history, user["_id"], day, end)
+        if not attended:
+            continue
+        joined = history.joined_hosts.get(user["_id"], [])
+        candidates = score_candidates(user, future, hoods, day)
+        trials.append(score_trial(user, candidates, attended, favourite_hosts(joined[:after(joined, day)]), pick))
+    return len(census.eligible), trials
+
+
+def as_of_dates(start: datetime, end: datetime, every_days: int) -> list[datetime]:
+    """``start``, then every ``every_days`` up to ``end`` included."""
+    days, day = [], start
+    while day <= end and len(days) <= MAX_BACKTEST_DATES:
+        days.append(day)
+        day += timedelta(days=every_days)
+    return days
+
+
+def hit_rates(trials: Sequence[Trial], names: Sequence[str]) -> dict[str, float | None]:
+    """Each method's share of hits (None when nobody came back)."""
+    if not trials:
+        return {name: None for name in names}
+    return {name: round(sum(t.hits[name] for t in trials) / len(trials), 4) for name in names}
+
+
+def percentile(ordered: Sequence[float], q: float) -> float:
+    """The ``q`` quantile of sorted values, interpolated between neighbours (the "inclusive" definition)."""
+    position = q * (len(ordered) - 1)
+    low = math.floor(position)
+    high = min(low + 1, len(ordered) - 1)
+    return ordered[low] + (ordered[high] - ordered[low]) * (position - low)
+
+
+def bootstrap_intervals(rows: Sequence[tuple[str, Mapping[str, float]]], resamples: int,
+                        seed: int) -> dict[str, tuple[float, float]]:
+    """95% percentile intervals of pooled means, resampling members (with all their dates) with replacement.
+
+    ``rows`` are (member, values by name); a member seen at several dates is one unit, so the interval
+    does not pretend their dates are independent. The same rows and seed always give the same intervals.
+    """
+    if not rows:
+        return {}
+    units: dict[str, list[Mapping[str, float]]] = {}
+    for member, values in rows:
+        units.setdefault(member, []).append(values)
+    groups = list(units.values())
+    names = list(rows[0][1])
+    sizes = [len(g) for g in groups]
+    sums = {name: [sum(v[name] for v in g) for g in groups] for name in names}
+    rng = random.Random(seed)
+    draws: dict[str, list[float]] = {name: [] for name in names}
+    for _ in range(resamples):
+        chosen = rng.choices(range(len(groups)), k=len(groups))
+        n = sum(map(sizes.__getitem__, chosen))
+        for name in names:
+            draws[name].append(sum(map(sums[name].__getitem__, chosen)) / n)
+    return {name: (round(percentile(sorted(v), 0.025), 4), round(percentile(sorted(v), 0.975), 4))
+            for name, v in draws.items()}
+
+
+def backtest_row(day: datetime | None, eligible: int, trials: Sequence[Trial]) -> dict[str, Any]:
+    """One line of the table: a date (or the pooled row, ``day`` None) and each method's hit@1."""
+    return {
+        "as_of": iso_utc(day) if day is not None else "pooled",
+        "eligible": eligible,
+        "returned": len(trials),
+        "members": len({t.member for t in trials}),
+        "with_candidates": sum(t.candidates > 0 for t in trials),
+        "candidates_mean": round(sum(t.candidates for t in trials) / len(trials), 1) if trials else None,
+        "hit_at_1": hit_rates(trials, BACKTEST_METHODS),
+        "oracle": hit_rates(trials, ("oracle",))["oracle"],
+        "fallbacks": {name: sum(name in t.fallbacks for t in trials) for name in ("soonest_nearby", "host_next")},
+    }
+
+
+def pooled_row(dated: Sequence[tuple[datetime, int, list[Trial]]], resamples: int, seed: int) -> dict[str, Any]:
+    """All dates together, with bootstrap intervals and the matcher's lead over the best baseline."""
+    trials = [t for _, _, ts in dated for t in ts]
+    row = backtest_row(None, sum(n for _, n, _ in dated), trials)
+    rates = row["hit_at_1"]
+    best = max(BASELINES, key=lambda name: (rates[name] or 0.0, name)) if trials else None
+    rows = [(t.member, {**t.hits, "lead": t.hits["rules"] - t.hits[best]}) for t in trials] if best else []
+    intervals = bootstrap_intervals(rows, resamples, seed)
+    row["interval_95"] = {name: list(intervals[name]) for name in (*BACKTEST_METHODS, "oracle")} if rows else {}
+    lead = round(rates["rules"] - rates[best], 4) if best else None
+    row["lead"] = {"over": best, "points": lead, "interval_95": list(intervals["lead"]) if rows else None}
+    return row
+
+
+def build_backtest_report(*, source: str, start: datetime, end: datetime, every_days: int, window_days: int,
+                          dated: Sequence[tuple[datetime, int, list[Trial]]], issues: DataIssues,
+                          resamples: int, seed: int, started: datetime, seconds: float,
+                          places_not_located: Mapping[str, int] | None = None) -> dict[str, Any]:
+    """The report: what was asked, the rules the numbers follow, one row per date, the pooled row."""
+    return {
+        "kind": "backtest",
+        "generated_at": iso_utc(started),
+        "source": source,
+        "from": iso_utc(start), "to": iso_utc(end), "every_days": every_days, "window_days": window_days,
+        "last_as_of": iso_utc(dated[-1][0]) if dated else None,
+        "matcher": "rules",
+        "truth": "the events a member joined or hosted that start in (D, D + window]",
+        "scored": "eligible members (step 1 at D, no limit, no cooldown, no holdout) who came back in the window",
+        "candidate_set": CANDIDATE_SET,
+        "no_leak_rule": NO_LEAK_RULE,
+        "later_information": list(LATER_INFORMATION),
+        "baselines": dict(BASELINES),
+        "bootstrap": {"resamples": resamples, "seed": seed, "unit": "member (all their dates)", "level": 0.95,
+                      "interval": "percentile"},
+        "dates": [backtest_row(day, n, trials) for day, n, trials in dated],
+        "pooled": pooled_row(dated, resamples, seed),
+        "data_issues": issues.as_dict(),
+        "places_not_located": places_report(places_not_located or {}),
+        "duration_seconds": round(seconds, 3),
+    }
+
+
+def backtest_table(report: Mapping[str, Any]) -> list[list[str]]:
+    """The table's cells: a header, one row per date, the pooled row and its intervals."""
+    header = ["as of", "eligible", "returned", "candidates", *BACKTEST_METHODS, "oracle"]
+    cells = [header]
+    for row in [*report["dates"], report["pooled"]]:
+        cells.append([row["as_of"][:10], str(row["eligible"]), str(row["returned"]),
+                      "-" if row["candidates_mean"] is None else f"{row['candidates_mean']:.1f}",
+                      *(percent(row["hit_at_1"][m]) for m in BACKTEST_METHODS), percent(row["oracle"])])
+    intervals = report["pooled"]["interval_95"]
+    if intervals:
+        cells.append(["95% interval", "", "", "", *(f"{100 * intervals[m][0]:.1f}-{100 * intervals[m][1]:.1f}"
+                                                    for m in (*BACKTEST_METHODS, "oracle"))])
+    return cells
+
+
+def lead_line(report: Mapping[str, Any]) -> str:
+    lead = report["pooled"]["lead"]
+    if lead["over"] is None:
+        return "Nobody came back within a window: nothing to score."
+    low, high = lead["interval_95"]
+    return (f"Lead of the rules matcher over the best baseline ({lead['over']}): {100 * lead['points']:+.1f} "
+            f"points (95% interval {100 * low:+.1f} to {100 * high:+.1f}; {report['bootstrap']['resamples']} "
+            f"bootstrap resamples of members, seed {report['bootstrap']['seed']}).")
+
+
+def console_table(report: Mapping[str, Any]) -> str:
+    cells = backtest_table(report)
+    widths = [max(len(row[i]) for row in cells) for i in range(len(cells[0]))]
+    lines = ["  ".join(c.ljust(w) if i == 0 else c.rjust(w) for i, (c, w) in enumerate(zip(row, widths, strict=True)))
+             for row in cells]
+    return "\n".join([*lines, lead_line(report)])
+
+
+def backtest_markdown(report: Mapping[str, Any]) -> str:
+    """The human report: the question, the rules of the game, the table and the caveats."""
+    cells = backtest_table(report)
+    lines = [
+        "# Return To Table backtest",
+        "",
+        "Would the rules matcher's pick for each eligible member have been an event they really went to?",
+        "",
+        (f"- Source: {cell(report['source'])}; as-of dates D from {report['from'][:10]} to {report['to'][:10]} "
+         f"every {report['every_days']} days ({len(report['dates'])} dates); window W = {report['window_days']} days"),
+        f"- Truth: {report['truth']}.",
+        f"- Scored: {report['scored']}; hit@1 = the pick is one of the events they went to.",
+        f"- Candidates: {report['candidate_set']}",
+        f"- No leaks: {report['no_leak_rule']}",
+        "",
+        "| " + " | ".join(cells[0]) + " |",
+        "| " + " | ".join("---" for _ in cells[0]) + " |",
+        *("| " + " | ".join(cell(c) for c in row) + " |" for row in cells[1:]),
+        "",
+        lead_line(report),
+        "",
+        ("The oracle is the share of returning members whose event was among the candidates at all: no "
+         "matcher choosing among these candidates can score more."),
+        "",
+        "## Baselines (same members, same candidates)",
+        "",
+        *(f"- **{name}**: {text}." for name, text in report["baselines"].items()),
+        f"- Fallbacks to the soonest candidate, pooled: {report['pooled']['fallbacks']}.",
+        "",
+        "## What may still carry later information",
+        "",
+        *(f"- {text}" for text in report["later_information"]),
+        "",
+        "## Data issues (records skipped or treated as missing)",
+        "",
+        *([f"- {k.replace('_', ' ')}: {v}" for k, v in report["data_issues"].items()] or ["None."]),
+        "",
+        places_line(report["places_not_located"]),
+        "",
+        f"Computed in {report['duration_seconds']} s.",
+    ]
+    return "\n".join(lines) + "\n"
+
+
+BACKTEST_EXIT_CODES = """exit codes:
+  0    done cleanly
+  3    done, but nothing or little to read: the input was empty, or nobody came back within any window
+  1    failed: source unreadable, MongoDB unreachable, the report could not be written
+  2    bad usage, configuration or input (dates, flags, a window that has not closed yet)
+  130  interrupted by SIGINT (nothing written)"""
+
+
+def backtest_parser() -> argparse.ArgumentParser:
+    parser = OneLineParser(
+        prog="return_to_table.py backtest",
+        description="Replay the rules matcher on history: at each as-of date, would its pick for each eligible "
+                    "member have been an event they really went to? Writes only the report.",
+        epilog=BACKTEST_EXIT_CODES, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--source", metavar="mongo|DIR", required=True,
+                        help="'mongo' or a folder with users.json and events.json from mongoexport")
+    parser.add_argument("--from", dest="start", metavar="DATE", required=True, help="first as-of date (YYYY-MM-DD)")
+    parser.add_argument("--to", dest="end", metavar="DATE", required=True, help="last as-of date, included")
+    parser.add_argument("--every-days", type=positive_int, default=14, metavar="N",
+                        help="days between as-of dates (%(default)s)")
+    parser.add_argument("--window-days", type=positive_int, default=30, metavar="W",
+                        help="a member came back when they went to an event within W days after D (%(default)s)")
+    parser.add_argument("--out", metavar="DIR", type=Path, default=SCRIPT_DIR,
+                        help="the report goes to DIR/reports/ (default: the script's folder)")
+    parser.add_argument("--resamples", type=positive_int, default=BACKTEST_RESAMPLES, metavar="N",
+                        help="bootstrap resamples for the pooled intervals (%(default)s)")
+    parser.add_argument("--seed", type=int, default=BACKTEST_SEED, help="the bootstrap's seed (%(default)s)")
+    parser.add_argument("--insecure-tls", action="store_true",
+                        help="do not verify MongoDB's TLS certificate (logged as a warning)")
+    return parser
+
+
+def as_of_flag(text: str, flag: str) -> datetime:
+    """``--from``/``--to``: a date (midnight UTC) or an ISO-8601 date-time, 1970-2200."""
+    moment = to_utc(text)
+    if moment is None:
+        raise UsageError(f"{flag} {text!r} is not a date (YYYY-MM-DD, or an ISO-8601 date-time)")
+    if not 1970 <= moment.year <= 2200:
+        raise UsageError(f"{flag} {text!r} is outside the years 1970-2200")
+    return moment
+
+
+def backtest_days(args: argparse.Namespace, clock: datetime) -> list[datetime]:
+    """The as-of dates, refused when there are none or too many, or the last window has not closed."""
+    start, end = as_of_flag(args.start, "--from"), as_of_flag(args.end, "--to")
+    if start > end:
+        raise UsageError(f"--from {args.start!r} is after --to {args.end!r}")
+    days = as_of_dates(start, end, args.every_days)
+    if len(days) > MAX_BACKTEST_DATES:
+        raise UsageError(f"more than {MAX_BACKTEST_DATES} as-of dates: widen --every-days or narrow --from/--to")
+    if days[-1] + timedelta(days=args.window_days) > clock:
+        raise UsageError(f"the window after {iso_utc(days[-1])} ends after now: it has not closed, so it cannot "
+                         "be scored (move --to back or shorten --window-days)")
+    return days
+
+
+def writable_folder(path: Path) -> Path:
+    """``--out`` resolved and created, or a usage error."""
+    out_dir = path.expanduser().resolve()
+    try:
+        out_dir.mkdir(parents=True, exist_ok=True)
+    except OSError as exc:
+        raise UsageError(f"--out {out_dir}: cannot create the folder ({exc.strerror})") from None
+    if not os.access(out_dir, os.W_OK):
+        raise UsageError(f"--out {out_dir}: not writable")
+    return out_dir
+
+
+def backtest_source(args: argparse.Namespace, settings: Settings, out_dir: Path, clock: datetime,
+                    mongo_client: Any) -> DataSource:
+    """The campaign's readers (``make_source``): MongoDB or a mongoexport folder."""
+    kind, folder = source_choice(args.source, settings)
+    options = RunOptions(source=kind, folder=folder, now=clock, out_dir=out_dir, insecure_tls=args.insecure_tls)
+    return make_source(options, settings, logging.getLogger("ReturnToTable.backtest"), mongo_client)
+
+
+def run_backtest(history: History, days: Sequence[datetime], window_days: int, hoods: NeighbourhoodMap,
+                 pick: Picker | None = None) -> list[tuple[datetime, int, list[Trial]]]:
+    """Every as-of date: (D, eligible members, trials). ``pick`` is the matcher under test: by default
+    ``rules_pick`` as the campaign has it when the run starts."""
+    chosen = pick or rules_pick
+    return [(day, *backtest_date(history, day, window_days, hoods, chosen)) for day in days]
+
+
+def write_backtest_report(out_dir: Path, report: Mapping[str, Any], started: datetime) -> Path:
+    """``reports/return_to_table_backtest_{stamp}.json`` and ``.md``, atomically; a taken stamp moves a second."""
+    reports, moment = out_dir / "reports", started
+    while (reports / f"return_to_table_backtest_{moment.strftime('%Y%m%d-%H%M%S')}.json").exists():
+        moment += timedelta(seconds=1)
+    stem = reports / f"return_to_table_backtest_{moment.strftime('%Y%m%d-%H%M%S')}"
+    write_json(stem.with_suffix(".json"), report, private=True)
+    write_text_private(stem.with_suffix(".md"), backtest_markdown(report))
+    return stem.with_suffix(".md")
+
+
+def backtest(args: argparse.Namespace, env: Mapping[str, str] | None, mongo_client: Any, closing: ExitStack,
+             pick: Picker | None = None) -> int:
+    """The subcommand itself: settings, source, history, every date, the report. Errors are the caller's."""
+    settings = Settings.from_env(env if env is not None else read_environment())
+    started = datetime.now(UTC).replace(microsecond=0)
+    days = backtest_days(args, started)
+    hoods = load_neighbourhoods(settings.neighbourhoods_csv)
+    out_dir = writable_folder(args.out)
+    source = backtest_source(args, settings, out_dir, started, mongo_client)
+    if isinstance(source, MongoSource) and mongo_client is None:
+        closing.callback(source.client.close)
+    clock = time.monotonic()
+    screened = read_screened(source)
+    for name in screened.empty:
+        print(f"warning: empty input: no {name} in {input_location(source, name)}", file=sys.stderr)
+    history = build_history(screened.users, screened.events, screened.issues)
+    dated = run_backtest(history, days, args.window_days, hoods, pick)
+    report = build_backtest_report(source=source.label, start=days[0], end=as_of_flag(args.end, "--to"),
+                                   every_days=args.every_days,
+                                   window_days=args.window_days, dated=dated, issues=screened.issues,
+                                   resamples=args.resamples, seed=args.seed, started=started,
+                                   seconds=time.monotonic() - clock, places_not_located=unlocated_places(
+                                       hoods, [*(text_field(u, "homeNeighborhood") for u in screened.users),
+                                               *(text_field(e, "neighborhood") for e in screened.events)]))
+    path = write_backtest_report(out_dir, report, started)
+    print(console_table(report))
+    print(f"Report: {path} (and .json)")
+    if report["pooled"]["returned"] == 0:
+        print("warning: nobody came back within any window: nothing was scored", file=sys.stderr)
+    return EXIT_ATTENTION if screened.empty or report["pooled"]["returned"] == 0 else EXIT_OK
 
 
 # =============================================================================================
@@ -5505,19 +7868,53 @@ def build_parser() -> argparse.ArgumentParser:
 MAX_NOW_AHEAD = timedelta(days=1)  # a --now further ahead of the clock is a rehearsal: --dry-run only
 
 
+def parse_now(text: str) -> datetime:
+    """``--now`` as an aware UTC instant (any subcommand), or UsageError: no date, or outside 1970-2200."""
+    parsed = to_utc(text)
+    if parsed is None:
+        raise UsageError(f"--now {text!r} is not a valid ISO-8601 date-time (e.g. 2026-11-23T06:00:00Z)")
+    if not 1970 <= parsed.year <= 2200:
+        raise UsageError(f"--now {text!r} is outside the years 1970-2200")
+    return parsed
+
+
+def usable_out_dir(path: Path) -> Path:
+    """``--out`` resolved and created, or UsageError when it cannot be created or written."""
+    out_dir = path.expanduser().resolve()
+    try:
+        out_dir.mkdir(parents=True, exist_ok=True)
+    except OSError as exc:
+        raise UsageError(f"--out {out_dir}: cannot create the folder ({exc.strerror})") from None
+    if not os.access(out_dir, os.W_OK):
+        raise UsageError(f"--out {out_dir}: not writable")
+    return out_dir
+
+
+def source_choice(text: str | None, settings: Settings, hint: str = "") -> tuple[SourceKind, Path | None]:
+    """``--source`` for the campaign and both subcommands: 'mongo' (the default when MongoDB is
+    configured) or, any other value, a mongoexport folder (even one named "demo")."""
+    if text == "mongo" or (text is None and settings.mongo_uri):
+        if not settings.mongo_uri:
+            raise UsageError(MONGO_NOT_CONFIGURED)
+        return SourceKind.MONGO, None
+    if text:
+        return SourceKind.FOLDER, Path(text).expanduser()
+    raise UsageError("no data source: set MONGO_URI (or MONGO_USERNAME, MONGO_PASSWORD, MONGO_HOST) "
+                     f"and MONGO_DB_NAME, or pass --source DIR{hint}")
+
+
 def resolve_options(args: argparse.Namespace, settings: Settings) -> RunOptions:
     """Turn arguments and settings into one run's options; refuse what cannot be run.
 
     A ``--now`` more than ``MAX_NOW_AHEAD`` ahead of the clock needs ``--dry-run`` (``--demo`` too: its
     mirror keeps a cooldown like the real dashboard), so a rehearsal never fills the cooldown for years.
     """
+    problem = sms_policy_problem(settings.sms)
+    if problem:  # otherwise every member would be skipped, each for a message that cannot fit
+        raise UsageError(problem)
     now = datetime.now(UTC).replace(microsecond=0)
     if args.now is not None:
-        parsed = to_utc(args.now)
-        if parsed is None:
-            raise UsageError(f"--now {args.now!r} is not a valid ISO-8601 date-time (e.g. 2026-11-23T06:00:00Z)")
-        if not 1970 <= parsed.year <= 2200:
-            raise UsageError(f"--now {args.now!r} is outside the years 1970-2200")
+        parsed = parse_now(args.now)
         if parsed > now + MAX_NOW_AHEAD and not args.dry_run:  # the cooldown would hold members out until then
             raise UsageError(f"--now {args.now!r} is more than a day ahead of the clock: a run in the future "
                              "must be a --dry-run, or its messages hold members out of the cooldown until then")
@@ -5526,26 +7923,13 @@ def resolve_options(args: argparse.Namespace, settings: Settings) -> RunOptions:
         if args.llm == "claude":
             raise UsageError("--demo never calls remote services: drop --llm claude or use --source")
         kind, folder = SourceKind.DEMO, None
-    elif args.source == "mongo" or (args.source is None and settings.mongo_uri):
-        kind, folder = SourceKind.MONGO, None
-    elif args.source:  # any other value is a folder, even one named "demo"
-        kind, folder = SourceKind.FOLDER, Path(args.source).expanduser()
     else:
-        raise UsageError("no data source: set MONGO_URI (or MONGO_USERNAME, MONGO_PASSWORD, MONGO_HOST) "
-                         "and MONGO_DB_NAME, or pass --source DIR; --demo runs on built-in sample data")
-    if kind is SourceKind.MONGO and not settings.mongo_uri:
-        raise UsageError(MONGO_NOT_CONFIGURED)
+        kind, folder = source_choice(args.source, settings, "; --demo runs on built-in sample data")
     use_claude = kind is not SourceKind.DEMO and (
         args.llm == "claude" or (args.llm == "auto" and bool(settings.anthropic_api_key)))
     if use_claude and not settings.anthropic_api_key:
         raise UsageError("--llm claude needs ANTHROPIC_API_KEY")
-    out_dir = args.out.expanduser().resolve()
-    try:
-        out_dir.mkdir(parents=True, exist_ok=True)
-    except OSError as exc:
-        raise UsageError(f"--out {out_dir}: cannot create the folder ({exc.strerror})") from None
-    if not os.access(out_dir, os.W_OK):
-        raise UsageError(f"--out {out_dir}: not writable")
+    out_dir = usable_out_dir(args.out)
     return RunOptions(source=kind, folder=folder, now=now, out_dir=out_dir, limit=args.limit,
                       use_claude=use_claude, dry_run=args.dry_run, min_confidence=args.min_confidence,
                       candidates=args.candidates, concurrency=args.concurrency,
@@ -5578,7 +7962,8 @@ def make_dashboard(options: RunOptions, settings: Settings, logger: logging.Logg
         if not options.is_demo:
             logger.info("FIREBASE_DATABASE_URL is not set: using the local mirror %s", mirror)
         transport: FirebaseTransport = LocalMirrorTransport(mirror, settings.firebase_base_path)
-        return DashboardWriter(transport, logger, dry_run=options.dry_run, updated_at=updated_at)
+        return DashboardWriter(transport, logger, dry_run=options.dry_run, updated_at=updated_at,
+                               holdout=options.holdout > 0)
     token_source = None
     if not settings.firebase_auth_token and settings.google_credentials:
         token_source = service_account_tokens(settings.google_credentials)
@@ -5588,7 +7973,8 @@ def make_dashboard(options: RunOptions, settings: Settings, logger: logging.Logg
     transport = RestTransport(settings.firebase_url, settings.firebase_base_path,
                               auth_token=settings.firebase_auth_token, token_source=token_source,
                               timeout=settings.firebase_timeout, control=control)
-    return DashboardWriter(transport, logger, dry_run=options.dry_run, updated_at=updated_at)
+    return DashboardWriter(transport, logger, dry_run=options.dry_run, updated_at=updated_at,
+                           holdout=options.holdout > 0)
 
 
 def make_advisor(options: RunOptions, settings: Settings, logger: logging.Logger,
@@ -5623,6 +8009,7 @@ def run_campaign(args: argparse.Namespace, env: Mapping[str, str] | None, mongo_
     """The program itself: settings, the lock, the services, one campaign. ``main`` handles the errors."""
     settings = Settings.from_env(env if env is not None else read_environment())
     options = resolve_options(args, settings)
+    hoods = load_neighbourhoods(settings.neighbourhoods_csv)  # before the lock: a bad table is exit 2 at once
     control = RunControl(options.deadline_minutes * 60)
     closing.callback(handle_stop_signals(control))
     closing.enter_context(RunLock(options.out_dir))
@@ -5638,7 +8025,6 @@ def run_campaign(args: argparse.Namespace, env: Mapping[str, str] | None, mongo_
     advisor = make_advisor(options, settings, logger, control)
     if advisor is not None:
         closing.callback(advisor.client.close)
-    hoods = NeighbourhoodMap.from_csv(CENTROIDS_CSV)
     try:
         return ReturnToTable(options, settings, logger, source=source, dashboard=dashboard, hoods=hoods,
                              advisor=advisor, control=control).run()
@@ -5675,16 +8061,37 @@ def main(argv: Sequence[str] | None = None, *, env: Mapping[str, str] | None = N
     return result.exit_code
 
 
+def run_subcommand(name: str, parser: argparse.ArgumentParser, program: Any, argv: Sequence[str],
+                   env: Mapping[str, str] | None, mongo_client: Any) -> int:
+    """A subcommand with ``main``'s error handling and exit codes: ``program(args, env, mongo_client,
+    closing)`` does the work; bad input is one line and exit 2, a failed service exit 1, Ctrl-C 130."""
+    try:
+        args = parser.parse_args(list(argv))
+    except SystemExit as exc:  # --help, or a usage error already printed
+        return exc.code if isinstance(exc.code, int) else EXIT_USAGE
+    with ExitStack() as closing:
+        try:
+            return program(args, env, mongo_client, closing)
+        except UsageError as exc:
+            print(f"error: {exc}", file=sys.stderr)
+            return EXIT_USAGE
+        except ServiceError as exc:
+            print(f"error: {exc}", file=sys.stderr)
+            return EXIT_FAILURE
+        except KeyboardInterrupt:
+            print(f"error: {name} interrupted; no report written", file=sys.stderr)
+            return EXIT_SIGNALS[signal.SIGINT]
+
+
 def measure_command(argv: Sequence[str], *, env: Mapping[str, str] | None = None, mongo_client: Any = None) -> int:
     """``measure``: did the campaigns bring anyone back, treated against the holdout (read-only)."""
-    print("error: measure is not built yet", file=sys.stderr)
-    return EXIT_USAGE
+    return run_subcommand("measure", build_measure_parser(), run_measure, argv, env, mongo_client)
 
 
 def backtest_command(argv: Sequence[str], *, env: Mapping[str, str] | None = None, mongo_client: Any = None) -> int:
-    """``backtest``: would the rules matcher's picks have been events members really went to."""
-    print("error: backtest is not built yet", file=sys.stderr)
-    return EXIT_USAGE
+    """``backtest``: would the rules matcher's picks have been events members really went to (read-only;
+    only the report is written)."""
+    return run_subcommand("backtest", backtest_parser(), backtest, argv, env, mongo_client)
 
 
 SUBCOMMANDS = {"measure": measure_command, "backtest": backtest_command}

@@ -23,7 +23,7 @@ from fake_rtdb import FakeRealtimeDatabase
 
 import return_to_table as rtt
 
-MONTANA = ROOT.parent / "shared" / "data" / "meetup_montana"
+MONTANA = ROOT / "samples" / "meetup_montana"
 MONTANA_NOW = "2016-06-03T00:00:00Z"
 
 

@@ -1,6 +1,6 @@
 """Hand-built test data and helpers shared by the test modules (fixtures live in conftest.py).
 
-All people and places here are fictional (``@example.com`` emails, ``+1555`` phones).
+All people and places here are fictional (``@example.com`` emails, ``+1 212 555-01xx`` phones, the range set aside for fiction).
 """
 
 from __future__ import annotations
@@ -53,16 +53,16 @@ def small_world() -> tuple[list[dict[str, Any]], list[dict[str, Any]]]:
     """Six members and eight events, shaped like pymongo's output (ObjectIds, naive UTC datetimes)."""
     users = [
         {"_id": MAYA, "firstName": "Maya", "lastName": "Rivera", "email": "maya.rivera@example.com",
-         "phone": "+15555550101", "gender": "female", "interests": ["music", "food"],
+         "phone": "+12125550101", "gender": "female", "interests": ["music", "food"],
          "occupation": "AI Specialist", "homeNeighborhood": "hells-kitchen", "createdAt": days_ago(400)},
         {"_id": ZOE, "firstName": "Zoë", "lastName": "Okafor", "email": "zoe.okafor@example.com",
-         "phone": "+15555550102", "gender": "female", "interests": ["wine"], "occupation": "UX Designer",
+         "phone": "+12125550102", "gender": "female", "interests": ["wine"], "occupation": "UX Designer",
          "homeNeighborhood": "west-village"},
         {"_id": OMAR, "firstName": "Omar", "lastName": "Haddad", "email": "omar.haddad@example.com",
-         "phone": "+15555550103", "gender": "male", "interests": ["music"], "occupation": "Chef",
+         "phone": "+12125550103", "gender": "male", "interests": ["music"], "occupation": "Chef",
          "homeNeighborhood": "chelsea"},
         {"_id": GRACE, "firstName": "Grace", "lastName": "Kim", "email": "grace.kim@example.com",
-         "phone": "+15555550104", "interests": ["art"], "homeNeighborhood": "soho"},
+         "phone": "+12125550104", "interests": ["art"], "homeNeighborhood": "soho"},
         {"_id": NOAH, "firstName": "Noah", "lastName": "Park", "email": "noah.park@example.com",
          "interests": ["games"]},
         {"_id": IVY, "firstName": "Ivy", "email": "ivy@example.com", "interests": ["art"]},

@@ -34,7 +34,7 @@ from builders import (
 import return_to_table as rtt
 
 SCRIPT = Path(rtt.__file__).resolve()
-MONTANA = SCRIPT.parent.parent / "shared" / "data" / "meetup_montana"
+MONTANA = SCRIPT.parent / "samples" / "meetup_montana"  # shipped with the repository
 MONTANA_NOW = datetime(2016, 6, 3, tzinfo=UTC)  # the as-of instant of the real Montana data
 MONTANA_NOW_ISO = "2016-06-03T00:00:00Z"  # MONTANA_NOW as --now takes it
 
@@ -137,7 +137,9 @@ def test_demo_is_valid_whatever_the_date_for_every_eligible_member(tmp_path, as_
     assert run.code == 0, run.err
     report = run.report()
     assert report["errors"] == [] and report["skipped"] == []
-    assert report["summary"]["total_messages_generated"] == report["summary"]["total_users_with_complete_profiles"]
+    not_textable = {"opted_out": 2, "no_valid_phone": 1}  # the demo's planted members who may not be texted
+    assert report["skip_reasons"] == not_textable
+    assert report["summary"]["total_messages_generated"] == report["summary"]["total_users_with_complete_profiles"] - 3
     assert_messages_keep_the_contract(run, rtt.to_utc(as_of))
 
 
@@ -353,11 +355,13 @@ def test_member_below_min_confidence_is_skipped_and_named_in_the_report(tmp_path
     assert "Maya Rivera" in markdown and "Zoë Okafor" in markdown
 
 
-def test_limit_tries_only_the_top_members_and_does_not_replace_a_skipped_one(tmp_path, world):
+def test_limit_counts_messages_so_the_walk_goes_past_members_who_get_none(tmp_path, world):
     run = folder_run(tmp_path, world, "relaxed", "--limit", "1", "--min-confidence", "100")
     report = run.report()
-    assert report["statistics"]["users_processed"] == 1
-    assert [s["user_id"] for s in report["skipped"]] == [str(ZOE)]
+    assert report["summary"]["total_messages_generated"] == 0
+    assert report["statistics"]["users_processed"] == len(run.ranked)  # nobody reached 100%: every member tried
+    assert {s["user_id"] for s in report["skipped"]} == set(run.ranked)
+    assert report["skip_reasons"] == {"below_min_confidence": len(run.ranked)}
 
 
 def test_campaign_timezone_sets_the_message_times(tmp_path, world):

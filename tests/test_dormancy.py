@@ -24,7 +24,7 @@ OTHER = ObjectId("6500000000000000000000a2")
 
 FULL_PROFILE = {  # interests first, so that any prefix of it is a personalisable profile
     "interests": ["music", "food"], "firstName": "Maya", "email": "maya.rivera@example.com",
-    "homeNeighborhood": "soho", "lastName": "Rivera", "phone": "+15555550101", "gender": "female",
+    "homeNeighborhood": "soho", "lastName": "Rivera", "phone": "+12125550101", "gender": "female",
     "occupation": "Chef",
 }
 

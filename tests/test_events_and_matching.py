@@ -378,7 +378,7 @@ def test_several_members_may_get_the_same_event(now, hoods, zone):
 
 
 def test_eligible_member_from_step_1_gets_matched_in_step_5(now, hoods, zone):
-    raw_user = {**MEMBER, "email": "maya.rivera@example.com", "phone": "+15555550101"}
+    raw_user = {**MEMBER, "email": "maya.rivera@example.com", "phone": "+12125550101"}
     del raw_user["days_inactive"], raw_user["eventCount"]
     [user] = find_dormant_users([raw_user], {"m1": Activity(3, now - timedelta(days=45))}, now).eligible
     match = best(now, hoods, zone, open_event(now, "jazz", tags=["MUSIC"], hood="midtown"), user=user)

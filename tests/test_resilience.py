@@ -419,8 +419,9 @@ def test_a_member_that_crashes_is_skipped_as_failed_the_others_are_done_and_the_
     [failed] = [s for s in report["skipped"] if s["reason"].startswith("failed:")]
     assert "RuntimeError" in failed["reason"]
     assert failed["user_id"] == run.ranked[1]
-    assert [m["user_id"] for m in run.matches] == [run.ranked[i] for i in (0, 2, 3)]
-    assert len(run.messages) == 3
+    assert run.report()["skip_reasons"]["failed"] == 1 and failed["code"] == "failed"
+    assert [m["user_id"] for m in run.matches] == [run.ranked[i] for i in (0, 2, 3, 4)]  # the walk goes on to --limit
+    assert len(run.messages) == 4
     assert run.err.startswith("warning: 1 members failed") and run.err.count("\n") == 1
     assert "Traceback" not in run.out + run.err
     [log] = (run.root / "logs").glob("*.log")

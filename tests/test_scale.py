@@ -82,6 +82,16 @@ def write_world(folder: Path, users: list[dict[str, Any]], events: list[dict[str
     return folder
 
 
+def assert_history_exercised(members: list[dict[str, Any]]) -> None:
+    """The world gives the history signals something to say (else the equality tests would prove little):
+    places, tags, series, co-attendees going, and the contact fields step 1 sets."""
+    histories = [m["event_history"] for m in members]
+    for key in ("places", "tags", "series", "weekdays", "company_going"):
+        assert sum(1 for h in histories if h[key]) > len(members) // 3, key
+    assert any(h["hosts"] for h in histories)
+    assert all(m["phone_e164"] for m in members) and any(m["phone_timezone"] for m in members)
+
+
 def run_folder(folder: Path, out: Path, *flags: str) -> CliRun:
     run = run_main(["--source", str(folder), "--now", NOW_ISO, "--llm", "off", "--dry-run", *flags], out)
     assert run.code == 0, run.err
@@ -179,7 +189,9 @@ def test_the_counting_read_and_the_literal_reading_give_the_same_outputs(tmp_pat
     for name in OUTPUTS:
         assert fast.load(name) == slow.load(name), name
     assert len(fast.load(OUTPUTS[0])) > 20 and fast.load(OUTPUTS[1])
-    assert fast.matches == slow.matches
+    assert_history_exercised(fast.load(OUTPUTS[0]))
+    assert [m["event_history"] for m in fast.load(OUTPUTS[0])] == [m["event_history"] for m in slow.load(OUTPUTS[0])]
+    assert fast.matches == slow.matches and fast.messages == slow.messages
     for key in ("data_issues", "summary"):
         assert fast.report()[key] == slow.report()[key], key
     issues = fast.report()["data_issues"]
@@ -290,7 +302,9 @@ def test_the_pipeline_and_the_folder_give_the_same_outputs(tmp_path, pipeline):
     assert mongo.code == 0, mongo.err
     for name in OUTPUTS:
         assert mongo.load(name) == folder.load(name), name
-    assert mongo.matches == folder.matches
+    assert_history_exercised(mongo.load(OUTPUTS[0]))
+    assert [m["event_history"] for m in mongo.load(OUTPUTS[0])] == [m["event_history"] for m in folder.load(OUTPUTS[0])]
+    assert mongo.matches == folder.matches and mongo.messages == folder.messages
     assert mongo_expressions.DELIVERED["aggregate user"] == 0
     assert mongo.report()["summary"]["total_dormant_users_found"] == folder.report()["summary"]["total_dormant_users_found"]
 
@@ -300,9 +314,16 @@ def test_the_pipeline_reads_only_the_dormant_members(pipeline):
     client = mongo_world(users, events)
     data = rtt.MongoSource(client, "testdb").read_dormant(NOW)
     assert data.read["users"] == len(users) - 1
-    assert {rtt.id_of(u["_id"]) for u in data.users} == set(data.activity)
+    kept = {rtt.id_of(u["_id"]) for u in data.users}
+    assert kept <= set(data.activity)  # (beside them: their co-attendees' upcoming events, for company_going)
+    assert all(rtt.derive_engagement(data.activity[m].last_event, NOW)[1] == "dormant" for m in kept)
     assert data.statuses["dormant"] == len(data.users) < len(users) // 2
-    assert mongo_expressions.DELIVERED["aggregate event"] < len(events) // 2  # members, 4 statuses, future events
+    mongo_expressions.DELIVERED.clear()  # the history fetch: exactly the events that name a kept member
+    decoded = [naive(rtt.ExtendedJsonDecoder().loads(json.dumps(e))) for e in events]
+    naming = [e for e in decoded if kept & rtt.event_member_ids(e, rtt.DataIssues()) and rtt.usable_id(e["_id"])]
+    history = rtt.MongoSource.attended(client["testdb"]["event"], sorted(kept), [])
+    assert mongo_expressions.DELIVERED["aggregate event"] == len(naming) < len(events)
+    assert all(history[m].event_count == data.activity[m].event_count for m in kept)  # every event of theirs
 
 
 def test_a_server_without_the_operators_gets_the_full_read():
@@ -326,7 +347,7 @@ def test_the_candidate_index_scores_every_member_as_score_candidates(tmp_path, h
 def test_a_large_limit_gives_the_matches_of_the_unindexed_scoring(tmp_path, monkeypatch):
     folder = write_world(tmp_path / "w", *messy_world(600))
     indexed = run_folder(folder, tmp_path / "indexed", "--limit", "1000")
-    monkeypatch.setattr(rtt.ReturnToTable, "candidates_for",
+    monkeypatch.setattr(rtt.ReturnToTable, "scored",
                         lambda self, user, events: rtt.score_candidates(user, events, self.hoods, self.options.now))
     plain = run_folder(folder, tmp_path / "plain", "--limit", "1000")
     assert len(indexed.matches) > 30

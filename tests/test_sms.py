@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import dataclasses
+import json
 import re
 import string
 from datetime import UTC, datetime, timedelta
@@ -16,19 +17,27 @@ from hypothesis import strategies as st
 from return_to_table import (
     GSM7_LIMIT,
     INTEREST_SYNONYMS,
+    OPTIONAL_FACTS,
     UCS2_LIMIT,
     MessageFacts,
     SmsSize,
     build_match,
+    facts_prompt,
     greeting_name,
     interest_label,
     local_when,
     message_facts,
+    optional_facts_said,
     shortened_names,
     sms_size,
+    template_notes,
     validate_sms,
+    without_sender_parts,
     write_template_sms,
 )
+
+EMAIL = re.compile(r"[\w.+-]+@[\w-]+(?:\.[\w-]+)+")
+PHONE = re.compile(r"\+?1?[\s().-]*555[\s().-]*555[\s().-]*\d{4}")
 
 NEW_YORK = ZoneInfo("America/New_York")
 EVENT_ID = "6600000000000000000000f1"
@@ -294,6 +303,17 @@ STARTS = st.integers(1, 30 * 48).map(lambda k: NOW + timedelta(minutes=30 * k))
 REALISTIC_WHENS = STARTS.map(lambda start: local_when(start, NEW_YORK, NOW))
 
 
+def valid_template_or_none(facts: MessageFacts) -> str | None:
+    """The template's text for ``facts``, checked against the contract, budget and link-last rule."""
+    text = write_template_sms(facts)
+    if text is not None:
+        assert validate_sms(text, facts) == []
+        size = sms_size(text)
+        assert size.units <= size.limit
+        assert text.endswith(facts.link)
+    return text
+
+
 @settings(max_examples=250, deadline=None)
 @given(
     first=st.one_of(st.none(), st.text(max_size=40), REALISTIC_NAMES,
@@ -310,13 +330,9 @@ REALISTIC_WHENS = STARTS.map(lambda start: local_when(start, NEW_YORK, NOW))
 def test_template_returns_a_valid_message_or_none(first, event_name, interests, when, spots, going,
                                                                   hood, event_id):
     facts = MessageFacts(greeting_name(first), event_id, event_name, interests, when, spots, going, hood)
-    text = write_template_sms(facts)
+    text = valid_template_or_none(facts)
     if text is None:
         return
-    assert validate_sms(text, facts) == []
-    size = sms_size(text)
-    assert size.units <= size.limit
-    assert text.endswith(facts.link)
     if facts.first_name:
         assert text.startswith((f"Hi {facts.first_name}!", f"{facts.first_name}, welcome back!"))
 
@@ -408,3 +424,300 @@ def test_template_fits_a_non_gsm_name_with_a_date_and_full_facts():
                          "Wed Dec 2, 6am", 3, 7, "flatiron")
     text = write_template_sms(facts)
     assert validate_sms(text, facts) == [] and sms_size(text).encoding == "UCS-2"
+
+
+# --- the sender and the opt-out text (SMS_SENDER, SMS_OPT_OUT_TEXT) ----------------------------------------
+
+SENDER, OPT_OUT = "Cuculi", "Reply STOP to opt out"
+DRESSED = dataclasses.replace(FACTS, sender=SENDER, opt_out_text=OPT_OUT)
+DRESSED_GOOD = (f"Cuculi: Hi Maya! Welcome back. Jazz Brunch (music) Sat 11am. 6 going, 4 spots left. "
+                f"Reply STOP to opt out. {LINK}")
+FULL = ("going", "spots", "interest")
+
+
+def said_in(text: str, facts: MessageFacts) -> dict[str, bool]:
+    body, _ = without_sender_parts(text.removesuffix(facts.link), facts)
+    return optional_facts_said(body, facts)
+
+
+def left_out(text: str, facts: MessageFacts) -> tuple[str, ...]:
+    """The optional facts these facts hold that ``text`` does not say, in ``OPTIONAL_FACTS`` order."""
+    said = said_in(text, facts)
+    return tuple(name for name in OPTIONAL_FACTS if said.get(name) is False)
+
+
+def test_a_message_with_the_sender_first_and_the_opt_out_text_before_the_link_passes():
+    assert OPTIONAL_FACTS == FULL
+    assert validate_sms(DRESSED_GOOD, DRESSED) == []
+
+
+def test_unset_sender_and_opt_out_text_change_nothing():
+    assert not FACTS.dressed and FACTS.sender is None and FACTS.opt_out_text is None
+    assert write_template_sms(FACTS) == ("Hi Maya! Welcome back. Jazz Brunch is one for music fans: Sat 11am. "
+                                         f"6 going, 4 spots left. Tap to RSVP: {LINK}")
+    assert "sender" not in facts_prompt(FACTS, {}) and "length_budget" not in facts_prompt(FACTS, {})
+
+
+@pytest.mark.parametrize(("text", "problem"), [
+    (GOOD, "must name the sender (Cuculi) near the start"),
+    (DRESSED_GOOD.replace("Cuculi: ", ""), "must name the sender (Cuculi) near the start"),
+    (DRESSED_GOOD.replace("Cuculi: ", "cuculi: "), "must name the sender (Cuculi)"),
+    (DRESSED_GOOD.replace("Cuculi: Hi Maya! Welcome back.", "Hi Maya! Welcome back. Great to see you again, from Cuculi."),
+     "must name the sender (Cuculi) near the start"),
+    (GOOD, "must put the opt-out text (Reply STOP to opt out) just before the link"),
+    (DRESSED_GOOD.replace("Reply STOP to opt out. ", ""), "must put the opt-out text"),
+    (DRESSED_GOOD.replace("Reply STOP to opt out. ", "Reply STOP to opt out. RSVP: "), "must put the opt-out text"),
+    (DRESSED_GOOD.replace("Reply STOP to opt out", "Reply stop to opt out"), "must put the opt-out text"),
+], ids=["undressed", "no-sender", "sender-case", "sender-late", "undressed-opt-out", "no-opt-out",
+        "opt-out-not-last", "opt-out-changed"])
+def test_the_validator_requires_the_sender_and_the_opt_out_text_when_set(text, problem):
+    assert problem in problems_of(text, DRESSED)
+
+
+def test_numbers_and_capitals_in_the_sender_and_opt_out_text_are_no_claims():
+    facts = dataclasses.replace(DRESSED, sender="Cuculi 2", opt_out_text="Text STOP to 12345")
+    text = f"Cuculi 2: Hi Maya! Welcome back. Jazz Brunch (music) Sat 11am. 4 spots left. Text STOP to 12345. {LINK}"
+    assert validate_sms(text, facts) == []
+    assert "numbers not among the facts: 2" in problems_of(text.replace("Welcome back.", "Welcome back, only 2 of us."),
+                                                           facts)
+    assert "no ALL-CAPS words (STOP)" in problems_of(text.replace("Welcome back.", "Welcome back. STOP by."), facts)
+    assert "numbers not among the facts: 12345, 2" in problems_of(text, dataclasses.replace(FACTS, going=0))
+
+
+@pytest.mark.parametrize(("kept", "problem"), [
+    ("(music) Sat 11am. 4 spots left.", None),
+    ("(music) Sat 11am.", None),
+    ("Sat 11am.", None),
+    ("(music) Sat 11am. 6 going.", "must say 4 spots left (to make room, leave out the going count first"),
+    ("Sat 11am. 6 going, 4 spots left.", "must mention an interest the event matches (music) (to make room"),
+    ("Sat 11am. 4 spots left.", "must mention an interest"),
+], ids=["no-going", "no-going-no-spots", "none-of-them", "spots-before-going", "interest-first",
+        "interest-before-spots"])
+def test_optional_facts_may_give_way_only_in_order(kept, problem):
+    text = f"Cuculi: Hi Maya! Welcome back. Jazz Brunch {kept} Reply STOP to opt out. {LINK}"
+    found = problems_of(text, DRESSED)
+    assert (found == "") if problem is None else (problem in found), found
+
+
+def test_without_a_sender_or_opt_out_text_every_optional_fact_is_still_required():
+    assert "must say 6 people are going" in problems_of(GOOD.replace("6 going, ", ""))
+    assert "(to make room" not in problems_of(GOOD.replace("6 going, ", ""))
+
+
+def test_the_template_names_the_sender_first_and_the_opt_out_text_just_before_the_link():
+    text = write_template_sms(DRESSED)
+    assert text.startswith("Cuculi: Hi Maya! ")
+    assert text.endswith(f" Reply STOP to opt out. {LINK}")
+    assert validate_sms(text, DRESSED) == [] and len(text) <= GSM7_LIMIT
+    assert left_out(text, DRESSED) == ()
+
+
+def test_only_a_sender_keeps_the_call_to_action_and_only_an_opt_out_text_names_no_sender():
+    assert write_template_sms(dataclasses.replace(FACTS, sender=SENDER)).startswith("Cuculi: Hi Maya!")
+    only_opt_out = write_template_sms(dataclasses.replace(FACTS, opt_out_text=OPT_OUT))
+    assert only_opt_out.startswith("Hi Maya!") and only_opt_out.endswith(f"Reply STOP to opt out. {LINK}")
+
+
+def test_the_template_drops_the_going_count_then_the_spots_before_cutting_the_name():
+    # Ever longer event names: the whole name stays while the going count and then the spots give way;
+    # then the name is cut, the interest kept.
+    stages = []
+    for n in range(30):
+        name = " ".join(["Jazz", "Brunch", *["Extra"] * n])
+        facts = dataclasses.replace(DRESSED, event_name=name, interests=("photography",), spots_left=12, going=18)
+        text = write_template_sms(facts)
+        assert text is not None and validate_sms(text, facts) == [], text
+        omitted = left_out(text, facts)
+        stages.append(omitted.count("interest") * 4 + (3 if name not in text else len(omitted)))
+    assert stages == sorted(stages) and {0, 1, 2, 3} <= set(stages), stages
+
+
+def test_the_interest_gives_way_last_when_no_cut_of_the_name_fits_beside_it():
+    facts = dataclasses.replace(FACTS, sender="Cuculi Supper Society of New York",
+                                opt_out_text="Reply STOP to opt out of texts")
+    text = write_template_sms(facts)
+    assert text == ("Cuculi Supper Society of New York: Maya, welcome back! Jazz Brunch Sat 11am. "
+                    f"Reply STOP to opt out of texts. {LINK}")
+    assert validate_sms(text, facts) == [] and left_out(text, facts) == FULL
+
+
+def test_template_notes_say_what_was_left_out_to_fit():
+    facts = dataclasses.replace(DRESSED, first_name="Alexandrinakonstanti",
+                                event_name="Natural Wine Tasting with Orange Pours", when="Wed Feb 14, 10:30am")
+    text = write_template_sms(facts)
+    notes = template_notes(facts, text)
+    assert "sender named" in notes and "opt-out text" in notes
+    assert notes.endswith("left out to fit: " + ", ".join(left_out(text, facts)))
+    assert "6 going" not in notes if "going" in left_out(text, facts) else "6 going" in notes
+
+
+@pytest.mark.parametrize("first", ["Zoë", "Łukasz", "Alexandrinakonstanti", "Małgorzata"])
+@pytest.mark.parametrize("sender", ["Cuculi", "Cuculi Supper Club NYC", "Cucüli"])
+@pytest.mark.parametrize("event_name", ["Jazz Brunch", "Natural Wine Tasting with Orange Pours from Finger Lakes"])
+@pytest.mark.parametrize("when", ["Sat 7pm", "Wed Feb 14, 10:30am"])
+def test_long_and_ucs2_names_stay_within_budget_with_the_link_last(first, sender, event_name, when):
+    facts = dataclasses.replace(DRESSED, first_name=first, sender=sender, event_name=event_name, when=when)
+    text = write_template_sms(facts)
+    if when == "Sat 7pm" and len(sender) <= len("Cuculi"):
+        assert text is not None  # a short sender and a near date always leave room, even in UCS-2
+    if not any(validate_sms(tight, facts) == [] for tight in tightest_dressed(facts)):
+        assert text is None  # 134 UCS-2 units cannot hold it: the caller tries the next event
+        return
+    assert validate_sms(text, facts) == []
+    size = sms_size(text)
+    assert size.units <= size.limit
+    assert text.startswith(sender + ": ") and text.endswith(f"Reply STOP to opt out. {LINK}")
+    assert first in text  # never stripped of its letters
+
+
+CARRIED = st.text(string.ascii_letters + string.digits + " '&-éüł", min_size=1, max_size=30).map(str.strip).filter(bool)
+
+
+@settings(max_examples=200, deadline=None)
+@given(
+    first=st.one_of(st.none(), REALISTIC_NAMES, st.sampled_from(["Zoë", "Łukasz", "Alexandrinakonstanti"])),
+    event_name=st.one_of(REALISTIC_EVENT_NAMES, st.text(max_size=120)),
+    interests=st.lists(st.sampled_from(INTERESTS), max_size=3).map(tuple),
+    when=REALISTIC_WHENS,
+    spots=st.one_of(st.none(), st.integers(0, 500)),
+    going=st.integers(0, 500),
+    sender=st.one_of(st.none(), st.sampled_from(["Cuculi", "Cuculi 2", "Cucüli"]), CARRIED),
+    opt_out=st.one_of(st.none(), st.sampled_from(["Reply STOP to opt out", "Text STOP to end"]), CARRIED),
+    event_id=HEX_IDS,
+)
+def test_the_dressed_template_returns_a_valid_message_or_none(first, event_name, interests, when, spots, going,
+                                                             sender, opt_out, event_id):
+    facts = MessageFacts(greeting_name(first), event_id, event_name, interests, when, spots, going, "soho",
+                         sender, opt_out)
+    text = valid_template_or_none(facts)
+    if text is None:
+        return
+    if sender:
+        assert text.startswith(sender)
+    if opt_out:
+        assert text.removesuffix(facts.link).rstrip(" .!").endswith(opt_out.rstrip(" .!"))
+    held = [name for name in OPTIONAL_FACTS if name in said_in(text, facts)]
+    omitted = list(left_out(text, facts))
+    assert omitted == held[: len(omitted)]  # only a leading part of the order ever gives way
+    assert not omitted or facts.dressed
+
+
+def tightest_dressed(facts: MessageFacts) -> list[str]:
+    """The tightest message with every optional fact dropped: when it passes, the writer must find one."""
+    return [f"{facts.sender}: {facts.first_name}, welcome back! {cut} {facts.when}. {facts.opt_out_text}. {facts.link}"
+            for cut in shortened_names(facts.event_name)]
+
+
+@settings(max_examples=150, deadline=None, suppress_health_check=[HealthCheck.filter_too_much])
+@given(first=REALISTIC_NAMES, event_name=REALISTIC_EVENT_NAMES,
+       interests=st.lists(st.sampled_from(INTERESTS), min_size=1, max_size=3, unique=True).map(tuple),
+       when=REALISTIC_WHENS, spots=st.one_of(st.none(), st.integers(1, 30)), going=st.integers(0, 40),
+       event_id=HEX_IDS)
+def test_the_dressed_template_always_writes_a_message_when_one_can_fit(first, event_name, interests, when, spots,
+                                                                       going, event_id):
+    facts = MessageFacts(greeting_name(first), event_id, event_name, interests, when, spots, going, "soho",
+                         SENDER, OPT_OUT)
+    assume(any(validate_sms(text, facts) == [] for text in tightest_dressed(facts)))
+    text = write_template_sms(facts)
+    assert text is not None and validate_sms(text, facts) == []
+    assert text.startswith((f"Cuculi: Hi {first}! ", f"Cuculi: {first}, welcome back! "))
+
+
+def test_the_write_prompt_carries_the_exact_strings_the_budget_and_the_order_to_drop():
+    prompt = facts_prompt(DRESSED, {"homeNeighborhood": "soho"})
+    assert 'sender: "Cuculi"' in prompt and 'opt_out_text: "Reply STOP to opt out"' in prompt
+    taken = len("Cuculi: . Reply STOP to opt out. ") + len(LINK)
+    assert f"length_budget: 160 GSM-7 characters in all; the sender, opt-out text and link take {taken}, " \
+           f"so {160 - taken} are left" in prompt
+    assert "leave out the going count first, then spots_left, then the interest" in prompt
+    ucs2 = facts_prompt(dataclasses.replace(DRESSED, first_name="Zoë"), {})
+    assert f"length_budget: 134 UCS-2 characters in all; the sender, opt-out text and link take {taken}" in ucs2
+
+
+@pytest.mark.parametrize(("env", "fragment"), [
+    ({"SMS_SENDER": "cuculi.net"}, "SMS_SENDER may not hold a link"),
+    ({"SMS_OPT_OUT_TEXT": "Text STOP to +1 555 555 0100"}, "SMS_OPT_OUT_TEXT may not hold a link"),
+    ({"SMS_SENDER": "S" * 50, "SMS_OPT_OUT_TEXT": "O" * 50}, "leave 4 of 160 characters beside the link"),
+], ids=["sender-domain", "opt-out-phone", "no-room-left"])
+def test_a_sender_or_opt_out_text_that_could_never_fit_is_a_usage_error(run_cli, env, fragment):
+    from test_cli import assert_one_line_error
+
+    assert_one_line_error(run_cli("--demo", "--dry-run", env=env), fragment)
+
+
+# --- the sender and opt-out text through whole runs: template and Claude ---------------------------------------
+
+DRESS_ENV = {"SMS_SENDER": SENDER, "SMS_OPT_OUT_TEXT": OPT_OUT}
+
+
+def assert_dressed_messages_keep_the_contract(run, now, generator: str) -> None:
+    matches = {m["user_id"]: m for m in run.matches}
+    assert run.messages
+    for message in run.messages:
+        facts = message_facts(matches[message["user_id"]], NEW_YORK, now, sender=SENDER, opt_out_text=OPT_OUT)
+        text = message["message_text"]
+        assert validate_sms(text, facts) == [], text
+        assert text.startswith("Cuculi") and text.endswith(f"Reply STOP to opt out. {facts.link}")
+        assert message["generator"] == generator
+
+
+def test_a_template_run_carries_the_sender_and_opt_out_text_in_every_message(run_cli, world_folder):
+    run = run_cli("--source", str(world_folder), "--now", "2026-01-15T12:00:00Z", "--dry-run", "--llm", "off",
+                  env=DRESS_ENV, complete=True)
+    assert run.code == 0, run.err
+    assert_dressed_messages_keep_the_contract(run, NOW, "template")
+
+
+def dressed_sms(request) -> str:
+    """What a good model writes from the dressed facts: the sender first, the opt-out text before the link."""
+    from test_claude import facts_of
+
+    f = facts_of(request)
+    sender, _ = json.JSONDecoder().raw_decode(f["sender"])
+    opt_out, _ = json.JSONDecoder().raw_decode(f["opt_out_text"])
+    interest = f["matched_interests"].split(", ")[0]
+    return (f"{sender}: Hi {f['first_name']}! Welcome back. {f['event_name']} ({interest}) {f['day_time']}. "
+            f"{opt_out}. {f['link']}")
+
+
+def test_claude_sees_the_budget_and_the_strings_and_no_phone_number_or_email(tmp_path):
+    from fake_anthropic import FakeMessagesAPI, json_reply
+    from test_claude import CLAUDE_NOW, HOST, MEMBERS, claude_cli, is_matching, match_answer, prompt_of, write_world
+
+    def answer(request):
+        if is_matching(request):
+            return json_reply(match_answer(request))
+        return json_reply({"message_text": dressed_sms(request), "personalization_notes": "name, interest",
+                           "character_count": 0})
+
+    with FakeMessagesAPI(default=answer) as fake:
+        run = claude_cli(fake, write_world(tmp_path / "export"), tmp_path / "out", env=DRESS_ENV)
+        requests = list(fake.requests)
+    writes = [r for r in requests if not is_matching(r)]
+    assert len(writes) == len(MEMBERS)
+    for request in writes:
+        prompt = prompt_of(request)
+        assert 'sender: "Cuculi"' in prompt and 'opt_out_text: "Reply STOP to opt out"' in prompt
+        assert re.search(r"length_budget: 160 GSM-7 characters in all; .* take \d+, so \d+ are left", prompt)
+    assert_dressed_messages_keep_the_contract(run, CLAUDE_NOW, "claude")
+    for request in requests:  # matching and writing alike, the whole request as sent
+        raw = request.raw.decode("utf-8")
+        assert not EMAIL.search(raw) and not PHONE.search(raw), raw[:200]
+        for member in [*MEMBERS, HOST]:
+            assert member["email"] not in raw and member["phone"] not in raw and member["phone"][2:] not in raw
+
+
+def test_a_claude_message_without_the_opt_out_text_is_sent_back_with_the_complaint(tmp_path):
+    from fake_anthropic import FakeMessagesAPI, json_reply
+    from test_claude import claude_cli, is_matching, last_user_turn, match_answer, smart, write_world
+
+    with FakeMessagesAPI(default=smart) as fake:
+        fake.queue(lambda r: json_reply(match_answer(r)),
+                   lambda r: json_reply({"message_text": dressed_sms(r).replace(f"{OPT_OUT}. ", ""),
+                                         "personalization_notes": "", "character_count": 0}),
+                   lambda r: json_reply({"message_text": dressed_sms(r), "personalization_notes": "",
+                                         "character_count": 0}))
+        run = claude_cli(fake, write_world(tmp_path / "export"), tmp_path / "out", "--limit", "1", env=DRESS_ENV)
+        retry = [r for r in fake.requests if not is_matching(r)][1]
+    assert "must put the opt-out text (Reply STOP to opt out) just before the link" in last_user_turn(retry)
+    assert run.messages[0]["generator"] == "claude"

@@ -296,6 +296,8 @@ def test_the_deadline_ends_a_slow_run_soon_after_with_exit_3_and_members_not_sta
     report = run.report()
     assert report["status"] == "deadline"
     assert report["summary"]["users_not_started"] > 0
+    reasons = [u.get("skip_reason") for u in run.load("data/processed/dormant_users.json")]
+    assert reasons.count("not_started") == report["summary"]["users_not_started"] == report["skip_reasons"]["not_started"]
     run.assert_complete()
 
 
