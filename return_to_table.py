@@ -42,6 +42,7 @@ import csv
 import dataclasses
 import fcntl
 import functools
+import gc
 import hashlib
 import itertools
 import json
@@ -50,6 +51,7 @@ import math
 import os
 import random
 import re
+import shutil
 import signal
 import sys
 import tempfile
@@ -75,6 +77,12 @@ import phonenumbers.timezone
 from bson import ObjectId, json_util
 from bson.errors import BSONError
 from dotenv import dotenv_values
+
+try:  # the fast JSON decoders for mongoexport files (requirements.txt); without them, the literal path
+    import msgspec
+    import orjson
+except ImportError:  # pragma: no cover - both are declared dependencies
+    msgspec = orjson = None
 
 # =============================================================================================
 # Configuration
@@ -562,9 +570,51 @@ def write_text_private(path: Path, text: str) -> None:
     atomic_write(path, lambda handle: handle.write(text), private=True)
 
 
-def write_raw(path: Path, docs: Sequence[Mapping[str, Any]]) -> None:
-    """What was read, as relaxed Extended JSON, readable by the owner only (it is personal data)."""
-    write_text_private(path, json_util.dumps(list(docs), json_options=json_util.RELAXED_JSON_OPTIONS))
+def write_raw(path: Path, docs: Iterable[Mapping[str, Any]]) -> int:
+    """What was read, as a relaxed Extended JSON array, readable by the owner only (it is personal data).
+
+    Streamed document by document as ``docs`` yields them (a cursor is written as it is read), never
+    built in memory as one text; returns how many documents were written."""
+    written = 0
+
+    def write(handle: Any) -> None:
+        nonlocal written
+        handle.write("[")
+        for doc in docs:
+            handle.write(",\n" if written else "\n")
+            handle.write(json_util.dumps(doc, json_options=json_util.RELAXED_JSON_OPTIONS))
+            written += 1
+        handle.write("\n]\n" if written else "]")
+
+    atomic_write(path, write, private=True)
+    return written
+
+
+def copy_raw(path: Path, source: Path) -> None:
+    """A source file's bytes, readable by the owner only: ``data/raw/`` keeps exactly what was read.
+
+    A JSON array is copied as it is (without a byte-order mark); JSON Lines become an array of the
+    same lines' bytes, so ``data/raw/`` is always one JSON array, whatever the source's form."""
+
+    def write(handle: Any) -> None:
+        handle.flush()
+        out = handle.buffer
+        with source.open("rb") as original:
+            head = original.read(4096)
+            body = head.removeprefix(b"\xef\xbb\xbf")
+            if body.lstrip().startswith(b"["):
+                out.write(body)
+                shutil.copyfileobj(original, out, 1 << 20)
+                return
+            first = True
+            for line in itertools.chain((body + original.readline()).split(b"\n"), original):
+                if line.strip():
+                    out.write(b"[\n" if first else b",\n")
+                    out.write(line.strip(b" \t\r\n"))
+                    first = False
+            out.write(b"[]" if first else b"\n]\n")
+
+    atomic_write(path, write, private=True)
 
 
 # =============================================================================================
@@ -781,9 +831,45 @@ def usable_id(value: Any) -> str | None:
     """A record's ``_id`` as an id string, or None when it is odd: no ObjectId or clean, bounded string."""
     key = id_of(value) if isinstance(value, (ObjectId, str)) or (
         isinstance(value, Mapping) and set(value) == {"$oid"}) else None
-    if key is None or len(key) > MAX_TEXT_CHARS or _CONTROL_CHARACTERS.search(key):
-        return None
+    if key is None or len(key) > MAX_TEXT_CHARS or (not key.isprintable() and _CONTROL_CHARACTERS.search(key)):
+        return None  # (a printable key holds no control character: the quick test first)
     return key
+
+
+_PLAIN_SCALARS = frozenset({bool, int, float, datetime, ObjectId, type(None)})
+
+
+def clean_string(text: str, limit: int) -> bool:
+    """Whether ``clean_text`` would leave ``text`` as it is (``isprintable`` is the quick yes)."""
+    return len(text) <= limit and (text.isprintable() or not _CONTROL_CHARACTERS.search(text))
+
+
+def already_clean(value: Any, limit: int = MAX_TEXT_CHARS, level: int = 1) -> bool:
+    """Whether ``clean_document`` would return an equal copy with nothing counted: then the record itself
+    is kept, no copy made (most records; a million of them copied would double step 1's memory).
+
+    Only plain dicts, lists and scalars qualify; anything else is left to ``clean_document``. Depth is
+    measured the same way, raising NestedTooDeep.
+    """
+    if type(value) is str:
+        return clean_string(value, limit)
+    if type(value) is not dict and type(value) is not list:
+        return type(value) in _PLAIN_SCALARS
+    if level > MAX_NESTING_DEPTH:
+        raise NestedTooDeep(f"deeper than {MAX_NESTING_DEPTH} levels")
+    pairs = value.items() if type(value) is dict else ((None, item) for item in value)
+    for key, item in pairs:
+        bound = limit if key is None else MAX_LONG_TEXT_CHARS if key in LONG_TEXT_FIELDS else MAX_TEXT_CHARS
+        kind = type(item)
+        if kind is str:
+            if not clean_string(item, bound):
+                return False
+        elif kind is dict or kind is list:
+            if not already_clean(item, bound, level + 1):
+                return False
+        elif kind not in _PLAIN_SCALARS:
+            return False
+    return True
 
 
 @dataclass
@@ -808,7 +894,7 @@ def screen_records(docs: Iterable[Mapping[str, Any]], what: str) -> ScreenedReco
             continue
         found: Counter[str] = Counter()
         try:
-            record = clean_document(doc, found)
+            record = doc if already_clean(doc) else clean_document(doc, found)
         except NestedTooDeep:
             screened.issues[f"{what}_nested_too_deep"] += 1
             continue
@@ -886,18 +972,32 @@ def decode_lines(text: str, path: Path, decoder: ExtendedJsonDecoder) -> tuple[l
     return items, too_deep
 
 
+def export_bytes(path: Path) -> bytes:
+    """A whole export file, or the one-line error naming it."""
+    try:
+        return path.read_bytes()
+    except FileNotFoundError:
+        raise UsageError(f"{path}: file not found") from None
+    except OSError as exc:
+        raise UsageError(f"{path}: cannot read ({exc.__class__.__name__}: {exc})") from None
+
+
 def load_collection_file(path: Path, decoder: ExtendedJsonDecoder) -> tuple[list[dict[str, Any]], int]:
     """One ``mongoexport`` file: a JSON array (``--jsonArray``) or JSON Lines, Extended JSON either way.
 
     Returns the documents and how many records nested too deep to decode (skipped, for the report).
-    Only a file that is not JSON, or not a list of documents, is refused as a whole.
+    Only a file that is not JSON, or not a list of documents, is refused as a whole. The fast decoder
+    (``fast_decode``) reads the file when it can; anything it cannot vouch for is read the literal way.
     """
+    data = export_bytes(path)
+    fast = fast_decode(data, decoder)
+    if fast is not None:
+        return fast, 0
     try:
-        text = path.read_text(encoding="utf-8-sig")
-    except FileNotFoundError:
-        raise UsageError(f"{path}: file not found") from None
-    except (OSError, UnicodeDecodeError) as exc:
+        text = data.decode("utf-8-sig")
+    except UnicodeDecodeError as exc:
         raise UsageError(f"{path}: cannot read ({exc.__class__.__name__}: {exc})") from None
+    del data
     stripped = text.strip()
     try:
         if not stripped:
@@ -911,6 +1011,284 @@ def load_collection_file(path: Path, decoder: ExtendedJsonDecoder) -> tuple[list
     if not all(isinstance(d, dict) for d in docs):
         raise UsageError(f"{path}: expected a JSON array of documents or one document per line")
     return docs, too_deep
+
+
+# --- the fast path: orjson parses, a small converter gives bson.json_util's values ---------------
+
+# An integer of 20 digits or more may pass 64 bits: orjson reads it as a float, json as an int. (Digits inside
+# a string rarely look like this; when they do, the file merely takes the literal path.)
+_BIG_INTEGER = re.compile(rb"[\[:,]\s*-?\d{20,}\s*[\]},]")
+_UTF8_BOM = b"\xef\xbb\xbf"
+
+
+class FastPathRefused(Exception):
+    """The fast decoder cannot vouch for this input: the literal decoder reads it (same values, same errors)."""
+
+
+def extended_values(value: Any, decoder: ExtendedJsonDecoder, level: int = 1) -> Any:
+    """Plain JSON values (as orjson gives them) turned into what ``json_util`` gives, in place.
+
+    Bottom-up, as ``json.loads`` calls its object hook: every object holding a ``$`` key goes through
+    the same ``decoder.hook`` (so a bad value is None and counted the same). A record deeper than
+    ``MAX_NESTING_DEPTH`` is refused here, for the literal decoder to measure and count as it always has.
+    """
+    if level > MAX_NESTING_DEPTH:
+        raise FastPathRefused("nested too deep")
+    if type(value) is dict:
+        extended = False
+        for key, item in value.items():
+            if type(item) is dict or type(item) is list:
+                value[key] = extended_values(item, decoder, level + 1)
+            if key[:1] == "$":
+                extended = True
+        return decoder.hook(value) if extended else value
+    if type(value) is list:
+        for n, item in enumerate(value):
+            if type(item) is dict or type(item) is list:
+                value[n] = extended_values(item, decoder, level + 1)
+    return value
+
+
+def fast_decode(data: bytes, decoder: ExtendedJsonDecoder) -> list[dict[str, Any]] | None:
+    """A whole export file (JSON array or JSON Lines) through orjson, or None when the literal decoder must
+    read it: not valid UTF-8 or JSON as orjson reads it, integers of 20 digits, NaN, deep records, a value
+    that is not a document. ``decoder.bad_values`` is left as it was when the fast path gives up."""
+    if orjson is None or _BIG_INTEGER.search(data):
+        return None
+    bad_before = decoder.bad_values
+    try:
+        body = data[3:] if data.startswith(_UTF8_BOM) else data
+        head = body.lstrip()
+        if not head:
+            return None
+        if head.startswith(b"["):
+            docs = orjson.loads(body)
+        else:
+            docs = [orjson.loads(line) for line in body.split(b"\n") if line.strip()]
+        if not isinstance(docs, list):
+            raise FastPathRefused("not a list")
+        docs = [extended_values(doc, decoder) for doc in docs]
+        if not all(type(d) is dict for d in docs):
+            raise FastPathRefused("not documents")
+        return docs
+    except (orjson.JSONDecodeError, FastPathRefused, RecursionError):
+        decoder.bad_values = bad_before
+        return None
+
+
+@contextlib.contextmanager
+def collection_paused() -> Iterator[None]:
+    """No cyclic garbage collection while millions of records are built: they hold no cycles, and each
+    collection would walk every one of them again (a third of a large read's time)."""
+    enabled = gc.isenabled()
+    gc.disable()
+    try:
+        yield
+    finally:
+        if enabled:
+            gc.enable()
+
+
+def export_elements(data: bytes) -> list[Any]:
+    """An export file's records as undecoded byte slices (msgspec splits a JSON array without decoding
+    it; JSON Lines split on line feeds), so each can be decoded, screened and dropped in turn.
+    FastPathRefused when it cannot (not JSON to msgspec, nested beyond its stack, big integers)."""
+    if msgspec is None or orjson is None or _BIG_INTEGER.search(data):
+        raise FastPathRefused("no fast decoder for this file")
+    body = data[3:] if data.startswith(_UTF8_BOM) else data
+    if not body.lstrip().startswith(b"["):
+        return [line for line in body.split(b"\n") if line.strip()]
+    try:
+        return msgspec.json.decode(body, type=list[msgspec.Raw])
+    except (msgspec.DecodeError, RecursionError):
+        raise FastPathRefused("not a JSON array msgspec can split") from None
+
+
+def clean_values(value: Any, decoder: ExtendedJsonDecoder, limit: int = MAX_TEXT_CHARS,
+                 level: int = 1) -> tuple[Any, bool]:
+    """``extended_values`` and ``already_clean`` in one walk: (the value as ``json_util`` gives it, whether
+    ``clean_document`` would leave it as it is). For orjson's values (dicts, lists, str, numbers, None)."""
+    if level > MAX_NESTING_DEPTH:
+        raise FastPathRefused("nested too deep")
+    clean, extended = True, False
+    pairs = value.items() if type(value) is dict else enumerate(value)
+    for key, item in pairs:
+        kind = type(item)
+        if kind is dict or kind is list:
+            bound = limit if type(key) is int else MAX_LONG_TEXT_CHARS if key in LONG_TEXT_FIELDS else MAX_TEXT_CHARS
+            value[key], item_clean = clean_values(item, decoder, bound, level + 1)
+            clean = clean and item_clean
+        elif kind is str and clean:
+            bound = limit if type(key) is int else MAX_LONG_TEXT_CHARS if key in LONG_TEXT_FIELDS else MAX_TEXT_CHARS
+            clean = len(item) <= bound and (item.isprintable() or not _CONTROL_CHARACTERS.search(item))
+        if type(key) is str and key[:1] == "$":
+            extended = True
+    if extended:
+        result = decoder.hook(value)
+        if result is not value:
+            return result, type(result) in _PLAIN_SCALARS
+    return value, clean
+
+
+# The UTF-8 of the characters clean_text removes above U+007F: the C1 controls, U+061C, U+180E, U+200B-U+200F,
+# U+2028-U+202E, U+2060-U+206F and U+FEFF (the C0 controls cannot appear raw in JSON, DEL is checked alone).
+_UNSAFE_UTF8 = re.compile(rb"\xc2[\x80-\x9f]|\xd8\x9c|\xe1\xa0\x8e|\xe2\x80[\x8b-\x8f\xa8-\xae]|\xe2\x81[\xa0-\xaf]"
+                          rb"|\xef\xbb\xbf")
+
+
+_LONG_RUN = re.compile(rb'"[^"]{%d}' % (MAX_TEXT_CHARS + 1))  # a string's opening quote, then too many bytes
+
+
+def plain_and_clean(data: bytes) -> bool:
+    """Whether a record's bytes guarantee that orjson's values are final and ``already_clean``, so the
+    record skips the walk: no ``"$`` (an Extended JSON key), no escape, no DEL or ``_UNSAFE_UTF8``, no run
+    of more than ``MAX_TEXT_CHARS`` bytes without a quote (a long string), and no more brackets than
+    ``MAX_NESTING_DEPTH`` (so never nested deeper). Cheap byte tests, most records pass."""
+    return b'"$' not in data and nothing_to_count(data)
+
+
+# Extended JSON values json_util always reads (no bad value to count): a valid ObjectId, a $date in ISO form
+# with a day every month has (1900-2099), a $date of up to 12 digits of milliseconds (1938-2286).
+_SAFE_EXTENDED = re.compile(
+    rb'\{"\$oid": ?"[0-9a-fA-F]{24}"\}'
+    rb'|\{"\$date": ?"(?:19|20)\d\d-(?:0[1-9]|1[0-2])-(?:0[1-9]|1\d|2[0-8])T(?:[01]\d|2[0-3]):[0-5]\d:[0-5]\d'
+    rb'(?:\.\d{1,3})?Z"\}'
+    rb'|\{"\$date": ?\{"\$numberLong": ?"-?\d{1,12}"\}\}')
+
+
+def nothing_to_count(data: bytes) -> bool:
+    """Whether a record's bytes guarantee that decoding and screening it would count nothing: the tests of
+    ``plain_and_clean``, except that Extended JSON values are allowed in ``_SAFE_EXTENDED``'s forms."""
+    if b"\\" in data or b"\x7f" in data or data.count(b"{") + data.count(b"[") > MAX_NESTING_DEPTH:
+        return False
+    if not data.isascii() and _UNSAFE_UTF8.search(data):
+        return False
+    if len(data) > MAX_TEXT_CHARS and _LONG_RUN.search(data):
+        return False
+    dollars = data.count(b'"$')
+    return not dollars or dollars == sum(m.count(b'"$') for m in _SAFE_EXTENDED.findall(data))
+
+
+def fast_record(data: bytes, decoder: ExtendedJsonDecoder, plain: bool) -> tuple[dict[str, Any], bool]:
+    """One record through orjson and, unless ``plain`` (``plain_and_clean``), ``clean_values``: (what the
+    literal decoder gives, already clean), or FastPathRefused."""
+    try:
+        doc = orjson.loads(data)
+    except orjson.JSONDecodeError:
+        raise FastPathRefused("not JSON to orjson") from None
+    if type(doc) is not dict:
+        raise FastPathRefused("not a document")
+    if plain:
+        return doc, True
+    doc, clean = clean_values(doc, decoder)
+    if type(doc) is not dict:
+        raise FastPathRefused("not a document")
+    return doc, clean
+
+
+# What steps 1 and 2 read of an event that cannot be step 2's: to count it for its members, to know it is past,
+# and what ``member_history`` reads of it (place, categories and features, host, venue and name for the series).
+ACTIVITY_FIELDS = ("_id", "ownerId", "participants", "startDate", "type", "active", "eventStatus",
+                   "neighborhood", "categories", "features", "venueName", "name")
+
+if msgspec is not None:
+    class IdOnly(msgspec.Struct):
+        """A record's ``_id`` alone: msgspec skips the other fields without building them."""
+
+        id: Any = msgspec.field(default=None, name="_id")
+
+    class ActivityOnly(msgspec.Struct):
+        """``ACTIVITY_FIELDS``, in that order: an event as step 1 counts it and ``member_history`` reads it."""
+
+        id: Any = msgspec.field(default=msgspec.UNSET, name="_id")
+        ownerId: Any = msgspec.UNSET
+        participants: Any = msgspec.UNSET
+        startDate: Any = msgspec.UNSET
+        type: Any = msgspec.UNSET
+        active: Any = msgspec.UNSET
+        eventStatus: Any = msgspec.UNSET
+        neighborhood: Any = msgspec.UNSET
+        categories: Any = msgspec.UNSET
+        features: Any = msgspec.UNSET
+        venueName: Any = msgspec.UNSET
+        name: Any = msgspec.UNSET
+
+
+def skimmed(data: bytes, shape: Any) -> dict[str, Any] | None:
+    """The fields of ``shape`` that a record has, as read (Extended JSON left as objects: ``id_of`` and
+    ``to_utc`` read ``_SAFE_EXTENDED``'s forms as json_util's values), or None when msgspec cannot."""
+    try:
+        found = msgspec.json.decode(data, type=shape)
+    except (msgspec.DecodeError, RecursionError):
+        return None
+    names = ("_id", *shape.__struct_fields__[1:])
+    return {n: v for n, v in zip(names, (getattr(found, f) for f in shape.__struct_fields__), strict=True)
+            if v is not msgspec.UNSET}
+
+
+def member_skim(dormant: Any) -> Any:
+    """Skim members: only the ``_id`` of one ``dormant(key)`` does not want (the others: decoded whole)."""
+    def skim(data: bytes) -> dict[str, Any] | None:
+        doc = skimmed(data, IdOnly)
+        key = usable_id(doc.get("_id")) if doc else None
+        return {"_id": key} if key is not None and not dormant(key) else None
+    return skim
+
+
+def event_skim(now: datetime) -> Any:
+    """Skim events: only ``ACTIVITY_FIELDS`` of one that cannot be step 2's (those: decoded whole)."""
+    def skim(data: bytes) -> dict[str, Any] | None:
+        doc = skimmed(data, ActivityOnly)
+        if doc is None or usable_id(doc.get("_id")) is None or is_open_future_public(doc, now):
+            return None
+        return doc
+    return skim
+
+
+def screened_stream(elements: list[Any], what: str, decoder: ExtendedJsonDecoder, issues: Counter[str],
+                    tick: Any = None, skim: Any = None) -> Iterator[dict[str, Any]]:
+    """Each record of a collection decoded, screened (``screen_records``) and deduplicated
+    (``dedupe_by_id``) in turn, what was found counted in ``issues``; the slices are released as they go.
+
+    A record screening would skip (odd ``_id``, nested too deep) refuses the fast path: the classic read
+    then keeps its exact account of such files, ``data/raw/`` without them included. ``skim(bytes)``, for a
+    record with nothing to count (``nothing_to_count``), may return a stand-in of the few fields the caller
+    reads, when it does not want the record whole: such records are never decoded in full."""
+    seen: set[str] = set()
+    repeated = f"repeated_{what[:-1]}_ids"
+    for n, element in enumerate(elements):
+        elements[n] = None
+        data = element if isinstance(element, bytes) else bytes(memoryview(element))
+        quiet = nothing_to_count(data)
+        stand_in = skim(data) if skim is not None and quiet else None
+        if stand_in is not None:
+            key = id_of(stand_in.get("_id")) or ""
+            if tick is not None and n % 8192 == 8191:
+                tick(8192)
+            if key in seen:
+                issues[repeated] += 1
+            else:
+                seen.add(key)
+                yield stand_in
+            continue
+        record, clean = fast_record(data, decoder, quiet and b'"$' not in data)
+        if usable_id(record.get("_id")) is None:
+            raise FastPathRefused(f"a record screening skips ({what})")
+        if not clean:
+            found: Counter[str] = Counter()
+            try:
+                record = clean_document(record, found)
+            except NestedTooDeep:
+                raise FastPathRefused(f"a record screening skips ({what})") from None
+            issues.update(found)
+        key = id_of(record.get("_id")) or ""
+        if tick is not None and n % 8192 == 8191:
+            tick(8192)  # progress, in records
+        if key in seen:
+            issues[repeated] += 1
+            continue
+        seen.add(key)
+        yield record
 
 
 def dedupe_by_id(docs: Sequence[dict[str, Any]]) -> tuple[list[dict[str, Any]], int]:
@@ -1792,6 +2170,7 @@ def haversine_km(a: tuple[float, float], b: tuple[float, float]) -> float:
     return 2 * 6371.0 * math.asin(math.sqrt(h))
 
 
+@functools.lru_cache(maxsize=1 << 16)  # a few hundred distinct tags, compared millions of times at scale
 def norm_tag(value: str) -> str:
     """Tags and interests compared case-blind, with spaces and underscores as hyphens."""
     return re.sub(r"[\s_]+", "-", value.strip().lower())
@@ -1840,12 +2219,18 @@ def event_tags(event: Mapping[str, Any]) -> dict[str, str]:
     return tags
 
 
+@functools.lru_cache(maxsize=1 << 12)
+def interest_tags(interest: str) -> tuple[str, ...]:
+    """The event tags that serve one member interest, in the order ``matched_interests`` tries them."""
+    key = norm_tag(interest)
+    return tuple(sorted({key} | INTEREST_SYNONYMS.get(key, frozenset())))
+
+
 def matched_interests(interests: Sequence[str], tags: Mapping[str, str]) -> list[tuple[str, str]]:
     """(interest, the event tag it matched) for every member interest the event serves."""
     found = []
     for interest in interests:
-        key = norm_tag(interest)
-        for wanted in sorted({key} | INTEREST_SYNONYMS.get(key, frozenset())):
+        for wanted in interest_tags(interest):
             if wanted in tags:
                 found.append((interest, tags[wanted]))
                 break
@@ -2101,6 +2486,72 @@ def score_candidates(user: Mapping[str, Any], events: Iterable[Mapping[str, Any]
     found = [dataclasses.replace(c, confidence=match_confidence(c.total)) for c in found]
     found.sort(key=lambda c: c.rank_key)
     return found
+
+
+# --- the candidate index: step 5's scoring for many members, over only the events that can match ----
+
+
+MAX_REMEMBERED_DISTANCES = 100_000  # (home, event place) pairs: real data has hundreds of places, hostile data more
+
+
+@dataclass
+class RememberedPlaces:
+    """A ``NeighbourhoodMap`` whose ``same_place`` and ``distance_km`` answers are remembered per pair of
+    spellings (up to ``MAX_REMEMBERED_DISTANCES``): the very same answers, each looked up once per run."""
+
+    hoods: NeighbourhoodMap
+    same: dict[tuple[str | None, str | None], bool] = field(default_factory=dict)
+    distances: dict[tuple[str | None, str | None], float | None] = field(default_factory=dict)
+
+    def same_place(self, a: str | None, b: str | None) -> bool:
+        pair = (a, b)
+        if pair not in self.same:
+            if len(self.same) >= MAX_REMEMBERED_DISTANCES:
+                return self.hoods.same_place(a, b)
+            self.same[pair] = self.hoods.same_place(a, b)
+        return self.same[pair]
+
+    def distance_km(self, a: str | None, b: str | None) -> float | None:
+        pair = (a, b)
+        if pair not in self.distances:
+            if len(self.distances) >= MAX_REMEMBERED_DISTANCES:
+                return self.hoods.distance_km(a, b)
+            self.distances[pair] = self.hoods.distance_km(a, b)
+        return self.distances[pair]
+
+
+@dataclass(frozen=True)
+class CandidateIndex:
+    """Step 2's open future events indexed once by tag. ``score`` narrows the events to those carrying a
+    tag one of the member's interests wants (``interest_tags``, as ``matched_interests`` tries them), in
+    step 2's order, and hands them to ``score_candidates``: the ranking and its values come from there
+    alone, only fewer events are looked at (an event sharing no tag is one ``score_candidates`` skips)."""
+
+    events: Sequence[Mapping[str, Any]]  # the list indexed, as step 2 gave it
+    by_tag: Mapping[str, tuple[int, ...]]  # normalised tag -> positions in ``events`` of open events, ascending
+    places: RememberedPlaces
+    now: datetime
+
+    @classmethod
+    def build(cls, events: Sequence[Mapping[str, Any]], hoods: NeighbourhoodMap, now: datetime) -> CandidateIndex:
+        by_tag: dict[str, list[int]] = {}
+        for n, event in enumerate(events):
+            if event.get("remaining_spots") != 0:
+                for tag in event_features(event).tags:
+                    by_tag.setdefault(tag, []).append(n)
+        return cls(events, {t: tuple(p) for t, p in by_tag.items()}, RememberedPlaces(hoods), now)
+
+    def narrow(self, user: Mapping[str, Any]) -> list[Mapping[str, Any]]:
+        """The open events carrying a tag one of the member's interests wants, in step 2's order."""
+        positions: set[int] = set()
+        for interest in clean_interests(user.get("interests")):
+            for tag in interest_tags(interest):
+                positions.update(self.by_tag.get(tag, ()))
+        return [self.events[n] for n in sorted(positions)]
+
+    def score(self, user: Mapping[str, Any]) -> list[Candidate]:
+        """``score_candidates(user, events, hoods, now)`` for one member, over the narrowed events."""
+        return score_candidates(user, self.narrow(user), self.places, self.now)  # type: ignore[arg-type]
 
 
 class Match(TypedDict):
@@ -3340,6 +3791,13 @@ class SourceData:
     events: list[dict[str, Any]]
     bad_values: int = 0
     skipped: Counter[str] = field(default_factory=Counter)  # e.g. records nested too deep to decode
+    files: dict[str, Path] = field(default_factory=dict)  # "users"/"events": the file read, for data/raw/
+    # A source that counts each member's events itself (``read_dormant``) hands over only the members they
+    # make dormant and the events that may be step 2's, with what it counted on the way:
+    issues: Counter[str] = field(default_factory=Counter)  # data issues found while reading
+    activity: dict[str, Activity] | None = None  # each member's activity (count, latest, attended) as step 1 reads it
+    statuses: dict[str, int] | None = None  # every member's engagement status (step 1's census)
+    read: dict[str, int] = field(default_factory=dict)  # "users"/"events": documents read, kept or not
 
 
 class DataSource(Protocol):
@@ -3373,14 +3831,243 @@ class FolderSource:
                 bar.update(sizes[0])
             events, deep_events = load_collection_file(files[1], decoder)
         skipped = Counter({"users_nested_too_deep": deep_users, "events_nested_too_deep": deep_events})
-        return SourceData(users, events, decoder.bad_values, +skipped)
+        return SourceData(users, events, decoder.bad_values, +skipped, dict(zip(("users", "events"), files)))
+
+
+    def read_dormant(self, now: datetime, progress: Any = None) -> SourceData:
+        """The fast read: events decoded, screened and counted into each member's activity one at a time
+        (only those that may be step 2's kept), then the members, only those the events make dormant kept.
+        A file the fast decoders cannot vouch for, or holding a record screening skips, is read by ``read``."""
+        if not self.folder.is_dir():
+            raise UsageError(f"--source {self.folder}: not a readable folder")
+        try:
+            with collection_paused():
+                return self.stream(now, progress)
+        except FastPathRefused:
+            return self.read(progress)
+
+    def stream(self, now: datetime, progress: Any) -> SourceData:
+        decoder, issues, counted = ExtendedJsonDecoder(), Counter[str](), DataIssues()
+        users_file, events_file = self.folder / "users.json", self.folder / "events.json"
+        sizes = [path.stat().st_size if path.is_file() else 0 for path in (users_file, events_file)]
+        with (progress or no_progress)(sum(sizes), "B") as bar:
+            elements = export_elements(export_bytes(events_file))
+            events_read, future = len(elements), []
+            records = screened_stream(elements, "events", decoder, issues, bytes_tick(bar, sizes[1], len(elements)),
+                                      skim=event_skim(now))
+            activity = index_member_activity(kept_future(records, now, future), counted)
+            elements = export_elements(export_bytes(users_file))
+            users_read, users, statuses = len(elements), [], Counter[str]()
+            def dormant(key: str) -> bool:
+                return derive_engagement(activity.get(key, Activity(0, None)).last_event, now)[1] == "dormant"
+
+            for user in screened_stream(elements, "users", decoder, issues, bytes_tick(bar, sizes[0], len(elements)),
+                                        skim=member_skim(dormant)):
+                seen = activity.get(id_of(user.get("_id")) or "", Activity(0, None))
+                status = derive_engagement(seen.last_event, now)[1]
+                statuses[status] += 1
+                if status == "dormant":
+                    users.append(user)
+        # Every member's activity is handed over, not only the kept members': ``member_history`` reads the
+        # upcoming events of their past co-attendees (``company_going``), whoever those are.
+        return SourceData(users, future, decoder.bad_values, files={"users": users_file, "events": events_file},
+                          issues=issues + counted.counts, activity=activity, statuses=dict(sorted(statuses.items())),
+                          read={"users": users_read, "events": events_read})
+
+
+def kept_future(events: Iterable[dict[str, Any]], now: datetime, kept: list[dict[str, Any]]) -> Iterator[dict[str, Any]]:
+    """Every event passed on, the open future public ones (step 2's candidates) also kept in ``kept``."""
+    for event in events:
+        if is_open_future_public(event, now):
+            kept.append(event)
+        yield event
+
+
+def bytes_tick(bar: Any, size: int, records: int) -> Any:
+    """A progress callback taking records read and advancing a bar in bytes (records are of like size)."""
+    if bar is None or not records:
+        return None
+    return lambda n: bar.update(size * n // records)
+
+
+def read_source(source: DataSource, now: datetime, progress: Any = None) -> SourceData:
+    """A source's ``read_dormant`` when it counts activity itself (folder, MongoDB), else its ``read``."""
+    reader = getattr(source, "read_dormant", None)
+    return reader(now, progress) if reader is not None else source.read(progress)
+
+
+def read_totals(data: SourceData) -> tuple[int, int]:
+    """How many users and events the source read, kept or not."""
+    return data.read.get("users", len(data.users)), data.read.get("events", len(data.events))
+
+
+# --- MongoDB doing the counting: aggregation expressions (MongoDB 5.0+ operators only) --------------
+
+MONGO_BATCH_SIZE = 5000  # documents per batch on large reads
+UNKNOWN_OPERATOR_CODES = (168, 40324, 15952)  # InvalidPipelineOperator, unknown stage, unknown group operator
+MONGO_IDS_PER_QUERY = 10_000  # member ids per $in query
+ISO_DATE_REGEX = r"^\d{4}-\d{2}-\d{2}($|[T ])"  # ISO_DATE_START, for $regexMatch
+EPOCH_MS_RANGE = (-62135596800000 + 86400000, 253402300799999 - 86400000)  # EARLIEST_DATE..LATEST_DATE in ms
+NUMBER_TYPES = ["int", "long", "double", "decimal"]
+
+
+def mongo_is(expr: Any, *types: str) -> dict[str, Any]:
+    """``$type`` of an expression is one of ``types``."""
+    return {"$in": [{"$type": expr}, list(types)]}
+
+
+def mongo_trimmed_id(expr: Any) -> dict[str, Any]:
+    """``id_of`` for an ObjectId or a string: its hex, or the trimmed string (null when empty)."""
+    return {"$switch": {"branches": [
+        {"case": mongo_is(expr, "objectId"), "then": {"$toString": expr}},
+        {"case": mongo_is(expr, "string"),
+         "then": {"$let": {"vars": {"t": {"$trim": {"input": expr}}},
+                           "in": {"$cond": [{"$eq": ["$$t", ""]}, None, "$$t"]}}}},
+    ], "default": None}}
+
+
+def mongo_id(expr: str) -> dict[str, Any]:
+    """``id_of`` in the pipeline: an ObjectId, an id string, or an object holding ``_id``/``userId``/``id``
+    (the first present), one level deep; anything else null (an odd entry, left out as in Python)."""
+    inner = [{"case": {"$ne": [{"$type": f"{expr}.{key}"}, "missing"]}, "then": mongo_trimmed_id(f"{expr}.{key}")}
+             for key in ("_id", "userId", "id")]
+    return {"$switch": {"branches": [
+        {"case": mongo_is(expr, "objectId", "string"), "then": mongo_trimmed_id(expr)},
+        {"case": mongo_is(expr, "object"), "then": {"$switch": {"branches": inner, "default": None}}},
+    ], "default": None}}
+
+
+def mongo_start_date(expr: str = "$startDate") -> dict[str, Any]:
+    """``to_utc`` in the pipeline: a date; epoch milliseconds within the calendar; an extended ISO string
+    (``ISO_DATE_START`` after trimming; no zone is UTC). Anything else null: such events still count for
+    their members, and those with a date Python can read are fetched and read in Python (never dropped)."""
+    text = {"$trim": {"input": expr}}
+    return {"$switch": {"branches": [
+        {"case": mongo_is(expr, "date"), "then": expr},
+        {"case": {"$and": [mongo_is(expr, *NUMBER_TYPES), {"$gte": [expr, EPOCH_MS_RANGE[0]]},
+                           {"$lte": [expr, EPOCH_MS_RANGE[1]]}]},
+         "then": {"$convert": {"input": expr, "to": "date", "onError": None, "onNull": None}}},
+        {"case": {"$and": [mongo_is(expr, "string"), {"$regexMatch": {"input": text, "regex": ISO_DATE_REGEX}}]},
+         "then": {"$dateFromString": {"dateString": text, "timezone": "UTC", "onError": None, "onNull": None}}},
+    ], "default": None}}
+
+
+def mongo_members() -> dict[str, Any]:
+    """The owner and participants of an event as one set of id strings (``event_member_ids``)."""
+    participants = {"$cond": [{"$isArray": "$participants"}, "$participants", []]}
+    ids = {"$setUnion": [[mongo_id("$ownerId")], {"$map": {"input": participants, "as": "p", "in": mongo_id("$$p")}}]}
+    return {"$filter": {"input": ids, "as": "m", "cond": {"$ne": ["$$m", None]}}}
+
+
+USABLE_ID = {"$or": [{"_id": {"$type": "objectId"}}, {"_id": {"$type": "string"}}]}  # screen_records skips others
+
+
+def normalise_events_stage() -> dict[str, Any]:
+    """Each event reduced to its normalised start and its members (the one stage of odd forms)."""
+    return {"$project": {"_id": 0, "start": mongo_start_date(), "members": mongo_members()}}
+
+
+def member_activity_stages() -> list[dict[str, Any]]:
+    """Events -> one document per member: ``eventCount`` and ``last`` (latest start; null: none known)."""
+    return [{"$match": USABLE_ID}, normalise_events_stage(),
+            {"$unwind": "$members"},
+            {"$group": {"_id": "$members", "eventCount": {"$sum": 1}, "last": {"$max": "$start"}}}]
+
+
+def dormant_window(now: datetime) -> tuple[datetime, datetime]:
+    """The latest event dates that make a member dormant at ``now``: after the first, up to the second
+    (``derive_engagement``: 31 to 90 whole days)."""
+    return now - timedelta(days=91), now - timedelta(days=31)
+
+
+def bson_window(now: datetime) -> tuple[datetime, datetime]:
+    """``dormant_window`` as BSON dates are compared: naive UTC (what pymongo encodes as UTC)."""
+    return tuple(moment.astimezone(UTC).replace(tzinfo=None) for moment in dormant_window(now))  # type: ignore[return-value]
+
+
+def dormant_activity_pipeline(now: datetime) -> list[dict[str, Any]]:
+    """The members whose latest event makes them dormant at ``now``, with their count and date."""
+    after, until = bson_window(now)
+    return [*member_activity_stages(), {"$match": {"last": {"$gt": after, "$lte": until}}}]
+
+
+def status_count_pipeline(now: datetime) -> list[dict[str, Any]]:
+    """How many members the events make active, dormant, churned or (no date) new: four documents."""
+    after, until = bson_window(now)
+    status = {"$switch": {"branches": [
+        {"case": {"$eq": [{"$ifNull": ["$last", None]}, None]}, "then": "new"},
+        {"case": {"$gt": ["$last", until]}, "then": "active"},
+        {"case": {"$gt": ["$last", after]}, "then": "dormant"},
+    ], "default": "churned"}}
+    return [*member_activity_stages(), {"$group": {"_id": status, "n": {"$sum": 1}}}]
+
+
+def undated_events_pipeline() -> list[dict[str, Any]]:
+    """Events whose start the pipeline could not read but which have one: read again in Python."""
+    return [{"$match": {**USABLE_ID, "startDate": {"$exists": True, "$ne": None}}},
+            {"$project": {"ownerId": 1, "participants": 1, "startDate": 1, "start": mongo_start_date()}},
+            {"$match": {"start": None}}]
+
+
+def future_events_pipeline(now: datetime) -> list[dict[str, Any]]:
+    """Step 2's candidates: public, active, starting after ``now`` (or with a start only Python reads)."""
+    return [{"$match": {"type": "public", "active": True, **USABLE_ID}},
+            {"$addFields": {"rtt_start": mongo_start_date()}},
+            {"$match": {"$or": [{"rtt_start": {"$gt": now.astimezone(UTC).replace(tzinfo=None)}},
+                                {"rtt_start": None, "startDate": {"$exists": True, "$ne": None}}]}},
+            {"$project": {"rtt_start": 0}}]
+
+
+MONGO_IDS_PER_PIPELINE = 50_000  # member ids per $in of the history pipeline (a few MB: far below the 16 MB limit)
+
+
+def member_events_pipeline(ids: Sequence[str]) -> list[dict[str, Any]]:
+    """The events any of ``ids`` joined or hosted, whatever form their entries take (``mongo_members``)."""
+    return [{"$match": USABLE_ID}, {"$addFields": {"rtt_members": mongo_members()}},
+            {"$match": {"rtt_members": {"$in": list(ids)}}}, {"$project": {"rtt_members": 0}}]
+
+
+def with_attended(counted: Mapping[str, Activity], attended: Mapping[str, Activity]) -> dict[str, Activity]:
+    """The pipeline's counts and dates for the dormant members, with the events each attended from Python;
+    the other members (co-attendees) with what Python saw of them (their upcoming events)."""
+    merged = dict(attended)
+    for member, seen in counted.items():
+        merged[member] = Activity(seen.event_count, seen.last_event,
+                                  attended[member].attended if member in attended else ())
+    return merged
+
+
+def member_id_query(ids: Sequence[str]) -> dict[str, Any]:
+    """Members by id, whether their ``_id`` is stored as an ObjectId or as the string."""
+    values: list[Any] = list(ids)
+    values.extend(ObjectId(i) for i in ids if len(i) == 24 and ObjectId.is_valid(i))
+    return {"_id": {"$in": values}}
+
+
+def merge_rescued(activity: dict[str, Activity], rescued: dict[str, datetime],
+                  window: tuple[datetime, datetime], everyone: Mapping[str, Activity]) -> dict[str, Activity]:
+    """Dormant members after the events only Python could date (``rescued``: member -> latest such date):
+    ``everyone`` holds those members' counts and dates from the pipeline."""
+    merged = {k: v for k, v in activity.items() if k not in rescued}
+    for member, moment in rescued.items():
+        seen = everyone.get(member, Activity(0, None))
+        last = moment if seen.last_event is None or moment > seen.last_event else seen.last_event
+        if window[0] < last <= window[1]:
+            merged[member] = Activity(seen.event_count, last)
+    return merged
+
+
+def mongo_activity(doc: Mapping[str, Any]) -> Activity:
+    """One member document of the activity pipeline as an Activity (dates come back naive: UTC)."""
+    return Activity(int(doc["eventCount"]), to_utc(doc.get("last")))
 
 
 class MongoSource:
-    """The live database through pymongo: every member and every event, read once per run.
+    """The live database through pymongo.
 
-    All events are needed anyway (a member's history counts events of any type and date), so
-    nothing is filtered server-side; dates stored as strings or numbers are never lost.
+    ``read_dormant`` lets MongoDB do the counting (``dormant_activity_pipeline``) and reads only the members
+    it makes dormant and step 2's candidate events. ``read`` reads every member and every event: the
+    fallback for a server that cannot run the pipeline (before 5.0), and for callers without a ``now``.
     """
 
     label = "mongo"
@@ -3406,13 +4093,92 @@ class MongoSource:
         return SourceData(users, events)
 
 
+    def read_dormant(self, now: datetime, progress: Any = None) -> SourceData:
+        """The members the events make dormant at ``now`` and the candidate future events, with each kept
+        member's activity and every member's status counted by the database; ``read`` when the server
+        cannot run the pipeline."""
+        from pymongo.errors import OperationFailure, PyMongoError
+
+        db = self.client.get_database(self.db_name)
+        try:
+            try:
+                return self.counted_read(db, now, progress)
+            except OperationFailure as exc:
+                if exc.code not in (None, *UNKNOWN_OPERATOR_CODES):
+                    raise
+                return self.read(progress)
+            except NotImplementedError:  # mongomock: an operator it lacks
+                return self.read(progress)
+        except PyMongoError as exc:
+            raise mongo_failure(exc) from None
+
+    def counted_read(self, db: Any, now: datetime, progress: Any) -> SourceData:
+        users, events = db[USER_COLLECTION], db[EVENT_COLLECTION]
+        window = dormant_window(now)
+        activity = {d["_id"]: mongo_activity(d) for d in
+                    events.aggregate(dormant_activity_pipeline(now), allowDiskUse=True, batchSize=MONGO_BATCH_SIZE)}
+        rescued = self.rescued_dates(events)
+        if rescued:
+            involved = {d["_id"]: mongo_activity(d) for d in events.aggregate(
+                [*member_activity_stages(), {"$match": {"_id": {"$in": list(rescued)}}}], allowDiskUse=True)}
+            activity = merge_rescued(activity, rescued, window, involved)
+        statuses = Counter({d["_id"]: d["n"] for d in events.aggregate(status_count_pipeline(now), allowDiskUse=True)})
+        read = {"users": users.count_documents({}), "events": events.count_documents({})}
+        members = self.members(users, sorted(activity), progress)
+        statuses["dormant"] = sum(1 for m in members if id_of(m.get("_id")) in activity)  # members that exist
+        statuses["new"] = max(0, read["users"] - statuses["active"] - statuses["dormant"] - statuses["churned"])
+        future = list(events.aggregate(future_events_pipeline(now), allowDiskUse=True, batchSize=MONGO_BATCH_SIZE))
+        attended = self.attended(events, sorted(activity), future)
+        return SourceData(members, future, activity=with_attended(activity, attended),
+                          statuses=dict(sorted((+statuses).items())), read=read)
+
+    @staticmethod
+    def attended(events: Any, ids: Sequence[str], future: Sequence[Mapping[str, Any]]) -> dict[str, Activity]:
+        """``index_member_activity`` in Python over the events of the dormant members ``ids`` (fetched by
+        their normalised members, ``MONGO_IDS_PER_PIPELINE`` ids a pipeline) and the future events: the
+        dormant members' whole history, and every co-attendee's upcoming events (``company_going``).
+        Screened as step 1 screens (their data issues are not counted: the pipeline read counts none)."""
+        fetched: list[dict[str, Any]] = []
+        for start in range(0, len(ids), MONGO_IDS_PER_PIPELINE):
+            chunk = ids[start:start + MONGO_IDS_PER_PIPELINE]
+            fetched.extend(events.aggregate(member_events_pipeline(chunk), allowDiskUse=True,
+                                            batchSize=MONGO_BATCH_SIZE))
+        records, _ = dedupe_by_id(screen_records([*fetched, *future], "events").records)
+        return index_member_activity(records, DataIssues())
+
+    @staticmethod
+    def rescued_dates(events: Any) -> dict[str, datetime]:
+        """Members' latest dates from the events whose start only Python can read (none, usually)."""
+        latest: dict[str, datetime] = {}
+        for event in events.aggregate(undated_events_pipeline(), batchSize=MONGO_BATCH_SIZE):
+            start = to_utc(event.get("startDate"))
+            if start is None:
+                continue
+            for member in event_member_ids(event, DataIssues()):
+                if member not in latest or start > latest[member]:
+                    latest[member] = start
+        return latest
+
+    @staticmethod
+    def members(users: Any, ids: Sequence[str], progress: Any) -> list[dict[str, Any]]:
+        """The member documents of ``ids``, by batches of ``MONGO_IDS_PER_QUERY``."""
+        docs: list[dict[str, Any]] = []
+        with (progress or no_progress)(len(ids), "members") as bar:
+            for start in range(0, len(ids), MONGO_IDS_PER_QUERY):
+                chunk = ids[start:start + MONGO_IDS_PER_QUERY]
+                docs.extend(users.find(member_id_query(chunk), batch_size=MONGO_BATCH_SIZE))
+                if bar is not None:
+                    bar.update(len(chunk))
+        return docs
+
+
 def empty_collections(data: SourceData) -> list[str]:
     """Which of ``users`` and ``events`` the source had none of: empty input, not a quiet day (exit 3).
 
     A collection whose every record had to be skipped while decoding was not empty: its records are
     counted in ``data_issues`` instead."""
-    return [name for name, docs in (("users", data.users), ("events", data.events))
-            if not docs and not data.skipped.get(f"{name}_nested_too_deep")]
+    return [name for name, read in zip(("users", "events"), read_totals(data), strict=True)
+            if not read and not data.skipped.get(f"{name}_nested_too_deep")]
 
 
 def input_location(source: DataSource, name: str) -> str:
@@ -3422,6 +4188,19 @@ def input_location(source: DataSource, name: str) -> str:
     if isinstance(source, MongoSource):
         return f"MongoDB collection {USER_COLLECTION if name == 'users' else EVENT_COLLECTION!r}"
     return source.label
+
+
+def keep_raw(folder: Path, data: SourceData, screened: Mapping[str, ScreenedRecords]) -> None:
+    """``data/raw/``: the records read, skipped ones left out. A byte copy of the file the source read
+    when none was skipped (the usual case, and the fast one), else the kept originals re-encoded."""
+    for name in ("users", "events"):
+        read = data.users if name == "users" else data.events
+        whole = data.activity is not None or (  # a counting read refuses files with records to skip
+            not data.skipped.get(f"{name}_nested_too_deep") and len(screened[name].originals) == len(read))
+        if name in data.files and whole:
+            copy_raw(folder / f"{name}.json", data.files[name])
+        else:
+            write_raw(folder / f"{name}.json", screened[name].originals)
 
 
 def read_counted(collection: Any, bar: Any) -> list[dict[str, Any]]:
@@ -5262,18 +6041,21 @@ class ReturnToTable:
         self.sms = settings.sms
         self.decisions: dict[str, str] = {}  # eligible member id -> "selected" or its skip_reason (``SKIP_REASONS``)
         self.campaign_id = ""  # claimed before steps 5-6 (holdout records carry it)
+        self.candidate_index: CandidateIndex | None = None  # step 2's open events indexed for step 5
+        self.counted: SourceData | None = None  # what a counting source read (``read_dormant``)
 
     # --- step 1: fetch, find and rank the dormant members -----------------------------------
 
     def fetch(self) -> tuple[list[dict[str, Any]], list[dict[str, Any]]]:
         """The source's records, screened (``screen_records``): ``data/raw/`` keeps them as read, in full."""
-        data = self.source.read(reading_progress if self.options.progress else None)
+        data = read_source(self.source, self.options.now, reading_progress if self.options.progress else None)
         self.issues.add("unreadable_extended_json_values", data.bad_values)
         self.issues.add_all(data.skipped)
+        self.issues.add_all(data.issues)
+        self.counted = data if data.activity is not None else None
         screened_users, screened_events = screen_records(data.users, "users"), screen_records(data.events, "events")
         self.issues.add_all(screened_users.issues + screened_events.issues)
-        self.logger.info("Step 1: read %d users and %d events from %s", len(data.users), len(data.events),
-                         self.source.label)
+        self.logger.info("Step 1: read %d users and %d events from %s", *read_totals(data), self.source.label)
         self.empty_input = empty_collections(data)
         for name in self.empty_input:
             self.logger.warning("Empty input: no %s in %s (the run goes on; exit 3)", name,
@@ -5283,8 +6065,7 @@ class ReturnToTable:
         if skipped:
             self.logger.warning("Step 1: %d records skipped (nested too deep or without a usable _id); "
                                 "the report's data_issues counts them", skipped)
-        write_raw(self.data_dir / "raw" / "users.json", screened_users.originals)
-        write_raw(self.data_dir / "raw" / "events.json", screened_events.originals)
+        keep_raw(self.data_dir / "raw", data, {"users": screened_users, "events": screened_events})
         users, events = screened_users.records, screened_events.records
         users, repeated_users = dedupe_by_id(users)
         events, repeated_events = dedupe_by_id(events)
@@ -5294,8 +6075,12 @@ class ReturnToTable:
 
     def dormant_users(self, users: Sequence[Mapping[str, Any]],
                       events: Sequence[Mapping[str, Any]]) -> DormancyCensus:
-        activity = index_member_activity(events, self.issues)
+        counted = self.counted  # the source counted the activity and handed over the dormant members only
+        activity = counted.activity if counted and counted.activity is not None else index_member_activity(
+            events, self.issues)
         census = find_dormant_users(users, activity, self.options.now, zone=self.zone.key)
+        if counted is not None and counted.statuses is not None:
+            census = dataclasses.replace(census, status_counts=counted.statuses)
         write_json(self.data_dir / "processed" / "dormant_users.json", census.eligible, private=True)
         self.logger.info("Step 1: %d dormant members, %d personalisation-ready (statuses: %s)",
                          census.dormant_total, len(census.eligible), census.status_counts)
@@ -5340,6 +6125,7 @@ class ReturnToTable:
     def future_events(self, events: Sequence[Mapping[str, Any]]) -> list[FutureEvent]:
         future = find_future_events(events, self.options.now, self.issues)
         write_json(self.data_dir / "processed" / "future_events.json", future)
+        self.candidate_index = CandidateIndex.build(future, self.hoods, self.options.now)
         open_count = sum(1 for e in future if e["remaining_spots"] != 0)
         self.logger.info("Step 2: %d future public events, %d with open spots", len(future), open_count)
         return future
@@ -5352,11 +6138,19 @@ class ReturnToTable:
         zone = user.get("phone_timezone")
         return ZoneInfo(zone) if isinstance(zone, str) else self.zone
 
+    def scored(self, user: Mapping[str, Any], events: Sequence[Mapping[str, Any]]) -> list[Candidate]:
+        """``score_candidates``, over only the events the candidate index says can match when it was built
+        for these events (the same list, in the same order: ``CandidateIndex.narrow``)."""
+        index = self.candidate_index
+        if index is not None and index.events is events:
+            return index.score(user)
+        return score_candidates(user, events, self.hoods, self.options.now)
+
     def candidates_for(self, user: Mapping[str, Any], events: Sequence[Mapping[str, Any]],
                        ) -> tuple[list[Candidate], Skip | None]:
         """The events this member may be offered, best first (the rules' order), or why there are none:
         no open event shares an interest, or none leaves a moment to send in (``window_for``)."""
-        candidates = score_candidates(user, events, self.hoods, self.options.now)
+        candidates = self.scored(user, events)
         if not candidates:
             return [], Skip(user["_id"], full_name(user), "no open future event shares an interest")
         zone = self.recipient_zone(user)

@@ -1,0 +1,80 @@
+"""Benchmark: the plan read literally against the tool, on the same generated files, side by side.
+
+Run by hand (not a test)::
+
+    python bench/bench_scale.py --sizes 10000,100000,1000000 [--lines] [--limit 1000]
+
+For each size it generates a world once (``bench/make_world.py``: members, 30% as many events, the
+messy forms; cached under ``--worlds``), then runs, each in its own process, ``bench/literal_plan.py``
+(``bson.json_util`` loads both files, then the plan's loops) and ``return_to_table.py --source DIR
+--llm off --dry-run`` (and, with ``--limit``, once more with that ``--limit``), and prints wall time
+and peak memory (the child's ``ru_maxrss`` from ``os.wait4``) as a Markdown table.
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parent.parent
+sys.path[:0] = [str(ROOT / "bench")]
+
+from make_world import NOW, make_world
+
+NOW_ISO = NOW.strftime("%Y-%m-%dT%H:%M:%SZ")
+
+
+def measured(command: list[str]) -> tuple[float, float]:
+    """Wall seconds and peak resident memory (MB) of one child process, which must exit 0."""
+    start = time.perf_counter()
+    child = subprocess.Popen(command, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, cwd=ROOT,
+                             env={k: v for k, v in os.environ.items() if not k.startswith(("MONGO", "ANTHROPIC"))})
+    _, status, usage = os.wait4(child.pid, 0)
+    seconds = time.perf_counter() - start
+    child.returncode = os.waitstatus_to_exitcode(status)
+    if child.returncode not in (0, 3):
+        raise SystemExit(f"{command[1]} exited {child.returncode}: {child.stderr.read().decode()[-400:]}")
+    child.stderr.close()
+    return seconds, usage.ru_maxrss / 1024
+
+
+def world(folder: Path, members: int, lines: bool) -> Path:
+    path = folder / f"w{members}{'-lines' if lines else ''}"
+    if not (path / "events.json").is_file():
+        make_world(path, members, lines=lines)
+    return path
+
+
+def main() -> int:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--sizes", default="10000,100000,1000000")
+    parser.add_argument("--worlds", type=Path, default=Path(tempfile.gettempdir()) / "rtt-worlds")
+    parser.add_argument("--lines", action="store_true", help="JSON Lines files instead of JSON arrays")
+    parser.add_argument("--limit", type=int, help="also time the tool with this --limit")
+    args = parser.parse_args()
+    print(f"| members | events | form | literal s | literal MB | tool s | tool MB | time | memory |"
+          f"{f' tool --limit {args.limit} s |' if args.limit else ''}")
+    print(f"| --- | --- | --- | --- | --- | --- | --- | --- | --- |{' --- |' if args.limit else ''}")
+    for members in (int(n) for n in args.sizes.split(",")):
+        folder = world(args.worlds, members, args.lines)
+        with tempfile.TemporaryDirectory() as out:
+            literal = measured([sys.executable, "bench/literal_plan.py", str(folder), "--now", NOW_ISO,
+                                "--out", f"{out}/literal"])
+            tool_args = [sys.executable, "return_to_table.py", "--source", str(folder), "--now", NOW_ISO,
+                         "--llm", "off", "--dry-run", "-q"]
+            tool = measured([*tool_args, "--out", f"{out}/tool"])
+            limited = measured([*tool_args, "--limit", str(args.limit), "--out", f"{out}/limit"]) if args.limit else None
+        row = (f"| {members:,} | {members * 3 // 10:,} | {'lines' if args.lines else 'array'} | {literal[0]:.1f} | "
+               f"{literal[1]:,.0f} | {tool[0]:.1f} | {tool[1]:,.0f} | {tool[0] / literal[0]:.2f}x | "
+               f"{tool[1] / literal[1]:.0%} |")
+        print(row + (f" {limited[0]:.1f} |" if limited else ""), flush=True)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

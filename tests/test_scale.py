@@ -1,0 +1,359 @@
+"""Scale (issue 12): the fast decoding gives what bson.json_util gives, the counting folder read and the MongoDB
+pipeline give the same dormant_users.json and future_events.json as the literal reading, bad records are still
+counted, truncated files still one line, and the candidate index scores exactly as score_candidates.
+
+No timings here: bench/bench_scale.py measures speed and memory.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import sys
+from datetime import UTC, datetime, timedelta
+from pathlib import Path
+from typing import Any
+
+import mongo_expressions
+import mongomock
+import pytest
+from bson import ObjectId, json_util
+from builders import CliRun, run_main
+from hypothesis import given, settings
+from hypothesis import strategies as st
+
+import return_to_table as rtt
+
+sys.path.insert(0, str(Path(__file__).resolve().parent.parent / "bench"))
+from make_world import NOW, World, member_id
+
+NOW_ISO = NOW.strftime("%Y-%m-%dT%H:%M:%SZ")
+MONGO_ENV = {"MONGO_URI": "mongodb://127.0.0.1:1/x", "MONGO_DB_NAME": "testdb"}
+OUTPUTS = ("data/processed/dormant_users.json", "data/processed/future_events.json")
+
+
+# --- messy worlds: the generator's forms plus every rare one, explicitly ------------------------------------
+
+
+def edge_events(members: int) -> list[dict[str, Any]]:
+    """One event per rare date and participant form, each naming members who would otherwise be churned."""
+    when = NOW - timedelta(days=45)
+    millis = int(when.timestamp() * 1000)
+    dates: list[Any] = [
+        "TBD", None, f" {when.strftime('%Y-%m-%dT%H:%M:%SZ')} ", when.strftime("%Y-%m-%d"), float(millis),
+        {"$date": {"$numberLong": str(millis)}}, {"$date": when.strftime("%Y-%m-%dT%H:%M:%S.000Z")},
+        when.strftime("%Y-%m-%dT%H:%M:%S") + "-05:00", millis, "17100720", {"$date": "TBD"}, True,
+    ]
+    participants: list[Any] = [
+        [member_id(members - 1), None, 42, {"name": "x"}], [{"userId": {"$oid": member_id(members - 2)}}],
+        [{"id": f" {member_id(members - 3)} "}, member_id(members - 3)], "not-a-list",
+        [{"_id": {"$oid": member_id(members - 4)}}, {"$oid": member_id(members - 5)}], [""], [],
+    ]
+    events = []
+    for n, start in enumerate(dates):
+        events.append({"_id": f"edge{n:02d}", "name": "Jazz Brunch", "categories": ["MUSIC"], "features": ["jazz"],
+                       "neighborhood": "soho", "participants": participants[n % len(participants)],
+                       "maxParticipants": 10, "startDate": start, "type": "public", "active": True,
+                       "ownerId": {"$oid": member_id(members - 6 - n)} if n % 2 else None})
+    future = (NOW + timedelta(days=3)).strftime("%Y-%m-%dT%H:%M:%SZ")
+    events.append({"_id": "edge-future", "name": "Wine Night", "categories": ["WINE"], "features": [],
+                   "participants": [member_id(1)], "maxParticipants": {"$numberLong": "12"}, "startDate": f" {future}",
+                   "type": "public", "active": True, "eventStatus": "approved", "ownerId": member_id(2)})
+    return events
+
+
+def messy_world(members: int = 400, *, canonical: bool = False) -> tuple[list[dict[str, Any]], list[dict[str, Any]]]:
+    world = World(members, members * 3 // 4, canonical=canonical, seed=7)
+    users, events = list(world.users()), list(world.events_())
+    users[3]["bio"] = "line one\u0007\u202e and two"  # control characters: cleaned and counted
+    users[5]["createdAt"] = {"$date": "TBD"}  # an unreadable Extended JSON value: None and counted
+    users.append(dict(users[8]))  # a repeated _id: kept once, counted
+    return users, events + edge_events(members)
+
+
+def write_world(folder: Path, users: list[dict[str, Any]], events: list[dict[str, Any]], *, lines: bool = False,
+                ) -> Path:
+    """The documents as mongoexport would write them (they are Extended JSON already)."""
+    folder.mkdir(parents=True, exist_ok=True)
+    for name, docs in (("users.json", users), ("events.json", events)):
+        texts = [json.dumps(doc, ensure_ascii=False) for doc in docs]
+        (folder / name).write_text("\n".join(texts) + "\n" if lines else "[" + ",\n".join(texts) + "]",
+                                   encoding="utf-8")
+    return folder
+
+
+def assert_history_exercised(members: list[dict[str, Any]]) -> None:
+    """The world gives the history signals something to say (else the equality tests would prove little):
+    places, tags, series, co-attendees going, and the contact fields step 1 sets."""
+    histories = [m["event_history"] for m in members]
+    for key in ("places", "tags", "series", "weekdays", "company_going"):
+        assert sum(1 for h in histories if h[key]) > len(members) // 3, key
+    assert any(h["hosts"] for h in histories)
+    assert all(m["phone_e164"] for m in members) and any(m["phone_timezone"] for m in members)
+
+
+def run_folder(folder: Path, out: Path, *flags: str) -> CliRun:
+    run = run_main(["--source", str(folder), "--now", NOW_ISO, "--llm", "off", "--dry-run", *flags], out)
+    assert run.code == 0, run.err
+    return run
+
+
+# --- the converter: orjson's values made into bson.json_util's ---------------------------------------------
+
+SCALARS = st.one_of(st.none(), st.booleans(), st.integers(-2**70, 2**70), st.text(max_size=12),
+                    st.floats(allow_nan=False, allow_infinity=False))
+OID = st.text("0123456789abcdefABCDEF", min_size=23, max_size=25)
+EXTENDED = st.one_of(
+    st.builds(lambda h: {"$oid": h}, OID),
+    st.builds(lambda n: {"$date": {"$numberLong": str(n)}}, st.integers(-2**63, 2**63)),
+    st.builds(lambda s: {"$date": s}, st.sampled_from(["2026-01-15T12:00:00Z", "2026-01-15T12:00:00.123+02:00",
+                                                         "TBD", "9999-12-31T23:59:59Z", "0001-01-01T00:00:00+01:00"])),
+    st.builds(lambda n: {"$date": n}, st.integers(-2**62, 2**62)),
+    st.builds(lambda n: {"$numberLong": n}, st.one_of(st.integers(-2**64, 2**64).map(str), st.text(max_size=4))),
+    st.builds(lambda n: {"$numberInt": n}, st.integers(-2**33, 2**33).map(str)),
+    st.builds(lambda n: {"$numberDouble": n}, st.sampled_from(["1.5", "-0.0", "Infinity", "-Infinity", "NaN", "x"])),
+    st.builds(lambda n: {"$numberDecimal": n}, st.sampled_from(["1.10", "NaN", "bad"])),
+    st.builds(lambda p, o: {"$regularExpression": {"pattern": p, "options": o}}, st.text(max_size=4),
+              st.sampled_from(["", "i", "q"])),
+    st.builds(lambda t: {"$timestamp": {"t": t, "i": 1}}, st.integers(0, 2**33)),
+    st.just({"$minKey": 1}), st.just({"$maxKey": 1}), st.just({"$undefined": True}),
+    st.builds(lambda s: {"$symbol": s}, st.text(max_size=4)),
+    st.builds(lambda s: {"$binary": {"base64": s, "subType": "00"}}, st.sampled_from(["", "AAEC", "!!"])),
+    st.builds(lambda s: {"$ref": "user", "$id": s}, st.text(max_size=4)),
+    st.builds(lambda k: {k: 1}, st.sampled_from(["$other", "$", "$date2"])),
+)
+VALUES = st.recursive(st.one_of(SCALARS, EXTENDED), lambda inner: st.one_of(
+    st.lists(inner, max_size=4), st.dictionaries(st.text(max_size=6), inner, max_size=4)), max_leaves=25)
+DOCUMENTS = st.dictionaries(st.text(max_size=8), VALUES, max_size=6)
+
+
+def literal_decode(text: str) -> tuple[Any, int]:
+    decoder = rtt.ExtendedJsonDecoder()
+    return decoder.loads(text), decoder.bad_values
+
+
+def same(a: Any, b: Any) -> bool:
+    """Equal values of equal types all the way down (1 == 1.0 == True would hide a difference)."""
+    if type(a) is not type(b):
+        return False
+    if isinstance(a, dict):
+        return list(a) == list(b) and all(same(a[k], b[k]) for k in a)
+    if isinstance(a, list):
+        return len(a) == len(b) and all(same(x, y) for x, y in zip(a, b, strict=True))
+    if isinstance(a, float) and math.isnan(a):
+        return math.isnan(b)
+    return a == b
+
+
+@settings(max_examples=300, deadline=None)
+@given(DOCUMENTS, st.booleans())
+def test_the_fast_decoding_gives_json_util_values_and_counts_the_same_bad_ones(doc, canonical):
+    text = json_util.dumps(json_util.loads(json.dumps(doc)), json_options=json_util.CANONICAL_JSON_OPTIONS) \
+        if canonical and literal_decode(json.dumps(doc))[1] == 0 else json.dumps(doc)
+    expected, bad = literal_decode(text)
+    fast = rtt.ExtendedJsonDecoder()
+    docs = rtt.fast_decode(("[" + text + "]").encode(), fast)
+    if docs is None:  # the literal path reads it (big integers, NaN, lone surrogates...)
+        return
+    assert same(docs[0], expected) and fast.bad_values == bad
+    walked = rtt.ExtendedJsonDecoder()
+    value, clean = rtt.clean_values(json.loads(text), walked)
+    assert same(value, expected) and walked.bad_values == bad
+    if clean:
+        assert rtt.already_clean(expected)
+
+
+@settings(max_examples=200, deadline=None)
+@given(st.dictionaries(st.sampled_from(["name", "bio", "description", "x"]),
+                       st.one_of(st.text(max_size=260), st.lists(st.text(max_size=30), max_size=3)), max_size=4))
+def test_a_record_that_skips_the_walk_is_one_clean_document_would_leave_alone(doc):
+    data = json.dumps({"_id": "a", **doc}, ensure_ascii=False).encode()
+    if rtt.plain_and_clean(data):
+        found: Any = rtt.Counter()
+        record = json.loads(data)
+        assert rtt.clean_document(record, found) == record and not found
+
+
+# --- the folder: the counting read against the literal reading -------------------------------------------------
+
+
+@pytest.mark.parametrize(("canonical", "lines"), [(False, False), (True, False), (False, True), (True, True)])
+def test_the_counting_read_and_the_literal_reading_give_the_same_outputs(tmp_path, monkeypatch, canonical, lines):
+    folder = write_world(tmp_path / "world", *messy_world(canonical=canonical), lines=lines)
+    assert rtt.FolderSource(folder).read_dormant(NOW).activity is not None  # the fast path, not its fallback
+    fast = run_folder(folder, tmp_path / "fast", "--limit", "50")
+    with monkeypatch.context() as patch:  # the literal reading: json with bson.json_util's hook, every record
+        patch.setattr(rtt, "orjson", None)
+        patch.setattr(rtt, "msgspec", None)
+        slow = run_folder(folder, tmp_path / "slow", "--limit", "50")
+    for name in OUTPUTS:
+        assert fast.load(name) == slow.load(name), name
+    assert len(fast.load(OUTPUTS[0])) > 20 and fast.load(OUTPUTS[1])
+    assert_history_exercised(fast.load(OUTPUTS[0]))
+    assert [m["event_history"] for m in fast.load(OUTPUTS[0])] == [m["event_history"] for m in slow.load(OUTPUTS[0])]
+    assert fast.matches == slow.matches and fast.messages == slow.messages
+    for key in ("data_issues", "summary"):
+        assert fast.report()[key] == slow.report()[key], key
+    issues = fast.report()["data_issues"]
+    assert issues["text_values_with_control_characters"] == 1 and issues["unreadable_extended_json_values"] >= 1
+    assert issues["repeated_user_ids"] == 1 and issues["odd_participants"] >= 3
+    assert issues["events_without_valid_start_date"] >= 3
+    assert fast.load("data/raw/users.json") == json.loads((folder / "users.json").read_text(encoding="utf-8")) \
+        if not lines else len(fast.load("data/raw/users.json")) == len(messy_world()[0])
+
+
+def test_the_counting_read_keeps_only_the_dormant_members_and_the_candidate_events(tmp_path):
+    users, events = messy_world()
+    data = rtt.FolderSource(write_world(tmp_path / "w", users, events)).read_dormant(NOW)
+    assert data.read == {"users": len(users), "events": len(events)}
+    assert 0 < len(data.users) < len(users) // 2 and len(data.events) < len(events) // 5
+    assert sum(data.statuses.values()) == len(users) - 1  # the repeated one counted once
+    for user in data.users:
+        assert rtt.derive_engagement(data.activity[rtt.id_of(user["_id"])].last_event, NOW)[1] == "dormant"
+
+
+@pytest.mark.parametrize("bad", [
+    '{"_id": 42, "firstName": "Odd"}',  # an odd _id: screening skips it
+    '{"_id": "n", "x": ' + "[" * 70 + "]" * 70 + "}",  # nested too deep
+    '{"_id": "big", "n": 123456789012345678901234}',  # an integer beyond 64 bits
+    '{"_id": "nan", "n": NaN}',
+])
+def test_a_file_the_fast_path_cannot_vouch_for_is_read_the_classic_way_and_counted(tmp_path, bad):
+    users, events = messy_world(120)
+    folder = write_world(tmp_path / "w", users, events)
+    text = (folder / "users.json").read_text(encoding="utf-8")
+    (folder / "users.json").write_text(text[:-1] + ",\n" + bad + "]", encoding="utf-8")
+    assert rtt.FolderSource(folder).read_dormant(NOW).activity is None  # the classic read took over
+    run = run_folder(folder, tmp_path / "out")
+    assert run.report()["data_issues"].get("users_without_usable_id", 0) == (1 if '"_id": 42' in bad else 0)
+    assert run.report()["data_issues"].get("users_nested_too_deep", 0) == (1 if "[[[" in bad else 0)
+    assert len(run.load(OUTPUTS[0])) > 3
+
+
+@pytest.mark.parametrize("lines", [False, True])
+def test_a_truncated_file_is_still_one_line_naming_the_file(tmp_path, lines):
+    folder = write_world(tmp_path / "w", *messy_world(60), lines=lines)
+    text = (folder / "events.json").read_text(encoding="utf-8")
+    (folder / "events.json").write_text(text[: len(text) // 2], encoding="utf-8")
+    run = run_main(["--source", str(folder), "--now", NOW_ISO, "--dry-run"], tmp_path / "out")
+    assert run.code == 2
+    assert run.err.startswith("error: ") and run.err.count("\n") == 1 and "Traceback" not in run.err
+    assert "events.json" in run.err and "invalid JSON" in run.err
+    if lines:
+        assert f"line {text[: len(text) // 2].count(chr(10)) + 1}:" in run.err
+
+
+# --- MongoDB: the pipeline path against the folder path ------------------------------------------------------
+
+
+def naive(value: Any) -> Any:
+    """Dates as a server returns them: naive UTC."""
+    if isinstance(value, datetime):
+        return value.astimezone(UTC).replace(tzinfo=None) if value.tzinfo else value
+    if isinstance(value, dict):
+        return {k: naive(v) for k, v in value.items()}
+    if isinstance(value, list):
+        return [naive(v) for v in value]
+    return value
+
+
+def mongo_world(users: list[dict[str, Any]], events: list[dict[str, Any]]) -> mongomock.MongoClient:
+    """The same documents as the folder path decodes them, stored in mongomock."""
+    decoder = rtt.ExtendedJsonDecoder()
+    client = mongomock.MongoClient()
+    seen: set[Any] = set()
+    unique = []
+    for doc in users:  # a collection cannot repeat an _id
+        decoded = naive(decoder.loads(json.dumps(doc)))
+        if str(decoded["_id"]) not in seen:
+            seen.add(str(decoded["_id"]))
+            unique.append(decoded)
+    client["testdb"]["user"].insert_many(unique)
+    client["testdb"]["event"].insert_many([naive(decoder.loads(json.dumps(doc))) for doc in events])
+    return client
+
+
+@pytest.fixture
+def pipeline(monkeypatch: pytest.MonkeyPatch) -> None:
+    """mongomock lacks $type, $trim, $convert and $dateFromString: those stages run in tests/mongo_expressions.py."""
+    monkeypatch.setattr(mongomock.collection.Collection, "aggregate", mongo_expressions.patched_aggregate)
+    mongo_expressions.DELIVERED.clear()
+
+
+def test_the_normalising_stage_gives_what_python_reads_for_every_form():
+    _users, events = messy_world()
+    decoder = rtt.ExtendedJsonDecoder()
+    stage = rtt.normalise_events_stage()["$project"]
+    for raw in events:
+        event = naive(decoder.loads(json.dumps(raw)))
+        out = mongo_expressions.project(event, stage, add=False)
+        start = rtt.to_utc(event.get("startDate"))
+        if out["start"] is not None or start is None or not isinstance(event.get("startDate"), dict):
+            assert out["start"] == (start.replace(tzinfo=None, microsecond=start.microsecond // 1000 * 1000)
+                                    if start else None), raw["startDate"]
+        assert sorted(out["members"]) == sorted(rtt.event_member_ids(event, rtt.DataIssues())), raw["participants"]
+
+
+def test_the_pipeline_and_the_folder_give_the_same_outputs(tmp_path, pipeline):
+    users, events = messy_world()
+    folder = run_folder(write_world(tmp_path / "w", users, events), tmp_path / "folder", "--limit", "50")
+    mongo = run_main(["--source", "mongo", "--now", NOW_ISO, "--llm", "off", "--dry-run", "--limit", "50"],
+                     tmp_path / "mongo", MONGO_ENV, mongo_client=mongo_world(users, events))
+    assert mongo.code == 0, mongo.err
+    for name in OUTPUTS:
+        assert mongo.load(name) == folder.load(name), name
+    assert_history_exercised(mongo.load(OUTPUTS[0]))
+    assert [m["event_history"] for m in mongo.load(OUTPUTS[0])] == [m["event_history"] for m in folder.load(OUTPUTS[0])]
+    assert mongo.matches == folder.matches and mongo.messages == folder.messages
+    assert mongo_expressions.DELIVERED["aggregate user"] == 0
+    assert mongo.report()["summary"]["total_dormant_users_found"] == folder.report()["summary"]["total_dormant_users_found"]
+
+
+def test_the_pipeline_reads_only_the_dormant_members(pipeline):
+    users, events = messy_world()
+    client = mongo_world(users, events)
+    data = rtt.MongoSource(client, "testdb").read_dormant(NOW)
+    assert data.read["users"] == len(users) - 1
+    kept = {rtt.id_of(u["_id"]) for u in data.users}
+    assert kept <= set(data.activity)  # (beside them: their co-attendees' upcoming events, for company_going)
+    assert all(rtt.derive_engagement(data.activity[m].last_event, NOW)[1] == "dormant" for m in kept)
+    assert data.statuses["dormant"] == len(data.users) < len(users) // 2
+    mongo_expressions.DELIVERED.clear()  # the history fetch: exactly the events that name a kept member
+    decoded = [naive(rtt.ExtendedJsonDecoder().loads(json.dumps(e))) for e in events]
+    naming = [e for e in decoded if kept & rtt.event_member_ids(e, rtt.DataIssues()) and rtt.usable_id(e["_id"])]
+    history = rtt.MongoSource.attended(client["testdb"]["event"], sorted(kept), [])
+    assert mongo_expressions.DELIVERED["aggregate event"] == len(naming) < len(events)
+    assert all(history[m].event_count == data.activity[m].event_count for m in kept)  # every event of theirs
+
+
+def test_a_server_without_the_operators_gets_the_full_read():
+    users, events = messy_world(80)
+    data = rtt.MongoSource(mongo_world(users, events), "testdb").read_dormant(NOW)
+    assert data.activity is None and len(data.users) == len(users) - 1
+
+
+# --- step 5: the candidate index scores exactly as score_candidates -----------------------------------------
+
+
+def test_the_candidate_index_scores_every_member_as_score_candidates(tmp_path, hoods):
+    run = run_folder(write_world(tmp_path / "w", *messy_world(600)), tmp_path / "out")
+    members, events = run.load(OUTPUTS[0]), run.load(OUTPUTS[1])
+    index = rtt.CandidateIndex.build(events, hoods, NOW)
+    members.append({"_id": "nobody", "interests": ["travel", "Live Music", "jazz "], "homeNeighborhood": "Nomad"})
+    for member in members:
+        assert index.score(member) == rtt.score_candidates(member, events, hoods, NOW)
+
+
+def test_a_large_limit_gives_the_matches_of_the_unindexed_scoring(tmp_path, monkeypatch):
+    folder = write_world(tmp_path / "w", *messy_world(600))
+    indexed = run_folder(folder, tmp_path / "indexed", "--limit", "1000")
+    monkeypatch.setattr(rtt.ReturnToTable, "scored",
+                        lambda self, user, events: rtt.score_candidates(user, events, self.hoods, self.options.now))
+    plain = run_folder(folder, tmp_path / "plain", "--limit", "1000")
+    assert len(indexed.matches) > 30
+    assert indexed.matches == plain.matches and indexed.messages == plain.messages
+
+
+def test_ids_of_members_stored_as_object_ids_or_strings_are_both_fetched():
+    query = rtt.member_id_query(["64d000000000000000000001", "plain"])
+    assert ObjectId("64d000000000000000000001") in query["_id"]["$in"] and "plain" in query["_id"]["$in"]
