@@ -7687,18 +7687,6 @@ def backtest_days(args: argparse.Namespace, clock: datetime) -> list[datetime]:
     return days
 
 
-def writable_folder(path: Path) -> Path:
-    """``--out`` resolved and created, or a usage error."""
-    out_dir = path.expanduser().resolve()
-    try:
-        out_dir.mkdir(parents=True, exist_ok=True)
-    except OSError as exc:
-        raise UsageError(f"--out {out_dir}: cannot create the folder ({exc.strerror})") from None
-    if not os.access(out_dir, os.W_OK):
-        raise UsageError(f"--out {out_dir}: not writable")
-    return out_dir
-
-
 def backtest_source(args: argparse.Namespace, settings: Settings, out_dir: Path, clock: datetime,
                     mongo_client: Any) -> DataSource:
     """The campaign's readers (``make_source``): MongoDB or a mongoexport folder."""
@@ -7733,7 +7721,7 @@ def backtest(args: argparse.Namespace, env: Mapping[str, str] | None, mongo_clie
     started = datetime.now(UTC).replace(microsecond=0)
     days = backtest_days(args, started)
     hoods = load_neighbourhoods(settings.neighbourhoods_csv)
-    out_dir = writable_folder(args.out)
+    out_dir = usable_out_dir(args.out)
     source = backtest_source(args, settings, out_dir, started, mongo_client)
     if isinstance(source, MongoSource) and mongo_client is None:
         closing.callback(source.client.close)
