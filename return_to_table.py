@@ -2503,21 +2503,22 @@ class RememberedPlaces:
     same: dict[tuple[str | None, str | None], bool] = field(default_factory=dict)
     distances: dict[tuple[str | None, str | None], float | None] = field(default_factory=dict)
 
-    def same_place(self, a: str | None, b: str | None) -> bool:
+    @staticmethod
+    def remembered(cache: dict[tuple[str | None, str | None], Any], answer: Any, a: str | None,
+                   b: str | None) -> Any:
+        """``answer(a, b)``, looked up once per pair while the cache has room."""
         pair = (a, b)
-        if pair not in self.same:
-            if len(self.same) >= MAX_REMEMBERED_DISTANCES:
-                return self.hoods.same_place(a, b)
-            self.same[pair] = self.hoods.same_place(a, b)
-        return self.same[pair]
+        if pair not in cache:
+            if len(cache) >= MAX_REMEMBERED_DISTANCES:
+                return answer(a, b)
+            cache[pair] = answer(a, b)
+        return cache[pair]
+
+    def same_place(self, a: str | None, b: str | None) -> bool:
+        return bool(self.remembered(self.same, self.hoods.same_place, a, b))
 
     def distance_km(self, a: str | None, b: str | None) -> float | None:
-        pair = (a, b)
-        if pair not in self.distances:
-            if len(self.distances) >= MAX_REMEMBERED_DISTANCES:
-                return self.hoods.distance_km(a, b)
-            self.distances[pair] = self.hoods.distance_km(a, b)
-        return self.distances[pair]
+        return self.remembered(self.distances, self.hoods.distance_km, a, b)
 
 
 @dataclass(frozen=True)
