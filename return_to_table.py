@@ -558,28 +558,11 @@ def atomic_write(path: Path, write: Any, *, private: bool = False) -> None:
 def write_json(path: Path, value: Any, *, private: bool = False) -> None:
     """JSON, atomically; ``private`` files are readable by the owner only."""
 
-    atomic_write(path, lambda handle: dump_json(value, handle), private=private)
+    def write(handle: Any) -> None:
+        json.dump(value, handle, ensure_ascii=False, indent=2, default=str)
+        handle.write("\n")
 
-
-def dump_json(value: Any, handle: Any) -> None:
-    """``value`` and a line feed into a text file, as UTF-8 bytes straight to its buffer (no copy as text)."""
-    handle.flush()
-    handle.buffer.write(json_bytes(value))
-    handle.buffer.write(b"\n")
-
-
-def json_bytes(value: Any) -> bytes:
-    """``value`` as indented JSON, as ``json.dumps(indent=2, ensure_ascii=False, default=str)`` writes it,
-    through orjson when installed (the standard encoder is pure Python once indented: seconds for a big
-    member list). orjson writes NaN and infinities as null (valid JSON); what it refuses (an integer
-    beyond 64 bits, a lone surrogate) goes the standard way."""
-    if orjson is not None:
-        options = orjson.OPT_INDENT_2 | orjson.OPT_NON_STR_KEYS | orjson.OPT_PASSTHROUGH_DATETIME
-        try:
-            return orjson.dumps(value, default=str, option=options)
-        except (orjson.JSONEncodeError, TypeError):
-            pass
-    return json.dumps(value, ensure_ascii=False, indent=2, default=str).encode("utf-8", "backslashreplace")
+    atomic_write(path, write, private=private)
 
 
 def write_text_private(path: Path, text: str) -> None:
@@ -5183,7 +5166,7 @@ KeyChange = tuple[str, str | None]  # (a key as found, the key it is stored unde
 
 def key_digest(key: str) -> str:
     """A short, stable fingerprint of a key as found (lone surrogates included)."""
-    return hashlib.sha256(key.encode("utf-8", "backslashreplace")).hexdigest()[:KEY_DIGEST_LENGTH]
+    return hashlib.sha256(key.encode("utf-8", "surrogatepass")).hexdigest()[:KEY_DIGEST_LENGTH]
 
 
 def cut_utf8(text: str, limit: int) -> str:
