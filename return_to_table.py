@@ -6654,9 +6654,7 @@ class DateRange(NamedTuple):
 def range_bound(text: str, flag: str, *, end: bool) -> datetime:
     """``--since``/``--until`` as an instant: a date is that whole day in UTC (``--until`` includes it), a
     date-time that instant (``--until`` includes it too); UsageError for anything else."""
-    moment = to_utc(text.strip())
-    if moment is None or not 1970 <= moment.year <= 2200:
-        raise UsageError(f"{flag} {text!r} is not a date (2026-01-31) or an ISO-8601 date-time in 1970-2200")
+    moment = flag_instant(text.strip(), flag, "a date (2026-01-31) or an ISO-8601 date-time")
     if not end:
         return moment
     return moment + (timedelta(days=1) if DATE_ONLY.fullmatch(text.strip()) else timedelta(microseconds=1))
@@ -7666,12 +7664,7 @@ def backtest_parser() -> argparse.ArgumentParser:
 
 def as_of_flag(text: str, flag: str) -> datetime:
     """``--from``/``--to``: a date (midnight UTC) or an ISO-8601 date-time, 1970-2200."""
-    moment = to_utc(text)
-    if moment is None:
-        raise UsageError(f"{flag} {text!r} is not a date (YYYY-MM-DD, or an ISO-8601 date-time)")
-    if not 1970 <= moment.year <= 2200:
-        raise UsageError(f"{flag} {text!r} is outside the years 1970-2200")
-    return moment
+    return flag_instant(text, flag, "a date (YYYY-MM-DD, or an ISO-8601 date-time)")
 
 
 def backtest_days(args: argparse.Namespace, clock: datetime) -> list[datetime]:
@@ -7857,14 +7850,20 @@ def build_parser() -> argparse.ArgumentParser:
 MAX_NOW_AHEAD = timedelta(days=1)  # a --now further ahead of the clock is a rehearsal: --dry-run only
 
 
-def parse_now(text: str) -> datetime:
-    """``--now`` as an aware UTC instant (any subcommand), or UsageError: no date, or outside 1970-2200."""
+def flag_instant(text: str, flag: str, form: str) -> datetime:
+    """A date or date-time flag as an aware UTC instant (a date: midnight UTC), or UsageError: not ``form``,
+    or outside the years 1970-2200. One rule for ``--now``, ``--since``/``--until`` and ``--from``/``--to``."""
     parsed = to_utc(text)
     if parsed is None:
-        raise UsageError(f"--now {text!r} is not a valid ISO-8601 date-time (e.g. 2026-11-23T06:00:00Z)")
+        raise UsageError(f"{flag} {text!r} is not {form}")
     if not 1970 <= parsed.year <= 2200:
-        raise UsageError(f"--now {text!r} is outside the years 1970-2200")
+        raise UsageError(f"{flag} {text!r} is outside the years 1970-2200")
     return parsed
+
+
+def parse_now(text: str) -> datetime:
+    """``--now`` as an aware UTC instant (any subcommand)."""
+    return flag_instant(text, "--now", "a valid ISO-8601 date-time (e.g. 2026-11-23T06:00:00Z)")
 
 
 def usable_out_dir(path: Path) -> Path:

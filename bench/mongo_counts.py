@@ -11,7 +11,6 @@ import argparse
 import json
 import sys
 from collections import Counter
-from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any
 
@@ -25,23 +24,12 @@ from make_world import NOW, World
 import return_to_table as rtt
 
 
-def naive(value: Any) -> Any:
-    """Dates as a server returns them: naive UTC."""
-    if isinstance(value, datetime):
-        return value.astimezone(UTC).replace(tzinfo=None) if value.tzinfo else value
-    if isinstance(value, dict):
-        return {k: naive(v) for k, v in value.items()}
-    if isinstance(value, list):
-        return [naive(v) for v in value]
-    return value
-
-
 def load(members: int) -> mongomock.MongoClient:
     world = World(members, members * 3 // 10, canonical=False)
     decoder = rtt.ExtendedJsonDecoder()
     client = mongomock.MongoClient()
     for name, docs in (("user", world.users()), ("event", world.events_())):
-        client["db"][name].insert_many([naive(decoder.loads(json.dumps(d))) for d in docs])
+        client["db"][name].insert_many([mongo_expressions.naive(decoder.loads(json.dumps(d))) for d in docs])
     return client
 
 

@@ -20,6 +20,17 @@ MISSING = object()
 DELIVERED: Counter[str] = Counter()  # documents into Python, per pipeline kind
 
 
+def naive(value: Any) -> Any:
+    """Dates as a server returns them: naive UTC."""
+    if isinstance(value, datetime):
+        return value.astimezone(UTC).replace(tzinfo=None) if value.tzinfo else value
+    if isinstance(value, dict):
+        return {k: naive(v) for k, v in value.items()}
+    if isinstance(value, list):
+        return [naive(v) for v in value]
+    return value
+
+
 def bson_type(value: Any) -> str:
     if value is MISSING:
         return "missing"

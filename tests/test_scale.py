@@ -10,7 +10,7 @@ from __future__ import annotations
 import json
 import math
 import sys
-from datetime import UTC, datetime, timedelta
+from datetime import timedelta
 from pathlib import Path
 from typing import Any
 
@@ -246,17 +246,6 @@ def test_a_truncated_file_is_still_one_line_naming_the_file(tmp_path, lines):
 # --- MongoDB: the pipeline path against the folder path ------------------------------------------------------
 
 
-def naive(value: Any) -> Any:
-    """Dates as a server returns them: naive UTC."""
-    if isinstance(value, datetime):
-        return value.astimezone(UTC).replace(tzinfo=None) if value.tzinfo else value
-    if isinstance(value, dict):
-        return {k: naive(v) for k, v in value.items()}
-    if isinstance(value, list):
-        return [naive(v) for v in value]
-    return value
-
-
 def mongo_world(users: list[dict[str, Any]], events: list[dict[str, Any]]) -> mongomock.MongoClient:
     """The same documents as the folder path decodes them, stored in mongomock."""
     decoder = rtt.ExtendedJsonDecoder()
@@ -264,12 +253,12 @@ def mongo_world(users: list[dict[str, Any]], events: list[dict[str, Any]]) -> mo
     seen: set[Any] = set()
     unique = []
     for doc in users:  # a collection cannot repeat an _id
-        decoded = naive(decoder.loads(json.dumps(doc)))
+        decoded = mongo_expressions.naive(decoder.loads(json.dumps(doc)))
         if str(decoded["_id"]) not in seen:
             seen.add(str(decoded["_id"]))
             unique.append(decoded)
     client["testdb"]["user"].insert_many(unique)
-    client["testdb"]["event"].insert_many([naive(decoder.loads(json.dumps(doc))) for doc in events])
+    client["testdb"]["event"].insert_many([mongo_expressions.naive(decoder.loads(json.dumps(doc))) for doc in events])
     return client
 
 
@@ -285,7 +274,7 @@ def test_the_normalising_stage_gives_what_python_reads_for_every_form():
     decoder = rtt.ExtendedJsonDecoder()
     stage = rtt.normalise_events_stage()["$project"]
     for raw in events:
-        event = naive(decoder.loads(json.dumps(raw)))
+        event = mongo_expressions.naive(decoder.loads(json.dumps(raw)))
         out = mongo_expressions.project(event, stage, add=False)
         start = rtt.to_utc(event.get("startDate"))
         if out["start"] is not None or start is None or not isinstance(event.get("startDate"), dict):
@@ -319,7 +308,7 @@ def test_the_pipeline_reads_only_the_dormant_members(pipeline):
     assert all(rtt.derive_engagement(data.activity[m].last_event, NOW)[1] == "dormant" for m in kept)
     assert data.statuses["dormant"] == len(data.users) < len(users) // 2
     mongo_expressions.DELIVERED.clear()  # the history fetch: exactly the events that name a kept member
-    decoded = [naive(rtt.ExtendedJsonDecoder().loads(json.dumps(e))) for e in events]
+    decoded = [mongo_expressions.naive(rtt.ExtendedJsonDecoder().loads(json.dumps(e))) for e in events]
     naming = [e for e in decoded if kept & rtt.event_member_ids(e, rtt.DataIssues()) and rtt.usable_id(e["_id"])]
     history = rtt.MongoSource.attended(client["testdb"]["event"], sorted(kept), [])
     assert mongo_expressions.DELIVERED["aggregate event"] == len(naming) < len(events)
