@@ -68,7 +68,7 @@ from datetime import time as dt_time
 from enum import Enum
 from pathlib import Path
 from statistics import NormalDist
-from typing import Any, NamedTuple, Protocol, Self, TypedDict
+from typing import Any, NamedTuple, NotRequired, Protocol, Self, TypedDict
 from urllib.parse import quote_plus
 from zoneinfo import ZoneInfo, ZoneInfoNotFoundError
 
@@ -557,12 +557,49 @@ def atomic_write(path: Path, write: Any, *, private: bool = False) -> None:
 
 def write_json(path: Path, value: Any, *, private: bool = False) -> None:
     """JSON, atomically; ``private`` files are readable by the owner only."""
+    atomic_write(path, lambda handle: dump_json(value, handle), private=private)
 
-    def write(handle: Any) -> None:
-        json.dump(value, handle, ensure_ascii=False, indent=2, default=str)
-        handle.write("\n")
 
-    atomic_write(path, write, private=private)
+JSON_CHUNK_BYTES = 1 << 20  # a list is written in pieces of about this size: never the whole file in memory
+
+
+def dump_json(value: Any, handle: Any) -> None:
+    """``value`` as ``json.dump(indent=2, ensure_ascii=False, default=str)`` lays it out, and a line feed.
+
+    A list (a member list can be hundreds of megabytes) is encoded item by item (``json_bytes``) and
+    written in pieces of about ``JSON_CHUNK_BYTES``, each item indented one level more."""
+    handle.flush()
+    out = handle.buffer
+    if not isinstance(value, (list, tuple)) or not value:
+        out.write(json_bytes(value) + b"\n")
+        return
+    out.write(b"[\n")
+    pieces: list[bytes] = []
+    size = 0
+    for n, item in enumerate(value):
+        piece = (b",\n  " if n else b"  ") + json_bytes(item).replace(b"\n", b"\n  ")
+        pieces.append(piece)
+        size += len(piece)
+        if size >= JSON_CHUNK_BYTES:
+            out.write(b"".join(pieces))
+            pieces, size = [], 0
+    out.write(b"".join(pieces) + b"\n]\n")
+
+
+JSON_OPTIONS = (orjson.OPT_INDENT_2 | orjson.OPT_NON_STR_KEYS | orjson.OPT_PASSTHROUGH_DATETIME) if orjson else 0
+
+
+def json_bytes(value: Any) -> bytes:
+    """``value`` as indented UTF-8 JSON, through orjson when installed (the standard encoder is pure Python
+    once indented: seconds for a big member list); what orjson refuses (an integer beyond 64 bits, a lone
+    surrogate) goes the standard way. Both read back as the same values; only float spellings may differ
+    (``1e16`` for ``1e+16``), and orjson writes NaN as null (the records hold none: ``to_plain``)."""
+    if orjson is not None:
+        try:
+            return orjson.dumps(value, default=str, option=JSON_OPTIONS)
+        except (orjson.JSONEncodeError, TypeError):
+            pass
+    return json.dumps(value, ensure_ascii=False, indent=2, default=str).encode("utf-8", "backslashreplace")
 
 
 def write_text_private(path: Path, text: str) -> None:
@@ -1579,9 +1616,12 @@ class DormantMember(TypedDict):
     personalization_ready: bool
     reactivation_score: float
     summary: str
-    phone_e164: str | None  # the phone as E.164 when it can receive texts (``textable_phone``); ``phone`` stays as stored
-    phone_timezone: str | None  # the number's one time zone, when it maps to exactly one
-    event_history: MemberHistory  # what their own past events say (``member_history``), for step 5
+    # ``reach_member`` adds the next three once, when the walk reaches the member (``find_dormant_users``
+    # does for all with ``complete``): checking a phone and reading a history is most of step 1's work at
+    # a million members, and only members the walk reaches use them.
+    phone_e164: NotRequired[str | None]  # the phone as E.164 when it can receive texts (``textable_phone``); ``phone`` stays as stored
+    phone_timezone: NotRequired[str | None]  # the number's one time zone, when it maps to exactly one
+    event_history: NotRequired[MemberHistory]  # what their own past events say (``member_history``), for step 5
 
 
 @dataclass(frozen=True)
@@ -1593,13 +1633,9 @@ class DormancyCensus:
     status_counts: dict[str, int]
 
 
-def dormant_member(raw: Mapping[str, Any], user_id: str, seen: Activity, days: int,
-                   region: str = "US", *, activity: Mapping[str, Activity] | None = None,
-                   now: datetime | None = None, zone: str = DEFAULT_TIMEZONE) -> DormantMember:
+def dormant_member(raw: Mapping[str, Any], user_id: str, seen: Activity, days: int) -> DormantMember:
     """Step 1's enriched record of one eligible member, with step 3's summary attached here, once."""
     user = to_plain(raw)
-    phone = textable_phone(raw.get("phone"), region)
-    moment = now or seen.last_event or datetime.now(UTC)
     user.update({
         "_id": user_id,
         "eventCount": seen.event_count,
@@ -1607,19 +1643,31 @@ def dormant_member(raw: Mapping[str, Any], user_id: str, seen: Activity, days: i
         "days_inactive": days,
         "engagement_status": "dormant",
         "personalization_ready": True,
-        "phone_e164": phone.e164,
-        "phone_timezone": phone.timezone,
-        "event_history": member_history(user_id, seen, activity or {}, moment, phone.timezone or zone),
     })
     user["reactivation_score"] = calculate_reactivation_score(user)
     user["summary"] = user_summary(user)  # step 3 (its section follows step 2): one visible place
     return user  # type: ignore[return-value]
 
 
+def reach_member(user: DormantMember, activity: Mapping[str, Activity], now: datetime, region: str = "US",
+                 zone: str = DEFAULT_TIMEZONE) -> DormantMember:
+    """What the walk needs of a member it reached, added to the record once: the phone as E.164 and its
+    zone (``textable_phone``, ``region`` for national forms), and the history (``member_history``, read in
+    the phone's zone, else ``zone``)."""
+    if "event_history" not in user:
+        phone = textable_phone(user.get("phone"), region)
+        seen = activity.get(user["_id"], Activity(0, None))
+        user["phone_e164"], user["phone_timezone"] = phone.e164, phone.timezone
+        user["event_history"] = member_history(user["_id"], seen, activity, now, phone.timezone or zone)
+    return user
+
+
 def find_dormant_users(users: Iterable[Mapping[str, Any]], activity: Mapping[str, Activity],
-                       now: datetime, region: str = "US", zone: str = DEFAULT_TIMEZONE) -> DormancyCensus:
-    """Step 1: enrich every member, keep the personalisable dormant ones, rank them; ``zone`` (the
-    campaign's) reads the habits of members whose phone gives no zone."""
+                       now: datetime, region: str = "US", zone: str = DEFAULT_TIMEZONE, *,
+                       complete: bool = True) -> DormancyCensus:
+    """Step 1: enrich every member, keep the personalisable dormant ones, rank them; ``complete`` also
+    reaches each one (``reach_member``: phone and history, ``zone`` the campaign's), which the campaign
+    leaves to its walk."""
     eligible: list[DormantMember] = []
     statuses: Counter[str] = Counter()
     for raw in users:
@@ -1633,7 +1681,8 @@ def find_dormant_users(users: Iterable[Mapping[str, Any]], activity: Mapping[str
         if status != "dormant" or seen.event_count < 1 or not ready or not clean_interests(raw.get("interests")):
             continue
         assert days is not None  # a dormant member has a last event
-        eligible.append(dormant_member(raw, user_id, seen, days, region, activity=activity, now=now, zone=zone))
+        member = dormant_member(raw, user_id, seen, days)
+        eligible.append(reach_member(member, activity, now, region, zone) if complete else member)
     eligible.sort(key=dormant_rank_key)
     return DormancyCensus(tuple(eligible), statuses["dormant"], dict(sorted(statuses.items())))
 
@@ -1773,13 +1822,11 @@ def in_holdout(campaign_name: str, member_id: str, fraction: float) -> bool:
     return fraction > 0 and holdout_share(campaign_name, member_id) < fraction
 
 
-def contact_block(user: DormantMember, recent: set[str], policy: SmsPolicy) -> tuple[str | None, int]:
-    """Why a member may not be texted today (``cooldown``, ``no_valid_phone``, ``opted_out``), or None;
-    and how many odd preference values were read."""
+def contact_block(user: DormantMember, policy: SmsPolicy) -> tuple[str | None, int]:
+    """Why a member the walk reached (``reach_member``) may not be texted (``no_valid_phone``,
+    ``opted_out``), or None; and how many odd preference values were read."""
     opted_out, odd = sms_opt_out(user, policy.opt_out_fields, policy.consent_fields)
-    if user["_id"] in recent:
-        return "cooldown", odd
-    if user["phone_e164"] is None:
+    if user.get("phone_e164") is None:
         return "no_valid_phone", odd
     return ("opted_out" if opted_out else None), odd
 
@@ -6044,6 +6091,7 @@ class ReturnToTable:
         self.campaign_id = ""  # claimed before steps 5-6 (holdout records carry it)
         self.candidate_index: CandidateIndex | None = None  # step 2's open events indexed for step 5
         self.counted: SourceData | None = None  # what a counting source read (``read_dormant``)
+        self.activity: Mapping[str, Activity] = {}  # step 1's activity of every member, for ``reach_member``
 
     # --- step 1: fetch, find and rank the dormant members -----------------------------------
 
@@ -6079,7 +6127,8 @@ class ReturnToTable:
         counted = self.counted  # the source counted the activity and handed over the dormant members only
         activity = counted.activity if counted and counted.activity is not None else index_member_activity(
             events, self.issues)
-        census = find_dormant_users(users, activity, self.options.now, zone=self.zone.key)
+        self.activity = activity  # the walk reads each member it reaches from it (``reach_member``)
+        census = find_dormant_users(users, activity, self.options.now, zone=self.zone.key, complete=False)
         if counted is not None and counted.statuses is not None:
             census = dataclasses.replace(census, status_counts=counted.statuses)
         write_json(self.data_dir / "processed" / "dormant_users.json", census.eligible, private=True)
@@ -6103,23 +6152,27 @@ class ReturnToTable:
             return set()
 
     def select(self, census: DormancyCensus) -> list[tuple[int, DormantMember]]:
-        """The eligible members who may be texted today, as ``(rank, member)`` in rank order; each of the
-        others gets its skip code (``cooldown``, ``no_valid_phone``, ``opted_out``) in ``decisions``."""
+        """The eligible members outside the cooldown, as ``(rank, member)`` in rank order, for the walk
+        (which checks phone and opt-out of each member it reaches: ``reachable``); the others get ``cooldown``."""
         recent = self.cooldown()
         walk: list[tuple[int, DormantMember]] = []
-        odd = 0
         for rank, user in enumerate(census.eligible, 1):
-            block, odd_values = contact_block(user, recent, self.sms)
-            odd += odd_values
-            if block is None:
-                walk.append((rank, user))
+            if user["_id"] in recent:
+                self.decisions[user["_id"]] = "cooldown"
             else:
-                self.decisions[user["_id"]] = block
-        self.issues.add("odd_sms_preference_values", odd)
-        left_out = Counter(self.decisions.values())
-        self.logger.info("Step 1: %d of %d eligible members may be texted (%s)", len(walk), len(census.eligible),
-                         ", ".join(f"{n} {code}" for code, n in sorted(left_out.items())) or "none left out")
+                walk.append((rank, user))
+        self.logger.info("Step 1: %d of %d eligible members are outside the cooldown", len(walk), len(census.eligible))
         return walk
+
+    def reachable(self, user: DormantMember) -> bool:
+        """Whether a member the walk reached may be texted: the phone is checked and the history read now
+        (``reach_member``); one who may not gets ``no_valid_phone`` or ``opted_out``."""
+        reach_member(user, self.activity, self.options.now, self.sms.default_region, self.zone.key)
+        block, odd = contact_block(user, self.sms)
+        self.issues.add("odd_sms_preference_values", odd)
+        if block is not None:
+            self.decisions[user["_id"]] = block
+        return block is None
 
     # --- step 2: future public events (steps 3-4, the summaries, are attached in steps 1-2) --
 
@@ -6315,6 +6368,8 @@ class ReturnToTable:
             while (waiting and len(running) < width and messaged + len(running) < self.options.limit
                    and not self.control.stopping):
                 eligible_rank, user = waiting.pop()
+                if not self.reachable(user):
+                    continue
                 self.logger.info("  #%d %s (%s): score %.1f, %d days inactive, %d events", eligible_rank,
                                  full_name(user), user["_id"], user["reactivation_score"],
                                  user["days_inactive"], user["eventCount"])
@@ -6405,6 +6460,9 @@ class ReturnToTable:
             outcomes = self.process_all(walk, future)      # steps 5-6
         self.progress = None
         steps_5_6_seconds = time.monotonic() - clock
+        left_out = Counter(code for code in self.decisions.values() if code in ("no_valid_phone", "opted_out"))
+        self.logger.info("Steps 5-6: %d members reached, %s", len(outcomes) + sum(left_out.values()),
+                         ", ".join(f"{n} {code}" for code, n in sorted(left_out.items())) or "all of them textable")
         write_json(self.data_dir / "processed" / "dormant_users.json", walk_listing(census.eligible, self.decisions),
                    private=True)
         selected = [o.user for o in outcomes if not o.held_out]  # the treatment members the walk reached

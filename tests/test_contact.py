@@ -102,6 +102,14 @@ def test_the_default_region_reads_national_numbers() -> None:
     assert rtt.textable_phone("07400 123456", "GB").e164 == "+447400123456"
 
 
+def test_the_run_reads_national_numbers_in_sms_default_region(run_cli, tmp_path: Path) -> None:
+    user, past = member("m-uk", 60, phone="07400 123456")
+    folder = write(tmp_path / "w", [(user, past)])
+    assert run_cli("--source", str(folder), "--now", NOW_ISO, "--dry-run").messages == []  # not a US number
+    run = run_cli("--source", str(folder), "--now", NOW_ISO, "--dry-run", env={"SMS_DEFAULT_REGION": "GB"})
+    assert [m["user_phone"] for m in run.messages] == ["+447400123456"]
+
+
 @pytest.mark.parametrize(("phone", "zone"), [
     ("+12125550123", "America/New_York"), ("+14155550123", "America/Los_Angeles"),
     ("+14065550123", "America/Denver"), ("+13125550123", "America/Chicago"),
@@ -365,6 +373,16 @@ def test_every_eligible_member_gets_selected_or_a_skip_reason(run_cli, tmp_path:
     second = run_cli("--source", str(write(tmp_path / "w", members)), "--now", NOW_ISO, "--holdout", str(FRACTION),
                      "--limit", "2", root=run.root)
     assert [decisions(second)[i] for i in (plain[6], plain[7], plain[8])] == ["cooldown", "cooldown", "selected"]
+
+
+def test_only_the_members_the_walk_reaches_are_checked_and_read(run_cli, tmp_path: Path) -> None:
+    members = [member("m-top", 80), member("m-next", 70, phone="555-0123"), member("m-low", 60, phone="555-0123")]
+    run = run_cli("--source", str(write(tmp_path / "w", members)), "--now", NOW_ISO, "--limit", "1")
+    assert run.code == 0, run.err
+    assert decisions(run) == {"m-top": "selected", "m-next": "below_limit", "m-low": "below_limit"}
+    top, *below = run.load("data/processed/dormant_users.json")
+    assert top["phone_e164"] == "+12125550150" and top["event_history"]["events"] == 1
+    assert all("phone_e164" not in u and "event_history" not in u for u in below)  # never reached, never checked
 
 
 def test_a_member_whose_events_cannot_be_phrased_is_skipped_as_no_sms_within_contract(

@@ -72,10 +72,10 @@ def partial_then_enospc(handle: Any) -> None:
 
 
 def fail_inside_write(monkeypatch: pytest.MonkeyPatch) -> None:
-    def dump(value: Any, handle: Any, **kwargs: Any) -> None:
+    def dump(value: Any, handle: Any) -> None:
         partial_then_enospc(handle)
 
-    monkeypatch.setattr(rtt.json, "dump", dump)
+    monkeypatch.setattr(rtt, "dump_json", dump)
 
 
 def fail_at_fsync(monkeypatch: pytest.MonkeyPatch) -> None:

@@ -82,9 +82,12 @@ def write_world(folder: Path, users: list[dict[str, Any]], events: list[dict[str
     return folder
 
 
+REACH_ALL = "1000"  # a --limit above the world's member count: the walk reaches (``reach_member``) every eligible one
+
+
 def assert_history_exercised(members: list[dict[str, Any]]) -> None:
     """The world gives the history signals something to say (else the equality tests would prove little):
-    places, tags, series, co-attendees going, and the contact fields step 1 sets."""
+    places, tags, series, co-attendees going, and the contact fields the walk sets on every member it reaches."""
     histories = [m["event_history"] for m in members]
     for key in ("places", "tags", "series", "weekdays", "company_going"):
         assert sum(1 for h in histories if h[key]) > len(members) // 3, key
@@ -181,11 +184,11 @@ def test_a_record_that_skips_the_walk_is_one_clean_document_would_leave_alone(do
 def test_the_counting_read_and_the_literal_reading_give_the_same_outputs(tmp_path, monkeypatch, canonical, lines):
     folder = write_world(tmp_path / "world", *messy_world(canonical=canonical), lines=lines)
     assert rtt.FolderSource(folder).read_dormant(NOW).activity is not None  # the fast path, not its fallback
-    fast = run_folder(folder, tmp_path / "fast", "--limit", "50")
+    fast = run_folder(folder, tmp_path / "fast", "--limit", REACH_ALL)
     with monkeypatch.context() as patch:  # the literal reading: json with bson.json_util's hook, every record
         patch.setattr(rtt, "orjson", None)
         patch.setattr(rtt, "msgspec", None)
-        slow = run_folder(folder, tmp_path / "slow", "--limit", "50")
+        slow = run_folder(folder, tmp_path / "slow", "--limit", REACH_ALL)
     for name in OUTPUTS:
         assert fast.load(name) == slow.load(name), name
     assert len(fast.load(OUTPUTS[0])) > 20 and fast.load(OUTPUTS[1])
@@ -285,8 +288,8 @@ def test_the_normalising_stage_gives_what_python_reads_for_every_form():
 
 def test_the_pipeline_and_the_folder_give_the_same_outputs(tmp_path, pipeline):
     users, events = messy_world()
-    folder = run_folder(write_world(tmp_path / "w", users, events), tmp_path / "folder", "--limit", "50")
-    mongo = run_main(["--source", "mongo", "--now", NOW_ISO, "--llm", "off", "--dry-run", "--limit", "50"],
+    folder = run_folder(write_world(tmp_path / "w", users, events), tmp_path / "folder", "--limit", REACH_ALL)
+    mongo = run_main(["--source", "mongo", "--now", NOW_ISO, "--llm", "off", "--dry-run", "--limit", REACH_ALL],
                      tmp_path / "mongo", MONGO_ENV, mongo_client=mongo_world(users, events))
     assert mongo.code == 0, mongo.err
     for name in OUTPUTS:
@@ -346,3 +349,33 @@ def test_a_large_limit_gives_the_matches_of_the_unindexed_scoring(tmp_path, monk
 def test_ids_of_members_stored_as_object_ids_or_strings_are_both_fetched():
     query = rtt.member_id_query(["64d000000000000000000001", "plain"])
     assert ObjectId("64d000000000000000000001") in query["_id"]["$in"] and "plain" in query["_id"]["$in"]
+
+
+# --- output files: written in pieces, laid out as the standard encoder lays them out -----------------------
+
+JSON_SCALARS = st.one_of(st.none(), st.booleans(), st.integers(-2**70, 2**70), st.text(max_size=12),
+                         st.floats(allow_nan=False, allow_infinity=False, min_value=-1e15, max_value=1e15))
+JSON_VALUES = st.recursive(JSON_SCALARS, lambda inner: st.one_of(
+    st.lists(inner, max_size=4), st.dictionaries(st.text(max_size=6), inner, max_size=4)), max_leaves=20)
+
+
+@settings(max_examples=300, deadline=None)
+@given(value=st.one_of(st.lists(JSON_VALUES, max_size=6), JSON_VALUES), chunk=st.sampled_from([1, 64, 1 << 20]))
+def test_a_file_written_in_pieces_reads_back_as_the_standard_encoders(value, chunk, tmp_path_factory):
+    path = tmp_path_factory.mktemp("json") / "out.json"
+    with pytest.MonkeyPatch.context() as patch:
+        patch.setattr(rtt, "JSON_CHUNK_BYTES", chunk)
+        rtt.write_json(path, value)
+    standard = json.dumps(value, ensure_ascii=False, indent=2) + "\n"
+    written = path.read_text(encoding="utf-8")
+    assert json.loads(written) == json.loads(standard)
+    if not any(isinstance(v, float) for v in leaves(value)):  # float spellings may differ (1e16 / 1e+16)
+        assert written == standard
+
+
+def leaves(value: Any) -> list[Any]:
+    if isinstance(value, dict):
+        return [x for v in value.values() for x in leaves(v)]
+    if isinstance(value, list):
+        return [x for v in value for x in leaves(v)]
+    return [value]
