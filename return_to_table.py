@@ -661,6 +661,7 @@ def copy_raw(path: Path, source: Path) -> None:
 
 ISO_DATE_START = re.compile(r"^\d{4}-\d{2}-\d{2}(?:$|[T ])")
 # A date is only a date a day inside datetime's range: shown in any time zone or moved by a day, it never overflows.
+UNIX_EPOCH = datetime(1970, 1, 1, tzinfo=UTC)
 EARLIEST_DATE = datetime.min.replace(tzinfo=UTC) + timedelta(days=1)
 LATEST_DATE = datetime.max.replace(tzinfo=UTC) - timedelta(days=1)
 
@@ -694,7 +695,9 @@ def parse_moment(value: Any) -> datetime | None:
         return value
     if isinstance(value, bool):
         return None
-    if isinstance(value, (int, float)):
+    if isinstance(value, int):  # exact, as bson.json_util reads a $date's milliseconds (a float would round)
+        return UNIX_EPOCH + timedelta(milliseconds=value)
+    if isinstance(value, float):
         return datetime.fromtimestamp(value / 1000, tz=UTC) if math.isfinite(value) else None
     if isinstance(value, str):
         text = value.strip()
@@ -1122,6 +1125,7 @@ def collection_paused() -> Iterator[None]:
     try:
         yield
     finally:
+        gc.freeze()  # what was built lives for the run: later collections (step 1's records) skip it
         if enabled:
             gc.enable()
 
@@ -1130,7 +1134,7 @@ def export_elements(data: bytes) -> list[Any]:
     """An export file's records as undecoded byte slices (msgspec splits a JSON array without decoding
     it; JSON Lines split on line feeds), so each can be decoded, screened and dropped in turn.
     FastPathRefused when it cannot (not JSON to msgspec, nested beyond its stack, big integers)."""
-    if msgspec is None or orjson is None or _BIG_INTEGER.search(data):
+    if msgspec is None:  # (no big-integer scan: msgspec reads an integer of any size exactly, as json does)
         raise FastPathRefused("no fast decoder for this file")
     body = data[3:] if data.startswith(_UTF8_BOM) else data
     if not body.lstrip().startswith(b"["):
@@ -1173,6 +1177,7 @@ _UNSAFE_UTF8 = re.compile(rb"\xc2[\x80-\x9f]|\xd8\x9c|\xe1\xa0\x8e|\xe2\x80[\x8b
                           rb"|\xef\xbb\xbf")
 
 
+_UNSAFE_LEADS = (b"\xc2", b"\xd8\x9c", b"\xe1\xa0\x8e", b"\xe2\x80", b"\xe2\x81", b"\xef\xbb\xbf")  # _UNSAFE_UTF8's starts
 _LONG_RUN = re.compile(rb'"[^"]{%d}' % (MAX_TEXT_CHARS + 1))  # a string's opening quote, then too many bytes
 
 
@@ -1185,34 +1190,62 @@ def plain_and_clean(data: bytes) -> bool:
 
 
 # Extended JSON values json_util always reads (no bad value to count): a valid ObjectId, a $date in ISO form
-# with a day every month has (1900-2099), a $date of up to 12 digits of milliseconds (1938-2286).
+# on a day that month has in every year (1900-2099: all but 29 February), a $date of up to 13 digits of
+# milliseconds (1653-2286; ``parse_moment`` reads them exactly, as json_util does).
 _SAFE_EXTENDED = re.compile(
     rb'\{"\$oid": ?"[0-9a-fA-F]{24}"\}'
-    rb'|\{"\$date": ?"(?:19|20)\d\d-(?:0[1-9]|1[0-2])-(?:0[1-9]|1\d|2[0-8])T(?:[01]\d|2[0-3]):[0-5]\d:[0-5]\d'
+    rb'|\{"\$date": ?"(?:19|20)\d\d-(?:(?:0[1-9]|1[0-2])-(?:0[1-9]|1\d|2[0-8])|(?:0[13-9]|1[0-2])-(?:29|30)'
+    rb'|(?:0[13578]|1[02])-31)T(?:[01]\d|2[0-3]):[0-5]\d:[0-5]\d'
     rb'(?:\.\d{1,3})?Z"\}'
-    rb'|\{"\$date": ?\{"\$numberLong": ?"-?\d{1,12}"\}\}')
+    rb'|\{"\$date": ?\{"\$numberLong": ?"-?\d{1,13}"\}\}')
 
 
 def nothing_to_count(data: bytes) -> bool:
     """Whether a record's bytes guarantee that decoding and screening it would count nothing: the tests of
     ``plain_and_clean``, except that Extended JSON values are allowed in ``_SAFE_EXTENDED``'s forms."""
-    if b"\\" in data or b"\x7f" in data or data.count(b"{") + data.count(b"[") > MAX_NESTING_DEPTH:
-        return False
-    if not data.isascii() and _UNSAFE_UTF8.search(data):
+    if b"\\" in data or b"\x7f" in data or not few_brackets(data):
         return False
     if len(data) > MAX_TEXT_CHARS and _LONG_RUN.search(data):
         return False
+    return not unsafe_utf8(data) and extended_all_safe(data)
+
+
+def unsafe_utf8(data: bytes) -> bool:
+    """Whether the bytes hold a character ``clean_text`` removes above U+007F (``_UNSAFE_UTF8``); the
+    regular expression runs only when one of its lead sequences is there at all (a quick byte search)."""
+    return (not data.isascii() and any(lead in data for lead in _UNSAFE_LEADS)
+            and _UNSAFE_UTF8.search(data) is not None)
+
+
+def extended_all_safe(data: bytes) -> bool:
+    """Whether every Extended JSON key (``"$``) in the bytes is part of a ``_SAFE_EXTENDED`` value."""
     dollars = data.count(b'"$')
     return not dollars or dollars == sum(m.count(b'"$') for m in _SAFE_EXTENDED.findall(data))
 
 
+def quiet_file(data: bytes) -> bool:
+    """``nothing_to_count`` over a whole file at once, but for the bracket count, which stays per record:
+    when this holds, a record of the file has nothing to count exactly when it has few enough brackets
+    (each test finds in a record only what it finds in the file; no safe value spans two records)."""
+    return (b"\\" not in data and b"\x7f" not in data and _LONG_RUN.search(data) is None
+            and not unsafe_utf8(data) and extended_all_safe(data))
+
+
+def few_brackets(data: bytes) -> bool:
+    """``nothing_to_count``'s nesting test: no more brackets than ``MAX_NESTING_DEPTH``, so never nested deeper."""
+    return data.count(b"{") + data.count(b"[") <= MAX_NESTING_DEPTH
+
+
+_RECORD_DECODER = msgspec.json.Decoder() if msgspec is not None else None
+
+
 def fast_record(data: bytes, decoder: ExtendedJsonDecoder, plain: bool) -> tuple[dict[str, Any], bool]:
-    """One record through orjson and, unless ``plain`` (``plain_and_clean``), ``clean_values``: (what the
+    """One record through msgspec (integers of any size exact, as json reads them) and, unless ``plain`` (``plain_and_clean``), ``clean_values``: (what the
     literal decoder gives, already clean), or FastPathRefused."""
     try:
-        doc = orjson.loads(data)
-    except orjson.JSONDecodeError:
-        raise FastPathRefused("not JSON to orjson") from None
+        doc = _RECORD_DECODER.decode(data)
+    except (msgspec.DecodeError, RecursionError):  # a float beyond the double range among them (json: inf)
+        raise FastPathRefused("not JSON to msgspec") from None
     if type(doc) is not dict:
         raise FastPathRefused("not a document")
     if plain:
@@ -1251,6 +1284,9 @@ if msgspec is not None:
         name: Any = msgspec.UNSET
 
 
+_ID_DECODER = msgspec.json.Decoder(IdOnly) if msgspec is not None else None
+
+
 def skimmed(data: bytes, shape: Any) -> dict[str, Any] | None:
     """The fields of ``shape`` that a record has, as read (Extended JSON left as objects: ``id_of`` and
     ``to_utc`` read ``_SAFE_EXTENDED``'s forms as json_util's values), or None when msgspec cannot."""
@@ -1266,8 +1302,10 @@ def skimmed(data: bytes, shape: Any) -> dict[str, Any] | None:
 def member_skim(dormant: Any) -> Any:
     """Skim members: only the ``_id`` of one ``dormant(key)`` does not want (the others: decoded whole)."""
     def skim(data: bytes) -> dict[str, Any] | None:
-        doc = skimmed(data, IdOnly)
-        key = usable_id(doc.get("_id")) if doc else None
+        try:
+            key = usable_id(_ID_DECODER.decode(data).id)
+        except (msgspec.DecodeError, RecursionError):
+            return None
         return {"_id": key} if key is not None and not dormant(key) else None
     return skim
 
@@ -1283,7 +1321,7 @@ def event_skim(now: datetime) -> Any:
 
 
 def screened_stream(elements: list[Any], what: str, decoder: ExtendedJsonDecoder, issues: Counter[str],
-                    tick: Any = None, skim: Any = None) -> Iterator[dict[str, Any]]:
+                    tick: Any = None, skim: Any = None, file_quiet: bool = False) -> Iterator[dict[str, Any]]:
     """Each record of a collection decoded, screened (``screen_records``) and deduplicated
     (``dedupe_by_id``) in turn, what was found counted in ``issues``; the slices are released as they go.
 
@@ -1296,7 +1334,7 @@ def screened_stream(elements: list[Any], what: str, decoder: ExtendedJsonDecoder
     for n, element in enumerate(elements):
         elements[n] = None
         data = element if isinstance(element, bytes) else bytes(memoryview(element))
-        quiet = nothing_to_count(data)
+        quiet = few_brackets(data) if file_quiet else nothing_to_count(data)  # ``quiet_file``: the same answer
         stand_in = skim(data) if skim is not None and quiet else None
         if stand_in is not None:
             key = id_of(stand_in.get("_id")) or ""
@@ -1406,25 +1444,73 @@ def event_member_ids(event: Mapping[str, Any], issues: DataIssues) -> set[str]:
     return members
 
 
-def index_member_activity(events: Iterable[Mapping[str, Any]], issues: DataIssues) -> dict[str, Activity]:
+NO_ACTIVITY = Activity(0, None)  # a member no event names
+
+
+class ActivityIndex(Mapping[str, Activity]):
+    """Every member's ``Activity``, built from the events when asked for (step 1 asks for the dormant
+    members, the walk for those it reaches and their past company): a million members need a count, a
+    latest date and their events' positions each, not a million ``Activity`` records."""
+
+    def __init__(self, dated: list[tuple[datetime, Mapping[str, Any]]], counts: dict[str, int],
+                 latest: dict[str, datetime], positions: dict[str, list[int]]) -> None:
+        self.dated, self.counts, self.latest, self.positions = dated, counts, latest, positions
+        self._built: dict[str, Activity] = {}
+
+    def __getitem__(self, member: str) -> Activity:
+        found = self._built.get(member)
+        if found is None:
+            n = self.counts[member]  # KeyError for a member no event names, as a dict's
+            found = self._built[member] = Activity(n, self.latest.get(member), self.attended(member))
+        return found
+
+    def __contains__(self, member: object) -> bool:
+        return member in self.counts
+
+    def seen(self, member: str) -> Activity:
+        """The member's count and latest date only (``attended`` left empty): what dormancy needs."""
+        return Activity(self.counts.get(member, 0), self.latest.get(member))
+
+    def status(self, member: str, now: datetime) -> str:
+        """The member's engagement status at ``now`` (``derive_engagement``), without building its record."""
+        return derive_engagement(self.latest.get(member), now)[1]
+
+    def __iter__(self) -> Iterator[str]:
+        return iter(self.counts)
+
+    def __len__(self) -> int:
+        return len(self.counts)
+
+    def attended(self, member: str) -> tuple[Attended, ...]:
+        """The member's dated events in start order, each with everyone at it."""
+        events = [self.dated[n] for n in self.positions.get(member, ())]
+        return tuple(Attended(start, event, frozenset(event_member_ids(event, DataIssues())))
+                     for start, event in sorted(events, key=lambda pair: pair[0]))
+
+
+def index_member_activity(events: Iterable[Mapping[str, Any]], issues: DataIssues) -> ActivityIndex:
     """Every member's event count and latest ``startDate``, over all events of any type or date, and
-    the dated events each one was at, in start order."""
-    counts: Counter[str] = Counter()
+    the dated events each one was at (``ActivityIndex``: in start order when asked for)."""
+    counts: dict[str, int] = {}
     latest: dict[str, datetime] = {}
-    attended: dict[str, list[Attended]] = {}
+    positions: dict[str, list[int]] = {}
+    dated: list[tuple[datetime, Mapping[str, Any]]] = []
     for event in events:
         start = to_utc(event.get("startDate"))
+        members = event_member_ids(event, issues)
         if start is None:
             issues.add("events_without_valid_start_date")
-        members = frozenset(event_member_ids(event, issues))
+            for member in members:
+                counts[member] = counts.get(member, 0) + 1
+            continue
+        position = len(dated)
+        dated.append((start, event))
         for member in members:
-            counts[member] += 1
-            if start is not None:
-                attended.setdefault(member, []).append(Attended(start, event, members))
-                if member not in latest or start > latest[member]:
-                    latest[member] = start
-    return {member: Activity(n, latest.get(member), tuple(sorted(attended.get(member, ()), key=lambda a: a.start)))
-            for member, n in counts.items()}
+            counts[member] = counts.get(member, 0) + 1
+            positions.setdefault(member, []).append(position)
+            if member not in latest or start > latest[member]:
+                latest[member] = start
+    return ActivityIndex(dated, counts, latest, positions)
 
 
 def count_profile_fields(user: Mapping[str, Any]) -> int:
@@ -1674,7 +1760,7 @@ def find_dormant_users(users: Iterable[Mapping[str, Any]], activity: Mapping[str
         user_id = id_of(raw.get("_id"))
         if user_id is None:
             continue
-        seen = activity.get(user_id, Activity(0, None))
+        seen = activity.seen(user_id) if isinstance(activity, ActivityIndex) else activity.get(user_id, NO_ACTIVITY)
         days, status = derive_engagement(seen.last_event, now)
         statuses[status] += 1
         ready = count_profile_fields(raw) >= MIN_PROFILE_FIELDS
@@ -3899,20 +3985,23 @@ class FolderSource:
         users_file, events_file = self.folder / "users.json", self.folder / "events.json"
         sizes = [path.stat().st_size if path.is_file() else 0 for path in (users_file, events_file)]
         with (progress or no_progress)(sum(sizes), "B") as bar:
-            elements = export_elements(export_bytes(events_file))
+            data = export_bytes(events_file)
+            elements, quiet = export_elements(data), quiet_file(data)
+            del data
             events_read, future = len(elements), []
             records = screened_stream(elements, "events", decoder, issues, bytes_tick(bar, sizes[1], len(elements)),
-                                      skim=event_skim(now))
+                                      skim=event_skim(now), file_quiet=quiet)
             activity = index_member_activity(kept_future(records, now, future), counted)
-            elements = export_elements(export_bytes(users_file))
+            data = export_bytes(users_file)
+            elements, quiet = export_elements(data), quiet_file(data)
+            del data
             users_read, users, statuses = len(elements), [], Counter[str]()
             def dormant(key: str) -> bool:
-                return derive_engagement(activity.get(key, Activity(0, None)).last_event, now)[1] == "dormant"
+                return activity.status(key, now) == "dormant"
 
             for user in screened_stream(elements, "users", decoder, issues, bytes_tick(bar, sizes[0], len(elements)),
-                                        skim=member_skim(dormant)):
-                seen = activity.get(id_of(user.get("_id")) or "", Activity(0, None))
-                status = derive_engagement(seen.last_event, now)[1]
+                                        skim=member_skim(dormant), file_quiet=quiet):
+                status = activity.status(id_of(user.get("_id")) or "", now)
                 statuses[status] += 1
                 if status == "dormant":
                     users.append(user)
@@ -6128,7 +6217,8 @@ class ReturnToTable:
         activity = counted.activity if counted and counted.activity is not None else index_member_activity(
             events, self.issues)
         self.activity = activity  # the walk reads each member it reaches from it (``reach_member``)
-        census = find_dormant_users(users, activity, self.options.now, zone=self.zone.key, complete=False)
+        with collection_paused():  # a record per eligible member: no cycles, nothing to collect
+            census = find_dormant_users(users, activity, self.options.now, zone=self.zone.key, complete=False)
         if counted is not None and counted.statuses is not None:
             census = dataclasses.replace(census, status_counts=counted.statuses)
         write_json(self.data_dir / "processed" / "dormant_users.json", census.eligible, private=True)

@@ -215,10 +215,21 @@ def test_the_counting_read_keeps_only_the_dormant_members_and_the_candidate_even
         assert rtt.derive_engagement(data.activity[rtt.id_of(user["_id"])].last_event, NOW)[1] == "dormant"
 
 
+def test_an_integer_beyond_64_bits_is_read_exactly_by_the_fast_path(tmp_path):
+    users, events = messy_world(120)
+    dormant = rtt.id_of(rtt.FolderSource(write_world(tmp_path / "a", users, events)).read_dormant(NOW).users[0]["_id"])
+    for user in users:
+        if rtt.id_of(user["_id"]) == dormant:
+            user["loyaltyPoints"] = 123456789012345678901234
+    data = rtt.FolderSource(write_world(tmp_path / "b", users, events)).read_dormant(NOW)
+    assert data.activity is not None  # the fast path read it
+    [read] = [u for u in data.users if rtt.id_of(u["_id"]) == dormant]
+    assert read["loyaltyPoints"] == 123456789012345678901234 and type(read["loyaltyPoints"]) is int
+
+
 @pytest.mark.parametrize("bad", [
     '{"_id": 42, "firstName": "Odd"}',  # an odd _id: screening skips it
     '{"_id": "n", "x": ' + "[" * 70 + "]" * 70 + "}",  # nested too deep
-    '{"_id": "big", "n": 123456789012345678901234}',  # an integer beyond 64 bits
     '{"_id": "nan", "n": NaN}',
 ])
 def test_a_file_the_fast_path_cannot_vouch_for_is_read_the_classic_way_and_counted(tmp_path, bad):
