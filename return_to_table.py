@@ -1190,12 +1190,12 @@ def plain_and_clean(data: bytes) -> bool:
 
 
 # Extended JSON values json_util always reads (no bad value to count): a valid ObjectId, a $date in ISO form
-# on a day that month has in every year (1900-2099: all but 29 February), a $date of up to 13 digits of
+# on a day of the calendar (1900-2099; 29 February of the leap years but 2000), a $date of up to 13 digits of
 # milliseconds (1653-2286; ``parse_moment`` reads them exactly, as json_util does).
 _SAFE_EXTENDED = re.compile(
     rb'\{"\$oid": ?"[0-9a-fA-F]{24}"\}'
-    rb'|\{"\$date": ?"(?:19|20)\d\d-(?:(?:0[1-9]|1[0-2])-(?:0[1-9]|1\d|2[0-8])|(?:0[13-9]|1[0-2])-(?:29|30)'
-    rb'|(?:0[13578]|1[02])-31)T(?:[01]\d|2[0-3]):[0-5]\d:[0-5]\d'
+    rb'|\{"\$date": ?"(?:(?:19|20)\d\d-(?:(?:0[1-9]|1[0-2])-(?:0[1-9]|1\d|2[0-8])|(?:0[13-9]|1[0-2])-(?:29|30)'
+    rb'|(?:0[13578]|1[02])-31)|(?:19|20)(?:0[48]|[2468][048]|[13579][26])-02-29)T(?:[01]\d|2[0-3]):[0-5]\d:[0-5]\d'
     rb'(?:\.\d{1,3})?Z"\}'
     rb'|\{"\$date": ?\{"\$numberLong": ?"-?\d{1,13}"\}\}')
 
@@ -1223,10 +1223,10 @@ def extended_all_safe(data: bytes) -> bool:
     return not dollars or dollars == sum(m.count(b'"$') for m in _SAFE_EXTENDED.findall(data))
 
 
-def quiet_file(data: bytes) -> bool:
-    """``nothing_to_count`` over a whole file at once, but for the bracket count, which stays per record:
-    when this holds, a record of the file has nothing to count exactly when it has few enough brackets
-    (each test finds in a record only what it finds in the file; no safe value spans two records)."""
+def quiet_records(data: bytes) -> bool:
+    """``nothing_to_count`` over records joined by line feeds, but for the bracket count, which stays per
+    record: when this holds, each of them has nothing to count exactly when it has few enough brackets
+    (each test finds in one record only what it finds in all; no safe value spans two records)."""
     return (b"\\" not in data and b"\x7f" not in data and _LONG_RUN.search(data) is None
             and not unsafe_utf8(data) and extended_all_safe(data))
 
@@ -1320,26 +1320,39 @@ def event_skim(now: datetime) -> Any:
     return skim
 
 
+QUIET_GROUP = 256  # records screened together (``quiet_records``): one odd record slows only its group
+
+
 def screened_stream(elements: list[Any], what: str, decoder: ExtendedJsonDecoder, issues: Counter[str],
-                    tick: Any = None, skim: Any = None, file_quiet: bool = False) -> Iterator[dict[str, Any]]:
+                    tick: Any = None, skim: Any = None) -> Iterator[dict[str, Any]]:
     """Each record of a collection decoded, screened (``screen_records``) and deduplicated
     (``dedupe_by_id``) in turn, what was found counted in ``issues``; the slices are released as they go.
 
     A record screening would skip (odd ``_id``, nested too deep) refuses the fast path: the classic read
     then keeps its exact account of such files, ``data/raw/`` without them included. ``skim(bytes)``, for a
     record with nothing to count (``nothing_to_count``), may return a stand-in of the few fields the caller
-    reads, when it does not want the record whole: such records are never decoded in full."""
+    reads, when it does not want the record whole: such records are never decoded in full. The byte tests
+    run over ``QUIET_GROUP`` records at once (``quiet_records``), and record by record only in a group that
+    fails them."""
     seen: set[str] = set()
+    for first in range(0, len(elements), QUIET_GROUP):
+        group = [bytes(e) for e in elements[first:first + QUIET_GROUP]]
+        elements[first:first + len(group)] = [None] * len(group)
+        group_quiet = quiet_records(b"\n".join(group))
+        if tick is not None:
+            tick(len(group))  # progress, in records
+        yield from screened_group(group, what, decoder, issues, skim, group_quiet, seen)
+
+
+def screened_group(group: list[bytes], what: str, decoder: ExtendedJsonDecoder, issues: Counter[str],
+                   skim: Any, group_quiet: bool, seen: set[str]) -> Iterator[dict[str, Any]]:
+    """``screened_stream`` for one group of records; ``seen`` holds the ids met so far in the file."""
     repeated = f"repeated_{what[:-1]}_ids"
-    for n, element in enumerate(elements):
-        elements[n] = None
-        data = element if isinstance(element, bytes) else bytes(memoryview(element))
-        quiet = few_brackets(data) if file_quiet else nothing_to_count(data)  # ``quiet_file``: the same answer
+    for data in group:
+        quiet = few_brackets(data) if group_quiet else nothing_to_count(data)  # ``quiet_records``: the same answer
         stand_in = skim(data) if skim is not None and quiet else None
         if stand_in is not None:
             key = id_of(stand_in.get("_id")) or ""
-            if tick is not None and n % 8192 == 8191:
-                tick(8192)
             if key in seen:
                 issues[repeated] += 1
             else:
@@ -1357,8 +1370,6 @@ def screened_stream(elements: list[Any], what: str, decoder: ExtendedJsonDecoder
                 raise FastPathRefused(f"a record screening skips ({what})") from None
             issues.update(found)
         key = id_of(record.get("_id")) or ""
-        if tick is not None and n % 8192 == 8191:
-            tick(8192)  # progress, in records
         if key in seen:
             issues[repeated] += 1
             continue
@@ -3985,22 +3996,18 @@ class FolderSource:
         users_file, events_file = self.folder / "users.json", self.folder / "events.json"
         sizes = [path.stat().st_size if path.is_file() else 0 for path in (users_file, events_file)]
         with (progress or no_progress)(sum(sizes), "B") as bar:
-            data = export_bytes(events_file)
-            elements, quiet = export_elements(data), quiet_file(data)
-            del data
+            elements = export_elements(export_bytes(events_file))
             events_read, future = len(elements), []
             records = screened_stream(elements, "events", decoder, issues, bytes_tick(bar, sizes[1], len(elements)),
-                                      skim=event_skim(now), file_quiet=quiet)
+                                      skim=event_skim(now))
             activity = index_member_activity(kept_future(records, now, future), counted)
-            data = export_bytes(users_file)
-            elements, quiet = export_elements(data), quiet_file(data)
-            del data
+            elements = export_elements(export_bytes(users_file))
             users_read, users, statuses = len(elements), [], Counter[str]()
             def dormant(key: str) -> bool:
                 return activity.status(key, now) == "dormant"
 
             for user in screened_stream(elements, "users", decoder, issues, bytes_tick(bar, sizes[0], len(elements)),
-                                        skim=member_skim(dormant), file_quiet=quiet):
+                                        skim=member_skim(dormant)):
                 status = activity.status(id_of(user.get("_id")) or "", now)
                 statuses[status] += 1
                 if status == "dormant":

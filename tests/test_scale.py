@@ -177,6 +177,24 @@ def test_a_record_that_skips_the_walk_is_one_clean_document_would_leave_alone(do
         assert rtt.clean_document(record, found) == record and not found
 
 
+RECORD_TEXT = st.one_of(st.text(max_size=8), st.text(alphabet="ab\u0007\u202e\u00e9\\\"$", max_size=8),
+                       st.sampled_from(["x" * 240, '{"$date": "2024-02-29T00:00:00Z"}', "2023-02-29"]))
+RECORD_VALUES = st.one_of(RECORD_TEXT, st.sampled_from([{"$date": "2025-07-31T12:00:00Z"}, {"$date": "TBD"},
+                                                         {"$date": {"$numberLong": "1757247896000"}},
+                                                         {"$oid": "64d000000000000000000001"}, {"$oid": "zz"}]))
+
+
+@settings(max_examples=300, deadline=None)
+@given(st.lists(st.dictionaries(st.sampled_from(["name", "bio", "createdAt", "x"]), RECORD_VALUES, max_size=3),
+                min_size=1, max_size=5))
+def test_records_screened_together_have_nothing_to_count_each(docs):
+    records = [json.dumps({"_id": "a", **doc}, ensure_ascii=False).encode() for doc in docs]
+    if rtt.quiet_records(b"\n".join(records)):
+        assert all(rtt.nothing_to_count(r) == rtt.few_brackets(r) for r in records)
+    else:
+        assert not all(rtt.nothing_to_count(r) for r in records)
+
+
 # --- the folder: the counting read against the literal reading -------------------------------------------------
 
 
