@@ -44,6 +44,7 @@ import fcntl
 import functools
 import gc
 import hashlib
+import heapq
 import itertools
 import json
 import logging
@@ -1733,6 +1734,8 @@ class DormancyCensus:
 def dormant_member(raw: Mapping[str, Any], user_id: str, seen: Activity, days: int) -> DormantMember:
     """Step 1's enriched record of one eligible member, with step 3's summary attached here, once."""
     user = to_plain(raw)
+    for derived in REACHED_FIELDS:  # the walk's to set (``reach_member``), never the stored document's
+        user.pop(derived, None)
     user.update({
         "_id": user_id,
         "eventCount": seen.event_count,
@@ -1744,6 +1747,9 @@ def dormant_member(raw: Mapping[str, Any], user_id: str, seen: Activity, days: i
     user["reactivation_score"] = calculate_reactivation_score(user)
     user["summary"] = user_summary(user)  # step 3 (its section follows step 2): one visible place
     return user  # type: ignore[return-value]
+
+
+REACHED_FIELDS = ("phone_e164", "phone_timezone", "event_history")
 
 
 def reach_member(user: DormantMember, activity: Mapping[str, Activity], now: datetime, region: str = "US",
@@ -2667,36 +2673,157 @@ class RememberedPlaces:
 
 @dataclass(frozen=True)
 class CandidateIndex:
-    """Step 2's open future events indexed once by tag. ``score`` narrows the events to those carrying a
-    tag one of the member's interests wants (``interest_tags``, as ``matched_interests`` tries them), in
-    step 2's order, and hands them to ``score_candidates``: the ranking and its values come from there
-    alone, only fewer events are looked at (an event sharing no tag is one ``score_candidates`` skips)."""
+    """Step 2's open future events indexed once by tag, with what each one can score at most. ``ranked``
+    narrows the events to those carrying a tag one of the member's interests wants (``interest_tags``, as
+    ``matched_interests`` tries them) and yields the member's candidates best first, scoring through
+    ``score_candidates`` (the ranking and its values come from there alone) only the events whose upper
+    bound (``history_bound`` plus the plan's best tiers) can still beat what was found: with thousands of
+    open events a member's first candidates cost a few dozen scorings, not thousands."""
 
     events: Sequence[Mapping[str, Any]]  # the list indexed, as step 2 gave it
     by_tag: Mapping[str, tuple[int, ...]]  # normalised tag -> positions in ``events`` of open events, ascending
     places: RememberedPlaces
     now: datetime
+    timing: Mapping[int, float]  # position -> ``timing_factor`` of its start
+    plan_base: Mapping[int, int]  # position -> ``plan_index`` of its fill and timing tiers (the low digits)
+    local_times: dict[tuple[str | None, int], tuple[str, str]] = field(default_factory=dict)  # ``local_time``
 
     @classmethod
     def build(cls, events: Sequence[Mapping[str, Any]], hoods: NeighbourhoodMap, now: datetime) -> CandidateIndex:
         by_tag: dict[str, list[int]] = {}
+        timing: dict[int, float] = {}
+        plan_base: dict[int, int] = {}
         for n, event in enumerate(events):
-            if event.get("remaining_spots") != 0:
-                for tag in event_features(event).tags:
-                    by_tag.setdefault(tag, []).append(n)
-        return cls(events, {t: tuple(p) for t, p in by_tag.items()}, RememberedPlaces(hoods), now)
+            if event.get("remaining_spots") == 0:
+                continue
+            features = event_features(event)
+            for tag in features.tags:
+                by_tag.setdefault(tag, []).append(n)
+            days_until = max(0.0, ((features.start or now) - now).total_seconds() / 86400)
+            fill = participation_tier(float(event.get("participationPercentage") or 0.0),
+                                      int(event.get("participantCount") or 0),
+                                      positive_number(event.get("maxParticipants")) is not None)
+            timing[n] = timing_factor(days_until)
+            plan_base[n] = plan_index(1, 0, fill, days_until)
+        return cls(events, {t: tuple(p) for t, p in by_tag.items()}, RememberedPlaces(hoods), now, timing, plan_base)
+
+    def positions(self, user: Mapping[str, Any]) -> list[int]:
+        """Where the open events carrying a tag one of the member's interests wants are, in step 2's order."""
+        found: set[int] = set()
+        for interest in clean_interests(user.get("interests")):
+            for tag in interest_tags(interest):
+                found.update(self.by_tag.get(tag, ()))
+        return sorted(found)
 
     def narrow(self, user: Mapping[str, Any]) -> list[Mapping[str, Any]]:
         """The open events carrying a tag one of the member's interests wants, in step 2's order."""
-        positions: set[int] = set()
-        for interest in clean_interests(user.get("interests")):
-            for tag in interest_tags(interest):
-                positions.update(self.by_tag.get(tag, ()))
-        return [self.events[n] for n in sorted(positions)]
+        return [self.events[n] for n in self.positions(user)]
+
+    def ranked(self, user: Mapping[str, Any]) -> Iterator[Candidate]:
+        """The member's candidates in ``score_candidates``' order, scored as they are needed: a candidate
+        is given only once no event left unscored can reach its total (each event's bound is at least
+        its total, and ``rank_key`` starts with the total)."""
+        reader = self.reader(user)
+        order = sorted(((self.bound(reader, n), n) for n in self.positions(user)), reverse=True)
+        found: list[tuple[tuple[Any, ...], Candidate]] = []
+        scored = 0
+        while True:
+            if scored < len(order) and (not found or order[scored][0] >= -found[0][0][0]):
+                batch = [self.events[n] for _, n in order[scored:scored + RANKED_BATCH]]
+                scored += len(batch)
+                for c in score_candidates(user, batch, self.places, self.now):  # type: ignore[arg-type]
+                    heapq.heappush(found, (c.rank_key, c))
+                continue
+            if not found:
+                return
+            yield heapq.heappop(found)[1]
+
+    def reader(self, user: Mapping[str, Any]) -> BoundReader:
+        """What ``bound`` reads of a member, once per member."""
+        wanted = frozenset(t for interest in clean_interests(user.get("interests")) for t in interest_tags(interest))
+        return BoundReader(habit_bounds(member_habits(user)), wanted, text_field(user, "homeNeighborhood"))
+
+    def bound(self, reader: BoundReader, n: int) -> float:
+        """At least the total the event at position ``n`` can score for the member (``Candidate.total``):
+        the history's points as ``history_bound`` reads them, and the plan's tiers with the interest tier
+        at most the tags the member's interests want, the location tier as it is."""
+        event = self.events[n]
+        features = event_features(event)
+        local = self.local_time(reader.habits.habits.zone, n) if reader.habits is not None else None
+        points = history_bound(reader.habits, str(event.get("_id")), features, local) * self.timing[n]
+        where = text_field(event, "neighborhood")
+        same = self.places.same_place(reader.home, where)
+        near = proximity_tier(same, 0.0 if same else self.places.distance_km(reader.home, where))
+        interests = max(1, min(3, sum(1 for tag in features.tags if tag in reader.wanted)))
+        return points + PLAN_WEIGHT * self.plan_index(n, interests, near) / PLAN_INDEX_MAX + BOUND_MARGIN
+
+    def plan_index(self, n: int, interests: int, near: int) -> int:
+        """``plan_index`` of the event at ``n`` with these interest and location tiers (its own fill and timing)."""
+        return self.plan_base[n] + ((interests - 1) * 11 + near) * 16
+
+    def local_time(self, zone: ZoneInfo | None, n: int) -> tuple[str, str]:
+        """The event's local weekday and part of the day in ``zone``, as ``history_signals`` reads them;
+        computed once per zone and event."""
+        key = (zone.key if zone is not None else None, n)
+        found = self.local_times.get(key)
+        if found is None:
+            start = event_features(self.events[n]).start
+            when = start.astimezone(zone) if start is not None and zone is not None else None
+            found = (WEEKDAYS[when.weekday()], day_part(when.hour)) if when is not None else ("", "")
+            if len(self.local_times) < MAX_CACHED_EVENTS * 4:
+                self.local_times[key] = found
+        return found
 
     def score(self, user: Mapping[str, Any]) -> list[Candidate]:
         """``score_candidates(user, events, hoods, now)`` for one member, over the narrowed events."""
-        return score_candidates(user, self.narrow(user), self.places, self.now)  # type: ignore[arg-type]
+        return list(self.ranked(user))
+
+
+RANKED_BATCH = 16  # events scored together by ``CandidateIndex.ranked``
+BOUND_MARGIN = 1e-6  # above any rounding of a total (``Candidate.total`` rounds to 9 places)
+
+
+class HabitBounds(NamedTuple):
+    """A member's ``Habits`` as ``history_bound`` reads them, once per member."""
+
+    habits: Habits
+    events: int  # past events (at least 1), as ``HistorySignals.contributions`` divides by
+
+
+def habit_bounds(habits: Habits | None) -> HabitBounds | None:
+    return HabitBounds(habits, max(int(habits.history["events"]), 1)) if habits is not None else None
+
+
+class BoundReader(NamedTuple):
+    """What ``CandidateIndex.bound`` reads of one member."""
+
+    habits: HabitBounds | None
+    wanted: frozenset[str]  # every tag one of the member's interests wants (``interest_tags``)
+    home: str | None
+
+
+def history_bound(bounds: HabitBounds | None, event_id: str, features: EventFeatures,
+                  local: tuple[str, str] | None) -> float:
+    """At least ``history_signals(...).points`` before timing: each signal as ``HistorySignals.contributions``
+    counts it, the weekday and part of the day from ``local`` (``CandidateIndex.local_time``)."""
+    if bounds is None:
+        return 0.0
+    habits, n = bounds.habits, bounds.events
+    h = habits.history
+    series = h.get("series") or {}
+    points = (W_HOST * int((h.get("hosts") or {}).get(features.host or "", 0)) / n
+              + W_SERIES * max((int(series.get(k, 0)) for k in features.series), default=0) / n
+              + W_COMPANY * min(int((h.get("company_going") or {}).get(event_id, 0)), COMPANY_CAP) / COMPANY_CAP)
+    if habits.patterns:
+        tags = h.get("tags") or {}
+        place = NeighbourhoodMap.canonical(features.place) if features.place else ""
+        weekday, part = local or ("", "")
+        points += (W_PLACE * (habits.places.get(place, 0.0) if place else 0.0)
+                   + W_TAGS * (sum(float(tags.get(t, 0.0)) for t in features.tags) / len(features.tags)
+                               if features.tags else 0.0)
+                   + W_WEEKDAY * int((h.get("weekdays") or {}).get(weekday, 0)) / n
+                   + W_DAY_PART * int((h.get("day_parts") or {}).get(part, 0)) / n)
+    return points
 
 
 class Match(TypedDict):
@@ -6289,23 +6416,27 @@ class ReturnToTable:
         zone = user.get("phone_timezone")
         return ZoneInfo(zone) if isinstance(zone, str) else self.zone
 
-    def scored(self, user: Mapping[str, Any], events: Sequence[Mapping[str, Any]]) -> list[Candidate]:
-        """``score_candidates``, over only the events the candidate index says can match when it was built
-        for these events (the same list, in the same order: ``CandidateIndex.narrow``)."""
+    def ranked(self, user: Mapping[str, Any], events: Sequence[Mapping[str, Any]]) -> Iterator[Candidate]:
+        """``score_candidates``' order, scored as needed by the candidate index when it was built for these
+        events (the same list: ``CandidateIndex.ranked``), else all at once."""
         index = self.candidate_index
         if index is not None and index.events is events:
-            return index.score(user)
-        return score_candidates(user, events, self.hoods, self.options.now)
+            return index.ranked(user)
+        return iter(score_candidates(user, events, self.hoods, self.options.now))
 
     def candidates_for(self, user: Mapping[str, Any], events: Sequence[Mapping[str, Any]],
                        ) -> tuple[list[Candidate], Skip | None]:
-        """The events this member may be offered, best first (the rules' order), or why there are none:
-        no open event shares an interest, or none leaves a moment to send in (``window_for``)."""
-        candidates = self.scored(user, events)
-        if not candidates:
+        """The first events this member may be offered, best first (the rules' order): as many as Claude is
+        shown (``--candidates``) or the fallbacks try (``MAX_NEXT_EVENTS`` after the pick), whichever is
+        more; or why there are none: no open event shares an interest, or none leaves a moment to send in
+        (``window_for``)."""
+        ranked = self.ranked(user, events)
+        first = next(ranked, None)
+        if first is None:
             return [], Skip(user["_id"], full_name(user), "no open future event shares an interest")
         zone = self.recipient_zone(user)
-        candidates = [c for c in candidates if self.window_for(c.event, zone) is not None]
+        sendable = (c for c in itertools.chain([first], ranked) if self.window_for(c.event, zone) is not None)
+        candidates = list(itertools.islice(sendable, max(self.options.candidates, MAX_NEXT_EVENTS + 1)))
         if not candidates:  # every matching event starts too soon, or leaves only quiet hours to send in
             return [], Skip(user["_id"], full_name(user),
                             "every matching event is too soon: none leaves a moment outside QUIET_HOURS "

@@ -7,6 +7,7 @@ No timings here: bench/bench_scale.py measures speed and memory.
 
 from __future__ import annotations
 
+import itertools
 import json
 import math
 import sys
@@ -356,20 +357,51 @@ def test_a_server_without_the_operators_gets_the_full_read():
 # --- step 5: the candidate index scores exactly as score_candidates -----------------------------------------
 
 
-def test_the_candidate_index_scores_every_member_as_score_candidates(tmp_path, hoods):
-    run = run_folder(write_world(tmp_path / "w", *messy_world(600)), tmp_path / "out")
+def reached_world(tmp_path: Path, hoods: Any) -> tuple[list[dict[str, Any]], list[dict[str, Any]], Any]:
+    """Every eligible member of a messy world with their history (the walk reached them all), the future
+    events, and the candidate index over them."""
+    run = run_folder(write_world(tmp_path / "w", *messy_world(600)), tmp_path / "out", "--limit", REACH_ALL)
     members, events = run.load(OUTPUTS[0]), run.load(OUTPUTS[1])
-    index = rtt.CandidateIndex.build(events, hoods, NOW)
+    assert sum(1 for m in members if m["event_history"]["events"] >= 2) > len(members) // 2
+    return members, events, rtt.CandidateIndex.build(events, hoods, NOW)
+
+
+def test_the_candidate_index_scores_every_member_as_score_candidates(tmp_path, hoods):
+    members, events, index = reached_world(tmp_path, hoods)
     members.append({"_id": "nobody", "interests": ["travel", "Live Music", "jazz "], "homeNeighborhood": "Nomad"})
     for member in members:
         assert index.score(member) == rtt.score_candidates(member, events, hoods, NOW)
 
 
+def test_no_event_scores_above_its_bound(tmp_path, hoods):
+    members, events, index = reached_world(tmp_path, hoods)
+    position = {id(e): n for n, e in enumerate(events)}
+    for member in members:
+        reader = index.reader(member)
+        for c in rtt.score_candidates(member, events, hoods, NOW):
+            assert c.total <= index.bound(reader, position[id(c.event)])
+
+
+def test_the_first_candidates_are_found_without_scoring_every_event(tmp_path, hoods, monkeypatch):
+    members, events, index = reached_world(tmp_path, hoods)
+    scored: list[int] = []
+    score = rtt.score_candidates
+    monkeypatch.setattr(rtt, "score_candidates", lambda user, batch, *rest: scored.append(len(batch)) or score(
+        user, batch, *rest))
+    monkeypatch.setattr(rtt, "RANKED_BATCH", 1)  # the world is small: one event at a time shows the bound at work
+    wanted = rtt.MAX_NEXT_EVENTS + 1  # the rules' pick and the fallbacks after it
+    for member in members:
+        first = list(itertools.islice(index.ranked(member), wanted))
+        assert first == score(member, events, hoods, NOW)[:wanted]
+    narrowed = sum(len(index.positions(m)) for m in members)
+    assert sum(scored) < narrowed * 0.9  # the bounds spare scoring even in a small world (at 1M: 146 of 3,724)
+
+
 def test_a_large_limit_gives_the_matches_of_the_unindexed_scoring(tmp_path, monkeypatch):
     folder = write_world(tmp_path / "w", *messy_world(600))
     indexed = run_folder(folder, tmp_path / "indexed", "--limit", "1000")
-    monkeypatch.setattr(rtt.ReturnToTable, "scored",
-                        lambda self, user, events: rtt.score_candidates(user, events, self.hoods, self.options.now))
+    monkeypatch.setattr(rtt.ReturnToTable, "ranked", lambda self, user, events: iter(
+        rtt.score_candidates(user, events, self.hoods, self.options.now)))
     plain = run_folder(folder, tmp_path / "plain", "--limit", "1000")
     assert len(indexed.matches) > 30
     assert indexed.matches == plain.matches and indexed.messages == plain.messages
