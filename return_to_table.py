@@ -725,6 +725,8 @@ def iso_utc(moment: datetime | None) -> str | None:
 
 def id_of(value: Any) -> str | None:
     """A document id as a string: ObjectId, id string, or an object holding ``_id``/``userId``/``id``."""
+    if type(value) is str:  # the usual form first: millions of participant entries go through here
+        return value.strip() or None
     if isinstance(value, ObjectId):
         return str(value)
     if isinstance(value, str):
@@ -1973,10 +1975,10 @@ def event_metrics(event: Mapping[str, Any]) -> dict[str, Any]:
 
 def is_open_future_public(event: Mapping[str, Any], now: datetime) -> bool:
     """Step 2's eligibility: future, public, active, and approved when a status is recorded."""
+    if event.get("type") != "public" or event.get("active") is not True:  # the cheap tests first
+        return False
     start = to_utc(event.get("startDate"))
     if start is None or start <= now:
-        return False
-    if event.get("type") != "public" or event.get("active") is not True:
         return False
     return "eventStatus" not in event or event.get("eventStatus") == "approved"
 
