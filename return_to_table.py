@@ -743,6 +743,13 @@ def id_of(value: Any) -> str | None:
 
 def to_plain(value: Any) -> Any:
     """A document made JSON-ready: ObjectIds as strings, dates as ISO UTC, recursively."""
+    kind = type(value)
+    if kind is str or kind is int or kind is bool or value is None:  # the usual leaves, no ABC check
+        return value
+    if kind is list:
+        return [to_plain(v) for v in value]
+    if kind is dict and "$oid" not in value:
+        return {k if type(k) is str else str(k): to_plain(v) for k, v in value.items()}
     if isinstance(value, ObjectId):
         return str(value)
     if isinstance(value, datetime):
