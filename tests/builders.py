@@ -179,3 +179,12 @@ def run_main(argv: Sequence[str], root: Path, env: dict[str, str] | None = None,
     if complete:
         run.assert_complete()
     return run
+
+
+def leaves(value: Any) -> list[Any]:
+    """The scalar values of a document, in no particular order (what must survive renaming or re-encoding)."""
+    if isinstance(value, dict):
+        return [leaf for child in value.values() for leaf in leaves(child)]
+    if isinstance(value, list):
+        return [leaf for child in value for leaf in leaves(child)]
+    return [value]

@@ -25,7 +25,7 @@ from typing import Any
 
 import mongomock
 import pytest
-from builders import CliRun
+from builders import CliRun, leaves
 from fake_rtdb import CAPTIVE_PORTAL_PAGE, FakeRealtimeDatabase
 from hypothesis import given, settings
 from hypothesis import strategies as st
@@ -104,15 +104,6 @@ HOSTILE_FIELDS = {
     "collision and length at once": {LONG + ".x": "dot", LONG + "/x": "slash"},
     "a long key in a list": {"history": [{LONG: 1}, {LONG: 2}]},
 }
-
-
-def leaves(value: Any) -> list[Any]:
-    """The scalar values of a document, in no particular order (what must survive renaming)."""
-    if isinstance(value, dict):
-        return [leaf for child in value.values() for leaf in leaves(child)]
-    if isinstance(value, list):
-        return [leaf for child in value for leaf in leaves(child)]
-    return [value]
 
 
 def all_keys(value: Any) -> list[str]:

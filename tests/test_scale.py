@@ -19,7 +19,7 @@ import mongo_expressions
 import mongomock
 import pytest
 from bson import ObjectId, json_util
-from builders import CliRun, run_main
+from builders import CliRun, leaves, run_main
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
@@ -432,11 +432,3 @@ def test_a_file_written_in_pieces_reads_back_as_the_standard_encoders(value, chu
     assert json.loads(written) == json.loads(standard)
     if not any(isinstance(v, float) for v in leaves(value)):  # float spellings may differ (1e16 / 1e+16)
         assert written == standard
-
-
-def leaves(value: Any) -> list[Any]:
-    if isinstance(value, dict):
-        return [x for v in value.values() for x in leaves(v)]
-    if isinstance(value, list):
-        return [x for v in value for x in leaves(v)]
-    return [value]
