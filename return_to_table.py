@@ -931,6 +931,12 @@ class ScreenedRecords:
     issues: Counter[str]
 
 
+def screened_as_read(data: SourceData, what: str) -> ScreenedRecords:
+    """``screen_records`` of one collection a source read, unless the source screened it as it read."""
+    docs = data.users if what == "users" else data.events
+    return ScreenedRecords(docs, docs, Counter()) if data.screened else screen_records(docs, what)
+
+
 def screen_records(docs: Iterable[Mapping[str, Any]], what: str) -> ScreenedRecords:
     """Every record made safe before any step reads it, or skipped and counted (never the whole run).
 
@@ -1457,7 +1463,7 @@ def event_member_ids(event: Mapping[str, Any], issues: DataIssues) -> set[str]:
         issues.add("odd_participant_lists")
         return members
     for entry in participants:
-        member = id_of(entry)
+        member = (entry.strip() or None) if type(entry) is str else id_of(entry)  # ``id_of``, its usual form inline
         if member:
             members.add(member)
         else:
@@ -1509,15 +1515,19 @@ class ActivityIndex(Mapping[str, Activity]):
                      for start, event in sorted(events, key=lambda pair: pair[0]))
 
 
-def index_member_activity(events: Iterable[Mapping[str, Any]], issues: DataIssues) -> ActivityIndex:
+def index_member_activity(events: Iterable[Mapping[str, Any]], issues: DataIssues,
+                          future: tuple[datetime, list[Any]] | None = None) -> ActivityIndex:
     """Every member's event count and latest ``startDate``, over all events of any type or date, and
-    the dated events each one was at (``ActivityIndex``: in start order when asked for)."""
+    the dated events each one was at (``ActivityIndex``: in start order when asked for). With ``future``
+    (``now``, a list), the open future public events (step 2's candidates) are also kept in that list."""
     counts: dict[str, int] = {}
     latest: dict[str, datetime] = {}
     positions: dict[str, list[int]] = {}
     dated: list[tuple[datetime, Mapping[str, Any]]] = []
     for event in events:
         start = to_utc(event.get("startDate"))
+        if future is not None and open_future_public_at(event, start, future[0]):
+            future[1].append(event)
         members = event_member_ids(event, issues)
         if start is None:
             issues.add("events_without_valid_start_date")
@@ -1984,8 +1994,12 @@ def is_open_future_public(event: Mapping[str, Any], now: datetime) -> bool:
     """Step 2's eligibility: future, public, active, and approved when a status is recorded."""
     if event.get("type") != "public" or event.get("active") is not True:  # the cheap tests first
         return False
-    start = to_utc(event.get("startDate"))
-    if start is None or start <= now:
+    return open_future_public_at(event, to_utc(event.get("startDate")), now)
+
+
+def open_future_public_at(event: Mapping[str, Any], start: datetime | None, now: datetime) -> bool:
+    """``is_open_future_public`` with the event's start already read (``to_utc``)."""
+    if start is None or start <= now or event.get("type") != "public" or event.get("active") is not True:
         return False
     return "eventStatus" not in event or event.get("eventStatus") == "approved"
 
@@ -2100,10 +2114,13 @@ def readable(text: str) -> str:
     """Text as it is read (NFKC: full-width and other compatibility forms become plain; the ideographic
     full stop a dot), without control or invisible format characters, so "ｍａｙａ＠ｅｘａｍｐｌｅ．ｃｏｍ"
     reads as the email address it is."""
+    if text.isascii() and text.isprintable():  # NFKC leaves printable ASCII as it is, and it holds no Cc or Cf
+        return text
     text = unicodedata.normalize("NFKC", text).replace("\u3002", ".")
     return "".join(ch for ch in text if unicodedata.category(ch) not in ("Cc", "Cf"))
 
 
+@functools.lru_cache(maxsize=65536)  # names repeat across members: each spelling is read once
 def holds_contact(text: str) -> bool:
     """Whether ``text`` holds an email address or a phone number."""
     plain = readable(text)
@@ -4079,6 +4096,7 @@ class SourceData:
     activity: dict[str, Activity] | None = None  # each member's activity (count, latest, attended) as step 1 reads it
     statuses: dict[str, int] | None = None  # every member's engagement status (step 1's census)
     read: dict[str, int] = field(default_factory=dict)  # "users"/"events": documents read, kept or not
+    screened: bool = False  # the records were screened as they were read (``screened_stream``): not again
 
 
 class DataSource(Protocol):
@@ -4136,7 +4154,7 @@ class FolderSource:
             events_read, future = len(elements), []
             records = screened_stream(elements, "events", decoder, issues, bytes_tick(bar, sizes[1], len(elements)),
                                       skim=event_skim(now))
-            activity = index_member_activity(kept_future(records, now, future), counted)
+            activity = index_member_activity(records, counted, (now, future))
             elements = export_elements(export_bytes(users_file))
             users_read, users, statuses = len(elements), [], Counter[str]()
             def dormant(key: str) -> bool:
@@ -4152,15 +4170,7 @@ class FolderSource:
         # upcoming events of their past co-attendees (``company_going``), whoever those are.
         return SourceData(users, future, decoder.bad_values, files={"users": users_file, "events": events_file},
                           issues=issues + counted.counts, activity=activity, statuses=dict(sorted(statuses.items())),
-                          read={"users": users_read, "events": events_read})
-
-
-def kept_future(events: Iterable[dict[str, Any]], now: datetime, kept: list[dict[str, Any]]) -> Iterator[dict[str, Any]]:
-    """Every event passed on, the open future public ones (step 2's candidates) also kept in ``kept``."""
-    for event in events:
-        if is_open_future_public(event, now):
-            kept.append(event)
-        yield event
+                          read={"users": users_read, "events": events_read}, screened=True)
 
 
 def bytes_tick(bar: Any, size: int, records: int) -> Any:
@@ -6334,7 +6344,7 @@ class ReturnToTable:
         self.issues.add_all(data.skipped)
         self.issues.add_all(data.issues)
         self.counted = data if data.activity is not None else None
-        screened_users, screened_events = screen_records(data.users, "users"), screen_records(data.events, "events")
+        screened_users, screened_events = screened_as_read(data, "users"), screened_as_read(data, "events")
         self.issues.add_all(screened_users.issues + screened_events.issues)
         self.logger.info("Step 1: read %d users and %d events from %s", *read_totals(data), self.source.label)
         self.empty_input = empty_collections(data)
