@@ -879,8 +879,11 @@ def clean_document(value: Any, found: Counter[str], limit: int = MAX_TEXT_CHARS,
 
 def usable_id(value: Any) -> str | None:
     """A record's ``_id`` as an id string, or None when it is odd: no ObjectId or clean, bounded string."""
-    key = id_of(value) if isinstance(value, (ObjectId, str)) or (
-        isinstance(value, Mapping) and set(value) == {"$oid"}) else None
+    if type(value) is str:  # the usual form, without the checks below
+        key: str | None = value.strip() or None
+    else:
+        key = id_of(value) if isinstance(value, (ObjectId, str)) or (
+            isinstance(value, Mapping) and set(value) == {"$oid"}) else None
     if key is None or len(key) > MAX_TEXT_CHARS or (not key.isprintable() and _CONTROL_CHARACTERS.search(key)):
         return None  # (a printable key holds no control character: the quick test first)
     return key
@@ -1236,7 +1239,7 @@ def unsafe_utf8(data: bytes) -> bool:
 def extended_all_safe(data: bytes) -> bool:
     """Whether every Extended JSON key (``"$``) in the bytes is part of a ``_SAFE_EXTENDED`` value."""
     dollars = data.count(b'"$')
-    return not dollars or dollars == sum(m.count(b'"$') for m in _SAFE_EXTENDED.findall(data))
+    return not dollars or dollars == b"".join(_SAFE_EXTENDED.findall(data)).count(b'"$')
 
 
 def quiet_records(data: bytes) -> bool:
@@ -1300,39 +1303,53 @@ if msgspec is not None:
         name: Any = msgspec.UNSET
 
 
-_ID_DECODER = msgspec.json.Decoder(IdOnly) if msgspec is not None else None
+if msgspec is not None:
+    _ID_DECODER, _IDS_DECODER = msgspec.json.Decoder(IdOnly), msgspec.json.Decoder(list[IdOnly])
+    _ACTIVITY_DECODER, _ACTIVITIES_DECODER = msgspec.json.Decoder(ActivityOnly), msgspec.json.Decoder(list[ActivityOnly])
 
 
-def skimmed(data: bytes, shape: Any) -> dict[str, Any] | None:
-    """The fields of ``shape`` that a record has, as read (Extended JSON left as objects: ``id_of`` and
-    ``to_utc`` read ``_SAFE_EXTENDED``'s forms as json_util's values), or None when msgspec cannot."""
+def decoded_group(group: list[bytes], many: Any, one: Any) -> list[Any]:
+    """Each record of a group decoded to one shape: in one call, the records read as a JSON array
+    (``many``), or, when one of them cannot be read so, one at a time (``one``; None for one it cannot)."""
     try:
-        found = msgspec.json.decode(data, type=shape)
+        return many.decode(b"[" + b",".join(group) + b"]")
     except (msgspec.DecodeError, RecursionError):
-        return None
-    names = ("_id", *shape.__struct_fields__[1:])
-    return {n: v for n, v in zip(names, (getattr(found, f) for f in shape.__struct_fields__), strict=True)
-            if v is not msgspec.UNSET}
+        pass
+    found = []
+    for data in group:
+        try:
+            found.append(one.decode(data))
+        except (msgspec.DecodeError, RecursionError):
+            found.append(None)
+    return found
+
+
+def activity_fields(found: Any) -> dict[str, Any]:
+    """The fields of an ``ActivityOnly`` the record has, as read (Extended JSON left as objects: ``id_of``
+    and ``to_utc`` read ``_SAFE_EXTENDED``'s forms as json_util's values)."""
+    return {n: v for n, v in zip(ACTIVITY_FIELDS, msgspec.structs.astuple(found), strict=True) if v is not msgspec.UNSET}
 
 
 def member_skim(dormant: Any) -> Any:
     """Skim members: only the ``_id`` of one ``dormant(key)`` does not want (the others: decoded whole)."""
-    def skim(data: bytes) -> dict[str, Any] | None:
-        try:
-            key = usable_id(_ID_DECODER.decode(data).id)
-        except (msgspec.DecodeError, RecursionError):
-            return None
-        return {"_id": key} if key is not None and not dormant(key) else None
+    def skim(group: list[bytes]) -> list[dict[str, Any] | None]:
+        stand_ins: list[dict[str, Any] | None] = []
+        for found in decoded_group(group, _IDS_DECODER, _ID_DECODER):
+            key = usable_id(found.id) if found is not None else None
+            stand_ins.append({"_id": key} if key is not None and not dormant(key) else None)
+        return stand_ins
     return skim
 
 
 def event_skim(now: datetime) -> Any:
     """Skim events: only ``ACTIVITY_FIELDS`` of one that cannot be step 2's (those: decoded whole)."""
-    def skim(data: bytes) -> dict[str, Any] | None:
-        doc = skimmed(data, ActivityOnly)
-        if doc is None or usable_id(doc.get("_id")) is None or is_open_future_public(doc, now):
-            return None
-        return doc
+    def skim(group: list[bytes]) -> list[dict[str, Any] | None]:
+        stand_ins: list[dict[str, Any] | None] = []
+        for found in decoded_group(group, _ACTIVITIES_DECODER, _ACTIVITY_DECODER):
+            doc = activity_fields(found) if found is not None else None
+            keep = doc is not None and usable_id(doc.get("_id")) is not None and not is_open_future_public(doc, now)
+            stand_ins.append(doc if keep else None)
+        return stand_ins
     return skim
 
 
@@ -1345,11 +1362,11 @@ def screened_stream(elements: list[Any], what: str, decoder: ExtendedJsonDecoder
     (``dedupe_by_id``) in turn, what was found counted in ``issues``; the slices are released as they go.
 
     A record screening would skip (odd ``_id``, nested too deep) refuses the fast path: the classic read
-    then keeps its exact account of such files, ``data/raw/`` without them included. ``skim(bytes)``, for a
-    record with nothing to count (``nothing_to_count``), may return a stand-in of the few fields the caller
-    reads, when it does not want the record whole: such records are never decoded in full. The byte tests
-    run over ``QUIET_GROUP`` records at once (``quiet_records``), and record by record only in a group that
-    fails them."""
+    then keeps its exact account of such files, ``data/raw/`` without them included. ``skim(group)`` gives
+    for each record of a group a stand-in of the few fields the caller reads, or None when it wants the
+    record whole; a record with nothing to count (``nothing_to_count``) that has a stand-in is never
+    decoded in full. The byte tests run over ``QUIET_GROUP`` records at once (``quiet_records``), and
+    record by record only in a group that fails them."""
     seen: set[str] = set()
     for first in range(0, len(elements), QUIET_GROUP):
         group = [bytes(e) for e in elements[first:first + QUIET_GROUP]]
@@ -1364,18 +1381,19 @@ def screened_group(group: list[bytes], what: str, decoder: ExtendedJsonDecoder, 
                    skim: Any, group_quiet: bool, seen: set[str]) -> Iterator[dict[str, Any]]:
     """``screened_stream`` for one group of records; ``seen`` holds the ids met so far in the file."""
     repeated = f"repeated_{what[:-1]}_ids"
-    for data in group:
-        quiet = few_brackets(data) if group_quiet else nothing_to_count(data)  # ``quiet_records``: the same answer
-        stand_in = skim(data) if skim is not None and quiet else None
-        if stand_in is not None:
-            key = id_of(stand_in.get("_id")) or ""
+    quiet = [few_brackets(d) if group_quiet else nothing_to_count(d) for d in group]  # ``quiet_records``: the same
+    stand_ins = skim(group) if skim is not None and any(quiet) else [None] * len(group)
+    for data, data_quiet, stand_in in zip(group, quiet, stand_ins, strict=True):
+        if stand_in is not None and data_quiet:
+            raw = stand_in.get("_id")
+            key = raw.strip() if type(raw) is str else (id_of(raw) or "")  # ``id_of``, its usual form inline
             if key in seen:
                 issues[repeated] += 1
             else:
                 seen.add(key)
                 yield stand_in
             continue
-        record, clean = fast_record(data, decoder, quiet and b'"$' not in data)
+        record, clean = fast_record(data, decoder, data_quiet and b'"$' not in data)
         if usable_id(record.get("_id")) is None:
             raise FastPathRefused(f"a record screening skips ({what})")
         if not clean:
@@ -1476,37 +1494,42 @@ NO_ACTIVITY = Activity(0, None)  # a member no event names
 
 class ActivityIndex(Mapping[str, Activity]):
     """Every member's ``Activity``, built from the events when asked for (step 1 asks for the dormant
-    members, the walk for those it reaches and their past company): a million members need a count, a
-    latest date and their events' positions each, not a million ``Activity`` records."""
+    members, the walk for those it reaches and their past company): a million members need their dated
+    events' positions, a latest date and a count of undated ones each, not a million ``Activity`` records."""
 
-    def __init__(self, dated: list[tuple[datetime, Mapping[str, Any]]], counts: dict[str, int],
+    def __init__(self, dated: list[tuple[datetime, Mapping[str, Any]]], undated: dict[str, int],
                  latest: dict[str, datetime], positions: dict[str, list[int]]) -> None:
-        self.dated, self.counts, self.latest, self.positions = dated, counts, latest, positions
+        self.dated, self.undated, self.latest, self.positions = dated, undated, latest, positions
         self._built: dict[str, Activity] = {}
+
+    def count(self, member: str) -> int:
+        """Events of any date the member joined or hosted."""
+        return len(self.positions.get(member, ())) + self.undated.get(member, 0)
 
     def __getitem__(self, member: str) -> Activity:
         found = self._built.get(member)
         if found is None:
-            n = self.counts[member]  # KeyError for a member no event names, as a dict's
-            found = self._built[member] = Activity(n, self.latest.get(member), self.attended(member))
+            if member not in self:
+                raise KeyError(member)  # a member no event names, as a dict's
+            found = self._built[member] = Activity(self.count(member), self.latest.get(member), self.attended(member))
         return found
 
     def __contains__(self, member: object) -> bool:
-        return member in self.counts
+        return member in self.positions or member in self.undated
 
     def seen(self, member: str) -> Activity:
         """The member's count and latest date only (``attended`` left empty): what dormancy needs."""
-        return Activity(self.counts.get(member, 0), self.latest.get(member))
+        return Activity(self.count(member), self.latest.get(member))
 
     def status(self, member: str, now: datetime) -> str:
         """The member's engagement status at ``now`` (``derive_engagement``), without building its record."""
         return derive_engagement(self.latest.get(member), now)[1]
 
     def __iter__(self) -> Iterator[str]:
-        return iter(self.counts)
+        return itertools.chain(self.positions, (m for m in self.undated if m not in self.positions))
 
     def __len__(self) -> int:
-        return len(self.counts)
+        return len(self.positions) + sum(1 for m in self.undated if m not in self.positions)
 
     def attended(self, member: str) -> tuple[Attended, ...]:
         """The member's dated events in start order, each with everyone at it."""
@@ -1520,7 +1543,7 @@ def index_member_activity(events: Iterable[Mapping[str, Any]], issues: DataIssue
     """Every member's event count and latest ``startDate``, over all events of any type or date, and
     the dated events each one was at (``ActivityIndex``: in start order when asked for). With ``future``
     (``now``, a list), the open future public events (step 2's candidates) are also kept in that list."""
-    counts: dict[str, int] = {}
+    undated: dict[str, int] = {}
     latest: dict[str, datetime] = {}
     positions: dict[str, list[int]] = {}
     dated: list[tuple[datetime, Mapping[str, Any]]] = []
@@ -1532,16 +1555,20 @@ def index_member_activity(events: Iterable[Mapping[str, Any]], issues: DataIssue
         if start is None:
             issues.add("events_without_valid_start_date")
             for member in members:
-                counts[member] = counts.get(member, 0) + 1
+                undated[member] = undated.get(member, 0) + 1
             continue
         position = len(dated)
         dated.append((start, event))
         for member in members:
-            counts[member] = counts.get(member, 0) + 1
-            positions.setdefault(member, []).append(position)
-            if member not in latest or start > latest[member]:
+            at = positions.get(member)
+            if at is None:
+                positions[member] = [position]
                 latest[member] = start
-    return ActivityIndex(dated, counts, latest, positions)
+            else:
+                at.append(position)
+                if start > latest[member]:  # noqa: PLR1730 (a million times: no call to max)
+                    latest[member] = start
+    return ActivityIndex(dated, undated, latest, positions)
 
 
 def count_profile_fields(user: Mapping[str, Any]) -> int:
