@@ -674,6 +674,18 @@ def to_utc(value: Any) -> datetime | None:
     (nothing means UTC); numbers are epoch milliseconds. Anything else is no date, and so is a
     date at the edges of the calendar (year 1 or 9999 with an offset, milliseconds beyond it).
     """
+    if type(value) is str:
+        return utc_from_text(value)
+    return utc_from_value(value)
+
+
+@functools.lru_cache(maxsize=4096)  # the counting read reads an event's start twice in a row (its skim, its count)
+def utc_from_text(value: str) -> datetime | None:
+    return utc_from_value(value)
+
+
+def utc_from_value(value: Any) -> datetime | None:
+    """``to_utc``'s work, uncached."""
     try:
         moment = parse_moment(value)
         if moment is None:
@@ -1196,7 +1208,7 @@ _UNSAFE_UTF8 = re.compile(rb"\xc2[\x80-\x9f]|\xd8\x9c|\xe1\xa0\x8e|\xe2\x80[\x8b
                           rb"|\xef\xbb\xbf")
 
 
-_UNSAFE_LEADS = (b"\xc2", b"\xd8\x9c", b"\xe1\xa0\x8e", b"\xe2\x80", b"\xe2\x81", b"\xef\xbb\xbf")  # _UNSAFE_UTF8's starts
+_ASCII_BYTES = bytes(range(0x80))
 _LONG_RUN = re.compile(rb'"[^"]{%d}' % (MAX_TEXT_CHARS + 1))  # a string's opening quote, then too many bytes
 
 
@@ -1231,9 +1243,9 @@ def nothing_to_count(data: bytes) -> bool:
 
 def unsafe_utf8(data: bytes) -> bool:
     """Whether the bytes hold a character ``clean_text`` removes above U+007F (``_UNSAFE_UTF8``); the
-    regular expression runs only when one of its lead sequences is there at all (a quick byte search)."""
-    return (not data.isascii() and any(lead in data for lead in _UNSAFE_LEADS)
-            and _UNSAFE_UTF8.search(data) is not None)
+    regular expression reads only the bytes above 0x7F, in order (in UTF-8 they are whole characters, and
+    each of its sequences starts with a lead byte, never inside a character)."""
+    return not data.isascii() and _UNSAFE_UTF8.search(data.translate(None, _ASCII_BYTES)) is not None
 
 
 def extended_all_safe(data: bytes) -> bool:
@@ -2096,6 +2108,7 @@ _VOWEL_SOUNDING = re.compile(r"^(hour|honest|honou?r|heir)", re.IGNORECASE)
 _VOWEL_LETTER_NAMES = set("AEFHILMNORSX")
 
 
+@functools.lru_cache(maxsize=4096)  # job titles repeat across members
 def indefinite_article(phrase: str) -> str:
     """``a`` or ``an`` by sound, well enough for job titles ("an AI Specialist", "a UX Designer")."""
     word = phrase.strip().split(" ", 1)[0] if phrase.strip() else ""

@@ -185,6 +185,14 @@ RECORD_VALUES = st.one_of(RECORD_TEXT, st.sampled_from([{"$date": "2025-07-31T12
                                                          {"$oid": "64d000000000000000000001"}, {"$oid": "zz"}]))
 
 
+@settings(max_examples=500, deadline=None)
+@given(st.text(alphabet=st.sampled_from(["a", "\u00e9", "\u0085", "\u061c", "\u180e", "\u200b", "\u2028", "\u2060",
+                                         "\ufeff", "\u4e2d", "\u00a0", "\u200a", "\u2030", "\u2070", "\U0001f600"])))
+def test_the_unsafe_character_test_reads_only_the_bytes_above_ascii_and_agrees(text):
+    data = text.encode()
+    assert rtt.unsafe_utf8(data) == (rtt._UNSAFE_UTF8.search(data) is not None)
+
+
 @settings(max_examples=300, deadline=None)
 @given(st.lists(st.dictionaries(st.sampled_from(["name", "bio", "createdAt", "x"]), RECORD_VALUES, max_size=3),
                 min_size=1, max_size=5))
