@@ -2750,15 +2750,13 @@ class CandidateIndex:
     by_tag: Mapping[str, tuple[int, ...]]  # normalised tag -> positions in ``events`` of open events, ascending
     places: RememberedPlaces
     now: datetime
-    timing: Mapping[int, float]  # position -> ``timing_factor`` of its start
-    plan_base: Mapping[int, int]  # position -> ``plan_index`` of its fill and timing tiers (the low digits)
-    local_times: dict[tuple[str | None, int], tuple[str, str]] = field(default_factory=dict)  # ``local_time``
+    facts: Mapping[int, EventFacts]  # position -> what ``bounds`` reads of the open event there
+    by_zone: dict[str | None, dict[int, tuple[str, str]]] = field(default_factory=dict)  # ``local_times``
 
     @classmethod
     def build(cls, events: Sequence[Mapping[str, Any]], hoods: NeighbourhoodMap, now: datetime) -> CandidateIndex:
         by_tag: dict[str, list[int]] = {}
-        timing: dict[int, float] = {}
-        plan_base: dict[int, int] = {}
+        facts: dict[int, EventFacts] = {}
         for n, event in enumerate(events):
             if event.get("remaining_spots") == 0:
                 continue
@@ -2769,9 +2767,11 @@ class CandidateIndex:
             fill = participation_tier(float(event.get("participationPercentage") or 0.0),
                                       int(event.get("participantCount") or 0),
                                       positive_number(event.get("maxParticipants")) is not None)
-            timing[n] = timing_factor(days_until)
-            plan_base[n] = plan_index(1, 0, fill, days_until)
-        return cls(events, {t: tuple(p) for t, p in by_tag.items()}, RememberedPlaces(hoods), now, timing, plan_base)
+            facts[n] = EventFacts(
+                str(event.get("_id")), features.host or "", features.series,
+                NeighbourhoodMap.canonical(features.place) if features.place else "", tuple(features.tags),
+                text_field(event, "neighborhood"), timing_factor(days_until), plan_index(1, 0, fill, days_until))
+        return cls(events, {t: tuple(p) for t, p in by_tag.items()}, RememberedPlaces(hoods), now, facts)
 
     def positions(self, user: Mapping[str, Any]) -> list[int]:
         """Where the open events carrying a tag one of the member's interests wants are, in step 2's order."""
@@ -2789,8 +2789,7 @@ class CandidateIndex:
         """The member's candidates in ``score_candidates``' order, scored as they are needed: a candidate
         is given only once no event left unscored can reach its total (each event's bound is at least
         its total, and ``rank_key`` starts with the total)."""
-        reader = self.reader(user)
-        order = sorted(((self.bound(reader, n), n) for n in self.positions(user)), reverse=True)
+        order = sorted(self.bounds(self.reader(user), self.positions(user)), reverse=True)
         found: list[tuple[tuple[Any, ...], Candidate]] = []
         scored = 0
         while True:
@@ -2805,40 +2804,55 @@ class CandidateIndex:
             yield heapq.heappop(found)[1]
 
     def reader(self, user: Mapping[str, Any]) -> BoundReader:
-        """What ``bound`` reads of a member, once per member."""
+        """What ``bounds`` reads of a member, once per member."""
         wanted = frozenset(t for interest in clean_interests(user.get("interests")) for t in interest_tags(interest))
         return BoundReader(habit_bounds(member_habits(user)), wanted, text_field(user, "homeNeighborhood"))
 
     def bound(self, reader: BoundReader, n: int) -> float:
-        """At least the total the event at position ``n`` can score for the member (``Candidate.total``):
-        the history's points as ``history_bound`` reads them, and the plan's tiers with the interest tier
-        at most the tags the member's interests want, the location tier as it is."""
-        event = self.events[n]
-        features = event_features(event)
-        local = self.local_time(reader.habits.habits.zone, n) if reader.habits is not None else None
-        points = history_bound(reader.habits, str(event.get("_id")), features, local) * self.timing[n]
-        where = text_field(event, "neighborhood")
-        same = self.places.same_place(reader.home, where)
-        near = proximity_tier(same, 0.0 if same else self.places.distance_km(reader.home, where))
-        interests = max(1, min(3, sum(1 for tag in features.tags if tag in reader.wanted)))
-        return points + PLAN_WEIGHT * self.plan_index(n, interests, near) / PLAN_INDEX_MAX + BOUND_MARGIN
+        """``bounds`` of the one event at position ``n``."""
+        return self.bounds(reader, [n])[0][0]
 
-    def plan_index(self, n: int, interests: int, near: int) -> int:
-        """``plan_index`` of the event at ``n`` with these interest and location tiers (its own fill and timing)."""
-        return self.plan_base[n] + ((interests - 1) * 11 + near) * 16
+    def bounds(self, reader: BoundReader, positions: Sequence[int]) -> list[tuple[float, int]]:
+        """(at least the total the event can score for the member (``Candidate.total``), position), for
+        the events at ``positions``: the history's points as ``history_bound`` reads them, and the plan's
+        tiers with the interest tier at most the tags the member's interests want, the location tier as
+        it is. One loop over facts computed once per event (``EventFacts``): it runs for thousands of
+        events per member."""
+        habits = reader.habits
+        local = self.local_times(habits.habits.zone) if habits is not None else {}
+        tiers: dict[str | None, int] = {}  # the member's location tier per event place
+        by_tags: dict[tuple[str, ...], tuple[int, float]] = {}  # interest tier and tag share per set of tags
+        found = []
+        for n in positions:
+            f = self.facts[n]
+            near = tiers.get(f.where)
+            if near is None:
+                same = self.places.same_place(reader.home, f.where)
+                near = tiers[f.where] = proximity_tier(same, 0.0 if same else self.places.distance_km(reader.home, f.where))
+            tagged = by_tags.get(f.tags)
+            if tagged is None:
+                tagged = by_tags[f.tags] = (max(1, min(3, sum(1 for tag in f.tags if tag in reader.wanted))),
+                                            tag_share(habits, f.tags))
+            interests = tagged[0]
+            points = 0.0
+            if habits is not None:
+                weekday_part = local.get(n)
+                if weekday_part is None:
+                    weekday_part = local[n] = self.local_time(habits.habits.zone, n)
+                points = history_bound(habits, f, weekday_part, tagged[1]) * f.timing
+            plan = PLAN_WEIGHT * (f.plan_base + ((interests - 1) * 11 + near) * 16) / PLAN_INDEX_MAX
+            found.append((points + plan + BOUND_MARGIN, n))
+        return found
+
+    def local_times(self, zone: ZoneInfo | None) -> dict[int, tuple[str, str]]:
+        """Position -> the event's local weekday and part of the day in ``zone`` (filled as asked for)."""
+        return self.by_zone.setdefault(zone.key if zone is not None else None, {})
 
     def local_time(self, zone: ZoneInfo | None, n: int) -> tuple[str, str]:
-        """The event's local weekday and part of the day in ``zone``, as ``history_signals`` reads them;
-        computed once per zone and event."""
-        key = (zone.key if zone is not None else None, n)
-        found = self.local_times.get(key)
-        if found is None:
-            start = event_features(self.events[n]).start
-            when = start.astimezone(zone) if start is not None and zone is not None else None
-            found = (WEEKDAYS[when.weekday()], day_part(when.hour)) if when is not None else ("", "")
-            if len(self.local_times) < MAX_CACHED_EVENTS * 4:
-                self.local_times[key] = found
-        return found
+        """The event's local weekday and part of the day in ``zone``, as ``history_signals`` reads them."""
+        start = event_features(self.events[n]).start
+        when = start.astimezone(zone) if start is not None and zone is not None else None
+        return (WEEKDAYS[when.weekday()], day_part(when.hour)) if when is not None else ("", "")
 
     def score(self, user: Mapping[str, Any]) -> list[Candidate]:
         """``score_candidates(user, events, hoods, now)`` for one member, over the narrowed events."""
@@ -2850,14 +2864,26 @@ BOUND_MARGIN = 1e-6  # above any rounding of a total (``Candidate.total`` rounds
 
 
 class HabitBounds(NamedTuple):
-    """A member's ``Habits`` as ``history_bound`` reads them, once per member."""
+    """A member's ``Habits`` as ``history_bound`` reads them, once per member (each part of the history
+    as ``history_signals`` reads it)."""
 
     habits: Habits
     events: int  # past events (at least 1), as ``HistorySignals.contributions`` divides by
+    hosts: Mapping[str, Any]
+    series: Mapping[str, Any]
+    company: Mapping[str, Any]
+    tags: Mapping[str, Any]
+    weekdays: Mapping[str, Any]
+    day_parts: Mapping[str, Any]
 
 
 def habit_bounds(habits: Habits | None) -> HabitBounds | None:
-    return HabitBounds(habits, max(int(habits.history["events"]), 1)) if habits is not None else None
+    if habits is None:
+        return None
+    h = habits.history
+    return HabitBounds(habits, max(int(h["events"]), 1), h.get("hosts") or {}, h.get("series") or {},
+                       h.get("company_going") or {}, h.get("tags") or {}, h.get("weekdays") or {},
+                       h.get("day_parts") or {})
 
 
 class BoundReader(NamedTuple):
@@ -2868,28 +2894,42 @@ class BoundReader(NamedTuple):
     home: str | None
 
 
-def history_bound(bounds: HabitBounds | None, event_id: str, features: EventFeatures,
-                  local: tuple[str, str] | None) -> float:
+class EventFacts(NamedTuple):
+    """What ``CandidateIndex.bounds`` reads of one open event, computed once per event."""
+
+    event_id: str
+    host: str  # "" when none
+    series: tuple[str, ...]  # ``series_keys``
+    place: str  # the neighbourhood as ``NeighbourhoodMap.canonical`` spells it ("" when none)
+    tags: tuple[str, ...]  # normalised tags (``event_tags``)
+    where: str | None  # the neighbourhood as stored, for the location tier
+    timing: float  # ``timing_factor`` of its start
+    plan_base: int  # ``plan_index`` of its fill and timing tiers (the low digits)
+
+
+def history_bound(bounds: HabitBounds, f: EventFacts, local: tuple[str, str], tag_share: float) -> float:
     """At least ``history_signals(...).points`` before timing: each signal as ``HistorySignals.contributions``
-    counts it, the weekday and part of the day from ``local`` (``CandidateIndex.local_time``)."""
-    if bounds is None:
-        return 0.0
-    habits, n = bounds.habits, bounds.events
-    h = habits.history
-    series = h.get("series") or {}
-    points = (W_HOST * int((h.get("hosts") or {}).get(features.host or "", 0)) / n
-              + W_SERIES * max((int(series.get(k, 0)) for k in features.series), default=0) / n
-              + W_COMPANY * min(int((h.get("company_going") or {}).get(event_id, 0)), COMPANY_CAP) / COMPANY_CAP)
-    if habits.patterns:
-        tags = h.get("tags") or {}
-        place = NeighbourhoodMap.canonical(features.place) if features.place else ""
-        weekday, part = local or ("", "")
-        points += (W_PLACE * (habits.places.get(place, 0.0) if place else 0.0)
-                   + W_TAGS * (sum(float(tags.get(t, 0.0)) for t in features.tags) / len(features.tags)
-                               if features.tags else 0.0)
-                   + W_WEEKDAY * int((h.get("weekdays") or {}).get(weekday, 0)) / n
-                   + W_DAY_PART * int((h.get("day_parts") or {}).get(part, 0)) / n)
+    counts it (the parts the member has no history for skipped), the weekday and part of the day from
+    ``local`` (``CandidateIndex.local_time``), ``tag_share`` the event's tags' mean share (``tag_share``)."""
+    b, n = bounds, bounds.events
+    points = 0.0
+    if b.hosts:
+        points += W_HOST * int(b.hosts.get(f.host, 0)) / n
+    if b.series and f.series:
+        points += W_SERIES * max(int(b.series.get(k, 0)) for k in f.series) / n
+    if b.company:
+        points += W_COMPANY * min(int(b.company.get(f.event_id, 0)), COMPANY_CAP) / COMPANY_CAP
+    if b.habits.patterns:
+        points += (W_PLACE * (b.habits.places.get(f.place, 0.0) if f.place else 0.0) + W_TAGS * tag_share
+                   + W_WEEKDAY * int(b.weekdays.get(local[0], 0)) / n + W_DAY_PART * int(b.day_parts.get(local[1], 0)) / n)
     return points
+
+
+def tag_share(bounds: HabitBounds | None, tags: Sequence[str]) -> float:
+    """The mean recency-weighted share of these tags in the member's past events (``history_signals``)."""
+    if bounds is None or not tags:
+        return 0.0
+    return sum(float(bounds.tags.get(t, 0.0)) for t in tags) / len(tags)
 
 
 class Match(TypedDict):
