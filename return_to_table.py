@@ -2805,8 +2805,8 @@ class CandidateIndex:
 
     def reader(self, user: Mapping[str, Any]) -> BoundReader:
         """What ``bounds`` reads of a member, once per member."""
-        wanted = frozenset(t for interest in clean_interests(user.get("interests")) for t in interest_tags(interest))
-        return BoundReader(habit_bounds(member_habits(user)), wanted, text_field(user, "homeNeighborhood"))
+        return BoundReader(habit_bounds(member_habits(user)), tuple(clean_interests(user.get("interests"))),
+                           text_field(user, "homeNeighborhood"))
 
     def bound(self, reader: BoundReader, n: int) -> float:
         """``bounds`` of the one event at position ``n``."""
@@ -2815,8 +2815,7 @@ class CandidateIndex:
     def bounds(self, reader: BoundReader, positions: Sequence[int]) -> list[tuple[float, int]]:
         """(at least the total the event can score for the member (``Candidate.total``), position), for
         the events at ``positions``: the history's points as ``history_bound`` reads them, and the plan's
-        tiers with the interest tier at most the tags the member's interests want, the location tier as
-        it is. One loop over facts computed once per event (``EventFacts``): it runs for thousands of
+        tiers as ``score_candidates`` reads them. One loop over facts computed once per event (``EventFacts``): it runs for thousands of
         events per member."""
         habits = reader.habits
         local = self.local_times(habits.habits.zone) if habits is not None else {}
@@ -2830,9 +2829,9 @@ class CandidateIndex:
                 same = self.places.same_place(reader.home, f.where)
                 near = tiers[f.where] = proximity_tier(same, 0.0 if same else self.places.distance_km(reader.home, f.where))
             tagged = by_tags.get(f.tags)
-            if tagged is None:
-                tagged = by_tags[f.tags] = (max(1, min(3, sum(1 for tag in f.tags if tag in reader.wanted))),
-                                            tag_share(habits, f.tags))
+            if tagged is None:  # the interest tier as ``score_candidates`` reads it (1 at least: a bound)
+                shared = matched_interests(reader.interests, event_features(self.events[n]).tags)
+                tagged = by_tags[f.tags] = (max(1, interest_alignment(shared)), tag_share(habits, f.tags))
             interests = tagged[0]
             points = 0.0
             if habits is not None:
@@ -2890,7 +2889,7 @@ class BoundReader(NamedTuple):
     """What ``CandidateIndex.bound`` reads of one member."""
 
     habits: HabitBounds | None
-    wanted: frozenset[str]  # every tag one of the member's interests wants (``interest_tags``)
+    interests: tuple[str, ...]  # ``clean_interests``
     home: str | None
 
 
