@@ -440,3 +440,12 @@ def test_a_file_written_in_pieces_reads_back_as_the_standard_encoders(value, chu
     assert json.loads(written) == json.loads(standard)
     if not any(isinstance(v, float) for v in leaves(value)):  # float spellings may differ (1e16 / 1e+16)
         assert written == standard
+
+
+@pytest.mark.parametrize("days", [0, 30, 31, 90, 91, -3])
+@pytest.mark.parametrize("offset", [timedelta(0), timedelta(microseconds=1), timedelta(microseconds=-1)])
+def test_the_activity_index_gives_each_member_the_status_derive_engagement_gives(days, offset):
+    last = NOW - timedelta(days=days) + offset
+    index = rtt.ActivityIndex([], {}, {"m": last}, {})
+    assert index.status("m", NOW) == rtt.derive_engagement(last, NOW)[1]
+    assert index.status("nobody", NOW) == "new"
