@@ -60,7 +60,7 @@ import threading
 import time
 import unicodedata
 from collections import Counter
-from collections.abc import Iterable, Iterator, Mapping, Sequence
+from collections.abc import Collection, Iterable, Iterator, Mapping, Sequence
 from concurrent.futures import ThreadPoolExecutor
 from contextlib import ExitStack
 from dataclasses import dataclass, field, replace
@@ -1271,8 +1271,8 @@ _RECORD_DECODER = msgspec.json.Decoder() if msgspec is not None else None
 
 
 def fast_record(data: bytes, decoder: ExtendedJsonDecoder, plain: bool) -> tuple[dict[str, Any], bool]:
-    """One record through msgspec (integers of any size exact, as json reads them) and, unless ``plain`` (``plain_and_clean``), ``clean_values``: (what the
-    literal decoder gives, already clean), or FastPathRefused."""
+    """One record through msgspec (integers of any size exact, as json reads them) and, unless ``plain``
+    (``plain_and_clean``), ``clean_values``: (what the literal decoder gives, already clean), or FastPathRefused."""
     try:
         doc = _RECORD_DECODER.decode(data)
     except (msgspec.DecodeError, RecursionError):  # a float beyond the double range among them (json: inf)
@@ -1825,7 +1825,7 @@ def reach_member(user: DormantMember, activity: Mapping[str, Activity], now: dat
     the phone's zone, else ``zone``)."""
     if "event_history" not in user:
         phone = textable_phone(user.get("phone"), region)
-        seen = activity.get(user["_id"], Activity(0, None))
+        seen = activity.get(user["_id"], NO_ACTIVITY)
         user["phone_e164"], user["phone_timezone"] = phone.e164, phone.timezone
         user["event_history"] = member_history(user["_id"], seen, activity, now, phone.timezone or zone)
     return user
@@ -2569,16 +2569,36 @@ def timing_factor(days_until: float) -> float:
     return 1.0 if days_until <= NEAR_DAYS else 0.5 ** ((days_until - NEAR_DAYS) / FAR_HALVING_DAYS)
 
 
+def local_weekday_part(start: datetime | None, zone: ZoneInfo | None) -> tuple[str, str]:
+    """The local weekday and part of the day of a start in ``zone`` ("" and "" when either is unknown)."""
+    when = start.astimezone(zone) if start is not None and zone is not None else None
+    return (WEEKDAYS[when.weekday()], day_part(when.hour)) if when is not None else ("", "")
+
+
+def mean_share(shares: Mapping[str, Any], tags: Collection[str]) -> float:
+    """The mean recency-weighted share of these tags in the member's past events (0 for no tags)."""
+    return sum(float(shares.get(t, 0.0)) for t in tags) / len(tags) if tags else 0.0
+
+
+def days_ahead(start: datetime | None, now: datetime) -> float:
+    """Days from ``now`` to an event's start (0 for one already started or undated)."""
+    return max(0.0, ((start or now) - now).total_seconds() / 86400)
+
+
+def event_fill(event: Mapping[str, Any]) -> tuple[float, int]:
+    """An event's participation percentage and its ``participation_tier``."""
+    pct = float(event.get("participationPercentage") or 0.0)
+    return pct, participation_tier(pct, int(event.get("participantCount") or 0),
+                                   positive_number(event.get("maxParticipants")) is not None)
+
+
 def history_signals(habits: Habits | None, event_id: str, features: EventFeatures, days_until: float) -> HistorySignals:
     """How the candidate matches what the member's own past events say."""
     if habits is None:
         return NEUTRAL_HISTORY
     h = habits.history
     series = h.get("series") or {}
-    tags = h.get("tags") or {}
-    local = features.start.astimezone(habits.zone) if features.start and habits.zone else None
-    weekday = WEEKDAYS[local.weekday()] if local else ""
-    part = day_part(local.hour) if local else ""
+    weekday, part = local_weekday_part(features.start, habits.zone)
     place = NeighbourhoodMap.canonical(features.place) if features.place else ""
     patterns = habits.patterns
     return HistorySignals(
@@ -2587,8 +2607,7 @@ def history_signals(habits: Habits | None, event_id: str, features: EventFeature
         series_events=max((int(series.get(k, 0)) for k in features.series), default=0),
         company=int((h.get("company_going") or {}).get(event_id, 0)),
         place_share=habits.places.get(place, 0.0) if patterns and place else 0.0, place=features.place,
-        tag_share=(sum(float(tags.get(t, 0.0)) for t in features.tags) / len(features.tags)
-                   if patterns and features.tags else 0.0),
+        tag_share=mean_share(h.get("tags") or {}, features.tags) if patterns else 0.0,
         weekday_events=int((h.get("weekdays") or {}).get(weekday, 0)) if patterns else 0, weekday=weekday,
         day_part_events=int((h.get("day_parts") or {}).get(part, 0)) if patterns else 0, day_part=part,
         timing=timing_factor(days_until))
@@ -2700,10 +2719,8 @@ def score_candidates(user: Mapping[str, Any], events: Iterable[Mapping[str, Any]
         where = text_field(event, "neighborhood")
         same = hoods.same_place(home, where)
         distance = 0.0 if same else hoods.distance_km(home, where)
-        days_until = max(0.0, ((features.start or now) - now).total_seconds() / 86400)
-        pct = float(event.get("participationPercentage") or 0.0)
-        fill = participation_tier(pct, int(event.get("participantCount") or 0),
-                                  positive_number(event.get("maxParticipants")) is not None)
+        days_until = days_ahead(features.start, now)
+        pct, fill = event_fill(event)
         plan = plan_index(interest_alignment(shared), proximity_tier(same, distance), fill, days_until)
         signals = history_signals(habits, str(event["_id"]), features, days_until)
         found.append(Candidate(event, tuple(shared), same, distance, pct, fill, days_until, 0, signals, plan))
@@ -2751,8 +2768,8 @@ class CandidateIndex:
     narrows the events to those carrying a tag one of the member's interests wants (``interest_tags``, as
     ``matched_interests`` tries them) and yields the member's candidates best first, scoring through
     ``score_candidates`` (the ranking and its values come from there alone) only the events whose upper
-    bound (``history_bound`` plus the plan's best tiers) can still beat what was found: with thousands of
-    open events a member's first candidates cost a few dozen scorings, not thousands."""
+    bound (``bounds``) can still beat what was found: with thousands of open events a member's first
+    candidates cost a few dozen scorings, not thousands."""
 
     events: Sequence[Mapping[str, Any]]  # the list indexed, as step 2 gave it
     by_tag: Mapping[str, tuple[int, ...]]  # normalised tag -> positions in ``events`` of open events, ascending
@@ -2771,10 +2788,7 @@ class CandidateIndex:
             features = event_features(event)
             for tag in features.tags:
                 by_tag.setdefault(tag, []).append(n)
-            days_until = max(0.0, ((features.start or now) - now).total_seconds() / 86400)
-            fill = participation_tier(float(event.get("participationPercentage") or 0.0),
-                                      int(event.get("participantCount") or 0),
-                                      positive_number(event.get("maxParticipants")) is not None)
+            days_until, (_, fill) = days_ahead(features.start, now), event_fill(event)
             facts[n] = EventFacts(
                 str(event.get("_id")), features.host or "", features.series,
                 NeighbourhoodMap.canonical(features.place) if features.place else "", tuple(features.tags),
@@ -2788,10 +2802,6 @@ class CandidateIndex:
             for tag in interest_tags(interest):
                 found.update(self.by_tag.get(tag, ()))
         return sorted(found)
-
-    def narrow(self, user: Mapping[str, Any]) -> list[Mapping[str, Any]]:
-        """The open events carrying a tag one of the member's interests wants, in step 2's order."""
-        return [self.events[n] for n in self.positions(user)]
 
     def ranked(self, user: Mapping[str, Any]) -> Iterator[Candidate]:
         """The member's candidates in ``score_candidates``' order, scored as they are needed: a candidate
@@ -2823,8 +2833,8 @@ class CandidateIndex:
     def bounds(self, reader: BoundReader, positions: Sequence[int]) -> list[tuple[float, int]]:
         """(at least the total the event can score for the member (``Candidate.total``), position), for
         the events at ``positions``: the history's points as ``history_bound`` reads them, and the plan's
-        tiers as ``score_candidates`` reads them. One loop over facts computed once per event (``EventFacts``): it runs for thousands of
-        events per member."""
+        tiers as ``score_candidates`` reads them. One loop over facts computed once per event
+        (``EventFacts``): it runs for thousands of events per member."""
         habits = reader.habits
         local = self.local_times(habits.habits.zone) if habits is not None else {}
         tiers: dict[str | None, int] = {}  # the member's location tier per event place
@@ -2839,7 +2849,8 @@ class CandidateIndex:
             tagged = by_tags.get(f.tags)
             if tagged is None:  # the interest tier as ``score_candidates`` reads it (1 at least: a bound)
                 shared = matched_interests(reader.interests, event_features(self.events[n]).tags)
-                tagged = by_tags[f.tags] = (max(1, interest_alignment(shared)), tag_share(habits, f.tags))
+                tagged = by_tags[f.tags] = (max(1, interest_alignment(shared)),
+                                            mean_share(habits.tags, f.tags) if habits is not None else 0.0)
             interests = tagged[0]
             points = 0.0
             if habits is not None:
@@ -2857,9 +2868,7 @@ class CandidateIndex:
 
     def local_time(self, zone: ZoneInfo | None, n: int) -> tuple[str, str]:
         """The event's local weekday and part of the day in ``zone``, as ``history_signals`` reads them."""
-        start = event_features(self.events[n]).start
-        when = start.astimezone(zone) if start is not None and zone is not None else None
-        return (WEEKDAYS[when.weekday()], day_part(when.hour)) if when is not None else ("", "")
+        return local_weekday_part(event_features(self.events[n]).start, zone)
 
     def score(self, user: Mapping[str, Any]) -> list[Candidate]:
         """``score_candidates(user, events, hoods, now)`` for one member, over the narrowed events."""
@@ -2894,7 +2903,7 @@ def habit_bounds(habits: Habits | None) -> HabitBounds | None:
 
 
 class BoundReader(NamedTuple):
-    """What ``CandidateIndex.bound`` reads of one member."""
+    """What ``CandidateIndex.bounds`` reads of one member."""
 
     habits: HabitBounds | None
     interests: tuple[str, ...]  # ``clean_interests``
@@ -2917,7 +2926,7 @@ class EventFacts(NamedTuple):
 def history_bound(bounds: HabitBounds, f: EventFacts, local: tuple[str, str], tag_share: float) -> float:
     """At least ``history_signals(...).points`` before timing: each signal as ``HistorySignals.contributions``
     counts it (the parts the member has no history for skipped), the weekday and part of the day from
-    ``local`` (``CandidateIndex.local_time``), ``tag_share`` the event's tags' mean share (``tag_share``)."""
+    ``local`` (``CandidateIndex.local_time``), ``tag_share`` the event's tags' mean share (``mean_share``)."""
     b, n = bounds, bounds.events
     points = 0.0
     if b.hosts:
@@ -2930,13 +2939,6 @@ def history_bound(bounds: HabitBounds, f: EventFacts, local: tuple[str, str], ta
         points += (W_PLACE * (b.habits.places.get(f.place, 0.0) if f.place else 0.0) + W_TAGS * tag_share
                    + W_WEEKDAY * int(b.weekdays.get(local[0], 0)) / n + W_DAY_PART * int(b.day_parts.get(local[1], 0)) / n)
     return points
-
-
-def tag_share(bounds: HabitBounds | None, tags: Sequence[str]) -> float:
-    """The mean recency-weighted share of these tags in the member's past events (``history_signals``)."""
-    if bounds is None or not tags:
-        return 0.0
-    return sum(float(bounds.tags.get(t, 0.0)) for t in tags) / len(tags)
 
 
 class Match(TypedDict):
