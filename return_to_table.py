@@ -794,7 +794,7 @@ class ExtendedJsonDecoder:
     def hook(self, obj: dict[str, Any]) -> Any:
         try:
             return json_util.object_hook(obj, json_util.RELAXED_JSON_OPTIONS)
-        except (ValueError, TypeError, KeyError, ArithmeticError, BSONError):  # Overflow, InvalidBSON, InvalidId…
+        except (ValueError, TypeError, KeyError, AttributeError, ArithmeticError, BSONError):  # Overflow, InvalidId, {"$binary": null}…
             self.bad_values += 1
             return None
 

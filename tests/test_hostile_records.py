@@ -21,7 +21,7 @@ import pytest
 from bson import ObjectId, json_util
 from builders import JAZZ_BRUNCH, MAYA, NOW, NOW_ISO, ZOE, CliRun, run_main, small_world, write_folder
 from fake_anthropic import FakeMessagesAPI, text_reply
-from hypothesis import given, settings
+from hypothesis import example, given, settings
 from hypothesis import strategies as st
 from test_claude import claude_cli, last_user_turn, smart
 from test_claude import write_world as write_claude_world
@@ -244,6 +244,7 @@ JSON_VALUES = st.recursive(
 
 @settings(max_examples=300)
 @given(st.dictionaries(st.sampled_from(EXTENDED_JSON_KEYS), JSON_VALUES, min_size=1, max_size=3))
+@example({"$binary": None, "$type": False})  # json_util raised AttributeError on it (found by this test)
 def test_any_extended_json_value_is_decoded_or_counted_never_raised(obj):
     decoder = rtt.ExtendedJsonDecoder()
     decoder.hook(obj)
