@@ -792,6 +792,9 @@ class ExtendedJsonDecoder:
     _decoder: json.JSONDecoder | None = field(default=None, repr=False)
 
     def hook(self, obj: dict[str, Any]) -> Any:
+        if obj.get("$oid", "") is None:  # json_util makes up a new random ObjectId for {"$oid": null}
+            self.bad_values += 1
+            return None
         try:
             return json_util.object_hook(obj, json_util.RELAXED_JSON_OPTIONS)
         except (ValueError, TypeError, KeyError, AttributeError, ArithmeticError, BSONError):  # Overflow, InvalidId, {"$binary": null}…
