@@ -49,6 +49,7 @@ import itertools
 import json
 import logging
 import math
+import operator
 import os
 import random
 import re
@@ -1510,11 +1511,14 @@ NO_ACTIVITY = Activity(0, None)  # a member no event names
 class ActivityIndex(Mapping[str, Activity]):
     """Every member's ``Activity``, built from the events when asked for (step 1 asks for the dormant
     members, the walk for those it reaches and their past company): a million members need their dated
-    events' positions, a latest date and a count of undated ones each, not a million ``Activity`` records."""
+    events' positions and a count of undated ones each, not a million ``Activity`` records.
 
-    def __init__(self, dated: list[tuple[datetime, Mapping[str, Any]]], undated: dict[str, int],
-                 latest: dict[str, datetime], positions: dict[str, list[int]]) -> None:
-        self.dated, self.undated, self.latest, self.positions = dated, undated, latest, positions
+    ``dated`` is in start order (ties in file order), each event with its members, so a member's
+    positions are in start order too and the last one is their latest event."""
+
+    def __init__(self, dated: list[tuple[datetime, Mapping[str, Any], tuple[str, ...]]], undated: Mapping[str, int],
+                 positions: dict[str, list[int]]) -> None:
+        self.dated, self.undated, self.positions = dated, undated, positions
         self._built: dict[str, Activity] = {}
         self._edges = (datetime.min.replace(tzinfo=UTC), datetime.min.replace(tzinfo=UTC),
                        datetime.min.replace(tzinfo=UTC))  # ``status``: now, and its active and dormant edges
@@ -1523,12 +1527,17 @@ class ActivityIndex(Mapping[str, Activity]):
         """Events of any date the member joined or hosted."""
         return len(self.positions.get(member, ())) + self.undated.get(member, 0)
 
+    def last(self, member: str) -> datetime | None:
+        """The start of the member's latest dated event."""
+        at = self.positions.get(member)
+        return self.dated[at[-1]][0] if at else None
+
     def __getitem__(self, member: str) -> Activity:
         found = self._built.get(member)
         if found is None:
             if member not in self:
                 raise KeyError(member)  # a member no event names, as a dict's
-            found = self._built[member] = Activity(self.count(member), self.latest.get(member), self.attended(member))
+            found = self._built[member] = Activity(self.count(member), self.last(member), self.attended(member))
         return found
 
     def __contains__(self, member: object) -> bool:
@@ -1536,14 +1545,15 @@ class ActivityIndex(Mapping[str, Activity]):
 
     def seen(self, member: str) -> Activity:
         """The member's count and latest date only (``attended`` left empty): what dormancy needs."""
-        return Activity(self.count(member), self.latest.get(member))
+        return Activity(self.count(member), self.last(member))
 
     def status(self, member: str, now: datetime) -> str:
         """The member's engagement status at ``now`` (``derive_engagement``), without building its record:
         its day counts as two moments (``days <= 30`` is ``last > now - 31 days``), once per ``now``."""
-        last = self.latest.get(member)
-        if last is None:
+        at = self.positions.get(member)
+        if at is None:
             return "new"
+        last = self.dated[at[-1]][0]
         if self._edges[0] != now:
             self._edges = (now, now - timedelta(days=31), now - timedelta(days=91))
         return "active" if last > self._edges[1] else "dormant" if last > self._edges[2] else "churned"
@@ -1556,20 +1566,17 @@ class ActivityIndex(Mapping[str, Activity]):
 
     def attended(self, member: str) -> tuple[Attended, ...]:
         """The member's dated events in start order, each with everyone at it."""
-        events = [self.dated[n] for n in self.positions.get(member, ())]
-        return tuple(Attended(start, event, frozenset(event_member_ids(event, DataIssues())))
-                     for start, event in sorted(events, key=lambda pair: pair[0]))
+        dated = self.dated
+        return tuple(Attended(dated[n][0], dated[n][1], frozenset(dated[n][2])) for n in self.positions.get(member, ()))
 
 
 def index_member_activity(events: Iterable[Mapping[str, Any]], issues: DataIssues,
                           future: tuple[datetime, list[Any]] | None = None) -> ActivityIndex:
     """Every member's event count and latest ``startDate``, over all events of any type or date, and
-    the dated events each one was at (``ActivityIndex``: in start order when asked for). With ``future``
-    (``now``, a list), the open future public events (step 2's candidates) are also kept in that list."""
-    undated: dict[str, int] = {}
-    latest: dict[str, datetime] = {}
-    positions: dict[str, list[int]] = {}
-    dated: list[tuple[datetime, Mapping[str, Any]]] = []
+    the dated events each one was at (``ActivityIndex``). With ``future`` (``now``, a list), the open
+    future public events (step 2's candidates) are also kept in that list."""
+    undated: Counter[str] = Counter()
+    dated: list[tuple[datetime, Mapping[str, Any], tuple[str, ...]]] = []
     for event in events:
         start = to_utc(event.get("startDate"))
         if future is not None and open_future_public_at(event, start, future[0]):
@@ -1577,21 +1584,19 @@ def index_member_activity(events: Iterable[Mapping[str, Any]], issues: DataIssue
         members = event_member_ids(event, issues)
         if start is None:
             issues.add("events_without_valid_start_date")
-            for member in members:
-                undated[member] = undated.get(member, 0) + 1
-            continue
-        position = len(dated)
-        dated.append((start, event))
+            undated.update(members)
+        else:
+            dated.append((start, event, tuple(members)))
+    dated.sort(key=operator.itemgetter(0))  # stable: ties stay in file order
+    positions: dict[str, list[int]] = {}
+    for position, (_, _, members) in enumerate(dated):  # a million members: one dict lookup a pair, no max()
         for member in members:
             at = positions.get(member)
             if at is None:
                 positions[member] = [position]
-                latest[member] = start
             else:
                 at.append(position)
-                if start > latest[member]:  # noqa: PLR1730 (a million times: no call to max)
-                    latest[member] = start
-    return ActivityIndex(dated, undated, latest, positions)
+    return ActivityIndex(dated, dict(undated), positions)
 
 
 def count_profile_fields(user: Mapping[str, Any]) -> int:
@@ -2388,7 +2393,13 @@ def load_neighbourhoods(path: Path) -> NeighbourhoodMap:
 
 def unlocated_places(hoods: NeighbourhoodMap, names: Iterable[str | None]) -> Counter[str]:
     """The places (as slugs) the table cannot locate, with how often each was seen: the report counts them."""
-    return Counter(slugify(n) for n in names if n and slugify(n) and hoods.locate(n) is None)
+    seen = Counter(n for n in names if n)  # a million members name a few hundred places: each looked up once
+    found: Counter[str] = Counter()
+    for name, times in seen.items():
+        slug = slugify(name)
+        if slug and hoods.locate(name) is None:
+            found[slug] += times
+    return found
 
 
 def haversine_km(a: tuple[float, float], b: tuple[float, float]) -> float:

@@ -447,6 +447,6 @@ def test_a_file_written_in_pieces_reads_back_as_the_standard_encoders(value, chu
 @pytest.mark.parametrize("offset", [timedelta(0), timedelta(microseconds=1), timedelta(microseconds=-1)])
 def test_the_activity_index_gives_each_member_the_status_derive_engagement_gives(days, offset):
     last = NOW - timedelta(days=days) + offset
-    index = rtt.ActivityIndex([], {}, {"m": last}, {})
+    index = rtt.ActivityIndex([(last, {}, ("m",))], {}, {"m": [0]})
     assert index.status("m", NOW) == rtt.derive_engagement(last, NOW)[1]
     assert index.status("nobody", NOW) == "new"
