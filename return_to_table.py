@@ -2790,6 +2790,10 @@ class CandidateIndex:
     places: RememberedPlaces
     now: datetime
     facts: Mapping[int, EventFacts]  # position -> what ``bounds`` reads of the open event there
+    # host, series key and event id -> positions: the events a member's own hosts, series or company name
+    personal: Mapping[str, Mapping[str, tuple[int, ...]]] = field(default_factory=dict)
+    groups: Sequence[EventGroup] = ()  # the open events by place and tags (``event_groups``)
+    tag_groups: Mapping[str, tuple[int, ...]] = field(default_factory=dict)  # normalised tag -> ``groups`` positions
     by_zone: dict[str | None, dict[int, tuple[str, str]]] = field(default_factory=dict)  # ``local_times``
 
     @classmethod
@@ -2807,7 +2811,14 @@ class CandidateIndex:
                 str(event.get("_id")), features.host or "", features.series,
                 NeighbourhoodMap.canonical(features.place) if features.place else "", tuple(features.tags),
                 text_field(event, "neighborhood"), timing_factor(days_until), plan_index(1, 0, fill, days_until))
-        return cls(events, {t: tuple(p) for t, p in by_tag.items()}, RememberedPlaces(hoods), now, facts)
+        groups = event_groups(facts)
+        tag_groups: dict[str, list[int]] = {}
+        for g, group in enumerate(groups):
+            for tag in group.facts.tags:
+                tag_groups.setdefault(tag, []).append(g)
+        return cls(events, {t: tuple(p) for t, p in by_tag.items()}, RememberedPlaces(hoods), now, facts,
+                   personal=personal_positions(facts), groups=groups,
+                   tag_groups={t: tuple(g) for t, g in tag_groups.items()})
 
     def positions(self, user: Mapping[str, Any]) -> list[int]:
         """Where the open events carrying a tag one of the member's interests wants are, in step 2's order."""
@@ -2819,21 +2830,59 @@ class CandidateIndex:
 
     def ranked(self, user: Mapping[str, Any]) -> Iterator[Candidate]:
         """The member's candidates in ``score_candidates``' order, scored as they are needed: a candidate
-        is given only once no event left unscored can reach its total (each event's bound is at least
-        its total, and ``rank_key`` starts with the total)."""
-        order = sorted(self.bounds(self.reader(user), self.positions(user)), reverse=True)
+        is given only once nothing left unscored can reach its total. What is left is a heap of events,
+        each under its bound (at least its total; ``rank_key`` starts with the total), and of groups of
+        events (``EventGroup``) under a bound of all their events': a group on top is opened (its events
+        bounded one by one), an event on top scored (``RANKED_BATCH`` at a time, through ``score_candidates``),
+        so a member's first candidates cost a few hundred bounds and a few dozen scorings, not thousands."""
+        reader = self.reader(user)
+        pending = self.pending(reader, self.narrowed_groups(reader))
         found: list[tuple[tuple[Any, ...], Candidate]] = []
-        scored = 0
         while True:
-            if scored < len(order) and (not found or order[scored][0] >= -found[0][0][0]):
-                batch = [self.events[n] for _, n in order[scored:scored + RANKED_BATCH]]
-                scored += len(batch)
-                for c in score_candidates(user, batch, self.places, self.now):  # type: ignore[arg-type]
+            if pending and (not found or -pending[0][0] >= -found[0][0][0]):
+                batch = self.next_events(reader, pending)
+                for c in score_candidates(user, [self.events[n] for n in batch], self.places, self.now):  # type: ignore[arg-type]
                     heapq.heappush(found, (c.rank_key, c))
                 continue
             if not found:
                 return
             yield heapq.heappop(found)[1]
+
+    def narrowed_groups(self, reader: BoundReader) -> list[int]:
+        """The groups carrying a tag one of the member's interests wants (``positions``, by group)."""
+        found: set[int] = set()
+        for interest in reader.interests:
+            for tag in interest_tags(interest):
+                found.update(self.tag_groups.get(tag, ()))
+        return sorted(found)
+
+    def pending(self, reader: BoundReader, groups: Sequence[int]) -> list[tuple[float, int, int]]:
+        """``ranked``'s heap at the start: (-bound, 1, group) for each group, and (-bound, 0, position) for
+        each event of them the member's history names (``own_positions``: a group's bound leaves them out)."""
+        tiers: dict[str | None, int] = {}
+        by_tags: dict[tuple[str, ...], tuple[int, float]] = {}
+        best = self.best_local_time(reader.habits)
+        pending = [(-self.event_bound(reader, group.first, group.facts, best, tiers, by_tags), 1, g)
+                   for g, group in ((g, self.groups[g]) for g in groups)]
+        wanted = {n for g in groups for n in self.groups[g].positions}
+        pending += [(-b, 0, n) for b, n in self.bounds(reader, sorted(self.own_positions(reader.habits) & wanted))]
+        heapq.heapify(pending)
+        return pending
+
+    def next_events(self, reader: BoundReader, pending: list[tuple[float, int, int]]) -> list[int]:
+        """Up to ``RANKED_BATCH`` events off the top of ``ranked``'s heap, groups that come to the top opened."""
+        own = None
+        batch: list[int] = []
+        while pending and len(batch) < RANKED_BATCH:
+            _, kind, item = heapq.heappop(pending)
+            if kind == 0:
+                batch.append(item)
+                continue
+            own = self.own_positions(reader.habits) if own is None else own
+            opened = [n for n in self.groups[item].positions if n not in own]
+            for bound, n in self.bounds(reader, opened):
+                heapq.heappush(pending, (-bound, 0, n))
+        return batch
 
     def reader(self, user: Mapping[str, Any]) -> BoundReader:
         """What ``bounds`` reads of a member, once per member."""
@@ -2847,34 +2896,61 @@ class CandidateIndex:
     def bounds(self, reader: BoundReader, positions: Sequence[int]) -> list[tuple[float, int]]:
         """(at least the total the event can score for the member (``Candidate.total``), position), for
         the events at ``positions``: the history's points as ``history_bound`` reads them, and the plan's
-        tiers as ``score_candidates`` reads them. One loop over facts computed once per event
-        (``EventFacts``): it runs for thousands of events per member."""
+        tiers as ``score_candidates`` reads them, from facts computed once per event (``EventFacts``)."""
         habits = reader.habits
-        local = self.local_times(habits.habits.zone) if habits is not None else {}
+        zone = habits.habits.zone if habits is not None else None
+        local = self.local_times(zone)
         tiers: dict[str | None, int] = {}  # the member's location tier per event place
         by_tags: dict[tuple[str, ...], tuple[int, float]] = {}  # interest tier and tag share per set of tags
         found = []
         for n in positions:
-            f = self.facts[n]
-            near = tiers.get(f.where)
-            if near is None:
-                same = self.places.same_place(reader.home, f.where)
-                near = tiers[f.where] = proximity_tier(same, 0.0 if same else self.places.distance_km(reader.home, f.where))
-            tagged = by_tags.get(f.tags)
-            if tagged is None:  # the interest tier as ``score_candidates`` reads it (1 at least: a bound)
-                shared = matched_interests(reader.interests, event_features(self.events[n]).tags)
-                tagged = by_tags[f.tags] = (max(1, interest_alignment(shared)),
-                                            mean_share(habits.tags, f.tags) if habits is not None else 0.0)
-            interests = tagged[0]
-            points = 0.0
-            if habits is not None:
-                weekday_part = local.get(n)
-                if weekday_part is None:
-                    weekday_part = local[n] = self.local_time(habits.habits.zone, n)
-                points = history_bound(habits, f, weekday_part, tagged[1]) * f.timing
-            plan = PLAN_WEIGHT * (f.plan_base + ((interests - 1) * 11 + near) * 16) / PLAN_INDEX_MAX
-            found.append((points + plan + BOUND_MARGIN, n))
+            weekday_part = local.get(n)
+            if weekday_part is None:
+                weekday_part = local[n] = self.local_time(zone, n)
+            found.append((self.event_bound(reader, n, self.facts[n], weekday_part, tiers, by_tags), n))
         return found
+
+    def event_bound(self, reader: BoundReader, n: int, f: EventFacts, weekday_part: tuple[str, str],
+                    tiers: dict[str | None, int], by_tags: dict[tuple[str, ...], tuple[int, float]]) -> float:
+        """``bounds`` of an event with facts ``f`` (the tags of the event at ``n``), ``tiers`` and ``by_tags``
+        remembered for the member. Every step is non-decreasing in each fact and count it reads, so facts
+        that are each at least an event's give at least that event's bound (``EventGroup``)."""
+        habits = reader.habits
+        near = tiers.get(f.where)
+        if near is None:
+            same = self.places.same_place(reader.home, f.where)
+            near = tiers[f.where] = proximity_tier(same, 0.0 if same else self.places.distance_km(reader.home, f.where))
+        tagged = by_tags.get(f.tags)
+        if tagged is None:  # the interest tier as ``score_candidates`` reads it (1 at least: a bound)
+            shared = matched_interests(reader.interests, event_features(self.events[n]).tags)
+            tagged = by_tags[f.tags] = (max(1, interest_alignment(shared)),
+                                        mean_share(habits.tags, f.tags) if habits is not None else 0.0)
+        points = history_bound(habits, f, weekday_part, tagged[1]) * f.timing if habits is not None else 0.0
+        plan = PLAN_WEIGHT * (f.plan_base + ((tagged[0] - 1) * 11 + near) * 16) / PLAN_INDEX_MAX
+        return points + plan + BOUND_MARGIN
+
+    @staticmethod
+    def best_local_time(habits: HabitBounds | None) -> tuple[str, str]:
+        """The weekday and the part of the day the member's history counts most (``history_bound`` reads
+        each as a count): at least what any event's own gives."""
+        if habits is None:
+            return ("", "")
+        def most(counts: Mapping[str, Any]) -> str:  # "" (counted 0) when no count is above 0
+            key = max(counts, key=lambda k: int(counts[k]), default="")
+            return key if key and int(counts[key]) > 0 else ""
+        return (most(habits.weekdays), most(habits.day_parts))
+
+    def own_positions(self, habits: HabitBounds | None) -> set[int]:
+        """The events whose host, series or id the member's history counts (``history_bound``'s terms that
+        are 0 for every other event, and for a group's bound)."""
+        if habits is None:
+            return set()
+        own: set[int] = set()
+        for kind, named in (("host", habits.hosts), ("series", habits.series), ("event", habits.company)):
+            index = self.personal.get(kind, {})
+            for key in named:
+                own.update(index.get(key, ()))
+        return own
 
     def local_times(self, zone: ZoneInfo | None) -> dict[int, tuple[str, str]]:
         """Position -> the event's local weekday and part of the day in ``zone`` (filled as asked for)."""
@@ -2887,6 +2963,41 @@ class CandidateIndex:
     def score(self, user: Mapping[str, Any]) -> list[Candidate]:
         """``score_candidates(user, events, hoods, now)`` for one member, over the narrowed events."""
         return list(self.ranked(user))
+
+
+class EventGroup(NamedTuple):
+    """Open events of one place and one set of tags, with facts (``EventFacts``) that are each at least
+    every one of theirs: no host, series or id, the largest timing factor and plan tiers. A member's bound
+    of them (``CandidateIndex.event_bound``, the member's best weekday and part of the day) is at least
+    each event's bound but for the events the member's history names."""
+
+    positions: tuple[int, ...]
+    facts: EventFacts
+    first: int  # one of the positions (its tags, as ``event_bound`` reads them)
+
+
+def event_groups(facts: Mapping[int, EventFacts]) -> list[EventGroup]:
+    """The open events grouped by place and tags (``EventGroup``), in step 2's order of their first event."""
+    found: dict[tuple[Any, ...], list[int]] = {}
+    for n, f in facts.items():
+        found.setdefault((f.where, f.place, f.tags), []).append(n)
+    groups = []
+    for (where, place, tags), positions in found.items():
+        timing = max(facts[n].timing for n in positions)
+        plan_base = max(facts[n].plan_base for n in positions)
+        groups.append(EventGroup(tuple(positions), EventFacts("", "", (), place, tags, where, timing, plan_base),
+                                 positions[0]))
+    return groups
+
+
+def personal_positions(facts: Mapping[int, EventFacts]) -> dict[str, dict[str, tuple[int, ...]]]:
+    """``CandidateIndex.personal``: per kind ("host", "series", "event"), each key's positions."""
+    found: dict[str, dict[str, list[int]]] = {"host": {}, "series": {}, "event": {}}
+    for n, f in facts.items():
+        for kind, keys in (("host", (f.host,)), ("series", f.series), ("event", (f.event_id,))):
+            for key in keys:
+                found[kind].setdefault(key, []).append(n)
+    return {kind: {k: tuple(v) for k, v in keys.items()} for kind, keys in found.items()}
 
 
 RANKED_BATCH = 16  # events scored together by ``CandidateIndex.ranked``

@@ -391,6 +391,20 @@ def test_no_event_scores_above_its_bound(tmp_path, hoods):
             assert c.total <= index.bound(reader, position[id(c.event)])
 
 
+def test_a_group_bound_is_at_least_the_bound_of_each_event_in_it_the_history_does_not_name(tmp_path, hoods):
+    members, _events, index = reached_world(tmp_path, hoods)
+    opened = 0
+    for member in members:
+        reader = index.reader(member)
+        own = index.own_positions(reader.habits)
+        for bound, kind, item in index.pending(reader, index.narrowed_groups(reader)):
+            if kind == 1:
+                inside = [n for n in index.groups[item].positions if n not in own]
+                opened += len(inside)
+                assert all(b <= -bound for b, _ in index.bounds(reader, inside))
+    assert opened > 300 and any(index.own_positions(index.reader(m).habits) for m in members)
+
+
 def test_the_first_candidates_are_found_without_scoring_every_event(tmp_path, hoods, monkeypatch):
     members, events, index = reached_world(tmp_path, hoods)
     scored: list[int] = []
