@@ -2794,6 +2794,7 @@ class CandidateIndex:
     personal: Mapping[str, Mapping[str, tuple[int, ...]]] = field(default_factory=dict)
     groups: Sequence[EventGroup] = ()  # the open events by place and tags (``event_groups``)
     tag_groups: Mapping[str, tuple[int, ...]] = field(default_factory=dict)  # normalised tag -> ``groups`` positions
+    group_of: Mapping[int, int] = field(default_factory=dict)  # event position -> its group's
     by_zone: dict[str | None, dict[int, tuple[str, str]]] = field(default_factory=dict)  # ``local_times``
 
     @classmethod
@@ -2818,7 +2819,8 @@ class CandidateIndex:
                 tag_groups.setdefault(tag, []).append(g)
         return cls(events, {t: tuple(p) for t, p in by_tag.items()}, RememberedPlaces(hoods), now, facts,
                    personal=personal_positions(facts), groups=groups,
-                   tag_groups={t: tuple(g) for t, g in tag_groups.items()})
+                   tag_groups={t: tuple(g) for t, g in tag_groups.items()},
+                   group_of={n: g for g, group in enumerate(groups) for n in group.positions})
 
     def positions(self, user: Mapping[str, Any]) -> list[int]:
         """Where the open events carrying a tag one of the member's interests wants are, in step 2's order."""
@@ -2864,8 +2866,9 @@ class CandidateIndex:
         best = self.best_local_time(reader.habits)
         pending = [(-self.event_bound(reader, group.first, group.facts, best, tiers, by_tags), 1, g)
                    for g, group in ((g, self.groups[g]) for g in groups)]
-        wanted = {n for g in groups for n in self.groups[g].positions}
-        pending += [(-b, 0, n) for b, n in self.bounds(reader, sorted(self.own_positions(reader.habits) & wanted))]
+        wanted = set(groups)
+        own = sorted(n for n in self.own_positions(reader.habits) if self.group_of[n] in wanted)
+        pending += [(-b, 0, n) for b, n in self.bounds(reader, own)]
         heapq.heapify(pending)
         return pending
 
