@@ -733,6 +733,8 @@ def iso_utc(moment: datetime | None) -> str | None:
     if moment is None:
         return None
     moment = moment.astimezone(UTC)
+    if moment.year >= 1000:  # isoformat's four digits are strftime's %Y (which does not pad smaller years)
+        return moment.replace(tzinfo=None).isoformat(timespec="milliseconds") + "Z"
     return moment.strftime("%Y-%m-%dT%H:%M:%S.") + f"{moment.microsecond // 1000:03d}Z"
 
 
@@ -754,15 +756,18 @@ def id_of(value: Any) -> str | None:
     return None
 
 
+_PLAIN_LEAVES = frozenset({str, int, bool, type(None)})  # what ``to_plain`` gives back as it is
+
+
 def to_plain(value: Any) -> Any:
     """A document made JSON-ready: ObjectIds as strings, dates as ISO UTC, recursively."""
     kind = type(value)
     if kind is str or kind is int or kind is bool or value is None:  # the usual leaves, no ABC check
         return value
     if kind is list:
-        return [to_plain(v) for v in value]
-    if kind is dict and "$oid" not in value:
-        return {k if type(k) is str else str(k): to_plain(v) for k, v in value.items()}
+        return [v if type(v) in _PLAIN_LEAVES else to_plain(v) for v in value]
+    if kind is dict and "$oid" not in value:  # (the usual leaves kept without a call: a million records come here)
+        return {k if type(k) is str else str(k): v if type(v) in _PLAIN_LEAVES else to_plain(v) for k, v in value.items()}
     if isinstance(value, ObjectId):
         return str(value)
     if isinstance(value, datetime):
@@ -1213,7 +1218,18 @@ _UNSAFE_UTF8 = re.compile(rb"\xc2[\x80-\x9f]|\xd8\x9c|\xe1\xa0\x8e|\xe2\x80[\x8b
 
 
 _ASCII_BYTES = bytes(range(0x80))
-_LONG_RUN = re.compile(rb'"[^"]{%d}' % (MAX_TEXT_CHARS + 1))  # a string's opening quote, then too many bytes
+_NOT_QUOTES = bytes(c if c == ord('"') else ord("a") for c in range(256))  # every byte but '"' read as "a"
+_LONG_RUN = b"a" * (MAX_TEXT_CHARS + 1)
+LONG_RUN_PIECE = 1 << 24  # bytes translated at once: the copy stays small
+
+
+def long_run(data: bytes) -> bool:
+    """Whether the bytes hold more than ``MAX_TEXT_CHARS`` bytes in a row without a quote: every string
+    that long does (and a stretch between strings that long, rare: then the record is tested alone).
+    A translation and a substring search in C, a few times faster than a regular expression."""
+    step, overlap = LONG_RUN_PIECE, len(_LONG_RUN)
+    return any(_LONG_RUN in data[start:start + step + overlap].translate(_NOT_QUOTES)
+               for start in range(0, max(len(data) - overlap, 0) + 1, step))
 
 
 def plain_and_clean(data: bytes) -> bool:
@@ -1240,7 +1256,7 @@ def nothing_to_count(data: bytes) -> bool:
     ``plain_and_clean``, except that Extended JSON values are allowed in ``_SAFE_EXTENDED``'s forms."""
     if b"\\" in data or b"\x7f" in data or not few_brackets(data):
         return False
-    if len(data) > MAX_TEXT_CHARS and _LONG_RUN.search(data):
+    if len(data) > MAX_TEXT_CHARS and long_run(data):
         return False
     return not unsafe_utf8(data) and extended_all_safe(data)
 
@@ -1259,10 +1275,10 @@ def extended_all_safe(data: bytes) -> bool:
 
 
 def quiet_records(data: bytes) -> bool:
-    """``nothing_to_count`` over records joined by line feeds, but for the bracket count, which stays per
-    record: when this holds, each of them has nothing to count exactly when it has few enough brackets
-    (each test finds in one record only what it finds in all; no safe value spans two records)."""
-    return (b"\\" not in data and b"\x7f" not in data and _LONG_RUN.search(data) is None
+    """``nothing_to_count`` over records joined into one JSON array, but for the bracket count, which
+    stays per record: when this holds, each of them has nothing to count exactly when it has few enough
+    brackets (each test finds in one record only what it finds in all; no safe value spans two records)."""
+    return (b"\\" not in data and b"\x7f" not in data and not long_run(data)
             and not unsafe_utf8(data) and extended_all_safe(data))
 
 
@@ -1291,10 +1307,24 @@ def fast_record(data: bytes, decoder: ExtendedJsonDecoder, plain: bool) -> tuple
     return doc, clean
 
 
-# What steps 1 and 2 read of an event that cannot be step 2's: to count it for its members, to know it is past,
-# and what ``member_history`` reads of it (place, categories and features, host, venue and name for the series).
-ACTIVITY_FIELDS = ("_id", "ownerId", "participants", "startDate", "type", "active", "eventStatus",
-                   "neighborhood", "categories", "features", "venueName", "name")
+class ActivityDoc(TypedDict, total=False):
+    """What steps 1 and 2 read of an event that cannot be step 2's: to count it for its members, to know it
+    is past, and what ``member_history`` reads of it (place, categories and features, host, venue and name
+    for the series). msgspec decodes a record into this dict, skipping the other fields unbuilt."""
+
+    _id: Any
+    ownerId: Any
+    participants: Any
+    startDate: Any
+    type: Any
+    active: Any
+    eventStatus: Any
+    neighborhood: Any
+    categories: Any
+    features: Any
+    venueName: Any
+    name: Any
+
 
 if msgspec is not None:
     class IdOnly(msgspec.Struct):
@@ -1302,33 +1332,16 @@ if msgspec is not None:
 
         id: Any = msgspec.field(default=None, name="_id")
 
-    class ActivityOnly(msgspec.Struct):
-        """``ACTIVITY_FIELDS``, in that order: an event as step 1 counts it and ``member_history`` reads it."""
-
-        id: Any = msgspec.field(default=msgspec.UNSET, name="_id")
-        ownerId: Any = msgspec.UNSET
-        participants: Any = msgspec.UNSET
-        startDate: Any = msgspec.UNSET
-        type: Any = msgspec.UNSET
-        active: Any = msgspec.UNSET
-        eventStatus: Any = msgspec.UNSET
-        neighborhood: Any = msgspec.UNSET
-        categories: Any = msgspec.UNSET
-        features: Any = msgspec.UNSET
-        venueName: Any = msgspec.UNSET
-        name: Any = msgspec.UNSET
-
-
-if msgspec is not None:
     _ID_DECODER, _IDS_DECODER = msgspec.json.Decoder(IdOnly), msgspec.json.Decoder(list[IdOnly])
-    _ACTIVITY_DECODER, _ACTIVITIES_DECODER = msgspec.json.Decoder(ActivityOnly), msgspec.json.Decoder(list[ActivityOnly])
+    _ACTIVITY_DECODER, _ACTIVITIES_DECODER = msgspec.json.Decoder(ActivityDoc), msgspec.json.Decoder(list[ActivityDoc])
 
 
-def decoded_group(group: list[bytes], many: Any, one: Any) -> list[Any]:
-    """Each record of a group decoded to one shape: in one call, the records read as a JSON array
-    (``many``), or, when one of them cannot be read so, one at a time (``one``; None for one it cannot)."""
+def decoded_group(joined: bytes, group: Sequence[Any], many: Any, one: Any) -> list[Any]:
+    """Each record of a group decoded to one shape: in one call, the group read as the JSON array
+    ``joined`` (``many``), or, when one of them cannot be read so, one at a time (``one``; None for one
+    it cannot)."""
     try:
-        return many.decode(b"[" + b",".join(group) + b"]")
+        return many.decode(joined)
     except (msgspec.DecodeError, RecursionError):
         pass
     found = []
@@ -1340,31 +1353,27 @@ def decoded_group(group: list[bytes], many: Any, one: Any) -> list[Any]:
     return found
 
 
-def activity_fields(found: Any) -> dict[str, Any]:
-    """The fields of an ``ActivityOnly`` the record has, as read (Extended JSON left as objects: ``id_of``
-    and ``to_utc`` read ``_SAFE_EXTENDED``'s forms as json_util's values)."""
-    return {n: v for n, v in zip(ACTIVITY_FIELDS, msgspec.structs.astuple(found), strict=True) if v is not msgspec.UNSET}
-
-
-def member_skim(dormant: Any) -> Any:
-    """Skim members: only the ``_id`` of one ``dormant(key)`` does not want (the others: decoded whole)."""
-    def skim(group: list[bytes]) -> list[dict[str, Any] | None]:
-        stand_ins: list[dict[str, Any] | None] = []
-        for found in decoded_group(group, _IDS_DECODER, _ID_DECODER):
+def member_skim(status_of: Any) -> Any:
+    """Skim members: (id, status) of one ``status_of(id)`` does not find dormant, counted but not decoded
+    (the dormant: decoded whole)."""
+    def skim(joined: bytes, group: Sequence[Any]) -> list[tuple[str, str] | None]:
+        stand_ins: list[tuple[str, str] | None] = []
+        for found in decoded_group(joined, group, _IDS_DECODER, _ID_DECODER):
             key = usable_id(found.id) if found is not None else None
-            stand_ins.append({"_id": key} if key is not None and not dormant(key) else None)
+            status = status_of(key) if key is not None else "dormant"
+            stand_ins.append((key, status) if status != "dormant" else None)  # type: ignore[arg-type]
         return stand_ins
     return skim
 
 
 def event_skim(now: datetime) -> Any:
-    """Skim events: only ``ACTIVITY_FIELDS`` of one that cannot be step 2's (those: decoded whole)."""
-    def skim(group: list[bytes]) -> list[dict[str, Any] | None]:
-        stand_ins: list[dict[str, Any] | None] = []
-        for found in decoded_group(group, _ACTIVITIES_DECODER, _ACTIVITY_DECODER):
-            doc = activity_fields(found) if found is not None else None
-            keep = doc is not None and usable_id(doc.get("_id")) is not None and not is_open_future_public(doc, now)
-            stand_ins.append(doc if keep else None)
+    """Skim events: (id, ``ActivityDoc``) of one that cannot be step 2's (those: decoded whole)."""
+    def skim(joined: bytes, group: Sequence[Any]) -> list[tuple[str, dict[str, Any]] | None]:
+        stand_ins: list[tuple[str, dict[str, Any]] | None] = []
+        for doc in decoded_group(joined, group, _ACTIVITIES_DECODER, _ACTIVITY_DECODER):
+            key = usable_id(doc.get("_id")) if doc is not None else None
+            keep = key is not None and not is_open_future_public(doc, now)
+            stand_ins.append((key, doc) if keep else None)  # type: ignore[arg-type]
         return stand_ins
     return skim
 
@@ -1373,42 +1382,55 @@ QUIET_GROUP = 256  # records screened together (``quiet_records``): one odd reco
 
 
 def screened_stream(elements: list[Any], what: str, decoder: ExtendedJsonDecoder, issues: Counter[str],
-                    tick: Any = None, skim: Any = None) -> Iterator[dict[str, Any]]:
+                    tick: Any = None, skim: Any = None) -> Iterator[Any]:
     """Each record of a collection decoded, screened (``screen_records``) and deduplicated
     (``dedupe_by_id``) in turn, what was found counted in ``issues``; the slices are released as they go.
 
     A record screening would skip (odd ``_id``, nested too deep) refuses the fast path: the classic read
-    then keeps its exact account of such files, ``data/raw/`` without them included. ``skim(group)`` gives
-    for each record of a group a stand-in of the few fields the caller reads, or None when it wants the
-    record whole; a record with nothing to count (``nothing_to_count``) that has a stand-in is never
-    decoded in full. The byte tests run over ``QUIET_GROUP`` records at once (``quiet_records``), and
-    record by record only in a group that fails them."""
+    then keeps its exact account of such files, ``data/raw/`` without them included. ``skim(joined,
+    group)`` gives for each record of a group (``joined``: the group as one JSON array) its id and a
+    stand-in the caller takes instead of the record, or None when it wants the record whole; a record
+    with nothing to count (``nothing_to_count``) that has a stand-in is never decoded in full. The byte
+    tests run over ``QUIET_GROUP`` records at once (``quiet_flags``)."""
     seen: set[str] = set()
     for first in range(0, len(elements), QUIET_GROUP):
-        group = [bytes(e) for e in elements[first:first + QUIET_GROUP]]
+        group = elements[first:first + QUIET_GROUP]
         elements[first:first + len(group)] = [None] * len(group)
-        group_quiet = quiet_records(b"\n".join(group))
+        joined = b"[" + b",".join(group) + b"]"
         if tick is not None:
             tick(len(group))  # progress, in records
-        yield from screened_group(group, what, decoder, issues, skim, group_quiet, seen)
+        yield from screened_group(group, joined, quiet_flags(joined, group), what, decoder, issues, skim, seen)
 
 
-def screened_group(group: list[bytes], what: str, decoder: ExtendedJsonDecoder, issues: Counter[str],
-                   skim: Any, group_quiet: bool, seen: set[str]) -> Iterator[dict[str, Any]]:
+def quiet_flags(joined: bytes, group: Sequence[Any]) -> list[bool]:
+    """``nothing_to_count`` of each record of a group: the group's bytes (``joined``) tested at once
+    (``quiet_records``), and then only each record's brackets, counted where it lies in ``joined``; a
+    group that fails is tested record by record."""
+    if not quiet_records(joined):
+        return [nothing_to_count(bytes(data)) for data in group]
+    lengths = list(map(len, group))
+    starts = list(itertools.accumulate(map(operator.add, lengths, itertools.repeat(1)), initial=1))
+    ends = list(map(operator.add, starts, lengths))
+    braces = map(joined.count, itertools.repeat(b"{"), starts, ends)
+    brackets = map(joined.count, itertools.repeat(b"["), starts, ends)
+    return [a + b <= MAX_NESTING_DEPTH for a, b in zip(braces, brackets)]
+
+
+def screened_group(group: Sequence[Any], joined: bytes, quiet: Sequence[bool], what: str,
+                   decoder: ExtendedJsonDecoder, issues: Counter[str], skim: Any, seen: set[str]) -> Iterator[Any]:
     """``screened_stream`` for one group of records; ``seen`` holds the ids met so far in the file."""
     repeated = f"repeated_{what[:-1]}_ids"
-    quiet = [few_brackets(d) if group_quiet else nothing_to_count(d) for d in group]  # ``quiet_records``: the same
-    stand_ins = skim(group) if skim is not None and any(quiet) else [None] * len(group)
-    for data, data_quiet, stand_in in zip(group, quiet, stand_ins, strict=True):
+    stand_ins = skim(joined, group) if skim is not None and any(quiet) else [None] * len(group)
+    for element, data_quiet, stand_in in zip(group, quiet, stand_ins, strict=True):
         if stand_in is not None and data_quiet:
-            raw = stand_in.get("_id")
-            key = raw.strip() if type(raw) is str else (id_of(raw) or "")  # ``id_of``, its usual form inline
+            key, value = stand_in
             if key in seen:
                 issues[repeated] += 1
             else:
                 seen.add(key)
-                yield stand_in
+                yield value
             continue
+        data = bytes(element)
         record, clean = fast_record(data, decoder, data_quiet and b'"$' not in data)
         if usable_id(record.get("_id")) is None:
             raise FastPathRefused(f"a record screening skips ({what})")
@@ -1819,7 +1841,7 @@ def dormant_member(raw: Mapping[str, Any], user_id: str, seen: Activity, days: i
         "personalization_ready": True,
     })
     user["reactivation_score"] = calculate_reactivation_score(user)
-    user["summary"] = user_summary(user)  # step 3 (its section follows step 2): one visible place
+    user["summary"] = user_summary(user, seen.last_event)  # step 3 (its section follows step 2): one visible place
     return user  # type: ignore[return-value]
 
 
@@ -2205,8 +2227,9 @@ def plural(n: float, word: str) -> str:
     return f"{n:g} {word}" if n == 1 else f"{n:g} {word}s"
 
 
-def user_summary(user: Mapping[str, Any]) -> str:
-    """Step 3: the plan's member summary, leaving out what is missing instead of printing None."""
+def user_summary(user: Mapping[str, Any], last: datetime | None = None) -> str:
+    """Step 3: the plan's member summary, leaving out what is missing instead of printing None; ``last``
+    is ``last_event_date`` when the caller has it as a moment (step 1: not read back from its text)."""
     occupation = text_field(user, "occupation")
     hood = text_field(user, "homeNeighborhood")
     head = full_name(user) + " is "
@@ -2215,7 +2238,7 @@ def user_summary(user: Mapping[str, Any]) -> str:
         head += f" from {hood}"
     head += f" who has attended {plural(user.get('eventCount') or 0, 'event')}."
     parts = [head]
-    last = to_utc(user.get("last_event_date"))
+    last = last or to_utc(user.get("last_event_date"))
     if last is not None:
         ago = user.get("days_inactive")
         parts.append(f"Last attended: {last.date().isoformat()}"
@@ -4374,11 +4397,11 @@ class FolderSource:
             activity = index_member_activity(records, counted, (now, future))
             elements = export_elements(export_bytes(users_file))
             users_read, users, statuses = len(elements), [], Counter[str]()
-            def dormant(key: str) -> bool:
-                return activity.status(key, now) == "dormant"
-
             for user in screened_stream(elements, "users", decoder, issues, bytes_tick(bar, sizes[0], len(elements)),
-                                        skim=member_skim(dormant)):
+                                        skim=member_skim(functools.partial(activity.status, now=now))):
+                if type(user) is str:  # a skimmed member: their status alone
+                    statuses[user] += 1
+                    continue
                 status = activity.status(id_of(user.get("_id")) or "", now)
                 statuses[status] += 1
                 if status == "dormant":

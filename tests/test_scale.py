@@ -11,7 +11,7 @@ import itertools
 import json
 import math
 import sys
-from datetime import timedelta
+from datetime import UTC, datetime, timedelta, timezone
 from pathlib import Path
 from typing import Any
 
@@ -199,7 +199,7 @@ def test_the_unsafe_character_test_reads_only_the_bytes_above_ascii_and_agrees(t
                 min_size=1, max_size=5))
 def test_records_screened_together_have_nothing_to_count_each(docs):
     records = [json.dumps({"_id": "a", **doc}, ensure_ascii=False).encode() for doc in docs]
-    if rtt.quiet_records(b"\n".join(records)):
+    if rtt.quiet_records(b"[" + b",".join(records) + b"]"):
         assert all(rtt.nothing_to_count(r) == rtt.few_brackets(r) for r in records)
     else:
         assert not all(rtt.nothing_to_count(r) for r in records)
@@ -464,3 +464,11 @@ def test_the_activity_index_gives_each_member_the_status_derive_engagement_gives
     index = rtt.ActivityIndex([(last, {}, ("m",))], {}, {"m": [0]})
     assert index.status("m", NOW) == rtt.derive_engagement(last, NOW)[1]
     assert index.status("nobody", NOW) == "new"
+
+
+@settings(max_examples=300, deadline=None)
+@given(st.datetimes(min_value=datetime(1, 1, 2), max_value=datetime(9999, 12, 30), timezones=st.sampled_from(
+    [UTC, timezone(timedelta(hours=-5)), timezone(timedelta(hours=13, minutes=45))])))
+def test_iso_utc_writes_what_strftime_writes(moment):
+    utc = moment.astimezone(UTC)
+    assert rtt.iso_utc(moment) == utc.strftime("%Y-%m-%dT%H:%M:%S.") + f"{utc.microsecond // 1000:03d}Z"
