@@ -898,6 +898,19 @@ def clean_document(value: Any, found: Counter[str], limit: int = MAX_TEXT_CHARS,
     return clean_document(str(value), found, limit, level)  # other BSON values (code, regex, binary) as text
 
 
+def usable_ids(values: Sequence[Any]) -> list[str | None]:
+    """``usable_id`` of each value, the usual form (a clean string) without a call."""
+    found: list[str | None] = []
+    for value in values:
+        if type(value) is str:
+            key = value.strip()
+            if key and len(key) <= MAX_TEXT_CHARS and key.isprintable():
+                found.append(key)
+                continue
+        found.append(usable_id(value))
+    return found
+
+
 def usable_id(value: Any) -> str | None:
     """A record's ``_id`` as an id string, or None when it is odd: no ObjectId or clean, bounded string."""
     if type(value) is str:  # the usual form, without the checks below
@@ -1353,16 +1366,14 @@ def decoded_group(joined: bytes, group: Sequence[Any], many: Any, one: Any) -> l
     return found
 
 
-def member_skim(status_of: Any) -> Any:
-    """Skim members: (id, status) of one ``status_of(id)`` does not find dormant, counted but not decoded
-    (the dormant: decoded whole)."""
+def member_skim(statuses_of: Any) -> Any:
+    """Skim members: (id, status) of one ``statuses_of([id, ...])`` does not find dormant, counted but not
+    decoded (the dormant: decoded whole)."""
     def skim(joined: bytes, group: Sequence[Any]) -> list[tuple[str, str] | None]:
-        stand_ins: list[tuple[str, str] | None] = []
-        for found in decoded_group(joined, group, _IDS_DECODER, _ID_DECODER):
-            key = usable_id(found.id) if found is not None else None
-            status = status_of(key) if key is not None else "dormant"
-            stand_ins.append((key, status) if status != "dormant" else None)  # type: ignore[arg-type]
-        return stand_ins
+        keys = usable_ids([found.id if found is not None else None
+                           for found in decoded_group(joined, group, _IDS_DECODER, _ID_DECODER)])
+        return [(key, status) if status is not None and status != "dormant" else None  # type: ignore[misc]
+                for key, status in zip(keys, statuses_of(keys), strict=True)]
     return skim
 
 
@@ -1572,13 +1583,23 @@ class ActivityIndex(Mapping[str, Activity]):
     def status(self, member: str, now: datetime) -> str:
         """The member's engagement status at ``now`` (``derive_engagement``), without building its record:
         its day counts as two moments (``days <= 30`` is ``last > now - 31 days``), once per ``now``."""
-        at = self.positions.get(member)
-        if at is None:
-            return "new"
-        last = self.dated[at[-1]][0]
+        return self.statuses([member], now)[0]  # type: ignore[return-value]
+
+    def statuses(self, members: Sequence[str | None], now: datetime) -> list[str | None]:
+        """``status`` of each member (None for None), in one loop: a million members are asked."""
         if self._edges[0] != now:
             self._edges = (now, now - timedelta(days=31), now - timedelta(days=91))
-        return "active" if last > self._edges[1] else "dormant" if last > self._edges[2] else "churned"
+        _, active, dormant = self._edges
+        positions, dated = self.positions, self.dated
+        found: list[str | None] = []
+        for member in members:
+            at = positions.get(member) if member is not None else None
+            if at is None:
+                found.append("new" if member is not None else None)
+                continue
+            last = dated[at[-1]][0]
+            found.append("active" if last > active else "dormant" if last > dormant else "churned")
+        return found
 
     def __iter__(self) -> Iterator[str]:
         return itertools.chain(self.positions, (m for m in self.undated if m not in self.positions))
@@ -4398,7 +4419,7 @@ class FolderSource:
             elements = export_elements(export_bytes(users_file))
             users_read, users, statuses = len(elements), [], Counter[str]()
             for user in screened_stream(elements, "users", decoder, issues, bytes_tick(bar, sizes[0], len(elements)),
-                                        skim=member_skim(functools.partial(activity.status, now=now))):
+                                        skim=member_skim(functools.partial(activity.statuses, now=now))):
                 if type(user) is str:  # a skimmed member: their status alone
                     statuses[user] += 1
                     continue
