@@ -1320,6 +1320,54 @@ def fast_record(data: bytes, decoder: ExtendedJsonDecoder, plain: bool) -> tuple
     return doc, clean
 
 
+class SkimDoc(TypedDict, total=False):
+    """What step 1 counts of an event and step 2 tests (``open_future_public_at``): the skim decodes these."""
+
+    _id: Any
+    ownerId: Any
+    participants: Any
+    startDate: Any
+    type: Any
+    active: Any
+    eventStatus: Any
+
+
+class SkimmedEvent(NamedTuple):
+    """An event the counting read skimmed: its ``SkimDoc`` fields, and its bytes in the export."""
+
+    fields: dict[str, Any]
+    raw: Any
+
+
+class LazyEvent(Mapping[str, Any]):
+    """A skimmed event as the activity index keeps it: its bytes (a slice of the export, which stays in
+    memory: smaller than 300,000 dicts), decoded to ``ActivityDoc`` when first read (the walk reads the
+    events of the members it reaches and of their past company, a few thousand at most)."""
+
+    __slots__ = ("_doc", "_raw")
+
+    def __init__(self, raw: Any) -> None:
+        self._raw: Any = raw
+        self._doc: dict[str, Any] | None = None
+
+    def fields(self) -> dict[str, Any]:
+        if self._doc is None:
+            self._doc = _ACTIVITY_DECODER.decode(self._raw)  # it decoded in its group: it decodes alone
+        return self._doc
+
+    def __getitem__(self, key: str) -> Any:
+        return self.fields()[key]
+
+    def get(self, key: str, default: Any = None) -> Any:
+        return self.fields().get(key, default)
+
+    def __iter__(self) -> Iterator[str]:
+        return iter(self.fields())
+
+    def __len__(self) -> int:
+        return len(self.fields())
+
+
 class ActivityDoc(TypedDict, total=False):
     """What steps 1 and 2 read of an event that cannot be step 2's: to count it for its members, to know it
     is past, and what ``member_history`` reads of it (place, categories and features, host, venue and name
@@ -1346,7 +1394,8 @@ if msgspec is not None:
         id: Any = msgspec.field(default=None, name="_id")
 
     _ID_DECODER, _IDS_DECODER = msgspec.json.Decoder(IdOnly), msgspec.json.Decoder(list[IdOnly])
-    _ACTIVITY_DECODER, _ACTIVITIES_DECODER = msgspec.json.Decoder(ActivityDoc), msgspec.json.Decoder(list[ActivityDoc])
+    _ACTIVITY_DECODER = msgspec.json.Decoder(ActivityDoc)
+    _SKIM_DECODER, _SKIMS_DECODER = msgspec.json.Decoder(SkimDoc), msgspec.json.Decoder(list[SkimDoc])
 
 
 def decoded_group(joined: bytes, group: Sequence[Any], many: Any, one: Any) -> list[Any]:
@@ -1378,13 +1427,13 @@ def member_skim(statuses_of: Any) -> Any:
 
 
 def event_skim(now: datetime) -> Any:
-    """Skim events: (id, ``ActivityDoc``) of one that cannot be step 2's (those: decoded whole)."""
-    def skim(joined: bytes, group: Sequence[Any]) -> list[tuple[str, dict[str, Any]] | None]:
-        stand_ins: list[tuple[str, dict[str, Any]] | None] = []
-        for doc in decoded_group(joined, group, _ACTIVITIES_DECODER, _ACTIVITY_DECODER):
+    """Skim events: (id, ``SkimmedEvent``) of one that cannot be step 2's (those: decoded whole)."""
+    def skim(joined: bytes, group: Sequence[Any]) -> list[tuple[str, SkimmedEvent] | None]:
+        stand_ins: list[tuple[str, SkimmedEvent] | None] = []
+        for doc, raw in zip(decoded_group(joined, group, _SKIMS_DECODER, _SKIM_DECODER), group, strict=True):
             key = usable_id(doc.get("_id")) if doc is not None else None
             keep = key is not None and not is_open_future_public(doc, now)
-            stand_ins.append((key, doc) if keep else None)  # type: ignore[arg-type]
+            stand_ins.append((key, SkimmedEvent(doc, raw)) if keep else None)  # type: ignore[arg-type]
         return stand_ins
     return skim
 
@@ -1613,14 +1662,16 @@ class ActivityIndex(Mapping[str, Activity]):
         return tuple(Attended(dated[n][0], dated[n][1], frozenset(dated[n][2])) for n in self.positions.get(member, ()))
 
 
-def index_member_activity(events: Iterable[Mapping[str, Any]], issues: DataIssues,
+def index_member_activity(events: Iterable[Mapping[str, Any] | SkimmedEvent], issues: DataIssues,
                           future: tuple[datetime, list[Any]] | None = None) -> ActivityIndex:
     """Every member's event count and latest ``startDate``, over all events of any type or date, and
-    the dated events each one was at (``ActivityIndex``). With ``future`` (``now``, a list), the open
-    future public events (step 2's candidates) are also kept in that list."""
+    the dated events each one was at (``ActivityIndex``; a skimmed event kept as a ``LazyEvent``). With
+    ``future`` (``now``, a list), the open future public events (step 2's candidates) are also kept in
+    that list."""
     undated: Counter[str] = Counter()
     dated: list[tuple[datetime, Mapping[str, Any], tuple[str, ...]]] = []
-    for event in events:
+    for item in events:
+        event, kept = (item.fields, LazyEvent(item.raw)) if type(item) is SkimmedEvent else (item, item)
         start = to_utc(event.get("startDate"))
         if future is not None and open_future_public_at(event, start, future[0]):
             future[1].append(event)
@@ -1629,7 +1680,7 @@ def index_member_activity(events: Iterable[Mapping[str, Any]], issues: DataIssue
             issues.add("events_without_valid_start_date")
             undated.update(members)
         else:
-            dated.append((start, event, tuple(members)))
+            dated.append((start, kept, tuple(members)))
     dated.sort(key=operator.itemgetter(0))  # stable: ties stay in file order
     positions: dict[str, list[int]] = {}
     for position, (_, _, members) in enumerate(dated):  # a million members: one dict lookup a pair, no max()
@@ -1880,6 +1931,13 @@ def reach_member(user: DormantMember, activity: Mapping[str, Activity], now: dat
         user["phone_e164"], user["phone_timezone"] = phone.e164, phone.timezone
         user["event_history"] = member_history(user["_id"], seen, activity, now, phone.timezone or zone)
     return user
+
+
+def drained(items: list[Any]) -> Iterator[Any]:
+    """The items of a list in order, each dropped from the list as it is given (the list ends empty)."""
+    items.reverse()
+    while items:
+        yield items.pop()
 
 
 def find_dormant_users(users: Iterable[Mapping[str, Any]], activity: Mapping[str, Activity],
@@ -6604,7 +6662,8 @@ class ReturnToTable:
         self.issues.add("unreadable_extended_json_values", data.bad_values)
         self.issues.add_all(data.skipped)
         self.issues.add_all(data.issues)
-        self.counted = data if data.activity is not None else None
+        # what was counted, without the records (the steps read those from what this returns, and free them)
+        self.counted = dataclasses.replace(data, users=[], events=[]) if data.activity is not None else None
         screened_users, screened_events = screened_as_read(data, "users"), screened_as_read(data, "events")
         self.issues.add_all(screened_users.issues + screened_events.issues)
         self.logger.info("Step 1: read %d users and %d events from %s", *read_totals(data), self.source.label)
@@ -6625,14 +6684,16 @@ class ReturnToTable:
         self.issues.add("repeated_event_ids", repeated_events)
         return users, events
 
-    def dormant_users(self, users: Sequence[Mapping[str, Any]],
-                      events: Sequence[Mapping[str, Any]]) -> DormancyCensus:
+    def dormant_users(self, users: list[dict[str, Any]], events: Sequence[Mapping[str, Any]]) -> DormancyCensus:
+        """Step 1's census; ``users`` is emptied as it is read (each read member is freed once its record is
+        built: a million-member source leaves hundreds of thousands)."""
         counted = self.counted  # the source counted the activity and handed over the dormant members only
         activity = counted.activity if counted and counted.activity is not None else index_member_activity(
             events, self.issues)
         self.activity = activity  # the walk reads each member it reaches from it (``reach_member``)
         with collection_paused():  # a record per eligible member: no cycles, nothing to collect
-            census = find_dormant_users(users, activity, self.options.now, zone=self.zone.key, complete=False)
+            census = find_dormant_users(drained(users), activity, self.options.now, zone=self.zone.key,
+                                        complete=False)
         if counted is not None and counted.statuses is not None:
             census = dataclasses.replace(census, status_counts=counted.statuses)
         write_json(self.data_dir / "processed" / "dormant_users.json", census.eligible, private=True)
