@@ -742,6 +742,11 @@ def id_of(value: Any) -> str | None:
     """A document id as a string: ObjectId, id string, or an object holding ``_id``/``userId``/``id``."""
     if type(value) is str:  # the usual form first: millions of participant entries go through here
         return value.strip() or None
+    if type(value) is dict and len(value) == 1:  # {"$oid": …}, {"_id": …}, {"userId": …}: no ABC checks
+        (key, inner), = value.items()
+        if key == "$oid":
+            return inner.lower() if isinstance(inner, str) and ObjectId.is_valid(inner) else None
+        return id_of(inner) if key in ("_id", "userId", "id") else None
     if isinstance(value, ObjectId):
         return str(value)
     if isinstance(value, str):
@@ -1333,9 +1338,11 @@ class SkimDoc(TypedDict, total=False):
 
 
 class SkimmedEvent(NamedTuple):
-    """An event the counting read skimmed: its ``SkimDoc`` fields, and its bytes in the export."""
+    """An event the counting read skimmed: its ``SkimDoc`` fields, its start (``to_utc``, read once) and
+    its bytes in the export."""
 
     fields: dict[str, Any]
+    start: datetime | None
     raw: Any
 
 
@@ -1432,8 +1439,11 @@ def event_skim(now: datetime) -> Any:
         stand_ins: list[tuple[str, SkimmedEvent] | None] = []
         for doc, raw in zip(decoded_group(joined, group, _SKIMS_DECODER, _SKIM_DECODER), group, strict=True):
             key = usable_id(doc.get("_id")) if doc is not None else None
-            keep = key is not None and not is_open_future_public(doc, now)
-            stand_ins.append((key, SkimmedEvent(doc, raw)) if keep else None)  # type: ignore[arg-type]
+            if key is None:
+                stand_ins.append(None)
+                continue
+            start = to_utc(doc.get("startDate"))
+            stand_ins.append(None if open_future_public_at(doc, start, now) else (key, SkimmedEvent(doc, start, raw)))
         return stand_ins
     return skim
 
@@ -1473,7 +1483,7 @@ def quiet_flags(joined: bytes, group: Sequence[Any]) -> list[bool]:
     ends = list(map(operator.add, starts, lengths))
     braces = map(joined.count, itertools.repeat(b"{"), starts, ends)
     brackets = map(joined.count, itertools.repeat(b"["), starts, ends)
-    return [a + b <= MAX_NESTING_DEPTH for a, b in zip(braces, brackets)]
+    return list(map(operator.le, map(operator.add, braces, brackets), itertools.repeat(MAX_NESTING_DEPTH)))
 
 
 def screened_group(group: Sequence[Any], joined: bytes, quiet: Sequence[bool], what: str,
@@ -1671,10 +1681,13 @@ def index_member_activity(events: Iterable[Mapping[str, Any] | SkimmedEvent], is
     undated: Counter[str] = Counter()
     dated: list[tuple[datetime, Mapping[str, Any], tuple[str, ...]]] = []
     for item in events:
-        event, kept = (item.fields, LazyEvent(item.raw)) if type(item) is SkimmedEvent else (item, item)
-        start = to_utc(event.get("startDate"))
-        if future is not None and open_future_public_at(event, start, future[0]):
-            future[1].append(event)
+        if type(item) is SkimmedEvent:  # not step 2's: the skim tested it
+            event, kept, start = item.fields, LazyEvent(item.raw), item.start
+        else:
+            event = kept = item
+            start = to_utc(event.get("startDate"))
+            if future is not None and open_future_public_at(event, start, future[0]):
+                future[1].append(event)
         members = event_member_ids(event, issues)
         if start is None:
             issues.add("events_without_valid_start_date")
