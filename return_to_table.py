@@ -562,30 +562,25 @@ def write_json(path: Path, value: Any, *, private: bool = False) -> None:
     atomic_write(path, lambda handle: dump_json(value, handle), private=private)
 
 
-JSON_CHUNK_BYTES = 1 << 20  # a list is written in pieces of about this size: never the whole file in memory
+JSON_CHUNK_ITEMS = 1000  # a list is written this many items at a time: never the whole file in memory
 
 
 def dump_json(value: Any, handle: Any) -> None:
     """``value`` as ``json.dump(indent=2, ensure_ascii=False, default=str)`` lays it out, and a line feed.
 
-    A list (a member list can be hundreds of megabytes) is encoded item by item (``json_bytes``) and
-    written in pieces of about ``JSON_CHUNK_BYTES``, each item indented one level more."""
+    A list (a member list can be hundreds of megabytes) is written ``JSON_CHUNK_ITEMS`` items at a time:
+    each slice encoded as one indented list (``json_bytes``: orjson lays a list's items out as the whole
+    list's), its brackets dropped, the slices joined as a list's items are."""
     handle.flush()
     out = handle.buffer
     if not isinstance(value, (list, tuple)) or not value:
         out.write(json_bytes(value) + b"\n")
         return
     out.write(b"[\n")
-    pieces: list[bytes] = []
-    size = 0
-    for n, item in enumerate(value):
-        piece = (b",\n  " if n else b"  ") + json_bytes(item).replace(b"\n", b"\n  ")
-        pieces.append(piece)
-        size += len(piece)
-        if size >= JSON_CHUNK_BYTES:
-            out.write(b"".join(pieces))
-            pieces, size = [], 0
-    out.write(b"".join(pieces) + b"\n]\n")
+    for first in range(0, len(value), JSON_CHUNK_ITEMS):
+        items = json_bytes(list(value[first:first + JSON_CHUNK_ITEMS]))  # b"[\n  ...\n]"
+        out.write((b",\n" if first else b"") + items[2:-2])
+    out.write(b"\n]\n")
 
 
 JSON_OPTIONS = (orjson.OPT_INDENT_2 | orjson.OPT_NON_STR_KEYS | orjson.OPT_PASSTHROUGH_DATETIME) if orjson else 0
