@@ -624,6 +624,23 @@ def write_raw(path: Path, docs: Iterable[Mapping[str, Any]]) -> int:
     return written
 
 
+def copy_rest(original: Any, out: Any) -> None:
+    """The rest of an open file copied to ``out``: by the kernel (``os.sendfile``, no bytes through Python:
+    hundreds of megabytes at scale), else through a buffer."""
+    out.flush()
+    offset, size = original.tell(), os.fstat(original.fileno()).st_size
+    try:
+        while offset < size:
+            sent = os.sendfile(out.fileno(), original.fileno(), offset, size - offset)
+            if not sent:
+                break
+            offset += sent
+    except OSError:  # a file system or platform without it: the classic copy from where the kernel stopped
+        pass
+    original.seek(offset)
+    shutil.copyfileobj(original, out, 1 << 20)
+
+
 def copy_raw(path: Path, source: Path) -> None:
     """A source file's bytes, readable by the owner only: ``data/raw/`` keeps exactly what was read.
 
@@ -638,7 +655,7 @@ def copy_raw(path: Path, source: Path) -> None:
             body = head.removeprefix(b"\xef\xbb\xbf")
             if body.lstrip().startswith(b"["):
                 out.write(body)
-                shutil.copyfileobj(original, out, 1 << 20)
+                copy_rest(original, out)
                 return
             first = True
             for line in itertools.chain((body + original.readline()).split(b"\n"), original):
@@ -1447,7 +1464,7 @@ QUIET_GROUP = 256  # records screened together (``quiet_records``): one odd reco
 
 
 def screened_stream(elements: list[Any], what: str, decoder: ExtendedJsonDecoder, issues: Counter[str],
-                    tick: Any = None, skim: Any = None) -> Iterator[Any]:
+                    tick: Any = None, skim: Any = None, tally: Counter[str] | None = None) -> Iterator[Any]:
     """Each record of a collection decoded, screened (``screen_records``) and deduplicated
     (``dedupe_by_id``) in turn, what was found counted in ``issues``; the slices are released as they go.
 
@@ -1455,7 +1472,8 @@ def screened_stream(elements: list[Any], what: str, decoder: ExtendedJsonDecoder
     then keeps its exact account of such files, ``data/raw/`` without them included. ``skim(joined,
     group)`` gives for each record of a group (``joined``: the group as one JSON array) its id and a
     stand-in the caller takes instead of the record, or None when it wants the record whole; a record
-    with nothing to count (``nothing_to_count``) that has a stand-in is never decoded in full. The byte
+    with nothing to count (``nothing_to_count``) that has a stand-in is never decoded in full; a stand-in
+    that is a string is counted in ``tally`` instead of given (a million members' statuses). The byte
     tests run over ``QUIET_GROUP`` records at once (``quiet_flags``)."""
     seen: set[str] = set()
     for first in range(0, len(elements), QUIET_GROUP):
@@ -1464,7 +1482,8 @@ def screened_stream(elements: list[Any], what: str, decoder: ExtendedJsonDecoder
         joined = b"[" + b",".join(group) + b"]"
         if tick is not None:
             tick(len(group))  # progress, in records
-        yield from screened_group(group, joined, quiet_flags(joined, group), what, decoder, issues, skim, seen)
+        yield from screened_group(group, joined, quiet_flags(joined, group), what, decoder, issues, skim, seen,
+                                  tally)
 
 
 def quiet_flags(joined: bytes, group: Sequence[Any]) -> list[bool]:
@@ -1482,7 +1501,8 @@ def quiet_flags(joined: bytes, group: Sequence[Any]) -> list[bool]:
 
 
 def screened_group(group: Sequence[Any], joined: bytes, quiet: Sequence[bool], what: str,
-                   decoder: ExtendedJsonDecoder, issues: Counter[str], skim: Any, seen: set[str]) -> Iterator[Any]:
+                   decoder: ExtendedJsonDecoder, issues: Counter[str], skim: Any, seen: set[str],
+                   tally: Counter[str] | None = None) -> Iterator[Any]:
     """``screened_stream`` for one group of records; ``seen`` holds the ids met so far in the file."""
     repeated = f"repeated_{what[:-1]}_ids"
     stand_ins = skim(joined, group) if skim is not None and any(quiet) else [None] * len(group)
@@ -1491,8 +1511,11 @@ def screened_group(group: Sequence[Any], joined: bytes, quiet: Sequence[bool], w
             key, value = stand_in
             if key in seen:
                 issues[repeated] += 1
+                continue
+            seen.add(key)
+            if tally is not None and type(value) is str:
+                tally[value] += 1
             else:
-                seen.add(key)
                 yield value
             continue
         data = bytes(element)
@@ -4485,10 +4508,8 @@ class FolderSource:
             elements = export_elements(export_bytes(users_file))
             users_read, users, statuses = len(elements), [], Counter[str]()
             for user in screened_stream(elements, "users", decoder, issues, bytes_tick(bar, sizes[0], len(elements)),
-                                        skim=member_skim(functools.partial(activity.statuses, now=now))):
-                if type(user) is str:  # a skimmed member: their status alone
-                    statuses[user] += 1
-                    continue
+                                        skim=member_skim(functools.partial(activity.statuses, now=now)),
+                                        tally=statuses):  # a skimmed member: their status, counted there
                 status = activity.status(id_of(user.get("_id")) or "", now)
                 statuses[status] += 1
                 if status == "dormant":

@@ -472,3 +472,13 @@ def test_the_activity_index_gives_each_member_the_status_derive_engagement_gives
 def test_iso_utc_writes_what_strftime_writes(moment):
     utc = moment.astimezone(UTC)
     assert rtt.iso_utc(moment) == utc.strftime("%Y-%m-%dT%H:%M:%S.") + f"{utc.microsecond // 1000:03d}Z"
+
+
+@pytest.mark.parametrize("kernel", [True, False])
+def test_data_raw_is_a_byte_copy_of_an_array_file_with_or_without_the_kernel_copy(tmp_path, monkeypatch, kernel):
+    source = tmp_path / "users.json"
+    source.write_bytes(b"\xef\xbb\xbf" + json.dumps([{"_id": str(n), "bio": "x" * 50} for n in range(3000)]).encode())
+    if not kernel:
+        monkeypatch.setattr(rtt.os, "sendfile", lambda *args: (_ for _ in ()).throw(OSError(22, "Invalid argument")))
+    rtt.copy_raw(tmp_path / "raw.json", source)
+    assert (tmp_path / "raw.json").read_bytes() == source.read_bytes()[3:]
