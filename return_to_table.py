@@ -744,9 +744,10 @@ def iso_utc(moment: datetime | None) -> str | None:
     """ISO-8601 in UTC with milliseconds and Z, the plan's timestamp form."""
     if moment is None:
         return None
-    moment = moment.astimezone(UTC)
+    if moment.tzinfo is not UTC:
+        moment = moment.astimezone(UTC)
     if moment.year >= 1000:  # isoformat's four digits are strftime's %Y (which does not pad smaller years)
-        return moment.replace(tzinfo=None).isoformat(timespec="milliseconds") + "Z"
+        return moment.isoformat(timespec="milliseconds")[:-6] + "Z"  # (without its "+00:00")
     return moment.strftime("%Y-%m-%dT%H:%M:%S.") + f"{moment.microsecond // 1000:03d}Z"
 
 
@@ -1464,7 +1465,8 @@ QUIET_GROUP = 256  # records screened together (``quiet_records``): one odd reco
 
 
 def screened_stream(elements: list[Any], what: str, decoder: ExtendedJsonDecoder, issues: Counter[str],
-                    tick: Any = None, skim: Any = None, tally: Counter[str] | None = None) -> Iterator[Any]:
+                    tick: Any = None, skim: Any = None, tally: Counter[str] | None = None,
+                    plain: set[str] | None = None) -> Iterator[Any]:
     """Each record of a collection decoded, screened (``screen_records``) and deduplicated
     (``dedupe_by_id``) in turn, what was found counted in ``issues``; the slices are released as they go.
 
@@ -1473,8 +1475,9 @@ def screened_stream(elements: list[Any], what: str, decoder: ExtendedJsonDecoder
     group)`` gives for each record of a group (``joined``: the group as one JSON array) its id and a
     stand-in the caller takes instead of the record, or None when it wants the record whole; a record
     with nothing to count (``nothing_to_count``) that has a stand-in is never decoded in full; a stand-in
-    that is a string is counted in ``tally`` instead of given (a million members' statuses). The byte
-    tests run over ``QUIET_GROUP`` records at once (``quiet_flags``)."""
+    that is a string is counted in ``tally`` instead of given (a million members' statuses). ``plain``
+    gets the id of each record given as msgspec decoded it (no Extended JSON, nothing cleaned: plain
+    JSON values only). The byte tests run over ``QUIET_GROUP`` records at once (``quiet_flags``)."""
     seen: set[str] = set()
     for first in range(0, len(elements), QUIET_GROUP):
         group = elements[first:first + QUIET_GROUP]
@@ -1483,7 +1486,7 @@ def screened_stream(elements: list[Any], what: str, decoder: ExtendedJsonDecoder
         if tick is not None:
             tick(len(group))  # progress, in records
         yield from screened_group(group, joined, quiet_flags(joined, group), what, decoder, issues, skim, seen,
-                                  tally)
+                                  tally, plain)
 
 
 def quiet_flags(joined: bytes, group: Sequence[Any]) -> list[bool]:
@@ -1502,7 +1505,7 @@ def quiet_flags(joined: bytes, group: Sequence[Any]) -> list[bool]:
 
 def screened_group(group: Sequence[Any], joined: bytes, quiet: Sequence[bool], what: str,
                    decoder: ExtendedJsonDecoder, issues: Counter[str], skim: Any, seen: set[str],
-                   tally: Counter[str] | None = None) -> Iterator[Any]:
+                   tally: Counter[str] | None = None, plain: set[str] | None = None) -> Iterator[Any]:
     """``screened_stream`` for one group of records; ``seen`` holds the ids met so far in the file."""
     repeated = f"repeated_{what[:-1]}_ids"
     stand_ins = skim(joined, group) if skim is not None and any(quiet) else [None] * len(group)
@@ -1519,7 +1522,8 @@ def screened_group(group: Sequence[Any], joined: bytes, quiet: Sequence[bool], w
                 yield value
             continue
         data = bytes(element)
-        record, clean = fast_record(data, decoder, data_quiet and b'"$' not in data)
+        as_decoded = data_quiet and b'"$' not in data
+        record, clean = fast_record(data, decoder, as_decoded)
         if usable_id(record.get("_id")) is None:
             raise FastPathRefused(f"a record screening skips ({what})")
         if not clean:
@@ -1534,6 +1538,8 @@ def screened_group(group: Sequence[Any], joined: bytes, quiet: Sequence[bool], w
             issues[repeated] += 1
             continue
         seen.add(key)
+        if as_decoded and plain is not None:
+            plain.add(key)
         yield record
 
 
@@ -1930,9 +1936,11 @@ class DormancyCensus:
     status_counts: dict[str, int]
 
 
-def dormant_member(raw: Mapping[str, Any], user_id: str, seen: Activity, days: int) -> DormantMember:
-    """Step 1's enriched record of one eligible member, with step 3's summary attached here, once."""
-    user = to_plain(raw)
+def dormant_member(raw: Mapping[str, Any], user_id: str, seen: Activity, days: int,
+                   plain: bool = False) -> DormantMember:
+    """Step 1's enriched record of one eligible member, with step 3's summary attached here, once; a
+    ``plain`` record (plain JSON values only, as ``to_plain`` gives them) is copied, not walked."""
+    user = dict(raw) if plain else to_plain(raw)
     for derived in REACHED_FIELDS:  # the walk's to set (``reach_member``), never the stored document's
         user.pop(derived, None)
     user.update({
@@ -1973,10 +1981,10 @@ def drained(items: list[Any]) -> Iterator[Any]:
 
 def find_dormant_users(users: Iterable[Mapping[str, Any]], activity: Mapping[str, Activity],
                        now: datetime, region: str = "US", zone: str = DEFAULT_TIMEZONE, *,
-                       complete: bool = True) -> DormancyCensus:
+                       complete: bool = True, plain: Collection[str] = ()) -> DormancyCensus:
     """Step 1: enrich every member, keep the personalisable dormant ones, rank them; ``complete`` also
     reaches each one (``reach_member``: phone and history, ``zone`` the campaign's), which the campaign
-    leaves to its walk."""
+    leaves to its walk. ``plain``: members whose record holds plain JSON values only (copied, not walked)."""
     eligible: list[DormantMember] = []
     statuses: Counter[str] = Counter()
     for raw in users:
@@ -1990,7 +1998,7 @@ def find_dormant_users(users: Iterable[Mapping[str, Any]], activity: Mapping[str
         if status != "dormant" or seen.event_count < 1 or not ready or not clean_interests(raw.get("interests")):
             continue
         assert days is not None  # a dormant member has a last event
-        member = dormant_member(raw, user_id, seen, days)
+        member = dormant_member(raw, user_id, seen, days, user_id in plain)
         eligible.append(reach_member(member, activity, now, region, zone) if complete else member)
     eligible.sort(key=dormant_rank_key)
     return DormancyCensus(tuple(eligible), statuses["dormant"], dict(sorted(statuses.items())))
@@ -4447,6 +4455,7 @@ class SourceData:
     statuses: dict[str, int] | None = None  # every member's engagement status (step 1's census)
     read: dict[str, int] = field(default_factory=dict)  # "users"/"events": documents read, kept or not
     screened: bool = False  # the records were screened as they were read (``screened_stream``): not again
+    plain_users: frozenset[str] = frozenset()  # members whose record is plain JSON (``to_plain`` leaves it so)
 
 
 class DataSource(Protocol):
@@ -4506,10 +4515,10 @@ class FolderSource:
                                       skim=event_skim(now))
             activity = index_member_activity(records, counted, (now, future))
             elements = export_elements(export_bytes(users_file))
-            users_read, users, statuses = len(elements), [], Counter[str]()
+            users_read, users, statuses, plain = len(elements), [], Counter[str](), set[str]()
             for user in screened_stream(elements, "users", decoder, issues, bytes_tick(bar, sizes[0], len(elements)),
                                         skim=member_skim(functools.partial(activity.statuses, now=now)),
-                                        tally=statuses):  # a skimmed member: their status, counted there
+                                        tally=statuses, plain=plain):  # a skimmed member: their status, counted there
                 status = activity.status(id_of(user.get("_id")) or "", now)
                 statuses[status] += 1
                 if status == "dormant":
@@ -4518,7 +4527,8 @@ class FolderSource:
         # upcoming events of their past co-attendees (``company_going``), whoever those are.
         return SourceData(users, future, decoder.bad_values, files={"users": users_file, "events": events_file},
                           issues=issues + counted.counts, activity=activity, statuses=dict(sorted(statuses.items())),
-                          read={"users": users_read, "events": events_read}, screened=True)
+                          read={"users": users_read, "events": events_read}, screened=True,
+                          plain_users=frozenset(plain))
 
 
 def bytes_tick(bar: Any, size: int, records: int) -> Any:
@@ -6722,7 +6732,7 @@ class ReturnToTable:
         self.activity = activity  # the walk reads each member it reaches from it (``reach_member``)
         with collection_paused():  # a record per eligible member: no cycles, nothing to collect
             census = find_dormant_users(drained(users), activity, self.options.now, zone=self.zone.key,
-                                        complete=False)
+                                        complete=False, plain=counted.plain_users if counted else frozenset())
         if counted is not None and counted.statuses is not None:
             census = dataclasses.replace(census, status_counts=counted.statuses)
         write_json(self.data_dir / "processed" / "dormant_users.json", census.eligible, private=True)
