@@ -692,21 +692,41 @@ def to_utc(value: Any) -> datetime | None:
     return utc_from_value(value)
 
 
-@functools.lru_cache(maxsize=4096)  # the counting read reads an event's start twice in a row (its skim, its count)
 def utc_from_text(value: str) -> datetime | None:
-    return utc_from_value(value)
+    """``to_utc`` of a string (a million event starts): ``iso_moment``, then ``as_utc``."""
+    try:
+        moment = iso_moment(value)
+    except ValueError:
+        return None
+    return as_utc(moment) if moment is not None else None
 
 
 def utc_from_value(value: Any) -> datetime | None:
-    """``to_utc``'s work, uncached."""
+    """``to_utc`` of any other value: ``parse_moment``, then ``as_utc``."""
     try:
         moment = parse_moment(value)
-        if moment is None:
-            return None
-        moment = moment.replace(tzinfo=UTC) if moment.tzinfo is None else moment.astimezone(UTC)
     except (ValueError, OverflowError, OSError):
         return None
+    return as_utc(moment) if moment is not None else None
+
+
+def as_utc(moment: datetime) -> datetime | None:
+    """A moment as an aware UTC datetime (naive means UTC), or None at the calendar's edges."""
+    if moment.tzinfo is not UTC:
+        try:
+            moment = moment.replace(tzinfo=UTC) if moment.tzinfo is None else moment.astimezone(UTC)
+        except (ValueError, OverflowError, OSError):
+            return None
     return moment if EARLIEST_DATE <= moment <= LATEST_DATE else None
+
+
+def iso_moment(value: str) -> datetime | None:
+    """An extended ISO string as a datetime (naive or aware), None when it is not one; a date beyond
+    the calendar raises ValueError."""
+    text = value.strip()
+    if not ISO_DATE_START.match(text):  # extended ISO only: "17100720…" is not a date here
+        return None
+    return datetime.fromisoformat(text.replace("z", "Z"))
 
 
 def parse_moment(value: Any) -> datetime | None:
@@ -726,10 +746,7 @@ def parse_moment(value: Any) -> datetime | None:
     if isinstance(value, float):
         return datetime.fromtimestamp(value / 1000, tz=UTC) if math.isfinite(value) else None
     if isinstance(value, str):
-        text = value.strip()
-        if not ISO_DATE_START.match(text):  # extended ISO only: "17100720…" is not a date here
-            return None
-        return datetime.fromisoformat(text.replace("z", "Z"))
+        return iso_moment(value)
     return None
 
 
@@ -1636,8 +1653,7 @@ class ActivityIndex(Mapping[str, Activity]):
                  positions: dict[str, list[int]]) -> None:
         self.dated, self.undated, self.positions = dated, undated, positions
         self._built: dict[str, Activity] = {}
-        self._edges = (datetime.min.replace(tzinfo=UTC), datetime.min.replace(tzinfo=UTC),
-                       datetime.min.replace(tzinfo=UTC))  # ``status``: now, and its active and dormant edges
+        self._edges: tuple[datetime | None, int, int] = (None, 0, 0)  # ``statuses``: now, its two edges
 
     def count(self, member: str) -> int:
         """Events of any date the member joined or hosted."""
@@ -1670,18 +1686,19 @@ class ActivityIndex(Mapping[str, Activity]):
 
     def statuses(self, members: Sequence[str | None], now: datetime) -> list[str | None]:
         """``status`` of each member (None for None), in one loop: a million members are asked."""
-        if self._edges[0] != now:
-            self._edges = (now, now - timedelta(days=31), now - timedelta(days=91))
+        if self._edges[0] != now:  # where in start order the active and the dormant begin: positions compared
+            self._edges = (now, bisect.bisect_right(self.dated, now - timedelta(days=31), key=operator.itemgetter(0)),
+                           bisect.bisect_right(self.dated, now - timedelta(days=91), key=operator.itemgetter(0)))
         _, active, dormant = self._edges
-        positions, dated = self.positions, self.dated
+        positions = self.positions
         found: list[str | None] = []
         for member in members:
             at = positions.get(member) if member is not None else None
             if at is None:
                 found.append("new" if member is not None else None)
                 continue
-            last = dated[at[-1]][0]
-            found.append("active" if last > active else "dormant" if last > dormant else "churned")
+            last = at[-1]  # the member's latest event: its position in start order
+            found.append("active" if last >= active else "dormant" if last >= dormant else "churned")
         return found
 
     def __iter__(self) -> Iterator[str]:
