@@ -77,7 +77,7 @@ from zoneinfo import ZoneInfo, ZoneInfoNotFoundError
 import phonenumbers
 import phonenumbers.timezone
 from bson import ObjectId, json_util
-from bson.errors import BSONError
+from bson.errors import BSONError, InvalidId
 from dotenv import dotenv_values
 
 try:  # the fast JSON decoders for mongoexport files (requirements.txt); without them, the literal path
@@ -820,6 +820,30 @@ def to_plain(value: Any) -> Any:
     return str(value)
 
 
+_ISO_UTC_TEXT = re.compile(r"\d{4}-\d\d-\d\dT\d\d:\d\d:\d\d(?:\.\d+)?Z", re.ASCII)
+
+
+def usual_extended(obj: dict[str, Any]) -> Any:
+    """json_util's value for the two usual one-key forms, computed as it computes them (a valid
+    ``{"$oid"}``; a ``{"$date"}`` string in UTC: a naive datetime, the fraction's microseconds as
+    ``int(float(fraction) * 1000000)``), or None to leave it to json_util (which may raise)."""
+    (key, value), = obj.items()
+    if key == "$oid" and type(value) is str and len(value) == 24:
+        try:
+            return ObjectId(value)
+        except InvalidId:
+            return None
+    if key == "$date" and type(value) is str and _ISO_UTC_TEXT.fullmatch(value):
+        head, dot, fraction = value[:-1].partition(".")
+        microsecond = int(float(dot + fraction) * 1000000) if dot else 0
+        try:
+            return datetime(int(head[:4]), int(head[5:7]), int(head[8:10]), int(head[11:13]), int(head[14:16]),
+                            int(head[17:19]), microsecond)
+        except ValueError:
+            return None
+    return None
+
+
 @dataclass
 class ExtendedJsonDecoder:
     """Extended JSON (relaxed or canonical) decoded value by value, as ``bson.json_util`` does.
@@ -836,6 +860,10 @@ class ExtendedJsonDecoder:
         if obj.get("$oid", "") is None:  # json_util makes up a new random ObjectId for {"$oid": null}
             self.bad_values += 1
             return None
+        if len(obj) == 1:
+            found = usual_extended(obj)
+            if found is not None:
+                return found
         try:
             return json_util.object_hook(obj, json_util.RELAXED_JSON_OPTIONS)
         except (ValueError, TypeError, KeyError, AttributeError, ArithmeticError, BSONError):  # Overflow, InvalidId, {"$binary": null}…

@@ -482,3 +482,29 @@ def test_data_raw_is_a_byte_copy_of_an_array_file_with_or_without_the_kernel_cop
         monkeypatch.setattr(rtt.os, "sendfile", lambda *args: (_ for _ in ()).throw(OSError(22, "Invalid argument")))
     rtt.copy_raw(tmp_path / "raw.json", source)
     assert (tmp_path / "raw.json").read_bytes() == source.read_bytes()[3:]
+
+
+DATE_TEXTS = st.builds(
+    lambda y, mo, d, h, mi, s, frac, zone: f"{y}-{mo}-{d}T{h}:{mi}:{s}{frac}{zone}",
+    st.sampled_from(["2026", "1999", "0999", "0000", "9999", "２０２６"]), st.sampled_from(["01", "02", "12", "13", "00"]),
+    st.sampled_from(["01", "28", "29", "30", "31", "32"]), st.sampled_from(["00", "23", "24"]),
+    st.sampled_from(["00", "59", "60"]), st.sampled_from(["00", "59", "60", "61"]),
+    st.one_of(st.just(""), st.text(alphabet="0123456789", min_size=1, max_size=12).map(lambda t: "." + t)),
+    st.sampled_from(["Z", "", "+01:00", "z"]))
+
+
+@settings(max_examples=500, deadline=None)
+@given(st.one_of(DATE_TEXTS.map(lambda t: {"$date": t}),
+                 st.text(alphabet="0123456789abcdefABCDEFxz", min_size=22, max_size=25).map(lambda t: {"$oid": t})))
+@example({"$date": "2026-01-02T03:04:05.9999997Z"})  # int(0.9999997 * 1e6): 999999, as json_util truncates
+@example({"$date": "2026-01-02T03:04:05.0000015Z"})
+def test_the_usual_extended_forms_decode_to_what_json_util_gives(obj):
+    found = rtt.usual_extended(obj)
+    try:
+        expected = json_util.object_hook(dict(obj), json_util.RELAXED_JSON_OPTIONS)
+    except Exception:  # noqa: BLE001 (json_util's failure: the fast form must leave it to json_util)
+        assert found is None
+        return
+    assert found is None or (type(found) is type(expected) and found == expected)
+    if isinstance(expected, datetime) and obj["$date"].endswith("Z") and obj["$date"][:4].isascii():
+        assert found is not None  # the usual form is read here, not left to json_util
