@@ -1433,18 +1433,11 @@ class LazyEvent(Mapping[str, Any]):
         return len(self.fields())
 
 
-class ActivityDoc(TypedDict, total=False):
+class ActivityDoc(SkimDoc, total=False):
     """What steps 1 and 2 read of an event that cannot be step 2's: to count it for its members, to know it
-    is past, and what ``member_history`` reads of it (place, categories and features, host, venue and name
-    for the series). msgspec decodes a record into this dict, skipping the other fields unbuilt."""
+    is past (``SkimDoc``), and what ``member_history`` reads of it (place, categories and features, host,
+    venue and name for the series). msgspec decodes a record into this dict, skipping the other fields."""
 
-    _id: Any
-    ownerId: Any
-    participants: Any
-    startDate: Any
-    type: Any
-    active: Any
-    eventStatus: Any
     neighborhood: Any
     categories: Any
     features: Any
