@@ -2965,7 +2965,6 @@ class CandidateIndex:
     candidates cost a few dozen scorings, not thousands."""
 
     events: Sequence[Mapping[str, Any]]  # the list indexed, as step 2 gave it
-    by_tag: Mapping[str, tuple[int, ...]]  # normalised tag -> positions in ``events`` of open events, ascending
     places: RememberedPlaces
     now: datetime
     facts: Mapping[int, EventFacts]  # position -> what ``bounds`` reads of the open event there
@@ -2978,14 +2977,11 @@ class CandidateIndex:
 
     @classmethod
     def build(cls, events: Sequence[Mapping[str, Any]], hoods: NeighbourhoodMap, now: datetime) -> CandidateIndex:
-        by_tag: dict[str, list[int]] = {}
         facts: dict[int, EventFacts] = {}
         for n, event in enumerate(events):
             if event.get("remaining_spots") == 0:
                 continue
             features = event_features(event)
-            for tag in features.tags:
-                by_tag.setdefault(tag, []).append(n)
             days_until, (_, fill) = days_ahead(features.start, now), event_fill(event)
             facts[n] = EventFacts(
                 str(event.get("_id")), features.host or "", features.series,
@@ -2996,18 +2992,14 @@ class CandidateIndex:
         for g, group in enumerate(groups):
             for tag in group.facts.tags:
                 tag_groups.setdefault(tag, []).append(g)
-        return cls(events, {t: tuple(p) for t, p in by_tag.items()}, RememberedPlaces(hoods), now, facts,
-                   personal=personal_positions(facts), groups=groups,
+        return cls(events, RememberedPlaces(hoods), now, facts, personal=personal_positions(facts), groups=groups,
                    tag_groups={t: tuple(g) for t, g in tag_groups.items()},
                    group_of={n: g for g, group in enumerate(groups) for n in group.positions})
 
     def positions(self, user: Mapping[str, Any]) -> list[int]:
         """Where the open events carrying a tag one of the member's interests wants are, in step 2's order."""
-        found: set[int] = set()
-        for interest in clean_interests(user.get("interests")):
-            for tag in interest_tags(interest):
-                found.update(self.by_tag.get(tag, ()))
-        return sorted(found)
+        groups = self.narrowed_groups(clean_interests(user.get("interests")))
+        return sorted(n for g in groups for n in self.groups[g].positions)
 
     def ranked(self, user: Mapping[str, Any]) -> Iterator[Candidate]:
         """The member's candidates in ``score_candidates``' order, scored as they are needed: a candidate
@@ -3017,11 +3009,12 @@ class CandidateIndex:
         bounded one by one), an event on top scored (``RANKED_BATCH`` at a time, through ``score_candidates``),
         so a member's first candidates cost a few hundred bounds and a few dozen scorings, not thousands."""
         reader = self.reader(user)
-        pending = self.pending(reader, self.narrowed_groups(reader))
+        own = self.own_positions(reader.habits)
+        pending = self.pending(reader, self.narrowed_groups(reader.interests), own)
         found: list[tuple[tuple[Any, ...], Candidate]] = []
         while True:
             if pending and (not found or -pending[0][0] >= -found[0][0][0]):
-                batch = self.next_events(reader, pending)
+                batch = self.next_events(reader, pending, own)
                 for c in score_candidates(user, [self.events[n] for n in batch], self.places, self.now):  # type: ignore[arg-type]
                     heapq.heappush(found, (c.rank_key, c))
                 continue
@@ -3029,38 +3022,38 @@ class CandidateIndex:
                 return
             yield heapq.heappop(found)[1]
 
-    def narrowed_groups(self, reader: BoundReader) -> list[int]:
-        """The groups carrying a tag one of the member's interests wants (``positions``, by group)."""
+    def narrowed_groups(self, interests: Sequence[str]) -> list[int]:
+        """The groups carrying a tag one of these interests (``clean_interests``) wants, as ``matched_interests``
+        tries them (``interest_tags``)."""
         found: set[int] = set()
-        for interest in reader.interests:
+        for interest in interests:
             for tag in interest_tags(interest):
                 found.update(self.tag_groups.get(tag, ()))
         return sorted(found)
 
-    def pending(self, reader: BoundReader, groups: Sequence[int]) -> list[tuple[float, int, int]]:
+    def pending(self, reader: BoundReader, groups: Sequence[int], own: set[int]) -> list[tuple[float, int, int]]:
         """``ranked``'s heap at the start: (-bound, 1, group) for each group, and (-bound, 0, position) for
-        each event of them the member's history names (``own_positions``: a group's bound leaves them out)."""
+        each event of them the member's history names (``own``, ``own_positions``: a group's bound leaves
+        them out)."""
         tiers: dict[str | None, int] = {}
         by_tags: dict[tuple[str, ...], tuple[int, float]] = {}
         best = self.best_local_time(reader.habits)
         pending = [(-self.event_bound(reader, group.first, group.facts, best, tiers, by_tags), 1, g)
                    for g, group in ((g, self.groups[g]) for g in groups)]
         wanted = set(groups)
-        own = sorted(n for n in self.own_positions(reader.habits) if self.group_of[n] in wanted)
-        pending += [(-b, 0, n) for b, n in self.bounds(reader, own)]
+        pending += [(-b, 0, n) for b, n in self.bounds(reader, sorted(n for n in own if self.group_of[n] in wanted))]
         heapq.heapify(pending)
         return pending
 
-    def next_events(self, reader: BoundReader, pending: list[tuple[float, int, int]]) -> list[int]:
-        """Up to ``RANKED_BATCH`` events off the top of ``ranked``'s heap, groups that come to the top opened."""
-        own = None
+    def next_events(self, reader: BoundReader, pending: list[tuple[float, int, int]], own: set[int]) -> list[int]:
+        """Up to ``RANKED_BATCH`` events off the top of ``ranked``'s heap, groups that come to the top opened
+        (but for ``own``, already in the heap)."""
         batch: list[int] = []
         while pending and len(batch) < RANKED_BATCH:
             _, kind, item = heapq.heappop(pending)
             if kind == 0:
                 batch.append(item)
                 continue
-            own = self.own_positions(reader.habits) if own is None else own
             opened = [n for n in self.groups[item].positions if n not in own]
             for bound, n in self.bounds(reader, opened):
                 heapq.heappush(pending, (-bound, 0, n))

@@ -397,7 +397,7 @@ def test_a_group_bound_is_at_least_the_bound_of_each_event_in_it_the_history_doe
     for member in members:
         reader = index.reader(member)
         own = index.own_positions(reader.habits)
-        for bound, kind, item in index.pending(reader, index.narrowed_groups(reader)):
+        for bound, kind, item in index.pending(reader, index.narrowed_groups(reader.interests), own):
             if kind == 1:
                 inside = [n for n in index.groups[item].positions if n not in own]
                 opened += len(inside)
