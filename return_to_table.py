@@ -538,6 +538,12 @@ def atomic_write(path: Path, write: Any, *, private: bool = False) -> None:
     and synced, then renamed over ``path``. Any OSError (full disk, read-only folder) removes the
     temporary file and becomes an OutputError; the old file stays as it was.
     """
+    commit_staged(staged_write(path, write, private=private), path)
+
+
+def staged_write(path: Path, write: Any, *, private: bool = False) -> str:
+    """``atomic_write`` up to the rename: the synced temporary file's path, for ``commit_staged`` (or
+    ``discard_staged``) to put in place later."""
     tmp: str | None = None
     try:
         path.parent.mkdir(parents=True, exist_ok=True)
@@ -547,14 +553,27 @@ def atomic_write(path: Path, write: Any, *, private: bool = False) -> None:
             write(handle)
             handle.flush()
             os.fsync(handle.fileno())
-        os.replace(tmp, path)
-        tmp = None
+        staged, tmp = tmp, None
+        return staged
     except OSError as exc:
         raise OutputError(f"cannot write {path} ({exc.strerror or exc.__class__.__name__})") from None
     finally:
         if tmp is not None:
-            with contextlib.suppress(OSError):
-                os.unlink(tmp)
+            discard_staged(tmp)
+
+
+def commit_staged(tmp: str, path: Path) -> None:
+    """A staged file renamed over ``path`` (atomic); on failure it is removed and the old file stays."""
+    try:
+        os.replace(tmp, path)
+    except OSError as exc:
+        discard_staged(tmp)
+        raise OutputError(f"cannot write {path} ({exc.strerror or exc.__class__.__name__})") from None
+
+
+def discard_staged(tmp: str) -> None:
+    with contextlib.suppress(OSError):
+        os.unlink(tmp)
 
 
 def write_json(path: Path, value: Any, *, private: bool = False) -> None:
@@ -646,6 +665,11 @@ def copy_raw(path: Path, source: Path) -> None:
 
     A JSON array is copied as it is (without a byte-order mark); JSON Lines become an array of the
     same lines' bytes, so ``data/raw/`` is always one JSON array, whatever the source's form."""
+    atomic_write(path, raw_copier(source), private=True)
+
+
+def raw_copier(source: Path) -> Any:
+    """``copy_raw``'s writer: ``write(handle)`` copying ``source`` into the open file."""
 
     def write(handle: Any) -> None:
         handle.flush()
@@ -665,7 +689,38 @@ def copy_raw(path: Path, source: Path) -> None:
                     first = False
             out.write(b"[]" if first else b"\n]\n")
 
-    atomic_write(path, write, private=True)
+    return write
+
+
+class StagedCopies:
+    """``data/raw/``'s byte copies of a folder source's files (``copy_raw``), made in a background thread
+    while the run reads the same files (the kernel copies, the read goes on: a second of a million-member
+    run), each put in place only by ``commit`` once the read succeeded: a failed read leaves ``data/raw/``
+    as it was."""
+
+    def __init__(self, folder: Path, files: Mapping[str, Path]) -> None:
+        self.folder = folder
+        self.pending: dict[str, Any] = {}
+        if files:
+            pool = ThreadPoolExecutor(max_workers=1, thread_name_prefix="raw-copy")
+            self.pending = {name: pool.submit(staged_write, folder / f"{name}.json", raw_copier(path), private=True)
+                            for name, path in files.items()}
+            pool.shutdown(wait=False)  # the queued copies still run; the thread ends after the last
+
+    def commit(self, name: str) -> bool:
+        """The copy of ``name`` put in place, once made (its OutputError raised here); False without one."""
+        future = self.pending.pop(name, None)
+        if future is None:
+            return False
+        commit_staged(future.result(), self.folder / f"{name}.json")
+        return True
+
+    def discard(self) -> None:
+        """Every copy not committed dropped, once made (a copy that failed has nothing to drop)."""
+        for future in self.pending.values():
+            with contextlib.suppress(OutputError):
+                discard_staged(future.result())
+        self.pending.clear()
 
 
 # =============================================================================================
@@ -4508,6 +4563,11 @@ class FolderSource:
         self.folder = folder
         self.label = f"folder {folder}"
 
+    def export_files(self) -> dict[str, Path]:
+        """The export files that are there, by collection (``StagedCopies`` copies them while they are read)."""
+        files = {"users": self.folder / "users.json", "events": self.folder / "events.json"}
+        return {name: path for name, path in files.items() if path.is_file()}
+
     def read(self, progress: Any = None) -> SourceData:
         if not self.folder.is_dir():
             raise UsageError(f"--source {self.folder}: not a readable folder")
@@ -4869,15 +4929,18 @@ def input_location(source: DataSource, name: str) -> str:
     return source.label
 
 
-def keep_raw(folder: Path, data: SourceData, screened: Mapping[str, ScreenedRecords]) -> None:
+def keep_raw(folder: Path, data: SourceData, screened: Mapping[str, ScreenedRecords],
+             copies: StagedCopies | None = None) -> None:
     """``data/raw/``: the records read, skipped ones left out. A byte copy of the file the source read
-    when none was skipped (the usual case, and the fast one), else the kept originals re-encoded."""
+    when none was skipped (the usual case, and the fast one: ``copies`` made while it was read), else
+    the kept originals re-encoded."""
     for name in ("users", "events"):
         read = data.users if name == "users" else data.events
         whole = data.activity is not None or (  # a counting read refuses files with records to skip
             not data.skipped.get(f"{name}_nested_too_deep") and len(screened[name].originals) == len(read))
         if name in data.files and whole:
-            copy_raw(folder / f"{name}.json", data.files[name])
+            if copies is None or not copies.commit(name):
+                copy_raw(folder / f"{name}.json", data.files[name])
         else:
             write_raw(folder / f"{name}.json", screened[name].originals)
 
@@ -6727,7 +6790,16 @@ class ReturnToTable:
     # --- step 1: fetch, find and rank the dormant members -----------------------------------
 
     def fetch(self) -> tuple[list[dict[str, Any]], list[dict[str, Any]]]:
-        """The source's records, screened (``screen_records``): ``data/raw/`` keeps them as read, in full."""
+        """The source's records, screened (``screen_records``): ``data/raw/`` keeps them as read, in full
+        (a folder's files copied while they are read, ``StagedCopies``)."""
+        files = self.source.export_files() if isinstance(self.source, FolderSource) else {}
+        copies = StagedCopies(self.data_dir / "raw", files)
+        try:
+            return self.screened_read(copies)
+        finally:
+            copies.discard()
+
+    def screened_read(self, copies: StagedCopies) -> tuple[list[dict[str, Any]], list[dict[str, Any]]]:
         data = read_source(self.source, self.options.now, reading_progress if self.options.progress else None)
         self.issues.add("unreadable_extended_json_values", data.bad_values)
         self.issues.add_all(data.skipped)
@@ -6746,7 +6818,7 @@ class ReturnToTable:
         if skipped:
             self.logger.warning("Step 1: %d records skipped (nested too deep or without a usable _id); "
                                 "the report's data_issues counts them", skipped)
-        keep_raw(self.data_dir / "raw", data, {"users": screened_users, "events": screened_events})
+        keep_raw(self.data_dir / "raw", data, {"users": screened_users, "events": screened_events}, copies)
         users, events = screened_users.records, screened_events.records
         users, repeated_users = dedupe_by_id(users)
         events, repeated_events = dedupe_by_id(events)

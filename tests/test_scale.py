@@ -285,6 +285,18 @@ def test_a_truncated_file_is_still_one_line_naming_the_file(tmp_path, lines):
         assert f"line {text[: len(text) // 2].count(chr(10)) + 1}:" in run.err
 
 
+def test_a_failed_read_leaves_data_raw_as_it_was_and_no_staged_copy(tmp_path):
+    folder = write_world(tmp_path / "w", *messy_world(60))
+    assert run_folder(folder, tmp_path / "out").code == 0
+    raw = tmp_path / "out" / "data" / "raw"
+    before = {path.name: path.read_bytes() for path in raw.iterdir()}
+    (folder / "users.json").write_text('[{"_id": "late-joiner"}]', encoding="utf-8")
+    text = (folder / "events.json").read_text(encoding="utf-8")
+    (folder / "events.json").write_text(text[: len(text) // 2], encoding="utf-8")
+    assert run_main(["--source", str(folder), "--now", NOW_ISO, "--dry-run"], tmp_path / "out").code == 2
+    assert {path.name: path.read_bytes() for path in raw.iterdir()} == before  # the copies made while reading: dropped
+
+
 # --- MongoDB: the pipeline path against the folder path ------------------------------------------------------
 
 
