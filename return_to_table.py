@@ -51,15 +51,18 @@ import logging
 import math
 import operator
 import os
+import pickle
 import random
 import re
 import shutil
 import signal
+import subprocess
 import sys
 import tempfile
 import threading
 import time
 import unicodedata
+import zlib
 from collections import Counter
 from collections.abc import Collection, Iterable, Iterator, Mapping, Sequence
 from concurrent.futures import ThreadPoolExecutor
@@ -1532,11 +1535,16 @@ def member_skim(statuses_of: Any) -> Any:
     """Skim members: (id, status) of one ``statuses_of([id, ...])`` does not find dormant, counted but not
     decoded (the dormant: decoded whole)."""
     def skim(joined: bytes, group: Sequence[Any]) -> list[tuple[str, str] | None]:
-        keys = usable_ids([found.id if found is not None else None
-                           for found in decoded_group(joined, group, _IDS_DECODER, _ID_DECODER)])
+        keys = group_ids(joined, group)
         return [(key, status) if status is not None and status != "dormant" else None  # type: ignore[misc]
                 for key, status in zip(keys, statuses_of(keys), strict=True)]
     return skim
+
+
+def group_ids(joined: bytes, group: Sequence[Any]) -> list[str | None]:
+    """The usable id (``usable_id``) of each record of a group, only the ``_id`` decoded."""
+    return usable_ids([found.id if found is not None else None
+                       for found in decoded_group(joined, group, _IDS_DECODER, _ID_DECODER)])
 
 
 def event_skim(now: datetime) -> Any:
@@ -1614,19 +1622,7 @@ def screened_group(group: Sequence[Any], joined: bytes, quiet: Sequence[bool], w
             else:
                 yield value
             continue
-        data = bytes(element)
-        as_decoded = data_quiet and b'"$' not in data
-        record, clean = fast_record(data, decoder, as_decoded)
-        if usable_id(record.get("_id")) is None:
-            raise FastPathRefused(f"a record screening skips ({what})")
-        if not clean:
-            found: Counter[str] = Counter()
-            try:
-                record = clean_document(record, found)
-            except NestedTooDeep:
-                raise FastPathRefused(f"a record screening skips ({what})") from None
-            issues.update(found)
-        key = id_of(record.get("_id")) or ""
+        record, key, as_decoded = whole_record(element, data_quiet, what, decoder, issues)
         if key in seen:
             issues[repeated] += 1
             continue
@@ -1634,6 +1630,161 @@ def screened_group(group: Sequence[Any], joined: bytes, quiet: Sequence[bool], w
         if as_decoded and plain is not None:
             plain.add(key)
         yield record
+
+
+def whole_record(element: Any, quiet: bool, what: str, decoder: ExtendedJsonDecoder,
+                 issues: Counter[str]) -> tuple[dict[str, Any], str, bool]:
+    """One record decoded whole and screened (``quiet``: ``nothing_to_count`` holds for it): the record,
+    its id, and whether it is as msgspec decoded it (plain JSON values, nothing cleaned)."""
+    data = bytes(element)
+    as_decoded = quiet and b'"$' not in data
+    record, clean = fast_record(data, decoder, as_decoded)
+    if usable_id(record.get("_id")) is None:
+        raise FastPathRefused(f"a record screening skips ({what})")
+    if not clean:
+        found: Counter[str] = Counter()
+        try:
+            record = clean_document(record, found)
+        except NestedTooDeep:
+            raise FastPathRefused(f"a record screening skips ({what})") from None
+        issues.update(found)
+    return record, id_of(record.get("_id")) or "", as_decoded
+
+
+# --- a large users file's ids read by a second process while this one counts the events -----------------
+
+PARALLEL_KEYS_BYTES = 8 << 20  # a users file this big has its ids read by a child process (``MemberKeysChild``)
+KEY_QUIET, KEY_WHOLE, KEY_PLAIN = 1, 2, 4  # ``member_keys``' flags: nothing_to_count, decoded whole, as decoded
+
+
+class MemberKeys(NamedTuple):
+    """``member_keys`` of a users file: each record's id (None: a repeat, counted) and flags, in file order,
+    what was counted on the way, the values that could not be read, and the checksum of the bytes read."""
+
+    keys: list[str | None]
+    flags: bytes
+    issues: dict[str, int]
+    bad_values: int
+    checksum: int
+
+
+def member_keys(elements: list[Any], decoder: ExtendedJsonDecoder, issues: Counter[str]) -> tuple[
+        list[str | None], bytearray]:
+    """``screened_stream`` of the members before anyone's status is known (the events are not counted yet):
+    each record's id and flags, a repeat's id None (counted). A record with nothing to count and a usable id
+    is read for its id only (``KEY_QUIET``); any other is decoded and screened whole (``KEY_WHOLE``, its
+    counts made here), ``KEY_PLAIN`` when it is as msgspec decoded it. ``elements`` is emptied as it goes."""
+    seen: set[str] = set()
+    keys: list[str | None] = []
+    flags = bytearray()
+    for first in range(0, len(elements), QUIET_GROUP):
+        group = elements[first:first + QUIET_GROUP]
+        elements[first:first + len(group)] = [None] * len(group)
+        joined = b"[" + b",".join(group) + b"]"
+        quiet = quiet_flags(joined, group)
+        ids = group_ids(joined, group) if any(quiet) else [None] * len(group)
+        for element, data_quiet, key in zip(group, quiet, ids, strict=True):
+            flag = KEY_QUIET if data_quiet else 0
+            if key is None or not data_quiet:
+                _, key, as_decoded = whole_record(element, data_quiet, "users", decoder, issues)
+                flag |= KEY_WHOLE | (KEY_PLAIN if as_decoded else 0)
+            if key in seen:
+                issues["repeated_user_ids"] += 1
+                keys.append(None)
+                flags.append(0)
+                continue
+            seen.add(key)
+            keys.append(key)
+            flags.append(flag)
+    return keys, flags
+
+
+def dormant_from_keys(elements: list[Any], found: MemberKeys, statuses_of: Any, tally: Counter[str],
+                      plain: set[str]) -> list[dict[str, Any]]:
+    """The dormant members of a users file whose ids ``member_keys`` read, each decoded whole here (its counts
+    were made there: these are dropped); every member's status (``statuses_of``) counted in ``tally``, and
+    the id of each member kept as msgspec decoded it in ``plain``. ``elements`` is emptied as it goes."""
+    decoder, scratch = ExtendedJsonDecoder(), Counter[str]()
+    users = []
+    statuses = statuses_of(found.keys)
+    tally.update(status for status in statuses if status is not None)
+    for n, (key, flag, status) in enumerate(zip(found.keys, found.flags, statuses, strict=True)):
+        if status == "dormant":
+            record, _, as_decoded = whole_record(elements[n], bool(flag & KEY_QUIET), "users", decoder, scratch)
+            users.append(record)
+            if as_decoded:
+                plain.add(key)  # type: ignore[arg-type]
+        elements[n] = None
+    return users
+
+
+# Run as ``python -c MEMBER_KEYS_CHILD <this file> <users file>``: a fresh interpreter (no fork of a process
+# with threads) that imports this file under its own name and pickles ``member_keys_reply`` to stdout.
+MEMBER_KEYS_CHILD = ("import importlib.util, sys\n"
+                     "spec = importlib.util.spec_from_file_location('rtt_member_keys', sys.argv[1])\n"
+                     "module = sys.modules[spec.name] = importlib.util.module_from_spec(spec)\n"
+                     "spec.loader.exec_module(module)\n"
+                     "sys.stdout.buffer.write(module.member_keys_reply(sys.argv[2]))\n")
+
+
+def member_keys_reply(path: str) -> bytes:
+    """The child's answer, pickled builtins only (the two processes name this module differently):
+    ``("keys", *MemberKeys)``, or ``("usage", message)`` / ``("refused", reason)`` as the read would raise."""
+    decoder, issues = ExtendedJsonDecoder(), Counter[str]()
+    try:
+        with collection_paused():
+            data = export_bytes(Path(path))
+            keys, flags = member_keys(export_elements(data), decoder, issues)
+        reply: tuple[Any, ...] = ("keys", keys, bytes(flags), dict(issues), decoder.bad_values, zlib.crc32(data))
+    except UsageError as exc:
+        reply = ("usage", str(exc))
+    except FastPathRefused as exc:
+        reply = ("refused", str(exc))
+    return pickle.dumps(reply, protocol=pickle.HIGHEST_PROTOCOL)
+
+
+class MemberKeysChild:
+    """``member_keys`` of a users file in a child process, started before the events are counted (the
+    second core reads a million members' ids meanwhile); its answer is drained by a thread as soon as it
+    comes, so the child ends and frees its memory. ``result`` is None when it failed in any other way:
+    the caller then reads the ids itself."""
+
+    def __init__(self, path: Path) -> None:
+        self.reply: bytes | None = None
+        self.process = subprocess.Popen([sys.executable, "-c", MEMBER_KEYS_CHILD, __file__, str(path)],
+                                        stdin=subprocess.DEVNULL, stdout=subprocess.PIPE, stderr=subprocess.DEVNULL)
+        self.drain = threading.Thread(target=self.read_reply, name="member-keys", daemon=True)
+        self.drain.start()
+
+    def read_reply(self) -> None:
+        assert self.process.stdout is not None
+        with contextlib.suppress(OSError, ValueError):
+            self.reply = self.process.stdout.read()
+
+    def result(self, data: bytes) -> MemberKeys | None:
+        """The child's ``MemberKeys`` for ``data`` (the bytes this process read: a file changed between the two
+        reads gives None), raising the UsageError or FastPathRefused its read met; None when it failed."""
+        self.drain.join()
+        if self.process.wait() != 0 or not self.reply:
+            return None
+        try:
+            reply = pickle.loads(self.reply)
+        except Exception:  # noqa: BLE001 - a torn answer (the child was killed): read the ids here
+            return None
+        self.reply = None
+        if reply[0] == "usage":
+            raise UsageError(reply[1])
+        if reply[0] == "refused":
+            raise FastPathRefused(reply[1])
+        found = MemberKeys(*reply[1:])
+        return found if found.checksum == zlib.crc32(data) else None
+
+    def close(self) -> None:
+        """The child stopped, if it still runs (the read failed or was interrupted), and reaped."""
+        if self.process.poll() is None:
+            self.process.kill()
+        self.process.wait()
+        self.drain.join()
 
 
 def dedupe_by_id(docs: Sequence[dict[str, Any]]) -> tuple[list[dict[str, Any]], int]:
@@ -4596,30 +4747,56 @@ class FolderSource:
             return self.read(progress)
 
     def stream(self, now: datetime, progress: Any) -> SourceData:
-        decoder, issues, counted = ExtendedJsonDecoder(), Counter[str](), DataIssues()
+        decoder, issues, counted, bad_values = ExtendedJsonDecoder(), Counter[str](), DataIssues(), 0
         users_file, events_file = self.folder / "users.json", self.folder / "events.json"
         sizes = [path.stat().st_size if path.is_file() else 0 for path in (users_file, events_file)]
-        with (progress or no_progress)(sum(sizes), "B") as bar:
+        with ExitStack() as stack:
+            bar = stack.enter_context((progress or no_progress)(sum(sizes), "B"))
+            keys_child = MemberKeysChild(users_file) if sizes[0] >= PARALLEL_KEYS_BYTES else None
+            if keys_child is not None:
+                stack.callback(keys_child.close)
             elements = export_elements(export_bytes(events_file))
             events_read, future = len(elements), []
             records = screened_stream(elements, "events", decoder, issues, bytes_tick(bar, sizes[1], len(elements)),
                                       skim=event_skim(now))
             activity = index_member_activity(records, counted, (now, future))
-            elements = export_elements(export_bytes(users_file))
-            users_read, users, statuses, plain = len(elements), [], Counter[str](), set[str]()
-            for user in screened_stream(elements, "users", decoder, issues, bytes_tick(bar, sizes[0], len(elements)),
-                                        skim=member_skim(functools.partial(activity.statuses, now=now)),
-                                        tally=statuses, plain=plain):  # a skimmed member: their status, counted there
-                status = activity.status(id_of(user.get("_id")) or "", now)
-                statuses[status] += 1
-                if status == "dormant":
-                    users.append(user)
+            data = export_bytes(users_file)
+            elements = export_elements(data)
+            users_read, statuses, plain = len(elements), Counter[str](), set[str]()
+            found = keys_child.result(data) if keys_child is not None else None
+            del data  # the elements hold it as long as they need it
+            statuses_of = functools.partial(activity.statuses, now=now)
+            if found is not None:
+                users = dormant_from_keys(elements, found, statuses_of, statuses, plain)
+                issues.update(found.issues)
+                bad_values += found.bad_values
+                if bar is not None:
+                    bar.update(sizes[0])
+            else:
+                users = self.dormant_here(elements, decoder, issues, bytes_tick(bar, sizes[0], len(elements)),
+                                          statuses_of, statuses, plain, activity.status, now)
         # Every member's activity is handed over, not only the kept members': ``member_history`` reads the
         # upcoming events of their past co-attendees (``company_going``), whoever those are.
-        return SourceData(users, future, decoder.bad_values, files={"users": users_file, "events": events_file},
+        return SourceData(users, future, decoder.bad_values + bad_values,
+                          files={"users": users_file, "events": events_file},
                           issues=issues + counted.counts, activity=activity, statuses=dict(sorted(statuses.items())),
                           read={"users": users_read, "events": events_read}, screened=True,
                           plain_users=frozenset(plain))
+
+    @staticmethod
+    def dormant_here(elements: list[Any], decoder: ExtendedJsonDecoder, issues: Counter[str], tick: Any,
+                     statuses_of: Any, statuses: Counter[str], plain: set[str], status_of: Any,
+                     now: datetime) -> list[dict[str, Any]]:
+        """The dormant members, read in this process (a small file, or the child failed): each member's status
+        counted in ``statuses``, the dormant decoded whole."""
+        users = []
+        for user in screened_stream(elements, "users", decoder, issues, tick, skim=member_skim(statuses_of),
+                                    tally=statuses, plain=plain):  # a skimmed member: their status, counted there
+            status = status_of(id_of(user.get("_id")) or "", now)
+            statuses[status] += 1
+            if status == "dormant":
+                users.append(user)
+        return users
 
 
 def bytes_tick(bar: Any, size: int, records: int) -> Any:

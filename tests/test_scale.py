@@ -208,11 +208,30 @@ def test_records_screened_together_have_nothing_to_count_each(docs):
 # --- the folder: the counting read against the literal reading -------------------------------------------------
 
 
+@pytest.fixture(params=[False, True], ids=["keys-here", "keys-in-child"])
+def keys_in_child(request, monkeypatch) -> list[bool]:
+    """Whether the users' ids are read by the child process (``MemberKeysChild``, any file size) or here;
+    the list gets, per child answer taken, whether it was used (not None)."""
+    answers: list[bool] = []
+    if request.param:
+        monkeypatch.setattr(rtt, "PARALLEL_KEYS_BYTES", 0)
+        result = rtt.MemberKeysChild.result
+
+        def recorded(self, data):
+            found = result(self, data)
+            answers.append(found is not None)
+            return found
+        monkeypatch.setattr(rtt.MemberKeysChild, "result", recorded)
+    return answers
+
+
 @pytest.mark.parametrize(("canonical", "lines"), [(False, False), (True, False), (False, True), (True, True)])
-def test_the_counting_read_and_the_literal_reading_give_the_same_outputs(tmp_path, monkeypatch, canonical, lines):
+def test_the_counting_read_and_the_literal_reading_give_the_same_outputs(tmp_path, monkeypatch, canonical, lines,
+                                                                         keys_in_child):
     folder = write_world(tmp_path / "world", *messy_world(canonical=canonical), lines=lines)
     assert rtt.FolderSource(folder).read_dormant(NOW).activity is not None  # the fast path, not its fallback
     fast = run_folder(folder, tmp_path / "fast", "--limit", REACH_ALL)
+    assert all(keys_in_child) and len(keys_in_child) == (2 if rtt.PARALLEL_KEYS_BYTES == 0 else 0)
     with monkeypatch.context() as patch:  # the literal reading: json with bson.json_util's hook, every record
         patch.setattr(rtt, "orjson", None)
         patch.setattr(rtt, "msgspec", None)
@@ -231,6 +250,38 @@ def test_the_counting_read_and_the_literal_reading_give_the_same_outputs(tmp_pat
     assert issues["events_without_valid_start_date"] >= 3
     assert fast.load("data/raw/users.json") == json.loads((folder / "users.json").read_text(encoding="utf-8")) \
         if not lines else len(fast.load("data/raw/users.json")) == len(messy_world()[0])
+
+
+@pytest.mark.parametrize("child", [
+    "import sys; sys.exit(1)",  # failed
+    "import sys; sys.stdout.write('torn')",  # an answer that is no pickle
+    "import os, signal; os.kill(os.getpid(), signal.SIGKILL)",  # killed
+])
+def test_a_child_that_fails_leaves_the_ids_to_this_process_with_the_same_outputs(tmp_path, monkeypatch, child):
+    folder = write_world(tmp_path / "world", *messy_world())
+    here = run_folder(folder, tmp_path / "here")
+    monkeypatch.setattr(rtt, "PARALLEL_KEYS_BYTES", 0)
+    monkeypatch.setattr(rtt, "MEMBER_KEYS_CHILD", child)
+    failed = run_folder(folder, tmp_path / "failed")
+    for name in OUTPUTS:
+        assert failed.load(name) == here.load(name), name
+    assert failed.report()["data_issues"] == here.report()["data_issues"]
+
+
+def test_the_child_answer_is_refused_for_other_bytes_than_this_process_read(tmp_path):
+    folder = write_world(tmp_path / "world", *messy_world(40))
+    data = (folder / "users.json").read_bytes()
+    child = rtt.MemberKeysChild(folder / "users.json")
+    try:
+        assert child.result(data + b" ") is None  # the file changed between the two reads
+    finally:
+        child.close()
+    child = rtt.MemberKeysChild(folder / "users.json")
+    try:
+        found = child.result(data)
+    finally:
+        child.close()
+    assert found is not None and len(found.keys) == len(messy_world(40)[0]) and found.keys.count(None) == 1
 
 
 def test_the_counting_read_keeps_only_the_dormant_members_and_the_candidate_events(tmp_path):
@@ -260,7 +311,7 @@ def test_an_integer_beyond_64_bits_is_read_exactly_by_the_fast_path(tmp_path):
     '{"_id": "n", "x": ' + "[" * 70 + "]" * 70 + "}",  # nested too deep
     '{"_id": "nan", "n": NaN}',
 ])
-def test_a_file_the_fast_path_cannot_vouch_for_is_read_the_classic_way_and_counted(tmp_path, bad):
+def test_a_file_the_fast_path_cannot_vouch_for_is_read_the_classic_way_and_counted(tmp_path, bad, keys_in_child):
     users, events = messy_world(120)
     folder = write_world(tmp_path / "w", users, events)
     text = (folder / "users.json").read_text(encoding="utf-8")
