@@ -571,3 +571,19 @@ def test_the_usual_extended_forms_decode_to_what_json_util_gives(obj):
     assert found is None or (type(found) is type(expected) and found == expected)
     if isinstance(expected, datetime) and obj["$date"].endswith("Z") and obj["$date"][:4].isascii():
         assert found is not None  # the usual form is read here, not left to json_util
+
+
+@pytest.mark.parametrize("stored", [False, True], ids=["plain", "stored-selected-field"])
+def test_the_walk_listing_is_written_as_the_merged_records_would_be(tmp_path, monkeypatch, stored):
+    monkeypatch.setattr(rtt, "JSON_CHUNK_ITEMS", 3)
+    eligible = [{"_id": f"m{n}", "bio": "a\n  },\n  {" * n, "tags": {"x": [n, {"y": []}], "z": {}}, "name": "Zoë"}
+                for n in range(8)]
+    if stored:
+        eligible[4] = {"_id": "m4", "selected": "stored", "skip_reason": 7, "n": 1.5}
+    decisions = {"m0": "selected", "m2": "holdout", "m5": "no_valid_phone"}
+    rtt.write_json_items(tmp_path / "listing.json", rtt.walk_listing(eligible, decisions))
+    merged = [{**user, **rtt.decision_keys(decisions.get(user["_id"], "below_limit"))} for user in eligible]
+    rtt.write_json(tmp_path / "merged.json", merged)
+    assert (tmp_path / "listing.json").read_bytes() == (tmp_path / "merged.json").read_bytes()
+    rtt.write_json_items(tmp_path / "empty.json", rtt.walk_listing([], {}))
+    assert json.loads((tmp_path / "empty.json").read_text()) == []
