@@ -1250,9 +1250,10 @@ def load_collection_file(path: Path, decoder: ExtendedJsonDecoder) -> tuple[list
 
 # --- the fast path: orjson parses, a small converter gives bson.json_util's values ---------------
 
-# An integer of 20 digits or more may pass 64 bits: orjson reads it as a float, json as an int. (Digits inside
-# a string rarely look like this; when they do, the file merely takes the literal path.)
-_BIG_INTEGER = re.compile(rb"[\[:,]\s*-?\d{20,}\s*[\]},]")
+# An integer of 20 digits or more, or a negative one of 19, may pass 64 bits (orjson reads up to 2**64 - 1 and
+# down to -2**63): orjson reads it as a float, json as an int. (Digits inside a string rarely look like this;
+# when they do, the file merely takes the literal path.)
+_BIG_INTEGER = re.compile(rb"[\[:,]\s*(?:-\d{19,}|\d{20,})\s*[\]},]")
 _UTF8_BOM = b"\xef\xbb\xbf"
 
 
@@ -1286,8 +1287,8 @@ def extended_values(value: Any, decoder: ExtendedJsonDecoder, level: int = 1) ->
 
 def fast_decode(data: bytes, decoder: ExtendedJsonDecoder) -> list[dict[str, Any]] | None:
     """A whole export file (JSON array or JSON Lines) through orjson, or None when the literal decoder must
-    read it: not valid UTF-8 or JSON as orjson reads it, integers of 20 digits, NaN, deep records, a value
-    that is not a document. ``decoder.bad_values`` is left as it was when the fast path gives up."""
+    read it: not valid UTF-8 or JSON as orjson reads it, integers of 20 digits (19 negative), NaN, deep
+    records, a value that is not a document. ``decoder.bad_values`` is left as it was when the fast path gives up."""
     if orjson is None or _BIG_INTEGER.search(data):
         return None
     bad_before = decoder.bad_values
