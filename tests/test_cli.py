@@ -226,6 +226,11 @@ def test_demo_runs_as_a_script(tmp_path):
     assert "Step 8" in result.stdout
     [report] = (tmp_path / "reports").glob("*.json")
     assert json.loads(report.read_text(encoding="utf-8"))["summary"]["total_messages_generated"] > 0
+    [log] = (tmp_path / "logs").glob("*.log")  # flushed before the process ends at once (exit_now)
+    assert "Step 8 (completed)" in log.read_text(encoding="utf-8").splitlines()[-1]
+    bad = subprocess.run([sys.executable, str(SCRIPT), "--source", str(tmp_path / "missing"), "--out", str(tmp_path)],
+                         check=False, capture_output=True, text=True, env=dict(os.environ), cwd=tmp_path, timeout=120)
+    assert bad.returncode == 2 and bad.stderr.startswith("error: ") and bad.stderr.count("\n") == 1
 
 
 # --- usage and bad input -------------------------------------------------------------------------------------
