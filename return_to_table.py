@@ -1986,13 +1986,10 @@ def index_member_activity(events: Iterable[Mapping[str, Any] | SkimmedEvent], is
             dated.append((start, kept, tuple(members)))
     dated.sort(key=operator.itemgetter(0))  # stable: ties stay in file order
     positions: dict[str, list[int]] = {}
-    for position, (_, _, members) in enumerate(dated):  # a million members: one dict lookup a pair, no max()
+    start_list = positions.setdefault  # a million members: one dict call a pair, no max()
+    for position, (_, _, members) in enumerate(dated):
         for member in members:
-            at = positions.get(member)
-            if at is None:
-                positions[member] = [position]
-            else:
-                at.append(position)
+            start_list(member, []).append(position)
     return ActivityIndex(dated, dict(undated), positions)
 
 
