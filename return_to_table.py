@@ -1602,14 +1602,20 @@ def screened_stream(elements: list[Any], what: str, decoder: ExtendedJsonDecoder
     gets the id of each record given as msgspec decoded it (no Extended JSON, nothing cleaned: plain
     JSON values only). The byte tests run over ``QUIET_GROUP`` records at once (``quiet_flags``)."""
     seen: set[str] = set()
+    for group, joined in record_groups(elements, tick):
+        yield from screened_group(group, joined, quiet_flags(joined, group), what, decoder, issues, skim, seen,
+                                  tally, plain)
+
+
+def record_groups(elements: list[Any], tick: Any = None) -> Iterator[tuple[list[Any], bytes]]:
+    """The records ``QUIET_GROUP`` at a time, each group with its bytes joined as one JSON array; the
+    slices are released from ``elements`` as they go, and ``tick(n)`` told of each group (progress)."""
     for first in range(0, len(elements), QUIET_GROUP):
         group = elements[first:first + QUIET_GROUP]
         elements[first:first + len(group)] = [None] * len(group)
-        joined = b"[" + b",".join(group) + b"]"
         if tick is not None:
             tick(len(group))  # progress, in records
-        yield from screened_group(group, joined, quiet_flags(joined, group), what, decoder, issues, skim, seen,
-                                  tally, plain)
+        yield group, b"[" + b",".join(group) + b"]"
 
 
 def quiet_flags(joined: bytes, group: Sequence[Any]) -> list[bool]:
@@ -1699,10 +1705,7 @@ def member_keys(elements: list[Any], decoder: ExtendedJsonDecoder, issues: Count
     seen: set[str] = set()
     keys: list[str | None] = []
     flags = bytearray()
-    for first in range(0, len(elements), QUIET_GROUP):
-        group = elements[first:first + QUIET_GROUP]
-        elements[first:first + len(group)] = [None] * len(group)
-        joined = b"[" + b",".join(group) + b"]"
+    for group, joined in record_groups(elements):
         quiet = quiet_flags(joined, group)
         ids = group_ids(joined, group) if any(quiet) else [None] * len(group)
         for element, data_quiet, key in zip(group, quiet, ids, strict=True):
@@ -1771,12 +1774,20 @@ class MemberKeysChild:
     comes, so the child ends and frees its memory. ``result`` is None when it failed in any other way:
     the caller then reads the ids itself."""
 
-    def __init__(self, path: Path) -> None:
+    def __init__(self, process: subprocess.Popen[bytes]) -> None:
         self.reply: bytes | None = None
-        self.process = subprocess.Popen([sys.executable, "-c", MEMBER_KEYS_CHILD, __file__, str(path)],
-                                        stdin=subprocess.DEVNULL, stdout=subprocess.PIPE, stderr=subprocess.DEVNULL)
+        self.process = process
         self.drain = threading.Thread(target=self.read_reply, name="member-keys", daemon=True)
         self.drain.start()
+
+    @classmethod
+    def start(cls, path: Path) -> MemberKeysChild | None:
+        """The child started on ``path``, or None when no process can be started (the caller reads the ids)."""
+        try:
+            return cls(subprocess.Popen([sys.executable, "-c", MEMBER_KEYS_CHILD, __file__, str(path)],
+                                        stdin=subprocess.DEVNULL, stdout=subprocess.PIPE, stderr=subprocess.DEVNULL))
+        except (OSError, ValueError):
+            return None
 
     def read_reply(self) -> None:
         assert self.process.stdout is not None
@@ -4785,7 +4796,7 @@ class FolderSource:
         sizes = [path.stat().st_size if path.is_file() else 0 for path in (users_file, events_file)]
         with ExitStack() as stack:
             bar = stack.enter_context((progress or no_progress)(sum(sizes), "B"))
-            keys_child = MemberKeysChild(users_file) if sizes[0] >= PARALLEL_KEYS_BYTES else None
+            keys_child = MemberKeysChild.start(users_file) if sizes[0] >= PARALLEL_KEYS_BYTES else None
             if keys_child is not None:
                 stack.callback(keys_child.close)
             # the users file read by a thread meanwhile (the kernel fills the buffer without holding the GIL)

@@ -257,12 +257,16 @@ def test_the_counting_read_and_the_literal_reading_give_the_same_outputs(tmp_pat
     "import sys; sys.exit(1)",  # failed
     "import sys; sys.stdout.write('torn')",  # an answer that is no pickle
     "import os, signal; os.kill(os.getpid(), signal.SIGKILL)",  # killed
+    None,  # no process can be started
 ])
 def test_a_child_that_fails_leaves_the_ids_to_this_process_with_the_same_outputs(tmp_path, monkeypatch, child):
     folder = write_world(tmp_path / "world", *messy_world())
     here = run_folder(folder, tmp_path / "here")
     monkeypatch.setattr(rtt, "PARALLEL_KEYS_BYTES", 0)
-    monkeypatch.setattr(rtt, "MEMBER_KEYS_CHILD", child)
+    if child is None:
+        monkeypatch.setattr(rtt.sys, "executable", str(tmp_path / "no-such-python"))
+    else:
+        monkeypatch.setattr(rtt, "MEMBER_KEYS_CHILD", child)
     failed = run_folder(folder, tmp_path / "failed")
     for name in OUTPUTS:
         assert failed.load(name) == here.load(name), name
@@ -272,12 +276,12 @@ def test_a_child_that_fails_leaves_the_ids_to_this_process_with_the_same_outputs
 def test_the_child_answer_is_refused_for_other_bytes_than_this_process_read(tmp_path):
     folder = write_world(tmp_path / "world", *messy_world(40))
     data = (folder / "users.json").read_bytes()
-    child = rtt.MemberKeysChild(folder / "users.json")
+    child = rtt.MemberKeysChild.start(folder / "users.json")
     try:
         assert child.result(data + b" ") is None  # the file changed between the two reads
     finally:
         child.close()
-    child = rtt.MemberKeysChild(folder / "users.json")
+    child = rtt.MemberKeysChild.start(folder / "users.json")
     try:
         found = child.result(data)
     finally:
