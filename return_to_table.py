@@ -1725,10 +1725,11 @@ def member_keys(elements: list[Any], decoder: ExtendedJsonDecoder, issues: Count
 
 
 def dormant_from_keys(elements: list[Any], found: MemberKeys, statuses_of: Any, tally: Counter[str],
-                      plain: set[str]) -> list[dict[str, Any]]:
+                      plain: set[str], tick: Any = None) -> list[dict[str, Any]]:
     """The dormant members of a users file whose ids ``member_keys`` read, each decoded whole here (its counts
     were made there: these are dropped); every member's status (``statuses_of``) counted in ``tally``, and
-    the id of each member kept as msgspec decoded it in ``plain``. ``elements`` is emptied as it goes."""
+    the id of each member kept as msgspec decoded it in ``plain``. ``elements`` is emptied as it goes;
+    ``tick(n)`` is told of each ``QUIET_GROUP`` records (progress)."""
     decoder, scratch = ExtendedJsonDecoder(), Counter[str]()
     users = []
     statuses = statuses_of(found.keys)
@@ -1740,6 +1741,10 @@ def dormant_from_keys(elements: list[Any], found: MemberKeys, statuses_of: Any, 
             if as_decoded:
                 plain.add(key)  # type: ignore[arg-type]
         elements[n] = None
+        if tick is not None and n % QUIET_GROUP == QUIET_GROUP - 1:
+            tick(QUIET_GROUP)
+    if tick is not None and len(found.keys) % QUIET_GROUP:
+        tick(len(found.keys) % QUIET_GROUP)
     return users
 
 
@@ -4812,15 +4817,14 @@ class FolderSource:
             found = keys_child.result(data) if keys_child is not None else None
             del data  # the elements hold it as long as they need it
             statuses_of = functools.partial(activity.statuses, now=now)
+            tick = bytes_tick(bar, sizes[0], len(elements))
             if found is not None:
-                users = dormant_from_keys(elements, found, statuses_of, statuses, plain)
+                users = dormant_from_keys(elements, found, statuses_of, statuses, plain, tick)
                 issues.update(found.issues)
                 bad_values += found.bad_values
-                if bar is not None:
-                    bar.update(sizes[0])
             else:
-                users = self.dormant_here(elements, decoder, issues, bytes_tick(bar, sizes[0], len(elements)),
-                                          statuses_of, statuses, plain, activity.status, now)
+                users = self.dormant_here(elements, decoder, issues, tick, statuses_of, statuses, plain,
+                                          activity.status, now)
         # Every member's activity is handed over, not only the kept members': ``member_history`` reads the
         # upcoming events of their past co-attendees (``company_going``), whoever those are.
         return SourceData(users, future, decoder.bad_values + bad_values,
