@@ -1748,6 +1748,20 @@ def dormant_from_keys(elements: list[Any], found: MemberKeys, statuses_of: Any, 
     return users
 
 
+def dormant_read_here(elements: list[Any], decoder: ExtendedJsonDecoder, issues: Counter[str], tick: Any,
+                      statuses_of: Any, tally: Counter[str], plain: set[str]) -> list[dict[str, Any]]:
+    """``dormant_from_keys`` without the child (a small file, or the child failed): the members screened
+    here (``screened_stream``), each one's status (``statuses_of``) counted in ``tally``, the dormant kept."""
+    users = []
+    for user in screened_stream(elements, "users", decoder, issues, tick, skim=member_skim(statuses_of),
+                                tally=tally, plain=plain):  # a skimmed member: their status, counted there
+        [status] = statuses_of([id_of(user.get("_id")) or ""])
+        tally[status] += 1
+        if status == "dormant":
+            users.append(user)
+    return users
+
+
 # Run as ``python -c MEMBER_KEYS_CHILD <this file> <users file>``: a fresh interpreter (no fork of a process
 # with threads) that imports this file under its own name and pickles ``member_keys_reply`` to stdout.
 MEMBER_KEYS_CHILD = ("import importlib.util, sys\n"
@@ -4823,8 +4837,7 @@ class FolderSource:
                 issues.update(found.issues)
                 bad_values += found.bad_values
             else:
-                users = self.dormant_here(elements, decoder, issues, tick, statuses_of, statuses, plain,
-                                          activity.status, now)
+                users = dormant_read_here(elements, decoder, issues, tick, statuses_of, statuses, plain)
         # Every member's activity is handed over, not only the kept members': ``member_history`` reads the
         # upcoming events of their past co-attendees (``company_going``), whoever those are.
         return SourceData(users, future, decoder.bad_values + bad_values,
@@ -4832,21 +4845,6 @@ class FolderSource:
                           issues=issues + counted.counts, activity=activity, statuses=dict(sorted(statuses.items())),
                           read={"users": users_read, "events": events_read}, screened=True,
                           plain_users=frozenset(plain))
-
-    @staticmethod
-    def dormant_here(elements: list[Any], decoder: ExtendedJsonDecoder, issues: Counter[str], tick: Any,
-                     statuses_of: Any, statuses: Counter[str], plain: set[str], status_of: Any,
-                     now: datetime) -> list[dict[str, Any]]:
-        """The dormant members, read in this process (a small file, or the child failed): each member's status
-        counted in ``statuses``, the dormant decoded whole."""
-        users = []
-        for user in screened_stream(elements, "users", decoder, issues, tick, skim=member_skim(statuses_of),
-                                    tally=statuses, plain=plain):  # a skimmed member: their status, counted there
-            status = status_of(id_of(user.get("_id")) or "", now)
-            statuses[status] += 1
-            if status == "dormant":
-                users.append(user)
-        return users
 
 
 def bytes_tick(bar: Any, size: int, records: int) -> Any:

@@ -7,6 +7,7 @@ No timings here: bench/bench_scale.py measures speed and memory.
 
 from __future__ import annotations
 
+import functools
 import itertools
 import json
 import math
@@ -597,14 +598,14 @@ def test_the_walk_listing_is_written_as_the_merged_records_would_be(tmp_path, mo
 def test_the_ids_read_apart_give_the_dormant_members_and_counts_read_here_and_tick_every_record(tmp_path):
     folder = write_world(tmp_path / "world", *messy_world(700))
     data = rtt.FolderSource(folder).read_dormant(NOW)
-    activity, statuses_of = data.activity, lambda keys: data.activity.statuses(keys, NOW)
+    statuses_of = functools.partial(data.activity.statuses, now=NOW)
     raw = (folder / "users.json").read_bytes()
     issues, ticks, tally, plain = rtt.Counter(), [], rtt.Counter(), set()
     keys, flags = rtt.member_keys(rtt.export_elements(raw), rtt.ExtendedJsonDecoder(), issues)
     found = rtt.MemberKeys(keys, bytes(flags), dict(issues), 0, 0)
     users = rtt.dormant_from_keys(rtt.export_elements(raw), found, statuses_of, tally, plain, ticks.append)
     here_issues, here_tally, here_plain = rtt.Counter(), rtt.Counter(), set()
-    here = rtt.FolderSource.dormant_here(rtt.export_elements(raw), rtt.ExtendedJsonDecoder(), here_issues, None,
-                                         statuses_of, here_tally, here_plain, activity.status, NOW)
+    here = rtt.dormant_read_here(rtt.export_elements(raw), rtt.ExtendedJsonDecoder(), here_issues, None,
+                                 statuses_of, here_tally, here_plain)
     assert users == here and tally == here_tally and plain == here_plain and issues == here_issues
     assert sum(ticks) == len(keys) == data.read["users"] and len(ticks) > 2
