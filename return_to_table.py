@@ -559,7 +559,7 @@ def staged_write(path: Path, write: Any, *, private: bool = False) -> str:
         staged, tmp = tmp, None
         return staged
     except OSError as exc:
-        raise OutputError(f"cannot write {path} ({exc.strerror or exc.__class__.__name__})") from None
+        raise write_failure(path, exc) from None
     finally:
         if tmp is not None:
             discard_staged(tmp)
@@ -571,7 +571,12 @@ def commit_staged(tmp: str, path: Path) -> None:
         os.replace(tmp, path)
     except OSError as exc:
         discard_staged(tmp)
-        raise OutputError(f"cannot write {path} ({exc.strerror or exc.__class__.__name__})") from None
+        raise write_failure(path, exc) from None
+
+
+def write_failure(path: Path, exc: OSError) -> OutputError:
+    """The one-line error of a file that could not be written (staged or put in place)."""
+    return OutputError(f"cannot write {path} ({exc.strerror or exc.__class__.__name__})")
 
 
 def discard_staged(tmp: str) -> None:
