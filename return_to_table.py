@@ -4272,9 +4272,9 @@ def sql_macros() -> str:
             ELSE {SQL_ODD} END END;
     CREATE MACRO rtt_record_id(j) AS CASE json_type(j) WHEN 'VARCHAR' THEN rtt_text_id(json_extract_string(j, '$'))
         WHEN 'OBJECT' THEN CASE WHEN json_keys(j) = ['$oid'] THEN rtt_oid(j) ELSE {SQL_ODD} END END;
-    CREATE MACRO rtt_members(doc) AS list_distinct(list_filter(
-        [rtt_id(json_extract(doc, '$.ownerId'))] || CASE WHEN json_type(doc, '$.participants') = 'ARRAY'
-            THEN list_transform((json_extract(doc, '$.participants'))::JSON[], lambda p: rtt_id(p)) ELSE [] END, lambda m: m IS NOT NULL));
+    CREATE MACRO rtt_members(owner, participants) AS list_distinct(list_filter(
+        [rtt_id(owner)] || CASE WHEN json_type(participants) = 'ARRAY'
+            THEN list_transform(participants::JSON[], lambda p: rtt_id(p)) ELSE [] END, lambda m: m IS NOT NULL));
     CREATE MACRO rtt_in_years(us) AS CASE WHEN us >= {lo} AND us < {hi} THEN us ELSE {SQL_ODD_START} END;
     CREATE MACRO rtt_millis(j) AS CASE WHEN json_type(j) IN ('BIGINT', 'UBIGINT') AND abs(j::DOUBLE) < 1e15
         THEN rtt_in_years(j::BIGINT * 1000) ELSE {SQL_ODD_START} END;
@@ -4308,20 +4308,22 @@ def engine_records(path: Path) -> str:
 
 
 ENGINE_EVENTS = """
+CREATE TEMP TABLE events_fields AS SELECT n, json_type(doc) = 'OBJECT' AS object, rtt_deep(doc) OR rtt_repeated_keys(doc)
+    AS odd_doc, json_extract(doc, ['$._id', '$.ownerId', '$.participants', '$.startDate', '$.type', '$.active']) AS f
+FROM {records};
 CREATE TEMP TABLE events_read AS
-SELECT n, key, members, start,
-    coalesce(key = {odd} OR list_contains(members, {odd}) OR start = {odd_start} OR rtt_deep(doc)
-        OR rtt_repeated_keys(doc), false) AS odd, json_type(doc) = 'OBJECT' AS object,
-    json_extract_string(doc, '$.type') = 'public' AND json_type(doc, '$.type') = 'VARCHAR' AND json_type(doc, '$.active') = 'BOOLEAN'
-        AND json_extract_string(doc, '$.active') = 'true' AS public
-FROM (SELECT n, doc, rtt_record_id(json_extract(doc, '$._id')) AS key, rtt_members(doc) AS members,
-             rtt_start(json_extract(doc, '$.startDate')) AS start FROM {records})
+SELECT n, key, members, start, object, public,
+    coalesce(key = {odd} OR list_contains(members, {odd}) OR start = {odd_start} OR odd_doc, false) AS odd
+FROM (SELECT n, object, odd_doc, rtt_record_id(f[1]) AS key, rtt_members(f[2], f[3]) AS members, rtt_start(f[4]) AS start,
+    coalesce(json_extract_string(f[5], '$') = 'public' AND json_type(f[5]) = 'VARCHAR' AND json_type(f[6]) = 'BOOLEAN'
+        AND json_extract_string(f[6], '$') = 'true', false) AS public FROM events_fields);
+DROP TABLE events_fields
 """
 ENGINE_USERS = """
 CREATE TEMP TABLE users_read AS
-SELECT n, key, coalesce(key = {odd} OR rtt_deep(doc) OR rtt_repeated_keys(doc), false) AS odd,
-    json_type(doc) = 'OBJECT' AS object
-FROM (SELECT n, doc, rtt_record_id(json_extract(doc, '$._id')) AS key FROM {records})
+SELECT n, key, object, coalesce(key = {odd} OR odd_doc, false) AS odd
+FROM (SELECT n, rtt_record_id(json_extract(doc, '$._id')) AS key, json_type(doc) = 'OBJECT' AS object,
+    rtt_deep(doc) OR rtt_repeated_keys(doc) AS odd_doc FROM {records})
 """
 # The records read, once Python has read the odd ones (``python_read``), each id kept once (the first).
 ENGINE_KEPT = """
@@ -4376,11 +4378,11 @@ class FolderEngine:
         return self.db.execute(f"SELECT r.n, f.doc FROM {self.records[name]} f JOIN {name}_read r USING (n) "
                                "WHERE r.odd ORDER BY r.n").fetchall()
 
-    def texts(self, name: str, wanted: str) -> Iterator[str]:
-        """The JSON text of the records of ``name`` whose ``n`` the query ``wanted`` gives, in file order."""
-        cursor = self.db.execute(f"SELECT doc FROM {self.records[name]} WHERE n IN ({wanted}) ORDER BY n")
+    def texts(self, name: str, wanted: str) -> Iterator[tuple[int, str]]:
+        """(n, JSON text) of the records of ``name`` whose ``n`` the query ``wanted`` gives, in file order."""
+        cursor = self.db.execute(f"SELECT n, doc FROM {self.records[name]} WHERE n IN ({wanted}) ORDER BY n")
         while rows := cursor.fetchmany(10_000):
-            yield from (row[0] for row in rows)
+            yield from rows
 
     def python_read(self, name: str, rows: Sequence[tuple[Any, ...]], columns: str) -> None:
         """What Python read of the odd records (``rows``: n, key, and for events members, start, public)."""
@@ -4398,7 +4400,7 @@ class FolderEngine:
     def raw_kept(self, skipped: Mapping[str, int]) -> dict[str, list[str]]:
         """For ``data/raw/``, of a file with records screening skips: the JSON texts of the others."""
         kept = "SELECT n FROM {0}_read WHERE NOT odd AND key IS NOT NULL UNION ALL SELECT n FROM {0}_python WHERE key IS NOT NULL"
-        return {name: list(self.texts(name, kept.format(name))) for name in ("users", "events")
+        return {name: [text for _, text in self.texts(name, kept.format(name))] for name in ("users", "events")
                 if skipped.get(f"{name}_without_usable_id") or skipped.get(f"{name}_nested_too_deep")}
 
     def counts(self) -> dict[str, int]:
@@ -4426,8 +4428,9 @@ class EngineRefused(Exception):
 def decode_text(text: str, what: str, decoder: ExtendedJsonDecoder, issues: Counter[str]) -> dict[str, Any] | None:
     """One record's JSON text decoded and screened (``screen_records``), or None when screening skips it
     (counted in ``issues``)."""
+    doc = fast_record(text.encode(), decoder)
     try:
-        doc = decoder.loads(text)
+        doc = decoder.loads(text) if doc is None else doc
     except RecursionError:
         issues[f"{what}_nested_too_deep"] += 1
         return None
@@ -4440,10 +4443,17 @@ def decode_text(text: str, what: str, decoder: ExtendedJsonDecoder, issues: Coun
     return screened.records[0] if screened.records else None
 
 
-def decode_texts(texts: Iterable[str], what: str, decoder: ExtendedJsonDecoder, issues: Counter[str],
-                 ) -> list[dict[str, Any]]:
-    """Records' JSON texts decoded and screened, the ones screening skips left out (counted)."""
-    return [record for text in texts if (record := decode_text(text, what, decoder, issues)) is not None]
+def fast_record(data: bytes, decoder: ExtendedJsonDecoder) -> Any:
+    """One record through orjson and ``extended_values`` (what ``json_util`` gives), or None for the literal
+    decoder to read (``fast_decode``'s refusals)."""
+    if orjson is None or _BIG_INTEGER.search(data):
+        return None
+    bad_before = decoder.bad_values
+    try:
+        return extended_values(orjson.loads(data), decoder)
+    except (orjson.JSONDecodeError, FastPathRefused, RecursionError):
+        decoder.bad_values = bad_before
+        return None
 
 
 def epoch_micros(moment: datetime | None) -> int | None:
@@ -4454,23 +4464,40 @@ def from_micros(micros: int | None) -> datetime | None:
     return None if micros is None else UNIX_EPOCH + timedelta(microseconds=micros)
 
 
-def python_rows(engine: FolderEngine, name: str, skipped: Counter[str]) -> list[tuple[Any, ...]]:
-    """The odd records of ``name`` as Python reads them: (n, key) of members; (n, key, members, start,
-    public) of events; a record screening skips has no key (what it skipped counted in ``skipped``)."""
+class OddRecords(NamedTuple):
+    """The records of one file only Python can read, read: what the engine needs of each (``rows``) and the
+    screened records by their place in the file (screening skips the others: counted)."""
+
+    rows: list[tuple[Any, ...]]
+    records: dict[int, dict[str, Any]]
+
+
+def odd_records(engine: FolderEngine, name: str, decoder: ExtendedJsonDecoder, issues: Counter[str]) -> OddRecords:
+    """The odd records of ``name`` read here: (n, key) of members; (n, key, members, start, public) of
+    events; a record screening skips has no key."""
     rows: list[tuple[Any, ...]] = []
-    scratch = Counter[str]()
+    records: dict[int, dict[str, Any]] = {}
     for n, text in engine.odd_texts(name):
-        record = decode_text(text, name, ExtendedJsonDecoder(), scratch)
+        record = decode_text(text, name, decoder, issues)
         key = id_of(record["_id"]) if record is not None else None
-        if name == "users":
-            rows.append((n, key))
-            continue
+        if record is not None:
+            records[n] = record
         event = record or {}
-        start = to_utc(event.get("startDate"))
-        rows.append((n, key, sorted(event_member_ids(event, DataIssues())), epoch_micros(start),
-                     event.get("type") == "public" and event.get("active") is True))
-    skipped.update({kind: k for kind, k in scratch.items() if kind.endswith(("_usable_id", "_too_deep"))})
-    return rows
+        rows.append((n, key) if name == "users" else (
+            n, key, sorted(event_member_ids(event, DataIssues())), epoch_micros(to_utc(event.get("startDate"))),
+            event.get("type") == "public" and event.get("active") is True))
+    return OddRecords(rows, records)
+
+
+def wanted_records(engine: FolderEngine, name: str, wanted: str, odd: OddRecords, decoder: ExtendedJsonDecoder,
+                   issues: Counter[str]) -> list[dict[str, Any]]:
+    """The records ``wanted`` gives, in file order, decoded and screened (an odd one: as read already)."""
+    found = []
+    for n, text in engine.texts(name, wanted):
+        record = odd.records.get(n) if n in odd.records else decode_text(text, name, decoder, issues)
+        if record is not None:
+            found.append(record)
+    return found
 
 
 def engine_read(engine: FolderEngine, now: datetime, tick: Any) -> SourceData:
@@ -4481,30 +4508,32 @@ def engine_read(engine: FolderEngine, now: datetime, tick: Any) -> SourceData:
     if engine.non_documents():
         raise EngineRefused("not a list of documents")
     tick()
-    skipped = Counter[str]()
-    engine.python_read("events", python_rows(engine, "events", skipped), "n, key, members, start, public")
-    engine.python_read("users", python_rows(engine, "users", skipped), "n, key")
+    decoder, issues = ExtendedJsonDecoder(), Counter[str]()
+    odd_events, odd_users = odd_records(engine, "events", decoder, issues), odd_records(engine, "users", decoder, issues)
+    engine.python_read("events", odd_events.rows, "n, key, members, start, public")
+    engine.python_read("users", odd_users.rows, "n, key")
+    skipped = Counter({kind: issues.pop(kind) for kind in list(issues) if kind.endswith(("_usable_id", "_too_deep"))})
     engine.db.execute(ENGINE_ACTIVITY)
     after, until = (epoch_micros(moment) for moment in dormant_window(now))
     statuses = dict(engine.db.execute(ENGINE_STATUSES, {"after": after, "until": until}).fetchall())
     engine.db.execute(ENGINE_DORMANT, {"after": after, "until": until})
     counted = {key: Activity(events, from_micros(last))
                for key, events, last in engine.db.execute("SELECT key, events, last FROM dormant").fetchall()}
-    decoder, issues = ExtendedJsonDecoder(), Counter[str]()
-    users = decode_texts(engine.texts("users", "SELECT n FROM dormant"), "users", decoder, issues)
+    users = wanted_records(engine, "users", "SELECT n FROM dormant", odd_users, decoder, issues)
     wanted = ENGINE_WANTED_EVENTS.replace("$now", str(epoch_micros(now)))
-    events = decode_texts(engine.texts("events", wanted), "events", decoder, issues)
+    events = wanted_records(engine, "events", wanted, odd_events, decoder, issues)
     indexed = DataIssues()
     activity = index_member_activity(events, indexed)
     activity.counted = counted
     issues.update({kind: n for kind, n in indexed.counts.items() if kind != "events_without_valid_start_date"})
     counts = engine.counts()
-    issues.update({kind: n for kind, n in counts.items() if not kind.endswith("_read")})
+    skipped.update({kind: n for kind, n in counts.items() if kind.endswith("_usable_id")})
+    issues.update({kind: n for kind, n in counts.items() if not kind.endswith(("_read", "_usable_id"))})
     tick()
     return SourceData(users, events, decoder.bad_values, +skipped, files=dict(engine.files), issues=+issues,
                       activity=activity, statuses=dict(sorted(statuses.items())),
                       read={"users": counts["users_read"], "events": counts["events_read"]}, screened=True,
-                      raw_kept=engine.raw_kept(skipped + Counter(counts)))
+                      raw_kept=engine.raw_kept(skipped))
 
 
 # --- MongoDB doing the counting: aggregation expressions (MongoDB 5.0+ operators only) --------------
