@@ -7963,6 +7963,13 @@ class Lift(NamedTuple):
     relative: float | None
     z: float
     p_value: float
+    detectable_pp: float | None = None  # the smallest lift these sizes could detect (``detectable_lift_pp``)
+
+    @property
+    def too_small_to_tell(self) -> bool:
+        """The groups are too small for the lift to mean anything: nothing under ``TELLABLE_LIFT_PP`` is
+        detectable (the interval is then as wide as "+0.0 pp, -79 to +28")."""
+        return self.detectable_pp is None or self.detectable_pp > TELLABLE_LIFT_PP
 
 
 def lift(treated: Tally, holdout: Tally) -> Lift | None:
@@ -7974,7 +7981,8 @@ def lift(treated: Tally, holdout: Tally) -> Lift | None:
     z, p_value = two_proportion_z_test(*args)
     t_rate, h_rate = treated.came_back / treated.size, holdout.came_back / holdout.size
     relative = (t_rate - h_rate) / h_rate if h_rate else None
-    return Lift(100 * (t_rate - h_rate), 100 * low, 100 * high, relative, z, p_value)
+    return Lift(100 * (t_rate - h_rate), 100 * low, 100 * high, relative, z, p_value,
+                detectable_lift_pp(treated.size, holdout.size))
 
 
 LIFT_NOTES = {  # why treated-against-holdout has no lift: (the report's sentence, the console table's words)
@@ -8255,7 +8263,8 @@ def lift_json(found: Lift | None) -> dict[str, Any] | None:
         return None
     return {"difference_pp": round(found.difference_pp, 2),
             "interval_pp": [round(found.low_pp, 2), round(found.high_pp, 2)],
-            "relative_lift": rounded(found.relative), "z": round(found.z, 4), "p_value": float(f"{found.p_value:.4g}")}
+            "relative_lift": rounded(found.relative), "z": round(found.z, 4), "p_value": float(f"{found.p_value:.4g}"),
+            "detectable_lift_pp": rounded(found.detectable_pp, 1), "too_small_to_tell": found.too_small_to_tell}
 
 
 def measurement_json(m: Measurement) -> dict[str, Any]:
@@ -8268,8 +8277,10 @@ def measurement_json(m: Measurement) -> dict[str, Any]:
 def measure_report(*, run_date: datetime, now: datetime, window_days: int, dates: DateRange,
                    campaign: str | None, source_label: str, archive: str,
                    measured: Sequence[tuple[ArchivedCampaign, Measurement]], pooled: Measurement,
-                   issues: DataIssues, errors: Sequence[str], empty_input: Sequence[str]) -> dict[str, Any]:
-    """The report's JSON: the settings, the method in words, pooled and per-campaign blocks, what was odd."""
+                   issues: DataIssues, errors: Sequence[str], empty_input: Sequence[str],
+                   events_note: str | None = None) -> dict[str, Any]:
+    """The report's JSON: the settings, the method in words, pooled and per-campaign blocks, what was odd;
+    ``events_note`` says when nobody could have come back yet (``stale_events_note``)."""
     return {
         "kind": "measure",
         "run_date": iso_utc(run_date),
@@ -8281,9 +8292,10 @@ def measure_report(*, run_date: datetime, now: datetime, window_days: int, dates
         "source": source_label,
         "archive": archive,
         "empty_input": list(empty_input),
+        "events_note": events_note,
         "method": {"came_back": PROXY_TEXT.format(days=window_days), "reference_time": REFERENCE_TEXT,
                    "interval": INTERVAL_METHOD, "test": TEST_METHOD, "confidence": CONFIDENCE,
-                   "pooling": POOLING_TEXT, "reviewed_groups": REVIEWED_TEXT},
+                   "pooling": POOLING_TEXT, "reviewed_groups": REVIEWED_TEXT, "power": POWER_METHOD},
         "campaigns_measured": len(measured),
         "pooled": measurement_json(pooled),
         "campaigns": [{"campaign_id": c.campaign_id, "created_at": iso_utc(c.created_at), "status": c.status,
@@ -8324,11 +8336,25 @@ def lift_lines(block: Mapping[str, Any]) -> list[str]:
         if found is None:
             continue
         relative = found["relative_lift"]
+        if found.get("too_small_to_tell"):
+            lines.append(too_small_line(name, found, block["groups"]))
+            continue
         lines.append(f"lift {name} vs holdout: {found['difference_pp']:+.1f} pp (95% CI {found['interval_pp'][0]:+.1f} "
                      f"to {found['interval_pp'][1]:+.1f} pp), relative "
                      f"{'n/a (no holdout member came back)' if relative is None else f'{100 * relative:+.1f}%'}, "
                      f"{p_text(found['p_value'])}")
     return lines
+
+
+def too_small_line(name: str, found: Mapping[str, Any], groups: Mapping[str, Any]) -> str:
+    """A lift the groups are too small to tell from chance, said so first, its figures after."""
+    detectable = found["detectable_lift_pp"]
+    could = ("no lift is detectable" if detectable is None or detectable >= 100
+             else f"only a lift of {detectable:.0f} pp or more is detectable")
+    low, high = found["interval_pp"]
+    return (f"lift {name} vs holdout: too small to tell ({groups[name]['size']} against "
+            f"{groups['holdout']['size']} held out: {could} with 80% power; {found['difference_pp']:+.1f} pp, "
+            f"95% CI {low:+.1f} to {high:+.1f} pp)")
 
 
 def block_rows(block: Mapping[str, Any]) -> list[list[str]]:
@@ -8364,7 +8390,10 @@ def campaign_row(entry: Mapping[str, Any]) -> list[str]:
         lift_cells = [LIFT_NOTES[entry["note_code"]][1], ""]
     else:
         low, high = found["interval_pp"]
-        lift_cells = [f"{found['difference_pp']:+.1f} ({low:+.1f} to {high:+.1f})", p_value_text(found["p_value"])]
+        figures = f"{found['difference_pp']:+.1f} ({low:+.1f} to {high:+.1f})"
+        if found.get("too_small_to_tell"):
+            figures = f"too small to tell ({found['difference_pp']:+.1f}, {low:+.1f} to {high:+.1f})"
+        lift_cells = [figures, p_value_text(found["p_value"])]
     return [clean_text(entry["campaign_id"], 100)[0], share(groups["treated"]), share(groups["holdout"]), *lift_cells,
             str(groups["treated"]["open"] + groups["holdout"]["open"])]
 
@@ -8373,7 +8402,7 @@ def measure_console(report: Mapping[str, Any], report_path: Path) -> str:
     """The console table: one line per campaign, then the pooled block in full, the method, the report's path
     (a year of daily campaigns stays a readable table; the report has every campaign in full)."""
     lines = [f"Measure: {plural(report['campaigns_measured'], 'campaign')}, window {report['window_days']} days, "
-             + f"as of {report['as_of']}", ""]
+             + f"as of {report['as_of']}", *([report["events_note"]] if report.get("events_note") else []), ""]
     if report["campaigns"]:
         lines += text_table([CAMPAIGN_COLUMNS, *(campaign_row(c) for c in report["campaigns"])], indent="") + [""]
     pooled = report["pooled"]
@@ -8408,8 +8437,10 @@ def measure_markdown(report: Mapping[str, Any]) -> str:
              f"- Archive: {cell(report['archive'])}; events: {cell(report['source'])}",
              f"- Campaigns measured: {report['campaigns_measured']}",
              *empty_input_lines(report["empty_input"]),
+             *([f"- **{report['events_note']}**"] if report.get("events_note") else []),
              "", "## What \"came back\" means", "", method["came_back"], "", method["reference_time"],
              "", "## Method", "", f"- {INTERVAL_METHOD}.", f"- {TEST_METHOD}.", f"- {method['pooling']}",
+             f"- Too small to tell: a lift whose {POWER_METHOD} exceeds {TELLABLE_LIFT_PP:g} pp.",
              f"- {method['reviewed_groups']}",
              "", "## Pooled", "", *markdown_table([MEASURE_COLUMNS, *block_rows(report["pooled"])]), ""]
     lines += [f"- {line}" for line in lift_lines(report["pooled"])]
@@ -8504,8 +8535,22 @@ def measure_report_paths(out_dir: Path, started: datetime) -> tuple[Path, Path]:
 
 
 def measure_exit_code(report: Mapping[str, Any]) -> int:
-    """3 when something needs a look (a campaign unreadable, no events, no campaign measured), else 0."""
-    return EXIT_ATTENTION if report["errors"] or report["empty_input"] or not report["campaigns_measured"] else EXIT_OK
+    """3 when something needs a look (a campaign unreadable, no events or none after the messages, no campaign
+    measured), else 0."""
+    needs_a_look = report["errors"] or report["empty_input"] or report.get("events_note")
+    return EXIT_ATTENTION if needs_a_look or not report["campaigns_measured"] else EXIT_OK
+
+
+def stale_events_note(events: Iterable[Mapping[str, Any]], campaigns: Sequence[ArchivedCampaign]) -> str | None:
+    """When every event of the source starts before the first message (or hold-out) measured, nobody could have
+    come back yet: the sentence that says so plainly, else None."""
+    first = min((o.reference for c in campaigns for o in c.observations), default=None)
+    latest = max((start for e in events if (start := to_utc(e.get("startDate"))) is not None), default=None)
+    if first is None or latest is None or latest > first:
+        return None
+    return (f"Nobody could have come back yet: every event in the source starts before the first message "
+            f"(latest event {iso_utc(latest)}, first message {iso_utc(first)}); measure against a newer export "
+            "of the events.")
 
 
 def window_days(text: str) -> int:
@@ -8518,7 +8563,8 @@ def window_days(text: str) -> int:
 MEASURE_EXIT_CODES_HELP = """exit codes:
   0    done cleanly
   3    done, but something needs a look: a campaign could not be read (named in the report), the
-       source has no events, or no archived campaign is in range
+       source has no events (or none starting after the first message: nobody could have come back
+       yet), or no archived campaign is in range
   1    failed, nothing measured: the archive or the source is unreadable, MongoDB unreachable, out of disk
   2    bad usage, configuration or input
   130  interrupted by SIGINT; 143 by SIGTERM"""
@@ -8593,7 +8639,7 @@ def run_measure(args: argparse.Namespace, env: Mapping[str, str] | None, mongo_c
                             dates=options.dates, campaign=options.campaign, source_label=source.label,
                             archive=transport.description, measured=measured,
                             pooled=pooled_measurement([m for _, m in measured]), issues=issues, errors=errors,
-                            empty_input=empty)
+                            empty_input=empty, events_note=stale_events_note(events, campaigns))
     json_path, md_path = measure_report_paths(options.run.out_dir, started)
     write_json(json_path, report, private=True)
     write_text_private(md_path, measure_markdown(report))
