@@ -4547,12 +4547,21 @@ def funnel_lines(funnel: Sequence[Mapping[str, Any]], reasons: Mapping[str, int]
 
 def skip_list_rows(eligible: Sequence[Mapping[str, Any]], decisions: Mapping[str, str]) -> Iterator[list[str]]:
     """``skipped.csv``'s rows, in rank order: each member the walk reached and left out (not drafted, not held
-    out), as member id and skip_reason only. An id that reads as an email or phone number is withheld."""
+    out), as member id and skip_reason only. An id that is an email or phone number is withheld (its rank said)."""
     looked_at = set(FUNNEL_STAGES[FUNNEL_STAGES.index("reached") + 1:])
     for rank, user in enumerate(eligible, 1):
         code = decisions.get(user["_id"], "below_limit")
         if code not in ("selected", "holdout") and reason_stage(code) in looked_at:
-            yield [csv_safe(user["_id"]) if not holds_contact(user["_id"]) else f"(withheld: rank {rank})", code]
+            yield [f"(withheld: rank {rank})" if contact_like_id(user["_id"]) else csv_safe(user["_id"]), code]
+
+
+def contact_like_id(member_id: str) -> bool:
+    """An id that is an email address, or a phone number as people write one (a ``+`` or punctuation among
+    the digits); plain digits and ObjectIds are ids."""
+    plain = readable(member_id)
+    if EMAIL_ADDRESS.search(plain):
+        return True
+    return not plain.isalnum() and PHONE_NUMBER.search(plain) is not None
 
 
 def csv_safe(text: str) -> str:
