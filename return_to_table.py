@@ -25,6 +25,8 @@ Glossary (one name per concept, here and in the code):
   walk       steps 5-6 going down the ranked contactable members until ``--limit`` are messaged;
              every eligible member ends ``selected`` or with a ``skip_reason`` (``SKIP_REASONS``).
   send window  when a message may go out (``send_window``): outside QUIET_HOURS, before the lead.
+  funnel     the report's counts from eligible to drafted (``run_funnel``), held out apart; each
+             ``skip_reason`` drops its members at one stage (``REASON_STAGES``).
 
 The file reads top-down in the plan's step order: configuration, data loading, the rules of
 steps 1-8 (pure functions), the service edges (sources, the demo world, Claude for steps 5-6,
@@ -4499,7 +4501,7 @@ REASON_STAGES = {  # each skip_reason: the first funnel stage a member left out 
 
 
 def reason_stage(code: str) -> str:
-    """The funnel stage a member left out for ``code`` does not reach: ``REASON_STAGES``'; a reason added to
+    """The funnel stage a member left out for ``code`` does not reach, as ``REASON_STAGES`` says; a reason added to
     SKIP_REASONS without one takes the stage of the nearest reason before it (SKIP_REASONS is in walk order);
     any other code, the last stage (the member was looked at and not drafted)."""
     if code in REASON_STAGES:
