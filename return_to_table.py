@@ -4673,7 +4673,7 @@ POWER_DAYS = 30  # the report's holdout power looks back this many days (and at 
 DOMINANT_SHARE = 0.5  # a skip reason leaving out at least this share of the members looked at "dominates"
 CROWDED_EVENT_SHARE = 0.5  # an event taking at least this share of the invitations (of 3 or more)
 TELLABLE_LIFT_PP = 20.0  # a holdout that cannot detect a lift this small is "too small to tell"
-REASON_ADVICE = {  # what to do when a skip reason dominates; {n} members, {share} of those looked at
+REASON_ADVICE = {  # what to do when a skip reason dominates; {n} members, {share} of the members considered
     "cooldown": "{n} members ({share}) were messaged or held out within --cooldown-days: the pool is being "
                 "used up; expect fewer drafts until they leave the cooldown.",
     "no_valid_phone": "{n} members ({share}) have no number that takes texts: hand data/processed/skipped.csv "
@@ -4712,7 +4712,7 @@ def dominant_reason_advice(reasons: Mapping[str, int], drafted: int) -> list[str
     if share < DOMINANT_SHARE:
         return []
     advice = REASON_ADVICE.get(code, "{n} members ({share}) were left out as " + code + ".")
-    return [advice.format(n=n, share=f"{100 * share:.0f}% of those looked at")]
+    return [advice.format(n=n, share=f"{100 * share:.0f}% of the members considered")]
 
 
 def crowded_event_advice(messages: Sequence[Mapping[str, Any]]) -> list[str]:
