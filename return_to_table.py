@@ -1440,6 +1440,12 @@ def index_member_activity(events: Iterable[Mapping[str, Any]], issues: DataIssue
             undated.update(members)
         else:
             dated.append((start, event, tuple(members)))
+    return activity_index(dated, undated)
+
+
+def activity_index(dated: list[tuple[datetime, Mapping[str, Any], tuple[str, ...]]],
+                   undated: Mapping[str, int]) -> ActivityIndex:
+    """The ``ActivityIndex`` of dated events (in file order) and counts of undated ones per member."""
     dated.sort(key=operator.itemgetter(0))  # stable: ties stay in file order
     positions: dict[str, list[int]] = {}
     start_list = positions.setdefault  # a million members: one dict call a pair, no max()
@@ -4638,6 +4644,7 @@ def sql_macros() -> str:
         ELSE rtt_millis(j) END END;
     CREATE MACRO rtt_deep(doc) AS length(doc) > {MAX_NESTING_DEPTH} AND length(doc) - length(replace(replace(
         doc::VARCHAR, '{{', ''), '[', '')) > {MAX_NESTING_DEPTH};
+    CREATE MACRO rtt_plain(doc) AS NOT regexp_matches(doc, '\\\\|"\\$|{sql_control_class()}|[^"]{{{MAX_TEXT_CHARS + 1},}}');
     CREATE MACRO rtt_repeated_keys(doc) AS len(json_keys(doc)) <> len(list_distinct(json_keys(doc)));
     """
 
@@ -4656,9 +4663,10 @@ CREATE TEMP TABLE events_fields AS SELECT n, json_type(doc) = 'OBJECT' AS object
     AS odd_doc, json_extract(doc, ['$._id', '$.ownerId', '$.participants', '$.startDate', '$.type', '$.active']) AS f
 FROM {records};
 CREATE TEMP TABLE events_read AS
-SELECT n, key, members, start, object, public,
+SELECT n, key, members, start, object, public, host,
     coalesce(key = {odd} OR list_contains(members, {odd}) OR start = {odd_start} OR odd_doc, false) AS odd
 FROM (SELECT n, object, odd_doc, rtt_record_id(f[1]) AS key, rtt_members(f[2], f[3]) AS members, rtt_start(f[4]) AS start,
+    rtt_id(f[2]) AS host,
     coalesce(json_extract_string(f[5], '$') = 'public' AND json_type(f[5]) = 'VARCHAR' AND json_type(f[6]) = 'BOOLEAN'
         AND json_extract_string(f[6], '$') = 'true', false) AS public FROM events_fields);
 DROP TABLE events_fields
@@ -4690,8 +4698,19 @@ WHERE a.last > $after AND a.last <= $until
 """
 # The events step 1 reads whole: those naming a dormant member (their history) and step 2's candidates.
 ENGINE_WANTED_EVENTS = """
-SELECT n FROM events_kept WHERE public AND start > $now
-UNION SELECT e.n FROM (SELECT n, unnest(members) AS member FROM events_kept) e JOIN dormant d ON d.key = e.member
+CREATE TEMP TABLE wanted AS SELECT n, key, host, start, members, coalesce(public AND start > $now, false) AS candidate
+FROM events_kept WHERE (public AND start > $now)
+    OR n IN (SELECT e.n FROM (SELECT n, unnest(members) AS member FROM events_kept) e JOIN dormant d ON d.key = e.member)
+"""
+# Step 2's candidates whole; the other events as ``member_history`` reads them (their start and members are
+# the engine's): id, host, place, tags, venue and name.
+ENGINE_EVENT_TEXTS = """
+SELECT n, doc, rtt_plain(doc), start, members, candidate FROM (
+    SELECT w.n, w.start, w.members, w.candidate, CASE WHEN w.candidate THEN r.doc::VARCHAR ELSE json_object('_id', w.key,
+        'ownerId', w.host, 'neighborhood', g[1], 'categories', g[2], 'features', g[3], 'venueName', g[4],
+        'name', g[5])::VARCHAR END AS doc
+    FROM (SELECT n, doc, json_extract(doc, ['$.neighborhood', '$.categories', '$.features', '$.venueName', '$.name'])
+          AS g FROM {records} WHERE n IN (SELECT n FROM wanted)) r JOIN wanted w USING (n)) ORDER BY n
 """
 
 
@@ -4722,15 +4741,19 @@ class FolderEngine:
         return self.db.execute(f"SELECT r.n, f.doc FROM {self.records[name]} f JOIN {name}_read r USING (n) "
                                "WHERE r.odd ORDER BY r.n").fetchall()
 
-    def texts(self, name: str, wanted: str) -> Iterator[tuple[int, str]]:
-        """(n, JSON text) of the records of ``name`` whose ``n`` the query ``wanted`` gives, in file order."""
-        cursor = self.db.execute(f"SELECT n, doc FROM {self.records[name]} WHERE n IN ({wanted}) ORDER BY n")
+    def texts(self, name: str, wanted: str) -> Iterator[list[tuple[Any, ...]]]:
+        """(n, JSON text, ``rtt_plain``) of the records of ``name`` whose ``n`` the query ``wanted`` gives, in
+        file order, in batches; ``wanted`` may instead be a whole query giving such rows (and more columns)."""
+        query = wanted if wanted.lstrip().startswith("SELECT n, doc") else (
+            f"SELECT n, doc, rtt_plain(doc) FROM {self.records[name]} WHERE n IN ({wanted}) ORDER BY n")
+        cursor = self.db.execute(query.format(records=self.records[name]))
         while rows := cursor.fetchmany(10_000):
-            yield from rows
+            yield rows
 
     def python_read(self, name: str, rows: Sequence[tuple[Any, ...]], columns: str) -> None:
         """What Python read of the odd records (``rows``: n, key, and for events members, start, public)."""
-        types = {"n": "BIGINT", "key": "VARCHAR", "members": "VARCHAR[]", "start": "BIGINT", "public": "BOOLEAN"}
+        types = {"n": "BIGINT", "key": "VARCHAR", "members": "VARCHAR[]", "start": "BIGINT", "public": "BOOLEAN",
+                 "host": "VARCHAR"}
         self.db.execute(f"CREATE TEMP TABLE {name}_python ({', '.join(f'{c} {types[c]}' for c in columns.split(', '))})")
         if rows:
             self.db.executemany(f"INSERT INTO {name}_python VALUES ({', '.join('?' * len(rows[0]))})", rows)
@@ -4744,7 +4767,8 @@ class FolderEngine:
     def raw_kept(self, skipped: Mapping[str, int]) -> dict[str, list[str]]:
         """For ``data/raw/``, of a file with records screening skips: the JSON texts of the others."""
         kept = "SELECT n FROM {0}_read WHERE NOT odd AND key IS NOT NULL UNION ALL SELECT n FROM {0}_python WHERE key IS NOT NULL"
-        return {name: [text for _, text in self.texts(name, kept.format(name))] for name in ("users", "events")
+        return {name: [row[1] for batch in self.texts(name, kept.format(name)) for row in batch]
+                for name in ("users", "events")
                 if skipped.get(f"{name}_without_usable_id") or skipped.get(f"{name}_nested_too_deep")}
 
     def counts(self) -> dict[str, int]:
@@ -4829,19 +4853,52 @@ def odd_records(engine: FolderEngine, name: str, decoder: ExtendedJsonDecoder, i
         event = record or {}
         rows.append((n, key) if name == "users" else (
             n, key, sorted(event_member_ids(event, DataIssues())), epoch_micros(to_utc(event.get("startDate"))),
-            event.get("type") == "public" and event.get("active") is True))
+            event.get("type") == "public" and event.get("active") is True, id_of(event.get("ownerId"))))
     return OddRecords(rows, records)
 
 
 def wanted_records(engine: FolderEngine, name: str, wanted: str, odd: OddRecords, decoder: ExtendedJsonDecoder,
-                   issues: Counter[str]) -> list[dict[str, Any]]:
-    """The records ``wanted`` gives, in file order, decoded and screened (an odd one: as read already)."""
+                   issues: Counter[str]) -> list[tuple[dict[str, Any], tuple[Any, ...]]]:
+    """The records ``wanted`` gives, in file order, decoded and screened (an odd one: as read already; a
+    plain one, ``rtt_plain``: decoded with the others of its batch, nothing to convert or clean), each with
+    the rest of its row."""
     found = []
-    for n, text in engine.texts(name, wanted):
-        record = odd.records.get(n) if n in odd.records else decode_text(text, name, decoder, issues)
-        if record is not None:
-            found.append(record)
+    for batch in engine.texts(name, wanted):
+        plain = plain_records([row[1] for row in batch if row[2] and row[0] not in odd.records])
+        for n, text, clean, *rest in batch:
+            if n in odd.records:
+                record = odd.records[n]
+            elif clean and plain is not None:
+                record = next(plain)
+            else:
+                record = decode_text(text, name, decoder, issues)
+            if record is not None:
+                found.append((record, tuple(rest)))
     return found
+
+
+def engine_activity(rows: Sequence[tuple[dict[str, Any], tuple[Any, ...]]],
+                    counted: Mapping[str, Activity]) -> ActivityIndex:
+    """``index_member_activity`` of the events read, each with its start and members as the engine read
+    them, the engine's counts and latest dates kept (``counted``)."""
+    dated = [(from_micros(start), event, tuple(members)) for event, (start, members, _) in rows if start is not None]
+    undated = Counter(member for _, (start, members, _) in rows if start is None for member in members)
+    index = activity_index(dated, undated)
+    index.counted = counted
+    return index
+
+
+def plain_records(texts: Sequence[str]) -> Iterator[dict[str, Any]] | None:
+    """Records of plain JSON (``rtt_plain``: no Extended JSON, escape, control character or long text)
+    decoded at once: what ``json_util`` and screening give them unchanged; None when orjson cannot vouch
+    for one (a big integer, NaN): each is then read alone."""
+    data = ("[" + ",".join(texts) + "]").encode()
+    if orjson is None or _BIG_INTEGER.search(data):
+        return None
+    try:
+        return iter(orjson.loads(data))
+    except orjson.JSONDecodeError:
+        return None
 
 
 def engine_read(engine: FolderEngine, now: datetime, tick: Any) -> SourceData:
@@ -4854,7 +4911,7 @@ def engine_read(engine: FolderEngine, now: datetime, tick: Any) -> SourceData:
     tick()
     decoder, issues = ExtendedJsonDecoder(), Counter[str]()
     odd_events, odd_users = odd_records(engine, "events", decoder, issues), odd_records(engine, "users", decoder, issues)
-    engine.python_read("events", odd_events.rows, "n, key, members, start, public")
+    engine.python_read("events", odd_events.rows, "n, key, members, start, public, host")
     engine.python_read("users", odd_users.rows, "n, key")
     skipped = Counter({kind: issues.pop(kind) for kind in list(issues) if kind.endswith(("_usable_id", "_too_deep"))})
     engine.db.execute(ENGINE_ACTIVITY)
@@ -4863,13 +4920,11 @@ def engine_read(engine: FolderEngine, now: datetime, tick: Any) -> SourceData:
     engine.db.execute(ENGINE_DORMANT, {"after": after, "until": until})
     counted = {key: Activity(events, from_micros(last))
                for key, events, last in engine.db.execute("SELECT key, events, last FROM dormant").fetchall()}
-    users = wanted_records(engine, "users", "SELECT n FROM dormant", odd_users, decoder, issues)
-    wanted = ENGINE_WANTED_EVENTS.replace("$now", str(epoch_micros(now)))
-    events = wanted_records(engine, "events", wanted, odd_events, decoder, issues)
-    indexed = DataIssues()
-    activity = index_member_activity(events, indexed)
-    activity.counted = counted
-    issues.update({kind: n for kind, n in indexed.counts.items() if kind != "events_without_valid_start_date"})
+    users = [user for user, _ in wanted_records(engine, "users", "SELECT n FROM dormant", odd_users, decoder, issues)]
+    engine.db.execute(ENGINE_WANTED_EVENTS.replace("$now", str(epoch_micros(now))))
+    rows = wanted_records(engine, "events", ENGINE_EVENT_TEXTS, odd_events, decoder, issues)
+    activity = engine_activity(rows, counted)
+    events = [event for event, (_, _, candidate) in rows if candidate]
     counts = engine.counts()
     skipped.update({kind: n for kind, n in counts.items() if kind.endswith("_usable_id")})
     issues.update({kind: n for kind, n in counts.items() if not kind.endswith(("_read", "_usable_id"))})
