@@ -4609,8 +4609,9 @@ def sql_macros() -> str:
     space = "||".join(f"chr({ord(c)})" for c in PY_SPACE)
     return f"""
     SET TimeZone = 'UTC';
-    CREATE MACRO rtt_text_id(s) AS CASE WHEN length(s) <= {MAX_TEXT_CHARS}
-        AND NOT regexp_matches(s, '{sql_control_class()}') THEN nullif(trim(s, {space}), '') ELSE {SQL_ODD} END;
+    CREATE MACRO rtt_text_id(s) AS CASE WHEN regexp_full_match(s, '[!-~]{{1,{MAX_TEXT_CHARS}}}') THEN s
+        WHEN length(s) <= {MAX_TEXT_CHARS} AND NOT regexp_matches(s, '{sql_control_class()}')
+        THEN nullif(trim(s, {space}), '') ELSE {SQL_ODD} END;
     CREATE MACRO rtt_oid(j) AS CASE WHEN regexp_full_match(json_extract_string(j, '$."$oid"'), '[0-9a-fA-F]{{24}}')
         THEN lower(json_extract_string(j, '$."$oid"')) END;
     CREATE MACRO rtt_leaf_id(j) AS CASE json_type(j) WHEN 'VARCHAR' THEN rtt_text_id(json_extract_string(j, '$'))
@@ -4645,7 +4646,7 @@ def sql_macros() -> str:
     CREATE MACRO rtt_deep(doc) AS length(doc) > {MAX_NESTING_DEPTH} AND length(doc) - length(replace(replace(
         doc::VARCHAR, '{{', ''), '[', '')) > {MAX_NESTING_DEPTH};
     CREATE MACRO rtt_plain(doc) AS NOT regexp_matches(doc, '\\\\|"\\$|{sql_control_class()}|[^"]{{{MAX_TEXT_CHARS + 1},}}');
-    CREATE MACRO rtt_repeated_keys(doc) AS len(json_keys(doc)) <> len(list_distinct(json_keys(doc)));
+    CREATE MACRO rtt_twice(doc, key) AS contains(substr(doc, strpos(doc, key) + length(key)), key);
     """
 
 
@@ -4659,7 +4660,9 @@ def engine_records(path: Path) -> str:
 
 
 ENGINE_EVENTS = """
-CREATE TEMP TABLE events_fields AS SELECT n, json_type(doc) = 'OBJECT' AS object, rtt_deep(doc) OR rtt_repeated_keys(doc)
+CREATE TEMP TABLE events_fields AS SELECT n, starts_with(ltrim(doc::VARCHAR), '{{') AS object, rtt_deep(doc)
+    OR rtt_twice(doc::VARCHAR, '"ownerId"') OR rtt_twice(doc::VARCHAR, '"participants"')
+    OR rtt_twice(doc::VARCHAR, '"startDate"') OR rtt_twice(doc::VARCHAR, '"type"') OR rtt_twice(doc::VARCHAR, '"active"')
     AS odd_doc, json_extract(doc, ['$._id', '$.ownerId', '$.participants', '$.startDate', '$.type', '$.active']) AS f
 FROM {records};
 CREATE TEMP TABLE events_read AS
@@ -4672,10 +4675,12 @@ FROM (SELECT n, object, odd_doc, rtt_record_id(f[1]) AS key, rtt_members(f[2], f
 DROP TABLE events_fields
 """
 ENGINE_USERS = """
+CREATE TEMP TABLE users_fields AS SELECT n, starts_with(ltrim(doc::VARCHAR), '{{') AS object,
+    rtt_deep(doc) OR rtt_twice(doc::VARCHAR, '"_id"') AS odd_doc, json_extract(doc, '$._id') AS id FROM {records};
 CREATE TEMP TABLE users_read AS
 SELECT n, key, object, coalesce(key = {odd} OR odd_doc, false) AS odd
-FROM (SELECT n, rtt_record_id(json_extract(doc, '$._id')) AS key, json_type(doc) = 'OBJECT' AS object,
-    rtt_deep(doc) OR rtt_repeated_keys(doc) AS odd_doc FROM {records})
+FROM (SELECT n, object, odd_doc, rtt_record_id(id) AS key FROM users_fields);
+DROP TABLE users_fields
 """
 # The records read, once Python has read the odd ones (``python_read``), each id kept once (the first).
 ENGINE_KEPT = """
