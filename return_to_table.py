@@ -1385,6 +1385,7 @@ class ActivityIndex(Mapping[str, Activity]):
                  positions: dict[str, list[int]]) -> None:
         self.dated, self.undated, self.positions = dated, undated, positions
         self.counted: Mapping[str, Activity] = {}  # counts and latest dates counted elsewhere (the engine's), kept
+        self.history: Any = None  # ``history(member)``: the attended events of a member in ``counted``, read when asked
         self._built: dict[str, Activity] = {}
 
     def count(self, member: str) -> int:
@@ -1416,13 +1417,16 @@ class ActivityIndex(Mapping[str, Activity]):
         return Activity(self.count(member), self.last(member))
 
     def __iter__(self) -> Iterator[str]:
-        return itertools.chain(self.positions, (m for m in self.undated if m not in self.positions))
+        return itertools.chain(self.positions, (m for m in dict.fromkeys([*self.undated, *self.counted])
+                                                if m not in self.positions))
 
     def __len__(self) -> int:
-        return len(self.positions) + sum(1 for m in self.undated if m not in self.positions)
+        return sum(1 for _ in self)
 
     def attended(self, member: str) -> tuple[Attended, ...]:
         """The member's dated events in start order, each with everyone at it."""
+        if self.history is not None and member in self.counted:
+            return self.history(member)
         dated = self.dated
         return tuple(Attended(dated[n][0], dated[n][1], frozenset(dated[n][2])) for n in self.positions.get(member, ()))
 
@@ -4519,6 +4523,8 @@ class DataSource(Protocol):
 
     def read(self, progress: Any = None) -> SourceData: ...
 
+    def close(self) -> None: ...
+
 
 class FolderSource:
     """A folder of ``mongoexport`` output: ``users.json`` and ``events.json``."""
@@ -4526,6 +4532,7 @@ class FolderSource:
     def __init__(self, folder: Path) -> None:
         self.folder = folder
         self.label = f"folder {folder}"
+        self.engine: FolderEngine | None = None
 
     def export_files(self) -> dict[str, Path]:
         """The export files that are there, by collection."""
@@ -4559,14 +4566,18 @@ class FolderSource:
 
         total = sum(path.stat().st_size for path in files.values())
         with (progress or no_progress)(total, "B") as bar:
-            engine = FolderEngine(files["users"], files["events"])
+            self.close()
+            self.engine = FolderEngine(files["users"], files["events"])  # open until ``close``: the walk reads it
             try:
-                return engine_read(engine, now, lambda: bar.update(total // 2) if bar is not None else None)
+                return engine_read(self.engine, now, lambda: bar.update(total // 2) if bar is not None else None)
             except (duckdb.Error, EngineRefused):
-                pass
-            finally:
-                engine.close()
+                self.close()
         return self.read(progress)
+
+    def close(self) -> None:
+        if self.engine is not None:
+            self.engine.close()
+            self.engine = None
 
 
 def read_source(source: DataSource, now: datetime, progress: Any = None) -> SourceData:
@@ -4663,13 +4674,15 @@ ENGINE_EVENTS = """
 CREATE TEMP TABLE events_fields AS SELECT n, starts_with(ltrim(doc::VARCHAR), '{{') AS object, rtt_deep(doc)
     OR rtt_twice(doc::VARCHAR, '"ownerId"') OR rtt_twice(doc::VARCHAR, '"participants"')
     OR rtt_twice(doc::VARCHAR, '"startDate"') OR rtt_twice(doc::VARCHAR, '"type"') OR rtt_twice(doc::VARCHAR, '"active"')
-    AS odd_doc, json_extract(doc, ['$._id', '$.ownerId', '$.participants', '$.startDate', '$.type', '$.active']) AS f
+    AS odd_doc, json_extract(doc, ['$._id', '$.ownerId', '$.participants', '$.startDate', '$.type', '$.active',
+        '$.neighborhood', '$.categories', '$.features', '$.venueName', '$.name']) AS f
 FROM {records};
 CREATE TEMP TABLE events_read AS
-SELECT n, key, members, start, object, public, host,
+SELECT n, key, members, start, object, public, host, slim,
     coalesce(key = {odd} OR list_contains(members, {odd}) OR start = {odd_start} OR odd_doc, false) AS odd
 FROM (SELECT n, object, odd_doc, rtt_record_id(f[1]) AS key, rtt_members(f[2], f[3]) AS members, rtt_start(f[4]) AS start,
-    rtt_id(f[2]) AS host,
+    rtt_id(f[2]) AS host, json_object('_id', rtt_record_id(f[1]), 'ownerId', rtt_id(f[2]), 'neighborhood', f[7],
+        'categories', f[8], 'features', f[9], 'venueName', f[10], 'name', f[11])::VARCHAR AS slim,
     coalesce(json_extract_string(f[5], '$') = 'public' AND json_type(f[5]) = 'VARCHAR' AND json_type(f[6]) = 'BOOLEAN'
         AND json_extract_string(f[6], '$') = 'true', false) AS public FROM events_fields);
 DROP TABLE events_fields
@@ -4702,20 +4715,20 @@ CREATE TEMP TABLE dormant AS SELECT u.n, u.key, a.events, a.last FROM users_kept
 WHERE a.last > $after AND a.last <= $until
 """
 # The events step 1 reads whole: those naming a dormant member (their history) and step 2's candidates.
-ENGINE_WANTED_EVENTS = """
-CREATE TEMP TABLE wanted AS SELECT n, key, host, start, members, coalesce(public AND start > $now, false) AS candidate
-FROM events_kept WHERE (public AND start > $now)
-    OR n IN (SELECT e.n FROM (SELECT n, unnest(members) AS member FROM events_kept) e JOIN dormant d ON d.key = e.member)
+ENGINE_CANDIDATES = """
+SELECT n, doc, rtt_plain(doc), start, members FROM {records} JOIN events_kept USING (n)
+WHERE n IN (SELECT n FROM events_kept WHERE public AND start > $now) ORDER BY n
 """
-# Step 2's candidates whole; the other events as ``member_history`` reads them (their start and members are
-# the engine's): id, host, place, tags, venue and name.
-ENGINE_EVENT_TEXTS = """
-SELECT n, doc, rtt_plain(doc), start, members, candidate FROM (
-    SELECT w.n, w.start, w.members, w.candidate, CASE WHEN w.candidate THEN r.doc::VARCHAR ELSE json_object('_id', w.key,
-        'ownerId', w.host, 'neighborhood', g[1], 'categories', g[2], 'features', g[3], 'venueName', g[4],
-        'name', g[5])::VARCHAR END AS doc
-    FROM (SELECT n, doc, json_extract(doc, ['$.neighborhood', '$.categories', '$.features', '$.venueName', '$.name'])
-          AS g FROM {records} WHERE n IN (SELECT n FROM wanted)) r JOIN wanted w USING (n)) ORDER BY n
+# Each dormant member's events, read when the walk reaches them (``EngineHistory``), as ``member_history``
+# reads them: id, host, place, tags, venue and name (start and members: the engine's).
+ENGINE_MEMBER_EVENTS = """
+CREATE TEMP TABLE member_events AS SELECT e.member, e.n FROM (SELECT n, unnest(members) AS member FROM events_kept) e
+JOIN dormant d ON d.key = e.member ORDER BY e.member;
+DROP TABLE users_read; DROP TABLE users_kept; DROP TABLE users_python; DROP TABLE activity
+"""
+ENGINE_HISTORY = """
+SELECT n, r.slim, rtt_plain(r.slim), e.start, e.members FROM member_events m JOIN events_kept e USING (n)
+JOIN events_read r USING (n) WHERE m.member = $member ORDER BY n
 """
 
 
@@ -4743,6 +4756,8 @@ class FolderEngine:
 
     def odd_texts(self, name: str) -> list[tuple[int, str]]:
         """The records only Python can read, with their place in the file."""
+        if not self.db.execute(f"SELECT count(*) FROM {name}_read WHERE odd").fetchone()[0]:
+            return []
         return self.db.execute(f"SELECT r.n, f.doc FROM {self.records[name]} f JOIN {name}_read r USING (n) "
                                "WHERE r.odd ORDER BY r.n").fetchall()
 
@@ -4867,30 +4882,44 @@ def wanted_records(engine: FolderEngine, name: str, wanted: str, odd: OddRecords
     """The records ``wanted`` gives, in file order, decoded and screened (an odd one: as read already; a
     plain one, ``rtt_plain``: decoded with the others of its batch, nothing to convert or clean), each with
     the rest of its row."""
+    return [found for batch in engine.texts(name, wanted) for found in wanted_records_of(batch, name, odd, decoder, issues)]
+
+
+def wanted_records_of(batch: Sequence[tuple[Any, ...]], name: str, odd: OddRecords, decoder: ExtendedJsonDecoder,
+                      issues: Counter[str]) -> list[tuple[dict[str, Any], tuple[Any, ...]]]:
+    """``wanted_records`` of one batch of rows."""
     found = []
-    for batch in engine.texts(name, wanted):
-        plain = plain_records([row[1] for row in batch if row[2] and row[0] not in odd.records])
-        for n, text, clean, *rest in batch:
-            if n in odd.records:
-                record = odd.records[n]
-            elif clean and plain is not None:
-                record = next(plain)
-            else:
-                record = decode_text(text, name, decoder, issues)
-            if record is not None:
-                found.append((record, tuple(rest)))
+    plain = plain_records([row[1] for row in batch if row[2] and row[0] not in odd.records])
+    for n, text, clean, *rest in batch:
+        if n in odd.records:
+            record = odd.records[n]
+        elif clean and plain is not None:
+            record = next(plain)
+        else:
+            record = decode_text(text, name, decoder, issues)
+        if record is not None:
+            found.append((record, tuple(rest)))
     return found
 
 
-def engine_activity(rows: Sequence[tuple[dict[str, Any], tuple[Any, ...]]],
-                    counted: Mapping[str, Activity]) -> ActivityIndex:
-    """``index_member_activity`` of the events read, each with its start and members as the engine read
-    them, the engine's counts and latest dates kept (``counted``)."""
-    dated = [(from_micros(start), event, tuple(members)) for event, (start, members, _) in rows if start is not None]
-    undated = Counter(member for _, (start, members, _) in rows if start is None for member in members)
-    index = activity_index(dated, undated)
-    index.counted = counted
-    return index
+def engine_activity(rows: Sequence[tuple[dict[str, Any], tuple[Any, ...]]]) -> ActivityIndex:
+    """``index_member_activity`` of the events read, each with its start and members as the engine read them."""
+    dated = [(from_micros(start), event, tuple(members)) for event, (start, members) in rows if start is not None]
+    undated = Counter(member for _, (start, members) in rows if start is None for member in members)
+    return activity_index(dated, undated)
+
+
+class EngineHistory:
+    """A dormant member's events, read from the engine when the walk reaches the member (``ActivityIndex.history``):
+    a million-member folder has a hundred thousand dormant members and the walk reaches a few hundred."""
+
+    def __init__(self, engine: FolderEngine, odd: OddRecords) -> None:
+        self.engine, self.odd = engine, odd
+
+    def __call__(self, member: str) -> tuple[Attended, ...]:
+        cursor = self.engine.db.execute(ENGINE_HISTORY, {"member": member})
+        rows = wanted_records_of(cursor.fetchall(), "events", self.odd, ExtendedJsonDecoder(), Counter())
+        return engine_activity(rows).attended(member)
 
 
 def plain_records(texts: Sequence[str]) -> Iterator[dict[str, Any]] | None:
@@ -4926,11 +4955,13 @@ def engine_read(engine: FolderEngine, now: datetime, tick: Any) -> SourceData:
     counted = {key: Activity(events, from_micros(last))
                for key, events, last in engine.db.execute("SELECT key, events, last FROM dormant").fetchall()}
     users = [user for user, _ in wanted_records(engine, "users", "SELECT n FROM dormant", odd_users, decoder, issues)]
-    engine.db.execute(ENGINE_WANTED_EVENTS.replace("$now", str(epoch_micros(now))))
-    rows = wanted_records(engine, "events", ENGINE_EVENT_TEXTS, odd_events, decoder, issues)
-    activity = engine_activity(rows, counted)
-    events = [event for event, (_, _, candidate) in rows if candidate]
+    rows = wanted_records(engine, "events", ENGINE_CANDIDATES.replace("$now", str(epoch_micros(now))), odd_events,
+                          decoder, issues)
+    activity = engine_activity(rows)  # every member's upcoming events (``company_going``)
+    activity.counted, activity.history = counted, EngineHistory(engine, odd_events)
+    events = [event for event, _ in rows]
     counts = engine.counts()
+    engine.sql(ENGINE_MEMBER_EVENTS)
     skipped.update({kind: n for kind, n in counts.items() if kind.endswith("_usable_id")})
     issues.update({kind: n for kind, n in counts.items() if not kind.endswith(("_read", "_usable_id"))})
     tick()
@@ -5114,6 +5145,9 @@ class MongoSource:
     def __init__(self, client: Any, db_name: str) -> None:
         self.client = client
         self.db_name = db_name
+
+    def close(self) -> None:
+        pass  # (the client is closed by whoever made it)
 
     def read(self, progress: Any = None) -> SourceData:
         from pymongo.errors import PyMongoError
@@ -5323,6 +5357,9 @@ class DemoSource:
     def read(self, progress: Any = None) -> SourceData:
         users, events = build_demo_world(self.now)
         return SourceData(users, events)
+
+    def close(self) -> None:
+        pass
 
 
 def build_demo_world(now: datetime) -> tuple[list[dict[str, Any]], list[dict[str, Any]]]:
@@ -9151,6 +9188,7 @@ def run_campaign(args: argparse.Namespace, env: Mapping[str, str] | None, mongo_
                               keep_logs_days=options.keep_logs_days)
     closing.callback(close_logging, logger)
     source = make_source(options, settings, logger, mongo_client)
+    closing.callback(source.close)
     if isinstance(source, MongoSource) and mongo_client is None:
         closing.callback(source.client.close)
     dashboard = make_dashboard(options, settings, logger, control)
