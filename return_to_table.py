@@ -1427,6 +1427,10 @@ class ActivityIndex(Mapping[str, Activity]):
         """The member's dated events in start order, each with everyone at it."""
         if self.history is not None and member in self.counted:
             return self.history(member)
+        return self.indexed(member)
+
+    def indexed(self, member: str) -> tuple[Attended, ...]:
+        """``attended`` of the events indexed here (with ``history``: step 2's candidates), none read when asked."""
         dated = self.dated
         return tuple(Attended(dated[n][0], dated[n][1], frozenset(dated[n][2])) for n in self.positions.get(member, ()))
 
@@ -1599,7 +1603,8 @@ def company_going(member: str, past: Sequence[Attended], activity: Mapping[str, 
     company = set().union(*(a.members for a in past)) - {member}
     going: Counter[str] = Counter()
     for other in company:
-        attended = activity[other].attended if other in activity else ()
+        attended = activity.indexed(other) if isinstance(activity, ActivityIndex) else (
+            activity[other].attended if other in activity else ())  # (an engine's index: step 2's candidates)
         for a in attended[after_moment(attended, now):]:
             event_id = id_of(a.event.get("_id"))
             if event_id and id_of(a.event.get("ownerId")) != other and is_open_future_public(a.event, now):
@@ -4724,11 +4729,10 @@ WHERE n IN (SELECT n FROM events_kept WHERE public AND start > $now) ORDER BY n
 ENGINE_MEMBER_EVENTS = """
 CREATE TEMP TABLE member_events AS SELECT e.member, e.n FROM (SELECT n, unnest(members) AS member FROM events_kept) e
 JOIN dormant d ON d.key = e.member ORDER BY e.member;
-DROP TABLE users_read; DROP TABLE users_kept; DROP TABLE users_python; DROP TABLE activity
-"""
-ENGINE_HISTORY = """
-SELECT n, r.slim, rtt_plain(r.slim), e.start, e.members FROM member_events m JOIN events_kept e USING (n)
-JOIN events_read r USING (n) WHERE m.member = $member ORDER BY n
+CREATE TEMP TABLE history_events AS SELECT n, r.slim, rtt_plain(r.slim) AS plain, e.start, e.members
+FROM events_kept e JOIN events_read r USING (n) WHERE n IN (SELECT n FROM member_events) ORDER BY n;
+DROP TABLE users_read; DROP TABLE users_kept; DROP TABLE users_python; DROP TABLE activity; DROP TABLE dormant;
+DROP TABLE events_read; DROP TABLE events_kept; DROP TABLE events_python
 """
 
 
@@ -4917,8 +4921,13 @@ class EngineHistory:
         self.engine, self.odd = engine, odd
 
     def __call__(self, member: str) -> tuple[Attended, ...]:
-        cursor = self.engine.db.execute(ENGINE_HISTORY, {"member": member})
-        rows = wanted_records_of(cursor.fetchall(), "events", self.odd, ExtendedJsonDecoder(), Counter())
+        db = self.engine.db
+        places = [str(n) for (n,) in db.execute("SELECT n FROM member_events WHERE member = $m", {"m": member}).fetchall()]
+        if not places:
+            return ()
+        found = db.execute(f"SELECT n, slim, plain, start, members FROM history_events WHERE n IN ({', '.join(places)})"
+                           " ORDER BY n").fetchall()
+        rows = wanted_records_of(found, "events", self.odd, ExtendedJsonDecoder(), Counter())
         return engine_activity(rows).attended(member)
 
 
@@ -4961,14 +4970,15 @@ def engine_read(engine: FolderEngine, now: datetime, tick: Any) -> SourceData:
     activity.counted, activity.history = counted, EngineHistory(engine, odd_events)
     events = [event for event, _ in rows]
     counts = engine.counts()
-    engine.sql(ENGINE_MEMBER_EVENTS)
     skipped.update({kind: n for kind, n in counts.items() if kind.endswith("_usable_id")})
     issues.update({kind: n for kind, n in counts.items() if not kind.endswith(("_read", "_usable_id"))})
+    raw_kept = engine.raw_kept(skipped)
+    engine.sql(ENGINE_MEMBER_EVENTS)
     tick()
     return SourceData(users, events, decoder.bad_values, +skipped, files=dict(engine.files), issues=+issues,
                       activity=activity, statuses=dict(sorted(statuses.items())),
                       read={"users": counts["users_read"], "events": counts["events_read"]}, screened=True,
-                      raw_kept=engine.raw_kept(skipped))
+                      raw_kept=raw_kept)
 
 
 # --- MongoDB doing the counting: aggregation expressions (MongoDB 5.0+ operators only) --------------
