@@ -854,6 +854,8 @@ _PLAIN_LEAVES = frozenset({str, int, bool, type(None)})  # what ``to_plain`` giv
 def to_plain(value: Any) -> Any:
     """A document made JSON-ready: ObjectIds as strings, dates as ISO UTC, recursively."""
     kind = type(value)
+    if kind is PlainRecord:
+        return dict(value)
     if kind is str or kind is int or kind is bool or value is None:  # the usual leaves, no ABC check
         return value
     if kind is list:
@@ -4605,6 +4607,7 @@ def read_totals(data: SourceData) -> tuple[int, int]:
 
 PY_SPACE = ("\t\n\x0b\x0c\r\x1c\x1d\x1e\x1f \x85\xa0\u1680\u2000\u2001\u2002\u2003\u2004\u2005\u2006\u2007"
             "\u2008\u2009\u200a\u2028\u2029\u202f\u205f\u3000")  # what ``str.strip()`` strips
+FORM_SLOW, FORM_PLAIN, FORM_DATES_IDS = 0, 1, 2  # ``rtt_plain``: how Python decodes a record's text
 SQL_ODD = "chr(0)"  # an id only Python can read (no id Python reads holds U+0000: screening removes it)
 SQL_ODD_START = -(2 ** 63)  # a start only Python can read (epoch microseconds)
 SQL_YEARS = (datetime(1900, 1, 1, tzinfo=UTC), datetime(2200, 1, 1, tzinfo=UTC))  # starts read in SQL
@@ -4661,7 +4664,12 @@ def sql_macros() -> str:
         ELSE rtt_millis(j) END END;
     CREATE MACRO rtt_deep(doc) AS length(doc) > {MAX_NESTING_DEPTH} AND length(doc) - length(replace(replace(
         doc::VARCHAR, '{{', ''), '[', '')) > {MAX_NESTING_DEPTH};
-    CREATE MACRO rtt_plain(doc) AS NOT regexp_matches(doc, '\\\\|"\\$|{sql_control_class()}|[^"]{{{MAX_TEXT_CHARS + 1},}}');
+    CREATE MACRO rtt_count(doc, part) AS (strlen(doc) - strlen(replace(doc, part, ''))) // strlen(part);
+    CREATE MACRO rtt_plain(doc) AS CASE
+        WHEN regexp_matches(doc, '\\\\|{sql_control_class()}|[^"]{{{MAX_TEXT_CHARS + 1},}}') THEN {FORM_SLOW}
+        WHEN NOT contains(doc, '"$') THEN {FORM_PLAIN}
+        WHEN rtt_count(doc, '"$') = rtt_count(doc, '"$oid"') + rtt_count(doc, '"$date"') THEN {FORM_DATES_IDS}
+        ELSE {FORM_SLOW} END;
     CREATE MACRO rtt_twice(doc, key) AS contains(substr(doc, strpos(doc, key) + length(key)), key);
     """
 
@@ -4893,17 +4901,23 @@ def wanted_records_of(batch: Sequence[tuple[Any, ...]], name: str, odd: OddRecor
                       issues: Counter[str]) -> list[tuple[dict[str, Any], tuple[Any, ...]]]:
     """``wanted_records`` of one batch of rows."""
     found = []
-    plain = plain_records([row[1] for row in batch if row[2] and row[0] not in odd.records])
-    for n, text, clean, *rest in batch:
-        if n in odd.records:
-            record = odd.records[n]
-        elif clean and plain is not None:
-            record = next(plain)
-        else:
+    plain = plain_records([row[1] for row in batch if row[2] != FORM_SLOW and row[0] not in odd.records])
+    for n, text, form, *rest in batch:
+        record = odd.records.get(n) if n in odd.records else None if form == FORM_SLOW or plain is None else next(plain)
+        if form == FORM_DATES_IDS and n not in odd.records and plain is not None:
+            record = extended_values(dict(record), decoder)  # (clean text: screening would change nothing)
+            record = record if type(record) is dict else None
+        elif form == FORM_PLAIN and record is not None and n not in odd.records:
+            record = PlainRecord(record)
+        if record is None and n not in odd.records:
             record = decode_text(text, name, decoder, issues)
         if record is not None:
             found.append((record, tuple(rest)))
     return found
+
+
+class PlainRecord(dict):  # type: ignore[type-arg]
+    """A record of plain JSON values only (``rtt_plain``): ``to_plain`` copies it without walking it."""
 
 
 def engine_activity(rows: Sequence[tuple[dict[str, Any], tuple[Any, ...]]]) -> ActivityIndex:
