@@ -2725,7 +2725,7 @@ class CandidateIndex:
         each event of them the member's history names (``own``, ``own_positions``: a group's bound leaves
         them out)."""
         tiers: dict[str | None, int] = {}
-        by_tags: dict[tuple[str, ...], tuple[int, float]] = {}
+        by_tags: dict[tuple[bool, tuple[str, ...]], tuple[int, float]] = {}
         best = self.best_local_time(reader.habits)
         pending = [(-self.event_bound(reader, group.first, group.facts, best, tiers, by_tags), 1, g)
                    for g, group in ((g, self.groups[g]) for g in groups)]
@@ -2765,7 +2765,7 @@ class CandidateIndex:
         zone = habits.habits.zone if habits is not None else None
         local = self.local_times(zone)
         tiers: dict[str | None, int] = {}  # the member's location tier per event place
-        by_tags: dict[tuple[str, ...], tuple[int, float]] = {}  # interest tier and tag share per set of tags
+        by_tags: dict[tuple[bool, tuple[str, ...]], tuple[int, float]] = {}  # interest tier and tag share per tags
         found = []
         for n in positions:
             weekday_part = local.get(n)
@@ -2775,7 +2775,7 @@ class CandidateIndex:
         return found
 
     def event_bound(self, reader: BoundReader, n: int, f: EventFacts, weekday_part: tuple[str, str],
-                    tiers: dict[str | None, int], by_tags: dict[tuple[str, ...], tuple[int, float]]) -> float:
+                    tiers: dict[str | None, int], by_tags: dict[tuple[bool, tuple[str, ...]], tuple[int, float]]) -> float:
         """``bounds`` of an event with facts ``f`` (the tags of the event at ``n``), ``tiers`` and ``by_tags``
         remembered for the member. Every step is non-decreasing in each fact and count it reads, so facts
         that are each at least an event's give at least that event's bound (``EventGroup``)."""
@@ -2784,11 +2784,14 @@ class CandidateIndex:
         if near is None:
             same = self.places.same_place(reader.home, f.where)
             near = tiers[f.where] = proximity_tier(same, 0.0 if same else self.places.distance_km(reader.home, f.where))
-        tagged = by_tags.get(f.tags)
+        group = not f.event_id  # (an ``EventGroup``'s facts: tags the union of its events')
+        tagged = by_tags.get((group, f.tags))
         if tagged is None:  # the interest tier as ``score_candidates`` reads it (1 at least: a bound)
-            shared = matched_interests(reader.interests, event_features(self.events[n]).tags)
-            tagged = by_tags[f.tags] = (max(1, interest_alignment(shared)),
-                                        mean_share(habits.tags, f.tags) if habits is not None else 0.0)
+            tags = {tag: tag for tag in f.tags} if group else event_features(self.events[n]).tags
+            shared = matched_interests(reader.interests, tags)
+            share = 0.0 if habits is None else max((float(habits.tags.get(t, 0.0)) for t in f.tags), default=0.0) \
+                if group else mean_share(habits.tags, f.tags)  # (a group: the largest share, at least any mean)
+            tagged = by_tags[(group, f.tags)] = (max(1, interest_alignment(shared)), share)
         points = history_bound(habits, f, weekday_part, tagged[1]) * f.timing if habits is not None else 0.0
         plan = PLAN_WEIGHT * (f.plan_base + ((tagged[0] - 1) * 11 + near) * 16) / PLAN_INDEX_MAX
         return points + plan + BOUND_MARGIN
@@ -2841,14 +2844,16 @@ class EventGroup(NamedTuple):
 
 
 def event_groups(facts: Mapping[int, EventFacts]) -> list[EventGroup]:
-    """The open events grouped by place and tags (``EventGroup``), in step 2's order of their first event."""
+    """The open events grouped by place and plan tiers (fill and timing: ``plan_base``), their tags the union
+    of theirs (``EventGroup``), in step 2's order of their first event. (Grouped by their exact tags, a world
+    of a few places and categories mixed per event gave a group per event: thousands of bounds a member.)"""
     found: dict[tuple[Any, ...], list[int]] = {}
     for n, f in facts.items():
-        found.setdefault((f.where, f.place, f.tags), []).append(n)
+        found.setdefault((f.where, f.place, f.plan_base), []).append(n)
     groups = []
-    for (where, place, tags), positions in found.items():
+    for (where, place, plan_base), positions in found.items():
         timing = max(facts[n].timing for n in positions)
-        plan_base = max(facts[n].plan_base for n in positions)
+        tags = tuple(sorted({tag for n in positions for tag in facts[n].tags}))
         groups.append(EventGroup(tuple(positions), EventFacts("", "", (), place, tags, where, timing, plan_base),
                                  positions[0]))
     return groups
