@@ -2725,7 +2725,7 @@ class CandidateIndex:
         each event of them the member's history names (``own``, ``own_positions``: a group's bound leaves
         them out)."""
         tiers: dict[str | None, int] = {}
-        by_tags: dict[tuple[bool, tuple[str, ...]], tuple[int, float]] = {}
+        by_tags: dict[tuple[str, ...], tuple[int, float]] = {}
         best = self.best_local_time(reader.habits)
         pending = [(-self.event_bound(reader, group.first, group.facts, best, tiers, by_tags), 1, g)
                    for g, group in ((g, self.groups[g]) for g in groups)]
@@ -2765,7 +2765,7 @@ class CandidateIndex:
         zone = habits.habits.zone if habits is not None else None
         local = self.local_times(zone)
         tiers: dict[str | None, int] = {}  # the member's location tier per event place
-        by_tags: dict[tuple[bool, tuple[str, ...]], tuple[int, float]] = {}  # interest tier and tag share per tags
+        by_tags: dict[tuple[str, ...], tuple[int, float]] = {}  # interest tier and tag share per tags
         found = []
         for n in positions:
             weekday_part = local.get(n)
@@ -2775,7 +2775,7 @@ class CandidateIndex:
         return found
 
     def event_bound(self, reader: BoundReader, n: int, f: EventFacts, weekday_part: tuple[str, str],
-                    tiers: dict[str | None, int], by_tags: dict[tuple[bool, tuple[str, ...]], tuple[int, float]]) -> float:
+                    tiers: dict[str | None, int], by_tags: dict[tuple[str, ...], tuple[int, float]]) -> float:
         """``bounds`` of an event with facts ``f`` (the tags of the event at ``n``), ``tiers`` and ``by_tags``
         remembered for the member. Every step is non-decreasing in each fact and count it reads, so facts
         that are each at least an event's give at least that event's bound (``EventGroup``)."""
@@ -2784,14 +2784,11 @@ class CandidateIndex:
         if near is None:
             same = self.places.same_place(reader.home, f.where)
             near = tiers[f.where] = proximity_tier(same, 0.0 if same else self.places.distance_km(reader.home, f.where))
-        group = not f.event_id  # (an ``EventGroup``'s facts: tags the union of its events')
-        tagged = by_tags.get((group, f.tags))
+        tagged = by_tags.get(f.tags)
         if tagged is None:  # the interest tier as ``score_candidates`` reads it (1 at least: a bound)
-            tags = {tag: tag for tag in f.tags} if group else event_features(self.events[n]).tags
-            shared = matched_interests(reader.interests, tags)
-            share = 0.0 if habits is None else max((float(habits.tags.get(t, 0.0)) for t in f.tags), default=0.0) \
-                if group else mean_share(habits.tags, f.tags)  # (a group: the largest share, at least any mean)
-            tagged = by_tags[(group, f.tags)] = (max(1, interest_alignment(shared)), share)
+            shared = matched_interests(reader.interests, event_features(self.events[n]).tags)
+            tagged = by_tags[f.tags] = (max(1, interest_alignment(shared)),
+                                        mean_share(habits.tags, f.tags) if habits is not None else 0.0)
         points = history_bound(habits, f, weekday_part, tagged[1]) * f.timing if habits is not None else 0.0
         plan = PLAN_WEIGHT * (f.plan_base + ((tagged[0] - 1) * 11 + near) * 16) / PLAN_INDEX_MAX
         return points + plan + BOUND_MARGIN
@@ -2844,16 +2841,16 @@ class EventGroup(NamedTuple):
 
 
 def event_groups(facts: Mapping[int, EventFacts]) -> list[EventGroup]:
-    """The open events grouped by place and plan tiers (fill and timing: ``plan_base``), their tags the union
-    of theirs (``EventGroup``), in step 2's order of their first event. (Grouped by their exact tags, a world
-    of a few places and categories mixed per event gave a group per event: thousands of bounds a member.)"""
+    """The open events grouped by place and set of tags (``EventGroup``), in step 2's order of their first event.
+    (A world whose events mix a few categories and features each has a group per event or nearly: issue 21's
+    shape, 1,523 groups for 1,856 open events at 100k members; its members' events are bounded one by one.)"""
     found: dict[tuple[Any, ...], list[int]] = {}
     for n, f in facts.items():
-        found.setdefault((f.where, f.place, f.plan_base), []).append(n)
+        found.setdefault((f.where, f.place, tuple(sorted(f.tags))), []).append(n)
     groups = []
-    for (where, place, plan_base), positions in found.items():
+    for (where, place, tags), positions in found.items():
         timing = max(facts[n].timing for n in positions)
-        tags = tuple(sorted({tag for n in positions for tag in facts[n].tags}))
+        plan_base = max(facts[n].plan_base for n in positions)
         groups.append(EventGroup(tuple(positions), EventFacts("", "", (), place, tags, where, timing, plan_base),
                                  positions[0]))
     return groups
@@ -4612,7 +4609,9 @@ def read_totals(data: SourceData) -> tuple[int, int]:
 
 PY_SPACE = ("\t\n\x0b\x0c\r\x1c\x1d\x1e\x1f \x85\xa0\u1680\u2000\u2001\u2002\u2003\u2004\u2005\u2006\u2007"
             "\u2008\u2009\u200a\u2028\u2029\u202f\u205f\u3000")  # what ``str.strip()`` strips
-FORM_SLOW, FORM_PLAIN, FORM_DATES_IDS = 0, 1, 2  # ``rtt_plain``: how Python decodes a record's text
+# ``rtt_plain``: how Python decodes a record's text: alone; a batch at a time, final; a batch at a time, then its
+# Extended JSON values (``$oid``, ``$date`` and numbers: screening of clean text changes none of them).
+FORM_SLOW, FORM_PLAIN, FORM_DATES_IDS = 0, 1, 2
 SQL_ODD = "chr(0)"  # an id only Python can read (no id Python reads holds U+0000: screening removes it)
 SQL_ODD_START = -(2 ** 63)  # a start only Python can read (epoch microseconds)
 SQL_YEARS = (datetime(1900, 1, 1, tzinfo=UTC), datetime(2200, 1, 1, tzinfo=UTC))  # starts read in SQL
@@ -4673,7 +4672,9 @@ def sql_macros() -> str:
     CREATE MACRO rtt_plain(doc) AS CASE
         WHEN regexp_matches(doc, '\\\\|{sql_control_class()}|[^"]{{{MAX_TEXT_CHARS + 1},}}') THEN {FORM_SLOW}
         WHEN NOT contains(doc, '"$') THEN {FORM_PLAIN}
-        WHEN rtt_count(doc, '"$') = rtt_count(doc, '"$oid"') + rtt_count(doc, '"$date"') THEN {FORM_DATES_IDS}
+        WHEN rtt_count(doc, '"$') = rtt_count(doc, '"$oid"') + rtt_count(doc, '"$date"')
+            + rtt_count(doc, '"$numberLong"') + rtt_count(doc, '"$numberInt"') + rtt_count(doc, '"$numberDouble"')
+            THEN {FORM_DATES_IDS}
         ELSE {FORM_SLOW} END;
     CREATE MACRO rtt_twice(doc, key) AS contains(substr(doc, strpos(doc, key) + length(key)), key);
     """
