@@ -4697,9 +4697,13 @@ CREATE TEMP TABLE events_fields AS SELECT n, starts_with(ltrim(doc::VARCHAR), '{
         '$.neighborhood', '$.categories', '$.features', '$.venueName', '$.name']) AS f
 FROM {records};
 CREATE TEMP TABLE events_read AS
-SELECT n, key, members, start, object, public, host, slim,
+SELECT n, key, members, start, object, public, host, slim, odd_owner, odd_list, odd_entries,
     coalesce(key = {odd} OR list_contains(members, {odd}) OR start = {odd_start} OR odd_doc, false) AS odd
 FROM (SELECT n, object, odd_doc, rtt_record_id(f[1]) AS key, rtt_members(f[2], f[3]) AS members, rtt_start(f[4]) AS start,
+    coalesce(json_type(f[2]) <> 'NULL' AND rtt_id(f[2]) IS NULL, false) AS odd_owner,
+    coalesce(json_type(f[3]) NOT IN ('NULL', 'ARRAY'), false) AS odd_list,
+    CASE WHEN json_type(f[3]) = 'ARRAY' THEN len(list_filter(f[3]::JSON[], lambda p: rtt_id(p) IS NULL)) ELSE 0 END
+        AS odd_entries,
     rtt_id(f[2]) AS host, json_object('_id', rtt_record_id(f[1]), 'ownerId', rtt_id(f[2]), 'neighborhood', f[7],
         'categories', f[8], 'features', f[9], 'venueName', f[10], 'name', f[11])::VARCHAR AS slim,
     coalesce(json_extract_string(f[5], '$') = 'public' AND json_type(f[5]) = 'VARCHAR' AND json_type(f[6]) = 'BOOLEAN'
@@ -4823,6 +4827,9 @@ class FolderEngine:
                       f"repeated_{name[:-1]}_ids": usable + python - kept}
         (found["events_without_valid_start_date"],) = self.db.execute(
             "SELECT count(*) FROM events_kept WHERE start IS NULL").fetchone()
+        found["odd_owner_ids"], found["odd_participant_lists"], found["odd_participants"] = self.db.execute(
+            "SELECT count(*) FILTER (WHERE odd_owner), count(*) FILTER (WHERE odd_list), coalesce(sum(odd_entries), 0)"
+            " FROM events_read JOIN events_kept USING (n) WHERE NOT odd").fetchone()
         return found
 
 
@@ -4883,6 +4890,7 @@ def odd_records(engine: FolderEngine, name: str, decoder: ExtendedJsonDecoder, i
     events; a record screening skips has no key."""
     rows: list[tuple[Any, ...]] = []
     records: dict[int, dict[str, Any]] = {}
+    found = DataIssues()  # (odd member entries, counted for the odd events as the engine counts the others)
     for n, text in engine.odd_texts(name):
         record = decode_text(text, name, decoder, issues)
         key = id_of(record["_id"]) if record is not None else None
@@ -4890,8 +4898,9 @@ def odd_records(engine: FolderEngine, name: str, decoder: ExtendedJsonDecoder, i
             records[n] = record
         event = record or {}
         rows.append((n, key) if name == "users" else (
-            n, key, sorted(event_member_ids(event, DataIssues())), epoch_micros(to_utc(event.get("startDate"))),
+            n, key, sorted(event_member_ids(event, found)), epoch_micros(to_utc(event.get("startDate"))),
             event.get("type") == "public" and event.get("active") is True, id_of(event.get("ownerId"))))
+    issues.update(found.counts)
     return OddRecords(rows, records)
 
 
