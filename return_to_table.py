@@ -35,6 +35,25 @@ the command line.
 
 from __future__ import annotations
 
+import os
+import signal
+
+
+def stop_at_once(signum: int, _frame: object) -> None:
+    """A signal outside a run's steps (while the script starts, parses, checks its settings, or after
+    the report): one line, then exit 130 (SIGINT) or 143 (SIGTERM) at once. Nothing is held then and every
+    file is written atomically, so nothing is left half-done. ``os.write``: no buffered stream is re-entered."""
+    name = "SIGINT" if signum == signal.SIGINT else "SIGTERM" if signum == signal.SIGTERM else f"signal {signum}"
+    os.write(2, f"error: interrupted by {name}; stopped at once (no run's steps were under way)\n".encode())
+    os._exit(128 + signum)
+
+
+if __name__ == "__main__":  # from the first instruction, before the imports below take their tenth of a second
+    for _stop_signal in (signal.SIGINT, signal.SIGTERM):
+        signal.signal(_stop_signal, stop_at_once)
+    # a parent that started us with these signals blocked (a test does, to signal "at once") gets them now
+    signal.pthread_sigmask(signal.SIG_UNBLOCK, {signal.SIGINT, signal.SIGTERM})
+
 import argparse
 import bisect
 import contextlib
@@ -50,12 +69,11 @@ import json
 import logging
 import math
 import operator
-import os
 import pickle
 import random
 import re
 import shutil
-import signal
+import stat
 import subprocess
 import sys
 import tempfile
@@ -203,28 +221,45 @@ class RunControl:
         return max(0.0, min(limits))
 
 
+class Worker:
+    """``fn()`` in a daemon thread whose outcome reaches the thread that waits for it: the value, or the
+    exception raised again there (a MemoryError too), so a helper's failure is never lost in its thread
+    and never printed by it. Every helper thread of a run is one of these (``bounded_call``, the users
+    file's read and its child's answer), so one rule holds for all: ``wait`` is bounded."""
+
+    def __init__(self, fn: Any, name: str) -> None:
+        self._box: dict[str, Any] = {}
+        self.thread = threading.Thread(target=self._run, args=(fn,), name=name, daemon=True)
+        self.thread.start()
+
+    def _run(self, fn: Any) -> None:
+        try:
+            self._box["value"] = fn()
+        except BaseException as exc:  # noqa: BLE001 - handed to the waiting thread; never printed by this one
+            self._box["error"] = exc
+
+    def wait(self, seconds: float, what: str) -> Any:
+        """The value, once ``fn`` is done within ``seconds`` of wall time (``math.inf``: no bound); its
+        exception raised here; ServiceTimeout when it overruns (the thread is abandoned, a daemon)."""
+        self.thread.join(None if math.isinf(seconds) else max(seconds, 0.0))
+        if self.thread.is_alive():
+            raise ServiceTimeout(f"{what}: not done within {seconds:.0f} s")
+        if "error" in self._box:
+            raise self._box.pop("error")
+        return self._box.pop("value", None)
+
+
 def bounded_call(fn: Any, seconds: float, what: str) -> Any:
     """``fn()`` in a daemon thread, waited for at most ``seconds`` of wall time.
 
     Per-read socket timeouts cannot stop a server that answers one byte at a time; this can. A call
     that overruns is abandoned (its thread dies with the process) and raises ServiceTimeout.
     """
-    box: dict[str, Any] = {}
+    return Worker(fn, f"call-{what}").wait(seconds, what)
 
-    def target() -> None:
-        try:
-            box["value"] = fn()
-        except BaseException as exc:  # noqa: BLE001 - handed to the caller; never printed by the thread
-            box["error"] = exc
 
-    worker = threading.Thread(target=target, name=f"call-{what}", daemon=True)
-    worker.start()
-    worker.join(seconds if seconds > 0 else 0.0)
-    if worker.is_alive():
-        raise ServiceTimeout(f"{what}: no complete answer within {seconds:.0f} s")
-    if "error" in box:
-        raise box["error"]
-    return box.get("value")
+OUT_OF_MEMORY = ("error: out of memory (MemoryError): no campaign produced, nothing half-written; give the run "
+                 "more memory (ulimit -v, the container's limit) or a smaller input")
 
 
 DEFAULT_QUIET_HOURS = "21:00-08:00"  # 8am-9pm local may send: the US federal rule and NY GBL 399-z
@@ -529,6 +564,55 @@ class RunLock:
         if self.fd is not None:
             os.close(self.fd)  # closing releases the flock
             self.fd = None
+
+
+# --- files read back from under --out: regular files only, bounded, never through a link ----------
+
+MAX_READ_BYTES = 256 << 20  # the largest file read back from under --out (a mirror's list of 100,000 records)
+
+
+class RefusedFile(OSError):
+    """A file under ``--out`` that is not read: a symbolic link on the way, no regular file, or too large."""
+
+
+def exists_without_links(path: Path, under: Path) -> bool:
+    """Whether ``path`` exists inside ``under``; RefusedFile when it is outside, or a symbolic link is on
+    the way from ``under`` down to it (itself included)."""
+    try:
+        steps = path.relative_to(under).parts
+    except ValueError:
+        raise RefusedFile(f"{path}: outside {under}") from None
+    for depth in range(len(steps)):
+        step = under.joinpath(*steps[: depth + 1])
+        try:
+            mode = os.lstat(step).st_mode
+        except FileNotFoundError:
+            return False
+        if stat.S_ISLNK(mode):
+            raise RefusedFile(f"{step}: a symbolic link, not followed")
+    return True
+
+
+def read_regular_file(path: Path, under: Path, limit: int = MAX_READ_BYTES) -> bytes | None:
+    """The bytes of ``path``, a regular file inside ``under`` reached without any symbolic link (none from
+    ``under`` down, nor the file itself), at most ``limit`` bytes; None when it does not exist.
+
+    The one way files under ``--out`` are read back (the local mirror, so ``measure`` too): a link to
+    ``/dev/zero``, a FIFO, a device or a huge file raises RefusedFile instead of being read until memory
+    runs out or forever."""
+    if not exists_without_links(path, under):
+        return None
+    fd = os.open(path, os.O_RDONLY | os.O_NOFOLLOW | os.O_NONBLOCK | os.O_CLOEXEC)
+    with os.fdopen(fd, "rb") as handle:
+        status = os.fstat(fd)
+        if not stat.S_ISREG(status.st_mode):
+            raise RefusedFile(f"{path}: not a regular file")
+        if status.st_size > limit:
+            raise RefusedFile(f"{path}: {status.st_size} bytes, more than the {limit} read")
+        data = handle.read(limit + 1)
+    if len(data) > limit:
+        raise RefusedFile(f"{path}: grew past the {limit} bytes read")
+    return data
 
 
 # --- output files: every one written atomically -------------------------------------------------
@@ -1801,8 +1885,7 @@ class MemberKeysChild:
     def __init__(self, process: subprocess.Popen[bytes]) -> None:
         self.reply: bytes | None = None
         self.process = process
-        self.drain = threading.Thread(target=self.read_reply, name="member-keys", daemon=True)
-        self.drain.start()
+        self.drain = Worker(self.read_reply, "member-keys")  # its failure (a MemoryError) is raised in ``result``
 
     @classmethod
     def start(cls, path: Path) -> MemberKeysChild | None:
@@ -1818,11 +1901,13 @@ class MemberKeysChild:
         with contextlib.suppress(OSError, ValueError):
             self.reply = self.process.stdout.read()
 
-    def result(self, data: bytes) -> MemberKeys | None:
+    def result(self, data: bytes, seconds: float = math.inf) -> MemberKeys | None:
         """The child's ``MemberKeys`` for ``data`` (the bytes this process read: a file changed between the two
-        reads gives None), raising the UsageError or FastPathRefused its read met; None when it failed."""
-        self.drain.join()
-        if self.process.wait() != 0 or not self.reply:
+        reads gives None), raising the UsageError or FastPathRefused its read met; None when it failed.
+        Waited for ``seconds`` at most (ServiceTimeout after: ``close`` then stops the child); the draining
+        thread's own failure (out of memory) is raised here."""
+        self.drain.wait(seconds, "the users file's helper process")
+        if self.process.wait() != 0 or not self.reply:  # its output is drained: it has ended or is ending
             return None
         try:
             reply = pickle.loads(self.reply)
@@ -1841,7 +1926,7 @@ class MemberKeysChild:
         if self.process.poll() is None:
             self.process.kill()
         self.process.wait()
-        self.drain.join()
+        self.drain.thread.join(1.0)  # the pipe closed with the child: its reader ends (a daemon if not)
 
 
 def dedupe_by_id(docs: Sequence[dict[str, Any]]) -> tuple[list[dict[str, Any]], int]:
@@ -4778,9 +4863,15 @@ class DataSource(Protocol):
 class FolderSource:
     """A folder of ``mongoexport`` output: ``users.json`` and ``events.json``."""
 
-    def __init__(self, folder: Path) -> None:
+    def __init__(self, folder: Path, control: RunControl | None = None) -> None:
         self.folder = folder
         self.label = f"folder {folder}"
+        self.control = control or RunControl()  # its helpers are waited for until the run's deadline at most
+
+    def helper_budget(self) -> float:
+        """Seconds the read may still wait for a helper thread or process: until the deadline (``math.inf``
+        without one). Past it the read fails (ServiceTimeout): no helper can hold a run past its deadline."""
+        return self.control.budget(math.inf)
 
     def export_files(self) -> dict[str, Path]:
         """The export files that are there, by collection (``StagedCopies`` copies them while they are read)."""
@@ -4824,16 +4915,16 @@ class FolderSource:
             if keys_child is not None:
                 stack.callback(keys_child.close)
             # the users file read by a thread meanwhile (the kernel fills the buffer without holding the GIL)
-            users_bytes = stack.enter_context(ThreadPoolExecutor(1, "users-read")).submit(export_bytes, users_file)
+            users_bytes = Worker(functools.partial(export_bytes, users_file), "users-read")
             elements = export_elements(export_bytes(events_file))
             events_read, future = len(elements), []
             records = screened_stream(elements, "events", decoder, issues, bytes_tick(bar, sizes[1], len(elements)),
                                       skim=event_skim(now))
             activity = index_member_activity(records, counted, (now, future))
-            data = users_bytes.result()
+            data = users_bytes.wait(self.helper_budget(), f"reading {users_file}")
             elements = export_elements(data)
             users_read, statuses, plain = len(elements), Counter[str](), set[str]()
-            found = keys_child.result(data) if keys_child is not None else None
+            found = keys_child.result(data, self.helper_budget()) if keys_child is not None else None
             del data  # the elements hold it as long as they need it
             statuses_of = functools.partial(activity.statuses, now=now)
             tick = bytes_tick(bar, sizes[0], len(elements))
@@ -5945,12 +6036,22 @@ class ClaudeAdvisor:
                     return
                 self._lock.wait(0.1)
 
-    def _call(self, **request: Any) -> Any:
-        """One Messages API call (the SDK's own retries included) within its time budget."""
+    def _call(self, step: str, check: Any, **request: Any) -> tuple[Any, Any, str]:
+        """One Messages API call (the SDK's own retries included) within its time budget, its answer checked
+        while the call still holds its slot: ``(reply, checked answer, "")``, or ``(reply, None, problem)``
+        for an invalid answer, which counts as a failed call (paid for, and of no use: "stop after four in
+        a row" holds for a model that answers every call with nonsense too)."""
         self._start_call()
         try:
             budget = self.control.budget(self.config.timeout)
             reply = bounded_call(lambda: self.client.messages.create(**request), budget, "Claude")
+            with self._lock:
+                self.usage[step].add(getattr(reply, "usage", None))
+            try:
+                answer = check(answer_json(reply))
+            except InvalidAnswer as exc:
+                self._count_failure(exc)
+                return reply, None, str(exc)
         except Exception as exc:
             self._count_failure(exc)
             raise
@@ -5958,7 +6059,7 @@ class ClaudeAdvisor:
             with self._lock:
                 self.consecutive_failures = 0
                 self.answered_calls += 1
-            return reply
+            return reply, answer, ""
         finally:
             with self._lock:
                 self.in_flight -= 1
@@ -5982,25 +6083,23 @@ class ClaudeAdvisor:
         problem = ""
         for _attempt in (1, 2):
             try:
-                reply = self._call(model=model, max_tokens=2048, system=self._system(system, model),
-                                   messages=messages, output_config=output_config)
+                reply, answer, problem = self._call(step, check, model=model, max_tokens=2048,
+                                                    system=self._system(system, model), messages=messages,
+                                                    output_config=output_config)
             except (anthropic.APIError, ServiceTimeout, ClaudeDown) as exc:
                 raise InvalidAnswer(f"API error: {exc.__class__.__name__}") from None
-            with self._lock:
-                self.usage[step].add(getattr(reply, "usage", None))
-            try:
-                return check(answer_json(reply))
-            except InvalidAnswer as exc:
-                problem = str(exc)
-                said = "".join(getattr(b, "text", "") for b in reply.content or [] if getattr(b, "type", "") == "text")
-                said = said[: self.MAX_QUOTED_ANSWER] + (" [...]" if len(said) > self.MAX_QUOTED_ANSWER else "")
-                messages += [{"role": "assistant", "content": said if said.strip() else "(no answer)"},
-                             {"role": "user", "content": f"That answer is invalid: {problem}. "
-                                                         "Answer again with only a valid JSON object."}]
+            if not problem:
+                return answer
+            said = "".join(getattr(b, "text", "") for b in reply.content or [] if getattr(b, "type", "") == "text")
+            said = said[: self.MAX_QUOTED_ANSWER] + (" [...]" if len(said) > self.MAX_QUOTED_ANSWER else "")
+            messages += [{"role": "assistant", "content": said if said.strip() else "(no answer)"},
+                         {"role": "user", "content": f"That answer is invalid: {problem}. "
+                                                     "Answer again with only a valid JSON object."}]
         raise InvalidAnswer(f"invalid twice: {problem}")
 
     def _count_failure(self, exc: Exception) -> None:
-        """Stop calling for the rest of the run after a credentials error, a timeout or a run of failures."""
+        """Stop calling for the rest of the run after a credentials error, a timeout or a run of failures
+        (errors and invalid answers alike)."""
         import anthropic
 
         fatal = (anthropic.AuthenticationError, anthropic.PermissionDeniedError, anthropic.NotFoundError)
@@ -6014,7 +6113,8 @@ class ClaudeAdvisor:
             elif isinstance(exc, (anthropic.APITimeoutError, ServiceTimeout)):
                 self.unavailable = f"no answer in time ({exc.__class__.__name__}); not asked again this run"
             elif self.consecutive_failures >= self.MAX_CONSECUTIVE_FAILURES:
-                self.unavailable = f"{self.consecutive_failures} calls in a row failed, the last {exc.__class__.__name__}"
+                last = "an invalid answer" if isinstance(exc, InvalidAnswer) else exc.__class__.__name__
+                self.unavailable = f"{self.consecutive_failures} calls in a row failed, the last {last}"
 
     def choose(self, user: Mapping[str, Any], candidates: Sequence[Candidate], zone: ZoneInfo,
                now: datetime) -> tuple[Candidate, int, str]:
@@ -6265,11 +6365,13 @@ class LocalMirrorTransport:
     ``SAVE_EVERY_SECONDS`` and at ``flush()``, so a long run does not rewrite a growing file per item.
     """
 
-    def __init__(self, root: Path, base_path: str, save_every: float = SAVE_EVERY_SECONDS) -> None:
+    def __init__(self, root: Path, base_path: str, save_every: float = SAVE_EVERY_SECONDS,
+                 anchor: Path | None = None) -> None:
         base = database_path(base_path)
         self.root = root.joinpath(*base.split("/")) if base else root
         if not self.root.resolve().is_relative_to(root.resolve()):  # a symlinked folder pointing elsewhere
             raise UsageError(f"local mirror {self.root}: leads outside {root}; not used")
+        self.anchor = anchor or root  # files are read only below it, through no link (``read_regular_file``)
         self.description = f"local mirror {self.root}"
         self.bytes_sent = 0
         self.save_every = save_every
@@ -6287,13 +6389,23 @@ class LocalMirrorTransport:
         if file in self._files:
             return self._files[file]
         try:
-            tree = rtdb_normalize(json.loads(file.read_text(encoding="utf-8")))
+            data = read_regular_file(file, self.anchor)
+            tree = None if data is None else rtdb_normalize(json.loads(data.decode("utf-8")))
         except FileNotFoundError:
             tree = None
+        except RefusedFile as exc:
+            raise FirebaseError(f"local mirror: not read ({exc})") from None
         except (OSError, ValueError, RecursionError) as exc:
             raise FirebaseError(f"local mirror {file}: unreadable ({exc.__class__.__name__})") from None
         self._files[file] = tree
         return tree
+
+    def _listable(self, folder: Path) -> bool:
+        """Whether ``folder`` is a folder to list; FirebaseError when a symbolic link leads to it."""
+        try:
+            return exists_without_links(folder, self.anchor) and real_folder(folder)
+        except RefusedFile as exc:
+            raise FirebaseError(f"local mirror: not read ({exc})") from None
 
     def _stored(self, segments: list[str]) -> Any:
         split = self._split(segments)
@@ -6302,12 +6414,12 @@ class LocalMirrorTransport:
             return tree_get(self._load(file), rest)
         self.flush()  # a read above the file level lists the files on disk
         folder = self.root.joinpath(*segments)
-        if not folder.is_dir():
+        if not self._listable(folder):
             return None
         tree: dict[str, Any] = {}
         for child in sorted(folder.iterdir()):
             name = child.name[:-5] if child.suffix == ".json" else child.name
-            if child.is_dir() or (child.suffix == ".json" and not child.name.startswith(".")):
+            if real_folder(child) or (child.suffix == ".json" and not child.name.startswith(".")):
                 value = self._stored([*segments, name])
                 if value is not None:
                     tree[name] = value
@@ -6385,10 +6497,15 @@ class LocalMirrorTransport:
             return sorted(value) if isinstance(value, Mapping) else []
         self.flush()  # what this process holds back is on disk before the folder is listed
         folder = self.root.joinpath(*segments)
-        if not folder.is_dir():
+        if not self._listable(folder):
             return []
         return sorted({child.name.removesuffix(".json") for child in folder.iterdir()
-                       if child.is_dir() or (child.suffix == ".json" and not child.name.startswith("."))})
+                       if real_folder(child) or (child.suffix == ".json" and not child.name.startswith("."))})
+
+
+def real_folder(path: Path) -> bool:
+    """A folder that is not a symbolic link to one: the mirror's listings never lead out of it."""
+    return path.is_dir() and not path.is_symlink()
 
 
 NO_BODY = object()
@@ -7268,7 +7385,7 @@ class ReturnToTable:
         """One member through steps 5 and 6; an unexpected failure costs that member only (counted)."""
         try:
             outcome = self.process_user(rank, user, events)
-        except ServiceError:
+        except (ServiceError, MemoryError):  # the whole run's trouble, not this member's
             raise
         except Exception as exc:  # the run goes on; the traceback goes to the log file
             self.logger.debug("member %s failed", user["_id"], exc_info=True)
@@ -8928,14 +9045,14 @@ def resolve_options(args: argparse.Namespace, settings: Settings) -> RunOptions:
 
 
 def make_source(options: RunOptions, settings: Settings, logger: logging.Logger,
-                mongo_client: Any = None) -> DataSource:
+                mongo_client: Any = None, control: RunControl | None = None) -> DataSource:
     if options.source is SourceKind.DEMO:
         return DemoSource(options.now)
     if options.source is SourceKind.MONGO:
         client = mongo_client or connect_mongo(settings, options.insecure_tls, logger)
         return MongoSource(client, mongo_db_name(settings, client))
     assert options.folder is not None
-    return FolderSource(options.folder)
+    return FolderSource(options.folder, control)
 
 
 def make_dashboard(options: RunOptions, settings: Settings, logger: logging.Logger,
@@ -8949,7 +9066,8 @@ def make_dashboard(options: RunOptions, settings: Settings, logger: logging.Logg
         mirror = options.out_dir / "data" / "firebase"
         if not options.is_demo:
             logger.info("FIREBASE_DATABASE_URL is not set: using the local mirror %s", mirror)
-        transport: FirebaseTransport = LocalMirrorTransport(mirror, settings.firebase_base_path)
+        transport: FirebaseTransport = LocalMirrorTransport(mirror, settings.firebase_base_path,
+                                                            anchor=options.out_dir)
         return DashboardWriter(transport, logger, dry_run=options.dry_run, updated_at=updated_at,
                                holdout=options.holdout > 0)
     token_source = None
@@ -8981,12 +9099,35 @@ def handle_stop_signals(control: RunControl) -> Any:
         return lambda: None
 
     def on_signal(signum: int, _frame: Any) -> None:
-        code = EXIT_SIGNALS.get(signal.Signals(signum), 128 + signum)
-        if control.signal is not None:
-            os._exit(code)  # a second signal: now (every file is written atomically, the lock dies with us)
+        name = signal.Signals(signum).name
+        if control.signal is not None:  # a second signal: now (every file is written atomically, the lock dies with us)
+            os.write(2, f"error: {name} again: stopped at once; the report was not written\n".encode())
+            os._exit(EXIT_SIGNALS.get(signal.Signals(signum), 128 + signum))
         control.request_stop(signum)
-        print(f"warning: {signal.Signals(signum).name}: finishing the members in flight, then writing the "
-              "report (signal again to stop at once)", file=sys.stderr)
+        if sys.stderr.isatty():  # an operator at a terminal hears at once; cron mail gets the one final line
+            os.write(2, f"warning: {name}: finishing the members in flight, then writing the report "
+                        "(signal again to stop at once)\n".encode())
+
+    previous = {s: signal.signal(s, on_signal) for s in (signal.SIGINT, signal.SIGTERM)}
+    return lambda: [signal.signal(s, h) for s, h in previous.items()]
+
+
+class Interrupted(KeyboardInterrupt):
+    """SIGINT or SIGTERM during a subcommand: unwinds as Ctrl-C does (its files are written atomically)."""
+
+    def __init__(self, signum: int) -> None:
+        super().__init__(signum)
+        self.signum = signum
+
+
+def raise_on_stop_signals() -> Any:
+    """A subcommand's signals: SIGINT and SIGTERM raise ``Interrupted`` (exit 130/143, one line, no report).
+    Returns a function that puts the previous handlers back."""
+    if threading.current_thread() is not threading.main_thread():
+        return lambda: None
+
+    def on_signal(signum: int, _frame: Any) -> None:
+        raise Interrupted(signum)
 
     previous = {s: signal.signal(s, on_signal) for s in (signal.SIGINT, signal.SIGTERM)}
     return lambda: [signal.signal(s, h) for s, h in previous.items()]
@@ -9009,7 +9150,7 @@ def run_campaign(args: argparse.Namespace, env: Mapping[str, str] | None, mongo_
     logger, _ = setup_logging(options.out_dir, datetime.now(UTC), verbose=options.verbose, quiet=options.quiet,
                               keep_logs_days=options.keep_logs_days)
     closing.callback(close_logging, logger)
-    source = make_source(options, settings, logger, mongo_client)
+    source = make_source(options, settings, logger, mongo_client, control)
     if isinstance(source, MongoSource) and mongo_client is None:
         closing.callback(source.client.close)
     dashboard = make_dashboard(options, settings, logger, control)
@@ -9053,6 +9194,9 @@ def main(argv: Sequence[str] | None = None, *, env: Mapping[str, str] | None = N
         except ServiceError as exc:
             print(f"error: {exc}", file=sys.stderr)
             return EXIT_FAILURE
+        except MemoryError:  # anywhere: this thread, a helper thread (``Worker``), a member's thread
+            print(OUT_OF_MEMORY, file=sys.stderr)
+            return EXIT_FAILURE
     report_problems(result)
     return result.exit_code
 
@@ -9066,6 +9210,7 @@ def run_subcommand(name: str, parser: argparse.ArgumentParser, program: Any, arg
     except SystemExit as exc:  # --help, or a usage error already printed
         return exc.code if isinstance(exc.code, int) else EXIT_USAGE
     with ExitStack() as closing:
+        closing.callback(raise_on_stop_signals())
         try:
             return program(args, env, mongo_client, closing)
         except UsageError as exc:
@@ -9074,9 +9219,13 @@ def run_subcommand(name: str, parser: argparse.ArgumentParser, program: Any, arg
         except ServiceError as exc:
             print(f"error: {exc}", file=sys.stderr)
             return EXIT_FAILURE
-        except KeyboardInterrupt:
-            print(f"error: {name} interrupted; no report written", file=sys.stderr)
-            return EXIT_SIGNALS[signal.SIGINT]
+        except MemoryError:
+            print(f"error: {name}: out of memory (MemoryError); no report written", file=sys.stderr)
+            return EXIT_FAILURE
+        except KeyboardInterrupt as exc:  # Ctrl-C, or ``Interrupted`` (SIGINT/SIGTERM)
+            signum = exc.signum if isinstance(exc, Interrupted) else signal.SIGINT
+            print(f"error: {name} interrupted by {signal.Signals(signum).name}; no report written", file=sys.stderr)
+            return EXIT_SIGNALS.get(signal.Signals(signum), 128 + signum)
 
 
 def measure_command(argv: Sequence[str], *, env: Mapping[str, str] | None = None, mongo_client: Any = None) -> int:
@@ -9096,8 +9245,9 @@ SUBCOMMANDS = {"measure": measure_command, "backtest": backtest_command}
 def report_problems(result: RunResult) -> None:
     """What cron mail should show besides the summary line: one line per kind of trouble."""
     if result.status != "completed":
-        print(f"warning: run {result.status}: {result.report['summary']['users_not_started']} members not started; "
-              f"the report {result.report_path} says what was done", file=sys.stderr)
+        by = f" by {signal.Signals(result.signal).name}" if result.signal is not None else ""
+        print(f"warning: run {result.status}{by}: {result.report['summary']['users_not_started']} members not "
+              f"started; the report {result.report_path} says what was done", file=sys.stderr)
     if result.claude_unavailable:
         print(f"warning: Claude was unavailable ({result.claude_unavailable}); the rules matcher and the "
               "template wrote this run's messages", file=sys.stderr)
@@ -9122,6 +9272,16 @@ def exit_now(code: int) -> None:
     os._exit(code)
 
 
+def script_main() -> int:
+    """``main`` as the script runs it: out of memory even outside ``main``'s own handling (its arguments,
+    the last lines) is one line and exit 1, never a traceback."""
+    try:
+        return main()
+    except MemoryError:
+        os.write(2, f"{OUT_OF_MEMORY}\n".encode())
+        return EXIT_FAILURE
+
+
 if __name__ == "__main__":
     LEFT_FOR_EXIT = []
-    exit_now(main())
+    exit_now(script_main())
