@@ -35,8 +35,30 @@ the command line.
 
 from __future__ import annotations
 
+import errno
 import os
 import signal
+import sys
+
+# What CPython raises instead of a MemoryError when memory runs out elsewhere: a frame it could not allocate
+# (3.11), a thread whose stack it could not map, a compiled module it could not map.
+OUT_OF_MEMORY_SIGNS = {SystemError: "without exception set", RuntimeError: "can't start new thread",
+                       ImportError: "failed to map segment"}
+
+
+MAY_BE_OUT_OF_MEMORY = (MemoryError, SystemError, RuntimeError, ImportError, OSError)  # what ``out_of_memory`` sorts
+
+
+def out_of_memory(exc: BaseException) -> bool:
+    """A MemoryError, an OSError of ENOMEM, or one of ``OUT_OF_MEMORY_SIGNS``; any other SystemError,
+    RuntimeError or ImportError is a bug to show."""
+    sign = OUT_OF_MEMORY_SIGNS.get(type(exc))
+    return (isinstance(exc, MemoryError) or (isinstance(exc, OSError) and exc.errno == errno.ENOMEM)
+            or (sign is not None and sign in str(exc)))
+
+
+OUT_OF_MEMORY = ("error: out of memory (MemoryError): no campaign produced, nothing half-written; give the run "
+                 "more memory (ulimit -v, the container's limit) or a smaller input")
 
 
 def stop_at_once(signum: int, _frame: object) -> None:
@@ -48,11 +70,21 @@ def stop_at_once(signum: int, _frame: object) -> None:
     os._exit(128 + signum)
 
 
+def uncaught(kind: type[BaseException], exc: BaseException, traceback: object) -> None:
+    """The script's last resort (``sys.excepthook``): out of memory anywhere ``main`` does not see it (the
+    imports below, the arguments) is one line and exit 1; any other uncaught exception is a bug: shown."""
+    if out_of_memory(exc):
+        os.write(2, f"{OUT_OF_MEMORY}\n".encode())
+        os._exit(1)
+    sys.__excepthook__(kind, exc, traceback)  # type: ignore[arg-type]
+
+
 if __name__ == "__main__":  # from the first instruction, before the imports below take their tenth of a second
     for _stop_signal in (signal.SIGINT, signal.SIGTERM):
         signal.signal(_stop_signal, stop_at_once)
     # a parent that started us with these signals blocked (a test does, to signal "at once") gets them now
     signal.pthread_sigmask(signal.SIG_UNBLOCK, {signal.SIGINT, signal.SIGTERM})
+    sys.excepthook = uncaught
 
 import argparse
 import bisect
@@ -75,7 +107,6 @@ import re
 import shutil
 import stat
 import subprocess
-import sys
 import tempfile
 import threading
 import time
@@ -256,10 +287,6 @@ def bounded_call(fn: Any, seconds: float, what: str) -> Any:
     that overruns is abandoned (its thread dies with the process) and raises ServiceTimeout.
     """
     return Worker(fn, f"call-{what}").wait(seconds, what)
-
-
-OUT_OF_MEMORY = ("error: out of memory (MemoryError): no campaign produced, nothing half-written; give the run "
-                 "more memory (ulimit -v, the container's limit) or a smaller input")
 
 
 DEFAULT_QUIET_HOURS = "21:00-08:00"  # 8am-9pm local may send: the US federal rule and NY GBL 399-z
@@ -7385,9 +7412,11 @@ class ReturnToTable:
         """One member through steps 5 and 6; an unexpected failure costs that member only (counted)."""
         try:
             outcome = self.process_user(rank, user, events)
-        except (ServiceError, MemoryError):  # the whole run's trouble, not this member's
+        except ServiceError:
             raise
         except Exception as exc:  # the run goes on; the traceback goes to the log file
+            if out_of_memory(exc):  # the whole run's trouble, not this member's
+                raise
             self.logger.debug("member %s failed", user["_id"], exc_info=True)
             self.logger.error("Member %s failed: %s", user["_id"], exc.__class__.__name__)
             outcome = UserOutcome(rank, user, skip=Skip(user["_id"], full_name(user),
@@ -9194,7 +9223,9 @@ def main(argv: Sequence[str] | None = None, *, env: Mapping[str, str] | None = N
         except ServiceError as exc:
             print(f"error: {exc}", file=sys.stderr)
             return EXIT_FAILURE
-        except MemoryError:  # anywhere: this thread, a helper thread (``Worker``), a member's thread
+        except MAY_BE_OUT_OF_MEMORY as exc:  # anywhere: here, a helper (``Worker``), a member's thread
+            if not out_of_memory(exc):
+                raise
             print(OUT_OF_MEMORY, file=sys.stderr)
             return EXIT_FAILURE
     report_problems(result)
@@ -9219,7 +9250,9 @@ def run_subcommand(name: str, parser: argparse.ArgumentParser, program: Any, arg
         except ServiceError as exc:
             print(f"error: {exc}", file=sys.stderr)
             return EXIT_FAILURE
-        except MemoryError:
+        except MAY_BE_OUT_OF_MEMORY as exc:
+            if not out_of_memory(exc):
+                raise
             print(f"error: {name}: out of memory (MemoryError); no report written", file=sys.stderr)
             return EXIT_FAILURE
         except KeyboardInterrupt as exc:  # Ctrl-C, or ``Interrupted`` (SIGINT/SIGTERM)
@@ -9272,16 +9305,6 @@ def exit_now(code: int) -> None:
     os._exit(code)
 
 
-def script_main() -> int:
-    """``main`` as the script runs it: out of memory even outside ``main``'s own handling (its arguments,
-    the last lines) is one line and exit 1, never a traceback."""
-    try:
-        return main()
-    except MemoryError:
-        os.write(2, f"{OUT_OF_MEMORY}\n".encode())
-        return EXIT_FAILURE
-
-
 if __name__ == "__main__":
     LEFT_FOR_EXIT = []
-    exit_now(script_main())
+    exit_now(main())
