@@ -6801,7 +6801,8 @@ def merge_key(item: Mapping[str, Any]) -> tuple[str, str]:
 
 
 class CountNotUpdated(FirebaseError):
-    """The item was written, but the list's ``count`` and ``updatedAt`` were not (the next run heals it)."""
+    """The item was written, but the list's ``count`` and ``updatedAt`` were not, and the item could not be
+    taken back either (``DashboardWriter.heal_counts`` sets the count at the end of the run)."""
 
 
 class DashboardList:
@@ -6851,6 +6852,29 @@ class DashboardList:
     def known(self) -> set[tuple[str, str]]:
         return {merge_key(item) for item in self.items}
 
+    def counted(self, record: dict[str, Any], etag: str) -> None:
+        """The list's ``count`` set to its items with the item just put at ``size``. When that write fails
+        (a dropped connection), the item is taken back if it is still as written (a conditional delete),
+        so count and items agree, and FirebaseError says it is not written; CountNotUpdated when even
+        that failed (the item stays; the count is healed at the end of the run)."""
+        slot = f"{self.path}/{self.key}/{self.size}"
+        try:
+            self.transport.patch(self.path, {"count": self.size + 1, "updatedAt": self.updated_at})
+        except FirebaseError as exc:
+            try:
+                taken_back = self.transport.put(slot, None, if_match=etag or None).ok
+            except FirebaseError:
+                taken_back = False
+            if taken_back:
+                raise FirebaseError(f"{exc} (the item was taken back: the count stays the number of items)") from None
+            self.items.append(record)
+            self.size += 1
+            self.added += 1
+            raise CountNotUpdated(str(exc)) from None
+        self.items.append(record)
+        self.size += 1
+        self.added += 1
+
     def add(self, item: Mapping[str, Any]) -> bool:
         """Append one item unless it is already there; True when it was added."""
         record = firebase_ready(dict(item), self.key_changes)
@@ -6860,19 +6884,18 @@ class DashboardList:
             result = self.transport.put(f"{self.path}/{self.key}/{self.size}", record, if_match=self.empty_etag)
             # A 412 that answers our own record means an earlier attempt landed and its answer was lost.
             if result.ok or (isinstance(result.value, Mapping) and merge_key(result.value) == merge_key(record)):
-                self.items.append(record)
-                self.size += 1
-                self.added += 1
-                try:
-                    self.transport.patch(self.path, {"count": self.size, "updatedAt": self.updated_at})
-                except FirebaseError as exc:
-                    raise CountNotUpdated(str(exc)) from None
+                self.counted(record, result.etag)
                 return True
             if result.value is None and result.etag and result.etag != self.empty_etag:
                 self.empty_etag = result.etag  # the slot is empty; this server spells an empty ETag its own way
                 continue
             self.open()  # someone else took the slot: read the list again
         raise FirebaseError(f"{self.path}: gave up after {self.MAX_TRIES} conflicting appends")
+
+
+def item_label(key: str, item: Mapping[str, Any]) -> str:
+    """How the report names one dashboard item: ``matches (<user_id>, <event_id>)``."""
+    return f"{key} ({item.get('user_id')}, {item.get('event_id')})"
 
 
 class DashboardWriter:
@@ -7007,19 +7030,24 @@ class DashboardWriter:
             return
         self._waiting[rank] = (match, message, holdout)
         while self._next_rank in self._waiting:
-            ready = self._waiting.pop(self._next_rank)
+            match, message, holdout = self._waiting.pop(self._next_rank)
             self._next_rank += 1
-            for key, item in zip(self.LIST_KEYS, ready):
-                if item is not None:
-                    self._append(key, item)
+            # the message first: a match goes to the dashboard only with its message (never one without it)
+            if message is None or self._append("messages", message):
+                if match is not None:
+                    self._append("matches", match)
+            elif match is not None:
+                self.not_written.append(item_label("matches", match))  # its message was not written
+            if holdout is not None:
+                self._append("holdout", holdout)
 
-    def _append(self, key: str, item: Mapping[str, Any]) -> None:
-        """One item to a dashboard list; after a failure the list is not retried this run."""
+    def _append(self, key: str, item: Mapping[str, Any]) -> bool:
+        """One item to a dashboard list (True: it is there now); after a failure the list is not retried."""
         target = self.lists.get(key) if self.writes and key not in self.broken else None
-        label = f"{key} ({item.get('user_id')}, {item.get('event_id')})"
+        label = item_label(key, item)
         if target is None:
             self.not_written.append(label)
-            return
+            return False
         try:
             if not target.add(item):
                 self.logger.info("Firebase %s: already there, not added again", label)
@@ -7029,6 +7057,19 @@ class DashboardWriter:
         except FirebaseError as exc:
             self.failed(key, exc, label)
             self.broken.add(key)
+            return False
+        return True
+
+    def heal_counts(self) -> None:
+        """Each list a write failed on read again and healed (``DashboardList.open``): its ``count`` is the
+        number of its items again, whatever a dropped connection left; a failure here is recorded."""
+        for key in sorted(self.broken & self.lists.keys()):
+            try:
+                self.lists[key].open()
+                if f"{key} count" in self.not_written:
+                    self.not_written.remove(f"{key} count")
+            except FirebaseError as exc:
+                self.failed(f"{key} (count not healed: the next run heals it)", exc)
 
     def save_campaign(self, campaign_id: str, users: Sequence[Mapping[str, Any]], matches: Sequence[Match],
                       messages: Sequence[Message], stats: Mapping[str, Any], status: str,
@@ -7063,6 +7104,7 @@ class DashboardWriter:
                 self.written.append(path)
             except FirebaseError as exc:
                 self.failed(path, exc, path)
+        self.heal_counts()
         self.written += [key if key not in self.broken else f"{key} ({dashboard.added} items before the failure)"
                          for key, dashboard in self.lists.items() if key not in self.broken or dashboard.added]
         if not self.flush():  # nothing the mirror held back can be counted as written
