@@ -620,13 +620,14 @@ def exists_without_links(path: Path, under: Path) -> bool:
     return True
 
 
-def read_regular_file(path: Path, under: Path, limit: int = MAX_READ_BYTES) -> bytes | None:
+def read_regular_file(path: Path, under: Path, limit: int | None = None) -> bytes | None:
     """The bytes of ``path``, a regular file inside ``under`` reached without any symbolic link (none from
     ``under`` down, nor the file itself), at most ``limit`` bytes; None when it does not exist.
 
     The one way files under ``--out`` are read back (the local mirror, so ``measure`` too): a link to
     ``/dev/zero``, a FIFO, a device or a huge file raises RefusedFile instead of being read until memory
     runs out or forever."""
+    limit = MAX_READ_BYTES if limit is None else limit
     if not exists_without_links(path, under):
         return None
     fd = os.open(path, os.O_RDONLY | os.O_NOFOLLOW | os.O_NONBLOCK | os.O_CLOEXEC)
