@@ -1904,6 +1904,9 @@ def member_keys_reply(path: str) -> bytes:
     return pickle.dumps(reply, protocol=pickle.HIGHEST_PROTOCOL)
 
 
+UNTIL_THE_DEADLINE = "(waited for until the run's --deadline-minutes)"
+
+
 class MemberKeysChild:
     """``member_keys`` of a users file in a child process, started before the events are counted (the
     second core reads a million members' ids meanwhile); its answer is drained by a thread as soon as it
@@ -1934,7 +1937,7 @@ class MemberKeysChild:
         reads gives None), raising the UsageError or FastPathRefused its read met; None when it failed.
         Waited for ``seconds`` at most (ServiceTimeout after: ``close`` then stops the child); the draining
         thread's own failure (out of memory) is raised here."""
-        self.drain.wait(seconds, "the users file's helper process")
+        self.drain.wait(seconds, f"the users file's helper process {UNTIL_THE_DEADLINE}")
         if self.process.wait() != 0 or not self.reply:  # its output is drained: it has ended or is ending
             return None
         try:
@@ -4949,7 +4952,7 @@ class FolderSource:
             records = screened_stream(elements, "events", decoder, issues, bytes_tick(bar, sizes[1], len(elements)),
                                       skim=event_skim(now))
             activity = index_member_activity(records, counted, (now, future))
-            data = users_bytes.wait(self.helper_budget(), f"reading {users_file}")
+            data = users_bytes.wait(self.helper_budget(), f"reading {users_file} {UNTIL_THE_DEADLINE}")
             elements = export_elements(data)
             users_read, statuses, plain = len(elements), Counter[str](), set[str]()
             found = keys_child.result(data, self.helper_budget()) if keys_child is not None else None
