@@ -182,10 +182,11 @@ EXIT_CODES_HELP = """exit codes:
   3    done, but something needs a look: Firebase writes failed (listed in the report), Firebase was
        unreadable at the start (nothing written there), Claude was unavailable, members failed,
        the --deadline-minutes was reached, or the input was empty (no users or no events)
-  1    failed, no campaign produced: source unreadable, MongoDB unreachable, out of disk
+  1    failed, no campaign produced: source unreadable, MongoDB unreachable, out of disk, out of memory
   2    bad usage, configuration or input
   75   another run holds the lock on this --out
-  130  interrupted by SIGINT; 143 by SIGTERM (the report is written, marked "interrupted")"""
+  130  interrupted by SIGINT; 143 by SIGTERM, at any moment, in one line (once the run's steps have
+       started, the report is written, marked "interrupted")"""
 
 
 class UsageError(Exception):
@@ -8331,7 +8332,8 @@ MEASURE_EXIT_CODES_HELP = """exit codes:
   0    done cleanly
   3    done, but something needs a look: a campaign could not be read (named in the report), the
        source has no events, or no archived campaign is in range
-  1    failed, nothing measured: the archive or the source is unreadable, MongoDB unreachable, out of disk
+  1    failed, nothing measured: the archive or the source is unreadable, MongoDB unreachable, out of disk,
+       out of memory
   2    bad usage, configuration or input
   130  interrupted by SIGINT; 143 by SIGTERM"""
 
@@ -8827,7 +8829,7 @@ BACKTEST_EXIT_CODES = """exit codes:
   3    done, but nothing or little to read: the input was empty, or nobody came back within any window
   1    failed: source unreadable, MongoDB unreachable, the report could not be written
   2    bad usage, configuration or input (dates, flags, a window that has not closed yet)
-  130  interrupted by SIGINT (nothing written)"""
+  130  interrupted by SIGINT, 143 by SIGTERM (nothing written)"""
 
 
 def backtest_parser() -> argparse.ArgumentParser:

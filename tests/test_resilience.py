@@ -12,7 +12,10 @@ Covered here, in-process (the subprocess, signal, lock and silent-server cases a
 * exit codes: 0 / 2 / 3 from ``main``, the ``--help`` table, and ``RunResult.exit_code``'s rule;
 * Claude's "stop after four failures in a row" under concurrency, and the bounded quote in the corrective retry;
 * progress files and the local mirror are rewritten a bounded number of times, not once per member;
-* ``RunControl.budget`` / ``status`` with a fake clock, and ``bounded_call``.
+* ``RunControl.budget`` / ``status`` with a fake clock, and ``bounded_call``;
+* out of memory in the main thread, a member's thread, a helper thread or ``measure``: one line, exit 1, the
+  lock released (``Worker`` raises a helper's failure where it is waited for); a helper process that never
+  answers cannot hold a run past its deadline.
 """
 
 from __future__ import annotations

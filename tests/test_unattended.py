@@ -8,7 +8,9 @@ runs in-process through the ``run_cli`` fixture.
   killed with SIGKILL leaves no stale lock;
 * signals: the first SIGTERM/SIGINT mid-run starts no new member, lets those in flight finish, writes the
   report marked ``interrupted`` and exits 143/130, leaving every JSON file whole and no temporary file; a
-  second signal ends the process at once;
+  second signal ends the process at once; a signal at once, at 50 ms or 200 ms after the start (held until the
+  script's first instruction) is 130/143 in one stderr line, never a traceback, the lock free;
+* out of memory under a real address-space limit, a users file past the helper's 8 MB: one line, exit 1;
 * ``--deadline-minutes``: the run ends soon after it with exit 3, status ``deadline``;
 * services that accept connections and never answer (``loopback.SilentServer``, also trickling one byte at a
   time), or a database whose writes never complete: the run ends within seconds, exit 3, what was not written
