@@ -242,6 +242,11 @@ class RunControl:
     def stopping(self) -> bool:
         return self.status != "completed"
 
+    def until_deadline(self) -> float:
+        """Seconds left until the deadline (``math.inf`` without one): how long the run may wait for a helper
+        of its own work. A signal does not cut it, as it cuts ``budget``: the report still needs that work."""
+        return math.inf if self.deadline is None else max(0.0, self.deadline - self.clock())
+
     def budget(self, wanted: float) -> float:
         """Seconds a new or running call may take: ``wanted``, cut at the deadline (plus grace once stopped)."""
         now = self.clock()
@@ -4901,9 +4906,9 @@ class FolderSource:
         self.control = control or RunControl()  # its helpers are waited for until the run's deadline at most
 
     def helper_budget(self) -> float:
-        """Seconds the read may still wait for a helper thread or process: until the deadline (``math.inf``
-        without one). Past it the read fails (ServiceTimeout): no helper can hold a run past its deadline."""
-        return self.control.budget(math.inf)
+        """Seconds the read may still wait for a helper thread or process: until the deadline. Past it the
+        read fails (ServiceTimeout, exit 1): no helper can hold a run past its deadline."""
+        return self.control.until_deadline()
 
     def export_files(self) -> dict[str, Path]:
         """The export files that are there, by collection (``StagedCopies`` copies them while they are read)."""

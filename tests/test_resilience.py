@@ -712,6 +712,16 @@ def test_other_errors_are_not_taken_for_out_of_memory(error):
     assert not rtt.out_of_memory(error)
 
 
+def test_helpers_are_waited_for_until_the_deadline_and_a_signal_does_not_cut_that_wait():
+    clock = FakeClock()
+    control = rtt.RunControl(deadline_seconds=60, clock=clock)
+    control.request_stop(signal.SIGTERM)  # the read goes on: the report still needs it
+    assert control.until_deadline() == 60 and control.budget(300) == pytest.approx(rtt.GRACE_SECONDS)
+    clock.t += 70
+    assert control.until_deadline() == 0
+    assert rtt.RunControl().until_deadline() == math.inf
+
+
 def test_out_of_memory_in_the_main_thread_is_one_line_exit_1_and_the_lock_released(
         run_cli, world_folder, monkeypatch):
     monkeypatch.setattr(rtt, "find_dormant_users", out_of_memory)
