@@ -46,15 +46,12 @@ OUT_OF_MEMORY_SIGNS = {SystemError: "without exception set", RuntimeError: "can'
                        ImportError: "failed to map segment"}
 
 
-MAY_BE_OUT_OF_MEMORY = (MemoryError, SystemError, RuntimeError, ImportError, OSError)  # what ``out_of_memory`` sorts
-
-
 def out_of_memory(exc: BaseException) -> bool:
-    """A MemoryError, an OSError of ENOMEM, or one of ``OUT_OF_MEMORY_SIGNS``; any other SystemError,
-    RuntimeError or ImportError is a bug to show."""
+    """A MemoryError, an OSError of ENOMEM, one of ``OUT_OF_MEMORY_SIGNS``, or a library's own exception so
+    named (DuckDB's ``OutOfMemoryException``); any other SystemError, RuntimeError or ImportError is a bug."""
     sign = OUT_OF_MEMORY_SIGNS.get(type(exc))
     return (isinstance(exc, MemoryError) or (isinstance(exc, OSError) and exc.errno == errno.ENOMEM)
-            or (sign is not None and sign in str(exc)))
+            or (sign is not None and sign in str(exc)) or type(exc).__name__ == "OutOfMemoryException")
 
 
 OUT_OF_MEMORY = ("error: out of memory (MemoryError): no campaign produced, nothing half-written; give the run "
@@ -9276,7 +9273,7 @@ def main(argv: Sequence[str] | None = None, *, env: Mapping[str, str] | None = N
         except ServiceError as exc:
             print(f"error: {exc}", file=sys.stderr)
             return EXIT_FAILURE
-        except MAY_BE_OUT_OF_MEMORY as exc:  # anywhere: here, a helper (``Worker``), a member's thread
+        except Exception as exc:  # out of memory anywhere: here, a helper (``Worker``), a member's thread
             if not out_of_memory(exc):
                 raise
             print(OUT_OF_MEMORY, file=sys.stderr)
@@ -9303,7 +9300,7 @@ def run_subcommand(name: str, parser: argparse.ArgumentParser, program: Any, arg
         except ServiceError as exc:
             print(f"error: {exc}", file=sys.stderr)
             return EXIT_FAILURE
-        except MAY_BE_OUT_OF_MEMORY as exc:
+        except Exception as exc:  # out of memory; anything else is a bug, shown
             if not out_of_memory(exc):
                 raise
             print(f"error: {name}: out of memory (MemoryError); no report written", file=sys.stderr)

@@ -706,6 +706,13 @@ def test_every_form_of_out_of_memory_is_recognised(error):
     assert rtt.out_of_memory(error)
 
 
+def test_a_librarys_own_out_of_memory_exception_is_recognised():  # DuckDB's, for a read through an engine
+    class OutOfMemoryException(Exception):
+        pass
+
+    assert rtt.out_of_memory(OutOfMemoryException("could not allocate block of 262144 bytes"))
+
+
 @pytest.mark.parametrize("error", [SystemError("a bug"), RuntimeError("a bug"), OSError(errno.ENOSPC, "full"),
                                    ImportError("no module"), ValueError("no")])
 def test_other_errors_are_not_taken_for_out_of_memory(error):
