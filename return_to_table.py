@@ -8566,7 +8566,13 @@ BASELINES = {
                  "the host joined more recently, then the host id; a host without a candidate gives way to "
                  "the next one); with none, the soonest candidate",
 }
-BACKTEST_METHODS = ("rules", *BASELINES)
+BACKTEST_METHODS = ("rules", "rules_allocated", *BASELINES)
+ALLOCATION_RULE = (
+    "rules_allocated is the rules matcher with the campaign's seat allocation on (default --invites-per-spot "
+    f"{DEFAULT_INVITES_PER_SPOT:g}, --max-invites-per-event {DEFAULT_MAX_INVITES_PER_EVENT}): every eligible "
+    "member at D, in rank order and with no --limit, takes a seat at their pick, and a member whose pick has "
+    "no seat left gets their next best candidate; rules is the same matcher with the allocation off. With "
+    "participants unknown at D, an event's remaining spots are its capacity.")
 CANDIDATE_SET = (
     "the campaign's own: step 2 at D (future, public, active, approved and offerable events, with the "
     "participants removed as the no-leak rule says), scored for the member at D by step 5's "
@@ -8717,8 +8723,9 @@ class Trial(NamedTuple):
 
 
 def score_trial(user: Mapping[str, Any], candidates: Sequence[Candidate], attended: set[str],
-                hosts: Sequence[str], pick: Picker) -> Trial:
-    """The matcher's pick and the baselines on exactly the same candidates, against what really happened."""
+                hosts: Sequence[str], pick: Picker, seated: Candidate | None = None) -> Trial:
+    """The matcher's pick and the baselines on exactly the same candidates, against what really happened;
+    ``seated`` is the matcher's pick with the seat allocation on (``allocated_pick``)."""
 
     def hit(c: Candidate | None) -> float:
         return float(c is not None and c.event["_id"] in attended)
@@ -8727,7 +8734,7 @@ def score_trial(user: Mapping[str, Any], candidates: Sequence[Candidate], attend
     nearby = min((c for c in candidates if c.same_neighbourhood), key=soonest_key, default=None)
     by_host = host_next(candidates, hosts)
     going = sum(c.event["_id"] in attended for c in candidates)
-    hits = {"rules": hit(pick(user, candidates)),
+    hits = {"rules": hit(pick(user, candidates)), "rules_allocated": hit(seated),
             "random": going / len(candidates) if candidates else 0.0,
             "soonest": hit(soonest), "soonest_nearby": hit(nearby or soonest), "host_next": hit(by_host or soonest),
             "oracle": float(going > 0)}
@@ -8740,19 +8747,32 @@ def backtest_date(history: History, day: datetime, window_days: int, hoods: Neig
                   pick: Picker) -> tuple[int, list[Trial]]:
     """One as-of date: how many members were eligible, and a trial for each who came back within the window.
 
-    Only members who came back are scored, so the matcher runs for them alone.
+    Every eligible member is matched, in rank order, so that the seat allocation (``ALLOCATION_RULE``) sees
+    the invitations of those ranked above; only members who came back are scored.
     """
     census, future = world_at(history, day)
     end = day + timedelta(days=window_days)
+    seats = SeatLedger(DEFAULT_INVITES_PER_SPOT, DEFAULT_MAX_INVITES_PER_EVENT)
     trials = []
     for user in census.eligible:
+        candidates = score_candidates(user, future, hoods, day)
+        seated = allocated_pick(user, candidates, pick, seats)
         attended = attended_between(history, user["_id"], day, end)
         if not attended:
             continue
         joined = history.joined_hosts.get(user["_id"], [])
-        candidates = score_candidates(user, future, hoods, day)
-        trials.append(score_trial(user, candidates, attended, favourite_hosts(joined[:after(joined, day)]), pick))
+        trials.append(score_trial(user, candidates, attended, favourite_hosts(joined[:after(joined, day)]), pick,
+                                  seated))
     return len(census.eligible), trials
+
+
+def allocated_pick(user: Mapping[str, Any], candidates: Sequence[Candidate], pick: Picker,
+                   seats: SeatLedger) -> Candidate | None:
+    """The matcher's pick among the candidates with a seat left, the seat taken (the campaign's allocation)."""
+    chosen = pick(user, list(seats.open_only(user["_id"], candidates)))
+    if chosen is not None:
+        seats.reserve(user["_id"], chosen.event)
+    return chosen
 
 
 def as_of_dates(start: datetime, end: datetime, every_days: int) -> list[datetime]:
@@ -8853,6 +8873,7 @@ def build_backtest_report(*, source: str, start: datetime, end: datetime, every_
         "no_leak_rule": NO_LEAK_RULE,
         "later_information": list(LATER_INFORMATION),
         "baselines": dict(BASELINES),
+        "allocation": ALLOCATION_RULE,
         "bootstrap": {"resamples": resamples, "seed": seed, "unit": "member (all their dates)", "level": 0.95,
                       "interval": "percentile"},
         "dates": [backtest_row(day, n, trials) for day, n, trials in dated],
@@ -8910,6 +8931,7 @@ def backtest_markdown(report: Mapping[str, Any]) -> str:
         f"- Scored: {report['scored']}; hit@1 = the pick is one of the events they went to.",
         f"- Candidates: {report['candidate_set']}",
         f"- No leaks: {report['no_leak_rule']}",
+        f"- Seats: {report['allocation']}",
         "",
         "| " + " | ".join(cells[0]) + " |",
         "| " + " | ".join("---" for _ in cells[0]) + " |",
