@@ -8753,11 +8753,17 @@ def backtest_date(history: History, day: datetime, window_days: int, hoods: Neig
     census, future = world_at(history, day)
     end = day + timedelta(days=window_days)
     seats = SeatLedger(DEFAULT_INVITES_PER_SPOT, DEFAULT_MAX_INVITES_PER_EVENT)
+    index = CandidateIndex.build(future, hoods, day) if pick is rules_pick else None  # the rules' first, lazily
     trials = []
     for user in census.eligible:
+        attended = attended_between(history, user["_id"], day, end)
+        if not attended and index is not None:  # only their seat matters: the first candidate with one left
+            first = next(seats.open_only(user["_id"], index.ranked(user)), None)
+            if first is not None:
+                seats.reserve(user["_id"], first.event)
+            continue
         candidates = score_candidates(user, future, hoods, day)
         seated = allocated_pick(user, candidates, pick, seats)
-        attended = attended_between(history, user["_id"], day, end)
         if not attended:
             continue
         joined = history.joined_hosts.get(user["_id"], [])

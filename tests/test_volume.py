@@ -286,3 +286,40 @@ def test_bad_allocation_flags_exit_2_with_one_line(run_cli, plenty, flag, value)
     assert run.code == rtt.EXIT_USAGE
     assert run.err.count("\n") == 1 and flag in run.err and "Traceback" not in run.err
     assert not (run.root / "reports").exists()
+
+
+# --------------------------------------------------------------------------------------------
+# Claude: offered only events with a seat; a pick taken meanwhile is re-picked by the rules
+# --------------------------------------------------------------------------------------------
+
+
+@pytest.fixture
+def claude_fake() -> Any:
+    from fake_anthropic import FakeMessagesAPI
+    from test_claude import smart
+
+    with FakeMessagesAPI(default=smart) as server:
+        yield server
+
+
+def test_claude_is_never_offered_an_event_without_a_seat(claude_fake, tmp_path):
+    from test_claude import claude_cli, is_matching, offered, write_world
+
+    run = claude_cli(claude_fake, write_world(tmp_path / "export"), tmp_path / "out", "--invites-per-spot", "0.01",
+                     "--concurrency", "1")  # one invitation per event of known capacity, one member at a time
+    assert run.messages and max(Counter(m["event_id"] for m in run.messages).values()) == 1
+    taken: set[str] = set()
+    for request in claude_fake.requests:  # no prompt offers an event an earlier member took
+        if is_matching(request):
+            assert not {event_id for event_id, _ in offered(request)} & taken
+            taken.add(offered(request)[0][0])  # the fake answers with the first event offered
+
+
+def test_claude_members_racing_for_the_last_seats_are_re_picked_by_the_rules(claude_fake, tmp_path):
+    from test_claude import claude_cli
+
+    folder = world(tmp_path / "w", [SMALL, LARGE])  # six members at once all pick the two-spot event
+    run = claude_cli(claude_fake, folder, tmp_path / "out", "--now", NOW_ISO, "--limit", "8", "--concurrency", "6")
+    assert Counter(m["event_id"] for m in run.messages) == {"ev-small": 2, "ev-large": 6}
+    reasons = [m["reasoning"] for m in run.matches if m["event_id"] == "ev-large"]
+    assert any("filled up while it was chosen" in r for r in reasons)
