@@ -86,8 +86,9 @@ class Ran:
         return self.report["messages"]
 
 
-def campaign(run_cli: Any, folder: Path, out: Path, *flags: str, now: str = NOW_ISO) -> Ran:
-    run = run_cli("--source", str(folder), "--now", now, *flags, root=out)
+def campaign(run_cli: Any, folder: Path, out: Path, *flags: str, now: str = NOW_ISO,
+             env: dict[str, str] | None = None) -> Ran:
+    run = run_cli("--source", str(folder), "--now", now, *flags, root=out, env=env)
     assert run.code == 0, run.err
     newest = max((out / "reports").glob("return_to_table_report_*.json"), key=lambda p: p.stat().st_mtime_ns)
     report = json.loads(newest.read_text(encoding="utf-8"))
@@ -133,13 +134,27 @@ def test_a_rerun_after_a_partial_run_tops_up_to_the_days_limit_and_a_third_draft
     assert archived(out) == campaigns  # a run that drafts nothing archives no empty campaign
 
 
+def test_over_rest_the_day_is_counted_and_an_empty_run_leaves_no_archive(run_cli, plenty, tmp_path):
+    from fake_rtdb import FakeRealtimeDatabase
+    from test_firebase import TOKEN, rest_env
+
+    with FakeRealtimeDatabase(auth_token=TOKEN) as db:
+        first = campaign(run_cli, plenty, tmp_path / "a", "--limit", "3", "--llm", "off", env=rest_env(db))
+        archives = set(db.get_rendered("Leo/campaigns"))
+        second = campaign(run_cli, plenty, tmp_path / "b", "--limit", "3", "--llm", "off", env=rest_env(db))
+        assert len(drafted(first)) == 3 and drafted(second) == []  # another --out, the same dashboard
+        assert set(db.get_rendered("Leo/campaigns")) == archives == {first.report["campaign_id"]}
+        assert len(db.get_rendered("Leo/messages")["messages"]) == 3
+
+
 def test_the_campaign_day_is_the_date_of_now_in_campaign_timezone(run_cli, plenty, tmp_path):
     out = tmp_path / "out"
     campaign(run_cli, plenty, out, "--limit", "3")
     late = campaign(run_cli, plenty, out, "--limit", "3", now=LATE_SAME_DAY_ISO)  # 22:00 in New York
     assert drafted(late) == []
-    tokyo = campaign(run_cli, plenty, tmp_path / "tokyo", "--limit", "3", now=LATE_SAME_DAY_ISO)
-    assert len(drafted(tokyo)) == 3
+    tokyo, env = tmp_path / "tokyo", {"CAMPAIGN_TIMEZONE": "Asia/Tokyo"}  # 21:00 on the 15th, then noon on the 16th
+    campaign(run_cli, plenty, tokyo, "--limit", "3", env=env)
+    assert len(drafted(campaign(run_cli, plenty, tokyo, "--limit", "3", now=LATE_SAME_DAY_ISO, env=env))) == 3
     next_day = campaign(run_cli, plenty, out, "--limit", "3", now=TOMORROW_ISO)
     assert len(drafted(next_day)) == 3  # a new campaign day, a new limit
     assert next_day.report["daily_limit"]["drafted_before"] == 0
