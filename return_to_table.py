@@ -22,8 +22,12 @@ Glossary (one name per concept, here and in the code):
   contactable  eligible, a valid number that takes texts (``textable_phone``), no opt-out.
   holdout    the control group: contactable members whose stable hash falls below ``--holdout``;
              their rules' pick is recorded (``HoldoutRecord``), nothing is sent.
-  walk       steps 5-6 going down the ranked contactable members until ``--limit`` are messaged;
+  walk       steps 5-6 going down the ranked contactable members until the day's ``--limit`` are messaged;
              every eligible member ends ``selected`` or with a ``skip_reason`` (``SKIP_REASONS``).
+  campaign day  the date of ``--now`` in CAMPAIGN_TIMEZONE: ``--limit`` counts the messages drafted on it
+             (``DashboardHistory``, ``daily_remaining``), so a rerun tops up.
+  seats      open invitations an event may have (``invitation_cap``, ``SeatLedger``): pending or approved
+             messages in the dashboard plus this run's; a member whose pick is full gets the next best.
   send window  when a message may go out (``send_window``): outside QUIET_HOURS, before the lead.
 
 The file reads top-down in the plan's step order: configuration, data loading, the rules of
