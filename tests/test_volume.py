@@ -250,7 +250,7 @@ def test_an_event_of_unknown_capacity_gets_at_most_max_invites_per_event(run_cli
     run = campaign(run_cli, folder, tmp_path / "out", "--limit", "8", "--max-invites-per-event", "3")
     assert per_event(run) == {"ev-wide": 3}
     reasons = run.report["skip_reasons"]
-    assert reasons["no_seats_left"] == MEMBERS - 3
+    assert reasons["seats_exhausted"] == MEMBERS - 3
     default = campaign(run_cli, folder, tmp_path / "default", "--limit", "12")
     assert per_event(default) == {"ev-wide": rtt.DEFAULT_MAX_INVITES_PER_EVENT}
 
