@@ -4692,7 +4692,7 @@ def volume_lines(report: Mapping[str, Any]) -> list[str]:
     exhausted = report.get("seats_exhausted") or {}
     names = {m["event_id"]: m["event_name"] for m in report.get("matches", [])}
     seen = ", ".join(f"{cell(names.get(k, k))} ({n})" for k, n in exhausted.items())
-    lines.append(f"Seats exhausted: {seen} members offered their next best event instead." if exhausted
+    lines.append(f"Seats exhausted (members whose first choice had no seat left, by event): {seen}." if exhausted
                  else "Seats exhausted: none (no member's first choice was full).")
     return [*lines, ""]
 

@@ -227,7 +227,7 @@ def test_an_event_with_two_spots_gets_two_invitations_and_the_others_their_next_
     assert run.report["seats_exhausted"] == {"ev-small": 6}
     for message in run.run.messages[2:]:
         assert "first choice, Wine Social, already has as many open invitations as it can seat" in message["reasoning"]
-    assert "Seats exhausted: Wine Social (6)" in run.run.report_path(".md").read_text(encoding="utf-8")
+    assert "Seats exhausted (members whose first choice had no seat left, by event): Wine Social (6)." in run.run.report_path(".md").read_text(encoding="utf-8")
 
 
 def test_open_invitations_in_the_dashboard_hold_seats_across_days(run_cli, tmp_path):
