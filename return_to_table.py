@@ -2599,9 +2599,47 @@ def text_list(doc: Mapping[str, Any], name: str) -> list[str]:
 
 
 # Contact details as a phone or a reader would take them: an email address, or a phone number (a run
-# of 7 or more digits with an optional +, and spaces, dashes, dots or parentheses between them).
+# of 7 or more digits with an optional +, and spaces, dashes, dots or parentheses between them), except a
+# date or a span of years that is the whole run ("2026-12-19", "12.25.2026", "1990-2010").
 EMAIL_ADDRESS = re.compile(r"(?<![\w.+-])[\w.+-]+@[\w-]+(?:\.[\w-]+)+")  # starts only where a run does: linear
-PHONE_NUMBER = re.compile(r"\+?\(?\d(?:[\s().-]{0,3}\d){6,}")
+_DATE_RUN = (r"(?:\d{4}(?P<ymd>[-./])\d\d?(?P=ymd)\d\d?|\d\d?(?P<mdy>[-./])\d\d?(?P=mdy)\d{4}|(?:19|20)\d\d-(?:19|20)\d\d)"
+             r"(?![\s().-]{0,3}\d)")
+PHONE_NUMBER = re.compile(r"(?<!\d)(?!" + _DATE_RUN + r")\+?\(?\d(?:[\s().-]{0,3}\d){6,}")
+# A vanity number: a North American number with letters for some of its digits, read off the keypad
+# ("1-800-EVIL-NOW", "1-800-ABC-DEFG", "800-Flowers", "+1 212 EV1L N0W"). An area code, then seven to nine
+# keypad characters (letters or digits) ending where a word ends. Any case after "1-" or a toll-free code
+# joined by "-" or "." ("1-800-Flowers"); otherwise only capitals, so "200-Year-Old Tavern" and
+# "888 Broadway" stay names, and spaces only after "1 " or a toll-free code ("1 800 EVIL NOW").
+_ANY_KEYS = r"[A-Za-z0-9](?:[-.]?[A-Za-z0-9]){6,8}"
+_CAPS_KEYS = r"[A-Z0-9](?:[-. ]?[A-Z0-9]){6,8}"
+_TOLL_FREE = r"\+?1?[-. ]?\(?8(?:00|33|44|55|66|77|88)\)?"
+VANITY_NUMBER = re.compile(
+    r"(?<![\w+.-])(?:(?:\+?1[-. ]\(?[2-9]\d\d\)?|" + _TOLL_FREE + r")(?:[-.]?" + _ANY_KEYS + r"|[-. ]?" + _CAPS_KEYS
+    + r")|(?:\([2-9]\d\d\) ?|[2-9]\d\d)[-.]?[A-Z0-9](?:[-.]?[A-Z0-9]){6,8})(?![A-Za-z0-9])")
+# An IP host, which phones link like a domain: IPv4 (four dotted numbers) or IPv6 (in brackets, or bare with
+# "::" or all eight groups), with any port and path.
+_HEX = r"[0-9A-Fa-f]{1,4}"
+IP_HOST = re.compile(
+    r"(?:(?<![\w.])(?:\d{1,3}\.){3}\d{1,3}(?!\w|\.\d)"
+    r"|\[[0-9A-Fa-f.]{0,4}(?::[0-9A-Fa-f.]{0,15}){2,8}(?:%[\w.-]{1,20})?\]"
+    r"|(?<![\w:.])(?:" + _HEX + r"(?::" + _HEX + r"){7}|" + _HEX + r"(?::" + _HEX + r"){0,6}::(?:" + _HEX
+    + r"(?::" + _HEX + r"){0,6})?|::" + _HEX + r"(?::" + _HEX + r"){0,6})(?![\w:]))"
+    r"(?::\d{1,5})?(?:/\S*)?")
+# A scheme a phone opens in its dialer, messenger or mail app: "tel:", "sms:", "mailto:" and their kin.
+CONTACT_SCHEME = re.compile(r"(?i:(?<![\w+.-])(?:mailto|tel|telprompt|callto|sms|smsto|mms|mmsto|facetime|"
+                            r"facetime-audio|imessage|skype|whatsapp|geo|maps):\S+)")
+# The one detector of contact details (names, prompts, event names, the SMS contract, SMS_SENDER and
+# SMS_OPT_OUT_TEXT), each kind a named group; ``CONTACT_KINDS`` says each in words.
+CONTACT_DETAIL = re.compile("|".join(f"(?P<{kind}>{pattern.pattern})" for kind, pattern in (
+    ("email", EMAIL_ADDRESS), ("ip", IP_HOST), ("scheme", CONTACT_SCHEME), ("phone", PHONE_NUMBER),
+    ("vanity", VANITY_NUMBER))))
+CONTACT_KINDS = {"email": "email addresses", "ip": "IP addresses", "scheme": "tel:, sms: or mailto: links",
+                 "phone": "phone numbers", "vanity": "phone numbers in letters (1-800-ABC-DEFG)"}
+
+
+def contact_kinds(text: str) -> list[str]:
+    """The kinds of contact detail (``CONTACT_KINDS``' keys) in ``text`` as it stands, each once, in order."""
+    return list(dict.fromkeys(str(found.lastgroup) for found in CONTACT_DETAIL.finditer(text)))
 
 
 def readable(text: str) -> str:
@@ -2616,15 +2654,15 @@ def readable(text: str) -> str:
 
 @functools.lru_cache(maxsize=65536)  # names repeat across members: each spelling is read once
 def holds_contact(text: str) -> bool:
-    """Whether ``text`` holds an email address or a phone number."""
-    plain = readable(text)
-    return EMAIL_ADDRESS.search(plain) is not None or PHONE_NUMBER.search(plain) is not None
+    """Whether ``text`` holds a contact detail (``CONTACT_DETAIL``: an email address, a phone number in
+    digits or letters, an IP host, a tel:/sms:/mailto: scheme)."""
+    return CONTACT_DETAIL.search(readable(text)) is not None
 
 
 def without_contacts(text: str) -> str:
-    """``text`` (read plainly) with every email address and phone number blanked: the one filter
+    """``text`` (read plainly) with every contact detail (``CONTACT_DETAIL``) blanked: the one filter
     every member and host field passes through on its way into a prompt."""
-    return PHONE_NUMBER.sub(" ", EMAIL_ADDRESS.sub(" ", readable(text)))
+    return CONTACT_DETAIL.sub(" ", readable(text))
 
 
 def person_name(user: Mapping[str, Any], name: str) -> str | None:
@@ -3687,9 +3725,9 @@ def phone_view(text: str) -> str:
 
 
 def first_tappable(view: str) -> int | None:
-    """Where the first thing a phone would make tappable (link, email address, phone number) starts in
-    a ``phone_view``, or None."""
-    found = [m.start() for m in (URL_PATTERN.search(view), PHONE_NUMBER.search(view)) if m]
+    """Where the first thing a phone would make tappable (a link, or a contact detail: ``CONTACT_DETAIL``)
+    starts in a ``phone_view``, or None."""
+    found = [m.start() for m in (URL_PATTERN.search(view), CONTACT_DETAIL.search(view)) if m]
     return min(found, default=None)
 
 
