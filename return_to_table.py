@@ -3703,6 +3703,8 @@ URL_PATTERN = re.compile(
     r"|(?<!" + _RUN_CHAR + r")" + _RUN_CHAR + r"*?" + _LABEL_CHAR +
     r"\.(?:[^\W\d_]{2,}|xn--[a-z0-9-]+)(?!" + _LABEL_CHAR + r")(?:/\S*)?",
     re.IGNORECASE)
+GREETINGS = re.compile(r"\b(?:hi|hey|hello|hiya|howdy|greetings|good (?:morning|afternoon|evening))\b",
+                       re.IGNORECASE)  # "welcome back" is the message's point, not a second greeting
 NUMBER_WORDS = re.compile(r"\b(?:two|three|four|five|six|seven|eight|nine|ten|eleven|twelve|twenty|thirty|forty|"
                           r"fifty|hundred|dozen|half)\b", re.IGNORECASE)
 LETTER_WORDS = re.compile(r"\b[^\W\d_]{2,}\b")  # one tokeniser for a text's words and for what is exempt
@@ -4016,10 +4018,11 @@ def without_sender_parts(body: str, facts: MessageFacts) -> tuple[str, list[str]
 def validate_sms(text: str, facts: MessageFacts) -> list[str]:
     """The SMS contract, for template and Claude alike: every problem found, empty when fine.
 
-    Nothing a phone could make tappable may appear but the one link: no other scheme, ``www.``,
-    email address, phone number or bare domain (``URL_PATTERN``: any ``label.label`` with a letter-only
-    top-level domain), looked for in ``phone_view`` so Unicode spellings count; and no control or
-    invisible character at all. The event is named by its ``phone_safe_name``.
+    Nothing a phone could make tappable may appear but the one link: no other scheme, ``www.`` or bare
+    domain (``URL_PATTERN``: any ``label.label`` with a letter-only top-level domain), and no contact
+    detail (``CONTACT_DETAIL``: email address, phone number in digits or letters, IP host, tel:/sms:/mailto:),
+    looked for in ``phone_view`` so Unicode spellings count; and no control or invisible character at all.
+    The event is named by its ``phone_safe_name``. One greeting; at most one question mark in the whole text.
     """
     problems: list[str] = []
     if not isinstance(text, str) or not text.strip():
@@ -4038,8 +4041,8 @@ def validate_sms(text: str, facts: MessageFacts) -> list[str]:
         others = [one[:40] for one in links if one != link][:3]
         problems.append("must contain exactly one link, the event link"
                         + (f" (also found: {', '.join(others)})" if others else ""))
-    if PHONE_NUMBER.search(URL_PATTERN.sub(" ", view)):
-        problems.append("no phone numbers: only the event link may be tappable")
+    for kind in contact_kinds(URL_PATTERN.sub(" ", view)):
+        problems.append(f"no {CONTACT_KINDS[kind]}: only the event link may be tappable")
     size = sms_size(text)
     if size.units > size.limit:
         problems.append(f"{size.units} {size.encoding} characters; at most {size.limit} allowed")
@@ -4073,7 +4076,7 @@ def validate_sms(text: str, facts: MessageFacts) -> list[str]:
                 if w.isupper() and w not in ALLOWED_ACRONYMS and w not in protected]
     if shouting:
         problems.append(f"no ALL-CAPS words ({', '.join(shouting)})")
-    if body.count("?") > 1:
+    if text.count("?") > 1:  # the sender's and the opt-out text's count too
         problems.append("at most one question mark")
     if "!!" in text:
         problems.append('no "!!"')
@@ -4086,6 +4089,8 @@ def validate_sms(text: str, facts: MessageFacts) -> list[str]:
     invented += sorted({w.lower() for w in NUMBER_WORDS.findall(scrubbed)})
     if invented:
         problems.append(f"numbers not among the facts: {', '.join(invented)} (use the digits given)")
+    if len(GREETINGS.findall(scrubbed)) > 1:
+        problems.append("greet the member once")
     if re.search(r"[%$€£]", scrubbed):
         problems.append("no prices, discounts or percentages: they are not among the facts")
     return problems
