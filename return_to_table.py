@@ -249,6 +249,17 @@ class QuietHours(NamedTuple):
 
 
 DEFAULT_QUIET = QuietHours.parse(DEFAULT_QUIET_HOURS)
+
+
+def quiet_hours_setting(text: str) -> QuietHours:
+    """``QUIET_HOURS`` parsed, and at least ``DEFAULT_QUIET_HOURS``: the hours it leaves for sending lie
+    within 8am-9pm local (a stricter window is fine); else a usage error that says so."""
+    quiet = QuietHours.parse(text)
+    if not DEFAULT_QUIET.end <= quiet.end < quiet.start <= DEFAULT_QUIET.start:
+        raise UsageError(f"QUIET_HOURS={text!r} would let texts go out before 8am or after 9pm local: it names "
+                         f"the hours when no text may go out, at least {DEFAULT_QUIET_HOURS} (a longer quiet window "
+                         "such as 20:00-09:00 is fine)")
+    return quiet
 DEFAULT_OPT_OUT_FIELDS = ("smsOptOut", "sms_opt_out", "unsubscribed", "doNotText", "optOut.sms")
 DEFAULT_CONSENT_FIELDS = ("smsConsent", "allowSms", "notificationSettings.sms", "preferences.sms")
 
@@ -276,10 +287,11 @@ class SmsPolicy:
     opt_out_text: str | None = None  # SMS_OPT_OUT_TEXT, just before the link
 
     @classmethod
-    def from_env(cls, get: Any) -> SmsPolicy:
-        region = (get("SMS_DEFAULT_REGION") or "US").upper()
-        if not re.fullmatch(r"[A-Z]{2}", region):
-            raise UsageError(f"SMS_DEFAULT_REGION={region!r} must be a two-letter region code such as US")
+    def from_env(cls, get: Any, env: Mapping[str, str] | None = None) -> SmsPolicy:
+        """The policy from ``get`` (a variable's stripped value, None when unset or empty); ``env`` tells an
+        empty SMS_DEFAULT_REGION from an unset one. Every value is checked here, before anything runs: a
+        sender or opt-out text that breaks the SMS contract is a usage error (``sms_policy_problem``)."""
+        region = sms_region(get("SMS_DEFAULT_REGION"), "SMS_DEFAULT_REGION" in (env or {}))
         sender, opt_out = get("SMS_SENDER"), get("SMS_OPT_OUT_TEXT")
         for name, value in (("SMS_SENDER", sender), ("SMS_OPT_OUT_TEXT", opt_out)):
             if value is not None and (len(value) > 60 or any(unicodedata.category(ch)[0] == "C" for ch in value)):
@@ -287,8 +299,27 @@ class SmsPolicy:
         return cls(default_region=region,
                    opt_out_fields=field_paths(get("SMS_OPT_OUT_FIELDS"), DEFAULT_OPT_OUT_FIELDS, "SMS_OPT_OUT_FIELDS"),
                    consent_fields=field_paths(get("SMS_CONSENT_FIELDS"), DEFAULT_CONSENT_FIELDS, "SMS_CONSENT_FIELDS"),
-                   quiet_hours=QuietHours.parse(get("QUIET_HOURS") or DEFAULT_QUIET_HOURS),
-                   sender=sender, opt_out_text=opt_out)
+                   quiet_hours=quiet_hours_setting(get("QUIET_HOURS") or DEFAULT_QUIET_HOURS),
+                   sender=sender, opt_out_text=opt_out).checked()
+
+    def checked(self) -> SmsPolicy:
+        """This policy, or a usage error naming the variable whose text no message could carry."""
+        problem = sms_policy_problem(self)
+        if problem:  # otherwise every member would be skipped, each for a message that cannot be sent
+            raise UsageError(problem)
+        return self
+
+
+def sms_region(value: str | None, present: bool) -> str:
+    """``SMS_DEFAULT_REGION``: a region phonenumbers knows (``US``, ``GB``); unset means US, set but empty
+    (or ``XX``, ``ZZ``) is a usage error: national numbers would be read in no region at all."""
+    if value is None and present:
+        raise UsageError("SMS_DEFAULT_REGION is set but empty: set a region such as US, or remove the line")
+    region = (value or "US").upper()
+    if region not in phonenumbers.SUPPORTED_REGIONS:
+        raise UsageError(f"SMS_DEFAULT_REGION={region[:20]!r} is not a region phonenumbers knows "
+                         "(two letters, such as US or GB)")
+    return region
 
 
 @dataclass(frozen=True)
@@ -349,7 +380,7 @@ class Settings:
             firebase_timeout=firebase_timeout,
             campaign_timezone=zone,
             neighbourhoods_csv=Path(get("NEIGHBOURHOODS_CSV") or CENTROIDS_CSV).expanduser(),
-            sms=SmsPolicy.from_env(get),
+            sms=SmsPolicy.from_env(get, env),
             env=dict(env),
         )
 
@@ -4193,12 +4224,43 @@ def write_template_sms(facts: MessageFacts) -> str | None:
     return None
 
 
+# Capitals a sender or opt-out text may use: the acronyms, and the keywords that stop texts (FCC, CTIA).
+SETTING_CAPITALS = ALLOWED_ACRONYMS | {"STOP", "STOPALL", "END", "QUIT", "CANCEL", "UNSUBSCRIBE", "REVOKE", "OPTOUT",
+                                       "HELP", "INFO"}
+
+
+def sms_setting_problem(name: str, value: str) -> str | None:
+    """Why SMS_SENDER or SMS_OPT_OUT_TEXT breaks the SMS contract by itself, or None: every message carries
+    it word for word, so whatever it breaks, every message would break (``validate_sms``)."""
+    view = phone_view(value)
+    if first_tappable(view) is not None:
+        return (f"{name} may not hold a link, web address, email or IP address, phone number (in digits or letters) "
+                "or tel:/sms:/mailto: (only the event link is)")
+    if re.search(r"\d", view):
+        return f"{name} may not hold a number: a message states only the event's numbers"
+    if "!!" in view:
+        return f'{name} may not hold "!!"'
+    shouting = [word for word in LETTER_WORDS.findall(view) if word.isupper() and word not in SETTING_CAPITALS]
+    if shouting:
+        return (f"{name} may not shout in ALL CAPS ({', '.join(shouting[:3])}): only acronyms such as NYC or RSVP, "
+                "and STOP")
+    return None
+
+
 def sms_policy_problem(policy: SmsPolicy) -> str | None:
-    """Why SMS_SENDER or SMS_OPT_OUT_TEXT could never be carried within the SMS contract, or None: they
-    may hold nothing a phone makes tappable, and must leave room for the greeting, the event and its time."""
-    for name, value in (("SMS_SENDER", policy.sender), ("SMS_OPT_OUT_TEXT", policy.opt_out_text)):
-        if value and first_tappable(phone_view(value)) is not None:
-            return f"{name} may not hold a link, web address, email address or phone number (only the event link is)"
+    """Why SMS_SENDER or SMS_OPT_OUT_TEXT could never be carried within the SMS contract, or None: each must
+    keep it by itself (``sms_setting_problem``), the two hold one question mark at most between them (a
+    message may hold one), and they must leave room for the greeting, the event and its time."""
+    texts = {name: value for name, value in (("SMS_SENDER", policy.sender), ("SMS_OPT_OUT_TEXT", policy.opt_out_text))
+             if value}
+    for name, value in texts.items():
+        problem = sms_setting_problem(name, value)
+        if problem:
+            return problem
+    asking = [name for name, value in texts.items() if "?" in phone_view(value)]
+    if sum(phone_view(value).count("?") for value in texts.values()) > 1:
+        return (f"{' and '.join(asking)} may hold one question mark at most"
+                f"{' between them' if len(asking) > 1 else ''}: a whole message may hold one")
     facts = MessageFacts(None, "0" * 24, "", (), "", None, 0, None, policy.sender, policy.opt_out_text)
     room = GSM7_LIMIT - len(dress(facts, "", ""))
     if room < MIN_MESSAGE_ROOM:
@@ -8940,9 +9002,6 @@ def resolve_options(args: argparse.Namespace, settings: Settings) -> RunOptions:
     A ``--now`` more than ``MAX_NOW_AHEAD`` ahead of the clock needs ``--dry-run`` (``--demo`` too: its
     mirror keeps a cooldown like the real dashboard), so a rehearsal never fills the cooldown for years.
     """
-    problem = sms_policy_problem(settings.sms)
-    if problem:  # otherwise every member would be skipped, each for a message that cannot fit
-        raise UsageError(problem)
     now = datetime.now(UTC).replace(microsecond=0)
     if args.now is not None:
         parsed = parse_now(args.now)
