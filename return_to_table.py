@@ -8753,14 +8753,15 @@ def backtest_parser() -> argparse.ArgumentParser:
                         help="'mongo' or a folder with users.json and events.json from mongoexport")
     parser.add_argument("--from", dest="start", metavar="DATE", required=True, help="first as-of date (YYYY-MM-DD)")
     parser.add_argument("--to", dest="end", metavar="DATE", required=True, help="last as-of date, included")
-    parser.add_argument("--every-days", type=positive_int, default=14, metavar="N",
-                        help="days between as-of dates (%(default)s)")
-    parser.add_argument("--window-days", type=positive_int, default=30, metavar="W",
-                        help="a member came back when they went to an event within W days after D (%(default)s)")
+    parser.add_argument("--every-days", type=at_most(positive_int, MAX_EVERY_DAYS, " days"), default=14, metavar="N",
+                        help="days between as-of dates (%(default)s; at most 3660)")
+    parser.add_argument("--window-days", type=window_days, default=30, metavar="W",
+                        help="a member came back when they went to an event within W days after D (%(default)s; "
+                             "at most 365)")
     parser.add_argument("--out", metavar="DIR", type=Path, default=SCRIPT_DIR,
                         help="the report goes to DIR/reports/ (default: the script's folder)")
-    parser.add_argument("--resamples", type=positive_int, default=BACKTEST_RESAMPLES, metavar="N",
-                        help="bootstrap resamples for the pooled intervals (%(default)s)")
+    parser.add_argument("--resamples", type=at_most(positive_int, MAX_RESAMPLES), default=BACKTEST_RESAMPLES, metavar="N",
+                        help="bootstrap resamples for the pooled intervals (%(default)s; at most 100,000)")
     parser.add_argument("--seed", type=int, default=BACKTEST_SEED, help="the bootstrap's seed (%(default)s)")
     parser.add_argument("--insecure-tls", action="store_true",
                         help="do not verify MongoDB's TLS certificate (logged as a warning)")
@@ -8878,6 +8879,29 @@ def non_negative_float(text: str) -> float:
     return value
 
 
+# The most a numeric flag may ask for: beyond it a value is a slip, and would overflow a date (--min-lead-hours
+# 1e11), make every member fail or hold the run for hours and gigabytes (--resamples 100000000).
+MAX_LEAD_HOURS = 720  # 30 days
+MAX_CANDIDATES = 100  # events offered to Claude per member: far more would not fit a prompt
+MAX_CONCURRENCY = 64  # members at once on the Claude path
+MAX_EVERY_DAYS = 3660  # ten years between a backtest's as-of dates
+MAX_RESAMPLES = 100_000
+
+
+def at_most(kind: Any, most: float, unit: str = "") -> Any:
+    """The flag type ``kind`` (``positive_int`` ...) up to ``most``: more is one line and exit 2, never an
+    overflow deep in the run. Named as ``kind`` is, so argparse's messages stay the same."""
+
+    def parse(text: str) -> Any:
+        value = kind(text)
+        if value > most:
+            raise argparse.ArgumentTypeError(f"must be at most {most:,}{unit}")
+        return value
+
+    parse.__name__ = kind.__name__
+    return parse
+
+
 def holdout_fraction(text: str) -> float:
     try:
         value = float(text)
@@ -8926,18 +8950,22 @@ def build_parser() -> argparse.ArgumentParser:
                         help="write data/, logs and the report; nothing to Firebase or its mirror")
     parser.add_argument("--min-confidence", type=percentage, default=RunOptions.min_confidence, metavar="0-100",
                         help="least match confidence to message a member (%(default)g)")
-    parser.add_argument("--candidates", type=positive_int, default=RunOptions.candidates, metavar="K",
-                        help="events offered to Claude per member, the rules' top K (%(default)s)")
-    parser.add_argument("--concurrency", type=positive_int, default=RunOptions.concurrency, metavar="N",
-                        help="members handled at once on the Claude path (%(default)s)")
+    parser.add_argument("--candidates", type=at_most(positive_int, MAX_CANDIDATES), default=RunOptions.candidates,
+                        metavar="K",
+                        help="events offered to Claude per member, the rules' top K (%(default)s; at most 100)")
+    parser.add_argument("--concurrency", type=at_most(positive_int, MAX_CONCURRENCY), default=RunOptions.concurrency,
+                        metavar="N",
+                        help="members handled at once on the Claude path (%(default)s; at most 64)")
     parser.add_argument("--cooldown-days", type=non_negative_int, default=RunOptions.cooldown_days, metavar="D",
                         help="leave out members messaged in the last D days (%(default)s; 0 disables; more days "
                              "than the calendar holds: every message so far)")
     parser.add_argument("--holdout", type=holdout_fraction, default=RunOptions.holdout, metavar="FRACTION",
                         help="share of members kept as a control group, never texted (%(default)g; 0-0.5; "
                              "0.1 recommended)")
-    parser.add_argument("--min-lead-hours", type=non_negative_float, default=RunOptions.min_lead_hours,
-                        metavar="H", help="a message may go out until H hours before its event (%(default)g)")
+    parser.add_argument("--min-lead-hours", type=at_most(non_negative_float, MAX_LEAD_HOURS, " hours (30 days)"),
+                        default=RunOptions.min_lead_hours,
+                        metavar="H", help="a message may go out until H hours before its event (%(default)g; "
+                                          "at most 720, 30 days)")
     parser.add_argument("--insecure-tls", action="store_true",
                         help="do not verify MongoDB's TLS certificate (logged as a warning)")
     parser.add_argument("--deadline-minutes", type=positive_float, default=RunOptions.deadline_minutes, metavar="M",
