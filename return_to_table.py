@@ -2668,8 +2668,18 @@ CONTACT_KINDS = {"email": "email addresses", "ip": "IP addresses", "scheme": "te
                  "phone": "phone numbers", "vanity": "phone numbers in letters (1-800-ABC-DEFG)"}
 
 
+CONTACT_CLUE = re.compile(r"[\d@:]")  # every contact detail holds one: text without any is read at once
+
+
+def first_contact(text: str) -> re.Match[str] | None:
+    """The first contact detail (``CONTACT_DETAIL``) in ``text`` as it stands, or None."""
+    return CONTACT_DETAIL.search(text) if CONTACT_CLUE.search(text) else None
+
+
 def contact_kinds(text: str) -> list[str]:
     """The kinds of contact detail (``CONTACT_KINDS``' keys) in ``text`` as it stands, each once, in order."""
+    if not CONTACT_CLUE.search(text):
+        return []
     return list(dict.fromkeys(str(found.lastgroup) for found in CONTACT_DETAIL.finditer(text)))
 
 
@@ -2687,13 +2697,14 @@ def readable(text: str) -> str:
 def holds_contact(text: str) -> bool:
     """Whether ``text`` holds a contact detail (``CONTACT_DETAIL``: an email address, a phone number in
     digits or letters, an IP host, a tel:/sms:/mailto: scheme)."""
-    return CONTACT_DETAIL.search(readable(text)) is not None
+    return first_contact(readable(text)) is not None
 
 
 def without_contacts(text: str) -> str:
     """``text`` (read plainly) with every contact detail (``CONTACT_DETAIL``) blanked: the one filter
     every member and host field passes through on its way into a prompt."""
-    return CONTACT_DETAIL.sub(" ", readable(text))
+    plain = readable(text)
+    return CONTACT_DETAIL.sub(" ", plain) if CONTACT_CLUE.search(plain) else plain
 
 
 def person_name(user: Mapping[str, Any], name: str) -> str | None:
@@ -3760,7 +3771,7 @@ def phone_view(text: str) -> str:
 def first_tappable(view: str) -> int | None:
     """Where the first thing a phone would make tappable (a link, or a contact detail: ``CONTACT_DETAIL``)
     starts in a ``phone_view``, or None."""
-    found = [m.start() for m in (URL_PATTERN.search(view), CONTACT_DETAIL.search(view)) if m]
+    found = [m.start() for m in (URL_PATTERN.search(view), first_contact(view)) if m]
     return min(found, default=None)
 
 
