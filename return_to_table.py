@@ -4674,12 +4674,10 @@ def skip_list_rows(eligible: Sequence[Mapping[str, Any]], decisions: Mapping[str
 
 
 def contact_like_id(member_id: str) -> bool:
-    """An id that is an email address, or a phone number as people write one (a ``+`` or punctuation among
-    the digits); plain digits and ObjectIds are ids."""
+    """An id that is a contact detail (``CONTACT_DETAIL``: an email address, a phone number as people write one
+    with a ``+`` or punctuation among the digits, ...); plain digits and ObjectIds are ids."""
     plain = readable(member_id)
-    if EMAIL_ADDRESS.search(plain):
-        return True
-    return not plain.isalnum() and PHONE_NUMBER.search(plain) is not None
+    return not plain.isalnum() and first_contact(plain) is not None
 
 
 def csv_safe(text: str) -> str:
