@@ -22,9 +22,15 @@ Glossary (one name per concept, here and in the code):
   contactable  eligible, a valid number that takes texts (``textable_phone``), no opt-out.
   holdout    the control group: contactable members whose stable hash falls below ``--holdout``;
              their rules' pick is recorded (``HoldoutRecord``), nothing is sent.
-  walk       steps 5-6 going down the ranked contactable members until ``--limit`` are messaged;
+  walk       steps 5-6 going down the ranked contactable members until the day's ``--limit`` are messaged;
              every eligible member ends ``selected`` or with a ``skip_reason`` (``SKIP_REASONS``).
+  campaign day  the date of ``--now`` in CAMPAIGN_TIMEZONE: ``--limit`` counts the messages drafted on it
+             (``DashboardHistory``, ``daily_remaining``), so a rerun tops up.
+  seats      open invitations an event may have (``invitation_cap``, ``SeatLedger``): pending or approved
+             messages in the dashboard plus this run's; a member whose pick is full gets the next best.
   send window  when a message may go out (``send_window``): outside QUIET_HOURS, before the lead.
+  funnel     the report's counts from eligible to drafted (``run_funnel``), held out apart; each
+             ``skip_reason`` drops its members at one stage (``REASON_STAGES``).
 
 The file reads top-down in the plan's step order: configuration, data loading, the rules of
 steps 1-8 (pure functions), the service edges (sources, the demo world, Claude for steps 5-6,
@@ -160,6 +166,10 @@ MONGO_NOT_CONFIGURED = ("--source mongo needs MONGO_URI (or MONGO_USERNAME, MONG
                         "and MONGO_DB_NAME")
 
 MAX_NEXT_EVENTS = 5  # candidates tried when the chosen event cannot be phrased within the SMS contract
+DEFAULT_INVITES_PER_SPOT = 1.0  # --invites-per-spot: open invitations per remaining spot
+DEFAULT_MAX_INVITES_PER_EVENT = 10  # --max-invites-per-event: open invitations to an event of unknown capacity
+MAX_INVITES_PER_SPOT = 100.0  # above this the ratio is a typo, not a policy
+MAX_INVITES_PER_EVENT = 100_000
 
 # Exit codes: the table in the README and in --help. 3 tells cron "done, but look at the report".
 EXIT_OK = 0  # done cleanly
@@ -314,6 +324,17 @@ class QuietHours(NamedTuple):
 
 
 DEFAULT_QUIET = QuietHours.parse(DEFAULT_QUIET_HOURS)
+
+
+def quiet_hours_setting(text: str) -> QuietHours:
+    """``QUIET_HOURS`` parsed, and at least ``DEFAULT_QUIET_HOURS``: the hours it leaves for sending lie
+    within 8am-9pm local (a stricter window is fine); else a usage error that says so."""
+    quiet = QuietHours.parse(text)
+    if not DEFAULT_QUIET.end <= quiet.end < quiet.start <= DEFAULT_QUIET.start:
+        raise UsageError(f"QUIET_HOURS={text!r} would let texts go out before 8am or after 9pm local: it names "
+                         f"the hours when no text may go out, at least {DEFAULT_QUIET_HOURS} (a longer quiet window "
+                         "such as 20:00-09:00 is fine)")
+    return quiet
 DEFAULT_OPT_OUT_FIELDS = ("smsOptOut", "sms_opt_out", "unsubscribed", "doNotText", "optOut.sms")
 DEFAULT_CONSENT_FIELDS = ("smsConsent", "allowSms", "notificationSettings.sms", "preferences.sms")
 
@@ -341,10 +362,11 @@ class SmsPolicy:
     opt_out_text: str | None = None  # SMS_OPT_OUT_TEXT, just before the link
 
     @classmethod
-    def from_env(cls, get: Any) -> SmsPolicy:
-        region = (get("SMS_DEFAULT_REGION") or "US").upper()
-        if not re.fullmatch(r"[A-Z]{2}", region):
-            raise UsageError(f"SMS_DEFAULT_REGION={region!r} must be a two-letter region code such as US")
+    def from_env(cls, get: Any, env: Mapping[str, str] | None = None) -> SmsPolicy:
+        """The policy from ``get`` (a variable's stripped value, None when unset or empty); ``env`` tells an
+        empty SMS_DEFAULT_REGION from an unset one. Every value is checked here, before anything runs: a
+        sender or opt-out text that breaks the SMS contract is a usage error (``sms_policy_problem``)."""
+        region = sms_region(get("SMS_DEFAULT_REGION"), "SMS_DEFAULT_REGION" in (env or {}))
         sender, opt_out = get("SMS_SENDER"), get("SMS_OPT_OUT_TEXT")
         for name, value in (("SMS_SENDER", sender), ("SMS_OPT_OUT_TEXT", opt_out)):
             if value is not None and (len(value) > 60 or any(unicodedata.category(ch)[0] == "C" for ch in value)):
@@ -352,8 +374,27 @@ class SmsPolicy:
         return cls(default_region=region,
                    opt_out_fields=field_paths(get("SMS_OPT_OUT_FIELDS"), DEFAULT_OPT_OUT_FIELDS, "SMS_OPT_OUT_FIELDS"),
                    consent_fields=field_paths(get("SMS_CONSENT_FIELDS"), DEFAULT_CONSENT_FIELDS, "SMS_CONSENT_FIELDS"),
-                   quiet_hours=QuietHours.parse(get("QUIET_HOURS") or DEFAULT_QUIET_HOURS),
-                   sender=sender, opt_out_text=opt_out)
+                   quiet_hours=quiet_hours_setting(get("QUIET_HOURS") or DEFAULT_QUIET_HOURS),
+                   sender=sender, opt_out_text=opt_out).checked()
+
+    def checked(self) -> SmsPolicy:
+        """This policy, or a usage error naming the variable whose text no message could carry."""
+        problem = sms_policy_problem(self)
+        if problem:  # otherwise every member would be skipped, each for a message that cannot be sent
+            raise UsageError(problem)
+        return self
+
+
+def sms_region(value: str | None, present: bool) -> str:
+    """``SMS_DEFAULT_REGION``: a region phonenumbers knows (``US``, ``GB``); unset means US, set but empty
+    (or ``XX``, ``ZZ``) is a usage error: national numbers would be read in no region at all."""
+    if value is None and present:
+        raise UsageError("SMS_DEFAULT_REGION is set but empty: set a region such as US, or remove the line")
+    region = (value or "US").upper()
+    if region not in phonenumbers.SUPPORTED_REGIONS:
+        raise UsageError(f"SMS_DEFAULT_REGION={region[:20]!r} is not a region phonenumbers knows "
+                         "(two letters, such as US or GB)")
+    return region
 
 
 @dataclass(frozen=True)
@@ -374,6 +415,7 @@ class Settings:
     campaign_timezone: str = DEFAULT_TIMEZONE
     neighbourhoods_csv: Path = CENTROIDS_CSV  # NEIGHBOURHOODS_CSV: the centroid table places are located in
     sms: SmsPolicy = field(default_factory=lambda: SmsPolicy())
+    sms_segment_price: float | None = None  # SMS_SEGMENT_PRICE: USD per SMS segment, for the report's cost
     env: Mapping[str, str] = field(default_factory=dict, repr=False)
 
     @classmethod
@@ -414,13 +456,27 @@ class Settings:
             firebase_timeout=firebase_timeout,
             campaign_timezone=zone,
             neighbourhoods_csv=Path(get("NEIGHBOURHOODS_CSV") or CENTROIDS_CSV).expanduser(),
-            sms=SmsPolicy.from_env(get),
+            sms=SmsPolicy.from_env(get, env),
+            sms_segment_price=segment_price(get("SMS_SEGMENT_PRICE")),
             env=dict(env),
         )
 
     @property
     def zone(self) -> ZoneInfo:
         return ZoneInfo(self.campaign_timezone)
+
+
+def segment_price(text: str | None) -> float | None:
+    """``SMS_SEGMENT_PRICE`` as USD per segment (None when unset), or UsageError (exit 2)."""
+    if text is None:
+        return None
+    try:
+        price = float(text.removeprefix("$"))
+    except ValueError:
+        price = math.nan
+    if not math.isfinite(price) or not 0 <= price < 10:
+        raise UsageError(f"SMS_SEGMENT_PRICE={text[:40]!r} must be a price per SMS segment in USD, such as 0.0079")
+    return price
 
 
 BASE_PATH_RULE = ("a path inside the database: names separated by '/', none of them '.' or '..', "
@@ -475,6 +531,8 @@ class RunOptions:
     concurrency: int = 6
     cooldown_days: int = 30
     holdout: float = 0.0  # share of members kept as the control group (stable hash of campaign, member)
+    invites_per_spot: float = DEFAULT_INVITES_PER_SPOT  # open invitations per remaining spot (``SeatLedger``)
+    max_invites_per_event: int = DEFAULT_MAX_INVITES_PER_EVENT  # open invitations to an event of unknown capacity
     min_lead_hours: float = 3.0  # the last send moment is at least this long before the event
     deadline_minutes: float = 30.0
     keep_logs_days: int = 30
@@ -760,6 +818,15 @@ def json_bytes(value: Any) -> bytes:
         except (orjson.JSONEncodeError, TypeError):
             pass
     return json.dumps(value, ensure_ascii=False, indent=2, default=str).encode("utf-8", "backslashreplace")
+
+
+def write_csv(path: Path, header: Sequence[str], rows: Iterable[Sequence[str]]) -> None:
+    """A CSV file (a header, then ``rows``) readable by the owner only, atomically."""
+    def write(handle: Any) -> None:
+        out = csv.writer(handle, lineterminator="\n")
+        out.writerow(header)
+        out.writerows(rows)
+    atomic_write(path, write, private=True)
 
 
 def write_text_private(path: Path, text: str) -> None:
@@ -2718,9 +2785,57 @@ def text_list(doc: Mapping[str, Any], name: str) -> list[str]:
 
 
 # Contact details as a phone or a reader would take them: an email address, or a phone number (a run
-# of 7 or more digits with an optional +, and spaces, dashes, dots or parentheses between them).
+# of 7 or more digits with an optional +, and spaces, dashes, dots or parentheses between them), except a
+# date or a span of years that is the whole run ("2026-12-19", "12.25.2026", "1990-2010").
 EMAIL_ADDRESS = re.compile(r"(?<![\w.+-])[\w.+-]+@[\w-]+(?:\.[\w-]+)+")  # starts only where a run does: linear
-PHONE_NUMBER = re.compile(r"\+?\(?\d(?:[\s().-]{0,3}\d){6,}")
+_DATE_RUN = (r"(?:\d{4}(?P<ymd>[-./])\d\d?(?P=ymd)\d\d?|\d\d?(?P<mdy>[-./])\d\d?(?P=mdy)\d{4}|(?:19|20)\d\d-(?:19|20)\d\d)"
+             r"(?![\s().-]{0,3}\d)")
+PHONE_NUMBER = re.compile(r"(?<!\d)(?!" + _DATE_RUN + r")\+?\(?\d(?:[\s().-]{0,3}\d){6,}")
+# A vanity number: a North American number with letters for some of its digits, read off the keypad
+# ("1-800-EVIL-NOW", "1-800-ABC-DEFG", "800-Flowers", "+1 212 EV1L N0W"). An area code, then seven to nine
+# keypad characters (letters or digits) ending where a word ends. Any case after "1-" or a toll-free code
+# joined by "-" or "." ("1-800-Flowers"); otherwise only capitals, so "200-Year-Old Tavern" and
+# "888 Broadway" stay names, and spaces only after "1 " or a toll-free code ("1 800 EVIL NOW").
+_ANY_KEYS = r"[A-Za-z0-9](?:[-.]?[A-Za-z0-9]){6,8}"
+_CAPS_KEYS = r"[A-Z0-9](?:[-. ]?[A-Z0-9]){6,8}"
+_TOLL_FREE = r"\+?1?[-. ]?\(?8(?:00|33|44|55|66|77|88)\)?"
+VANITY_NUMBER = re.compile(
+    r"(?<![\w+.-])(?:(?:\+?1[-. ]\(?[2-9]\d\d\)?|" + _TOLL_FREE + r")(?:[-.]?" + _ANY_KEYS + r"|[-. ]?" + _CAPS_KEYS
+    + r")|(?:\([2-9]\d\d\) ?|[2-9]\d\d)[-.]?[A-Z0-9](?:[-.]?[A-Z0-9]){6,8})(?![A-Za-z0-9])")
+# An IP host, which phones link like a domain: IPv4 (four dotted numbers) or IPv6 (in brackets, or bare with
+# "::" or all eight groups), with any port and path.
+_HEX = r"[0-9A-Fa-f]{1,4}"
+IP_HOST = re.compile(
+    r"(?:(?<![\w.])(?:\d{1,3}\.){3}\d{1,3}(?!\w|\.\d)"
+    r"|\[[0-9A-Fa-f.]{0,4}(?::[0-9A-Fa-f.]{0,15}){2,8}(?:%[\w.-]{1,20})?\]"
+    r"|(?<![\w:.])(?:" + _HEX + r"(?::" + _HEX + r"){7}|" + _HEX + r"(?::" + _HEX + r"){0,6}::(?:" + _HEX
+    + r"(?::" + _HEX + r"){0,6})?|::" + _HEX + r"(?::" + _HEX + r"){0,6})(?![\w:]))"
+    r"(?::\d{1,5})?(?:/\S*)?")
+# A scheme a phone opens in its dialer, messenger or mail app: "tel:", "sms:", "mailto:" and their kin.
+CONTACT_SCHEME = re.compile(r"(?i:(?<![\w+.-])(?:mailto|tel|telprompt|callto|sms|smsto|mms|mmsto|facetime|"
+                            r"facetime-audio|imessage|skype|whatsapp|geo|maps):\S+)")
+# The one detector of contact details (names, prompts, event names, the SMS contract, SMS_SENDER and
+# SMS_OPT_OUT_TEXT), each kind a named group; ``CONTACT_KINDS`` says each in words.
+CONTACT_DETAIL = re.compile("|".join(f"(?P<{kind}>{pattern.pattern})" for kind, pattern in (
+    ("email", EMAIL_ADDRESS), ("ip", IP_HOST), ("scheme", CONTACT_SCHEME), ("phone", PHONE_NUMBER),
+    ("vanity", VANITY_NUMBER))))
+CONTACT_KINDS = {"email": "email addresses", "ip": "IP addresses", "scheme": "tel:, sms: or mailto: links",
+                 "phone": "phone numbers", "vanity": "phone numbers in letters (1-800-ABC-DEFG)"}
+
+
+CONTACT_CLUE = re.compile(r"[\d@:]")  # every contact detail holds one: text without any is read at once
+
+
+def first_contact(text: str) -> re.Match[str] | None:
+    """The first contact detail (``CONTACT_DETAIL``) in ``text`` as it stands, or None."""
+    return CONTACT_DETAIL.search(text) if CONTACT_CLUE.search(text) else None
+
+
+def contact_kinds(text: str) -> list[str]:
+    """The kinds of contact detail (``CONTACT_KINDS``' keys) in ``text`` as it stands, each once, in order."""
+    if not CONTACT_CLUE.search(text):
+        return []
+    return list(dict.fromkeys(str(found.lastgroup) for found in CONTACT_DETAIL.finditer(text)))
 
 
 def readable(text: str) -> str:
@@ -2735,15 +2850,16 @@ def readable(text: str) -> str:
 
 @functools.lru_cache(maxsize=65536)  # names repeat across members: each spelling is read once
 def holds_contact(text: str) -> bool:
-    """Whether ``text`` holds an email address or a phone number."""
-    plain = readable(text)
-    return EMAIL_ADDRESS.search(plain) is not None or PHONE_NUMBER.search(plain) is not None
+    """Whether ``text`` holds a contact detail (``CONTACT_DETAIL``: an email address, a phone number in
+    digits or letters, an IP host, a tel:/sms:/mailto: scheme)."""
+    return first_contact(readable(text)) is not None
 
 
 def without_contacts(text: str) -> str:
-    """``text`` (read plainly) with every email address and phone number blanked: the one filter
+    """``text`` (read plainly) with every contact detail (``CONTACT_DETAIL``) blanked: the one filter
     every member and host field passes through on its way into a prompt."""
-    return PHONE_NUMBER.sub(" ", EMAIL_ADDRESS.sub(" ", readable(text)))
+    plain = readable(text)
+    return CONTACT_DETAIL.sub(" ", plain) if CONTACT_CLUE.search(plain) else plain
 
 
 def person_name(user: Mapping[str, Any], name: str) -> str | None:
@@ -3755,6 +3871,113 @@ def candidate_match(user: Mapping[str, Any], c: Candidate, zone: ZoneInfo, now: 
                        confidence=c.confidence, interests=[i for i, _ in c.interests], matcher="rules", now=now)
 
 
+# --- seats: never invite more people than an event can seat -------------------------------------
+
+OPEN_INVITATION_STATUSES = frozenset({"pending", "approved"})  # a message that may still bring someone
+
+
+def whole_spots(spots: Any) -> int | None:
+    """An event's remaining spots as the whole number a message may claim; None when unknown."""
+    if isinstance(spots, bool) or not isinstance(spots, (int, float)) or not math.isfinite(spots):
+        return None
+    return max(0, int(spots))
+
+
+def scaled(count: int, ratio: float) -> float:
+    """``ratio × count`` rounded to 9 places, so ``1.1 × 10`` is 11, not 11.000000000000002."""
+    return round(ratio * count, 9)
+
+
+def invitation_cap(spots: Any, invites_per_spot: float, unknown_cap: int) -> int:
+    """How many open invitations an event may have: ``ceil(invites_per_spot × spots)`` when its remaining
+    spots are known, else ``unknown_cap`` (``--max-invites-per-event``)."""
+    seats = whole_spots(spots)
+    return unknown_cap if seats is None else math.ceil(scaled(seats, invites_per_spot))
+
+
+def spots_claim_bound(spots: Any, invites_per_spot: float) -> int | None:
+    """How many members may be told "N spots left" for an event with N spots: ``floor(N × invites_per_spot)``
+    (the cap rounds up, the claim rounds down: never more claims than N × the ratio); None when unknown."""
+    seats = whole_spots(spots)
+    return None if seats is None else math.floor(scaled(seats, invites_per_spot))
+
+
+class Seat(NamedTuple):
+    """One open invitation this run holds for an event: its place among the event's open invitations
+    (1-based, those already in the dashboard first) and whether its message may say how many spots are left."""
+
+    event_id: str
+    ordinal: int
+    may_claim_spots: bool
+
+
+class SeatLedger:
+    """The run's allocation of invitations across events (the walk's members share it, also across threads).
+
+    Each event starts with the open invitations the dashboard already holds for it (``DashboardHistory``)
+    and takes at most ``invitation_cap`` in all. A member's seat is reserved when their match is chosen and
+    released when no message comes of it. ``seats_exhausted`` counts, per event, the members whose first
+    choice it was when it had no seat left (they were offered their next best candidate).
+    """
+
+    def __init__(self, invites_per_spot: float, unknown_cap: int, held: Mapping[str, int] | None = None) -> None:
+        self.invites_per_spot = invites_per_spot
+        self.unknown_cap = unknown_cap
+        self.taken: Counter[str] = Counter(held or {})
+        self.seats: dict[str, Seat] = {}  # member id -> the seat they hold
+        self.exhausted: Counter[str] = Counter()
+        self.passed: dict[str, tuple[str, str]] = {}  # member id -> (id, name) of their first choice, found full
+        self._lock = threading.Lock()
+
+    def has_room(self, event: Mapping[str, Any]) -> bool:
+        cap = invitation_cap(event.get("remaining_spots"), self.invites_per_spot, self.unknown_cap)
+        return self.taken[str(event["_id"])] < cap
+
+    def open_only(self, member_id: str, candidates: Iterable[Candidate]) -> Iterator[Candidate]:
+        """The candidates with a seat left, in order; a first choice without one is counted and remembered."""
+        first = True
+        for c in candidates:
+            if self.has_room(c.event):
+                yield c
+            elif first:
+                with self._lock:
+                    self.exhausted[str(c.event["_id"])] += 1
+                    self.passed[member_id] = (str(c.event["_id"]), text_field(c.event, "name") or "an event")
+            first = False
+
+    def reserve(self, member_id: str, event: Mapping[str, Any]) -> Seat | None:
+        """A seat at ``event`` for the member (the one they held before given back), or None when full."""
+        self.release(member_id)
+        event_id, spots = str(event["_id"]), event.get("remaining_spots")
+        with self._lock:
+            if self.taken[event_id] >= invitation_cap(spots, self.invites_per_spot, self.unknown_cap):
+                return None
+            self.taken[event_id] += 1
+            bound = spots_claim_bound(spots, self.invites_per_spot)
+            seat = Seat(event_id, self.taken[event_id], bound is not None and self.taken[event_id] <= bound)
+            self.seats[member_id] = seat
+            return seat
+
+    def release(self, member_id: str) -> None:
+        """The member's seat given back (no message came of it)."""
+        with self._lock:
+            seat = self.seats.pop(member_id, None)
+            if seat is not None:
+                self.taken[seat.event_id] -= 1
+
+    def taken_note(self, member_id: str, event_id: str) -> str:
+        """The reasoning's sentence when the member's first choice had no seat left, else ""."""
+        first = self.passed.get(member_id)
+        if first is None or first[0] == event_id:
+            return ""
+        return (f" (Their first choice, {first[1]}, already has as many open invitations as it can seat; "
+                "this is their next best.)")
+
+    def report(self) -> dict[str, int]:
+        """``seats_exhausted``: {event id: members turned away from it}, most first."""
+        return dict(sorted(self.exhausted.items(), key=lambda kv: (-kv[1], kv[0])))
+
+
 # =============================================================================================
 # Rules, step 6: the SMS contract and the template writer
 # =============================================================================================
@@ -3784,6 +4007,8 @@ URL_PATTERN = re.compile(
     r"|(?<!" + _RUN_CHAR + r")" + _RUN_CHAR + r"*?" + _LABEL_CHAR +
     r"\.(?:[^\W\d_]{2,}|xn--[a-z0-9-]+)(?!" + _LABEL_CHAR + r")(?:/\S*)?",
     re.IGNORECASE)
+GREETINGS = re.compile(r"\b(?:hi|hey|hello|hiya|howdy|greetings|good (?:morning|afternoon|evening))\b",
+                       re.IGNORECASE)  # "welcome back" is the message's point, not a second greeting
 NUMBER_WORDS = re.compile(r"\b(?:two|three|four|five|six|seven|eight|nine|ten|eleven|twelve|twenty|thirty|forty|"
                           r"fifty|hundred|dozen|half)\b", re.IGNORECASE)
 LETTER_WORDS = re.compile(r"\b[^\W\d_]{2,}\b")  # one tokeniser for a text's words and for what is exempt
@@ -3806,9 +4031,9 @@ def phone_view(text: str) -> str:
 
 
 def first_tappable(view: str) -> int | None:
-    """Where the first thing a phone would make tappable (link, email address, phone number) starts in
-    a ``phone_view``, or None."""
-    found = [m.start() for m in (URL_PATTERN.search(view), PHONE_NUMBER.search(view)) if m]
+    """Where the first thing a phone would make tappable (a link, or a contact detail: ``CONTACT_DETAIL``)
+    starts in a ``phone_view``, or None."""
+    found = [m.start() for m in (URL_PATTERN.search(view), first_contact(view)) if m]
     return min(found, default=None)
 
 
@@ -4097,10 +4322,11 @@ def without_sender_parts(body: str, facts: MessageFacts) -> tuple[str, list[str]
 def validate_sms(text: str, facts: MessageFacts) -> list[str]:
     """The SMS contract, for template and Claude alike: every problem found, empty when fine.
 
-    Nothing a phone could make tappable may appear but the one link: no other scheme, ``www.``,
-    email address, phone number or bare domain (``URL_PATTERN``: any ``label.label`` with a letter-only
-    top-level domain), looked for in ``phone_view`` so Unicode spellings count; and no control or
-    invisible character at all. The event is named by its ``phone_safe_name``.
+    Nothing a phone could make tappable may appear but the one link: no other scheme, ``www.`` or bare
+    domain (``URL_PATTERN``: any ``label.label`` with a letter-only top-level domain), and no contact
+    detail (``CONTACT_DETAIL``: email address, phone number in digits or letters, IP host, tel:/sms:/mailto:),
+    looked for in ``phone_view`` so Unicode spellings count; and no control or invisible character at all.
+    The event is named by its ``phone_safe_name``. One greeting; at most one question mark in the whole text.
     """
     problems: list[str] = []
     if not isinstance(text, str) or not text.strip():
@@ -4119,8 +4345,8 @@ def validate_sms(text: str, facts: MessageFacts) -> list[str]:
         others = [one[:40] for one in links if one != link][:3]
         problems.append("must contain exactly one link, the event link"
                         + (f" (also found: {', '.join(others)})" if others else ""))
-    if PHONE_NUMBER.search(URL_PATTERN.sub(" ", view)):
-        problems.append("no phone numbers: only the event link may be tappable")
+    for kind in contact_kinds(URL_PATTERN.sub(" ", view)):
+        problems.append(f"no {CONTACT_KINDS[kind]}: only the event link may be tappable")
     size = sms_size(text)
     if size.units > size.limit:
         problems.append(f"{size.units} {size.encoding} characters; at most {size.limit} allowed")
@@ -4154,7 +4380,7 @@ def validate_sms(text: str, facts: MessageFacts) -> list[str]:
                 if w.isupper() and w not in ALLOWED_ACRONYMS and w not in protected]
     if shouting:
         problems.append(f"no ALL-CAPS words ({', '.join(shouting)})")
-    if body.count("?") > 1:
+    if text.count("?") > 1:  # the sender's and the opt-out text's count too
         problems.append("at most one question mark")
     if "!!" in text:
         problems.append('no "!!"')
@@ -4167,6 +4393,8 @@ def validate_sms(text: str, facts: MessageFacts) -> list[str]:
     invented += sorted({w.lower() for w in NUMBER_WORDS.findall(scrubbed)})
     if invented:
         problems.append(f"numbers not among the facts: {', '.join(invented)} (use the digits given)")
+    if len(GREETINGS.findall(scrubbed)) > 1:
+        problems.append("greet the member once")
     if re.search(r"[%$€£]", scrubbed):
         problems.append("no prices, discounts or percentages: they are not among the facts")
     return problems
@@ -4269,12 +4497,43 @@ def write_template_sms(facts: MessageFacts) -> str | None:
     return None
 
 
+# Capitals a sender or opt-out text may use: the acronyms, and the keywords that stop texts (FCC, CTIA).
+SETTING_CAPITALS = ALLOWED_ACRONYMS | {"STOP", "STOPALL", "END", "QUIT", "CANCEL", "UNSUBSCRIBE", "REVOKE", "OPTOUT",
+                                       "HELP", "INFO"}
+
+
+def sms_setting_problem(name: str, value: str) -> str | None:
+    """Why SMS_SENDER or SMS_OPT_OUT_TEXT breaks the SMS contract by itself, or None: every message carries
+    it word for word, so whatever it breaks, every message would break (``validate_sms``)."""
+    view = phone_view(value)
+    if first_tappable(view) is not None:
+        return (f"{name} may not hold a link, web address, email or IP address, phone number (in digits or letters) "
+                "or tel:/sms:/mailto: (only the event link is)")
+    if re.search(r"\d", view):
+        return f"{name} may not hold a number: a message states only the event's numbers"
+    if "!!" in view:
+        return f'{name} may not hold "!!"'
+    shouting = [word for word in LETTER_WORDS.findall(view) if word.isupper() and word not in SETTING_CAPITALS]
+    if shouting:
+        return (f"{name} may not shout in ALL CAPS ({', '.join(shouting[:3])}): only acronyms such as NYC or RSVP, "
+                "and STOP")
+    return None
+
+
 def sms_policy_problem(policy: SmsPolicy) -> str | None:
-    """Why SMS_SENDER or SMS_OPT_OUT_TEXT could never be carried within the SMS contract, or None: they
-    may hold nothing a phone makes tappable, and must leave room for the greeting, the event and its time."""
-    for name, value in (("SMS_SENDER", policy.sender), ("SMS_OPT_OUT_TEXT", policy.opt_out_text)):
-        if value and first_tappable(phone_view(value)) is not None:
-            return f"{name} may not hold a link, web address, email address or phone number (only the event link is)"
+    """Why SMS_SENDER or SMS_OPT_OUT_TEXT could never be carried within the SMS contract, or None: each must
+    keep it by itself (``sms_setting_problem``), the two hold one question mark at most between them (a
+    message may hold one), and they must leave room for the greeting, the event and its time."""
+    texts = {name: value for name, value in (("SMS_SENDER", policy.sender), ("SMS_OPT_OUT_TEXT", policy.opt_out_text))
+             if value}
+    for name, value in texts.items():
+        problem = sms_setting_problem(name, value)
+        if problem:
+            return problem
+    asking = [name for name, value in texts.items() if "?" in phone_view(value)]
+    if sum(phone_view(value).count("?") for value in texts.values()) > 1:
+        return (f"{' and '.join(asking)} may hold one question mark at most"
+                f"{' between them' if len(asking) > 1 else ''}: a whole message may hold one")
     facts = MessageFacts(None, "0" * 24, "", (), "", None, 0, None, policy.sender, policy.opt_out_text)
     room = GSM7_LIMIT - len(dress(facts, "", ""))
     if room < MIN_MESSAGE_ROOM:
@@ -4563,12 +4822,287 @@ SKIP_REASONS = (  # dormant_users.json's skip_reason for an eligible member not 
     "holdout",                  # the control group: recorded, never texted
     "no_matching_event",        # no open future event shares an interest
     "no_event_in_send_window",  # every candidate starts too soon or leaves only quiet hours to send
+    "seats_exhausted",          # every candidate already has as many open invitations as it can seat
     "below_min_confidence",     # the best match is below --min-confidence
     "no_sms_within_contract",   # no SMS within the contract for the chosen event or the next ones
     "failed",                   # an unexpected error on this member (see the log)
     "not_started",              # the run stopped (signal or deadline) before this member
     "below_limit",              # --limit members were messaged before this one's turn
 )
+
+
+# --- volume: --limit is per campaign day ------------------------------------------------------------
+
+OUR_GENERATORS = frozenset({"template", "claude"})  # a message with one of these was drafted by this tool
+LIMIT_ALREADY_DRAFTED = "today's limit already drafted"
+
+
+def campaign_day(now: datetime, zone: ZoneInfo) -> tuple[datetime, datetime]:
+    """The campaign day of ``now``: its local date in ``zone`` (CAMPAIGN_TIMEZONE), as [start, end) in UTC."""
+    local = now.astimezone(zone).date()
+    start = datetime.combine(local, dt_time(0), tzinfo=zone)
+    return start.astimezone(UTC), datetime.combine(local + timedelta(days=1), dt_time(0), tzinfo=zone).astimezone(UTC)
+
+
+def daily_remaining(limit: int, drafted_today: int) -> int:
+    """How many messages this run may still draft: ``--limit`` is per campaign day, not per run."""
+    return max(0, limit - max(0, drafted_today))
+
+
+@dataclass(frozen=True)
+class DashboardHistory:
+    """What the dashboard already holds that bounds this run (``DashboardWriter.read_history``)."""
+
+    drafted_today: int = 0  # this tool's messages generated on this campaign day
+    held_out_today: int = 0  # holdout records made on this campaign day
+    today_members: frozenset[str] = frozenset()  # their members: never drafted twice in a day
+    open_invitations: Mapping[str, int] = field(default_factory=dict)  # event id -> pending or approved messages
+
+
+def ours(item: Mapping[str, Any]) -> bool:
+    """A message this tool drafted (its ``generator``), not one another tool put in the list."""
+    generator = item.get("generator")
+    return isinstance(generator, str) and generator in OUR_GENERATORS
+
+
+def tally_history(messages: Iterable[Mapping[str, Any]], holdout: Iterable[Mapping[str, Any]],
+                  day: tuple[datetime, datetime], seats_since: datetime) -> DashboardHistory:
+    """This tool's messages and holdout records of the campaign ``day``, and its open invitations per event
+    (pending or approved, generated at or after ``seats_since``): the arithmetic of the daily limit and of
+    the seats, apart from the reading."""
+    drafted, held, members, invitations = 0, 0, set(), Counter[str]()
+    for item in messages:
+        when = to_utc(item.get("generated_at")) if ours(item) else None
+        if when is None:
+            continue
+        if day[0] <= when < day[1]:
+            drafted += 1
+            members.add(str(item.get("user_id")))
+        status = item.get("status")
+        if (when >= seats_since and isinstance(status, str) and status.strip().lower() in OPEN_INVITATION_STATUSES
+                and isinstance(item.get("event_id"), str)):
+            invitations[item["event_id"]] += 1
+    for item in holdout:
+        when = to_utc(item.get("held_out_at"))
+        if when is not None and day[0] <= when < day[1]:
+            held += 1
+            members.add(str(item.get("user_id")))
+    return DashboardHistory(drafted, held, frozenset(members - {"None"}), dict(invitations))
+
+
+@dataclass(frozen=True)
+class DailyVolume:
+    """The report's ``daily_limit``: the campaign day, what it already held, and what this run may draft."""
+
+    day: str  # the local date (YYYY-MM-DD) in CAMPAIGN_TIMEZONE
+    limit: int
+    drafted_before: int
+    held_out_before: int
+    remaining: int
+
+    @classmethod
+    def of(cls, limit: int, history: DashboardHistory, now: datetime, zone: ZoneInfo) -> DailyVolume:
+        return cls(now.astimezone(zone).date().isoformat(), limit, history.drafted_today, history.held_out_today,
+                   daily_remaining(limit, history.drafted_today))
+
+    def report(self, drafted: int, held_out: int) -> dict[str, Any]:
+        return {**dataclasses.asdict(self), "drafted_this_run": drafted, "held_out_this_run": held_out,
+                "already_drafted": self.remaining == 0}
+
+
+def volume_report(volume: DailyVolume, seats: SeatLedger, drafted: int, held_out: int) -> dict[str, Any]:
+    """The report's ``daily_limit``, ``seats_exhausted`` ({event id: members turned away}) and ``allocation``."""
+    return {"daily_limit": volume.report(drafted, held_out), "seats_exhausted": seats.report(),
+            "allocation": {"invites_per_spot": seats.invites_per_spot, "max_invites_per_event": seats.unknown_cap}}
+
+
+def volume_lines(report: Mapping[str, Any]) -> list[str]:
+    """The Markdown report's lines on the daily limit and the seats (``daily_limit``, ``seats_exhausted``)."""
+    daily, lines = report.get("daily_limit"), []
+    if daily:
+        lines.append(f"Daily limit ({daily['day']}): {daily['limit']} messages a campaign day; "
+                     f"{daily['drafted_before']} drafted earlier today ({daily['held_out_before']} held out), "
+                     f"{daily['drafted_this_run']} by this run"
+                     + (f"; {LIMIT_ALREADY_DRAFTED}." if daily["already_drafted"] else "."))
+    exhausted = report.get("seats_exhausted") or {}
+    names = {m["event_id"]: m["event_name"] for m in report.get("matches", [])}
+    seen = ", ".join(f"{cell(names.get(k, k))} ({n})" for k, n in exhausted.items())
+    lines.append(f"Seats exhausted (members whose first choice had no seat left, by event): {seen}." if exhausted
+                 else "Seats exhausted: none (no member's first choice was full).")
+    return [*lines, ""]
+
+
+# --- the funnel: eligible to drafted, one count per stage (console, Markdown and JSON alike) -------
+
+FUNNEL_STAGES = ("eligible", "outside cooldown", "reached", "textable", "not opted out", "event in send window",
+                 "matched", "drafted")
+HELD_OUT_STAGE = "held out"  # after "drafted", apart: matched, recorded, never texted
+REASON_STAGES = {  # each skip_reason: the first funnel stage a member left out for it does not reach
+    "cooldown": "outside cooldown",
+    "below_limit": "reached",              # the walk stopped (--limit) before this member
+    "not_started": "reached",              # the run stopped (signal or deadline) before this member
+    "no_valid_phone": "textable",
+    "shared_phone": "textable",            # the number already gets a text (another member's)
+    "opted_out": "not opted out",
+    "no_matching_event": "event in send window",
+    "no_event_in_send_window": "event in send window",
+    "below_min_confidence": "matched",
+    "seats_exhausted": "matched",          # every matching event already has its invitations
+    "no_sms_within_contract": "drafted",
+    "failed": "drafted",                   # an error in steps 5-6
+    "holdout": "drafted",                  # matched, held out: counted apart as HELD_OUT_STAGE
+}
+
+
+def reason_stage(code: str) -> str:
+    """The funnel stage a member left out for ``code`` does not reach, as ``REASON_STAGES`` says; a reason added to
+    SKIP_REASONS without one takes the stage of the nearest reason before it (SKIP_REASONS is in walk order);
+    any other code, the last stage (the member was looked at and not drafted)."""
+    if code in REASON_STAGES:
+        return REASON_STAGES[code]
+    earlier = SKIP_REASONS[:SKIP_REASONS.index(code)] if code in SKIP_REASONS else ()
+    return next((REASON_STAGES[r] for r in reversed(earlier) if r in REASON_STAGES), FUNNEL_STAGES[-1])
+
+
+class FunnelStage(TypedDict):
+    """One row of the report's ``funnel``: a stage and how many eligible members reached it."""
+
+    stage: str
+    count: int
+
+
+def run_funnel(eligible: int, reasons: Mapping[str, int]) -> list[FunnelStage]:
+    """The funnel, computed once from the eligible count and the skip_reason counts (``skip_reason_counts``):
+    every eligible member not left out for a reason was drafted, and each reason drops its members at its
+    stage (``reason_stage``); the held-out members come last, apart."""
+    dropped = Counter[str]()
+    for code, n in reasons.items():
+        dropped[reason_stage(code)] += n
+    rows, count = [], eligible
+    for stage in FUNNEL_STAGES:
+        count -= dropped[stage]
+        rows.append(FunnelStage(stage=stage, count=count))
+    return rows + [FunnelStage(stage=HELD_OUT_STAGE, count=reasons.get("holdout", 0))]
+
+
+def funnel_text(funnel: Sequence[Mapping[str, Any]]) -> str:
+    """The funnel on one console line: "51 eligible > 40 outside cooldown > ... > 9 drafted (1 held out)"."""
+    *stages, held = funnel
+    return " > ".join(f"{s['count']} {s['stage']}" for s in stages) + f" ({held['count']} {held['stage']})"
+
+
+def funnel_lines(funnel: Sequence[Mapping[str, Any]], reasons: Mapping[str, int]) -> list[str]:
+    """The funnel as a Markdown table: each stage, its members, and the reasons that left members out before it."""
+    lines = ["## Funnel", "", "| stage | members | left out before this stage |", "| --- | --- | --- |"]
+    for row in funnel:
+        left = ", ".join(f"{n} {code}" for code, n in reasons.items()
+                         if row["stage"] != HELD_OUT_STAGE and reason_stage(code) == row["stage"])
+        lines.append(f"| {row['stage']} | {row['count']} | {left or '-'} |")
+    return lines + [""]
+
+
+def skip_list_rows(eligible: Sequence[Mapping[str, Any]], decisions: Mapping[str, str]) -> Iterator[list[str]]:
+    """``skipped.csv``'s rows, in rank order: each member the walk reached and left out (not drafted, not held
+    out), as member id and skip_reason only. An id that is an email or phone number is withheld (its rank said)."""
+    looked_at = set(FUNNEL_STAGES[FUNNEL_STAGES.index("reached") + 1:])
+    for rank, user in enumerate(eligible, 1):
+        code = decisions.get(user["_id"], "below_limit")
+        if code not in ("selected", "holdout") and reason_stage(code) in looked_at:
+            yield [f"(withheld: rank {rank})" if contact_like_id(user["_id"]) else csv_safe(user["_id"]), code]
+
+
+def contact_like_id(member_id: str) -> bool:
+    """An id that is a contact detail (``CONTACT_DETAIL``: an email address, a phone number as people write one
+    with a ``+`` or punctuation among the digits, ...); plain digits and ObjectIds are ids."""
+    plain = readable(member_id)
+    return not plain.isalnum() and first_contact(plain) is not None
+
+
+def csv_safe(text: str) -> str:
+    """A cell a spreadsheet shows as text, never runs as a formula (a leading = + - @ is quoted with ')."""
+    return f"'{text}" if text[:1] in ("=", "+", "-", "@", "\t", "\r") else text
+
+
+SKIP_LIST = "skipped.csv"  # data/processed/: member id and skip_reason of each member the walk reached and left out
+
+
+# --- the preview of every drafted message, and the day's cost ---------------------------------------
+
+
+class PreviewRow(TypedDict):
+    """One drafted message as a reviewer first sees it: no surname, no number, no address."""
+
+    first_name: str
+    event_name: str
+    send_window: str  # local to the member (``recipient_timezone``)
+    encoding: str  # GSM-7 or UCS-2
+    segments: int
+    reason: str  # the reasoning's first sentence
+    variant: NotRequired[str]  # only when the message has one
+
+
+def send_window_text(message: Mapping[str, Any]) -> str:
+    """``send_after`` to ``send_before`` in the member's zone: "Thu Jan 15 08:00 to Mon Feb 9 16:30 EST"."""
+    zone = ZoneInfo(message["recipient_timezone"])
+    ends = [to_utc(message[key]) for key in ("send_after", "send_before")]
+    if None in ends:
+        return "-"
+    after, before = (moment.astimezone(zone) for moment in ends if moment is not None)
+    return (f"{after:%a %b} {after.day} {after:%H:%M} to {before:%a %b} {before.day} {before:%H:%M} "
+            f"{before.tzname()}")
+
+
+def one_line_reason(reasoning: str, limit: int = 120) -> str:
+    """The reasoning's first sentence, on one line, at most ``limit`` characters."""
+    first = one_line(reasoning).split(". ")[0].rstrip(".")
+    return first if len(first) <= limit else first[:limit - 1].rstrip() + "\u2026"
+
+
+def preview_row(user: Mapping[str, Any], message: Mapping[str, Any]) -> PreviewRow:
+    """A drafted message's preview row: the first name we greet by, never the full name."""
+    row = PreviewRow(first_name=greeting_name(user.get("firstName")) or "-", event_name=message["event_name"],
+                     send_window=send_window_text(message), encoding=message["sms_encoding"],
+                     segments=message["sms_segments"], reason=one_line_reason(message["reasoning"]))
+    if message.get("variant"):
+        row["variant"] = str(message["variant"])
+    return row
+
+
+def preview_lines(preview: Sequence[Mapping[str, Any]]) -> list[str]:
+    """The preview as a Markdown table; the ``variant`` column only when some message has one."""
+    variant = any("variant" in row for row in preview)
+    header = ["#", "first name", "event", "send window (member's local time)", "encoding", "segments", "reason"]
+    lines = ["## Preview of the drafted messages", "", *markdown_table([header + ["variant"] * variant,
+             *([str(i), row["first_name"], row["event_name"], row["send_window"], row["encoding"],
+                str(row["segments"]), row["reason"]] + [row.get("variant", "-")] * variant
+               for i, row in enumerate(preview, 1))])]
+    return lines + ([] if preview else ["", "No message was drafted."]) + [""]
+
+
+def run_cost(segments: int, price: float | None, claude_usd: float | None, claude_used: bool) -> dict[str, Any]:
+    """The day's cost: SMS segments times ``SMS_SEGMENT_PRICE`` (segments only when it is unset) beside Claude's
+    estimate (None when its prices are unknown); the total only when every part is known."""
+    sms_usd = None if price is None else round(segments * price, 6)
+    claude = claude_usd if claude_used else 0.0
+    total = None if sms_usd is None or claude is None else round(sms_usd + claude, 6)
+    return {"sms_segments": segments, "sms_segment_price_usd": price, "sms_cost_usd": sms_usd,
+            "claude_used": claude_used, "claude_cost_usd": claude_usd if claude_used else None, "total_usd": total}
+
+
+def usd(value: float | None) -> str:
+    return "unknown" if value is None else f"{value:.4f} USD"
+
+
+def cost_text(cost: Mapping[str, Any]) -> str:
+    """The cost in one line, for the console and the report: "12 SMS segments x 0.0079 USD = 0.0948 USD; ..."."""
+    parts = [plural(cost["sms_segments"], "SMS segment") + (
+        f" x {usd(cost['sms_segment_price_usd'])} = {usd(cost['sms_cost_usd'])}"
+        if cost["sms_segment_price_usd"] is not None else " (SMS_SEGMENT_PRICE unset: no price)")]
+    if cost["claude_used"]:
+        parts.append(f"Claude {usd(cost['claude_cost_usd'])}")
+        if cost["total_usd"] is not None:
+            parts.append(f"in all {usd(cost['total_usd'])}")
+    return "; ".join(parts)
 
 
 def campaign_id_for(moment: datetime) -> str:
@@ -4585,13 +5119,108 @@ def mean(values: Sequence[float]) -> float:
     return round(sum(values) / len(values), 1) if values else 0.0
 
 
-RECOMMENDATIONS = [
-    "Focus on welcome-back messaging that acknowledges time away.",
-    "Prioritize interest alignment for reactivation.",
-    "Use urgency (spots left, time) to drive immediate action.",
-    "Consider proximity (neighborhood) for convenience.",
-    "Track reactivation success rate (RSVPs from dormant users).",
-]
+# --- recommendations: read from this run's figures ------------------------------------------------
+
+POWER_DAYS = 30  # the report's holdout power looks back this many days (and at this run)
+DOMINANT_SHARE = 0.5  # a skip reason leaving out at least this share of the members looked at "dominates"
+CROWDED_EVENT_SHARE = 0.5  # an event taking at least this share of the invitations (of 3 or more)
+TELLABLE_LIFT_PP = 20.0  # a holdout that cannot detect a lift this small is "too small to tell"
+REASON_ADVICE = {  # what to do when a skip reason dominates; {n} members, {share} of the members considered
+    "cooldown": "{n} members ({share}) were messaged or held out within --cooldown-days: the pool is being "
+                "used up; expect fewer drafts until they leave the cooldown.",
+    "no_valid_phone": "{n} members ({share}) have no number that takes texts: hand data/processed/skipped.csv "
+                      "to data clean-up.",
+    "shared_phone": "{n} members ({share}) share a number with another member: data/processed/skipped.csv "
+                    "lists them for data clean-up.",
+    "opted_out": "{n} members ({share}) opted out of texts: nothing to do but respect it; consider email.",
+    "no_matching_event": "{n} members ({share}) have no open event that shares an interest: publish events "
+                         "for their interests (skipped.csv lists them).",
+    "no_event_in_send_window": "{n} members ({share}) only match events starting too soon: check "
+                               "--min-lead-hours and QUIET_HOURS, or run earlier in the day.",
+    "below_min_confidence": "{n} members ({share}) match nothing above --min-confidence: more events, or a "
+                            "lower threshold after looking at their matches.",
+    "seats_exhausted": "{n} members ({share}) found every matching event already full of invitations: add "
+                       "events, or allow more invitations per spot.",
+    "no_sms_within_contract": "{n} members ({share}) got no SMS within the contract: shorten the event names "
+                              "or SMS_SENDER/SMS_OPT_OUT_TEXT.",
+    "failed": "{n} members ({share}) failed with an error: read the log before the next run.",
+}
+
+
+def looked_at_reasons(reasons: Mapping[str, int]) -> dict[str, int]:
+    """The skip reasons of members the run looked at: not the ones it never reached (``--limit``, a stop),
+    nor the control group."""
+    return {code: n for code, n in reasons.items()
+            if code != "holdout" and reason_stage(code) != "reached" and n}
+
+
+def dominant_reason_advice(reasons: Mapping[str, int], drafted: int) -> list[str]:
+    """The skip reason that left out most of the members looked at, and what to do about it."""
+    left = looked_at_reasons(reasons)
+    if not left:
+        return []
+    code, n = max(left.items(), key=lambda kv: (kv[1], kv[0]))
+    share = n / (sum(left.values()) + drafted)
+    if share < DOMINANT_SHARE:
+        return []
+    advice = REASON_ADVICE.get(code, "{n} members ({share}) were left out as " + code + ".")
+    return [advice.format(n=n, share=f"{100 * share:.0f}% of the members considered")]
+
+
+def crowded_event_advice(messages: Sequence[Mapping[str, Any]]) -> list[str]:
+    """An event taking most of the invitations: one event's seats cannot take them all."""
+    events = Counter(m["event_name"] for m in messages)
+    if len(messages) < 3 or not events:
+        return []
+    name, n = events.most_common(1)[0]
+    if n / len(messages) < CROWDED_EVENT_SHARE:
+        return []
+    return [(f"{cell(name)} takes {n} of {len(messages)} invitations: check it can seat them, or add events "
+             "for these members' interests.")]
+
+
+def holdout_advice(holdout: Mapping[str, Any], power: Mapping[str, Any]) -> list[str]:
+    """No control group, or one too small to tell a lift from chance (``holdout_power``)."""
+    if not holdout.get("fraction"):
+        return ["No holdout: run with --holdout 0.1 so `measure` can tell whether the messages bring anyone back."]
+    period = power.get("last_30_days") or power["this_run"]
+    found = period["detectable_lift_pp"]
+    if found is not None and found <= TELLABLE_LIFT_PP:
+        return []
+    could = ("cannot detect any lift" if found is None or found >= 100
+             else f"can only detect a lift of {found:.0f} pp or more")
+    return [(f"The holdout is too small to tell: {period['held_out']} held out against {period['treated']} texted "
+             f"{could}; raise --holdout above {holdout['fraction']:g} or let more days add up.")]
+
+
+def message_advice(summary: Mapping[str, Any], reasons: Mapping[str, int], cost: Mapping[str, Any]) -> list[str]:
+    """No message at all, or messages longer than one segment (each extra segment is billed)."""
+    drafted = summary.get("total_messages_generated", 0)
+    if not drafted:
+        return ["No message was drafted: see the funnel for where the members were left out."
+                if looked_at_reasons(reasons) else "No message was drafted: nobody eligible was looked at."]
+    extra = cost["sms_segments"] - drafted
+    if extra > 0:
+        return [(f"{extra} extra SMS segments ({cost['sms_segments']} for {drafted} messages): shorter event "
+                 "names or sender texts keep each message to one.")]
+    return []
+
+
+def fallback_advice(fallbacks: Mapping[str, Any]) -> list[str]:
+    n = fallbacks.get("matching", 0) + fallbacks.get("writing", 0)
+    return [f"Claude fell back to the rules or the template {n} times: see Claude fallbacks."] if n else []
+
+
+def recommendations(report: Mapping[str, Any]) -> list[str]:
+    """What this run's figures suggest doing (a dominant skip reason, a crowded event, a holdout too small,
+    segments, fallbacks); a day with nothing to say says so."""
+    reasons, summary = report["skip_reasons"], report["summary"]
+    found = [*message_advice(summary, reasons, report["cost"]),
+             *dominant_reason_advice(reasons, summary.get("total_messages_generated", 0)),
+             *crowded_event_advice(report["preview"]),
+             *holdout_advice(report["holdout"], report["holdout_power"]),
+             *fallback_advice(report["fallbacks"])]
+    return found or ["Nothing in this run's figures calls for a change."]
 
 
 def cell(value: Any) -> str:
@@ -4643,10 +5272,15 @@ def report_markdown(report: Mapping[str, Any]) -> str:
                 "total_messages_generated", "total_sms_segments", "average_days_inactive",
                 "average_confidence_score", "error_count"):
         lines.append(f"| {key.replace('_', ' ')} | {s.get(key)} |")
-    lines += ["", f"Users tried: {st['users_processed']}; future events considered: {st['events_processed']}.", ""]
+    lines += ["", f"Future events considered: {st['events_processed']}. Cost: {cost_text(report['cost'])}.", ""]
     if report.get("places_not_located"):
         lines += [places_line(report["places_not_located"]), ""]
+    lines += volume_lines(report)
+    lines += funnel_lines(report["funnel"], report.get("skip_reasons", {}))
+    lines += ["## Recommendations", "", *(f"- {r}" for r in report["recommendations"]), ""]
     lines += skip_reason_lines(report.get("skip_reasons", {}), report.get("holdout", {}))
+    lines += power_lines(report["holdout_power"])
+    lines += preview_lines(report["preview"])
     lines += ["## Matches and messages", "", "| member | event | confidence | matcher | SMS | segments |",
               "| --- | --- | --- | --- | --- | --- |"]
     messages = {m["user_id"]: m for m in report.get("messages", [])}
@@ -4654,9 +5288,7 @@ def report_markdown(report: Mapping[str, Any]) -> str:
         msg = messages.get(match["user_id"], {})
         lines.append(f"| {cell(match['user_name'])} | {cell(match['event_name'])} | {match['confidence_percentage']} "
                      f"| {match['matcher']} | {cell(msg.get('message_text', ''))} | {msg.get('sms_segments', '')} |")
-    lines += ["", "## Members skipped", ""]
-    skipped = report.get("skipped", [])
-    lines += [f"- {cell(s['user_name'])} ({s['user_id']}): {cell(s['reason'])}" for s in skipped] or ["None."]
+    lines += ["", "## Members skipped", "", *skipped_lines(report)]
     fallbacks = report.get("fallbacks", {})
     if fallbacks.get("reasons"):
         lines += ["", f"## Claude fallbacks ({fallbacks['matching']} matches, {fallbacks['writing']} messages)", ""]
@@ -4683,8 +5315,37 @@ def report_markdown(report: Mapping[str, Any]) -> str:
     lines += [f"- {k.replace('_', ' ')}: {v}" for k, v in issues.items()] or ["None."]
     lines += ["", "## Errors", ""]
     lines += [f"- {cell(e)}" for e in report.get("errors", [])] or ["None."]
-    lines += ["", "## Recommendations", ""] + [f"- {r}" for r in report["recommendations"]]
     return "\n".join(lines) + "\n"
+
+
+def skipped_lines(report: Mapping[str, Any]) -> list[str]:
+    """The members left out, as the funnel counts them (the walk's reasons), then why each member steps 5-6
+    looked at was skipped; the list for data clean-up is ``skipped.csv``."""
+    reasons = {code: n for code, n in report.get("skip_reasons", {}).items() if code != "holdout"}
+    if not reasons:
+        return ["None."]
+    counts = ", ".join(f"{n} {code}" for code, n in reasons.items())
+    lines = [(f"{plural(sum(reasons.values()), 'eligible member')} not texted and not held out ({counts}); "
+              f"`data/processed/{SKIP_LIST}` lists each one the walk reached (member id, reason) for data clean-up.")]
+    skipped = report.get("skipped", [])
+    if skipped:
+        lines += ["", "Skipped in steps 5-6:", ""]
+    return lines + [f"- {cell(s['user_name'])} ({s['user_id']}): {cell(s['reason'])}" for s in skipped]
+
+
+def power_lines(power: Mapping[str, Any]) -> list[str]:
+    """The smallest lift the holdout could detect, this run and over the last 30 days."""
+    lines = ["## Holdout power", ""]
+    for label, key in (("This run", "this_run"), ("Last 30 days", "last_30_days")):
+        figure = power.get(key)
+        if figure is None:
+            lines.append(f"- {label}: unknown (the dashboard's messages and holdout were not read)")
+            continue
+        found = figure["detectable_lift_pp"]
+        lift_words = "no lift can be detected" if found is None else f"smallest detectable lift {found:.1f} pp"
+        verdict = "" if found is not None and found <= TELLABLE_LIFT_PP else " (too small to tell)"
+        lines.append(f"- {label}: {figure['treated']} texted, {figure['held_out']} held out: {lift_words}{verdict}")
+    return lines + ["", f"Method: {power['method']}.", ""]
 
 
 def run_statistics(selected: Sequence[Any], future_events: Sequence[Any], matches: Sequence[Any],
@@ -4779,11 +5440,14 @@ def build_report(*, campaign_id: str, run_started: datetime, finished: datetime,
                  issues: DataIssues, firebase: Mapping[str, Any], errors: Sequence[str],
                  llm_usage: Mapping[str, Any] | None, status: str = "completed",
                  empty_input: Sequence[str] = (), places_not_located: Mapping[str, int] | None = None,
-                 ) -> dict[str, Any]:
-    """Step 8: the plan's statistics and summary, plus who was skipped, segments, services and errors.
+                 sms_segment_price: float | None = None, earlier_30_days: tuple[int, int] | None = None,
+                 volume: Mapping[str, Any] | None = None) -> dict[str, Any]:
+    """Step 8: the plan's statistics and summary, plus the funnel, a preview of every message, the cost, who
+    was skipped, the holdout's power, services, errors and recommendations from these figures.
 
     ``empty_input`` names the collections the source had no documents in (``"users"``, ``"events"``);
-    ``decisions`` is each eligible member's ``selected`` or skip code.
+    ``decisions`` is each eligible member's ``selected`` or skip code; ``earlier_30_days`` the members
+    messaged and held out in the dashboard in the 30 days before this run (None: not read).
     """
     reasons = skip_reason_counts(decisions)
     held_out = [o.holdout for o in outcomes if o.holdout is not None]
@@ -4826,14 +5490,18 @@ def build_report(*, campaign_id: str, run_started: datetime, finished: datetime,
         "engagement_counts": census.status_counts,
         "skipped": [vars(s) for s in skipped],
         "skip_reasons": reasons,
+        "funnel": run_funnel(len(census.eligible), reasons),
         "holdout": {"fraction": options.holdout, "count": len(held_out), "ranks": [h["rank"] for h in held_out]},
+        "holdout_power": holdout_power((len(messages), len(held_out)), earlier_30_days),
         "data_issues": issues.as_dict(),
         "errors": list(errors),
-        "recommendations": list(RECOMMENDATIONS),
         "matches": [{k: m[k] for k in ("user_name", "user_id", "event_name", "event_id",  # type: ignore[literal-required]
                                        "confidence_percentage", "matcher")} for m in matches],
         "messages": [{k: m[k] for k in ("user_id", "event_id", "message_text", "sms_encoding",  # type: ignore[literal-required]
                                         "sms_segments", "generator")} for m in messages],
+        "preview": [preview_row(o.user, o.message) for o in outcomes if o.message is not None],
+        "cost": run_cost(summary["total_sms_segments"], sms_segment_price,
+                         (llm_usage or {}).get("estimated_cost_usd"), llm_usage is not None),
         "firebase": dict(firebase),
         "fallbacks": fallback_counts(outcomes),
         "steps_5_6_seconds": round(steps_5_6_seconds, 3),
@@ -4842,7 +5510,18 @@ def build_report(*, campaign_id: str, run_started: datetime, finished: datetime,
     if llm_usage is not None:
         report["llm_usage"] = dict(llm_usage)
     report["places_not_located"] = places_report(places_not_located or {})
+    report.update(volume or {})  # ``daily_limit``, ``seats_exhausted``, ``allocation`` (``volume_report``)
+    report["recommendations"] = recommendations(report)
     return report
+
+
+def console_summary(report: Mapping[str, Any], report_path: Path) -> str:
+    """The run's one summary line on the console: the funnel, segments and cost, errors, the report's path."""
+    s = report["summary"]
+    empty = report.get("empty_input") or []
+    status = report["status"] + (f", empty input: {', '.join(empty)}" if empty else "")
+    return (f"Step 8 ({status}): {s['total_dormant_users_found']} dormant; funnel {funnel_text(report['funnel'])}; "
+            f"{cost_text(report['cost'])}; {s['error_count']} errors. Report: {report_path}")
 
 
 def places_report(unlocated: Mapping[str, int]) -> dict[str, Any]:
@@ -6935,6 +7614,7 @@ class DashboardWriter:
         self.undated_messages = 0  # messages (and holdout records) read by the cooldown whose date is no date
         self._waiting: dict[int, tuple[Match | None, Message | None, HoldoutRecord | None]] = {}  # above the next rank
         self._next_rank = 0
+        self.claimed: str | None = None  # the campaign id this run claimed in the archive
 
     @property
     def writes(self) -> bool:
@@ -6979,6 +7659,35 @@ class DashboardWriter:
                     recent.add(str(item["user_id"]))
         return recent
 
+    def read_history(self, day: tuple[datetime, datetime], seats_since: datetime) -> DashboardHistory:
+        """What the dashboard (or its mirror) already holds of this tool's work (``tally_history``): the
+        campaign day's messages and holdout records, and the open invitations per event since
+        ``seats_since``. The lists the cooldown read are not read again; raises FirebaseError when unreadable.
+        A dry run reads too: it counts what a real run would."""
+        if self.transport is None:
+            return DashboardHistory()
+        for key in ("messages", "holdout"):
+            if key not in self._cooldown_reads:
+                self._cooldown_reads[key] = self.transport.get(key)
+        return tally_history(as_item_list(self._cooldown_reads["messages"][0], "messages"),
+                             as_item_list(self._cooldown_reads["holdout"][0], "holdout"), day, seats_since)
+
+    def recent_members(self, since: datetime) -> tuple[int, int] | None:
+        """How many members the dashboard holds a message for (``generated_at``) and a holdout record for
+        (``held_out_at``) at or after ``since``, each member once: the report's last-30-days holdout power.
+        The cooldown's reads are reused; None when there is no dashboard or a list cannot be read."""
+        if self.transport is None or self.stood_down:
+            return None
+        found = []
+        for key, dated_by in (("messages", "generated_at"), ("holdout", "held_out_at")):
+            try:
+                value = self._cooldown_reads[key][0] if key in self._cooldown_reads else self.transport.get(key)[0]
+            except ServiceError:  # the report says "unknown"; the cooldown decides what a failed read costs
+                return None
+            found.append(len({str(item["user_id"]) for item in as_item_list(value, key) if item.get("user_id")
+                              and (when := to_utc(item.get(dated_by))) is not None and when >= since}))
+        return found[0], found[1]
+
     def claim_campaign(self, first_id: str, next_id: Any, tries: int = 60) -> str:
         """The campaign id, claimed: its archive's metadata is created with a create-only write
         (``if-match: null_etag``), taking the next id while one exists, so two machines sharing one
@@ -6990,6 +7699,7 @@ class DashboardWriter:
             claim = {"id": campaign_id, "name": CAMPAIGN_NAME, "created_at": self.updated_at, "status": "running"}
             try:
                 if self.transport.put(f"campaigns/{campaign_id}/metadata", claim, if_match=NULL_ETAG).ok:
+                    self.claimed = campaign_id
                     return campaign_id
             except FirebaseError as exc:
                 self.failed(f"campaigns/{campaign_id}/metadata (claiming the campaign id)", exc)
@@ -7085,6 +7795,9 @@ class DashboardWriter:
         if self.transport is None or self.dry_run:
             self.logger.info("Step 7: dry run, nothing written to Firebase")
             return
+        if not messages and not holdout:
+            self.release_campaign(campaign_id)
+            return
         updated = self.updated_at
         users_payload = [dashboard_user(u) for u in users]
         events_payload = unique_matched_events(matches)
@@ -7119,6 +7832,16 @@ class DashboardWriter:
             self.written = []
         self.logger.info("Step 7: %d paths written to %s, %d not written, %d bytes sent", len(self.written),
                          self.transport.description, len(self.not_written), self.transport.bytes_sent)
+
+    def release_campaign(self, campaign_id: str) -> None:
+        """A run that drafted nothing archives no empty campaign: its claim is removed, nothing else written."""
+        if self.claimed == campaign_id and self.writes:
+            try:
+                self.transport.put(f"campaigns/{campaign_id}/metadata", None)
+            except FirebaseError as exc:
+                self.failed(f"campaigns/{campaign_id}/metadata (removing the claim of an empty campaign)", exc)
+        self.flush()
+        self.logger.info("Step 7: nothing drafted, no campaign archived and the dashboard left as it was")
 
     def summary(self) -> dict[str, Any]:
         """The report's ``firebase`` section; ``keys_renamed``/``keys_dropped`` count distinct key changes."""
@@ -7161,6 +7884,7 @@ class RunResult:
     failed_members: int = 0
     signal: int | None = None
     empty_input: list[str] = field(default_factory=list)  # "users", "events": read, but there were none
+    limit_already_drafted: bool = False  # the campaign day's --limit was drafted before this run: exit 0
 
     @property
     def firebase_failed(self) -> bool:
@@ -7196,6 +7920,7 @@ class ReturnToTable:
         self.advisor = advisor
         self.zone = settings.zone
         self.sms = settings.sms  # who may be texted, when (quiet hours), and what every message carries
+        self.segment_price = settings.sms_segment_price  # SMS_SEGMENT_PRICE, USD, for the report's cost
         self.min_lead = timedelta(hours=options.min_lead_hours)
         self.control = control
         self.issues = DataIssues()
@@ -7210,6 +7935,9 @@ class ReturnToTable:
         self.counted: SourceData | None = None  # what a counting source read (``read_dormant``)
         self.activity: Mapping[str, Activity] = {}  # step 1's activity of every member, for ``reach_member``
         self.census: DormancyCensus | None = None  # step 1's eligible members and counts
+        self.history = DashboardHistory()  # what the dashboard holds of this campaign day and of open invitations
+        self.volume = DailyVolume.of(options.limit, self.history, options.now, self.zone)  # this run's share
+        self.seats = SeatLedger(options.invites_per_spot, options.max_invites_per_event)  # steps 5-6's seats
 
     # --- step 1: fetch, find and rank the dormant members -----------------------------------
 
@@ -7268,19 +7996,33 @@ class ReturnToTable:
         return census
 
     def cooldown(self) -> set[str]:
-        """Members with a message generated (or a holdout record made) within the cooldown, or later than ``now``."""
-        if self.options.cooldown_days <= 0:
-            return set()
+        """Members with a message generated (or a holdout record made) within the cooldown, or later than ``now``,
+        and every member drafted or held out this campaign day (a top-up never drafts one twice, even with
+        ``--cooldown-days 0``). Reads the day's history too (``read_history``): the daily limit and the seats."""
+        recent: set[str] = set()
         try:
-            recent = self.dashboard.recent_recipients(days_before(self.options.now, self.options.cooldown_days))
-            self.issues.add("dashboard_messages_without_valid_generated_at", self.dashboard.undated_messages)
-            return recent
+            if self.options.cooldown_days > 0:
+                recent = self.dashboard.recent_recipients(days_before(self.options.now, self.options.cooldown_days))
+                self.issues.add("dashboard_messages_without_valid_generated_at", self.dashboard.undated_messages)
+            self.history = self.dashboard.read_history(campaign_day(self.options.now, self.zone), self.seats_since())
         except FirebaseError as exc:
             if self.options.dry_run:
-                self.logger.warning("Cooldown not applied in this dry run: %s", exc)
+                self.logger.warning("Cooldown not applied in this dry run (nor the daily limit's count): %s", exc)
             else:  # without knowing who was messaged, writing could draft someone twice
                 self.dashboard.stand_down("messages (unreadable, nothing will be written this run)", exc)
             return set()
+        self.volume = DailyVolume.of(self.options.limit, self.history, self.options.now, self.zone)
+        self.seats = SeatLedger(self.options.invites_per_spot, self.options.max_invites_per_event,
+                                self.history.open_invitations)
+        self.logger.info("Daily limit %d (%s): %d messages drafted earlier today, %d held out; %d left for this run",
+                         self.options.limit, self.volume.day, self.volume.drafted_before,
+                         self.volume.held_out_before, self.volume.remaining)
+        return recent | self.history.today_members
+
+    def seats_since(self) -> datetime:
+        """Open invitations count from the cooldown's start (at the latest from the campaign day's start)."""
+        day_start = campaign_day(self.options.now, self.zone)[0]
+        return min(day_start, days_before(self.options.now, self.options.cooldown_days))
 
     def select(self, census: DormancyCensus) -> list[tuple[int, DormantMember]]:
         """The eligible members outside the cooldown, as ``(rank, member)`` in rank order, for the walk
@@ -7343,13 +8085,48 @@ class ReturnToTable:
             return [], Skip(user["_id"], full_name(user), "no open future event shares an interest")
         zone = self.recipient_zone(user)
         sendable = (c for c in itertools.chain([first], ranked) if self.window_for(c.event, zone) is not None)
-        candidates = list(itertools.islice(sendable, max(self.options.candidates, MAX_NEXT_EVENTS + 1)))
-        if not candidates:  # every matching event starts too soon, or leaves only quiet hours to send in
+        first_sendable = next(sendable, None)
+        if first_sendable is None:  # every matching event starts too soon, or leaves only quiet hours to send in
             return [], Skip(user["_id"], full_name(user),
                             "every matching event is too soon: none leaves a moment outside QUIET_HOURS "
                             f"(member's local time) at least {self.options.min_lead_hours:g}h before it starts "
                             "(--min-lead-hours)", "no_event_in_send_window")
+        seated = self.seats.open_only(user["_id"], itertools.chain([first_sendable], sendable))
+        candidates = list(itertools.islice(seated, max(self.options.candidates, MAX_NEXT_EVENTS + 1)))
+        if not candidates:
+            return [], self.no_seats(user)
         return candidates, None
+
+    def no_seats(self, user: Mapping[str, Any]) -> Skip:
+        return Skip(user["_id"], full_name(user), "every matching event already has as many open invitations as "
+                    "it can seat (--invites-per-spot, --max-invites-per-event)", "seats_exhausted")
+
+    def seated(self, user: Mapping[str, Any], candidates: Sequence[Candidate], match: Match,
+               outcome: UserOutcome) -> Match | None:
+        """The match with a seat reserved (``SeatLedger``); when another member took the last one meanwhile
+        (Claude's members run at once), the rules' next candidate with a seat. The reasoning says when the
+        member's first choice had none left."""
+        uid, now, floor = user["_id"], self.options.now, self.options.min_confidence
+        if self.seats.reserve(uid, match["event"]) is None:
+            others = (c for c in candidates if c.event["_id"] != match["event_id"] and c.confidence >= floor)
+            taken = f" (The first pick, {match['event_name']}, filled up while it was chosen; this is the next best.)"
+            for c in others:
+                if self.seats.reserve(uid, c.event) is not None:
+                    match = candidate_match(user, c, self.zone, now, taken)
+                    break
+            else:
+                outcome.skip = self.no_seats(user)
+                return None
+        match["reasoning"] += self.seats.taken_note(uid, match["event_id"])
+        return match
+
+    def facts_for(self, match: Match) -> MessageFacts:
+        """What the message may say: ``message_facts``, without the spots left once more members were told
+        than the spots allow (``Seat.may_claim_spots``)."""
+        facts = message_facts(match, self.zone, self.options.now, sender=self.sms.sender,
+                              opt_out_text=self.sms.opt_out_text)
+        seat = self.seats.seats.get(match["user_id"])
+        return facts if seat is None or seat.may_claim_spots else replace(facts, spots_left=None)
 
     def hold_out(self, rank: int, eligible_rank: int, user: DormantMember,
                  events: Sequence[FutureEvent]) -> UserOutcome:
@@ -7407,7 +8184,7 @@ class ReturnToTable:
         if window is None:
             return None
         when = {"now": now, "window": window, "zone": zone}
-        facts = message_facts(match, self.zone, now, sender=self.sms.sender, opt_out_text=self.sms.opt_out_text)
+        facts = self.facts_for(match)
         if self.advisor is not None:
             try:
                 text, notes = self.advisor.write(facts, match["user"])
@@ -7426,9 +8203,11 @@ class ReturnToTable:
         with a web address), the next candidates above the threshold, by the rules and the template."""
         now, floor, zone = self.options.now, self.options.min_confidence, self.recipient_zone(user)
         for c in [c for c in candidates if c.event["_id"] != tried and c.confidence >= floor][:MAX_NEXT_EVENTS]:
+            if self.seats.reserve(user["_id"], c.event) is None:
+                continue
             match = candidate_match(user, c, self.zone, now,
                                     " (The first choice could not be phrased within the SMS limits.)")
-            facts = message_facts(match, self.zone, now, sender=self.sms.sender, opt_out_text=self.sms.opt_out_text)
+            facts = self.facts_for(match)
             text, window = write_template_sms(facts), self.window_for(c.event, zone)
             if text is None or window is None:
                 continue
@@ -7443,6 +8222,8 @@ class ReturnToTable:
         if outcome.skip is not None:
             return outcome
         outcome.match = self.choose_event(user, candidates, outcome)
+        if outcome.match is not None:
+            outcome.match = self.seated(user, candidates, outcome.match, outcome)
         if outcome.match is None:
             return outcome
         outcome.message = self.write_message(outcome.match, outcome)
@@ -7462,8 +8243,10 @@ class ReturnToTable:
         try:
             outcome = self.process_user(rank, user, events)
         except ServiceError:
+            self.seats.release(user["_id"])
             raise
         except Exception as exc:  # the run goes on; the traceback goes to the log file
+            self.seats.release(user["_id"])
             if out_of_memory(exc):  # the whole run's trouble, not this member's
                 raise
             self.logger.debug("member %s failed", user["_id"], exc_info=True)
@@ -7471,6 +8254,8 @@ class ReturnToTable:
             outcome = UserOutcome(rank, user, skip=Skip(user["_id"], full_name(user),
                                                         f"failed: {exc.__class__.__name__} (see the log)", "failed"),
                                   failed=True)
+        if outcome.message is None:  # a seat no message came of is given back
+            self.seats.release(user["_id"])
         outcome.eligible_rank = eligible_rank
         return outcome
 
@@ -7502,7 +8287,7 @@ class ReturnToTable:
         running: set[Any] = set()
         messaged, order = 0, itertools.count()
         while True:
-            while (waiting and len(running) < width and messaged + len(running) < self.options.limit
+            while (waiting and len(running) < width and messaged + len(running) < self.volume.remaining
                    and not self.control.stopping):
                 eligible_rank, user = waiting.pop()
                 if not self.reachable(user):
@@ -7561,15 +8346,13 @@ class ReturnToTable:
         write_json(reports / f"return_to_table_report_{campaign_id}.json", report, private=True)
         report_path = reports / f"return_to_table_report_{campaign_id}.md"
         write_text_private(report_path, report_markdown(report))
-        s = report["summary"]
-        empty = report.get("empty_input") or []
-        status = report["status"] + (f", empty input: {', '.join(empty)}" if empty else "")
-        self.logger.info("Step 8 (%s): %d dormant, %d ready, %d matched, %d messages, %d SMS segments, %d errors. "
-                         "Report: %s", status, s["total_dormant_users_found"],
-                         s["total_users_with_complete_profiles"], s["total_matches_created"],
-                         s["total_messages_generated"], s["total_sms_segments"], s["error_count"], report_path,
-                         extra={"summary": True})
+        self.logger.info("%s", console_summary(report, report_path), extra={"summary": True})
         return report_path
+
+    def write_skip_list(self, census: DormancyCensus) -> None:
+        """``data/processed/skipped.csv``: member id and skip_reason of each member the walk reached and left out."""
+        write_csv(self.data_dir / "processed" / SKIP_LIST, ["member_id", "reason"],
+                  skip_list_rows(census.eligible, self.decisions))
 
     # --- the whole run ------------------------------------------------------------------------
 
@@ -7588,12 +8371,16 @@ class ReturnToTable:
         users, events = self.fetch()                       # step 1
         self.census = census = self.dormant_users(users, events)
         walk = self.select(census)
+        earlier = self.dashboard.recent_members(days_before(options.now, POWER_DAYS))  # before this run writes
         future = self.future_events(events)                # step 2 (3-4: summaries attached)
         self.campaign_id = campaign_id = self.fresh_campaign_id(started)
         self.logger.info("Campaign %s", campaign_id)
         self.dashboard.open_lists()
         clock = time.monotonic()
-        with progress_bar(min(len(walk), options.limit), "members", enabled=options.progress) as self.progress:
+        if self.volume.remaining == 0:
+            self.logger.info("Daily limit: %s (%d of --limit %d on %s); nothing drafted", LIMIT_ALREADY_DRAFTED,
+                             self.volume.drafted_before, options.limit, self.volume.day, extra={"summary": True})
+        with progress_bar(min(len(walk), self.volume.remaining), "members", enabled=options.progress) as self.progress:
             outcomes = self.process_all(walk, future)      # steps 5-6
         self.progress = None
         steps_5_6_seconds = time.monotonic() - clock
@@ -7602,6 +8389,7 @@ class ReturnToTable:
                          ", ".join(f"{n} {code}" for code, n in sorted(left_out.items())) or "all of them textable")
         write_json_items(self.data_dir / "processed" / "dormant_users.json",
                          walk_listing(census.eligible, self.decisions), private=True)
+        self.write_skip_list(census)
         selected = [o.user for o in outcomes if not o.held_out]  # the treatment members the walk reached
         not_started = sum(code == "not_started" for code in self.decisions.values())
         status = self.final_status(not_started)
@@ -7626,13 +8414,15 @@ class ReturnToTable:
             future_events=future, outcomes=outcomes, steps_5_6_seconds=steps_5_6_seconds, issues=self.issues,
             firebase=firebase, errors=list(self.dashboard.errors), status=status,
             llm_usage=self.advisor.usage_report() if self.advisor is not None else None,
+            sms_segment_price=self.segment_price, earlier_30_days=earlier,
             empty_input=self.empty_input, places_not_located=unlocated_places(
                 self.hoods, [*(text_field(u, "homeNeighborhood") for u in census.eligible),
-                             *(text_field(e, "neighborhood") for e in future)]))
+                             *(text_field(e, "neighborhood") for e in future)]),
+            volume=volume_report(self.volume, self.seats, len(messages), len(held_out)))
         report_path = self.write_report(campaign_id, report)
         return RunResult(campaign_id, report, report_path, firebase, claude_down, status,
                          failed_members=sum(o.failed for o in outcomes), signal=self.control.signal,
-                         empty_input=list(self.empty_input))
+                         empty_input=list(self.empty_input), limit_already_drafted=self.volume.remaining == 0)
 
     def final_status(self, not_started: int) -> str:
         """``interrupted`` after a signal; ``deadline`` when the deadline left members unstarted."""
@@ -7745,6 +8535,35 @@ def two_proportion_z_test(x1: int, n1: int, x2: int, n2: int) -> tuple[float, fl
     return z, 2 * NormalDist().cdf(-abs(z))
 
 
+POWER = 0.80
+Z_POWER = NormalDist().inv_cdf(POWER)  # 0.8416...
+POWER_METHOD = ("smallest detectable lift: the normal approximation for two proportions, "
+                "(z_0.975 + z_0.80) x sqrt(p(1 - p)(1/n_treated + 1/n_holdout)), at p = 0.5, where the "
+                "variance is largest, so the figure holds whatever the return rate (80% power, two-sided 5%)")
+
+
+def detectable_lift_pp(treated: int, held_out: int) -> float | None:
+    """The smallest lift, in percentage points, that ``treated`` against ``held_out`` members would detect
+    with 80% power in a two-sided test at 5% (``POWER_METHOD``); None when either group is empty."""
+    if treated <= 0 or held_out <= 0:
+        return None
+    return 100 * (Z_95 + Z_POWER) * math.sqrt(0.25 * (1 / treated + 1 / held_out))
+
+
+def power_figure(treated: int, held_out: int) -> dict[str, Any]:
+    """One period's sizes and the lift its holdout could detect (rounded to 0.1 pp)."""
+    found = detectable_lift_pp(treated, held_out)
+    return {"treated": treated, "held_out": held_out,
+            "detectable_lift_pp": None if found is None else round(found, 1)}
+
+
+def holdout_power(this_run: tuple[int, int], earlier_30_days: tuple[int, int] | None) -> dict[str, Any]:
+    """The run report's holdout power: this run, and the last 30 days (the dashboard's members messaged and
+    held out before this run, plus this run's); ``last_30_days`` is None when the dashboard was not read."""
+    last = None if earlier_30_days is None else power_figure(*(a + b for a, b in zip(this_run, earlier_30_days)))
+    return {"method": POWER_METHOD, "this_run": power_figure(*this_run), "last_30_days": last}
+
+
 @dataclass(frozen=True)
 class Tally:
     """One group's counts. ``size`` counts the members whose window has closed (the rate's denominator);
@@ -7778,6 +8597,13 @@ class Lift(NamedTuple):
     relative: float | None
     z: float
     p_value: float
+    detectable_pp: float | None = None  # the smallest lift these sizes could detect (``detectable_lift_pp``)
+
+    @property
+    def too_small_to_tell(self) -> bool:
+        """The groups are too small for the lift to mean anything: nothing under ``TELLABLE_LIFT_PP`` is
+        detectable (the interval is then as wide as "+0.0 pp, -79 to +28")."""
+        return self.detectable_pp is None or self.detectable_pp > TELLABLE_LIFT_PP
 
 
 def lift(treated: Tally, holdout: Tally) -> Lift | None:
@@ -7789,7 +8615,8 @@ def lift(treated: Tally, holdout: Tally) -> Lift | None:
     z, p_value = two_proportion_z_test(*args)
     t_rate, h_rate = treated.came_back / treated.size, holdout.came_back / holdout.size
     relative = (t_rate - h_rate) / h_rate if h_rate else None
-    return Lift(100 * (t_rate - h_rate), 100 * low, 100 * high, relative, z, p_value)
+    return Lift(100 * (t_rate - h_rate), 100 * low, 100 * high, relative, z, p_value,
+                detectable_lift_pp(treated.size, holdout.size))
 
 
 LIFT_NOTES = {  # why treated-against-holdout has no lift: (the report's sentence, the console table's words)
@@ -8070,7 +8897,8 @@ def lift_json(found: Lift | None) -> dict[str, Any] | None:
         return None
     return {"difference_pp": round(found.difference_pp, 2),
             "interval_pp": [round(found.low_pp, 2), round(found.high_pp, 2)],
-            "relative_lift": rounded(found.relative), "z": round(found.z, 4), "p_value": float(f"{found.p_value:.4g}")}
+            "relative_lift": rounded(found.relative), "z": round(found.z, 4), "p_value": float(f"{found.p_value:.4g}"),
+            "detectable_lift_pp": rounded(found.detectable_pp, 1), "too_small_to_tell": found.too_small_to_tell}
 
 
 def measurement_json(m: Measurement) -> dict[str, Any]:
@@ -8083,8 +8911,10 @@ def measurement_json(m: Measurement) -> dict[str, Any]:
 def measure_report(*, run_date: datetime, now: datetime, window_days: int, dates: DateRange,
                    campaign: str | None, source_label: str, archive: str,
                    measured: Sequence[tuple[ArchivedCampaign, Measurement]], pooled: Measurement,
-                   issues: DataIssues, errors: Sequence[str], empty_input: Sequence[str]) -> dict[str, Any]:
-    """The report's JSON: the settings, the method in words, pooled and per-campaign blocks, what was odd."""
+                   issues: DataIssues, errors: Sequence[str], empty_input: Sequence[str],
+                   events_note: str | None = None) -> dict[str, Any]:
+    """The report's JSON: the settings, the method in words, pooled and per-campaign blocks, what was odd;
+    ``events_note`` says when nobody could have come back yet (``stale_events_note``)."""
     return {
         "kind": "measure",
         "run_date": iso_utc(run_date),
@@ -8096,9 +8926,10 @@ def measure_report(*, run_date: datetime, now: datetime, window_days: int, dates
         "source": source_label,
         "archive": archive,
         "empty_input": list(empty_input),
+        "events_note": events_note,
         "method": {"came_back": PROXY_TEXT.format(days=window_days), "reference_time": REFERENCE_TEXT,
                    "interval": INTERVAL_METHOD, "test": TEST_METHOD, "confidence": CONFIDENCE,
-                   "pooling": POOLING_TEXT, "reviewed_groups": REVIEWED_TEXT},
+                   "pooling": POOLING_TEXT, "reviewed_groups": REVIEWED_TEXT, "power": POWER_METHOD},
         "campaigns_measured": len(measured),
         "pooled": measurement_json(pooled),
         "campaigns": [{"campaign_id": c.campaign_id, "created_at": iso_utc(c.created_at), "status": c.status,
@@ -8139,11 +8970,25 @@ def lift_lines(block: Mapping[str, Any]) -> list[str]:
         if found is None:
             continue
         relative = found["relative_lift"]
+        if found.get("too_small_to_tell"):
+            lines.append(too_small_line(name, found, block["groups"]))
+            continue
         lines.append(f"lift {name} vs holdout: {found['difference_pp']:+.1f} pp (95% CI {found['interval_pp'][0]:+.1f} "
                      f"to {found['interval_pp'][1]:+.1f} pp), relative "
                      f"{'n/a (no holdout member came back)' if relative is None else f'{100 * relative:+.1f}%'}, "
                      f"{p_text(found['p_value'])}")
     return lines
+
+
+def too_small_line(name: str, found: Mapping[str, Any], groups: Mapping[str, Any]) -> str:
+    """A lift the groups are too small to tell from chance, said so first, its figures after."""
+    detectable = found["detectable_lift_pp"]
+    could = ("no lift is detectable" if detectable is None or detectable >= 100
+             else f"only a lift of {detectable:.0f} pp or more is detectable")
+    low, high = found["interval_pp"]
+    return (f"lift {name} vs holdout: too small to tell ({groups[name]['size']} against "
+            f"{groups['holdout']['size']} held out: {could} with 80% power; {found['difference_pp']:+.1f} pp, "
+            f"95% CI {low:+.1f} to {high:+.1f} pp)")
 
 
 def block_rows(block: Mapping[str, Any]) -> list[list[str]]:
@@ -8179,7 +9024,10 @@ def campaign_row(entry: Mapping[str, Any]) -> list[str]:
         lift_cells = [LIFT_NOTES[entry["note_code"]][1], ""]
     else:
         low, high = found["interval_pp"]
-        lift_cells = [f"{found['difference_pp']:+.1f} ({low:+.1f} to {high:+.1f})", p_value_text(found["p_value"])]
+        figures = f"{found['difference_pp']:+.1f} ({low:+.1f} to {high:+.1f})"
+        if found.get("too_small_to_tell"):
+            figures = f"too small to tell ({found['difference_pp']:+.1f}, {low:+.1f} to {high:+.1f})"
+        lift_cells = [figures, p_value_text(found["p_value"])]
     return [clean_text(entry["campaign_id"], 100)[0], share(groups["treated"]), share(groups["holdout"]), *lift_cells,
             str(groups["treated"]["open"] + groups["holdout"]["open"])]
 
@@ -8188,7 +9036,7 @@ def measure_console(report: Mapping[str, Any], report_path: Path) -> str:
     """The console table: one line per campaign, then the pooled block in full, the method, the report's path
     (a year of daily campaigns stays a readable table; the report has every campaign in full)."""
     lines = [f"Measure: {plural(report['campaigns_measured'], 'campaign')}, window {report['window_days']} days, "
-             + f"as of {report['as_of']}", ""]
+             + f"as of {report['as_of']}", *([report["events_note"]] if report.get("events_note") else []), ""]
     if report["campaigns"]:
         lines += text_table([CAMPAIGN_COLUMNS, *(campaign_row(c) for c in report["campaigns"])], indent="") + [""]
     pooled = report["pooled"]
@@ -8223,8 +9071,10 @@ def measure_markdown(report: Mapping[str, Any]) -> str:
              f"- Archive: {cell(report['archive'])}; events: {cell(report['source'])}",
              f"- Campaigns measured: {report['campaigns_measured']}",
              *empty_input_lines(report["empty_input"]),
+             *([f"- **{report['events_note']}**"] if report.get("events_note") else []),
              "", "## What \"came back\" means", "", method["came_back"], "", method["reference_time"],
              "", "## Method", "", f"- {INTERVAL_METHOD}.", f"- {TEST_METHOD}.", f"- {method['pooling']}",
+             f"- Too small to tell: a lift whose {POWER_METHOD} exceeds {TELLABLE_LIFT_PP:g} pp.",
              f"- {method['reviewed_groups']}",
              "", "## Pooled", "", *markdown_table([MEASURE_COLUMNS, *block_rows(report["pooled"])]), ""]
     lines += [f"- {line}" for line in lift_lines(report["pooled"])]
@@ -8319,8 +9169,22 @@ def measure_report_paths(out_dir: Path, started: datetime) -> tuple[Path, Path]:
 
 
 def measure_exit_code(report: Mapping[str, Any]) -> int:
-    """3 when something needs a look (a campaign unreadable, no events, no campaign measured), else 0."""
-    return EXIT_ATTENTION if report["errors"] or report["empty_input"] or not report["campaigns_measured"] else EXIT_OK
+    """3 when something needs a look (a campaign unreadable, no events or none after the messages, no campaign
+    measured), else 0."""
+    needs_a_look = report["errors"] or report["empty_input"] or report.get("events_note")
+    return EXIT_ATTENTION if needs_a_look or not report["campaigns_measured"] else EXIT_OK
+
+
+def stale_events_note(events: Iterable[Mapping[str, Any]], campaigns: Sequence[ArchivedCampaign]) -> str | None:
+    """When every event of the source starts before the first message (or hold-out) measured, nobody could have
+    come back yet: the sentence that says so plainly, else None."""
+    first = min((o.reference for c in campaigns for o in c.observations), default=None)
+    latest = max((start for e in events if (start := to_utc(e.get("startDate"))) is not None), default=None)
+    if first is None or latest is None or latest > first:
+        return None
+    return (f"Nobody could have come back yet: every event in the source starts before the first message "
+            f"(latest event {iso_utc(latest)}, first message {iso_utc(first)}); measure against a newer export "
+            "of the events.")
 
 
 def window_days(text: str) -> int:
@@ -8333,7 +9197,8 @@ def window_days(text: str) -> int:
 MEASURE_EXIT_CODES_HELP = """exit codes:
   0    done cleanly
   3    done, but something needs a look: a campaign could not be read (named in the report), the
-       source has no events, or no archived campaign is in range
+       source has no events (or none starting after the first message: nobody could have come back
+       yet), or no archived campaign is in range
   1    failed, nothing measured: the archive or the source is unreadable, MongoDB unreachable, out of disk,
        out of memory
   2    bad usage, configuration or input
@@ -8409,7 +9274,7 @@ def run_measure(args: argparse.Namespace, env: Mapping[str, str] | None, mongo_c
                             dates=options.dates, campaign=options.campaign, source_label=source.label,
                             archive=transport.description, measured=measured,
                             pooled=pooled_measurement([m for _, m in measured]), issues=issues, errors=errors,
-                            empty_input=empty)
+                            empty_input=empty, events_note=stale_events_note(events, campaigns))
     json_path, md_path = measure_report_paths(options.run.out_dir, started)
     write_json(json_path, report, private=True)
     write_text_private(md_path, measure_markdown(report))
@@ -8452,7 +9317,13 @@ BASELINES = {
                  "the host joined more recently, then the host id; a host without a candidate gives way to "
                  "the next one); with none, the soonest candidate",
 }
-BACKTEST_METHODS = ("rules", *BASELINES)
+BACKTEST_METHODS = ("rules", "rules_allocated", *BASELINES)
+ALLOCATION_RULE = (
+    "rules_allocated is the rules matcher with the campaign's seat allocation on (default --invites-per-spot "
+    f"{DEFAULT_INVITES_PER_SPOT:g}, --max-invites-per-event {DEFAULT_MAX_INVITES_PER_EVENT}): every eligible "
+    "member at D, in rank order and with no --limit, takes a seat at their pick, and a member whose pick has "
+    "no seat left gets their next best candidate; rules is the same matcher with the allocation off. With "
+    "participants unknown at D, an event's remaining spots are its capacity.")
 CANDIDATE_SET = (
     "the campaign's own: step 2 at D (future, public, active, approved and offerable events, with the "
     "participants removed as the no-leak rule says), scored for the member at D by step 5's "
@@ -8603,8 +9474,9 @@ class Trial(NamedTuple):
 
 
 def score_trial(user: Mapping[str, Any], candidates: Sequence[Candidate], attended: set[str],
-                hosts: Sequence[str], pick: Picker) -> Trial:
-    """The matcher's pick and the baselines on exactly the same candidates, against what really happened."""
+                hosts: Sequence[str], pick: Picker, seated: Candidate | None = None) -> Trial:
+    """The matcher's pick and the baselines on exactly the same candidates, against what really happened;
+    ``seated`` is the matcher's pick with the seat allocation on (``allocated_pick``)."""
 
     def hit(c: Candidate | None) -> float:
         return float(c is not None and c.event["_id"] in attended)
@@ -8613,7 +9485,7 @@ def score_trial(user: Mapping[str, Any], candidates: Sequence[Candidate], attend
     nearby = min((c for c in candidates if c.same_neighbourhood), key=soonest_key, default=None)
     by_host = host_next(candidates, hosts)
     going = sum(c.event["_id"] in attended for c in candidates)
-    hits = {"rules": hit(pick(user, candidates)),
+    hits = {"rules": hit(pick(user, candidates)), "rules_allocated": hit(seated),
             "random": going / len(candidates) if candidates else 0.0,
             "soonest": hit(soonest), "soonest_nearby": hit(nearby or soonest), "host_next": hit(by_host or soonest),
             "oracle": float(going > 0)}
@@ -8626,19 +9498,38 @@ def backtest_date(history: History, day: datetime, window_days: int, hoods: Neig
                   pick: Picker) -> tuple[int, list[Trial]]:
     """One as-of date: how many members were eligible, and a trial for each who came back within the window.
 
-    Only members who came back are scored, so the matcher runs for them alone.
+    Every eligible member is matched, in rank order, so that the seat allocation (``ALLOCATION_RULE``) sees
+    the invitations of those ranked above; only members who came back are scored.
     """
     census, future = world_at(history, day)
     end = day + timedelta(days=window_days)
+    seats = SeatLedger(DEFAULT_INVITES_PER_SPOT, DEFAULT_MAX_INVITES_PER_EVENT)
+    index = CandidateIndex.build(future, hoods, day) if pick is rules_pick else None  # the rules' first, lazily
     trials = []
     for user in census.eligible:
         attended = attended_between(history, user["_id"], day, end)
+        if not attended and index is not None:  # only their seat matters: the first candidate with one left
+            first = next(seats.open_only(user["_id"], index.ranked(user)), None)
+            if first is not None:
+                seats.reserve(user["_id"], first.event)
+            continue
+        candidates = score_candidates(user, future, hoods, day)
+        seated = allocated_pick(user, candidates, pick, seats)
         if not attended:
             continue
         joined = history.joined_hosts.get(user["_id"], [])
-        candidates = score_candidates(user, future, hoods, day)
-        trials.append(score_trial(user, candidates, attended, favourite_hosts(joined[:after(joined, day)]), pick))
+        trials.append(score_trial(user, candidates, attended, favourite_hosts(joined[:after(joined, day)]), pick,
+                                  seated))
     return len(census.eligible), trials
+
+
+def allocated_pick(user: Mapping[str, Any], candidates: Sequence[Candidate], pick: Picker,
+                   seats: SeatLedger) -> Candidate | None:
+    """The matcher's pick among the candidates with a seat left, the seat taken (the campaign's allocation)."""
+    chosen = pick(user, list(seats.open_only(user["_id"], candidates)))
+    if chosen is not None:
+        seats.reserve(user["_id"], chosen.event)
+    return chosen
 
 
 def as_of_dates(start: datetime, end: datetime, every_days: int) -> list[datetime]:
@@ -8739,6 +9630,7 @@ def build_backtest_report(*, source: str, start: datetime, end: datetime, every_
         "no_leak_rule": NO_LEAK_RULE,
         "later_information": list(LATER_INFORMATION),
         "baselines": dict(BASELINES),
+        "allocation": ALLOCATION_RULE,
         "bootstrap": {"resamples": resamples, "seed": seed, "unit": "member (all their dates)", "level": 0.95,
                       "interval": "percentile"},
         "dates": [backtest_row(day, n, trials) for day, n, trials in dated],
@@ -8796,6 +9688,7 @@ def backtest_markdown(report: Mapping[str, Any]) -> str:
         f"- Scored: {report['scored']}; hit@1 = the pick is one of the events they went to.",
         f"- Candidates: {report['candidate_set']}",
         f"- No leaks: {report['no_leak_rule']}",
+        f"- Seats: {report['allocation']}",
         "",
         "| " + " | ".join(cells[0]) + " |",
         "| " + " | ".join("---" for _ in cells[0]) + " |",
@@ -8844,14 +9737,15 @@ def backtest_parser() -> argparse.ArgumentParser:
                         help="'mongo' or a folder with users.json and events.json from mongoexport")
     parser.add_argument("--from", dest="start", metavar="DATE", required=True, help="first as-of date (YYYY-MM-DD)")
     parser.add_argument("--to", dest="end", metavar="DATE", required=True, help="last as-of date, included")
-    parser.add_argument("--every-days", type=positive_int, default=14, metavar="N",
-                        help="days between as-of dates (%(default)s)")
-    parser.add_argument("--window-days", type=positive_int, default=30, metavar="W",
-                        help="a member came back when they went to an event within W days after D (%(default)s)")
+    parser.add_argument("--every-days", type=at_most(positive_int, MAX_EVERY_DAYS, " days"), default=14, metavar="N",
+                        help="days between as-of dates (%(default)s; at most 3660)")
+    parser.add_argument("--window-days", type=window_days, default=30, metavar="W",
+                        help="a member came back when they went to an event within W days after D (%(default)s; "
+                             "at most 365)")
     parser.add_argument("--out", metavar="DIR", type=Path, default=SCRIPT_DIR,
                         help="the report goes to DIR/reports/ (default: the script's folder)")
-    parser.add_argument("--resamples", type=positive_int, default=BACKTEST_RESAMPLES, metavar="N",
-                        help="bootstrap resamples for the pooled intervals (%(default)s)")
+    parser.add_argument("--resamples", type=at_most(positive_int, MAX_RESAMPLES), default=BACKTEST_RESAMPLES, metavar="N",
+                        help="bootstrap resamples for the pooled intervals (%(default)s; at most 100,000)")
     parser.add_argument("--seed", type=int, default=BACKTEST_SEED, help="the bootstrap's seed (%(default)s)")
     parser.add_argument("--insecure-tls", action="store_true",
                         help="do not verify MongoDB's TLS certificate (logged as a warning)")
@@ -8969,6 +9863,29 @@ def non_negative_float(text: str) -> float:
     return value
 
 
+# The most a numeric flag may ask for: beyond it a value is a slip, and would overflow a date (--min-lead-hours
+# 1e11), make every member fail or hold the run for hours and gigabytes (--resamples 100000000).
+MAX_LEAD_HOURS = 720  # 30 days
+MAX_CANDIDATES = 100  # events offered to Claude per member: far more would not fit a prompt
+MAX_CONCURRENCY = 64  # members at once on the Claude path
+MAX_EVERY_DAYS = 3660  # ten years between a backtest's as-of dates
+MAX_RESAMPLES = 100_000
+
+
+def at_most(kind: Any, most: float, unit: str = "") -> Any:
+    """The flag type ``kind`` (``positive_int`` ...) up to ``most``: more is one line and exit 2, never an
+    overflow deep in the run. Named as ``kind`` is, so argparse's messages stay the same."""
+
+    def parse(text: str) -> Any:
+        value = kind(text)
+        if value > most:
+            raise argparse.ArgumentTypeError(f"must be at most {most:,}{unit}")
+        return value
+
+    parse.__name__ = kind.__name__
+    return parse
+
+
 def holdout_fraction(text: str) -> float:
     try:
         value = float(text)
@@ -8976,6 +9893,28 @@ def holdout_fraction(text: str) -> float:
         raise argparse.ArgumentTypeError(f"{text!r} is not a number") from None
     if not 0.0 <= value <= 0.5:
         raise argparse.ArgumentTypeError(f"{text!r} is not a fraction from 0 to 0.5")
+    return value
+
+
+def invites_per_spot(text: str) -> float:
+    """``--invites-per-spot``: a ratio above 0, at most ``MAX_INVITES_PER_SPOT`` (no NaN, no infinity)."""
+    try:
+        value = float(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"{text!r} is not a number") from None
+    if not math.isfinite(value) or not 0 < value <= MAX_INVITES_PER_SPOT:
+        raise argparse.ArgumentTypeError(f"{text!r} is not a number above 0 and at most {MAX_INVITES_PER_SPOT:g}")
+    return value
+
+
+def invites_per_event(text: str) -> int:
+    """``--max-invites-per-event``: a whole number from 1 to ``MAX_INVITES_PER_EVENT``."""
+    try:
+        value = int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"{text!r} is not a whole number") from None
+    if not 1 <= value <= MAX_INVITES_PER_EVENT:
+        raise argparse.ArgumentTypeError(f"{text!r} is not a whole number from 1 to {MAX_INVITES_PER_EVENT}")
     return value
 
 
@@ -9010,25 +9949,36 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--out", metavar="DIR", type=Path, default=SCRIPT_DIR,
                         help="root for data/, logs/ and reports/ (default: the script's folder)")
     parser.add_argument("--limit", type=positive_int, default=RunOptions.limit,
-                        help="top-ranked members to try (%(default)s)")
+                        help="at most N messages drafted per campaign day (the date of --now in "
+                             "CAMPAIGN_TIMEZONE), counting those already in the dashboard: a rerun tops up "
+                             "(%(default)s)")
     parser.add_argument("--llm", choices=("auto", "claude", "off"), default="auto",
                         help="auto: Claude when ANTHROPIC_API_KEY is set; off: rules and template")
     parser.add_argument("--dry-run", action="store_true",
                         help="write data/, logs and the report; nothing to Firebase or its mirror")
     parser.add_argument("--min-confidence", type=percentage, default=RunOptions.min_confidence, metavar="0-100",
                         help="least match confidence to message a member (%(default)g)")
-    parser.add_argument("--candidates", type=positive_int, default=RunOptions.candidates, metavar="K",
-                        help="events offered to Claude per member, the rules' top K (%(default)s)")
-    parser.add_argument("--concurrency", type=positive_int, default=RunOptions.concurrency, metavar="N",
-                        help="members handled at once on the Claude path (%(default)s)")
+    parser.add_argument("--candidates", type=at_most(positive_int, MAX_CANDIDATES), default=RunOptions.candidates,
+                        metavar="K",
+                        help="events offered to Claude per member, the rules' top K (%(default)s; at most 100)")
+    parser.add_argument("--concurrency", type=at_most(positive_int, MAX_CONCURRENCY), default=RunOptions.concurrency,
+                        metavar="N",
+                        help="members handled at once on the Claude path (%(default)s; at most 64)")
     parser.add_argument("--cooldown-days", type=non_negative_int, default=RunOptions.cooldown_days, metavar="D",
                         help="leave out members messaged in the last D days (%(default)s; 0 disables; more days "
                              "than the calendar holds: every message so far)")
     parser.add_argument("--holdout", type=holdout_fraction, default=RunOptions.holdout, metavar="FRACTION",
                         help="share of members kept as a control group, never texted (%(default)g; 0-0.5; "
                              "0.1 recommended)")
-    parser.add_argument("--min-lead-hours", type=non_negative_float, default=RunOptions.min_lead_hours,
-                        metavar="H", help="a message may go out until H hours before its event (%(default)g)")
+    parser.add_argument("--invites-per-spot", type=invites_per_spot, default=RunOptions.invites_per_spot,
+                        metavar="R", help="an event with N spots left gets at most ceil(R x N) open invitations "
+                                          "(pending or approved, within the cooldown) (%(default)g)")
+    parser.add_argument("--max-invites-per-event", type=invites_per_event, default=RunOptions.max_invites_per_event,
+                        metavar="N", help="open invitations to an event of unknown capacity (%(default)s)")
+    parser.add_argument("--min-lead-hours", type=at_most(non_negative_float, MAX_LEAD_HOURS, " hours (30 days)"),
+                        default=RunOptions.min_lead_hours,
+                        metavar="H", help="a message may go out until H hours before its event (%(default)g; "
+                                          "at most 720, 30 days)")
     parser.add_argument("--insecure-tls", action="store_true",
                         help="do not verify MongoDB's TLS certificate (logged as a warning)")
     parser.add_argument("--deadline-minutes", type=positive_float, default=RunOptions.deadline_minutes, metavar="M",
@@ -9093,9 +10043,6 @@ def resolve_options(args: argparse.Namespace, settings: Settings) -> RunOptions:
     A ``--now`` more than ``MAX_NOW_AHEAD`` ahead of the clock needs ``--dry-run`` (``--demo`` too: its
     mirror keeps a cooldown like the real dashboard), so a rehearsal never fills the cooldown for years.
     """
-    problem = sms_policy_problem(settings.sms)
-    if problem:  # otherwise every member would be skipped, each for a message that cannot fit
-        raise UsageError(problem)
     now = datetime.now(UTC).replace(microsecond=0)
     if args.now is not None:
         parsed = parse_now(args.now)
@@ -9118,6 +10065,7 @@ def resolve_options(args: argparse.Namespace, settings: Settings) -> RunOptions:
                       use_claude=use_claude, dry_run=args.dry_run, min_confidence=args.min_confidence,
                       candidates=args.candidates, concurrency=args.concurrency,
                       cooldown_days=args.cooldown_days, holdout=args.holdout,
+                      invites_per_spot=args.invites_per_spot, max_invites_per_event=args.max_invites_per_event,
                       min_lead_hours=args.min_lead_hours, deadline_minutes=args.deadline_minutes,
                       keep_logs_days=args.keep_logs, insecure_tls=args.insecure_tls, verbose=args.verbose,
                       quiet=args.quiet, progress=not args.quiet and sys.stderr.isatty())
