@@ -7825,8 +7825,10 @@ class DashboardWriter:
             except FirebaseError as exc:
                 self.failed(path, exc, path)
         self.heal_counts()
-        self.written += [key if key not in self.broken else f"{key} ({dashboard.added} items before the failure)"
-                         for key, dashboard in self.lists.items() if key not in self.broken or dashboard.added]
+        # a list with items not written (its own failure, or matches whose message failed) is written in part
+        partly = self.broken | {key for key in self.lists if any(p.startswith(f"{key} (") for p in self.not_written)}
+        self.written += [key if key not in partly else f"{key} ({dashboard.added} items before the failure)"
+                         for key, dashboard in self.lists.items() if key not in partly or dashboard.added]
         if not self.flush():  # nothing the mirror held back can be counted as written
             self.not_written += self.written
             self.written = []
