@@ -293,6 +293,9 @@ class Worker:
         return self._box.pop("value", None)
 
 
+UNTIL_THE_DEADLINE = "(waited for until the run's --deadline-minutes)"  # a helper's wait: ``until_deadline``
+
+
 def bounded_call(fn: Any, seconds: float, what: str) -> Any:
     """``fn()`` in a daemon thread, waited for at most ``seconds`` of wall time.
 
@@ -909,8 +912,9 @@ class StagedCopies:
     run), each put in place only by ``commit`` once the read succeeded: a failed read leaves ``data/raw/``
     as it was."""
 
-    def __init__(self, folder: Path, files: Mapping[str, Path]) -> None:
+    def __init__(self, folder: Path, files: Mapping[str, Path], control: RunControl | None = None) -> None:
         self.folder = folder
+        self.control = control or RunControl()  # a copy is waited for until the run's deadline at most
         self.pending: dict[str, Any] = {}
         if files:
             pool = ThreadPoolExecutor(max_workers=1, thread_name_prefix="raw-copy")
@@ -923,14 +927,22 @@ class StagedCopies:
         future = self.pending.pop(name, None)
         if future is None:
             return False
-        commit_staged(future.result(), self.folder / f"{name}.json")
+        commit_staged(self.made(future, name), self.folder / f"{name}.json")
         return True
+
+    def made(self, future: Any, name: str) -> str:
+        """The staged copy's path once made (its OutputError raised here); ServiceTimeout at the deadline."""
+        seconds = self.control.until_deadline()
+        try:
+            return future.result(timeout=None if math.isinf(seconds) else seconds)
+        except TimeoutError:  # concurrent.futures' TimeoutError is the builtin one from 3.11 on
+            raise ServiceTimeout(f"copying {name}.json to {self.folder} {UNTIL_THE_DEADLINE}: not done") from None
 
     def discard(self) -> None:
         """Every copy not committed dropped, once made (a copy that failed has nothing to drop)."""
-        for future in self.pending.values():
-            with contextlib.suppress(OutputError):
-                discard_staged(future.result())
+        for name, future in self.pending.items():
+            with contextlib.suppress(OutputError, ServiceTimeout):
+                discard_staged(self.made(future, name))
         self.pending.clear()
 
 
@@ -1972,9 +1984,6 @@ def member_keys_reply(path: str) -> bytes:
     except FastPathRefused as exc:
         reply = ("refused", str(exc))
     return pickle.dumps(reply, protocol=pickle.HIGHEST_PROTOCOL)
-
-
-UNTIL_THE_DEADLINE = "(waited for until the run's --deadline-minutes)"
 
 
 class MemberKeysChild:
@@ -7947,7 +7956,7 @@ class ReturnToTable:
         """The source's records, screened (``screen_records``): ``data/raw/`` keeps them as read, in full
         (a folder's files copied while they are read, ``StagedCopies``)."""
         files = self.source.export_files() if isinstance(self.source, FolderSource) else {}
-        copies = StagedCopies(self.data_dir / "raw", files)
+        copies = StagedCopies(self.data_dir / "raw", files, self.control)
         try:
             return self.screened_read(copies)
         finally:

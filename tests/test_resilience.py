@@ -784,6 +784,15 @@ def test_a_helper_process_that_never_answers_cannot_hold_the_run_past_its_deadli
         pass
 
 
+def test_a_raw_copy_that_never_ends_cannot_hold_the_run_past_its_deadline(run_cli, world_folder, monkeypatch, release):
+    monkeypatch.setattr(rtt, "raw_copier", lambda path: (lambda out: release.wait(30)))
+    started = time.monotonic()
+    run = run_cli("--source", str(world_folder), "--now", NOW_ISO, "--llm", "off", "--deadline-minutes", "0.02")
+    assert time.monotonic() - started < 10  # 1.2 s of deadline; the copy would take 30 s
+    assert_one_error_line(run, rtt.EXIT_FAILURE)
+    assert "deadline" in run.err
+
+
 def test_out_of_memory_in_measure_is_one_line_exit_1(run_cli, world_folder, monkeypatch):
     monkeypatch.setattr(rtt, "read_campaigns", out_of_memory)
     run = run_cli("measure", "--source", str(world_folder), "--now", NOW_ISO)
