@@ -324,6 +324,21 @@ def test_a_signal_right_after_start_on_the_demo_is_one_line_and_130(processes, t
     assert run.code == 130 and len(run.err.splitlines()) == 1 and "Traceback" not in run.err, run.err
 
 
+@pytest.mark.parametrize(("signum", "code"), STOP_SIGNALS)
+def test_a_signal_during_a_subcommand_exits_128_plus_its_number_in_one_line(processes, tmp_path, signum, code):
+    out = tmp_path / "out"
+    process = processes.popen([sys.executable, str(SCRIPT), "backtest", "--source",
+                               str(SCRIPT.parent / "samples" / "meetup_montana"), "--from", "2012-01-01",
+                               "--to", "2016-05-01", "--every-days", "7", "--out", str(out)], clean_env(), tmp_path,
+                              preexec_fn=signals_held_until_the_script_runs)
+    time.sleep(1.0)  # reading or backtesting (four years at 7-day steps take several seconds)
+    process.send_signal(signum)
+    run = finish(process, out)
+    assert run.code == code, run.err
+    [line] = run.err.splitlines()
+    assert signal.Signals(signum).name in line and "Traceback" not in run.err
+
+
 # --------------------------------------------------------------------------------------------
 # Out of memory under a real limit: one line, exit 1, never a hang
 # --------------------------------------------------------------------------------------------
