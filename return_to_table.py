@@ -70,7 +70,7 @@ from contextlib import ExitStack
 from dataclasses import dataclass, field, replace
 from datetime import UTC, datetime, timedelta, timezone
 from datetime import time as dt_time
-from enum import Enum
+from enum import Enum, IntEnum
 from pathlib import Path
 from statistics import NormalDist
 from typing import Any, NamedTuple, NotRequired, Protocol, Self, TypedDict
@@ -115,13 +115,22 @@ MONGO_NOT_CONFIGURED = ("--source mongo needs MONGO_URI (or MONGO_USERNAME, MONG
 
 MAX_NEXT_EVENTS = 5  # candidates tried when the chosen event cannot be phrased within the SMS contract
 
-# Exit codes: the table in the README and in --help. 3 tells cron "done, but look at the report".
-EXIT_OK = 0  # done cleanly
-EXIT_FAILURE = 1  # failed, no campaign produced (source unreadable, MongoDB unreachable, out of disk)
-EXIT_USAGE = 2  # bad usage, configuration or input
-EXIT_ATTENTION = 3  # done, but something needs a look (Firebase writes, Claude down, members failed, deadline)
-EXIT_LOCKED = 75  # another run holds the lock on this --out (EX_TEMPFAIL: cron may simply try again)
-EXIT_SIGNALS = {signal.SIGINT: 130, signal.SIGTERM: 143}  # 128 + the signal's number
+class ExitCode(IntEnum):
+    """The exit codes: the table in the README and in --help. 3 tells cron "done, but look at the report".
+    Every error reaches one of them through one funnel (``raw_main``), for the campaign and each subcommand."""
+
+    OK = 0  # done cleanly
+    FAILURE = 1  # failed, no campaign produced (source unreadable, MongoDB unreachable, out of disk)
+    USAGE = 2  # bad usage, configuration or input
+    ATTENTION = 3  # done, but look: Firebase writes, Claude down, members failed, deadline, no message drafted
+    LOCKED = 75  # another run holds the lock on this --out (EX_TEMPFAIL: cron may simply try again)
+    SIGINT = 130  # 128 + the signal's number
+    SIGTERM = 143
+
+
+EXIT_OK, EXIT_FAILURE, EXIT_USAGE = ExitCode.OK, ExitCode.FAILURE, ExitCode.USAGE
+EXIT_ATTENTION, EXIT_LOCKED = ExitCode.ATTENTION, ExitCode.LOCKED
+EXIT_SIGNALS = {signal.SIGINT: ExitCode.SIGINT, signal.SIGTERM: ExitCode.SIGTERM}
 
 GRACE_SECONDS = 10.0  # after a stop (signal or deadline), how long calls already in flight may still take
 SAVE_EVERY_SECONDS = 2.0  # progress files are rewritten at most this often during steps 5-6, and at the end
@@ -132,7 +141,9 @@ EXIT_CODES_HELP = """exit codes:
   0    done cleanly
   3    done, but something needs a look: Firebase writes failed (listed in the report), Firebase was
        unreadable at the start (nothing written there), Claude was unavailable, members failed,
-       the --deadline-minutes was reached, or the input was empty (no users or no events)
+       the --deadline-minutes was reached, the input was empty (no users or no events), or the day
+       drafted no message (one line says why: nobody dormant, all in cooldown, nobody textable, no
+       open event in the send window; today's limit already drafted is 0)
   1    failed, no campaign produced: source unreadable, MongoDB unreachable, out of disk
   2    bad usage, configuration or input
   75   another run holds the lock on this --out
@@ -433,14 +444,20 @@ class QuietFileHandler(logging.FileHandler):
 
 
 class ConsoleFilter(logging.Filter):
-    """The console's level, except that the final summary line (``extra={"summary": True}``) always shows."""
+    """The console's level, except that the final summary line (``extra={"summary": True}``) always shows,
+    and a line for the log file only (``FILE_ONLY``: an error ``raw_main`` prints on stderr) never does."""
 
     def __init__(self, level: int) -> None:
         super().__init__()
         self.level = level
 
     def filter(self, record: logging.LogRecord) -> bool:
+        if getattr(record, "file_only", False):
+            return False
         return record.levelno >= self.level or getattr(record, "summary", False)
+
+
+FILE_ONLY = {"file_only": True}  # ``extra=`` of a log line cron mail already gets once, on stderr
 
 
 def setup_logging(out_dir: Path, now: datetime, *, verbose: bool = False, quiet: bool = False,
@@ -9025,69 +9042,67 @@ def run_campaign(args: argparse.Namespace, env: Mapping[str, str] | None, mongo_
     try:
         return campaign.run()
     except ServiceError as exc:
-        logger.error("%s", exc)  # the run's log file says why it failed, too
+        logger.error("%s", exc, extra=FILE_ONLY)  # the run's log file says why it failed; stderr says it once
         raise
 
 
 def main(argv: Sequence[str] | None = None, *, env: Mapping[str, str] | None = None,
          mongo_client: Any = None) -> int:
-    """Run one campaign and return its exit code (the table in EXIT_CODES_HELP); never a traceback
-    for bad input, a service failure, a full disk or a held lock. ``measure`` and ``backtest`` as the
-    first argument run those subcommands instead (same exit codes)."""
+    """Run one campaign and return its exit code (``ExitCode``, the table in EXIT_CODES_HELP); never a
+    traceback for bad input, a service failure, a full disk or a held lock. ``measure`` and ``backtest``
+    as the first argument run those subcommands instead (same exit codes, same funnel: ``raw_main``)."""
     argv = list(sys.argv[1:] if argv is None else argv)
     if argv and argv[0] in SUBCOMMANDS:
         return SUBCOMMANDS[argv[0]](argv[1:], env=env, mongo_client=mongo_client)
-    try:
-        args = build_parser().parse_args(argv)
-    except SystemExit as exc:  # --help, or a usage error already printed
-        return exc.code if isinstance(exc.code, int) else EXIT_USAGE
-    with ExitStack() as closing:  # the lock, the clients and the log are released however the run ends
-        try:
-            result = run_campaign(args, env, mongo_client, closing)
-        except UsageError as exc:
-            print(f"error: {exc}", file=sys.stderr)
-            return EXIT_USAGE
-        except Locked as exc:
-            print(f"error: {exc}", file=sys.stderr)
-            return EXIT_LOCKED
-        except ServiceError as exc:
-            print(f"error: {exc}", file=sys.stderr)
-            return EXIT_FAILURE
+    return raw_main("the run", build_parser(), campaign, argv, env, mongo_client)
+
+
+def campaign(args: argparse.Namespace, env: Mapping[str, str] | None, mongo_client: Any,
+             closing: ExitStack) -> int:
+    """The campaign as ``raw_main`` runs a program: one run, the lines cron mail should show, its exit code."""
+    result = run_campaign(args, env, mongo_client, closing)
     report_problems(result)
     return result.exit_code
 
 
-def run_subcommand(name: str, parser: argparse.ArgumentParser, program: Any, argv: Sequence[str],
-                   env: Mapping[str, str] | None, mongo_client: Any) -> int:
-    """A subcommand with ``main``'s error handling and exit codes: ``program(args, env, mongo_client,
-    closing)`` does the work; bad input is one line and exit 2, a failed service exit 1, Ctrl-C 130."""
+def raw_main(name: str, parser: argparse.ArgumentParser, program: Any, argv: Sequence[str],
+             env: Mapping[str, str] | None, mongo_client: Any) -> int:
+    """The one funnel from errors to exit codes, for the campaign and both subcommands (httpie's
+    ``raw_main``): ``program(args, env, mongo_client, closing)`` does the work and returns its code; bad
+    input is one line and exit 2, a held lock 75, a failed service or disk 1, Ctrl-C 130. The lock, the
+    clients and the log (``closing``) are released however it ends."""
     try:
         args = parser.parse_args(list(argv))
     except SystemExit as exc:  # --help, or a usage error already printed
-        return exc.code if isinstance(exc.code, int) else EXIT_USAGE
+        return exc.code if isinstance(exc.code, int) else ExitCode.USAGE
     with ExitStack() as closing:
         try:
             return program(args, env, mongo_client, closing)
         except UsageError as exc:
-            print(f"error: {exc}", file=sys.stderr)
-            return EXIT_USAGE
+            return error_line(exc, ExitCode.USAGE)
+        except Locked as exc:
+            return error_line(exc, ExitCode.LOCKED)
         except ServiceError as exc:
-            print(f"error: {exc}", file=sys.stderr)
-            return EXIT_FAILURE
+            return error_line(exc, ExitCode.FAILURE)
         except KeyboardInterrupt:
-            print(f"error: {name} interrupted; no report written", file=sys.stderr)
-            return EXIT_SIGNALS[signal.SIGINT]
+            return error_line(f"{name} interrupted; no report written", ExitCode.SIGINT)
+
+
+def error_line(problem: object, code: ExitCode) -> ExitCode:
+    """The one line on stderr an error gets (cron mail), and its exit code."""
+    print(f"error: {problem}", file=sys.stderr)
+    return code
 
 
 def measure_command(argv: Sequence[str], *, env: Mapping[str, str] | None = None, mongo_client: Any = None) -> int:
     """``measure``: did the campaigns bring anyone back, treated against the holdout (read-only)."""
-    return run_subcommand("measure", build_measure_parser(), run_measure, argv, env, mongo_client)
+    return raw_main("measure", build_measure_parser(), run_measure, argv, env, mongo_client)
 
 
 def backtest_command(argv: Sequence[str], *, env: Mapping[str, str] | None = None, mongo_client: Any = None) -> int:
     """``backtest``: would the rules matcher's picks have been events members really went to (read-only;
     only the report is written)."""
-    return run_subcommand("backtest", backtest_parser(), backtest, argv, env, mongo_client)
+    return raw_main("backtest", backtest_parser(), backtest, argv, env, mongo_client)
 
 
 SUBCOMMANDS = {"measure": measure_command, "backtest": backtest_command}
