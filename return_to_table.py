@@ -40,6 +40,7 @@ import bisect
 import contextlib
 import csv
 import dataclasses
+import difflib
 import fcntl
 import functools
 import gc
@@ -285,6 +286,7 @@ class SmsPolicy:
     quiet_hours: QuietHours = DEFAULT_QUIET
     sender: str | None = None  # SMS_SENDER, named near the start of every message
     opt_out_text: str | None = None  # SMS_OPT_OUT_TEXT, just before the link
+    opt_out_added_later: bool = False  # SMS_OPT_OUT_TEXT=none: the sending system adds the opt-out text
 
     @classmethod
     def from_env(cls, get: Any) -> SmsPolicy:
@@ -292,6 +294,8 @@ class SmsPolicy:
         if not re.fullmatch(r"[A-Z]{2}", region):
             raise UsageError(f"SMS_DEFAULT_REGION={region!r} must be a two-letter region code such as US")
         sender, opt_out = get("SMS_SENDER"), get("SMS_OPT_OUT_TEXT")
+        added_later = (opt_out or "").lower() == OPT_OUT_ADDED_LATER
+        opt_out = None if added_later else opt_out
         for name, value in (("SMS_SENDER", sender), ("SMS_OPT_OUT_TEXT", opt_out)):
             if value is not None and (len(value) > 60 or any(unicodedata.category(ch)[0] == "C" for ch in value)):
                 raise UsageError(f"{name} must be one line of at most 60 characters")
@@ -299,7 +303,44 @@ class SmsPolicy:
                    opt_out_fields=field_paths(get("SMS_OPT_OUT_FIELDS"), DEFAULT_OPT_OUT_FIELDS, "SMS_OPT_OUT_FIELDS"),
                    consent_fields=field_paths(get("SMS_CONSENT_FIELDS"), DEFAULT_CONSENT_FIELDS, "SMS_CONSENT_FIELDS"),
                    quiet_hours=QuietHours.parse(get("QUIET_HOURS") or DEFAULT_QUIET_HOURS),
-                   sender=sender, opt_out_text=opt_out)
+                   sender=sender, opt_out_text=opt_out, opt_out_added_later=added_later)
+
+    def compliance_problem(self) -> str | None:
+        """Why a run may not write messages for review with this policy, or None: every message names the
+        sender and says how to stop, unless SMS_OPT_OUT_TEXT=none says the sending system adds that."""
+        if self.opt_out_added_later or (self.sender and self.opt_out_text):
+            return None
+        missing = " and ".join(name for name, value in (("SMS_SENDER", self.sender),
+                                                        ("SMS_OPT_OUT_TEXT", self.opt_out_text)) if not value)
+        return (f"{missing} not set: a run that writes messages needs SMS_SENDER (the brand) and SMS_OPT_OUT_TEXT "
+                f"(e.g. Reply STOP to opt out) in .env, or SMS_OPT_OUT_TEXT=none when the sending system adds "
+                "the opt-out; --dry-run and --demo need neither")
+
+    def with_samples(self) -> SmsPolicy:
+        """The demo's policy: its messages carry a sender and an opt-out text, the sample ones wherever
+        none is configured (SMS_OPT_OUT_TEXT=none included: the demo has no sending system)."""
+        return replace(self, sender=self.sender or DEMO_SENDER, opt_out_text=self.opt_out_text or DEMO_OPT_OUT_TEXT,
+                       opt_out_added_later=False)
+
+
+OPT_OUT_ADDED_LATER = "none"  # SMS_OPT_OUT_TEXT=none: no opt-out text in the message, the sending system adds it
+DEMO_SENDER, DEMO_OPT_OUT_TEXT = "Cuculi", "Reply STOP to opt out"  # --demo's sample compliance text
+
+# A value still as .env.example has it: "<mongo-user>", "</path/to/service-account.json>".
+PLACEHOLDER = re.compile(r"<[^<>\s]+>")
+CONFIG_PREFIXES = ("MONGO_", "FIREBASE_", "GOOGLE_APPLICATION_CREDENTIALS", "ANTHROPIC_", "CAMPAIGN_", "SMS_",
+                   "QUIET_HOURS", "NEIGHBOURHOODS_CSV")  # the variables this tool reads (the README's table)
+
+
+def placeholder_problem(env: Mapping[str, str]) -> str | None:
+    """Which of this tool's variables still hold a ``<...>`` placeholder (a .env copied unchanged from
+    .env.example), or None; names only, never a value (a real one may be a secret)."""
+    names = sorted(name for name, value in env.items()
+                   if name.startswith(CONFIG_PREFIXES) and isinstance(value, str) and PLACEHOLDER.search(value))
+    if not names:
+        return None
+    return (f"{', '.join(names)} still {'holds a placeholder' if len(names) == 1 else 'hold placeholders'} "
+            "like <...> from .env.example: set real values or delete those lines")
 
 
 @dataclass(frozen=True)
@@ -324,7 +365,11 @@ class Settings:
 
     @classmethod
     def from_env(cls, env: Mapping[str, str]) -> Settings:
-        """Read settings from a mapping (the process environment over ``.env``)."""
+        """Read settings from a mapping (the process environment over ``.env``); a ``<...>`` placeholder
+        left from .env.example is a usage error before anything is used (``placeholder_problem``)."""
+        problem = placeholder_problem(env)
+        if problem:
+            raise UsageError(problem)
 
         def get(name: str) -> str | None:
             value = (env.get(name) or "").strip()
@@ -8801,25 +8846,39 @@ def holdout_fraction(text: str) -> float:
 
 
 def percentage(text: str) -> float:
+    """A percentage 0-100; a fraction (``0.7``, or ``1.0``) is refused with the percentage it meant."""
     value = float(text)
     if not 0 <= value <= 100:
         raise argparse.ArgumentTypeError("must be between 0 and 100")
+    if 0 < value < 1 or (value == 1 and "." in text):
+        raise argparse.ArgumentTypeError(f"{text} is a fraction where a percentage (0-100) is meant: "
+                                         f"did you mean {value * 100:g}?")
     return value
 
 
 class OneLineParser(argparse.ArgumentParser):
-    """Usage errors as one line on stderr and exit code 2, like every other bad input."""
+    """Usage errors as one line on stderr and exit code 2, like every other bad input. No abbreviations:
+    ``--hold 0.1`` is not taken for ``--holdout`` (a flag another version adds must not change its meaning)."""
+
+    def __init__(self, *args: Any, **kwargs: Any) -> None:
+        kwargs.setdefault("allow_abbrev", False)
+        super().__init__(*args, **kwargs)
 
     def error(self, message: str) -> Any:
         print(f"error: {message} (see --help)", file=sys.stderr)
         raise SystemExit(EXIT_USAGE)
 
 
+SUBCOMMANDS_HELP = """subcommands (each with its own --help):
+  measure   did the campaigns bring anyone back: treated against holdout (read only)
+  backtest  would the rules matcher's picks have been events members went to (read only)"""
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = OneLineParser(
         prog="return_to_table.py",
         description="Return To Table: match dormant members with one upcoming event each and draft "
-                    "a welcome-back SMS for review.",
+                    "a welcome-back SMS for review.\n\n" + SUBCOMMANDS_HELP,
         epilog=EXIT_CODES_HELP, formatter_class=argparse.RawDescriptionHelpFormatter)
     where = parser.add_mutually_exclusive_group()
     where.add_argument("--demo", action="store_true",
@@ -8903,9 +8962,20 @@ def source_choice(text: str | None, settings: Settings, hint: str = "") -> tuple
             raise UsageError(MONGO_NOT_CONFIGURED)
         return SourceKind.MONGO, None
     if text:
-        return SourceKind.FOLDER, Path(text).expanduser()
+        folder = Path(text).expanduser()
+        if not folder.is_dir():
+            near_miss(f"--source {text!r}: no such folder", text, {"mongo": "mongo", "demo": "--demo"})
+        return SourceKind.FOLDER, folder
     raise UsageError("no data source: set MONGO_URI (or MONGO_USERNAME, MONGO_PASSWORD, MONGO_HOST) "
                      f"and MONGO_DB_NAME, or pass --source DIR{hint}")
+
+
+def near_miss(problem: str, text: str, meant: Mapping[str, str]) -> None:
+    """UsageError ``problem`` with the likely meaning when ``text`` is a near miss of one of ``meant``'s
+    keys (``--source mong``: did you mean mongo?); else nothing (the caller goes on)."""
+    close = difflib.get_close_matches(text.lower(), list(meant), n=1, cutoff=0.75)
+    if close:
+        raise UsageError(f"{problem}; did you mean {meant[close[0]]}?")
 
 
 def resolve_options(args: argparse.Namespace, settings: Settings) -> RunOptions:
@@ -8930,6 +9000,9 @@ def resolve_options(args: argparse.Namespace, settings: Settings) -> RunOptions:
         kind, folder = SourceKind.DEMO, None
     else:
         kind, folder = source_choice(args.source, settings, "; --demo runs on built-in sample data")
+        compliance = None if args.dry_run else settings.sms.compliance_problem()
+        if compliance:  # before anything is written: messages for review must carry the compliance text
+            raise UsageError(compliance)
     use_claude = kind is not SourceKind.DEMO and (
         args.llm == "claude" or (args.llm == "auto" and bool(settings.anthropic_api_key)))
     if use_claude and not settings.anthropic_api_key:
@@ -9019,6 +9092,8 @@ def run_campaign(args: argparse.Namespace, env: Mapping[str, str] | None, mongo_
     """The program itself: settings, the lock, the services, one campaign. ``main`` handles the errors."""
     settings = Settings.from_env(env if env is not None else read_environment())
     options = resolve_options(args, settings)
+    if options.is_demo:  # demo messages carry a sample sender and opt-out text
+        settings = replace(settings, sms=settings.sms.with_samples())
     hoods = load_neighbourhoods(settings.neighbourhoods_csv)  # before the lock: a bad table is exit 2 at once
     control = RunControl(options.deadline_minutes * 60)
     closing.callback(handle_stop_signals(control))

@@ -162,16 +162,22 @@ class CliRun:
         return "\n".join(texts)
 
 
+# What every harness run's environment holds unless the test says otherwise: the compliance decision a
+# live run needs (SMS_OPT_OUT_TEXT=none: the sending system adds the opt-out), so messages read as drafted.
+# A test of the refusal passes {"SMS_OPT_OUT_TEXT": ""} (empty is unset).
+HARNESS_ENV = {"SMS_OPT_OUT_TEXT": "none"}
+
+
 def run_main(argv: Sequence[str], root: Path, env: dict[str, str] | None = None, *, complete: bool = False,
              real_environment: bool = False, **kwargs: Any) -> CliRun:
     """Call the CLI in-process with ``--out root``, its stdout and stderr captured.
 
-    The environment is ``env`` (empty by default); ``real_environment=True`` passes none instead, so the CLI
+    The environment is ``env`` over ``HARNESS_ENV``; ``real_environment=True`` passes none instead, so the CLI
     reads the process environment and ``.env`` as the script does.  ``complete=True`` asserts the run left its
     report and processed files.  Other keywords go to ``main`` (e.g. ``mongo_client``).
     """
     assert not (real_environment and env is not None), "env and real_environment exclude each other"
-    environment = None if real_environment else {} if env is None else env
+    environment = None if real_environment else {**HARNESS_ENV, **(env or {})}
     out, err = io.StringIO(), io.StringIO()
     with contextlib.redirect_stdout(out), contextlib.redirect_stderr(err):
         code = rtt.main([*argv, "--out", str(root)], env=environment, **kwargs)

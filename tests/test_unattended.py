@@ -35,7 +35,7 @@ from pathlib import Path
 from typing import Any
 
 import pytest
-from builders import NOW_ISO, CliRun
+from builders import HARNESS_ENV, NOW_ISO, CliRun
 from conftest import ISOLATED_VARIABLES
 from fake_anthropic import FakeMessagesAPI
 from fake_rtdb import FakeRealtimeDatabase, RecordedRequest
@@ -62,9 +62,10 @@ time.sleep(120)
 
 
 def clean_env(**extra: str) -> dict[str, str]:
-    """The process environment without any setting, secret or proxy conftest isolates, plus ``extra``."""
+    """The process environment without any setting, secret or proxy conftest isolates, plus the harness's
+    defaults (``HARNESS_ENV``) and ``extra``."""
     env = {name: value for name, value in os.environ.items() if name not in ISOLATED_VARIABLES}
-    return {**env, **extra}
+    return {**env, **HARNESS_ENV, **extra}
 
 
 class Processes:
