@@ -478,6 +478,19 @@ class RunOptions:
     def is_demo(self) -> bool:
         return self.source is SourceKind.DEMO
 
+    @property
+    def data_dir(self) -> Path:
+        """Where the run keeps ``raw/`` and ``processed/``: a rehearsal (``--dry-run``) its own place,
+        ``data/dry-run/``, so it never overwrites what a live run left for the reviewers."""
+        return self.out_dir / "data" / DRY_RUN_NAME if self.dry_run else self.out_dir / "data"
+
+    def report_stem(self, campaign_id: str) -> Path:
+        """``reports/return_to_table_report_{campaign_id}`` (``_dry-run`` after it for a rehearsal)."""
+        return self.out_dir / "reports" / f"return_to_table_report_{campaign_id}{'_' + DRY_RUN_NAME if self.dry_run else ''}"
+
+
+DRY_RUN_NAME = "dry-run"  # a rehearsal's data folder (data/dry-run/) and report names say so
+
 
 class QuietFileHandler(logging.FileHandler):
     """The run's log file; a failing write (full disk) never prints a traceback to cron mail."""
@@ -4514,6 +4527,73 @@ SKIP_REASONS = (  # dormant_users.json's skip_reason for an eligible member not 
 )
 
 
+class IdleReason(Enum):
+    """Why a day drafted no message: the one line cron mail gets, and the exit code (3: look; 0: as planned).
+
+    ``idle_reason`` finds it from the walk's decisions; a step that knows before the walk (the per-day
+    limit: ``DAY_LIMIT_DRAFTED``) hands it over as ``ReturnToTable.idle_hint``."""
+
+    NOBODY_DORMANT = "nobody_dormant"
+    ALL_IN_COOLDOWN = "all_in_cooldown"
+    NOBODY_TEXTABLE = "nobody_textable"
+    NO_EVENT_IN_SEND_WINDOW = "no_event_in_send_window"
+    NONE_MATCHED = "none_matched"
+    DAY_LIMIT_DRAFTED = "day_limit_drafted"
+
+    @property
+    def exit_code(self) -> int:
+        return EXIT_OK if self is IdleReason.DAY_LIMIT_DRAFTED else EXIT_ATTENTION
+
+
+IDLE_LINES = {
+    IdleReason.NOBODY_DORMANT: "nobody is dormant and personalisation-ready today (31-90 days since their last "
+                               "table, 4 of the 8 profile fields, interests)",
+    IdleReason.ALL_IN_COOLDOWN: "every eligible member was messaged or held out within --cooldown-days",
+    IdleReason.NOBODY_TEXTABLE: "no eligible member outside the cooldown can be texted (no valid number, or opted out)",
+    IdleReason.NO_EVENT_IN_SEND_WINDOW: "no open event in the send window: for every textable member, the events "
+                                        "sharing an interest are full, start too soon (--min-lead-hours) or "
+                                        "leave only QUIET_HOURS, or there are none",
+    IdleReason.NONE_MATCHED: "no member reached was messaged",
+    IdleReason.DAY_LIMIT_DRAFTED: "today's --limit is already drafted",
+}
+UNTEXTABLE = frozenset({"no_valid_phone", "opted_out"})
+NO_EVENT = frozenset({"no_matching_event", "no_event_in_send_window"})
+NOT_REACHED = frozenset({"cooldown", "below_limit", "not_started"})
+
+
+def idle_reason(eligible: int, decisions: Mapping[str, str], messages: int,
+                hint: IdleReason | None = None) -> IdleReason | None:
+    """Why no message was drafted (``decisions``: each eligible member's ``selected`` or skip code), or None
+    when one was. ``hint``: a reason known before the walk (today's limit already drafted)."""
+    if messages:
+        return None
+    if hint is not None:
+        return hint
+    codes = Counter(decisions.values())
+    if not eligible:
+        return IdleReason.NOBODY_DORMANT
+    if codes["cooldown"] >= eligible:
+        return IdleReason.ALL_IN_COOLDOWN
+    reached = [code for code in codes.elements() if code not in NOT_REACHED]
+    textable = [code for code in reached if code not in UNTEXTABLE]
+    if reached and not textable:
+        return IdleReason.NOBODY_TEXTABLE
+    if textable and all(code in NO_EVENT for code in textable):
+        return IdleReason.NO_EVENT_IN_SEND_WINDOW
+    return IdleReason.NONE_MATCHED
+
+
+def idle_line(reason: IdleReason, decisions: Mapping[str, str]) -> str:
+    """The one line a day without messages gets; the catch-all names the commonest skip reason."""
+    line = IDLE_LINES[reason]
+    if reason is IdleReason.NONE_MATCHED:
+        codes = Counter(code for code in decisions.values() if code not in NOT_REACHED | UNTEXTABLE)
+        if codes:
+            code, count = codes.most_common(1)[0]
+            line += f": {code} for {count} of {sum(codes.values())} textable members"
+    return line
+
+
 def campaign_id_for(moment: datetime) -> str:
     return f"{CAMPAIGN_NAME}-{moment.astimezone(UTC).strftime('%Y%m%d-%H%M%S')}"
 
@@ -4575,6 +4655,7 @@ def report_markdown(report: Mapping[str, Any]) -> str:
         f"- Run date: {report['run_date']} (as of {report['as_of']})",
         f"- Source: {report['source']}; matcher: {matcher}; dry run: {report['dry_run']}",
         *empty_input_lines(report.get("empty_input") or []),
+        *([f"- No message drafted: {report['no_message']['text']}"] if report.get("no_message") else []),
         "",
         "## Run summary",
         "",
@@ -4585,7 +4666,7 @@ def report_markdown(report: Mapping[str, Any]) -> str:
                 "users_left_out_by_cooldown", "total_future_events", "total_matches_created",
                 "total_messages_generated", "total_sms_segments", "average_days_inactive",
                 "average_confidence_score", "error_count"):
-        lines.append(f"| {key.replace('_', ' ')} | {s.get(key)} |")
+        lines.append(f"| {key.replace('_', ' ')} | {'—' if s.get(key) is None else s.get(key)} |")
     lines += ["", f"Users tried: {st['users_processed']}; future events considered: {st['events_processed']}.", ""]
     if report.get("places_not_located"):
         lines += [places_line(report["places_not_located"]), ""]
@@ -4722,11 +4803,11 @@ def build_report(*, campaign_id: str, run_started: datetime, finished: datetime,
                  issues: DataIssues, firebase: Mapping[str, Any], errors: Sequence[str],
                  llm_usage: Mapping[str, Any] | None, status: str = "completed",
                  empty_input: Sequence[str] = (), places_not_located: Mapping[str, int] | None = None,
-                 ) -> dict[str, Any]:
+                 idle: IdleReason | None = None) -> dict[str, Any]:
     """Step 8: the plan's statistics and summary, plus who was skipped, segments, services and errors.
 
     ``empty_input`` names the collections the source had no documents in (``"users"``, ``"events"``);
-    ``decisions`` is each eligible member's ``selected`` or skip code.
+    ``decisions`` is each eligible member's ``selected`` or skip code; ``idle`` why no message was drafted.
     """
     reasons = skip_reason_counts(decisions)
     held_out = [o.holdout for o in outcomes if o.holdout is not None]
@@ -4746,8 +4827,8 @@ def build_report(*, campaign_id: str, run_started: datetime, finished: datetime,
         "users_failed": sum(o.failed for o in outcomes),
         "users_not_started": reasons.get("not_started", 0),
         "users_held_out": len(held_out),
-        "average_days_inactive": mean([u["days_inactive"] for u in selected]),
-        "average_confidence_score": mean([m["confidence_percentage"] for m in matches]),
+        "average_days_inactive": mean([u["days_inactive"] for u in selected]) if selected else None,
+        "average_confidence_score": mean([m["confidence_percentage"] for m in matches]) if matches else None,
         "error_count": len(errors),
         "matchers": dict(Counter(m["matcher"] for m in matches)),
         "generators": dict(Counter(m["generator"] for m in messages)),
@@ -4760,6 +4841,7 @@ def build_report(*, campaign_id: str, run_started: datetime, finished: datetime,
         "as_of": iso_utc(options.now),
         "source": source_label,
         "empty_input": list(empty_input),
+        "no_message": None if idle is None else {"reason": idle.value, "text": idle_line(idle, decisions)},
         "llm": "claude" if options.use_claude else "off",
         "dry_run": options.dry_run,
         "limit": options.limit,
@@ -7030,6 +7112,7 @@ class RunResult:
     failed_members: int = 0
     signal: int | None = None
     empty_input: list[str] = field(default_factory=list)  # "users", "events": read, but there were none
+    idle: IdleReason | None = None  # why no message was drafted (``idle_reason``), None when one was
 
     @property
     def firebase_failed(self) -> bool:
@@ -7037,12 +7120,14 @@ class RunResult:
 
     @property
     def exit_code(self) -> int:
-        """130/143 after a signal; 3 when done but something needs a look; else 0."""
+        """130/143 after a signal; 3 when done but something needs a look (a day without a message, but for
+        today's limit already drafted); else 0."""
         if self.signal is not None:
             return EXIT_SIGNALS.get(self.signal, 128 + self.signal)
         needs_a_look = (self.status == "deadline" or self.firebase_failed or self.claude_unavailable
                         or self.failed_members or self.empty_input)
-        return EXIT_ATTENTION if needs_a_look else EXIT_OK
+        idle = self.idle.exit_code if self.idle is not None else EXIT_OK
+        return EXIT_ATTENTION if needs_a_look else idle
 
 
 class ReturnToTable:
@@ -7069,7 +7154,7 @@ class ReturnToTable:
         self.control = control
         self.issues = DataIssues()
         self.empty_input: list[str] = []  # collections the source had no documents in (``empty_collections``)
-        self.data_dir = options.out_dir / "data"
+        self.data_dir = options.data_dir
         self.saved_at = time.monotonic()
         self.progress: Any = None  # the members progress bar during steps 5-6, on a terminal
         self.sms = settings.sms
@@ -7079,6 +7164,7 @@ class ReturnToTable:
         self.counted: SourceData | None = None  # what a counting source read (``read_dormant``)
         self.activity: Mapping[str, Activity] = {}  # step 1's activity of every member, for ``reach_member``
         self.census: DormancyCensus | None = None  # step 1's eligible members and counts
+        self.idle_hint: IdleReason | None = None  # why no message, known before the walk (today's limit drafted)
 
     # --- step 1: fetch, find and rank the dormant members -----------------------------------
 
@@ -7424,9 +7510,9 @@ class ReturnToTable:
     # --- step 8: the report -------------------------------------------------------------------
 
     def write_report(self, campaign_id: str, report: Mapping[str, Any]) -> Path:
-        reports = self.options.out_dir / "reports"
-        write_json(reports / f"return_to_table_report_{campaign_id}.json", report, private=True)
-        report_path = reports / f"return_to_table_report_{campaign_id}.md"
+        stem = self.options.report_stem(campaign_id)
+        write_json(stem.with_name(stem.name + ".json"), report, private=True)
+        report_path = stem.with_name(stem.name + ".md")
         write_text_private(report_path, report_markdown(report))
         s = report["summary"]
         empty = report.get("empty_input") or []
@@ -7443,7 +7529,7 @@ class ReturnToTable:
     def fresh_campaign_id(self, started: datetime) -> str:
         """A campaign id free under ``--out``; the dashboard then claims it (or the next free one)."""
         moment = started
-        while (self.options.out_dir / "reports" / f"return_to_table_report_{campaign_id_for(moment)}.json").exists():
+        while self.options.report_stem(campaign_id_for(moment)).with_suffix(".json").exists():
             moment += timedelta(seconds=1)
         return self.dashboard.claim_campaign(campaign_id_for(moment), next_campaign_id)
 
@@ -7487,6 +7573,7 @@ class ReturnToTable:
         if claude_down:
             self.logger.error("Claude was unavailable (%s): rules and template were used", claude_down)
         firebase = self.dashboard.summary()
+        idle = idle_reason(len(census.eligible), self.decisions, len(messages), self.idle_hint)
         report = build_report(                             # step 8
             campaign_id=campaign_id, run_started=started, finished=datetime.now(UTC), options=options,
             source_label=self.source.label, census=census, selected=selected, decisions=self.decisions,
@@ -7495,11 +7582,11 @@ class ReturnToTable:
             llm_usage=self.advisor.usage_report() if self.advisor is not None else None,
             empty_input=self.empty_input, places_not_located=unlocated_places(
                 self.hoods, [*(text_field(u, "homeNeighborhood") for u in census.eligible),
-                             *(text_field(e, "neighborhood") for e in future)]))
+                             *(text_field(e, "neighborhood") for e in future)]), idle=idle)
         report_path = self.write_report(campaign_id, report)
         return RunResult(campaign_id, report, report_path, firebase, claude_down, status,
                          failed_members=sum(o.failed for o in outcomes), signal=self.control.signal,
-                         empty_input=list(self.empty_input))
+                         empty_input=list(self.empty_input), idle=idle)
 
     def final_status(self, not_started: int) -> str:
         """``interrupted`` after a signal; ``deadline`` when the deadline left members unstarted."""
@@ -9196,6 +9283,9 @@ def report_problems(result: RunResult) -> None:
     if result.empty_input:
         print(f"warning: empty input: the source has no {' and no '.join(result.empty_input)}; the report "
               f"{result.report_path} says what was read", file=sys.stderr)
+    elif result.idle is not None and result.status == "completed" and not result.failed_members:
+        kind = "warning" if result.idle.exit_code else "note"
+        print(f"{kind}: no message drafted: {result.report['no_message']['text']}", file=sys.stderr)
     if result.firebase_failed:
         firebase = result.firebase
         first = (firebase["errors"] or [""])[0]

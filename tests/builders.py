@@ -123,10 +123,18 @@ class CliRun:
     out: str
     err: str
     root: Path
+    dry_run: bool = False  # a rehearsal keeps data/raw and data/processed under data/dry-run/
 
     def load(self, relative: str) -> Any:
-        """A JSON file the run wrote, by its path under the ``--out`` root."""
-        return json.loads((self.root / relative).read_text(encoding="utf-8"))
+        """A JSON file the run wrote, by its path under the ``--out`` root (``data/...``: the run's own data
+        folder, ``data/dry-run/...`` for a dry run, except the mirror ``data/firebase``)."""
+        return json.loads(self.path(relative).read_text(encoding="utf-8"))
+
+    def path(self, relative: str) -> Path:
+        """``relative`` under the ``--out`` root, ``data/`` read as the run's own data folder."""
+        if self.dry_run and relative.startswith("data/") and not relative.startswith("data/firebase"):
+            relative = "data/" + rtt.DRY_RUN_NAME + relative.removeprefix("data")
+        return self.root / relative
 
     @property
     def matches(self) -> list[dict[str, Any]]:
@@ -153,7 +161,7 @@ class CliRun:
         """The run left its one report and every processed file (whatever its exit code)."""
         self.report_path()
         for name in PROCESSED:
-            assert (self.root / "data" / "processed" / f"{name}.json").is_file(), name
+            assert self.path(f"data/processed/{name}.json").is_file(), name
 
     def all_text(self) -> str:
         """Console output and every file the run left under the ``--out`` root (logs, reports, data)."""
@@ -181,7 +189,7 @@ def run_main(argv: Sequence[str], root: Path, env: dict[str, str] | None = None,
     out, err = io.StringIO(), io.StringIO()
     with contextlib.redirect_stdout(out), contextlib.redirect_stderr(err):
         code = rtt.main([*argv, "--out", str(root)], env=environment, **kwargs)
-    run = CliRun(code, out.getvalue(), err.getvalue(), root)
+    run = CliRun(code, out.getvalue(), err.getvalue(), root, dry_run="--dry-run" in argv)
     if complete:
         run.assert_complete()
     return run

@@ -391,6 +391,6 @@ def test_a_member_whose_events_cannot_be_phrased_is_skipped_as_no_sms_within_con
     monkeypatch.setattr(rtt, "write_template_sms", lambda _facts: None)  # no wording fits, for any event
     user, past = member("m-long", 60)
     run = run_cli("--source", str(write(tmp_path / "w", [(user, past)])), "--now", NOW_ISO, "--dry-run")
-    assert run.code == 0, run.err
+    assert run.code == rtt.EXIT_ATTENTION, run.err  # the day drafted nothing
     assert decisions(run) == {"m-long": "no_sms_within_contract"} and run.matches == []
     assert run.report()["skip_reasons"] == {"no_sms_within_contract": 1}

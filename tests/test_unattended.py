@@ -420,7 +420,8 @@ def test_two_runs_started_together_on_two_outs_sharing_one_database_get_two_camp
     started = [processes.cli(tmp_path / name, "--source", str(world_folder), "--now", NOW_ISO, "--llm", "off",
                              env=env) for name in ("out1", "out2")]
     runs = [finish(p, tmp_path / name) for p, name in zip(started, ("out1", "out2"), strict=True)]
-    assert [r.code for r in runs] == [rtt.EXIT_OK, rtt.EXIT_OK], [r.err for r in runs]
+    drafted = [r.report()["summary"]["total_messages_generated"] for r in runs]  # one may find all in cooldown
+    assert [r.code for r in runs] == [rtt.EXIT_OK if n else rtt.EXIT_ATTENTION for n in drafted], [r.err for r in runs]
     ids = {r.report()["campaign_id"] for r in runs}
     archives = rtdb.get_rendered(f"{BASE}/campaigns")
     assert len(ids) == 2 and set(archives) == ids
