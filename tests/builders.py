@@ -150,7 +150,8 @@ class CliRun:
         return [user["_id"] for user in self.load("data/processed/dormant_users.json")]
 
     def report_path(self, suffix: str = ".json") -> Path:
-        found = sorted((self.root / "reports").glob(f"return_to_table_report_*{suffix}"))
+        found = sorted(p for p in (self.root / "reports").glob(f"return_to_table_report_*{suffix}")
+                       if p.name.endswith(f"_{rtt.DRY_RUN_NAME}{suffix}") == self.dry_run)
         assert len(found) == 1, found
         return found[0]
 
