@@ -27,6 +27,9 @@ Glossary (one name per concept, here and in the code):
   send window  when a message may go out (``send_window``): outside QUIET_HOURS, before the lead.
   funnel     the report's counts from eligible to drafted (``run_funnel``), held out apart; each
              ``skip_reason`` drops its members at one stage (``REASON_STAGES``).
+  idle day   a run that drafts no message: exit 3 and one line saying why (``IdleReason``).
+  exit code  ``ExitCode``; every error reaches one through one funnel, ``raw_main`` (campaign and
+             subcommands). A ``--dry-run`` keeps its files under ``data/dry-run/``.
 
 The file reads top-down in the plan's step order: configuration, data loading, the rules of
 steps 1-8 (pure functions), the service edges (sources, the demo world, Claude for steps 5-6,
@@ -7921,7 +7924,8 @@ class ReturnToTable:
         not_started = sum(code == "not_started" for code in self.decisions.values())
         status = self.final_status(not_started)
         if status != "completed":
-            self.logger.warning("Run %s: %d members done; %d were not started", status, len(outcomes), not_started)
+            self.logger.warning("Run %s: %d members done; %d were not started", status, len(outcomes), not_started,
+                                extra=FILE_ONLY)  # stderr says it (``report_problems``): once in cron mail
         matches = [o.match for o in outcomes if o.match is not None]
         messages = [o.message for o in outcomes if o.message is not None]
         held_out = [o.holdout for o in outcomes if o.holdout is not None]
@@ -7933,9 +7937,12 @@ class ReturnToTable:
                                      status, held_out)
         claude_down = self.advisor.down if self.advisor is not None else None
         if claude_down:
-            self.logger.error("Claude was unavailable (%s): rules and template were used", claude_down)
+            self.logger.error("Claude was unavailable (%s): rules and template were used", claude_down,
+                              extra=FILE_ONLY)  # stderr says it (``report_problems``): once in cron mail
         firebase = self.dashboard.summary()
         idle = idle_reason(len(census.eligible), self.decisions, len(messages), self.idle_hint)
+        if idle is not None:  # stderr says it (``report_problems``); the log keeps it
+            self.logger.warning("No message drafted: %s", idle_line(idle, self.decisions), extra=FILE_ONLY)
         report = build_report(                             # step 8
             campaign_id=campaign_id, run_started=started, finished=datetime.now(UTC), options=options,
             source_label=self.source.label, census=census, selected=selected, decisions=self.decisions,

@@ -116,6 +116,9 @@ def assert_idle(run: CliRun, reason: rtt.IdleReason) -> None:
     """Exit 3, the one line saying why, and a report that says it too and shows no average of nothing."""
     assert run.code == rtt.EXIT_ATTENTION, run.err
     assert run.err == idle_line(reason)
+    assert "No message drafted" not in run.out  # once in cron mail; the log keeps it
+    [log] = (run.root / "logs").glob("*.log")
+    assert f"WARNING - No message drafted: {rtt.IDLE_LINES[reason]}" in log.read_text(encoding="utf-8")
     report = run.report()
     assert report["no_message"]["reason"] == reason.value
     assert report["summary"]["average_confidence_score"] is None
