@@ -147,7 +147,7 @@ def test_nobody_textable_exits_3_saying_so(run_cli, tmp_path, world):
 
 
 def test_no_open_event_in_the_send_window_exits_3_saying_so(run_cli, world_folder):
-    run = live(run_cli, world_folder, "--min-lead-hours", "1000")
+    run = live(run_cli, world_folder, "--min-lead-hours", "720")
     assert_idle(run, rtt.IdleReason.NO_EVENT_IN_SEND_WINDOW)
     assert set(run.report()["skip_reasons"]) == {"no_event_in_send_window"}
 
