@@ -22,8 +22,12 @@ Glossary (one name per concept, here and in the code):
   contactable  eligible, a valid number that takes texts (``textable_phone``), no opt-out.
   holdout    the control group: contactable members whose stable hash falls below ``--holdout``;
              their rules' pick is recorded (``HoldoutRecord``), nothing is sent.
-  walk       steps 5-6 going down the ranked contactable members until ``--limit`` are messaged;
+  walk       steps 5-6 going down the ranked contactable members until the day's ``--limit`` are messaged;
              every eligible member ends ``selected`` or with a ``skip_reason`` (``SKIP_REASONS``).
+  campaign day  the date of ``--now`` in CAMPAIGN_TIMEZONE: ``--limit`` counts the messages drafted on it
+             (``DashboardHistory``, ``daily_remaining``), so a rerun tops up.
+  seats      open invitations an event may have (``invitation_cap``, ``SeatLedger``): pending or approved
+             messages in the dashboard plus this run's; a member whose pick is full gets the next best.
   send window  when a message may go out (``send_window``): outside QUIET_HOURS, before the lead.
   funnel     the report's counts from eligible to drafted (``run_funnel``), held out apart; each
              ``skip_reason`` drops its members at one stage (``REASON_STAGES``).
@@ -120,6 +124,10 @@ MONGO_NOT_CONFIGURED = ("--source mongo needs MONGO_URI (or MONGO_USERNAME, MONG
                         "and MONGO_DB_NAME")
 
 MAX_NEXT_EVENTS = 5  # candidates tried when the chosen event cannot be phrased within the SMS contract
+DEFAULT_INVITES_PER_SPOT = 1.0  # --invites-per-spot: open invitations per remaining spot
+DEFAULT_MAX_INVITES_PER_EVENT = 10  # --max-invites-per-event: open invitations to an event of unknown capacity
+MAX_INVITES_PER_SPOT = 100.0  # above this the ratio is a typo, not a policy
+MAX_INVITES_PER_EVENT = 100_000
 
 class ExitCode(IntEnum):
     """The exit codes: the table in the README and in --help. 3 tells cron "done, but look at the report".
@@ -517,6 +525,8 @@ class RunOptions:
     concurrency: int = 6
     cooldown_days: int = 30
     holdout: float = 0.0  # share of members kept as the control group (stable hash of campaign, member)
+    invites_per_spot: float = DEFAULT_INVITES_PER_SPOT  # open invitations per remaining spot (``SeatLedger``)
+    max_invites_per_event: int = DEFAULT_MAX_INVITES_PER_EVENT  # open invitations to an event of unknown capacity
     min_lead_hours: float = 3.0  # the last send moment is at least this long before the event
     deadline_minutes: float = 30.0
     keep_logs_days: int = 30
@@ -3820,6 +3830,113 @@ def candidate_match(user: Mapping[str, Any], c: Candidate, zone: ZoneInfo, now: 
                        confidence=c.confidence, interests=[i for i, _ in c.interests], matcher="rules", now=now)
 
 
+# --- seats: never invite more people than an event can seat -------------------------------------
+
+OPEN_INVITATION_STATUSES = frozenset({"pending", "approved"})  # a message that may still bring someone
+
+
+def whole_spots(spots: Any) -> int | None:
+    """An event's remaining spots as the whole number a message may claim; None when unknown."""
+    if isinstance(spots, bool) or not isinstance(spots, (int, float)) or not math.isfinite(spots):
+        return None
+    return max(0, int(spots))
+
+
+def scaled(count: int, ratio: float) -> float:
+    """``ratio × count`` rounded to 9 places, so ``1.1 × 10`` is 11, not 11.000000000000002."""
+    return round(ratio * count, 9)
+
+
+def invitation_cap(spots: Any, invites_per_spot: float, unknown_cap: int) -> int:
+    """How many open invitations an event may have: ``ceil(invites_per_spot × spots)`` when its remaining
+    spots are known, else ``unknown_cap`` (``--max-invites-per-event``)."""
+    seats = whole_spots(spots)
+    return unknown_cap if seats is None else math.ceil(scaled(seats, invites_per_spot))
+
+
+def spots_claim_bound(spots: Any, invites_per_spot: float) -> int | None:
+    """How many members may be told "N spots left" for an event with N spots: ``floor(N × invites_per_spot)``
+    (the cap rounds up, the claim rounds down: never more claims than N × the ratio); None when unknown."""
+    seats = whole_spots(spots)
+    return None if seats is None else math.floor(scaled(seats, invites_per_spot))
+
+
+class Seat(NamedTuple):
+    """One open invitation this run holds for an event: its place among the event's open invitations
+    (1-based, those already in the dashboard first) and whether its message may say how many spots are left."""
+
+    event_id: str
+    ordinal: int
+    may_claim_spots: bool
+
+
+class SeatLedger:
+    """The run's allocation of invitations across events (the walk's members share it, also across threads).
+
+    Each event starts with the open invitations the dashboard already holds for it (``DashboardHistory``)
+    and takes at most ``invitation_cap`` in all. A member's seat is reserved when their match is chosen and
+    released when no message comes of it. ``seats_exhausted`` counts, per event, the members whose first
+    choice it was when it had no seat left (they were offered their next best candidate).
+    """
+
+    def __init__(self, invites_per_spot: float, unknown_cap: int, held: Mapping[str, int] | None = None) -> None:
+        self.invites_per_spot = invites_per_spot
+        self.unknown_cap = unknown_cap
+        self.taken: Counter[str] = Counter(held or {})
+        self.seats: dict[str, Seat] = {}  # member id -> the seat they hold
+        self.exhausted: Counter[str] = Counter()
+        self.passed: dict[str, tuple[str, str]] = {}  # member id -> (id, name) of their first choice, found full
+        self._lock = threading.Lock()
+
+    def has_room(self, event: Mapping[str, Any]) -> bool:
+        cap = invitation_cap(event.get("remaining_spots"), self.invites_per_spot, self.unknown_cap)
+        return self.taken[str(event["_id"])] < cap
+
+    def open_only(self, member_id: str, candidates: Iterable[Candidate]) -> Iterator[Candidate]:
+        """The candidates with a seat left, in order; a first choice without one is counted and remembered."""
+        first = True
+        for c in candidates:
+            if self.has_room(c.event):
+                yield c
+            elif first:
+                with self._lock:
+                    self.exhausted[str(c.event["_id"])] += 1
+                    self.passed[member_id] = (str(c.event["_id"]), text_field(c.event, "name") or "an event")
+            first = False
+
+    def reserve(self, member_id: str, event: Mapping[str, Any]) -> Seat | None:
+        """A seat at ``event`` for the member (the one they held before given back), or None when full."""
+        self.release(member_id)
+        event_id, spots = str(event["_id"]), event.get("remaining_spots")
+        with self._lock:
+            if self.taken[event_id] >= invitation_cap(spots, self.invites_per_spot, self.unknown_cap):
+                return None
+            self.taken[event_id] += 1
+            bound = spots_claim_bound(spots, self.invites_per_spot)
+            seat = Seat(event_id, self.taken[event_id], bound is not None and self.taken[event_id] <= bound)
+            self.seats[member_id] = seat
+            return seat
+
+    def release(self, member_id: str) -> None:
+        """The member's seat given back (no message came of it)."""
+        with self._lock:
+            seat = self.seats.pop(member_id, None)
+            if seat is not None:
+                self.taken[seat.event_id] -= 1
+
+    def taken_note(self, member_id: str, event_id: str) -> str:
+        """The reasoning's sentence when the member's first choice had no seat left, else ""."""
+        first = self.passed.get(member_id)
+        if first is None or first[0] == event_id:
+            return ""
+        return (f" (Their first choice, {first[1]}, already has as many open invitations as it can seat; "
+                "this is their next best.)")
+
+    def report(self) -> dict[str, int]:
+        """``seats_exhausted``: {event id: members turned away from it}, most first."""
+        return dict(sorted(self.exhausted.items(), key=lambda kv: (-kv[1], kv[0])))
+
+
 # =============================================================================================
 # Rules, step 6: the SMS contract and the template writer
 # =============================================================================================
@@ -4664,6 +4781,7 @@ SKIP_REASONS = (  # dormant_users.json's skip_reason for an eligible member not 
     "holdout",                  # the control group: recorded, never texted
     "no_matching_event",        # no open future event shares an interest
     "no_event_in_send_window",  # every candidate starts too soon or leaves only quiet hours to send
+    "seats_exhausted",          # every candidate already has as many open invitations as it can seat
     "below_min_confidence",     # the best match is below --min-confidence
     "no_sms_within_contract",   # no SMS within the contract for the chosen event or the next ones
     "failed",                   # an unexpected error on this member (see the log)
@@ -4737,6 +4855,107 @@ def idle_line(reason: IdleReason, decisions: Mapping[str, str]) -> str:
             code, count = codes.most_common(1)[0]
             line += f": {code} for {count} of {sum(codes.values())} textable members"
     return line
+
+
+# --- volume: --limit is per campaign day ------------------------------------------------------------
+
+OUR_GENERATORS = frozenset({"template", "claude"})  # a message with one of these was drafted by this tool
+LIMIT_ALREADY_DRAFTED = "today's limit already drafted"
+
+
+def campaign_day(now: datetime, zone: ZoneInfo) -> tuple[datetime, datetime]:
+    """The campaign day of ``now``: its local date in ``zone`` (CAMPAIGN_TIMEZONE), as [start, end) in UTC."""
+    local = now.astimezone(zone).date()
+    start = datetime.combine(local, dt_time(0), tzinfo=zone)
+    return start.astimezone(UTC), datetime.combine(local + timedelta(days=1), dt_time(0), tzinfo=zone).astimezone(UTC)
+
+
+def daily_remaining(limit: int, drafted_today: int) -> int:
+    """How many messages this run may still draft: ``--limit`` is per campaign day, not per run."""
+    return max(0, limit - max(0, drafted_today))
+
+
+@dataclass(frozen=True)
+class DashboardHistory:
+    """What the dashboard already holds that bounds this run (``DashboardWriter.read_history``)."""
+
+    drafted_today: int = 0  # this tool's messages generated on this campaign day
+    held_out_today: int = 0  # holdout records made on this campaign day
+    today_members: frozenset[str] = frozenset()  # their members: never drafted twice in a day
+    open_invitations: Mapping[str, int] = field(default_factory=dict)  # event id -> pending or approved messages
+
+
+def ours(item: Mapping[str, Any]) -> bool:
+    """A message this tool drafted (its ``generator``), not one another tool put in the list."""
+    generator = item.get("generator")
+    return isinstance(generator, str) and generator in OUR_GENERATORS
+
+
+def tally_history(messages: Iterable[Mapping[str, Any]], holdout: Iterable[Mapping[str, Any]],
+                  day: tuple[datetime, datetime], seats_since: datetime) -> DashboardHistory:
+    """This tool's messages and holdout records of the campaign ``day``, and its open invitations per event
+    (pending or approved, generated at or after ``seats_since``): the arithmetic of the daily limit and of
+    the seats, apart from the reading."""
+    drafted, held, members, invitations = 0, 0, set(), Counter[str]()
+    for item in messages:
+        when = to_utc(item.get("generated_at")) if ours(item) else None
+        if when is None:
+            continue
+        if day[0] <= when < day[1]:
+            drafted += 1
+            members.add(str(item.get("user_id")))
+        status = item.get("status")
+        if (when >= seats_since and isinstance(status, str) and status.strip().lower() in OPEN_INVITATION_STATUSES
+                and isinstance(item.get("event_id"), str)):
+            invitations[item["event_id"]] += 1
+    for item in holdout:
+        when = to_utc(item.get("held_out_at"))
+        if when is not None and day[0] <= when < day[1]:
+            held += 1
+            members.add(str(item.get("user_id")))
+    return DashboardHistory(drafted, held, frozenset(members - {"None"}), dict(invitations))
+
+
+@dataclass(frozen=True)
+class DailyVolume:
+    """The report's ``daily_limit``: the campaign day, what it already held, and what this run may draft."""
+
+    day: str  # the local date (YYYY-MM-DD) in CAMPAIGN_TIMEZONE
+    limit: int
+    drafted_before: int
+    held_out_before: int
+    remaining: int
+
+    @classmethod
+    def of(cls, limit: int, history: DashboardHistory, now: datetime, zone: ZoneInfo) -> DailyVolume:
+        return cls(now.astimezone(zone).date().isoformat(), limit, history.drafted_today, history.held_out_today,
+                   daily_remaining(limit, history.drafted_today))
+
+    def report(self, drafted: int, held_out: int) -> dict[str, Any]:
+        return {**dataclasses.asdict(self), "drafted_this_run": drafted, "held_out_this_run": held_out,
+                "already_drafted": self.remaining == 0}
+
+
+def volume_report(volume: DailyVolume, seats: SeatLedger, drafted: int, held_out: int) -> dict[str, Any]:
+    """The report's ``daily_limit``, ``seats_exhausted`` ({event id: members turned away}) and ``allocation``."""
+    return {"daily_limit": volume.report(drafted, held_out), "seats_exhausted": seats.report(),
+            "allocation": {"invites_per_spot": seats.invites_per_spot, "max_invites_per_event": seats.unknown_cap}}
+
+
+def volume_lines(report: Mapping[str, Any]) -> list[str]:
+    """The Markdown report's lines on the daily limit and the seats (``daily_limit``, ``seats_exhausted``)."""
+    daily, lines = report.get("daily_limit"), []
+    if daily:
+        lines.append(f"Daily limit ({daily['day']}): {daily['limit']} messages a campaign day; "
+                     f"{daily['drafted_before']} drafted earlier today ({daily['held_out_before']} held out), "
+                     f"{daily['drafted_this_run']} by this run"
+                     + (f"; {LIMIT_ALREADY_DRAFTED}." if daily["already_drafted"] else "."))
+    exhausted = report.get("seats_exhausted") or {}
+    names = {m["event_id"]: m["event_name"] for m in report.get("matches", [])}
+    seen = ", ".join(f"{cell(names.get(k, k))} ({n})" for k, n in exhausted.items())
+    lines.append(f"Seats exhausted (members whose first choice had no seat left, by event): {seen}." if exhausted
+                 else "Seats exhausted: none (no member's first choice was full).")
+    return [*lines, ""]
 
 
 # --- the funnel: eligible to drafted, one count per stage (console, Markdown and JSON alike) -------
@@ -5083,6 +5302,7 @@ def report_markdown(report: Mapping[str, Any]) -> str:
     lines += ["", f"Future events considered: {st['events_processed']}. Cost: {cost_text(report['cost'])}.", ""]
     if report.get("places_not_located"):
         lines += [places_line(report["places_not_located"]), ""]
+    lines += volume_lines(report)
     lines += funnel_lines(report["funnel"], report.get("skip_reasons", {}))
     lines += ["## Recommendations", "", *(f"- {r}" for r in report["recommendations"]), ""]
     lines += skip_reason_lines(report.get("skip_reasons", {}), report.get("holdout", {}))
@@ -5248,7 +5468,7 @@ def build_report(*, campaign_id: str, run_started: datetime, finished: datetime,
                  llm_usage: Mapping[str, Any] | None, status: str = "completed",
                  empty_input: Sequence[str] = (), places_not_located: Mapping[str, int] | None = None,
                  sms_segment_price: float | None = None, earlier_30_days: tuple[int, int] | None = None,
-                 idle: IdleReason | None = None) -> dict[str, Any]:
+                 volume: Mapping[str, Any] | None = None, idle: IdleReason | None = None) -> dict[str, Any]:
     """Step 8: the plan's statistics and summary, plus the funnel, a preview of every message, the cost, who
     was skipped, the holdout's power, services, errors and recommendations from these figures.
 
@@ -5319,6 +5539,7 @@ def build_report(*, campaign_id: str, run_started: datetime, finished: datetime,
     if llm_usage is not None:
         report["llm_usage"] = dict(llm_usage)
     report["places_not_located"] = places_report(places_not_located or {})
+    report.update(volume or {})  # ``daily_limit``, ``seats_exhausted``, ``allocation`` (``volume_report``)
     report["recommendations"] = recommendations(report)
     return report
 
@@ -7367,6 +7588,7 @@ class DashboardWriter:
         self.undated_messages = 0  # messages (and holdout records) read by the cooldown whose date is no date
         self._waiting: dict[int, tuple[Match | None, Message | None, HoldoutRecord | None]] = {}  # above the next rank
         self._next_rank = 0
+        self.claimed: str | None = None  # the campaign id this run claimed in the archive
 
     @property
     def writes(self) -> bool:
@@ -7411,6 +7633,19 @@ class DashboardWriter:
                     recent.add(str(item["user_id"]))
         return recent
 
+    def read_history(self, day: tuple[datetime, datetime], seats_since: datetime) -> DashboardHistory:
+        """What the dashboard (or its mirror) already holds of this tool's work (``tally_history``): the
+        campaign day's messages and holdout records, and the open invitations per event since
+        ``seats_since``. The lists the cooldown read are not read again; raises FirebaseError when unreadable.
+        A dry run reads too: it counts what a real run would."""
+        if self.transport is None:
+            return DashboardHistory()
+        for key in ("messages", "holdout"):
+            if key not in self._cooldown_reads:
+                self._cooldown_reads[key] = self.transport.get(key)
+        return tally_history(as_item_list(self._cooldown_reads["messages"][0], "messages"),
+                             as_item_list(self._cooldown_reads["holdout"][0], "holdout"), day, seats_since)
+
     def recent_members(self, since: datetime) -> tuple[int, int] | None:
         """How many members the dashboard holds a message for (``generated_at``) and a holdout record for
         (``held_out_at``) at or after ``since``, each member once: the report's last-30-days holdout power.
@@ -7438,6 +7673,7 @@ class DashboardWriter:
             claim = {"id": campaign_id, "name": CAMPAIGN_NAME, "created_at": self.updated_at, "status": "running"}
             try:
                 if self.transport.put(f"campaigns/{campaign_id}/metadata", claim, if_match=NULL_ETAG).ok:
+                    self.claimed = campaign_id
                     return campaign_id
             except FirebaseError as exc:
                 self.failed(f"campaigns/{campaign_id}/metadata (claiming the campaign id)", exc)
@@ -7515,6 +7751,9 @@ class DashboardWriter:
         if self.transport is None or self.dry_run:
             self.logger.info("Step 7: dry run, nothing written to Firebase")
             return
+        if not messages and not holdout:
+            self.release_campaign(campaign_id)
+            return
         updated = self.updated_at
         users_payload = [dashboard_user(u) for u in users]
         events_payload = unique_matched_events(matches)
@@ -7548,6 +7787,16 @@ class DashboardWriter:
             self.written = []
         self.logger.info("Step 7: %d paths written to %s, %d not written, %d bytes sent", len(self.written),
                          self.transport.description, len(self.not_written), self.transport.bytes_sent)
+
+    def release_campaign(self, campaign_id: str) -> None:
+        """A run that drafted nothing archives no empty campaign: its claim is removed, nothing else written."""
+        if self.claimed == campaign_id and self.writes:
+            try:
+                self.transport.put(f"campaigns/{campaign_id}/metadata", None)
+            except FirebaseError as exc:
+                self.failed(f"campaigns/{campaign_id}/metadata (removing the claim of an empty campaign)", exc)
+        self.flush()
+        self.logger.info("Step 7: nothing drafted, no campaign archived and the dashboard left as it was")
 
     def summary(self) -> dict[str, Any]:
         """The report's ``firebase`` section; ``keys_renamed``/``keys_dropped`` count distinct key changes."""
@@ -7590,6 +7839,7 @@ class RunResult:
     failed_members: int = 0
     signal: int | None = None
     empty_input: list[str] = field(default_factory=list)  # "users", "events": read, but there were none
+    limit_already_drafted: bool = False  # the campaign day's --limit was drafted before this run: exit 0
     idle: IdleReason | None = None  # why no message was drafted (``idle_reason``), None when one was
 
     @property
@@ -7643,6 +7893,9 @@ class ReturnToTable:
         self.counted: SourceData | None = None  # what a counting source read (``read_dormant``)
         self.activity: Mapping[str, Activity] = {}  # step 1's activity of every member, for ``reach_member``
         self.census: DormancyCensus | None = None  # step 1's eligible members and counts
+        self.history = DashboardHistory()  # what the dashboard holds of this campaign day and of open invitations
+        self.volume = DailyVolume.of(options.limit, self.history, options.now, self.zone)  # this run's share
+        self.seats = SeatLedger(options.invites_per_spot, options.max_invites_per_event)  # steps 5-6's seats
         self.idle_hint: IdleReason | None = None  # why no message, known before the walk (today's limit drafted)
 
     # --- step 1: fetch, find and rank the dormant members -----------------------------------
@@ -7702,19 +7955,33 @@ class ReturnToTable:
         return census
 
     def cooldown(self) -> set[str]:
-        """Members with a message generated (or a holdout record made) within the cooldown, or later than ``now``."""
-        if self.options.cooldown_days <= 0:
-            return set()
+        """Members with a message generated (or a holdout record made) within the cooldown, or later than ``now``,
+        and every member drafted or held out this campaign day (a top-up never drafts one twice, even with
+        ``--cooldown-days 0``). Reads the day's history too (``read_history``): the daily limit and the seats."""
+        recent: set[str] = set()
         try:
-            recent = self.dashboard.recent_recipients(days_before(self.options.now, self.options.cooldown_days))
-            self.issues.add("dashboard_messages_without_valid_generated_at", self.dashboard.undated_messages)
-            return recent
+            if self.options.cooldown_days > 0:
+                recent = self.dashboard.recent_recipients(days_before(self.options.now, self.options.cooldown_days))
+                self.issues.add("dashboard_messages_without_valid_generated_at", self.dashboard.undated_messages)
+            self.history = self.dashboard.read_history(campaign_day(self.options.now, self.zone), self.seats_since())
         except FirebaseError as exc:
             if self.options.dry_run:
-                self.logger.warning("Cooldown not applied in this dry run: %s", exc)
+                self.logger.warning("Cooldown not applied in this dry run (nor the daily limit's count): %s", exc)
             else:  # without knowing who was messaged, writing could draft someone twice
                 self.dashboard.stand_down("messages (unreadable, nothing will be written this run)", exc)
             return set()
+        self.volume = DailyVolume.of(self.options.limit, self.history, self.options.now, self.zone)
+        self.seats = SeatLedger(self.options.invites_per_spot, self.options.max_invites_per_event,
+                                self.history.open_invitations)
+        self.logger.info("Daily limit %d (%s): %d messages drafted earlier today, %d held out; %d left for this run",
+                         self.options.limit, self.volume.day, self.volume.drafted_before,
+                         self.volume.held_out_before, self.volume.remaining)
+        return recent | self.history.today_members
+
+    def seats_since(self) -> datetime:
+        """Open invitations count from the cooldown's start (at the latest from the campaign day's start)."""
+        day_start = campaign_day(self.options.now, self.zone)[0]
+        return min(day_start, days_before(self.options.now, self.options.cooldown_days))
 
     def select(self, census: DormancyCensus) -> list[tuple[int, DormantMember]]:
         """The eligible members outside the cooldown, as ``(rank, member)`` in rank order, for the walk
@@ -7777,13 +8044,48 @@ class ReturnToTable:
             return [], Skip(user["_id"], full_name(user), "no open future event shares an interest")
         zone = self.recipient_zone(user)
         sendable = (c for c in itertools.chain([first], ranked) if self.window_for(c.event, zone) is not None)
-        candidates = list(itertools.islice(sendable, max(self.options.candidates, MAX_NEXT_EVENTS + 1)))
-        if not candidates:  # every matching event starts too soon, or leaves only quiet hours to send in
+        first_sendable = next(sendable, None)
+        if first_sendable is None:  # every matching event starts too soon, or leaves only quiet hours to send in
             return [], Skip(user["_id"], full_name(user),
                             "every matching event is too soon: none leaves a moment outside QUIET_HOURS "
                             f"(member's local time) at least {self.options.min_lead_hours:g}h before it starts "
                             "(--min-lead-hours)", "no_event_in_send_window")
+        seated = self.seats.open_only(user["_id"], itertools.chain([first_sendable], sendable))
+        candidates = list(itertools.islice(seated, max(self.options.candidates, MAX_NEXT_EVENTS + 1)))
+        if not candidates:
+            return [], self.no_seats(user)
         return candidates, None
+
+    def no_seats(self, user: Mapping[str, Any]) -> Skip:
+        return Skip(user["_id"], full_name(user), "every matching event already has as many open invitations as "
+                    "it can seat (--invites-per-spot, --max-invites-per-event)", "seats_exhausted")
+
+    def seated(self, user: Mapping[str, Any], candidates: Sequence[Candidate], match: Match,
+               outcome: UserOutcome) -> Match | None:
+        """The match with a seat reserved (``SeatLedger``); when another member took the last one meanwhile
+        (Claude's members run at once), the rules' next candidate with a seat. The reasoning says when the
+        member's first choice had none left."""
+        uid, now, floor = user["_id"], self.options.now, self.options.min_confidence
+        if self.seats.reserve(uid, match["event"]) is None:
+            others = (c for c in candidates if c.event["_id"] != match["event_id"] and c.confidence >= floor)
+            taken = f" (The first pick, {match['event_name']}, filled up while it was chosen; this is the next best.)"
+            for c in others:
+                if self.seats.reserve(uid, c.event) is not None:
+                    match = candidate_match(user, c, self.zone, now, taken)
+                    break
+            else:
+                outcome.skip = self.no_seats(user)
+                return None
+        match["reasoning"] += self.seats.taken_note(uid, match["event_id"])
+        return match
+
+    def facts_for(self, match: Match) -> MessageFacts:
+        """What the message may say: ``message_facts``, without the spots left once more members were told
+        than the spots allow (``Seat.may_claim_spots``)."""
+        facts = message_facts(match, self.zone, self.options.now, sender=self.sms.sender,
+                              opt_out_text=self.sms.opt_out_text)
+        seat = self.seats.seats.get(match["user_id"])
+        return facts if seat is None or seat.may_claim_spots else replace(facts, spots_left=None)
 
     def hold_out(self, rank: int, eligible_rank: int, user: DormantMember,
                  events: Sequence[FutureEvent]) -> UserOutcome:
@@ -7841,7 +8143,7 @@ class ReturnToTable:
         if window is None:
             return None
         when = {"now": now, "window": window, "zone": zone}
-        facts = message_facts(match, self.zone, now, sender=self.sms.sender, opt_out_text=self.sms.opt_out_text)
+        facts = self.facts_for(match)
         if self.advisor is not None:
             try:
                 text, notes = self.advisor.write(facts, match["user"])
@@ -7860,9 +8162,11 @@ class ReturnToTable:
         with a web address), the next candidates above the threshold, by the rules and the template."""
         now, floor, zone = self.options.now, self.options.min_confidence, self.recipient_zone(user)
         for c in [c for c in candidates if c.event["_id"] != tried and c.confidence >= floor][:MAX_NEXT_EVENTS]:
+            if self.seats.reserve(user["_id"], c.event) is None:
+                continue
             match = candidate_match(user, c, self.zone, now,
                                     " (The first choice could not be phrased within the SMS limits.)")
-            facts = message_facts(match, self.zone, now, sender=self.sms.sender, opt_out_text=self.sms.opt_out_text)
+            facts = self.facts_for(match)
             text, window = write_template_sms(facts), self.window_for(c.event, zone)
             if text is None or window is None:
                 continue
@@ -7877,6 +8181,8 @@ class ReturnToTable:
         if outcome.skip is not None:
             return outcome
         outcome.match = self.choose_event(user, candidates, outcome)
+        if outcome.match is not None:
+            outcome.match = self.seated(user, candidates, outcome.match, outcome)
         if outcome.match is None:
             return outcome
         outcome.message = self.write_message(outcome.match, outcome)
@@ -7896,13 +8202,17 @@ class ReturnToTable:
         try:
             outcome = self.process_user(rank, user, events)
         except ServiceError:
+            self.seats.release(user["_id"])
             raise
         except Exception as exc:  # the run goes on; the traceback goes to the log file
+            self.seats.release(user["_id"])
             self.logger.debug("member %s failed", user["_id"], exc_info=True)
             self.logger.error("Member %s failed: %s", user["_id"], exc.__class__.__name__)
             outcome = UserOutcome(rank, user, skip=Skip(user["_id"], full_name(user),
                                                         f"failed: {exc.__class__.__name__} (see the log)", "failed"),
                                   failed=True)
+        if outcome.message is None:  # a seat no message came of is given back
+            self.seats.release(user["_id"])
         outcome.eligible_rank = eligible_rank
         return outcome
 
@@ -7934,7 +8244,7 @@ class ReturnToTable:
         running: set[Any] = set()
         messaged, order = 0, itertools.count()
         while True:
-            while (waiting and len(running) < width and messaged + len(running) < self.options.limit
+            while (waiting and len(running) < width and messaged + len(running) < self.volume.remaining
                    and not self.control.stopping):
                 eligible_rank, user = waiting.pop()
                 if not self.reachable(user):
@@ -8024,7 +8334,10 @@ class ReturnToTable:
         self.logger.info("Campaign %s", campaign_id)
         self.dashboard.open_lists()
         clock = time.monotonic()
-        with progress_bar(min(len(walk), options.limit), "members", enabled=options.progress) as self.progress:
+        if self.volume.remaining == 0:
+            self.logger.info("Daily limit: %s (%d of --limit %d on %s); nothing drafted", LIMIT_ALREADY_DRAFTED,
+                             self.volume.drafted_before, options.limit, self.volume.day, extra={"summary": True})
+        with progress_bar(min(len(walk), self.volume.remaining), "members", enabled=options.progress) as self.progress:
             outcomes = self.process_all(walk, future)      # steps 5-6
         self.progress = None
         steps_5_6_seconds = time.monotonic() - clock
@@ -8054,6 +8367,8 @@ class ReturnToTable:
             self.logger.error("Claude was unavailable (%s): rules and template were used", claude_down,
                               extra=FILE_ONLY)  # stderr says it (``report_problems``): once in cron mail
         firebase = self.dashboard.summary()
+        if self.volume.remaining == 0:  # the campaign day's --limit was drafted before this run: exit 0
+            self.idle_hint = IdleReason.DAY_LIMIT_DRAFTED
         idle = idle_reason(len(census.eligible), self.decisions, len(messages), self.idle_hint)
         if idle is not None:  # stderr says it (``report_problems``); the log keeps it
             self.logger.warning("No message drafted: %s", idle_line(idle, self.decisions), extra=FILE_ONLY)
@@ -8066,11 +8381,13 @@ class ReturnToTable:
             sms_segment_price=self.segment_price, earlier_30_days=earlier,
             empty_input=self.empty_input, places_not_located=unlocated_places(
                 self.hoods, [*(text_field(u, "homeNeighborhood") for u in census.eligible),
-                             *(text_field(e, "neighborhood") for e in future)]), idle=idle)
+                             *(text_field(e, "neighborhood") for e in future)]),
+            volume=volume_report(self.volume, self.seats, len(messages), len(held_out)), idle=idle)
         report_path = self.write_report(campaign_id, report)
         return RunResult(campaign_id, report, report_path, firebase, claude_down, status,
                          failed_members=sum(o.failed for o in outcomes), signal=self.control.signal,
-                         empty_input=list(self.empty_input), idle=idle)
+                         empty_input=list(self.empty_input), limit_already_drafted=self.volume.remaining == 0,
+                         idle=idle)
 
     def final_status(self, not_started: int) -> str:
         """``interrupted`` after a signal; ``deadline`` when the deadline left members unstarted."""
@@ -8964,7 +9281,13 @@ BASELINES = {
                  "the host joined more recently, then the host id; a host without a candidate gives way to "
                  "the next one); with none, the soonest candidate",
 }
-BACKTEST_METHODS = ("rules", *BASELINES)
+BACKTEST_METHODS = ("rules", "rules_allocated", *BASELINES)
+ALLOCATION_RULE = (
+    "rules_allocated is the rules matcher with the campaign's seat allocation on (default --invites-per-spot "
+    f"{DEFAULT_INVITES_PER_SPOT:g}, --max-invites-per-event {DEFAULT_MAX_INVITES_PER_EVENT}): every eligible "
+    "member at D, in rank order and with no --limit, takes a seat at their pick, and a member whose pick has "
+    "no seat left gets their next best candidate; rules is the same matcher with the allocation off. With "
+    "participants unknown at D, an event's remaining spots are its capacity.")
 CANDIDATE_SET = (
     "the campaign's own: step 2 at D (future, public, active, approved and offerable events, with the "
     "participants removed as the no-leak rule says), scored for the member at D by step 5's "
@@ -9115,8 +9438,9 @@ class Trial(NamedTuple):
 
 
 def score_trial(user: Mapping[str, Any], candidates: Sequence[Candidate], attended: set[str],
-                hosts: Sequence[str], pick: Picker) -> Trial:
-    """The matcher's pick and the baselines on exactly the same candidates, against what really happened."""
+                hosts: Sequence[str], pick: Picker, seated: Candidate | None = None) -> Trial:
+    """The matcher's pick and the baselines on exactly the same candidates, against what really happened;
+    ``seated`` is the matcher's pick with the seat allocation on (``allocated_pick``)."""
 
     def hit(c: Candidate | None) -> float:
         return float(c is not None and c.event["_id"] in attended)
@@ -9125,7 +9449,7 @@ def score_trial(user: Mapping[str, Any], candidates: Sequence[Candidate], attend
     nearby = min((c for c in candidates if c.same_neighbourhood), key=soonest_key, default=None)
     by_host = host_next(candidates, hosts)
     going = sum(c.event["_id"] in attended for c in candidates)
-    hits = {"rules": hit(pick(user, candidates)),
+    hits = {"rules": hit(pick(user, candidates)), "rules_allocated": hit(seated),
             "random": going / len(candidates) if candidates else 0.0,
             "soonest": hit(soonest), "soonest_nearby": hit(nearby or soonest), "host_next": hit(by_host or soonest),
             "oracle": float(going > 0)}
@@ -9138,19 +9462,38 @@ def backtest_date(history: History, day: datetime, window_days: int, hoods: Neig
                   pick: Picker) -> tuple[int, list[Trial]]:
     """One as-of date: how many members were eligible, and a trial for each who came back within the window.
 
-    Only members who came back are scored, so the matcher runs for them alone.
+    Every eligible member is matched, in rank order, so that the seat allocation (``ALLOCATION_RULE``) sees
+    the invitations of those ranked above; only members who came back are scored.
     """
     census, future = world_at(history, day)
     end = day + timedelta(days=window_days)
+    seats = SeatLedger(DEFAULT_INVITES_PER_SPOT, DEFAULT_MAX_INVITES_PER_EVENT)
+    index = CandidateIndex.build(future, hoods, day) if pick is rules_pick else None  # the rules' first, lazily
     trials = []
     for user in census.eligible:
         attended = attended_between(history, user["_id"], day, end)
+        if not attended and index is not None:  # only their seat matters: the first candidate with one left
+            first = next(seats.open_only(user["_id"], index.ranked(user)), None)
+            if first is not None:
+                seats.reserve(user["_id"], first.event)
+            continue
+        candidates = score_candidates(user, future, hoods, day)
+        seated = allocated_pick(user, candidates, pick, seats)
         if not attended:
             continue
         joined = history.joined_hosts.get(user["_id"], [])
-        candidates = score_candidates(user, future, hoods, day)
-        trials.append(score_trial(user, candidates, attended, favourite_hosts(joined[:after(joined, day)]), pick))
+        trials.append(score_trial(user, candidates, attended, favourite_hosts(joined[:after(joined, day)]), pick,
+                                  seated))
     return len(census.eligible), trials
+
+
+def allocated_pick(user: Mapping[str, Any], candidates: Sequence[Candidate], pick: Picker,
+                   seats: SeatLedger) -> Candidate | None:
+    """The matcher's pick among the candidates with a seat left, the seat taken (the campaign's allocation)."""
+    chosen = pick(user, list(seats.open_only(user["_id"], candidates)))
+    if chosen is not None:
+        seats.reserve(user["_id"], chosen.event)
+    return chosen
 
 
 def as_of_dates(start: datetime, end: datetime, every_days: int) -> list[datetime]:
@@ -9251,6 +9594,7 @@ def build_backtest_report(*, source: str, start: datetime, end: datetime, every_
         "no_leak_rule": NO_LEAK_RULE,
         "later_information": list(LATER_INFORMATION),
         "baselines": dict(BASELINES),
+        "allocation": ALLOCATION_RULE,
         "bootstrap": {"resamples": resamples, "seed": seed, "unit": "member (all their dates)", "level": 0.95,
                       "interval": "percentile"},
         "dates": [backtest_row(day, n, trials) for day, n, trials in dated],
@@ -9308,6 +9652,7 @@ def backtest_markdown(report: Mapping[str, Any]) -> str:
         f"- Scored: {report['scored']}; hit@1 = the pick is one of the events they went to.",
         f"- Candidates: {report['candidate_set']}",
         f"- No leaks: {report['no_leak_rule']}",
+        f"- Seats: {report['allocation']}",
         "",
         "| " + " | ".join(cells[0]) + " |",
         "| " + " | ".join("---" for _ in cells[0]) + " |",
@@ -9515,6 +9860,28 @@ def holdout_fraction(text: str) -> float:
     return value
 
 
+def invites_per_spot(text: str) -> float:
+    """``--invites-per-spot``: a ratio above 0, at most ``MAX_INVITES_PER_SPOT`` (no NaN, no infinity)."""
+    try:
+        value = float(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"{text!r} is not a number") from None
+    if not math.isfinite(value) or not 0 < value <= MAX_INVITES_PER_SPOT:
+        raise argparse.ArgumentTypeError(f"{text!r} is not a number above 0 and at most {MAX_INVITES_PER_SPOT:g}")
+    return value
+
+
+def invites_per_event(text: str) -> int:
+    """``--max-invites-per-event``: a whole number from 1 to ``MAX_INVITES_PER_EVENT``."""
+    try:
+        value = int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"{text!r} is not a whole number") from None
+    if not 1 <= value <= MAX_INVITES_PER_EVENT:
+        raise argparse.ArgumentTypeError(f"{text!r} is not a whole number from 1 to {MAX_INVITES_PER_EVENT}")
+    return value
+
+
 def percentage(text: str) -> float:
     """A percentage 0-100; a fraction (``0.7``, or ``1.0``) is refused with the percentage it meant."""
     value = float(text)
@@ -9560,7 +9927,9 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--out", metavar="DIR", type=Path, default=SCRIPT_DIR,
                         help="root for data/, logs/ and reports/ (default: the script's folder)")
     parser.add_argument("--limit", type=positive_int, default=RunOptions.limit,
-                        help="top-ranked members to try (%(default)s)")
+                        help="at most N messages drafted per campaign day (the date of --now in "
+                             "CAMPAIGN_TIMEZONE), counting those already in the dashboard: a rerun tops up "
+                             "(%(default)s)")
     parser.add_argument("--llm", choices=("auto", "claude", "off"), default="auto",
                         help="auto: Claude when ANTHROPIC_API_KEY is set; off: rules and template")
     parser.add_argument("--dry-run", action="store_true",
@@ -9579,6 +9948,11 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--holdout", type=holdout_fraction, default=RunOptions.holdout, metavar="FRACTION",
                         help="share of members kept as a control group, never texted (%(default)g; 0-0.5; "
                              "0.1 recommended)")
+    parser.add_argument("--invites-per-spot", type=invites_per_spot, default=RunOptions.invites_per_spot,
+                        metavar="R", help="an event with N spots left gets at most ceil(R x N) open invitations "
+                                          "(pending or approved, within the cooldown) (%(default)g)")
+    parser.add_argument("--max-invites-per-event", type=invites_per_event, default=RunOptions.max_invites_per_event,
+                        metavar="N", help="open invitations to an event of unknown capacity (%(default)s)")
     parser.add_argument("--min-lead-hours", type=at_most(non_negative_float, MAX_LEAD_HOURS, " hours (30 days)"),
                         default=RunOptions.min_lead_hours,
                         metavar="H", help="a message may go out until H hours before its event (%(default)g; "
@@ -9683,6 +10057,7 @@ def resolve_options(args: argparse.Namespace, settings: Settings) -> RunOptions:
                       use_claude=use_claude, dry_run=args.dry_run, min_confidence=args.min_confidence,
                       candidates=args.candidates, concurrency=args.concurrency,
                       cooldown_days=args.cooldown_days, holdout=args.holdout,
+                      invites_per_spot=args.invites_per_spot, max_invites_per_event=args.max_invites_per_event,
                       min_lead_hours=args.min_lead_hours, deadline_minutes=args.deadline_minutes,
                       keep_logs_days=args.keep_logs, insecure_tls=args.insecure_tls, verbose=args.verbose,
                       quiet=args.quiet, progress=not args.quiet and sys.stderr.isatty())
@@ -9867,9 +10242,8 @@ def report_problems(result: RunResult) -> None:
     if result.empty_input:
         print(f"warning: empty input: the source has no {' and no '.join(result.empty_input)}; the report "
               f"{result.report_path} says what was read", file=sys.stderr)
-    elif result.idle is not None and result.status == "completed" and not result.failed_members:
-        kind = "warning" if result.idle.exit_code else "note"
-        print(f"{kind}: no message drafted: {result.report['no_message']['text']}", file=sys.stderr)
+    elif result.idle is not None and result.idle.exit_code and result.status == "completed" and not result.failed_members:
+        print(f"warning: no message drafted: {result.report['no_message']['text']}", file=sys.stderr)
     if result.firebase_failed:
         firebase = result.firebase
         first = (firebase["errors"] or [""])[0]
