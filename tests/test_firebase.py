@@ -579,8 +579,8 @@ def test_rerun_of_the_same_campaign_adds_no_match_or_message(db: FakeRealtimeDat
     assert cli(rest_env(db)).code == 0
     matches, messages = items_of(db, "matches"), items_of(db, "messages")
     second = cli(rest_env(db))
-    assert second.code == rtt.EXIT_ATTENTION  # a day without a message, and why
-    assert second.err == f"warning: no message drafted: {rtt.IDLE_LINES[rtt.IdleReason.ALL_IN_COOLDOWN]}\n"
+    assert second.code == rtt.EXIT_OK and second.err == ""  # the day's --limit was drafted: nothing to look at
+    assert second.report()["no_message"]["reason"] == rtt.IdleReason.DAY_LIMIT_DRAFTED.value
     assert second.report()["summary"]["total_messages_generated"] == 0
     assert second.report()["summary"]["users_left_out_by_cooldown"] == 10
     assert items_of(db, "matches") == matches
