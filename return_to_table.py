@@ -107,6 +107,9 @@ PROFILE_FIELDS = (
     "homeNeighborhood",
 )
 MIN_PROFILE_FIELDS = 4
+ACTIVE_DAYS = 30  # a member whose latest event is at most this many whole days ago is active
+DORMANT_DAYS = 90  # ... then dormant up to this many (the campaign's members), churned beyond
+DORMANCY_SPAN = f"{ACTIVE_DAYS + 1}-{DORMANT_DAYS} days"  # the rule as prompts and the report say it
 DEFAULT_TIMEZONE = "America/New_York"
 DEFAULT_BASE_PATH = "Leo"
 
@@ -1965,14 +1968,16 @@ class ActivityIndex(Mapping[str, Activity]):
 
     def status(self, member: str, now: datetime) -> str:
         """The member's engagement status at ``now`` (``derive_engagement``), without building its record:
-        its day counts as two moments (``days <= 30`` is ``last > now - 31 days``), once per ``now``."""
+        its day counts as two moments (``days <= ACTIVE_DAYS`` is ``last > now - (ACTIVE_DAYS + 1) days``), once
+        per ``now``."""
         return self.statuses([member], now)[0]  # type: ignore[return-value]
 
     def statuses(self, members: Sequence[str | None], now: datetime) -> list[str | None]:
         """``status`` of each member (None for None), in one loop: a million members are asked."""
         if self._edges[0] != now:  # where in start order the active and the dormant begin: positions compared
-            self._edges = (now, bisect.bisect_right(self.dated, now - timedelta(days=31), key=operator.itemgetter(0)),
-                           bisect.bisect_right(self.dated, now - timedelta(days=91), key=operator.itemgetter(0)))
+            active_from, dormant_from = now - timedelta(days=ACTIVE_DAYS + 1), now - timedelta(days=DORMANT_DAYS + 1)
+            self._edges = (now, bisect.bisect_right(self.dated, active_from, key=operator.itemgetter(0)),
+                           bisect.bisect_right(self.dated, dormant_from, key=operator.itemgetter(0)))
         _, active, dormant = self._edges
         positions = self.positions
         found: list[str | None] = []
@@ -2045,13 +2050,14 @@ def clean_interests(value: Any) -> list[str]:
 
 
 def derive_engagement(last_event: datetime | None, now: datetime) -> tuple[int | None, str]:
-    """``days_inactive`` and status: <=30 active, <=90 dormant, else churned (or new, no events)."""
+    """``days_inactive`` and status: <= ACTIVE_DAYS active, <= DORMANT_DAYS dormant, else churned (or new,
+    no events)."""
     if last_event is None:
         return None, "new"
     days = (now - last_event).days
-    if days <= 30:
+    if days <= ACTIVE_DAYS:
         return days, "active"
-    if days <= 90:
+    if days <= DORMANT_DAYS:
         return days, "dormant"
     return days, "churned"
 
@@ -2060,8 +2066,8 @@ def calculate_reactivation_score(user: Mapping[str, Any]) -> float:
     """The plan's composite score, exactly as its code reads (the linear dormancy formula rules)."""
     completeness_score = min(40, count_profile_fields(user) * 5)
     days_inactive = user.get("days_inactive") or 0
-    if 31 <= days_inactive <= 90:
-        dormancy_score = 10 + ((days_inactive - 31) / 59) * 20
+    if ACTIVE_DAYS < days_inactive <= DORMANT_DAYS:  # the plan's 31-90: 10 points at 31 days to 30 at 90
+        dormancy_score = 10 + ((days_inactive - ACTIVE_DAYS - 1) / (DORMANT_DAYS - ACTIVE_DAYS - 1)) * 20
     else:
         dormancy_score = 0
     event_count = user.get("eventCount") or 0
@@ -4507,7 +4513,7 @@ def report_markdown(report: Mapping[str, Any]) -> str:
     lines = [
         f"# Return To Table report: {report['campaign_id']}",
         "",
-        ("**Goal:** bring dormant members (31-90 days since their last table) back with one "
+        (f"**Goal:** bring dormant members ({DORMANCY_SPAN} since their last table) back with one "
          "well-matched upcoming event and a warm welcome-back SMS, reviewed before sending."),
         "",
         f"- Run date: {report['run_date']} (as of {report['as_of']})",
@@ -4945,8 +4951,8 @@ def member_activity_stages() -> list[dict[str, Any]]:
 
 def dormant_window(now: datetime) -> tuple[datetime, datetime]:
     """The latest event dates that make a member dormant at ``now``: after the first, up to the second
-    (``derive_engagement``: 31 to 90 whole days)."""
-    return now - timedelta(days=91), now - timedelta(days=31)
+    (``derive_engagement``: ACTIVE_DAYS + 1 to DORMANT_DAYS whole days)."""
+    return now - timedelta(days=DORMANT_DAYS + 1), now - timedelta(days=ACTIVE_DAYS + 1)
 
 
 def bson_window(now: datetime) -> tuple[datetime, datetime]:
@@ -5609,7 +5615,7 @@ class InvalidAnswer(Exception):
 
 MATCH_SYSTEM = """You are an expert user reactivation specialist for Cuculi, a social dining app in New York \
 where members meet strangers over shared tables, drinks and outings. Your job: pick the SINGLE BEST upcoming event \
-for one dormant member (31-90 days since their last table) so that they come back and RSVP.
+for one dormant member (""" + DORMANCY_SPAN + """ since their last table) so that they come back and RSVP.
 
 Matching criteria, in order of importance:
 1. Interest alignment: the member's interests MUST match the event's categories or features. This is critical; \
@@ -5646,7 +5652,7 @@ How member interests usually show up in event tags (the fits= field already appl
 """ + "\n".join(f"- {interest}: {', '.join(sorted(tags))}" for interest, tags in INTEREST_SYNONYMS.items()) + "\n"
 
 WRITE_SYSTEM = """You are an expert SMS copywriter for Cuculi, a social dining app in New York. You write one \
-welcome-back text for a dormant member (31-90 days inactive) inviting them to one specific upcoming event. \
+welcome-back text for a dormant member (""" + DORMANCY_SPAN + """ inactive) inviting them to one specific upcoming event. \
 A person reviews every message before it is sent.
 
 Rules (a message that breaks one is rejected):
