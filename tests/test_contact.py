@@ -30,10 +30,23 @@ def ids_by_group(n: int, *, held_out: bool) -> list[str]:
     return [i for i in found if rtt.in_holdout(rtt.CAMPAIGN_NAME, i, FRACTION) == held_out][:n]
 
 
+FICTION_AREAS = ("212", "646", "917", "718", "347", "332", "929")  # NYC area codes; 555-0100..0199 in each
+PHONES: dict[str, str] = {}  # each member id its own number (one number gets one text: ``NumberLedger``)
+
+
+def phone_of(uid: str) -> str:
+    """The member's own fictional number, the same for the same id."""
+    if uid not in PHONES:
+        n = len(PHONES)
+        PHONES[uid] = f"+1{FICTION_AREAS[n // 100 % len(FICTION_AREAS)]}55501{n % 100:02d}"
+    return PHONES[uid]
+
+
 def member(uid: str, days_inactive: int, **fields: Any) -> tuple[dict[str, Any], dict[str, Any]]:
-    """A dormant member with a full profile and the one past event that makes them dormant."""
+    """A dormant member with a full profile, their own phone number, and the one past event that makes them
+    dormant."""
     user = {"_id": uid, "firstName": "Robin", "lastName": "Testwell", "email": f"{uid}@example.com",
-            "phone": "+12125550150", "gender": "female", "interests": ["wine"], "occupation": "Teacher",
+            "phone": phone_of(uid), "gender": "female", "interests": ["wine"], "occupation": "Teacher",
             "homeNeighborhood": "chelsea", **fields}
     past = {"_id": f"past-{uid}", "name": "Neighbourhood Supper", "categories": ["DINNER"], "participants": [uid],
             "ownerId": uid, "maxParticipants": 8, "startDate": iso(NOW - timedelta(days=days_inactive)),
@@ -382,7 +395,7 @@ def test_only_the_members_the_walk_reaches_are_checked_and_read(run_cli, tmp_pat
     assert run.code == 0, run.err
     assert decisions(run) == {"m-top": "selected", "m-next": "below_limit", "m-low": "below_limit"}
     top, *below = run.load("data/processed/dormant_users.json")
-    assert top["phone_e164"] == "+12125550150" and top["event_history"]["events"] == 1
+    assert top["phone_e164"] == phone_of("m-top") and top["event_history"]["events"] == 1
     assert all("phone_e164" not in u and "event_history" not in u for u in below)  # never reached, never checked
 
 
