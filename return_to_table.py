@@ -5472,6 +5472,9 @@ class DemoSource:
         return filter(None, (consent_row(user, keys) for user in build_demo_world(self.now)[0]))
 
 
+DEMO_AREAS = ("212", "646", "917")  # NYC area codes: each demo member their own number in 555-0100..0199 (fiction)
+
+
 def build_demo_world(now: datetime) -> tuple[list[dict[str, Any]], list[dict[str, Any]]]:
     """Return fictional raw (users, events) documents as Mongo would hand them over.
 
@@ -5604,7 +5607,7 @@ def build_demo_world(now: datetime) -> tuple[list[dict[str, Any]], list[dict[str
         picked = [top] + [x for x in rng.sample(interests, rng.randint(0, 5)) if x != top]
         doc: dict[str, Any] = {
             "_id": uid[i], "firstName": first, "lastName": last,
-            "email": f"{slug(first)}.{slug(last)}{i}@example.com", "phone": f"+121255501{i % 100:02d}",
+            "email": f"{slug(first)}.{slug(last)}{i}@example.com", "phone": f"+1{DEMO_AREAS[i // 100]}55501{i % 100:02d}",
             "gender": rng.choices(["female", "male", "non-binary"], [48, 46, 6])[0],
             "interests": picked, "occupation": rng.choice(occupations), "homeNeighborhood": rng.choice(hoods),
         }
