@@ -2400,21 +2400,29 @@ class Preference(Enum):
     ODD = "odd"
 
 
+@functools.lru_cache(maxsize=1024)
+def path_steps(path: str) -> tuple[tuple[tuple[str, int], ...], ...]:
+    """For each position in a dotted path, the keys that may go on from there and where each ends
+    (``a.b.c`` from 0: ``a`` to 1, ``a.b`` to 2, ``a.b.c`` to 3): a literal dotted key spans several names."""
+    parts = path.split(".")
+    return tuple(tuple((".".join(parts[at:end]), end) for end in range(at + 1, len(parts) + 1))
+                 for at in range(len(parts)))
+
+
 def values_at(doc: Mapping[str, Any], path: str) -> list[Any]:
     """Every value a dotted path (``optOut.sms``) finds: the nested field, a literal dotted key
     (``"optOut.sms"``) and any mix of the two, for a record may hold several that disagree (the reader
     weighs them all: an opt-out in any of them wins). A scalar where a sub-document should be is found as
     it is (``optOut: true`` opts out of texts too; "weekly" is odd); a null is not found."""
-    parts, found = path.split("."), []
+    steps, found = path_steps(path), []
     stack: list[tuple[Mapping[str, Any], int]] = [(doc, 0)]
     while stack:
         value, at = stack.pop()
-        for end in range(at + 1, len(parts) + 1):
-            key = ".".join(parts[at:end])
-            inner = value.get(key) if key in value else None
+        for key, end in steps[at]:
+            inner = value.get(key)
             if inner is None:
                 continue
-            if end < len(parts) and isinstance(inner, Mapping):
+            if end < len(steps) and isinstance(inner, Mapping):
                 stack.append((inner, end))
             else:
                 found.append(inner)
@@ -5000,10 +5008,29 @@ class FolderSource:
                           plain_users=frozenset(plain))
 
 
+CONSENT_GROUP = 4096  # members decoded together by ``consent_rows_of_file``
+
+
+def consent_doc_type(keys: Sequence[str]) -> Any:
+    """A msgspec type decoding a member to its ``_id``, ``phone`` and the values under ``keys`` (None when
+    absent, as a null is), every other field skipped without being built."""
+    fields = [("id", Any, None), ("phone", Any, None), *((f"f{n}", Any, None) for n in range(len(keys)))]
+    return msgspec.defstruct("ConsentDoc", fields, rename={"id": "_id", **{f"f{n}": k for n, k in enumerate(keys)}})
+
+
+def stored_value(value: Any, decoder: ExtendedJsonDecoder) -> Any:
+    """A value msgspec decoded, as ``json_util`` gives it (``decoder.keep_unreadable``: a bad one ``UNREADABLE``)."""
+    try:
+        return extended_values(value, decoder) if type(value) is dict or type(value) is list else value
+    except FastPathRefused:  # nested too deep
+        return UNREADABLE
+
+
 def consent_rows_of_file(path: Path, keys: Collection[str]) -> Iterator[dict[str, Any]]:
-    """``consent_rows`` of a mongoexport users file: each record whose bytes name one of ``keys`` (or hold an
-    escape, which could spell one) decoded as stored (``keep_unreadable``), nothing cleaned; a file the
-    fast split refuses is decoded whole, as ``read`` decodes it. Records the read skips are skipped."""
+    """``consent_rows`` of a mongoexport users file: ``CONSENT_GROUP`` records at a time decoded to their id,
+    phone and the values under ``keys`` (``consent_doc_type``), nothing cleaned, an unreadable value kept as
+    ``UNREADABLE``; a record msgspec cannot read (a bare NaN) is decoded alone by the literal decoder, and a
+    file it cannot split is decoded whole, as ``read`` decodes it. Records the read skips are skipped."""
     decoder = ExtendedJsonDecoder(keep_unreadable=True)
     try:
         elements = export_elements(export_bytes(path))
@@ -5011,19 +5038,26 @@ def consent_rows_of_file(path: Path, keys: Collection[str]) -> Iterator[dict[str
         docs, _ = load_collection_file(path, decoder)
         yield from filter(None, (consent_row(doc, keys) for doc in docs))
         return
-    needles = [b"\\", *(f'"{key}"'.encode() for key in keys)]
-    for n, element in enumerate(elements):
-        elements[n] = None
-        data = bytes(element)
-        if not any(needle in data for needle in needles):
-            continue
-        try:
-            doc = decoder.loads(data.decode("utf-8"))
-        except (ValueError, RecursionError):
-            continue
-        row = consent_row(doc, keys) if type(doc) is dict else None
-        if row is not None:
-            yield row
+    order = sorted(keys)
+    shape = consent_doc_type(order)
+    many, one = msgspec.json.Decoder(list[shape]), msgspec.json.Decoder(shape)
+    for first in range(0, len(elements), CONSENT_GROUP):
+        group = elements[first:first + CONSENT_GROUP]
+        elements[first:first + len(group)] = [None] * len(group)
+        for doc, element in zip(decoded_group(b"[" + b",".join(group) + b"]", group, many, one), group, strict=True):
+            if doc is None:
+                try:
+                    whole = decoder.loads(bytes(element).decode("utf-8"))
+                except (ValueError, RecursionError):
+                    continue
+                row = consent_row(whole, keys) if type(whole) is dict else None
+            else:
+                values = msgspec.structs.astuple(doc)
+                found = {key: stored_value(value, decoder) for key, value in zip(order, values[2:]) if value is not None}
+                row = {**found, "_id": id_of(stored_value(values[0], decoder)),
+                       "phone": stored_value(values[1], decoder)} if found else None
+            if row is not None:
+                yield row
 
 
 def bytes_tick(bar: Any, size: int, records: int) -> Any:
