@@ -19,7 +19,8 @@ Glossary (one name per concept, here and in the code):
   dashboard list  ``{<key>: [...], count, updatedAt}`` at users/events/matches/messages/holdout.
   mirror     the local, file-backed Firebase under ``data/firebase/`` when no database is set.
   cooldown   members messaged (or held out) in the last ``--cooldown-days`` are not drafted again.
-  contactable  eligible, a valid number that takes texts (``textable_phone``), no opt-out.
+  contactable  eligible, a valid number that takes texts (``textable_phone``), no opt-out on any record
+             giving that number, the number not taken (``NumberLedger``: one number, one text).
   holdout    the control group: contactable members whose stable hash falls below ``--holdout``;
              their rules' pick is recorded (``HoldoutRecord``), nothing is sent.
   walk       steps 5-6 going down the ranked contactable members until ``--limit`` are messaged;
