@@ -4613,6 +4613,8 @@ SKIP_REASONS = (  # dormant_users.json's skip_reason for an eligible member not 
 
 
 CONTACT_SKIPS = ("no_valid_phone", "opted_out", "shared_phone")  # decided when the walk reaches a member (counted on the console)
+
+
 # --- the funnel: eligible to drafted, one count per stage (console, Markdown and JSON alike) -------
 
 FUNNEL_STAGES = ("eligible", "outside cooldown", "reached", "textable", "not opted out", "event in send window",
