@@ -5904,7 +5904,9 @@ def connect_mongo(settings: Settings, insecure_tls: bool, logger: logging.Logger
 
     if not settings.mongo_uri:
         raise UsageError(MONGO_NOT_CONFIGURED)
-    options: dict[str, Any] = {"appname": CAMPAIGN_NAME}
+    # A date beyond Python's calendar comes as a DatetimeMS (no date; in an SMS preference, doubt), never
+    # as an InvalidBSON that ends the read.
+    options: dict[str, Any] = {"appname": CAMPAIGN_NAME, "datetime_conversion": DatetimeConversion.DATETIME_AUTO}
     for name, millis in (("serverSelectionTimeoutMS", 20000), ("connectTimeoutMS", 20000),
                          ("socketTimeoutMS", 120000)):  # a server that never answers cannot hold the run
         if name.lower() not in settings.mongo_uri.lower():  # the URI's own setting wins

@@ -7,11 +7,14 @@ All people here are fictional: ``@example.com`` emails and phones in the 555-01x
 from __future__ import annotations
 
 import json
+import logging
 import re
 from datetime import timedelta
 from pathlib import Path
 from typing import Any
 
+import bson
+import bson.errors
 import mongo_expressions
 import mongomock
 import pytest
@@ -660,3 +663,19 @@ def test_mongodb_hands_over_only_the_members_with_a_preference(monkeypatch) -> N
                     {"optOut.sms": True, "_id": "c", "phone": None},
                     {"preferences": {"sms": False, "email": True}, "_id": "d", "phone": None}]
     assert mongo_expressions.DELIVERED["aggregate user"] == 3
+
+
+def test_mongodb_reads_a_date_beyond_the_calendar_as_doubt_not_as_an_error() -> None:
+    """pymongo raises InvalidBSON on such a date by default (the read would end); the client reads it as a
+    DatetimeMS, which no date check takes and which opts out as a preference."""
+    settings = rtt.Settings(mongo_uri="mongodb://127.0.0.1:1/x", mongo_db_name="x")
+    client = rtt.connect_mongo(settings, False, logging.getLogger("test"))
+    try:
+        stored = bson.encode({"_id": "a", "smsOptOut": bson.DatetimeMS(2**62)})
+        doc = bson.decode(stored, client.codec_options)
+    finally:
+        client.close()
+    with pytest.raises(bson.errors.InvalidBSON):
+        bson.decode(stored)
+    assert rtt.sms_opt_out(doc, rtt.DEFAULT_OPT_OUT_FIELDS, ()) == (True, 1)
+    assert rtt.to_utc(doc["smsOptOut"]) is None
