@@ -19,7 +19,8 @@ Glossary (one name per concept, here and in the code):
   dashboard list  ``{<key>: [...], count, updatedAt}`` at users/events/matches/messages/holdout.
   mirror     the local, file-backed Firebase under ``data/firebase/`` when no database is set.
   cooldown   members messaged (or held out) in the last ``--cooldown-days`` are not drafted again.
-  contactable  eligible, a valid number that takes texts (``textable_phone``), no opt-out.
+  contactable  eligible, a valid number that takes texts (``textable_phone``), no opt-out on any record
+             giving that number, the number not taken (``NumberLedger``: one number, one text).
   holdout    the control group: contactable members whose stable hash falls below ``--holdout``;
              their rules' pick is recorded (``HoldoutRecord``), nothing is sent.
   walk       steps 5-6 going down the ranked contactable members until the day's ``--limit`` are messaged;
@@ -90,6 +91,7 @@ from zoneinfo import ZoneInfo, ZoneInfoNotFoundError
 import phonenumbers
 import phonenumbers.timezone
 from bson import ObjectId, json_util
+from bson.codec_options import DatetimeConversion
 from bson.errors import BSONError, InvalidId
 from dotenv import dotenv_values
 
@@ -117,6 +119,9 @@ PROFILE_FIELDS = (
     "homeNeighborhood",
 )
 MIN_PROFILE_FIELDS = 4
+ACTIVE_DAYS = 30  # a member whose latest event is at most this many whole days ago is active
+DORMANT_DAYS = 90  # ... then dormant up to this many (the campaign's members), churned beyond
+DORMANCY_SPAN = f"{ACTIVE_DAYS + 1}-{DORMANT_DAYS} days"  # the rule as prompts and the report say it
 DEFAULT_TIMEZONE = "America/New_York"
 DEFAULT_BASE_PATH = "Leo"
 
@@ -1073,22 +1078,36 @@ def usual_extended(obj: dict[str, Any]) -> Any:
     return None
 
 
+class Unreadable:
+    """A stored value that could not be read (``ExtendedJsonDecoder.keep_unreadable``): where doubt must be
+    seen, as in an SMS preference (``consent_rows``), it is kept as this marker, never made missing."""
+
+    __slots__ = ()
+
+    def __repr__(self) -> str:
+        return "UNREADABLE"
+
+
+UNREADABLE = Unreadable()
+
+
 @dataclass
 class ExtendedJsonDecoder:
     """Extended JSON (relaxed or canonical) decoded value by value, as ``bson.json_util`` does.
 
     One bad value (``{"$date": "TBD"}``, ``{"$oid": "zz"}``, a ``$date`` beyond the calendar) becomes
     None and is counted, instead of failing the whole file: a bad single record is treated as missing,
-    never fatal.
+    never fatal. With ``keep_unreadable`` it becomes ``UNREADABLE`` instead (present, but no value).
     """
 
     bad_values: int = 0
     _decoder: json.JSONDecoder | None = field(default=None, repr=False)
+    keep_unreadable: bool = False
 
     def hook(self, obj: dict[str, Any]) -> Any:
         if obj.get("$oid", "") is None:  # json_util makes up a new random ObjectId for {"$oid": null}
             self.bad_values += 1
-            return None
+            return UNREADABLE if self.keep_unreadable else None
         if len(obj) == 1:
             found = usual_extended(obj)
             if found is not None:
@@ -1097,7 +1116,7 @@ class ExtendedJsonDecoder:
             return json_util.object_hook(obj, json_util.RELAXED_JSON_OPTIONS)
         except (ValueError, TypeError, KeyError, AttributeError, ArithmeticError, BSONError):  # Overflow, InvalidId, {"$binary": null}…
             self.bad_values += 1
-            return None
+            return UNREADABLE if self.keep_unreadable else None
 
     def loads(self, text: str) -> Any:
         return json.loads(text, object_hook=self.hook)
@@ -2110,14 +2129,16 @@ class ActivityIndex(Mapping[str, Activity]):
 
     def status(self, member: str, now: datetime) -> str:
         """The member's engagement status at ``now`` (``derive_engagement``), without building its record:
-        its day counts as two moments (``days <= 30`` is ``last > now - 31 days``), once per ``now``."""
+        its day counts as two moments (``days <= ACTIVE_DAYS`` is ``last > now - (ACTIVE_DAYS + 1) days``), once
+        per ``now``."""
         return self.statuses([member], now)[0]  # type: ignore[return-value]
 
     def statuses(self, members: Sequence[str | None], now: datetime) -> list[str | None]:
         """``status`` of each member (None for None), in one loop: a million members are asked."""
         if self._edges[0] != now:  # where in start order the active and the dormant begin: positions compared
-            self._edges = (now, bisect.bisect_right(self.dated, now - timedelta(days=31), key=operator.itemgetter(0)),
-                           bisect.bisect_right(self.dated, now - timedelta(days=91), key=operator.itemgetter(0)))
+            active_from, dormant_from = now - timedelta(days=ACTIVE_DAYS + 1), now - timedelta(days=DORMANT_DAYS + 1)
+            self._edges = (now, bisect.bisect_right(self.dated, active_from, key=operator.itemgetter(0)),
+                           bisect.bisect_right(self.dated, dormant_from, key=operator.itemgetter(0)))
         _, active, dormant = self._edges
         positions = self.positions
         found: list[str | None] = []
@@ -2190,13 +2211,14 @@ def clean_interests(value: Any) -> list[str]:
 
 
 def derive_engagement(last_event: datetime | None, now: datetime) -> tuple[int | None, str]:
-    """``days_inactive`` and status: <=30 active, <=90 dormant, else churned (or new, no events)."""
+    """``days_inactive`` and status: <= ACTIVE_DAYS active, <= DORMANT_DAYS dormant, else churned (or new,
+    no events)."""
     if last_event is None:
         return None, "new"
     days = (now - last_event).days
-    if days <= 30:
+    if days <= ACTIVE_DAYS:
         return days, "active"
-    if days <= 90:
+    if days <= DORMANT_DAYS:
         return days, "dormant"
     return days, "churned"
 
@@ -2205,8 +2227,8 @@ def calculate_reactivation_score(user: Mapping[str, Any]) -> float:
     """The plan's composite score, exactly as its code reads (the linear dormancy formula rules)."""
     completeness_score = min(40, count_profile_fields(user) * 5)
     days_inactive = user.get("days_inactive") or 0
-    if 31 <= days_inactive <= 90:
-        dormancy_score = 10 + ((days_inactive - 31) / 59) * 20
+    if ACTIVE_DAYS < days_inactive <= DORMANT_DAYS:  # the plan's 31-90: 10 points at 31 days to 30 at 90
+        dormancy_score = 10 + ((days_inactive - ACTIVE_DAYS - 1) / (DORMANT_DAYS - ACTIVE_DAYS - 1)) * 20
     else:
         dormancy_score = 0
     event_count = user.get("eventCount") or 0
@@ -2524,32 +2546,55 @@ class Preference(Enum):
     ODD = "odd"
 
 
-def field_at(doc: Mapping[str, Any], path: str) -> Any:
-    """The value at a dotted path (``optOut.sms``); a literal dotted key wins. A scalar where a
-    sub-document should be is returned as it is (``optOut: true`` opts out of texts too; "weekly" is odd)."""
-    if path in doc:
-        return doc[path]
-    value: Any = doc
-    for part in path.split("."):
-        if not isinstance(value, Mapping):
-            return value if value is not doc else None
-        value = value.get(part)
-        if value is None:
-            return None
-    return value
+@functools.lru_cache(maxsize=1024)
+def path_steps(path: str) -> tuple[tuple[tuple[str, int], ...], ...]:
+    """For each position in a dotted path, the keys that may go on from there and where each ends
+    (``a.b.c`` from 0: ``a`` to 1, ``a.b`` to 2, ``a.b.c`` to 3): a literal dotted key spans several names."""
+    parts = path.split(".")
+    return tuple(tuple((".".join(parts[at:end]), end) for end in range(at + 1, len(parts) + 1))
+                 for at in range(len(parts)))
+
+
+def values_at(doc: Mapping[str, Any], path: str) -> list[Any]:
+    """Every value a dotted path (``optOut.sms``) finds: the nested field, a literal dotted key
+    (``"optOut.sms"``) and any mix of the two, for a record may hold several that disagree (the reader
+    weighs them all: an opt-out in any of them wins). A scalar where a sub-document should be is found as
+    it is (``optOut: true`` opts out of texts too; "weekly" is odd); a null is not found."""
+    steps, found = path_steps(path), []
+    stack: list[tuple[Mapping[str, Any], int]] = [(doc, 0)]
+    while stack:
+        value, at = stack.pop()
+        for key, end in steps[at]:
+            inner = value.get(key)
+            if inner is None:
+                continue
+            if end < len(steps) and isinstance(inner, Mapping):
+                stack.append((inner, end))
+            else:
+                found.append(inner)
+    return found
+
+
+def preference_word(text: str) -> str | None:
+    """A stored text as the word it says (cleaned, trimmed, lower case), or None when cleaning alone
+    emptied it (a lone zero-width or control character: something was written, nothing can be read)."""
+    word = clean_text(text, MAX_TEXT_CHARS)[0].strip().lower()
+    return None if not word and text.strip(" \t\n\r") else word
 
 
 def read_preference(value: Any) -> Preference:
-    """A stored yes/no read defensively: booleans, 0/1, and the usual words; anything else is odd."""
+    """A stored yes/no read defensively: booleans, 0/1, and the usual words; anything else is odd (NaN, a
+    date, an ``UNREADABLE`` value, a text that is empty only once cleaned)."""
     if value is None:
         return Preference.ABSENT
     if isinstance(value, bool):
         return Preference.YES if value else Preference.NO
     if isinstance(value, (int, float)) and value in (0, 1):
         return Preference.YES if value else Preference.NO
-    if isinstance(value, str) and value.strip().lower() in NO_WORDS | YES_WORDS:
-        return Preference.YES if value.strip().lower() in YES_WORDS else Preference.NO
-    return Preference.ODD
+    word = preference_word(value) if isinstance(value, str) else None
+    if word in YES_WORDS:
+        return Preference.YES
+    return Preference.NO if word in NO_WORDS else Preference.ODD
 
 
 def sms_opt_out(user: Mapping[str, Any], opt_out_fields: Sequence[str],
@@ -2558,16 +2603,14 @@ def sms_opt_out(user: Mapping[str, Any], opt_out_fields: Sequence[str],
 
     An opt-out field that holds anything but a "no" (a date, a reason, a list) opts out; a consent
     field opts out only when it says "no"; an odd consent value (neither yes nor no) opts out too,
-    so that doubt never sends a text. A missing field records no opt-out."""
+    so that doubt never sends a text. A missing field records no opt-out; a path found twice (a literal
+    dotted key and the nested field, ``values_at``) opts out when either value does."""
     odd, opted_out = 0, False
-    for path in opt_out_fields:
-        said = read_preference(field_at(user, path))
-        odd += said is Preference.ODD
-        opted_out |= said in (Preference.YES, Preference.ODD)
-    for path in consent_fields:
-        said = read_preference(field_at(user, path))
-        odd += said is Preference.ODD
-        opted_out |= said in (Preference.NO, Preference.ODD)
+    for paths, refusal in ((opt_out_fields, Preference.YES), (consent_fields, Preference.NO)):
+        for path in paths:
+            for said in map(read_preference, values_at(user, path)):
+                odd += said is Preference.ODD
+                opted_out |= said in (refusal, Preference.ODD)
     return opted_out, odd
 
 
@@ -2589,6 +2632,94 @@ def contact_block(user: DormantMember, policy: SmsPolicy) -> tuple[str | None, i
     if user.get("phone_e164") is None:
         return "no_valid_phone", odd
     return ("opted_out" if opted_out else None), odd
+
+
+# --- consent and contact per number ------------------------------------------------------------
+# Consent belongs to the phone number (the FCC reads a revocation so), not to the record: an opt-out, a
+# refused consent or a value in doubt on any member's record stops every member who gives that number, and
+# one number gets one message per run and per cooldown, whoever holds it.
+
+OTHER_RECORD = "number opted out on another record"  # the skip detail of a member another record's opt-out stops
+
+
+def sms_field_paths(policy: SmsPolicy) -> tuple[str, ...]:
+    """Every field path an SMS preference is read from (opt-out and consent)."""
+    return (*policy.opt_out_fields, *policy.consent_fields)
+
+
+def consent_keys(paths: Iterable[str]) -> frozenset[str]:
+    """The top-level keys a record may hold a preference under: each path's leading names, joined as a
+    literal dotted key joins them (``optOut`` and ``optOut.sms`` for ``optOut.sms``)."""
+    return frozenset(".".join(parts[:n]) for parts in (p.split(".") for p in paths) for n in range(1, len(parts) + 1))
+
+
+def consent_row(doc: Mapping[str, Any], keys: Collection[str]) -> dict[str, Any] | None:
+    """What ``consent_rows`` gives of one member: the values under ``keys`` as stored, with ``_id`` (``id_of``;
+    None when odd) and ``phone``; None when the record holds none of them."""
+    found = {key: doc[key] for key in keys if key in doc}
+    return {**found, "_id": id_of(doc.get("_id")), "phone": doc.get("phone")} if found else None
+
+
+def number_key(value: Any, region: str) -> str | None:
+    """The number a ``phone`` value names, in E.164, however it is written (``(212) 555-0101`` is
+    ``+12125550101``), or None when it names none. Looser than ``textable_phone``: a number with an
+    extension, or one the library calls invalid, still names the number a member opted out from."""
+    text = phone_text(clean_text(value, MAX_PHONE_CHARS)[0] if isinstance(value, str) else value)
+    if text is None or len(text) > MAX_PHONE_CHARS:
+        return None
+    try:
+        number = phonenumbers.parse(text, region)
+    except phonenumbers.NumberParseException:
+        return None
+    return phonenumbers.format_number(number, phonenumbers.PhoneNumberFormat.E164)
+
+
+@dataclass
+class NumberLedger:
+    """Who may be texted at which number: ``refused`` holds the members whose own stored preferences opt out
+    or are in doubt (read before screening could turn an unreadable value into a missing one), ``refused_numbers``
+    their numbers, ``recent`` the numbers messaged or held out within the cooldown, ``taken`` the numbers a
+    member of this run holds (number -> member id: the first the walk reaches, until their turn ends with
+    neither a message nor a holdout record). ``odd`` counts the odd values read."""
+
+    refused: set[str] = field(default_factory=set)
+    refused_numbers: set[str] = field(default_factory=set)
+    recent: set[str] = field(default_factory=set)
+    taken: dict[str, str] = field(default_factory=dict)
+    odd: int = 0
+
+    @classmethod
+    def collect(cls, rows: Iterable[Mapping[str, Any]], policy: SmsPolicy) -> NumberLedger:
+        """The refusals in ``rows`` (``consent_rows``: every member the source holds), by member and number."""
+        ledger = cls()
+        for row in rows:
+            refused, odd = sms_opt_out(row, policy.opt_out_fields, policy.consent_fields)
+            ledger.odd += odd
+            if refused:
+                if row.get("_id") is not None:
+                    ledger.refused.add(str(row["_id"]))
+                number = number_key(row.get("phone"), policy.default_region)
+                if number is not None:
+                    ledger.refused_numbers.add(number)
+        return ledger
+
+    def claim(self, user: DormantMember) -> tuple[str | None, str | None]:
+        """A contactable member's number taken for them, or why not: ``(skip code, detail)`` (``opted_out`` by
+        their own record or, with ``OTHER_RECORD``, another's; ``shared_phone``), else ``(None, None)``."""
+        number = user.get("phone_e164") or ""
+        if user["_id"] in self.refused:
+            return "opted_out", None
+        if number in self.refused_numbers:
+            return "opted_out", OTHER_RECORD
+        if number in self.recent or self.taken.setdefault(number, user["_id"]) != user["_id"]:
+            return "shared_phone", None
+        return None, None
+
+    def release(self, user: Mapping[str, Any]) -> None:
+        """The member's turn ended with neither a message nor a holdout record: their number is free again."""
+        number = user.get("phone_e164") or ""
+        if self.taken.get(number) == user.get("_id"):
+            del self.taken[number]
 
 
 # =============================================================================================
@@ -4673,6 +4804,7 @@ class HoldoutRecord(TypedDict):
 
     user_id: str
     user_name: str
+    user_phone: str | None  # E.164: a number held out counts as contacted within the cooldown (``NumberLedger``)
     rank: int  # 1-based, in the eligible list
     reactivation_score: float
     days_inactive: int
@@ -4688,7 +4820,8 @@ class HoldoutRecord(TypedDict):
 def holdout_record(rank: int, match: Match, *, campaign_id: str, fraction: float, now: datetime) -> HoldoutRecord:
     """What a holdout member gets instead of a message: a record of the rules' pick (never Claude's)."""
     user, event = match["user"], match["event"]
-    return HoldoutRecord(user_id=match["user_id"], user_name=match["user_name"], rank=rank,
+    return HoldoutRecord(user_id=match["user_id"], user_name=match["user_name"], user_phone=user.get("phone_e164"),
+                         rank=rank,
                          reactivation_score=user["reactivation_score"], days_inactive=user["days_inactive"],
                          event_id=match["event_id"], event_name=match["event_name"],
                          event_start=event.get("startDate"),
@@ -4777,7 +4910,8 @@ class Skip:
 SKIP_REASONS = (  # dormant_users.json's skip_reason for an eligible member not selected, in walk order
     "cooldown",                 # messaged (or held out) within --cooldown-days
     "no_valid_phone",           # no phone, or not a valid number that can receive SMS
-    "opted_out",                # an opt-out field set, or consent explicitly refused
+    "opted_out",                # an opt-out field set, or consent explicitly refused (or in doubt), on any record with the number
+    "shared_phone",             # the number was messaged or held out for another member (this run or the cooldown)
     "holdout",                  # the control group: recorded, never texted
     "no_matching_event",        # no open future event shares an interest
     "no_event_in_send_window",  # every candidate starts too soon or leaves only quiet hours to send
@@ -4956,6 +5090,7 @@ def volume_lines(report: Mapping[str, Any]) -> list[str]:
     lines.append(f"Seats exhausted (members whose first choice had no seat left, by event): {seen}." if exhausted
                  else "Seats exhausted: none (no member's first choice was full).")
     return [*lines, ""]
+CONTACT_SKIPS = ("no_valid_phone", "opted_out", "shared_phone")  # decided when the walk reaches a member (counted on the console)
 
 
 # --- the funnel: eligible to drafted, one count per stage (console, Markdown and JSON alike) -------
@@ -5263,10 +5398,12 @@ def empty_input_lines(empty: Sequence[str]) -> list[str]:
     return [line]
 
 
-def skip_reason_lines(reasons: Mapping[str, int], holdout: Mapping[str, Any]) -> list[str]:
+def skip_reason_lines(reasons: Mapping[str, int], holdout: Mapping[str, Any],
+                      details: Mapping[str, int] | None = None) -> list[str]:
     """Why eligible members were not texted (counts only), and the control group."""
     lines = ["## Who was texted", "", "| eligible members not texted, by reason | count |", "| --- | --- |"]
     lines += [f"| {code} | {n} |" for code, n in reasons.items()] or ["| (none) | 0 |"]
+    lines += [f"\nOf these, {n}: {cell(detail)}." for detail, n in (details or {}).items()]
     if holdout.get("fraction"):
         ranks = ", ".join(str(r) for r in holdout.get("ranks", [])) or "none"
         lines += ["", (f"Holdout (control group, {holdout['fraction']:g} of members by a stable hash): "
@@ -5281,7 +5418,7 @@ def report_markdown(report: Mapping[str, Any]) -> str:
     lines = [
         f"# Return To Table report: {report['campaign_id']}",
         "",
-        ("**Goal:** bring dormant members (31-90 days since their last table) back with one "
+        (f"**Goal:** bring dormant members ({DORMANCY_SPAN} since their last table) back with one "
          "well-matched upcoming event and a warm welcome-back SMS, reviewed before sending."),
         "",
         f"- Run date: {report['run_date']} (as of {report['as_of']})",
@@ -5305,7 +5442,7 @@ def report_markdown(report: Mapping[str, Any]) -> str:
     lines += volume_lines(report)
     lines += funnel_lines(report["funnel"], report.get("skip_reasons", {}))
     lines += ["## Recommendations", "", *(f"- {r}" for r in report["recommendations"]), ""]
-    lines += skip_reason_lines(report.get("skip_reasons", {}), report.get("holdout", {}))
+    lines += skip_reason_lines(report.get("skip_reasons", {}), report.get("holdout", {}), report.get("skip_details", {}))
     lines += power_lines(report["holdout_power"])
     lines += preview_lines(report["preview"])
     lines += ["## Matches and messages", "", "| member | event | confidence | matcher | SMS | segments |",
@@ -5421,29 +5558,35 @@ def walk_codes(outcomes: Iterable[UserOutcome]) -> dict[str, str]:
     return codes
 
 
-def walk_listing(eligible: Sequence[DormantMember], decisions: Mapping[str, str]) -> Iterator[bytes]:
+def walk_listing(eligible: Sequence[DormantMember], decisions: Mapping[str, str],
+                 details: Mapping[str, str] | None = None) -> Iterator[bytes]:
     """``dormant_users.json``'s items (``write_json_items``), ``JSON_CHUNK_ITEMS`` at a time: every eligible
     member in rank order, with ``selected`` and, for those not selected, ``skip_reason`` (a member the walk
-    never decided on is ``below_limit``). The keys are appended to each record's JSON, the records are not
-    copied (160,000 copies at a million members were a second)."""
-    tails: dict[str, bytes] = {}
+    never decided on is ``below_limit``) and its ``skip_detail`` when ``details`` has one. The keys are
+    appended to each record's JSON, the records are not copied (160,000 copies at a million members were a
+    second)."""
+    tails: dict[tuple[str, str | None], bytes] = {}
+    details = details or {}
     for first in range(0, len(eligible), JSON_CHUNK_ITEMS):
         chunk = eligible[first:first + JSON_CHUNK_ITEMS]
-        codes = [decisions.get(user["_id"], "below_limit") for user in chunk]
+        codes = [(decisions.get(user["_id"], "below_limit"), details.get(user["_id"])) for user in chunk]
         # each item's b"  {\n    ...": a line "  }" only ends an item (nested lines are deeper, strings escape \n)
         bodies = json_bytes(list(chunk))[2:-2].split(b"\n  },\n")
-        if len(bodies) != len(chunk) or any("selected" in user or "skip_reason" in user for user in chunk):
-            yield b",\n".join(json_item({**user, **decision_keys(code)}) for user, code in zip(chunk, codes))
+        if len(bodies) != len(chunk) or any("selected" in user or "skip_reason" in user or "skip_detail" in user
+                                            for user in chunk):
+            yield b",\n".join(json_item({**user, **decision_keys(*code)}) for user, code in zip(chunk, codes))
             continue  # (stored fields of those names keep their place, as in the merged dict)
         bodies[-1] = bodies[-1].removesuffix(b"\n  }")
         for code in set(codes) - tails.keys():
-            tails[code] = b",\n" + json_item(decision_keys(code))[4:]  # b',\n    "selected": ...\n  }'
+            tails[code] = b",\n" + json_item(decision_keys(*code))[4:]  # b',\n    "selected": ...\n  }'
         yield b",\n".join(map(operator.add, bodies, map(tails.__getitem__, codes)))
 
 
-def decision_keys(code: str) -> dict[str, Any]:
+def decision_keys(code: str, detail: str | None = None) -> dict[str, Any]:
     """What ``dormant_users.json`` adds to an eligible member's record for the walk's decision."""
-    return {"selected": True} if code == "selected" else {"selected": False, "skip_reason": code}
+    if code == "selected":
+        return {"selected": True}
+    return {"selected": False, "skip_reason": code, **({"skip_detail": detail} if detail else {})}
 
 
 def skip_reason_counts(decisions: Mapping[str, str]) -> dict[str, int]:
@@ -5462,7 +5605,7 @@ def fallback_counts(outcomes: Sequence[UserOutcome]) -> dict[str, Any]:
 
 def build_report(*, campaign_id: str, run_started: datetime, finished: datetime, options: RunOptions,
                  source_label: str, census: DormancyCensus, selected: Sequence[DormantMember],
-                 decisions: Mapping[str, str],
+                 decisions: Mapping[str, str], skip_details: Mapping[str, str] | None = None,
                  future_events: Sequence[FutureEvent], outcomes: Sequence[UserOutcome], steps_5_6_seconds: float,
                  issues: DataIssues, firebase: Mapping[str, Any], errors: Sequence[str],
                  llm_usage: Mapping[str, Any] | None, status: str = "completed",
@@ -5519,6 +5662,7 @@ def build_report(*, campaign_id: str, run_started: datetime, finished: datetime,
         "engagement_counts": census.status_counts,
         "skipped": [vars(s) for s in skipped],
         "skip_reasons": reasons,
+        "skip_details": dict(Counter((skip_details or {}).values())),  # e.g. OTHER_RECORD: how many
         "funnel": run_funnel(len(census.eligible), reasons),
         "holdout": {"fraction": options.holdout, "count": len(held_out), "ranks": [h["rank"] for h in held_out]},
         "holdout_power": holdout_power((len(messages), len(held_out)), earlier_30_days),
@@ -5601,6 +5745,13 @@ class DataSource(Protocol):
 
     def read(self, progress: Any = None) -> SourceData: ...
 
+    def consent_rows(self, paths: Sequence[str]) -> Iterable[dict[str, Any]]:
+        """Every member the source holds (all of them, not only the dormant) whose record has a value at one
+        of the field ``paths`` or a key that may start one (``consent_keys``), as ``consent_row`` gives it:
+        ``_id``, ``phone`` and those values as stored, never cleaned, an unreadable one as ``UNREADABLE``
+        (so that doubt is seen). Read apart from ``read``, without holding every member in memory."""
+        ...
+
 
 class FolderSource:
     """A folder of ``mongoexport`` output: ``users.json`` and ``events.json``."""
@@ -5627,6 +5778,10 @@ class FolderSource:
             events, deep_events = load_collection_file(files[1], decoder)
         skipped = Counter({"users_nested_too_deep": deep_users, "events_nested_too_deep": deep_events})
         return SourceData(users, events, decoder.bad_values, +skipped, dict(zip(("users", "events"), files)))
+
+    def consent_rows(self, paths: Sequence[str]) -> Iterator[dict[str, Any]]:
+        path = self.folder / "users.json"
+        return consent_rows_of_file(path, consent_keys(paths)) if path.is_file() else iter(())
 
 
     def read_dormant(self, now: datetime, progress: Any = None) -> SourceData:
@@ -5677,6 +5832,58 @@ class FolderSource:
                           issues=issues + counted.counts, activity=activity, statuses=dict(sorted(statuses.items())),
                           read={"users": users_read, "events": events_read}, screened=True,
                           plain_users=frozenset(plain))
+
+
+CONSENT_GROUP = 4096  # members decoded together by ``consent_rows_of_file``
+
+
+def consent_doc_type(keys: Sequence[str]) -> Any:
+    """A msgspec type decoding a member to its ``_id``, ``phone`` and the values under ``keys`` (None when
+    absent, as a null is), every other field skipped without being built."""
+    fields = [("id", Any, None), ("phone", Any, None), *((f"f{n}", Any, None) for n in range(len(keys)))]
+    return msgspec.defstruct("ConsentDoc", fields, rename={"id": "_id", **{f"f{n}": k for n, k in enumerate(keys)}})
+
+
+def stored_value(value: Any, decoder: ExtendedJsonDecoder) -> Any:
+    """A value msgspec decoded, as ``json_util`` gives it (``decoder.keep_unreadable``: a bad one ``UNREADABLE``)."""
+    try:
+        return extended_values(value, decoder) if type(value) is dict or type(value) is list else value
+    except FastPathRefused:  # nested too deep
+        return UNREADABLE
+
+
+def consent_rows_of_file(path: Path, keys: Collection[str]) -> Iterator[dict[str, Any]]:
+    """``consent_rows`` of a mongoexport users file: ``CONSENT_GROUP`` records at a time decoded to their id,
+    phone and the values under ``keys`` (``consent_doc_type``), nothing cleaned, an unreadable value kept as
+    ``UNREADABLE``; a record msgspec cannot read (a bare NaN) is decoded alone by the literal decoder, and a
+    file it cannot split is decoded whole, as ``read`` decodes it. Records the read skips are skipped."""
+    decoder = ExtendedJsonDecoder(keep_unreadable=True)
+    try:
+        elements = export_elements(export_bytes(path))
+    except FastPathRefused:
+        docs, _ = load_collection_file(path, decoder)
+        yield from filter(None, (consent_row(doc, keys) for doc in docs))
+        return
+    order = sorted(keys)
+    shape = consent_doc_type(order)
+    many, one = msgspec.json.Decoder(list[shape]), msgspec.json.Decoder(shape)
+    for first in range(0, len(elements), CONSENT_GROUP):
+        group = elements[first:first + CONSENT_GROUP]
+        elements[first:first + len(group)] = [None] * len(group)
+        for doc, element in zip(decoded_group(b"[" + b",".join(group) + b"]", group, many, one), group, strict=True):
+            if doc is None:
+                try:
+                    whole = decoder.loads(bytes(element).decode("utf-8"))
+                except (ValueError, RecursionError):
+                    continue
+                row = consent_row(whole, keys) if type(whole) is dict else None
+            else:
+                values = msgspec.structs.astuple(doc)
+                found = {key: stored_value(value, decoder) for key, value in zip(order, values[2:]) if value is not None}
+                row = {**found, "_id": id_of(stored_value(values[0], decoder)),
+                       "phone": stored_value(values[1], decoder)} if found else None
+            if row is not None:
+                yield row
 
 
 def bytes_tick(bar: Any, size: int, records: int) -> Any:
@@ -5772,8 +5979,8 @@ def member_activity_stages() -> list[dict[str, Any]]:
 
 def dormant_window(now: datetime) -> tuple[datetime, datetime]:
     """The latest event dates that make a member dormant at ``now``: after the first, up to the second
-    (``derive_engagement``: 31 to 90 whole days)."""
-    return now - timedelta(days=91), now - timedelta(days=31)
+    (``derive_engagement``: ACTIVE_DAYS + 1 to DORMANT_DAYS whole days)."""
+    return now - timedelta(days=DORMANT_DAYS + 1), now - timedelta(days=ACTIVE_DAYS + 1)
 
 
 def bson_window(now: datetime) -> tuple[datetime, datetime]:
@@ -5821,6 +6028,20 @@ def member_events_pipeline(ids: Sequence[str]) -> list[dict[str, Any]]:
     """The events any of ``ids`` joined or hosted, whatever form their entries take (``mongo_members``)."""
     return [{"$match": USABLE_ID}, {"$addFields": {"rtt_members": mongo_members()}},
             {"$match": {"rtt_members": {"$in": list(ids)}}}, {"$project": {"rtt_members": 0}}]
+
+
+def consent_pipeline(keys: Collection[str]) -> list[dict[str, Any]]:
+    """Members with a value under one of ``keys`` (``consent_keys``): ``_id``, ``phone`` and ``sms``, those
+    fields as ``{k, v}`` pairs (``$objectToArray``: a literal dotted key is a key like any other here)."""
+    fields = {"$filter": {"input": {"$objectToArray": "$$ROOT"}, "as": "field",
+                          "cond": {"$in": ["$$field.k", {"$literal": sorted(keys)}]}}}
+    return [{"$project": {"phone": 1, "sms": fields}}, {"$match": {"sms.0": {"$exists": True}}}]
+
+
+def mongo_consent_row(doc: Mapping[str, Any]) -> dict[str, Any]:
+    """``consent_row`` of a ``consent_pipeline`` document."""
+    found = {pair["k"]: pair["v"] for pair in doc.get("sms") or () if isinstance(pair, Mapping) and "k" in pair}
+    return {**found, "_id": id_of(doc.get("_id")), "phone": doc.get("phone")}
 
 
 def with_attended(counted: Mapping[str, Activity], attended: Mapping[str, Activity]) -> dict[str, Activity]:
@@ -5955,6 +6176,31 @@ class MongoSource:
                     latest[member] = start
         return latest
 
+    def consent_rows(self, paths: Sequence[str]) -> Iterator[dict[str, Any]]:
+        """The database picks the members with a preference key (``consent_pipeline``): only those, and only
+        their id, phone and preferences, come to Python; a date beyond Python's calendar comes as a
+        ``DatetimeMS`` (odd: doubt), never as an error. A server that cannot run it: every member, streamed."""
+        from pymongo.errors import OperationFailure, PyMongoError
+
+        keys = consent_keys(paths)
+        users = self.client.get_database(self.db_name)[USER_COLLECTION]
+        try:
+            with contextlib.suppress(NotImplementedError):  # mongomock lacks the codec option
+                users = users.with_options(codec_options=users.codec_options.with_options(
+                    datetime_conversion=DatetimeConversion.DATETIME_AUTO))
+            try:
+                rows = map(mongo_consent_row, users.aggregate(consent_pipeline(keys), allowDiskUse=True,
+                                                              batchSize=MONGO_BATCH_SIZE))
+            except OperationFailure as exc:
+                if exc.code not in (None, *UNKNOWN_OPERATOR_CODES):
+                    raise
+                rows = (consent_row(doc, keys) for doc in users.find({}, batch_size=MONGO_BATCH_SIZE))
+            except NotImplementedError:  # mongomock: an operator it lacks
+                rows = (consent_row(doc, keys) for doc in users.find({}, batch_size=MONGO_BATCH_SIZE))
+            yield from filter(None, rows)
+        except PyMongoError as exc:
+            raise mongo_failure(exc) from None
+
     @staticmethod
     def members(users: Any, ids: Sequence[str], progress: Any) -> list[dict[str, Any]]:
         """The member documents of ``ids``, by batches of ``MONGO_IDS_PER_QUERY``."""
@@ -6025,7 +6271,9 @@ def connect_mongo(settings: Settings, insecure_tls: bool, logger: logging.Logger
 
     if not settings.mongo_uri:
         raise UsageError(MONGO_NOT_CONFIGURED)
-    options: dict[str, Any] = {"appname": CAMPAIGN_NAME}
+    # A date beyond Python's calendar comes as a DatetimeMS (no date; in an SMS preference, doubt), never
+    # as an InvalidBSON that ends the read.
+    options: dict[str, Any] = {"appname": CAMPAIGN_NAME, "datetime_conversion": DatetimeConversion.DATETIME_AUTO}
     for name, millis in (("serverSelectionTimeoutMS", 20000), ("connectTimeoutMS", 20000),
                          ("socketTimeoutMS", 120000)):  # a server that never answers cannot hold the run
         if name.lower() not in settings.mongo_uri.lower():  # the URI's own setting wins
@@ -6080,6 +6328,13 @@ class DemoSource:
     def read(self, progress: Any = None) -> SourceData:
         users, events = build_demo_world(self.now)
         return SourceData(users, events)
+
+    def consent_rows(self, paths: Sequence[str]) -> Iterator[dict[str, Any]]:
+        keys = consent_keys(paths)
+        return filter(None, (consent_row(user, keys) for user in build_demo_world(self.now)[0]))
+
+
+DEMO_AREAS = ("212", "646", "917")  # NYC area codes: each demo member their own number in 555-0100..0199 (fiction)
 
 
 def build_demo_world(now: datetime) -> tuple[list[dict[str, Any]], list[dict[str, Any]]]:
@@ -6214,7 +6469,7 @@ def build_demo_world(now: datetime) -> tuple[list[dict[str, Any]], list[dict[str
         picked = [top] + [x for x in rng.sample(interests, rng.randint(0, 5)) if x != top]
         doc: dict[str, Any] = {
             "_id": uid[i], "firstName": first, "lastName": last,
-            "email": f"{slug(first)}.{slug(last)}{i}@example.com", "phone": f"+121255501{i % 100:02d}",
+            "email": f"{slug(first)}.{slug(last)}{i}@example.com", "phone": f"+1{DEMO_AREAS[i // 100]}55501{i % 100:02d}",
             "gender": rng.choices(["female", "male", "non-binary"], [48, 46, 6])[0],
             "interests": picked, "occupation": rng.choice(occupations), "homeNeighborhood": rng.choice(hoods),
         }
@@ -6436,7 +6691,7 @@ class InvalidAnswer(Exception):
 
 MATCH_SYSTEM = """You are an expert user reactivation specialist for Cuculi, a social dining app in New York \
 where members meet strangers over shared tables, drinks and outings. Your job: pick the SINGLE BEST upcoming event \
-for one dormant member (31-90 days since their last table) so that they come back and RSVP.
+for one dormant member (""" + DORMANCY_SPAN + """ since their last table) so that they come back and RSVP.
 
 Matching criteria, in order of importance:
 1. Interest alignment: the member's interests MUST match the event's categories or features. This is critical; \
@@ -6473,7 +6728,7 @@ How member interests usually show up in event tags (the fits= field already appl
 """ + "\n".join(f"- {interest}: {', '.join(sorted(tags))}" for interest, tags in INTEREST_SYNONYMS.items()) + "\n"
 
 WRITE_SYSTEM = """You are an expert SMS copywriter for Cuculi, a social dining app in New York. You write one \
-welcome-back text for a dormant member (31-90 days inactive) inviting them to one specific upcoming event. \
+welcome-back text for a dormant member (""" + DORMANCY_SPAN + """ inactive) inviting them to one specific upcoming event. \
 A person reviews every message before it is sent.
 
 Rules (a message that breaks one is rejected):
@@ -7585,6 +7840,7 @@ class DashboardWriter:
         self.stood_down: str | None = None  # why nothing (more) is written this run
         self.key_changes: set[KeyChange] = set()  # keys renamed or dropped so that records could be stored
         self._cooldown_reads: dict[str, tuple[Any, str]] = {}  # the cooldown's reads, reused to open the lists
+        self.recent_phones: list[Any] = []  # the numbers the cooldown's messages and holdout records went to
         self.undated_messages = 0  # messages (and holdout records) read by the cooldown whose date is no date
         self._waiting: dict[int, tuple[Match | None, Message | None, HoldoutRecord | None]] = {}  # above the next rank
         self._next_rank = 0
@@ -7617,7 +7873,7 @@ class DashboardWriter:
         An item whose date is no date (a reviewer's typo, a poisoned value) is skipped and counted in
         ``undated_messages``; it never stops the run.
         """
-        self.undated_messages = 0
+        self.undated_messages, self.recent_phones = 0, []
         if self.transport is None:
             return set()
         recent: set[str] = set()
@@ -7631,6 +7887,7 @@ class DashboardWriter:
                     self.undated_messages += 1
                 elif when >= since:
                     recent.add(str(item["user_id"]))
+                    self.recent_phones.append(item.get("user_phone"))
         return recent
 
     def read_history(self, day: tuple[datetime, datetime], seats_since: datetime) -> DashboardHistory:
@@ -7896,6 +8153,8 @@ class ReturnToTable:
         self.history = DashboardHistory()  # what the dashboard holds of this campaign day and of open invitations
         self.volume = DailyVolume.of(options.limit, self.history, options.now, self.zone)  # this run's share
         self.seats = SeatLedger(options.invites_per_spot, options.max_invites_per_event)  # steps 5-6's seats
+        self.numbers = NumberLedger()  # consent and contact per phone number (``consent_by_number``)
+        self.skip_details: dict[str, str] = {}  # member id -> the detail of their skip reason (``OTHER_RECORD``)
         self.idle_hint: IdleReason | None = None  # why no message, known before the walk (today's limit drafted)
 
     # --- step 1: fetch, find and rank the dormant members -----------------------------------
@@ -7954,6 +8213,12 @@ class ReturnToTable:
                          census.dormant_total, len(census.eligible), census.status_counts)
         return census
 
+    def consent_by_number(self) -> NumberLedger:
+        """Every member's stored SMS preferences (``consent_rows``), collected per number; odd values counted."""
+        ledger = NumberLedger.collect(self.source.consent_rows(sms_field_paths(self.sms)), self.sms)
+        self.issues.add("odd_sms_preference_values", ledger.odd)
+        return ledger
+
     def cooldown(self) -> set[str]:
         """Members with a message generated (or a holdout record made) within the cooldown, or later than ``now``,
         and every member drafted or held out this campaign day (a top-up never drafts one twice, even with
@@ -7987,23 +8252,30 @@ class ReturnToTable:
         """The eligible members outside the cooldown, as ``(rank, member)`` in rank order, for the walk
         (which checks phone and opt-out of each member it reaches: ``reachable``); the others get ``cooldown``."""
         recent = self.cooldown()
+        phones = list(self.dashboard.recent_phones)  # the numbers contacted within the cooldown ...
         walk: list[tuple[int, DormantMember]] = []
         for rank, user in enumerate(census.eligible, 1):
             if user["_id"] in recent:
                 self.decisions[user["_id"]] = "cooldown"
+                phones.append(user.get("phone"))  # ... and those of the members contacted then
             else:
                 walk.append((rank, user))
         self.logger.info("Step 1: %d of %d eligible members are outside the cooldown", len(walk), len(census.eligible))
+        self.numbers.recent.update(filter(None, (number_key(p, self.sms.default_region) for p in phones)))
         return walk
 
     def reachable(self, user: DormantMember) -> bool:
         """Whether a member the walk reached may be texted: the phone is checked and the history read now
-        (``reach_member``); one who may not gets ``no_valid_phone`` or ``opted_out``."""
+        (``reach_member``); one who may not gets ``no_valid_phone``, ``opted_out`` (their record, or another
+        with their number: ``NumberLedger``) or ``shared_phone``; one who may takes their number."""
         reach_member(user, self.activity, self.options.now, self.sms.default_region, self.zone.key)
-        block, odd = contact_block(user, self.sms)
-        self.issues.add("odd_sms_preference_values", odd)
+        block, detail = contact_block(user, self.sms)[0], None  # (odd values: counted by ``consent_by_number``)
+        if block is None:
+            block, detail = self.numbers.claim(user)
         if block is not None:
             self.decisions[user["_id"]] = block
+        if detail is not None:
+            self.skip_details[user["_id"]] = detail
         return block is None
 
     # --- step 2: future public events (steps 3-4, the summaries, are attached in steps 1-2) --
@@ -8280,6 +8552,8 @@ class ReturnToTable:
             self.logger.info("Held out %s (%s): control group, rank %d", outcome.holdout["user_name"],
                              outcome.holdout["user_id"], outcome.holdout["rank"])
         self.decisions.update(walk_codes([outcome]))
+        if outcome.message is None and outcome.holdout is None:
+            self.numbers.release(outcome.user)
         if self.progress is not None:
             self.progress.update(1)
         if time.monotonic() - self.saved_at >= SAVE_EVERY_SECONDS:
@@ -8326,6 +8600,7 @@ class ReturnToTable:
         self.logger.info("Run as of %s (source: %s, matcher: %s%s)", iso_utc(options.now), self.source.label,
                          "claude" if self.advisor else "rules", ", dry run" if options.dry_run else "")
         users, events = self.fetch()                       # step 1
+        self.numbers = self.consent_by_number()
         self.census = census = self.dormant_users(users, events)
         walk = self.select(census)
         earlier = self.dashboard.recent_members(days_before(options.now, POWER_DAYS))  # before this run writes
@@ -8341,11 +8616,11 @@ class ReturnToTable:
             outcomes = self.process_all(walk, future)      # steps 5-6
         self.progress = None
         steps_5_6_seconds = time.monotonic() - clock
-        left_out = Counter(code for code in self.decisions.values() if code in ("no_valid_phone", "opted_out"))
+        left_out = Counter(code for code in self.decisions.values() if code in CONTACT_SKIPS)
         self.logger.info("Steps 5-6: %d members reached, %s", len(outcomes) + sum(left_out.values()),
                          ", ".join(f"{n} {code}" for code, n in sorted(left_out.items())) or "all of them textable")
         write_json_items(self.data_dir / "processed" / "dormant_users.json",
-                         walk_listing(census.eligible, self.decisions), private=True)
+                         walk_listing(census.eligible, self.decisions, self.skip_details), private=True)
         self.write_skip_list(census)
         selected = [o.user for o in outcomes if not o.held_out]  # the treatment members the walk reached
         not_started = sum(code == "not_started" for code in self.decisions.values())
@@ -8375,6 +8650,7 @@ class ReturnToTable:
         report = build_report(                             # step 8
             campaign_id=campaign_id, run_started=started, finished=datetime.now(UTC), options=options,
             source_label=self.source.label, census=census, selected=selected, decisions=self.decisions,
+            skip_details=self.skip_details,
             future_events=future, outcomes=outcomes, steps_5_6_seconds=steps_5_6_seconds, issues=self.issues,
             firebase=firebase, errors=list(self.dashboard.errors), status=status,
             llm_usage=self.advisor.usage_report() if self.advisor is not None else None,
