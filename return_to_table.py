@@ -4946,15 +4946,16 @@ IDLE_LINES = {
     IdleReason.NOBODY_DORMANT: "nobody is dormant and personalisation-ready today (31-90 days since their last "
                                "table, 4 of the 8 profile fields, interests)",
     IdleReason.ALL_IN_COOLDOWN: "every eligible member was messaged or held out within --cooldown-days",
-    IdleReason.NOBODY_TEXTABLE: "no eligible member outside the cooldown can be texted (no valid number, or opted out)",
+    IdleReason.NOBODY_TEXTABLE: "no eligible member outside the cooldown can be texted (no valid number, opted out, "
+                                "or the number was texted for another member)",
     IdleReason.NO_EVENT_IN_SEND_WINDOW: "no open event in the send window: for every textable member, the events "
                                         "sharing an interest are full, start too soon (--min-lead-hours) or "
                                         "leave only QUIET_HOURS, or there are none",
     IdleReason.NONE_MATCHED: "no member reached was messaged",
     IdleReason.DAY_LIMIT_DRAFTED: "today's --limit is already drafted",
 }
-UNTEXTABLE = frozenset({"no_valid_phone", "opted_out"})
-NO_EVENT = frozenset({"no_matching_event", "no_event_in_send_window"})
+UNTEXTABLE = frozenset({"no_valid_phone", "opted_out", "shared_phone"})
+NO_EVENT = frozenset({"no_matching_event", "no_event_in_send_window", "seats_exhausted"})
 NOT_REACHED = frozenset({"cooldown", "below_limit", "not_started"})
 
 

@@ -554,7 +554,8 @@ def test_a_number_messaged_or_held_out_within_the_cooldown_is_not_texted_for_ano
     newcomers = [member("m-same-a", 70, phone="(646) 555-0180"), member(treated[1], 65, phone="646 555 0181")]
     second = run_cli("--source", str(write(tmp_path / "w", first + newcomers)), "--now", later,
                      "--holdout", str(FRACTION), root=out)
-    assert second.code == 0, second.err
+    assert second.code == rtt.EXIT_ATTENTION, second.err  # nobody left to text today, and the line says why
+    assert second.err == f"warning: no message drafted: {rtt.IDLE_LINES[rtt.IdleReason.NOBODY_TEXTABLE]}\n"
     assert decisions(second) == {treated[0]: "cooldown", held: "cooldown", "m-same-a": "shared_phone",
                                  treated[1]: "shared_phone"}
     assert second.messages == []
