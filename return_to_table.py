@@ -19,7 +19,8 @@ Glossary (one name per concept, here and in the code):
   dashboard list  ``{<key>: [...], count, updatedAt}`` at users/events/matches/messages/holdout.
   mirror     the local, file-backed Firebase under ``data/firebase/`` when no database is set.
   cooldown   members messaged (or held out) in the last ``--cooldown-days`` are not drafted again.
-  contactable  eligible, a valid number that takes texts (``textable_phone``), no opt-out.
+  contactable  eligible, a valid number that takes texts (``textable_phone``), no opt-out on any record
+             giving that number, the number not taken (``NumberLedger``: one number, one text).
   holdout    the control group: contactable members whose stable hash falls below ``--holdout``;
              their rules' pick is recorded (``HoldoutRecord``), nothing is sent.
   walk       steps 5-6 going down the ranked contactable members until the day's ``--limit`` are messaged;
@@ -31,6 +32,9 @@ Glossary (one name per concept, here and in the code):
   send window  when a message may go out (``send_window``): outside QUIET_HOURS, before the lead.
   funnel     the report's counts from eligible to drafted (``run_funnel``), held out apart; each
              ``skip_reason`` drops its members at one stage (``REASON_STAGES``).
+  idle day   a run that drafts no message: exit 3 and one line saying why (``IdleReason``).
+  exit code  ``ExitCode``; every error reaches one through one funnel, ``raw_main`` (campaign and
+             subcommands). A ``--dry-run`` keeps its files under ``data/dry-run/``.
 
 The file reads top-down in the plan's step order: configuration, data loading, the rules of
 steps 1-8 (pure functions), the service edges (sources, the demo world, Claude for steps 5-6,
@@ -60,8 +64,8 @@ def out_of_memory(exc: BaseException) -> bool:
             or (sign is not None and sign in str(exc)) or type(exc).__name__ == "OutOfMemoryException")
 
 
-OUT_OF_MEMORY = ("error: out of memory (MemoryError): no campaign produced, nothing half-written; give the run "
-                 "more memory (ulimit -v, the container's limit) or a smaller input")
+OUT_OF_MEMORY = ("out of memory (MemoryError): stopped, nothing half-written; give the run more memory (ulimit -v, "
+                 "the container's limit) or a smaller input")
 
 
 def stop_at_once(signum: int, _frame: object) -> None:
@@ -77,7 +81,7 @@ def uncaught(kind: type[BaseException], exc: BaseException, traceback: object) -
     """The script's last resort (``sys.excepthook``): out of memory anywhere ``main`` does not see it (the
     imports below, the arguments) is one line and exit 1; any other uncaught exception is a bug: shown."""
     if out_of_memory(exc):
-        os.write(2, f"{OUT_OF_MEMORY}\n".encode())
+        os.write(2, f"error: {OUT_OF_MEMORY}\n".encode())
         os._exit(1)
     sys.__excepthook__(kind, exc, traceback)  # type: ignore[arg-type]
 
@@ -94,6 +98,7 @@ import bisect
 import contextlib
 import csv
 import dataclasses
+import difflib
 import fcntl
 import functools
 import gc
@@ -122,7 +127,7 @@ from contextlib import ExitStack
 from dataclasses import dataclass, field, replace
 from datetime import UTC, datetime, timedelta, timezone
 from datetime import time as dt_time
-from enum import Enum
+from enum import Enum, IntEnum
 from pathlib import Path
 from statistics import NormalDist
 from typing import Any, NamedTuple, NotRequired, Protocol, Self, TypedDict
@@ -132,6 +137,7 @@ from zoneinfo import ZoneInfo, ZoneInfoNotFoundError
 import phonenumbers
 import phonenumbers.timezone
 from bson import ObjectId, json_util
+from bson.codec_options import DatetimeConversion
 from bson.errors import BSONError, InvalidId
 from dotenv import dotenv_values
 
@@ -159,6 +165,9 @@ PROFILE_FIELDS = (
     "homeNeighborhood",
 )
 MIN_PROFILE_FIELDS = 4
+ACTIVE_DAYS = 30  # a member whose latest event is at most this many whole days ago is active
+DORMANT_DAYS = 90  # ... then dormant up to this many (the campaign's members), churned beyond
+DORMANCY_SPAN = f"{ACTIVE_DAYS + 1}-{DORMANT_DAYS} days"  # the rule as prompts and the report say it
 DEFAULT_TIMEZONE = "America/New_York"
 DEFAULT_BASE_PATH = "Leo"
 
@@ -171,13 +180,22 @@ DEFAULT_MAX_INVITES_PER_EVENT = 10  # --max-invites-per-event: open invitations 
 MAX_INVITES_PER_SPOT = 100.0  # above this the ratio is a typo, not a policy
 MAX_INVITES_PER_EVENT = 100_000
 
-# Exit codes: the table in the README and in --help. 3 tells cron "done, but look at the report".
-EXIT_OK = 0  # done cleanly
-EXIT_FAILURE = 1  # failed, no campaign produced (source unreadable, MongoDB unreachable, out of disk)
-EXIT_USAGE = 2  # bad usage, configuration or input
-EXIT_ATTENTION = 3  # done, but something needs a look (Firebase writes, Claude down, members failed, deadline)
-EXIT_LOCKED = 75  # another run holds the lock on this --out (EX_TEMPFAIL: cron may simply try again)
-EXIT_SIGNALS = {signal.SIGINT: 130, signal.SIGTERM: 143}  # 128 + the signal's number
+class ExitCode(IntEnum):
+    """The exit codes: the table in the README and in --help. 3 tells cron "done, but look at the report".
+    Every error reaches one of them through one funnel (``raw_main``), for the campaign and each subcommand."""
+
+    OK = 0  # done cleanly
+    FAILURE = 1  # failed, no campaign produced (source unreadable, MongoDB unreachable, out of disk)
+    USAGE = 2  # bad usage, configuration or input
+    ATTENTION = 3  # done, but look: Firebase writes, Claude down, members failed, deadline, no message drafted
+    LOCKED = 75  # another run holds the lock on this --out (EX_TEMPFAIL: cron may simply try again)
+    SIGINT = 130  # 128 + the signal's number
+    SIGTERM = 143
+
+
+EXIT_OK, EXIT_FAILURE, EXIT_USAGE = ExitCode.OK, ExitCode.FAILURE, ExitCode.USAGE
+EXIT_ATTENTION, EXIT_LOCKED = ExitCode.ATTENTION, ExitCode.LOCKED
+EXIT_SIGNALS = {signal.SIGINT: ExitCode.SIGINT, signal.SIGTERM: ExitCode.SIGTERM}
 
 GRACE_SECONDS = 10.0  # after a stop (signal or deadline), how long calls already in flight may still take
 SAVE_EVERY_SECONDS = 2.0  # progress files are rewritten at most this often during steps 5-6, and at the end
@@ -188,7 +206,9 @@ EXIT_CODES_HELP = """exit codes:
   0    done cleanly
   3    done, but something needs a look: Firebase writes failed (listed in the report), Firebase was
        unreadable at the start (nothing written there), Claude was unavailable, members failed,
-       the --deadline-minutes was reached, or the input was empty (no users or no events)
+       the --deadline-minutes was reached, the input was empty (no users or no events), or the day
+       drafted no message (one line says why: nobody dormant, all in cooldown, nobody textable, no
+       open event in the send window; today's limit already drafted is 0)
   1    failed, no campaign produced: source unreadable, MongoDB unreachable, out of disk, out of memory
   2    bad usage, configuration or input
   75   another run holds the lock on this --out
@@ -363,6 +383,7 @@ class SmsPolicy:
     quiet_hours: QuietHours = DEFAULT_QUIET
     sender: str | None = None  # SMS_SENDER, named near the start of every message
     opt_out_text: str | None = None  # SMS_OPT_OUT_TEXT, just before the link
+    opt_out_added_later: bool = False  # SMS_OPT_OUT_TEXT=none: the sending system adds the opt-out text
 
     @classmethod
     def from_env(cls, get: Any, env: Mapping[str, str] | None = None) -> SmsPolicy:
@@ -371,6 +392,8 @@ class SmsPolicy:
         sender or opt-out text that breaks the SMS contract is a usage error (``sms_policy_problem``)."""
         region = sms_region(get("SMS_DEFAULT_REGION"), "SMS_DEFAULT_REGION" in (env or {}))
         sender, opt_out = get("SMS_SENDER"), get("SMS_OPT_OUT_TEXT")
+        added_later = (opt_out or "").lower() == OPT_OUT_ADDED_LATER
+        opt_out = None if added_later else opt_out
         for name, value in (("SMS_SENDER", sender), ("SMS_OPT_OUT_TEXT", opt_out)):
             if value is not None and (len(value) > 60 or any(unicodedata.category(ch)[0] == "C" for ch in value)):
                 raise UsageError(f"{name} must be one line of at most 60 characters")
@@ -378,7 +401,7 @@ class SmsPolicy:
                    opt_out_fields=field_paths(get("SMS_OPT_OUT_FIELDS"), DEFAULT_OPT_OUT_FIELDS, "SMS_OPT_OUT_FIELDS"),
                    consent_fields=field_paths(get("SMS_CONSENT_FIELDS"), DEFAULT_CONSENT_FIELDS, "SMS_CONSENT_FIELDS"),
                    quiet_hours=quiet_hours_setting(get("QUIET_HOURS") or DEFAULT_QUIET_HOURS),
-                   sender=sender, opt_out_text=opt_out).checked()
+                   sender=sender, opt_out_text=opt_out, opt_out_added_later=added_later).checked()
 
     def checked(self) -> SmsPolicy:
         """This policy, or a usage error naming the variable whose text no message could carry."""
@@ -386,6 +409,23 @@ class SmsPolicy:
         if problem:  # otherwise every member would be skipped, each for a message that cannot be sent
             raise UsageError(problem)
         return self
+
+    def compliance_problem(self) -> str | None:
+        """Why a run may not write messages for review with this policy, or None: every message names the
+        sender and says how to stop, unless SMS_OPT_OUT_TEXT=none says the sending system adds that."""
+        if self.opt_out_added_later or (self.sender and self.opt_out_text):
+            return None
+        missing = " and ".join(name for name, value in (("SMS_SENDER", self.sender),
+                                                        ("SMS_OPT_OUT_TEXT", self.opt_out_text)) if not value)
+        return (f"{missing} not set: a run that writes messages needs SMS_SENDER (the brand) and SMS_OPT_OUT_TEXT "
+                f"(e.g. Reply STOP to opt out) in .env, or SMS_OPT_OUT_TEXT=none when the sending system adds "
+                "the opt-out; --dry-run and --demo need neither")
+
+    def with_samples(self) -> SmsPolicy:
+        """The demo's policy: its messages carry a sender and an opt-out text, the sample ones wherever
+        none is configured (SMS_OPT_OUT_TEXT=none included: the demo has no sending system)."""
+        return replace(self, sender=self.sender or DEMO_SENDER, opt_out_text=self.opt_out_text or DEMO_OPT_OUT_TEXT,
+                       opt_out_added_later=False)
 
 
 def sms_region(value: str | None, present: bool) -> str:
@@ -398,6 +438,26 @@ def sms_region(value: str | None, present: bool) -> str:
         raise UsageError(f"SMS_DEFAULT_REGION={region[:20]!r} is not a region phonenumbers knows "
                          "(two letters, such as US or GB)")
     return region
+
+
+OPT_OUT_ADDED_LATER = "none"  # SMS_OPT_OUT_TEXT=none: no opt-out text in the message, the sending system adds it
+DEMO_SENDER, DEMO_OPT_OUT_TEXT = "Cuculi", "Reply STOP to opt out"  # --demo's sample compliance text
+
+# A value still as .env.example has it: "<mongo-user>", "</path/to/service-account.json>".
+PLACEHOLDER = re.compile(r"<[^<>\s]+>")
+CONFIG_PREFIXES = ("MONGO_", "FIREBASE_", "GOOGLE_APPLICATION_CREDENTIALS", "ANTHROPIC_", "CAMPAIGN_", "SMS_",
+                   "QUIET_HOURS", "NEIGHBOURHOODS_CSV")  # the variables this tool reads (the README's table)
+
+
+def placeholder_problem(env: Mapping[str, str]) -> str | None:
+    """Which of this tool's variables still hold a ``<...>`` placeholder (a .env copied unchanged from
+    .env.example), or None; names only, never a value (a real one may be a secret)."""
+    names = sorted(name for name, value in env.items()
+                   if name.startswith(CONFIG_PREFIXES) and isinstance(value, str) and PLACEHOLDER.search(value))
+    if not names:
+        return None
+    return (f"{', '.join(names)} still {'holds a placeholder' if len(names) == 1 else 'hold placeholders'} "
+            "like <...> from .env.example: set real values or delete those lines")
 
 
 @dataclass(frozen=True)
@@ -423,7 +483,11 @@ class Settings:
 
     @classmethod
     def from_env(cls, env: Mapping[str, str]) -> Settings:
-        """Read settings from a mapping (the process environment over ``.env``)."""
+        """Read settings from a mapping (the process environment over ``.env``); a ``<...>`` placeholder
+        left from .env.example is a usage error before anything is used (``placeholder_problem``)."""
+        problem = placeholder_problem(env)
+        if problem:
+            raise UsageError(problem)
 
         def get(name: str) -> str | None:
             value = (env.get(name) or "").strip()
@@ -548,6 +612,19 @@ class RunOptions:
     def is_demo(self) -> bool:
         return self.source is SourceKind.DEMO
 
+    @property
+    def data_dir(self) -> Path:
+        """Where the run keeps ``raw/`` and ``processed/``: a rehearsal (``--dry-run``) its own place,
+        ``data/dry-run/``, so it never overwrites what a live run left for the reviewers."""
+        return self.out_dir / "data" / DRY_RUN_NAME if self.dry_run else self.out_dir / "data"
+
+    def report_stem(self, campaign_id: str) -> Path:
+        """``reports/return_to_table_report_{campaign_id}`` (``_dry-run`` after it for a rehearsal)."""
+        return self.out_dir / "reports" / f"return_to_table_report_{campaign_id}{'_' + DRY_RUN_NAME if self.dry_run else ''}"
+
+
+DRY_RUN_NAME = "dry-run"  # a rehearsal's data folder (data/dry-run/) and report names say so
+
 
 class QuietFileHandler(logging.FileHandler):
     """The run's log file; a failing write (full disk) never prints a traceback to cron mail."""
@@ -559,14 +636,20 @@ class QuietFileHandler(logging.FileHandler):
 
 
 class ConsoleFilter(logging.Filter):
-    """The console's level, except that the final summary line (``extra={"summary": True}``) always shows."""
+    """The console's level, except that the final summary line (``extra={"summary": True}``) always shows,
+    and a line for the log file only (``FILE_ONLY``: an error ``raw_main`` prints on stderr) never does."""
 
     def __init__(self, level: int) -> None:
         super().__init__()
         self.level = level
 
     def filter(self, record: logging.LogRecord) -> bool:
+        if getattr(record, "file_only", False):
+            return False
         return record.levelno >= self.level or getattr(record, "summary", False)
+
+
+FILE_ONLY = {"file_only": True}  # ``extra=`` of a log line cron mail already gets once, on stderr
 
 
 def setup_logging(out_dir: Path, now: datetime, *, verbose: bool = False, quiet: bool = False,
@@ -1122,22 +1205,36 @@ def usual_extended(obj: dict[str, Any]) -> Any:
     return None
 
 
+class Unreadable:
+    """A stored value that could not be read (``ExtendedJsonDecoder.keep_unreadable``): where doubt must be
+    seen, as in an SMS preference (``consent_rows``), it is kept as this marker, never made missing."""
+
+    __slots__ = ()
+
+    def __repr__(self) -> str:
+        return "UNREADABLE"
+
+
+UNREADABLE = Unreadable()
+
+
 @dataclass
 class ExtendedJsonDecoder:
     """Extended JSON (relaxed or canonical) decoded value by value, as ``bson.json_util`` does.
 
     One bad value (``{"$date": "TBD"}``, ``{"$oid": "zz"}``, a ``$date`` beyond the calendar) becomes
     None and is counted, instead of failing the whole file: a bad single record is treated as missing,
-    never fatal.
+    never fatal. With ``keep_unreadable`` it becomes ``UNREADABLE`` instead (present, but no value).
     """
 
     bad_values: int = 0
     _decoder: json.JSONDecoder | None = field(default=None, repr=False)
+    keep_unreadable: bool = False
 
     def hook(self, obj: dict[str, Any]) -> Any:
         if obj.get("$oid", "") is None:  # json_util makes up a new random ObjectId for {"$oid": null}
             self.bad_values += 1
-            return None
+            return UNREADABLE if self.keep_unreadable else None
         if len(obj) == 1:
             found = usual_extended(obj)
             if found is not None:
@@ -1146,7 +1243,7 @@ class ExtendedJsonDecoder:
             return json_util.object_hook(obj, json_util.RELAXED_JSON_OPTIONS)
         except (ValueError, TypeError, KeyError, AttributeError, ArithmeticError, BSONError):  # Overflow, InvalidId, {"$binary": null}…
             self.bad_values += 1
-            return None
+            return UNREADABLE if self.keep_unreadable else None
 
     def loads(self, text: str) -> Any:
         return json.loads(text, object_hook=self.hook)
@@ -2160,14 +2257,16 @@ class ActivityIndex(Mapping[str, Activity]):
 
     def status(self, member: str, now: datetime) -> str:
         """The member's engagement status at ``now`` (``derive_engagement``), without building its record:
-        its day counts as two moments (``days <= 30`` is ``last > now - 31 days``), once per ``now``."""
+        its day counts as two moments (``days <= ACTIVE_DAYS`` is ``last > now - (ACTIVE_DAYS + 1) days``), once
+        per ``now``."""
         return self.statuses([member], now)[0]  # type: ignore[return-value]
 
     def statuses(self, members: Sequence[str | None], now: datetime) -> list[str | None]:
         """``status`` of each member (None for None), in one loop: a million members are asked."""
         if self._edges[0] != now:  # where in start order the active and the dormant begin: positions compared
-            self._edges = (now, bisect.bisect_right(self.dated, now - timedelta(days=31), key=operator.itemgetter(0)),
-                           bisect.bisect_right(self.dated, now - timedelta(days=91), key=operator.itemgetter(0)))
+            active_from, dormant_from = now - timedelta(days=ACTIVE_DAYS + 1), now - timedelta(days=DORMANT_DAYS + 1)
+            self._edges = (now, bisect.bisect_right(self.dated, active_from, key=operator.itemgetter(0)),
+                           bisect.bisect_right(self.dated, dormant_from, key=operator.itemgetter(0)))
         _, active, dormant = self._edges
         positions = self.positions
         found: list[str | None] = []
@@ -2240,13 +2339,14 @@ def clean_interests(value: Any) -> list[str]:
 
 
 def derive_engagement(last_event: datetime | None, now: datetime) -> tuple[int | None, str]:
-    """``days_inactive`` and status: <=30 active, <=90 dormant, else churned (or new, no events)."""
+    """``days_inactive`` and status: <= ACTIVE_DAYS active, <= DORMANT_DAYS dormant, else churned (or new,
+    no events)."""
     if last_event is None:
         return None, "new"
     days = (now - last_event).days
-    if days <= 30:
+    if days <= ACTIVE_DAYS:
         return days, "active"
-    if days <= 90:
+    if days <= DORMANT_DAYS:
         return days, "dormant"
     return days, "churned"
 
@@ -2255,8 +2355,8 @@ def calculate_reactivation_score(user: Mapping[str, Any]) -> float:
     """The plan's composite score, exactly as its code reads (the linear dormancy formula rules)."""
     completeness_score = min(40, count_profile_fields(user) * 5)
     days_inactive = user.get("days_inactive") or 0
-    if 31 <= days_inactive <= 90:
-        dormancy_score = 10 + ((days_inactive - 31) / 59) * 20
+    if ACTIVE_DAYS < days_inactive <= DORMANT_DAYS:  # the plan's 31-90: 10 points at 31 days to 30 at 90
+        dormancy_score = 10 + ((days_inactive - ACTIVE_DAYS - 1) / (DORMANT_DAYS - ACTIVE_DAYS - 1)) * 20
     else:
         dormancy_score = 0
     event_count = user.get("eventCount") or 0
@@ -2574,32 +2674,55 @@ class Preference(Enum):
     ODD = "odd"
 
 
-def field_at(doc: Mapping[str, Any], path: str) -> Any:
-    """The value at a dotted path (``optOut.sms``); a literal dotted key wins. A scalar where a
-    sub-document should be is returned as it is (``optOut: true`` opts out of texts too; "weekly" is odd)."""
-    if path in doc:
-        return doc[path]
-    value: Any = doc
-    for part in path.split("."):
-        if not isinstance(value, Mapping):
-            return value if value is not doc else None
-        value = value.get(part)
-        if value is None:
-            return None
-    return value
+@functools.lru_cache(maxsize=1024)
+def path_steps(path: str) -> tuple[tuple[tuple[str, int], ...], ...]:
+    """For each position in a dotted path, the keys that may go on from there and where each ends
+    (``a.b.c`` from 0: ``a`` to 1, ``a.b`` to 2, ``a.b.c`` to 3): a literal dotted key spans several names."""
+    parts = path.split(".")
+    return tuple(tuple((".".join(parts[at:end]), end) for end in range(at + 1, len(parts) + 1))
+                 for at in range(len(parts)))
+
+
+def values_at(doc: Mapping[str, Any], path: str) -> list[Any]:
+    """Every value a dotted path (``optOut.sms``) finds: the nested field, a literal dotted key
+    (``"optOut.sms"``) and any mix of the two, for a record may hold several that disagree (the reader
+    weighs them all: an opt-out in any of them wins). A scalar where a sub-document should be is found as
+    it is (``optOut: true`` opts out of texts too; "weekly" is odd); a null is not found."""
+    steps, found = path_steps(path), []
+    stack: list[tuple[Mapping[str, Any], int]] = [(doc, 0)]
+    while stack:
+        value, at = stack.pop()
+        for key, end in steps[at]:
+            inner = value.get(key)
+            if inner is None:
+                continue
+            if end < len(steps) and isinstance(inner, Mapping):
+                stack.append((inner, end))
+            else:
+                found.append(inner)
+    return found
+
+
+def preference_word(text: str) -> str | None:
+    """A stored text as the word it says (cleaned, trimmed, lower case), or None when cleaning alone
+    emptied it (a lone zero-width or control character: something was written, nothing can be read)."""
+    word = clean_text(text, MAX_TEXT_CHARS)[0].strip().lower()
+    return None if not word and text.strip(" \t\n\r") else word
 
 
 def read_preference(value: Any) -> Preference:
-    """A stored yes/no read defensively: booleans, 0/1, and the usual words; anything else is odd."""
+    """A stored yes/no read defensively: booleans, 0/1, and the usual words; anything else is odd (NaN, a
+    date, an ``UNREADABLE`` value, a text that is empty only once cleaned)."""
     if value is None:
         return Preference.ABSENT
     if isinstance(value, bool):
         return Preference.YES if value else Preference.NO
     if isinstance(value, (int, float)) and value in (0, 1):
         return Preference.YES if value else Preference.NO
-    if isinstance(value, str) and value.strip().lower() in NO_WORDS | YES_WORDS:
-        return Preference.YES if value.strip().lower() in YES_WORDS else Preference.NO
-    return Preference.ODD
+    word = preference_word(value) if isinstance(value, str) else None
+    if word in YES_WORDS:
+        return Preference.YES
+    return Preference.NO if word in NO_WORDS else Preference.ODD
 
 
 def sms_opt_out(user: Mapping[str, Any], opt_out_fields: Sequence[str],
@@ -2608,16 +2731,14 @@ def sms_opt_out(user: Mapping[str, Any], opt_out_fields: Sequence[str],
 
     An opt-out field that holds anything but a "no" (a date, a reason, a list) opts out; a consent
     field opts out only when it says "no"; an odd consent value (neither yes nor no) opts out too,
-    so that doubt never sends a text. A missing field records no opt-out."""
+    so that doubt never sends a text. A missing field records no opt-out; a path found twice (a literal
+    dotted key and the nested field, ``values_at``) opts out when either value does."""
     odd, opted_out = 0, False
-    for path in opt_out_fields:
-        said = read_preference(field_at(user, path))
-        odd += said is Preference.ODD
-        opted_out |= said in (Preference.YES, Preference.ODD)
-    for path in consent_fields:
-        said = read_preference(field_at(user, path))
-        odd += said is Preference.ODD
-        opted_out |= said in (Preference.NO, Preference.ODD)
+    for paths, refusal in ((opt_out_fields, Preference.YES), (consent_fields, Preference.NO)):
+        for path in paths:
+            for said in map(read_preference, values_at(user, path)):
+                odd += said is Preference.ODD
+                opted_out |= said in (refusal, Preference.ODD)
     return opted_out, odd
 
 
@@ -2639,6 +2760,94 @@ def contact_block(user: DormantMember, policy: SmsPolicy) -> tuple[str | None, i
     if user.get("phone_e164") is None:
         return "no_valid_phone", odd
     return ("opted_out" if opted_out else None), odd
+
+
+# --- consent and contact per number ------------------------------------------------------------
+# Consent belongs to the phone number (the FCC reads a revocation so), not to the record: an opt-out, a
+# refused consent or a value in doubt on any member's record stops every member who gives that number, and
+# one number gets one message per run and per cooldown, whoever holds it.
+
+OTHER_RECORD = "number opted out on another record"  # the skip detail of a member another record's opt-out stops
+
+
+def sms_field_paths(policy: SmsPolicy) -> tuple[str, ...]:
+    """Every field path an SMS preference is read from (opt-out and consent)."""
+    return (*policy.opt_out_fields, *policy.consent_fields)
+
+
+def consent_keys(paths: Iterable[str]) -> frozenset[str]:
+    """The top-level keys a record may hold a preference under: each path's leading names, joined as a
+    literal dotted key joins them (``optOut`` and ``optOut.sms`` for ``optOut.sms``)."""
+    return frozenset(".".join(parts[:n]) for parts in (p.split(".") for p in paths) for n in range(1, len(parts) + 1))
+
+
+def consent_row(doc: Mapping[str, Any], keys: Collection[str]) -> dict[str, Any] | None:
+    """What ``consent_rows`` gives of one member: the values under ``keys`` as stored, with ``_id`` (``id_of``;
+    None when odd) and ``phone``; None when the record holds none of them."""
+    found = {key: doc[key] for key in keys if key in doc}
+    return {**found, "_id": id_of(doc.get("_id")), "phone": doc.get("phone")} if found else None
+
+
+def number_key(value: Any, region: str) -> str | None:
+    """The number a ``phone`` value names, in E.164, however it is written (``(212) 555-0101`` is
+    ``+12125550101``), or None when it names none. Looser than ``textable_phone``: a number with an
+    extension, or one the library calls invalid, still names the number a member opted out from."""
+    text = phone_text(clean_text(value, MAX_PHONE_CHARS)[0] if isinstance(value, str) else value)
+    if text is None or len(text) > MAX_PHONE_CHARS:
+        return None
+    try:
+        number = phonenumbers.parse(text, region)
+    except phonenumbers.NumberParseException:
+        return None
+    return phonenumbers.format_number(number, phonenumbers.PhoneNumberFormat.E164)
+
+
+@dataclass
+class NumberLedger:
+    """Who may be texted at which number: ``refused`` holds the members whose own stored preferences opt out
+    or are in doubt (read before screening could turn an unreadable value into a missing one), ``refused_numbers``
+    their numbers, ``recent`` the numbers messaged or held out within the cooldown, ``taken`` the numbers a
+    member of this run holds (number -> member id: the first the walk reaches, until their turn ends with
+    neither a message nor a holdout record). ``odd`` counts the odd values read."""
+
+    refused: set[str] = field(default_factory=set)
+    refused_numbers: set[str] = field(default_factory=set)
+    recent: set[str] = field(default_factory=set)
+    taken: dict[str, str] = field(default_factory=dict)
+    odd: int = 0
+
+    @classmethod
+    def collect(cls, rows: Iterable[Mapping[str, Any]], policy: SmsPolicy) -> NumberLedger:
+        """The refusals in ``rows`` (``consent_rows``: every member the source holds), by member and number."""
+        ledger = cls()
+        for row in rows:
+            refused, odd = sms_opt_out(row, policy.opt_out_fields, policy.consent_fields)
+            ledger.odd += odd
+            if refused:
+                if row.get("_id") is not None:
+                    ledger.refused.add(str(row["_id"]))
+                number = number_key(row.get("phone"), policy.default_region)
+                if number is not None:
+                    ledger.refused_numbers.add(number)
+        return ledger
+
+    def claim(self, user: DormantMember) -> tuple[str | None, str | None]:
+        """A contactable member's number taken for them, or why not: ``(skip code, detail)`` (``opted_out`` by
+        their own record or, with ``OTHER_RECORD``, another's; ``shared_phone``), else ``(None, None)``."""
+        number = user.get("phone_e164") or ""
+        if user["_id"] in self.refused:
+            return "opted_out", None
+        if number in self.refused_numbers:
+            return "opted_out", OTHER_RECORD
+        if number in self.recent or self.taken.setdefault(number, user["_id"]) != user["_id"]:
+            return "shared_phone", None
+        return None, None
+
+    def release(self, user: Mapping[str, Any]) -> None:
+        """The member's turn ended with neither a message nor a holdout record: their number is free again."""
+        number = user.get("phone_e164") or ""
+        if self.taken.get(number) == user.get("_id"):
+            del self.taken[number]
 
 
 # =============================================================================================
@@ -4723,6 +4932,7 @@ class HoldoutRecord(TypedDict):
 
     user_id: str
     user_name: str
+    user_phone: str | None  # E.164: a number held out counts as contacted within the cooldown (``NumberLedger``)
     rank: int  # 1-based, in the eligible list
     reactivation_score: float
     days_inactive: int
@@ -4738,7 +4948,8 @@ class HoldoutRecord(TypedDict):
 def holdout_record(rank: int, match: Match, *, campaign_id: str, fraction: float, now: datetime) -> HoldoutRecord:
     """What a holdout member gets instead of a message: a record of the rules' pick (never Claude's)."""
     user, event = match["user"], match["event"]
-    return HoldoutRecord(user_id=match["user_id"], user_name=match["user_name"], rank=rank,
+    return HoldoutRecord(user_id=match["user_id"], user_name=match["user_name"], user_phone=user.get("phone_e164"),
+                         rank=rank,
                          reactivation_score=user["reactivation_score"], days_inactive=user["days_inactive"],
                          event_id=match["event_id"], event_name=match["event_name"],
                          event_start=event.get("startDate"),
@@ -4827,7 +5038,8 @@ class Skip:
 SKIP_REASONS = (  # dormant_users.json's skip_reason for an eligible member not selected, in walk order
     "cooldown",                 # messaged (or held out) within --cooldown-days
     "no_valid_phone",           # no phone, or not a valid number that can receive SMS
-    "opted_out",                # an opt-out field set, or consent explicitly refused
+    "opted_out",                # an opt-out field set, or consent explicitly refused (or in doubt), on any record with the number
+    "shared_phone",             # the number was messaged or held out for another member (this run or the cooldown)
     "holdout",                  # the control group: recorded, never texted
     "no_matching_event",        # no open future event shares an interest
     "no_event_in_send_window",  # every candidate starts too soon or leaves only quiet hours to send
@@ -4838,6 +5050,74 @@ SKIP_REASONS = (  # dormant_users.json's skip_reason for an eligible member not 
     "not_started",              # the run stopped (signal or deadline) before this member
     "below_limit",              # --limit members were messaged before this one's turn
 )
+
+
+class IdleReason(Enum):
+    """Why a day drafted no message: the one line cron mail gets, and the exit code (3: look; 0: as planned).
+
+    ``idle_reason`` finds it from the walk's decisions; a step that knows before the walk (the per-day
+    limit: ``DAY_LIMIT_DRAFTED``) hands it over as ``ReturnToTable.idle_hint``."""
+
+    NOBODY_DORMANT = "nobody_dormant"
+    ALL_IN_COOLDOWN = "all_in_cooldown"
+    NOBODY_TEXTABLE = "nobody_textable"
+    NO_EVENT_IN_SEND_WINDOW = "no_event_in_send_window"
+    NONE_MATCHED = "none_matched"
+    DAY_LIMIT_DRAFTED = "day_limit_drafted"
+
+    @property
+    def exit_code(self) -> int:
+        return EXIT_OK if self is IdleReason.DAY_LIMIT_DRAFTED else EXIT_ATTENTION
+
+
+IDLE_LINES = {
+    IdleReason.NOBODY_DORMANT: "nobody is dormant and personalisation-ready today (31-90 days since their last "
+                               "table, 4 of the 8 profile fields, interests)",
+    IdleReason.ALL_IN_COOLDOWN: "every eligible member was messaged or held out within --cooldown-days",
+    IdleReason.NOBODY_TEXTABLE: "no eligible member outside the cooldown can be texted (no valid number, opted out, "
+                                "or the number was texted for another member)",
+    IdleReason.NO_EVENT_IN_SEND_WINDOW: "no open event in the send window: for every textable member, the events "
+                                        "sharing an interest are full, start too soon (--min-lead-hours) or "
+                                        "leave only QUIET_HOURS, or there are none",
+    IdleReason.NONE_MATCHED: "no member reached was messaged",
+    IdleReason.DAY_LIMIT_DRAFTED: "today's --limit is already drafted",
+}
+UNTEXTABLE = frozenset({"no_valid_phone", "opted_out", "shared_phone"})
+NO_EVENT = frozenset({"no_matching_event", "no_event_in_send_window", "seats_exhausted"})
+NOT_REACHED = frozenset({"cooldown", "below_limit", "not_started"})
+
+
+def idle_reason(eligible: int, decisions: Mapping[str, str], messages: int,
+                hint: IdleReason | None = None) -> IdleReason | None:
+    """Why no message was drafted (``decisions``: each eligible member's ``selected`` or skip code), or None
+    when one was. ``hint``: a reason known before the walk (today's limit already drafted)."""
+    if messages:
+        return None
+    if hint is not None:
+        return hint
+    codes = Counter(decisions.values())
+    if not eligible:
+        return IdleReason.NOBODY_DORMANT
+    if codes["cooldown"] >= eligible:
+        return IdleReason.ALL_IN_COOLDOWN
+    reached = [code for code in codes.elements() if code not in NOT_REACHED]
+    textable = [code for code in reached if code not in UNTEXTABLE]
+    if reached and not textable:
+        return IdleReason.NOBODY_TEXTABLE
+    if textable and all(code in NO_EVENT for code in textable):
+        return IdleReason.NO_EVENT_IN_SEND_WINDOW
+    return IdleReason.NONE_MATCHED
+
+
+def idle_line(reason: IdleReason, decisions: Mapping[str, str]) -> str:
+    """The one line a day without messages gets; the catch-all names the commonest skip reason."""
+    line = IDLE_LINES[reason]
+    if reason is IdleReason.NONE_MATCHED:
+        codes = Counter(code for code in decisions.values() if code not in NOT_REACHED | UNTEXTABLE)
+        if codes:
+            code, count = codes.most_common(1)[0]
+            line += f": {code} for {count} of {sum(codes.values())} textable members"
+    return line
 
 
 # --- volume: --limit is per campaign day ------------------------------------------------------------
@@ -4939,6 +5219,7 @@ def volume_lines(report: Mapping[str, Any]) -> list[str]:
     lines.append(f"Seats exhausted (members whose first choice had no seat left, by event): {seen}." if exhausted
                  else "Seats exhausted: none (no member's first choice was full).")
     return [*lines, ""]
+CONTACT_SKIPS = ("no_valid_phone", "opted_out", "shared_phone")  # decided when the walk reaches a member (counted on the console)
 
 
 # --- the funnel: eligible to drafted, one count per stage (console, Markdown and JSON alike) -------
@@ -5246,10 +5527,12 @@ def empty_input_lines(empty: Sequence[str]) -> list[str]:
     return [line]
 
 
-def skip_reason_lines(reasons: Mapping[str, int], holdout: Mapping[str, Any]) -> list[str]:
+def skip_reason_lines(reasons: Mapping[str, int], holdout: Mapping[str, Any],
+                      details: Mapping[str, int] | None = None) -> list[str]:
     """Why eligible members were not texted (counts only), and the control group."""
     lines = ["## Who was texted", "", "| eligible members not texted, by reason | count |", "| --- | --- |"]
     lines += [f"| {code} | {n} |" for code, n in reasons.items()] or ["| (none) | 0 |"]
+    lines += [f"\nOf these, {n}: {cell(detail)}." for detail, n in (details or {}).items()]
     if holdout.get("fraction"):
         ranks = ", ".join(str(r) for r in holdout.get("ranks", [])) or "none"
         lines += ["", (f"Holdout (control group, {holdout['fraction']:g} of members by a stable hash): "
@@ -5264,12 +5547,13 @@ def report_markdown(report: Mapping[str, Any]) -> str:
     lines = [
         f"# Return To Table report: {report['campaign_id']}",
         "",
-        ("**Goal:** bring dormant members (31-90 days since their last table) back with one "
+        (f"**Goal:** bring dormant members ({DORMANCY_SPAN} since their last table) back with one "
          "well-matched upcoming event and a warm welcome-back SMS, reviewed before sending."),
         "",
         f"- Run date: {report['run_date']} (as of {report['as_of']})",
         f"- Source: {report['source']}; matcher: {matcher}; dry run: {report['dry_run']}",
         *empty_input_lines(report.get("empty_input") or []),
+        *([f"- No message drafted: {report['no_message']['text']}"] if report.get("no_message") else []),
         "",
         "## Run summary",
         "",
@@ -5280,14 +5564,14 @@ def report_markdown(report: Mapping[str, Any]) -> str:
                 "users_left_out_by_cooldown", "total_future_events", "total_matches_created",
                 "total_messages_generated", "total_sms_segments", "average_days_inactive",
                 "average_confidence_score", "error_count"):
-        lines.append(f"| {key.replace('_', ' ')} | {s.get(key)} |")
+        lines.append(f"| {key.replace('_', ' ')} | {'—' if s.get(key) is None else s.get(key)} |")
     lines += ["", f"Future events considered: {st['events_processed']}. Cost: {cost_text(report['cost'])}.", ""]
     if report.get("places_not_located"):
         lines += [places_line(report["places_not_located"]), ""]
     lines += volume_lines(report)
     lines += funnel_lines(report["funnel"], report.get("skip_reasons", {}))
     lines += ["## Recommendations", "", *(f"- {r}" for r in report["recommendations"]), ""]
-    lines += skip_reason_lines(report.get("skip_reasons", {}), report.get("holdout", {}))
+    lines += skip_reason_lines(report.get("skip_reasons", {}), report.get("holdout", {}), report.get("skip_details", {}))
     lines += power_lines(report["holdout_power"])
     lines += preview_lines(report["preview"])
     lines += ["## Matches and messages", "", "| member | event | confidence | matcher | SMS | segments |",
@@ -5403,29 +5687,35 @@ def walk_codes(outcomes: Iterable[UserOutcome]) -> dict[str, str]:
     return codes
 
 
-def walk_listing(eligible: Sequence[DormantMember], decisions: Mapping[str, str]) -> Iterator[bytes]:
+def walk_listing(eligible: Sequence[DormantMember], decisions: Mapping[str, str],
+                 details: Mapping[str, str] | None = None) -> Iterator[bytes]:
     """``dormant_users.json``'s items (``write_json_items``), ``JSON_CHUNK_ITEMS`` at a time: every eligible
     member in rank order, with ``selected`` and, for those not selected, ``skip_reason`` (a member the walk
-    never decided on is ``below_limit``). The keys are appended to each record's JSON, the records are not
-    copied (160,000 copies at a million members were a second)."""
-    tails: dict[str, bytes] = {}
+    never decided on is ``below_limit``) and its ``skip_detail`` when ``details`` has one. The keys are
+    appended to each record's JSON, the records are not copied (160,000 copies at a million members were a
+    second)."""
+    tails: dict[tuple[str, str | None], bytes] = {}
+    details = details or {}
     for first in range(0, len(eligible), JSON_CHUNK_ITEMS):
         chunk = eligible[first:first + JSON_CHUNK_ITEMS]
-        codes = [decisions.get(user["_id"], "below_limit") for user in chunk]
+        codes = [(decisions.get(user["_id"], "below_limit"), details.get(user["_id"])) for user in chunk]
         # each item's b"  {\n    ...": a line "  }" only ends an item (nested lines are deeper, strings escape \n)
         bodies = json_bytes(list(chunk))[2:-2].split(b"\n  },\n")
-        if len(bodies) != len(chunk) or any("selected" in user or "skip_reason" in user for user in chunk):
-            yield b",\n".join(json_item({**user, **decision_keys(code)}) for user, code in zip(chunk, codes))
+        if len(bodies) != len(chunk) or any("selected" in user or "skip_reason" in user or "skip_detail" in user
+                                            for user in chunk):
+            yield b",\n".join(json_item({**user, **decision_keys(*code)}) for user, code in zip(chunk, codes))
             continue  # (stored fields of those names keep their place, as in the merged dict)
         bodies[-1] = bodies[-1].removesuffix(b"\n  }")
         for code in set(codes) - tails.keys():
-            tails[code] = b",\n" + json_item(decision_keys(code))[4:]  # b',\n    "selected": ...\n  }'
+            tails[code] = b",\n" + json_item(decision_keys(*code))[4:]  # b',\n    "selected": ...\n  }'
         yield b",\n".join(map(operator.add, bodies, map(tails.__getitem__, codes)))
 
 
-def decision_keys(code: str) -> dict[str, Any]:
+def decision_keys(code: str, detail: str | None = None) -> dict[str, Any]:
     """What ``dormant_users.json`` adds to an eligible member's record for the walk's decision."""
-    return {"selected": True} if code == "selected" else {"selected": False, "skip_reason": code}
+    if code == "selected":
+        return {"selected": True}
+    return {"selected": False, "skip_reason": code, **({"skip_detail": detail} if detail else {})}
 
 
 def skip_reason_counts(decisions: Mapping[str, str]) -> dict[str, int]:
@@ -5444,19 +5734,20 @@ def fallback_counts(outcomes: Sequence[UserOutcome]) -> dict[str, Any]:
 
 def build_report(*, campaign_id: str, run_started: datetime, finished: datetime, options: RunOptions,
                  source_label: str, census: DormancyCensus, selected: Sequence[DormantMember],
-                 decisions: Mapping[str, str],
+                 decisions: Mapping[str, str], skip_details: Mapping[str, str] | None = None,
                  future_events: Sequence[FutureEvent], outcomes: Sequence[UserOutcome], steps_5_6_seconds: float,
                  issues: DataIssues, firebase: Mapping[str, Any], errors: Sequence[str],
                  llm_usage: Mapping[str, Any] | None, status: str = "completed",
                  empty_input: Sequence[str] = (), places_not_located: Mapping[str, int] | None = None,
                  sms_segment_price: float | None = None, earlier_30_days: tuple[int, int] | None = None,
-                 volume: Mapping[str, Any] | None = None) -> dict[str, Any]:
+                 volume: Mapping[str, Any] | None = None, idle: IdleReason | None = None) -> dict[str, Any]:
     """Step 8: the plan's statistics and summary, plus the funnel, a preview of every message, the cost, who
     was skipped, the holdout's power, services, errors and recommendations from these figures.
 
     ``empty_input`` names the collections the source had no documents in (``"users"``, ``"events"``);
     ``decisions`` is each eligible member's ``selected`` or skip code; ``earlier_30_days`` the members
-    messaged and held out in the dashboard in the 30 days before this run (None: not read).
+    messaged and held out in the dashboard in the 30 days before this run (None: not read); ``idle`` why
+    no message was drafted.
     """
     reasons = skip_reason_counts(decisions)
     held_out = [o.holdout for o in outcomes if o.holdout is not None]
@@ -5476,8 +5767,8 @@ def build_report(*, campaign_id: str, run_started: datetime, finished: datetime,
         "users_failed": sum(o.failed for o in outcomes),
         "users_not_started": reasons.get("not_started", 0),
         "users_held_out": len(held_out),
-        "average_days_inactive": mean([u["days_inactive"] for u in selected]),
-        "average_confidence_score": mean([m["confidence_percentage"] for m in matches]),
+        "average_days_inactive": mean([u["days_inactive"] for u in selected]) if selected else None,
+        "average_confidence_score": mean([m["confidence_percentage"] for m in matches]) if matches else None,
         "error_count": len(errors),
         "matchers": dict(Counter(m["matcher"] for m in matches)),
         "generators": dict(Counter(m["generator"] for m in messages)),
@@ -5490,6 +5781,7 @@ def build_report(*, campaign_id: str, run_started: datetime, finished: datetime,
         "as_of": iso_utc(options.now),
         "source": source_label,
         "empty_input": list(empty_input),
+        "no_message": None if idle is None else {"reason": idle.value, "text": idle_line(idle, decisions)},
         "llm": "claude" if options.use_claude else "off",
         "dry_run": options.dry_run,
         "limit": options.limit,
@@ -5499,6 +5791,7 @@ def build_report(*, campaign_id: str, run_started: datetime, finished: datetime,
         "engagement_counts": census.status_counts,
         "skipped": [vars(s) for s in skipped],
         "skip_reasons": reasons,
+        "skip_details": dict(Counter((skip_details or {}).values())),  # e.g. OTHER_RECORD: how many
         "funnel": run_funnel(len(census.eligible), reasons),
         "holdout": {"fraction": options.holdout, "count": len(held_out), "ranks": [h["rank"] for h in held_out]},
         "holdout_power": holdout_power((len(messages), len(held_out)), earlier_30_days),
@@ -5581,6 +5874,13 @@ class DataSource(Protocol):
 
     def read(self, progress: Any = None) -> SourceData: ...
 
+    def consent_rows(self, paths: Sequence[str]) -> Iterable[dict[str, Any]]:
+        """Every member the source holds (all of them, not only the dormant) whose record has a value at one
+        of the field ``paths`` or a key that may start one (``consent_keys``), as ``consent_row`` gives it:
+        ``_id``, ``phone`` and those values as stored, never cleaned, an unreadable one as ``UNREADABLE``
+        (so that doubt is seen). Read apart from ``read``, without holding every member in memory."""
+        ...
+
 
 class FolderSource:
     """A folder of ``mongoexport`` output: ``users.json`` and ``events.json``."""
@@ -5613,6 +5913,10 @@ class FolderSource:
             events, deep_events = load_collection_file(files[1], decoder)
         skipped = Counter({"users_nested_too_deep": deep_users, "events_nested_too_deep": deep_events})
         return SourceData(users, events, decoder.bad_values, +skipped, dict(zip(("users", "events"), files)))
+
+    def consent_rows(self, paths: Sequence[str]) -> Iterator[dict[str, Any]]:
+        path = self.folder / "users.json"
+        return consent_rows_of_file(path, consent_keys(paths)) if path.is_file() else iter(())
 
 
     def read_dormant(self, now: datetime, progress: Any = None) -> SourceData:
@@ -5663,6 +5967,58 @@ class FolderSource:
                           issues=issues + counted.counts, activity=activity, statuses=dict(sorted(statuses.items())),
                           read={"users": users_read, "events": events_read}, screened=True,
                           plain_users=frozenset(plain))
+
+
+CONSENT_GROUP = 4096  # members decoded together by ``consent_rows_of_file``
+
+
+def consent_doc_type(keys: Sequence[str]) -> Any:
+    """A msgspec type decoding a member to its ``_id``, ``phone`` and the values under ``keys`` (None when
+    absent, as a null is), every other field skipped without being built."""
+    fields = [("id", Any, None), ("phone", Any, None), *((f"f{n}", Any, None) for n in range(len(keys)))]
+    return msgspec.defstruct("ConsentDoc", fields, rename={"id": "_id", **{f"f{n}": k for n, k in enumerate(keys)}})
+
+
+def stored_value(value: Any, decoder: ExtendedJsonDecoder) -> Any:
+    """A value msgspec decoded, as ``json_util`` gives it (``decoder.keep_unreadable``: a bad one ``UNREADABLE``)."""
+    try:
+        return extended_values(value, decoder) if type(value) is dict or type(value) is list else value
+    except FastPathRefused:  # nested too deep
+        return UNREADABLE
+
+
+def consent_rows_of_file(path: Path, keys: Collection[str]) -> Iterator[dict[str, Any]]:
+    """``consent_rows`` of a mongoexport users file: ``CONSENT_GROUP`` records at a time decoded to their id,
+    phone and the values under ``keys`` (``consent_doc_type``), nothing cleaned, an unreadable value kept as
+    ``UNREADABLE``; a record msgspec cannot read (a bare NaN) is decoded alone by the literal decoder, and a
+    file it cannot split is decoded whole, as ``read`` decodes it. Records the read skips are skipped."""
+    decoder = ExtendedJsonDecoder(keep_unreadable=True)
+    try:
+        elements = export_elements(export_bytes(path))
+    except FastPathRefused:
+        docs, _ = load_collection_file(path, decoder)
+        yield from filter(None, (consent_row(doc, keys) for doc in docs))
+        return
+    order = sorted(keys)
+    shape = consent_doc_type(order)
+    many, one = msgspec.json.Decoder(list[shape]), msgspec.json.Decoder(shape)
+    for first in range(0, len(elements), CONSENT_GROUP):
+        group = elements[first:first + CONSENT_GROUP]
+        elements[first:first + len(group)] = [None] * len(group)
+        for doc, element in zip(decoded_group(b"[" + b",".join(group) + b"]", group, many, one), group, strict=True):
+            if doc is None:
+                try:
+                    whole = decoder.loads(bytes(element).decode("utf-8"))
+                except (ValueError, RecursionError):
+                    continue
+                row = consent_row(whole, keys) if type(whole) is dict else None
+            else:
+                values = msgspec.structs.astuple(doc)
+                found = {key: stored_value(value, decoder) for key, value in zip(order, values[2:]) if value is not None}
+                row = {**found, "_id": id_of(stored_value(values[0], decoder)),
+                       "phone": stored_value(values[1], decoder)} if found else None
+            if row is not None:
+                yield row
 
 
 def bytes_tick(bar: Any, size: int, records: int) -> Any:
@@ -5758,8 +6114,8 @@ def member_activity_stages() -> list[dict[str, Any]]:
 
 def dormant_window(now: datetime) -> tuple[datetime, datetime]:
     """The latest event dates that make a member dormant at ``now``: after the first, up to the second
-    (``derive_engagement``: 31 to 90 whole days)."""
-    return now - timedelta(days=91), now - timedelta(days=31)
+    (``derive_engagement``: ACTIVE_DAYS + 1 to DORMANT_DAYS whole days)."""
+    return now - timedelta(days=DORMANT_DAYS + 1), now - timedelta(days=ACTIVE_DAYS + 1)
 
 
 def bson_window(now: datetime) -> tuple[datetime, datetime]:
@@ -5807,6 +6163,20 @@ def member_events_pipeline(ids: Sequence[str]) -> list[dict[str, Any]]:
     """The events any of ``ids`` joined or hosted, whatever form their entries take (``mongo_members``)."""
     return [{"$match": USABLE_ID}, {"$addFields": {"rtt_members": mongo_members()}},
             {"$match": {"rtt_members": {"$in": list(ids)}}}, {"$project": {"rtt_members": 0}}]
+
+
+def consent_pipeline(keys: Collection[str]) -> list[dict[str, Any]]:
+    """Members with a value under one of ``keys`` (``consent_keys``): ``_id``, ``phone`` and ``sms``, those
+    fields as ``{k, v}`` pairs (``$objectToArray``: a literal dotted key is a key like any other here)."""
+    fields = {"$filter": {"input": {"$objectToArray": "$$ROOT"}, "as": "field",
+                          "cond": {"$in": ["$$field.k", {"$literal": sorted(keys)}]}}}
+    return [{"$project": {"phone": 1, "sms": fields}}, {"$match": {"sms.0": {"$exists": True}}}]
+
+
+def mongo_consent_row(doc: Mapping[str, Any]) -> dict[str, Any]:
+    """``consent_row`` of a ``consent_pipeline`` document."""
+    found = {pair["k"]: pair["v"] for pair in doc.get("sms") or () if isinstance(pair, Mapping) and "k" in pair}
+    return {**found, "_id": id_of(doc.get("_id")), "phone": doc.get("phone")}
 
 
 def with_attended(counted: Mapping[str, Activity], attended: Mapping[str, Activity]) -> dict[str, Activity]:
@@ -5941,6 +6311,31 @@ class MongoSource:
                     latest[member] = start
         return latest
 
+    def consent_rows(self, paths: Sequence[str]) -> Iterator[dict[str, Any]]:
+        """The database picks the members with a preference key (``consent_pipeline``): only those, and only
+        their id, phone and preferences, come to Python; a date beyond Python's calendar comes as a
+        ``DatetimeMS`` (odd: doubt), never as an error. A server that cannot run it: every member, streamed."""
+        from pymongo.errors import OperationFailure, PyMongoError
+
+        keys = consent_keys(paths)
+        users = self.client.get_database(self.db_name)[USER_COLLECTION]
+        try:
+            with contextlib.suppress(NotImplementedError):  # mongomock lacks the codec option
+                users = users.with_options(codec_options=users.codec_options.with_options(
+                    datetime_conversion=DatetimeConversion.DATETIME_AUTO))
+            try:
+                rows = map(mongo_consent_row, users.aggregate(consent_pipeline(keys), allowDiskUse=True,
+                                                              batchSize=MONGO_BATCH_SIZE))
+            except OperationFailure as exc:
+                if exc.code not in (None, *UNKNOWN_OPERATOR_CODES):
+                    raise
+                rows = (consent_row(doc, keys) for doc in users.find({}, batch_size=MONGO_BATCH_SIZE))
+            except NotImplementedError:  # mongomock: an operator it lacks
+                rows = (consent_row(doc, keys) for doc in users.find({}, batch_size=MONGO_BATCH_SIZE))
+            yield from filter(None, rows)
+        except PyMongoError as exc:
+            raise mongo_failure(exc) from None
+
     @staticmethod
     def members(users: Any, ids: Sequence[str], progress: Any) -> list[dict[str, Any]]:
         """The member documents of ``ids``, by batches of ``MONGO_IDS_PER_QUERY``."""
@@ -6011,7 +6406,9 @@ def connect_mongo(settings: Settings, insecure_tls: bool, logger: logging.Logger
 
     if not settings.mongo_uri:
         raise UsageError(MONGO_NOT_CONFIGURED)
-    options: dict[str, Any] = {"appname": CAMPAIGN_NAME}
+    # A date beyond Python's calendar comes as a DatetimeMS (no date; in an SMS preference, doubt), never
+    # as an InvalidBSON that ends the read.
+    options: dict[str, Any] = {"appname": CAMPAIGN_NAME, "datetime_conversion": DatetimeConversion.DATETIME_AUTO}
     for name, millis in (("serverSelectionTimeoutMS", 20000), ("connectTimeoutMS", 20000),
                          ("socketTimeoutMS", 120000)):  # a server that never answers cannot hold the run
         if name.lower() not in settings.mongo_uri.lower():  # the URI's own setting wins
@@ -6066,6 +6463,13 @@ class DemoSource:
     def read(self, progress: Any = None) -> SourceData:
         users, events = build_demo_world(self.now)
         return SourceData(users, events)
+
+    def consent_rows(self, paths: Sequence[str]) -> Iterator[dict[str, Any]]:
+        keys = consent_keys(paths)
+        return filter(None, (consent_row(user, keys) for user in build_demo_world(self.now)[0]))
+
+
+DEMO_AREAS = ("212", "646", "917")  # NYC area codes: each demo member their own number in 555-0100..0199 (fiction)
 
 
 def build_demo_world(now: datetime) -> tuple[list[dict[str, Any]], list[dict[str, Any]]]:
@@ -6200,7 +6604,7 @@ def build_demo_world(now: datetime) -> tuple[list[dict[str, Any]], list[dict[str
         picked = [top] + [x for x in rng.sample(interests, rng.randint(0, 5)) if x != top]
         doc: dict[str, Any] = {
             "_id": uid[i], "firstName": first, "lastName": last,
-            "email": f"{slug(first)}.{slug(last)}{i}@example.com", "phone": f"+121255501{i % 100:02d}",
+            "email": f"{slug(first)}.{slug(last)}{i}@example.com", "phone": f"+1{DEMO_AREAS[i // 100]}55501{i % 100:02d}",
             "gender": rng.choices(["female", "male", "non-binary"], [48, 46, 6])[0],
             "interests": picked, "occupation": rng.choice(occupations), "homeNeighborhood": rng.choice(hoods),
         }
@@ -6422,7 +6826,7 @@ class InvalidAnswer(Exception):
 
 MATCH_SYSTEM = """You are an expert user reactivation specialist for Cuculi, a social dining app in New York \
 where members meet strangers over shared tables, drinks and outings. Your job: pick the SINGLE BEST upcoming event \
-for one dormant member (31-90 days since their last table) so that they come back and RSVP.
+for one dormant member (""" + DORMANCY_SPAN + """ since their last table) so that they come back and RSVP.
 
 Matching criteria, in order of importance:
 1. Interest alignment: the member's interests MUST match the event's categories or features. This is critical; \
@@ -6459,7 +6863,7 @@ How member interests usually show up in event tags (the fits= field already appl
 """ + "\n".join(f"- {interest}: {', '.join(sorted(tags))}" for interest, tags in INTEREST_SYNONYMS.items()) + "\n"
 
 WRITE_SYSTEM = """You are an expert SMS copywriter for Cuculi, a social dining app in New York. You write one \
-welcome-back text for a dormant member (31-90 days inactive) inviting them to one specific upcoming event. \
+welcome-back text for a dormant member (""" + DORMANCY_SPAN + """ inactive) inviting them to one specific upcoming event. \
 A person reviews every message before it is sent.
 
 Rules (a message that breaks one is rejected):
@@ -7620,6 +8024,7 @@ class DashboardWriter:
         self.stood_down: str | None = None  # why nothing (more) is written this run
         self.key_changes: set[KeyChange] = set()  # keys renamed or dropped so that records could be stored
         self._cooldown_reads: dict[str, tuple[Any, str]] = {}  # the cooldown's reads, reused to open the lists
+        self.recent_phones: list[Any] = []  # the numbers the cooldown's messages and holdout records went to
         self.undated_messages = 0  # messages (and holdout records) read by the cooldown whose date is no date
         self._waiting: dict[int, tuple[Match | None, Message | None, HoldoutRecord | None]] = {}  # above the next rank
         self._next_rank = 0
@@ -7652,7 +8057,7 @@ class DashboardWriter:
         An item whose date is no date (a reviewer's typo, a poisoned value) is skipped and counted in
         ``undated_messages``; it never stops the run.
         """
-        self.undated_messages = 0
+        self.undated_messages, self.recent_phones = 0, []
         if self.transport is None:
             return set()
         recent: set[str] = set()
@@ -7666,6 +8071,7 @@ class DashboardWriter:
                     self.undated_messages += 1
                 elif when >= since:
                     recent.add(str(item["user_id"]))
+                    self.recent_phones.append(item.get("user_phone"))
         return recent
 
     def read_history(self, day: tuple[datetime, datetime], seats_since: datetime) -> DashboardHistory:
@@ -7896,6 +8302,7 @@ class RunResult:
     signal: int | None = None
     empty_input: list[str] = field(default_factory=list)  # "users", "events": read, but there were none
     limit_already_drafted: bool = False  # the campaign day's --limit was drafted before this run: exit 0
+    idle: IdleReason | None = None  # why no message was drafted (``idle_reason``), None when one was
 
     @property
     def firebase_failed(self) -> bool:
@@ -7903,12 +8310,14 @@ class RunResult:
 
     @property
     def exit_code(self) -> int:
-        """130/143 after a signal; 3 when done but something needs a look; else 0."""
+        """130/143 after a signal; 3 when done but something needs a look (a day without a message, but for
+        today's limit already drafted); else 0."""
         if self.signal is not None:
             return EXIT_SIGNALS.get(self.signal, 128 + self.signal)
         needs_a_look = (self.status == "deadline" or self.firebase_failed or self.claude_unavailable
                         or self.failed_members or self.empty_input)
-        return EXIT_ATTENTION if needs_a_look else EXIT_OK
+        idle = self.idle.exit_code if self.idle is not None else EXIT_OK
+        return EXIT_ATTENTION if needs_a_look else idle
 
 
 class ReturnToTable:
@@ -7936,7 +8345,7 @@ class ReturnToTable:
         self.control = control
         self.issues = DataIssues()
         self.empty_input: list[str] = []  # collections the source had no documents in (``empty_collections``)
-        self.data_dir = options.out_dir / "data"
+        self.data_dir = options.data_dir
         self.saved_at = time.monotonic()
         self.progress: Any = None  # the members progress bar during steps 5-6, on a terminal
         self.sms = settings.sms
@@ -7949,6 +8358,9 @@ class ReturnToTable:
         self.history = DashboardHistory()  # what the dashboard holds of this campaign day and of open invitations
         self.volume = DailyVolume.of(options.limit, self.history, options.now, self.zone)  # this run's share
         self.seats = SeatLedger(options.invites_per_spot, options.max_invites_per_event)  # steps 5-6's seats
+        self.numbers = NumberLedger()  # consent and contact per phone number (``consent_by_number``)
+        self.skip_details: dict[str, str] = {}  # member id -> the detail of their skip reason (``OTHER_RECORD``)
+        self.idle_hint: IdleReason | None = None  # why no message, known before the walk (today's limit drafted)
 
     # --- step 1: fetch, find and rank the dormant members -----------------------------------
 
@@ -8006,6 +8418,12 @@ class ReturnToTable:
                          census.dormant_total, len(census.eligible), census.status_counts)
         return census
 
+    def consent_by_number(self) -> NumberLedger:
+        """Every member's stored SMS preferences (``consent_rows``), collected per number; odd values counted."""
+        ledger = NumberLedger.collect(self.source.consent_rows(sms_field_paths(self.sms)), self.sms)
+        self.issues.add("odd_sms_preference_values", ledger.odd)
+        return ledger
+
     def cooldown(self) -> set[str]:
         """Members with a message generated (or a holdout record made) within the cooldown, or later than ``now``,
         and every member drafted or held out this campaign day (a top-up never drafts one twice, even with
@@ -8039,23 +8457,30 @@ class ReturnToTable:
         """The eligible members outside the cooldown, as ``(rank, member)`` in rank order, for the walk
         (which checks phone and opt-out of each member it reaches: ``reachable``); the others get ``cooldown``."""
         recent = self.cooldown()
+        phones = list(self.dashboard.recent_phones)  # the numbers contacted within the cooldown ...
         walk: list[tuple[int, DormantMember]] = []
         for rank, user in enumerate(census.eligible, 1):
             if user["_id"] in recent:
                 self.decisions[user["_id"]] = "cooldown"
+                phones.append(user.get("phone"))  # ... and those of the members contacted then
             else:
                 walk.append((rank, user))
         self.logger.info("Step 1: %d of %d eligible members are outside the cooldown", len(walk), len(census.eligible))
+        self.numbers.recent.update(filter(None, (number_key(p, self.sms.default_region) for p in phones)))
         return walk
 
     def reachable(self, user: DormantMember) -> bool:
         """Whether a member the walk reached may be texted: the phone is checked and the history read now
-        (``reach_member``); one who may not gets ``no_valid_phone`` or ``opted_out``."""
+        (``reach_member``); one who may not gets ``no_valid_phone``, ``opted_out`` (their record, or another
+        with their number: ``NumberLedger``) or ``shared_phone``; one who may takes their number."""
         reach_member(user, self.activity, self.options.now, self.sms.default_region, self.zone.key)
-        block, odd = contact_block(user, self.sms)
-        self.issues.add("odd_sms_preference_values", odd)
+        block, detail = contact_block(user, self.sms)[0], None  # (odd values: counted by ``consent_by_number``)
+        if block is None:
+            block, detail = self.numbers.claim(user)
         if block is not None:
             self.decisions[user["_id"]] = block
+        if detail is not None:
+            self.skip_details[user["_id"]] = detail
         return block is None
 
     # --- step 2: future public events (steps 3-4, the summaries, are attached in steps 1-2) --
@@ -8334,6 +8759,8 @@ class ReturnToTable:
             self.logger.info("Held out %s (%s): control group, rank %d", outcome.holdout["user_name"],
                              outcome.holdout["user_id"], outcome.holdout["rank"])
         self.decisions.update(walk_codes([outcome]))
+        if outcome.message is None and outcome.holdout is None:
+            self.numbers.release(outcome.user)
         if self.progress is not None:
             self.progress.update(1)
         if time.monotonic() - self.saved_at >= SAVE_EVERY_SECONDS:
@@ -8353,9 +8780,9 @@ class ReturnToTable:
     # --- step 8: the report -------------------------------------------------------------------
 
     def write_report(self, campaign_id: str, report: Mapping[str, Any]) -> Path:
-        reports = self.options.out_dir / "reports"
-        write_json(reports / f"return_to_table_report_{campaign_id}.json", report, private=True)
-        report_path = reports / f"return_to_table_report_{campaign_id}.md"
+        stem = self.options.report_stem(campaign_id)
+        write_json(stem.with_name(stem.name + ".json"), report, private=True)
+        report_path = stem.with_name(stem.name + ".md")
         write_text_private(report_path, report_markdown(report))
         self.logger.info("%s", console_summary(report, report_path), extra={"summary": True})
         return report_path
@@ -8370,7 +8797,7 @@ class ReturnToTable:
     def fresh_campaign_id(self, started: datetime) -> str:
         """A campaign id free under ``--out``; the dashboard then claims it (or the next free one)."""
         moment = started
-        while (self.options.out_dir / "reports" / f"return_to_table_report_{campaign_id_for(moment)}.json").exists():
+        while self.options.report_stem(campaign_id_for(moment)).with_suffix(".json").exists():
             moment += timedelta(seconds=1)
         return self.dashboard.claim_campaign(campaign_id_for(moment), next_campaign_id)
 
@@ -8380,6 +8807,7 @@ class ReturnToTable:
         self.logger.info("Run as of %s (source: %s, matcher: %s%s)", iso_utc(options.now), self.source.label,
                          "claude" if self.advisor else "rules", ", dry run" if options.dry_run else "")
         users, events = self.fetch()                       # step 1
+        self.numbers = self.consent_by_number()
         self.census = census = self.dormant_users(users, events)
         walk = self.select(census)
         earlier = self.dashboard.recent_members(days_before(options.now, POWER_DAYS))  # before this run writes
@@ -8395,17 +8823,18 @@ class ReturnToTable:
             outcomes = self.process_all(walk, future)      # steps 5-6
         self.progress = None
         steps_5_6_seconds = time.monotonic() - clock
-        left_out = Counter(code for code in self.decisions.values() if code in ("no_valid_phone", "opted_out"))
+        left_out = Counter(code for code in self.decisions.values() if code in CONTACT_SKIPS)
         self.logger.info("Steps 5-6: %d members reached, %s", len(outcomes) + sum(left_out.values()),
                          ", ".join(f"{n} {code}" for code, n in sorted(left_out.items())) or "all of them textable")
         write_json_items(self.data_dir / "processed" / "dormant_users.json",
-                         walk_listing(census.eligible, self.decisions), private=True)
+                         walk_listing(census.eligible, self.decisions, self.skip_details), private=True)
         self.write_skip_list(census)
         selected = [o.user for o in outcomes if not o.held_out]  # the treatment members the walk reached
         not_started = sum(code == "not_started" for code in self.decisions.values())
         status = self.final_status(not_started)
         if status != "completed":
-            self.logger.warning("Run %s: %d members done; %d were not started", status, len(outcomes), not_started)
+            self.logger.warning("Run %s: %d members done; %d were not started", status, len(outcomes), not_started,
+                                extra=FILE_ONLY)  # stderr says it (``report_problems``): once in cron mail
         matches = [o.match for o in outcomes if o.match is not None]
         messages = [o.message for o in outcomes if o.message is not None]
         held_out = [o.holdout for o in outcomes if o.holdout is not None]
@@ -8417,11 +8846,18 @@ class ReturnToTable:
                                      status, held_out)
         claude_down = self.advisor.down if self.advisor is not None else None
         if claude_down:
-            self.logger.error("Claude was unavailable (%s): rules and template were used", claude_down)
+            self.logger.error("Claude was unavailable (%s): rules and template were used", claude_down,
+                              extra=FILE_ONLY)  # stderr says it (``report_problems``): once in cron mail
         firebase = self.dashboard.summary()
+        if self.volume.remaining == 0:  # the campaign day's --limit was drafted before this run: exit 0
+            self.idle_hint = IdleReason.DAY_LIMIT_DRAFTED
+        idle = idle_reason(len(census.eligible), self.decisions, len(messages), self.idle_hint)
+        if idle is not None:  # stderr says it (``report_problems``); the log keeps it
+            self.logger.warning("No message drafted: %s", idle_line(idle, self.decisions), extra=FILE_ONLY)
         report = build_report(                             # step 8
             campaign_id=campaign_id, run_started=started, finished=datetime.now(UTC), options=options,
             source_label=self.source.label, census=census, selected=selected, decisions=self.decisions,
+            skip_details=self.skip_details,
             future_events=future, outcomes=outcomes, steps_5_6_seconds=steps_5_6_seconds, issues=self.issues,
             firebase=firebase, errors=list(self.dashboard.errors), status=status,
             llm_usage=self.advisor.usage_report() if self.advisor is not None else None,
@@ -8429,11 +8865,12 @@ class ReturnToTable:
             empty_input=self.empty_input, places_not_located=unlocated_places(
                 self.hoods, [*(text_field(u, "homeNeighborhood") for u in census.eligible),
                              *(text_field(e, "neighborhood") for e in future)]),
-            volume=volume_report(self.volume, self.seats, len(messages), len(held_out)))
+            volume=volume_report(self.volume, self.seats, len(messages), len(held_out)), idle=idle)
         report_path = self.write_report(campaign_id, report)
         return RunResult(campaign_id, report, report_path, firebase, claude_down, status,
                          failed_members=sum(o.failed for o in outcomes), signal=self.control.signal,
-                         empty_input=list(self.empty_input), limit_already_drafted=self.volume.remaining == 0)
+                         empty_input=list(self.empty_input), limit_already_drafted=self.volume.remaining == 0,
+                         idle=idle)
 
     def final_status(self, not_started: int) -> str:
         """``interrupted`` after a signal; ``deadline`` when the deadline left members unstarted."""
@@ -9930,25 +10367,39 @@ def invites_per_event(text: str) -> int:
 
 
 def percentage(text: str) -> float:
+    """A percentage 0-100; a fraction (``0.7``, or ``1.0``) is refused with the percentage it meant."""
     value = float(text)
     if not 0 <= value <= 100:
         raise argparse.ArgumentTypeError("must be between 0 and 100")
+    if 0 < value < 1 or (value == 1 and "." in text):
+        raise argparse.ArgumentTypeError(f"{text} is a fraction where a percentage (0-100) is meant: "
+                                         f"did you mean {value * 100:g}?")
     return value
 
 
 class OneLineParser(argparse.ArgumentParser):
-    """Usage errors as one line on stderr and exit code 2, like every other bad input."""
+    """Usage errors as one line on stderr and exit code 2, like every other bad input. No abbreviations:
+    ``--hold 0.1`` is not taken for ``--holdout`` (a flag another version adds must not change its meaning)."""
+
+    def __init__(self, *args: Any, **kwargs: Any) -> None:
+        kwargs.setdefault("allow_abbrev", False)
+        super().__init__(*args, **kwargs)
 
     def error(self, message: str) -> Any:
         print(f"error: {message} (see --help)", file=sys.stderr)
         raise SystemExit(EXIT_USAGE)
 
 
+SUBCOMMANDS_HELP = """subcommands (each with its own --help):
+  measure   did the campaigns bring anyone back: treated against holdout (read only)
+  backtest  would the rules matcher's picks have been events members went to (read only)"""
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = OneLineParser(
         prog="return_to_table.py",
         description="Return To Table: match dormant members with one upcoming event each and draft "
-                    "a welcome-back SMS for review.",
+                    "a welcome-back SMS for review.\n\n" + SUBCOMMANDS_HELP,
         epilog=EXIT_CODES_HELP, formatter_class=argparse.RawDescriptionHelpFormatter)
     where = parser.add_mutually_exclusive_group()
     where.add_argument("--demo", action="store_true",
@@ -10043,9 +10494,20 @@ def source_choice(text: str | None, settings: Settings, hint: str = "") -> tuple
             raise UsageError(MONGO_NOT_CONFIGURED)
         return SourceKind.MONGO, None
     if text:
-        return SourceKind.FOLDER, Path(text).expanduser()
+        folder = Path(text).expanduser()
+        if not folder.is_dir():
+            near_miss(f"--source {text!r}: no such folder", text, {"mongo": "mongo", "demo": "--demo"})
+        return SourceKind.FOLDER, folder
     raise UsageError("no data source: set MONGO_URI (or MONGO_USERNAME, MONGO_PASSWORD, MONGO_HOST) "
                      f"and MONGO_DB_NAME, or pass --source DIR{hint}")
+
+
+def near_miss(problem: str, text: str, meant: Mapping[str, str]) -> None:
+    """UsageError ``problem`` with the likely meaning when ``text`` is a near miss of one of ``meant``'s
+    keys (``--source mong``: did you mean mongo?); else nothing (the caller goes on)."""
+    close = difflib.get_close_matches(text.lower(), list(meant), n=1, cutoff=0.75)
+    if close:
+        raise UsageError(f"{problem}; did you mean {meant[close[0]]}?")
 
 
 def resolve_options(args: argparse.Namespace, settings: Settings) -> RunOptions:
@@ -10067,6 +10529,9 @@ def resolve_options(args: argparse.Namespace, settings: Settings) -> RunOptions:
         kind, folder = SourceKind.DEMO, None
     else:
         kind, folder = source_choice(args.source, settings, "; --demo runs on built-in sample data")
+        compliance = None if args.dry_run else settings.sms.compliance_problem()
+        if compliance:  # before anything is written: messages for review must carry the compliance text
+            raise UsageError(compliance)
     use_claude = kind is not SourceKind.DEMO and (
         args.llm == "claude" or (args.llm == "auto" and bool(settings.anthropic_api_key)))
     if use_claude and not settings.anthropic_api_key:
@@ -10181,6 +10646,8 @@ def run_campaign(args: argparse.Namespace, env: Mapping[str, str] | None, mongo_
     """The program itself: settings, the lock, the services, one campaign. ``main`` handles the errors."""
     settings = Settings.from_env(env if env is not None else read_environment())
     options = resolve_options(args, settings)
+    if options.is_demo:  # demo messages carry a sample sender and opt-out text
+        settings = replace(settings, sms=settings.sms.with_samples())
     hoods = load_neighbourhoods(settings.neighbourhoods_csv)  # before the lock: a bad table is exit 2 at once
     control = RunControl(options.deadline_minutes * 60)
     closing.callback(handle_stop_signals(control))
@@ -10204,81 +10671,75 @@ def run_campaign(args: argparse.Namespace, env: Mapping[str, str] | None, mongo_
     try:
         return campaign.run()
     except ServiceError as exc:
-        logger.error("%s", exc)  # the run's log file says why it failed, too
+        logger.error("%s", exc, extra=FILE_ONLY)  # the run's log file says why it failed; stderr says it once
         raise
 
 
 def main(argv: Sequence[str] | None = None, *, env: Mapping[str, str] | None = None,
          mongo_client: Any = None) -> int:
-    """Run one campaign and return its exit code (the table in EXIT_CODES_HELP); never a traceback
-    for bad input, a service failure, a full disk or a held lock. ``measure`` and ``backtest`` as the
-    first argument run those subcommands instead (same exit codes)."""
+    """Run one campaign and return its exit code (``ExitCode``, the table in EXIT_CODES_HELP); never a
+    traceback for bad input, a service failure, a full disk or a held lock. ``measure`` and ``backtest``
+    as the first argument run those subcommands instead (same exit codes, same funnel: ``raw_main``)."""
     argv = list(sys.argv[1:] if argv is None else argv)
     if argv and argv[0] in SUBCOMMANDS:
         return SUBCOMMANDS[argv[0]](argv[1:], env=env, mongo_client=mongo_client)
-    try:
-        args = build_parser().parse_args(argv)
-    except SystemExit as exc:  # --help, or a usage error already printed
-        return exc.code if isinstance(exc.code, int) else EXIT_USAGE
-    with ExitStack() as closing:  # the lock, the clients and the log are released however the run ends
-        try:
-            result = run_campaign(args, env, mongo_client, closing)
-        except UsageError as exc:
-            print(f"error: {exc}", file=sys.stderr)
-            return EXIT_USAGE
-        except Locked as exc:
-            print(f"error: {exc}", file=sys.stderr)
-            return EXIT_LOCKED
-        except ServiceError as exc:
-            print(f"error: {exc}", file=sys.stderr)
-            return EXIT_FAILURE
-        except Exception as exc:  # out of memory anywhere: here, a helper (``Worker``), a member's thread
-            if not out_of_memory(exc):
-                raise
-            print(OUT_OF_MEMORY, file=sys.stderr)
-            return EXIT_FAILURE
+    return raw_main("the run", build_parser(), campaign, argv, env, mongo_client)
+
+
+def campaign(args: argparse.Namespace, env: Mapping[str, str] | None, mongo_client: Any,
+             closing: ExitStack) -> int:
+    """The campaign as ``raw_main`` runs a program: one run, the lines cron mail should show, its exit code."""
+    result = run_campaign(args, env, mongo_client, closing)
     report_problems(result)
     return result.exit_code
 
 
-def run_subcommand(name: str, parser: argparse.ArgumentParser, program: Any, argv: Sequence[str],
-                   env: Mapping[str, str] | None, mongo_client: Any) -> int:
-    """A subcommand with ``main``'s error handling and exit codes: ``program(args, env, mongo_client,
-    closing)`` does the work; bad input is one line and exit 2, a failed service exit 1, Ctrl-C 130."""
+def raw_main(name: str, parser: argparse.ArgumentParser, program: Any, argv: Sequence[str],
+             env: Mapping[str, str] | None, mongo_client: Any) -> int:
+    """The one funnel from errors to exit codes, for the campaign and both subcommands (httpie's
+    ``raw_main``): ``program(args, env, mongo_client, closing)`` does the work and returns its code; bad
+    input is one line and exit 2, a held lock 75, a failed service or disk 1, out of memory 1 (``out_of_memory``),
+    SIGINT 130 and SIGTERM 143 (``Interrupted``; the campaign's own handlers take over while it runs). The lock, the
+    clients and the log (``closing``) are released however it ends."""
     try:
         args = parser.parse_args(list(argv))
     except SystemExit as exc:  # --help, or a usage error already printed
-        return exc.code if isinstance(exc.code, int) else EXIT_USAGE
+        return exc.code if isinstance(exc.code, int) else ExitCode.USAGE
     with ExitStack() as closing:
         closing.callback(raise_on_stop_signals())
         try:
             return program(args, env, mongo_client, closing)
         except UsageError as exc:
-            print(f"error: {exc}", file=sys.stderr)
-            return EXIT_USAGE
+            return error_line(exc, ExitCode.USAGE)
+        except Locked as exc:
+            return error_line(exc, ExitCode.LOCKED)
         except ServiceError as exc:
-            print(f"error: {exc}", file=sys.stderr)
-            return EXIT_FAILURE
-        except Exception as exc:  # out of memory; anything else is a bug, shown
-            if not out_of_memory(exc):
-                raise
-            print(f"error: {name}: out of memory (MemoryError); no report written", file=sys.stderr)
-            return EXIT_FAILURE
+            return error_line(exc, ExitCode.FAILURE)
         except KeyboardInterrupt as exc:  # Ctrl-C, or ``Interrupted`` (SIGINT/SIGTERM)
             signum = exc.signum if isinstance(exc, Interrupted) else signal.SIGINT
-            print(f"error: {name} interrupted by {signal.Signals(signum).name}; no report written", file=sys.stderr)
-            return EXIT_SIGNALS.get(signal.Signals(signum), 128 + signum)
+            return error_line(f"{name} interrupted by {signal.Signals(signum).name}; stopped at once, nothing "
+                              "half-written", EXIT_SIGNALS[signal.Signals(signum)])
+        except Exception as exc:  # out of memory anywhere (here, a helper ``Worker``, a member's thread); else a bug
+            if not out_of_memory(exc):
+                raise
+            return error_line(OUT_OF_MEMORY, ExitCode.FAILURE)
+
+
+def error_line(problem: object, code: ExitCode) -> ExitCode:
+    """The one line on stderr an error gets (cron mail), and its exit code."""
+    print(f"error: {problem}", file=sys.stderr)
+    return code
 
 
 def measure_command(argv: Sequence[str], *, env: Mapping[str, str] | None = None, mongo_client: Any = None) -> int:
     """``measure``: did the campaigns bring anyone back, treated against the holdout (read-only)."""
-    return run_subcommand("measure", build_measure_parser(), run_measure, argv, env, mongo_client)
+    return raw_main("measure", build_measure_parser(), run_measure, argv, env, mongo_client)
 
 
 def backtest_command(argv: Sequence[str], *, env: Mapping[str, str] | None = None, mongo_client: Any = None) -> int:
     """``backtest``: would the rules matcher's picks have been events members really went to (read-only;
     only the report is written)."""
-    return run_subcommand("backtest", backtest_parser(), backtest, argv, env, mongo_client)
+    return raw_main("backtest", backtest_parser(), backtest, argv, env, mongo_client)
 
 
 SUBCOMMANDS = {"measure": measure_command, "backtest": backtest_command}
@@ -10298,6 +10759,8 @@ def report_problems(result: RunResult) -> None:
     if result.empty_input:
         print(f"warning: empty input: the source has no {' and no '.join(result.empty_input)}; the report "
               f"{result.report_path} says what was read", file=sys.stderr)
+    elif result.idle is not None and result.idle.exit_code and result.status == "completed" and not result.failed_members:
+        print(f"warning: no message drafted: {result.report['no_message']['text']}", file=sys.stderr)
     if result.firebase_failed:
         firebase = result.firebase
         first = (firebase["errors"] or [""])[0]

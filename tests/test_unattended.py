@@ -38,7 +38,7 @@ from pathlib import Path
 from typing import Any
 
 import pytest
-from builders import NOW_ISO, CliRun
+from builders import HARNESS_ENV, NOW_ISO, CliRun
 from conftest import ISOLATED_VARIABLES
 from fake_anthropic import FakeMessagesAPI
 from fake_rtdb import FakeRealtimeDatabase, RecordedRequest
@@ -65,9 +65,10 @@ time.sleep(120)
 
 
 def clean_env(**extra: str) -> dict[str, str]:
-    """The process environment without any setting, secret or proxy conftest isolates, plus ``extra``."""
+    """The process environment without any setting, secret or proxy conftest isolates, plus the harness's
+    defaults (``HARNESS_ENV``) and ``extra``."""
     env = {name: value for name, value in os.environ.items() if name not in ISOLATED_VARIABLES}
-    return {**env, **extra}
+    return {**env, **HARNESS_ENV, **extra}
 
 
 class Processes:
@@ -515,13 +516,16 @@ def test_two_runs_started_together_on_two_outs_sharing_one_database_get_two_camp
         processes, rtdb, world_folder, tmp_path):
     env = clean_env(**rest_env(rtdb))
     time.sleep(1.05 - time.time() % 1)  # start both early in a second: the same first campaign id, most likely
-    # The second run drafts on the next campaign day with no cooldown: whichever reads the dashboard last still
-    # drafts (a run that drafts nothing archives nothing: issue 20), so both claim and archive.
-    days = {"out1": ("--now", NOW_ISO), "out2": ("--now", "2026-01-16T12:00:00Z", "--cooldown-days", "0")}
+    # Two campaign days, no cooldown on either: whichever reads the dashboard last still drafts (a run that
+    # drafts nothing archives nothing: issue 20; a number messaged within the cooldown is taken: issue 19),
+    # so both claim and archive.
+    days = {"out1": ("--now", NOW_ISO, "--cooldown-days", "0"),
+            "out2": ("--now", "2026-01-16T12:00:00Z", "--cooldown-days", "0")}
     started = [processes.cli(tmp_path / name, "--source", str(world_folder), *days[name], "--llm", "off",
                              env=env) for name in ("out1", "out2")]
     runs = [finish(p, tmp_path / name) for p, name in zip(started, ("out1", "out2"), strict=True)]
-    assert [r.code for r in runs] == [rtt.EXIT_OK, rtt.EXIT_OK], [r.err for r in runs]
+    drafted = [r.report()["summary"]["total_messages_generated"] for r in runs]  # one may find all in cooldown
+    assert [r.code for r in runs] == [rtt.EXIT_OK if n else rtt.EXIT_ATTENTION for n in drafted], [r.err for r in runs]
     ids = {r.report()["campaign_id"] for r in runs}
     archives = rtdb.get_rendered(f"{BASE}/campaigns")
     assert len(ids) == 2 and set(archives) == ids
