@@ -19,14 +19,22 @@ Glossary (one name per concept, here and in the code):
   dashboard list  ``{<key>: [...], count, updatedAt}`` at users/events/matches/messages/holdout.
   mirror     the local, file-backed Firebase under ``data/firebase/`` when no database is set.
   cooldown   members messaged (or held out) in the last ``--cooldown-days`` are not drafted again.
-  contactable  eligible, a valid number that takes texts (``textable_phone``), no opt-out.
+  contactable  eligible, a valid number that takes texts (``textable_phone``), no opt-out on any record
+             giving that number, the number not taken (``NumberLedger``: one number, one text).
   holdout    the control group: contactable members whose stable hash falls below ``--holdout``;
              their rules' pick is recorded (``HoldoutRecord``), nothing is sent.
-  walk       steps 5-6 going down the ranked contactable members until ``--limit`` are messaged;
+  walk       steps 5-6 going down the ranked contactable members until the day's ``--limit`` are messaged;
              every eligible member ends ``selected`` or with a ``skip_reason`` (``SKIP_REASONS``).
+  campaign day  the date of ``--now`` in CAMPAIGN_TIMEZONE: ``--limit`` counts the messages drafted on it
+             (``DashboardHistory``, ``daily_remaining``), so a rerun tops up.
+  seats      open invitations an event may have (``invitation_cap``, ``SeatLedger``): pending or approved
+             messages in the dashboard plus this run's; a member whose pick is full gets the next best.
   send window  when a message may go out (``send_window``): outside QUIET_HOURS, before the lead.
   funnel     the report's counts from eligible to drafted (``run_funnel``), held out apart; each
              ``skip_reason`` drops its members at one stage (``REASON_STAGES``).
+  idle day   a run that drafts no message: exit 3 and one line saying why (``IdleReason``).
+  exit code  ``ExitCode``; every error reaches one through one funnel, ``raw_main`` (campaign and
+             subcommands). A ``--dry-run`` keeps its files under ``data/dry-run/``.
 
 The file reads top-down in the plan's step order: configuration, data loading, the rules of
 steps 1-8 (pure functions), the service edges (sources, the demo world, Claude for steps 5-6,
@@ -37,11 +45,60 @@ the command line.
 
 from __future__ import annotations
 
+import errno
+import os
+import signal
+import sys
+
+# What CPython raises instead of a MemoryError when memory runs out elsewhere: a frame it could not allocate
+# (3.11), a thread whose stack it could not map, a compiled module it could not map.
+OUT_OF_MEMORY_SIGNS = {SystemError: "without exception set", RuntimeError: "can't start new thread",
+                       ImportError: "failed to map segment"}
+
+
+def out_of_memory(exc: BaseException) -> bool:
+    """A MemoryError, an OSError of ENOMEM, one of ``OUT_OF_MEMORY_SIGNS``, or a library's own exception so
+    named (DuckDB's ``OutOfMemoryException``); any other SystemError, RuntimeError or ImportError is a bug."""
+    sign = OUT_OF_MEMORY_SIGNS.get(type(exc))
+    return (isinstance(exc, MemoryError) or (isinstance(exc, OSError) and exc.errno == errno.ENOMEM)
+            or (sign is not None and sign in str(exc)) or type(exc).__name__ == "OutOfMemoryException")
+
+
+OUT_OF_MEMORY = ("out of memory (MemoryError): stopped, nothing half-written; give the run more memory (ulimit -v, "
+                 "the container's limit) or a smaller input")
+
+
+def stop_at_once(signum: int, _frame: object) -> None:
+    """A signal outside a run's steps (while the script starts, parses, checks its settings, or after
+    the report): one line, then exit 130 (SIGINT) or 143 (SIGTERM) at once. Nothing is held then and every
+    file is written atomically, so nothing is left half-done. ``os.write``: no buffered stream is re-entered."""
+    name = "SIGINT" if signum == signal.SIGINT else "SIGTERM" if signum == signal.SIGTERM else f"signal {signum}"
+    os.write(2, f"error: interrupted by {name}; stopped at once (no run's steps were under way)\n".encode())
+    os._exit(128 + signum)
+
+
+def uncaught(kind: type[BaseException], exc: BaseException, traceback: object) -> None:
+    """The script's last resort (``sys.excepthook``): out of memory anywhere ``main`` does not see it (the
+    imports below, the arguments) is one line and exit 1; any other uncaught exception is a bug: shown."""
+    if out_of_memory(exc):
+        os.write(2, f"error: {OUT_OF_MEMORY}\n".encode())
+        os._exit(1)
+    sys.__excepthook__(kind, exc, traceback)  # type: ignore[arg-type]
+
+
+if __name__ == "__main__":  # from the first instruction, before the imports below take their tenth of a second
+    for _stop_signal in (signal.SIGINT, signal.SIGTERM):
+        signal.signal(_stop_signal, stop_at_once)
+    # a parent that started us with these signals blocked (a test does, to signal "at once") gets them now
+    signal.pthread_sigmask(signal.SIG_UNBLOCK, {signal.SIGINT, signal.SIGTERM})
+    sys.excepthook = uncaught
+
 import argparse
 import bisect
 import contextlib
 import csv
 import dataclasses
+import difflib
 import fcntl
 import functools
 import hashlib
@@ -51,11 +108,11 @@ import json
 import logging
 import math
 import operator
-import os
 import random
 import re
 import shutil
 import signal
+import stat
 import sys
 import tempfile
 import threading
@@ -68,7 +125,7 @@ from contextlib import ExitStack
 from dataclasses import dataclass, field, replace
 from datetime import UTC, datetime, timedelta, timezone
 from datetime import time as dt_time
-from enum import Enum
+from enum import Enum, IntEnum
 from pathlib import Path
 from statistics import NormalDist
 from typing import Any, NamedTuple, NotRequired, Protocol, Self, TypedDict
@@ -78,6 +135,7 @@ from zoneinfo import ZoneInfo, ZoneInfoNotFoundError
 import phonenumbers
 import phonenumbers.timezone
 from bson import ObjectId, json_util
+from bson.codec_options import DatetimeConversion
 from bson.errors import BSONError, InvalidId
 from dotenv import dotenv_values
 
@@ -104,6 +162,9 @@ PROFILE_FIELDS = (
     "homeNeighborhood",
 )
 MIN_PROFILE_FIELDS = 4
+ACTIVE_DAYS = 30  # a member whose latest event is at most this many whole days ago is active
+DORMANT_DAYS = 90  # ... then dormant up to this many (the campaign's members), churned beyond
+DORMANCY_SPAN = f"{ACTIVE_DAYS + 1}-{DORMANT_DAYS} days"  # the rule as prompts and the report say it
 DEFAULT_TIMEZONE = "America/New_York"
 DEFAULT_BASE_PATH = "Leo"
 
@@ -111,14 +172,27 @@ MONGO_NOT_CONFIGURED = ("--source mongo needs MONGO_URI (or MONGO_USERNAME, MONG
                         "and MONGO_DB_NAME")
 
 MAX_NEXT_EVENTS = 5  # candidates tried when the chosen event cannot be phrased within the SMS contract
+DEFAULT_INVITES_PER_SPOT = 1.0  # --invites-per-spot: open invitations per remaining spot
+DEFAULT_MAX_INVITES_PER_EVENT = 10  # --max-invites-per-event: open invitations to an event of unknown capacity
+MAX_INVITES_PER_SPOT = 100.0  # above this the ratio is a typo, not a policy
+MAX_INVITES_PER_EVENT = 100_000
 
-# Exit codes: the table in the README and in --help. 3 tells cron "done, but look at the report".
-EXIT_OK = 0  # done cleanly
-EXIT_FAILURE = 1  # failed, no campaign produced (source unreadable, MongoDB unreachable, out of disk)
-EXIT_USAGE = 2  # bad usage, configuration or input
-EXIT_ATTENTION = 3  # done, but something needs a look (Firebase writes, Claude down, members failed, deadline)
-EXIT_LOCKED = 75  # another run holds the lock on this --out (EX_TEMPFAIL: cron may simply try again)
-EXIT_SIGNALS = {signal.SIGINT: 130, signal.SIGTERM: 143}  # 128 + the signal's number
+class ExitCode(IntEnum):
+    """The exit codes: the table in the README and in --help. 3 tells cron "done, but look at the report".
+    Every error reaches one of them through one funnel (``raw_main``), for the campaign and each subcommand."""
+
+    OK = 0  # done cleanly
+    FAILURE = 1  # failed, no campaign produced (source unreadable, MongoDB unreachable, out of disk)
+    USAGE = 2  # bad usage, configuration or input
+    ATTENTION = 3  # done, but look: Firebase writes, Claude down, members failed, deadline, no message drafted
+    LOCKED = 75  # another run holds the lock on this --out (EX_TEMPFAIL: cron may simply try again)
+    SIGINT = 130  # 128 + the signal's number
+    SIGTERM = 143
+
+
+EXIT_OK, EXIT_FAILURE, EXIT_USAGE = ExitCode.OK, ExitCode.FAILURE, ExitCode.USAGE
+EXIT_ATTENTION, EXIT_LOCKED = ExitCode.ATTENTION, ExitCode.LOCKED
+EXIT_SIGNALS = {signal.SIGINT: ExitCode.SIGINT, signal.SIGTERM: ExitCode.SIGTERM}
 
 GRACE_SECONDS = 10.0  # after a stop (signal or deadline), how long calls already in flight may still take
 SAVE_EVERY_SECONDS = 2.0  # progress files are rewritten at most this often during steps 5-6, and at the end
@@ -129,11 +203,14 @@ EXIT_CODES_HELP = """exit codes:
   0    done cleanly
   3    done, but something needs a look: Firebase writes failed (listed in the report), Firebase was
        unreadable at the start (nothing written there), Claude was unavailable, members failed,
-       the --deadline-minutes was reached, or the input was empty (no users or no events)
-  1    failed, no campaign produced: source unreadable, MongoDB unreachable, out of disk
+       the --deadline-minutes was reached, the input was empty (no users or no events), or the day
+       drafted no message (one line says why: nobody dormant, all in cooldown, nobody textable, no
+       open event in the send window; today's limit already drafted is 0)
+  1    failed, no campaign produced: source unreadable, MongoDB unreachable, out of disk, out of memory
   2    bad usage, configuration or input
   75   another run holds the lock on this --out
-  130  interrupted by SIGINT; 143 by SIGTERM (the report is written, marked "interrupted")"""
+  130  interrupted by SIGINT; 143 by SIGTERM, at any moment, in one line (once the run's steps have
+       started, the report is written, marked "interrupted")"""
 
 
 class UsageError(Exception):
@@ -189,6 +266,11 @@ class RunControl:
     def stopping(self) -> bool:
         return self.status != "completed"
 
+    def until_deadline(self) -> float:
+        """Seconds left until the deadline (``math.inf`` without one): how long the run may wait for a helper
+        of its own work. A signal does not cut it, as it cuts ``budget``: the report still needs that work."""
+        return math.inf if self.deadline is None else max(0.0, self.deadline - self.clock())
+
     def budget(self, wanted: float) -> float:
         """Seconds a new or running call may take: ``wanted``, cut at the deadline (plus grace once stopped)."""
         now = self.clock()
@@ -200,28 +282,44 @@ class RunControl:
         return max(0.0, min(limits))
 
 
+class Worker:
+    """``fn()`` in a daemon thread whose outcome reaches the thread that waits for it: the value, or the
+    exception raised again there (a MemoryError too), so a helper's failure is never lost in its thread
+    and never printed by it. Every helper thread of a run is one of these (``bounded_call``, the users
+    file's read and its child's answer), so one rule holds for all: ``wait`` is bounded."""
+
+    def __init__(self, fn: Any, name: str) -> None:
+        self._box: dict[str, Any] = {}
+        self.thread = threading.Thread(target=self._run, args=(fn,), name=name, daemon=True)
+        self.thread.start()
+
+    def _run(self, fn: Any) -> None:
+        try:
+            self._box["value"] = fn()
+        except BaseException as exc:  # noqa: BLE001 - handed to the waiting thread; never printed by this one
+            self._box["error"] = exc
+
+    def wait(self, seconds: float, what: str) -> Any:
+        """The value, once ``fn`` is done within ``seconds`` of wall time (``math.inf``: no bound); its
+        exception raised here; ServiceTimeout when it overruns (the thread is abandoned, a daemon)."""
+        self.thread.join(None if math.isinf(seconds) else max(seconds, 0.0))
+        if self.thread.is_alive():
+            raise ServiceTimeout(f"{what}: not done within {seconds:.0f} s")
+        if "error" in self._box:
+            raise self._box.pop("error")
+        return self._box.pop("value", None)
+
+
+UNTIL_THE_DEADLINE = "(waited for until the run's --deadline-minutes)"  # a helper's wait: ``until_deadline``
+
+
 def bounded_call(fn: Any, seconds: float, what: str) -> Any:
     """``fn()`` in a daemon thread, waited for at most ``seconds`` of wall time.
 
     Per-read socket timeouts cannot stop a server that answers one byte at a time; this can. A call
     that overruns is abandoned (its thread dies with the process) and raises ServiceTimeout.
     """
-    box: dict[str, Any] = {}
-
-    def target() -> None:
-        try:
-            box["value"] = fn()
-        except BaseException as exc:  # noqa: BLE001 - handed to the caller; never printed by the thread
-            box["error"] = exc
-
-    worker = threading.Thread(target=target, name=f"call-{what}", daemon=True)
-    worker.start()
-    worker.join(seconds if seconds > 0 else 0.0)
-    if worker.is_alive():
-        raise ServiceTimeout(f"{what}: no complete answer within {seconds:.0f} s")
-    if "error" in box:
-        raise box["error"]
-    return box.get("value")
+    return Worker(fn, f"call-{what}").wait(seconds, what)
 
 
 DEFAULT_QUIET_HOURS = "21:00-08:00"  # 8am-9pm local may send: the US federal rule and NY GBL 399-z
@@ -246,6 +344,17 @@ class QuietHours(NamedTuple):
 
 
 DEFAULT_QUIET = QuietHours.parse(DEFAULT_QUIET_HOURS)
+
+
+def quiet_hours_setting(text: str) -> QuietHours:
+    """``QUIET_HOURS`` parsed, and at least ``DEFAULT_QUIET_HOURS``: the hours it leaves for sending lie
+    within 8am-9pm local (a stricter window is fine); else a usage error that says so."""
+    quiet = QuietHours.parse(text)
+    if not DEFAULT_QUIET.end <= quiet.end < quiet.start <= DEFAULT_QUIET.start:
+        raise UsageError(f"QUIET_HOURS={text!r} would let texts go out before 8am or after 9pm local: it names "
+                         f"the hours when no text may go out, at least {DEFAULT_QUIET_HOURS} (a longer quiet window "
+                         "such as 20:00-09:00 is fine)")
+    return quiet
 DEFAULT_OPT_OUT_FIELDS = ("smsOptOut", "sms_opt_out", "unsubscribed", "doNotText", "optOut.sms")
 DEFAULT_CONSENT_FIELDS = ("smsConsent", "allowSms", "notificationSettings.sms", "preferences.sms")
 
@@ -271,21 +380,81 @@ class SmsPolicy:
     quiet_hours: QuietHours = DEFAULT_QUIET
     sender: str | None = None  # SMS_SENDER, named near the start of every message
     opt_out_text: str | None = None  # SMS_OPT_OUT_TEXT, just before the link
+    opt_out_added_later: bool = False  # SMS_OPT_OUT_TEXT=none: the sending system adds the opt-out text
 
     @classmethod
-    def from_env(cls, get: Any) -> SmsPolicy:
-        region = (get("SMS_DEFAULT_REGION") or "US").upper()
-        if not re.fullmatch(r"[A-Z]{2}", region):
-            raise UsageError(f"SMS_DEFAULT_REGION={region!r} must be a two-letter region code such as US")
+    def from_env(cls, get: Any, env: Mapping[str, str] | None = None) -> SmsPolicy:
+        """The policy from ``get`` (a variable's stripped value, None when unset or empty); ``env`` tells an
+        empty SMS_DEFAULT_REGION from an unset one. Every value is checked here, before anything runs: a
+        sender or opt-out text that breaks the SMS contract is a usage error (``sms_policy_problem``)."""
+        region = sms_region(get("SMS_DEFAULT_REGION"), "SMS_DEFAULT_REGION" in (env or {}))
         sender, opt_out = get("SMS_SENDER"), get("SMS_OPT_OUT_TEXT")
+        added_later = (opt_out or "").lower() == OPT_OUT_ADDED_LATER
+        opt_out = None if added_later else opt_out
         for name, value in (("SMS_SENDER", sender), ("SMS_OPT_OUT_TEXT", opt_out)):
             if value is not None and (len(value) > 60 or any(unicodedata.category(ch)[0] == "C" for ch in value)):
                 raise UsageError(f"{name} must be one line of at most 60 characters")
         return cls(default_region=region,
                    opt_out_fields=field_paths(get("SMS_OPT_OUT_FIELDS"), DEFAULT_OPT_OUT_FIELDS, "SMS_OPT_OUT_FIELDS"),
                    consent_fields=field_paths(get("SMS_CONSENT_FIELDS"), DEFAULT_CONSENT_FIELDS, "SMS_CONSENT_FIELDS"),
-                   quiet_hours=QuietHours.parse(get("QUIET_HOURS") or DEFAULT_QUIET_HOURS),
-                   sender=sender, opt_out_text=opt_out)
+                   quiet_hours=quiet_hours_setting(get("QUIET_HOURS") or DEFAULT_QUIET_HOURS),
+                   sender=sender, opt_out_text=opt_out, opt_out_added_later=added_later).checked()
+
+    def checked(self) -> SmsPolicy:
+        """This policy, or a usage error naming the variable whose text no message could carry."""
+        problem = sms_policy_problem(self)
+        if problem:  # otherwise every member would be skipped, each for a message that cannot be sent
+            raise UsageError(problem)
+        return self
+
+    def compliance_problem(self) -> str | None:
+        """Why a run may not write messages for review with this policy, or None: every message names the
+        sender and says how to stop, unless SMS_OPT_OUT_TEXT=none says the sending system adds that."""
+        if self.opt_out_added_later or (self.sender and self.opt_out_text):
+            return None
+        missing = " and ".join(name for name, value in (("SMS_SENDER", self.sender),
+                                                        ("SMS_OPT_OUT_TEXT", self.opt_out_text)) if not value)
+        return (f"{missing} not set: a run that writes messages needs SMS_SENDER (the brand) and SMS_OPT_OUT_TEXT "
+                f"(e.g. Reply STOP to opt out) in .env, or SMS_OPT_OUT_TEXT=none when the sending system adds "
+                "the opt-out; --dry-run and --demo need neither")
+
+    def with_samples(self) -> SmsPolicy:
+        """The demo's policy: its messages carry a sender and an opt-out text, the sample ones wherever
+        none is configured (SMS_OPT_OUT_TEXT=none included: the demo has no sending system)."""
+        return replace(self, sender=self.sender or DEMO_SENDER, opt_out_text=self.opt_out_text or DEMO_OPT_OUT_TEXT,
+                       opt_out_added_later=False)
+
+
+def sms_region(value: str | None, present: bool) -> str:
+    """``SMS_DEFAULT_REGION``: a region phonenumbers knows (``US``, ``GB``); unset means US, set but empty
+    (or ``XX``, ``ZZ``) is a usage error: national numbers would be read in no region at all."""
+    if value is None and present:
+        raise UsageError("SMS_DEFAULT_REGION is set but empty: set a region such as US, or remove the line")
+    region = (value or "US").upper()
+    if region not in phonenumbers.SUPPORTED_REGIONS:
+        raise UsageError(f"SMS_DEFAULT_REGION={region[:20]!r} is not a region phonenumbers knows "
+                         "(two letters, such as US or GB)")
+    return region
+
+
+OPT_OUT_ADDED_LATER = "none"  # SMS_OPT_OUT_TEXT=none: no opt-out text in the message, the sending system adds it
+DEMO_SENDER, DEMO_OPT_OUT_TEXT = "Cuculi", "Reply STOP to opt out"  # --demo's sample compliance text
+
+# A value still as .env.example has it: "<mongo-user>", "</path/to/service-account.json>".
+PLACEHOLDER = re.compile(r"<[^<>\s]+>")
+CONFIG_PREFIXES = ("MONGO_", "FIREBASE_", "GOOGLE_APPLICATION_CREDENTIALS", "ANTHROPIC_", "CAMPAIGN_", "SMS_",
+                   "QUIET_HOURS", "NEIGHBOURHOODS_CSV")  # the variables this tool reads (the README's table)
+
+
+def placeholder_problem(env: Mapping[str, str]) -> str | None:
+    """Which of this tool's variables still hold a ``<...>`` placeholder (a .env copied unchanged from
+    .env.example), or None; names only, never a value (a real one may be a secret)."""
+    names = sorted(name for name, value in env.items()
+                   if name.startswith(CONFIG_PREFIXES) and isinstance(value, str) and PLACEHOLDER.search(value))
+    if not names:
+        return None
+    return (f"{', '.join(names)} still {'holds a placeholder' if len(names) == 1 else 'hold placeholders'} "
+            "like <...> from .env.example: set real values or delete those lines")
 
 
 @dataclass(frozen=True)
@@ -311,7 +480,11 @@ class Settings:
 
     @classmethod
     def from_env(cls, env: Mapping[str, str]) -> Settings:
-        """Read settings from a mapping (the process environment over ``.env``)."""
+        """Read settings from a mapping (the process environment over ``.env``); a ``<...>`` placeholder
+        left from .env.example is a usage error before anything is used (``placeholder_problem``)."""
+        problem = placeholder_problem(env)
+        if problem:
+            raise UsageError(problem)
 
         def get(name: str) -> str | None:
             value = (env.get(name) or "").strip()
@@ -347,7 +520,7 @@ class Settings:
             firebase_timeout=firebase_timeout,
             campaign_timezone=zone,
             neighbourhoods_csv=Path(get("NEIGHBOURHOODS_CSV") or CENTROIDS_CSV).expanduser(),
-            sms=SmsPolicy.from_env(get),
+            sms=SmsPolicy.from_env(get, env),
             sms_segment_price=segment_price(get("SMS_SEGMENT_PRICE")),
             env=dict(env),
         )
@@ -422,6 +595,8 @@ class RunOptions:
     concurrency: int = 6
     cooldown_days: int = 30
     holdout: float = 0.0  # share of members kept as the control group (stable hash of campaign, member)
+    invites_per_spot: float = DEFAULT_INVITES_PER_SPOT  # open invitations per remaining spot (``SeatLedger``)
+    max_invites_per_event: int = DEFAULT_MAX_INVITES_PER_EVENT  # open invitations to an event of unknown capacity
     min_lead_hours: float = 3.0  # the last send moment is at least this long before the event
     deadline_minutes: float = 30.0
     keep_logs_days: int = 30
@@ -434,6 +609,19 @@ class RunOptions:
     def is_demo(self) -> bool:
         return self.source is SourceKind.DEMO
 
+    @property
+    def data_dir(self) -> Path:
+        """Where the run keeps ``raw/`` and ``processed/``: a rehearsal (``--dry-run``) its own place,
+        ``data/dry-run/``, so it never overwrites what a live run left for the reviewers."""
+        return self.out_dir / "data" / DRY_RUN_NAME if self.dry_run else self.out_dir / "data"
+
+    def report_stem(self, campaign_id: str) -> Path:
+        """``reports/return_to_table_report_{campaign_id}`` (``_dry-run`` after it for a rehearsal)."""
+        return self.out_dir / "reports" / f"return_to_table_report_{campaign_id}{'_' + DRY_RUN_NAME if self.dry_run else ''}"
+
+
+DRY_RUN_NAME = "dry-run"  # a rehearsal's data folder (data/dry-run/) and report names say so
+
 
 class QuietFileHandler(logging.FileHandler):
     """The run's log file; a failing write (full disk) never prints a traceback to cron mail."""
@@ -445,14 +633,20 @@ class QuietFileHandler(logging.FileHandler):
 
 
 class ConsoleFilter(logging.Filter):
-    """The console's level, except that the final summary line (``extra={"summary": True}``) always shows."""
+    """The console's level, except that the final summary line (``extra={"summary": True}``) always shows,
+    and a line for the log file only (``FILE_ONLY``: an error ``raw_main`` prints on stderr) never does."""
 
     def __init__(self, level: int) -> None:
         super().__init__()
         self.level = level
 
     def filter(self, record: logging.LogRecord) -> bool:
+        if getattr(record, "file_only", False):
+            return False
         return record.levelno >= self.level or getattr(record, "summary", False)
+
+
+FILE_ONLY = {"file_only": True}  # ``extra=`` of a log line cron mail already gets once, on stderr
 
 
 def setup_logging(out_dir: Path, now: datetime, *, verbose: bool = False, quiet: bool = False,
@@ -541,6 +735,56 @@ class RunLock:
         if self.fd is not None:
             os.close(self.fd)  # closing releases the flock
             self.fd = None
+
+
+# --- files read back from under --out: regular files only, bounded, never through a link ----------
+
+MAX_READ_BYTES = 256 << 20  # the largest file read back from under --out (a mirror's list of 100,000 records)
+
+
+class RefusedFile(OSError):
+    """A file under ``--out`` that is not read: a symbolic link on the way, no regular file, or too large."""
+
+
+def exists_without_links(path: Path, under: Path) -> bool:
+    """Whether ``path`` exists inside ``under``; RefusedFile when it is outside, or a symbolic link is on
+    the way from ``under`` down to it (itself included)."""
+    try:
+        steps = path.relative_to(under).parts
+    except ValueError:
+        raise RefusedFile(f"{path}: outside {under}") from None
+    for depth in range(len(steps)):
+        step = under.joinpath(*steps[: depth + 1])
+        try:
+            mode = os.lstat(step).st_mode
+        except FileNotFoundError:
+            return False
+        if stat.S_ISLNK(mode):
+            raise RefusedFile(f"{step}: a symbolic link, not followed")
+    return True
+
+
+def read_regular_file(path: Path, under: Path, limit: int | None = None) -> bytes | None:
+    """The bytes of ``path``, a regular file inside ``under`` reached without any symbolic link (none from
+    ``under`` down, nor the file itself), at most ``limit`` bytes; None when it does not exist.
+
+    The one way files under ``--out`` are read back (the local mirror, so ``measure`` too): a link to
+    ``/dev/zero``, a FIFO, a device or a huge file raises RefusedFile instead of being read until memory
+    runs out or forever."""
+    limit = MAX_READ_BYTES if limit is None else limit
+    if not exists_without_links(path, under):
+        return None
+    fd = os.open(path, os.O_RDONLY | os.O_NOFOLLOW | os.O_NONBLOCK | os.O_CLOEXEC)
+    with os.fdopen(fd, "rb") as handle:
+        status = os.fstat(fd)
+        if not stat.S_ISREG(status.st_mode):
+            raise RefusedFile(f"{path}: not a regular file")
+        if status.st_size > limit:
+            raise RefusedFile(f"{path}: {status.st_size} bytes, more than the {limit} read")
+        data = handle.read(limit + 1)
+    if len(data) > limit:
+        raise RefusedFile(f"{path}: grew past the {limit} bytes read")
+    return data
 
 
 # --- output files: every one written atomically -------------------------------------------------
@@ -903,22 +1147,36 @@ def usual_extended(obj: dict[str, Any]) -> Any:
     return None
 
 
+class Unreadable:
+    """A stored value that could not be read (``ExtendedJsonDecoder.keep_unreadable``): where doubt must be
+    seen, as in an SMS preference (``consent_rows``), it is kept as this marker, never made missing."""
+
+    __slots__ = ()
+
+    def __repr__(self) -> str:
+        return "UNREADABLE"
+
+
+UNREADABLE = Unreadable()
+
+
 @dataclass
 class ExtendedJsonDecoder:
     """Extended JSON (relaxed or canonical) decoded value by value, as ``bson.json_util`` does.
 
     One bad value (``{"$date": "TBD"}``, ``{"$oid": "zz"}``, a ``$date`` beyond the calendar) becomes
     None and is counted, instead of failing the whole file: a bad single record is treated as missing,
-    never fatal.
+    never fatal. With ``keep_unreadable`` it becomes ``UNREADABLE`` instead (present, but no value).
     """
 
     bad_values: int = 0
     _decoder: json.JSONDecoder | None = field(default=None, repr=False)
+    keep_unreadable: bool = False
 
     def hook(self, obj: dict[str, Any]) -> Any:
         if obj.get("$oid", "") is None:  # json_util makes up a new random ObjectId for {"$oid": null}
             self.bad_values += 1
-            return None
+            return UNREADABLE if self.keep_unreadable else None
         if len(obj) == 1:
             found = usual_extended(obj)
             if found is not None:
@@ -927,7 +1185,7 @@ class ExtendedJsonDecoder:
             return json_util.object_hook(obj, json_util.RELAXED_JSON_OPTIONS)
         except (ValueError, TypeError, KeyError, AttributeError, ArithmeticError, BSONError):  # Overflow, InvalidId, {"$binary": null}…
             self.bad_values += 1
-            return None
+            return UNREADABLE if self.keep_unreadable else None
 
     def loads(self, text: str) -> Any:
         return json.loads(text, object_hook=self.hook)
@@ -1482,13 +1740,14 @@ def clean_interests(value: Any) -> list[str]:
 
 
 def derive_engagement(last_event: datetime | None, now: datetime) -> tuple[int | None, str]:
-    """``days_inactive`` and status: <=30 active, <=90 dormant, else churned (or new, no events)."""
+    """``days_inactive`` and status: <= ACTIVE_DAYS active, <= DORMANT_DAYS dormant, else churned (or new,
+    no events)."""
     if last_event is None:
         return None, "new"
     days = (now - last_event).days
-    if days <= 30:
+    if days <= ACTIVE_DAYS:
         return days, "active"
-    if days <= 90:
+    if days <= DORMANT_DAYS:
         return days, "dormant"
     return days, "churned"
 
@@ -1497,8 +1756,8 @@ def calculate_reactivation_score(user: Mapping[str, Any]) -> float:
     """The plan's composite score, exactly as its code reads (the linear dormancy formula rules)."""
     completeness_score = min(40, count_profile_fields(user) * 5)
     days_inactive = user.get("days_inactive") or 0
-    if 31 <= days_inactive <= 90:
-        dormancy_score = 10 + ((days_inactive - 31) / 59) * 20
+    if ACTIVE_DAYS < days_inactive <= DORMANT_DAYS:  # the plan's 31-90: 10 points at 31 days to 30 at 90
+        dormancy_score = 10 + ((days_inactive - ACTIVE_DAYS - 1) / (DORMANT_DAYS - ACTIVE_DAYS - 1)) * 20
     else:
         dormancy_score = 0
     event_count = user.get("eventCount") or 0
@@ -1808,32 +2067,55 @@ class Preference(Enum):
     ODD = "odd"
 
 
-def field_at(doc: Mapping[str, Any], path: str) -> Any:
-    """The value at a dotted path (``optOut.sms``); a literal dotted key wins. A scalar where a
-    sub-document should be is returned as it is (``optOut: true`` opts out of texts too; "weekly" is odd)."""
-    if path in doc:
-        return doc[path]
-    value: Any = doc
-    for part in path.split("."):
-        if not isinstance(value, Mapping):
-            return value if value is not doc else None
-        value = value.get(part)
-        if value is None:
-            return None
-    return value
+@functools.lru_cache(maxsize=1024)
+def path_steps(path: str) -> tuple[tuple[tuple[str, int], ...], ...]:
+    """For each position in a dotted path, the keys that may go on from there and where each ends
+    (``a.b.c`` from 0: ``a`` to 1, ``a.b`` to 2, ``a.b.c`` to 3): a literal dotted key spans several names."""
+    parts = path.split(".")
+    return tuple(tuple((".".join(parts[at:end]), end) for end in range(at + 1, len(parts) + 1))
+                 for at in range(len(parts)))
+
+
+def values_at(doc: Mapping[str, Any], path: str) -> list[Any]:
+    """Every value a dotted path (``optOut.sms``) finds: the nested field, a literal dotted key
+    (``"optOut.sms"``) and any mix of the two, for a record may hold several that disagree (the reader
+    weighs them all: an opt-out in any of them wins). A scalar where a sub-document should be is found as
+    it is (``optOut: true`` opts out of texts too; "weekly" is odd); a null is not found."""
+    steps, found = path_steps(path), []
+    stack: list[tuple[Mapping[str, Any], int]] = [(doc, 0)]
+    while stack:
+        value, at = stack.pop()
+        for key, end in steps[at]:
+            inner = value.get(key)
+            if inner is None:
+                continue
+            if end < len(steps) and isinstance(inner, Mapping):
+                stack.append((inner, end))
+            else:
+                found.append(inner)
+    return found
+
+
+def preference_word(text: str) -> str | None:
+    """A stored text as the word it says (cleaned, trimmed, lower case), or None when cleaning alone
+    emptied it (a lone zero-width or control character: something was written, nothing can be read)."""
+    word = clean_text(text, MAX_TEXT_CHARS)[0].strip().lower()
+    return None if not word and text.strip(" \t\n\r") else word
 
 
 def read_preference(value: Any) -> Preference:
-    """A stored yes/no read defensively: booleans, 0/1, and the usual words; anything else is odd."""
+    """A stored yes/no read defensively: booleans, 0/1, and the usual words; anything else is odd (NaN, a
+    date, an ``UNREADABLE`` value, a text that is empty only once cleaned)."""
     if value is None:
         return Preference.ABSENT
     if isinstance(value, bool):
         return Preference.YES if value else Preference.NO
     if isinstance(value, (int, float)) and value in (0, 1):
         return Preference.YES if value else Preference.NO
-    if isinstance(value, str) and value.strip().lower() in NO_WORDS | YES_WORDS:
-        return Preference.YES if value.strip().lower() in YES_WORDS else Preference.NO
-    return Preference.ODD
+    word = preference_word(value) if isinstance(value, str) else None
+    if word in YES_WORDS:
+        return Preference.YES
+    return Preference.NO if word in NO_WORDS else Preference.ODD
 
 
 def sms_opt_out(user: Mapping[str, Any], opt_out_fields: Sequence[str],
@@ -1842,16 +2124,14 @@ def sms_opt_out(user: Mapping[str, Any], opt_out_fields: Sequence[str],
 
     An opt-out field that holds anything but a "no" (a date, a reason, a list) opts out; a consent
     field opts out only when it says "no"; an odd consent value (neither yes nor no) opts out too,
-    so that doubt never sends a text. A missing field records no opt-out."""
+    so that doubt never sends a text. A missing field records no opt-out; a path found twice (a literal
+    dotted key and the nested field, ``values_at``) opts out when either value does."""
     odd, opted_out = 0, False
-    for path in opt_out_fields:
-        said = read_preference(field_at(user, path))
-        odd += said is Preference.ODD
-        opted_out |= said in (Preference.YES, Preference.ODD)
-    for path in consent_fields:
-        said = read_preference(field_at(user, path))
-        odd += said is Preference.ODD
-        opted_out |= said in (Preference.NO, Preference.ODD)
+    for paths, refusal in ((opt_out_fields, Preference.YES), (consent_fields, Preference.NO)):
+        for path in paths:
+            for said in map(read_preference, values_at(user, path)):
+                odd += said is Preference.ODD
+                opted_out |= said in (refusal, Preference.ODD)
     return opted_out, odd
 
 
@@ -1873,6 +2153,94 @@ def contact_block(user: DormantMember, policy: SmsPolicy) -> tuple[str | None, i
     if user.get("phone_e164") is None:
         return "no_valid_phone", odd
     return ("opted_out" if opted_out else None), odd
+
+
+# --- consent and contact per number ------------------------------------------------------------
+# Consent belongs to the phone number (the FCC reads a revocation so), not to the record: an opt-out, a
+# refused consent or a value in doubt on any member's record stops every member who gives that number, and
+# one number gets one message per run and per cooldown, whoever holds it.
+
+OTHER_RECORD = "number opted out on another record"  # the skip detail of a member another record's opt-out stops
+
+
+def sms_field_paths(policy: SmsPolicy) -> tuple[str, ...]:
+    """Every field path an SMS preference is read from (opt-out and consent)."""
+    return (*policy.opt_out_fields, *policy.consent_fields)
+
+
+def consent_keys(paths: Iterable[str]) -> frozenset[str]:
+    """The top-level keys a record may hold a preference under: each path's leading names, joined as a
+    literal dotted key joins them (``optOut`` and ``optOut.sms`` for ``optOut.sms``)."""
+    return frozenset(".".join(parts[:n]) for parts in (p.split(".") for p in paths) for n in range(1, len(parts) + 1))
+
+
+def consent_row(doc: Mapping[str, Any], keys: Collection[str]) -> dict[str, Any] | None:
+    """What ``consent_rows`` gives of one member: the values under ``keys`` as stored, with ``_id`` (``id_of``;
+    None when odd) and ``phone``; None when the record holds none of them."""
+    found = {key: doc[key] for key in keys if key in doc}
+    return {**found, "_id": id_of(doc.get("_id")), "phone": doc.get("phone")} if found else None
+
+
+def number_key(value: Any, region: str) -> str | None:
+    """The number a ``phone`` value names, in E.164, however it is written (``(212) 555-0101`` is
+    ``+12125550101``), or None when it names none. Looser than ``textable_phone``: a number with an
+    extension, or one the library calls invalid, still names the number a member opted out from."""
+    text = phone_text(clean_text(value, MAX_PHONE_CHARS)[0] if isinstance(value, str) else value)
+    if text is None or len(text) > MAX_PHONE_CHARS:
+        return None
+    try:
+        number = phonenumbers.parse(text, region)
+    except phonenumbers.NumberParseException:
+        return None
+    return phonenumbers.format_number(number, phonenumbers.PhoneNumberFormat.E164)
+
+
+@dataclass
+class NumberLedger:
+    """Who may be texted at which number: ``refused`` holds the members whose own stored preferences opt out
+    or are in doubt (read before screening could turn an unreadable value into a missing one), ``refused_numbers``
+    their numbers, ``recent`` the numbers messaged or held out within the cooldown, ``taken`` the numbers a
+    member of this run holds (number -> member id: the first the walk reaches, until their turn ends with
+    neither a message nor a holdout record). ``odd`` counts the odd values read."""
+
+    refused: set[str] = field(default_factory=set)
+    refused_numbers: set[str] = field(default_factory=set)
+    recent: set[str] = field(default_factory=set)
+    taken: dict[str, str] = field(default_factory=dict)
+    odd: int = 0
+
+    @classmethod
+    def collect(cls, rows: Iterable[Mapping[str, Any]], policy: SmsPolicy) -> NumberLedger:
+        """The refusals in ``rows`` (``consent_rows``: every member the source holds), by member and number."""
+        ledger = cls()
+        for row in rows:
+            refused, odd = sms_opt_out(row, policy.opt_out_fields, policy.consent_fields)
+            ledger.odd += odd
+            if refused:
+                if row.get("_id") is not None:
+                    ledger.refused.add(str(row["_id"]))
+                number = number_key(row.get("phone"), policy.default_region)
+                if number is not None:
+                    ledger.refused_numbers.add(number)
+        return ledger
+
+    def claim(self, user: DormantMember) -> tuple[str | None, str | None]:
+        """A contactable member's number taken for them, or why not: ``(skip code, detail)`` (``opted_out`` by
+        their own record or, with ``OTHER_RECORD``, another's; ``shared_phone``), else ``(None, None)``."""
+        number = user.get("phone_e164") or ""
+        if user["_id"] in self.refused:
+            return "opted_out", None
+        if number in self.refused_numbers:
+            return "opted_out", OTHER_RECORD
+        if number in self.recent or self.taken.setdefault(number, user["_id"]) != user["_id"]:
+            return "shared_phone", None
+        return None, None
+
+    def release(self, user: Mapping[str, Any]) -> None:
+        """The member's turn ended with neither a message nor a holdout record: their number is free again."""
+        number = user.get("phone_e164") or ""
+        if self.taken.get(number) == user.get("_id"):
+            del self.taken[number]
 
 
 # =============================================================================================
@@ -2028,9 +2396,57 @@ def text_list(doc: Mapping[str, Any], name: str) -> list[str]:
 
 
 # Contact details as a phone or a reader would take them: an email address, or a phone number (a run
-# of 7 or more digits with an optional +, and spaces, dashes, dots or parentheses between them).
+# of 7 or more digits with an optional +, and spaces, dashes, dots or parentheses between them), except a
+# date or a span of years that is the whole run ("2026-12-19", "12.25.2026", "1990-2010").
 EMAIL_ADDRESS = re.compile(r"(?<![\w.+-])[\w.+-]+@[\w-]+(?:\.[\w-]+)+")  # starts only where a run does: linear
-PHONE_NUMBER = re.compile(r"\+?\(?\d(?:[\s().-]{0,3}\d){6,}")
+_DATE_RUN = (r"(?:\d{4}(?P<ymd>[-./])\d\d?(?P=ymd)\d\d?|\d\d?(?P<mdy>[-./])\d\d?(?P=mdy)\d{4}|(?:19|20)\d\d-(?:19|20)\d\d)"
+             r"(?![\s().-]{0,3}\d)")
+PHONE_NUMBER = re.compile(r"(?<!\d)(?!" + _DATE_RUN + r")\+?\(?\d(?:[\s().-]{0,3}\d){6,}")
+# A vanity number: a North American number with letters for some of its digits, read off the keypad
+# ("1-800-EVIL-NOW", "1-800-ABC-DEFG", "800-Flowers", "+1 212 EV1L N0W"). An area code, then seven to nine
+# keypad characters (letters or digits) ending where a word ends. Any case after "1-" or a toll-free code
+# joined by "-" or "." ("1-800-Flowers"); otherwise only capitals, so "200-Year-Old Tavern" and
+# "888 Broadway" stay names, and spaces only after "1 " or a toll-free code ("1 800 EVIL NOW").
+_ANY_KEYS = r"[A-Za-z0-9](?:[-.]?[A-Za-z0-9]){6,8}"
+_CAPS_KEYS = r"[A-Z0-9](?:[-. ]?[A-Z0-9]){6,8}"
+_TOLL_FREE = r"\+?1?[-. ]?\(?8(?:00|33|44|55|66|77|88)\)?"
+VANITY_NUMBER = re.compile(
+    r"(?<![\w+.-])(?:(?:\+?1[-. ]\(?[2-9]\d\d\)?|" + _TOLL_FREE + r")(?:[-.]?" + _ANY_KEYS + r"|[-. ]?" + _CAPS_KEYS
+    + r")|(?:\([2-9]\d\d\) ?|[2-9]\d\d)[-.]?[A-Z0-9](?:[-.]?[A-Z0-9]){6,8})(?![A-Za-z0-9])")
+# An IP host, which phones link like a domain: IPv4 (four dotted numbers) or IPv6 (in brackets, or bare with
+# "::" or all eight groups), with any port and path.
+_HEX = r"[0-9A-Fa-f]{1,4}"
+IP_HOST = re.compile(
+    r"(?:(?<![\w.])(?:\d{1,3}\.){3}\d{1,3}(?!\w|\.\d)"
+    r"|\[[0-9A-Fa-f.]{0,4}(?::[0-9A-Fa-f.]{0,15}){2,8}(?:%[\w.-]{1,20})?\]"
+    r"|(?<![\w:.])(?:" + _HEX + r"(?::" + _HEX + r"){7}|" + _HEX + r"(?::" + _HEX + r"){0,6}::(?:" + _HEX
+    + r"(?::" + _HEX + r"){0,6})?|::" + _HEX + r"(?::" + _HEX + r"){0,6})(?![\w:]))"
+    r"(?::\d{1,5})?(?:/\S*)?")
+# A scheme a phone opens in its dialer, messenger or mail app: "tel:", "sms:", "mailto:" and their kin.
+CONTACT_SCHEME = re.compile(r"(?i:(?<![\w+.-])(?:mailto|tel|telprompt|callto|sms|smsto|mms|mmsto|facetime|"
+                            r"facetime-audio|imessage|skype|whatsapp|geo|maps):\S+)")
+# The one detector of contact details (names, prompts, event names, the SMS contract, SMS_SENDER and
+# SMS_OPT_OUT_TEXT), each kind a named group; ``CONTACT_KINDS`` says each in words.
+CONTACT_DETAIL = re.compile("|".join(f"(?P<{kind}>{pattern.pattern})" for kind, pattern in (
+    ("email", EMAIL_ADDRESS), ("ip", IP_HOST), ("scheme", CONTACT_SCHEME), ("phone", PHONE_NUMBER),
+    ("vanity", VANITY_NUMBER))))
+CONTACT_KINDS = {"email": "email addresses", "ip": "IP addresses", "scheme": "tel:, sms: or mailto: links",
+                 "phone": "phone numbers", "vanity": "phone numbers in letters (1-800-ABC-DEFG)"}
+
+
+CONTACT_CLUE = re.compile(r"[\d@:]")  # every contact detail holds one: text without any is read at once
+
+
+def first_contact(text: str) -> re.Match[str] | None:
+    """The first contact detail (``CONTACT_DETAIL``) in ``text`` as it stands, or None."""
+    return CONTACT_DETAIL.search(text) if CONTACT_CLUE.search(text) else None
+
+
+def contact_kinds(text: str) -> list[str]:
+    """The kinds of contact detail (``CONTACT_KINDS``' keys) in ``text`` as it stands, each once, in order."""
+    if not CONTACT_CLUE.search(text):
+        return []
+    return list(dict.fromkeys(str(found.lastgroup) for found in CONTACT_DETAIL.finditer(text)))
 
 
 def readable(text: str) -> str:
@@ -2045,15 +2461,16 @@ def readable(text: str) -> str:
 
 @functools.lru_cache(maxsize=65536)  # names repeat across members: each spelling is read once
 def holds_contact(text: str) -> bool:
-    """Whether ``text`` holds an email address or a phone number."""
-    plain = readable(text)
-    return EMAIL_ADDRESS.search(plain) is not None or PHONE_NUMBER.search(plain) is not None
+    """Whether ``text`` holds a contact detail (``CONTACT_DETAIL``: an email address, a phone number in
+    digits or letters, an IP host, a tel:/sms:/mailto: scheme)."""
+    return first_contact(readable(text)) is not None
 
 
 def without_contacts(text: str) -> str:
-    """``text`` (read plainly) with every email address and phone number blanked: the one filter
+    """``text`` (read plainly) with every contact detail (``CONTACT_DETAIL``) blanked: the one filter
     every member and host field passes through on its way into a prompt."""
-    return PHONE_NUMBER.sub(" ", EMAIL_ADDRESS.sub(" ", readable(text)))
+    plain = readable(text)
+    return CONTACT_DETAIL.sub(" ", plain) if CONTACT_CLUE.search(plain) else plain
 
 
 def person_name(user: Mapping[str, Any], name: str) -> str | None:
@@ -3067,6 +3484,113 @@ def candidate_match(user: Mapping[str, Any], c: Candidate, zone: ZoneInfo, now: 
                        confidence=c.confidence, interests=[i for i, _ in c.interests], matcher="rules", now=now)
 
 
+# --- seats: never invite more people than an event can seat -------------------------------------
+
+OPEN_INVITATION_STATUSES = frozenset({"pending", "approved"})  # a message that may still bring someone
+
+
+def whole_spots(spots: Any) -> int | None:
+    """An event's remaining spots as the whole number a message may claim; None when unknown."""
+    if isinstance(spots, bool) or not isinstance(spots, (int, float)) or not math.isfinite(spots):
+        return None
+    return max(0, int(spots))
+
+
+def scaled(count: int, ratio: float) -> float:
+    """``ratio × count`` rounded to 9 places, so ``1.1 × 10`` is 11, not 11.000000000000002."""
+    return round(ratio * count, 9)
+
+
+def invitation_cap(spots: Any, invites_per_spot: float, unknown_cap: int) -> int:
+    """How many open invitations an event may have: ``ceil(invites_per_spot × spots)`` when its remaining
+    spots are known, else ``unknown_cap`` (``--max-invites-per-event``)."""
+    seats = whole_spots(spots)
+    return unknown_cap if seats is None else math.ceil(scaled(seats, invites_per_spot))
+
+
+def spots_claim_bound(spots: Any, invites_per_spot: float) -> int | None:
+    """How many members may be told "N spots left" for an event with N spots: ``floor(N × invites_per_spot)``
+    (the cap rounds up, the claim rounds down: never more claims than N × the ratio); None when unknown."""
+    seats = whole_spots(spots)
+    return None if seats is None else math.floor(scaled(seats, invites_per_spot))
+
+
+class Seat(NamedTuple):
+    """One open invitation this run holds for an event: its place among the event's open invitations
+    (1-based, those already in the dashboard first) and whether its message may say how many spots are left."""
+
+    event_id: str
+    ordinal: int
+    may_claim_spots: bool
+
+
+class SeatLedger:
+    """The run's allocation of invitations across events (the walk's members share it, also across threads).
+
+    Each event starts with the open invitations the dashboard already holds for it (``DashboardHistory``)
+    and takes at most ``invitation_cap`` in all. A member's seat is reserved when their match is chosen and
+    released when no message comes of it. ``seats_exhausted`` counts, per event, the members whose first
+    choice it was when it had no seat left (they were offered their next best candidate).
+    """
+
+    def __init__(self, invites_per_spot: float, unknown_cap: int, held: Mapping[str, int] | None = None) -> None:
+        self.invites_per_spot = invites_per_spot
+        self.unknown_cap = unknown_cap
+        self.taken: Counter[str] = Counter(held or {})
+        self.seats: dict[str, Seat] = {}  # member id -> the seat they hold
+        self.exhausted: Counter[str] = Counter()
+        self.passed: dict[str, tuple[str, str]] = {}  # member id -> (id, name) of their first choice, found full
+        self._lock = threading.Lock()
+
+    def has_room(self, event: Mapping[str, Any]) -> bool:
+        cap = invitation_cap(event.get("remaining_spots"), self.invites_per_spot, self.unknown_cap)
+        return self.taken[str(event["_id"])] < cap
+
+    def open_only(self, member_id: str, candidates: Iterable[Candidate]) -> Iterator[Candidate]:
+        """The candidates with a seat left, in order; a first choice without one is counted and remembered."""
+        first = True
+        for c in candidates:
+            if self.has_room(c.event):
+                yield c
+            elif first:
+                with self._lock:
+                    self.exhausted[str(c.event["_id"])] += 1
+                    self.passed[member_id] = (str(c.event["_id"]), text_field(c.event, "name") or "an event")
+            first = False
+
+    def reserve(self, member_id: str, event: Mapping[str, Any]) -> Seat | None:
+        """A seat at ``event`` for the member (the one they held before given back), or None when full."""
+        self.release(member_id)
+        event_id, spots = str(event["_id"]), event.get("remaining_spots")
+        with self._lock:
+            if self.taken[event_id] >= invitation_cap(spots, self.invites_per_spot, self.unknown_cap):
+                return None
+            self.taken[event_id] += 1
+            bound = spots_claim_bound(spots, self.invites_per_spot)
+            seat = Seat(event_id, self.taken[event_id], bound is not None and self.taken[event_id] <= bound)
+            self.seats[member_id] = seat
+            return seat
+
+    def release(self, member_id: str) -> None:
+        """The member's seat given back (no message came of it)."""
+        with self._lock:
+            seat = self.seats.pop(member_id, None)
+            if seat is not None:
+                self.taken[seat.event_id] -= 1
+
+    def taken_note(self, member_id: str, event_id: str) -> str:
+        """The reasoning's sentence when the member's first choice had no seat left, else ""."""
+        first = self.passed.get(member_id)
+        if first is None or first[0] == event_id:
+            return ""
+        return (f" (Their first choice, {first[1]}, already has as many open invitations as it can seat; "
+                "this is their next best.)")
+
+    def report(self) -> dict[str, int]:
+        """``seats_exhausted``: {event id: members turned away from it}, most first."""
+        return dict(sorted(self.exhausted.items(), key=lambda kv: (-kv[1], kv[0])))
+
+
 # =============================================================================================
 # Rules, step 6: the SMS contract and the template writer
 # =============================================================================================
@@ -3096,6 +3620,8 @@ URL_PATTERN = re.compile(
     r"|(?<!" + _RUN_CHAR + r")" + _RUN_CHAR + r"*?" + _LABEL_CHAR +
     r"\.(?:[^\W\d_]{2,}|xn--[a-z0-9-]+)(?!" + _LABEL_CHAR + r")(?:/\S*)?",
     re.IGNORECASE)
+GREETINGS = re.compile(r"\b(?:hi|hey|hello|hiya|howdy|greetings|good (?:morning|afternoon|evening))\b",
+                       re.IGNORECASE)  # "welcome back" is the message's point, not a second greeting
 NUMBER_WORDS = re.compile(r"\b(?:two|three|four|five|six|seven|eight|nine|ten|eleven|twelve|twenty|thirty|forty|"
                           r"fifty|hundred|dozen|half)\b", re.IGNORECASE)
 LETTER_WORDS = re.compile(r"\b[^\W\d_]{2,}\b")  # one tokeniser for a text's words and for what is exempt
@@ -3118,9 +3644,9 @@ def phone_view(text: str) -> str:
 
 
 def first_tappable(view: str) -> int | None:
-    """Where the first thing a phone would make tappable (link, email address, phone number) starts in
-    a ``phone_view``, or None."""
-    found = [m.start() for m in (URL_PATTERN.search(view), PHONE_NUMBER.search(view)) if m]
+    """Where the first thing a phone would make tappable (a link, or a contact detail: ``CONTACT_DETAIL``)
+    starts in a ``phone_view``, or None."""
+    found = [m.start() for m in (URL_PATTERN.search(view), first_contact(view)) if m]
     return min(found, default=None)
 
 
@@ -3409,10 +3935,11 @@ def without_sender_parts(body: str, facts: MessageFacts) -> tuple[str, list[str]
 def validate_sms(text: str, facts: MessageFacts) -> list[str]:
     """The SMS contract, for template and Claude alike: every problem found, empty when fine.
 
-    Nothing a phone could make tappable may appear but the one link: no other scheme, ``www.``,
-    email address, phone number or bare domain (``URL_PATTERN``: any ``label.label`` with a letter-only
-    top-level domain), looked for in ``phone_view`` so Unicode spellings count; and no control or
-    invisible character at all. The event is named by its ``phone_safe_name``.
+    Nothing a phone could make tappable may appear but the one link: no other scheme, ``www.`` or bare
+    domain (``URL_PATTERN``: any ``label.label`` with a letter-only top-level domain), and no contact
+    detail (``CONTACT_DETAIL``: email address, phone number in digits or letters, IP host, tel:/sms:/mailto:),
+    looked for in ``phone_view`` so Unicode spellings count; and no control or invisible character at all.
+    The event is named by its ``phone_safe_name``. One greeting; at most one question mark in the whole text.
     """
     problems: list[str] = []
     if not isinstance(text, str) or not text.strip():
@@ -3431,8 +3958,8 @@ def validate_sms(text: str, facts: MessageFacts) -> list[str]:
         others = [one[:40] for one in links if one != link][:3]
         problems.append("must contain exactly one link, the event link"
                         + (f" (also found: {', '.join(others)})" if others else ""))
-    if PHONE_NUMBER.search(URL_PATTERN.sub(" ", view)):
-        problems.append("no phone numbers: only the event link may be tappable")
+    for kind in contact_kinds(URL_PATTERN.sub(" ", view)):
+        problems.append(f"no {CONTACT_KINDS[kind]}: only the event link may be tappable")
     size = sms_size(text)
     if size.units > size.limit:
         problems.append(f"{size.units} {size.encoding} characters; at most {size.limit} allowed")
@@ -3466,7 +3993,7 @@ def validate_sms(text: str, facts: MessageFacts) -> list[str]:
                 if w.isupper() and w not in ALLOWED_ACRONYMS and w not in protected]
     if shouting:
         problems.append(f"no ALL-CAPS words ({', '.join(shouting)})")
-    if body.count("?") > 1:
+    if text.count("?") > 1:  # the sender's and the opt-out text's count too
         problems.append("at most one question mark")
     if "!!" in text:
         problems.append('no "!!"')
@@ -3479,6 +4006,8 @@ def validate_sms(text: str, facts: MessageFacts) -> list[str]:
     invented += sorted({w.lower() for w in NUMBER_WORDS.findall(scrubbed)})
     if invented:
         problems.append(f"numbers not among the facts: {', '.join(invented)} (use the digits given)")
+    if len(GREETINGS.findall(scrubbed)) > 1:
+        problems.append("greet the member once")
     if re.search(r"[%$€£]", scrubbed):
         problems.append("no prices, discounts or percentages: they are not among the facts")
     return problems
@@ -3581,12 +4110,43 @@ def write_template_sms(facts: MessageFacts) -> str | None:
     return None
 
 
+# Capitals a sender or opt-out text may use: the acronyms, and the keywords that stop texts (FCC, CTIA).
+SETTING_CAPITALS = ALLOWED_ACRONYMS | {"STOP", "STOPALL", "END", "QUIT", "CANCEL", "UNSUBSCRIBE", "REVOKE", "OPTOUT",
+                                       "HELP", "INFO"}
+
+
+def sms_setting_problem(name: str, value: str) -> str | None:
+    """Why SMS_SENDER or SMS_OPT_OUT_TEXT breaks the SMS contract by itself, or None: every message carries
+    it word for word, so whatever it breaks, every message would break (``validate_sms``)."""
+    view = phone_view(value)
+    if first_tappable(view) is not None:
+        return (f"{name} may not hold a link, web address, email or IP address, phone number (in digits or letters) "
+                "or tel:/sms:/mailto: (only the event link is)")
+    if re.search(r"\d", view):
+        return f"{name} may not hold a number: a message states only the event's numbers"
+    if "!!" in view:
+        return f'{name} may not hold "!!"'
+    shouting = [word for word in LETTER_WORDS.findall(view) if word.isupper() and word not in SETTING_CAPITALS]
+    if shouting:
+        return (f"{name} may not shout in ALL CAPS ({', '.join(shouting[:3])}): only acronyms such as NYC or RSVP, "
+                "and STOP")
+    return None
+
+
 def sms_policy_problem(policy: SmsPolicy) -> str | None:
-    """Why SMS_SENDER or SMS_OPT_OUT_TEXT could never be carried within the SMS contract, or None: they
-    may hold nothing a phone makes tappable, and must leave room for the greeting, the event and its time."""
-    for name, value in (("SMS_SENDER", policy.sender), ("SMS_OPT_OUT_TEXT", policy.opt_out_text)):
-        if value and first_tappable(phone_view(value)) is not None:
-            return f"{name} may not hold a link, web address, email address or phone number (only the event link is)"
+    """Why SMS_SENDER or SMS_OPT_OUT_TEXT could never be carried within the SMS contract, or None: each must
+    keep it by itself (``sms_setting_problem``), the two hold one question mark at most between them (a
+    message may hold one), and they must leave room for the greeting, the event and its time."""
+    texts = {name: value for name, value in (("SMS_SENDER", policy.sender), ("SMS_OPT_OUT_TEXT", policy.opt_out_text))
+             if value}
+    for name, value in texts.items():
+        problem = sms_setting_problem(name, value)
+        if problem:
+            return problem
+    asking = [name for name, value in texts.items() if "?" in phone_view(value)]
+    if sum(phone_view(value).count("?") for value in texts.values()) > 1:
+        return (f"{' and '.join(asking)} may hold one question mark at most"
+                f"{' between them' if len(asking) > 1 else ''}: a whole message may hold one")
     facts = MessageFacts(None, "0" * 24, "", (), "", None, 0, None, policy.sender, policy.opt_out_text)
     room = GSM7_LIMIT - len(dress(facts, "", ""))
     if room < MIN_MESSAGE_ROOM:
@@ -3767,6 +4327,7 @@ class HoldoutRecord(TypedDict):
 
     user_id: str
     user_name: str
+    user_phone: str | None  # E.164: a number held out counts as contacted within the cooldown (``NumberLedger``)
     rank: int  # 1-based, in the eligible list
     reactivation_score: float
     days_inactive: int
@@ -3782,7 +4343,8 @@ class HoldoutRecord(TypedDict):
 def holdout_record(rank: int, match: Match, *, campaign_id: str, fraction: float, now: datetime) -> HoldoutRecord:
     """What a holdout member gets instead of a message: a record of the rules' pick (never Claude's)."""
     user, event = match["user"], match["event"]
-    return HoldoutRecord(user_id=match["user_id"], user_name=match["user_name"], rank=rank,
+    return HoldoutRecord(user_id=match["user_id"], user_name=match["user_name"], user_phone=user.get("phone_e164"),
+                         rank=rank,
                          reactivation_score=user["reactivation_score"], days_inactive=user["days_inactive"],
                          event_id=match["event_id"], event_name=match["event_name"],
                          event_start=event.get("startDate"),
@@ -3871,16 +4433,188 @@ class Skip:
 SKIP_REASONS = (  # dormant_users.json's skip_reason for an eligible member not selected, in walk order
     "cooldown",                 # messaged (or held out) within --cooldown-days
     "no_valid_phone",           # no phone, or not a valid number that can receive SMS
-    "opted_out",                # an opt-out field set, or consent explicitly refused
+    "opted_out",                # an opt-out field set, or consent explicitly refused (or in doubt), on any record with the number
+    "shared_phone",             # the number was messaged or held out for another member (this run or the cooldown)
     "holdout",                  # the control group: recorded, never texted
     "no_matching_event",        # no open future event shares an interest
     "no_event_in_send_window",  # every candidate starts too soon or leaves only quiet hours to send
+    "seats_exhausted",          # every candidate already has as many open invitations as it can seat
     "below_min_confidence",     # the best match is below --min-confidence
     "no_sms_within_contract",   # no SMS within the contract for the chosen event or the next ones
     "failed",                   # an unexpected error on this member (see the log)
     "not_started",              # the run stopped (signal or deadline) before this member
     "below_limit",              # --limit members were messaged before this one's turn
 )
+
+
+class IdleReason(Enum):
+    """Why a day drafted no message: the one line cron mail gets, and the exit code (3: look; 0: as planned).
+
+    ``idle_reason`` finds it from the walk's decisions; a step that knows before the walk (the per-day
+    limit: ``DAY_LIMIT_DRAFTED``) hands it over as ``ReturnToTable.idle_hint``."""
+
+    NOBODY_DORMANT = "nobody_dormant"
+    ALL_IN_COOLDOWN = "all_in_cooldown"
+    NOBODY_TEXTABLE = "nobody_textable"
+    NO_EVENT_IN_SEND_WINDOW = "no_event_in_send_window"
+    NONE_MATCHED = "none_matched"
+    DAY_LIMIT_DRAFTED = "day_limit_drafted"
+
+    @property
+    def exit_code(self) -> int:
+        return EXIT_OK if self is IdleReason.DAY_LIMIT_DRAFTED else EXIT_ATTENTION
+
+
+IDLE_LINES = {
+    IdleReason.NOBODY_DORMANT: "nobody is dormant and personalisation-ready today (31-90 days since their last "
+                               "table, 4 of the 8 profile fields, interests)",
+    IdleReason.ALL_IN_COOLDOWN: "every eligible member was messaged or held out within --cooldown-days",
+    IdleReason.NOBODY_TEXTABLE: "no eligible member outside the cooldown can be texted (no valid number, opted out, "
+                                "or the number was texted for another member)",
+    IdleReason.NO_EVENT_IN_SEND_WINDOW: "no open event in the send window: for every textable member, the events "
+                                        "sharing an interest are full, start too soon (--min-lead-hours) or "
+                                        "leave only QUIET_HOURS, or there are none",
+    IdleReason.NONE_MATCHED: "no member reached was messaged",
+    IdleReason.DAY_LIMIT_DRAFTED: "today's --limit is already drafted",
+}
+UNTEXTABLE = frozenset({"no_valid_phone", "opted_out", "shared_phone"})
+NO_EVENT = frozenset({"no_matching_event", "no_event_in_send_window", "seats_exhausted"})
+NOT_REACHED = frozenset({"cooldown", "below_limit", "not_started"})
+
+
+def idle_reason(eligible: int, decisions: Mapping[str, str], messages: int,
+                hint: IdleReason | None = None) -> IdleReason | None:
+    """Why no message was drafted (``decisions``: each eligible member's ``selected`` or skip code), or None
+    when one was. ``hint``: a reason known before the walk (today's limit already drafted)."""
+    if messages:
+        return None
+    if hint is not None:
+        return hint
+    codes = Counter(decisions.values())
+    if not eligible:
+        return IdleReason.NOBODY_DORMANT
+    if codes["cooldown"] >= eligible:
+        return IdleReason.ALL_IN_COOLDOWN
+    reached = [code for code in codes.elements() if code not in NOT_REACHED]
+    textable = [code for code in reached if code not in UNTEXTABLE]
+    if reached and not textable:
+        return IdleReason.NOBODY_TEXTABLE
+    if textable and all(code in NO_EVENT for code in textable):
+        return IdleReason.NO_EVENT_IN_SEND_WINDOW
+    return IdleReason.NONE_MATCHED
+
+
+def idle_line(reason: IdleReason, decisions: Mapping[str, str]) -> str:
+    """The one line a day without messages gets; the catch-all names the commonest skip reason."""
+    line = IDLE_LINES[reason]
+    if reason is IdleReason.NONE_MATCHED:
+        codes = Counter(code for code in decisions.values() if code not in NOT_REACHED | UNTEXTABLE)
+        if codes:
+            code, count = codes.most_common(1)[0]
+            line += f": {code} for {count} of {sum(codes.values())} textable members"
+    return line
+
+
+# --- volume: --limit is per campaign day ------------------------------------------------------------
+
+OUR_GENERATORS = frozenset({"template", "claude"})  # a message with one of these was drafted by this tool
+LIMIT_ALREADY_DRAFTED = "today's limit already drafted"
+
+
+def campaign_day(now: datetime, zone: ZoneInfo) -> tuple[datetime, datetime]:
+    """The campaign day of ``now``: its local date in ``zone`` (CAMPAIGN_TIMEZONE), as [start, end) in UTC."""
+    local = now.astimezone(zone).date()
+    start = datetime.combine(local, dt_time(0), tzinfo=zone)
+    return start.astimezone(UTC), datetime.combine(local + timedelta(days=1), dt_time(0), tzinfo=zone).astimezone(UTC)
+
+
+def daily_remaining(limit: int, drafted_today: int) -> int:
+    """How many messages this run may still draft: ``--limit`` is per campaign day, not per run."""
+    return max(0, limit - max(0, drafted_today))
+
+
+@dataclass(frozen=True)
+class DashboardHistory:
+    """What the dashboard already holds that bounds this run (``DashboardWriter.read_history``)."""
+
+    drafted_today: int = 0  # this tool's messages generated on this campaign day
+    held_out_today: int = 0  # holdout records made on this campaign day
+    today_members: frozenset[str] = frozenset()  # their members: never drafted twice in a day
+    open_invitations: Mapping[str, int] = field(default_factory=dict)  # event id -> pending or approved messages
+
+
+def ours(item: Mapping[str, Any]) -> bool:
+    """A message this tool drafted (its ``generator``), not one another tool put in the list."""
+    generator = item.get("generator")
+    return isinstance(generator, str) and generator in OUR_GENERATORS
+
+
+def tally_history(messages: Iterable[Mapping[str, Any]], holdout: Iterable[Mapping[str, Any]],
+                  day: tuple[datetime, datetime], seats_since: datetime) -> DashboardHistory:
+    """This tool's messages and holdout records of the campaign ``day``, and its open invitations per event
+    (pending or approved, generated at or after ``seats_since``): the arithmetic of the daily limit and of
+    the seats, apart from the reading."""
+    drafted, held, members, invitations = 0, 0, set(), Counter[str]()
+    for item in messages:
+        when = to_utc(item.get("generated_at")) if ours(item) else None
+        if when is None:
+            continue
+        if day[0] <= when < day[1]:
+            drafted += 1
+            members.add(str(item.get("user_id")))
+        status = item.get("status")
+        if (when >= seats_since and isinstance(status, str) and status.strip().lower() in OPEN_INVITATION_STATUSES
+                and isinstance(item.get("event_id"), str)):
+            invitations[item["event_id"]] += 1
+    for item in holdout:
+        when = to_utc(item.get("held_out_at"))
+        if when is not None and day[0] <= when < day[1]:
+            held += 1
+            members.add(str(item.get("user_id")))
+    return DashboardHistory(drafted, held, frozenset(members - {"None"}), dict(invitations))
+
+
+@dataclass(frozen=True)
+class DailyVolume:
+    """The report's ``daily_limit``: the campaign day, what it already held, and what this run may draft."""
+
+    day: str  # the local date (YYYY-MM-DD) in CAMPAIGN_TIMEZONE
+    limit: int
+    drafted_before: int
+    held_out_before: int
+    remaining: int
+
+    @classmethod
+    def of(cls, limit: int, history: DashboardHistory, now: datetime, zone: ZoneInfo) -> DailyVolume:
+        return cls(now.astimezone(zone).date().isoformat(), limit, history.drafted_today, history.held_out_today,
+                   daily_remaining(limit, history.drafted_today))
+
+    def report(self, drafted: int, held_out: int) -> dict[str, Any]:
+        return {**dataclasses.asdict(self), "drafted_this_run": drafted, "held_out_this_run": held_out,
+                "already_drafted": self.remaining == 0}
+
+
+def volume_report(volume: DailyVolume, seats: SeatLedger, drafted: int, held_out: int) -> dict[str, Any]:
+    """The report's ``daily_limit``, ``seats_exhausted`` ({event id: members turned away}) and ``allocation``."""
+    return {"daily_limit": volume.report(drafted, held_out), "seats_exhausted": seats.report(),
+            "allocation": {"invites_per_spot": seats.invites_per_spot, "max_invites_per_event": seats.unknown_cap}}
+
+
+def volume_lines(report: Mapping[str, Any]) -> list[str]:
+    """The Markdown report's lines on the daily limit and the seats (``daily_limit``, ``seats_exhausted``)."""
+    daily, lines = report.get("daily_limit"), []
+    if daily:
+        lines.append(f"Daily limit ({daily['day']}): {daily['limit']} messages a campaign day; "
+                     f"{daily['drafted_before']} drafted earlier today ({daily['held_out_before']} held out), "
+                     f"{daily['drafted_this_run']} by this run"
+                     + (f"; {LIMIT_ALREADY_DRAFTED}." if daily["already_drafted"] else "."))
+    exhausted = report.get("seats_exhausted") or {}
+    names = {m["event_id"]: m["event_name"] for m in report.get("matches", [])}
+    seen = ", ".join(f"{cell(names.get(k, k))} ({n})" for k, n in exhausted.items())
+    lines.append(f"Seats exhausted (members whose first choice had no seat left, by event): {seen}." if exhausted
+                 else "Seats exhausted: none (no member's first choice was full).")
+    return [*lines, ""]
+CONTACT_SKIPS = ("no_valid_phone", "opted_out", "shared_phone")  # decided when the walk reaches a member (counted on the console)
 
 
 # --- the funnel: eligible to drafted, one count per stage (console, Markdown and JSON alike) -------
@@ -3963,12 +4697,10 @@ def skip_list_rows(eligible: Sequence[Mapping[str, Any]], decisions: Mapping[str
 
 
 def contact_like_id(member_id: str) -> bool:
-    """An id that is an email address, or a phone number as people write one (a ``+`` or punctuation among
-    the digits); plain digits and ObjectIds are ids."""
+    """An id that is a contact detail (``CONTACT_DETAIL``: an email address, a phone number as people write one
+    with a ``+`` or punctuation among the digits, ...); plain digits and ObjectIds are ids."""
     plain = readable(member_id)
-    if EMAIL_ADDRESS.search(plain):
-        return True
-    return not plain.isalnum() and PHONE_NUMBER.search(plain) is not None
+    return not plain.isalnum() and first_contact(plain) is not None
 
 
 def csv_safe(text: str) -> str:
@@ -4190,10 +4922,12 @@ def empty_input_lines(empty: Sequence[str]) -> list[str]:
     return [line]
 
 
-def skip_reason_lines(reasons: Mapping[str, int], holdout: Mapping[str, Any]) -> list[str]:
+def skip_reason_lines(reasons: Mapping[str, int], holdout: Mapping[str, Any],
+                      details: Mapping[str, int] | None = None) -> list[str]:
     """Why eligible members were not texted (counts only), and the control group."""
     lines = ["## Who was texted", "", "| eligible members not texted, by reason | count |", "| --- | --- |"]
     lines += [f"| {code} | {n} |" for code, n in reasons.items()] or ["| (none) | 0 |"]
+    lines += [f"\nOf these, {n}: {cell(detail)}." for detail, n in (details or {}).items()]
     if holdout.get("fraction"):
         ranks = ", ".join(str(r) for r in holdout.get("ranks", [])) or "none"
         lines += ["", (f"Holdout (control group, {holdout['fraction']:g} of members by a stable hash): "
@@ -4208,12 +4942,13 @@ def report_markdown(report: Mapping[str, Any]) -> str:
     lines = [
         f"# Return To Table report: {report['campaign_id']}",
         "",
-        ("**Goal:** bring dormant members (31-90 days since their last table) back with one "
+        (f"**Goal:** bring dormant members ({DORMANCY_SPAN} since their last table) back with one "
          "well-matched upcoming event and a warm welcome-back SMS, reviewed before sending."),
         "",
         f"- Run date: {report['run_date']} (as of {report['as_of']})",
         f"- Source: {report['source']}; matcher: {matcher}; dry run: {report['dry_run']}",
         *empty_input_lines(report.get("empty_input") or []),
+        *([f"- No message drafted: {report['no_message']['text']}"] if report.get("no_message") else []),
         "",
         "## Run summary",
         "",
@@ -4224,13 +4959,14 @@ def report_markdown(report: Mapping[str, Any]) -> str:
                 "users_left_out_by_cooldown", "total_future_events", "total_matches_created",
                 "total_messages_generated", "total_sms_segments", "average_days_inactive",
                 "average_confidence_score", "error_count"):
-        lines.append(f"| {key.replace('_', ' ')} | {s.get(key)} |")
+        lines.append(f"| {key.replace('_', ' ')} | {'—' if s.get(key) is None else s.get(key)} |")
     lines += ["", f"Future events considered: {st['events_processed']}. Cost: {cost_text(report['cost'])}.", ""]
     if report.get("places_not_located"):
         lines += [places_line(report["places_not_located"]), ""]
+    lines += volume_lines(report)
     lines += funnel_lines(report["funnel"], report.get("skip_reasons", {}))
     lines += ["## Recommendations", "", *(f"- {r}" for r in report["recommendations"]), ""]
-    lines += skip_reason_lines(report.get("skip_reasons", {}), report.get("holdout", {}))
+    lines += skip_reason_lines(report.get("skip_reasons", {}), report.get("holdout", {}), report.get("skip_details", {}))
     lines += power_lines(report["holdout_power"])
     lines += preview_lines(report["preview"])
     lines += ["## Matches and messages", "", "| member | event | confidence | matcher | SMS | segments |",
@@ -4346,29 +5082,35 @@ def walk_codes(outcomes: Iterable[UserOutcome]) -> dict[str, str]:
     return codes
 
 
-def walk_listing(eligible: Sequence[DormantMember], decisions: Mapping[str, str]) -> Iterator[bytes]:
+def walk_listing(eligible: Sequence[DormantMember], decisions: Mapping[str, str],
+                 details: Mapping[str, str] | None = None) -> Iterator[bytes]:
     """``dormant_users.json``'s items (``write_json_items``), ``JSON_CHUNK_ITEMS`` at a time: every eligible
     member in rank order, with ``selected`` and, for those not selected, ``skip_reason`` (a member the walk
-    never decided on is ``below_limit``). The keys are appended to each record's JSON, the records are not
-    copied (160,000 copies at a million members were a second)."""
-    tails: dict[str, bytes] = {}
+    never decided on is ``below_limit``) and its ``skip_detail`` when ``details`` has one. The keys are
+    appended to each record's JSON, the records are not copied (160,000 copies at a million members were a
+    second)."""
+    tails: dict[tuple[str, str | None], bytes] = {}
+    details = details or {}
     for first in range(0, len(eligible), JSON_CHUNK_ITEMS):
         chunk = eligible[first:first + JSON_CHUNK_ITEMS]
-        codes = [decisions.get(user["_id"], "below_limit") for user in chunk]
+        codes = [(decisions.get(user["_id"], "below_limit"), details.get(user["_id"])) for user in chunk]
         # each item's b"  {\n    ...": a line "  }" only ends an item (nested lines are deeper, strings escape \n)
         bodies = json_bytes(list(chunk))[2:-2].split(b"\n  },\n")
-        if len(bodies) != len(chunk) or any("selected" in user or "skip_reason" in user for user in chunk):
-            yield b",\n".join(json_item({**user, **decision_keys(code)}) for user, code in zip(chunk, codes))
+        if len(bodies) != len(chunk) or any("selected" in user or "skip_reason" in user or "skip_detail" in user
+                                            for user in chunk):
+            yield b",\n".join(json_item({**user, **decision_keys(*code)}) for user, code in zip(chunk, codes))
             continue  # (stored fields of those names keep their place, as in the merged dict)
         bodies[-1] = bodies[-1].removesuffix(b"\n  }")
         for code in set(codes) - tails.keys():
-            tails[code] = b",\n" + json_item(decision_keys(code))[4:]  # b',\n    "selected": ...\n  }'
+            tails[code] = b",\n" + json_item(decision_keys(*code))[4:]  # b',\n    "selected": ...\n  }'
         yield b",\n".join(map(operator.add, bodies, map(tails.__getitem__, codes)))
 
 
-def decision_keys(code: str) -> dict[str, Any]:
+def decision_keys(code: str, detail: str | None = None) -> dict[str, Any]:
     """What ``dormant_users.json`` adds to an eligible member's record for the walk's decision."""
-    return {"selected": True} if code == "selected" else {"selected": False, "skip_reason": code}
+    if code == "selected":
+        return {"selected": True}
+    return {"selected": False, "skip_reason": code, **({"skip_detail": detail} if detail else {})}
 
 
 def skip_reason_counts(decisions: Mapping[str, str]) -> dict[str, int]:
@@ -4387,19 +5129,20 @@ def fallback_counts(outcomes: Sequence[UserOutcome]) -> dict[str, Any]:
 
 def build_report(*, campaign_id: str, run_started: datetime, finished: datetime, options: RunOptions,
                  source_label: str, census: DormancyCensus, selected: Sequence[DormantMember],
-                 decisions: Mapping[str, str],
+                 decisions: Mapping[str, str], skip_details: Mapping[str, str] | None = None,
                  future_events: Sequence[FutureEvent], outcomes: Sequence[UserOutcome], steps_5_6_seconds: float,
                  issues: DataIssues, firebase: Mapping[str, Any], errors: Sequence[str],
                  llm_usage: Mapping[str, Any] | None, status: str = "completed",
                  empty_input: Sequence[str] = (), places_not_located: Mapping[str, int] | None = None,
                  sms_segment_price: float | None = None, earlier_30_days: tuple[int, int] | None = None,
-                 ) -> dict[str, Any]:
+                 volume: Mapping[str, Any] | None = None, idle: IdleReason | None = None) -> dict[str, Any]:
     """Step 8: the plan's statistics and summary, plus the funnel, a preview of every message, the cost, who
     was skipped, the holdout's power, services, errors and recommendations from these figures.
 
     ``empty_input`` names the collections the source had no documents in (``"users"``, ``"events"``);
     ``decisions`` is each eligible member's ``selected`` or skip code; ``earlier_30_days`` the members
-    messaged and held out in the dashboard in the 30 days before this run (None: not read).
+    messaged and held out in the dashboard in the 30 days before this run (None: not read); ``idle`` why
+    no message was drafted.
     """
     reasons = skip_reason_counts(decisions)
     held_out = [o.holdout for o in outcomes if o.holdout is not None]
@@ -4419,8 +5162,8 @@ def build_report(*, campaign_id: str, run_started: datetime, finished: datetime,
         "users_failed": sum(o.failed for o in outcomes),
         "users_not_started": reasons.get("not_started", 0),
         "users_held_out": len(held_out),
-        "average_days_inactive": mean([u["days_inactive"] for u in selected]),
-        "average_confidence_score": mean([m["confidence_percentage"] for m in matches]),
+        "average_days_inactive": mean([u["days_inactive"] for u in selected]) if selected else None,
+        "average_confidence_score": mean([m["confidence_percentage"] for m in matches]) if matches else None,
         "error_count": len(errors),
         "matchers": dict(Counter(m["matcher"] for m in matches)),
         "generators": dict(Counter(m["generator"] for m in messages)),
@@ -4433,6 +5176,7 @@ def build_report(*, campaign_id: str, run_started: datetime, finished: datetime,
         "as_of": iso_utc(options.now),
         "source": source_label,
         "empty_input": list(empty_input),
+        "no_message": None if idle is None else {"reason": idle.value, "text": idle_line(idle, decisions)},
         "llm": "claude" if options.use_claude else "off",
         "dry_run": options.dry_run,
         "limit": options.limit,
@@ -4442,6 +5186,7 @@ def build_report(*, campaign_id: str, run_started: datetime, finished: datetime,
         "engagement_counts": census.status_counts,
         "skipped": [vars(s) for s in skipped],
         "skip_reasons": reasons,
+        "skip_details": dict(Counter((skip_details or {}).values())),  # e.g. OTHER_RECORD: how many
         "funnel": run_funnel(len(census.eligible), reasons),
         "holdout": {"fraction": options.holdout, "count": len(held_out), "ranks": [h["rank"] for h in held_out]},
         "holdout_power": holdout_power((len(messages), len(held_out)), earlier_30_days),
@@ -4462,6 +5207,7 @@ def build_report(*, campaign_id: str, run_started: datetime, finished: datetime,
     if llm_usage is not None:
         report["llm_usage"] = dict(llm_usage)
     report["places_not_located"] = places_report(places_not_located or {})
+    report.update(volume or {})  # ``daily_limit``, ``seats_exhausted``, ``allocation`` (``volume_report``)
     report["recommendations"] = recommendations(report)
     return report
 
@@ -4532,13 +5278,20 @@ class DataSource(Protocol):
 
     def read(self, progress: Any = None) -> SourceData: ...
 
+    def consent_rows(self, paths: Sequence[str]) -> Iterable[dict[str, Any]]:
+        """Every member the source holds (all of them, not only the dormant) whose record has a value at one
+        of the field ``paths`` or a key that may start one (``consent_keys``), as ``consent_row`` gives it:
+        ``_id``, ``phone`` and those values as stored, never cleaned, an unreadable one as ``UNREADABLE``
+        (so that doubt is seen). Read apart from ``read``, without holding every member in memory."""
+        ...
+
     def close(self) -> None: ...
 
 
 class FolderSource:
     """A folder of ``mongoexport`` output: ``users.json`` and ``events.json``."""
 
-    def __init__(self, folder: Path) -> None:
+    def __init__(self, folder: Path, control: RunControl | None = None) -> None:
         self.folder = folder
         self.label = f"folder {folder}"
         self.engine: FolderEngine | None = None
@@ -4561,6 +5314,10 @@ class FolderSource:
             events, deep_events = load_collection_file(files[1], decoder)
         skipped = Counter({"users_nested_too_deep": deep_users, "events_nested_too_deep": deep_events})
         return SourceData(users, events, decoder.bad_values, +skipped, dict(zip(("users", "events"), files)))
+
+    def consent_rows(self, paths: Sequence[str]) -> Iterator[dict[str, Any]]:
+        path = self.folder / "users.json"
+        return consent_rows_of_file(path, consent_keys(paths)) if path.is_file() else iter(())
 
 
     def read_dormant(self, now: datetime, progress: Any = None) -> SourceData:
@@ -4587,6 +5344,45 @@ class FolderSource:
         if self.engine is not None:
             self.engine.close()
             self.engine = None
+
+
+def consent_rows_of_file(path: Path, keys: Collection[str]) -> Iterator[dict[str, Any]]:
+    """``consent_rows`` of a mongoexport users file: the engine selects the members with a value (a null
+    included) under one of ``keys``, one query, never every member in memory; each is decoded whole as ``read``
+    decodes it (``keep_unreadable``: an unreadable value is ``UNREADABLE``) and given by ``consent_row``. A file
+    the engine cannot read is decoded whole, as ``read`` decodes it."""
+    decoder = ExtendedJsonDecoder(keep_unreadable=True)
+    try:
+        texts = engine_consent_texts(path, sorted(keys))
+    except EngineRefused:
+        docs, _ = load_collection_file(path, decoder)
+        yield from filter(None, (consent_row(doc, keys) for doc in docs))
+        return
+    for text in texts:
+        try:
+            doc = decoder.loads(text)
+        except (ValueError, RecursionError):
+            continue
+        row = consent_row(doc, keys) if type(doc) is dict else None
+        if row is not None:
+            yield row
+
+
+def engine_consent_texts(path: Path, keys: Sequence[str]) -> list[str]:
+    """The JSON text of each record of ``path`` holding one of ``keys`` (top-level, a literal dotted key a key);
+    EngineRefused when the engine cannot read the file."""
+    import duckdb
+
+    paths = ['$."' + key.replace("\\", "\\\\").replace('"', '\\"') + '"' for key in keys]
+    held = " OR ".join(f"json_type(doc, '{json_path.replace(chr(39), chr(39) * 2)}') IS NOT NULL" for json_path in paths)
+    try:
+        with contextlib.closing(duckdb.connect()) as db:
+            return [text for (text,) in db.execute(
+                f"SELECT doc FROM {engine_records(path)} WHERE {held or 'false'} ORDER BY n").fetchall()]
+    except duckdb.Error:
+        raise EngineRefused(str(path)) from None
+
+
 
 
 def read_source(source: DataSource, now: datetime, progress: Any = None) -> SourceData:
@@ -5085,8 +5881,8 @@ def member_activity_stages() -> list[dict[str, Any]]:
 
 def dormant_window(now: datetime) -> tuple[datetime, datetime]:
     """The latest event dates that make a member dormant at ``now``: after the first, up to the second
-    (``derive_engagement``: 31 to 90 whole days)."""
-    return now - timedelta(days=91), now - timedelta(days=31)
+    (``derive_engagement``: ACTIVE_DAYS + 1 to DORMANT_DAYS whole days)."""
+    return now - timedelta(days=DORMANT_DAYS + 1), now - timedelta(days=ACTIVE_DAYS + 1)
 
 
 def bson_window(now: datetime) -> tuple[datetime, datetime]:
@@ -5134,6 +5930,20 @@ def member_events_pipeline(ids: Sequence[str]) -> list[dict[str, Any]]:
     """The events any of ``ids`` joined or hosted, whatever form their entries take (``mongo_members``)."""
     return [{"$match": USABLE_ID}, {"$addFields": {"rtt_members": mongo_members()}},
             {"$match": {"rtt_members": {"$in": list(ids)}}}, {"$project": {"rtt_members": 0}}]
+
+
+def consent_pipeline(keys: Collection[str]) -> list[dict[str, Any]]:
+    """Members with a value under one of ``keys`` (``consent_keys``): ``_id``, ``phone`` and ``sms``, those
+    fields as ``{k, v}`` pairs (``$objectToArray``: a literal dotted key is a key like any other here)."""
+    fields = {"$filter": {"input": {"$objectToArray": "$$ROOT"}, "as": "field",
+                          "cond": {"$in": ["$$field.k", {"$literal": sorted(keys)}]}}}
+    return [{"$project": {"phone": 1, "sms": fields}}, {"$match": {"sms.0": {"$exists": True}}}]
+
+
+def mongo_consent_row(doc: Mapping[str, Any]) -> dict[str, Any]:
+    """``consent_row`` of a ``consent_pipeline`` document."""
+    found = {pair["k"]: pair["v"] for pair in doc.get("sms") or () if isinstance(pair, Mapping) and "k" in pair}
+    return {**found, "_id": id_of(doc.get("_id")), "phone": doc.get("phone")}
 
 
 def with_attended(counted: Mapping[str, Activity], attended: Mapping[str, Activity]) -> dict[str, Activity]:
@@ -5271,6 +6081,31 @@ class MongoSource:
                     latest[member] = start
         return latest
 
+    def consent_rows(self, paths: Sequence[str]) -> Iterator[dict[str, Any]]:
+        """The database picks the members with a preference key (``consent_pipeline``): only those, and only
+        their id, phone and preferences, come to Python; a date beyond Python's calendar comes as a
+        ``DatetimeMS`` (odd: doubt), never as an error. A server that cannot run it: every member, streamed."""
+        from pymongo.errors import OperationFailure, PyMongoError
+
+        keys = consent_keys(paths)
+        users = self.client.get_database(self.db_name)[USER_COLLECTION]
+        try:
+            with contextlib.suppress(NotImplementedError):  # mongomock lacks the codec option
+                users = users.with_options(codec_options=users.codec_options.with_options(
+                    datetime_conversion=DatetimeConversion.DATETIME_AUTO))
+            try:
+                rows = map(mongo_consent_row, users.aggregate(consent_pipeline(keys), allowDiskUse=True,
+                                                              batchSize=MONGO_BATCH_SIZE))
+            except OperationFailure as exc:
+                if exc.code not in (None, *UNKNOWN_OPERATOR_CODES):
+                    raise
+                rows = (consent_row(doc, keys) for doc in users.find({}, batch_size=MONGO_BATCH_SIZE))
+            except NotImplementedError:  # mongomock: an operator it lacks
+                rows = (consent_row(doc, keys) for doc in users.find({}, batch_size=MONGO_BATCH_SIZE))
+            yield from filter(None, rows)
+        except PyMongoError as exc:
+            raise mongo_failure(exc) from None
+
     @staticmethod
     def members(users: Any, ids: Sequence[str], progress: Any) -> list[dict[str, Any]]:
         """The member documents of ``ids``, by batches of ``MONGO_IDS_PER_QUERY``."""
@@ -5341,7 +6176,9 @@ def connect_mongo(settings: Settings, insecure_tls: bool, logger: logging.Logger
 
     if not settings.mongo_uri:
         raise UsageError(MONGO_NOT_CONFIGURED)
-    options: dict[str, Any] = {"appname": CAMPAIGN_NAME}
+    # A date beyond Python's calendar comes as a DatetimeMS (no date; in an SMS preference, doubt), never
+    # as an InvalidBSON that ends the read.
+    options: dict[str, Any] = {"appname": CAMPAIGN_NAME, "datetime_conversion": DatetimeConversion.DATETIME_AUTO}
     for name, millis in (("serverSelectionTimeoutMS", 20000), ("connectTimeoutMS", 20000),
                          ("socketTimeoutMS", 120000)):  # a server that never answers cannot hold the run
         if name.lower() not in settings.mongo_uri.lower():  # the URI's own setting wins
@@ -5399,6 +6236,13 @@ class DemoSource:
 
     def close(self) -> None:
         pass
+
+    def consent_rows(self, paths: Sequence[str]) -> Iterator[dict[str, Any]]:
+        keys = consent_keys(paths)
+        return filter(None, (consent_row(user, keys) for user in build_demo_world(self.now)[0]))
+
+
+DEMO_AREAS = ("212", "646", "917")  # NYC area codes: each demo member their own number in 555-0100..0199 (fiction)
 
 
 def build_demo_world(now: datetime) -> tuple[list[dict[str, Any]], list[dict[str, Any]]]:
@@ -5533,7 +6377,7 @@ def build_demo_world(now: datetime) -> tuple[list[dict[str, Any]], list[dict[str
         picked = [top] + [x for x in rng.sample(interests, rng.randint(0, 5)) if x != top]
         doc: dict[str, Any] = {
             "_id": uid[i], "firstName": first, "lastName": last,
-            "email": f"{slug(first)}.{slug(last)}{i}@example.com", "phone": f"+121255501{i % 100:02d}",
+            "email": f"{slug(first)}.{slug(last)}{i}@example.com", "phone": f"+1{DEMO_AREAS[i // 100]}55501{i % 100:02d}",
             "gender": rng.choices(["female", "male", "non-binary"], [48, 46, 6])[0],
             "interests": picked, "occupation": rng.choice(occupations), "homeNeighborhood": rng.choice(hoods),
         }
@@ -5755,7 +6599,7 @@ class InvalidAnswer(Exception):
 
 MATCH_SYSTEM = """You are an expert user reactivation specialist for Cuculi, a social dining app in New York \
 where members meet strangers over shared tables, drinks and outings. Your job: pick the SINGLE BEST upcoming event \
-for one dormant member (31-90 days since their last table) so that they come back and RSVP.
+for one dormant member (""" + DORMANCY_SPAN + """ since their last table) so that they come back and RSVP.
 
 Matching criteria, in order of importance:
 1. Interest alignment: the member's interests MUST match the event's categories or features. This is critical; \
@@ -5792,7 +6636,7 @@ How member interests usually show up in event tags (the fits= field already appl
 """ + "\n".join(f"- {interest}: {', '.join(sorted(tags))}" for interest, tags in INTEREST_SYNONYMS.items()) + "\n"
 
 WRITE_SYSTEM = """You are an expert SMS copywriter for Cuculi, a social dining app in New York. You write one \
-welcome-back text for a dormant member (31-90 days inactive) inviting them to one specific upcoming event. \
+welcome-back text for a dormant member (""" + DORMANCY_SPAN + """ inactive) inviting them to one specific upcoming event. \
 A person reviews every message before it is sent.
 
 Rules (a message that breaks one is rejected):
@@ -6091,12 +6935,22 @@ class ClaudeAdvisor:
                     return
                 self._lock.wait(0.1)
 
-    def _call(self, **request: Any) -> Any:
-        """One Messages API call (the SDK's own retries included) within its time budget."""
+    def _call(self, step: str, check: Any, **request: Any) -> tuple[Any, Any, str]:
+        """One Messages API call (the SDK's own retries included) within its time budget, its answer checked
+        while the call still holds its slot: ``(reply, checked answer, "")``, or ``(reply, None, problem)``
+        for an invalid answer, which counts as a failed call (paid for, and of no use: "stop after four in
+        a row" holds for a model that answers every call with nonsense too)."""
         self._start_call()
         try:
             budget = self.control.budget(self.config.timeout)
             reply = bounded_call(lambda: self.client.messages.create(**request), budget, "Claude")
+            with self._lock:
+                self.usage[step].add(getattr(reply, "usage", None))
+            try:
+                answer = check(answer_json(reply))
+            except InvalidAnswer as exc:
+                self._count_failure(exc)
+                return reply, None, str(exc)
         except Exception as exc:
             self._count_failure(exc)
             raise
@@ -6104,7 +6958,7 @@ class ClaudeAdvisor:
             with self._lock:
                 self.consecutive_failures = 0
                 self.answered_calls += 1
-            return reply
+            return reply, answer, ""
         finally:
             with self._lock:
                 self.in_flight -= 1
@@ -6128,25 +6982,23 @@ class ClaudeAdvisor:
         problem = ""
         for _attempt in (1, 2):
             try:
-                reply = self._call(model=model, max_tokens=2048, system=self._system(system, model),
-                                   messages=messages, output_config=output_config)
+                reply, answer, problem = self._call(step, check, model=model, max_tokens=2048,
+                                                    system=self._system(system, model), messages=messages,
+                                                    output_config=output_config)
             except (anthropic.APIError, ServiceTimeout, ClaudeDown) as exc:
                 raise InvalidAnswer(f"API error: {exc.__class__.__name__}") from None
-            with self._lock:
-                self.usage[step].add(getattr(reply, "usage", None))
-            try:
-                return check(answer_json(reply))
-            except InvalidAnswer as exc:
-                problem = str(exc)
-                said = "".join(getattr(b, "text", "") for b in reply.content or [] if getattr(b, "type", "") == "text")
-                said = said[: self.MAX_QUOTED_ANSWER] + (" [...]" if len(said) > self.MAX_QUOTED_ANSWER else "")
-                messages += [{"role": "assistant", "content": said if said.strip() else "(no answer)"},
-                             {"role": "user", "content": f"That answer is invalid: {problem}. "
-                                                         "Answer again with only a valid JSON object."}]
+            if not problem:
+                return answer
+            said = "".join(getattr(b, "text", "") for b in reply.content or [] if getattr(b, "type", "") == "text")
+            said = said[: self.MAX_QUOTED_ANSWER] + (" [...]" if len(said) > self.MAX_QUOTED_ANSWER else "")
+            messages += [{"role": "assistant", "content": said if said.strip() else "(no answer)"},
+                         {"role": "user", "content": f"That answer is invalid: {problem}. "
+                                                     "Answer again with only a valid JSON object."}]
         raise InvalidAnswer(f"invalid twice: {problem}")
 
     def _count_failure(self, exc: Exception) -> None:
-        """Stop calling for the rest of the run after a credentials error, a timeout or a run of failures."""
+        """Stop calling for the rest of the run after a credentials error, a timeout or a run of failures
+        (errors and invalid answers alike)."""
         import anthropic
 
         fatal = (anthropic.AuthenticationError, anthropic.PermissionDeniedError, anthropic.NotFoundError)
@@ -6160,7 +7012,8 @@ class ClaudeAdvisor:
             elif isinstance(exc, (anthropic.APITimeoutError, ServiceTimeout)):
                 self.unavailable = f"no answer in time ({exc.__class__.__name__}); not asked again this run"
             elif self.consecutive_failures >= self.MAX_CONSECUTIVE_FAILURES:
-                self.unavailable = f"{self.consecutive_failures} calls in a row failed, the last {exc.__class__.__name__}"
+                last = "an invalid answer" if isinstance(exc, InvalidAnswer) else exc.__class__.__name__
+                self.unavailable = f"{self.consecutive_failures} calls in a row failed, the last {last}"
 
     def choose(self, user: Mapping[str, Any], candidates: Sequence[Candidate], zone: ZoneInfo,
                now: datetime) -> tuple[Candidate, int, str]:
@@ -6411,11 +7264,13 @@ class LocalMirrorTransport:
     ``SAVE_EVERY_SECONDS`` and at ``flush()``, so a long run does not rewrite a growing file per item.
     """
 
-    def __init__(self, root: Path, base_path: str, save_every: float = SAVE_EVERY_SECONDS) -> None:
+    def __init__(self, root: Path, base_path: str, save_every: float = SAVE_EVERY_SECONDS,
+                 anchor: Path | None = None) -> None:
         base = database_path(base_path)
         self.root = root.joinpath(*base.split("/")) if base else root
         if not self.root.resolve().is_relative_to(root.resolve()):  # a symlinked folder pointing elsewhere
             raise UsageError(f"local mirror {self.root}: leads outside {root}; not used")
+        self.anchor = anchor or root  # files are read only below it, through no link (``read_regular_file``)
         self.description = f"local mirror {self.root}"
         self.bytes_sent = 0
         self.save_every = save_every
@@ -6433,13 +7288,23 @@ class LocalMirrorTransport:
         if file in self._files:
             return self._files[file]
         try:
-            tree = rtdb_normalize(json.loads(file.read_text(encoding="utf-8")))
+            data = read_regular_file(file, self.anchor)
+            tree = None if data is None else rtdb_normalize(json.loads(data.decode("utf-8")))
         except FileNotFoundError:
             tree = None
+        except RefusedFile as exc:
+            raise FirebaseError(f"local mirror: not read ({exc})") from None
         except (OSError, ValueError, RecursionError) as exc:
             raise FirebaseError(f"local mirror {file}: unreadable ({exc.__class__.__name__})") from None
         self._files[file] = tree
         return tree
+
+    def _listable(self, folder: Path) -> bool:
+        """Whether ``folder`` is a folder to list; FirebaseError when a symbolic link leads to it."""
+        try:
+            return exists_without_links(folder, self.anchor) and real_folder(folder)
+        except RefusedFile as exc:
+            raise FirebaseError(f"local mirror: not read ({exc})") from None
 
     def _stored(self, segments: list[str]) -> Any:
         split = self._split(segments)
@@ -6448,12 +7313,12 @@ class LocalMirrorTransport:
             return tree_get(self._load(file), rest)
         self.flush()  # a read above the file level lists the files on disk
         folder = self.root.joinpath(*segments)
-        if not folder.is_dir():
+        if not self._listable(folder):
             return None
         tree: dict[str, Any] = {}
         for child in sorted(folder.iterdir()):
             name = child.name[:-5] if child.suffix == ".json" else child.name
-            if child.is_dir() or (child.suffix == ".json" and not child.name.startswith(".")):
+            if real_folder(child) or (child.suffix == ".json" and not child.name.startswith(".")):
                 value = self._stored([*segments, name])
                 if value is not None:
                     tree[name] = value
@@ -6531,10 +7396,15 @@ class LocalMirrorTransport:
             return sorted(value) if isinstance(value, Mapping) else []
         self.flush()  # what this process holds back is on disk before the folder is listed
         folder = self.root.joinpath(*segments)
-        if not folder.is_dir():
+        if not self._listable(folder):
             return []
         return sorted({child.name.removesuffix(".json") for child in folder.iterdir()
-                       if child.is_dir() or (child.suffix == ".json" and not child.name.startswith("."))})
+                       if real_folder(child) or (child.suffix == ".json" and not child.name.startswith("."))})
+
+
+def real_folder(path: Path) -> bool:
+    """A folder that is not a symbolic link to one: the mirror's listings never lead out of it."""
+    return path.is_dir() and not path.is_symlink()
 
 
 NO_BODY = object()
@@ -6803,7 +7673,8 @@ def merge_key(item: Mapping[str, Any]) -> tuple[str, str]:
 
 
 class CountNotUpdated(FirebaseError):
-    """The item was written, but the list's ``count`` and ``updatedAt`` were not (the next run heals it)."""
+    """The item was written, but the list's ``count`` and ``updatedAt`` were not, and the item could not be
+    taken back either (``DashboardWriter.heal_counts`` sets the count at the end of the run)."""
 
 
 class DashboardList:
@@ -6853,6 +7724,29 @@ class DashboardList:
     def known(self) -> set[tuple[str, str]]:
         return {merge_key(item) for item in self.items}
 
+    def counted(self, record: dict[str, Any], etag: str) -> None:
+        """The list's ``count`` set to its items with the item just put at ``size``. When that write fails
+        (a dropped connection), the item is taken back if it is still as written (a conditional delete),
+        so count and items agree, and FirebaseError says it is not written; CountNotUpdated when even
+        that failed (the item stays; the count is healed at the end of the run)."""
+        slot = f"{self.path}/{self.key}/{self.size}"
+        try:
+            self.transport.patch(self.path, {"count": self.size + 1, "updatedAt": self.updated_at})
+        except FirebaseError as exc:
+            try:
+                taken_back = self.transport.put(slot, None, if_match=etag or None).ok
+            except FirebaseError:
+                taken_back = False
+            if taken_back:
+                raise FirebaseError(f"{exc} (the item was taken back: the count stays the number of items)") from None
+            self.items.append(record)
+            self.size += 1
+            self.added += 1
+            raise CountNotUpdated(str(exc)) from None
+        self.items.append(record)
+        self.size += 1
+        self.added += 1
+
     def add(self, item: Mapping[str, Any]) -> bool:
         """Append one item unless it is already there; True when it was added."""
         record = firebase_ready(dict(item), self.key_changes)
@@ -6862,19 +7756,18 @@ class DashboardList:
             result = self.transport.put(f"{self.path}/{self.key}/{self.size}", record, if_match=self.empty_etag)
             # A 412 that answers our own record means an earlier attempt landed and its answer was lost.
             if result.ok or (isinstance(result.value, Mapping) and merge_key(result.value) == merge_key(record)):
-                self.items.append(record)
-                self.size += 1
-                self.added += 1
-                try:
-                    self.transport.patch(self.path, {"count": self.size, "updatedAt": self.updated_at})
-                except FirebaseError as exc:
-                    raise CountNotUpdated(str(exc)) from None
+                self.counted(record, result.etag)
                 return True
             if result.value is None and result.etag and result.etag != self.empty_etag:
                 self.empty_etag = result.etag  # the slot is empty; this server spells an empty ETag its own way
                 continue
             self.open()  # someone else took the slot: read the list again
         raise FirebaseError(f"{self.path}: gave up after {self.MAX_TRIES} conflicting appends")
+
+
+def item_label(key: str, item: Mapping[str, Any]) -> str:
+    """How the report names one dashboard item: ``matches (<user_id>, <event_id>)``."""
+    return f"{key} ({item.get('user_id')}, {item.get('event_id')})"
 
 
 class DashboardWriter:
@@ -6904,9 +7797,11 @@ class DashboardWriter:
         self.stood_down: str | None = None  # why nothing (more) is written this run
         self.key_changes: set[KeyChange] = set()  # keys renamed or dropped so that records could be stored
         self._cooldown_reads: dict[str, tuple[Any, str]] = {}  # the cooldown's reads, reused to open the lists
+        self.recent_phones: list[Any] = []  # the numbers the cooldown's messages and holdout records went to
         self.undated_messages = 0  # messages (and holdout records) read by the cooldown whose date is no date
         self._waiting: dict[int, tuple[Match | None, Message | None, HoldoutRecord | None]] = {}  # above the next rank
         self._next_rank = 0
+        self.claimed: str | None = None  # the campaign id this run claimed in the archive
 
     @property
     def writes(self) -> bool:
@@ -6935,7 +7830,7 @@ class DashboardWriter:
         An item whose date is no date (a reviewer's typo, a poisoned value) is skipped and counted in
         ``undated_messages``; it never stops the run.
         """
-        self.undated_messages = 0
+        self.undated_messages, self.recent_phones = 0, []
         if self.transport is None:
             return set()
         recent: set[str] = set()
@@ -6949,7 +7844,21 @@ class DashboardWriter:
                     self.undated_messages += 1
                 elif when >= since:
                     recent.add(str(item["user_id"]))
+                    self.recent_phones.append(item.get("user_phone"))
         return recent
+
+    def read_history(self, day: tuple[datetime, datetime], seats_since: datetime) -> DashboardHistory:
+        """What the dashboard (or its mirror) already holds of this tool's work (``tally_history``): the
+        campaign day's messages and holdout records, and the open invitations per event since
+        ``seats_since``. The lists the cooldown read are not read again; raises FirebaseError when unreadable.
+        A dry run reads too: it counts what a real run would."""
+        if self.transport is None:
+            return DashboardHistory()
+        for key in ("messages", "holdout"):
+            if key not in self._cooldown_reads:
+                self._cooldown_reads[key] = self.transport.get(key)
+        return tally_history(as_item_list(self._cooldown_reads["messages"][0], "messages"),
+                             as_item_list(self._cooldown_reads["holdout"][0], "holdout"), day, seats_since)
 
     def recent_members(self, since: datetime) -> tuple[int, int] | None:
         """How many members the dashboard holds a message for (``generated_at``) and a holdout record for
@@ -6978,6 +7887,7 @@ class DashboardWriter:
             claim = {"id": campaign_id, "name": CAMPAIGN_NAME, "created_at": self.updated_at, "status": "running"}
             try:
                 if self.transport.put(f"campaigns/{campaign_id}/metadata", claim, if_match=NULL_ETAG).ok:
+                    self.claimed = campaign_id
                     return campaign_id
             except FirebaseError as exc:
                 self.failed(f"campaigns/{campaign_id}/metadata (claiming the campaign id)", exc)
@@ -7025,19 +7935,24 @@ class DashboardWriter:
             return
         self._waiting[rank] = (match, message, holdout)
         while self._next_rank in self._waiting:
-            ready = self._waiting.pop(self._next_rank)
+            match, message, holdout = self._waiting.pop(self._next_rank)
             self._next_rank += 1
-            for key, item in zip(self.LIST_KEYS, ready):
-                if item is not None:
-                    self._append(key, item)
+            # the message first: a match goes to the dashboard only with its message (never one without it)
+            if message is None or self._append("messages", message):
+                if match is not None:
+                    self._append("matches", match)
+            elif match is not None:
+                self.not_written.append(item_label("matches", match))  # its message was not written
+            if holdout is not None:
+                self._append("holdout", holdout)
 
-    def _append(self, key: str, item: Mapping[str, Any]) -> None:
-        """One item to a dashboard list; after a failure the list is not retried this run."""
+    def _append(self, key: str, item: Mapping[str, Any]) -> bool:
+        """One item to a dashboard list (True: it is there now); after a failure the list is not retried."""
         target = self.lists.get(key) if self.writes and key not in self.broken else None
-        label = f"{key} ({item.get('user_id')}, {item.get('event_id')})"
+        label = item_label(key, item)
         if target is None:
             self.not_written.append(label)
-            return
+            return False
         try:
             if not target.add(item):
                 self.logger.info("Firebase %s: already there, not added again", label)
@@ -7047,6 +7962,19 @@ class DashboardWriter:
         except FirebaseError as exc:
             self.failed(key, exc, label)
             self.broken.add(key)
+            return False
+        return True
+
+    def heal_counts(self) -> None:
+        """Each list a write failed on read again and healed (``DashboardList.open``): its ``count`` is the
+        number of its items again, whatever a dropped connection left; a failure here is recorded."""
+        for key in sorted(self.broken & self.lists.keys()):
+            try:
+                self.lists[key].open()
+                if f"{key} count" in self.not_written:
+                    self.not_written.remove(f"{key} count")
+            except FirebaseError as exc:
+                self.failed(f"{key} (count not healed: the next run heals it)", exc)
 
     def save_campaign(self, campaign_id: str, users: Sequence[Mapping[str, Any]], matches: Sequence[Match],
                       messages: Sequence[Message], stats: Mapping[str, Any], status: str,
@@ -7054,6 +7982,9 @@ class DashboardWriter:
         """The dashboard's users and events (replaced), and the campaign archive (holdout included)."""
         if self.transport is None or self.dry_run:
             self.logger.info("Step 7: dry run, nothing written to Firebase")
+            return
+        if not messages and not holdout:
+            self.release_campaign(campaign_id)
             return
         updated = self.updated_at
         users_payload = [dashboard_user(u) for u in users]
@@ -7081,13 +8012,26 @@ class DashboardWriter:
                 self.written.append(path)
             except FirebaseError as exc:
                 self.failed(path, exc, path)
-        self.written += [key if key not in self.broken else f"{key} ({dashboard.added} items before the failure)"
-                         for key, dashboard in self.lists.items() if key not in self.broken or dashboard.added]
+        self.heal_counts()
+        # a list with items not written (its own failure, or matches whose message failed) is written in part
+        partly = self.broken | {key for key in self.lists if any(p.startswith(f"{key} (") for p in self.not_written)}
+        self.written += [key if key not in partly else f"{key} ({dashboard.added} items before the failure)"
+                         for key, dashboard in self.lists.items() if key not in partly or dashboard.added]
         if not self.flush():  # nothing the mirror held back can be counted as written
             self.not_written += self.written
             self.written = []
         self.logger.info("Step 7: %d paths written to %s, %d not written, %d bytes sent", len(self.written),
                          self.transport.description, len(self.not_written), self.transport.bytes_sent)
+
+    def release_campaign(self, campaign_id: str) -> None:
+        """A run that drafted nothing archives no empty campaign: its claim is removed, nothing else written."""
+        if self.claimed == campaign_id and self.writes:
+            try:
+                self.transport.put(f"campaigns/{campaign_id}/metadata", None)
+            except FirebaseError as exc:
+                self.failed(f"campaigns/{campaign_id}/metadata (removing the claim of an empty campaign)", exc)
+        self.flush()
+        self.logger.info("Step 7: nothing drafted, no campaign archived and the dashboard left as it was")
 
     def summary(self) -> dict[str, Any]:
         """The report's ``firebase`` section; ``keys_renamed``/``keys_dropped`` count distinct key changes."""
@@ -7130,6 +8074,8 @@ class RunResult:
     failed_members: int = 0
     signal: int | None = None
     empty_input: list[str] = field(default_factory=list)  # "users", "events": read, but there were none
+    limit_already_drafted: bool = False  # the campaign day's --limit was drafted before this run: exit 0
+    idle: IdleReason | None = None  # why no message was drafted (``idle_reason``), None when one was
 
     @property
     def firebase_failed(self) -> bool:
@@ -7137,12 +8083,14 @@ class RunResult:
 
     @property
     def exit_code(self) -> int:
-        """130/143 after a signal; 3 when done but something needs a look; else 0."""
+        """130/143 after a signal; 3 when done but something needs a look (a day without a message, but for
+        today's limit already drafted); else 0."""
         if self.signal is not None:
             return EXIT_SIGNALS.get(self.signal, 128 + self.signal)
         needs_a_look = (self.status == "deadline" or self.firebase_failed or self.claude_unavailable
                         or self.failed_members or self.empty_input)
-        return EXIT_ATTENTION if needs_a_look else EXIT_OK
+        idle = self.idle.exit_code if self.idle is not None else EXIT_OK
+        return EXIT_ATTENTION if needs_a_look else idle
 
 
 class ReturnToTable:
@@ -7170,7 +8118,7 @@ class ReturnToTable:
         self.control = control
         self.issues = DataIssues()
         self.empty_input: list[str] = []  # collections the source had no documents in (``empty_collections``)
-        self.data_dir = options.out_dir / "data"
+        self.data_dir = options.data_dir
         self.saved_at = time.monotonic()
         self.progress: Any = None  # the members progress bar during steps 5-6, on a terminal
         self.sms = settings.sms
@@ -7179,6 +8127,12 @@ class ReturnToTable:
         self.candidate_index: CandidateIndex | None = None  # step 2's open events indexed for step 5
         self.activity: Mapping[str, Activity] = {}  # step 1's activity of every member, for ``reach_member``
         self.census: DormancyCensus | None = None  # step 1's eligible members and counts
+        self.history = DashboardHistory()  # what the dashboard holds of this campaign day and of open invitations
+        self.volume = DailyVolume.of(options.limit, self.history, options.now, self.zone)  # this run's share
+        self.seats = SeatLedger(options.invites_per_spot, options.max_invites_per_event)  # steps 5-6's seats
+        self.numbers = NumberLedger()  # consent and contact per phone number (``consent_by_number``)
+        self.skip_details: dict[str, str] = {}  # member id -> the detail of their skip reason (``OTHER_RECORD``)
+        self.idle_hint: IdleReason | None = None  # why no message, known before the walk (today's limit drafted)
 
     # --- step 1: fetch, find and rank the dormant members -----------------------------------
 
@@ -7219,42 +8173,69 @@ class ReturnToTable:
                          census.dormant_total, len(census.eligible), census.status_counts)
         return census
 
+    def consent_by_number(self) -> NumberLedger:
+        """Every member's stored SMS preferences (``consent_rows``), collected per number; odd values counted."""
+        ledger = NumberLedger.collect(self.source.consent_rows(sms_field_paths(self.sms)), self.sms)
+        self.issues.add("odd_sms_preference_values", ledger.odd)
+        return ledger
+
     def cooldown(self) -> set[str]:
-        """Members with a message generated (or a holdout record made) within the cooldown, or later than ``now``."""
-        if self.options.cooldown_days <= 0:
-            return set()
+        """Members with a message generated (or a holdout record made) within the cooldown, or later than ``now``,
+        and every member drafted or held out this campaign day (a top-up never drafts one twice, even with
+        ``--cooldown-days 0``). Reads the day's history too (``read_history``): the daily limit and the seats."""
+        recent: set[str] = set()
         try:
-            recent = self.dashboard.recent_recipients(days_before(self.options.now, self.options.cooldown_days))
-            self.issues.add("dashboard_messages_without_valid_generated_at", self.dashboard.undated_messages)
-            return recent
+            if self.options.cooldown_days > 0:
+                recent = self.dashboard.recent_recipients(days_before(self.options.now, self.options.cooldown_days))
+                self.issues.add("dashboard_messages_without_valid_generated_at", self.dashboard.undated_messages)
+            self.history = self.dashboard.read_history(campaign_day(self.options.now, self.zone), self.seats_since())
         except FirebaseError as exc:
             if self.options.dry_run:
-                self.logger.warning("Cooldown not applied in this dry run: %s", exc)
+                self.logger.warning("Cooldown not applied in this dry run (nor the daily limit's count): %s", exc)
             else:  # without knowing who was messaged, writing could draft someone twice
                 self.dashboard.stand_down("messages (unreadable, nothing will be written this run)", exc)
             return set()
+        self.volume = DailyVolume.of(self.options.limit, self.history, self.options.now, self.zone)
+        self.seats = SeatLedger(self.options.invites_per_spot, self.options.max_invites_per_event,
+                                self.history.open_invitations)
+        self.logger.info("Daily limit %d (%s): %d messages drafted earlier today, %d held out; %d left for this run",
+                         self.options.limit, self.volume.day, self.volume.drafted_before,
+                         self.volume.held_out_before, self.volume.remaining)
+        return recent | self.history.today_members
+
+    def seats_since(self) -> datetime:
+        """Open invitations count from the cooldown's start (at the latest from the campaign day's start)."""
+        day_start = campaign_day(self.options.now, self.zone)[0]
+        return min(day_start, days_before(self.options.now, self.options.cooldown_days))
 
     def select(self, census: DormancyCensus) -> list[tuple[int, DormantMember]]:
         """The eligible members outside the cooldown, as ``(rank, member)`` in rank order, for the walk
         (which checks phone and opt-out of each member it reaches: ``reachable``); the others get ``cooldown``."""
         recent = self.cooldown()
+        phones = list(self.dashboard.recent_phones)  # the numbers contacted within the cooldown ...
         walk: list[tuple[int, DormantMember]] = []
         for rank, user in enumerate(census.eligible, 1):
             if user["_id"] in recent:
                 self.decisions[user["_id"]] = "cooldown"
+                phones.append(user.get("phone"))  # ... and those of the members contacted then
             else:
                 walk.append((rank, user))
         self.logger.info("Step 1: %d of %d eligible members are outside the cooldown", len(walk), len(census.eligible))
+        self.numbers.recent.update(filter(None, (number_key(p, self.sms.default_region) for p in phones)))
         return walk
 
     def reachable(self, user: DormantMember) -> bool:
         """Whether a member the walk reached may be texted: the phone is checked and the history read now
-        (``reach_member``); one who may not gets ``no_valid_phone`` or ``opted_out``."""
+        (``reach_member``); one who may not gets ``no_valid_phone``, ``opted_out`` (their record, or another
+        with their number: ``NumberLedger``) or ``shared_phone``; one who may takes their number."""
         reach_member(user, self.activity, self.options.now, self.sms.default_region, self.zone.key)
-        block, odd = contact_block(user, self.sms)
-        self.issues.add("odd_sms_preference_values", odd)
+        block, detail = contact_block(user, self.sms)[0], None  # (odd values: counted by ``consent_by_number``)
+        if block is None:
+            block, detail = self.numbers.claim(user)
         if block is not None:
             self.decisions[user["_id"]] = block
+        if detail is not None:
+            self.skip_details[user["_id"]] = detail
         return block is None
 
     # --- step 2: future public events (steps 3-4, the summaries, are attached in steps 1-2) --
@@ -7295,13 +8276,48 @@ class ReturnToTable:
             return [], Skip(user["_id"], full_name(user), "no open future event shares an interest")
         zone = self.recipient_zone(user)
         sendable = (c for c in itertools.chain([first], ranked) if self.window_for(c.event, zone) is not None)
-        candidates = list(itertools.islice(sendable, max(self.options.candidates, MAX_NEXT_EVENTS + 1)))
-        if not candidates:  # every matching event starts too soon, or leaves only quiet hours to send in
+        first_sendable = next(sendable, None)
+        if first_sendable is None:  # every matching event starts too soon, or leaves only quiet hours to send in
             return [], Skip(user["_id"], full_name(user),
                             "every matching event is too soon: none leaves a moment outside QUIET_HOURS "
                             f"(member's local time) at least {self.options.min_lead_hours:g}h before it starts "
                             "(--min-lead-hours)", "no_event_in_send_window")
+        seated = self.seats.open_only(user["_id"], itertools.chain([first_sendable], sendable))
+        candidates = list(itertools.islice(seated, max(self.options.candidates, MAX_NEXT_EVENTS + 1)))
+        if not candidates:
+            return [], self.no_seats(user)
         return candidates, None
+
+    def no_seats(self, user: Mapping[str, Any]) -> Skip:
+        return Skip(user["_id"], full_name(user), "every matching event already has as many open invitations as "
+                    "it can seat (--invites-per-spot, --max-invites-per-event)", "seats_exhausted")
+
+    def seated(self, user: Mapping[str, Any], candidates: Sequence[Candidate], match: Match,
+               outcome: UserOutcome) -> Match | None:
+        """The match with a seat reserved (``SeatLedger``); when another member took the last one meanwhile
+        (Claude's members run at once), the rules' next candidate with a seat. The reasoning says when the
+        member's first choice had none left."""
+        uid, now, floor = user["_id"], self.options.now, self.options.min_confidence
+        if self.seats.reserve(uid, match["event"]) is None:
+            others = (c for c in candidates if c.event["_id"] != match["event_id"] and c.confidence >= floor)
+            taken = f" (The first pick, {match['event_name']}, filled up while it was chosen; this is the next best.)"
+            for c in others:
+                if self.seats.reserve(uid, c.event) is not None:
+                    match = candidate_match(user, c, self.zone, now, taken)
+                    break
+            else:
+                outcome.skip = self.no_seats(user)
+                return None
+        match["reasoning"] += self.seats.taken_note(uid, match["event_id"])
+        return match
+
+    def facts_for(self, match: Match) -> MessageFacts:
+        """What the message may say: ``message_facts``, without the spots left once more members were told
+        than the spots allow (``Seat.may_claim_spots``)."""
+        facts = message_facts(match, self.zone, self.options.now, sender=self.sms.sender,
+                              opt_out_text=self.sms.opt_out_text)
+        seat = self.seats.seats.get(match["user_id"])
+        return facts if seat is None or seat.may_claim_spots else replace(facts, spots_left=None)
 
     def hold_out(self, rank: int, eligible_rank: int, user: DormantMember,
                  events: Sequence[FutureEvent]) -> UserOutcome:
@@ -7359,7 +8375,7 @@ class ReturnToTable:
         if window is None:
             return None
         when = {"now": now, "window": window, "zone": zone}
-        facts = message_facts(match, self.zone, now, sender=self.sms.sender, opt_out_text=self.sms.opt_out_text)
+        facts = self.facts_for(match)
         if self.advisor is not None:
             try:
                 text, notes = self.advisor.write(facts, match["user"])
@@ -7378,9 +8394,11 @@ class ReturnToTable:
         with a web address), the next candidates above the threshold, by the rules and the template."""
         now, floor, zone = self.options.now, self.options.min_confidence, self.recipient_zone(user)
         for c in [c for c in candidates if c.event["_id"] != tried and c.confidence >= floor][:MAX_NEXT_EVENTS]:
+            if self.seats.reserve(user["_id"], c.event) is None:
+                continue
             match = candidate_match(user, c, self.zone, now,
                                     " (The first choice could not be phrased within the SMS limits.)")
-            facts = message_facts(match, self.zone, now, sender=self.sms.sender, opt_out_text=self.sms.opt_out_text)
+            facts = self.facts_for(match)
             text, window = write_template_sms(facts), self.window_for(c.event, zone)
             if text is None or window is None:
                 continue
@@ -7395,6 +8413,8 @@ class ReturnToTable:
         if outcome.skip is not None:
             return outcome
         outcome.match = self.choose_event(user, candidates, outcome)
+        if outcome.match is not None:
+            outcome.match = self.seated(user, candidates, outcome.match, outcome)
         if outcome.match is None:
             return outcome
         outcome.message = self.write_message(outcome.match, outcome)
@@ -7414,13 +8434,19 @@ class ReturnToTable:
         try:
             outcome = self.process_user(rank, user, events)
         except ServiceError:
+            self.seats.release(user["_id"])
             raise
         except Exception as exc:  # the run goes on; the traceback goes to the log file
+            self.seats.release(user["_id"])
+            if out_of_memory(exc):  # the whole run's trouble, not this member's
+                raise
             self.logger.debug("member %s failed", user["_id"], exc_info=True)
             self.logger.error("Member %s failed: %s", user["_id"], exc.__class__.__name__)
             outcome = UserOutcome(rank, user, skip=Skip(user["_id"], full_name(user),
                                                         f"failed: {exc.__class__.__name__} (see the log)", "failed"),
                                   failed=True)
+        if outcome.message is None:  # a seat no message came of is given back
+            self.seats.release(user["_id"])
         outcome.eligible_rank = eligible_rank
         return outcome
 
@@ -7452,7 +8478,7 @@ class ReturnToTable:
         running: set[Any] = set()
         messaged, order = 0, itertools.count()
         while True:
-            while (waiting and len(running) < width and messaged + len(running) < self.options.limit
+            while (waiting and len(running) < width and messaged + len(running) < self.volume.remaining
                    and not self.control.stopping):
                 eligible_rank, user = waiting.pop()
                 if not self.reachable(user):
@@ -7488,6 +8514,8 @@ class ReturnToTable:
             self.logger.info("Held out %s (%s): control group, rank %d", outcome.holdout["user_name"],
                              outcome.holdout["user_id"], outcome.holdout["rank"])
         self.decisions.update(walk_codes([outcome]))
+        if outcome.message is None and outcome.holdout is None:
+            self.numbers.release(outcome.user)
         if self.progress is not None:
             self.progress.update(1)
         if time.monotonic() - self.saved_at >= SAVE_EVERY_SECONDS:
@@ -7507,9 +8535,9 @@ class ReturnToTable:
     # --- step 8: the report -------------------------------------------------------------------
 
     def write_report(self, campaign_id: str, report: Mapping[str, Any]) -> Path:
-        reports = self.options.out_dir / "reports"
-        write_json(reports / f"return_to_table_report_{campaign_id}.json", report, private=True)
-        report_path = reports / f"return_to_table_report_{campaign_id}.md"
+        stem = self.options.report_stem(campaign_id)
+        write_json(stem.with_name(stem.name + ".json"), report, private=True)
+        report_path = stem.with_name(stem.name + ".md")
         write_text_private(report_path, report_markdown(report))
         self.logger.info("%s", console_summary(report, report_path), extra={"summary": True})
         return report_path
@@ -7524,7 +8552,7 @@ class ReturnToTable:
     def fresh_campaign_id(self, started: datetime) -> str:
         """A campaign id free under ``--out``; the dashboard then claims it (or the next free one)."""
         moment = started
-        while (self.options.out_dir / "reports" / f"return_to_table_report_{campaign_id_for(moment)}.json").exists():
+        while self.options.report_stem(campaign_id_for(moment)).with_suffix(".json").exists():
             moment += timedelta(seconds=1)
         return self.dashboard.claim_campaign(campaign_id_for(moment), next_campaign_id)
 
@@ -7534,6 +8562,7 @@ class ReturnToTable:
         self.logger.info("Run as of %s (source: %s, matcher: %s%s)", iso_utc(options.now), self.source.label,
                          "claude" if self.advisor else "rules", ", dry run" if options.dry_run else "")
         read = self.fetch()                                # step 1
+        self.numbers = self.consent_by_number()
         self.census = census = self.dormant_users(read)
         walk = self.select(census)
         earlier = self.dashboard.recent_members(days_before(options.now, POWER_DAYS))  # before this run writes
@@ -7543,21 +8572,25 @@ class ReturnToTable:
         self.logger.info("Campaign %s", campaign_id)
         self.dashboard.open_lists()
         clock = time.monotonic()
-        with progress_bar(min(len(walk), options.limit), "members", enabled=options.progress) as self.progress:
+        if self.volume.remaining == 0:
+            self.logger.info("Daily limit: %s (%d of --limit %d on %s); nothing drafted", LIMIT_ALREADY_DRAFTED,
+                             self.volume.drafted_before, options.limit, self.volume.day, extra={"summary": True})
+        with progress_bar(min(len(walk), self.volume.remaining), "members", enabled=options.progress) as self.progress:
             outcomes = self.process_all(walk, future)      # steps 5-6
         self.progress = None
         steps_5_6_seconds = time.monotonic() - clock
-        left_out = Counter(code for code in self.decisions.values() if code in ("no_valid_phone", "opted_out"))
+        left_out = Counter(code for code in self.decisions.values() if code in CONTACT_SKIPS)
         self.logger.info("Steps 5-6: %d members reached, %s", len(outcomes) + sum(left_out.values()),
                          ", ".join(f"{n} {code}" for code, n in sorted(left_out.items())) or "all of them textable")
         write_json_items(self.data_dir / "processed" / "dormant_users.json",
-                         walk_listing(census.eligible, self.decisions), private=True)
+                         walk_listing(census.eligible, self.decisions, self.skip_details), private=True)
         self.write_skip_list(census)
         selected = [o.user for o in outcomes if not o.held_out]  # the treatment members the walk reached
         not_started = sum(code == "not_started" for code in self.decisions.values())
         status = self.final_status(not_started)
         if status != "completed":
-            self.logger.warning("Run %s: %d members done; %d were not started", status, len(outcomes), not_started)
+            self.logger.warning("Run %s: %d members done; %d were not started", status, len(outcomes), not_started,
+                                extra=FILE_ONLY)  # stderr says it (``report_problems``): once in cron mail
         matches = [o.match for o in outcomes if o.match is not None]
         messages = [o.message for o in outcomes if o.message is not None]
         held_out = [o.holdout for o in outcomes if o.holdout is not None]
@@ -7569,22 +8602,31 @@ class ReturnToTable:
                                      status, held_out)
         claude_down = self.advisor.down if self.advisor is not None else None
         if claude_down:
-            self.logger.error("Claude was unavailable (%s): rules and template were used", claude_down)
+            self.logger.error("Claude was unavailable (%s): rules and template were used", claude_down,
+                              extra=FILE_ONLY)  # stderr says it (``report_problems``): once in cron mail
         firebase = self.dashboard.summary()
+        if self.volume.remaining == 0:  # the campaign day's --limit was drafted before this run: exit 0
+            self.idle_hint = IdleReason.DAY_LIMIT_DRAFTED
+        idle = idle_reason(len(census.eligible), self.decisions, len(messages), self.idle_hint)
+        if idle is not None:  # stderr says it (``report_problems``); the log keeps it
+            self.logger.warning("No message drafted: %s", idle_line(idle, self.decisions), extra=FILE_ONLY)
         report = build_report(                             # step 8
             campaign_id=campaign_id, run_started=started, finished=datetime.now(UTC), options=options,
             source_label=self.source.label, census=census, selected=selected, decisions=self.decisions,
+            skip_details=self.skip_details,
             future_events=future, outcomes=outcomes, steps_5_6_seconds=steps_5_6_seconds, issues=self.issues,
             firebase=firebase, errors=list(self.dashboard.errors), status=status,
             llm_usage=self.advisor.usage_report() if self.advisor is not None else None,
             sms_segment_price=self.segment_price, earlier_30_days=earlier,
             empty_input=self.empty_input, places_not_located=unlocated_places(
                 self.hoods, [*(text_field(u, "homeNeighborhood") for u in census.eligible),
-                             *(text_field(e, "neighborhood") for e in future)]))
+                             *(text_field(e, "neighborhood") for e in future)]),
+            volume=volume_report(self.volume, self.seats, len(messages), len(held_out)), idle=idle)
         report_path = self.write_report(campaign_id, report)
         return RunResult(campaign_id, report, report_path, firebase, claude_down, status,
                          failed_members=sum(o.failed for o in outcomes), signal=self.control.signal,
-                         empty_input=list(self.empty_input))
+                         empty_input=list(self.empty_input), limit_already_drafted=self.volume.remaining == 0,
+                         idle=idle)
 
     def final_status(self, not_started: int) -> str:
         """``interrupted`` after a signal; ``deadline`` when the deadline left members unstarted."""
@@ -8361,7 +9403,8 @@ MEASURE_EXIT_CODES_HELP = """exit codes:
   3    done, but something needs a look: a campaign could not be read (named in the report), the
        source has no events (or none starting after the first message: nobody could have come back
        yet), or no archived campaign is in range
-  1    failed, nothing measured: the archive or the source is unreadable, MongoDB unreachable, out of disk
+  1    failed, nothing measured: the archive or the source is unreadable, MongoDB unreachable, out of disk,
+       out of memory
   2    bad usage, configuration or input
   130  interrupted by SIGINT; 143 by SIGTERM"""
 
@@ -8478,7 +9521,13 @@ BASELINES = {
                  "the host joined more recently, then the host id; a host without a candidate gives way to "
                  "the next one); with none, the soonest candidate",
 }
-BACKTEST_METHODS = ("rules", *BASELINES)
+BACKTEST_METHODS = ("rules", "rules_allocated", *BASELINES)
+ALLOCATION_RULE = (
+    "rules_allocated is the rules matcher with the campaign's seat allocation on (default --invites-per-spot "
+    f"{DEFAULT_INVITES_PER_SPOT:g}, --max-invites-per-event {DEFAULT_MAX_INVITES_PER_EVENT}): every eligible "
+    "member at D, in rank order and with no --limit, takes a seat at their pick, and a member whose pick has "
+    "no seat left gets their next best candidate; rules is the same matcher with the allocation off. With "
+    "participants unknown at D, an event's remaining spots are its capacity.")
 CANDIDATE_SET = (
     "the campaign's own: step 2 at D (future, public, active, approved and offerable events, with the "
     "participants removed as the no-leak rule says), scored for the member at D by step 5's "
@@ -8629,8 +9678,9 @@ class Trial(NamedTuple):
 
 
 def score_trial(user: Mapping[str, Any], candidates: Sequence[Candidate], attended: set[str],
-                hosts: Sequence[str], pick: Picker) -> Trial:
-    """The matcher's pick and the baselines on exactly the same candidates, against what really happened."""
+                hosts: Sequence[str], pick: Picker, seated: Candidate | None = None) -> Trial:
+    """The matcher's pick and the baselines on exactly the same candidates, against what really happened;
+    ``seated`` is the matcher's pick with the seat allocation on (``allocated_pick``)."""
 
     def hit(c: Candidate | None) -> float:
         return float(c is not None and c.event["_id"] in attended)
@@ -8639,7 +9689,7 @@ def score_trial(user: Mapping[str, Any], candidates: Sequence[Candidate], attend
     nearby = min((c for c in candidates if c.same_neighbourhood), key=soonest_key, default=None)
     by_host = host_next(candidates, hosts)
     going = sum(c.event["_id"] in attended for c in candidates)
-    hits = {"rules": hit(pick(user, candidates)),
+    hits = {"rules": hit(pick(user, candidates)), "rules_allocated": hit(seated),
             "random": going / len(candidates) if candidates else 0.0,
             "soonest": hit(soonest), "soonest_nearby": hit(nearby or soonest), "host_next": hit(by_host or soonest),
             "oracle": float(going > 0)}
@@ -8652,19 +9702,38 @@ def backtest_date(history: History, day: datetime, window_days: int, hoods: Neig
                   pick: Picker) -> tuple[int, list[Trial]]:
     """One as-of date: how many members were eligible, and a trial for each who came back within the window.
 
-    Only members who came back are scored, so the matcher runs for them alone.
+    Every eligible member is matched, in rank order, so that the seat allocation (``ALLOCATION_RULE``) sees
+    the invitations of those ranked above; only members who came back are scored.
     """
     census, future = world_at(history, day)
     end = day + timedelta(days=window_days)
+    seats = SeatLedger(DEFAULT_INVITES_PER_SPOT, DEFAULT_MAX_INVITES_PER_EVENT)
+    index = CandidateIndex.build(future, hoods, day) if pick is rules_pick else None  # the rules' first, lazily
     trials = []
     for user in census.eligible:
         attended = attended_between(history, user["_id"], day, end)
+        if not attended and index is not None:  # only their seat matters: the first candidate with one left
+            first = next(seats.open_only(user["_id"], index.ranked(user)), None)
+            if first is not None:
+                seats.reserve(user["_id"], first.event)
+            continue
+        candidates = score_candidates(user, future, hoods, day)
+        seated = allocated_pick(user, candidates, pick, seats)
         if not attended:
             continue
         joined = history.joined_hosts.get(user["_id"], [])
-        candidates = score_candidates(user, future, hoods, day)
-        trials.append(score_trial(user, candidates, attended, favourite_hosts(joined[:after(joined, day)]), pick))
+        trials.append(score_trial(user, candidates, attended, favourite_hosts(joined[:after(joined, day)]), pick,
+                                  seated))
     return len(census.eligible), trials
+
+
+def allocated_pick(user: Mapping[str, Any], candidates: Sequence[Candidate], pick: Picker,
+                   seats: SeatLedger) -> Candidate | None:
+    """The matcher's pick among the candidates with a seat left, the seat taken (the campaign's allocation)."""
+    chosen = pick(user, list(seats.open_only(user["_id"], candidates)))
+    if chosen is not None:
+        seats.reserve(user["_id"], chosen.event)
+    return chosen
 
 
 def as_of_dates(start: datetime, end: datetime, every_days: int) -> list[datetime]:
@@ -8765,6 +9834,7 @@ def build_backtest_report(*, source: str, start: datetime, end: datetime, every_
         "no_leak_rule": NO_LEAK_RULE,
         "later_information": list(LATER_INFORMATION),
         "baselines": dict(BASELINES),
+        "allocation": ALLOCATION_RULE,
         "bootstrap": {"resamples": resamples, "seed": seed, "unit": "member (all their dates)", "level": 0.95,
                       "interval": "percentile"},
         "dates": [backtest_row(day, n, trials) for day, n, trials in dated],
@@ -8822,6 +9892,7 @@ def backtest_markdown(report: Mapping[str, Any]) -> str:
         f"- Scored: {report['scored']}; hit@1 = the pick is one of the events they went to.",
         f"- Candidates: {report['candidate_set']}",
         f"- No leaks: {report['no_leak_rule']}",
+        f"- Seats: {report['allocation']}",
         "",
         "| " + " | ".join(cells[0]) + " |",
         "| " + " | ".join("---" for _ in cells[0]) + " |",
@@ -8857,7 +9928,7 @@ BACKTEST_EXIT_CODES = """exit codes:
   3    done, but nothing or little to read: the input was empty, or nobody came back within any window
   1    failed: source unreadable, MongoDB unreachable, the report could not be written
   2    bad usage, configuration or input (dates, flags, a window that has not closed yet)
-  130  interrupted by SIGINT (nothing written)"""
+  130  interrupted by SIGINT, 143 by SIGTERM (nothing written)"""
 
 
 def backtest_parser() -> argparse.ArgumentParser:
@@ -8870,14 +9941,15 @@ def backtest_parser() -> argparse.ArgumentParser:
                         help="'mongo' or a folder with users.json and events.json from mongoexport")
     parser.add_argument("--from", dest="start", metavar="DATE", required=True, help="first as-of date (YYYY-MM-DD)")
     parser.add_argument("--to", dest="end", metavar="DATE", required=True, help="last as-of date, included")
-    parser.add_argument("--every-days", type=positive_int, default=14, metavar="N",
-                        help="days between as-of dates (%(default)s)")
-    parser.add_argument("--window-days", type=positive_int, default=30, metavar="W",
-                        help="a member came back when they went to an event within W days after D (%(default)s)")
+    parser.add_argument("--every-days", type=at_most(positive_int, MAX_EVERY_DAYS, " days"), default=14, metavar="N",
+                        help="days between as-of dates (%(default)s; at most 3660)")
+    parser.add_argument("--window-days", type=window_days, default=30, metavar="W",
+                        help="a member came back when they went to an event within W days after D (%(default)s; "
+                             "at most 365)")
     parser.add_argument("--out", metavar="DIR", type=Path, default=SCRIPT_DIR,
                         help="the report goes to DIR/reports/ (default: the script's folder)")
-    parser.add_argument("--resamples", type=positive_int, default=BACKTEST_RESAMPLES, metavar="N",
-                        help="bootstrap resamples for the pooled intervals (%(default)s)")
+    parser.add_argument("--resamples", type=at_most(positive_int, MAX_RESAMPLES), default=BACKTEST_RESAMPLES, metavar="N",
+                        help="bootstrap resamples for the pooled intervals (%(default)s; at most 100,000)")
     parser.add_argument("--seed", type=int, default=BACKTEST_SEED, help="the bootstrap's seed (%(default)s)")
     parser.add_argument("--insecure-tls", action="store_true",
                         help="do not verify MongoDB's TLS certificate (logged as a warning)")
@@ -8995,6 +10067,29 @@ def non_negative_float(text: str) -> float:
     return value
 
 
+# The most a numeric flag may ask for: beyond it a value is a slip, and would overflow a date (--min-lead-hours
+# 1e11), make every member fail or hold the run for hours and gigabytes (--resamples 100000000).
+MAX_LEAD_HOURS = 720  # 30 days
+MAX_CANDIDATES = 100  # events offered to Claude per member: far more would not fit a prompt
+MAX_CONCURRENCY = 64  # members at once on the Claude path
+MAX_EVERY_DAYS = 3660  # ten years between a backtest's as-of dates
+MAX_RESAMPLES = 100_000
+
+
+def at_most(kind: Any, most: float, unit: str = "") -> Any:
+    """The flag type ``kind`` (``positive_int`` ...) up to ``most``: more is one line and exit 2, never an
+    overflow deep in the run. Named as ``kind`` is, so argparse's messages stay the same."""
+
+    def parse(text: str) -> Any:
+        value = kind(text)
+        if value > most:
+            raise argparse.ArgumentTypeError(f"must be at most {most:,}{unit}")
+        return value
+
+    parse.__name__ = kind.__name__
+    return parse
+
+
 def holdout_fraction(text: str) -> float:
     try:
         value = float(text)
@@ -9005,26 +10100,62 @@ def holdout_fraction(text: str) -> float:
     return value
 
 
+def invites_per_spot(text: str) -> float:
+    """``--invites-per-spot``: a ratio above 0, at most ``MAX_INVITES_PER_SPOT`` (no NaN, no infinity)."""
+    try:
+        value = float(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"{text!r} is not a number") from None
+    if not math.isfinite(value) or not 0 < value <= MAX_INVITES_PER_SPOT:
+        raise argparse.ArgumentTypeError(f"{text!r} is not a number above 0 and at most {MAX_INVITES_PER_SPOT:g}")
+    return value
+
+
+def invites_per_event(text: str) -> int:
+    """``--max-invites-per-event``: a whole number from 1 to ``MAX_INVITES_PER_EVENT``."""
+    try:
+        value = int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"{text!r} is not a whole number") from None
+    if not 1 <= value <= MAX_INVITES_PER_EVENT:
+        raise argparse.ArgumentTypeError(f"{text!r} is not a whole number from 1 to {MAX_INVITES_PER_EVENT}")
+    return value
+
+
 def percentage(text: str) -> float:
+    """A percentage 0-100; a fraction (``0.7``, or ``1.0``) is refused with the percentage it meant."""
     value = float(text)
     if not 0 <= value <= 100:
         raise argparse.ArgumentTypeError("must be between 0 and 100")
+    if 0 < value < 1 or (value == 1 and "." in text):
+        raise argparse.ArgumentTypeError(f"{text} is a fraction where a percentage (0-100) is meant: "
+                                         f"did you mean {value * 100:g}?")
     return value
 
 
 class OneLineParser(argparse.ArgumentParser):
-    """Usage errors as one line on stderr and exit code 2, like every other bad input."""
+    """Usage errors as one line on stderr and exit code 2, like every other bad input. No abbreviations:
+    ``--hold 0.1`` is not taken for ``--holdout`` (a flag another version adds must not change its meaning)."""
+
+    def __init__(self, *args: Any, **kwargs: Any) -> None:
+        kwargs.setdefault("allow_abbrev", False)
+        super().__init__(*args, **kwargs)
 
     def error(self, message: str) -> Any:
         print(f"error: {message} (see --help)", file=sys.stderr)
         raise SystemExit(EXIT_USAGE)
 
 
+SUBCOMMANDS_HELP = """subcommands (each with its own --help):
+  measure   did the campaigns bring anyone back: treated against holdout (read only)
+  backtest  would the rules matcher's picks have been events members went to (read only)"""
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = OneLineParser(
         prog="return_to_table.py",
         description="Return To Table: match dormant members with one upcoming event each and draft "
-                    "a welcome-back SMS for review.",
+                    "a welcome-back SMS for review.\n\n" + SUBCOMMANDS_HELP,
         epilog=EXIT_CODES_HELP, formatter_class=argparse.RawDescriptionHelpFormatter)
     where = parser.add_mutually_exclusive_group()
     where.add_argument("--demo", action="store_true",
@@ -9036,25 +10167,36 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--out", metavar="DIR", type=Path, default=SCRIPT_DIR,
                         help="root for data/, logs/ and reports/ (default: the script's folder)")
     parser.add_argument("--limit", type=positive_int, default=RunOptions.limit,
-                        help="top-ranked members to try (%(default)s)")
+                        help="at most N messages drafted per campaign day (the date of --now in "
+                             "CAMPAIGN_TIMEZONE), counting those already in the dashboard: a rerun tops up "
+                             "(%(default)s)")
     parser.add_argument("--llm", choices=("auto", "claude", "off"), default="auto",
                         help="auto: Claude when ANTHROPIC_API_KEY is set; off: rules and template")
     parser.add_argument("--dry-run", action="store_true",
                         help="write data/, logs and the report; nothing to Firebase or its mirror")
     parser.add_argument("--min-confidence", type=percentage, default=RunOptions.min_confidence, metavar="0-100",
                         help="least match confidence to message a member (%(default)g)")
-    parser.add_argument("--candidates", type=positive_int, default=RunOptions.candidates, metavar="K",
-                        help="events offered to Claude per member, the rules' top K (%(default)s)")
-    parser.add_argument("--concurrency", type=positive_int, default=RunOptions.concurrency, metavar="N",
-                        help="members handled at once on the Claude path (%(default)s)")
+    parser.add_argument("--candidates", type=at_most(positive_int, MAX_CANDIDATES), default=RunOptions.candidates,
+                        metavar="K",
+                        help="events offered to Claude per member, the rules' top K (%(default)s; at most 100)")
+    parser.add_argument("--concurrency", type=at_most(positive_int, MAX_CONCURRENCY), default=RunOptions.concurrency,
+                        metavar="N",
+                        help="members handled at once on the Claude path (%(default)s; at most 64)")
     parser.add_argument("--cooldown-days", type=non_negative_int, default=RunOptions.cooldown_days, metavar="D",
                         help="leave out members messaged in the last D days (%(default)s; 0 disables; more days "
                              "than the calendar holds: every message so far)")
     parser.add_argument("--holdout", type=holdout_fraction, default=RunOptions.holdout, metavar="FRACTION",
                         help="share of members kept as a control group, never texted (%(default)g; 0-0.5; "
                              "0.1 recommended)")
-    parser.add_argument("--min-lead-hours", type=non_negative_float, default=RunOptions.min_lead_hours,
-                        metavar="H", help="a message may go out until H hours before its event (%(default)g)")
+    parser.add_argument("--invites-per-spot", type=invites_per_spot, default=RunOptions.invites_per_spot,
+                        metavar="R", help="an event with N spots left gets at most ceil(R x N) open invitations "
+                                          "(pending or approved, within the cooldown) (%(default)g)")
+    parser.add_argument("--max-invites-per-event", type=invites_per_event, default=RunOptions.max_invites_per_event,
+                        metavar="N", help="open invitations to an event of unknown capacity (%(default)s)")
+    parser.add_argument("--min-lead-hours", type=at_most(non_negative_float, MAX_LEAD_HOURS, " hours (30 days)"),
+                        default=RunOptions.min_lead_hours,
+                        metavar="H", help="a message may go out until H hours before its event (%(default)g; "
+                                          "at most 720, 30 days)")
     parser.add_argument("--insecure-tls", action="store_true",
                         help="do not verify MongoDB's TLS certificate (logged as a warning)")
     parser.add_argument("--deadline-minutes", type=positive_float, default=RunOptions.deadline_minutes, metavar="M",
@@ -9108,9 +10250,20 @@ def source_choice(text: str | None, settings: Settings, hint: str = "") -> tuple
             raise UsageError(MONGO_NOT_CONFIGURED)
         return SourceKind.MONGO, None
     if text:
-        return SourceKind.FOLDER, Path(text).expanduser()
+        folder = Path(text).expanduser()
+        if not folder.is_dir():
+            near_miss(f"--source {text!r}: no such folder", text, {"mongo": "mongo", "demo": "--demo"})
+        return SourceKind.FOLDER, folder
     raise UsageError("no data source: set MONGO_URI (or MONGO_USERNAME, MONGO_PASSWORD, MONGO_HOST) "
                      f"and MONGO_DB_NAME, or pass --source DIR{hint}")
+
+
+def near_miss(problem: str, text: str, meant: Mapping[str, str]) -> None:
+    """UsageError ``problem`` with the likely meaning when ``text`` is a near miss of one of ``meant``'s
+    keys (``--source mong``: did you mean mongo?); else nothing (the caller goes on)."""
+    close = difflib.get_close_matches(text.lower(), list(meant), n=1, cutoff=0.75)
+    if close:
+        raise UsageError(f"{problem}; did you mean {meant[close[0]]}?")
 
 
 def resolve_options(args: argparse.Namespace, settings: Settings) -> RunOptions:
@@ -9119,9 +10272,6 @@ def resolve_options(args: argparse.Namespace, settings: Settings) -> RunOptions:
     A ``--now`` more than ``MAX_NOW_AHEAD`` ahead of the clock needs ``--dry-run`` (``--demo`` too: its
     mirror keeps a cooldown like the real dashboard), so a rehearsal never fills the cooldown for years.
     """
-    problem = sms_policy_problem(settings.sms)
-    if problem:  # otherwise every member would be skipped, each for a message that cannot fit
-        raise UsageError(problem)
     now = datetime.now(UTC).replace(microsecond=0)
     if args.now is not None:
         parsed = parse_now(args.now)
@@ -9135,6 +10285,9 @@ def resolve_options(args: argparse.Namespace, settings: Settings) -> RunOptions:
         kind, folder = SourceKind.DEMO, None
     else:
         kind, folder = source_choice(args.source, settings, "; --demo runs on built-in sample data")
+        compliance = None if args.dry_run else settings.sms.compliance_problem()
+        if compliance:  # before anything is written: messages for review must carry the compliance text
+            raise UsageError(compliance)
     use_claude = kind is not SourceKind.DEMO and (
         args.llm == "claude" or (args.llm == "auto" and bool(settings.anthropic_api_key)))
     if use_claude and not settings.anthropic_api_key:
@@ -9144,20 +10297,21 @@ def resolve_options(args: argparse.Namespace, settings: Settings) -> RunOptions:
                       use_claude=use_claude, dry_run=args.dry_run, min_confidence=args.min_confidence,
                       candidates=args.candidates, concurrency=args.concurrency,
                       cooldown_days=args.cooldown_days, holdout=args.holdout,
+                      invites_per_spot=args.invites_per_spot, max_invites_per_event=args.max_invites_per_event,
                       min_lead_hours=args.min_lead_hours, deadline_minutes=args.deadline_minutes,
                       keep_logs_days=args.keep_logs, insecure_tls=args.insecure_tls, verbose=args.verbose,
                       quiet=args.quiet, progress=not args.quiet and sys.stderr.isatty())
 
 
 def make_source(options: RunOptions, settings: Settings, logger: logging.Logger,
-                mongo_client: Any = None) -> DataSource:
+                mongo_client: Any = None, control: RunControl | None = None) -> DataSource:
     if options.source is SourceKind.DEMO:
         return DemoSource(options.now)
     if options.source is SourceKind.MONGO:
         client = mongo_client or connect_mongo(settings, options.insecure_tls, logger)
         return MongoSource(client, mongo_db_name(settings, client))
     assert options.folder is not None
-    return FolderSource(options.folder)
+    return FolderSource(options.folder, control)
 
 
 def make_dashboard(options: RunOptions, settings: Settings, logger: logging.Logger,
@@ -9171,7 +10325,8 @@ def make_dashboard(options: RunOptions, settings: Settings, logger: logging.Logg
         mirror = options.out_dir / "data" / "firebase"
         if not options.is_demo:
             logger.info("FIREBASE_DATABASE_URL is not set: using the local mirror %s", mirror)
-        transport: FirebaseTransport = LocalMirrorTransport(mirror, settings.firebase_base_path)
+        transport: FirebaseTransport = LocalMirrorTransport(mirror, settings.firebase_base_path,
+                                                            anchor=options.out_dir)
         return DashboardWriter(transport, logger, dry_run=options.dry_run, updated_at=updated_at,
                                holdout=options.holdout > 0)
     token_source = None
@@ -9203,12 +10358,35 @@ def handle_stop_signals(control: RunControl) -> Any:
         return lambda: None
 
     def on_signal(signum: int, _frame: Any) -> None:
-        code = EXIT_SIGNALS.get(signal.Signals(signum), 128 + signum)
-        if control.signal is not None:
-            os._exit(code)  # a second signal: now (every file is written atomically, the lock dies with us)
+        name = signal.Signals(signum).name
+        if control.signal is not None:  # a second signal: now (every file is written atomically, the lock dies with us)
+            os.write(2, f"error: {name} again: stopped at once; the report was not written\n".encode())
+            os._exit(EXIT_SIGNALS.get(signal.Signals(signum), 128 + signum))
         control.request_stop(signum)
-        print(f"warning: {signal.Signals(signum).name}: finishing the members in flight, then writing the "
-              "report (signal again to stop at once)", file=sys.stderr)
+        if sys.stderr.isatty():  # an operator at a terminal hears at once; cron mail gets the one final line
+            os.write(2, f"warning: {name}: finishing the members in flight, then writing the report "
+                        "(signal again to stop at once)\n".encode())
+
+    previous = {s: signal.signal(s, on_signal) for s in (signal.SIGINT, signal.SIGTERM)}
+    return lambda: [signal.signal(s, h) for s, h in previous.items()]
+
+
+class Interrupted(KeyboardInterrupt):
+    """SIGINT or SIGTERM during a subcommand: unwinds as Ctrl-C does (its files are written atomically)."""
+
+    def __init__(self, signum: int) -> None:
+        super().__init__(signum)
+        self.signum = signum
+
+
+def raise_on_stop_signals() -> Any:
+    """A subcommand's signals: SIGINT and SIGTERM raise ``Interrupted`` (exit 130/143, one line, no report).
+    Returns a function that puts the previous handlers back."""
+    if threading.current_thread() is not threading.main_thread():
+        return lambda: None
+
+    def on_signal(signum: int, _frame: Any) -> None:
+        raise Interrupted(signum)
 
     previous = {s: signal.signal(s, on_signal) for s in (signal.SIGINT, signal.SIGTERM)}
     return lambda: [signal.signal(s, h) for s, h in previous.items()]
@@ -9219,6 +10397,8 @@ def run_campaign(args: argparse.Namespace, env: Mapping[str, str] | None, mongo_
     """The program itself: settings, the lock, the services, one campaign. ``main`` handles the errors."""
     settings = Settings.from_env(env if env is not None else read_environment())
     options = resolve_options(args, settings)
+    if options.is_demo:  # demo messages carry a sample sender and opt-out text
+        settings = replace(settings, sms=settings.sms.with_samples())
     hoods = load_neighbourhoods(settings.neighbourhoods_csv)  # before the lock: a bad table is exit 2 at once
     control = RunControl(options.deadline_minutes * 60)
     closing.callback(handle_stop_signals(control))
@@ -9226,7 +10406,7 @@ def run_campaign(args: argparse.Namespace, env: Mapping[str, str] | None, mongo_
     logger, _ = setup_logging(options.out_dir, datetime.now(UTC), verbose=options.verbose, quiet=options.quiet,
                               keep_logs_days=options.keep_logs_days)
     closing.callback(close_logging, logger)
-    source = make_source(options, settings, logger, mongo_client)
+    source = make_source(options, settings, logger, mongo_client, control)
     closing.callback(source.close)
     if isinstance(source, MongoSource) and mongo_client is None:
         closing.callback(source.client.close)
@@ -9241,69 +10421,75 @@ def run_campaign(args: argparse.Namespace, env: Mapping[str, str] | None, mongo_
     try:
         return campaign.run()
     except ServiceError as exc:
-        logger.error("%s", exc)  # the run's log file says why it failed, too
+        logger.error("%s", exc, extra=FILE_ONLY)  # the run's log file says why it failed; stderr says it once
         raise
 
 
 def main(argv: Sequence[str] | None = None, *, env: Mapping[str, str] | None = None,
          mongo_client: Any = None) -> int:
-    """Run one campaign and return its exit code (the table in EXIT_CODES_HELP); never a traceback
-    for bad input, a service failure, a full disk or a held lock. ``measure`` and ``backtest`` as the
-    first argument run those subcommands instead (same exit codes)."""
+    """Run one campaign and return its exit code (``ExitCode``, the table in EXIT_CODES_HELP); never a
+    traceback for bad input, a service failure, a full disk or a held lock. ``measure`` and ``backtest``
+    as the first argument run those subcommands instead (same exit codes, same funnel: ``raw_main``)."""
     argv = list(sys.argv[1:] if argv is None else argv)
     if argv and argv[0] in SUBCOMMANDS:
         return SUBCOMMANDS[argv[0]](argv[1:], env=env, mongo_client=mongo_client)
-    try:
-        args = build_parser().parse_args(argv)
-    except SystemExit as exc:  # --help, or a usage error already printed
-        return exc.code if isinstance(exc.code, int) else EXIT_USAGE
-    with ExitStack() as closing:  # the lock, the clients and the log are released however the run ends
-        try:
-            result = run_campaign(args, env, mongo_client, closing)
-        except UsageError as exc:
-            print(f"error: {exc}", file=sys.stderr)
-            return EXIT_USAGE
-        except Locked as exc:
-            print(f"error: {exc}", file=sys.stderr)
-            return EXIT_LOCKED
-        except ServiceError as exc:
-            print(f"error: {exc}", file=sys.stderr)
-            return EXIT_FAILURE
+    return raw_main("the run", build_parser(), campaign, argv, env, mongo_client)
+
+
+def campaign(args: argparse.Namespace, env: Mapping[str, str] | None, mongo_client: Any,
+             closing: ExitStack) -> int:
+    """The campaign as ``raw_main`` runs a program: one run, the lines cron mail should show, its exit code."""
+    result = run_campaign(args, env, mongo_client, closing)
     report_problems(result)
     return result.exit_code
 
 
-def run_subcommand(name: str, parser: argparse.ArgumentParser, program: Any, argv: Sequence[str],
-                   env: Mapping[str, str] | None, mongo_client: Any) -> int:
-    """A subcommand with ``main``'s error handling and exit codes: ``program(args, env, mongo_client,
-    closing)`` does the work; bad input is one line and exit 2, a failed service exit 1, Ctrl-C 130."""
+def raw_main(name: str, parser: argparse.ArgumentParser, program: Any, argv: Sequence[str],
+             env: Mapping[str, str] | None, mongo_client: Any) -> int:
+    """The one funnel from errors to exit codes, for the campaign and both subcommands (httpie's
+    ``raw_main``): ``program(args, env, mongo_client, closing)`` does the work and returns its code; bad
+    input is one line and exit 2, a held lock 75, a failed service or disk 1, out of memory 1 (``out_of_memory``),
+    SIGINT 130 and SIGTERM 143 (``Interrupted``; the campaign's own handlers take over while it runs). The lock, the
+    clients and the log (``closing``) are released however it ends."""
     try:
         args = parser.parse_args(list(argv))
     except SystemExit as exc:  # --help, or a usage error already printed
-        return exc.code if isinstance(exc.code, int) else EXIT_USAGE
+        return exc.code if isinstance(exc.code, int) else ExitCode.USAGE
     with ExitStack() as closing:
+        closing.callback(raise_on_stop_signals())
         try:
             return program(args, env, mongo_client, closing)
         except UsageError as exc:
-            print(f"error: {exc}", file=sys.stderr)
-            return EXIT_USAGE
+            return error_line(exc, ExitCode.USAGE)
+        except Locked as exc:
+            return error_line(exc, ExitCode.LOCKED)
         except ServiceError as exc:
-            print(f"error: {exc}", file=sys.stderr)
-            return EXIT_FAILURE
-        except KeyboardInterrupt:
-            print(f"error: {name} interrupted; no report written", file=sys.stderr)
-            return EXIT_SIGNALS[signal.SIGINT]
+            return error_line(exc, ExitCode.FAILURE)
+        except KeyboardInterrupt as exc:  # Ctrl-C, or ``Interrupted`` (SIGINT/SIGTERM)
+            signum = exc.signum if isinstance(exc, Interrupted) else signal.SIGINT
+            return error_line(f"{name} interrupted by {signal.Signals(signum).name}; stopped at once, nothing "
+                              "half-written", EXIT_SIGNALS[signal.Signals(signum)])
+        except Exception as exc:  # out of memory anywhere (here, a helper ``Worker``, a member's thread); else a bug
+            if not out_of_memory(exc):
+                raise
+            return error_line(OUT_OF_MEMORY, ExitCode.FAILURE)
+
+
+def error_line(problem: object, code: ExitCode) -> ExitCode:
+    """The one line on stderr an error gets (cron mail), and its exit code."""
+    print(f"error: {problem}", file=sys.stderr)
+    return code
 
 
 def measure_command(argv: Sequence[str], *, env: Mapping[str, str] | None = None, mongo_client: Any = None) -> int:
     """``measure``: did the campaigns bring anyone back, treated against the holdout (read-only)."""
-    return run_subcommand("measure", build_measure_parser(), run_measure, argv, env, mongo_client)
+    return raw_main("measure", build_measure_parser(), run_measure, argv, env, mongo_client)
 
 
 def backtest_command(argv: Sequence[str], *, env: Mapping[str, str] | None = None, mongo_client: Any = None) -> int:
     """``backtest``: would the rules matcher's picks have been events members really went to (read-only;
     only the report is written)."""
-    return run_subcommand("backtest", backtest_parser(), backtest, argv, env, mongo_client)
+    return raw_main("backtest", backtest_parser(), backtest, argv, env, mongo_client)
 
 
 SUBCOMMANDS = {"measure": measure_command, "backtest": backtest_command}
@@ -9312,8 +10498,9 @@ SUBCOMMANDS = {"measure": measure_command, "backtest": backtest_command}
 def report_problems(result: RunResult) -> None:
     """What cron mail should show besides the summary line: one line per kind of trouble."""
     if result.status != "completed":
-        print(f"warning: run {result.status}: {result.report['summary']['users_not_started']} members not started; "
-              f"the report {result.report_path} says what was done", file=sys.stderr)
+        by = f" by {signal.Signals(result.signal).name}" if result.signal is not None else ""
+        print(f"warning: run {result.status}{by}: {result.report['summary']['users_not_started']} members not "
+              f"started; the report {result.report_path} says what was done", file=sys.stderr)
     if result.claude_unavailable:
         print(f"warning: Claude was unavailable ({result.claude_unavailable}); the rules matcher and the "
               "template wrote this run's messages", file=sys.stderr)
@@ -9322,6 +10509,8 @@ def report_problems(result: RunResult) -> None:
     if result.empty_input:
         print(f"warning: empty input: the source has no {' and no '.join(result.empty_input)}; the report "
               f"{result.report_path} says what was read", file=sys.stderr)
+    elif result.idle is not None and result.idle.exit_code and result.status == "completed" and not result.failed_members:
+        print(f"warning: no message drafted: {result.report['no_message']['text']}", file=sys.stderr)
     if result.firebase_failed:
         firebase = result.firebase
         first = (firebase["errors"] or [""])[0]

@@ -1,6 +1,6 @@
 """Benchmark: how long a whole campaign takes, and what it sends to Firebase.
 
-Run by hand (not a test): ``python bench/bench_campaign.py``. It prints
+Run by hand (not a test): ``python bench/bench_campaign.py`` (``--smoke``: each run once, for CI). It prints
 1. the wall time of ``--demo`` (rules, template, local mirror) and of the real Montana Meetup data,
 2. the bytes a 10-member campaign sends to a Realtime Database (the fake REST server in
    ``tests/fake_rtdb.py`` on 127.0.0.1), per path, against re-sending whole arrays per item.
@@ -49,11 +49,12 @@ def quiet() -> None:
 
 def main() -> None:
     quiet()
+    repeat = 1 if "--smoke" in sys.argv[1:] else 5  # --smoke: seconds, for CI
     print("| run | median s | min s | dormant | ready | matched | messages | segments |")
     print("| --- | --- | --- | --- | --- | --- | --- | --- |")
-    runs = [("--demo", ["--demo"], 5)]
+    runs = [("--demo", ["--demo"], repeat)]
     if MONTANA.is_dir():
-        runs.append(("Montana (real data)", ["--source", str(MONTANA), "--now", MONTANA_NOW, "--dry-run"], 5))
+        runs.append(("Montana (real data)", ["--source", str(MONTANA), "--now", MONTANA_NOW, "--dry-run"], repeat))
     for label, args, repeat in runs:
         seconds, report = timed_run(args, {}, repeat)
         s = report["summary"]
@@ -64,7 +65,8 @@ def main() -> None:
     if not MONTANA.is_dir():
         return
     with FakeRealtimeDatabase(auth_token="bench-secret") as db:
-        env = {"FIREBASE_DATABASE_URL": db.url, "FIREBASE_AUTH_TOKEN": "bench-secret"}
+        env = {"FIREBASE_DATABASE_URL": db.url, "FIREBASE_AUTH_TOKEN": "bench-secret",  # a live run: compliance set
+               "SMS_SENDER": "Cuculi", "SMS_OPT_OUT_TEXT": "Reply STOP to opt out"}
         _, report = timed_run(["--source", str(MONTANA), "--now", MONTANA_NOW, "--limit", "10"], env, 1)
         sent: dict[str, int] = defaultdict(int)
         for request in db.requests:

@@ -20,7 +20,9 @@ from __future__ import annotations
 import argparse
 import json
 import random
+import shutil
 import sys
+import tempfile
 from collections.abc import Iterator
 from datetime import UTC, datetime, timedelta, timezone
 from pathlib import Path
@@ -53,6 +55,26 @@ LASTS = ["Rivera", "Chen", "Patel", "Johnson", "Okafor", "Kim", "O'Brien", "Nguy
 
 def member_id(i: int) -> str:
     return f"64d0{i:020x}"
+
+
+def nyc_zone_areas() -> list[int]:
+    """US area codes whose 555 numbers phonenumbers calls valid and places in New York's zone (172)."""
+    import phonenumbers
+    import phonenumbers.timezone
+
+    def fits(area: int) -> bool:
+        number = phonenumbers.parse(f"+1{area}5550100")
+        return (phonenumbers.is_valid_number(number)
+                and phonenumbers.timezone.time_zones_for_number(number) == ("America/New_York",))
+    return [area for area in range(201, 990) if fits(area)]
+
+
+AREAS = nyc_zone_areas()
+
+
+def member_phone(i: int) -> str:
+    """Each member their own number (one number gets one text), in the 555 exchange (not given to subscribers)."""
+    return f"+1{AREAS[i // 10000 % len(AREAS)]}555{i % 10000:04d}"
 
 
 class World:
@@ -111,7 +133,7 @@ class World:
             top = rng.choice(INTERESTS)
             doc: dict = {"_id": {"$oid": member_id(i)} if rng.random() < 0.1 else member_id(i),
                          "firstName": rng.choice(MIXED_FIRSTS if self.mixed else FIRSTS), "lastName": rng.choice(LASTS),
-                         "email": f"member{i}@example.com", "phone": f"+12125550{i % 1000:03d}",
+                         "email": f"member{i}@example.com", "phone": member_phone(i),
                          "gender": rng.choice(["female", "male", "non-binary"]),
                          "interests": [top, *rng.sample(INTERESTS, rng.randint(0, 4))],
                          "occupation": rng.choice(["Chef", "Nurse", "Editor", "Architect"]),
@@ -182,17 +204,24 @@ def make_world(folder: Path, members: int, events: int | None = None, *, lines: 
 
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("out", type=Path)
+    parser.add_argument("out", type=Path, nargs="?", help="the folder to write (--smoke: a temporary one)")
     parser.add_argument("--members", type=int, default=10_000)
     parser.add_argument("--events", type=int)
     parser.add_argument("--lines", action="store_true", help="JSON Lines instead of a JSON array")
     parser.add_argument("--canonical", action="store_true", help="canonical Extended JSON")
     parser.add_argument("--mixed", action="store_true", help="the mixed shape (issue 21)")
     parser.add_argument("--seed", type=int, default=20240611)
+    parser.add_argument("--smoke", action="store_true", help="seconds, for CI: 50 members in a temporary folder")
     args = parser.parse_args(argv)
+    if args.smoke:
+        args.out, args.members = Path(tempfile.mkdtemp(prefix="rtt-smoke-")), 50
+    elif args.out is None:
+        parser.error("the folder to write is required (or --smoke)")
     make_world(args.out, args.members, args.events, lines=args.lines, canonical=args.canonical, seed=args.seed,
                mixed=args.mixed)
     print(f"--now {NOW.strftime('%Y-%m-%dT%H:%M:%SZ')}", file=sys.stderr)
+    if args.smoke:
+        shutil.rmtree(args.out)
     return 0
 
 

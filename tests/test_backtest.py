@@ -82,7 +82,7 @@ def test_a_member_loyal_to_one_host_is_a_hit_for_the_matcher_and_the_host_baseli
     report = backtest_report(run_backtest_cli(run_cli, folder, "--from", D_FLAG, "--to", D_FLAG))
     (row,) = report["dates"]
     assert (row["eligible"], row["returned"], row["with_candidates"]) == (1, 1, 1)
-    assert row["hit_at_1"] == {"rules": 1.0, "random": 0.5, "soonest": 0.0, "soonest_nearby": 0.0,
+    assert row["hit_at_1"] == {"rules": 1.0, "rules_allocated": 1.0, "random": 0.5, "soonest": 0.0, "soonest_nearby": 0.0,
                                "host_next": 1.0}
     assert row["oracle"] == 1.0
     assert report["pooled"]["lead"]["over"] == "host_next"
@@ -242,6 +242,12 @@ def test_the_same_history_gives_the_same_report(run_cli, tmp_path):
     (("--source", "{folder}", "--from", "1900-01-01", "--to", D_FLAG), "1970-2200"),
     (("--source", "{folder}", "--from", D_FLAG, "--to", D_FLAG, "--every-days", "0"), "--every-days"),
     (("--source", "{folder}", "--from", D_FLAG, "--to", D_FLAG, "--window-days", "x"), "--window-days"),
+    (("--source", "{folder}", "--from", D_FLAG, "--to", D_FLAG, "--every-days", "99999999999999999999"),
+     "--every-days: must be at most"),
+    (("--source", "{folder}", "--from", D_FLAG, "--to", D_FLAG, "--window-days", "99999999999"),
+     "--window-days: must be at most"),
+    (("--source", "{folder}", "--from", D_FLAG, "--to", D_FLAG, "--resamples", "100000000"),
+     "--resamples: must be at most"),
     (("--source", "{folder}", "--from", D_FLAG, "--to", D_FLAG, "--limit", "3"), "unrecognized"),
     (("--source", "{folder}", "--from", "1970-01-01", "--to", D_FLAG, "--every-days", "1"), "as-of dates"),
     (("--source", "{folder}", "--from", "{recent}", "--to", "{recent}"), "not closed"),
