@@ -5336,8 +5336,10 @@ class FolderSource:
             self.engine = FolderEngine(files["users"], files["events"])  # open until ``close``: the walk reads it
             try:
                 return engine_read(self.engine, now, lambda: bar.update(total // 2) if bar is not None else None)
-            except (duckdb.Error, EngineRefused):
+            except (duckdb.Error, EngineRefused) as exc:
                 self.close()
+                if out_of_memory(exc):
+                    raise  # (the literal read would need more)
         return self.read(progress)
 
     def close(self) -> None:
