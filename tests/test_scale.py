@@ -492,3 +492,48 @@ def test_the_walk_listing_is_written_as_the_merged_records_would_be(tmp_path, mo
     assert (tmp_path / "listing.json").read_bytes() == (tmp_path / "merged.json").read_bytes()
     rtt.write_json_items(tmp_path / "empty.json", rtt.walk_listing([], {}))
     assert json.loads((tmp_path / "empty.json").read_text()) == []
+
+
+# --- the engine's macros read each form as Python reads it, or leave it to Python ------------------------------
+
+ID_FORMS = st.one_of(
+    st.text(alphabet=st.sampled_from(["a", "B", "7", " ", "\t", "\u00a0", "\u3000", "\u200b", "\x07", "é", "-"]),
+            max_size=8),
+    st.just("x" * 201), OID.map(lambda h: {"$oid": h}), st.none(), st.integers(-5, 5), st.booleans(),
+    st.builds(lambda k, v: {k: v}, st.sampled_from(["_id", "userId", "id", "name", "$numberLong", "$symbol"]),
+              st.one_of(st.text(alphabet=" ab\x07", max_size=4), OID.map(lambda h: {"$oid": h}), st.integers(0, 3),
+                        st.just({"_id": "deeper"}))),
+    st.just({"_id": "a", "id": "b"}), st.lists(st.just("a"), max_size=2))
+START_FORMS = st.one_of(
+    DATE_TEXTS, DATE_TEXTS.map(lambda t: {"$date": t}), st.integers(-2**62, 2**62),
+    st.integers(-10**13, 10**13), st.integers(-10**13, 10**13).map(lambda n: {"$date": n}),
+    st.integers(-10**13, 10**13).map(lambda n: {"$date": {"$numberLong": str(n)}}),
+    st.floats(allow_nan=False, allow_infinity=False), st.sampled_from(["TBD", "2026-01-02", " 2026-01-02", "17100720",
+                                                                       "2026-01-02T03:04:05.123456+05:30", True, None]),
+    st.just({"$numberLong": "1767225600000"}), st.lists(st.integers(), max_size=1))
+
+
+@pytest.fixture(scope="module")
+def engine_db():
+    import duckdb
+
+    db = duckdb.connect()
+    db.execute(rtt.sql_macros())
+    yield db
+    db.close()
+
+
+@settings(max_examples=400, deadline=None)
+@given(owner=ID_FORMS, start=START_FORMS)
+def test_the_engine_reads_an_id_and_a_start_as_python_reads_the_screened_record_or_leaves_it_to_python(
+        engine_db, owner, start):
+    text = json.dumps({"_id": "e", "ownerId": owner, "participants": [owner], "startDate": start}, ensure_ascii=False)
+    screened = rtt.screen_records([rtt.ExtendedJsonDecoder().loads(text)], "events").records
+    [(members, when)] = engine_db.execute(
+        "SELECT rtt_members(json_extract(doc, '$.ownerId'), json_extract(doc, '$.participants')),"
+        " rtt_start(json_extract(doc, '$.startDate')) FROM (SELECT ?::JSON AS doc)", [text]).fetchall()
+    record = screened[0]
+    if "\x00" not in members:
+        assert sorted(members) == sorted(rtt.event_member_ids(record, rtt.DataIssues())), owner
+    if when != rtt.SQL_ODD_START:
+        assert when == rtt.epoch_micros(rtt.to_utc(record.get("startDate"))), start
