@@ -537,3 +537,21 @@ def test_the_engine_reads_an_id_and_a_start_as_python_reads_the_screened_record_
         assert sorted(members) == sorted(rtt.event_member_ids(record, rtt.DataIssues())), owner
     if when != rtt.SQL_ODD_START:
         assert when == rtt.epoch_micros(rtt.to_utc(record.get("startDate"))), start
+
+
+def test_the_engine_gives_the_consent_rows_the_literal_read_gives(tmp_path):
+    users, events = messy_world(200)
+    users[4]["smsOptOut"] = {"$date": "TBD"}  # unreadable: kept as UNREADABLE (doubt), never missing
+    users[6]["optOut.sms"] = True  # a literal dotted key
+    users[9]["preferences"] = {"sms": False}
+    users[11]["smsConsent"] = None
+    folder = write_world(tmp_path / "w", users, events)
+    paths = rtt.DEFAULT_OPT_OUT_FIELDS + rtt.DEFAULT_CONSENT_FIELDS
+    keys = rtt.consent_keys(paths)
+    docs, _ = rtt.load_collection_file(folder / "users.json", rtt.ExtendedJsonDecoder(keep_unreadable=True))
+    literal_rows = [row for row in (rtt.consent_row(doc, keys) for doc in docs) if row is not None]
+    rows = list(rtt.FolderSource(folder).consent_rows(paths))
+    assert rows == literal_rows and len(rows) == 4 and rows[0]["smsOptOut"] is rtt.UNREADABLE
+    text = (folder / "users.json").read_text(encoding="utf-8")
+    (folder / "users.json").write_text(text[:-1] + ', {"_id": "z", "bio": "\\ud800"}]', encoding="utf-8")
+    assert list(rtt.FolderSource(folder).consent_rows(paths)) == literal_rows  # the engine refuses it: read whole
