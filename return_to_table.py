@@ -410,6 +410,7 @@ class RunOptions:
     concurrency: int = 6
     cooldown_days: int = 30
     holdout: float = 0.0  # share of members kept as the control group (stable hash of campaign, member)
+    variants: tuple[str, ...] = ("standard",)  # --variants: the message tones under A/B test (``TONES``)
     min_lead_hours: float = 3.0  # the last send moment is at least this long before the event
     deadline_minutes: float = 30.0
     keep_logs_days: int = 30
@@ -3517,6 +3518,8 @@ class Match(TypedDict):
     matched_interests: list[str]
     user: dict[str, Any]
     event: dict[str, Any]
+    deciding_signal: str  # ``deciding_signal``: host, series, company, place or profile (measure's breakdowns)
+    same_neighbourhood: bool  # the event is in the member's home neighbourhood
 
 
 def local_when(start: datetime, zone: ZoneInfo, now: datetime) -> str:
@@ -3595,8 +3598,21 @@ def explain_candidate(user: Mapping[str, Any], c: Candidate, zone: ZoneInfo, now
     return " ".join(sentences)
 
 
+DECIDING_SIGNALS = ("host", "series", "company", "place", "profile")
+
+
+def deciding_signal(c: Candidate | None) -> str:
+    """The signal that decided a pick, for measure's breakdowns: the strongest history signal when it is the
+    host, the series, the company or the place; else ``profile`` (interests and the plan's tiers, or the weaker
+    habits: categories, weekday, time of day)."""
+    if c is None:
+        return "profile"
+    ranked = sorted(((v, k) for k, v in c.history.contributions().items() if v > 0), key=lambda vk: -vk[0])
+    return ranked[0][1] if ranked and ranked[0][1] in DECIDING_SIGNALS else "profile"
+
+
 def build_match(user: Mapping[str, Any], event: Mapping[str, Any], *, reasoning: str, confidence: int,
-                interests: Sequence[str], matcher: str, now: datetime) -> Match:
+                interests: Sequence[str], matcher: str, now: datetime, chosen: Candidate | None = None) -> Match:
     """A match record in the dashboard's schema, with the full member and event attached."""
     return Match(
         user_name=full_name(user),
@@ -3612,6 +3628,8 @@ def build_match(user: Mapping[str, Any], event: Mapping[str, Any], *, reasoning:
         matched_interests=list(interests),
         user=dict(user),
         event=dict(event),
+        deciding_signal=deciding_signal(chosen),
+        same_neighbourhood=bool(chosen is not None and chosen.same_neighbourhood),
     )
 
 
@@ -3633,7 +3651,8 @@ def rules_match(user: Mapping[str, Any], candidates: Sequence[Candidate], min_co
 def candidate_match(user: Mapping[str, Any], c: Candidate, zone: ZoneInfo, now: datetime, note: str = "") -> Match:
     """The rules' match record for one candidate, its reasoning explained (plus ``note``)."""
     return build_match(user, c.event, reasoning=explain_candidate(user, c, zone, now) + note,
-                       confidence=c.confidence, interests=[i for i, _ in c.interests], matcher="rules", now=now)
+                       confidence=c.confidence, interests=[i for i, _ in c.interests], matcher="rules", now=now,
+                       chosen=c)
 
 
 # =============================================================================================
@@ -3746,6 +3765,7 @@ class MessageFacts:
     sender: str | None = None  # SMS_SENDER: named near the start of every message when set
     opt_out_text: str | None = None  # SMS_OPT_OUT_TEXT: just before the link when set
     company: int = 0  # people the member sat with before who are going: a count, never who ("2 people you've dined with")
+    tone: str = "standard"  # the message-tone variant (``TONES``): the template's wording family, Claude's tone line
 
     @property
     def link(self) -> str:
@@ -3768,7 +3788,7 @@ class MessageFacts:
 
 
 def message_facts(match: Match, zone: ZoneInfo, now: datetime, *, sender: str | None = None,
-                  opt_out_text: str | None = None) -> MessageFacts:
+                  opt_out_text: str | None = None, tone: str = "standard") -> MessageFacts:
     """What an SMS about this match may say, the day and time in ``zone``; plus the sender and opt-out
     text every message must carry (``SmsPolicy``), when set."""
     event = match["event"]
@@ -3786,6 +3806,7 @@ def message_facts(match: Match, zone: ZoneInfo, now: datetime, *, sender: str | 
         sender=sender,
         opt_out_text=opt_out_text,
         company=company_count(match["user"], match["event_id"]),
+        tone=tone,
     )
 
 
@@ -4115,6 +4136,96 @@ def template_wordings(facts: MessageFacts, name: str) -> Iterator[tuple[str, str
         ]
 
 
+# --- message tones (issue 22): the A/B test's wording families, every one held to the same SMS contract ---
+# Each tone is a wording family for the template (tried first, then today's wordings as the fallback, so a
+# tone never loses a message the standard wording could write) and one line of instruction for Claude.
+TONES = {
+    "standard": "",  # today's wording and prompt, unchanged
+    "warm": "warm: say you missed them and would love to see them again; gentle, personal, no pressure",
+    "brief": "brief: as short as the rules allow, no extra sentence beyond the facts",
+    "social": "social: lead with the people, the going count (and sat_with_going when above 0): join others at a table",
+}
+DEFAULT_TONE = "standard"
+TONE_SALT = "tone-variant"  # the tone's own hash salt, so tone and holdout (``holdout_share``) never correlate
+
+
+def tone_share(campaign_name: str, member_id: str) -> float:
+    """A member's stable place in [0, 1) for the tone A/B: like ``holdout_share``, with its own salt."""
+    digest = hashlib.sha256(f"{TONE_SALT}\x00{campaign_name}\x00{member_id}".encode()).digest()
+    return int.from_bytes(digest[:8], "big") / 2**64
+
+
+def member_tone(campaign_name: str, member_id: str, variants: Sequence[str]) -> str:
+    """The member's tone among ``variants``: equal shares by ``tone_share``, the same run after run."""
+    if len(variants) <= 1:
+        return variants[0] if variants else DEFAULT_TONE
+    return variants[min(len(variants) - 1, int(tone_share(campaign_name, member_id) * len(variants)))]
+
+
+def tone_names(text: str) -> tuple[str, ...]:
+    """``--variants warm,brief``: known tone names, each once, in the order given; else a usage error."""
+    names = tuple(dict.fromkeys(n.strip().lower() for n in text.split(",") if n.strip()))
+    unknown = [n for n in names if n not in TONES]
+    if unknown or not names:
+        raise argparse.ArgumentTypeError(f"unknown tone {(unknown or [text])[0][:40]!r}; choose from "
+                                         f"{', '.join(TONES)}")
+    return names
+
+
+def social_lead(facts: MessageFacts, name: str) -> tuple[str, str]:
+    """The social tone's opening (who is going, then the event) and what it still has to say of the counts."""
+    spots = "" if facts.spots_left is None else (
+        f"{facts.spots_left} spot left" if facts.spots_left == 1 else f"{facts.spots_left} spots left")
+    if facts.company:
+        faces = "familiar face" if facts.company == 1 else "familiar faces"  # people they dined with, a count only
+        return f"See {facts.company} {faces} at {name}", ", ".join(
+            p for p in (f"{facts.going} going" if facts.going else "", spots) if p)
+    if facts.going:
+        return f"Join {facts.going} {'other' if facts.going == 1 else 'others'} at {name}", spots
+    return f"Meet new people at {name}", spots
+
+
+def tone_family(facts: MessageFacts, name: str) -> Iterator[tuple[str, str]]:
+    """The tone's own wordings naming the event ``name``, richest first (none for ``standard``)."""
+    if facts.tone not in ("warm", "brief", "social"):
+        return
+    greet = f"Hi {facts.first_name}!" if facts.first_name else "Hi there!"
+    first = facts.first_name or "Hi"
+    going = f"{facts.going} going" if facts.going else ""
+    spots = "" if facts.spots_left is None else (
+        f"{facts.spots_left} spot left" if facts.spots_left == 1 else f"{facts.spots_left} spots left")
+    proof = ", ".join(p for p in (going, spots) if p)
+    short_proof = ", ".join(p for p in (going, "" if facts.spots_left is None else f"{facts.spots_left} left") if p)
+    hood = f" in {facts.neighbourhood.replace('-', ' ').title()}" if facts.neighbourhood else ""
+    labels = [interest_label(i) for i in facts.interests]
+    for interest in labels[:1] + sorted(labels[1:], key=len) or [""]:
+        fans = f"one for {interest} fans" if interest else "a good one"
+        if facts.tone == "warm":
+            yield from [
+                ((f"{greet} Welcome back, we've missed you and would love to see you again. {name} is {fans}: "
+                  f"{facts.when}{hood}. {proof}."), "Join us: "),
+                (f"{greet} Welcome back, we've missed you. {name} is {fans}: {facts.when}{hood}. {proof}.", "Join us: "),
+                (f"{greet} Welcome back, we've missed you. {name} is {fans}: {facts.when}. {proof}.", "Join us: "),
+                (f"{greet} Welcome back, we've missed you. {name}, {fans}: {facts.when}. {proof}.", ""),
+                (f"{greet} Welcome back, we've missed you. {name} ({interest}) {facts.when}. {proof}.", ""),
+                (f"{first}, welcome back, we've missed you! {name} ({interest}) {facts.when}, {short_proof}", ""),
+            ]
+        elif facts.tone == "brief":
+            yield from [(f"{first}, welcome back! {name} ({interest}) {facts.when}. {proof}.", "RSVP: "),
+                        (f"{first}, welcome back! {name} ({interest}) {facts.when}, {short_proof}.", "")]
+        else:
+            lead, counts = social_lead(facts, name)
+            yield from [(f"{greet} Welcome back. {lead}, {fans}: {facts.when}. {counts}.", "Tap to RSVP: "),
+                        (f"{greet} Welcome back. {lead} ({interest}) {facts.when}. {counts}.", ""),
+                        (f"{first}, welcome back! {lead} ({interest}) {facts.when}. {counts}", "")]
+
+
+def tone_wordings(facts: MessageFacts, name: str) -> Iterator[tuple[str, str]]:
+    """The tone's wordings first, then today's (``template_wordings``) as the fallback."""
+    yield from tone_family(facts, name)
+    yield from template_wordings(facts, name)
+
+
 def dress(facts: MessageFacts, body: str, action: str) -> str:
     """One whole wording: the sender first, then ``body``; then the opt-out text in place of the call to
     action when one is set; the link last; stray spaces and empty clauses tidied away."""
@@ -4139,8 +4250,11 @@ def write_template_sms(facts: MessageFacts) -> str | None:
     carried = len(sender_prefix(facts)) + (len(opt_out_clause(facts)) + 1 if facts.opt_out_text else 0)
     names = shortened_names(safe, max_len=GSM7_LIMIT - carried - len(facts.link) - 1) if safe else []
     tried: set[str] = set()
-    for name, level in template_attempts(facts, names):
-        for body, action in template_wordings(level, name):
+    whole = [(name, level) for name, level in template_attempts(facts, names[:1])] if facts.tone != DEFAULT_TONE else []
+    tone_first = ((name, level, tone_family) for name, level in whole)  # the tone without cutting the name first
+    for name, level, wordings in itertools.chain(tone_first, ((n, lv, tone_wordings)
+                                                             for n, lv in template_attempts(facts, names))):
+        for body, action in wordings(level, name):
             text = dress(facts, body, action)
             if text in tried:
                 continue
@@ -4300,10 +4414,11 @@ class Message(TypedDict):
     send_after: str  # ISO UTC: the dashboard sends at or after this ...
     send_before: str  # ... and strictly before this (``SendWindow``), outside quiet hours in:
     recipient_timezone: str  # the member's IANA zone (``ReturnToTable.recipient_zone``)
+    variant: str  # the message-tone variant (``TONES``) the member is assigned to (``member_tone``)
 
 
 def build_message(match: Match, text: str, *, generator: str, notes: str, now: datetime, window: SendWindow,
-                  zone: ZoneInfo) -> Message:
+                  zone: ZoneInfo, variant: str = DEFAULT_TONE) -> Message:
     """The dashboard's record of one drafted SMS, with when it may be sent and in which zone that is judged."""
     size = sms_size(text)
     return Message(
@@ -4327,6 +4442,7 @@ def build_message(match: Match, text: str, *, generator: str, notes: str, now: d
         send_after=iso_utc(window.send_after) or "",
         send_before=iso_utc(window.send_before) or "",
         recipient_timezone=zone.key,
+        variant=variant,
     )
 
 
@@ -4346,9 +4462,13 @@ class HoldoutRecord(TypedDict):
     held_out_at: str
     campaign_id: str
     holdout_fraction: float
+    variant: str  # the tone they would have had (``member_tone``): measure's per-tone control
+    deciding_signal: str  # of the rules' pick (``Match``), for measure's breakdowns
+    same_neighbourhood: bool
 
 
-def holdout_record(rank: int, match: Match, *, campaign_id: str, fraction: float, now: datetime) -> HoldoutRecord:
+def holdout_record(rank: int, match: Match, *, campaign_id: str, fraction: float, now: datetime,
+                   variant: str = DEFAULT_TONE) -> HoldoutRecord:
     """What a holdout member gets instead of a message: a record of the rules' pick (never Claude's)."""
     user, event = match["user"], match["event"]
     return HoldoutRecord(user_id=match["user_id"], user_name=match["user_name"], rank=rank,
@@ -4356,7 +4476,9 @@ def holdout_record(rank: int, match: Match, *, campaign_id: str, fraction: float
                          event_id=match["event_id"], event_name=match["event_name"],
                          event_start=event.get("startDate"),
                          confidence_percentage=match["confidence_percentage"],
-                         held_out_at=iso_utc(now) or "", campaign_id=campaign_id, holdout_fraction=fraction)
+                         held_out_at=iso_utc(now) or "", campaign_id=campaign_id, holdout_fraction=fraction,
+                         variant=variant, deciding_signal=match.get("deciding_signal", "profile"),
+                         same_neighbourhood=bool(match.get("same_neighbourhood")))
 
 
 def template_notes(facts: MessageFacts, text: str) -> str:
@@ -5789,6 +5911,7 @@ def facts_prompt(facts: MessageFacts, user: Mapping[str, Any]) -> str:
         f"days_away: {user.get('days_inactive')}",
         f"link: {facts.link}",
         *carried_lines(facts),
+        *([f"tone: {TONES[facts.tone]} (every rule above still holds)"] if TONES.get(facts.tone) else []),
     ]
     return "<facts>\n" + "\n".join(lines) + "\n</facts>\nWrite the SMS. Return only the JSON object."
 
@@ -7170,7 +7293,8 @@ class ReturnToTable:
             outcome.skip = Skip(user["_id"], full_name(user), "held out; the rules would not have messaged them", code)
         else:
             outcome.holdout = holdout_record(eligible_rank, match, campaign_id=self.campaign_id,
-                                             fraction=self.options.holdout, now=self.options.now)
+                                             fraction=self.options.holdout, now=self.options.now,
+                                             variant=member_tone(CAMPAIGN_NAME, user["_id"], self.options.variants))
         return outcome
 
     def window_for(self, event: Mapping[str, Any], zone: ZoneInfo) -> SendWindow | None:
@@ -7198,7 +7322,8 @@ class ReturnToTable:
                                         "below_min_confidence")
                     return None
                 return build_match(user, chosen.event, reasoning=reasoning, confidence=confidence,
-                                   interests=[i for i, _ in chosen.interests], matcher="claude", now=now)
+                                   interests=[i for i, _ in chosen.interests], matcher="claude", now=now,
+                                   chosen=chosen)
         match = rules_match(user, candidates, floor, self.zone, now)
         if match is None:
             outcome.skip = Skip(user["_id"], full_name(user),
@@ -7214,7 +7339,9 @@ class ReturnToTable:
         if window is None:
             return None
         when = {"now": now, "window": window, "zone": zone}
-        facts = message_facts(match, self.zone, now, sender=self.sms.sender, opt_out_text=self.sms.opt_out_text)
+        facts = message_facts(match, self.zone, now, sender=self.sms.sender, opt_out_text=self.sms.opt_out_text,
+                              tone=member_tone(CAMPAIGN_NAME, match["user_id"], self.options.variants))
+        when["variant"] = facts.tone
         if self.advisor is not None:
             try:
                 text, notes = self.advisor.write(facts, match["user"])
@@ -7235,12 +7362,13 @@ class ReturnToTable:
         for c in [c for c in candidates if c.event["_id"] != tried and c.confidence >= floor][:MAX_NEXT_EVENTS]:
             match = candidate_match(user, c, self.zone, now,
                                     " (The first choice could not be phrased within the SMS limits.)")
-            facts = message_facts(match, self.zone, now, sender=self.sms.sender, opt_out_text=self.sms.opt_out_text)
+            facts = message_facts(match, self.zone, now, sender=self.sms.sender, opt_out_text=self.sms.opt_out_text,
+                                  tone=member_tone(CAMPAIGN_NAME, user["_id"], self.options.variants))
             text, window = write_template_sms(facts), self.window_for(c.event, zone)
             if text is None or window is None:
                 continue
             return match, build_message(match, text, generator="template", notes=template_notes(facts, text),
-                                        now=now, window=window, zone=zone)
+                                        now=now, window=window, zone=zone, variant=facts.tone)
         return None
 
     def process_user(self, rank: int, user: Mapping[str, Any], events: Sequence[Mapping[str, Any]]) -> UserOutcome:
@@ -8831,6 +8959,9 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--holdout", type=holdout_fraction, default=RunOptions.holdout, metavar="FRACTION",
                         help="share of members kept as a control group, never texted (%(default)g; 0-0.5; "
                              "0.1 recommended)")
+    parser.add_argument("--variants", type=tone_names, default=RunOptions.variants, metavar="NAMES",
+                        help="message tones to A/B test, comma-separated from " + ", ".join(TONES)
+                             + " (default: standard, today's wording); each member keeps theirs run after run")
     parser.add_argument("--min-lead-hours", type=non_negative_float, default=RunOptions.min_lead_hours,
                         metavar="H", help="a message may go out until H hours before its event (%(default)g)")
     parser.add_argument("--insecure-tls", action="store_true",
@@ -8921,7 +9052,7 @@ def resolve_options(args: argparse.Namespace, settings: Settings) -> RunOptions:
     return RunOptions(source=kind, folder=folder, now=now, out_dir=out_dir, limit=args.limit,
                       use_claude=use_claude, dry_run=args.dry_run, min_confidence=args.min_confidence,
                       candidates=args.candidates, concurrency=args.concurrency,
-                      cooldown_days=args.cooldown_days, holdout=args.holdout,
+                      cooldown_days=args.cooldown_days, holdout=args.holdout, variants=args.variants,
                       min_lead_hours=args.min_lead_hours, deadline_minutes=args.deadline_minutes,
                       keep_logs_days=args.keep_logs, insecure_tls=args.insecure_tls, verbose=args.verbose,
                       quiet=args.quiet, progress=not args.quiet and sys.stderr.isatty())
