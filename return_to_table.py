@@ -7757,6 +7757,7 @@ class Observation(NamedTuple):
     status: str  # the message's status ("pending", "approved", "sent", "rejected", or "" when odd or held out)
     reference: datetime
     event_id: str | None
+    traits: tuple[tuple[str, str], ...] = ()  # (dimension, segment) for the breakdowns (``BREAKDOWNS``)
 
 
 class ArchivedCampaign(NamedTuple):
@@ -7834,7 +7835,7 @@ def message_observation(item: Mapping[str, Any], issues: DataIssues) -> Observat
     if reference is None:
         issues.add("archived_messages_without_valid_generated_at")
         return None
-    return Observation(user_id, "treated", status, reference, usable_id(item.get("event_id")))
+    return Observation(user_id, "treated", status, reference, usable_id(item.get("event_id")), message_traits(item))
 
 
 def holdout_observation(item: Mapping[str, Any], issues: DataIssues) -> Observation | None:
@@ -7847,7 +7848,99 @@ def holdout_observation(item: Mapping[str, Any], issues: DataIssues) -> Observat
     if held_out_at is None:
         issues.add("archived_holdout_without_valid_held_out_at")
         return None
-    return Observation(user_id, "holdout", "", held_out_at, usable_id(item.get("event_id")))
+    return Observation(user_id, "holdout", "", held_out_at, usable_id(item.get("event_id")), holdout_traits(item))
+
+
+# --- what the breakdowns read of each archived record (issue 22): every value untrusted, bounded ----------
+
+
+def segment_text(value: Any, default: str = "unknown") -> str:
+    """A short, clean segment name from an archived value (anything odd is ``default``)."""
+    if not isinstance(value, str) or not value.strip():
+        return default
+    return clean_text(value.strip().lower(), 40)[0] or default
+
+
+def plain_number(value: Any) -> float | None:
+    ok = isinstance(value, (int, float)) and not isinstance(value, bool) and math.isfinite(value)
+    return float(value) if ok else None
+
+
+def confidence_band(value: Any) -> str:
+    """``70-79``, ``80-89``, ``90-100``; ``under 70`` and ``unknown`` otherwise."""
+    found = plain_number(value)
+    if found is None or not 0 <= found <= 100:
+        return "unknown"
+    return "under 70" if found < 70 else "70-79" if found < 80 else "80-89" if found < 90 else "90-100"
+
+
+def days_band(value: Any) -> str:
+    """The days-inactive bands the growth lead reads: ``31-45``, ``46-60``, ``61-90``; else ``other``."""
+    found = plain_number(value)
+    if found is None:
+        return "unknown"
+    return "31-45" if 31 <= found <= 45 else "46-60" if 45 < found <= 60 else "61-90" if 60 < found <= 90 else "other"
+
+
+def yes_no(value: Any) -> str:
+    return "yes" if value is True else "no" if value is False else "unknown"
+
+
+REASONING_SIGNALS = (("of this host's events", "host"), ("events of this series", "series"),
+                     ("sat with", "company"), ("of their recent events were in", "place"))
+
+
+def signal_of(match: Mapping[str, Any]) -> str:
+    """The deciding signal a match records (``deciding_signal``); for archives written before it, read from
+    the rules' reasoning ("Their own history decided: ..."), else ``profile`` for the rules, ``unknown`` else."""
+    recorded = match.get("deciding_signal")
+    if isinstance(recorded, str) and recorded in DECIDING_SIGNALS:
+        return recorded
+    reasoning = match.get("reasoning") if isinstance(match.get("reasoning"), str) else ""
+    decided = reasoning.partition("Their own history decided: ")[2][:200].partition(" (also:")[0]
+    found = next((name for words, name in REASONING_SIGNALS if words in decided), None)
+    return found or ("profile" if match.get("matcher") == "rules" else "unknown")
+
+
+def same_place_of(match: Mapping[str, Any]) -> str:
+    """``same_neighbourhood`` as recorded, or (older archives) the member's home and the event's place compared."""
+    if isinstance(match.get("same_neighbourhood"), bool):
+        return yes_no(match["same_neighbourhood"])
+    user, event = match.get("user"), match.get("event")
+    home = text_field(user, "homeNeighborhood") if isinstance(user, Mapping) else None
+    where = text_field(event, "neighborhood") if isinstance(event, Mapping) else None
+    if not home or not where:
+        return "unknown"
+    return yes_no(NeighbourhoodMap.canonical(home) == NeighbourhoodMap.canonical(where))
+
+
+def message_traits(item: Mapping[str, Any]) -> tuple[tuple[str, str], ...]:
+    """A message's own segments: writer, tone (today's wording before ``--variants`` existed), confidence."""
+    return (("writer", segment_text(item.get("generator"))), ("variant", segment_text(item.get("variant"), DEFAULT_TONE)),
+            ("confidence", confidence_band(item.get("confidence_percentage"))))
+
+
+def holdout_traits(item: Mapping[str, Any]) -> tuple[tuple[str, str], ...]:
+    """A holdout record's segments (the rules' pick they would have had)."""
+    return (("variant", segment_text(item.get("variant"), DEFAULT_TONE)),
+            ("confidence", confidence_band(item.get("confidence_percentage"))),
+            ("days_inactive", days_band(item.get("days_inactive"))),
+            ("deciding_signal", signal_of({**item, "matcher": "rules"})),
+            ("same_neighbourhood", yes_no(item.get("same_neighbourhood"))))
+
+
+def match_traits_by_member(matches: Iterable[Mapping[str, Any]]) -> dict[str, tuple[tuple[str, str], ...]]:
+    """Each messaged member's match segments: matcher, days inactive, deciding signal, same neighbourhood."""
+    found: dict[str, tuple[tuple[str, str], ...]] = {}
+    for match in matches:
+        user_id = usable_id(match.get("user_id"))
+        if user_id is None or user_id in found:
+            continue
+        user = match.get("user") if isinstance(match.get("user"), Mapping) else {}
+        found[user_id] = (("matcher", segment_text(match.get("matcher"))),
+                          ("days_inactive", days_band(user.get("days_inactive"))),
+                          ("deciding_signal", signal_of(match)), ("same_neighbourhood", same_place_of(match)))
+    return found
 
 
 def first_per_member(observations: Iterable[Observation]) -> dict[str, Observation]:
@@ -7878,11 +7971,14 @@ def metadata_status(metadata: Any) -> str:
 
 
 def archived_campaign(campaign_id: str, metadata: Any, messages: Any, holdout: Any,
-                      issues: DataIssues) -> ArchivedCampaign:
-    """One campaign from its archived ``metadata``, ``messages`` and ``holdout``, as read."""
+                      issues: DataIssues, matches: Any = None) -> ArchivedCampaign:
+    """One campaign from its archived ``metadata``, ``messages`` and ``holdout``, as read (and ``matches``,
+    for the treated members' breakdown traits)."""
     if metadata is not None and not isinstance(metadata, Mapping):
         issues.add("archived_metadata_not_objects")
-    treated = [o for item in archive_records(messages, "messages", issues)
+    matched = match_traits_by_member(archive_records(matches, "matches", issues) if matches is not None else [])
+    treated = [o._replace(traits=o.traits + matched.get(o.user_id, ()))
+               for item in archive_records(messages, "messages", issues)
                if (o := message_observation(item, issues)) is not None]
     held_out = [o for item in archive_records(holdout, "holdout", issues)
                 if (o := holdout_observation(item, issues)) is not None]
@@ -7981,6 +8077,223 @@ def pooled_measurement(blocks: Sequence[Measurement]) -> Measurement:
     """The campaigns added up (``POOLING_TEXT``): each (campaign, member) once."""
     names = [n for n in MEASURE_GROUPS if n in ("treated", "holdout") or any(n in b.groups for b in blocks)]
     return measurement({n: sum_tallies(b.groups[n] for b in blocks if n in b.groups) for n in names})
+
+
+# --- breakdowns (issue 22): which members and events come back, which tone works, week by week -------
+
+MIN_SEGMENT = 20  # members (closed windows) a segment needs before its rate is shown: fewer is "too few"
+TOP_EVENTS = 10
+POWER = 0.80  # the power the "members each arm still needs" figure is computed for
+BREAKDOWNS = {  # dimension: (its title, the holdout it is compared with)
+    "matcher": ("Matcher", "whole"),
+    "writer": ("Writer", "whole"),
+    "variant": ("Tone variant", "segment"),
+    "confidence": ("Confidence band", "segment"),
+    "days_inactive": ("Days inactive", "segment"),
+    "deciding_signal": ("Deciding signal", "segment"),
+    "same_neighbourhood": ("Event in their own neighbourhood", "segment"),
+    "event_category": ("Event category", "segment"),
+}
+HOLDOUT_BASIS = {"whole": "the whole holdout (holdout members have no matcher or writer of their own; the holdout "
+                          "is drawn at random, so it is every segment's control)",
+                 "segment": "the holdout members of the same segment"}
+BREAKDOWN_TEXT = (f"Each segment: n (members whose window closed), returns, rate with its Wilson 95% interval, "
+                  f"and the lift over the holdout (Newcombe's method 10 interval, two-proportion z-test). A segment "
+                  f"of fewer than {MIN_SEGMENT} members (or a holdout segment of fewer) is shown as \"too few\". "
+                  "Segments are observational: members were not assigned to them at random (the tone variant "
+                  "is), so a segment's lift describes, it does not prove.")
+HOLM_TEXT = ("Tone pairs: two-sided two-proportion z-tests, p-values adjusted for the number of pairs by Holm's "
+             "step-down method (Holm 1979); a winner is named only when it beats every other tone with an adjusted "
+             "p below 0.05.")
+SAMPLE_SIZE_TEXT = (f"Members each arm still needs: the normal-approximation sample size for two proportions "
+                    f"(Fleiss, without continuity correction) to detect the observed difference between the two best "
+                    f"tones at {POWER:.0%} power, two-sided, at the Bonferroni level 0.05 / pairs (Holm's first step).")
+WEEKLY_TEXT = "Week by week: members by the UTC week (Monday) of their reference time, closed windows only."
+
+
+def trait(f: Followed, name: str) -> str:
+    return dict(f.observation.traits).get(name, "unknown")
+
+
+def event_categories(events: Iterable[Mapping[str, Any]], wanted: set[str]) -> dict[str, tuple[str, str]]:
+    """(category, name) of the suggested events: the first category as the host wrote it, cleaned."""
+    found = {}
+    for event in events:
+        event_id = id_of(event.get("_id"))
+        if event_id in wanted:
+            found[event_id] = (segment_text(next(iter(text_list(event, "categories")), None), "none"),
+                               clean_text(text_field(event, "name") or "", 80)[0])
+    return found
+
+
+def follow_campaigns(campaigns: Sequence[ArchivedCampaign], events: Sequence[Mapping[str, Any]], now: datetime,
+                     days: int, issues: DataIssues) -> list[tuple[ArchivedCampaign, list[Followed]]]:
+    """Every campaign's members followed through their windows, each with their event's category as a trait."""
+    attendance = Attendance(events, {o.user_id for c in campaigns for o in c.observations}, issues)
+    named = event_categories(events, {o.event_id for c in campaigns for o in c.observations if o.event_id})
+    return [(c, [follow(o._replace(traits=(*o.traits, ("event_category", named.get(o.event_id or "", ("unknown",))[0]))),
+                        attendance, now, days) for o in c.observations]) for c in campaigns]
+
+
+def segment_json(segment: str, treated: Tally, holdout: Tally | None) -> dict[str, Any]:
+    """One segment: n, returns, rate and interval (None when too few), and the lift over its holdout."""
+    too_few = treated.size < MIN_SEGMENT
+    compared = holdout is not None and holdout.size >= MIN_SEGMENT and not too_few
+    return {"segment": segment, "n": treated.size, "returns": treated.came_back,
+            "rate": None if too_few else rounded(treated.rate),
+            "interval_95": None if too_few else [rounded(v) for v in wilson_interval(treated.came_back, treated.size)],
+            "too_few": too_few, "open": treated.open,
+            "holdout": None if holdout is None else {"n": holdout.size, "returns": holdout.came_back,
+                                                     "rate": rounded(holdout.rate) if holdout.size >= MIN_SEGMENT
+                                                     else None},
+            "lift": lift_json(lift(treated, holdout)) if compared and holdout is not None else None}
+
+
+def breakdown(followed: Sequence[Followed], dimension: str) -> dict[str, Any]:
+    """One dimension's segments, largest first, each against its holdout (``BREAKDOWNS``)."""
+    title, basis = BREAKDOWNS[dimension]
+    treated = [f for f in followed if f.observation.arm == "treated"]
+    held = [f for f in followed if f.observation.arm == "holdout"]
+    whole = tally(held) if held else None
+    segments = Counter(trait(f, dimension) for f in treated)
+    rows = []
+    for segment in sorted(segments, key=lambda s: (-segments[s], s)):
+        mine = tally(f for f in treated if trait(f, dimension) == segment)
+        theirs = whole if basis == "whole" else tally(f for f in held if trait(f, dimension) == segment) if held else None
+        rows.append(segment_json(segment, mine, theirs))
+    return {"dimension": dimension, "title": title, "compared_with": HOLDOUT_BASIS[basis], "segments": rows}
+
+
+def top_events(followed: Sequence[Followed], names: Mapping[str, tuple[str, str]]) -> dict[str, Any]:
+    """The suggested events that brought most members back to them: returns / invited (closed windows)."""
+    invited: dict[str, list[Followed]] = {}
+    for f in followed:
+        if f.observation.arm == "treated" and not f.open and f.observation.event_id:
+            invited.setdefault(f.observation.event_id, []).append(f)
+    ranked = sorted(invited.items(), key=lambda kv: (-sum(f.came_to_suggested for f in kv[1]), -len(kv[1]), kv[0]))
+    rows = []
+    for event_id, people in ranked[:TOP_EVENTS]:
+        returns = sum(f.came_to_suggested for f in people)
+        too_few = len(people) < MIN_SEGMENT
+        rows.append({"segment": names.get(event_id, ("", ""))[1] or event_id, "event_id": event_id,
+                     "n": len(people), "returns": returns, "came_back_anywhere": sum(f.came_back for f in people),
+                     "rate": None if too_few else round(returns / len(people), 4),
+                     "interval_95": None if too_few else [rounded(v) for v in wilson_interval(returns, len(people))],
+                     "too_few": too_few})
+    return {"dimension": "event", "title": "Events that brought most members back (returns to the event / invited)",
+            "compared_with": None, "segments": rows}
+
+
+def holm_adjust(p_values: Sequence[float]) -> list[float]:
+    """Holm's step-down adjustment (Holm 1979): the k-th smallest of m p-values times (m - k + 1), kept
+    non-decreasing and at most 1; returned in the input's order. It controls the family-wise error rate."""
+    m = len(p_values)
+    adjusted, running = [0.0] * m, 0.0
+    for rank, i in enumerate(sorted(range(m), key=lambda j: p_values[j])):
+        running = max(running, min(1.0, (m - rank) * p_values[i]))
+        adjusted[i] = running
+    return adjusted
+
+
+def members_per_arm(p1: float, p2: float, alpha: float, power: float = POWER) -> int | None:
+    """Members per arm for a two-sided two-proportion test to detect ``p1`` against ``p2`` (Fleiss' normal
+    approximation, no continuity correction); None when the rates are equal (no difference to detect)."""
+    if p1 == p2:
+        return None
+    z_a, z_b = NormalDist().inv_cdf(1 - alpha / 2), NormalDist().inv_cdf(power)
+    mean = (p1 + p2) / 2
+    root = z_a * math.sqrt(2 * mean * (1 - mean)) + z_b * math.sqrt(p1 * (1 - p1) + p2 * (1 - p2))
+    return math.ceil((root / (p1 - p2)) ** 2)
+
+
+def tone_pairs(arms: Mapping[str, Tally]) -> list[dict[str, Any]]:
+    """Each pair of tones with closed windows: the difference, its interval, z, p and Holm's adjusted p."""
+    pairs = [(a, b) for a, b in itertools.combinations(sorted(arms), 2) if arms[a].size and arms[b].size]
+    rows = []
+    for a, b in pairs:
+        x = (arms[a].came_back, arms[a].size, arms[b].came_back, arms[b].size)
+        low, high = newcombe_interval(*x)
+        z, p_value = two_proportion_z_test(*x)
+        rows.append({"a": a, "b": b, "difference_pp": round(100 * (x[0] / x[1] - x[2] / x[3]), 2),
+                     "interval_pp": [round(100 * low, 2), round(100 * high, 2)], "z": round(z, 4), "p_value": p_value})
+    for row, adjusted in zip(rows, holm_adjust([r["p_value"] for r in rows]), strict=True):
+        row["p_value"], row["p_holm"] = float(f"{row['p_value']:.4g}"), float(f"{adjusted:.4g}")
+    return rows
+
+
+def tone_winner(arms: Mapping[str, Tally], pairs: Sequence[Mapping[str, Any]]) -> str | None:
+    """The tone that beats every other with a Holm-adjusted p below 0.05, or None."""
+    for tone in arms:
+        mine = [p for p in pairs if tone in (p["a"], p["b"])]
+        if mine and len(mine) == len(arms) - 1 and all(
+                p["p_holm"] < 1 - CONFIDENCE and (p["difference_pp"] > 0) == (p["a"] == tone) for p in mine):
+            return tone
+    return None
+
+
+def variant_comparison(followed: Sequence[Followed]) -> dict[str, Any]:
+    """The tone A/B: each tone's rate and lift over the whole holdout, each pair with Holm-adjusted p-values,
+    and a winner only when one is significant after adjustment; otherwise how many more members each arm needs."""
+    treated = [f for f in followed if f.observation.arm == "treated"]
+    holdout = tally(f for f in followed if f.observation.arm == "holdout")
+    arms = {tone: tally(f for f in treated if trait(f, "variant") == tone)
+            for tone in sorted({trait(f, "variant") for f in treated})}
+    pairs = tone_pairs(arms)
+    winner = tone_winner(arms, pairs)
+    verdict, needed = variant_verdict(arms, pairs, winner)
+    return {"arms": [{**segment_json(tone, t, holdout if holdout.size else None), "variant": tone}
+                     for tone, t in arms.items()],
+            "compared_with": "the whole holdout (tones are assigned independently of it)",
+            "pairs": pairs, "winner": winner, "verdict": verdict, "more_members_needed": needed,
+            "method": HOLM_TEXT + " " + SAMPLE_SIZE_TEXT}
+
+
+def variant_verdict(arms: Mapping[str, Tally], pairs: Sequence[Mapping[str, Any]],
+                    winner: str | None) -> tuple[str, dict[str, int] | None]:
+    """The sentence a growth lead reads, and (no winner yet) the members each arm still needs."""
+    if len(arms) < 2:
+        return "One tone only: nothing to compare (run the campaign with --variants).", None
+    if winner is not None:
+        return f"{winner} wins: it beats every other tone after Holm's adjustment.", None
+    closed = {t: a for t, a in arms.items() if a.size}
+    if len(closed) < 2:
+        return "No winner yet: fewer than two tones have closed windows.", None
+    best, runner = sorted(closed, key=lambda t: -(closed[t].rate or 0.0))[:2]
+    n = members_per_arm(closed[best].rate or 0.0, closed[runner].rate or 0.0, (1 - CONFIDENCE) / max(1, len(pairs)))
+    if n is None:
+        return "No winner yet: the tones' rates are equal so far; no sample size can tell them apart.", None
+    more = {t: max(0, n - a.size) for t, a in arms.items()}
+    return (f"No winner yet (no pair significant after Holm's adjustment). To detect {best} against {runner} "
+            f"({percent(closed[best].rate)} against {percent(closed[runner].rate)}) each arm needs about {n} members: "
+            + ", ".join(f"{t} {m} more" for t, m in more.items()) + "."), more
+
+
+def week_of(moment: datetime) -> str:
+    day = moment.astimezone(UTC).date()
+    return (day - timedelta(days=day.weekday())).isoformat()
+
+
+def weekly_rates(followed: Sequence[Followed]) -> list[dict[str, Any]]:
+    """Treated and holdout return rates per week of reference time, with Wilson intervals and the lift."""
+    weeks: dict[str, dict[str, list[Followed]]] = {}
+    for f in followed:
+        if not f.open:
+            arm = "treated" if f.observation.arm == "treated" else "holdout"
+            weeks.setdefault(week_of(f.observation.reference), {"treated": [], "holdout": []})[arm].append(f)
+    rows = []
+    for week in sorted(weeks):
+        t, h = tally(weeks[week]["treated"]), tally(weeks[week]["holdout"])
+        rows.append({"week": week, "treated": tally_json(t), "holdout": tally_json(h), "lift": lift_json(lift(t, h))})
+    return rows
+
+
+def learned_json(followed: Sequence[Followed], events: Sequence[Mapping[str, Any]]) -> dict[str, Any]:
+    """What the report gains from issue 22: ``breakdowns`` (one entry per dimension, then the top events),
+    ``variants`` (the tone A/B) and ``weekly``."""
+    names = event_categories(events, {f.observation.event_id for f in followed if f.observation.event_id})
+    return {"breakdowns": [*(breakdown(followed, d) for d in BREAKDOWNS), top_events(followed, names)],
+            "variants": variant_comparison(followed), "weekly": weekly_rates(followed),
+            "breakdown_method": BREAKDOWN_TEXT, "weekly_method": WEEKLY_TEXT}
 
 
 # --- the report: JSON, Markdown and the console table --------------------------------------------
@@ -8130,6 +8443,8 @@ def measure_console(report: Mapping[str, Any], report_path: Path) -> str:
     lines += [f"  {line}" for line in lift_lines(pooled)]
     if any(name in pooled["groups"] for name in REVIEWED_GROUPS):
         lines.append(f"  {REVIEWED_TEXT}")
+    if "variants" in report:
+        lines += ["", f"Tones: {report['variants']['verdict']}"]
     lines += ["", INTERVAL_METHOD + "; " + TEST_METHOD + ".", f"Report: {report_path}"]
     return "\n".join(lines) + "\n"
 
@@ -8148,6 +8463,54 @@ def range_text(report: Mapping[str, Any]) -> str:
     return dates + (f"; only campaign {cell(campaign)}" if campaign else "")
 
 
+def segment_cells(row: Mapping[str, Any]) -> list[str]:
+    """One segment as table cells: n, returns, the rate and interval (or "too few"), the lift over its holdout."""
+    if row["too_few"]:
+        return [cell(row["segment"]), str(row["n"]), str(row["returns"]), "too few", "", ""]
+    low, high = row["interval_95"]
+    found = row.get("lift")
+    lift_cells = ["-", ""] if found is None else [difference_text(found), p_value_text(found["p_value"])]
+    return [cell(row["segment"]), str(row["n"]), str(row["returns"]),
+            f"{percent(row['rate'])} ({percent(low)}-{percent(high)})", *lift_cells]
+
+
+def difference_text(found: Mapping[str, Any]) -> str:
+    """``+4.0 (+1.2 to +6.8)``: a difference in points with its interval."""
+    return f"{found['difference_pp']:+.1f} ({found['interval_pp'][0]:+.1f} to {found['interval_pp'][1]:+.1f})"
+
+
+SEGMENT_COLUMNS = ["segment", "n", "returns", "rate (95% CI)", "lift vs holdout, pp (95% CI)", "p"]
+
+
+def learned_markdown(report: Mapping[str, Any]) -> list[str]:
+    """The tone A/B, the breakdowns and the weeks as Markdown (issue 22)."""
+    if "breakdowns" not in report:
+        return []
+    variants = report["variants"]
+    lines = ["", "## Message tones (A/B)", "", variants["verdict"], "",
+             *markdown_table([SEGMENT_COLUMNS, *(segment_cells(a) for a in variants["arms"])])]
+    if variants["pairs"]:
+        lines += ["", *markdown_table([["pair", "difference, pp (95% CI)", "p", "p (Holm)"],
+                                       *([f"{p['a']} - {p['b']}", difference_text(p), p_value_text(p["p_value"]),
+                                          p_value_text(p["p_holm"])] for p in variants["pairs"])])]
+    lines += ["", f"- {variants['method']}", "", "## Who comes back: breakdowns", "", report["breakdown_method"]]
+    for entry in report["breakdowns"]:
+        lines += ["", f"### {entry['title']}", ""]
+        if entry["compared_with"]:
+            lines.append(f"Compared with {entry['compared_with']}.")
+            lines += ["", *markdown_table([SEGMENT_COLUMNS, *(segment_cells(r) for r in entry["segments"])])]
+        else:
+            lines += markdown_table([["event", "invited", "returns", "rate (95% CI)"],
+                                     *(segment_cells(r)[:4] for r in entry["segments"])])
+        if not entry["segments"]:
+            lines.append("No member in any segment.")
+    lines += ["", "## Week by week", "", report["weekly_method"], "",
+              *markdown_table([["week", "treated", "holdout", "lift, pp (95% CI)"],
+                               *([w["week"], share(w["treated"]), share(w["holdout"]),
+                                  "-" if w["lift"] is None else difference_text(w["lift"])] for w in report["weekly"])])]
+    return lines
+
+
 def measure_markdown(report: Mapping[str, Any]) -> str:
     """The human report: the proxy in two sentences, the method, the pooled and per-campaign tables."""
     method = report["method"]
@@ -8164,6 +8527,7 @@ def measure_markdown(report: Mapping[str, Any]) -> str:
     if report["campaigns"]:
         lines += ["", "## Campaigns at a glance", "",
                   *markdown_table([CAMPAIGN_COLUMNS, *(campaign_row(c) for c in report["campaigns"])])]
+    lines += learned_markdown(report)
     lines += ["", "## Per campaign"]
     for entry in report["campaigns"]:
         lines += ["", f"### {cell(campaign_title(entry))}", "", *markdown_table([MEASURE_COLUMNS, *block_rows(entry)]),
@@ -8208,12 +8572,13 @@ def read_campaigns(transport: FirebaseTransport, options: MeasureOptions, issues
                 continue
             messages, _ = transport.get(f"campaigns/{campaign_id}/messages")
             holdout, _ = transport.get(f"campaigns/{campaign_id}/holdout")
+            matches, _ = transport.get(f"campaigns/{campaign_id}/matches")
         except FirebaseError as exc:
             errors.append(f"campaign {campaign_id}: not read ({exc})")
             continue
         if options.campaign and metadata is None and messages is None and holdout is None:
             raise UsageError(f"--campaign {campaign_id}: no such campaign in {transport.description}")
-        campaign = archived_campaign(campaign_id, metadata, messages, holdout, issues)
+        campaign = archived_campaign(campaign_id, metadata, messages, holdout, issues, matches)
         if campaign.created_at is None:
             issues.add("archived_campaigns_without_valid_date")
         elif options.dates.holds(campaign.created_at):
@@ -8234,12 +8599,11 @@ def read_events(source: DataSource, issues: DataIssues) -> tuple[list[dict[str, 
     return events, [name for name in empty_collections(data) if name == "events"]
 
 
-def measure_campaigns(campaigns: Sequence[ArchivedCampaign], events: Iterable[Mapping[str, Any]], now: datetime,
+def measure_campaigns(campaigns: Sequence[ArchivedCampaign], events: Sequence[Mapping[str, Any]], now: datetime,
                       days: int, issues: DataIssues) -> list[tuple[ArchivedCampaign, Measurement]]:
     """Every campaign's members followed through their windows and grouped."""
-    attendance = Attendance(events, {o.user_id for c in campaigns for o in c.observations}, issues)
-    return [(c, measurement(group_tallies([follow(o, attendance, now, days) for o in c.observations])))
-            for c in campaigns]
+    return [(c, measurement(group_tallies(followed)))
+            for c, followed in follow_campaigns(campaigns, events, now, days, issues)]
 
 
 def measure_report_paths(out_dir: Path, started: datetime) -> tuple[Path, Path]:
@@ -8336,12 +8700,14 @@ def run_measure(args: argparse.Namespace, env: Mapping[str, str] | None, mongo_c
     if isinstance(source, MongoSource) and mongo_client is None:
         closing.callback(source.client.close)
     events, empty = read_events(source, issues)
-    measured = measure_campaigns(campaigns, events, options.run.now, options.window_days, issues)
+    followed = follow_campaigns(campaigns, events, options.run.now, options.window_days, issues)
+    measured = [(c, measurement(group_tallies(f))) for c, f in followed]
     report = measure_report(run_date=started, now=options.run.now, window_days=options.window_days,
                             dates=options.dates, campaign=options.campaign, source_label=source.label,
                             archive=transport.description, measured=measured,
                             pooled=pooled_measurement([m for _, m in measured]), issues=issues, errors=errors,
                             empty_input=empty)
+    report.update(learned_json([f for _, fs in followed for f in fs], events))
     json_path, md_path = measure_report_paths(options.run.out_dir, started)
     write_json(json_path, report, private=True)
     write_text_private(md_path, measure_markdown(report))

@@ -108,3 +108,127 @@ def test_default_is_one_variant_todays_wording(run_cli) -> None:
     run = run_cli("--demo", "--limit", "5", "--dry-run")
     assert run.messages and {m["variant"] for m in run.messages} == {"standard"}
     assert all(m["deciding_signal"] in rtt.DECIDING_SIGNALS for m in run.matches)
+
+
+# =============================================================================================
+# measure: breakdowns, the tone A/B, week by week
+# =============================================================================================
+
+CAMPAIGN = "return-to-table-20260110-110000"
+
+
+def test_holm_matches_the_worked_example() -> None:
+    # Holm (1979)'s procedure on the four p-values of the Holm-Bonferroni worked example (0.01, 0.04, 0.03,
+    # 0.005 at alpha 0.05: H1 and H4 rejected, H2 and H3 not): adjusted 0.03, 0.06, 0.06, 0.02.
+    adjusted = rtt.holm_adjust([0.01, 0.04, 0.03, 0.005])
+    assert adjusted == pytest.approx([0.03, 0.06, 0.06, 0.02])
+    assert [p < 0.05 for p in adjusted] == [True, False, False, True]
+    assert rtt.holm_adjust([0.2, 0.9]) == pytest.approx([0.4, 0.9])
+    assert rtt.holm_adjust([0.6, 0.7]) == pytest.approx([1.0, 1.0])  # at most 1, kept non-decreasing
+    assert rtt.holm_adjust([]) == []
+
+
+def test_members_per_arm_is_fleiss_normal_approximation() -> None:
+    # 50% against 20%, two-sided 5%, 80% power: ((1.96 sqrt(2 .35 .65) + 0.8416 sqrt(.25 + .16)) / .3)^2 = 38.5
+    assert rtt.members_per_arm(0.5, 0.2, 0.05) == 39
+    assert rtt.members_per_arm(0.3, 0.3, 0.05) is None
+    assert rtt.members_per_arm(0.22, 0.20, 0.05) > 5000  # a small difference needs many members
+
+
+def planted_world():
+    """One campaign: 50 members messaged in the warm tone come back at 50%, 50 in the brief tone at 20%; the
+    100 held out at 20% (10 of each tone's 50). Ten of the brief ones were decided by company: too few."""
+    from test_measure import FIRST_RUN, World, held, member, message
+
+    world = World()
+    treated = [member(1, i) for i in range(100)]
+    holdout = [member(1, 100 + i) for i in range(100)]
+    warm, brief = treated[:50], treated[50:]
+    suggested = world.event(FIRST_RUN + rtt.timedelta(days=3), [*warm[:25], *brief[:10]])
+    world.event(FIRST_RUN + rtt.timedelta(days=5), holdout[:20])
+    world.event(FIRST_RUN - rtt.timedelta(days=2), [*treated, *holdout])
+    tone = {p: "warm" if p in warm else "brief" for p in treated} | {p: ("warm", "brief")[i % 2]
+                                                                     for i, p in enumerate(holdout)}
+    world.campaign(CAMPAIGN, FIRST_RUN, messages=[
+        message(p, suggested, FIRST_RUN, variant=tone[p], generator="template",
+                confidence_percentage=95 if p in warm else 75) for p in treated],
+        holdout=[{**held(p, suggested, FIRST_RUN, CAMPAIGN, i + 1), "variant": tone[p], "days_inactive": 40,
+                  "deciding_signal": "host", "same_neighbourhood": True, "confidence_percentage": 95}
+                 for i, p in enumerate(holdout)])
+    matches = [{"user_id": str(p), "matcher": "rules", "reasoning": "",
+                "user": {"days_inactive": 40 if p in warm else 70},
+                "deciding_signal": "host" if p in warm else "company" if p in brief[:10] else "place",
+                "same_neighbourhood": p in warm} for p in treated]
+    world.archives[CAMPAIGN]["matches"] = {"matches": matches, "count": len(matches), "updatedAt": "x"}
+    return world
+
+
+@pytest.fixture
+def planted(run_cli, tmp_path):
+    from test_measure import AS_OF_ISO
+
+    planted_world().write(tmp_path / "out", tmp_path / "events")
+    run = run_cli("measure", "--source", str(tmp_path / "events"), "--now", AS_OF_ISO)
+    assert run.code == 0, run.err
+    (report,) = [rtt.json.loads(p.read_text()) for p in (tmp_path / "out" / "reports").glob("*measure*.json")]
+    return run, report
+
+
+def dimension(report, name):
+    (entry,) = [b for b in report["breakdowns"] if b["dimension"] == name]
+    return {row["segment"]: row for row in entry["segments"]}
+
+
+def test_a_segment_planted_to_return_at_50_percent_shows_50_percent(planted) -> None:
+    _, report = planted
+    variant = dimension(report, "variant")
+    assert (variant["warm"]["n"], variant["warm"]["returns"], variant["warm"]["rate"]) == (50, 25, 0.5)
+    assert (variant["brief"]["n"], variant["brief"]["returns"], variant["brief"]["rate"]) == (50, 10, 0.2)
+    assert variant["warm"]["holdout"] == {"n": 50, "returns": 10, "rate": 0.2}  # the same segment's holdout
+    assert variant["warm"]["lift"]["difference_pp"] == 30.0
+    assert variant["warm"]["interval_95"][0] < 0.5 < variant["warm"]["interval_95"][1]
+    days = dimension(report, "days_inactive")
+    assert days["31-45"]["rate"] == 0.5 and days["61-90"]["rate"] == 0.2
+    assert days["61-90"]["lift"] is None  # no holdout member in that band
+    assert dimension(report, "confidence")["90-100"]["rate"] == 0.5
+    writer = dimension(report, "writer")["template"]
+    assert writer["rate"] == 0.35 and writer["holdout"]["rate"] == 0.2  # the whole holdout
+    signal = dimension(report, "deciding_signal")
+    assert signal["host"]["rate"] == 0.5 and signal["place"]["rate"] == 0.0
+    assert signal["company"]["too_few"] and signal["company"]["rate"] is None and signal["company"]["n"] == 10
+    assert dimension(report, "same_neighbourhood")["yes"]["rate"] == 0.5
+    (event,) = dimension(report, "event").values()
+    assert (event["n"], event["returns"], event["rate"]) == (100, 35, 0.35)
+    assert {b["dimension"] for b in report["breakdowns"]} == {*rtt.BREAKDOWNS, "event"}
+
+
+def test_the_tone_ab_names_a_winner_only_when_significant_after_holm(planted) -> None:
+    run, report = planted
+    variants = report["variants"]
+    (pair,) = variants["pairs"]
+    assert {pair["a"], pair["b"]} == {"brief", "warm"} and pair["p_holm"] < 0.05
+    assert variants["winner"] == "warm" and "warm wins" in run.out
+    assert {a["variant"]: a["lift"]["difference_pp"] for a in variants["arms"]} == {"warm": 30.0, "brief": 0.0}
+
+
+def test_no_winner_says_how_many_more_members_each_arm_needs() -> None:
+    from test_measure import FIRST_RUN
+
+    def followed(tone: str, back: bool) -> rtt.Followed:
+        o = rtt.Observation("m", "treated", "pending", FIRST_RUN, None, (("variant", tone),))
+        return rtt.Followed(o, False, back, back)
+
+    people = [followed("warm", i < 12) for i in range(40)] + [followed("brief", i < 10) for i in range(40)]
+    found = rtt.variant_comparison(people)
+    assert found["winner"] is None
+    need = rtt.members_per_arm(0.3, 0.25, 0.05)
+    assert found["more_members_needed"] == {"brief": need - 40, "warm": need - 40}
+    assert f"about {need} members" in found["verdict"]
+
+
+def test_weekly_rates_and_the_markdown_show_too_few(planted) -> None:
+    run, report = planted
+    (week,) = report["weekly"]
+    assert week["week"] == "2026-01-05" and week["treated"]["rate"] == 0.35 and week["holdout"]["rate"] == 0.2
+    markdown = next((run.root / "reports").glob("*measure*.md")).read_text()
+    assert "too few" in markdown and "## Message tones (A/B)" in markdown and "Holm" in markdown
