@@ -8528,6 +8528,9 @@ def measure_markdown(report: Mapping[str, Any]) -> str:
         lines += ["", "## Campaigns at a glance", "",
                   *markdown_table([CAMPAIGN_COLUMNS, *(campaign_row(c) for c in report["campaigns"])])]
     lines += learned_markdown(report)
+    if report.get("charts"):
+        lines += ["", "## Charts", "", f"Self-contained HTML report: {report['charts']['html']}", "",
+                  *(f"![{name}]({report['charts'][name]})" for name in CHARTS if name in report["charts"])]
     lines += ["", "## Per campaign"]
     for entry in report["campaigns"]:
         lines += ["", f"### {cell(campaign_title(entry))}", "", *markdown_table([MEASURE_COLUMNS, *block_rows(entry)]),
@@ -8539,6 +8542,209 @@ def measure_markdown(report: Mapping[str, Any]) -> str:
     lines += [f"- {k.replace('_', ' ')}: {v}" for k, v in report["data_issues"].items()] or ["None."]
     lines += ["", "## Errors", ""] + ([f"- {cell(e)}" for e in report["errors"]] or ["None."])
     return "\n".join(lines) + "\n"
+
+
+# --- charts and the self-contained HTML report (issue 22) --------------------------------------------
+# matplotlib (Agg, no display) is imported only when ``measure`` draws, so the campaign's start-up never pays
+# for it. Each chart is a PNG beside the Markdown report and is embedded (base64) in the HTML report, which
+# therefore opens in a browser with no network.
+
+CHARTS = ("weekly", "lift", "funnel")
+MAX_FUNNEL_REPORT_BYTES = 5_000_000  # a campaign report larger than this is not read for its funnel
+
+
+def report_funnel(reports: Path, campaign_ids: Collection[str]) -> list[tuple[str, int]]:
+    """The step-8 funnels (``funnel``: [{stage, count}]) of the measured campaigns' reports under ``reports``,
+    added up by stage in the first report's order; [] when none has one. Odd files and values are passed over."""
+    totals: dict[str, int] = {}
+    for path in sorted(reports.glob("return_to_table_report_*.json")) if reports.is_dir() else []:
+        try:
+            if path.stat().st_size > MAX_FUNNEL_REPORT_BYTES:
+                continue
+            found = json.loads(path.read_text(encoding="utf-8"))
+        except (OSError, ValueError):
+            continue
+        if not isinstance(found, dict) or found.get("campaign_id") not in campaign_ids:
+            continue
+        for stage in found.get("funnel") if isinstance(found.get("funnel"), list) else []:
+            name, count = (stage.get("stage"), stage.get("count")) if isinstance(stage, dict) else (None, None)
+            if isinstance(name, str) and isinstance(count, int) and not isinstance(count, bool) and count >= 0:
+                key = clean_text(name, 40)[0]
+                totals[key] = totals.get(key, 0) + count
+    return list(totals.items())
+
+
+def measure_funnel(report: Mapping[str, Any], campaign_stages: Sequence[tuple[str, int]]) -> list[dict[str, Any]]:
+    """The campaign funnel: the campaigns' own stages when their reports have them (else what the archive
+    holds: drafted, held out), then what followed: approved or sent, sent, came back (closed windows)."""
+    groups = report["pooled"]["groups"]
+    treated = groups["treated"]
+    stages = list(campaign_stages) or [("drafted", treated["size"] + treated["open"]),
+                                        ("held out", groups["holdout"]["size"] + groups["holdout"]["open"])]
+    for name, label in (("approved_or_sent", "approved or sent"), ("sent", "sent")):
+        if name in groups:
+            stages.append((label, groups[name]["size"] + groups[name]["open"]))
+    stages.append(("came back (closed windows)", treated["came_back"]))
+    return [{"stage": name, "count": count} for name, count in stages]
+
+
+def week_dates(weekly: Sequence[Mapping[str, Any]]) -> list[datetime]:
+    return [datetime.fromisoformat(w["week"]) for w in weekly]
+
+
+def weekly_chart(figure: Any, weekly: Sequence[Mapping[str, Any]]) -> None:
+    """Treated and holdout return rates per week, each with its Wilson 95% band."""
+    axes = figure.subplots()
+    for arm, colour in (("treated", "tab:blue"), ("holdout", "tab:grey")):
+        rows = [(d, w[arm]) for d, w in zip(week_dates(weekly), weekly, strict=True) if w[arm]["size"]]
+        if rows:
+            days = [d for d, _ in rows]
+            rates = [100 * g["rate"] for _, g in rows]
+            low, high = [100 * g["rate_interval"][0] for _, g in rows], [100 * g["rate_interval"][1] for _, g in rows]
+            axes.errorbar(days, rates, yerr=[[r - lo for r, lo in zip(rates, low, strict=True)],
+                                             [hi - r for r, hi in zip(rates, high, strict=True)]],
+                          marker="o", capsize=4, color=colour, label=arm)
+            axes.fill_between(days, low, high, color=colour, alpha=0.2)
+    axes.set(title="Came back within the window, per week (95% Wilson bands)", ylabel="% came back",
+             xlabel="week of the message (or hold-out)")
+    if weekly:
+        axes.legend()
+    pad_dates(axes, week_dates(weekly))
+
+
+def pad_dates(axes: Any, days: Sequence[datetime]) -> None:
+    """A week either side of the weeks shown (one week alone would otherwise span years), dates slanted."""
+    if days:
+        axes.set_xlim(min(days) - timedelta(days=7), max(days) + timedelta(days=7))
+    axes.figure.autofmt_xdate()
+
+
+def lift_chart(figure: Any, weekly: Sequence[Mapping[str, Any]], pooled: Mapping[str, Any] | None) -> None:
+    """The lift (treated minus holdout, points) per week with its Newcombe 95% interval, and the pooled lift."""
+    axes = figure.subplots()
+    rows = [(d, w["lift"]) for d, w in zip(week_dates(weekly), weekly, strict=True) if w["lift"]]
+    if rows:
+        axes.errorbar([d for d, _ in rows], [f["difference_pp"] for _, f in rows], fmt="o", color="tab:blue",
+                      yerr=[[f["difference_pp"] - f["interval_pp"][0] for _, f in rows],
+                            [f["interval_pp"][1] - f["difference_pp"] for _, f in rows]], capsize=4, label="week")
+    if pooled:
+        axes.axhline(pooled["difference_pp"], color="tab:green", label=f"pooled {pooled['difference_pp']:+.1f} pp")
+        axes.axhspan(*pooled["interval_pp"], color="tab:green", alpha=0.15)
+    axes.axhline(0, color="black", linewidth=0.8)
+    axes.set(title="Lift over the holdout, percentage points (95% Newcombe intervals)", ylabel="pp")
+    if rows or pooled:
+        axes.legend()
+    else:
+        axes.text(0.5, 0.5, "no lift computable yet (no holdout, or no closed window)", ha="center",
+                  transform=axes.transAxes)
+    pad_dates(axes, week_dates(weekly))
+
+
+def funnel_chart(figure: Any, funnel: Sequence[Mapping[str, Any]]) -> None:
+    """The campaign funnel as horizontal bars, first stage on top."""
+    axes = figure.subplots()
+    names = [f["stage"] for f in funnel][::-1]
+    counts = [f["count"] for f in funnel][::-1]
+    bars = axes.barh(names, counts, color="tab:blue")
+    axes.bar_label(bars, padding=3)
+    axes.set(title="Campaign funnel (the campaigns measured, added up)", xlabel="members")
+
+
+def chart_images(report: Mapping[str, Any]) -> dict[str, bytes]:
+    """The three charts as PNG bytes (matplotlib's Agg renderer, imported here only)."""
+    import io
+
+    from matplotlib.figure import Figure
+
+    pooled = report["pooled"]["lift"].get("treated")
+    draw = {"weekly": lambda f: weekly_chart(f, report["weekly"]),
+            "lift": lambda f: lift_chart(f, report["weekly"], pooled),
+            "funnel": lambda f: funnel_chart(f, report["funnel"])}
+    images = {}
+    for name in CHARTS:
+        figure = Figure(figsize=(8, 4.5), dpi=100, layout="constrained")
+        draw[name](figure)
+        buffer = io.BytesIO()
+        figure.savefig(buffer, format="png", metadata={"Software": None})
+        images[name] = buffer.getvalue()
+    return images
+
+
+def write_bytes_private(path: Path, data: bytes) -> None:
+    def write(handle: Any) -> None:
+        handle.flush()
+        handle.buffer.write(data)
+
+    atomic_write(path, write, private=True)
+
+
+HTML_STYLE = ("body{font-family:system-ui,sans-serif;max-width:60rem;margin:2rem auto;padding:0 1rem;color:#222}"
+              "table{border-collapse:collapse;margin:.5rem 0 1rem}td,th{border:1px solid #ccc;padding:.25rem .5rem;"
+              "text-align:right}td:first-child,th:first-child{text-align:left}img{max-width:100%}"
+              "p.note{color:#555;font-size:.9rem}")
+
+
+def html_table(rows: Sequence[Sequence[str]]) -> str:
+    import html
+
+    header, *body = rows
+    head = "".join(f"<th>{html.escape(str(c))}</th>" for c in header)
+    cells = "".join("<tr>" + "".join(f"<td>{html.escape(str(c))}</td>" for c in row) + "</tr>" for row in body)
+    return f"<table><thead><tr>{head}</tr></thead><tbody>{cells}</tbody></table>"
+
+
+def measure_html(report: Mapping[str, Any], images: Mapping[str, bytes]) -> str:
+    """The whole measure report as one HTML file: the charts inline (base64 PNG), the tables, the methods."""
+    import base64
+    import html
+
+    def text(value: Any) -> str:
+        return f"<p>{html.escape(str(value))}</p>"
+
+    def note(value: Any) -> str:
+        return f'<p class="note">{html.escape(str(value))}</p>'
+
+    titles = {"weekly": "Return rates per week", "lift": "Lift over the holdout", "funnel": "Campaign funnel"}
+    parts = ["<h1>Return To Table measure: did the campaigns bring anyone back?</h1>",
+             text(f"As of {report['as_of']}; window {report['window_days']} days; {range_text(report)}; "
+                  f"{report['campaigns_measured']} campaigns measured."),
+             "<h2>Pooled</h2>", html_table([MEASURE_COLUMNS, *block_rows(report["pooled"])]),
+             *(text(line) for line in lift_lines(report["pooled"]))]
+    for name in CHARTS:
+        parts.append(f"<h2>{titles[name]}</h2>")
+        if name in images:
+            encoded = base64.b64encode(images[name]).decode("ascii")
+            parts.append(f'<img alt="{titles[name]}" src="data:image/png;base64,{encoded}">')
+        else:
+            parts.append(note("chart not drawn (matplotlib is not installed)"))
+    variants = report["variants"]
+    parts += ["<h2>Message tones (A/B)</h2>", text(variants["verdict"]),
+              html_table([SEGMENT_COLUMNS, *(segment_cells(a) for a in variants["arms"])]), note(variants["method"]),
+              "<h2>Who comes back: breakdowns</h2>", note(report["breakdown_method"])]
+    for entry in report["breakdowns"]:
+        columns = SEGMENT_COLUMNS if entry["compared_with"] else ["event", "invited", "returns", "rate (95% CI)"]
+        rows = [segment_cells(r)[: len(columns)] for r in entry["segments"]]
+        parts += [f"<h3>{html.escape(entry['title'])}</h3>",
+                  note(f"Compared with {entry['compared_with']}.") if entry["compared_with"] else "",
+                  html_table([columns, *rows]) if rows else note("No member in any segment.")]
+    parts += ["<h2>Method</h2>", note(INTERVAL_METHOD + "."), note(TEST_METHOD + "."),
+              note(report["method"]["came_back"]), note(report["method"]["pooling"])]
+    return ("<!DOCTYPE html>\n<html lang=\"en\"><head><meta charset=\"utf-8\"><title>Return To Table measure</title>"
+            f"<style>{HTML_STYLE}</style></head><body>\n" + "\n".join(p for p in parts if p) + "\n</body></html>\n")
+
+
+def write_measure_charts(report: Mapping[str, Any], md_path: Path) -> tuple[dict[str, Path], Path]:
+    """The charts as PNGs beside the Markdown report, and the self-contained HTML report; their paths."""
+    try:
+        images = chart_images(report)
+    except ImportError:  # pragma: no cover - matplotlib is a declared dependency
+        images = {}
+    paths = {name: md_path.with_name(f"{md_path.stem}_{name}.png") for name in images}
+    for name, path in paths.items():
+        write_bytes_private(path, images[name])
+    html_path = md_path.with_suffix(".html")
+    write_text_private(html_path, measure_html(report, images))
+    return paths, html_path
 
 
 # --- the edges: the archive, the events, the run ------------------------------------------------
@@ -8708,7 +8914,11 @@ def run_measure(args: argparse.Namespace, env: Mapping[str, str] | None, mongo_c
                             pooled=pooled_measurement([m for _, m in measured]), issues=issues, errors=errors,
                             empty_input=empty)
     report.update(learned_json([f for _, fs in followed for f in fs], events))
+    report["funnel"] = measure_funnel(report, report_funnel(options.run.out_dir / "reports",
+                                                            {c.campaign_id for c in campaigns}))
     json_path, md_path = measure_report_paths(options.run.out_dir, started)
+    charts, html_path = write_measure_charts(report, md_path)
+    report["charts"] = {name: path.name for name, path in charts.items()} | {"html": html_path.name}
     write_json(json_path, report, private=True)
     write_text_private(md_path, measure_markdown(report))
     print(measure_console(report, md_path), end="")

@@ -232,3 +232,74 @@ def test_weekly_rates_and_the_markdown_show_too_few(planted) -> None:
     assert week["week"] == "2026-01-05" and week["treated"]["rate"] == 0.35 and week["holdout"]["rate"] == 0.2
     markdown = next((run.root / "reports").glob("*measure*.md")).read_text()
     assert "too few" in markdown and "## Message tones (A/B)" in markdown and "Holm" in markdown
+
+
+# =============================================================================================
+# Charts and the self-contained HTML report
+# =============================================================================================
+
+
+class Page(__import__("html.parser").parser.HTMLParser):
+    """The tags an HTML report holds: images' sources, and anything that would reach the network."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.images: list[str] = []
+        self.remote: list[str] = []
+        self.tags: Counter[str] = Counter()
+
+    def handle_starttag(self, tag: str, attrs: list[tuple[str, str | None]]) -> None:
+        self.tags[tag] += 1
+        for name, value in attrs:
+            if name in ("src", "href") and value and not value.startswith("data:"):
+                self.remote.append(value)
+        if tag == "img":
+            self.images.append(dict(attrs)["src"] or "")
+
+
+def test_the_html_report_is_self_contained_with_its_three_charts(planted) -> None:
+    import base64
+
+    run, report = planted
+    reports = run.root / "reports"
+    (html_path,) = reports.glob("return_to_table_measure_*.html")
+    page = Page()
+    page.feed(html_path.read_text(encoding="utf-8"))
+    assert len(page.images) == 3 and page.remote == []  # opens with no network
+    assert page.tags["script"] == 0 and page.tags["link"] == 0
+    for src in page.images:
+        assert src.startswith("data:image/png;base64,")
+        assert base64.b64decode(src.split(",", 1)[1]).startswith(b"\x89PNG\r\n\x1a\n")
+    for name in rtt.CHARTS:  # and each beside the Markdown report, named in the JSON
+        png = reports / report["charts"][name]
+        assert png.read_bytes().startswith(b"\x89PNG") and png.name.endswith(f"_{name}.png")
+    assert "warm wins" in html_path.read_text(encoding="utf-8")
+
+
+def test_the_funnel_comes_from_the_campaigns_reports_when_they_have_one(run_cli, tmp_path) -> None:
+    from test_measure import AS_OF_ISO
+
+    planted_world().write(tmp_path / "out", tmp_path / "events")
+    reports = tmp_path / "out" / "reports"
+    reports.mkdir(parents=True)
+    stages = [{"stage": "eligible", "count": 400}, {"stage": "drafted", "count": 100}, {"stage": "x", "count": -1}]
+    (reports / f"return_to_table_report_{CAMPAIGN}.json").write_text(
+        rtt.json.dumps({"campaign_id": CAMPAIGN, "funnel": stages}))
+    (reports / "return_to_table_report_other.json").write_text(
+        rtt.json.dumps({"campaign_id": "another", "funnel": [{"stage": "eligible", "count": 9}]}))
+    run = run_cli("measure", "--source", str(tmp_path / "events"), "--now", AS_OF_ISO)
+    assert run.code == 0, run.err
+    (path,) = reports.glob("return_to_table_measure_*.json")
+    funnel = rtt.json.loads(path.read_text())["funnel"]
+    assert funnel == [{"stage": "eligible", "count": 400}, {"stage": "drafted", "count": 100},
+                      {"stage": "came back (closed windows)", "count": 35}]
+
+
+def test_the_campaign_does_not_import_matplotlib_at_start_up() -> None:
+    import subprocess
+    import sys
+
+    code = "import sys, return_to_table; print('matplotlib' in sys.modules)"
+    found = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True,
+                           cwd=rtt.SCRIPT_DIR)
+    assert found.stdout.strip() == "False"
