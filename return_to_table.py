@@ -411,6 +411,7 @@ class RunOptions:
     cooldown_days: int = 30
     holdout: float = 0.0  # share of members kept as the control group (stable hash of campaign, member)
     variants: tuple[str, ...] = ("standard",)  # --variants: the message tones under A/B test (``TONES``)
+    match_weights: str = "built-in"  # MATCH_WEIGHTS: the weights file the matcher reads, with its sha256
     min_lead_hours: float = 3.0  # the last send moment is at least this long before the event
     deadline_minutes: float = 30.0
     keep_logs_days: int = 30
@@ -4634,6 +4635,7 @@ def report_markdown(report: Mapping[str, Any]) -> str:
         "",
         f"- Run date: {report['run_date']} (as of {report['as_of']})",
         f"- Source: {report['source']}; matcher: {matcher}; dry run: {report['dry_run']}",
+        f"- Matcher weights: {report.get('match_weights', 'built-in')}; tones: {', '.join(report.get('variants', []))}",
         *empty_input_lines(report.get("empty_input") or []),
         "",
         "## Run summary",
@@ -4824,6 +4826,8 @@ def build_report(*, campaign_id: str, run_started: datetime, finished: datetime,
         "dry_run": options.dry_run,
         "limit": options.limit,
         "min_confidence": options.min_confidence,
+        "match_weights": options.match_weights,
+        "variants": list(options.variants),
         "statistics": statistics,
         "summary": summary,
         "engagement_counts": census.status_counts,
@@ -9329,9 +9333,299 @@ def backtest_markdown(report: Mapping[str, Any]) -> str:
         "",
         places_line(report["places_not_located"]),
         "",
+        *(f"{line}\n" for line in backtest_learned_lines(report)),
         f"Computed in {report['duration_seconds']} s.",
     ]
     return "\n".join(lines) + "\n"
+
+
+def backtest_learned_lines(report: Mapping[str, Any]) -> list[str]:
+    """The weights used (and their file's hash) and, with ``--fit``, what the fit found (issue 22)."""
+    used = report.get("match_weights")
+    lines = [] if used is None else [f"Weights: {MatchWeights(used['values'], used['source'], used['sha256']).label}."]
+    fit = report.get("fit")
+    if fit is not None:
+        lines += fit_lines(fit, Path(fit["written"]) if fit.get("written") else None)
+    return lines
+
+
+# --- the matcher's weights: MATCH_WEIGHTS, and fitting them on your own history (issue 22) -----------
+# The scorer reads its weights from the module's names (``W_HOST`` ... ``PLAN_WEIGHT``, ``FAR_HALVING_DAYS``);
+# a weights file replaces them for one run (``weights_applied``), and ``backtest --fit`` fits them.
+
+HISTORY_WEIGHTS = ("W_HOST", "W_SERIES", "W_COMPANY", "W_PLACE", "W_TAGS", "W_WEEKDAY", "W_DAY_PART")
+WEIGHT_NAMES = (*HISTORY_WEIGHTS, "PLAN_WEIGHT", "FAR_HALVING_DAYS")
+WEIGHT_RANGES = {**dict.fromkeys((*HISTORY_WEIGHTS, "PLAN_WEIGHT"), (0.0, 100.0)), "FAR_HALVING_DAYS": (1.0, 365.0)}
+MAX_WEIGHTS_FILE_BYTES = 100_000
+WEIGHTS_FILE = "weights.json"
+FIT_GRID = (0.0, 0.25, 0.5, 1.0, 1.5, 2.0, 3.0, 4.0, 6.0, 8.0)  # values tried for each weight, besides x0.5 and x2
+FIT_HALF_LIFE_GRID = (7.0, 10.5, 14.0, 21.0, 28.0, 42.0, 63.0, 90.0)  # days tried for FAR_HALVING_DAYS
+FIT_ROUNDS = 6  # coordinate-search passes at most (it stops at the first pass that improves nothing)
+FIT_METHOD = ("coordinate search: from the current weights, each weight in turn (in an order shuffled by --seed "
+              "each pass) is set to the value among a fixed grid (and half and double its value) that gives the "
+              "highest hit@1 of the rules matcher on the fitted dates, kept only when it strictly improves; passes "
+              "repeat until one improves nothing (at most 6). Candidates are scored once; only their ranking is "
+              "recomputed for each set of weights, exactly as Candidate.rank_key orders them.")
+
+
+def current_weights() -> dict[str, float]:
+    """The weights the scorer reads now, by name."""
+    return {name: float(globals()[name]) for name in WEIGHT_NAMES}
+
+
+BUILT_IN_WEIGHTS = current_weights()
+
+
+@dataclass(frozen=True)
+class MatchWeights:
+    """The weights one run uses: the built-in ones, or a ``MATCH_WEIGHTS`` file's (named with its sha256)."""
+
+    values: Mapping[str, float]
+    source: str = "built-in"
+    sha256: str | None = None
+
+    @property
+    def label(self) -> str:
+        return self.source if self.sha256 is None else f"{self.source} (sha256 {self.sha256})"
+
+    def as_json(self) -> dict[str, Any]:
+        return {"source": self.source, "sha256": self.sha256, "values": dict(self.values)}
+
+
+def checked_weights(value: Any, where: str) -> dict[str, float]:
+    """A weights mapping (or a ``weights.json`` with one under ``weights``) checked name by name and range by
+    range; names it leaves out keep the built-in value. UsageError for anything else."""
+    found = value.get("weights", value) if isinstance(value, Mapping) else None
+    if not isinstance(found, Mapping):
+        raise UsageError(f"{where}: not a JSON object of weights ({', '.join(WEIGHT_NAMES)})")
+    unknown = sorted(set(found) - set(WEIGHT_NAMES))
+    if unknown:
+        raise UsageError(f"{where}: unknown weight {str(unknown[0])[:40]!r}; known: {', '.join(WEIGHT_NAMES)}")
+    weights = dict(BUILT_IN_WEIGHTS)
+    for name, number in found.items():
+        low, high = WEIGHT_RANGES[name]
+        if isinstance(number, bool) or not isinstance(number, (int, float)) or not low <= number <= high:
+            raise UsageError(f"{where}: {name} must be a number from {low:g} to {high:g}")
+        weights[name] = float(number)
+    return weights
+
+
+def load_match_weights(env: Mapping[str, str]) -> MatchWeights:
+    """``MATCH_WEIGHTS`` (a path to a JSON file, e.g. what ``backtest --fit`` wrote) or the built-in weights."""
+    text = (env.get("MATCH_WEIGHTS") or "").strip()
+    if not text:
+        return MatchWeights(dict(BUILT_IN_WEIGHTS))
+    path = Path(text).expanduser()
+    where = f"MATCH_WEIGHTS={text[:200]}"
+    try:
+        with path.open("rb") as handle:
+            data = handle.read(MAX_WEIGHTS_FILE_BYTES + 1)
+    except OSError as exc:
+        raise UsageError(f"{where}: cannot read the file ({exc.strerror or exc.__class__.__name__})") from None
+    if len(data) > MAX_WEIGHTS_FILE_BYTES:
+        raise UsageError(f"{where}: larger than {MAX_WEIGHTS_FILE_BYTES} bytes: not a weights file")
+    try:
+        value = json.loads(data.decode("utf-8"), parse_constant=lambda name: None)  # NaN and Infinity: no number
+    except (UnicodeDecodeError, ValueError):
+        raise UsageError(f"{where}: not valid JSON") from None
+    return MatchWeights(checked_weights(value, where), str(path), hashlib.sha256(data).hexdigest())
+
+
+@contextlib.contextmanager
+def weights_applied(values: Mapping[str, float]) -> Iterator[None]:
+    """The scorer reads ``values`` inside the block (the module's names), and its own weights again after it."""
+    saved = current_weights()
+    globals().update({name: float(values[name]) for name in WEIGHT_NAMES})
+    try:
+        yield
+    finally:
+        globals().update(saved)
+
+
+class Recorder:
+    """A picker that keeps every member's candidates as the backtest scores them (for ``--fit``), then picks as
+    ``rules_pick`` does."""
+
+    def __init__(self) -> None:
+        self.seen: list[Sequence[Candidate]] = []
+
+    def __call__(self, user: Mapping[str, Any], candidates: Sequence[Candidate]) -> Candidate | None:
+        self.seen.append(candidates)
+        return rules_pick(user, candidates)
+
+
+def unit_signals(h: HistorySignals) -> tuple[float, ...]:
+    """``HistorySignals.contributions`` with every weight 1, in ``HISTORY_WEIGHTS`` order."""
+    n = max(h.past_events, 1)
+    return (h.host_events / n, h.series_events / n, min(h.company, COMPANY_CAP) / COMPANY_CAP, h.place_share,
+            h.tag_share, h.weekday_events / n, h.day_part_events / n)
+
+
+@dataclass(frozen=True)
+class FitData:
+    """Every trial's candidates as arrays, so a set of weights re-ranks them without scoring anything again.
+
+    Row arrays (one row per candidate): ``signals`` (unit contributions), ``plan`` (plan index / max),
+    ``days`` (days until), ``hit`` (the member went), ``trial`` (its trial's index), ``order`` (its place in
+    the plan's order among its trial's candidates). Trial lists: ``members``, ``days_of``, ``baselines``.
+    """
+
+    signals: Any
+    plan: Any
+    days: Any
+    hit: Any
+    trial: Any
+    order: Any
+    members: list[str]
+    days_of: list[datetime]
+    baselines: list[dict[str, float]]
+
+
+def fit_data(dated: Sequence[tuple[datetime, int, list[Trial]]], seen: Sequence[Sequence[Candidate]],
+             history: History, window_days: int) -> FitData:
+    """The recorded candidates (``Recorder``, in trial order) with what really happened."""
+    import numpy as np
+
+    rows: list[tuple[Any, ...]] = []
+    trials = [(day, t) for day, _, ts in dated for t in ts]
+    for index, ((day, trial), candidates) in enumerate(zip(trials, seen, strict=True)):
+        went = attended_between(history, trial.member, day, day + timedelta(days=window_days))
+        plan_order = {id(c): k for k, c in enumerate(sorted(candidates, key=lambda c: c.plan_key))}
+        rows += [(*unit_signals(c.history), c.plan_index / PLAN_INDEX_MAX, c.days_until, c.event["_id"] in went,
+                  index, plan_order[id(c)]) for c in candidates]
+    table = np.array(rows, dtype=float).reshape(-1, len(HISTORY_WEIGHTS) + 5)
+    k = len(HISTORY_WEIGHTS)
+    return FitData(table[:, :k], table[:, k], table[:, k + 1], table[:, k + 2], table[:, k + 3].astype(int),
+                   table[:, k + 4], [t.member for _, t in trials], [d for d, _ in trials],
+                   [{name: t.hits[name] for name in BASELINES} for _, t in trials])
+
+
+def fit_hits(data: FitData, weights: Mapping[str, float]) -> Any:
+    """Each trial's hit (1/0) when the candidates are ranked with ``weights`` as ``Candidate.rank_key`` ranks
+    them: the total (history points times timing, plus the plan's tiers), then the plan's order."""
+    import numpy as np
+
+    points = data.signals @ np.array([weights[name] for name in HISTORY_WEIGHTS])
+    timing = np.where(data.days <= NEAR_DAYS, 1.0, 0.5 ** ((data.days - NEAR_DAYS) / weights["FAR_HALVING_DAYS"]))
+    total = np.round(points * timing + weights["PLAN_WEIGHT"] * data.plan, 9)
+    ranked = np.lexsort((data.order, -total, data.trial))
+    first = ranked[np.r_[True, data.trial[ranked][1:] != data.trial[ranked][:-1]]] if len(ranked) else ranked
+    hits = np.zeros(len(data.members))
+    hits[data.trial[first]] = data.hit[first]
+    return hits
+
+
+def grid_for(name: str, value: float) -> list[float]:
+    """The values coordinate search tries for one weight, within its range."""
+    low, high = WEIGHT_RANGES[name]
+    base = FIT_HALF_LIFE_GRID if name == "FAR_HALVING_DAYS" else FIT_GRID
+    return sorted(v for v in {*base, value * 0.5, value * 2} if low <= v <= high)
+
+
+def coordinate_search(data: FitData, fitted: Any, start: Mapping[str, float], seed: int) -> dict[str, float]:
+    """``FIT_METHOD``: the weights with the highest mean hit on the trials ``fitted`` (a boolean mask)."""
+    rng = random.Random(seed)
+    weights = dict(start)
+    best = float(fit_hits(data, weights)[fitted].mean()) if fitted.any() else 0.0
+    for _ in range(FIT_ROUNDS):
+        improved = False
+        for name in rng.sample(WEIGHT_NAMES, len(WEIGHT_NAMES)):
+            for value in grid_for(name, weights[name]):
+                trial = {**weights, name: value}
+                score = float(fit_hits(data, trial)[fitted].mean())
+                if score > best + 1e-12:
+                    weights, best, improved = trial, score, True
+        if not improved:
+            break
+    return weights
+
+
+def held_out_figures(data: FitData, evaluated: Any, fitted_hits: Any, current_hits: Any, resamples: int,
+                     seed: int) -> dict[str, Any]:
+    """Hit@1 of both sets of weights on the evaluated dates, the lead of each over the best baseline there,
+    with 95% bootstrap intervals (members resampled with all their dates, as the backtest's pooled row)."""
+    index = [i for i in range(len(data.members)) if evaluated[i]]
+    if not index:
+        return {"trials": 0}
+    best = max(BASELINES, key=lambda b: (sum(data.baselines[i][b] for i in index), b))
+    rows = [(data.members[i], {"fitted": float(fitted_hits[i]), "current": float(current_hits[i]),
+                               "difference": float(fitted_hits[i] - current_hits[i]),
+                               "lead_fitted": float(fitted_hits[i]) - data.baselines[i][best],
+                               "lead_current": float(current_hits[i]) - data.baselines[i][best]}) for i in index]
+    intervals = bootstrap_intervals(rows, resamples, seed)
+    mean = {name: round(sum(r[name] for _, r in rows) / len(rows), 4) for name in rows[0][1]}
+    return {"trials": len(rows), "members": len({m for m, _ in rows}), "best_baseline": best,
+            "hit_at_1": {name: {"rate": mean[name], "interval_95": list(intervals[name])}
+                         for name in ("fitted", "current")},
+            "difference": {"points": mean["difference"], "interval_95": list(intervals["difference"])},
+            "lead_over_best_baseline": {name: {"points": mean[f"lead_{name}"],
+                                               "interval_95": list(intervals[f"lead_{name}"])}
+                                        for name in ("fitted", "current")}}
+
+
+def fit_split(days: Sequence[datetime], fit_until: datetime | None) -> datetime:
+    """The last as-of date fitted: ``--fit-until``, or the middle of the dates; there must be dates after it."""
+    cut = fit_until or days[(len(days) - 1) // 2]
+    if not days[0] <= cut < days[-1]:
+        raise UsageError("--fit needs as-of dates on both sides of the split: --fit-until must be on or after "
+                         "--from and before the last as-of date")
+    return cut
+
+
+def fit_weights(dated: Sequence[tuple[datetime, int, list[Trial]]], seen: Sequence[Sequence[Candidate]],
+                history: History, window_days: int, cut: datetime, current: MatchWeights, resamples: int,
+                seed: int) -> dict[str, Any]:
+    """``backtest --fit``: weights fitted on the as-of dates up to ``cut``, judged on the later ones."""
+    import numpy as np
+
+    data = fit_data(dated, seen, history, window_days)
+    fitted_mask = np.array([d <= cut for d in data.days_of], dtype=bool)
+    weights = coordinate_search(data, fitted_mask, current.values, seed)
+    fitted_hits, current_hits = fit_hits(data, weights), fit_hits(data, current.values)
+    held = held_out_figures(data, ~fitted_mask, fitted_hits, current_hits, resamples, seed)
+    dates = sorted({d for d, _, _ in dated})
+    beats = bool(held.get("trials")) and held["hit_at_1"]["fitted"]["rate"] > held["hit_at_1"]["current"]["rate"]
+    return {
+        "method": FIT_METHOD,
+        "split": (f"time split on the as-of dates: fitted on the {sum(d <= cut for d in dates)} dates up to "
+                  f"{iso_utc(cut)}, evaluated on the {sum(d > cut for d in dates)} later dates; the windows of the "
+                  f"last fitted dates reach up to {window_days} days into the evaluated period"),
+        "fitted_dates": [iso_utc(d) for d in dates if d <= cut], "evaluated_dates": [iso_utc(d) for d in dates if d > cut],
+        "seed": seed, "current": current.as_json(), "weights": weights,
+        "fitted_hit_at_1_on_fitted_dates": round(float(fitted_hits[fitted_mask].mean()), 4) if fitted_mask.any() else None,
+        "current_hit_at_1_on_fitted_dates": round(float(current_hits[fitted_mask].mean()), 4) if fitted_mask.any() else None,
+        "held_out": held, "beats_current": beats,
+    }
+
+
+def weights_document(fit: Mapping[str, Any]) -> dict[str, Any]:
+    """``<out>/weights.json``: the weights (what ``MATCH_WEIGHTS`` reads), the dates, both held-out hit@1."""
+    return {"weights": fit["weights"], "fitted_dates": fit["fitted_dates"], "evaluated_dates": fit["evaluated_dates"],
+            "hit_at_1": fit["held_out"]["hit_at_1"], "lead_over_best_baseline": fit["held_out"]["lead_over_best_baseline"],
+            "replaces": fit["current"], "method": fit["method"], "split": fit["split"], "seed": fit["seed"]}
+
+
+def fit_lines(fit: Mapping[str, Any], written: Path | None) -> list[str]:
+    """The fit in a few sentences (console and Markdown)."""
+    held = fit["held_out"]
+    if not held.get("trials"):
+        return ["Fit: nobody came back within a window on the evaluated dates: nothing to judge; nothing written."]
+    hits, lead = held["hit_at_1"], held["lead_over_best_baseline"]
+
+    def with_interval(entry: Mapping[str, Any], key: str) -> str:
+        low, high = entry["interval_95"]
+        return f"{100 * entry[key]:.1f}% (95% interval {100 * low:.1f}-{100 * high:.1f})"
+
+    lines = [f"Fit: {fit['split']}.",
+             (f"Held-out hit@1: fitted {with_interval(hits['fitted'], 'rate')}, current "
+              f"{with_interval(hits['current'], 'rate')}, over {held['trials']} member-dates."),
+             (f"Held-out lead over the best baseline ({held['best_baseline']}): fitted "
+              f"{100 * lead['fitted']['points']:+.1f} points, current {100 * lead['current']['points']:+.1f} points."),
+             "Fitted weights: " + ", ".join(f"{k}={v:g}" for k, v in fit["weights"].items()) + "."]
+    lines.append(f"The fitted weights beat the current ones on the held-out dates: written to {written} "
+                 "(use it with MATCH_WEIGHTS)." if written else
+                 "The fitted weights do not beat the current ones on the held-out dates: nothing written.")
+    return lines
 
 
 BACKTEST_EXIT_CODES = """exit codes:
@@ -9363,6 +9657,11 @@ def backtest_parser() -> argparse.ArgumentParser:
     parser.add_argument("--seed", type=int, default=BACKTEST_SEED, help="the bootstrap's seed (%(default)s)")
     parser.add_argument("--insecure-tls", action="store_true",
                         help="do not verify MongoDB's TLS certificate (logged as a warning)")
+    parser.add_argument("--fit", action="store_true",
+                        help="fit the matcher's weights on the earlier as-of dates, judge them on the later ones, and "
+                             f"write OUT/{WEIGHTS_FILE} only when they beat the current weights there")
+    parser.add_argument("--fit-until", metavar="DATE",
+                        help="with --fit: the last as-of date fitted (default: the middle as-of date)")
     return parser
 
 
@@ -9418,6 +9717,8 @@ def backtest(args: argparse.Namespace, env: Mapping[str, str] | None, mongo_clie
     settings = Settings.from_env(env if env is not None else read_environment())
     started = datetime.now(UTC).replace(microsecond=0)
     days = backtest_days(args, started)
+    weights = load_match_weights(settings.env)
+    cut = fit_split(days, as_of_flag(args.fit_until, "--fit-until") if args.fit_until else None) if args.fit else None
     hoods = load_neighbourhoods(settings.neighbourhoods_csv)
     out_dir = usable_out_dir(args.out)
     source = backtest_source(args, settings, out_dir, started, mongo_client)
@@ -9428,7 +9729,9 @@ def backtest(args: argparse.Namespace, env: Mapping[str, str] | None, mongo_clie
     for name in screened.empty:
         print(f"warning: empty input: no {name} in {input_location(source, name)}", file=sys.stderr)
     history = build_history(screened.users, screened.events, screened.issues)
-    dated = run_backtest(history, days, args.window_days, hoods, pick)
+    recorder = Recorder() if cut is not None else None
+    with weights_applied(weights.values):
+        dated = run_backtest(history, days, args.window_days, hoods, recorder or pick)
     report = build_backtest_report(source=source.label, start=days[0], end=as_of_flag(args.end, "--to"),
                                    every_days=args.every_days,
                                    window_days=args.window_days, dated=dated, issues=screened.issues,
@@ -9436,8 +9739,18 @@ def backtest(args: argparse.Namespace, env: Mapping[str, str] | None, mongo_clie
                                    seconds=time.monotonic() - clock, places_not_located=unlocated_places(
                                        hoods, [*(text_field(u, "homeNeighborhood") for u in screened.users),
                                                *(text_field(e, "neighborhood") for e in screened.events)]))
+    report["match_weights"] = weights.as_json()
+    if recorder is not None and cut is not None:
+        report["fit"] = fit_weights(dated, recorder.seen, history, args.window_days, cut, weights, args.resamples,
+                                    args.seed)
+        written = out_dir / WEIGHTS_FILE if report["fit"]["beats_current"] else None
+        if written is not None:
+            write_json(written, weights_document(report["fit"]))
+        report["fit"]["written"] = str(written) if written else None
     path = write_backtest_report(out_dir, report, started)
     print(console_table(report))
+    for line in backtest_learned_lines(report):
+        print(line)
     print(f"Report: {path} (and .json)")
     if report["pooled"]["returned"] == 0:
         print("warning: nobody came back within any window: nothing was scored", file=sys.stderr)
@@ -9708,7 +10021,9 @@ def run_campaign(args: argparse.Namespace, env: Mapping[str, str] | None, mongo_
                  closing: ExitStack) -> RunResult:
     """The program itself: settings, the lock, the services, one campaign. ``main`` handles the errors."""
     settings = Settings.from_env(env if env is not None else read_environment())
-    options = resolve_options(args, settings)
+    weights = load_match_weights(settings.env)  # MATCH_WEIGHTS: a bad file is exit 2 before anything runs
+    options = replace(resolve_options(args, settings), match_weights=weights.label)
+    closing.enter_context(weights_applied(weights.values))
     hoods = load_neighbourhoods(settings.neighbourhoods_csv)  # before the lock: a bad table is exit 2 at once
     control = RunControl(options.deadline_minutes * 60)
     closing.callback(handle_stop_signals(control))

@@ -303,3 +303,109 @@ def test_the_campaign_does_not_import_matplotlib_at_start_up() -> None:
     found = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True,
                            cwd=rtt.SCRIPT_DIR)
     assert found.stdout.strip() == "False"
+
+
+# =============================================================================================
+# Weights: MATCH_WEIGHTS and backtest --fit
+# =============================================================================================
+
+MONTANA = rtt.SCRIPT_DIR / "samples" / "meetup_montana"
+FLAT = {name: 0.0 for name in rtt.HISTORY_WEIGHTS}  # history ignored: the plan's order alone
+
+
+@pytest.fixture(scope="module")
+def montana_backtest():
+    """A short backtest of the Montana sample with every member's candidates recorded."""
+    screened = rtt.read_screened(rtt.FolderSource(MONTANA))
+    history = rtt.build_history(screened.users, screened.events, rtt.DataIssues())
+    hoods = rtt.NeighbourhoodMap.from_csv(rtt.CENTROIDS_CSV)
+    days = rtt.as_of_dates(rtt.datetime(2015, 6, 1, tzinfo=rtt.UTC), rtt.datetime(2015, 8, 24, tzinfo=rtt.UTC), 14)
+    recorder = rtt.Recorder()
+    dated = rtt.run_backtest(history, days, 30, hoods, recorder)
+    return history, days, dated, recorder.seen
+
+
+def test_refitting_ranks_exactly_as_the_scorer_does(montana_backtest) -> None:
+    history, _, dated, seen = montana_backtest
+    data = rtt.fit_data(dated, seen, history, 30)
+    trials = [t for _, _, ts in dated for t in ts]
+    assert len(trials) > 50
+    assert list(rtt.fit_hits(data, rtt.BUILT_IN_WEIGHTS)) == [t.hits["rules"] for t in trials]
+
+
+def test_the_fit_is_deterministic_for_a_seed(montana_backtest) -> None:
+    history, days, dated, seen = montana_backtest
+    current = rtt.MatchWeights({**rtt.BUILT_IN_WEIGHTS, **FLAT})
+    first = rtt.fit_weights(dated, seen, history, 30, days[3], current, 200, 7)
+    again = rtt.fit_weights(dated, seen, history, 30, days[3], current, 200, 7)
+    assert first == again
+    assert first["fitted_dates"] == [rtt.iso_utc(d) for d in days[:4]]
+    assert first["evaluated_dates"] == [rtt.iso_utc(d) for d in days[4:]]
+
+
+def backtest_fit(run_cli, *extra: str, env: dict[str, str] | None = None):
+    return run_cli("backtest", "--source", str(MONTANA), "--from", "2015-06-01", "--to", "2015-10-19", "--fit",
+                   "--resamples", "200", *extra, env=env)
+
+
+def test_fit_refuses_to_write_weights_that_do_not_beat_the_current_ones(run_cli, tmp_path, monkeypatch) -> None:
+    monkeypatch.setattr(rtt, "coordinate_search", lambda data, fitted, start, seed: dict(start))
+    run = backtest_fit(run_cli)
+    assert run.code == 0, run.err
+    assert not (tmp_path / "out" / rtt.WEIGHTS_FILE).exists()
+    assert "do not beat the current ones" in run.out and "nothing written" in run.out
+    (path,) = (tmp_path / "out" / "reports").glob("return_to_table_backtest_*.json")
+    fit = rtt.json.loads(path.read_text())["fit"]
+    assert fit["beats_current"] is False and fit["written"] is None
+    assert fit["held_out"]["hit_at_1"]["fitted"]["rate"] == fit["held_out"]["hit_at_1"]["current"]["rate"]
+
+
+def test_fit_writes_weights_that_beat_the_current_ones_and_the_campaign_reads_them(run_cli, tmp_path) -> None:
+    flat = tmp_path / "flat.json"
+    flat.write_text(rtt.json.dumps(FLAT))
+    run = backtest_fit(run_cli, env={"MATCH_WEIGHTS": str(flat)})
+    assert run.code == 0, run.err
+    written = tmp_path / "out" / rtt.WEIGHTS_FILE
+    document = rtt.json.loads(written.read_text())
+    hits = document["hit_at_1"]
+    assert hits["fitted"]["rate"] > hits["current"]["rate"]
+    assert document["fitted_dates"][-1] < document["evaluated_dates"][0]
+    assert f"sha256 {rtt.hashlib.sha256(flat.read_bytes()).hexdigest()}" in run.out
+    loaded = rtt.load_match_weights({"MATCH_WEIGHTS": str(written)})
+    assert loaded.values == document["weights"]
+    campaign = run_cli("--demo", "--dry-run", "--limit", "3", env={"MATCH_WEIGHTS": str(written)}, root=tmp_path / "c")
+    assert campaign.code == 0, campaign.err
+    assert campaign.report()["match_weights"] == loaded.label
+    assert rtt.current_weights() == rtt.BUILT_IN_WEIGHTS  # restored after the run
+
+
+BAD_WEIGHTS = {
+    "not JSON": "{W_HOST: 1",
+    "not an object": "[1, 2]",
+    "unknown name": '{"W_HOSTS": 1}',
+    "out of range": '{"W_HOST": 1000}',
+    "negative": '{"PLAN_WEIGHT": -1}',
+    "half-life zero": '{"FAR_HALVING_DAYS": 0}',
+    "NaN": '{"W_HOST": NaN}',
+    "a boolean": '{"W_HOST": true}',
+    "a string": '{"W_HOST": "3"}',
+}
+
+
+@pytest.mark.parametrize("text", BAD_WEIGHTS.values(), ids=BAD_WEIGHTS.keys())
+@pytest.mark.parametrize("command", ["campaign", "backtest"])
+def test_a_malformed_or_out_of_range_weights_file_is_exit_2_one_line(run_cli, tmp_path, text: str,
+                                                                     command: str) -> None:
+    path = tmp_path / "w.json"
+    path.write_text(text)
+    argv = (["--demo", "--dry-run"] if command == "campaign" else
+            ["backtest", "--source", str(MONTANA), "--from", "2015-06-01", "--to", "2015-07-01"])
+    run = run_cli(*argv, env={"MATCH_WEIGHTS": str(path)})
+    assert run.code == 2
+    assert run.err.count("\n") == 1 and run.err.startswith("error: MATCH_WEIGHTS=")
+    assert not (tmp_path / "out" / "reports").exists() or not any((tmp_path / "out" / "reports").iterdir())
+
+
+def test_a_missing_weights_file_is_exit_2(run_cli, tmp_path) -> None:
+    run = run_cli("--demo", "--dry-run", env={"MATCH_WEIGHTS": str(tmp_path / "none.json")})
+    assert run.code == 2 and "cannot read the file" in run.err
