@@ -412,6 +412,7 @@ class RunOptions:
     holdout: float = 0.0  # share of members kept as the control group (stable hash of campaign, member)
     variants: tuple[str, ...] = ("standard",)  # --variants: the message tones under A/B test (``TONES``)
     match_weights: str = "built-in"  # MATCH_WEIGHTS: the weights file the matcher reads, with its sha256
+    rank_by: str = "score"  # RANK_BY: who the walk reaches first (``RANK_ORDERS``)
     min_lead_hours: float = 3.0  # the last send moment is at least this long before the event
     deadline_minutes: float = 30.0
     keep_logs_days: int = 30
@@ -4828,6 +4829,7 @@ def build_report(*, campaign_id: str, run_started: datetime, finished: datetime,
         "min_confidence": options.min_confidence,
         "match_weights": options.match_weights,
         "variants": list(options.variants),
+        "rank_by": options.rank_by,
         "statistics": statistics,
         "summary": summary,
         "engagement_counts": census.status_counts,
@@ -7422,7 +7424,7 @@ class ReturnToTable:
         dashboard item by item) and once more at the end.
         """
         done: list[UserOutcome] = []
-        waiting = list(reversed(walk))
+        waiting = list(reversed(self.reach_order(walk, events)))
         width = self.options.concurrency if self.advisor is not None else 1
         try:
             with ThreadPoolExecutor(max_workers=width, thread_name_prefix="member") as pool:
@@ -7432,6 +7434,16 @@ class ReturnToTable:
                 self.decisions[user["_id"]] = "not_started" if self.control.stopping else "below_limit"
             self.save_progress(done)
         return sorted(done, key=lambda o: o.rank)
+
+    def reach_order(self, walk: Sequence[tuple[int, DormantMember]],
+                    events: Sequence[FutureEvent]) -> Sequence[tuple[int, DormantMember]]:
+        """``RANK_BY``: the walk in the plan's score order, or (``history``) by each member's best candidate's
+        total (``by_history``), their history read first (``reach_member``) for every member outside the cooldown."""
+        if self.options.rank_by != "history":
+            return walk
+        for _, user in walk:
+            reach_member(user, self.activity, self.options.now, self.sms.default_region, self.zone.key)
+        return by_history(walk, [best_total(list(itertools.islice(self.ranked(u, events), 1))) for _, u in walk])
 
     def walk(self, waiting: list[tuple[int, DormantMember]], events: Sequence[FutureEvent], pool: ThreadPoolExecutor,
              width: int, done: list[UserOutcome]) -> None:
@@ -9343,9 +9355,84 @@ def backtest_learned_lines(report: Mapping[str, Any]) -> list[str]:
     """The weights used (and their file's hash) and, with ``--fit``, what the fit found (issue 22)."""
     used = report.get("match_weights")
     lines = [] if used is None else [f"Weights: {MatchWeights(used['values'], used['source'], used['sha256']).label}."]
+    lines += ordering_lines(report)
     fit = report.get("fit")
     if fit is not None:
         lines += fit_lines(fit, Path(fit["written"]) if fit.get("written") else None)
+    return lines
+
+
+# --- which members to reach first (issue 22): RANK_BY=score|history against history ------------------
+
+RANK_ORDERS = ("score", "history")
+RANK_BY_TEXT = {"score": "the plan's reactivation score (step 1's rank)",
+                "history": "the best candidate's total: how strongly the member's own history points at an open event"}
+
+
+def rank_by_setting(env: Mapping[str, str]) -> str:
+    """``RANK_BY``: ``score`` (the default, the plan's) or ``history``; UsageError for anything else."""
+    value = (env.get("RANK_BY") or "score").strip().lower()
+    if value not in RANK_ORDERS:
+        raise UsageError(f"RANK_BY={value[:40]!r} must be one of: {', '.join(RANK_ORDERS)}")
+    return value
+
+
+def best_total(candidates: Sequence[Candidate]) -> float:
+    """The best candidate's total (``Candidate.total``); -1 with no candidate, so such members come last."""
+    return candidates[0].total if candidates else -1.0
+
+
+def by_history(members: Sequence[Any], totals: Sequence[float]) -> list[Any]:
+    """``members`` (in score order) by their best candidate's total, highest first; ties keep the score order."""
+    return [m for _, _, m in sorted(zip((-t for t in totals), range(len(members)), members, strict=True))]
+
+
+def ordering_date(history: History, day: datetime, window_days: int, hoods: NeighbourhoodMap,
+                  limit: int) -> dict[str, dict[str, int]]:
+    """For each ordering, among the top ``limit`` eligible members at ``day``: how many came back within the
+    window, and how many went to the rules' pick (a hit)."""
+    census, future = world_at(history, day)
+    end = day + timedelta(days=window_days)
+    scored = [(user, score_candidates(user, future, hoods, day)) for user in census.eligible]
+    orders = {"score": scored, "history": by_history(scored, [best_total(c) for _, c in scored])}
+    found = {}
+    for name, members in orders.items():
+        top = members[:limit]
+        went = [(attended_between(history, user["_id"], day, end), rules_pick(user, c)) for user, c in top]
+        found[name] = {"members": len(top), "came_back": sum(bool(w) for w, _ in went),
+                       "hits": sum(p is not None and p.event["_id"] in w for w, p in went)}
+    return found
+
+
+def orderings_report(per_date: Sequence[tuple[datetime, Mapping[str, Mapping[str, int]]]],
+                     limit: int) -> dict[str, Any]:
+    """Each ordering pooled over the dates: came back and hit rates among the top ``limit``, Wilson intervals."""
+    pooled: dict[str, Any] = {}
+    for name in RANK_ORDERS:
+        n = sum(found[name]["members"] for _, found in per_date)
+        back = sum(found[name]["came_back"] for _, found in per_date)
+        hits = sum(found[name]["hits"] for _, found in per_date)
+        pooled[name] = {"member_dates": n, "came_back": back, "hits": hits,
+                        "came_back_rate": rounded(back / n if n else None),
+                        "hit_rate": rounded(hits / n if n else None),
+                        "hit_rate_interval_95": [rounded(v) for v in wilson_interval(hits, n)] if n else None}
+    return {"limit": limit, "orders": dict(RANK_BY_TEXT), "pooled": pooled,
+            "dates": [{"as_of": iso_utc(day), **found} for day, found in per_date],
+            "note": ("hit: the member went to the rules' pick within the window; came back: to any event. Member-dates "
+                     "are pooled (a member at several dates counts at each), so the Wilson intervals are a little "
+                     "narrow. Contactability is not applied, as elsewhere in the backtest.")}
+
+
+def ordering_lines(report: Mapping[str, Any]) -> list[str]:
+    found = report.get("orderings")
+    if not found:
+        return []
+    lines = [f"Reach first (top {found['limit']} eligible members per date):"]
+    for name, row in found["pooled"].items():
+        interval = row["hit_rate_interval_95"]
+        lines.append(f"  RANK_BY={name}: hit {percent(row['hit_rate'])}"
+                     + (f" ({percent(interval[0])}-{percent(interval[1])})" if interval else "")
+                     + f", came back {percent(row['came_back_rate'])} of {row['member_dates']} member-dates")
     return lines
 
 
@@ -9657,6 +9744,9 @@ def backtest_parser() -> argparse.ArgumentParser:
     parser.add_argument("--seed", type=int, default=BACKTEST_SEED, help="the bootstrap's seed (%(default)s)")
     parser.add_argument("--insecure-tls", action="store_true",
                         help="do not verify MongoDB's TLS certificate (logged as a warning)")
+    parser.add_argument("--limit", type=positive_int, metavar="N",
+                        help="also compare the orderings (RANK_BY=score|history): the hit rate among the top N "
+                             "eligible members per date")
     parser.add_argument("--fit", action="store_true",
                         help="fit the matcher's weights on the earlier as-of dates, judge them on the later ones, and "
                              f"write OUT/{WEIGHTS_FILE} only when they beat the current weights there")
@@ -9740,6 +9830,10 @@ def backtest(args: argparse.Namespace, env: Mapping[str, str] | None, mongo_clie
                                        hoods, [*(text_field(u, "homeNeighborhood") for u in screened.users),
                                                *(text_field(e, "neighborhood") for e in screened.events)]))
     report["match_weights"] = weights.as_json()
+    if args.limit:
+        with weights_applied(weights.values):
+            report["orderings"] = orderings_report(
+                [(day, ordering_date(history, day, args.window_days, hoods, args.limit)) for day in days], args.limit)
     if recorder is not None and cut is not None:
         report["fit"] = fit_weights(dated, recorder.seen, history, args.window_days, cut, weights, args.resamples,
                                     args.seed)
@@ -10022,7 +10116,8 @@ def run_campaign(args: argparse.Namespace, env: Mapping[str, str] | None, mongo_
     """The program itself: settings, the lock, the services, one campaign. ``main`` handles the errors."""
     settings = Settings.from_env(env if env is not None else read_environment())
     weights = load_match_weights(settings.env)  # MATCH_WEIGHTS: a bad file is exit 2 before anything runs
-    options = replace(resolve_options(args, settings), match_weights=weights.label)
+    options = replace(resolve_options(args, settings), match_weights=weights.label,
+                      rank_by=rank_by_setting(settings.env))
     closing.enter_context(weights_applied(weights.values))
     hoods = load_neighbourhoods(settings.neighbourhoods_csv)  # before the lock: a bad table is exit 2 at once
     control = RunControl(options.deadline_minutes * 60)

@@ -409,3 +409,42 @@ def test_a_malformed_or_out_of_range_weights_file_is_exit_2_one_line(run_cli, tm
 def test_a_missing_weights_file_is_exit_2(run_cli, tmp_path) -> None:
     run = run_cli("--demo", "--dry-run", env={"MATCH_WEIGHTS": str(tmp_path / "none.json")})
     assert run.code == 2 and "cannot read the file" in run.err
+
+
+# =============================================================================================
+# RANK_BY: who to reach first
+# =============================================================================================
+
+
+def test_by_history_orders_by_the_best_total_and_keeps_the_score_order_in_ties() -> None:
+    assert rtt.by_history(["a", "b", "c", "d"], [0.5, 2.0, 0.5, -1.0]) == ["b", "a", "c", "d"]
+    assert rtt.best_total([]) == -1.0
+
+
+def test_rank_by_history_reaches_other_members_first_and_the_report_says_so(run_cli, tmp_path) -> None:
+    score = run_cli("--demo", "--dry-run", "--limit", "5", root=tmp_path / "score")
+    history = run_cli("--demo", "--dry-run", "--limit", "5", env={"RANK_BY": "history"}, root=tmp_path / "history")
+    assert score.code == history.code == 0, history.err
+    assert score.report()["rank_by"] == "score" and history.report()["rank_by"] == "history"
+    assert [m["user_id"] for m in score.messages] != [m["user_id"] for m in history.messages]
+    confidence = [m["confidence_percentage"] for m in history.matches]
+    assert confidence[0] == max(confidence)  # the strongest history first
+
+
+def test_a_bad_rank_by_is_exit_2(run_cli) -> None:
+    run = run_cli("--demo", "--dry-run", env={"RANK_BY": "loudest"})
+    assert run.code == 2 and "RANK_BY" in run.err and run.err.count("\n") == 1
+
+
+def test_backtest_compares_the_orderings_among_the_top_limit(run_cli, tmp_path) -> None:
+    run = run_cli("backtest", "--source", str(MONTANA), "--from", "2015-06-01", "--to", "2015-07-13",
+                  "--limit", "5", "--resamples", "100")
+    assert run.code == 0, run.err
+    (path,) = (tmp_path / "out" / "reports").glob("return_to_table_backtest_*.json")
+    orderings = rtt.json.loads(path.read_text())["orderings"]
+    assert orderings["limit"] == 5 and len(orderings["dates"]) == 4
+    for name in rtt.RANK_ORDERS:
+        pooled = orderings["pooled"][name]
+        assert pooled["member_dates"] == sum(d[name]["members"] for d in orderings["dates"]) <= 20
+        assert pooled["hits"] <= pooled["came_back"] <= pooled["member_dates"]
+    assert "RANK_BY=score: hit" in run.out and "RANK_BY=history: hit" in run.out
