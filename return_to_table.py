@@ -25,6 +25,8 @@ Glossary (one name per concept, here and in the code):
   walk       steps 5-6 going down the ranked contactable members until ``--limit`` are messaged;
              every eligible member ends ``selected`` or with a ``skip_reason`` (``SKIP_REASONS``).
   send window  when a message may go out (``send_window``): outside QUIET_HOURS, before the lead.
+  funnel     the report's counts from eligible to drafted (``run_funnel``), held out apart; each
+             ``skip_reason`` drops its members at one stage (``REASON_STAGES``).
 
 The file reads top-down in the plan's step order: configuration, data loading, the rules of
 steps 1-8 (pure functions), the service edges (sources, the demo world, Claude for steps 5-6,
@@ -309,6 +311,7 @@ class Settings:
     campaign_timezone: str = DEFAULT_TIMEZONE
     neighbourhoods_csv: Path = CENTROIDS_CSV  # NEIGHBOURHOODS_CSV: the centroid table places are located in
     sms: SmsPolicy = field(default_factory=lambda: SmsPolicy())
+    sms_segment_price: float | None = None  # SMS_SEGMENT_PRICE: USD per SMS segment, for the report's cost
     env: Mapping[str, str] = field(default_factory=dict, repr=False)
 
     @classmethod
@@ -350,12 +353,26 @@ class Settings:
             campaign_timezone=zone,
             neighbourhoods_csv=Path(get("NEIGHBOURHOODS_CSV") or CENTROIDS_CSV).expanduser(),
             sms=SmsPolicy.from_env(get),
+            sms_segment_price=segment_price(get("SMS_SEGMENT_PRICE")),
             env=dict(env),
         )
 
     @property
     def zone(self) -> ZoneInfo:
         return ZoneInfo(self.campaign_timezone)
+
+
+def segment_price(text: str | None) -> float | None:
+    """``SMS_SEGMENT_PRICE`` as USD per segment (None when unset), or UsageError (exit 2)."""
+    if text is None:
+        return None
+    try:
+        price = float(text.removeprefix("$"))
+    except ValueError:
+        price = math.nan
+    if not math.isfinite(price) or not 0 <= price < 10:
+        raise UsageError(f"SMS_SEGMENT_PRICE={text[:40]!r} must be a price per SMS segment in USD, such as 0.0079")
+    return price
 
 
 BASE_PATH_RULE = ("a path inside the database: names separated by '/', none of them '.' or '..', "
@@ -648,6 +665,15 @@ def json_bytes(value: Any) -> bytes:
         except (orjson.JSONEncodeError, TypeError):
             pass
     return json.dumps(value, ensure_ascii=False, indent=2, default=str).encode("utf-8", "backslashreplace")
+
+
+def write_csv(path: Path, header: Sequence[str], rows: Iterable[Sequence[str]]) -> None:
+    """A CSV file (a header, then ``rows``) readable by the owner only, atomically."""
+    def write(handle: Any) -> None:
+        out = csv.writer(handle, lineterminator="\n")
+        out.writerow(header)
+        out.writerows(rows)
+    atomic_write(path, write, private=True)
 
 
 def write_text_private(path: Path, text: str) -> None:
@@ -4416,14 +4442,14 @@ class Message(TypedDict):
     send_after: str  # ISO UTC: the dashboard sends at or after this ...
     send_before: str  # ... and strictly before this (``SendWindow``), outside quiet hours in:
     recipient_timezone: str  # the member's IANA zone (``ReturnToTable.recipient_zone``)
-    variant: str  # the message-tone variant (``TONES``) the member is assigned to (``member_tone``)
+    variant: NotRequired[str]  # with --variants: the message tone (``TONES``) the member is assigned to (``member_tone``)
 
 
 def build_message(match: Match, text: str, *, generator: str, notes: str, now: datetime, window: SendWindow,
-                  zone: ZoneInfo, variant: str = DEFAULT_TONE) -> Message:
+                  zone: ZoneInfo, variant: str | None = None) -> Message:
     """The dashboard's record of one drafted SMS, with when it may be sent and in which zone that is judged."""
     size = sms_size(text)
-    return Message(
+    message = Message(
         user_name=match["user_name"],
         user_id=match["user_id"],
         user_email=text_field(match["user"], "email"),
@@ -4444,8 +4470,10 @@ def build_message(match: Match, text: str, *, generator: str, notes: str, now: d
         send_after=iso_utc(window.send_after) or "",
         send_before=iso_utc(window.send_before) or "",
         recipient_timezone=zone.key,
-        variant=variant,
     )
+    if variant is not None:  # only in a tone A/B: a default run's messages are as before
+        message["variant"] = variant
+    return message
 
 
 class HoldoutRecord(TypedDict):
@@ -4464,23 +4492,26 @@ class HoldoutRecord(TypedDict):
     held_out_at: str
     campaign_id: str
     holdout_fraction: float
-    variant: str  # the tone they would have had (``member_tone``): measure's per-tone control
+    variant: NotRequired[str]  # with --variants: the tone they would have had (``member_tone``), the tone's control
     deciding_signal: str  # of the rules' pick (``Match``), for measure's breakdowns
     same_neighbourhood: bool
 
 
 def holdout_record(rank: int, match: Match, *, campaign_id: str, fraction: float, now: datetime,
-                   variant: str = DEFAULT_TONE) -> HoldoutRecord:
+                   variant: str | None = None) -> HoldoutRecord:
     """What a holdout member gets instead of a message: a record of the rules' pick (never Claude's)."""
     user, event = match["user"], match["event"]
-    return HoldoutRecord(user_id=match["user_id"], user_name=match["user_name"], rank=rank,
-                         reactivation_score=user["reactivation_score"], days_inactive=user["days_inactive"],
-                         event_id=match["event_id"], event_name=match["event_name"],
-                         event_start=event.get("startDate"),
-                         confidence_percentage=match["confidence_percentage"],
-                         held_out_at=iso_utc(now) or "", campaign_id=campaign_id, holdout_fraction=fraction,
-                         variant=variant, deciding_signal=match.get("deciding_signal", "profile"),
-                         same_neighbourhood=bool(match.get("same_neighbourhood")))
+    record = HoldoutRecord(user_id=match["user_id"], user_name=match["user_name"], rank=rank,
+                           reactivation_score=user["reactivation_score"], days_inactive=user["days_inactive"],
+                           event_id=match["event_id"], event_name=match["event_name"],
+                           event_start=event.get("startDate"),
+                           confidence_percentage=match["confidence_percentage"],
+                           held_out_at=iso_utc(now) or "", campaign_id=campaign_id, holdout_fraction=fraction,
+                           deciding_signal=match.get("deciding_signal", "profile"),
+                           same_neighbourhood=bool(match.get("same_neighbourhood")))
+    if variant is not None:
+        record["variant"] = variant
+    return record
 
 
 def template_notes(facts: MessageFacts, text: str) -> str:
@@ -4576,6 +4607,181 @@ SKIP_REASONS = (  # dormant_users.json's skip_reason for an eligible member not 
 )
 
 
+# --- the funnel: eligible to drafted, one count per stage (console, Markdown and JSON alike) -------
+
+FUNNEL_STAGES = ("eligible", "outside cooldown", "reached", "textable", "not opted out", "event in send window",
+                 "matched", "drafted")
+HELD_OUT_STAGE = "held out"  # after "drafted", apart: matched, recorded, never texted
+REASON_STAGES = {  # each skip_reason: the first funnel stage a member left out for it does not reach
+    "cooldown": "outside cooldown",
+    "below_limit": "reached",              # the walk stopped (--limit) before this member
+    "not_started": "reached",              # the run stopped (signal or deadline) before this member
+    "no_valid_phone": "textable",
+    "shared_phone": "textable",            # the number already gets a text (another member's)
+    "opted_out": "not opted out",
+    "no_matching_event": "event in send window",
+    "no_event_in_send_window": "event in send window",
+    "below_min_confidence": "matched",
+    "seats_exhausted": "matched",          # every matching event already has its invitations
+    "no_sms_within_contract": "drafted",
+    "failed": "drafted",                   # an error in steps 5-6
+    "holdout": "drafted",                  # matched, held out: counted apart as HELD_OUT_STAGE
+}
+
+
+def reason_stage(code: str) -> str:
+    """The funnel stage a member left out for ``code`` does not reach, as ``REASON_STAGES`` says; a reason added to
+    SKIP_REASONS without one takes the stage of the nearest reason before it (SKIP_REASONS is in walk order);
+    any other code, the last stage (the member was looked at and not drafted)."""
+    if code in REASON_STAGES:
+        return REASON_STAGES[code]
+    earlier = SKIP_REASONS[:SKIP_REASONS.index(code)] if code in SKIP_REASONS else ()
+    return next((REASON_STAGES[r] for r in reversed(earlier) if r in REASON_STAGES), FUNNEL_STAGES[-1])
+
+
+class FunnelStage(TypedDict):
+    """One row of the report's ``funnel``: a stage and how many eligible members reached it."""
+
+    stage: str
+    count: int
+
+
+def run_funnel(eligible: int, reasons: Mapping[str, int]) -> list[FunnelStage]:
+    """The funnel, computed once from the eligible count and the skip_reason counts (``skip_reason_counts``):
+    every eligible member not left out for a reason was drafted, and each reason drops its members at its
+    stage (``reason_stage``); the held-out members come last, apart."""
+    dropped = Counter[str]()
+    for code, n in reasons.items():
+        dropped[reason_stage(code)] += n
+    rows, count = [], eligible
+    for stage in FUNNEL_STAGES:
+        count -= dropped[stage]
+        rows.append(FunnelStage(stage=stage, count=count))
+    return rows + [FunnelStage(stage=HELD_OUT_STAGE, count=reasons.get("holdout", 0))]
+
+
+def funnel_text(funnel: Sequence[Mapping[str, Any]]) -> str:
+    """The funnel on one console line: "51 eligible > 40 outside cooldown > ... > 9 drafted (1 held out)"."""
+    *stages, held = funnel
+    return " > ".join(f"{s['count']} {s['stage']}" for s in stages) + f" ({held['count']} {held['stage']})"
+
+
+def funnel_lines(funnel: Sequence[Mapping[str, Any]], reasons: Mapping[str, int]) -> list[str]:
+    """The funnel as a Markdown table: each stage, its members, and the reasons that left members out before it."""
+    lines = ["## Funnel", "", "| stage | members | left out before this stage |", "| --- | --- | --- |"]
+    for row in funnel:
+        left = ", ".join(f"{n} {code}" for code, n in reasons.items()
+                         if row["stage"] != HELD_OUT_STAGE and reason_stage(code) == row["stage"])
+        lines.append(f"| {row['stage']} | {row['count']} | {left or '-'} |")
+    return lines + [""]
+
+
+def skip_list_rows(eligible: Sequence[Mapping[str, Any]], decisions: Mapping[str, str]) -> Iterator[list[str]]:
+    """``skipped.csv``'s rows, in rank order: each member the walk reached and left out (not drafted, not held
+    out), as member id and skip_reason only. An id that is an email or phone number is withheld (its rank said)."""
+    looked_at = set(FUNNEL_STAGES[FUNNEL_STAGES.index("reached") + 1:])
+    for rank, user in enumerate(eligible, 1):
+        code = decisions.get(user["_id"], "below_limit")
+        if code not in ("selected", "holdout") and reason_stage(code) in looked_at:
+            yield [f"(withheld: rank {rank})" if contact_like_id(user["_id"]) else csv_safe(user["_id"]), code]
+
+
+def contact_like_id(member_id: str) -> bool:
+    """An id that is an email address, or a phone number as people write one (a ``+`` or punctuation among
+    the digits); plain digits and ObjectIds are ids."""
+    plain = readable(member_id)
+    if EMAIL_ADDRESS.search(plain):
+        return True
+    return not plain.isalnum() and PHONE_NUMBER.search(plain) is not None
+
+
+def csv_safe(text: str) -> str:
+    """A cell a spreadsheet shows as text, never runs as a formula (a leading = + - @ is quoted with ')."""
+    return f"'{text}" if text[:1] in ("=", "+", "-", "@", "\t", "\r") else text
+
+
+SKIP_LIST = "skipped.csv"  # data/processed/: member id and skip_reason of each member the walk reached and left out
+
+
+# --- the preview of every drafted message, and the day's cost ---------------------------------------
+
+
+class PreviewRow(TypedDict):
+    """One drafted message as a reviewer first sees it: no surname, no number, no address."""
+
+    first_name: str
+    event_name: str
+    send_window: str  # local to the member (``recipient_timezone``)
+    encoding: str  # GSM-7 or UCS-2
+    segments: int
+    reason: str  # the reasoning's first sentence
+    variant: NotRequired[str]  # only when the message has one
+
+
+def send_window_text(message: Mapping[str, Any]) -> str:
+    """``send_after`` to ``send_before`` in the member's zone: "Thu Jan 15 08:00 to Mon Feb 9 16:30 EST"."""
+    zone = ZoneInfo(message["recipient_timezone"])
+    ends = [to_utc(message[key]) for key in ("send_after", "send_before")]
+    if None in ends:
+        return "-"
+    after, before = (moment.astimezone(zone) for moment in ends if moment is not None)
+    return (f"{after:%a %b} {after.day} {after:%H:%M} to {before:%a %b} {before.day} {before:%H:%M} "
+            f"{before.tzname()}")
+
+
+def one_line_reason(reasoning: str, limit: int = 120) -> str:
+    """The reasoning's first sentence, on one line, at most ``limit`` characters."""
+    first = one_line(reasoning).split(". ")[0].rstrip(".")
+    return first if len(first) <= limit else first[:limit - 1].rstrip() + "\u2026"
+
+
+def preview_row(user: Mapping[str, Any], message: Mapping[str, Any]) -> PreviewRow:
+    """A drafted message's preview row: the first name we greet by, never the full name."""
+    row = PreviewRow(first_name=greeting_name(user.get("firstName")) or "-", event_name=message["event_name"],
+                     send_window=send_window_text(message), encoding=message["sms_encoding"],
+                     segments=message["sms_segments"], reason=one_line_reason(message["reasoning"]))
+    if message.get("variant"):
+        row["variant"] = str(message["variant"])
+    return row
+
+
+def preview_lines(preview: Sequence[Mapping[str, Any]]) -> list[str]:
+    """The preview as a Markdown table; the ``variant`` column only when some message has one."""
+    variant = any("variant" in row for row in preview)
+    header = ["#", "first name", "event", "send window (member's local time)", "encoding", "segments", "reason"]
+    lines = ["## Preview of the drafted messages", "", *markdown_table([header + ["variant"] * variant,
+             *([str(i), row["first_name"], row["event_name"], row["send_window"], row["encoding"],
+                str(row["segments"]), row["reason"]] + [row.get("variant", "-")] * variant
+               for i, row in enumerate(preview, 1))])]
+    return lines + ([] if preview else ["", "No message was drafted."]) + [""]
+
+
+def run_cost(segments: int, price: float | None, claude_usd: float | None, claude_used: bool) -> dict[str, Any]:
+    """The day's cost: SMS segments times ``SMS_SEGMENT_PRICE`` (segments only when it is unset) beside Claude's
+    estimate (None when its prices are unknown); the total only when every part is known."""
+    sms_usd = None if price is None else round(segments * price, 6)
+    claude = claude_usd if claude_used else 0.0
+    total = None if sms_usd is None or claude is None else round(sms_usd + claude, 6)
+    return {"sms_segments": segments, "sms_segment_price_usd": price, "sms_cost_usd": sms_usd,
+            "claude_used": claude_used, "claude_cost_usd": claude_usd if claude_used else None, "total_usd": total}
+
+
+def usd(value: float | None) -> str:
+    return "unknown" if value is None else f"{value:.4f} USD"
+
+
+def cost_text(cost: Mapping[str, Any]) -> str:
+    """The cost in one line, for the console and the report: "12 SMS segments x 0.0079 USD = 0.0948 USD; ..."."""
+    parts = [plural(cost["sms_segments"], "SMS segment") + (
+        f" x {usd(cost['sms_segment_price_usd'])} = {usd(cost['sms_cost_usd'])}"
+        if cost["sms_segment_price_usd"] is not None else " (SMS_SEGMENT_PRICE unset: no price)")]
+    if cost["claude_used"]:
+        parts.append(f"Claude {usd(cost['claude_cost_usd'])}")
+        if cost["total_usd"] is not None:
+            parts.append(f"in all {usd(cost['total_usd'])}")
+    return "; ".join(parts)
+
+
 def campaign_id_for(moment: datetime) -> str:
     return f"{CAMPAIGN_NAME}-{moment.astimezone(UTC).strftime('%Y%m%d-%H%M%S')}"
 
@@ -4590,13 +4796,108 @@ def mean(values: Sequence[float]) -> float:
     return round(sum(values) / len(values), 1) if values else 0.0
 
 
-RECOMMENDATIONS = [
-    "Focus on welcome-back messaging that acknowledges time away.",
-    "Prioritize interest alignment for reactivation.",
-    "Use urgency (spots left, time) to drive immediate action.",
-    "Consider proximity (neighborhood) for convenience.",
-    "Track reactivation success rate (RSVPs from dormant users).",
-]
+# --- recommendations: read from this run's figures ------------------------------------------------
+
+POWER_DAYS = 30  # the report's holdout power looks back this many days (and at this run)
+DOMINANT_SHARE = 0.5  # a skip reason leaving out at least this share of the members looked at "dominates"
+CROWDED_EVENT_SHARE = 0.5  # an event taking at least this share of the invitations (of 3 or more)
+TELLABLE_LIFT_PP = 20.0  # a holdout that cannot detect a lift this small is "too small to tell"
+REASON_ADVICE = {  # what to do when a skip reason dominates; {n} members, {share} of the members considered
+    "cooldown": "{n} members ({share}) were messaged or held out within --cooldown-days: the pool is being "
+                "used up; expect fewer drafts until they leave the cooldown.",
+    "no_valid_phone": "{n} members ({share}) have no number that takes texts: hand data/processed/skipped.csv "
+                      "to data clean-up.",
+    "shared_phone": "{n} members ({share}) share a number with another member: data/processed/skipped.csv "
+                    "lists them for data clean-up.",
+    "opted_out": "{n} members ({share}) opted out of texts: nothing to do but respect it; consider email.",
+    "no_matching_event": "{n} members ({share}) have no open event that shares an interest: publish events "
+                         "for their interests (skipped.csv lists them).",
+    "no_event_in_send_window": "{n} members ({share}) only match events starting too soon: check "
+                               "--min-lead-hours and QUIET_HOURS, or run earlier in the day.",
+    "below_min_confidence": "{n} members ({share}) match nothing above --min-confidence: more events, or a "
+                            "lower threshold after looking at their matches.",
+    "seats_exhausted": "{n} members ({share}) found every matching event already full of invitations: add "
+                       "events, or allow more invitations per spot.",
+    "no_sms_within_contract": "{n} members ({share}) got no SMS within the contract: shorten the event names "
+                              "or SMS_SENDER/SMS_OPT_OUT_TEXT.",
+    "failed": "{n} members ({share}) failed with an error: read the log before the next run.",
+}
+
+
+def looked_at_reasons(reasons: Mapping[str, int]) -> dict[str, int]:
+    """The skip reasons of members the run looked at: not the ones it never reached (``--limit``, a stop),
+    nor the control group."""
+    return {code: n for code, n in reasons.items()
+            if code != "holdout" and reason_stage(code) != "reached" and n}
+
+
+def dominant_reason_advice(reasons: Mapping[str, int], drafted: int) -> list[str]:
+    """The skip reason that left out most of the members looked at, and what to do about it."""
+    left = looked_at_reasons(reasons)
+    if not left:
+        return []
+    code, n = max(left.items(), key=lambda kv: (kv[1], kv[0]))
+    share = n / (sum(left.values()) + drafted)
+    if share < DOMINANT_SHARE:
+        return []
+    advice = REASON_ADVICE.get(code, "{n} members ({share}) were left out as " + code + ".")
+    return [advice.format(n=n, share=f"{100 * share:.0f}% of the members considered")]
+
+
+def crowded_event_advice(messages: Sequence[Mapping[str, Any]]) -> list[str]:
+    """An event taking most of the invitations: one event's seats cannot take them all."""
+    events = Counter(m["event_name"] for m in messages)
+    if len(messages) < 3 or not events:
+        return []
+    name, n = events.most_common(1)[0]
+    if n / len(messages) < CROWDED_EVENT_SHARE:
+        return []
+    return [(f"{cell(name)} takes {n} of {len(messages)} invitations: check it can seat them, or add events "
+             "for these members' interests.")]
+
+
+def holdout_advice(holdout: Mapping[str, Any], power: Mapping[str, Any]) -> list[str]:
+    """No control group, or one too small to tell a lift from chance (``holdout_power``)."""
+    if not holdout.get("fraction"):
+        return ["No holdout: run with --holdout 0.1 so `measure` can tell whether the messages bring anyone back."]
+    period = power.get("last_30_days") or power["this_run"]
+    found = period["detectable_lift_pp"]
+    if found is not None and found <= TELLABLE_LIFT_PP:
+        return []
+    could = ("cannot detect any lift" if found is None or found >= 100
+             else f"can only detect a lift of {found:.0f} pp or more")
+    return [(f"The holdout is too small to tell: {period['held_out']} held out against {period['treated']} texted "
+             f"{could}; raise --holdout above {holdout['fraction']:g} or let more days add up.")]
+
+
+def message_advice(summary: Mapping[str, Any], reasons: Mapping[str, int], cost: Mapping[str, Any]) -> list[str]:
+    """No message at all, or messages longer than one segment (each extra segment is billed)."""
+    drafted = summary.get("total_messages_generated", 0)
+    if not drafted:
+        return ["No message was drafted: see the funnel for where the members were left out."
+                if looked_at_reasons(reasons) else "No message was drafted: nobody eligible was looked at."]
+    extra = cost["sms_segments"] - drafted
+    if extra > 0:
+        return [(f"{extra} extra SMS segments ({cost['sms_segments']} for {drafted} messages): shorter event "
+                 "names or sender texts keep each message to one.")]
+    return []
+
+
+def fallback_advice(fallbacks: Mapping[str, Any]) -> list[str]:
+    n = fallbacks.get("matching", 0) + fallbacks.get("writing", 0)
+    return [f"Claude fell back to the rules or the template {n} times: see Claude fallbacks."] if n else []
+
+
+def recommendations(report: Mapping[str, Any]) -> list[str]:
+    """What this run's figures suggest doing (a dominant skip reason, a crowded event, a holdout too small,
+    segments, fallbacks); a day with nothing to say says so."""
+    reasons, summary = report["skip_reasons"], report["summary"]
+    found = [*message_advice(summary, reasons, report["cost"]),
+             *dominant_reason_advice(reasons, summary.get("total_messages_generated", 0)),
+             *crowded_event_advice(report["preview"]),
+             *holdout_advice(report["holdout"], report["holdout_power"]),
+             *fallback_advice(report["fallbacks"])]
+    return found or ["Nothing in this run's figures calls for a change."]
 
 
 def cell(value: Any) -> str:
@@ -4649,10 +4950,14 @@ def report_markdown(report: Mapping[str, Any]) -> str:
                 "total_messages_generated", "total_sms_segments", "average_days_inactive",
                 "average_confidence_score", "error_count"):
         lines.append(f"| {key.replace('_', ' ')} | {s.get(key)} |")
-    lines += ["", f"Users tried: {st['users_processed']}; future events considered: {st['events_processed']}.", ""]
+    lines += ["", f"Future events considered: {st['events_processed']}. Cost: {cost_text(report['cost'])}.", ""]
     if report.get("places_not_located"):
         lines += [places_line(report["places_not_located"]), ""]
+    lines += funnel_lines(report["funnel"], report.get("skip_reasons", {}))
+    lines += ["## Recommendations", "", *(f"- {r}" for r in report["recommendations"]), ""]
     lines += skip_reason_lines(report.get("skip_reasons", {}), report.get("holdout", {}))
+    lines += power_lines(report["holdout_power"])
+    lines += preview_lines(report["preview"])
     lines += ["## Matches and messages", "", "| member | event | confidence | matcher | SMS | segments |",
               "| --- | --- | --- | --- | --- | --- |"]
     messages = {m["user_id"]: m for m in report.get("messages", [])}
@@ -4660,9 +4965,7 @@ def report_markdown(report: Mapping[str, Any]) -> str:
         msg = messages.get(match["user_id"], {})
         lines.append(f"| {cell(match['user_name'])} | {cell(match['event_name'])} | {match['confidence_percentage']} "
                      f"| {match['matcher']} | {cell(msg.get('message_text', ''))} | {msg.get('sms_segments', '')} |")
-    lines += ["", "## Members skipped", ""]
-    skipped = report.get("skipped", [])
-    lines += [f"- {cell(s['user_name'])} ({s['user_id']}): {cell(s['reason'])}" for s in skipped] or ["None."]
+    lines += ["", "## Members skipped", "", *skipped_lines(report)]
     fallbacks = report.get("fallbacks", {})
     if fallbacks.get("reasons"):
         lines += ["", f"## Claude fallbacks ({fallbacks['matching']} matches, {fallbacks['writing']} messages)", ""]
@@ -4689,8 +4992,37 @@ def report_markdown(report: Mapping[str, Any]) -> str:
     lines += [f"- {k.replace('_', ' ')}: {v}" for k, v in issues.items()] or ["None."]
     lines += ["", "## Errors", ""]
     lines += [f"- {cell(e)}" for e in report.get("errors", [])] or ["None."]
-    lines += ["", "## Recommendations", ""] + [f"- {r}" for r in report["recommendations"]]
     return "\n".join(lines) + "\n"
+
+
+def skipped_lines(report: Mapping[str, Any]) -> list[str]:
+    """The members left out, as the funnel counts them (the walk's reasons), then why each member steps 5-6
+    looked at was skipped; the list for data clean-up is ``skipped.csv``."""
+    reasons = {code: n for code, n in report.get("skip_reasons", {}).items() if code != "holdout"}
+    if not reasons:
+        return ["None."]
+    counts = ", ".join(f"{n} {code}" for code, n in reasons.items())
+    lines = [(f"{plural(sum(reasons.values()), 'eligible member')} not texted and not held out ({counts}); "
+              f"`data/processed/{SKIP_LIST}` lists each one the walk reached (member id, reason) for data clean-up.")]
+    skipped = report.get("skipped", [])
+    if skipped:
+        lines += ["", "Skipped in steps 5-6:", ""]
+    return lines + [f"- {cell(s['user_name'])} ({s['user_id']}): {cell(s['reason'])}" for s in skipped]
+
+
+def power_lines(power: Mapping[str, Any]) -> list[str]:
+    """The smallest lift the holdout could detect, this run and over the last 30 days."""
+    lines = ["## Holdout power", ""]
+    for label, key in (("This run", "this_run"), ("Last 30 days", "last_30_days")):
+        figure = power.get(key)
+        if figure is None:
+            lines.append(f"- {label}: unknown (the dashboard's messages and holdout were not read)")
+            continue
+        found = figure["detectable_lift_pp"]
+        lift_words = "no lift can be detected" if found is None else f"smallest detectable lift {found:.1f} pp"
+        verdict = "" if found is not None and found <= TELLABLE_LIFT_PP else " (too small to tell)"
+        lines.append(f"- {label}: {figure['treated']} texted, {figure['held_out']} held out: {lift_words}{verdict}")
+    return lines + ["", f"Method: {power['method']}.", ""]
 
 
 def run_statistics(selected: Sequence[Any], future_events: Sequence[Any], matches: Sequence[Any],
@@ -4785,11 +5117,14 @@ def build_report(*, campaign_id: str, run_started: datetime, finished: datetime,
                  issues: DataIssues, firebase: Mapping[str, Any], errors: Sequence[str],
                  llm_usage: Mapping[str, Any] | None, status: str = "completed",
                  empty_input: Sequence[str] = (), places_not_located: Mapping[str, int] | None = None,
+                 sms_segment_price: float | None = None, earlier_30_days: tuple[int, int] | None = None,
                  ) -> dict[str, Any]:
-    """Step 8: the plan's statistics and summary, plus who was skipped, segments, services and errors.
+    """Step 8: the plan's statistics and summary, plus the funnel, a preview of every message, the cost, who
+    was skipped, the holdout's power, services, errors and recommendations from these figures.
 
     ``empty_input`` names the collections the source had no documents in (``"users"``, ``"events"``);
-    ``decisions`` is each eligible member's ``selected`` or skip code.
+    ``decisions`` is each eligible member's ``selected`` or skip code; ``earlier_30_days`` the members
+    messaged and held out in the dashboard in the 30 days before this run (None: not read).
     """
     reasons = skip_reason_counts(decisions)
     held_out = [o.holdout for o in outcomes if o.holdout is not None]
@@ -4835,14 +5170,18 @@ def build_report(*, campaign_id: str, run_started: datetime, finished: datetime,
         "engagement_counts": census.status_counts,
         "skipped": [vars(s) for s in skipped],
         "skip_reasons": reasons,
+        "funnel": run_funnel(len(census.eligible), reasons),
         "holdout": {"fraction": options.holdout, "count": len(held_out), "ranks": [h["rank"] for h in held_out]},
+        "holdout_power": holdout_power((len(messages), len(held_out)), earlier_30_days),
         "data_issues": issues.as_dict(),
         "errors": list(errors),
-        "recommendations": list(RECOMMENDATIONS),
         "matches": [{k: m[k] for k in ("user_name", "user_id", "event_name", "event_id",  # type: ignore[literal-required]
                                        "confidence_percentage", "matcher")} for m in matches],
         "messages": [{k: m[k] for k in ("user_id", "event_id", "message_text", "sms_encoding",  # type: ignore[literal-required]
                                         "sms_segments", "generator")} for m in messages],
+        "preview": [preview_row(o.user, o.message) for o in outcomes if o.message is not None],
+        "cost": run_cost(summary["total_sms_segments"], sms_segment_price,
+                         (llm_usage or {}).get("estimated_cost_usd"), llm_usage is not None),
         "firebase": dict(firebase),
         "fallbacks": fallback_counts(outcomes),
         "steps_5_6_seconds": round(steps_5_6_seconds, 3),
@@ -4851,7 +5190,17 @@ def build_report(*, campaign_id: str, run_started: datetime, finished: datetime,
     if llm_usage is not None:
         report["llm_usage"] = dict(llm_usage)
     report["places_not_located"] = places_report(places_not_located or {})
+    report["recommendations"] = recommendations(report)
     return report
+
+
+def console_summary(report: Mapping[str, Any], report_path: Path) -> str:
+    """The run's one summary line on the console: the funnel, segments and cost, errors, the report's path."""
+    s = report["summary"]
+    empty = report.get("empty_input") or []
+    status = report["status"] + (f", empty input: {', '.join(empty)}" if empty else "")
+    return (f"Step 8 ({status}): {s['total_dormant_users_found']} dormant; funnel {funnel_text(report['funnel'])}; "
+            f"{cost_text(report['cost'])}; {s['error_count']} errors. Report: {report_path}")
 
 
 def places_report(unlocated: Mapping[str, int]) -> dict[str, Any]:
@@ -6934,6 +7283,22 @@ class DashboardWriter:
                     recent.add(str(item["user_id"]))
         return recent
 
+    def recent_members(self, since: datetime) -> tuple[int, int] | None:
+        """How many members the dashboard holds a message for (``generated_at``) and a holdout record for
+        (``held_out_at``) at or after ``since``, each member once: the report's last-30-days holdout power.
+        The cooldown's reads are reused; None when there is no dashboard or a list cannot be read."""
+        if self.transport is None or self.stood_down:
+            return None
+        found = []
+        for key, dated_by in (("messages", "generated_at"), ("holdout", "held_out_at")):
+            try:
+                value = self._cooldown_reads[key][0] if key in self._cooldown_reads else self.transport.get(key)[0]
+            except ServiceError:  # the report says "unknown"; the cooldown decides what a failed read costs
+                return None
+            found.append(len({str(item["user_id"]) for item in as_item_list(value, key) if item.get("user_id")
+                              and (when := to_utc(item.get(dated_by))) is not None and when >= since}))
+        return found[0], found[1]
+
     def claim_campaign(self, first_id: str, next_id: Any, tries: int = 60) -> str:
         """The campaign id, claimed: its archive's metadata is created with a create-only write
         (``if-match: null_etag``), taking the next id while one exists, so two machines sharing one
@@ -7132,6 +7497,7 @@ class ReturnToTable:
         self.advisor = advisor
         self.zone = settings.zone
         self.sms = settings.sms  # who may be texted, when (quiet hours), and what every message carries
+        self.segment_price = settings.sms_segment_price  # SMS_SEGMENT_PRICE, USD, for the report's cost
         self.min_lead = timedelta(hours=options.min_lead_hours)
         self.control = control
         self.issues = DataIssues()
@@ -7300,7 +7666,7 @@ class ReturnToTable:
         else:
             outcome.holdout = holdout_record(eligible_rank, match, campaign_id=self.campaign_id,
                                              fraction=self.options.holdout, now=self.options.now,
-                                             variant=member_tone(CAMPAIGN_NAME, user["_id"], self.options.variants))
+                                             variant=self.tone_of(user["_id"]))
         return outcome
 
     def window_for(self, event: Mapping[str, Any], zone: ZoneInfo) -> SendWindow | None:
@@ -7347,7 +7713,7 @@ class ReturnToTable:
         when = {"now": now, "window": window, "zone": zone}
         facts = message_facts(match, self.zone, now, sender=self.sms.sender, opt_out_text=self.sms.opt_out_text,
                               tone=member_tone(CAMPAIGN_NAME, match["user_id"], self.options.variants))
-        when["variant"] = facts.tone
+        when["variant"] = self.tone_of(match["user_id"])
         if self.advisor is not None:
             try:
                 text, notes = self.advisor.write(facts, match["user"])
@@ -7374,7 +7740,7 @@ class ReturnToTable:
             if text is None or window is None:
                 continue
             return match, build_message(match, text, generator="template", notes=template_notes(facts, text),
-                                        now=now, window=window, zone=zone, variant=facts.tone)
+                                        now=now, window=window, zone=zone, variant=self.tone_of(user["_id"]))
         return None
 
     def process_user(self, rank: int, user: Mapping[str, Any], events: Sequence[Mapping[str, Any]]) -> UserOutcome:
@@ -7434,6 +7800,11 @@ class ReturnToTable:
                 self.decisions[user["_id"]] = "not_started" if self.control.stopping else "below_limit"
             self.save_progress(done)
         return sorted(done, key=lambda o: o.rank)
+
+    def tone_of(self, member_id: str) -> str | None:
+        """The member's tone in a tone A/B (``--variants``), recorded on their message; None in a default run."""
+        variants = self.options.variants
+        return None if tuple(variants) == (DEFAULT_TONE,) else member_tone(CAMPAIGN_NAME, member_id, variants)
 
     def reach_order(self, walk: Sequence[tuple[int, DormantMember]],
                     events: Sequence[FutureEvent]) -> Sequence[tuple[int, DormantMember]]:
@@ -7510,15 +7881,13 @@ class ReturnToTable:
         write_json(reports / f"return_to_table_report_{campaign_id}.json", report, private=True)
         report_path = reports / f"return_to_table_report_{campaign_id}.md"
         write_text_private(report_path, report_markdown(report))
-        s = report["summary"]
-        empty = report.get("empty_input") or []
-        status = report["status"] + (f", empty input: {', '.join(empty)}" if empty else "")
-        self.logger.info("Step 8 (%s): %d dormant, %d ready, %d matched, %d messages, %d SMS segments, %d errors. "
-                         "Report: %s", status, s["total_dormant_users_found"],
-                         s["total_users_with_complete_profiles"], s["total_matches_created"],
-                         s["total_messages_generated"], s["total_sms_segments"], s["error_count"], report_path,
-                         extra={"summary": True})
+        self.logger.info("%s", console_summary(report, report_path), extra={"summary": True})
         return report_path
+
+    def write_skip_list(self, census: DormancyCensus) -> None:
+        """``data/processed/skipped.csv``: member id and skip_reason of each member the walk reached and left out."""
+        write_csv(self.data_dir / "processed" / SKIP_LIST, ["member_id", "reason"],
+                  skip_list_rows(census.eligible, self.decisions))
 
     # --- the whole run ------------------------------------------------------------------------
 
@@ -7537,6 +7906,7 @@ class ReturnToTable:
         users, events = self.fetch()                       # step 1
         self.census = census = self.dormant_users(users, events)
         walk = self.select(census)
+        earlier = self.dashboard.recent_members(days_before(options.now, POWER_DAYS))  # before this run writes
         future = self.future_events(events)                # step 2 (3-4: summaries attached)
         self.campaign_id = campaign_id = self.fresh_campaign_id(started)
         self.logger.info("Campaign %s", campaign_id)
@@ -7551,6 +7921,7 @@ class ReturnToTable:
                          ", ".join(f"{n} {code}" for code, n in sorted(left_out.items())) or "all of them textable")
         write_json_items(self.data_dir / "processed" / "dormant_users.json",
                          walk_listing(census.eligible, self.decisions), private=True)
+        self.write_skip_list(census)
         selected = [o.user for o in outcomes if not o.held_out]  # the treatment members the walk reached
         not_started = sum(code == "not_started" for code in self.decisions.values())
         status = self.final_status(not_started)
@@ -7575,6 +7946,7 @@ class ReturnToTable:
             future_events=future, outcomes=outcomes, steps_5_6_seconds=steps_5_6_seconds, issues=self.issues,
             firebase=firebase, errors=list(self.dashboard.errors), status=status,
             llm_usage=self.advisor.usage_report() if self.advisor is not None else None,
+            sms_segment_price=self.segment_price, earlier_30_days=earlier,
             empty_input=self.empty_input, places_not_located=unlocated_places(
                 self.hoods, [*(text_field(u, "homeNeighborhood") for u in census.eligible),
                              *(text_field(e, "neighborhood") for e in future)]))
@@ -7694,6 +8066,35 @@ def two_proportion_z_test(x1: int, n1: int, x2: int, n2: int) -> tuple[float, fl
     return z, 2 * NormalDist().cdf(-abs(z))
 
 
+POWER = 0.80
+Z_POWER = NormalDist().inv_cdf(POWER)  # 0.8416...
+POWER_METHOD = ("smallest detectable lift: the normal approximation for two proportions, "
+                "(z_0.975 + z_0.80) x sqrt(p(1 - p)(1/n_treated + 1/n_holdout)), at p = 0.5, where the "
+                "variance is largest, so the figure holds whatever the return rate (80% power, two-sided 5%)")
+
+
+def detectable_lift_pp(treated: int, held_out: int) -> float | None:
+    """The smallest lift, in percentage points, that ``treated`` against ``held_out`` members would detect
+    with 80% power in a two-sided test at 5% (``POWER_METHOD``); None when either group is empty."""
+    if treated <= 0 or held_out <= 0:
+        return None
+    return 100 * (Z_95 + Z_POWER) * math.sqrt(0.25 * (1 / treated + 1 / held_out))
+
+
+def power_figure(treated: int, held_out: int) -> dict[str, Any]:
+    """One period's sizes and the lift its holdout could detect (rounded to 0.1 pp)."""
+    found = detectable_lift_pp(treated, held_out)
+    return {"treated": treated, "held_out": held_out,
+            "detectable_lift_pp": None if found is None else round(found, 1)}
+
+
+def holdout_power(this_run: tuple[int, int], earlier_30_days: tuple[int, int] | None) -> dict[str, Any]:
+    """The run report's holdout power: this run, and the last 30 days (the dashboard's members messaged and
+    held out before this run, plus this run's); ``last_30_days`` is None when the dashboard was not read."""
+    last = None if earlier_30_days is None else power_figure(*(a + b for a, b in zip(this_run, earlier_30_days)))
+    return {"method": POWER_METHOD, "this_run": power_figure(*this_run), "last_30_days": last}
+
+
 @dataclass(frozen=True)
 class Tally:
     """One group's counts. ``size`` counts the members whose window has closed (the rate's denominator);
@@ -7727,6 +8128,13 @@ class Lift(NamedTuple):
     relative: float | None
     z: float
     p_value: float
+    detectable_pp: float | None = None  # the smallest lift these sizes could detect (``detectable_lift_pp``)
+
+    @property
+    def too_small_to_tell(self) -> bool:
+        """The groups are too small for the lift to mean anything: nothing under ``TELLABLE_LIFT_PP`` is
+        detectable (the interval is then as wide as "+0.0 pp, -79 to +28")."""
+        return self.detectable_pp is None or self.detectable_pp > TELLABLE_LIFT_PP
 
 
 def lift(treated: Tally, holdout: Tally) -> Lift | None:
@@ -7738,7 +8146,8 @@ def lift(treated: Tally, holdout: Tally) -> Lift | None:
     z, p_value = two_proportion_z_test(*args)
     t_rate, h_rate = treated.came_back / treated.size, holdout.came_back / holdout.size
     relative = (t_rate - h_rate) / h_rate if h_rate else None
-    return Lift(100 * (t_rate - h_rate), 100 * low, 100 * high, relative, z, p_value)
+    return Lift(100 * (t_rate - h_rate), 100 * low, 100 * high, relative, z, p_value,
+                detectable_lift_pp(treated.size, holdout.size))
 
 
 LIFT_NOTES = {  # why treated-against-holdout has no lift: (the report's sentence, the console table's words)
@@ -8332,7 +8741,8 @@ def lift_json(found: Lift | None) -> dict[str, Any] | None:
         return None
     return {"difference_pp": round(found.difference_pp, 2),
             "interval_pp": [round(found.low_pp, 2), round(found.high_pp, 2)],
-            "relative_lift": rounded(found.relative), "z": round(found.z, 4), "p_value": float(f"{found.p_value:.4g}")}
+            "relative_lift": rounded(found.relative), "z": round(found.z, 4), "p_value": float(f"{found.p_value:.4g}"),
+            "detectable_lift_pp": rounded(found.detectable_pp, 1), "too_small_to_tell": found.too_small_to_tell}
 
 
 def measurement_json(m: Measurement) -> dict[str, Any]:
@@ -8345,8 +8755,10 @@ def measurement_json(m: Measurement) -> dict[str, Any]:
 def measure_report(*, run_date: datetime, now: datetime, window_days: int, dates: DateRange,
                    campaign: str | None, source_label: str, archive: str,
                    measured: Sequence[tuple[ArchivedCampaign, Measurement]], pooled: Measurement,
-                   issues: DataIssues, errors: Sequence[str], empty_input: Sequence[str]) -> dict[str, Any]:
-    """The report's JSON: the settings, the method in words, pooled and per-campaign blocks, what was odd."""
+                   issues: DataIssues, errors: Sequence[str], empty_input: Sequence[str],
+                   events_note: str | None = None) -> dict[str, Any]:
+    """The report's JSON: the settings, the method in words, pooled and per-campaign blocks, what was odd;
+    ``events_note`` says when nobody could have come back yet (``stale_events_note``)."""
     return {
         "kind": "measure",
         "run_date": iso_utc(run_date),
@@ -8358,9 +8770,10 @@ def measure_report(*, run_date: datetime, now: datetime, window_days: int, dates
         "source": source_label,
         "archive": archive,
         "empty_input": list(empty_input),
+        "events_note": events_note,
         "method": {"came_back": PROXY_TEXT.format(days=window_days), "reference_time": REFERENCE_TEXT,
                    "interval": INTERVAL_METHOD, "test": TEST_METHOD, "confidence": CONFIDENCE,
-                   "pooling": POOLING_TEXT, "reviewed_groups": REVIEWED_TEXT},
+                   "pooling": POOLING_TEXT, "reviewed_groups": REVIEWED_TEXT, "power": POWER_METHOD},
         "campaigns_measured": len(measured),
         "pooled": measurement_json(pooled),
         "campaigns": [{"campaign_id": c.campaign_id, "created_at": iso_utc(c.created_at), "status": c.status,
@@ -8401,11 +8814,25 @@ def lift_lines(block: Mapping[str, Any]) -> list[str]:
         if found is None:
             continue
         relative = found["relative_lift"]
+        if found.get("too_small_to_tell"):
+            lines.append(too_small_line(name, found, block["groups"]))
+            continue
         lines.append(f"lift {name} vs holdout: {found['difference_pp']:+.1f} pp (95% CI {found['interval_pp'][0]:+.1f} "
                      f"to {found['interval_pp'][1]:+.1f} pp), relative "
                      f"{'n/a (no holdout member came back)' if relative is None else f'{100 * relative:+.1f}%'}, "
                      f"{p_text(found['p_value'])}")
     return lines
+
+
+def too_small_line(name: str, found: Mapping[str, Any], groups: Mapping[str, Any]) -> str:
+    """A lift the groups are too small to tell from chance, said so first, its figures after."""
+    detectable = found["detectable_lift_pp"]
+    could = ("no lift is detectable" if detectable is None or detectable >= 100
+             else f"only a lift of {detectable:.0f} pp or more is detectable")
+    low, high = found["interval_pp"]
+    return (f"lift {name} vs holdout: too small to tell ({groups[name]['size']} against "
+            f"{groups['holdout']['size']} held out: {could} with 80% power; {found['difference_pp']:+.1f} pp, "
+            f"95% CI {low:+.1f} to {high:+.1f} pp)")
 
 
 def block_rows(block: Mapping[str, Any]) -> list[list[str]]:
@@ -8441,7 +8868,10 @@ def campaign_row(entry: Mapping[str, Any]) -> list[str]:
         lift_cells = [LIFT_NOTES[entry["note_code"]][1], ""]
     else:
         low, high = found["interval_pp"]
-        lift_cells = [f"{found['difference_pp']:+.1f} ({low:+.1f} to {high:+.1f})", p_value_text(found["p_value"])]
+        figures = f"{found['difference_pp']:+.1f} ({low:+.1f} to {high:+.1f})"
+        if found.get("too_small_to_tell"):
+            figures = f"too small to tell ({found['difference_pp']:+.1f}, {low:+.1f} to {high:+.1f})"
+        lift_cells = [figures, p_value_text(found["p_value"])]
     return [clean_text(entry["campaign_id"], 100)[0], share(groups["treated"]), share(groups["holdout"]), *lift_cells,
             str(groups["treated"]["open"] + groups["holdout"]["open"])]
 
@@ -8450,7 +8880,7 @@ def measure_console(report: Mapping[str, Any], report_path: Path) -> str:
     """The console table: one line per campaign, then the pooled block in full, the method, the report's path
     (a year of daily campaigns stays a readable table; the report has every campaign in full)."""
     lines = [f"Measure: {plural(report['campaigns_measured'], 'campaign')}, window {report['window_days']} days, "
-             + f"as of {report['as_of']}", ""]
+             + f"as of {report['as_of']}", *([report["events_note"]] if report.get("events_note") else []), ""]
     if report["campaigns"]:
         lines += text_table([CAMPAIGN_COLUMNS, *(campaign_row(c) for c in report["campaigns"])], indent="") + [""]
     pooled = report["pooled"]
@@ -8535,8 +8965,10 @@ def measure_markdown(report: Mapping[str, Any]) -> str:
              f"- Archive: {cell(report['archive'])}; events: {cell(report['source'])}",
              f"- Campaigns measured: {report['campaigns_measured']}",
              *empty_input_lines(report["empty_input"]),
+             *([f"- **{report['events_note']}**"] if report.get("events_note") else []),
              "", "## What \"came back\" means", "", method["came_back"], "", method["reference_time"],
              "", "## Method", "", f"- {INTERVAL_METHOD}.", f"- {TEST_METHOD}.", f"- {method['pooling']}",
+             f"- Too small to tell: a lift whose {POWER_METHOD} exceeds {TELLABLE_LIFT_PP:g} pp.",
              f"- {method['reviewed_groups']}",
              "", "## Pooled", "", *markdown_table([MEASURE_COLUMNS, *block_rows(report["pooled"])]), ""]
     lines += [f"- {line}" for line in lift_lines(report["pooled"])]
@@ -8838,8 +9270,22 @@ def measure_report_paths(out_dir: Path, started: datetime) -> tuple[Path, Path]:
 
 
 def measure_exit_code(report: Mapping[str, Any]) -> int:
-    """3 when something needs a look (a campaign unreadable, no events, no campaign measured), else 0."""
-    return EXIT_ATTENTION if report["errors"] or report["empty_input"] or not report["campaigns_measured"] else EXIT_OK
+    """3 when something needs a look (a campaign unreadable, no events or none after the messages, no campaign
+    measured), else 0."""
+    needs_a_look = report["errors"] or report["empty_input"] or report.get("events_note")
+    return EXIT_ATTENTION if needs_a_look or not report["campaigns_measured"] else EXIT_OK
+
+
+def stale_events_note(events: Iterable[Mapping[str, Any]], campaigns: Sequence[ArchivedCampaign]) -> str | None:
+    """When every event of the source starts before the first message (or hold-out) measured, nobody could have
+    come back yet: the sentence that says so plainly, else None."""
+    first = min((o.reference for c in campaigns for o in c.observations), default=None)
+    latest = max((start for e in events if (start := to_utc(e.get("startDate"))) is not None), default=None)
+    if first is None or latest is None or latest > first:
+        return None
+    return (f"Nobody could have come back yet: every event in the source starts before the first message "
+            f"(latest event {iso_utc(latest)}, first message {iso_utc(first)}); measure against a newer export "
+            "of the events.")
 
 
 def window_days(text: str) -> int:
@@ -8852,7 +9298,8 @@ def window_days(text: str) -> int:
 MEASURE_EXIT_CODES_HELP = """exit codes:
   0    done cleanly
   3    done, but something needs a look: a campaign could not be read (named in the report), the
-       source has no events, or no archived campaign is in range
+       source has no events (or none starting after the first message: nobody could have come back
+       yet), or no archived campaign is in range
   1    failed, nothing measured: the archive or the source is unreadable, MongoDB unreachable, out of disk
   2    bad usage, configuration or input
   130  interrupted by SIGINT; 143 by SIGTERM"""
@@ -8928,7 +9375,7 @@ def run_measure(args: argparse.Namespace, env: Mapping[str, str] | None, mongo_c
                             dates=options.dates, campaign=options.campaign, source_label=source.label,
                             archive=transport.description, measured=measured,
                             pooled=pooled_measurement([m for _, m in measured]), issues=issues, errors=errors,
-                            empty_input=empty)
+                            empty_input=empty, events_note=stale_events_note(events, campaigns))
     report.update(learned_json([f for _, fs in followed for f in fs], events))
     report["funnel"] = measure_funnel(report, report_funnel(options.run.out_dir / "reports",
                                                             {c.campaign_id for c in campaigns}))

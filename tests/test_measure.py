@@ -788,3 +788,47 @@ def test_any_archived_values_are_measured_or_counted_never_a_crash(metadata: Any
                                 issues=issues, errors=[], empty_input=[])
     json.dumps(report, allow_nan=False)
     assert "\u202e" not in rtt.measure_console(report, Path("r.md")) + rtt.measure_markdown(report)
+
+
+# =============================================================================================
+# Issue 20: a holdout too small to tell, and events that all start before the messages
+# =============================================================================================
+
+
+def test_a_holdout_too_small_to_tell_says_so_instead_of_a_bare_interval(measure) -> None:
+    """Issue 20's ten days: 70 texted against 2 held out. The interval is some 100 points wide; the console
+    and the report say "too small to tell" before any figure, and the JSON says why."""
+    world = World()
+    world.arms("return-to-table-20260110-110000", FIRST_RUN, number=1, treated=70, treated_back=7,
+               held_out=2, held_back=0)
+    run = measure(world)
+    assert run.code == 0, run.err
+    found = report_of(run)["pooled"]["lift"]["treated"]
+    assert found["too_small_to_tell"] is True and found["detectable_lift_pp"] == 100.5
+    assert found["interval_pp"][1] - found["interval_pp"][0] > 40  # the figures are still there
+    assert "lift treated vs holdout: too small to tell (70 against 2 held out: no lift is detectable" in run.out
+    assert "lift treated vs holdout: +" not in run.out
+    row = next(line for line in run.out.splitlines() if line.startswith("return-to-table-20260110"))
+    assert "too small to tell (+10.0, " in row
+    assert "lift treated vs holdout: too small to tell" in markdown_of(run)
+
+
+def test_a_large_enough_holdout_gives_its_lift_plainly(measure) -> None:
+    run = measure(lift_world())  # 500 against 500: a 8.9-point lift is detectable
+    found = report_of(run)["pooled"]["lift"]["treated"]
+    assert found["too_small_to_tell"] is False and found["detectable_lift_pp"] == 8.9
+    assert "too small to tell" not in run.out
+
+
+def test_events_that_all_start_before_the_messages_mean_nobody_could_have_come_back_yet(measure) -> None:
+    world = lift_world()
+    world.events = [e for e in world.events if e["startDate"] < FIRST_RUN.replace(tzinfo=None)]
+    assert world.events  # the export has events, only none after the messages
+    run = measure(world)
+    assert run.code == 3
+    note = report_of(run)["events_note"]
+    assert note.startswith("Nobody could have come back yet: every event in the source starts before the first "
+                           "message")
+    assert note in run.out and note in markdown_of(run)
+    fresh = measure(lift_world(), root=run.root.parent / "fresh")  # the same campaign, events after it too
+    assert fresh.code == 0 and report_of(fresh)["events_note"] is None
