@@ -25,14 +25,17 @@ Glossary (one name per concept, here and in the code):
   walk       steps 5-6 going down the ranked contactable members until ``--limit`` are messaged;
              every eligible member ends ``selected`` or with a ``skip_reason`` (``SKIP_REASONS``).
   send window  when a message may go out (``send_window``): outside QUIET_HOURS, before the lead.
+  tone       a message-tone variant (``TONES``) of the A/B test (``--variants``): a template wording family
+             and a line for Claude; assigned by its own stable hash (``member_tone``), independent of the holdout.
   funnel     the report's counts from eligible to drafted (``run_funnel``), held out apart; each
              ``skip_reason`` drops its members at one stage (``REASON_STAGES``).
 
 The file reads top-down in the plan's step order: configuration, data loading, the rules of
 steps 1-8 (pure functions), the service edges (sources, the demo world, Claude for steps 5-6,
 Firebase for step 7), the ``ReturnToTable`` orchestration, ``measure`` (did the campaigns bring
-anyone back: treated against holdout, read only), ``backtest`` (the matcher against history), and
-the command line.
+anyone back: treated against holdout, read only; then who and what brings members back, the tone A/B,
+and the charts), ``backtest`` (the matcher against history; fitting its weights, ``MATCH_WEIGHTS``, and
+comparing ``RANK_BY`` orderings), and the command line.
 """
 
 from __future__ import annotations

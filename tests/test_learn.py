@@ -102,6 +102,8 @@ def test_variants_are_stored_on_messages_and_holdout_by_the_members_stable_hash(
     assert holdout and all(h["variant"] == rtt.member_tone(rtt.CAMPAIGN_NAME, h["user_id"], variants)
                            for h in holdout)
     assert all(h["deciding_signal"] in rtt.DECIDING_SIGNALS for h in holdout)
+    preview = run.report()["preview"]
+    assert [row["variant"] for row in preview] == [m["variant"] for m in messages]  # shown in the preview
 
 
 def test_default_is_one_variant_todays_wording(run_cli) -> None:
