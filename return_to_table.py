@@ -254,6 +254,17 @@ class QuietHours(NamedTuple):
 
 
 DEFAULT_QUIET = QuietHours.parse(DEFAULT_QUIET_HOURS)
+
+
+def quiet_hours_setting(text: str) -> QuietHours:
+    """``QUIET_HOURS`` parsed, and at least ``DEFAULT_QUIET_HOURS``: the hours it leaves for sending lie
+    within 8am-9pm local (a stricter window is fine); else a usage error that says so."""
+    quiet = QuietHours.parse(text)
+    if not DEFAULT_QUIET.end <= quiet.end < quiet.start <= DEFAULT_QUIET.start:
+        raise UsageError(f"QUIET_HOURS={text!r} would let texts go out before 8am or after 9pm local: it names "
+                         f"the hours when no text may go out, at least {DEFAULT_QUIET_HOURS} (a longer quiet window "
+                         "such as 20:00-09:00 is fine)")
+    return quiet
 DEFAULT_OPT_OUT_FIELDS = ("smsOptOut", "sms_opt_out", "unsubscribed", "doNotText", "optOut.sms")
 DEFAULT_CONSENT_FIELDS = ("smsConsent", "allowSms", "notificationSettings.sms", "preferences.sms")
 
@@ -281,10 +292,11 @@ class SmsPolicy:
     opt_out_text: str | None = None  # SMS_OPT_OUT_TEXT, just before the link
 
     @classmethod
-    def from_env(cls, get: Any) -> SmsPolicy:
-        region = (get("SMS_DEFAULT_REGION") or "US").upper()
-        if not re.fullmatch(r"[A-Z]{2}", region):
-            raise UsageError(f"SMS_DEFAULT_REGION={region!r} must be a two-letter region code such as US")
+    def from_env(cls, get: Any, env: Mapping[str, str] | None = None) -> SmsPolicy:
+        """The policy from ``get`` (a variable's stripped value, None when unset or empty); ``env`` tells an
+        empty SMS_DEFAULT_REGION from an unset one. Every value is checked here, before anything runs: a
+        sender or opt-out text that breaks the SMS contract is a usage error (``sms_policy_problem``)."""
+        region = sms_region(get("SMS_DEFAULT_REGION"), "SMS_DEFAULT_REGION" in (env or {}))
         sender, opt_out = get("SMS_SENDER"), get("SMS_OPT_OUT_TEXT")
         for name, value in (("SMS_SENDER", sender), ("SMS_OPT_OUT_TEXT", opt_out)):
             if value is not None and (len(value) > 60 or any(unicodedata.category(ch)[0] == "C" for ch in value)):
@@ -292,8 +304,27 @@ class SmsPolicy:
         return cls(default_region=region,
                    opt_out_fields=field_paths(get("SMS_OPT_OUT_FIELDS"), DEFAULT_OPT_OUT_FIELDS, "SMS_OPT_OUT_FIELDS"),
                    consent_fields=field_paths(get("SMS_CONSENT_FIELDS"), DEFAULT_CONSENT_FIELDS, "SMS_CONSENT_FIELDS"),
-                   quiet_hours=QuietHours.parse(get("QUIET_HOURS") or DEFAULT_QUIET_HOURS),
-                   sender=sender, opt_out_text=opt_out)
+                   quiet_hours=quiet_hours_setting(get("QUIET_HOURS") or DEFAULT_QUIET_HOURS),
+                   sender=sender, opt_out_text=opt_out).checked()
+
+    def checked(self) -> SmsPolicy:
+        """This policy, or a usage error naming the variable whose text no message could carry."""
+        problem = sms_policy_problem(self)
+        if problem:  # otherwise every member would be skipped, each for a message that cannot be sent
+            raise UsageError(problem)
+        return self
+
+
+def sms_region(value: str | None, present: bool) -> str:
+    """``SMS_DEFAULT_REGION``: a region phonenumbers knows (``US``, ``GB``); unset means US, set but empty
+    (or ``XX``, ``ZZ``) is a usage error: national numbers would be read in no region at all."""
+    if value is None and present:
+        raise UsageError("SMS_DEFAULT_REGION is set but empty: set a region such as US, or remove the line")
+    region = (value or "US").upper()
+    if region not in phonenumbers.SUPPORTED_REGIONS:
+        raise UsageError(f"SMS_DEFAULT_REGION={region[:20]!r} is not a region phonenumbers knows "
+                         "(two letters, such as US or GB)")
+    return region
 
 
 @dataclass(frozen=True)
@@ -355,7 +386,7 @@ class Settings:
             firebase_timeout=firebase_timeout,
             campaign_timezone=zone,
             neighbourhoods_csv=Path(get("NEIGHBOURHOODS_CSV") or CENTROIDS_CSV).expanduser(),
-            sms=SmsPolicy.from_env(get),
+            sms=SmsPolicy.from_env(get, env),
             sms_segment_price=segment_price(get("SMS_SEGMENT_PRICE")),
             env=dict(env),
         )
@@ -2631,9 +2662,57 @@ def text_list(doc: Mapping[str, Any], name: str) -> list[str]:
 
 
 # Contact details as a phone or a reader would take them: an email address, or a phone number (a run
-# of 7 or more digits with an optional +, and spaces, dashes, dots or parentheses between them).
+# of 7 or more digits with an optional +, and spaces, dashes, dots or parentheses between them), except a
+# date or a span of years that is the whole run ("2026-12-19", "12.25.2026", "1990-2010").
 EMAIL_ADDRESS = re.compile(r"(?<![\w.+-])[\w.+-]+@[\w-]+(?:\.[\w-]+)+")  # starts only where a run does: linear
-PHONE_NUMBER = re.compile(r"\+?\(?\d(?:[\s().-]{0,3}\d){6,}")
+_DATE_RUN = (r"(?:\d{4}(?P<ymd>[-./])\d\d?(?P=ymd)\d\d?|\d\d?(?P<mdy>[-./])\d\d?(?P=mdy)\d{4}|(?:19|20)\d\d-(?:19|20)\d\d)"
+             r"(?![\s().-]{0,3}\d)")
+PHONE_NUMBER = re.compile(r"(?<!\d)(?!" + _DATE_RUN + r")\+?\(?\d(?:[\s().-]{0,3}\d){6,}")
+# A vanity number: a North American number with letters for some of its digits, read off the keypad
+# ("1-800-EVIL-NOW", "1-800-ABC-DEFG", "800-Flowers", "+1 212 EV1L N0W"). An area code, then seven to nine
+# keypad characters (letters or digits) ending where a word ends. Any case after "1-" or a toll-free code
+# joined by "-" or "." ("1-800-Flowers"); otherwise only capitals, so "200-Year-Old Tavern" and
+# "888 Broadway" stay names, and spaces only after "1 " or a toll-free code ("1 800 EVIL NOW").
+_ANY_KEYS = r"[A-Za-z0-9](?:[-.]?[A-Za-z0-9]){6,8}"
+_CAPS_KEYS = r"[A-Z0-9](?:[-. ]?[A-Z0-9]){6,8}"
+_TOLL_FREE = r"\+?1?[-. ]?\(?8(?:00|33|44|55|66|77|88)\)?"
+VANITY_NUMBER = re.compile(
+    r"(?<![\w+.-])(?:(?:\+?1[-. ]\(?[2-9]\d\d\)?|" + _TOLL_FREE + r")(?:[-.]?" + _ANY_KEYS + r"|[-. ]?" + _CAPS_KEYS
+    + r")|(?:\([2-9]\d\d\) ?|[2-9]\d\d)[-.]?[A-Z0-9](?:[-.]?[A-Z0-9]){6,8})(?![A-Za-z0-9])")
+# An IP host, which phones link like a domain: IPv4 (four dotted numbers) or IPv6 (in brackets, or bare with
+# "::" or all eight groups), with any port and path.
+_HEX = r"[0-9A-Fa-f]{1,4}"
+IP_HOST = re.compile(
+    r"(?:(?<![\w.])(?:\d{1,3}\.){3}\d{1,3}(?!\w|\.\d)"
+    r"|\[[0-9A-Fa-f.]{0,4}(?::[0-9A-Fa-f.]{0,15}){2,8}(?:%[\w.-]{1,20})?\]"
+    r"|(?<![\w:.])(?:" + _HEX + r"(?::" + _HEX + r"){7}|" + _HEX + r"(?::" + _HEX + r"){0,6}::(?:" + _HEX
+    + r"(?::" + _HEX + r"){0,6})?|::" + _HEX + r"(?::" + _HEX + r"){0,6})(?![\w:]))"
+    r"(?::\d{1,5})?(?:/\S*)?")
+# A scheme a phone opens in its dialer, messenger or mail app: "tel:", "sms:", "mailto:" and their kin.
+CONTACT_SCHEME = re.compile(r"(?i:(?<![\w+.-])(?:mailto|tel|telprompt|callto|sms|smsto|mms|mmsto|facetime|"
+                            r"facetime-audio|imessage|skype|whatsapp|geo|maps):\S+)")
+# The one detector of contact details (names, prompts, event names, the SMS contract, SMS_SENDER and
+# SMS_OPT_OUT_TEXT), each kind a named group; ``CONTACT_KINDS`` says each in words.
+CONTACT_DETAIL = re.compile("|".join(f"(?P<{kind}>{pattern.pattern})" for kind, pattern in (
+    ("email", EMAIL_ADDRESS), ("ip", IP_HOST), ("scheme", CONTACT_SCHEME), ("phone", PHONE_NUMBER),
+    ("vanity", VANITY_NUMBER))))
+CONTACT_KINDS = {"email": "email addresses", "ip": "IP addresses", "scheme": "tel:, sms: or mailto: links",
+                 "phone": "phone numbers", "vanity": "phone numbers in letters (1-800-ABC-DEFG)"}
+
+
+CONTACT_CLUE = re.compile(r"[\d@:]")  # every contact detail holds one: text without any is read at once
+
+
+def first_contact(text: str) -> re.Match[str] | None:
+    """The first contact detail (``CONTACT_DETAIL``) in ``text`` as it stands, or None."""
+    return CONTACT_DETAIL.search(text) if CONTACT_CLUE.search(text) else None
+
+
+def contact_kinds(text: str) -> list[str]:
+    """The kinds of contact detail (``CONTACT_KINDS``' keys) in ``text`` as it stands, each once, in order."""
+    if not CONTACT_CLUE.search(text):
+        return []
+    return list(dict.fromkeys(str(found.lastgroup) for found in CONTACT_DETAIL.finditer(text)))
 
 
 def readable(text: str) -> str:
@@ -2648,15 +2727,16 @@ def readable(text: str) -> str:
 
 @functools.lru_cache(maxsize=65536)  # names repeat across members: each spelling is read once
 def holds_contact(text: str) -> bool:
-    """Whether ``text`` holds an email address or a phone number."""
-    plain = readable(text)
-    return EMAIL_ADDRESS.search(plain) is not None or PHONE_NUMBER.search(plain) is not None
+    """Whether ``text`` holds a contact detail (``CONTACT_DETAIL``: an email address, a phone number in
+    digits or letters, an IP host, a tel:/sms:/mailto: scheme)."""
+    return first_contact(readable(text)) is not None
 
 
 def without_contacts(text: str) -> str:
-    """``text`` (read plainly) with every email address and phone number blanked: the one filter
+    """``text`` (read plainly) with every contact detail (``CONTACT_DETAIL``) blanked: the one filter
     every member and host field passes through on its way into a prompt."""
-    return PHONE_NUMBER.sub(" ", EMAIL_ADDRESS.sub(" ", readable(text)))
+    plain = readable(text)
+    return CONTACT_DETAIL.sub(" ", plain) if CONTACT_CLUE.search(plain) else plain
 
 
 def person_name(user: Mapping[str, Any], name: str) -> str | None:
@@ -3715,6 +3795,8 @@ URL_PATTERN = re.compile(
     r"|(?<!" + _RUN_CHAR + r")" + _RUN_CHAR + r"*?" + _LABEL_CHAR +
     r"\.(?:[^\W\d_]{2,}|xn--[a-z0-9-]+)(?!" + _LABEL_CHAR + r")(?:/\S*)?",
     re.IGNORECASE)
+GREETINGS = re.compile(r"\b(?:hi|hey|hello|hiya|howdy|greetings|good (?:morning|afternoon|evening))\b",
+                       re.IGNORECASE)  # "welcome back" is the message's point, not a second greeting
 NUMBER_WORDS = re.compile(r"\b(?:two|three|four|five|six|seven|eight|nine|ten|eleven|twelve|twenty|thirty|forty|"
                           r"fifty|hundred|dozen|half)\b", re.IGNORECASE)
 LETTER_WORDS = re.compile(r"\b[^\W\d_]{2,}\b")  # one tokeniser for a text's words and for what is exempt
@@ -3737,9 +3819,9 @@ def phone_view(text: str) -> str:
 
 
 def first_tappable(view: str) -> int | None:
-    """Where the first thing a phone would make tappable (link, email address, phone number) starts in
-    a ``phone_view``, or None."""
-    found = [m.start() for m in (URL_PATTERN.search(view), PHONE_NUMBER.search(view)) if m]
+    """Where the first thing a phone would make tappable (a link, or a contact detail: ``CONTACT_DETAIL``)
+    starts in a ``phone_view``, or None."""
+    found = [m.start() for m in (URL_PATTERN.search(view), first_contact(view)) if m]
     return min(found, default=None)
 
 
@@ -4030,10 +4112,11 @@ def without_sender_parts(body: str, facts: MessageFacts) -> tuple[str, list[str]
 def validate_sms(text: str, facts: MessageFacts) -> list[str]:
     """The SMS contract, for template and Claude alike: every problem found, empty when fine.
 
-    Nothing a phone could make tappable may appear but the one link: no other scheme, ``www.``,
-    email address, phone number or bare domain (``URL_PATTERN``: any ``label.label`` with a letter-only
-    top-level domain), looked for in ``phone_view`` so Unicode spellings count; and no control or
-    invisible character at all. The event is named by its ``phone_safe_name``.
+    Nothing a phone could make tappable may appear but the one link: no other scheme, ``www.`` or bare
+    domain (``URL_PATTERN``: any ``label.label`` with a letter-only top-level domain), and no contact
+    detail (``CONTACT_DETAIL``: email address, phone number in digits or letters, IP host, tel:/sms:/mailto:),
+    looked for in ``phone_view`` so Unicode spellings count; and no control or invisible character at all.
+    The event is named by its ``phone_safe_name``. One greeting; at most one question mark in the whole text.
     """
     problems: list[str] = []
     if not isinstance(text, str) or not text.strip():
@@ -4052,8 +4135,8 @@ def validate_sms(text: str, facts: MessageFacts) -> list[str]:
         others = [one[:40] for one in links if one != link][:3]
         problems.append("must contain exactly one link, the event link"
                         + (f" (also found: {', '.join(others)})" if others else ""))
-    if PHONE_NUMBER.search(URL_PATTERN.sub(" ", view)):
-        problems.append("no phone numbers: only the event link may be tappable")
+    for kind in contact_kinds(URL_PATTERN.sub(" ", view)):
+        problems.append(f"no {CONTACT_KINDS[kind]}: only the event link may be tappable")
     size = sms_size(text)
     if size.units > size.limit:
         problems.append(f"{size.units} {size.encoding} characters; at most {size.limit} allowed")
@@ -4087,7 +4170,7 @@ def validate_sms(text: str, facts: MessageFacts) -> list[str]:
                 if w.isupper() and w not in ALLOWED_ACRONYMS and w not in protected]
     if shouting:
         problems.append(f"no ALL-CAPS words ({', '.join(shouting)})")
-    if body.count("?") > 1:
+    if text.count("?") > 1:  # the sender's and the opt-out text's count too
         problems.append("at most one question mark")
     if "!!" in text:
         problems.append('no "!!"')
@@ -4100,6 +4183,8 @@ def validate_sms(text: str, facts: MessageFacts) -> list[str]:
     invented += sorted({w.lower() for w in NUMBER_WORDS.findall(scrubbed)})
     if invented:
         problems.append(f"numbers not among the facts: {', '.join(invented)} (use the digits given)")
+    if len(GREETINGS.findall(scrubbed)) > 1:
+        problems.append("greet the member once")
     if re.search(r"[%$€£]", scrubbed):
         problems.append("no prices, discounts or percentages: they are not among the facts")
     return problems
@@ -4295,12 +4380,43 @@ def write_template_sms(facts: MessageFacts) -> str | None:
     return None
 
 
+# Capitals a sender or opt-out text may use: the acronyms, and the keywords that stop texts (FCC, CTIA).
+SETTING_CAPITALS = ALLOWED_ACRONYMS | {"STOP", "STOPALL", "END", "QUIT", "CANCEL", "UNSUBSCRIBE", "REVOKE", "OPTOUT",
+                                       "HELP", "INFO"}
+
+
+def sms_setting_problem(name: str, value: str) -> str | None:
+    """Why SMS_SENDER or SMS_OPT_OUT_TEXT breaks the SMS contract by itself, or None: every message carries
+    it word for word, so whatever it breaks, every message would break (``validate_sms``)."""
+    view = phone_view(value)
+    if first_tappable(view) is not None:
+        return (f"{name} may not hold a link, web address, email or IP address, phone number (in digits or letters) "
+                "or tel:/sms:/mailto: (only the event link is)")
+    if re.search(r"\d", view):
+        return f"{name} may not hold a number: a message states only the event's numbers"
+    if "!!" in view:
+        return f'{name} may not hold "!!"'
+    shouting = [word for word in LETTER_WORDS.findall(view) if word.isupper() and word not in SETTING_CAPITALS]
+    if shouting:
+        return (f"{name} may not shout in ALL CAPS ({', '.join(shouting[:3])}): only acronyms such as NYC or RSVP, "
+                "and STOP")
+    return None
+
+
 def sms_policy_problem(policy: SmsPolicy) -> str | None:
-    """Why SMS_SENDER or SMS_OPT_OUT_TEXT could never be carried within the SMS contract, or None: they
-    may hold nothing a phone makes tappable, and must leave room for the greeting, the event and its time."""
-    for name, value in (("SMS_SENDER", policy.sender), ("SMS_OPT_OUT_TEXT", policy.opt_out_text)):
-        if value and first_tappable(phone_view(value)) is not None:
-            return f"{name} may not hold a link, web address, email address or phone number (only the event link is)"
+    """Why SMS_SENDER or SMS_OPT_OUT_TEXT could never be carried within the SMS contract, or None: each must
+    keep it by itself (``sms_setting_problem``), the two hold one question mark at most between them (a
+    message may hold one), and they must leave room for the greeting, the event and its time."""
+    texts = {name: value for name, value in (("SMS_SENDER", policy.sender), ("SMS_OPT_OUT_TEXT", policy.opt_out_text))
+             if value}
+    for name, value in texts.items():
+        problem = sms_setting_problem(name, value)
+        if problem:
+            return problem
+    asking = [name for name, value in texts.items() if "?" in phone_view(value)]
+    if sum(phone_view(value).count("?") for value in texts.values()) > 1:
+        return (f"{' and '.join(asking)} may hold one question mark at most"
+                f"{' between them' if len(asking) > 1 else ''}: a whole message may hold one")
     facts = MessageFacts(None, "0" * 24, "", (), "", None, 0, None, policy.sender, policy.opt_out_text)
     room = GSM7_LIMIT - len(dress(facts, "", ""))
     if room < MIN_MESSAGE_ROOM:
@@ -4690,12 +4806,10 @@ def skip_list_rows(eligible: Sequence[Mapping[str, Any]], decisions: Mapping[str
 
 
 def contact_like_id(member_id: str) -> bool:
-    """An id that is an email address, or a phone number as people write one (a ``+`` or punctuation among
-    the digits); plain digits and ObjectIds are ids."""
+    """An id that is a contact detail (``CONTACT_DETAIL``: an email address, a phone number as people write one
+    with a ``+`` or punctuation among the digits, ...); plain digits and ObjectIds are ids."""
     plain = readable(member_id)
-    if EMAIL_ADDRESS.search(plain):
-        return True
-    return not plain.isalnum() and PHONE_NUMBER.search(plain) is not None
+    return not plain.isalnum() and first_contact(plain) is not None
 
 
 def csv_safe(text: str) -> str:
@@ -10183,14 +10297,15 @@ def backtest_parser() -> argparse.ArgumentParser:
                         help="'mongo' or a folder with users.json and events.json from mongoexport")
     parser.add_argument("--from", dest="start", metavar="DATE", required=True, help="first as-of date (YYYY-MM-DD)")
     parser.add_argument("--to", dest="end", metavar="DATE", required=True, help="last as-of date, included")
-    parser.add_argument("--every-days", type=positive_int, default=14, metavar="N",
-                        help="days between as-of dates (%(default)s)")
-    parser.add_argument("--window-days", type=positive_int, default=30, metavar="W",
-                        help="a member came back when they went to an event within W days after D (%(default)s)")
+    parser.add_argument("--every-days", type=at_most(positive_int, MAX_EVERY_DAYS, " days"), default=14, metavar="N",
+                        help="days between as-of dates (%(default)s; at most 3660)")
+    parser.add_argument("--window-days", type=window_days, default=30, metavar="W",
+                        help="a member came back when they went to an event within W days after D (%(default)s; "
+                             "at most 365)")
     parser.add_argument("--out", metavar="DIR", type=Path, default=SCRIPT_DIR,
                         help="the report goes to DIR/reports/ (default: the script's folder)")
-    parser.add_argument("--resamples", type=positive_int, default=BACKTEST_RESAMPLES, metavar="N",
-                        help="bootstrap resamples for the pooled intervals (%(default)s)")
+    parser.add_argument("--resamples", type=at_most(positive_int, MAX_RESAMPLES), default=BACKTEST_RESAMPLES, metavar="N",
+                        help="bootstrap resamples for the pooled intervals (%(default)s; at most 100,000)")
     parser.add_argument("--seed", type=int, default=BACKTEST_SEED, help="the bootstrap's seed (%(default)s)")
     parser.add_argument("--insecure-tls", action="store_true",
                         help="do not verify MongoDB's TLS certificate (logged as a warning)")
@@ -10334,6 +10449,29 @@ def non_negative_float(text: str) -> float:
     return value
 
 
+# The most a numeric flag may ask for: beyond it a value is a slip, and would overflow a date (--min-lead-hours
+# 1e11), make every member fail or hold the run for hours and gigabytes (--resamples 100000000).
+MAX_LEAD_HOURS = 720  # 30 days
+MAX_CANDIDATES = 100  # events offered to Claude per member: far more would not fit a prompt
+MAX_CONCURRENCY = 64  # members at once on the Claude path
+MAX_EVERY_DAYS = 3660  # ten years between a backtest's as-of dates
+MAX_RESAMPLES = 100_000
+
+
+def at_most(kind: Any, most: float, unit: str = "") -> Any:
+    """The flag type ``kind`` (``positive_int`` ...) up to ``most``: more is one line and exit 2, never an
+    overflow deep in the run. Named as ``kind`` is, so argparse's messages stay the same."""
+
+    def parse(text: str) -> Any:
+        value = kind(text)
+        if value > most:
+            raise argparse.ArgumentTypeError(f"must be at most {most:,}{unit}")
+        return value
+
+    parse.__name__ = kind.__name__
+    return parse
+
+
 def holdout_fraction(text: str) -> float:
     try:
         value = float(text)
@@ -10382,10 +10520,12 @@ def build_parser() -> argparse.ArgumentParser:
                         help="write data/, logs and the report; nothing to Firebase or its mirror")
     parser.add_argument("--min-confidence", type=percentage, default=RunOptions.min_confidence, metavar="0-100",
                         help="least match confidence to message a member (%(default)g)")
-    parser.add_argument("--candidates", type=positive_int, default=RunOptions.candidates, metavar="K",
-                        help="events offered to Claude per member, the rules' top K (%(default)s)")
-    parser.add_argument("--concurrency", type=positive_int, default=RunOptions.concurrency, metavar="N",
-                        help="members handled at once on the Claude path (%(default)s)")
+    parser.add_argument("--candidates", type=at_most(positive_int, MAX_CANDIDATES), default=RunOptions.candidates,
+                        metavar="K",
+                        help="events offered to Claude per member, the rules' top K (%(default)s; at most 100)")
+    parser.add_argument("--concurrency", type=at_most(positive_int, MAX_CONCURRENCY), default=RunOptions.concurrency,
+                        metavar="N",
+                        help="members handled at once on the Claude path (%(default)s; at most 64)")
     parser.add_argument("--cooldown-days", type=non_negative_int, default=RunOptions.cooldown_days, metavar="D",
                         help="leave out members messaged in the last D days (%(default)s; 0 disables; more days "
                              "than the calendar holds: every message so far)")
@@ -10395,8 +10535,10 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--variants", type=tone_names, default=RunOptions.variants, metavar="NAMES",
                         help="message tones to A/B test, comma-separated from " + ", ".join(TONES)
                              + " (default: standard, today's wording); each member keeps theirs run after run")
-    parser.add_argument("--min-lead-hours", type=non_negative_float, default=RunOptions.min_lead_hours,
-                        metavar="H", help="a message may go out until H hours before its event (%(default)g)")
+    parser.add_argument("--min-lead-hours", type=at_most(non_negative_float, MAX_LEAD_HOURS, " hours (30 days)"),
+                        default=RunOptions.min_lead_hours,
+                        metavar="H", help="a message may go out until H hours before its event (%(default)g; "
+                                          "at most 720, 30 days)")
     parser.add_argument("--insecure-tls", action="store_true",
                         help="do not verify MongoDB's TLS certificate (logged as a warning)")
     parser.add_argument("--deadline-minutes", type=positive_float, default=RunOptions.deadline_minutes, metavar="M",
@@ -10461,9 +10603,6 @@ def resolve_options(args: argparse.Namespace, settings: Settings) -> RunOptions:
     A ``--now`` more than ``MAX_NOW_AHEAD`` ahead of the clock needs ``--dry-run`` (``--demo`` too: its
     mirror keeps a cooldown like the real dashboard), so a rehearsal never fills the cooldown for years.
     """
-    problem = sms_policy_problem(settings.sms)
-    if problem:  # otherwise every member would be skipped, each for a message that cannot fit
-        raise UsageError(problem)
     now = datetime.now(UTC).replace(microsecond=0)
     if args.now is not None:
         parsed = parse_now(args.now)

@@ -241,6 +241,56 @@ def test_a_bad_sms_setting_is_a_one_line_usage_error(run_cli, name: str, value: 
     assert run.err.count("\n") == 1 and name in run.err and "Traceback" not in run.err
 
 
+def assert_refused_at_start(run: Any, name: str) -> None:
+    """Exit 2 before anything runs: one line naming the variable, no traceback, nothing written."""
+    assert run.code == rtt.EXIT_USAGE, run.err
+    assert run.err.startswith("error: ") and run.err.count("\n") == 1 and name in run.err, run.err
+    assert "Traceback" not in run.err + run.out and not (run.root / "reports").exists()
+
+
+@pytest.mark.parametrize(("env", "name"), [
+    ({"SMS_SENDER": "Cuculi!!"}, "SMS_SENDER"),
+    ({"SMS_SENDER": "Cuculi?? Really??"}, "SMS_SENDER"),
+    ({"SMS_SENDER": "Cuculi?", "SMS_OPT_OUT_TEXT": "Reply STOP to stop?"}, "SMS_SENDER and SMS_OPT_OUT_TEXT"),
+    ({"SMS_SENDER": "CUCULI"}, "SMS_SENDER"),
+    ({"SMS_OPT_OUT_TEXT": "REPLY STOP TO OPT OUT"}, "SMS_OPT_OUT_TEXT"),
+    ({"SMS_SENDER": "Cuculi 21"}, "SMS_SENDER"),
+    ({"SMS_SENDER": "Cuculi 10.0.0.1:8080"}, "SMS_SENDER"),
+    ({"SMS_SENDER": "Cuculi 1-800-EVIL-NOW"}, "SMS_SENDER"),
+    ({"SMS_OPT_OUT_TEXT": "Text STOP to sms:+1555"}, "SMS_OPT_OUT_TEXT"),
+    ({"SMS_OPT_OUT_TEXT": "Or mailto:stop"}, "SMS_OPT_OUT_TEXT"),
+])
+def test_a_sender_or_opt_out_text_that_breaks_the_sms_contract_is_refused_at_start(run_cli, env, name) -> None:
+    assert_refused_at_start(run_cli("--demo", "--dry-run", env=env), name)
+
+
+@pytest.mark.parametrize("env", [{"SMS_SENDER": "Cuculi NYC", "SMS_OPT_OUT_TEXT": "Reply STOP to opt out"},
+                                 {"SMS_SENDER": "Cuculi?", "SMS_OPT_OUT_TEXT": "Reply STOP to opt out."}])
+def test_a_sender_and_opt_out_text_within_the_contract_are_carried(run_cli, env) -> None:
+    run = run_cli("--demo", "--dry-run", env=env)
+    assert run.code == 0, run.err
+    assert all(m["message_text"].startswith(env["SMS_SENDER"]) for m in run.messages)
+
+
+@pytest.mark.parametrize("value", ["XX", "ZZ", "", "  ", "001"])
+def test_a_region_phonenumbers_does_not_know_is_refused_at_start(run_cli, value: str) -> None:
+    assert_refused_at_start(run_cli("--demo", "--dry-run", env={"SMS_DEFAULT_REGION": value}), "SMS_DEFAULT_REGION")
+
+
+@pytest.mark.parametrize("value", ["08:00-21:00", "22:00-07:00", "21:30-08:00", "21:00-07:59", "00:00-08:00",
+                                   "21:00-23:59"])
+def test_quiet_hours_that_allow_texts_before_8am_or_after_9pm_are_refused_at_start(run_cli, value: str) -> None:
+    run = run_cli("--demo", "--dry-run", env={"QUIET_HOURS": value})
+    assert_refused_at_start(run, "QUIET_HOURS")
+    assert "before 8am or after 9pm" in run.err
+
+
+@pytest.mark.parametrize("value", ["21:00-08:00", "20:00-09:00", "18:30-10:15"])
+def test_a_stricter_quiet_window_is_fine(run_cli, value: str) -> None:
+    run = run_cli("--demo", "--dry-run", env={"QUIET_HOURS": value})
+    assert run.code == 0, run.err
+
+
 # --------------------------------------------------------------------------------------------
 # The holdout
 # --------------------------------------------------------------------------------------------

@@ -249,6 +249,84 @@ def test_claude_is_given_the_phone_safe_name_and_its_message_keeps_it(tmp_path):
         assert "evil" not in message["message_text"].lower()
 
 
+# --- contact details beyond links: IP hosts, dialer schemes, vanity numbers (one detector) ---------------------------
+
+IP_HOSTS = ["10.0.0.1", "10.0.0.1:8080/x", "192.168.1.20/admin", "[::1]", "[::1]:80", "[2001:db8::1]:8080/x",
+            "fe80::1", "2001:db8:0:0:0:0:0:1", "\uff11\uff10.0.0.1"]
+SCHEMES = ["mailto:host", "tel:5550100", "TEL:+15550100", "sms:+1555", "smsto:555", "facetime:x", "callto:evil"]
+VANITY = ["1-800-EVIL-NOW", "1-800-ABC-DEFG", "1 800 EVIL NOW", "+1 212 EVIL NOW", "800-Flowers", "1800flowers",
+          "(212) EVIL-NOW", "212-EV1L-N0W", "1-800-evil-now", "855.GOT.JUNK"]
+CONTACT_DETAILS = [*IP_HOSTS, *SCHEMES, *VANITY]
+# Ordinary event names a phone does not make tappable: times, dates, ages, prices, counts, addresses.
+ORDINARY_NAMES = ["Brunch 2 Go", "Wine 7:30pm", "21+ Night", "$25 Tasting", "Tickets $25-$40", "Dec 12 2026",
+                  "2026-12-19 Gala", "Dinner 12.25.2026", "12/25/2026 Supper", "1990-2010 Hits", "Studio 54",
+                  "1990s Disco", "10am-2pm Brunch", "Salsa 8pm-11pm", "Fri 12:00pm-3:00pm", "9-5 Happy Hour",
+                  "Top 100 Wines", "B2B Mixer", "COVID-19 Fundraiser", "4th of July BBQ", "2-for-1 Tacos",
+                  "Catch-22 Book Club", "Class of 2010 Reunion", "2026 NYC WINE FEST", "TOP 500 WINES OF 2026",
+                  "200-Year-Old Tavern Dinner", "Dinner at 888 Broadway", "550 Madison Ave Supper", "1999 WINE NIGHT",
+                  "Ages 21-35 Mixer", "Mile 26.2 Party", "Wine 3.5 ABV", "v1.2.3 launch", "Psalm [3:16] Study",
+                  "Jazz :: Night", "Tel: Aviv Night", "Room 101 Dinner"]
+
+
+@pytest.mark.parametrize("detail", CONTACT_DETAILS)
+def test_every_kind_of_contact_detail_is_found_by_the_one_detector(detail):
+    kinds = rtt.contact_kinds(rtt.phone_view(f"Jazz {detail} night"))
+    assert kinds and set(kinds) <= {"ip", "scheme", "vanity", "phone"}, kinds
+    assert rtt.holds_contact(f"Maya {detail}") and rtt.greeting_name(f"{detail}") is None
+    assert as_a_phone_reads(detail) not in rtt.without_contacts(f"occupation: chef {detail} here")
+
+
+@pytest.mark.parametrize("detail", CONTACT_DETAILS)
+def test_an_event_name_is_cut_before_an_ip_host_scheme_or_vanity_number(detail):
+    assert rtt.phone_safe_name(f"Jazz Brunch {detail}") == "Jazz Brunch"
+    assert rtt.phone_safe_name(f"{detail} Brunch") == ""
+
+
+@pytest.mark.parametrize("detail", CONTACT_DETAILS)
+def test_claudes_text_holding_an_ip_host_scheme_or_vanity_number_is_refused(detail):
+    problems = rtt.validate_sms(GOOD.replace("Welcome back.", f"Welcome back, {detail}."), FACTS)
+    tappable = ("only the event link may be tappable", "must contain exactly one link")  # "855.GOT" reads as a domain
+    assert any(fragment in p for p in problems for fragment in tappable), problems
+
+
+@pytest.mark.parametrize("name", ORDINARY_NAMES)
+def test_an_ordinary_event_name_is_no_contact_detail(name):
+    assert rtt.contact_kinds(rtt.phone_view(name)) == []
+    assert rtt.phone_safe_name(name) == name
+    assert not rtt.holds_contact(name) and rtt.without_contacts(name) == name
+
+
+@pytest.mark.parametrize("name", ["Jazz Brunch 10.0.0.1:8080/x", "Jazz Brunch 1-800-EVIL-NOW", "Jazz Brunch tel:5550100"])
+def test_a_hosts_event_named_with_a_host_or_vanity_number_gets_a_message_without_it(run_cli, tmp_path, world, name):
+    users, events = world
+    next(e for e in events if e["_id"] == JAZZ_BRUNCH)["name"] = name
+    run = run_cli("--source", str(write_folder(tmp_path / "export", users, events)), "--now", NOW_ISO, "--dry-run")
+    assert run.code == 0, run.err
+    [jazz] = [m for m in run.messages if m["event_id"] == str(JAZZ_BRUNCH)]
+    text = jazz["message_text"]
+    assert "Jazz Brunch" in text and not any(part in text for part in ("10.0", "8080", "EVIL", "800", "tel:"))
+    assert_messages_keep_the_contract(run, NOW)
+
+
+@pytest.mark.parametrize("twice", ["Hi Maya! Welcome back. Hi Maya!", "Hi Maya! Welcome back. Hey Maya."])
+def test_a_text_that_greets_twice_is_refused(twice):
+    assert rtt.validate_sms(GOOD.replace("Hi Maya! Welcome back.", twice), FACTS) == ["greet the member once"]
+
+
+@pytest.mark.parametrize("name", ["Hi-Fi Listening Party", "Say Hello Supper", "Hey Jude Night"])
+def test_a_greeting_word_in_the_event_name_is_no_second_greeting(name):
+    facts = dataclasses.replace(FACTS, event_name=name)
+    text = rtt.write_template_sms(facts)
+    assert text is not None and name in text and rtt.validate_sms(text, facts) == []
+
+
+def test_the_question_marks_of_the_sender_and_opt_out_text_count_toward_the_one_allowed():
+    facts = dataclasses.replace(FACTS, sender="Cuculi?", opt_out_text="Reply STOP to opt out")
+    text = f"Cuculi? Hi Maya! Welcome back. Jazz Brunch (music) Sat 11am. Join us? Reply STOP to opt out. {LINK}"
+    assert "at most one question mark" in rtt.validate_sms(text, facts)
+    assert rtt.validate_sms(text.replace("Join us? ", ""), facts) == []
+
+
 # --- implausible facts and unclean ids -----------------------------------------------------------------------------
 
 

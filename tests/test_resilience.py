@@ -401,6 +401,24 @@ def test_a_bad_flag_value_exits_2_in_one_line(run_cli, flags):
     assert flags[0] in run.err
 
 
+@pytest.mark.parametrize("flags", [
+    ["--min-lead-hours", "1e11"], ["--min-lead-hours", "1e9"], ["--min-lead-hours", "720.5"],
+    ["--candidates", "99999999999999999999"], ["--candidates", "101"], ["--concurrency", "99999999999999999999"],
+])
+def test_a_numeric_flag_beyond_its_bound_exits_2_in_one_line(run_cli, flags):
+    run = run_cli("--demo", "--dry-run", *flags)
+    assert_one_error_line(run, rtt.EXIT_USAGE)
+    assert flags[0] in run.err and "must be at most" in run.err
+
+
+@pytest.mark.parametrize("flags", [["--min-lead-hours", "720"], ["--candidates", "100", "--concurrency", "64"]])
+def test_a_numeric_flag_at_its_bound_runs(run_cli, flags):
+    run = run_cli("--demo", "--dry-run", *flags)
+    assert run.code == rtt.EXIT_OK, run.err
+    assert "Traceback" not in run.out + run.err and run.report()["status"] == "completed"
+    assert run.report()["summary"]["users_failed"] == 0
+
+
 def test_a_member_that_crashes_is_skipped_as_failed_the_others_are_done_and_the_run_exits_3(run_cli, monkeypatch):
     real = rtt.write_template_sms
     calls = [0]

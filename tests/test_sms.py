@@ -637,7 +637,7 @@ def test_the_write_prompt_carries_the_exact_strings_the_budget_and_the_order_to_
 @pytest.mark.parametrize(("env", "fragment"), [
     ({"SMS_SENDER": "cuculi.net"}, "SMS_SENDER may not hold a link"),
     ({"SMS_OPT_OUT_TEXT": "Text STOP to +1 555 555 0100"}, "SMS_OPT_OUT_TEXT may not hold a link"),
-    ({"SMS_SENDER": "S" * 50, "SMS_OPT_OUT_TEXT": "O" * 50}, "leave 4 of 160 characters beside the link"),
+    ({"SMS_SENDER": "s" * 50, "SMS_OPT_OUT_TEXT": "o" * 50}, "leave 4 of 160 characters beside the link"),
 ], ids=["sender-domain", "opt-out-phone", "no-room-left"])
 def test_a_sender_or_opt_out_text_that_could_never_fit_is_a_usage_error(run_cli, env, fragment):
     from test_cli import assert_one_line_error
