@@ -10177,7 +10177,9 @@ def coordinate_search(data: FitData, fitted: Any, start: Mapping[str, float], se
     """``FIT_METHOD``: the weights with the highest mean hit on the trials ``fitted`` (a boolean mask)."""
     rng = random.Random(seed)
     weights = dict(start)
-    best = float(fit_hits(data, weights)[fitted].mean()) if fitted.any() else 0.0
+    if not fitted.any():  # nobody came back on the fitted dates: nothing to fit on
+        return weights
+    best = float(fit_hits(data, weights)[fitted].mean())
     for _ in range(FIT_ROUNDS):
         improved = False
         for name in rng.sample(WEIGHT_NAMES, len(WEIGHT_NAMES)):
