@@ -19,11 +19,16 @@ Glossary (one name per concept, here and in the code):
   dashboard list  ``{<key>: [...], count, updatedAt}`` at users/events/matches/messages/holdout.
   mirror     the local, file-backed Firebase under ``data/firebase/`` when no database is set.
   cooldown   members messaged (or held out) in the last ``--cooldown-days`` are not drafted again.
-  contactable  eligible, a valid number that takes texts (``textable_phone``), no opt-out.
+  contactable  eligible, a valid number that takes texts (``textable_phone``), no opt-out on any record
+             giving that number, the number not taken (``NumberLedger``: one number, one text).
   holdout    the control group: contactable members whose stable hash falls below ``--holdout``;
              their rules' pick is recorded (``HoldoutRecord``), nothing is sent.
-  walk       steps 5-6 going down the ranked contactable members until ``--limit`` are messaged;
+  walk       steps 5-6 going down the ranked contactable members until the day's ``--limit`` are messaged;
              every eligible member ends ``selected`` or with a ``skip_reason`` (``SKIP_REASONS``).
+  campaign day  the date of ``--now`` in CAMPAIGN_TIMEZONE: ``--limit`` counts the messages drafted on it
+             (``DashboardHistory``, ``daily_remaining``), so a rerun tops up.
+  seats      open invitations an event may have (``invitation_cap``, ``SeatLedger``): pending or approved
+             messages in the dashboard plus this run's; a member whose pick is full gets the next best.
   send window  when a message may go out (``send_window``): outside QUIET_HOURS, before the lead.
   tone       a message-tone variant (``TONES``) of the A/B test (``--variants``): a template wording family
              and a line for Claude; assigned by its own stable hash (``member_tone``), independent of the holdout.
@@ -85,6 +90,7 @@ from zoneinfo import ZoneInfo, ZoneInfoNotFoundError
 import phonenumbers
 import phonenumbers.timezone
 from bson import ObjectId, json_util
+from bson.codec_options import DatetimeConversion
 from bson.errors import BSONError, InvalidId
 from dotenv import dotenv_values
 
@@ -112,6 +118,9 @@ PROFILE_FIELDS = (
     "homeNeighborhood",
 )
 MIN_PROFILE_FIELDS = 4
+ACTIVE_DAYS = 30  # a member whose latest event is at most this many whole days ago is active
+DORMANT_DAYS = 90  # ... then dormant up to this many (the campaign's members), churned beyond
+DORMANCY_SPAN = f"{ACTIVE_DAYS + 1}-{DORMANT_DAYS} days"  # the rule as prompts and the report say it
 DEFAULT_TIMEZONE = "America/New_York"
 DEFAULT_BASE_PATH = "Leo"
 
@@ -119,6 +128,10 @@ MONGO_NOT_CONFIGURED = ("--source mongo needs MONGO_URI (or MONGO_USERNAME, MONG
                         "and MONGO_DB_NAME")
 
 MAX_NEXT_EVENTS = 5  # candidates tried when the chosen event cannot be phrased within the SMS contract
+DEFAULT_INVITES_PER_SPOT = 1.0  # --invites-per-spot: open invitations per remaining spot
+DEFAULT_MAX_INVITES_PER_EVENT = 10  # --max-invites-per-event: open invitations to an event of unknown capacity
+MAX_INVITES_PER_SPOT = 100.0  # above this the ratio is a typo, not a policy
+MAX_INVITES_PER_EVENT = 100_000
 
 # Exit codes: the table in the README and in --help. 3 tells cron "done, but look at the report".
 EXIT_OK = 0  # done cleanly
@@ -464,6 +477,8 @@ class RunOptions:
     variants: tuple[str, ...] = ("standard",)  # --variants: the message tones under A/B test (``TONES``)
     match_weights: str = "built-in"  # MATCH_WEIGHTS: the weights file the matcher reads, with its sha256
     rank_by: str = "score"  # RANK_BY: who the walk reaches first (``RANK_ORDERS``)
+    invites_per_spot: float = DEFAULT_INVITES_PER_SPOT  # open invitations per remaining spot (``SeatLedger``)
+    max_invites_per_event: int = DEFAULT_MAX_INVITES_PER_EVENT  # open invitations to an event of unknown capacity
     min_lead_hours: float = 3.0  # the last send moment is at least this long before the event
     deadline_minutes: float = 30.0
     keep_logs_days: int = 30
@@ -991,22 +1006,36 @@ def usual_extended(obj: dict[str, Any]) -> Any:
     return None
 
 
+class Unreadable:
+    """A stored value that could not be read (``ExtendedJsonDecoder.keep_unreadable``): where doubt must be
+    seen, as in an SMS preference (``consent_rows``), it is kept as this marker, never made missing."""
+
+    __slots__ = ()
+
+    def __repr__(self) -> str:
+        return "UNREADABLE"
+
+
+UNREADABLE = Unreadable()
+
+
 @dataclass
 class ExtendedJsonDecoder:
     """Extended JSON (relaxed or canonical) decoded value by value, as ``bson.json_util`` does.
 
     One bad value (``{"$date": "TBD"}``, ``{"$oid": "zz"}``, a ``$date`` beyond the calendar) becomes
     None and is counted, instead of failing the whole file: a bad single record is treated as missing,
-    never fatal.
+    never fatal. With ``keep_unreadable`` it becomes ``UNREADABLE`` instead (present, but no value).
     """
 
     bad_values: int = 0
     _decoder: json.JSONDecoder | None = field(default=None, repr=False)
+    keep_unreadable: bool = False
 
     def hook(self, obj: dict[str, Any]) -> Any:
         if obj.get("$oid", "") is None:  # json_util makes up a new random ObjectId for {"$oid": null}
             self.bad_values += 1
-            return None
+            return UNREADABLE if self.keep_unreadable else None
         if len(obj) == 1:
             found = usual_extended(obj)
             if found is not None:
@@ -1015,7 +1044,7 @@ class ExtendedJsonDecoder:
             return json_util.object_hook(obj, json_util.RELAXED_JSON_OPTIONS)
         except (ValueError, TypeError, KeyError, AttributeError, ArithmeticError, BSONError):  # Overflow, InvalidId, {"$binary": null}…
             self.bad_values += 1
-            return None
+            return UNREADABLE if self.keep_unreadable else None
 
     def loads(self, text: str) -> Any:
         return json.loads(text, object_hook=self.hook)
@@ -2028,14 +2057,16 @@ class ActivityIndex(Mapping[str, Activity]):
 
     def status(self, member: str, now: datetime) -> str:
         """The member's engagement status at ``now`` (``derive_engagement``), without building its record:
-        its day counts as two moments (``days <= 30`` is ``last > now - 31 days``), once per ``now``."""
+        its day counts as two moments (``days <= ACTIVE_DAYS`` is ``last > now - (ACTIVE_DAYS + 1) days``), once
+        per ``now``."""
         return self.statuses([member], now)[0]  # type: ignore[return-value]
 
     def statuses(self, members: Sequence[str | None], now: datetime) -> list[str | None]:
         """``status`` of each member (None for None), in one loop: a million members are asked."""
         if self._edges[0] != now:  # where in start order the active and the dormant begin: positions compared
-            self._edges = (now, bisect.bisect_right(self.dated, now - timedelta(days=31), key=operator.itemgetter(0)),
-                           bisect.bisect_right(self.dated, now - timedelta(days=91), key=operator.itemgetter(0)))
+            active_from, dormant_from = now - timedelta(days=ACTIVE_DAYS + 1), now - timedelta(days=DORMANT_DAYS + 1)
+            self._edges = (now, bisect.bisect_right(self.dated, active_from, key=operator.itemgetter(0)),
+                           bisect.bisect_right(self.dated, dormant_from, key=operator.itemgetter(0)))
         _, active, dormant = self._edges
         positions = self.positions
         found: list[str | None] = []
@@ -2108,13 +2139,14 @@ def clean_interests(value: Any) -> list[str]:
 
 
 def derive_engagement(last_event: datetime | None, now: datetime) -> tuple[int | None, str]:
-    """``days_inactive`` and status: <=30 active, <=90 dormant, else churned (or new, no events)."""
+    """``days_inactive`` and status: <= ACTIVE_DAYS active, <= DORMANT_DAYS dormant, else churned (or new,
+    no events)."""
     if last_event is None:
         return None, "new"
     days = (now - last_event).days
-    if days <= 30:
+    if days <= ACTIVE_DAYS:
         return days, "active"
-    if days <= 90:
+    if days <= DORMANT_DAYS:
         return days, "dormant"
     return days, "churned"
 
@@ -2123,8 +2155,8 @@ def calculate_reactivation_score(user: Mapping[str, Any]) -> float:
     """The plan's composite score, exactly as its code reads (the linear dormancy formula rules)."""
     completeness_score = min(40, count_profile_fields(user) * 5)
     days_inactive = user.get("days_inactive") or 0
-    if 31 <= days_inactive <= 90:
-        dormancy_score = 10 + ((days_inactive - 31) / 59) * 20
+    if ACTIVE_DAYS < days_inactive <= DORMANT_DAYS:  # the plan's 31-90: 10 points at 31 days to 30 at 90
+        dormancy_score = 10 + ((days_inactive - ACTIVE_DAYS - 1) / (DORMANT_DAYS - ACTIVE_DAYS - 1)) * 20
     else:
         dormancy_score = 0
     event_count = user.get("eventCount") or 0
@@ -2442,32 +2474,55 @@ class Preference(Enum):
     ODD = "odd"
 
 
-def field_at(doc: Mapping[str, Any], path: str) -> Any:
-    """The value at a dotted path (``optOut.sms``); a literal dotted key wins. A scalar where a
-    sub-document should be is returned as it is (``optOut: true`` opts out of texts too; "weekly" is odd)."""
-    if path in doc:
-        return doc[path]
-    value: Any = doc
-    for part in path.split("."):
-        if not isinstance(value, Mapping):
-            return value if value is not doc else None
-        value = value.get(part)
-        if value is None:
-            return None
-    return value
+@functools.lru_cache(maxsize=1024)
+def path_steps(path: str) -> tuple[tuple[tuple[str, int], ...], ...]:
+    """For each position in a dotted path, the keys that may go on from there and where each ends
+    (``a.b.c`` from 0: ``a`` to 1, ``a.b`` to 2, ``a.b.c`` to 3): a literal dotted key spans several names."""
+    parts = path.split(".")
+    return tuple(tuple((".".join(parts[at:end]), end) for end in range(at + 1, len(parts) + 1))
+                 for at in range(len(parts)))
+
+
+def values_at(doc: Mapping[str, Any], path: str) -> list[Any]:
+    """Every value a dotted path (``optOut.sms``) finds: the nested field, a literal dotted key
+    (``"optOut.sms"``) and any mix of the two, for a record may hold several that disagree (the reader
+    weighs them all: an opt-out in any of them wins). A scalar where a sub-document should be is found as
+    it is (``optOut: true`` opts out of texts too; "weekly" is odd); a null is not found."""
+    steps, found = path_steps(path), []
+    stack: list[tuple[Mapping[str, Any], int]] = [(doc, 0)]
+    while stack:
+        value, at = stack.pop()
+        for key, end in steps[at]:
+            inner = value.get(key)
+            if inner is None:
+                continue
+            if end < len(steps) and isinstance(inner, Mapping):
+                stack.append((inner, end))
+            else:
+                found.append(inner)
+    return found
+
+
+def preference_word(text: str) -> str | None:
+    """A stored text as the word it says (cleaned, trimmed, lower case), or None when cleaning alone
+    emptied it (a lone zero-width or control character: something was written, nothing can be read)."""
+    word = clean_text(text, MAX_TEXT_CHARS)[0].strip().lower()
+    return None if not word and text.strip(" \t\n\r") else word
 
 
 def read_preference(value: Any) -> Preference:
-    """A stored yes/no read defensively: booleans, 0/1, and the usual words; anything else is odd."""
+    """A stored yes/no read defensively: booleans, 0/1, and the usual words; anything else is odd (NaN, a
+    date, an ``UNREADABLE`` value, a text that is empty only once cleaned)."""
     if value is None:
         return Preference.ABSENT
     if isinstance(value, bool):
         return Preference.YES if value else Preference.NO
     if isinstance(value, (int, float)) and value in (0, 1):
         return Preference.YES if value else Preference.NO
-    if isinstance(value, str) and value.strip().lower() in NO_WORDS | YES_WORDS:
-        return Preference.YES if value.strip().lower() in YES_WORDS else Preference.NO
-    return Preference.ODD
+    word = preference_word(value) if isinstance(value, str) else None
+    if word in YES_WORDS:
+        return Preference.YES
+    return Preference.NO if word in NO_WORDS else Preference.ODD
 
 
 def sms_opt_out(user: Mapping[str, Any], opt_out_fields: Sequence[str],
@@ -2476,16 +2531,14 @@ def sms_opt_out(user: Mapping[str, Any], opt_out_fields: Sequence[str],
 
     An opt-out field that holds anything but a "no" (a date, a reason, a list) opts out; a consent
     field opts out only when it says "no"; an odd consent value (neither yes nor no) opts out too,
-    so that doubt never sends a text. A missing field records no opt-out."""
+    so that doubt never sends a text. A missing field records no opt-out; a path found twice (a literal
+    dotted key and the nested field, ``values_at``) opts out when either value does."""
     odd, opted_out = 0, False
-    for path in opt_out_fields:
-        said = read_preference(field_at(user, path))
-        odd += said is Preference.ODD
-        opted_out |= said in (Preference.YES, Preference.ODD)
-    for path in consent_fields:
-        said = read_preference(field_at(user, path))
-        odd += said is Preference.ODD
-        opted_out |= said in (Preference.NO, Preference.ODD)
+    for paths, refusal in ((opt_out_fields, Preference.YES), (consent_fields, Preference.NO)):
+        for path in paths:
+            for said in map(read_preference, values_at(user, path)):
+                odd += said is Preference.ODD
+                opted_out |= said in (refusal, Preference.ODD)
     return opted_out, odd
 
 
@@ -2507,6 +2560,94 @@ def contact_block(user: DormantMember, policy: SmsPolicy) -> tuple[str | None, i
     if user.get("phone_e164") is None:
         return "no_valid_phone", odd
     return ("opted_out" if opted_out else None), odd
+
+
+# --- consent and contact per number ------------------------------------------------------------
+# Consent belongs to the phone number (the FCC reads a revocation so), not to the record: an opt-out, a
+# refused consent or a value in doubt on any member's record stops every member who gives that number, and
+# one number gets one message per run and per cooldown, whoever holds it.
+
+OTHER_RECORD = "number opted out on another record"  # the skip detail of a member another record's opt-out stops
+
+
+def sms_field_paths(policy: SmsPolicy) -> tuple[str, ...]:
+    """Every field path an SMS preference is read from (opt-out and consent)."""
+    return (*policy.opt_out_fields, *policy.consent_fields)
+
+
+def consent_keys(paths: Iterable[str]) -> frozenset[str]:
+    """The top-level keys a record may hold a preference under: each path's leading names, joined as a
+    literal dotted key joins them (``optOut`` and ``optOut.sms`` for ``optOut.sms``)."""
+    return frozenset(".".join(parts[:n]) for parts in (p.split(".") for p in paths) for n in range(1, len(parts) + 1))
+
+
+def consent_row(doc: Mapping[str, Any], keys: Collection[str]) -> dict[str, Any] | None:
+    """What ``consent_rows`` gives of one member: the values under ``keys`` as stored, with ``_id`` (``id_of``;
+    None when odd) and ``phone``; None when the record holds none of them."""
+    found = {key: doc[key] for key in keys if key in doc}
+    return {**found, "_id": id_of(doc.get("_id")), "phone": doc.get("phone")} if found else None
+
+
+def number_key(value: Any, region: str) -> str | None:
+    """The number a ``phone`` value names, in E.164, however it is written (``(212) 555-0101`` is
+    ``+12125550101``), or None when it names none. Looser than ``textable_phone``: a number with an
+    extension, or one the library calls invalid, still names the number a member opted out from."""
+    text = phone_text(clean_text(value, MAX_PHONE_CHARS)[0] if isinstance(value, str) else value)
+    if text is None or len(text) > MAX_PHONE_CHARS:
+        return None
+    try:
+        number = phonenumbers.parse(text, region)
+    except phonenumbers.NumberParseException:
+        return None
+    return phonenumbers.format_number(number, phonenumbers.PhoneNumberFormat.E164)
+
+
+@dataclass
+class NumberLedger:
+    """Who may be texted at which number: ``refused`` holds the members whose own stored preferences opt out
+    or are in doubt (read before screening could turn an unreadable value into a missing one), ``refused_numbers``
+    their numbers, ``recent`` the numbers messaged or held out within the cooldown, ``taken`` the numbers a
+    member of this run holds (number -> member id: the first the walk reaches, until their turn ends with
+    neither a message nor a holdout record). ``odd`` counts the odd values read."""
+
+    refused: set[str] = field(default_factory=set)
+    refused_numbers: set[str] = field(default_factory=set)
+    recent: set[str] = field(default_factory=set)
+    taken: dict[str, str] = field(default_factory=dict)
+    odd: int = 0
+
+    @classmethod
+    def collect(cls, rows: Iterable[Mapping[str, Any]], policy: SmsPolicy) -> NumberLedger:
+        """The refusals in ``rows`` (``consent_rows``: every member the source holds), by member and number."""
+        ledger = cls()
+        for row in rows:
+            refused, odd = sms_opt_out(row, policy.opt_out_fields, policy.consent_fields)
+            ledger.odd += odd
+            if refused:
+                if row.get("_id") is not None:
+                    ledger.refused.add(str(row["_id"]))
+                number = number_key(row.get("phone"), policy.default_region)
+                if number is not None:
+                    ledger.refused_numbers.add(number)
+        return ledger
+
+    def claim(self, user: DormantMember) -> tuple[str | None, str | None]:
+        """A contactable member's number taken for them, or why not: ``(skip code, detail)`` (``opted_out`` by
+        their own record or, with ``OTHER_RECORD``, another's; ``shared_phone``), else ``(None, None)``."""
+        number = user.get("phone_e164") or ""
+        if user["_id"] in self.refused:
+            return "opted_out", None
+        if number in self.refused_numbers:
+            return "opted_out", OTHER_RECORD
+        if number in self.recent or self.taken.setdefault(number, user["_id"]) != user["_id"]:
+            return "shared_phone", None
+        return None, None
+
+    def release(self, user: Mapping[str, Any]) -> None:
+        """The member's turn ended with neither a message nor a holdout record: their number is free again."""
+        number = user.get("phone_e164") or ""
+        if self.taken.get(number) == user.get("_id"):
+            del self.taken[number]
 
 
 # =============================================================================================
@@ -3766,6 +3907,113 @@ def candidate_match(user: Mapping[str, Any], c: Candidate, zone: ZoneInfo, now: 
                        chosen=c)
 
 
+# --- seats: never invite more people than an event can seat -------------------------------------
+
+OPEN_INVITATION_STATUSES = frozenset({"pending", "approved"})  # a message that may still bring someone
+
+
+def whole_spots(spots: Any) -> int | None:
+    """An event's remaining spots as the whole number a message may claim; None when unknown."""
+    if isinstance(spots, bool) or not isinstance(spots, (int, float)) or not math.isfinite(spots):
+        return None
+    return max(0, int(spots))
+
+
+def scaled(count: int, ratio: float) -> float:
+    """``ratio × count`` rounded to 9 places, so ``1.1 × 10`` is 11, not 11.000000000000002."""
+    return round(ratio * count, 9)
+
+
+def invitation_cap(spots: Any, invites_per_spot: float, unknown_cap: int) -> int:
+    """How many open invitations an event may have: ``ceil(invites_per_spot × spots)`` when its remaining
+    spots are known, else ``unknown_cap`` (``--max-invites-per-event``)."""
+    seats = whole_spots(spots)
+    return unknown_cap if seats is None else math.ceil(scaled(seats, invites_per_spot))
+
+
+def spots_claim_bound(spots: Any, invites_per_spot: float) -> int | None:
+    """How many members may be told "N spots left" for an event with N spots: ``floor(N × invites_per_spot)``
+    (the cap rounds up, the claim rounds down: never more claims than N × the ratio); None when unknown."""
+    seats = whole_spots(spots)
+    return None if seats is None else math.floor(scaled(seats, invites_per_spot))
+
+
+class Seat(NamedTuple):
+    """One open invitation this run holds for an event: its place among the event's open invitations
+    (1-based, those already in the dashboard first) and whether its message may say how many spots are left."""
+
+    event_id: str
+    ordinal: int
+    may_claim_spots: bool
+
+
+class SeatLedger:
+    """The run's allocation of invitations across events (the walk's members share it, also across threads).
+
+    Each event starts with the open invitations the dashboard already holds for it (``DashboardHistory``)
+    and takes at most ``invitation_cap`` in all. A member's seat is reserved when their match is chosen and
+    released when no message comes of it. ``seats_exhausted`` counts, per event, the members whose first
+    choice it was when it had no seat left (they were offered their next best candidate).
+    """
+
+    def __init__(self, invites_per_spot: float, unknown_cap: int, held: Mapping[str, int] | None = None) -> None:
+        self.invites_per_spot = invites_per_spot
+        self.unknown_cap = unknown_cap
+        self.taken: Counter[str] = Counter(held or {})
+        self.seats: dict[str, Seat] = {}  # member id -> the seat they hold
+        self.exhausted: Counter[str] = Counter()
+        self.passed: dict[str, tuple[str, str]] = {}  # member id -> (id, name) of their first choice, found full
+        self._lock = threading.Lock()
+
+    def has_room(self, event: Mapping[str, Any]) -> bool:
+        cap = invitation_cap(event.get("remaining_spots"), self.invites_per_spot, self.unknown_cap)
+        return self.taken[str(event["_id"])] < cap
+
+    def open_only(self, member_id: str, candidates: Iterable[Candidate]) -> Iterator[Candidate]:
+        """The candidates with a seat left, in order; a first choice without one is counted and remembered."""
+        first = True
+        for c in candidates:
+            if self.has_room(c.event):
+                yield c
+            elif first:
+                with self._lock:
+                    self.exhausted[str(c.event["_id"])] += 1
+                    self.passed[member_id] = (str(c.event["_id"]), text_field(c.event, "name") or "an event")
+            first = False
+
+    def reserve(self, member_id: str, event: Mapping[str, Any]) -> Seat | None:
+        """A seat at ``event`` for the member (the one they held before given back), or None when full."""
+        self.release(member_id)
+        event_id, spots = str(event["_id"]), event.get("remaining_spots")
+        with self._lock:
+            if self.taken[event_id] >= invitation_cap(spots, self.invites_per_spot, self.unknown_cap):
+                return None
+            self.taken[event_id] += 1
+            bound = spots_claim_bound(spots, self.invites_per_spot)
+            seat = Seat(event_id, self.taken[event_id], bound is not None and self.taken[event_id] <= bound)
+            self.seats[member_id] = seat
+            return seat
+
+    def release(self, member_id: str) -> None:
+        """The member's seat given back (no message came of it)."""
+        with self._lock:
+            seat = self.seats.pop(member_id, None)
+            if seat is not None:
+                self.taken[seat.event_id] -= 1
+
+    def taken_note(self, member_id: str, event_id: str) -> str:
+        """The reasoning's sentence when the member's first choice had no seat left, else ""."""
+        first = self.passed.get(member_id)
+        if first is None or first[0] == event_id:
+            return ""
+        return (f" (Their first choice, {first[1]}, already has as many open invitations as it can seat; "
+                "this is their next best.)")
+
+    def report(self) -> dict[str, int]:
+        """``seats_exhausted``: {event id: members turned away from it}, most first."""
+        return dict(sorted(self.exhausted.items(), key=lambda kv: (-kv[1], kv[0])))
+
+
 # =============================================================================================
 # Rules, step 6: the SMS contract and the template writer
 # =============================================================================================
@@ -4601,6 +4849,7 @@ class HoldoutRecord(TypedDict):
 
     user_id: str
     user_name: str
+    user_phone: str | None  # E.164: a number held out counts as contacted within the cooldown (``NumberLedger``)
     rank: int  # 1-based, in the eligible list
     reactivation_score: float
     days_inactive: int
@@ -4620,7 +4869,8 @@ def holdout_record(rank: int, match: Match, *, campaign_id: str, fraction: float
                    variant: str | None = None) -> HoldoutRecord:
     """What a holdout member gets instead of a message: a record of the rules' pick (never Claude's)."""
     user, event = match["user"], match["event"]
-    record = HoldoutRecord(user_id=match["user_id"], user_name=match["user_name"], rank=rank,
+    record = HoldoutRecord(user_id=match["user_id"], user_name=match["user_name"], user_phone=user.get("phone_e164"),
+                           rank=rank,
                            reactivation_score=user["reactivation_score"], days_inactive=user["days_inactive"],
                            event_id=match["event_id"], event_name=match["event_name"],
                            event_start=event.get("startDate"),
@@ -4714,16 +4964,120 @@ class Skip:
 SKIP_REASONS = (  # dormant_users.json's skip_reason for an eligible member not selected, in walk order
     "cooldown",                 # messaged (or held out) within --cooldown-days
     "no_valid_phone",           # no phone, or not a valid number that can receive SMS
-    "opted_out",                # an opt-out field set, or consent explicitly refused
+    "opted_out",                # an opt-out field set, or consent explicitly refused (or in doubt), on any record with the number
+    "shared_phone",             # the number was messaged or held out for another member (this run or the cooldown)
     "holdout",                  # the control group: recorded, never texted
     "no_matching_event",        # no open future event shares an interest
     "no_event_in_send_window",  # every candidate starts too soon or leaves only quiet hours to send
+    "seats_exhausted",          # every candidate already has as many open invitations as it can seat
     "below_min_confidence",     # the best match is below --min-confidence
     "no_sms_within_contract",   # no SMS within the contract for the chosen event or the next ones
     "failed",                   # an unexpected error on this member (see the log)
     "not_started",              # the run stopped (signal or deadline) before this member
     "below_limit",              # --limit members were messaged before this one's turn
 )
+
+
+# --- volume: --limit is per campaign day ------------------------------------------------------------
+
+OUR_GENERATORS = frozenset({"template", "claude"})  # a message with one of these was drafted by this tool
+LIMIT_ALREADY_DRAFTED = "today's limit already drafted"
+
+
+def campaign_day(now: datetime, zone: ZoneInfo) -> tuple[datetime, datetime]:
+    """The campaign day of ``now``: its local date in ``zone`` (CAMPAIGN_TIMEZONE), as [start, end) in UTC."""
+    local = now.astimezone(zone).date()
+    start = datetime.combine(local, dt_time(0), tzinfo=zone)
+    return start.astimezone(UTC), datetime.combine(local + timedelta(days=1), dt_time(0), tzinfo=zone).astimezone(UTC)
+
+
+def daily_remaining(limit: int, drafted_today: int) -> int:
+    """How many messages this run may still draft: ``--limit`` is per campaign day, not per run."""
+    return max(0, limit - max(0, drafted_today))
+
+
+@dataclass(frozen=True)
+class DashboardHistory:
+    """What the dashboard already holds that bounds this run (``DashboardWriter.read_history``)."""
+
+    drafted_today: int = 0  # this tool's messages generated on this campaign day
+    held_out_today: int = 0  # holdout records made on this campaign day
+    today_members: frozenset[str] = frozenset()  # their members: never drafted twice in a day
+    open_invitations: Mapping[str, int] = field(default_factory=dict)  # event id -> pending or approved messages
+
+
+def ours(item: Mapping[str, Any]) -> bool:
+    """A message this tool drafted (its ``generator``), not one another tool put in the list."""
+    generator = item.get("generator")
+    return isinstance(generator, str) and generator in OUR_GENERATORS
+
+
+def tally_history(messages: Iterable[Mapping[str, Any]], holdout: Iterable[Mapping[str, Any]],
+                  day: tuple[datetime, datetime], seats_since: datetime) -> DashboardHistory:
+    """This tool's messages and holdout records of the campaign ``day``, and its open invitations per event
+    (pending or approved, generated at or after ``seats_since``): the arithmetic of the daily limit and of
+    the seats, apart from the reading."""
+    drafted, held, members, invitations = 0, 0, set(), Counter[str]()
+    for item in messages:
+        when = to_utc(item.get("generated_at")) if ours(item) else None
+        if when is None:
+            continue
+        if day[0] <= when < day[1]:
+            drafted += 1
+            members.add(str(item.get("user_id")))
+        status = item.get("status")
+        if (when >= seats_since and isinstance(status, str) and status.strip().lower() in OPEN_INVITATION_STATUSES
+                and isinstance(item.get("event_id"), str)):
+            invitations[item["event_id"]] += 1
+    for item in holdout:
+        when = to_utc(item.get("held_out_at"))
+        if when is not None and day[0] <= when < day[1]:
+            held += 1
+            members.add(str(item.get("user_id")))
+    return DashboardHistory(drafted, held, frozenset(members - {"None"}), dict(invitations))
+
+
+@dataclass(frozen=True)
+class DailyVolume:
+    """The report's ``daily_limit``: the campaign day, what it already held, and what this run may draft."""
+
+    day: str  # the local date (YYYY-MM-DD) in CAMPAIGN_TIMEZONE
+    limit: int
+    drafted_before: int
+    held_out_before: int
+    remaining: int
+
+    @classmethod
+    def of(cls, limit: int, history: DashboardHistory, now: datetime, zone: ZoneInfo) -> DailyVolume:
+        return cls(now.astimezone(zone).date().isoformat(), limit, history.drafted_today, history.held_out_today,
+                   daily_remaining(limit, history.drafted_today))
+
+    def report(self, drafted: int, held_out: int) -> dict[str, Any]:
+        return {**dataclasses.asdict(self), "drafted_this_run": drafted, "held_out_this_run": held_out,
+                "already_drafted": self.remaining == 0}
+
+
+def volume_report(volume: DailyVolume, seats: SeatLedger, drafted: int, held_out: int) -> dict[str, Any]:
+    """The report's ``daily_limit``, ``seats_exhausted`` ({event id: members turned away}) and ``allocation``."""
+    return {"daily_limit": volume.report(drafted, held_out), "seats_exhausted": seats.report(),
+            "allocation": {"invites_per_spot": seats.invites_per_spot, "max_invites_per_event": seats.unknown_cap}}
+
+
+def volume_lines(report: Mapping[str, Any]) -> list[str]:
+    """The Markdown report's lines on the daily limit and the seats (``daily_limit``, ``seats_exhausted``)."""
+    daily, lines = report.get("daily_limit"), []
+    if daily:
+        lines.append(f"Daily limit ({daily['day']}): {daily['limit']} messages a campaign day; "
+                     f"{daily['drafted_before']} drafted earlier today ({daily['held_out_before']} held out), "
+                     f"{daily['drafted_this_run']} by this run"
+                     + (f"; {LIMIT_ALREADY_DRAFTED}." if daily["already_drafted"] else "."))
+    exhausted = report.get("seats_exhausted") or {}
+    names = {m["event_id"]: m["event_name"] for m in report.get("matches", [])}
+    seen = ", ".join(f"{cell(names.get(k, k))} ({n})" for k, n in exhausted.items())
+    lines.append(f"Seats exhausted (members whose first choice had no seat left, by event): {seen}." if exhausted
+                 else "Seats exhausted: none (no member's first choice was full).")
+    return [*lines, ""]
+CONTACT_SKIPS = ("no_valid_phone", "opted_out", "shared_phone")  # decided when the walk reaches a member (counted on the console)
 
 
 # --- the funnel: eligible to drafted, one count per stage (console, Markdown and JSON alike) -------
@@ -5031,10 +5385,12 @@ def empty_input_lines(empty: Sequence[str]) -> list[str]:
     return [line]
 
 
-def skip_reason_lines(reasons: Mapping[str, int], holdout: Mapping[str, Any]) -> list[str]:
+def skip_reason_lines(reasons: Mapping[str, int], holdout: Mapping[str, Any],
+                      details: Mapping[str, int] | None = None) -> list[str]:
     """Why eligible members were not texted (counts only), and the control group."""
     lines = ["## Who was texted", "", "| eligible members not texted, by reason | count |", "| --- | --- |"]
     lines += [f"| {code} | {n} |" for code, n in reasons.items()] or ["| (none) | 0 |"]
+    lines += [f"\nOf these, {n}: {cell(detail)}." for detail, n in (details or {}).items()]
     if holdout.get("fraction"):
         ranks = ", ".join(str(r) for r in holdout.get("ranks", [])) or "none"
         lines += ["", (f"Holdout (control group, {holdout['fraction']:g} of members by a stable hash): "
@@ -5049,7 +5405,7 @@ def report_markdown(report: Mapping[str, Any]) -> str:
     lines = [
         f"# Return To Table report: {report['campaign_id']}",
         "",
-        ("**Goal:** bring dormant members (31-90 days since their last table) back with one "
+        (f"**Goal:** bring dormant members ({DORMANCY_SPAN} since their last table) back with one "
          "well-matched upcoming event and a warm welcome-back SMS, reviewed before sending."),
         "",
         f"- Run date: {report['run_date']} (as of {report['as_of']})",
@@ -5070,9 +5426,10 @@ def report_markdown(report: Mapping[str, Any]) -> str:
     lines += ["", f"Future events considered: {st['events_processed']}. Cost: {cost_text(report['cost'])}.", ""]
     if report.get("places_not_located"):
         lines += [places_line(report["places_not_located"]), ""]
+    lines += volume_lines(report)
     lines += funnel_lines(report["funnel"], report.get("skip_reasons", {}))
     lines += ["## Recommendations", "", *(f"- {r}" for r in report["recommendations"]), ""]
-    lines += skip_reason_lines(report.get("skip_reasons", {}), report.get("holdout", {}))
+    lines += skip_reason_lines(report.get("skip_reasons", {}), report.get("holdout", {}), report.get("skip_details", {}))
     lines += power_lines(report["holdout_power"])
     lines += preview_lines(report["preview"])
     lines += ["## Matches and messages", "", "| member | event | confidence | matcher | SMS | segments |",
@@ -5188,29 +5545,35 @@ def walk_codes(outcomes: Iterable[UserOutcome]) -> dict[str, str]:
     return codes
 
 
-def walk_listing(eligible: Sequence[DormantMember], decisions: Mapping[str, str]) -> Iterator[bytes]:
+def walk_listing(eligible: Sequence[DormantMember], decisions: Mapping[str, str],
+                 details: Mapping[str, str] | None = None) -> Iterator[bytes]:
     """``dormant_users.json``'s items (``write_json_items``), ``JSON_CHUNK_ITEMS`` at a time: every eligible
     member in rank order, with ``selected`` and, for those not selected, ``skip_reason`` (a member the walk
-    never decided on is ``below_limit``). The keys are appended to each record's JSON, the records are not
-    copied (160,000 copies at a million members were a second)."""
-    tails: dict[str, bytes] = {}
+    never decided on is ``below_limit``) and its ``skip_detail`` when ``details`` has one. The keys are
+    appended to each record's JSON, the records are not copied (160,000 copies at a million members were a
+    second)."""
+    tails: dict[tuple[str, str | None], bytes] = {}
+    details = details or {}
     for first in range(0, len(eligible), JSON_CHUNK_ITEMS):
         chunk = eligible[first:first + JSON_CHUNK_ITEMS]
-        codes = [decisions.get(user["_id"], "below_limit") for user in chunk]
+        codes = [(decisions.get(user["_id"], "below_limit"), details.get(user["_id"])) for user in chunk]
         # each item's b"  {\n    ...": a line "  }" only ends an item (nested lines are deeper, strings escape \n)
         bodies = json_bytes(list(chunk))[2:-2].split(b"\n  },\n")
-        if len(bodies) != len(chunk) or any("selected" in user or "skip_reason" in user for user in chunk):
-            yield b",\n".join(json_item({**user, **decision_keys(code)}) for user, code in zip(chunk, codes))
+        if len(bodies) != len(chunk) or any("selected" in user or "skip_reason" in user or "skip_detail" in user
+                                            for user in chunk):
+            yield b",\n".join(json_item({**user, **decision_keys(*code)}) for user, code in zip(chunk, codes))
             continue  # (stored fields of those names keep their place, as in the merged dict)
         bodies[-1] = bodies[-1].removesuffix(b"\n  }")
         for code in set(codes) - tails.keys():
-            tails[code] = b",\n" + json_item(decision_keys(code))[4:]  # b',\n    "selected": ...\n  }'
+            tails[code] = b",\n" + json_item(decision_keys(*code))[4:]  # b',\n    "selected": ...\n  }'
         yield b",\n".join(map(operator.add, bodies, map(tails.__getitem__, codes)))
 
 
-def decision_keys(code: str) -> dict[str, Any]:
+def decision_keys(code: str, detail: str | None = None) -> dict[str, Any]:
     """What ``dormant_users.json`` adds to an eligible member's record for the walk's decision."""
-    return {"selected": True} if code == "selected" else {"selected": False, "skip_reason": code}
+    if code == "selected":
+        return {"selected": True}
+    return {"selected": False, "skip_reason": code, **({"skip_detail": detail} if detail else {})}
 
 
 def skip_reason_counts(decisions: Mapping[str, str]) -> dict[str, int]:
@@ -5229,13 +5592,13 @@ def fallback_counts(outcomes: Sequence[UserOutcome]) -> dict[str, Any]:
 
 def build_report(*, campaign_id: str, run_started: datetime, finished: datetime, options: RunOptions,
                  source_label: str, census: DormancyCensus, selected: Sequence[DormantMember],
-                 decisions: Mapping[str, str],
+                 decisions: Mapping[str, str], skip_details: Mapping[str, str] | None = None,
                  future_events: Sequence[FutureEvent], outcomes: Sequence[UserOutcome], steps_5_6_seconds: float,
                  issues: DataIssues, firebase: Mapping[str, Any], errors: Sequence[str],
                  llm_usage: Mapping[str, Any] | None, status: str = "completed",
                  empty_input: Sequence[str] = (), places_not_located: Mapping[str, int] | None = None,
                  sms_segment_price: float | None = None, earlier_30_days: tuple[int, int] | None = None,
-                 ) -> dict[str, Any]:
+                 volume: Mapping[str, Any] | None = None) -> dict[str, Any]:
     """Step 8: the plan's statistics and summary, plus the funnel, a preview of every message, the cost, who
     was skipped, the holdout's power, services, errors and recommendations from these figures.
 
@@ -5287,6 +5650,7 @@ def build_report(*, campaign_id: str, run_started: datetime, finished: datetime,
         "engagement_counts": census.status_counts,
         "skipped": [vars(s) for s in skipped],
         "skip_reasons": reasons,
+        "skip_details": dict(Counter((skip_details or {}).values())),  # e.g. OTHER_RECORD: how many
         "funnel": run_funnel(len(census.eligible), reasons),
         "holdout": {"fraction": options.holdout, "count": len(held_out), "ranks": [h["rank"] for h in held_out]},
         "holdout_power": holdout_power((len(messages), len(held_out)), earlier_30_days),
@@ -5307,6 +5671,7 @@ def build_report(*, campaign_id: str, run_started: datetime, finished: datetime,
     if llm_usage is not None:
         report["llm_usage"] = dict(llm_usage)
     report["places_not_located"] = places_report(places_not_located or {})
+    report.update(volume or {})  # ``daily_limit``, ``seats_exhausted``, ``allocation`` (``volume_report``)
     report["recommendations"] = recommendations(report)
     return report
 
@@ -5368,6 +5733,13 @@ class DataSource(Protocol):
 
     def read(self, progress: Any = None) -> SourceData: ...
 
+    def consent_rows(self, paths: Sequence[str]) -> Iterable[dict[str, Any]]:
+        """Every member the source holds (all of them, not only the dormant) whose record has a value at one
+        of the field ``paths`` or a key that may start one (``consent_keys``), as ``consent_row`` gives it:
+        ``_id``, ``phone`` and those values as stored, never cleaned, an unreadable one as ``UNREADABLE``
+        (so that doubt is seen). Read apart from ``read``, without holding every member in memory."""
+        ...
+
 
 class FolderSource:
     """A folder of ``mongoexport`` output: ``users.json`` and ``events.json``."""
@@ -5394,6 +5766,10 @@ class FolderSource:
             events, deep_events = load_collection_file(files[1], decoder)
         skipped = Counter({"users_nested_too_deep": deep_users, "events_nested_too_deep": deep_events})
         return SourceData(users, events, decoder.bad_values, +skipped, dict(zip(("users", "events"), files)))
+
+    def consent_rows(self, paths: Sequence[str]) -> Iterator[dict[str, Any]]:
+        path = self.folder / "users.json"
+        return consent_rows_of_file(path, consent_keys(paths)) if path.is_file() else iter(())
 
 
     def read_dormant(self, now: datetime, progress: Any = None) -> SourceData:
@@ -5444,6 +5820,58 @@ class FolderSource:
                           issues=issues + counted.counts, activity=activity, statuses=dict(sorted(statuses.items())),
                           read={"users": users_read, "events": events_read}, screened=True,
                           plain_users=frozenset(plain))
+
+
+CONSENT_GROUP = 4096  # members decoded together by ``consent_rows_of_file``
+
+
+def consent_doc_type(keys: Sequence[str]) -> Any:
+    """A msgspec type decoding a member to its ``_id``, ``phone`` and the values under ``keys`` (None when
+    absent, as a null is), every other field skipped without being built."""
+    fields = [("id", Any, None), ("phone", Any, None), *((f"f{n}", Any, None) for n in range(len(keys)))]
+    return msgspec.defstruct("ConsentDoc", fields, rename={"id": "_id", **{f"f{n}": k for n, k in enumerate(keys)}})
+
+
+def stored_value(value: Any, decoder: ExtendedJsonDecoder) -> Any:
+    """A value msgspec decoded, as ``json_util`` gives it (``decoder.keep_unreadable``: a bad one ``UNREADABLE``)."""
+    try:
+        return extended_values(value, decoder) if type(value) is dict or type(value) is list else value
+    except FastPathRefused:  # nested too deep
+        return UNREADABLE
+
+
+def consent_rows_of_file(path: Path, keys: Collection[str]) -> Iterator[dict[str, Any]]:
+    """``consent_rows`` of a mongoexport users file: ``CONSENT_GROUP`` records at a time decoded to their id,
+    phone and the values under ``keys`` (``consent_doc_type``), nothing cleaned, an unreadable value kept as
+    ``UNREADABLE``; a record msgspec cannot read (a bare NaN) is decoded alone by the literal decoder, and a
+    file it cannot split is decoded whole, as ``read`` decodes it. Records the read skips are skipped."""
+    decoder = ExtendedJsonDecoder(keep_unreadable=True)
+    try:
+        elements = export_elements(export_bytes(path))
+    except FastPathRefused:
+        docs, _ = load_collection_file(path, decoder)
+        yield from filter(None, (consent_row(doc, keys) for doc in docs))
+        return
+    order = sorted(keys)
+    shape = consent_doc_type(order)
+    many, one = msgspec.json.Decoder(list[shape]), msgspec.json.Decoder(shape)
+    for first in range(0, len(elements), CONSENT_GROUP):
+        group = elements[first:first + CONSENT_GROUP]
+        elements[first:first + len(group)] = [None] * len(group)
+        for doc, element in zip(decoded_group(b"[" + b",".join(group) + b"]", group, many, one), group, strict=True):
+            if doc is None:
+                try:
+                    whole = decoder.loads(bytes(element).decode("utf-8"))
+                except (ValueError, RecursionError):
+                    continue
+                row = consent_row(whole, keys) if type(whole) is dict else None
+            else:
+                values = msgspec.structs.astuple(doc)
+                found = {key: stored_value(value, decoder) for key, value in zip(order, values[2:]) if value is not None}
+                row = {**found, "_id": id_of(stored_value(values[0], decoder)),
+                       "phone": stored_value(values[1], decoder)} if found else None
+            if row is not None:
+                yield row
 
 
 def bytes_tick(bar: Any, size: int, records: int) -> Any:
@@ -5539,8 +5967,8 @@ def member_activity_stages() -> list[dict[str, Any]]:
 
 def dormant_window(now: datetime) -> tuple[datetime, datetime]:
     """The latest event dates that make a member dormant at ``now``: after the first, up to the second
-    (``derive_engagement``: 31 to 90 whole days)."""
-    return now - timedelta(days=91), now - timedelta(days=31)
+    (``derive_engagement``: ACTIVE_DAYS + 1 to DORMANT_DAYS whole days)."""
+    return now - timedelta(days=DORMANT_DAYS + 1), now - timedelta(days=ACTIVE_DAYS + 1)
 
 
 def bson_window(now: datetime) -> tuple[datetime, datetime]:
@@ -5588,6 +6016,20 @@ def member_events_pipeline(ids: Sequence[str]) -> list[dict[str, Any]]:
     """The events any of ``ids`` joined or hosted, whatever form their entries take (``mongo_members``)."""
     return [{"$match": USABLE_ID}, {"$addFields": {"rtt_members": mongo_members()}},
             {"$match": {"rtt_members": {"$in": list(ids)}}}, {"$project": {"rtt_members": 0}}]
+
+
+def consent_pipeline(keys: Collection[str]) -> list[dict[str, Any]]:
+    """Members with a value under one of ``keys`` (``consent_keys``): ``_id``, ``phone`` and ``sms``, those
+    fields as ``{k, v}`` pairs (``$objectToArray``: a literal dotted key is a key like any other here)."""
+    fields = {"$filter": {"input": {"$objectToArray": "$$ROOT"}, "as": "field",
+                          "cond": {"$in": ["$$field.k", {"$literal": sorted(keys)}]}}}
+    return [{"$project": {"phone": 1, "sms": fields}}, {"$match": {"sms.0": {"$exists": True}}}]
+
+
+def mongo_consent_row(doc: Mapping[str, Any]) -> dict[str, Any]:
+    """``consent_row`` of a ``consent_pipeline`` document."""
+    found = {pair["k"]: pair["v"] for pair in doc.get("sms") or () if isinstance(pair, Mapping) and "k" in pair}
+    return {**found, "_id": id_of(doc.get("_id")), "phone": doc.get("phone")}
 
 
 def with_attended(counted: Mapping[str, Activity], attended: Mapping[str, Activity]) -> dict[str, Activity]:
@@ -5722,6 +6164,31 @@ class MongoSource:
                     latest[member] = start
         return latest
 
+    def consent_rows(self, paths: Sequence[str]) -> Iterator[dict[str, Any]]:
+        """The database picks the members with a preference key (``consent_pipeline``): only those, and only
+        their id, phone and preferences, come to Python; a date beyond Python's calendar comes as a
+        ``DatetimeMS`` (odd: doubt), never as an error. A server that cannot run it: every member, streamed."""
+        from pymongo.errors import OperationFailure, PyMongoError
+
+        keys = consent_keys(paths)
+        users = self.client.get_database(self.db_name)[USER_COLLECTION]
+        try:
+            with contextlib.suppress(NotImplementedError):  # mongomock lacks the codec option
+                users = users.with_options(codec_options=users.codec_options.with_options(
+                    datetime_conversion=DatetimeConversion.DATETIME_AUTO))
+            try:
+                rows = map(mongo_consent_row, users.aggregate(consent_pipeline(keys), allowDiskUse=True,
+                                                              batchSize=MONGO_BATCH_SIZE))
+            except OperationFailure as exc:
+                if exc.code not in (None, *UNKNOWN_OPERATOR_CODES):
+                    raise
+                rows = (consent_row(doc, keys) for doc in users.find({}, batch_size=MONGO_BATCH_SIZE))
+            except NotImplementedError:  # mongomock: an operator it lacks
+                rows = (consent_row(doc, keys) for doc in users.find({}, batch_size=MONGO_BATCH_SIZE))
+            yield from filter(None, rows)
+        except PyMongoError as exc:
+            raise mongo_failure(exc) from None
+
     @staticmethod
     def members(users: Any, ids: Sequence[str], progress: Any) -> list[dict[str, Any]]:
         """The member documents of ``ids``, by batches of ``MONGO_IDS_PER_QUERY``."""
@@ -5792,7 +6259,9 @@ def connect_mongo(settings: Settings, insecure_tls: bool, logger: logging.Logger
 
     if not settings.mongo_uri:
         raise UsageError(MONGO_NOT_CONFIGURED)
-    options: dict[str, Any] = {"appname": CAMPAIGN_NAME}
+    # A date beyond Python's calendar comes as a DatetimeMS (no date; in an SMS preference, doubt), never
+    # as an InvalidBSON that ends the read.
+    options: dict[str, Any] = {"appname": CAMPAIGN_NAME, "datetime_conversion": DatetimeConversion.DATETIME_AUTO}
     for name, millis in (("serverSelectionTimeoutMS", 20000), ("connectTimeoutMS", 20000),
                          ("socketTimeoutMS", 120000)):  # a server that never answers cannot hold the run
         if name.lower() not in settings.mongo_uri.lower():  # the URI's own setting wins
@@ -5847,6 +6316,13 @@ class DemoSource:
     def read(self, progress: Any = None) -> SourceData:
         users, events = build_demo_world(self.now)
         return SourceData(users, events)
+
+    def consent_rows(self, paths: Sequence[str]) -> Iterator[dict[str, Any]]:
+        keys = consent_keys(paths)
+        return filter(None, (consent_row(user, keys) for user in build_demo_world(self.now)[0]))
+
+
+DEMO_AREAS = ("212", "646", "917")  # NYC area codes: each demo member their own number in 555-0100..0199 (fiction)
 
 
 def build_demo_world(now: datetime) -> tuple[list[dict[str, Any]], list[dict[str, Any]]]:
@@ -5981,7 +6457,7 @@ def build_demo_world(now: datetime) -> tuple[list[dict[str, Any]], list[dict[str
         picked = [top] + [x for x in rng.sample(interests, rng.randint(0, 5)) if x != top]
         doc: dict[str, Any] = {
             "_id": uid[i], "firstName": first, "lastName": last,
-            "email": f"{slug(first)}.{slug(last)}{i}@example.com", "phone": f"+121255501{i % 100:02d}",
+            "email": f"{slug(first)}.{slug(last)}{i}@example.com", "phone": f"+1{DEMO_AREAS[i // 100]}55501{i % 100:02d}",
             "gender": rng.choices(["female", "male", "non-binary"], [48, 46, 6])[0],
             "interests": picked, "occupation": rng.choice(occupations), "homeNeighborhood": rng.choice(hoods),
         }
@@ -6203,7 +6679,7 @@ class InvalidAnswer(Exception):
 
 MATCH_SYSTEM = """You are an expert user reactivation specialist for Cuculi, a social dining app in New York \
 where members meet strangers over shared tables, drinks and outings. Your job: pick the SINGLE BEST upcoming event \
-for one dormant member (31-90 days since their last table) so that they come back and RSVP.
+for one dormant member (""" + DORMANCY_SPAN + """ since their last table) so that they come back and RSVP.
 
 Matching criteria, in order of importance:
 1. Interest alignment: the member's interests MUST match the event's categories or features. This is critical; \
@@ -6240,7 +6716,7 @@ How member interests usually show up in event tags (the fits= field already appl
 """ + "\n".join(f"- {interest}: {', '.join(sorted(tags))}" for interest, tags in INTEREST_SYNONYMS.items()) + "\n"
 
 WRITE_SYSTEM = """You are an expert SMS copywriter for Cuculi, a social dining app in New York. You write one \
-welcome-back text for a dormant member (31-90 days inactive) inviting them to one specific upcoming event. \
+welcome-back text for a dormant member (""" + DORMANCY_SPAN + """ inactive) inviting them to one specific upcoming event. \
 A person reviews every message before it is sent.
 
 Rules (a message that breaks one is rejected):
@@ -7353,9 +7829,11 @@ class DashboardWriter:
         self.stood_down: str | None = None  # why nothing (more) is written this run
         self.key_changes: set[KeyChange] = set()  # keys renamed or dropped so that records could be stored
         self._cooldown_reads: dict[str, tuple[Any, str]] = {}  # the cooldown's reads, reused to open the lists
+        self.recent_phones: list[Any] = []  # the numbers the cooldown's messages and holdout records went to
         self.undated_messages = 0  # messages (and holdout records) read by the cooldown whose date is no date
         self._waiting: dict[int, tuple[Match | None, Message | None, HoldoutRecord | None]] = {}  # above the next rank
         self._next_rank = 0
+        self.claimed: str | None = None  # the campaign id this run claimed in the archive
 
     @property
     def writes(self) -> bool:
@@ -7384,7 +7862,7 @@ class DashboardWriter:
         An item whose date is no date (a reviewer's typo, a poisoned value) is skipped and counted in
         ``undated_messages``; it never stops the run.
         """
-        self.undated_messages = 0
+        self.undated_messages, self.recent_phones = 0, []
         if self.transport is None:
             return set()
         recent: set[str] = set()
@@ -7398,7 +7876,21 @@ class DashboardWriter:
                     self.undated_messages += 1
                 elif when >= since:
                     recent.add(str(item["user_id"]))
+                    self.recent_phones.append(item.get("user_phone"))
         return recent
+
+    def read_history(self, day: tuple[datetime, datetime], seats_since: datetime) -> DashboardHistory:
+        """What the dashboard (or its mirror) already holds of this tool's work (``tally_history``): the
+        campaign day's messages and holdout records, and the open invitations per event since
+        ``seats_since``. The lists the cooldown read are not read again; raises FirebaseError when unreadable.
+        A dry run reads too: it counts what a real run would."""
+        if self.transport is None:
+            return DashboardHistory()
+        for key in ("messages", "holdout"):
+            if key not in self._cooldown_reads:
+                self._cooldown_reads[key] = self.transport.get(key)
+        return tally_history(as_item_list(self._cooldown_reads["messages"][0], "messages"),
+                             as_item_list(self._cooldown_reads["holdout"][0], "holdout"), day, seats_since)
 
     def recent_members(self, since: datetime) -> tuple[int, int] | None:
         """How many members the dashboard holds a message for (``generated_at``) and a holdout record for
@@ -7427,6 +7919,7 @@ class DashboardWriter:
             claim = {"id": campaign_id, "name": CAMPAIGN_NAME, "created_at": self.updated_at, "status": "running"}
             try:
                 if self.transport.put(f"campaigns/{campaign_id}/metadata", claim, if_match=NULL_ETAG).ok:
+                    self.claimed = campaign_id
                     return campaign_id
             except FirebaseError as exc:
                 self.failed(f"campaigns/{campaign_id}/metadata (claiming the campaign id)", exc)
@@ -7504,6 +7997,9 @@ class DashboardWriter:
         if self.transport is None or self.dry_run:
             self.logger.info("Step 7: dry run, nothing written to Firebase")
             return
+        if not messages and not holdout:
+            self.release_campaign(campaign_id)
+            return
         updated = self.updated_at
         users_payload = [dashboard_user(u) for u in users]
         events_payload = unique_matched_events(matches)
@@ -7537,6 +8033,16 @@ class DashboardWriter:
             self.written = []
         self.logger.info("Step 7: %d paths written to %s, %d not written, %d bytes sent", len(self.written),
                          self.transport.description, len(self.not_written), self.transport.bytes_sent)
+
+    def release_campaign(self, campaign_id: str) -> None:
+        """A run that drafted nothing archives no empty campaign: its claim is removed, nothing else written."""
+        if self.claimed == campaign_id and self.writes:
+            try:
+                self.transport.put(f"campaigns/{campaign_id}/metadata", None)
+            except FirebaseError as exc:
+                self.failed(f"campaigns/{campaign_id}/metadata (removing the claim of an empty campaign)", exc)
+        self.flush()
+        self.logger.info("Step 7: nothing drafted, no campaign archived and the dashboard left as it was")
 
     def summary(self) -> dict[str, Any]:
         """The report's ``firebase`` section; ``keys_renamed``/``keys_dropped`` count distinct key changes."""
@@ -7579,6 +8085,7 @@ class RunResult:
     failed_members: int = 0
     signal: int | None = None
     empty_input: list[str] = field(default_factory=list)  # "users", "events": read, but there were none
+    limit_already_drafted: bool = False  # the campaign day's --limit was drafted before this run: exit 0
 
     @property
     def firebase_failed(self) -> bool:
@@ -7629,6 +8136,11 @@ class ReturnToTable:
         self.counted: SourceData | None = None  # what a counting source read (``read_dormant``)
         self.activity: Mapping[str, Activity] = {}  # step 1's activity of every member, for ``reach_member``
         self.census: DormancyCensus | None = None  # step 1's eligible members and counts
+        self.history = DashboardHistory()  # what the dashboard holds of this campaign day and of open invitations
+        self.volume = DailyVolume.of(options.limit, self.history, options.now, self.zone)  # this run's share
+        self.seats = SeatLedger(options.invites_per_spot, options.max_invites_per_event)  # steps 5-6's seats
+        self.numbers = NumberLedger()  # consent and contact per phone number (``consent_by_number``)
+        self.skip_details: dict[str, str] = {}  # member id -> the detail of their skip reason (``OTHER_RECORD``)
 
     # --- step 1: fetch, find and rank the dormant members -----------------------------------
 
@@ -7686,42 +8198,69 @@ class ReturnToTable:
                          census.dormant_total, len(census.eligible), census.status_counts)
         return census
 
+    def consent_by_number(self) -> NumberLedger:
+        """Every member's stored SMS preferences (``consent_rows``), collected per number; odd values counted."""
+        ledger = NumberLedger.collect(self.source.consent_rows(sms_field_paths(self.sms)), self.sms)
+        self.issues.add("odd_sms_preference_values", ledger.odd)
+        return ledger
+
     def cooldown(self) -> set[str]:
-        """Members with a message generated (or a holdout record made) within the cooldown, or later than ``now``."""
-        if self.options.cooldown_days <= 0:
-            return set()
+        """Members with a message generated (or a holdout record made) within the cooldown, or later than ``now``,
+        and every member drafted or held out this campaign day (a top-up never drafts one twice, even with
+        ``--cooldown-days 0``). Reads the day's history too (``read_history``): the daily limit and the seats."""
+        recent: set[str] = set()
         try:
-            recent = self.dashboard.recent_recipients(days_before(self.options.now, self.options.cooldown_days))
-            self.issues.add("dashboard_messages_without_valid_generated_at", self.dashboard.undated_messages)
-            return recent
+            if self.options.cooldown_days > 0:
+                recent = self.dashboard.recent_recipients(days_before(self.options.now, self.options.cooldown_days))
+                self.issues.add("dashboard_messages_without_valid_generated_at", self.dashboard.undated_messages)
+            self.history = self.dashboard.read_history(campaign_day(self.options.now, self.zone), self.seats_since())
         except FirebaseError as exc:
             if self.options.dry_run:
-                self.logger.warning("Cooldown not applied in this dry run: %s", exc)
+                self.logger.warning("Cooldown not applied in this dry run (nor the daily limit's count): %s", exc)
             else:  # without knowing who was messaged, writing could draft someone twice
                 self.dashboard.stand_down("messages (unreadable, nothing will be written this run)", exc)
             return set()
+        self.volume = DailyVolume.of(self.options.limit, self.history, self.options.now, self.zone)
+        self.seats = SeatLedger(self.options.invites_per_spot, self.options.max_invites_per_event,
+                                self.history.open_invitations)
+        self.logger.info("Daily limit %d (%s): %d messages drafted earlier today, %d held out; %d left for this run",
+                         self.options.limit, self.volume.day, self.volume.drafted_before,
+                         self.volume.held_out_before, self.volume.remaining)
+        return recent | self.history.today_members
+
+    def seats_since(self) -> datetime:
+        """Open invitations count from the cooldown's start (at the latest from the campaign day's start)."""
+        day_start = campaign_day(self.options.now, self.zone)[0]
+        return min(day_start, days_before(self.options.now, self.options.cooldown_days))
 
     def select(self, census: DormancyCensus) -> list[tuple[int, DormantMember]]:
         """The eligible members outside the cooldown, as ``(rank, member)`` in rank order, for the walk
         (which checks phone and opt-out of each member it reaches: ``reachable``); the others get ``cooldown``."""
         recent = self.cooldown()
+        phones = list(self.dashboard.recent_phones)  # the numbers contacted within the cooldown ...
         walk: list[tuple[int, DormantMember]] = []
         for rank, user in enumerate(census.eligible, 1):
             if user["_id"] in recent:
                 self.decisions[user["_id"]] = "cooldown"
+                phones.append(user.get("phone"))  # ... and those of the members contacted then
             else:
                 walk.append((rank, user))
         self.logger.info("Step 1: %d of %d eligible members are outside the cooldown", len(walk), len(census.eligible))
+        self.numbers.recent.update(filter(None, (number_key(p, self.sms.default_region) for p in phones)))
         return walk
 
     def reachable(self, user: DormantMember) -> bool:
         """Whether a member the walk reached may be texted: the phone is checked and the history read now
-        (``reach_member``); one who may not gets ``no_valid_phone`` or ``opted_out``."""
+        (``reach_member``); one who may not gets ``no_valid_phone``, ``opted_out`` (their record, or another
+        with their number: ``NumberLedger``) or ``shared_phone``; one who may takes their number."""
         reach_member(user, self.activity, self.options.now, self.sms.default_region, self.zone.key)
-        block, odd = contact_block(user, self.sms)
-        self.issues.add("odd_sms_preference_values", odd)
+        block, detail = contact_block(user, self.sms)[0], None  # (odd values: counted by ``consent_by_number``)
+        if block is None:
+            block, detail = self.numbers.claim(user)
         if block is not None:
             self.decisions[user["_id"]] = block
+        if detail is not None:
+            self.skip_details[user["_id"]] = detail
         return block is None
 
     # --- step 2: future public events (steps 3-4, the summaries, are attached in steps 1-2) --
@@ -7762,13 +8301,49 @@ class ReturnToTable:
             return [], Skip(user["_id"], full_name(user), "no open future event shares an interest")
         zone = self.recipient_zone(user)
         sendable = (c for c in itertools.chain([first], ranked) if self.window_for(c.event, zone) is not None)
-        candidates = list(itertools.islice(sendable, max(self.options.candidates, MAX_NEXT_EVENTS + 1)))
-        if not candidates:  # every matching event starts too soon, or leaves only quiet hours to send in
+        first_sendable = next(sendable, None)
+        if first_sendable is None:  # every matching event starts too soon, or leaves only quiet hours to send in
             return [], Skip(user["_id"], full_name(user),
                             "every matching event is too soon: none leaves a moment outside QUIET_HOURS "
                             f"(member's local time) at least {self.options.min_lead_hours:g}h before it starts "
                             "(--min-lead-hours)", "no_event_in_send_window")
+        seated = self.seats.open_only(user["_id"], itertools.chain([first_sendable], sendable))
+        candidates = list(itertools.islice(seated, max(self.options.candidates, MAX_NEXT_EVENTS + 1)))
+        if not candidates:
+            return [], self.no_seats(user)
         return candidates, None
+
+    def no_seats(self, user: Mapping[str, Any]) -> Skip:
+        return Skip(user["_id"], full_name(user), "every matching event already has as many open invitations as "
+                    "it can seat (--invites-per-spot, --max-invites-per-event)", "seats_exhausted")
+
+    def seated(self, user: Mapping[str, Any], candidates: Sequence[Candidate], match: Match,
+               outcome: UserOutcome) -> Match | None:
+        """The match with a seat reserved (``SeatLedger``); when another member took the last one meanwhile
+        (Claude's members run at once), the rules' next candidate with a seat. The reasoning says when the
+        member's first choice had none left."""
+        uid, now, floor = user["_id"], self.options.now, self.options.min_confidence
+        if self.seats.reserve(uid, match["event"]) is None:
+            others = (c for c in candidates if c.event["_id"] != match["event_id"] and c.confidence >= floor)
+            taken = f" (The first pick, {match['event_name']}, filled up while it was chosen; this is the next best.)"
+            for c in others:
+                if self.seats.reserve(uid, c.event) is not None:
+                    match = candidate_match(user, c, self.zone, now, taken)
+                    break
+            else:
+                outcome.skip = self.no_seats(user)
+                return None
+        match["reasoning"] += self.seats.taken_note(uid, match["event_id"])
+        return match
+
+    def facts_for(self, match: Match) -> MessageFacts:
+        """What the message may say: ``message_facts``, without the spots left once more members were told
+        than the spots allow (``Seat.may_claim_spots``)."""
+        facts = message_facts(match, self.zone, self.options.now, sender=self.sms.sender,
+                              opt_out_text=self.sms.opt_out_text,
+                              tone=member_tone(CAMPAIGN_NAME, match["user_id"], self.options.variants))
+        seat = self.seats.seats.get(match["user_id"])
+        return facts if seat is None or seat.may_claim_spots else replace(facts, spots_left=None)
 
     def hold_out(self, rank: int, eligible_rank: int, user: DormantMember,
                  events: Sequence[FutureEvent]) -> UserOutcome:
@@ -7828,8 +8403,7 @@ class ReturnToTable:
         if window is None:
             return None
         when = {"now": now, "window": window, "zone": zone}
-        facts = message_facts(match, self.zone, now, sender=self.sms.sender, opt_out_text=self.sms.opt_out_text,
-                              tone=member_tone(CAMPAIGN_NAME, match["user_id"], self.options.variants))
+        facts = self.facts_for(match)
         when["variant"] = self.tone_of(match["user_id"])
         if self.advisor is not None:
             try:
@@ -7849,10 +8423,11 @@ class ReturnToTable:
         with a web address), the next candidates above the threshold, by the rules and the template."""
         now, floor, zone = self.options.now, self.options.min_confidence, self.recipient_zone(user)
         for c in [c for c in candidates if c.event["_id"] != tried and c.confidence >= floor][:MAX_NEXT_EVENTS]:
+            if self.seats.reserve(user["_id"], c.event) is None:
+                continue
             match = candidate_match(user, c, self.zone, now,
                                     " (The first choice could not be phrased within the SMS limits.)")
-            facts = message_facts(match, self.zone, now, sender=self.sms.sender, opt_out_text=self.sms.opt_out_text,
-                                  tone=member_tone(CAMPAIGN_NAME, user["_id"], self.options.variants))
+            facts = self.facts_for(match)
             text, window = write_template_sms(facts), self.window_for(c.event, zone)
             if text is None or window is None:
                 continue
@@ -7867,6 +8442,8 @@ class ReturnToTable:
         if outcome.skip is not None:
             return outcome
         outcome.match = self.choose_event(user, candidates, outcome)
+        if outcome.match is not None:
+            outcome.match = self.seated(user, candidates, outcome.match, outcome)
         if outcome.match is None:
             return outcome
         outcome.message = self.write_message(outcome.match, outcome)
@@ -7886,13 +8463,17 @@ class ReturnToTable:
         try:
             outcome = self.process_user(rank, user, events)
         except ServiceError:
+            self.seats.release(user["_id"])
             raise
         except Exception as exc:  # the run goes on; the traceback goes to the log file
+            self.seats.release(user["_id"])
             self.logger.debug("member %s failed", user["_id"], exc_info=True)
             self.logger.error("Member %s failed: %s", user["_id"], exc.__class__.__name__)
             outcome = UserOutcome(rank, user, skip=Skip(user["_id"], full_name(user),
                                                         f"failed: {exc.__class__.__name__} (see the log)", "failed"),
                                   failed=True)
+        if outcome.message is None:  # a seat no message came of is given back
+            self.seats.release(user["_id"])
         outcome.eligible_rank = eligible_rank
         return outcome
 
@@ -7939,7 +8520,7 @@ class ReturnToTable:
         running: set[Any] = set()
         messaged, order = 0, itertools.count()
         while True:
-            while (waiting and len(running) < width and messaged + len(running) < self.options.limit
+            while (waiting and len(running) < width and messaged + len(running) < self.volume.remaining
                    and not self.control.stopping):
                 eligible_rank, user = waiting.pop()
                 if not self.reachable(user):
@@ -7975,6 +8556,8 @@ class ReturnToTable:
             self.logger.info("Held out %s (%s): control group, rank %d", outcome.holdout["user_name"],
                              outcome.holdout["user_id"], outcome.holdout["rank"])
         self.decisions.update(walk_codes([outcome]))
+        if outcome.message is None and outcome.holdout is None:
+            self.numbers.release(outcome.user)
         if self.progress is not None:
             self.progress.update(1)
         if time.monotonic() - self.saved_at >= SAVE_EVERY_SECONDS:
@@ -8021,6 +8604,7 @@ class ReturnToTable:
         self.logger.info("Run as of %s (source: %s, matcher: %s%s)", iso_utc(options.now), self.source.label,
                          "claude" if self.advisor else "rules", ", dry run" if options.dry_run else "")
         users, events = self.fetch()                       # step 1
+        self.numbers = self.consent_by_number()
         self.census = census = self.dormant_users(users, events)
         walk = self.select(census)
         earlier = self.dashboard.recent_members(days_before(options.now, POWER_DAYS))  # before this run writes
@@ -8029,15 +8613,18 @@ class ReturnToTable:
         self.logger.info("Campaign %s", campaign_id)
         self.dashboard.open_lists()
         clock = time.monotonic()
-        with progress_bar(min(len(walk), options.limit), "members", enabled=options.progress) as self.progress:
+        if self.volume.remaining == 0:
+            self.logger.info("Daily limit: %s (%d of --limit %d on %s); nothing drafted", LIMIT_ALREADY_DRAFTED,
+                             self.volume.drafted_before, options.limit, self.volume.day, extra={"summary": True})
+        with progress_bar(min(len(walk), self.volume.remaining), "members", enabled=options.progress) as self.progress:
             outcomes = self.process_all(walk, future)      # steps 5-6
         self.progress = None
         steps_5_6_seconds = time.monotonic() - clock
-        left_out = Counter(code for code in self.decisions.values() if code in ("no_valid_phone", "opted_out"))
+        left_out = Counter(code for code in self.decisions.values() if code in CONTACT_SKIPS)
         self.logger.info("Steps 5-6: %d members reached, %s", len(outcomes) + sum(left_out.values()),
                          ", ".join(f"{n} {code}" for code, n in sorted(left_out.items())) or "all of them textable")
         write_json_items(self.data_dir / "processed" / "dormant_users.json",
-                         walk_listing(census.eligible, self.decisions), private=True)
+                         walk_listing(census.eligible, self.decisions, self.skip_details), private=True)
         self.write_skip_list(census)
         selected = [o.user for o in outcomes if not o.held_out]  # the treatment members the walk reached
         not_started = sum(code == "not_started" for code in self.decisions.values())
@@ -8060,17 +8647,19 @@ class ReturnToTable:
         report = build_report(                             # step 8
             campaign_id=campaign_id, run_started=started, finished=datetime.now(UTC), options=options,
             source_label=self.source.label, census=census, selected=selected, decisions=self.decisions,
+            skip_details=self.skip_details,
             future_events=future, outcomes=outcomes, steps_5_6_seconds=steps_5_6_seconds, issues=self.issues,
             firebase=firebase, errors=list(self.dashboard.errors), status=status,
             llm_usage=self.advisor.usage_report() if self.advisor is not None else None,
             sms_segment_price=self.segment_price, earlier_30_days=earlier,
             empty_input=self.empty_input, places_not_located=unlocated_places(
                 self.hoods, [*(text_field(u, "homeNeighborhood") for u in census.eligible),
-                             *(text_field(e, "neighborhood") for e in future)]))
+                             *(text_field(e, "neighborhood") for e in future)]),
+            volume=volume_report(self.volume, self.seats, len(messages), len(held_out)))
         report_path = self.write_report(campaign_id, report)
         return RunResult(campaign_id, report, report_path, firebase, claude_down, status,
                          failed_members=sum(o.failed for o in outcomes), signal=self.control.signal,
-                         empty_input=list(self.empty_input))
+                         empty_input=list(self.empty_input), limit_already_drafted=self.volume.remaining == 0)
 
     def final_status(self, not_started: int) -> str:
         """``interrupted`` after a signal; ``deadline`` when the deadline left members unstarted."""
@@ -9540,7 +10129,13 @@ BASELINES = {
                  "the host joined more recently, then the host id; a host without a candidate gives way to "
                  "the next one); with none, the soonest candidate",
 }
-BACKTEST_METHODS = ("rules", *BASELINES)
+BACKTEST_METHODS = ("rules", "rules_allocated", *BASELINES)
+ALLOCATION_RULE = (
+    "rules_allocated is the rules matcher with the campaign's seat allocation on (default --invites-per-spot "
+    f"{DEFAULT_INVITES_PER_SPOT:g}, --max-invites-per-event {DEFAULT_MAX_INVITES_PER_EVENT}): every eligible "
+    "member at D, in rank order and with no --limit, takes a seat at their pick, and a member whose pick has "
+    "no seat left gets their next best candidate; rules is the same matcher with the allocation off. With "
+    "participants unknown at D, an event's remaining spots are its capacity.")
 CANDIDATE_SET = (
     "the campaign's own: step 2 at D (future, public, active, approved and offerable events, with the "
     "participants removed as the no-leak rule says), scored for the member at D by step 5's "
@@ -9691,8 +10286,9 @@ class Trial(NamedTuple):
 
 
 def score_trial(user: Mapping[str, Any], candidates: Sequence[Candidate], attended: set[str],
-                hosts: Sequence[str], pick: Picker) -> Trial:
-    """The matcher's pick and the baselines on exactly the same candidates, against what really happened."""
+                hosts: Sequence[str], pick: Picker, seated: Candidate | None = None) -> Trial:
+    """The matcher's pick and the baselines on exactly the same candidates, against what really happened;
+    ``seated`` is the matcher's pick with the seat allocation on (``allocated_pick``)."""
 
     def hit(c: Candidate | None) -> float:
         return float(c is not None and c.event["_id"] in attended)
@@ -9701,7 +10297,7 @@ def score_trial(user: Mapping[str, Any], candidates: Sequence[Candidate], attend
     nearby = min((c for c in candidates if c.same_neighbourhood), key=soonest_key, default=None)
     by_host = host_next(candidates, hosts)
     going = sum(c.event["_id"] in attended for c in candidates)
-    hits = {"rules": hit(pick(user, candidates)),
+    hits = {"rules": hit(pick(user, candidates)), "rules_allocated": hit(seated),
             "random": going / len(candidates) if candidates else 0.0,
             "soonest": hit(soonest), "soonest_nearby": hit(nearby or soonest), "host_next": hit(by_host or soonest),
             "oracle": float(going > 0)}
@@ -9714,19 +10310,38 @@ def backtest_date(history: History, day: datetime, window_days: int, hoods: Neig
                   pick: Picker) -> tuple[int, list[Trial]]:
     """One as-of date: how many members were eligible, and a trial for each who came back within the window.
 
-    Only members who came back are scored, so the matcher runs for them alone.
+    Every eligible member is matched, in rank order, so that the seat allocation (``ALLOCATION_RULE``) sees
+    the invitations of those ranked above; only members who came back are scored.
     """
     census, future = world_at(history, day)
     end = day + timedelta(days=window_days)
+    seats = SeatLedger(DEFAULT_INVITES_PER_SPOT, DEFAULT_MAX_INVITES_PER_EVENT)
+    index = CandidateIndex.build(future, hoods, day) if pick is rules_pick else None  # the rules' first, lazily
     trials = []
     for user in census.eligible:
         attended = attended_between(history, user["_id"], day, end)
+        if not attended and index is not None:  # only their seat matters: the first candidate with one left
+            first = next(seats.open_only(user["_id"], index.ranked(user)), None)
+            if first is not None:
+                seats.reserve(user["_id"], first.event)
+            continue
+        candidates = score_candidates(user, future, hoods, day)
+        seated = allocated_pick(user, candidates, pick, seats)
         if not attended:
             continue
         joined = history.joined_hosts.get(user["_id"], [])
-        candidates = score_candidates(user, future, hoods, day)
-        trials.append(score_trial(user, candidates, attended, favourite_hosts(joined[:after(joined, day)]), pick))
+        trials.append(score_trial(user, candidates, attended, favourite_hosts(joined[:after(joined, day)]), pick,
+                                  seated))
     return len(census.eligible), trials
+
+
+def allocated_pick(user: Mapping[str, Any], candidates: Sequence[Candidate], pick: Picker,
+                   seats: SeatLedger) -> Candidate | None:
+    """The matcher's pick among the candidates with a seat left, the seat taken (the campaign's allocation)."""
+    chosen = pick(user, list(seats.open_only(user["_id"], candidates)))
+    if chosen is not None:
+        seats.reserve(user["_id"], chosen.event)
+    return chosen
 
 
 def as_of_dates(start: datetime, end: datetime, every_days: int) -> list[datetime]:
@@ -9827,6 +10442,7 @@ def build_backtest_report(*, source: str, start: datetime, end: datetime, every_
         "no_leak_rule": NO_LEAK_RULE,
         "later_information": list(LATER_INFORMATION),
         "baselines": dict(BASELINES),
+        "allocation": ALLOCATION_RULE,
         "bootstrap": {"resamples": resamples, "seed": seed, "unit": "member (all their dates)", "level": 0.95,
                       "interval": "percentile"},
         "dates": [backtest_row(day, n, trials) for day, n, trials in dated],
@@ -9884,6 +10500,7 @@ def backtest_markdown(report: Mapping[str, Any]) -> str:
         f"- Scored: {report['scored']}; hit@1 = the pick is one of the events they went to.",
         f"- Candidates: {report['candidate_set']}",
         f"- No leaks: {report['no_leak_rule']}",
+        f"- Seats: {report['allocation']}",
         "",
         "| " + " | ".join(cells[0]) + " |",
         "| " + " | ".join("---" for _ in cells[0]) + " |",
@@ -10093,16 +10710,15 @@ def weights_applied(values: Mapping[str, float]) -> Iterator[None]:
         globals().update(saved)
 
 
-class Recorder:
-    """A picker that keeps every member's candidates as the backtest scores them (for ``--fit``), then picks as
-    ``rules_pick`` does."""
-
-    def __init__(self) -> None:
-        self.seen: list[Sequence[Candidate]] = []
-
-    def __call__(self, user: Mapping[str, Any], candidates: Sequence[Candidate]) -> Candidate | None:
-        self.seen.append(candidates)
-        return rules_pick(user, candidates)
+def fit_candidates(history: History, dated: Sequence[tuple[datetime, int, list[Trial]]],
+                   hoods: NeighbourhoodMap) -> list[list[Candidate]]:
+    """Each trial's candidates (in trial order), scored again as the backtest scored them, for ``--fit``."""
+    seen = []
+    for day, _, trials in dated:
+        census, future = world_at(history, day)
+        users = {user["_id"]: user for user in census.eligible}
+        seen += [score_candidates(users[t.member], future, hoods, day) for t in trials]
+    return seen
 
 
 def unit_signals(h: HistorySignals) -> tuple[float, ...]:
@@ -10134,7 +10750,7 @@ class FitData:
 
 def fit_data(dated: Sequence[tuple[datetime, int, list[Trial]]], seen: Sequence[Sequence[Candidate]],
              history: History, window_days: int) -> FitData:
-    """The recorded candidates (``Recorder``, in trial order) with what really happened."""
+    """Each trial's candidates (``fit_candidates``, in trial order) with what really happened."""
     import numpy as np
 
     rows: list[tuple[Any, ...]] = []
@@ -10386,9 +11002,8 @@ def backtest(args: argparse.Namespace, env: Mapping[str, str] | None, mongo_clie
     for name in screened.empty:
         print(f"warning: empty input: no {name} in {input_location(source, name)}", file=sys.stderr)
     history = build_history(screened.users, screened.events, screened.issues)
-    recorder = Recorder() if cut is not None else None
     with weights_applied(weights.values):
-        dated = run_backtest(history, days, args.window_days, hoods, recorder or pick)
+        dated = run_backtest(history, days, args.window_days, hoods, pick)
     report = build_backtest_report(source=source.label, start=days[0], end=as_of_flag(args.end, "--to"),
                                    every_days=args.every_days,
                                    window_days=args.window_days, dated=dated, issues=screened.issues,
@@ -10401,9 +11016,9 @@ def backtest(args: argparse.Namespace, env: Mapping[str, str] | None, mongo_clie
         with weights_applied(weights.values):
             report["orderings"] = orderings_report(
                 [(day, ordering_date(history, day, args.window_days, hoods, args.limit)) for day in days], args.limit)
-    if recorder is not None and cut is not None:
-        report["fit"] = fit_weights(dated, recorder.seen, history, args.window_days, cut, weights, args.resamples,
-                                    args.seed)
+    if cut is not None:
+        report["fit"] = fit_weights(dated, fit_candidates(history, dated, hoods), history, args.window_days, cut,
+                                    weights, args.resamples, args.seed)
         written = out_dir / WEIGHTS_FILE if report["fit"]["beats_current"] else None
         if written is not None:
             write_json(written, weights_document(report["fit"]))
@@ -10484,6 +11099,28 @@ def holdout_fraction(text: str) -> float:
     return value
 
 
+def invites_per_spot(text: str) -> float:
+    """``--invites-per-spot``: a ratio above 0, at most ``MAX_INVITES_PER_SPOT`` (no NaN, no infinity)."""
+    try:
+        value = float(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"{text!r} is not a number") from None
+    if not math.isfinite(value) or not 0 < value <= MAX_INVITES_PER_SPOT:
+        raise argparse.ArgumentTypeError(f"{text!r} is not a number above 0 and at most {MAX_INVITES_PER_SPOT:g}")
+    return value
+
+
+def invites_per_event(text: str) -> int:
+    """``--max-invites-per-event``: a whole number from 1 to ``MAX_INVITES_PER_EVENT``."""
+    try:
+        value = int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"{text!r} is not a whole number") from None
+    if not 1 <= value <= MAX_INVITES_PER_EVENT:
+        raise argparse.ArgumentTypeError(f"{text!r} is not a whole number from 1 to {MAX_INVITES_PER_EVENT}")
+    return value
+
+
 def percentage(text: str) -> float:
     value = float(text)
     if not 0 <= value <= 100:
@@ -10515,7 +11152,9 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--out", metavar="DIR", type=Path, default=SCRIPT_DIR,
                         help="root for data/, logs/ and reports/ (default: the script's folder)")
     parser.add_argument("--limit", type=positive_int, default=RunOptions.limit,
-                        help="top-ranked members to try (%(default)s)")
+                        help="at most N messages drafted per campaign day (the date of --now in "
+                             "CAMPAIGN_TIMEZONE), counting those already in the dashboard: a rerun tops up "
+                             "(%(default)s)")
     parser.add_argument("--llm", choices=("auto", "claude", "off"), default="auto",
                         help="auto: Claude when ANTHROPIC_API_KEY is set; off: rules and template")
     parser.add_argument("--dry-run", action="store_true",
@@ -10537,6 +11176,11 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--variants", type=tone_names, default=RunOptions.variants, metavar="NAMES",
                         help="message tones to A/B test, comma-separated from " + ", ".join(TONES)
                              + " (default: standard, today's wording); each member keeps theirs run after run")
+    parser.add_argument("--invites-per-spot", type=invites_per_spot, default=RunOptions.invites_per_spot,
+                        metavar="R", help="an event with N spots left gets at most ceil(R x N) open invitations "
+                                          "(pending or approved, within the cooldown) (%(default)g)")
+    parser.add_argument("--max-invites-per-event", type=invites_per_event, default=RunOptions.max_invites_per_event,
+                        metavar="N", help="open invitations to an event of unknown capacity (%(default)s)")
     parser.add_argument("--min-lead-hours", type=at_most(non_negative_float, MAX_LEAD_HOURS, " hours (30 days)"),
                         default=RunOptions.min_lead_hours,
                         metavar="H", help="a message may go out until H hours before its event (%(default)g; "
@@ -10627,6 +11271,7 @@ def resolve_options(args: argparse.Namespace, settings: Settings) -> RunOptions:
                       use_claude=use_claude, dry_run=args.dry_run, min_confidence=args.min_confidence,
                       candidates=args.candidates, concurrency=args.concurrency,
                       cooldown_days=args.cooldown_days, holdout=args.holdout, variants=args.variants,
+                      invites_per_spot=args.invites_per_spot, max_invites_per_event=args.max_invites_per_event,
                       min_lead_hours=args.min_lead_hours, deadline_minutes=args.deadline_minutes,
                       keep_logs_days=args.keep_logs, insecure_tls=args.insecure_tls, verbose=args.verbose,
                       quiet=args.quiet, progress=not args.quiet and sys.stderr.isatty())

@@ -48,6 +48,26 @@ def member_id(i: int) -> str:
     return f"64d0{i:020x}"
 
 
+def nyc_zone_areas() -> list[int]:
+    """US area codes whose 555 numbers phonenumbers calls valid and places in New York's zone (172)."""
+    import phonenumbers
+    import phonenumbers.timezone
+
+    def fits(area: int) -> bool:
+        number = phonenumbers.parse(f"+1{area}5550100")
+        return (phonenumbers.is_valid_number(number)
+                and phonenumbers.timezone.time_zones_for_number(number) == ("America/New_York",))
+    return [area for area in range(201, 990) if fits(area)]
+
+
+AREAS = nyc_zone_areas()
+
+
+def member_phone(i: int) -> str:
+    """Each member their own number (one number gets one text), in the 555 exchange (not given to subscribers)."""
+    return f"+1{AREAS[i // 10000 % len(AREAS)]}555{i % 10000:04d}"
+
+
 class World:
     """One generated world: members and events written as they are made."""
 
@@ -94,7 +114,7 @@ class World:
             top = rng.choice(INTERESTS)
             doc: dict = {"_id": {"$oid": member_id(i)} if rng.random() < 0.1 else member_id(i),
                          "firstName": rng.choice(FIRSTS), "lastName": rng.choice(LASTS),
-                         "email": f"member{i}@example.com", "phone": f"+12125550{i % 1000:03d}",
+                         "email": f"member{i}@example.com", "phone": member_phone(i),
                          "gender": rng.choice(["female", "male", "non-binary"]),
                          "interests": [top, *rng.sample(INTERESTS, rng.randint(0, 4))],
                          "occupation": rng.choice(["Chef", "Nurse", "Editor", "Architect"]),

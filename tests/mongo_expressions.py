@@ -65,7 +65,10 @@ def naive_utc(moment: datetime) -> datetime:
 
 def path(doc: Any, name: str, names: dict[str, Any]) -> Any:
     parts = name.split(".")
-    value = names[parts[0][2:]] if name.startswith("$$") else doc.get(parts[0][1:], MISSING)
+    if name.startswith("$$"):
+        value = doc if parts[0] == "$$ROOT" else names[parts[0][2:]]
+    else:
+        value = doc.get(parts[0][1:], MISSING)
     for part in parts[1:]:
         value = value.get(part, MISSING) if isinstance(value, dict) else MISSING
     return value
@@ -122,6 +125,11 @@ def evaluate(expr: Any, doc: dict[str, Any], names: dict[str, Any] | None = None
         return [evaluate(arg["in"], doc, names | {arg["as"]: item}) for item in ev(arg["input"])]
     if op == "$filter":
         return [item for item in ev(arg["input"]) if evaluate(arg["cond"], doc, names | {arg["as"]: item})]
+    if op == "$literal":
+        return arg
+    if op == "$objectToArray":
+        value = ev(arg)
+        return [{"k": k, "v": v} for k, v in value.items()] if isinstance(value, dict) else None
     if op == "$toString":
         value = ev(arg)
         return str(value) if value is not None else None

@@ -82,7 +82,7 @@ def test_a_member_loyal_to_one_host_is_a_hit_for_the_matcher_and_the_host_baseli
     report = backtest_report(run_backtest_cli(run_cli, folder, "--from", D_FLAG, "--to", D_FLAG))
     (row,) = report["dates"]
     assert (row["eligible"], row["returned"], row["with_candidates"]) == (1, 1, 1)
-    assert row["hit_at_1"] == {"rules": 1.0, "random": 0.5, "soonest": 0.0, "soonest_nearby": 0.0,
+    assert row["hit_at_1"] == {"rules": 1.0, "rules_allocated": 1.0, "random": 0.5, "soonest": 0.0, "soonest_nearby": 0.0,
                                "host_next": 1.0}
     assert row["oracle"] == 1.0
     assert report["pooled"]["lead"]["over"] == "host_next"

@@ -7,11 +7,16 @@ All people here are fictional: ``@example.com`` emails and phones in the 555-01x
 from __future__ import annotations
 
 import json
+import logging
 import re
 from datetime import timedelta
 from pathlib import Path
 from typing import Any
 
+import bson
+import bson.errors
+import mongo_expressions
+import mongomock
 import pytest
 from builders import NOW, NOW_ISO, CliRun
 
@@ -30,10 +35,23 @@ def ids_by_group(n: int, *, held_out: bool) -> list[str]:
     return [i for i in found if rtt.in_holdout(rtt.CAMPAIGN_NAME, i, FRACTION) == held_out][:n]
 
 
+FICTION_AREAS = ("212", "646", "917", "718", "347", "332", "929")  # NYC area codes; 555-0100..0199 in each
+PHONES: dict[str, str] = {}  # each member id its own number (one number gets one text: ``NumberLedger``)
+
+
+def phone_of(uid: str) -> str:
+    """The member's own fictional number, the same for the same id."""
+    if uid not in PHONES:
+        n = len(PHONES)
+        PHONES[uid] = f"+1{FICTION_AREAS[n // 100 % len(FICTION_AREAS)]}55501{n % 100:02d}"
+    return PHONES[uid]
+
+
 def member(uid: str, days_inactive: int, **fields: Any) -> tuple[dict[str, Any], dict[str, Any]]:
-    """A dormant member with a full profile and the one past event that makes them dormant."""
+    """A dormant member with a full profile, their own phone number, and the one past event that makes them
+    dormant."""
     user = {"_id": uid, "firstName": "Robin", "lastName": "Testwell", "email": f"{uid}@example.com",
-            "phone": "+12125550150", "gender": "female", "interests": ["wine"], "occupation": "Teacher",
+            "phone": phone_of(uid), "gender": "female", "interests": ["wine"], "occupation": "Teacher",
             "homeNeighborhood": "chelsea", **fields}
     past = {"_id": f"past-{uid}", "name": "Neighbourhood Supper", "categories": ["DINNER"], "participants": [uid],
             "ownerId": uid, "maxParticipants": 8, "startDate": iso(NOW - timedelta(days=days_inactive)),
@@ -421,7 +439,8 @@ def test_every_eligible_member_gets_selected_or_a_skip_reason(run_cli, tmp_path:
     console = run.out + run.err
     assert not re.search(r"555[-. ]?01", console) and "@example.com" not in console  # (not "555" alone: a clock reads 05:55:50)
     assert "2 no_valid_phone" in console and "2 opted_out" in console
-    second = run_cli("--source", str(write(tmp_path / "w", members)), "--now", NOW_ISO, "--holdout", str(FRACTION),
+    tomorrow = iso(NOW + timedelta(days=1))  # (the same day, --limit is already drafted: issue 20)
+    second = run_cli("--source", str(write(tmp_path / "w", members)), "--now", tomorrow, "--holdout", str(FRACTION),
                      "--limit", "2", root=run.root)
     assert [decisions(second)[i] for i in (plain[6], plain[7], plain[8])] == ["cooldown", "cooldown", "selected"]
 
@@ -432,7 +451,7 @@ def test_only_the_members_the_walk_reaches_are_checked_and_read(run_cli, tmp_pat
     assert run.code == 0, run.err
     assert decisions(run) == {"m-top": "selected", "m-next": "below_limit", "m-low": "below_limit"}
     top, *below = run.load("data/processed/dormant_users.json")
-    assert top["phone_e164"] == "+12125550150" and top["event_history"]["events"] == 1
+    assert top["phone_e164"] == phone_of("m-top") and top["event_history"]["events"] == 1
     assert all("phone_e164" not in u and "event_history" not in u for u in below)  # never reached, never checked
 
 
@@ -444,3 +463,220 @@ def test_a_member_whose_events_cannot_be_phrased_is_skipped_as_no_sms_within_con
     assert run.code == 0, run.err
     assert decisions(run) == {"m-long": "no_sms_within_contract"} and run.matches == []
     assert run.report()["skip_reasons"] == {"no_sms_within_contract": 1}
+
+
+# --------------------------------------------------------------------------------------------
+# Consent belongs to the number; one number gets one text; doubt never sends
+# --------------------------------------------------------------------------------------------
+
+MONGO_ENV = {"MONGO_URI": "mongodb://127.0.0.1:1/x", "MONGO_DB_NAME": "testdb"}
+PATHS = ("folder", "demo", "mongo")  # the three sources: files, the in-process world, MongoDB (mongomock)
+
+
+def as_stored(docs: list[dict[str, Any]]) -> list[dict[str, Any]]:
+    """Extended JSON documents as a driver hands them over (``{"$numberDouble": "NaN"}`` becomes a float)."""
+    return [rtt.json_util.loads(json.dumps(doc)) for doc in docs]
+
+
+def run_on(kind: str, run_cli, tmp_path: Path, members: list[tuple[dict[str, Any], dict[str, Any]]],
+           *args: str, monkeypatch: pytest.MonkeyPatch, root: Path | None = None) -> CliRun:
+    """One run of ``members`` (and ``EVENTS``) read from a folder, as the demo world, or from MongoDB."""
+    users, events = [u for u, _ in members], [e for _, e in members] + EVENTS
+    if kind == "folder":
+        return run_cli("--source", str(write(tmp_path / "w", members)), "--now", NOW_ISO, *args, root=root)
+    if kind == "demo":
+        monkeypatch.setattr(rtt, "build_demo_world", lambda now: (as_stored(users), as_stored(events)))
+        return run_cli("--demo", "--now", NOW_ISO, *args, root=root)
+    client = mongomock.MongoClient()
+    client["testdb"]["user"].insert_many(as_stored(users))
+    client["testdb"]["event"].insert_many(as_stored(events))
+    return run_cli("--source", "mongo", "--now", NOW_ISO, *args, env=MONGO_ENV, mongo_client=client, root=root)
+
+
+def listing(run: CliRun) -> dict[str, dict[str, Any]]:
+    return {u["_id"]: u for u in run.load("data/processed/dormant_users.json")}
+
+
+@pytest.mark.parametrize("kind", PATHS)
+@pytest.mark.parametrize("refusal", [{"smsOptOut": True}, {"allowSms": "no"}, {"smsOptOut": "\u200b"},
+                                     {"smsConsent": {"$numberDouble": "NaN"}}])
+def test_an_opt_out_on_any_record_stops_every_member_with_that_number(run_cli, tmp_path, monkeypatch, kind,
+                                                                      refusal) -> None:
+    """A's record refuses (or is in doubt); A is not even dormant (active: 10 days), so only a lookup over every
+    member read finds it. B gives the same number in another spelling: never texted."""
+    a, a_past = member("m-a", 10, phone="+1 646 555 0177", **refusal)
+    b, b_past = member("m-b", 60, phone="(646) 555-0177")
+    c, c_past = member("m-c", 50)
+    run = run_on(kind, run_cli, tmp_path, [(a, a_past), (b, b_past), (c, c_past)], "--dry-run",
+                 monkeypatch=monkeypatch)
+    assert run.code == 0, run.err
+    found = listing(run)
+    assert "m-a" not in found  # active: not eligible, but their refusal counts
+    assert (found["m-b"]["skip_reason"], found["m-b"]["skip_detail"]) == ("opted_out", rtt.OTHER_RECORD)
+    assert [m["user_id"] for m in run.messages] == ["m-c"]
+    report = run.report()
+    assert report["skip_reasons"] == {"opted_out": 1} and report["skip_details"] == {rtt.OTHER_RECORD: 1}
+    assert f"Of these, 1: {rtt.OTHER_RECORD}." in run.report_path(".md").read_text(encoding="utf-8")
+
+
+@pytest.mark.parametrize("kind", PATHS)
+def test_one_number_in_three_spellings_gets_one_message(run_cli, tmp_path, monkeypatch, kind) -> None:
+    spellings = ["+16465550178", "(646) 555-0178", "646.555.0178"]
+    members = [member(f"m-{n}", 80 - 10 * n, phone=phone) for n, phone in enumerate(spellings)]
+    run = run_on(kind, run_cli, tmp_path, members, "--dry-run", monkeypatch=monkeypatch)
+    assert run.code == 0, run.err
+    assert [(m["user_id"], m["user_phone"]) for m in run.messages] == [("m-0", "+16465550178")]
+    assert decisions(run) == {"m-0": "selected", "m-1": "shared_phone", "m-2": "shared_phone"}
+    assert run.report()["skip_reasons"] == {"shared_phone": 2}
+    console = run.out + run.err
+    assert "2 shared_phone" in console and not re.search(r"555[-. ]?01", console)  # counts, never a number
+
+
+def test_a_number_stays_free_when_its_first_member_gets_nothing(run_cli, tmp_path) -> None:
+    """The first member with the number has no event to be offered: the next one with it is texted."""
+    first, past = member("m-chess", 80, phone="+16465550179", interests=["chess"])
+    second, past2 = member("m-wine", 70, phone="646-555-0179")
+    run = run_cli("--source", str(write(tmp_path / "w", [(first, past), (second, past2)])), "--now", NOW_ISO,
+                  "--dry-run")
+    assert decisions(run) == {"m-chess": "no_matching_event", "m-wine": "selected"}
+
+
+def test_a_number_messaged_or_held_out_within_the_cooldown_is_not_texted_for_another_member(run_cli,
+                                                                                          tmp_path) -> None:
+    held, treated = ids_by_group(1, held_out=True)[0], ids_by_group(2, held_out=False)
+    out = tmp_path / "out"
+    first = [member(treated[0], 80, phone="+16465550180"), member(held, 75, phone="+16465550181")]
+    run = run_cli("--source", str(write(tmp_path / "w", first)), "--now", NOW_ISO, "--holdout", str(FRACTION),
+                  root=out)
+    assert decisions(run) == {treated[0]: "selected", held: "holdout"}
+    assert run.load("data/processed/holdout.json")[0]["user_phone"] == "+16465550181"
+    later = (NOW + timedelta(days=1)).strftime("%Y-%m-%dT%H:%M:%SZ")
+    newcomers = [member("m-same-a", 70, phone="(646) 555-0180"), member(treated[1], 65, phone="646 555 0181")]
+    second = run_cli("--source", str(write(tmp_path / "w", first + newcomers)), "--now", later,
+                     "--holdout", str(FRACTION), root=out)
+    assert second.code == 0, second.err
+    assert decisions(second) == {treated[0]: "cooldown", held: "cooldown", "m-same-a": "shared_phone",
+                                 treated[1]: "shared_phone"}
+    assert second.messages == []
+
+
+def test_a_holdout_member_takes_the_number_within_the_run(run_cli, tmp_path) -> None:
+    held, treated = ids_by_group(1, held_out=True)[0], ids_by_group(1, held_out=False)[0]
+    members = [member(held, 80, phone="+16465550182"), member(treated, 70, phone="(646) 555-0182")]
+    run = run_cli("--source", str(write(tmp_path / "w", members)), "--now", NOW_ISO, "--holdout", str(FRACTION),
+                  "--dry-run")
+    assert decisions(run) == {held: "holdout", treated: "shared_phone"}
+
+
+DOUBTS = {  # a value present but unreadable, of an odd type, or empty only once cleaned: each blocks the text
+    "NaN opt-out (Extended JSON)": {"smsOptOut": {"$numberDouble": "NaN"}},
+    "NaN consent": {"smsConsent": float("nan")},
+    "date beyond the calendar": {"smsOptOut": {"$date": {"$numberLong": "999999999999999999"}}},
+    "date beyond year 9999": {"doNotText": {"$date": "10000-01-01T00:00:00Z"}},
+    "odd type": {"smsConsent": {"$binary": {"base64": "AA==", "subType": "00"}}},
+    "a lone zero-width character (opt-out)": {"smsOptOut": "\u200b"},
+    "a lone zero-width character (consent)": {"allowSms": "\u200b"},
+    "a lone bidi mark": {"unsubscribed": "\u202e"},
+}
+PYTHON_DOUBTS = ("NaN opt-out (Extended JSON)", "NaN consent", "odd type", "a lone zero-width character (opt-out)",
+                 "a lone zero-width character (consent)", "a lone bidi mark")  # what a driver can hand over
+
+
+def doubt_run(kind: str, run_cli, tmp_path: Path, monkeypatch, fields: dict[str, Any]) -> CliRun:
+    if kind == "folder":  # NaN written as JSON's NaN literal, as some exports do
+        members = [member("m-doubt", 70, **fields), member("m-clear", 60)]
+        folder = write(tmp_path / "w", members)
+        return run_cli("--source", str(folder), "--now", NOW_ISO, "--dry-run")
+    return run_on(kind, run_cli, tmp_path, [member("m-doubt", 70, **fields), member("m-clear", 60)], "--dry-run",
+                  monkeypatch=monkeypatch)
+
+
+@pytest.mark.parametrize("doubt", DOUBTS)
+def test_doubt_never_sends_from_a_folder(run_cli, tmp_path, monkeypatch, doubt) -> None:
+    run = doubt_run("folder", run_cli, tmp_path, monkeypatch, DOUBTS[doubt])
+    assert run.code == 0, run.err
+    assert decisions(run) == {"m-doubt": "opted_out", "m-clear": "selected"}
+    assert run.report()["data_issues"]["odd_sms_preference_values"] == 1
+
+
+@pytest.mark.parametrize("kind", ["demo", "mongo"])
+@pytest.mark.parametrize("doubt", PYTHON_DOUBTS)
+def test_doubt_never_sends_from_the_demo_world_or_mongodb(run_cli, tmp_path, monkeypatch, kind, doubt) -> None:
+    run = doubt_run(kind, run_cli, tmp_path, monkeypatch, DOUBTS[doubt])
+    assert run.code == 0, run.err
+    assert decisions(run) == {"m-doubt": "opted_out", "m-clear": "selected"}
+    assert run.report()["data_issues"]["odd_sms_preference_values"] == 1
+
+
+@pytest.mark.parametrize("kind", PATHS)
+def test_a_literal_dotted_key_and_the_nested_field_that_disagree_opt_out(run_cli, tmp_path, monkeypatch,
+                                                                         kind) -> None:
+    members = [member("m-both", 70, **{"optOut.sms": False, "optOut": {"sms": True}}),
+               member("m-other", 60, **{"optOut": {"sms": False}, "optOut.sms": True}),
+               member("m-clear", 50, **{"optOut.sms": False, "optOut": {"sms": False}})]
+    run = run_on(kind, run_cli, tmp_path, members, "--dry-run", monkeypatch=monkeypatch)
+    assert decisions(run) == {"m-both": "opted_out", "m-other": "opted_out", "m-clear": "selected"}
+
+
+def test_values_at_finds_every_spelling_of_a_path() -> None:
+    doc = {"optOut.sms": False, "optOut": {"sms": True}, "a": {"b.c": 1, "b": {"c": 2}}, "a.b": {"c": 3}}
+    assert sorted(rtt.values_at(doc, "optOut.sms")) == [False, True]
+    assert sorted(rtt.values_at(doc, "a.b.c")) == [1, 2, 3]
+    assert rtt.values_at({"optOut": {"sms": None}}, "optOut.sms") == []
+
+
+@pytest.mark.parametrize(("value", "said"), [("\u200b", "ODD"), ("\u200bno", "NO"), ("", "NO"), ("  ", "NO"),
+                                             ("\u00a0", "ODD"), (float("nan"), "ODD"), (rtt.UNREADABLE, "ODD")])
+def test_a_preference_empty_only_once_cleaned_is_doubt(value: Any, said: str) -> None:
+    assert rtt.read_preference(value) is rtt.Preference[said]
+
+
+def test_one_number_however_it_is_written() -> None:
+    keys = {rtt.number_key(v, "US") for v in ("+12125550101", "(212) 555-0101", "212.555.0101", 2125550101,
+                                              "1-212-555-0101", "212-555-0101 ext. 9", "+1 212\u200b555 0101")}
+    assert keys == {"+12125550101"}
+    assert rtt.number_key("call me", "US") is None and rtt.number_key(None, "US") is None
+
+
+def test_the_folder_finds_a_preference_key_spelled_with_an_escape(tmp_path) -> None:
+    folder = tmp_path / "w"
+    folder.mkdir()
+    (folder / "users.json").write_text('[{"_id": "a", "phone": "1", "sms\\u004fptOut": true},\n'
+                                       '{"_id": "b", "phone": "2"}, {"_id": "c", "smsConsent": NaN}]',
+                                       encoding="utf-8")
+    rows = list(rtt.FolderSource(folder).consent_rows(rtt.DEFAULT_OPT_OUT_FIELDS + rtt.DEFAULT_CONSENT_FIELDS))
+    assert (rows[0]["_id"], rows[0].get("smsOptOut")) == ("a", True)
+    assert [r["_id"] for r in rows] == ["a", "c"]
+
+
+def test_mongodb_hands_over_only_the_members_with_a_preference(monkeypatch) -> None:
+    """The aggregation picks them (a literal dotted key included); the others never reach Python."""
+    monkeypatch.setattr(mongomock.collection.Collection, "aggregate", mongo_expressions.patched_aggregate)
+    mongo_expressions.DELIVERED.clear()
+    client = mongomock.MongoClient()
+    client["testdb"]["user"].insert_many([
+        {"_id": "a", "phone": "+12125550101", "smsOptOut": True, "bio": "x" * 100},
+        {"_id": "b", "phone": "+12125550102", "firstName": "Robin"},
+        {"_id": "c", "optOut.sms": True}, {"_id": "d", "preferences": {"sms": False, "email": True}}])
+    source = rtt.MongoSource(client, "testdb")
+    rows = list(source.consent_rows(rtt.DEFAULT_OPT_OUT_FIELDS + rtt.DEFAULT_CONSENT_FIELDS))
+    assert rows == [{"smsOptOut": True, "_id": "a", "phone": "+12125550101"},
+                    {"optOut.sms": True, "_id": "c", "phone": None},
+                    {"preferences": {"sms": False, "email": True}, "_id": "d", "phone": None}]
+    assert mongo_expressions.DELIVERED["aggregate user"] == 3
+
+
+def test_mongodb_reads_a_date_beyond_the_calendar_as_doubt_not_as_an_error() -> None:
+    """pymongo raises InvalidBSON on such a date by default (the read would end); the client reads it as a
+    DatetimeMS, which no date check takes and which opts out as a preference."""
+    settings = rtt.Settings(mongo_uri="mongodb://127.0.0.1:1/x", mongo_db_name="x")
+    client = rtt.connect_mongo(settings, False, logging.getLogger("test"))
+    try:
+        stored = bson.encode({"_id": "a", "smsOptOut": bson.DatetimeMS(2**62)})
+        doc = bson.decode(stored, client.codec_options)
+    finally:
+        client.close()
+    with pytest.raises(bson.errors.InvalidBSON):
+        bson.decode(stored)
+    assert rtt.sms_opt_out(doc, rtt.DEFAULT_OPT_OUT_FIELDS, ()) == (True, 1)
+    assert rtt.to_utc(doc["smsOptOut"]) is None

@@ -590,7 +590,8 @@ def test_rerun_without_cooldown_adds_no_duplicates(db: FakeRealtimeDatabase, cli
     assert cli(rest_env(db)).code == 0
     matches, messages = items_of(db, "matches"), items_of(db, "messages")
     puts_before = len(db.requests)
-    second = cli(rest_env(db), "--cooldown-days", "0")
+    tomorrow = iso(FIREBASE_NOW + timedelta(days=1))  # (the same day, --limit is already drafted: issue 20)
+    second = cli(rest_env(db), "--cooldown-days", "0", "--now", tomorrow)
     assert second.code == 0
     assert second.report()["summary"]["total_messages_generated"] == 10  # drafted again locally ...
     assert items_of(db, "matches") == matches  # ... but not appended twice
@@ -617,7 +618,7 @@ def test_cooldown_leaves_out_last_runs_members_and_takes_the_next_ranked(
     first = cli(rest_env(db), "--limit", "3", source=eight)
     assert first.code == 0
     assert [m["user_id"] for m in first.report()["matches"]] == ranked[:3]
-    second = cli(rest_env(db), "--limit", "3", source=eight)
+    second = cli(rest_env(db), "--limit", "3", "--now", iso(FIREBASE_NOW + timedelta(days=1)), source=eight)
     assert second.code == 0
     assert second.report()["summary"]["users_left_out_by_cooldown"] == 3
     assert [m["user_id"] for m in second.report()["matches"]] == ranked[3:6]
@@ -628,7 +629,7 @@ def test_users_and_events_are_replaced_by_the_next_run(db: FakeRealtimeDatabase,
     eight = write_world(tmp_path / "world8", 8)
     ranked = ranked_ids(8)
     assert cli(rest_env(db), "--limit", "3", source=eight).code == 0
-    second = cli(rest_env(db), "--limit", "3", source=eight)
+    second = cli(rest_env(db), "--limit", "3", "--now", iso(FIREBASE_NOW + timedelta(days=1)), source=eight)
     assert second.code == 0
     assert [u["id"] for u in items_of(db, "users")] == ranked[3:6]
     assert sorted(e["id"] for e in items_of(db, "events")) == sorted({m["event_id"] for m in second.report()["matches"]})

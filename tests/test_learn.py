@@ -317,14 +317,13 @@ FLAT = {name: 0.0 for name in rtt.HISTORY_WEIGHTS}  # history ignored: the plan'
 
 @pytest.fixture(scope="module")
 def montana_backtest():
-    """A short backtest of the Montana sample with every member's candidates recorded."""
+    """A short backtest of the Montana sample, and every returning member's candidates."""
     screened = rtt.read_screened(rtt.FolderSource(MONTANA))
     history = rtt.build_history(screened.users, screened.events, rtt.DataIssues())
     hoods = rtt.NeighbourhoodMap.from_csv(rtt.CENTROIDS_CSV)
     days = rtt.as_of_dates(rtt.datetime(2015, 6, 1, tzinfo=rtt.UTC), rtt.datetime(2015, 8, 24, tzinfo=rtt.UTC), 14)
-    recorder = rtt.Recorder()
-    dated = rtt.run_backtest(history, days, 30, hoods, recorder)
-    return history, days, dated, recorder.seen
+    dated = rtt.run_backtest(history, days, 30, hoods)
+    return history, days, dated, rtt.fit_candidates(history, dated, hoods)
 
 
 def test_refitting_ranks_exactly_as_the_scorer_does(montana_backtest) -> None:

@@ -708,7 +708,8 @@ def history_world(members: int) -> tuple[list[dict[str, Any]], list[dict[str, An
     for i in range(members):
         uid = f"h{i:04d}"
         users.append({"_id": uid, "firstName": "Robin", "lastName": "Testwell", "email": f"{uid}@example.com",
-                      "phone": f"+12125550{100 + i % 100:03d}", "gender": "female", "interests": ["wine"],
+                      "phone": f"+1{('212', '646', '917', '718')[i // 100 % 4]}55501{i % 100:02d}",  # their own
+                      "gender": "female", "interests": ["wine"],
                       "occupation": "Teacher", "homeNeighborhood": "chelsea"})
         events.append({"_id": f"past-{uid}", "name": "Neighbourhood Supper", "categories": ["DINNER"],
                        "participants": [uid], "ownerId": uid, "startDate": iso(NOW - timedelta(days=35 + i % 50)),

@@ -416,7 +416,12 @@ def test_two_runs_started_together_on_two_outs_sharing_one_database_get_two_camp
         processes, rtdb, world_folder, tmp_path):
     env = clean_env(**rest_env(rtdb))
     time.sleep(1.05 - time.time() % 1)  # start both early in a second: the same first campaign id, most likely
-    started = [processes.cli(tmp_path / name, "--source", str(world_folder), "--now", NOW_ISO, "--llm", "off",
+    # Two campaign days, no cooldown on either: whichever reads the dashboard last still drafts (a run that
+    # drafts nothing archives nothing: issue 20; a number messaged within the cooldown is taken: issue 19),
+    # so both claim and archive.
+    days = {"out1": ("--now", NOW_ISO, "--cooldown-days", "0"),
+            "out2": ("--now", "2026-01-16T12:00:00Z", "--cooldown-days", "0")}
+    started = [processes.cli(tmp_path / name, "--source", str(world_folder), *days[name], "--llm", "off",
                              env=env) for name in ("out1", "out2")]
     runs = [finish(p, tmp_path / name) for p, name in zip(started, ("out1", "out2"), strict=True)]
     assert [r.code for r in runs] == [rtt.EXIT_OK, rtt.EXIT_OK], [r.err for r in runs]
