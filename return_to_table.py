@@ -34,6 +34,9 @@ Glossary (one name per concept, here and in the code):
              and a line for Claude; assigned by its own stable hash (``member_tone``), independent of the holdout.
   funnel     the report's counts from eligible to drafted (``run_funnel``), held out apart; each
              ``skip_reason`` drops its members at one stage (``REASON_STAGES``).
+  idle day   a run that drafts no message: exit 3 and one line saying why (``IdleReason``).
+  exit code  ``ExitCode``; every error reaches one through one funnel, ``raw_main`` (campaign and
+             subcommands). A ``--dry-run`` keeps its files under ``data/dry-run/``.
 
 The file reads top-down in the plan's step order: configuration, data loading, the rules of
 steps 1-8 (pure functions), the service edges (sources, the demo world, Claude for steps 5-6,
@@ -50,6 +53,7 @@ import bisect
 import contextlib
 import csv
 import dataclasses
+import difflib
 import fcntl
 import functools
 import gc
@@ -80,7 +84,7 @@ from contextlib import ExitStack
 from dataclasses import dataclass, field, replace
 from datetime import UTC, datetime, timedelta, timezone
 from datetime import time as dt_time
-from enum import Enum
+from enum import Enum, IntEnum
 from pathlib import Path
 from statistics import NormalDist
 from typing import Any, NamedTuple, NotRequired, Protocol, Self, TypedDict
@@ -133,13 +137,22 @@ DEFAULT_MAX_INVITES_PER_EVENT = 10  # --max-invites-per-event: open invitations 
 MAX_INVITES_PER_SPOT = 100.0  # above this the ratio is a typo, not a policy
 MAX_INVITES_PER_EVENT = 100_000
 
-# Exit codes: the table in the README and in --help. 3 tells cron "done, but look at the report".
-EXIT_OK = 0  # done cleanly
-EXIT_FAILURE = 1  # failed, no campaign produced (source unreadable, MongoDB unreachable, out of disk)
-EXIT_USAGE = 2  # bad usage, configuration or input
-EXIT_ATTENTION = 3  # done, but something needs a look (Firebase writes, Claude down, members failed, deadline)
-EXIT_LOCKED = 75  # another run holds the lock on this --out (EX_TEMPFAIL: cron may simply try again)
-EXIT_SIGNALS = {signal.SIGINT: 130, signal.SIGTERM: 143}  # 128 + the signal's number
+class ExitCode(IntEnum):
+    """The exit codes: the table in the README and in --help. 3 tells cron "done, but look at the report".
+    Every error reaches one of them through one funnel (``raw_main``), for the campaign and each subcommand."""
+
+    OK = 0  # done cleanly
+    FAILURE = 1  # failed, no campaign produced (source unreadable, MongoDB unreachable, out of disk)
+    USAGE = 2  # bad usage, configuration or input
+    ATTENTION = 3  # done, but look: Firebase writes, Claude down, members failed, deadline, no message drafted
+    LOCKED = 75  # another run holds the lock on this --out (EX_TEMPFAIL: cron may simply try again)
+    SIGINT = 130  # 128 + the signal's number
+    SIGTERM = 143
+
+
+EXIT_OK, EXIT_FAILURE, EXIT_USAGE = ExitCode.OK, ExitCode.FAILURE, ExitCode.USAGE
+EXIT_ATTENTION, EXIT_LOCKED = ExitCode.ATTENTION, ExitCode.LOCKED
+EXIT_SIGNALS = {signal.SIGINT: ExitCode.SIGINT, signal.SIGTERM: ExitCode.SIGTERM}
 
 GRACE_SECONDS = 10.0  # after a stop (signal or deadline), how long calls already in flight may still take
 SAVE_EVERY_SECONDS = 2.0  # progress files are rewritten at most this often during steps 5-6, and at the end
@@ -150,7 +163,9 @@ EXIT_CODES_HELP = """exit codes:
   0    done cleanly
   3    done, but something needs a look: Firebase writes failed (listed in the report), Firebase was
        unreadable at the start (nothing written there), Claude was unavailable, members failed,
-       the --deadline-minutes was reached, or the input was empty (no users or no events)
+       the --deadline-minutes was reached, the input was empty (no users or no events), or the day
+       drafted no message (one line says why: nobody dormant, all in cooldown, nobody textable, no
+       open event in the send window; today's limit already drafted is 0)
   1    failed, no campaign produced: source unreadable, MongoDB unreachable, out of disk
   2    bad usage, configuration or input
   75   another run holds the lock on this --out
@@ -303,6 +318,7 @@ class SmsPolicy:
     quiet_hours: QuietHours = DEFAULT_QUIET
     sender: str | None = None  # SMS_SENDER, named near the start of every message
     opt_out_text: str | None = None  # SMS_OPT_OUT_TEXT, just before the link
+    opt_out_added_later: bool = False  # SMS_OPT_OUT_TEXT=none: the sending system adds the opt-out text
 
     @classmethod
     def from_env(cls, get: Any, env: Mapping[str, str] | None = None) -> SmsPolicy:
@@ -311,6 +327,8 @@ class SmsPolicy:
         sender or opt-out text that breaks the SMS contract is a usage error (``sms_policy_problem``)."""
         region = sms_region(get("SMS_DEFAULT_REGION"), "SMS_DEFAULT_REGION" in (env or {}))
         sender, opt_out = get("SMS_SENDER"), get("SMS_OPT_OUT_TEXT")
+        added_later = (opt_out or "").lower() == OPT_OUT_ADDED_LATER
+        opt_out = None if added_later else opt_out
         for name, value in (("SMS_SENDER", sender), ("SMS_OPT_OUT_TEXT", opt_out)):
             if value is not None and (len(value) > 60 or any(unicodedata.category(ch)[0] == "C" for ch in value)):
                 raise UsageError(f"{name} must be one line of at most 60 characters")
@@ -318,7 +336,7 @@ class SmsPolicy:
                    opt_out_fields=field_paths(get("SMS_OPT_OUT_FIELDS"), DEFAULT_OPT_OUT_FIELDS, "SMS_OPT_OUT_FIELDS"),
                    consent_fields=field_paths(get("SMS_CONSENT_FIELDS"), DEFAULT_CONSENT_FIELDS, "SMS_CONSENT_FIELDS"),
                    quiet_hours=quiet_hours_setting(get("QUIET_HOURS") or DEFAULT_QUIET_HOURS),
-                   sender=sender, opt_out_text=opt_out).checked()
+                   sender=sender, opt_out_text=opt_out, opt_out_added_later=added_later).checked()
 
     def checked(self) -> SmsPolicy:
         """This policy, or a usage error naming the variable whose text no message could carry."""
@@ -326,6 +344,23 @@ class SmsPolicy:
         if problem:  # otherwise every member would be skipped, each for a message that cannot be sent
             raise UsageError(problem)
         return self
+
+    def compliance_problem(self) -> str | None:
+        """Why a run may not write messages for review with this policy, or None: every message names the
+        sender and says how to stop, unless SMS_OPT_OUT_TEXT=none says the sending system adds that."""
+        if self.opt_out_added_later or (self.sender and self.opt_out_text):
+            return None
+        missing = " and ".join(name for name, value in (("SMS_SENDER", self.sender),
+                                                        ("SMS_OPT_OUT_TEXT", self.opt_out_text)) if not value)
+        return (f"{missing} not set: a run that writes messages needs SMS_SENDER (the brand) and SMS_OPT_OUT_TEXT "
+                f"(e.g. Reply STOP to opt out) in .env, or SMS_OPT_OUT_TEXT=none when the sending system adds "
+                "the opt-out; --dry-run and --demo need neither")
+
+    def with_samples(self) -> SmsPolicy:
+        """The demo's policy: its messages carry a sender and an opt-out text, the sample ones wherever
+        none is configured (SMS_OPT_OUT_TEXT=none included: the demo has no sending system)."""
+        return replace(self, sender=self.sender or DEMO_SENDER, opt_out_text=self.opt_out_text or DEMO_OPT_OUT_TEXT,
+                       opt_out_added_later=False)
 
 
 def sms_region(value: str | None, present: bool) -> str:
@@ -338,6 +373,26 @@ def sms_region(value: str | None, present: bool) -> str:
         raise UsageError(f"SMS_DEFAULT_REGION={region[:20]!r} is not a region phonenumbers knows "
                          "(two letters, such as US or GB)")
     return region
+
+
+OPT_OUT_ADDED_LATER = "none"  # SMS_OPT_OUT_TEXT=none: no opt-out text in the message, the sending system adds it
+DEMO_SENDER, DEMO_OPT_OUT_TEXT = "Cuculi", "Reply STOP to opt out"  # --demo's sample compliance text
+
+# A value still as .env.example has it: "<mongo-user>", "</path/to/service-account.json>".
+PLACEHOLDER = re.compile(r"<[^<>\s]+>")
+CONFIG_PREFIXES = ("MONGO_", "FIREBASE_", "GOOGLE_APPLICATION_CREDENTIALS", "ANTHROPIC_", "CAMPAIGN_", "SMS_",
+                   "QUIET_HOURS", "NEIGHBOURHOODS_CSV")  # the variables this tool reads (the README's table)
+
+
+def placeholder_problem(env: Mapping[str, str]) -> str | None:
+    """Which of this tool's variables still hold a ``<...>`` placeholder (a .env copied unchanged from
+    .env.example), or None; names only, never a value (a real one may be a secret)."""
+    names = sorted(name for name, value in env.items()
+                   if name.startswith(CONFIG_PREFIXES) and isinstance(value, str) and PLACEHOLDER.search(value))
+    if not names:
+        return None
+    return (f"{', '.join(names)} still {'holds a placeholder' if len(names) == 1 else 'hold placeholders'} "
+            "like <...> from .env.example: set real values or delete those lines")
 
 
 @dataclass(frozen=True)
@@ -363,7 +418,11 @@ class Settings:
 
     @classmethod
     def from_env(cls, env: Mapping[str, str]) -> Settings:
-        """Read settings from a mapping (the process environment over ``.env``)."""
+        """Read settings from a mapping (the process environment over ``.env``); a ``<...>`` placeholder
+        left from .env.example is a usage error before anything is used (``placeholder_problem``)."""
+        problem = placeholder_problem(env)
+        if problem:
+            raise UsageError(problem)
 
         def get(name: str) -> str | None:
             value = (env.get(name) or "").strip()
@@ -491,6 +550,19 @@ class RunOptions:
     def is_demo(self) -> bool:
         return self.source is SourceKind.DEMO
 
+    @property
+    def data_dir(self) -> Path:
+        """Where the run keeps ``raw/`` and ``processed/``: a rehearsal (``--dry-run``) its own place,
+        ``data/dry-run/``, so it never overwrites what a live run left for the reviewers."""
+        return self.out_dir / "data" / DRY_RUN_NAME if self.dry_run else self.out_dir / "data"
+
+    def report_stem(self, campaign_id: str) -> Path:
+        """``reports/return_to_table_report_{campaign_id}`` (``_dry-run`` after it for a rehearsal)."""
+        return self.out_dir / "reports" / f"return_to_table_report_{campaign_id}{'_' + DRY_RUN_NAME if self.dry_run else ''}"
+
+
+DRY_RUN_NAME = "dry-run"  # a rehearsal's data folder (data/dry-run/) and report names say so
+
 
 class QuietFileHandler(logging.FileHandler):
     """The run's log file; a failing write (full disk) never prints a traceback to cron mail."""
@@ -502,14 +574,20 @@ class QuietFileHandler(logging.FileHandler):
 
 
 class ConsoleFilter(logging.Filter):
-    """The console's level, except that the final summary line (``extra={"summary": True}``) always shows."""
+    """The console's level, except that the final summary line (``extra={"summary": True}``) always shows,
+    and a line for the log file only (``FILE_ONLY``: an error ``raw_main`` prints on stderr) never does."""
 
     def __init__(self, level: int) -> None:
         super().__init__()
         self.level = level
 
     def filter(self, record: logging.LogRecord) -> bool:
+        if getattr(record, "file_only", False):
+            return False
         return record.levelno >= self.level or getattr(record, "summary", False)
+
+
+FILE_ONLY = {"file_only": True}  # ``extra=`` of a log line cron mail already gets once, on stderr
 
 
 def setup_logging(out_dir: Path, now: datetime, *, verbose: bool = False, quiet: bool = False,
@@ -4978,6 +5056,74 @@ SKIP_REASONS = (  # dormant_users.json's skip_reason for an eligible member not 
 )
 
 
+class IdleReason(Enum):
+    """Why a day drafted no message: the one line cron mail gets, and the exit code (3: look; 0: as planned).
+
+    ``idle_reason`` finds it from the walk's decisions; a step that knows before the walk (the per-day
+    limit: ``DAY_LIMIT_DRAFTED``) hands it over as ``ReturnToTable.idle_hint``."""
+
+    NOBODY_DORMANT = "nobody_dormant"
+    ALL_IN_COOLDOWN = "all_in_cooldown"
+    NOBODY_TEXTABLE = "nobody_textable"
+    NO_EVENT_IN_SEND_WINDOW = "no_event_in_send_window"
+    NONE_MATCHED = "none_matched"
+    DAY_LIMIT_DRAFTED = "day_limit_drafted"
+
+    @property
+    def exit_code(self) -> int:
+        return EXIT_OK if self is IdleReason.DAY_LIMIT_DRAFTED else EXIT_ATTENTION
+
+
+IDLE_LINES = {
+    IdleReason.NOBODY_DORMANT: "nobody is dormant and personalisation-ready today (31-90 days since their last "
+                               "table, 4 of the 8 profile fields, interests)",
+    IdleReason.ALL_IN_COOLDOWN: "every eligible member was messaged or held out within --cooldown-days",
+    IdleReason.NOBODY_TEXTABLE: "no eligible member outside the cooldown can be texted (no valid number, opted out, "
+                                "or the number was texted for another member)",
+    IdleReason.NO_EVENT_IN_SEND_WINDOW: "no open event in the send window: for every textable member, the events "
+                                        "sharing an interest are full, start too soon (--min-lead-hours) or "
+                                        "leave only QUIET_HOURS, or there are none",
+    IdleReason.NONE_MATCHED: "no member reached was messaged",
+    IdleReason.DAY_LIMIT_DRAFTED: "today's --limit is already drafted",
+}
+UNTEXTABLE = frozenset({"no_valid_phone", "opted_out", "shared_phone"})
+NO_EVENT = frozenset({"no_matching_event", "no_event_in_send_window", "seats_exhausted"})
+NOT_REACHED = frozenset({"cooldown", "below_limit", "not_started"})
+
+
+def idle_reason(eligible: int, decisions: Mapping[str, str], messages: int,
+                hint: IdleReason | None = None) -> IdleReason | None:
+    """Why no message was drafted (``decisions``: each eligible member's ``selected`` or skip code), or None
+    when one was. ``hint``: a reason known before the walk (today's limit already drafted)."""
+    if messages:
+        return None
+    if hint is not None:
+        return hint
+    codes = Counter(decisions.values())
+    if not eligible:
+        return IdleReason.NOBODY_DORMANT
+    if codes["cooldown"] >= eligible:
+        return IdleReason.ALL_IN_COOLDOWN
+    reached = [code for code in codes.elements() if code not in NOT_REACHED]
+    textable = [code for code in reached if code not in UNTEXTABLE]
+    if reached and not textable:
+        return IdleReason.NOBODY_TEXTABLE
+    if textable and all(code in NO_EVENT for code in textable):
+        return IdleReason.NO_EVENT_IN_SEND_WINDOW
+    return IdleReason.NONE_MATCHED
+
+
+def idle_line(reason: IdleReason, decisions: Mapping[str, str]) -> str:
+    """The one line a day without messages gets; the catch-all names the commonest skip reason."""
+    line = IDLE_LINES[reason]
+    if reason is IdleReason.NONE_MATCHED:
+        codes = Counter(code for code in decisions.values() if code not in NOT_REACHED | UNTEXTABLE)
+        if codes:
+            code, count = codes.most_common(1)[0]
+            line += f": {code} for {count} of {sum(codes.values())} textable members"
+    return line
+
+
 # --- volume: --limit is per campaign day ------------------------------------------------------------
 
 OUR_GENERATORS = frozenset({"template", "claude"})  # a message with one of these was drafted by this tool
@@ -5412,6 +5558,7 @@ def report_markdown(report: Mapping[str, Any]) -> str:
         f"- Source: {report['source']}; matcher: {matcher}; dry run: {report['dry_run']}",
         f"- Matcher weights: {report.get('match_weights', 'built-in')}; tones: {', '.join(report.get('variants', []))}",
         *empty_input_lines(report.get("empty_input") or []),
+        *([f"- No message drafted: {report['no_message']['text']}"] if report.get("no_message") else []),
         "",
         "## Run summary",
         "",
@@ -5422,7 +5569,7 @@ def report_markdown(report: Mapping[str, Any]) -> str:
                 "users_left_out_by_cooldown", "total_future_events", "total_matches_created",
                 "total_messages_generated", "total_sms_segments", "average_days_inactive",
                 "average_confidence_score", "error_count"):
-        lines.append(f"| {key.replace('_', ' ')} | {s.get(key)} |")
+        lines.append(f"| {key.replace('_', ' ')} | {'—' if s.get(key) is None else s.get(key)} |")
     lines += ["", f"Future events considered: {st['events_processed']}. Cost: {cost_text(report['cost'])}.", ""]
     if report.get("places_not_located"):
         lines += [places_line(report["places_not_located"]), ""]
@@ -5598,13 +5745,14 @@ def build_report(*, campaign_id: str, run_started: datetime, finished: datetime,
                  llm_usage: Mapping[str, Any] | None, status: str = "completed",
                  empty_input: Sequence[str] = (), places_not_located: Mapping[str, int] | None = None,
                  sms_segment_price: float | None = None, earlier_30_days: tuple[int, int] | None = None,
-                 volume: Mapping[str, Any] | None = None) -> dict[str, Any]:
+                 volume: Mapping[str, Any] | None = None, idle: IdleReason | None = None) -> dict[str, Any]:
     """Step 8: the plan's statistics and summary, plus the funnel, a preview of every message, the cost, who
     was skipped, the holdout's power, services, errors and recommendations from these figures.
 
     ``empty_input`` names the collections the source had no documents in (``"users"``, ``"events"``);
     ``decisions`` is each eligible member's ``selected`` or skip code; ``earlier_30_days`` the members
-    messaged and held out in the dashboard in the 30 days before this run (None: not read).
+    messaged and held out in the dashboard in the 30 days before this run (None: not read); ``idle`` why
+    no message was drafted.
     """
     reasons = skip_reason_counts(decisions)
     held_out = [o.holdout for o in outcomes if o.holdout is not None]
@@ -5624,8 +5772,8 @@ def build_report(*, campaign_id: str, run_started: datetime, finished: datetime,
         "users_failed": sum(o.failed for o in outcomes),
         "users_not_started": reasons.get("not_started", 0),
         "users_held_out": len(held_out),
-        "average_days_inactive": mean([u["days_inactive"] for u in selected]),
-        "average_confidence_score": mean([m["confidence_percentage"] for m in matches]),
+        "average_days_inactive": mean([u["days_inactive"] for u in selected]) if selected else None,
+        "average_confidence_score": mean([m["confidence_percentage"] for m in matches]) if matches else None,
         "error_count": len(errors),
         "matchers": dict(Counter(m["matcher"] for m in matches)),
         "generators": dict(Counter(m["generator"] for m in messages)),
@@ -5638,6 +5786,7 @@ def build_report(*, campaign_id: str, run_started: datetime, finished: datetime,
         "as_of": iso_utc(options.now),
         "source": source_label,
         "empty_input": list(empty_input),
+        "no_message": None if idle is None else {"reason": idle.value, "text": idle_line(idle, decisions)},
         "llm": "claude" if options.use_claude else "off",
         "dry_run": options.dry_run,
         "limit": options.limit,
@@ -8086,6 +8235,7 @@ class RunResult:
     signal: int | None = None
     empty_input: list[str] = field(default_factory=list)  # "users", "events": read, but there were none
     limit_already_drafted: bool = False  # the campaign day's --limit was drafted before this run: exit 0
+    idle: IdleReason | None = None  # why no message was drafted (``idle_reason``), None when one was
 
     @property
     def firebase_failed(self) -> bool:
@@ -8093,12 +8243,14 @@ class RunResult:
 
     @property
     def exit_code(self) -> int:
-        """130/143 after a signal; 3 when done but something needs a look; else 0."""
+        """130/143 after a signal; 3 when done but something needs a look (a day without a message, but for
+        today's limit already drafted); else 0."""
         if self.signal is not None:
             return EXIT_SIGNALS.get(self.signal, 128 + self.signal)
         needs_a_look = (self.status == "deadline" or self.firebase_failed or self.claude_unavailable
                         or self.failed_members or self.empty_input)
-        return EXIT_ATTENTION if needs_a_look else EXIT_OK
+        idle = self.idle.exit_code if self.idle is not None else EXIT_OK
+        return EXIT_ATTENTION if needs_a_look else idle
 
 
 class ReturnToTable:
@@ -8126,7 +8278,7 @@ class ReturnToTable:
         self.control = control
         self.issues = DataIssues()
         self.empty_input: list[str] = []  # collections the source had no documents in (``empty_collections``)
-        self.data_dir = options.out_dir / "data"
+        self.data_dir = options.data_dir
         self.saved_at = time.monotonic()
         self.progress: Any = None  # the members progress bar during steps 5-6, on a terminal
         self.sms = settings.sms
@@ -8141,6 +8293,7 @@ class ReturnToTable:
         self.seats = SeatLedger(options.invites_per_spot, options.max_invites_per_event)  # steps 5-6's seats
         self.numbers = NumberLedger()  # consent and contact per phone number (``consent_by_number``)
         self.skip_details: dict[str, str] = {}  # member id -> the detail of their skip reason (``OTHER_RECORD``)
+        self.idle_hint: IdleReason | None = None  # why no message, known before the walk (today's limit drafted)
 
     # --- step 1: fetch, find and rank the dormant members -----------------------------------
 
@@ -8577,9 +8730,9 @@ class ReturnToTable:
     # --- step 8: the report -------------------------------------------------------------------
 
     def write_report(self, campaign_id: str, report: Mapping[str, Any]) -> Path:
-        reports = self.options.out_dir / "reports"
-        write_json(reports / f"return_to_table_report_{campaign_id}.json", report, private=True)
-        report_path = reports / f"return_to_table_report_{campaign_id}.md"
+        stem = self.options.report_stem(campaign_id)
+        write_json(stem.with_name(stem.name + ".json"), report, private=True)
+        report_path = stem.with_name(stem.name + ".md")
         write_text_private(report_path, report_markdown(report))
         self.logger.info("%s", console_summary(report, report_path), extra={"summary": True})
         return report_path
@@ -8594,7 +8747,7 @@ class ReturnToTable:
     def fresh_campaign_id(self, started: datetime) -> str:
         """A campaign id free under ``--out``; the dashboard then claims it (or the next free one)."""
         moment = started
-        while (self.options.out_dir / "reports" / f"return_to_table_report_{campaign_id_for(moment)}.json").exists():
+        while self.options.report_stem(campaign_id_for(moment)).with_suffix(".json").exists():
             moment += timedelta(seconds=1)
         return self.dashboard.claim_campaign(campaign_id_for(moment), next_campaign_id)
 
@@ -8630,7 +8783,8 @@ class ReturnToTable:
         not_started = sum(code == "not_started" for code in self.decisions.values())
         status = self.final_status(not_started)
         if status != "completed":
-            self.logger.warning("Run %s: %d members done; %d were not started", status, len(outcomes), not_started)
+            self.logger.warning("Run %s: %d members done; %d were not started", status, len(outcomes), not_started,
+                                extra=FILE_ONLY)  # stderr says it (``report_problems``): once in cron mail
         matches = [o.match for o in outcomes if o.match is not None]
         messages = [o.message for o in outcomes if o.message is not None]
         held_out = [o.holdout for o in outcomes if o.holdout is not None]
@@ -8642,8 +8796,14 @@ class ReturnToTable:
                                      status, held_out)
         claude_down = self.advisor.down if self.advisor is not None else None
         if claude_down:
-            self.logger.error("Claude was unavailable (%s): rules and template were used", claude_down)
+            self.logger.error("Claude was unavailable (%s): rules and template were used", claude_down,
+                              extra=FILE_ONLY)  # stderr says it (``report_problems``): once in cron mail
         firebase = self.dashboard.summary()
+        if self.volume.remaining == 0:  # the campaign day's --limit was drafted before this run: exit 0
+            self.idle_hint = IdleReason.DAY_LIMIT_DRAFTED
+        idle = idle_reason(len(census.eligible), self.decisions, len(messages), self.idle_hint)
+        if idle is not None:  # stderr says it (``report_problems``); the log keeps it
+            self.logger.warning("No message drafted: %s", idle_line(idle, self.decisions), extra=FILE_ONLY)
         report = build_report(                             # step 8
             campaign_id=campaign_id, run_started=started, finished=datetime.now(UTC), options=options,
             source_label=self.source.label, census=census, selected=selected, decisions=self.decisions,
@@ -8655,11 +8815,12 @@ class ReturnToTable:
             empty_input=self.empty_input, places_not_located=unlocated_places(
                 self.hoods, [*(text_field(u, "homeNeighborhood") for u in census.eligible),
                              *(text_field(e, "neighborhood") for e in future)]),
-            volume=volume_report(self.volume, self.seats, len(messages), len(held_out)))
+            volume=volume_report(self.volume, self.seats, len(messages), len(held_out)), idle=idle)
         report_path = self.write_report(campaign_id, report)
         return RunResult(campaign_id, report, report_path, firebase, claude_down, status,
                          failed_members=sum(o.failed for o in outcomes), signal=self.control.signal,
-                         empty_input=list(self.empty_input), limit_already_drafted=self.volume.remaining == 0)
+                         empty_input=list(self.empty_input), limit_already_drafted=self.volume.remaining == 0,
+                         idle=idle)
 
     def final_status(self, not_started: int) -> str:
         """``interrupted`` after a signal; ``deadline`` when the deadline left members unstarted."""
@@ -11122,25 +11283,39 @@ def invites_per_event(text: str) -> int:
 
 
 def percentage(text: str) -> float:
+    """A percentage 0-100; a fraction (``0.7``, or ``1.0``) is refused with the percentage it meant."""
     value = float(text)
     if not 0 <= value <= 100:
         raise argparse.ArgumentTypeError("must be between 0 and 100")
+    if 0 < value < 1 or (value == 1 and "." in text):
+        raise argparse.ArgumentTypeError(f"{text} is a fraction where a percentage (0-100) is meant: "
+                                         f"did you mean {value * 100:g}?")
     return value
 
 
 class OneLineParser(argparse.ArgumentParser):
-    """Usage errors as one line on stderr and exit code 2, like every other bad input."""
+    """Usage errors as one line on stderr and exit code 2, like every other bad input. No abbreviations:
+    ``--hold 0.1`` is not taken for ``--holdout`` (a flag another version adds must not change its meaning)."""
+
+    def __init__(self, *args: Any, **kwargs: Any) -> None:
+        kwargs.setdefault("allow_abbrev", False)
+        super().__init__(*args, **kwargs)
 
     def error(self, message: str) -> Any:
         print(f"error: {message} (see --help)", file=sys.stderr)
         raise SystemExit(EXIT_USAGE)
 
 
+SUBCOMMANDS_HELP = """subcommands (each with its own --help):
+  measure   did the campaigns bring anyone back: treated against holdout (read only)
+  backtest  would the rules matcher's picks have been events members went to (read only)"""
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = OneLineParser(
         prog="return_to_table.py",
         description="Return To Table: match dormant members with one upcoming event each and draft "
-                    "a welcome-back SMS for review.",
+                    "a welcome-back SMS for review.\n\n" + SUBCOMMANDS_HELP,
         epilog=EXIT_CODES_HELP, formatter_class=argparse.RawDescriptionHelpFormatter)
     where = parser.add_mutually_exclusive_group()
     where.add_argument("--demo", action="store_true",
@@ -11238,9 +11413,20 @@ def source_choice(text: str | None, settings: Settings, hint: str = "") -> tuple
             raise UsageError(MONGO_NOT_CONFIGURED)
         return SourceKind.MONGO, None
     if text:
-        return SourceKind.FOLDER, Path(text).expanduser()
+        folder = Path(text).expanduser()
+        if not folder.is_dir():
+            near_miss(f"--source {text!r}: no such folder", text, {"mongo": "mongo", "demo": "--demo"})
+        return SourceKind.FOLDER, folder
     raise UsageError("no data source: set MONGO_URI (or MONGO_USERNAME, MONGO_PASSWORD, MONGO_HOST) "
                      f"and MONGO_DB_NAME, or pass --source DIR{hint}")
+
+
+def near_miss(problem: str, text: str, meant: Mapping[str, str]) -> None:
+    """UsageError ``problem`` with the likely meaning when ``text`` is a near miss of one of ``meant``'s
+    keys (``--source mong``: did you mean mongo?); else nothing (the caller goes on)."""
+    close = difflib.get_close_matches(text.lower(), list(meant), n=1, cutoff=0.75)
+    if close:
+        raise UsageError(f"{problem}; did you mean {meant[close[0]]}?")
 
 
 def resolve_options(args: argparse.Namespace, settings: Settings) -> RunOptions:
@@ -11262,6 +11448,9 @@ def resolve_options(args: argparse.Namespace, settings: Settings) -> RunOptions:
         kind, folder = SourceKind.DEMO, None
     else:
         kind, folder = source_choice(args.source, settings, "; --demo runs on built-in sample data")
+        compliance = None if args.dry_run else settings.sms.compliance_problem()
+        if compliance:  # before anything is written: messages for review must carry the compliance text
+            raise UsageError(compliance)
     use_claude = kind is not SourceKind.DEMO and (
         args.llm == "claude" or (args.llm == "auto" and bool(settings.anthropic_api_key)))
     if use_claude and not settings.anthropic_api_key:
@@ -11355,6 +11544,8 @@ def run_campaign(args: argparse.Namespace, env: Mapping[str, str] | None, mongo_
     options = replace(resolve_options(args, settings), match_weights=weights.label,
                       rank_by=rank_by_setting(settings.env))
     closing.enter_context(weights_applied(weights.values))
+    if options.is_demo:  # demo messages carry a sample sender and opt-out text
+        settings = replace(settings, sms=settings.sms.with_samples())
     hoods = load_neighbourhoods(settings.neighbourhoods_csv)  # before the lock: a bad table is exit 2 at once
     control = RunControl(options.deadline_minutes * 60)
     closing.callback(handle_stop_signals(control))
@@ -11378,69 +11569,67 @@ def run_campaign(args: argparse.Namespace, env: Mapping[str, str] | None, mongo_
     try:
         return campaign.run()
     except ServiceError as exc:
-        logger.error("%s", exc)  # the run's log file says why it failed, too
+        logger.error("%s", exc, extra=FILE_ONLY)  # the run's log file says why it failed; stderr says it once
         raise
 
 
 def main(argv: Sequence[str] | None = None, *, env: Mapping[str, str] | None = None,
          mongo_client: Any = None) -> int:
-    """Run one campaign and return its exit code (the table in EXIT_CODES_HELP); never a traceback
-    for bad input, a service failure, a full disk or a held lock. ``measure`` and ``backtest`` as the
-    first argument run those subcommands instead (same exit codes)."""
+    """Run one campaign and return its exit code (``ExitCode``, the table in EXIT_CODES_HELP); never a
+    traceback for bad input, a service failure, a full disk or a held lock. ``measure`` and ``backtest``
+    as the first argument run those subcommands instead (same exit codes, same funnel: ``raw_main``)."""
     argv = list(sys.argv[1:] if argv is None else argv)
     if argv and argv[0] in SUBCOMMANDS:
         return SUBCOMMANDS[argv[0]](argv[1:], env=env, mongo_client=mongo_client)
-    try:
-        args = build_parser().parse_args(argv)
-    except SystemExit as exc:  # --help, or a usage error already printed
-        return exc.code if isinstance(exc.code, int) else EXIT_USAGE
-    with ExitStack() as closing:  # the lock, the clients and the log are released however the run ends
-        try:
-            result = run_campaign(args, env, mongo_client, closing)
-        except UsageError as exc:
-            print(f"error: {exc}", file=sys.stderr)
-            return EXIT_USAGE
-        except Locked as exc:
-            print(f"error: {exc}", file=sys.stderr)
-            return EXIT_LOCKED
-        except ServiceError as exc:
-            print(f"error: {exc}", file=sys.stderr)
-            return EXIT_FAILURE
+    return raw_main("the run", build_parser(), campaign, argv, env, mongo_client)
+
+
+def campaign(args: argparse.Namespace, env: Mapping[str, str] | None, mongo_client: Any,
+             closing: ExitStack) -> int:
+    """The campaign as ``raw_main`` runs a program: one run, the lines cron mail should show, its exit code."""
+    result = run_campaign(args, env, mongo_client, closing)
     report_problems(result)
     return result.exit_code
 
 
-def run_subcommand(name: str, parser: argparse.ArgumentParser, program: Any, argv: Sequence[str],
-                   env: Mapping[str, str] | None, mongo_client: Any) -> int:
-    """A subcommand with ``main``'s error handling and exit codes: ``program(args, env, mongo_client,
-    closing)`` does the work; bad input is one line and exit 2, a failed service exit 1, Ctrl-C 130."""
+def raw_main(name: str, parser: argparse.ArgumentParser, program: Any, argv: Sequence[str],
+             env: Mapping[str, str] | None, mongo_client: Any) -> int:
+    """The one funnel from errors to exit codes, for the campaign and both subcommands (httpie's
+    ``raw_main``): ``program(args, env, mongo_client, closing)`` does the work and returns its code; bad
+    input is one line and exit 2, a held lock 75, a failed service or disk 1, Ctrl-C 130. The lock, the
+    clients and the log (``closing``) are released however it ends."""
     try:
         args = parser.parse_args(list(argv))
     except SystemExit as exc:  # --help, or a usage error already printed
-        return exc.code if isinstance(exc.code, int) else EXIT_USAGE
+        return exc.code if isinstance(exc.code, int) else ExitCode.USAGE
     with ExitStack() as closing:
         try:
             return program(args, env, mongo_client, closing)
         except UsageError as exc:
-            print(f"error: {exc}", file=sys.stderr)
-            return EXIT_USAGE
+            return error_line(exc, ExitCode.USAGE)
+        except Locked as exc:
+            return error_line(exc, ExitCode.LOCKED)
         except ServiceError as exc:
-            print(f"error: {exc}", file=sys.stderr)
-            return EXIT_FAILURE
+            return error_line(exc, ExitCode.FAILURE)
         except KeyboardInterrupt:
-            print(f"error: {name} interrupted; no report written", file=sys.stderr)
-            return EXIT_SIGNALS[signal.SIGINT]
+            return error_line(f"{name} interrupted; no report written", ExitCode.SIGINT)
+
+
+def error_line(problem: object, code: ExitCode) -> ExitCode:
+    """The one line on stderr an error gets (cron mail), and its exit code."""
+    print(f"error: {problem}", file=sys.stderr)
+    return code
 
 
 def measure_command(argv: Sequence[str], *, env: Mapping[str, str] | None = None, mongo_client: Any = None) -> int:
     """``measure``: did the campaigns bring anyone back, treated against the holdout (read-only)."""
-    return run_subcommand("measure", build_measure_parser(), run_measure, argv, env, mongo_client)
+    return raw_main("measure", build_measure_parser(), run_measure, argv, env, mongo_client)
 
 
 def backtest_command(argv: Sequence[str], *, env: Mapping[str, str] | None = None, mongo_client: Any = None) -> int:
     """``backtest``: would the rules matcher's picks have been events members really went to (read-only;
     only the report is written)."""
-    return run_subcommand("backtest", backtest_parser(), backtest, argv, env, mongo_client)
+    return raw_main("backtest", backtest_parser(), backtest, argv, env, mongo_client)
 
 
 SUBCOMMANDS = {"measure": measure_command, "backtest": backtest_command}
@@ -11459,6 +11648,8 @@ def report_problems(result: RunResult) -> None:
     if result.empty_input:
         print(f"warning: empty input: the source has no {' and no '.join(result.empty_input)}; the report "
               f"{result.report_path} says what was read", file=sys.stderr)
+    elif result.idle is not None and result.idle.exit_code and result.status == "completed" and not result.failed_members:
+        print(f"warning: no message drafted: {result.report['no_message']['text']}", file=sys.stderr)
     if result.firebase_failed:
         firebase = result.firebase
         first = (firebase["errors"] or [""])[0]

@@ -64,7 +64,8 @@ def main() -> None:
     if not MONTANA.is_dir():
         return
     with FakeRealtimeDatabase(auth_token="bench-secret") as db:
-        env = {"FIREBASE_DATABASE_URL": db.url, "FIREBASE_AUTH_TOKEN": "bench-secret"}
+        env = {"FIREBASE_DATABASE_URL": db.url, "FIREBASE_AUTH_TOKEN": "bench-secret",  # a live run: compliance set
+               "SMS_SENDER": "Cuculi", "SMS_OPT_OUT_TEXT": "Reply STOP to opt out"}
         _, report = timed_run(["--source", str(MONTANA), "--now", MONTANA_NOW, "--limit", "10"], env, 1)
         sent: dict[str, int] = defaultdict(int)
         for request in db.requests:

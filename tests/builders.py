@@ -123,10 +123,18 @@ class CliRun:
     out: str
     err: str
     root: Path
+    dry_run: bool = False  # a rehearsal keeps data/raw and data/processed under data/dry-run/
 
     def load(self, relative: str) -> Any:
-        """A JSON file the run wrote, by its path under the ``--out`` root."""
-        return json.loads((self.root / relative).read_text(encoding="utf-8"))
+        """A JSON file the run wrote, by its path under the ``--out`` root (``data/...``: the run's own data
+        folder, ``data/dry-run/...`` for a dry run, except the mirror ``data/firebase``)."""
+        return json.loads(self.path(relative).read_text(encoding="utf-8"))
+
+    def path(self, relative: str) -> Path:
+        """``relative`` under the ``--out`` root, ``data/`` read as the run's own data folder."""
+        if self.dry_run and relative.startswith("data/") and not relative.startswith("data/firebase"):
+            relative = "data/" + rtt.DRY_RUN_NAME + relative.removeprefix("data")
+        return self.root / relative
 
     @property
     def matches(self) -> list[dict[str, Any]]:
@@ -142,7 +150,8 @@ class CliRun:
         return [user["_id"] for user in self.load("data/processed/dormant_users.json")]
 
     def report_path(self, suffix: str = ".json") -> Path:
-        found = sorted((self.root / "reports").glob(f"return_to_table_report_*{suffix}"))
+        found = sorted(p for p in (self.root / "reports").glob(f"return_to_table_report_*{suffix}")
+                       if p.name.endswith(f"_{rtt.DRY_RUN_NAME}{suffix}") == self.dry_run)
         assert len(found) == 1, found
         return found[0]
 
@@ -153,7 +162,7 @@ class CliRun:
         """The run left its one report and every processed file (whatever its exit code)."""
         self.report_path()
         for name in PROCESSED:
-            assert (self.root / "data" / "processed" / f"{name}.json").is_file(), name
+            assert self.path(f"data/processed/{name}.json").is_file(), name
 
     def all_text(self) -> str:
         """Console output and every file the run left under the ``--out`` root (logs, reports, data)."""
@@ -162,20 +171,26 @@ class CliRun:
         return "\n".join(texts)
 
 
+# What every harness run's environment holds unless the test says otherwise: the compliance decision a
+# live run needs (SMS_OPT_OUT_TEXT=none: the sending system adds the opt-out), so messages read as drafted.
+# A test of the refusal passes {"SMS_OPT_OUT_TEXT": ""} (empty is unset).
+HARNESS_ENV = {"SMS_OPT_OUT_TEXT": "none"}
+
+
 def run_main(argv: Sequence[str], root: Path, env: dict[str, str] | None = None, *, complete: bool = False,
              real_environment: bool = False, **kwargs: Any) -> CliRun:
     """Call the CLI in-process with ``--out root``, its stdout and stderr captured.
 
-    The environment is ``env`` (empty by default); ``real_environment=True`` passes none instead, so the CLI
+    The environment is ``env`` over ``HARNESS_ENV``; ``real_environment=True`` passes none instead, so the CLI
     reads the process environment and ``.env`` as the script does.  ``complete=True`` asserts the run left its
     report and processed files.  Other keywords go to ``main`` (e.g. ``mongo_client``).
     """
     assert not (real_environment and env is not None), "env and real_environment exclude each other"
-    environment = None if real_environment else {} if env is None else env
+    environment = None if real_environment else {**HARNESS_ENV, **(env or {})}
     out, err = io.StringIO(), io.StringIO()
     with contextlib.redirect_stdout(out), contextlib.redirect_stderr(err):
         code = rtt.main([*argv, "--out", str(root)], env=environment, **kwargs)
-    run = CliRun(code, out.getvalue(), err.getvalue(), root)
+    run = CliRun(code, out.getvalue(), err.getvalue(), root, dry_run="--dry-run" in argv)
     if complete:
         run.assert_complete()
     return run

@@ -830,7 +830,7 @@ def test_progress_is_saved_as_the_run_goes_when_the_save_interval_allows(tmp_pat
 
     def peek(request: RecordedRequest) -> Reply:
         if is_matching(request):
-            path = out / "data" / "processed" / "matches.json"
+            path = out / "data" / "dry-run" / "processed" / "matches.json"  # claude_cli's runs are dry runs
             seen[member_first_name(request)] = [m["user_id"] for m in read_json(path)] if path.exists() else []
         return smart(request)
 

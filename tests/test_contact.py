@@ -460,7 +460,7 @@ def test_a_member_whose_events_cannot_be_phrased_is_skipped_as_no_sms_within_con
     monkeypatch.setattr(rtt, "write_template_sms", lambda _facts: None)  # no wording fits, for any event
     user, past = member("m-long", 60)
     run = run_cli("--source", str(write(tmp_path / "w", [(user, past)])), "--now", NOW_ISO, "--dry-run")
-    assert run.code == 0, run.err
+    assert run.code == rtt.EXIT_ATTENTION, run.err  # the day drafted nothing
     assert decisions(run) == {"m-long": "no_sms_within_contract"} and run.matches == []
     assert run.report()["skip_reasons"] == {"no_sms_within_contract": 1}
 
@@ -554,7 +554,8 @@ def test_a_number_messaged_or_held_out_within_the_cooldown_is_not_texted_for_ano
     newcomers = [member("m-same-a", 70, phone="(646) 555-0180"), member(treated[1], 65, phone="646 555 0181")]
     second = run_cli("--source", str(write(tmp_path / "w", first + newcomers)), "--now", later,
                      "--holdout", str(FRACTION), root=out)
-    assert second.code == 0, second.err
+    assert second.code == rtt.EXIT_ATTENTION, second.err  # nobody left to text today, and the line says why
+    assert second.err == f"warning: no message drafted: {rtt.IDLE_LINES[rtt.IdleReason.NOBODY_TEXTABLE]}\n"
     assert decisions(second) == {treated[0]: "cooldown", held: "cooldown", "m-same-a": "shared_phone",
                                  treated[1]: "shared_phone"}
     assert second.messages == []

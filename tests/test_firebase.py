@@ -579,7 +579,8 @@ def test_rerun_of_the_same_campaign_adds_no_match_or_message(db: FakeRealtimeDat
     assert cli(rest_env(db)).code == 0
     matches, messages = items_of(db, "matches"), items_of(db, "messages")
     second = cli(rest_env(db))
-    assert second.code == 0
+    assert second.code == rtt.EXIT_OK and second.err == ""  # the day's --limit was drafted: nothing to look at
+    assert second.report()["no_message"]["reason"] == rtt.IdleReason.DAY_LIMIT_DRAFTED.value
     assert second.report()["summary"]["total_messages_generated"] == 0
     assert second.report()["summary"]["users_left_out_by_cooldown"] == 10
     assert items_of(db, "matches") == matches
@@ -605,7 +606,7 @@ def test_run_that_selects_no_one_leaves_users_and_events_as_they_were(db: FakeRe
     users, events = db.get_rendered(f"{BASE}/users"), db.get_rendered(f"{BASE}/events")
     later = iso(FIREBASE_NOW + timedelta(days=1))
     second = cli(rest_env(db), "--now", later)
-    assert second.code == 0
+    assert second.code == rtt.EXIT_ATTENTION  # nobody selected: a day without a message
     assert second.report()["statistics"]["users_processed"] == 0
     assert db.get_rendered(f"{BASE}/users") == users
     assert db.get_rendered(f"{BASE}/events") == events

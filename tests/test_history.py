@@ -225,7 +225,7 @@ def test_no_co_attendee_is_identified_in_prompts_messages_or_logs(tmp_path):
     assert message["user_id"] == str(LENA) and message["event_id"] == str(eid(20))
     assert any("sat_with_going=3" in p for p in prompts)  # the count reached the model
     logs = [p.read_text(encoding="utf-8") for p in (run.root / "logs").rglob("*.log")]
-    dormant = (run.root / "data" / "processed" / "dormant_users.json").read_text(encoding="utf-8")
+    dormant = run.path("data/processed/dormant_users.json").read_text(encoding="utf-8")
     report = run.report_path(".md").read_text(encoding="utf-8") + run.report_path().read_text(encoding="utf-8")
     for text in [*prompts, json.dumps(run.messages), *logs, dormant, report, run.out, run.err]:
         for friend in friends:

@@ -565,7 +565,7 @@ def test_processed_files_are_written_a_few_times_not_once_per_member(run_cli, tm
     counts = count_calls(monkeypatch, "write_json")
     run = run_cli("--demo", "--now", NOW_ISO, "--limit", "50", "--dry-run", complete=True)
     assert run.code == 0, run.err
-    processed = tmp_path / "out" / "data" / "processed"
+    processed = run.path("data/processed")
     assert 1 <= counts[processed / "matches.json"] <= 3, counts
     assert 1 <= counts[processed / "messages.json"] <= 3, counts
     summary = run.report()["summary"]

@@ -344,8 +344,7 @@ def test_a_truncated_file_is_still_one_line_naming_the_file(tmp_path, lines):
 
 def test_a_failed_read_leaves_data_raw_as_it_was_and_no_staged_copy(tmp_path):
     folder = write_world(tmp_path / "w", *messy_world(60))
-    assert run_folder(folder, tmp_path / "out").code == 0
-    raw = tmp_path / "out" / "data" / "raw"
+    raw = run_folder(folder, tmp_path / "out").path("data/raw")  # a dry run's own data folder
     before = {path.name: path.read_bytes() for path in raw.iterdir()}
     (folder / "users.json").write_text('[{"_id": "late-joiner"}]', encoding="utf-8")
     text = (folder / "events.json").read_text(encoding="utf-8")
