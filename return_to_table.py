@@ -4579,8 +4579,10 @@ def template_wordings(facts: MessageFacts, name: str) -> Iterator[tuple[str, str
 
 
 # --- message tones (issue 22): the A/B test's wording families, every one held to the same SMS contract ---
-# Each tone is a wording family for the template (tried first, then today's wordings as the fallback, so a
-# tone never loses a message the standard wording could write) and one line of instruction for Claude.
+# Each tone is a wording family for the template and one line of instruction for Claude. The template uses the
+# tone's wording only when it says every fact today's wording would (and the name cut no shorter); otherwise
+# today's wording: a tone never costs a message or a fact, and the member keeps their assigned tone
+# (intention to treat).
 TONES = {
     "standard": "",  # today's wording and prompt, unchanged
     "warm": "warm: say you missed them and would love to see them again; gentle, personal, no pressure",
@@ -4627,6 +4629,11 @@ def social_lead(facts: MessageFacts, name: str) -> tuple[str, str]:
     return f"Meet new people at {name}", spots
 
 
+def short_counts(counts: str) -> str:
+    """"12 going, 2 spots left" as "12 going, 2 left": the short form today's shortest wordings use."""
+    return re.sub(r"(\d+) spots? left", r"\1 left", counts)
+
+
 def tone_family(facts: MessageFacts, name: str) -> Iterator[tuple[str, str]]:
     """The tone's own wordings naming the event ``name``, richest first (none for ``standard``)."""
     if facts.tone not in ("warm", "brief", "social"):
@@ -4651,6 +4658,7 @@ def tone_family(facts: MessageFacts, name: str) -> Iterator[tuple[str, str]]:
                 (f"{greet} Welcome back, we've missed you. {name}, {fans}: {facts.when}. {proof}.", ""),
                 (f"{greet} Welcome back, we've missed you. {name} ({interest}) {facts.when}. {proof}.", ""),
                 (f"{first}, welcome back, we've missed you! {name} ({interest}) {facts.when}, {short_proof}", ""),
+                (f"{first}, welcome back, missed you! {name} ({interest}) {facts.when}, {short_proof}", ""),
             ]
         elif facts.tone == "brief":
             yield from [(f"{first}, welcome back! {name} ({interest}) {facts.when}. {proof}.", "RSVP: "),
@@ -4659,13 +4667,8 @@ def tone_family(facts: MessageFacts, name: str) -> Iterator[tuple[str, str]]:
             lead, counts = social_lead(facts, name)
             yield from [(f"{greet} Welcome back. {lead}, {fans}: {facts.when}. {counts}.", "Tap to RSVP: "),
                         (f"{greet} Welcome back. {lead} ({interest}) {facts.when}. {counts}.", ""),
-                        (f"{first}, welcome back! {lead} ({interest}) {facts.when}. {counts}", "")]
-
-
-def tone_wordings(facts: MessageFacts, name: str) -> Iterator[tuple[str, str]]:
-    """The tone's wordings first, then today's (``template_wordings``) as the fallback."""
-    yield from tone_family(facts, name)
-    yield from template_wordings(facts, name)
+                        (f"{first}, welcome back! {lead} ({interest}) {facts.when}. {counts}", ""),
+                        (f"{first}, welcome back! {lead} ({interest}) {facts.when}, {short_counts(counts)}", "")]
 
 
 def dress(facts: MessageFacts, body: str, action: str) -> str:
@@ -4691,19 +4694,33 @@ def write_template_sms(facts: MessageFacts) -> str | None:
     safe = phone_safe_name(facts.event_name)
     carried = len(sender_prefix(facts)) + (len(opt_out_clause(facts)) + 1 if facts.opt_out_text else 0)
     names = shortened_names(safe, max_len=GSM7_LIMIT - carried - len(facts.link) - 1) if safe else []
+    standard = next(template_texts(facts, names, template_wordings), None)
+    if standard is None or facts.tone == DEFAULT_TONE:
+        return standard[0] if standard else None
+    kept = facts_said(facts, standard[0])  # a tone never costs a fact, a cut of the name or a message
+    allowed = names[: names.index(standard[1]) + 1]
+    return next((text for text, _ in template_texts(facts, allowed, tone_family) if facts_said(facts, text) >= kept),
+                standard[0])
+
+
+def template_texts(facts: MessageFacts, names: Sequence[str], wordings: Any) -> Iterator[tuple[str, str]]:
+    """(text, the cut of the name it uses) of every wording within the SMS contract, in the template's order
+    of preference (``template_attempts``); ``wordings`` is ``template_wordings`` or a tone's ``tone_family``."""
     tried: set[str] = set()
-    whole = [(name, level) for name, level in template_attempts(facts, names[:1])] if facts.tone != DEFAULT_TONE else []
-    tone_first = ((name, level, tone_family) for name, level in whole)  # the tone without cutting the name first
-    for name, level, wordings in itertools.chain(tone_first, ((n, lv, tone_wordings)
-                                                             for n, lv in template_attempts(facts, names))):
+    for name, level in template_attempts(facts, names):
         for body, action in wordings(level, name):
             text = dress(facts, body, action)
             if text in tried:
                 continue
             tried.add(text)
             if len(text) <= GSM7_LIMIT and not validate_sms(text, facts):  # longer never fits, in any encoding
-                return text
-    return None
+                yield text, name
+
+
+def facts_said(facts: MessageFacts, text: str) -> set[str]:
+    """The optional facts (going, spots, interest) a whole message says."""
+    said = optional_facts_said(without_sender_parts(text.removesuffix(facts.link), facts)[0], facts)
+    return {name for name, value in said.items() if value}
 
 
 # Capitals a sender or opt-out text may use: the acronyms, and the keywords that stop texts (FCC, CTIA).

@@ -73,8 +73,9 @@ def test_a_tone_writes_whenever_todays_wording_can_and_keeps_the_contract(
     standard = rtt.write_template_sms(facts)
     toned = rtt.write_template_sms(replace(facts, tone=tone))
     assert (toned is None) == (standard is None)
-    if toned is not None:
+    if toned is not None and standard is not None:
         assert rtt.validate_sms(toned, replace(facts, tone=tone)) == []
+        assert rtt.facts_said(facts, toned) >= rtt.facts_said(facts, standard)  # a tone never costs a fact
 
 
 def test_claude_is_told_the_tone_and_todays_prompt_is_unchanged() -> None:
