@@ -48,6 +48,54 @@ comparing ``RANK_BY`` orderings), and the command line.
 
 from __future__ import annotations
 
+import errno
+import os
+import signal
+import sys
+
+# What CPython raises instead of a MemoryError when memory runs out elsewhere: a frame it could not allocate
+# (3.11), a thread whose stack it could not map, a compiled module it could not map.
+OUT_OF_MEMORY_SIGNS = {SystemError: "without exception set", RuntimeError: "can't start new thread",
+                       ImportError: "failed to map segment"}
+
+
+def out_of_memory(exc: BaseException) -> bool:
+    """A MemoryError, an OSError of ENOMEM, one of ``OUT_OF_MEMORY_SIGNS``, or a library's own exception so
+    named (DuckDB's ``OutOfMemoryException``); any other SystemError, RuntimeError or ImportError is a bug."""
+    sign = OUT_OF_MEMORY_SIGNS.get(type(exc))
+    return (isinstance(exc, MemoryError) or (isinstance(exc, OSError) and exc.errno == errno.ENOMEM)
+            or (sign is not None and sign in str(exc)) or type(exc).__name__ == "OutOfMemoryException")
+
+
+OUT_OF_MEMORY = ("out of memory (MemoryError): stopped, nothing half-written; give the run more memory (ulimit -v, "
+                 "the container's limit) or a smaller input")
+
+
+def stop_at_once(signum: int, _frame: object) -> None:
+    """A signal outside a run's steps (while the script starts, parses, checks its settings, or after
+    the report): one line, then exit 130 (SIGINT) or 143 (SIGTERM) at once. Nothing is held then and every
+    file is written atomically, so nothing is left half-done. ``os.write``: no buffered stream is re-entered."""
+    name = "SIGINT" if signum == signal.SIGINT else "SIGTERM" if signum == signal.SIGTERM else f"signal {signum}"
+    os.write(2, f"error: interrupted by {name}; stopped at once (no run's steps were under way)\n".encode())
+    os._exit(128 + signum)
+
+
+def uncaught(kind: type[BaseException], exc: BaseException, traceback: object) -> None:
+    """The script's last resort (``sys.excepthook``): out of memory anywhere ``main`` does not see it (the
+    imports below, the arguments) is one line and exit 1; any other uncaught exception is a bug: shown."""
+    if out_of_memory(exc):
+        os.write(2, f"error: {OUT_OF_MEMORY}\n".encode())
+        os._exit(1)
+    sys.__excepthook__(kind, exc, traceback)  # type: ignore[arg-type]
+
+
+if __name__ == "__main__":  # from the first instruction, before the imports below take their tenth of a second
+    for _stop_signal in (signal.SIGINT, signal.SIGTERM):
+        signal.signal(_stop_signal, stop_at_once)
+    # a parent that started us with these signals blocked (a test does, to signal "at once") gets them now
+    signal.pthread_sigmask(signal.SIG_UNBLOCK, {signal.SIGINT, signal.SIGTERM})
+    sys.excepthook = uncaught
+
 import argparse
 import bisect
 import contextlib
@@ -64,14 +112,12 @@ import json
 import logging
 import math
 import operator
-import os
 import pickle
 import random
 import re
 import shutil
-import signal
+import stat
 import subprocess
-import sys
 import tempfile
 import threading
 import time
@@ -166,10 +212,11 @@ EXIT_CODES_HELP = """exit codes:
        the --deadline-minutes was reached, the input was empty (no users or no events), or the day
        drafted no message (one line says why: nobody dormant, all in cooldown, nobody textable, no
        open event in the send window; today's limit already drafted is 0)
-  1    failed, no campaign produced: source unreadable, MongoDB unreachable, out of disk
+  1    failed, no campaign produced: source unreadable, MongoDB unreachable, out of disk, out of memory
   2    bad usage, configuration or input
   75   another run holds the lock on this --out
-  130  interrupted by SIGINT; 143 by SIGTERM (the report is written, marked "interrupted")"""
+  130  interrupted by SIGINT; 143 by SIGTERM, at any moment, in one line (once the run's steps have
+       started, the report is written, marked "interrupted")"""
 
 
 class UsageError(Exception):
@@ -225,6 +272,11 @@ class RunControl:
     def stopping(self) -> bool:
         return self.status != "completed"
 
+    def until_deadline(self) -> float:
+        """Seconds left until the deadline (``math.inf`` without one): how long the run may wait for a helper
+        of its own work. A signal does not cut it, as it cuts ``budget``: the report still needs that work."""
+        return math.inf if self.deadline is None else max(0.0, self.deadline - self.clock())
+
     def budget(self, wanted: float) -> float:
         """Seconds a new or running call may take: ``wanted``, cut at the deadline (plus grace once stopped)."""
         now = self.clock()
@@ -236,28 +288,44 @@ class RunControl:
         return max(0.0, min(limits))
 
 
+class Worker:
+    """``fn()`` in a daemon thread whose outcome reaches the thread that waits for it: the value, or the
+    exception raised again there (a MemoryError too), so a helper's failure is never lost in its thread
+    and never printed by it. Every helper thread of a run is one of these (``bounded_call``, the users
+    file's read and its child's answer), so one rule holds for all: ``wait`` is bounded."""
+
+    def __init__(self, fn: Any, name: str) -> None:
+        self._box: dict[str, Any] = {}
+        self.thread = threading.Thread(target=self._run, args=(fn,), name=name, daemon=True)
+        self.thread.start()
+
+    def _run(self, fn: Any) -> None:
+        try:
+            self._box["value"] = fn()
+        except BaseException as exc:  # noqa: BLE001 - handed to the waiting thread; never printed by this one
+            self._box["error"] = exc
+
+    def wait(self, seconds: float, what: str) -> Any:
+        """The value, once ``fn`` is done within ``seconds`` of wall time (``math.inf``: no bound); its
+        exception raised here; ServiceTimeout when it overruns (the thread is abandoned, a daemon)."""
+        self.thread.join(None if math.isinf(seconds) else max(seconds, 0.0))
+        if self.thread.is_alive():
+            raise ServiceTimeout(f"{what}: not done within {seconds:.0f} s")
+        if "error" in self._box:
+            raise self._box.pop("error")
+        return self._box.pop("value", None)
+
+
+UNTIL_THE_DEADLINE = "(waited for until the run's --deadline-minutes)"  # a helper's wait: ``until_deadline``
+
+
 def bounded_call(fn: Any, seconds: float, what: str) -> Any:
     """``fn()`` in a daemon thread, waited for at most ``seconds`` of wall time.
 
     Per-read socket timeouts cannot stop a server that answers one byte at a time; this can. A call
     that overruns is abandoned (its thread dies with the process) and raises ServiceTimeout.
     """
-    box: dict[str, Any] = {}
-
-    def target() -> None:
-        try:
-            box["value"] = fn()
-        except BaseException as exc:  # noqa: BLE001 - handed to the caller; never printed by the thread
-            box["error"] = exc
-
-    worker = threading.Thread(target=target, name=f"call-{what}", daemon=True)
-    worker.start()
-    worker.join(seconds if seconds > 0 else 0.0)
-    if worker.is_alive():
-        raise ServiceTimeout(f"{what}: no complete answer within {seconds:.0f} s")
-    if "error" in box:
-        raise box["error"]
-    return box.get("value")
+    return Worker(fn, f"call-{what}").wait(seconds, what)
 
 
 DEFAULT_QUIET_HOURS = "21:00-08:00"  # 8am-9pm local may send: the US federal rule and NY GBL 399-z
@@ -678,6 +746,56 @@ class RunLock:
             self.fd = None
 
 
+# --- files read back from under --out: regular files only, bounded, never through a link ----------
+
+MAX_READ_BYTES = 256 << 20  # the largest file read back from under --out (a mirror's list of 100,000 records)
+
+
+class RefusedFile(OSError):
+    """A file under ``--out`` that is not read: a symbolic link on the way, no regular file, or too large."""
+
+
+def exists_without_links(path: Path, under: Path) -> bool:
+    """Whether ``path`` exists inside ``under``; RefusedFile when it is outside, or a symbolic link is on
+    the way from ``under`` down to it (itself included)."""
+    try:
+        steps = path.relative_to(under).parts
+    except ValueError:
+        raise RefusedFile(f"{path}: outside {under}") from None
+    for depth in range(len(steps)):
+        step = under.joinpath(*steps[: depth + 1])
+        try:
+            mode = os.lstat(step).st_mode
+        except FileNotFoundError:
+            return False
+        if stat.S_ISLNK(mode):
+            raise RefusedFile(f"{step}: a symbolic link, not followed")
+    return True
+
+
+def read_regular_file(path: Path, under: Path, limit: int | None = None) -> bytes | None:
+    """The bytes of ``path``, a regular file inside ``under`` reached without any symbolic link (none from
+    ``under`` down, nor the file itself), at most ``limit`` bytes; None when it does not exist.
+
+    The one way files under ``--out`` are read back (the local mirror, so ``measure`` too): a link to
+    ``/dev/zero``, a FIFO, a device or a huge file raises RefusedFile instead of being read until memory
+    runs out or forever."""
+    limit = MAX_READ_BYTES if limit is None else limit
+    if not exists_without_links(path, under):
+        return None
+    fd = os.open(path, os.O_RDONLY | os.O_NOFOLLOW | os.O_NONBLOCK | os.O_CLOEXEC)
+    with os.fdopen(fd, "rb") as handle:
+        status = os.fstat(fd)
+        if not stat.S_ISREG(status.st_mode):
+            raise RefusedFile(f"{path}: not a regular file")
+        if status.st_size > limit:
+            raise RefusedFile(f"{path}: {status.st_size} bytes, more than the {limit} read")
+        data = handle.read(limit + 1)
+    if len(data) > limit:
+        raise RefusedFile(f"{path}: grew past the {limit} bytes read")
+    return data
+
+
 # --- output files: every one written atomically -------------------------------------------------
 
 
@@ -883,8 +1001,9 @@ class StagedCopies:
     run), each put in place only by ``commit`` once the read succeeded: a failed read leaves ``data/raw/``
     as it was."""
 
-    def __init__(self, folder: Path, files: Mapping[str, Path]) -> None:
+    def __init__(self, folder: Path, files: Mapping[str, Path], control: RunControl | None = None) -> None:
         self.folder = folder
+        self.control = control or RunControl()  # a copy is waited for until the run's deadline at most
         self.pending: dict[str, Any] = {}
         if files:
             pool = ThreadPoolExecutor(max_workers=1, thread_name_prefix="raw-copy")
@@ -897,14 +1016,22 @@ class StagedCopies:
         future = self.pending.pop(name, None)
         if future is None:
             return False
-        commit_staged(future.result(), self.folder / f"{name}.json")
+        commit_staged(self.made(future, name), self.folder / f"{name}.json")
         return True
+
+    def made(self, future: Any, name: str) -> str:
+        """The staged copy's path once made (its OutputError raised here); ServiceTimeout at the deadline."""
+        seconds = self.control.until_deadline()
+        try:
+            return future.result(timeout=None if math.isinf(seconds) else seconds)
+        except TimeoutError:  # concurrent.futures' TimeoutError is the builtin one from 3.11 on
+            raise ServiceTimeout(f"copying {name}.json to {self.folder} {UNTIL_THE_DEADLINE}: not done") from None
 
     def discard(self) -> None:
         """Every copy not committed dropped, once made (a copy that failed has nothing to drop)."""
-        for future in self.pending.values():
-            with contextlib.suppress(OutputError):
-                discard_staged(future.result())
+        for name, future in self.pending.items():
+            with contextlib.suppress(OutputError, ServiceTimeout):
+                discard_staged(self.made(future, name))
         self.pending.clear()
 
 
@@ -1971,8 +2098,7 @@ class MemberKeysChild:
     def __init__(self, process: subprocess.Popen[bytes]) -> None:
         self.reply: bytes | None = None
         self.process = process
-        self.drain = threading.Thread(target=self.read_reply, name="member-keys", daemon=True)
-        self.drain.start()
+        self.drain = Worker(self.read_reply, "member-keys")  # its failure (a MemoryError) is raised in ``result``
 
     @classmethod
     def start(cls, path: Path) -> MemberKeysChild | None:
@@ -1988,11 +2114,13 @@ class MemberKeysChild:
         with contextlib.suppress(OSError, ValueError):
             self.reply = self.process.stdout.read()
 
-    def result(self, data: bytes) -> MemberKeys | None:
+    def result(self, data: bytes, seconds: float = math.inf) -> MemberKeys | None:
         """The child's ``MemberKeys`` for ``data`` (the bytes this process read: a file changed between the two
-        reads gives None), raising the UsageError or FastPathRefused its read met; None when it failed."""
-        self.drain.join()
-        if self.process.wait() != 0 or not self.reply:
+        reads gives None), raising the UsageError or FastPathRefused its read met; None when it failed.
+        Waited for ``seconds`` at most (ServiceTimeout after: ``close`` then stops the child); the draining
+        thread's own failure (out of memory) is raised here."""
+        self.drain.wait(seconds, f"the users file's helper process {UNTIL_THE_DEADLINE}")
+        if self.process.wait() != 0 or not self.reply:  # its output is drained: it has ended or is ending
             return None
         try:
             reply = pickle.loads(self.reply)
@@ -2011,7 +2139,7 @@ class MemberKeysChild:
         if self.process.poll() is None:
             self.process.kill()
         self.process.wait()
-        self.drain.join()
+        self.drain.thread.join(1.0)  # the pipe closed with the child: its reader ends (a daemon if not)
 
 
 def dedupe_by_id(docs: Sequence[dict[str, Any]]) -> tuple[list[dict[str, Any]], int]:
@@ -5910,9 +6038,15 @@ class DataSource(Protocol):
 class FolderSource:
     """A folder of ``mongoexport`` output: ``users.json`` and ``events.json``."""
 
-    def __init__(self, folder: Path) -> None:
+    def __init__(self, folder: Path, control: RunControl | None = None) -> None:
         self.folder = folder
         self.label = f"folder {folder}"
+        self.control = control or RunControl()  # its helpers are waited for until the run's deadline at most
+
+    def helper_budget(self) -> float:
+        """Seconds the read may still wait for a helper thread or process: until the deadline. Past it the
+        read fails (ServiceTimeout, exit 1): no helper can hold a run past its deadline."""
+        return self.control.until_deadline()
 
     def export_files(self) -> dict[str, Path]:
         """The export files that are there, by collection (``StagedCopies`` copies them while they are read)."""
@@ -5960,16 +6094,16 @@ class FolderSource:
             if keys_child is not None:
                 stack.callback(keys_child.close)
             # the users file read by a thread meanwhile (the kernel fills the buffer without holding the GIL)
-            users_bytes = stack.enter_context(ThreadPoolExecutor(1, "users-read")).submit(export_bytes, users_file)
+            users_bytes = Worker(functools.partial(export_bytes, users_file), "users-read")
             elements = export_elements(export_bytes(events_file))
             events_read, future = len(elements), []
             records = screened_stream(elements, "events", decoder, issues, bytes_tick(bar, sizes[1], len(elements)),
                                       skim=event_skim(now))
             activity = index_member_activity(records, counted, (now, future))
-            data = users_bytes.result()
+            data = users_bytes.wait(self.helper_budget(), f"reading {users_file} {UNTIL_THE_DEADLINE}")
             elements = export_elements(data)
             users_read, statuses, plain = len(elements), Counter[str](), set[str]()
-            found = keys_child.result(data) if keys_child is not None else None
+            found = keys_child.result(data, self.helper_budget()) if keys_child is not None else None
             del data  # the elements hold it as long as they need it
             statuses_of = functools.partial(activity.statuses, now=now)
             tick = bytes_tick(bar, sizes[0], len(elements))
@@ -7182,12 +7316,22 @@ class ClaudeAdvisor:
                     return
                 self._lock.wait(0.1)
 
-    def _call(self, **request: Any) -> Any:
-        """One Messages API call (the SDK's own retries included) within its time budget."""
+    def _call(self, step: str, check: Any, **request: Any) -> tuple[Any, Any, str]:
+        """One Messages API call (the SDK's own retries included) within its time budget, its answer checked
+        while the call still holds its slot: ``(reply, checked answer, "")``, or ``(reply, None, problem)``
+        for an invalid answer, which counts as a failed call (paid for, and of no use: "stop after four in
+        a row" holds for a model that answers every call with nonsense too)."""
         self._start_call()
         try:
             budget = self.control.budget(self.config.timeout)
             reply = bounded_call(lambda: self.client.messages.create(**request), budget, "Claude")
+            with self._lock:
+                self.usage[step].add(getattr(reply, "usage", None))
+            try:
+                answer = check(answer_json(reply))
+            except InvalidAnswer as exc:
+                self._count_failure(exc)
+                return reply, None, str(exc)
         except Exception as exc:
             self._count_failure(exc)
             raise
@@ -7195,7 +7339,7 @@ class ClaudeAdvisor:
             with self._lock:
                 self.consecutive_failures = 0
                 self.answered_calls += 1
-            return reply
+            return reply, answer, ""
         finally:
             with self._lock:
                 self.in_flight -= 1
@@ -7219,25 +7363,23 @@ class ClaudeAdvisor:
         problem = ""
         for _attempt in (1, 2):
             try:
-                reply = self._call(model=model, max_tokens=2048, system=self._system(system, model),
-                                   messages=messages, output_config=output_config)
+                reply, answer, problem = self._call(step, check, model=model, max_tokens=2048,
+                                                    system=self._system(system, model), messages=messages,
+                                                    output_config=output_config)
             except (anthropic.APIError, ServiceTimeout, ClaudeDown) as exc:
                 raise InvalidAnswer(f"API error: {exc.__class__.__name__}") from None
-            with self._lock:
-                self.usage[step].add(getattr(reply, "usage", None))
-            try:
-                return check(answer_json(reply))
-            except InvalidAnswer as exc:
-                problem = str(exc)
-                said = "".join(getattr(b, "text", "") for b in reply.content or [] if getattr(b, "type", "") == "text")
-                said = said[: self.MAX_QUOTED_ANSWER] + (" [...]" if len(said) > self.MAX_QUOTED_ANSWER else "")
-                messages += [{"role": "assistant", "content": said if said.strip() else "(no answer)"},
-                             {"role": "user", "content": f"That answer is invalid: {problem}. "
-                                                         "Answer again with only a valid JSON object."}]
+            if not problem:
+                return answer
+            said = "".join(getattr(b, "text", "") for b in reply.content or [] if getattr(b, "type", "") == "text")
+            said = said[: self.MAX_QUOTED_ANSWER] + (" [...]" if len(said) > self.MAX_QUOTED_ANSWER else "")
+            messages += [{"role": "assistant", "content": said if said.strip() else "(no answer)"},
+                         {"role": "user", "content": f"That answer is invalid: {problem}. "
+                                                     "Answer again with only a valid JSON object."}]
         raise InvalidAnswer(f"invalid twice: {problem}")
 
     def _count_failure(self, exc: Exception) -> None:
-        """Stop calling for the rest of the run after a credentials error, a timeout or a run of failures."""
+        """Stop calling for the rest of the run after a credentials error, a timeout or a run of failures
+        (errors and invalid answers alike)."""
         import anthropic
 
         fatal = (anthropic.AuthenticationError, anthropic.PermissionDeniedError, anthropic.NotFoundError)
@@ -7251,7 +7393,8 @@ class ClaudeAdvisor:
             elif isinstance(exc, (anthropic.APITimeoutError, ServiceTimeout)):
                 self.unavailable = f"no answer in time ({exc.__class__.__name__}); not asked again this run"
             elif self.consecutive_failures >= self.MAX_CONSECUTIVE_FAILURES:
-                self.unavailable = f"{self.consecutive_failures} calls in a row failed, the last {exc.__class__.__name__}"
+                last = "an invalid answer" if isinstance(exc, InvalidAnswer) else exc.__class__.__name__
+                self.unavailable = f"{self.consecutive_failures} calls in a row failed, the last {last}"
 
     def choose(self, user: Mapping[str, Any], candidates: Sequence[Candidate], zone: ZoneInfo,
                now: datetime) -> tuple[Candidate, int, str]:
@@ -7502,11 +7645,13 @@ class LocalMirrorTransport:
     ``SAVE_EVERY_SECONDS`` and at ``flush()``, so a long run does not rewrite a growing file per item.
     """
 
-    def __init__(self, root: Path, base_path: str, save_every: float = SAVE_EVERY_SECONDS) -> None:
+    def __init__(self, root: Path, base_path: str, save_every: float = SAVE_EVERY_SECONDS,
+                 anchor: Path | None = None) -> None:
         base = database_path(base_path)
         self.root = root.joinpath(*base.split("/")) if base else root
         if not self.root.resolve().is_relative_to(root.resolve()):  # a symlinked folder pointing elsewhere
             raise UsageError(f"local mirror {self.root}: leads outside {root}; not used")
+        self.anchor = anchor or root  # files are read only below it, through no link (``read_regular_file``)
         self.description = f"local mirror {self.root}"
         self.bytes_sent = 0
         self.save_every = save_every
@@ -7524,13 +7669,23 @@ class LocalMirrorTransport:
         if file in self._files:
             return self._files[file]
         try:
-            tree = rtdb_normalize(json.loads(file.read_text(encoding="utf-8")))
+            data = read_regular_file(file, self.anchor)
+            tree = None if data is None else rtdb_normalize(json.loads(data.decode("utf-8")))
         except FileNotFoundError:
             tree = None
+        except RefusedFile as exc:
+            raise FirebaseError(f"local mirror: not read ({exc})") from None
         except (OSError, ValueError, RecursionError) as exc:
             raise FirebaseError(f"local mirror {file}: unreadable ({exc.__class__.__name__})") from None
         self._files[file] = tree
         return tree
+
+    def _listable(self, folder: Path) -> bool:
+        """Whether ``folder`` is a folder to list; FirebaseError when a symbolic link leads to it."""
+        try:
+            return exists_without_links(folder, self.anchor) and real_folder(folder)
+        except RefusedFile as exc:
+            raise FirebaseError(f"local mirror: not read ({exc})") from None
 
     def _stored(self, segments: list[str]) -> Any:
         split = self._split(segments)
@@ -7539,12 +7694,12 @@ class LocalMirrorTransport:
             return tree_get(self._load(file), rest)
         self.flush()  # a read above the file level lists the files on disk
         folder = self.root.joinpath(*segments)
-        if not folder.is_dir():
+        if not self._listable(folder):
             return None
         tree: dict[str, Any] = {}
         for child in sorted(folder.iterdir()):
             name = child.name[:-5] if child.suffix == ".json" else child.name
-            if child.is_dir() or (child.suffix == ".json" and not child.name.startswith(".")):
+            if real_folder(child) or (child.suffix == ".json" and not child.name.startswith(".")):
                 value = self._stored([*segments, name])
                 if value is not None:
                     tree[name] = value
@@ -7622,10 +7777,15 @@ class LocalMirrorTransport:
             return sorted(value) if isinstance(value, Mapping) else []
         self.flush()  # what this process holds back is on disk before the folder is listed
         folder = self.root.joinpath(*segments)
-        if not folder.is_dir():
+        if not self._listable(folder):
             return []
         return sorted({child.name.removesuffix(".json") for child in folder.iterdir()
-                       if child.is_dir() or (child.suffix == ".json" and not child.name.startswith("."))})
+                       if real_folder(child) or (child.suffix == ".json" and not child.name.startswith("."))})
+
+
+def real_folder(path: Path) -> bool:
+    """A folder that is not a symbolic link to one: the mirror's listings never lead out of it."""
+    return path.is_dir() and not path.is_symlink()
 
 
 NO_BODY = object()
@@ -7894,7 +8054,8 @@ def merge_key(item: Mapping[str, Any]) -> tuple[str, str]:
 
 
 class CountNotUpdated(FirebaseError):
-    """The item was written, but the list's ``count`` and ``updatedAt`` were not (the next run heals it)."""
+    """The item was written, but the list's ``count`` and ``updatedAt`` were not, and the item could not be
+    taken back either (``DashboardWriter.heal_counts`` sets the count at the end of the run)."""
 
 
 class DashboardList:
@@ -7944,6 +8105,29 @@ class DashboardList:
     def known(self) -> set[tuple[str, str]]:
         return {merge_key(item) for item in self.items}
 
+    def counted(self, record: dict[str, Any], etag: str) -> None:
+        """The list's ``count`` set to its items with the item just put at ``size``. When that write fails
+        (a dropped connection), the item is taken back if it is still as written (a conditional delete),
+        so count and items agree, and FirebaseError says it is not written; CountNotUpdated when even
+        that failed (the item stays; the count is healed at the end of the run)."""
+        slot = f"{self.path}/{self.key}/{self.size}"
+        try:
+            self.transport.patch(self.path, {"count": self.size + 1, "updatedAt": self.updated_at})
+        except FirebaseError as exc:
+            try:
+                taken_back = self.transport.put(slot, None, if_match=etag or None).ok
+            except FirebaseError:
+                taken_back = False
+            if taken_back:
+                raise FirebaseError(f"{exc} (the item was taken back: the count stays the number of items)") from None
+            self.items.append(record)
+            self.size += 1
+            self.added += 1
+            raise CountNotUpdated(str(exc)) from None
+        self.items.append(record)
+        self.size += 1
+        self.added += 1
+
     def add(self, item: Mapping[str, Any]) -> bool:
         """Append one item unless it is already there; True when it was added."""
         record = firebase_ready(dict(item), self.key_changes)
@@ -7953,19 +8137,18 @@ class DashboardList:
             result = self.transport.put(f"{self.path}/{self.key}/{self.size}", record, if_match=self.empty_etag)
             # A 412 that answers our own record means an earlier attempt landed and its answer was lost.
             if result.ok or (isinstance(result.value, Mapping) and merge_key(result.value) == merge_key(record)):
-                self.items.append(record)
-                self.size += 1
-                self.added += 1
-                try:
-                    self.transport.patch(self.path, {"count": self.size, "updatedAt": self.updated_at})
-                except FirebaseError as exc:
-                    raise CountNotUpdated(str(exc)) from None
+                self.counted(record, result.etag)
                 return True
             if result.value is None and result.etag and result.etag != self.empty_etag:
                 self.empty_etag = result.etag  # the slot is empty; this server spells an empty ETag its own way
                 continue
             self.open()  # someone else took the slot: read the list again
         raise FirebaseError(f"{self.path}: gave up after {self.MAX_TRIES} conflicting appends")
+
+
+def item_label(key: str, item: Mapping[str, Any]) -> str:
+    """How the report names one dashboard item: ``matches (<user_id>, <event_id>)``."""
+    return f"{key} ({item.get('user_id')}, {item.get('event_id')})"
 
 
 class DashboardWriter:
@@ -8133,19 +8316,24 @@ class DashboardWriter:
             return
         self._waiting[rank] = (match, message, holdout)
         while self._next_rank in self._waiting:
-            ready = self._waiting.pop(self._next_rank)
+            match, message, holdout = self._waiting.pop(self._next_rank)
             self._next_rank += 1
-            for key, item in zip(self.LIST_KEYS, ready):
-                if item is not None:
-                    self._append(key, item)
+            # the message first: a match goes to the dashboard only with its message (never one without it)
+            if message is None or self._append("messages", message):
+                if match is not None:
+                    self._append("matches", match)
+            elif match is not None:
+                self.not_written.append(item_label("matches", match))  # its message was not written
+            if holdout is not None:
+                self._append("holdout", holdout)
 
-    def _append(self, key: str, item: Mapping[str, Any]) -> None:
-        """One item to a dashboard list; after a failure the list is not retried this run."""
+    def _append(self, key: str, item: Mapping[str, Any]) -> bool:
+        """One item to a dashboard list (True: it is there now); after a failure the list is not retried."""
         target = self.lists.get(key) if self.writes and key not in self.broken else None
-        label = f"{key} ({item.get('user_id')}, {item.get('event_id')})"
+        label = item_label(key, item)
         if target is None:
             self.not_written.append(label)
-            return
+            return False
         try:
             if not target.add(item):
                 self.logger.info("Firebase %s: already there, not added again", label)
@@ -8155,6 +8343,19 @@ class DashboardWriter:
         except FirebaseError as exc:
             self.failed(key, exc, label)
             self.broken.add(key)
+            return False
+        return True
+
+    def heal_counts(self) -> None:
+        """Each list a write failed on read again and healed (``DashboardList.open``): its ``count`` is the
+        number of its items again, whatever a dropped connection left; a failure here is recorded."""
+        for key in sorted(self.broken & self.lists.keys()):
+            try:
+                self.lists[key].open()
+                if f"{key} count" in self.not_written:
+                    self.not_written.remove(f"{key} count")
+            except FirebaseError as exc:
+                self.failed(f"{key} (count not healed: the next run heals it)", exc)
 
     def save_campaign(self, campaign_id: str, users: Sequence[Mapping[str, Any]], matches: Sequence[Match],
                       messages: Sequence[Message], stats: Mapping[str, Any], status: str,
@@ -8192,8 +8393,11 @@ class DashboardWriter:
                 self.written.append(path)
             except FirebaseError as exc:
                 self.failed(path, exc, path)
-        self.written += [key if key not in self.broken else f"{key} ({dashboard.added} items before the failure)"
-                         for key, dashboard in self.lists.items() if key not in self.broken or dashboard.added]
+        self.heal_counts()
+        # a list with items not written (its own failure, or matches whose message failed) is written in part
+        partly = self.broken | {key for key in self.lists if any(p.startswith(f"{key} (") for p in self.not_written)}
+        self.written += [key if key not in partly else f"{key} ({dashboard.added} items before the failure)"
+                         for key, dashboard in self.lists.items() if key not in partly or dashboard.added]
         if not self.flush():  # nothing the mirror held back can be counted as written
             self.not_written += self.written
             self.written = []
@@ -8318,7 +8522,7 @@ class ReturnToTable:
         """The source's records, screened (``screen_records``): ``data/raw/`` keeps them as read, in full
         (a folder's files copied while they are read, ``StagedCopies``)."""
         files = self.source.export_files() if isinstance(self.source, FolderSource) else {}
-        copies = StagedCopies(self.data_dir / "raw", files)
+        copies = StagedCopies(self.data_dir / "raw", files, self.control)
         try:
             return self.screened_read(copies)
         finally:
@@ -8637,6 +8841,8 @@ class ReturnToTable:
             raise
         except Exception as exc:  # the run goes on; the traceback goes to the log file
             self.seats.release(user["_id"])
+            if out_of_memory(exc):  # the whole run's trouble, not this member's
+                raise
             self.logger.debug("member %s failed", user["_id"], exc_info=True)
             self.logger.error("Member %s failed: %s", user["_id"], exc.__class__.__name__)
             outcome = UserOutcome(rank, user, skip=Skip(user["_id"], full_name(user),
@@ -9886,15 +10092,15 @@ MAX_FUNNEL_REPORT_BYTES = 5_000_000  # a campaign report larger than this is not
 
 
 def report_funnel(reports: Path, campaign_ids: Collection[str]) -> list[tuple[str, int]]:
-    """The step-8 funnels (``funnel``: [{stage, count}]) of the measured campaigns' reports under ``reports``,
-    added up by stage in the first report's order; [] when none has one. Odd files and values are passed over."""
+    """The step-8 funnels (``funnel``: [{stage, count}]) of the measured campaigns' reports under ``reports``
+    (``--out``'s ``reports/``), added up by stage in the first report's order; [] when none has one. Files are
+    read as every file under ``--out`` is (``read_regular_file``); odd files and values are passed over."""
     totals: dict[str, int] = {}
     for path in sorted(reports.glob("return_to_table_report_*.json")) if reports.is_dir() else []:
         try:
-            if path.stat().st_size > MAX_FUNNEL_REPORT_BYTES:
-                continue
-            found = json.loads(path.read_text(encoding="utf-8"))
-        except (OSError, ValueError):
+            data = read_regular_file(path, reports.parent, MAX_FUNNEL_REPORT_BYTES)
+            found = json.loads(data) if data is not None else None
+        except (OSError, ValueError, RefusedFile):
             continue
         if not isinstance(found, dict) or found.get("campaign_id") not in campaign_ids:
             continue
@@ -10184,7 +10390,8 @@ MEASURE_EXIT_CODES_HELP = """exit codes:
   3    done, but something needs a look: a campaign could not be read (named in the report), the
        source has no events (or none starting after the first message: nobody could have come back
        yet), or no archived campaign is in range
-  1    failed, nothing measured: the archive or the source is unreadable, MongoDB unreachable, out of disk
+  1    failed, nothing measured: the archive or the source is unreadable, MongoDB unreachable, out of disk,
+       out of memory
   2    bad usage, configuration or input
   130  interrupted by SIGINT; 143 by SIGTERM"""
 
@@ -11080,7 +11287,7 @@ BACKTEST_EXIT_CODES = """exit codes:
   3    done, but nothing or little to read: the input was empty, or nobody came back within any window
   1    failed: source unreadable, MongoDB unreachable, the report could not be written
   2    bad usage, configuration or input (dates, flags, a window that has not closed yet)
-  130  interrupted by SIGINT (nothing written)"""
+  130  interrupted by SIGINT, 143 by SIGTERM (nothing written)"""
 
 
 def backtest_parser() -> argparse.ArgumentParser:
@@ -11484,14 +11691,14 @@ def resolve_options(args: argparse.Namespace, settings: Settings) -> RunOptions:
 
 
 def make_source(options: RunOptions, settings: Settings, logger: logging.Logger,
-                mongo_client: Any = None) -> DataSource:
+                mongo_client: Any = None, control: RunControl | None = None) -> DataSource:
     if options.source is SourceKind.DEMO:
         return DemoSource(options.now)
     if options.source is SourceKind.MONGO:
         client = mongo_client or connect_mongo(settings, options.insecure_tls, logger)
         return MongoSource(client, mongo_db_name(settings, client))
     assert options.folder is not None
-    return FolderSource(options.folder)
+    return FolderSource(options.folder, control)
 
 
 def make_dashboard(options: RunOptions, settings: Settings, logger: logging.Logger,
@@ -11505,7 +11712,8 @@ def make_dashboard(options: RunOptions, settings: Settings, logger: logging.Logg
         mirror = options.out_dir / "data" / "firebase"
         if not options.is_demo:
             logger.info("FIREBASE_DATABASE_URL is not set: using the local mirror %s", mirror)
-        transport: FirebaseTransport = LocalMirrorTransport(mirror, settings.firebase_base_path)
+        transport: FirebaseTransport = LocalMirrorTransport(mirror, settings.firebase_base_path,
+                                                            anchor=options.out_dir)
         return DashboardWriter(transport, logger, dry_run=options.dry_run, updated_at=updated_at,
                                holdout=options.holdout > 0)
     token_source = None
@@ -11537,12 +11745,35 @@ def handle_stop_signals(control: RunControl) -> Any:
         return lambda: None
 
     def on_signal(signum: int, _frame: Any) -> None:
-        code = EXIT_SIGNALS.get(signal.Signals(signum), 128 + signum)
-        if control.signal is not None:
-            os._exit(code)  # a second signal: now (every file is written atomically, the lock dies with us)
+        name = signal.Signals(signum).name
+        if control.signal is not None:  # a second signal: now (every file is written atomically, the lock dies with us)
+            os.write(2, f"error: {name} again: stopped at once; the report was not written\n".encode())
+            os._exit(EXIT_SIGNALS.get(signal.Signals(signum), 128 + signum))
         control.request_stop(signum)
-        print(f"warning: {signal.Signals(signum).name}: finishing the members in flight, then writing the "
-              "report (signal again to stop at once)", file=sys.stderr)
+        if sys.stderr.isatty():  # an operator at a terminal hears at once; cron mail gets the one final line
+            os.write(2, f"warning: {name}: finishing the members in flight, then writing the report "
+                        "(signal again to stop at once)\n".encode())
+
+    previous = {s: signal.signal(s, on_signal) for s in (signal.SIGINT, signal.SIGTERM)}
+    return lambda: [signal.signal(s, h) for s, h in previous.items()]
+
+
+class Interrupted(KeyboardInterrupt):
+    """SIGINT or SIGTERM during a subcommand: unwinds as Ctrl-C does (its files are written atomically)."""
+
+    def __init__(self, signum: int) -> None:
+        super().__init__(signum)
+        self.signum = signum
+
+
+def raise_on_stop_signals() -> Any:
+    """A subcommand's signals: SIGINT and SIGTERM raise ``Interrupted`` (exit 130/143, one line, no report).
+    Returns a function that puts the previous handlers back."""
+    if threading.current_thread() is not threading.main_thread():
+        return lambda: None
+
+    def on_signal(signum: int, _frame: Any) -> None:
+        raise Interrupted(signum)
 
     previous = {s: signal.signal(s, on_signal) for s in (signal.SIGINT, signal.SIGTERM)}
     return lambda: [signal.signal(s, h) for s, h in previous.items()]
@@ -11570,7 +11801,7 @@ def run_campaign(args: argparse.Namespace, env: Mapping[str, str] | None, mongo_
     logger, _ = setup_logging(options.out_dir, datetime.now(UTC), verbose=options.verbose, quiet=options.quiet,
                               keep_logs_days=options.keep_logs_days)
     closing.callback(close_logging, logger)
-    source = make_source(options, settings, logger, mongo_client)
+    source = make_source(options, settings, logger, mongo_client, control)
     if isinstance(source, MongoSource) and mongo_client is None:
         closing.callback(source.client.close)
     dashboard = make_dashboard(options, settings, logger, control)
@@ -11613,13 +11844,15 @@ def raw_main(name: str, parser: argparse.ArgumentParser, program: Any, argv: Seq
              env: Mapping[str, str] | None, mongo_client: Any) -> int:
     """The one funnel from errors to exit codes, for the campaign and both subcommands (httpie's
     ``raw_main``): ``program(args, env, mongo_client, closing)`` does the work and returns its code; bad
-    input is one line and exit 2, a held lock 75, a failed service or disk 1, Ctrl-C 130. The lock, the
+    input is one line and exit 2, a held lock 75, a failed service or disk 1, out of memory 1 (``out_of_memory``),
+    SIGINT 130 and SIGTERM 143 (``Interrupted``; the campaign's own handlers take over while it runs). The lock, the
     clients and the log (``closing``) are released however it ends."""
     try:
         args = parser.parse_args(list(argv))
     except SystemExit as exc:  # --help, or a usage error already printed
         return exc.code if isinstance(exc.code, int) else ExitCode.USAGE
     with ExitStack() as closing:
+        closing.callback(raise_on_stop_signals())
         try:
             return program(args, env, mongo_client, closing)
         except UsageError as exc:
@@ -11628,8 +11861,14 @@ def raw_main(name: str, parser: argparse.ArgumentParser, program: Any, argv: Seq
             return error_line(exc, ExitCode.LOCKED)
         except ServiceError as exc:
             return error_line(exc, ExitCode.FAILURE)
-        except KeyboardInterrupt:
-            return error_line(f"{name} interrupted; no report written", ExitCode.SIGINT)
+        except KeyboardInterrupt as exc:  # Ctrl-C, or ``Interrupted`` (SIGINT/SIGTERM)
+            signum = exc.signum if isinstance(exc, Interrupted) else signal.SIGINT
+            return error_line(f"{name} interrupted by {signal.Signals(signum).name}; stopped at once, nothing "
+                              "half-written", EXIT_SIGNALS[signal.Signals(signum)])
+        except Exception as exc:  # out of memory anywhere (here, a helper ``Worker``, a member's thread); else a bug
+            if not out_of_memory(exc):
+                raise
+            return error_line(OUT_OF_MEMORY, ExitCode.FAILURE)
 
 
 def error_line(problem: object, code: ExitCode) -> ExitCode:
@@ -11655,8 +11894,9 @@ SUBCOMMANDS = {"measure": measure_command, "backtest": backtest_command}
 def report_problems(result: RunResult) -> None:
     """What cron mail should show besides the summary line: one line per kind of trouble."""
     if result.status != "completed":
-        print(f"warning: run {result.status}: {result.report['summary']['users_not_started']} members not started; "
-              f"the report {result.report_path} says what was done", file=sys.stderr)
+        by = f" by {signal.Signals(result.signal).name}" if result.signal is not None else ""
+        print(f"warning: run {result.status}{by}: {result.report['summary']['users_not_started']} members not "
+              f"started; the report {result.report_path} says what was done", file=sys.stderr)
     if result.claude_unavailable:
         print(f"warning: Claude was unavailable ({result.claude_unavailable}); the rules matcher and the "
               "template wrote this run's messages", file=sys.stderr)

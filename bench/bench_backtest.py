@@ -1,6 +1,6 @@
 """Benchmark: how long ``backtest`` takes on a year of the Montana sample (the target: well under a minute).
 
-Run by hand (not a test): ``python bench/bench_backtest.py [REPEAT]``. It runs
+Run by hand (not a test): ``python bench/bench_backtest.py [REPEAT]``; ``--smoke`` (CI): once, on two months. It runs
 ``backtest --source samples/meetup_montana --from 2015-06-01 --to 2016-05-01 --every-days 14 --window-days 30``
 as a real process REPEAT times (3 by default) and prints the wall time of each, the median, and the
 pooled hit@1 row of the last run.
@@ -22,7 +22,12 @@ ARGS = ["backtest", "--source", str(ROOT / "samples" / "meetup_montana"), "--fro
 
 
 def main() -> None:
-    repeat = int(sys.argv[1]) if len(sys.argv) > 1 else 3
+    global ARGS
+    smoke = "--smoke" in sys.argv[1:]
+    numbers = [a for a in sys.argv[1:] if a != "--smoke"]
+    repeat = 1 if smoke else int(numbers[0]) if numbers else 3
+    if smoke:  # seconds, for CI: the same command on two months
+        ARGS = [*ARGS[:ARGS.index("--to") + 1], "2015-08-01", *ARGS[ARGS.index("--to") + 2:]]
     seconds, pooled = [], {}
     for _ in range(repeat):
         with tempfile.TemporaryDirectory() as out:

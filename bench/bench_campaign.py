@@ -1,6 +1,6 @@
 """Benchmark: how long a whole campaign takes, and what it sends to Firebase.
 
-Run by hand (not a test): ``python bench/bench_campaign.py``. It prints
+Run by hand (not a test): ``python bench/bench_campaign.py`` (``--smoke``: each run once, for CI). It prints
 1. the wall time of ``--demo`` (rules, template, local mirror) and of the real Montana Meetup data,
 2. the bytes a 10-member campaign sends to a Realtime Database (the fake REST server in
    ``tests/fake_rtdb.py`` on 127.0.0.1), per path, against re-sending whole arrays per item.
@@ -49,11 +49,12 @@ def quiet() -> None:
 
 def main() -> None:
     quiet()
+    repeat = 1 if "--smoke" in sys.argv[1:] else 5  # --smoke: seconds, for CI
     print("| run | median s | min s | dormant | ready | matched | messages | segments |")
     print("| --- | --- | --- | --- | --- | --- | --- | --- |")
-    runs = [("--demo", ["--demo"], 5)]
+    runs = [("--demo", ["--demo"], repeat)]
     if MONTANA.is_dir():
-        runs.append(("Montana (real data)", ["--source", str(MONTANA), "--now", MONTANA_NOW, "--dry-run"], 5))
+        runs.append(("Montana (real data)", ["--source", str(MONTANA), "--now", MONTANA_NOW, "--dry-run"], repeat))
     for label, args, repeat in runs:
         seconds, report = timed_run(args, {}, repeat)
         s = report["summary"]

@@ -3,6 +3,7 @@
 Run by hand (not a test)::
 
     python bench/bench_scale.py --sizes 10000,100000,1000000 [--lines] [--limit 1000]
+    python bench/bench_scale.py --smoke     # seconds, for CI: 300 members, a fresh world, --limit 5
 
 For each size it generates a world once (``bench/make_world.py``: members, 30% as many events, the
 messy forms; cached under ``--worlds``), then runs, each in its own process, ``bench/literal_plan.py``
@@ -17,6 +18,7 @@ from __future__ import annotations
 
 import argparse
 import os
+import shutil
 import subprocess
 import sys
 import tempfile
@@ -92,7 +94,10 @@ def main() -> int:
     parser.add_argument("--worlds", type=Path, default=Path(tempfile.gettempdir()) / "rtt-worlds")
     parser.add_argument("--lines", action="store_true", help="JSON Lines files instead of JSON arrays")
     parser.add_argument("--limit", type=int, help="also time the tool with this --limit")
+    parser.add_argument("--smoke", action="store_true", help="seconds, for CI: 300 members, --limit 5")
     args = parser.parse_args()
+    if args.smoke:
+        args.sizes, args.limit, args.worlds = "300", 5, Path(tempfile.mkdtemp(prefix="rtt-smoke-"))
     print(f"| members | events | form | literal s | literal MB | tool s | tool MB | tool MB, all processes | time |"
           f" memory |{f' tool --limit {args.limit} s |' if args.limit else ''}")
     print(f"| --- | --- | --- | --- | --- | --- | --- | --- | --- | --- |{' --- |' if args.limit else ''}")
@@ -109,6 +114,8 @@ def main() -> int:
                f"{literal[1]:,.0f} | {tool[0]:.1f} | {tool[1]:,.0f} | {tool[2]:,.0f} | {tool[0] / literal[0]:.2f}x | "
                f"{tool[2] / literal[1]:.0%} |")
         print(row + (f" {limited[0]:.1f} |" if limited else ""), flush=True)
+    if args.smoke:
+        shutil.rmtree(args.worlds)
     return 0
 
 

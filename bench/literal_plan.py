@@ -1,6 +1,6 @@
 """The plan read literally, as the yardstick for bench/bench_scale.py (not used by the campaign).
 
-``python bench/literal_plan.py DIR --now ISO --out OUT``: ``bson.json_util`` loads both files whole, then
+``python bench/literal_plan.py DIR --now ISO --out OUT`` (``--smoke``: on a 50-member world, for CI): ``bson.json_util`` loads both files whole, then
 steps 1 and 2 loop as the plan's "Exact Pattern" code does (a user -> events map, each member's count and
 latest date, engagement, profile, score, ``_convert_objectid``), and it writes what the plan persists:
 ``data/raw/`` (``json_util.dumps``), ``dormant_users.json`` and ``future_events.json``.
@@ -10,6 +10,8 @@ from __future__ import annotations
 
 import argparse
 import json
+import shutil
+import tempfile
 from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any
@@ -71,10 +73,19 @@ def read(path: Path) -> list[dict[str, Any]]:
 
 def main() -> None:
     parser = argparse.ArgumentParser()
-    parser.add_argument("folder", type=Path)
-    parser.add_argument("--now", required=True)
-    parser.add_argument("--out", type=Path, required=True)
+    parser.add_argument("folder", type=Path, nargs="?")
+    parser.add_argument("--now")
+    parser.add_argument("--out", type=Path)
+    parser.add_argument("--smoke", action="store_true", help="seconds, for CI: a 50-member world, all temporary")
     args = parser.parse_args()
+    if args.smoke:
+        from make_world import NOW, make_world
+
+        scratch = Path(tempfile.mkdtemp(prefix="rtt-smoke-"))
+        args.folder, args.out = make_world(scratch / "world", 50), scratch / "out"
+        args.now = NOW.isoformat()
+    elif args.folder is None or args.now is None or args.out is None:
+        parser.error("FOLDER, --now and --out are required (or --smoke)")
     now = datetime.fromisoformat(args.now)
     users, events = read(args.folder / "users.json"), read(args.folder / "events.json")
     (args.out / "data" / "raw").mkdir(parents=True, exist_ok=True)
@@ -114,6 +125,8 @@ def main() -> None:
     for name, value in (("dormant_users", dormant), ("future_events", future)):
         with (args.out / "data" / "processed" / f"{name}.json").open("w", encoding="utf-8") as out:
             json.dump(value, out, indent=2, default=str)
+    if args.smoke:
+        shutil.rmtree(args.out.parent)
 
 
 if __name__ == "__main__":

@@ -16,7 +16,9 @@ from __future__ import annotations
 import argparse
 import json
 import random
+import shutil
 import sys
+import tempfile
 from collections.abc import Iterator
 from datetime import UTC, datetime, timedelta, timezone
 from pathlib import Path
@@ -181,15 +183,22 @@ def make_world(folder: Path, members: int, events: int | None = None, *, lines: 
 
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("out", type=Path)
+    parser.add_argument("out", type=Path, nargs="?", help="the folder to write (--smoke: a temporary one)")
     parser.add_argument("--members", type=int, default=10_000)
     parser.add_argument("--events", type=int)
     parser.add_argument("--lines", action="store_true", help="JSON Lines instead of a JSON array")
     parser.add_argument("--canonical", action="store_true", help="canonical Extended JSON")
     parser.add_argument("--seed", type=int, default=20240611)
+    parser.add_argument("--smoke", action="store_true", help="seconds, for CI: 50 members in a temporary folder")
     args = parser.parse_args(argv)
+    if args.smoke:
+        args.out, args.members = Path(tempfile.mkdtemp(prefix="rtt-smoke-")), 50
+    elif args.out is None:
+        parser.error("the folder to write is required (or --smoke)")
     make_world(args.out, args.members, args.events, lines=args.lines, canonical=args.canonical, seed=args.seed)
     print(f"--now {NOW.strftime('%Y-%m-%dT%H:%M:%SZ')}", file=sys.stderr)
+    if args.smoke:
+        shutil.rmtree(args.out)
     return 0
 
 

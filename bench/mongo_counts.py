@@ -72,7 +72,10 @@ def aggregate(self: Any, pipeline: list[dict[str, Any]], session: Any = None, **
 def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--members", type=int, default=100_000)
+    parser.add_argument("--smoke", action="store_true", help="seconds, for CI: 300 members")
     args = parser.parse_args()
+    if args.smoke:
+        args.members = 300
     client = load(args.members)
     original, find = counted_find(Counter())
     print(f"| path | documents into Python ({args.members:,} members, {args.members * 3 // 10:,} events) |")

@@ -42,7 +42,12 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("specs", nargs="*", default=[""], help="NAME=VALUE,... (module constants of the matcher)")
     parser.add_argument("--source", type=Path, default=ROOT / "samples" / "meetup_montana")
+    parser.add_argument("--smoke", action="store_true", help="seconds, for CI: the shipped weights on two months")
     args = parser.parse_args()
+    if args.smoke:
+        global RANGES
+        RANGES = (("2015-06-01", "2015-08-01"),)
+        args.specs = [""]
     screened = rtt.read_screened(rtt.FolderSource(args.source))
     history = rtt.build_history(screened.users, screened.events, rtt.DataIssues())
     hoods = rtt.NeighbourhoodMap.from_csv(rtt.CENTROIDS_CSV)

@@ -970,6 +970,28 @@ def test_a_rejected_key_stops_all_calls_for_the_run(folder, tmp_path):
     assert err.startswith("warning: Claude was unavailable") and err.count("\n") == 1
 
 
+@pytest.mark.parametrize("concurrency", ["1", "6"])
+def test_invalid_answers_count_as_failures_and_stop_calling_after_four_in_a_row(folder, tmp_path, concurrency):
+    nonsense = (lambda r: text_reply("I am not sure, they all look fun!"))
+    with FakeMessagesAPI(default=nonsense) as fake:
+        fake.queue(*[nonsense] * 20)  # queued invalid answers, then the same by default
+        run = claude_cli(fake, folder, tmp_path / "out", "--concurrency", concurrency)
+    limit = rtt.ClaudeAdvisor.MAX_CONSECUTIVE_FAILURES
+    assert len(fake.requests) == limit  # paid calls: four, not two per step per member
+    assert run.code == rtt.EXIT_ATTENTION
+    assert "an invalid answer" in run.report()["llm_usage"]["unavailable"]
+    assert run.report()["summary"]["matchers"] == {"rules": len(MEMBERS)}
+    assert run.err.startswith("warning: Claude was unavailable") and "invalid answer" in run.err
+
+
+def test_an_invalid_answer_then_a_valid_one_resets_the_run_of_failures(fake, folder, tmp_path):
+    bad = (lambda r: text_reply("Wine, definitely."))
+    fake.queue(bad, smart, bad, smart, bad, smart)  # each member's first try is invalid, the retry good
+    run = claude_cli(fake, folder, tmp_path / "out", "--concurrency", "1")
+    assert run.code == rtt.EXIT_OK, run.err
+    assert run.report()["llm_usage"]["unavailable"] is None
+
+
 def test_an_outage_stops_calling_after_a_run_of_failures(folder, tmp_path):
     with FakeMessagesAPI(default=lambda r: error_reply(500, "api_error", headers=FAST)) as fake:
         run = claude_cli(fake, folder, tmp_path / "out", "--concurrency", "1")

@@ -534,17 +534,79 @@ def test_401_on_writes_only_keeps_local_files_and_reports_every_unwritten_path(
     assert "Traceback" not in run.err
 
 
-def test_item_written_before_its_count_update_failed_is_not_reported_as_unwritten(
+def seed_lists(db: FakeRealtimeDatabase) -> None:
+    """A dashboard with one earlier match and its message."""
+    db.set(f"{BASE}/matches", {"matches": [old_match()], "count": 1, "updatedAt": "2026-01-10T12:00:00.000Z"})
+    db.set(f"{BASE}/messages", {"messages": [old_message()], "count": 1, "updatedAt": "2026-01-10T12:00:00.000Z"})
+
+
+def listed_unwritten(run: CliRun, key: str) -> set[tuple[str, ...]]:
+    """The ``(user_id, event_id)`` of each ``key`` item the report lists as not written."""
+    return {tuple(p.removeprefix(f"{key} (").removesuffix(")").split(", "))
+            for p in run.report()["firebase"]["not_written"] if p.startswith(f"{key} (")}
+
+
+def test_a_count_update_that_keeps_failing_takes_the_item_back_so_count_and_items_agree(
         db: FakeRealtimeDatabase, cli: Cli, monkeypatch: pytest.MonkeyPatch) -> None:
     monkeypatch.setattr(rtt.time, "sleep", lambda seconds: None)  # no real backoff in this test
+    seed_lists(db)
     db.fail_next(503, count=100, method="PATCH", path=f"{BASE}/matches")
     run = cli(rest_env(db))
     assert run.code == rtt.EXIT_ATTENTION
-    in_firebase = {(m["user_id"], m["event_id"]) for m in (db.get_rendered(f"{BASE}/matches/matches") or [])}
-    assert in_firebase, "the first match was written before its count update failed"
-    listed = {tuple(p.removeprefix("matches (").removesuffix(")").split(", "))
-              for p in run.report()["firebase"]["not_written"] if p.startswith("matches (")}
-    assert listed and not listed & in_firebase, f"reported as not written but present: {listed & in_firebase}"
+    in_firebase = set(keys_of(items_of(db, "matches")))  # items_of: count == number of items
+    assert in_firebase == {("u-old", "ev-old")}  # the item written before its count was taken back
+    listed = listed_unwritten(run, "matches")
+    assert len(listed) == 10 and not listed & in_firebase, f"reported as not written but present: {listed & in_firebase}"
+    assert "matches count" not in run.report()["firebase"]["not_written"]
+
+
+@pytest.mark.parametrize("key", ["matches", "messages"])
+def test_a_connection_dropped_on_the_count_update_leaves_count_equal_to_items(
+        db: FakeRealtimeDatabase, cli: Cli, monkeypatch: pytest.MonkeyPatch, key: str) -> None:
+    monkeypatch.setattr(rtt.time, "sleep", lambda seconds: None)
+    seed_lists(db)
+    db.fail_next(0, count=4, method="PATCH", path=f"{BASE}/{key}")  # every try of the first count update dropped
+    run = cli(rest_env(db))
+    assert run.code == rtt.EXIT_ATTENTION and "Traceback" not in run.err
+    for name in ("matches", "messages"):
+        assert items_of(db, name)[0]["user_id"] == "u-old"  # items_of asserts count == number of items
+    assert not listed_unwritten(run, key) & set(keys_of(items_of(db, key)))
+    assert set(keys_of(items_of(db, "matches"))) <= set(keys_of(items_of(db, "messages")))
+
+
+def test_an_item_that_cannot_be_taken_back_has_its_count_healed_by_the_end_of_the_run(
+        db: FakeRealtimeDatabase, cli: Cli, monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setattr(rtt.time, "sleep", lambda seconds: None)
+    seed_lists(db)
+    db.fail_next(0, count=4, method="PATCH", path=f"{BASE}/matches")  # the first count update: dropped 4 times
+    armed: list[bool] = []
+
+    @db.on_request
+    def drop_the_take_back(request: RecordedRequest) -> None:  # and the connection is gone for the take-back too
+        if request.method == "PATCH" and request.path.startswith(f"/{BASE}/matches") and not armed:
+            armed.append(True)
+            db.fail_next(0, count=4, method="PUT", path=f"{BASE}/matches/matches/1")
+
+    run = cli(rest_env(db))
+    assert run.code == rtt.EXIT_ATTENTION
+    old, kept = items_of(db, "matches")  # the item stayed, and the count was healed to 2
+    assert old["user_id"] == "u-old"
+    assert (kept["user_id"], kept["event_id"]) not in listed_unwritten(run, "matches")
+    assert "matches count" not in run.report()["firebase"]["not_written"]
+
+
+def test_a_match_whose_message_could_not_be_written_is_not_written_and_listed_so(
+        db: FakeRealtimeDatabase, cli: Cli, monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setattr(rtt.time, "sleep", lambda seconds: None)
+    seed_lists(db)
+    db.fail_next(0, count=4, method="PUT", path=f"{BASE}/messages/messages/4")  # the fourth new message: dropped
+    run = cli(rest_env(db))
+    assert run.code == rtt.EXIT_ATTENTION
+    messages, matches = keys_of(items_of(db, "messages"))[1:], keys_of(items_of(db, "matches"))[1:]
+    assert len(messages) == 3 and set(matches) <= set(messages)  # no match without its message
+    unwritten = listed_unwritten(run, "matches")
+    assert len(unwritten) == 7 and not unwritten & set(matches)
+    assert {*matches, *unwritten} == set(keys_of(run.matches))  # every match: written, or listed as not written
 
 
 def test_token_never_appears_in_logs_reports_or_console(db: FakeRealtimeDatabase, cli: Cli) -> None:

@@ -450,3 +450,16 @@ def test_backtest_compares_the_orderings_among_the_top_limit(run_cli, tmp_path) 
         assert pooled["member_dates"] == sum(d[name]["members"] for d in orderings["dates"]) <= 20
         assert pooled["hits"] <= pooled["came_back"] <= pooled["member_dates"]
     assert "RANK_BY=score: hit" in run.out and "RANK_BY=history: hit" in run.out
+
+
+def test_a_campaign_report_that_links_to_dev_zero_is_passed_over(run_cli, tmp_path) -> None:
+    from test_measure import AS_OF_ISO
+
+    planted_world().write(tmp_path / "out", tmp_path / "events")
+    reports = tmp_path / "out" / "reports"
+    reports.mkdir(parents=True)
+    (reports / f"return_to_table_report_{CAMPAIGN}.json").symlink_to("/dev/zero")
+    run = run_cli("measure", "--source", str(tmp_path / "events"), "--now", AS_OF_ISO)
+    assert run.code == 0, run.err
+    (path,) = reports.glob("return_to_table_measure_*.json")
+    assert rtt.json.loads(path.read_text())["funnel"][0] == {"stage": "drafted", "count": 100}  # from the archive

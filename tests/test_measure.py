@@ -10,6 +10,10 @@ from __future__ import annotations
 
 import json
 import math
+import os
+import resource
+import subprocess
+import sys
 from collections.abc import Callable, Iterator, Sequence
 from datetime import UTC, datetime, timedelta
 from pathlib import Path
@@ -19,6 +23,7 @@ import mongomock
 import pytest
 from bson import ObjectId
 from builders import NOW, NOW_ISO, CliRun, write_folder
+from conftest import ISOLATED_VARIABLES
 from fake_rtdb import FakeRealtimeDatabase
 from hypothesis import given, settings
 from hypothesis import strategies as st
@@ -569,6 +574,56 @@ def test_hostile_archive_values_are_counted_and_skipped(measure, tmp_path: Path,
         "archived_metadata_not_objects": 1,
         "repeated_members_in_a_campaign": 2,  # ben twice, ana twice within the 12
     }
+
+
+def measure_as_a_script(root: Path, events: Path) -> CliRun:
+    """``measure`` run as the script, with at most 1 GB of memory and 60 s (a file read without bound
+    ends the test, not the machine)."""
+    limit = 1 << 30
+    env = {name: value for name, value in os.environ.items() if name not in ISOLATED_VARIABLES}
+    done = subprocess.run(
+        [sys.executable, rtt.__file__, "measure", "--source", str(events), "--now", AS_OF_ISO, "--out", str(root)],
+        env=env, capture_output=True, text=True, timeout=60, check=False,
+        preexec_fn=lambda: resource.setrlimit(resource.RLIMIT_AS, (limit, limit)))
+    return CliRun(done.returncode, done.stdout, done.stderr, root)
+
+
+def test_measure_reads_no_link_no_device_no_fifo_and_no_oversized_file_under_out(tmp_path: Path) -> None:
+    root, outside = tmp_path / "out", tmp_path / "elsewhere"
+    world = lift_world()
+    world.campaign("c-zero", FIRST_RUN, messages=[message(member(9, 1), ObjectId(), FIRST_RUN)])
+    world.write(root, tmp_path / "events")
+    campaigns = root / "data" / "firebase" / BASE / "campaigns"
+    (campaigns / "c-zero" / "messages.json").unlink()
+    (campaigns / "c-zero" / "messages.json").symlink_to("/dev/zero")  # read until memory runs out, before
+    write_part(root, "c-outside", "metadata", json.dumps({"created_at": iso(FIRST_RUN)}))
+    outside.mkdir()
+    (outside / "messages.json").write_text(json.dumps([message(member(9, 2), ObjectId(), FIRST_RUN)]), "utf-8")
+    (campaigns / "c-outside" / "messages.json").symlink_to(outside / "messages.json")
+    write_part(root, "c-fifo", "metadata", json.dumps({"created_at": iso(FIRST_RUN)}))
+    os.mkfifo(campaigns / "c-fifo" / "messages.json")  # no writer: a blocking read would wait for ever
+    (outside / "c-linked").mkdir()
+    (outside / "c-linked" / "metadata.json").write_text(json.dumps({"created_at": iso(FIRST_RUN)}), "utf-8")
+    (campaigns / "c-linked").symlink_to(outside / "c-linked", target_is_directory=True)
+    run = measure_as_a_script(root, tmp_path / "events")
+    assert run.code == rtt.EXIT_ATTENTION, run.err
+    assert "Traceback" not in run.err
+    report = report_of(run)
+    assert [c["campaign_id"] for c in report["campaigns"]] == ["return-to-table-20260110-110000"]  # the good one
+    named = {e.split(":")[0]: e for e in report["errors"]}
+    assert set(named) == {"campaign c-zero", "campaign c-outside", "campaign c-fifo"}
+    assert "symbolic link" in named["campaign c-zero"] and "symbolic link" in named["campaign c-outside"]
+    assert "not a regular file" in named["campaign c-fifo"]
+
+
+def test_a_mirror_file_larger_than_the_bound_is_not_read(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setattr(rtt, "MAX_READ_BYTES", 1000)
+    mirror = rtt.LocalMirrorTransport(tmp_path, BASE)
+    (tmp_path / BASE).mkdir()
+    (tmp_path / BASE / "messages.json").write_text(json.dumps({"messages": ["x" * 2000], "count": 1}), "utf-8")
+    with pytest.raises(rtt.FirebaseError, match="more than the 1000"):
+        mirror.get("messages")
+    assert rtt.read_regular_file(tmp_path / BASE / "none.json", tmp_path) is None
 
 
 # =============================================================================================

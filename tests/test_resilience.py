@@ -12,13 +12,17 @@ Covered here, in-process (the subprocess, signal, lock and silent-server cases a
 * exit codes: 0 / 2 / 3 from ``main``, the ``--help`` table, and ``RunResult.exit_code``'s rule;
 * Claude's "stop after four failures in a row" under concurrency, and the bounded quote in the corrective retry;
 * progress files and the local mirror are rewritten a bounded number of times, not once per member;
-* ``RunControl.budget`` / ``status`` with a fake clock, and ``bounded_call``.
+* ``RunControl.budget`` / ``status`` with a fake clock, and ``bounded_call``;
+* out of memory in the main thread, a member's thread, a helper thread or ``measure``: one line, exit 1, the
+  lock released (``Worker`` raises a helper's failure where it is waited for); a helper process that never
+  answers cannot hold a run past its deadline.
 """
 
 from __future__ import annotations
 
 import errno
 import json
+import math
 import os
 import signal
 import threading
@@ -684,3 +688,113 @@ def test_bounded_call_returns_the_value_and_re_raises_the_exception():
 
     with pytest.raises(ValueError, match="bad answer"):
         rtt.bounded_call(boom, 2, "Fast")
+
+
+# =============================================================================================
+# 10. Out of memory anywhere: one line, exit 1, the lock released; helpers never hold a run
+# =============================================================================================
+
+
+def out_of_memory(*_args: Any, **_kwargs: Any) -> Any:
+    raise MemoryError
+
+
+def assert_out_of_memory(run: CliRun) -> None:
+    assert_one_error_line(run, rtt.EXIT_FAILURE)
+    assert "out of memory" in run.err
+    with rtt.RunLock(run.root):  # released: the next run may take it
+        pass
+
+
+def test_worker_raises_its_threads_exception_in_the_waiting_thread_memory_error_included(release):
+    with pytest.raises(MemoryError):
+        rtt.Worker(out_of_memory, "helper").wait(2, "helper")
+    assert rtt.Worker(lambda: 7, "helper").wait(math.inf, "helper") == 7
+    started = time.monotonic()
+    with pytest.raises(rtt.ServiceTimeout, match="helper"):
+        rtt.Worker(lambda: release.wait(5), "helper").wait(0.2, "helper")
+    assert time.monotonic() - started < 1.0
+
+
+@pytest.mark.parametrize("error", [MemoryError(), SystemError("error return without exception set"),
+                                   RuntimeError("can't start new thread"), OSError(errno.ENOMEM, "no memory"),
+                                   ImportError("x.so: failed to map segment from shared object")],
+                         ids=["MemoryError", "frame", "thread", "ENOMEM", "mapped-module"])
+def test_every_form_of_out_of_memory_is_recognised(error):
+    assert rtt.out_of_memory(error)
+
+
+def test_a_librarys_own_out_of_memory_exception_is_recognised():  # DuckDB's, for a read through an engine
+    class OutOfMemoryException(Exception):
+        pass
+
+    assert rtt.out_of_memory(OutOfMemoryException("could not allocate block of 262144 bytes"))
+
+
+@pytest.mark.parametrize("error", [SystemError("a bug"), RuntimeError("a bug"), OSError(errno.ENOSPC, "full"),
+                                   ImportError("no module"), ValueError("no")])
+def test_other_errors_are_not_taken_for_out_of_memory(error):
+    assert not rtt.out_of_memory(error)
+
+
+def test_helpers_are_waited_for_until_the_deadline_and_a_signal_does_not_cut_that_wait():
+    clock = FakeClock()
+    control = rtt.RunControl(deadline_seconds=60, clock=clock)
+    control.request_stop(signal.SIGTERM)  # the read goes on: the report still needs it
+    assert control.until_deadline() == 60 and control.budget(300) == pytest.approx(rtt.GRACE_SECONDS)
+    clock.t += 70
+    assert control.until_deadline() == 0
+    assert rtt.RunControl().until_deadline() == math.inf
+
+
+def test_out_of_memory_in_the_main_thread_is_one_line_exit_1_and_the_lock_released(
+        run_cli, world_folder, monkeypatch):
+    monkeypatch.setattr(rtt, "find_dormant_users", out_of_memory)
+    assert_out_of_memory(run_cli("--source", str(world_folder), "--now", NOW_ISO, "--llm", "off"))
+
+
+def test_out_of_memory_in_a_members_thread_ends_the_run_not_only_the_member(run_cli, world_folder, monkeypatch):
+    monkeypatch.setattr(rtt, "write_template_sms", out_of_memory)
+    assert_out_of_memory(run_cli("--source", str(world_folder), "--now", NOW_ISO, "--llm", "off"))
+
+
+def test_out_of_memory_in_a_helper_thread_is_one_line_exit_1(run_cli, world_folder, monkeypatch):
+    monkeypatch.setattr(rtt, "PARALLEL_KEYS_BYTES", 0)  # the users file's helper process, and its reader thread
+    monkeypatch.setattr(rtt.MemberKeysChild, "read_reply", out_of_memory)  # the thread dies, the child blocks
+    started = time.monotonic()
+    assert_out_of_memory(run_cli("--source", str(world_folder), "--now", NOW_ISO, "--llm", "off"))
+    assert time.monotonic() - started < 30
+
+
+def test_out_of_memory_in_the_users_read_thread_is_one_line_exit_1(run_cli, world_folder, monkeypatch):
+    real = rtt.export_bytes
+    monkeypatch.setattr(rtt, "export_bytes", lambda path: out_of_memory() if path.name == "users.json" else real(path))
+    assert_out_of_memory(run_cli("--source", str(world_folder), "--now", NOW_ISO, "--llm", "off"))
+
+
+def test_a_helper_process_that_never_answers_cannot_hold_the_run_past_its_deadline(run_cli, world_folder, monkeypatch):
+    monkeypatch.setattr(rtt, "PARALLEL_KEYS_BYTES", 0)
+    monkeypatch.setattr(rtt, "MEMBER_KEYS_CHILD", "import time\ntime.sleep(120)\n")
+    started = time.monotonic()
+    run = run_cli("--source", str(world_folder), "--now", NOW_ISO, "--llm", "off", "--deadline-minutes", "0.02")
+    assert time.monotonic() - started < 10  # 1.2 s of deadline; the helper would take 120 s
+    assert_one_error_line(run, rtt.EXIT_FAILURE)
+    assert "deadline" in run.err
+    with rtt.RunLock(run.root):
+        pass
+
+
+def test_a_raw_copy_that_never_ends_cannot_hold_the_run_past_its_deadline(run_cli, world_folder, monkeypatch, release):
+    monkeypatch.setattr(rtt, "raw_copier", lambda path: (lambda out: release.wait(30)))
+    started = time.monotonic()
+    run = run_cli("--source", str(world_folder), "--now", NOW_ISO, "--llm", "off", "--deadline-minutes", "0.02")
+    assert time.monotonic() - started < 10  # 1.2 s of deadline; the copy would take 30 s
+    assert_one_error_line(run, rtt.EXIT_FAILURE)
+    assert "deadline" in run.err
+
+
+def test_out_of_memory_in_measure_is_one_line_exit_1(run_cli, world_folder, monkeypatch):
+    monkeypatch.setattr(rtt, "read_campaigns", out_of_memory)
+    run = run_cli("measure", "--source", str(world_folder), "--now", NOW_ISO)
+    assert_one_error_line(run, rtt.EXIT_FAILURE)
+    assert "out of memory" in run.err

@@ -219,8 +219,8 @@ def keys_in_child(request, monkeypatch) -> list[bool]:
         monkeypatch.setattr(rtt, "PARALLEL_KEYS_BYTES", 0)
         result = rtt.MemberKeysChild.result
 
-        def recorded(self, data):
-            found = result(self, data)
+        def recorded(self, data, seconds=math.inf):
+            found = result(self, data, seconds)
             answers.append(found is not None)
             return found
         monkeypatch.setattr(rtt.MemberKeysChild, "result", recorded)

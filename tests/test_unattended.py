@@ -8,7 +8,9 @@ runs in-process through the ``run_cli`` fixture.
   killed with SIGKILL leaves no stale lock;
 * signals: the first SIGTERM/SIGINT mid-run starts no new member, lets those in flight finish, writes the
   report marked ``interrupted`` and exits 143/130, leaving every JSON file whole and no temporary file; a
-  second signal ends the process at once;
+  second signal ends the process at once; a signal at once, at 50 ms or 200 ms after the start (held until the
+  script's first instruction) is 130/143 in one stderr line, never a traceback, the lock free;
+* out of memory under a real address-space limit, a users file past the helper's 8 MB: one line, exit 1;
 * ``--deadline-minutes``: the run ends soon after it with exit 3, status ``deadline``;
 * services that accept connections and never answer (``loopback.SilentServer``, also trickling one byte at a
   time), or a database whose writes never complete: the run ends within seconds, exit 3, what was not written
@@ -24,6 +26,7 @@ from __future__ import annotations
 
 import json
 import os
+import resource
 import signal
 import subprocess
 import sys
@@ -74,22 +77,24 @@ class Processes:
     def __init__(self) -> None:
         self.started: list[subprocess.Popen[str]] = []
 
-    def popen(self, argv: list[str], env: dict[str, str], cwd: Path) -> subprocess.Popen[str]:
+    def popen(self, argv: list[str], env: dict[str, str], cwd: Path, **options: Any) -> subprocess.Popen[str]:
         process = subprocess.Popen(argv, cwd=cwd, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE,
-                                   text=True)
+                                   text=True, **options)
         self.started.append(process)
         return process
 
-    def cli(self, out: Path, *args: str, env: dict[str, str] | None = None) -> subprocess.Popen[str]:
-        """``return_to_table.py *args --out out`` as a script, started now."""
+    def cli(self, out: Path, *args: str, env: dict[str, str] | None = None, **options: Any) -> subprocess.Popen[str]:
+        """``return_to_table.py *args --out out`` as a script, started now (``options``: Popen's)."""
         out.parent.mkdir(parents=True, exist_ok=True)
-        return self.popen([sys.executable, str(SCRIPT), *args, "--out", str(out)], env or clean_env(), out.parent)
+        return self.popen([sys.executable, str(SCRIPT), *args, "--out", str(out)], env or clean_env(), out.parent,
+                          **options)
 
-    def slow_claude(self, fake: FakeMessagesAPI, folder: Path, out: Path, *flags: str) -> subprocess.Popen[str]:
+    def slow_claude(self, fake: FakeMessagesAPI, folder: Path, out: Path, *flags: str,
+                    **options: Any) -> subprocess.Popen[str]:
         """A Claude run on ``folder`` (concurrency 2) whose calls take as long as ``fake`` makes them."""
         env = clean_env(ANTHROPIC_API_KEY="test-key", ANTHROPIC_BASE_URL=fake.base_url)
         return self.cli(out, "--source", str(folder), "--now", CLAUDE_NOW_ISO, "--llm", "claude",
-                        "--concurrency", "2", *flags, env=env)
+                        "--concurrency", "2", *flags, env=env, **options)
 
     def hold_lock(self, out: Path) -> subprocess.Popen[str]:
         """Another process that holds the flock on ``out``'s lock file until it is killed."""
@@ -248,6 +253,11 @@ def test_a_signal_mid_run_exits_128_plus_its_number(interrupted):
     assert interrupted.run.code == interrupted.expected_code, interrupted.run.err
 
 
+def test_a_signal_mid_run_says_so_in_one_stderr_line_naming_it_and_the_report(interrupted):
+    [line] = interrupted.run.err.splitlines()
+    assert line.startswith("warning: run interrupted by SIG") and str(interrupted.run.report_path(".md")) in line
+
+
 def test_a_signal_mid_run_writes_the_report_marked_interrupted_with_members_not_started(interrupted):
     report = interrupted.run.report()
     assert report["status"] == "interrupted"
@@ -278,6 +288,95 @@ def test_a_second_signal_ends_the_process_at_once_with_the_same_exit_code(proces
         process.send_signal(signum)
         assert process.wait(timeout=10) == code
         assert time.monotonic() - second < 2.0
+
+
+def signals_held_until_the_script_runs() -> None:
+    """``preexec_fn``: SIGINT and SIGTERM blocked across exec, so a signal sent before the interpreter has
+    compiled the script and reached its first instruction waits for it (the contract starts there; the
+    script unblocks them once its handlers are in place)."""
+    signal.pthread_sigmask(signal.SIG_BLOCK, {signal.SIGINT, signal.SIGTERM})
+
+
+@pytest.mark.parametrize("delay", [0.0, 0.05, 0.2], ids=["at-once", "50ms", "200ms"])
+@pytest.mark.parametrize(("signum", "code"), STOP_SIGNALS)
+def test_a_signal_at_any_early_moment_exits_128_plus_its_number_in_one_line(
+        processes, slow_fake, folder, tmp_path, signum, code, delay):
+    out = tmp_path / "out"
+    process = processes.slow_claude(slow_fake, folder, out, preexec_fn=signals_held_until_the_script_runs)
+    time.sleep(delay)
+    process.send_signal(signum)
+    run = finish(process, out, timeout=30)
+    assert run.code == code, run.err
+    assert len(run.err.splitlines()) == 1 and signal.Signals(signum).name in run.err, run.err
+    assert "Traceback" not in run.out + run.err
+    for report in out.glob("reports/*.json"):  # the run had started its steps: its report says so
+        assert json.loads(report.read_text(encoding="utf-8"))["status"] == "interrupted"
+    out.mkdir(exist_ok=True)  # a signal before the run made it leaves none
+    assert_outputs_whole(out)
+    with rtt.RunLock(out):  # nothing holds the lock
+        pass
+
+
+def test_a_signal_right_after_start_on_the_demo_is_one_line_and_130(processes, tmp_path):
+    out = tmp_path / "out"
+    process = processes.cli(out, "--demo", "--now", NOW_ISO, preexec_fn=signals_held_until_the_script_runs)
+    process.send_signal(signal.SIGINT)
+    run = finish(process, out)
+    assert run.code == 130 and len(run.err.splitlines()) == 1 and "Traceback" not in run.err, run.err
+
+
+@pytest.mark.parametrize(("signum", "code"), STOP_SIGNALS)
+def test_a_signal_during_a_subcommand_exits_128_plus_its_number_in_one_line(processes, tmp_path, signum, code):
+    out = tmp_path / "out"
+    process = processes.popen([sys.executable, str(SCRIPT), "backtest", "--source",
+                               str(SCRIPT.parent / "samples" / "meetup_montana"), "--from", "2012-01-01",
+                               "--to", "2016-05-01", "--every-days", "7", "--out", str(out)], clean_env(), tmp_path,
+                              preexec_fn=signals_held_until_the_script_runs)
+    time.sleep(1.0)  # reading or backtesting (four years at 7-day steps take several seconds)
+    process.send_signal(signum)
+    run = finish(process, out)
+    assert run.code == code, run.err
+    [line] = run.err.splitlines()
+    assert signal.Signals(signum).name in line and "Traceback" not in run.err
+
+
+# --------------------------------------------------------------------------------------------
+# Out of memory under a real limit: one line, exit 1, never a hang
+# --------------------------------------------------------------------------------------------
+
+
+@pytest.fixture(scope="module")
+def large_users_folder(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """bench/make_world.py's world with a users file past ``PARALLEL_KEYS_BYTES`` (its helper process runs)."""
+    folder = tmp_path_factory.mktemp("large")
+    subprocess.run([sys.executable, str(SCRIPT.parent / "bench" / "make_world.py"), str(folder), "--members", "30000"],
+                   check=True, capture_output=True)
+    assert (folder / "users.json").stat().st_size >= rtt.PARALLEL_KEYS_BYTES
+    return folder
+
+
+def address_space_after_imports() -> int:
+    """Bytes of address space the script takes once its imports are done (VmPeak), on this machine."""
+    probe = "import return_to_table\nprint(next(l.split()[1] for l in open('/proc/self/status') if l.startswith('VmPeak')))"
+    found = subprocess.run([sys.executable, "-c", probe], cwd=SCRIPT.parent, env=clean_env(), capture_output=True,
+                           text=True, check=True)
+    return int(found.stdout) * 1024
+
+
+@pytest.mark.parametrize("headroom_mb", [10, 30, 50])
+def test_a_run_out_of_memory_under_ulimit_exits_1_in_one_line_and_never_hangs(
+        processes, large_users_folder, tmp_path, headroom_mb):
+    limit = address_space_after_imports() + (headroom_mb << 20)
+    out = tmp_path / "out"
+    process = processes.cli(out, "--source", str(large_users_folder), "--now", "2026-03-01T12:00:00Z", "--llm", "off",
+                            "--dry-run", "--deadline-minutes", "0.5",
+                            preexec_fn=lambda: resource.setrlimit(resource.RLIMIT_AS, (limit, limit)))
+    run = finish(process, out, timeout=60)
+    assert run.code == rtt.EXIT_FAILURE, run.err
+    [line] = run.err.splitlines()
+    assert line.startswith("error: out of memory")
+    with rtt.RunLock(out):
+        pass
 
 
 # --------------------------------------------------------------------------------------------
