@@ -5899,16 +5899,30 @@ class EngineHistory:
 
     def __init__(self, engine: FolderEngine, odd: OddRecords) -> None:
         self.engine, self.odd = engine, odd
+        self.held: dict[str, list[tuple[Any, ...]]] | None = None  # every member's rows, when they are few
 
     def __call__(self, member: str) -> tuple[Attended, ...]:
-        db = self.engine.db
-        places = [str(n) for (n,) in db.execute("SELECT n FROM member_events WHERE member = $m", {"m": member}).fetchall()]
-        if not places:
-            return ()
-        found = db.execute(f"SELECT n, slim, plain, start, members FROM history_events WHERE n IN ({', '.join(places)})"
-                           " ORDER BY n").fetchall()
-        rows = wanted_records_of(found, "events", self.odd, ExtendedJsonDecoder(), Counter())
+        found = self.rows(member)
+        rows = wanted_records_of(found, "events", self.odd, ExtendedJsonDecoder(), Counter()) if found else []
         return engine_activity(rows).attended(member)
+
+    def rows(self, member: str) -> list[tuple[Any, ...]]:
+        """The member's rows of ``history_events``: two lookups, or, up to ``HISTORY_HELD`` rows in all, from
+        every member's rows read at the first call (a lookup costs a millisecond or two)."""
+        db = self.engine.db
+        if self.held is None and db.execute("SELECT count(*) FROM member_events").fetchone()[0] <= HISTORY_HELD:
+            self.held = {}
+            for name, *row in db.execute("SELECT m.member, h.n, h.slim, h.plain, h.start, h.members FROM member_events m"
+                                         " JOIN history_events h USING (n) ORDER BY m.member, h.n").fetchall():
+                self.held.setdefault(name, []).append(tuple(row))
+        if self.held is not None:
+            return self.held.get(member, [])
+        places = [str(n) for (n,) in db.execute("SELECT n FROM member_events WHERE member = $m", {"m": member}).fetchall()]
+        return db.execute(f"SELECT n, slim, plain, start, members FROM history_events WHERE n IN ({', '.join(places)})"
+                          " ORDER BY n").fetchall() if places else []
+
+
+HISTORY_HELD = 200_000  # dormant members' event rows read at once (``EngineHistory``); more are looked up per member
 
 
 def plain_records(texts: Sequence[str]) -> Iterator[dict[str, Any]] | None:
