@@ -288,8 +288,8 @@ class RunControl:
 class Worker:
     """``fn()`` in a daemon thread whose outcome reaches the thread that waits for it: the value, or the
     exception raised again there (a MemoryError too), so a helper's failure is never lost in its thread
-    and never printed by it. Every helper thread of a run is one of these (``bounded_call``, the users
-    file's read and its child's answer), so one rule holds for all: ``wait`` is bounded."""
+    and never printed by it. Every helper thread of a run is one of these (``bounded_call``), so one rule
+    holds for all: ``wait`` is bounded."""
 
     def __init__(self, fn: Any, name: str) -> None:
         self._box: dict[str, Any] = {}
