@@ -7177,12 +7177,13 @@ class ClaudeAdvisor:
     def _may_take(self, new: bool) -> bool:
         """(Under the lock.) Slots held never exceed the failures still allowed in a row, so "stop after four
         failures in a row" holds however many members run at once. A new call also lets parked calls
-        resume first, and takes a parked call's slot only while the API answers (the latest attempt
-        succeeded): in an outage every parked call keeps its place and no more calls start."""
+        resume first, and takes a parked call's slot only while all is well (the latest attempt was answered,
+        no failure is counted): in an outage every parked call keeps its place and no more calls start."""
         room = self.MAX_CONSECUTIVE_FAILURES - self.consecutive_failures
         if self.in_flight >= room:
             return False
-        return not new or (not self.resuming and (self.last_attempt_ok or self.in_flight + self.parked < room))
+        lend = self.last_attempt_ok and not self.consecutive_failures
+        return not new or (not self.resuming and (lend or self.in_flight + self.parked < room))
 
     def _take(self, slot: CallSlot) -> None:
         """(Under the lock.) ``slot`` holds a slot from now on."""
