@@ -7172,7 +7172,8 @@ class ClaudeAdvisor:
             answered = bool(getattr(getattr(response, "http_response", None), "is_success", True))
             return response
         finally:
-            self._attempted(slot, answered, retries_left=request.retries_taken < self.config.max_retries)
+            taken = getattr(request, "retries_taken", self.config.max_retries)  # unknown: no retry left, keep the slot
+            self._attempted(slot, answered, retries_left=taken < self.config.max_retries)
 
     def _may_take(self, new: bool) -> bool:
         """(Under the lock.) Slots held never exceed the failures still allowed in a row, so "stop after four
