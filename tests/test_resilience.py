@@ -577,6 +577,19 @@ def test_a_call_waiting_out_a_529_backoff_does_not_hold_up_the_others(tmp_path):
     assert len(fake.requests) == 2 * len(MEMBERS) + 1
 
 
+def test_a_call_whose_time_runs_out_during_the_backoff_sends_nothing_more(tmp_path):
+    folder = write_world(tmp_path / "export")
+    with FakeMessagesAPI(default=smart) as fake:
+        fake.queue(error_reply(529, "overloaded_error", headers={"retry-after-ms": "2500"}))
+        started = time.monotonic()
+        run = claude_cli(fake, folder, tmp_path / "out", "--limit", "1", env={"ANTHROPIC_TIMEOUT": "1"})
+        assert time.monotonic() - started < 2.4  # the member did not wait for the backoff
+        time.sleep(max(0.0, started + 3.0 - time.monotonic()))  # the SDK's worker has woken by now
+    assert len(fake.requests) == 1  # no retry after the time bound, and no writing call
+    assert "no answer in time" in run.report()["llm_usage"]["unavailable"]
+    assert (run.matches[0]["matcher"], run.messages[0]["generator"]) == ("rules", "template")
+
+
 LONG_ANSWER = "I would go with the wine tasting because " + "it is really lovely and " * 420  # ~10,000 chars
 
 
