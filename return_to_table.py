@@ -30,6 +30,8 @@ Glossary (one name per concept, here and in the code):
   seats      open invitations an event may have (``invitation_cap``, ``SeatLedger``): pending or approved
              messages in the dashboard plus this run's; a member whose pick is full gets the next best.
   send window  when a message may go out (``send_window``): outside QUIET_HOURS, before the lead.
+  tone       a message-tone variant (``TONES``) of the A/B test (``--variants``): a template wording family
+             and a line for Claude; assigned by its own stable hash (``member_tone``), independent of the holdout.
   funnel     the report's counts from eligible to drafted (``run_funnel``), held out apart; each
              ``skip_reason`` drops its members at one stage (``REASON_STAGES``).
   idle day   a run that drafts no message: exit 3 and one line saying why (``IdleReason``).
@@ -39,8 +41,9 @@ Glossary (one name per concept, here and in the code):
 The file reads top-down in the plan's step order: configuration, data loading, the rules of
 steps 1-8 (pure functions), the service edges (sources, the demo world, Claude for steps 5-6,
 Firebase for step 7), the ``ReturnToTable`` orchestration, ``measure`` (did the campaigns bring
-anyone back: treated against holdout, read only), ``backtest`` (the matcher against history), and
-the command line.
+anyone back: treated against holdout, read only; then who and what brings members back, the tone A/B,
+and the charts), ``backtest`` (the matcher against history; fitting its weights, ``MATCH_WEIGHTS``, and
+comparing ``RANK_BY`` orderings), and the command line.
 """
 
 from __future__ import annotations
@@ -598,6 +601,9 @@ class RunOptions:
     concurrency: int = 6
     cooldown_days: int = 30
     holdout: float = 0.0  # share of members kept as the control group (stable hash of campaign, member)
+    variants: tuple[str, ...] = ("standard",)  # --variants: the message tones under A/B test (``TONES``)
+    match_weights: str = "built-in"  # MATCH_WEIGHTS: the weights file the matcher reads, with its sha256
+    rank_by: str = "score"  # RANK_BY: who the walk reaches first (``RANK_ORDERS``)
     invites_per_spot: float = DEFAULT_INVITES_PER_SPOT  # open invitations per remaining spot (``SeatLedger``)
     max_invites_per_event: int = DEFAULT_MAX_INVITES_PER_EVENT  # open invitations to an event of unknown capacity
     min_lead_hours: float = 3.0  # the last send moment is at least this long before the event
@@ -3970,6 +3976,8 @@ class Match(TypedDict):
     matched_interests: list[str]
     user: dict[str, Any]
     event: dict[str, Any]
+    deciding_signal: str  # ``deciding_signal``: host, series, company, place or profile (measure's breakdowns)
+    same_neighbourhood: bool  # the event is in the member's home neighbourhood
 
 
 def local_when(start: datetime, zone: ZoneInfo, now: datetime) -> str:
@@ -4048,8 +4056,21 @@ def explain_candidate(user: Mapping[str, Any], c: Candidate, zone: ZoneInfo, now
     return " ".join(sentences)
 
 
+DECIDING_SIGNALS = ("host", "series", "company", "place", "profile")
+
+
+def deciding_signal(c: Candidate | None) -> str:
+    """The signal that decided a pick, for measure's breakdowns: the strongest history signal when it is the
+    host, the series, the company or the place; else ``profile`` (interests and the plan's tiers, or the weaker
+    habits: categories, weekday, time of day)."""
+    if c is None:
+        return "profile"
+    ranked = sorted(((v, k) for k, v in c.history.contributions().items() if v > 0), key=lambda vk: -vk[0])
+    return ranked[0][1] if ranked and ranked[0][1] in DECIDING_SIGNALS else "profile"
+
+
 def build_match(user: Mapping[str, Any], event: Mapping[str, Any], *, reasoning: str, confidence: int,
-                interests: Sequence[str], matcher: str, now: datetime) -> Match:
+                interests: Sequence[str], matcher: str, now: datetime, chosen: Candidate | None = None) -> Match:
     """A match record in the dashboard's schema, with the full member and event attached."""
     return Match(
         user_name=full_name(user),
@@ -4065,6 +4086,8 @@ def build_match(user: Mapping[str, Any], event: Mapping[str, Any], *, reasoning:
         matched_interests=list(interests),
         user=dict(user),
         event=dict(event),
+        deciding_signal=deciding_signal(chosen),
+        same_neighbourhood=bool(chosen is not None and chosen.same_neighbourhood),
     )
 
 
@@ -4086,7 +4109,8 @@ def rules_match(user: Mapping[str, Any], candidates: Sequence[Candidate], min_co
 def candidate_match(user: Mapping[str, Any], c: Candidate, zone: ZoneInfo, now: datetime, note: str = "") -> Match:
     """The rules' match record for one candidate, its reasoning explained (plus ``note``)."""
     return build_match(user, c.event, reasoning=explain_candidate(user, c, zone, now) + note,
-                       confidence=c.confidence, interests=[i for i, _ in c.interests], matcher="rules", now=now)
+                       confidence=c.confidence, interests=[i for i, _ in c.interests], matcher="rules", now=now,
+                       chosen=c)
 
 
 # --- seats: never invite more people than an event can seat -------------------------------------
@@ -4308,6 +4332,7 @@ class MessageFacts:
     sender: str | None = None  # SMS_SENDER: named near the start of every message when set
     opt_out_text: str | None = None  # SMS_OPT_OUT_TEXT: just before the link when set
     company: int = 0  # people the member sat with before who are going: a count, never who ("2 people you've dined with")
+    tone: str = "standard"  # the message-tone variant (``TONES``): the template's wording family, Claude's tone line
 
     @property
     def link(self) -> str:
@@ -4330,7 +4355,7 @@ class MessageFacts:
 
 
 def message_facts(match: Match, zone: ZoneInfo, now: datetime, *, sender: str | None = None,
-                  opt_out_text: str | None = None) -> MessageFacts:
+                  opt_out_text: str | None = None, tone: str = "standard") -> MessageFacts:
     """What an SMS about this match may say, the day and time in ``zone``; plus the sender and opt-out
     text every message must carry (``SmsPolicy``), when set."""
     event = match["event"]
@@ -4348,6 +4373,7 @@ def message_facts(match: Match, zone: ZoneInfo, now: datetime, *, sender: str | 
         sender=sender,
         opt_out_text=opt_out_text,
         company=company_count(match["user"], match["event_id"]),
+        tone=tone,
     )
 
 
@@ -4680,6 +4706,99 @@ def template_wordings(facts: MessageFacts, name: str) -> Iterator[tuple[str, str
         ]
 
 
+# --- message tones (issue 22): the A/B test's wording families, every one held to the same SMS contract ---
+# Each tone is a wording family for the template and one line of instruction for Claude. The template uses the
+# tone's wording only when it says every fact today's wording would (and the name cut no shorter); otherwise
+# today's wording: a tone never costs a message or a fact, and the member keeps their assigned tone
+# (intention to treat).
+TONES = {
+    "standard": "",  # today's wording and prompt, unchanged
+    "warm": "warm: say you missed them and would love to see them again; gentle, personal, no pressure",
+    "brief": "brief: as short as the rules allow, no extra sentence beyond the facts",
+    "social": "social: lead with the people, the going count (and sat_with_going when above 0): join others at a table",
+}
+DEFAULT_TONE = "standard"
+TONE_SALT = "tone-variant"  # the tone's own hash salt, so tone and holdout (``holdout_share``) never correlate
+
+
+def tone_share(campaign_name: str, member_id: str) -> float:
+    """A member's stable place in [0, 1) for the tone A/B: like ``holdout_share``, with its own salt."""
+    digest = hashlib.sha256(f"{TONE_SALT}\x00{campaign_name}\x00{member_id}".encode()).digest()
+    return int.from_bytes(digest[:8], "big") / 2**64
+
+
+def member_tone(campaign_name: str, member_id: str, variants: Sequence[str]) -> str:
+    """The member's tone among ``variants``: equal shares by ``tone_share``, the same run after run."""
+    if len(variants) <= 1:
+        return variants[0] if variants else DEFAULT_TONE
+    return variants[min(len(variants) - 1, int(tone_share(campaign_name, member_id) * len(variants)))]
+
+
+def tone_names(text: str) -> tuple[str, ...]:
+    """``--variants warm,brief``: known tone names, each once, in the order given; else a usage error."""
+    names = tuple(dict.fromkeys(n.strip().lower() for n in text.split(",") if n.strip()))
+    unknown = [n for n in names if n not in TONES]
+    if unknown or not names:
+        raise argparse.ArgumentTypeError(f"unknown tone {(unknown or [text])[0][:40]!r}; choose from "
+                                         f"{', '.join(TONES)}")
+    return names
+
+
+def social_lead(facts: MessageFacts, name: str) -> tuple[str, str]:
+    """The social tone's opening (who is going, then the event) and what it still has to say of the counts."""
+    spots = "" if facts.spots_left is None else (
+        f"{facts.spots_left} spot left" if facts.spots_left == 1 else f"{facts.spots_left} spots left")
+    if facts.company:
+        faces = "familiar face" if facts.company == 1 else "familiar faces"  # people they dined with, a count only
+        return f"See {facts.company} {faces} at {name}", ", ".join(
+            p for p in (f"{facts.going} going" if facts.going else "", spots) if p)
+    if facts.going:
+        return f"Join {facts.going} {'other' if facts.going == 1 else 'others'} at {name}", spots
+    return f"Meet new people at {name}", spots
+
+
+def short_counts(counts: str) -> str:
+    """"12 going, 2 spots left" as "12 going, 2 left": the short form today's shortest wordings use."""
+    return re.sub(r"(\d+) spots? left", r"\1 left", counts)
+
+
+def tone_family(facts: MessageFacts, name: str) -> Iterator[tuple[str, str]]:
+    """The tone's own wordings naming the event ``name``, richest first (none for ``standard``)."""
+    if facts.tone not in ("warm", "brief", "social"):
+        return
+    greet = f"Hi {facts.first_name}!" if facts.first_name else "Hi there!"
+    first = facts.first_name or "Hi"
+    going = f"{facts.going} going" if facts.going else ""
+    spots = "" if facts.spots_left is None else (
+        f"{facts.spots_left} spot left" if facts.spots_left == 1 else f"{facts.spots_left} spots left")
+    proof = ", ".join(p for p in (going, spots) if p)
+    short_proof = ", ".join(p for p in (going, "" if facts.spots_left is None else f"{facts.spots_left} left") if p)
+    hood = f" in {facts.neighbourhood.replace('-', ' ').title()}" if facts.neighbourhood else ""
+    labels = [interest_label(i) for i in facts.interests]
+    for interest in labels[:1] + sorted(labels[1:], key=len) or [""]:
+        fans = f"one for {interest} fans" if interest else "a good one"
+        if facts.tone == "warm":
+            yield from [
+                ((f"{greet} Welcome back, we've missed you and would love to see you again. {name} is {fans}: "
+                  f"{facts.when}{hood}. {proof}."), "Join us: "),
+                (f"{greet} Welcome back, we've missed you. {name} is {fans}: {facts.when}{hood}. {proof}.", "Join us: "),
+                (f"{greet} Welcome back, we've missed you. {name} is {fans}: {facts.when}. {proof}.", "Join us: "),
+                (f"{greet} Welcome back, we've missed you. {name}, {fans}: {facts.when}. {proof}.", ""),
+                (f"{greet} Welcome back, we've missed you. {name} ({interest}) {facts.when}. {proof}.", ""),
+                (f"{first}, welcome back, we've missed you! {name} ({interest}) {facts.when}, {short_proof}", ""),
+                (f"{first}, welcome back, missed you! {name} ({interest}) {facts.when}, {short_proof}", ""),
+            ]
+        elif facts.tone == "brief":
+            yield from [(f"{first}, welcome back! {name} ({interest}) {facts.when}. {proof}.", "RSVP: "),
+                        (f"{first}, welcome back! {name} ({interest}) {facts.when}, {short_proof}.", "")]
+        else:
+            lead, counts = social_lead(facts, name)
+            yield from [(f"{greet} Welcome back. {lead}, {fans}: {facts.when}. {counts}.", "Tap to RSVP: "),
+                        (f"{greet} Welcome back. {lead} ({interest}) {facts.when}. {counts}.", ""),
+                        (f"{first}, welcome back! {lead} ({interest}) {facts.when}. {counts}", ""),
+                        (f"{first}, welcome back! {lead} ({interest}) {facts.when}, {short_counts(counts)}", "")]
+
+
 def dress(facts: MessageFacts, body: str, action: str) -> str:
     """One whole wording: the sender first, then ``body``; then the opt-out text in place of the call to
     action when one is set; the link last; stray spaces and empty clauses tidied away."""
@@ -4703,16 +4822,33 @@ def write_template_sms(facts: MessageFacts) -> str | None:
     safe = phone_safe_name(facts.event_name)
     carried = len(sender_prefix(facts)) + (len(opt_out_clause(facts)) + 1 if facts.opt_out_text else 0)
     names = shortened_names(safe, max_len=GSM7_LIMIT - carried - len(facts.link) - 1) if safe else []
+    standard = next(template_texts(facts, names, template_wordings), None)
+    if standard is None or facts.tone == DEFAULT_TONE:
+        return standard[0] if standard else None
+    kept = facts_said(facts, standard[0])  # a tone never costs a fact, a cut of the name or a message
+    allowed = names[: names.index(standard[1]) + 1]
+    return next((text for text, _ in template_texts(facts, allowed, tone_family) if facts_said(facts, text) >= kept),
+                standard[0])
+
+
+def template_texts(facts: MessageFacts, names: Sequence[str], wordings: Any) -> Iterator[tuple[str, str]]:
+    """(text, the cut of the name it uses) of every wording within the SMS contract, in the template's order
+    of preference (``template_attempts``); ``wordings`` is ``template_wordings`` or a tone's ``tone_family``."""
     tried: set[str] = set()
     for name, level in template_attempts(facts, names):
-        for body, action in template_wordings(level, name):
+        for body, action in wordings(level, name):
             text = dress(facts, body, action)
             if text in tried:
                 continue
             tried.add(text)
             if len(text) <= GSM7_LIMIT and not validate_sms(text, facts):  # longer never fits, in any encoding
-                return text
-    return None
+                yield text, name
+
+
+def facts_said(facts: MessageFacts, text: str) -> set[str]:
+    """The optional facts (going, spots, interest) a whole message says."""
+    said = optional_facts_said(without_sender_parts(text.removesuffix(facts.link), facts)[0], facts)
+    return {name for name, value in said.items() if value}
 
 
 # Capitals a sender or opt-out text may use: the acronyms, and the keywords that stop texts (FCC, CTIA).
@@ -4896,13 +5032,14 @@ class Message(TypedDict):
     send_after: str  # ISO UTC: the dashboard sends at or after this ...
     send_before: str  # ... and strictly before this (``SendWindow``), outside quiet hours in:
     recipient_timezone: str  # the member's IANA zone (``ReturnToTable.recipient_zone``)
+    variant: NotRequired[str]  # with --variants: the message tone (``TONES``) the member is assigned to (``member_tone``)
 
 
 def build_message(match: Match, text: str, *, generator: str, notes: str, now: datetime, window: SendWindow,
-                  zone: ZoneInfo) -> Message:
+                  zone: ZoneInfo, variant: str | None = None) -> Message:
     """The dashboard's record of one drafted SMS, with when it may be sent and in which zone that is judged."""
     size = sms_size(text)
-    return Message(
+    message = Message(
         user_name=match["user_name"],
         user_id=match["user_id"],
         user_email=text_field(match["user"], "email"),
@@ -4924,6 +5061,9 @@ def build_message(match: Match, text: str, *, generator: str, notes: str, now: d
         send_before=iso_utc(window.send_before) or "",
         recipient_timezone=zone.key,
     )
+    if variant is not None:  # only in a tone A/B: a default run's messages are as before
+        message["variant"] = variant
+    return message
 
 
 class HoldoutRecord(TypedDict):
@@ -4943,18 +5083,27 @@ class HoldoutRecord(TypedDict):
     held_out_at: str
     campaign_id: str
     holdout_fraction: float
+    variant: NotRequired[str]  # with --variants: the tone they would have had (``member_tone``), the tone's control
+    deciding_signal: str  # of the rules' pick (``Match``), for measure's breakdowns
+    same_neighbourhood: bool
 
 
-def holdout_record(rank: int, match: Match, *, campaign_id: str, fraction: float, now: datetime) -> HoldoutRecord:
+def holdout_record(rank: int, match: Match, *, campaign_id: str, fraction: float, now: datetime,
+                   variant: str | None = None) -> HoldoutRecord:
     """What a holdout member gets instead of a message: a record of the rules' pick (never Claude's)."""
     user, event = match["user"], match["event"]
-    return HoldoutRecord(user_id=match["user_id"], user_name=match["user_name"], user_phone=user.get("phone_e164"),
-                         rank=rank,
-                         reactivation_score=user["reactivation_score"], days_inactive=user["days_inactive"],
-                         event_id=match["event_id"], event_name=match["event_name"],
-                         event_start=event.get("startDate"),
-                         confidence_percentage=match["confidence_percentage"],
-                         held_out_at=iso_utc(now) or "", campaign_id=campaign_id, holdout_fraction=fraction)
+    record = HoldoutRecord(user_id=match["user_id"], user_name=match["user_name"], user_phone=user.get("phone_e164"),
+                           rank=rank,
+                           reactivation_score=user["reactivation_score"], days_inactive=user["days_inactive"],
+                           event_id=match["event_id"], event_name=match["event_name"],
+                           event_start=event.get("startDate"),
+                           confidence_percentage=match["confidence_percentage"],
+                           held_out_at=iso_utc(now) or "", campaign_id=campaign_id, holdout_fraction=fraction,
+                           deciding_signal=match.get("deciding_signal", "profile"),
+                           same_neighbourhood=bool(match.get("same_neighbourhood")))
+    if variant is not None:
+        record["variant"] = variant
+    return record
 
 
 def template_notes(facts: MessageFacts, text: str) -> str:
@@ -5552,6 +5701,7 @@ def report_markdown(report: Mapping[str, Any]) -> str:
         "",
         f"- Run date: {report['run_date']} (as of {report['as_of']})",
         f"- Source: {report['source']}; matcher: {matcher}; dry run: {report['dry_run']}",
+        f"- Matcher weights: {report.get('match_weights', 'built-in')}; tones: {', '.join(report.get('variants', []))}",
         *empty_input_lines(report.get("empty_input") or []),
         *([f"- No message drafted: {report['no_message']['text']}"] if report.get("no_message") else []),
         "",
@@ -5786,6 +5936,9 @@ def build_report(*, campaign_id: str, run_started: datetime, finished: datetime,
         "dry_run": options.dry_run,
         "limit": options.limit,
         "min_confidence": options.min_confidence,
+        "match_weights": options.match_weights,
+        "variants": list(options.variants),
+        "rank_by": options.rank_by,
         "statistics": statistics,
         "summary": summary,
         "engagement_counts": census.status_counts,
@@ -7006,6 +7159,7 @@ def facts_prompt(facts: MessageFacts, user: Mapping[str, Any]) -> str:
         f"days_away: {user.get('days_inactive')}",
         f"link: {facts.link}",
         *carried_lines(facts),
+        *([f"tone: {TONES[facts.tone]} (every rule above still holds)"] if TONES.get(facts.tone) else []),
     ]
     return "<facts>\n" + "\n".join(lines) + "\n</facts>\nWrite the SMS. Return only the JSON object."
 
@@ -8656,7 +8810,8 @@ class ReturnToTable:
         """What the message may say: ``message_facts``, without the spots left once more members were told
         than the spots allow (``Seat.may_claim_spots``)."""
         facts = message_facts(match, self.zone, self.options.now, sender=self.sms.sender,
-                              opt_out_text=self.sms.opt_out_text)
+                              opt_out_text=self.sms.opt_out_text,
+                              tone=member_tone(CAMPAIGN_NAME, match["user_id"], self.options.variants))
         seat = self.seats.seats.get(match["user_id"])
         return facts if seat is None or seat.may_claim_spots else replace(facts, spots_left=None)
 
@@ -8672,7 +8827,8 @@ class ReturnToTable:
             outcome.skip = Skip(user["_id"], full_name(user), "held out; the rules would not have messaged them", code)
         else:
             outcome.holdout = holdout_record(eligible_rank, match, campaign_id=self.campaign_id,
-                                             fraction=self.options.holdout, now=self.options.now)
+                                             fraction=self.options.holdout, now=self.options.now,
+                                             variant=self.tone_of(user["_id"]))
         return outcome
 
     def window_for(self, event: Mapping[str, Any], zone: ZoneInfo) -> SendWindow | None:
@@ -8700,7 +8856,8 @@ class ReturnToTable:
                                         "below_min_confidence")
                     return None
                 return build_match(user, chosen.event, reasoning=reasoning, confidence=confidence,
-                                   interests=[i for i, _ in chosen.interests], matcher="claude", now=now)
+                                   interests=[i for i, _ in chosen.interests], matcher="claude", now=now,
+                                   chosen=chosen)
         match = rules_match(user, candidates, floor, self.zone, now)
         if match is None:
             outcome.skip = Skip(user["_id"], full_name(user),
@@ -8717,6 +8874,7 @@ class ReturnToTable:
             return None
         when = {"now": now, "window": window, "zone": zone}
         facts = self.facts_for(match)
+        when["variant"] = self.tone_of(match["user_id"])
         if self.advisor is not None:
             try:
                 text, notes = self.advisor.write(facts, match["user"])
@@ -8744,7 +8902,7 @@ class ReturnToTable:
             if text is None or window is None:
                 continue
             return match, build_message(match, text, generator="template", notes=template_notes(facts, text),
-                                        now=now, window=window, zone=zone)
+                                        now=now, window=window, zone=zone, variant=self.tone_of(user["_id"]))
         return None
 
     def process_user(self, rank: int, user: Mapping[str, Any], events: Sequence[Mapping[str, Any]]) -> UserOutcome:
@@ -8802,7 +8960,7 @@ class ReturnToTable:
         dashboard item by item) and once more at the end.
         """
         done: list[UserOutcome] = []
-        waiting = list(reversed(walk))
+        waiting = list(reversed(self.reach_order(walk, events)))
         width = self.options.concurrency if self.advisor is not None else 1
         try:
             with ThreadPoolExecutor(max_workers=width, thread_name_prefix="member") as pool:
@@ -8812,6 +8970,21 @@ class ReturnToTable:
                 self.decisions[user["_id"]] = "not_started" if self.control.stopping else "below_limit"
             self.save_progress(done)
         return sorted(done, key=lambda o: o.rank)
+
+    def tone_of(self, member_id: str) -> str | None:
+        """The member's tone in a tone A/B (``--variants``), recorded on their message; None in a default run."""
+        variants = self.options.variants
+        return None if tuple(variants) == (DEFAULT_TONE,) else member_tone(CAMPAIGN_NAME, member_id, variants)
+
+    def reach_order(self, walk: Sequence[tuple[int, DormantMember]],
+                    events: Sequence[FutureEvent]) -> Sequence[tuple[int, DormantMember]]:
+        """``RANK_BY``: the walk in the plan's score order, or (``history``) by each member's best candidate's
+        total (``by_history``), their history read first (``reach_member``) for every member outside the cooldown."""
+        if self.options.rank_by != "history":
+            return walk
+        for _, user in walk:
+            reach_member(user, self.activity, self.options.now, self.sms.default_region, self.zone.key)
+        return by_history(walk, [best_total(list(itertools.islice(self.ranked(u, events), 1))) for _, u in walk])
 
     def walk(self, waiting: list[tuple[int, DormantMember]], events: Sequence[FutureEvent], pool: ThreadPoolExecutor,
              width: int, done: list[UserOutcome]) -> None:
@@ -9195,6 +9368,7 @@ class Observation(NamedTuple):
     status: str  # the message's status ("pending", "approved", "sent", "rejected", or "" when odd or held out)
     reference: datetime
     event_id: str | None
+    traits: tuple[tuple[str, str], ...] = ()  # (dimension, segment) for the breakdowns (``BREAKDOWNS``)
 
 
 class ArchivedCampaign(NamedTuple):
@@ -9272,7 +9446,7 @@ def message_observation(item: Mapping[str, Any], issues: DataIssues) -> Observat
     if reference is None:
         issues.add("archived_messages_without_valid_generated_at")
         return None
-    return Observation(user_id, "treated", status, reference, usable_id(item.get("event_id")))
+    return Observation(user_id, "treated", status, reference, usable_id(item.get("event_id")), message_traits(item))
 
 
 def holdout_observation(item: Mapping[str, Any], issues: DataIssues) -> Observation | None:
@@ -9285,7 +9459,99 @@ def holdout_observation(item: Mapping[str, Any], issues: DataIssues) -> Observat
     if held_out_at is None:
         issues.add("archived_holdout_without_valid_held_out_at")
         return None
-    return Observation(user_id, "holdout", "", held_out_at, usable_id(item.get("event_id")))
+    return Observation(user_id, "holdout", "", held_out_at, usable_id(item.get("event_id")), holdout_traits(item))
+
+
+# --- what the breakdowns read of each archived record (issue 22): every value untrusted, bounded ----------
+
+
+def segment_text(value: Any, default: str = "unknown") -> str:
+    """A short, clean segment name from an archived value (anything odd is ``default``)."""
+    if not isinstance(value, str) or not value.strip():
+        return default
+    return clean_text(value.strip().lower(), 40)[0] or default
+
+
+def plain_number(value: Any) -> float | None:
+    ok = isinstance(value, (int, float)) and not isinstance(value, bool) and math.isfinite(value)
+    return float(value) if ok else None
+
+
+def confidence_band(value: Any) -> str:
+    """``70-79``, ``80-89``, ``90-100``; ``under 70`` and ``unknown`` otherwise."""
+    found = plain_number(value)
+    if found is None or not 0 <= found <= 100:
+        return "unknown"
+    return "under 70" if found < 70 else "70-79" if found < 80 else "80-89" if found < 90 else "90-100"
+
+
+def days_band(value: Any) -> str:
+    """The days-inactive bands the growth lead reads: ``31-45``, ``46-60``, ``61-90``; else ``other``."""
+    found = plain_number(value)
+    if found is None:
+        return "unknown"
+    return "31-45" if 31 <= found <= 45 else "46-60" if 45 < found <= 60 else "61-90" if 60 < found <= 90 else "other"
+
+
+def yes_no(value: Any) -> str:
+    return "yes" if value is True else "no" if value is False else "unknown"
+
+
+REASONING_SIGNALS = (("of this host's events", "host"), ("events of this series", "series"),
+                     ("sat with", "company"), ("of their recent events were in", "place"))
+
+
+def signal_of(match: Mapping[str, Any]) -> str:
+    """The deciding signal a match records (``deciding_signal``); for archives written before it, read from
+    the rules' reasoning ("Their own history decided: ..."), else ``profile`` for the rules, ``unknown`` else."""
+    recorded = match.get("deciding_signal")
+    if isinstance(recorded, str) and recorded in DECIDING_SIGNALS:
+        return recorded
+    reasoning = match.get("reasoning") if isinstance(match.get("reasoning"), str) else ""
+    decided = reasoning.partition("Their own history decided: ")[2][:200].partition(" (also:")[0]
+    found = next((name for words, name in REASONING_SIGNALS if words in decided), None)
+    return found or ("profile" if match.get("matcher") == "rules" else "unknown")
+
+
+def same_place_of(match: Mapping[str, Any]) -> str:
+    """``same_neighbourhood`` as recorded, or (older archives) the member's home and the event's place compared."""
+    if isinstance(match.get("same_neighbourhood"), bool):
+        return yes_no(match["same_neighbourhood"])
+    user, event = match.get("user"), match.get("event")
+    home = text_field(user, "homeNeighborhood") if isinstance(user, Mapping) else None
+    where = text_field(event, "neighborhood") if isinstance(event, Mapping) else None
+    if not home or not where:
+        return "unknown"
+    return yes_no(NeighbourhoodMap.canonical(home) == NeighbourhoodMap.canonical(where))
+
+
+def message_traits(item: Mapping[str, Any]) -> tuple[tuple[str, str], ...]:
+    """A message's own segments: writer, tone (today's wording before ``--variants`` existed), confidence."""
+    return (("writer", segment_text(item.get("generator"))), ("variant", segment_text(item.get("variant"), DEFAULT_TONE)),
+            ("confidence", confidence_band(item.get("confidence_percentage"))))
+
+
+def holdout_traits(item: Mapping[str, Any]) -> tuple[tuple[str, str], ...]:
+    """A holdout record's segments (the rules' pick they would have had)."""
+    return (("variant", segment_text(item.get("variant"), DEFAULT_TONE)),
+            ("confidence", confidence_band(item.get("confidence_percentage"))),
+            ("days_inactive", days_band(item.get("days_inactive"))),
+            ("deciding_signal", signal_of({**item, "matcher": "rules"})),
+            ("same_neighbourhood", yes_no(item.get("same_neighbourhood"))))
+
+
+def match_traits_by_member(matches: Iterable[Mapping[str, Any]]) -> dict[str, tuple[tuple[str, str], ...]]:
+    """Each messaged member's match segments: matcher, days inactive, deciding signal, same neighbourhood."""
+    found: dict[str, tuple[tuple[str, str], ...]] = {}
+    for match in matches:
+        user_id = usable_id(match.get("user_id"))
+        if user_id is None or user_id in found:
+            continue
+        user = match.get("user") if isinstance(match.get("user"), Mapping) else {}
+        found[user_id] = (("matcher", segment_text(match.get("matcher"))),
+                          ("days_inactive", days_band(user.get("days_inactive"))),
+                          ("deciding_signal", signal_of(match)), ("same_neighbourhood", same_place_of(match)))
+    return found
 
 
 def first_per_member(observations: Iterable[Observation]) -> dict[str, Observation]:
@@ -9316,11 +9582,14 @@ def metadata_status(metadata: Any) -> str:
 
 
 def archived_campaign(campaign_id: str, metadata: Any, messages: Any, holdout: Any,
-                      issues: DataIssues) -> ArchivedCampaign:
-    """One campaign from its archived ``metadata``, ``messages`` and ``holdout``, as read."""
+                      issues: DataIssues, matches: Any = None) -> ArchivedCampaign:
+    """One campaign from its archived ``metadata``, ``messages`` and ``holdout``, as read (and ``matches``,
+    for the treated members' breakdown traits)."""
     if metadata is not None and not isinstance(metadata, Mapping):
         issues.add("archived_metadata_not_objects")
-    treated = [o for item in archive_records(messages, "messages", issues)
+    matched = match_traits_by_member(archive_records(matches, "matches", issues) if matches is not None else [])
+    treated = [o._replace(traits=o.traits + matched.get(o.user_id, ()))
+               for item in archive_records(messages, "messages", issues)
                if (o := message_observation(item, issues)) is not None]
     held_out = [o for item in archive_records(holdout, "holdout", issues)
                 if (o := holdout_observation(item, issues)) is not None]
@@ -9419,6 +9688,223 @@ def pooled_measurement(blocks: Sequence[Measurement]) -> Measurement:
     """The campaigns added up (``POOLING_TEXT``): each (campaign, member) once."""
     names = [n for n in MEASURE_GROUPS if n in ("treated", "holdout") or any(n in b.groups for b in blocks)]
     return measurement({n: sum_tallies(b.groups[n] for b in blocks if n in b.groups) for n in names})
+
+
+# --- breakdowns (issue 22): which members and events come back, which tone works, week by week -------
+
+MIN_SEGMENT = 20  # members (closed windows) a segment needs before its rate is shown: fewer is "too few"
+TOP_EVENTS = 10
+POWER = 0.80  # the power the "members each arm still needs" figure is computed for
+BREAKDOWNS = {  # dimension: (its title, the holdout it is compared with)
+    "matcher": ("Matcher", "whole"),
+    "writer": ("Writer", "whole"),
+    "variant": ("Tone variant", "segment"),
+    "confidence": ("Confidence band", "segment"),
+    "days_inactive": ("Days inactive", "segment"),
+    "deciding_signal": ("Deciding signal", "segment"),
+    "same_neighbourhood": ("Event in their own neighbourhood", "segment"),
+    "event_category": ("Event category", "segment"),
+}
+HOLDOUT_BASIS = {"whole": "the whole holdout (holdout members have no matcher or writer of their own; the holdout "
+                          "is drawn at random, so it is every segment's control)",
+                 "segment": "the holdout members of the same segment"}
+BREAKDOWN_TEXT = (f"Each segment: n (members whose window closed), returns, rate with its Wilson 95% interval, "
+                  f"and the lift over the holdout (Newcombe's method 10 interval, two-proportion z-test). A segment "
+                  f"of fewer than {MIN_SEGMENT} members (or a holdout segment of fewer) is shown as \"too few\". "
+                  "Segments are observational: members were not assigned to them at random (the tone variant "
+                  "is), so a segment's lift describes, it does not prove.")
+HOLM_TEXT = ("Tone pairs: two-sided two-proportion z-tests, p-values adjusted for the number of pairs by Holm's "
+             "step-down method (Holm 1979); a winner is named only when it beats every other tone with an adjusted "
+             "p below 0.05.")
+SAMPLE_SIZE_TEXT = (f"Members each arm still needs: the normal-approximation sample size for two proportions "
+                    f"(Fleiss, without continuity correction) to detect the observed difference between the two best "
+                    f"tones at {POWER:.0%} power, two-sided, at the Bonferroni level 0.05 / pairs (Holm's first step).")
+WEEKLY_TEXT = "Week by week: members by the UTC week (Monday) of their reference time, closed windows only."
+
+
+def trait(f: Followed, name: str) -> str:
+    return dict(f.observation.traits).get(name, "unknown")
+
+
+def event_categories(events: Iterable[Mapping[str, Any]], wanted: set[str]) -> dict[str, tuple[str, str]]:
+    """(category, name) of the suggested events: the first category as the host wrote it, cleaned."""
+    found = {}
+    for event in events:
+        event_id = id_of(event.get("_id"))
+        if event_id in wanted:
+            found[event_id] = (segment_text(next(iter(text_list(event, "categories")), None), "none"),
+                               clean_text(text_field(event, "name") or "", 80)[0])
+    return found
+
+
+def follow_campaigns(campaigns: Sequence[ArchivedCampaign], events: Sequence[Mapping[str, Any]], now: datetime,
+                     days: int, issues: DataIssues) -> list[tuple[ArchivedCampaign, list[Followed]]]:
+    """Every campaign's members followed through their windows, each with their event's category as a trait."""
+    attendance = Attendance(events, {o.user_id for c in campaigns for o in c.observations}, issues)
+    named = event_categories(events, {o.event_id for c in campaigns for o in c.observations if o.event_id})
+    return [(c, [follow(o._replace(traits=(*o.traits, ("event_category", named.get(o.event_id or "", ("unknown",))[0]))),
+                        attendance, now, days) for o in c.observations]) for c in campaigns]
+
+
+def segment_json(segment: str, treated: Tally, holdout: Tally | None) -> dict[str, Any]:
+    """One segment: n, returns, rate and interval (None when too few), and the lift over its holdout."""
+    too_few = treated.size < MIN_SEGMENT
+    compared = holdout is not None and holdout.size >= MIN_SEGMENT and not too_few
+    return {"segment": segment, "n": treated.size, "returns": treated.came_back,
+            "rate": None if too_few else rounded(treated.rate),
+            "interval_95": None if too_few else [rounded(v) for v in wilson_interval(treated.came_back, treated.size)],
+            "too_few": too_few, "open": treated.open,
+            "holdout": None if holdout is None else {"n": holdout.size, "returns": holdout.came_back,
+                                                     "rate": rounded(holdout.rate) if holdout.size >= MIN_SEGMENT
+                                                     else None},
+            "lift": lift_json(lift(treated, holdout)) if compared and holdout is not None else None}
+
+
+def breakdown(followed: Sequence[Followed], dimension: str) -> dict[str, Any]:
+    """One dimension's segments, largest first, each against its holdout (``BREAKDOWNS``)."""
+    title, basis = BREAKDOWNS[dimension]
+    treated = [f for f in followed if f.observation.arm == "treated"]
+    held = [f for f in followed if f.observation.arm == "holdout"]
+    whole = tally(held) if held else None
+    segments = Counter(trait(f, dimension) for f in treated)
+    rows = []
+    for segment in sorted(segments, key=lambda s: (-segments[s], s)):
+        mine = tally(f for f in treated if trait(f, dimension) == segment)
+        theirs = whole if basis == "whole" else tally(f for f in held if trait(f, dimension) == segment) if held else None
+        rows.append(segment_json(segment, mine, theirs))
+    return {"dimension": dimension, "title": title, "compared_with": HOLDOUT_BASIS[basis], "segments": rows}
+
+
+def top_events(followed: Sequence[Followed], names: Mapping[str, tuple[str, str]]) -> dict[str, Any]:
+    """The suggested events that brought most members back to them: returns / invited (closed windows)."""
+    invited: dict[str, list[Followed]] = {}
+    for f in followed:
+        if f.observation.arm == "treated" and not f.open and f.observation.event_id:
+            invited.setdefault(f.observation.event_id, []).append(f)
+    ranked = sorted(invited.items(), key=lambda kv: (-sum(f.came_to_suggested for f in kv[1]), -len(kv[1]), kv[0]))
+    rows = []
+    for event_id, people in ranked[:TOP_EVENTS]:
+        returns = sum(f.came_to_suggested for f in people)
+        too_few = len(people) < MIN_SEGMENT
+        rows.append({"segment": names.get(event_id, ("", ""))[1] or event_id, "event_id": event_id,
+                     "n": len(people), "returns": returns, "came_back_anywhere": sum(f.came_back for f in people),
+                     "rate": None if too_few else round(returns / len(people), 4),
+                     "interval_95": None if too_few else [rounded(v) for v in wilson_interval(returns, len(people))],
+                     "too_few": too_few})
+    return {"dimension": "event", "title": "Events that brought most members back (returns to the event / invited)",
+            "compared_with": None, "segments": rows}
+
+
+def holm_adjust(p_values: Sequence[float]) -> list[float]:
+    """Holm's step-down adjustment (Holm 1979): the k-th smallest of m p-values times (m - k + 1), kept
+    non-decreasing and at most 1; returned in the input's order. It controls the family-wise error rate."""
+    m = len(p_values)
+    adjusted, running = [0.0] * m, 0.0
+    for rank, i in enumerate(sorted(range(m), key=lambda j: p_values[j])):
+        running = max(running, min(1.0, (m - rank) * p_values[i]))
+        adjusted[i] = running
+    return adjusted
+
+
+def members_per_arm(p1: float, p2: float, alpha: float, power: float = POWER) -> int | None:
+    """Members per arm for a two-sided two-proportion test to detect ``p1`` against ``p2`` (Fleiss' normal
+    approximation, no continuity correction); None when the rates are equal (no difference to detect)."""
+    if p1 == p2:
+        return None
+    z_a, z_b = NormalDist().inv_cdf(1 - alpha / 2), NormalDist().inv_cdf(power)
+    mean = (p1 + p2) / 2
+    root = z_a * math.sqrt(2 * mean * (1 - mean)) + z_b * math.sqrt(p1 * (1 - p1) + p2 * (1 - p2))
+    return math.ceil((root / (p1 - p2)) ** 2)
+
+
+def tone_pairs(arms: Mapping[str, Tally]) -> list[dict[str, Any]]:
+    """Each pair of tones with closed windows: the difference, its interval, z, p and Holm's adjusted p."""
+    pairs = [(a, b) for a, b in itertools.combinations(sorted(arms), 2) if arms[a].size and arms[b].size]
+    rows = []
+    for a, b in pairs:
+        x = (arms[a].came_back, arms[a].size, arms[b].came_back, arms[b].size)
+        low, high = newcombe_interval(*x)
+        z, p_value = two_proportion_z_test(*x)
+        rows.append({"a": a, "b": b, "difference_pp": round(100 * (x[0] / x[1] - x[2] / x[3]), 2),
+                     "interval_pp": [round(100 * low, 2), round(100 * high, 2)], "z": round(z, 4), "p_value": p_value})
+    for row, adjusted in zip(rows, holm_adjust([r["p_value"] for r in rows]), strict=True):
+        row["p_value"], row["p_holm"] = float(f"{row['p_value']:.4g}"), float(f"{adjusted:.4g}")
+    return rows
+
+
+def tone_winner(arms: Mapping[str, Tally], pairs: Sequence[Mapping[str, Any]]) -> str | None:
+    """The tone that beats every other with a Holm-adjusted p below 0.05, or None."""
+    for tone in arms:
+        mine = [p for p in pairs if tone in (p["a"], p["b"])]
+        if mine and len(mine) == len(arms) - 1 and all(
+                p["p_holm"] < 1 - CONFIDENCE and (p["difference_pp"] > 0) == (p["a"] == tone) for p in mine):
+            return tone
+    return None
+
+
+def variant_comparison(followed: Sequence[Followed]) -> dict[str, Any]:
+    """The tone A/B: each tone's rate and lift over the whole holdout, each pair with Holm-adjusted p-values,
+    and a winner only when one is significant after adjustment; otherwise how many more members each arm needs."""
+    treated = [f for f in followed if f.observation.arm == "treated"]
+    holdout = tally(f for f in followed if f.observation.arm == "holdout")
+    arms = {tone: tally(f for f in treated if trait(f, "variant") == tone)
+            for tone in sorted({trait(f, "variant") for f in treated})}
+    pairs = tone_pairs(arms)
+    winner = tone_winner(arms, pairs)
+    verdict, needed = variant_verdict(arms, pairs, winner)
+    return {"arms": [{**segment_json(tone, t, holdout if holdout.size else None), "variant": tone}
+                     for tone, t in arms.items()],
+            "compared_with": "the whole holdout (tones are assigned independently of it)",
+            "pairs": pairs, "winner": winner, "verdict": verdict, "more_members_needed": needed,
+            "method": HOLM_TEXT + " " + SAMPLE_SIZE_TEXT}
+
+
+def variant_verdict(arms: Mapping[str, Tally], pairs: Sequence[Mapping[str, Any]],
+                    winner: str | None) -> tuple[str, dict[str, int] | None]:
+    """The sentence a growth lead reads, and (no winner yet) the members each arm still needs."""
+    if len(arms) < 2:
+        return "One tone only: nothing to compare (run the campaign with --variants).", None
+    if winner is not None:
+        return f"{winner} wins: it beats every other tone after Holm's adjustment.", None
+    closed = {t: a for t, a in arms.items() if a.size}
+    if len(closed) < 2:
+        return "No winner yet: fewer than two tones have closed windows.", None
+    best, runner = sorted(closed, key=lambda t: -(closed[t].rate or 0.0))[:2]
+    n = members_per_arm(closed[best].rate or 0.0, closed[runner].rate or 0.0, (1 - CONFIDENCE) / max(1, len(pairs)))
+    if n is None:
+        return "No winner yet: the tones' rates are equal so far; no sample size can tell them apart.", None
+    more = {t: max(0, n - a.size) for t, a in arms.items()}
+    return (f"No winner yet (no pair significant after Holm's adjustment). To detect {best} against {runner} "
+            f"({percent(closed[best].rate)} against {percent(closed[runner].rate)}) each arm needs about {n} members: "
+            + ", ".join(f"{t} {m} more" for t, m in more.items()) + "."), more
+
+
+def week_of(moment: datetime) -> str:
+    day = moment.astimezone(UTC).date()
+    return (day - timedelta(days=day.weekday())).isoformat()
+
+
+def weekly_rates(followed: Sequence[Followed]) -> list[dict[str, Any]]:
+    """Treated and holdout return rates per week of reference time, with Wilson intervals and the lift."""
+    weeks: dict[str, dict[str, list[Followed]]] = {}
+    for f in followed:
+        if not f.open:
+            arm = "treated" if f.observation.arm == "treated" else "holdout"
+            weeks.setdefault(week_of(f.observation.reference), {"treated": [], "holdout": []})[arm].append(f)
+    rows = []
+    for week in sorted(weeks):
+        t, h = tally(weeks[week]["treated"]), tally(weeks[week]["holdout"])
+        rows.append({"week": week, "treated": tally_json(t), "holdout": tally_json(h), "lift": lift_json(lift(t, h))})
+    return rows
+
+
+def learned_json(followed: Sequence[Followed], events: Sequence[Mapping[str, Any]]) -> dict[str, Any]:
+    """What the report gains from issue 22: ``breakdowns`` (one entry per dimension, then the top events),
+    ``variants`` (the tone A/B) and ``weekly``."""
+    names = event_categories(events, {f.observation.event_id for f in followed if f.observation.event_id})
+    return {"breakdowns": [*(breakdown(followed, d) for d in BREAKDOWNS), top_events(followed, names)],
+            "variants": variant_comparison(followed), "weekly": weekly_rates(followed),
+            "breakdown_method": BREAKDOWN_TEXT, "weekly_method": WEEKLY_TEXT}
 
 
 # --- the report: JSON, Markdown and the console table --------------------------------------------
@@ -9589,6 +10075,8 @@ def measure_console(report: Mapping[str, Any], report_path: Path) -> str:
     lines += [f"  {line}" for line in lift_lines(pooled)]
     if any(name in pooled["groups"] for name in REVIEWED_GROUPS):
         lines.append(f"  {REVIEWED_TEXT}")
+    if "variants" in report:
+        lines += ["", f"Tones: {report['variants']['verdict']}"]
     lines += ["", INTERVAL_METHOD + "; " + TEST_METHOD + ".", f"Report: {report_path}"]
     return "\n".join(lines) + "\n"
 
@@ -9605,6 +10093,54 @@ def range_text(report: Mapping[str, Any]) -> str:
     dates = (f"campaigns dated from {since or 'the first'} to before {until}" if until
              else f"campaigns dated from {since}" if since else "campaigns of any date")
     return dates + (f"; only campaign {cell(campaign)}" if campaign else "")
+
+
+def segment_cells(row: Mapping[str, Any]) -> list[str]:
+    """One segment as table cells: n, returns, the rate and interval (or "too few"), the lift over its holdout."""
+    if row["too_few"]:
+        return [cell(row["segment"]), str(row["n"]), str(row["returns"]), "too few", "", ""]
+    low, high = row["interval_95"]
+    found = row.get("lift")
+    lift_cells = ["-", ""] if found is None else [difference_text(found), p_value_text(found["p_value"])]
+    return [cell(row["segment"]), str(row["n"]), str(row["returns"]),
+            f"{percent(row['rate'])} ({percent(low)}-{percent(high)})", *lift_cells]
+
+
+def difference_text(found: Mapping[str, Any]) -> str:
+    """``+4.0 (+1.2 to +6.8)``: a difference in points with its interval."""
+    return f"{found['difference_pp']:+.1f} ({found['interval_pp'][0]:+.1f} to {found['interval_pp'][1]:+.1f})"
+
+
+SEGMENT_COLUMNS = ["segment", "n", "returns", "rate (95% CI)", "lift vs holdout, pp (95% CI)", "p"]
+
+
+def learned_markdown(report: Mapping[str, Any]) -> list[str]:
+    """The tone A/B, the breakdowns and the weeks as Markdown (issue 22)."""
+    if "breakdowns" not in report:
+        return []
+    variants = report["variants"]
+    lines = ["", "## Message tones (A/B)", "", variants["verdict"], "",
+             *markdown_table([SEGMENT_COLUMNS, *(segment_cells(a) for a in variants["arms"])])]
+    if variants["pairs"]:
+        lines += ["", *markdown_table([["pair", "difference, pp (95% CI)", "p", "p (Holm)"],
+                                       *([f"{p['a']} - {p['b']}", difference_text(p), p_value_text(p["p_value"]),
+                                          p_value_text(p["p_holm"])] for p in variants["pairs"])])]
+    lines += ["", f"- {variants['method']}", "", "## Who comes back: breakdowns", "", report["breakdown_method"]]
+    for entry in report["breakdowns"]:
+        lines += ["", f"### {entry['title']}", ""]
+        if entry["compared_with"]:
+            lines.append(f"Compared with {entry['compared_with']}.")
+            lines += ["", *markdown_table([SEGMENT_COLUMNS, *(segment_cells(r) for r in entry["segments"])])]
+        else:
+            lines += markdown_table([["event", "invited", "returns", "rate (95% CI)"],
+                                     *(segment_cells(r)[:4] for r in entry["segments"])])
+        if not entry["segments"]:
+            lines.append("No member in any segment.")
+    lines += ["", "## Week by week", "", report["weekly_method"], "",
+              *markdown_table([["week", "treated", "holdout", "lift, pp (95% CI)"],
+                               *([w["week"], share(w["treated"]), share(w["holdout"]),
+                                  "-" if w["lift"] is None else difference_text(w["lift"])] for w in report["weekly"])])]
+    return lines
 
 
 def measure_markdown(report: Mapping[str, Any]) -> str:
@@ -9625,6 +10161,10 @@ def measure_markdown(report: Mapping[str, Any]) -> str:
     if report["campaigns"]:
         lines += ["", "## Campaigns at a glance", "",
                   *markdown_table([CAMPAIGN_COLUMNS, *(campaign_row(c) for c in report["campaigns"])])]
+    lines += learned_markdown(report)
+    if report.get("charts"):
+        lines += ["", "## Charts", "", f"Self-contained HTML report: {report['charts']['html']}", "",
+                  *(f"![{name}]({report['charts'][name]})" for name in CHARTS if name in report["charts"])]
     lines += ["", "## Per campaign"]
     for entry in report["campaigns"]:
         lines += ["", f"### {cell(campaign_title(entry))}", "", *markdown_table([MEASURE_COLUMNS, *block_rows(entry)]),
@@ -9636,6 +10176,209 @@ def measure_markdown(report: Mapping[str, Any]) -> str:
     lines += [f"- {k.replace('_', ' ')}: {v}" for k, v in report["data_issues"].items()] or ["None."]
     lines += ["", "## Errors", ""] + ([f"- {cell(e)}" for e in report["errors"]] or ["None."])
     return "\n".join(lines) + "\n"
+
+
+# --- charts and the self-contained HTML report (issue 22) --------------------------------------------
+# matplotlib (Agg, no display) is imported only when ``measure`` draws, so the campaign's start-up never pays
+# for it. Each chart is a PNG beside the Markdown report and is embedded (base64) in the HTML report, which
+# therefore opens in a browser with no network.
+
+CHARTS = ("weekly", "lift", "funnel")
+MAX_FUNNEL_REPORT_BYTES = 5_000_000  # a campaign report larger than this is not read for its funnel
+
+
+def report_funnel(reports: Path, campaign_ids: Collection[str]) -> list[tuple[str, int]]:
+    """The step-8 funnels (``funnel``: [{stage, count}]) of the measured campaigns' reports under ``reports``
+    (``--out``'s ``reports/``), added up by stage in the first report's order; [] when none has one. Files are
+    read as every file under ``--out`` is (``read_regular_file``); odd files and values are passed over."""
+    totals: dict[str, int] = {}
+    for path in sorted(reports.glob("return_to_table_report_*.json")) if reports.is_dir() else []:
+        try:
+            data = read_regular_file(path, reports.parent, MAX_FUNNEL_REPORT_BYTES)
+            found = json.loads(data) if data is not None else None
+        except (OSError, ValueError, RefusedFile):
+            continue
+        if not isinstance(found, dict) or found.get("campaign_id") not in campaign_ids:
+            continue
+        for stage in found.get("funnel") if isinstance(found.get("funnel"), list) else []:
+            name, count = (stage.get("stage"), stage.get("count")) if isinstance(stage, dict) else (None, None)
+            if isinstance(name, str) and isinstance(count, int) and not isinstance(count, bool) and count >= 0:
+                key = clean_text(name, 40)[0]
+                totals[key] = totals.get(key, 0) + count
+    return list(totals.items())
+
+
+def measure_funnel(report: Mapping[str, Any], campaign_stages: Sequence[tuple[str, int]]) -> list[dict[str, Any]]:
+    """The campaign funnel: the campaigns' own stages when their reports have them (else what the archive
+    holds: drafted, held out), then what followed: approved or sent, sent, came back (closed windows)."""
+    groups = report["pooled"]["groups"]
+    treated = groups["treated"]
+    stages = list(campaign_stages) or [("drafted", treated["size"] + treated["open"]),
+                                        ("held out", groups["holdout"]["size"] + groups["holdout"]["open"])]
+    for name, label in (("approved_or_sent", "approved or sent"), ("sent", "sent")):
+        if name in groups:
+            stages.append((label, groups[name]["size"] + groups[name]["open"]))
+    stages.append(("came back (closed windows)", treated["came_back"]))
+    return [{"stage": name, "count": count} for name, count in stages]
+
+
+def week_dates(weekly: Sequence[Mapping[str, Any]]) -> list[datetime]:
+    return [datetime.fromisoformat(w["week"]) for w in weekly]
+
+
+def weekly_chart(figure: Any, weekly: Sequence[Mapping[str, Any]]) -> None:
+    """Treated and holdout return rates per week, each with its Wilson 95% band."""
+    axes = figure.subplots()
+    for arm, colour in (("treated", "tab:blue"), ("holdout", "tab:grey")):
+        rows = [(d, w[arm]) for d, w in zip(week_dates(weekly), weekly, strict=True) if w[arm]["size"]]
+        if rows:
+            days = [d for d, _ in rows]
+            rates = [100 * g["rate"] for _, g in rows]
+            low, high = [100 * g["rate_interval"][0] for _, g in rows], [100 * g["rate_interval"][1] for _, g in rows]
+            axes.errorbar(days, rates, yerr=[[r - lo for r, lo in zip(rates, low, strict=True)],
+                                             [hi - r for r, hi in zip(rates, high, strict=True)]],
+                          marker="o", capsize=4, color=colour, label=arm)
+            axes.fill_between(days, low, high, color=colour, alpha=0.2)
+    axes.set(title="Came back within the window, per week (95% Wilson bands)", ylabel="% came back",
+             xlabel="week of the message (or hold-out)")
+    if weekly:
+        axes.legend()
+    pad_dates(axes, week_dates(weekly))
+
+
+def pad_dates(axes: Any, days: Sequence[datetime]) -> None:
+    """A week either side of the weeks shown (one week alone would otherwise span years), dates slanted."""
+    if days:
+        axes.set_xlim(min(days) - timedelta(days=7), max(days) + timedelta(days=7))
+    axes.figure.autofmt_xdate()
+
+
+def lift_chart(figure: Any, weekly: Sequence[Mapping[str, Any]], pooled: Mapping[str, Any] | None) -> None:
+    """The lift (treated minus holdout, points) per week with its Newcombe 95% interval, and the pooled lift."""
+    axes = figure.subplots()
+    rows = [(d, w["lift"]) for d, w in zip(week_dates(weekly), weekly, strict=True) if w["lift"]]
+    if rows:
+        axes.errorbar([d for d, _ in rows], [f["difference_pp"] for _, f in rows], fmt="o", color="tab:blue",
+                      yerr=[[f["difference_pp"] - f["interval_pp"][0] for _, f in rows],
+                            [f["interval_pp"][1] - f["difference_pp"] for _, f in rows]], capsize=4, label="week")
+    if pooled:
+        axes.axhline(pooled["difference_pp"], color="tab:green", label=f"pooled {pooled['difference_pp']:+.1f} pp")
+        axes.axhspan(*pooled["interval_pp"], color="tab:green", alpha=0.15)
+    axes.axhline(0, color="black", linewidth=0.8)
+    axes.set(title="Lift over the holdout, percentage points (95% Newcombe intervals)", ylabel="pp")
+    if rows or pooled:
+        axes.legend()
+    else:
+        axes.text(0.5, 0.5, "no lift computable yet (no holdout, or no closed window)", ha="center",
+                  transform=axes.transAxes)
+    pad_dates(axes, week_dates(weekly))
+
+
+def funnel_chart(figure: Any, funnel: Sequence[Mapping[str, Any]]) -> None:
+    """The campaign funnel as horizontal bars, first stage on top."""
+    axes = figure.subplots()
+    names = [f["stage"] for f in funnel][::-1]
+    counts = [f["count"] for f in funnel][::-1]
+    bars = axes.barh(names, counts, color="tab:blue")
+    axes.bar_label(bars, padding=3)
+    axes.set(title="Campaign funnel (the campaigns measured, added up)", xlabel="members")
+
+
+def chart_images(report: Mapping[str, Any]) -> dict[str, bytes]:
+    """The three charts as PNG bytes (matplotlib's Agg renderer, imported here only)."""
+    import io
+
+    from matplotlib.figure import Figure
+
+    pooled = report["pooled"]["lift"].get("treated")
+    draw = {"weekly": lambda f: weekly_chart(f, report["weekly"]),
+            "lift": lambda f: lift_chart(f, report["weekly"], pooled),
+            "funnel": lambda f: funnel_chart(f, report["funnel"])}
+    images = {}
+    for name in CHARTS:
+        figure = Figure(figsize=(8, 4.5), dpi=100, layout="constrained")
+        draw[name](figure)
+        buffer = io.BytesIO()
+        figure.savefig(buffer, format="png", metadata={"Software": None})
+        images[name] = buffer.getvalue()
+    return images
+
+
+def write_bytes_private(path: Path, data: bytes) -> None:
+    def write(handle: Any) -> None:
+        handle.flush()
+        handle.buffer.write(data)
+
+    atomic_write(path, write, private=True)
+
+
+HTML_STYLE = ("body{font-family:system-ui,sans-serif;max-width:60rem;margin:2rem auto;padding:0 1rem;color:#222}"
+              "table{border-collapse:collapse;margin:.5rem 0 1rem}td,th{border:1px solid #ccc;padding:.25rem .5rem;"
+              "text-align:right}td:first-child,th:first-child{text-align:left}img{max-width:100%}"
+              "p.note{color:#555;font-size:.9rem}")
+
+
+def html_table(rows: Sequence[Sequence[str]]) -> str:
+    import html
+
+    header, *body = rows
+    head = "".join(f"<th>{html.escape(str(c))}</th>" for c in header)
+    cells = "".join("<tr>" + "".join(f"<td>{html.escape(str(c))}</td>" for c in row) + "</tr>" for row in body)
+    return f"<table><thead><tr>{head}</tr></thead><tbody>{cells}</tbody></table>"
+
+
+def measure_html(report: Mapping[str, Any], images: Mapping[str, bytes]) -> str:
+    """The whole measure report as one HTML file: the charts inline (base64 PNG), the tables, the methods."""
+    import base64
+    import html
+
+    def text(value: Any) -> str:
+        return f"<p>{html.escape(str(value))}</p>"
+
+    def note(value: Any) -> str:
+        return f'<p class="note">{html.escape(str(value))}</p>'
+
+    titles = {"weekly": "Return rates per week", "lift": "Lift over the holdout", "funnel": "Campaign funnel"}
+    parts = ["<h1>Return To Table measure: did the campaigns bring anyone back?</h1>",
+             text(f"As of {report['as_of']}; window {report['window_days']} days; {range_text(report)}; "
+                  f"{report['campaigns_measured']} campaigns measured."),
+             "<h2>Pooled</h2>", html_table([MEASURE_COLUMNS, *block_rows(report["pooled"])]),
+             *(text(line) for line in lift_lines(report["pooled"]))]
+    for name in CHARTS:
+        parts.append(f"<h2>{titles[name]}</h2>")
+        if name in images:
+            encoded = base64.b64encode(images[name]).decode("ascii")
+            parts.append(f'<img alt="{titles[name]}" src="data:image/png;base64,{encoded}">')
+        else:
+            parts.append(note("chart not drawn (matplotlib is not installed)"))
+    variants = report["variants"]
+    parts += ["<h2>Message tones (A/B)</h2>", text(variants["verdict"]),
+              html_table([SEGMENT_COLUMNS, *(segment_cells(a) for a in variants["arms"])]), note(variants["method"]),
+              "<h2>Who comes back: breakdowns</h2>", note(report["breakdown_method"])]
+    for entry in report["breakdowns"]:
+        columns = SEGMENT_COLUMNS if entry["compared_with"] else ["event", "invited", "returns", "rate (95% CI)"]
+        rows = [segment_cells(r)[: len(columns)] for r in entry["segments"]]
+        parts += [f"<h3>{html.escape(entry['title'])}</h3>",
+                  note(f"Compared with {entry['compared_with']}.") if entry["compared_with"] else "",
+                  html_table([columns, *rows]) if rows else note("No member in any segment.")]
+    parts += ["<h2>Method</h2>", note(INTERVAL_METHOD + "."), note(TEST_METHOD + "."),
+              note(report["method"]["came_back"]), note(report["method"]["pooling"])]
+    return ("<!DOCTYPE html>\n<html lang=\"en\"><head><meta charset=\"utf-8\"><title>Return To Table measure</title>"
+            f"<style>{HTML_STYLE}</style></head><body>\n" + "\n".join(p for p in parts if p) + "\n</body></html>\n")
+
+
+def write_measure_charts(report: Mapping[str, Any], md_path: Path) -> tuple[dict[str, Path], Path]:
+    """The charts as PNGs beside the Markdown report, and the self-contained HTML report; their paths."""
+    try:
+        images = chart_images(report)
+    except ImportError:  # pragma: no cover - matplotlib is a declared dependency
+        images = {}
+    paths = {name: md_path.with_name(f"{md_path.stem}_{name}.png") for name in images}
+    for name, path in paths.items():
+        write_bytes_private(path, images[name])
+    html_path = md_path.with_suffix(".html")
+    write_text_private(html_path, measure_html(report, images))
+    return paths, html_path
 
 
 # --- the edges: the archive, the events, the run ------------------------------------------------
@@ -9669,12 +10412,13 @@ def read_campaigns(transport: FirebaseTransport, options: MeasureOptions, issues
                 continue
             messages, _ = transport.get(f"campaigns/{campaign_id}/messages")
             holdout, _ = transport.get(f"campaigns/{campaign_id}/holdout")
+            matches, _ = transport.get(f"campaigns/{campaign_id}/matches")
         except FirebaseError as exc:
             errors.append(f"campaign {campaign_id}: not read ({exc})")
             continue
         if options.campaign and metadata is None and messages is None and holdout is None:
             raise UsageError(f"--campaign {campaign_id}: no such campaign in {transport.description}")
-        campaign = archived_campaign(campaign_id, metadata, messages, holdout, issues)
+        campaign = archived_campaign(campaign_id, metadata, messages, holdout, issues, matches)
         if campaign.created_at is None:
             issues.add("archived_campaigns_without_valid_date")
         elif options.dates.holds(campaign.created_at):
@@ -9695,12 +10439,11 @@ def read_events(source: DataSource, issues: DataIssues) -> tuple[list[dict[str, 
     return events, [name for name in empty_collections(data) if name == "events"]
 
 
-def measure_campaigns(campaigns: Sequence[ArchivedCampaign], events: Iterable[Mapping[str, Any]], now: datetime,
+def measure_campaigns(campaigns: Sequence[ArchivedCampaign], events: Sequence[Mapping[str, Any]], now: datetime,
                       days: int, issues: DataIssues) -> list[tuple[ArchivedCampaign, Measurement]]:
     """Every campaign's members followed through their windows and grouped."""
-    attendance = Attendance(events, {o.user_id for c in campaigns for o in c.observations}, issues)
-    return [(c, measurement(group_tallies([follow(o, attendance, now, days) for o in c.observations])))
-            for c in campaigns]
+    return [(c, measurement(group_tallies(followed)))
+            for c, followed in follow_campaigns(campaigns, events, now, days, issues)]
 
 
 def measure_report_paths(out_dir: Path, started: datetime) -> tuple[Path, Path]:
@@ -9813,13 +10556,19 @@ def run_measure(args: argparse.Namespace, env: Mapping[str, str] | None, mongo_c
     if isinstance(source, MongoSource) and mongo_client is None:
         closing.callback(source.client.close)
     events, empty = read_events(source, issues)
-    measured = measure_campaigns(campaigns, events, options.run.now, options.window_days, issues)
+    followed = follow_campaigns(campaigns, events, options.run.now, options.window_days, issues)
+    measured = [(c, measurement(group_tallies(f))) for c, f in followed]
     report = measure_report(run_date=started, now=options.run.now, window_days=options.window_days,
                             dates=options.dates, campaign=options.campaign, source_label=source.label,
                             archive=transport.description, measured=measured,
                             pooled=pooled_measurement([m for _, m in measured]), issues=issues, errors=errors,
                             empty_input=empty, events_note=stale_events_note(events, campaigns))
+    report.update(learned_json([f for _, fs in followed for f in fs], events))
+    report["funnel"] = measure_funnel(report, report_funnel(options.run.out_dir / "reports",
+                                                            {c.campaign_id for c in campaigns}))
     json_path, md_path = measure_report_paths(options.run.out_dir, started)
+    charts, html_path = write_measure_charts(report, md_path)
+    report["charts"] = {name: path.name for name, path in charts.items()} | {"html": html_path.name}
     write_json(json_path, report, private=True)
     write_text_private(md_path, measure_markdown(report))
     print(measure_console(report, md_path), end="")
@@ -10258,9 +11007,375 @@ def backtest_markdown(report: Mapping[str, Any]) -> str:
         "",
         places_line(report["places_not_located"]),
         "",
+        *(f"{line}\n" for line in backtest_learned_lines(report)),
         f"Computed in {report['duration_seconds']} s.",
     ]
     return "\n".join(lines) + "\n"
+
+
+def backtest_learned_lines(report: Mapping[str, Any]) -> list[str]:
+    """The weights used (and their file's hash) and, with ``--fit``, what the fit found (issue 22)."""
+    used = report.get("match_weights")
+    lines = [] if used is None else [f"Weights: {MatchWeights(used['values'], used['source'], used['sha256']).label}."]
+    lines += ordering_lines(report)
+    fit = report.get("fit")
+    if fit is not None:
+        lines += fit_lines(fit, Path(fit["written"]) if fit.get("written") else None)
+    return lines
+
+
+# --- which members to reach first (issue 22): RANK_BY=score|history against history ------------------
+
+RANK_ORDERS = ("score", "history")
+RANK_BY_TEXT = {"score": "the plan's reactivation score (step 1's rank)",
+                "history": "the best candidate's total: how strongly the member's own history points at an open event"}
+
+
+def rank_by_setting(env: Mapping[str, str]) -> str:
+    """``RANK_BY``: ``score`` (the default, the plan's) or ``history``; UsageError for anything else."""
+    value = (env.get("RANK_BY") or "score").strip().lower()
+    if value not in RANK_ORDERS:
+        raise UsageError(f"RANK_BY={value[:40]!r} must be one of: {', '.join(RANK_ORDERS)}")
+    return value
+
+
+def best_total(candidates: Sequence[Candidate]) -> float:
+    """The best candidate's total (``Candidate.total``); -1 with no candidate, so such members come last."""
+    return candidates[0].total if candidates else -1.0
+
+
+def by_history(members: Sequence[Any], totals: Sequence[float]) -> list[Any]:
+    """``members`` (in score order) by their best candidate's total, highest first; ties keep the score order."""
+    return [m for _, _, m in sorted(zip((-t for t in totals), range(len(members)), members, strict=True))]
+
+
+def ordering_date(history: History, day: datetime, window_days: int, hoods: NeighbourhoodMap,
+                  limit: int) -> dict[str, dict[str, int]]:
+    """For each ordering, among the top ``limit`` eligible members at ``day``: how many came back within the
+    window, and how many went to the rules' pick (a hit)."""
+    census, future = world_at(history, day)
+    end = day + timedelta(days=window_days)
+    scored = [(user, score_candidates(user, future, hoods, day)) for user in census.eligible]
+    orders = {"score": scored, "history": by_history(scored, [best_total(c) for _, c in scored])}
+    found = {}
+    for name, members in orders.items():
+        top = members[:limit]
+        went = [(attended_between(history, user["_id"], day, end), rules_pick(user, c)) for user, c in top]
+        found[name] = {"members": len(top), "came_back": sum(bool(w) for w, _ in went),
+                       "hits": sum(p is not None and p.event["_id"] in w for w, p in went)}
+    return found
+
+
+def orderings_report(per_date: Sequence[tuple[datetime, Mapping[str, Mapping[str, int]]]],
+                     limit: int) -> dict[str, Any]:
+    """Each ordering pooled over the dates: came back and hit rates among the top ``limit``, Wilson intervals."""
+    pooled: dict[str, Any] = {}
+    for name in RANK_ORDERS:
+        n = sum(found[name]["members"] for _, found in per_date)
+        back = sum(found[name]["came_back"] for _, found in per_date)
+        hits = sum(found[name]["hits"] for _, found in per_date)
+        pooled[name] = {"member_dates": n, "came_back": back, "hits": hits,
+                        "came_back_rate": rounded(back / n if n else None),
+                        "hit_rate": rounded(hits / n if n else None),
+                        "hit_rate_interval_95": [rounded(v) for v in wilson_interval(hits, n)] if n else None}
+    return {"limit": limit, "orders": dict(RANK_BY_TEXT), "pooled": pooled,
+            "dates": [{"as_of": iso_utc(day), **found} for day, found in per_date],
+            "note": ("hit: the member went to the rules' pick within the window; came back: to any event. Member-dates "
+                     "are pooled (a member at several dates counts at each), so the Wilson intervals are a little "
+                     "narrow. Contactability is not applied, as elsewhere in the backtest.")}
+
+
+def ordering_lines(report: Mapping[str, Any]) -> list[str]:
+    found = report.get("orderings")
+    if not found:
+        return []
+    lines = [f"Reach first (top {found['limit']} eligible members per date):"]
+    for name, row in found["pooled"].items():
+        interval = row["hit_rate_interval_95"]
+        lines.append(f"  RANK_BY={name}: hit {percent(row['hit_rate'])}"
+                     + (f" ({percent(interval[0])}-{percent(interval[1])})" if interval else "")
+                     + f", came back {percent(row['came_back_rate'])} of {row['member_dates']} member-dates")
+    return lines
+
+
+# --- the matcher's weights: MATCH_WEIGHTS, and fitting them on your own history (issue 22) -----------
+# The scorer reads its weights from the module's names (``W_HOST`` ... ``PLAN_WEIGHT``, ``FAR_HALVING_DAYS``);
+# a weights file replaces them for one run (``weights_applied``), and ``backtest --fit`` fits them.
+
+HISTORY_WEIGHTS = ("W_HOST", "W_SERIES", "W_COMPANY", "W_PLACE", "W_TAGS", "W_WEEKDAY", "W_DAY_PART")
+WEIGHT_NAMES = (*HISTORY_WEIGHTS, "PLAN_WEIGHT", "FAR_HALVING_DAYS")
+WEIGHT_RANGES = {**dict.fromkeys((*HISTORY_WEIGHTS, "PLAN_WEIGHT"), (0.0, 100.0)), "FAR_HALVING_DAYS": (1.0, 365.0)}
+MAX_WEIGHTS_FILE_BYTES = 100_000
+WEIGHTS_FILE = "weights.json"
+FIT_GRID = (0.0, 0.25, 0.5, 1.0, 1.5, 2.0, 3.0, 4.0, 6.0, 8.0)  # values tried for each weight, besides x0.5 and x2
+FIT_HALF_LIFE_GRID = (7.0, 10.5, 14.0, 21.0, 28.0, 42.0, 63.0, 90.0)  # days tried for FAR_HALVING_DAYS
+FIT_ROUNDS = 6  # coordinate-search passes at most (it stops at the first pass that improves nothing)
+FIT_METHOD = ("coordinate search: from the current weights, each weight in turn (in an order shuffled by --seed "
+              "each pass) is set to the value among a fixed grid (and half and double its value) that gives the "
+              "highest hit@1 of the rules matcher on the fitted dates, kept only when it strictly improves; passes "
+              "repeat until one improves nothing (at most 6). Candidates are scored once; only their ranking is "
+              "recomputed for each set of weights, exactly as Candidate.rank_key orders them.")
+
+
+def current_weights() -> dict[str, float]:
+    """The weights the scorer reads now, by name."""
+    return {name: float(globals()[name]) for name in WEIGHT_NAMES}
+
+
+BUILT_IN_WEIGHTS = current_weights()
+
+
+@dataclass(frozen=True)
+class MatchWeights:
+    """The weights one run uses: the built-in ones, or a ``MATCH_WEIGHTS`` file's (named with its sha256)."""
+
+    values: Mapping[str, float]
+    source: str = "built-in"
+    sha256: str | None = None
+
+    @property
+    def label(self) -> str:
+        return self.source if self.sha256 is None else f"{self.source} (sha256 {self.sha256})"
+
+    def as_json(self) -> dict[str, Any]:
+        return {"source": self.source, "sha256": self.sha256, "values": dict(self.values)}
+
+
+def checked_weights(value: Any, where: str) -> dict[str, float]:
+    """A weights mapping (or a ``weights.json`` with one under ``weights``) checked name by name and range by
+    range; names it leaves out keep the built-in value. UsageError for anything else."""
+    found = value.get("weights", value) if isinstance(value, Mapping) else None
+    if not isinstance(found, Mapping):
+        raise UsageError(f"{where}: not a JSON object of weights ({', '.join(WEIGHT_NAMES)})")
+    unknown = sorted(set(found) - set(WEIGHT_NAMES))
+    if unknown:
+        raise UsageError(f"{where}: unknown weight {str(unknown[0])[:40]!r}; known: {', '.join(WEIGHT_NAMES)}")
+    weights = dict(BUILT_IN_WEIGHTS)
+    for name, number in found.items():
+        low, high = WEIGHT_RANGES[name]
+        if isinstance(number, bool) or not isinstance(number, (int, float)) or not low <= number <= high:
+            raise UsageError(f"{where}: {name} must be a number from {low:g} to {high:g}")
+        weights[name] = float(number)
+    return weights
+
+
+def load_match_weights(env: Mapping[str, str]) -> MatchWeights:
+    """``MATCH_WEIGHTS`` (a path to a JSON file, e.g. what ``backtest --fit`` wrote) or the built-in weights."""
+    text = (env.get("MATCH_WEIGHTS") or "").strip()
+    if not text:
+        return MatchWeights(dict(BUILT_IN_WEIGHTS))
+    path = Path(text).expanduser()
+    where = f"MATCH_WEIGHTS={text[:200]}"
+    try:
+        with path.open("rb") as handle:
+            data = handle.read(MAX_WEIGHTS_FILE_BYTES + 1)
+    except OSError as exc:
+        raise UsageError(f"{where}: cannot read the file ({exc.strerror or exc.__class__.__name__})") from None
+    if len(data) > MAX_WEIGHTS_FILE_BYTES:
+        raise UsageError(f"{where}: larger than {MAX_WEIGHTS_FILE_BYTES} bytes: not a weights file")
+    try:
+        value = json.loads(data.decode("utf-8"), parse_constant=lambda name: None)  # NaN and Infinity: no number
+    except (UnicodeDecodeError, ValueError):
+        raise UsageError(f"{where}: not valid JSON") from None
+    return MatchWeights(checked_weights(value, where), str(path), hashlib.sha256(data).hexdigest())
+
+
+@contextlib.contextmanager
+def weights_applied(values: Mapping[str, float]) -> Iterator[None]:
+    """The scorer reads ``values`` inside the block (the module's names), and its own weights again after it."""
+    saved = current_weights()
+    globals().update({name: float(values[name]) for name in WEIGHT_NAMES})
+    try:
+        yield
+    finally:
+        globals().update(saved)
+
+
+def fit_candidates(history: History, dated: Sequence[tuple[datetime, int, list[Trial]]],
+                   hoods: NeighbourhoodMap) -> list[list[Candidate]]:
+    """Each trial's candidates (in trial order), scored again as the backtest scored them, for ``--fit``."""
+    seen = []
+    for day, _, trials in dated:
+        census, future = world_at(history, day)
+        users = {user["_id"]: user for user in census.eligible}
+        seen += [score_candidates(users[t.member], future, hoods, day) for t in trials]
+    return seen
+
+
+def unit_signals(h: HistorySignals) -> tuple[float, ...]:
+    """``HistorySignals.contributions`` with every weight 1, in ``HISTORY_WEIGHTS`` order."""
+    n = max(h.past_events, 1)
+    return (h.host_events / n, h.series_events / n, min(h.company, COMPANY_CAP) / COMPANY_CAP, h.place_share,
+            h.tag_share, h.weekday_events / n, h.day_part_events / n)
+
+
+@dataclass(frozen=True)
+class FitData:
+    """Every trial's candidates as arrays, so a set of weights re-ranks them without scoring anything again.
+
+    Row arrays (one row per candidate): ``signals`` (unit contributions), ``plan`` (plan index / max),
+    ``days`` (days until), ``hit`` (the member went), ``trial`` (its trial's index), ``order`` (its place in
+    the plan's order among its trial's candidates). Trial lists: ``members``, ``days_of``, ``baselines``.
+    """
+
+    signals: Any
+    plan: Any
+    days: Any
+    hit: Any
+    trial: Any
+    order: Any
+    members: list[str]
+    days_of: list[datetime]
+    baselines: list[dict[str, float]]
+
+
+def fit_data(dated: Sequence[tuple[datetime, int, list[Trial]]], seen: Sequence[Sequence[Candidate]],
+             history: History, window_days: int) -> FitData:
+    """Each trial's candidates (``fit_candidates``, in trial order) with what really happened."""
+    import numpy as np
+
+    rows: list[tuple[Any, ...]] = []
+    trials = [(day, t) for day, _, ts in dated for t in ts]
+    for index, ((day, trial), candidates) in enumerate(zip(trials, seen, strict=True)):
+        went = attended_between(history, trial.member, day, day + timedelta(days=window_days))
+        plan_order = {id(c): k for k, c in enumerate(sorted(candidates, key=lambda c: c.plan_key))}
+        rows += [(*unit_signals(c.history), c.plan_index / PLAN_INDEX_MAX, c.days_until, c.event["_id"] in went,
+                  index, plan_order[id(c)]) for c in candidates]
+    table = np.array(rows, dtype=float).reshape(-1, len(HISTORY_WEIGHTS) + 5)
+    k = len(HISTORY_WEIGHTS)
+    return FitData(table[:, :k], table[:, k], table[:, k + 1], table[:, k + 2], table[:, k + 3].astype(int),
+                   table[:, k + 4], [t.member for _, t in trials], [d for d, _ in trials],
+                   [{name: t.hits[name] for name in BASELINES} for _, t in trials])
+
+
+def fit_hits(data: FitData, weights: Mapping[str, float]) -> Any:
+    """Each trial's hit (1/0) when the candidates are ranked with ``weights`` as ``Candidate.rank_key`` ranks
+    them: the total (history points times timing, plus the plan's tiers), then the plan's order."""
+    import numpy as np
+
+    points = data.signals @ np.array([weights[name] for name in HISTORY_WEIGHTS])
+    timing = np.where(data.days <= NEAR_DAYS, 1.0, 0.5 ** ((data.days - NEAR_DAYS) / weights["FAR_HALVING_DAYS"]))
+    total = np.round(points * timing + weights["PLAN_WEIGHT"] * data.plan, 9)
+    ranked = np.lexsort((data.order, -total, data.trial))
+    first = ranked[np.r_[True, data.trial[ranked][1:] != data.trial[ranked][:-1]]] if len(ranked) else ranked
+    hits = np.zeros(len(data.members))
+    hits[data.trial[first]] = data.hit[first]
+    return hits
+
+
+def grid_for(name: str, value: float) -> list[float]:
+    """The values coordinate search tries for one weight, within its range."""
+    low, high = WEIGHT_RANGES[name]
+    base = FIT_HALF_LIFE_GRID if name == "FAR_HALVING_DAYS" else FIT_GRID
+    return sorted(v for v in {*base, value * 0.5, value * 2} if low <= v <= high)
+
+
+def coordinate_search(data: FitData, fitted: Any, start: Mapping[str, float], seed: int) -> dict[str, float]:
+    """``FIT_METHOD``: the weights with the highest mean hit on the trials ``fitted`` (a boolean mask)."""
+    rng = random.Random(seed)
+    weights = dict(start)
+    if not fitted.any():  # nobody came back on the fitted dates: nothing to fit on
+        return weights
+    best = float(fit_hits(data, weights)[fitted].mean())
+    for _ in range(FIT_ROUNDS):
+        improved = False
+        for name in rng.sample(WEIGHT_NAMES, len(WEIGHT_NAMES)):
+            for value in grid_for(name, weights[name]):
+                trial = {**weights, name: value}
+                score = float(fit_hits(data, trial)[fitted].mean())
+                if score > best + 1e-12:
+                    weights, best, improved = trial, score, True
+        if not improved:
+            break
+    return weights
+
+
+def held_out_figures(data: FitData, evaluated: Any, fitted_hits: Any, current_hits: Any, resamples: int,
+                     seed: int) -> dict[str, Any]:
+    """Hit@1 of both sets of weights on the evaluated dates, the lead of each over the best baseline there,
+    with 95% bootstrap intervals (members resampled with all their dates, as the backtest's pooled row)."""
+    index = [i for i in range(len(data.members)) if evaluated[i]]
+    if not index:
+        return {"trials": 0}
+    best = max(BASELINES, key=lambda b: (sum(data.baselines[i][b] for i in index), b))
+    rows = [(data.members[i], {"fitted": float(fitted_hits[i]), "current": float(current_hits[i]),
+                               "difference": float(fitted_hits[i] - current_hits[i]),
+                               "lead_fitted": float(fitted_hits[i]) - data.baselines[i][best],
+                               "lead_current": float(current_hits[i]) - data.baselines[i][best]}) for i in index]
+    intervals = bootstrap_intervals(rows, resamples, seed)
+    mean = {name: round(sum(r[name] for _, r in rows) / len(rows), 4) for name in rows[0][1]}
+    return {"trials": len(rows), "members": len({m for m, _ in rows}), "best_baseline": best,
+            "hit_at_1": {name: {"rate": mean[name], "interval_95": list(intervals[name])}
+                         for name in ("fitted", "current")},
+            "difference": {"points": mean["difference"], "interval_95": list(intervals["difference"])},
+            "lead_over_best_baseline": {name: {"points": mean[f"lead_{name}"],
+                                               "interval_95": list(intervals[f"lead_{name}"])}
+                                        for name in ("fitted", "current")}}
+
+
+def fit_split(days: Sequence[datetime], fit_until: datetime | None) -> datetime:
+    """The last as-of date fitted: ``--fit-until``, or the middle of the dates; there must be dates after it."""
+    cut = fit_until or days[(len(days) - 1) // 2]
+    if not days[0] <= cut < days[-1]:
+        raise UsageError("--fit needs as-of dates on both sides of the split: --fit-until must be on or after "
+                         "--from and before the last as-of date")
+    return cut
+
+
+def fit_weights(dated: Sequence[tuple[datetime, int, list[Trial]]], seen: Sequence[Sequence[Candidate]],
+                history: History, window_days: int, cut: datetime, current: MatchWeights, resamples: int,
+                seed: int) -> dict[str, Any]:
+    """``backtest --fit``: weights fitted on the as-of dates up to ``cut``, judged on the later ones."""
+    import numpy as np
+
+    data = fit_data(dated, seen, history, window_days)
+    fitted_mask = np.array([d <= cut for d in data.days_of], dtype=bool)
+    weights = coordinate_search(data, fitted_mask, current.values, seed)
+    fitted_hits, current_hits = fit_hits(data, weights), fit_hits(data, current.values)
+    held = held_out_figures(data, ~fitted_mask, fitted_hits, current_hits, resamples, seed)
+    dates = sorted({d for d, _, _ in dated})
+    beats = bool(held.get("trials")) and held["hit_at_1"]["fitted"]["rate"] > held["hit_at_1"]["current"]["rate"]
+    return {
+        "method": FIT_METHOD,
+        "split": (f"time split on the as-of dates: fitted on the {sum(d <= cut for d in dates)} dates up to "
+                  f"{iso_utc(cut)}, evaluated on the {sum(d > cut for d in dates)} later dates; the windows of the "
+                  f"last fitted dates reach up to {window_days} days into the evaluated period"),
+        "fitted_dates": [iso_utc(d) for d in dates if d <= cut], "evaluated_dates": [iso_utc(d) for d in dates if d > cut],
+        "seed": seed, "current": current.as_json(), "weights": weights,
+        "fitted_hit_at_1_on_fitted_dates": round(float(fitted_hits[fitted_mask].mean()), 4) if fitted_mask.any() else None,
+        "current_hit_at_1_on_fitted_dates": round(float(current_hits[fitted_mask].mean()), 4) if fitted_mask.any() else None,
+        "held_out": held, "beats_current": beats,
+    }
+
+
+def weights_document(fit: Mapping[str, Any]) -> dict[str, Any]:
+    """``<out>/weights.json``: the weights (what ``MATCH_WEIGHTS`` reads), the dates, both held-out hit@1."""
+    return {"weights": fit["weights"], "fitted_dates": fit["fitted_dates"], "evaluated_dates": fit["evaluated_dates"],
+            "hit_at_1": fit["held_out"]["hit_at_1"], "lead_over_best_baseline": fit["held_out"]["lead_over_best_baseline"],
+            "replaces": fit["current"], "method": fit["method"], "split": fit["split"], "seed": fit["seed"]}
+
+
+def fit_lines(fit: Mapping[str, Any], written: Path | None) -> list[str]:
+    """The fit in a few sentences (console and Markdown)."""
+    held = fit["held_out"]
+    if not held.get("trials"):
+        return ["Fit: nobody came back within a window on the evaluated dates: nothing to judge; nothing written."]
+    hits, lead = held["hit_at_1"], held["lead_over_best_baseline"]
+
+    def with_interval(entry: Mapping[str, Any], key: str) -> str:
+        low, high = entry["interval_95"]
+        return f"{100 * entry[key]:.1f}% (95% interval {100 * low:.1f}-{100 * high:.1f})"
+
+    lines = [f"Fit: {fit['split']}.",
+             (f"Held-out hit@1: fitted {with_interval(hits['fitted'], 'rate')}, current "
+              f"{with_interval(hits['current'], 'rate')}, over {held['trials']} member-dates."),
+             (f"Held-out lead over the best baseline ({held['best_baseline']}): fitted "
+              f"{100 * lead['fitted']['points']:+.1f} points, current {100 * lead['current']['points']:+.1f} points."),
+             "Fitted weights: " + ", ".join(f"{k}={v:g}" for k, v in fit["weights"].items()) + "."]
+    lines.append(f"The fitted weights beat the current ones on the held-out dates: written to {written} "
+                 "(use it with MATCH_WEIGHTS)." if written else
+                 "The fitted weights do not beat the current ones on the held-out dates: nothing written.")
+    return lines
 
 
 BACKTEST_EXIT_CODES = """exit codes:
@@ -10293,6 +11408,14 @@ def backtest_parser() -> argparse.ArgumentParser:
     parser.add_argument("--seed", type=int, default=BACKTEST_SEED, help="the bootstrap's seed (%(default)s)")
     parser.add_argument("--insecure-tls", action="store_true",
                         help="do not verify MongoDB's TLS certificate (logged as a warning)")
+    parser.add_argument("--limit", type=positive_int, metavar="N",
+                        help="also compare the orderings (RANK_BY=score|history): the hit rate among the top N "
+                             "eligible members per date")
+    parser.add_argument("--fit", action="store_true",
+                        help="fit the matcher's weights on the earlier as-of dates, judge them on the later ones, and "
+                             f"write OUT/{WEIGHTS_FILE} only when they beat the current weights there")
+    parser.add_argument("--fit-until", metavar="DATE",
+                        help="with --fit: the last as-of date fitted (default: the middle as-of date)")
     return parser
 
 
@@ -10348,6 +11471,8 @@ def backtest(args: argparse.Namespace, env: Mapping[str, str] | None, mongo_clie
     settings = Settings.from_env(env if env is not None else read_environment())
     started = datetime.now(UTC).replace(microsecond=0)
     days = backtest_days(args, started)
+    weights = load_match_weights(settings.env)
+    cut = fit_split(days, as_of_flag(args.fit_until, "--fit-until") if args.fit_until else None) if args.fit else None
     hoods = load_neighbourhoods(settings.neighbourhoods_csv)
     out_dir = usable_out_dir(args.out)
     source = backtest_source(args, settings, out_dir, started, mongo_client)
@@ -10358,7 +11483,8 @@ def backtest(args: argparse.Namespace, env: Mapping[str, str] | None, mongo_clie
     for name in screened.empty:
         print(f"warning: empty input: no {name} in {input_location(source, name)}", file=sys.stderr)
     history = build_history(screened.users, screened.events, screened.issues)
-    dated = run_backtest(history, days, args.window_days, hoods, pick)
+    with weights_applied(weights.values):
+        dated = run_backtest(history, days, args.window_days, hoods, pick)
     report = build_backtest_report(source=source.label, start=days[0], end=as_of_flag(args.end, "--to"),
                                    every_days=args.every_days,
                                    window_days=args.window_days, dated=dated, issues=screened.issues,
@@ -10366,8 +11492,22 @@ def backtest(args: argparse.Namespace, env: Mapping[str, str] | None, mongo_clie
                                    seconds=time.monotonic() - clock, places_not_located=unlocated_places(
                                        hoods, [*(text_field(u, "homeNeighborhood") for u in screened.users),
                                                *(text_field(e, "neighborhood") for e in screened.events)]))
+    report["match_weights"] = weights.as_json()
+    if args.limit:
+        with weights_applied(weights.values):
+            report["orderings"] = orderings_report(
+                [(day, ordering_date(history, day, args.window_days, hoods, args.limit)) for day in days], args.limit)
+    if cut is not None:
+        report["fit"] = fit_weights(dated, fit_candidates(history, dated, hoods), history, args.window_days, cut,
+                                    weights, args.resamples, args.seed)
+        written = out_dir / WEIGHTS_FILE if report["fit"]["beats_current"] else None
+        if written is not None:
+            write_json(written, weights_document(report["fit"]))
+        report["fit"]["written"] = str(written) if written else None
     path = write_backtest_report(out_dir, report, started)
     print(console_table(report))
+    for line in backtest_learned_lines(report):
+        print(line)
     print(f"Report: {path} (and .json)")
     if report["pooled"]["returned"] == 0:
         print("warning: nobody came back within any window: nothing was scored", file=sys.stderr)
@@ -10528,6 +11668,9 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--holdout", type=holdout_fraction, default=RunOptions.holdout, metavar="FRACTION",
                         help="share of members kept as a control group, never texted (%(default)g; 0-0.5; "
                              "0.1 recommended)")
+    parser.add_argument("--variants", type=tone_names, default=RunOptions.variants, metavar="NAMES",
+                        help="message tones to A/B test, comma-separated from " + ", ".join(TONES)
+                             + " (default: standard, today's wording); each member keeps theirs run after run")
     parser.add_argument("--invites-per-spot", type=invites_per_spot, default=RunOptions.invites_per_spot,
                         metavar="R", help="an event with N spots left gets at most ceil(R x N) open invitations "
                                           "(pending or approved, within the cooldown) (%(default)g)")
@@ -10636,7 +11779,7 @@ def resolve_options(args: argparse.Namespace, settings: Settings) -> RunOptions:
     return RunOptions(source=kind, folder=folder, now=now, out_dir=out_dir, limit=args.limit,
                       use_claude=use_claude, dry_run=args.dry_run, min_confidence=args.min_confidence,
                       candidates=args.candidates, concurrency=args.concurrency,
-                      cooldown_days=args.cooldown_days, holdout=args.holdout,
+                      cooldown_days=args.cooldown_days, holdout=args.holdout, variants=args.variants,
                       invites_per_spot=args.invites_per_spot, max_invites_per_event=args.max_invites_per_event,
                       min_lead_hours=args.min_lead_hours, deadline_minutes=args.deadline_minutes,
                       keep_logs_days=args.keep_logs, insecure_tls=args.insecure_tls, verbose=args.verbose,
@@ -10741,7 +11884,10 @@ def run_campaign(args: argparse.Namespace, env: Mapping[str, str] | None, mongo_
                  closing: ExitStack) -> RunResult:
     """The program itself: settings, the lock, the services, one campaign. ``main`` handles the errors."""
     settings = Settings.from_env(env if env is not None else read_environment())
-    options = resolve_options(args, settings)
+    weights = load_match_weights(settings.env)  # MATCH_WEIGHTS: a bad file is exit 2 before anything runs
+    options = replace(resolve_options(args, settings), match_weights=weights.label,
+                      rank_by=rank_by_setting(settings.env))
+    closing.enter_context(weights_applied(weights.values))
     if options.is_demo:  # demo messages carry a sample sender and opt-out text
         settings = replace(settings, sms=settings.sms.with_samples())
     hoods = load_neighbourhoods(settings.neighbourhoods_csv)  # before the lock: a bad table is exit 2 at once

@@ -248,7 +248,7 @@ def test_the_same_history_gives_the_same_report(run_cli, tmp_path):
      "--window-days: must be at most"),
     (("--source", "{folder}", "--from", D_FLAG, "--to", D_FLAG, "--resamples", "100000000"),
      "--resamples: must be at most"),
-    (("--source", "{folder}", "--from", D_FLAG, "--to", D_FLAG, "--limit", "3"), "unrecognized"),
+    (("--source", "{folder}", "--from", D_FLAG, "--to", D_FLAG, "--dry-run"), "unrecognized"),  # --limit is one now
     (("--source", "{folder}", "--from", "1970-01-01", "--to", D_FLAG, "--every-days", "1"), "as-of dates"),
     (("--source", "{folder}", "--from", "{recent}", "--to", "{recent}"), "not closed"),
     (("--source", "mongo", "--from", D_FLAG, "--to", D_FLAG), "MONGO_URI"),
