@@ -8438,216 +8438,42 @@ def describe_key_change(change: KeyChange) -> str:
 
 
 # =============================================================================================
-# The campaign: ReturnToTable runs the plan's eight steps in order
+# Steps 5-6: the walk, each member it reaches matched and messaged
 # =============================================================================================
+# Its own class because the walk has state of its own (seats, numbers, decisions, the progress bar, the last
+# save) that lives only as long as steps 5-6; the orchestrator builds it from what steps 1-2 found.
 
 
-@dataclass
-class RunResult:
-    """What a run produced: the report and what ``main`` tells the operator. The exit-code rule lives here."""
+@dataclass(eq=False)
+class MemberWalk:
+    """Steps 5-6: down the contactable members in rank order until ``--limit`` are messaged; each member
+    matched (step 5) and written to (step 6), held out, or skipped with a ``skip_reason``; results saved
+    as they come (``data/processed/`` and the dashboard, rank order)."""
 
-    campaign_id: str
-    report: dict[str, Any]
-    report_path: Path
-    firebase: dict[str, Any]
-    claude_unavailable: str | None
-    status: str = "completed"
-    failed_members: int = 0
-    signal: int | None = None
-    empty_input: list[str] = field(default_factory=list)  # "users", "events": read, but there were none
-    limit_already_drafted: bool = False  # the campaign day's --limit was drafted before this run: exit 0
-    idle: IdleReason | None = None  # why no message was drafted (``idle_reason``), None when one was
+    options: RunOptions
+    logger: logging.Logger
+    sms: SmsPolicy  # who may be texted, when (quiet hours), and what every message carries
+    zone: ZoneInfo  # CAMPAIGN_TIMEZONE
+    hoods: NeighbourhoodMap
+    advisor: ClaudeAdvisor | None  # None: the rules and the template
+    control: RunControl  # a stop (signal or deadline) starts no new member
+    dashboard: DashboardWriter  # each result submitted as it comes (``DashboardWriter.submit``)
+    activity: Mapping[str, Activity]  # step 1's activity of every member, for ``reach_member``
+    candidate_index: CandidateIndex | None  # step 2's open events indexed for step 5
+    seats: SeatLedger  # open invitations per event, the dashboard's and this run's
+    numbers: NumberLedger  # consent and contact per phone number (one number, one text)
+    volume: DailyVolume  # this run's share of the campaign day's ``--limit``
+    campaign_id: str  # holdout records carry it
+    decisions: dict[str, str]  # eligible member id -> "selected" or its skip_reason, filled as the walk goes
+    skip_details: dict[str, str]  # member id -> the detail of their skip reason (``OTHER_RECORD``)
+    progress: Any = field(default=None, init=False)  # the members progress bar, on a terminal
+    saved_at: float = field(default_factory=time.monotonic, init=False)  # the last local save
 
-    @property
-    def firebase_failed(self) -> bool:
-        return bool(self.firebase["not_written"] or self.firebase["errors"])
-
-    @property
-    def exit_code(self) -> int:
-        """130/143 after a signal; 3 when done but something needs a look (a day without a message, but for
-        today's limit already drafted); else 0."""
-        if self.signal is not None:
-            return EXIT_SIGNALS.get(self.signal, 128 + self.signal)
-        needs_a_look = (self.status == "deadline" or self.firebase_failed or self.claude_unavailable
-                        or self.failed_members or self.empty_input)
-        idle = self.idle.exit_code if self.idle is not None else EXIT_OK
-        return EXIT_ATTENTION if needs_a_look else idle
-
-
-class ReturnToTable:
-    """One campaign run: the plan's eight steps, in order, and nothing else.
-
-    Each step is a pure function above; this class only sequences them and does the I/O at the
-    edges: the source, Claude (``ClaudeAdvisor``), the dashboard (``DashboardWriter``) and the
-    files under ``--out``.
-    """
-
-    def __init__(self, options: RunOptions, settings: Settings, logger: logging.Logger, *,
-                 source: DataSource, dashboard: DashboardWriter, hoods: NeighbourhoodMap,
-                 advisor: ClaudeAdvisor | None = None, control: RunControl | None = None) -> None:
-        control = control or RunControl()
-        self.options = options
-        self.logger = logger
-        self.source = source
-        self.dashboard = dashboard
-        self.hoods = hoods
-        self.advisor = advisor
-        self.zone = settings.zone
-        self.sms = settings.sms  # who may be texted, when (quiet hours), and what every message carries
-        self.segment_price = settings.sms_segment_price  # SMS_SEGMENT_PRICE, USD, for the report's cost
-        self.min_lead = timedelta(hours=options.min_lead_hours)
-        self.control = control
-        self.issues = DataIssues()
-        self.empty_input: list[str] = []  # collections the source had no documents in (``empty_collections``)
-        self.data_dir = options.data_dir
-        self.saved_at = time.monotonic()
-        self.progress: Any = None  # the members progress bar during steps 5-6, on a terminal
-        self.sms = settings.sms
-        self.decisions: dict[str, str] = {}  # eligible member id -> "selected" or its skip_reason (``SKIP_REASONS``)
-        self.campaign_id = ""  # claimed before steps 5-6 (holdout records carry it)
-        self.candidate_index: CandidateIndex | None = None  # step 2's open events indexed for step 5
-        self.counted: SourceData | None = None  # what a counting source read (``read_dormant``)
-        self.activity: Mapping[str, Activity] = {}  # step 1's activity of every member, for ``reach_member``
-        self.census: DormancyCensus | None = None  # step 1's eligible members and counts
-        self.history = DashboardHistory()  # what the dashboard holds of this campaign day and of open invitations
-        self.volume = DailyVolume.of(options.limit, self.history, options.now, self.zone)  # this run's share
-        self.seats = SeatLedger(options.invites_per_spot, options.max_invites_per_event)  # steps 5-6's seats
-        self.numbers = NumberLedger()  # consent and contact per phone number (``consent_by_number``)
-        self.skip_details: dict[str, str] = {}  # member id -> the detail of their skip reason (``OTHER_RECORD``)
-        self.idle_hint: IdleReason | None = None  # why no message, known before the walk (today's limit drafted)
-
-    # --- step 1: fetch, find and rank the dormant members -----------------------------------
-
-    def fetch(self) -> tuple[list[dict[str, Any]], list[dict[str, Any]]]:
-        """The source's records, screened (``screen_records``): ``data/raw/`` keeps them as read, in full
-        (a folder's files copied while they are read, ``StagedCopies``)."""
-        files = self.source.export_files() if isinstance(self.source, FolderSource) else {}
-        copies = StagedCopies(self.data_dir / "raw", files, self.control)
-        try:
-            return self.screened_read(copies)
-        finally:
-            copies.discard()
-
-    def screened_read(self, copies: StagedCopies) -> tuple[list[dict[str, Any]], list[dict[str, Any]]]:
-        data = read_source(self.source, self.options.now, reading_progress if self.options.progress else None)
-        self.issues.add("unreadable_extended_json_values", data.bad_values)
-        self.issues.add_all(data.skipped)
-        self.issues.add_all(data.issues)
-        # what was counted, without the records (the steps read those from what this returns, and free them)
-        self.counted = dataclasses.replace(data, users=[], events=[]) if data.activity is not None else None
-        screened_users, screened_events = screened_as_read(data, "users"), screened_as_read(data, "events")
-        self.issues.add_all(screened_users.issues + screened_events.issues)
-        self.logger.info("Step 1: read %d users and %d events from %s", *read_totals(data), self.source.label)
-        self.empty_input = empty_collections(data)
-        for name in self.empty_input:
-            self.logger.warning("Empty input: no %s in %s (the run goes on; exit 3)", name,
-                                input_location(self.source, name))
-        skipped = (sum(data.skipped.values()) + len(data.users) + len(data.events)
-                   - len(screened_users.records) - len(screened_events.records))
-        if skipped:
-            self.logger.warning("Step 1: %d records skipped (nested too deep or without a usable _id); "
-                                "the report's data_issues counts them", skipped)
-        keep_raw(self.data_dir / "raw", data, {"users": screened_users, "events": screened_events}, copies)
-        users, events = screened_users.records, screened_events.records
-        users, repeated_users = dedupe_by_id(users)
-        events, repeated_events = dedupe_by_id(events)
-        self.issues.add("repeated_user_ids", repeated_users)
-        self.issues.add("repeated_event_ids", repeated_events)
-        return users, events
-
-    def dormant_users(self, users: list[dict[str, Any]], events: Sequence[Mapping[str, Any]]) -> DormancyCensus:
-        """Step 1's census; ``users`` is emptied as it is read (each read member is freed once its record is
-        built: a million-member source leaves hundreds of thousands)."""
-        counted = self.counted  # the source counted the activity and handed over the dormant members only
-        activity = counted.activity if counted and counted.activity is not None else index_member_activity(
-            events, self.issues)
-        self.activity = activity  # the walk reads each member it reaches from it (``reach_member``)
-        with collection_paused():  # a record per eligible member: no cycles, nothing to collect
-            census = find_dormant_users(drained(users), activity, self.options.now, zone=self.zone.key,
-                                        complete=False, plain=counted.plain_users if counted else frozenset())
-        if counted is not None and counted.statuses is not None:
-            census = dataclasses.replace(census, status_counts=counted.statuses)
-        write_json(self.data_dir / "processed" / "dormant_users.json", census.eligible, private=True)
-        self.logger.info("Step 1: %d dormant members, %d personalisation-ready (statuses: %s)",
-                         census.dormant_total, len(census.eligible), census.status_counts)
-        return census
-
-    def consent_by_number(self) -> NumberLedger:
-        """Every member's stored SMS preferences (``consent_rows``), collected per number; odd values counted."""
-        ledger = NumberLedger.collect(self.source.consent_rows(sms_field_paths(self.sms)), self.sms)
-        self.issues.add("odd_sms_preference_values", ledger.odd)
-        return ledger
-
-    def cooldown(self) -> set[str]:
-        """Members with a message generated (or a holdout record made) within the cooldown, or later than ``now``,
-        and every member drafted or held out this campaign day (a top-up never drafts one twice, even with
-        ``--cooldown-days 0``). Reads the day's history too (``read_history``): the daily limit and the seats."""
-        recent: set[str] = set()
-        try:
-            if self.options.cooldown_days > 0:
-                recent = self.dashboard.recent_recipients(days_before(self.options.now, self.options.cooldown_days))
-                self.issues.add("dashboard_messages_without_valid_generated_at", self.dashboard.undated_messages)
-            self.history = self.dashboard.read_history(campaign_day(self.options.now, self.zone), self.seats_since())
-        except FirebaseError as exc:
-            if self.options.dry_run:
-                self.logger.warning("Cooldown not applied in this dry run (nor the daily limit's count): %s", exc)
-            else:  # without knowing who was messaged, writing could draft someone twice
-                self.dashboard.stand_down("messages (unreadable, nothing will be written this run)", exc)
-            return set()
-        self.volume = DailyVolume.of(self.options.limit, self.history, self.options.now, self.zone)
-        self.seats = SeatLedger(self.options.invites_per_spot, self.options.max_invites_per_event,
-                                self.history.open_invitations)
-        self.logger.info("Daily limit %d (%s): %d messages drafted earlier today, %d held out; %d left for this run",
-                         self.options.limit, self.volume.day, self.volume.drafted_before,
-                         self.volume.held_out_before, self.volume.remaining)
-        return recent | self.history.today_members
-
-    def seats_since(self) -> datetime:
-        """Open invitations count from the cooldown's start (at the latest from the campaign day's start)."""
-        day_start = campaign_day(self.options.now, self.zone)[0]
-        return min(day_start, days_before(self.options.now, self.options.cooldown_days))
-
-    def select(self, census: DormancyCensus) -> list[tuple[int, DormantMember]]:
-        """The eligible members outside the cooldown, as ``(rank, member)`` in rank order, for the walk
-        (which checks phone and opt-out of each member it reaches: ``reachable``); the others get ``cooldown``."""
-        recent = self.cooldown()
-        phones = list(self.dashboard.recent_phones)  # the numbers contacted within the cooldown ...
-        walk: list[tuple[int, DormantMember]] = []
-        for rank, user in enumerate(census.eligible, 1):
-            if user["_id"] in recent:
-                self.decisions[user["_id"]] = "cooldown"
-                phones.append(user.get("phone"))  # ... and those of the members contacted then
-            else:
-                walk.append((rank, user))
-        self.logger.info("Step 1: %d of %d eligible members are outside the cooldown", len(walk), len(census.eligible))
-        self.numbers.recent.update(filter(None, (number_key(p, self.sms.default_region) for p in phones)))
-        return walk
-
-    def reachable(self, user: DormantMember) -> bool:
-        """Whether a member the walk reached may be texted: the phone is checked and the history read now
-        (``reach_member``); one who may not gets ``no_valid_phone``, ``opted_out`` (their record, or another
-        with their number: ``NumberLedger``) or ``shared_phone``; one who may takes their number."""
-        reach_member(user, self.activity, self.options.now, self.sms.default_region, self.zone.key)
-        block, detail = contact_block(user, self.sms)[0], None  # (odd values: counted by ``consent_by_number``)
-        if block is None:
-            block, detail = self.numbers.claim(user)
-        if block is not None:
-            self.decisions[user["_id"]] = block
-        if detail is not None:
-            self.skip_details[user["_id"]] = detail
-        return block is None
-
-    # --- step 2: future public events (steps 3-4, the summaries, are attached in steps 1-2) --
-
-    def future_events(self, events: Sequence[Mapping[str, Any]]) -> list[FutureEvent]:
-        future = find_future_events(events, self.options.now, self.issues)
-        write_json(self.data_dir / "processed" / "future_events.json", future)
-        self.candidate_index = CandidateIndex.build(future, self.hoods, self.options.now)
-        open_count = sum(1 for e in future if e["remaining_spots"] != 0)
-        self.logger.info("Step 2: %d future public events, %d with open spots", len(future), open_count)
-        return future
-
-    # --- steps 5-6: match each member and write the SMS -------------------------------------
+    def run(self, walk: Sequence[tuple[int, DormantMember]], events: Sequence[FutureEvent]) -> list[UserOutcome]:
+        """The walk with a progress bar on a terminal (``process_all``)."""
+        with progress_bar(min(len(walk), self.volume.remaining), "members",
+                          enabled=self.options.progress) as self.progress:
+            return self.process_all(walk, events)
 
     def recipient_zone(self, user: Mapping[str, Any]) -> ZoneInfo:
         """The member's own zone, for the send window: from the number when it maps to one zone, else
@@ -8662,6 +8488,20 @@ class ReturnToTable:
         if index is not None and index.events is events:
             return index.ranked(user)
         return iter(score_candidates(user, events, self.hoods, self.options.now))
+
+    def reachable(self, user: DormantMember) -> bool:
+        """Whether a member the walk reached may be texted: the phone is checked and the history read now
+        (``reach_member``); one who may not gets ``no_valid_phone``, ``opted_out`` (their record, or another
+        with their number: ``NumberLedger``) or ``shared_phone``; one who may takes their number."""
+        reach_member(user, self.activity, self.options.now, self.sms.default_region, self.zone.key)
+        block, detail = contact_block(user, self.sms)[0], None  # (odd values: counted by ``consent_by_number``)
+        if block is None:
+            block, detail = self.numbers.claim(user)
+        if block is not None:
+            self.decisions[user["_id"]] = block
+        if detail is not None:
+            self.skip_details[user["_id"]] = detail
+        return block is None
 
     def candidates_for(self, user: Mapping[str, Any], events: Sequence[Mapping[str, Any]],
                        ) -> tuple[list[Candidate], Skip | None]:
@@ -8740,7 +8580,8 @@ class ReturnToTable:
         start = to_utc(event.get("startDate"))
         if start is None:
             return None
-        return send_window(start, self.options.now, zone, self.sms.quiet_hours, self.min_lead)
+        return send_window(start, self.options.now, zone, self.sms.quiet_hours,
+                           timedelta(hours=self.options.min_lead_hours))
 
     def choose_event(self, user: Mapping[str, Any], candidates: Sequence[Candidate],
                      outcome: UserOutcome) -> Match | None:
@@ -8943,12 +8784,210 @@ class ReturnToTable:
     def save_progress(self, done: Sequence[UserOutcome]) -> None:
         """``matches.json`` and ``messages.json`` as they stand, in rank order (atomically)."""
         ordered = sorted(done, key=lambda o: o.rank)
-        write_json(self.data_dir / "processed" / "matches.json", [o.match for o in ordered if o.match], private=True)
-        write_json(self.data_dir / "processed" / "messages.json", [o.message for o in ordered if o.message],
+        write_json(self.options.data_dir / "processed" / "matches.json", [o.match for o in ordered if o.match], private=True)
+        write_json(self.options.data_dir / "processed" / "messages.json", [o.message for o in ordered if o.message],
                    private=True)
-        write_json(self.data_dir / "processed" / "holdout.json", [o.holdout for o in ordered if o.holdout],
+        write_json(self.options.data_dir / "processed" / "holdout.json", [o.holdout for o in ordered if o.holdout],
                    private=True)
         self.saved_at = time.monotonic()
+
+
+# =============================================================================================
+# The campaign: ReturnToTable runs the plan's eight steps in order
+# =============================================================================================
+
+
+@dataclass
+class RunResult:
+    """What a run produced: the report and what ``main`` tells the operator. The exit-code rule lives here."""
+
+    campaign_id: str
+    report: dict[str, Any]
+    report_path: Path
+    firebase: dict[str, Any]
+    claude_unavailable: str | None
+    status: str = "completed"
+    failed_members: int = 0
+    signal: int | None = None
+    empty_input: list[str] = field(default_factory=list)  # "users", "events": read, but there were none
+    limit_already_drafted: bool = False  # the campaign day's --limit was drafted before this run: exit 0
+    idle: IdleReason | None = None  # why no message was drafted (``idle_reason``), None when one was
+
+    @property
+    def firebase_failed(self) -> bool:
+        return bool(self.firebase["not_written"] or self.firebase["errors"])
+
+    @property
+    def exit_code(self) -> int:
+        """130/143 after a signal; 3 when done but something needs a look (a day without a message, but for
+        today's limit already drafted); else 0."""
+        if self.signal is not None:
+            return EXIT_SIGNALS.get(self.signal, 128 + self.signal)
+        needs_a_look = (self.status == "deadline" or self.firebase_failed or self.claude_unavailable
+                        or self.failed_members or self.empty_input)
+        idle = self.idle.exit_code if self.idle is not None else EXIT_OK
+        return EXIT_ATTENTION if needs_a_look else idle
+
+
+class ReturnToTable:
+    """One campaign run: the plan's eight steps, in order, and nothing else.
+
+    Each step is a pure function above; this class only sequences them and does the I/O at the
+    edges: the source, Claude (``ClaudeAdvisor``), the dashboard (``DashboardWriter``) and the
+    files under ``--out``.
+    """
+
+    def __init__(self, options: RunOptions, settings: Settings, logger: logging.Logger, *,
+                 source: DataSource, dashboard: DashboardWriter, hoods: NeighbourhoodMap,
+                 advisor: ClaudeAdvisor | None = None, control: RunControl | None = None) -> None:
+        control = control or RunControl()
+        self.options = options
+        self.logger = logger
+        self.source = source
+        self.dashboard = dashboard
+        self.hoods = hoods
+        self.advisor = advisor
+        self.zone = settings.zone
+        self.sms = settings.sms  # who may be texted, when (quiet hours), and what every message carries
+        self.segment_price = settings.sms_segment_price  # SMS_SEGMENT_PRICE, USD, for the report's cost
+        self.control = control
+        self.issues = DataIssues()
+        self.empty_input: list[str] = []  # collections the source had no documents in (``empty_collections``)
+        self.data_dir = options.data_dir
+        self.decisions: dict[str, str] = {}  # eligible member id -> "selected" or its skip_reason (``SKIP_REASONS``)
+        self.candidate_index: CandidateIndex | None = None  # step 2's open events indexed for step 5
+        self.counted: SourceData | None = None  # what a counting source read (``read_dormant``)
+        self.activity: Mapping[str, Activity] = {}  # step 1's activity of every member, for ``reach_member``
+        self.census: DormancyCensus | None = None  # step 1's eligible members and counts
+        self.history = DashboardHistory()  # what the dashboard holds of this campaign day and of open invitations
+        self.volume = DailyVolume.of(options.limit, self.history, options.now, self.zone)  # this run's share
+        self.seats = SeatLedger(options.invites_per_spot, options.max_invites_per_event)  # steps 5-6's seats
+        self.numbers = NumberLedger()  # consent and contact per phone number (``consent_by_number``)
+        self.skip_details: dict[str, str] = {}  # member id -> the detail of their skip reason (``OTHER_RECORD``)
+        self.idle_hint: IdleReason | None = None  # why no message, known before the walk (today's limit drafted)
+
+    # --- step 1: fetch, find and rank the dormant members -----------------------------------
+
+    def fetch(self) -> tuple[list[dict[str, Any]], list[dict[str, Any]]]:
+        """The source's records, screened (``screen_records``): ``data/raw/`` keeps them as read, in full
+        (a folder's files copied while they are read, ``StagedCopies``)."""
+        files = self.source.export_files() if isinstance(self.source, FolderSource) else {}
+        copies = StagedCopies(self.data_dir / "raw", files, self.control)
+        try:
+            return self.screened_read(copies)
+        finally:
+            copies.discard()
+
+    def screened_read(self, copies: StagedCopies) -> tuple[list[dict[str, Any]], list[dict[str, Any]]]:
+        data = read_source(self.source, self.options.now, reading_progress if self.options.progress else None)
+        self.issues.add("unreadable_extended_json_values", data.bad_values)
+        self.issues.add_all(data.skipped)
+        self.issues.add_all(data.issues)
+        # what was counted, without the records (the steps read those from what this returns, and free them)
+        self.counted = dataclasses.replace(data, users=[], events=[]) if data.activity is not None else None
+        screened_users, screened_events = screened_as_read(data, "users"), screened_as_read(data, "events")
+        self.issues.add_all(screened_users.issues + screened_events.issues)
+        self.logger.info("Step 1: read %d users and %d events from %s", *read_totals(data), self.source.label)
+        self.empty_input = empty_collections(data)
+        for name in self.empty_input:
+            self.logger.warning("Empty input: no %s in %s (the run goes on; exit 3)", name,
+                                input_location(self.source, name))
+        skipped = (sum(data.skipped.values()) + len(data.users) + len(data.events)
+                   - len(screened_users.records) - len(screened_events.records))
+        if skipped:
+            self.logger.warning("Step 1: %d records skipped (nested too deep or without a usable _id); "
+                                "the report's data_issues counts them", skipped)
+        keep_raw(self.data_dir / "raw", data, {"users": screened_users, "events": screened_events}, copies)
+        users, events = screened_users.records, screened_events.records
+        users, repeated_users = dedupe_by_id(users)
+        events, repeated_events = dedupe_by_id(events)
+        self.issues.add("repeated_user_ids", repeated_users)
+        self.issues.add("repeated_event_ids", repeated_events)
+        return users, events
+
+    def dormant_users(self, users: list[dict[str, Any]], events: Sequence[Mapping[str, Any]]) -> DormancyCensus:
+        """Step 1's census; ``users`` is emptied as it is read (each read member is freed once its record is
+        built: a million-member source leaves hundreds of thousands)."""
+        counted = self.counted  # the source counted the activity and handed over the dormant members only
+        activity = counted.activity if counted and counted.activity is not None else index_member_activity(
+            events, self.issues)
+        self.activity = activity  # the walk reads each member it reaches from it (``reach_member``)
+        with collection_paused():  # a record per eligible member: no cycles, nothing to collect
+            census = find_dormant_users(drained(users), activity, self.options.now, zone=self.zone.key,
+                                        complete=False, plain=counted.plain_users if counted else frozenset())
+        if counted is not None and counted.statuses is not None:
+            census = dataclasses.replace(census, status_counts=counted.statuses)
+        write_json(self.data_dir / "processed" / "dormant_users.json", census.eligible, private=True)
+        self.logger.info("Step 1: %d dormant members, %d personalisation-ready (statuses: %s)",
+                         census.dormant_total, len(census.eligible), census.status_counts)
+        return census
+
+    def consent_by_number(self) -> NumberLedger:
+        """Every member's stored SMS preferences (``consent_rows``), collected per number; odd values counted."""
+        ledger = NumberLedger.collect(self.source.consent_rows(sms_field_paths(self.sms)), self.sms)
+        self.issues.add("odd_sms_preference_values", ledger.odd)
+        return ledger
+
+    def cooldown(self) -> set[str]:
+        """Members with a message generated (or a holdout record made) within the cooldown, or later than ``now``,
+        and every member drafted or held out this campaign day (a top-up never drafts one twice, even with
+        ``--cooldown-days 0``). Reads the day's history too (``read_history``): the daily limit and the seats."""
+        recent: set[str] = set()
+        try:
+            if self.options.cooldown_days > 0:
+                recent = self.dashboard.recent_recipients(days_before(self.options.now, self.options.cooldown_days))
+                self.issues.add("dashboard_messages_without_valid_generated_at", self.dashboard.undated_messages)
+            self.history = self.dashboard.read_history(campaign_day(self.options.now, self.zone), self.seats_since())
+        except FirebaseError as exc:
+            if self.options.dry_run:
+                self.logger.warning("Cooldown not applied in this dry run (nor the daily limit's count): %s", exc)
+            else:  # without knowing who was messaged, writing could draft someone twice
+                self.dashboard.stand_down("messages (unreadable, nothing will be written this run)", exc)
+            return set()
+        self.volume = DailyVolume.of(self.options.limit, self.history, self.options.now, self.zone)
+        self.seats = SeatLedger(self.options.invites_per_spot, self.options.max_invites_per_event,
+                                self.history.open_invitations)
+        self.logger.info("Daily limit %d (%s): %d messages drafted earlier today, %d held out; %d left for this run",
+                         self.options.limit, self.volume.day, self.volume.drafted_before,
+                         self.volume.held_out_before, self.volume.remaining)
+        return recent | self.history.today_members
+
+    def seats_since(self) -> datetime:
+        """Open invitations count from the cooldown's start (at the latest from the campaign day's start)."""
+        day_start = campaign_day(self.options.now, self.zone)[0]
+        return min(day_start, days_before(self.options.now, self.options.cooldown_days))
+
+    def select(self, census: DormancyCensus) -> list[tuple[int, DormantMember]]:
+        """The eligible members outside the cooldown, as ``(rank, member)`` in rank order, for the walk
+        (which checks phone and opt-out of each member it reaches: ``reachable``); the others get ``cooldown``."""
+        recent = self.cooldown()
+        phones = list(self.dashboard.recent_phones)  # the numbers contacted within the cooldown ...
+        walk: list[tuple[int, DormantMember]] = []
+        for rank, user in enumerate(census.eligible, 1):
+            if user["_id"] in recent:
+                self.decisions[user["_id"]] = "cooldown"
+                phones.append(user.get("phone"))  # ... and those of the members contacted then
+            else:
+                walk.append((rank, user))
+        self.logger.info("Step 1: %d of %d eligible members are outside the cooldown", len(walk), len(census.eligible))
+        self.numbers.recent.update(filter(None, (number_key(p, self.sms.default_region) for p in phones)))
+        return walk
+
+    # --- step 2: future public events (steps 3-4, the summaries, are attached in steps 1-2) --
+
+    def future_events(self, events: Sequence[Mapping[str, Any]]) -> list[FutureEvent]:
+        future = find_future_events(events, self.options.now, self.issues)
+        write_json(self.data_dir / "processed" / "future_events.json", future)
+        self.candidate_index = CandidateIndex.build(future, self.hoods, self.options.now)
+        open_count = sum(1 for e in future if e["remaining_spots"] != 0)
+        self.logger.info("Step 2: %d future public events, %d with open spots", len(future), open_count)
+        return future
+
+    def member_walk(self, campaign_id: str) -> MemberWalk:
+        """Steps 5-6's walk, given what steps 1-2 found, the dashboard's seats and today's volume."""
+        return MemberWalk(self.options, self.logger, self.sms, self.zone, self.hoods, self.advisor, self.control,
+                          self.dashboard, self.activity, self.candidate_index, self.seats, self.numbers,
+                          self.volume, campaign_id, self.decisions, self.skip_details)
 
     # --- step 8: the report -------------------------------------------------------------------
 
@@ -8992,9 +9031,7 @@ class ReturnToTable:
         if self.volume.remaining == 0:
             self.logger.info("Daily limit: %s (%d of --limit %d on %s); nothing drafted", LIMIT_ALREADY_DRAFTED,
                              self.volume.drafted_before, options.limit, self.volume.day, extra={"summary": True})
-        with progress_bar(min(len(walk), self.volume.remaining), "members", enabled=options.progress) as self.progress:
-            outcomes = self.process_all(walk, future)      # steps 5-6
-        self.progress = None
+        outcomes = self.member_walk(campaign_id).run(walk, future)  # steps 5-6
         steps_5_6_seconds = time.monotonic() - clock
         left_out = Counter(code for code in self.decisions.values() if code in CONTACT_SKIPS)
         self.logger.info("Steps 5-6: %d members reached, %s", len(outcomes) + sum(left_out.values()),
