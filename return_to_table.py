@@ -23,7 +23,8 @@ Glossary (one name per concept, here and in the code):
              giving that number, the number not taken (``NumberLedger``: one number, one text).
   holdout    the control group: contactable members whose stable hash falls below ``--holdout``;
              their rules' pick is recorded (``HoldoutRecord``), nothing is sent.
-  walk       steps 5-6 going down the ranked contactable members until the day's ``--limit`` are messaged;
+  walk       steps 5-6 going down the ranked contactable members until the day's ``--limit`` are messaged
+             (``MemberWalk``, which owns the walk's state: seats, numbers, decisions, saves);
              every eligible member ends ``selected`` or with a ``skip_reason`` (``SKIP_REASONS``).
   campaign day  the date of ``--now`` in CAMPAIGN_TIMEZONE: ``--limit`` counts the messages drafted on it
              (``DashboardHistory``, ``daily_remaining``), so a rerun tops up.
@@ -40,10 +41,10 @@ Glossary (one name per concept, here and in the code):
 
 The file reads top-down in the plan's step order: configuration, data loading, the rules of
 steps 1-8 (pure functions), the service edges (sources, the demo world, Claude for steps 5-6,
-Firebase for step 7), the ``ReturnToTable`` orchestration, ``measure`` (did the campaigns bring
-anyone back: treated against holdout, read only; then who and what brings members back, the tone A/B,
-and the charts), ``backtest`` (the matcher against history; fitting its weights, ``MATCH_WEIGHTS``, and
-comparing ``RANK_BY`` orderings), and the command line.
+Firebase for step 7), steps 5-6's walk (``MemberWalk``), the ``ReturnToTable`` orchestration,
+``measure`` (did the campaigns bring anyone back: treated against holdout, read only; then who and
+what brings members back, the tone A/B, and the charts), ``backtest`` (the matcher against history;
+fitting its weights, ``MATCH_WEIGHTS``, and comparing ``RANK_BY`` orderings), and the command line.
 """
 
 from __future__ import annotations
@@ -5979,6 +5980,20 @@ def console_summary(report: Mapping[str, Any], report_path: Path) -> str:
             f"{cost_text(report['cost'])}; {s['error_count']} errors. Report: {report_path}")
 
 
+def write_report(stem: Path, report: Mapping[str, Any], logger: logging.Logger) -> Path:
+    """Step 8's files, ``<stem>.json`` and ``<stem>.md`` (private), and the console's summary line; the .md's path."""
+    write_json(stem.with_name(stem.name + ".json"), report, private=True)
+    report_path = stem.with_name(stem.name + ".md")
+    write_text_private(report_path, report_markdown(report))
+    logger.info("%s", console_summary(report, report_path), extra={"summary": True})
+    return report_path
+
+
+def write_skip_list(data_dir: Path, eligible: Sequence[Mapping[str, Any]], decisions: Mapping[str, str]) -> None:
+    """``data/processed/skipped.csv``: member id and skip_reason of each member the walk reached and left out."""
+    write_csv(data_dir / "processed" / SKIP_LIST, ["member_id", "reason"], skip_list_rows(eligible, decisions))
+
+
 def places_report(unlocated: Mapping[str, int]) -> dict[str, Any]:
     """The places the centroid table could not locate: how many, and the most seen (slugs, at most 10)."""
     top = sorted(unlocated.items(), key=lambda kv: (-kv[1], kv[0]))[:10]
@@ -8832,9 +8847,9 @@ class RunResult:
 class ReturnToTable:
     """One campaign run: the plan's eight steps, in order, and nothing else.
 
-    Each step is a pure function above; this class only sequences them and does the I/O at the
-    edges: the source, Claude (``ClaudeAdvisor``), the dashboard (``DashboardWriter``) and the
-    files under ``--out``.
+    Each step is a pure function above, steps 5-6 a ``MemberWalk``; this class only sequences them
+    and does the I/O at the edges: the source, the dashboard (``DashboardWriter``) and the files
+    under ``--out`` (the report's: ``write_report``, ``write_skip_list``).
     """
 
     def __init__(self, options: RunOptions, settings: Settings, logger: logging.Logger, *,
@@ -8858,13 +8873,11 @@ class ReturnToTable:
         self.candidate_index: CandidateIndex | None = None  # step 2's open events indexed for step 5
         self.counted: SourceData | None = None  # what a counting source read (``read_dormant``)
         self.activity: Mapping[str, Activity] = {}  # step 1's activity of every member, for ``reach_member``
-        self.census: DormancyCensus | None = None  # step 1's eligible members and counts
         self.history = DashboardHistory()  # what the dashboard holds of this campaign day and of open invitations
         self.volume = DailyVolume.of(options.limit, self.history, options.now, self.zone)  # this run's share
         self.seats = SeatLedger(options.invites_per_spot, options.max_invites_per_event)  # steps 5-6's seats
-        self.numbers = NumberLedger()  # consent and contact per phone number (``consent_by_number``)
+        self.numbers: NumberLedger  # consent and contact per phone number, step 1 (``consent_by_number``)
         self.skip_details: dict[str, str] = {}  # member id -> the detail of their skip reason (``OTHER_RECORD``)
-        self.idle_hint: IdleReason | None = None  # why no message, known before the walk (today's limit drafted)
 
     # --- step 1: fetch, find and rank the dormant members -----------------------------------
 
@@ -8989,21 +9002,6 @@ class ReturnToTable:
                           self.dashboard, self.activity, self.candidate_index, self.seats, self.numbers,
                           self.volume, campaign_id, self.decisions, self.skip_details)
 
-    # --- step 8: the report -------------------------------------------------------------------
-
-    def write_report(self, campaign_id: str, report: Mapping[str, Any]) -> Path:
-        stem = self.options.report_stem(campaign_id)
-        write_json(stem.with_name(stem.name + ".json"), report, private=True)
-        report_path = stem.with_name(stem.name + ".md")
-        write_text_private(report_path, report_markdown(report))
-        self.logger.info("%s", console_summary(report, report_path), extra={"summary": True})
-        return report_path
-
-    def write_skip_list(self, census: DormancyCensus) -> None:
-        """``data/processed/skipped.csv``: member id and skip_reason of each member the walk reached and left out."""
-        write_csv(self.data_dir / "processed" / SKIP_LIST, ["member_id", "reason"],
-                  skip_list_rows(census.eligible, self.decisions))
-
     # --- the whole run ------------------------------------------------------------------------
 
     def fresh_campaign_id(self, started: datetime) -> str:
@@ -9038,7 +9036,7 @@ class ReturnToTable:
                          ", ".join(f"{n} {code}" for code, n in sorted(left_out.items())) or "all of them textable")
         write_json_items(self.data_dir / "processed" / "dormant_users.json",
                          walk_listing(census.eligible, self.decisions, self.skip_details), private=True)
-        self.write_skip_list(census)
+        write_skip_list(self.data_dir, census.eligible, self.decisions)
         selected = [o.user for o in outcomes if not o.held_out]  # the treatment members the walk reached
         not_started = sum(code == "not_started" for code in self.decisions.values())
         status = self.final_status(not_started)
@@ -9059,9 +9057,9 @@ class ReturnToTable:
             self.logger.error("Claude was unavailable (%s): rules and template were used", claude_down,
                               extra=FILE_ONLY)  # stderr says it (``report_problems``): once in cron mail
         firebase = self.dashboard.summary()
-        if self.volume.remaining == 0:  # the campaign day's --limit was drafted before this run: exit 0
-            self.idle_hint = IdleReason.DAY_LIMIT_DRAFTED
-        idle = idle_reason(len(census.eligible), self.decisions, len(messages), self.idle_hint)
+        # the campaign day's --limit was drafted before this run: exit 0
+        hint = IdleReason.DAY_LIMIT_DRAFTED if self.volume.remaining == 0 else None
+        idle = idle_reason(len(census.eligible), self.decisions, len(messages), hint)
         if idle is not None:  # stderr says it (``report_problems``); the log keeps it
             self.logger.warning("No message drafted: %s", idle_line(idle, self.decisions), extra=FILE_ONLY)
         report = build_report(                             # step 8
@@ -9076,7 +9074,7 @@ class ReturnToTable:
                 self.hoods, [*(text_field(u, "homeNeighborhood") for u in census.eligible),
                              *(text_field(e, "neighborhood") for e in future)]),
             volume=volume_report(self.volume, self.seats, len(messages), len(held_out)), idle=idle)
-        report_path = self.write_report(campaign_id, report)
+        report_path = write_report(options.report_stem(campaign_id), report, self.logger)
         return RunResult(campaign_id, report, report_path, firebase, claude_down, status,
                          failed_members=sum(o.failed for o in outcomes), signal=self.control.signal,
                          empty_input=list(self.empty_input), limit_already_drafted=self.volume.remaining == 0,
