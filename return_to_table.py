@@ -5032,7 +5032,7 @@ class Message(TypedDict):
     sms_segments: int
     send_after: str  # ISO UTC: the dashboard sends at or after this ...
     send_before: str  # ... and strictly before this (``SendWindow``), outside quiet hours in:
-    recipient_timezone: str  # the member's IANA zone (``ReturnToTable.recipient_zone``)
+    recipient_timezone: str  # the member's IANA zone (``MemberWalk.recipient_zone``)
     variant: NotRequired[str]  # with --variants: the message tone (``TONES``) the member is assigned to (``member_tone``)
 
 
@@ -5206,7 +5206,7 @@ class IdleReason(Enum):
     """Why a day drafted no message: the one line cron mail gets, and the exit code (3: look; 0: as planned).
 
     ``idle_reason`` finds it from the walk's decisions; a step that knows before the walk (the per-day
-    limit: ``DAY_LIMIT_DRAFTED``) hands it over as ``ReturnToTable.idle_hint``."""
+    limit: ``DAY_LIMIT_DRAFTED``) hands it over to ``idle_reason`` as its ``hint``."""
 
     NOBODY_DORMANT = "nobody_dormant"
     ALL_IN_COOLDOWN = "all_in_cooldown"
