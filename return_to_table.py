@@ -7469,7 +7469,7 @@ class ClaudeAdvisor:
 # save) that lives only as long as steps 5-6; the orchestrator builds it from what steps 1-2 found.
 
 
-@dataclass(eq=False)
+@dataclass(eq=False, kw_only=True)
 class MemberWalk:
     """Steps 5-6: down the contactable members in rank order until ``--limit`` are messaged; each member
     matched (step 5) and written to (step 6), held out, or skipped with a ``skip_reason``; results saved
@@ -8998,9 +8998,11 @@ class ReturnToTable:
 
     def member_walk(self, campaign_id: str) -> MemberWalk:
         """Steps 5-6's walk, given what steps 1-2 found, the dashboard's seats and today's volume."""
-        return MemberWalk(self.options, self.logger, self.sms, self.zone, self.hoods, self.advisor, self.control,
-                          self.dashboard, self.activity, self.candidate_index, self.seats, self.numbers,
-                          self.volume, campaign_id, self.decisions, self.skip_details)
+        return MemberWalk(options=self.options, logger=self.logger, sms=self.sms, zone=self.zone, hoods=self.hoods,
+                          advisor=self.advisor, control=self.control, dashboard=self.dashboard,
+                          activity=self.activity, candidate_index=self.candidate_index, seats=self.seats,
+                          numbers=self.numbers, volume=self.volume, campaign_id=campaign_id,
+                          decisions=self.decisions, skip_details=self.skip_details)
 
     # --- the whole run ------------------------------------------------------------------------
 
