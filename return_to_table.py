@@ -7275,6 +7275,17 @@ def check_match_answer(answer: Mapping[str, Any], candidates: Sequence[Candidate
     return chosen, confidence
 
 
+@dataclass
+class CallSlot:
+    """One Claude call's claim on a slot (``ClaudeAdvisor`` changes it under its lock): ``held`` while an
+    attempt is on the wire or its answer is checked; ``parked`` while the SDK waits to retry; ``over`` once
+    the caller has given the call up (a worker still sleeping then sends nothing more)."""
+
+    held: bool = False
+    parked: bool = False
+    over: bool = False
+
+
 class ClaudeAdvisor:
     """Claude's two jobs, each answer validated: choose a member's event, and write the SMS.
 
@@ -7294,7 +7305,11 @@ class ClaudeAdvisor:
         self.usage = {"matching": TokenUsage(), "writing": TokenUsage()}
         self._lock = threading.Condition()
         self.consecutive_failures = 0
-        self.in_flight = 0
+        self.in_flight = 0  # slots held: attempts on the wire, answers being checked
+        self.parked = 0  # calls waiting out the SDK's retry backoff, holding no slot
+        self.resuming = 0  # parked calls waiting for a slot again: they go before new calls
+        self.last_attempt_ok = True  # the API answered the latest attempt (a parked call's slot may be lent)
+        self._attempt = threading.local()  # the CallSlot of the call the SDK is attempting in this thread
         self.failed_calls = 0
         self.answered_calls = 0
         self.unavailable: str | None = None  # set once Claude is known to be unusable for this run
@@ -7311,35 +7326,115 @@ class ClaudeAdvisor:
         return advisor
 
     def refuse_when_down(self, request: Any, call_next: Any) -> Any:
-        """SDK middleware, run before every attempt, the SDK's own retries included: once Claude is down
-        for this run, a call abandoned at its time bound sends nothing more."""
-        if self.unavailable:
+        """SDK middleware, run around every attempt, the SDK's own retries included: once Claude is down
+        for this run, a call abandoned at its time bound sends nothing more. An attempt that fails with
+        retries left parks its call (the slot is free while the SDK backs off: a 529 or a 429 holds up no
+        other call), and the next attempt takes a slot again before it is sent."""
+        slot = getattr(self._attempt, "slot", None)
+        if slot is not None:
+            self._resume(slot, sending=True)
+        elif self.unavailable:
             raise ClaudeDown(self.unavailable)
-        return call_next(request)
+        answered = False
+        try:
+            response = call_next(request)
+            answered = bool(getattr(getattr(response, "http_response", None), "is_success", True))
+            return response
+        finally:
+            taken = getattr(request, "retries_taken", self.config.max_retries)  # unknown: no retry left, keep the slot
+            self._attempted(slot, answered, retries_left=taken < self.config.max_retries)
 
-    def _start_call(self) -> None:
-        """Wait for a call slot: calls in flight never exceed the failures still allowed in a row, so
-        "stop after four failures in a row" holds however many members run at once."""
+    def _may_take(self, new: bool) -> bool:
+        """(Under the lock.) Slots held never exceed the failures still allowed in a row, so "stop after four
+        failures in a row" holds however many members run at once. A new call also lets parked calls
+        resume first, and takes a parked call's slot only while all is well (the latest attempt was answered,
+        no failure is counted): in an outage every parked call keeps its place and no more calls start."""
+        room = self.MAX_CONSECUTIVE_FAILURES - self.consecutive_failures
+        if self.in_flight >= room:
+            return False
+        lend = self.last_attempt_ok and not self.consecutive_failures
+        return not new or (not self.resuming and (lend or self.in_flight + self.parked < room))
+
+    def _take(self, slot: CallSlot) -> None:
+        """(Under the lock.) ``slot`` holds a slot from now on."""
+        self.in_flight += 1
+        slot.held = True
+        if slot.parked:
+            self.parked -= 1
+            slot.parked = False
+
+    def _start_call(self, slot: CallSlot) -> None:
+        """Wait for a slot for a new call; InvalidAnswer once Claude is down or the run is stopping."""
         with self._lock:
             while True:
                 if self.unavailable:
                     raise InvalidAnswer(f"Claude unavailable this run ({self.unavailable})")
                 if self.control.stopping:
                     raise InvalidAnswer(f"not asked: the run is stopping ({self.control.status})")
-                if self.in_flight < self.MAX_CONSECUTIVE_FAILURES - self.consecutive_failures:
-                    self.in_flight += 1
+                if self._may_take(new=True):
+                    self._take(slot)
                     return
                 self._lock.wait(0.1)
+
+    def _resume(self, slot: CallSlot, sending: bool) -> None:
+        """A parked call takes a slot again: before its next attempt (``sending``: ClaudeDown once Claude is
+        down or the call was given up), or before its failure is counted (never more failures in a row
+        than slots allowed; once Claude is down the count no longer matters and nothing is waited for)."""
+        with self._lock:
+            self.resuming += 1
+            try:
+                while True:
+                    if sending and (self.unavailable or slot.over):
+                        raise ClaudeDown(self.unavailable or "the call was given up")
+                    if slot.held or self.unavailable:
+                        return
+                    if self._may_take(new=False):
+                        self._take(slot)
+                        return
+                    self._lock.wait(0.1)
+            finally:
+                self.resuming -= 1
+
+    def _attempted(self, slot: CallSlot | None, answered: bool, retries_left: bool) -> None:
+        """After one attempt: remember whether the API answered, and park a call the SDK will retry."""
+        with self._lock:
+            self.last_attempt_ok = answered
+            if slot is not None and slot.held and not slot.over and not answered and retries_left:
+                slot.held, slot.parked = False, True
+                self.in_flight -= 1
+                self.parked += 1
+                self._lock.notify_all()
+
+    def _end(self, slot: CallSlot) -> None:
+        """The call is over: its slot (or its parked place) is given back."""
+        with self._lock:
+            slot.over = True
+            if slot.held:
+                self.in_flight -= 1
+            if slot.parked:
+                self.parked -= 1
+            slot.held = slot.parked = False
+            self._lock.notify_all()
+
+    def _send(self, slot: CallSlot, request: Mapping[str, Any]) -> Any:
+        """``messages.create`` in the calling (worker) thread, with ``slot`` where the middleware finds it."""
+        self._attempt.slot = slot
+        try:
+            return self.client.messages.create(**request)
+        finally:
+            self._attempt.slot = None
 
     def _call(self, step: str, check: Any, **request: Any) -> tuple[Any, Any, str]:
         """One Messages API call (the SDK's own retries included) within its time budget, its answer checked
         while the call still holds its slot: ``(reply, checked answer, "")``, or ``(reply, None, problem)``
         for an invalid answer, which counts as a failed call (paid for, and of no use: "stop after four in
-        a row" holds for a model that answers every call with nonsense too)."""
-        self._start_call()
+        a row" holds for a model that answers every call with nonsense too). A failed call takes a slot
+        back before it is counted, if it was parked when it failed (its time bound ran out)."""
+        slot = CallSlot()
+        self._start_call(slot)
         try:
             budget = self.control.budget(self.config.timeout)
-            reply = bounded_call(lambda: self.client.messages.create(**request), budget, "Claude")
+            reply = bounded_call(lambda: self._send(slot, request), budget, "Claude")
             with self._lock:
                 self.usage[step].add(getattr(reply, "usage", None))
             try:
@@ -7348,6 +7443,9 @@ class ClaudeAdvisor:
                 self._count_failure(exc)
                 return reply, None, str(exc)
         except Exception as exc:
+            with self._lock:
+                slot.over = True
+            self._resume(slot, sending=False)
             self._count_failure(exc)
             raise
         else:
@@ -7356,9 +7454,7 @@ class ClaudeAdvisor:
                 self.answered_calls += 1
             return reply, answer, ""
         finally:
-            with self._lock:
-                self.in_flight -= 1
-                self._lock.notify_all()
+            self._end(slot)
 
     def _system(self, text: str, model: str) -> list[dict[str, Any]]:
         block: dict[str, Any] = {"type": "text", "text": text}
