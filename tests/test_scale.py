@@ -404,7 +404,7 @@ def test_the_first_candidates_are_found_without_scoring_every_event(tmp_path, ho
 def test_a_large_limit_gives_the_matches_of_the_unindexed_scoring(tmp_path, monkeypatch):
     folder = write_world(tmp_path / "w", *messy_world(600))
     indexed = run_folder(folder, tmp_path / "indexed", "--limit", "1000")
-    monkeypatch.setattr(rtt.ReturnToTable, "ranked", lambda self, user, events: iter(
+    monkeypatch.setattr(rtt.MemberWalk, "ranked", lambda self, user, events: iter(
         rtt.score_candidates(user, events, self.hoods, self.options.now)))
     plain = run_folder(folder, tmp_path / "plain", "--limit", "1000")
     assert len(indexed.matches) > 30
