@@ -5462,6 +5462,7 @@ class FolderSource:
     def __init__(self, folder: Path, control: RunControl | None = None) -> None:
         self.folder = folder
         self.label = f"folder {folder}"
+        self.control = control or RunControl()  # the engine's queries are interrupted at its deadline
         self.engine: FolderEngine | None = None
 
     def export_files(self) -> dict[str, Path]:
@@ -5485,7 +5486,7 @@ class FolderSource:
 
     def consent_rows(self, paths: Sequence[str]) -> Iterator[dict[str, Any]]:
         path = self.folder / "users.json"
-        return consent_rows_of_file(path, consent_keys(paths)) if path.is_file() else iter(())
+        return consent_rows_of_file(path, consent_keys(paths), self.control) if path.is_file() else iter(())
 
 
     def read_dormant(self, now: datetime, progress: Any = None) -> SourceData:
@@ -5501,9 +5502,15 @@ class FolderSource:
         total = sum(path.stat().st_size for path in files.values())
         with (progress or no_progress)(total, "B") as bar:
             self.close()
-            self.engine = FolderEngine(files["users"], files["events"])  # open until ``close``: the walk reads it
+            # open until ``close``: the walk reads it, its lookups bounded as any call (``RunControl.budget``)
+            self.engine = FolderEngine(files["users"], files["events"], self.control.until_deadline)
             try:
-                return engine_read(self.engine, now, lambda: bar.update(total // 2) if bar is not None else None)
+                data = engine_read(self.engine, now, lambda: bar.update(total // 2) if bar is not None else None)
+                self.engine.watch.limit = lambda: self.control.budget(math.inf)
+                return data
+            except duckdb.InterruptException:
+                self.close()
+                raise ServiceTimeout(f"reading {self.folder} {UNTIL_THE_DEADLINE}: not done") from None
             except (duckdb.Error, EngineRefused) as exc:
                 self.close()
                 if out_of_memory(exc):
@@ -5516,14 +5523,15 @@ class FolderSource:
             self.engine = None
 
 
-def consent_rows_of_file(path: Path, keys: Collection[str]) -> Iterator[dict[str, Any]]:
+def consent_rows_of_file(path: Path, keys: Collection[str], control: RunControl | None = None
+                         ) -> Iterator[dict[str, Any]]:
     """``consent_rows`` of a mongoexport users file: the engine selects the members with a value (a null
     included) under one of ``keys``, one query, never every member in memory; each is decoded whole as ``read``
     decodes it (``keep_unreadable``: an unreadable value is ``UNREADABLE``) and given by ``consent_row``. A file
     the engine cannot read is decoded whole, as ``read`` decodes it."""
     decoder = ExtendedJsonDecoder(keep_unreadable=True)
     try:
-        texts = engine_consent_texts(path, sorted(keys))
+        texts = engine_consent_texts(path, sorted(keys), (control or RunControl()).until_deadline)
     except EngineRefused:
         docs, _ = load_collection_file(path, decoder)
         yield from filter(None, (consent_row(doc, keys) for doc in docs))
@@ -5538,17 +5546,19 @@ def consent_rows_of_file(path: Path, keys: Collection[str]) -> Iterator[dict[str
             yield row
 
 
-def engine_consent_texts(path: Path, keys: Sequence[str]) -> list[str]:
+def engine_consent_texts(path: Path, keys: Sequence[str], limit: Any = lambda: math.inf) -> list[str]:
     """The JSON text of each record of ``path`` holding one of ``keys`` (top-level, a literal dotted key a key);
-    EngineRefused when the engine cannot read the file."""
+    EngineRefused when the engine cannot read the file; ServiceTimeout when ``limit()`` (``EngineWatch``) ran out."""
     import duckdb
 
     paths = ['$."' + key.replace("\\", "\\\\").replace('"', '\\"') + '"' for key in keys]
     held = " OR ".join(f"json_type(doc, '{json_path.replace(chr(39), chr(39) * 2)}') IS NOT NULL" for json_path in paths)
     try:
-        with contextlib.closing(duckdb.connect()) as db:
+        with contextlib.closing(duckdb.connect()) as db, contextlib.closing(EngineWatch(db, limit)):
             return [text for (text,) in db.execute(
                 f"SELECT doc FROM {engine_records(path)} WHERE {held or 'false'} ORDER BY n").fetchall()]
+    except duckdb.InterruptException:
+        raise ServiceTimeout(f"reading the consent fields of {path} {UNTIL_THE_DEADLINE}: not done") from None
     except duckdb.Error:
         raise EngineRefused(str(path)) from None
 
@@ -5723,15 +5733,17 @@ DROP TABLE events_read; DROP TABLE events_kept; DROP TABLE events_python
 class FolderEngine:
     """One DuckDB connection over a mongoexport folder's two files: the SQL of the counting read."""
 
-    def __init__(self, users: Path, events: Path) -> None:
+    def __init__(self, users: Path, events: Path, limit: Any = lambda: math.inf) -> None:
         import duckdb
 
         self.db = duckdb.connect(config={"preserve_insertion_order": False})
+        self.watch = EngineWatch(self.db, limit)  # every query bounded: interrupted once ``limit()`` is 0
         self.db.execute(sql_macros())
         self.files = {"users": users, "events": events}
         self.records = {name: engine_records(path) for name, path in self.files.items()}
 
     def close(self) -> None:
+        self.watch.close()
         self.db.close()
 
     def sql(self, text: str, **params: Any) -> Any:
@@ -5756,6 +5768,7 @@ class FolderEngine:
             f"SELECT n, doc, rtt_plain(doc) FROM {self.records[name]} WHERE n IN ({wanted}) ORDER BY n")
         cursor = self.db.execute(query.format(records=self.records[name]))
         while rows := cursor.fetchmany(10_000):
+            self.watch.check()  # (the decoding between batches is Python's, which no interrupt reaches)
             yield rows
 
     def python_read(self, name: str, rows: Sequence[tuple[Any, ...]], columns: str) -> None:
@@ -5797,6 +5810,43 @@ class FolderEngine:
             "SELECT count(*) FILTER (WHERE odd_owner), count(*) FILTER (WHERE odd_list), coalesce(sum(odd_entries), 0)"
             " FROM events_read JOIN events_kept USING (n) WHERE NOT odd").fetchone()
         return found
+
+
+class EngineWatch:
+    """Bounds every query of one DuckDB connection: a daemon thread that, once ``limit()`` (the seconds the
+    queries may still run: the run's ``until_deadline``, then its ``budget``) is 0, interrupts the running
+    query (``interrupt``: DuckDB raises ``InterruptException``) and any started after, every ``POLL`` seconds,
+    until closed. An interrupt with no query running is lost, hence the polling."""
+
+    POLL = 0.05
+
+    def __init__(self, db: Any, limit: Any) -> None:
+        self.db, self.limit = db, limit
+        self.closed = threading.Event()
+        self.lock = threading.Lock()  # (no interrupt of a connection being closed)
+        threading.Thread(target=self.run, name="engine-watch", daemon=True).start()
+
+    def run(self) -> None:
+        while not self.closed.is_set():
+            left = self.limit()
+            if left > 0:
+                self.closed.wait(min(left, 1.0))  # (read again: the limit may change, as after the read or a signal)
+                continue
+            with self.lock:
+                if not self.closed.is_set():
+                    self.db.interrupt()
+            self.closed.wait(self.POLL)
+
+    def check(self) -> None:
+        """InterruptException when the limit ran out (between queries, where ``interrupt`` reaches nothing)."""
+        import duckdb
+
+        if self.limit() <= 0:
+            raise duckdb.InterruptException("INTERRUPT Error: the run's deadline")
+
+    def close(self) -> None:
+        with self.lock:
+            self.closed.set()
 
 
 class EngineRefused(Exception):
