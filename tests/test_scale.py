@@ -178,6 +178,7 @@ def test_the_counting_read_and_the_literal_reading_give_the_same_outputs(tmp_pat
     folder = write_world(tmp_path / "world", *messy_world(canonical=canonical), lines=lines)
     assert rtt.FolderSource(folder).read_dormant(NOW).activity is not None  # the engine, not its fallback
     monkeypatch.setattr(rtt, "HISTORY_HELD", 0 if lines else 10**9)  # each history looked up, or all read at once
+    monkeypatch.setattr(rtt, "HISTORY_LOOKUPS", 0 if canonical else 2)  # (at the first call, or after two lookups)
     fast = run_folder(folder, tmp_path / "fast", "--limit", REACH_ALL)
     with monkeypatch.context() as patch:
         literal(patch)
@@ -554,5 +555,11 @@ def test_the_engine_gives_the_consent_rows_the_literal_read_gives(tmp_path):
     rows = list(rtt.FolderSource(folder).consent_rows(paths))
     assert rows == literal_rows and len(rows) == 4 and rows[0]["smsOptOut"] is rtt.UNREADABLE
     text = (folder / "users.json").read_text(encoding="utf-8")
+    escaped = text[:-1] + ', {"_id": "y", "\\u0073msOptOut": true}]'  # a key written escaped is found too
+    (folder / "users.json").write_text(escaped, encoding="utf-8")
+    docs, _ = rtt.load_collection_file(folder / "users.json", rtt.ExtendedJsonDecoder(keep_unreadable=True))
+    escaped_rows = list(rtt.FolderSource(folder).consent_rows(paths))
+    assert escaped_rows == [row for row in (rtt.consent_row(doc, keys) for doc in docs) if row is not None]
+    assert len(escaped_rows) == 5
     (folder / "users.json").write_text(text[:-1] + ', {"_id": "z", "bio": "\\ud800"}]', encoding="utf-8")
     assert list(rtt.FolderSource(folder).consent_rows(paths)) == literal_rows  # the engine refuses it: read whole
