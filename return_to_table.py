@@ -5663,7 +5663,6 @@ def sql_macros() -> str:
             + rtt_count(doc, '"$numberLong"') + rtt_count(doc, '"$numberInt"') + rtt_count(doc, '"$numberDouble"')
             THEN {FORM_DATES_IDS}
         ELSE {FORM_SLOW} END;
-    CREATE MACRO rtt_twice(doc, key) AS contains(substr(doc, strpos(doc, key) + length(key)), key);
     """
 
 
@@ -5678,28 +5677,29 @@ def engine_records(path: Path) -> str:
 
 ENGINE_EVENTS = """
 CREATE TEMP TABLE events_fields AS SELECT n, starts_with(ltrim(doc::VARCHAR), '{{') AS object, rtt_deep(doc)
-    OR rtt_twice(doc::VARCHAR, '"ownerId"') OR rtt_twice(doc::VARCHAR, '"participants"')
-    OR rtt_twice(doc::VARCHAR, '"startDate"') OR rtt_twice(doc::VARCHAR, '"type"') OR rtt_twice(doc::VARCHAR, '"active"')
+    OR regexp_matches(doc::VARCHAR, '"ownerId"[\\s\\S]*"ownerId"|"participants"[\\s\\S]*"participants"|'
+        || '"startDate"[\\s\\S]*"startDate"|"type"[\\s\\S]*"type"|"active"[\\s\\S]*"active"')
     AS odd_doc, json_extract(doc, ['$._id', '$.ownerId', '$.participants', '$.startDate', '$.type', '$.active',
         '$.neighborhood', '$.categories', '$.features', '$.venueName', '$.name']) AS f
 FROM {records};
 CREATE TEMP TABLE events_read AS
 SELECT n, key, members, start, object, public, host, slim, odd_owner, odd_list, odd_entries,
     coalesce(key = {odd} OR list_contains(members, {odd}) OR start = {odd_start} OR odd_doc, false) AS odd
-FROM (SELECT n, object, odd_doc, rtt_record_id(f[1]) AS key, rtt_members(f[2], f[3]) AS members, rtt_start(f[4]) AS start,
-    coalesce(json_type(f[2]) <> 'NULL' AND rtt_id(f[2]) IS NULL, false) AS odd_owner,
-    coalesce(json_type(f[3]) NOT IN ('NULL', 'ARRAY'), false) AS odd_list,
-    CASE WHEN json_type(f[3]) = 'ARRAY' THEN len(list_filter(f[3]::JSON[], lambda p: rtt_id(p) IS NULL)) ELSE 0 END
-        AS odd_entries,
-    rtt_id(f[2]) AS host, json_object('_id', rtt_record_id(f[1]), 'ownerId', rtt_id(f[2]), 'neighborhood', f[7],
-        'categories', f[8], 'features', f[9], 'venueName', f[10], 'name', f[11])::VARCHAR AS slim,
+FROM (SELECT n, object, odd_doc, key, list_distinct(list_filter([host] || ids, lambda m: m IS NOT NULL)) AS members,
+    start, coalesce(owner_type <> 'NULL' AND host IS NULL, false) AS odd_owner,
+    coalesce(list_type NOT IN ('NULL', 'ARRAY'), false) AS odd_list, len(list_filter(ids, lambda i: i IS NULL)) AS odd_entries,
+    host, json_object('_id', key, 'ownerId', host, 'neighborhood', f[7],
+        'categories', f[8], 'features', f[9], 'venueName', f[10], 'name', f[11])::VARCHAR AS slim, public
+FROM (SELECT n, object, odd_doc, f, rtt_record_id(f[1]) AS key, rtt_id(f[2]) AS host, json_type(f[2]) AS owner_type,
+    json_type(f[3]) AS list_type, rtt_start(f[4]) AS start,
+    CASE WHEN json_type(f[3]) = 'ARRAY' THEN list_transform(f[3]::JSON[], lambda p: rtt_id(p)) ELSE [] END AS ids,
     coalesce(json_extract_string(f[5], '$') = 'public' AND json_type(f[5]) = 'VARCHAR' AND json_type(f[6]) = 'BOOLEAN'
-        AND json_extract_string(f[6], '$') = 'true', false) AS public FROM events_fields);
+        AND json_extract_string(f[6], '$') = 'true', false) AS public FROM events_fields));
 DROP TABLE events_fields
 """
 ENGINE_USERS = """
 CREATE TEMP TABLE users_fields AS SELECT n, starts_with(ltrim(doc::VARCHAR), '{{') AS object,
-    rtt_deep(doc) OR rtt_twice(doc::VARCHAR, '"_id"') AS odd_doc, json_extract(doc, '$._id') AS id FROM {records};
+    rtt_deep(doc) OR regexp_matches(doc::VARCHAR, '"_id"[\\s\\S]*"_id"') AS odd_doc, json_extract(doc, '$._id') AS id FROM {records};
 CREATE TEMP TABLE users_read AS
 SELECT n, key, object, coalesce(key = {odd} OR odd_doc, false) AS odd
 FROM (SELECT n, object, odd_doc, rtt_record_id(id) AS key FROM users_fields);

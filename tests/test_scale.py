@@ -541,6 +541,19 @@ def test_the_engine_reads_an_id_and_a_start_as_python_reads_the_screened_record_
         assert when == rtt.epoch_micros(rtt.to_utc(record.get("startDate"))), start
 
 
+def test_the_engine_leaves_a_record_repeating_a_key_it_reads_to_python(tmp_path):
+    events = ['{"_id": "a", "startDate": "2026-01-01T00:00:00Z"}', '{"_id": "b", "type": "x", "type": "public"}',
+              '{"_id": "c", "participants": [], "name": "participants list"}',  # (a value "participants" is odd too)
+              '{"_id": "d", "active": true, "bio": "x",\n "active": false}']
+    (tmp_path / "users.json").write_text('[{"_id": "u"}, {"_id": "v", "_id": "w"}, {"_id": "x", "y": "_idea"}]')
+    (tmp_path / "events.json").write_text("[" + ",".join(events) + "]")
+    engine = rtt.FolderEngine(tmp_path / "users.json", tmp_path / "events.json")
+    engine.scan()
+    assert engine.db.execute("SELECT list(odd ORDER BY n) FROM events_read").fetchone()[0] == [False, True, False, True]
+    assert engine.db.execute("SELECT list(odd ORDER BY n) FROM users_read").fetchone()[0] == [False, True, False]
+    engine.close()
+
+
 def test_the_engine_gives_the_consent_rows_the_literal_read_gives(tmp_path):
     users, events = messy_world(200)
     users[4]["smsOptOut"] = {"$date": "TBD"}  # unreadable: kept as UNREADABLE (doubt), never missing
