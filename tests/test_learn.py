@@ -335,6 +335,17 @@ def test_refitting_ranks_exactly_as_the_scorer_does(montana_backtest) -> None:
     assert list(rtt.fit_hits(data, rtt.BUILT_IN_WEIGHTS)) == [t.hits["rules"] for t in trials]
 
 
+def test_the_backtest_scores_with_the_weights_it_is_given(montana_backtest) -> None:
+    history, days, dated, _ = montana_backtest
+    hoods = rtt.NeighbourhoodMap.from_csv(rtt.CENTROIDS_CSV)
+    other = rtt.MatchWeights({**rtt.BUILT_IN_WEIGHTS, **FLAT, "PLAN_WEIGHT": 3.0, "FAR_HALVING_DAYS": 7.0})
+    replayed = rtt.run_backtest(history, days, 30, hoods, weights=other)
+    hits = [t.hits["rules"] for _, _, ts in replayed for t in ts]
+    data = rtt.fit_data(replayed, rtt.fit_candidates(history, replayed, hoods), history, 30)
+    assert list(rtt.fit_hits(data, other.values)) == hits
+    assert hits != [t.hits["rules"] for _, _, ts in dated for t in ts]  # other picks than the built-in weights'
+
+
 def test_the_fit_is_deterministic_for_a_seed(montana_backtest) -> None:
     history, days, dated, seen = montana_backtest
     current = rtt.MatchWeights({**rtt.BUILT_IN_WEIGHTS, **FLAT})
