@@ -3444,9 +3444,16 @@ class MatchWeights:
     values: Mapping[str, float]  # every name in ``WEIGHT_NAMES``; kept as a read-only copy
     source: str = "built-in"
     sha256: str | None = None
+    # the same values as the scorer's inner loops read them, set from ``values``
+    signals: tuple[float, ...] = field(init=False, repr=False, compare=False)  # ``HISTORY_WEIGHTS``, in order
+    plan: float = field(init=False, repr=False, compare=False)  # ``PLAN_WEIGHT``
+    half_life: float = field(init=False, repr=False, compare=False)  # ``FAR_HALVING_DAYS``
 
     def __post_init__(self) -> None:
-        object.__setattr__(self, "values", MappingProxyType({name: float(self.values[name]) for name in WEIGHT_NAMES}))
+        values = {name: float(self.values[name]) for name in WEIGHT_NAMES}
+        for name, value in (("values", MappingProxyType(values)), ("signals", tuple(values[n] for n in HISTORY_WEIGHTS)),
+                            ("plan", values["PLAN_WEIGHT"]), ("half_life", values["FAR_HALVING_DAYS"])):
+            object.__setattr__(self, name, value)
 
     @property
     def label(self) -> str:
@@ -3478,12 +3485,12 @@ class HistorySignals(NamedTuple):
 
     def contributions(self) -> dict[str, float]:
         """Each signal's points before timing, by name (the reasoning names the largest)."""
-        n, w = max(self.past_events, 1), self.weights.values
-        return {"host": w["W_HOST"] * self.host_events / n, "series": w["W_SERIES"] * self.series_events / n,
-                "company": w["W_COMPANY"] * min(self.company, COMPANY_CAP) / COMPANY_CAP,
-                "place": w["W_PLACE"] * self.place_share, "tags": w["W_TAGS"] * self.tag_share,
-                "weekday": w["W_WEEKDAY"] * self.weekday_events / n,
-                "day_part": w["W_DAY_PART"] * self.day_part_events / n}
+        n = max(self.past_events, 1)
+        host, series, company, place, tags, weekday, day_part = self.weights.signals
+        return {"host": host * self.host_events / n, "series": series * self.series_events / n,
+                "company": company * min(self.company, COMPANY_CAP) / COMPANY_CAP,
+                "place": place * self.place_share, "tags": tags * self.tag_share,
+                "weekday": weekday * self.weekday_events / n, "day_part": day_part * self.day_part_events / n}
 
     @property
     def points(self) -> float:
@@ -3521,7 +3528,7 @@ def member_habits(user: Mapping[str, Any]) -> Habits | None:
 def timing_factor(days_until: float, weights: MatchWeights = BUILT_IN_MATCH_WEIGHTS) -> float:
     """1 within ``NEAR_DAYS``, then halving every ``FAR_HALVING_DAYS`` (the weights'): a comparable nearer
     event wins."""
-    return 1.0 if days_until <= NEAR_DAYS else 0.5 ** ((days_until - NEAR_DAYS) / weights.values["FAR_HALVING_DAYS"])
+    return 1.0 if days_until <= NEAR_DAYS else 0.5 ** ((days_until - NEAR_DAYS) / weights.half_life)
 
 
 def local_weekday_part(start: datetime | None, zone: ZoneInfo | None) -> tuple[str, str]:
@@ -3596,7 +3603,7 @@ class Candidate:
     @property
     def total(self) -> float:
         """The history's points plus the plan's tiers as points: what ranks and what confidence reads."""
-        return round(self.history.points + self.weights.values["PLAN_WEIGHT"] * self.plan_index / PLAN_INDEX_MAX, 9)
+        return round(self.history.points + self.history.weights.plan * self.plan_index / PLAN_INDEX_MAX, 9)
 
     @property
     def plan_key(self) -> tuple[Any, ...]:
@@ -3871,9 +3878,9 @@ class CandidateIndex:
             shared = matched_interests(reader.interests, event_features(self.events[n]).tags)
             tagged = by_tags[f.tags] = (max(1, interest_alignment(shared)),
                                         mean_share(habits.tags, f.tags) if habits is not None else 0.0)
-        w = self.weights.values
-        points = history_bound(habits, f, weekday_part, tagged[1], w) * f.timing if habits is not None else 0.0
-        plan = w["PLAN_WEIGHT"] * (f.plan_base + ((tagged[0] - 1) * 11 + near) * 16) / PLAN_INDEX_MAX
+        w = self.weights
+        points = history_bound(habits, f, weekday_part, tagged[1], w.signals) * f.timing if habits is not None else 0.0
+        plan = w.plan * (f.plan_base + ((tagged[0] - 1) * 11 + near) * 16) / PLAN_INDEX_MAX
         return points + plan + BOUND_MARGIN
 
     @staticmethod
@@ -3996,23 +4003,23 @@ class EventFacts(NamedTuple):
 
 
 def history_bound(bounds: HabitBounds, f: EventFacts, local: tuple[str, str], tag_share: float,
-                  w: Mapping[str, float]) -> float:
+                  signals: tuple[float, ...]) -> float:
     """At least ``history_signals(...).points`` before timing: each signal as ``HistorySignals.contributions``
-    counts it with the weights ``w`` (``MatchWeights.values``; the parts the member has no history for
+    counts it with the weights ``signals`` (``MatchWeights.signals``; the parts the member has no history for
     skipped), the weekday and part of the day from ``local`` (``CandidateIndex.local_time``), ``tag_share``
     the event's tags' mean share (``mean_share``)."""
     b, n = bounds, bounds.events
+    host, series, company, place, tags, weekday, day_part = signals
     points = 0.0
     if b.hosts:
-        points += w["W_HOST"] * int(b.hosts.get(f.host, 0)) / n
+        points += host * int(b.hosts.get(f.host, 0)) / n
     if b.series and f.series:
-        points += w["W_SERIES"] * max(int(b.series.get(k, 0)) for k in f.series) / n
+        points += series * max(int(b.series.get(k, 0)) for k in f.series) / n
     if b.company:
-        points += w["W_COMPANY"] * min(int(b.company.get(f.event_id, 0)), COMPANY_CAP) / COMPANY_CAP
+        points += company * min(int(b.company.get(f.event_id, 0)), COMPANY_CAP) / COMPANY_CAP
     if b.habits.patterns:
-        points += (w["W_PLACE"] * (b.habits.places.get(f.place, 0.0) if f.place else 0.0) + w["W_TAGS"] * tag_share
-                   + w["W_WEEKDAY"] * int(b.weekdays.get(local[0], 0)) / n
-                   + w["W_DAY_PART"] * int(b.day_parts.get(local[1], 0)) / n)
+        points += (place * (b.habits.places.get(f.place, 0.0) if f.place else 0.0) + tags * tag_share
+                   + weekday * int(b.weekdays.get(local[0], 0)) / n + day_part * int(b.day_parts.get(local[1], 0)) / n)
     return points
 
 
