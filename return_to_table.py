@@ -23,7 +23,8 @@ Glossary (one name per concept, here and in the code):
              giving that number, the number not taken (``NumberLedger``: one number, one text).
   holdout    the control group: contactable members whose stable hash falls below ``--holdout``;
              their rules' pick is recorded (``HoldoutRecord``), nothing is sent.
-  walk       steps 5-6 going down the ranked contactable members until the day's ``--limit`` are messaged;
+  walk       steps 5-6 going down the ranked contactable members until the day's ``--limit`` are messaged
+             (``MemberWalk``, which owns the walk's state: seats, numbers, decisions, saves);
              every eligible member ends ``selected`` or with a ``skip_reason`` (``SKIP_REASONS``).
   campaign day  the date of ``--now`` in CAMPAIGN_TIMEZONE: ``--limit`` counts the messages drafted on it
              (``DashboardHistory``, ``daily_remaining``), so a rerun tops up.
@@ -40,10 +41,10 @@ Glossary (one name per concept, here and in the code):
 
 The file reads top-down in the plan's step order: configuration, data loading, the rules of
 steps 1-8 (pure functions), the service edges (sources, the demo world, Claude for steps 5-6,
-Firebase for step 7), the ``ReturnToTable`` orchestration, ``measure`` (did the campaigns bring
-anyone back: treated against holdout, read only; then who and what brings members back, the tone A/B,
-and the charts), ``backtest`` (the matcher against history; fitting its weights, ``MATCH_WEIGHTS``, and
-comparing ``RANK_BY`` orderings), and the command line.
+steps 5-6's walk ``MemberWalk``, Firebase for step 7), the ``ReturnToTable`` orchestration,
+``measure`` (did the campaigns bring anyone back: treated against holdout, read only; then who and
+what brings members back, the tone A/B, and the charts), ``backtest`` (the matcher against history;
+fitting its weights, ``MATCH_WEIGHTS``, and comparing ``RANK_BY`` orderings), and the command line.
 """
 
 from __future__ import annotations
@@ -5094,7 +5095,7 @@ class Message(TypedDict):
     sms_segments: int
     send_after: str  # ISO UTC: the dashboard sends at or after this ...
     send_before: str  # ... and strictly before this (``SendWindow``), outside quiet hours in:
-    recipient_timezone: str  # the member's IANA zone (``ReturnToTable.recipient_zone``)
+    recipient_timezone: str  # the member's IANA zone (``MemberWalk.recipient_zone``)
     variant: NotRequired[str]  # with --variants: the message tone (``TONES``) the member is assigned to (``member_tone``)
 
 
@@ -5268,7 +5269,7 @@ class IdleReason(Enum):
     """Why a day drafted no message: the one line cron mail gets, and the exit code (3: look; 0: as planned).
 
     ``idle_reason`` finds it from the walk's decisions; a step that knows before the walk (the per-day
-    limit: ``DAY_LIMIT_DRAFTED``) hands it over as ``ReturnToTable.idle_hint``."""
+    limit: ``DAY_LIMIT_DRAFTED``) hands it over to ``idle_reason`` as its ``hint``."""
 
     NOBODY_DORMANT = "nobody_dormant"
     ALL_IN_COOLDOWN = "all_in_cooldown"
@@ -6040,6 +6041,20 @@ def console_summary(report: Mapping[str, Any], report_path: Path) -> str:
     status = report["status"] + (f", empty input: {', '.join(empty)}" if empty else "")
     return (f"Step 8 ({status}): {s['total_dormant_users_found']} dormant; funnel {funnel_text(report['funnel'])}; "
             f"{cost_text(report['cost'])}; {s['error_count']} errors. Report: {report_path}")
+
+
+def write_report(stem: Path, report: Mapping[str, Any], logger: logging.Logger) -> Path:
+    """Step 8's files, ``<stem>.json`` and ``<stem>.md`` (private), and the console's summary line; the .md's path."""
+    write_json(stem.with_name(stem.name + ".json"), report, private=True)
+    report_path = stem.with_name(stem.name + ".md")
+    write_text_private(report_path, report_markdown(report))
+    logger.info("%s", console_summary(report, report_path), extra={"summary": True})
+    return report_path
+
+
+def write_skip_list(data_dir: Path, eligible: Sequence[Mapping[str, Any]], decisions: Mapping[str, str]) -> None:
+    """``data/processed/skipped.csv``: member id and skip_reason of each member the walk reached and left out."""
+    write_csv(data_dir / "processed" / SKIP_LIST, ["member_id", "reason"], skip_list_rows(eligible, decisions))
 
 
 def places_report(unlocated: Mapping[str, int]) -> dict[str, Any]:
@@ -7323,6 +7338,17 @@ def check_match_answer(answer: Mapping[str, Any], candidates: Sequence[Candidate
     return chosen, confidence
 
 
+@dataclass
+class CallSlot:
+    """One Claude call's claim on a slot (``ClaudeAdvisor`` changes it under its lock): ``held`` while an
+    attempt is on the wire or its answer is checked; ``parked`` while the SDK waits to retry; ``over`` once
+    the caller has given the call up (a worker still sleeping then sends nothing more)."""
+
+    held: bool = False
+    parked: bool = False
+    over: bool = False
+
+
 class ClaudeAdvisor:
     """Claude's two jobs, each answer validated: choose a member's event, and write the SMS.
 
@@ -7342,7 +7368,11 @@ class ClaudeAdvisor:
         self.usage = {"matching": TokenUsage(), "writing": TokenUsage()}
         self._lock = threading.Condition()
         self.consecutive_failures = 0
-        self.in_flight = 0
+        self.in_flight = 0  # slots held: attempts on the wire, answers being checked
+        self.parked = 0  # calls waiting out the SDK's retry backoff, holding no slot
+        self.resuming = 0  # parked calls waiting for a slot again: they go before new calls
+        self.last_attempt_ok = True  # the API answered the latest attempt (a parked call's slot may be lent)
+        self._attempt = threading.local()  # the CallSlot of the call the SDK is attempting in this thread
         self.failed_calls = 0
         self.answered_calls = 0
         self.unavailable: str | None = None  # set once Claude is known to be unusable for this run
@@ -7359,35 +7389,115 @@ class ClaudeAdvisor:
         return advisor
 
     def refuse_when_down(self, request: Any, call_next: Any) -> Any:
-        """SDK middleware, run before every attempt, the SDK's own retries included: once Claude is down
-        for this run, a call abandoned at its time bound sends nothing more."""
-        if self.unavailable:
+        """SDK middleware, run around every attempt, the SDK's own retries included: once Claude is down
+        for this run, a call abandoned at its time bound sends nothing more. An attempt that fails with
+        retries left parks its call (the slot is free while the SDK backs off: a 529 or a 429 holds up no
+        other call), and the next attempt takes a slot again before it is sent."""
+        slot = getattr(self._attempt, "slot", None)
+        if slot is not None:
+            self._resume(slot, sending=True)
+        elif self.unavailable:
             raise ClaudeDown(self.unavailable)
-        return call_next(request)
+        answered = False
+        try:
+            response = call_next(request)
+            answered = bool(getattr(getattr(response, "http_response", None), "is_success", True))
+            return response
+        finally:
+            taken = getattr(request, "retries_taken", self.config.max_retries)  # unknown: no retry left, keep the slot
+            self._attempted(slot, answered, retries_left=taken < self.config.max_retries)
 
-    def _start_call(self) -> None:
-        """Wait for a call slot: calls in flight never exceed the failures still allowed in a row, so
-        "stop after four failures in a row" holds however many members run at once."""
+    def _may_take(self, new: bool) -> bool:
+        """(Under the lock.) Slots held never exceed the failures still allowed in a row, so "stop after four
+        failures in a row" holds however many members run at once. A new call also lets parked calls
+        resume first, and takes a parked call's slot only while all is well (the latest attempt was answered,
+        no failure is counted): in an outage every parked call keeps its place and no more calls start."""
+        room = self.MAX_CONSECUTIVE_FAILURES - self.consecutive_failures
+        if self.in_flight >= room:
+            return False
+        lend = self.last_attempt_ok and not self.consecutive_failures
+        return not new or (not self.resuming and (lend or self.in_flight + self.parked < room))
+
+    def _take(self, slot: CallSlot) -> None:
+        """(Under the lock.) ``slot`` holds a slot from now on."""
+        self.in_flight += 1
+        slot.held = True
+        if slot.parked:
+            self.parked -= 1
+            slot.parked = False
+
+    def _start_call(self, slot: CallSlot) -> None:
+        """Wait for a slot for a new call; InvalidAnswer once Claude is down or the run is stopping."""
         with self._lock:
             while True:
                 if self.unavailable:
                     raise InvalidAnswer(f"Claude unavailable this run ({self.unavailable})")
                 if self.control.stopping:
                     raise InvalidAnswer(f"not asked: the run is stopping ({self.control.status})")
-                if self.in_flight < self.MAX_CONSECUTIVE_FAILURES - self.consecutive_failures:
-                    self.in_flight += 1
+                if self._may_take(new=True):
+                    self._take(slot)
                     return
                 self._lock.wait(0.1)
+
+    def _resume(self, slot: CallSlot, sending: bool) -> None:
+        """A parked call takes a slot again: before its next attempt (``sending``: ClaudeDown once Claude is
+        down or the call was given up), or before its failure is counted (never more failures in a row
+        than slots allowed; once Claude is down the count no longer matters and nothing is waited for)."""
+        with self._lock:
+            self.resuming += 1
+            try:
+                while True:
+                    if sending and (self.unavailable or slot.over):
+                        raise ClaudeDown(self.unavailable or "the call was given up")
+                    if slot.held or self.unavailable:
+                        return
+                    if self._may_take(new=False):
+                        self._take(slot)
+                        return
+                    self._lock.wait(0.1)
+            finally:
+                self.resuming -= 1
+
+    def _attempted(self, slot: CallSlot | None, answered: bool, retries_left: bool) -> None:
+        """After one attempt: remember whether the API answered, and park a call the SDK will retry."""
+        with self._lock:
+            self.last_attempt_ok = answered
+            if slot is not None and slot.held and not slot.over and not answered and retries_left:
+                slot.held, slot.parked = False, True
+                self.in_flight -= 1
+                self.parked += 1
+                self._lock.notify_all()
+
+    def _end(self, slot: CallSlot) -> None:
+        """The call is over: its slot (or its parked place) is given back."""
+        with self._lock:
+            slot.over = True
+            if slot.held:
+                self.in_flight -= 1
+            if slot.parked:
+                self.parked -= 1
+            slot.held = slot.parked = False
+            self._lock.notify_all()
+
+    def _send(self, slot: CallSlot, request: Mapping[str, Any]) -> Any:
+        """``messages.create`` in the calling (worker) thread, with ``slot`` where the middleware finds it."""
+        self._attempt.slot = slot
+        try:
+            return self.client.messages.create(**request)
+        finally:
+            self._attempt.slot = None
 
     def _call(self, step: str, check: Any, **request: Any) -> tuple[Any, Any, str]:
         """One Messages API call (the SDK's own retries included) within its time budget, its answer checked
         while the call still holds its slot: ``(reply, checked answer, "")``, or ``(reply, None, problem)``
         for an invalid answer, which counts as a failed call (paid for, and of no use: "stop after four in
-        a row" holds for a model that answers every call with nonsense too)."""
-        self._start_call()
+        a row" holds for a model that answers every call with nonsense too). A failed call takes a slot
+        back before it is counted, if it was parked when it failed (its time bound ran out)."""
+        slot = CallSlot()
+        self._start_call(slot)
         try:
             budget = self.control.budget(self.config.timeout)
-            reply = bounded_call(lambda: self.client.messages.create(**request), budget, "Claude")
+            reply = bounded_call(lambda: self._send(slot, request), budget, "Claude")
             with self._lock:
                 self.usage[step].add(getattr(reply, "usage", None))
             try:
@@ -7396,6 +7506,9 @@ class ClaudeAdvisor:
                 self._count_failure(exc)
                 return reply, None, str(exc)
         except Exception as exc:
+            with self._lock:
+                slot.over = True
+            self._resume(slot, sending=False)
             self._count_failure(exc)
             raise
         else:
@@ -7404,9 +7517,7 @@ class ClaudeAdvisor:
                 self.answered_calls += 1
             return reply, answer, ""
         finally:
-            with self._lock:
-                self.in_flight -= 1
-                self._lock.notify_all()
+            self._end(slot)
 
     def _system(self, text: str, model: str) -> list[dict[str, Any]]:
         block: dict[str, Any] = {"type": "text", "text": text}
@@ -7508,6 +7619,361 @@ class ClaudeAdvisor:
         out["unavailable"] = self.unavailable
         out["failed_calls"] = self.failed_calls
         return out
+
+
+# =============================================================================================
+# Steps 5-6: the walk, each member it reaches matched and messaged
+# =============================================================================================
+# Its own class because the walk has state of its own (seats, numbers, decisions, the progress bar, the last
+# save) that lives only as long as steps 5-6; the orchestrator builds it from what steps 1-2 found.
+
+
+@dataclass(eq=False, kw_only=True)
+class MemberWalk:
+    """Steps 5-6: down the contactable members in rank order until ``--limit`` are messaged; each member
+    matched (step 5) and written to (step 6), held out, or skipped with a ``skip_reason``; results saved
+    as they come (``data/processed/`` and the dashboard, rank order)."""
+
+    options: RunOptions
+    logger: logging.Logger
+    sms: SmsPolicy  # who may be texted, when (quiet hours), and what every message carries
+    zone: ZoneInfo  # CAMPAIGN_TIMEZONE
+    hoods: NeighbourhoodMap
+    advisor: ClaudeAdvisor | None  # None: the rules and the template
+    control: RunControl  # a stop (signal or deadline) starts no new member
+    dashboard: DashboardWriter  # each result submitted as it comes (``DashboardWriter.submit``)
+    activity: Mapping[str, Activity]  # step 1's activity of every member, for ``reach_member``
+    candidate_index: CandidateIndex | None  # step 2's open events indexed for step 5
+    seats: SeatLedger  # open invitations per event, the dashboard's and this run's
+    numbers: NumberLedger  # consent and contact per phone number (one number, one text)
+    volume: DailyVolume  # this run's share of the campaign day's ``--limit``
+    campaign_id: str  # holdout records carry it
+    decisions: dict[str, str]  # eligible member id -> "selected" or its skip_reason, filled as the walk goes
+    skip_details: dict[str, str]  # member id -> the detail of their skip reason (``OTHER_RECORD``)
+    progress: Any = field(default=None, init=False)  # the members progress bar, on a terminal
+    saved_at: float = field(default_factory=time.monotonic, init=False)  # the last local save
+
+    def run(self, walk: Sequence[tuple[int, DormantMember]], events: Sequence[FutureEvent]) -> list[UserOutcome]:
+        """The walk with a progress bar on a terminal (``process_all``)."""
+        with progress_bar(min(len(walk), self.volume.remaining), "members",
+                          enabled=self.options.progress) as self.progress:
+            return self.process_all(walk, events)
+
+    def recipient_zone(self, user: Mapping[str, Any]) -> ZoneInfo:
+        """The member's own zone, for the send window: from the number when it maps to one zone, else
+        CAMPAIGN_TIMEZONE."""
+        zone = user.get("phone_timezone")
+        return ZoneInfo(zone) if isinstance(zone, str) else self.zone
+
+    def ranked(self, user: Mapping[str, Any], events: Sequence[Mapping[str, Any]]) -> Iterator[Candidate]:
+        """``score_candidates``' order, scored as needed by the candidate index when it was built for these
+        events (the same list: ``CandidateIndex.ranked``), else all at once."""
+        index = self.candidate_index
+        if index is not None and index.events is events:
+            return index.ranked(user)
+        return iter(score_candidates(user, events, self.hoods, self.options.now, self.options.weights))
+
+    def reachable(self, user: DormantMember) -> bool:
+        """Whether a member the walk reached may be texted: the phone is checked and the history read now
+        (``reach_member``); one who may not gets ``no_valid_phone``, ``opted_out`` (their record, or another
+        with their number: ``NumberLedger``) or ``shared_phone``; one who may takes their number."""
+        reach_member(user, self.activity, self.options.now, self.sms.default_region, self.zone.key)
+        block, detail = contact_block(user, self.sms)[0], None  # (odd values: counted by ``consent_by_number``)
+        if block is None:
+            block, detail = self.numbers.claim(user)
+        if block is not None:
+            self.decisions[user["_id"]] = block
+        if detail is not None:
+            self.skip_details[user["_id"]] = detail
+        return block is None
+
+    def candidates_for(self, user: Mapping[str, Any], events: Sequence[Mapping[str, Any]],
+                       ) -> tuple[list[Candidate], Skip | None]:
+        """The first events this member may be offered, best first (the rules' order): as many as Claude is
+        shown (``--candidates``) or the fallbacks try (``MAX_NEXT_EVENTS`` after the pick), whichever is
+        more; or why there are none: no open event shares an interest, or none leaves a moment to send in
+        (``window_for``)."""
+        ranked = self.ranked(user, events)
+        first = next(ranked, None)
+        if first is None:
+            return [], Skip(user["_id"], full_name(user), "no open future event shares an interest")
+        zone = self.recipient_zone(user)
+        sendable = (c for c in itertools.chain([first], ranked) if self.window_for(c.event, zone) is not None)
+        first_sendable = next(sendable, None)
+        if first_sendable is None:  # every matching event starts too soon, or leaves only quiet hours to send in
+            return [], Skip(user["_id"], full_name(user),
+                            "every matching event is too soon: none leaves a moment outside QUIET_HOURS "
+                            f"(member's local time) at least {self.options.min_lead_hours:g}h before it starts "
+                            "(--min-lead-hours)", "no_event_in_send_window")
+        seated = self.seats.open_only(user["_id"], itertools.chain([first_sendable], sendable))
+        candidates = list(itertools.islice(seated, max(self.options.candidates, MAX_NEXT_EVENTS + 1)))
+        if not candidates:
+            return [], self.no_seats(user)
+        return candidates, None
+
+    def no_seats(self, user: Mapping[str, Any]) -> Skip:
+        return Skip(user["_id"], full_name(user), "every matching event already has as many open invitations as "
+                    "it can seat (--invites-per-spot, --max-invites-per-event)", "seats_exhausted")
+
+    def seated(self, user: Mapping[str, Any], candidates: Sequence[Candidate], match: Match,
+               outcome: UserOutcome) -> Match | None:
+        """The match with a seat reserved (``SeatLedger``); when another member took the last one meanwhile
+        (Claude's members run at once), the rules' next candidate with a seat. The reasoning says when the
+        member's first choice had none left."""
+        uid, now, floor = user["_id"], self.options.now, self.options.min_confidence
+        if self.seats.reserve(uid, match["event"]) is None:
+            others = (c for c in candidates if c.event["_id"] != match["event_id"] and c.confidence >= floor)
+            taken = f" (The first pick, {match['event_name']}, filled up while it was chosen; this is the next best.)"
+            for c in others:
+                if self.seats.reserve(uid, c.event) is not None:
+                    match = candidate_match(user, c, self.zone, now, taken)
+                    break
+            else:
+                outcome.skip = self.no_seats(user)
+                return None
+        match["reasoning"] += self.seats.taken_note(uid, match["event_id"])
+        return match
+
+    def facts_for(self, match: Match) -> MessageFacts:
+        """What the message may say: ``message_facts``, without the spots left once more members were told
+        than the spots allow (``Seat.may_claim_spots``)."""
+        facts = message_facts(match, self.zone, self.options.now, sender=self.sms.sender,
+                              opt_out_text=self.sms.opt_out_text,
+                              tone=member_tone(CAMPAIGN_NAME, match["user_id"], self.options.variants))
+        seat = self.seats.seats.get(match["user_id"])
+        return facts if seat is None or seat.may_claim_spots else replace(facts, spots_left=None)
+
+    def hold_out(self, rank: int, eligible_rank: int, user: DormantMember,
+                 events: Sequence[FutureEvent]) -> UserOutcome:
+        """A control-group member: the rules' pick is recorded, nothing is drafted or sent. A member the
+        rules would not message either is skipped for that reason, so both groups hold the same kind."""
+        outcome = UserOutcome(rank, user, eligible_rank=eligible_rank, held_out=True)
+        candidates, outcome.skip = self.candidates_for(user, events)
+        match = rules_match(user, candidates, self.options.min_confidence, self.zone, self.options.now)
+        if match is None:
+            code = outcome.skip.code if outcome.skip is not None else "below_min_confidence"
+            outcome.skip = Skip(user["_id"], full_name(user), "held out; the rules would not have messaged them", code)
+        else:
+            outcome.holdout = holdout_record(eligible_rank, match, campaign_id=self.campaign_id,
+                                             fraction=self.options.holdout, now=self.options.now,
+                                             variant=self.tone_of(user["_id"]))
+        return outcome
+
+    def window_for(self, event: Mapping[str, Any], zone: ZoneInfo) -> SendWindow | None:
+        """When a message about ``event`` may go out to a member in ``zone`` (``send_window``), or None."""
+        start = to_utc(event.get("startDate"))
+        if start is None:
+            return None
+        return send_window(start, self.options.now, zone, self.sms.quiet_hours,
+                           timedelta(hours=self.options.min_lead_hours))
+
+    def choose_event(self, user: Mapping[str, Any], candidates: Sequence[Candidate],
+                     outcome: UserOutcome) -> Match | None:
+        """Step 5: Claude's pick among the rules' top K when enabled, else (or on failure) the rules'."""
+        now, floor = self.options.now, self.options.min_confidence
+        if self.advisor is not None:
+            try:
+                chosen, confidence, reasoning = self.advisor.choose(
+                    user, candidates[: self.options.candidates], self.zone, now)
+            except InvalidAnswer as exc:
+                outcome.fallbacks.append(Fallback("matching", str(exc)))
+                self.logger.warning("Claude match for %s fell back to rules: %s", user["_id"], exc)
+            else:
+                if confidence < floor:
+                    outcome.skip = Skip(user["_id"], full_name(user),
+                                        f"Claude's best match {confidence}% is below --min-confidence {floor:g}",
+                                        "below_min_confidence")
+                    return None
+                return build_match(user, chosen.event, reasoning=reasoning, confidence=confidence,
+                                   interests=[i for i, _ in chosen.interests], matcher="claude", now=now,
+                                   chosen=chosen)
+        match = rules_match(user, candidates, floor, self.zone, now)
+        if match is None:
+            outcome.skip = Skip(user["_id"], full_name(user),
+                                f"best match {candidates[0].confidence}% is below --min-confidence {floor:g}",
+                                "below_min_confidence")
+        return match
+
+    def write_message(self, match: Match, outcome: UserOutcome) -> Message | None:
+        """Step 6: Claude's SMS when enabled and valid, else the template's; None when no wording fits
+        or the event leaves no send window (candidates without one are never offered)."""
+        now, zone = self.options.now, self.recipient_zone(match["user"])
+        window = self.window_for(match["event"], zone)
+        if window is None:
+            return None
+        when = {"now": now, "window": window, "zone": zone}
+        facts = self.facts_for(match)
+        when["variant"] = self.tone_of(match["user_id"])
+        if self.advisor is not None:
+            try:
+                text, notes = self.advisor.write(facts, match["user"])
+                return build_message(match, text, generator="claude", notes=notes, **when)
+            except InvalidAnswer as exc:
+                outcome.fallbacks.append(Fallback("writing", str(exc)))
+                self.logger.warning("Claude SMS for %s fell back to the template: %s", match["user_id"], exc)
+        text = write_template_sms(facts)
+        if text is None:
+            return None
+        return build_message(match, text, generator="template", notes=template_notes(facts, text), **when)
+
+    def next_phrasable(self, user: Mapping[str, Any], candidates: Sequence[Candidate], tried: str,
+                       ) -> tuple[Match, Message] | None:
+        """When no SMS within the contract can name the chosen event (a long name in UCS-2, a name
+        with a web address), the next candidates above the threshold, by the rules and the template."""
+        now, floor, zone = self.options.now, self.options.min_confidence, self.recipient_zone(user)
+        for c in [c for c in candidates if c.event["_id"] != tried and c.confidence >= floor][:MAX_NEXT_EVENTS]:
+            if self.seats.reserve(user["_id"], c.event) is None:
+                continue
+            match = candidate_match(user, c, self.zone, now,
+                                    " (The first choice could not be phrased within the SMS limits.)")
+            facts = self.facts_for(match)
+            text, window = write_template_sms(facts), self.window_for(c.event, zone)
+            if text is None or window is None:
+                continue
+            return match, build_message(match, text, generator="template", notes=template_notes(facts, text),
+                                        now=now, window=window, zone=zone, variant=self.tone_of(user["_id"]))
+        return None
+
+    def process_user(self, rank: int, user: Mapping[str, Any], events: Sequence[Mapping[str, Any]]) -> UserOutcome:
+        """One member through steps 5 and 6."""
+        outcome = UserOutcome(rank, user)
+        candidates, outcome.skip = self.candidates_for(user, events)
+        if outcome.skip is not None:
+            return outcome
+        outcome.match = self.choose_event(user, candidates, outcome)
+        if outcome.match is not None:
+            outcome.match = self.seated(user, candidates, outcome.match, outcome)
+        if outcome.match is None:
+            return outcome
+        outcome.message = self.write_message(outcome.match, outcome)
+        if outcome.message is None:
+            chosen = outcome.match
+            alternative = self.next_phrasable(user, candidates, chosen["event_id"])
+            outcome.match, outcome.message = alternative or (None, None)
+            if alternative is None:  # a match without a message would only confuse the reviewers
+                outcome.skip = Skip(user["_id"], full_name(user),
+                                    f"no SMS within the contract for {chosen['event_name']!r} or the next events",
+                                    "no_sms_within_contract")
+        return outcome
+
+    def process_member(self, rank: int, eligible_rank: int, user: DormantMember,
+                       events: Sequence[FutureEvent]) -> UserOutcome:
+        """One member through steps 5 and 6; an unexpected failure costs that member only (counted)."""
+        try:
+            outcome = self.process_user(rank, user, events)
+        except ServiceError:
+            self.seats.release(user["_id"])
+            raise
+        except Exception as exc:  # the run goes on; the traceback goes to the log file
+            self.seats.release(user["_id"])
+            if out_of_memory(exc):  # the whole run's trouble, not this member's
+                raise
+            self.logger.debug("member %s failed", user["_id"], exc_info=True)
+            self.logger.error("Member %s failed: %s", user["_id"], exc.__class__.__name__)
+            outcome = UserOutcome(rank, user, skip=Skip(user["_id"], full_name(user),
+                                                        f"failed: {exc.__class__.__name__} (see the log)", "failed"),
+                                  failed=True)
+        if outcome.message is None:  # a seat no message came of is given back
+            self.seats.release(user["_id"])
+        outcome.eligible_rank = eligible_rank
+        return outcome
+
+    def process_all(self, walk: Sequence[tuple[int, DormantMember]], events: Sequence[FutureEvent]) -> list[UserOutcome]:
+        """Walk the contactable members in rank order until ``--limit`` are messaged; results in walk order.
+
+        Holdout members passed on the way are recorded, never texted. Treatment members run
+        concurrently (bounded) on the Claude path, one at a time otherwise; no more are in flight than
+        messages still wanted, and a stop (signal or deadline) starts no new member while those in
+        flight finish. Members the walk did not reach get ``below_limit`` (``not_started`` after a stop).
+        Results are saved as they come (local files at most every ``SAVE_EVERY_SECONDS``, the
+        dashboard item by item) and once more at the end.
+        """
+        done: list[UserOutcome] = []
+        waiting = list(reversed(self.reach_order(walk, events)))
+        width = self.options.concurrency if self.advisor is not None else 1
+        try:
+            with ThreadPoolExecutor(max_workers=width, thread_name_prefix="member") as pool:
+                self.walk(waiting, events, pool, width, done)
+        finally:
+            for _rank, user in waiting:
+                self.decisions[user["_id"]] = "not_started" if self.control.stopping else "below_limit"
+            self.save_progress(done)
+        return sorted(done, key=lambda o: o.rank)
+
+    def tone_of(self, member_id: str) -> str | None:
+        """The member's tone in a tone A/B (``--variants``), recorded on their message; None in a default run."""
+        variants = self.options.variants
+        return None if tuple(variants) == (DEFAULT_TONE,) else member_tone(CAMPAIGN_NAME, member_id, variants)
+
+    def reach_order(self, walk: Sequence[tuple[int, DormantMember]],
+                    events: Sequence[FutureEvent]) -> Sequence[tuple[int, DormantMember]]:
+        """``RANK_BY``: the walk in the plan's score order, or (``history``) by each member's best candidate's
+        total (``by_history``), their history read first (``reach_member``) for every member outside the cooldown."""
+        if self.options.rank_by != "history":
+            return walk
+        for _, user in walk:
+            reach_member(user, self.activity, self.options.now, self.sms.default_region, self.zone.key)
+        return by_history(walk, [best_total(list(itertools.islice(self.ranked(u, events), 1))) for _, u in walk])
+
+    def walk(self, waiting: list[tuple[int, DormantMember]], events: Sequence[FutureEvent], pool: ThreadPoolExecutor,
+             width: int, done: list[UserOutcome]) -> None:
+        """``process_all``'s loop: ``waiting`` is a stack (the next member last), emptied as members start."""
+        running: set[Any] = set()
+        messaged, order = 0, itertools.count()
+        while True:
+            while (waiting and len(running) < width and messaged + len(running) < self.volume.remaining
+                   and not self.control.stopping):
+                eligible_rank, user = waiting.pop()
+                if not self.reachable(user):
+                    continue
+                self.logger.info("  #%d %s (%s): score %.1f, %d days inactive, %d events", eligible_rank,
+                                 full_name(user), user["_id"], user["reactivation_score"],
+                                 user["days_inactive"], user["eventCount"])
+                if in_holdout(CAMPAIGN_NAME, user["_id"], self.options.holdout):
+                    self.finish_user(self.hold_out(next(order), eligible_rank, user, events), done)
+                else:
+                    running.add(pool.submit(self.process_member, next(order), eligible_rank, user, events))
+            if not running:
+                return
+            finished, running = wait_first(running)
+            for future in finished:
+                outcome = future.result()
+                messaged += outcome.message is not None
+                self.finish_user(outcome, done)
+
+    def finish_user(self, outcome: UserOutcome, done: list[UserOutcome]) -> None:
+        """Log one member's result and save it: local files (throttled), then the dashboard (rank order)."""
+        done.append(outcome)
+        if outcome.match is not None:
+            m = outcome.match
+            self.logger.info("Step 5: %s -> %s (%d%%, %s)", m["user_name"], m["event_name"],
+                             m["confidence_percentage"], m["matcher"])
+        if outcome.message is not None:
+            self.logger.debug("Step 6: %s (%s): %s", outcome.message["user_id"], outcome.message["generator"],
+                              outcome.message["message_text"])
+        if outcome.skip is not None:
+            self.logger.info("Skipped %s (%s): %s", outcome.skip.user_name, outcome.skip.user_id, outcome.skip.reason)
+        if outcome.holdout is not None:
+            self.logger.info("Held out %s (%s): control group, rank %d", outcome.holdout["user_name"],
+                             outcome.holdout["user_id"], outcome.holdout["rank"])
+        self.decisions.update(walk_codes([outcome]))
+        if outcome.message is None and outcome.holdout is None:
+            self.numbers.release(outcome.user)
+        if self.progress is not None:
+            self.progress.update(1)
+        if time.monotonic() - self.saved_at >= SAVE_EVERY_SECONDS:
+            self.save_progress(done)
+        self.dashboard.submit(outcome.rank, outcome.match, outcome.message, outcome.holdout)
+
+    def save_progress(self, done: Sequence[UserOutcome]) -> None:
+        """``matches.json`` and ``messages.json`` as they stand, in rank order (atomically)."""
+        ordered = sorted(done, key=lambda o: o.rank)
+        write_json(self.options.data_dir / "processed" / "matches.json", [o.match for o in ordered if o.match], private=True)
+        write_json(self.options.data_dir / "processed" / "messages.json", [o.message for o in ordered if o.message],
+                   private=True)
+        write_json(self.options.data_dir / "processed" / "holdout.json", [o.holdout for o in ordered if o.holdout],
+                   private=True)
+        self.saved_at = time.monotonic()
 
 
 # =============================================================================================
@@ -8540,9 +9006,9 @@ class RunResult:
 class ReturnToTable:
     """One campaign run: the plan's eight steps, in order, and nothing else.
 
-    Each step is a pure function above; this class only sequences them and does the I/O at the
-    edges: the source, Claude (``ClaudeAdvisor``), the dashboard (``DashboardWriter``) and the
-    files under ``--out``.
+    Each step is a pure function above, steps 5-6 a ``MemberWalk``; this class only sequences them
+    and does the I/O at the edges: the source, the dashboard (``DashboardWriter``) and the files
+    under ``--out`` (the report's: ``write_report``, ``write_skip_list``).
     """
 
     def __init__(self, options: RunOptions, settings: Settings, logger: logging.Logger, *,
@@ -8558,26 +9024,19 @@ class ReturnToTable:
         self.zone = settings.zone
         self.sms = settings.sms  # who may be texted, when (quiet hours), and what every message carries
         self.segment_price = settings.sms_segment_price  # SMS_SEGMENT_PRICE, USD, for the report's cost
-        self.min_lead = timedelta(hours=options.min_lead_hours)
         self.control = control
         self.issues = DataIssues()
         self.empty_input: list[str] = []  # collections the source had no documents in (``empty_collections``)
         self.data_dir = options.data_dir
-        self.saved_at = time.monotonic()
-        self.progress: Any = None  # the members progress bar during steps 5-6, on a terminal
-        self.sms = settings.sms
         self.decisions: dict[str, str] = {}  # eligible member id -> "selected" or its skip_reason (``SKIP_REASONS``)
-        self.campaign_id = ""  # claimed before steps 5-6 (holdout records carry it)
         self.candidate_index: CandidateIndex | None = None  # step 2's open events indexed for step 5
         self.counted: SourceData | None = None  # what a counting source read (``read_dormant``)
         self.activity: Mapping[str, Activity] = {}  # step 1's activity of every member, for ``reach_member``
-        self.census: DormancyCensus | None = None  # step 1's eligible members and counts
         self.history = DashboardHistory()  # what the dashboard holds of this campaign day and of open invitations
         self.volume = DailyVolume.of(options.limit, self.history, options.now, self.zone)  # this run's share
         self.seats = SeatLedger(options.invites_per_spot, options.max_invites_per_event)  # steps 5-6's seats
-        self.numbers = NumberLedger()  # consent and contact per phone number (``consent_by_number``)
+        self.numbers: NumberLedger  # consent and contact per phone number, step 1 (``consent_by_number``)
         self.skip_details: dict[str, str] = {}  # member id -> the detail of their skip reason (``OTHER_RECORD``)
-        self.idle_hint: IdleReason | None = None  # why no message, known before the walk (today's limit drafted)
 
     # --- step 1: fetch, find and rank the dormant members -----------------------------------
 
@@ -8686,20 +9145,6 @@ class ReturnToTable:
         self.numbers.recent.update(filter(None, (number_key(p, self.sms.default_region) for p in phones)))
         return walk
 
-    def reachable(self, user: DormantMember) -> bool:
-        """Whether a member the walk reached may be texted: the phone is checked and the history read now
-        (``reach_member``); one who may not gets ``no_valid_phone``, ``opted_out`` (their record, or another
-        with their number: ``NumberLedger``) or ``shared_phone``; one who may takes their number."""
-        reach_member(user, self.activity, self.options.now, self.sms.default_region, self.zone.key)
-        block, detail = contact_block(user, self.sms)[0], None  # (odd values: counted by ``consent_by_number``)
-        if block is None:
-            block, detail = self.numbers.claim(user)
-        if block is not None:
-            self.decisions[user["_id"]] = block
-        if detail is not None:
-            self.skip_details[user["_id"]] = detail
-        return block is None
-
     # --- step 2: future public events (steps 3-4, the summaries, are attached in steps 1-2) --
 
     def future_events(self, events: Sequence[Mapping[str, Any]]) -> list[FutureEvent]:
@@ -8710,323 +9155,13 @@ class ReturnToTable:
         self.logger.info("Step 2: %d future public events, %d with open spots", len(future), open_count)
         return future
 
-    # --- steps 5-6: match each member and write the SMS -------------------------------------
-
-    def recipient_zone(self, user: Mapping[str, Any]) -> ZoneInfo:
-        """The member's own zone, for the send window: from the number when it maps to one zone, else
-        CAMPAIGN_TIMEZONE."""
-        zone = user.get("phone_timezone")
-        return ZoneInfo(zone) if isinstance(zone, str) else self.zone
-
-    def ranked(self, user: Mapping[str, Any], events: Sequence[Mapping[str, Any]]) -> Iterator[Candidate]:
-        """``score_candidates``' order, scored as needed by the candidate index when it was built for these
-        events (the same list: ``CandidateIndex.ranked``), else all at once."""
-        index = self.candidate_index
-        if index is not None and index.events is events:
-            return index.ranked(user)
-        return iter(score_candidates(user, events, self.hoods, self.options.now, self.options.weights))
-
-    def candidates_for(self, user: Mapping[str, Any], events: Sequence[Mapping[str, Any]],
-                       ) -> tuple[list[Candidate], Skip | None]:
-        """The first events this member may be offered, best first (the rules' order): as many as Claude is
-        shown (``--candidates``) or the fallbacks try (``MAX_NEXT_EVENTS`` after the pick), whichever is
-        more; or why there are none: no open event shares an interest, or none leaves a moment to send in
-        (``window_for``)."""
-        ranked = self.ranked(user, events)
-        first = next(ranked, None)
-        if first is None:
-            return [], Skip(user["_id"], full_name(user), "no open future event shares an interest")
-        zone = self.recipient_zone(user)
-        sendable = (c for c in itertools.chain([first], ranked) if self.window_for(c.event, zone) is not None)
-        first_sendable = next(sendable, None)
-        if first_sendable is None:  # every matching event starts too soon, or leaves only quiet hours to send in
-            return [], Skip(user["_id"], full_name(user),
-                            "every matching event is too soon: none leaves a moment outside QUIET_HOURS "
-                            f"(member's local time) at least {self.options.min_lead_hours:g}h before it starts "
-                            "(--min-lead-hours)", "no_event_in_send_window")
-        seated = self.seats.open_only(user["_id"], itertools.chain([first_sendable], sendable))
-        candidates = list(itertools.islice(seated, max(self.options.candidates, MAX_NEXT_EVENTS + 1)))
-        if not candidates:
-            return [], self.no_seats(user)
-        return candidates, None
-
-    def no_seats(self, user: Mapping[str, Any]) -> Skip:
-        return Skip(user["_id"], full_name(user), "every matching event already has as many open invitations as "
-                    "it can seat (--invites-per-spot, --max-invites-per-event)", "seats_exhausted")
-
-    def seated(self, user: Mapping[str, Any], candidates: Sequence[Candidate], match: Match,
-               outcome: UserOutcome) -> Match | None:
-        """The match with a seat reserved (``SeatLedger``); when another member took the last one meanwhile
-        (Claude's members run at once), the rules' next candidate with a seat. The reasoning says when the
-        member's first choice had none left."""
-        uid, now, floor = user["_id"], self.options.now, self.options.min_confidence
-        if self.seats.reserve(uid, match["event"]) is None:
-            others = (c for c in candidates if c.event["_id"] != match["event_id"] and c.confidence >= floor)
-            taken = f" (The first pick, {match['event_name']}, filled up while it was chosen; this is the next best.)"
-            for c in others:
-                if self.seats.reserve(uid, c.event) is not None:
-                    match = candidate_match(user, c, self.zone, now, taken)
-                    break
-            else:
-                outcome.skip = self.no_seats(user)
-                return None
-        match["reasoning"] += self.seats.taken_note(uid, match["event_id"])
-        return match
-
-    def facts_for(self, match: Match) -> MessageFacts:
-        """What the message may say: ``message_facts``, without the spots left once more members were told
-        than the spots allow (``Seat.may_claim_spots``)."""
-        facts = message_facts(match, self.zone, self.options.now, sender=self.sms.sender,
-                              opt_out_text=self.sms.opt_out_text,
-                              tone=member_tone(CAMPAIGN_NAME, match["user_id"], self.options.variants))
-        seat = self.seats.seats.get(match["user_id"])
-        return facts if seat is None or seat.may_claim_spots else replace(facts, spots_left=None)
-
-    def hold_out(self, rank: int, eligible_rank: int, user: DormantMember,
-                 events: Sequence[FutureEvent]) -> UserOutcome:
-        """A control-group member: the rules' pick is recorded, nothing is drafted or sent. A member the
-        rules would not message either is skipped for that reason, so both groups hold the same kind."""
-        outcome = UserOutcome(rank, user, eligible_rank=eligible_rank, held_out=True)
-        candidates, outcome.skip = self.candidates_for(user, events)
-        match = rules_match(user, candidates, self.options.min_confidence, self.zone, self.options.now)
-        if match is None:
-            code = outcome.skip.code if outcome.skip is not None else "below_min_confidence"
-            outcome.skip = Skip(user["_id"], full_name(user), "held out; the rules would not have messaged them", code)
-        else:
-            outcome.holdout = holdout_record(eligible_rank, match, campaign_id=self.campaign_id,
-                                             fraction=self.options.holdout, now=self.options.now,
-                                             variant=self.tone_of(user["_id"]))
-        return outcome
-
-    def window_for(self, event: Mapping[str, Any], zone: ZoneInfo) -> SendWindow | None:
-        """When a message about ``event`` may go out to a member in ``zone`` (``send_window``), or None."""
-        start = to_utc(event.get("startDate"))
-        if start is None:
-            return None
-        return send_window(start, self.options.now, zone, self.sms.quiet_hours, self.min_lead)
-
-    def choose_event(self, user: Mapping[str, Any], candidates: Sequence[Candidate],
-                     outcome: UserOutcome) -> Match | None:
-        """Step 5: Claude's pick among the rules' top K when enabled, else (or on failure) the rules'."""
-        now, floor = self.options.now, self.options.min_confidence
-        if self.advisor is not None:
-            try:
-                chosen, confidence, reasoning = self.advisor.choose(
-                    user, candidates[: self.options.candidates], self.zone, now)
-            except InvalidAnswer as exc:
-                outcome.fallbacks.append(Fallback("matching", str(exc)))
-                self.logger.warning("Claude match for %s fell back to rules: %s", user["_id"], exc)
-            else:
-                if confidence < floor:
-                    outcome.skip = Skip(user["_id"], full_name(user),
-                                        f"Claude's best match {confidence}% is below --min-confidence {floor:g}",
-                                        "below_min_confidence")
-                    return None
-                return build_match(user, chosen.event, reasoning=reasoning, confidence=confidence,
-                                   interests=[i for i, _ in chosen.interests], matcher="claude", now=now,
-                                   chosen=chosen)
-        match = rules_match(user, candidates, floor, self.zone, now)
-        if match is None:
-            outcome.skip = Skip(user["_id"], full_name(user),
-                                f"best match {candidates[0].confidence}% is below --min-confidence {floor:g}",
-                                "below_min_confidence")
-        return match
-
-    def write_message(self, match: Match, outcome: UserOutcome) -> Message | None:
-        """Step 6: Claude's SMS when enabled and valid, else the template's; None when no wording fits
-        or the event leaves no send window (candidates without one are never offered)."""
-        now, zone = self.options.now, self.recipient_zone(match["user"])
-        window = self.window_for(match["event"], zone)
-        if window is None:
-            return None
-        when = {"now": now, "window": window, "zone": zone}
-        facts = self.facts_for(match)
-        when["variant"] = self.tone_of(match["user_id"])
-        if self.advisor is not None:
-            try:
-                text, notes = self.advisor.write(facts, match["user"])
-                return build_message(match, text, generator="claude", notes=notes, **when)
-            except InvalidAnswer as exc:
-                outcome.fallbacks.append(Fallback("writing", str(exc)))
-                self.logger.warning("Claude SMS for %s fell back to the template: %s", match["user_id"], exc)
-        text = write_template_sms(facts)
-        if text is None:
-            return None
-        return build_message(match, text, generator="template", notes=template_notes(facts, text), **when)
-
-    def next_phrasable(self, user: Mapping[str, Any], candidates: Sequence[Candidate], tried: str,
-                       ) -> tuple[Match, Message] | None:
-        """When no SMS within the contract can name the chosen event (a long name in UCS-2, a name
-        with a web address), the next candidates above the threshold, by the rules and the template."""
-        now, floor, zone = self.options.now, self.options.min_confidence, self.recipient_zone(user)
-        for c in [c for c in candidates if c.event["_id"] != tried and c.confidence >= floor][:MAX_NEXT_EVENTS]:
-            if self.seats.reserve(user["_id"], c.event) is None:
-                continue
-            match = candidate_match(user, c, self.zone, now,
-                                    " (The first choice could not be phrased within the SMS limits.)")
-            facts = self.facts_for(match)
-            text, window = write_template_sms(facts), self.window_for(c.event, zone)
-            if text is None or window is None:
-                continue
-            return match, build_message(match, text, generator="template", notes=template_notes(facts, text),
-                                        now=now, window=window, zone=zone, variant=self.tone_of(user["_id"]))
-        return None
-
-    def process_user(self, rank: int, user: Mapping[str, Any], events: Sequence[Mapping[str, Any]]) -> UserOutcome:
-        """One member through steps 5 and 6."""
-        outcome = UserOutcome(rank, user)
-        candidates, outcome.skip = self.candidates_for(user, events)
-        if outcome.skip is not None:
-            return outcome
-        outcome.match = self.choose_event(user, candidates, outcome)
-        if outcome.match is not None:
-            outcome.match = self.seated(user, candidates, outcome.match, outcome)
-        if outcome.match is None:
-            return outcome
-        outcome.message = self.write_message(outcome.match, outcome)
-        if outcome.message is None:
-            chosen = outcome.match
-            alternative = self.next_phrasable(user, candidates, chosen["event_id"])
-            outcome.match, outcome.message = alternative or (None, None)
-            if alternative is None:  # a match without a message would only confuse the reviewers
-                outcome.skip = Skip(user["_id"], full_name(user),
-                                    f"no SMS within the contract for {chosen['event_name']!r} or the next events",
-                                    "no_sms_within_contract")
-        return outcome
-
-    def process_member(self, rank: int, eligible_rank: int, user: DormantMember,
-                       events: Sequence[FutureEvent]) -> UserOutcome:
-        """One member through steps 5 and 6; an unexpected failure costs that member only (counted)."""
-        try:
-            outcome = self.process_user(rank, user, events)
-        except ServiceError:
-            self.seats.release(user["_id"])
-            raise
-        except Exception as exc:  # the run goes on; the traceback goes to the log file
-            self.seats.release(user["_id"])
-            if out_of_memory(exc):  # the whole run's trouble, not this member's
-                raise
-            self.logger.debug("member %s failed", user["_id"], exc_info=True)
-            self.logger.error("Member %s failed: %s", user["_id"], exc.__class__.__name__)
-            outcome = UserOutcome(rank, user, skip=Skip(user["_id"], full_name(user),
-                                                        f"failed: {exc.__class__.__name__} (see the log)", "failed"),
-                                  failed=True)
-        if outcome.message is None:  # a seat no message came of is given back
-            self.seats.release(user["_id"])
-        outcome.eligible_rank = eligible_rank
-        return outcome
-
-    def process_all(self, walk: Sequence[tuple[int, DormantMember]], events: Sequence[FutureEvent]) -> list[UserOutcome]:
-        """Walk the contactable members in rank order until ``--limit`` are messaged; results in walk order.
-
-        Holdout members passed on the way are recorded, never texted. Treatment members run
-        concurrently (bounded) on the Claude path, one at a time otherwise; no more are in flight than
-        messages still wanted, and a stop (signal or deadline) starts no new member while those in
-        flight finish. Members the walk did not reach get ``below_limit`` (``not_started`` after a stop).
-        Results are saved as they come (local files at most every ``SAVE_EVERY_SECONDS``, the
-        dashboard item by item) and once more at the end.
-        """
-        done: list[UserOutcome] = []
-        waiting = list(reversed(self.reach_order(walk, events)))
-        width = self.options.concurrency if self.advisor is not None else 1
-        try:
-            with ThreadPoolExecutor(max_workers=width, thread_name_prefix="member") as pool:
-                self.walk(waiting, events, pool, width, done)
-        finally:
-            for _rank, user in waiting:
-                self.decisions[user["_id"]] = "not_started" if self.control.stopping else "below_limit"
-            self.save_progress(done)
-        return sorted(done, key=lambda o: o.rank)
-
-    def tone_of(self, member_id: str) -> str | None:
-        """The member's tone in a tone A/B (``--variants``), recorded on their message; None in a default run."""
-        variants = self.options.variants
-        return None if tuple(variants) == (DEFAULT_TONE,) else member_tone(CAMPAIGN_NAME, member_id, variants)
-
-    def reach_order(self, walk: Sequence[tuple[int, DormantMember]],
-                    events: Sequence[FutureEvent]) -> Sequence[tuple[int, DormantMember]]:
-        """``RANK_BY``: the walk in the plan's score order, or (``history``) by each member's best candidate's
-        total (``by_history``), their history read first (``reach_member``) for every member outside the cooldown."""
-        if self.options.rank_by != "history":
-            return walk
-        for _, user in walk:
-            reach_member(user, self.activity, self.options.now, self.sms.default_region, self.zone.key)
-        return by_history(walk, [best_total(list(itertools.islice(self.ranked(u, events), 1))) for _, u in walk])
-
-    def walk(self, waiting: list[tuple[int, DormantMember]], events: Sequence[FutureEvent], pool: ThreadPoolExecutor,
-             width: int, done: list[UserOutcome]) -> None:
-        """``process_all``'s loop: ``waiting`` is a stack (the next member last), emptied as members start."""
-        running: set[Any] = set()
-        messaged, order = 0, itertools.count()
-        while True:
-            while (waiting and len(running) < width and messaged + len(running) < self.volume.remaining
-                   and not self.control.stopping):
-                eligible_rank, user = waiting.pop()
-                if not self.reachable(user):
-                    continue
-                self.logger.info("  #%d %s (%s): score %.1f, %d days inactive, %d events", eligible_rank,
-                                 full_name(user), user["_id"], user["reactivation_score"],
-                                 user["days_inactive"], user["eventCount"])
-                if in_holdout(CAMPAIGN_NAME, user["_id"], self.options.holdout):
-                    self.finish_user(self.hold_out(next(order), eligible_rank, user, events), done)
-                else:
-                    running.add(pool.submit(self.process_member, next(order), eligible_rank, user, events))
-            if not running:
-                return
-            finished, running = wait_first(running)
-            for future in finished:
-                outcome = future.result()
-                messaged += outcome.message is not None
-                self.finish_user(outcome, done)
-
-    def finish_user(self, outcome: UserOutcome, done: list[UserOutcome]) -> None:
-        """Log one member's result and save it: local files (throttled), then the dashboard (rank order)."""
-        done.append(outcome)
-        if outcome.match is not None:
-            m = outcome.match
-            self.logger.info("Step 5: %s -> %s (%d%%, %s)", m["user_name"], m["event_name"],
-                             m["confidence_percentage"], m["matcher"])
-        if outcome.message is not None:
-            self.logger.debug("Step 6: %s (%s): %s", outcome.message["user_id"], outcome.message["generator"],
-                              outcome.message["message_text"])
-        if outcome.skip is not None:
-            self.logger.info("Skipped %s (%s): %s", outcome.skip.user_name, outcome.skip.user_id, outcome.skip.reason)
-        if outcome.holdout is not None:
-            self.logger.info("Held out %s (%s): control group, rank %d", outcome.holdout["user_name"],
-                             outcome.holdout["user_id"], outcome.holdout["rank"])
-        self.decisions.update(walk_codes([outcome]))
-        if outcome.message is None and outcome.holdout is None:
-            self.numbers.release(outcome.user)
-        if self.progress is not None:
-            self.progress.update(1)
-        if time.monotonic() - self.saved_at >= SAVE_EVERY_SECONDS:
-            self.save_progress(done)
-        self.dashboard.submit(outcome.rank, outcome.match, outcome.message, outcome.holdout)
-
-    def save_progress(self, done: Sequence[UserOutcome]) -> None:
-        """``matches.json`` and ``messages.json`` as they stand, in rank order (atomically)."""
-        ordered = sorted(done, key=lambda o: o.rank)
-        write_json(self.data_dir / "processed" / "matches.json", [o.match for o in ordered if o.match], private=True)
-        write_json(self.data_dir / "processed" / "messages.json", [o.message for o in ordered if o.message],
-                   private=True)
-        write_json(self.data_dir / "processed" / "holdout.json", [o.holdout for o in ordered if o.holdout],
-                   private=True)
-        self.saved_at = time.monotonic()
-
-    # --- step 8: the report -------------------------------------------------------------------
-
-    def write_report(self, campaign_id: str, report: Mapping[str, Any]) -> Path:
-        stem = self.options.report_stem(campaign_id)
-        write_json(stem.with_name(stem.name + ".json"), report, private=True)
-        report_path = stem.with_name(stem.name + ".md")
-        write_text_private(report_path, report_markdown(report))
-        self.logger.info("%s", console_summary(report, report_path), extra={"summary": True})
-        return report_path
-
-    def write_skip_list(self, census: DormancyCensus) -> None:
-        """``data/processed/skipped.csv``: member id and skip_reason of each member the walk reached and left out."""
-        write_csv(self.data_dir / "processed" / SKIP_LIST, ["member_id", "reason"],
-                  skip_list_rows(census.eligible, self.decisions))
+    def member_walk(self, campaign_id: str) -> MemberWalk:
+        """Steps 5-6's walk, given what steps 1-2 found, the dashboard's seats and today's volume."""
+        return MemberWalk(options=self.options, logger=self.logger, sms=self.sms, zone=self.zone, hoods=self.hoods,
+                          advisor=self.advisor, control=self.control, dashboard=self.dashboard,
+                          activity=self.activity, candidate_index=self.candidate_index, seats=self.seats,
+                          numbers=self.numbers, volume=self.volume, campaign_id=campaign_id,
+                          decisions=self.decisions, skip_details=self.skip_details)
 
     # --- the whole run ------------------------------------------------------------------------
 
@@ -9055,16 +9190,14 @@ class ReturnToTable:
         if self.volume.remaining == 0:
             self.logger.info("Daily limit: %s (%d of --limit %d on %s); nothing drafted", LIMIT_ALREADY_DRAFTED,
                              self.volume.drafted_before, options.limit, self.volume.day, extra={"summary": True})
-        with progress_bar(min(len(walk), self.volume.remaining), "members", enabled=options.progress) as self.progress:
-            outcomes = self.process_all(walk, future)      # steps 5-6
-        self.progress = None
+        outcomes = self.member_walk(campaign_id).run(walk, future)  # steps 5-6
         steps_5_6_seconds = time.monotonic() - clock
         left_out = Counter(code for code in self.decisions.values() if code in CONTACT_SKIPS)
         self.logger.info("Steps 5-6: %d members reached, %s", len(outcomes) + sum(left_out.values()),
                          ", ".join(f"{n} {code}" for code, n in sorted(left_out.items())) or "all of them textable")
         write_json_items(self.data_dir / "processed" / "dormant_users.json",
                          walk_listing(census.eligible, self.decisions, self.skip_details), private=True)
-        self.write_skip_list(census)
+        write_skip_list(self.data_dir, census.eligible, self.decisions)
         selected = [o.user for o in outcomes if not o.held_out]  # the treatment members the walk reached
         not_started = sum(code == "not_started" for code in self.decisions.values())
         status = self.final_status(not_started)
@@ -9085,9 +9218,9 @@ class ReturnToTable:
             self.logger.error("Claude was unavailable (%s): rules and template were used", claude_down,
                               extra=FILE_ONLY)  # stderr says it (``report_problems``): once in cron mail
         firebase = self.dashboard.summary()
-        if self.volume.remaining == 0:  # the campaign day's --limit was drafted before this run: exit 0
-            self.idle_hint = IdleReason.DAY_LIMIT_DRAFTED
-        idle = idle_reason(len(census.eligible), self.decisions, len(messages), self.idle_hint)
+        # the campaign day's --limit was drafted before this run: exit 0
+        hint = IdleReason.DAY_LIMIT_DRAFTED if self.volume.remaining == 0 else None
+        idle = idle_reason(len(census.eligible), self.decisions, len(messages), hint)
         if idle is not None:  # stderr says it (``report_problems``); the log keeps it
             self.logger.warning("No message drafted: %s", idle_line(idle, self.decisions), extra=FILE_ONLY)
         report = build_report(                             # step 8
@@ -9102,7 +9235,7 @@ class ReturnToTable:
                 self.hoods, [*(text_field(u, "homeNeighborhood") for u in census.eligible),
                              *(text_field(e, "neighborhood") for e in future)]),
             volume=volume_report(self.volume, self.seats, len(messages), len(held_out)), idle=idle)
-        report_path = self.write_report(campaign_id, report)
+        report_path = write_report(options.report_stem(campaign_id), report, self.logger)
         return RunResult(campaign_id, report, report_path, firebase, claude_down, status,
                          failed_members=sum(o.failed for o in outcomes), signal=self.control.signal,
                          empty_input=list(self.empty_input), limit_already_drafted=self.volume.remaining == 0,

@@ -6,7 +6,10 @@ Run from the repository root:  python bench/bench_llm.py
    Messages API) against the plan's baseline prompt, which puts every future event into
    ``json.dumps(event_data, default=str, indent=2)`` (plan, "Individual Prompt Structure").
 2. LLM phase wall time (report field ``steps_5_6_seconds``) for the members at a fixed fake
-   latency per call, ``--concurrency 6`` against ``--concurrency 1``.
+   latency per call, ``--concurrency 6`` against ``--concurrency 1``: against a steady API, and
+   against one that fails now and then (issue 21: a 529 every 7th request, a 429 every 11th, retried
+   by the SDK after its own backoff), where "stop after four failures in a row" bounds the calls in
+   flight.
 
 Nothing leaves 127.0.0.1: the real ``anthropic`` SDK talks to ``tests/fake_anthropic.py``.
 """
@@ -20,6 +23,7 @@ import random
 import re
 import sys
 import tempfile
+import threading
 from datetime import UTC, datetime, timedelta
 from pathlib import Path
 from typing import Any
@@ -27,7 +31,7 @@ from typing import Any
 ROOT = Path(__file__).resolve().parent.parent
 sys.path[:0] = [str(ROOT), str(ROOT / "tests")]
 
-from fake_anthropic import FakeMessagesAPI, RecordedRequest, Reply, json_reply
+from fake_anthropic import FakeMessagesAPI, RecordedRequest, Reply, error_reply, json_reply
 
 import return_to_table as rtt
 
@@ -136,6 +140,27 @@ def responder(request: RecordedRequest) -> Reply:
     return json_reply({"message_text": text, "personalization_notes": "bench", "character_count": len(text)})
 
 
+class Flaky:
+    """An API that fails now and then, by arrival order: every ``every_529``-th request a 529 (overloaded),
+    every ``every_429``-th a 429 (rate limited), both without retry-after, so the SDK backs off on its own
+    (about 0.4-0.5 s before a first retry); every other request is answered by ``responder``."""
+
+    def __init__(self, every_529: int = 7, every_429: int = 11) -> None:
+        self.every_529, self.every_429 = every_529, every_429
+        self.seen = 0
+        self.lock = threading.Lock()
+
+    def __call__(self, request: RecordedRequest) -> Reply:
+        with self.lock:
+            self.seen += 1
+            n = self.seen
+        if n % self.every_529 == 0:
+            return error_reply(529, "overloaded_error")
+        if n % self.every_429 == 0:
+            return error_reply(429, "rate_limit_error")
+        return responder(request)
+
+
 # --- the plan's baseline prompt ------------------------------------------------------------------
 
 PLAN_PROMPT = """You are an expert user reactivation specialist focused on re-engaging dormant users.
@@ -216,14 +241,27 @@ def run(fake: FakeMessagesAPI, folder: Path, out: Path, *flags: str) -> dict[str
     return json.loads(report.read_text(encoding="utf-8"))
 
 
+def timed(folder: Path, out: Path, members: int, latency: float, flaky: bool) -> dict[str, Any]:
+    """Steps 5-6 sequential and at ``--concurrency 6``, each against a fresh fake (the same failures)."""
+    result: dict[str, Any] = {}
+    for width in ("1", "6"):
+        with FakeMessagesAPI(default=Flaky() if flaky else responder, latency=latency) as fake:
+            report = run(fake, folder, out / f"{'flaky' if flaky else 'steady'}-{width}", "--limit", str(members),
+                         "--concurrency", width)
+            result[width] = report["steps_5_6_seconds"]
+            result[f"requests_{width}"] = len(fake.requests)
+            result[f"claude_{width}"] = report["summary"]["matchers"].get("claude", 0)
+    return result
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--members", type=int, default=21, help="members to run (--limit), 21")
     parser.add_argument("--latency", type=float, default=0.3, help="fake seconds per API call, 0.3")
-    parser.add_argument("--smoke", action="store_true", help="seconds, for CI: 3 members, 0.01 s per call")
+    parser.add_argument("--smoke", action="store_true", help="seconds, for CI: 4 members, 0.01 s per call")
     args = parser.parse_args()
     if args.smoke:
-        args.members, args.latency = 3, 0.01
+        args.members, args.latency = 4, 0.01  # 8 calls or more: the flaky API fails at least one
 
     with tempfile.TemporaryDirectory(prefix="bench_llm_") as tmp:
         root = Path(tmp)
@@ -243,14 +281,12 @@ def main() -> None:
         ours = [sum(len(b["text"]) for b in r.body["system"]) + len(_prompt(r)) for r in matching]
         offered = [_prompt(r).split("<events>\n", 1)[1].split("\n</events>")[0].count("\n") + 1 for r in matching]
         base = [len(plan_prompt(u, future)) for u in selected]
-        with FakeMessagesAPI(default=responder, latency=args.latency) as fake:
-            parallel = run(fake, folder, root / "par", "--limit", str(args.members), "--concurrency", "6")
-            sequential = run(fake, folder, root / "seq", "--limit", str(args.members), "--concurrency", "1")
+        steady = timed(folder, root, args.members, args.latency, flaky=False)
+        flaky = timed(folder, root, args.members, args.latency, flaky=True)
 
     if not ours or not base:  # a world without a contactable member measures nothing: say so, do not divide
         raise SystemExit(f"no member was matched by Claude ({report['summary']}): the world has none to text")
     avg_ours, avg_base = sum(ours) / len(ours), sum(base) / len(base)
-    s_par, s_seq = parallel["steps_5_6_seconds"], sequential["steps_5_6_seconds"]
     print(f"World: {len(census.eligible)} eligible dormant members, {len(future)} future public events; "
           f"{len(selected)} members run; matchers {report['summary']['matchers']}, "
           f"generators {report['summary']['generators']}")
@@ -264,11 +300,19 @@ def main() -> None:
     print(f"| ratio                                       | {avg_base / avg_ours:6.1f}x | "
           f"{'':17} | {'':14} |")
     print()
-    print(f"| LLM phase (steps 5-6), {len(selected)} members, {args.latency:g} s/call | seconds |")
-    print("| ------------------------------------------------ | ------- |")
-    print(f"| --concurrency 1 (sequential)                     | {s_seq:7.2f} |")
-    print(f"| --concurrency 6                                  | {s_par:7.2f} |")
-    print(f"| speed-up                                         | {s_seq / s_par:6.1f}x |")
+    rows = [("--concurrency 1 (sequential), seconds", "{:.2f}", "1"), ("--concurrency 6, seconds", "{:.2f}", "6"),
+            ("requests, sequential", "{}", "requests_1"), ("requests, --concurrency 6", "{}", "requests_6"),
+            ("members Claude matched, sequential", "{}", "claude_1"),
+            ("members Claude matched, --concurrency 6", "{}", "claude_6")]
+    print(f"| {f'LLM phase (steps 5-6), {len(selected)} members, {args.latency:g} s/call':48} | steady API | flaky API |")
+    print(f"| {'-' * 48} | ---------- | --------- |")
+    for label, form, key in rows:
+        print(f"| {label:48} | {form.format(steady[key]):>10} | {form.format(flaky[key]):>9} |")
+    print(f"| {'speed-up':48} | {steady['1'] / steady['6']:9.1f}x | {flaky['1'] / flaky['6']:8.1f}x |")
+    print(f"| {'--concurrency 6 in units of sequential':48} | {steady['6'] / steady['1']:9.2f}x | "
+          f"{flaky['6'] / flaky['1']:8.2f}x |")
+    print()
+    print("flaky API: a 529 every 7th request and a 429 every 11th, without retry-after (the SDK's own backoff)")
 
 
 if __name__ == "__main__":

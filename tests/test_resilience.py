@@ -528,6 +528,68 @@ def test_healthy_calls_overlap_but_never_more_than_four_in_flight(tmp_path):
     assert {m["matcher"] for m in run.matches} == {"claude"}
 
 
+def test_an_outage_with_sdk_retries_under_concurrency_stops_after_four_calls_in_a_row(tmp_path):
+    """Calls waiting out the SDK's backoff give their slots back, yet no fifth call starts while all fail."""
+    folder = write_world(tmp_path / "export")
+    responder = InFlight(lambda r: error_reply(500, "api_error", headers={"retry-after-ms": "50"}), 0.1)
+    with FakeMessagesAPI(default=responder) as fake:
+        run = claude_cli(fake, folder, tmp_path / "out", "--concurrency", "6")
+    limit = rtt.ClaudeAdvisor.MAX_CONSECUTIVE_FAILURES
+    assert len(fake.requests) == limit * 3  # four calls, each 1 try + ANTHROPIC_MAX_RETRIES=2; then none
+    assert len({r.raw for r in fake.requests}) == limit  # an SDK retry sends the same body again
+    assert responder.peak <= limit
+    assert f"{limit} calls in a row failed" in run.report()["llm_usage"]["unavailable"]
+    assert [m["generator"] for m in run.messages] == ["template"] * len(MEMBERS)
+
+
+class BackoffWindow(InFlight):
+    """The first request gets a 529 asking for a long backoff; records the peak of requests held at once
+    before that call's retry arrives."""
+
+    def __init__(self, backoff_ms: int, seconds: float) -> None:
+        super().__init__(smart, seconds)
+        self.backoff_ms, self.first, self.retried = backoff_ms, True, False
+
+    def __call__(self, request: RecordedRequest) -> Reply:
+        with self.lock:
+            first, self.first = self.first, False
+            self.retried = self.retried or request.headers.get("x-stainless-retry-count") == "1"
+            counted = not self.retried
+        if first:
+            return error_reply(529, "overloaded_error", headers={"retry-after-ms": str(self.backoff_ms)})
+        if counted:
+            return super().__call__(request)
+        time.sleep(self.seconds)
+        return smart(request)
+
+
+def test_a_call_waiting_out_a_529_backoff_does_not_hold_up_the_others(tmp_path):
+    """While one call waits out the SDK's retry backoff, four other calls are on the wire at once
+    (it used to keep its slot, so three): a transient failure does not serialise the run."""
+    folder = write_world(tmp_path / "export")
+    window = BackoffWindow(backoff_ms=1500, seconds=0.25)
+    with FakeMessagesAPI(default=window) as fake:
+        run = claude_cli(fake, folder, tmp_path / "out", "--concurrency", "6")
+    assert run.code == 0, run.err
+    assert window.retried  # the first call was retried by the SDK, after the others had run
+    assert window.peak == rtt.ClaudeAdvisor.MAX_CONSECUTIVE_FAILURES
+    assert {m["matcher"] for m in run.matches} == {"claude"}
+    assert len(fake.requests) == 2 * len(MEMBERS) + 1
+
+
+def test_a_call_whose_time_runs_out_during_the_backoff_sends_nothing_more(tmp_path):
+    folder = write_world(tmp_path / "export")
+    with FakeMessagesAPI(default=smart) as fake:
+        fake.queue(error_reply(529, "overloaded_error", headers={"retry-after-ms": "2500"}))
+        started = time.monotonic()
+        run = claude_cli(fake, folder, tmp_path / "out", "--limit", "1", env={"ANTHROPIC_TIMEOUT": "1"})
+        assert time.monotonic() - started < 2.4  # the member did not wait for the backoff
+        time.sleep(max(0.0, started + 3.0 - time.monotonic()))  # the SDK's worker has woken by now
+    assert len(fake.requests) == 1  # no retry after the time bound, and no writing call
+    assert "no answer in time" in run.report()["llm_usage"]["unavailable"]
+    assert (run.matches[0]["matcher"], run.messages[0]["generator"]) == ("rules", "template")
+
+
 LONG_ANSWER = "I would go with the wine tasting because " + "it is really lovely and " * 420  # ~10,000 chars
 
 

@@ -543,7 +543,7 @@ def test_two_sets_of_weights_score_side_by_side_in_one_process(tmp_path, hoods):
 def test_a_large_limit_gives_the_matches_of_the_unindexed_scoring(tmp_path, monkeypatch):
     folder = write_world(tmp_path / "w", *messy_world(600))
     indexed = run_folder(folder, tmp_path / "indexed", "--limit", "1000")
-    monkeypatch.setattr(rtt.ReturnToTable, "ranked", lambda self, user, events: iter(
+    monkeypatch.setattr(rtt.MemberWalk, "ranked", lambda self, user, events: iter(
         rtt.score_candidates(user, events, self.hoods, self.options.now)))
     plain = run_folder(folder, tmp_path / "plain", "--limit", "1000")
     assert len(indexed.matches) > 30

@@ -269,7 +269,7 @@ def test_a_member_whose_only_event_is_at_7am_is_skipped_after_9pm_and_texted_bef
 
 
 def test_the_window_is_judged_in_the_recipients_own_zone(run_cli, world_folder, monkeypatch):
-    monkeypatch.setattr(rtt.ReturnToTable, "recipient_zone", lambda self, user: LOS_ANGELES)
+    monkeypatch.setattr(rtt.MemberWalk, "recipient_zone", lambda self, user: LOS_ANGELES)
     message = maya_message(campaign(run_cli, world_folder))
     assert message["recipient_timezone"] == "America/Los_Angeles"
     assert message["send_after"] == "2026-01-15T16:00:00.000Z"  # 8am PST
