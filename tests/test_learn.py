@@ -392,6 +392,18 @@ def test_fit_writes_weights_that_beat_the_current_ones_and_the_campaign_reads_th
     assert rtt.current_weights() == rtt.BUILT_IN_WEIGHTS  # restored after the run
 
 
+def test_the_campaign_scores_with_the_weights_file(run_cli, tmp_path) -> None:
+    heavy = tmp_path / "plan.json"
+    heavy.write_text(rtt.json.dumps({"PLAN_WEIGHT": 50}))  # the plan's tiers worth far more: higher confidence
+    args = ("--demo", "--dry-run", "--limit", "5")
+    built_in = run_cli(*args, root=tmp_path / "a")
+    weighted = run_cli(*args, env={"MATCH_WEIGHTS": str(heavy)}, root=tmp_path / "b")
+    assert built_in.code == weighted.code == 0, weighted.err
+    before = {m["user_id"]: m["confidence_percentage"] for m in built_in.matches}
+    after = {m["user_id"]: m["confidence_percentage"] for m in weighted.matches}
+    assert before.keys() == after.keys() and all(after[k] >= before[k] for k in before) and after != before
+
+
 BAD_WEIGHTS = {
     "not JSON": "{W_HOST: 1",
     "not an object": "[1, 2]",
