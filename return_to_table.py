@@ -11644,28 +11644,6 @@ def holdout_fraction(text: str) -> float:
     return value
 
 
-def invites_per_spot(text: str) -> float:
-    """``--invites-per-spot``: a ratio above 0, at most ``MAX_INVITES_PER_SPOT`` (no NaN, no infinity)."""
-    try:
-        value = float(text)
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"{text!r} is not a number") from None
-    if not math.isfinite(value) or not 0 < value <= MAX_INVITES_PER_SPOT:
-        raise argparse.ArgumentTypeError(f"{text!r} is not a number above 0 and at most {MAX_INVITES_PER_SPOT:g}")
-    return value
-
-
-def invites_per_event(text: str) -> int:
-    """``--max-invites-per-event``: a whole number from 1 to ``MAX_INVITES_PER_EVENT``."""
-    try:
-        value = int(text)
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"{text!r} is not a whole number") from None
-    if not 1 <= value <= MAX_INVITES_PER_EVENT:
-        raise argparse.ArgumentTypeError(f"{text!r} is not a whole number from 1 to {MAX_INVITES_PER_EVENT}")
-    return value
-
-
 def percentage(text: str) -> float:
     """A percentage 0-100; a fraction (``0.7``, or ``1.0``) is refused with the percentage it meant."""
     value = float(text)
@@ -11735,10 +11713,10 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--variants", type=tone_names, default=RunOptions.variants, metavar="NAMES",
                         help="message tones to A/B test, comma-separated from " + ", ".join(TONES)
                              + " (default: standard, today's wording); each member keeps theirs run after run")
-    parser.add_argument("--invites-per-spot", type=invites_per_spot, default=RunOptions.invites_per_spot,
+    parser.add_argument("--invites-per-spot", type=at_most(positive_float, MAX_INVITES_PER_SPOT), default=RunOptions.invites_per_spot,
                         metavar="R", help="an event with N spots left gets at most ceil(R x N) open invitations "
                                           "(pending or approved, within the cooldown) (%(default)g)")
-    parser.add_argument("--max-invites-per-event", type=invites_per_event, default=RunOptions.max_invites_per_event,
+    parser.add_argument("--max-invites-per-event", type=at_most(positive_int, MAX_INVITES_PER_EVENT), default=RunOptions.max_invites_per_event,
                         metavar="N", help="open invitations to an event of unknown capacity (%(default)s)")
     parser.add_argument("--min-lead-hours", type=at_most(non_negative_float, MAX_LEAD_HOURS, " hours (30 days)"),
                         default=RunOptions.min_lead_hours,
