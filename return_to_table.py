@@ -11340,7 +11340,8 @@ def grid_for(name: str, value: float) -> list[float]:
 
 
 def coordinate_search(data: FitData, fitted: Any, start: Mapping[str, float], seed: int) -> dict[str, float]:
-    """``FIT_METHOD``: the weights with the highest mean hit on the trials ``fitted`` (a boolean mask)."""
+    """``FIT_METHOD``: weights with a higher mean hit on the trials ``fitted`` (a boolean mask), each move by
+    at least ``FIT_MIN_GAIN``; the current weights when no move wins that much."""
     rng = random.Random(seed)
     weights = dict(start)
     if not fitted.any():  # nobody came back on the fitted dates: nothing to fit on
