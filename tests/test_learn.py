@@ -356,6 +356,20 @@ def test_the_fit_is_deterministic_for_a_seed(montana_backtest) -> None:
     assert first["evaluated_dates"] == [rtt.iso_utc(d) for d in days[4:]]
 
 
+def test_the_fit_keeps_only_moves_that_win_the_minimum_gain(montana_backtest, monkeypatch) -> None:
+    history, days, dated, seen = montana_backtest
+    data = rtt.fit_data(dated, seen, history, 30)
+    import numpy as np
+
+    fitted = np.array([d <= days[3] for d in data.days_of], dtype=bool)
+    start = {**rtt.BUILT_IN_WEIGHTS, **FLAT}
+    before = rtt.fit_hits(data, start)[fitted].mean()
+    weights = rtt.coordinate_search(data, fitted, start, 7)
+    assert weights != start and rtt.fit_hits(data, weights)[fitted].mean() >= before + rtt.FIT_MIN_GAIN - 1e-12
+    monkeypatch.setattr(rtt, "FIT_MIN_GAIN", 1.0)  # no move can win 100 points: the current weights are kept
+    assert rtt.coordinate_search(data, fitted, start, 7) == start
+
+
 def backtest_fit(run_cli, *extra: str, env: dict[str, str] | None = None):
     return run_cli("backtest", "--source", str(MONTANA), "--from", "2015-06-01", "--to", "2015-10-19", "--fit",
                    "--resamples", "200", *extra, env=env)
