@@ -1,7 +1,8 @@
 """Try matcher weights on history before changing them: the backtest's lead over the best baseline,
-per range, for each set of weights given (``NAME=VALUE,...``; empty string = the weights as shipped).
+per range, for each set of weights given (``NAME=VALUE,...``, names from ``rtt.WEIGHT_NAMES``; empty string =
+the weights as shipped). Each set is one ``MatchWeights`` passed to the backtest; nothing in the module changes.
 
-    python bench/tune_weights.py "" "W_WEEKDAY=0.5" "NEAR_DAYS=28,FAR_HALVING_DAYS=28"
+    python bench/tune_weights.py "" "W_WEEKDAY=0.5" "W_PLACE=3,FAR_HALVING_DAYS=28"
 
 Run by hand (about 30 s per set on the Montana sample); nothing is written.
 """
@@ -27,12 +28,12 @@ def day(text: str) -> datetime:
     return datetime.fromisoformat(text).replace(tzinfo=UTC)
 
 
-def leads(history: rtt.History, hoods: rtt.NeighbourhoodMap) -> list[float]:
-    """Pooled hit@1 of the rules minus the best baseline's, in points, for each range."""
+def leads(history: rtt.History, hoods: rtt.NeighbourhoodMap, weights: rtt.MatchWeights) -> list[float]:
+    """Pooled hit@1 of the rules (scoring with ``weights``) minus the best baseline's, in points, for each range."""
     found = []
     for start, end in RANGES:
-        trials = [t for _, _, ts in rtt.run_backtest(history, rtt.as_of_dates(day(start), day(end), 14), 30, hoods)
-                  for t in ts]
+        days = rtt.as_of_dates(day(start), day(end), 14)
+        trials = [t for _, _, ts in rtt.run_backtest(history, days, 30, hoods, weights=weights) for t in ts]
         rate = {name: sum(t.hits[name] for t in trials) / len(trials) for name in ("rules", *BASELINES)}
         found.append(100 * (rate["rules"] - max(rate[name] for name in BASELINES)))
     return found
@@ -53,16 +54,16 @@ def main() -> None:
     hoods = rtt.NeighbourhoodMap.from_csv(rtt.CENTROIDS_CSV)
     print("weights".ljust(40), *(f"{start[:7]}+".rjust(9) for start, _ in RANGES))
     for spec in args.specs:
-        saved = {}
-        for pair in filter(None, spec.split(",")):
-            name, value = pair.split("=")
-            saved[name] = getattr(rtt, name)
-            setattr(rtt, name, float(value))
-        try:
-            print((spec or "as shipped").ljust(40), *(f"{lead:+9.1f}" for lead in leads(history, hoods)))
-        finally:
-            for name, value in saved.items():
-                setattr(rtt, name, value)
+        print((spec or "as shipped").ljust(40), *(f"{lead:+9.1f}" for lead in leads(history, hoods, weights_of(spec))))
+
+
+def weights_of(spec: str) -> rtt.MatchWeights:
+    """``NAME=VALUE,...`` as weights, checked as ``MATCH_WEIGHTS`` checks a file (names left out: built-in)."""
+    pairs = dict(pair.split("=", 1) for pair in filter(None, spec.split(",")))
+    try:
+        return rtt.MatchWeights(rtt.checked_weights({k: float(v) for k, v in pairs.items()}, spec), spec or "built-in")
+    except (ValueError, rtt.UsageError) as exc:
+        raise SystemExit(f"tune_weights: {exc}") from None
 
 
 if __name__ == "__main__":

@@ -335,6 +335,17 @@ def test_refitting_ranks_exactly_as_the_scorer_does(montana_backtest) -> None:
     assert list(rtt.fit_hits(data, rtt.BUILT_IN_WEIGHTS)) == [t.hits["rules"] for t in trials]
 
 
+def test_the_backtest_scores_with_the_weights_it_is_given(montana_backtest) -> None:
+    history, days, dated, _ = montana_backtest
+    hoods = rtt.NeighbourhoodMap.from_csv(rtt.CENTROIDS_CSV)
+    other = rtt.MatchWeights({**rtt.BUILT_IN_WEIGHTS, **FLAT, "PLAN_WEIGHT": 3.0, "FAR_HALVING_DAYS": 7.0})
+    replayed = rtt.run_backtest(history, days, 30, hoods, weights=other)
+    hits = [t.hits["rules"] for _, _, ts in replayed for t in ts]
+    data = rtt.fit_data(replayed, rtt.fit_candidates(history, replayed, hoods), history, 30)
+    assert list(rtt.fit_hits(data, other.values)) == hits
+    assert hits != [t.hits["rules"] for _, _, ts in dated for t in ts]  # other picks than the built-in weights'
+
+
 def test_the_fit_is_deterministic_for_a_seed(montana_backtest) -> None:
     history, days, dated, seen = montana_backtest
     current = rtt.MatchWeights({**rtt.BUILT_IN_WEIGHTS, **FLAT})
@@ -343,6 +354,20 @@ def test_the_fit_is_deterministic_for_a_seed(montana_backtest) -> None:
     assert first == again
     assert first["fitted_dates"] == [rtt.iso_utc(d) for d in days[:4]]
     assert first["evaluated_dates"] == [rtt.iso_utc(d) for d in days[4:]]
+
+
+def test_the_fit_keeps_only_moves_that_win_the_minimum_gain(montana_backtest, monkeypatch) -> None:
+    history, days, dated, seen = montana_backtest
+    data = rtt.fit_data(dated, seen, history, 30)
+    import numpy as np
+
+    fitted = np.array([d <= days[3] for d in data.days_of], dtype=bool)
+    start = {**rtt.BUILT_IN_WEIGHTS, **FLAT}
+    before = rtt.fit_hits(data, start)[fitted].mean()
+    weights = rtt.coordinate_search(data, fitted, start, 7)
+    assert weights != start and rtt.fit_hits(data, weights)[fitted].mean() >= before + rtt.FIT_MIN_GAIN - 1e-12
+    monkeypatch.setattr(rtt, "FIT_MIN_GAIN", 1.0)  # no move can win 100 points: the current weights are kept
+    assert rtt.coordinate_search(data, fitted, start, 7) == start
 
 
 def backtest_fit(run_cli, *extra: str, env: dict[str, str] | None = None):
@@ -379,6 +404,18 @@ def test_fit_writes_weights_that_beat_the_current_ones_and_the_campaign_reads_th
     assert campaign.code == 0, campaign.err
     assert campaign.report()["match_weights"] == loaded.label
     assert rtt.current_weights() == rtt.BUILT_IN_WEIGHTS  # restored after the run
+
+
+def test_the_campaign_scores_with_the_weights_file(run_cli, tmp_path) -> None:
+    heavy = tmp_path / "plan.json"
+    heavy.write_text(rtt.json.dumps({"PLAN_WEIGHT": 50}))  # the plan's tiers worth far more: higher confidence
+    args = ("--demo", "--dry-run", "--limit", "5")
+    built_in = run_cli(*args, root=tmp_path / "a")
+    weighted = run_cli(*args, env={"MATCH_WEIGHTS": str(heavy)}, root=tmp_path / "b")
+    assert built_in.code == weighted.code == 0, weighted.err
+    before = {m["user_id"]: m["confidence_percentage"] for m in built_in.matches}
+    after = {m["user_id"]: m["confidence_percentage"] for m in weighted.matches}
+    assert before.keys() == after.keys() and all(after[k] >= before[k] for k in before) and after != before
 
 
 BAD_WEIGHTS = {

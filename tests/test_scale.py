@@ -11,6 +11,7 @@ import itertools
 import json
 import math
 import sys
+from concurrent.futures import ThreadPoolExecutor
 from datetime import UTC, datetime, timedelta, timezone
 from pathlib import Path
 from typing import Any
@@ -400,6 +401,57 @@ def test_the_first_candidates_are_found_without_scoring_every_event(tmp_path, ho
         assert first == score(member, events, hoods, NOW)[:wanted]
     narrowed = sum(len(index.positions(m)) for m in members)
     assert sum(scored) < narrowed * 0.9  # the bounds spare scoring even in a small world (at 1M: 146 of 3,724)
+
+
+# Weights far from the built-in ones on every name: a bound read with the built-in weights (history, plan or
+# half-life) falls below some candidate's total with these, and the order they give differs.
+OTHER_WEIGHTS = rtt.MatchWeights({"W_HOST": 0.25, "W_SERIES": 4.0, "W_COMPANY": 0.5, "W_PLACE": 40.0, "W_TAGS": 12.0,
+                                  "W_WEEKDAY": 9.0, "W_DAY_PART": 7.0, "PLAN_WEIGHT": 6.0, "FAR_HALVING_DAYS": 365.0},
+                                 "other weights (test)")
+
+
+def test_an_index_built_with_other_weights_bounds_and_scores_with_those_weights(tmp_path, hoods):
+    members, events, _ = reached_world(tmp_path, hoods)
+    index = rtt.CandidateIndex.build(events, hoods, NOW, OTHER_WEIGHTS)
+    position = {id(e): n for n, e in enumerate(events)}
+    reordered = 0
+    for member in members:
+        expected = rtt.score_candidates(member, events, hoods, NOW, OTHER_WEIGHTS)
+        reader = index.reader(member)
+        assert all(c.total <= index.bound(reader, position[id(c.event)]) for c in expected)
+        assert index.score(member) == expected
+        assert all(c.weights is OTHER_WEIGHTS for c in expected)
+        built_in = rtt.score_candidates(member, events, hoods, NOW)
+        reordered += [c.event["_id"] for c in expected] != [c.event["_id"] for c in built_in]
+    assert reordered > len(members) // 4  # the weights matter here: a test that can tell them apart
+
+
+def round_robin(walks: list[Any], step: int) -> list[list[Any]]:
+    """Everything each iterator gives, taking ``step`` items from each in turn until all are done."""
+    found: list[list[Any]] = [[] for _ in walks]
+    live = list(range(len(walks)))
+    while live:
+        for k in list(live):
+            taken = list(itertools.islice(walks[k], step))
+            found[k] += taken
+            if len(taken) < step:
+                live.remove(k)
+    return found
+
+
+def test_two_sets_of_weights_score_side_by_side_in_one_process(tmp_path, hoods):
+    members, events, built_in = reached_world(tmp_path, hoods)
+    other = rtt.CandidateIndex.build(events, hoods, NOW, OTHER_WEIGHTS)
+    expected = {id(index): [rtt.score_candidates(m, events, hoods, NOW, index.weights) for m in members]
+                for index in (built_in, other)}
+    # one thread: every member's walk under both weights started at once, then advanced a few steps each in turn
+    walks = [index.ranked(m) for index in (built_in, other) for m in members]
+    assert round_robin(walks, 3) == expected[id(built_in)] + expected[id(other)]
+    # threads: each set of weights scored by two threads at once, many times
+    with ThreadPoolExecutor(4) as pool:
+        results = list(pool.map(lambda index: (id(index), [index.score(m) for m in members]),
+                                [built_in, other] * 4))
+    assert all(scored == expected[key] for key, scored in results)
 
 
 def test_a_large_limit_gives_the_matches_of_the_unindexed_scoring(tmp_path, monkeypatch):
