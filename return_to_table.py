@@ -105,7 +105,6 @@ import dataclasses
 import difflib
 import fcntl
 import functools
-import gc
 import hashlib
 import heapq
 import itertools
@@ -113,17 +112,16 @@ import json
 import logging
 import math
 import operator
-import pickle
 import random
 import re
 import shutil
+import signal
 import stat
-import subprocess
+import sys
 import tempfile
 import threading
 import time
 import unicodedata
-import zlib
 from collections import Counter
 from collections.abc import Collection, Iterable, Iterator, Mapping, Sequence
 from concurrent.futures import ThreadPoolExecutor
@@ -146,11 +144,10 @@ from bson.codec_options import DatetimeConversion
 from bson.errors import BSONError, InvalidId
 from dotenv import dotenv_values
 
-try:  # the fast JSON decoders for mongoexport files (requirements.txt); without them, the literal path
-    import msgspec
+try:  # the fast JSON decoder for mongoexport files and outputs (requirements.txt); without it, the standard one
     import orjson
-except ImportError:  # pragma: no cover - both are declared dependencies
-    msgspec = orjson = None
+except ImportError:  # pragma: no cover - a declared dependency
+    orjson = None
 
 # =============================================================================================
 # Configuration
@@ -293,8 +290,8 @@ class RunControl:
 class Worker:
     """``fn()`` in a daemon thread whose outcome reaches the thread that waits for it: the value, or the
     exception raised again there (a MemoryError too), so a helper's failure is never lost in its thread
-    and never printed by it. Every helper thread of a run is one of these (``bounded_call``, the users
-    file's read and its child's answer), so one rule holds for all: ``wait`` is bounded."""
+    and never printed by it. Every helper thread of a run is one of these (``bounded_call``), so one rule
+    holds for all: ``wait`` is bounded."""
 
     def __init__(self, fn: Any, name: str) -> None:
         self._box: dict[str, Any] = {}
@@ -949,33 +946,11 @@ def write_raw(path: Path, docs: Iterable[Mapping[str, Any]]) -> int:
     return written
 
 
-def copy_rest(original: Any, out: Any) -> None:
-    """The rest of an open file copied to ``out``: by the kernel (``os.sendfile``, no bytes through Python:
-    hundreds of megabytes at scale), else through a buffer."""
-    out.flush()
-    offset, size = original.tell(), os.fstat(original.fileno()).st_size
-    try:
-        while offset < size:
-            sent = os.sendfile(out.fileno(), original.fileno(), offset, size - offset)
-            if not sent:
-                break
-            offset += sent
-    except OSError:  # a file system or platform without it: the classic copy from where the kernel stopped
-        pass
-    original.seek(offset)
-    shutil.copyfileobj(original, out, 1 << 20)
-
-
 def copy_raw(path: Path, source: Path) -> None:
     """A source file's bytes, readable by the owner only: ``data/raw/`` keeps exactly what was read.
 
     A JSON array is copied as it is (without a byte-order mark); JSON Lines become an array of the
     same lines' bytes, so ``data/raw/`` is always one JSON array, whatever the source's form."""
-    atomic_write(path, raw_copier(source), private=True)
-
-
-def raw_copier(source: Path) -> Any:
-    """``copy_raw``'s writer: ``write(handle)`` copying ``source`` into the open file."""
 
     def write(handle: Any) -> None:
         handle.flush()
@@ -985,7 +960,7 @@ def raw_copier(source: Path) -> Any:
             body = head.removeprefix(b"\xef\xbb\xbf")
             if body.lstrip().startswith(b"["):
                 out.write(body)
-                copy_rest(original, out)
+                shutil.copyfileobj(original, out, 1 << 20)
                 return
             first = True
             for line in itertools.chain((body + original.readline()).split(b"\n"), original):
@@ -995,47 +970,12 @@ def raw_copier(source: Path) -> Any:
                     first = False
             out.write(b"[]" if first else b"\n]\n")
 
-    return write
+    atomic_write(path, write, private=True)
 
 
-class StagedCopies:
-    """``data/raw/``'s byte copies of a folder source's files (``copy_raw``), made in a background thread
-    while the run reads the same files (the kernel copies, the read goes on: a second of a million-member
-    run), each put in place only by ``commit`` once the read succeeded: a failed read leaves ``data/raw/``
-    as it was."""
-
-    def __init__(self, folder: Path, files: Mapping[str, Path], control: RunControl | None = None) -> None:
-        self.folder = folder
-        self.control = control or RunControl()  # a copy is waited for until the run's deadline at most
-        self.pending: dict[str, Any] = {}
-        if files:
-            pool = ThreadPoolExecutor(max_workers=1, thread_name_prefix="raw-copy")
-            self.pending = {name: pool.submit(staged_write, folder / f"{name}.json", raw_copier(path), private=True)
-                            for name, path in files.items()}
-            pool.shutdown(wait=False)  # the queued copies still run; the thread ends after the last
-
-    def commit(self, name: str) -> bool:
-        """The copy of ``name`` put in place, once made (its OutputError raised here); False without one."""
-        future = self.pending.pop(name, None)
-        if future is None:
-            return False
-        commit_staged(self.made(future, name), self.folder / f"{name}.json")
-        return True
-
-    def made(self, future: Any, name: str) -> str:
-        """The staged copy's path once made (its OutputError raised here); ServiceTimeout at the deadline."""
-        seconds = self.control.until_deadline()
-        try:
-            return future.result(timeout=None if math.isinf(seconds) else seconds)
-        except TimeoutError:  # concurrent.futures' TimeoutError is the builtin one from 3.11 on
-            raise ServiceTimeout(f"copying {name}.json to {self.folder} {UNTIL_THE_DEADLINE}: not done") from None
-
-    def discard(self) -> None:
-        """Every copy not committed dropped, once made (a copy that failed has nothing to drop)."""
-        for name, future in self.pending.items():
-            with contextlib.suppress(OutputError, ServiceTimeout):
-                discard_staged(self.made(future, name))
-        self.pending.clear()
+def write_texts(path: Path, texts: Iterable[str]) -> None:
+    """Records' JSON texts as one JSON array, readable by the owner only (``data/raw/``)."""
+    atomic_write(path, lambda handle: handle.write("[\n" + ",\n".join(texts) + "\n]\n"), private=True)
 
 
 # =============================================================================================
@@ -1167,6 +1107,8 @@ _PLAIN_LEAVES = frozenset({str, int, bool, type(None)})  # what ``to_plain`` giv
 def to_plain(value: Any) -> Any:
     """A document made JSON-ready: ObjectIds as strings, dates as ISO UTC, recursively."""
     kind = type(value)
+    if kind is PlainRecord:
+        return dict(value)
     if kind is str or kind is int or kind is bool or value is None:  # the usual leaves, no ABC check
         return value
     if kind is list:
@@ -1277,8 +1219,10 @@ _ESCAPE_SEQUENCES = re.compile(r"\x1b(?:\[[0-?]*[ -/]*[@-~]?|[\]PX^_][^\x00-\x1f
 _LINE_BREAKS = re.compile("[\t\n\r\x0b\x0c\x1c-\x1f\x85\u2028\u2029]+")  # become one space
 # C0 and C1 controls, DEL, bidi marks, overrides and isolates, zero-width and invisible characters, BOM,
 # and the Unicode line and paragraph separators.
-_CONTROL_CHARACTERS = re.compile("[\x00-\x1f\x7f-\x9f\u061c\u180e\u200b-\u200f\u2028-\u202e"
-                                 "\u2060-\u206f\ufeff]")
+CONTROL_RANGES = ((0x00, 0x1F), (0x7F, 0x9F), (0x61C, 0x61C), (0x180E, 0x180E), (0x200B, 0x200F), (0x2028, 0x202E),
+                  (0x2060, 0x206F), (0xFEFF, 0xFEFF))
+_CONTROL_CHARACTERS = re.compile("[" + "".join(f"{re.escape(chr(lo))}-{re.escape(chr(hi))}" for lo, hi in CONTROL_RANGES)
+                                 + "]")
 _JSON_SPACE = re.compile(r"[ \t\n\r]*")
 _JSON_STRING_OR_BRACKET = re.compile(r'"[^"\\]*(?:\\.[^"\\]*)*"|[\[\]{}]')
 
@@ -1617,534 +1561,6 @@ def fast_decode(data: bytes, decoder: ExtendedJsonDecoder) -> list[dict[str, Any
         return None
 
 
-@contextlib.contextmanager
-def collection_paused() -> Iterator[None]:
-    """No cyclic garbage collection while millions of records are built: they hold no cycles, and each
-    collection would walk every one of them again (a third of a large read's time)."""
-    enabled = gc.isenabled()
-    gc.disable()
-    try:
-        yield
-    finally:
-        gc.freeze()  # what was built lives for the run: later collections (step 1's records) skip it
-        if enabled:
-            gc.enable()
-
-
-def export_elements(data: bytes) -> list[Any]:
-    """An export file's records as undecoded byte slices (msgspec splits a JSON array without decoding
-    it; JSON Lines split on line feeds), so each can be decoded, screened and dropped in turn.
-    FastPathRefused when it cannot (not JSON to msgspec, nested beyond its stack, big integers)."""
-    if msgspec is None:  # (no big-integer scan: msgspec reads an integer of any size exactly, as json does)
-        raise FastPathRefused("no fast decoder for this file")
-    body = data[3:] if data.startswith(_UTF8_BOM) else data
-    if not body.lstrip().startswith(b"["):
-        return [line for line in body.split(b"\n") if line.strip()]
-    try:
-        return msgspec.json.decode(body, type=list[msgspec.Raw])
-    except (msgspec.DecodeError, RecursionError):
-        raise FastPathRefused("not a JSON array msgspec can split") from None
-
-
-def clean_values(value: Any, decoder: ExtendedJsonDecoder, limit: int = MAX_TEXT_CHARS,
-                 level: int = 1) -> tuple[Any, bool]:
-    """``extended_values`` and ``already_clean`` in one walk: (the value as ``json_util`` gives it, whether
-    ``clean_document`` would leave it as it is). For orjson's values (dicts, lists, str, numbers, None)."""
-    if level > MAX_NESTING_DEPTH:
-        raise FastPathRefused("nested too deep")
-    clean, extended = True, False
-    pairs = value.items() if type(value) is dict else enumerate(value)
-    for key, item in pairs:
-        kind = type(item)
-        if kind is dict or kind is list:
-            bound = limit if type(key) is int else MAX_LONG_TEXT_CHARS if key in LONG_TEXT_FIELDS else MAX_TEXT_CHARS
-            value[key], item_clean = clean_values(item, decoder, bound, level + 1)
-            clean = clean and item_clean
-        elif kind is str and clean:
-            bound = limit if type(key) is int else MAX_LONG_TEXT_CHARS if key in LONG_TEXT_FIELDS else MAX_TEXT_CHARS
-            clean = len(item) <= bound and (item.isprintable() or not _CONTROL_CHARACTERS.search(item))
-        if type(key) is str and key[:1] == "$":
-            extended = True
-    if extended:
-        result = decoder.hook(value)
-        if result is not value:
-            return result, type(result) in _PLAIN_SCALARS
-    return value, clean
-
-
-# The UTF-8 of the characters clean_text removes above U+007F: the C1 controls, U+061C, U+180E, U+200B-U+200F,
-# U+2028-U+202E, U+2060-U+206F and U+FEFF (the C0 controls cannot appear raw in JSON, DEL is checked alone).
-_UNSAFE_UTF8 = re.compile(rb"\xc2[\x80-\x9f]|\xd8\x9c|\xe1\xa0\x8e|\xe2\x80[\x8b-\x8f\xa8-\xae]|\xe2\x81[\xa0-\xaf]"
-                          rb"|\xef\xbb\xbf")
-
-
-_ASCII_BYTES = bytes(range(0x80))
-_NOT_QUOTES = bytes(c if c == ord('"') else ord("a") for c in range(256))  # every byte but '"' read as "a"
-_LONG_RUN = b"a" * (MAX_TEXT_CHARS + 1)
-LONG_RUN_PIECE = 1 << 24  # bytes translated at once: the copy stays small
-
-
-def long_run(data: bytes) -> bool:
-    """Whether the bytes hold more than ``MAX_TEXT_CHARS`` bytes in a row without a quote: every string
-    that long does (and a stretch between strings that long, rare: then the record is tested alone).
-    A translation and a substring search in C, a few times faster than a regular expression."""
-    step, overlap = LONG_RUN_PIECE, len(_LONG_RUN)
-    return any(_LONG_RUN in data[start:start + step + overlap].translate(_NOT_QUOTES)
-               for start in range(0, max(len(data) - overlap, 0) + 1, step))
-
-
-def plain_and_clean(data: bytes) -> bool:
-    """Whether a record's bytes guarantee that orjson's values are final and ``already_clean``, so the
-    record skips the walk: no ``"$`` (an Extended JSON key), no escape, no DEL or ``_UNSAFE_UTF8``, no run
-    of more than ``MAX_TEXT_CHARS`` bytes without a quote (a long string), and no more brackets than
-    ``MAX_NESTING_DEPTH`` (so never nested deeper). Cheap byte tests, most records pass."""
-    return b'"$' not in data and nothing_to_count(data)
-
-
-# Extended JSON values json_util always reads (no bad value to count): a valid ObjectId, a $date in ISO form
-# on a day of the calendar (1900-2099; 29 February of the leap years but 2000), a $date of up to 13 digits of
-# milliseconds (1653-2286; ``parse_moment`` reads them exactly, as json_util does).
-_SAFE_EXTENDED = re.compile(
-    rb'\{"\$oid": ?"[0-9a-fA-F]{24}"\}'
-    rb'|\{"\$date": ?"(?:(?:19|20)\d\d-(?:(?:0[1-9]|1[0-2])-(?:0[1-9]|1\d|2[0-8])|(?:0[13-9]|1[0-2])-(?:29|30)'
-    rb'|(?:0[13578]|1[02])-31)|(?:19|20)(?:0[48]|[2468][048]|[13579][26])-02-29)T(?:[01]\d|2[0-3]):[0-5]\d:[0-5]\d'
-    rb'(?:\.\d{1,3})?Z"\}'
-    rb'|\{"\$date": ?\{"\$numberLong": ?"-?\d{1,13}"\}\}')
-
-
-def nothing_to_count(data: bytes) -> bool:
-    """Whether a record's bytes guarantee that decoding and screening it would count nothing: the tests of
-    ``plain_and_clean``, except that Extended JSON values are allowed in ``_SAFE_EXTENDED``'s forms."""
-    if b"\\" in data or b"\x7f" in data or not few_brackets(data):
-        return False
-    if len(data) > MAX_TEXT_CHARS and long_run(data):
-        return False
-    return not unsafe_utf8(data) and extended_all_safe(data)
-
-
-def unsafe_utf8(data: bytes) -> bool:
-    """Whether the bytes hold a character ``clean_text`` removes above U+007F (``_UNSAFE_UTF8``); the
-    regular expression reads only the bytes above 0x7F, in order (in UTF-8 they are whole characters, and
-    each of its sequences starts with a lead byte, never inside a character)."""
-    return not data.isascii() and _UNSAFE_UTF8.search(data.translate(None, _ASCII_BYTES)) is not None
-
-
-def extended_all_safe(data: bytes) -> bool:
-    """Whether every Extended JSON key (``"$``) in the bytes is part of a ``_SAFE_EXTENDED`` value."""
-    dollars = data.count(b'"$')
-    return not dollars or dollars == b"".join(_SAFE_EXTENDED.findall(data)).count(b'"$')
-
-
-def quiet_records(data: bytes) -> bool:
-    """``nothing_to_count`` over records joined into one JSON array, but for the bracket count, which
-    stays per record: when this holds, each of them has nothing to count exactly when it has few enough
-    brackets (each test finds in one record only what it finds in all; no safe value spans two records)."""
-    return (b"\\" not in data and b"\x7f" not in data and not long_run(data)
-            and not unsafe_utf8(data) and extended_all_safe(data))
-
-
-def few_brackets(data: bytes) -> bool:
-    """``nothing_to_count``'s nesting test: no more brackets than ``MAX_NESTING_DEPTH``, so never nested deeper."""
-    return data.count(b"{") + data.count(b"[") <= MAX_NESTING_DEPTH
-
-
-_RECORD_DECODER = msgspec.json.Decoder() if msgspec is not None else None
-
-
-def fast_record(data: bytes, decoder: ExtendedJsonDecoder, plain: bool) -> tuple[dict[str, Any], bool]:
-    """One record through msgspec (integers of any size exact, as json reads them) and, unless ``plain``
-    (``plain_and_clean``), ``clean_values``: (what the literal decoder gives, already clean), or FastPathRefused."""
-    try:
-        doc = _RECORD_DECODER.decode(data)
-    except (msgspec.DecodeError, RecursionError):  # a float beyond the double range among them (json: inf)
-        raise FastPathRefused("not JSON to msgspec") from None
-    if type(doc) is not dict:
-        raise FastPathRefused("not a document")
-    if plain:
-        return doc, True
-    doc, clean = clean_values(doc, decoder)
-    if type(doc) is not dict:
-        raise FastPathRefused("not a document")
-    return doc, clean
-
-
-class SkimDoc(TypedDict, total=False):
-    """What step 1 counts of an event and step 2 tests (``open_future_public_at``): the skim decodes these."""
-
-    _id: Any
-    ownerId: Any
-    participants: Any
-    startDate: Any
-    type: Any
-    active: Any
-    eventStatus: Any
-
-
-class SkimmedEvent(NamedTuple):
-    """An event the counting read skimmed: its ``SkimDoc`` fields, its start (``to_utc``, read once) and
-    its bytes in the export."""
-
-    fields: dict[str, Any]
-    start: datetime | None
-    raw: Any
-
-
-class LazyEvent(Mapping[str, Any]):
-    """A skimmed event as the activity index keeps it: its bytes (a slice of the export, which stays in
-    memory: smaller than 300,000 dicts), decoded to ``ActivityDoc`` when first read (the walk reads the
-    events of the members it reaches and of their past company, a few thousand at most)."""
-
-    __slots__ = ("_doc", "_raw")
-
-    def __init__(self, raw: Any) -> None:
-        self._raw: Any = raw
-        self._doc: dict[str, Any] | None = None
-
-    def fields(self) -> dict[str, Any]:
-        if self._doc is None:
-            self._doc = _ACTIVITY_DECODER.decode(self._raw)  # it decoded in its group: it decodes alone
-        return self._doc
-
-    def __getitem__(self, key: str) -> Any:
-        return self.fields()[key]
-
-    def get(self, key: str, default: Any = None) -> Any:
-        return self.fields().get(key, default)
-
-    def __iter__(self) -> Iterator[str]:
-        return iter(self.fields())
-
-    def __len__(self) -> int:
-        return len(self.fields())
-
-
-class ActivityDoc(SkimDoc, total=False):
-    """What steps 1 and 2 read of an event that cannot be step 2's: to count it for its members, to know it
-    is past (``SkimDoc``), and what ``member_history`` reads of it (place, categories and features, host,
-    venue and name for the series). msgspec decodes a record into this dict, skipping the other fields."""
-
-    neighborhood: Any
-    categories: Any
-    features: Any
-    venueName: Any
-    name: Any
-
-
-if msgspec is not None:
-    class IdOnly(msgspec.Struct):
-        """A record's ``_id`` alone: msgspec skips the other fields without building them."""
-
-        id: Any = msgspec.field(default=None, name="_id")
-
-    _ID_DECODER, _IDS_DECODER = msgspec.json.Decoder(IdOnly), msgspec.json.Decoder(list[IdOnly])
-    _ACTIVITY_DECODER = msgspec.json.Decoder(ActivityDoc)
-    _SKIM_DECODER, _SKIMS_DECODER = msgspec.json.Decoder(SkimDoc), msgspec.json.Decoder(list[SkimDoc])
-
-
-def decoded_group(joined: bytes, group: Sequence[Any], many: Any, one: Any) -> list[Any]:
-    """Each record of a group decoded to one shape: in one call, the group read as the JSON array
-    ``joined`` (``many``), or, when one of them cannot be read so, one at a time (``one``; None for one
-    it cannot)."""
-    try:
-        return many.decode(joined)
-    except (msgspec.DecodeError, RecursionError):
-        pass
-    found = []
-    for data in group:
-        try:
-            found.append(one.decode(data))
-        except (msgspec.DecodeError, RecursionError):
-            found.append(None)
-    return found
-
-
-def member_skim(statuses_of: Any) -> Any:
-    """Skim members: (id, status) of one ``statuses_of([id, ...])`` does not find dormant, counted but not
-    decoded (the dormant: decoded whole)."""
-    def skim(joined: bytes, group: Sequence[Any]) -> list[tuple[str, str] | None]:
-        keys = group_ids(joined, group)
-        return [(key, status) if status is not None and status != "dormant" else None  # type: ignore[misc]
-                for key, status in zip(keys, statuses_of(keys), strict=True)]
-    return skim
-
-
-def group_ids(joined: bytes, group: Sequence[Any]) -> list[str | None]:
-    """The usable id (``usable_id``) of each record of a group, only the ``_id`` decoded."""
-    return usable_ids([found.id if found is not None else None
-                       for found in decoded_group(joined, group, _IDS_DECODER, _ID_DECODER)])
-
-
-def event_skim(now: datetime) -> Any:
-    """Skim events: (id, ``SkimmedEvent``) of one that cannot be step 2's (those: decoded whole)."""
-    def skim(joined: bytes, group: Sequence[Any]) -> list[tuple[str, SkimmedEvent] | None]:
-        stand_ins: list[tuple[str, SkimmedEvent] | None] = []
-        for doc, raw in zip(decoded_group(joined, group, _SKIMS_DECODER, _SKIM_DECODER), group, strict=True):
-            key = usable_id(doc.get("_id")) if doc is not None else None
-            if key is None:
-                stand_ins.append(None)
-                continue
-            start = to_utc(doc.get("startDate"))
-            stand_ins.append(None if open_future_public_at(doc, start, now) else (key, SkimmedEvent(doc, start, raw)))
-        return stand_ins
-    return skim
-
-
-QUIET_GROUP = 256  # records screened together (``quiet_records``): one odd record slows only its group
-
-
-def screened_stream(elements: list[Any], what: str, decoder: ExtendedJsonDecoder, issues: Counter[str],
-                    tick: Any = None, skim: Any = None, tally: Counter[str] | None = None,
-                    plain: set[str] | None = None) -> Iterator[Any]:
-    """Each record of a collection decoded, screened (``screen_records``) and deduplicated
-    (``dedupe_by_id``) in turn, what was found counted in ``issues``; the slices are released as they go.
-
-    A record screening would skip (odd ``_id``, nested too deep) refuses the fast path: the classic read
-    then keeps its exact account of such files, ``data/raw/`` without them included. ``skim(joined,
-    group)`` gives for each record of a group (``joined``: the group as one JSON array) its id and a
-    stand-in the caller takes instead of the record, or None when it wants the record whole; a record
-    with nothing to count (``nothing_to_count``) that has a stand-in is never decoded in full; a stand-in
-    that is a string is counted in ``tally`` instead of given (a million members' statuses). ``plain``
-    gets the id of each record given as msgspec decoded it (no Extended JSON, nothing cleaned: plain
-    JSON values only). The byte tests run over ``QUIET_GROUP`` records at once (``quiet_flags``)."""
-    seen: set[str] = set()
-    for group, joined in record_groups(elements, tick):
-        yield from screened_group(group, joined, quiet_flags(joined, group), what, decoder, issues, skim, seen,
-                                  tally, plain)
-
-
-def record_groups(elements: list[Any], tick: Any = None) -> Iterator[tuple[list[Any], bytes]]:
-    """The records ``QUIET_GROUP`` at a time, each group with its bytes joined as one JSON array; the
-    slices are released from ``elements`` as they go, and ``tick(n)`` told of each group (progress)."""
-    for first in range(0, len(elements), QUIET_GROUP):
-        group = elements[first:first + QUIET_GROUP]
-        elements[first:first + len(group)] = [None] * len(group)
-        if tick is not None:
-            tick(len(group))  # progress, in records
-        yield group, b"[" + b",".join(group) + b"]"
-
-
-def quiet_flags(joined: bytes, group: Sequence[Any]) -> list[bool]:
-    """``nothing_to_count`` of each record of a group: the group's bytes (``joined``) tested at once
-    (``quiet_records``), and then only each record's brackets, counted where it lies in ``joined``; a
-    group that fails is tested record by record."""
-    if not quiet_records(joined):
-        return [nothing_to_count(bytes(data)) for data in group]
-    lengths = list(map(len, group))
-    starts = list(itertools.accumulate(map(operator.add, lengths, itertools.repeat(1)), initial=1))
-    ends = list(map(operator.add, starts, lengths))
-    braces = map(joined.count, itertools.repeat(b"{"), starts, ends)
-    brackets = map(joined.count, itertools.repeat(b"["), starts, ends)
-    return list(map(operator.le, map(operator.add, braces, brackets), itertools.repeat(MAX_NESTING_DEPTH)))
-
-
-def screened_group(group: Sequence[Any], joined: bytes, quiet: Sequence[bool], what: str,
-                   decoder: ExtendedJsonDecoder, issues: Counter[str], skim: Any, seen: set[str],
-                   tally: Counter[str] | None = None, plain: set[str] | None = None) -> Iterator[Any]:
-    """``screened_stream`` for one group of records; ``seen`` holds the ids met so far in the file."""
-    repeated = f"repeated_{what[:-1]}_ids"
-    stand_ins = skim(joined, group) if skim is not None and any(quiet) else [None] * len(group)
-    for element, data_quiet, stand_in in zip(group, quiet, stand_ins, strict=True):
-        if stand_in is not None and data_quiet:
-            key, value = stand_in
-            if key in seen:
-                issues[repeated] += 1
-                continue
-            seen.add(key)
-            if tally is not None and type(value) is str:
-                tally[value] += 1
-            else:
-                yield value
-            continue
-        record, key, as_decoded = whole_record(element, data_quiet, what, decoder, issues)
-        if key in seen:
-            issues[repeated] += 1
-            continue
-        seen.add(key)
-        if as_decoded and plain is not None:
-            plain.add(key)
-        yield record
-
-
-def whole_record(element: Any, quiet: bool, what: str, decoder: ExtendedJsonDecoder,
-                 issues: Counter[str]) -> tuple[dict[str, Any], str, bool]:
-    """One record decoded whole and screened (``quiet``: ``nothing_to_count`` holds for it): the record,
-    its id, and whether it is as msgspec decoded it (plain JSON values, nothing cleaned)."""
-    data = bytes(element)
-    as_decoded = quiet and b'"$' not in data
-    record, clean = fast_record(data, decoder, as_decoded)
-    if usable_id(record.get("_id")) is None:
-        raise FastPathRefused(f"a record screening skips ({what})")
-    if not clean:
-        found: Counter[str] = Counter()
-        try:
-            record = clean_document(record, found)
-        except NestedTooDeep:
-            raise FastPathRefused(f"a record screening skips ({what})") from None
-        issues.update(found)
-    return record, id_of(record.get("_id")) or "", as_decoded
-
-
-# --- a large users file's ids read by a second process while this one counts the events -----------------
-
-PARALLEL_KEYS_BYTES = 8 << 20  # a users file this big has its ids read by a child process (``MemberKeysChild``)
-KEY_QUIET, KEY_WHOLE, KEY_PLAIN = 1, 2, 4  # ``member_keys``' flags: nothing_to_count, decoded whole, as decoded
-
-
-class MemberKeys(NamedTuple):
-    """``member_keys`` of a users file: each record's id (None: a repeat, counted) and flags, in file order,
-    what was counted on the way, the values that could not be read, and the checksum of the bytes read."""
-
-    keys: list[str | None]
-    flags: bytes
-    issues: dict[str, int]
-    bad_values: int
-    checksum: int
-
-
-def member_keys(elements: list[Any], decoder: ExtendedJsonDecoder, issues: Counter[str]) -> tuple[
-        list[str | None], bytearray]:
-    """``screened_stream`` of the members before anyone's status is known (the events are not counted yet):
-    each record's id and flags, a repeat's id None (counted). A record with nothing to count and a usable id
-    is read for its id only (``KEY_QUIET``); any other is decoded and screened whole (``KEY_WHOLE``, its
-    counts made here), ``KEY_PLAIN`` when it is as msgspec decoded it. ``elements`` is emptied as it goes."""
-    seen: set[str] = set()
-    keys: list[str | None] = []
-    flags = bytearray()
-    for group, joined in record_groups(elements):
-        quiet = quiet_flags(joined, group)
-        ids = group_ids(joined, group) if any(quiet) else [None] * len(group)
-        for element, data_quiet, key in zip(group, quiet, ids, strict=True):
-            flag = KEY_QUIET if data_quiet else 0
-            if key is None or not data_quiet:
-                _, key, as_decoded = whole_record(element, data_quiet, "users", decoder, issues)
-                flag |= KEY_WHOLE | (KEY_PLAIN if as_decoded else 0)
-            if key in seen:
-                issues["repeated_user_ids"] += 1
-                keys.append(None)
-                flags.append(0)
-                continue
-            seen.add(key)
-            keys.append(key)
-            flags.append(flag)
-    return keys, flags
-
-
-def dormant_from_keys(elements: list[Any], found: MemberKeys, statuses_of: Any, tally: Counter[str],
-                      plain: set[str], tick: Any = None) -> list[dict[str, Any]]:
-    """The dormant members of a users file whose ids ``member_keys`` read, each decoded whole here (its counts
-    were made there: these are dropped); every member's status (``statuses_of``) counted in ``tally``, and
-    the id of each member kept as msgspec decoded it in ``plain``. ``elements`` is emptied as it goes;
-    ``tick(n)`` is told of each ``QUIET_GROUP`` records (progress)."""
-    decoder, scratch = ExtendedJsonDecoder(), Counter[str]()
-    users = []
-    statuses = statuses_of(found.keys)
-    tally.update(status for status in statuses if status is not None)
-    for n, (key, flag, status) in enumerate(zip(found.keys, found.flags, statuses, strict=True)):
-        if status == "dormant":
-            record, _, as_decoded = whole_record(elements[n], bool(flag & KEY_QUIET), "users", decoder, scratch)
-            users.append(record)
-            if as_decoded:
-                plain.add(key)  # type: ignore[arg-type]
-        elements[n] = None
-        if tick is not None and n % QUIET_GROUP == QUIET_GROUP - 1:
-            tick(QUIET_GROUP)
-    if tick is not None and len(found.keys) % QUIET_GROUP:
-        tick(len(found.keys) % QUIET_GROUP)
-    return users
-
-
-def dormant_read_here(elements: list[Any], decoder: ExtendedJsonDecoder, issues: Counter[str], tick: Any,
-                      statuses_of: Any, tally: Counter[str], plain: set[str]) -> list[dict[str, Any]]:
-    """``dormant_from_keys`` without the child (a small file, or the child failed): the members screened
-    here (``screened_stream``), each one's status (``statuses_of``) counted in ``tally``, the dormant kept."""
-    users = []
-    for user in screened_stream(elements, "users", decoder, issues, tick, skim=member_skim(statuses_of),
-                                tally=tally, plain=plain):  # a skimmed member: their status, counted there
-        [status] = statuses_of([id_of(user.get("_id")) or ""])
-        tally[status] += 1
-        if status == "dormant":
-            users.append(user)
-    return users
-
-
-# Run as ``python -c MEMBER_KEYS_CHILD <this file> <users file>``: a fresh interpreter (no fork of a process
-# with threads) that imports this file under its own name and pickles ``member_keys_reply`` to stdout.
-MEMBER_KEYS_CHILD = ("import importlib.util, sys\n"
-                     "spec = importlib.util.spec_from_file_location('rtt_member_keys', sys.argv[1])\n"
-                     "module = sys.modules[spec.name] = importlib.util.module_from_spec(spec)\n"
-                     "spec.loader.exec_module(module)\n"
-                     "sys.stdout.buffer.write(module.member_keys_reply(sys.argv[2]))\n")
-
-
-def member_keys_reply(path: str) -> bytes:
-    """The child's answer, pickled builtins only (the two processes name this module differently):
-    ``("keys", *MemberKeys)``, or ``("usage", message)`` / ``("refused", reason)`` as the read would raise."""
-    decoder, issues = ExtendedJsonDecoder(), Counter[str]()
-    try:
-        with collection_paused():
-            data = export_bytes(Path(path))
-            keys, flags = member_keys(export_elements(data), decoder, issues)
-        reply: tuple[Any, ...] = ("keys", keys, bytes(flags), dict(issues), decoder.bad_values, zlib.crc32(data))
-    except UsageError as exc:
-        reply = ("usage", str(exc))
-    except FastPathRefused as exc:
-        reply = ("refused", str(exc))
-    return pickle.dumps(reply, protocol=pickle.HIGHEST_PROTOCOL)
-
-
-class MemberKeysChild:
-    """``member_keys`` of a users file in a child process, started before the events are counted (the
-    second core reads a million members' ids meanwhile); its answer is drained by a thread as soon as it
-    comes, so the child ends and frees its memory. ``result`` is None when it failed in any other way:
-    the caller then reads the ids itself."""
-
-    def __init__(self, process: subprocess.Popen[bytes]) -> None:
-        self.reply: bytes | None = None
-        self.process = process
-        self.drain = Worker(self.read_reply, "member-keys")  # its failure (a MemoryError) is raised in ``result``
-
-    @classmethod
-    def start(cls, path: Path) -> MemberKeysChild | None:
-        """The child started on ``path``, or None when no process can be started (the caller reads the ids)."""
-        try:
-            return cls(subprocess.Popen([sys.executable, "-c", MEMBER_KEYS_CHILD, __file__, str(path)],
-                                        stdin=subprocess.DEVNULL, stdout=subprocess.PIPE, stderr=subprocess.DEVNULL))
-        except (OSError, ValueError):
-            return None
-
-    def read_reply(self) -> None:
-        assert self.process.stdout is not None
-        with contextlib.suppress(OSError, ValueError):
-            self.reply = self.process.stdout.read()
-
-    def result(self, data: bytes, seconds: float = math.inf) -> MemberKeys | None:
-        """The child's ``MemberKeys`` for ``data`` (the bytes this process read: a file changed between the two
-        reads gives None), raising the UsageError or FastPathRefused its read met; None when it failed.
-        Waited for ``seconds`` at most (ServiceTimeout after: ``close`` then stops the child); the draining
-        thread's own failure (out of memory) is raised here."""
-        self.drain.wait(seconds, f"the users file's helper process {UNTIL_THE_DEADLINE}")
-        if self.process.wait() != 0 or not self.reply:  # its output is drained: it has ended or is ending
-            return None
-        try:
-            reply = pickle.loads(self.reply)
-        except Exception:  # noqa: BLE001 - a torn answer (the child was killed): read the ids here
-            return None
-        self.reply = None
-        if reply[0] == "usage":
-            raise UsageError(reply[1])
-        if reply[0] == "refused":
-            raise FastPathRefused(reply[1])
-        found = MemberKeys(*reply[1:])
-        return found if found.checksum == zlib.crc32(data) else None
-
-    def close(self) -> None:
-        """The child stopped, if it still runs (the read failed or was interrupted), and reaped."""
-        if self.process.poll() is None:
-            self.process.kill()
-        self.process.wait()
-        self.drain.thread.join(1.0)  # the pipe closed with the child: its reader ends (a daemon if not)
-
-
 def dedupe_by_id(docs: Sequence[dict[str, Any]]) -> tuple[list[dict[str, Any]], int]:
     """Documents with a repeated ``_id`` kept once (the first); real exports do repeat them."""
     seen: set[str] = set()
@@ -2237,15 +1653,20 @@ class ActivityIndex(Mapping[str, Activity]):
     def __init__(self, dated: list[tuple[datetime, Mapping[str, Any], tuple[str, ...]]], undated: Mapping[str, int],
                  positions: dict[str, list[int]]) -> None:
         self.dated, self.undated, self.positions = dated, undated, positions
+        self.counted: Mapping[str, Activity] = {}  # counts and latest dates counted elsewhere (the engine's), kept
+        self.history: Any = None  # ``history(member)``: the attended events of a member in ``counted``, read when asked
         self._built: dict[str, Activity] = {}
-        self._edges: tuple[datetime | None, int, int] = (None, 0, 0)  # ``statuses``: now, its two edges
 
     def count(self, member: str) -> int:
         """Events of any date the member joined or hosted."""
+        if member in self.counted:
+            return self.counted[member].event_count
         return len(self.positions.get(member, ())) + self.undated.get(member, 0)
 
     def last(self, member: str) -> datetime | None:
         """The start of the member's latest dated event."""
+        if member in self.counted:
+            return self.counted[member].last_event
         at = self.positions.get(member)
         return self.dated[at[-1]][0] if at else None
 
@@ -2258,70 +1679,50 @@ class ActivityIndex(Mapping[str, Activity]):
         return found
 
     def __contains__(self, member: object) -> bool:
-        return member in self.positions or member in self.undated
+        return member in self.positions or member in self.undated or member in self.counted
 
     def seen(self, member: str) -> Activity:
         """The member's count and latest date only (``attended`` left empty): what dormancy needs."""
         return Activity(self.count(member), self.last(member))
 
-    def status(self, member: str, now: datetime) -> str:
-        """The member's engagement status at ``now`` (``derive_engagement``), without building its record:
-        its day counts as two moments (``days <= ACTIVE_DAYS`` is ``last > now - (ACTIVE_DAYS + 1) days``), once
-        per ``now``."""
-        return self.statuses([member], now)[0]  # type: ignore[return-value]
-
-    def statuses(self, members: Sequence[str | None], now: datetime) -> list[str | None]:
-        """``status`` of each member (None for None), in one loop: a million members are asked."""
-        if self._edges[0] != now:  # where in start order the active and the dormant begin: positions compared
-            active_from, dormant_from = now - timedelta(days=ACTIVE_DAYS + 1), now - timedelta(days=DORMANT_DAYS + 1)
-            self._edges = (now, bisect.bisect_right(self.dated, active_from, key=operator.itemgetter(0)),
-                           bisect.bisect_right(self.dated, dormant_from, key=operator.itemgetter(0)))
-        _, active, dormant = self._edges
-        positions = self.positions
-        found: list[str | None] = []
-        for member in members:
-            at = positions.get(member) if member is not None else None
-            if at is None:
-                found.append("new" if member is not None else None)
-                continue
-            last = at[-1]  # the member's latest event: its position in start order
-            found.append("active" if last >= active else "dormant" if last >= dormant else "churned")
-        return found
-
     def __iter__(self) -> Iterator[str]:
-        return itertools.chain(self.positions, (m for m in self.undated if m not in self.positions))
+        return itertools.chain(self.positions, (m for m in dict.fromkeys([*self.undated, *self.counted])
+                                                if m not in self.positions))
 
     def __len__(self) -> int:
-        return len(self.positions) + sum(1 for m in self.undated if m not in self.positions)
+        return sum(1 for _ in self)
 
     def attended(self, member: str) -> tuple[Attended, ...]:
         """The member's dated events in start order, each with everyone at it."""
+        if self.history is not None and member in self.counted:
+            return self.history(member)
+        return self.indexed(member)
+
+    def indexed(self, member: str) -> tuple[Attended, ...]:
+        """``attended`` of the events indexed here (with ``history``: step 2's candidates), none read when asked."""
         dated = self.dated
         return tuple(Attended(dated[n][0], dated[n][1], frozenset(dated[n][2])) for n in self.positions.get(member, ()))
 
 
-def index_member_activity(events: Iterable[Mapping[str, Any] | SkimmedEvent], issues: DataIssues,
-                          future: tuple[datetime, list[Any]] | None = None) -> ActivityIndex:
+def index_member_activity(events: Iterable[Mapping[str, Any]], issues: DataIssues) -> ActivityIndex:
     """Every member's event count and latest ``startDate``, over all events of any type or date, and
-    the dated events each one was at (``ActivityIndex``; a skimmed event kept as a ``LazyEvent``). With
-    ``future`` (``now``, a list), the open future public events (step 2's candidates) are also kept in
-    that list."""
+    the dated events each one was at (``ActivityIndex``)."""
     undated: Counter[str] = Counter()
     dated: list[tuple[datetime, Mapping[str, Any], tuple[str, ...]]] = []
-    for item in events:
-        if type(item) is SkimmedEvent:  # not step 2's: the skim tested it
-            event, kept, start = item.fields, LazyEvent(item.raw), item.start
-        else:
-            event = kept = item
-            start = to_utc(event.get("startDate"))
-            if future is not None and open_future_public_at(event, start, future[0]):
-                future[1].append(event)
+    for event in events:
+        start = to_utc(event.get("startDate"))
         members = event_member_ids(event, issues)
         if start is None:
             issues.add("events_without_valid_start_date")
             undated.update(members)
         else:
-            dated.append((start, kept, tuple(members)))
+            dated.append((start, event, tuple(members)))
+    return activity_index(dated, undated)
+
+
+def activity_index(dated: list[tuple[datetime, Mapping[str, Any], tuple[str, ...]]],
+                   undated: Mapping[str, int]) -> ActivityIndex:
+    """The ``ActivityIndex`` of dated events (in file order) and counts of undated ones per member."""
     dated.sort(key=operator.itemgetter(0))  # stable: ties stay in file order
     positions: dict[str, list[int]] = {}
     start_list = positions.setdefault  # a million members: one dict call a pair, no max()
@@ -2472,7 +1873,8 @@ def company_going(member: str, past: Sequence[Attended], activity: Mapping[str, 
     company = set().union(*(a.members for a in past)) - {member}
     going: Counter[str] = Counter()
     for other in company:
-        attended = activity[other].attended if other in activity else ()
+        attended = activity.indexed(other) if isinstance(activity, ActivityIndex) else (
+            activity[other].attended if other in activity else ())  # (an engine's index: step 2's candidates)
         for a in attended[after_moment(attended, now):]:
             event_id = id_of(a.event.get("_id"))
             if event_id and id_of(a.event.get("ownerId")) != other and is_open_future_public(a.event, now):
@@ -2538,11 +1940,9 @@ class DormancyCensus:
     status_counts: dict[str, int]
 
 
-def dormant_member(raw: Mapping[str, Any], user_id: str, seen: Activity, days: int,
-                   plain: bool = False) -> DormantMember:
-    """Step 1's enriched record of one eligible member, with step 3's summary attached here, once; a
-    ``plain`` record (plain JSON values only, as ``to_plain`` gives them) is copied, not walked."""
-    user = dict(raw) if plain else to_plain(raw)
+def dormant_member(raw: Mapping[str, Any], user_id: str, seen: Activity, days: int) -> DormantMember:
+    """Step 1's enriched record of one eligible member, with step 3's summary attached here, once."""
+    user = to_plain(raw)
     for derived in REACHED_FIELDS:  # the walk's to set (``reach_member``), never the stored document's
         user.pop(derived, None)
     user.update({
@@ -2574,19 +1974,12 @@ def reach_member(user: DormantMember, activity: Mapping[str, Activity], now: dat
     return user
 
 
-def drained(items: list[Any]) -> Iterator[Any]:
-    """The items of a list in order, each dropped from the list as it is given (the list ends empty)."""
-    items.reverse()
-    while items:
-        yield items.pop()
-
-
 def find_dormant_users(users: Iterable[Mapping[str, Any]], activity: Mapping[str, Activity],
                        now: datetime, region: str = "US", zone: str = DEFAULT_TIMEZONE, *,
-                       complete: bool = True, plain: Collection[str] = ()) -> DormancyCensus:
+                       complete: bool = True) -> DormancyCensus:
     """Step 1: enrich every member, keep the personalisable dormant ones, rank them; ``complete`` also
     reaches each one (``reach_member``: phone and history, ``zone`` the campaign's), which the campaign
-    leaves to its walk. ``plain``: members whose record holds plain JSON values only (copied, not walked)."""
+    leaves to its walk."""
     eligible: list[DormantMember] = []
     statuses: Counter[str] = Counter()
     for raw in users:
@@ -2600,7 +1993,7 @@ def find_dormant_users(users: Iterable[Mapping[str, Any]], activity: Mapping[str
         if status != "dormant" or seen.event_count < 1 or not ready or not clean_interests(raw.get("interests")):
             continue
         assert days is not None  # a dormant member has a last event
-        member = dormant_member(raw, user_id, seen, days, user_id in plain)
+        member = dormant_member(raw, user_id, seen, days)
         eligible.append(reach_member(member, activity, now, region, zone) if complete else member)
     eligible.sort(key=dormant_rank_key)
     return DormancyCensus(tuple(eligible), statuses["dormant"], dict(sorted(statuses.items())))
@@ -3855,7 +3248,7 @@ class CandidateIndex:
         zone = habits.habits.zone if habits is not None else None
         local = self.local_times(zone)
         tiers: dict[str | None, int] = {}  # the member's location tier per event place
-        by_tags: dict[tuple[str, ...], tuple[int, float]] = {}  # interest tier and tag share per set of tags
+        by_tags: dict[tuple[str, ...], tuple[int, float]] = {}  # interest tier and tag share per tags
         found = []
         for n in positions:
             weekday_part = local.get(n)
@@ -3932,10 +3325,12 @@ class EventGroup(NamedTuple):
 
 
 def event_groups(facts: Mapping[int, EventFacts]) -> list[EventGroup]:
-    """The open events grouped by place and tags (``EventGroup``), in step 2's order of their first event."""
+    """The open events grouped by place and set of tags (``EventGroup``), in step 2's order of their first event.
+    (A world whose events mix a few categories and features each has a group per event or nearly: issue 21's
+    shape, 1,523 groups for 1,856 open events at 100k members; its members' events are bounded one by one.)"""
     found: dict[tuple[Any, ...], list[int]] = {}
     for n, f in facts.items():
-        found.setdefault((f.where, f.place, f.tags), []).append(n)
+        found.setdefault((f.where, f.place, tuple(sorted(f.tags))), []).append(n)
     groups = []
     for (where, place, tags), positions in found.items():
         timing = max(facts[n].timing for n in positions)
@@ -6087,11 +5482,20 @@ class SourceData:
     # A source that counts each member's events itself (``read_dormant``) hands over only the members they
     # make dormant and the events that may be step 2's, with what it counted on the way:
     issues: Counter[str] = field(default_factory=Counter)  # data issues found while reading
-    activity: dict[str, Activity] | None = None  # each member's activity (count, latest, attended) as step 1 reads it
+    activity: Mapping[str, Activity] | None = None  # each member's activity (count, latest, attended) as step 1 reads it
     statuses: dict[str, int] | None = None  # every member's engagement status (step 1's census)
     read: dict[str, int] = field(default_factory=dict)  # "users"/"events": documents read, kept or not
-    screened: bool = False  # the records were screened as they were read (``screened_stream``): not again
-    plain_users: frozenset[str] = frozenset()  # members whose record is plain JSON (``to_plain`` leaves it so)
+    screened: bool = False  # the records were screened as they were read (``engine_read``): not again
+    raw_kept: dict[str, list[str]] = field(default_factory=dict)  # data/raw/ of a file with records skipped: the others
+
+
+class StepOneInput(NamedTuple):
+    """What step 1 reads: the screened, de-duplicated records, and what a counting source counted."""
+
+    users: list[dict[str, Any]]
+    events: list[dict[str, Any]]
+    activity: Mapping[str, Activity] | None
+    statuses: dict[str, int] | None
 
 
 class DataSource(Protocol):
@@ -6112,6 +5516,8 @@ class DataSource(Protocol):
         (so that doubt is seen). Read apart from ``read``, without holding every member in memory."""
         ...
 
+    def close(self) -> None: ...
+
 
 class FolderSource:
     """A folder of ``mongoexport`` output: ``users.json`` and ``events.json``."""
@@ -6119,15 +5525,11 @@ class FolderSource:
     def __init__(self, folder: Path, control: RunControl | None = None) -> None:
         self.folder = folder
         self.label = f"folder {folder}"
-        self.control = control or RunControl()  # its helpers are waited for until the run's deadline at most
-
-    def helper_budget(self) -> float:
-        """Seconds the read may still wait for a helper thread or process: until the deadline. Past it the
-        read fails (ServiceTimeout, exit 1): no helper can hold a run past its deadline."""
-        return self.control.until_deadline()
+        self.control = control or RunControl()  # the engine's queries are interrupted at its deadline
+        self.engine: FolderEngine | None = None
 
     def export_files(self) -> dict[str, Path]:
-        """The export files that are there, by collection (``StagedCopies`` copies them while they are read)."""
+        """The export files that are there, by collection."""
         files = {"users": self.folder / "users.json", "events": self.folder / "events.json"}
         return {name: path for name, path in files.items() if path.is_file()}
 
@@ -6147,116 +5549,94 @@ class FolderSource:
 
     def consent_rows(self, paths: Sequence[str]) -> Iterator[dict[str, Any]]:
         path = self.folder / "users.json"
-        return consent_rows_of_file(path, consent_keys(paths)) if path.is_file() else iter(())
+        return consent_rows_of_file(path, consent_keys(paths), self.control) if path.is_file() else iter(())
 
 
     def read_dormant(self, now: datetime, progress: Any = None) -> SourceData:
-        """The fast read: events decoded, screened and counted into each member's activity one at a time
-        (only those that may be step 2's kept), then the members, only those the events make dormant kept.
-        A file the fast decoders cannot vouch for, or holding a record screening skips, is read by ``read``."""
+        """The counting read (``engine_read``): every member's activity counted by the engine, only the dormant
+        members and the events step 1 reads decoded here. A folder the engine cannot read is read by ``read``."""
         if not self.folder.is_dir():
             raise UsageError(f"--source {self.folder}: not a readable folder")
-        try:
-            with collection_paused():
-                return self.stream(now, progress)
-        except FastPathRefused:
-            return self.read(progress)
+        files = self.export_files()
+        if len(files) < 2:
+            return self.read(progress)  # (its one-line error names the missing file)
+        import duckdb
 
-    def stream(self, now: datetime, progress: Any) -> SourceData:
-        decoder, issues, counted, bad_values = ExtendedJsonDecoder(), Counter[str](), DataIssues(), 0
-        users_file, events_file = self.folder / "users.json", self.folder / "events.json"
-        sizes = [path.stat().st_size if path.is_file() else 0 for path in (users_file, events_file)]
-        with ExitStack() as stack:
-            bar = stack.enter_context((progress or no_progress)(sum(sizes), "B"))
-            keys_child = MemberKeysChild.start(users_file) if sizes[0] >= PARALLEL_KEYS_BYTES else None
-            if keys_child is not None:
-                stack.callback(keys_child.close)
-            # the users file read by a thread meanwhile (the kernel fills the buffer without holding the GIL)
-            users_bytes = Worker(functools.partial(export_bytes, users_file), "users-read")
-            elements = export_elements(export_bytes(events_file))
-            events_read, future = len(elements), []
-            records = screened_stream(elements, "events", decoder, issues, bytes_tick(bar, sizes[1], len(elements)),
-                                      skim=event_skim(now))
-            activity = index_member_activity(records, counted, (now, future))
-            data = users_bytes.wait(self.helper_budget(), f"reading {users_file} {UNTIL_THE_DEADLINE}")
-            elements = export_elements(data)
-            users_read, statuses, plain = len(elements), Counter[str](), set[str]()
-            found = keys_child.result(data, self.helper_budget()) if keys_child is not None else None
-            del data  # the elements hold it as long as they need it
-            statuses_of = functools.partial(activity.statuses, now=now)
-            tick = bytes_tick(bar, sizes[0], len(elements))
-            if found is not None:
-                users = dormant_from_keys(elements, found, statuses_of, statuses, plain, tick)
-                issues.update(found.issues)
-                bad_values += found.bad_values
-            else:
-                users = dormant_read_here(elements, decoder, issues, tick, statuses_of, statuses, plain)
-        # Every member's activity is handed over, not only the kept members': ``member_history`` reads the
-        # upcoming events of their past co-attendees (``company_going``), whoever those are.
-        return SourceData(users, future, decoder.bad_values + bad_values,
-                          files={"users": users_file, "events": events_file},
-                          issues=issues + counted.counts, activity=activity, statuses=dict(sorted(statuses.items())),
-                          read={"users": users_read, "events": events_read}, screened=True,
-                          plain_users=frozenset(plain))
+        total = sum(path.stat().st_size for path in files.values())
+        with (progress or no_progress)(total, "B") as bar:
+            self.close()
+            # open until ``close``: the walk reads it, its lookups bounded as any call (``RunControl.budget``)
+            self.engine = FolderEngine(files["users"], files["events"], self.control.until_deadline)
+            try:
+                data = engine_read(self.engine, now, lambda: bar.update(total // 2) if bar is not None else None)
+                self.engine.watch.limit = lambda: self.control.budget(math.inf)
+                return data
+            except duckdb.InterruptException:
+                self.close()
+                raise ServiceTimeout(f"reading {self.folder} {UNTIL_THE_DEADLINE}: not done") from None
+            except (duckdb.Error, EngineRefused) as exc:
+                self.close()
+                if out_of_memory(exc):
+                    raise  # (the literal read would need more)
+        return self.read(progress)
+
+    def close(self) -> None:
+        if self.engine is not None:
+            self.engine.close()
+            self.engine = None
 
 
-CONSENT_GROUP = 4096  # members decoded together by ``consent_rows_of_file``
-
-
-def consent_doc_type(keys: Sequence[str]) -> Any:
-    """A msgspec type decoding a member to its ``_id``, ``phone`` and the values under ``keys`` (None when
-    absent, as a null is), every other field skipped without being built."""
-    fields = [("id", Any, None), ("phone", Any, None), *((f"f{n}", Any, None) for n in range(len(keys)))]
-    return msgspec.defstruct("ConsentDoc", fields, rename={"id": "_id", **{f"f{n}": k for n, k in enumerate(keys)}})
-
-
-def stored_value(value: Any, decoder: ExtendedJsonDecoder) -> Any:
-    """A value msgspec decoded, as ``json_util`` gives it (``decoder.keep_unreadable``: a bad one ``UNREADABLE``)."""
-    try:
-        return extended_values(value, decoder) if type(value) is dict or type(value) is list else value
-    except FastPathRefused:  # nested too deep
-        return UNREADABLE
-
-
-def consent_rows_of_file(path: Path, keys: Collection[str]) -> Iterator[dict[str, Any]]:
-    """``consent_rows`` of a mongoexport users file: ``CONSENT_GROUP`` records at a time decoded to their id,
-    phone and the values under ``keys`` (``consent_doc_type``), nothing cleaned, an unreadable value kept as
-    ``UNREADABLE``; a record msgspec cannot read (a bare NaN) is decoded alone by the literal decoder, and a
-    file it cannot split is decoded whole, as ``read`` decodes it. Records the read skips are skipped."""
+def consent_rows_of_file(path: Path, keys: Collection[str], control: RunControl | None = None
+                         ) -> Iterator[dict[str, Any]]:
+    """``consent_rows`` of a mongoexport users file: the engine selects the members with a value (a null
+    included) under one of ``keys``, one query, never every member in memory; each is decoded whole as ``read``
+    decodes it (``keep_unreadable``: an unreadable value is ``UNREADABLE``) and given by ``consent_row``. A file
+    the engine cannot read is decoded whole, as ``read`` decodes it."""
     decoder = ExtendedJsonDecoder(keep_unreadable=True)
     try:
-        elements = export_elements(export_bytes(path))
-    except FastPathRefused:
+        texts = engine_consent_texts(path, sorted(keys), (control or RunControl()).until_deadline)
+    except EngineRefused:
         docs, _ = load_collection_file(path, decoder)
         yield from filter(None, (consent_row(doc, keys) for doc in docs))
         return
-    order = sorted(keys)
-    shape = consent_doc_type(order)
-    many, one = msgspec.json.Decoder(list[shape]), msgspec.json.Decoder(shape)
-    for first in range(0, len(elements), CONSENT_GROUP):
-        group = elements[first:first + CONSENT_GROUP]
-        elements[first:first + len(group)] = [None] * len(group)
-        for doc, element in zip(decoded_group(b"[" + b",".join(group) + b"]", group, many, one), group, strict=True):
-            if doc is None:
-                try:
-                    whole = decoder.loads(bytes(element).decode("utf-8"))
-                except (ValueError, RecursionError):
-                    continue
-                row = consent_row(whole, keys) if type(whole) is dict else None
-            else:
-                values = msgspec.structs.astuple(doc)
-                found = {key: stored_value(value, decoder) for key, value in zip(order, values[2:]) if value is not None}
-                row = {**found, "_id": id_of(stored_value(values[0], decoder)),
-                       "phone": stored_value(values[1], decoder)} if found else None
-            if row is not None:
-                yield row
+    for text in texts:
+        try:
+            doc = decoder.loads(text)
+        except (ValueError, RecursionError):
+            continue
+        row = consent_row(doc, keys) if type(doc) is dict else None
+        if row is not None:
+            yield row
 
 
-def bytes_tick(bar: Any, size: int, records: int) -> Any:
-    """A progress callback taking records read and advancing a bar in bytes (records are of like size)."""
-    if bar is None or not records:
-        return None
-    return lambda n: bar.update(size * n // records)
+def engine_consent_texts(path: Path, keys: Sequence[str], limit: Any = lambda: math.inf) -> list[str]:
+    """The JSON text of each record of ``path`` holding one of ``keys`` (top-level, a literal dotted key a key);
+    EngineRefused when the engine cannot read the file; ServiceTimeout when ``limit()`` (``EngineWatch``) ran out."""
+    import duckdb
+
+    paths = ['$."' + key.replace("\\", "\\\\").replace('"', '\\"') + '"' for key in keys]
+    held = " OR ".join(f"json_type(doc, '{json_path.replace(chr(39), chr(39) * 2)}') IS NOT NULL" for json_path in paths)
+    held = f"({consent_text_filter(keys)}) AND ({held})" if held else held
+    try:
+        with contextlib.closing(duckdb.connect()) as db, contextlib.closing(EngineWatch(db, limit)):
+            return [text for (text,) in db.execute(
+                f"SELECT doc FROM {engine_records(path)} WHERE {held or 'false'} ORDER BY n").fetchall()]
+    except duckdb.InterruptException:
+        raise ServiceTimeout(f"reading the consent fields of {path} {UNTIL_THE_DEADLINE}: not done") from None
+    except duckdb.Error:
+        raise EngineRefused(str(path)) from None
+
+
+
+
+def consent_text_filter(keys: Sequence[str]) -> str:
+    """SQL true of every record that may hold one of ``keys``: its text names one (``"key"``) or holds an escape
+    (a key may be written escaped), so ``json_type`` parses only those (parsing every record cost ~0.6 s at
+    100,000 members, this ~0.1 s). A key with a quote, backslash or control character (escaped in the text) lets all pass."""
+    if any(re.search(r'["\\\x00-\x1f]', key) for key in keys):
+        return "true"
+    pattern = '\\\\|"(' + "|".join(re.escape(key) for key in keys) + ')"'  # (one pass: RE2 alternation)
+    return f"regexp_matches(doc::VARCHAR, '{pattern.replace(chr(39), chr(39) * 2)}')"
 
 
 def read_source(source: DataSource, now: datetime, progress: Any = None) -> SourceData:
@@ -6268,6 +5648,475 @@ def read_source(source: DataSource, now: datetime, progress: Any = None) -> Sour
 def read_totals(data: SourceData) -> tuple[int, int]:
     """How many users and events the source read, kept or not."""
     return data.read.get("users", len(data.users)), data.read.get("events", len(data.events))
+
+
+# --- a mongoexport folder counted by an embedded engine (DuckDB), as MongoDB counts a collection ---------
+# The engine reads each file's records as JSON text; SQL macros mirror the MongoDB pipeline's stages
+# (``mongo_id``, ``mongo_start_date``) for the forms they read exactly as Python does (``id_of``, ``to_utc``,
+# screening first: a string with a control character or longer than MAX_TEXT_CHARS is what screening
+# changes). Any other form gives ``SQL_ODD``: that record is read by Python (``python_read``), never dropped.
+# Every record the campaign uses comes back as its JSON text and is decoded and screened in Python.
+
+PY_SPACE = ("\t\n\x0b\x0c\r\x1c\x1d\x1e\x1f \x85\xa0\u1680\u2000\u2001\u2002\u2003\u2004\u2005\u2006\u2007"
+            "\u2008\u2009\u200a\u2028\u2029\u202f\u205f\u3000")  # what ``str.strip()`` strips
+# ``rtt_plain``: how Python decodes a record's text: alone; a batch at a time, final; a batch at a time, then its
+# Extended JSON values (``$oid``, ``$date`` and numbers: screening of clean text changes none of them).
+FORM_SLOW, FORM_PLAIN, FORM_DATES_IDS = 0, 1, 2
+SQL_ODD = "chr(0)"  # an id only Python can read (no id Python reads holds U+0000: screening removes it)
+SQL_ODD_START = -(2 ** 63)  # a start only Python can read (epoch microseconds)
+SQL_YEARS = (datetime(1900, 1, 1, tzinfo=UTC), datetime(2200, 1, 1, tzinfo=UTC))  # starts read in SQL
+SQL_ISO = (r"\d{4}-\d\d-\d\d(T([01]\d|2[0-3]):[0-5]\d:[0-5]\d(\.\d{1,6})?(Z|[+-]([01]\d|2[0-3]):[0-5]\d)?)?")
+SQL_DATE = r"\d{4}-\d\d-\d\dT([01]\d|2[0-3]):[0-5]\d:[0-5]\d(\.\d{1,3})?(Z|[+-]([01]\d|2[0-3]):[0-5]\d)"
+
+
+def sql_control_class() -> str:
+    """``_CONTROL_CHARACTERS`` for the engine's regular expressions (RE2)."""
+    return "[" + "".join(f"\\x{{{lo:04x}}}" if lo == hi else f"\\x{{{lo:04x}}}-\\x{{{hi:04x}}}"
+                         for lo, hi in CONTROL_RANGES) + "]"
+
+
+def sql_macros() -> str:
+    """The engine's normalising macros: ``rtt_id`` (``id_of``: an id string, NULL for none, ``SQL_ODD``),
+    ``rtt_members`` (``event_member_ids``) and ``rtt_start`` (``to_utc``, epoch microseconds)."""
+    lo, hi = (int(moment.timestamp() * 1_000_000) for moment in SQL_YEARS)
+    space = "||".join(f"chr({ord(c)})" for c in PY_SPACE)
+    return f"""
+    SET TimeZone = 'UTC';
+    CREATE MACRO rtt_text_id(s) AS CASE WHEN regexp_full_match(s, '[!-~]{{1,{MAX_TEXT_CHARS}}}') THEN s
+        WHEN length(s) <= {MAX_TEXT_CHARS} AND NOT regexp_matches(s, '{sql_control_class()}')
+        THEN nullif(trim(s, {space}), '') ELSE {SQL_ODD} END;
+    CREATE MACRO rtt_oid(j) AS CASE WHEN regexp_full_match(json_extract_string(j, '$."$oid"'), '[0-9a-fA-F]{{24}}')
+        THEN lower(json_extract_string(j, '$."$oid"')) END;
+    CREATE MACRO rtt_leaf_id(j) AS CASE json_type(j) WHEN 'VARCHAR' THEN rtt_text_id(json_extract_string(j, '$'))
+        WHEN 'OBJECT' THEN CASE WHEN json_keys(j) = ['$oid'] THEN rtt_oid(j) ELSE {SQL_ODD} END END;
+    CREATE MACRO rtt_id(j) AS CASE json_type(j) WHEN 'VARCHAR' THEN rtt_text_id(json_extract_string(j, '$'))
+        WHEN 'OBJECT' THEN CASE WHEN json_keys(j) = ['$oid'] THEN rtt_oid(j)
+            WHEN json_keys(j) IN (['_id'], ['userId'], ['id']) THEN rtt_leaf_id(json_extract(j, '$.' || json_keys(j)[1]))
+            WHEN len(json_keys(j)) = 1 AND NOT starts_with(json_keys(j)[1], '$') THEN NULL
+            ELSE {SQL_ODD} END END;
+    CREATE MACRO rtt_record_id(j) AS CASE json_type(j) WHEN 'VARCHAR' THEN rtt_text_id(json_extract_string(j, '$'))
+        WHEN 'OBJECT' THEN CASE WHEN json_keys(j) = ['$oid'] THEN rtt_oid(j) ELSE {SQL_ODD} END END;
+    CREATE MACRO rtt_members(owner, participants) AS list_distinct(list_filter(
+        [rtt_id(owner)] || CASE WHEN json_type(participants) = 'ARRAY'
+            THEN list_transform(participants::JSON[], lambda p: rtt_id(p)) ELSE [] END, lambda m: m IS NOT NULL));
+    CREATE MACRO rtt_in_years(us) AS CASE WHEN us >= {lo} AND us < {hi} THEN us ELSE {SQL_ODD_START} END;
+    CREATE MACRO rtt_millis(j) AS CASE WHEN json_type(j) IN ('BIGINT', 'UBIGINT') AND abs(j::DOUBLE) < 1e15
+        THEN rtt_in_years(j::BIGINT * 1000) ELSE {SQL_ODD_START} END;
+    CREATE MACRO rtt_text_start(s, pattern) AS CASE WHEN regexp_full_match(s, pattern)
+        THEN coalesce(rtt_in_years(epoch_us(try_cast(s AS TIMESTAMPTZ))), {SQL_ODD_START}) END;
+    CREATE MACRO rtt_date(j) AS CASE json_type(j)
+        WHEN 'VARCHAR' THEN coalesce(rtt_text_start(json_extract_string(j, '$'), '{SQL_DATE}'), {SQL_ODD_START})
+        WHEN 'OBJECT' THEN CASE WHEN json_keys(j) = ['$numberLong'] AND regexp_full_match(
+            json_extract_string(j, '$."$numberLong"'), '-?\\d{{1,14}}') THEN rtt_millis((json_extract_string(j, '$."$numberLong"'))::JSON)
+            ELSE {SQL_ODD_START} END
+        ELSE rtt_millis(j) END;
+    CREATE MACRO rtt_start(j) AS CASE WHEN j IS NULL THEN NULL ELSE CASE json_type(j)
+        WHEN 'VARCHAR' THEN coalesce(rtt_text_start(json_extract_string(j, '$'), '{SQL_ISO}'),
+            CASE WHEN contains(json_extract_string(j, '$'), '-') THEN {SQL_ODD_START} END)
+        WHEN 'OBJECT' THEN CASE WHEN json_keys(j) = ['$date'] THEN rtt_date(json_extract(j, '$."$date"')) ELSE {SQL_ODD_START} END
+        WHEN 'NULL' THEN NULL WHEN 'BOOLEAN' THEN NULL WHEN 'ARRAY' THEN NULL
+        ELSE rtt_millis(j) END END;
+    CREATE MACRO rtt_deep(doc) AS length(doc) > {MAX_NESTING_DEPTH} AND length(doc) - length(replace(replace(
+        doc::VARCHAR, '{{', ''), '[', '')) > {MAX_NESTING_DEPTH};
+    CREATE MACRO rtt_count(doc, part) AS (strlen(doc) - strlen(replace(doc, part, ''))) // strlen(part);
+    CREATE MACRO rtt_plain(doc) AS CASE
+        WHEN regexp_matches(doc, '\\\\|{sql_control_class()}|[^"]{{{MAX_TEXT_CHARS + 1},}}') THEN {FORM_SLOW}
+        WHEN NOT contains(doc, '"$') THEN {FORM_PLAIN}
+        WHEN rtt_count(doc, '"$') = rtt_count(doc, '"$oid"') + rtt_count(doc, '"$date"')
+            + rtt_count(doc, '"$numberLong"') + rtt_count(doc, '"$numberInt"') + rtt_count(doc, '"$numberDouble"')
+            THEN {FORM_DATES_IDS}
+        ELSE {FORM_SLOW} END;
+    """
+
+
+def engine_records(path: Path) -> str:
+    """The SQL relation of one export file's records: ``n`` (file order) and ``doc`` (its JSON text)."""
+    body = path.open("rb").read(4096).removeprefix(_UTF8_BOM).lstrip()
+    form = "array" if body.startswith(b"[") else "newline_delimited"
+    name = str(path).replace("'", "''")
+    return (f"(SELECT ordinality AS n, json AS doc FROM read_json_objects('{name}', format='{form}',"
+            " maximum_object_size=1073741824) WITH ORDINALITY)")
+
+
+ENGINE_EVENTS = """
+CREATE TEMP TABLE events_fields AS SELECT n, starts_with(ltrim(doc::VARCHAR), '{{') AS object, rtt_deep(doc)
+    OR regexp_matches(doc::VARCHAR, '"ownerId"[\\s\\S]*"ownerId"|"participants"[\\s\\S]*"participants"|'
+        || '"startDate"[\\s\\S]*"startDate"|"type"[\\s\\S]*"type"|"active"[\\s\\S]*"active"')
+    AS odd_doc, json_extract(doc, ['$._id', '$.ownerId', '$.participants', '$.startDate', '$.type', '$.active',
+        '$.neighborhood', '$.categories', '$.features', '$.venueName', '$.name']) AS f
+FROM {records};
+CREATE TEMP TABLE events_read AS
+SELECT n, key, members, start, object, public, host, slim, odd_owner, odd_list, odd_entries,
+    coalesce(key = {odd} OR list_contains(members, {odd}) OR start = {odd_start} OR odd_doc, false) AS odd
+FROM (SELECT n, object, odd_doc, key, list_distinct(list_filter([host] || ids, lambda m: m IS NOT NULL)) AS members,
+    start, coalesce(owner_type <> 'NULL' AND host IS NULL, false) AS odd_owner,
+    coalesce(list_type NOT IN ('NULL', 'ARRAY'), false) AS odd_list, len(list_filter(ids, lambda i: i IS NULL)) AS odd_entries,
+    host, json_object('_id', key, 'ownerId', host, 'neighborhood', f[7],
+        'categories', f[8], 'features', f[9], 'venueName', f[10], 'name', f[11])::VARCHAR AS slim, public
+FROM (SELECT n, object, odd_doc, f, rtt_record_id(f[1]) AS key, rtt_id(f[2]) AS host, json_type(f[2]) AS owner_type,
+    json_type(f[3]) AS list_type, rtt_start(f[4]) AS start,
+    CASE WHEN json_type(f[3]) = 'ARRAY' THEN list_transform(f[3]::JSON[], lambda p: rtt_id(p)) ELSE [] END AS ids,
+    coalesce(json_extract_string(f[5], '$') = 'public' AND json_type(f[5]) = 'VARCHAR' AND json_type(f[6]) = 'BOOLEAN'
+        AND json_extract_string(f[6], '$') = 'true', false) AS public FROM events_fields));
+DROP TABLE events_fields
+"""
+ENGINE_USERS = """
+CREATE TEMP TABLE users_fields AS SELECT n, starts_with(ltrim(doc::VARCHAR), '{{') AS object,
+    rtt_deep(doc) OR regexp_matches(doc::VARCHAR, '"_id"[\\s\\S]*"_id"') AS odd_doc, json_extract(doc, '$._id') AS id FROM {records};
+CREATE TEMP TABLE users_read AS
+SELECT n, key, object, coalesce(key = {odd} OR odd_doc, false) AS odd
+FROM (SELECT n, object, odd_doc, rtt_record_id(id) AS key FROM users_fields);
+DROP TABLE users_fields
+"""
+# The records read, once Python has read the odd ones (``python_read``), each id kept once (the first).
+ENGINE_KEPT = """
+CREATE TEMP TABLE {name}_kept AS SELECT * FROM (
+    SELECT {columns} FROM {name}_read WHERE NOT odd AND key IS NOT NULL
+    UNION ALL SELECT {columns} FROM {name}_python WHERE key IS NOT NULL)
+QUALIFY row_number() OVER (PARTITION BY key ORDER BY n) = 1
+"""
+ENGINE_ACTIVITY = """
+CREATE TEMP TABLE activity AS SELECT member, count(*) AS events, max(start) AS last
+FROM (SELECT unnest(members) AS member, start FROM events_kept) GROUP BY member
+"""
+ENGINE_STATUSES = """
+SELECT CASE WHEN a.last IS NULL THEN 'new' WHEN a.last > $until THEN 'active' WHEN a.last > $after THEN 'dormant'
+    ELSE 'churned' END AS status, count(*) FROM users_kept u LEFT JOIN activity a ON a.member = u.key GROUP BY status
+"""
+ENGINE_DORMANT = """
+CREATE TEMP TABLE dormant AS SELECT u.n, u.key, a.events, a.last FROM users_kept u JOIN activity a ON a.member = u.key
+WHERE a.last > $after AND a.last <= $until
+"""
+# The events step 1 reads whole: those naming a dormant member (their history) and step 2's candidates.
+ENGINE_CANDIDATES = """
+SELECT n, doc, rtt_plain(doc), start, members FROM {records} JOIN events_kept USING (n)
+WHERE n IN (SELECT n FROM events_kept WHERE public AND start > $now) ORDER BY n
+"""
+# Each dormant member's events, read when the walk reaches them (``EngineHistory``), as ``member_history``
+# reads them: id, host, place, tags, venue and name (start and members: the engine's).
+ENGINE_MEMBER_EVENTS = """
+CREATE TEMP TABLE member_events AS SELECT e.member, e.n FROM (SELECT n, unnest(members) AS member FROM events_kept) e
+JOIN dormant d ON d.key = e.member ORDER BY e.member;
+CREATE TEMP TABLE history_events AS SELECT n, r.slim, rtt_plain(r.slim) AS plain, e.start, e.members
+FROM events_kept e JOIN events_read r USING (n) WHERE n IN (SELECT n FROM member_events) ORDER BY n;
+DROP TABLE users_read; DROP TABLE users_kept; DROP TABLE users_python; DROP TABLE activity; DROP TABLE dormant;
+DROP TABLE events_read; DROP TABLE events_kept; DROP TABLE events_python
+"""
+
+
+class FolderEngine:
+    """One DuckDB connection over a mongoexport folder's two files: the SQL of the counting read."""
+
+    def __init__(self, users: Path, events: Path, limit: Any = lambda: math.inf) -> None:
+        import duckdb
+
+        self.db = duckdb.connect(config={"preserve_insertion_order": False})
+        self.watch = EngineWatch(self.db, limit)  # every query bounded: interrupted once ``limit()`` is 0
+        self.db.execute(sql_macros())
+        self.files = {"users": users, "events": events}
+        self.records = {name: engine_records(path) for name, path in self.files.items()}
+
+    def close(self) -> None:
+        self.watch.close()
+        self.db.close()
+
+    def sql(self, text: str, **params: Any) -> Any:
+        return self.db.execute(text.format(odd=SQL_ODD, odd_start=SQL_ODD_START, **self.records), params or None)
+
+    def scan(self) -> None:
+        """Each record's id, members and start, read once (``events_read``, ``users_read``)."""
+        self.sql(ENGINE_EVENTS.replace("{records}", self.records["events"]))
+        self.sql(ENGINE_USERS.replace("{records}", self.records["users"]))
+
+    def odd_texts(self, name: str) -> list[tuple[int, str]]:
+        """The records only Python can read, with their place in the file."""
+        if not self.db.execute(f"SELECT count(*) FROM {name}_read WHERE odd").fetchone()[0]:
+            return []
+        return self.db.execute(f"SELECT r.n, f.doc FROM {self.records[name]} f JOIN {name}_read r USING (n) "
+                               "WHERE r.odd ORDER BY r.n").fetchall()
+
+    def texts(self, name: str, wanted: str) -> Iterator[list[tuple[Any, ...]]]:
+        """(n, JSON text, ``rtt_plain``) of the records of ``name`` whose ``n`` the query ``wanted`` gives, in
+        file order, in batches; ``wanted`` may instead be a whole query giving such rows (and more columns)."""
+        query = wanted if wanted.lstrip().startswith("SELECT n, doc") else (
+            f"SELECT n, doc, rtt_plain(doc) FROM {self.records[name]} WHERE n IN ({wanted}) ORDER BY n")
+        cursor = self.db.execute(query.format(records=self.records[name]))
+        while rows := cursor.fetchmany(10_000):
+            self.watch.check()  # (the decoding between batches is Python's, which no interrupt reaches)
+            yield rows
+
+    def python_read(self, name: str, rows: Sequence[tuple[Any, ...]], columns: str) -> None:
+        """What Python read of the odd records (``rows``: n, key, and for events members, start, public)."""
+        types = {"n": "BIGINT", "key": "VARCHAR", "members": "VARCHAR[]", "start": "BIGINT", "public": "BOOLEAN",
+                 "host": "VARCHAR"}
+        self.db.execute(f"CREATE TEMP TABLE {name}_python ({', '.join(f'{c} {types[c]}' for c in columns.split(', '))})")
+        if rows:
+            self.db.executemany(f"INSERT INTO {name}_python VALUES ({', '.join('?' * len(rows[0]))})", rows)
+        self.db.execute(ENGINE_KEPT.format(name=name, columns=columns))
+
+    def non_documents(self) -> int:
+        """Records that are not JSON objects (the literal read refuses such a file)."""
+        return sum(self.db.execute(f"SELECT count(*) FROM {name}_read WHERE NOT object").fetchone()[0]
+                   for name in ("users", "events"))
+
+    def raw_kept(self, skipped: Mapping[str, int]) -> dict[str, list[str]]:
+        """For ``data/raw/``, of a file with records screening skips: the JSON texts of the others."""
+        kept = "SELECT n FROM {0}_read WHERE NOT odd AND key IS NOT NULL UNION ALL SELECT n FROM {0}_python WHERE key IS NOT NULL"
+        return {name: [row[1] for batch in self.texts(name, kept.format(name)) for row in batch]
+                for name in ("users", "events")
+                if skipped.get(f"{name}_without_usable_id") or skipped.get(f"{name}_nested_too_deep")}
+
+    def counts(self) -> dict[str, int]:
+        """Records read, skipped (no usable id) and repeated, per file; events without a start."""
+        found: dict[str, int] = {}
+        for name in ("users", "events"):
+            total, unusable = self.db.execute(
+                f"SELECT count(*), count(*) FILTER (WHERE NOT odd AND key IS NULL) FROM {name}_read").fetchone()
+            (kept,) = self.db.execute(f"SELECT count(*) FROM {name}_kept").fetchone()
+            (python,) = self.db.execute(f"SELECT count(*) FROM {name}_python WHERE key IS NOT NULL").fetchone()
+            (usable,) = self.db.execute(f"SELECT count(*) FROM {name}_read WHERE NOT odd AND key IS NOT NULL"
+                                        ).fetchone()
+            found |= {f"{name}_read": total, f"{name}_without_usable_id": unusable,
+                      f"repeated_{name[:-1]}_ids": usable + python - kept}
+        (found["events_without_valid_start_date"],) = self.db.execute(
+            "SELECT count(*) FROM events_kept WHERE start IS NULL").fetchone()
+        found["odd_owner_ids"], found["odd_participant_lists"], found["odd_participants"] = self.db.execute(
+            "SELECT count(*) FILTER (WHERE odd_owner), count(*) FILTER (WHERE odd_list), coalesce(sum(odd_entries), 0)"
+            " FROM events_read JOIN events_kept USING (n) WHERE NOT odd").fetchone()
+        return found
+
+
+class EngineWatch:
+    """Bounds every query of one DuckDB connection: a daemon thread that, once ``limit()`` (the seconds the
+    queries may still run: the run's ``until_deadline``, then its ``budget``) is 0, interrupts the running
+    query (``interrupt``: DuckDB raises ``InterruptException``) and any started after, every ``POLL`` seconds,
+    until closed. An interrupt with no query running is lost, hence the polling."""
+
+    POLL = 0.05
+
+    def __init__(self, db: Any, limit: Any) -> None:
+        self.db, self.limit = db, limit
+        self.closed = threading.Event()
+        self.lock = threading.Lock()  # (no interrupt of a connection being closed)
+        threading.Thread(target=self.run, name="engine-watch", daemon=True).start()
+
+    def run(self) -> None:
+        while not self.closed.is_set():
+            left = self.limit()
+            if left > 0:
+                self.closed.wait(min(left, 1.0))  # (read again: the limit may change, as after the read or a signal)
+                continue
+            with self.lock:
+                if not self.closed.is_set():
+                    self.db.interrupt()
+            self.closed.wait(self.POLL)
+
+    def check(self) -> None:
+        """InterruptException when the limit ran out (between queries, where ``interrupt`` reaches nothing)."""
+        import duckdb
+
+        if self.limit() <= 0:
+            raise duckdb.InterruptException("INTERRUPT Error: the run's deadline")
+
+    def close(self) -> None:
+        with self.lock:
+            self.closed.set()
+
+
+class EngineRefused(Exception):
+    """The engine read a record Python cannot (or a file that is not a list of documents): the literal
+    read takes the whole folder, with its exact errors."""
+
+
+def decode_text(text: str, what: str, decoder: ExtendedJsonDecoder, issues: Counter[str]) -> dict[str, Any] | None:
+    """One record's JSON text decoded and screened (``screen_records``), or None when screening skips it
+    (counted in ``issues``)."""
+    doc = fast_record(text.encode(), decoder)
+    try:
+        doc = decoder.loads(text) if doc is None else doc
+    except RecursionError:
+        issues[f"{what}_nested_too_deep"] += 1
+        return None
+    except ValueError:
+        raise EngineRefused(what) from None
+    if type(doc) is not dict:
+        raise EngineRefused(what)
+    screened = screen_records([doc], what)
+    issues.update(screened.issues)
+    return screened.records[0] if screened.records else None
+
+
+def fast_record(data: bytes, decoder: ExtendedJsonDecoder) -> Any:
+    """One record through orjson and ``extended_values`` (what ``json_util`` gives), or None for the literal
+    decoder to read (``fast_decode``'s refusals)."""
+    if orjson is None or _BIG_INTEGER.search(data):
+        return None
+    bad_before = decoder.bad_values
+    try:
+        return extended_values(orjson.loads(data), decoder)
+    except (orjson.JSONDecodeError, FastPathRefused, RecursionError):
+        decoder.bad_values = bad_before
+        return None
+
+
+def epoch_micros(moment: datetime | None) -> int | None:
+    return None if moment is None else (moment - UNIX_EPOCH) // timedelta(microseconds=1)
+
+
+def from_micros(micros: int | None) -> datetime | None:
+    return None if micros is None else UNIX_EPOCH + timedelta(microseconds=micros)
+
+
+class OddRecords(NamedTuple):
+    """The records of one file only Python can read, read: what the engine needs of each (``rows``) and the
+    screened records by their place in the file (screening skips the others: counted)."""
+
+    rows: list[tuple[Any, ...]]
+    records: dict[int, dict[str, Any]]
+
+
+def odd_records(engine: FolderEngine, name: str, decoder: ExtendedJsonDecoder, issues: Counter[str]) -> OddRecords:
+    """The odd records of ``name`` read here: (n, key) of members; (n, key, members, start, public) of
+    events; a record screening skips has no key."""
+    rows: list[tuple[Any, ...]] = []
+    records: dict[int, dict[str, Any]] = {}
+    found = DataIssues()  # (odd member entries, counted for the odd events as the engine counts the others)
+    for n, text in engine.odd_texts(name):
+        record = decode_text(text, name, decoder, issues)
+        key = id_of(record["_id"]) if record is not None else None
+        if record is not None:
+            records[n] = record
+        event = record or {}
+        rows.append((n, key) if name == "users" else (
+            n, key, sorted(event_member_ids(event, found)), epoch_micros(to_utc(event.get("startDate"))),
+            event.get("type") == "public" and event.get("active") is True, id_of(event.get("ownerId"))))
+    issues.update(found.counts)
+    return OddRecords(rows, records)
+
+
+def wanted_records(engine: FolderEngine, name: str, wanted: str, odd: OddRecords, decoder: ExtendedJsonDecoder,
+                   issues: Counter[str]) -> list[tuple[dict[str, Any], tuple[Any, ...]]]:
+    """The records ``wanted`` gives, in file order, decoded and screened (an odd one: as read already; a
+    plain one, ``rtt_plain``: decoded with the others of its batch, nothing to convert or clean), each with
+    the rest of its row."""
+    return [found for batch in engine.texts(name, wanted) for found in wanted_records_of(batch, name, odd, decoder, issues)]
+
+
+def wanted_records_of(batch: Sequence[tuple[Any, ...]], name: str, odd: OddRecords, decoder: ExtendedJsonDecoder,
+                      issues: Counter[str]) -> list[tuple[dict[str, Any], tuple[Any, ...]]]:
+    """``wanted_records`` of one batch of rows."""
+    found = []
+    plain = plain_records([row[1] for row in batch if row[2] != FORM_SLOW and row[0] not in odd.records])
+    for n, text, form, *rest in batch:
+        record = odd.records.get(n) if n in odd.records else None if form == FORM_SLOW or plain is None else next(plain)
+        if form == FORM_DATES_IDS and n not in odd.records and plain is not None:
+            record = extended_values(dict(record), decoder)  # (clean text: screening would change nothing)
+            record = record if type(record) is dict else None
+        elif form == FORM_PLAIN and record is not None and n not in odd.records:
+            record = PlainRecord(record)
+        if record is None and n not in odd.records:
+            record = decode_text(text, name, decoder, issues)
+        if record is not None:
+            found.append((record, tuple(rest)))
+    return found
+
+
+class PlainRecord(dict):  # type: ignore[type-arg]
+    """A record of plain JSON values only (``rtt_plain``): ``to_plain`` copies it without walking it."""
+
+
+def engine_activity(rows: Sequence[tuple[dict[str, Any], tuple[Any, ...]]]) -> ActivityIndex:
+    """``index_member_activity`` of the events read, each with its start and members as the engine read them."""
+    dated = [(from_micros(start), event, tuple(members)) for event, (start, members) in rows if start is not None]
+    undated = Counter(member for _, (start, members) in rows if start is None for member in members)
+    return activity_index(dated, undated)
+
+
+class EngineHistory:
+    """A dormant member's events, read from the engine when the walk reaches the member (``ActivityIndex.history``):
+    a million-member folder has a hundred thousand dormant members and the walk reaches a few hundred."""
+
+    def __init__(self, engine: FolderEngine, odd: OddRecords) -> None:
+        self.engine, self.odd = engine, odd
+        self.held: dict[str, list[tuple[Any, ...]]] | None = None  # every member's rows, when they are few
+        self.calls = 0
+
+    def __call__(self, member: str) -> tuple[Attended, ...]:
+        found = self.rows(member)
+        rows = wanted_records_of(found, "events", self.odd, ExtendedJsonDecoder(), Counter()) if found else []
+        return engine_activity(rows).attended(member)
+
+    def rows(self, member: str) -> list[tuple[Any, ...]]:
+        """The member's rows of ``history_events``: two lookups, or, once ``HISTORY_LOOKUPS`` members were looked up
+        and up to ``HISTORY_HELD`` rows in all, from every member's rows read at once (a lookup costs a
+        millisecond or two; reading them all ~0.5 s at 100,000 members: a walk of ten reads ten)."""
+        db = self.engine.db
+        self.calls += 1
+        if (self.held is None and self.calls == HISTORY_LOOKUPS + 1
+                and db.execute("SELECT count(*) FROM member_events").fetchone()[0] <= HISTORY_HELD):
+            self.held = {}
+            for name, *row in db.execute("SELECT m.member, h.n, h.slim, h.plain, h.start, h.members FROM member_events m"
+                                         " JOIN history_events h USING (n) ORDER BY m.member, h.n").fetchall():
+                self.held.setdefault(name, []).append(tuple(row))
+        if self.held is not None:
+            return self.held.get(member, [])
+        places = [str(n) for (n,) in db.execute("SELECT n FROM member_events WHERE member = $m", {"m": member}).fetchall()]
+        return db.execute(f"SELECT n, slim, plain, start, members FROM history_events WHERE n IN ({', '.join(places)})"
+                          " ORDER BY n").fetchall() if places else []
+
+
+HISTORY_HELD = 200_000  # dormant members' event rows read at once (``EngineHistory``); more are looked up per member
+HISTORY_LOOKUPS = 100  # members looked up one by one before ``EngineHistory`` reads every row at once
+
+
+def plain_records(texts: Sequence[str]) -> Iterator[dict[str, Any]] | None:
+    """Records of plain JSON (``rtt_plain``: no Extended JSON, escape, control character or long text)
+    decoded at once: what ``json_util`` and screening give them unchanged; None when orjson cannot vouch
+    for one (a big integer, NaN): each is then read alone."""
+    data = ("[" + ",".join(texts) + "]").encode()
+    if orjson is None or _BIG_INTEGER.search(data):
+        return None
+    try:
+        return iter(orjson.loads(data))
+    except orjson.JSONDecodeError:
+        return None
+
+
+def engine_read(engine: FolderEngine, now: datetime, tick: Any) -> SourceData:
+    """``FolderSource.read_dormant`` through the engine: every member's activity and status counted in SQL,
+    then the dormant members and the events step 1 reads (their history, step 2's candidates) decoded and
+    screened here."""
+    engine.scan()
+    if engine.non_documents():
+        raise EngineRefused("not a list of documents")
+    tick()
+    decoder, issues = ExtendedJsonDecoder(), Counter[str]()
+    odd_events, odd_users = odd_records(engine, "events", decoder, issues), odd_records(engine, "users", decoder, issues)
+    engine.python_read("events", odd_events.rows, "n, key, members, start, public, host")
+    engine.python_read("users", odd_users.rows, "n, key")
+    skipped = Counter({kind: issues.pop(kind) for kind in list(issues) if kind.endswith(("_usable_id", "_too_deep"))})
+    engine.db.execute(ENGINE_ACTIVITY)
+    after, until = (epoch_micros(moment) for moment in dormant_window(now))
+    statuses = dict(engine.db.execute(ENGINE_STATUSES, {"after": after, "until": until}).fetchall())
+    engine.db.execute(ENGINE_DORMANT, {"after": after, "until": until})
+    counted = {key: Activity(events, from_micros(last))
+               for key, events, last in engine.db.execute("SELECT key, events, last FROM dormant").fetchall()}
+    users = [user for user, _ in wanted_records(engine, "users", "SELECT n FROM dormant", odd_users, decoder, issues)]
+    rows = wanted_records(engine, "events", ENGINE_CANDIDATES.replace("$now", str(epoch_micros(now))), odd_events,
+                          decoder, issues)
+    activity = engine_activity(rows)  # every member's upcoming events (``company_going``)
+    activity.counted, activity.history = counted, EngineHistory(engine, odd_events)
+    events = [event for event, _ in rows]
+    counts = engine.counts()
+    skipped.update({kind: n for kind, n in counts.items() if kind.endswith("_usable_id")})
+    issues.update({kind: n for kind, n in counts.items() if not kind.endswith(("_read", "_usable_id"))})
+    raw_kept = engine.raw_kept(skipped)
+    engine.sql(ENGINE_MEMBER_EVENTS)
+    tick()
+    return SourceData(users, events, decoder.bad_values, +skipped, files=dict(engine.files), issues=+issues,
+                      activity=activity, statuses=dict(sorted(statuses.items())),
+                      read={"users": counts["users_read"], "events": counts["events_read"]}, screened=True,
+                      raw_kept=raw_kept)
 
 
 # --- MongoDB doing the counting: aggregation expressions (MongoDB 5.0+ operators only) --------------
@@ -6459,6 +6308,9 @@ class MongoSource:
         self.client = client
         self.db_name = db_name
 
+    def close(self) -> None:
+        pass  # (the client is closed by whoever made it)
+
     def read(self, progress: Any = None) -> SourceData:
         from pymongo.errors import PyMongoError
 
@@ -6598,18 +6450,18 @@ def input_location(source: DataSource, name: str) -> str:
     return source.label
 
 
-def keep_raw(folder: Path, data: SourceData, screened: Mapping[str, ScreenedRecords],
-             copies: StagedCopies | None = None) -> None:
-    """``data/raw/``: the records read, skipped ones left out. A byte copy of the file the source read
-    when none was skipped (the usual case, and the fast one: ``copies`` made while it was read), else
-    the kept originals re-encoded."""
+def keep_raw(folder: Path, data: SourceData, screened: Mapping[str, ScreenedRecords]) -> None:
+    """``data/raw/``: the records read, skipped ones left out. A copy of the file the source read when none
+    was skipped (the usual case), the kept records' own text when the engine skipped some, else the kept
+    originals re-encoded."""
     for name in ("users", "events"):
         read = data.users if name == "users" else data.events
-        whole = data.activity is not None or (  # a counting read refuses files with records to skip
+        whole = data.activity is not None or (
             not data.skipped.get(f"{name}_nested_too_deep") and len(screened[name].originals) == len(read))
-        if name in data.files and whole:
-            if copies is None or not copies.commit(name):
-                copy_raw(folder / f"{name}.json", data.files[name])
+        if name in data.raw_kept:
+            write_texts(folder / f"{name}.json", data.raw_kept[name])
+        elif name in data.files and whole:
+            copy_raw(folder / f"{name}.json", data.files[name])
         else:
             write_raw(folder / f"{name}.json", screened[name].originals)
 
@@ -6694,6 +6546,9 @@ class DemoSource:
     def read(self, progress: Any = None) -> SourceData:
         users, events = build_demo_world(self.now)
         return SourceData(users, events)
+
+    def close(self) -> None:
+        pass
 
     def consent_rows(self, paths: Sequence[str]) -> Iterator[dict[str, Any]]:
         keys = consent_keys(paths)
@@ -9030,7 +8885,6 @@ class ReturnToTable:
         self.data_dir = options.data_dir
         self.decisions: dict[str, str] = {}  # eligible member id -> "selected" or its skip_reason (``SKIP_REASONS``)
         self.candidate_index: CandidateIndex | None = None  # step 2's open events indexed for step 5
-        self.counted: SourceData | None = None  # what a counting source read (``read_dormant``)
         self.activity: Mapping[str, Activity] = {}  # step 1's activity of every member, for ``reach_member``
         self.history = DashboardHistory()  # what the dashboard holds of this campaign day and of open invitations
         self.volume = DailyVolume.of(options.limit, self.history, options.now, self.zone)  # this run's share
@@ -9040,23 +8894,13 @@ class ReturnToTable:
 
     # --- step 1: fetch, find and rank the dormant members -----------------------------------
 
-    def fetch(self) -> tuple[list[dict[str, Any]], list[dict[str, Any]]]:
-        """The source's records, screened (``screen_records``): ``data/raw/`` keeps them as read, in full
-        (a folder's files copied while they are read, ``StagedCopies``)."""
-        files = self.source.export_files() if isinstance(self.source, FolderSource) else {}
-        copies = StagedCopies(self.data_dir / "raw", files, self.control)
-        try:
-            return self.screened_read(copies)
-        finally:
-            copies.discard()
-
-    def screened_read(self, copies: StagedCopies) -> tuple[list[dict[str, Any]], list[dict[str, Any]]]:
+    def fetch(self) -> StepOneInput:
+        """The source's records, screened (``screen_records``) unless the source screened them as it read
+        (``data/raw/`` keeps them as read), with the activity and statuses a counting source counted."""
         data = read_source(self.source, self.options.now, reading_progress if self.options.progress else None)
         self.issues.add("unreadable_extended_json_values", data.bad_values)
         self.issues.add_all(data.skipped)
         self.issues.add_all(data.issues)
-        # what was counted, without the records (the steps read those from what this returns, and free them)
-        self.counted = dataclasses.replace(data, users=[], events=[]) if data.activity is not None else None
         screened_users, screened_events = screened_as_read(data, "users"), screened_as_read(data, "events")
         self.issues.add_all(screened_users.issues + screened_events.issues)
         self.logger.info("Step 1: read %d users and %d events from %s", *read_totals(data), self.source.label)
@@ -9069,26 +8913,19 @@ class ReturnToTable:
         if skipped:
             self.logger.warning("Step 1: %d records skipped (nested too deep or without a usable _id); "
                                 "the report's data_issues counts them", skipped)
-        keep_raw(self.data_dir / "raw", data, {"users": screened_users, "events": screened_events}, copies)
-        users, events = screened_users.records, screened_events.records
-        users, repeated_users = dedupe_by_id(users)
-        events, repeated_events = dedupe_by_id(events)
+        keep_raw(self.data_dir / "raw", data, {"users": screened_users, "events": screened_events})
+        users, repeated_users = dedupe_by_id(screened_users.records)
+        events, repeated_events = dedupe_by_id(screened_events.records)
         self.issues.add("repeated_user_ids", repeated_users)
         self.issues.add("repeated_event_ids", repeated_events)
-        return users, events
+        return StepOneInput(users, events, data.activity, data.statuses)
 
-    def dormant_users(self, users: list[dict[str, Any]], events: Sequence[Mapping[str, Any]]) -> DormancyCensus:
-        """Step 1's census; ``users`` is emptied as it is read (each read member is freed once its record is
-        built: a million-member source leaves hundreds of thousands)."""
-        counted = self.counted  # the source counted the activity and handed over the dormant members only
-        activity = counted.activity if counted and counted.activity is not None else index_member_activity(
-            events, self.issues)
-        self.activity = activity  # the walk reads each member it reaches from it (``reach_member``)
-        with collection_paused():  # a record per eligible member: no cycles, nothing to collect
-            census = find_dormant_users(drained(users), activity, self.options.now, zone=self.zone.key,
-                                        complete=False, plain=counted.plain_users if counted else frozenset())
-        if counted is not None and counted.statuses is not None:
-            census = dataclasses.replace(census, status_counts=counted.statuses)
+    def dormant_users(self, read: StepOneInput) -> DormancyCensus:
+        """Step 1's census, from the activity the source counted or, else, from every event."""
+        self.activity = read.activity if read.activity is not None else index_member_activity(read.events, self.issues)
+        census = find_dormant_users(read.users, self.activity, self.options.now, zone=self.zone.key, complete=False)
+        if read.statuses is not None:
+            census = dataclasses.replace(census, status_counts=read.statuses)
         write_json(self.data_dir / "processed" / "dormant_users.json", census.eligible, private=True)
         self.logger.info("Step 1: %d dormant members, %d personalisation-ready (statuses: %s)",
                          census.dormant_total, len(census.eligible), census.status_counts)
@@ -9177,12 +9014,13 @@ class ReturnToTable:
         options = self.options
         self.logger.info("Run as of %s (source: %s, matcher: %s%s)", iso_utc(options.now), self.source.label,
                          "claude" if self.advisor else "rules", ", dry run" if options.dry_run else "")
-        users, events = self.fetch()                       # step 1
+        read = self.fetch()                                # step 1
         self.numbers = self.consent_by_number()
-        self.census = census = self.dormant_users(users, events)
+        self.census = census = self.dormant_users(read)
         walk = self.select(census)
         earlier = self.dashboard.recent_members(days_before(options.now, POWER_DAYS))  # before this run writes
-        future = self.future_events(events)                # step 2 (3-4: summaries attached)
+        future = self.future_events(read.events)           # step 2 (3-4: summaries attached)
+        del read
         self.campaign_id = campaign_id = self.fresh_campaign_id(started)
         self.logger.info("Campaign %s", campaign_id)
         self.dashboard.open_lists()
@@ -11923,11 +11761,6 @@ def raise_on_stop_signals() -> Any:
     return lambda: [signal.signal(s, h) for s, h in previous.items()]
 
 
-# The command line keeps each run's objects here until it exits (``exit_now``); None when ``main`` is called
-# from Python (tests, another program), which frees them as usual.
-LEFT_FOR_EXIT: list[Any] | None = None
-
-
 def run_campaign(args: argparse.Namespace, env: Mapping[str, str] | None, mongo_client: Any,
                  closing: ExitStack) -> RunResult:
     """The program itself: settings, the lock, the services, one campaign. ``main`` handles the errors."""
@@ -11945,6 +11778,7 @@ def run_campaign(args: argparse.Namespace, env: Mapping[str, str] | None, mongo_
                               keep_logs_days=options.keep_logs_days)
     closing.callback(close_logging, logger)
     source = make_source(options, settings, logger, mongo_client, control)
+    closing.callback(source.close)
     if isinstance(source, MongoSource) and mongo_client is None:
         closing.callback(source.client.close)
     dashboard = make_dashboard(options, settings, logger, control)
@@ -11955,8 +11789,6 @@ def run_campaign(args: argparse.Namespace, env: Mapping[str, str] | None, mongo_
         closing.callback(advisor.client.close)
     campaign = ReturnToTable(options, settings, logger, source=source, dashboard=dashboard, hoods=hoods,
                              advisor=advisor, control=control)
-    if LEFT_FOR_EXIT is not None:
-        LEFT_FOR_EXIT.append(campaign)
     try:
         return campaign.run()
     except ServiceError as exc:
@@ -12057,15 +11889,5 @@ def report_problems(result: RunResult) -> None:
               f"report {result.report_path} are complete", file=sys.stderr)
 
 
-def exit_now(code: int) -> None:
-    """The command line's exit: logs and output flushed, then the process ends at once; the run's records
-    (``LEFT_FOR_EXIT``) are reclaimed by the kernel, not freed object by object (a second at a million members)."""
-    logging.shutdown()
-    sys.stdout.flush()
-    sys.stderr.flush()
-    os._exit(code)
-
-
 if __name__ == "__main__":
-    LEFT_FOR_EXIT = []
-    exit_now(main())
+    sys.exit(main())

@@ -2,7 +2,7 @@
 
 Run by hand (not a test)::
 
-    python bench/bench_scale.py --sizes 10000,100000,1000000 [--lines] [--limit 1000]
+    python bench/bench_scale.py --sizes 100000,1000000 [--shapes current,lines,canonical,mixed] [--limit 1000]
     python bench/bench_scale.py --smoke     # seconds, for CI: 300 members, a fresh world, --limit 5
 
 For each size it generates a world once (``bench/make_world.py``: members, 30% as many events, the
@@ -10,8 +10,9 @@ messy forms; cached under ``--worlds``), then runs, each in its own process, ``b
 (``bson.json_util`` loads both files, then the plan's loops) and ``return_to_table.py --source DIR
 --llm off --dry-run`` (and, with ``--limit``, once more with that ``--limit``), and prints wall time
 and peak memory (the child's ``ru_maxrss`` from ``os.wait4``; for the tool also its whole process tree at
-once, sampled every 20 ms: it reads a large users file's ids in a helper process) as a Markdown table;
-the memory ratio is the tool's whole tree against the literal reading.
+once, sampled every 20 ms) as a Markdown table; the memory ratio is the tool's whole tree against the
+literal reading. World shapes: ``current`` (``make_world``'s JSON array), ``lines`` (JSON Lines),
+``canonical`` (canonical Extended JSON) and ``mixed`` (``make_world --mixed``: issue 21's shape).
 """
 
 from __future__ import annotations
@@ -81,10 +82,13 @@ def measured(command: list[str]) -> tuple[float, float, float]:
     return seconds, usage.ru_maxrss / 1024, max(peak[0], usage.ru_maxrss) / 1024
 
 
-def world(folder: Path, members: int, lines: bool) -> Path:
-    path = folder / f"w{members}{'-lines' if lines else ''}"
+SHAPES = {"current": {}, "lines": {"lines": True}, "canonical": {"canonical": True}, "mixed": {"mixed": True}}
+
+
+def world(folder: Path, members: int, shape: str) -> Path:
+    path = folder / f"w{members}{'' if shape == 'current' else '-' + shape}"
     if not (path / "events.json").is_file():
-        make_world(path, members, lines=lines)
+        make_world(path, members, **SHAPES[shape])
     return path
 
 
@@ -92,17 +96,17 @@ def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--sizes", default="10000,100000,1000000")
     parser.add_argument("--worlds", type=Path, default=Path(tempfile.gettempdir()) / "rtt-worlds")
-    parser.add_argument("--lines", action="store_true", help="JSON Lines files instead of JSON arrays")
+    parser.add_argument("--shapes", default="current", help=f"world shapes, comma-separated: {', '.join(SHAPES)}")
     parser.add_argument("--limit", type=int, help="also time the tool with this --limit")
     parser.add_argument("--smoke", action="store_true", help="seconds, for CI: 300 members, --limit 5")
     args = parser.parse_args()
     if args.smoke:
         args.sizes, args.limit, args.worlds = "300", 5, Path(tempfile.mkdtemp(prefix="rtt-smoke-"))
-    print(f"| members | events | form | literal s | literal MB | tool s | tool MB | tool MB, all processes | time |"
+    print(f"| members | events | shape | literal s | literal MB | tool s | tool MB | tool MB, all processes | time |"
           f" memory |{f' tool --limit {args.limit} s |' if args.limit else ''}")
     print(f"| --- | --- | --- | --- | --- | --- | --- | --- | --- | --- |{' --- |' if args.limit else ''}")
-    for members in (int(n) for n in args.sizes.split(",")):
-        folder = world(args.worlds, members, args.lines)
+    for shape, members in ((s, int(n)) for s in args.shapes.split(",") for n in args.sizes.split(",")):
+        folder = world(args.worlds, members, shape)
         with tempfile.TemporaryDirectory() as out:
             literal = measured([sys.executable, "bench/literal_plan.py", str(folder), "--now", NOW_ISO,
                                 "--out", f"{out}/literal"])
@@ -110,7 +114,7 @@ def main() -> int:
                          "--llm", "off", "--dry-run", "-q"]
             tool = measured([*tool_args, "--out", f"{out}/tool"])
             limited = measured([*tool_args, "--limit", str(args.limit), "--out", f"{out}/limit"]) if args.limit else None
-        row = (f"| {members:,} | {members * 3 // 10:,} | {'lines' if args.lines else 'array'} | {literal[0]:.1f} | "
+        row = (f"| {members:,} | {members * 3 // 10:,} | {shape} | {literal[0]:.1f} | "
                f"{literal[1]:,.0f} | {tool[0]:.1f} | {tool[1]:,.0f} | {tool[2]:,.0f} | {tool[0] / literal[0]:.2f}x | "
                f"{tool[2] / literal[1]:.0%} |")
         print(row + (f" {limited[0]:.1f} |" if limited else ""), flush=True)

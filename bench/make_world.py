@@ -5,6 +5,10 @@ It writes ``OUT_DIR/users.json`` and ``OUT_DIR/events.json`` (a JSON array, or J
 ``--lines``; relaxed Extended JSON, or canonical with ``--canonical``) and prints the ``--now`` to
 run with. Deterministic for a given seed; streamed to disk, so 1M members need little memory.
 
+``--mixed`` (issue 21) is another shape: participants and owners half ``{"$oid"}``, half bare strings;
+dates ``{"$date"}``, ISO with an offset and microseconds, or epoch milliseconds; non-ASCII first names;
+14 places, 11 categories and 8 features.
+
 Messy forms (issue 2): ``_id`` as a string or ``{"$oid"}``; dates as ISO with ``Z``, an offset or no
 zone, epoch milliseconds, ``{"$date": ...}`` (ISO or ``$numberLong``), ``"TBD"`` and null;
 participants as id strings, ``{"$oid"}``, ``{"_id"}``, ``{"userId"}``, ``{"id"}``, repeated, and odd
@@ -43,6 +47,9 @@ TEMPLATES = [  # name, categories, features
     ("Broadway Preview & Dinner", "THEATER DINNER", "groups"), ("Salsa Night & Tapas", "MUSIC DINNER", "dancing"),
 ]
 FIRSTS = ["Aaliyah", "Mateo", "Priya", "Jamal", "Sofia", "Wei", "Zoë", "Łukasz", "Siobhán", "Diego", "Hannah"]
+MIXED_FIRSTS = ["José", "Zoë", "Łukasz", "Siobhán", "Søren", "Chloé", "Björn", "Ngọc", "Renée", "Ayşe", "Miłosz"]
+MIXED_CATEGORIES = ["MUSIC", "BAR", "DINNER", "OUTDOOR", "BRUNCH", "WINE", "COMEDY", "GAMES", "ART", "FITNESS", "TECH"]
+MIXED_FEATURES = ["karaoke", "jazz", "dj", "hike", "wine-tasting", "board-games", "yoga", "stand-up"]
 LASTS = ["Rivera", "Chen", "Patel", "Johnson", "Okafor", "Kim", "O'Brien", "Nguyen", "Rossi"]
 
 
@@ -73,9 +80,10 @@ def member_phone(i: int) -> str:
 class World:
     """One generated world: members and events written as they are made."""
 
-    def __init__(self, members: int, events: int, *, canonical: bool, seed: int = 20240611) -> None:
+    def __init__(self, members: int, events: int, *, canonical: bool, seed: int = 20240611,
+                 mixed: bool = False) -> None:
         self.rng = random.Random(seed)
-        self.members, self.events, self.canonical = members, events, canonical
+        self.members, self.events, self.canonical, self.mixed = members, events, canonical, mixed
 
     def number(self, n: float) -> object:
         """Numbers as canonical Extended JSON writes them (``$numberInt``/``$numberDouble``), or plain."""
@@ -88,6 +96,13 @@ class World:
     def date(self, moment: datetime) -> object:
         """One instant in one of the messy shapes seen in production."""
         r = self.rng.random()
+        if self.mixed:
+            moment = moment.replace(microsecond=self.rng.randrange(1_000_000))
+            if r < 0.34:
+                return {"$date": moment.strftime("%Y-%m-%dT%H:%M:%S.") + f"{moment.microsecond // 1000:03d}Z"}
+            if r < 0.67:
+                return moment.astimezone(timezone(timedelta(hours=self.rng.choice([-5, 2, 9])))).isoformat()
+            return int(moment.timestamp() * 1000)
         if r < 0.55:
             return moment.strftime("%Y-%m-%dT%H:%M:%S.000Z")
         if r < 0.63:
@@ -104,6 +119,8 @@ class World:
     def ref(self, u: int) -> object:
         """A participant entry: mostly a plain id, sometimes wrapped."""
         r = self.rng.random()
+        if self.mixed:
+            return {"$oid": member_id(u)} if r < 0.5 else member_id(u)
         if r < 0.75:
             return member_id(u)
         if r < 0.82:
@@ -115,12 +132,12 @@ class World:
         for i in range(self.members):
             top = rng.choice(INTERESTS)
             doc: dict = {"_id": {"$oid": member_id(i)} if rng.random() < 0.1 else member_id(i),
-                         "firstName": rng.choice(FIRSTS), "lastName": rng.choice(LASTS),
+                         "firstName": rng.choice(MIXED_FIRSTS if self.mixed else FIRSTS), "lastName": rng.choice(LASTS),
                          "email": f"member{i}@example.com", "phone": member_phone(i),
                          "gender": rng.choice(["female", "male", "non-binary"]),
                          "interests": [top, *rng.sample(INTERESTS, rng.randint(0, 4))],
                          "occupation": rng.choice(["Chef", "Nurse", "Editor", "Architect"]),
-                         "homeNeighborhood": rng.choice(HOODS),
+                         "homeNeighborhood": rng.choice(HOODS[:14] if self.mixed else HOODS),
                          "createdAt": self.date(NOW - timedelta(days=rng.randint(100, 900)))}
             r = rng.random()
             if r < 0.03:
@@ -134,13 +151,17 @@ class World:
         rng = self.rng
         for e in range(self.events):
             name, categories, features = rng.choice(TEMPLATES)
+            if self.mixed:
+                categories = " ".join(rng.sample(MIXED_CATEGORIES, rng.randint(1, 2)))
+                features = " ".join(rng.sample(MIXED_FEATURES, rng.randint(1, 2)))
             future = rng.random() < 0.08
             days = rng.uniform(0.2, 30) if future else -rng.uniform(1, 400)
             start = (NOW + timedelta(days=days)).replace(microsecond=0)
             seated = [rng.randrange(self.members) for _ in range(rng.randint(1, 9))]
             cap = max(len(seated), rng.randint(4, 20))
             doc: dict = {"_id": f"65e0{e:020x}", "name": name, "description": f"{name} with new people.",
-                         "venueName": "Ember & Oak", "neighborhood": rng.choice(HOODS),
+                         "venueName": "Ember & Oak",
+                         "neighborhood": rng.choice(HOODS[:14] if self.mixed else HOODS),
                          "categories": categories.split(), "features": features.split(),
                          "participants": [self.ref(u) for u in seated], "maxParticipants": self.number(cap),
                          "startDate": self.date(start),
@@ -171,11 +192,11 @@ def write(path: Path, docs: Iterator[dict], lines: bool) -> None:
 
 
 def make_world(folder: Path, members: int, events: int | None = None, *, lines: bool = False,
-               canonical: bool = False, seed: int = 20240611) -> Path:
+               canonical: bool = False, seed: int = 20240611, mixed: bool = False) -> Path:
     """Write one world into ``folder`` (events default to 30% of the members)."""
     folder.mkdir(parents=True, exist_ok=True)
     world = World(members, events if events is not None else max(1, members * 3 // 10), canonical=canonical,
-                  seed=seed)
+                  seed=seed, mixed=mixed)
     write(folder / "users.json", world.users(), lines)
     write(folder / "events.json", world.events_(), lines)
     return folder
@@ -188,6 +209,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--events", type=int)
     parser.add_argument("--lines", action="store_true", help="JSON Lines instead of a JSON array")
     parser.add_argument("--canonical", action="store_true", help="canonical Extended JSON")
+    parser.add_argument("--mixed", action="store_true", help="the mixed shape (issue 21)")
     parser.add_argument("--seed", type=int, default=20240611)
     parser.add_argument("--smoke", action="store_true", help="seconds, for CI: 50 members in a temporary folder")
     args = parser.parse_args(argv)
@@ -195,7 +217,8 @@ def main(argv: list[str] | None = None) -> int:
         args.out, args.members = Path(tempfile.mkdtemp(prefix="rtt-smoke-")), 50
     elif args.out is None:
         parser.error("the folder to write is required (or --smoke)")
-    make_world(args.out, args.members, args.events, lines=args.lines, canonical=args.canonical, seed=args.seed)
+    make_world(args.out, args.members, args.events, lines=args.lines, canonical=args.canonical, seed=args.seed,
+               mixed=args.mixed)
     print(f"--now {NOW.strftime('%Y-%m-%dT%H:%M:%SZ')}", file=sys.stderr)
     if args.smoke:
         shutil.rmtree(args.out)

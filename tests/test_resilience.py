@@ -20,6 +20,7 @@ Covered here, in-process (the subprocess, signal, lock and silent-server cases a
 
 from __future__ import annotations
 
+import contextlib
 import errno
 import json
 import math
@@ -809,6 +810,44 @@ def test_helpers_are_waited_for_until_the_deadline_and_a_signal_does_not_cut_tha
     assert rtt.RunControl().until_deadline() == math.inf
 
 
+SLOW_QUERY = "SELECT sum(hash(range)) FROM range(6000000000);"  # half a minute or more on this machine
+
+
+def test_a_folder_read_by_the_engine_is_interrupted_at_the_deadline_in_one_line_exit_1(
+        run_cli, world_folder, monkeypatch):
+    monkeypatch.setattr(rtt, "ENGINE_ACTIVITY", SLOW_QUERY + rtt.ENGINE_ACTIVITY)  # step 1's counting made slow
+    began = time.monotonic()
+    run = run_cli("--source", str(world_folder), "--now", NOW_ISO, "--llm", "off", "--dry-run",
+                  "--deadline-minutes", "0.02")  # 1.2 s
+    assert time.monotonic() - began < 8
+    assert run.code == rtt.EXIT_FAILURE, run.err  # (not the literal read taking over past the deadline)
+    [line] = run.err.splitlines()
+    assert "--deadline-minutes" in line and str(world_folder) in line
+
+
+def test_the_consent_read_by_the_engine_is_interrupted_at_the_deadline(world_folder, monkeypatch):
+    slow = SLOW_QUERY.replace(") FROM", ") AS s FROM").rstrip(";")
+    monkeypatch.setattr(rtt, "engine_records", lambda path: f"""(SELECT 1 AS n, '{{"smsOptOut": ' || s || '}}' AS doc FROM ({slow}))""")
+    began = time.monotonic()
+    with pytest.raises(rtt.ServiceTimeout, match="--deadline-minutes"):
+        rtt.engine_consent_texts(world_folder / "users.json", ["smsOptOut"], limit=lambda: 0.0)
+    assert time.monotonic() - began < 8
+
+
+def test_the_engine_watch_interrupts_queries_started_after_its_limit_and_between_batches():
+    import duckdb
+
+    with contextlib.closing(duckdb.connect()) as db:
+        watch = rtt.EngineWatch(db, lambda: 0.0)
+        time.sleep(2 * watch.POLL)  # (an interrupt with nothing running is lost: the watch keeps polling)
+        with pytest.raises(duckdb.InterruptException):
+            db.execute(SLOW_QUERY).fetchall()
+        with pytest.raises(duckdb.InterruptException):
+            watch.check()
+        watch.close()
+        assert db.execute("SELECT 1").fetchall() == [(1,)]
+
+
 def test_out_of_memory_in_the_main_thread_is_one_line_exit_1_and_the_lock_released(
         run_cli, world_folder, monkeypatch):
     monkeypatch.setattr(rtt, "find_dormant_users", out_of_memory)
@@ -818,41 +857,6 @@ def test_out_of_memory_in_the_main_thread_is_one_line_exit_1_and_the_lock_releas
 def test_out_of_memory_in_a_members_thread_ends_the_run_not_only_the_member(run_cli, world_folder, monkeypatch):
     monkeypatch.setattr(rtt, "write_template_sms", out_of_memory)
     assert_out_of_memory(run_cli("--source", str(world_folder), "--now", NOW_ISO, "--llm", "off"))
-
-
-def test_out_of_memory_in_a_helper_thread_is_one_line_exit_1(run_cli, world_folder, monkeypatch):
-    monkeypatch.setattr(rtt, "PARALLEL_KEYS_BYTES", 0)  # the users file's helper process, and its reader thread
-    monkeypatch.setattr(rtt.MemberKeysChild, "read_reply", out_of_memory)  # the thread dies, the child blocks
-    started = time.monotonic()
-    assert_out_of_memory(run_cli("--source", str(world_folder), "--now", NOW_ISO, "--llm", "off"))
-    assert time.monotonic() - started < 30
-
-
-def test_out_of_memory_in_the_users_read_thread_is_one_line_exit_1(run_cli, world_folder, monkeypatch):
-    real = rtt.export_bytes
-    monkeypatch.setattr(rtt, "export_bytes", lambda path: out_of_memory() if path.name == "users.json" else real(path))
-    assert_out_of_memory(run_cli("--source", str(world_folder), "--now", NOW_ISO, "--llm", "off"))
-
-
-def test_a_helper_process_that_never_answers_cannot_hold_the_run_past_its_deadline(run_cli, world_folder, monkeypatch):
-    monkeypatch.setattr(rtt, "PARALLEL_KEYS_BYTES", 0)
-    monkeypatch.setattr(rtt, "MEMBER_KEYS_CHILD", "import time\ntime.sleep(120)\n")
-    started = time.monotonic()
-    run = run_cli("--source", str(world_folder), "--now", NOW_ISO, "--llm", "off", "--deadline-minutes", "0.02")
-    assert time.monotonic() - started < 10  # 1.2 s of deadline; the helper would take 120 s
-    assert_one_error_line(run, rtt.EXIT_FAILURE)
-    assert "deadline" in run.err
-    with rtt.RunLock(run.root):
-        pass
-
-
-def test_a_raw_copy_that_never_ends_cannot_hold_the_run_past_its_deadline(run_cli, world_folder, monkeypatch, release):
-    monkeypatch.setattr(rtt, "raw_copier", lambda path: (lambda out: release.wait(30)))
-    started = time.monotonic()
-    run = run_cli("--source", str(world_folder), "--now", NOW_ISO, "--llm", "off", "--deadline-minutes", "0.02")
-    assert time.monotonic() - started < 10  # 1.2 s of deadline; the copy would take 30 s
-    assert_one_error_line(run, rtt.EXIT_FAILURE)
-    assert "deadline" in run.err
 
 
 def test_out_of_memory_in_measure_is_one_line_exit_1(run_cli, world_folder, monkeypatch):

@@ -7,8 +7,10 @@ database's semantics; all people here are fictional (``@example.com``, phones in
 
 from __future__ import annotations
 
+import itertools
 import json
 import re
+import threading
 from collections import Counter
 from dataclasses import dataclass
 from datetime import timedelta
@@ -330,9 +332,26 @@ def test_claude_is_never_offered_an_event_without_a_seat(claude_fake, tmp_path):
             taken.add(offered(request)[0][0])  # the fake answers with the first event offered
 
 
+def all_at_once(members: int) -> Any:
+    """``smart``, the first ``members`` matching requests each answered once all of them are in: they race
+    for real, however slowly the walk starts its members (an answer at once let the first members finish
+    before the last were offered anything: a loaded machine, or a history read from the engine, ran no race)."""
+    from test_claude import is_matching, smart
+
+    gate, seen = threading.Barrier(members), itertools.count()
+
+    def answer(request: Any) -> Any:
+        if is_matching(request) and next(seen) < members:
+            gate.wait(timeout=30)
+        return smart(request)
+
+    return answer
+
+
 def test_claude_members_racing_for_the_last_seats_are_re_picked_by_the_rules(claude_fake, tmp_path):
     from test_claude import claude_cli
 
+    claude_fake.default = all_at_once(rtt.ClaudeAdvisor.MAX_CONSECUTIVE_FAILURES)  # (the calls on the wire at most)
     folder = world(tmp_path / "w", [SMALL, LARGE])  # six members at once all pick the two-spot event
     run = claude_cli(claude_fake, folder, tmp_path / "out", "--now", NOW_ISO, "--limit", "8", "--concurrency", "6")
     assert Counter(m["event_id"] for m in run.messages) == {"ev-small": 2, "ev-large": 6}
