@@ -4137,20 +4137,37 @@ def template_attempts(facts: MessageFacts, names: Sequence[str]) -> Iterator[tup
     yield from ((name, level) for name in names for level in levels if level not in personal)
 
 
-def template_wordings(facts: MessageFacts, name: str) -> Iterator[tuple[str, str]]:
-    """The template's wordings naming the event ``name``, richest first, for each matched interest:
-    (the text before the call to action, the call to action before the link)."""
-    greet = f"Hi {facts.first_name}!" if facts.first_name else "Hi there!"
-    first = facts.first_name or "Hi"
+class PhraseParts(NamedTuple):
+    """The pieces every template wording (today's and each tone's) is built from, said once."""
+
+    greet: str  # "Hi Maya!" or "Hi there!"
+    first: str  # "Maya", or "Hi" with no usable first name
+    proof: str  # "12 going, 2 spots left"
+    short_proof: str  # "12 going, 2 left"
+    hood: str  # " in Hells Kitchen", or ""
+
+
+def phrase_parts(facts: MessageFacts) -> PhraseParts:
     going = f"{facts.going} going" if facts.going else ""
     spots = "" if facts.spots_left is None else (
         f"{facts.spots_left} spot left" if facts.spots_left == 1 else f"{facts.spots_left} spots left")
-    proof = ", ".join(p for p in (going, spots) if p)
-    hood = f" in {facts.neighbourhood.replace('-', ' ').title()}" if facts.neighbourhood else ""
-    short_proof = ", ".join(p for p in (going, "" if facts.spots_left is None else f"{facts.spots_left} left") if p)
+    short_spots = "" if facts.spots_left is None else f"{facts.spots_left} left"
+    return PhraseParts(f"Hi {facts.first_name}!" if facts.first_name else "Hi there!", facts.first_name or "Hi",
+                       ", ".join(p for p in (going, spots) if p), ", ".join(p for p in (going, short_spots) if p),
+                       f" in {facts.neighbourhood.replace('-', ' ').title()}" if facts.neighbourhood else "")
+
+
+def interest_order(facts: MessageFacts) -> list[str]:
+    """The matched interests as the wordings try them: the first, then the rest shortest first ("" for none)."""
     labels = [interest_label(i) for i in facts.interests]
-    interests = labels[:1] + sorted(labels[1:], key=len) or [""]
-    for interest in interests:
+    return labels[:1] + sorted(labels[1:], key=len) or [""]
+
+
+def template_wordings(facts: MessageFacts, name: str) -> Iterator[tuple[str, str]]:
+    """The template's wordings naming the event ``name``, richest first, for each matched interest:
+    (the text before the call to action, the call to action before the link)."""
+    greet, first, proof, short_proof, hood = phrase_parts(facts)
+    for interest in interest_order(facts):
         fans = f"one for {interest} fans" if interest else "a good one"
         yield from [
             (f"{greet} Welcome back, we miss you. {name} is {fans}: {facts.when}{hood}. {proof}.", "Tap to RSVP: "),
@@ -4225,16 +4242,8 @@ def tone_family(facts: MessageFacts, name: str) -> Iterator[tuple[str, str]]:
     """The tone's own wordings naming the event ``name``, richest first (none for ``standard``)."""
     if facts.tone not in ("warm", "brief", "social"):
         return
-    greet = f"Hi {facts.first_name}!" if facts.first_name else "Hi there!"
-    first = facts.first_name or "Hi"
-    going = f"{facts.going} going" if facts.going else ""
-    spots = "" if facts.spots_left is None else (
-        f"{facts.spots_left} spot left" if facts.spots_left == 1 else f"{facts.spots_left} spots left")
-    proof = ", ".join(p for p in (going, spots) if p)
-    short_proof = ", ".join(p for p in (going, "" if facts.spots_left is None else f"{facts.spots_left} left") if p)
-    hood = f" in {facts.neighbourhood.replace('-', ' ').title()}" if facts.neighbourhood else ""
-    labels = [interest_label(i) for i in facts.interests]
-    for interest in labels[:1] + sorted(labels[1:], key=len) or [""]:
+    greet, first, proof, short_proof, hood = phrase_parts(facts)
+    for interest in interest_order(facts):
         fans = f"one for {interest} fans" if interest else "a good one"
         if facts.tone == "warm":
             yield from [
