@@ -3144,8 +3144,6 @@ class CandidateIndex:
     tag_groups: Mapping[str, tuple[int, ...]] = field(default_factory=dict)  # normalised tag -> ``groups`` positions
     group_of: Mapping[int, int] = field(default_factory=dict)  # event position -> its group's
     by_zone: dict[str | None, dict[int, tuple[str, str]]] = field(default_factory=dict)  # ``local_times``
-    places_of: Sequence[EventGroup] = ()  # the groups by place (``place_groups``): positions are group positions
-    place_of: Mapping[int, int] = field(default_factory=dict)  # group position -> its place's in ``places_of``
 
     @classmethod
     def build(cls, events: Sequence[Mapping[str, Any]], hoods: NeighbourhoodMap, now: datetime,
@@ -3165,11 +3163,9 @@ class CandidateIndex:
         for g, group in enumerate(groups):
             for tag in group.facts.tags:
                 tag_groups.setdefault(tag, []).append(g)
-        places_of = place_groups(groups)
         return cls(events, RememberedPlaces(hoods), now, facts, weights, personal=personal_positions(facts), groups=groups,
                    tag_groups={t: tuple(g) for t, g in tag_groups.items()},
-                   group_of={n: g for g, group in enumerate(groups) for n in group.positions}, places_of=places_of,
-                   place_of={g: p for p, place in enumerate(places_of) for g in place.positions})
+                   group_of={n: g for g, group in enumerate(groups) for n in group.positions})
 
     def positions(self, user: Mapping[str, Any]) -> list[int]:
         """Where the open events carrying a tag one of the member's interests wants are, in step 2's order."""
@@ -3185,13 +3181,11 @@ class CandidateIndex:
         so a member's first candidates cost a few hundred bounds and a few dozen scorings, not thousands."""
         reader = self.reader(user)
         own = self.own_positions(reader.habits)
-        groups = self.narrowed_groups(reader.interests)
-        pending = self.pending(reader, groups, own, by_place=True)
-        wanted = set(groups)
+        pending = self.pending(reader, self.narrowed_groups(reader.interests), own)
         found: list[tuple[tuple[Any, ...], Candidate]] = []
         while True:
             if pending and (not found or -pending[0][0] >= -found[0][0][0]):
-                batch = self.next_events(reader, pending, own, wanted)
+                batch = self.next_events(reader, pending, own)
                 for c in score_candidates(user, [self.events[n] for n in batch], self.places, self.now,  # type: ignore[arg-type]
                                           self.weights):
                     heapq.heappush(found, (c.rank_key, c))
@@ -3209,44 +3203,28 @@ class CandidateIndex:
                 found.update(self.tag_groups.get(tag, ()))
         return sorted(found)
 
-    def pending(self, reader: BoundReader, groups: Sequence[int], own: set[int], *,
-                by_place: bool = False) -> list[tuple[float, int, int]]:
-        """``ranked``'s heap at the start: (-bound, 1, group) for each group (``by_place``: (-bound, 2, place)
-        for each place of them, ``place_bound``, opened into its groups by ``next_events``), and (-bound, 0,
-        position) for each event of them the member's history names (``own``, ``own_positions``: a group's
-        bound leaves them out)."""
+    def pending(self, reader: BoundReader, groups: Sequence[int], own: set[int]) -> list[tuple[float, int, int]]:
+        """``ranked``'s heap at the start: (-bound, 1, group) for each group, and (-bound, 0, position) for
+        each event of them the member's history names (``own``, ``own_positions``: a group's bound leaves
+        them out)."""
+        tiers: dict[str | None, int] = {}
+        by_tags: dict[tuple[str, ...], tuple[int, float]] = {}
+        best = self.best_local_time(reader.habits)
+        pending = [(-self.event_bound(reader, group.first, group.facts, best, tiers, by_tags), 1, g)
+                   for g, group in ((g, self.groups[g]) for g in groups)]
         wanted = set(groups)
-        if by_place:
-            tiers: dict[str | None, int] = {}
-            best, wants = self.best_local_time(reader.habits), [interest_tags(i) for i in reader.interests]
-            pending = [(-self.place_bound(reader, self.places_of[p].facts, best, tiers, wants), 2, p)
-                       for p in sorted({self.place_of[g] for g in groups})]
-        else:
-            pending = self.group_entries(reader, groups)
         pending += [(-b, 0, n) for b, n in self.bounds(reader, sorted(n for n in own if self.group_of[n] in wanted))]
         heapq.heapify(pending)
         return pending
 
-    def group_entries(self, reader: BoundReader, groups: Iterable[int]) -> list[tuple[float, int, int]]:
-        """(-bound, 1, group) for each of ``groups`` (``EventGroup``)."""
-        tiers: dict[str | None, int] = {}
-        by_tags: dict[tuple[str, ...], tuple[int, float]] = {}
-        best = self.best_local_time(reader.habits)
-        return [(-self.event_bound(reader, group.first, group.facts, best, tiers, by_tags), 1, g)
-                for g, group in ((g, self.groups[g]) for g in groups)]
-
-    def next_events(self, reader: BoundReader, pending: list[tuple[float, int, int]], own: set[int],
-                    wanted: set[int]) -> list[int]:
-        """Up to ``RANKED_BATCH`` events off the top of ``ranked``'s heap, places that come to the top opened
-        into their ``wanted`` groups, groups into their events (but for ``own``, already in the heap)."""
+    def next_events(self, reader: BoundReader, pending: list[tuple[float, int, int]], own: set[int]) -> list[int]:
+        """Up to ``RANKED_BATCH`` events off the top of ``ranked``'s heap, groups that come to the top opened
+        (but for ``own``, already in the heap)."""
         batch: list[int] = []
         while pending and len(batch) < RANKED_BATCH:
             _, kind, item = heapq.heappop(pending)
             if kind == 0:
                 batch.append(item)
-                continue
-            if kind == 2:
-                self.open_place(reader, pending, item, wanted)
                 continue
             opened = [n for n in self.groups[item].positions if n not in own]
             for bound, n in self.bounds(reader, opened):
@@ -3298,28 +3276,6 @@ class CandidateIndex:
         points = history_bound(habits, f, weekday_part, tagged[1], w.signals) * f.timing if habits is not None else 0.0
         plan = w.plan * (f.plan_base + ((tagged[0] - 1) * 11 + near) * 16) / PLAN_INDEX_MAX
         return points + plan + BOUND_MARGIN
-
-    def open_place(self, reader: BoundReader, pending: list[tuple[float, int, int]], p: int, wanted: set[int]) -> None:
-        """The ``wanted`` groups of the place ``p`` onto ``ranked``'s heap, each under its own bound."""
-        for entry in self.group_entries(reader, (g for g in self.places_of[p].positions if g in wanted)):
-            heapq.heappush(pending, entry)
-
-    def place_bound(self, reader: BoundReader, f: EventFacts, best: tuple[str, str], tiers: dict[str | None, int],
-                    wants: Sequence[tuple[str, ...]]) -> float:
-        """At least ``event_bound`` of each group of a place (``place_groups``: ``f.tags`` all their tags): the
-        interest tier of every interest any of the tags serves, the largest share of one of them (a mean of
-        shares is at most their largest)."""
-        habits = reader.habits
-        near = tiers.get(f.where)
-        if near is None:
-            same = self.places.same_place(reader.home, f.where)
-            near = tiers[f.where] = proximity_tier(same, 0.0 if same else self.places.distance_km(reader.home, f.where))
-        tags = set(f.tags)
-        tier = max(1, min(3, sum(1 for wanted in wants if not tags.isdisjoint(wanted))))
-        share = max((float(habits.tags.get(t, 0.0)) for t in f.tags), default=0.0) if habits is not None else 0.0
-        w = self.weights
-        points = history_bound(habits, f, best, share, w.signals) * f.timing if habits is not None else 0.0
-        return points + w.plan * (f.plan_base + ((tier - 1) * 11 + near) * 16) / PLAN_INDEX_MAX + BOUND_MARGIN
 
     @staticmethod
     def best_local_time(habits: HabitBounds | None) -> tuple[str, str]:
@@ -3382,23 +3338,6 @@ def event_groups(facts: Mapping[int, EventFacts]) -> list[EventGroup]:
         groups.append(EventGroup(tuple(positions), EventFacts("", "", (), place, tags, where, timing, plan_base),
                                  positions[0]))
     return groups
-
-
-def place_groups(groups: Sequence[EventGroup]) -> list[EventGroup]:
-    """The groups (``event_groups``) grouped again by place: positions are the groups', the facts each at
-    least every group's, the tags all of theirs (``CandidateIndex.place_bound``). On issue 21's mixed world a
-    member's ~600 groups come in ~14 places, and only the places that can still beat what was found are opened."""
-    found: dict[tuple[Any, ...], list[int]] = {}
-    for g, group in enumerate(groups):
-        found.setdefault((group.facts.where, group.facts.place, group.facts.plan_base), []).append(g)
-    places = []
-    for (where, place, _), members in found.items():
-        tags = tuple(sorted({t for g in members for t in groups[g].facts.tags}))
-        timing = max(groups[g].facts.timing for g in members)
-        plan_base = max(groups[g].facts.plan_base for g in members)
-        places.append(EventGroup(tuple(members), EventFacts("", "", (), place, tags, where, timing, plan_base),
-                                 groups[members[0]].first))
-    return places
 
 
 def personal_positions(facts: Mapping[int, EventFacts]) -> dict[str, dict[str, tuple[int, ...]]]:

@@ -423,22 +423,3 @@ def test_an_aliased_neighbourhood_is_the_members_own(now, hoods):
     [candidate] = score_candidates(member, find_future_events(
         [open_event(now, "e", tags=["MUSIC"], hood="east-midtown-turtle-bay")], now), hoods, now)
     assert candidate.same_neighbourhood
-
-
-def test_a_place_bound_is_at_least_the_bound_of_each_group_in_it(tmp_path, hoods):
-    """Issue 21: ``ranked`` opens a place's groups only when its bound reaches the top, so that bound must be
-    at least each of its groups' (else a candidate would be given before a better one)."""
-    from test_scale import reached_world
-
-    members, _events, index = reached_world(tmp_path, hoods)
-    checked = 0
-    for member in members:
-        reader = index.reader(member)
-        groups = index.narrowed_groups(reader.interests)
-        wanted = set(groups)
-        for bound, kind, item in index.pending(reader, groups, set(), by_place=True):
-            assert kind == 2
-            inside = [g for g in index.places_of[item].positions if g in wanted]
-            checked += len(inside)
-            assert inside and all(b >= bound for b, _, _ in index.group_entries(reader, inside))
-    assert checked > 100
