@@ -3269,13 +3269,24 @@ class CandidateIndex:
             near = tiers[f.where] = proximity_tier(same, 0.0 if same else self.places.distance_km(reader.home, f.where))
         tagged = by_tags.get(f.tags)
         if tagged is None:  # the interest tier as ``score_candidates`` reads it (1 at least: a bound)
-            shared = matched_interests(reader.interests, event_features(self.events[n]).tags)
-            tagged = by_tags[f.tags] = (max(1, interest_alignment(shared)),
+            tagged = by_tags[f.tags] = (max(1, self.interest_tier(reader.interests, f.tags)),
                                         mean_share(habits.tags, f.tags) if habits is not None else 0.0)
         w = self.weights
         points = history_bound(habits, f, weekday_part, tagged[1], w.signals) * f.timing if habits is not None else 0.0
         plan = w.plan * (f.plan_base + ((tagged[0] - 1) * 11 + near) * 16) / PLAN_INDEX_MAX
         return points + plan + BOUND_MARGIN
+
+    @staticmethod
+    def interest_tier(interests: Sequence[str], tags: tuple[str, ...]) -> int:
+        """``interest_alignment(matched_interests(interests, event_tags(event)))`` from the event's normalised
+        tags alone (each is ``norm_tag`` of its spelling): the same tier without reading the event (issue 21)."""
+        present, hit = set(tags), set()
+        for interest in interests:  # as ``matched_interests`` tries them: the first wanted tag present
+            for wanted in interest_tags(interest):
+                if wanted in present:
+                    hit.add(wanted)
+                    break
+        return min(len(hit), 3)
 
     @staticmethod
     def best_local_time(habits: HabitBounds | None) -> tuple[str, str]:

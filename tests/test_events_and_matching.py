@@ -14,12 +14,14 @@ from hypothesis import strategies as st
 from return_to_table import (
     CENTROIDS_CSV,
     Activity,
+    CandidateIndex,
     event_metrics,
     event_summary,
     event_tags,
     find_dormant_users,
     find_future_events,
     indefinite_article,
+    interest_alignment,
     iso_utc,
     matched_interests,
     rules_match,
@@ -217,6 +219,18 @@ def test_interest_matches_event_categories_and_features_through_synonyms(interes
 
 def test_interest_without_a_synonym_in_the_event_does_not_match():
     assert matched_interests(["music", "hiking"], event_tags({"categories": ["WINE"], "features": ["groups"]})) == []
+
+
+_SPELLINGS = ["MUSIC", "karaoke", "Live Music", "live_music", "DJ", "BAR", "dancing", "DINNER", "brunch", "WINE",
+              "wine-tasting", "groups", "Jazz", "hiking"]
+
+
+@settings(max_examples=200, deadline=None)
+@given(st.lists(st.sampled_from(["music", "Clubbing", "food", "wine", "hiking", "Live Music", "dj"]), max_size=4),
+       st.lists(st.sampled_from(_SPELLINGS), max_size=5), st.lists(st.sampled_from(_SPELLINGS), max_size=3))
+def test_the_index_interest_tier_is_the_scorers_from_normalised_tags(interests, categories, features):
+    tags = event_tags({"categories": categories, "features": features})
+    assert CandidateIndex.interest_tier(interests, tuple(tags)) == interest_alignment(matched_interests(interests, tags))
 
 
 @pytest.mark.parametrize(("name", "slug"), [
