@@ -3210,7 +3210,7 @@ class CandidateIndex:
         tiers: dict[str | None, int] = {}
         by_tags: dict[tuple[str, ...], tuple[int, float]] = {}
         best = self.best_local_time(reader.habits)
-        pending = [(-self.event_bound(reader, group.first, group.facts, best, tiers, by_tags), 1, g)
+        pending = [(-self.event_bound(reader, group.facts, best, tiers, by_tags), 1, g)
                    for g, group in ((g, self.groups[g]) for g in groups)]
         wanted = set(groups)
         pending += [(-b, 0, n) for b, n in self.bounds(reader, sorted(n for n in own if self.group_of[n] in wanted))]
@@ -3254,12 +3254,12 @@ class CandidateIndex:
             weekday_part = local.get(n)
             if weekday_part is None:
                 weekday_part = local[n] = self.local_time(zone, n)
-            found.append((self.event_bound(reader, n, self.facts[n], weekday_part, tiers, by_tags), n))
+            found.append((self.event_bound(reader, self.facts[n], weekday_part, tiers, by_tags), n))
         return found
 
-    def event_bound(self, reader: BoundReader, n: int, f: EventFacts, weekday_part: tuple[str, str],
+    def event_bound(self, reader: BoundReader, f: EventFacts, weekday_part: tuple[str, str],
                     tiers: dict[str | None, int], by_tags: dict[tuple[str, ...], tuple[int, float]]) -> float:
-        """``bounds`` of an event with facts ``f`` (the tags of the event at ``n``), ``tiers`` and ``by_tags``
+        """``bounds`` of an event with facts ``f`` (its normalised tags included), ``tiers`` and ``by_tags``
         remembered for the member. Every step is non-decreasing in each fact and count it reads, so facts
         that are each at least an event's give at least that event's bound (``EventGroup``)."""
         habits = reader.habits
