@@ -3717,7 +3717,7 @@ URL_PATTERN = re.compile(
     r"(?<![a-z0-9+.-])(?:[a-z][a-z0-9+.-]*://|www\.)\S*"
     r"|" + EMAIL_ADDRESS.pattern +
     r"|(?<!" + _RUN_CHAR + r")" + _RUN_CHAR + r"*?" + _LABEL_CHAR +
-    r"\.(?:[^\W\d_]{2,}|xn--[a-z0-9-]+)(?!" + _LABEL_CHAR + r")(?:/\S*)?",
+    r"\.(?:[^\W\d_]{2,}|xn--[a-z0-9-]+)(?![^\W\d_])(?:/\S*)?",
     re.IGNORECASE)
 GREETINGS = re.compile(r"\b(?:hi|hey|hello|hiya|howdy|greetings|good (?:morning|afternoon|evening))\b",
                        re.IGNORECASE)  # "welcome back" is the message's point, not a second greeting

@@ -18,7 +18,7 @@ from typing import Any
 import pytest
 from builders import JAZZ_BRUNCH, MAYA, NOW, NOW_ISO, small_world, write_folder
 from fake_anthropic import FakeMessagesAPI
-from hypothesis import given, settings
+from hypothesis import example, given, settings
 from hypothesis import strategies as st
 from test_claude import MEMBERS, claude_cli, event_doc, facts_of, is_matching, prompt_of, smart, write_world
 from test_cli import assert_messages_keep_the_contract
@@ -111,6 +111,7 @@ def test_hostile_text_in_an_event_name_never_reaches_a_valid_sms(before, hazard,
 @settings(max_examples=300, deadline=None)
 @given(hazard=st.one_of(HAZARDS, st.sampled_from(CONTROLS)), at=st.integers(0, len(GOOD) - len(LINK)),
        glue=st.sampled_from([" ", "", ". ", ":", "\u00a0"]))
+@example(hazard="4.ru", at=68, glue="")  # a top-level domain running into a digit: "4.ru6 going"
 def test_hostile_text_in_a_claude_message_is_refused(hazard, at, glue):
     text = GOOD[:at] + glue + hazard + glue + GOOD[at:]
     assert rtt.validate_sms(text, FACTS) != []
