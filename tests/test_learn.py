@@ -318,11 +318,12 @@ FLAT = {name: 0.0 for name in rtt.HISTORY_WEIGHTS}  # history ignored: the plan'
 
 @pytest.fixture(scope="module")
 def montana_backtest():
-    """A short backtest of the Montana sample, and every returning member's candidates."""
+    """A short backtest of the Montana sample (five as-of dates, 62 trials), and every returning member's
+    candidates."""
     screened = rtt.read_screened(rtt.FolderSource(MONTANA))
     history = rtt.build_history(screened.users, screened.events, rtt.DataIssues())
     hoods = rtt.NeighbourhoodMap.from_csv(rtt.CENTROIDS_CSV)
-    days = rtt.as_of_dates(rtt.datetime(2015, 6, 1, tzinfo=rtt.UTC), rtt.datetime(2015, 8, 24, tzinfo=rtt.UTC), 14)
+    days = rtt.as_of_dates(rtt.datetime(2015, 6, 1, tzinfo=rtt.UTC), rtt.datetime(2015, 7, 27, tzinfo=rtt.UTC), 14)
     dated = rtt.run_backtest(history, days, 30, hoods)
     return history, days, dated, rtt.fit_candidates(history, dated, hoods)
 
@@ -339,11 +340,11 @@ def test_the_backtest_scores_with_the_weights_it_is_given(montana_backtest) -> N
     history, days, dated, _ = montana_backtest
     hoods = rtt.NeighbourhoodMap.from_csv(rtt.CENTROIDS_CSV)
     other = rtt.MatchWeights({**rtt.BUILT_IN_WEIGHTS, **FLAT, "PLAN_WEIGHT": 3.0, "FAR_HALVING_DAYS": 7.0})
-    replayed = rtt.run_backtest(history, days, 30, hoods, weights=other)
+    replayed = rtt.run_backtest(history, days[:3], 30, hoods, weights=other)  # (the first three dates: 36 trials)
     hits = [t.hits["rules"] for _, _, ts in replayed for t in ts]
     data = rtt.fit_data(replayed, rtt.fit_candidates(history, replayed, hoods), history, 30)
     assert list(rtt.fit_hits(data, other.values)) == hits
-    assert hits != [t.hits["rules"] for _, _, ts in dated for t in ts]  # other picks than the built-in weights'
+    assert hits != [t.hits["rules"] for _, _, ts in dated[:3] for t in ts]  # other picks than the built-in weights'
 
 
 def test_the_fit_is_deterministic_for_a_seed(montana_backtest) -> None:
@@ -371,7 +372,9 @@ def test_the_fit_keeps_only_moves_that_win_the_minimum_gain(montana_backtest, mo
 
 
 def backtest_fit(run_cli, *extra: str, env: dict[str, str] | None = None):
-    return run_cli("backtest", "--source", str(MONTANA), "--from", "2015-06-01", "--to", "2015-10-19", "--fit",
+    """Five as-of dates of the Montana sample: three fitted, two evaluated (from flat history weights the fit
+    still wins there: hit@1 0.46 against 0.35)."""
+    return run_cli("backtest", "--source", str(MONTANA), "--from", "2015-06-01", "--to", "2015-07-27", "--fit",
                    "--resamples", "200", *extra, env=env)
 
 
