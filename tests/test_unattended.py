@@ -24,6 +24,7 @@ test_claude's six-member world), Firebase ``fake_rtdb.FakeRealtimeDatabase``. Ev
 
 from __future__ import annotations
 
+import functools
 import json
 import os
 import resource
@@ -354,11 +355,15 @@ def large_users_folder(tmp_path_factory: pytest.TempPathFactory) -> Path:
     return folder
 
 
+@functools.cache
 def address_space_after_imports() -> int:
-    """Bytes of address space the script takes once its imports are done (VmPeak), on this machine."""
-    probe = "import return_to_table\nprint(next(l.split()[1] for l in open('/proc/self/status') if l.startswith('VmPeak')))"
-    found = subprocess.run([sys.executable, "-c", probe], cwd=SCRIPT.parent, env=clean_env(), capture_output=True,
-                           text=True, check=True)
+    """Bytes of address space the script takes once its imports are done (VmPeak), on this machine: its source
+    compiled as ``python return_to_table.py`` compiles it (an import would load a cached .pyc, if there is one,
+    and peak lower than the script), run under another name so that main() does not start."""
+    probe = ("import runpy, sys\nrunpy.run_path(sys.argv[1], run_name='probe')\n"
+             "print(next(l.split()[1] for l in open('/proc/self/status') if l.startswith('VmPeak')))")
+    found = subprocess.run([sys.executable, "-c", probe, str(SCRIPT)], cwd=SCRIPT.parent, env=clean_env(),
+                           capture_output=True, text=True, check=True)
     return int(found.stdout) * 1024
 
 
