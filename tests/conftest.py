@@ -29,19 +29,6 @@ ISOLATED_VARIABLES = (
 )
 
 
-@pytest.hookimpl(tryfirst=True)  # before pytest-xdist's own hook reads the marks
-def pytest_collection_modifyitems(items: list[pytest.Item]) -> None:
-    """The tests that share a module-scoped fixture (a backtest, a signalled run, the demo) form one
-    ``xdist_group``: under ``--dist loadgroup`` (pytest.ini) one worker runs them all and builds the fixture
-    once, not once per worker."""
-    for item in items:
-        info = getattr(item, "_fixtureinfo", None)
-        shared = [name for name in getattr(info, "names_closure", ())
-                  if any(d.scope == "module" for d in info.name2fixturedefs.get(name, ()))]
-        if shared:
-            item.add_marker(pytest.mark.xdist_group(f"{item.nodeid.split('::')[0]}::{shared[0]}"))
-
-
 @pytest.fixture(autouse=True)
 def isolated_environment(monkeypatch: pytest.MonkeyPatch, tmp_path: Path) -> None:
     """No developer setting, proxy or ``.env`` leaks into a test (the only copy of this isolation)."""
