@@ -19,13 +19,14 @@ from __future__ import annotations
 
 import json
 from collections.abc import Callable, Iterator
+from dataclasses import dataclass
 from datetime import UTC, datetime, timedelta
 from pathlib import Path
 from typing import Any
 
 import mongomock
 import pytest
-from builders import CliRun, leaves
+from builders import CliRun, leaves, run_main
 from fake_rtdb import CAPTIVE_PORTAL_PAGE, FakeRealtimeDatabase
 from hypothesis import given, settings
 from hypothesis import strategies as st
@@ -120,12 +121,31 @@ def stored_member(record: dict[str, Any], fields: dict[str, Any]) -> dict[str, A
     return {key: record[key] for key in wanted}
 
 
-@pytest.mark.parametrize("fields", HOSTILE_FIELDS.values(), ids=HOSTILE_FIELDS.keys())
-def test_hostile_keys_in_a_member_never_stop_the_users_and_matches_writes(
-        db: FakeRealtimeDatabase, run_cli: Cli, tmp_path: Path, fields: dict[str, Any]) -> None:
-    source = hostile_world(tmp_path / "world", fields)
-    before = files_under(tmp_path)
-    run = campaign(run_cli, source, rest_env(db))
+@dataclass
+class HostileRun:
+    """One campaign on ``hostile_world`` against its own database, and what was under ``tmp`` before it ran."""
+
+    fields: dict[str, Any]
+    db: FakeRealtimeDatabase
+    run: CliRun
+    tmp: Path
+    before: set[Path]
+
+
+@pytest.fixture(scope="module", params=HOSTILE_FIELDS.values(), ids=HOSTILE_FIELDS.keys())
+def hostile_run(request: pytest.FixtureRequest, tmp_path_factory: pytest.TempPathFactory) -> Iterator[HostileRun]:
+    """Each kind of hostile keys run once; the three tests below only read the run and its database."""
+    tmp = tmp_path_factory.mktemp("hostile")
+    source = hostile_world(tmp / "world", request.param)
+    before = files_under(tmp)
+    with FakeRealtimeDatabase(auth_token=TOKEN) as db:
+        run = run_main(["--source", str(source), "--now", FIREBASE_NOW_ISO, "--llm", "off"], tmp / "out",
+                       rest_env(db))
+        yield HostileRun(request.param, db, run, tmp, before)
+
+
+def test_hostile_keys_in_a_member_never_stop_the_users_and_matches_writes(hostile_run: HostileRun) -> None:
+    db, run = hostile_run.db, hostile_run.run
     assert run.code == 0, run.err
     assert run.err == ""
     assert run.report()["firebase"]["not_written"] == []
@@ -133,13 +153,11 @@ def test_hostile_keys_in_a_member_never_stop_the_users_and_matches_writes(
     assert len(users) == len(matches) == len(messages) == 10
     assert HOSTILE in {u["id"] for u in users} and HOSTILE in {m["user_id"] for m in matches}
     assert all(r.status is not None and r.status < 400 for r in db.requests), [r.status for r in db.requests]
-    assert_stays_in_out(tmp_path, before, run)
+    assert_stays_in_out(hostile_run.tmp, hostile_run.before, run)
 
 
-@pytest.mark.parametrize("fields", HOSTILE_FIELDS.values(), ids=HOSTILE_FIELDS.keys())
-def test_hostile_keys_lose_no_value_in_the_dashboard(
-        db: FakeRealtimeDatabase, run_cli: Cli, tmp_path: Path, fields: dict[str, Any]) -> None:
-    run = campaign(run_cli, hostile_world(tmp_path / "world", fields), rest_env(db))
+def test_hostile_keys_lose_no_value_in_the_dashboard(hostile_run: HostileRun) -> None:
+    db, run, fields = hostile_run.db, hostile_run.run, hostile_run.fields
     assert run.code == 0, run.err
     user = next(u for u in items_of(db, "users") if u["id"] == HOSTILE)
     match = next(m for m in items_of(db, "matches") if m["user_id"] == HOSTILE)
@@ -149,13 +167,11 @@ def test_hostile_keys_lose_no_value_in_the_dashboard(
         assert all(len(key.encode("utf-8")) <= MAX_KEY_BYTES for key in all_keys(kept))
 
 
-@pytest.mark.parametrize("fields", HOSTILE_FIELDS.values(), ids=HOSTILE_FIELDS.keys())
-def test_hostile_keys_are_counted_in_the_reports_firebase_section(
-        db: FakeRealtimeDatabase, run_cli: Cli, tmp_path: Path, fields: dict[str, Any]) -> None:
-    run = campaign(run_cli, hostile_world(tmp_path / "world", fields), rest_env(db))
+def test_hostile_keys_are_counted_in_the_reports_firebase_section(hostile_run: HostileRun) -> None:
+    run = hostile_run.run
     firebase = run.report()["firebase"]
     changes: set[tuple[str, str | None]] = set()
-    firebase_ready(fields, changes)
+    firebase_ready(hostile_run.fields, changes)
     assert firebase["keys_renamed"] == len(changes) > 0  # each distinct change once, however often it is written
     assert firebase["keys_dropped"] == 0
     assert firebase["key_changes"] and all("->" in line and "\n" not in line for line in firebase["key_changes"])
