@@ -105,6 +105,7 @@ import dataclasses
 import difflib
 import fcntl
 import functools
+import gc
 import hashlib
 import heapq
 import itertools
@@ -5588,7 +5589,8 @@ class FolderSource:
             # open until ``close``: the walk reads it, its lookups bounded as any call (``RunControl.budget``)
             self.engine = FolderEngine(files["users"], files["events"], self.control.until_deadline)
             try:
-                data = engine_read(self.engine, now, lambda: bar.update(total // 2) if bar is not None else None)
+                with frozen_gc():
+                    data = engine_read(self.engine, now, lambda: bar.update(total // 2) if bar is not None else None)
                 self.engine.watch.limit = lambda: self.control.budget(math.inf)
                 return data
             except duckdb.InterruptException:
@@ -5604,6 +5606,20 @@ class FolderSource:
         if self.engine is not None:
             self.engine.close()
             self.engine = None
+            gc.unfreeze()
+
+
+@contextlib.contextmanager
+def frozen_gc() -> Iterator[None]:
+    """No cyclic garbage collection while the read decodes (its records hold no cycles), and what it read kept
+    out of every later collection (``gc.freeze``; ``close`` unfreezes): a million-member read leaves millions of
+    objects that each collection would walk again (at 1M members, ~4 s of CPU in steps 1-2, measured)."""
+    gc.disable()
+    try:
+        yield
+        gc.freeze()
+    finally:
+        gc.enable()
 
 
 def consent_rows_of_file(path: Path, keys: Collection[str], control: RunControl | None = None
@@ -5736,7 +5752,7 @@ def sql_macros() -> str:
         WHEN 'OBJECT' THEN CASE WHEN json_keys(j) = ['$date'] THEN rtt_date(json_extract(j, '$."$date"')) ELSE {SQL_ODD_START} END
         WHEN 'NULL' THEN NULL WHEN 'BOOLEAN' THEN NULL WHEN 'ARRAY' THEN NULL
         ELSE rtt_millis(j) END END;
-    CREATE MACRO rtt_deep(doc) AS length(doc) > {MAX_NESTING_DEPTH} AND length(doc) - length(replace(replace(
+    CREATE MACRO rtt_deep(doc) AS strlen(doc) > {MAX_NESTING_DEPTH} AND strlen(doc) - strlen(replace(replace(
         doc::VARCHAR, '{{', ''), '[', '')) > {MAX_NESTING_DEPTH};
     CREATE MACRO rtt_count(doc, part) AS (strlen(doc) - strlen(replace(doc, part, ''))) // strlen(part);
     CREATE MACRO rtt_plain(doc) AS CASE
@@ -5758,35 +5774,34 @@ def engine_records(path: Path) -> str:
             " maximum_object_size=1073741824) WITH ORDINALITY)")
 
 
+# Each file is read once: the events first (each one's id, members, start, and its text when step 1 reads it
+# whole: step 2's candidates and the odd ones), then the members, their text kept when the events make them
+# dormant or they are odd. (A subquery's column is computed once; a name in the same SELECT would be recomputed.)
 ENGINE_EVENTS = """
-CREATE TEMP TABLE events_fields AS SELECT n, starts_with(ltrim(doc::VARCHAR), '{{') AS object, rtt_deep(doc)
-    OR regexp_matches(doc::VARCHAR, '"ownerId"[\\s\\S]*"ownerId"|"participants"[\\s\\S]*"participants"|'
-        || '"startDate"[\\s\\S]*"startDate"|"type"[\\s\\S]*"type"|"active"[\\s\\S]*"active"')
-    AS odd_doc, json_extract(doc, ['$._id', '$.ownerId', '$.participants', '$.startDate', '$.type', '$.active',
-        '$.neighborhood', '$.categories', '$.features', '$.venueName', '$.name']) AS f
-FROM {records};
-CREATE TEMP TABLE events_read AS
-SELECT n, key, members, start, object, public, host, slim, odd_owner, odd_list, odd_entries,
-    coalesce(key = {odd} OR list_contains(members, {odd}) OR start = {odd_start} OR odd_doc, false) AS odd
-FROM (SELECT n, object, odd_doc, key, list_distinct(list_filter([host] || ids, lambda m: m IS NOT NULL)) AS members,
+CREATE TEMP TABLE events_read AS SELECT * EXCLUDE (doc), CASE WHEN odd OR (public AND start > $now) THEN doc END AS doc
+FROM (SELECT *, coalesce(key = {odd} OR list_contains(members, {odd}) OR start = {odd_start} OR odd_doc, false) AS odd
+FROM (SELECT n, doc, object, odd_doc, key, list_distinct(list_filter([host] || ids, lambda m: m IS NOT NULL)) AS members,
     start, coalesce(owner_type <> 'NULL' AND host IS NULL, false) AS odd_owner,
     coalesce(list_type NOT IN ('NULL', 'ARRAY'), false) AS odd_list, len(list_filter(ids, lambda i: i IS NULL)) AS odd_entries,
     host, json_object('_id', key, 'ownerId', host, 'neighborhood', f[7],
         'categories', f[8], 'features', f[9], 'venueName', f[10], 'name', f[11])::VARCHAR AS slim, public
-FROM (SELECT n, object, odd_doc, f, rtt_record_id(f[1]) AS key, rtt_id(f[2]) AS host, json_type(f[2]) AS owner_type,
+FROM (SELECT n, doc, object, odd_doc, f, rtt_record_id(f[1]) AS key, rtt_id(f[2]) AS host, json_type(f[2]) AS owner_type,
     json_type(f[3]) AS list_type, rtt_start(f[4]) AS start,
     CASE WHEN json_type(f[3]) = 'ARRAY' THEN list_transform(f[3]::JSON[], lambda p: rtt_id(p)) ELSE [] END AS ids,
     coalesce(json_extract_string(f[5], '$') = 'public' AND json_type(f[5]) = 'VARCHAR' AND json_type(f[6]) = 'BOOLEAN'
-        AND json_extract_string(f[6], '$') = 'true', false) AS public FROM events_fields));
-DROP TABLE events_fields
+        AND json_extract_string(f[6], '$') = 'true', false) AS public
+FROM (SELECT n, doc, starts_with(doc::VARCHAR, '{{') AS object, rtt_deep(doc) OR regexp_matches(doc::VARCHAR,
+        '"ownerId"[\\s\\S]*"ownerId"|"participants"[\\s\\S]*"participants"|'
+        || '"startDate"[\\s\\S]*"startDate"|"type"[\\s\\S]*"type"|"active"[\\s\\S]*"active"') AS odd_doc,
+    json_extract(doc, ['$._id', '$.ownerId', '$.participants', '$.startDate', '$.type', '$.active',
+        '$.neighborhood', '$.categories', '$.features', '$.venueName', '$.name']) AS f FROM {records}))))
 """
 ENGINE_USERS = """
-CREATE TEMP TABLE users_fields AS SELECT n, starts_with(ltrim(doc::VARCHAR), '{{') AS object,
-    rtt_deep(doc) OR regexp_matches(doc::VARCHAR, '"_id"[\\s\\S]*"_id"') AS odd_doc, json_extract(doc, '$._id') AS id FROM {records};
-CREATE TEMP TABLE users_read AS
-SELECT n, key, object, coalesce(key = {odd} OR odd_doc, false) AS odd
-FROM (SELECT n, object, odd_doc, rtt_record_id(id) AS key FROM users_fields);
-DROP TABLE users_fields
+CREATE TEMP TABLE users_read AS SELECT n, key, object, odd, CASE WHEN odd OR w.member IS NOT NULL THEN doc END AS doc
+FROM (SELECT n, doc, object, key, coalesce(key = {odd} OR odd_doc, false) AS odd
+    FROM (SELECT n, doc, starts_with(doc::VARCHAR, '{{') AS object, rtt_deep(doc) OR rtt_count(doc::VARCHAR, '"_id"') > 1
+        AS odd_doc, rtt_record_id(json_extract(doc, '$._id')) AS key FROM {records})) u
+LEFT JOIN (SELECT member FROM activity WHERE last > $after AND last <= $until) w ON w.member = u.key
 """
 # The records read, once Python has read the odd ones (``python_read``), each id kept once (the first).
 ENGINE_KEPT = """
@@ -5809,9 +5824,10 @@ WHERE a.last > $after AND a.last <= $until
 """
 # The events step 1 reads whole: those naming a dormant member (their history) and step 2's candidates.
 ENGINE_CANDIDATES = """
-SELECT n, doc, rtt_plain(doc), start, members FROM {records} JOIN events_kept USING (n)
-WHERE n IN (SELECT n FROM events_kept WHERE public AND start > $now) ORDER BY n
+SELECT n, r.doc, rtt_plain(r.doc), k.start, k.members FROM events_kept k JOIN events_read r USING (n)
+WHERE k.public AND k.start > $now ORDER BY n
 """
+ENGINE_DORMANT_TEXTS = "SELECT n, r.doc, rtt_plain(r.doc) FROM dormant JOIN users_read r USING (n) ORDER BY n"
 # Each dormant member's events, read when the walk reaches them (``EngineHistory``), as ``member_history``
 # reads them: id, host, place, tags, venue and name (start and members: the engine's).
 ENGINE_MEMBER_EVENTS = """
@@ -5841,48 +5857,38 @@ class FolderEngine:
         self.db.close()
 
     def sql(self, text: str, **params: Any) -> Any:
-        return self.db.execute(text.format(odd=SQL_ODD, odd_start=SQL_ODD_START, **self.records), params or None)
+        return self.db.execute(text, params or None)
 
-    def scan(self) -> None:
-        """Each record's id, members and start, read once (``events_read``, ``users_read``)."""
-        self.sql(ENGINE_EVENTS.replace("{records}", self.records["events"]))
-        self.sql(ENGINE_USERS.replace("{records}", self.records["users"]))
+    def scan(self, name: str, **params: Any) -> None:
+        """``{name}_read``: each record's id (and an event's members and start), read once, with its text when step 1
+        reads it whole (``ENGINE_EVENTS``, ``ENGINE_USERS``); EngineRefused when a record is not a document."""
+        query = ENGINE_EVENTS if name == "events" else ENGINE_USERS
+        self.sql(query.format(odd=SQL_ODD, odd_start=SQL_ODD_START, records=self.records[name]), **params)
+        if self.db.execute(f"SELECT count(*) FROM {name}_read WHERE NOT object").fetchone()[0]:
+            raise EngineRefused("not a list of documents")  # (the literal read refuses such a file)
 
-    def odd_texts(self, name: str) -> list[tuple[int, str]]:
-        """The records only Python can read, with their place in the file."""
-        if not self.db.execute(f"SELECT count(*) FROM {name}_read WHERE odd").fetchone()[0]:
-            return []
-        return self.db.execute(f"SELECT r.n, f.doc FROM {self.records[name]} f JOIN {name}_read r USING (n) "
-                               "WHERE r.odd ORDER BY r.n").fetchall()
-
-    def texts(self, name: str, wanted: str) -> Iterator[list[tuple[Any, ...]]]:
-        """(n, JSON text, ``rtt_plain``) of the records of ``name`` whose ``n`` the query ``wanted`` gives, in
-        file order, in batches; ``wanted`` may instead be a whole query giving such rows (and more columns)."""
-        query = wanted if wanted.lstrip().startswith("SELECT n, doc") else (
-            f"SELECT n, doc, rtt_plain(doc) FROM {self.records[name]} WHERE n IN ({wanted}) ORDER BY n")
-        cursor = self.db.execute(query.format(records=self.records[name]))
+    def batches(self, query: str, **params: Any) -> Iterator[list[tuple[Any, ...]]]:
+        """The rows of ``query``, in batches."""
+        cursor = self.sql(query, **params)
         while rows := cursor.fetchmany(10_000):
             self.watch.check()  # (the decoding between batches is Python's, which no interrupt reaches)
             yield rows
 
     def python_read(self, name: str, rows: Sequence[tuple[Any, ...]], columns: str) -> None:
-        """What Python read of the odd records (``rows``: n, key, and for events members, start, public)."""
+        """What Python read of the odd records (``rows``: n, key, and for events members, start, public, host)."""
         types = {"n": "BIGINT", "key": "VARCHAR", "members": "VARCHAR[]", "start": "BIGINT", "public": "BOOLEAN",
                  "host": "VARCHAR"}
-        self.db.execute(f"CREATE TEMP TABLE {name}_python ({', '.join(f'{c} {types[c]}' for c in columns.split(', '))})")
-        if rows:
-            self.db.executemany(f"INSERT INTO {name}_python VALUES ({', '.join('?' * len(rows[0]))})", rows)
+        names = columns.split(", ")
+        self.db.execute(f"CREATE TEMP TABLE {name}_python AS SELECT "
+                        + ", ".join(f"unnest(${n}::{types[c]}[]) AS {c}" for n, c in enumerate(names, 1)),
+                        [list(column) for column in zip(*rows, strict=True)] if rows else [[] for _ in names])
         self.db.execute(ENGINE_KEPT.format(name=name, columns=columns))
-
-    def non_documents(self) -> int:
-        """Records that are not JSON objects (the literal read refuses such a file)."""
-        return sum(self.db.execute(f"SELECT count(*) FROM {name}_read WHERE NOT object").fetchone()[0]
-                   for name in ("users", "events"))
 
     def raw_kept(self, skipped: Mapping[str, int]) -> dict[str, list[str]]:
         """For ``data/raw/``, of a file with records screening skips: the JSON texts of the others."""
         kept = "SELECT n FROM {0}_read WHERE NOT odd AND key IS NOT NULL UNION ALL SELECT n FROM {0}_python WHERE key IS NOT NULL"
-        return {name: [row[1] for batch in self.texts(name, kept.format(name)) for row in batch]
+        return {name: [row[1] for batch in self.batches(
+                    f"SELECT n, doc FROM {self.records[name]} WHERE n IN ({kept.format(name)}) ORDER BY n") for row in batch]
                 for name in ("users", "events")
                 if skipped.get(f"{name}_without_usable_id") or skipped.get(f"{name}_nested_too_deep")}
 
@@ -6001,7 +6007,7 @@ def odd_records(engine: FolderEngine, name: str, decoder: ExtendedJsonDecoder, i
     rows: list[tuple[Any, ...]] = []
     records: dict[int, dict[str, Any]] = {}
     found = DataIssues()  # (odd member entries, counted for the odd events as the engine counts the others)
-    for n, text in engine.odd_texts(name):
+    for n, text in engine.sql(f"SELECT n, doc FROM {name}_read WHERE odd ORDER BY n").fetchall():
         record = decode_text(text, name, decoder, issues)
         key = id_of(record["_id"]) if record is not None else None
         if record is not None:
@@ -6014,12 +6020,13 @@ def odd_records(engine: FolderEngine, name: str, decoder: ExtendedJsonDecoder, i
     return OddRecords(rows, records)
 
 
-def wanted_records(engine: FolderEngine, name: str, wanted: str, odd: OddRecords, decoder: ExtendedJsonDecoder,
-                   issues: Counter[str]) -> list[tuple[dict[str, Any], tuple[Any, ...]]]:
-    """The records ``wanted`` gives, in file order, decoded and screened (an odd one: as read already; a
-    plain one, ``rtt_plain``: decoded with the others of its batch, nothing to convert or clean), each with
-    the rest of its row."""
-    return [found for batch in engine.texts(name, wanted) for found in wanted_records_of(batch, name, odd, decoder, issues)]
+def wanted_records(engine: FolderEngine, name: str, query: str, odd: OddRecords, decoder: ExtendedJsonDecoder,
+                   issues: Counter[str], **params: Any) -> list[tuple[dict[str, Any], tuple[Any, ...]]]:
+    """The records ``query`` gives (n, JSON text, ``rtt_plain``, more), in file order, decoded and screened (an
+    odd one: as read already; a plain one, ``rtt_plain``: decoded with the others of its batch, nothing to convert
+    or clean), each with the rest of its row."""
+    return [found for batch in engine.batches(query, **params)
+            for found in wanted_records_of(batch, name, odd, decoder, issues)]
 
 
 def wanted_records_of(batch: Sequence[tuple[Any, ...]], name: str, odd: OddRecords, decoder: ExtendedJsonDecoder,
@@ -6105,25 +6112,24 @@ def plain_records(texts: Sequence[str]) -> Iterator[dict[str, Any]] | None:
 def engine_read(engine: FolderEngine, now: datetime, tick: Any) -> SourceData:
     """``FolderSource.read_dormant`` through the engine: every member's activity and status counted in SQL,
     then the dormant members and the events step 1 reads (their history, step 2's candidates) decoded and
-    screened here."""
-    engine.scan()
-    if engine.non_documents():
-        raise EngineRefused("not a list of documents")
-    tick()
+    screened here. Each file is read once: the events, then the members (whose texts kept are the dormant ones)."""
     decoder, issues = ExtendedJsonDecoder(), Counter[str]()
-    odd_events, odd_users = odd_records(engine, "events", decoder, issues), odd_records(engine, "users", decoder, issues)
+    after, until = (epoch_micros(moment) for moment in dormant_window(now))
+    engine.scan("events", now=epoch_micros(now))
+    odd_events = odd_records(engine, "events", decoder, issues)
     engine.python_read("events", odd_events.rows, "n, key, members, start, public, host")
+    engine.sql(ENGINE_ACTIVITY)
+    tick()
+    engine.scan("users", after=after, until=until)
+    odd_users = odd_records(engine, "users", decoder, issues)
     engine.python_read("users", odd_users.rows, "n, key")
     skipped = Counter({kind: issues.pop(kind) for kind in list(issues) if kind.endswith(("_usable_id", "_too_deep"))})
-    engine.db.execute(ENGINE_ACTIVITY)
-    after, until = (epoch_micros(moment) for moment in dormant_window(now))
-    statuses = dict(engine.db.execute(ENGINE_STATUSES, {"after": after, "until": until}).fetchall())
-    engine.db.execute(ENGINE_DORMANT, {"after": after, "until": until})
+    statuses = dict(engine.sql(ENGINE_STATUSES, after=after, until=until).fetchall())
+    engine.sql(ENGINE_DORMANT, after=after, until=until)
     counted = {key: Activity(events, from_micros(last))
-               for key, events, last in engine.db.execute("SELECT key, events, last FROM dormant").fetchall()}
-    users = [user for user, _ in wanted_records(engine, "users", "SELECT n FROM dormant", odd_users, decoder, issues)]
-    rows = wanted_records(engine, "events", ENGINE_CANDIDATES.replace("$now", str(epoch_micros(now))), odd_events,
-                          decoder, issues)
+               for key, events, last in engine.sql("SELECT key, events, last FROM dormant").fetchall()}
+    users = [user for user, _ in wanted_records(engine, "users", ENGINE_DORMANT_TEXTS, odd_users, decoder, issues)]
+    rows = wanted_records(engine, "events", ENGINE_CANDIDATES, odd_events, decoder, issues, now=epoch_micros(now))
     activity = engine_activity(rows)  # every member's upcoming events (``company_going``)
     activity.counted, activity.history = counted, EngineHistory(engine, odd_events)
     events = [event for event, _ in rows]
