@@ -5543,8 +5543,9 @@ class DataSource(Protocol):
 class FolderSource:
     """A folder of ``mongoexport`` output: ``users.json`` and ``events.json``."""
 
-    def __init__(self, folder: Path, control: RunControl | None = None) -> None:
+    def __init__(self, folder: Path, control: RunControl | None = None, consent_paths: Sequence[str] = ()) -> None:
         self.folder = folder
+        self.consent_paths = consent_paths or sms_field_paths(SmsPolicy())  # read in the members' scan (``consent_rows``)
         self.label = f"folder {folder}"
         self.control = control or RunControl()  # the engine's queries are interrupted at its deadline
         self.engine: FolderEngine | None = None
@@ -5569,8 +5570,10 @@ class FolderSource:
         return SourceData(users, events, decoder.bad_values, +skipped, dict(zip(("users", "events"), files)))
 
     def consent_rows(self, paths: Sequence[str]) -> Iterator[dict[str, Any]]:
-        path = self.folder / "users.json"
-        return consent_rows_of_file(path, consent_keys(paths), self.control) if path.is_file() else iter(())
+        """Read by the members' scan when ``paths`` are the source's ``consent_paths``, else by one more scan."""
+        path, keys = self.folder / "users.json", consent_keys(paths)
+        texts = self.engine.consent_texts() if self.engine is not None and set(self.engine.consent_keys) == keys else None
+        return consent_rows_of_file(path, keys, self.control, texts) if path.is_file() else iter(())
 
 
     def read_dormant(self, now: datetime, progress: Any = None) -> SourceData:
@@ -5587,7 +5590,8 @@ class FolderSource:
         with (progress or no_progress)(total, "B") as bar:
             self.close()
             # open until ``close``: the walk reads it, its lookups bounded as any call (``RunControl.budget``)
-            self.engine = FolderEngine(files["users"], files["events"], self.control.until_deadline)
+            self.engine = FolderEngine(files["users"], files["events"], self.control.until_deadline,
+                                       consent_keys(self.consent_paths))
             try:
                 with frozen_gc():
                     data = engine_read(self.engine, now, lambda: bar.update(total // 2) if bar is not None else None)
@@ -5622,15 +5626,17 @@ def frozen_gc() -> Iterator[None]:
         gc.enable()
 
 
-def consent_rows_of_file(path: Path, keys: Collection[str], control: RunControl | None = None
-                         ) -> Iterator[dict[str, Any]]:
+def consent_rows_of_file(path: Path, keys: Collection[str], control: RunControl | None = None,
+                         texts: Sequence[str] | None = None) -> Iterator[dict[str, Any]]:
     """``consent_rows`` of a mongoexport users file: the engine selects the members with a value (a null
-    included) under one of ``keys``, one query, never every member in memory; each is decoded whole as ``read``
-    decodes it (``keep_unreadable``: an unreadable value is ``UNREADABLE``) and given by ``consent_row``. A file
-    the engine cannot read is decoded whole, as ``read`` decodes it."""
+    included) under one of ``keys`` (``texts``: already selected, by the members' scan), never every member in
+    memory; each is decoded whole as ``read`` decodes it (``keep_unreadable``: an unreadable value is
+    ``UNREADABLE``) and given by ``consent_row``. A file the engine cannot read is decoded whole, as ``read``
+    decodes it."""
     decoder = ExtendedJsonDecoder(keep_unreadable=True)
     try:
-        texts = engine_consent_texts(path, sorted(keys), (control or RunControl()).until_deadline)
+        if texts is None:
+            texts = engine_consent_texts(path, sorted(keys), (control or RunControl()).until_deadline)
     except EngineRefused:
         docs, _ = load_collection_file(path, decoder)
         yield from filter(None, (consent_row(doc, keys) for doc in docs))
@@ -5645,34 +5651,31 @@ def consent_rows_of_file(path: Path, keys: Collection[str], control: RunControl 
             yield row
 
 
+def consent_json_paths(keys: Iterable[str]) -> list[str]:
+    """Each key as a JSON path to that top-level key (a literal dotted key a key); the engine reads a key written
+    escaped as Python does."""
+    return ['$."' + key.replace("\\", "\\\\").replace('"', '\\"') + '"' for key in keys]
+
+
+def sql_text(text: str) -> str:
+    """A SQL string literal."""
+    return "'" + text.replace("'", "''") + "'"
+
+
 def engine_consent_texts(path: Path, keys: Sequence[str], limit: Any = lambda: math.inf) -> list[str]:
-    """The JSON text of each record of ``path`` holding one of ``keys`` (top-level, a literal dotted key a key);
+    """The JSON text of each record of ``path`` holding one of ``keys`` (``json_exists``: one parse a record);
     EngineRefused when the engine cannot read the file; ServiceTimeout when ``limit()`` (``EngineWatch``) ran out."""
     import duckdb
 
-    paths = ['$."' + key.replace("\\", "\\\\").replace('"', '\\"') + '"' for key in keys]
-    held = " OR ".join(f"json_type(doc, '{json_path.replace(chr(39), chr(39) * 2)}') IS NOT NULL" for json_path in paths)
-    held = f"({consent_text_filter(keys)}) AND ({held})" if held else held
+    paths = ", ".join(map(sql_text, consent_json_paths(keys)))
     try:
         with contextlib.closing(duckdb.connect()) as db, contextlib.closing(EngineWatch(db, limit)):
             return [text for (text,) in db.execute(
-                f"SELECT doc FROM {engine_records(path)} WHERE {held or 'false'} ORDER BY n").fetchall()]
+                f"SELECT doc FROM {engine_records(path)} WHERE {f'list_contains(json_exists(doc, [{paths}]), true)' if keys else 'false'} ORDER BY n").fetchall()]
     except duckdb.InterruptException:
         raise ServiceTimeout(f"reading the consent fields of {path} {UNTIL_THE_DEADLINE}: not done") from None
     except duckdb.Error:
         raise EngineRefused(str(path)) from None
-
-
-
-
-def consent_text_filter(keys: Sequence[str]) -> str:
-    """SQL true of every record that may hold one of ``keys``: its text names one (``"key"``) or holds an escape
-    (a key may be written escaped), so ``json_type`` parses only those (parsing every record cost ~0.6 s at
-    100,000 members, this ~0.1 s). A key with a quote, backslash or control character (escaped in the text) lets all pass."""
-    if any(re.search(r'["\\\x00-\x1f]', key) for key in keys):
-        return "true"
-    pattern = '\\\\|"(' + "|".join(re.escape(key) for key in keys) + ')"'  # (one pass: RE2 alternation)
-    return f"regexp_matches(doc::VARCHAR, '{pattern.replace(chr(39), chr(39) * 2)}')"
 
 
 def read_source(source: DataSource, now: datetime, progress: Any = None) -> SourceData:
@@ -5796,11 +5799,14 @@ FROM (SELECT n, doc, starts_with(doc::VARCHAR, '{{') AS object, rtt_deep(doc) OR
     json_extract(doc, ['$._id', '$.ownerId', '$.participants', '$.startDate', '$.type', '$.active',
         '$.neighborhood', '$.categories', '$.features', '$.venueName', '$.name']) AS f FROM {records}))))
 """
+# (``consent``: the text of a member holding one of the consent keys, for ``consent_rows``.)
 ENGINE_USERS = """
-CREATE TEMP TABLE users_read AS SELECT n, key, object, odd, CASE WHEN odd OR w.member IS NOT NULL THEN doc END AS doc
-FROM (SELECT n, doc, object, key, coalesce(key = {odd} OR odd_doc, false) AS odd
+CREATE TEMP TABLE users_read AS SELECT n, key, object, odd, CASE WHEN odd OR w.member IS NOT NULL THEN doc END AS doc,
+    consent FROM (SELECT n, doc, object, key, coalesce(key = {odd} OR odd_doc, false) AS odd,
+        CASE WHEN list_count(f[2:]) > 0 THEN doc END AS consent
+    FROM (SELECT n, doc, object, odd_doc, f, rtt_record_id(f[1]) AS key
     FROM (SELECT n, doc, starts_with(doc::VARCHAR, '{{') AS object, rtt_deep(doc) OR rtt_count(doc::VARCHAR, '"_id"') > 1
-        AS odd_doc, rtt_record_id(json_extract(doc, '$._id')) AS key FROM {records})) u
+        AS odd_doc, json_extract(doc, ['$._id'{consent_paths}]) AS f FROM {records}))) u
 LEFT JOIN (SELECT member FROM activity WHERE last > $after AND last <= $until) w ON w.member = u.key
 """
 # The records read, once Python has read the odd ones (``python_read``), each id kept once (the first).
@@ -5831,6 +5837,7 @@ ENGINE_DORMANT_TEXTS = "SELECT n, r.doc, rtt_plain(r.doc) FROM dormant JOIN user
 # Each dormant member's events, read when the walk reaches them (``EngineHistory``), as ``member_history``
 # reads them: id, host, place, tags, venue and name (start and members: the engine's).
 ENGINE_MEMBER_EVENTS = """
+CREATE TEMP TABLE consent_texts AS SELECT n, consent FROM users_read WHERE consent IS NOT NULL;
 CREATE TEMP TABLE member_events AS SELECT e.member, e.n FROM (SELECT n, unnest(members) AS member FROM events_kept) e
 JOIN dormant d ON d.key = e.member ORDER BY e.member;
 CREATE TEMP TABLE history_events AS SELECT n, r.slim, rtt_plain(r.slim) AS plain, e.start, e.members
@@ -5843,9 +5850,11 @@ DROP TABLE events_read; DROP TABLE events_kept; DROP TABLE events_python
 class FolderEngine:
     """One DuckDB connection over a mongoexport folder's two files: the SQL of the counting read."""
 
-    def __init__(self, users: Path, events: Path, limit: Any = lambda: math.inf) -> None:
+    def __init__(self, users: Path, events: Path, limit: Any = lambda: math.inf, consent: Collection[str] = ()) -> None:
         import duckdb
 
+        self.consent_keys = sorted(consent)  # the consent keys whose holders' texts the members' scan keeps
+        self.consent_kept = False  # (``consent_texts``: until read)
         self.db = duckdb.connect(config={"preserve_insertion_order": False})
         self.watch = EngineWatch(self.db, limit)  # every query bounded: interrupted once ``limit()`` is 0
         self.db.execute(sql_macros())
@@ -5863,7 +5872,9 @@ class FolderEngine:
         """``{name}_read``: each record's id (and an event's members and start), read once, with its text when step 1
         reads it whole (``ENGINE_EVENTS``, ``ENGINE_USERS``); EngineRefused when a record is not a document."""
         query = ENGINE_EVENTS if name == "events" else ENGINE_USERS
-        self.sql(query.format(odd=SQL_ODD, odd_start=SQL_ODD_START, records=self.records[name]), **params)
+        paths = "".join(f", {sql_text(path)}" for path in consent_json_paths(self.consent_keys))
+        self.sql(query.format(odd=SQL_ODD, odd_start=SQL_ODD_START, records=self.records[name], consent_paths=paths),
+                 **params)
         if self.db.execute(f"SELECT count(*) FROM {name}_read WHERE NOT object").fetchone()[0]:
             raise EngineRefused("not a list of documents")  # (the literal read refuses such a file)
 
@@ -5883,6 +5894,15 @@ class FolderEngine:
                         + ", ".join(f"unnest(${n}::{types[c]}[]) AS {c}" for n, c in enumerate(names, 1)),
                         [list(column) for column in zip(*rows, strict=True)] if rows else [[] for _ in names])
         self.db.execute(ENGINE_KEPT.format(name=name, columns=columns))
+
+    def consent_texts(self) -> list[str] | None:
+        """The texts of the members holding a consent key, kept by the members' scan (once; then None)."""
+        if not self.consent_kept:
+            return None
+        self.consent_kept = False
+        texts = [text for (text,) in self.db.execute("SELECT consent FROM consent_texts ORDER BY n").fetchall()]
+        self.db.execute("DROP TABLE consent_texts")
+        return texts
 
     def raw_kept(self, skipped: Mapping[str, int]) -> dict[str, list[str]]:
         """For ``data/raw/``, of a file with records screening skips: the JSON texts of the others."""
@@ -6138,6 +6158,7 @@ def engine_read(engine: FolderEngine, now: datetime, tick: Any) -> SourceData:
     issues.update({kind: n for kind, n in counts.items() if not kind.endswith(("_read", "_usable_id"))})
     raw_kept = engine.raw_kept(skipped)
     engine.sql(ENGINE_MEMBER_EVENTS)
+    engine.consent_kept = True
     tick()
     return SourceData(users, events, decoder.bad_values, +skipped, files=dict(engine.files), issues=+issues,
                       activity=activity, statuses=dict(sorted(statuses.items())),
