@@ -5752,7 +5752,8 @@ def sql_macros() -> str:
     CREATE MACRO rtt_start(j) AS CASE WHEN j IS NULL THEN NULL ELSE CASE json_type(j)
         WHEN 'VARCHAR' THEN coalesce(rtt_text_start(json_extract_string(j, '$'), '{SQL_ISO}'),
             CASE WHEN contains(json_extract_string(j, '$'), '-') THEN {SQL_ODD_START} END)
-        WHEN 'OBJECT' THEN CASE WHEN json_keys(j) = ['$date'] THEN rtt_date(json_extract(j, '$."$date"')) ELSE {SQL_ODD_START} END
+        WHEN 'OBJECT' THEN CASE WHEN json_keys(j) = ['$date'] THEN rtt_date(json_extract(j, '$."$date"'))
+            WHEN json_keys(j) = ['$numberLong'] THEN rtt_date(j) ELSE {SQL_ODD_START} END
         WHEN 'NULL' THEN NULL WHEN 'BOOLEAN' THEN NULL WHEN 'ARRAY' THEN NULL
         ELSE rtt_millis(j) END END;
     CREATE MACRO rtt_deep(doc) AS strlen(doc) > {MAX_NESTING_DEPTH} AND strlen(doc) - strlen(replace(replace(
