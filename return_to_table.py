@@ -5775,7 +5775,12 @@ def engine_records(path: Path) -> str:
     form = "array" if body.startswith(b"[") else "newline_delimited"
     name = str(path).replace("'", "''")
     return (f"(SELECT ordinality AS n, json AS doc FROM read_json_objects('{name}', format='{form}',"
-            " maximum_object_size=1073741824) WITH ORDINALITY)")
+            f" maximum_object_size={ENGINE_MAX_RECORD_BYTES}) WITH ORDINALITY)")
+
+
+# The longest record the engine reads: twice MongoDB's 16 MB document limit (a longer one makes the folder read the
+# literal way). The engine's read buffers grow with it: at 1 GB, reading 300 MB of members held ~370 MB, at this ~140 MB.
+ENGINE_MAX_RECORD_BYTES = 32 * 2**20
 
 
 # Each file is read once: the events first (each one's id, members, start, and its text when step 1 reads it
@@ -5829,15 +5834,14 @@ ENGINE_DORMANT = """
 CREATE TEMP TABLE dormant AS SELECT u.n, u.key, a.events, a.last FROM users_kept u JOIN activity a ON a.member = u.key
 WHERE a.last > $after AND a.last <= $until
 """
-# The events step 1 reads whole: those naming a dormant member (their history) and step 2's candidates.
-ENGINE_CANDIDATES = """
-SELECT n, r.doc, rtt_plain(r.doc), k.start, k.members FROM events_kept k JOIN events_read r USING (n)
-WHERE k.public AND k.start > $now ORDER BY n
-"""
-ENGINE_DORMANT_TEXTS = "SELECT n, r.doc, rtt_plain(r.doc) FROM dormant JOIN users_read r USING (n) ORDER BY n"
-# Each dormant member's events, read when the walk reaches them (``EngineHistory``), as ``member_history``
-# reads them: id, host, place, tags, venue and name (start and members: the engine's).
-ENGINE_MEMBER_EVENTS = """
+# What step 1 reads whole, kept apart (the texts of the dormant members and of step 2's candidates, those naming a
+# member who has a preference key), and each dormant member's events, read when the walk reaches them
+# (``EngineHistory``) as ``member_history`` reads them: id, host, place, tags, venue and name (start and members:
+# the engine's). Then the scans' tables go, before Python decodes the texts.
+ENGINE_KEEP = """
+CREATE TEMP TABLE dormant_texts AS SELECT n, r.doc, rtt_plain(r.doc) AS plain FROM dormant JOIN users_read r USING (n);
+CREATE TEMP TABLE candidate_texts AS SELECT n, r.doc, rtt_plain(r.doc) AS plain, k.start, k.members
+FROM events_kept k JOIN events_read r USING (n) WHERE k.public AND k.start > {now};
 CREATE TEMP TABLE consent_texts AS SELECT n, consent FROM users_read WHERE consent IS NOT NULL;
 CREATE TEMP TABLE member_events AS SELECT e.member, e.n FROM (SELECT n, unnest(members) AS member FROM events_kept) e
 JOIN dormant d ON d.key = e.member ORDER BY e.member;
@@ -5856,7 +5860,9 @@ class FolderEngine:
 
         self.consent_keys = sorted(consent)  # the consent keys whose holders' texts the members' scan keeps
         self.consent_kept = False  # (``consent_texts``: until read)
-        self.db = duckdb.connect(config={"preserve_insertion_order": False})
+        # (memory the engine frees goes back to the system at once: a million members' scans free hundreds of MB)
+        self.db = duckdb.connect(config={"preserve_insertion_order": False, "allocator_flush_threshold": "8MB",
+                                         "allocator_bulk_deallocation_flush_threshold": "8MB"})
         self.watch = EngineWatch(self.db, limit)  # every query bounded: interrupted once ``limit()`` is 0
         self.db.execute(sql_macros())
         self.files = {"users": users, "events": events}
@@ -6149,17 +6155,19 @@ def engine_read(engine: FolderEngine, now: datetime, tick: Any) -> SourceData:
     engine.sql(ENGINE_DORMANT, after=after, until=until)
     counted = {key: Activity(events, from_micros(last))
                for key, events, last in engine.sql("SELECT key, events, last FROM dormant").fetchall()}
-    users = [user for user, _ in wanted_records(engine, "users", ENGINE_DORMANT_TEXTS, odd_users, decoder, issues)]
-    rows = wanted_records(engine, "events", ENGINE_CANDIDATES, odd_events, decoder, issues, now=epoch_micros(now))
-    activity = engine_activity(rows)  # every member's upcoming events (``company_going``)
-    activity.counted, activity.history = counted, EngineHistory(engine, odd_events)
-    events = [event for event, _ in rows]
     counts = engine.counts()
     skipped.update({kind: n for kind, n in counts.items() if kind.endswith("_usable_id")})
     issues.update({kind: n for kind, n in counts.items() if not kind.endswith(("_read", "_usable_id"))})
     raw_kept = engine.raw_kept(skipped)
-    engine.sql(ENGINE_MEMBER_EVENTS)
+    engine.sql(ENGINE_KEEP.format(now=epoch_micros(now)))  # (a multi-statement query takes no parameters)
     engine.consent_kept = True
+    users = [user for user, _ in wanted_records(engine, "users", "SELECT * FROM dormant_texts ORDER BY n", odd_users,
+                                                decoder, issues)]
+    rows = wanted_records(engine, "events", "SELECT * FROM candidate_texts ORDER BY n", odd_events, decoder, issues)
+    engine.sql("DROP TABLE dormant_texts; DROP TABLE candidate_texts")
+    activity = engine_activity(rows)  # every member's upcoming events (``company_going``)
+    activity.counted, activity.history = counted, EngineHistory(engine, odd_events)
+    events = [event for event, _ in rows]
     tick()
     return SourceData(users, events, decoder.bad_values, +skipped, files=dict(engine.files), issues=+issues,
                       activity=activity, statuses=dict(sorted(statuses.items())),
