@@ -1290,19 +1290,6 @@ def clean_document(value: Any, found: Counter[str], limit: int = MAX_TEXT_CHARS,
     return clean_document(str(value), found, limit, level)  # other BSON values (code, regex, binary) as text
 
 
-def usable_ids(values: Sequence[Any]) -> list[str | None]:
-    """``usable_id`` of each value, the usual form (a clean string) without a call."""
-    found: list[str | None] = []
-    for value in values:
-        if type(value) is str:
-            key = value.strip()
-            if key and len(key) <= MAX_TEXT_CHARS and key.isprintable():
-                found.append(key)
-                continue
-        found.append(usable_id(value))
-    return found
-
-
 def usable_id(value: Any) -> str | None:
     """A record's ``_id`` as an id string, or None when it is odd: no ObjectId or clean, bounded string."""
     if type(value) is str:  # the usual form, without the checks below
@@ -5760,7 +5747,8 @@ def sql_macros() -> str:
         doc::VARCHAR, '{{', ''), '[', '')) > {MAX_NESTING_DEPTH};
     CREATE MACRO rtt_count(doc, part) AS (strlen(doc) - strlen(replace(doc, part, ''))) // strlen(part);
     CREATE MACRO rtt_plain(doc) AS CASE
-        WHEN regexp_matches(doc, '\\\\|{sql_control_class()}|[^"]{{{MAX_TEXT_CHARS + 1},}}') THEN {FORM_SLOW}
+        WHEN regexp_matches(doc, '\\\\|{sql_control_class()}|[^"]{{{MAX_TEXT_CHARS + 1},}}|{_BIG_INTEGER.pattern.decode()}')
+            THEN {FORM_SLOW}
         WHEN NOT contains(doc, '"$') THEN {FORM_PLAIN}
         WHEN rtt_count(doc, '"$') = rtt_count(doc, '"$oid"') + rtt_count(doc, '"$date"')
             + rtt_count(doc, '"$numberLong"') + rtt_count(doc, '"$numberInt"') + rtt_count(doc, '"$numberDouble"')
@@ -6124,14 +6112,13 @@ HISTORY_LOOKUPS = 100  # members looked up one by one before ``EngineHistory`` r
 
 
 def plain_records(texts: Sequence[str]) -> Iterator[dict[str, Any]] | None:
-    """Records of plain JSON (``rtt_plain``: no Extended JSON, escape, control character or long text)
-    decoded at once: what ``json_util`` and screening give them unchanged; None when orjson cannot vouch
-    for one (a big integer, NaN): each is then read alone."""
-    data = ("[" + ",".join(texts) + "]").encode()
-    if orjson is None or _BIG_INTEGER.search(data):
+    """Records of plain JSON (``rtt_plain``: no Extended JSON, escape, control character, long text or big
+    integer) decoded at once: what ``json_util`` and screening give them unchanged; None when orjson cannot
+    vouch for one (NaN): each is then read alone."""
+    if orjson is None:
         return None
     try:
-        return iter(orjson.loads(data))
+        return iter(orjson.loads("[" + ",".join(texts) + "]"))
     except orjson.JSONDecodeError:
         return None
 
