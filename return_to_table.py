@@ -1729,11 +1729,7 @@ def clean_interests(value: Any) -> list[str]:
     """The usable interests: non-empty strings from a list, trimmed, each once, in order."""
     if not isinstance(value, list):
         return []
-    seen: dict[str, None] = {}
-    for item in value:
-        if isinstance(item, str) and item.strip():
-            seen.setdefault(item.strip(), None)
-    return list(seen)
+    return list(dict.fromkeys(text for text in (item.strip() for item in value if isinstance(item, str)) if text))
 
 
 def derive_engagement(last_event: datetime | None, now: datetime) -> tuple[int | None, str]:
@@ -5833,7 +5829,7 @@ FROM events_kept k JOIN events_read r USING (n) WHERE k.public AND k.start > {no
 CREATE TEMP TABLE consent_texts AS SELECT n, consent FROM users_read WHERE consent IS NOT NULL;
 CREATE TEMP TABLE member_events AS SELECT e.member, e.n FROM (SELECT n, unnest(members) AS member FROM events_kept) e
 JOIN dormant d ON d.key = e.member ORDER BY e.member;
-CREATE TEMP TABLE history_events AS SELECT n, r.slim, rtt_plain(r.slim) AS plain, e.start, e.members
+CREATE TEMP TABLE history_events AS SELECT n, r.slim, e.start, e.members
 FROM events_kept e JOIN events_read r USING (n) WHERE n IN (SELECT n FROM member_events) ORDER BY n;
 DROP TABLE users_read; DROP TABLE users_kept; DROP TABLE users_python; DROP TABLE activity; DROP TABLE dormant;
 DROP TABLE events_read; DROP TABLE events_kept; DROP TABLE events_python
@@ -6097,13 +6093,13 @@ class EngineHistory:
         if (self.held is None and self.calls == HISTORY_LOOKUPS + 1
                 and db.execute("SELECT count(*) FROM member_events").fetchone()[0] <= HISTORY_HELD):
             self.held = {}
-            for name, *row in db.execute("SELECT m.member, h.n, h.slim, h.plain, h.start, h.members FROM member_events m"
+            for name, *row in db.execute("SELECT m.member, h.n, h.slim, rtt_plain(h.slim), h.start, h.members FROM member_events m"
                                          " JOIN history_events h USING (n) ORDER BY m.member, h.n").fetchall():
                 self.held.setdefault(name, []).append(tuple(row))
         if self.held is not None:
             return self.held.get(member, [])
         places = [str(n) for (n,) in db.execute("SELECT n FROM member_events WHERE member = $m", {"m": member}).fetchall()]
-        return db.execute(f"SELECT n, slim, plain, start, members FROM history_events WHERE n IN ({', '.join(places)})"
+        return db.execute(f"SELECT n, slim, rtt_plain(slim), start, members FROM history_events WHERE n IN ({', '.join(places)})"
                           " ORDER BY n").fetchall() if places else []
 
 
