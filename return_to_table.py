@@ -5907,12 +5907,10 @@ class FolderEngine:
         """Records read, skipped (no usable id) and repeated, per file; events without a start."""
         found: dict[str, int] = {}
         for name in ("users", "events"):
-            total, unusable = self.db.execute(
-                f"SELECT count(*), count(*) FILTER (WHERE NOT odd AND key IS NULL) FROM {name}_read").fetchone()
-            (kept,) = self.db.execute(f"SELECT count(*) FROM {name}_kept").fetchone()
-            (python,) = self.db.execute(f"SELECT count(*) FROM {name}_python WHERE key IS NOT NULL").fetchone()
-            (usable,) = self.db.execute(f"SELECT count(*) FROM {name}_read WHERE NOT odd AND key IS NOT NULL"
-                                        ).fetchone()
+            total, unusable, usable, python, kept = self.db.execute(
+                f"SELECT count(*), count(*) FILTER (WHERE NOT odd AND key IS NULL), count(*) FILTER (WHERE NOT odd AND"
+                f" key IS NOT NULL), (SELECT count(key) FROM {name}_python), (SELECT count(*) FROM {name}_kept)"
+                f" FROM {name}_read").fetchone()
             found |= {f"{name}_read": total, f"{name}_without_usable_id": unusable,
                       f"repeated_{name[:-1]}_ids": usable + python - kept}
         (found["events_without_valid_start_date"],) = self.db.execute(
@@ -5968,9 +5966,9 @@ class EngineRefused(Exception):
 def decode_text(text: str, what: str, decoder: ExtendedJsonDecoder, issues: Counter[str]) -> dict[str, Any] | None:
     """One record's JSON text decoded and screened (``screen_records``), or None when screening skips it
     (counted in ``issues``)."""
-    doc = fast_record(text.encode(), decoder)
+    docs = fast_decode(f"[{text}]".encode(), decoder)  # (orjson, or None for the literal decoder)
     try:
-        doc = decoder.loads(text) if doc is None else doc
+        doc = decoder.loads(text) if docs is None else docs[0]
     except RecursionError:
         issues[f"{what}_nested_too_deep"] += 1
         return None
@@ -5981,19 +5979,6 @@ def decode_text(text: str, what: str, decoder: ExtendedJsonDecoder, issues: Coun
     screened = screen_records([doc], what)
     issues.update(screened.issues)
     return screened.records[0] if screened.records else None
-
-
-def fast_record(data: bytes, decoder: ExtendedJsonDecoder) -> Any:
-    """One record through orjson and ``extended_values`` (what ``json_util`` gives), or None for the literal
-    decoder to read (``fast_decode``'s refusals)."""
-    if orjson is None or _BIG_INTEGER.search(data):
-        return None
-    bad_before = decoder.bad_values
-    try:
-        return extended_values(orjson.loads(data), decoder)
-    except (orjson.JSONDecodeError, FastPathRefused, RecursionError):
-        decoder.bad_values = bad_before
-        return None
 
 
 def epoch_micros(moment: datetime | None) -> int | None:
@@ -6043,17 +6028,18 @@ def wanted_records(engine: FolderEngine, name: str, query: str, odd: OddRecords,
 def wanted_records_of(batch: Sequence[tuple[Any, ...]], name: str, odd: OddRecords, decoder: ExtendedJsonDecoder,
                       issues: Counter[str]) -> list[tuple[dict[str, Any], tuple[Any, ...]]]:
     """``wanted_records`` of one batch of rows."""
-    found = []
     plain = plain_records([row[1] for row in batch if row[2] != FORM_SLOW and row[0] not in odd.records])
+    found = []
     for n, text, form, *rest in batch:
-        record = odd.records.get(n) if n in odd.records else None if form == FORM_SLOW or plain is None else next(plain)
-        if form == FORM_DATES_IDS and n not in odd.records and plain is not None:
-            record = extended_values(dict(record), decoder)  # (clean text: screening would change nothing)
-            record = record if type(record) is dict else None
-        elif form == FORM_PLAIN and record is not None and n not in odd.records:
-            record = PlainRecord(record)
-        if record is None and n not in odd.records:
+        if n in odd.records:
+            record = odd.records[n]
+        elif form == FORM_SLOW or plain is None:
             record = decode_text(text, name, decoder, issues)
+        elif form == FORM_PLAIN:
+            record = PlainRecord(next(plain))
+        else:  # (clean text whose Extended JSON is $oid, $date or numbers: screening would change nothing)
+            record = extended_values(next(plain), decoder)
+            record = record if type(record) is dict else decode_text(text, name, decoder, issues)
         if record is not None:
             found.append((record, tuple(rest)))
     return found
