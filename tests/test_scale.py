@@ -368,24 +368,13 @@ def test_the_candidate_index_scores_every_member_as_score_candidates(tmp_path, h
 def test_no_event_scores_above_its_bound(tmp_path, hoods):
     members, events, index = reached_world(tmp_path, hoods)
     position = {id(e): n for n, e in enumerate(events)}
+    named = 0  # candidates whose host, series or company the member's history counts: bounded on their own rows
     for member in members:
         reader = index.reader(member)
         for c in rtt.score_candidates(member, events, hoods, NOW):
             assert c.total <= index.bound(reader, position[id(c.event)])
-
-
-def test_a_group_bound_is_at_least_the_bound_of_each_event_in_it_the_history_does_not_name(tmp_path, hoods):
-    members, _events, index = reached_world(tmp_path, hoods)
-    opened = 0
-    for member in members:
-        reader = index.reader(member)
-        own = index.own_positions(reader.habits)
-        for bound, kind, item in index.pending(reader, index.narrowed_groups(reader.interests), own):
-            if kind == 1:
-                inside = [n for n in index.groups[item].positions if n not in own]
-                opened += len(inside)
-                assert all(b <= -bound for b, _ in index.bounds(reader, inside))
-    assert opened > 300 and any(index.own_positions(index.reader(m).habits) for m in members)
+            named += bool(c.history.host_events or c.history.series_events or c.history.company)
+    assert named > 10
 
 
 def test_the_first_candidates_are_found_without_scoring_every_event(tmp_path, hoods, monkeypatch):
@@ -400,6 +389,8 @@ def test_the_first_candidates_are_found_without_scoring_every_event(tmp_path, ho
         first = list(itertools.islice(index.ranked(member), wanted))
         assert first == score(member, events, hoods, NOW)[:wanted]
     narrowed = sum(len(index.positions(m)) for m in members)
+    assert all(index.positions(m) == [n for n, e in enumerate(events) if e.get("remaining_spots") != 0 and
+                                      rtt.matched_interests(m["interests"], rtt.event_tags(e))] for m in members)
     assert sum(scored) < narrowed * 0.9  # the bounds spare scoring even in a small world (at 1M: 146 of 3,724)
 
 
