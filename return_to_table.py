@@ -1693,6 +1693,11 @@ class ActivityIndex(Mapping[str, Activity]):
     def __len__(self) -> int:
         return sum(1 for _ in self)
 
+    def expect(self, members: Sequence[str]) -> None:
+        """The members the walk will reach, in its order: ``history`` may read several at once."""
+        if self.history is not None:
+            self.history.expect([m for m in members if m in self.counted])
+
     def attended(self, member: str) -> tuple[Attended, ...]:
         """The member's dated events in start order, each with everyone at it."""
         if self.history is not None and member in self.counted:
@@ -5962,6 +5967,9 @@ class EngineHistory:
         self.engine, self.odd = engine, odd
         self.held: dict[str, list[tuple[Any, ...]]] | None = None  # every member's rows, when they are few
         self.calls = 0
+        self.order: list[str] = []  # the members the walk will reach, in its order (``expect``)
+        self.walk: dict[str, int] = {}  # each one's place in it
+        self.ahead: dict[str, list[tuple[Any, ...]]] = {}  # rows read with an earlier member's
 
     def __call__(self, member: str) -> tuple[Attended, ...]:
         found = self.rows(member)
@@ -5971,7 +5979,8 @@ class EngineHistory:
     def rows(self, member: str) -> list[tuple[Any, ...]]:
         """The member's rows of ``history_events``: two lookups, or, once ``HISTORY_LOOKUPS`` members were looked up
         and up to ``HISTORY_HELD`` rows in all, from every member's rows read at once (a lookup costs a
-        millisecond or two; reading them all ~0.5 s at 100,000 members: a walk of ten reads ten)."""
+        millisecond or two; reading them all ~0.5 s at 100,000 members: a walk of ten reads ten); a member
+        the walk expects (``expect``), read with the next ones'."""
         db = self.engine.db
         self.calls += 1
         if (self.held is None and self.calls == HISTORY_LOOKUPS + 1
@@ -5982,11 +5991,32 @@ class EngineHistory:
                 self.held.setdefault(name, []).append(tuple(row))
         if self.held is not None:
             return self.held.get(member, [])
+        if member in self.walk and member not in self.ahead:
+            self.read_ahead(member)
+        if member in self.ahead:
+            return self.ahead.pop(member)
         places = [str(n) for (n,) in db.execute("SELECT n FROM member_events WHERE member = $m", {"m": member}).fetchall()]
         return db.execute(f"SELECT n, slim, plain, start, members FROM history_events WHERE n IN ({', '.join(places)})"
                           " ORDER BY n").fetchall() if places else []
 
+    def expect(self, members: Sequence[str]) -> None:
+        """The members the walk will reach, in its order: a member's rows are then read with the next
+        ``HISTORY_AHEAD`` members' (at a million members one lookup scans ~0.4M rows: 15 ms of CPU; a
+        thousand members read at once, 0.03 ms each)."""
+        self.order = list(dict.fromkeys(members))
+        self.walk = {m: n for n, m in enumerate(self.order)}
 
+    def read_ahead(self, member: str) -> None:
+        """The rows of ``member`` and of the ``HISTORY_AHEAD`` members the walk reaches after it, into ``ahead``."""
+        at = self.walk[member]
+        self.ahead = {m: [] for m in self.order[at:at + HISTORY_AHEAD]}
+        for name, *row in self.engine.db.execute(
+                "SELECT m.member, h.n, h.slim, h.plain, h.start, h.members FROM member_events m JOIN history_events h"
+                " USING (n) WHERE m.member IN (SELECT unnest($m)) ORDER BY m.member, h.n", {"m": list(self.ahead)}).fetchall():
+            self.ahead[name].append(tuple(row))
+
+
+HISTORY_AHEAD = 1000  # members whose rows ``EngineHistory`` reads at once, in the walk's order
 HISTORY_HELD = 200_000  # dormant members' event rows read at once (``EngineHistory``); more are looked up per member
 HISTORY_LOOKUPS = 100  # members looked up one by one before ``EngineHistory`` reads every row at once
 
@@ -7666,6 +7696,8 @@ class MemberWalk:
         dashboard item by item) and once more at the end.
         """
         done: list[UserOutcome] = []
+        if isinstance(self.activity, ActivityIndex):  # their histories read a thousand at once (at 1M: 40 ms each alone)
+            self.activity.expect([user["_id"] for _, user in walk if "event_history" not in user])
         waiting = list(reversed(self.reach_order(walk, events)))
         width = self.options.concurrency if self.advisor is not None else 1
         try:
