@@ -384,6 +384,7 @@ def test_the_first_candidates_are_found_without_scoring_every_event(tmp_path, ho
     monkeypatch.setattr(rtt, "score_candidates", lambda user, batch, *rest: scored.append(len(batch)) or score(
         user, batch, *rest))
     monkeypatch.setattr(rtt, "RANKED_BATCH", 1)  # the world is small: one event at a time shows the bound at work
+    monkeypatch.setattr(rtt, "BEST_FIRST", 3)  # and the events past the first few, sorted only when reached
     wanted = rtt.MAX_NEXT_EVENTS + 1  # the rules' pick and the fallbacks after it
     for member in members:
         first = list(itertools.islice(index.ranked(member), wanted))
