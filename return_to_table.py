@@ -5971,12 +5971,10 @@ def engine_activity(rows: Sequence[tuple[dict[str, Any], tuple[Any, ...]]]) -> A
 
 class EngineHistory:
     """A dormant member's events, read from the engine when the walk reaches the member (``ActivityIndex.history``):
-    a million-member folder has a hundred thousand dormant members and the walk reaches a few hundred."""
+    a million-member folder has a hundred thousand dormant members and the walk reaches a few thousand."""
 
     def __init__(self, engine: FolderEngine, odd: OddRecords) -> None:
         self.engine, self.odd = engine, odd
-        self.held: dict[str, list[tuple[Any, ...]]] | None = None  # every member's rows, when they are few
-        self.calls = 0
         self.order: list[str] = []  # the members the walk will reach, in its order (``expect``)
         self.walk: dict[str, int] = {}  # each one's place in it
         self.ahead: dict[str, list[tuple[Any, ...]]] = {}  # rows read with an earlier member's
@@ -5986,49 +5984,27 @@ class EngineHistory:
         rows = wanted_records_of(found, "events", self.odd, ExtendedJsonDecoder(), Counter()) if found else []
         return engine_activity(rows).attended(member)
 
-    def rows(self, member: str) -> list[tuple[Any, ...]]:
-        """The member's rows of ``history_events``: two lookups, or, once ``HISTORY_LOOKUPS`` members were looked up
-        and up to ``HISTORY_HELD`` rows in all, from every member's rows read at once (a lookup costs a
-        millisecond or two; reading them all ~0.5 s at 100,000 members: a walk of ten reads ten); a member
-        the walk expects (``expect``), read with the next ones'."""
-        db = self.engine.db
-        self.calls += 1
-        if (self.held is None and self.calls == HISTORY_LOOKUPS + 1
-                and db.execute("SELECT count(*) FROM member_events").fetchone()[0] <= HISTORY_HELD):
-            self.held = {}
-            for name, *row in db.execute("SELECT m.member, h.n, h.slim, h.plain, h.start, h.members FROM member_events m"
-                                         " JOIN history_events h USING (n) ORDER BY m.member, h.n").fetchall():
-                self.held.setdefault(name, []).append(tuple(row))
-        if self.held is not None:
-            return self.held.get(member, [])
-        if member in self.walk and member not in self.ahead:
-            self.read_ahead(member)
-        if member in self.ahead:
-            return self.ahead.pop(member)
-        places = [str(n) for (n,) in db.execute("SELECT n FROM member_events WHERE member = $m", {"m": member}).fetchall()]
-        return db.execute(f"SELECT n, slim, plain, start, members FROM history_events WHERE n IN ({', '.join(places)})"
-                          " ORDER BY n").fetchall() if places else []
-
     def expect(self, members: Sequence[str]) -> None:
-        """The members the walk will reach, in its order: a member's rows are then read with the next
-        ``HISTORY_AHEAD`` members' (at a million members one lookup scans ~0.4M rows: 15 ms of CPU; a
-        thousand members read at once, 0.03 ms each)."""
+        """The members the walk will reach, in its order (``rows`` reads them ``HISTORY_AHEAD`` at a time)."""
         self.order = list(dict.fromkeys(members))
         self.walk = {m: n for n, m in enumerate(self.order)}
 
-    def read_ahead(self, member: str) -> None:
-        """The rows of ``member`` and of the ``HISTORY_AHEAD`` members the walk reaches after it, into ``ahead``."""
-        at = self.walk[member]
-        self.ahead = {m: [] for m in self.order[at:at + HISTORY_AHEAD]}
-        for name, *row in self.engine.db.execute(
-                "SELECT m.member, h.n, h.slim, h.plain, h.start, h.members FROM member_events m JOIN history_events h"
-                " USING (n) WHERE m.member IN (SELECT unnest($m)) ORDER BY m.member, h.n", {"m": list(self.ahead)}).fetchall():
-            self.ahead[name].append(tuple(row))
+    def rows(self, member: str) -> list[tuple[Any, ...]]:
+        """The member's rows of ``history_events``, read with those of the next ``HISTORY_AHEAD`` members the walk
+        expects (at a million members one member's lookup scans ~0.4M rows, ~15 ms of CPU; a thousand members
+        read at once, 0.03 ms each)."""
+        if member not in self.ahead:
+            at = self.walk.get(member)
+            self.ahead = {m: [] for m in (self.order[at:at + HISTORY_AHEAD] if at is not None else [member])}
+            for name, *row in self.engine.db.execute(
+                    "SELECT m.member, h.n, h.slim, h.plain, h.start, h.members FROM member_events m JOIN history_events h"
+                    " USING (n) WHERE m.member IN (SELECT unnest($m)) ORDER BY m.member, h.n", {"m": list(self.ahead)}
+                    ).fetchall():
+                self.ahead[name].append(tuple(row))
+        return self.ahead.pop(member)
 
 
 HISTORY_AHEAD = 1000  # members whose rows ``EngineHistory`` reads at once, in the walk's order
-HISTORY_HELD = 200_000  # dormant members' event rows read at once (``EngineHistory``); more are looked up per member
-HISTORY_LOOKUPS = 100  # members looked up one by one before ``EngineHistory`` reads every row at once
 
 
 def plain_records(texts: Sequence[str]) -> Iterator[dict[str, Any]] | None:

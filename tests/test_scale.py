@@ -178,8 +178,7 @@ def literal(monkeypatch: pytest.MonkeyPatch) -> None:
 def test_the_counting_read_and_the_literal_reading_give_the_same_outputs(tmp_path, monkeypatch, canonical, lines):
     folder = write_world(tmp_path / "world", *messy_world(canonical=canonical), lines=lines)
     assert rtt.FolderSource(folder).read_dormant(NOW).activity is not None  # the engine, not its fallback
-    monkeypatch.setattr(rtt, "HISTORY_HELD", 0 if lines else 10**9)  # each history looked up, or all read at once
-    monkeypatch.setattr(rtt, "HISTORY_LOOKUPS", 0 if canonical else 2)  # (at the first call, or after two lookups)
+    monkeypatch.setattr(rtt, "HISTORY_AHEAD", 1 if lines else 7 if canonical else 1000)  # histories read n at a time
     fast = run_folder(folder, tmp_path / "fast", "--limit", REACH_ALL)
     with monkeypatch.context() as patch:
         literal(patch)
