@@ -10648,21 +10648,32 @@ def read_screened(source: DataSource) -> ScreenedInput:
     return ScreenedInput(kept_users, kept_events, issues, empty_collections(data))
 
 
+def after(timeline: Sequence[tuple[datetime, str]], day: datetime) -> int:
+    """Where the entries after ``day`` begin in a time-ordered (moment, id) list."""
+    return bisect.bisect_right(timeline, day, key=lambda entry: entry[0])
+
+
 @dataclass(frozen=True)
 class History:
-    """Members and events read once, indexed by time, so each as-of date is a slice, never a new scan.
-
-    ``events`` (dated, by ``starts``) and ``unknown_yet`` (the same, as a date before their start sees them);
-    per member, (start, event id) of every event joined or hosted (``attended``) and (start, host id) of
-    every event joined as a guest (``joined_hosts``), in time order.
-    """
+    """Members and events read once, indexed by time, so each as-of date is a slice, never a new scan."""
 
     users: list[dict[str, Any]]
-    events: list[dict[str, Any]]
+    events: list[dict[str, Any]]  # the dated events, by start (``starts``)
     starts: list[datetime]
-    unknown_yet: list[dict[str, Any]]
-    attended: dict[str, list[tuple[datetime, str]]]
-    joined_hosts: dict[str, list[tuple[datetime, str]]]
+    unknown_yet: list[dict[str, Any]]  # the same events as a date before their start sees them
+    attended: dict[str, list[tuple[datetime, str]]]  # per member, (start, event id) joined or hosted, in time order
+    joined_hosts: dict[str, list[tuple[datetime, str]]]  # per member, (start, host id) joined as a guest, in order
+
+    def at(self, day: datetime) -> tuple[DormancyCensus, list[FutureEvent]]:
+        """Steps 1 and 2 as they would have run at ``day``, from the events started by then."""
+        cut = bisect.bisect_right(self.starts, day)
+        activity = index_member_activity(self.events[:cut], DataIssues())  # counted once, in build_history
+        return find_dormant_users(self.users, activity, day), find_future_events(self.unknown_yet[cut:], day)
+
+    def went(self, member: str, start: datetime, end: datetime) -> set[str]:
+        """The events a member joined or hosted that start in (start, end]: the truth for one as-of date."""
+        timeline = self.attended.get(member, [])
+        return {event_id for _, event_id in timeline[after(timeline, start):after(timeline, end)]}
 
 
 def build_history(users: list[dict[str, Any]], events: Sequence[dict[str, Any]], issues: DataIssues) -> History:
@@ -10681,24 +10692,6 @@ def build_history(users: list[dict[str, Any]], events: Sequence[dict[str, Any]],
     unknown_yet = [{**{k: v for k, v in e.items() if k not in PARTICIPANT_FIELDS}, "participants": []}
                    for _, e in dated]  # nobody going yet, nothing computed from who is (``NO_LEAK_RULE``)
     return History(users, [e for _, e in dated], [s for s, _ in dated], unknown_yet, attended, joined_hosts)
-
-
-def world_at(history: History, day: datetime) -> tuple[DormancyCensus, list[FutureEvent]]:
-    """Steps 1 and 2 as they would have run at ``day``, from the events started by then."""
-    cut = bisect.bisect_right(history.starts, day)
-    activity = index_member_activity(history.events[:cut], DataIssues())  # counted once, in build_history
-    return find_dormant_users(history.users, activity, day), find_future_events(history.unknown_yet[cut:], day)
-
-
-def after(timeline: Sequence[tuple[datetime, str]], day: datetime) -> int:
-    """Where the entries after ``day`` begin in a time-ordered (moment, id) list."""
-    return bisect.bisect_right(timeline, day, key=lambda entry: entry[0])
-
-
-def attended_between(history: History, member: str, start: datetime, end: datetime) -> set[str]:
-    """The events a member joined or hosted that start in (start, end]: the truth for one as-of date."""
-    timeline = history.attended.get(member, [])
-    return {event_id for _, event_id in timeline[after(timeline, start):after(timeline, end)]}
 
 
 def favourite_hosts(joined: Sequence[tuple[datetime, str]]) -> list[str]:
@@ -10721,17 +10714,13 @@ def host_next(candidates: Sequence[Candidate], hosts: Sequence[str]) -> Candidat
 
 
 class Trial(NamedTuple):
-    """One eligible member who came back within the window after one as-of date, and how each method did.
-
-    ``hits``: per method (and ``oracle``), 1.0 a hit and 0.0 a miss; ``random`` holds its expectation.
-    ``fallbacks``: the baselines that fell back to the soonest candidate. ``--fit`` re-ranks ``candidates``.
-    """
+    """One eligible member who came back within the window after one as-of date, and how each method did."""
 
     member: str
-    candidates: Sequence[Candidate]
+    candidates: Sequence[Candidate]  # as scored at the date (``--fit`` ranks them again)
     attended: set[str]  # the truth: the events they joined or hosted within the window
-    hits: dict[str, float]
-    fallbacks: frozenset[str]
+    hits: dict[str, float]  # per method (and ``oracle``): 1.0 a hit, 0.0 a miss; ``random`` its expectation
+    fallbacks: frozenset[str]  # the baselines that fell back to the soonest candidate
 
 
 def score_trial(user: Mapping[str, Any], candidates: Sequence[Candidate], attended: set[str],
@@ -10757,18 +10746,15 @@ def score_trial(user: Mapping[str, Any], candidates: Sequence[Candidate], attend
 
 def backtest_date(history: History, day: datetime, window_days: int, hoods: NeighbourhoodMap,
                   pick: Picker, weights: MatchWeights = BUILT_IN_MATCH_WEIGHTS) -> tuple[int, list[Trial]]:
-    """One as-of date: how many members were eligible, and a trial for each who came back within the window.
-
-    Every eligible member is matched, in rank order, and takes a seat at their pick among the candidates with
-    one left (``ALLOCATION_RULE``); only members who came back are scored.
-    """
-    census, future = world_at(history, day)
+    """One as-of date: the eligible members, and a trial for each who came back within the window. Every
+    eligible member, in rank order, takes a seat at their pick among those left (``ALLOCATION_RULE``)."""
+    census, future = history.at(day)
     end = day + timedelta(days=window_days)
     seats = SeatLedger(DEFAULT_INVITES_PER_SPOT, DEFAULT_MAX_INVITES_PER_EVENT)
-    index = CandidateIndex.build(future, hoods, day, weights) if pick is rules_pick else None  # the rules' first, lazily
+    index = CandidateIndex.build(future, hoods, day, weights) if pick is rules_pick else None  # the rules', lazily
     trials = []
     for user in census.eligible:
-        attended = attended_between(history, user["_id"], day, end)
+        attended = history.went(user["_id"], day, end)
         if attended or index is None:
             candidates = score_candidates(user, future, hoods, day, weights)
             seated = pick(user, list(seats.open_only(user["_id"], candidates)))
@@ -10785,11 +10771,8 @@ def backtest_date(history: History, day: datetime, window_days: int, hoods: Neig
 
 def as_of_dates(start: datetime, end: datetime, every_days: int) -> list[datetime]:
     """``start``, then every ``every_days`` up to ``end`` included (one past ``MAX_BACKTEST_DATES`` at most)."""
-    days, day = [], start
-    while day <= end and len(days) <= MAX_BACKTEST_DATES:
-        days.append(day)
-        day += timedelta(days=every_days)
-    return days
+    count = (end - start) // timedelta(days=every_days) + 1
+    return [start + timedelta(days=every_days * i) for i in range(min(count, MAX_BACKTEST_DATES + 1))]
 
 
 def percentile(ordered: Sequence[float], q: float) -> float:
@@ -10846,7 +10829,8 @@ def pooled_row(dated: Sequence[tuple[datetime, int, list[Trial]]], resamples: in
     intervals = bootstrap_intervals([(t.member, {**t.hits, "lead": t.hits["rules"] - t.hits[best]}) for t in trials],
                                     resamples, seed)
     row["interval_95"] = {name: list(intervals[name]) for name in (*BACKTEST_METHODS, "oracle")}
-    row["lead"] = {"over": best, "points": round(rates["rules"] - rates[best], 4), "interval_95": list(intervals["lead"])}
+    row["lead"] = {"over": best, "points": round(rates["rules"] - rates[best], 4),
+                   "interval_95": list(intervals["lead"])}
     return row
 
 
@@ -10901,45 +10885,28 @@ def lead_line(report: Mapping[str, Any]) -> str:
 
 def backtest_markdown(report: Mapping[str, Any]) -> str:
     """The human report: the question, the rules of the game, the table and the caveats."""
-    lines = [
-        "# Return To Table backtest",
-        "",
-        "Would the rules matcher's pick for each eligible member have been an event they really went to?",
-        "",
+    asked = [
         (f"- Source: {cell(report['source'])}; as-of dates D from {report['from'][:10]} to {report['to'][:10]} "
          f"every {report['every_days']} days ({len(report['dates'])} dates); window W = {report['window_days']} days"),
         f"- Truth: {report['truth']}.",
         f"- Scored: {report['scored']}; hit@1 = the pick is one of the events they went to.",
-        f"- Candidates: {report['candidate_set']}",
-        f"- No leaks: {report['no_leak_rule']}",
-        f"- Seats: {report['allocation']}",
-        "",
-        *markdown_table(backtest_table(report)),
-        "",
-        lead_line(report),
-        "",
+        f"- Candidates: {report['candidate_set']}", f"- No leaks: {report['no_leak_rule']}",
+        f"- Seats: {report['allocation']}"]
+    baselines = [*(f"- **{name}**: {text}." for name, text in report["baselines"].items()),
+                 f"- Fallbacks to the soonest candidate, pooled: {report['pooled']['fallbacks']}."]
+    paragraphs = [
+        "# Return To Table backtest",
+        "Would the rules matcher's pick for each eligible member have been an event they really went to?",
+        "\n".join(asked), "\n".join(markdown_table(backtest_table(report))), lead_line(report),
         ("The oracle is the share of returning members whose event was among the candidates at all: no "
          "matcher choosing among these candidates can score more."),
-        "",
-        "## Baselines (same members, same candidates)",
-        "",
-        *(f"- **{name}**: {text}." for name, text in report["baselines"].items()),
-        f"- Fallbacks to the soonest candidate, pooled: {report['pooled']['fallbacks']}.",
-        "",
-        "## What may still carry later information",
-        "",
-        *(f"- {text}" for text in report["later_information"]),
-        "",
+        "## Baselines (same members, same candidates)", "\n".join(baselines),
+        "## What may still carry later information", "\n".join(f"- {text}" for text in report["later_information"]),
         "## Data issues (records skipped or treated as missing)",
-        "",
-        *([f"- {k.replace('_', ' ')}: {v}" for k, v in report["data_issues"].items()] or ["None."]),
-        "",
-        places_line(report["places_not_located"]),
-        "",
-        *(f"{line}\n" for line in backtest_learned_lines(report)),
-        f"Computed in {report['duration_seconds']} s.",
-    ]
-    return "\n".join(lines) + "\n"
+        "\n".join([f"- {k.replace('_', ' ')}: {v}" for k, v in report["data_issues"].items()] or ["None."]),
+        places_line(report["places_not_located"]), *backtest_learned_lines(report),
+        f"Computed in {report['duration_seconds']} s."]
+    return "\n\n".join(paragraphs) + "\n"
 
 
 def backtest_learned_lines(report: Mapping[str, Any]) -> list[str]:
@@ -10984,13 +10951,13 @@ def ordering_date(history: History, day: datetime, window_days: int, hoods: Neig
                   limit: int, weights: MatchWeights) -> dict[str, dict[str, int]]:
     """For each ordering, among the top ``limit`` eligible members at ``day``: how many came back within the
     window, and how many went to the rules' pick (a hit)."""
-    census, future = world_at(history, day)
+    census, future = history.at(day)
     end = day + timedelta(days=window_days)
     scored = [(user, score_candidates(user, future, hoods, day, weights)) for user in census.eligible]
     orders = {"score": scored, "history": by_history(scored, [best_total(c) for _, c in scored])}
     found = {}
     for name, members in orders.items():
-        went = [(attended_between(history, user["_id"], day, end), rules_pick(user, c)) for user, c in members[:limit]]
+        went = [(history.went(user["_id"], day, end), rules_pick(user, c)) for user, c in members[:limit]]
         found[name] = {"members": len(went), "came_back": sum(bool(w) for w, _ in went),
                        "hits": sum(p is not None and p.event["_id"] in w for w, p in went)}
     return found
@@ -11042,8 +11009,7 @@ def checked_weights(value: Any, where: str) -> dict[str, float]:
     found = value.get("weights", value) if isinstance(value, Mapping) else None
     if not isinstance(found, Mapping):
         raise UsageError(f"{where}: not a JSON object of weights ({', '.join(WEIGHT_NAMES)})")
-    unknown = sorted(set(found) - set(WEIGHT_NAMES))
-    if unknown:
+    if unknown := sorted(set(found) - set(WEIGHT_NAMES)):
         raise UsageError(f"{where}: unknown weight {str(unknown[0])[:40]!r}; known: {', '.join(WEIGHT_NAMES)}")
     weights = dict(BUILT_IN_WEIGHTS)
     for name, number in found.items():
@@ -11075,56 +11041,49 @@ def load_match_weights(env: Mapping[str, str]) -> MatchWeights:
     return MatchWeights(checked_weights(value, where), str(path), hashlib.sha256(data).hexdigest())
 
 
-
 class FitData(NamedTuple):
-    """Every trial's candidates as arrays, so a set of weights re-ranks them without scoring anything again.
+    """Every trial's candidates as arrays, one row each, so a set of weights re-ranks them without scoring again."""
 
-    One row per candidate: ``signals`` (each with weight 1), ``plan`` (plan index / max), ``days`` (until),
-    ``hit`` (the member went), ``trial`` (its index), ``order`` (its place in the plan's order in its trial).
-    """
-
-    signals: Any
-    plan: Any
-    days: Any
-    hit: Any
-    trial: Any
-    order: Any
-    members: list[str]  # per trial, as ``days_of`` and ``baselines``
+    signals: Any  # ``HistorySignals.contributions`` with every weight 1
+    plan: Any  # plan index / max
+    days: Any  # days until
+    hit: Any  # 1 when the member went
+    trial: Any  # its trial's index
+    order: Any  # its place in the plan's order among its trial's candidates
+    trials: list[Trial]  # per trial, as ``days_of``
     days_of: list[datetime]
-    baselines: list[dict[str, float]]
 
+    @classmethod
+    def of(cls, dated: Sequence[tuple[datetime, int, list[Trial]]]) -> FitData:
+        """Each trial's candidates, as the backtest scored them, with what really happened."""
+        import numpy as np
 
-def fit_data(dated: Sequence[tuple[datetime, int, list[Trial]]]) -> FitData:
-    """Each trial's candidates, as the backtest scored them, with what really happened."""
-    import numpy as np
+        unit = MatchWeights(dict.fromkeys(WEIGHT_NAMES, 1.0))
+        trials = [(day, t) for day, _, ts in dated for t in ts]
+        rows: list[tuple[Any, ...]] = []
+        for index, (_, trial) in enumerate(trials):
+            plan_order = {id(c): k for k, c in enumerate(sorted(trial.candidates, key=lambda c: c.plan_key))}
+            rows += [(*c.history._replace(weights=unit).contributions().values(), c.plan_index / PLAN_INDEX_MAX,
+                      c.days_until, c.event["_id"] in trial.attended, index, plan_order[id(c)])
+                     for c in trial.candidates]
+        table = np.array(rows, dtype=float).reshape(-1, len(HISTORY_WEIGHTS) + 5)
+        k = len(HISTORY_WEIGHTS)
+        return cls(table[:, :k], table[:, k], table[:, k + 1], table[:, k + 2], table[:, k + 3].astype(int),
+                   table[:, k + 4], [t for _, t in trials], [d for d, _ in trials])
 
-    unit = MatchWeights(dict.fromkeys(WEIGHT_NAMES, 1.0))  # ``HistorySignals.contributions`` with every weight 1
-    trials = [(day, t) for day, _, ts in dated for t in ts]
-    rows: list[tuple[Any, ...]] = []
-    for index, (_, trial) in enumerate(trials):
-        plan_order = {id(c): k for k, c in enumerate(sorted(trial.candidates, key=lambda c: c.plan_key))}
-        rows += [(*c.history._replace(weights=unit).contributions().values(), c.plan_index / PLAN_INDEX_MAX,
-                  c.days_until, c.event["_id"] in trial.attended, index, plan_order[id(c)]) for c in trial.candidates]
-    table = np.array(rows, dtype=float).reshape(-1, len(HISTORY_WEIGHTS) + 5)
-    k = len(HISTORY_WEIGHTS)
-    return FitData(table[:, :k], table[:, k], table[:, k + 1], table[:, k + 2], table[:, k + 3].astype(int),
-                   table[:, k + 4], [t.member for _, t in trials], [d for d, _ in trials],
-                   [{name: t.hits[name] for name in BASELINES} for _, t in trials])
+    def hits_with(self, weights: Mapping[str, float]) -> Any:
+        """Each trial's hit (1/0) with the candidates ranked by ``weights`` as ``Candidate.rank_key`` ranks them:
+        the total (history points times timing, plus the plan's tiers), then the plan's order."""
+        import numpy as np
 
-
-def fit_hits(data: FitData, weights: Mapping[str, float]) -> Any:
-    """Each trial's hit (1/0) when the candidates are ranked with ``weights`` as ``Candidate.rank_key`` ranks
-    them: the total (history points times timing, plus the plan's tiers), then the plan's order."""
-    import numpy as np
-
-    points = data.signals @ np.array([weights[name] for name in HISTORY_WEIGHTS])
-    timing = np.where(data.days <= NEAR_DAYS, 1.0, 0.5 ** ((data.days - NEAR_DAYS) / weights["FAR_HALVING_DAYS"]))
-    total = np.round(points * timing + weights["PLAN_WEIGHT"] * data.plan, 9)
-    ranked = np.lexsort((data.order, -total, data.trial))
-    first = ranked[np.r_[True, data.trial[ranked][1:] != data.trial[ranked][:-1]]] if len(ranked) else ranked
-    hits = np.zeros(len(data.members))
-    hits[data.trial[first]] = data.hit[first]
-    return hits
+        points = self.signals @ np.array([weights[name] for name in HISTORY_WEIGHTS])
+        timing = np.where(self.days <= NEAR_DAYS, 1.0, 0.5 ** ((self.days - NEAR_DAYS) / weights["FAR_HALVING_DAYS"]))
+        total = np.round(points * timing + weights["PLAN_WEIGHT"] * self.plan, 9)
+        ranked = np.lexsort((self.order, -total, self.trial))
+        first = ranked[np.r_[True, self.trial[ranked][1:] != self.trial[ranked][:-1]]] if len(ranked) else ranked
+        hits = np.zeros(len(self.trials))
+        hits[self.trial[first]] = self.hit[first]
+        return hits
 
 
 def coordinate_search(data: FitData, fitted: Any, start: Mapping[str, float], seed: int) -> dict[str, float]:
@@ -11133,7 +11092,7 @@ def coordinate_search(data: FitData, fitted: Any, start: Mapping[str, float], se
     weights = dict(start)
     if not fitted.any():  # nobody came back on the fitted dates: nothing to fit on
         return weights
-    best = float(fit_hits(data, weights)[fitted].mean())
+    best = float(data.hits_with(weights)[fitted].mean())
     for _ in range(FIT_ROUNDS):
         improved = False
         for name in rng.sample(WEIGHT_NAMES, len(WEIGHT_NAMES)):
@@ -11141,7 +11100,7 @@ def coordinate_search(data: FitData, fitted: Any, start: Mapping[str, float], se
             grid = FIT_HALF_LIFE_GRID if name == "FAR_HALVING_DAYS" else FIT_GRID
             for value in sorted(v for v in {*grid, now * 0.5, now * 2} if low <= v <= high):
                 trial = {**weights, name: value}
-                score = float(fit_hits(data, trial)[fitted].mean())
+                score = float(data.hits_with(trial)[fitted].mean())
                 if score >= best + FIT_MIN_GAIN - 1e-12:
                     weights, best, improved = trial, score, True
         if not improved:
@@ -11153,14 +11112,14 @@ def held_out_figures(data: FitData, evaluated: Any, fitted_hits: Any, current_hi
                      seed: int) -> dict[str, Any]:
     """Hit@1 of both sets of weights on the evaluated dates, the lead of each over the best baseline there,
     with 95% bootstrap intervals (members resampled with all their dates, as the backtest's pooled row)."""
-    index = [i for i in range(len(data.members)) if evaluated[i]]
-    if not index:
+    held = [(i, t) for i, t in enumerate(data.trials) if evaluated[i]]
+    if not held:
         return {"trials": 0}
-    best = max(BASELINES, key=lambda b: (sum(data.baselines[i][b] for i in index), b))
-    rows = [(data.members[i], {"fitted": float(fitted_hits[i]), "current": float(current_hits[i]),
-                               "difference": float(fitted_hits[i] - current_hits[i]),
-                               "lead_fitted": float(fitted_hits[i]) - data.baselines[i][best],
-                               "lead_current": float(current_hits[i]) - data.baselines[i][best]}) for i in index]
+    best = max(BASELINES, key=lambda b: (sum(t.hits[b] for _, t in held), b))
+    rows = [(t.member, {"fitted": float(fitted_hits[i]), "current": float(current_hits[i]),
+                        "difference": float(fitted_hits[i] - current_hits[i]),
+                        "lead_fitted": float(fitted_hits[i]) - t.hits[best],
+                        "lead_current": float(current_hits[i]) - t.hits[best]}) for i, t in held]
     intervals = bootstrap_intervals(rows, resamples, seed)
     mean = {name: round(sum(r[name] for _, r in rows) / len(rows), 4) for name in rows[0][1]}
     return {"trials": len(rows), "members": len({m for m, _ in rows}), "best_baseline": best,
@@ -11186,11 +11145,13 @@ def fit_weights(dated: Sequence[tuple[datetime, int, list[Trial]]], window_days:
     """``backtest --fit``: weights fitted on the as-of dates up to ``cut``, judged on the later ones."""
     import numpy as np
 
-    data = fit_data(dated)
+    data = FitData.of(dated)
     fitted_mask = np.array([d <= cut for d in data.days_of], dtype=bool)
     weights = coordinate_search(data, fitted_mask, current.values, seed)
-    fitted_hits, current_hits = fit_hits(data, weights), fit_hits(data, current.values)
+    fitted_hits, current_hits = data.hits_with(weights), data.hits_with(current.values)
     held = held_out_figures(data, ~fitted_mask, fitted_hits, current_hits, resamples, seed)
+    on_fitted = [round(float(hits[fitted_mask].mean()), 4) if fitted_mask.any() else None
+                 for hits in (fitted_hits, current_hits)]
     dates = sorted({d for d, _, _ in dated})
     beats = bool(held.get("trials")) and held["hit_at_1"]["fitted"]["rate"] > held["hit_at_1"]["current"]["rate"]
     return {
@@ -11198,18 +11159,19 @@ def fit_weights(dated: Sequence[tuple[datetime, int, list[Trial]]], window_days:
         "split": (f"time split on the as-of dates: fitted on the {sum(d <= cut for d in dates)} dates up to "
                   f"{iso_utc(cut)}, evaluated on the {sum(d > cut for d in dates)} later dates; the windows of the "
                   f"last fitted dates reach up to {window_days} days into the evaluated period"),
-        "fitted_dates": [iso_utc(d) for d in dates if d <= cut], "evaluated_dates": [iso_utc(d) for d in dates if d > cut],
+        "fitted_dates": [iso_utc(d) for d in dates if d <= cut],
+        "evaluated_dates": [iso_utc(d) for d in dates if d > cut],
         "seed": seed, "current": current.as_json(), "weights": weights,
-        "fitted_hit_at_1_on_fitted_dates": round(float(fitted_hits[fitted_mask].mean()), 4) if fitted_mask.any() else None,
-        "current_hit_at_1_on_fitted_dates": round(float(current_hits[fitted_mask].mean()), 4) if fitted_mask.any() else None,
+        "fitted_hit_at_1_on_fitted_dates": on_fitted[0], "current_hit_at_1_on_fitted_dates": on_fitted[1],
         "held_out": held, "beats_current": beats,
     }
 
 
 def weights_document(fit: Mapping[str, Any]) -> dict[str, Any]:
     """``<out>/weights.json``: the weights (what ``MATCH_WEIGHTS`` reads), the dates, both held-out hit@1."""
+    held = fit["held_out"]
     return {"weights": fit["weights"], "fitted_dates": fit["fitted_dates"], "evaluated_dates": fit["evaluated_dates"],
-            "hit_at_1": fit["held_out"]["hit_at_1"], "lead_over_best_baseline": fit["held_out"]["lead_over_best_baseline"],
+            "hit_at_1": held["hit_at_1"], "lead_over_best_baseline": held["lead_over_best_baseline"],
             "replaces": fit["current"], "method": fit["method"], "split": fit["split"], "seed": fit["seed"]}
 
 
@@ -11260,8 +11222,8 @@ def backtest_parser() -> argparse.ArgumentParser:
                              "at most 365)")
     parser.add_argument("--out", metavar="DIR", type=Path, default=SCRIPT_DIR,
                         help="the report goes to DIR/reports/ (default: the script's folder)")
-    parser.add_argument("--resamples", type=at_most(positive_int, MAX_RESAMPLES), default=BACKTEST_RESAMPLES, metavar="N",
-                        help="bootstrap resamples for the pooled intervals (%(default)s; at most 100,000)")
+    parser.add_argument("--resamples", type=at_most(positive_int, MAX_RESAMPLES), default=BACKTEST_RESAMPLES,
+                        metavar="N", help="bootstrap resamples for the pooled intervals (%(default)s; at most 100,000)")
     parser.add_argument("--seed", type=int, default=BACKTEST_SEED, help="the bootstrap's seed (%(default)s)")
     parser.add_argument("--insecure-tls", action="store_true",
                         help="do not verify MongoDB's TLS certificate (logged as a warning)")
@@ -11296,12 +11258,11 @@ def backtest_days(args: argparse.Namespace, clock: datetime) -> list[datetime]:
 
 
 def run_backtest(history: History, days: Sequence[datetime], window_days: int, hoods: NeighbourhoodMap,
-                 pick: Picker | None = None, weights: MatchWeights = BUILT_IN_MATCH_WEIGHTS,
+                 pick: Picker = rules_pick, weights: MatchWeights = BUILT_IN_MATCH_WEIGHTS,
                  ) -> list[tuple[datetime, int, list[Trial]]]:
-    """Every as-of date: (D, eligible members, trials). ``pick`` is the matcher under test: by default
-    ``rules_pick`` as the campaign has it when the run starts; its candidates scored with ``weights``."""
-    chosen = pick or rules_pick
-    return [(day, *backtest_date(history, day, window_days, hoods, chosen, weights)) for day in days]
+    """Every as-of date: (D, eligible members, trials); ``pick`` is the matcher under test, its candidates
+    scored with ``weights``."""
+    return [(day, *backtest_date(history, day, window_days, hoods, pick, weights)) for day in days]
 
 
 def write_backtest_report(out_dir: Path, report: Mapping[str, Any], started: datetime) -> Path:
@@ -11315,8 +11276,7 @@ def write_backtest_report(out_dir: Path, report: Mapping[str, Any], started: dat
     return stem.with_suffix(".md")
 
 
-def backtest(args: argparse.Namespace, env: Mapping[str, str] | None, mongo_client: Any, closing: ExitStack,
-             pick: Picker | None = None) -> int:
+def backtest(args: argparse.Namespace, env: Mapping[str, str] | None, mongo_client: Any, closing: ExitStack) -> int:
     """The subcommand itself: settings, source, history, every date, the report. Errors are the caller's."""
     settings = Settings.from_env(env if env is not None else read_environment())
     started = datetime.now(UTC).replace(microsecond=0)
@@ -11336,7 +11296,7 @@ def backtest(args: argparse.Namespace, env: Mapping[str, str] | None, mongo_clie
     for name in screened.empty:
         print(f"warning: empty input: no {name} in {input_location(source, name)}", file=sys.stderr)
     history = build_history(screened.users, screened.events, screened.issues)
-    dated = run_backtest(history, days, args.window_days, hoods, pick, weights)
+    dated = run_backtest(history, days, args.window_days, hoods, weights=weights)
     places = unlocated_places(hoods, [*(text_field(u, "homeNeighborhood") for u in screened.users),
                                       *(text_field(e, "neighborhood") for e in screened.events)])
     report = build_backtest_report(source=source.label, start=days[0], end=as_of_flag(args.end, "--to"),

@@ -329,10 +329,10 @@ def montana_backtest():
 
 def test_refitting_ranks_exactly_as_the_scorer_does(montana_backtest) -> None:
     _, _, dated = montana_backtest
-    data = rtt.fit_data(dated)
+    data = rtt.FitData.of(dated)
     trials = [t for _, _, ts in dated for t in ts]
     assert len(trials) > 50
-    assert list(rtt.fit_hits(data, rtt.BUILT_IN_WEIGHTS)) == [t.hits["rules"] for t in trials]
+    assert list(data.hits_with(rtt.BUILT_IN_WEIGHTS)) == [t.hits["rules"] for t in trials]
 
 
 def test_the_backtest_scores_with_the_weights_it_is_given(montana_backtest) -> None:
@@ -341,8 +341,8 @@ def test_the_backtest_scores_with_the_weights_it_is_given(montana_backtest) -> N
     other = rtt.MatchWeights({**rtt.BUILT_IN_WEIGHTS, **FLAT, "PLAN_WEIGHT": 3.0, "FAR_HALVING_DAYS": 7.0})
     replayed = rtt.run_backtest(history, days, 30, hoods, weights=other)
     hits = [t.hits["rules"] for _, _, ts in replayed for t in ts]
-    data = rtt.fit_data(replayed)
-    assert list(rtt.fit_hits(data, other.values)) == hits
+    data = rtt.FitData.of(replayed)
+    assert list(data.hits_with(other.values)) == hits
     assert hits != [t.hits["rules"] for _, _, ts in dated for t in ts]  # other picks than the built-in weights'
 
 
@@ -358,14 +358,14 @@ def test_the_fit_is_deterministic_for_a_seed(montana_backtest) -> None:
 
 def test_the_fit_keeps_only_moves_that_win_the_minimum_gain(montana_backtest, monkeypatch) -> None:
     _, days, dated = montana_backtest
-    data = rtt.fit_data(dated)
+    data = rtt.FitData.of(dated)
     import numpy as np
 
     fitted = np.array([d <= days[3] for d in data.days_of], dtype=bool)
     start = {**rtt.BUILT_IN_WEIGHTS, **FLAT}
-    before = rtt.fit_hits(data, start)[fitted].mean()
+    before = data.hits_with(start)[fitted].mean()
     weights = rtt.coordinate_search(data, fitted, start, 7)
-    assert weights != start and rtt.fit_hits(data, weights)[fitted].mean() >= before + rtt.FIT_MIN_GAIN - 1e-12
+    assert weights != start and data.hits_with(weights)[fitted].mean() >= before + rtt.FIT_MIN_GAIN - 1e-12
     monkeypatch.setattr(rtt, "FIT_MIN_GAIN", 1.0)  # no move can win 100 points: the current weights are kept
     assert rtt.coordinate_search(data, fitted, start, 7) == start
 
