@@ -11268,9 +11268,8 @@ def run_backtest(history: History, days: Sequence[datetime], window_days: int, h
 def write_backtest_report(out_dir: Path, report: Mapping[str, Any], started: datetime) -> Path:
     """``reports/return_to_table_backtest_{stamp}.json`` and ``.md``, atomically; a taken stamp moves a second."""
     reports, moment = out_dir / "reports", started
-    while (reports / f"return_to_table_backtest_{moment.strftime('%Y%m%d-%H%M%S')}.json").exists():
+    while (stem := reports / f"return_to_table_backtest_{moment:%Y%m%d-%H%M%S}").with_suffix(".json").exists():
         moment += timedelta(seconds=1)
-    stem = reports / f"return_to_table_backtest_{moment.strftime('%Y%m%d-%H%M%S')}"
     write_json(stem.with_suffix(".json"), report, private=True)
     write_text_private(stem.with_suffix(".md"), backtest_markdown(report))
     return stem.with_suffix(".md")
