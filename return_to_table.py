@@ -10675,6 +10675,14 @@ class History:
         timeline = self.attended.get(member, [])
         return {event_id for _, event_id in timeline[after(timeline, start):after(timeline, end)]}
 
+    def favourite_hosts(self, member: str, day: datetime) -> list[str]:
+        """The hosts a member joined by ``day``, by how often, then the more recent, then the id (``host_next``)."""
+        timeline = self.joined_hosts.get(member, [])
+        joined = timeline[:after(timeline, day)]
+        counts = Counter(host for _, host in joined)
+        latest = {host: moment for moment, host in joined}  # time order: the last one stays
+        return sorted(counts, key=lambda host: (-counts[host], -latest[host].timestamp(), host))
+
 
 def build_history(users: list[dict[str, Any]], events: Sequence[dict[str, Any]], issues: DataIssues) -> History:
     """The time index of a whole history; undated events are left out and counted."""
@@ -10692,13 +10700,6 @@ def build_history(users: list[dict[str, Any]], events: Sequence[dict[str, Any]],
     unknown_yet = [{**{k: v for k, v in e.items() if k not in PARTICIPANT_FIELDS}, "participants": []}
                    for _, e in dated]  # nobody going yet, nothing computed from who is (``NO_LEAK_RULE``)
     return History(users, [e for _, e in dated], [s for s, _ in dated], unknown_yet, attended, joined_hosts)
-
-
-def favourite_hosts(joined: Sequence[tuple[datetime, str]]) -> list[str]:
-    """Hosts by how often the member joined them, then the more recent, then the id (``host_next``)."""
-    counts = Counter(host for _, host in joined)
-    latest = {host: moment for moment, host in joined}  # time order: the last one stays
-    return sorted(counts, key=lambda host: (-counts[host], -latest[host].timestamp(), host))
 
 
 def soonest_key(c: Candidate) -> tuple[float, str]:
@@ -10763,8 +10764,7 @@ def backtest_date(history: History, day: datetime, window_days: int, hoods: Neig
         if seated is not None:
             seats.reserve(user["_id"], seated.event)
         if attended:
-            joined = history.joined_hosts.get(user["_id"], [])
-            hosts = favourite_hosts(joined[:after(joined, day)])
+            hosts = history.favourite_hosts(user["_id"], day)
             trials.append(score_trial(user, candidates, attended, hosts, pick, seated))
     return len(census.eligible), trials
 
