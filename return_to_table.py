@@ -800,18 +800,8 @@ def read_regular_file(path: Path, under: Path, limit: int | None = None) -> byte
 
 
 def atomic_write(path: Path, write: Any, *, private: bool = False) -> None:
-    """Write a file so that a kill at any moment leaves the old file or the new one, never a torn one.
-
-    A uniquely named temporary file in the same folder is written through ``write(handle)``, flushed
-    and synced, then renamed over ``path``. Any OSError (full disk, read-only folder) removes the
-    temporary file and becomes an OutputError; the old file stays as it was.
-    """
-    commit_staged(staged_write(path, write, private=private), path)
-
-
-def staged_write(path: Path, write: Any, *, private: bool = False) -> str:
-    """``atomic_write`` up to the rename: the synced temporary file's path, for ``commit_staged`` (or
-    ``discard_staged``) to put in place later."""
+    """Write ``path`` through ``write(handle)`` so that a kill at any moment leaves the old file or the new one:
+    a temporary file beside it, synced, renamed over it. An OSError (full disk) is an OutputError, the old kept."""
     tmp: str | None = None
     try:
         path.parent.mkdir(parents=True, exist_ok=True)
@@ -821,32 +811,14 @@ def staged_write(path: Path, write: Any, *, private: bool = False) -> str:
             write(handle)
             handle.flush()
             os.fsync(handle.fileno())
-        staged, tmp = tmp, None
-        return staged
+        os.replace(tmp, path)
+        tmp = None
     except OSError as exc:
-        raise write_failure(path, exc) from None
+        raise OutputError(f"cannot write {path} ({exc.strerror or exc.__class__.__name__})") from None
     finally:
         if tmp is not None:
-            discard_staged(tmp)
-
-
-def commit_staged(tmp: str, path: Path) -> None:
-    """A staged file renamed over ``path`` (atomic); on failure it is removed and the old file stays."""
-    try:
-        os.replace(tmp, path)
-    except OSError as exc:
-        discard_staged(tmp)
-        raise write_failure(path, exc) from None
-
-
-def write_failure(path: Path, exc: OSError) -> OutputError:
-    """The one-line error of a file that could not be written (staged or put in place)."""
-    return OutputError(f"cannot write {path} ({exc.strerror or exc.__class__.__name__})")
-
-
-def discard_staged(tmp: str) -> None:
-    with contextlib.suppress(OSError):
-        os.unlink(tmp)
+            with contextlib.suppress(OSError):
+                os.unlink(tmp)
 
 
 def write_json(path: Path, value: Any, *, private: bool = False) -> None:
@@ -858,36 +830,29 @@ JSON_CHUNK_ITEMS = 1000  # a list is written this many items at a time: never th
 
 
 def dump_json(value: Any, handle: Any) -> None:
-    """``value`` as ``json.dump(indent=2, ensure_ascii=False, default=str)`` lays it out, and a line feed.
-
-    A list (a member list can be hundreds of megabytes) is written ``JSON_CHUNK_ITEMS`` items at a time:
-    each slice encoded as one indented list (``json_bytes``: orjson lays a list's items out as the whole
-    list's), its brackets dropped, the slices joined as a list's items are."""
-    handle.flush()
-    out = handle.buffer
+    """``value`` as ``json.dump(indent=2, ensure_ascii=False, default=str)`` lays it out, and a line feed; a list
+    ``JSON_CHUNK_ITEMS`` items at a time, each slice encoded as one list (``json_bytes``), its brackets dropped."""
     if not isinstance(value, (list, tuple)) or not value:
-        out.write(json_bytes(value) + b"\n")
+        handle.flush()
+        handle.buffer.write(json_bytes(value) + b"\n")
         return
-    out.write(b"[\n")
-    for first in range(0, len(value), JSON_CHUNK_ITEMS):
-        items = json_bytes(list(value[first:first + JSON_CHUNK_ITEMS]))  # b"[\n  ...\n]"
-        out.write((b",\n" if first else b"") + items[2:-2])
-    out.write(b"\n]\n")
+    dump_items(handle, (json_bytes(list(value[first:first + JSON_CHUNK_ITEMS]))[2:-2]  # b"[\n  ...\n]"
+                        for first in range(0, len(value), JSON_CHUNK_ITEMS)))
+
+
+def dump_items(handle: Any, items: Iterable[bytes], empty: bytes = b"[]\n") -> None:
+    """Encoded items as a JSON list, laid out as ``dump_json`` lays one out (``empty`` when there are none)."""
+    handle.flush()
+    out, first = handle.buffer, True
+    for item in items:
+        out.write(b"[\n" + item if first else b",\n" + item)
+        first = False
+    out.write(empty if first else b"\n]\n")
 
 
 def write_json_items(path: Path, items: Iterable[bytes], *, private: bool = False) -> None:
-    """A JSON list of ``json_item`` bytes (or runs of them joined by ``b",\\n"``), atomically, laid out as
-    ``write_json`` lays out the list."""
-
-    def write(handle: Any) -> None:
-        handle.flush()
-        out, first = handle.buffer, True
-        for item in items:
-            out.write(b"[\n" + item if first else b",\n" + item)
-            first = False
-        out.write(b"[]\n" if first else b"\n]\n")
-
-    atomic_write(path, write, private=private)
+    """A JSON list of ``json_item`` bytes (or runs of them joined by ``b",\\n"``), atomically."""
+    atomic_write(path, lambda handle: dump_items(handle, items), private=private)
 
 
 def json_item(value: Any) -> bytes:
@@ -927,55 +892,42 @@ def write_text_private(path: Path, text: str) -> None:
 
 
 def write_raw(path: Path, docs: Iterable[Mapping[str, Any]]) -> int:
-    """What was read, as a relaxed Extended JSON array, readable by the owner only (it is personal data).
-
-    Streamed document by document as ``docs`` yields them (a cursor is written as it is read), never
-    built in memory as one text; returns how many documents were written."""
+    """What was read, as a relaxed Extended JSON array readable by the owner only (personal data), streamed
+    document by document as ``docs`` yields them (a cursor is written as it is read); returns how many."""
     written = 0
 
-    def write(handle: Any) -> None:
+    def encoded() -> Iterator[bytes]:
         nonlocal written
-        handle.write("[")
         for doc in docs:
-            handle.write(",\n" if written else "\n")
-            handle.write(json_util.dumps(doc, json_options=json_util.RELAXED_JSON_OPTIONS))
+            yield json_util.dumps(doc, json_options=json_util.RELAXED_JSON_OPTIONS).encode("utf-8")
             written += 1
-        handle.write("\n]\n" if written else "]")
 
-    atomic_write(path, write, private=True)
+    atomic_write(path, lambda handle: dump_items(handle, encoded(), b"[]"), private=True)
     return written
 
 
 def copy_raw(path: Path, source: Path) -> None:
-    """A source file's bytes, readable by the owner only: ``data/raw/`` keeps exactly what was read.
-
-    A JSON array is copied as it is (without a byte-order mark); JSON Lines become an array of the
-    same lines' bytes, so ``data/raw/`` is always one JSON array, whatever the source's form."""
+    """A source file's bytes, readable by the owner only: ``data/raw/`` keeps exactly what was read. A JSON
+    array is copied as it is (without a byte-order mark); JSON Lines become an array of the same lines' bytes."""
 
     def write(handle: Any) -> None:
         handle.flush()
-        out = handle.buffer
         with source.open("rb") as original:
-            head = original.read(4096)
-            body = head.removeprefix(b"\xef\xbb\xbf")
+            body = original.read(4096).removeprefix(b"\xef\xbb\xbf")
             if body.lstrip().startswith(b"["):
-                out.write(body)
-                shutil.copyfileobj(original, out, 1 << 20)
+                handle.buffer.write(body)
+                shutil.copyfileobj(original, handle.buffer, 1 << 20)
                 return
-            first = True
-            for line in itertools.chain((body + original.readline()).split(b"\n"), original):
-                if line.strip():
-                    out.write(b"[\n" if first else b",\n")
-                    out.write(line.strip(b" \t\r\n"))
-                    first = False
-            out.write(b"[]" if first else b"\n]\n")
+            lines = itertools.chain((body + original.readline()).split(b"\n"), original)
+            dump_items(handle, (line.strip(b" \t\r\n") for line in lines if line.strip()), b"[]")
 
     atomic_write(path, write, private=True)
 
 
 def write_texts(path: Path, texts: Iterable[str]) -> None:
     """Records' JSON texts as one JSON array, readable by the owner only (``data/raw/``)."""
-    atomic_write(path, lambda handle: handle.write("[\n" + ",\n".join(texts) + "\n]\n"), private=True)
+    atomic_write(path, lambda handle: dump_items(handle, (text.encode("utf-8") for text in texts), b"[\n\n]\n"),
+                 private=True)
 
 
 # =============================================================================================
