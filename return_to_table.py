@@ -133,7 +133,7 @@ from enum import Enum, IntEnum
 from pathlib import Path
 from statistics import NormalDist
 from types import MappingProxyType
-from typing import Any, NamedTuple, NotRequired, Protocol, Self, TypedDict
+from typing import Any, NamedTuple, NotRequired, Protocol, TypedDict
 from urllib.parse import quote_plus
 from zoneinfo import ZoneInfo, ZoneInfoNotFoundError
 
@@ -239,33 +239,26 @@ class ServiceTimeout(ServiceError):
 
 
 class RunControl:
-    """When the run must stop starting new work: a signal (SIGINT/SIGTERM) or the deadline.
-
-    Every remote call asks it for its time budget, so no service can hold the run past the
-    deadline, and after a stop, calls in flight get ``GRACE_SECONDS`` at most.
-    """
+    """When the run must stop starting new work: a signal (SIGINT/SIGTERM) or the deadline. Every remote call asks
+    it for its time budget, so no service holds the run past the deadline, nor past ``GRACE_SECONDS`` after a stop."""
 
     def __init__(self, deadline_seconds: float | None = None, clock: Any = time.monotonic) -> None:
         self.clock = clock
         self.deadline = None if deadline_seconds is None else clock() + deadline_seconds
         self.signal: int | None = None
         self._stopped_at: float | None = None
-        self._event = threading.Event()
 
     def request_stop(self, signum: int) -> None:
         """The first signal: finish what is in flight, then report. (The handler exits on the second.)"""
         self.signal = signum
         self._stopped_at = self.clock()
-        self._event.set()
 
     @property
     def status(self) -> str:
         """``completed``, ``interrupted`` (a signal) or ``deadline``: the report's ``status``."""
         if self.signal is not None:
             return "interrupted"
-        if self.deadline is not None and self.clock() >= self.deadline:
-            return "deadline"
-        return "completed"
+        return "deadline" if self.deadline is not None and self.clock() >= self.deadline else "completed"
 
     @property
     def stopping(self) -> bool:
@@ -288,10 +281,8 @@ class RunControl:
 
 
 class Worker:
-    """``fn()`` in a daemon thread whose outcome reaches the thread that waits for it: the value, or the
-    exception raised again there (a MemoryError too), so a helper's failure is never lost in its thread
-    and never printed by it. Every helper thread of a run is one of these (``bounded_call``), so one rule
-    holds for all: ``wait`` is bounded."""
+    """``fn()`` in a daemon thread whose value, or exception (a MemoryError too), reaches the thread that waits for
+    it, never lost or printed in its own. Every helper thread of a run is one (``bounded_call``): waits are bounded."""
 
     def __init__(self, fn: Any, name: str) -> None:
         self._box: dict[str, Any] = {}
@@ -319,11 +310,8 @@ UNTIL_THE_DEADLINE = "(waited for until the run's --deadline-minutes)"  # a help
 
 
 def bounded_call(fn: Any, seconds: float, what: str) -> Any:
-    """``fn()`` in a daemon thread, waited for at most ``seconds`` of wall time.
-
-    Per-read socket timeouts cannot stop a server that answers one byte at a time; this can. A call
-    that overruns is abandoned (its thread dies with the process) and raises ServiceTimeout.
-    """
+    """``fn()`` waited for at most ``seconds`` of wall time, which per-read socket timeouts cannot promise (a server
+    may answer one byte at a time); an overrun is abandoned (a daemon thread) and raises ServiceTimeout."""
     return Worker(fn, f"call-{what}").wait(seconds, what)
 
 
@@ -337,35 +325,31 @@ class QuietHours(NamedTuple):
     end: dt_time
 
     @classmethod
-    def parse(cls, text: str) -> QuietHours:
-        """``"21:00-08:00"`` (HH:MM-HH:MM, 24-hour); a usage error otherwise."""
+    def setting(cls, text: str) -> QuietHours:
+        """``QUIET_HOURS`` (HH:MM-HH:MM, 24-hour), at least ``DEFAULT_QUIET_HOURS``: the hours it leaves for sending
+        lie within 8am-9pm local (a stricter window is fine); else a usage error that says which rule it breaks."""
         found = re.fullmatch(r"\s*(\d{1,2}):(\d{2})\s*-\s*(\d{1,2}):(\d{2})\s*", text)
         if not found:
             raise UsageError(f"QUIET_HOURS={text!r} must be HH:MM-HH:MM, e.g. 21:00-08:00")
         h1, m1, h2, m2 = (int(g) for g in found.groups())
         if not (h1 < 24 and h2 < 24 and m1 < 60 and m2 < 60) or (h1, m1) == (h2, m2):
             raise UsageError(f"QUIET_HOURS={text!r} must be two different times of day, e.g. 21:00-08:00")
-        return cls(dt_time(h1, m1), dt_time(h2, m2))
+        quiet = cls(dt_time(h1, m1), dt_time(h2, m2))
+        if not DEFAULT_QUIET.end <= quiet.end < quiet.start <= DEFAULT_QUIET.start:
+            raise UsageError(f"QUIET_HOURS={text!r} would let texts go out before 8am or after 9pm local: it names "
+                             f"the hours when no text may go out, at least {DEFAULT_QUIET_HOURS} (a longer quiet "
+                             "window such as 20:00-09:00 is fine)")
+        return quiet
 
 
-DEFAULT_QUIET = QuietHours.parse(DEFAULT_QUIET_HOURS)
-
-
-def quiet_hours_setting(text: str) -> QuietHours:
-    """``QUIET_HOURS`` parsed, and at least ``DEFAULT_QUIET_HOURS``: the hours it leaves for sending lie
-    within 8am-9pm local (a stricter window is fine); else a usage error that says so."""
-    quiet = QuietHours.parse(text)
-    if not DEFAULT_QUIET.end <= quiet.end < quiet.start <= DEFAULT_QUIET.start:
-        raise UsageError(f"QUIET_HOURS={text!r} would let texts go out before 8am or after 9pm local: it names "
-                         f"the hours when no text may go out, at least {DEFAULT_QUIET_HOURS} (a longer quiet window "
-                         "such as 20:00-09:00 is fine)")
-    return quiet
+DEFAULT_QUIET = QuietHours(dt_time(21, 0), dt_time(8, 0))  # DEFAULT_QUIET_HOURS
 DEFAULT_OPT_OUT_FIELDS = ("smsOptOut", "sms_opt_out", "unsubscribed", "doNotText", "optOut.sms")
 DEFAULT_CONSENT_FIELDS = ("smsConsent", "allowSms", "notificationSettings.sms", "preferences.sms")
 
 
-def field_paths(text: str | None, default: tuple[str, ...], name: str) -> tuple[str, ...]:
-    """A comma-separated list of dotted field paths (``SMS_OPT_OUT_FIELDS``); unset: ``default``."""
+def field_paths(get: Any, name: str, default: tuple[str, ...]) -> tuple[str, ...]:
+    """The comma-separated dotted field paths variable ``name`` holds (``SMS_OPT_OUT_FIELDS``); unset: ``default``."""
+    text = get(name)
     if text is None:
         return default
     paths = tuple(p.strip() for p in text.split(",") if p.strip())
@@ -388,29 +372,31 @@ class SmsPolicy:
     opt_out_added_later: bool = False  # SMS_OPT_OUT_TEXT=none: the sending system adds the opt-out text
 
     @classmethod
-    def from_env(cls, get: Any, env: Mapping[str, str] | None = None) -> SmsPolicy:
-        """The policy from ``get`` (a variable's stripped value, None when unset or empty); ``env`` tells an
-        empty SMS_DEFAULT_REGION from an unset one. Every value is checked here, before anything runs: a
-        sender or opt-out text that breaks the SMS contract is a usage error (``sms_policy_problem``)."""
-        region = sms_region(get("SMS_DEFAULT_REGION"), "SMS_DEFAULT_REGION" in (env or {}))
+    def from_env(cls, get: Any, env: Mapping[str, str]) -> SmsPolicy:
+        """The policy from ``get`` (a variable's stripped value, None when unset or empty), each value checked before
+        anything runs: a sender or opt-out text that breaks the SMS contract is a usage error (``sms_policy_problem``,
+        else every member would be skipped). SMS_DEFAULT_REGION: a region phonenumbers knows; unset means US."""
+        if get("SMS_DEFAULT_REGION") is None and "SMS_DEFAULT_REGION" in env:  # national numbers in no region
+            raise UsageError("SMS_DEFAULT_REGION is set but empty: set a region such as US, or remove the line")
+        region = (get("SMS_DEFAULT_REGION") or "US").upper()
+        if region not in phonenumbers.SUPPORTED_REGIONS:  # XX, ZZ too
+            raise UsageError(f"SMS_DEFAULT_REGION={region[:20]!r} is not a region phonenumbers knows "
+                             "(two letters, such as US or GB)")
         sender, opt_out = get("SMS_SENDER"), get("SMS_OPT_OUT_TEXT")
         added_later = (opt_out or "").lower() == OPT_OUT_ADDED_LATER
         opt_out = None if added_later else opt_out
         for name, value in (("SMS_SENDER", sender), ("SMS_OPT_OUT_TEXT", opt_out)):
             if value is not None and (len(value) > 60 or any(unicodedata.category(ch)[0] == "C" for ch in value)):
                 raise UsageError(f"{name} must be one line of at most 60 characters")
-        return cls(default_region=region,
-                   opt_out_fields=field_paths(get("SMS_OPT_OUT_FIELDS"), DEFAULT_OPT_OUT_FIELDS, "SMS_OPT_OUT_FIELDS"),
-                   consent_fields=field_paths(get("SMS_CONSENT_FIELDS"), DEFAULT_CONSENT_FIELDS, "SMS_CONSENT_FIELDS"),
-                   quiet_hours=quiet_hours_setting(get("QUIET_HOURS") or DEFAULT_QUIET_HOURS),
-                   sender=sender, opt_out_text=opt_out, opt_out_added_later=added_later).checked()
-
-    def checked(self) -> SmsPolicy:
-        """This policy, or a usage error naming the variable whose text no message could carry."""
-        problem = sms_policy_problem(self)
-        if problem:  # otherwise every member would be skipped, each for a message that cannot be sent
+        policy = cls(default_region=region,
+                     opt_out_fields=field_paths(get, "SMS_OPT_OUT_FIELDS", DEFAULT_OPT_OUT_FIELDS),
+                     consent_fields=field_paths(get, "SMS_CONSENT_FIELDS", DEFAULT_CONSENT_FIELDS),
+                     quiet_hours=QuietHours.setting(get("QUIET_HOURS") or DEFAULT_QUIET_HOURS),
+                     sender=sender, opt_out_text=opt_out, opt_out_added_later=added_later)
+        problem = sms_policy_problem(policy)
+        if problem:
             raise UsageError(problem)
-        return self
+        return policy
 
     def compliance_problem(self) -> str | None:
         """Why a run may not write messages for review with this policy, or None: every message names the
@@ -430,18 +416,6 @@ class SmsPolicy:
                        opt_out_added_later=False)
 
 
-def sms_region(value: str | None, present: bool) -> str:
-    """``SMS_DEFAULT_REGION``: a region phonenumbers knows (``US``, ``GB``); unset means US, set but empty
-    (or ``XX``, ``ZZ``) is a usage error: national numbers would be read in no region at all."""
-    if value is None and present:
-        raise UsageError("SMS_DEFAULT_REGION is set but empty: set a region such as US, or remove the line")
-    region = (value or "US").upper()
-    if region not in phonenumbers.SUPPORTED_REGIONS:
-        raise UsageError(f"SMS_DEFAULT_REGION={region[:20]!r} is not a region phonenumbers knows "
-                         "(two letters, such as US or GB)")
-    return region
-
-
 OPT_OUT_ADDED_LATER = "none"  # SMS_OPT_OUT_TEXT=none: no opt-out text in the message, the sending system adds it
 DEMO_SENDER, DEMO_OPT_OUT_TEXT = "Cuculi", "Reply STOP to opt out"  # --demo's sample compliance text
 
@@ -449,17 +423,6 @@ DEMO_SENDER, DEMO_OPT_OUT_TEXT = "Cuculi", "Reply STOP to opt out"  # --demo's s
 PLACEHOLDER = re.compile(r"<[^<>\s]+>")
 CONFIG_PREFIXES = ("MONGO_", "FIREBASE_", "GOOGLE_APPLICATION_CREDENTIALS", "ANTHROPIC_", "CAMPAIGN_", "SMS_",
                    "QUIET_HOURS", "NEIGHBOURHOODS_CSV")  # the variables this tool reads (the README's table)
-
-
-def placeholder_problem(env: Mapping[str, str]) -> str | None:
-    """Which of this tool's variables still hold a ``<...>`` placeholder (a .env copied unchanged from
-    .env.example), or None; names only, never a value (a real one may be a secret)."""
-    names = sorted(name for name, value in env.items()
-                   if name.startswith(CONFIG_PREFIXES) and isinstance(value, str) and PLACEHOLDER.search(value))
-    if not names:
-        return None
-    return (f"{', '.join(names)} still {'holds a placeholder' if len(names) == 1 else 'hold placeholders'} "
-            "like <...> from .env.example: set real values or delete those lines")
 
 
 @dataclass(frozen=True)
@@ -485,24 +448,24 @@ class Settings:
 
     @classmethod
     def from_env(cls, env: Mapping[str, str]) -> Settings:
-        """Read settings from a mapping (the process environment over ``.env``); a ``<...>`` placeholder
-        left from .env.example is a usage error before anything is used (``placeholder_problem``)."""
-        problem = placeholder_problem(env)
-        if problem:
-            raise UsageError(problem)
+        """Read settings from a mapping (the process environment over ``.env``); a ``<...>`` placeholder left
+        from .env.example is a usage error before anything is used, naming the variables, never a value (a secret)."""
+        names = sorted(name for name, value in env.items()
+                       if name.startswith(CONFIG_PREFIXES) and isinstance(value, str) and PLACEHOLDER.search(value))
+        if names:
+            hold = "holds a placeholder" if len(names) == 1 else "hold placeholders"
+            raise UsageError(f"{', '.join(names)} still {hold} like <...> from .env.example: set real values or "
+                             "delete those lines")
 
         def get(name: str) -> str | None:
-            value = (env.get(name) or "").strip()
-            return value or None
+            return (env.get(name) or "").strip() or None
 
-        mongo_uri = get("MONGO_URI")
-        if not mongo_uri and get("MONGO_HOST"):
-            user, password, host = get("MONGO_USERNAME"), get("MONGO_PASSWORD"), get("MONGO_HOST")
+        mongo_uri, host = get("MONGO_URI"), get("MONGO_HOST")
+        if not mongo_uri and host:
+            user, password = get("MONGO_USERNAME"), get("MONGO_PASSWORD")
             if not (user and password):
-                raise UsageError("MONGO_HOST is set: set MONGO_USERNAME and MONGO_PASSWORD too "
-                                 "(or one MONGO_URI)")
-            credentials = f"{quote_plus(user)}:{quote_plus(password)}"
-            mongo_uri = f"mongodb+srv://{credentials}@{host}/?retryWrites=true&w=majority"
+                raise UsageError("MONGO_HOST is set: set MONGO_USERNAME and MONGO_PASSWORD too (or one MONGO_URI)")
+            mongo_uri = f"mongodb+srv://{quote_plus(user)}:{quote_plus(password)}@{host}/?retryWrites=true&w=majority"
         try:
             firebase_timeout = float(get("FIREBASE_TIMEOUT") or cls.firebase_timeout)
         except ValueError:
@@ -548,24 +511,16 @@ def segment_price(text: str | None) -> float | None:
     return price
 
 
-BASE_PATH_RULE = ("a path inside the database: names separated by '/', none of them '.' or '..', "
-                  "empty, or holding . $ # [ ] \\ or control characters")
-
-
 def database_path(text: str) -> str:
-    """``FIREBASE_BASE_PATH`` as the database path it names, or UsageError (exit 2).
-
-    It is a path inside the database, never on disk: the local mirror joins it under ``--out``, so
-    nothing that could leave that folder is accepted (``..``, ``../../x``, ``a//b``, a backslash, a
-    name the database would refuse as a key). Slashes at either end name the database's root, as in
-    its URLs (``/Staging/`` is ``Staging``; ``/`` alone is the root itself).
-    """
+    """``FIREBASE_BASE_PATH`` as the database path it names, or UsageError. The local mirror joins it under
+    ``--out``: nothing that could leave it passes (``..``, ``a//b``, a backslash, a name the database refuses as
+    a key). Slashes at either end name the root, as in its URLs (``/Staging/`` is ``Staging``; ``/`` the root)."""
     inner = text.strip().strip("/")
     segments = inner.split("/") if inner else []
-    for segment in segments:
-        if (not segment or "\\" in segment or FORBIDDEN_KEY.search(segment)
-                or len(segment.encode("utf-8")) > MAX_KEY_BYTES):
-            raise UsageError(f"FIREBASE_BASE_PATH={text[:100]!r} is not {BASE_PATH_RULE}")
+    if any(not segment or "\\" in segment or FORBIDDEN_KEY.search(segment)
+           or len(segment.encode("utf-8")) > MAX_KEY_BYTES for segment in segments):
+        raise UsageError(f"FIREBASE_BASE_PATH={text[:100]!r} is not a path inside the database: names separated "
+                         "by '/', none of them '.' or '..', empty, or holding . $ # [ ] \\ or control characters")
     return "/".join(segments)
 
 
@@ -626,7 +581,8 @@ class RunOptions:
 
     def report_stem(self, campaign_id: str) -> Path:
         """``reports/return_to_table_report_{campaign_id}`` (``_dry-run`` after it for a rehearsal)."""
-        return self.out_dir / "reports" / f"return_to_table_report_{campaign_id}{'_' + DRY_RUN_NAME if self.dry_run else ''}"
+        rehearsal = f"_{DRY_RUN_NAME}" if self.dry_run else ""
+        return self.out_dir / "reports" / f"return_to_table_report_{campaign_id}{rehearsal}"
 
 
 DRY_RUN_NAME = "dry-run"  # a rehearsal's data folder (data/dry-run/) and report names say so
@@ -635,10 +591,8 @@ DRY_RUN_NAME = "dry-run"  # a rehearsal's data folder (data/dry-run/) and report
 class QuietFileHandler(logging.FileHandler):
     """The run's log file; a failing write (full disk) never prints a traceback to cron mail."""
 
-    failed = False
-
     def handleError(self, record: logging.LogRecord) -> None:
-        self.failed = True
+        pass
 
 
 class ConsoleFilter(logging.Filter):
@@ -659,19 +613,15 @@ FILE_ONLY = {"file_only": True}  # ``extra=`` of a log line cron mail already ge
 
 
 def setup_logging(out_dir: Path, now: datetime, *, verbose: bool = False, quiet: bool = False,
-                  keep_logs_days: int = 0) -> tuple[logging.Logger, Path]:
-    """The plan's logging: a timestamped DEBUG file under ``logs/`` and INFO on the console.
-
-    ``--quiet`` keeps the console to warnings and the final summary, so cron mail stays short.
-    Console and INFO lines never carry an email address or a phone number.
-    """
+                  keep_logs_days: int = 0) -> logging.Logger:
+    """The plan's logging: a timestamped DEBUG file under ``logs/``, INFO on the console (``--quiet``: warnings
+    and the summary, for short cron mail). Console and INFO lines never carry an email address or a phone number."""
     log_dir = out_dir / "logs"
     try:
         log_dir.mkdir(parents=True, exist_ok=True)
         pruned = prune_logs(log_dir, now, keep_logs_days)
         log_file = log_dir / f"return_to_table_{now.strftime('%Y-%m-%d_%H-%M-%S')}.log"
-        fd = os.open(log_file, os.O_WRONLY | os.O_CREAT | os.O_APPEND, 0o600)  # it names members
-        os.close(fd)
+        os.close(os.open(log_file, os.O_WRONLY | os.O_CREAT | os.O_APPEND, 0o600))  # it names members
         file_handler = QuietFileHandler(log_file, encoding="utf-8")
     except OSError as exc:
         raise OutputError(f"{log_dir}: cannot write the log ({exc.strerror or exc.__class__.__name__})") from None
@@ -679,11 +629,9 @@ def setup_logging(out_dir: Path, now: datetime, *, verbose: bool = False, quiet:
     logger.setLevel(logging.DEBUG)
     logger.propagate = False
     close_logging(logger)  # a second run in the same process starts clean
-    file_handler.setLevel(logging.DEBUG)
     file_handler.setFormatter(logging.Formatter(
         "%(asctime)s - %(name)s - %(levelname)s - %(message)s", datefmt="%Y-%m-%d %H:%M:%S"))
     console = logging.StreamHandler(sys.stdout)
-    console.setLevel(logging.DEBUG)
     console.addFilter(ConsoleFilter(logging.WARNING if quiet else logging.DEBUG if verbose else logging.INFO))
     console.setFormatter(logging.Formatter("%(levelname)s - %(message)s"))
     logger.addHandler(file_handler)
@@ -691,7 +639,7 @@ def setup_logging(out_dir: Path, now: datetime, *, verbose: bool = False, quiet:
     logger.info("Logging initialized. Log file: %s", log_file)
     if pruned:
         logger.info("Removed %d log files older than %d days", pruned, keep_logs_days)
-    return logger, log_file
+    return logger
 
 
 def prune_logs(log_dir: Path, now: datetime, keep_days: int) -> int:
@@ -717,33 +665,25 @@ def close_logging(logger: logging.Logger) -> None:
         logger.removeHandler(handler)
 
 
-class RunLock:
+@contextlib.contextmanager
+def run_lock(out_dir: Path) -> Iterator[None]:
     """One run at a time per ``--out``: ``flock`` on a lock file, released by the kernel when the process
     ends, however it ends, so a killed run leaves no stale lock."""
-
-    def __init__(self, out_dir: Path) -> None:
-        self.path = out_dir / LOCK_FILE
-        self.fd: int | None = None
-
-    def __enter__(self) -> Self:
+    path = out_dir / LOCK_FILE
+    try:
+        fd = os.open(path, os.O_RDWR | os.O_CREAT, 0o600)
+    except OSError as exc:
+        raise OutputError(f"{path}: cannot open the lock file ({exc.strerror})") from None
+    try:
         try:
-            self.fd = os.open(self.path, os.O_RDWR | os.O_CREAT, 0o600)
-        except OSError as exc:
-            raise OutputError(f"{self.path}: cannot open the lock file ({exc.strerror})") from None
-        try:
-            fcntl.flock(self.fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
         except BlockingIOError:
-            os.close(self.fd)
-            self.fd = None
-            raise Locked(f"another run holds the lock {self.path}; not started") from None
-        os.ftruncate(self.fd, 0)
-        os.write(self.fd, f"{os.getpid()}\n".encode())  # for the operator: who holds it
-        return self
-
-    def __exit__(self, *exc: object) -> None:
-        if self.fd is not None:
-            os.close(self.fd)  # closing releases the flock
-            self.fd = None
+            raise Locked(f"another run holds the lock {path}; not started") from None
+        os.ftruncate(fd, 0)
+        os.write(fd, f"{os.getpid()}\n".encode())  # for the operator: who holds it
+        yield
+    finally:
+        os.close(fd)  # closing releases the flock
 
 
 # --- files read back from under --out: regular files only, bounded, never through a link ----------
@@ -756,8 +696,7 @@ class RefusedFile(OSError):
 
 
 def exists_without_links(path: Path, under: Path) -> bool:
-    """Whether ``path`` exists inside ``under``; RefusedFile when it is outside, or a symbolic link is on
-    the way from ``under`` down to it (itself included)."""
+    """Whether ``path`` exists inside ``under``; RefusedFile when it is outside, or a symbolic link is on the way."""
     try:
         steps = path.relative_to(under).parts
     except ValueError:
@@ -774,12 +713,9 @@ def exists_without_links(path: Path, under: Path) -> bool:
 
 
 def read_regular_file(path: Path, under: Path, limit: int | None = None) -> bytes | None:
-    """The bytes of ``path``, a regular file inside ``under`` reached without any symbolic link (none from
-    ``under`` down, nor the file itself), at most ``limit`` bytes; None when it does not exist.
-
-    The one way files under ``--out`` are read back (the local mirror, so ``measure`` too): a link to
-    ``/dev/zero``, a FIFO, a device or a huge file raises RefusedFile instead of being read until memory
-    runs out or forever."""
+    """The bytes of ``path``, a regular file inside ``under`` reached through no symbolic link, at most ``limit``
+    bytes; None when it does not exist. The one way files under ``--out`` are read back (the local mirror, so
+    ``measure`` too): a link to ``/dev/zero``, a FIFO, a device or a huge file raises RefusedFile, never hangs."""
     limit = MAX_READ_BYTES if limit is None else limit
     if not exists_without_links(path, under):
         return None
@@ -11762,8 +11698,8 @@ def run_campaign(args: argparse.Namespace, env: Mapping[str, str] | None, mongo_
     hoods = load_neighbourhoods(settings.neighbourhoods_csv)  # before the lock: a bad table is exit 2 at once
     control = RunControl(options.deadline_minutes * 60)
     closing.callback(handle_stop_signals(control))
-    closing.enter_context(RunLock(options.out_dir))
-    logger, _ = setup_logging(options.out_dir, datetime.now(UTC), verbose=options.verbose, quiet=options.quiet,
+    closing.enter_context(run_lock(options.out_dir))
+    logger = setup_logging(options.out_dir, datetime.now(UTC), verbose=options.verbose, quiet=options.quiet,
                               keep_logs_days=options.keep_logs_days)
     closing.callback(close_logging, logger)
     source = make_source(options, settings, logger, mongo_client, control)
