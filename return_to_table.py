@@ -11352,33 +11352,27 @@ def backtest(args: argparse.Namespace, env: Mapping[str, str] | None, mongo_clie
 # =============================================================================================
 
 
-def positive_int(text: str) -> int:
-    value = int(text)
-    if value < 1:
-        raise argparse.ArgumentTypeError("must be a whole number of at least 1")
-    return value
+def number_type(name: str, kind: Any, ok: Any, problem: str) -> Any:
+    """A numeric flag's argparse type: ``kind(text)`` when ``ok`` holds for it, else one line and exit 2. Named
+    ``name``, so argparse's own message for text that is no number says which type it wanted."""
+
+    def parse(text: str) -> Any:
+        value = kind(text)
+        if not ok(value):
+            raise argparse.ArgumentTypeError(problem)
+        return value
+
+    parse.__name__ = name
+    return parse
 
 
-def non_negative_int(text: str) -> int:
-    value = int(text)
-    if value < 0:
-        raise argparse.ArgumentTypeError("must be a whole number of at least 0")
-    return value
-
-
-def positive_float(text: str) -> float:
-    value = float(text)
-    if not math.isfinite(value) or value <= 0:
-        raise argparse.ArgumentTypeError("must be a number above 0")
-    return value
-
-
-def non_negative_float(text: str) -> float:
-    value = float(text)
-    if not math.isfinite(value) or value < 0:
-        raise argparse.ArgumentTypeError("must be a number from 0 up")
-    return value
-
+positive_int = number_type("positive_int", int, lambda value: value >= 1, "must be a whole number of at least 1")
+non_negative_int = number_type("non_negative_int", int, lambda value: value >= 0,
+                               "must be a whole number of at least 0")
+positive_float = number_type("positive_float", float, lambda value: math.isfinite(value) and value > 0,
+                             "must be a number above 0")
+non_negative_float = number_type("non_negative_float", float, lambda value: math.isfinite(value) and value >= 0,
+                                 "must be a number from 0 up")
 
 # The most a numeric flag may ask for: beyond it a value is a slip, and would overflow a date (--min-lead-hours
 # 1e11), make every member fail or hold the run for hours and gigabytes (--resamples 100000000).
@@ -11391,16 +11385,8 @@ MAX_RESAMPLES = 100_000
 
 def at_most(kind: Any, most: float, unit: str = "") -> Any:
     """The flag type ``kind`` (``positive_int`` ...) up to ``most``: more is one line and exit 2, never an
-    overflow deep in the run. Named as ``kind`` is, so argparse's messages stay the same."""
-
-    def parse(text: str) -> Any:
-        value = kind(text)
-        if value > most:
-            raise argparse.ArgumentTypeError(f"must be at most {most:,}{unit}")
-        return value
-
-    parse.__name__ = kind.__name__
-    return parse
+    overflow deep in the run."""
+    return number_type(kind.__name__, kind, lambda value: value <= most, f"must be at most {most:,}{unit}")
 
 
 def holdout_fraction(text: str) -> float:
@@ -11429,8 +11415,7 @@ class OneLineParser(argparse.ArgumentParser):
     ``--hold 0.1`` is not taken for ``--holdout`` (a flag another version adds must not change its meaning)."""
 
     def __init__(self, *args: Any, **kwargs: Any) -> None:
-        kwargs.setdefault("allow_abbrev", False)
-        super().__init__(*args, **kwargs)
+        super().__init__(*args, allow_abbrev=False, **kwargs)
 
     def error(self, message: str) -> Any:
         print(f"error: {message} (see --help)", file=sys.stderr)
@@ -11482,21 +11467,23 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--variants", type=tone_names, default=RunOptions.variants, metavar="NAMES",
                         help="message tones to A/B test, comma-separated from " + ", ".join(TONES)
                              + " (default: standard, today's wording); each member keeps theirs run after run")
-    parser.add_argument("--invites-per-spot", type=at_most(positive_float, MAX_INVITES_PER_SPOT), default=RunOptions.invites_per_spot,
-                        metavar="R", help="an event with N spots left gets at most ceil(R x N) open invitations "
-                                          "(pending or approved, within the cooldown) (%(default)g)")
-    parser.add_argument("--max-invites-per-event", type=at_most(positive_int, MAX_INVITES_PER_EVENT), default=RunOptions.max_invites_per_event,
-                        metavar="N", help="open invitations to an event of unknown capacity (%(default)s)")
+    parser.add_argument("--invites-per-spot", type=at_most(positive_float, MAX_INVITES_PER_SPOT),
+                        default=RunOptions.invites_per_spot, metavar="R",
+                        help="an event with N spots left gets at most ceil(R x N) open invitations "
+                             "(pending or approved, within the cooldown) (%(default)g)")
+    parser.add_argument("--max-invites-per-event", type=at_most(positive_int, MAX_INVITES_PER_EVENT),
+                        default=RunOptions.max_invites_per_event, metavar="N",
+                        help="open invitations to an event of unknown capacity (%(default)s)")
     parser.add_argument("--min-lead-hours", type=at_most(non_negative_float, MAX_LEAD_HOURS, " hours (30 days)"),
-                        default=RunOptions.min_lead_hours,
-                        metavar="H", help="a message may go out until H hours before its event (%(default)g; "
-                                          "at most 720, 30 days)")
+                        default=RunOptions.min_lead_hours, metavar="H",
+                        help="a message may go out until H hours before its event (%(default)g; at most 720, 30 days)")
     parser.add_argument("--insecure-tls", action="store_true",
                         help="do not verify MongoDB's TLS certificate (logged as a warning)")
     parser.add_argument("--deadline-minutes", type=positive_float, default=RunOptions.deadline_minutes, metavar="M",
                         help="stop starting members after M minutes, finish those in flight, write what is "
                              "final and the report, exit 3 (%(default)g)")
     parser.add_argument("--keep-logs", type=non_negative_int, default=RunOptions.keep_logs_days, metavar="DAYS",
+                        dest="keep_logs_days",
                         help="delete this tool's own log files older than DAYS (%(default)s; 0 keeps all)")
     noise = parser.add_mutually_exclusive_group()
     noise.add_argument("-q", "--quiet", action="store_true",
@@ -11537,35 +11524,27 @@ def usable_out_dir(path: Path) -> Path:
 
 
 def source_choice(text: str | None, settings: Settings, hint: str = "") -> tuple[SourceKind, Path | None]:
-    """``--source`` for the campaign and both subcommands: 'mongo' (the default when MongoDB is
-    configured) or, any other value, a mongoexport folder (even one named "demo")."""
+    """``--source`` for the campaign and both subcommands: 'mongo' (the default when MongoDB is configured) or,
+    any other value, a mongoexport folder (even one named "demo"; a missing one near "mongo" or "demo" is refused)."""
     if text == "mongo" or (text is None and settings.mongo_uri):
         if not settings.mongo_uri:
             raise UsageError(MONGO_NOT_CONFIGURED)
         return SourceKind.MONGO, None
     if text:
         folder = Path(text).expanduser()
-        if not folder.is_dir():
-            near_miss(f"--source {text!r}: no such folder", text, {"mongo": "mongo", "demo": "--demo"})
+        meant = {"mongo": "mongo", "demo": "--demo"}
+        close = [] if folder.is_dir() else difflib.get_close_matches(text.lower(), list(meant), n=1, cutoff=0.75)
+        if close:
+            raise UsageError(f"--source {text!r}: no such folder; did you mean {meant[close[0]]}?")
         return SourceKind.FOLDER, folder
     raise UsageError("no data source: set MONGO_URI (or MONGO_USERNAME, MONGO_PASSWORD, MONGO_HOST) "
                      f"and MONGO_DB_NAME, or pass --source DIR{hint}")
 
 
-def near_miss(problem: str, text: str, meant: Mapping[str, str]) -> None:
-    """UsageError ``problem`` with the likely meaning when ``text`` is a near miss of one of ``meant``'s
-    keys (``--source mong``: did you mean mongo?); else nothing (the caller goes on)."""
-    close = difflib.get_close_matches(text.lower(), list(meant), n=1, cutoff=0.75)
-    if close:
-        raise UsageError(f"{problem}; did you mean {meant[close[0]]}?")
-
-
 def resolve_options(args: argparse.Namespace, settings: Settings) -> RunOptions:
-    """Turn arguments and settings into one run's options; refuse what cannot be run.
-
-    A ``--now`` more than ``MAX_NOW_AHEAD`` ahead of the clock needs ``--dry-run`` (``--demo`` too: its
-    mirror keeps a cooldown like the real dashboard), so a rehearsal never fills the cooldown for years.
-    """
+    """Turn arguments and settings into one run's options (a flag named as a ``RunOptions`` field sets it); refuse
+    what cannot be run. A ``--now`` more than ``MAX_NOW_AHEAD`` ahead of the clock needs ``--dry-run`` (``--demo``
+    too: its mirror keeps a cooldown like the real dashboard), so a rehearsal never fills the cooldown for years."""
     now = datetime.now(UTC).replace(microsecond=0)
     if args.now is not None:
         parsed = parse_now(args.now)
@@ -11586,15 +11565,9 @@ def resolve_options(args: argparse.Namespace, settings: Settings) -> RunOptions:
         args.llm == "claude" or (args.llm == "auto" and bool(settings.anthropic_api_key)))
     if use_claude and not settings.anthropic_api_key:
         raise UsageError("--llm claude needs ANTHROPIC_API_KEY")
-    out_dir = usable_out_dir(args.out)
-    return RunOptions(source=kind, folder=folder, now=now, out_dir=out_dir, limit=args.limit,
-                      use_claude=use_claude, dry_run=args.dry_run, min_confidence=args.min_confidence,
-                      candidates=args.candidates, concurrency=args.concurrency,
-                      cooldown_days=args.cooldown_days, holdout=args.holdout, variants=args.variants,
-                      invites_per_spot=args.invites_per_spot, max_invites_per_event=args.max_invites_per_event,
-                      min_lead_hours=args.min_lead_hours, deadline_minutes=args.deadline_minutes,
-                      keep_logs_days=args.keep_logs, insecure_tls=args.insecure_tls, verbose=args.verbose,
-                      quiet=args.quiet, progress=not args.quiet and sys.stderr.isatty())
+    flags = {name: value for name, value in vars(args).items() if name in RunOptions.__dataclass_fields__}
+    return RunOptions(**{**flags, "source": kind, "folder": folder, "now": now, "out_dir": usable_out_dir(args.out),
+                         "use_claude": use_claude, "progress": not args.quiet and sys.stderr.isatty()})
 
 
 def make_source(options: RunOptions, settings: Settings, logger: logging.Logger,
@@ -11610,50 +11583,44 @@ def make_source(options: RunOptions, settings: Settings, logger: logging.Logger,
 
 def make_dashboard(options: RunOptions, settings: Settings, logger: logging.Logger,
                    control: RunControl | None = None) -> DashboardWriter:
-    """The dashboard: the REST API when configured (never in --demo), else the local mirror.
-
-    A dry run gets one too, to read who was messaged recently; it writes nothing.
-    """
-    updated_at = iso_utc(options.now) or ""
+    """The dashboard: the REST API when configured (never in --demo), else the local mirror. A dry run gets
+    one too, to read who was messaged recently; it writes nothing."""
+    transport: FirebaseTransport
     if options.is_demo or not settings.firebase_url:
         mirror = options.out_dir / "data" / "firebase"
         if not options.is_demo:
             logger.info("FIREBASE_DATABASE_URL is not set: using the local mirror %s", mirror)
-        transport: FirebaseTransport = LocalMirrorTransport(mirror, settings.firebase_base_path,
-                                                            anchor=options.out_dir)
-        return DashboardWriter(transport, logger, dry_run=options.dry_run, updated_at=updated_at,
-                               holdout=options.holdout > 0)
-    token_source = None
-    if not settings.firebase_auth_token and settings.google_credentials:
-        token_source = service_account_tokens(settings.google_credentials)
-    elif not settings.firebase_auth_token:
-        logger.warning("Firebase requests are unauthenticated: set FIREBASE_AUTH_TOKEN or "
-                       "GOOGLE_APPLICATION_CREDENTIALS")
-    transport = RestTransport(settings.firebase_url, settings.firebase_base_path,
-                              auth_token=settings.firebase_auth_token, token_source=token_source,
-                              timeout=settings.firebase_timeout, control=control)
-    return DashboardWriter(transport, logger, dry_run=options.dry_run, updated_at=updated_at,
+        transport = LocalMirrorTransport(mirror, settings.firebase_base_path, anchor=options.out_dir)
+    else:
+        token_source = None
+        if not settings.firebase_auth_token and settings.google_credentials:
+            token_source = service_account_tokens(settings.google_credentials)
+        elif not settings.firebase_auth_token:
+            logger.warning("Firebase requests are unauthenticated: set FIREBASE_AUTH_TOKEN or "
+                           "GOOGLE_APPLICATION_CREDENTIALS")
+        transport = RestTransport(settings.firebase_url, settings.firebase_base_path,
+                                  auth_token=settings.firebase_auth_token, token_source=token_source,
+                                  timeout=settings.firebase_timeout, control=control)
+    return DashboardWriter(transport, logger, dry_run=options.dry_run, updated_at=iso_utc(options.now) or "",
                            holdout=options.holdout > 0)
 
 
-def make_advisor(options: RunOptions, settings: Settings, logger: logging.Logger,
-                 control: RunControl | None = None) -> ClaudeAdvisor | None:
-    if not options.use_claude:
-        return None
-    advisor = ClaudeAdvisor.connect(settings, control)
-    logger.info("Claude: matching with %s, writing with %s", advisor.config.match_model, advisor.config.write_model)
-    return advisor
+def on_stop_signals(handler: Any) -> Any:
+    """``handler`` for SIGINT and SIGTERM (in the main thread only: elsewhere Python refuses); returns a function
+    that puts the previous handlers back."""
+    if threading.current_thread() is not threading.main_thread():
+        return lambda: None
+    previous = {s: signal.signal(s, handler) for s in (signal.SIGINT, signal.SIGTERM)}
+    return lambda: [signal.signal(s, h) for s, h in previous.items()]
 
 
 def handle_stop_signals(control: RunControl) -> Any:
-    """SIGINT/SIGTERM: the first asks the run to stop (members in flight finish, the report is written);
-    a second ends the process at once. Returns a function that puts the previous handlers back."""
-    if threading.current_thread() is not threading.main_thread():
-        return lambda: None
+    """The campaign's SIGINT/SIGTERM: the first asks the run to stop (members in flight finish, the report is
+    written); a second ends the process at once (every file is written atomically, the lock dies with us)."""
 
     def on_signal(signum: int, _frame: Any) -> None:
         name = signal.Signals(signum).name
-        if control.signal is not None:  # a second signal: now (every file is written atomically, the lock dies with us)
+        if control.signal is not None:
             os.write(2, f"error: {name} again: stopped at once; the report was not written\n".encode())
             os._exit(EXIT_SIGNALS.get(signal.Signals(signum), 128 + signum))
         control.request_stop(signum)
@@ -11661,34 +11628,22 @@ def handle_stop_signals(control: RunControl) -> Any:
             os.write(2, f"warning: {name}: finishing the members in flight, then writing the report "
                         "(signal again to stop at once)\n".encode())
 
-    previous = {s: signal.signal(s, on_signal) for s in (signal.SIGINT, signal.SIGTERM)}
-    return lambda: [signal.signal(s, h) for s, h in previous.items()]
+    return on_stop_signals(on_signal)
 
 
 class Interrupted(KeyboardInterrupt):
-    """SIGINT or SIGTERM during a subcommand: unwinds as Ctrl-C does (its files are written atomically)."""
+    """SIGINT or SIGTERM (its number the argument) during a subcommand: unwinds as Ctrl-C does (exit 130/143, one
+    line, no report; its files are written atomically)."""
 
-    def __init__(self, signum: int) -> None:
-        super().__init__(signum)
-        self.signum = signum
-
-
-def raise_on_stop_signals() -> Any:
-    """A subcommand's signals: SIGINT and SIGTERM raise ``Interrupted`` (exit 130/143, one line, no report).
-    Returns a function that puts the previous handlers back."""
-    if threading.current_thread() is not threading.main_thread():
-        return lambda: None
-
-    def on_signal(signum: int, _frame: Any) -> None:
-        raise Interrupted(signum)
-
-    previous = {s: signal.signal(s, on_signal) for s in (signal.SIGINT, signal.SIGTERM)}
-    return lambda: [signal.signal(s, h) for s, h in previous.items()]
+    @classmethod
+    def on_signal(cls, signum: int, _frame: Any) -> None:
+        raise cls(signum)
 
 
 def run_campaign(args: argparse.Namespace, env: Mapping[str, str] | None, mongo_client: Any,
-                 closing: ExitStack) -> RunResult:
-    """The program itself: settings, the lock, the services, one campaign. ``main`` handles the errors."""
+                 closing: ExitStack) -> int:
+    """The campaign as ``raw_main`` runs a program: settings, the lock, the services, one campaign, the lines cron
+    mail should show (``report_problems``), its exit code."""
     settings = Settings.from_env(env if env is not None else read_environment())
     weights = load_match_weights(settings.env)  # MATCH_WEIGHTS: a bad file is exit 2 before anything runs
     options = replace(resolve_options(args, settings), match_weights=weights.label, weights=weights,
@@ -11700,7 +11655,7 @@ def run_campaign(args: argparse.Namespace, env: Mapping[str, str] | None, mongo_
     closing.callback(handle_stop_signals(control))
     closing.enter_context(run_lock(options.out_dir))
     logger = setup_logging(options.out_dir, datetime.now(UTC), verbose=options.verbose, quiet=options.quiet,
-                              keep_logs_days=options.keep_logs_days)
+                           keep_logs_days=options.keep_logs_days)
     closing.callback(close_logging, logger)
     source = make_source(options, settings, logger, mongo_client, control)
     closing.callback(source.close)
@@ -11709,16 +11664,19 @@ def run_campaign(args: argparse.Namespace, env: Mapping[str, str] | None, mongo_
     dashboard = make_dashboard(options, settings, logger, control)
     if isinstance(dashboard.transport, RestTransport):
         closing.callback(dashboard.transport.client.close)
-    advisor = make_advisor(options, settings, logger, control)
+    advisor = ClaudeAdvisor.connect(settings, control) if options.use_claude else None
     if advisor is not None:
         closing.callback(advisor.client.close)
+        logger.info("Claude: matching with %s, writing with %s", advisor.config.match_model, advisor.config.write_model)
     campaign = ReturnToTable(options, settings, logger, source=source, dashboard=dashboard, hoods=hoods,
                              advisor=advisor, control=control)
     try:
-        return campaign.run()
+        result = campaign.run()
     except ServiceError as exc:
         logger.error("%s", exc, extra=FILE_ONLY)  # the run's log file says why it failed; stderr says it once
         raise
+    report_problems(result)
+    return result.exit_code
 
 
 def main(argv: Sequence[str] | None = None, *, env: Mapping[str, str] | None = None,
@@ -11727,17 +11685,11 @@ def main(argv: Sequence[str] | None = None, *, env: Mapping[str, str] | None = N
     traceback for bad input, a service failure, a full disk or a held lock. ``measure`` and ``backtest``
     as the first argument run those subcommands instead (same exit codes, same funnel: ``raw_main``)."""
     argv = list(sys.argv[1:] if argv is None else argv)
-    if argv and argv[0] in SUBCOMMANDS:
-        return SUBCOMMANDS[argv[0]](argv[1:], env=env, mongo_client=mongo_client)
-    return raw_main("the run", build_parser(), campaign, argv, env, mongo_client)
-
-
-def campaign(args: argparse.Namespace, env: Mapping[str, str] | None, mongo_client: Any,
-             closing: ExitStack) -> int:
-    """The campaign as ``raw_main`` runs a program: one run, the lines cron mail should show, its exit code."""
-    result = run_campaign(args, env, mongo_client, closing)
-    report_problems(result)
-    return result.exit_code
+    if argv[:1] == ["measure"]:  # did the campaigns bring anyone back, treated against the holdout (read-only)
+        return raw_main("measure", build_measure_parser(), run_measure, argv[1:], env, mongo_client)
+    if argv[:1] == ["backtest"]:  # would the rules matcher's picks have been events members went to (read-only)
+        return raw_main("backtest", backtest_parser(), backtest, argv[1:], env, mongo_client)
+    return raw_main("the run", build_parser(), run_campaign, argv, env, mongo_client)
 
 
 def raw_main(name: str, parser: argparse.ArgumentParser, program: Any, argv: Sequence[str],
@@ -11752,7 +11704,7 @@ def raw_main(name: str, parser: argparse.ArgumentParser, program: Any, argv: Seq
     except SystemExit as exc:  # --help, or a usage error already printed
         return exc.code if isinstance(exc.code, int) else ExitCode.USAGE
     with ExitStack() as closing:
-        closing.callback(raise_on_stop_signals())
+        closing.callback(on_stop_signals(Interrupted.on_signal))
         try:
             return program(args, env, mongo_client, closing)
         except UsageError as exc:
@@ -11762,7 +11714,7 @@ def raw_main(name: str, parser: argparse.ArgumentParser, program: Any, argv: Seq
         except ServiceError as exc:
             return error_line(exc, ExitCode.FAILURE)
         except KeyboardInterrupt as exc:  # Ctrl-C, or ``Interrupted`` (SIGINT/SIGTERM)
-            signum = exc.signum if isinstance(exc, Interrupted) else signal.SIGINT
+            signum = exc.args[0] if isinstance(exc, Interrupted) else signal.SIGINT
             return error_line(f"{name} interrupted by {signal.Signals(signum).name}; stopped at once, nothing "
                               "half-written", EXIT_SIGNALS[signal.Signals(signum)])
         except Exception as exc:  # out of memory anywhere (here, a helper ``Worker``, a member's thread); else a bug
@@ -11775,20 +11727,6 @@ def error_line(problem: object, code: ExitCode) -> ExitCode:
     """The one line on stderr an error gets (cron mail), and its exit code."""
     print(f"error: {problem}", file=sys.stderr)
     return code
-
-
-def measure_command(argv: Sequence[str], *, env: Mapping[str, str] | None = None, mongo_client: Any = None) -> int:
-    """``measure``: did the campaigns bring anyone back, treated against the holdout (read-only)."""
-    return raw_main("measure", build_measure_parser(), run_measure, argv, env, mongo_client)
-
-
-def backtest_command(argv: Sequence[str], *, env: Mapping[str, str] | None = None, mongo_client: Any = None) -> int:
-    """``backtest``: would the rules matcher's picks have been events members really went to (read-only;
-    only the report is written)."""
-    return raw_main("backtest", backtest_parser(), backtest, argv, env, mongo_client)
-
-
-SUBCOMMANDS = {"measure": measure_command, "backtest": backtest_command}
 
 
 def report_problems(result: RunResult) -> None:
@@ -11805,7 +11743,8 @@ def report_problems(result: RunResult) -> None:
     if result.empty_input:
         print(f"warning: empty input: the source has no {' and no '.join(result.empty_input)}; the report "
               f"{result.report_path} says what was read", file=sys.stderr)
-    elif result.idle is not None and result.idle.exit_code and result.status == "completed" and not result.failed_members:
+    elif (result.idle is not None and result.idle.exit_code and result.status == "completed"
+          and not result.failed_members):
         print(f"warning: no message drafted: {result.report['no_message']['text']}", file=sys.stderr)
     if result.firebase_failed:
         firebase = result.firebase
