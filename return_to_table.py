@@ -58,6 +58,8 @@ import sys
 # (3.11), a thread whose stack it could not map, a compiled module it could not map.
 OUT_OF_MEMORY_SIGNS = {SystemError: "without exception set", RuntimeError: "can't start new thread",
                        ImportError: "failed to map segment"}
+OUT_OF_MEMORY = ("out of memory (MemoryError): stopped, nothing half-written; give the run more memory (ulimit -v, "
+                 "the container's limit) or a smaller input")
 
 
 def out_of_memory(exc: BaseException) -> bool:
@@ -68,15 +70,10 @@ def out_of_memory(exc: BaseException) -> bool:
             or (sign is not None and sign in str(exc)) or type(exc).__name__ == "OutOfMemoryException")
 
 
-OUT_OF_MEMORY = ("out of memory (MemoryError): stopped, nothing half-written; give the run more memory (ulimit -v, "
-                 "the container's limit) or a smaller input")
-
-
 def stop_at_once(signum: int, _frame: object) -> None:
-    """A signal outside a run's steps (while the script starts, parses, checks its settings, or after
-    the report): one line, then exit 130 (SIGINT) or 143 (SIGTERM) at once. Nothing is held then and every
-    file is written atomically, so nothing is left half-done. ``os.write``: no buffered stream is re-entered."""
-    name = "SIGINT" if signum == signal.SIGINT else "SIGTERM" if signum == signal.SIGTERM else f"signal {signum}"
+    """SIGINT or SIGTERM outside a run's steps (starting, parsing, checking settings, after the report): one line,
+    exit 130/143 at once; nothing is held then, every file is written atomically. ``os.write`` re-enters no stream."""
+    name = signal.Signals(signum).name
     os.write(2, f"error: interrupted by {name}; stopped at once (no run's steps were under way)\n".encode())
     os._exit(128 + signum)
 
@@ -427,10 +424,8 @@ CONFIG_PREFIXES = ("MONGO_", "FIREBASE_", "GOOGLE_APPLICATION_CREDENTIALS", "ANT
 
 @dataclass(frozen=True)
 class Settings:
-    """What the environment (and ``.env``) configures: services, secrets and the campaign zone.
-
-    No secret, host or database name has a default here: an unset value means "not configured".
-    """
+    """What the environment (and ``.env``) configures: services, secrets and the campaign zone. No secret, host
+    or database name has a default here: an unset value means "not configured"."""
 
     mongo_uri: str | None = None
     mongo_db_name: str | None = None
@@ -595,18 +590,16 @@ class QuietFileHandler(logging.FileHandler):
         pass
 
 
-class ConsoleFilter(logging.Filter):
-    """The console's level, except that the final summary line (``extra={"summary": True}``) always shows,
+@dataclass(frozen=True)
+class ConsoleFilter:
+    """The console's ``level``, except that the final summary line (``extra={"summary": True}``) always shows,
     and a line for the log file only (``FILE_ONLY``: an error ``raw_main`` prints on stderr) never does."""
 
-    def __init__(self, level: int) -> None:
-        super().__init__()
-        self.level = level
+    level: int
 
     def filter(self, record: logging.LogRecord) -> bool:
-        if getattr(record, "file_only", False):
-            return False
-        return record.levelno >= self.level or getattr(record, "summary", False)
+        summary = getattr(record, "summary", False)
+        return not getattr(record, "file_only", False) and (record.levelno >= self.level or summary)
 
 
 FILE_ONLY = {"file_only": True}  # ``extra=`` of a log line cron mail already gets once, on stderr
@@ -649,13 +642,11 @@ def prune_logs(log_dir: Path, now: datetime, keep_days: int) -> int:
     cutoff = days_before(now, keep_days).timestamp()
     removed = 0
     for path in log_dir.iterdir():
-        try:
+        with contextlib.suppress(OSError):
             if LOG_FILE_PATTERN.match(path.name) and path.is_file() and not path.is_symlink() \
                     and path.stat().st_mtime < cutoff:
                 path.unlink()
                 removed += 1
-        except OSError:
-            continue
     return removed
 
 
@@ -801,10 +792,9 @@ JSON_OPTIONS = (orjson.OPT_INDENT_2 | orjson.OPT_NON_STR_KEYS | orjson.OPT_PASST
 
 
 def json_bytes(value: Any) -> bytes:
-    """``value`` as indented UTF-8 JSON, through orjson when installed (the standard encoder is pure Python
-    once indented: seconds for a big member list); what orjson refuses (an integer beyond 64 bits, a lone
-    surrogate) goes the standard way. Both read back as the same values; only float spellings may differ
-    (``1e16`` for ``1e+16``), and orjson writes NaN as null (the records hold none: ``to_plain``)."""
+    """``value`` as indented UTF-8 JSON, through orjson when installed (the standard encoder is pure Python once
+    indented: seconds for a big member list); what orjson refuses (an integer beyond 64 bits, a lone surrogate)
+    the standard way. Both read back alike; float spellings may differ (``1e16``), NaN is null (``to_plain``)."""
     if orjson is not None:
         try:
             return orjson.dumps(value, default=str, option=JSON_OPTIONS)
@@ -11694,11 +11684,9 @@ def main(argv: Sequence[str] | None = None, *, env: Mapping[str, str] | None = N
 
 def raw_main(name: str, parser: argparse.ArgumentParser, program: Any, argv: Sequence[str],
              env: Mapping[str, str] | None, mongo_client: Any) -> int:
-    """The one funnel from errors to exit codes, for the campaign and both subcommands (httpie's
-    ``raw_main``): ``program(args, env, mongo_client, closing)`` does the work and returns its code; bad
-    input is one line and exit 2, a held lock 75, a failed service or disk 1, out of memory 1 (``out_of_memory``),
-    SIGINT 130 and SIGTERM 143 (``Interrupted``; the campaign's own handlers take over while it runs). The lock, the
-    clients and the log (``closing``) are released however it ends."""
+    """The one funnel from errors to exit codes for the campaign and both subcommands (httpie's ``raw_main``):
+    ``program(args, env, mongo_client, closing)`` does the work and returns its code; every error is one line and
+    its ``ExitCode``. What ``closing`` holds (the lock, the clients, the log) is released however it ends."""
     try:
         args = parser.parse_args(list(argv))
     except SystemExit as exc:  # --help, or a usage error already printed
