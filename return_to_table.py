@@ -241,9 +241,9 @@ class RunControl:
 
     def __init__(self, deadline_seconds: float | None = None, clock: Any = time.monotonic) -> None:
         self.clock = clock
-        self.deadline = None if deadline_seconds is None else clock() + deadline_seconds
+        self.deadline = math.inf if deadline_seconds is None else clock() + deadline_seconds
         self.signal: int | None = None
-        self._stopped_at: float | None = None
+        self._stopped_at = math.inf
 
     def request_stop(self, signum: int) -> None:
         """The first signal: finish what is in flight, then report. (The handler exits on the second.)"""
@@ -255,7 +255,7 @@ class RunControl:
         """``completed``, ``interrupted`` (a signal) or ``deadline``: the report's ``status``."""
         if self.signal is not None:
             return "interrupted"
-        return "deadline" if self.deadline is not None and self.clock() >= self.deadline else "completed"
+        return "deadline" if self.clock() >= self.deadline else "completed"
 
     @property
     def stopping(self) -> bool:
@@ -264,17 +264,13 @@ class RunControl:
     def until_deadline(self) -> float:
         """Seconds left until the deadline (``math.inf`` without one): how long the run may wait for a helper
         of its own work. A signal does not cut it, as it cuts ``budget``: the report still needs that work."""
-        return math.inf if self.deadline is None else max(0.0, self.deadline - self.clock())
+        return max(0.0, self.deadline - self.clock())
 
     def budget(self, wanted: float) -> float:
         """Seconds a new or running call may take: ``wanted``, cut at the deadline (plus grace once stopped)."""
         now = self.clock()
-        limits = [wanted]
-        if self._stopped_at is not None:
-            limits.append(self._stopped_at + GRACE_SECONDS - now)
-        if self.deadline is not None:
-            limits.append(self.deadline + (GRACE_SECONDS if now >= self.deadline else 0.0) - now)
-        return max(0.0, min(limits))
+        deadline = self.deadline + (GRACE_SECONDS if now >= self.deadline else 0.0)
+        return max(0.0, min(wanted, self._stopped_at + GRACE_SECONDS - now, deadline - now))
 
 
 class Worker:
@@ -371,8 +367,7 @@ class SmsPolicy:
     @classmethod
     def from_env(cls, get: Any, env: Mapping[str, str]) -> SmsPolicy:
         """The policy from ``get`` (a variable's stripped value, None when unset or empty), each value checked before
-        anything runs: a sender or opt-out text that breaks the SMS contract is a usage error (``sms_policy_problem``,
-        else every member would be skipped). SMS_DEFAULT_REGION: a region phonenumbers knows; unset means US."""
+        anything runs: a text no message could carry (``sms_policy_problem``) would skip every member."""
         if get("SMS_DEFAULT_REGION") is None and "SMS_DEFAULT_REGION" in env:  # national numbers in no region
             raise UsageError("SMS_DEFAULT_REGION is set but empty: set a region such as US, or remove the line")
         region = (get("SMS_DEFAULT_REGION") or "US").upper()
@@ -507,9 +502,8 @@ def segment_price(text: str | None) -> float | None:
 
 
 def database_path(text: str) -> str:
-    """``FIREBASE_BASE_PATH`` as the database path it names, or UsageError. The local mirror joins it under
-    ``--out``: nothing that could leave it passes (``..``, ``a//b``, a backslash, a name the database refuses as
-    a key). Slashes at either end name the root, as in its URLs (``/Staging/`` is ``Staging``; ``/`` the root)."""
+    """``FIREBASE_BASE_PATH`` as the database path it names (the local mirror joins it under ``--out``: nothing
+    that could leave it passes), or UsageError; slashes at either end name the root (``/Staging/``: ``Staging``)."""
     inner = text.strip().strip("/")
     segments = inner.split("/") if inner else []
     if any(not segment or "\\" in segment or FORBIDDEN_KEY.search(segment)
@@ -705,8 +699,7 @@ def exists_without_links(path: Path, under: Path) -> bool:
 
 def read_regular_file(path: Path, under: Path, limit: int | None = None) -> bytes | None:
     """The bytes of ``path``, a regular file inside ``under`` reached through no symbolic link, at most ``limit``
-    bytes; None when it does not exist. The one way files under ``--out`` are read back (the local mirror, so
-    ``measure`` too): a link to ``/dev/zero``, a FIFO, a device or a huge file raises RefusedFile, never hangs."""
+    bytes, or None when missing: how files under ``--out`` are read back (a FIFO, a huge file: RefusedFile)."""
     limit = MAX_READ_BYTES if limit is None else limit
     if not exists_without_links(path, under):
         return None
@@ -11532,9 +11525,8 @@ def source_choice(text: str | None, settings: Settings, hint: str = "") -> tuple
 
 
 def resolve_options(args: argparse.Namespace, settings: Settings) -> RunOptions:
-    """Turn arguments and settings into one run's options (a flag named as a ``RunOptions`` field sets it); refuse
-    what cannot be run. A ``--now`` more than ``MAX_NOW_AHEAD`` ahead of the clock needs ``--dry-run`` (``--demo``
-    too: its mirror keeps a cooldown like the real dashboard), so a rehearsal never fills the cooldown for years."""
+    """One run's options from the arguments (a flag named as a ``RunOptions`` field sets it) and settings; refuse
+    what cannot be run (a far ``--now`` without ``--dry-run`` would fill the cooldown for years, ``--demo`` too)."""
     now = datetime.now(UTC).replace(microsecond=0)
     if args.now is not None:
         parsed = parse_now(args.now)
@@ -11735,9 +11727,8 @@ def report_problems(result: RunResult) -> None:
           and not result.failed_members):
         print(f"warning: no message drafted: {result.report['no_message']['text']}", file=sys.stderr)
     if result.firebase_failed:
-        firebase = result.firebase
-        first = (firebase["errors"] or [""])[0]
-        print(f"error: {len(firebase['not_written'])} Firebase writes failed ({first}); local files and the "
+        first = (result.firebase["errors"] or [""])[0]
+        print(f"error: {len(result.firebase['not_written'])} Firebase writes failed ({first}); local files and the "
               f"report {result.report_path} are complete", file=sys.stderr)
 
 
