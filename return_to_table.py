@@ -11405,16 +11405,13 @@ class OneLineParser(argparse.ArgumentParser):
         raise SystemExit(EXIT_USAGE)
 
 
-SUBCOMMANDS_HELP = """subcommands (each with its own --help):
-  measure   did the campaigns bring anyone back: treated against holdout (read only)
-  backtest  would the rules matcher's picks have been events members went to (read only)"""
-
-
 def build_parser() -> argparse.ArgumentParser:
     parser = OneLineParser(
         prog="return_to_table.py",
-        description="Return To Table: match dormant members with one upcoming event each and draft "
-                    "a welcome-back SMS for review.\n\n" + SUBCOMMANDS_HELP,
+        description="Return To Table: match dormant members with one upcoming event each and draft a welcome-back "
+                    "SMS for review.\n\nsubcommands (each with its own --help):\n"
+                    "  measure   did the campaigns bring anyone back: treated against holdout (read only)\n"
+                    "  backtest  would the rules matcher's picks have been events members went to (read only)",
         epilog=EXIT_CODES_HELP, formatter_class=argparse.RawDescriptionHelpFormatter)
     where = parser.add_mutually_exclusive_group()
     where.add_argument("--demo", action="store_true",
