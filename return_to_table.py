@@ -599,14 +599,13 @@ class ConsoleFilter:
 FILE_ONLY = {"file_only": True}  # ``extra=`` of a log line cron mail already gets once, on stderr
 
 
-def setup_logging(out_dir: Path, now: datetime, *, verbose: bool = False, quiet: bool = False,
-                  keep_logs_days: int = 0) -> logging.Logger:
+def setup_logging(options: RunOptions) -> logging.Logger:
     """The plan's logging: a timestamped DEBUG file under ``logs/``, INFO on the console (``--quiet``: warnings
     and the summary, for short cron mail). Console and INFO lines never carry an email address or a phone number."""
-    log_dir = out_dir / "logs"
+    log_dir, now = options.out_dir / "logs", datetime.now(UTC)
     try:
         log_dir.mkdir(parents=True, exist_ok=True)
-        pruned = prune_logs(log_dir, now, keep_logs_days)
+        pruned = prune_logs(log_dir, now, options.keep_logs_days)
         log_file = log_dir / f"return_to_table_{now.strftime('%Y-%m-%d_%H-%M-%S')}.log"
         os.close(os.open(log_file, os.O_WRONLY | os.O_CREAT | os.O_APPEND, 0o600))  # it names members
         file_handler = QuietFileHandler(log_file, encoding="utf-8")
@@ -619,13 +618,14 @@ def setup_logging(out_dir: Path, now: datetime, *, verbose: bool = False, quiet:
     file_handler.setFormatter(logging.Formatter(
         "%(asctime)s - %(name)s - %(levelname)s - %(message)s", datefmt="%Y-%m-%d %H:%M:%S"))
     console = logging.StreamHandler(sys.stdout)
-    console.addFilter(ConsoleFilter(logging.WARNING if quiet else logging.DEBUG if verbose else logging.INFO))
+    console.addFilter(ConsoleFilter(logging.WARNING if options.quiet else logging.DEBUG if options.verbose
+                                    else logging.INFO))
     console.setFormatter(logging.Formatter("%(levelname)s - %(message)s"))
     logger.addHandler(file_handler)
     logger.addHandler(console)
     logger.info("Logging initialized. Log file: %s", log_file)
     if pruned:
-        logger.info("Removed %d log files older than %d days", pruned, keep_logs_days)
+        logger.info("Removed %d log files older than %d days", pruned, options.keep_logs_days)
     return logger
 
 
@@ -11633,8 +11633,7 @@ def run_campaign(args: argparse.Namespace, env: Mapping[str, str] | None, mongo_
     control = RunControl(options.deadline_minutes * 60)
     closing.callback(handle_stop_signals(control))
     closing.enter_context(run_lock(options.out_dir))
-    logger = setup_logging(options.out_dir, datetime.now(UTC), verbose=options.verbose, quiet=options.quiet,
-                           keep_logs_days=options.keep_logs_days)
+    logger = setup_logging(options)
     closing.callback(close_logging, logger)
     source = make_source(options, settings, logger, mongo_client, control)
     closing.callback(source.close)
