@@ -6760,7 +6760,6 @@ def build_demo_world(now: datetime) -> tuple[list[dict[str, Any]], list[dict[str
     events: list[dict[str, Any]] = []
 
     def add(tpl: DemoEventTemplate, when: Any, seated: list[int], owner: int, **extra: Any) -> dict[str, Any]:
-        """Append one raw event document built from a template."""
         venue = rng.choice(venues)
         hood = rng.choice(hoods if rng.random() < 0.1 else city)
         doc = {
@@ -7058,8 +7057,7 @@ def history_line(h: HistorySignals) -> str:
 
 
 def member_block(user: Mapping[str, Any]) -> str:
-    """The member as matching sees them: first name, interests, place, occupation and activity only,
-    every text through ``one_line`` (no email address or phone number, whichever field holds one)."""
+    """The member as matching sees them, every text through ``one_line``: no email address or phone number."""
     lines = [
         f"first_name: {one_line(greeting_name(user.get('firstName')) or 'unknown')}",
         f"interests: {one_line(', '.join(clean_interests(user.get('interests'))))}",
@@ -7103,16 +7101,15 @@ def facts_prompt(facts: MessageFacts, user: Mapping[str, Any]) -> str:
 
 
 def length_budget(facts: MessageFacts) -> tuple[int, int, str]:
-    """(the whole text's limit, what the sender, opt-out text and link take of it, its encoding): UCS-2's
-    134 when a name or one of those strings is outside GSM-7, as the template would write it."""
+    """(the text's limit, what the sender, opt-out text and link take of it, the encoding), as the template
+    would write it: UCS-2's 134 when a name or one of those strings is outside GSM-7."""
     fixed = dress(facts, "", "")
     size = sms_size(f"{fixed} {facts.first_name or ''} {facts.event_name}")
     return size.limit, sms_size(fixed).units, size.encoding
 
 
 def carried_lines(facts: MessageFacts) -> list[str]:
-    """The facts lines that tell Claude the exact sender and opt-out strings, the budget they leave and
-    what gives way to fit; none when neither is set."""
+    """The facts lines giving the exact sender and opt-out strings, the budget they leave and what gives way."""
     if not facts.dressed:
         return []
     limit, taken, encoding = length_budget(facts)
@@ -7163,11 +7160,8 @@ MAX_OBJECT_STARTS = 100  # "{" tried by first_json_object: each failed try costs
 
 
 def first_json_object(text: str) -> dict[str, Any] | None:
-    """The first JSON object inside prose ("Here it is: {...}"); validation decides if it is any good.
-
-    Brackets are tried in order, at most ``MAX_OBJECT_STARTS`` of them, so a wall of brackets costs linear
-    time; an object too deep for the decoder makes the answer invalid at once (InvalidAnswer).
-    """
+    """The first JSON object inside prose ("Here it is: {...}"), trying at most ``MAX_OBJECT_STARTS`` brackets
+    (a wall of them costs linear time); an object too deep for the decoder is an InvalidAnswer at once."""
     decoder = json.JSONDecoder()
     starts = (i for i, ch in enumerate(text) if ch == "{")
     for start in itertools.islice(starts, MAX_OBJECT_STARTS):
@@ -7403,8 +7397,8 @@ class ClaudeAdvisor:
         raise InvalidAnswer(f"invalid twice: {problem}")
 
     def _count_failure(self, exc: Exception) -> None:
-        """Stop calling for the rest of the run after a credentials error, a timeout or a run of failures
-        (errors and invalid answers alike)."""
+        """Stop calling for the run after a credentials error, a timeout or a run of failures (errors and
+        invalid answers alike)."""
         import anthropic
 
         fatal = (anthropic.AuthenticationError, anthropic.PermissionDeniedError, anthropic.NotFoundError)
@@ -8089,7 +8083,6 @@ class LocalMirrorTransport:
             raise FirebaseError(f"local mirror: {len(failures)} files not saved ({failures[0]})")
 
     def checkpoint(self) -> None:
-        """Save progress if the last save is older than ``save_every``."""
         if self._dirty and time.monotonic() - self._saved_at >= self.save_every:
             self.flush()
 
@@ -8348,30 +8341,6 @@ def as_item_list(value: Any, key: str) -> list[dict[str, Any]]:
     return [item for item in listing_entries(value, key) if isinstance(item, Mapping)]
 
 
-def is_clean_listing(value: Any, key: str) -> bool:
-    """True when a dashboard list is a real array without holes and with a correct count."""
-    if value is None:
-        return True
-    if not isinstance(value, Mapping):
-        return False
-    items = value.get(key)
-    if items is None:
-        return value.get("count") in (None, 0)
-    return isinstance(items, list) and None not in items and value.get("count") == len(items)
-
-
-def refuse_foreign_shape(value: Any, key: str, path: str) -> None:
-    """A location that holds something other than a dashboard list is never rewritten."""
-    inner = value.get(key) if isinstance(value, Mapping) else None
-    if (value is not None and not isinstance(value, (Mapping, list))) or (
-            inner is not None and not isinstance(inner, (Mapping, list))):
-        raise FirebaseError(f"{path}: holds something other than a list of {key}; left untouched")
-
-
-def merge_key(item: Mapping[str, Any]) -> tuple[str, str]:
-    return (str(item.get("user_id", "")), str(item.get("event_id", "")))
-
-
 class CountNotUpdated(FirebaseError):
     """The item was written, but not the list's ``count`` and ``updatedAt``, and it could not be taken back."""
 
@@ -8399,13 +8368,33 @@ class DashboardList:
         self.added = 0
         self.empty_etag = NULL_ETAG
 
+    @staticmethod
+    def is_clean(value: Any, key: str) -> bool:
+        """True when a dashboard list is a real array without holes and with a correct count."""
+        if value is None:
+            return True
+        if not isinstance(value, Mapping):
+            return False
+        items = value.get(key)
+        if items is None:
+            return value.get("count") in (None, 0)
+        return isinstance(items, list) and None not in items and value.get("count") == len(items)
+
+    @staticmethod
+    def merge_key(item: Mapping[str, Any]) -> tuple[str, str]:
+        return (str(item.get("user_id", "")), str(item.get("event_id", "")))
+
     def open(self, snapshot: tuple[Any, str] | None = None) -> DashboardList:
-        """Read the list (or take a ``(value, etag)`` just read), healing it if needed."""
+        """Read the list (or take a ``(value, etag)`` just read), healing it if needed; a location that holds
+        something other than a dashboard list is never rewritten."""
         value, etag = snapshot if snapshot is not None else self.transport.get(self.path)
         for _attempt in range(self.MAX_TRIES):
-            refuse_foreign_shape(value, self.key, self.path)
+            inner = value.get(self.key) if isinstance(value, Mapping) else None
+            if (value is not None and not isinstance(value, (Mapping, list))) or (
+                    inner is not None and not isinstance(inner, (Mapping, list))):
+                raise FirebaseError(f"{self.path}: holds something other than a list of {self.key}; left untouched")
             entries = listing_entries(value, self.key)
-            if not is_clean_listing(value, self.key):
+            if not self.is_clean(value, self.key):
                 healed = ({**value, self.key: entries, "count": len(entries)} if isinstance(value, Mapping)
                           else listing(self.key, entries, self.updated_at))
                 # A server that sends no ETag cannot take a conditional write: write plainly then.
@@ -8417,10 +8406,6 @@ class DashboardList:
             self.size = len(entries)
             return self
         raise FirebaseError(f"{self.path}: gave up healing after {self.MAX_TRIES} conflicting writes")
-
-    @property
-    def known(self) -> set[tuple[str, str]]:
-        return {merge_key(item) for item in self.items}
 
     def counted(self, record: dict[str, Any], etag: str) -> None:
         """The ``count`` set with the item just put at ``size``. When that fails (a dropped connection) the
@@ -8446,12 +8431,13 @@ class DashboardList:
     def add(self, item: Mapping[str, Any]) -> bool:
         """Append one item unless it is already there; True when it was added."""
         record = firebase_ready(dict(item), self.key_changes)
+        key = self.merge_key(record)
         for _attempt in range(self.MAX_TRIES):
-            if merge_key(record) in self.known:
+            if any(self.merge_key(known) == key for known in self.items):
                 return False
             result = self.transport.put(f"{self.path}/{self.key}/{self.size}", record, if_match=self.empty_etag)
             # A 412 that answers our own record means an earlier attempt landed and its answer was lost.
-            if result.ok or (isinstance(result.value, Mapping) and merge_key(result.value) == merge_key(record)):
+            if result.ok or (isinstance(result.value, Mapping) and self.merge_key(result.value) == key):
                 self.counted(record, result.etag)
                 return True
             if result.value is None and result.etag and result.etag != self.empty_etag:
@@ -8459,11 +8445,6 @@ class DashboardList:
                 continue
             self.open()  # someone else took the slot: read the list again
         raise FirebaseError(f"{self.path}: gave up after {self.MAX_TRIES} conflicting appends")
-
-
-def item_label(key: str, item: Mapping[str, Any]) -> str:
-    """How the report names one dashboard item: ``matches (<user_id>, <event_id>)``."""
-    return f"{key} ({item.get('user_id')}, {item.get('event_id')})"
 
 
 class DashboardWriter:
@@ -8476,6 +8457,7 @@ class DashboardWriter:
     """
 
     LIST_KEYS = ("matches", "messages", "holdout")
+    MAX_KEY_CHANGES_LISTED = 20  # key changes named in the report; all of them are counted
     DATED_LISTS = (("messages", "generated_at"), ("holdout", "held_out_at"))  # the cooldown's lists, dated by
 
     def __init__(self, transport: FirebaseTransport | None, logger: logging.Logger, *, dry_run: bool,
@@ -8619,14 +8601,19 @@ class DashboardWriter:
                 if match is not None:
                     self._append("matches", match)
             elif match is not None:
-                self.not_written.append(item_label("matches", match))  # its message was not written
+                self.not_written.append(self.item_label("matches", match))  # its message was not written
             if holdout is not None:
                 self._append("holdout", holdout)
+
+    @staticmethod
+    def item_label(key: str, item: Mapping[str, Any]) -> str:
+        """How the report names one dashboard item: ``matches (<user_id>, <event_id>)``."""
+        return f"{key} ({item.get('user_id')}, {item.get('event_id')})"
 
     def _append(self, key: str, item: Mapping[str, Any]) -> bool:
         """One item to a dashboard list (True: it is there now); after a failure the list is not retried."""
         target = self.lists.get(key) if self.writes and key not in self.broken else None
-        label = item_label(key, item)
+        label = self.item_label(key, item)
         if target is None:
             self.not_written.append(label)
             return False
@@ -8706,7 +8693,11 @@ class DashboardWriter:
         self.logger.info("Step 7: nothing drafted, no campaign archived and the dashboard left as it was")
 
     def summary(self) -> dict[str, Any]:
-        """The report's ``firebase`` section; ``keys_renamed``/``keys_dropped`` count distinct key changes."""
+        """The report's ``firebase`` section; ``keys_renamed``/``keys_dropped`` count distinct key changes, the
+        first ones named as ``'a.b' -> 'a_b_<digest>'`` (long keys shortened, odd characters escaped)."""
+
+        def shown(key: str) -> str:
+            return repr(key) if len(key) <= 40 else f"{key[:40]!r}... ({len(key.encode('utf-8', 'surrogatepass'))} bytes)"
         changes = sorted(self.key_changes, key=lambda change: (change[1] is None, change[0], change[1] or ""))
         live = self.transport is not None and not self.dry_run
         return {"target": self.transport.description if live else "none (dry run)", "written": list(self.written),
@@ -8714,20 +8705,8 @@ class DashboardWriter:
                 "bytes_sent": self.transport.bytes_sent if self.transport is not None else 0,
                 "keys_renamed": sum(stored is not None for _, stored in changes),
                 "keys_dropped": sum(stored is None for _, stored in changes),
-                "key_changes": [describe_key_change(change) for change in changes[:MAX_KEY_CHANGES_LISTED]]}
-
-
-MAX_KEY_CHANGES_LISTED = 20  # key changes named in the report; all of them are counted
-
-
-def describe_key_change(change: KeyChange) -> str:
-    """``'a.b' -> 'a_b_<digest>'`` for the report, long keys shortened, odd characters escaped."""
-
-    def shown(key: str) -> str:
-        return repr(key) if len(key) <= 40 else f"{key[:40]!r}... ({len(key.encode('utf-8', 'surrogatepass'))} bytes)"
-
-    original, stored = change
-    return f"{shown(original)} -> {shown(stored) if stored is not None else 'dropped'}"
+                "key_changes": [f"{shown(found)} -> {shown(stored) if stored is not None else 'dropped'}"
+                                for found, stored in changes[:self.MAX_KEY_CHANGES_LISTED]]}
 
 
 # =============================================================================================
@@ -9006,15 +8985,9 @@ def progress_bar(total: int, unit: str, *, enabled: bool, desc: str | None = Non
         yield bar
 
 
-def reading_progress(total: int, unit: str) -> Any:
-    """The progress factory a source gets on a terminal (step 1's read)."""
-    return progress_bar(total, unit, enabled=True, desc="reading")
-
-
-@contextlib.contextmanager
-def no_progress(_total: int, _unit: str) -> Iterator[None]:
-    """The progress factory when there is no terminal: no bar."""
-    yield None
+# The progress factories a source is given (``progress(total, unit)``): step 1's bar on a terminal, or none.
+reading_progress = functools.partial(progress_bar, enabled=True, desc="reading")
+no_progress = functools.partial(progress_bar, enabled=False)
 
 
 # =============================================================================================
