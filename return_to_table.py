@@ -6697,7 +6697,6 @@ def build_demo_world(now: datetime) -> tuple[list[dict[str, Any]], list[dict[str
         "no_occupation": ("occupation",), "no_hood": ("homeNeighborhood",), "no_first": ("firstName",),
         "sparse": ("lastName", "phone", "gender", "occupation", "homeNeighborhood"),
     }
-    bad_interests: dict[str, Any] = {"int_empty": [], "int_none": None, "int_blank": [""]}
     users: list[dict[str, Any]] = []
     for i in range(len(roles)):
         first = special[showcase.index(i)] if i in showcase[: len(special)] else rng.choice(firsts)
@@ -6712,14 +6711,9 @@ def build_demo_world(now: datetime) -> tuple[list[dict[str, Any]], list[dict[str
         }
         kind = messy.get(i, "")
         doc = {k: v for k, v in doc.items() if k not in drop.get(kind, ())}
-        if kind in bad_interests:
-            doc["interests"] = bad_interests[kind]
-        elif kind == "int_str":
-            doc["interests"] = ", ".join(picked)
-        elif kind == "jersey":
-            doc["homeNeighborhood"] = "jersey-city"
-        elif kind == "oid":
-            doc["_id"] = {"$oid": uid[i]}
+        doc.update({"int_empty": {"interests": []}, "int_none": {"interests": None}, "int_blank": {"interests": [""]},
+                    "int_str": {"interests": ", ".join(picked)}, "jersey": {"homeNeighborhood": "jersey-city"},
+                    "oid": {"_id": {"$oid": uid[i]}}}.get(kind, {}))
         users.append(doc)
     # Members who may not be texted, so the report's skip reasons show them (ranked low: the top is unchanged).
     for index, preference in ((0xCF, {"smsOptOut": True}), (0xF3, {"notificationSettings": {"sms": False}}),
@@ -6744,12 +6738,10 @@ def build_demo_world(now: datetime) -> tuple[list[dict[str, Any]], list[dict[str
             members[e].append(u)
             anchor[u] = e
     bucket_showcase = [1, 3, 6, 9, 11, 13, 16, 18, 21, 24]  # total events, dormant showcase
+    older_events = {"active": [0, 0, 1, 1, 2, 3, 5], "dormant": [0, 0, 1, 1, 2, 3, 4, 6], "churned": [0, 0, 0, 1, 2]}
     for role in windows:
         for k, u in enumerate(by_role[role]):
-            if role == "dormant":
-                want = bucket_showcase[k] - 1 if k < 10 else rng.choice([0, 0, 1, 1, 2, 3, 4, 6])
-            else:
-                want = rng.choice([0, 0, 1, 1, 2, 3, 5] if role == "active" else [0, 0, 0, 1, 2])
+            want = bucket_showcase[k] - 1 if role == "dormant" and k < 10 else rng.choice(older_events[role])
             older = [x for x in range(len(plan)) if starts[x] < starts[anchor[u]] and len(members[x]) < 12]
             for x in rng.sample(older, min(want, len(older))):
                 members[x].append(u)
@@ -6802,10 +6794,9 @@ def build_demo_world(now: datetime) -> tuple[list[dict[str, Any]], list[dict[str
         }.get(state, round(cap * rng.uniform(0.5, 0.8)))
         extra: dict[str, Any] = {
             "maxParticipants": 0 if state == "zero" else cap, "type": "private" if state == "private" else "public",
-            "active": state != "inactive", "eventStatus": state if state in ("pending", "cancelled") else "approved",
+            "active": state != "inactive",
+            "eventStatus": state if state in ("pending", "cancelled") else None if state == "nostatus" else "approved",
         }
-        if state == "nostatus":
-            extra["eventStatus"] = None
         doc = add(tpl, fmt(at(rng.randint(1, 30), tpl.slot)), rng.sample(active, n), rng.choice(active), **extra)
         if state == "nomax":
             del doc["maxParticipants"]
@@ -7961,14 +7952,6 @@ def etag_of(value: Any) -> str:
     return hashlib.sha256(canonical.encode("utf-8")).hexdigest()[:28]
 
 
-def tree_get(tree: Any, segments: Sequence[str]) -> Any:
-    for segment in segments:
-        if not isinstance(tree, Mapping):
-            return None
-        tree = tree.get(segment)
-    return tree
-
-
 def tree_set(tree: Any, segments: Sequence[str], value: Any) -> Any:
     """The tree with ``value`` at ``segments`` (None deletes), emptied parents pruned, as stored."""
     if not segments:
@@ -8044,7 +8027,10 @@ class LocalMirrorTransport:
     def _stored(self, segments: list[str]) -> Any:
         split = self._split(segments)
         if split is not None:
-            return tree_get(self._load(split[0]), split[1])
+            tree = self._load(split[0])
+            for segment in split[1]:
+                tree = tree.get(segment) if isinstance(tree, Mapping) else None
+            return tree
         tree = {name: value for name in self._names(segments) if (value := self._stored([*segments, name])) is not None}
         return tree or None
 
@@ -8099,8 +8085,7 @@ class LocalMirrorTransport:
         self.bytes_sent += len(json.dumps(value, ensure_ascii=False).encode("utf-8"))
         self._store(segments, rtdb_normalize(value))
         self.checkpoint()
-        written, new_etag = self.get(path)
-        return PutResult(True, written, new_etag)
+        return PutResult(True, *self.get(path))
 
     def patch(self, path: str, updates: Mapping[str, Any]) -> None:
         segments = check_path(path)
