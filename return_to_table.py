@@ -3080,7 +3080,7 @@ class CandidateIndex:
 
     def reader(self, user: Mapping[str, Any]) -> BoundReader:
         """What ``bounds`` reads of a member, once per member."""
-        return BoundReader(habit_bounds(member_habits(user)), tuple(clean_interests(user.get("interests"))),
+        return BoundReader(member_habits(user), tuple(clean_interests(user.get("interests"))),
                            text_field(user, "homeNeighborhood"))
 
     def bounds(self, reader: BoundReader) -> Any:
@@ -3134,29 +3134,30 @@ class CandidateIndex:
         first = np.minimum.reduceat(rank[self.tags], self.tag_starts) if len(self.tags) else rank[:0]
         return np.array([*wanted, -1])[first]
 
-    def history_points(self, b: HabitBounds) -> Any:
+    def history_points(self, habits: Habits) -> Any:
         """Per row, at least ``history_signals(...).points`` before timing, each signal as
         ``HistorySignals.contributions`` counts it: host, series and company on the rows the history names
         (``personal``); with enough past events, place, tags, weekday and part of the day on every row."""
         host, series, company, place, tags, weekday, day_part = self.weights.signals
-        n, points, best_series = b.events, np.zeros(len(self.positions_of)), np.zeros(len(self.positions_of))
-        for key, count in b.hosts.items():
+        h, points, best_series = habits.history, np.zeros(len(self.positions_of)), np.zeros(len(self.positions_of))
+        n = max(int(h["events"]), 1)
+        for key, count in (h.get("hosts") or {}).items():
             points[self.personal["host"].get(key, [])] += host * int(count) / n
-        for key, count in b.company.items():
+        for key, count in (h.get("company_going") or {}).items():
             points[self.personal["event"].get(key, [])] += company * min(int(count), COMPANY_CAP) / COMPANY_CAP
-        for key, count in b.series.items():
+        for key, count in (h.get("series") or {}).items():
             rows = self.personal["series"].get(key, [])
             best_series[rows] = np.maximum(best_series[rows], int(count))
         points += series * best_series / n
-        if not b.habits.patterns:
+        if not habits.patterns:
             return points
-        shares = self.shares("place", b.habits.places)
+        shares = self.shares("place", habits.places)
         shares[0] = 0.0  # no neighbourhood, no share
-        weekdays, parts = self.cached("zone", b.habits.zone.key if b.habits.zone else None,
-                                      lambda: self.local_times(b.habits.zone))
+        weekdays, parts = self.cached("zone", habits.zone.key if habits.zone else None,
+                                      lambda: self.local_times(habits.zone))
         counts = [np.array([int(got.get(name, 0)) for name in (*names, "")], dtype=float) for got, names in
-                  ((b.weekdays, WEEKDAYS), (b.day_parts, DAY_PART_NAMES))]
-        tag_share = np.add.reduceat(self.shares("tag", b.tags)[self.tags], self.tag_starts) / self.tag_counts
+                  ((h.get("weekdays") or {}, WEEKDAYS), (h.get("day_parts") or {}, DAY_PART_NAMES))]
+        tag_share = np.add.reduceat(self.shares("tag", h.get("tags") or {})[self.tags], self.tag_starts) / self.tag_counts
         return (points + place * shares[self.place] + tags * tag_share + weekday * counts[0][weekdays] / n
                 + day_part * counts[1][parts] / n)
 
@@ -3187,33 +3188,10 @@ BEST_FIRST = 64  # events ``CandidateIndex.best_first`` sorts first
 BOUND_MARGIN = 1e-6  # above any rounding of a total (``Candidate.total`` rounds to 9 places)
 
 
-class HabitBounds(NamedTuple):
-    """A member's ``Habits`` as ``CandidateIndex.history_points`` reads them, once per member (each part of
-    the history as ``history_signals`` reads it)."""
-
-    habits: Habits
-    events: int  # past events (at least 1), as ``HistorySignals.contributions`` divides by
-    hosts: Mapping[str, Any]
-    series: Mapping[str, Any]
-    company: Mapping[str, Any]
-    tags: Mapping[str, Any]
-    weekdays: Mapping[str, Any]
-    day_parts: Mapping[str, Any]
-
-
-def habit_bounds(habits: Habits | None) -> HabitBounds | None:
-    if habits is None:
-        return None
-    h = habits.history
-    return HabitBounds(habits, max(int(h["events"]), 1), h.get("hosts") or {}, h.get("series") or {},
-                       h.get("company_going") or {}, h.get("tags") or {}, h.get("weekdays") or {},
-                       h.get("day_parts") or {})
-
-
 class BoundReader(NamedTuple):
     """What ``CandidateIndex.bounds`` reads of one member."""
 
-    habits: HabitBounds | None
+    habits: Habits | None  # ``member_habits``
     interests: tuple[str, ...]  # ``clean_interests``
     home: str | None
 
