@@ -3016,6 +3016,7 @@ class CandidateIndex:
         self.codes: dict[str, dict[str | None, int]] = {"tag": {}, "place": {"": 0}, "where": {}}
         self.personal: dict[str, dict[str, list[int]]] = {"host": {}, "series": {}, "event": {}}  # key -> rows
         self.cache: dict[tuple[str, str | None], Any] = {}  # per interest, home and zone (``cached``)
+        self.cached_bytes = 0
         positions, columns, pairs = [], [], []
         for n, event in enumerate(events):
             features = event_features(event)
@@ -3108,12 +3109,12 @@ class CandidateIndex:
         return proximity_tier(same, 0.0 if same else self.places.distance_km(home, where))
 
     def cached(self, kind: str, key: str | None, compute: Callable[[], Any]) -> Any:
-        """``compute()``, kept per kind and key while the cache has room (``MAX_INDEX_CACHE``)."""
+        """``compute()`` (an array), kept per kind and key while the cache has room (``MAX_INDEX_CACHE_BYTES``)."""
         found = self.cache.get((kind, key))
         if found is None:
             found = compute()
-            if len(self.cache) < MAX_INDEX_CACHE:
-                self.cache[(kind, key)] = found
+            if self.cached_bytes + found.nbytes <= MAX_INDEX_CACHE_BYTES:
+                self.cache[(kind, key)], self.cached_bytes = found, self.cached_bytes + found.nbytes
         return found
 
     def interest_tiers(self, interests: Sequence[str]) -> Any:
@@ -3132,7 +3133,7 @@ class CandidateIndex:
         rank = np.full(len(self.codes["tag"]), len(wanted))
         rank[wanted] = np.arange(len(wanted))
         first = np.minimum.reduceat(rank[self.tags], self.tag_starts) if len(self.tags) else rank[:0]
-        return np.array([*wanted, -1])[first]
+        return np.array([*wanted, -1], dtype=np.int32)[first]
 
     def history_points(self, habits: Habits) -> Any:
         """Per row, at least ``history_signals(...).points`` before timing, each signal as
@@ -3169,12 +3170,12 @@ class CandidateIndex:
                 found[c] = float(share)
         return found
 
-    def local_times(self, zone: ZoneInfo | None) -> tuple[Any, Any]:
+    def local_times(self, zone: ZoneInfo | None) -> Any:
         """Per row, the local weekday (in ``WEEKDAYS``, 7 when unknown) and part of the day (in
-        ``DAY_PART_NAMES``, 4 when unknown) in ``zone``, as ``history_signals`` reads them."""
+        ``DAY_PART_NAMES``, 4 when unknown) in ``zone``, as ``history_signals`` reads them: two rows."""
         local = [local_weekday_part(event_features(self.events[n]).start, zone) for n in self.positions_of.tolist()]
-        return (np.array([WEEKDAYS.index(d) if d else 7 for d, _ in local], dtype=np.intp),
-                np.array([DAY_PART_NAMES.index(p) if p else 4 for _, p in local], dtype=np.intp))
+        return np.array([[WEEKDAYS.index(d) if d else 7 for d, _ in local],
+                         [DAY_PART_NAMES.index(p) if p else 4 for _, p in local]], dtype=np.int8).reshape(2, -1)
 
     def score(self, user: Mapping[str, Any]) -> list[Candidate]:
         """``score_candidates(user, events, hoods, now, weights)`` for one member, over the narrowed events."""
@@ -3182,7 +3183,7 @@ class CandidateIndex:
 
 
 DAY_PART_NAMES = tuple(name for _, name in DAY_PARTS)
-MAX_INDEX_CACHE = 1024  # interests, homes and zones whose columns a ``CandidateIndex`` keeps (real data: dozens)
+MAX_INDEX_CACHE_BYTES = 32 << 20  # a ``CandidateIndex``'s columns per interest, home and zone (1M members: ~3 MB)
 RANKED_BATCH = 16  # events scored together by ``CandidateIndex.ranked``
 BEST_FIRST = 64  # events ``CandidateIndex.best_first`` sorts first
 BOUND_MARGIN = 1e-6  # above any rounding of a total (``Candidate.total`` rounds to 9 places)

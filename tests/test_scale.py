@@ -401,8 +401,9 @@ OTHER_WEIGHTS = rtt.MatchWeights({"W_HOST": 0.25, "W_SERIES": 4.0, "W_COMPANY": 
                                  "other weights (test)")
 
 
-def test_an_index_built_with_other_weights_bounds_and_scores_with_those_weights(tmp_path, hoods):
+def test_an_index_built_with_other_weights_bounds_and_scores_with_those_weights(tmp_path, hoods, monkeypatch):
     members, events, _ = reached_world(tmp_path, hoods)
+    monkeypatch.setattr(rtt, "MAX_INDEX_CACHE_BYTES", 0)  # (and keeping no column: each computed for each member)
     index = rtt.CandidateIndex.build(events, hoods, NOW, OTHER_WEIGHTS)
     position = {id(e): n for n, e in enumerate(events)}
     reordered = 0
