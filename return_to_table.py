@@ -9149,10 +9149,12 @@ def no_progress(_total: int, _unit: str) -> Iterator[None]:
 # out, for ``--window-days`` after their reference time, and compares how many came back. Pure
 # functions first (statistics, reading archived records, following members, grouping, the report),
 # then the I/O at the edges (``read_campaigns``, ``read_events``, ``run_measure``). It writes nothing
-# to Firebase or its mirror: only reads, and its two report files.
+# to Firebase or its mirror: only reads, and its report files.
 
 CONFIDENCE = 0.95
 Z_95 = NormalDist().inv_cdf(0.5 + CONFIDENCE / 2)  # 1.959964...
+POWER = 0.80  # the power of the detectable lift and of the tones' "members each arm still needs"
+Z_POWER = NormalDist().inv_cdf(POWER)  # 0.8416...
 MEASURE_GROUPS = ("treated", "approved_or_sent", "sent", "holdout")
 REVIEWED_GROUPS = {"approved_or_sent": frozenset({"approved", "sent"}), "sent": frozenset({"sent"})}
 MESSAGE_STATUSES = frozenset({"pending", "approved", "sent", "rejected"})
@@ -9174,9 +9176,12 @@ REVIEWED_TEXT = ("The approved_or_sent and sent rows are the messages reviewers 
 REFERENCE_TEXT = ("Reference time: a message's sent_at when its status is sent and sent_at is a date, else its "
                   "generated_at; a holdout member's held_out_at. A member whose window has not closed at --now is "
                   "counted as open (and whether they are already back), never as not back.")
+POWER_METHOD = ("smallest detectable lift: the normal approximation for two proportions, "
+                "(z_0.975 + z_0.80) x sqrt(p(1 - p)(1/n_treated + 1/n_holdout)), at p = 0.5, where the "
+                "variance is largest, so the figure holds whatever the return rate (80% power, two-sided 5%)")
 
 
-# --- statistics: Wilson, Newcombe's method 10, the two-proportion z-test -----------------------
+# --- statistics: Wilson, Newcombe's method 10, the two-proportion z-test, power, Holm -------------------
 
 
 def wilson_interval(successes: int, trials: int, z: float = Z_95) -> tuple[float, float]:
@@ -9210,13 +9215,6 @@ def two_proportion_z_test(x1: int, n1: int, x2: int, n2: int) -> tuple[float, fl
     return z, 2 * NormalDist().cdf(-abs(z))
 
 
-POWER = 0.80
-Z_POWER = NormalDist().inv_cdf(POWER)  # 0.8416...
-POWER_METHOD = ("smallest detectable lift: the normal approximation for two proportions, "
-                "(z_0.975 + z_0.80) x sqrt(p(1 - p)(1/n_treated + 1/n_holdout)), at p = 0.5, where the "
-                "variance is largest, so the figure holds whatever the return rate (80% power, two-sided 5%)")
-
-
 def detectable_lift_pp(treated: int, held_out: int) -> float | None:
     """The smallest lift, in percentage points, that ``treated`` against ``held_out`` members would detect
     with 80% power in a two-sided test at 5% (``POWER_METHOD``); None when either group is empty."""
@@ -9225,18 +9223,40 @@ def detectable_lift_pp(treated: int, held_out: int) -> float | None:
     return 100 * (Z_95 + Z_POWER) * math.sqrt(0.25 * (1 / treated + 1 / held_out))
 
 
-def power_figure(treated: int, held_out: int) -> dict[str, Any]:
-    """One period's sizes and the lift its holdout could detect (rounded to 0.1 pp)."""
-    found = detectable_lift_pp(treated, held_out)
-    return {"treated": treated, "held_out": held_out,
-            "detectable_lift_pp": None if found is None else round(found, 1)}
-
-
 def holdout_power(this_run: tuple[int, int], earlier_30_days: tuple[int, int] | None) -> dict[str, Any]:
     """The run report's holdout power: this run, and the last 30 days (the dashboard's members messaged and
     held out before this run, plus this run's); ``last_30_days`` is None when the dashboard was not read."""
-    last = None if earlier_30_days is None else power_figure(*(a + b for a, b in zip(this_run, earlier_30_days)))
-    return {"method": POWER_METHOD, "this_run": power_figure(*this_run), "last_30_days": last}
+    last = None if earlier_30_days is None else tuple(a + b for a, b in zip(this_run, earlier_30_days))
+    return {"method": POWER_METHOD} | {
+        period: None if sizes is None else {"treated": sizes[0], "held_out": sizes[1],
+                                            "detectable_lift_pp": rounded(detectable_lift_pp(*sizes), 1)}
+        for period, sizes in (("this_run", this_run), ("last_30_days", last))}
+
+
+def holm_adjust(p_values: Sequence[float]) -> list[float]:
+    """Holm's step-down adjustment (Holm 1979): the k-th smallest of m p-values times (m - k + 1), kept
+    non-decreasing and at most 1; returned in the input's order. It controls the family-wise error rate."""
+    m = len(p_values)
+    adjusted, running = [0.0] * m, 0.0
+    for rank, i in enumerate(sorted(range(m), key=lambda j: p_values[j])):
+        running = max(running, min(1.0, (m - rank) * p_values[i]))
+        adjusted[i] = running
+    return adjusted
+
+
+def members_per_arm(p1: float, p2: float, alpha: float, power: float = POWER) -> int | None:
+    """Members per arm for a two-sided two-proportion test to detect ``p1`` against ``p2`` (Fleiss' normal
+    approximation, no continuity correction); None when the rates are equal (no difference to detect)."""
+    if p1 == p2:
+        return None
+    z_a, z_b = NormalDist().inv_cdf(1 - alpha / 2), NormalDist().inv_cdf(power)
+    mean = (p1 + p2) / 2
+    root = z_a * math.sqrt(2 * mean * (1 - mean)) + z_b * math.sqrt(p1 * (1 - p1) + p2 * (1 - p2))
+    return math.ceil((root / (p1 - p2)) ** 2)
+
+
+def rounded(value: float | None, digits: int = 4) -> float | None:
+    return None if value is None else round(value, digits)
 
 
 @dataclass(frozen=True)
@@ -9250,21 +9270,32 @@ class Tally:
     open: int = 0
     open_came_back: int = 0
 
+    @classmethod
+    def of(cls, followed: Iterable[Followed]) -> Tally:
+        closed, still_open = [], []
+        for f in followed:
+            (still_open if f.open else closed).append(f)
+        return cls(len(closed), sum(f.came_back for f in closed), sum(f.came_to_suggested for f in closed),
+                   len(still_open), sum(f.came_back for f in still_open))
+
+    def __add__(self, other: Tally) -> Tally:
+        return Tally(*map(operator.add, dataclasses.astuple(self), dataclasses.astuple(other)))
+
     @property
     def rate(self) -> float | None:
         return self.came_back / self.size if self.size else None
 
-
-def sum_tallies(tallies: Iterable[Tally]) -> Tally:
-    """Tallies added up (the pooled row): every count is a sum."""
-    rows = list(tallies)
-    return Tally(*(sum(getattr(t, name) for t in rows)
-                   for name in ("size", "came_back", "came_to_suggested", "open", "open_came_back")))
+    def json(self) -> dict[str, Any]:
+        interval = [rounded(v) for v in wilson_interval(self.came_back, self.size)] if self.size else None
+        return {"size": self.size, "came_back": self.came_back, "rate": rounded(self.rate),
+                "rate_interval": interval, "came_to_suggested": self.came_to_suggested,
+                "suggested_rate": rounded(self.came_to_suggested / self.size if self.size else None),
+                "open": self.open, "open_came_back": self.open_came_back}
 
 
 class Lift(NamedTuple):
     """Treated against holdout: the difference in percentage points with its interval, the relative lift
-    (None when no holdout member came back) and the z-test."""
+    (None when no holdout member came back), the z-test, and the smallest lift these sizes could detect."""
 
     difference_pp: float
     low_pp: float
@@ -9272,13 +9303,7 @@ class Lift(NamedTuple):
     relative: float | None
     z: float
     p_value: float
-    detectable_pp: float | None = None  # the smallest lift these sizes could detect (``detectable_lift_pp``)
-
-    @property
-    def too_small_to_tell(self) -> bool:
-        """The groups are too small for the lift to mean anything: nothing under ``TELLABLE_LIFT_PP`` is
-        detectable (the interval is then as wide as "+0.0 pp, -79 to +28")."""
-        return self.detectable_pp is None or self.detectable_pp > TELLABLE_LIFT_PP
+    detectable_pp: float | None = None
 
 
 def lift(treated: Tally, holdout: Tally) -> Lift | None:
@@ -9294,6 +9319,18 @@ def lift(treated: Tally, holdout: Tally) -> Lift | None:
                 detectable_lift_pp(treated.size, holdout.size))
 
 
+def lift_json(treated: Tally, holdout: Tally) -> dict[str, Any] | None:
+    """The lift as the report gives it; too small to tell when nothing under ``TELLABLE_LIFT_PP`` is detectable
+    (the interval is then as wide as "+0.0 pp, -79 to +28")."""
+    if (found := lift(treated, holdout)) is None:
+        return None
+    return {"difference_pp": round(found.difference_pp, 2),
+            "interval_pp": [round(found.low_pp, 2), round(found.high_pp, 2)],
+            "relative_lift": rounded(found.relative), "z": round(found.z, 4), "p_value": float(f"{found.p_value:.4g}"),
+            "detectable_lift_pp": rounded(found.detectable_pp, 1),
+            "too_small_to_tell": found.detectable_pp is None or found.detectable_pp > TELLABLE_LIFT_PP}
+
+
 LIFT_NOTES = {  # why treated-against-holdout has no lift: (the report's sentence, the console table's words)
     "no_holdout": ("no holdout members: lift cannot be computed; rates only", "no holdout: rates only"),
     "holdout_open": ("no holdout member's window has closed yet: lift cannot be computed yet; rates only",
@@ -9301,17 +9338,6 @@ LIFT_NOTES = {  # why treated-against-holdout has no lift: (the report's sentenc
     "treated_open": ("no treated member's window has closed yet: lift cannot be computed yet; rates only",
                      "treated windows open"),
 }
-
-
-def lift_note(treated: Tally, holdout: Tally) -> str | None:
-    """Why treated-against-holdout has no lift (a ``LIFT_NOTES`` key); None when it has one."""
-    if not holdout.size and not holdout.open:
-        return "no_holdout"
-    if not holdout.size:
-        return "holdout_open"
-    if not treated.size:
-        return "treated_open"
-    return None
 
 
 # --- archived campaigns: every value read is untrusted ----------------------------------------
@@ -9380,44 +9406,31 @@ def archive_records(value: Any, key: str, issues: DataIssues) -> list[Mapping[st
     return records
 
 
-def message_status(value: Any, issues: DataIssues) -> str:
-    """A message's status as the dashboard sets it; anything else is counted and treated as no status."""
-    status = value.strip().lower() if isinstance(value, str) and len(value) <= 40 else None
-    if status in MESSAGE_STATUSES:
-        return status
-    issues.add("archived_messages_with_odd_status")
-    return ""
-
-
-def message_observation(item: Mapping[str, Any], issues: DataIssues) -> Observation | None:
-    """A messaged member from an archived message, or None (counted): no usable ``user_id``, or no date
-    to start from. From ``sent_at`` when the status is sent and it is a date, else ``generated_at``."""
+def observation(item: Mapping[str, Any], key: str, issues: DataIssues) -> Observation | None:
+    """A member to follow from an archived message (``key`` "messages") or holdout record, or None (counted): no
+    usable ``user_id``, or no date to start from (``REFERENCE_TEXT``). A status the dashboard does not set is
+    counted and read as none."""
     user_id = usable_id(item.get("user_id"))
     if user_id is None:
-        issues.add("archived_messages_without_usable_user_id")
+        issues.add(f"archived_{key}_without_usable_user_id")
         return None
-    status = message_status(item.get("status"), issues)
-    sent_at = to_utc(item.get("sent_at")) if status == "sent" else None
-    if status == "sent" and sent_at is None:
-        issues.add("sent_messages_without_valid_sent_at")
-    reference = sent_at or to_utc(item.get("generated_at"))
+    if key == "holdout":
+        status, reference, field_name = "", to_utc(item.get("held_out_at")), "held_out_at"
+    else:
+        raw = item.get("status")
+        status = raw.strip().lower() if isinstance(raw, str) and len(raw) <= 40 else ""
+        if status not in MESSAGE_STATUSES:
+            issues.add("archived_messages_with_odd_status")
+            status = ""
+        sent_at = to_utc(item.get("sent_at")) if status == "sent" else None
+        if status == "sent" and sent_at is None:
+            issues.add("sent_messages_without_valid_sent_at")
+        reference, field_name = sent_at or to_utc(item.get("generated_at")), "generated_at"
     if reference is None:
-        issues.add("archived_messages_without_valid_generated_at")
+        issues.add(f"archived_{key}_without_valid_{field_name}")
         return None
-    return Observation(user_id, "treated", status, reference, usable_id(item.get("event_id")), message_traits(item))
-
-
-def holdout_observation(item: Mapping[str, Any], issues: DataIssues) -> Observation | None:
-    """A held-out member from a holdout record, from ``held_out_at``, or None (counted)."""
-    user_id = usable_id(item.get("user_id"))
-    if user_id is None:
-        issues.add("archived_holdout_without_usable_user_id")
-        return None
-    held_out_at = to_utc(item.get("held_out_at"))
-    if held_out_at is None:
-        issues.add("archived_holdout_without_valid_held_out_at")
-        return None
-    return Observation(user_id, "holdout", "", held_out_at, usable_id(item.get("event_id")), holdout_traits(item))
+    arm = "holdout" if key == "holdout" else "treated"
+    return Observation(user_id, arm, status, reference, usable_id(item.get("event_id")), record_traits(item, key))
 
 
 # --- what the breakdowns read of each archived record (issue 22): every value untrusted, bounded ----------
@@ -9483,77 +9496,51 @@ def same_place_of(match: Mapping[str, Any]) -> str:
     return yes_no(NeighbourhoodMap.canonical(home) == NeighbourhoodMap.canonical(where))
 
 
-def message_traits(item: Mapping[str, Any]) -> tuple[tuple[str, str], ...]:
-    """A message's own segments: writer, tone (today's wording before ``--variants`` existed), confidence."""
-    return (("writer", segment_text(item.get("generator"))), ("variant", segment_text(item.get("variant"), DEFAULT_TONE)),
-            ("confidence", confidence_band(item.get("confidence_percentage"))))
-
-
-def holdout_traits(item: Mapping[str, Any]) -> tuple[tuple[str, str], ...]:
-    """A holdout record's segments (the rules' pick they would have had)."""
-    return (("variant", segment_text(item.get("variant"), DEFAULT_TONE)),
-            ("confidence", confidence_band(item.get("confidence_percentage"))),
-            ("days_inactive", days_band(item.get("days_inactive"))),
-            ("deciding_signal", signal_of({**item, "matcher": "rules"})),
-            ("same_neighbourhood", yes_no(item.get("same_neighbourhood"))))
-
-
-def match_traits_by_member(matches: Iterable[Mapping[str, Any]]) -> dict[str, tuple[tuple[str, str], ...]]:
-    """Each messaged member's match segments: matcher, days inactive, deciding signal, same neighbourhood."""
-    found: dict[str, tuple[tuple[str, str], ...]] = {}
-    for match in matches:
-        user_id = usable_id(match.get("user_id"))
-        if user_id is None or user_id in found:
-            continue
-        user = match.get("user") if isinstance(match.get("user"), Mapping) else {}
-        found[user_id] = (("matcher", segment_text(match.get("matcher"))),
-                          ("days_inactive", days_band(user.get("days_inactive"))),
-                          ("deciding_signal", signal_of(match)), ("same_neighbourhood", same_place_of(match)))
-    return found
-
-
-def first_per_member(observations: Iterable[Observation]) -> dict[str, Observation]:
-    kept: dict[str, Observation] = {}
-    for observation in observations:
-        kept.setdefault(observation.user_id, observation)
-    return kept
-
-
-def campaign_members(treated: Sequence[Observation], held_out: Sequence[Observation],
-                     issues: DataIssues) -> tuple[Observation, ...]:
-    """Each member once per campaign (their first record); a member both messaged and held out in one
-    campaign belongs to neither group (counted), as no one can tell which they were."""
-    messaged, holdout = first_per_member(treated), first_per_member(held_out)
-    issues.add("repeated_members_in_a_campaign", len(treated) - len(messaged) + len(held_out) - len(holdout))
-    both = messaged.keys() & holdout.keys()
-    issues.add("members_both_messaged_and_held_out", len(both))
-    return tuple(o for o in [*messaged.values(), *holdout.values()] if o.user_id not in both)
+def record_traits(record: Mapping[str, Any], key: str) -> tuple[tuple[str, str], ...]:
+    """The segments an archived record tells of its member: a message its writer, tone (today's wording before
+    ``--variants`` existed) and confidence; a holdout record those of the rules' pick they would have had; a
+    match its matcher, the member's days inactive, the deciding signal and whether the event is in their place."""
+    if key == "matches":
+        user = record.get("user") if isinstance(record.get("user"), Mapping) else {}
+        return (("matcher", segment_text(record.get("matcher"))), ("days_inactive", days_band(user.get("days_inactive"))),
+                ("deciding_signal", signal_of(record)), ("same_neighbourhood", same_place_of(record)))
+    pick = (("variant", segment_text(record.get("variant"), DEFAULT_TONE)),
+            ("confidence", confidence_band(record.get("confidence_percentage"))))
+    if key == "messages":
+        return (("writer", segment_text(record.get("generator"))), *pick)
+    return (*pick, ("days_inactive", days_band(record.get("days_inactive"))),
+            ("deciding_signal", signal_of({**record, "matcher": "rules"})),
+            ("same_neighbourhood", yes_no(record.get("same_neighbourhood"))))
 
 
 def metadata_moment(metadata: Any) -> datetime | None:
     return to_utc(metadata.get("created_at")) if isinstance(metadata, Mapping) else None
 
 
-def metadata_status(metadata: Any) -> str:
-    status = metadata.get("status") if isinstance(metadata, Mapping) else None
-    return clean_text(status, 40)[0] or "unknown" if isinstance(status, str) else "unknown"
-
-
 def archived_campaign(campaign_id: str, metadata: Any, messages: Any, holdout: Any,
                       issues: DataIssues, matches: Any = None) -> ArchivedCampaign:
-    """One campaign from its archived ``metadata``, ``messages`` and ``holdout``, as read (and ``matches``,
-    for the treated members' breakdown traits)."""
+    """One campaign from its archived ``metadata``, ``messages``, ``holdout`` and ``matches`` (the treated
+    members' breakdown traits), as read. Each member counts once (their first record); a member both messaged
+    and held out belongs to neither group (counted), as no one can tell which they were."""
     if metadata is not None and not isinstance(metadata, Mapping):
         issues.add("archived_metadata_not_objects")
-    matched = match_traits_by_member(archive_records(matches, "matches", issues) if matches is not None else [])
-    treated = [o._replace(traits=o.traits + matched.get(o.user_id, ()))
-               for item in archive_records(messages, "messages", issues)
-               if (o := message_observation(item, issues)) is not None]
-    held_out = [o for item in archive_records(holdout, "holdout", issues)
-                if (o := holdout_observation(item, issues)) is not None]
-    members = campaign_members(treated, held_out, issues)
+    matched: dict[str, tuple[tuple[str, str], ...]] = {}
+    for match in archive_records(matches, "matches", issues):
+        if (user_id := usable_id(match.get("user_id"))) is not None and user_id not in matched:
+            matched[user_id] = record_traits(match, "matches")
+    arms = []
+    for key, value in (("messages", messages), ("holdout", holdout)):
+        found = [o for item in archive_records(value, key, issues) if (o := observation(item, key, issues)) is not None]
+        arms.append({o.user_id: o for o in reversed(found)})  # reversed: a member's first record wins
+        issues.add("repeated_members_in_a_campaign", len(found) - len(arms[-1]))
+    both = arms[0].keys() & arms[1].keys()
+    issues.add("members_both_messaged_and_held_out", len(both))
+    members = tuple(o._replace(traits=o.traits + matched.get(o.user_id, ())) if o.arm == "treated" else o
+                    for arm in arms for o in arm.values() if o.user_id not in both)
     created_at = metadata_moment(metadata) or min((o.reference for o in members), default=None)
-    return ArchivedCampaign(campaign_id, created_at, metadata_status(metadata), members)
+    status = metadata.get("status") if isinstance(metadata, Mapping) else None
+    shown = clean_text(status, 40)[0] or "unknown" if isinstance(status, str) else "unknown"
+    return ArchivedCampaign(campaign_id, created_at, shown, members)
 
 
 # --- following members: who came back ------------------------------------------------------------
@@ -9566,6 +9553,15 @@ class Followed(NamedTuple):
     open: bool  # the window ends after --now
     came_back: bool
     came_to_suggested: bool
+
+    def segment(self, dimension: str) -> str:
+        return dict(self.observation.traits).get(dimension, "unknown")
+
+
+def window_end(reference: datetime, days: int) -> datetime:
+    """``days`` after ``reference``, or the calendar's last usable day (a date in 9999 never overflows)."""
+    window = timedelta(days=days)
+    return reference + window if LATEST_DATE - reference > window else LATEST_DATE
 
 
 class Attendance:
@@ -9583,76 +9579,74 @@ class Attendance:
                 found.setdefault(member, []).append((start, event_id))
         self.events = {member: sorted(seen) for member, seen in found.items()}
 
-    def between(self, member: str, after: datetime, until: datetime) -> set[str]:
-        """The events ``member`` joined or hosted that start after ``after`` and at the latest ``until``."""
-        seen = self.events.get(member, [])
-        first = bisect.bisect_right(seen, after, key=lambda entry: entry[0])
-        last = bisect.bisect_right(seen, until, key=lambda entry: entry[0])
-        return {event_id for _, event_id in seen[first:last]}
+    def follow(self, observation: Observation, now: datetime, days: int) -> Followed:
+        """Did this member come back (to any event, and to the suggested one) within the window: an event they
+        joined or hosted that starts after their reference time and at the latest when the window ends."""
+        end = window_end(observation.reference, days)
+        seen = self.events.get(observation.user_id, [])
+        first = bisect.bisect_right(seen, observation.reference, key=lambda entry: entry[0])
+        last = bisect.bisect_right(seen, end, key=lambda entry: entry[0])
+        went = {event_id for _, event_id in seen[first:last]}
+        return Followed(observation, end > now, bool(went), observation.event_id in went)
 
 
-def window_end(reference: datetime, days: int) -> datetime:
-    """``days`` after ``reference``, or the calendar's last usable day (a date in 9999 never overflows)."""
-    window = timedelta(days=days)
-    return reference + window if LATEST_DATE - reference > window else LATEST_DATE
+def event_categories(events: Iterable[Mapping[str, Any]], wanted: set[str]) -> dict[str, tuple[str, str]]:
+    """(category, name) of the suggested events: the first category as the host wrote it, cleaned."""
+    found = {}
+    for event in events:
+        event_id = id_of(event.get("_id"))
+        if event_id in wanted:
+            found[event_id] = (segment_text(next(iter(text_list(event, "categories")), None), "none"),
+                               clean_text(text_field(event, "name") or "", 80)[0])
+    return found
 
 
-def follow(observation: Observation, attendance: Attendance, now: datetime, days: int) -> Followed:
-    """Did this member come back (to any event, and to the suggested one) within the window?"""
-    end = window_end(observation.reference, days)
-    went = attendance.between(observation.user_id, observation.reference, end)
-    return Followed(observation, end > now, bool(went), observation.event_id in went)
-
-
-def tally(followed: Iterable[Followed]) -> Tally:
-    """One group's counts; open windows apart."""
-    closed, still_open = [], []
-    for f in followed:
-        (still_open if f.open else closed).append(f)
-    return Tally(len(closed), sum(f.came_back for f in closed), sum(f.came_to_suggested for f in closed),
-                 len(still_open), sum(f.came_back for f in still_open))
-
-
-def group_tallies(followed: Sequence[Followed]) -> dict[str, Tally]:
-    """The groups of one campaign: every message ("treated"), the reviewed subsets when some message has
-    such a status, and the holdout."""
-    treated = [f for f in followed if f.observation.arm == "treated"]
-    groups = {"treated": tally(treated)}
-    for name, statuses in REVIEWED_GROUPS.items():
-        subset = [f for f in treated if f.observation.status in statuses]
-        if subset:
-            groups[name] = tally(subset)
-    groups["holdout"] = tally(f for f in followed if f.observation.arm == "holdout")
-    return groups
+def follow_campaigns(campaigns: Sequence[ArchivedCampaign], events: Sequence[Mapping[str, Any]], now: datetime,
+                     days: int, issues: DataIssues) -> list[tuple[ArchivedCampaign, list[Followed]]]:
+    """Every campaign's members followed through their windows, each with their event's category as a trait."""
+    attendance = Attendance(events, {o.user_id for c in campaigns for o in c.observations}, issues)
+    named = event_categories(events, {o.event_id for c in campaigns for o in c.observations if o.event_id})
+    return [(c, [attendance.follow(o._replace(traits=(*o.traits, ("event_category", named.get(
+        o.event_id or "", ("unknown",))[0]))), now, days) for o in c.observations]) for c in campaigns]
 
 
 @dataclass(frozen=True)
 class Measurement:
-    """One block of the table: a campaign's (or the pooled) groups, each treated group's lift over the
-    holdout, and, when treated-against-holdout has no lift, why."""
+    """One block of the table: a campaign's (or the pooled) groups: every message ("treated"), the reviewed
+    subsets when some message has such a status, and the holdout."""
 
     groups: dict[str, Tally]
-    lifts: dict[str, Lift | None]
-    note: str | None  # a LIFT_NOTES key
 
+    @classmethod
+    def of(cls, followed: Sequence[Followed]) -> Measurement:
+        treated = [f for f in followed if f.observation.arm == "treated"]
+        groups = {"treated": Tally.of(treated)}
+        for name, statuses in REVIEWED_GROUPS.items():
+            if subset := [f for f in treated if f.observation.status in statuses]:
+                groups[name] = Tally.of(subset)
+        return cls(groups | {"holdout": Tally.of(f for f in followed if f.observation.arm == "holdout")})
 
-def measurement(groups: Mapping[str, Tally]) -> Measurement:
-    holdout = groups["holdout"]
-    lifts = {name: lift(t, holdout) for name, t in groups.items() if name != "holdout"}
-    return Measurement(dict(groups), lifts, lift_note(groups["treated"], holdout))
+    @classmethod
+    def pooled(cls, blocks: Sequence[Measurement]) -> Measurement:
+        """The campaigns added up (``POOLING_TEXT``): each (campaign, member) once."""
+        names = [n for n in MEASURE_GROUPS if n in ("treated", "holdout") or any(n in b.groups for b in blocks)]
+        return cls({n: sum((b.groups[n] for b in blocks if n in b.groups), Tally()) for n in names})
 
-
-def pooled_measurement(blocks: Sequence[Measurement]) -> Measurement:
-    """The campaigns added up (``POOLING_TEXT``): each (campaign, member) once."""
-    names = [n for n in MEASURE_GROUPS if n in ("treated", "holdout") or any(n in b.groups for b in blocks)]
-    return measurement({n: sum_tallies(b.groups[n] for b in blocks if n in b.groups) for n in names})
+    def json(self) -> dict[str, Any]:
+        """Each group, each treated group's lift over the holdout and, when treated-against-holdout has none, why."""
+        treated, holdout = self.groups["treated"], self.groups["holdout"]
+        lifts = {name: lift_json(t, holdout) for name, t in self.groups.items() if name != "holdout"}
+        note = ("no_holdout" if not holdout.size and not holdout.open else "holdout_open" if not holdout.size
+                else "treated_open" if not treated.size else None)
+        return {"groups": {name: t.json() for name, t in self.groups.items()},
+                "lift_computable": lifts["treated"] is not None, "lift": lifts,
+                "note": LIFT_NOTES[note][0] if note else None, "note_code": note}
 
 
 # --- breakdowns (issue 22): which members and events come back, which tone works, week by week -------
 
 MIN_SEGMENT = 20  # members (closed windows) a segment needs before its rate is shown: fewer is "too few"
 TOP_EVENTS = 10
-POWER = 0.80  # the power the "members each arm still needs" figure is computed for
 BREAKDOWNS = {  # dimension: (its title, the holdout it is compared with)
     "matcher": ("Matcher", "whole"),
     "writer": ("Writer", "whole"),
@@ -9680,28 +9674,13 @@ SAMPLE_SIZE_TEXT = (f"Members each arm still needs: the normal-approximation sam
 WEEKLY_TEXT = "Week by week: members by the UTC week (Monday) of their reference time, closed windows only."
 
 
-def trait(f: Followed, name: str) -> str:
-    return dict(f.observation.traits).get(name, "unknown")
-
-
-def event_categories(events: Iterable[Mapping[str, Any]], wanted: set[str]) -> dict[str, tuple[str, str]]:
-    """(category, name) of the suggested events: the first category as the host wrote it, cleaned."""
-    found = {}
-    for event in events:
-        event_id = id_of(event.get("_id"))
-        if event_id in wanted:
-            found[event_id] = (segment_text(next(iter(text_list(event, "categories")), None), "none"),
-                               clean_text(text_field(event, "name") or "", 80)[0])
+def by_segment(followed: Iterable[Followed], dimension: str, arm: str) -> dict[str, list[Followed]]:
+    """The members of one arm by their segment of ``dimension``."""
+    found: dict[str, list[Followed]] = {}
+    for f in followed:
+        if f.observation.arm == arm:
+            found.setdefault(f.segment(dimension), []).append(f)
     return found
-
-
-def follow_campaigns(campaigns: Sequence[ArchivedCampaign], events: Sequence[Mapping[str, Any]], now: datetime,
-                     days: int, issues: DataIssues) -> list[tuple[ArchivedCampaign, list[Followed]]]:
-    """Every campaign's members followed through their windows, each with their event's category as a trait."""
-    attendance = Attendance(events, {o.user_id for c in campaigns for o in c.observations}, issues)
-    named = event_categories(events, {o.event_id for c in campaigns for o in c.observations if o.event_id})
-    return [(c, [follow(o._replace(traits=(*o.traits, ("event_category", named.get(o.event_id or "", ("unknown",))[0]))),
-                        attendance, now, days) for o in c.observations]) for c in campaigns]
 
 
 def segment_json(segment: str, treated: Tally, holdout: Tally | None) -> dict[str, Any]:
@@ -9715,21 +9694,17 @@ def segment_json(segment: str, treated: Tally, holdout: Tally | None) -> dict[st
             "holdout": None if holdout is None else {"n": holdout.size, "returns": holdout.came_back,
                                                      "rate": rounded(holdout.rate) if holdout.size >= MIN_SEGMENT
                                                      else None},
-            "lift": lift_json(lift(treated, holdout)) if compared and holdout is not None else None}
+            "lift": lift_json(treated, holdout) if compared and holdout is not None else None}
 
 
 def breakdown(followed: Sequence[Followed], dimension: str) -> dict[str, Any]:
     """One dimension's segments, largest first, each against its holdout (``BREAKDOWNS``)."""
     title, basis = BREAKDOWNS[dimension]
-    treated = [f for f in followed if f.observation.arm == "treated"]
-    held = [f for f in followed if f.observation.arm == "holdout"]
-    whole = tally(held) if held else None
-    segments = Counter(trait(f, dimension) for f in treated)
-    rows = []
-    for segment in sorted(segments, key=lambda s: (-segments[s], s)):
-        mine = tally(f for f in treated if trait(f, dimension) == segment)
-        theirs = whole if basis == "whole" else tally(f for f in held if trait(f, dimension) == segment) if held else None
-        rows.append(segment_json(segment, mine, theirs))
+    treated, held = by_segment(followed, dimension, "treated"), by_segment(followed, dimension, "holdout")
+    whole = Tally.of(f for fs in held.values() for f in fs) if held else None
+    rows = [segment_json(segment, Tally.of(treated[segment]), whole if basis == "whole" or not held
+                         else Tally.of(held.get(segment, [])))
+            for segment in sorted(treated, key=lambda s: (-len(treated[s]), s))]
     return {"dimension": dimension, "title": title, "compared_with": HOLDOUT_BASIS[basis], "segments": rows}
 
 
@@ -9753,63 +9728,19 @@ def top_events(followed: Sequence[Followed], names: Mapping[str, tuple[str, str]
             "compared_with": None, "segments": rows}
 
 
-def holm_adjust(p_values: Sequence[float]) -> list[float]:
-    """Holm's step-down adjustment (Holm 1979): the k-th smallest of m p-values times (m - k + 1), kept
-    non-decreasing and at most 1; returned in the input's order. It controls the family-wise error rate."""
-    m = len(p_values)
-    adjusted, running = [0.0] * m, 0.0
-    for rank, i in enumerate(sorted(range(m), key=lambda j: p_values[j])):
-        running = max(running, min(1.0, (m - rank) * p_values[i]))
-        adjusted[i] = running
-    return adjusted
-
-
-def members_per_arm(p1: float, p2: float, alpha: float, power: float = POWER) -> int | None:
-    """Members per arm for a two-sided two-proportion test to detect ``p1`` against ``p2`` (Fleiss' normal
-    approximation, no continuity correction); None when the rates are equal (no difference to detect)."""
-    if p1 == p2:
-        return None
-    z_a, z_b = NormalDist().inv_cdf(1 - alpha / 2), NormalDist().inv_cdf(power)
-    mean = (p1 + p2) / 2
-    root = z_a * math.sqrt(2 * mean * (1 - mean)) + z_b * math.sqrt(p1 * (1 - p1) + p2 * (1 - p2))
-    return math.ceil((root / (p1 - p2)) ** 2)
-
-
-def tone_pairs(arms: Mapping[str, Tally]) -> list[dict[str, Any]]:
-    """Each pair of tones with closed windows: the difference, its interval, z, p and Holm's adjusted p."""
-    pairs = [(a, b) for a, b in itertools.combinations(sorted(arms), 2) if arms[a].size and arms[b].size]
-    rows = []
-    for a, b in pairs:
-        x = (arms[a].came_back, arms[a].size, arms[b].came_back, arms[b].size)
-        low, high = newcombe_interval(*x)
-        z, p_value = two_proportion_z_test(*x)
-        rows.append({"a": a, "b": b, "difference_pp": round(100 * (x[0] / x[1] - x[2] / x[3]), 2),
-                     "interval_pp": [round(100 * low, 2), round(100 * high, 2)], "z": round(z, 4), "p_value": p_value})
-    for row, adjusted in zip(rows, holm_adjust([r["p_value"] for r in rows]), strict=True):
-        row["p_value"], row["p_holm"] = float(f"{row['p_value']:.4g}"), float(f"{adjusted:.4g}")
-    return rows
-
-
-def tone_winner(arms: Mapping[str, Tally], pairs: Sequence[Mapping[str, Any]]) -> str | None:
-    """The tone that beats every other with a Holm-adjusted p below 0.05, or None."""
-    for tone in arms:
-        mine = [p for p in pairs if tone in (p["a"], p["b"])]
-        if mine and len(mine) == len(arms) - 1 and all(
-                p["p_holm"] < 1 - CONFIDENCE and (p["difference_pp"] > 0) == (p["a"] == tone) for p in mine):
-            return tone
-    return None
-
-
 def variant_comparison(followed: Sequence[Followed]) -> dict[str, Any]:
-    """The tone A/B: each tone's rate and lift over the whole holdout, each pair with Holm-adjusted p-values,
-    and a winner only when one is significant after adjustment; otherwise how many more members each arm needs."""
-    treated = [f for f in followed if f.observation.arm == "treated"]
-    holdout = tally(f for f in followed if f.observation.arm == "holdout")
-    arms = {tone: tally(f for f in treated if trait(f, "variant") == tone)
-            for tone in sorted({trait(f, "variant") for f in treated})}
-    pairs = tone_pairs(arms)
-    winner = tone_winner(arms, pairs)
-    verdict, needed = variant_verdict(arms, pairs, winner)
+    """The tone A/B: each tone's rate and lift over the whole holdout, each pair of tones with closed windows
+    (Holm-adjusted p-values), a winner only when one is significant after adjustment; otherwise how many more
+    members each arm needs."""
+    tones = by_segment(followed, "variant", "treated")
+    arms = {tone: Tally.of(tones[tone]) for tone in sorted(tones)}
+    holdout = Tally.of(f for f in followed if f.observation.arm == "holdout")
+    lifts = [(a, b, found) for a, b in itertools.combinations(arms, 2) if (found := lift(arms[a], arms[b])) is not None]
+    pairs = [{"a": a, "b": b, "difference_pp": round(found.difference_pp, 2),
+              "interval_pp": [round(found.low_pp, 2), round(found.high_pp, 2)], "z": round(found.z, 4),
+              "p_value": float(f"{found.p_value:.4g}"), "p_holm": float(f"{adjusted:.4g}")}
+             for (a, b, found), adjusted in zip(lifts, holm_adjust([f.p_value for *_, f in lifts]), strict=True)]
+    winner, verdict, needed = variant_verdict(arms, pairs)
     return {"arms": [{**segment_json(tone, t, holdout if holdout.size else None), "variant": tone}
                      for tone, t in arms.items()],
             "compared_with": "the whole holdout (tones are assigned independently of it)",
@@ -9817,43 +9748,41 @@ def variant_comparison(followed: Sequence[Followed]) -> dict[str, Any]:
             "method": HOLM_TEXT + " " + SAMPLE_SIZE_TEXT}
 
 
-def variant_verdict(arms: Mapping[str, Tally], pairs: Sequence[Mapping[str, Any]],
-                    winner: str | None) -> tuple[str, dict[str, int] | None]:
-    """The sentence a growth lead reads, and (no winner yet) the members each arm still needs."""
+def variant_verdict(arms: Mapping[str, Tally],
+                    pairs: Sequence[Mapping[str, Any]]) -> tuple[str | None, str, dict[str, int] | None]:
+    """The winner (the tone that beats every other with a Holm-adjusted p below 0.05, or None), the sentence a
+    growth lead reads, and (no winner yet) the members each arm still needs."""
     if len(arms) < 2:
-        return "One tone only: nothing to compare (run the campaign with --variants).", None
-    if winner is not None:
-        return f"{winner} wins: it beats every other tone after Holm's adjustment.", None
+        return None, "One tone only: nothing to compare (run the campaign with --variants).", None
+    for tone in arms:
+        mine = [p for p in pairs if tone in (p["a"], p["b"])]
+        if len(mine) == len(arms) - 1 and all(
+                p["p_holm"] < 1 - CONFIDENCE and (p["difference_pp"] > 0) == (p["a"] == tone) for p in mine):
+            return tone, f"{tone} wins: it beats every other tone after Holm's adjustment.", None
     closed = {t: a for t, a in arms.items() if a.size}
     if len(closed) < 2:
-        return "No winner yet: fewer than two tones have closed windows.", None
+        return None, "No winner yet: fewer than two tones have closed windows.", None
     best, runner = sorted(closed, key=lambda t: -(closed[t].rate or 0.0))[:2]
     n = members_per_arm(closed[best].rate or 0.0, closed[runner].rate or 0.0, (1 - CONFIDENCE) / max(1, len(pairs)))
     if n is None:
-        return "No winner yet: the tones' rates are equal so far; no sample size can tell them apart.", None
+        return None, "No winner yet: the tones' rates are equal so far; no sample size can tell them apart.", None
     more = {t: max(0, n - a.size) for t, a in arms.items()}
-    return (f"No winner yet (no pair significant after Holm's adjustment). To detect {best} against {runner} "
-            f"({percent(closed[best].rate)} against {percent(closed[runner].rate)}) each arm needs about {n} members: "
-            + ", ".join(f"{t} {m} more" for t, m in more.items()) + "."), more
-
-
-def week_of(moment: datetime) -> str:
-    day = moment.astimezone(UTC).date()
-    return (day - timedelta(days=day.weekday())).isoformat()
+    return None, (f"No winner yet (no pair significant after Holm's adjustment). To detect {best} against {runner} "
+                  f"({percent(closed[best].rate)} against {percent(closed[runner].rate)}) each arm needs about {n} "
+                  "members: " + ", ".join(f"{t} {m} more" for t, m in more.items()) + "."), more
 
 
 def weekly_rates(followed: Sequence[Followed]) -> list[dict[str, Any]]:
-    """Treated and holdout return rates per week of reference time, with Wilson intervals and the lift."""
+    """Treated and holdout return rates per UTC week (Monday) of reference time, with Wilson intervals and the
+    lift; closed windows only."""
     weeks: dict[str, dict[str, list[Followed]]] = {}
     for f in followed:
         if not f.open:
-            arm = "treated" if f.observation.arm == "treated" else "holdout"
-            weeks.setdefault(week_of(f.observation.reference), {"treated": [], "holdout": []})[arm].append(f)
-    rows = []
-    for week in sorted(weeks):
-        t, h = tally(weeks[week]["treated"]), tally(weeks[week]["holdout"])
-        rows.append({"week": week, "treated": tally_json(t), "holdout": tally_json(h), "lift": lift_json(lift(t, h))})
-    return rows
+            day = f.observation.reference.astimezone(UTC).date()
+            week = (day - timedelta(days=day.weekday())).isoformat()
+            weeks.setdefault(week, {"treated": [], "holdout": []})[f.observation.arm].append(f)
+    tallies = ((week, Tally.of(weeks[week]["treated"]), Tally.of(weeks[week]["holdout"])) for week in sorted(weeks))
+    return [{"week": week, "treated": t.json(), "holdout": h.json(), "lift": lift_json(t, h)} for week, t, h in tallies]
 
 
 def learned_json(followed: Sequence[Followed], events: Sequence[Mapping[str, Any]]) -> dict[str, Any]:
@@ -9868,34 +9797,6 @@ def learned_json(followed: Sequence[Followed], events: Sequence[Mapping[str, Any
 # --- the report: JSON, Markdown and the console table --------------------------------------------
 
 
-def rounded(value: float | None, digits: int = 4) -> float | None:
-    return None if value is None else round(value, digits)
-
-
-def tally_json(t: Tally) -> dict[str, Any]:
-    interval = [rounded(v) for v in wilson_interval(t.came_back, t.size)] if t.size else None
-    return {"size": t.size, "came_back": t.came_back, "rate": rounded(t.rate), "rate_interval": interval,
-            "came_to_suggested": t.came_to_suggested,
-            "suggested_rate": rounded(t.came_to_suggested / t.size if t.size else None),
-            "open": t.open, "open_came_back": t.open_came_back}
-
-
-def lift_json(found: Lift | None) -> dict[str, Any] | None:
-    if found is None:
-        return None
-    return {"difference_pp": round(found.difference_pp, 2),
-            "interval_pp": [round(found.low_pp, 2), round(found.high_pp, 2)],
-            "relative_lift": rounded(found.relative), "z": round(found.z, 4), "p_value": float(f"{found.p_value:.4g}"),
-            "detectable_lift_pp": rounded(found.detectable_pp, 1), "too_small_to_tell": found.too_small_to_tell}
-
-
-def measurement_json(m: Measurement) -> dict[str, Any]:
-    return {"groups": {name: tally_json(t) for name, t in m.groups.items()},
-            "lift_computable": m.lifts["treated"] is not None,
-            "lift": {name: lift_json(found) for name, found in m.lifts.items()},
-            "note": LIFT_NOTES[m.note][0] if m.note else None, "note_code": m.note}
-
-
 def measure_report(*, run_date: datetime, now: datetime, window_days: int, dates: DateRange,
                    campaign: str | None, source_label: str, archive: str,
                    measured: Sequence[tuple[ArchivedCampaign, Measurement]], pooled: Measurement,
@@ -9904,24 +9805,17 @@ def measure_report(*, run_date: datetime, now: datetime, window_days: int, dates
     """The report's JSON: the settings, the method in words, pooled and per-campaign blocks, what was odd;
     ``events_note`` says when nobody could have come back yet (``stale_events_note``)."""
     return {
-        "kind": "measure",
-        "run_date": iso_utc(run_date),
-        "as_of": iso_utc(now),
-        "window_days": window_days,
-        "since": iso_utc(dates.since),
-        "until": iso_utc(dates.until),  # exclusive
-        "campaign": campaign,
-        "source": source_label,
-        "archive": archive,
-        "empty_input": list(empty_input),
+        "kind": "measure", "run_date": iso_utc(run_date), "as_of": iso_utc(now), "window_days": window_days,
+        "since": iso_utc(dates.since), "until": iso_utc(dates.until),  # exclusive
+        "campaign": campaign, "source": source_label, "archive": archive, "empty_input": list(empty_input),
         "events_note": events_note,
         "method": {"came_back": PROXY_TEXT.format(days=window_days), "reference_time": REFERENCE_TEXT,
                    "interval": INTERVAL_METHOD, "test": TEST_METHOD, "confidence": CONFIDENCE,
                    "pooling": POOLING_TEXT, "reviewed_groups": REVIEWED_TEXT, "power": POWER_METHOD},
         "campaigns_measured": len(measured),
-        "pooled": measurement_json(pooled),
+        "pooled": pooled.json(),
         "campaigns": [{"campaign_id": c.campaign_id, "created_at": iso_utc(c.created_at), "status": c.status,
-                       **measurement_json(m)} for c, m in measured],
+                       **m.json()} for c, m in measured],
         "data_issues": issues.as_dict(),
         "errors": list(errors),
     }
@@ -9931,56 +9825,54 @@ def percent(rate: float | None) -> str:
     return "-" if rate is None else f"{100 * rate:.1f}%"
 
 
-def group_row(name: str, g: Mapping[str, Any]) -> list[str]:
-    """One group as table cells: size, came back, rate with its Wilson interval, suggested event, open."""
-    interval = g["rate_interval"]
-    rate = percent(g["rate"]) + (f" ({percent(interval[0])}-{percent(interval[1])})" if interval else "")
-    return [name, str(g["size"]), str(g["came_back"]), rate, str(g["came_to_suggested"]),
-            f"{g['open']} ({g['open_came_back']} back)"]
-
-
-MEASURE_COLUMNS = ["group", "size", "came back", "rate (95% CI)", "to suggested event", "open (already back)"]
-
-
 def p_value_text(p_value: float) -> str:
     return "< 0.0001" if p_value < 0.0001 else f"{p_value:.4f}"
 
 
-def p_text(p_value: float) -> str:
-    shown = p_value_text(p_value)
-    return f"p {shown}" if shown.startswith("<") else f"p = {shown}"
+def difference_text(found: Mapping[str, Any]) -> str:
+    """``+4.0 (+1.2 to +6.8)``: a difference in points with its interval."""
+    return f"{found['difference_pp']:+.1f} ({found['interval_pp'][0]:+.1f} to {found['interval_pp'][1]:+.1f})"
+
+
+MEASURE_COLUMNS = ["group", "size", "came back", "rate (95% CI)", "to suggested event", "open (already back)"]
+CAMPAIGN_COLUMNS = ["campaign", "treated", "holdout", "lift, pp (95% CI)", "p", "open"]
+SEGMENT_COLUMNS = ["segment", "n", "returns", "rate (95% CI)", "lift vs holdout, pp (95% CI)", "p"]
+
+
+def block_rows(block: Mapping[str, Any]) -> list[list[str]]:
+    """A block's table, header first: each group's size, came back, rate with its Wilson interval, suggested
+    event, open windows."""
+    rows = [MEASURE_COLUMNS]
+    for name, g in block["groups"].items():
+        interval = g["rate_interval"]
+        rate = percent(g["rate"]) + (f" ({percent(interval[0])}-{percent(interval[1])})" if interval else "")
+        rows.append([name, str(g["size"]), str(g["came_back"]), rate, str(g["came_to_suggested"]),
+                     f"{g['open']} ({g['open_came_back']} back)"])
+    return rows
 
 
 def lift_lines(block: Mapping[str, Any]) -> list[str]:
-    """The lift of each treated group over the holdout as sentences, or the plain reason there is none."""
+    """The lift of each treated group over the holdout as sentences, or the plain reason there is none; a lift
+    the groups are too small to tell from chance says so first, its figures after."""
     lines = [] if block["note"] is None else [block["note"]]  # the sentence of LIFT_NOTES
     for name, found in block["lift"].items():
         if found is None:
             continue
-        relative = found["relative_lift"]
-        if found.get("too_small_to_tell"):
-            lines.append(too_small_line(name, found, block["groups"]))
+        low, high = found["interval_pp"]
+        if found["too_small_to_tell"]:
+            detectable = found["detectable_lift_pp"]
+            could = ("no lift is detectable" if detectable is None or detectable >= 100
+                     else f"only a lift of {detectable:.0f} pp or more is detectable")
+            lines.append(f"lift {name} vs holdout: too small to tell ({block['groups'][name]['size']} against "
+                         f"{block['groups']['holdout']['size']} held out: {could} with 80% power; "
+                         f"{found['difference_pp']:+.1f} pp, 95% CI {low:+.1f} to {high:+.1f} pp)")
             continue
-        lines.append(f"lift {name} vs holdout: {found['difference_pp']:+.1f} pp (95% CI {found['interval_pp'][0]:+.1f} "
-                     f"to {found['interval_pp'][1]:+.1f} pp), relative "
-                     f"{'n/a (no holdout member came back)' if relative is None else f'{100 * relative:+.1f}%'}, "
-                     f"{p_text(found['p_value'])}")
+        relative = found["relative_lift"]
+        shown = p_value_text(found["p_value"])
+        lines.append(f"lift {name} vs holdout: {found['difference_pp']:+.1f} pp (95% CI {low:+.1f} to {high:+.1f} pp), "
+                     f"relative {'n/a (no holdout member came back)' if relative is None else f'{100 * relative:+.1f}%'}"
+                     f", {'p' if shown.startswith('<') else 'p ='} {shown}")
     return lines
-
-
-def too_small_line(name: str, found: Mapping[str, Any], groups: Mapping[str, Any]) -> str:
-    """A lift the groups are too small to tell from chance, said so first, its figures after."""
-    detectable = found["detectable_lift_pp"]
-    could = ("no lift is detectable" if detectable is None or detectable >= 100
-             else f"only a lift of {detectable:.0f} pp or more is detectable")
-    low, high = found["interval_pp"]
-    return (f"lift {name} vs holdout: too small to tell ({groups[name]['size']} against "
-            f"{groups['holdout']['size']} held out: {could} with 80% power; {found['difference_pp']:+.1f} pp, "
-            f"95% CI {low:+.1f} to {high:+.1f} pp)")
-
-
-def block_rows(block: Mapping[str, Any]) -> list[list[str]]:
-    return [group_row(name, g) for name, g in block["groups"].items()]
 
 
 def text_table(rows: Sequence[Sequence[str]], indent: str = "  ") -> list[str]:
@@ -9990,14 +9882,6 @@ def text_table(rows: Sequence[Sequence[str]], indent: str = "  ") -> list[str]:
             for row in rows]
 
 
-def campaign_title(entry: Mapping[str, Any]) -> str:
-    """A campaign's heading; its id as read, made safe to show (no bidi or zero-width tricks, bounded)."""
-    return f"{clean_text(entry['campaign_id'], 100)[0]} (created {entry['created_at']}, {entry['status']})"
-
-
-CAMPAIGN_COLUMNS = ["campaign", "treated", "holdout", "lift, pp (95% CI)", "p", "open"]
-
-
 def share(g: Mapping[str, Any]) -> str:
     """``came back/size rate``; a group with no closed window says how many are open instead."""
     if not g["size"]:
@@ -10005,19 +9889,21 @@ def share(g: Mapping[str, Any]) -> str:
     return f"{g['came_back']}/{g['size']} {percent(g['rate'])}"
 
 
-def campaign_row(entry: Mapping[str, Any]) -> list[str]:
-    """One campaign on one line: treated and holdout came back / size, the lift (or why none), open windows."""
-    groups, found = entry["groups"], entry["lift"]["treated"]
-    if found is None:
-        lift_cells = [LIFT_NOTES[entry["note_code"]][1], ""]
-    else:
-        low, high = found["interval_pp"]
-        figures = f"{found['difference_pp']:+.1f} ({low:+.1f} to {high:+.1f})"
-        if found.get("too_small_to_tell"):
-            figures = f"too small to tell ({found['difference_pp']:+.1f}, {low:+.1f} to {high:+.1f})"
-        lift_cells = [figures, p_value_text(found["p_value"])]
-    return [clean_text(entry["campaign_id"], 100)[0], share(groups["treated"]), share(groups["holdout"]), *lift_cells,
-            str(groups["treated"]["open"] + groups["holdout"]["open"])]
+def campaign_rows(report: Mapping[str, Any]) -> list[list[str]]:
+    """One line per campaign, header first: treated and holdout came back / size, the lift (or why none), open
+    windows; each id as read, made safe to show (no bidi or zero-width tricks, bounded)."""
+    rows = [CAMPAIGN_COLUMNS]
+    for entry in report["campaigns"]:
+        groups, found = entry["groups"], entry["lift"]["treated"]
+        if found is None:
+            lift_cells = [LIFT_NOTES[entry["note_code"]][1], ""]
+        else:
+            figures = difference_text(found)  # "+4.0 (+1.2 to +6.8)", or "too small to tell (+4.0, +1.2 to +6.8)"
+            lift_cells = [f"too small to tell ({figures.replace(' (', ', ', 1)}" if found["too_small_to_tell"]
+                          else figures, p_value_text(found["p_value"])]
+        rows.append([clean_text(entry["campaign_id"], 100)[0], share(groups["treated"]), share(groups["holdout"]),
+                     *lift_cells, str(groups["treated"]["open"] + groups["holdout"]["open"])])
+    return rows
 
 
 def measure_console(report: Mapping[str, Any], report_path: Path) -> str:
@@ -10026,11 +9912,10 @@ def measure_console(report: Mapping[str, Any], report_path: Path) -> str:
     lines = [f"Measure: {plural(report['campaigns_measured'], 'campaign')}, window {report['window_days']} days, "
              + f"as of {report['as_of']}", *([report["events_note"]] if report.get("events_note") else []), ""]
     if report["campaigns"]:
-        lines += text_table([CAMPAIGN_COLUMNS, *(campaign_row(c) for c in report["campaigns"])], indent="") + [""]
+        lines += text_table(campaign_rows(report), indent="") + [""]
     pooled = report["pooled"]
     lines += [f"pooled ({plural(report['campaigns_measured'], 'campaign')}, each campaign-member once)",
-              *text_table([MEASURE_COLUMNS, *block_rows(pooled)])]
-    lines += [f"  {line}" for line in lift_lines(pooled)]
+              *text_table(block_rows(pooled)), *(f"  {line}" for line in lift_lines(pooled))]
     if any(name in pooled["groups"] for name in REVIEWED_GROUPS):
         lines.append(f"  {REVIEWED_TEXT}")
     if "variants" in report:
@@ -10053,23 +9938,27 @@ def range_text(report: Mapping[str, Any]) -> str:
     return dates + (f"; only campaign {cell(campaign)}" if campaign else "")
 
 
-def segment_cells(row: Mapping[str, Any]) -> list[str]:
-    """One segment as table cells: n, returns, the rate and interval (or "too few"), the lift over its holdout."""
-    if row["too_few"]:
-        return [cell(row["segment"]), str(row["n"]), str(row["returns"]), "too few", "", ""]
-    low, high = row["interval_95"]
-    found = row.get("lift")
-    lift_cells = ["-", ""] if found is None else [difference_text(found), p_value_text(found["p_value"])]
-    return [cell(row["segment"]), str(row["n"]), str(row["returns"]),
-            f"{percent(row['rate'])} ({percent(low)}-{percent(high)})", *lift_cells]
+def segment_rows(segments: Sequence[Mapping[str, Any]], columns: Sequence[str] = SEGMENT_COLUMNS) -> list[list[str]]:
+    """Segments as a table, header first: n, returns, the rate and interval (or "too few"), the lift over its
+    holdout (as many cells as ``columns``: the top events have no lift)."""
+    rows = [list(columns)]
+    for row in segments:
+        found = row.get("lift")
+        cells = [cell(row["segment"]), str(row["n"]), str(row["returns"])]
+        if row["too_few"]:
+            cells += ["too few", "", ""]
+        else:
+            low, high = row["interval_95"]
+            cells += [f"{percent(row['rate'])} ({percent(low)}-{percent(high)})",
+                      *(["-", ""] if found is None else [difference_text(found), p_value_text(found["p_value"])])]
+        rows.append(cells[: len(columns)])
+    return rows
 
 
-def difference_text(found: Mapping[str, Any]) -> str:
-    """``+4.0 (+1.2 to +6.8)``: a difference in points with its interval."""
-    return f"{found['difference_pp']:+.1f} ({found['interval_pp'][0]:+.1f} to {found['interval_pp'][1]:+.1f})"
-
-
-SEGMENT_COLUMNS = ["segment", "n", "returns", "rate (95% CI)", "lift vs holdout, pp (95% CI)", "p"]
+def breakdown_rows(entry: Mapping[str, Any]) -> list[list[str]]:
+    """A breakdown's table; the top events' (no ``compared_with``) has no lift."""
+    columns = ["event", "invited", "returns", "rate (95% CI)"]
+    return segment_rows(entry["segments"], SEGMENT_COLUMNS if entry["compared_with"] else columns)
 
 
 def learned_markdown(report: Mapping[str, Any]) -> list[str]:
@@ -10077,8 +9966,7 @@ def learned_markdown(report: Mapping[str, Any]) -> list[str]:
     if "breakdowns" not in report:
         return []
     variants = report["variants"]
-    lines = ["", "## Message tones (A/B)", "", variants["verdict"], "",
-             *markdown_table([SEGMENT_COLUMNS, *(segment_cells(a) for a in variants["arms"])])]
+    lines = ["", "## Message tones (A/B)", "", variants["verdict"], "", *markdown_table(segment_rows(variants["arms"]))]
     if variants["pairs"]:
         lines += ["", *markdown_table([["pair", "difference, pp (95% CI)", "p", "p (Holm)"],
                                        *([f"{p['a']} - {p['b']}", difference_text(p), p_value_text(p["p_value"]),
@@ -10087,11 +9975,8 @@ def learned_markdown(report: Mapping[str, Any]) -> list[str]:
     for entry in report["breakdowns"]:
         lines += ["", f"### {entry['title']}", ""]
         if entry["compared_with"]:
-            lines.append(f"Compared with {entry['compared_with']}.")
-            lines += ["", *markdown_table([SEGMENT_COLUMNS, *(segment_cells(r) for r in entry["segments"])])]
-        else:
-            lines += markdown_table([["event", "invited", "returns", "rate (95% CI)"],
-                                     *(segment_cells(r)[:4] for r in entry["segments"])])
+            lines += [f"Compared with {entry['compared_with']}.", ""]
+        lines += markdown_table(breakdown_rows(entry))
         if not entry["segments"]:
             lines.append("No member in any segment.")
     lines += ["", "## Week by week", "", report["weekly_method"], "",
@@ -10113,21 +9998,19 @@ def measure_markdown(report: Mapping[str, Any]) -> str:
              "", "## What \"came back\" means", "", method["came_back"], "", method["reference_time"],
              "", "## Method", "", f"- {INTERVAL_METHOD}.", f"- {TEST_METHOD}.", f"- {method['pooling']}",
              f"- Too small to tell: a lift whose {POWER_METHOD} exceeds {TELLABLE_LIFT_PP:g} pp.",
-             f"- {method['reviewed_groups']}",
-             "", "## Pooled", "", *markdown_table([MEASURE_COLUMNS, *block_rows(report["pooled"])]), ""]
-    lines += [f"- {line}" for line in lift_lines(report["pooled"])]
+             f"- {method['reviewed_groups']}", "", "## Pooled", "", *markdown_table(block_rows(report["pooled"])), "",
+             *(f"- {line}" for line in lift_lines(report["pooled"]))]
     if report["campaigns"]:
-        lines += ["", "## Campaigns at a glance", "",
-                  *markdown_table([CAMPAIGN_COLUMNS, *(campaign_row(c) for c in report["campaigns"])])]
+        lines += ["", "## Campaigns at a glance", "", *markdown_table(campaign_rows(report))]
     lines += learned_markdown(report)
     if report.get("charts"):
         lines += ["", "## Charts", "", f"Self-contained HTML report: {report['charts']['html']}", "",
                   *(f"![{name}]({report['charts'][name]})" for name in CHARTS if name in report["charts"])]
     lines += ["", "## Per campaign"]
     for entry in report["campaigns"]:
-        lines += ["", f"### {cell(campaign_title(entry))}", "", *markdown_table([MEASURE_COLUMNS, *block_rows(entry)]),
-                  ""]
-        lines += [f"- {line}" for line in lift_lines(entry)]
+        title = f"{clean_text(entry['campaign_id'], 100)[0]} (created {entry['created_at']}, {entry['status']})"
+        lines += ["", f"### {cell(title)}", "", *markdown_table(block_rows(entry)), "",
+                  *(f"- {line}" for line in lift_lines(entry))]
     if not report["campaigns"]:
         lines += ["", "No archived campaign in range."]
     lines += ["", "## Data issues (records skipped or treated as missing)", ""]
@@ -10141,7 +10024,7 @@ def measure_markdown(report: Mapping[str, Any]) -> str:
 # for it. Each chart is a PNG beside the Markdown report and is embedded (base64) in the HTML report, which
 # therefore opens in a browser with no network.
 
-CHARTS = ("weekly", "lift", "funnel")
+CHARTS = {"weekly": "Return rates per week", "lift": "Lift over the holdout", "funnel": "Campaign funnel"}
 MAX_FUNNEL_REPORT_BYTES = 5_000_000  # a campaign report larger than this is not read for its funnel
 MAX_WEEK_TICKS = 12  # more weeks than this are ticked by matplotlib's date locator
 CHAR_WIDTH = 0.0092  # a 10 pt label character's mean width, as a fraction of the 8-inch chart (funnel's margin)
@@ -10155,7 +10038,7 @@ def report_funnel(reports: Path, campaign_ids: Collection[str]) -> list[tuple[st
     """The step-8 funnels (``funnel``: [{stage, count}]) of the measured campaigns' reports under ``reports``
     (``--out``'s ``reports/``), added up by stage in the first report's order; [] when none has one. Files are
     read as every file under ``--out`` is (``read_regular_file``); odd files and values are passed over."""
-    totals: dict[str, int] = {}
+    totals: Counter[str] = Counter()
     for path in sorted(reports.glob("return_to_table_report_*.json")) if reports.is_dir() else []:
         try:
             data = read_regular_file(path, reports.parent, MAX_FUNNEL_REPORT_BYTES)
@@ -10167,8 +10050,7 @@ def report_funnel(reports: Path, campaign_ids: Collection[str]) -> list[tuple[st
         for stage in found.get("funnel") if isinstance(found.get("funnel"), list) else []:
             name, count = (stage.get("stage"), stage.get("count")) if isinstance(stage, dict) else (None, None)
             if isinstance(name, str) and isinstance(count, int) and not isinstance(count, bool) and count >= 0:
-                key = clean_text(name, 40)[0]
-                totals[key] = totals.get(key, 0) + count
+                totals[clean_text(name, 40)[0]] += count
     return list(totals.items())
 
 
@@ -10176,57 +10058,35 @@ def measure_funnel(report: Mapping[str, Any], campaign_stages: Sequence[tuple[st
     """The campaign funnel: the campaigns' own stages when their reports have them (else what the archive
     holds: drafted, held out), then what followed: approved or sent, sent, came back (closed windows)."""
     groups = report["pooled"]["groups"]
-    treated = groups["treated"]
-    stages = list(campaign_stages) or [("drafted", treated["size"] + treated["open"]),
-                                        ("held out", groups["holdout"]["size"] + groups["holdout"]["open"])]
-    for name, label in (("approved_or_sent", "approved or sent"), ("sent", "sent")):
-        if name in groups:
-            stages.append((label, groups[name]["size"] + groups[name]["open"]))
-    stages.append(("came back (closed windows)", treated["came_back"]))
+    reached = {name: g["size"] + g["open"] for name, g in groups.items()}
+    stages = [*(campaign_stages or [("drafted", reached["treated"]), ("held out", reached["holdout"])]),
+              *((label, reached[name]) for name, label in (("approved_or_sent", "approved or sent"), ("sent", "sent"))
+                if name in groups), ("came back (closed windows)", groups["treated"]["came_back"])]
     return [{"stage": name, "count": count} for name, count in stages]
 
 
-def week_dates(weekly: Sequence[Mapping[str, Any]]) -> list[datetime]:
-    return [datetime.fromisoformat(w["week"]) for w in weekly]
-
-
-def weekly_chart(figure: Any, weekly: Sequence[Mapping[str, Any]]) -> None:
+def weekly_chart(axes: Any, weekly: Sequence[Mapping[str, Any]], days: Sequence[datetime]) -> None:
     """Treated and holdout return rates per week, each with its Wilson 95% band."""
-    axes = figure.subplots()
     for arm, colour in (("treated", "tab:blue"), ("holdout", "tab:grey")):
-        rows = [(d, w[arm]) for d, w in zip(week_dates(weekly), weekly, strict=True) if w[arm]["size"]]
+        rows = [(d, w[arm]) for d, w in zip(days, weekly, strict=True) if w[arm]["size"]]
         if rows:
-            days = [d for d, _ in rows]
+            shown = [d for d, _ in rows]
             rates = [100 * g["rate"] for _, g in rows]
             low, high = [100 * g["rate_interval"][0] for _, g in rows], [100 * g["rate_interval"][1] for _, g in rows]
-            axes.errorbar(days, rates, yerr=[[r - lo for r, lo in zip(rates, low, strict=True)],
-                                             [hi - r for r, hi in zip(rates, high, strict=True)]],
+            axes.errorbar(shown, rates, yerr=[[r - lo for r, lo in zip(rates, low, strict=True)],
+                                              [hi - r for r, hi in zip(rates, high, strict=True)]],
                           marker="o", capsize=4, color=colour, label=arm)
-            axes.fill_between(days, low, high, color=colour, alpha=0.2)
+            axes.fill_between(shown, low, high, color=colour, alpha=0.2)
     axes.set_title("Came back within the window, per week (95% Wilson bands)", y=TITLE_Y)
     axes.set(ylabel="% came back", xlabel="week of the message (or hold-out)")
     if weekly:
         axes.legend()
-    pad_dates(axes, week_dates(weekly))
 
 
-def pad_dates(axes: Any, days: Sequence[datetime]) -> None:
-    """A week either side of the weeks shown (one week alone would otherwise span years), dates slanted; up to
-    MAX_WEEK_TICKS weeks are ticked at their own Mondays (fewer labels to lay out than the daily auto ticks)."""
-    from matplotlib.dates import DateFormatter
-
-    if days:
-        axes.set_xlim(min(days) - timedelta(days=7), max(days) + timedelta(days=7))
-        if len(days) <= MAX_WEEK_TICKS:
-            axes.set_xticks(days)
-            axes.xaxis.set_major_formatter(DateFormatter("%Y-%m-%d"))
-    axes.figure.autofmt_xdate()
-
-
-def lift_chart(figure: Any, weekly: Sequence[Mapping[str, Any]], pooled: Mapping[str, Any] | None) -> None:
+def lift_chart(axes: Any, weekly: Sequence[Mapping[str, Any]], days: Sequence[datetime],
+               pooled: Mapping[str, Any] | None) -> None:
     """The lift (treated minus holdout, points) per week with its Newcombe 95% interval, and the pooled lift."""
-    axes = figure.subplots()
-    rows = [(d, w["lift"]) for d, w in zip(week_dates(weekly), weekly, strict=True) if w["lift"]]
+    rows = [(d, w["lift"]) for d, w in zip(days, weekly, strict=True) if w["lift"]]
     if rows:
         axes.errorbar([d for d, _ in rows], [f["difference_pp"] for _, f in rows], fmt="o", color="tab:blue",
                       yerr=[[f["difference_pp"] - f["interval_pp"][0] for _, f in rows],
@@ -10242,7 +10102,19 @@ def lift_chart(figure: Any, weekly: Sequence[Mapping[str, Any]], pooled: Mapping
     else:
         axes.text(0.5, 0.5, "no lift computable yet (no holdout, or no closed window)", ha="center",
                   transform=axes.transAxes)
-    pad_dates(axes, week_dates(weekly))
+
+
+def pad_dates(axes: Any, days: Sequence[datetime]) -> None:
+    """A week either side of the weeks shown (one week alone would otherwise span years), dates slanted; up to
+    MAX_WEEK_TICKS weeks are ticked at their own Mondays (fewer labels to lay out than the daily auto ticks)."""
+    from matplotlib.dates import DateFormatter
+
+    if days:
+        axes.set_xlim(min(days) - timedelta(days=7), max(days) + timedelta(days=7))
+        if len(days) <= MAX_WEEK_TICKS:
+            axes.set_xticks(days)
+            axes.xaxis.set_major_formatter(DateFormatter("%Y-%m-%d"))
+    axes.figure.autofmt_xdate()
 
 
 def funnel_chart(figure: Any, funnel: Sequence[Mapping[str, Any]]) -> None:
@@ -10264,15 +10136,20 @@ def chart_images(report: Mapping[str, Any]) -> dict[str, bytes]:
 
     from matplotlib.figure import Figure
 
-    pooled = report["pooled"]["lift"].get("treated")
-    draw = {"weekly": lambda f: weekly_chart(f, report["weekly"]),
-            "lift": lambda f: lift_chart(f, report["weekly"], pooled),
-            "funnel": lambda f: funnel_chart(f, report["funnel"])}
-    images = {}
+    weekly, images = report["weekly"], {}
+    days = [datetime.fromisoformat(w["week"]) for w in weekly]
     for name in CHARTS:
         figure = Figure(figsize=(8, 4.5), dpi=100)
         figure.subplots_adjust(**CHART_MARGINS)
-        draw[name](figure)
+        if name == "funnel":
+            funnel_chart(figure, report["funnel"])
+        else:
+            axes = figure.subplots()
+            if name == "weekly":
+                weekly_chart(axes, weekly, days)
+            else:
+                lift_chart(axes, weekly, days, report["pooled"]["lift"].get("treated"))
+            pad_dates(axes, days)
         buffer = io.BytesIO()
         figure.savefig(buffer, format="png", metadata={"Software": None})
         images[name] = buffer.getvalue()
@@ -10307,35 +10184,28 @@ def measure_html(report: Mapping[str, Any], images: Mapping[str, bytes]) -> str:
     import base64
     import html
 
-    def text(value: Any) -> str:
-        return f"<p>{html.escape(str(value))}</p>"
+    def text(value: Any, tag: str = "<p>") -> str:
+        return f"{tag}{html.escape(str(value))}</p>"
 
     def note(value: Any) -> str:
-        return f'<p class="note">{html.escape(str(value))}</p>'
+        return text(value, '<p class="note">')
 
-    titles = {"weekly": "Return rates per week", "lift": "Lift over the holdout", "funnel": "Campaign funnel"}
     parts = ["<h1>Return To Table measure: did the campaigns bring anyone back?</h1>",
              text(f"As of {report['as_of']}; window {report['window_days']} days; {range_text(report)}; "
                   f"{report['campaigns_measured']} campaigns measured."),
-             "<h2>Pooled</h2>", html_table([MEASURE_COLUMNS, *block_rows(report["pooled"])]),
+             "<h2>Pooled</h2>", html_table(block_rows(report["pooled"])),
              *(text(line) for line in lift_lines(report["pooled"]))]
-    for name in CHARTS:
-        parts.append(f"<h2>{titles[name]}</h2>")
-        if name in images:
-            encoded = base64.b64encode(images[name]).decode("ascii")
-            parts.append(f'<img alt="{titles[name]}" src="data:image/png;base64,{encoded}">')
-        else:
-            parts.append(note("chart not drawn (matplotlib is not installed)"))
+    for name, title in CHARTS.items():
+        encoded = base64.b64encode(images[name]).decode("ascii") if name in images else None
+        parts += [f"<h2>{title}</h2>", note("chart not drawn (matplotlib is not installed)") if encoded is None
+                  else f'<img alt="{title}" src="data:image/png;base64,{encoded}">']
     variants = report["variants"]
-    parts += ["<h2>Message tones (A/B)</h2>", text(variants["verdict"]),
-              html_table([SEGMENT_COLUMNS, *(segment_cells(a) for a in variants["arms"])]), note(variants["method"]),
-              "<h2>Who comes back: breakdowns</h2>", note(report["breakdown_method"])]
+    parts += ["<h2>Message tones (A/B)</h2>", text(variants["verdict"]), html_table(segment_rows(variants["arms"])),
+              note(variants["method"]), "<h2>Who comes back: breakdowns</h2>", note(report["breakdown_method"])]
     for entry in report["breakdowns"]:
-        columns = SEGMENT_COLUMNS if entry["compared_with"] else ["event", "invited", "returns", "rate (95% CI)"]
-        rows = [segment_cells(r)[: len(columns)] for r in entry["segments"]]
         parts += [f"<h3>{html.escape(entry['title'])}</h3>",
                   note(f"Compared with {entry['compared_with']}.") if entry["compared_with"] else "",
-                  html_table([columns, *rows]) if rows else note("No member in any segment.")]
+                  html_table(breakdown_rows(entry)) if entry["segments"] else note("No member in any segment.")]
     parts += ["<h2>Method</h2>", note(INTERVAL_METHOD + "."), note(TEST_METHOD + "."),
               note(report["method"]["came_back"]), note(report["method"]["pooling"])]
     return ("<!DOCTYPE html>\n<html lang=\"en\"><head><meta charset=\"utf-8\"><title>Return To Table measure</title>"
@@ -10354,8 +10224,6 @@ def write_measure_charts(report: Mapping[str, Any], md_path: Path) -> tuple[dict
     html_path = md_path.with_suffix(".html")
     write_text_private(html_path, measure_html(report, images))
     return paths, html_path
-
-
 # --- the edges: the archive, the events, the run ------------------------------------------------
 
 
@@ -10385,9 +10253,8 @@ def read_campaigns(transport: FirebaseTransport, options: MeasureOptions, issues
             created = metadata_moment(metadata)
             if created is not None and not options.dates.holds(created):
                 continue
-            messages, _ = transport.get(f"campaigns/{campaign_id}/messages")
-            holdout, _ = transport.get(f"campaigns/{campaign_id}/holdout")
-            matches, _ = transport.get(f"campaigns/{campaign_id}/matches")
+            messages, holdout, matches = (transport.get(f"campaigns/{campaign_id}/{part}")[0]
+                                          for part in ("messages", "holdout", "matches"))
         except FirebaseError as exc:
             errors.append(f"campaign {campaign_id}: not read ({exc})")
             continue
@@ -10412,13 +10279,6 @@ def read_events(source: DataSource, issues: DataIssues) -> tuple[list[dict[str, 
     events, repeated = dedupe_by_id(screened.records)
     issues.add("repeated_event_ids", repeated)
     return events, [name for name in empty_collections(data) if name == "events"]
-
-
-def measure_campaigns(campaigns: Sequence[ArchivedCampaign], events: Sequence[Mapping[str, Any]], now: datetime,
-                      days: int, issues: DataIssues) -> list[tuple[ArchivedCampaign, Measurement]]:
-    """Every campaign's members followed through their windows and grouped."""
-    return [(c, measurement(group_tallies(followed)))
-            for c, followed in follow_campaigns(campaigns, events, now, days, issues)]
 
 
 def measure_report_paths(out_dir: Path, started: datetime) -> tuple[Path, Path]:
@@ -10532,11 +10392,11 @@ def run_measure(args: argparse.Namespace, env: Mapping[str, str] | None, mongo_c
         closing.callback(source.client.close)
     events, empty = read_events(source, issues)
     followed = follow_campaigns(campaigns, events, options.run.now, options.window_days, issues)
-    measured = [(c, measurement(group_tallies(f))) for c, f in followed]
+    measured = [(c, Measurement.of(f)) for c, f in followed]
     report = measure_report(run_date=started, now=options.run.now, window_days=options.window_days,
                             dates=options.dates, campaign=options.campaign, source_label=source.label,
                             archive=transport.description, measured=measured,
-                            pooled=pooled_measurement([m for _, m in measured]), issues=issues, errors=errors,
+                            pooled=Measurement.pooled([m for _, m in measured]), issues=issues, errors=errors,
                             empty_input=empty, events_note=stale_events_note(events, campaigns))
     report.update(learned_json([f for _, fs in followed for f in fs], events))
     report["funnel"] = measure_funnel(report, report_funnel(options.run.out_dir / "reports",
