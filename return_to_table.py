@@ -9185,8 +9185,7 @@ POWER_METHOD = ("smallest detectable lift: the normal approximation for two prop
 
 
 def wilson_interval(successes: int, trials: int, z: float = Z_95) -> tuple[float, float]:
-    """Wilson's score interval for one rate (``trials`` > 0): unlike the textbook (Wald) interval it
-    stays inside 0-1 and does not collapse to a point at 0 or ``trials`` successes."""
+    """Wilson's score interval for one rate (``trials`` > 0): unlike Wald's, inside 0-1 and never a point."""
     p = successes / trials
     centre = 2 * trials * p + z * z
     spread = z * math.sqrt(z * z + 4 * trials * p * (1 - p))
@@ -9195,8 +9194,7 @@ def wilson_interval(successes: int, trials: int, z: float = Z_95) -> tuple[float
 
 
 def newcombe_interval(x1: int, n1: int, x2: int, n2: int, z: float = Z_95) -> tuple[float, float]:
-    """The interval for ``x1/n1 - x2/n2``, Newcombe's method 10: each limit combines the distances from
-    each rate to its Wilson limits, so it is good at small counts and at rates near 0 or 1."""
+    """The interval for ``x1/n1 - x2/n2``, Newcombe's method 10 (built on Wilson's: good at small counts)."""
     p1, p2 = x1 / n1, x2 / n2
     (l1, u1), (l2, u2) = wilson_interval(x1, n1, z), wilson_interval(x2, n2, z)
     difference = p1 - p2
@@ -9205,8 +9203,7 @@ def newcombe_interval(x1: int, n1: int, x2: int, n2: int, z: float = Z_95) -> tu
 
 
 def two_proportion_z_test(x1: int, n1: int, x2: int, n2: int) -> tuple[float, float]:
-    """(z, two-sided p) for "the two rates are equal", with the pooled standard error. When nobody or
-    everybody came back in both groups the rates are equal and nothing differs: z 0, p 1."""
+    """(z, two-sided p) for "the two rates are equal" (pooled standard error); z 0, p 1 when it is 0."""
     pooled = (x1 + x2) / (n1 + n2)
     standard_error = math.sqrt(pooled * (1 - pooled) * (1 / n1 + 1 / n2))
     if standard_error == 0:
@@ -9216,8 +9213,7 @@ def two_proportion_z_test(x1: int, n1: int, x2: int, n2: int) -> tuple[float, fl
 
 
 def detectable_lift_pp(treated: int, held_out: int) -> float | None:
-    """The smallest lift, in percentage points, that ``treated`` against ``held_out`` members would detect
-    with 80% power in a two-sided test at 5% (``POWER_METHOD``); None when either group is empty."""
+    """The smallest lift in points these group sizes detect (``POWER_METHOD``); None when one is empty."""
     if treated <= 0 or held_out <= 0:
         return None
     return 100 * (Z_95 + Z_POWER) * math.sqrt(0.25 * (1 / treated + 1 / held_out))
@@ -9234,8 +9230,7 @@ def holdout_power(this_run: tuple[int, int], earlier_30_days: tuple[int, int] | 
 
 
 def holm_adjust(p_values: Sequence[float]) -> list[float]:
-    """Holm's step-down adjustment (Holm 1979): the k-th smallest of m p-values times (m - k + 1), kept
-    non-decreasing and at most 1; returned in the input's order. It controls the family-wise error rate."""
+    """Holm's step-down adjustment (Holm 1979), in the input's order: it controls the family-wise error rate."""
     m = len(p_values)
     adjusted, running = [0.0] * m, 0.0
     for rank, i in enumerate(sorted(range(m), key=lambda j: p_values[j])):
@@ -9245,8 +9240,7 @@ def holm_adjust(p_values: Sequence[float]) -> list[float]:
 
 
 def members_per_arm(p1: float, p2: float, alpha: float, power: float = POWER) -> int | None:
-    """Members per arm for a two-sided two-proportion test to detect ``p1`` against ``p2`` (Fleiss' normal
-    approximation, no continuity correction); None when the rates are equal (no difference to detect)."""
+    """Members per arm to detect ``p1`` against ``p2`` (``SAMPLE_SIZE_TEXT``); None when the rates are equal."""
     if p1 == p2:
         return None
     z_a, z_b = NormalDist().inv_cdf(1 - alpha / 2), NormalDist().inv_cdf(power)
@@ -9294,8 +9288,7 @@ class Tally:
 
 
 class Lift(NamedTuple):
-    """Treated against holdout: the difference in percentage points with its interval, the relative lift
-    (None when no holdout member came back), the z-test, and the smallest lift these sizes could detect."""
+    """Treated against holdout in points; ``relative`` is None when no holdout member came back."""
 
     difference_pp: float
     low_pp: float
@@ -9320,8 +9313,7 @@ def lift(treated: Tally, holdout: Tally) -> Lift | None:
 
 
 def lift_json(treated: Tally, holdout: Tally) -> dict[str, Any] | None:
-    """The lift as the report gives it; too small to tell when nothing under ``TELLABLE_LIFT_PP`` is detectable
-    (the interval is then as wide as "+0.0 pp, -79 to +28")."""
+    """The lift as reported: too small to tell when nothing under ``TELLABLE_LIFT_PP`` is detectable."""
     if (found := lift(treated, holdout)) is None:
         return None
     return {"difference_pp": round(found.difference_pp, 2),
@@ -9344,8 +9336,7 @@ LIFT_NOTES = {  # why treated-against-holdout has no lift: (the report's sentenc
 
 
 class Observation(NamedTuple):
-    """One member of one archived campaign to follow: messaged ("treated") or held out ("holdout"), from
-    when (``reference``), and the suggested event (the message's, or the rules' pick for the holdout)."""
+    """One member of one archived campaign to follow, from ``reference``, with the event suggested to them."""
 
     user_id: str
     arm: str
@@ -9356,8 +9347,7 @@ class Observation(NamedTuple):
 
 
 class ArchivedCampaign(NamedTuple):
-    """An archived campaign as measured: its date (metadata ``created_at``, the run's --now; without one,
-    its earliest reference time), its recorded status, and each of its members once."""
+    """An archived campaign as measured: its date (the run's --now, else its earliest reference) and members."""
 
     campaign_id: str
     created_at: datetime | None
@@ -9376,8 +9366,7 @@ class DateRange(NamedTuple):
 
 
 def range_bound(text: str, flag: str, *, end: bool) -> datetime:
-    """``--since``/``--until`` as an instant: a date is that whole day in UTC (``--until`` includes it), a
-    date-time that instant (``--until`` includes it too); UsageError for anything else."""
+    """``--since``/``--until`` as an instant; ``--until`` includes its day (a date) or its instant."""
     moment = flag_instant(text.strip(), flag, "a date (2026-01-31) or an ISO-8601 date-time")
     if not end:
         return moment
@@ -9390,9 +9379,7 @@ def usable_key(key: str) -> bool:
 
 
 def archive_records(value: Any, key: str, issues: DataIssues) -> list[Mapping[str, Any]]:
-    """The records of one archived list (``{key: [...], count, updatedAt}``, in any shape the database
-    returns it); a list that is no list, entries that are not objects and entries beyond
-    ``MAX_ARCHIVE_ITEMS`` are counted and skipped."""
+    """The records of one archived list, in any shape the database returns it; odd ones counted, skipped."""
     inner = value.get(key) if isinstance(value, Mapping) else value
     if inner is not None and not isinstance(inner, (Mapping, list)):
         issues.add(f"archived_{key}_lists_with_odd_shape")
@@ -9407,9 +9394,7 @@ def archive_records(value: Any, key: str, issues: DataIssues) -> list[Mapping[st
 
 
 def observation(item: Mapping[str, Any], key: str, issues: DataIssues) -> Observation | None:
-    """A member to follow from an archived message (``key`` "messages") or holdout record, or None (counted): no
-    usable ``user_id``, or no date to start from (``REFERENCE_TEXT``). A status the dashboard does not set is
-    counted and read as none."""
+    """A member to follow from a message or holdout record (``REFERENCE_TEXT``), or None (counted)."""
     user_id = usable_id(item.get("user_id"))
     if user_id is None:
         issues.add(f"archived_{key}_without_usable_user_id")
@@ -9443,25 +9428,18 @@ def segment_text(value: Any, default: str = "unknown") -> str:
     return clean_text(value.strip().lower(), 40)[0] or default
 
 
-def plain_number(value: Any) -> float | None:
-    ok = isinstance(value, (int, float)) and not isinstance(value, bool) and math.isfinite(value)
-    return float(value) if ok else None
+BANDS = {  # dimension: (the bisect, the range banded, its inner edges, each band's name, outside the range)
+    "confidence": (bisect.bisect_right, 0, 100, (70, 80, 90), ("under 70", "70-79", "80-89", "90-100"), "unknown"),
+    "days_inactive": (bisect.bisect_left, 31, 90, (45, 60), ("31-45", "46-60", "61-90"), "other"),  # the growth lead's
+}
 
 
-def confidence_band(value: Any) -> str:
-    """``70-79``, ``80-89``, ``90-100``; ``under 70`` and ``unknown`` otherwise."""
-    found = plain_number(value)
-    if found is None or not 0 <= found <= 100:
+def band(value: Any, dimension: str) -> str:
+    """The band (``BANDS``) a number falls in; ``unknown`` for anything but a finite number."""
+    find, low, high, edges, names, outside = BANDS[dimension]
+    if not isinstance(value, (int, float)) or isinstance(value, bool) or not math.isfinite(value):
         return "unknown"
-    return "under 70" if found < 70 else "70-79" if found < 80 else "80-89" if found < 90 else "90-100"
-
-
-def days_band(value: Any) -> str:
-    """The days-inactive bands the growth lead reads: ``31-45``, ``46-60``, ``61-90``; else ``other``."""
-    found = plain_number(value)
-    if found is None:
-        return "unknown"
-    return "31-45" if 31 <= found <= 45 else "46-60" if 45 < found <= 60 else "61-90" if 60 < found <= 90 else "other"
+    return names[find(edges, value)] if low <= value <= high else outside
 
 
 def yes_no(value: Any) -> str:
@@ -9473,8 +9451,7 @@ REASONING_SIGNALS = (("of this host's events", "host"), ("events of this series"
 
 
 def signal_of(match: Mapping[str, Any]) -> str:
-    """The deciding signal a match records (``deciding_signal``); for archives written before it, read from
-    the rules' reasoning ("Their own history decided: ..."), else ``profile`` for the rules, ``unknown`` else."""
+    """The deciding signal a match records; in older archives, read from the rules' reasoning."""
     recorded = match.get("deciding_signal")
     if isinstance(recorded, str) and recorded in DECIDING_SIGNALS:
         return recorded
@@ -9497,18 +9474,17 @@ def same_place_of(match: Mapping[str, Any]) -> str:
 
 
 def record_traits(record: Mapping[str, Any], key: str) -> tuple[tuple[str, str], ...]:
-    """The segments an archived record tells of its member: a message its writer, tone (today's wording before
-    ``--variants`` existed) and confidence; a holdout record those of the rules' pick they would have had; a
-    match its matcher, the member's days inactive, the deciding signal and whether the event is in their place."""
+    """The segments (``BREAKDOWNS``) an archived message, holdout record or match tells of its member."""
     if key == "matches":
         user = record.get("user") if isinstance(record.get("user"), Mapping) else {}
-        return (("matcher", segment_text(record.get("matcher"))), ("days_inactive", days_band(user.get("days_inactive"))),
+        return (("matcher", segment_text(record.get("matcher"))),
+                ("days_inactive", band(user.get("days_inactive"), "days_inactive")),
                 ("deciding_signal", signal_of(record)), ("same_neighbourhood", same_place_of(record)))
     pick = (("variant", segment_text(record.get("variant"), DEFAULT_TONE)),
-            ("confidence", confidence_band(record.get("confidence_percentage"))))
+            ("confidence", band(record.get("confidence_percentage"), "confidence")))
     if key == "messages":
         return (("writer", segment_text(record.get("generator"))), *pick)
-    return (*pick, ("days_inactive", days_band(record.get("days_inactive"))),
+    return (*pick, ("days_inactive", band(record.get("days_inactive"), "days_inactive")),
             ("deciding_signal", signal_of({**record, "matcher": "rules"})),
             ("same_neighbourhood", yes_no(record.get("same_neighbourhood"))))
 
@@ -9519,9 +9495,7 @@ def metadata_moment(metadata: Any) -> datetime | None:
 
 def archived_campaign(campaign_id: str, metadata: Any, messages: Any, holdout: Any,
                       issues: DataIssues, matches: Any = None) -> ArchivedCampaign:
-    """One campaign from its archived ``metadata``, ``messages``, ``holdout`` and ``matches`` (the treated
-    members' breakdown traits), as read. Each member counts once (their first record); a member both messaged
-    and held out belongs to neither group (counted), as no one can tell which they were."""
+    """One campaign as read; a member both messaged and held out is in neither group (counted)."""
     if metadata is not None and not isinstance(metadata, Mapping):
         issues.add("archived_metadata_not_objects")
     matched: dict[str, tuple[tuple[str, str], ...]] = {}
@@ -9565,8 +9539,7 @@ def window_end(reference: datetime, days: int) -> datetime:
 
 
 class Attendance:
-    """The followed members' events in start order, so "did they come back within W days of t" is a
-    bisect. Events of any type count, as they do for step 1's activity; odd entries are counted."""
+    """The followed members' events of any type in start order: "back within W days of t" is a bisect."""
 
     def __init__(self, events: Iterable[Mapping[str, Any]], members: set[str], issues: DataIssues) -> None:
         found: dict[str, list[tuple[datetime, str]]] = {}
@@ -9580,8 +9553,7 @@ class Attendance:
         self.events = {member: sorted(seen) for member, seen in found.items()}
 
     def follow(self, observation: Observation, now: datetime, days: int) -> Followed:
-        """Did this member come back (to any event, and to the suggested one) within the window: an event they
-        joined or hosted that starts after their reference time and at the latest when the window ends."""
+        """Did this member come back (to any event, and to the suggested one) within the window?"""
         end = window_end(observation.reference, days)
         seen = self.events.get(observation.user_id, [])
         first = bisect.bisect_right(seen, observation.reference, key=lambda entry: entry[0])
@@ -9612,8 +9584,7 @@ def follow_campaigns(campaigns: Sequence[ArchivedCampaign], events: Sequence[Map
 
 @dataclass(frozen=True)
 class Measurement:
-    """One block of the table: a campaign's (or the pooled) groups: every message ("treated"), the reviewed
-    subsets when some message has such a status, and the holdout."""
+    """One block of the table: a campaign's (or the pooled) groups."""
 
     groups: dict[str, Tally]
 
@@ -9729,9 +9700,7 @@ def top_events(followed: Sequence[Followed], names: Mapping[str, tuple[str, str]
 
 
 def variant_comparison(followed: Sequence[Followed]) -> dict[str, Any]:
-    """The tone A/B: each tone's rate and lift over the whole holdout, each pair of tones with closed windows
-    (Holm-adjusted p-values), a winner only when one is significant after adjustment; otherwise how many more
-    members each arm needs."""
+    """The tone A/B: each tone against the whole holdout, each pair of tones (``HOLM_TEXT``), the verdict."""
     tones = by_segment(followed, "variant", "treated")
     arms = {tone: Tally.of(tones[tone]) for tone in sorted(tones)}
     holdout = Tally.of(f for f in followed if f.observation.arm == "holdout")
@@ -9750,8 +9719,7 @@ def variant_comparison(followed: Sequence[Followed]) -> dict[str, Any]:
 
 def variant_verdict(arms: Mapping[str, Tally],
                     pairs: Sequence[Mapping[str, Any]]) -> tuple[str | None, str, dict[str, int] | None]:
-    """The winner (the tone that beats every other with a Holm-adjusted p below 0.05, or None), the sentence a
-    growth lead reads, and (no winner yet) the members each arm still needs."""
+    """The winner or None, the sentence a growth lead reads, and the members each arm still needs."""
     if len(arms) < 2:
         return None, "One tone only: nothing to compare (run the campaign with --variants).", None
     for tone in arms:
@@ -9773,8 +9741,7 @@ def variant_verdict(arms: Mapping[str, Tally],
 
 
 def weekly_rates(followed: Sequence[Followed]) -> list[dict[str, Any]]:
-    """Treated and holdout return rates per UTC week (Monday) of reference time, with Wilson intervals and the
-    lift; closed windows only."""
+    """Treated and holdout return rates and the lift per week (``WEEKLY_TEXT``)."""
     weeks: dict[str, dict[str, list[Followed]]] = {}
     for f in followed:
         if not f.open:
@@ -9786,8 +9753,7 @@ def weekly_rates(followed: Sequence[Followed]) -> list[dict[str, Any]]:
 
 
 def learned_json(followed: Sequence[Followed], events: Sequence[Mapping[str, Any]]) -> dict[str, Any]:
-    """What the report gains from issue 22: ``breakdowns`` (one entry per dimension, then the top events),
-    ``variants`` (the tone A/B) and ``weekly``."""
+    """What the report gains from issue 22: the breakdowns, the tone A/B, week by week."""
     names = event_categories(events, {f.observation.event_id for f in followed if f.observation.event_id})
     return {"breakdowns": [*(breakdown(followed, d) for d in BREAKDOWNS), top_events(followed, names)],
             "variants": variant_comparison(followed), "weekly": weekly_rates(followed),
@@ -9802,8 +9768,7 @@ def measure_report(*, run_date: datetime, now: datetime, window_days: int, dates
                    measured: Sequence[tuple[ArchivedCampaign, Measurement]], pooled: Measurement,
                    issues: DataIssues, errors: Sequence[str], empty_input: Sequence[str],
                    events_note: str | None = None) -> dict[str, Any]:
-    """The report's JSON: the settings, the method in words, pooled and per-campaign blocks, what was odd;
-    ``events_note`` says when nobody could have come back yet (``stale_events_note``)."""
+    """The report's JSON: the settings, the method in words, pooled and per-campaign blocks, what was odd."""
     return {
         "kind": "measure", "run_date": iso_utc(run_date), "as_of": iso_utc(now), "window_days": window_days,
         "since": iso_utc(dates.since), "until": iso_utc(dates.until),  # exclusive
@@ -9840,8 +9805,7 @@ SEGMENT_COLUMNS = ["segment", "n", "returns", "rate (95% CI)", "lift vs holdout,
 
 
 def block_rows(block: Mapping[str, Any]) -> list[list[str]]:
-    """A block's table, header first: each group's size, came back, rate with its Wilson interval, suggested
-    event, open windows."""
+    """A block's groups as a table, header first."""
     rows = [MEASURE_COLUMNS]
     for name, g in block["groups"].items():
         interval = g["rate_interval"]
@@ -9852,8 +9816,7 @@ def block_rows(block: Mapping[str, Any]) -> list[list[str]]:
 
 
 def lift_lines(block: Mapping[str, Any]) -> list[str]:
-    """The lift of each treated group over the holdout as sentences, or the plain reason there is none; a lift
-    the groups are too small to tell from chance says so first, its figures after."""
+    """Each treated group's lift over the holdout as a sentence (too small to tell: said first), or why none."""
     lines = [] if block["note"] is None else [block["note"]]  # the sentence of LIFT_NOTES
     for name, found in block["lift"].items():
         if found is None:
@@ -9890,8 +9853,7 @@ def share(g: Mapping[str, Any]) -> str:
 
 
 def campaign_rows(report: Mapping[str, Any]) -> list[list[str]]:
-    """One line per campaign, header first: treated and holdout came back / size, the lift (or why none), open
-    windows; each id as read, made safe to show (no bidi or zero-width tricks, bounded)."""
+    """One line per campaign, header first; each id as read, made safe to show."""
     rows = [CAMPAIGN_COLUMNS]
     for entry in report["campaigns"]:
         groups, found = entry["groups"], entry["lift"]["treated"]
@@ -9907,8 +9869,7 @@ def campaign_rows(report: Mapping[str, Any]) -> list[list[str]]:
 
 
 def measure_console(report: Mapping[str, Any], report_path: Path) -> str:
-    """The console table: one line per campaign, then the pooled block in full, the method, the report's path
-    (a year of daily campaigns stays a readable table; the report has every campaign in full)."""
+    """One line per campaign (a year of daily campaigns stays readable), then the pooled block in full."""
     lines = [f"Measure: {plural(report['campaigns_measured'], 'campaign')}, window {report['window_days']} days, "
              + f"as of {report['as_of']}", *([report["events_note"]] if report.get("events_note") else []), ""]
     if report["campaigns"]:
@@ -9939,8 +9900,7 @@ def range_text(report: Mapping[str, Any]) -> str:
 
 
 def segment_rows(segments: Sequence[Mapping[str, Any]], columns: Sequence[str] = SEGMENT_COLUMNS) -> list[list[str]]:
-    """Segments as a table, header first: n, returns, the rate and interval (or "too few"), the lift over its
-    holdout (as many cells as ``columns``: the top events have no lift)."""
+    """Segments as a table, header first, as many cells as ``columns`` (the top events have no lift)."""
     rows = [list(columns)]
     for row in segments:
         found = row.get("lift")
@@ -10026,7 +9986,7 @@ def measure_markdown(report: Mapping[str, Any]) -> str:
 
 CHARTS = {"weekly": "Return rates per week", "lift": "Lift over the holdout", "funnel": "Campaign funnel"}
 MAX_FUNNEL_REPORT_BYTES = 5_000_000  # a campaign report larger than this is not read for its funnel
-MAX_WEEK_TICKS = 12  # more weeks than this are ticked by matplotlib's date locator
+MAX_WEEK_TICKS = 12  # more weeks are ticked by matplotlib's date locator (fewer labels to lay out than daily)
 CHAR_WIDTH = 0.0092  # a 10 pt label character's mean width, as a fraction of the 8-inch chart (funnel's margin)
 # Fixed margins instead of a layout engine: "constrained" layout drew each figure twice (once to measure, once to
 # render) and cost about half of the charts' time; the slanted dates' bottom margin comes from autofmt_xdate.
@@ -10035,9 +9995,7 @@ TITLE_Y = 1.0  # a fixed title height: matplotlib then skips measuring every tic
 
 
 def report_funnel(reports: Path, campaign_ids: Collection[str]) -> list[tuple[str, int]]:
-    """The step-8 funnels (``funnel``: [{stage, count}]) of the measured campaigns' reports under ``reports``
-    (``--out``'s ``reports/``), added up by stage in the first report's order; [] when none has one. Files are
-    read as every file under ``--out`` is (``read_regular_file``); odd files and values are passed over."""
+    """The measured campaigns' step-8 funnels added up by stage, read as every file under ``--out`` is."""
     totals: Counter[str] = Counter()
     for path in sorted(reports.glob("return_to_table_report_*.json")) if reports.is_dir() else []:
         try:
@@ -10055,8 +10013,7 @@ def report_funnel(reports: Path, campaign_ids: Collection[str]) -> list[tuple[st
 
 
 def measure_funnel(report: Mapping[str, Any], campaign_stages: Sequence[tuple[str, int]]) -> list[dict[str, Any]]:
-    """The campaign funnel: the campaigns' own stages when their reports have them (else what the archive
-    holds: drafted, held out), then what followed: approved or sent, sent, came back (closed windows)."""
+    """The campaigns' own stages (else drafted, held out), then approved or sent, sent, came back."""
     groups = report["pooled"]["groups"]
     reached = {name: g["size"] + g["open"] for name, g in groups.items()}
     stages = [*(campaign_stages or [("drafted", reached["treated"]), ("held out", reached["holdout"])]),
@@ -10104,19 +10061,6 @@ def lift_chart(axes: Any, weekly: Sequence[Mapping[str, Any]], days: Sequence[da
                   transform=axes.transAxes)
 
 
-def pad_dates(axes: Any, days: Sequence[datetime]) -> None:
-    """A week either side of the weeks shown (one week alone would otherwise span years), dates slanted; up to
-    MAX_WEEK_TICKS weeks are ticked at their own Mondays (fewer labels to lay out than the daily auto ticks)."""
-    from matplotlib.dates import DateFormatter
-
-    if days:
-        axes.set_xlim(min(days) - timedelta(days=7), max(days) + timedelta(days=7))
-        if len(days) <= MAX_WEEK_TICKS:
-            axes.set_xticks(days)
-            axes.xaxis.set_major_formatter(DateFormatter("%Y-%m-%d"))
-    axes.figure.autofmt_xdate()
-
-
 def funnel_chart(figure: Any, funnel: Sequence[Mapping[str, Any]]) -> None:
     """The campaign funnel as horizontal bars, first stage on top."""
     names = [f["stage"] for f in funnel][::-1]
@@ -10134,6 +10078,7 @@ def chart_images(report: Mapping[str, Any]) -> dict[str, bytes]:
     """The three charts as PNG bytes (matplotlib's Agg renderer, imported here only)."""
     import io
 
+    from matplotlib.dates import DateFormatter
     from matplotlib.figure import Figure
 
     weekly, images = report["weekly"], {}
@@ -10149,7 +10094,12 @@ def chart_images(report: Mapping[str, Any]) -> dict[str, bytes]:
                 weekly_chart(axes, weekly, days)
             else:
                 lift_chart(axes, weekly, days, report["pooled"]["lift"].get("treated"))
-            pad_dates(axes, days)
+            if days:  # a week either side (one week alone would span years); up to MAX_WEEK_TICKS ticked at Mondays
+                axes.set_xlim(min(days) - timedelta(days=7), max(days) + timedelta(days=7))
+                if len(days) <= MAX_WEEK_TICKS:
+                    axes.set_xticks(days)
+                    axes.xaxis.set_major_formatter(DateFormatter("%Y-%m-%d"))
+            figure.autofmt_xdate()
         buffer = io.BytesIO()
         figure.savefig(buffer, format="png", metadata={"Software": None})
         images[name] = buffer.getvalue()
@@ -10239,9 +10189,7 @@ class MeasureOptions:
 
 def read_campaigns(transport: FirebaseTransport, options: MeasureOptions, issues: DataIssues,
                    errors: list[str]) -> list[ArchivedCampaign]:
-    """The archived campaigns in range (or ``--campaign``), read only: the ids from a shallow listing, each
-    one's metadata, then its messages and holdout. An id the database could not hold is counted; a
-    campaign that cannot be read is named in ``errors`` and skipped. A listing that fails raises."""
+    """The archived campaigns in range (or ``--campaign``); one unreadable is named in ``errors``; a failed listing raises."""
     ids = [options.campaign] if options.campaign else transport.child_keys("campaigns")
     campaigns = []
     for campaign_id in ids:
@@ -10269,8 +10217,7 @@ def read_campaigns(transport: FirebaseTransport, options: MeasureOptions, issues
 
 
 def read_events(source: DataSource, issues: DataIssues) -> tuple[list[dict[str, Any]], list[str]]:
-    """The source's events, screened as the campaign screens them (read only), and ``["events"]`` when
-    there were none (empty input)."""
+    """The source's events, screened as the campaign screens them, and ``["events"]`` when there are none."""
     data = source.read()
     issues.add("unreadable_extended_json_values", data.bad_values)
     issues.add_all({kind: n for kind, n in data.skipped.items() if kind.startswith("events")})
@@ -10290,16 +10237,8 @@ def measure_report_paths(out_dir: Path, started: datetime) -> tuple[Path, Path]:
     return reports / f"{stem}.json", reports / f"{stem}.md"
 
 
-def measure_exit_code(report: Mapping[str, Any]) -> int:
-    """3 when something needs a look (a campaign unreadable, no events or none after the messages, no campaign
-    measured), else 0."""
-    needs_a_look = report["errors"] or report["empty_input"] or report.get("events_note")
-    return EXIT_ATTENTION if needs_a_look or not report["campaigns_measured"] else EXIT_OK
-
-
 def stale_events_note(events: Iterable[Mapping[str, Any]], campaigns: Sequence[ArchivedCampaign]) -> str | None:
-    """When every event of the source starts before the first message (or hold-out) measured, nobody could have
-    come back yet: the sentence that says so plainly, else None."""
+    """The sentence saying nobody could have come back yet when every event starts before the first message."""
     first = min((o.reference for c in campaigns for o in c.observations), default=None)
     latest = max((start for e in events if (start := to_utc(e.get("startDate"))) is not None), default=None)
     if first is None or latest is None or latest > first:
@@ -10409,7 +10348,8 @@ def run_measure(args: argparse.Namespace, env: Mapping[str, str] | None, mongo_c
     print(measure_console(report, md_path), end="")
     for problem in measure_problems(report, source):
         print(problem, file=sys.stderr)
-    return measure_exit_code(report)
+    needs_a_look = report["errors"] or report["empty_input"] or report["events_note"]  # MEASURE_EXIT_CODES_HELP
+    return EXIT_ATTENTION if needs_a_look or not report["campaigns_measured"] else EXIT_OK
 
 
 def measure_problems(report: Mapping[str, Any], source: DataSource) -> list[str]:
