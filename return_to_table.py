@@ -9562,24 +9562,18 @@ class Attendance:
         return Followed(observation, end > now, bool(went), observation.event_id in went)
 
 
-def event_categories(events: Iterable[Mapping[str, Any]], wanted: set[str]) -> dict[str, tuple[str, str]]:
-    """(category, name) of the suggested events: the first category as the host wrote it, cleaned."""
-    found = {}
-    for event in events:
-        event_id = id_of(event.get("_id"))
-        if event_id in wanted:
-            found[event_id] = (segment_text(next(iter(text_list(event, "categories")), None), "none"),
-                               clean_text(text_field(event, "name") or "", 80)[0])
-    return found
-
-
 def follow_campaigns(campaigns: Sequence[ArchivedCampaign], events: Sequence[Mapping[str, Any]], now: datetime,
                      days: int, issues: DataIssues) -> list[tuple[ArchivedCampaign, list[Followed]]]:
-    """Every campaign's members followed through their windows, each with their event's category as a trait."""
+    """Every campaign's members followed through their windows; their suggested event's category (the first
+    the host wrote, cleaned) and name are traits ("event_category", "event")."""
     attendance = Attendance(events, {o.user_id for c in campaigns for o in c.observations}, issues)
-    named = event_categories(events, {o.event_id for c in campaigns for o in c.observations if o.event_id})
-    return [(c, [attendance.follow(o._replace(traits=(*o.traits, ("event_category", named.get(
-        o.event_id or "", ("unknown",))[0]))), now, days) for o in c.observations]) for c in campaigns]
+    wanted = {o.event_id for c in campaigns for o in c.observations if o.event_id}
+    named = {event_id: (("event_category", segment_text(next(iter(text_list(event, "categories")), None), "none")),
+                        ("event", clean_text(text_field(event, "name") or "", 80)[0]))
+             for event in events if (event_id := id_of(event.get("_id"))) in wanted}
+    unnamed = (("event_category", "unknown"),)
+    return [(c, [attendance.follow(o._replace(traits=(*o.traits, *named.get(o.event_id or "", unnamed))), now, days)
+                 for o in c.observations]) for c in campaigns]
 
 
 @dataclass(frozen=True)
@@ -9654,14 +9648,18 @@ def by_segment(followed: Iterable[Followed], dimension: str, arm: str) -> dict[s
     return found
 
 
+def rate_json(returns: int, n: int) -> dict[str, Any]:
+    """A segment's rate and its Wilson interval; None when it has too few members (``MIN_SEGMENT``)."""
+    too_few = n < MIN_SEGMENT
+    return {"rate": None if too_few else round(returns / n, 4),
+            "interval_95": None if too_few else [rounded(v) for v in wilson_interval(returns, n)], "too_few": too_few}
+
+
 def segment_json(segment: str, treated: Tally, holdout: Tally | None) -> dict[str, Any]:
-    """One segment: n, returns, rate and interval (None when too few), and the lift over its holdout."""
-    too_few = treated.size < MIN_SEGMENT
-    compared = holdout is not None and holdout.size >= MIN_SEGMENT and not too_few
+    """One segment: n, returns, rate and interval, and the lift over its holdout (none when either is too few)."""
+    compared = holdout is not None and min(holdout.size, treated.size) >= MIN_SEGMENT
     return {"segment": segment, "n": treated.size, "returns": treated.came_back,
-            "rate": None if too_few else rounded(treated.rate),
-            "interval_95": None if too_few else [rounded(v) for v in wilson_interval(treated.came_back, treated.size)],
-            "too_few": too_few, "open": treated.open,
+            **rate_json(treated.came_back, treated.size), "open": treated.open,
             "holdout": None if holdout is None else {"n": holdout.size, "returns": holdout.came_back,
                                                      "rate": rounded(holdout.rate) if holdout.size >= MIN_SEGMENT
                                                      else None},
@@ -9679,22 +9677,17 @@ def breakdown(followed: Sequence[Followed], dimension: str) -> dict[str, Any]:
     return {"dimension": dimension, "title": title, "compared_with": HOLDOUT_BASIS[basis], "segments": rows}
 
 
-def top_events(followed: Sequence[Followed], names: Mapping[str, tuple[str, str]]) -> dict[str, Any]:
+def top_events(followed: Sequence[Followed]) -> dict[str, Any]:
     """The suggested events that brought most members back to them: returns / invited (closed windows)."""
     invited: dict[str, list[Followed]] = {}
     for f in followed:
         if f.observation.arm == "treated" and not f.open and f.observation.event_id:
             invited.setdefault(f.observation.event_id, []).append(f)
-    ranked = sorted(invited.items(), key=lambda kv: (-sum(f.came_to_suggested for f in kv[1]), -len(kv[1]), kv[0]))
-    rows = []
-    for event_id, people in ranked[:TOP_EVENTS]:
-        returns = sum(f.came_to_suggested for f in people)
-        too_few = len(people) < MIN_SEGMENT
-        rows.append({"segment": names.get(event_id, ("", ""))[1] or event_id, "event_id": event_id,
-                     "n": len(people), "returns": returns, "came_back_anywhere": sum(f.came_back for f in people),
-                     "rate": None if too_few else round(returns / len(people), 4),
-                     "interval_95": None if too_few else [rounded(v) for v in wilson_interval(returns, len(people))],
-                     "too_few": too_few})
+    ranked = sorted(((sum(f.came_to_suggested for f in people), event_id, people)
+                     for event_id, people in invited.items()), key=lambda row: (-row[0], -len(row[2]), row[1]))
+    rows = [{"segment": dict(people[0].observation.traits).get("event") or event_id, "event_id": event_id,
+             "n": len(people), "returns": returns, "came_back_anywhere": sum(f.came_back for f in people),
+             **rate_json(returns, len(people))} for returns, event_id, people in ranked[:TOP_EVENTS]]
     return {"dimension": "event", "title": "Events that brought most members back (returns to the event / invited)",
             "compared_with": None, "segments": rows}
 
@@ -9752,10 +9745,9 @@ def weekly_rates(followed: Sequence[Followed]) -> list[dict[str, Any]]:
     return [{"week": week, "treated": t.json(), "holdout": h.json(), "lift": lift_json(t, h)} for week, t, h in tallies]
 
 
-def learned_json(followed: Sequence[Followed], events: Sequence[Mapping[str, Any]]) -> dict[str, Any]:
+def learned_json(followed: Sequence[Followed]) -> dict[str, Any]:
     """What the report gains from issue 22: the breakdowns, the tone A/B, week by week."""
-    names = event_categories(events, {f.observation.event_id for f in followed if f.observation.event_id})
-    return {"breakdowns": [*(breakdown(followed, d) for d in BREAKDOWNS), top_events(followed, names)],
+    return {"breakdowns": [*(breakdown(followed, d) for d in BREAKDOWNS), top_events(followed)],
             "variants": variant_comparison(followed), "weekly": weekly_rates(followed),
             "breakdown_method": BREAKDOWN_TEXT, "weekly_method": WEEKLY_TEXT}
 
@@ -9831,10 +9823,10 @@ def lift_lines(block: Mapping[str, Any]) -> list[str]:
                          f"{found['difference_pp']:+.1f} pp, 95% CI {low:+.1f} to {high:+.1f} pp)")
             continue
         relative = found["relative_lift"]
+        relative_text = "n/a (no holdout member came back)" if relative is None else f"{100 * relative:+.1f}%"
         shown = p_value_text(found["p_value"])
         lines.append(f"lift {name} vs holdout: {found['difference_pp']:+.1f} pp (95% CI {low:+.1f} to {high:+.1f} pp), "
-                     f"relative {'n/a (no holdout member came back)' if relative is None else f'{100 * relative:+.1f}%'}"
-                     f", {'p' if shown.startswith('<') else 'p ='} {shown}")
+                     f"relative {relative_text}, {'p' if shown.startswith('<') else 'p ='} {shown}")
     return lines
 
 
@@ -9939,10 +9931,10 @@ def learned_markdown(report: Mapping[str, Any]) -> list[str]:
         lines += markdown_table(breakdown_rows(entry))
         if not entry["segments"]:
             lines.append("No member in any segment.")
+    weeks = [[w["week"], share(w["treated"]), share(w["holdout"]), difference_text(w["lift"]) if w["lift"] else "-"]
+             for w in report["weekly"]]
     lines += ["", "## Week by week", "", report["weekly_method"], "",
-              *markdown_table([["week", "treated", "holdout", "lift, pp (95% CI)"],
-                               *([w["week"], share(w["treated"]), share(w["holdout"]),
-                                  "-" if w["lift"] is None else difference_text(w["lift"])] for w in report["weekly"])])]
+              *markdown_table([["week", "treated", "holdout", "lift, pp (95% CI)"], *weeks])]
     return lines
 
 
@@ -10189,7 +10181,8 @@ class MeasureOptions:
 
 def read_campaigns(transport: FirebaseTransport, options: MeasureOptions, issues: DataIssues,
                    errors: list[str]) -> list[ArchivedCampaign]:
-    """The archived campaigns in range (or ``--campaign``); one unreadable is named in ``errors``; a failed listing raises."""
+    """The archived campaigns in range (or ``--campaign``); one unreadable is named in ``errors``; a listing that
+    fails raises."""
     ids = [options.campaign] if options.campaign else transport.child_keys("campaigns")
     campaigns = []
     for campaign_id in ids:
@@ -10337,7 +10330,7 @@ def run_measure(args: argparse.Namespace, env: Mapping[str, str] | None, mongo_c
                             archive=transport.description, measured=measured,
                             pooled=Measurement.pooled([m for _, m in measured]), issues=issues, errors=errors,
                             empty_input=empty, events_note=stale_events_note(events, campaigns))
-    report.update(learned_json([f for _, fs in followed for f in fs], events))
+    report.update(learned_json([f for _, fs in followed for f in fs]))
     report["funnel"] = measure_funnel(report, report_funnel(options.run.out_dir / "reports",
                                                             {c.campaign_id for c in campaigns}))
     json_path, md_path = measure_report_paths(options.run.out_dir, started)
