@@ -9757,10 +9757,11 @@ def learned_json(followed: Sequence[Followed]) -> dict[str, Any]:
 
 def measure_report(*, run_date: datetime, now: datetime, window_days: int, dates: DateRange,
                    campaign: str | None, source_label: str, archive: str,
-                   measured: Sequence[tuple[ArchivedCampaign, Measurement]], pooled: Measurement,
+                   measured: Sequence[tuple[ArchivedCampaign, Measurement]],
                    issues: DataIssues, errors: Sequence[str], empty_input: Sequence[str],
                    events_note: str | None = None) -> dict[str, Any]:
-    """The report's JSON: the settings, the method in words, pooled and per-campaign blocks, what was odd."""
+    """The report's JSON: the settings, the method in words, pooled (``POOLING_TEXT``) and per-campaign blocks,
+    what was odd."""
     return {
         "kind": "measure", "run_date": iso_utc(run_date), "as_of": iso_utc(now), "window_days": window_days,
         "since": iso_utc(dates.since), "until": iso_utc(dates.until),  # exclusive
@@ -9770,7 +9771,7 @@ def measure_report(*, run_date: datetime, now: datetime, window_days: int, dates
                    "interval": INTERVAL_METHOD, "test": TEST_METHOD, "confidence": CONFIDENCE,
                    "pooling": POOLING_TEXT, "reviewed_groups": REVIEWED_TEXT, "power": POWER_METHOD},
         "campaigns_measured": len(measured),
-        "pooled": pooled.json(),
+        "pooled": Measurement.pooled([m for _, m in measured]).json(),
         "campaigns": [{"campaign_id": c.campaign_id, "created_at": iso_utc(c.created_at), "status": c.status,
                        **m.json()} for c, m in measured],
         "data_issues": issues.as_dict(),
@@ -10327,8 +10328,7 @@ def run_measure(args: argparse.Namespace, env: Mapping[str, str] | None, mongo_c
     measured = [(c, Measurement.of(f)) for c, f in followed]
     report = measure_report(run_date=started, now=options.run.now, window_days=options.window_days,
                             dates=options.dates, campaign=options.campaign, source_label=source.label,
-                            archive=transport.description, measured=measured,
-                            pooled=Measurement.pooled([m for _, m in measured]), issues=issues, errors=errors,
+                            archive=transport.description, measured=measured, issues=issues, errors=errors,
                             empty_input=empty, events_note=stale_events_note(events, campaigns))
     report.update(learned_json([f for _, fs in followed for f in fs]))
     report["funnel"] = measure_funnel(report, report_funnel(options.run.out_dir / "reports",

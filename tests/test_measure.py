@@ -840,9 +840,8 @@ def test_any_archived_values_are_measured_or_counted_never_a_crash(metadata: Any
     events = [{"_id": "e1", "startDate": "2026-01-12T00:00:00Z", "participants": ["6500000000000000000000a1"]}]
     followed = rtt.follow_campaigns([campaign], events, AS_OF, 14, issues) if campaign.created_at else []
     measured = [(c, rtt.Measurement.of(f)) for c, f in followed]
-    pooled = rtt.Measurement.pooled([m for _, m in measured])
     report = rtt.measure_report(run_date=AS_OF, now=AS_OF, window_days=14, dates=rtt.DateRange(), campaign=None,
-                                source_label="test", archive="test", measured=measured, pooled=pooled,
+                                source_label="test", archive="test", measured=measured,
                                 issues=issues, errors=[], empty_input=[])
     json.dumps(report, allow_nan=False)
     assert "\u202e" not in rtt.measure_console(report, Path("r.md")) + rtt.measure_markdown(report)
