@@ -10167,6 +10167,8 @@ def write_measure_charts(report: Mapping[str, Any], md_path: Path) -> tuple[dict
     html_path = md_path.with_suffix(".html")
     write_text_private(html_path, measure_html(report, images))
     return paths, html_path
+
+
 # --- the edges: the archive, the events, the run ------------------------------------------------
 
 
@@ -10354,7 +10356,6 @@ def measure_problems(report: Mapping[str, Any], source: DataSource) -> list[str]
     if not report["campaigns_measured"]:
         problems.append(f"warning: no archived campaign in range in {report['archive']}")
     return problems
-
 
 
 # =============================================================================================
