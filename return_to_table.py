@@ -132,7 +132,7 @@ from datetime import time as dt_time
 from enum import Enum, IntEnum
 from pathlib import Path
 from statistics import NormalDist
-from types import MappingProxyType
+from types import MappingProxyType, SimpleNamespace
 from typing import Any, NamedTuple, NotRequired, Protocol, Self, TypedDict
 from urllib.parse import quote_plus
 from zoneinfo import ZoneInfo, ZoneInfoNotFoundError
@@ -6579,13 +6579,9 @@ DEMO_AREAS = ("212", "646", "917")  # NYC area codes: each demo member their own
 
 
 def build_demo_world(now: datetime) -> tuple[list[dict[str, Any]], list[dict[str, Any]]]:
-    """Return fictional raw (users, events) documents as Mongo would hand them over.
-
-    Why: the CLI must be demoable and testable without a database, so this builds
-    dormant / active / churned / eventless users and deliberately messy fields
-    (missing keys, odd id and date shapes) that the cleaning code has to survive.
-    Deterministic for a given `now` (fixed-seed RNG); all dates are relative to it.
-    """
+    """Fictional raw (users, events) as Mongo hands them over, so the CLI runs without a database: dormant,
+    active, churned and eventless users, and messy fields (missing keys, odd id and date shapes) the cleaning
+    code has to survive. Deterministic for a given ``now`` (fixed-seed RNG); all dates are relative to it."""
     rng = random.Random(20240611)
     now = now.astimezone(UTC)
     interests = [
@@ -6701,7 +6697,6 @@ def build_demo_world(now: datetime) -> tuple[list[dict[str, Any]], list[dict[str
         "no_occupation": ("occupation",), "no_hood": ("homeNeighborhood",), "no_first": ("firstName",),
         "sparse": ("lastName", "phone", "gender", "occupation", "homeNeighborhood"),
     }
-    bad_interests: dict[str, Any] = {"int_empty": [], "int_none": None, "int_blank": [""]}
     users: list[dict[str, Any]] = []
     for i in range(len(roles)):
         first = special[showcase.index(i)] if i in showcase[: len(special)] else rng.choice(firsts)
@@ -6716,14 +6711,9 @@ def build_demo_world(now: datetime) -> tuple[list[dict[str, Any]], list[dict[str
         }
         kind = messy.get(i, "")
         doc = {k: v for k, v in doc.items() if k not in drop.get(kind, ())}
-        if kind in bad_interests:
-            doc["interests"] = bad_interests[kind]
-        elif kind == "int_str":
-            doc["interests"] = ", ".join(picked)
-        elif kind == "jersey":
-            doc["homeNeighborhood"] = "jersey-city"
-        elif kind == "oid":
-            doc["_id"] = {"$oid": uid[i]}
+        doc.update({"int_empty": {"interests": []}, "int_none": {"interests": None}, "int_blank": {"interests": [""]},
+                    "int_str": {"interests": ", ".join(picked)}, "jersey": {"homeNeighborhood": "jersey-city"},
+                    "oid": {"_id": {"$oid": uid[i]}}}.get(kind, {}))
         users.append(doc)
     # Members who may not be texted, so the report's skip reasons show them (ranked low: the top is unchanged).
     for index, preference in ((0xCF, {"smsOptOut": True}), (0xF3, {"notificationSettings": {"sms": False}}),
@@ -6748,12 +6738,10 @@ def build_demo_world(now: datetime) -> tuple[list[dict[str, Any]], list[dict[str
             members[e].append(u)
             anchor[u] = e
     bucket_showcase = [1, 3, 6, 9, 11, 13, 16, 18, 21, 24]  # total events, dormant showcase
+    older_events = {"active": [0, 0, 1, 1, 2, 3, 5], "dormant": [0, 0, 1, 1, 2, 3, 4, 6], "churned": [0, 0, 0, 1, 2]}
     for role in windows:
         for k, u in enumerate(by_role[role]):
-            if role == "dormant":
-                want = bucket_showcase[k] - 1 if k < 10 else rng.choice([0, 0, 1, 1, 2, 3, 4, 6])
-            else:
-                want = rng.choice([0, 0, 1, 1, 2, 3, 5] if role == "active" else [0, 0, 0, 1, 2])
+            want = bucket_showcase[k] - 1 if role == "dormant" and k < 10 else rng.choice(older_events[role])
             older = [x for x in range(len(plan)) if starts[x] < starts[anchor[u]] and len(members[x]) < 12]
             for x in rng.sample(older, min(want, len(older))):
                 members[x].append(u)
@@ -6764,7 +6752,6 @@ def build_demo_world(now: datetime) -> tuple[list[dict[str, Any]], list[dict[str
     events: list[dict[str, Any]] = []
 
     def add(tpl: DemoEventTemplate, when: Any, seated: list[int], owner: int, **extra: Any) -> dict[str, Any]:
-        """Append one raw event document built from a template."""
         venue = rng.choice(venues)
         hood = rng.choice(hoods if rng.random() < 0.1 else city)
         doc = {
@@ -6807,10 +6794,9 @@ def build_demo_world(now: datetime) -> tuple[list[dict[str, Any]], list[dict[str
         }.get(state, round(cap * rng.uniform(0.5, 0.8)))
         extra: dict[str, Any] = {
             "maxParticipants": 0 if state == "zero" else cap, "type": "private" if state == "private" else "public",
-            "active": state != "inactive", "eventStatus": state if state in ("pending", "cancelled") else "approved",
+            "active": state != "inactive",
+            "eventStatus": state if state in ("pending", "cancelled") else None if state == "nostatus" else "approved",
         }
-        if state == "nostatus":
-            extra["eventStatus"] = None
         doc = add(tpl, fmt(at(rng.randint(1, 30), tpl.slot)), rng.sample(active, n), rng.choice(active), **extra)
         if state == "nomax":
             del doc["maxParticipants"]
@@ -7009,32 +6995,21 @@ Rejected examples, and why:
 """
 
 
+def answer_schema(**properties: Any) -> dict[str, Any]:
+    """The JSON schema of an answer object: these properties, every one required, no other."""
+    return {"type": "object", "properties": properties, "required": list(properties), "additionalProperties": False}
+
+
 def match_schema(event_ids: Sequence[str]) -> dict[str, Any]:
-    """The matching answer's JSON schema; the candidate ids are an enum, so only they are valid."""
-    return {
-        "type": "object",
-        "properties": {
-            "event_id": {"type": "string", "enum": list(event_ids)},
-            "event_name": {"type": "string"},
-            "reasoning": {"type": "string"},
-            "confidence_percentage": {"type": "integer", "description": "0 to 100"},
-            "match_purpose": {"type": "string", "enum": [MATCH_PURPOSE]},
-        },
-        "required": ["event_id", "event_name", "reasoning", "confidence_percentage", "match_purpose"],
-        "additionalProperties": False,
-    }
+    """The matching answer's schema; the candidate ids are an enum, so only they are valid."""
+    return answer_schema(event_id={"type": "string", "enum": list(event_ids)}, event_name={"type": "string"},
+                         reasoning={"type": "string"},
+                         confidence_percentage={"type": "integer", "description": "0 to 100"},
+                         match_purpose={"type": "string", "enum": [MATCH_PURPOSE]})
 
 
-SMS_SCHEMA: dict[str, Any] = {
-    "type": "object",
-    "properties": {
-        "message_text": {"type": "string"},
-        "personalization_notes": {"type": "string"},
-        "character_count": {"type": "integer"},
-    },
-    "required": ["message_text", "personalization_notes", "character_count"],
-    "additionalProperties": False,
-}
+SMS_SCHEMA = answer_schema(message_text={"type": "string"}, personalization_notes={"type": "string"},
+                           character_count={"type": "integer"})
 
 
 def host_text(value: Any, limit: int = 120) -> str:
@@ -7073,8 +7048,7 @@ def history_line(h: HistorySignals) -> str:
 
 
 def member_block(user: Mapping[str, Any]) -> str:
-    """The member as matching sees them: first name, interests, place, occupation and activity only,
-    every text through ``one_line`` (no email address or phone number, whichever field holds one)."""
+    """The member as matching sees them, every text through ``one_line``: no email address or phone number."""
     lines = [
         f"first_name: {one_line(greeting_name(user.get('firstName')) or 'unknown')}",
         f"interests: {one_line(', '.join(clean_interests(user.get('interests'))))}",
@@ -7118,16 +7092,15 @@ def facts_prompt(facts: MessageFacts, user: Mapping[str, Any]) -> str:
 
 
 def length_budget(facts: MessageFacts) -> tuple[int, int, str]:
-    """(the whole text's limit, what the sender, opt-out text and link take of it, its encoding): UCS-2's
-    134 when a name or one of those strings is outside GSM-7, as the template would write it."""
+    """(the text's limit, what the sender, opt-out text and link take of it, the encoding), as the template
+    would write it: UCS-2's 134 when a name or one of those strings is outside GSM-7."""
     fixed = dress(facts, "", "")
     size = sms_size(f"{fixed} {facts.first_name or ''} {facts.event_name}")
     return size.limit, sms_size(fixed).units, size.encoding
 
 
 def carried_lines(facts: MessageFacts) -> list[str]:
-    """The facts lines that tell Claude the exact sender and opt-out strings, the budget they leave and
-    what gives way to fit; none when neither is set."""
+    """The facts lines giving the exact sender and opt-out strings, the budget they leave and what gives way."""
     if not facts.dressed:
         return []
     limit, taken, encoding = length_budget(facts)
@@ -7178,11 +7151,8 @@ MAX_OBJECT_STARTS = 100  # "{" tried by first_json_object: each failed try costs
 
 
 def first_json_object(text: str) -> dict[str, Any] | None:
-    """The first JSON object inside prose ("Here it is: {...}"); validation decides if it is any good.
-
-    Brackets are tried in order, at most ``MAX_OBJECT_STARTS`` of them, so a wall of brackets costs linear
-    time; an object too deep for the decoder makes the answer invalid at once (InvalidAnswer).
-    """
+    """The first JSON object inside prose ("Here it is: {...}"), trying at most ``MAX_OBJECT_STARTS`` brackets
+    (a wall of them costs linear time); an object too deep for the decoder is an InvalidAnswer at once."""
     decoder = json.JSONDecoder()
     starts = (i for i, ch in enumerate(text) if ch == "{")
     for start in itertools.islice(starts, MAX_OBJECT_STARTS):
@@ -7215,9 +7185,8 @@ def check_match_answer(answer: Mapping[str, Any], candidates: Sequence[Candidate
 
 @dataclass
 class CallSlot:
-    """One Claude call's claim on a slot (``ClaudeAdvisor`` changes it under its lock): ``held`` while an
-    attempt is on the wire or its answer is checked; ``parked`` while the SDK waits to retry; ``over`` once
-    the caller has given the call up (a worker still sleeping then sends nothing more)."""
+    """One Claude call's claim on a slot (changed under ``ClaudeAdvisor``'s lock): ``held`` while an attempt is
+    on the wire or its answer checked, ``parked`` while the SDK waits to retry, ``over`` once given up."""
 
     held: bool = False
     parked: bool = False
@@ -7227,10 +7196,9 @@ class CallSlot:
 class ClaudeAdvisor:
     """Claude's two jobs, each answer validated: choose a member's event, and write the SMS.
 
-    It never decides alone what reaches a member: a bad or failed answer gets one corrective retry,
-    then the caller falls back to the rules match or the template message. After a credentials
-    error, or several failed calls in a row (each after the SDK's own retries), it stops calling
-    for the rest of the run, so a revoked key or an outage costs seconds, not minutes.
+    A bad or failed answer gets one corrective retry, then the caller falls back to the rules match or the
+    template. After a credentials error, a timeout or four failed calls in a row (each after the SDK's own
+    retries) it stops calling for the run: a revoked key or an outage costs seconds, not minutes.
     """
 
     MAX_CONSECUTIVE_FAILURES = 4
@@ -7264,10 +7232,9 @@ class ClaudeAdvisor:
         return advisor
 
     def refuse_when_down(self, request: Any, call_next: Any) -> Any:
-        """SDK middleware, run around every attempt, the SDK's own retries included: once Claude is down
-        for this run, a call abandoned at its time bound sends nothing more. An attempt that fails with
-        retries left parks its call (the slot is free while the SDK backs off: a 529 or a 429 holds up no
-        other call), and the next attempt takes a slot again before it is sent."""
+        """SDK middleware around every attempt (retries included): nothing is sent once Claude is down or the
+        call was given up. A failed attempt with retries left parks its call (a 529 or 429 backing off holds
+        no slot); the next attempt takes a slot again before it is sent."""
         slot = getattr(self._attempt, "slot", None)
         if slot is not None:
             self._resume(slot, sending=True)
@@ -7284,9 +7251,8 @@ class ClaudeAdvisor:
 
     def _may_take(self, new: bool) -> bool:
         """(Under the lock.) Slots held never exceed the failures still allowed in a row, so "stop after four
-        failures in a row" holds however many members run at once. A new call also lets parked calls
-        resume first, and takes a parked call's slot only while all is well (the latest attempt was answered,
-        no failure is counted): in an outage every parked call keeps its place and no more calls start."""
+        in a row" holds however many members run at once. A new call lets parked calls resume first and takes
+        a parked call's slot only while all is well: in an outage no more calls start."""
         room = self.MAX_CONSECUTIVE_FAILURES - self.consecutive_failures
         if self.in_flight >= room:
             return False
@@ -7294,7 +7260,6 @@ class ClaudeAdvisor:
         return not new or (not self.resuming and (lend or self.in_flight + self.parked < room))
 
     def _take(self, slot: CallSlot) -> None:
-        """(Under the lock.) ``slot`` holds a slot from now on."""
         self.in_flight += 1
         slot.held = True
         if slot.parked:
@@ -7315,9 +7280,8 @@ class ClaudeAdvisor:
                 self._lock.wait(0.1)
 
     def _resume(self, slot: CallSlot, sending: bool) -> None:
-        """A parked call takes a slot again: before its next attempt (``sending``: ClaudeDown once Claude is
-        down or the call was given up), or before its failure is counted (never more failures in a row
-        than slots allowed; once Claude is down the count no longer matters and nothing is waited for)."""
+        """A parked call takes a slot again before its next attempt (``sending``: ClaudeDown once Claude is down
+        or the call given up), or before its failure is counted (not waited for once Claude is down)."""
         with self._lock:
             self.resuming += 1
             try:
@@ -7344,7 +7308,6 @@ class ClaudeAdvisor:
                 self._lock.notify_all()
 
     def _end(self, slot: CallSlot) -> None:
-        """The call is over: its slot (or its parked place) is given back."""
         with self._lock:
             slot.over = True
             if slot.held:
@@ -7363,11 +7326,9 @@ class ClaudeAdvisor:
             self._attempt.slot = None
 
     def _call(self, step: str, check: Any, **request: Any) -> tuple[Any, Any, str]:
-        """One Messages API call (the SDK's own retries included) within its time budget, its answer checked
-        while the call still holds its slot: ``(reply, checked answer, "")``, or ``(reply, None, problem)``
-        for an invalid answer, which counts as a failed call (paid for, and of no use: "stop after four in
-        a row" holds for a model that answers every call with nonsense too). A failed call takes a slot
-        back before it is counted, if it was parked when it failed (its time bound ran out)."""
+        """One Messages API call (SDK retries included) within its time budget, checked while it holds its slot:
+        ``(reply, answer, "")``, or ``(reply, None, problem)``. An invalid answer counts as a failed call, so
+        "stop after four in a row" holds for a model that answers nonsense too."""
         slot = CallSlot()
         self._start_call(slot)
         try:
@@ -7427,8 +7388,8 @@ class ClaudeAdvisor:
         raise InvalidAnswer(f"invalid twice: {problem}")
 
     def _count_failure(self, exc: Exception) -> None:
-        """Stop calling for the rest of the run after a credentials error, a timeout or a run of failures
-        (errors and invalid answers alike)."""
+        """Stop calling for the run after a credentials error, a timeout or a run of failures (errors and
+        invalid answers alike)."""
         import anthropic
 
         fatal = (anthropic.AuthenticationError, anthropic.PermissionDeniedError, anthropic.NotFoundError)
@@ -7882,13 +7843,9 @@ class FirebaseTransport(Protocol):
     bytes_sent: int
 
     def get(self, path: str) -> tuple[Any, str]: ...
-
     def put(self, path: str, value: Any, if_match: str | None = None) -> PutResult: ...
-
     def patch(self, path: str, updates: Mapping[str, Any]) -> None: ...
-
     def flush(self) -> None: ...
-
     def child_keys(self, path: str) -> list[str]: ...
 
 
@@ -7924,30 +7881,21 @@ def key_digest(key: str) -> str:
     return hashlib.sha256(key.encode("utf-8", "surrogatepass")).hexdigest()[:KEY_DIGEST_LENGTH]
 
 
-def cut_utf8(text: str, limit: int) -> str:
-    """``text`` cut to at most ``limit`` UTF-8 bytes, never inside a character."""
-    return text.encode("utf-8")[:limit].decode("utf-8", "ignore")
-
-
 def storable_keys(keys: Sequence[str]) -> dict[str, str | None]:
-    """The key each of one object's keys is stored under, so that no value is lost; None drops one.
+    """The key each of one object's keys is stored under (None: dropped), whatever their order.
 
-    A storable key is kept as it is. Any other key is spelt with ``_`` for each character the
-    database forbids (an empty key becomes ``_``). When that spelling is longer than
-    ``MAX_KEY_BYTES``, or is shared with another key of the object (``a.b``, ``a/b`` and ``a_b`` all
-    spell ``a_b``), the changed key is cut to fit and suffixed with ``_`` and a digest of the key as
-    found: ``a.b`` -> ``a_b_<digest of "a.b">``, while ``a_b`` keeps its name. The result depends on
-    the set of keys only, never on their order, so a record is renamed the same way on every run.
-    A changed key whose new name is still taken (by a key that is literally ``a_b_<digest>``) is
-    dropped; every rename and drop is reported by the caller.
+    A storable key is kept; any other is spelt with ``_`` for each forbidden character (``_`` when empty).
+    A spelling too long or shared (``a.b``, ``a/b`` and ``a_b`` all spell ``a_b``) is cut to fit and given
+    ``_<digest of the key as found>``; a new name still taken (a key literally ``a_b_<digest>``) drops the key.
     """
     kept = {key for key in keys if key and not FORBIDDEN_KEY.search(key) and len(key.encode("utf-8")) <= MAX_KEY_BYTES}
     spelt = {key: FORBIDDEN_KEY.sub("_", key) or "_" for key in keys if key not in kept}
     shared = Counter(spelt.values())
     taken = set(kept)
+    room = MAX_KEY_BYTES - KEY_DIGEST_LENGTH - 1  # the cut spelling never ends inside a character
     wanted = {key: spelling if shared[spelling] == 1 and spelling not in kept
               and len(spelling.encode("utf-8")) <= MAX_KEY_BYTES
-              else f"{cut_utf8(spelling, MAX_KEY_BYTES - KEY_DIGEST_LENGTH - 1)}_{key_digest(key)}"
+              else f"{spelling.encode('utf-8')[:room].decode('utf-8', 'ignore')}_{key_digest(key)}"
               for key, spelling in spelt.items()}
     names: dict[str, str | None] = {key: key for key in kept}
     for key in sorted(wanted, key=lambda k: (wanted[k] != spelt[k], k)):  # plain spellings first, then by key
@@ -7957,25 +7905,17 @@ def storable_keys(keys: Sequence[str]) -> dict[str, str | None]:
 
 
 def firebase_ready(value: Any, changes: set[KeyChange] | None = None) -> Any:
-    """A document made storable key by key (``storable_keys``), recursively; the rest is unchanged.
-
-    Every key that was renamed or dropped is added to ``changes`` (when given) as
-    ``(key as found, stored key or None)``, so the report can say what was changed.
-    """
-    if isinstance(value, Mapping):
-        items = {str(k): v for k, v in value.items()}
-        names = storable_keys(list(items))
-        out = {}
-        for key, child in items.items():
-            name = names[key]
-            if name != key and changes is not None:
-                changes.add((key, name))
-            if name is not None:
-                out[name] = firebase_ready(child, changes)
-        return out
+    """A document made storable key by key (``storable_keys``); each key renamed or dropped is added to
+    ``changes`` as ``(key as found, stored key or None)`` for the report."""
     if isinstance(value, list):
         return [firebase_ready(v, changes) for v in value]
-    return value
+    if not isinstance(value, Mapping):
+        return value
+    items = {str(k): v for k, v in value.items()}
+    names = storable_keys(list(items))
+    if changes is not None:
+        changes.update((key, name) for key, name in names.items() if name != key)
+    return {names[key]: firebase_ready(child, changes) for key, child in items.items() if names[key] is not None}
 
 
 def rtdb_normalize(value: Any) -> Any:
@@ -7992,10 +7932,8 @@ CANONICAL_INDEX = re.compile(r"^(0|[1-9][0-9]*)$")
 
 
 def rtdb_render(value: Any) -> Any:
-    """What a read returns: an object with integer keys comes back as an array when dense enough.
-
-    The database's rule: all keys integers and the largest below twice the count; holes read as null.
-    """
+    """What a read returns: an object whose keys are all integers, the largest below twice their count,
+    comes back as an array (holes read as null), as the database does."""
     if not isinstance(value, Mapping):
         return value
     rendered = {k: rtdb_render(v) for k, v in value.items()}
@@ -8012,14 +7950,6 @@ def etag_of(value: Any) -> str:
         return NULL_ETAG
     canonical = json.dumps(value, sort_keys=True, separators=(",", ":"), ensure_ascii=False)
     return hashlib.sha256(canonical.encode("utf-8")).hexdigest()[:28]
-
-
-def tree_get(tree: Any, segments: Sequence[str]) -> Any:
-    for segment in segments:
-        if not isinstance(tree, Mapping):
-            return None
-        tree = tree.get(segment)
-    return tree
 
 
 def tree_set(tree: Any, segments: Sequence[str], value: Any) -> Any:
@@ -8041,13 +7971,10 @@ MIRROR_FILE_DEPTH = {"campaigns": 3}
 
 
 class LocalMirrorTransport:
-    """A file-backed Firebase under ``data/firebase/<base>/``, with the real database's semantics.
-
-    Arrays are stored and rendered by the database's rules, ETags are answered and stale
-    conditional writes refused, so ``--demo`` and tests exercise the same merge logic as production.
-    Files are kept in memory while the run appends to them and written (atomically) at most every
-    ``SAVE_EVERY_SECONDS`` and at ``flush()``, so a long run does not rewrite a growing file per item.
-    """
+    """A file-backed Firebase under ``data/firebase/<base>/`` with the database's semantics (arrays, ETags,
+    stale conditional writes refused), so ``--demo`` and tests run production's merge logic. Files stay in
+    memory, written atomically at most every ``save_every`` seconds and at ``flush()``: a long run does not
+    rewrite a growing file per item."""
 
     def __init__(self, root: Path, base_path: str, save_every: float = SAVE_EVERY_SECONDS,
                  anchor: Path | None = None) -> None:
@@ -8084,29 +8011,27 @@ class LocalMirrorTransport:
         self._files[file] = tree
         return tree
 
-    def _listable(self, folder: Path) -> bool:
-        """Whether ``folder`` is a folder to list; FirebaseError when a symbolic link leads to it."""
+    def _names(self, segments: list[str]) -> list[str]:
+        """The children of the folder at ``segments`` (above the file level), a file named by its key, after
+        what this process holds back is written; FirebaseError when a symbolic link leads to the folder."""
+        self.flush()
+        folder = self.root.joinpath(*segments)
         try:
-            return exists_without_links(folder, self.anchor) and real_folder(folder)
+            if not (exists_without_links(folder, self.anchor) and real_folder(folder)):
+                return []
         except RefusedFile as exc:
             raise FirebaseError(f"local mirror: not read ({exc})") from None
+        return [child.name[:-5] if child.suffix == ".json" else child.name for child in sorted(folder.iterdir())
+                if real_folder(child) or (child.suffix == ".json" and not child.name.startswith("."))]
 
     def _stored(self, segments: list[str]) -> Any:
         split = self._split(segments)
         if split is not None:
-            file, rest = split
-            return tree_get(self._load(file), rest)
-        self.flush()  # a read above the file level lists the files on disk
-        folder = self.root.joinpath(*segments)
-        if not self._listable(folder):
-            return None
-        tree: dict[str, Any] = {}
-        for child in sorted(folder.iterdir()):
-            name = child.name[:-5] if child.suffix == ".json" else child.name
-            if real_folder(child) or (child.suffix == ".json" and not child.name.startswith(".")):
-                value = self._stored([*segments, name])
-                if value is not None:
-                    tree[name] = value
+            tree = self._load(split[0])
+            for segment in split[1]:
+                tree = tree.get(segment) if isinstance(tree, Mapping) else None
+            return tree
+        tree = {name: value for name in self._names(segments) if (value := self._stored([*segments, name])) is not None}
         return tree or None
 
     def _store(self, segments: list[str], value: Any) -> None:
@@ -8144,7 +8069,6 @@ class LocalMirrorTransport:
             raise FirebaseError(f"local mirror: {len(failures)} files not saved ({failures[0]})")
 
     def checkpoint(self) -> None:
-        """Save progress if the last save is older than ``save_every``."""
         if self._dirty and time.monotonic() - self._saved_at >= self.save_every:
             self.flush()
 
@@ -8161,8 +8085,7 @@ class LocalMirrorTransport:
         self.bytes_sent += len(json.dumps(value, ensure_ascii=False).encode("utf-8"))
         self._store(segments, rtdb_normalize(value))
         self.checkpoint()
-        written, new_etag = self.get(path)
-        return PutResult(True, written, new_etag)
+        return PutResult(True, *self.get(path))
 
     def patch(self, path: str, updates: Mapping[str, Any]) -> None:
         segments = check_path(path)
@@ -8173,18 +8096,12 @@ class LocalMirrorTransport:
         self.checkpoint()
 
     def child_keys(self, path: str) -> list[str]:
-        """The names of the children at ``path`` (the database's ``shallow=true``): above the file level
-        the folder is listed, nothing in it read (a reader of every archived campaign needs only ids)."""
+        """The names of the children at ``path`` (``shallow=true``): above the file level, read from the folder."""
         segments = check_path(path)
-        if self._split(segments) is not None:
-            value = self._stored(segments)
-            return sorted(value) if isinstance(value, Mapping) else []
-        self.flush()  # what this process holds back is on disk before the folder is listed
-        folder = self.root.joinpath(*segments)
-        if not self._listable(folder):
-            return []
-        return sorted({child.name.removesuffix(".json") for child in folder.iterdir()
-                       if real_folder(child) or (child.suffix == ".json" and not child.name.startswith("."))})
+        if self._split(segments) is None:
+            return sorted(set(self._names(segments)))
+        value = self._stored(segments)
+        return sorted(value) if isinstance(value, Mapping) else []
 
 
 def real_folder(path: Path) -> bool:
@@ -8198,10 +8115,9 @@ NO_BODY = object()
 class RestTransport:
     """The Realtime Database REST API over httpx2 (installed with the anthropic SDK).
 
-    Every call has a timeout; 500/502/503/504 and connection errors are retried with backoff
-    (every request here is idempotent: GET, PUT and PATCH; nothing is ever POSTed). Credentials
-    travel as ``auth=`` (a database secret or ID token) or as an OAuth2 bearer token from a
-    service account; neither ever reaches a log line or an error message.
+    Every call has a timeout; 500/502/503/504 and connection errors are retried with backoff (GET, PUT
+    and PATCH are idempotent; nothing is POSTed). Credentials travel as ``auth=`` or an OAuth2 bearer
+    token from a service account, and never reach a log line or an error message.
     """
 
     RETRY_STATUSES = frozenset({500, 502, 503, 504})
@@ -8257,8 +8173,9 @@ class RestTransport:
                 raise FirebaseError(f"{method} {path}: no answer in time ({exc.__class__.__name__}); "
                                     "nothing more is sent to Firebase this run") from None
             except self._transport_errors as exc:
-                if attempt < self.retries and self.control.budget(self.backoff * 2 ** attempt) > 0:
-                    time.sleep(self.control.budget(self.backoff * 2 ** attempt))
+                pause = self.control.budget(self.backoff * 2 ** attempt)
+                if attempt < self.retries and pause > 0:
+                    time.sleep(pause)
                     continue
                 raise FirebaseError(f"{method} {path}: cannot reach the database ({exc.__class__.__name__})") from None
             if response.status_code in self.RETRY_STATUSES and attempt < self.retries:
@@ -8290,19 +8207,19 @@ class RestTransport:
             return FirebaseError(f"{method} {path}: 404: database not found, check FIREBASE_DATABASE_URL")
         return FirebaseError(f"{method} {path}: {status} {detail}")
 
-    def get(self, path: str) -> tuple[Any, str]:
-        response = self._send("GET", path, headers={"X-Firebase-ETag": "true"})
+    def _read(self, path: str, **options: Any) -> tuple[Any, str]:
+        """A GET's JSON value and ETag (when asked for), or FirebaseError."""
+        response = self._send("GET", path, **options)
         if response.status_code != 200:
             raise self._fail(response, "GET", path)
         return self._json(response, "GET", path), response.headers.get("ETag", "")
 
+    def get(self, path: str) -> tuple[Any, str]:
+        return self._read(path, headers={"X-Firebase-ETag": "true"})
+
     def child_keys(self, path: str) -> list[str]:
-        """The names of the children at ``path``, read with ``shallow=true`` (their values never travel);
-        a location holding a plain value, or nothing, has none."""
-        response = self._send("GET", path, query={"shallow": "true"})
-        if response.status_code != 200:
-            raise self._fail(response, "GET", path)
-        value = self._json(response, "GET", path)
+        """The names of the children at ``path``, read with ``shallow=true`` (their values never travel)."""
+        value = self._read(path, query={"shallow": "true"})[0]
         return sorted(str(key) for key in value) if isinstance(value, Mapping) else []
 
     def put(self, path: str, value: Any, if_match: str | None = None) -> PutResult:
@@ -8327,13 +8244,9 @@ class RestTransport:
 
     @staticmethod
     def _verify(response: Any, method: str, path: str, sent: Any) -> None:
-        """A write counts only when the answer's body is the JSON that was sent, as the database stores it.
-
-        Without ``print=silent`` the Realtime Database answers a PUT or PATCH with the data written, so
-        a 200 whose body is anything else (an HTML page from a proxy or captive portal, another JSON
-        value) was not written by it. No write here uses ``print=silent``: its 204 carries nothing to
-        verify and would be believed from any server. A 204, and any answer that differs, is a FirebaseError.
-        """
+        """A write counts only when the answer's body is the JSON sent, as stored: the database echoes a PUT
+        or PATCH, so a 200 with anything else (a proxy's or captive portal's page) was not written by it.
+        ``print=silent`` is never used: its 204 would be believed from any server (a 204 is a FirebaseError)."""
         if response.status_code == 200:
             try:
                 echoed = response.json()
@@ -8365,42 +8278,23 @@ def service_account_tokens(credentials_file: str) -> Any:
     """A callable giving a fresh OAuth2 access token for a service account (google-auth)."""
     try:
         from google.auth.exceptions import GoogleAuthError
-        from google.auth.transport import Request, Response
         from google.oauth2 import service_account
     except ImportError:
         raise UsageError("GOOGLE_APPLICATION_CREDENTIALS needs google-auth: pip install google-auth") from None
     import httpx2
 
-    class HttpxResponse(Response):
-        def __init__(self, r: Any) -> None:
-            self._r = r
+    client = httpx2.Client(timeout=20.0)
 
-        @property
-        def status(self) -> int:
-            return self._r.status_code
-
-        @property
-        def headers(self) -> Any:
-            return dict(self._r.headers)
-
-        @property
-        def data(self) -> bytes:
-            return self._r.content
-
-    class HttpxRequest(Request):
-        def __init__(self) -> None:
-            self.client = httpx2.Client(timeout=20.0)
-
-        def __call__(self, url: str, method: str = "GET", body: Any = None, headers: Any = None,
-                     timeout: Any = None, **kwargs: Any) -> Response:
-            return HttpxResponse(self.client.request(method, url, content=body, headers=headers))
+    def request(url: str, method: str = "GET", body: Any = None, headers: Any = None, **_: Any) -> Any:
+        """google-auth's transport (a callable answering ``status``, ``headers`` and ``data``) over httpx2."""
+        r = client.request(method, url, content=body, headers=headers)
+        return SimpleNamespace(status=r.status_code, headers=dict(r.headers), data=r.content)
 
     scopes = ["https://www.googleapis.com/auth/userinfo.email", "https://www.googleapis.com/auth/firebase.database"]
     try:
         credentials = service_account.Credentials.from_service_account_file(credentials_file, scopes=scopes)
     except (OSError, ValueError) as exc:
         raise UsageError(f"GOOGLE_APPLICATION_CREDENTIALS: cannot load the service account ({exc.__class__.__name__})") from None
-    request = HttpxRequest()
     lock = threading.Lock()
 
     def token() -> str:
@@ -8429,47 +8323,20 @@ def listing_entries(value: Any, key: str) -> list[Any]:
 
 
 def as_item_list(value: Any, key: str) -> list[dict[str, Any]]:
-    """The records (objects) of a dashboard list, in order."""
     return [item for item in listing_entries(value, key) if isinstance(item, Mapping)]
 
 
-def is_clean_listing(value: Any, key: str) -> bool:
-    """True when a dashboard list is a real array without holes and with a correct count."""
-    if value is None:
-        return True
-    if not isinstance(value, Mapping):
-        return False
-    items = value.get(key)
-    if items is None:
-        return value.get("count") in (None, 0)
-    return isinstance(items, list) and None not in items and value.get("count") == len(items)
-
-
-def refuse_foreign_shape(value: Any, key: str, path: str) -> None:
-    """A location that holds something other than a dashboard list is never rewritten."""
-    inner = value.get(key) if isinstance(value, Mapping) else None
-    if (value is not None and not isinstance(value, (Mapping, list))) or (
-            inner is not None and not isinstance(inner, (Mapping, list))):
-        raise FirebaseError(f"{path}: holds something other than a list of {key}; left untouched")
-
-
-def merge_key(item: Mapping[str, Any]) -> tuple[str, str]:
-    return (str(item.get("user_id", "")), str(item.get("event_id", "")))
-
-
 class CountNotUpdated(FirebaseError):
-    """The item was written, but the list's ``count`` and ``updatedAt`` were not, and the item could not be
-    taken back either (``DashboardWriter.heal_counts`` sets the count at the end of the run)."""
+    """The item was written, but not the list's ``count`` and ``updatedAt``, and it could not be taken back."""
 
 
 class DashboardList:
-    """One appended dashboard list (``matches`` or ``messages``), grown item by item as the run goes.
+    """One appended dashboard list (``matches``, ``messages``, ``holdout``), grown item by item.
 
-    Opening reads the list once with its ETag and heals it (holes left by a reviewer's delete, an
-    object with numeric keys, a wrong count) with a conditional write. Each new item then goes to the
-    next free index with ``if-match: null_etag``, so it can only fill an empty slot: nothing written
-    or edited by others is overwritten, and only the new item is sent. On a conflict the list is
-    read again. The merge key ``(user_id, event_id)`` keeps reruns from adding duplicates.
+    Opening reads it with its ETag and heals it (a reviewer's delete left a hole, numeric keys, a wrong
+    count) with a conditional write. Each item then goes to the next index with ``if-match: null_etag``,
+    so it only fills an empty slot and nothing of others' is overwritten; on a conflict the list is read
+    again. The merge key ``(user_id, event_id)`` keeps reruns from adding duplicates.
     """
 
     MAX_TRIES = 8
@@ -8486,13 +8353,33 @@ class DashboardList:
         self.added = 0
         self.empty_etag = NULL_ETAG
 
+    @staticmethod
+    def is_clean(value: Any, key: str) -> bool:
+        """True when a dashboard list is a real array without holes and with a correct count."""
+        if value is None:
+            return True
+        if not isinstance(value, Mapping):
+            return False
+        items = value.get(key)
+        if items is None:
+            return value.get("count") in (None, 0)
+        return isinstance(items, list) and None not in items and value.get("count") == len(items)
+
+    @staticmethod
+    def merge_key(item: Mapping[str, Any]) -> tuple[str, str]:
+        return (str(item.get("user_id", "")), str(item.get("event_id", "")))
+
     def open(self, snapshot: tuple[Any, str] | None = None) -> DashboardList:
-        """Read the list (or take a ``(value, etag)`` just read), healing it if needed."""
+        """Read the list (or take a ``(value, etag)`` just read), healing it if needed; a location that holds
+        something other than a dashboard list is never rewritten."""
         value, etag = snapshot if snapshot is not None else self.transport.get(self.path)
         for _attempt in range(self.MAX_TRIES):
-            refuse_foreign_shape(value, self.key, self.path)
+            inner = value.get(self.key) if isinstance(value, Mapping) else None
+            if (value is not None and not isinstance(value, (Mapping, list))) or (
+                    inner is not None and not isinstance(inner, (Mapping, list))):
+                raise FirebaseError(f"{self.path}: holds something other than a list of {self.key}; left untouched")
             entries = listing_entries(value, self.key)
-            if not is_clean_listing(value, self.key):
+            if not self.is_clean(value, self.key):
                 healed = ({**value, self.key: entries, "count": len(entries)} if isinstance(value, Mapping)
                           else listing(self.key, entries, self.updated_at))
                 # A server that sends no ETag cannot take a conditional write: write plainly then.
@@ -8505,42 +8392,37 @@ class DashboardList:
             return self
         raise FirebaseError(f"{self.path}: gave up healing after {self.MAX_TRIES} conflicting writes")
 
-    @property
-    def known(self) -> set[tuple[str, str]]:
-        return {merge_key(item) for item in self.items}
-
     def counted(self, record: dict[str, Any], etag: str) -> None:
-        """The list's ``count`` set to its items with the item just put at ``size``. When that write fails
-        (a dropped connection), the item is taken back if it is still as written (a conditional delete),
-        so count and items agree, and FirebaseError says it is not written; CountNotUpdated when even
-        that failed (the item stays; the count is healed at the end of the run)."""
-        slot = f"{self.path}/{self.key}/{self.size}"
+        """The ``count`` set with the item just put at ``size``. When that fails (a dropped connection) the
+        item is taken back if still as written (a conditional delete): FirebaseError, it is not written;
+        CountNotUpdated when even that failed (the item stays; ``heal_counts`` sets the count at the end)."""
+        failure = None
         try:
             self.transport.patch(self.path, {"count": self.size + 1, "updatedAt": self.updated_at})
         except FirebaseError as exc:
+            failure = exc
             try:
-                taken_back = self.transport.put(slot, None, if_match=etag or None).ok
+                taken_back = self.transport.put(f"{self.path}/{self.key}/{self.size}", None, if_match=etag or None).ok
             except FirebaseError:
                 taken_back = False
             if taken_back:
                 raise FirebaseError(f"{exc} (the item was taken back: the count stays the number of items)") from None
-            self.items.append(record)
-            self.size += 1
-            self.added += 1
-            raise CountNotUpdated(str(exc)) from None
         self.items.append(record)
         self.size += 1
         self.added += 1
+        if failure is not None:
+            raise CountNotUpdated(str(failure)) from None
 
     def add(self, item: Mapping[str, Any]) -> bool:
         """Append one item unless it is already there; True when it was added."""
         record = firebase_ready(dict(item), self.key_changes)
+        key = self.merge_key(record)
         for _attempt in range(self.MAX_TRIES):
-            if merge_key(record) in self.known:
+            if any(self.merge_key(known) == key for known in self.items):
                 return False
             result = self.transport.put(f"{self.path}/{self.key}/{self.size}", record, if_match=self.empty_etag)
             # A 412 that answers our own record means an earlier attempt landed and its answer was lost.
-            if result.ok or (isinstance(result.value, Mapping) and merge_key(result.value) == merge_key(record)):
+            if result.ok or (isinstance(result.value, Mapping) and self.merge_key(result.value) == key):
                 self.counted(record, result.etag)
                 return True
             if result.value is None and result.etag and result.etag != self.empty_etag:
@@ -8550,22 +8432,18 @@ class DashboardList:
         raise FirebaseError(f"{self.path}: gave up after {self.MAX_TRIES} conflicting appends")
 
 
-def item_label(key: str, item: Mapping[str, Any]) -> str:
-    """How the report names one dashboard item: ``matches (<user_id>, <event_id>)``."""
-    return f"{key} ({item.get('user_id')}, {item.get('event_id')})"
-
-
 class DashboardWriter:
     """Step 7's one home: everything this run writes to the dashboard, and what it could not write.
 
-    Its surface is small: the cooldown read (``recent_recipients``), ``open_lists`` before the
-    first result, ``submit`` for each member's result (written in rank order), ``save_campaign``
-    for the replaced lists and the archive, and ``writes``, the one answer to "may this run write?".
-    Failures never raise out of it: each is logged once, kept in ``errors``, and what it cost is
-    listed in ``not_written``.
+    The cooldown's reads (``recent_recipients``, ``read_history``), ``open_lists`` before the first result,
+    ``submit`` per member (written in rank order), ``save_campaign`` for the replaced lists and the archive,
+    and ``writes``, the one answer to "may this run write?". Failures never raise out of it: each is logged
+    once, kept in ``errors``, and what it cost is listed in ``not_written``.
     """
 
     LIST_KEYS = ("matches", "messages", "holdout")
+    MAX_KEY_CHANGES_LISTED = 20  # key changes named in the report; all of them are counted
+    DATED_LISTS = (("messages", "generated_at"), ("holdout", "held_out_at"))  # the cooldown's lists, dated by
 
     def __init__(self, transport: FirebaseTransport | None, logger: logging.Logger, *, dry_run: bool,
                  updated_at: str, holdout: bool = False) -> None:
@@ -8593,14 +8471,6 @@ class DashboardWriter:
         """Whether this run writes to the dashboard: a store, no dry run, nothing that made it stand down."""
         return self.transport is not None and not self.dry_run and self.stood_down is None
 
-    @property
-    def target(self) -> str:
-        return self.transport.description if self.transport is not None and not self.dry_run else "none (dry run)"
-
-    @property
-    def bytes_sent(self) -> int:
-        return self.transport.bytes_sent if self.transport is not None else 0
-
     def failed(self, what: str, exc: Exception, label: str | None = None) -> None:
         """Record a failure once: the error, the log line, and what was not written."""
         self.errors.append(f"Firebase {what}: {exc}")
@@ -8608,22 +8478,22 @@ class DashboardWriter:
         if label:
             self.not_written.append(label)
 
-    def recent_recipients(self, since: datetime) -> set[str]:
-        """Members with a message generated, or a holdout record made, at or after ``since`` (so both
-        groups are counted once per period); raises FirebaseError when either list is unreadable.
+    def _records(self, key: str) -> list[dict[str, Any]]:
+        """The records of a dashboard list, read once a run (``open_lists`` reuses the read); FirebaseError."""
+        if key not in self._cooldown_reads:
+            self._cooldown_reads[key] = self.transport.get(key)
+        return as_item_list(self._cooldown_reads[key][0], key)
 
-        An item whose date is no date (a reviewer's typo, a poisoned value) is skipped and counted in
-        ``undated_messages``; it never stops the run.
-        """
+    def recent_recipients(self, since: datetime) -> set[str]:
+        """Members with a message generated, or a holdout record made, at or after ``since`` (both groups
+        counted once per period); FirebaseError when a list is unreadable. An item whose date is no date (a
+        reviewer's typo, a poisoned value) is counted in ``undated_messages``, never a stop."""
         self.undated_messages, self.recent_phones = 0, []
         if self.transport is None:
             return set()
         recent: set[str] = set()
-        for key, dated_by in (("messages", "generated_at"), ("holdout", "held_out_at")):
-            self._cooldown_reads[key] = self.transport.get(key)
-            for item in as_item_list(self._cooldown_reads[key][0], key):
-                if not item.get("user_id"):
-                    continue
+        for key, dated_by in self.DATED_LISTS:
+            for item in filter(lambda item: item.get("user_id"), self._records(key)):
                 when = to_utc(item.get(dated_by))
                 if when is None:
                     self.undated_messages += 1
@@ -8633,38 +8503,29 @@ class DashboardWriter:
         return recent
 
     def read_history(self, day: tuple[datetime, datetime], seats_since: datetime) -> DashboardHistory:
-        """What the dashboard (or its mirror) already holds of this tool's work (``tally_history``): the
-        campaign day's messages and holdout records, and the open invitations per event since
-        ``seats_since``. The lists the cooldown read are not read again; raises FirebaseError when unreadable.
-        A dry run reads too: it counts what a real run would."""
+        """What the dashboard already holds of this tool's work (``tally_history``): the campaign day's
+        messages and holdout records, and the open invitations per event since ``seats_since``. A dry run
+        reads too (it counts what a real run would); FirebaseError when unreadable."""
         if self.transport is None:
             return DashboardHistory()
-        for key in ("messages", "holdout"):
-            if key not in self._cooldown_reads:
-                self._cooldown_reads[key] = self.transport.get(key)
-        return tally_history(as_item_list(self._cooldown_reads["messages"][0], "messages"),
-                             as_item_list(self._cooldown_reads["holdout"][0], "holdout"), day, seats_since)
+        return tally_history(self._records("messages"), self._records("holdout"), day, seats_since)
 
     def recent_members(self, since: datetime) -> tuple[int, int] | None:
-        """How many members the dashboard holds a message for (``generated_at``) and a holdout record for
-        (``held_out_at``) at or after ``since``, each member once: the report's last-30-days holdout power.
-        The cooldown's reads are reused; None when there is no dashboard or a list cannot be read."""
+        """How many members the dashboard holds a message for and a holdout record for at or after ``since``,
+        each once: the report's last-30-days holdout power. None without a dashboard or when unreadable."""
         if self.transport is None or self.stood_down:
             return None
-        found = []
-        for key, dated_by in (("messages", "generated_at"), ("holdout", "held_out_at")):
-            try:
-                value = self._cooldown_reads[key][0] if key in self._cooldown_reads else self.transport.get(key)[0]
-            except ServiceError:  # the report says "unknown"; the cooldown decides what a failed read costs
-                return None
-            found.append(len({str(item["user_id"]) for item in as_item_list(value, key) if item.get("user_id")
-                              and (when := to_utc(item.get(dated_by))) is not None and when >= since}))
-        return found[0], found[1]
+        try:  # the report says "unknown"; the cooldown decides what a failed read costs
+            found = [{str(item["user_id"]) for item in self._records(key) if item.get("user_id")
+                      and (when := to_utc(item.get(dated_by))) is not None and when >= since}
+                     for key, dated_by in self.DATED_LISTS]
+        except ServiceError:
+            return None
+        return len(found[0]), len(found[1])
 
     def claim_campaign(self, first_id: str, next_id: Any, tries: int = 60) -> str:
-        """The campaign id, claimed: its archive's metadata is created with a create-only write
-        (``if-match: null_etag``), taking the next id while one exists, so two machines sharing one
-        database never share an archive. Without writes, ``first_id`` (free under ``--out``) is used."""
+        """The campaign id, claimed with a create-only write of its metadata (``if-match: null_etag``), the
+        next id while one is taken: two machines never share an archive. Without writes: ``first_id``."""
         campaign_id = first_id
         for _attempt in range(tries):
             if not self.writes:
@@ -8712,10 +8573,8 @@ class DashboardWriter:
 
     def submit(self, rank: int, match: Match | None, message: Message | None,
                holdout: HoldoutRecord | None = None) -> None:
-        """One member's result; written once every member ranked above it is final (rank order).
-
-        After the run stood down, each item is listed as not written, so the report says what is missing.
-        """
+        """One member's result, written once every member ranked above it is final (rank order); after the
+        run stood down each item is listed as not written."""
         if self.transport is None or self.dry_run:
             return
         self._waiting[rank] = (match, message, holdout)
@@ -8727,14 +8586,19 @@ class DashboardWriter:
                 if match is not None:
                     self._append("matches", match)
             elif match is not None:
-                self.not_written.append(item_label("matches", match))  # its message was not written
+                self.not_written.append(self.item_label("matches", match))  # its message was not written
             if holdout is not None:
                 self._append("holdout", holdout)
+
+    @staticmethod
+    def item_label(key: str, item: Mapping[str, Any]) -> str:
+        """How the report names one dashboard item: ``matches (<user_id>, <event_id>)``."""
+        return f"{key} ({item.get('user_id')}, {item.get('event_id')})"
 
     def _append(self, key: str, item: Mapping[str, Any]) -> bool:
         """One item to a dashboard list (True: it is there now); after a failure the list is not retried."""
         target = self.lists.get(key) if self.writes and key not in self.broken else None
-        label = item_label(key, item)
+        label = self.item_label(key, item)
         if target is None:
             self.not_written.append(label)
             return False
@@ -8751,8 +8615,8 @@ class DashboardWriter:
         return True
 
     def heal_counts(self) -> None:
-        """Each list a write failed on read again and healed (``DashboardList.open``): its ``count`` is the
-        number of its items again, whatever a dropped connection left; a failure here is recorded."""
+        """Each list a write failed on read again and healed (``DashboardList.open``): its ``count`` is its
+        number of items again, whatever a dropped connection left."""
         for key in sorted(self.broken & self.lists.keys()):
             try:
                 self.lists[key].open()
@@ -8778,16 +8642,11 @@ class DashboardWriter:
         if users:  # a run that selects no one leaves the dashboard's users and events as they were
             plan += [("users", listing("users", users_payload, updated)),
                      ("events", listing("events", events_payload, updated))]
-        plan += [
-            (f"campaigns/{campaign_id}/metadata", {"id": campaign_id, "name": CAMPAIGN_NAME, "created_at": updated,
-                                                   "status": status, "stats": dict(stats)}),
-            (f"campaigns/{campaign_id}/users", listing("users", users_payload, updated)),
-            (f"campaigns/{campaign_id}/events", listing("events", events_payload, updated)),
-            (f"campaigns/{campaign_id}/matches", listing("matches", list(matches), updated)),
-            (f"campaigns/{campaign_id}/messages", listing("messages", list(messages), updated)),
-        ]
-        if self.holdout:
-            plan.append((f"campaigns/{campaign_id}/holdout", listing("holdout", list(holdout), updated)))
+        plan.append((f"campaigns/{campaign_id}/metadata", {"id": campaign_id, "name": CAMPAIGN_NAME,
+                                                           "created_at": updated, "status": status, "stats": dict(stats)}))
+        archive = {"users": users_payload, "events": events_payload, "matches": matches, "messages": messages,
+                   **({"holdout": holdout} if self.holdout else {})}
+        plan += [(f"campaigns/{campaign_id}/{name}", listing(name, items, updated)) for name, items in archive.items()]
         for path, payload in plan:
             if not self.writes:
                 self.not_written.append(path)
@@ -8819,26 +8678,20 @@ class DashboardWriter:
         self.logger.info("Step 7: nothing drafted, no campaign archived and the dashboard left as it was")
 
     def summary(self) -> dict[str, Any]:
-        """The report's ``firebase`` section; ``keys_renamed``/``keys_dropped`` count distinct key changes."""
+        """The report's ``firebase`` section; ``keys_renamed``/``keys_dropped`` count distinct key changes, the
+        first ones named as ``'a.b' -> 'a_b_<digest>'`` (long keys shortened, odd characters escaped)."""
+
+        def shown(key: str) -> str:
+            return repr(key) if len(key) <= 40 else f"{key[:40]!r}... ({len(key.encode('utf-8', 'surrogatepass'))} bytes)"
         changes = sorted(self.key_changes, key=lambda change: (change[1] is None, change[0], change[1] or ""))
-        return {"target": self.target, "written": list(self.written), "not_written": list(self.not_written),
-                "errors": list(self.errors), "bytes_sent": self.bytes_sent,
+        live = self.transport is not None and not self.dry_run
+        return {"target": self.transport.description if live else "none (dry run)", "written": list(self.written),
+                "not_written": list(self.not_written), "errors": list(self.errors),
+                "bytes_sent": self.transport.bytes_sent if self.transport is not None else 0,
                 "keys_renamed": sum(stored is not None for _, stored in changes),
                 "keys_dropped": sum(stored is None for _, stored in changes),
-                "key_changes": [describe_key_change(change) for change in changes[:MAX_KEY_CHANGES_LISTED]]}
-
-
-MAX_KEY_CHANGES_LISTED = 20  # key changes named in the report; all of them are counted
-
-
-def describe_key_change(change: KeyChange) -> str:
-    """``'a.b' -> 'a_b_<digest>'`` for the report, long keys shortened, odd characters escaped."""
-
-    def shown(key: str) -> str:
-        return repr(key) if len(key) <= 40 else f"{key[:40]!r}... ({len(key.encode('utf-8', 'surrogatepass'))} bytes)"
-
-    original, stored = change
-    return f"{shown(original)} -> {shown(stored) if stored is not None else 'dropped'}"
+                "key_changes": [f"{shown(found)} -> {shown(stored) if stored is not None else 'dropped'}"
+                                for found, stored in changes[:self.MAX_KEY_CHANGES_LISTED]]}
 
 
 # =============================================================================================
@@ -8859,7 +8712,6 @@ class RunResult:
     failed_members: int = 0
     signal: int | None = None
     empty_input: list[str] = field(default_factory=list)  # "users", "events": read, but there were none
-    limit_already_drafted: bool = False  # the campaign day's --limit was drafted before this run: exit 0
     idle: IdleReason | None = None  # why no message was drafted (``idle_reason``), None when one was
 
     @property
@@ -8868,8 +8720,7 @@ class RunResult:
 
     @property
     def exit_code(self) -> int:
-        """130/143 after a signal; 3 when done but something needs a look (a day without a message, but for
-        today's limit already drafted); else 0."""
+        """130/143 after a signal; 3 when something needs a look; else the idle reason's code (``idle_reason``)."""
         if self.signal is not None:
             return EXIT_SIGNALS.get(self.signal, 128 + self.signal)
         needs_a_look = (self.status == "deadline" or self.firebase_failed or self.claude_unavailable
@@ -8879,17 +8730,12 @@ class RunResult:
 
 
 class ReturnToTable:
-    """One campaign run: the plan's eight steps, in order, and nothing else.
-
-    Each step is a pure function above, steps 5-6 a ``MemberWalk``; this class only sequences them
-    and does the I/O at the edges: the source, the dashboard (``DashboardWriter``) and the files
-    under ``--out`` (the report's: ``write_report``, ``write_skip_list``).
-    """
+    """One campaign run: the plan's eight steps in order (pure functions above, steps 5-6 a ``MemberWalk``),
+    and the I/O at the edges: the source, the dashboard (``DashboardWriter``) and the files under ``--out``."""
 
     def __init__(self, options: RunOptions, settings: Settings, logger: logging.Logger, *,
                  source: DataSource, dashboard: DashboardWriter, hoods: NeighbourhoodMap,
                  advisor: ClaudeAdvisor | None = None, control: RunControl | None = None) -> None:
-        control = control or RunControl()
         self.options = options
         self.logger = logger
         self.source = source
@@ -8899,7 +8745,7 @@ class ReturnToTable:
         self.zone = settings.zone
         self.sms = settings.sms  # who may be texted, when (quiet hours), and what every message carries
         self.segment_price = settings.sms_segment_price  # SMS_SEGMENT_PRICE, USD, for the report's cost
-        self.control = control
+        self.control = control or RunControl()
         self.issues = DataIssues()
         self.empty_input: list[str] = []  # collections the source had no documents in (``empty_collections``)
         self.data_dir = options.data_dir
@@ -8915,8 +8761,8 @@ class ReturnToTable:
     # --- step 1: fetch, find and rank the dormant members -----------------------------------
 
     def fetch(self) -> StepOneInput:
-        """The source's records, screened (``screen_records``) unless the source screened them as it read
-        (``data/raw/`` keeps them as read), with the activity and statuses a counting source counted."""
+        """The source's records, screened (``screen_records``; ``data/raw/`` keeps them as read), with the
+        activity and statuses a counting source counted."""
         data = read_source(self.source, self.options.now, reading_progress if self.options.progress else None)
         self.issues.add("unreadable_extended_json_values", data.bad_values)
         self.issues.add_all(data.skipped)
@@ -8958,15 +8804,17 @@ class ReturnToTable:
         return ledger
 
     def cooldown(self) -> set[str]:
-        """Members with a message generated (or a holdout record made) within the cooldown, or later than ``now``,
-        and every member drafted or held out this campaign day (a top-up never drafts one twice, even with
-        ``--cooldown-days 0``). Reads the day's history too (``read_history``): the daily limit and the seats."""
+        """Members messaged or held out within the cooldown (or later than ``now``) or this campaign day (a top-up
+        never drafts one twice, even with ``--cooldown-days 0``); reads the day's limit and seats too."""
         recent: set[str] = set()
         try:
             if self.options.cooldown_days > 0:
                 recent = self.dashboard.recent_recipients(days_before(self.options.now, self.options.cooldown_days))
                 self.issues.add("dashboard_messages_without_valid_generated_at", self.dashboard.undated_messages)
-            self.history = self.dashboard.read_history(campaign_day(self.options.now, self.zone), self.seats_since())
+            day = campaign_day(self.options.now, self.zone)
+            # open invitations count from the cooldown's start (at the latest from the campaign day's start)
+            seats_since = min(day[0], days_before(self.options.now, self.options.cooldown_days))
+            self.history = self.dashboard.read_history(day, seats_since)
         except FirebaseError as exc:
             if self.options.dry_run:
                 self.logger.warning("Cooldown not applied in this dry run (nor the daily limit's count): %s", exc)
@@ -8981,14 +8829,9 @@ class ReturnToTable:
                          self.volume.held_out_before, self.volume.remaining)
         return recent | self.history.today_members
 
-    def seats_since(self) -> datetime:
-        """Open invitations count from the cooldown's start (at the latest from the campaign day's start)."""
-        day_start = campaign_day(self.options.now, self.zone)[0]
-        return min(day_start, days_before(self.options.now, self.options.cooldown_days))
-
     def select(self, census: DormancyCensus) -> list[tuple[int, DormantMember]]:
-        """The eligible members outside the cooldown, as ``(rank, member)`` in rank order, for the walk
-        (which checks phone and opt-out of each member it reaches: ``reachable``); the others get ``cooldown``."""
+        """The eligible members outside the cooldown as ``(rank, member)`` for the walk (which checks each one's
+        phone and opt-out: ``reachable``); the others get ``cooldown``."""
         recent = self.cooldown()
         phones = list(self.dashboard.recent_phones)  # the numbers contacted within the cooldown ...
         walk: list[tuple[int, DormantMember]] = []
@@ -9036,12 +8879,12 @@ class ReturnToTable:
                          "claude" if self.advisor else "rules", ", dry run" if options.dry_run else "")
         read = self.fetch()                                # step 1
         self.numbers = self.consent_by_number()
-        self.census = census = self.dormant_users(read)
+        census = self.dormant_users(read)
         walk = self.select(census)
         earlier = self.dashboard.recent_members(days_before(options.now, POWER_DAYS))  # before this run writes
         future = self.future_events(read.events)           # step 2 (3-4: summaries attached)
         del read
-        self.campaign_id = campaign_id = self.fresh_campaign_id(started)
+        campaign_id = self.fresh_campaign_id(started)
         self.logger.info("Campaign %s", campaign_id)
         self.dashboard.open_lists()
         clock = time.monotonic()
@@ -9096,8 +8939,7 @@ class ReturnToTable:
         report_path = write_report(options.report_stem(campaign_id), report, self.logger)
         return RunResult(campaign_id, report, report_path, firebase, claude_down, status,
                          failed_members=sum(o.failed for o in outcomes), signal=self.control.signal,
-                         empty_input=list(self.empty_input), limit_already_drafted=self.volume.remaining == 0,
-                         idle=idle)
+                         empty_input=list(self.empty_input), idle=idle)
 
     def final_status(self, not_started: int) -> str:
         """``interrupted`` after a signal; ``deadline`` when the deadline left members unstarted."""
@@ -9108,11 +8950,9 @@ class ReturnToTable:
 
 def wait_first(running: set[Any]) -> tuple[set[Any], set[Any]]:
     """The futures that finished (at least one), and those still running."""
-    from concurrent.futures import FIRST_COMPLETED
-    from concurrent.futures import wait as wait_futures
+    from concurrent.futures import FIRST_COMPLETED, wait
 
-    finished, still = wait_futures(running, return_when=FIRST_COMPLETED)
-    return set(finished), set(still)
+    return wait(running, return_when=FIRST_COMPLETED)
 
 
 @contextlib.contextmanager
@@ -9130,15 +8970,9 @@ def progress_bar(total: int, unit: str, *, enabled: bool, desc: str | None = Non
         yield bar
 
 
-def reading_progress(total: int, unit: str) -> Any:
-    """The progress factory a source gets on a terminal (step 1's read)."""
-    return progress_bar(total, unit, enabled=True, desc="reading")
-
-
-@contextlib.contextmanager
-def no_progress(_total: int, _unit: str) -> Iterator[None]:
-    """The progress factory when there is no terminal: no bar."""
-    yield None
+# The progress factories a source is given (``progress(total, unit)``): step 1's bar on a terminal, or none.
+reading_progress = functools.partial(progress_bar, enabled=True, desc="reading")
+no_progress = functools.partial(progress_bar, enabled=False)
 
 
 # =============================================================================================
