@@ -9056,11 +9056,12 @@ def detectable_lift_pp(treated: int, held_out: int) -> float | None:
 def holdout_power(this_run: tuple[int, int], earlier_30_days: tuple[int, int] | None) -> dict[str, Any]:
     """The run report's holdout power: this run, and the last 30 days (the dashboard's members messaged and
     held out before this run, plus this run's); ``last_30_days`` is None when the dashboard was not read."""
-    last = None if earlier_30_days is None else tuple(a + b for a, b in zip(this_run, earlier_30_days))
-    return {"method": POWER_METHOD} | {
-        period: None if sizes is None else {"treated": sizes[0], "held_out": sizes[1],
-                                            "detectable_lift_pp": rounded(detectable_lift_pp(*sizes), 1)}
-        for period, sizes in (("this_run", this_run), ("last_30_days", last))}
+    def figure(treated: int, held_out: int) -> dict[str, Any]:
+        return {"treated": treated, "held_out": held_out,
+                "detectable_lift_pp": rounded(detectable_lift_pp(treated, held_out), 1)}
+
+    last = None if earlier_30_days is None else figure(*(a + b for a, b in zip(this_run, earlier_30_days)))
+    return {"method": POWER_METHOD, "this_run": figure(*this_run), "last_30_days": last}
 
 
 def holm_adjust(p_values: Sequence[float]) -> list[float]:
