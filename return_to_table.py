@@ -58,6 +58,8 @@ import sys
 # (3.11), a thread whose stack it could not map, a compiled module it could not map.
 OUT_OF_MEMORY_SIGNS = {SystemError: "without exception set", RuntimeError: "can't start new thread",
                        ImportError: "failed to map segment"}
+OUT_OF_MEMORY = ("out of memory (MemoryError): stopped, nothing half-written; give the run more memory (ulimit -v, "
+                 "the container's limit) or a smaller input")
 
 
 def out_of_memory(exc: BaseException) -> bool:
@@ -68,15 +70,10 @@ def out_of_memory(exc: BaseException) -> bool:
             or (sign is not None and sign in str(exc)) or type(exc).__name__ == "OutOfMemoryException")
 
 
-OUT_OF_MEMORY = ("out of memory (MemoryError): stopped, nothing half-written; give the run more memory (ulimit -v, "
-                 "the container's limit) or a smaller input")
-
-
 def stop_at_once(signum: int, _frame: object) -> None:
-    """A signal outside a run's steps (while the script starts, parses, checks its settings, or after
-    the report): one line, then exit 130 (SIGINT) or 143 (SIGTERM) at once. Nothing is held then and every
-    file is written atomically, so nothing is left half-done. ``os.write``: no buffered stream is re-entered."""
-    name = "SIGINT" if signum == signal.SIGINT else "SIGTERM" if signum == signal.SIGTERM else f"signal {signum}"
+    """SIGINT or SIGTERM outside a run's steps (starting, parsing, checking settings, after the report): one line,
+    exit 130/143 at once; nothing is held then, every file is written atomically. ``os.write`` re-enters no stream."""
+    name = signal.Signals(signum).name
     os.write(2, f"error: interrupted by {name}; stopped at once (no run's steps were under way)\n".encode())
     os._exit(128 + signum)
 
@@ -133,7 +130,7 @@ from enum import Enum, IntEnum
 from pathlib import Path
 from statistics import NormalDist
 from types import MappingProxyType, SimpleNamespace
-from typing import Any, NamedTuple, NotRequired, Protocol, Self, TypedDict
+from typing import Any, NamedTuple, NotRequired, Protocol, TypedDict
 from urllib.parse import quote_plus
 from zoneinfo import ZoneInfo, ZoneInfoNotFoundError
 
@@ -239,33 +236,26 @@ class ServiceTimeout(ServiceError):
 
 
 class RunControl:
-    """When the run must stop starting new work: a signal (SIGINT/SIGTERM) or the deadline.
-
-    Every remote call asks it for its time budget, so no service can hold the run past the
-    deadline, and after a stop, calls in flight get ``GRACE_SECONDS`` at most.
-    """
+    """When the run must stop starting new work: a signal (SIGINT/SIGTERM) or the deadline. Every remote call asks
+    it for its time budget, so no service holds the run past the deadline, nor past ``GRACE_SECONDS`` after a stop."""
 
     def __init__(self, deadline_seconds: float | None = None, clock: Any = time.monotonic) -> None:
         self.clock = clock
-        self.deadline = None if deadline_seconds is None else clock() + deadline_seconds
+        self.deadline = math.inf if deadline_seconds is None else clock() + deadline_seconds
         self.signal: int | None = None
-        self._stopped_at: float | None = None
-        self._event = threading.Event()
+        self._stopped_at = math.inf
 
     def request_stop(self, signum: int) -> None:
         """The first signal: finish what is in flight, then report. (The handler exits on the second.)"""
         self.signal = signum
         self._stopped_at = self.clock()
-        self._event.set()
 
     @property
     def status(self) -> str:
         """``completed``, ``interrupted`` (a signal) or ``deadline``: the report's ``status``."""
         if self.signal is not None:
             return "interrupted"
-        if self.deadline is not None and self.clock() >= self.deadline:
-            return "deadline"
-        return "completed"
+        return "deadline" if self.clock() >= self.deadline else "completed"
 
     @property
     def stopping(self) -> bool:
@@ -274,24 +264,18 @@ class RunControl:
     def until_deadline(self) -> float:
         """Seconds left until the deadline (``math.inf`` without one): how long the run may wait for a helper
         of its own work. A signal does not cut it, as it cuts ``budget``: the report still needs that work."""
-        return math.inf if self.deadline is None else max(0.0, self.deadline - self.clock())
+        return max(0.0, self.deadline - self.clock())
 
     def budget(self, wanted: float) -> float:
         """Seconds a new or running call may take: ``wanted``, cut at the deadline (plus grace once stopped)."""
         now = self.clock()
-        limits = [wanted]
-        if self._stopped_at is not None:
-            limits.append(self._stopped_at + GRACE_SECONDS - now)
-        if self.deadline is not None:
-            limits.append(self.deadline + (GRACE_SECONDS if now >= self.deadline else 0.0) - now)
-        return max(0.0, min(limits))
+        deadline = self.deadline + (GRACE_SECONDS if now >= self.deadline else 0.0)
+        return max(0.0, min(wanted, self._stopped_at + GRACE_SECONDS - now, deadline - now))
 
 
 class Worker:
-    """``fn()`` in a daemon thread whose outcome reaches the thread that waits for it: the value, or the
-    exception raised again there (a MemoryError too), so a helper's failure is never lost in its thread
-    and never printed by it. Every helper thread of a run is one of these (``bounded_call``), so one rule
-    holds for all: ``wait`` is bounded."""
+    """``fn()`` in a daemon thread whose value, or exception (a MemoryError too), reaches the thread that waits for
+    it, never lost or printed in its own. Every helper thread of a run is one (``bounded_call``): waits are bounded."""
 
     def __init__(self, fn: Any, name: str) -> None:
         self._box: dict[str, Any] = {}
@@ -319,11 +303,8 @@ UNTIL_THE_DEADLINE = "(waited for until the run's --deadline-minutes)"  # a help
 
 
 def bounded_call(fn: Any, seconds: float, what: str) -> Any:
-    """``fn()`` in a daemon thread, waited for at most ``seconds`` of wall time.
-
-    Per-read socket timeouts cannot stop a server that answers one byte at a time; this can. A call
-    that overruns is abandoned (its thread dies with the process) and raises ServiceTimeout.
-    """
+    """``fn()`` waited for at most ``seconds`` of wall time, which per-read socket timeouts cannot promise (a server
+    may answer one byte at a time); an overrun is abandoned (a daemon thread) and raises ServiceTimeout."""
     return Worker(fn, f"call-{what}").wait(seconds, what)
 
 
@@ -337,35 +318,31 @@ class QuietHours(NamedTuple):
     end: dt_time
 
     @classmethod
-    def parse(cls, text: str) -> QuietHours:
-        """``"21:00-08:00"`` (HH:MM-HH:MM, 24-hour); a usage error otherwise."""
+    def setting(cls, text: str) -> QuietHours:
+        """``QUIET_HOURS`` (HH:MM-HH:MM, 24-hour), at least ``DEFAULT_QUIET_HOURS``: the hours it leaves for sending
+        lie within 8am-9pm local (a stricter window is fine); else a usage error that says which rule it breaks."""
         found = re.fullmatch(r"\s*(\d{1,2}):(\d{2})\s*-\s*(\d{1,2}):(\d{2})\s*", text)
         if not found:
             raise UsageError(f"QUIET_HOURS={text!r} must be HH:MM-HH:MM, e.g. 21:00-08:00")
         h1, m1, h2, m2 = (int(g) for g in found.groups())
         if not (h1 < 24 and h2 < 24 and m1 < 60 and m2 < 60) or (h1, m1) == (h2, m2):
             raise UsageError(f"QUIET_HOURS={text!r} must be two different times of day, e.g. 21:00-08:00")
-        return cls(dt_time(h1, m1), dt_time(h2, m2))
+        quiet = cls(dt_time(h1, m1), dt_time(h2, m2))
+        if not DEFAULT_QUIET.end <= quiet.end < quiet.start <= DEFAULT_QUIET.start:
+            raise UsageError(f"QUIET_HOURS={text!r} would let texts go out before 8am or after 9pm local: it names "
+                             f"the hours when no text may go out, at least {DEFAULT_QUIET_HOURS} (a longer quiet "
+                             "window such as 20:00-09:00 is fine)")
+        return quiet
 
 
-DEFAULT_QUIET = QuietHours.parse(DEFAULT_QUIET_HOURS)
-
-
-def quiet_hours_setting(text: str) -> QuietHours:
-    """``QUIET_HOURS`` parsed, and at least ``DEFAULT_QUIET_HOURS``: the hours it leaves for sending lie
-    within 8am-9pm local (a stricter window is fine); else a usage error that says so."""
-    quiet = QuietHours.parse(text)
-    if not DEFAULT_QUIET.end <= quiet.end < quiet.start <= DEFAULT_QUIET.start:
-        raise UsageError(f"QUIET_HOURS={text!r} would let texts go out before 8am or after 9pm local: it names "
-                         f"the hours when no text may go out, at least {DEFAULT_QUIET_HOURS} (a longer quiet window "
-                         "such as 20:00-09:00 is fine)")
-    return quiet
+DEFAULT_QUIET = QuietHours(dt_time(21, 0), dt_time(8, 0))  # DEFAULT_QUIET_HOURS
 DEFAULT_OPT_OUT_FIELDS = ("smsOptOut", "sms_opt_out", "unsubscribed", "doNotText", "optOut.sms")
 DEFAULT_CONSENT_FIELDS = ("smsConsent", "allowSms", "notificationSettings.sms", "preferences.sms")
 
 
-def field_paths(text: str | None, default: tuple[str, ...], name: str) -> tuple[str, ...]:
-    """A comma-separated list of dotted field paths (``SMS_OPT_OUT_FIELDS``); unset: ``default``."""
+def field_paths(get: Any, name: str, default: tuple[str, ...]) -> tuple[str, ...]:
+    """The comma-separated dotted field paths variable ``name`` holds (``SMS_OPT_OUT_FIELDS``); unset: ``default``."""
+    text = get(name)
     if text is None:
         return default
     paths = tuple(p.strip() for p in text.split(",") if p.strip())
@@ -388,29 +365,30 @@ class SmsPolicy:
     opt_out_added_later: bool = False  # SMS_OPT_OUT_TEXT=none: the sending system adds the opt-out text
 
     @classmethod
-    def from_env(cls, get: Any, env: Mapping[str, str] | None = None) -> SmsPolicy:
-        """The policy from ``get`` (a variable's stripped value, None when unset or empty); ``env`` tells an
-        empty SMS_DEFAULT_REGION from an unset one. Every value is checked here, before anything runs: a
-        sender or opt-out text that breaks the SMS contract is a usage error (``sms_policy_problem``)."""
-        region = sms_region(get("SMS_DEFAULT_REGION"), "SMS_DEFAULT_REGION" in (env or {}))
+    def from_env(cls, get: Any, env: Mapping[str, str]) -> SmsPolicy:
+        """The policy from ``get`` (a variable's stripped value, None when unset or empty), each value checked before
+        anything runs: a text no message could carry (``sms_policy_problem``) would skip every member."""
+        if get("SMS_DEFAULT_REGION") is None and "SMS_DEFAULT_REGION" in env:  # national numbers in no region
+            raise UsageError("SMS_DEFAULT_REGION is set but empty: set a region such as US, or remove the line")
+        region = (get("SMS_DEFAULT_REGION") or "US").upper()
+        if region not in phonenumbers.SUPPORTED_REGIONS:  # XX, ZZ too
+            raise UsageError(f"SMS_DEFAULT_REGION={region[:20]!r} is not a region phonenumbers knows "
+                             "(two letters, such as US or GB)")
         sender, opt_out = get("SMS_SENDER"), get("SMS_OPT_OUT_TEXT")
         added_later = (opt_out or "").lower() == OPT_OUT_ADDED_LATER
         opt_out = None if added_later else opt_out
         for name, value in (("SMS_SENDER", sender), ("SMS_OPT_OUT_TEXT", opt_out)):
             if value is not None and (len(value) > 60 or any(unicodedata.category(ch)[0] == "C" for ch in value)):
                 raise UsageError(f"{name} must be one line of at most 60 characters")
-        return cls(default_region=region,
-                   opt_out_fields=field_paths(get("SMS_OPT_OUT_FIELDS"), DEFAULT_OPT_OUT_FIELDS, "SMS_OPT_OUT_FIELDS"),
-                   consent_fields=field_paths(get("SMS_CONSENT_FIELDS"), DEFAULT_CONSENT_FIELDS, "SMS_CONSENT_FIELDS"),
-                   quiet_hours=quiet_hours_setting(get("QUIET_HOURS") or DEFAULT_QUIET_HOURS),
-                   sender=sender, opt_out_text=opt_out, opt_out_added_later=added_later).checked()
-
-    def checked(self) -> SmsPolicy:
-        """This policy, or a usage error naming the variable whose text no message could carry."""
-        problem = sms_policy_problem(self)
-        if problem:  # otherwise every member would be skipped, each for a message that cannot be sent
+        policy = cls(default_region=region,
+                     opt_out_fields=field_paths(get, "SMS_OPT_OUT_FIELDS", DEFAULT_OPT_OUT_FIELDS),
+                     consent_fields=field_paths(get, "SMS_CONSENT_FIELDS", DEFAULT_CONSENT_FIELDS),
+                     quiet_hours=QuietHours.setting(get("QUIET_HOURS") or DEFAULT_QUIET_HOURS),
+                     sender=sender, opt_out_text=opt_out, opt_out_added_later=added_later)
+        problem = sms_policy_problem(policy)
+        if problem:
             raise UsageError(problem)
-        return self
+        return policy
 
     def compliance_problem(self) -> str | None:
         """Why a run may not write messages for review with this policy, or None: every message names the
@@ -430,18 +408,6 @@ class SmsPolicy:
                        opt_out_added_later=False)
 
 
-def sms_region(value: str | None, present: bool) -> str:
-    """``SMS_DEFAULT_REGION``: a region phonenumbers knows (``US``, ``GB``); unset means US, set but empty
-    (or ``XX``, ``ZZ``) is a usage error: national numbers would be read in no region at all."""
-    if value is None and present:
-        raise UsageError("SMS_DEFAULT_REGION is set but empty: set a region such as US, or remove the line")
-    region = (value or "US").upper()
-    if region not in phonenumbers.SUPPORTED_REGIONS:
-        raise UsageError(f"SMS_DEFAULT_REGION={region[:20]!r} is not a region phonenumbers knows "
-                         "(two letters, such as US or GB)")
-    return region
-
-
 OPT_OUT_ADDED_LATER = "none"  # SMS_OPT_OUT_TEXT=none: no opt-out text in the message, the sending system adds it
 DEMO_SENDER, DEMO_OPT_OUT_TEXT = "Cuculi", "Reply STOP to opt out"  # --demo's sample compliance text
 
@@ -451,23 +417,10 @@ CONFIG_PREFIXES = ("MONGO_", "FIREBASE_", "GOOGLE_APPLICATION_CREDENTIALS", "ANT
                    "QUIET_HOURS", "NEIGHBOURHOODS_CSV")  # the variables this tool reads (the README's table)
 
 
-def placeholder_problem(env: Mapping[str, str]) -> str | None:
-    """Which of this tool's variables still hold a ``<...>`` placeholder (a .env copied unchanged from
-    .env.example), or None; names only, never a value (a real one may be a secret)."""
-    names = sorted(name for name, value in env.items()
-                   if name.startswith(CONFIG_PREFIXES) and isinstance(value, str) and PLACEHOLDER.search(value))
-    if not names:
-        return None
-    return (f"{', '.join(names)} still {'holds a placeholder' if len(names) == 1 else 'hold placeholders'} "
-            "like <...> from .env.example: set real values or delete those lines")
-
-
 @dataclass(frozen=True)
 class Settings:
-    """What the environment (and ``.env``) configures: services, secrets and the campaign zone.
-
-    No secret, host or database name has a default here: an unset value means "not configured".
-    """
+    """What the environment (and ``.env``) configures: services, secrets and the campaign zone. No secret, host
+    or database name has a default here: an unset value means "not configured"."""
 
     mongo_uri: str | None = None
     mongo_db_name: str | None = None
@@ -485,24 +438,24 @@ class Settings:
 
     @classmethod
     def from_env(cls, env: Mapping[str, str]) -> Settings:
-        """Read settings from a mapping (the process environment over ``.env``); a ``<...>`` placeholder
-        left from .env.example is a usage error before anything is used (``placeholder_problem``)."""
-        problem = placeholder_problem(env)
-        if problem:
-            raise UsageError(problem)
+        """Read settings from a mapping (the process environment over ``.env``); a ``<...>`` placeholder left
+        from .env.example is a usage error before anything is used, naming the variables, never a value (a secret)."""
+        names = sorted(name for name, value in env.items()
+                       if name.startswith(CONFIG_PREFIXES) and isinstance(value, str) and PLACEHOLDER.search(value))
+        if names:
+            hold = "holds a placeholder" if len(names) == 1 else "hold placeholders"
+            raise UsageError(f"{', '.join(names)} still {hold} like <...> from .env.example: set real values or "
+                             "delete those lines")
 
         def get(name: str) -> str | None:
-            value = (env.get(name) or "").strip()
-            return value or None
+            return (env.get(name) or "").strip() or None
 
-        mongo_uri = get("MONGO_URI")
-        if not mongo_uri and get("MONGO_HOST"):
-            user, password, host = get("MONGO_USERNAME"), get("MONGO_PASSWORD"), get("MONGO_HOST")
+        mongo_uri, host = get("MONGO_URI"), get("MONGO_HOST")
+        if not mongo_uri and host:
+            user, password = get("MONGO_USERNAME"), get("MONGO_PASSWORD")
             if not (user and password):
-                raise UsageError("MONGO_HOST is set: set MONGO_USERNAME and MONGO_PASSWORD too "
-                                 "(or one MONGO_URI)")
-            credentials = f"{quote_plus(user)}:{quote_plus(password)}"
-            mongo_uri = f"mongodb+srv://{credentials}@{host}/?retryWrites=true&w=majority"
+                raise UsageError("MONGO_HOST is set: set MONGO_USERNAME and MONGO_PASSWORD too (or one MONGO_URI)")
+            mongo_uri = f"mongodb+srv://{quote_plus(user)}:{quote_plus(password)}@{host}/?retryWrites=true&w=majority"
         try:
             firebase_timeout = float(get("FIREBASE_TIMEOUT") or cls.firebase_timeout)
         except ValueError:
@@ -548,24 +501,15 @@ def segment_price(text: str | None) -> float | None:
     return price
 
 
-BASE_PATH_RULE = ("a path inside the database: names separated by '/', none of them '.' or '..', "
-                  "empty, or holding . $ # [ ] \\ or control characters")
-
-
 def database_path(text: str) -> str:
-    """``FIREBASE_BASE_PATH`` as the database path it names, or UsageError (exit 2).
-
-    It is a path inside the database, never on disk: the local mirror joins it under ``--out``, so
-    nothing that could leave that folder is accepted (``..``, ``../../x``, ``a//b``, a backslash, a
-    name the database would refuse as a key). Slashes at either end name the database's root, as in
-    its URLs (``/Staging/`` is ``Staging``; ``/`` alone is the root itself).
-    """
+    """``FIREBASE_BASE_PATH`` as the database path it names (the local mirror joins it under ``--out``: nothing
+    that could leave it passes), or UsageError; slashes at either end name the root (``/Staging/``: ``Staging``)."""
     inner = text.strip().strip("/")
     segments = inner.split("/") if inner else []
-    for segment in segments:
-        if (not segment or "\\" in segment or FORBIDDEN_KEY.search(segment)
-                or len(segment.encode("utf-8")) > MAX_KEY_BYTES):
-            raise UsageError(f"FIREBASE_BASE_PATH={text[:100]!r} is not {BASE_PATH_RULE}")
+    if any(not segment or "\\" in segment or FORBIDDEN_KEY.search(segment)
+           or len(segment.encode("utf-8")) > MAX_KEY_BYTES for segment in segments):
+        raise UsageError(f"FIREBASE_BASE_PATH={text[:100]!r} is not a path inside the database: names separated "
+                         "by '/', none of them '.' or '..', empty, or holding . $ # [ ] \\ or control characters")
     return "/".join(segments)
 
 
@@ -626,7 +570,8 @@ class RunOptions:
 
     def report_stem(self, campaign_id: str) -> Path:
         """``reports/return_to_table_report_{campaign_id}`` (``_dry-run`` after it for a rehearsal)."""
-        return self.out_dir / "reports" / f"return_to_table_report_{campaign_id}{'_' + DRY_RUN_NAME if self.dry_run else ''}"
+        rehearsal = f"_{DRY_RUN_NAME}" if self.dry_run else ""
+        return self.out_dir / "reports" / f"return_to_table_report_{campaign_id}{rehearsal}"
 
 
 DRY_RUN_NAME = "dry-run"  # a rehearsal's data folder (data/dry-run/) and report names say so
@@ -635,43 +580,34 @@ DRY_RUN_NAME = "dry-run"  # a rehearsal's data folder (data/dry-run/) and report
 class QuietFileHandler(logging.FileHandler):
     """The run's log file; a failing write (full disk) never prints a traceback to cron mail."""
 
-    failed = False
-
     def handleError(self, record: logging.LogRecord) -> None:
-        self.failed = True
+        pass
 
 
-class ConsoleFilter(logging.Filter):
-    """The console's level, except that the final summary line (``extra={"summary": True}``) always shows,
+@dataclass(frozen=True)
+class ConsoleFilter:
+    """The console's ``level``, except that the final summary line (``extra={"summary": True}``) always shows,
     and a line for the log file only (``FILE_ONLY``: an error ``raw_main`` prints on stderr) never does."""
 
-    def __init__(self, level: int) -> None:
-        super().__init__()
-        self.level = level
+    level: int
 
     def filter(self, record: logging.LogRecord) -> bool:
-        if getattr(record, "file_only", False):
-            return False
-        return record.levelno >= self.level or getattr(record, "summary", False)
+        summary = getattr(record, "summary", False)
+        return not getattr(record, "file_only", False) and (record.levelno >= self.level or summary)
 
 
 FILE_ONLY = {"file_only": True}  # ``extra=`` of a log line cron mail already gets once, on stderr
 
 
-def setup_logging(out_dir: Path, now: datetime, *, verbose: bool = False, quiet: bool = False,
-                  keep_logs_days: int = 0) -> tuple[logging.Logger, Path]:
-    """The plan's logging: a timestamped DEBUG file under ``logs/`` and INFO on the console.
-
-    ``--quiet`` keeps the console to warnings and the final summary, so cron mail stays short.
-    Console and INFO lines never carry an email address or a phone number.
-    """
-    log_dir = out_dir / "logs"
+def setup_logging(options: RunOptions) -> logging.Logger:
+    """The plan's logging: a timestamped DEBUG file under ``logs/``, INFO on the console (``--quiet``: warnings
+    and the summary, for short cron mail). Console and INFO lines never carry an email address or a phone number."""
+    log_dir, now = options.out_dir / "logs", datetime.now(UTC)
     try:
         log_dir.mkdir(parents=True, exist_ok=True)
-        pruned = prune_logs(log_dir, now, keep_logs_days)
+        pruned = prune_logs(log_dir, now, options.keep_logs_days)
         log_file = log_dir / f"return_to_table_{now.strftime('%Y-%m-%d_%H-%M-%S')}.log"
-        fd = os.open(log_file, os.O_WRONLY | os.O_CREAT | os.O_APPEND, 0o600)  # it names members
-        os.close(fd)
+        os.close(os.open(log_file, os.O_WRONLY | os.O_CREAT | os.O_APPEND, 0o600))  # it names members
         file_handler = QuietFileHandler(log_file, encoding="utf-8")
     except OSError as exc:
         raise OutputError(f"{log_dir}: cannot write the log ({exc.strerror or exc.__class__.__name__})") from None
@@ -679,19 +615,18 @@ def setup_logging(out_dir: Path, now: datetime, *, verbose: bool = False, quiet:
     logger.setLevel(logging.DEBUG)
     logger.propagate = False
     close_logging(logger)  # a second run in the same process starts clean
-    file_handler.setLevel(logging.DEBUG)
     file_handler.setFormatter(logging.Formatter(
         "%(asctime)s - %(name)s - %(levelname)s - %(message)s", datefmt="%Y-%m-%d %H:%M:%S"))
     console = logging.StreamHandler(sys.stdout)
-    console.setLevel(logging.DEBUG)
-    console.addFilter(ConsoleFilter(logging.WARNING if quiet else logging.DEBUG if verbose else logging.INFO))
+    console.addFilter(ConsoleFilter(logging.WARNING if options.quiet else logging.DEBUG if options.verbose
+                                    else logging.INFO))
     console.setFormatter(logging.Formatter("%(levelname)s - %(message)s"))
     logger.addHandler(file_handler)
     logger.addHandler(console)
     logger.info("Logging initialized. Log file: %s", log_file)
     if pruned:
-        logger.info("Removed %d log files older than %d days", pruned, keep_logs_days)
-    return logger, log_file
+        logger.info("Removed %d log files older than %d days", pruned, options.keep_logs_days)
+    return logger
 
 
 def prune_logs(log_dir: Path, now: datetime, keep_days: int) -> int:
@@ -701,13 +636,11 @@ def prune_logs(log_dir: Path, now: datetime, keep_days: int) -> int:
     cutoff = days_before(now, keep_days).timestamp()
     removed = 0
     for path in log_dir.iterdir():
-        try:
+        with contextlib.suppress(OSError):
             if LOG_FILE_PATTERN.match(path.name) and path.is_file() and not path.is_symlink() \
                     and path.stat().st_mtime < cutoff:
                 path.unlink()
                 removed += 1
-        except OSError:
-            continue
     return removed
 
 
@@ -717,33 +650,25 @@ def close_logging(logger: logging.Logger) -> None:
         logger.removeHandler(handler)
 
 
-class RunLock:
+@contextlib.contextmanager
+def run_lock(out_dir: Path) -> Iterator[None]:
     """One run at a time per ``--out``: ``flock`` on a lock file, released by the kernel when the process
     ends, however it ends, so a killed run leaves no stale lock."""
-
-    def __init__(self, out_dir: Path) -> None:
-        self.path = out_dir / LOCK_FILE
-        self.fd: int | None = None
-
-    def __enter__(self) -> Self:
+    path = out_dir / LOCK_FILE
+    try:
+        fd = os.open(path, os.O_RDWR | os.O_CREAT, 0o600)
+    except OSError as exc:
+        raise OutputError(f"{path}: cannot open the lock file ({exc.strerror})") from None
+    try:
         try:
-            self.fd = os.open(self.path, os.O_RDWR | os.O_CREAT, 0o600)
-        except OSError as exc:
-            raise OutputError(f"{self.path}: cannot open the lock file ({exc.strerror})") from None
-        try:
-            fcntl.flock(self.fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
         except BlockingIOError:
-            os.close(self.fd)
-            self.fd = None
-            raise Locked(f"another run holds the lock {self.path}; not started") from None
-        os.ftruncate(self.fd, 0)
-        os.write(self.fd, f"{os.getpid()}\n".encode())  # for the operator: who holds it
-        return self
-
-    def __exit__(self, *exc: object) -> None:
-        if self.fd is not None:
-            os.close(self.fd)  # closing releases the flock
-            self.fd = None
+            raise Locked(f"another run holds the lock {path}; not started") from None
+        os.ftruncate(fd, 0)
+        os.write(fd, f"{os.getpid()}\n".encode())  # for the operator: who holds it
+        yield
+    finally:
+        os.close(fd)  # closing releases the flock
 
 
 # --- files read back from under --out: regular files only, bounded, never through a link ----------
@@ -756,8 +681,7 @@ class RefusedFile(OSError):
 
 
 def exists_without_links(path: Path, under: Path) -> bool:
-    """Whether ``path`` exists inside ``under``; RefusedFile when it is outside, or a symbolic link is on
-    the way from ``under`` down to it (itself included)."""
+    """Whether ``path`` exists inside ``under``; RefusedFile when it is outside, or a symbolic link is on the way."""
     try:
         steps = path.relative_to(under).parts
     except ValueError:
@@ -774,12 +698,8 @@ def exists_without_links(path: Path, under: Path) -> bool:
 
 
 def read_regular_file(path: Path, under: Path, limit: int | None = None) -> bytes | None:
-    """The bytes of ``path``, a regular file inside ``under`` reached without any symbolic link (none from
-    ``under`` down, nor the file itself), at most ``limit`` bytes; None when it does not exist.
-
-    The one way files under ``--out`` are read back (the local mirror, so ``measure`` too): a link to
-    ``/dev/zero``, a FIFO, a device or a huge file raises RefusedFile instead of being read until memory
-    runs out or forever."""
+    """The bytes of ``path``, a regular file inside ``under`` reached through no symbolic link, at most ``limit``
+    bytes, or None when missing: how files under ``--out`` are read back (a FIFO, a huge file: RefusedFile)."""
     limit = MAX_READ_BYTES if limit is None else limit
     if not exists_without_links(path, under):
         return None
@@ -800,18 +720,8 @@ def read_regular_file(path: Path, under: Path, limit: int | None = None) -> byte
 
 
 def atomic_write(path: Path, write: Any, *, private: bool = False) -> None:
-    """Write a file so that a kill at any moment leaves the old file or the new one, never a torn one.
-
-    A uniquely named temporary file in the same folder is written through ``write(handle)``, flushed
-    and synced, then renamed over ``path``. Any OSError (full disk, read-only folder) removes the
-    temporary file and becomes an OutputError; the old file stays as it was.
-    """
-    commit_staged(staged_write(path, write, private=private), path)
-
-
-def staged_write(path: Path, write: Any, *, private: bool = False) -> str:
-    """``atomic_write`` up to the rename: the synced temporary file's path, for ``commit_staged`` (or
-    ``discard_staged``) to put in place later."""
+    """Write ``path`` through ``write(handle)`` so that a kill at any moment leaves the old file or the new one:
+    a temporary file beside it, synced, renamed over it. An OSError (full disk) is an OutputError, the old kept."""
     tmp: str | None = None
     try:
         path.parent.mkdir(parents=True, exist_ok=True)
@@ -821,32 +731,14 @@ def staged_write(path: Path, write: Any, *, private: bool = False) -> str:
             write(handle)
             handle.flush()
             os.fsync(handle.fileno())
-        staged, tmp = tmp, None
-        return staged
+        os.replace(tmp, path)
+        tmp = None
     except OSError as exc:
-        raise write_failure(path, exc) from None
+        raise OutputError(f"cannot write {path} ({exc.strerror or exc.__class__.__name__})") from None
     finally:
         if tmp is not None:
-            discard_staged(tmp)
-
-
-def commit_staged(tmp: str, path: Path) -> None:
-    """A staged file renamed over ``path`` (atomic); on failure it is removed and the old file stays."""
-    try:
-        os.replace(tmp, path)
-    except OSError as exc:
-        discard_staged(tmp)
-        raise write_failure(path, exc) from None
-
-
-def write_failure(path: Path, exc: OSError) -> OutputError:
-    """The one-line error of a file that could not be written (staged or put in place)."""
-    return OutputError(f"cannot write {path} ({exc.strerror or exc.__class__.__name__})")
-
-
-def discard_staged(tmp: str) -> None:
-    with contextlib.suppress(OSError):
-        os.unlink(tmp)
+            with contextlib.suppress(OSError):
+                os.unlink(tmp)
 
 
 def write_json(path: Path, value: Any, *, private: bool = False) -> None:
@@ -858,36 +750,29 @@ JSON_CHUNK_ITEMS = 1000  # a list is written this many items at a time: never th
 
 
 def dump_json(value: Any, handle: Any) -> None:
-    """``value`` as ``json.dump(indent=2, ensure_ascii=False, default=str)`` lays it out, and a line feed.
-
-    A list (a member list can be hundreds of megabytes) is written ``JSON_CHUNK_ITEMS`` items at a time:
-    each slice encoded as one indented list (``json_bytes``: orjson lays a list's items out as the whole
-    list's), its brackets dropped, the slices joined as a list's items are."""
-    handle.flush()
-    out = handle.buffer
+    """``value`` as ``json.dump(indent=2, ensure_ascii=False, default=str)`` lays it out, and a line feed; a list
+    ``JSON_CHUNK_ITEMS`` items at a time, each slice encoded as one list (``json_bytes``), its brackets dropped."""
     if not isinstance(value, (list, tuple)) or not value:
-        out.write(json_bytes(value) + b"\n")
+        handle.flush()
+        handle.buffer.write(json_bytes(value) + b"\n")
         return
-    out.write(b"[\n")
-    for first in range(0, len(value), JSON_CHUNK_ITEMS):
-        items = json_bytes(list(value[first:first + JSON_CHUNK_ITEMS]))  # b"[\n  ...\n]"
-        out.write((b",\n" if first else b"") + items[2:-2])
-    out.write(b"\n]\n")
+    dump_items(handle, (json_bytes(list(value[first:first + JSON_CHUNK_ITEMS]))[2:-2]  # b"[\n  ...\n]"
+                        for first in range(0, len(value), JSON_CHUNK_ITEMS)))
+
+
+def dump_items(handle: Any, items: Iterable[bytes], empty: bytes = b"[]\n") -> None:
+    """Encoded items as a JSON list, laid out as ``dump_json`` lays one out (``empty`` when there are none)."""
+    handle.flush()
+    out, first = handle.buffer, True
+    for item in items:
+        out.write(b"[\n" + item if first else b",\n" + item)
+        first = False
+    out.write(empty if first else b"\n]\n")
 
 
 def write_json_items(path: Path, items: Iterable[bytes], *, private: bool = False) -> None:
-    """A JSON list of ``json_item`` bytes (or runs of them joined by ``b",\\n"``), atomically, laid out as
-    ``write_json`` lays out the list."""
-
-    def write(handle: Any) -> None:
-        handle.flush()
-        out, first = handle.buffer, True
-        for item in items:
-            out.write(b"[\n" + item if first else b",\n" + item)
-            first = False
-        out.write(b"[]\n" if first else b"\n]\n")
-
-    atomic_write(path, write, private=private)
+    """A JSON list of ``json_item`` bytes (or runs of them joined by ``b",\\n"``), atomically."""
+    atomic_write(path, lambda handle: dump_items(handle, items), private=private)
 
 
 def json_item(value: Any) -> bytes:
@@ -900,10 +785,9 @@ JSON_OPTIONS = (orjson.OPT_INDENT_2 | orjson.OPT_NON_STR_KEYS | orjson.OPT_PASST
 
 
 def json_bytes(value: Any) -> bytes:
-    """``value`` as indented UTF-8 JSON, through orjson when installed (the standard encoder is pure Python
-    once indented: seconds for a big member list); what orjson refuses (an integer beyond 64 bits, a lone
-    surrogate) goes the standard way. Both read back as the same values; only float spellings may differ
-    (``1e16`` for ``1e+16``), and orjson writes NaN as null (the records hold none: ``to_plain``)."""
+    """``value`` as indented UTF-8 JSON, through orjson when installed (the standard encoder is pure Python once
+    indented: seconds for a big member list); what orjson refuses (an integer beyond 64 bits, a lone surrogate)
+    the standard way. Both read back alike; float spellings may differ (``1e16``), NaN is null (``to_plain``)."""
     if orjson is not None:
         try:
             return orjson.dumps(value, default=str, option=JSON_OPTIONS)
@@ -927,55 +811,42 @@ def write_text_private(path: Path, text: str) -> None:
 
 
 def write_raw(path: Path, docs: Iterable[Mapping[str, Any]]) -> int:
-    """What was read, as a relaxed Extended JSON array, readable by the owner only (it is personal data).
-
-    Streamed document by document as ``docs`` yields them (a cursor is written as it is read), never
-    built in memory as one text; returns how many documents were written."""
+    """What was read, as a relaxed Extended JSON array readable by the owner only (personal data), streamed
+    document by document as ``docs`` yields them (a cursor is written as it is read); returns how many."""
     written = 0
 
-    def write(handle: Any) -> None:
+    def encoded() -> Iterator[bytes]:
         nonlocal written
-        handle.write("[")
         for doc in docs:
-            handle.write(",\n" if written else "\n")
-            handle.write(json_util.dumps(doc, json_options=json_util.RELAXED_JSON_OPTIONS))
+            yield json_util.dumps(doc, json_options=json_util.RELAXED_JSON_OPTIONS).encode("utf-8")
             written += 1
-        handle.write("\n]\n" if written else "]")
 
-    atomic_write(path, write, private=True)
+    atomic_write(path, lambda handle: dump_items(handle, encoded(), b"[]"), private=True)
     return written
 
 
 def copy_raw(path: Path, source: Path) -> None:
-    """A source file's bytes, readable by the owner only: ``data/raw/`` keeps exactly what was read.
-
-    A JSON array is copied as it is (without a byte-order mark); JSON Lines become an array of the
-    same lines' bytes, so ``data/raw/`` is always one JSON array, whatever the source's form."""
+    """A source file's bytes, readable by the owner only: ``data/raw/`` keeps exactly what was read. A JSON
+    array is copied as it is (without a byte-order mark); JSON Lines become an array of the same lines' bytes."""
 
     def write(handle: Any) -> None:
         handle.flush()
-        out = handle.buffer
         with source.open("rb") as original:
-            head = original.read(4096)
-            body = head.removeprefix(b"\xef\xbb\xbf")
+            body = original.read(4096).removeprefix(b"\xef\xbb\xbf")
             if body.lstrip().startswith(b"["):
-                out.write(body)
-                shutil.copyfileobj(original, out, 1 << 20)
+                handle.buffer.write(body)
+                shutil.copyfileobj(original, handle.buffer, 1 << 20)
                 return
-            first = True
-            for line in itertools.chain((body + original.readline()).split(b"\n"), original):
-                if line.strip():
-                    out.write(b"[\n" if first else b",\n")
-                    out.write(line.strip(b" \t\r\n"))
-                    first = False
-            out.write(b"[]" if first else b"\n]\n")
+            lines = itertools.chain((body + original.readline()).split(b"\n"), original)
+            dump_items(handle, (line.strip(b" \t\r\n") for line in lines if line.strip()), b"[]")
 
     atomic_write(path, write, private=True)
 
 
 def write_texts(path: Path, texts: Iterable[str]) -> None:
     """Records' JSON texts as one JSON array, readable by the owner only (``data/raw/``)."""
-    atomic_write(path, lambda handle: handle.write("[\n" + ",\n".join(texts) + "\n]\n"), private=True)
+    atomic_write(path, lambda handle: dump_items(handle, (text.encode("utf-8") for text in texts), b"[\n\n]\n"),
+                 private=True)
 
 
 # =============================================================================================
@@ -11093,33 +10964,27 @@ def backtest(args: argparse.Namespace, env: Mapping[str, str] | None, mongo_clie
 # =============================================================================================
 
 
-def positive_int(text: str) -> int:
-    value = int(text)
-    if value < 1:
-        raise argparse.ArgumentTypeError("must be a whole number of at least 1")
-    return value
+def number_type(name: str, kind: Any, ok: Any, problem: str) -> Any:
+    """A numeric flag's argparse type: ``kind(text)`` when ``ok`` holds for it, else one line and exit 2. Named
+    ``name``, so argparse's own message for text that is no number says which type it wanted."""
+
+    def parse(text: str) -> Any:
+        value = kind(text)
+        if not ok(value):
+            raise argparse.ArgumentTypeError(problem)
+        return value
+
+    parse.__name__ = name
+    return parse
 
 
-def non_negative_int(text: str) -> int:
-    value = int(text)
-    if value < 0:
-        raise argparse.ArgumentTypeError("must be a whole number of at least 0")
-    return value
-
-
-def positive_float(text: str) -> float:
-    value = float(text)
-    if not math.isfinite(value) or value <= 0:
-        raise argparse.ArgumentTypeError("must be a number above 0")
-    return value
-
-
-def non_negative_float(text: str) -> float:
-    value = float(text)
-    if not math.isfinite(value) or value < 0:
-        raise argparse.ArgumentTypeError("must be a number from 0 up")
-    return value
-
+positive_int = number_type("positive_int", int, lambda value: value >= 1, "must be a whole number of at least 1")
+non_negative_int = number_type("non_negative_int", int, lambda value: value >= 0,
+                               "must be a whole number of at least 0")
+positive_float = number_type("positive_float", float, lambda value: math.isfinite(value) and value > 0,
+                             "must be a number above 0")
+non_negative_float = number_type("non_negative_float", float, lambda value: math.isfinite(value) and value >= 0,
+                                 "must be a number from 0 up")
 
 # The most a numeric flag may ask for: beyond it a value is a slip, and would overflow a date (--min-lead-hours
 # 1e11), make every member fail or hold the run for hours and gigabytes (--resamples 100000000).
@@ -11132,16 +10997,8 @@ MAX_RESAMPLES = 100_000
 
 def at_most(kind: Any, most: float, unit: str = "") -> Any:
     """The flag type ``kind`` (``positive_int`` ...) up to ``most``: more is one line and exit 2, never an
-    overflow deep in the run. Named as ``kind`` is, so argparse's messages stay the same."""
-
-    def parse(text: str) -> Any:
-        value = kind(text)
-        if value > most:
-            raise argparse.ArgumentTypeError(f"must be at most {most:,}{unit}")
-        return value
-
-    parse.__name__ = kind.__name__
-    return parse
+    overflow deep in the run."""
+    return number_type(kind.__name__, kind, lambda value: value <= most, f"must be at most {most:,}{unit}")
 
 
 def holdout_fraction(text: str) -> float:
@@ -11170,24 +11027,20 @@ class OneLineParser(argparse.ArgumentParser):
     ``--hold 0.1`` is not taken for ``--holdout`` (a flag another version adds must not change its meaning)."""
 
     def __init__(self, *args: Any, **kwargs: Any) -> None:
-        kwargs.setdefault("allow_abbrev", False)
-        super().__init__(*args, **kwargs)
+        super().__init__(*args, allow_abbrev=False, **kwargs)
 
     def error(self, message: str) -> Any:
         print(f"error: {message} (see --help)", file=sys.stderr)
         raise SystemExit(EXIT_USAGE)
 
 
-SUBCOMMANDS_HELP = """subcommands (each with its own --help):
-  measure   did the campaigns bring anyone back: treated against holdout (read only)
-  backtest  would the rules matcher's picks have been events members went to (read only)"""
-
-
 def build_parser() -> argparse.ArgumentParser:
     parser = OneLineParser(
         prog="return_to_table.py",
-        description="Return To Table: match dormant members with one upcoming event each and draft "
-                    "a welcome-back SMS for review.\n\n" + SUBCOMMANDS_HELP,
+        description="Return To Table: match dormant members with one upcoming event each and draft a welcome-back "
+                    "SMS for review.\n\nsubcommands (each with its own --help):\n"
+                    "  measure   did the campaigns bring anyone back: treated against holdout (read only)\n"
+                    "  backtest  would the rules matcher's picks have been events members went to (read only)",
         epilog=EXIT_CODES_HELP, formatter_class=argparse.RawDescriptionHelpFormatter)
     where = parser.add_mutually_exclusive_group()
     where.add_argument("--demo", action="store_true",
@@ -11223,21 +11076,23 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--variants", type=tone_names, default=RunOptions.variants, metavar="NAMES",
                         help="message tones to A/B test, comma-separated from " + ", ".join(TONES)
                              + " (default: standard, today's wording); each member keeps theirs run after run")
-    parser.add_argument("--invites-per-spot", type=at_most(positive_float, MAX_INVITES_PER_SPOT), default=RunOptions.invites_per_spot,
-                        metavar="R", help="an event with N spots left gets at most ceil(R x N) open invitations "
-                                          "(pending or approved, within the cooldown) (%(default)g)")
-    parser.add_argument("--max-invites-per-event", type=at_most(positive_int, MAX_INVITES_PER_EVENT), default=RunOptions.max_invites_per_event,
-                        metavar="N", help="open invitations to an event of unknown capacity (%(default)s)")
+    parser.add_argument("--invites-per-spot", type=at_most(positive_float, MAX_INVITES_PER_SPOT),
+                        default=RunOptions.invites_per_spot, metavar="R",
+                        help="an event with N spots left gets at most ceil(R x N) open invitations "
+                             "(pending or approved, within the cooldown) (%(default)g)")
+    parser.add_argument("--max-invites-per-event", type=at_most(positive_int, MAX_INVITES_PER_EVENT),
+                        default=RunOptions.max_invites_per_event, metavar="N",
+                        help="open invitations to an event of unknown capacity (%(default)s)")
     parser.add_argument("--min-lead-hours", type=at_most(non_negative_float, MAX_LEAD_HOURS, " hours (30 days)"),
-                        default=RunOptions.min_lead_hours,
-                        metavar="H", help="a message may go out until H hours before its event (%(default)g; "
-                                          "at most 720, 30 days)")
+                        default=RunOptions.min_lead_hours, metavar="H",
+                        help="a message may go out until H hours before its event (%(default)g; at most 720, 30 days)")
     parser.add_argument("--insecure-tls", action="store_true",
                         help="do not verify MongoDB's TLS certificate (logged as a warning)")
     parser.add_argument("--deadline-minutes", type=positive_float, default=RunOptions.deadline_minutes, metavar="M",
                         help="stop starting members after M minutes, finish those in flight, write what is "
                              "final and the report, exit 3 (%(default)g)")
     parser.add_argument("--keep-logs", type=non_negative_int, default=RunOptions.keep_logs_days, metavar="DAYS",
+                        dest="keep_logs_days",
                         help="delete this tool's own log files older than DAYS (%(default)s; 0 keeps all)")
     noise = parser.add_mutually_exclusive_group()
     noise.add_argument("-q", "--quiet", action="store_true",
@@ -11278,35 +11133,26 @@ def usable_out_dir(path: Path) -> Path:
 
 
 def source_choice(text: str | None, settings: Settings, hint: str = "") -> tuple[SourceKind, Path | None]:
-    """``--source`` for the campaign and both subcommands: 'mongo' (the default when MongoDB is
-    configured) or, any other value, a mongoexport folder (even one named "demo")."""
+    """``--source`` for the campaign and both subcommands: 'mongo' (the default when MongoDB is configured) or,
+    any other value, a mongoexport folder (even one named "demo"; a missing one near "mongo" or "demo" is refused)."""
     if text == "mongo" or (text is None and settings.mongo_uri):
         if not settings.mongo_uri:
             raise UsageError(MONGO_NOT_CONFIGURED)
         return SourceKind.MONGO, None
     if text:
         folder = Path(text).expanduser()
-        if not folder.is_dir():
-            near_miss(f"--source {text!r}: no such folder", text, {"mongo": "mongo", "demo": "--demo"})
+        meant = {"mongo": "mongo", "demo": "--demo"}
+        close = [] if folder.is_dir() else difflib.get_close_matches(text.lower(), list(meant), n=1, cutoff=0.75)
+        if close:
+            raise UsageError(f"--source {text!r}: no such folder; did you mean {meant[close[0]]}?")
         return SourceKind.FOLDER, folder
     raise UsageError("no data source: set MONGO_URI (or MONGO_USERNAME, MONGO_PASSWORD, MONGO_HOST) "
                      f"and MONGO_DB_NAME, or pass --source DIR{hint}")
 
 
-def near_miss(problem: str, text: str, meant: Mapping[str, str]) -> None:
-    """UsageError ``problem`` with the likely meaning when ``text`` is a near miss of one of ``meant``'s
-    keys (``--source mong``: did you mean mongo?); else nothing (the caller goes on)."""
-    close = difflib.get_close_matches(text.lower(), list(meant), n=1, cutoff=0.75)
-    if close:
-        raise UsageError(f"{problem}; did you mean {meant[close[0]]}?")
-
-
 def resolve_options(args: argparse.Namespace, settings: Settings) -> RunOptions:
-    """Turn arguments and settings into one run's options; refuse what cannot be run.
-
-    A ``--now`` more than ``MAX_NOW_AHEAD`` ahead of the clock needs ``--dry-run`` (``--demo`` too: its
-    mirror keeps a cooldown like the real dashboard), so a rehearsal never fills the cooldown for years.
-    """
+    """One run's options from the arguments (a flag named as a ``RunOptions`` field sets it) and settings; refuse
+    what cannot be run (a far ``--now`` without ``--dry-run`` would fill the cooldown for years, ``--demo`` too)."""
     now = datetime.now(UTC).replace(microsecond=0)
     if args.now is not None:
         parsed = parse_now(args.now)
@@ -11327,15 +11173,9 @@ def resolve_options(args: argparse.Namespace, settings: Settings) -> RunOptions:
         args.llm == "claude" or (args.llm == "auto" and bool(settings.anthropic_api_key)))
     if use_claude and not settings.anthropic_api_key:
         raise UsageError("--llm claude needs ANTHROPIC_API_KEY")
-    out_dir = usable_out_dir(args.out)
-    return RunOptions(source=kind, folder=folder, now=now, out_dir=out_dir, limit=args.limit,
-                      use_claude=use_claude, dry_run=args.dry_run, min_confidence=args.min_confidence,
-                      candidates=args.candidates, concurrency=args.concurrency,
-                      cooldown_days=args.cooldown_days, holdout=args.holdout, variants=args.variants,
-                      invites_per_spot=args.invites_per_spot, max_invites_per_event=args.max_invites_per_event,
-                      min_lead_hours=args.min_lead_hours, deadline_minutes=args.deadline_minutes,
-                      keep_logs_days=args.keep_logs, insecure_tls=args.insecure_tls, verbose=args.verbose,
-                      quiet=args.quiet, progress=not args.quiet and sys.stderr.isatty())
+    flags = {name: value for name, value in vars(args).items() if name in RunOptions.__dataclass_fields__}
+    return RunOptions(**{**flags, "source": kind, "folder": folder, "now": now, "out_dir": usable_out_dir(args.out),
+                         "use_claude": use_claude, "progress": not args.quiet and sys.stderr.isatty()})
 
 
 def make_source(options: RunOptions, settings: Settings, logger: logging.Logger,
@@ -11351,50 +11191,44 @@ def make_source(options: RunOptions, settings: Settings, logger: logging.Logger,
 
 def make_dashboard(options: RunOptions, settings: Settings, logger: logging.Logger,
                    control: RunControl | None = None) -> DashboardWriter:
-    """The dashboard: the REST API when configured (never in --demo), else the local mirror.
-
-    A dry run gets one too, to read who was messaged recently; it writes nothing.
-    """
-    updated_at = iso_utc(options.now) or ""
+    """The dashboard: the REST API when configured (never in --demo), else the local mirror. A dry run gets
+    one too, to read who was messaged recently; it writes nothing."""
+    transport: FirebaseTransport
     if options.is_demo or not settings.firebase_url:
         mirror = options.out_dir / "data" / "firebase"
         if not options.is_demo:
             logger.info("FIREBASE_DATABASE_URL is not set: using the local mirror %s", mirror)
-        transport: FirebaseTransport = LocalMirrorTransport(mirror, settings.firebase_base_path,
-                                                            anchor=options.out_dir)
-        return DashboardWriter(transport, logger, dry_run=options.dry_run, updated_at=updated_at,
-                               holdout=options.holdout > 0)
-    token_source = None
-    if not settings.firebase_auth_token and settings.google_credentials:
-        token_source = service_account_tokens(settings.google_credentials)
-    elif not settings.firebase_auth_token:
-        logger.warning("Firebase requests are unauthenticated: set FIREBASE_AUTH_TOKEN or "
-                       "GOOGLE_APPLICATION_CREDENTIALS")
-    transport = RestTransport(settings.firebase_url, settings.firebase_base_path,
-                              auth_token=settings.firebase_auth_token, token_source=token_source,
-                              timeout=settings.firebase_timeout, control=control)
-    return DashboardWriter(transport, logger, dry_run=options.dry_run, updated_at=updated_at,
+        transport = LocalMirrorTransport(mirror, settings.firebase_base_path, anchor=options.out_dir)
+    else:
+        token_source = None
+        if not settings.firebase_auth_token and settings.google_credentials:
+            token_source = service_account_tokens(settings.google_credentials)
+        elif not settings.firebase_auth_token:
+            logger.warning("Firebase requests are unauthenticated: set FIREBASE_AUTH_TOKEN or "
+                           "GOOGLE_APPLICATION_CREDENTIALS")
+        transport = RestTransport(settings.firebase_url, settings.firebase_base_path,
+                                  auth_token=settings.firebase_auth_token, token_source=token_source,
+                                  timeout=settings.firebase_timeout, control=control)
+    return DashboardWriter(transport, logger, dry_run=options.dry_run, updated_at=iso_utc(options.now) or "",
                            holdout=options.holdout > 0)
 
 
-def make_advisor(options: RunOptions, settings: Settings, logger: logging.Logger,
-                 control: RunControl | None = None) -> ClaudeAdvisor | None:
-    if not options.use_claude:
-        return None
-    advisor = ClaudeAdvisor.connect(settings, control)
-    logger.info("Claude: matching with %s, writing with %s", advisor.config.match_model, advisor.config.write_model)
-    return advisor
+def on_stop_signals(handler: Any) -> Any:
+    """``handler`` for SIGINT and SIGTERM (in the main thread only: elsewhere Python refuses); returns a function
+    that puts the previous handlers back."""
+    if threading.current_thread() is not threading.main_thread():
+        return lambda: None
+    previous = {s: signal.signal(s, handler) for s in (signal.SIGINT, signal.SIGTERM)}
+    return lambda: [signal.signal(s, h) for s, h in previous.items()]
 
 
 def handle_stop_signals(control: RunControl) -> Any:
-    """SIGINT/SIGTERM: the first asks the run to stop (members in flight finish, the report is written);
-    a second ends the process at once. Returns a function that puts the previous handlers back."""
-    if threading.current_thread() is not threading.main_thread():
-        return lambda: None
+    """The campaign's SIGINT/SIGTERM: the first asks the run to stop (members in flight finish, the report is
+    written); a second ends the process at once (every file is written atomically, the lock dies with us)."""
 
     def on_signal(signum: int, _frame: Any) -> None:
         name = signal.Signals(signum).name
-        if control.signal is not None:  # a second signal: now (every file is written atomically, the lock dies with us)
+        if control.signal is not None:
             os.write(2, f"error: {name} again: stopped at once; the report was not written\n".encode())
             os._exit(EXIT_SIGNALS.get(signal.Signals(signum), 128 + signum))
         control.request_stop(signum)
@@ -11402,34 +11236,22 @@ def handle_stop_signals(control: RunControl) -> Any:
             os.write(2, f"warning: {name}: finishing the members in flight, then writing the report "
                         "(signal again to stop at once)\n".encode())
 
-    previous = {s: signal.signal(s, on_signal) for s in (signal.SIGINT, signal.SIGTERM)}
-    return lambda: [signal.signal(s, h) for s, h in previous.items()]
+    return on_stop_signals(on_signal)
 
 
 class Interrupted(KeyboardInterrupt):
-    """SIGINT or SIGTERM during a subcommand: unwinds as Ctrl-C does (its files are written atomically)."""
+    """SIGINT or SIGTERM (its number the argument) during a subcommand: unwinds as Ctrl-C does (exit 130/143, one
+    line, no report; its files are written atomically)."""
 
-    def __init__(self, signum: int) -> None:
-        super().__init__(signum)
-        self.signum = signum
-
-
-def raise_on_stop_signals() -> Any:
-    """A subcommand's signals: SIGINT and SIGTERM raise ``Interrupted`` (exit 130/143, one line, no report).
-    Returns a function that puts the previous handlers back."""
-    if threading.current_thread() is not threading.main_thread():
-        return lambda: None
-
-    def on_signal(signum: int, _frame: Any) -> None:
-        raise Interrupted(signum)
-
-    previous = {s: signal.signal(s, on_signal) for s in (signal.SIGINT, signal.SIGTERM)}
-    return lambda: [signal.signal(s, h) for s, h in previous.items()]
+    @classmethod
+    def on_signal(cls, signum: int, _frame: Any) -> None:
+        raise cls(signum)
 
 
 def run_campaign(args: argparse.Namespace, env: Mapping[str, str] | None, mongo_client: Any,
-                 closing: ExitStack) -> RunResult:
-    """The program itself: settings, the lock, the services, one campaign. ``main`` handles the errors."""
+                 closing: ExitStack) -> int:
+    """The campaign as ``raw_main`` runs a program: settings, the lock, the services, one campaign, the lines cron
+    mail should show (``report_problems``), its exit code."""
     settings = Settings.from_env(env if env is not None else read_environment())
     weights = load_match_weights(settings.env)  # MATCH_WEIGHTS: a bad file is exit 2 before anything runs
     options = replace(resolve_options(args, settings), match_weights=weights.label, weights=weights,
@@ -11439,9 +11261,8 @@ def run_campaign(args: argparse.Namespace, env: Mapping[str, str] | None, mongo_
     hoods = load_neighbourhoods(settings.neighbourhoods_csv)  # before the lock: a bad table is exit 2 at once
     control = RunControl(options.deadline_minutes * 60)
     closing.callback(handle_stop_signals(control))
-    closing.enter_context(RunLock(options.out_dir))
-    logger, _ = setup_logging(options.out_dir, datetime.now(UTC), verbose=options.verbose, quiet=options.quiet,
-                              keep_logs_days=options.keep_logs_days)
+    closing.enter_context(run_lock(options.out_dir))
+    logger = setup_logging(options)
     closing.callback(close_logging, logger)
     source = make_source(options, settings, logger, mongo_client, control)
     closing.callback(source.close)
@@ -11450,16 +11271,19 @@ def run_campaign(args: argparse.Namespace, env: Mapping[str, str] | None, mongo_
     dashboard = make_dashboard(options, settings, logger, control)
     if isinstance(dashboard.transport, RestTransport):
         closing.callback(dashboard.transport.client.close)
-    advisor = make_advisor(options, settings, logger, control)
+    advisor = ClaudeAdvisor.connect(settings, control) if options.use_claude else None
     if advisor is not None:
         closing.callback(advisor.client.close)
+        logger.info("Claude: matching with %s, writing with %s", advisor.config.match_model, advisor.config.write_model)
     campaign = ReturnToTable(options, settings, logger, source=source, dashboard=dashboard, hoods=hoods,
                              advisor=advisor, control=control)
     try:
-        return campaign.run()
+        result = campaign.run()
     except ServiceError as exc:
         logger.error("%s", exc, extra=FILE_ONLY)  # the run's log file says why it failed; stderr says it once
         raise
+    report_problems(result)
+    return result.exit_code
 
 
 def main(argv: Sequence[str] | None = None, *, env: Mapping[str, str] | None = None,
@@ -11468,32 +11292,24 @@ def main(argv: Sequence[str] | None = None, *, env: Mapping[str, str] | None = N
     traceback for bad input, a service failure, a full disk or a held lock. ``measure`` and ``backtest``
     as the first argument run those subcommands instead (same exit codes, same funnel: ``raw_main``)."""
     argv = list(sys.argv[1:] if argv is None else argv)
-    if argv and argv[0] in SUBCOMMANDS:
-        return SUBCOMMANDS[argv[0]](argv[1:], env=env, mongo_client=mongo_client)
-    return raw_main("the run", build_parser(), campaign, argv, env, mongo_client)
-
-
-def campaign(args: argparse.Namespace, env: Mapping[str, str] | None, mongo_client: Any,
-             closing: ExitStack) -> int:
-    """The campaign as ``raw_main`` runs a program: one run, the lines cron mail should show, its exit code."""
-    result = run_campaign(args, env, mongo_client, closing)
-    report_problems(result)
-    return result.exit_code
+    if argv[:1] == ["measure"]:  # did the campaigns bring anyone back, treated against the holdout (read-only)
+        return raw_main("measure", build_measure_parser(), run_measure, argv[1:], env, mongo_client)
+    if argv[:1] == ["backtest"]:  # would the rules matcher's picks have been events members went to (read-only)
+        return raw_main("backtest", backtest_parser(), backtest, argv[1:], env, mongo_client)
+    return raw_main("the run", build_parser(), run_campaign, argv, env, mongo_client)
 
 
 def raw_main(name: str, parser: argparse.ArgumentParser, program: Any, argv: Sequence[str],
              env: Mapping[str, str] | None, mongo_client: Any) -> int:
-    """The one funnel from errors to exit codes, for the campaign and both subcommands (httpie's
-    ``raw_main``): ``program(args, env, mongo_client, closing)`` does the work and returns its code; bad
-    input is one line and exit 2, a held lock 75, a failed service or disk 1, out of memory 1 (``out_of_memory``),
-    SIGINT 130 and SIGTERM 143 (``Interrupted``; the campaign's own handlers take over while it runs). The lock, the
-    clients and the log (``closing``) are released however it ends."""
+    """The one funnel from errors to exit codes for the campaign and both subcommands (httpie's ``raw_main``):
+    ``program(args, env, mongo_client, closing)`` does the work and returns its code; every error is one line and
+    its ``ExitCode``. What ``closing`` holds (the lock, the clients, the log) is released however it ends."""
     try:
         args = parser.parse_args(list(argv))
     except SystemExit as exc:  # --help, or a usage error already printed
         return exc.code if isinstance(exc.code, int) else ExitCode.USAGE
     with ExitStack() as closing:
-        closing.callback(raise_on_stop_signals())
+        closing.callback(on_stop_signals(Interrupted.on_signal))
         try:
             return program(args, env, mongo_client, closing)
         except UsageError as exc:
@@ -11503,7 +11319,7 @@ def raw_main(name: str, parser: argparse.ArgumentParser, program: Any, argv: Seq
         except ServiceError as exc:
             return error_line(exc, ExitCode.FAILURE)
         except KeyboardInterrupt as exc:  # Ctrl-C, or ``Interrupted`` (SIGINT/SIGTERM)
-            signum = exc.signum if isinstance(exc, Interrupted) else signal.SIGINT
+            signum = exc.args[0] if isinstance(exc, Interrupted) else signal.SIGINT
             return error_line(f"{name} interrupted by {signal.Signals(signum).name}; stopped at once, nothing "
                               "half-written", EXIT_SIGNALS[signal.Signals(signum)])
         except Exception as exc:  # out of memory anywhere (here, a helper ``Worker``, a member's thread); else a bug
@@ -11516,20 +11332,6 @@ def error_line(problem: object, code: ExitCode) -> ExitCode:
     """The one line on stderr an error gets (cron mail), and its exit code."""
     print(f"error: {problem}", file=sys.stderr)
     return code
-
-
-def measure_command(argv: Sequence[str], *, env: Mapping[str, str] | None = None, mongo_client: Any = None) -> int:
-    """``measure``: did the campaigns bring anyone back, treated against the holdout (read-only)."""
-    return raw_main("measure", build_measure_parser(), run_measure, argv, env, mongo_client)
-
-
-def backtest_command(argv: Sequence[str], *, env: Mapping[str, str] | None = None, mongo_client: Any = None) -> int:
-    """``backtest``: would the rules matcher's picks have been events members really went to (read-only;
-    only the report is written)."""
-    return raw_main("backtest", backtest_parser(), backtest, argv, env, mongo_client)
-
-
-SUBCOMMANDS = {"measure": measure_command, "backtest": backtest_command}
 
 
 def report_problems(result: RunResult) -> None:
@@ -11546,12 +11348,12 @@ def report_problems(result: RunResult) -> None:
     if result.empty_input:
         print(f"warning: empty input: the source has no {' and no '.join(result.empty_input)}; the report "
               f"{result.report_path} says what was read", file=sys.stderr)
-    elif result.idle is not None and result.idle.exit_code and result.status == "completed" and not result.failed_members:
+    elif (result.idle is not None and result.idle.exit_code and result.status == "completed"
+          and not result.failed_members):
         print(f"warning: no message drafted: {result.report['no_message']['text']}", file=sys.stderr)
     if result.firebase_failed:
-        firebase = result.firebase
-        first = (firebase["errors"] or [""])[0]
-        print(f"error: {len(firebase['not_written'])} Firebase writes failed ({first}); local files and the "
+        first = (result.firebase["errors"] or [""])[0]
+        print(f"error: {len(result.firebase['not_written'])} Firebase writes failed ({first}); local files and the "
               f"report {result.report_path} are complete", file=sys.stderr)
 
 
