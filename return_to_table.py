@@ -9002,7 +9002,6 @@ class Lift(NamedTuple):
     relative: float | None
     z: float
     p_value: float
-    detectable_pp: float | None = None
 
 
 def lift(treated: Tally, holdout: Tally) -> Lift | None:
@@ -9014,19 +9013,19 @@ def lift(treated: Tally, holdout: Tally) -> Lift | None:
     z, p_value = two_proportion_z_test(*args)
     t_rate, h_rate = treated.came_back / treated.size, holdout.came_back / holdout.size
     relative = (t_rate - h_rate) / h_rate if h_rate else None
-    return Lift(100 * (t_rate - h_rate), 100 * low, 100 * high, relative, z, p_value,
-                detectable_lift_pp(treated.size, holdout.size))
+    return Lift(100 * (t_rate - h_rate), 100 * low, 100 * high, relative, z, p_value)
 
 
 def lift_json(treated: Tally, holdout: Tally) -> dict[str, Any] | None:
     """The lift as reported: too small to tell when nothing under ``TELLABLE_LIFT_PP`` is detectable."""
     if (found := lift(treated, holdout)) is None:
         return None
+    detectable = detectable_lift_pp(treated.size, holdout.size)
     return {"difference_pp": round(found.difference_pp, 2),
             "interval_pp": [round(found.low_pp, 2), round(found.high_pp, 2)],
             "relative_lift": rounded(found.relative), "z": round(found.z, 4), "p_value": float(f"{found.p_value:.4g}"),
-            "detectable_lift_pp": rounded(found.detectable_pp, 1),
-            "too_small_to_tell": found.detectable_pp is None or found.detectable_pp > TELLABLE_LIFT_PP}
+            "detectable_lift_pp": rounded(detectable, 1),
+            "too_small_to_tell": detectable is None or detectable > TELLABLE_LIFT_PP}
 
 
 LIFT_NOTES = {  # why treated-against-holdout has no lift: (the report's sentence, the console table's words)
