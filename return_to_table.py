@@ -10028,6 +10028,7 @@ def run_measure(args: argparse.Namespace, env: Mapping[str, str] | None, mongo_c
     issues, errors = DataIssues(), []
     campaigns = read_campaigns(transport, options, issues, errors)
     source = make_source(options.run, settings, logger, mongo_client)
+    closing.callback(source.close)
     if isinstance(source, MongoSource) and mongo_client is None:
         closing.callback(source.client.close)
     events, empty = read_events(source, issues)
