@@ -2447,15 +2447,13 @@ CONTACT_CLUE = re.compile(r"[\d@:]")  # every contact detail holds one: text wit
 
 
 def first_contact(text: str) -> re.Match[str] | None:
-    """The first contact detail (``CONTACT_DETAIL``) in ``text`` as it stands, or None."""
     return CONTACT_DETAIL.search(text) if CONTACT_CLUE.search(text) else None
 
 
 def contact_kinds(text: str) -> list[str]:
     """The kinds of contact detail (``CONTACT_KINDS``' keys) in ``text`` as it stands, each once, in order."""
-    if not CONTACT_CLUE.search(text):
-        return []
-    return list(dict.fromkeys(str(found.lastgroup) for found in CONTACT_DETAIL.finditer(text)))
+    found = CONTACT_DETAIL.finditer(text) if CONTACT_CLUE.search(text) else ()
+    return list(dict.fromkeys(str(match.lastgroup) for match in found))
 
 
 def readable(text: str) -> str:
@@ -2470,21 +2468,17 @@ def readable(text: str) -> str:
 
 @functools.lru_cache(maxsize=65536)  # names repeat across members: each spelling is read once
 def holds_contact(text: str) -> bool:
-    """Whether ``text`` holds a contact detail (``CONTACT_DETAIL``: an email address, a phone number in
-    digits or letters, an IP host, a tel:/sms:/mailto: scheme)."""
     return first_contact(readable(text)) is not None
 
 
 def without_contacts(text: str) -> str:
-    """``text`` (read plainly) with every contact detail (``CONTACT_DETAIL``) blanked: the one filter
-    every member and host field passes through on its way into a prompt."""
+    """``text`` read plainly, every contact detail blanked: the one filter of every field bound for a prompt."""
     plain = readable(text)
     return CONTACT_DETAIL.sub(" ", plain) if CONTACT_CLUE.search(plain) else plain
 
 
 def person_name(user: Mapping[str, Any], name: str) -> str | None:
-    """``firstName`` or ``lastName`` as text; missing when it holds an email address or a phone number
-    (names are text, not contact details: never greeted, summarised, shown or logged)."""
+    """``firstName`` or ``lastName``; None when it holds a contact detail (never greeted, shown or logged)."""
     value = text_field(user, name)
     return None if value is None or holds_contact(value) else value
 
@@ -2499,8 +2493,7 @@ def plural(n: float, word: str) -> str:
 
 
 def user_summary(user: Mapping[str, Any], last: datetime | None = None) -> str:
-    """Step 3: the plan's member summary, leaving out what is missing instead of printing None; ``last``
-    is ``last_event_date`` when the caller has it as a moment (step 1: not read back from its text)."""
+    """Step 3: the plan's member summary without what is missing; ``last``: ``last_event_date`` as a moment."""
     occupation = text_field(user, "occupation")
     hood = text_field(user, "homeNeighborhood")
     head = full_name(user) + " is "
@@ -2524,19 +2517,12 @@ def user_summary(user: Mapping[str, Any], last: datetime | None = None) -> str:
 
 def event_summary(event: Mapping[str, Any]) -> str:
     """Step 4: the plan's event summary, leaving out what is missing."""
-    name = text_field(event, "name") or "Untitled event"
-    head = f"Event: {name}"
-    if text_field(event, "venueName"):
-        head += f" at {event['venueName'].strip()}"
-    if text_field(event, "neighborhood"):
-        head += f" in {event['neighborhood'].strip()}"
+    head = f"Event: {text_field(event, 'name') or 'Untitled event'}"
+    for word, key in ((" at", "venueName"), (" in", "neighborhood")):
+        head += f"{word} {text_field(event, key)}" if text_field(event, key) else ""
     parts = [head + "."]
-    tags = []
-    if text_list(event, "categories"):
-        tags.append(f"Categories: {', '.join(text_list(event, 'categories'))}.")
-    if text_list(event, "features"):
-        tags.append(f"Features: {', '.join(text_list(event, 'features'))}.")
-    parts.extend(tags)
+    for label, key in (("Categories", "categories"), ("Features", "features")):
+        parts += [f"{label}: {', '.join(text_list(event, key))}."] if text_list(event, key) else []
     capacity = positive_number(event.get("maxParticipants"))
     count = event.get("participantCount", 0)
     if count is None:  # more participants listed than is plausible: unknown
@@ -2549,9 +2535,7 @@ def event_summary(event: Mapping[str, Any]) -> str:
     start = to_utc(event.get("startDate"))
     if start is not None:
         parts.append(f"Date: {start.strftime('%Y-%m-%d %H:%M')} UTC.")
-    if text_field(event, "description"):
-        parts.append(event["description"].strip())
-    return " ".join(parts)
+    return " ".join(filter(None, [*parts, text_field(event, "description")]))
 
 
 # =============================================================================================
@@ -3736,15 +3720,13 @@ def hidden_characters(text: str) -> list[str]:
 
 
 def phone_view(text: str) -> str:
-    """``text`` as a phone's link detector may read it: ``readable``, and without any other ``C``
-    (surrogate, private-use, unassigned) or combining ``M`` character either, so "ｅｖｉｌ．ｒｕ",
-    "evil\u200b.ru", "evil。ru" and "evil\ufe0f.ru" all read "evil.ru"; links are looked for here."""
+    """``text`` as a phone's link detector may read it: ``readable``, without any ``C`` or combining ``M``
+    character, so "ｅｖｉｌ．ｒｕ", "evil\u200b.ru", "evil。ru" and "evil\ufe0f.ru" all read "evil.ru"."""
     return "".join(ch for ch in readable(text) if unicodedata.category(ch)[0] not in "CM")
 
 
 def first_tappable(view: str) -> int | None:
-    """Where the first thing a phone would make tappable (a link, or a contact detail: ``CONTACT_DETAIL``)
-    starts in a ``phone_view``, or None."""
+    """Where the first link or contact detail starts in a ``phone_view``, or None."""
     found = [m.start() for m in (URL_PATTERN.search(view), first_contact(view)) if m]
     return min(found, default=None)
 
@@ -3769,10 +3751,6 @@ def sms_size(text: str) -> SmsSize:
         return SmsSize("GSM-7", units, 1 if units <= 160 else math.ceil(units / 153))
     units = len(text.encode("utf-16-le")) // 2
     return SmsSize("UCS-2", units, 1 if units <= 70 else math.ceil(units / 67))
-
-
-def event_link(event_id: str) -> str:
-    return EVENT_LINK_PREFIX + event_id
 
 
 def greeting_name(first_name: Any) -> str | None:
@@ -3806,7 +3784,7 @@ class MessageFacts:
 
     @property
     def link(self) -> str:
-        return event_link(self.event_id)
+        return EVENT_LINK_PREFIX + self.event_id
 
     @property
     def dressed(self) -> bool:
@@ -3816,18 +3794,13 @@ class MessageFacts:
     @property
     def allowed_numbers(self) -> set[str]:
         """The only numbers a message may contain outside the link, names and interests."""
-        numbers = set(re.findall(r"\d+", self.when))
-        numbers |= {str(self.going)} if self.going else set()
-        numbers |= {str(self.company)} if self.company else set()
-        if self.spots_left is not None:
-            numbers.add(str(self.spots_left))
-        return numbers
+        counts = (self.going or None, self.company or None, self.spots_left)
+        return set(re.findall(r"\d+", self.when)) | {str(n) for n in counts if n is not None}
 
 
 def message_facts(match: Match, zone: ZoneInfo, now: datetime, *, sender: str | None = None,
                   opt_out_text: str | None = None, tone: str = "standard") -> MessageFacts:
-    """What an SMS about this match may say, the day and time in ``zone``; plus the sender and opt-out
-    text every message must carry (``SmsPolicy``), when set."""
+    """What an SMS about this match may say (the time in ``zone``), and the sender and opt-out text to carry."""
     event = match["event"]
     start = to_utc(event.get("startDate")) or now
     spots = event.get("remaining_spots")
@@ -3879,21 +3852,14 @@ def _cut_ends(words: Sequence[str]) -> list[int]:
 
 def word_starts(words: Sequence[str]) -> list[int]:
     """Where each word starts in ``" ".join(words)``."""
-    starts, at = [], 0
-    for word in words:
-        starts.append(at)
-        at += len(word) + 1
-    return starts
+    return list(itertools.accumulate((len(word) + 1 for word in words[:-1]), initial=0)) if words else []
 
 
 @functools.lru_cache(maxsize=256)
 def phone_safe_name(name: str) -> str:
-    """The event name as it may reach a phone: one line, no control or invisible characters, and cut
-    at a word boundary before the first link, email address or phone number in it (as ``phone_view``
-    reads it): "Jazz Brunch at evil-login.ru" is "Jazz Brunch". "" when nothing is left: such an event
-    is never offered (``unofferable``). The facts, the template and the SMS contract all name the event
-    by it. Linear in the name's length (and cached: the contract asks for it once per wording).
-    """
+    """The event name as facts, template and contract name it: one line, no hidden characters, cut at a word
+    before the first link or contact detail ("Jazz Brunch at evil-login.ru" is "Jazz Brunch"); "" when
+    nothing is left, and such an event is never offered (``unofferable``). Linear in the name's length."""
     words = [w for w in ("".join(ch for ch in w if unicodedata.category(ch) not in HIDDEN_CATEGORIES)
                          for w in name.split()) if w]
     views = [phone_view(w) for w in words]
@@ -3907,12 +3873,8 @@ def phone_safe_name(name: str) -> str:
 
 
 def shortened_names(name: str, max_len: int | None = None) -> list[str]:
-    """The event name, then ever shorter cuts at word boundaries (ending in "..."), longest first;
-    with ``max_len``, only those of at most that many characters (built in time linear in the name).
-
-    A cut never ends on a connector ("Gallery Walk &..." becomes "Gallery Walk..."). The ellipsis
-    is three dots, not "…", which would push the whole text out of GSM-7 into UCS-2.
-    """
+    """The event name, then ever shorter cuts at words ending in "..." (three dots: "…" is not GSM-7), longest
+    first; with ``max_len``, only those that short. A cut never ends on a connector ("Gallery Walk &...")."""
     words = name.split()
     cuts = [name] if max_len is None or len(name) <= max_len else []
     seen = set(cuts)
@@ -3952,11 +3914,7 @@ def _name_stems(name: str) -> tuple[str, int, tuple[str, ...], tuple[tuple[int, 
 
 
 def mentions_event(text: str, name: str) -> str | None:
-    """The form of the event name the text uses (whole, or cut at a word boundary), if any.
-
-    Only cuts no longer than the text are tried, so a long name costs the length of the text, not
-    of the name.
-    """
+    """The form of the event name the text uses (whole, or cut at a word), if any; only cuts that fit are tried."""
     folded = _fold(text)
     whole, least, words, cuts = _name_stems(name)
     if whole and whole in folded:
@@ -3972,12 +3930,6 @@ def mentions_event(text: str, name: str) -> str | None:
 
 def _count_near(text: str, number: int, words: str) -> bool:
     return re.search(rf"(?<![\d.]){number}\s+(?:[\w'’-]+\s+){{0,2}}?(?:{words})\b", text, re.IGNORECASE) is not None
-
-
-@functools.lru_cache(maxsize=256)
-def _name_words(name: str) -> frozenset[str]:
-    """The letter words of an event name (ALL-CAPS there is not shouting), once per name."""
-    return frozenset(LETTER_WORDS.findall(name))
 
 
 GOING_WORDS = r"going|joining|attending|signed|booked|already|people|members|diners|guests|friends|others"
@@ -4089,7 +4041,7 @@ def validate_sms(text: str, facts: MessageFacts) -> list[str]:
         problems.append(f"must say {facts.spots_left} spots left{hint}")
     if "going" in required and not said["going"]:
         problems.append(f"must say {facts.going} people are going{hint}")
-    protected = _name_words(name) | set(LETTER_WORDS.findall(" ".join([facts.first_name or "", *facts.interests])))
+    protected = set(LETTER_WORDS.findall(" ".join([name, facts.first_name or "", *facts.interests])))
     shouting = [w for w in LETTER_WORDS.findall(body)
                 if w.isupper() and w not in ALLOWED_ACRONYMS and w not in protected]
     if shouting:
