@@ -4080,69 +4080,18 @@ def opt_out_clause(facts: MessageFacts) -> str:
     return facts.opt_out_text if facts.opt_out_text[-1] in ".!?" else facts.opt_out_text + "."
 
 
-def fact_levels(facts: MessageFacts) -> list[MessageFacts]:
-    """The facts the template tries to say, most first: all of them; with a sender or opt-out text to
-    carry, then without the going count, then without the spots too, then without the interest too."""
-    if not facts.dressed:
-        return [facts]
-    fewer = replace(facts, going=0)
-    fewest = replace(fewer, spots_left=None)
-    return list(dict.fromkeys([facts, fewer, fewest, replace(fewest, interests=())]))
-
-
 def template_attempts(facts: MessageFacts, names: Sequence[str]) -> Iterator[tuple[str, MessageFacts]]:
-    """(cut of the event name, facts to say) in the template's order of preference. With a sender or
-    opt-out text to carry, the going count and then the spots give way before the event name is cut; the
-    interest only when no cut of the name fits beside it."""
-    levels = fact_levels(facts)
+    """(cut of the event name, facts to say) in the template's order of preference. With a sender or opt-out
+    text to carry, the going count, then the spots, then the interest give way (``OPTIONAL_FACTS``): the first
+    two before the event name is cut, the interest only when no cut of the name fits beside it."""
+    levels = [facts]
+    if facts.dressed:
+        fewer = replace(facts, going=0)
+        fewest = replace(fewer, spots_left=None)
+        levels = list(dict.fromkeys([facts, fewer, fewest, replace(fewest, interests=())]))
     personal = [level for level in levels if level.interests or not facts.interests]
     yield from ((name, level) for name in names for level in personal)
     yield from ((name, level) for name in names for level in levels if level not in personal)
-
-
-class PhraseParts(NamedTuple):
-    """The pieces every template wording (today's and each tone's) is built from, said once."""
-
-    greet: str  # "Hi Maya!" or "Hi there!"
-    first: str  # "Maya", or "Hi" with no usable first name
-    proof: str  # "12 going, 2 spots left"
-    short_proof: str  # "12 going, 2 left"
-    hood: str  # " in Hells Kitchen", or ""
-
-
-def phrase_parts(facts: MessageFacts) -> PhraseParts:
-    going = f"{facts.going} going" if facts.going else ""
-    spots = "" if facts.spots_left is None else (
-        f"{facts.spots_left} spot left" if facts.spots_left == 1 else f"{facts.spots_left} spots left")
-    short_spots = "" if facts.spots_left is None else f"{facts.spots_left} left"
-    return PhraseParts(f"Hi {facts.first_name}!" if facts.first_name else "Hi there!", facts.first_name or "Hi",
-                       ", ".join(p for p in (going, spots) if p), ", ".join(p for p in (going, short_spots) if p),
-                       f" in {facts.neighbourhood.replace('-', ' ').title()}" if facts.neighbourhood else "")
-
-
-def interest_order(facts: MessageFacts) -> list[str]:
-    """The matched interests as the wordings try them: the first, then the rest shortest first ("" for none)."""
-    labels = [interest_label(i) for i in facts.interests]
-    return labels[:1] + sorted(labels[1:], key=len) or [""]
-
-
-def template_wordings(facts: MessageFacts, name: str) -> Iterator[tuple[str, str]]:
-    """The template's wordings naming the event ``name``, richest first, for each matched interest:
-    (the text before the call to action, the call to action before the link)."""
-    greet, first, proof, short_proof, hood = phrase_parts(facts)
-    for interest in interest_order(facts):
-        fans = f"one for {interest} fans" if interest else "a good one"
-        yield from [
-            (f"{greet} Welcome back, we miss you. {name} is {fans}: {facts.when}{hood}. {proof}.", "Tap to RSVP: "),
-            (f"{greet} Welcome back, we miss you. {name} is {fans}: {facts.when}. {proof}.", "Tap to RSVP: "),
-            (f"{greet} Welcome back. {name} is {fans}: {facts.when}. {proof}.", "Tap to RSVP: "),
-            (f"{greet} Welcome back. {name}, {fans}: {facts.when}. {proof}.", "RSVP: "),
-            (f"{greet} Welcome back. {name} for {interest} fans, {facts.when}. {proof}.", ""),
-            (f"{greet} Welcome back. {name} ({interest}) {facts.when}. {proof}.", ""),
-            (f"{greet} Welcome back. {name} ({interest}) {facts.when}, {short_proof}.", ""),
-            (f"{first}, welcome back! {name} ({interest}) {facts.when}: {short_proof}.", ""),
-            (f"{first}, welcome back! {name} ({interest}) {facts.when}, {short_proof}", ""),
-        ]
 
 
 # --- message tones (issue 22): the A/B test's wording families, every one held to the same SMS contract ---
@@ -4158,19 +4107,49 @@ TONES = {
 }
 DEFAULT_TONE = "standard"
 TONE_SALT = "tone-variant"  # the tone's own hash salt, so tone and holdout (``holdout_share``) never correlate
-
-
-def tone_share(campaign_name: str, member_id: str) -> float:
-    """A member's stable place in [0, 1) for the tone A/B: like ``holdout_share``, with its own salt."""
-    digest = hashlib.sha256(f"{TONE_SALT}\x00{campaign_name}\x00{member_id}".encode()).digest()
-    return int.from_bytes(digest[:8], "big") / 2**64
+# Each tone's wordings, richest first: (the text before the call to action, the call to action before the link),
+# the fields filled in by ``template_wordings``.
+WORDINGS = {
+    "standard": (
+        ("{greet} Welcome back, we miss you. {name} is {fans}: {when}{hood}. {proof}.", "Tap to RSVP: "),
+        ("{greet} Welcome back, we miss you. {name} is {fans}: {when}. {proof}.", "Tap to RSVP: "),
+        ("{greet} Welcome back. {name} is {fans}: {when}. {proof}.", "Tap to RSVP: "),
+        ("{greet} Welcome back. {name}, {fans}: {when}. {proof}.", "RSVP: "),
+        ("{greet} Welcome back. {name} for {interest} fans, {when}. {proof}.", ""),
+        ("{greet} Welcome back. {name} ({interest}) {when}. {proof}.", ""),
+        ("{greet} Welcome back. {name} ({interest}) {when}, {short_proof}.", ""),
+        ("{first}, welcome back! {name} ({interest}) {when}: {short_proof}.", ""),
+        ("{first}, welcome back! {name} ({interest}) {when}, {short_proof}", ""),
+    ),
+    "warm": (
+        (("{greet} Welcome back, we've missed you and would love to see you again. {name} is {fans}: {when}{hood}. "
+          "{proof}."), "Join us: "),
+        ("{greet} Welcome back, we've missed you. {name} is {fans}: {when}{hood}. {proof}.", "Join us: "),
+        ("{greet} Welcome back, we've missed you. {name} is {fans}: {when}. {proof}.", "Join us: "),
+        ("{greet} Welcome back, we've missed you. {name}, {fans}: {when}. {proof}.", ""),
+        ("{greet} Welcome back, we've missed you. {name} ({interest}) {when}. {proof}.", ""),
+        ("{first}, welcome back, we've missed you! {name} ({interest}) {when}, {short_proof}", ""),
+        ("{first}, welcome back, missed you! {name} ({interest}) {when}, {short_proof}", ""),
+    ),
+    "brief": (
+        ("{first}, welcome back! {name} ({interest}) {when}. {proof}.", "RSVP: "),
+        ("{first}, welcome back! {name} ({interest}) {when}, {short_proof}.", ""),
+    ),
+    "social": (
+        ("{greet} Welcome back. {lead}, {fans}: {when}. {counts}.", "Tap to RSVP: "),
+        ("{greet} Welcome back. {lead} ({interest}) {when}. {counts}.", ""),
+        ("{first}, welcome back! {lead} ({interest}) {when}. {counts}", ""),
+        ("{first}, welcome back! {lead} ({interest}) {when}, {short_counts}", ""),
+    ),
+}
 
 
 def member_tone(campaign_name: str, member_id: str, variants: Sequence[str]) -> str:
-    """The member's tone among ``variants``: equal shares by ``tone_share``, the same run after run."""
+    """The member's tone among ``variants``: equal shares by a stable hash salted apart from the holdout's."""
     if len(variants) <= 1:
         return variants[0] if variants else DEFAULT_TONE
-    return variants[min(len(variants) - 1, int(tone_share(campaign_name, member_id) * len(variants)))]
+    share = holdout_share(f"{TONE_SALT}\x00{campaign_name}", member_id)
+    return variants[min(len(variants) - 1, int(share * len(variants)))]
 
 
 def tone_names(text: str) -> tuple[str, ...]:
@@ -4183,51 +4162,30 @@ def tone_names(text: str) -> tuple[str, ...]:
     return names
 
 
-def social_lead(facts: MessageFacts, name: str) -> tuple[str, str]:
-    """The social tone's opening (who is going, then the event) and what it still has to say of the counts."""
-    spots = "" if facts.spots_left is None else (
-        f"{facts.spots_left} spot left" if facts.spots_left == 1 else f"{facts.spots_left} spots left")
+def template_wordings(facts: MessageFacts, name: str, tone: str = DEFAULT_TONE) -> Iterator[tuple[str, str]]:
+    """The ``tone``'s wordings (``WORDINGS``) naming the event ``name``, for each matched interest in turn (the
+    first, then the rest shortest first). The social tone leads with the people: those the member sat with
+    before who are going (a count, never who), else the going count."""
+    going = f"{facts.going} going" if facts.going else ""
+    spots, short_spots = ("", "") if facts.spots_left is None else (
+        f"{facts.spots_left} spot{'' if facts.spots_left == 1 else 's'} left", f"{facts.spots_left} left")
+    proof, short_proof = (", ".join(p for p in (going, tail) if p) for tail in (spots, short_spots))
     if facts.company:
-        faces = "familiar face" if facts.company == 1 else "familiar faces"  # people they dined with, a count only
-        return f"See {facts.company} {faces} at {name}", ", ".join(
-            p for p in (f"{facts.going} going" if facts.going else "", spots) if p)
-    if facts.going:
-        return f"Join {facts.going} {'other' if facts.going == 1 else 'others'} at {name}", spots
-    return f"Meet new people at {name}", spots
-
-
-def short_counts(counts: str) -> str:
-    """"12 going, 2 spots left" as "12 going, 2 left": the short form today's shortest wordings use."""
-    return re.sub(r"(\d+) spots? left", r"\1 left", counts)
-
-
-def tone_family(facts: MessageFacts, name: str) -> Iterator[tuple[str, str]]:
-    """The tone's own wordings naming the event ``name``, richest first (none for ``standard``)."""
-    if facts.tone not in ("warm", "brief", "social"):
-        return
-    greet, first, proof, short_proof, hood = phrase_parts(facts)
-    for interest in interest_order(facts):
+        faces = "familiar face" if facts.company == 1 else "familiar faces"
+        lead, counts, short_counts = f"See {facts.company} {faces}", proof, short_proof
+    elif facts.going:
+        lead, counts, short_counts = f"Join {facts.going} other{'' if facts.going == 1 else 's'}", spots, short_spots
+    else:
+        lead, counts, short_counts = "Meet new people", spots, short_spots
+    fields = {"greet": f"Hi {facts.first_name}!" if facts.first_name else "Hi there!",
+              "first": facts.first_name or "Hi", "name": name, "when": facts.when, "proof": proof,
+              "short_proof": short_proof, "lead": f"{lead} at {name}", "counts": counts, "short_counts": short_counts,
+              "hood": f" in {facts.neighbourhood.replace('-', ' ').title()}" if facts.neighbourhood else ""}
+    labels = [interest_label(i) for i in facts.interests]
+    for interest in labels[:1] + sorted(labels[1:], key=len) or [""]:
         fans = f"one for {interest} fans" if interest else "a good one"
-        if facts.tone == "warm":
-            yield from [
-                ((f"{greet} Welcome back, we've missed you and would love to see you again. {name} is {fans}: "
-                  f"{facts.when}{hood}. {proof}."), "Join us: "),
-                (f"{greet} Welcome back, we've missed you. {name} is {fans}: {facts.when}{hood}. {proof}.", "Join us: "),
-                (f"{greet} Welcome back, we've missed you. {name} is {fans}: {facts.when}. {proof}.", "Join us: "),
-                (f"{greet} Welcome back, we've missed you. {name}, {fans}: {facts.when}. {proof}.", ""),
-                (f"{greet} Welcome back, we've missed you. {name} ({interest}) {facts.when}. {proof}.", ""),
-                (f"{first}, welcome back, we've missed you! {name} ({interest}) {facts.when}, {short_proof}", ""),
-                (f"{first}, welcome back, missed you! {name} ({interest}) {facts.when}, {short_proof}", ""),
-            ]
-        elif facts.tone == "brief":
-            yield from [(f"{first}, welcome back! {name} ({interest}) {facts.when}. {proof}.", "RSVP: "),
-                        (f"{first}, welcome back! {name} ({interest}) {facts.when}, {short_proof}.", "")]
-        else:
-            lead, counts = social_lead(facts, name)
-            yield from [(f"{greet} Welcome back. {lead}, {fans}: {facts.when}. {counts}.", "Tap to RSVP: "),
-                        (f"{greet} Welcome back. {lead} ({interest}) {facts.when}. {counts}.", ""),
-                        (f"{first}, welcome back! {lead} ({interest}) {facts.when}. {counts}", ""),
-                        (f"{first}, welcome back! {lead} ({interest}) {facts.when}, {short_counts(counts)}", "")]
+        for body, action in WORDINGS[tone]:
+            yield body.format(interest=interest, fans=fans, **fields), action
 
 
 def dress(facts: MessageFacts, body: str, action: str) -> str:
@@ -4241,33 +4199,31 @@ def dress(facts: MessageFacts, body: str, action: str) -> str:
 
 
 def write_template_sms(facts: MessageFacts) -> str | None:
-    """Step 6 by template: the richest wording that passes the contract, shortening as needed.
+    """Step 6 by template: the richest wording that passes the contract, shortening as needed; None when none
+    fits (a long non-GSM-7 name, a name that is only a web address), and the caller tries the next event.
 
-    None when no wording fits (a long non-GSM-7 name, a name that is only a web address): the caller
-    tries the next event. A plain return, so an unrelated bug can never pass for "no wording fits".
-    Linear in the name's length: only the cuts of its ``phone_safe_name`` short enough to fit beside
-    the link (and the sender and opt-out text) are built and tried. With a sender or opt-out text set,
-    the going count, the spots and the interest give way in turn (``fact_levels``, ``template_attempts``);
-    the greeting, the event name (cut at a word boundary at most), the day and time and the link never do.
+    Linear in the name's length: only the cuts of its ``phone_safe_name`` that fit beside the link, sender and
+    opt-out text are tried. The greeting, the event name (cut at a word at most), the time and the link never
+    give way. A tone never costs a fact, a cut of the name or a message: today's wording otherwise.
     """
     safe = phone_safe_name(facts.event_name)
     carried = len(sender_prefix(facts)) + (len(opt_out_clause(facts)) + 1 if facts.opt_out_text else 0)
     names = shortened_names(safe, max_len=GSM7_LIMIT - carried - len(facts.link) - 1) if safe else []
-    standard = next(template_texts(facts, names, template_wordings), None)
+    standard = next(template_texts(facts, names), None)
     if standard is None or facts.tone == DEFAULT_TONE:
         return standard[0] if standard else None
-    kept = facts_said(facts, standard[0])  # a tone never costs a fact, a cut of the name or a message
+    kept = facts_said(facts, standard[0])
     allowed = names[: names.index(standard[1]) + 1]
-    return next((text for text, _ in template_texts(facts, allowed, tone_family) if facts_said(facts, text) >= kept),
+    return next((text for text, _ in template_texts(facts, allowed, facts.tone) if facts_said(facts, text) >= kept),
                 standard[0])
 
 
-def template_texts(facts: MessageFacts, names: Sequence[str], wordings: Any) -> Iterator[tuple[str, str]]:
-    """(text, the cut of the name it uses) of every wording within the SMS contract, in the template's order
-    of preference (``template_attempts``); ``wordings`` is ``template_wordings`` or a tone's ``tone_family``."""
+def template_texts(facts: MessageFacts, names: Sequence[str], tone: str = DEFAULT_TONE) -> Iterator[tuple[str, str]]:
+    """(text, the cut of the name it uses) of every ``tone`` wording within the SMS contract, in the template's
+    order of preference (``template_attempts``)."""
     tried: set[str] = set()
     for name, level in template_attempts(facts, names):
-        for body, action in wordings(level, name):
+        for body, action in template_wordings(level, name, tone):
             text = dress(facts, body, action)
             if text in tried:
                 continue
