@@ -3988,11 +3988,9 @@ def without_sender_parts(body: str, facts: MessageFacts) -> tuple[str, list[str]
 def validate_sms(text: str, facts: MessageFacts) -> list[str]:
     """The SMS contract, for template and Claude alike: every problem found, empty when fine.
 
-    Nothing a phone could make tappable may appear but the one link: no other scheme, ``www.`` or bare
-    domain (``URL_PATTERN``: any ``label.label`` with a letter-only top-level domain), and no contact
-    detail (``CONTACT_DETAIL``: email address, phone number in digits or letters, IP host, tel:/sms:/mailto:),
-    looked for in ``phone_view`` so Unicode spellings count; and no control or invisible character at all.
-    The event is named by its ``phone_safe_name``. One greeting; at most one question mark in the whole text.
+    Nothing a phone could make tappable but the one link (``URL_PATTERN``, ``CONTACT_DETAIL``, read in
+    ``phone_view`` so Unicode spellings count); no hidden character; the event named by its ``phone_safe_name``;
+    one greeting; at most one question mark in the whole text.
     """
     problems: list[str] = []
     if not isinstance(text, str) or not text.strip():
@@ -4303,24 +4301,18 @@ def utc_offset(moment: datetime, zone: ZoneInfo) -> timedelta:
     return moment.astimezone(zone).utcoffset() or timedelta(0)
 
 
-def offset_change(lo: datetime, hi: datetime, zone: ZoneInfo) -> datetime:
-    """The first instant after ``lo`` whose UTC offset is not ``lo``'s, given that ``hi``'s is not (to the
-    microsecond, by bisection: zoneinfo does not list its transitions)."""
-    before = utc_offset(lo, zone)
-    while hi - lo > ONE_MICROSECOND:
-        mid = lo + (hi - lo) / 2
-        lo, hi = (mid, hi) if utc_offset(mid, zone) == before else (lo, mid)
-    return hi
-
-
 def steady_offsets(lo: datetime, hi: datetime, zone: ZoneInfo) -> list[tuple[datetime, datetime, timedelta]]:
-    """``[lo, hi)`` (at most a day or so) cut where the zone's UTC offset changes: (from, to, offset).
-    A change and its undoing within one such span would go unseen; no zone has one."""
+    """``[lo, hi)`` (at most a day or so) cut where the zone's UTC offset changes: (from, to, offset), each change
+    found to the microsecond by bisection (zoneinfo does not list its transitions). A change and its undoing
+    within one such span would go unseen; no zone has one."""
     pieces = []
     while lo < hi:
         offset, end = utc_offset(lo, zone), hi
         if utc_offset(hi - ONE_MICROSECOND, zone) != offset:
-            end = offset_change(lo, hi - ONE_MICROSECOND, zone)
+            steady, end = lo, hi - ONE_MICROSECOND
+            while end - steady > ONE_MICROSECOND:
+                mid = steady + (end - steady) / 2
+                steady, end = (mid, end) if utc_offset(mid, zone) == offset else (steady, mid)
         pieces.append((lo, end, offset))
         lo = end
     return pieces
@@ -4339,11 +4331,8 @@ def allowed_wall_spans(lo: datetime, hi: datetime, quiet: QuietHours) -> Iterato
 
 
 def allowed_spans(lo: datetime, hi: datetime, zone: ZoneInfo, quiet: QuietHours) -> list[tuple[datetime, datetime]]:
-    """The UTC spans within ``[lo, hi)`` whose local time in ``zone`` is outside quiet hours, in order.
-
-    Exact across daylight-saving changes: within a steady offset the wall clock is UTC plus that offset,
-    so a local time the clocks skip is never allowed and one they repeat is allowed both times it occurs.
-    """
+    """The UTC spans within ``[lo, hi)`` whose local time in ``zone`` is outside quiet hours, in order. Exact
+    across daylight-saving changes: a local time the clocks skip is never allowed, one they repeat is twice."""
     spans: list[tuple[datetime, datetime]] = []
     for start, end, offset in steady_offsets(lo, hi, zone):
         wall = [(moment + offset).replace(tzinfo=None) for moment in (start, end)]
@@ -4378,14 +4367,11 @@ def allowed_end(lo: datetime, hi: datetime, zone: ZoneInfo, quiet: QuietHours) -
 @functools.lru_cache(maxsize=8192)
 def send_window(start: datetime, now: datetime, zone: ZoneInfo, quiet: QuietHours,
                 min_lead: timedelta) -> SendWindow | None:
-    """When a message about an event starting at ``start`` may go out to a member in ``zone``, or None.
+    """When a message about an event starting at ``start`` may go out to a member in ``zone``, or None (the event
+    starts too soon, only quiet hours remain before it, or a date is at the end of datetime's range).
 
-    ``send_after`` is the first moment at or after ``now`` outside quiet hours, local time; ``send_before``
-    is exclusive: the end of the last allowed span before ``start - min_lead`` (the start of quiet hours,
-    21:00 local by default, or ``start - min_lead`` itself when that falls in allowed hours). So every
-    moment in the window is more than ``min_lead`` before the event. None when no moment is left: the
-    event starts too soon, only quiet hours remain before it, or a date is at the end of datetime's range.
-    Cached: members in one zone share each event's window.
+    ``send_after``: the first moment from ``now`` on outside quiet hours, local time; ``send_before``
+    (exclusive): the end of the last allowed span before ``start - min_lead``. Cached: a zone shares each window.
     """
     start, now = start.astimezone(UTC), now.astimezone(UTC)  # the spans' arithmetic is on UTC instants
     cutoff = start - min_lead
