@@ -4504,31 +4504,17 @@ def template_notes(facts: MessageFacts, text: str) -> str:
 
 def dashboard_user(user: Mapping[str, Any]) -> dict[str, Any]:
     """A member as the dashboard reads it (plan's users schema)."""
-    record = dict(user)
-    record.update({
-        "id": user["_id"],
-        "name": full_name(user),
-        "summary": user["summary"],
-        "event_count": user.get("eventCount", 0),
-        "user_id": user["_id"],
-        "neighborhood": user.get("homeNeighborhood"),
-    })
-    return record
+    return {**user, "id": user["_id"], "name": full_name(user), "summary": user["summary"],
+            "event_count": user.get("eventCount", 0), "user_id": user["_id"],
+            "neighborhood": user.get("homeNeighborhood")}
 
 
 def dashboard_event(event: Mapping[str, Any]) -> dict[str, Any]:
     """An event as the dashboard reads it (plan's events schema)."""
-    record = dict(event)
-    record.update({
-        "id": event["_id"],
-        "event_id": event["_id"],
-        "capacity": event.get("maxParticipants"),
-        "participants_count": event.get("participantCount", 0),
-        "fill_rate_percent": round(float(event.get("participationPercentage") or 0.0), 1),
-        "summary": event["summary"],
-    })
-    record.setdefault("maxParticipants", None)
-    return record
+    return {**event, "id": event["_id"], "event_id": event["_id"], "capacity": event.get("maxParticipants"),
+            "participants_count": event.get("participantCount", 0),
+            "fill_rate_percent": round(float(event.get("participationPercentage") or 0.0), 1),
+            "summary": event["summary"], "maxParticipants": event.get("maxParticipants")}
 
 
 def listing(name: str, items: Sequence[Mapping[str, Any]], updated_at: str) -> dict[str, Any]:
@@ -4575,10 +4561,7 @@ SKIP_REASONS = (  # dormant_users.json's skip_reason for an eligible member not 
 
 
 class IdleReason(Enum):
-    """Why a day drafted no message: the one line cron mail gets, and the exit code (3: look; 0: as planned).
-
-    ``idle_reason`` finds it from the walk's decisions; a step that knows before the walk (the per-day
-    limit: ``DAY_LIMIT_DRAFTED``) hands it over to ``idle_reason`` as its ``hint``."""
+    """Why a day drafted no message: the one line cron mail gets (``IDLE_LINES``), and the exit code."""
 
     NOBODY_DORMANT = "nobody_dormant"
     ALL_IN_COOLDOWN = "all_in_cooldown"
@@ -4611,8 +4594,8 @@ NOT_REACHED = frozenset({"cooldown", "below_limit", "not_started"})
 
 def idle_reason(eligible: int, decisions: Mapping[str, str], messages: int,
                 hint: IdleReason | None = None) -> IdleReason | None:
-    """Why no message was drafted (``decisions``: each eligible member's ``selected`` or skip code), or None
-    when one was. ``hint``: a reason known before the walk (today's limit already drafted)."""
+    """Why no message was drafted (from each member's ``selected`` or skip code), or None when one was;
+    ``hint``: a reason known before the walk (today's limit already drafted)."""
     if messages:
         return None
     if hint is not None:
@@ -4679,8 +4662,7 @@ def ours(item: Mapping[str, Any]) -> bool:
 def tally_history(messages: Iterable[Mapping[str, Any]], holdout: Iterable[Mapping[str, Any]],
                   day: tuple[datetime, datetime], seats_since: datetime) -> DashboardHistory:
     """This tool's messages and holdout records of the campaign ``day``, and its open invitations per event
-    (pending or approved, generated at or after ``seats_since``): the arithmetic of the daily limit and of
-    the seats, apart from the reading."""
+    (pending or approved, generated at or after ``seats_since``)."""
     drafted, held, members, invitations = 0, 0, set(), Counter[str]()
     for item in messages:
         when = to_utc(item.get("generated_at")) if ours(item) else None
@@ -4767,9 +4749,8 @@ REASON_STAGES = {  # each skip_reason: the first funnel stage a member left out 
 
 
 def reason_stage(code: str) -> str:
-    """The funnel stage a member left out for ``code`` does not reach, as ``REASON_STAGES`` says; a reason added to
-    SKIP_REASONS without one takes the stage of the nearest reason before it (SKIP_REASONS is in walk order);
-    any other code, the last stage (the member was looked at and not drafted)."""
+    """The funnel stage a member left out for ``code`` does not reach (``REASON_STAGES``); a reason without one
+    takes that of the nearest reason before it in SKIP_REASONS (walk order); an unknown code, the last stage."""
     if code in REASON_STAGES:
         return REASON_STAGES[code]
     earlier = SKIP_REASONS[:SKIP_REASONS.index(code)] if code in SKIP_REASONS else ()
@@ -4784,9 +4765,8 @@ class FunnelStage(TypedDict):
 
 
 def run_funnel(eligible: int, reasons: Mapping[str, int]) -> list[FunnelStage]:
-    """The funnel, computed once from the eligible count and the skip_reason counts (``skip_reason_counts``):
-    every eligible member not left out for a reason was drafted, and each reason drops its members at its
-    stage (``reason_stage``); the held-out members come last, apart."""
+    """The funnel from the eligible count and the skip_reason counts: each reason drops its members at its
+    stage (``reason_stage``), the rest were drafted; the held-out members come last, apart."""
     dropped = Counter[str]()
     for code, n in reasons.items():
         dropped[reason_stage(code)] += n
@@ -4814,8 +4794,8 @@ def funnel_lines(funnel: Sequence[Mapping[str, Any]], reasons: Mapping[str, int]
 
 
 def skip_list_rows(eligible: Sequence[Mapping[str, Any]], decisions: Mapping[str, str]) -> Iterator[list[str]]:
-    """``skipped.csv``'s rows, in rank order: each member the walk reached and left out (not drafted, not held
-    out), as member id and skip_reason only. An id that is an email or phone number is withheld (its rank said)."""
+    """``skipped.csv``'s rows in rank order: member id and skip_reason of each member the walk reached and left
+    out (not held out); an id that is a contact detail is withheld (its rank said)."""
     looked_at = set(FUNNEL_STAGES[FUNNEL_STAGES.index("reached") + 1:])
     for rank, user in enumerate(eligible, 1):
         code = decisions.get(user["_id"], "below_limit")
@@ -4824,8 +4804,7 @@ def skip_list_rows(eligible: Sequence[Mapping[str, Any]], decisions: Mapping[str
 
 
 def contact_like_id(member_id: str) -> bool:
-    """An id that is a contact detail (``CONTACT_DETAIL``: an email address, a phone number as people write one
-    with a ``+`` or punctuation among the digits, ...); plain digits and ObjectIds are ids."""
+    """An id that is a contact detail (``CONTACT_DETAIL``); plain digits and ObjectIds are ids."""
     plain = readable(member_id)
     return not plain.isalnum() and first_contact(plain) is not None
 
@@ -4892,8 +4871,8 @@ def preview_lines(preview: Sequence[Mapping[str, Any]]) -> list[str]:
 
 
 def run_cost(segments: int, price: float | None, claude_usd: float | None, claude_used: bool) -> dict[str, Any]:
-    """The day's cost: SMS segments times ``SMS_SEGMENT_PRICE`` (segments only when it is unset) beside Claude's
-    estimate (None when its prices are unknown); the total only when every part is known."""
+    """The day's cost: SMS segments times ``SMS_SEGMENT_PRICE`` beside Claude's estimate (None when its prices
+    are unknown); the total only when every part is known."""
     sms_usd = None if price is None else round(segments * price, 6)
     claude = claude_usd if claude_used else 0.0
     total = None if sms_usd is None or claude is None else round(sms_usd + claude, 6)
@@ -5018,20 +4997,17 @@ def message_advice(summary: Mapping[str, Any], reasons: Mapping[str, int], cost:
     return []
 
 
-def fallback_advice(fallbacks: Mapping[str, Any]) -> list[str]:
-    n = fallbacks.get("matching", 0) + fallbacks.get("writing", 0)
-    return [f"Claude fell back to the rules or the template {n} times: see Claude fallbacks."] if n else []
-
-
 def recommendations(report: Mapping[str, Any]) -> list[str]:
     """What this run's figures suggest doing (a dominant skip reason, a crowded event, a holdout too small,
     segments, fallbacks); a day with nothing to say says so."""
-    reasons, summary = report["skip_reasons"], report["summary"]
+    reasons, summary, fallbacks = report["skip_reasons"], report["summary"], report["fallbacks"]
+    fell_back = fallbacks.get("matching", 0) + fallbacks.get("writing", 0)
     found = [*message_advice(summary, reasons, report["cost"]),
              *dominant_reason_advice(reasons, summary.get("total_messages_generated", 0)),
              *crowded_event_advice(report["preview"]),
              *holdout_advice(report["holdout"], report["holdout_power"]),
-             *fallback_advice(report["fallbacks"])]
+             *([f"Claude fell back to the rules or the template {fell_back} times: see Claude fallbacks."]
+               if fell_back else [])]
     return found or ["Nothing in this run's figures calls for a change."]
 
 
@@ -5042,11 +5018,8 @@ def cell(value: Any) -> str:
 
 def empty_input_lines(empty: Sequence[str]) -> list[str]:
     """The report's line for empty input: a run that read nothing is not a day that found nobody."""
-    if not empty:
-        return []
-    line = (f"- **Empty input:** the source has no {' and no '.join(empty)}; check it before reading this run "
-            "as a day that found nobody")
-    return [line]
+    return [(f"- **Empty input:** the source has no {' and no '.join(empty)}; check it before reading this run "
+             "as a day that found nobody")] if empty else []
 
 
 def skip_reason_lines(reasons: Mapping[str, int], holdout: Mapping[str, Any],
@@ -5135,8 +5108,7 @@ def report_markdown(report: Mapping[str, Any]) -> str:
 
 
 def skipped_lines(report: Mapping[str, Any]) -> list[str]:
-    """The members left out, as the funnel counts them (the walk's reasons), then why each member steps 5-6
-    looked at was skipped; the list for data clean-up is ``skipped.csv``."""
+    """The members left out, by the walk's reasons, then why each member steps 5-6 looked at was skipped."""
     reasons = {code: n for code, n in report.get("skip_reasons", {}).items() if code != "holdout"}
     if not reasons:
         return ["None."]
@@ -5181,9 +5153,8 @@ class Fallback:
 
 @dataclass
 class UserOutcome:
-    """One member the walk reached, after steps 5 and 6: a match and message, a holdout record (the
-    control group), or a reason for neither. ``rank`` orders the dashboard writes; ``eligible_rank``
-    is the member's place in the eligible list (1-based)."""
+    """One member the walk reached, after steps 5 and 6: a match and message, a holdout record, or a reason for
+    neither. ``rank`` orders the dashboard writes; ``eligible_rank``: the place in the eligible list (1-based)."""
 
     rank: int
     user: DormantMember
@@ -5212,11 +5183,9 @@ def walk_codes(outcomes: Iterable[UserOutcome]) -> dict[str, str]:
 
 def walk_listing(eligible: Sequence[DormantMember], decisions: Mapping[str, str],
                  details: Mapping[str, str] | None = None) -> Iterator[bytes]:
-    """``dormant_users.json``'s items (``write_json_items``), ``JSON_CHUNK_ITEMS`` at a time: every eligible
-    member in rank order, with ``selected`` and, for those not selected, ``skip_reason`` (a member the walk
-    never decided on is ``below_limit``) and its ``skip_detail`` when ``details`` has one. The keys are
-    appended to each record's JSON, the records are not copied (160,000 copies at a million members were a
-    second)."""
+    """``dormant_users.json``'s items, ``JSON_CHUNK_ITEMS`` at a time: every eligible member in rank order with
+    its ``decision_keys`` (undecided: ``below_limit``), appended to each record's JSON without copying records
+    (160,000 copies at a million members were a second)."""
     tails: dict[tuple[str, str | None], bytes] = {}
     details = details or {}
     for first in range(0, len(eligible), JSON_CHUNK_ITEMS):
@@ -5264,14 +5233,9 @@ def build_report(*, campaign_id: str, run_started: datetime, finished: datetime,
                  empty_input: Sequence[str] = (), places_not_located: Mapping[str, int] | None = None,
                  sms_segment_price: float | None = None, earlier_30_days: tuple[int, int] | None = None,
                  volume: Mapping[str, Any] | None = None, idle: IdleReason | None = None) -> dict[str, Any]:
-    """Step 8: the plan's statistics and summary, plus the funnel, a preview of every message, the cost, who
-    was skipped, the holdout's power, services, errors and recommendations from these figures.
-
-    ``empty_input`` names the collections the source had no documents in (``"users"``, ``"events"``);
-    ``decisions`` is each eligible member's ``selected`` or skip code; ``earlier_30_days`` the members
-    messaged and held out in the dashboard in the 30 days before this run (None: not read); ``idle`` why
-    no message was drafted.
-    """
+    """Step 8: the plan's statistics and summary, plus the funnel, a preview of every message, the cost, who was
+    skipped, the holdout's power, services, errors and recommendations. ``earlier_30_days``: the members
+    messaged and held out in the 30 days before this run (None: not read)."""
     reasons = skip_reason_counts(decisions)
     held_out = [o.holdout for o in outcomes if o.holdout is not None]
     matches = [o.match for o in outcomes if o.match is not None]
