@@ -4413,27 +4413,14 @@ def build_message(match: Match, text: str, *, generator: str, notes: str, now: d
     """The dashboard's record of one drafted SMS, with when it may be sent and in which zone that is judged."""
     size = sms_size(text)
     message = Message(
-        user_name=match["user_name"],
-        user_id=match["user_id"],
-        user_email=text_field(match["user"], "email"),
+        user_name=match["user_name"], user_id=match["user_id"], user_email=text_field(match["user"], "email"),
         user_phone=match["user"].get("phone_e164"),  # E.164: what the sender needs; the stored form is on the user
-        event_name=match["event_name"],
-        event_id=match["event_id"],
-        message_text=text,
-        personalization_notes=notes,
-        character_count=size.units,
-        similarity_score=match["confidence_percentage"],
-        confidence_percentage=match["confidence_percentage"],
-        reasoning=match["reasoning"],
-        status="pending",
-        generated_at=iso_utc(now) or "",
-        generator=generator,
-        sms_encoding=size.encoding,
-        sms_segments=size.segments,
-        send_after=iso_utc(window.send_after) or "",
-        send_before=iso_utc(window.send_before) or "",
-        recipient_timezone=zone.key,
-    )
+        event_name=match["event_name"], event_id=match["event_id"], message_text=text, personalization_notes=notes,
+        character_count=size.units, similarity_score=match["confidence_percentage"],
+        confidence_percentage=match["confidence_percentage"], reasoning=match["reasoning"], status="pending",
+        generated_at=iso_utc(now) or "", generator=generator, sms_encoding=size.encoding, sms_segments=size.segments,
+        send_after=iso_utc(window.send_after) or "", send_before=iso_utc(window.send_before) or "",
+        recipient_timezone=zone.key)
     if variant is not None:  # only in a tone A/B: a default run's messages are as before
         message["variant"] = variant
     return message
@@ -4543,21 +4530,27 @@ class Skip:
     code: str = "no_matching_event"
 
 
-SKIP_REASONS = (  # dormant_users.json's skip_reason for an eligible member not selected, in walk order
-    "cooldown",                 # messaged (or held out) within --cooldown-days
-    "no_valid_phone",           # no phone, or not a valid number that can receive SMS
-    "opted_out",                # an opt-out field set, or consent explicitly refused (or in doubt), on any record with the number
-    "shared_phone",             # the number was messaged or held out for another member (this run or the cooldown)
-    "holdout",                  # the control group: recorded, never texted
-    "no_matching_event",        # no open future event shares an interest
-    "no_event_in_send_window",  # every candidate starts too soon or leaves only quiet hours to send
-    "seats_exhausted",          # every candidate already has as many open invitations as it can seat
-    "below_min_confidence",     # the best match is below --min-confidence
-    "no_sms_within_contract",   # no SMS within the contract for the chosen event or the next ones
-    "failed",                   # an unexpected error on this member (see the log)
-    "not_started",              # the run stopped (signal or deadline) before this member
-    "below_limit",              # --limit members were messaged before this one's turn
-)
+FUNNEL_STAGES = ("eligible", "outside cooldown", "reached", "textable", "not opted out", "event in send window",
+                 "matched", "drafted")  # the funnel: eligible to drafted, one count per stage (console, Markdown, JSON)
+HELD_OUT_STAGE = "held out"  # after "drafted", apart: matched, recorded, never texted
+# dormant_users.json's skip_reason for an eligible member not selected, in walk order, and the first funnel
+# stage a member left out for it does not reach:
+REASON_STAGES = {
+    "cooldown": "outside cooldown",  # messaged (or held out) within --cooldown-days
+    "no_valid_phone": "textable",  # no phone, or not a valid number that can receive SMS
+    "opted_out": "not opted out",  # an opt-out field set, or consent refused (or in doubt), on a record with the number
+    "shared_phone": "textable",  # the number was messaged or held out for another member (this run or the cooldown)
+    "holdout": "drafted",  # the control group: matched, recorded, never texted (counted apart as HELD_OUT_STAGE)
+    "no_matching_event": "event in send window",  # no open future event shares an interest
+    "no_event_in_send_window": "event in send window",  # every candidate starts too soon or leaves only quiet hours
+    "seats_exhausted": "matched",  # every candidate already has as many open invitations as it can seat
+    "below_min_confidence": "matched",  # the best match is below --min-confidence
+    "no_sms_within_contract": "drafted",  # no SMS within the contract for the chosen event or the next ones
+    "failed": "drafted",  # an unexpected error on this member in steps 5-6 (see the log)
+    "not_started": "reached",  # the run stopped (signal or deadline) before this member
+    "below_limit": "reached",  # --limit members were messaged before this one's turn
+}
+SKIP_REASONS = tuple(REASON_STAGES)
 
 
 class IdleReason(Enum):
@@ -4726,26 +4719,7 @@ def volume_lines(report: Mapping[str, Any]) -> list[str]:
 CONTACT_SKIPS = ("no_valid_phone", "opted_out", "shared_phone")  # decided when the walk reaches a member (counted on the console)
 
 
-# --- the funnel: eligible to drafted, one count per stage (console, Markdown and JSON alike) -------
-
-FUNNEL_STAGES = ("eligible", "outside cooldown", "reached", "textable", "not opted out", "event in send window",
-                 "matched", "drafted")
-HELD_OUT_STAGE = "held out"  # after "drafted", apart: matched, recorded, never texted
-REASON_STAGES = {  # each skip_reason: the first funnel stage a member left out for it does not reach
-    "cooldown": "outside cooldown",
-    "below_limit": "reached",              # the walk stopped (--limit) before this member
-    "not_started": "reached",              # the run stopped (signal or deadline) before this member
-    "no_valid_phone": "textable",
-    "shared_phone": "textable",            # the number already gets a text (another member's)
-    "opted_out": "not opted out",
-    "no_matching_event": "event in send window",
-    "no_event_in_send_window": "event in send window",
-    "below_min_confidence": "matched",
-    "seats_exhausted": "matched",          # every matching event already has its invitations
-    "no_sms_within_contract": "drafted",
-    "failed": "drafted",                   # an error in steps 5-6
-    "holdout": "drafted",                  # matched, held out: counted apart as HELD_OUT_STAGE
-}
+# --- the funnel (``FUNNEL_STAGES``) -------------------------------------------------------------------
 
 
 def reason_stage(code: str) -> str:
@@ -5170,15 +5144,9 @@ class UserOutcome:
 
 def walk_codes(outcomes: Iterable[UserOutcome]) -> dict[str, str]:
     """Each reached member's decision: ``selected`` (messaged), ``holdout``, or the skip's code."""
-    codes: dict[str, str] = {}
-    for o in outcomes:
-        if o.message is not None:
-            codes[o.user["_id"]] = "selected"
-        elif o.holdout is not None:
-            codes[o.user["_id"]] = "holdout"
-        elif o.skip is not None:
-            codes[o.user["_id"]] = o.skip.code
-    return codes
+    codes = {o.user["_id"]: "selected" if o.message else "holdout" if o.holdout else o.skip.code if o.skip else ""
+             for o in outcomes}
+    return {user_id: code for user_id, code in codes.items() if code}
 
 
 def walk_listing(eligible: Sequence[DormantMember], decisions: Mapping[str, str],
