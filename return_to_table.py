@@ -4759,12 +4759,9 @@ def funnel_text(funnel: Sequence[Mapping[str, Any]]) -> str:
 
 def funnel_lines(funnel: Sequence[Mapping[str, Any]], reasons: Mapping[str, int]) -> list[str]:
     """The funnel as a Markdown table: each stage, its members, and the reasons that left members out before it."""
-    lines = ["## Funnel", "", "| stage | members | left out before this stage |", "| --- | --- | --- |"]
-    for row in funnel:
-        left = ", ".join(f"{n} {code}" for code, n in reasons.items()
-                         if row["stage"] != HELD_OUT_STAGE and reason_stage(code) == row["stage"])
-        lines.append(f"| {row['stage']} | {row['count']} | {left or '-'} |")
-    return lines + [""]
+    rows = [[row["stage"], str(row["count"]), ", ".join(f"{n} {code}" for code, n in reasons.items()
+             if row["stage"] != HELD_OUT_STAGE and reason_stage(code) == row["stage"]) or "-"] for row in funnel]
+    return ["## Funnel", "", *markdown_table([["stage", "members", "left out before this stage"], *rows]), ""]
 
 
 def skip_list_rows(eligible: Sequence[Mapping[str, Any]], decisions: Mapping[str, str]) -> Iterator[list[str]]:
@@ -4999,8 +4996,8 @@ def empty_input_lines(empty: Sequence[str]) -> list[str]:
 def skip_reason_lines(reasons: Mapping[str, int], holdout: Mapping[str, Any],
                       details: Mapping[str, int] | None = None) -> list[str]:
     """Why eligible members were not texted (counts only), and the control group."""
-    lines = ["## Who was texted", "", "| eligible members not texted, by reason | count |", "| --- | --- |"]
-    lines += [f"| {code} | {n} |" for code, n in reasons.items()] or ["| (none) | 0 |"]
+    rows = [[code, str(n)] for code, n in reasons.items()] or [["(none)", "0"]]
+    lines = ["## Who was texted", "", *markdown_table([["eligible members not texted, by reason", "count"], *rows])]
     lines += [f"\nOf these, {n}: {cell(detail)}." for detail, n in (details or {}).items()]
     if holdout.get("fraction"):
         ranks = ", ".join(str(r) for r in holdout.get("ranks", [])) or "none"
@@ -5013,6 +5010,14 @@ def report_markdown(report: Mapping[str, Any]) -> str:
     """The human report: goal, run summary, who was tried, matches, messages, recommendations."""
     s, st = report["summary"], report["statistics"]
     matcher = "claude" if report["llm"] == "claude" else "rules"
+    figures = [[key.replace("_", " "), "—" if s.get(key) is None else str(s[key])] for key in (
+        "total_dormant_users_found", "total_users_with_complete_profiles", "users_left_out_by_cooldown",
+        "total_future_events", "total_matches_created", "total_messages_generated", "total_sms_segments",
+        "average_days_inactive", "average_confidence_score", "error_count")]
+    messages = {m["user_id"]: m for m in report.get("messages", [])}
+    matches = [[m["user_name"], m["event_name"], str(m["confidence_percentage"]), m["matcher"],
+                *(str(messages.get(m["user_id"], {}).get(key, "")) for key in ("message_text", "sms_segments"))]
+               for m in report.get("matches", [])]
     lines = [
         f"# Return To Table report: {report['campaign_id']}",
         "",
@@ -5027,31 +5032,21 @@ def report_markdown(report: Mapping[str, Any]) -> str:
         "",
         "## Run summary",
         "",
-        "| figure | value |",
-        "| --- | --- |",
-    ]
-    for key in ("total_dormant_users_found", "total_users_with_complete_profiles",
-                "users_left_out_by_cooldown", "total_future_events", "total_matches_created",
-                "total_messages_generated", "total_sms_segments", "average_days_inactive",
-                "average_confidence_score", "error_count"):
-        lines.append(f"| {key.replace('_', ' ')} | {'—' if s.get(key) is None else s.get(key)} |")
-    lines += ["", f"Future events considered: {st['events_processed']}. Cost: {cost_text(report['cost'])}.", ""]
-    if report.get("places_not_located"):
-        lines += [places_line(report["places_not_located"]), ""]
-    lines += volume_lines(report)
-    lines += funnel_lines(report["funnel"], report.get("skip_reasons", {}))
-    lines += ["## Recommendations", "", *(f"- {r}" for r in report["recommendations"]), ""]
-    lines += skip_reason_lines(report.get("skip_reasons", {}), report.get("holdout", {}), report.get("skip_details", {}))
-    lines += power_lines(report["holdout_power"])
-    lines += preview_lines(report["preview"])
-    lines += ["## Matches and messages", "", "| member | event | confidence | matcher | SMS | segments |",
-              "| --- | --- | --- | --- | --- | --- |"]
-    messages = {m["user_id"]: m for m in report.get("messages", [])}
-    for match in report.get("matches", []):
-        msg = messages.get(match["user_id"], {})
-        lines.append(f"| {cell(match['user_name'])} | {cell(match['event_name'])} | {match['confidence_percentage']} "
-                     f"| {match['matcher']} | {cell(msg.get('message_text', ''))} | {msg.get('sms_segments', '')} |")
-    lines += ["", "## Members skipped", "", *skipped_lines(report)]
+        *markdown_table([["figure", "value"], *figures]),
+        "",
+        f"Future events considered: {st['events_processed']}. Cost: {cost_text(report['cost'])}.",
+        "",
+        *([places_line(report["places_not_located"]), ""] if report.get("places_not_located") else []),
+        *volume_lines(report),
+        *funnel_lines(report["funnel"], report.get("skip_reasons", {})),
+        "## Recommendations", "", *(f"- {r}" for r in report["recommendations"]), "",
+        *skip_reason_lines(report.get("skip_reasons", {}), report.get("holdout", {}), report.get("skip_details", {})),
+        *power_lines(report["holdout_power"]),
+        *preview_lines(report["preview"]),
+        "## Matches and messages",
+        "",
+        *markdown_table([["member", "event", "confidence", "matcher", "SMS", "segments"], *matches]),
+        "", "## Members skipped", "", *skipped_lines(report)]
     fallbacks = report.get("fallbacks", {})
     if fallbacks.get("reasons"):
         lines += ["", f"## Claude fallbacks ({fallbacks['matching']} matches, {fallbacks['writing']} messages)", ""]
