@@ -4181,9 +4181,8 @@ def template_wordings(facts: MessageFacts, name: str, tone: str = DEFAULT_TONE) 
               "hood": f" in {facts.neighbourhood.replace('-', ' ').title()}" if facts.neighbourhood else ""}
     labels = [interest_label(i) for i in facts.interests]
     for interest in labels[:1] + sorted(labels[1:], key=len) or [""]:
-        fans = f"one for {interest} fans" if interest else "a good one"
-        for body, action in WORDINGS[tone]:
-            yield body.format(interest=interest, fans=fans, **fields), action
+        fields.update(interest=interest, fans=f"one for {interest} fans" if interest else "a good one")
+        yield from ((body.format_map(fields), action) for body, action in WORDINGS[tone])
 
 
 def dress(facts: MessageFacts, body: str, action: str) -> str:
