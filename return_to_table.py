@@ -4196,13 +4196,9 @@ def dress(facts: MessageFacts, body: str, action: str) -> str:
 
 
 def write_template_sms(facts: MessageFacts) -> str | None:
-    """Step 6 by template: the richest wording that passes the contract, shortening as needed; None when none
-    fits (a long non-GSM-7 name, a name that is only a web address), and the caller tries the next event.
-
-    Linear in the name's length: only the cuts of its ``phone_safe_name`` that fit beside the link, sender and
-    opt-out text are tried. The greeting, the event name (cut at a word at most), the time and the link never
-    give way. A tone never costs a fact, a cut of the name or a message: today's wording otherwise.
-    """
+    """Step 6 by template: the richest wording that passes the contract, shortening the name (only the cuts that
+    fit are tried: linear in its length); None when none fits, and the caller tries the next event. A tone never
+    costs a fact, a cut of the name or a message: today's wording otherwise."""
     safe = phone_safe_name(facts.event_name)
     carried = len(sender_prefix(facts)) + (len(opt_out_clause(facts)) + 1 if facts.opt_out_text else 0)
     names = shortened_names(safe, max_len=GSM7_LIMIT - carried - len(facts.link) - 1) if safe else []
@@ -4264,10 +4260,9 @@ def sms_policy_problem(policy: SmsPolicy) -> str | None:
     message may hold one), and they must leave room for the greeting, the event and its time."""
     texts = {name: value for name, value in (("SMS_SENDER", policy.sender), ("SMS_OPT_OUT_TEXT", policy.opt_out_text))
              if value}
-    for name, value in texts.items():
-        problem = sms_setting_problem(name, value)
-        if problem:
-            return problem
+    problem = next(filter(None, (sms_setting_problem(name, value) for name, value in texts.items())), None)
+    if problem:
+        return problem
     asking = [name for name, value in texts.items() if "?" in phone_view(value)]
     if sum(phone_view(value).count("?") for value in texts.values()) > 1:
         return (f"{' and '.join(asking)} may hold one question mark at most"
@@ -4468,19 +4463,13 @@ def holdout_record(rank: int, match: Match, *, campaign_id: str, fraction: float
 def template_notes(facts: MessageFacts, text: str) -> str:
     """The reviewer's line on what the template's ``text`` personalised, and what it left out to fit."""
     said = optional_facts_said(without_sender_parts(text.removesuffix(facts.link), facts)[0], facts)
-    parts = ["Welcome back, time away acknowledged"]
-    if said.get("interest"):
-        parts.append(f"interest: {interest_label(facts.interests[0])}")
-    parts.append(f"local time {facts.when}")
-    if said.get("spots"):
-        parts.append(f"{facts.spots_left} spots left")
-    if said.get("going"):
-        parts.append(f"{facts.going} going")
-    parts += [part for part, value in (("sender named", facts.sender), ("opt-out text", facts.opt_out_text)) if value]
-    left_out = [name for name in OPTIONAL_FACTS if said.get(name) is False]
-    if left_out:
-        parts.append(f"left out to fit: {', '.join(left_out)}")
-    return "; ".join(parts)
+    left_out = ", ".join(name for name in OPTIONAL_FACTS if said.get(name) is False)
+    parts = ["Welcome back, time away acknowledged",
+             said.get("interest") and f"interest: {interest_label(facts.interests[0])}", f"local time {facts.when}",
+             said.get("spots") and f"{facts.spots_left} spots left", said.get("going") and f"{facts.going} going",
+             facts.sender and "sender named", facts.opt_out_text and "opt-out text",
+             left_out and f"left out to fit: {left_out}"]
+    return "; ".join(part for part in parts if part)
 
 
 # =============================================================================================
@@ -4580,6 +4569,7 @@ IDLE_LINES = {
     IdleReason.DAY_LIMIT_DRAFTED: "today's --limit is already drafted",
 }
 UNTEXTABLE = frozenset({"no_valid_phone", "opted_out", "shared_phone"})
+CONTACT_SKIPS = UNTEXTABLE  # decided when the walk reaches a member (counted on the console)
 NO_EVENT = frozenset({"no_matching_event", "no_event_in_send_window", "seats_exhausted"})
 NOT_REACHED = frozenset({"cooldown", "below_limit", "not_started"})
 
@@ -4715,7 +4705,6 @@ def volume_lines(report: Mapping[str, Any]) -> list[str]:
     lines.append(f"Seats exhausted (members whose first choice had no seat left, by event): {seen}." if exhausted
                  else "Seats exhausted: none (no member's first choice was full).")
     return [*lines, ""]
-CONTACT_SKIPS = ("no_valid_phone", "opted_out", "shared_phone")  # decided when the walk reaches a member (counted on the console)
 
 
 # --- the funnel (``FUNNEL_STAGES``) -------------------------------------------------------------------
