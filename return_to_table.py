@@ -3805,19 +3805,12 @@ def message_facts(match: Match, zone: ZoneInfo, now: datetime, *, sender: str | 
     start = to_utc(event.get("startDate")) or now
     spots = event.get("remaining_spots")
     return MessageFacts(
-        first_name=greeting_name(match["user"].get("firstName")),
-        event_id=match["event_id"],
+        first_name=greeting_name(match["user"].get("firstName")), event_id=match["event_id"],
         event_name=phone_safe_name(match["event_name"]) or "our next table",
-        interests=tuple(match["matched_interests"]),
-        when=local_when(start, zone, now),
+        interests=tuple(match["matched_interests"]), when=local_when(start, zone, now),
         spots_left=int(spots) if isinstance(spots, (int, float)) else None,
-        going=int(event.get("participantCount") or 0),
-        neighbourhood=text_field(event, "neighborhood"),
-        sender=sender,
-        opt_out_text=opt_out_text,
-        company=company_count(match["user"], match["event_id"]),
-        tone=tone,
-    )
+        going=int(event.get("participantCount") or 0), neighbourhood=text_field(event, "neighborhood"),
+        sender=sender, opt_out_text=opt_out_text, company=company_count(match["user"], match["event_id"]), tone=tone)
 
 
 def company_count(user: Mapping[str, Any], event_id: str) -> int:
@@ -4802,17 +4795,14 @@ def send_window_text(message: Mapping[str, Any]) -> str:
             f"{before.tzname()}")
 
 
-def one_line_reason(reasoning: str, limit: int = 120) -> str:
-    """The reasoning's first sentence, on one line, at most ``limit`` characters."""
-    first = one_line(reasoning).split(". ")[0].rstrip(".")
-    return first if len(first) <= limit else first[:limit - 1].rstrip() + "\u2026"
-
-
 def preview_row(user: Mapping[str, Any], message: Mapping[str, Any]) -> PreviewRow:
-    """A drafted message's preview row: the first name we greet by, never the full name."""
+    """A drafted message's preview row: the first name we greet by, never the full name; the reasoning's first
+    sentence, at most 120 characters."""
+    reason = one_line(message["reasoning"]).split(". ")[0].rstrip(".")
     row = PreviewRow(first_name=greeting_name(user.get("firstName")) or "-", event_name=message["event_name"],
                      send_window=send_window_text(message), encoding=message["sms_encoding"],
-                     segments=message["sms_segments"], reason=one_line_reason(message["reasoning"]))
+                     segments=message["sms_segments"],
+                     reason=reason if len(reason) <= 120 else reason[:119].rstrip() + "\u2026")
     if message.get("variant"):
         row["variant"] = str(message["variant"])
     return row
@@ -5258,21 +5248,17 @@ def build_report(*, campaign_id: str, run_started: datetime, finished: datetime,
     return report
 
 
-def console_summary(report: Mapping[str, Any], report_path: Path) -> str:
-    """The run's one summary line on the console: the funnel, segments and cost, errors, the report's path."""
-    s = report["summary"]
-    empty = report.get("empty_input") or []
-    status = report["status"] + (f", empty input: {', '.join(empty)}" if empty else "")
-    return (f"Step 8 ({status}): {s['total_dormant_users_found']} dormant; funnel {funnel_text(report['funnel'])}; "
-            f"{cost_text(report['cost'])}; {s['error_count']} errors. Report: {report_path}")
-
-
 def write_report(stem: Path, report: Mapping[str, Any], logger: logging.Logger) -> Path:
-    """Step 8's files, ``<stem>.json`` and ``<stem>.md`` (private), and the console's summary line; the .md's path."""
+    """Step 8's files, ``<stem>.json`` and ``<stem>.md`` (private), and the console's one summary line (the funnel,
+    segments and cost, errors, the report's path); the .md's path."""
     write_json(stem.with_name(stem.name + ".json"), report, private=True)
     report_path = stem.with_name(stem.name + ".md")
     write_text_private(report_path, report_markdown(report))
-    logger.info("%s", console_summary(report, report_path), extra={"summary": True})
+    s, empty = report["summary"], report.get("empty_input") or []
+    status = report["status"] + (f", empty input: {', '.join(empty)}" if empty else "")
+    logger.info("Step 8 (%s): %s dormant; funnel %s; %s; %s errors. Report: %s", status, s["total_dormant_users_found"],
+                funnel_text(report["funnel"]), cost_text(report["cost"]), s["error_count"], report_path,
+                extra={"summary": True})
     return report_path
 
 
