@@ -58,6 +58,8 @@ import sys
 # (3.11), a thread whose stack it could not map, a compiled module it could not map.
 OUT_OF_MEMORY_SIGNS = {SystemError: "without exception set", RuntimeError: "can't start new thread",
                        ImportError: "failed to map segment"}
+OUT_OF_MEMORY = ("out of memory (MemoryError): stopped, nothing half-written; give the run more memory (ulimit -v, "
+                 "the container's limit) or a smaller input")
 
 
 def out_of_memory(exc: BaseException) -> bool:
@@ -68,15 +70,10 @@ def out_of_memory(exc: BaseException) -> bool:
             or (sign is not None and sign in str(exc)) or type(exc).__name__ == "OutOfMemoryException")
 
 
-OUT_OF_MEMORY = ("out of memory (MemoryError): stopped, nothing half-written; give the run more memory (ulimit -v, "
-                 "the container's limit) or a smaller input")
-
-
 def stop_at_once(signum: int, _frame: object) -> None:
-    """A signal outside a run's steps (while the script starts, parses, checks its settings, or after
-    the report): one line, then exit 130 (SIGINT) or 143 (SIGTERM) at once. Nothing is held then and every
-    file is written atomically, so nothing is left half-done. ``os.write``: no buffered stream is re-entered."""
-    name = "SIGINT" if signum == signal.SIGINT else "SIGTERM" if signum == signal.SIGTERM else f"signal {signum}"
+    """SIGINT or SIGTERM outside a run's steps (starting, parsing, checking settings, after the report): one line,
+    exit 130/143 at once; nothing is held then, every file is written atomically. ``os.write`` re-enters no stream."""
+    name = signal.Signals(signum).name
     os.write(2, f"error: interrupted by {name}; stopped at once (no run's steps were under way)\n".encode())
     os._exit(128 + signum)
 
@@ -132,8 +129,8 @@ from datetime import time as dt_time
 from enum import Enum, IntEnum
 from pathlib import Path
 from statistics import NormalDist
-from types import MappingProxyType
-from typing import Any, NamedTuple, NotRequired, Protocol, Self, TypedDict
+from types import MappingProxyType, SimpleNamespace
+from typing import Any, NamedTuple, NotRequired, Protocol, TypedDict
 from urllib.parse import quote_plus
 from zoneinfo import ZoneInfo, ZoneInfoNotFoundError
 
@@ -239,33 +236,26 @@ class ServiceTimeout(ServiceError):
 
 
 class RunControl:
-    """When the run must stop starting new work: a signal (SIGINT/SIGTERM) or the deadline.
-
-    Every remote call asks it for its time budget, so no service can hold the run past the
-    deadline, and after a stop, calls in flight get ``GRACE_SECONDS`` at most.
-    """
+    """When the run must stop starting new work: a signal (SIGINT/SIGTERM) or the deadline. Every remote call asks
+    it for its time budget, so no service holds the run past the deadline, nor past ``GRACE_SECONDS`` after a stop."""
 
     def __init__(self, deadline_seconds: float | None = None, clock: Any = time.monotonic) -> None:
         self.clock = clock
-        self.deadline = None if deadline_seconds is None else clock() + deadline_seconds
+        self.deadline = math.inf if deadline_seconds is None else clock() + deadline_seconds
         self.signal: int | None = None
-        self._stopped_at: float | None = None
-        self._event = threading.Event()
+        self._stopped_at = math.inf
 
     def request_stop(self, signum: int) -> None:
         """The first signal: finish what is in flight, then report. (The handler exits on the second.)"""
         self.signal = signum
         self._stopped_at = self.clock()
-        self._event.set()
 
     @property
     def status(self) -> str:
         """``completed``, ``interrupted`` (a signal) or ``deadline``: the report's ``status``."""
         if self.signal is not None:
             return "interrupted"
-        if self.deadline is not None and self.clock() >= self.deadline:
-            return "deadline"
-        return "completed"
+        return "deadline" if self.clock() >= self.deadline else "completed"
 
     @property
     def stopping(self) -> bool:
@@ -274,24 +264,18 @@ class RunControl:
     def until_deadline(self) -> float:
         """Seconds left until the deadline (``math.inf`` without one): how long the run may wait for a helper
         of its own work. A signal does not cut it, as it cuts ``budget``: the report still needs that work."""
-        return math.inf if self.deadline is None else max(0.0, self.deadline - self.clock())
+        return max(0.0, self.deadline - self.clock())
 
     def budget(self, wanted: float) -> float:
         """Seconds a new or running call may take: ``wanted``, cut at the deadline (plus grace once stopped)."""
         now = self.clock()
-        limits = [wanted]
-        if self._stopped_at is not None:
-            limits.append(self._stopped_at + GRACE_SECONDS - now)
-        if self.deadline is not None:
-            limits.append(self.deadline + (GRACE_SECONDS if now >= self.deadline else 0.0) - now)
-        return max(0.0, min(limits))
+        deadline = self.deadline + (GRACE_SECONDS if now >= self.deadline else 0.0)
+        return max(0.0, min(wanted, self._stopped_at + GRACE_SECONDS - now, deadline - now))
 
 
 class Worker:
-    """``fn()`` in a daemon thread whose outcome reaches the thread that waits for it: the value, or the
-    exception raised again there (a MemoryError too), so a helper's failure is never lost in its thread
-    and never printed by it. Every helper thread of a run is one of these (``bounded_call``), so one rule
-    holds for all: ``wait`` is bounded."""
+    """``fn()`` in a daemon thread whose value, or exception (a MemoryError too), reaches the thread that waits for
+    it, never lost or printed in its own. Every helper thread of a run is one (``bounded_call``): waits are bounded."""
 
     def __init__(self, fn: Any, name: str) -> None:
         self._box: dict[str, Any] = {}
@@ -319,11 +303,8 @@ UNTIL_THE_DEADLINE = "(waited for until the run's --deadline-minutes)"  # a help
 
 
 def bounded_call(fn: Any, seconds: float, what: str) -> Any:
-    """``fn()`` in a daemon thread, waited for at most ``seconds`` of wall time.
-
-    Per-read socket timeouts cannot stop a server that answers one byte at a time; this can. A call
-    that overruns is abandoned (its thread dies with the process) and raises ServiceTimeout.
-    """
+    """``fn()`` waited for at most ``seconds`` of wall time, which per-read socket timeouts cannot promise (a server
+    may answer one byte at a time); an overrun is abandoned (a daemon thread) and raises ServiceTimeout."""
     return Worker(fn, f"call-{what}").wait(seconds, what)
 
 
@@ -337,35 +318,31 @@ class QuietHours(NamedTuple):
     end: dt_time
 
     @classmethod
-    def parse(cls, text: str) -> QuietHours:
-        """``"21:00-08:00"`` (HH:MM-HH:MM, 24-hour); a usage error otherwise."""
+    def setting(cls, text: str) -> QuietHours:
+        """``QUIET_HOURS`` (HH:MM-HH:MM, 24-hour), at least ``DEFAULT_QUIET_HOURS``: the hours it leaves for sending
+        lie within 8am-9pm local (a stricter window is fine); else a usage error that says which rule it breaks."""
         found = re.fullmatch(r"\s*(\d{1,2}):(\d{2})\s*-\s*(\d{1,2}):(\d{2})\s*", text)
         if not found:
             raise UsageError(f"QUIET_HOURS={text!r} must be HH:MM-HH:MM, e.g. 21:00-08:00")
         h1, m1, h2, m2 = (int(g) for g in found.groups())
         if not (h1 < 24 and h2 < 24 and m1 < 60 and m2 < 60) or (h1, m1) == (h2, m2):
             raise UsageError(f"QUIET_HOURS={text!r} must be two different times of day, e.g. 21:00-08:00")
-        return cls(dt_time(h1, m1), dt_time(h2, m2))
+        quiet = cls(dt_time(h1, m1), dt_time(h2, m2))
+        if not DEFAULT_QUIET.end <= quiet.end < quiet.start <= DEFAULT_QUIET.start:
+            raise UsageError(f"QUIET_HOURS={text!r} would let texts go out before 8am or after 9pm local: it names "
+                             f"the hours when no text may go out, at least {DEFAULT_QUIET_HOURS} (a longer quiet "
+                             "window such as 20:00-09:00 is fine)")
+        return quiet
 
 
-DEFAULT_QUIET = QuietHours.parse(DEFAULT_QUIET_HOURS)
-
-
-def quiet_hours_setting(text: str) -> QuietHours:
-    """``QUIET_HOURS`` parsed, and at least ``DEFAULT_QUIET_HOURS``: the hours it leaves for sending lie
-    within 8am-9pm local (a stricter window is fine); else a usage error that says so."""
-    quiet = QuietHours.parse(text)
-    if not DEFAULT_QUIET.end <= quiet.end < quiet.start <= DEFAULT_QUIET.start:
-        raise UsageError(f"QUIET_HOURS={text!r} would let texts go out before 8am or after 9pm local: it names "
-                         f"the hours when no text may go out, at least {DEFAULT_QUIET_HOURS} (a longer quiet window "
-                         "such as 20:00-09:00 is fine)")
-    return quiet
+DEFAULT_QUIET = QuietHours(dt_time(21, 0), dt_time(8, 0))  # DEFAULT_QUIET_HOURS
 DEFAULT_OPT_OUT_FIELDS = ("smsOptOut", "sms_opt_out", "unsubscribed", "doNotText", "optOut.sms")
 DEFAULT_CONSENT_FIELDS = ("smsConsent", "allowSms", "notificationSettings.sms", "preferences.sms")
 
 
-def field_paths(text: str | None, default: tuple[str, ...], name: str) -> tuple[str, ...]:
-    """A comma-separated list of dotted field paths (``SMS_OPT_OUT_FIELDS``); unset: ``default``."""
+def field_paths(get: Any, name: str, default: tuple[str, ...]) -> tuple[str, ...]:
+    """The comma-separated dotted field paths variable ``name`` holds (``SMS_OPT_OUT_FIELDS``); unset: ``default``."""
+    text = get(name)
     if text is None:
         return default
     paths = tuple(p.strip() for p in text.split(",") if p.strip())
@@ -388,29 +365,30 @@ class SmsPolicy:
     opt_out_added_later: bool = False  # SMS_OPT_OUT_TEXT=none: the sending system adds the opt-out text
 
     @classmethod
-    def from_env(cls, get: Any, env: Mapping[str, str] | None = None) -> SmsPolicy:
-        """The policy from ``get`` (a variable's stripped value, None when unset or empty); ``env`` tells an
-        empty SMS_DEFAULT_REGION from an unset one. Every value is checked here, before anything runs: a
-        sender or opt-out text that breaks the SMS contract is a usage error (``sms_policy_problem``)."""
-        region = sms_region(get("SMS_DEFAULT_REGION"), "SMS_DEFAULT_REGION" in (env or {}))
+    def from_env(cls, get: Any, env: Mapping[str, str]) -> SmsPolicy:
+        """The policy from ``get`` (a variable's stripped value, None when unset or empty), each value checked before
+        anything runs: a text no message could carry (``sms_policy_problem``) would skip every member."""
+        if get("SMS_DEFAULT_REGION") is None and "SMS_DEFAULT_REGION" in env:  # national numbers in no region
+            raise UsageError("SMS_DEFAULT_REGION is set but empty: set a region such as US, or remove the line")
+        region = (get("SMS_DEFAULT_REGION") or "US").upper()
+        if region not in phonenumbers.SUPPORTED_REGIONS:  # XX, ZZ too
+            raise UsageError(f"SMS_DEFAULT_REGION={region[:20]!r} is not a region phonenumbers knows "
+                             "(two letters, such as US or GB)")
         sender, opt_out = get("SMS_SENDER"), get("SMS_OPT_OUT_TEXT")
         added_later = (opt_out or "").lower() == OPT_OUT_ADDED_LATER
         opt_out = None if added_later else opt_out
         for name, value in (("SMS_SENDER", sender), ("SMS_OPT_OUT_TEXT", opt_out)):
             if value is not None and (len(value) > 60 or any(unicodedata.category(ch)[0] == "C" for ch in value)):
                 raise UsageError(f"{name} must be one line of at most 60 characters")
-        return cls(default_region=region,
-                   opt_out_fields=field_paths(get("SMS_OPT_OUT_FIELDS"), DEFAULT_OPT_OUT_FIELDS, "SMS_OPT_OUT_FIELDS"),
-                   consent_fields=field_paths(get("SMS_CONSENT_FIELDS"), DEFAULT_CONSENT_FIELDS, "SMS_CONSENT_FIELDS"),
-                   quiet_hours=quiet_hours_setting(get("QUIET_HOURS") or DEFAULT_QUIET_HOURS),
-                   sender=sender, opt_out_text=opt_out, opt_out_added_later=added_later).checked()
-
-    def checked(self) -> SmsPolicy:
-        """This policy, or a usage error naming the variable whose text no message could carry."""
-        problem = sms_policy_problem(self)
-        if problem:  # otherwise every member would be skipped, each for a message that cannot be sent
+        policy = cls(default_region=region,
+                     opt_out_fields=field_paths(get, "SMS_OPT_OUT_FIELDS", DEFAULT_OPT_OUT_FIELDS),
+                     consent_fields=field_paths(get, "SMS_CONSENT_FIELDS", DEFAULT_CONSENT_FIELDS),
+                     quiet_hours=QuietHours.setting(get("QUIET_HOURS") or DEFAULT_QUIET_HOURS),
+                     sender=sender, opt_out_text=opt_out, opt_out_added_later=added_later)
+        problem = sms_policy_problem(policy)
+        if problem:
             raise UsageError(problem)
-        return self
+        return policy
 
     def compliance_problem(self) -> str | None:
         """Why a run may not write messages for review with this policy, or None: every message names the
@@ -430,18 +408,6 @@ class SmsPolicy:
                        opt_out_added_later=False)
 
 
-def sms_region(value: str | None, present: bool) -> str:
-    """``SMS_DEFAULT_REGION``: a region phonenumbers knows (``US``, ``GB``); unset means US, set but empty
-    (or ``XX``, ``ZZ``) is a usage error: national numbers would be read in no region at all."""
-    if value is None and present:
-        raise UsageError("SMS_DEFAULT_REGION is set but empty: set a region such as US, or remove the line")
-    region = (value or "US").upper()
-    if region not in phonenumbers.SUPPORTED_REGIONS:
-        raise UsageError(f"SMS_DEFAULT_REGION={region[:20]!r} is not a region phonenumbers knows "
-                         "(two letters, such as US or GB)")
-    return region
-
-
 OPT_OUT_ADDED_LATER = "none"  # SMS_OPT_OUT_TEXT=none: no opt-out text in the message, the sending system adds it
 DEMO_SENDER, DEMO_OPT_OUT_TEXT = "Cuculi", "Reply STOP to opt out"  # --demo's sample compliance text
 
@@ -451,23 +417,10 @@ CONFIG_PREFIXES = ("MONGO_", "FIREBASE_", "GOOGLE_APPLICATION_CREDENTIALS", "ANT
                    "QUIET_HOURS", "NEIGHBOURHOODS_CSV")  # the variables this tool reads (the README's table)
 
 
-def placeholder_problem(env: Mapping[str, str]) -> str | None:
-    """Which of this tool's variables still hold a ``<...>`` placeholder (a .env copied unchanged from
-    .env.example), or None; names only, never a value (a real one may be a secret)."""
-    names = sorted(name for name, value in env.items()
-                   if name.startswith(CONFIG_PREFIXES) and isinstance(value, str) and PLACEHOLDER.search(value))
-    if not names:
-        return None
-    return (f"{', '.join(names)} still {'holds a placeholder' if len(names) == 1 else 'hold placeholders'} "
-            "like <...> from .env.example: set real values or delete those lines")
-
-
 @dataclass(frozen=True)
 class Settings:
-    """What the environment (and ``.env``) configures: services, secrets and the campaign zone.
-
-    No secret, host or database name has a default here: an unset value means "not configured".
-    """
+    """What the environment (and ``.env``) configures: services, secrets and the campaign zone. No secret, host
+    or database name has a default here: an unset value means "not configured"."""
 
     mongo_uri: str | None = None
     mongo_db_name: str | None = None
@@ -485,24 +438,24 @@ class Settings:
 
     @classmethod
     def from_env(cls, env: Mapping[str, str]) -> Settings:
-        """Read settings from a mapping (the process environment over ``.env``); a ``<...>`` placeholder
-        left from .env.example is a usage error before anything is used (``placeholder_problem``)."""
-        problem = placeholder_problem(env)
-        if problem:
-            raise UsageError(problem)
+        """Read settings from a mapping (the process environment over ``.env``); a ``<...>`` placeholder left
+        from .env.example is a usage error before anything is used, naming the variables, never a value (a secret)."""
+        names = sorted(name for name, value in env.items()
+                       if name.startswith(CONFIG_PREFIXES) and isinstance(value, str) and PLACEHOLDER.search(value))
+        if names:
+            hold = "holds a placeholder" if len(names) == 1 else "hold placeholders"
+            raise UsageError(f"{', '.join(names)} still {hold} like <...> from .env.example: set real values or "
+                             "delete those lines")
 
         def get(name: str) -> str | None:
-            value = (env.get(name) or "").strip()
-            return value or None
+            return (env.get(name) or "").strip() or None
 
-        mongo_uri = get("MONGO_URI")
-        if not mongo_uri and get("MONGO_HOST"):
-            user, password, host = get("MONGO_USERNAME"), get("MONGO_PASSWORD"), get("MONGO_HOST")
+        mongo_uri, host = get("MONGO_URI"), get("MONGO_HOST")
+        if not mongo_uri and host:
+            user, password = get("MONGO_USERNAME"), get("MONGO_PASSWORD")
             if not (user and password):
-                raise UsageError("MONGO_HOST is set: set MONGO_USERNAME and MONGO_PASSWORD too "
-                                 "(or one MONGO_URI)")
-            credentials = f"{quote_plus(user)}:{quote_plus(password)}"
-            mongo_uri = f"mongodb+srv://{credentials}@{host}/?retryWrites=true&w=majority"
+                raise UsageError("MONGO_HOST is set: set MONGO_USERNAME and MONGO_PASSWORD too (or one MONGO_URI)")
+            mongo_uri = f"mongodb+srv://{quote_plus(user)}:{quote_plus(password)}@{host}/?retryWrites=true&w=majority"
         try:
             firebase_timeout = float(get("FIREBASE_TIMEOUT") or cls.firebase_timeout)
         except ValueError:
@@ -548,24 +501,15 @@ def segment_price(text: str | None) -> float | None:
     return price
 
 
-BASE_PATH_RULE = ("a path inside the database: names separated by '/', none of them '.' or '..', "
-                  "empty, or holding . $ # [ ] \\ or control characters")
-
-
 def database_path(text: str) -> str:
-    """``FIREBASE_BASE_PATH`` as the database path it names, or UsageError (exit 2).
-
-    It is a path inside the database, never on disk: the local mirror joins it under ``--out``, so
-    nothing that could leave that folder is accepted (``..``, ``../../x``, ``a//b``, a backslash, a
-    name the database would refuse as a key). Slashes at either end name the database's root, as in
-    its URLs (``/Staging/`` is ``Staging``; ``/`` alone is the root itself).
-    """
+    """``FIREBASE_BASE_PATH`` as the database path it names (the local mirror joins it under ``--out``: nothing
+    that could leave it passes), or UsageError; slashes at either end name the root (``/Staging/``: ``Staging``)."""
     inner = text.strip().strip("/")
     segments = inner.split("/") if inner else []
-    for segment in segments:
-        if (not segment or "\\" in segment or FORBIDDEN_KEY.search(segment)
-                or len(segment.encode("utf-8")) > MAX_KEY_BYTES):
-            raise UsageError(f"FIREBASE_BASE_PATH={text[:100]!r} is not {BASE_PATH_RULE}")
+    if any(not segment or "\\" in segment or FORBIDDEN_KEY.search(segment)
+           or len(segment.encode("utf-8")) > MAX_KEY_BYTES for segment in segments):
+        raise UsageError(f"FIREBASE_BASE_PATH={text[:100]!r} is not a path inside the database: names separated "
+                         "by '/', none of them '.' or '..', empty, or holding . $ # [ ] \\ or control characters")
     return "/".join(segments)
 
 
@@ -626,7 +570,8 @@ class RunOptions:
 
     def report_stem(self, campaign_id: str) -> Path:
         """``reports/return_to_table_report_{campaign_id}`` (``_dry-run`` after it for a rehearsal)."""
-        return self.out_dir / "reports" / f"return_to_table_report_{campaign_id}{'_' + DRY_RUN_NAME if self.dry_run else ''}"
+        rehearsal = f"_{DRY_RUN_NAME}" if self.dry_run else ""
+        return self.out_dir / "reports" / f"return_to_table_report_{campaign_id}{rehearsal}"
 
 
 DRY_RUN_NAME = "dry-run"  # a rehearsal's data folder (data/dry-run/) and report names say so
@@ -635,43 +580,34 @@ DRY_RUN_NAME = "dry-run"  # a rehearsal's data folder (data/dry-run/) and report
 class QuietFileHandler(logging.FileHandler):
     """The run's log file; a failing write (full disk) never prints a traceback to cron mail."""
 
-    failed = False
-
     def handleError(self, record: logging.LogRecord) -> None:
-        self.failed = True
+        pass
 
 
-class ConsoleFilter(logging.Filter):
-    """The console's level, except that the final summary line (``extra={"summary": True}``) always shows,
+@dataclass(frozen=True)
+class ConsoleFilter:
+    """The console's ``level``, except that the final summary line (``extra={"summary": True}``) always shows,
     and a line for the log file only (``FILE_ONLY``: an error ``raw_main`` prints on stderr) never does."""
 
-    def __init__(self, level: int) -> None:
-        super().__init__()
-        self.level = level
+    level: int
 
     def filter(self, record: logging.LogRecord) -> bool:
-        if getattr(record, "file_only", False):
-            return False
-        return record.levelno >= self.level or getattr(record, "summary", False)
+        summary = getattr(record, "summary", False)
+        return not getattr(record, "file_only", False) and (record.levelno >= self.level or summary)
 
 
 FILE_ONLY = {"file_only": True}  # ``extra=`` of a log line cron mail already gets once, on stderr
 
 
-def setup_logging(out_dir: Path, now: datetime, *, verbose: bool = False, quiet: bool = False,
-                  keep_logs_days: int = 0) -> tuple[logging.Logger, Path]:
-    """The plan's logging: a timestamped DEBUG file under ``logs/`` and INFO on the console.
-
-    ``--quiet`` keeps the console to warnings and the final summary, so cron mail stays short.
-    Console and INFO lines never carry an email address or a phone number.
-    """
-    log_dir = out_dir / "logs"
+def setup_logging(options: RunOptions) -> logging.Logger:
+    """The plan's logging: a timestamped DEBUG file under ``logs/``, INFO on the console (``--quiet``: warnings
+    and the summary, for short cron mail). Console and INFO lines never carry an email address or a phone number."""
+    log_dir, now = options.out_dir / "logs", datetime.now(UTC)
     try:
         log_dir.mkdir(parents=True, exist_ok=True)
-        pruned = prune_logs(log_dir, now, keep_logs_days)
+        pruned = prune_logs(log_dir, now, options.keep_logs_days)
         log_file = log_dir / f"return_to_table_{now.strftime('%Y-%m-%d_%H-%M-%S')}.log"
-        fd = os.open(log_file, os.O_WRONLY | os.O_CREAT | os.O_APPEND, 0o600)  # it names members
-        os.close(fd)
+        os.close(os.open(log_file, os.O_WRONLY | os.O_CREAT | os.O_APPEND, 0o600))  # it names members
         file_handler = QuietFileHandler(log_file, encoding="utf-8")
     except OSError as exc:
         raise OutputError(f"{log_dir}: cannot write the log ({exc.strerror or exc.__class__.__name__})") from None
@@ -679,19 +615,18 @@ def setup_logging(out_dir: Path, now: datetime, *, verbose: bool = False, quiet:
     logger.setLevel(logging.DEBUG)
     logger.propagate = False
     close_logging(logger)  # a second run in the same process starts clean
-    file_handler.setLevel(logging.DEBUG)
     file_handler.setFormatter(logging.Formatter(
         "%(asctime)s - %(name)s - %(levelname)s - %(message)s", datefmt="%Y-%m-%d %H:%M:%S"))
     console = logging.StreamHandler(sys.stdout)
-    console.setLevel(logging.DEBUG)
-    console.addFilter(ConsoleFilter(logging.WARNING if quiet else logging.DEBUG if verbose else logging.INFO))
+    console.addFilter(ConsoleFilter(logging.WARNING if options.quiet else logging.DEBUG if options.verbose
+                                    else logging.INFO))
     console.setFormatter(logging.Formatter("%(levelname)s - %(message)s"))
     logger.addHandler(file_handler)
     logger.addHandler(console)
     logger.info("Logging initialized. Log file: %s", log_file)
     if pruned:
-        logger.info("Removed %d log files older than %d days", pruned, keep_logs_days)
-    return logger, log_file
+        logger.info("Removed %d log files older than %d days", pruned, options.keep_logs_days)
+    return logger
 
 
 def prune_logs(log_dir: Path, now: datetime, keep_days: int) -> int:
@@ -701,13 +636,11 @@ def prune_logs(log_dir: Path, now: datetime, keep_days: int) -> int:
     cutoff = days_before(now, keep_days).timestamp()
     removed = 0
     for path in log_dir.iterdir():
-        try:
+        with contextlib.suppress(OSError):
             if LOG_FILE_PATTERN.match(path.name) and path.is_file() and not path.is_symlink() \
                     and path.stat().st_mtime < cutoff:
                 path.unlink()
                 removed += 1
-        except OSError:
-            continue
     return removed
 
 
@@ -717,33 +650,25 @@ def close_logging(logger: logging.Logger) -> None:
         logger.removeHandler(handler)
 
 
-class RunLock:
+@contextlib.contextmanager
+def run_lock(out_dir: Path) -> Iterator[None]:
     """One run at a time per ``--out``: ``flock`` on a lock file, released by the kernel when the process
     ends, however it ends, so a killed run leaves no stale lock."""
-
-    def __init__(self, out_dir: Path) -> None:
-        self.path = out_dir / LOCK_FILE
-        self.fd: int | None = None
-
-    def __enter__(self) -> Self:
+    path = out_dir / LOCK_FILE
+    try:
+        fd = os.open(path, os.O_RDWR | os.O_CREAT, 0o600)
+    except OSError as exc:
+        raise OutputError(f"{path}: cannot open the lock file ({exc.strerror})") from None
+    try:
         try:
-            self.fd = os.open(self.path, os.O_RDWR | os.O_CREAT, 0o600)
-        except OSError as exc:
-            raise OutputError(f"{self.path}: cannot open the lock file ({exc.strerror})") from None
-        try:
-            fcntl.flock(self.fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
         except BlockingIOError:
-            os.close(self.fd)
-            self.fd = None
-            raise Locked(f"another run holds the lock {self.path}; not started") from None
-        os.ftruncate(self.fd, 0)
-        os.write(self.fd, f"{os.getpid()}\n".encode())  # for the operator: who holds it
-        return self
-
-    def __exit__(self, *exc: object) -> None:
-        if self.fd is not None:
-            os.close(self.fd)  # closing releases the flock
-            self.fd = None
+            raise Locked(f"another run holds the lock {path}; not started") from None
+        os.ftruncate(fd, 0)
+        os.write(fd, f"{os.getpid()}\n".encode())  # for the operator: who holds it
+        yield
+    finally:
+        os.close(fd)  # closing releases the flock
 
 
 # --- files read back from under --out: regular files only, bounded, never through a link ----------
@@ -756,8 +681,7 @@ class RefusedFile(OSError):
 
 
 def exists_without_links(path: Path, under: Path) -> bool:
-    """Whether ``path`` exists inside ``under``; RefusedFile when it is outside, or a symbolic link is on
-    the way from ``under`` down to it (itself included)."""
+    """Whether ``path`` exists inside ``under``; RefusedFile when it is outside, or a symbolic link is on the way."""
     try:
         steps = path.relative_to(under).parts
     except ValueError:
@@ -774,12 +698,8 @@ def exists_without_links(path: Path, under: Path) -> bool:
 
 
 def read_regular_file(path: Path, under: Path, limit: int | None = None) -> bytes | None:
-    """The bytes of ``path``, a regular file inside ``under`` reached without any symbolic link (none from
-    ``under`` down, nor the file itself), at most ``limit`` bytes; None when it does not exist.
-
-    The one way files under ``--out`` are read back (the local mirror, so ``measure`` too): a link to
-    ``/dev/zero``, a FIFO, a device or a huge file raises RefusedFile instead of being read until memory
-    runs out or forever."""
+    """The bytes of ``path``, a regular file inside ``under`` reached through no symbolic link, at most ``limit``
+    bytes, or None when missing: how files under ``--out`` are read back (a FIFO, a huge file: RefusedFile)."""
     limit = MAX_READ_BYTES if limit is None else limit
     if not exists_without_links(path, under):
         return None
@@ -800,18 +720,8 @@ def read_regular_file(path: Path, under: Path, limit: int | None = None) -> byte
 
 
 def atomic_write(path: Path, write: Any, *, private: bool = False) -> None:
-    """Write a file so that a kill at any moment leaves the old file or the new one, never a torn one.
-
-    A uniquely named temporary file in the same folder is written through ``write(handle)``, flushed
-    and synced, then renamed over ``path``. Any OSError (full disk, read-only folder) removes the
-    temporary file and becomes an OutputError; the old file stays as it was.
-    """
-    commit_staged(staged_write(path, write, private=private), path)
-
-
-def staged_write(path: Path, write: Any, *, private: bool = False) -> str:
-    """``atomic_write`` up to the rename: the synced temporary file's path, for ``commit_staged`` (or
-    ``discard_staged``) to put in place later."""
+    """Write ``path`` through ``write(handle)`` so that a kill at any moment leaves the old file or the new one:
+    a temporary file beside it, synced, renamed over it. An OSError (full disk) is an OutputError, the old kept."""
     tmp: str | None = None
     try:
         path.parent.mkdir(parents=True, exist_ok=True)
@@ -821,32 +731,14 @@ def staged_write(path: Path, write: Any, *, private: bool = False) -> str:
             write(handle)
             handle.flush()
             os.fsync(handle.fileno())
-        staged, tmp = tmp, None
-        return staged
+        os.replace(tmp, path)
+        tmp = None
     except OSError as exc:
-        raise write_failure(path, exc) from None
+        raise OutputError(f"cannot write {path} ({exc.strerror or exc.__class__.__name__})") from None
     finally:
         if tmp is not None:
-            discard_staged(tmp)
-
-
-def commit_staged(tmp: str, path: Path) -> None:
-    """A staged file renamed over ``path`` (atomic); on failure it is removed and the old file stays."""
-    try:
-        os.replace(tmp, path)
-    except OSError as exc:
-        discard_staged(tmp)
-        raise write_failure(path, exc) from None
-
-
-def write_failure(path: Path, exc: OSError) -> OutputError:
-    """The one-line error of a file that could not be written (staged or put in place)."""
-    return OutputError(f"cannot write {path} ({exc.strerror or exc.__class__.__name__})")
-
-
-def discard_staged(tmp: str) -> None:
-    with contextlib.suppress(OSError):
-        os.unlink(tmp)
+            with contextlib.suppress(OSError):
+                os.unlink(tmp)
 
 
 def write_json(path: Path, value: Any, *, private: bool = False) -> None:
@@ -858,36 +750,29 @@ JSON_CHUNK_ITEMS = 1000  # a list is written this many items at a time: never th
 
 
 def dump_json(value: Any, handle: Any) -> None:
-    """``value`` as ``json.dump(indent=2, ensure_ascii=False, default=str)`` lays it out, and a line feed.
-
-    A list (a member list can be hundreds of megabytes) is written ``JSON_CHUNK_ITEMS`` items at a time:
-    each slice encoded as one indented list (``json_bytes``: orjson lays a list's items out as the whole
-    list's), its brackets dropped, the slices joined as a list's items are."""
-    handle.flush()
-    out = handle.buffer
+    """``value`` as ``json.dump(indent=2, ensure_ascii=False, default=str)`` lays it out, and a line feed; a list
+    ``JSON_CHUNK_ITEMS`` items at a time, each slice encoded as one list (``json_bytes``), its brackets dropped."""
     if not isinstance(value, (list, tuple)) or not value:
-        out.write(json_bytes(value) + b"\n")
+        handle.flush()
+        handle.buffer.write(json_bytes(value) + b"\n")
         return
-    out.write(b"[\n")
-    for first in range(0, len(value), JSON_CHUNK_ITEMS):
-        items = json_bytes(list(value[first:first + JSON_CHUNK_ITEMS]))  # b"[\n  ...\n]"
-        out.write((b",\n" if first else b"") + items[2:-2])
-    out.write(b"\n]\n")
+    dump_items(handle, (json_bytes(list(value[first:first + JSON_CHUNK_ITEMS]))[2:-2]  # b"[\n  ...\n]"
+                        for first in range(0, len(value), JSON_CHUNK_ITEMS)))
+
+
+def dump_items(handle: Any, items: Iterable[bytes], empty: bytes = b"[]\n") -> None:
+    """Encoded items as a JSON list, laid out as ``dump_json`` lays one out (``empty`` when there are none)."""
+    handle.flush()
+    out, first = handle.buffer, True
+    for item in items:
+        out.write(b"[\n" + item if first else b",\n" + item)
+        first = False
+    out.write(empty if first else b"\n]\n")
 
 
 def write_json_items(path: Path, items: Iterable[bytes], *, private: bool = False) -> None:
-    """A JSON list of ``json_item`` bytes (or runs of them joined by ``b",\\n"``), atomically, laid out as
-    ``write_json`` lays out the list."""
-
-    def write(handle: Any) -> None:
-        handle.flush()
-        out, first = handle.buffer, True
-        for item in items:
-            out.write(b"[\n" + item if first else b",\n" + item)
-            first = False
-        out.write(b"[]\n" if first else b"\n]\n")
-
-    atomic_write(path, write, private=private)
+    """A JSON list of ``json_item`` bytes (or runs of them joined by ``b",\\n"``), atomically."""
+    atomic_write(path, lambda handle: dump_items(handle, items), private=private)
 
 
 def json_item(value: Any) -> bytes:
@@ -900,10 +785,9 @@ JSON_OPTIONS = (orjson.OPT_INDENT_2 | orjson.OPT_NON_STR_KEYS | orjson.OPT_PASST
 
 
 def json_bytes(value: Any) -> bytes:
-    """``value`` as indented UTF-8 JSON, through orjson when installed (the standard encoder is pure Python
-    once indented: seconds for a big member list); what orjson refuses (an integer beyond 64 bits, a lone
-    surrogate) goes the standard way. Both read back as the same values; only float spellings may differ
-    (``1e16`` for ``1e+16``), and orjson writes NaN as null (the records hold none: ``to_plain``)."""
+    """``value`` as indented UTF-8 JSON, through orjson when installed (the standard encoder is pure Python once
+    indented: seconds for a big member list); what orjson refuses (an integer beyond 64 bits, a lone surrogate)
+    the standard way. Both read back alike; float spellings may differ (``1e16``), NaN is null (``to_plain``)."""
     if orjson is not None:
         try:
             return orjson.dumps(value, default=str, option=JSON_OPTIONS)
@@ -927,55 +811,42 @@ def write_text_private(path: Path, text: str) -> None:
 
 
 def write_raw(path: Path, docs: Iterable[Mapping[str, Any]]) -> int:
-    """What was read, as a relaxed Extended JSON array, readable by the owner only (it is personal data).
-
-    Streamed document by document as ``docs`` yields them (a cursor is written as it is read), never
-    built in memory as one text; returns how many documents were written."""
+    """What was read, as a relaxed Extended JSON array readable by the owner only (personal data), streamed
+    document by document as ``docs`` yields them (a cursor is written as it is read); returns how many."""
     written = 0
 
-    def write(handle: Any) -> None:
+    def encoded() -> Iterator[bytes]:
         nonlocal written
-        handle.write("[")
         for doc in docs:
-            handle.write(",\n" if written else "\n")
-            handle.write(json_util.dumps(doc, json_options=json_util.RELAXED_JSON_OPTIONS))
+            yield json_util.dumps(doc, json_options=json_util.RELAXED_JSON_OPTIONS).encode("utf-8")
             written += 1
-        handle.write("\n]\n" if written else "]")
 
-    atomic_write(path, write, private=True)
+    atomic_write(path, lambda handle: dump_items(handle, encoded(), b"[]"), private=True)
     return written
 
 
 def copy_raw(path: Path, source: Path) -> None:
-    """A source file's bytes, readable by the owner only: ``data/raw/`` keeps exactly what was read.
-
-    A JSON array is copied as it is (without a byte-order mark); JSON Lines become an array of the
-    same lines' bytes, so ``data/raw/`` is always one JSON array, whatever the source's form."""
+    """A source file's bytes, readable by the owner only: ``data/raw/`` keeps exactly what was read. A JSON
+    array is copied as it is (without a byte-order mark); JSON Lines become an array of the same lines' bytes."""
 
     def write(handle: Any) -> None:
         handle.flush()
-        out = handle.buffer
         with source.open("rb") as original:
-            head = original.read(4096)
-            body = head.removeprefix(b"\xef\xbb\xbf")
+            body = original.read(4096).removeprefix(b"\xef\xbb\xbf")
             if body.lstrip().startswith(b"["):
-                out.write(body)
-                shutil.copyfileobj(original, out, 1 << 20)
+                handle.buffer.write(body)
+                shutil.copyfileobj(original, handle.buffer, 1 << 20)
                 return
-            first = True
-            for line in itertools.chain((body + original.readline()).split(b"\n"), original):
-                if line.strip():
-                    out.write(b"[\n" if first else b",\n")
-                    out.write(line.strip(b" \t\r\n"))
-                    first = False
-            out.write(b"[]" if first else b"\n]\n")
+            lines = itertools.chain((body + original.readline()).split(b"\n"), original)
+            dump_items(handle, (line.strip(b" \t\r\n") for line in lines if line.strip()), b"[]")
 
     atomic_write(path, write, private=True)
 
 
 def write_texts(path: Path, texts: Iterable[str]) -> None:
     """Records' JSON texts as one JSON array, readable by the owner only (``data/raw/``)."""
-    atomic_write(path, lambda handle: handle.write("[\n" + ",\n".join(texts) + "\n]\n"), private=True)
+    atomic_write(path, lambda handle: dump_items(handle, (text.encode("utf-8") for text in texts), b"[\n\n]\n"),
+                 private=True)
 
 
 # =============================================================================================
@@ -6374,13 +6245,9 @@ DEMO_AREAS = ("212", "646", "917")  # NYC area codes: each demo member their own
 
 
 def build_demo_world(now: datetime) -> tuple[list[dict[str, Any]], list[dict[str, Any]]]:
-    """Return fictional raw (users, events) documents as Mongo would hand them over.
-
-    Why: the CLI must be demoable and testable without a database, so this builds
-    dormant / active / churned / eventless users and deliberately messy fields
-    (missing keys, odd id and date shapes) that the cleaning code has to survive.
-    Deterministic for a given `now` (fixed-seed RNG); all dates are relative to it.
-    """
+    """Fictional raw (users, events) as Mongo hands them over, so the CLI runs without a database: dormant,
+    active, churned and eventless users, and messy fields (missing keys, odd id and date shapes) the cleaning
+    code has to survive. Deterministic for a given ``now`` (fixed-seed RNG); all dates are relative to it."""
     rng = random.Random(20240611)
     now = now.astimezone(UTC)
     interests = [
@@ -6496,7 +6363,6 @@ def build_demo_world(now: datetime) -> tuple[list[dict[str, Any]], list[dict[str
         "no_occupation": ("occupation",), "no_hood": ("homeNeighborhood",), "no_first": ("firstName",),
         "sparse": ("lastName", "phone", "gender", "occupation", "homeNeighborhood"),
     }
-    bad_interests: dict[str, Any] = {"int_empty": [], "int_none": None, "int_blank": [""]}
     users: list[dict[str, Any]] = []
     for i in range(len(roles)):
         first = special[showcase.index(i)] if i in showcase[: len(special)] else rng.choice(firsts)
@@ -6511,14 +6377,9 @@ def build_demo_world(now: datetime) -> tuple[list[dict[str, Any]], list[dict[str
         }
         kind = messy.get(i, "")
         doc = {k: v for k, v in doc.items() if k not in drop.get(kind, ())}
-        if kind in bad_interests:
-            doc["interests"] = bad_interests[kind]
-        elif kind == "int_str":
-            doc["interests"] = ", ".join(picked)
-        elif kind == "jersey":
-            doc["homeNeighborhood"] = "jersey-city"
-        elif kind == "oid":
-            doc["_id"] = {"$oid": uid[i]}
+        doc.update({"int_empty": {"interests": []}, "int_none": {"interests": None}, "int_blank": {"interests": [""]},
+                    "int_str": {"interests": ", ".join(picked)}, "jersey": {"homeNeighborhood": "jersey-city"},
+                    "oid": {"_id": {"$oid": uid[i]}}}.get(kind, {}))
         users.append(doc)
     # Members who may not be texted, so the report's skip reasons show them (ranked low: the top is unchanged).
     for index, preference in ((0xCF, {"smsOptOut": True}), (0xF3, {"notificationSettings": {"sms": False}}),
@@ -6543,12 +6404,10 @@ def build_demo_world(now: datetime) -> tuple[list[dict[str, Any]], list[dict[str
             members[e].append(u)
             anchor[u] = e
     bucket_showcase = [1, 3, 6, 9, 11, 13, 16, 18, 21, 24]  # total events, dormant showcase
+    older_events = {"active": [0, 0, 1, 1, 2, 3, 5], "dormant": [0, 0, 1, 1, 2, 3, 4, 6], "churned": [0, 0, 0, 1, 2]}
     for role in windows:
         for k, u in enumerate(by_role[role]):
-            if role == "dormant":
-                want = bucket_showcase[k] - 1 if k < 10 else rng.choice([0, 0, 1, 1, 2, 3, 4, 6])
-            else:
-                want = rng.choice([0, 0, 1, 1, 2, 3, 5] if role == "active" else [0, 0, 0, 1, 2])
+            want = bucket_showcase[k] - 1 if role == "dormant" and k < 10 else rng.choice(older_events[role])
             older = [x for x in range(len(plan)) if starts[x] < starts[anchor[u]] and len(members[x]) < 12]
             for x in rng.sample(older, min(want, len(older))):
                 members[x].append(u)
@@ -6559,7 +6418,6 @@ def build_demo_world(now: datetime) -> tuple[list[dict[str, Any]], list[dict[str
     events: list[dict[str, Any]] = []
 
     def add(tpl: DemoEventTemplate, when: Any, seated: list[int], owner: int, **extra: Any) -> dict[str, Any]:
-        """Append one raw event document built from a template."""
         venue = rng.choice(venues)
         hood = rng.choice(hoods if rng.random() < 0.1 else city)
         doc = {
@@ -6602,10 +6460,9 @@ def build_demo_world(now: datetime) -> tuple[list[dict[str, Any]], list[dict[str
         }.get(state, round(cap * rng.uniform(0.5, 0.8)))
         extra: dict[str, Any] = {
             "maxParticipants": 0 if state == "zero" else cap, "type": "private" if state == "private" else "public",
-            "active": state != "inactive", "eventStatus": state if state in ("pending", "cancelled") else "approved",
+            "active": state != "inactive",
+            "eventStatus": state if state in ("pending", "cancelled") else None if state == "nostatus" else "approved",
         }
-        if state == "nostatus":
-            extra["eventStatus"] = None
         doc = add(tpl, fmt(at(rng.randint(1, 30), tpl.slot)), rng.sample(active, n), rng.choice(active), **extra)
         if state == "nomax":
             del doc["maxParticipants"]
@@ -6804,32 +6661,21 @@ Rejected examples, and why:
 """
 
 
+def answer_schema(**properties: Any) -> dict[str, Any]:
+    """The JSON schema of an answer object: these properties, every one required, no other."""
+    return {"type": "object", "properties": properties, "required": list(properties), "additionalProperties": False}
+
+
 def match_schema(event_ids: Sequence[str]) -> dict[str, Any]:
-    """The matching answer's JSON schema; the candidate ids are an enum, so only they are valid."""
-    return {
-        "type": "object",
-        "properties": {
-            "event_id": {"type": "string", "enum": list(event_ids)},
-            "event_name": {"type": "string"},
-            "reasoning": {"type": "string"},
-            "confidence_percentage": {"type": "integer", "description": "0 to 100"},
-            "match_purpose": {"type": "string", "enum": [MATCH_PURPOSE]},
-        },
-        "required": ["event_id", "event_name", "reasoning", "confidence_percentage", "match_purpose"],
-        "additionalProperties": False,
-    }
+    """The matching answer's schema; the candidate ids are an enum, so only they are valid."""
+    return answer_schema(event_id={"type": "string", "enum": list(event_ids)}, event_name={"type": "string"},
+                         reasoning={"type": "string"},
+                         confidence_percentage={"type": "integer", "description": "0 to 100"},
+                         match_purpose={"type": "string", "enum": [MATCH_PURPOSE]})
 
 
-SMS_SCHEMA: dict[str, Any] = {
-    "type": "object",
-    "properties": {
-        "message_text": {"type": "string"},
-        "personalization_notes": {"type": "string"},
-        "character_count": {"type": "integer"},
-    },
-    "required": ["message_text", "personalization_notes", "character_count"],
-    "additionalProperties": False,
-}
+SMS_SCHEMA = answer_schema(message_text={"type": "string"}, personalization_notes={"type": "string"},
+                           character_count={"type": "integer"})
 
 
 def host_text(value: Any, limit: int = 120) -> str:
@@ -6868,8 +6714,7 @@ def history_line(h: HistorySignals) -> str:
 
 
 def member_block(user: Mapping[str, Any]) -> str:
-    """The member as matching sees them: first name, interests, place, occupation and activity only,
-    every text through ``one_line`` (no email address or phone number, whichever field holds one)."""
+    """The member as matching sees them, every text through ``one_line``: no email address or phone number."""
     lines = [
         f"first_name: {one_line(greeting_name(user.get('firstName')) or 'unknown')}",
         f"interests: {one_line(', '.join(clean_interests(user.get('interests'))))}",
@@ -6913,16 +6758,15 @@ def facts_prompt(facts: MessageFacts, user: Mapping[str, Any]) -> str:
 
 
 def length_budget(facts: MessageFacts) -> tuple[int, int, str]:
-    """(the whole text's limit, what the sender, opt-out text and link take of it, its encoding): UCS-2's
-    134 when a name or one of those strings is outside GSM-7, as the template would write it."""
+    """(the text's limit, what the sender, opt-out text and link take of it, the encoding), as the template
+    would write it: UCS-2's 134 when a name or one of those strings is outside GSM-7."""
     fixed = dress(facts, "", "")
     size = sms_size(f"{fixed} {facts.first_name or ''} {facts.event_name}")
     return size.limit, sms_size(fixed).units, size.encoding
 
 
 def carried_lines(facts: MessageFacts) -> list[str]:
-    """The facts lines that tell Claude the exact sender and opt-out strings, the budget they leave and
-    what gives way to fit; none when neither is set."""
+    """The facts lines giving the exact sender and opt-out strings, the budget they leave and what gives way."""
     if not facts.dressed:
         return []
     limit, taken, encoding = length_budget(facts)
@@ -6973,11 +6817,8 @@ MAX_OBJECT_STARTS = 100  # "{" tried by first_json_object: each failed try costs
 
 
 def first_json_object(text: str) -> dict[str, Any] | None:
-    """The first JSON object inside prose ("Here it is: {...}"); validation decides if it is any good.
-
-    Brackets are tried in order, at most ``MAX_OBJECT_STARTS`` of them, so a wall of brackets costs linear
-    time; an object too deep for the decoder makes the answer invalid at once (InvalidAnswer).
-    """
+    """The first JSON object inside prose ("Here it is: {...}"), trying at most ``MAX_OBJECT_STARTS`` brackets
+    (a wall of them costs linear time); an object too deep for the decoder is an InvalidAnswer at once."""
     decoder = json.JSONDecoder()
     starts = (i for i, ch in enumerate(text) if ch == "{")
     for start in itertools.islice(starts, MAX_OBJECT_STARTS):
@@ -7010,9 +6851,8 @@ def check_match_answer(answer: Mapping[str, Any], candidates: Sequence[Candidate
 
 @dataclass
 class CallSlot:
-    """One Claude call's claim on a slot (``ClaudeAdvisor`` changes it under its lock): ``held`` while an
-    attempt is on the wire or its answer is checked; ``parked`` while the SDK waits to retry; ``over`` once
-    the caller has given the call up (a worker still sleeping then sends nothing more)."""
+    """One Claude call's claim on a slot (changed under ``ClaudeAdvisor``'s lock): ``held`` while an attempt is
+    on the wire or its answer checked, ``parked`` while the SDK waits to retry, ``over`` once given up."""
 
     held: bool = False
     parked: bool = False
@@ -7022,10 +6862,9 @@ class CallSlot:
 class ClaudeAdvisor:
     """Claude's two jobs, each answer validated: choose a member's event, and write the SMS.
 
-    It never decides alone what reaches a member: a bad or failed answer gets one corrective retry,
-    then the caller falls back to the rules match or the template message. After a credentials
-    error, or several failed calls in a row (each after the SDK's own retries), it stops calling
-    for the rest of the run, so a revoked key or an outage costs seconds, not minutes.
+    A bad or failed answer gets one corrective retry, then the caller falls back to the rules match or the
+    template. After a credentials error, a timeout or four failed calls in a row (each after the SDK's own
+    retries) it stops calling for the run: a revoked key or an outage costs seconds, not minutes.
     """
 
     MAX_CONSECUTIVE_FAILURES = 4
@@ -7059,10 +6898,9 @@ class ClaudeAdvisor:
         return advisor
 
     def refuse_when_down(self, request: Any, call_next: Any) -> Any:
-        """SDK middleware, run around every attempt, the SDK's own retries included: once Claude is down
-        for this run, a call abandoned at its time bound sends nothing more. An attempt that fails with
-        retries left parks its call (the slot is free while the SDK backs off: a 529 or a 429 holds up no
-        other call), and the next attempt takes a slot again before it is sent."""
+        """SDK middleware around every attempt (retries included): nothing is sent once Claude is down or the
+        call was given up. A failed attempt with retries left parks its call (a 529 or 429 backing off holds
+        no slot); the next attempt takes a slot again before it is sent."""
         slot = getattr(self._attempt, "slot", None)
         if slot is not None:
             self._resume(slot, sending=True)
@@ -7079,9 +6917,8 @@ class ClaudeAdvisor:
 
     def _may_take(self, new: bool) -> bool:
         """(Under the lock.) Slots held never exceed the failures still allowed in a row, so "stop after four
-        failures in a row" holds however many members run at once. A new call also lets parked calls
-        resume first, and takes a parked call's slot only while all is well (the latest attempt was answered,
-        no failure is counted): in an outage every parked call keeps its place and no more calls start."""
+        in a row" holds however many members run at once. A new call lets parked calls resume first and takes
+        a parked call's slot only while all is well: in an outage no more calls start."""
         room = self.MAX_CONSECUTIVE_FAILURES - self.consecutive_failures
         if self.in_flight >= room:
             return False
@@ -7089,7 +6926,6 @@ class ClaudeAdvisor:
         return not new or (not self.resuming and (lend or self.in_flight + self.parked < room))
 
     def _take(self, slot: CallSlot) -> None:
-        """(Under the lock.) ``slot`` holds a slot from now on."""
         self.in_flight += 1
         slot.held = True
         if slot.parked:
@@ -7110,9 +6946,8 @@ class ClaudeAdvisor:
                 self._lock.wait(0.1)
 
     def _resume(self, slot: CallSlot, sending: bool) -> None:
-        """A parked call takes a slot again: before its next attempt (``sending``: ClaudeDown once Claude is
-        down or the call was given up), or before its failure is counted (never more failures in a row
-        than slots allowed; once Claude is down the count no longer matters and nothing is waited for)."""
+        """A parked call takes a slot again before its next attempt (``sending``: ClaudeDown once Claude is down
+        or the call given up), or before its failure is counted (not waited for once Claude is down)."""
         with self._lock:
             self.resuming += 1
             try:
@@ -7139,7 +6974,6 @@ class ClaudeAdvisor:
                 self._lock.notify_all()
 
     def _end(self, slot: CallSlot) -> None:
-        """The call is over: its slot (or its parked place) is given back."""
         with self._lock:
             slot.over = True
             if slot.held:
@@ -7158,11 +6992,9 @@ class ClaudeAdvisor:
             self._attempt.slot = None
 
     def _call(self, step: str, check: Any, **request: Any) -> tuple[Any, Any, str]:
-        """One Messages API call (the SDK's own retries included) within its time budget, its answer checked
-        while the call still holds its slot: ``(reply, checked answer, "")``, or ``(reply, None, problem)``
-        for an invalid answer, which counts as a failed call (paid for, and of no use: "stop after four in
-        a row" holds for a model that answers every call with nonsense too). A failed call takes a slot
-        back before it is counted, if it was parked when it failed (its time bound ran out)."""
+        """One Messages API call (SDK retries included) within its time budget, checked while it holds its slot:
+        ``(reply, answer, "")``, or ``(reply, None, problem)``. An invalid answer counts as a failed call, so
+        "stop after four in a row" holds for a model that answers nonsense too."""
         slot = CallSlot()
         self._start_call(slot)
         try:
@@ -7222,8 +7054,8 @@ class ClaudeAdvisor:
         raise InvalidAnswer(f"invalid twice: {problem}")
 
     def _count_failure(self, exc: Exception) -> None:
-        """Stop calling for the rest of the run after a credentials error, a timeout or a run of failures
-        (errors and invalid answers alike)."""
+        """Stop calling for the run after a credentials error, a timeout or a run of failures (errors and
+        invalid answers alike)."""
         import anthropic
 
         fatal = (anthropic.AuthenticationError, anthropic.PermissionDeniedError, anthropic.NotFoundError)
@@ -7677,13 +7509,9 @@ class FirebaseTransport(Protocol):
     bytes_sent: int
 
     def get(self, path: str) -> tuple[Any, str]: ...
-
     def put(self, path: str, value: Any, if_match: str | None = None) -> PutResult: ...
-
     def patch(self, path: str, updates: Mapping[str, Any]) -> None: ...
-
     def flush(self) -> None: ...
-
     def child_keys(self, path: str) -> list[str]: ...
 
 
@@ -7719,30 +7547,21 @@ def key_digest(key: str) -> str:
     return hashlib.sha256(key.encode("utf-8", "surrogatepass")).hexdigest()[:KEY_DIGEST_LENGTH]
 
 
-def cut_utf8(text: str, limit: int) -> str:
-    """``text`` cut to at most ``limit`` UTF-8 bytes, never inside a character."""
-    return text.encode("utf-8")[:limit].decode("utf-8", "ignore")
-
-
 def storable_keys(keys: Sequence[str]) -> dict[str, str | None]:
-    """The key each of one object's keys is stored under, so that no value is lost; None drops one.
+    """The key each of one object's keys is stored under (None: dropped), whatever their order.
 
-    A storable key is kept as it is. Any other key is spelt with ``_`` for each character the
-    database forbids (an empty key becomes ``_``). When that spelling is longer than
-    ``MAX_KEY_BYTES``, or is shared with another key of the object (``a.b``, ``a/b`` and ``a_b`` all
-    spell ``a_b``), the changed key is cut to fit and suffixed with ``_`` and a digest of the key as
-    found: ``a.b`` -> ``a_b_<digest of "a.b">``, while ``a_b`` keeps its name. The result depends on
-    the set of keys only, never on their order, so a record is renamed the same way on every run.
-    A changed key whose new name is still taken (by a key that is literally ``a_b_<digest>``) is
-    dropped; every rename and drop is reported by the caller.
+    A storable key is kept; any other is spelt with ``_`` for each forbidden character (``_`` when empty).
+    A spelling too long or shared (``a.b``, ``a/b`` and ``a_b`` all spell ``a_b``) is cut to fit and given
+    ``_<digest of the key as found>``; a new name still taken (a key literally ``a_b_<digest>``) drops the key.
     """
     kept = {key for key in keys if key and not FORBIDDEN_KEY.search(key) and len(key.encode("utf-8")) <= MAX_KEY_BYTES}
     spelt = {key: FORBIDDEN_KEY.sub("_", key) or "_" for key in keys if key not in kept}
     shared = Counter(spelt.values())
     taken = set(kept)
+    room = MAX_KEY_BYTES - KEY_DIGEST_LENGTH - 1  # the cut spelling never ends inside a character
     wanted = {key: spelling if shared[spelling] == 1 and spelling not in kept
               and len(spelling.encode("utf-8")) <= MAX_KEY_BYTES
-              else f"{cut_utf8(spelling, MAX_KEY_BYTES - KEY_DIGEST_LENGTH - 1)}_{key_digest(key)}"
+              else f"{spelling.encode('utf-8')[:room].decode('utf-8', 'ignore')}_{key_digest(key)}"
               for key, spelling in spelt.items()}
     names: dict[str, str | None] = {key: key for key in kept}
     for key in sorted(wanted, key=lambda k: (wanted[k] != spelt[k], k)):  # plain spellings first, then by key
@@ -7752,25 +7571,17 @@ def storable_keys(keys: Sequence[str]) -> dict[str, str | None]:
 
 
 def firebase_ready(value: Any, changes: set[KeyChange] | None = None) -> Any:
-    """A document made storable key by key (``storable_keys``), recursively; the rest is unchanged.
-
-    Every key that was renamed or dropped is added to ``changes`` (when given) as
-    ``(key as found, stored key or None)``, so the report can say what was changed.
-    """
-    if isinstance(value, Mapping):
-        items = {str(k): v for k, v in value.items()}
-        names = storable_keys(list(items))
-        out = {}
-        for key, child in items.items():
-            name = names[key]
-            if name != key and changes is not None:
-                changes.add((key, name))
-            if name is not None:
-                out[name] = firebase_ready(child, changes)
-        return out
+    """A document made storable key by key (``storable_keys``); each key renamed or dropped is added to
+    ``changes`` as ``(key as found, stored key or None)`` for the report."""
     if isinstance(value, list):
         return [firebase_ready(v, changes) for v in value]
-    return value
+    if not isinstance(value, Mapping):
+        return value
+    items = {str(k): v for k, v in value.items()}
+    names = storable_keys(list(items))
+    if changes is not None:
+        changes.update((key, name) for key, name in names.items() if name != key)
+    return {names[key]: firebase_ready(child, changes) for key, child in items.items() if names[key] is not None}
 
 
 def rtdb_normalize(value: Any) -> Any:
@@ -7787,10 +7598,8 @@ CANONICAL_INDEX = re.compile(r"^(0|[1-9][0-9]*)$")
 
 
 def rtdb_render(value: Any) -> Any:
-    """What a read returns: an object with integer keys comes back as an array when dense enough.
-
-    The database's rule: all keys integers and the largest below twice the count; holes read as null.
-    """
+    """What a read returns: an object whose keys are all integers, the largest below twice their count,
+    comes back as an array (holes read as null), as the database does."""
     if not isinstance(value, Mapping):
         return value
     rendered = {k: rtdb_render(v) for k, v in value.items()}
@@ -7807,14 +7616,6 @@ def etag_of(value: Any) -> str:
         return NULL_ETAG
     canonical = json.dumps(value, sort_keys=True, separators=(",", ":"), ensure_ascii=False)
     return hashlib.sha256(canonical.encode("utf-8")).hexdigest()[:28]
-
-
-def tree_get(tree: Any, segments: Sequence[str]) -> Any:
-    for segment in segments:
-        if not isinstance(tree, Mapping):
-            return None
-        tree = tree.get(segment)
-    return tree
 
 
 def tree_set(tree: Any, segments: Sequence[str], value: Any) -> Any:
@@ -7836,13 +7637,10 @@ MIRROR_FILE_DEPTH = {"campaigns": 3}
 
 
 class LocalMirrorTransport:
-    """A file-backed Firebase under ``data/firebase/<base>/``, with the real database's semantics.
-
-    Arrays are stored and rendered by the database's rules, ETags are answered and stale
-    conditional writes refused, so ``--demo`` and tests exercise the same merge logic as production.
-    Files are kept in memory while the run appends to them and written (atomically) at most every
-    ``SAVE_EVERY_SECONDS`` and at ``flush()``, so a long run does not rewrite a growing file per item.
-    """
+    """A file-backed Firebase under ``data/firebase/<base>/`` with the database's semantics (arrays, ETags,
+    stale conditional writes refused), so ``--demo`` and tests run production's merge logic. Files stay in
+    memory, written atomically at most every ``save_every`` seconds and at ``flush()``: a long run does not
+    rewrite a growing file per item."""
 
     def __init__(self, root: Path, base_path: str, save_every: float = SAVE_EVERY_SECONDS,
                  anchor: Path | None = None) -> None:
@@ -7879,29 +7677,27 @@ class LocalMirrorTransport:
         self._files[file] = tree
         return tree
 
-    def _listable(self, folder: Path) -> bool:
-        """Whether ``folder`` is a folder to list; FirebaseError when a symbolic link leads to it."""
+    def _names(self, segments: list[str]) -> list[str]:
+        """The children of the folder at ``segments`` (above the file level), a file named by its key, after
+        what this process holds back is written; FirebaseError when a symbolic link leads to the folder."""
+        self.flush()
+        folder = self.root.joinpath(*segments)
         try:
-            return exists_without_links(folder, self.anchor) and real_folder(folder)
+            if not (exists_without_links(folder, self.anchor) and real_folder(folder)):
+                return []
         except RefusedFile as exc:
             raise FirebaseError(f"local mirror: not read ({exc})") from None
+        return [child.name[:-5] if child.suffix == ".json" else child.name for child in sorted(folder.iterdir())
+                if real_folder(child) or (child.suffix == ".json" and not child.name.startswith("."))]
 
     def _stored(self, segments: list[str]) -> Any:
         split = self._split(segments)
         if split is not None:
-            file, rest = split
-            return tree_get(self._load(file), rest)
-        self.flush()  # a read above the file level lists the files on disk
-        folder = self.root.joinpath(*segments)
-        if not self._listable(folder):
-            return None
-        tree: dict[str, Any] = {}
-        for child in sorted(folder.iterdir()):
-            name = child.name[:-5] if child.suffix == ".json" else child.name
-            if real_folder(child) or (child.suffix == ".json" and not child.name.startswith(".")):
-                value = self._stored([*segments, name])
-                if value is not None:
-                    tree[name] = value
+            tree = self._load(split[0])
+            for segment in split[1]:
+                tree = tree.get(segment) if isinstance(tree, Mapping) else None
+            return tree
+        tree = {name: value for name in self._names(segments) if (value := self._stored([*segments, name])) is not None}
         return tree or None
 
     def _store(self, segments: list[str], value: Any) -> None:
@@ -7939,7 +7735,6 @@ class LocalMirrorTransport:
             raise FirebaseError(f"local mirror: {len(failures)} files not saved ({failures[0]})")
 
     def checkpoint(self) -> None:
-        """Save progress if the last save is older than ``save_every``."""
         if self._dirty and time.monotonic() - self._saved_at >= self.save_every:
             self.flush()
 
@@ -7956,8 +7751,7 @@ class LocalMirrorTransport:
         self.bytes_sent += len(json.dumps(value, ensure_ascii=False).encode("utf-8"))
         self._store(segments, rtdb_normalize(value))
         self.checkpoint()
-        written, new_etag = self.get(path)
-        return PutResult(True, written, new_etag)
+        return PutResult(True, *self.get(path))
 
     def patch(self, path: str, updates: Mapping[str, Any]) -> None:
         segments = check_path(path)
@@ -7968,18 +7762,12 @@ class LocalMirrorTransport:
         self.checkpoint()
 
     def child_keys(self, path: str) -> list[str]:
-        """The names of the children at ``path`` (the database's ``shallow=true``): above the file level
-        the folder is listed, nothing in it read (a reader of every archived campaign needs only ids)."""
+        """The names of the children at ``path`` (``shallow=true``): above the file level, read from the folder."""
         segments = check_path(path)
-        if self._split(segments) is not None:
-            value = self._stored(segments)
-            return sorted(value) if isinstance(value, Mapping) else []
-        self.flush()  # what this process holds back is on disk before the folder is listed
-        folder = self.root.joinpath(*segments)
-        if not self._listable(folder):
-            return []
-        return sorted({child.name.removesuffix(".json") for child in folder.iterdir()
-                       if real_folder(child) or (child.suffix == ".json" and not child.name.startswith("."))})
+        if self._split(segments) is None:
+            return sorted(set(self._names(segments)))
+        value = self._stored(segments)
+        return sorted(value) if isinstance(value, Mapping) else []
 
 
 def real_folder(path: Path) -> bool:
@@ -7993,10 +7781,9 @@ NO_BODY = object()
 class RestTransport:
     """The Realtime Database REST API over httpx2 (installed with the anthropic SDK).
 
-    Every call has a timeout; 500/502/503/504 and connection errors are retried with backoff
-    (every request here is idempotent: GET, PUT and PATCH; nothing is ever POSTed). Credentials
-    travel as ``auth=`` (a database secret or ID token) or as an OAuth2 bearer token from a
-    service account; neither ever reaches a log line or an error message.
+    Every call has a timeout; 500/502/503/504 and connection errors are retried with backoff (GET, PUT
+    and PATCH are idempotent; nothing is POSTed). Credentials travel as ``auth=`` or an OAuth2 bearer
+    token from a service account, and never reach a log line or an error message.
     """
 
     RETRY_STATUSES = frozenset({500, 502, 503, 504})
@@ -8052,8 +7839,9 @@ class RestTransport:
                 raise FirebaseError(f"{method} {path}: no answer in time ({exc.__class__.__name__}); "
                                     "nothing more is sent to Firebase this run") from None
             except self._transport_errors as exc:
-                if attempt < self.retries and self.control.budget(self.backoff * 2 ** attempt) > 0:
-                    time.sleep(self.control.budget(self.backoff * 2 ** attempt))
+                pause = self.control.budget(self.backoff * 2 ** attempt)
+                if attempt < self.retries and pause > 0:
+                    time.sleep(pause)
                     continue
                 raise FirebaseError(f"{method} {path}: cannot reach the database ({exc.__class__.__name__})") from None
             if response.status_code in self.RETRY_STATUSES and attempt < self.retries:
@@ -8085,19 +7873,19 @@ class RestTransport:
             return FirebaseError(f"{method} {path}: 404: database not found, check FIREBASE_DATABASE_URL")
         return FirebaseError(f"{method} {path}: {status} {detail}")
 
-    def get(self, path: str) -> tuple[Any, str]:
-        response = self._send("GET", path, headers={"X-Firebase-ETag": "true"})
+    def _read(self, path: str, **options: Any) -> tuple[Any, str]:
+        """A GET's JSON value and ETag (when asked for), or FirebaseError."""
+        response = self._send("GET", path, **options)
         if response.status_code != 200:
             raise self._fail(response, "GET", path)
         return self._json(response, "GET", path), response.headers.get("ETag", "")
 
+    def get(self, path: str) -> tuple[Any, str]:
+        return self._read(path, headers={"X-Firebase-ETag": "true"})
+
     def child_keys(self, path: str) -> list[str]:
-        """The names of the children at ``path``, read with ``shallow=true`` (their values never travel);
-        a location holding a plain value, or nothing, has none."""
-        response = self._send("GET", path, query={"shallow": "true"})
-        if response.status_code != 200:
-            raise self._fail(response, "GET", path)
-        value = self._json(response, "GET", path)
+        """The names of the children at ``path``, read with ``shallow=true`` (their values never travel)."""
+        value = self._read(path, query={"shallow": "true"})[0]
         return sorted(str(key) for key in value) if isinstance(value, Mapping) else []
 
     def put(self, path: str, value: Any, if_match: str | None = None) -> PutResult:
@@ -8122,13 +7910,9 @@ class RestTransport:
 
     @staticmethod
     def _verify(response: Any, method: str, path: str, sent: Any) -> None:
-        """A write counts only when the answer's body is the JSON that was sent, as the database stores it.
-
-        Without ``print=silent`` the Realtime Database answers a PUT or PATCH with the data written, so
-        a 200 whose body is anything else (an HTML page from a proxy or captive portal, another JSON
-        value) was not written by it. No write here uses ``print=silent``: its 204 carries nothing to
-        verify and would be believed from any server. A 204, and any answer that differs, is a FirebaseError.
-        """
+        """A write counts only when the answer's body is the JSON sent, as stored: the database echoes a PUT
+        or PATCH, so a 200 with anything else (a proxy's or captive portal's page) was not written by it.
+        ``print=silent`` is never used: its 204 would be believed from any server (a 204 is a FirebaseError)."""
         if response.status_code == 200:
             try:
                 echoed = response.json()
@@ -8160,42 +7944,23 @@ def service_account_tokens(credentials_file: str) -> Any:
     """A callable giving a fresh OAuth2 access token for a service account (google-auth)."""
     try:
         from google.auth.exceptions import GoogleAuthError
-        from google.auth.transport import Request, Response
         from google.oauth2 import service_account
     except ImportError:
         raise UsageError("GOOGLE_APPLICATION_CREDENTIALS needs google-auth: pip install google-auth") from None
     import httpx2
 
-    class HttpxResponse(Response):
-        def __init__(self, r: Any) -> None:
-            self._r = r
+    client = httpx2.Client(timeout=20.0)
 
-        @property
-        def status(self) -> int:
-            return self._r.status_code
-
-        @property
-        def headers(self) -> Any:
-            return dict(self._r.headers)
-
-        @property
-        def data(self) -> bytes:
-            return self._r.content
-
-    class HttpxRequest(Request):
-        def __init__(self) -> None:
-            self.client = httpx2.Client(timeout=20.0)
-
-        def __call__(self, url: str, method: str = "GET", body: Any = None, headers: Any = None,
-                     timeout: Any = None, **kwargs: Any) -> Response:
-            return HttpxResponse(self.client.request(method, url, content=body, headers=headers))
+    def request(url: str, method: str = "GET", body: Any = None, headers: Any = None, **_: Any) -> Any:
+        """google-auth's transport (a callable answering ``status``, ``headers`` and ``data``) over httpx2."""
+        r = client.request(method, url, content=body, headers=headers)
+        return SimpleNamespace(status=r.status_code, headers=dict(r.headers), data=r.content)
 
     scopes = ["https://www.googleapis.com/auth/userinfo.email", "https://www.googleapis.com/auth/firebase.database"]
     try:
         credentials = service_account.Credentials.from_service_account_file(credentials_file, scopes=scopes)
     except (OSError, ValueError) as exc:
         raise UsageError(f"GOOGLE_APPLICATION_CREDENTIALS: cannot load the service account ({exc.__class__.__name__})") from None
-    request = HttpxRequest()
     lock = threading.Lock()
 
     def token() -> str:
@@ -8224,47 +7989,20 @@ def listing_entries(value: Any, key: str) -> list[Any]:
 
 
 def as_item_list(value: Any, key: str) -> list[dict[str, Any]]:
-    """The records (objects) of a dashboard list, in order."""
     return [item for item in listing_entries(value, key) if isinstance(item, Mapping)]
 
 
-def is_clean_listing(value: Any, key: str) -> bool:
-    """True when a dashboard list is a real array without holes and with a correct count."""
-    if value is None:
-        return True
-    if not isinstance(value, Mapping):
-        return False
-    items = value.get(key)
-    if items is None:
-        return value.get("count") in (None, 0)
-    return isinstance(items, list) and None not in items and value.get("count") == len(items)
-
-
-def refuse_foreign_shape(value: Any, key: str, path: str) -> None:
-    """A location that holds something other than a dashboard list is never rewritten."""
-    inner = value.get(key) if isinstance(value, Mapping) else None
-    if (value is not None and not isinstance(value, (Mapping, list))) or (
-            inner is not None and not isinstance(inner, (Mapping, list))):
-        raise FirebaseError(f"{path}: holds something other than a list of {key}; left untouched")
-
-
-def merge_key(item: Mapping[str, Any]) -> tuple[str, str]:
-    return (str(item.get("user_id", "")), str(item.get("event_id", "")))
-
-
 class CountNotUpdated(FirebaseError):
-    """The item was written, but the list's ``count`` and ``updatedAt`` were not, and the item could not be
-    taken back either (``DashboardWriter.heal_counts`` sets the count at the end of the run)."""
+    """The item was written, but not the list's ``count`` and ``updatedAt``, and it could not be taken back."""
 
 
 class DashboardList:
-    """One appended dashboard list (``matches`` or ``messages``), grown item by item as the run goes.
+    """One appended dashboard list (``matches``, ``messages``, ``holdout``), grown item by item.
 
-    Opening reads the list once with its ETag and heals it (holes left by a reviewer's delete, an
-    object with numeric keys, a wrong count) with a conditional write. Each new item then goes to the
-    next free index with ``if-match: null_etag``, so it can only fill an empty slot: nothing written
-    or edited by others is overwritten, and only the new item is sent. On a conflict the list is
-    read again. The merge key ``(user_id, event_id)`` keeps reruns from adding duplicates.
+    Opening reads it with its ETag and heals it (a reviewer's delete left a hole, numeric keys, a wrong
+    count) with a conditional write. Each item then goes to the next index with ``if-match: null_etag``,
+    so it only fills an empty slot and nothing of others' is overwritten; on a conflict the list is read
+    again. The merge key ``(user_id, event_id)`` keeps reruns from adding duplicates.
     """
 
     MAX_TRIES = 8
@@ -8281,13 +8019,33 @@ class DashboardList:
         self.added = 0
         self.empty_etag = NULL_ETAG
 
+    @staticmethod
+    def is_clean(value: Any, key: str) -> bool:
+        """True when a dashboard list is a real array without holes and with a correct count."""
+        if value is None:
+            return True
+        if not isinstance(value, Mapping):
+            return False
+        items = value.get(key)
+        if items is None:
+            return value.get("count") in (None, 0)
+        return isinstance(items, list) and None not in items and value.get("count") == len(items)
+
+    @staticmethod
+    def merge_key(item: Mapping[str, Any]) -> tuple[str, str]:
+        return (str(item.get("user_id", "")), str(item.get("event_id", "")))
+
     def open(self, snapshot: tuple[Any, str] | None = None) -> DashboardList:
-        """Read the list (or take a ``(value, etag)`` just read), healing it if needed."""
+        """Read the list (or take a ``(value, etag)`` just read), healing it if needed; a location that holds
+        something other than a dashboard list is never rewritten."""
         value, etag = snapshot if snapshot is not None else self.transport.get(self.path)
         for _attempt in range(self.MAX_TRIES):
-            refuse_foreign_shape(value, self.key, self.path)
+            inner = value.get(self.key) if isinstance(value, Mapping) else None
+            if (value is not None and not isinstance(value, (Mapping, list))) or (
+                    inner is not None and not isinstance(inner, (Mapping, list))):
+                raise FirebaseError(f"{self.path}: holds something other than a list of {self.key}; left untouched")
             entries = listing_entries(value, self.key)
-            if not is_clean_listing(value, self.key):
+            if not self.is_clean(value, self.key):
                 healed = ({**value, self.key: entries, "count": len(entries)} if isinstance(value, Mapping)
                           else listing(self.key, entries, self.updated_at))
                 # A server that sends no ETag cannot take a conditional write: write plainly then.
@@ -8300,42 +8058,37 @@ class DashboardList:
             return self
         raise FirebaseError(f"{self.path}: gave up healing after {self.MAX_TRIES} conflicting writes")
 
-    @property
-    def known(self) -> set[tuple[str, str]]:
-        return {merge_key(item) for item in self.items}
-
     def counted(self, record: dict[str, Any], etag: str) -> None:
-        """The list's ``count`` set to its items with the item just put at ``size``. When that write fails
-        (a dropped connection), the item is taken back if it is still as written (a conditional delete),
-        so count and items agree, and FirebaseError says it is not written; CountNotUpdated when even
-        that failed (the item stays; the count is healed at the end of the run)."""
-        slot = f"{self.path}/{self.key}/{self.size}"
+        """The ``count`` set with the item just put at ``size``. When that fails (a dropped connection) the
+        item is taken back if still as written (a conditional delete): FirebaseError, it is not written;
+        CountNotUpdated when even that failed (the item stays; ``heal_counts`` sets the count at the end)."""
+        failure = None
         try:
             self.transport.patch(self.path, {"count": self.size + 1, "updatedAt": self.updated_at})
         except FirebaseError as exc:
+            failure = exc
             try:
-                taken_back = self.transport.put(slot, None, if_match=etag or None).ok
+                taken_back = self.transport.put(f"{self.path}/{self.key}/{self.size}", None, if_match=etag or None).ok
             except FirebaseError:
                 taken_back = False
             if taken_back:
                 raise FirebaseError(f"{exc} (the item was taken back: the count stays the number of items)") from None
-            self.items.append(record)
-            self.size += 1
-            self.added += 1
-            raise CountNotUpdated(str(exc)) from None
         self.items.append(record)
         self.size += 1
         self.added += 1
+        if failure is not None:
+            raise CountNotUpdated(str(failure)) from None
 
     def add(self, item: Mapping[str, Any]) -> bool:
         """Append one item unless it is already there; True when it was added."""
         record = firebase_ready(dict(item), self.key_changes)
+        key = self.merge_key(record)
         for _attempt in range(self.MAX_TRIES):
-            if merge_key(record) in self.known:
+            if any(self.merge_key(known) == key for known in self.items):
                 return False
             result = self.transport.put(f"{self.path}/{self.key}/{self.size}", record, if_match=self.empty_etag)
             # A 412 that answers our own record means an earlier attempt landed and its answer was lost.
-            if result.ok or (isinstance(result.value, Mapping) and merge_key(result.value) == merge_key(record)):
+            if result.ok or (isinstance(result.value, Mapping) and self.merge_key(result.value) == key):
                 self.counted(record, result.etag)
                 return True
             if result.value is None and result.etag and result.etag != self.empty_etag:
@@ -8345,22 +8098,18 @@ class DashboardList:
         raise FirebaseError(f"{self.path}: gave up after {self.MAX_TRIES} conflicting appends")
 
 
-def item_label(key: str, item: Mapping[str, Any]) -> str:
-    """How the report names one dashboard item: ``matches (<user_id>, <event_id>)``."""
-    return f"{key} ({item.get('user_id')}, {item.get('event_id')})"
-
-
 class DashboardWriter:
     """Step 7's one home: everything this run writes to the dashboard, and what it could not write.
 
-    Its surface is small: the cooldown read (``recent_recipients``), ``open_lists`` before the
-    first result, ``submit`` for each member's result (written in rank order), ``save_campaign``
-    for the replaced lists and the archive, and ``writes``, the one answer to "may this run write?".
-    Failures never raise out of it: each is logged once, kept in ``errors``, and what it cost is
-    listed in ``not_written``.
+    The cooldown's reads (``recent_recipients``, ``read_history``), ``open_lists`` before the first result,
+    ``submit`` per member (written in rank order), ``save_campaign`` for the replaced lists and the archive,
+    and ``writes``, the one answer to "may this run write?". Failures never raise out of it: each is logged
+    once, kept in ``errors``, and what it cost is listed in ``not_written``.
     """
 
     LIST_KEYS = ("matches", "messages", "holdout")
+    MAX_KEY_CHANGES_LISTED = 20  # key changes named in the report; all of them are counted
+    DATED_LISTS = (("messages", "generated_at"), ("holdout", "held_out_at"))  # the cooldown's lists, dated by
 
     def __init__(self, transport: FirebaseTransport | None, logger: logging.Logger, *, dry_run: bool,
                  updated_at: str, holdout: bool = False) -> None:
@@ -8388,14 +8137,6 @@ class DashboardWriter:
         """Whether this run writes to the dashboard: a store, no dry run, nothing that made it stand down."""
         return self.transport is not None and not self.dry_run and self.stood_down is None
 
-    @property
-    def target(self) -> str:
-        return self.transport.description if self.transport is not None and not self.dry_run else "none (dry run)"
-
-    @property
-    def bytes_sent(self) -> int:
-        return self.transport.bytes_sent if self.transport is not None else 0
-
     def failed(self, what: str, exc: Exception, label: str | None = None) -> None:
         """Record a failure once: the error, the log line, and what was not written."""
         self.errors.append(f"Firebase {what}: {exc}")
@@ -8403,22 +8144,22 @@ class DashboardWriter:
         if label:
             self.not_written.append(label)
 
-    def recent_recipients(self, since: datetime) -> set[str]:
-        """Members with a message generated, or a holdout record made, at or after ``since`` (so both
-        groups are counted once per period); raises FirebaseError when either list is unreadable.
+    def _records(self, key: str) -> list[dict[str, Any]]:
+        """The records of a dashboard list, read once a run (``open_lists`` reuses the read); FirebaseError."""
+        if key not in self._cooldown_reads:
+            self._cooldown_reads[key] = self.transport.get(key)
+        return as_item_list(self._cooldown_reads[key][0], key)
 
-        An item whose date is no date (a reviewer's typo, a poisoned value) is skipped and counted in
-        ``undated_messages``; it never stops the run.
-        """
+    def recent_recipients(self, since: datetime) -> set[str]:
+        """Members with a message generated, or a holdout record made, at or after ``since`` (both groups
+        counted once per period); FirebaseError when a list is unreadable. An item whose date is no date (a
+        reviewer's typo, a poisoned value) is counted in ``undated_messages``, never a stop."""
         self.undated_messages, self.recent_phones = 0, []
         if self.transport is None:
             return set()
         recent: set[str] = set()
-        for key, dated_by in (("messages", "generated_at"), ("holdout", "held_out_at")):
-            self._cooldown_reads[key] = self.transport.get(key)
-            for item in as_item_list(self._cooldown_reads[key][0], key):
-                if not item.get("user_id"):
-                    continue
+        for key, dated_by in self.DATED_LISTS:
+            for item in filter(lambda item: item.get("user_id"), self._records(key)):
                 when = to_utc(item.get(dated_by))
                 if when is None:
                     self.undated_messages += 1
@@ -8428,38 +8169,29 @@ class DashboardWriter:
         return recent
 
     def read_history(self, day: tuple[datetime, datetime], seats_since: datetime) -> DashboardHistory:
-        """What the dashboard (or its mirror) already holds of this tool's work (``tally_history``): the
-        campaign day's messages and holdout records, and the open invitations per event since
-        ``seats_since``. The lists the cooldown read are not read again; raises FirebaseError when unreadable.
-        A dry run reads too: it counts what a real run would."""
+        """What the dashboard already holds of this tool's work (``tally_history``): the campaign day's
+        messages and holdout records, and the open invitations per event since ``seats_since``. A dry run
+        reads too (it counts what a real run would); FirebaseError when unreadable."""
         if self.transport is None:
             return DashboardHistory()
-        for key in ("messages", "holdout"):
-            if key not in self._cooldown_reads:
-                self._cooldown_reads[key] = self.transport.get(key)
-        return tally_history(as_item_list(self._cooldown_reads["messages"][0], "messages"),
-                             as_item_list(self._cooldown_reads["holdout"][0], "holdout"), day, seats_since)
+        return tally_history(self._records("messages"), self._records("holdout"), day, seats_since)
 
     def recent_members(self, since: datetime) -> tuple[int, int] | None:
-        """How many members the dashboard holds a message for (``generated_at``) and a holdout record for
-        (``held_out_at``) at or after ``since``, each member once: the report's last-30-days holdout power.
-        The cooldown's reads are reused; None when there is no dashboard or a list cannot be read."""
+        """How many members the dashboard holds a message for and a holdout record for at or after ``since``,
+        each once: the report's last-30-days holdout power. None without a dashboard or when unreadable."""
         if self.transport is None or self.stood_down:
             return None
-        found = []
-        for key, dated_by in (("messages", "generated_at"), ("holdout", "held_out_at")):
-            try:
-                value = self._cooldown_reads[key][0] if key in self._cooldown_reads else self.transport.get(key)[0]
-            except ServiceError:  # the report says "unknown"; the cooldown decides what a failed read costs
-                return None
-            found.append(len({str(item["user_id"]) for item in as_item_list(value, key) if item.get("user_id")
-                              and (when := to_utc(item.get(dated_by))) is not None and when >= since}))
-        return found[0], found[1]
+        try:  # the report says "unknown"; the cooldown decides what a failed read costs
+            found = [{str(item["user_id"]) for item in self._records(key) if item.get("user_id")
+                      and (when := to_utc(item.get(dated_by))) is not None and when >= since}
+                     for key, dated_by in self.DATED_LISTS]
+        except ServiceError:
+            return None
+        return len(found[0]), len(found[1])
 
     def claim_campaign(self, first_id: str, next_id: Any, tries: int = 60) -> str:
-        """The campaign id, claimed: its archive's metadata is created with a create-only write
-        (``if-match: null_etag``), taking the next id while one exists, so two machines sharing one
-        database never share an archive. Without writes, ``first_id`` (free under ``--out``) is used."""
+        """The campaign id, claimed with a create-only write of its metadata (``if-match: null_etag``), the
+        next id while one is taken: two machines never share an archive. Without writes: ``first_id``."""
         campaign_id = first_id
         for _attempt in range(tries):
             if not self.writes:
@@ -8507,10 +8239,8 @@ class DashboardWriter:
 
     def submit(self, rank: int, match: Match | None, message: Message | None,
                holdout: HoldoutRecord | None = None) -> None:
-        """One member's result; written once every member ranked above it is final (rank order).
-
-        After the run stood down, each item is listed as not written, so the report says what is missing.
-        """
+        """One member's result, written once every member ranked above it is final (rank order); after the
+        run stood down each item is listed as not written."""
         if self.transport is None or self.dry_run:
             return
         self._waiting[rank] = (match, message, holdout)
@@ -8522,14 +8252,19 @@ class DashboardWriter:
                 if match is not None:
                     self._append("matches", match)
             elif match is not None:
-                self.not_written.append(item_label("matches", match))  # its message was not written
+                self.not_written.append(self.item_label("matches", match))  # its message was not written
             if holdout is not None:
                 self._append("holdout", holdout)
+
+    @staticmethod
+    def item_label(key: str, item: Mapping[str, Any]) -> str:
+        """How the report names one dashboard item: ``matches (<user_id>, <event_id>)``."""
+        return f"{key} ({item.get('user_id')}, {item.get('event_id')})"
 
     def _append(self, key: str, item: Mapping[str, Any]) -> bool:
         """One item to a dashboard list (True: it is there now); after a failure the list is not retried."""
         target = self.lists.get(key) if self.writes and key not in self.broken else None
-        label = item_label(key, item)
+        label = self.item_label(key, item)
         if target is None:
             self.not_written.append(label)
             return False
@@ -8546,8 +8281,8 @@ class DashboardWriter:
         return True
 
     def heal_counts(self) -> None:
-        """Each list a write failed on read again and healed (``DashboardList.open``): its ``count`` is the
-        number of its items again, whatever a dropped connection left; a failure here is recorded."""
+        """Each list a write failed on read again and healed (``DashboardList.open``): its ``count`` is its
+        number of items again, whatever a dropped connection left."""
         for key in sorted(self.broken & self.lists.keys()):
             try:
                 self.lists[key].open()
@@ -8573,16 +8308,11 @@ class DashboardWriter:
         if users:  # a run that selects no one leaves the dashboard's users and events as they were
             plan += [("users", listing("users", users_payload, updated)),
                      ("events", listing("events", events_payload, updated))]
-        plan += [
-            (f"campaigns/{campaign_id}/metadata", {"id": campaign_id, "name": CAMPAIGN_NAME, "created_at": updated,
-                                                   "status": status, "stats": dict(stats)}),
-            (f"campaigns/{campaign_id}/users", listing("users", users_payload, updated)),
-            (f"campaigns/{campaign_id}/events", listing("events", events_payload, updated)),
-            (f"campaigns/{campaign_id}/matches", listing("matches", list(matches), updated)),
-            (f"campaigns/{campaign_id}/messages", listing("messages", list(messages), updated)),
-        ]
-        if self.holdout:
-            plan.append((f"campaigns/{campaign_id}/holdout", listing("holdout", list(holdout), updated)))
+        plan.append((f"campaigns/{campaign_id}/metadata", {"id": campaign_id, "name": CAMPAIGN_NAME,
+                                                           "created_at": updated, "status": status, "stats": dict(stats)}))
+        archive = {"users": users_payload, "events": events_payload, "matches": matches, "messages": messages,
+                   **({"holdout": holdout} if self.holdout else {})}
+        plan += [(f"campaigns/{campaign_id}/{name}", listing(name, items, updated)) for name, items in archive.items()]
         for path, payload in plan:
             if not self.writes:
                 self.not_written.append(path)
@@ -8614,26 +8344,20 @@ class DashboardWriter:
         self.logger.info("Step 7: nothing drafted, no campaign archived and the dashboard left as it was")
 
     def summary(self) -> dict[str, Any]:
-        """The report's ``firebase`` section; ``keys_renamed``/``keys_dropped`` count distinct key changes."""
+        """The report's ``firebase`` section; ``keys_renamed``/``keys_dropped`` count distinct key changes, the
+        first ones named as ``'a.b' -> 'a_b_<digest>'`` (long keys shortened, odd characters escaped)."""
+
+        def shown(key: str) -> str:
+            return repr(key) if len(key) <= 40 else f"{key[:40]!r}... ({len(key.encode('utf-8', 'surrogatepass'))} bytes)"
         changes = sorted(self.key_changes, key=lambda change: (change[1] is None, change[0], change[1] or ""))
-        return {"target": self.target, "written": list(self.written), "not_written": list(self.not_written),
-                "errors": list(self.errors), "bytes_sent": self.bytes_sent,
+        live = self.transport is not None and not self.dry_run
+        return {"target": self.transport.description if live else "none (dry run)", "written": list(self.written),
+                "not_written": list(self.not_written), "errors": list(self.errors),
+                "bytes_sent": self.transport.bytes_sent if self.transport is not None else 0,
                 "keys_renamed": sum(stored is not None for _, stored in changes),
                 "keys_dropped": sum(stored is None for _, stored in changes),
-                "key_changes": [describe_key_change(change) for change in changes[:MAX_KEY_CHANGES_LISTED]]}
-
-
-MAX_KEY_CHANGES_LISTED = 20  # key changes named in the report; all of them are counted
-
-
-def describe_key_change(change: KeyChange) -> str:
-    """``'a.b' -> 'a_b_<digest>'`` for the report, long keys shortened, odd characters escaped."""
-
-    def shown(key: str) -> str:
-        return repr(key) if len(key) <= 40 else f"{key[:40]!r}... ({len(key.encode('utf-8', 'surrogatepass'))} bytes)"
-
-    original, stored = change
-    return f"{shown(original)} -> {shown(stored) if stored is not None else 'dropped'}"
+                "key_changes": [f"{shown(found)} -> {shown(stored) if stored is not None else 'dropped'}"
+                                for found, stored in changes[:self.MAX_KEY_CHANGES_LISTED]]}
 
 
 # =============================================================================================
@@ -8654,7 +8378,6 @@ class RunResult:
     failed_members: int = 0
     signal: int | None = None
     empty_input: list[str] = field(default_factory=list)  # "users", "events": read, but there were none
-    limit_already_drafted: bool = False  # the campaign day's --limit was drafted before this run: exit 0
     idle: IdleReason | None = None  # why no message was drafted (``idle_reason``), None when one was
 
     @property
@@ -8663,8 +8386,7 @@ class RunResult:
 
     @property
     def exit_code(self) -> int:
-        """130/143 after a signal; 3 when done but something needs a look (a day without a message, but for
-        today's limit already drafted); else 0."""
+        """130/143 after a signal; 3 when something needs a look; else the idle reason's code (``idle_reason``)."""
         if self.signal is not None:
             return EXIT_SIGNALS.get(self.signal, 128 + self.signal)
         needs_a_look = (self.status == "deadline" or self.firebase_failed or self.claude_unavailable
@@ -8674,17 +8396,12 @@ class RunResult:
 
 
 class ReturnToTable:
-    """One campaign run: the plan's eight steps, in order, and nothing else.
-
-    Each step is a pure function above, steps 5-6 a ``MemberWalk``; this class only sequences them
-    and does the I/O at the edges: the source, the dashboard (``DashboardWriter``) and the files
-    under ``--out`` (the report's: ``write_report``, ``write_skip_list``).
-    """
+    """One campaign run: the plan's eight steps in order (pure functions above, steps 5-6 a ``MemberWalk``),
+    and the I/O at the edges: the source, the dashboard (``DashboardWriter``) and the files under ``--out``."""
 
     def __init__(self, options: RunOptions, settings: Settings, logger: logging.Logger, *,
                  source: DataSource, dashboard: DashboardWriter, hoods: NeighbourhoodMap,
                  advisor: ClaudeAdvisor | None = None, control: RunControl | None = None) -> None:
-        control = control or RunControl()
         self.options = options
         self.logger = logger
         self.source = source
@@ -8694,7 +8411,7 @@ class ReturnToTable:
         self.zone = settings.zone
         self.sms = settings.sms  # who may be texted, when (quiet hours), and what every message carries
         self.segment_price = settings.sms_segment_price  # SMS_SEGMENT_PRICE, USD, for the report's cost
-        self.control = control
+        self.control = control or RunControl()
         self.issues = DataIssues()
         self.empty_input: list[str] = []  # collections the source had no documents in (``empty_collections``)
         self.data_dir = options.data_dir
@@ -8710,8 +8427,8 @@ class ReturnToTable:
     # --- step 1: fetch, find and rank the dormant members -----------------------------------
 
     def fetch(self) -> StepOneInput:
-        """The source's records, screened (``screen_records``) unless the source screened them as it read
-        (``data/raw/`` keeps them as read), with the activity and statuses a counting source counted."""
+        """The source's records, screened (``screen_records``; ``data/raw/`` keeps them as read), with the
+        activity and statuses a counting source counted."""
         data = read_source(self.source, self.options.now, reading_progress if self.options.progress else None)
         self.issues.add("unreadable_extended_json_values", data.bad_values)
         self.issues.add_all(data.skipped)
@@ -8753,15 +8470,17 @@ class ReturnToTable:
         return ledger
 
     def cooldown(self) -> set[str]:
-        """Members with a message generated (or a holdout record made) within the cooldown, or later than ``now``,
-        and every member drafted or held out this campaign day (a top-up never drafts one twice, even with
-        ``--cooldown-days 0``). Reads the day's history too (``read_history``): the daily limit and the seats."""
+        """Members messaged or held out within the cooldown (or later than ``now``) or this campaign day (a top-up
+        never drafts one twice, even with ``--cooldown-days 0``); reads the day's limit and seats too."""
         recent: set[str] = set()
         try:
             if self.options.cooldown_days > 0:
                 recent = self.dashboard.recent_recipients(days_before(self.options.now, self.options.cooldown_days))
                 self.issues.add("dashboard_messages_without_valid_generated_at", self.dashboard.undated_messages)
-            self.history = self.dashboard.read_history(campaign_day(self.options.now, self.zone), self.seats_since())
+            day = campaign_day(self.options.now, self.zone)
+            # open invitations count from the cooldown's start (at the latest from the campaign day's start)
+            seats_since = min(day[0], days_before(self.options.now, self.options.cooldown_days))
+            self.history = self.dashboard.read_history(day, seats_since)
         except FirebaseError as exc:
             if self.options.dry_run:
                 self.logger.warning("Cooldown not applied in this dry run (nor the daily limit's count): %s", exc)
@@ -8776,14 +8495,9 @@ class ReturnToTable:
                          self.volume.held_out_before, self.volume.remaining)
         return recent | self.history.today_members
 
-    def seats_since(self) -> datetime:
-        """Open invitations count from the cooldown's start (at the latest from the campaign day's start)."""
-        day_start = campaign_day(self.options.now, self.zone)[0]
-        return min(day_start, days_before(self.options.now, self.options.cooldown_days))
-
     def select(self, census: DormancyCensus) -> list[tuple[int, DormantMember]]:
-        """The eligible members outside the cooldown, as ``(rank, member)`` in rank order, for the walk
-        (which checks phone and opt-out of each member it reaches: ``reachable``); the others get ``cooldown``."""
+        """The eligible members outside the cooldown as ``(rank, member)`` for the walk (which checks each one's
+        phone and opt-out: ``reachable``); the others get ``cooldown``."""
         recent = self.cooldown()
         phones = list(self.dashboard.recent_phones)  # the numbers contacted within the cooldown ...
         walk: list[tuple[int, DormantMember]] = []
@@ -8831,12 +8545,12 @@ class ReturnToTable:
                          "claude" if self.advisor else "rules", ", dry run" if options.dry_run else "")
         read = self.fetch()                                # step 1
         self.numbers = self.consent_by_number()
-        self.census = census = self.dormant_users(read)
+        census = self.dormant_users(read)
         walk = self.select(census)
         earlier = self.dashboard.recent_members(days_before(options.now, POWER_DAYS))  # before this run writes
         future = self.future_events(read.events)           # step 2 (3-4: summaries attached)
         del read
-        self.campaign_id = campaign_id = self.fresh_campaign_id(started)
+        campaign_id = self.fresh_campaign_id(started)
         self.logger.info("Campaign %s", campaign_id)
         self.dashboard.open_lists()
         clock = time.monotonic()
@@ -8891,8 +8605,7 @@ class ReturnToTable:
         report_path = write_report(options.report_stem(campaign_id), report, self.logger)
         return RunResult(campaign_id, report, report_path, firebase, claude_down, status,
                          failed_members=sum(o.failed for o in outcomes), signal=self.control.signal,
-                         empty_input=list(self.empty_input), limit_already_drafted=self.volume.remaining == 0,
-                         idle=idle)
+                         empty_input=list(self.empty_input), idle=idle)
 
     def final_status(self, not_started: int) -> str:
         """``interrupted`` after a signal; ``deadline`` when the deadline left members unstarted."""
@@ -8903,11 +8616,9 @@ class ReturnToTable:
 
 def wait_first(running: set[Any]) -> tuple[set[Any], set[Any]]:
     """The futures that finished (at least one), and those still running."""
-    from concurrent.futures import FIRST_COMPLETED
-    from concurrent.futures import wait as wait_futures
+    from concurrent.futures import FIRST_COMPLETED, wait
 
-    finished, still = wait_futures(running, return_when=FIRST_COMPLETED)
-    return set(finished), set(still)
+    return wait(running, return_when=FIRST_COMPLETED)
 
 
 @contextlib.contextmanager
@@ -8925,15 +8636,9 @@ def progress_bar(total: int, unit: str, *, enabled: bool, desc: str | None = Non
         yield bar
 
 
-def reading_progress(total: int, unit: str) -> Any:
-    """The progress factory a source gets on a terminal (step 1's read)."""
-    return progress_bar(total, unit, enabled=True, desc="reading")
-
-
-@contextlib.contextmanager
-def no_progress(_total: int, _unit: str) -> Iterator[None]:
-    """The progress factory when there is no terminal: no bar."""
-    yield None
+# The progress factories a source is given (``progress(total, unit)``): step 1's bar on a terminal, or none.
+reading_progress = functools.partial(progress_bar, enabled=True, desc="reading")
+no_progress = functools.partial(progress_bar, enabled=False)
 
 
 # =============================================================================================
@@ -11259,33 +10964,27 @@ def backtest(args: argparse.Namespace, env: Mapping[str, str] | None, mongo_clie
 # =============================================================================================
 
 
-def positive_int(text: str) -> int:
-    value = int(text)
-    if value < 1:
-        raise argparse.ArgumentTypeError("must be a whole number of at least 1")
-    return value
+def number_type(name: str, kind: Any, ok: Any, problem: str) -> Any:
+    """A numeric flag's argparse type: ``kind(text)`` when ``ok`` holds for it, else one line and exit 2. Named
+    ``name``, so argparse's own message for text that is no number says which type it wanted."""
+
+    def parse(text: str) -> Any:
+        value = kind(text)
+        if not ok(value):
+            raise argparse.ArgumentTypeError(problem)
+        return value
+
+    parse.__name__ = name
+    return parse
 
 
-def non_negative_int(text: str) -> int:
-    value = int(text)
-    if value < 0:
-        raise argparse.ArgumentTypeError("must be a whole number of at least 0")
-    return value
-
-
-def positive_float(text: str) -> float:
-    value = float(text)
-    if not math.isfinite(value) or value <= 0:
-        raise argparse.ArgumentTypeError("must be a number above 0")
-    return value
-
-
-def non_negative_float(text: str) -> float:
-    value = float(text)
-    if not math.isfinite(value) or value < 0:
-        raise argparse.ArgumentTypeError("must be a number from 0 up")
-    return value
-
+positive_int = number_type("positive_int", int, lambda value: value >= 1, "must be a whole number of at least 1")
+non_negative_int = number_type("non_negative_int", int, lambda value: value >= 0,
+                               "must be a whole number of at least 0")
+positive_float = number_type("positive_float", float, lambda value: math.isfinite(value) and value > 0,
+                             "must be a number above 0")
+non_negative_float = number_type("non_negative_float", float, lambda value: math.isfinite(value) and value >= 0,
+                                 "must be a number from 0 up")
 
 # The most a numeric flag may ask for: beyond it a value is a slip, and would overflow a date (--min-lead-hours
 # 1e11), make every member fail or hold the run for hours and gigabytes (--resamples 100000000).
@@ -11298,16 +10997,8 @@ MAX_RESAMPLES = 100_000
 
 def at_most(kind: Any, most: float, unit: str = "") -> Any:
     """The flag type ``kind`` (``positive_int`` ...) up to ``most``: more is one line and exit 2, never an
-    overflow deep in the run. Named as ``kind`` is, so argparse's messages stay the same."""
-
-    def parse(text: str) -> Any:
-        value = kind(text)
-        if value > most:
-            raise argparse.ArgumentTypeError(f"must be at most {most:,}{unit}")
-        return value
-
-    parse.__name__ = kind.__name__
-    return parse
+    overflow deep in the run."""
+    return number_type(kind.__name__, kind, lambda value: value <= most, f"must be at most {most:,}{unit}")
 
 
 def holdout_fraction(text: str) -> float:
@@ -11336,24 +11027,20 @@ class OneLineParser(argparse.ArgumentParser):
     ``--hold 0.1`` is not taken for ``--holdout`` (a flag another version adds must not change its meaning)."""
 
     def __init__(self, *args: Any, **kwargs: Any) -> None:
-        kwargs.setdefault("allow_abbrev", False)
-        super().__init__(*args, **kwargs)
+        super().__init__(*args, allow_abbrev=False, **kwargs)
 
     def error(self, message: str) -> Any:
         print(f"error: {message} (see --help)", file=sys.stderr)
         raise SystemExit(EXIT_USAGE)
 
 
-SUBCOMMANDS_HELP = """subcommands (each with its own --help):
-  measure   did the campaigns bring anyone back: treated against holdout (read only)
-  backtest  would the rules matcher's picks have been events members went to (read only)"""
-
-
 def build_parser() -> argparse.ArgumentParser:
     parser = OneLineParser(
         prog="return_to_table.py",
-        description="Return To Table: match dormant members with one upcoming event each and draft "
-                    "a welcome-back SMS for review.\n\n" + SUBCOMMANDS_HELP,
+        description="Return To Table: match dormant members with one upcoming event each and draft a welcome-back "
+                    "SMS for review.\n\nsubcommands (each with its own --help):\n"
+                    "  measure   did the campaigns bring anyone back: treated against holdout (read only)\n"
+                    "  backtest  would the rules matcher's picks have been events members went to (read only)",
         epilog=EXIT_CODES_HELP, formatter_class=argparse.RawDescriptionHelpFormatter)
     where = parser.add_mutually_exclusive_group()
     where.add_argument("--demo", action="store_true",
@@ -11389,21 +11076,23 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--variants", type=tone_names, default=RunOptions.variants, metavar="NAMES",
                         help="message tones to A/B test, comma-separated from " + ", ".join(TONES)
                              + " (default: standard, today's wording); each member keeps theirs run after run")
-    parser.add_argument("--invites-per-spot", type=at_most(positive_float, MAX_INVITES_PER_SPOT), default=RunOptions.invites_per_spot,
-                        metavar="R", help="an event with N spots left gets at most ceil(R x N) open invitations "
-                                          "(pending or approved, within the cooldown) (%(default)g)")
-    parser.add_argument("--max-invites-per-event", type=at_most(positive_int, MAX_INVITES_PER_EVENT), default=RunOptions.max_invites_per_event,
-                        metavar="N", help="open invitations to an event of unknown capacity (%(default)s)")
+    parser.add_argument("--invites-per-spot", type=at_most(positive_float, MAX_INVITES_PER_SPOT),
+                        default=RunOptions.invites_per_spot, metavar="R",
+                        help="an event with N spots left gets at most ceil(R x N) open invitations "
+                             "(pending or approved, within the cooldown) (%(default)g)")
+    parser.add_argument("--max-invites-per-event", type=at_most(positive_int, MAX_INVITES_PER_EVENT),
+                        default=RunOptions.max_invites_per_event, metavar="N",
+                        help="open invitations to an event of unknown capacity (%(default)s)")
     parser.add_argument("--min-lead-hours", type=at_most(non_negative_float, MAX_LEAD_HOURS, " hours (30 days)"),
-                        default=RunOptions.min_lead_hours,
-                        metavar="H", help="a message may go out until H hours before its event (%(default)g; "
-                                          "at most 720, 30 days)")
+                        default=RunOptions.min_lead_hours, metavar="H",
+                        help="a message may go out until H hours before its event (%(default)g; at most 720, 30 days)")
     parser.add_argument("--insecure-tls", action="store_true",
                         help="do not verify MongoDB's TLS certificate (logged as a warning)")
     parser.add_argument("--deadline-minutes", type=positive_float, default=RunOptions.deadline_minutes, metavar="M",
                         help="stop starting members after M minutes, finish those in flight, write what is "
                              "final and the report, exit 3 (%(default)g)")
     parser.add_argument("--keep-logs", type=non_negative_int, default=RunOptions.keep_logs_days, metavar="DAYS",
+                        dest="keep_logs_days",
                         help="delete this tool's own log files older than DAYS (%(default)s; 0 keeps all)")
     noise = parser.add_mutually_exclusive_group()
     noise.add_argument("-q", "--quiet", action="store_true",
@@ -11444,35 +11133,26 @@ def usable_out_dir(path: Path) -> Path:
 
 
 def source_choice(text: str | None, settings: Settings, hint: str = "") -> tuple[SourceKind, Path | None]:
-    """``--source`` for the campaign and both subcommands: 'mongo' (the default when MongoDB is
-    configured) or, any other value, a mongoexport folder (even one named "demo")."""
+    """``--source`` for the campaign and both subcommands: 'mongo' (the default when MongoDB is configured) or,
+    any other value, a mongoexport folder (even one named "demo"; a missing one near "mongo" or "demo" is refused)."""
     if text == "mongo" or (text is None and settings.mongo_uri):
         if not settings.mongo_uri:
             raise UsageError(MONGO_NOT_CONFIGURED)
         return SourceKind.MONGO, None
     if text:
         folder = Path(text).expanduser()
-        if not folder.is_dir():
-            near_miss(f"--source {text!r}: no such folder", text, {"mongo": "mongo", "demo": "--demo"})
+        meant = {"mongo": "mongo", "demo": "--demo"}
+        close = [] if folder.is_dir() else difflib.get_close_matches(text.lower(), list(meant), n=1, cutoff=0.75)
+        if close:
+            raise UsageError(f"--source {text!r}: no such folder; did you mean {meant[close[0]]}?")
         return SourceKind.FOLDER, folder
     raise UsageError("no data source: set MONGO_URI (or MONGO_USERNAME, MONGO_PASSWORD, MONGO_HOST) "
                      f"and MONGO_DB_NAME, or pass --source DIR{hint}")
 
 
-def near_miss(problem: str, text: str, meant: Mapping[str, str]) -> None:
-    """UsageError ``problem`` with the likely meaning when ``text`` is a near miss of one of ``meant``'s
-    keys (``--source mong``: did you mean mongo?); else nothing (the caller goes on)."""
-    close = difflib.get_close_matches(text.lower(), list(meant), n=1, cutoff=0.75)
-    if close:
-        raise UsageError(f"{problem}; did you mean {meant[close[0]]}?")
-
-
 def resolve_options(args: argparse.Namespace, settings: Settings) -> RunOptions:
-    """Turn arguments and settings into one run's options; refuse what cannot be run.
-
-    A ``--now`` more than ``MAX_NOW_AHEAD`` ahead of the clock needs ``--dry-run`` (``--demo`` too: its
-    mirror keeps a cooldown like the real dashboard), so a rehearsal never fills the cooldown for years.
-    """
+    """One run's options from the arguments (a flag named as a ``RunOptions`` field sets it) and settings; refuse
+    what cannot be run (a far ``--now`` without ``--dry-run`` would fill the cooldown for years, ``--demo`` too)."""
     now = datetime.now(UTC).replace(microsecond=0)
     if args.now is not None:
         parsed = parse_now(args.now)
@@ -11493,15 +11173,9 @@ def resolve_options(args: argparse.Namespace, settings: Settings) -> RunOptions:
         args.llm == "claude" or (args.llm == "auto" and bool(settings.anthropic_api_key)))
     if use_claude and not settings.anthropic_api_key:
         raise UsageError("--llm claude needs ANTHROPIC_API_KEY")
-    out_dir = usable_out_dir(args.out)
-    return RunOptions(source=kind, folder=folder, now=now, out_dir=out_dir, limit=args.limit,
-                      use_claude=use_claude, dry_run=args.dry_run, min_confidence=args.min_confidence,
-                      candidates=args.candidates, concurrency=args.concurrency,
-                      cooldown_days=args.cooldown_days, holdout=args.holdout, variants=args.variants,
-                      invites_per_spot=args.invites_per_spot, max_invites_per_event=args.max_invites_per_event,
-                      min_lead_hours=args.min_lead_hours, deadline_minutes=args.deadline_minutes,
-                      keep_logs_days=args.keep_logs, insecure_tls=args.insecure_tls, verbose=args.verbose,
-                      quiet=args.quiet, progress=not args.quiet and sys.stderr.isatty())
+    flags = {name: value for name, value in vars(args).items() if name in RunOptions.__dataclass_fields__}
+    return RunOptions(**{**flags, "source": kind, "folder": folder, "now": now, "out_dir": usable_out_dir(args.out),
+                         "use_claude": use_claude, "progress": not args.quiet and sys.stderr.isatty()})
 
 
 def make_source(options: RunOptions, settings: Settings, logger: logging.Logger,
@@ -11517,50 +11191,44 @@ def make_source(options: RunOptions, settings: Settings, logger: logging.Logger,
 
 def make_dashboard(options: RunOptions, settings: Settings, logger: logging.Logger,
                    control: RunControl | None = None) -> DashboardWriter:
-    """The dashboard: the REST API when configured (never in --demo), else the local mirror.
-
-    A dry run gets one too, to read who was messaged recently; it writes nothing.
-    """
-    updated_at = iso_utc(options.now) or ""
+    """The dashboard: the REST API when configured (never in --demo), else the local mirror. A dry run gets
+    one too, to read who was messaged recently; it writes nothing."""
+    transport: FirebaseTransport
     if options.is_demo or not settings.firebase_url:
         mirror = options.out_dir / "data" / "firebase"
         if not options.is_demo:
             logger.info("FIREBASE_DATABASE_URL is not set: using the local mirror %s", mirror)
-        transport: FirebaseTransport = LocalMirrorTransport(mirror, settings.firebase_base_path,
-                                                            anchor=options.out_dir)
-        return DashboardWriter(transport, logger, dry_run=options.dry_run, updated_at=updated_at,
-                               holdout=options.holdout > 0)
-    token_source = None
-    if not settings.firebase_auth_token and settings.google_credentials:
-        token_source = service_account_tokens(settings.google_credentials)
-    elif not settings.firebase_auth_token:
-        logger.warning("Firebase requests are unauthenticated: set FIREBASE_AUTH_TOKEN or "
-                       "GOOGLE_APPLICATION_CREDENTIALS")
-    transport = RestTransport(settings.firebase_url, settings.firebase_base_path,
-                              auth_token=settings.firebase_auth_token, token_source=token_source,
-                              timeout=settings.firebase_timeout, control=control)
-    return DashboardWriter(transport, logger, dry_run=options.dry_run, updated_at=updated_at,
+        transport = LocalMirrorTransport(mirror, settings.firebase_base_path, anchor=options.out_dir)
+    else:
+        token_source = None
+        if not settings.firebase_auth_token and settings.google_credentials:
+            token_source = service_account_tokens(settings.google_credentials)
+        elif not settings.firebase_auth_token:
+            logger.warning("Firebase requests are unauthenticated: set FIREBASE_AUTH_TOKEN or "
+                           "GOOGLE_APPLICATION_CREDENTIALS")
+        transport = RestTransport(settings.firebase_url, settings.firebase_base_path,
+                                  auth_token=settings.firebase_auth_token, token_source=token_source,
+                                  timeout=settings.firebase_timeout, control=control)
+    return DashboardWriter(transport, logger, dry_run=options.dry_run, updated_at=iso_utc(options.now) or "",
                            holdout=options.holdout > 0)
 
 
-def make_advisor(options: RunOptions, settings: Settings, logger: logging.Logger,
-                 control: RunControl | None = None) -> ClaudeAdvisor | None:
-    if not options.use_claude:
-        return None
-    advisor = ClaudeAdvisor.connect(settings, control)
-    logger.info("Claude: matching with %s, writing with %s", advisor.config.match_model, advisor.config.write_model)
-    return advisor
+def on_stop_signals(handler: Any) -> Any:
+    """``handler`` for SIGINT and SIGTERM (in the main thread only: elsewhere Python refuses); returns a function
+    that puts the previous handlers back."""
+    if threading.current_thread() is not threading.main_thread():
+        return lambda: None
+    previous = {s: signal.signal(s, handler) for s in (signal.SIGINT, signal.SIGTERM)}
+    return lambda: [signal.signal(s, h) for s, h in previous.items()]
 
 
 def handle_stop_signals(control: RunControl) -> Any:
-    """SIGINT/SIGTERM: the first asks the run to stop (members in flight finish, the report is written);
-    a second ends the process at once. Returns a function that puts the previous handlers back."""
-    if threading.current_thread() is not threading.main_thread():
-        return lambda: None
+    """The campaign's SIGINT/SIGTERM: the first asks the run to stop (members in flight finish, the report is
+    written); a second ends the process at once (every file is written atomically, the lock dies with us)."""
 
     def on_signal(signum: int, _frame: Any) -> None:
         name = signal.Signals(signum).name
-        if control.signal is not None:  # a second signal: now (every file is written atomically, the lock dies with us)
+        if control.signal is not None:
             os.write(2, f"error: {name} again: stopped at once; the report was not written\n".encode())
             os._exit(EXIT_SIGNALS.get(signal.Signals(signum), 128 + signum))
         control.request_stop(signum)
@@ -11568,34 +11236,22 @@ def handle_stop_signals(control: RunControl) -> Any:
             os.write(2, f"warning: {name}: finishing the members in flight, then writing the report "
                         "(signal again to stop at once)\n".encode())
 
-    previous = {s: signal.signal(s, on_signal) for s in (signal.SIGINT, signal.SIGTERM)}
-    return lambda: [signal.signal(s, h) for s, h in previous.items()]
+    return on_stop_signals(on_signal)
 
 
 class Interrupted(KeyboardInterrupt):
-    """SIGINT or SIGTERM during a subcommand: unwinds as Ctrl-C does (its files are written atomically)."""
+    """SIGINT or SIGTERM (its number the argument) during a subcommand: unwinds as Ctrl-C does (exit 130/143, one
+    line, no report; its files are written atomically)."""
 
-    def __init__(self, signum: int) -> None:
-        super().__init__(signum)
-        self.signum = signum
-
-
-def raise_on_stop_signals() -> Any:
-    """A subcommand's signals: SIGINT and SIGTERM raise ``Interrupted`` (exit 130/143, one line, no report).
-    Returns a function that puts the previous handlers back."""
-    if threading.current_thread() is not threading.main_thread():
-        return lambda: None
-
-    def on_signal(signum: int, _frame: Any) -> None:
-        raise Interrupted(signum)
-
-    previous = {s: signal.signal(s, on_signal) for s in (signal.SIGINT, signal.SIGTERM)}
-    return lambda: [signal.signal(s, h) for s, h in previous.items()]
+    @classmethod
+    def on_signal(cls, signum: int, _frame: Any) -> None:
+        raise cls(signum)
 
 
 def run_campaign(args: argparse.Namespace, env: Mapping[str, str] | None, mongo_client: Any,
-                 closing: ExitStack) -> RunResult:
-    """The program itself: settings, the lock, the services, one campaign. ``main`` handles the errors."""
+                 closing: ExitStack) -> int:
+    """The campaign as ``raw_main`` runs a program: settings, the lock, the services, one campaign, the lines cron
+    mail should show (``report_problems``), its exit code."""
     settings = Settings.from_env(env if env is not None else read_environment())
     weights = load_match_weights(settings.env)  # MATCH_WEIGHTS: a bad file is exit 2 before anything runs
     options = replace(resolve_options(args, settings), match_weights=weights.label, weights=weights,
@@ -11605,9 +11261,8 @@ def run_campaign(args: argparse.Namespace, env: Mapping[str, str] | None, mongo_
     hoods = load_neighbourhoods(settings.neighbourhoods_csv)  # before the lock: a bad table is exit 2 at once
     control = RunControl(options.deadline_minutes * 60)
     closing.callback(handle_stop_signals(control))
-    closing.enter_context(RunLock(options.out_dir))
-    logger, _ = setup_logging(options.out_dir, datetime.now(UTC), verbose=options.verbose, quiet=options.quiet,
-                              keep_logs_days=options.keep_logs_days)
+    closing.enter_context(run_lock(options.out_dir))
+    logger = setup_logging(options)
     closing.callback(close_logging, logger)
     source = make_source(options, settings, logger, mongo_client, control)
     closing.callback(source.close)
@@ -11616,16 +11271,19 @@ def run_campaign(args: argparse.Namespace, env: Mapping[str, str] | None, mongo_
     dashboard = make_dashboard(options, settings, logger, control)
     if isinstance(dashboard.transport, RestTransport):
         closing.callback(dashboard.transport.client.close)
-    advisor = make_advisor(options, settings, logger, control)
+    advisor = ClaudeAdvisor.connect(settings, control) if options.use_claude else None
     if advisor is not None:
         closing.callback(advisor.client.close)
+        logger.info("Claude: matching with %s, writing with %s", advisor.config.match_model, advisor.config.write_model)
     campaign = ReturnToTable(options, settings, logger, source=source, dashboard=dashboard, hoods=hoods,
                              advisor=advisor, control=control)
     try:
-        return campaign.run()
+        result = campaign.run()
     except ServiceError as exc:
         logger.error("%s", exc, extra=FILE_ONLY)  # the run's log file says why it failed; stderr says it once
         raise
+    report_problems(result)
+    return result.exit_code
 
 
 def main(argv: Sequence[str] | None = None, *, env: Mapping[str, str] | None = None,
@@ -11634,32 +11292,24 @@ def main(argv: Sequence[str] | None = None, *, env: Mapping[str, str] | None = N
     traceback for bad input, a service failure, a full disk or a held lock. ``measure`` and ``backtest``
     as the first argument run those subcommands instead (same exit codes, same funnel: ``raw_main``)."""
     argv = list(sys.argv[1:] if argv is None else argv)
-    if argv and argv[0] in SUBCOMMANDS:
-        return SUBCOMMANDS[argv[0]](argv[1:], env=env, mongo_client=mongo_client)
-    return raw_main("the run", build_parser(), campaign, argv, env, mongo_client)
-
-
-def campaign(args: argparse.Namespace, env: Mapping[str, str] | None, mongo_client: Any,
-             closing: ExitStack) -> int:
-    """The campaign as ``raw_main`` runs a program: one run, the lines cron mail should show, its exit code."""
-    result = run_campaign(args, env, mongo_client, closing)
-    report_problems(result)
-    return result.exit_code
+    if argv[:1] == ["measure"]:  # did the campaigns bring anyone back, treated against the holdout (read-only)
+        return raw_main("measure", build_measure_parser(), run_measure, argv[1:], env, mongo_client)
+    if argv[:1] == ["backtest"]:  # would the rules matcher's picks have been events members went to (read-only)
+        return raw_main("backtest", backtest_parser(), backtest, argv[1:], env, mongo_client)
+    return raw_main("the run", build_parser(), run_campaign, argv, env, mongo_client)
 
 
 def raw_main(name: str, parser: argparse.ArgumentParser, program: Any, argv: Sequence[str],
              env: Mapping[str, str] | None, mongo_client: Any) -> int:
-    """The one funnel from errors to exit codes, for the campaign and both subcommands (httpie's
-    ``raw_main``): ``program(args, env, mongo_client, closing)`` does the work and returns its code; bad
-    input is one line and exit 2, a held lock 75, a failed service or disk 1, out of memory 1 (``out_of_memory``),
-    SIGINT 130 and SIGTERM 143 (``Interrupted``; the campaign's own handlers take over while it runs). The lock, the
-    clients and the log (``closing``) are released however it ends."""
+    """The one funnel from errors to exit codes for the campaign and both subcommands (httpie's ``raw_main``):
+    ``program(args, env, mongo_client, closing)`` does the work and returns its code; every error is one line and
+    its ``ExitCode``. What ``closing`` holds (the lock, the clients, the log) is released however it ends."""
     try:
         args = parser.parse_args(list(argv))
     except SystemExit as exc:  # --help, or a usage error already printed
         return exc.code if isinstance(exc.code, int) else ExitCode.USAGE
     with ExitStack() as closing:
-        closing.callback(raise_on_stop_signals())
+        closing.callback(on_stop_signals(Interrupted.on_signal))
         try:
             return program(args, env, mongo_client, closing)
         except UsageError as exc:
@@ -11669,7 +11319,7 @@ def raw_main(name: str, parser: argparse.ArgumentParser, program: Any, argv: Seq
         except ServiceError as exc:
             return error_line(exc, ExitCode.FAILURE)
         except KeyboardInterrupt as exc:  # Ctrl-C, or ``Interrupted`` (SIGINT/SIGTERM)
-            signum = exc.signum if isinstance(exc, Interrupted) else signal.SIGINT
+            signum = exc.args[0] if isinstance(exc, Interrupted) else signal.SIGINT
             return error_line(f"{name} interrupted by {signal.Signals(signum).name}; stopped at once, nothing "
                               "half-written", EXIT_SIGNALS[signal.Signals(signum)])
         except Exception as exc:  # out of memory anywhere (here, a helper ``Worker``, a member's thread); else a bug
@@ -11682,20 +11332,6 @@ def error_line(problem: object, code: ExitCode) -> ExitCode:
     """The one line on stderr an error gets (cron mail), and its exit code."""
     print(f"error: {problem}", file=sys.stderr)
     return code
-
-
-def measure_command(argv: Sequence[str], *, env: Mapping[str, str] | None = None, mongo_client: Any = None) -> int:
-    """``measure``: did the campaigns bring anyone back, treated against the holdout (read-only)."""
-    return raw_main("measure", build_measure_parser(), run_measure, argv, env, mongo_client)
-
-
-def backtest_command(argv: Sequence[str], *, env: Mapping[str, str] | None = None, mongo_client: Any = None) -> int:
-    """``backtest``: would the rules matcher's picks have been events members really went to (read-only;
-    only the report is written)."""
-    return raw_main("backtest", backtest_parser(), backtest, argv, env, mongo_client)
-
-
-SUBCOMMANDS = {"measure": measure_command, "backtest": backtest_command}
 
 
 def report_problems(result: RunResult) -> None:
@@ -11712,12 +11348,12 @@ def report_problems(result: RunResult) -> None:
     if result.empty_input:
         print(f"warning: empty input: the source has no {' and no '.join(result.empty_input)}; the report "
               f"{result.report_path} says what was read", file=sys.stderr)
-    elif result.idle is not None and result.idle.exit_code and result.status == "completed" and not result.failed_members:
+    elif (result.idle is not None and result.idle.exit_code and result.status == "completed"
+          and not result.failed_members):
         print(f"warning: no message drafted: {result.report['no_message']['text']}", file=sys.stderr)
     if result.firebase_failed:
-        firebase = result.firebase
-        first = (firebase["errors"] or [""])[0]
-        print(f"error: {len(firebase['not_written'])} Firebase writes failed ({first}); local files and the "
+        first = (result.firebase["errors"] or [""])[0]
+        print(f"error: {len(result.firebase['not_written'])} Firebase writes failed ({first}); local files and the "
               f"report {result.report_path} are complete", file=sys.stderr)
 
 
