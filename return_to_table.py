@@ -3914,9 +3914,8 @@ def validate_sms(text: str, facts: MessageFacts) -> list[str]:
         problems.append('no "!!"')
     scrubbed = body
     fixed_words = {named or "", facts.first_name or "", *facts.interests, *map(interest_label, facts.interests)}
-    for fixed in sorted(fixed_words, key=len, reverse=True):
-        if fixed:
-            scrubbed = re.sub(re.escape(fixed), " ", scrubbed, flags=re.IGNORECASE)
+    for fixed in sorted(filter(None, fixed_words), key=len, reverse=True):
+        scrubbed = re.sub(re.escape(fixed), " ", scrubbed, flags=re.IGNORECASE)
     invented = sorted(set(re.findall(r"\d+", scrubbed)) - facts.allowed_numbers)
     invented += sorted({w.lower() for w in NUMBER_WORDS.findall(scrubbed)})
     if invented:
@@ -4781,7 +4780,7 @@ def dominant_reason_advice(reasons: Mapping[str, int], drafted: int) -> list[str
 def crowded_event_advice(messages: Sequence[Mapping[str, Any]]) -> list[str]:
     """An event taking most of the invitations: one event's seats cannot take them all."""
     events = Counter(m["event_name"] for m in messages)
-    if len(messages) < 3 or not events:
+    if len(messages) < 3:
         return []
     name, n = events.most_common(1)[0]
     if n / len(messages) < CROWDED_EVENT_SHARE:
