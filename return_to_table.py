@@ -10147,29 +10147,40 @@ def read_screened(source: DataSource) -> ScreenedInput:
     return ScreenedInput(kept_users, kept_events, issues, empty_collections(data))
 
 
+def after(timeline: Sequence[tuple[datetime, str]], day: datetime) -> int:
+    """Where the entries after ``day`` begin in a time-ordered (moment, id) list."""
+    return bisect.bisect_right(timeline, day, key=lambda entry: entry[0])
+
+
 @dataclass(frozen=True)
 class History:
-    """Members and events read once, indexed by time, so each as-of date is a slice, never a new scan.
-
-    ``events`` are the dated events by start (``starts``); ``unknown_yet`` the same events as any date
-    before their start sees them (``without_participants``). ``attended``: per member, (start, event id)
-    of every event joined or hosted; ``joined_hosts``: per member, (start, host id) of the events they
-    joined as a guest. Both in time order.
-    """
+    """Members and events read once, indexed by time, so each as-of date is a slice, never a new scan."""
 
     users: list[dict[str, Any]]
-    events: list[dict[str, Any]]
+    events: list[dict[str, Any]]  # the dated events, by start (``starts``)
     starts: list[datetime]
-    unknown_yet: list[dict[str, Any]]
-    attended: dict[str, list[tuple[datetime, str]]]
-    joined_hosts: dict[str, list[tuple[datetime, str]]]
+    unknown_yet: list[dict[str, Any]]  # the same events as a date before their start sees them
+    attended: dict[str, list[tuple[datetime, str]]]  # per member, (start, event id) joined or hosted, in time order
+    joined_hosts: dict[str, list[tuple[datetime, str]]]  # per member, (start, host id) joined as a guest, in order
 
+    def at(self, day: datetime) -> tuple[DormancyCensus, list[FutureEvent]]:
+        """Steps 1 and 2 as they would have run at ``day``, from the events started by then."""
+        cut = bisect.bisect_right(self.starts, day)
+        activity = index_member_activity(self.events[:cut], DataIssues())  # counted once, in build_history
+        return find_dormant_users(self.users, activity, day), find_future_events(self.unknown_yet[cut:], day)
 
-def without_participants(event: Mapping[str, Any]) -> dict[str, Any]:
-    """An event as a date before its start knows it: nobody going yet, nothing computed from who is."""
-    kept = {k: v for k, v in event.items() if k not in PARTICIPANT_FIELDS}
-    kept["participants"] = []
-    return kept
+    def went(self, member: str, start: datetime, end: datetime) -> set[str]:
+        """The events a member joined or hosted that start in (start, end]: the truth for one as-of date."""
+        timeline = self.attended.get(member, [])
+        return {event_id for _, event_id in timeline[after(timeline, start):after(timeline, end)]}
+
+    def favourite_hosts(self, member: str, day: datetime) -> list[str]:
+        """The hosts a member joined by ``day``, by how often, then the more recent, then the id (``host_next``)."""
+        timeline = self.joined_hosts.get(member, [])
+        joined = timeline[:after(timeline, day)]
+        counts = Counter(host for _, host in joined)
+        latest = {host: moment for moment, host in joined}  # time order: the last one stays
+        return sorted(counts, key=lambda host: (-counts[host], -latest[host].timestamp(), host))
 
 
 def build_history(users: list[dict[str, Any]], events: Sequence[dict[str, Any]], issues: DataIssues) -> History:
@@ -10185,34 +10196,9 @@ def build_history(users: list[dict[str, Any]], events: Sequence[dict[str, Any]],
             attended.setdefault(member, []).append((start, event_id))
             if host is not None and member != host:
                 joined_hosts.setdefault(member, []).append((start, host))
-    return History(users, [e for _, e in dated], [s for s, _ in dated],
-                   [without_participants(e) for _, e in dated], attended, joined_hosts)
-
-
-def world_at(history: History, day: datetime) -> tuple[DormancyCensus, list[FutureEvent]]:
-    """Steps 1 and 2 as they would have run at ``day``: dormancy from the events started by then, and the
-    future events as then known (``unknown_yet``)."""
-    cut = bisect.bisect_right(history.starts, day)
-    activity = index_member_activity(history.events[:cut], DataIssues())  # counted once, in build_history
-    return find_dormant_users(history.users, activity, day), find_future_events(history.unknown_yet[cut:], day)
-
-
-def after(timeline: Sequence[tuple[datetime, str]], day: datetime) -> int:
-    """Where the entries after ``day`` begin in a time-ordered (moment, id) list."""
-    return bisect.bisect_right(timeline, day, key=lambda entry: entry[0])
-
-
-def attended_between(history: History, member: str, start: datetime, end: datetime) -> set[str]:
-    """The events a member joined or hosted that start in (start, end]: the truth for one as-of date."""
-    timeline = history.attended.get(member, [])
-    return {event_id for _, event_id in timeline[after(timeline, start):after(timeline, end)]}
-
-
-def favourite_hosts(joined: Sequence[tuple[datetime, str]]) -> list[str]:
-    """Hosts by how often the member joined them, then the more recent, then the id (``host_next``)."""
-    counts = Counter(host for _, host in joined)
-    latest = {host: moment for moment, host in joined}  # time order: the last one stays
-    return sorted(counts, key=lambda host: (-counts[host], -latest[host].timestamp(), host))
+    unknown_yet = [{**{k: v for k, v in e.items() if k not in PARTICIPANT_FIELDS}, "participants": []}
+                   for _, e in dated]  # nobody going yet, nothing computed from who is (``NO_LEAK_RULE``)
+    return History(users, [e for _, e in dated], [s for s, _ in dated], unknown_yet, attended, joined_hosts)
 
 
 def soonest_key(c: Candidate) -> tuple[float, str]:
@@ -10228,22 +10214,19 @@ def host_next(candidates: Sequence[Candidate], hosts: Sequence[str]) -> Candidat
 
 
 class Trial(NamedTuple):
-    """One eligible member who came back within the window after one as-of date, and how each method did.
-
-    ``hits``: per method (and ``oracle``), 1.0 a hit and 0.0 a miss; ``random`` holds its expectation.
-    ``fallbacks``: the baselines that had to fall back to the soonest candidate.
-    """
+    """One eligible member who came back within the window after one as-of date, and how each method did."""
 
     member: str
-    candidates: int
-    hits: dict[str, float]
-    fallbacks: frozenset[str]
+    candidates: Sequence[Candidate]  # as scored at the date (``--fit`` ranks them again)
+    attended: set[str]  # the truth: the events they joined or hosted within the window
+    hits: dict[str, float]  # per method (and ``oracle``): 1.0 a hit, 0.0 a miss; ``random`` its expectation
+    fallbacks: frozenset[str]  # the baselines that fell back to the soonest candidate
 
 
 def score_trial(user: Mapping[str, Any], candidates: Sequence[Candidate], attended: set[str],
-                hosts: Sequence[str], pick: Picker, seated: Candidate | None = None) -> Trial:
-    """The matcher's pick and the baselines on exactly the same candidates, against what really happened;
-    ``seated`` is the matcher's pick with the seat allocation on (``allocated_pick``)."""
+                hosts: Sequence[str], pick: Picker, seated: Candidate | None) -> Trial:
+    """The matcher's pick (``seated``: with the seat allocation on) and the baselines on exactly the same
+    candidates, against what really happened."""
 
     def hit(c: Candidate | None) -> float:
         return float(c is not None and c.event["_id"] in attended)
@@ -10258,61 +10241,37 @@ def score_trial(user: Mapping[str, Any], candidates: Sequence[Candidate], attend
             "oracle": float(going > 0)}
     fell_back = frozenset(name for name, c in (("soonest_nearby", nearby), ("host_next", by_host))
                           if c is None and candidates)
-    return Trial(user["_id"], len(candidates), hits, fell_back)
+    return Trial(user["_id"], candidates, attended, hits, fell_back)
 
 
 def backtest_date(history: History, day: datetime, window_days: int, hoods: NeighbourhoodMap,
                   pick: Picker, weights: MatchWeights = BUILT_IN_MATCH_WEIGHTS) -> tuple[int, list[Trial]]:
-    """One as-of date: how many members were eligible, and a trial for each who came back within the window.
-
-    Every eligible member is matched, in rank order, so that the seat allocation (``ALLOCATION_RULE``) sees
-    the invitations of those ranked above; only members who came back are scored.
-    """
-    census, future = world_at(history, day)
+    """One as-of date: the eligible members, and a trial for each who came back within the window. Every
+    eligible member, in rank order, takes a seat at their pick among those left (``ALLOCATION_RULE``)."""
+    census, future = history.at(day)
     end = day + timedelta(days=window_days)
     seats = SeatLedger(DEFAULT_INVITES_PER_SPOT, DEFAULT_MAX_INVITES_PER_EVENT)
-    index = CandidateIndex.build(future, hoods, day, weights) if pick is rules_pick else None  # the rules' first, lazily
+    index = CandidateIndex.build(future, hoods, day, weights) if pick is rules_pick else None  # the rules', lazily
     trials = []
     for user in census.eligible:
-        attended = attended_between(history, user["_id"], day, end)
-        if not attended and index is not None:  # only their seat matters: the first candidate with one left
-            first = next(seats.open_only(user["_id"], index.ranked(user)), None)
-            if first is not None:
-                seats.reserve(user["_id"], first.event)
-            continue
-        candidates = score_candidates(user, future, hoods, day, weights)
-        seated = allocated_pick(user, candidates, pick, seats)
-        if not attended:
-            continue
-        joined = history.joined_hosts.get(user["_id"], [])
-        trials.append(score_trial(user, candidates, attended, favourite_hosts(joined[:after(joined, day)]), pick,
-                                  seated))
+        attended = history.went(user["_id"], day, end)
+        if attended or index is None:
+            candidates = score_candidates(user, future, hoods, day, weights)
+            seated = pick(user, list(seats.open_only(user["_id"], candidates)))
+        else:  # only their seat matters: the first candidate with one left
+            seated = next(seats.open_only(user["_id"], index.ranked(user)), None)
+        if seated is not None:
+            seats.reserve(user["_id"], seated.event)
+        if attended:
+            hosts = history.favourite_hosts(user["_id"], day)
+            trials.append(score_trial(user, candidates, attended, hosts, pick, seated))
     return len(census.eligible), trials
 
 
-def allocated_pick(user: Mapping[str, Any], candidates: Sequence[Candidate], pick: Picker,
-                   seats: SeatLedger) -> Candidate | None:
-    """The matcher's pick among the candidates with a seat left, the seat taken (the campaign's allocation)."""
-    chosen = pick(user, list(seats.open_only(user["_id"], candidates)))
-    if chosen is not None:
-        seats.reserve(user["_id"], chosen.event)
-    return chosen
-
-
 def as_of_dates(start: datetime, end: datetime, every_days: int) -> list[datetime]:
-    """``start``, then every ``every_days`` up to ``end`` included."""
-    days, day = [], start
-    while day <= end and len(days) <= MAX_BACKTEST_DATES:
-        days.append(day)
-        day += timedelta(days=every_days)
-    return days
-
-
-def hit_rates(trials: Sequence[Trial], names: Sequence[str]) -> dict[str, float | None]:
-    """Each method's share of hits (None when nobody came back)."""
-    if not trials:
-        return {name: None for name in names}
-    return {name: round(sum(t.hits[name] for t in trials) / len(trials), 4) for name in names}
+    """``start``, then every ``every_days`` up to ``end`` included (one past ``MAX_BACKTEST_DATES`` at most)."""
+    count = (end - start) // timedelta(days=every_days) + 1
+    return [start + timedelta(days=every_days * i) for i in range(min(count, MAX_BACKTEST_DATES + 1))]
 
 
 def percentile(ordered: Sequence[float], q: float) -> float:
@@ -10325,42 +10284,35 @@ def percentile(ordered: Sequence[float], q: float) -> float:
 
 def bootstrap_intervals(rows: Sequence[tuple[str, Mapping[str, float]]], resamples: int,
                         seed: int) -> dict[str, tuple[float, float]]:
-    """95% percentile intervals of pooled means, resampling members (with all their dates) with replacement.
-
-    ``rows`` are (member, values by name); a member seen at several dates is one unit, so the interval
-    does not pretend their dates are independent. The same rows and seed always give the same intervals.
-    """
-    if not rows:
-        return {}
+    """95% percentile intervals of pooled means from (member, values by name) rows, resampling members with
+    all their dates: a member seen at several dates is one unit, not several independent ones."""
     units: dict[str, list[Mapping[str, float]]] = {}
     for member, values in rows:
         units.setdefault(member, []).append(values)
     groups = list(units.values())
-    names = list(rows[0][1])
     sizes = [len(g) for g in groups]
-    sums = {name: [sum(v[name] for v in g) for g in groups] for name in names}
+    sums = {name: [sum(v[name] for v in g) for g in groups] for name in rows[0][1]}
     rng = random.Random(seed)
-    draws: dict[str, list[float]] = {name: [] for name in names}
+    draws: dict[str, list[float]] = {name: [] for name in sums}
     for _ in range(resamples):
         chosen = rng.choices(range(len(groups)), k=len(groups))
         n = sum(map(sizes.__getitem__, chosen))
-        for name in names:
-            draws[name].append(sum(map(sums[name].__getitem__, chosen)) / n)
+        for name, column in sums.items():
+            draws[name].append(sum(map(column.__getitem__, chosen)) / n)
     return {name: (round(percentile(sorted(v), 0.025), 4), round(percentile(sorted(v), 0.975), 4))
             for name, v in draws.items()}
 
 
 def backtest_row(day: datetime | None, eligible: int, trials: Sequence[Trial]) -> dict[str, Any]:
     """One line of the table: a date (or the pooled row, ``day`` None) and each method's hit@1."""
+    rates = {name: round(sum(t.hits[name] for t in trials) / len(trials), 4) if trials else None
+             for name in (*BACKTEST_METHODS, "oracle")}
+    oracle = rates.pop("oracle")
     return {
-        "as_of": iso_utc(day) if day is not None else "pooled",
-        "eligible": eligible,
-        "returned": len(trials),
-        "members": len({t.member for t in trials}),
-        "with_candidates": sum(t.candidates > 0 for t in trials),
-        "candidates_mean": round(sum(t.candidates for t in trials) / len(trials), 1) if trials else None,
-        "hit_at_1": hit_rates(trials, BACKTEST_METHODS),
-        "oracle": hit_rates(trials, ("oracle",))["oracle"],
+        "as_of": iso_utc(day) if day is not None else "pooled", "eligible": eligible, "returned": len(trials),
+        "members": len({t.member for t in trials}), "with_candidates": sum(bool(t.candidates) for t in trials),
+        "candidates_mean": round(sum(len(t.candidates) for t in trials) / len(trials), 1) if trials else None,
+        "hit_at_1": rates, "oracle": oracle,
         "fallbacks": {name: sum(name in t.fallbacks for t in trials) for name in ("soonest_nearby", "host_next")},
     }
 
@@ -10369,57 +10321,54 @@ def pooled_row(dated: Sequence[tuple[datetime, int, list[Trial]]], resamples: in
     """All dates together, with bootstrap intervals and the matcher's lead over the best baseline."""
     trials = [t for _, _, ts in dated for t in ts]
     row = backtest_row(None, sum(n for _, n, _ in dated), trials)
+    if not trials:
+        return {**row, "interval_95": {}, "lead": {"over": None, "points": None, "interval_95": None}}
     rates = row["hit_at_1"]
-    best = max(BASELINES, key=lambda name: (rates[name] or 0.0, name)) if trials else None
-    rows = [(t.member, {**t.hits, "lead": t.hits["rules"] - t.hits[best]}) for t in trials] if best else []
-    intervals = bootstrap_intervals(rows, resamples, seed)
-    row["interval_95"] = {name: list(intervals[name]) for name in (*BACKTEST_METHODS, "oracle")} if rows else {}
-    lead = round(rates["rules"] - rates[best], 4) if best else None
-    row["lead"] = {"over": best, "points": lead, "interval_95": list(intervals["lead"]) if rows else None}
+    best = max(BASELINES, key=lambda name: (rates[name], name))
+    intervals = bootstrap_intervals([(t.member, {**t.hits, "lead": t.hits["rules"] - t.hits[best]}) for t in trials],
+                                    resamples, seed)
+    row["interval_95"] = {name: list(intervals[name]) for name in (*BACKTEST_METHODS, "oracle")}
+    row["lead"] = {"over": best, "points": round(rates["rules"] - rates[best], 4),
+                   "interval_95": list(intervals["lead"])}
     return row
 
 
 def build_backtest_report(*, source: str, start: datetime, end: datetime, every_days: int, window_days: int,
                           dated: Sequence[tuple[datetime, int, list[Trial]]], issues: DataIssues,
                           resamples: int, seed: int, started: datetime, seconds: float,
-                          places_not_located: Mapping[str, int] | None = None) -> dict[str, Any]:
+                          places_not_located: Mapping[str, int]) -> dict[str, Any]:
     """The report: what was asked, the rules the numbers follow, one row per date, the pooled row."""
     return {
-        "kind": "backtest",
-        "generated_at": iso_utc(started),
-        "source": source,
+        "kind": "backtest", "generated_at": iso_utc(started), "source": source,
         "from": iso_utc(start), "to": iso_utc(end), "every_days": every_days, "window_days": window_days,
         "last_as_of": iso_utc(dated[-1][0]) if dated else None,
         "matcher": "rules",
         "truth": "the events a member joined or hosted that start in (D, D + window]",
         "scored": "eligible members (step 1 at D, no limit, no cooldown, no holdout) who came back in the window",
-        "candidate_set": CANDIDATE_SET,
-        "no_leak_rule": NO_LEAK_RULE,
-        "later_information": list(LATER_INFORMATION),
-        "baselines": dict(BASELINES),
-        "allocation": ALLOCATION_RULE,
+        "candidate_set": CANDIDATE_SET, "no_leak_rule": NO_LEAK_RULE, "later_information": list(LATER_INFORMATION),
+        "baselines": dict(BASELINES), "allocation": ALLOCATION_RULE,
         "bootstrap": {"resamples": resamples, "seed": seed, "unit": "member (all their dates)", "level": 0.95,
                       "interval": "percentile"},
         "dates": [backtest_row(day, n, trials) for day, n, trials in dated],
         "pooled": pooled_row(dated, resamples, seed),
         "data_issues": issues.as_dict(),
-        "places_not_located": places_report(places_not_located or {}),
+        "places_not_located": places_report(places_not_located),
         "duration_seconds": round(seconds, 3),
     }
 
 
 def backtest_table(report: Mapping[str, Any]) -> list[list[str]]:
     """The table's cells: a header, one row per date, the pooled row and its intervals."""
-    header = ["as of", "eligible", "returned", "candidates", *BACKTEST_METHODS, "oracle"]
-    cells = [header]
+    columns = (*BACKTEST_METHODS, "oracle")
+    cells = [["as of", "eligible", "returned", "candidates", *columns]]
     for row in [*report["dates"], report["pooled"]]:
+        rates = {**row["hit_at_1"], "oracle": row["oracle"]}
         cells.append([row["as_of"][:10], str(row["eligible"]), str(row["returned"]),
                       "-" if row["candidates_mean"] is None else f"{row['candidates_mean']:.1f}",
-                      *(percent(row["hit_at_1"][m]) for m in BACKTEST_METHODS), percent(row["oracle"])])
-    intervals = report["pooled"]["interval_95"]
-    if intervals:
+                      *(percent(rates[m]) for m in columns)])
+    if intervals := report["pooled"]["interval_95"]:
         cells.append(["95% interval", "", "", "", *(f"{100 * intervals[m][0]:.1f}-{100 * intervals[m][1]:.1f}"
-                                                    for m in (*BACKTEST_METHODS, "oracle"))])
+                                                    for m in columns)])
     return cells
 
 
@@ -10433,69 +10382,43 @@ def lead_line(report: Mapping[str, Any]) -> str:
             f"bootstrap resamples of members, seed {report['bootstrap']['seed']}).")
 
 
-def console_table(report: Mapping[str, Any]) -> str:
-    cells = backtest_table(report)
-    widths = [max(len(row[i]) for row in cells) for i in range(len(cells[0]))]
-    lines = ["  ".join(c.ljust(w) if i == 0 else c.rjust(w) for i, (c, w) in enumerate(zip(row, widths, strict=True)))
-             for row in cells]
-    return "\n".join([*lines, lead_line(report)])
-
-
 def backtest_markdown(report: Mapping[str, Any]) -> str:
     """The human report: the question, the rules of the game, the table and the caveats."""
-    cells = backtest_table(report)
-    lines = [
-        "# Return To Table backtest",
-        "",
-        "Would the rules matcher's pick for each eligible member have been an event they really went to?",
-        "",
+    asked = [
         (f"- Source: {cell(report['source'])}; as-of dates D from {report['from'][:10]} to {report['to'][:10]} "
          f"every {report['every_days']} days ({len(report['dates'])} dates); window W = {report['window_days']} days"),
         f"- Truth: {report['truth']}.",
         f"- Scored: {report['scored']}; hit@1 = the pick is one of the events they went to.",
-        f"- Candidates: {report['candidate_set']}",
-        f"- No leaks: {report['no_leak_rule']}",
-        f"- Seats: {report['allocation']}",
-        "",
-        "| " + " | ".join(cells[0]) + " |",
-        "| " + " | ".join("---" for _ in cells[0]) + " |",
-        *("| " + " | ".join(cell(c) for c in row) + " |" for row in cells[1:]),
-        "",
-        lead_line(report),
-        "",
+        f"- Candidates: {report['candidate_set']}", f"- No leaks: {report['no_leak_rule']}",
+        f"- Seats: {report['allocation']}"]
+    baselines = [*(f"- **{name}**: {text}." for name, text in report["baselines"].items()),
+                 f"- Fallbacks to the soonest candidate, pooled: {report['pooled']['fallbacks']}."]
+    paragraphs = [
+        "# Return To Table backtest",
+        "Would the rules matcher's pick for each eligible member have been an event they really went to?",
+        "\n".join(asked), "\n".join(markdown_table(backtest_table(report))), lead_line(report),
         ("The oracle is the share of returning members whose event was among the candidates at all: no "
          "matcher choosing among these candidates can score more."),
-        "",
-        "## Baselines (same members, same candidates)",
-        "",
-        *(f"- **{name}**: {text}." for name, text in report["baselines"].items()),
-        f"- Fallbacks to the soonest candidate, pooled: {report['pooled']['fallbacks']}.",
-        "",
-        "## What may still carry later information",
-        "",
-        *(f"- {text}" for text in report["later_information"]),
-        "",
+        "## Baselines (same members, same candidates)", "\n".join(baselines),
+        "## What may still carry later information", "\n".join(f"- {text}" for text in report["later_information"]),
         "## Data issues (records skipped or treated as missing)",
-        "",
-        *([f"- {k.replace('_', ' ')}: {v}" for k, v in report["data_issues"].items()] or ["None."]),
-        "",
-        places_line(report["places_not_located"]),
-        "",
-        *(f"{line}\n" for line in backtest_learned_lines(report)),
-        f"Computed in {report['duration_seconds']} s.",
-    ]
-    return "\n".join(lines) + "\n"
+        "\n".join([f"- {k.replace('_', ' ')}: {v}" for k, v in report["data_issues"].items()] or ["None."]),
+        places_line(report["places_not_located"]), *backtest_learned_lines(report),
+        f"Computed in {report['duration_seconds']} s."]
+    return "\n\n".join(paragraphs) + "\n"
 
 
 def backtest_learned_lines(report: Mapping[str, Any]) -> list[str]:
-    """The weights used (and their file's hash) and, with ``--fit``, what the fit found (issue 22)."""
-    used = report.get("match_weights")
-    lines = [] if used is None else [f"Weights: {MatchWeights(used['values'], used['source'], used['sha256']).label}."]
-    lines += ordering_lines(report)
-    fit = report.get("fit")
-    if fit is not None:
-        lines += fit_lines(fit, Path(fit["written"]) if fit.get("written") else None)
-    return lines
+    """The weights used (and their file's hash), the orderings with ``--limit``, the fit with ``--fit`` (issue 22)."""
+    lines = [f"Weights: {MatchWeights(**report['match_weights']).label}."]
+    if found := report.get("orderings"):
+        lines.append(f"Reach first (top {found['limit']} eligible members per date):")
+        for name, row in found["pooled"].items():
+            interval = row["hit_rate_interval_95"]
+            lines.append(f"  RANK_BY={name}: hit {percent(row['hit_rate'])}"
+                         + (f" ({percent(interval[0])}-{percent(interval[1])})" if interval else "")
+                         + f", came back {percent(row['came_back_rate'])} of {row['member_dates']} member-dates")
+    return lines + (fit_lines(report["fit"]) if "fit" in report else [])
 
 
 # --- which members to reach first (issue 22): RANK_BY=score|history against history ------------------
@@ -10524,18 +10447,17 @@ def by_history(members: Sequence[Any], totals: Sequence[float]) -> list[Any]:
 
 
 def ordering_date(history: History, day: datetime, window_days: int, hoods: NeighbourhoodMap,
-                  limit: int, weights: MatchWeights = BUILT_IN_MATCH_WEIGHTS) -> dict[str, dict[str, int]]:
+                  limit: int, weights: MatchWeights) -> dict[str, dict[str, int]]:
     """For each ordering, among the top ``limit`` eligible members at ``day``: how many came back within the
     window, and how many went to the rules' pick (a hit)."""
-    census, future = world_at(history, day)
+    census, future = history.at(day)
     end = day + timedelta(days=window_days)
     scored = [(user, score_candidates(user, future, hoods, day, weights)) for user in census.eligible]
     orders = {"score": scored, "history": by_history(scored, [best_total(c) for _, c in scored])}
     found = {}
     for name, members in orders.items():
-        top = members[:limit]
-        went = [(attended_between(history, user["_id"], day, end), rules_pick(user, c)) for user, c in top]
-        found[name] = {"members": len(top), "came_back": sum(bool(w) for w, _ in went),
+        went = [(history.went(user["_id"], day, end), rules_pick(user, c)) for user, c in members[:limit]]
+        found[name] = {"members": len(went), "came_back": sum(bool(w) for w, _ in went),
                        "hits": sum(p is not None and p.event["_id"] in w for w, p in went)}
     return found
 
@@ -10545,9 +10467,7 @@ def orderings_report(per_date: Sequence[tuple[datetime, Mapping[str, Mapping[str
     """Each ordering pooled over the dates: came back and hit rates among the top ``limit``, Wilson intervals."""
     pooled: dict[str, Any] = {}
     for name in RANK_ORDERS:
-        n = sum(found[name]["members"] for _, found in per_date)
-        back = sum(found[name]["came_back"] for _, found in per_date)
-        hits = sum(found[name]["hits"] for _, found in per_date)
+        n, back, hits = (sum(found[name][key] for _, found in per_date) for key in ("members", "came_back", "hits"))
         pooled[name] = {"member_dates": n, "came_back": back, "hits": hits,
                         "came_back_rate": rounded(back / n if n else None),
                         "hit_rate": rounded(hits / n if n else None),
@@ -10557,19 +10477,6 @@ def orderings_report(per_date: Sequence[tuple[datetime, Mapping[str, Mapping[str
             "note": ("hit: the member went to the rules' pick within the window; came back: to any event. Member-dates "
                      "are pooled (a member at several dates counts at each), so the Wilson intervals are a little "
                      "narrow. Contactability is not applied, as elsewhere in the backtest.")}
-
-
-def ordering_lines(report: Mapping[str, Any]) -> list[str]:
-    found = report.get("orderings")
-    if not found:
-        return []
-    lines = [f"Reach first (top {found['limit']} eligible members per date):"]
-    for name, row in found["pooled"].items():
-        interval = row["hit_rate_interval_95"]
-        lines.append(f"  RANK_BY={name}: hit {percent(row['hit_rate'])}"
-                     + (f" ({percent(interval[0])}-{percent(interval[1])})" if interval else "")
-                     + f", came back {percent(row['came_back_rate'])} of {row['member_dates']} member-dates")
-    return lines
 
 
 # --- the matcher's weights: MATCH_WEIGHTS, and fitting them on your own history (issue 22) -----------
@@ -10601,8 +10508,7 @@ def checked_weights(value: Any, where: str) -> dict[str, float]:
     found = value.get("weights", value) if isinstance(value, Mapping) else None
     if not isinstance(found, Mapping):
         raise UsageError(f"{where}: not a JSON object of weights ({', '.join(WEIGHT_NAMES)})")
-    unknown = sorted(set(found) - set(WEIGHT_NAMES))
-    if unknown:
+    if unknown := sorted(set(found) - set(WEIGHT_NAMES)):
         raise UsageError(f"{where}: unknown weight {str(unknown[0])[:40]!r}; known: {', '.join(WEIGHT_NAMES)}")
     weights = dict(BUILT_IN_WEIGHTS)
     for name, number in found.items():
@@ -10634,99 +10540,66 @@ def load_match_weights(env: Mapping[str, str]) -> MatchWeights:
     return MatchWeights(checked_weights(value, where), str(path), hashlib.sha256(data).hexdigest())
 
 
-def fit_candidates(history: History, dated: Sequence[tuple[datetime, int, list[Trial]]],
-                   hoods: NeighbourhoodMap) -> list[list[Candidate]]:
-    """Each trial's candidates (in trial order), scored again as the backtest scored them, for ``--fit``."""
-    seen = []
-    for day, _, trials in dated:
-        census, future = world_at(history, day)
-        users = {user["_id"]: user for user in census.eligible}
-        seen += [score_candidates(users[t.member], future, hoods, day) for t in trials]
-    return seen
+class FitData(NamedTuple):
+    """Every trial's candidates as arrays, one row each, so a set of weights re-ranks them without scoring again."""
 
-
-def unit_signals(h: HistorySignals) -> tuple[float, ...]:
-    """``HistorySignals.contributions`` with every weight 1, in ``HISTORY_WEIGHTS`` order."""
-    n = max(h.past_events, 1)
-    return (h.host_events / n, h.series_events / n, min(h.company, COMPANY_CAP) / COMPANY_CAP, h.place_share,
-            h.tag_share, h.weekday_events / n, h.day_part_events / n)
-
-
-@dataclass(frozen=True)
-class FitData:
-    """Every trial's candidates as arrays, so a set of weights re-ranks them without scoring anything again.
-
-    Row arrays (one row per candidate): ``signals`` (unit contributions), ``plan`` (plan index / max),
-    ``days`` (days until), ``hit`` (the member went), ``trial`` (its trial's index), ``order`` (its place in
-    the plan's order among its trial's candidates). Trial lists: ``members``, ``days_of``, ``baselines``.
-    """
-
-    signals: Any
-    plan: Any
-    days: Any
-    hit: Any
-    trial: Any
-    order: Any
-    members: list[str]
+    signals: Any  # ``HistorySignals.contributions`` with every weight 1
+    plan: Any  # plan index / max
+    days: Any  # days until
+    hit: Any  # 1 when the member went
+    trial: Any  # its trial's index
+    order: Any  # its place in the plan's order among its trial's candidates
+    trials: list[Trial]  # per trial, as ``days_of``
     days_of: list[datetime]
-    baselines: list[dict[str, float]]
 
+    @classmethod
+    def of(cls, dated: Sequence[tuple[datetime, int, list[Trial]]]) -> FitData:
+        """Each trial's candidates, as the backtest scored them, with what really happened."""
+        import numpy as np
 
-def fit_data(dated: Sequence[tuple[datetime, int, list[Trial]]], seen: Sequence[Sequence[Candidate]],
-             history: History, window_days: int) -> FitData:
-    """Each trial's candidates (``fit_candidates``, in trial order) with what really happened."""
-    import numpy as np
+        unit = MatchWeights(dict.fromkeys(WEIGHT_NAMES, 1.0))
+        trials = [(day, t) for day, _, ts in dated for t in ts]
+        rows: list[tuple[Any, ...]] = []
+        for index, (_, trial) in enumerate(trials):
+            plan_order = {id(c): k for k, c in enumerate(sorted(trial.candidates, key=lambda c: c.plan_key))}
+            rows += [(*c.history._replace(weights=unit).contributions().values(), c.plan_index / PLAN_INDEX_MAX,
+                      c.days_until, c.event["_id"] in trial.attended, index, plan_order[id(c)])
+                     for c in trial.candidates]
+        table = np.array(rows, dtype=float).reshape(-1, len(HISTORY_WEIGHTS) + 5)
+        k = len(HISTORY_WEIGHTS)
+        return cls(table[:, :k], table[:, k], table[:, k + 1], table[:, k + 2], table[:, k + 3].astype(int),
+                   table[:, k + 4], [t for _, t in trials], [d for d, _ in trials])
 
-    rows: list[tuple[Any, ...]] = []
-    trials = [(day, t) for day, _, ts in dated for t in ts]
-    for index, ((day, trial), candidates) in enumerate(zip(trials, seen, strict=True)):
-        went = attended_between(history, trial.member, day, day + timedelta(days=window_days))
-        plan_order = {id(c): k for k, c in enumerate(sorted(candidates, key=lambda c: c.plan_key))}
-        rows += [(*unit_signals(c.history), c.plan_index / PLAN_INDEX_MAX, c.days_until, c.event["_id"] in went,
-                  index, plan_order[id(c)]) for c in candidates]
-    table = np.array(rows, dtype=float).reshape(-1, len(HISTORY_WEIGHTS) + 5)
-    k = len(HISTORY_WEIGHTS)
-    return FitData(table[:, :k], table[:, k], table[:, k + 1], table[:, k + 2], table[:, k + 3].astype(int),
-                   table[:, k + 4], [t.member for _, t in trials], [d for d, _ in trials],
-                   [{name: t.hits[name] for name in BASELINES} for _, t in trials])
+    def hits_with(self, weights: Mapping[str, float]) -> Any:
+        """Each trial's hit (1/0) with the candidates ranked by ``weights`` as ``Candidate.rank_key`` ranks them:
+        the total (history points times timing, plus the plan's tiers), then the plan's order."""
+        import numpy as np
 
-
-def fit_hits(data: FitData, weights: Mapping[str, float]) -> Any:
-    """Each trial's hit (1/0) when the candidates are ranked with ``weights`` as ``Candidate.rank_key`` ranks
-    them: the total (history points times timing, plus the plan's tiers), then the plan's order."""
-    import numpy as np
-
-    points = data.signals @ np.array([weights[name] for name in HISTORY_WEIGHTS])
-    timing = np.where(data.days <= NEAR_DAYS, 1.0, 0.5 ** ((data.days - NEAR_DAYS) / weights["FAR_HALVING_DAYS"]))
-    total = np.round(points * timing + weights["PLAN_WEIGHT"] * data.plan, 9)
-    ranked = np.lexsort((data.order, -total, data.trial))
-    first = ranked[np.r_[True, data.trial[ranked][1:] != data.trial[ranked][:-1]]] if len(ranked) else ranked
-    hits = np.zeros(len(data.members))
-    hits[data.trial[first]] = data.hit[first]
-    return hits
-
-
-def grid_for(name: str, value: float) -> list[float]:
-    """The values coordinate search tries for one weight, within its range."""
-    low, high = WEIGHT_RANGES[name]
-    base = FIT_HALF_LIFE_GRID if name == "FAR_HALVING_DAYS" else FIT_GRID
-    return sorted(v for v in {*base, value * 0.5, value * 2} if low <= v <= high)
+        points = self.signals @ np.array([weights[name] for name in HISTORY_WEIGHTS])
+        timing = np.where(self.days <= NEAR_DAYS, 1.0, 0.5 ** ((self.days - NEAR_DAYS) / weights["FAR_HALVING_DAYS"]))
+        total = np.round(points * timing + weights["PLAN_WEIGHT"] * self.plan, 9)
+        ranked = np.lexsort((self.order, -total, self.trial))
+        first = ranked[np.r_[True, self.trial[ranked][1:] != self.trial[ranked][:-1]]] if len(ranked) else ranked
+        hits = np.zeros(len(self.trials))
+        hits[self.trial[first]] = self.hit[first]
+        return hits
 
 
 def coordinate_search(data: FitData, fitted: Any, start: Mapping[str, float], seed: int) -> dict[str, float]:
-    """``FIT_METHOD``: weights with a higher mean hit on the trials ``fitted`` (a boolean mask), each move by
-    at least ``FIT_MIN_GAIN``; the current weights when no move wins that much."""
+    """``FIT_METHOD`` on the trials ``fitted`` (a boolean mask); the current weights when no move wins enough."""
     rng = random.Random(seed)
     weights = dict(start)
     if not fitted.any():  # nobody came back on the fitted dates: nothing to fit on
         return weights
-    best = float(fit_hits(data, weights)[fitted].mean())
+    best = float(data.hits_with(weights)[fitted].mean())
     for _ in range(FIT_ROUNDS):
         improved = False
         for name in rng.sample(WEIGHT_NAMES, len(WEIGHT_NAMES)):
-            for value in grid_for(name, weights[name]):
+            (low, high), now = WEIGHT_RANGES[name], weights[name]
+            grid = FIT_HALF_LIFE_GRID if name == "FAR_HALVING_DAYS" else FIT_GRID
+            for value in sorted(v for v in {*grid, now * 0.5, now * 2} if low <= v <= high):
                 trial = {**weights, name: value}
-                score = float(fit_hits(data, trial)[fitted].mean())
+                score = float(data.hits_with(trial)[fitted].mean())
                 if score >= best + FIT_MIN_GAIN - 1e-12:
                     weights, best, improved = trial, score, True
         if not improved:
@@ -10738,14 +10611,14 @@ def held_out_figures(data: FitData, evaluated: Any, fitted_hits: Any, current_hi
                      seed: int) -> dict[str, Any]:
     """Hit@1 of both sets of weights on the evaluated dates, the lead of each over the best baseline there,
     with 95% bootstrap intervals (members resampled with all their dates, as the backtest's pooled row)."""
-    index = [i for i in range(len(data.members)) if evaluated[i]]
-    if not index:
+    held = [(i, t) for i, t in enumerate(data.trials) if evaluated[i]]
+    if not held:
         return {"trials": 0}
-    best = max(BASELINES, key=lambda b: (sum(data.baselines[i][b] for i in index), b))
-    rows = [(data.members[i], {"fitted": float(fitted_hits[i]), "current": float(current_hits[i]),
-                               "difference": float(fitted_hits[i] - current_hits[i]),
-                               "lead_fitted": float(fitted_hits[i]) - data.baselines[i][best],
-                               "lead_current": float(current_hits[i]) - data.baselines[i][best]}) for i in index]
+    best = max(BASELINES, key=lambda b: (sum(t.hits[b] for _, t in held), b))
+    rows = [(t.member, {"fitted": float(fitted_hits[i]), "current": float(current_hits[i]),
+                        "difference": float(fitted_hits[i] - current_hits[i]),
+                        "lead_fitted": float(fitted_hits[i]) - t.hits[best],
+                        "lead_current": float(current_hits[i]) - t.hits[best]}) for i, t in held]
     intervals = bootstrap_intervals(rows, resamples, seed)
     mean = {name: round(sum(r[name] for _, r in rows) / len(rows), 4) for name in rows[0][1]}
     return {"trials": len(rows), "members": len({m for m, _ in rows}), "best_baseline": best,
@@ -10766,17 +10639,18 @@ def fit_split(days: Sequence[datetime], fit_until: datetime | None) -> datetime:
     return cut
 
 
-def fit_weights(dated: Sequence[tuple[datetime, int, list[Trial]]], seen: Sequence[Sequence[Candidate]],
-                history: History, window_days: int, cut: datetime, current: MatchWeights, resamples: int,
-                seed: int) -> dict[str, Any]:
+def fit_weights(dated: Sequence[tuple[datetime, int, list[Trial]]], window_days: int, cut: datetime,
+                current: MatchWeights, resamples: int, seed: int) -> dict[str, Any]:
     """``backtest --fit``: weights fitted on the as-of dates up to ``cut``, judged on the later ones."""
     import numpy as np
 
-    data = fit_data(dated, seen, history, window_days)
+    data = FitData.of(dated)
     fitted_mask = np.array([d <= cut for d in data.days_of], dtype=bool)
     weights = coordinate_search(data, fitted_mask, current.values, seed)
-    fitted_hits, current_hits = fit_hits(data, weights), fit_hits(data, current.values)
+    fitted_hits, current_hits = data.hits_with(weights), data.hits_with(current.values)
     held = held_out_figures(data, ~fitted_mask, fitted_hits, current_hits, resamples, seed)
+    on_fitted = [round(float(hits[fitted_mask].mean()), 4) if fitted_mask.any() else None
+                 for hits in (fitted_hits, current_hits)]
     dates = sorted({d for d, _, _ in dated})
     beats = bool(held.get("trials")) and held["hit_at_1"]["fitted"]["rate"] > held["hit_at_1"]["current"]["rate"]
     return {
@@ -10784,42 +10658,42 @@ def fit_weights(dated: Sequence[tuple[datetime, int, list[Trial]]], seen: Sequen
         "split": (f"time split on the as-of dates: fitted on the {sum(d <= cut for d in dates)} dates up to "
                   f"{iso_utc(cut)}, evaluated on the {sum(d > cut for d in dates)} later dates; the windows of the "
                   f"last fitted dates reach up to {window_days} days into the evaluated period"),
-        "fitted_dates": [iso_utc(d) for d in dates if d <= cut], "evaluated_dates": [iso_utc(d) for d in dates if d > cut],
+        "fitted_dates": [iso_utc(d) for d in dates if d <= cut],
+        "evaluated_dates": [iso_utc(d) for d in dates if d > cut],
         "seed": seed, "current": current.as_json(), "weights": weights,
-        "fitted_hit_at_1_on_fitted_dates": round(float(fitted_hits[fitted_mask].mean()), 4) if fitted_mask.any() else None,
-        "current_hit_at_1_on_fitted_dates": round(float(current_hits[fitted_mask].mean()), 4) if fitted_mask.any() else None,
+        "fitted_hit_at_1_on_fitted_dates": on_fitted[0], "current_hit_at_1_on_fitted_dates": on_fitted[1],
         "held_out": held, "beats_current": beats,
     }
 
 
 def weights_document(fit: Mapping[str, Any]) -> dict[str, Any]:
     """``<out>/weights.json``: the weights (what ``MATCH_WEIGHTS`` reads), the dates, both held-out hit@1."""
+    held = fit["held_out"]
     return {"weights": fit["weights"], "fitted_dates": fit["fitted_dates"], "evaluated_dates": fit["evaluated_dates"],
-            "hit_at_1": fit["held_out"]["hit_at_1"], "lead_over_best_baseline": fit["held_out"]["lead_over_best_baseline"],
+            "hit_at_1": held["hit_at_1"], "lead_over_best_baseline": held["lead_over_best_baseline"],
             "replaces": fit["current"], "method": fit["method"], "split": fit["split"], "seed": fit["seed"]}
 
 
-def fit_lines(fit: Mapping[str, Any], written: Path | None) -> list[str]:
+def fit_lines(fit: Mapping[str, Any]) -> list[str]:
     """The fit in a few sentences (console and Markdown)."""
     held = fit["held_out"]
     if not held.get("trials"):
         return ["Fit: nobody came back within a window on the evaluated dates: nothing to judge; nothing written."]
     hits, lead = held["hit_at_1"], held["lead_over_best_baseline"]
 
-    def with_interval(entry: Mapping[str, Any], key: str) -> str:
+    def with_interval(entry: Mapping[str, Any]) -> str:
         low, high = entry["interval_95"]
-        return f"{100 * entry[key]:.1f}% (95% interval {100 * low:.1f}-{100 * high:.1f})"
+        return f"{100 * entry['rate']:.1f}% (95% interval {100 * low:.1f}-{100 * high:.1f})"
 
-    lines = [f"Fit: {fit['split']}.",
-             (f"Held-out hit@1: fitted {with_interval(hits['fitted'], 'rate')}, current "
-              f"{with_interval(hits['current'], 'rate')}, over {held['trials']} member-dates."),
-             (f"Held-out lead over the best baseline ({held['best_baseline']}): fitted "
-              f"{100 * lead['fitted']['points']:+.1f} points, current {100 * lead['current']['points']:+.1f} points."),
-             "Fitted weights: " + ", ".join(f"{k}={v:g}" for k, v in fit["weights"].items()) + "."]
-    lines.append(f"The fitted weights beat the current ones on the held-out dates: written to {written} "
-                 "(use it with MATCH_WEIGHTS)." if written else
-                 "The fitted weights do not beat the current ones on the held-out dates: nothing written.")
-    return lines
+    return [f"Fit: {fit['split']}.",
+            (f"Held-out hit@1: fitted {with_interval(hits['fitted'])}, current {with_interval(hits['current'])}, "
+             f"over {held['trials']} member-dates."),
+            (f"Held-out lead over the best baseline ({held['best_baseline']}): fitted "
+             f"{100 * lead['fitted']['points']:+.1f} points, current {100 * lead['current']['points']:+.1f} points."),
+            "Fitted weights: " + ", ".join(f"{k}={v:g}" for k, v in fit["weights"].items()) + ".",
+            (f"The fitted weights beat the current ones on the held-out dates: written to {fit['written']} "
+             "(use it with MATCH_WEIGHTS)." if fit["written"] else
+             "The fitted weights do not beat the current ones on the held-out dates: nothing written.")]
 
 
 BACKTEST_EXIT_CODES = """exit codes:
@@ -10847,8 +10721,8 @@ def backtest_parser() -> argparse.ArgumentParser:
                              "at most 365)")
     parser.add_argument("--out", metavar="DIR", type=Path, default=SCRIPT_DIR,
                         help="the report goes to DIR/reports/ (default: the script's folder)")
-    parser.add_argument("--resamples", type=at_most(positive_int, MAX_RESAMPLES), default=BACKTEST_RESAMPLES, metavar="N",
-                        help="bootstrap resamples for the pooled intervals (%(default)s; at most 100,000)")
+    parser.add_argument("--resamples", type=at_most(positive_int, MAX_RESAMPLES), default=BACKTEST_RESAMPLES,
+                        metavar="N", help="bootstrap resamples for the pooled intervals (%(default)s; at most 100,000)")
     parser.add_argument("--seed", type=int, default=BACKTEST_SEED, help="the bootstrap's seed (%(default)s)")
     parser.add_argument("--insecure-tls", action="store_true",
                         help="do not verify MongoDB's TLS certificate (logged as a warning)")
@@ -10882,36 +10756,25 @@ def backtest_days(args: argparse.Namespace, clock: datetime) -> list[datetime]:
     return days
 
 
-def backtest_source(args: argparse.Namespace, settings: Settings, out_dir: Path, clock: datetime,
-                    mongo_client: Any) -> DataSource:
-    """The campaign's readers (``make_source``): MongoDB or a mongoexport folder."""
-    kind, folder = source_choice(args.source, settings)
-    options = RunOptions(source=kind, folder=folder, now=clock, out_dir=out_dir, insecure_tls=args.insecure_tls)
-    return make_source(options, settings, logging.getLogger("ReturnToTable.backtest"), mongo_client)
-
-
 def run_backtest(history: History, days: Sequence[datetime], window_days: int, hoods: NeighbourhoodMap,
-                 pick: Picker | None = None, weights: MatchWeights = BUILT_IN_MATCH_WEIGHTS,
+                 pick: Picker = rules_pick, weights: MatchWeights = BUILT_IN_MATCH_WEIGHTS,
                  ) -> list[tuple[datetime, int, list[Trial]]]:
-    """Every as-of date: (D, eligible members, trials). ``pick`` is the matcher under test: by default
-    ``rules_pick`` as the campaign has it when the run starts; its candidates scored with ``weights``."""
-    chosen = pick or rules_pick
-    return [(day, *backtest_date(history, day, window_days, hoods, chosen, weights)) for day in days]
+    """Every as-of date: (D, eligible members, trials); ``pick`` is the matcher under test, its candidates
+    scored with ``weights``."""
+    return [(day, *backtest_date(history, day, window_days, hoods, pick, weights)) for day in days]
 
 
 def write_backtest_report(out_dir: Path, report: Mapping[str, Any], started: datetime) -> Path:
     """``reports/return_to_table_backtest_{stamp}.json`` and ``.md``, atomically; a taken stamp moves a second."""
     reports, moment = out_dir / "reports", started
-    while (reports / f"return_to_table_backtest_{moment.strftime('%Y%m%d-%H%M%S')}.json").exists():
+    while (stem := reports / f"return_to_table_backtest_{moment:%Y%m%d-%H%M%S}").with_suffix(".json").exists():
         moment += timedelta(seconds=1)
-    stem = reports / f"return_to_table_backtest_{moment.strftime('%Y%m%d-%H%M%S')}"
     write_json(stem.with_suffix(".json"), report, private=True)
     write_text_private(stem.with_suffix(".md"), backtest_markdown(report))
     return stem.with_suffix(".md")
 
 
-def backtest(args: argparse.Namespace, env: Mapping[str, str] | None, mongo_client: Any, closing: ExitStack,
-             pick: Picker | None = None) -> int:
+def backtest(args: argparse.Namespace, env: Mapping[str, str] | None, mongo_client: Any, closing: ExitStack) -> int:
     """The subcommand itself: settings, source, history, every date, the report. Errors are the caller's."""
     settings = Settings.from_env(env if env is not None else read_environment())
     started = datetime.now(UTC).replace(microsecond=0)
@@ -10920,7 +10783,10 @@ def backtest(args: argparse.Namespace, env: Mapping[str, str] | None, mongo_clie
     cut = fit_split(days, as_of_flag(args.fit_until, "--fit-until") if args.fit_until else None) if args.fit else None
     hoods = load_neighbourhoods(settings.neighbourhoods_csv)
     out_dir = usable_out_dir(args.out)
-    source = backtest_source(args, settings, out_dir, started, mongo_client)
+    kind, folder = source_choice(args.source, settings)
+    source = make_source(RunOptions(source=kind, folder=folder, now=started, out_dir=out_dir,
+                                    insecure_tls=args.insecure_tls),
+                         settings, logging.getLogger("ReturnToTable.backtest"), mongo_client)
     if isinstance(source, MongoSource) and mongo_client is None:
         closing.callback(source.client.close)
     clock = time.monotonic()
@@ -10928,29 +10794,25 @@ def backtest(args: argparse.Namespace, env: Mapping[str, str] | None, mongo_clie
     for name in screened.empty:
         print(f"warning: empty input: no {name} in {input_location(source, name)}", file=sys.stderr)
     history = build_history(screened.users, screened.events, screened.issues)
-    dated = run_backtest(history, days, args.window_days, hoods, pick, weights)
+    dated = run_backtest(history, days, args.window_days, hoods, weights=weights)
+    places = unlocated_places(hoods, [*(text_field(u, "homeNeighborhood") for u in screened.users),
+                                      *(text_field(e, "neighborhood") for e in screened.events)])
     report = build_backtest_report(source=source.label, start=days[0], end=as_of_flag(args.end, "--to"),
-                                   every_days=args.every_days,
-                                   window_days=args.window_days, dated=dated, issues=screened.issues,
-                                   resamples=args.resamples, seed=args.seed, started=started,
-                                   seconds=time.monotonic() - clock, places_not_located=unlocated_places(
-                                       hoods, [*(text_field(u, "homeNeighborhood") for u in screened.users),
-                                               *(text_field(e, "neighborhood") for e in screened.events)]))
+                                   every_days=args.every_days, window_days=args.window_days, dated=dated,
+                                   issues=screened.issues, resamples=args.resamples, seed=args.seed, started=started,
+                                   seconds=time.monotonic() - clock, places_not_located=places)
     report["match_weights"] = weights.as_json()
     if args.limit:
         report["orderings"] = orderings_report(
             [(day, ordering_date(history, day, args.window_days, hoods, args.limit, weights)) for day in days],
             args.limit)
     if cut is not None:
-        report["fit"] = fit_weights(dated, fit_candidates(history, dated, hoods), history, args.window_days, cut,
-                                    weights, args.resamples, args.seed)
-        written = out_dir / WEIGHTS_FILE if report["fit"]["beats_current"] else None
-        if written is not None:
-            write_json(written, weights_document(report["fit"]))
-        report["fit"]["written"] = str(written) if written else None
+        report["fit"] = fit = fit_weights(dated, args.window_days, cut, weights, args.resamples, args.seed)
+        fit["written"] = str(out_dir / WEIGHTS_FILE) if fit["beats_current"] else None
+        if fit["written"]:
+            write_json(out_dir / WEIGHTS_FILE, weights_document(fit))
     path = write_backtest_report(out_dir, report, started)
-    print(console_table(report))
-    for line in backtest_learned_lines(report):
+    for line in [*text_table(backtest_table(report), indent=""), lead_line(report), *backtest_learned_lines(report)]:
         print(line)
     print(f"Report: {path} (and .json)")
     if report["pooled"]["returned"] == 0:
