@@ -4432,7 +4432,6 @@ IDLE_LINES = {
     IdleReason.DAY_LIMIT_DRAFTED: "today's --limit is already drafted",
 }
 UNTEXTABLE = frozenset({"no_valid_phone", "opted_out", "shared_phone"})
-CONTACT_SKIPS = UNTEXTABLE  # decided when the walk reaches a member (counted on the console)
 NO_EVENT = frozenset({"no_matching_event", "no_event_in_send_window", "seats_exhausted"})
 NOT_REACHED = frozenset({"cooldown", "below_limit", "not_started"})
 
@@ -8558,7 +8557,7 @@ class ReturnToTable:
                              self.volume.drafted_before, options.limit, self.volume.day, extra={"summary": True})
         outcomes = self.member_walk(campaign_id).run(walk, future)  # steps 5-6
         steps_5_6_seconds = time.monotonic() - clock
-        left_out = Counter(code for code in self.decisions.values() if code in CONTACT_SKIPS)
+        left_out = Counter(code for code in self.decisions.values() if code in UNTEXTABLE)
         self.logger.info("Steps 5-6: %d members reached, %s", len(outcomes) + sum(left_out.values()),
                          ", ".join(f"{n} {code}" for code, n in sorted(left_out.items())) or "all of them textable")
         write_json_items(self.data_dir / "processed" / "dormant_users.json",
