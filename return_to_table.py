@@ -2318,15 +2318,13 @@ CONTACT_CLUE = re.compile(r"[\d@:]")  # every contact detail holds one: text wit
 
 
 def first_contact(text: str) -> re.Match[str] | None:
-    """The first contact detail (``CONTACT_DETAIL``) in ``text`` as it stands, or None."""
     return CONTACT_DETAIL.search(text) if CONTACT_CLUE.search(text) else None
 
 
 def contact_kinds(text: str) -> list[str]:
     """The kinds of contact detail (``CONTACT_KINDS``' keys) in ``text`` as it stands, each once, in order."""
-    if not CONTACT_CLUE.search(text):
-        return []
-    return list(dict.fromkeys(str(found.lastgroup) for found in CONTACT_DETAIL.finditer(text)))
+    found = CONTACT_DETAIL.finditer(text) if CONTACT_CLUE.search(text) else ()
+    return list(dict.fromkeys(str(match.lastgroup) for match in found))
 
 
 def readable(text: str) -> str:
@@ -2341,21 +2339,17 @@ def readable(text: str) -> str:
 
 @functools.lru_cache(maxsize=65536)  # names repeat across members: each spelling is read once
 def holds_contact(text: str) -> bool:
-    """Whether ``text`` holds a contact detail (``CONTACT_DETAIL``: an email address, a phone number in
-    digits or letters, an IP host, a tel:/sms:/mailto: scheme)."""
     return first_contact(readable(text)) is not None
 
 
 def without_contacts(text: str) -> str:
-    """``text`` (read plainly) with every contact detail (``CONTACT_DETAIL``) blanked: the one filter
-    every member and host field passes through on its way into a prompt."""
+    """``text`` read plainly, every contact detail blanked: the one filter of every field bound for a prompt."""
     plain = readable(text)
     return CONTACT_DETAIL.sub(" ", plain) if CONTACT_CLUE.search(plain) else plain
 
 
 def person_name(user: Mapping[str, Any], name: str) -> str | None:
-    """``firstName`` or ``lastName`` as text; missing when it holds an email address or a phone number
-    (names are text, not contact details: never greeted, summarised, shown or logged)."""
+    """``firstName`` or ``lastName``; None when it holds a contact detail (never greeted, shown or logged)."""
     value = text_field(user, name)
     return None if value is None or holds_contact(value) else value
 
@@ -2370,8 +2364,7 @@ def plural(n: float, word: str) -> str:
 
 
 def user_summary(user: Mapping[str, Any], last: datetime | None = None) -> str:
-    """Step 3: the plan's member summary, leaving out what is missing instead of printing None; ``last``
-    is ``last_event_date`` when the caller has it as a moment (step 1: not read back from its text)."""
+    """Step 3: the plan's member summary without what is missing; ``last``: ``last_event_date`` as a moment."""
     occupation = text_field(user, "occupation")
     hood = text_field(user, "homeNeighborhood")
     head = full_name(user) + " is "
@@ -2395,19 +2388,12 @@ def user_summary(user: Mapping[str, Any], last: datetime | None = None) -> str:
 
 def event_summary(event: Mapping[str, Any]) -> str:
     """Step 4: the plan's event summary, leaving out what is missing."""
-    name = text_field(event, "name") or "Untitled event"
-    head = f"Event: {name}"
-    if text_field(event, "venueName"):
-        head += f" at {event['venueName'].strip()}"
-    if text_field(event, "neighborhood"):
-        head += f" in {event['neighborhood'].strip()}"
+    head = f"Event: {text_field(event, 'name') or 'Untitled event'}"
+    for word, key in ((" at", "venueName"), (" in", "neighborhood")):
+        head += f"{word} {text_field(event, key)}" if text_field(event, key) else ""
     parts = [head + "."]
-    tags = []
-    if text_list(event, "categories"):
-        tags.append(f"Categories: {', '.join(text_list(event, 'categories'))}.")
-    if text_list(event, "features"):
-        tags.append(f"Features: {', '.join(text_list(event, 'features'))}.")
-    parts.extend(tags)
+    for label, key in (("Categories", "categories"), ("Features", "features")):
+        parts += [f"{label}: {', '.join(text_list(event, key))}."] if text_list(event, key) else []
     capacity = positive_number(event.get("maxParticipants"))
     count = event.get("participantCount", 0)
     if count is None:  # more participants listed than is plausible: unknown
@@ -2420,9 +2406,7 @@ def event_summary(event: Mapping[str, Any]) -> str:
     start = to_utc(event.get("startDate"))
     if start is not None:
         parts.append(f"Date: {start.strftime('%Y-%m-%d %H:%M')} UTC.")
-    if text_field(event, "description"):
-        parts.append(event["description"].strip())
-    return " ".join(parts)
+    return " ".join(filter(None, [*parts, text_field(event, "description")]))
 
 
 # =============================================================================================
@@ -3607,15 +3591,13 @@ def hidden_characters(text: str) -> list[str]:
 
 
 def phone_view(text: str) -> str:
-    """``text`` as a phone's link detector may read it: ``readable``, and without any other ``C``
-    (surrogate, private-use, unassigned) or combining ``M`` character either, so "ｅｖｉｌ．ｒｕ",
-    "evil\u200b.ru", "evil。ru" and "evil\ufe0f.ru" all read "evil.ru"; links are looked for here."""
+    """``text`` as a phone's link detector may read it: ``readable``, without any ``C`` or combining ``M``
+    character, so "ｅｖｉｌ．ｒｕ", "evil\u200b.ru", "evil。ru" and "evil\ufe0f.ru" all read "evil.ru"."""
     return "".join(ch for ch in readable(text) if unicodedata.category(ch)[0] not in "CM")
 
 
 def first_tappable(view: str) -> int | None:
-    """Where the first thing a phone would make tappable (a link, or a contact detail: ``CONTACT_DETAIL``)
-    starts in a ``phone_view``, or None."""
+    """Where the first link or contact detail starts in a ``phone_view``, or None."""
     found = [m.start() for m in (URL_PATTERN.search(view), first_contact(view)) if m]
     return min(found, default=None)
 
@@ -3640,10 +3622,6 @@ def sms_size(text: str) -> SmsSize:
         return SmsSize("GSM-7", units, 1 if units <= 160 else math.ceil(units / 153))
     units = len(text.encode("utf-16-le")) // 2
     return SmsSize("UCS-2", units, 1 if units <= 70 else math.ceil(units / 67))
-
-
-def event_link(event_id: str) -> str:
-    return EVENT_LINK_PREFIX + event_id
 
 
 def greeting_name(first_name: Any) -> str | None:
@@ -3677,7 +3655,7 @@ class MessageFacts:
 
     @property
     def link(self) -> str:
-        return event_link(self.event_id)
+        return EVENT_LINK_PREFIX + self.event_id
 
     @property
     def dressed(self) -> bool:
@@ -3687,35 +3665,23 @@ class MessageFacts:
     @property
     def allowed_numbers(self) -> set[str]:
         """The only numbers a message may contain outside the link, names and interests."""
-        numbers = set(re.findall(r"\d+", self.when))
-        numbers |= {str(self.going)} if self.going else set()
-        numbers |= {str(self.company)} if self.company else set()
-        if self.spots_left is not None:
-            numbers.add(str(self.spots_left))
-        return numbers
+        counts = (self.going or None, self.company or None, self.spots_left)
+        return set(re.findall(r"\d+", self.when)) | {str(n) for n in counts if n is not None}
 
 
 def message_facts(match: Match, zone: ZoneInfo, now: datetime, *, sender: str | None = None,
                   opt_out_text: str | None = None, tone: str = "standard") -> MessageFacts:
-    """What an SMS about this match may say, the day and time in ``zone``; plus the sender and opt-out
-    text every message must carry (``SmsPolicy``), when set."""
+    """What an SMS about this match may say (the time in ``zone``), and the sender and opt-out text to carry."""
     event = match["event"]
     start = to_utc(event.get("startDate")) or now
     spots = event.get("remaining_spots")
     return MessageFacts(
-        first_name=greeting_name(match["user"].get("firstName")),
-        event_id=match["event_id"],
+        first_name=greeting_name(match["user"].get("firstName")), event_id=match["event_id"],
         event_name=phone_safe_name(match["event_name"]) or "our next table",
-        interests=tuple(match["matched_interests"]),
-        when=local_when(start, zone, now),
+        interests=tuple(match["matched_interests"]), when=local_when(start, zone, now),
         spots_left=int(spots) if isinstance(spots, (int, float)) else None,
-        going=int(event.get("participantCount") or 0),
-        neighbourhood=text_field(event, "neighborhood"),
-        sender=sender,
-        opt_out_text=opt_out_text,
-        company=company_count(match["user"], match["event_id"]),
-        tone=tone,
-    )
+        going=int(event.get("participantCount") or 0), neighbourhood=text_field(event, "neighborhood"),
+        sender=sender, opt_out_text=opt_out_text, company=company_count(match["user"], match["event_id"]), tone=tone)
 
 
 def company_count(user: Mapping[str, Any], event_id: str) -> int:
@@ -3750,21 +3716,14 @@ def _cut_ends(words: Sequence[str]) -> list[int]:
 
 def word_starts(words: Sequence[str]) -> list[int]:
     """Where each word starts in ``" ".join(words)``."""
-    starts, at = [], 0
-    for word in words:
-        starts.append(at)
-        at += len(word) + 1
-    return starts
+    return list(itertools.accumulate((len(word) + 1 for word in words[:-1]), initial=0)) if words else []
 
 
 @functools.lru_cache(maxsize=256)
 def phone_safe_name(name: str) -> str:
-    """The event name as it may reach a phone: one line, no control or invisible characters, and cut
-    at a word boundary before the first link, email address or phone number in it (as ``phone_view``
-    reads it): "Jazz Brunch at evil-login.ru" is "Jazz Brunch". "" when nothing is left: such an event
-    is never offered (``unofferable``). The facts, the template and the SMS contract all name the event
-    by it. Linear in the name's length (and cached: the contract asks for it once per wording).
-    """
+    """The event name as facts, template and contract name it: one line, no hidden characters, cut at a word
+    before the first link or contact detail ("Jazz Brunch at evil-login.ru" is "Jazz Brunch"); "" when
+    nothing is left, and such an event is never offered (``unofferable``). Linear in the name's length."""
     words = [w for w in ("".join(ch for ch in w if unicodedata.category(ch) not in HIDDEN_CATEGORIES)
                          for w in name.split()) if w]
     views = [phone_view(w) for w in words]
@@ -3778,12 +3737,8 @@ def phone_safe_name(name: str) -> str:
 
 
 def shortened_names(name: str, max_len: int | None = None) -> list[str]:
-    """The event name, then ever shorter cuts at word boundaries (ending in "..."), longest first;
-    with ``max_len``, only those of at most that many characters (built in time linear in the name).
-
-    A cut never ends on a connector ("Gallery Walk &..." becomes "Gallery Walk..."). The ellipsis
-    is three dots, not "…", which would push the whole text out of GSM-7 into UCS-2.
-    """
+    """The event name, then ever shorter cuts at words ending in "..." (three dots: "…" is not GSM-7), longest
+    first; with ``max_len``, only those that short. A cut never ends on a connector ("Gallery Walk &...")."""
     words = name.split()
     cuts = [name] if max_len is None or len(name) <= max_len else []
     seen = set(cuts)
@@ -3823,11 +3778,7 @@ def _name_stems(name: str) -> tuple[str, int, tuple[str, ...], tuple[tuple[int, 
 
 
 def mentions_event(text: str, name: str) -> str | None:
-    """The form of the event name the text uses (whole, or cut at a word boundary), if any.
-
-    Only cuts no longer than the text are tried, so a long name costs the length of the text, not
-    of the name.
-    """
+    """The form of the event name the text uses (whole, or cut at a word), if any; only cuts that fit are tried."""
     folded = _fold(text)
     whole, least, words, cuts = _name_stems(name)
     if whole and whole in folded:
@@ -3843,12 +3794,6 @@ def mentions_event(text: str, name: str) -> str | None:
 
 def _count_near(text: str, number: int, words: str) -> bool:
     return re.search(rf"(?<![\d.]){number}\s+(?:[\w'’-]+\s+){{0,2}}?(?:{words})\b", text, re.IGNORECASE) is not None
-
-
-@functools.lru_cache(maxsize=256)
-def _name_words(name: str) -> frozenset[str]:
-    """The letter words of an event name (ALL-CAPS there is not shouting), once per name."""
-    return frozenset(LETTER_WORDS.findall(name))
 
 
 GOING_WORDS = r"going|joining|attending|signed|booked|already|people|members|diners|guests|friends|others"
@@ -3907,11 +3852,9 @@ def without_sender_parts(body: str, facts: MessageFacts) -> tuple[str, list[str]
 def validate_sms(text: str, facts: MessageFacts) -> list[str]:
     """The SMS contract, for template and Claude alike: every problem found, empty when fine.
 
-    Nothing a phone could make tappable may appear but the one link: no other scheme, ``www.`` or bare
-    domain (``URL_PATTERN``: any ``label.label`` with a letter-only top-level domain), and no contact
-    detail (``CONTACT_DETAIL``: email address, phone number in digits or letters, IP host, tel:/sms:/mailto:),
-    looked for in ``phone_view`` so Unicode spellings count; and no control or invisible character at all.
-    The event is named by its ``phone_safe_name``. One greeting; at most one question mark in the whole text.
+    Nothing a phone could make tappable but the one link (``URL_PATTERN``, ``CONTACT_DETAIL``, read in
+    ``phone_view`` so Unicode spellings count); no hidden character; the event named by its ``phone_safe_name``;
+    one greeting; at most one question mark in the whole text.
     """
     problems: list[str] = []
     if not isinstance(text, str) or not text.strip():
@@ -3960,7 +3903,7 @@ def validate_sms(text: str, facts: MessageFacts) -> list[str]:
         problems.append(f"must say {facts.spots_left} spots left{hint}")
     if "going" in required and not said["going"]:
         problems.append(f"must say {facts.going} people are going{hint}")
-    protected = _name_words(name) | set(LETTER_WORDS.findall(" ".join([facts.first_name or "", *facts.interests])))
+    protected = set(LETTER_WORDS.findall(" ".join([name, facts.first_name or "", *facts.interests])))
     shouting = [w for w in LETTER_WORDS.findall(body)
                 if w.isupper() and w not in ALLOWED_ACRONYMS and w not in protected]
     if shouting:
@@ -3971,9 +3914,8 @@ def validate_sms(text: str, facts: MessageFacts) -> list[str]:
         problems.append('no "!!"')
     scrubbed = body
     fixed_words = {named or "", facts.first_name or "", *facts.interests, *map(interest_label, facts.interests)}
-    for fixed in sorted(fixed_words, key=len, reverse=True):
-        if fixed:
-            scrubbed = re.sub(re.escape(fixed), " ", scrubbed, flags=re.IGNORECASE)
+    for fixed in sorted(filter(None, fixed_words), key=len, reverse=True):
+        scrubbed = re.sub(re.escape(fixed), " ", scrubbed, flags=re.IGNORECASE)
     invented = sorted(set(re.findall(r"\d+", scrubbed)) - facts.allowed_numbers)
     invented += sorted({w.lower() for w in NUMBER_WORDS.findall(scrubbed)})
     if invented:
@@ -3999,69 +3941,18 @@ def opt_out_clause(facts: MessageFacts) -> str:
     return facts.opt_out_text if facts.opt_out_text[-1] in ".!?" else facts.opt_out_text + "."
 
 
-def fact_levels(facts: MessageFacts) -> list[MessageFacts]:
-    """The facts the template tries to say, most first: all of them; with a sender or opt-out text to
-    carry, then without the going count, then without the spots too, then without the interest too."""
-    if not facts.dressed:
-        return [facts]
-    fewer = replace(facts, going=0)
-    fewest = replace(fewer, spots_left=None)
-    return list(dict.fromkeys([facts, fewer, fewest, replace(fewest, interests=())]))
-
-
 def template_attempts(facts: MessageFacts, names: Sequence[str]) -> Iterator[tuple[str, MessageFacts]]:
-    """(cut of the event name, facts to say) in the template's order of preference. With a sender or
-    opt-out text to carry, the going count and then the spots give way before the event name is cut; the
-    interest only when no cut of the name fits beside it."""
-    levels = fact_levels(facts)
+    """(cut of the event name, facts to say) in the template's order of preference. With a sender or opt-out
+    text to carry, the going count, then the spots, then the interest give way (``OPTIONAL_FACTS``): the first
+    two before the event name is cut, the interest only when no cut of the name fits beside it."""
+    levels = [facts]
+    if facts.dressed:
+        fewer = replace(facts, going=0)
+        fewest = replace(fewer, spots_left=None)
+        levels = list(dict.fromkeys([facts, fewer, fewest, replace(fewest, interests=())]))
     personal = [level for level in levels if level.interests or not facts.interests]
     yield from ((name, level) for name in names for level in personal)
     yield from ((name, level) for name in names for level in levels if level not in personal)
-
-
-class PhraseParts(NamedTuple):
-    """The pieces every template wording (today's and each tone's) is built from, said once."""
-
-    greet: str  # "Hi Maya!" or "Hi there!"
-    first: str  # "Maya", or "Hi" with no usable first name
-    proof: str  # "12 going, 2 spots left"
-    short_proof: str  # "12 going, 2 left"
-    hood: str  # " in Hells Kitchen", or ""
-
-
-def phrase_parts(facts: MessageFacts) -> PhraseParts:
-    going = f"{facts.going} going" if facts.going else ""
-    spots = "" if facts.spots_left is None else (
-        f"{facts.spots_left} spot left" if facts.spots_left == 1 else f"{facts.spots_left} spots left")
-    short_spots = "" if facts.spots_left is None else f"{facts.spots_left} left"
-    return PhraseParts(f"Hi {facts.first_name}!" if facts.first_name else "Hi there!", facts.first_name or "Hi",
-                       ", ".join(p for p in (going, spots) if p), ", ".join(p for p in (going, short_spots) if p),
-                       f" in {facts.neighbourhood.replace('-', ' ').title()}" if facts.neighbourhood else "")
-
-
-def interest_order(facts: MessageFacts) -> list[str]:
-    """The matched interests as the wordings try them: the first, then the rest shortest first ("" for none)."""
-    labels = [interest_label(i) for i in facts.interests]
-    return labels[:1] + sorted(labels[1:], key=len) or [""]
-
-
-def template_wordings(facts: MessageFacts, name: str) -> Iterator[tuple[str, str]]:
-    """The template's wordings naming the event ``name``, richest first, for each matched interest:
-    (the text before the call to action, the call to action before the link)."""
-    greet, first, proof, short_proof, hood = phrase_parts(facts)
-    for interest in interest_order(facts):
-        fans = f"one for {interest} fans" if interest else "a good one"
-        yield from [
-            (f"{greet} Welcome back, we miss you. {name} is {fans}: {facts.when}{hood}. {proof}.", "Tap to RSVP: "),
-            (f"{greet} Welcome back, we miss you. {name} is {fans}: {facts.when}. {proof}.", "Tap to RSVP: "),
-            (f"{greet} Welcome back. {name} is {fans}: {facts.when}. {proof}.", "Tap to RSVP: "),
-            (f"{greet} Welcome back. {name}, {fans}: {facts.when}. {proof}.", "RSVP: "),
-            (f"{greet} Welcome back. {name} for {interest} fans, {facts.when}. {proof}.", ""),
-            (f"{greet} Welcome back. {name} ({interest}) {facts.when}. {proof}.", ""),
-            (f"{greet} Welcome back. {name} ({interest}) {facts.when}, {short_proof}.", ""),
-            (f"{first}, welcome back! {name} ({interest}) {facts.when}: {short_proof}.", ""),
-            (f"{first}, welcome back! {name} ({interest}) {facts.when}, {short_proof}", ""),
-        ]
 
 
 # --- message tones (issue 22): the A/B test's wording families, every one held to the same SMS contract ---
@@ -4077,19 +3968,49 @@ TONES = {
 }
 DEFAULT_TONE = "standard"
 TONE_SALT = "tone-variant"  # the tone's own hash salt, so tone and holdout (``holdout_share``) never correlate
-
-
-def tone_share(campaign_name: str, member_id: str) -> float:
-    """A member's stable place in [0, 1) for the tone A/B: like ``holdout_share``, with its own salt."""
-    digest = hashlib.sha256(f"{TONE_SALT}\x00{campaign_name}\x00{member_id}".encode()).digest()
-    return int.from_bytes(digest[:8], "big") / 2**64
+# Each tone's wordings, richest first: (the text before the call to action, the call to action before the link),
+# the fields filled in by ``template_wordings``.
+WORDINGS = {
+    "standard": (
+        ("{greet} Welcome back, we miss you. {name} is {fans}: {when}{hood}. {proof}.", "Tap to RSVP: "),
+        ("{greet} Welcome back, we miss you. {name} is {fans}: {when}. {proof}.", "Tap to RSVP: "),
+        ("{greet} Welcome back. {name} is {fans}: {when}. {proof}.", "Tap to RSVP: "),
+        ("{greet} Welcome back. {name}, {fans}: {when}. {proof}.", "RSVP: "),
+        ("{greet} Welcome back. {name} for {interest} fans, {when}. {proof}.", ""),
+        ("{greet} Welcome back. {name} ({interest}) {when}. {proof}.", ""),
+        ("{greet} Welcome back. {name} ({interest}) {when}, {short_proof}.", ""),
+        ("{first}, welcome back! {name} ({interest}) {when}: {short_proof}.", ""),
+        ("{first}, welcome back! {name} ({interest}) {when}, {short_proof}", ""),
+    ),
+    "warm": (
+        (("{greet} Welcome back, we've missed you and would love to see you again. {name} is {fans}: {when}{hood}. "
+          "{proof}."), "Join us: "),
+        ("{greet} Welcome back, we've missed you. {name} is {fans}: {when}{hood}. {proof}.", "Join us: "),
+        ("{greet} Welcome back, we've missed you. {name} is {fans}: {when}. {proof}.", "Join us: "),
+        ("{greet} Welcome back, we've missed you. {name}, {fans}: {when}. {proof}.", ""),
+        ("{greet} Welcome back, we've missed you. {name} ({interest}) {when}. {proof}.", ""),
+        ("{first}, welcome back, we've missed you! {name} ({interest}) {when}, {short_proof}", ""),
+        ("{first}, welcome back, missed you! {name} ({interest}) {when}, {short_proof}", ""),
+    ),
+    "brief": (
+        ("{first}, welcome back! {name} ({interest}) {when}. {proof}.", "RSVP: "),
+        ("{first}, welcome back! {name} ({interest}) {when}, {short_proof}.", ""),
+    ),
+    "social": (
+        ("{greet} Welcome back. {lead}, {fans}: {when}. {counts}.", "Tap to RSVP: "),
+        ("{greet} Welcome back. {lead} ({interest}) {when}. {counts}.", ""),
+        ("{first}, welcome back! {lead} ({interest}) {when}. {counts}", ""),
+        ("{first}, welcome back! {lead} ({interest}) {when}, {short_counts}", ""),
+    ),
+}
 
 
 def member_tone(campaign_name: str, member_id: str, variants: Sequence[str]) -> str:
-    """The member's tone among ``variants``: equal shares by ``tone_share``, the same run after run."""
+    """The member's tone among ``variants``: equal shares by a stable hash salted apart from the holdout's."""
     if len(variants) <= 1:
         return variants[0] if variants else DEFAULT_TONE
-    return variants[min(len(variants) - 1, int(tone_share(campaign_name, member_id) * len(variants)))]
+    share = holdout_share(f"{TONE_SALT}\x00{campaign_name}", member_id)
+    return variants[min(len(variants) - 1, int(share * len(variants)))]
 
 
 def tone_names(text: str) -> tuple[str, ...]:
@@ -4102,51 +4023,29 @@ def tone_names(text: str) -> tuple[str, ...]:
     return names
 
 
-def social_lead(facts: MessageFacts, name: str) -> tuple[str, str]:
-    """The social tone's opening (who is going, then the event) and what it still has to say of the counts."""
-    spots = "" if facts.spots_left is None else (
-        f"{facts.spots_left} spot left" if facts.spots_left == 1 else f"{facts.spots_left} spots left")
+def template_wordings(facts: MessageFacts, name: str, tone: str = DEFAULT_TONE) -> Iterator[tuple[str, str]]:
+    """The ``tone``'s wordings (``WORDINGS``) naming the event ``name``, for each matched interest in turn (the
+    first, then the rest shortest first). The social tone leads with the people: those the member sat with
+    before who are going (a count, never who), else the going count."""
+    going = f"{facts.going} going" if facts.going else ""
+    spots, short_spots = ("", "") if facts.spots_left is None else (
+        f"{facts.spots_left} spot{'' if facts.spots_left == 1 else 's'} left", f"{facts.spots_left} left")
+    proof, short_proof = (", ".join(p for p in (going, tail) if p) for tail in (spots, short_spots))
     if facts.company:
-        faces = "familiar face" if facts.company == 1 else "familiar faces"  # people they dined with, a count only
-        return f"See {facts.company} {faces} at {name}", ", ".join(
-            p for p in (f"{facts.going} going" if facts.going else "", spots) if p)
-    if facts.going:
-        return f"Join {facts.going} {'other' if facts.going == 1 else 'others'} at {name}", spots
-    return f"Meet new people at {name}", spots
-
-
-def short_counts(counts: str) -> str:
-    """"12 going, 2 spots left" as "12 going, 2 left": the short form today's shortest wordings use."""
-    return re.sub(r"(\d+) spots? left", r"\1 left", counts)
-
-
-def tone_family(facts: MessageFacts, name: str) -> Iterator[tuple[str, str]]:
-    """The tone's own wordings naming the event ``name``, richest first (none for ``standard``)."""
-    if facts.tone not in ("warm", "brief", "social"):
-        return
-    greet, first, proof, short_proof, hood = phrase_parts(facts)
-    for interest in interest_order(facts):
-        fans = f"one for {interest} fans" if interest else "a good one"
-        if facts.tone == "warm":
-            yield from [
-                ((f"{greet} Welcome back, we've missed you and would love to see you again. {name} is {fans}: "
-                  f"{facts.when}{hood}. {proof}."), "Join us: "),
-                (f"{greet} Welcome back, we've missed you. {name} is {fans}: {facts.when}{hood}. {proof}.", "Join us: "),
-                (f"{greet} Welcome back, we've missed you. {name} is {fans}: {facts.when}. {proof}.", "Join us: "),
-                (f"{greet} Welcome back, we've missed you. {name}, {fans}: {facts.when}. {proof}.", ""),
-                (f"{greet} Welcome back, we've missed you. {name} ({interest}) {facts.when}. {proof}.", ""),
-                (f"{first}, welcome back, we've missed you! {name} ({interest}) {facts.when}, {short_proof}", ""),
-                (f"{first}, welcome back, missed you! {name} ({interest}) {facts.when}, {short_proof}", ""),
-            ]
-        elif facts.tone == "brief":
-            yield from [(f"{first}, welcome back! {name} ({interest}) {facts.when}. {proof}.", "RSVP: "),
-                        (f"{first}, welcome back! {name} ({interest}) {facts.when}, {short_proof}.", "")]
-        else:
-            lead, counts = social_lead(facts, name)
-            yield from [(f"{greet} Welcome back. {lead}, {fans}: {facts.when}. {counts}.", "Tap to RSVP: "),
-                        (f"{greet} Welcome back. {lead} ({interest}) {facts.when}. {counts}.", ""),
-                        (f"{first}, welcome back! {lead} ({interest}) {facts.when}. {counts}", ""),
-                        (f"{first}, welcome back! {lead} ({interest}) {facts.when}, {short_counts(counts)}", "")]
+        faces = "familiar face" if facts.company == 1 else "familiar faces"
+        lead, counts, short_counts = f"See {facts.company} {faces}", proof, short_proof
+    elif facts.going:
+        lead, counts, short_counts = f"Join {facts.going} other{'' if facts.going == 1 else 's'}", spots, short_spots
+    else:
+        lead, counts, short_counts = "Meet new people", spots, short_spots
+    fields = {"greet": f"Hi {facts.first_name}!" if facts.first_name else "Hi there!",
+              "first": facts.first_name or "Hi", "name": name, "when": facts.when, "proof": proof,
+              "short_proof": short_proof, "lead": f"{lead} at {name}", "counts": counts, "short_counts": short_counts,
+              "hood": f" in {facts.neighbourhood.replace('-', ' ').title()}" if facts.neighbourhood else ""}
+    labels = [interest_label(i) for i in facts.interests]
+    for interest in labels[:1] + sorted(labels[1:], key=len) or [""]:
+        fields.update(interest=interest, fans=f"one for {interest} fans" if interest else "a good one")
+        yield from ((body.format_map(fields), action) for body, action in WORDINGS[tone])
 
 
 def dress(facts: MessageFacts, body: str, action: str) -> str:
@@ -4160,33 +4059,27 @@ def dress(facts: MessageFacts, body: str, action: str) -> str:
 
 
 def write_template_sms(facts: MessageFacts) -> str | None:
-    """Step 6 by template: the richest wording that passes the contract, shortening as needed.
-
-    None when no wording fits (a long non-GSM-7 name, a name that is only a web address): the caller
-    tries the next event. A plain return, so an unrelated bug can never pass for "no wording fits".
-    Linear in the name's length: only the cuts of its ``phone_safe_name`` short enough to fit beside
-    the link (and the sender and opt-out text) are built and tried. With a sender or opt-out text set,
-    the going count, the spots and the interest give way in turn (``fact_levels``, ``template_attempts``);
-    the greeting, the event name (cut at a word boundary at most), the day and time and the link never do.
-    """
+    """Step 6 by template: the richest wording that passes the contract, shortening the name (only the cuts that
+    fit are tried: linear in its length); None when none fits, and the caller tries the next event. A tone never
+    costs a fact, a cut of the name or a message: today's wording otherwise."""
     safe = phone_safe_name(facts.event_name)
     carried = len(sender_prefix(facts)) + (len(opt_out_clause(facts)) + 1 if facts.opt_out_text else 0)
     names = shortened_names(safe, max_len=GSM7_LIMIT - carried - len(facts.link) - 1) if safe else []
-    standard = next(template_texts(facts, names, template_wordings), None)
+    standard = next(template_texts(facts, names), None)
     if standard is None or facts.tone == DEFAULT_TONE:
         return standard[0] if standard else None
-    kept = facts_said(facts, standard[0])  # a tone never costs a fact, a cut of the name or a message
+    kept = facts_said(facts, standard[0])
     allowed = names[: names.index(standard[1]) + 1]
-    return next((text for text, _ in template_texts(facts, allowed, tone_family) if facts_said(facts, text) >= kept),
+    return next((text for text, _ in template_texts(facts, allowed, facts.tone) if facts_said(facts, text) >= kept),
                 standard[0])
 
 
-def template_texts(facts: MessageFacts, names: Sequence[str], wordings: Any) -> Iterator[tuple[str, str]]:
-    """(text, the cut of the name it uses) of every wording within the SMS contract, in the template's order
-    of preference (``template_attempts``); ``wordings`` is ``template_wordings`` or a tone's ``tone_family``."""
+def template_texts(facts: MessageFacts, names: Sequence[str], tone: str = DEFAULT_TONE) -> Iterator[tuple[str, str]]:
+    """(text, the cut of the name it uses) of every ``tone`` wording within the SMS contract, in the template's
+    order of preference (``template_attempts``)."""
     tried: set[str] = set()
     for name, level in template_attempts(facts, names):
-        for body, action in wordings(level, name):
+        for body, action in template_wordings(level, name, tone):
             text = dress(facts, body, action)
             if text in tried:
                 continue
@@ -4230,10 +4123,9 @@ def sms_policy_problem(policy: SmsPolicy) -> str | None:
     message may hold one), and they must leave room for the greeting, the event and its time."""
     texts = {name: value for name, value in (("SMS_SENDER", policy.sender), ("SMS_OPT_OUT_TEXT", policy.opt_out_text))
              if value}
-    for name, value in texts.items():
-        problem = sms_setting_problem(name, value)
-        if problem:
-            return problem
+    problem = next(filter(None, (sms_setting_problem(name, value) for name, value in texts.items())), None)
+    if problem:
+        return problem
     asking = [name for name, value in texts.items() if "?" in phone_view(value)]
     if sum(phone_view(value).count("?") for value in texts.values()) > 1:
         return (f"{' and '.join(asking)} may hold one question mark at most"
@@ -4266,24 +4158,18 @@ def utc_offset(moment: datetime, zone: ZoneInfo) -> timedelta:
     return moment.astimezone(zone).utcoffset() or timedelta(0)
 
 
-def offset_change(lo: datetime, hi: datetime, zone: ZoneInfo) -> datetime:
-    """The first instant after ``lo`` whose UTC offset is not ``lo``'s, given that ``hi``'s is not (to the
-    microsecond, by bisection: zoneinfo does not list its transitions)."""
-    before = utc_offset(lo, zone)
-    while hi - lo > ONE_MICROSECOND:
-        mid = lo + (hi - lo) / 2
-        lo, hi = (mid, hi) if utc_offset(mid, zone) == before else (lo, mid)
-    return hi
-
-
 def steady_offsets(lo: datetime, hi: datetime, zone: ZoneInfo) -> list[tuple[datetime, datetime, timedelta]]:
-    """``[lo, hi)`` (at most a day or so) cut where the zone's UTC offset changes: (from, to, offset).
-    A change and its undoing within one such span would go unseen; no zone has one."""
+    """``[lo, hi)`` (at most a day or so) cut where the zone's UTC offset changes: (from, to, offset), each change
+    found to the microsecond by bisection (zoneinfo does not list its transitions). A change and its undoing
+    within one such span would go unseen; no zone has one."""
     pieces = []
     while lo < hi:
         offset, end = utc_offset(lo, zone), hi
         if utc_offset(hi - ONE_MICROSECOND, zone) != offset:
-            end = offset_change(lo, hi - ONE_MICROSECOND, zone)
+            steady, end = lo, hi - ONE_MICROSECOND
+            while end - steady > ONE_MICROSECOND:
+                mid = steady + (end - steady) / 2
+                steady, end = (mid, end) if utc_offset(mid, zone) == offset else (steady, mid)
         pieces.append((lo, end, offset))
         lo = end
     return pieces
@@ -4302,11 +4188,8 @@ def allowed_wall_spans(lo: datetime, hi: datetime, quiet: QuietHours) -> Iterato
 
 
 def allowed_spans(lo: datetime, hi: datetime, zone: ZoneInfo, quiet: QuietHours) -> list[tuple[datetime, datetime]]:
-    """The UTC spans within ``[lo, hi)`` whose local time in ``zone`` is outside quiet hours, in order.
-
-    Exact across daylight-saving changes: within a steady offset the wall clock is UTC plus that offset,
-    so a local time the clocks skip is never allowed and one they repeat is allowed both times it occurs.
-    """
+    """The UTC spans within ``[lo, hi)`` whose local time in ``zone`` is outside quiet hours, in order. Exact
+    across daylight-saving changes: a local time the clocks skip is never allowed, one they repeat is twice."""
     spans: list[tuple[datetime, datetime]] = []
     for start, end, offset in steady_offsets(lo, hi, zone):
         wall = [(moment + offset).replace(tzinfo=None) for moment in (start, end)]
@@ -4341,14 +4224,11 @@ def allowed_end(lo: datetime, hi: datetime, zone: ZoneInfo, quiet: QuietHours) -
 @functools.lru_cache(maxsize=8192)
 def send_window(start: datetime, now: datetime, zone: ZoneInfo, quiet: QuietHours,
                 min_lead: timedelta) -> SendWindow | None:
-    """When a message about an event starting at ``start`` may go out to a member in ``zone``, or None.
+    """When a message about an event starting at ``start`` may go out to a member in ``zone``, or None (the event
+    starts too soon, only quiet hours remain before it, or a date is at the end of datetime's range).
 
-    ``send_after`` is the first moment at or after ``now`` outside quiet hours, local time; ``send_before``
-    is exclusive: the end of the last allowed span before ``start - min_lead`` (the start of quiet hours,
-    21:00 local by default, or ``start - min_lead`` itself when that falls in allowed hours). So every
-    moment in the window is more than ``min_lead`` before the event. None when no moment is left: the
-    event starts too soon, only quiet hours remain before it, or a date is at the end of datetime's range.
-    Cached: members in one zone share each event's window.
+    ``send_after``: the first moment from ``now`` on outside quiet hours, local time; ``send_before``
+    (exclusive): the end of the last allowed span before ``start - min_lead``. Cached: a zone shares each window.
     """
     start, now = start.astimezone(UTC), now.astimezone(UTC)  # the spans' arithmetic is on UTC instants
     cutoff = start - min_lead
@@ -4390,27 +4270,14 @@ def build_message(match: Match, text: str, *, generator: str, notes: str, now: d
     """The dashboard's record of one drafted SMS, with when it may be sent and in which zone that is judged."""
     size = sms_size(text)
     message = Message(
-        user_name=match["user_name"],
-        user_id=match["user_id"],
-        user_email=text_field(match["user"], "email"),
+        user_name=match["user_name"], user_id=match["user_id"], user_email=text_field(match["user"], "email"),
         user_phone=match["user"].get("phone_e164"),  # E.164: what the sender needs; the stored form is on the user
-        event_name=match["event_name"],
-        event_id=match["event_id"],
-        message_text=text,
-        personalization_notes=notes,
-        character_count=size.units,
-        similarity_score=match["confidence_percentage"],
-        confidence_percentage=match["confidence_percentage"],
-        reasoning=match["reasoning"],
-        status="pending",
-        generated_at=iso_utc(now) or "",
-        generator=generator,
-        sms_encoding=size.encoding,
-        sms_segments=size.segments,
-        send_after=iso_utc(window.send_after) or "",
-        send_before=iso_utc(window.send_before) or "",
-        recipient_timezone=zone.key,
-    )
+        event_name=match["event_name"], event_id=match["event_id"], message_text=text, personalization_notes=notes,
+        character_count=size.units, similarity_score=match["confidence_percentage"],
+        confidence_percentage=match["confidence_percentage"], reasoning=match["reasoning"], status="pending",
+        generated_at=iso_utc(now) or "", generator=generator, sms_encoding=size.encoding, sms_segments=size.segments,
+        send_after=iso_utc(window.send_after) or "", send_before=iso_utc(window.send_before) or "",
+        recipient_timezone=zone.key)
     if variant is not None:  # only in a tone A/B: a default run's messages are as before
         message["variant"] = variant
     return message
@@ -4459,19 +4326,13 @@ def holdout_record(rank: int, match: Match, *, campaign_id: str, fraction: float
 def template_notes(facts: MessageFacts, text: str) -> str:
     """The reviewer's line on what the template's ``text`` personalised, and what it left out to fit."""
     said = optional_facts_said(without_sender_parts(text.removesuffix(facts.link), facts)[0], facts)
-    parts = ["Welcome back, time away acknowledged"]
-    if said.get("interest"):
-        parts.append(f"interest: {interest_label(facts.interests[0])}")
-    parts.append(f"local time {facts.when}")
-    if said.get("spots"):
-        parts.append(f"{facts.spots_left} spots left")
-    if said.get("going"):
-        parts.append(f"{facts.going} going")
-    parts += [part for part, value in (("sender named", facts.sender), ("opt-out text", facts.opt_out_text)) if value]
-    left_out = [name for name in OPTIONAL_FACTS if said.get(name) is False]
-    if left_out:
-        parts.append(f"left out to fit: {', '.join(left_out)}")
-    return "; ".join(parts)
+    left_out = ", ".join(name for name in OPTIONAL_FACTS if said.get(name) is False)
+    parts = ["Welcome back, time away acknowledged",
+             said.get("interest") and f"interest: {interest_label(facts.interests[0])}", f"local time {facts.when}",
+             said.get("spots") and f"{facts.spots_left} spots left", said.get("going") and f"{facts.going} going",
+             facts.sender and "sender named", facts.opt_out_text and "opt-out text",
+             left_out and f"left out to fit: {left_out}"]
+    return "; ".join(part for part in parts if part)
 
 
 # =============================================================================================
@@ -4481,31 +4342,17 @@ def template_notes(facts: MessageFacts, text: str) -> str:
 
 def dashboard_user(user: Mapping[str, Any]) -> dict[str, Any]:
     """A member as the dashboard reads it (plan's users schema)."""
-    record = dict(user)
-    record.update({
-        "id": user["_id"],
-        "name": full_name(user),
-        "summary": user["summary"],
-        "event_count": user.get("eventCount", 0),
-        "user_id": user["_id"],
-        "neighborhood": user.get("homeNeighborhood"),
-    })
-    return record
+    return {**user, "id": user["_id"], "name": full_name(user), "summary": user["summary"],
+            "event_count": user.get("eventCount", 0), "user_id": user["_id"],
+            "neighborhood": user.get("homeNeighborhood")}
 
 
 def dashboard_event(event: Mapping[str, Any]) -> dict[str, Any]:
     """An event as the dashboard reads it (plan's events schema)."""
-    record = dict(event)
-    record.update({
-        "id": event["_id"],
-        "event_id": event["_id"],
-        "capacity": event.get("maxParticipants"),
-        "participants_count": event.get("participantCount", 0),
-        "fill_rate_percent": round(float(event.get("participationPercentage") or 0.0), 1),
-        "summary": event["summary"],
-    })
-    record.setdefault("maxParticipants", None)
-    return record
+    return {**event, "id": event["_id"], "event_id": event["_id"], "capacity": event.get("maxParticipants"),
+            "participants_count": event.get("participantCount", 0),
+            "fill_rate_percent": round(float(event.get("participationPercentage") or 0.0), 1),
+            "summary": event["summary"], "maxParticipants": event.get("maxParticipants")}
 
 
 def listing(name: str, items: Sequence[Mapping[str, Any]], updated_at: str) -> dict[str, Any]:
@@ -4534,28 +4381,31 @@ class Skip:
     code: str = "no_matching_event"
 
 
-SKIP_REASONS = (  # dormant_users.json's skip_reason for an eligible member not selected, in walk order
-    "cooldown",                 # messaged (or held out) within --cooldown-days
-    "no_valid_phone",           # no phone, or not a valid number that can receive SMS
-    "opted_out",                # an opt-out field set, or consent explicitly refused (or in doubt), on any record with the number
-    "shared_phone",             # the number was messaged or held out for another member (this run or the cooldown)
-    "holdout",                  # the control group: recorded, never texted
-    "no_matching_event",        # no open future event shares an interest
-    "no_event_in_send_window",  # every candidate starts too soon or leaves only quiet hours to send
-    "seats_exhausted",          # every candidate already has as many open invitations as it can seat
-    "below_min_confidence",     # the best match is below --min-confidence
-    "no_sms_within_contract",   # no SMS within the contract for the chosen event or the next ones
-    "failed",                   # an unexpected error on this member (see the log)
-    "not_started",              # the run stopped (signal or deadline) before this member
-    "below_limit",              # --limit members were messaged before this one's turn
-)
+FUNNEL_STAGES = ("eligible", "outside cooldown", "reached", "textable", "not opted out", "event in send window",
+                 "matched", "drafted")  # the funnel: eligible to drafted, one count per stage (console, Markdown, JSON)
+HELD_OUT_STAGE = "held out"  # after "drafted", apart: matched, recorded, never texted
+# dormant_users.json's skip_reason for an eligible member not selected, in walk order, and the first funnel
+# stage a member left out for it does not reach:
+REASON_STAGES = {
+    "cooldown": "outside cooldown",  # messaged (or held out) within --cooldown-days
+    "no_valid_phone": "textable",  # no phone, or not a valid number that can receive SMS
+    "opted_out": "not opted out",  # an opt-out field set, or consent refused (or in doubt), on a record with the number
+    "shared_phone": "textable",  # the number was messaged or held out for another member (this run or the cooldown)
+    "holdout": "drafted",  # the control group: matched, recorded, never texted (counted apart as HELD_OUT_STAGE)
+    "no_matching_event": "event in send window",  # no open future event shares an interest
+    "no_event_in_send_window": "event in send window",  # every candidate starts too soon or leaves only quiet hours
+    "seats_exhausted": "matched",  # every candidate already has as many open invitations as it can seat
+    "below_min_confidence": "matched",  # the best match is below --min-confidence
+    "no_sms_within_contract": "drafted",  # no SMS within the contract for the chosen event or the next ones
+    "failed": "drafted",  # an unexpected error on this member in steps 5-6 (see the log)
+    "not_started": "reached",  # the run stopped (signal or deadline) before this member
+    "below_limit": "reached",  # --limit members were messaged before this one's turn
+}
+SKIP_REASONS = tuple(REASON_STAGES)
 
 
 class IdleReason(Enum):
-    """Why a day drafted no message: the one line cron mail gets, and the exit code (3: look; 0: as planned).
-
-    ``idle_reason`` finds it from the walk's decisions; a step that knows before the walk (the per-day
-    limit: ``DAY_LIMIT_DRAFTED``) hands it over to ``idle_reason`` as its ``hint``."""
+    """Why a day drafted no message: the one line cron mail gets (``IDLE_LINES``), and the exit code."""
 
     NOBODY_DORMANT = "nobody_dormant"
     ALL_IN_COOLDOWN = "all_in_cooldown"
@@ -4588,8 +4438,8 @@ NOT_REACHED = frozenset({"cooldown", "below_limit", "not_started"})
 
 def idle_reason(eligible: int, decisions: Mapping[str, str], messages: int,
                 hint: IdleReason | None = None) -> IdleReason | None:
-    """Why no message was drafted (``decisions``: each eligible member's ``selected`` or skip code), or None
-    when one was. ``hint``: a reason known before the walk (today's limit already drafted)."""
+    """Why no message was drafted (from each member's ``selected`` or skip code), or None when one was;
+    ``hint``: a reason known before the walk (today's limit already drafted)."""
     if messages:
         return None
     if hint is not None:
@@ -4656,8 +4506,7 @@ def ours(item: Mapping[str, Any]) -> bool:
 def tally_history(messages: Iterable[Mapping[str, Any]], holdout: Iterable[Mapping[str, Any]],
                   day: tuple[datetime, datetime], seats_since: datetime) -> DashboardHistory:
     """This tool's messages and holdout records of the campaign ``day``, and its open invitations per event
-    (pending or approved, generated at or after ``seats_since``): the arithmetic of the daily limit and of
-    the seats, apart from the reading."""
+    (pending or approved, generated at or after ``seats_since``)."""
     drafted, held, members, invitations = 0, 0, set(), Counter[str]()
     for item in messages:
         when = to_utc(item.get("generated_at")) if ours(item) else None
@@ -4718,35 +4567,14 @@ def volume_lines(report: Mapping[str, Any]) -> list[str]:
     lines.append(f"Seats exhausted (members whose first choice had no seat left, by event): {seen}." if exhausted
                  else "Seats exhausted: none (no member's first choice was full).")
     return [*lines, ""]
-CONTACT_SKIPS = ("no_valid_phone", "opted_out", "shared_phone")  # decided when the walk reaches a member (counted on the console)
 
 
-# --- the funnel: eligible to drafted, one count per stage (console, Markdown and JSON alike) -------
-
-FUNNEL_STAGES = ("eligible", "outside cooldown", "reached", "textable", "not opted out", "event in send window",
-                 "matched", "drafted")
-HELD_OUT_STAGE = "held out"  # after "drafted", apart: matched, recorded, never texted
-REASON_STAGES = {  # each skip_reason: the first funnel stage a member left out for it does not reach
-    "cooldown": "outside cooldown",
-    "below_limit": "reached",              # the walk stopped (--limit) before this member
-    "not_started": "reached",              # the run stopped (signal or deadline) before this member
-    "no_valid_phone": "textable",
-    "shared_phone": "textable",            # the number already gets a text (another member's)
-    "opted_out": "not opted out",
-    "no_matching_event": "event in send window",
-    "no_event_in_send_window": "event in send window",
-    "below_min_confidence": "matched",
-    "seats_exhausted": "matched",          # every matching event already has its invitations
-    "no_sms_within_contract": "drafted",
-    "failed": "drafted",                   # an error in steps 5-6
-    "holdout": "drafted",                  # matched, held out: counted apart as HELD_OUT_STAGE
-}
+# --- the funnel (``FUNNEL_STAGES``) -------------------------------------------------------------------
 
 
 def reason_stage(code: str) -> str:
-    """The funnel stage a member left out for ``code`` does not reach, as ``REASON_STAGES`` says; a reason added to
-    SKIP_REASONS without one takes the stage of the nearest reason before it (SKIP_REASONS is in walk order);
-    any other code, the last stage (the member was looked at and not drafted)."""
+    """The funnel stage a member left out for ``code`` does not reach (``REASON_STAGES``); a reason without one
+    takes that of the nearest reason before it in SKIP_REASONS (walk order); an unknown code, the last stage."""
     if code in REASON_STAGES:
         return REASON_STAGES[code]
     earlier = SKIP_REASONS[:SKIP_REASONS.index(code)] if code in SKIP_REASONS else ()
@@ -4761,9 +4589,8 @@ class FunnelStage(TypedDict):
 
 
 def run_funnel(eligible: int, reasons: Mapping[str, int]) -> list[FunnelStage]:
-    """The funnel, computed once from the eligible count and the skip_reason counts (``skip_reason_counts``):
-    every eligible member not left out for a reason was drafted, and each reason drops its members at its
-    stage (``reason_stage``); the held-out members come last, apart."""
+    """The funnel from the eligible count and the skip_reason counts: each reason drops its members at its
+    stage (``reason_stage``), the rest were drafted; the held-out members come last, apart."""
     dropped = Counter[str]()
     for code, n in reasons.items():
         dropped[reason_stage(code)] += n
@@ -4782,17 +4609,14 @@ def funnel_text(funnel: Sequence[Mapping[str, Any]]) -> str:
 
 def funnel_lines(funnel: Sequence[Mapping[str, Any]], reasons: Mapping[str, int]) -> list[str]:
     """The funnel as a Markdown table: each stage, its members, and the reasons that left members out before it."""
-    lines = ["## Funnel", "", "| stage | members | left out before this stage |", "| --- | --- | --- |"]
-    for row in funnel:
-        left = ", ".join(f"{n} {code}" for code, n in reasons.items()
-                         if row["stage"] != HELD_OUT_STAGE and reason_stage(code) == row["stage"])
-        lines.append(f"| {row['stage']} | {row['count']} | {left or '-'} |")
-    return lines + [""]
+    rows = [[row["stage"], str(row["count"]), ", ".join(f"{n} {code}" for code, n in reasons.items()
+             if row["stage"] != HELD_OUT_STAGE and reason_stage(code) == row["stage"]) or "-"] for row in funnel]
+    return ["## Funnel", "", *markdown_table([["stage", "members", "left out before this stage"], *rows]), ""]
 
 
 def skip_list_rows(eligible: Sequence[Mapping[str, Any]], decisions: Mapping[str, str]) -> Iterator[list[str]]:
-    """``skipped.csv``'s rows, in rank order: each member the walk reached and left out (not drafted, not held
-    out), as member id and skip_reason only. An id that is an email or phone number is withheld (its rank said)."""
+    """``skipped.csv``'s rows in rank order: member id and skip_reason of each member the walk reached and left
+    out (not held out); an id that is a contact detail is withheld (its rank said)."""
     looked_at = set(FUNNEL_STAGES[FUNNEL_STAGES.index("reached") + 1:])
     for rank, user in enumerate(eligible, 1):
         code = decisions.get(user["_id"], "below_limit")
@@ -4801,8 +4625,7 @@ def skip_list_rows(eligible: Sequence[Mapping[str, Any]], decisions: Mapping[str
 
 
 def contact_like_id(member_id: str) -> bool:
-    """An id that is a contact detail (``CONTACT_DETAIL``: an email address, a phone number as people write one
-    with a ``+`` or punctuation among the digits, ...); plain digits and ObjectIds are ids."""
+    """An id that is a contact detail (``CONTACT_DETAIL``); plain digits and ObjectIds are ids."""
     plain = readable(member_id)
     return not plain.isalnum() and first_contact(plain) is not None
 
@@ -4841,17 +4664,14 @@ def send_window_text(message: Mapping[str, Any]) -> str:
             f"{before.tzname()}")
 
 
-def one_line_reason(reasoning: str, limit: int = 120) -> str:
-    """The reasoning's first sentence, on one line, at most ``limit`` characters."""
-    first = one_line(reasoning).split(". ")[0].rstrip(".")
-    return first if len(first) <= limit else first[:limit - 1].rstrip() + "\u2026"
-
-
 def preview_row(user: Mapping[str, Any], message: Mapping[str, Any]) -> PreviewRow:
-    """A drafted message's preview row: the first name we greet by, never the full name."""
+    """A drafted message's preview row: the first name we greet by, never the full name; the reasoning's first
+    sentence, at most 120 characters."""
+    reason = one_line(message["reasoning"]).split(". ")[0].rstrip(".")
     row = PreviewRow(first_name=greeting_name(user.get("firstName")) or "-", event_name=message["event_name"],
                      send_window=send_window_text(message), encoding=message["sms_encoding"],
-                     segments=message["sms_segments"], reason=one_line_reason(message["reasoning"]))
+                     segments=message["sms_segments"],
+                     reason=reason if len(reason) <= 120 else reason[:119].rstrip() + "\u2026")
     if message.get("variant"):
         row["variant"] = str(message["variant"])
     return row
@@ -4869,8 +4689,8 @@ def preview_lines(preview: Sequence[Mapping[str, Any]]) -> list[str]:
 
 
 def run_cost(segments: int, price: float | None, claude_usd: float | None, claude_used: bool) -> dict[str, Any]:
-    """The day's cost: SMS segments times ``SMS_SEGMENT_PRICE`` (segments only when it is unset) beside Claude's
-    estimate (None when its prices are unknown); the total only when every part is known."""
+    """The day's cost: SMS segments times ``SMS_SEGMENT_PRICE`` beside Claude's estimate (None when its prices
+    are unknown); the total only when every part is known."""
     sms_usd = None if price is None else round(segments * price, 6)
     claude = claude_usd if claude_used else 0.0
     total = None if sms_usd is None or claude is None else round(sms_usd + claude, 6)
@@ -4959,7 +4779,7 @@ def dominant_reason_advice(reasons: Mapping[str, int], drafted: int) -> list[str
 def crowded_event_advice(messages: Sequence[Mapping[str, Any]]) -> list[str]:
     """An event taking most of the invitations: one event's seats cannot take them all."""
     events = Counter(m["event_name"] for m in messages)
-    if len(messages) < 3 or not events:
+    if len(messages) < 3:
         return []
     name, n = events.most_common(1)[0]
     if n / len(messages) < CROWDED_EVENT_SHARE:
@@ -4995,20 +4815,17 @@ def message_advice(summary: Mapping[str, Any], reasons: Mapping[str, int], cost:
     return []
 
 
-def fallback_advice(fallbacks: Mapping[str, Any]) -> list[str]:
-    n = fallbacks.get("matching", 0) + fallbacks.get("writing", 0)
-    return [f"Claude fell back to the rules or the template {n} times: see Claude fallbacks."] if n else []
-
-
 def recommendations(report: Mapping[str, Any]) -> list[str]:
     """What this run's figures suggest doing (a dominant skip reason, a crowded event, a holdout too small,
     segments, fallbacks); a day with nothing to say says so."""
-    reasons, summary = report["skip_reasons"], report["summary"]
+    reasons, summary, fallbacks = report["skip_reasons"], report["summary"], report["fallbacks"]
+    fell_back = fallbacks.get("matching", 0) + fallbacks.get("writing", 0)
     found = [*message_advice(summary, reasons, report["cost"]),
              *dominant_reason_advice(reasons, summary.get("total_messages_generated", 0)),
              *crowded_event_advice(report["preview"]),
              *holdout_advice(report["holdout"], report["holdout_power"]),
-             *fallback_advice(report["fallbacks"])]
+             *([f"Claude fell back to the rules or the template {fell_back} times: see Claude fallbacks."]
+               if fell_back else [])]
     return found or ["Nothing in this run's figures calls for a change."]
 
 
@@ -5019,18 +4836,15 @@ def cell(value: Any) -> str:
 
 def empty_input_lines(empty: Sequence[str]) -> list[str]:
     """The report's line for empty input: a run that read nothing is not a day that found nobody."""
-    if not empty:
-        return []
-    line = (f"- **Empty input:** the source has no {' and no '.join(empty)}; check it before reading this run "
-            "as a day that found nobody")
-    return [line]
+    return [(f"- **Empty input:** the source has no {' and no '.join(empty)}; check it before reading this run "
+             "as a day that found nobody")] if empty else []
 
 
 def skip_reason_lines(reasons: Mapping[str, int], holdout: Mapping[str, Any],
                       details: Mapping[str, int] | None = None) -> list[str]:
     """Why eligible members were not texted (counts only), and the control group."""
-    lines = ["## Who was texted", "", "| eligible members not texted, by reason | count |", "| --- | --- |"]
-    lines += [f"| {code} | {n} |" for code, n in reasons.items()] or ["| (none) | 0 |"]
+    rows = [[code, str(n)] for code, n in reasons.items()] or [["(none)", "0"]]
+    lines = ["## Who was texted", "", *markdown_table([["eligible members not texted, by reason", "count"], *rows])]
     lines += [f"\nOf these, {n}: {cell(detail)}." for detail, n in (details or {}).items()]
     if holdout.get("fraction"):
         ranks = ", ".join(str(r) for r in holdout.get("ranks", [])) or "none"
@@ -5043,6 +4857,14 @@ def report_markdown(report: Mapping[str, Any]) -> str:
     """The human report: goal, run summary, who was tried, matches, messages, recommendations."""
     s, st = report["summary"], report["statistics"]
     matcher = "claude" if report["llm"] == "claude" else "rules"
+    figures = [[key.replace("_", " "), "—" if s.get(key) is None else str(s[key])] for key in (
+        "total_dormant_users_found", "total_users_with_complete_profiles", "users_left_out_by_cooldown",
+        "total_future_events", "total_matches_created", "total_messages_generated", "total_sms_segments",
+        "average_days_inactive", "average_confidence_score", "error_count")]
+    messages = {m["user_id"]: m for m in report.get("messages", [])}
+    matches = [[m["user_name"], m["event_name"], str(m["confidence_percentage"]), m["matcher"],
+                *(str(messages.get(m["user_id"], {}).get(key, "")) for key in ("message_text", "sms_segments"))]
+               for m in report.get("matches", [])]
     lines = [
         f"# Return To Table report: {report['campaign_id']}",
         "",
@@ -5057,31 +4879,21 @@ def report_markdown(report: Mapping[str, Any]) -> str:
         "",
         "## Run summary",
         "",
-        "| figure | value |",
-        "| --- | --- |",
-    ]
-    for key in ("total_dormant_users_found", "total_users_with_complete_profiles",
-                "users_left_out_by_cooldown", "total_future_events", "total_matches_created",
-                "total_messages_generated", "total_sms_segments", "average_days_inactive",
-                "average_confidence_score", "error_count"):
-        lines.append(f"| {key.replace('_', ' ')} | {'—' if s.get(key) is None else s.get(key)} |")
-    lines += ["", f"Future events considered: {st['events_processed']}. Cost: {cost_text(report['cost'])}.", ""]
-    if report.get("places_not_located"):
-        lines += [places_line(report["places_not_located"]), ""]
-    lines += volume_lines(report)
-    lines += funnel_lines(report["funnel"], report.get("skip_reasons", {}))
-    lines += ["## Recommendations", "", *(f"- {r}" for r in report["recommendations"]), ""]
-    lines += skip_reason_lines(report.get("skip_reasons", {}), report.get("holdout", {}), report.get("skip_details", {}))
-    lines += power_lines(report["holdout_power"])
-    lines += preview_lines(report["preview"])
-    lines += ["## Matches and messages", "", "| member | event | confidence | matcher | SMS | segments |",
-              "| --- | --- | --- | --- | --- | --- |"]
-    messages = {m["user_id"]: m for m in report.get("messages", [])}
-    for match in report.get("matches", []):
-        msg = messages.get(match["user_id"], {})
-        lines.append(f"| {cell(match['user_name'])} | {cell(match['event_name'])} | {match['confidence_percentage']} "
-                     f"| {match['matcher']} | {cell(msg.get('message_text', ''))} | {msg.get('sms_segments', '')} |")
-    lines += ["", "## Members skipped", "", *skipped_lines(report)]
+        *markdown_table([["figure", "value"], *figures]),
+        "",
+        f"Future events considered: {st['events_processed']}. Cost: {cost_text(report['cost'])}.",
+        "",
+        *([places_line(report["places_not_located"]), ""] if report.get("places_not_located") else []),
+        *volume_lines(report),
+        *funnel_lines(report["funnel"], report.get("skip_reasons", {})),
+        "## Recommendations", "", *(f"- {r}" for r in report["recommendations"]), "",
+        *skip_reason_lines(report.get("skip_reasons", {}), report.get("holdout", {}), report.get("skip_details", {})),
+        *power_lines(report["holdout_power"]),
+        *preview_lines(report["preview"]),
+        "## Matches and messages",
+        "",
+        *markdown_table([["member", "event", "confidence", "matcher", "SMS", "segments"], *matches]),
+        "", "## Members skipped", "", *skipped_lines(report)]
     fallbacks = report.get("fallbacks", {})
     if fallbacks.get("reasons"):
         lines += ["", f"## Claude fallbacks ({fallbacks['matching']} matches, {fallbacks['writing']} messages)", ""]
@@ -5112,8 +4924,7 @@ def report_markdown(report: Mapping[str, Any]) -> str:
 
 
 def skipped_lines(report: Mapping[str, Any]) -> list[str]:
-    """The members left out, as the funnel counts them (the walk's reasons), then why each member steps 5-6
-    looked at was skipped; the list for data clean-up is ``skipped.csv``."""
+    """The members left out, by the walk's reasons, then why each member steps 5-6 looked at was skipped."""
     reasons = {code: n for code, n in report.get("skip_reasons", {}).items() if code != "holdout"}
     if not reasons:
         return ["None."]
@@ -5158,9 +4969,8 @@ class Fallback:
 
 @dataclass
 class UserOutcome:
-    """One member the walk reached, after steps 5 and 6: a match and message, a holdout record (the
-    control group), or a reason for neither. ``rank`` orders the dashboard writes; ``eligible_rank``
-    is the member's place in the eligible list (1-based)."""
+    """One member the walk reached, after steps 5 and 6: a match and message, a holdout record, or a reason for
+    neither. ``rank`` orders the dashboard writes; ``eligible_rank``: the place in the eligible list (1-based)."""
 
     rank: int
     user: DormantMember
@@ -5176,24 +4986,16 @@ class UserOutcome:
 
 def walk_codes(outcomes: Iterable[UserOutcome]) -> dict[str, str]:
     """Each reached member's decision: ``selected`` (messaged), ``holdout``, or the skip's code."""
-    codes: dict[str, str] = {}
-    for o in outcomes:
-        if o.message is not None:
-            codes[o.user["_id"]] = "selected"
-        elif o.holdout is not None:
-            codes[o.user["_id"]] = "holdout"
-        elif o.skip is not None:
-            codes[o.user["_id"]] = o.skip.code
-    return codes
+    codes = {o.user["_id"]: "selected" if o.message else "holdout" if o.holdout else o.skip.code if o.skip else ""
+             for o in outcomes}
+    return {user_id: code for user_id, code in codes.items() if code}
 
 
 def walk_listing(eligible: Sequence[DormantMember], decisions: Mapping[str, str],
                  details: Mapping[str, str] | None = None) -> Iterator[bytes]:
-    """``dormant_users.json``'s items (``write_json_items``), ``JSON_CHUNK_ITEMS`` at a time: every eligible
-    member in rank order, with ``selected`` and, for those not selected, ``skip_reason`` (a member the walk
-    never decided on is ``below_limit``) and its ``skip_detail`` when ``details`` has one. The keys are
-    appended to each record's JSON, the records are not copied (160,000 copies at a million members were a
-    second)."""
+    """``dormant_users.json``'s items, ``JSON_CHUNK_ITEMS`` at a time: every eligible member in rank order with
+    its ``decision_keys`` (undecided: ``below_limit``), appended to each record's JSON without copying records
+    (160,000 copies at a million members were a second)."""
     tails: dict[tuple[str, str | None], bytes] = {}
     details = details or {}
     for first in range(0, len(eligible), JSON_CHUNK_ITEMS):
@@ -5241,14 +5043,9 @@ def build_report(*, campaign_id: str, run_started: datetime, finished: datetime,
                  empty_input: Sequence[str] = (), places_not_located: Mapping[str, int] | None = None,
                  sms_segment_price: float | None = None, earlier_30_days: tuple[int, int] | None = None,
                  volume: Mapping[str, Any] | None = None, idle: IdleReason | None = None) -> dict[str, Any]:
-    """Step 8: the plan's statistics and summary, plus the funnel, a preview of every message, the cost, who
-    was skipped, the holdout's power, services, errors and recommendations from these figures.
-
-    ``empty_input`` names the collections the source had no documents in (``"users"``, ``"events"``);
-    ``decisions`` is each eligible member's ``selected`` or skip code; ``earlier_30_days`` the members
-    messaged and held out in the dashboard in the 30 days before this run (None: not read); ``idle`` why
-    no message was drafted.
-    """
+    """Step 8: the plan's statistics and summary, plus the funnel, a preview of every message, the cost, who was
+    skipped, the holdout's power, services, errors and recommendations. ``earlier_30_days``: the members
+    messaged and held out in the 30 days before this run (None: not read)."""
     reasons = skip_reason_counts(decisions)
     held_out = [o.holdout for o in outcomes if o.holdout is not None]
     matches = [o.match for o in outcomes if o.match is not None]
@@ -5320,21 +5117,17 @@ def build_report(*, campaign_id: str, run_started: datetime, finished: datetime,
     return report
 
 
-def console_summary(report: Mapping[str, Any], report_path: Path) -> str:
-    """The run's one summary line on the console: the funnel, segments and cost, errors, the report's path."""
-    s = report["summary"]
-    empty = report.get("empty_input") or []
-    status = report["status"] + (f", empty input: {', '.join(empty)}" if empty else "")
-    return (f"Step 8 ({status}): {s['total_dormant_users_found']} dormant; funnel {funnel_text(report['funnel'])}; "
-            f"{cost_text(report['cost'])}; {s['error_count']} errors. Report: {report_path}")
-
-
 def write_report(stem: Path, report: Mapping[str, Any], logger: logging.Logger) -> Path:
-    """Step 8's files, ``<stem>.json`` and ``<stem>.md`` (private), and the console's summary line; the .md's path."""
+    """Step 8's files, ``<stem>.json`` and ``<stem>.md`` (private), and the console's one summary line (the funnel,
+    segments and cost, errors, the report's path); the .md's path."""
     write_json(stem.with_name(stem.name + ".json"), report, private=True)
     report_path = stem.with_name(stem.name + ".md")
     write_text_private(report_path, report_markdown(report))
-    logger.info("%s", console_summary(report, report_path), extra={"summary": True})
+    s, empty = report["summary"], report.get("empty_input") or []
+    status = report["status"] + (f", empty input: {', '.join(empty)}" if empty else "")
+    logger.info("Step 8 (%s): %s dormant; funnel %s; %s; %s errors. Report: %s", status, s["total_dormant_users_found"],
+                funnel_text(report["funnel"]), cost_text(report["cost"]), s["error_count"], report_path,
+                extra={"summary": True})
     return report_path
 
 
@@ -8764,7 +8557,7 @@ class ReturnToTable:
                              self.volume.drafted_before, options.limit, self.volume.day, extra={"summary": True})
         outcomes = self.member_walk(campaign_id).run(walk, future)  # steps 5-6
         steps_5_6_seconds = time.monotonic() - clock
-        left_out = Counter(code for code in self.decisions.values() if code in CONTACT_SKIPS)
+        left_out = Counter(code for code in self.decisions.values() if code in UNTEXTABLE)
         self.logger.info("Steps 5-6: %d members reached, %s", len(outcomes) + sum(left_out.values()),
                          ", ".join(f"{n} {code}" for code, n in sorted(left_out.items())) or "all of them textable")
         write_json_items(self.data_dir / "processed" / "dormant_users.json",
