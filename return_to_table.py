@@ -2324,15 +2324,13 @@ CONTACT_CLUE = re.compile(r"[\d@:]")  # every contact detail holds one: text wit
 
 
 def first_contact(text: str) -> re.Match[str] | None:
-    """The first contact detail (``CONTACT_DETAIL``) in ``text`` as it stands, or None."""
     return CONTACT_DETAIL.search(text) if CONTACT_CLUE.search(text) else None
 
 
 def contact_kinds(text: str) -> list[str]:
     """The kinds of contact detail (``CONTACT_KINDS``' keys) in ``text`` as it stands, each once, in order."""
-    if not CONTACT_CLUE.search(text):
-        return []
-    return list(dict.fromkeys(str(found.lastgroup) for found in CONTACT_DETAIL.finditer(text)))
+    found = CONTACT_DETAIL.finditer(text) if CONTACT_CLUE.search(text) else ()
+    return list(dict.fromkeys(str(match.lastgroup) for match in found))
 
 
 def readable(text: str) -> str:
@@ -2347,21 +2345,17 @@ def readable(text: str) -> str:
 
 @functools.lru_cache(maxsize=65536)  # names repeat across members: each spelling is read once
 def holds_contact(text: str) -> bool:
-    """Whether ``text`` holds a contact detail (``CONTACT_DETAIL``: an email address, a phone number in
-    digits or letters, an IP host, a tel:/sms:/mailto: scheme)."""
     return first_contact(readable(text)) is not None
 
 
 def without_contacts(text: str) -> str:
-    """``text`` (read plainly) with every contact detail (``CONTACT_DETAIL``) blanked: the one filter
-    every member and host field passes through on its way into a prompt."""
+    """``text`` read plainly, every contact detail blanked: the one filter of every field bound for a prompt."""
     plain = readable(text)
     return CONTACT_DETAIL.sub(" ", plain) if CONTACT_CLUE.search(plain) else plain
 
 
 def person_name(user: Mapping[str, Any], name: str) -> str | None:
-    """``firstName`` or ``lastName`` as text; missing when it holds an email address or a phone number
-    (names are text, not contact details: never greeted, summarised, shown or logged)."""
+    """``firstName`` or ``lastName``; None when it holds a contact detail (never greeted, shown or logged)."""
     value = text_field(user, name)
     return None if value is None or holds_contact(value) else value
 
@@ -2376,8 +2370,7 @@ def plural(n: float, word: str) -> str:
 
 
 def user_summary(user: Mapping[str, Any], last: datetime | None = None) -> str:
-    """Step 3: the plan's member summary, leaving out what is missing instead of printing None; ``last``
-    is ``last_event_date`` when the caller has it as a moment (step 1: not read back from its text)."""
+    """Step 3: the plan's member summary without what is missing; ``last``: ``last_event_date`` as a moment."""
     occupation = text_field(user, "occupation")
     hood = text_field(user, "homeNeighborhood")
     head = full_name(user) + " is "
@@ -2401,19 +2394,12 @@ def user_summary(user: Mapping[str, Any], last: datetime | None = None) -> str:
 
 def event_summary(event: Mapping[str, Any]) -> str:
     """Step 4: the plan's event summary, leaving out what is missing."""
-    name = text_field(event, "name") or "Untitled event"
-    head = f"Event: {name}"
-    if text_field(event, "venueName"):
-        head += f" at {event['venueName'].strip()}"
-    if text_field(event, "neighborhood"):
-        head += f" in {event['neighborhood'].strip()}"
+    head = f"Event: {text_field(event, 'name') or 'Untitled event'}"
+    for word, key in ((" at", "venueName"), (" in", "neighborhood")):
+        head += f"{word} {text_field(event, key)}" if text_field(event, key) else ""
     parts = [head + "."]
-    tags = []
-    if text_list(event, "categories"):
-        tags.append(f"Categories: {', '.join(text_list(event, 'categories'))}.")
-    if text_list(event, "features"):
-        tags.append(f"Features: {', '.join(text_list(event, 'features'))}.")
-    parts.extend(tags)
+    for label, key in (("Categories", "categories"), ("Features", "features")):
+        parts += [f"{label}: {', '.join(text_list(event, key))}."] if text_list(event, key) else []
     capacity = positive_number(event.get("maxParticipants"))
     count = event.get("participantCount", 0)
     if count is None:  # more participants listed than is plausible: unknown
@@ -2426,9 +2412,7 @@ def event_summary(event: Mapping[str, Any]) -> str:
     start = to_utc(event.get("startDate"))
     if start is not None:
         parts.append(f"Date: {start.strftime('%Y-%m-%d %H:%M')} UTC.")
-    if text_field(event, "description"):
-        parts.append(event["description"].strip())
-    return " ".join(parts)
+    return " ".join(filter(None, [*parts, text_field(event, "description")]))
 
 
 # =============================================================================================
@@ -3503,15 +3487,13 @@ def hidden_characters(text: str) -> list[str]:
 
 
 def phone_view(text: str) -> str:
-    """``text`` as a phone's link detector may read it: ``readable``, and without any other ``C``
-    (surrogate, private-use, unassigned) or combining ``M`` character either, so "ｅｖｉｌ．ｒｕ",
-    "evil\u200b.ru", "evil。ru" and "evil\ufe0f.ru" all read "evil.ru"; links are looked for here."""
+    """``text`` as a phone's link detector may read it: ``readable``, without any ``C`` or combining ``M``
+    character, so "ｅｖｉｌ．ｒｕ", "evil\u200b.ru", "evil。ru" and "evil\ufe0f.ru" all read "evil.ru"."""
     return "".join(ch for ch in readable(text) if unicodedata.category(ch)[0] not in "CM")
 
 
 def first_tappable(view: str) -> int | None:
-    """Where the first thing a phone would make tappable (a link, or a contact detail: ``CONTACT_DETAIL``)
-    starts in a ``phone_view``, or None."""
+    """Where the first link or contact detail starts in a ``phone_view``, or None."""
     found = [m.start() for m in (URL_PATTERN.search(view), first_contact(view)) if m]
     return min(found, default=None)
 
@@ -3536,10 +3518,6 @@ def sms_size(text: str) -> SmsSize:
         return SmsSize("GSM-7", units, 1 if units <= 160 else math.ceil(units / 153))
     units = len(text.encode("utf-16-le")) // 2
     return SmsSize("UCS-2", units, 1 if units <= 70 else math.ceil(units / 67))
-
-
-def event_link(event_id: str) -> str:
-    return EVENT_LINK_PREFIX + event_id
 
 
 def greeting_name(first_name: Any) -> str | None:
@@ -3573,7 +3551,7 @@ class MessageFacts:
 
     @property
     def link(self) -> str:
-        return event_link(self.event_id)
+        return EVENT_LINK_PREFIX + self.event_id
 
     @property
     def dressed(self) -> bool:
@@ -3583,35 +3561,23 @@ class MessageFacts:
     @property
     def allowed_numbers(self) -> set[str]:
         """The only numbers a message may contain outside the link, names and interests."""
-        numbers = set(re.findall(r"\d+", self.when))
-        numbers |= {str(self.going)} if self.going else set()
-        numbers |= {str(self.company)} if self.company else set()
-        if self.spots_left is not None:
-            numbers.add(str(self.spots_left))
-        return numbers
+        counts = (self.going or None, self.company or None, self.spots_left)
+        return set(re.findall(r"\d+", self.when)) | {str(n) for n in counts if n is not None}
 
 
 def message_facts(match: Match, zone: ZoneInfo, now: datetime, *, sender: str | None = None,
                   opt_out_text: str | None = None, tone: str = "standard") -> MessageFacts:
-    """What an SMS about this match may say, the day and time in ``zone``; plus the sender and opt-out
-    text every message must carry (``SmsPolicy``), when set."""
+    """What an SMS about this match may say (the time in ``zone``), and the sender and opt-out text to carry."""
     event = match["event"]
     start = to_utc(event.get("startDate")) or now
     spots = event.get("remaining_spots")
     return MessageFacts(
-        first_name=greeting_name(match["user"].get("firstName")),
-        event_id=match["event_id"],
+        first_name=greeting_name(match["user"].get("firstName")), event_id=match["event_id"],
         event_name=phone_safe_name(match["event_name"]) or "our next table",
-        interests=tuple(match["matched_interests"]),
-        when=local_when(start, zone, now),
+        interests=tuple(match["matched_interests"]), when=local_when(start, zone, now),
         spots_left=int(spots) if isinstance(spots, (int, float)) else None,
-        going=int(event.get("participantCount") or 0),
-        neighbourhood=text_field(event, "neighborhood"),
-        sender=sender,
-        opt_out_text=opt_out_text,
-        company=company_count(match["user"], match["event_id"]),
-        tone=tone,
-    )
+        going=int(event.get("participantCount") or 0), neighbourhood=text_field(event, "neighborhood"),
+        sender=sender, opt_out_text=opt_out_text, company=company_count(match["user"], match["event_id"]), tone=tone)
 
 
 def company_count(user: Mapping[str, Any], event_id: str) -> int:
@@ -3646,21 +3612,14 @@ def _cut_ends(words: Sequence[str]) -> list[int]:
 
 def word_starts(words: Sequence[str]) -> list[int]:
     """Where each word starts in ``" ".join(words)``."""
-    starts, at = [], 0
-    for word in words:
-        starts.append(at)
-        at += len(word) + 1
-    return starts
+    return list(itertools.accumulate((len(word) + 1 for word in words[:-1]), initial=0)) if words else []
 
 
 @functools.lru_cache(maxsize=256)
 def phone_safe_name(name: str) -> str:
-    """The event name as it may reach a phone: one line, no control or invisible characters, and cut
-    at a word boundary before the first link, email address or phone number in it (as ``phone_view``
-    reads it): "Jazz Brunch at evil-login.ru" is "Jazz Brunch". "" when nothing is left: such an event
-    is never offered (``unofferable``). The facts, the template and the SMS contract all name the event
-    by it. Linear in the name's length (and cached: the contract asks for it once per wording).
-    """
+    """The event name as facts, template and contract name it: one line, no hidden characters, cut at a word
+    before the first link or contact detail ("Jazz Brunch at evil-login.ru" is "Jazz Brunch"); "" when
+    nothing is left, and such an event is never offered (``unofferable``). Linear in the name's length."""
     words = [w for w in ("".join(ch for ch in w if unicodedata.category(ch) not in HIDDEN_CATEGORIES)
                          for w in name.split()) if w]
     views = [phone_view(w) for w in words]
@@ -3674,12 +3633,8 @@ def phone_safe_name(name: str) -> str:
 
 
 def shortened_names(name: str, max_len: int | None = None) -> list[str]:
-    """The event name, then ever shorter cuts at word boundaries (ending in "..."), longest first;
-    with ``max_len``, only those of at most that many characters (built in time linear in the name).
-
-    A cut never ends on a connector ("Gallery Walk &..." becomes "Gallery Walk..."). The ellipsis
-    is three dots, not "…", which would push the whole text out of GSM-7 into UCS-2.
-    """
+    """The event name, then ever shorter cuts at words ending in "..." (three dots: "…" is not GSM-7), longest
+    first; with ``max_len``, only those that short. A cut never ends on a connector ("Gallery Walk &...")."""
     words = name.split()
     cuts = [name] if max_len is None or len(name) <= max_len else []
     seen = set(cuts)
@@ -3719,11 +3674,7 @@ def _name_stems(name: str) -> tuple[str, int, tuple[str, ...], tuple[tuple[int, 
 
 
 def mentions_event(text: str, name: str) -> str | None:
-    """The form of the event name the text uses (whole, or cut at a word boundary), if any.
-
-    Only cuts no longer than the text are tried, so a long name costs the length of the text, not
-    of the name.
-    """
+    """The form of the event name the text uses (whole, or cut at a word), if any; only cuts that fit are tried."""
     folded = _fold(text)
     whole, least, words, cuts = _name_stems(name)
     if whole and whole in folded:
@@ -3739,12 +3690,6 @@ def mentions_event(text: str, name: str) -> str | None:
 
 def _count_near(text: str, number: int, words: str) -> bool:
     return re.search(rf"(?<![\d.]){number}\s+(?:[\w'’-]+\s+){{0,2}}?(?:{words})\b", text, re.IGNORECASE) is not None
-
-
-@functools.lru_cache(maxsize=256)
-def _name_words(name: str) -> frozenset[str]:
-    """The letter words of an event name (ALL-CAPS there is not shouting), once per name."""
-    return frozenset(LETTER_WORDS.findall(name))
 
 
 GOING_WORDS = r"going|joining|attending|signed|booked|already|people|members|diners|guests|friends|others"
@@ -3803,11 +3748,9 @@ def without_sender_parts(body: str, facts: MessageFacts) -> tuple[str, list[str]
 def validate_sms(text: str, facts: MessageFacts) -> list[str]:
     """The SMS contract, for template and Claude alike: every problem found, empty when fine.
 
-    Nothing a phone could make tappable may appear but the one link: no other scheme, ``www.`` or bare
-    domain (``URL_PATTERN``: any ``label.label`` with a letter-only top-level domain), and no contact
-    detail (``CONTACT_DETAIL``: email address, phone number in digits or letters, IP host, tel:/sms:/mailto:),
-    looked for in ``phone_view`` so Unicode spellings count; and no control or invisible character at all.
-    The event is named by its ``phone_safe_name``. One greeting; at most one question mark in the whole text.
+    Nothing a phone could make tappable but the one link (``URL_PATTERN``, ``CONTACT_DETAIL``, read in
+    ``phone_view`` so Unicode spellings count); no hidden character; the event named by its ``phone_safe_name``;
+    one greeting; at most one question mark in the whole text.
     """
     problems: list[str] = []
     if not isinstance(text, str) or not text.strip():
@@ -3856,7 +3799,7 @@ def validate_sms(text: str, facts: MessageFacts) -> list[str]:
         problems.append(f"must say {facts.spots_left} spots left{hint}")
     if "going" in required and not said["going"]:
         problems.append(f"must say {facts.going} people are going{hint}")
-    protected = _name_words(name) | set(LETTER_WORDS.findall(" ".join([facts.first_name or "", *facts.interests])))
+    protected = set(LETTER_WORDS.findall(" ".join([name, facts.first_name or "", *facts.interests])))
     shouting = [w for w in LETTER_WORDS.findall(body)
                 if w.isupper() and w not in ALLOWED_ACRONYMS and w not in protected]
     if shouting:
@@ -3867,9 +3810,8 @@ def validate_sms(text: str, facts: MessageFacts) -> list[str]:
         problems.append('no "!!"')
     scrubbed = body
     fixed_words = {named or "", facts.first_name or "", *facts.interests, *map(interest_label, facts.interests)}
-    for fixed in sorted(fixed_words, key=len, reverse=True):
-        if fixed:
-            scrubbed = re.sub(re.escape(fixed), " ", scrubbed, flags=re.IGNORECASE)
+    for fixed in sorted(filter(None, fixed_words), key=len, reverse=True):
+        scrubbed = re.sub(re.escape(fixed), " ", scrubbed, flags=re.IGNORECASE)
     invented = sorted(set(re.findall(r"\d+", scrubbed)) - facts.allowed_numbers)
     invented += sorted({w.lower() for w in NUMBER_WORDS.findall(scrubbed)})
     if invented:
@@ -3895,69 +3837,18 @@ def opt_out_clause(facts: MessageFacts) -> str:
     return facts.opt_out_text if facts.opt_out_text[-1] in ".!?" else facts.opt_out_text + "."
 
 
-def fact_levels(facts: MessageFacts) -> list[MessageFacts]:
-    """The facts the template tries to say, most first: all of them; with a sender or opt-out text to
-    carry, then without the going count, then without the spots too, then without the interest too."""
-    if not facts.dressed:
-        return [facts]
-    fewer = replace(facts, going=0)
-    fewest = replace(fewer, spots_left=None)
-    return list(dict.fromkeys([facts, fewer, fewest, replace(fewest, interests=())]))
-
-
 def template_attempts(facts: MessageFacts, names: Sequence[str]) -> Iterator[tuple[str, MessageFacts]]:
-    """(cut of the event name, facts to say) in the template's order of preference. With a sender or
-    opt-out text to carry, the going count and then the spots give way before the event name is cut; the
-    interest only when no cut of the name fits beside it."""
-    levels = fact_levels(facts)
+    """(cut of the event name, facts to say) in the template's order of preference. With a sender or opt-out
+    text to carry, the going count, then the spots, then the interest give way (``OPTIONAL_FACTS``): the first
+    two before the event name is cut, the interest only when no cut of the name fits beside it."""
+    levels = [facts]
+    if facts.dressed:
+        fewer = replace(facts, going=0)
+        fewest = replace(fewer, spots_left=None)
+        levels = list(dict.fromkeys([facts, fewer, fewest, replace(fewest, interests=())]))
     personal = [level for level in levels if level.interests or not facts.interests]
     yield from ((name, level) for name in names for level in personal)
     yield from ((name, level) for name in names for level in levels if level not in personal)
-
-
-class PhraseParts(NamedTuple):
-    """The pieces every template wording (today's and each tone's) is built from, said once."""
-
-    greet: str  # "Hi Maya!" or "Hi there!"
-    first: str  # "Maya", or "Hi" with no usable first name
-    proof: str  # "12 going, 2 spots left"
-    short_proof: str  # "12 going, 2 left"
-    hood: str  # " in Hells Kitchen", or ""
-
-
-def phrase_parts(facts: MessageFacts) -> PhraseParts:
-    going = f"{facts.going} going" if facts.going else ""
-    spots = "" if facts.spots_left is None else (
-        f"{facts.spots_left} spot left" if facts.spots_left == 1 else f"{facts.spots_left} spots left")
-    short_spots = "" if facts.spots_left is None else f"{facts.spots_left} left"
-    return PhraseParts(f"Hi {facts.first_name}!" if facts.first_name else "Hi there!", facts.first_name or "Hi",
-                       ", ".join(p for p in (going, spots) if p), ", ".join(p for p in (going, short_spots) if p),
-                       f" in {facts.neighbourhood.replace('-', ' ').title()}" if facts.neighbourhood else "")
-
-
-def interest_order(facts: MessageFacts) -> list[str]:
-    """The matched interests as the wordings try them: the first, then the rest shortest first ("" for none)."""
-    labels = [interest_label(i) for i in facts.interests]
-    return labels[:1] + sorted(labels[1:], key=len) or [""]
-
-
-def template_wordings(facts: MessageFacts, name: str) -> Iterator[tuple[str, str]]:
-    """The template's wordings naming the event ``name``, richest first, for each matched interest:
-    (the text before the call to action, the call to action before the link)."""
-    greet, first, proof, short_proof, hood = phrase_parts(facts)
-    for interest in interest_order(facts):
-        fans = f"one for {interest} fans" if interest else "a good one"
-        yield from [
-            (f"{greet} Welcome back, we miss you. {name} is {fans}: {facts.when}{hood}. {proof}.", "Tap to RSVP: "),
-            (f"{greet} Welcome back, we miss you. {name} is {fans}: {facts.when}. {proof}.", "Tap to RSVP: "),
-            (f"{greet} Welcome back. {name} is {fans}: {facts.when}. {proof}.", "Tap to RSVP: "),
-            (f"{greet} Welcome back. {name}, {fans}: {facts.when}. {proof}.", "RSVP: "),
-            (f"{greet} Welcome back. {name} for {interest} fans, {facts.when}. {proof}.", ""),
-            (f"{greet} Welcome back. {name} ({interest}) {facts.when}. {proof}.", ""),
-            (f"{greet} Welcome back. {name} ({interest}) {facts.when}, {short_proof}.", ""),
-            (f"{first}, welcome back! {name} ({interest}) {facts.when}: {short_proof}.", ""),
-            (f"{first}, welcome back! {name} ({interest}) {facts.when}, {short_proof}", ""),
-        ]
 
 
 # --- message tones (issue 22): the A/B test's wording families, every one held to the same SMS contract ---
@@ -3973,19 +3864,49 @@ TONES = {
 }
 DEFAULT_TONE = "standard"
 TONE_SALT = "tone-variant"  # the tone's own hash salt, so tone and holdout (``holdout_share``) never correlate
-
-
-def tone_share(campaign_name: str, member_id: str) -> float:
-    """A member's stable place in [0, 1) for the tone A/B: like ``holdout_share``, with its own salt."""
-    digest = hashlib.sha256(f"{TONE_SALT}\x00{campaign_name}\x00{member_id}".encode()).digest()
-    return int.from_bytes(digest[:8], "big") / 2**64
+# Each tone's wordings, richest first: (the text before the call to action, the call to action before the link),
+# the fields filled in by ``template_wordings``.
+WORDINGS = {
+    "standard": (
+        ("{greet} Welcome back, we miss you. {name} is {fans}: {when}{hood}. {proof}.", "Tap to RSVP: "),
+        ("{greet} Welcome back, we miss you. {name} is {fans}: {when}. {proof}.", "Tap to RSVP: "),
+        ("{greet} Welcome back. {name} is {fans}: {when}. {proof}.", "Tap to RSVP: "),
+        ("{greet} Welcome back. {name}, {fans}: {when}. {proof}.", "RSVP: "),
+        ("{greet} Welcome back. {name} for {interest} fans, {when}. {proof}.", ""),
+        ("{greet} Welcome back. {name} ({interest}) {when}. {proof}.", ""),
+        ("{greet} Welcome back. {name} ({interest}) {when}, {short_proof}.", ""),
+        ("{first}, welcome back! {name} ({interest}) {when}: {short_proof}.", ""),
+        ("{first}, welcome back! {name} ({interest}) {when}, {short_proof}", ""),
+    ),
+    "warm": (
+        (("{greet} Welcome back, we've missed you and would love to see you again. {name} is {fans}: {when}{hood}. "
+          "{proof}."), "Join us: "),
+        ("{greet} Welcome back, we've missed you. {name} is {fans}: {when}{hood}. {proof}.", "Join us: "),
+        ("{greet} Welcome back, we've missed you. {name} is {fans}: {when}. {proof}.", "Join us: "),
+        ("{greet} Welcome back, we've missed you. {name}, {fans}: {when}. {proof}.", ""),
+        ("{greet} Welcome back, we've missed you. {name} ({interest}) {when}. {proof}.", ""),
+        ("{first}, welcome back, we've missed you! {name} ({interest}) {when}, {short_proof}", ""),
+        ("{first}, welcome back, missed you! {name} ({interest}) {when}, {short_proof}", ""),
+    ),
+    "brief": (
+        ("{first}, welcome back! {name} ({interest}) {when}. {proof}.", "RSVP: "),
+        ("{first}, welcome back! {name} ({interest}) {when}, {short_proof}.", ""),
+    ),
+    "social": (
+        ("{greet} Welcome back. {lead}, {fans}: {when}. {counts}.", "Tap to RSVP: "),
+        ("{greet} Welcome back. {lead} ({interest}) {when}. {counts}.", ""),
+        ("{first}, welcome back! {lead} ({interest}) {when}. {counts}", ""),
+        ("{first}, welcome back! {lead} ({interest}) {when}, {short_counts}", ""),
+    ),
+}
 
 
 def member_tone(campaign_name: str, member_id: str, variants: Sequence[str]) -> str:
-    """The member's tone among ``variants``: equal shares by ``tone_share``, the same run after run."""
+    """The member's tone among ``variants``: equal shares by a stable hash salted apart from the holdout's."""
     if len(variants) <= 1:
         return variants[0] if variants else DEFAULT_TONE
-    return variants[min(len(variants) - 1, int(tone_share(campaign_name, member_id) * len(variants)))]
+    share = holdout_share(f"{TONE_SALT}\x00{campaign_name}", member_id)
+    return variants[min(len(variants) - 1, int(share * len(variants)))]
 
 
 def tone_names(text: str) -> tuple[str, ...]:
@@ -3998,51 +3919,29 @@ def tone_names(text: str) -> tuple[str, ...]:
     return names
 
 
-def social_lead(facts: MessageFacts, name: str) -> tuple[str, str]:
-    """The social tone's opening (who is going, then the event) and what it still has to say of the counts."""
-    spots = "" if facts.spots_left is None else (
-        f"{facts.spots_left} spot left" if facts.spots_left == 1 else f"{facts.spots_left} spots left")
+def template_wordings(facts: MessageFacts, name: str, tone: str = DEFAULT_TONE) -> Iterator[tuple[str, str]]:
+    """The ``tone``'s wordings (``WORDINGS``) naming the event ``name``, for each matched interest in turn (the
+    first, then the rest shortest first). The social tone leads with the people: those the member sat with
+    before who are going (a count, never who), else the going count."""
+    going = f"{facts.going} going" if facts.going else ""
+    spots, short_spots = ("", "") if facts.spots_left is None else (
+        f"{facts.spots_left} spot{'' if facts.spots_left == 1 else 's'} left", f"{facts.spots_left} left")
+    proof, short_proof = (", ".join(p for p in (going, tail) if p) for tail in (spots, short_spots))
     if facts.company:
-        faces = "familiar face" if facts.company == 1 else "familiar faces"  # people they dined with, a count only
-        return f"See {facts.company} {faces} at {name}", ", ".join(
-            p for p in (f"{facts.going} going" if facts.going else "", spots) if p)
-    if facts.going:
-        return f"Join {facts.going} {'other' if facts.going == 1 else 'others'} at {name}", spots
-    return f"Meet new people at {name}", spots
-
-
-def short_counts(counts: str) -> str:
-    """"12 going, 2 spots left" as "12 going, 2 left": the short form today's shortest wordings use."""
-    return re.sub(r"(\d+) spots? left", r"\1 left", counts)
-
-
-def tone_family(facts: MessageFacts, name: str) -> Iterator[tuple[str, str]]:
-    """The tone's own wordings naming the event ``name``, richest first (none for ``standard``)."""
-    if facts.tone not in ("warm", "brief", "social"):
-        return
-    greet, first, proof, short_proof, hood = phrase_parts(facts)
-    for interest in interest_order(facts):
-        fans = f"one for {interest} fans" if interest else "a good one"
-        if facts.tone == "warm":
-            yield from [
-                ((f"{greet} Welcome back, we've missed you and would love to see you again. {name} is {fans}: "
-                  f"{facts.when}{hood}. {proof}."), "Join us: "),
-                (f"{greet} Welcome back, we've missed you. {name} is {fans}: {facts.when}{hood}. {proof}.", "Join us: "),
-                (f"{greet} Welcome back, we've missed you. {name} is {fans}: {facts.when}. {proof}.", "Join us: "),
-                (f"{greet} Welcome back, we've missed you. {name}, {fans}: {facts.when}. {proof}.", ""),
-                (f"{greet} Welcome back, we've missed you. {name} ({interest}) {facts.when}. {proof}.", ""),
-                (f"{first}, welcome back, we've missed you! {name} ({interest}) {facts.when}, {short_proof}", ""),
-                (f"{first}, welcome back, missed you! {name} ({interest}) {facts.when}, {short_proof}", ""),
-            ]
-        elif facts.tone == "brief":
-            yield from [(f"{first}, welcome back! {name} ({interest}) {facts.when}. {proof}.", "RSVP: "),
-                        (f"{first}, welcome back! {name} ({interest}) {facts.when}, {short_proof}.", "")]
-        else:
-            lead, counts = social_lead(facts, name)
-            yield from [(f"{greet} Welcome back. {lead}, {fans}: {facts.when}. {counts}.", "Tap to RSVP: "),
-                        (f"{greet} Welcome back. {lead} ({interest}) {facts.when}. {counts}.", ""),
-                        (f"{first}, welcome back! {lead} ({interest}) {facts.when}. {counts}", ""),
-                        (f"{first}, welcome back! {lead} ({interest}) {facts.when}, {short_counts(counts)}", "")]
+        faces = "familiar face" if facts.company == 1 else "familiar faces"
+        lead, counts, short_counts = f"See {facts.company} {faces}", proof, short_proof
+    elif facts.going:
+        lead, counts, short_counts = f"Join {facts.going} other{'' if facts.going == 1 else 's'}", spots, short_spots
+    else:
+        lead, counts, short_counts = "Meet new people", spots, short_spots
+    fields = {"greet": f"Hi {facts.first_name}!" if facts.first_name else "Hi there!",
+              "first": facts.first_name or "Hi", "name": name, "when": facts.when, "proof": proof,
+              "short_proof": short_proof, "lead": f"{lead} at {name}", "counts": counts, "short_counts": short_counts,
+              "hood": f" in {facts.neighbourhood.replace('-', ' ').title()}" if facts.neighbourhood else ""}
+    labels = [interest_label(i) for i in facts.interests]
+    for interest in labels[:1] + sorted(labels[1:], key=len) or [""]:
+        fields.update(interest=interest, fans=f"one for {interest} fans" if interest else "a good one")
+        yield from ((body.format_map(fields), action) for body, action in WORDINGS[tone])
 
 
 def dress(facts: MessageFacts, body: str, action: str) -> str:
@@ -4056,33 +3955,27 @@ def dress(facts: MessageFacts, body: str, action: str) -> str:
 
 
 def write_template_sms(facts: MessageFacts) -> str | None:
-    """Step 6 by template: the richest wording that passes the contract, shortening as needed.
-
-    None when no wording fits (a long non-GSM-7 name, a name that is only a web address): the caller
-    tries the next event. A plain return, so an unrelated bug can never pass for "no wording fits".
-    Linear in the name's length: only the cuts of its ``phone_safe_name`` short enough to fit beside
-    the link (and the sender and opt-out text) are built and tried. With a sender or opt-out text set,
-    the going count, the spots and the interest give way in turn (``fact_levels``, ``template_attempts``);
-    the greeting, the event name (cut at a word boundary at most), the day and time and the link never do.
-    """
+    """Step 6 by template: the richest wording that passes the contract, shortening the name (only the cuts that
+    fit are tried: linear in its length); None when none fits, and the caller tries the next event. A tone never
+    costs a fact, a cut of the name or a message: today's wording otherwise."""
     safe = phone_safe_name(facts.event_name)
     carried = len(sender_prefix(facts)) + (len(opt_out_clause(facts)) + 1 if facts.opt_out_text else 0)
     names = shortened_names(safe, max_len=GSM7_LIMIT - carried - len(facts.link) - 1) if safe else []
-    standard = next(template_texts(facts, names, template_wordings), None)
+    standard = next(template_texts(facts, names), None)
     if standard is None or facts.tone == DEFAULT_TONE:
         return standard[0] if standard else None
-    kept = facts_said(facts, standard[0])  # a tone never costs a fact, a cut of the name or a message
+    kept = facts_said(facts, standard[0])
     allowed = names[: names.index(standard[1]) + 1]
-    return next((text for text, _ in template_texts(facts, allowed, tone_family) if facts_said(facts, text) >= kept),
+    return next((text for text, _ in template_texts(facts, allowed, facts.tone) if facts_said(facts, text) >= kept),
                 standard[0])
 
 
-def template_texts(facts: MessageFacts, names: Sequence[str], wordings: Any) -> Iterator[tuple[str, str]]:
-    """(text, the cut of the name it uses) of every wording within the SMS contract, in the template's order
-    of preference (``template_attempts``); ``wordings`` is ``template_wordings`` or a tone's ``tone_family``."""
+def template_texts(facts: MessageFacts, names: Sequence[str], tone: str = DEFAULT_TONE) -> Iterator[tuple[str, str]]:
+    """(text, the cut of the name it uses) of every ``tone`` wording within the SMS contract, in the template's
+    order of preference (``template_attempts``)."""
     tried: set[str] = set()
     for name, level in template_attempts(facts, names):
-        for body, action in wordings(level, name):
+        for body, action in template_wordings(level, name, tone):
             text = dress(facts, body, action)
             if text in tried:
                 continue
@@ -4126,10 +4019,9 @@ def sms_policy_problem(policy: SmsPolicy) -> str | None:
     message may hold one), and they must leave room for the greeting, the event and its time."""
     texts = {name: value for name, value in (("SMS_SENDER", policy.sender), ("SMS_OPT_OUT_TEXT", policy.opt_out_text))
              if value}
-    for name, value in texts.items():
-        problem = sms_setting_problem(name, value)
-        if problem:
-            return problem
+    problem = next(filter(None, (sms_setting_problem(name, value) for name, value in texts.items())), None)
+    if problem:
+        return problem
     asking = [name for name, value in texts.items() if "?" in phone_view(value)]
     if sum(phone_view(value).count("?") for value in texts.values()) > 1:
         return (f"{' and '.join(asking)} may hold one question mark at most"
@@ -4162,24 +4054,18 @@ def utc_offset(moment: datetime, zone: ZoneInfo) -> timedelta:
     return moment.astimezone(zone).utcoffset() or timedelta(0)
 
 
-def offset_change(lo: datetime, hi: datetime, zone: ZoneInfo) -> datetime:
-    """The first instant after ``lo`` whose UTC offset is not ``lo``'s, given that ``hi``'s is not (to the
-    microsecond, by bisection: zoneinfo does not list its transitions)."""
-    before = utc_offset(lo, zone)
-    while hi - lo > ONE_MICROSECOND:
-        mid = lo + (hi - lo) / 2
-        lo, hi = (mid, hi) if utc_offset(mid, zone) == before else (lo, mid)
-    return hi
-
-
 def steady_offsets(lo: datetime, hi: datetime, zone: ZoneInfo) -> list[tuple[datetime, datetime, timedelta]]:
-    """``[lo, hi)`` (at most a day or so) cut where the zone's UTC offset changes: (from, to, offset).
-    A change and its undoing within one such span would go unseen; no zone has one."""
+    """``[lo, hi)`` (at most a day or so) cut where the zone's UTC offset changes: (from, to, offset), each change
+    found to the microsecond by bisection (zoneinfo does not list its transitions). A change and its undoing
+    within one such span would go unseen; no zone has one."""
     pieces = []
     while lo < hi:
         offset, end = utc_offset(lo, zone), hi
         if utc_offset(hi - ONE_MICROSECOND, zone) != offset:
-            end = offset_change(lo, hi - ONE_MICROSECOND, zone)
+            steady, end = lo, hi - ONE_MICROSECOND
+            while end - steady > ONE_MICROSECOND:
+                mid = steady + (end - steady) / 2
+                steady, end = (mid, end) if utc_offset(mid, zone) == offset else (steady, mid)
         pieces.append((lo, end, offset))
         lo = end
     return pieces
@@ -4198,11 +4084,8 @@ def allowed_wall_spans(lo: datetime, hi: datetime, quiet: QuietHours) -> Iterato
 
 
 def allowed_spans(lo: datetime, hi: datetime, zone: ZoneInfo, quiet: QuietHours) -> list[tuple[datetime, datetime]]:
-    """The UTC spans within ``[lo, hi)`` whose local time in ``zone`` is outside quiet hours, in order.
-
-    Exact across daylight-saving changes: within a steady offset the wall clock is UTC plus that offset,
-    so a local time the clocks skip is never allowed and one they repeat is allowed both times it occurs.
-    """
+    """The UTC spans within ``[lo, hi)`` whose local time in ``zone`` is outside quiet hours, in order. Exact
+    across daylight-saving changes: a local time the clocks skip is never allowed, one they repeat is twice."""
     spans: list[tuple[datetime, datetime]] = []
     for start, end, offset in steady_offsets(lo, hi, zone):
         wall = [(moment + offset).replace(tzinfo=None) for moment in (start, end)]
@@ -4237,14 +4120,11 @@ def allowed_end(lo: datetime, hi: datetime, zone: ZoneInfo, quiet: QuietHours) -
 @functools.lru_cache(maxsize=8192)
 def send_window(start: datetime, now: datetime, zone: ZoneInfo, quiet: QuietHours,
                 min_lead: timedelta) -> SendWindow | None:
-    """When a message about an event starting at ``start`` may go out to a member in ``zone``, or None.
+    """When a message about an event starting at ``start`` may go out to a member in ``zone``, or None (the event
+    starts too soon, only quiet hours remain before it, or a date is at the end of datetime's range).
 
-    ``send_after`` is the first moment at or after ``now`` outside quiet hours, local time; ``send_before``
-    is exclusive: the end of the last allowed span before ``start - min_lead`` (the start of quiet hours,
-    21:00 local by default, or ``start - min_lead`` itself when that falls in allowed hours). So every
-    moment in the window is more than ``min_lead`` before the event. None when no moment is left: the
-    event starts too soon, only quiet hours remain before it, or a date is at the end of datetime's range.
-    Cached: members in one zone share each event's window.
+    ``send_after``: the first moment from ``now`` on outside quiet hours, local time; ``send_before``
+    (exclusive): the end of the last allowed span before ``start - min_lead``. Cached: a zone shares each window.
     """
     start, now = start.astimezone(UTC), now.astimezone(UTC)  # the spans' arithmetic is on UTC instants
     cutoff = start - min_lead
@@ -4286,27 +4166,14 @@ def build_message(match: Match, text: str, *, generator: str, notes: str, now: d
     """The dashboard's record of one drafted SMS, with when it may be sent and in which zone that is judged."""
     size = sms_size(text)
     message = Message(
-        user_name=match["user_name"],
-        user_id=match["user_id"],
-        user_email=text_field(match["user"], "email"),
+        user_name=match["user_name"], user_id=match["user_id"], user_email=text_field(match["user"], "email"),
         user_phone=match["user"].get("phone_e164"),  # E.164: what the sender needs; the stored form is on the user
-        event_name=match["event_name"],
-        event_id=match["event_id"],
-        message_text=text,
-        personalization_notes=notes,
-        character_count=size.units,
-        similarity_score=match["confidence_percentage"],
-        confidence_percentage=match["confidence_percentage"],
-        reasoning=match["reasoning"],
-        status="pending",
-        generated_at=iso_utc(now) or "",
-        generator=generator,
-        sms_encoding=size.encoding,
-        sms_segments=size.segments,
-        send_after=iso_utc(window.send_after) or "",
-        send_before=iso_utc(window.send_before) or "",
-        recipient_timezone=zone.key,
-    )
+        event_name=match["event_name"], event_id=match["event_id"], message_text=text, personalization_notes=notes,
+        character_count=size.units, similarity_score=match["confidence_percentage"],
+        confidence_percentage=match["confidence_percentage"], reasoning=match["reasoning"], status="pending",
+        generated_at=iso_utc(now) or "", generator=generator, sms_encoding=size.encoding, sms_segments=size.segments,
+        send_after=iso_utc(window.send_after) or "", send_before=iso_utc(window.send_before) or "",
+        recipient_timezone=zone.key)
     if variant is not None:  # only in a tone A/B: a default run's messages are as before
         message["variant"] = variant
     return message
@@ -4355,19 +4222,13 @@ def holdout_record(rank: int, match: Match, *, campaign_id: str, fraction: float
 def template_notes(facts: MessageFacts, text: str) -> str:
     """The reviewer's line on what the template's ``text`` personalised, and what it left out to fit."""
     said = optional_facts_said(without_sender_parts(text.removesuffix(facts.link), facts)[0], facts)
-    parts = ["Welcome back, time away acknowledged"]
-    if said.get("interest"):
-        parts.append(f"interest: {interest_label(facts.interests[0])}")
-    parts.append(f"local time {facts.when}")
-    if said.get("spots"):
-        parts.append(f"{facts.spots_left} spots left")
-    if said.get("going"):
-        parts.append(f"{facts.going} going")
-    parts += [part for part, value in (("sender named", facts.sender), ("opt-out text", facts.opt_out_text)) if value]
-    left_out = [name for name in OPTIONAL_FACTS if said.get(name) is False]
-    if left_out:
-        parts.append(f"left out to fit: {', '.join(left_out)}")
-    return "; ".join(parts)
+    left_out = ", ".join(name for name in OPTIONAL_FACTS if said.get(name) is False)
+    parts = ["Welcome back, time away acknowledged",
+             said.get("interest") and f"interest: {interest_label(facts.interests[0])}", f"local time {facts.when}",
+             said.get("spots") and f"{facts.spots_left} spots left", said.get("going") and f"{facts.going} going",
+             facts.sender and "sender named", facts.opt_out_text and "opt-out text",
+             left_out and f"left out to fit: {left_out}"]
+    return "; ".join(part for part in parts if part)
 
 
 # =============================================================================================
@@ -4377,31 +4238,17 @@ def template_notes(facts: MessageFacts, text: str) -> str:
 
 def dashboard_user(user: Mapping[str, Any]) -> dict[str, Any]:
     """A member as the dashboard reads it (plan's users schema)."""
-    record = dict(user)
-    record.update({
-        "id": user["_id"],
-        "name": full_name(user),
-        "summary": user["summary"],
-        "event_count": user.get("eventCount", 0),
-        "user_id": user["_id"],
-        "neighborhood": user.get("homeNeighborhood"),
-    })
-    return record
+    return {**user, "id": user["_id"], "name": full_name(user), "summary": user["summary"],
+            "event_count": user.get("eventCount", 0), "user_id": user["_id"],
+            "neighborhood": user.get("homeNeighborhood")}
 
 
 def dashboard_event(event: Mapping[str, Any]) -> dict[str, Any]:
     """An event as the dashboard reads it (plan's events schema)."""
-    record = dict(event)
-    record.update({
-        "id": event["_id"],
-        "event_id": event["_id"],
-        "capacity": event.get("maxParticipants"),
-        "participants_count": event.get("participantCount", 0),
-        "fill_rate_percent": round(float(event.get("participationPercentage") or 0.0), 1),
-        "summary": event["summary"],
-    })
-    record.setdefault("maxParticipants", None)
-    return record
+    return {**event, "id": event["_id"], "event_id": event["_id"], "capacity": event.get("maxParticipants"),
+            "participants_count": event.get("participantCount", 0),
+            "fill_rate_percent": round(float(event.get("participationPercentage") or 0.0), 1),
+            "summary": event["summary"], "maxParticipants": event.get("maxParticipants")}
 
 
 def listing(name: str, items: Sequence[Mapping[str, Any]], updated_at: str) -> dict[str, Any]:
@@ -4430,28 +4277,31 @@ class Skip:
     code: str = "no_matching_event"
 
 
-SKIP_REASONS = (  # dormant_users.json's skip_reason for an eligible member not selected, in walk order
-    "cooldown",                 # messaged (or held out) within --cooldown-days
-    "no_valid_phone",           # no phone, or not a valid number that can receive SMS
-    "opted_out",                # an opt-out field set, or consent explicitly refused (or in doubt), on any record with the number
-    "shared_phone",             # the number was messaged or held out for another member (this run or the cooldown)
-    "holdout",                  # the control group: recorded, never texted
-    "no_matching_event",        # no open future event shares an interest
-    "no_event_in_send_window",  # every candidate starts too soon or leaves only quiet hours to send
-    "seats_exhausted",          # every candidate already has as many open invitations as it can seat
-    "below_min_confidence",     # the best match is below --min-confidence
-    "no_sms_within_contract",   # no SMS within the contract for the chosen event or the next ones
-    "failed",                   # an unexpected error on this member (see the log)
-    "not_started",              # the run stopped (signal or deadline) before this member
-    "below_limit",              # --limit members were messaged before this one's turn
-)
+FUNNEL_STAGES = ("eligible", "outside cooldown", "reached", "textable", "not opted out", "event in send window",
+                 "matched", "drafted")  # the funnel: eligible to drafted, one count per stage (console, Markdown, JSON)
+HELD_OUT_STAGE = "held out"  # after "drafted", apart: matched, recorded, never texted
+# dormant_users.json's skip_reason for an eligible member not selected, in walk order, and the first funnel
+# stage a member left out for it does not reach:
+REASON_STAGES = {
+    "cooldown": "outside cooldown",  # messaged (or held out) within --cooldown-days
+    "no_valid_phone": "textable",  # no phone, or not a valid number that can receive SMS
+    "opted_out": "not opted out",  # an opt-out field set, or consent refused (or in doubt), on a record with the number
+    "shared_phone": "textable",  # the number was messaged or held out for another member (this run or the cooldown)
+    "holdout": "drafted",  # the control group: matched, recorded, never texted (counted apart as HELD_OUT_STAGE)
+    "no_matching_event": "event in send window",  # no open future event shares an interest
+    "no_event_in_send_window": "event in send window",  # every candidate starts too soon or leaves only quiet hours
+    "seats_exhausted": "matched",  # every candidate already has as many open invitations as it can seat
+    "below_min_confidence": "matched",  # the best match is below --min-confidence
+    "no_sms_within_contract": "drafted",  # no SMS within the contract for the chosen event or the next ones
+    "failed": "drafted",  # an unexpected error on this member in steps 5-6 (see the log)
+    "not_started": "reached",  # the run stopped (signal or deadline) before this member
+    "below_limit": "reached",  # --limit members were messaged before this one's turn
+}
+SKIP_REASONS = tuple(REASON_STAGES)
 
 
 class IdleReason(Enum):
-    """Why a day drafted no message: the one line cron mail gets, and the exit code (3: look; 0: as planned).
-
-    ``idle_reason`` finds it from the walk's decisions; a step that knows before the walk (the per-day
-    limit: ``DAY_LIMIT_DRAFTED``) hands it over to ``idle_reason`` as its ``hint``."""
+    """Why a day drafted no message: the one line cron mail gets (``IDLE_LINES``), and the exit code."""
 
     NOBODY_DORMANT = "nobody_dormant"
     ALL_IN_COOLDOWN = "all_in_cooldown"
@@ -4484,8 +4334,8 @@ NOT_REACHED = frozenset({"cooldown", "below_limit", "not_started"})
 
 def idle_reason(eligible: int, decisions: Mapping[str, str], messages: int,
                 hint: IdleReason | None = None) -> IdleReason | None:
-    """Why no message was drafted (``decisions``: each eligible member's ``selected`` or skip code), or None
-    when one was. ``hint``: a reason known before the walk (today's limit already drafted)."""
+    """Why no message was drafted (from each member's ``selected`` or skip code), or None when one was;
+    ``hint``: a reason known before the walk (today's limit already drafted)."""
     if messages:
         return None
     if hint is not None:
@@ -4552,8 +4402,7 @@ def ours(item: Mapping[str, Any]) -> bool:
 def tally_history(messages: Iterable[Mapping[str, Any]], holdout: Iterable[Mapping[str, Any]],
                   day: tuple[datetime, datetime], seats_since: datetime) -> DashboardHistory:
     """This tool's messages and holdout records of the campaign ``day``, and its open invitations per event
-    (pending or approved, generated at or after ``seats_since``): the arithmetic of the daily limit and of
-    the seats, apart from the reading."""
+    (pending or approved, generated at or after ``seats_since``)."""
     drafted, held, members, invitations = 0, 0, set(), Counter[str]()
     for item in messages:
         when = to_utc(item.get("generated_at")) if ours(item) else None
@@ -4614,35 +4463,14 @@ def volume_lines(report: Mapping[str, Any]) -> list[str]:
     lines.append(f"Seats exhausted (members whose first choice had no seat left, by event): {seen}." if exhausted
                  else "Seats exhausted: none (no member's first choice was full).")
     return [*lines, ""]
-CONTACT_SKIPS = ("no_valid_phone", "opted_out", "shared_phone")  # decided when the walk reaches a member (counted on the console)
 
 
-# --- the funnel: eligible to drafted, one count per stage (console, Markdown and JSON alike) -------
-
-FUNNEL_STAGES = ("eligible", "outside cooldown", "reached", "textable", "not opted out", "event in send window",
-                 "matched", "drafted")
-HELD_OUT_STAGE = "held out"  # after "drafted", apart: matched, recorded, never texted
-REASON_STAGES = {  # each skip_reason: the first funnel stage a member left out for it does not reach
-    "cooldown": "outside cooldown",
-    "below_limit": "reached",              # the walk stopped (--limit) before this member
-    "not_started": "reached",              # the run stopped (signal or deadline) before this member
-    "no_valid_phone": "textable",
-    "shared_phone": "textable",            # the number already gets a text (another member's)
-    "opted_out": "not opted out",
-    "no_matching_event": "event in send window",
-    "no_event_in_send_window": "event in send window",
-    "below_min_confidence": "matched",
-    "seats_exhausted": "matched",          # every matching event already has its invitations
-    "no_sms_within_contract": "drafted",
-    "failed": "drafted",                   # an error in steps 5-6
-    "holdout": "drafted",                  # matched, held out: counted apart as HELD_OUT_STAGE
-}
+# --- the funnel (``FUNNEL_STAGES``) -------------------------------------------------------------------
 
 
 def reason_stage(code: str) -> str:
-    """The funnel stage a member left out for ``code`` does not reach, as ``REASON_STAGES`` says; a reason added to
-    SKIP_REASONS without one takes the stage of the nearest reason before it (SKIP_REASONS is in walk order);
-    any other code, the last stage (the member was looked at and not drafted)."""
+    """The funnel stage a member left out for ``code`` does not reach (``REASON_STAGES``); a reason without one
+    takes that of the nearest reason before it in SKIP_REASONS (walk order); an unknown code, the last stage."""
     if code in REASON_STAGES:
         return REASON_STAGES[code]
     earlier = SKIP_REASONS[:SKIP_REASONS.index(code)] if code in SKIP_REASONS else ()
@@ -4657,9 +4485,8 @@ class FunnelStage(TypedDict):
 
 
 def run_funnel(eligible: int, reasons: Mapping[str, int]) -> list[FunnelStage]:
-    """The funnel, computed once from the eligible count and the skip_reason counts (``skip_reason_counts``):
-    every eligible member not left out for a reason was drafted, and each reason drops its members at its
-    stage (``reason_stage``); the held-out members come last, apart."""
+    """The funnel from the eligible count and the skip_reason counts: each reason drops its members at its
+    stage (``reason_stage``), the rest were drafted; the held-out members come last, apart."""
     dropped = Counter[str]()
     for code, n in reasons.items():
         dropped[reason_stage(code)] += n
@@ -4678,17 +4505,14 @@ def funnel_text(funnel: Sequence[Mapping[str, Any]]) -> str:
 
 def funnel_lines(funnel: Sequence[Mapping[str, Any]], reasons: Mapping[str, int]) -> list[str]:
     """The funnel as a Markdown table: each stage, its members, and the reasons that left members out before it."""
-    lines = ["## Funnel", "", "| stage | members | left out before this stage |", "| --- | --- | --- |"]
-    for row in funnel:
-        left = ", ".join(f"{n} {code}" for code, n in reasons.items()
-                         if row["stage"] != HELD_OUT_STAGE and reason_stage(code) == row["stage"])
-        lines.append(f"| {row['stage']} | {row['count']} | {left or '-'} |")
-    return lines + [""]
+    rows = [[row["stage"], str(row["count"]), ", ".join(f"{n} {code}" for code, n in reasons.items()
+             if row["stage"] != HELD_OUT_STAGE and reason_stage(code) == row["stage"]) or "-"] for row in funnel]
+    return ["## Funnel", "", *markdown_table([["stage", "members", "left out before this stage"], *rows]), ""]
 
 
 def skip_list_rows(eligible: Sequence[Mapping[str, Any]], decisions: Mapping[str, str]) -> Iterator[list[str]]:
-    """``skipped.csv``'s rows, in rank order: each member the walk reached and left out (not drafted, not held
-    out), as member id and skip_reason only. An id that is an email or phone number is withheld (its rank said)."""
+    """``skipped.csv``'s rows in rank order: member id and skip_reason of each member the walk reached and left
+    out (not held out); an id that is a contact detail is withheld (its rank said)."""
     looked_at = set(FUNNEL_STAGES[FUNNEL_STAGES.index("reached") + 1:])
     for rank, user in enumerate(eligible, 1):
         code = decisions.get(user["_id"], "below_limit")
@@ -4697,8 +4521,7 @@ def skip_list_rows(eligible: Sequence[Mapping[str, Any]], decisions: Mapping[str
 
 
 def contact_like_id(member_id: str) -> bool:
-    """An id that is a contact detail (``CONTACT_DETAIL``: an email address, a phone number as people write one
-    with a ``+`` or punctuation among the digits, ...); plain digits and ObjectIds are ids."""
+    """An id that is a contact detail (``CONTACT_DETAIL``); plain digits and ObjectIds are ids."""
     plain = readable(member_id)
     return not plain.isalnum() and first_contact(plain) is not None
 
@@ -4737,17 +4560,14 @@ def send_window_text(message: Mapping[str, Any]) -> str:
             f"{before.tzname()}")
 
 
-def one_line_reason(reasoning: str, limit: int = 120) -> str:
-    """The reasoning's first sentence, on one line, at most ``limit`` characters."""
-    first = one_line(reasoning).split(". ")[0].rstrip(".")
-    return first if len(first) <= limit else first[:limit - 1].rstrip() + "\u2026"
-
-
 def preview_row(user: Mapping[str, Any], message: Mapping[str, Any]) -> PreviewRow:
-    """A drafted message's preview row: the first name we greet by, never the full name."""
+    """A drafted message's preview row: the first name we greet by, never the full name; the reasoning's first
+    sentence, at most 120 characters."""
+    reason = one_line(message["reasoning"]).split(". ")[0].rstrip(".")
     row = PreviewRow(first_name=greeting_name(user.get("firstName")) or "-", event_name=message["event_name"],
                      send_window=send_window_text(message), encoding=message["sms_encoding"],
-                     segments=message["sms_segments"], reason=one_line_reason(message["reasoning"]))
+                     segments=message["sms_segments"],
+                     reason=reason if len(reason) <= 120 else reason[:119].rstrip() + "\u2026")
     if message.get("variant"):
         row["variant"] = str(message["variant"])
     return row
@@ -4765,8 +4585,8 @@ def preview_lines(preview: Sequence[Mapping[str, Any]]) -> list[str]:
 
 
 def run_cost(segments: int, price: float | None, claude_usd: float | None, claude_used: bool) -> dict[str, Any]:
-    """The day's cost: SMS segments times ``SMS_SEGMENT_PRICE`` (segments only when it is unset) beside Claude's
-    estimate (None when its prices are unknown); the total only when every part is known."""
+    """The day's cost: SMS segments times ``SMS_SEGMENT_PRICE`` beside Claude's estimate (None when its prices
+    are unknown); the total only when every part is known."""
     sms_usd = None if price is None else round(segments * price, 6)
     claude = claude_usd if claude_used else 0.0
     total = None if sms_usd is None or claude is None else round(sms_usd + claude, 6)
@@ -4855,7 +4675,7 @@ def dominant_reason_advice(reasons: Mapping[str, int], drafted: int) -> list[str
 def crowded_event_advice(messages: Sequence[Mapping[str, Any]]) -> list[str]:
     """An event taking most of the invitations: one event's seats cannot take them all."""
     events = Counter(m["event_name"] for m in messages)
-    if len(messages) < 3 or not events:
+    if len(messages) < 3:
         return []
     name, n = events.most_common(1)[0]
     if n / len(messages) < CROWDED_EVENT_SHARE:
@@ -4891,20 +4711,17 @@ def message_advice(summary: Mapping[str, Any], reasons: Mapping[str, int], cost:
     return []
 
 
-def fallback_advice(fallbacks: Mapping[str, Any]) -> list[str]:
-    n = fallbacks.get("matching", 0) + fallbacks.get("writing", 0)
-    return [f"Claude fell back to the rules or the template {n} times: see Claude fallbacks."] if n else []
-
-
 def recommendations(report: Mapping[str, Any]) -> list[str]:
     """What this run's figures suggest doing (a dominant skip reason, a crowded event, a holdout too small,
     segments, fallbacks); a day with nothing to say says so."""
-    reasons, summary = report["skip_reasons"], report["summary"]
+    reasons, summary, fallbacks = report["skip_reasons"], report["summary"], report["fallbacks"]
+    fell_back = fallbacks.get("matching", 0) + fallbacks.get("writing", 0)
     found = [*message_advice(summary, reasons, report["cost"]),
              *dominant_reason_advice(reasons, summary.get("total_messages_generated", 0)),
              *crowded_event_advice(report["preview"]),
              *holdout_advice(report["holdout"], report["holdout_power"]),
-             *fallback_advice(report["fallbacks"])]
+             *([f"Claude fell back to the rules or the template {fell_back} times: see Claude fallbacks."]
+               if fell_back else [])]
     return found or ["Nothing in this run's figures calls for a change."]
 
 
@@ -4915,18 +4732,15 @@ def cell(value: Any) -> str:
 
 def empty_input_lines(empty: Sequence[str]) -> list[str]:
     """The report's line for empty input: a run that read nothing is not a day that found nobody."""
-    if not empty:
-        return []
-    line = (f"- **Empty input:** the source has no {' and no '.join(empty)}; check it before reading this run "
-            "as a day that found nobody")
-    return [line]
+    return [(f"- **Empty input:** the source has no {' and no '.join(empty)}; check it before reading this run "
+             "as a day that found nobody")] if empty else []
 
 
 def skip_reason_lines(reasons: Mapping[str, int], holdout: Mapping[str, Any],
                       details: Mapping[str, int] | None = None) -> list[str]:
     """Why eligible members were not texted (counts only), and the control group."""
-    lines = ["## Who was texted", "", "| eligible members not texted, by reason | count |", "| --- | --- |"]
-    lines += [f"| {code} | {n} |" for code, n in reasons.items()] or ["| (none) | 0 |"]
+    rows = [[code, str(n)] for code, n in reasons.items()] or [["(none)", "0"]]
+    lines = ["## Who was texted", "", *markdown_table([["eligible members not texted, by reason", "count"], *rows])]
     lines += [f"\nOf these, {n}: {cell(detail)}." for detail, n in (details or {}).items()]
     if holdout.get("fraction"):
         ranks = ", ".join(str(r) for r in holdout.get("ranks", [])) or "none"
@@ -4939,6 +4753,14 @@ def report_markdown(report: Mapping[str, Any]) -> str:
     """The human report: goal, run summary, who was tried, matches, messages, recommendations."""
     s, st = report["summary"], report["statistics"]
     matcher = "claude" if report["llm"] == "claude" else "rules"
+    figures = [[key.replace("_", " "), "—" if s.get(key) is None else str(s[key])] for key in (
+        "total_dormant_users_found", "total_users_with_complete_profiles", "users_left_out_by_cooldown",
+        "total_future_events", "total_matches_created", "total_messages_generated", "total_sms_segments",
+        "average_days_inactive", "average_confidence_score", "error_count")]
+    messages = {m["user_id"]: m for m in report.get("messages", [])}
+    matches = [[m["user_name"], m["event_name"], str(m["confidence_percentage"]), m["matcher"],
+                *(str(messages.get(m["user_id"], {}).get(key, "")) for key in ("message_text", "sms_segments"))]
+               for m in report.get("matches", [])]
     lines = [
         f"# Return To Table report: {report['campaign_id']}",
         "",
@@ -4953,31 +4775,21 @@ def report_markdown(report: Mapping[str, Any]) -> str:
         "",
         "## Run summary",
         "",
-        "| figure | value |",
-        "| --- | --- |",
-    ]
-    for key in ("total_dormant_users_found", "total_users_with_complete_profiles",
-                "users_left_out_by_cooldown", "total_future_events", "total_matches_created",
-                "total_messages_generated", "total_sms_segments", "average_days_inactive",
-                "average_confidence_score", "error_count"):
-        lines.append(f"| {key.replace('_', ' ')} | {'—' if s.get(key) is None else s.get(key)} |")
-    lines += ["", f"Future events considered: {st['events_processed']}. Cost: {cost_text(report['cost'])}.", ""]
-    if report.get("places_not_located"):
-        lines += [places_line(report["places_not_located"]), ""]
-    lines += volume_lines(report)
-    lines += funnel_lines(report["funnel"], report.get("skip_reasons", {}))
-    lines += ["## Recommendations", "", *(f"- {r}" for r in report["recommendations"]), ""]
-    lines += skip_reason_lines(report.get("skip_reasons", {}), report.get("holdout", {}), report.get("skip_details", {}))
-    lines += power_lines(report["holdout_power"])
-    lines += preview_lines(report["preview"])
-    lines += ["## Matches and messages", "", "| member | event | confidence | matcher | SMS | segments |",
-              "| --- | --- | --- | --- | --- | --- |"]
-    messages = {m["user_id"]: m for m in report.get("messages", [])}
-    for match in report.get("matches", []):
-        msg = messages.get(match["user_id"], {})
-        lines.append(f"| {cell(match['user_name'])} | {cell(match['event_name'])} | {match['confidence_percentage']} "
-                     f"| {match['matcher']} | {cell(msg.get('message_text', ''))} | {msg.get('sms_segments', '')} |")
-    lines += ["", "## Members skipped", "", *skipped_lines(report)]
+        *markdown_table([["figure", "value"], *figures]),
+        "",
+        f"Future events considered: {st['events_processed']}. Cost: {cost_text(report['cost'])}.",
+        "",
+        *([places_line(report["places_not_located"]), ""] if report.get("places_not_located") else []),
+        *volume_lines(report),
+        *funnel_lines(report["funnel"], report.get("skip_reasons", {})),
+        "## Recommendations", "", *(f"- {r}" for r in report["recommendations"]), "",
+        *skip_reason_lines(report.get("skip_reasons", {}), report.get("holdout", {}), report.get("skip_details", {})),
+        *power_lines(report["holdout_power"]),
+        *preview_lines(report["preview"]),
+        "## Matches and messages",
+        "",
+        *markdown_table([["member", "event", "confidence", "matcher", "SMS", "segments"], *matches]),
+        "", "## Members skipped", "", *skipped_lines(report)]
     fallbacks = report.get("fallbacks", {})
     if fallbacks.get("reasons"):
         lines += ["", f"## Claude fallbacks ({fallbacks['matching']} matches, {fallbacks['writing']} messages)", ""]
@@ -5008,8 +4820,7 @@ def report_markdown(report: Mapping[str, Any]) -> str:
 
 
 def skipped_lines(report: Mapping[str, Any]) -> list[str]:
-    """The members left out, as the funnel counts them (the walk's reasons), then why each member steps 5-6
-    looked at was skipped; the list for data clean-up is ``skipped.csv``."""
+    """The members left out, by the walk's reasons, then why each member steps 5-6 looked at was skipped."""
     reasons = {code: n for code, n in report.get("skip_reasons", {}).items() if code != "holdout"}
     if not reasons:
         return ["None."]
@@ -5054,9 +4865,8 @@ class Fallback:
 
 @dataclass
 class UserOutcome:
-    """One member the walk reached, after steps 5 and 6: a match and message, a holdout record (the
-    control group), or a reason for neither. ``rank`` orders the dashboard writes; ``eligible_rank``
-    is the member's place in the eligible list (1-based)."""
+    """One member the walk reached, after steps 5 and 6: a match and message, a holdout record, or a reason for
+    neither. ``rank`` orders the dashboard writes; ``eligible_rank``: the place in the eligible list (1-based)."""
 
     rank: int
     user: DormantMember
@@ -5072,24 +4882,16 @@ class UserOutcome:
 
 def walk_codes(outcomes: Iterable[UserOutcome]) -> dict[str, str]:
     """Each reached member's decision: ``selected`` (messaged), ``holdout``, or the skip's code."""
-    codes: dict[str, str] = {}
-    for o in outcomes:
-        if o.message is not None:
-            codes[o.user["_id"]] = "selected"
-        elif o.holdout is not None:
-            codes[o.user["_id"]] = "holdout"
-        elif o.skip is not None:
-            codes[o.user["_id"]] = o.skip.code
-    return codes
+    codes = {o.user["_id"]: "selected" if o.message else "holdout" if o.holdout else o.skip.code if o.skip else ""
+             for o in outcomes}
+    return {user_id: code for user_id, code in codes.items() if code}
 
 
 def walk_listing(eligible: Sequence[DormantMember], decisions: Mapping[str, str],
                  details: Mapping[str, str] | None = None) -> Iterator[bytes]:
-    """``dormant_users.json``'s items (``write_json_items``), ``JSON_CHUNK_ITEMS`` at a time: every eligible
-    member in rank order, with ``selected`` and, for those not selected, ``skip_reason`` (a member the walk
-    never decided on is ``below_limit``) and its ``skip_detail`` when ``details`` has one. The keys are
-    appended to each record's JSON, the records are not copied (160,000 copies at a million members were a
-    second)."""
+    """``dormant_users.json``'s items, ``JSON_CHUNK_ITEMS`` at a time: every eligible member in rank order with
+    its ``decision_keys`` (undecided: ``below_limit``), appended to each record's JSON without copying records
+    (160,000 copies at a million members were a second)."""
     tails: dict[tuple[str, str | None], bytes] = {}
     details = details or {}
     for first in range(0, len(eligible), JSON_CHUNK_ITEMS):
@@ -5137,14 +4939,9 @@ def build_report(*, campaign_id: str, run_started: datetime, finished: datetime,
                  empty_input: Sequence[str] = (), places_not_located: Mapping[str, int] | None = None,
                  sms_segment_price: float | None = None, earlier_30_days: tuple[int, int] | None = None,
                  volume: Mapping[str, Any] | None = None, idle: IdleReason | None = None) -> dict[str, Any]:
-    """Step 8: the plan's statistics and summary, plus the funnel, a preview of every message, the cost, who
-    was skipped, the holdout's power, services, errors and recommendations from these figures.
-
-    ``empty_input`` names the collections the source had no documents in (``"users"``, ``"events"``);
-    ``decisions`` is each eligible member's ``selected`` or skip code; ``earlier_30_days`` the members
-    messaged and held out in the dashboard in the 30 days before this run (None: not read); ``idle`` why
-    no message was drafted.
-    """
+    """Step 8: the plan's statistics and summary, plus the funnel, a preview of every message, the cost, who was
+    skipped, the holdout's power, services, errors and recommendations. ``earlier_30_days``: the members
+    messaged and held out in the 30 days before this run (None: not read)."""
     reasons = skip_reason_counts(decisions)
     held_out = [o.holdout for o in outcomes if o.holdout is not None]
     matches = [o.match for o in outcomes if o.match is not None]
@@ -5216,21 +5013,17 @@ def build_report(*, campaign_id: str, run_started: datetime, finished: datetime,
     return report
 
 
-def console_summary(report: Mapping[str, Any], report_path: Path) -> str:
-    """The run's one summary line on the console: the funnel, segments and cost, errors, the report's path."""
-    s = report["summary"]
-    empty = report.get("empty_input") or []
-    status = report["status"] + (f", empty input: {', '.join(empty)}" if empty else "")
-    return (f"Step 8 ({status}): {s['total_dormant_users_found']} dormant; funnel {funnel_text(report['funnel'])}; "
-            f"{cost_text(report['cost'])}; {s['error_count']} errors. Report: {report_path}")
-
-
 def write_report(stem: Path, report: Mapping[str, Any], logger: logging.Logger) -> Path:
-    """Step 8's files, ``<stem>.json`` and ``<stem>.md`` (private), and the console's summary line; the .md's path."""
+    """Step 8's files, ``<stem>.json`` and ``<stem>.md`` (private), and the console's one summary line (the funnel,
+    segments and cost, errors, the report's path); the .md's path."""
     write_json(stem.with_name(stem.name + ".json"), report, private=True)
     report_path = stem.with_name(stem.name + ".md")
     write_text_private(report_path, report_markdown(report))
-    logger.info("%s", console_summary(report, report_path), extra={"summary": True})
+    s, empty = report["summary"], report.get("empty_input") or []
+    status = report["status"] + (f", empty input: {', '.join(empty)}" if empty else "")
+    logger.info("Step 8 (%s): %s dormant; funnel %s; %s; %s errors. Report: %s", status, s["total_dormant_users_found"],
+                funnel_text(report["funnel"]), cost_text(report["cost"]), s["error_count"], report_path,
+                extra={"summary": True})
     return report_path
 
 
@@ -8663,7 +8456,7 @@ class ReturnToTable:
                              self.volume.drafted_before, options.limit, self.volume.day, extra={"summary": True})
         outcomes = self.member_walk(campaign_id).run(walk, future)  # steps 5-6
         steps_5_6_seconds = time.monotonic() - clock
-        left_out = Counter(code for code in self.decisions.values() if code in CONTACT_SKIPS)
+        left_out = Counter(code for code in self.decisions.values() if code in UNTEXTABLE)
         self.logger.info("Steps 5-6: %d members reached, %s", len(outcomes) + sum(left_out.values()),
                          ", ".join(f"{n} {code}" for code, n in sorted(left_out.items())) or "all of them textable")
         write_json_items(self.data_dir / "processed" / "dormant_users.json",
@@ -8753,10 +8546,12 @@ no_progress = functools.partial(progress_bar, enabled=False)
 # out, for ``--window-days`` after their reference time, and compares how many came back. Pure
 # functions first (statistics, reading archived records, following members, grouping, the report),
 # then the I/O at the edges (``read_campaigns``, ``read_events``, ``run_measure``). It writes nothing
-# to Firebase or its mirror: only reads, and its two report files.
+# to Firebase or its mirror: only reads, and its report files.
 
 CONFIDENCE = 0.95
 Z_95 = NormalDist().inv_cdf(0.5 + CONFIDENCE / 2)  # 1.959964...
+POWER = 0.80  # the power of the detectable lift and of the tones' "members each arm still needs"
+Z_POWER = NormalDist().inv_cdf(POWER)  # 0.8416...
 MEASURE_GROUPS = ("treated", "approved_or_sent", "sent", "holdout")
 REVIEWED_GROUPS = {"approved_or_sent": frozenset({"approved", "sent"}), "sent": frozenset({"sent"})}
 MESSAGE_STATUSES = frozenset({"pending", "approved", "sent", "rejected"})
@@ -8778,14 +8573,16 @@ REVIEWED_TEXT = ("The approved_or_sent and sent rows are the messages reviewers 
 REFERENCE_TEXT = ("Reference time: a message's sent_at when its status is sent and sent_at is a date, else its "
                   "generated_at; a holdout member's held_out_at. A member whose window has not closed at --now is "
                   "counted as open (and whether they are already back), never as not back.")
+POWER_METHOD = ("smallest detectable lift: the normal approximation for two proportions, "
+                "(z_0.975 + z_0.80) x sqrt(p(1 - p)(1/n_treated + 1/n_holdout)), at p = 0.5, where the "
+                "variance is largest, so the figure holds whatever the return rate (80% power, two-sided 5%)")
 
 
-# --- statistics: Wilson, Newcombe's method 10, the two-proportion z-test -----------------------
+# --- statistics: Wilson, Newcombe's method 10, the two-proportion z-test, power, Holm -------------------
 
 
 def wilson_interval(successes: int, trials: int, z: float = Z_95) -> tuple[float, float]:
-    """Wilson's score interval for one rate (``trials`` > 0): unlike the textbook (Wald) interval it
-    stays inside 0-1 and does not collapse to a point at 0 or ``trials`` successes."""
+    """Wilson's score interval for one rate (``trials`` > 0): unlike Wald's, inside 0-1 and never a point."""
     p = successes / trials
     centre = 2 * trials * p + z * z
     spread = z * math.sqrt(z * z + 4 * trials * p * (1 - p))
@@ -8794,8 +8591,7 @@ def wilson_interval(successes: int, trials: int, z: float = Z_95) -> tuple[float
 
 
 def newcombe_interval(x1: int, n1: int, x2: int, n2: int, z: float = Z_95) -> tuple[float, float]:
-    """The interval for ``x1/n1 - x2/n2``, Newcombe's method 10: each limit combines the distances from
-    each rate to its Wilson limits, so it is good at small counts and at rates near 0 or 1."""
+    """The interval for ``x1/n1 - x2/n2``, Newcombe's method 10 (built on Wilson's: good at small counts)."""
     p1, p2 = x1 / n1, x2 / n2
     (l1, u1), (l2, u2) = wilson_interval(x1, n1, z), wilson_interval(x2, n2, z)
     difference = p1 - p2
@@ -8804,8 +8600,7 @@ def newcombe_interval(x1: int, n1: int, x2: int, n2: int, z: float = Z_95) -> tu
 
 
 def two_proportion_z_test(x1: int, n1: int, x2: int, n2: int) -> tuple[float, float]:
-    """(z, two-sided p) for "the two rates are equal", with the pooled standard error. When nobody or
-    everybody came back in both groups the rates are equal and nothing differs: z 0, p 1."""
+    """(z, two-sided p) for "the two rates are equal" (pooled standard error); z 0, p 1 when it is 0."""
     pooled = (x1 + x2) / (n1 + n2)
     standard_error = math.sqrt(pooled * (1 - pooled) * (1 / n1 + 1 / n2))
     if standard_error == 0:
@@ -8814,33 +8609,46 @@ def two_proportion_z_test(x1: int, n1: int, x2: int, n2: int) -> tuple[float, fl
     return z, 2 * NormalDist().cdf(-abs(z))
 
 
-POWER = 0.80
-Z_POWER = NormalDist().inv_cdf(POWER)  # 0.8416...
-POWER_METHOD = ("smallest detectable lift: the normal approximation for two proportions, "
-                "(z_0.975 + z_0.80) x sqrt(p(1 - p)(1/n_treated + 1/n_holdout)), at p = 0.5, where the "
-                "variance is largest, so the figure holds whatever the return rate (80% power, two-sided 5%)")
-
-
 def detectable_lift_pp(treated: int, held_out: int) -> float | None:
-    """The smallest lift, in percentage points, that ``treated`` against ``held_out`` members would detect
-    with 80% power in a two-sided test at 5% (``POWER_METHOD``); None when either group is empty."""
+    """The smallest lift in points these group sizes detect (``POWER_METHOD``); None when one is empty."""
     if treated <= 0 or held_out <= 0:
         return None
     return 100 * (Z_95 + Z_POWER) * math.sqrt(0.25 * (1 / treated + 1 / held_out))
 
 
-def power_figure(treated: int, held_out: int) -> dict[str, Any]:
-    """One period's sizes and the lift its holdout could detect (rounded to 0.1 pp)."""
-    found = detectable_lift_pp(treated, held_out)
-    return {"treated": treated, "held_out": held_out,
-            "detectable_lift_pp": None if found is None else round(found, 1)}
-
-
 def holdout_power(this_run: tuple[int, int], earlier_30_days: tuple[int, int] | None) -> dict[str, Any]:
     """The run report's holdout power: this run, and the last 30 days (the dashboard's members messaged and
     held out before this run, plus this run's); ``last_30_days`` is None when the dashboard was not read."""
-    last = None if earlier_30_days is None else power_figure(*(a + b for a, b in zip(this_run, earlier_30_days)))
-    return {"method": POWER_METHOD, "this_run": power_figure(*this_run), "last_30_days": last}
+    def figure(treated: int, held_out: int) -> dict[str, Any]:
+        return {"treated": treated, "held_out": held_out,
+                "detectable_lift_pp": rounded(detectable_lift_pp(treated, held_out), 1)}
+
+    last = None if earlier_30_days is None else figure(*(a + b for a, b in zip(this_run, earlier_30_days)))
+    return {"method": POWER_METHOD, "this_run": figure(*this_run), "last_30_days": last}
+
+
+def holm_adjust(p_values: Sequence[float]) -> list[float]:
+    """Holm's step-down adjustment (Holm 1979), in the input's order: it controls the family-wise error rate."""
+    m = len(p_values)
+    adjusted, running = [0.0] * m, 0.0
+    for rank, i in enumerate(sorted(range(m), key=lambda j: p_values[j])):
+        running = max(running, min(1.0, (m - rank) * p_values[i]))
+        adjusted[i] = running
+    return adjusted
+
+
+def members_per_arm(p1: float, p2: float, alpha: float, power: float = POWER) -> int | None:
+    """Members per arm to detect ``p1`` against ``p2`` (``SAMPLE_SIZE_TEXT``); None when the rates are equal."""
+    if p1 == p2:
+        return None
+    z_a, z_b = NormalDist().inv_cdf(1 - alpha / 2), NormalDist().inv_cdf(power)
+    mean = (p1 + p2) / 2
+    root = z_a * math.sqrt(2 * mean * (1 - mean)) + z_b * math.sqrt(p1 * (1 - p1) + p2 * (1 - p2))
+    return math.ceil((root / (p1 - p2)) ** 2)
+
+
+def rounded(value: float | None, digits: int = 4) -> float | None:
+    return None if value is None else round(value, digits)
 
 
 @dataclass(frozen=True)
@@ -8854,21 +8662,31 @@ class Tally:
     open: int = 0
     open_came_back: int = 0
 
+    @classmethod
+    def of(cls, followed: Iterable[Followed]) -> Tally:
+        closed, still_open = [], []
+        for f in followed:
+            (still_open if f.open else closed).append(f)
+        return cls(len(closed), sum(f.came_back for f in closed), sum(f.came_to_suggested for f in closed),
+                   len(still_open), sum(f.came_back for f in still_open))
+
+    def __add__(self, other: Tally) -> Tally:
+        return Tally(*map(operator.add, dataclasses.astuple(self), dataclasses.astuple(other)))
+
     @property
     def rate(self) -> float | None:
         return self.came_back / self.size if self.size else None
 
-
-def sum_tallies(tallies: Iterable[Tally]) -> Tally:
-    """Tallies added up (the pooled row): every count is a sum."""
-    rows = list(tallies)
-    return Tally(*(sum(getattr(t, name) for t in rows)
-                   for name in ("size", "came_back", "came_to_suggested", "open", "open_came_back")))
+    def json(self) -> dict[str, Any]:
+        interval = [rounded(v) for v in wilson_interval(self.came_back, self.size)] if self.size else None
+        return {"size": self.size, "came_back": self.came_back, "rate": rounded(self.rate),
+                "rate_interval": interval, "came_to_suggested": self.came_to_suggested,
+                "suggested_rate": rounded(self.came_to_suggested / self.size if self.size else None),
+                "open": self.open, "open_came_back": self.open_came_back}
 
 
 class Lift(NamedTuple):
-    """Treated against holdout: the difference in percentage points with its interval, the relative lift
-    (None when no holdout member came back) and the z-test."""
+    """Treated against holdout in points; ``relative`` is None when no holdout member came back."""
 
     difference_pp: float
     low_pp: float
@@ -8876,13 +8694,6 @@ class Lift(NamedTuple):
     relative: float | None
     z: float
     p_value: float
-    detectable_pp: float | None = None  # the smallest lift these sizes could detect (``detectable_lift_pp``)
-
-    @property
-    def too_small_to_tell(self) -> bool:
-        """The groups are too small for the lift to mean anything: nothing under ``TELLABLE_LIFT_PP`` is
-        detectable (the interval is then as wide as "+0.0 pp, -79 to +28")."""
-        return self.detectable_pp is None or self.detectable_pp > TELLABLE_LIFT_PP
 
 
 def lift(treated: Tally, holdout: Tally) -> Lift | None:
@@ -8894,8 +8705,19 @@ def lift(treated: Tally, holdout: Tally) -> Lift | None:
     z, p_value = two_proportion_z_test(*args)
     t_rate, h_rate = treated.came_back / treated.size, holdout.came_back / holdout.size
     relative = (t_rate - h_rate) / h_rate if h_rate else None
-    return Lift(100 * (t_rate - h_rate), 100 * low, 100 * high, relative, z, p_value,
-                detectable_lift_pp(treated.size, holdout.size))
+    return Lift(100 * (t_rate - h_rate), 100 * low, 100 * high, relative, z, p_value)
+
+
+def lift_json(treated: Tally, holdout: Tally) -> dict[str, Any] | None:
+    """The lift as reported: too small to tell when nothing under ``TELLABLE_LIFT_PP`` is detectable."""
+    if (found := lift(treated, holdout)) is None:
+        return None
+    detectable = detectable_lift_pp(treated.size, holdout.size)
+    return {"difference_pp": round(found.difference_pp, 2),
+            "interval_pp": [round(found.low_pp, 2), round(found.high_pp, 2)],
+            "relative_lift": rounded(found.relative), "z": round(found.z, 4), "p_value": float(f"{found.p_value:.4g}"),
+            "detectable_lift_pp": rounded(detectable, 1),
+            "too_small_to_tell": detectable is None or detectable > TELLABLE_LIFT_PP}
 
 
 LIFT_NOTES = {  # why treated-against-holdout has no lift: (the report's sentence, the console table's words)
@@ -8907,23 +8729,11 @@ LIFT_NOTES = {  # why treated-against-holdout has no lift: (the report's sentenc
 }
 
 
-def lift_note(treated: Tally, holdout: Tally) -> str | None:
-    """Why treated-against-holdout has no lift (a ``LIFT_NOTES`` key); None when it has one."""
-    if not holdout.size and not holdout.open:
-        return "no_holdout"
-    if not holdout.size:
-        return "holdout_open"
-    if not treated.size:
-        return "treated_open"
-    return None
-
-
 # --- archived campaigns: every value read is untrusted ----------------------------------------
 
 
 class Observation(NamedTuple):
-    """One member of one archived campaign to follow: messaged ("treated") or held out ("holdout"), from
-    when (``reference``), and the suggested event (the message's, or the rules' pick for the holdout)."""
+    """One member of one archived campaign to follow, from ``reference``, with the event suggested to them."""
 
     user_id: str
     arm: str
@@ -8934,8 +8744,7 @@ class Observation(NamedTuple):
 
 
 class ArchivedCampaign(NamedTuple):
-    """An archived campaign as measured: its date (metadata ``created_at``, the run's --now; without one,
-    its earliest reference time), its recorded status, and each of its members once."""
+    """An archived campaign as measured: its date (the run's --now, else its earliest reference) and members."""
 
     campaign_id: str
     created_at: datetime | None
@@ -8954,8 +8763,7 @@ class DateRange(NamedTuple):
 
 
 def range_bound(text: str, flag: str, *, end: bool) -> datetime:
-    """``--since``/``--until`` as an instant: a date is that whole day in UTC (``--until`` includes it), a
-    date-time that instant (``--until`` includes it too); UsageError for anything else."""
+    """``--since``/``--until`` as an instant; ``--until`` includes its day (a date) or its instant."""
     moment = flag_instant(text.strip(), flag, "a date (2026-01-31) or an ISO-8601 date-time")
     if not end:
         return moment
@@ -8968,9 +8776,7 @@ def usable_key(key: str) -> bool:
 
 
 def archive_records(value: Any, key: str, issues: DataIssues) -> list[Mapping[str, Any]]:
-    """The records of one archived list (``{key: [...], count, updatedAt}``, in any shape the database
-    returns it); a list that is no list, entries that are not objects and entries beyond
-    ``MAX_ARCHIVE_ITEMS`` are counted and skipped."""
+    """The records of one archived list, in any shape the database returns it; odd ones counted, skipped."""
     inner = value.get(key) if isinstance(value, Mapping) else value
     if inner is not None and not isinstance(inner, (Mapping, list)):
         issues.add(f"archived_{key}_lists_with_odd_shape")
@@ -8984,44 +8790,29 @@ def archive_records(value: Any, key: str, issues: DataIssues) -> list[Mapping[st
     return records
 
 
-def message_status(value: Any, issues: DataIssues) -> str:
-    """A message's status as the dashboard sets it; anything else is counted and treated as no status."""
-    status = value.strip().lower() if isinstance(value, str) and len(value) <= 40 else None
-    if status in MESSAGE_STATUSES:
-        return status
-    issues.add("archived_messages_with_odd_status")
-    return ""
-
-
-def message_observation(item: Mapping[str, Any], issues: DataIssues) -> Observation | None:
-    """A messaged member from an archived message, or None (counted): no usable ``user_id``, or no date
-    to start from. From ``sent_at`` when the status is sent and it is a date, else ``generated_at``."""
+def observation(item: Mapping[str, Any], key: str, issues: DataIssues) -> Observation | None:
+    """A member to follow from a message or holdout record (``REFERENCE_TEXT``), or None (counted)."""
     user_id = usable_id(item.get("user_id"))
     if user_id is None:
-        issues.add("archived_messages_without_usable_user_id")
+        issues.add(f"archived_{key}_without_usable_user_id")
         return None
-    status = message_status(item.get("status"), issues)
-    sent_at = to_utc(item.get("sent_at")) if status == "sent" else None
-    if status == "sent" and sent_at is None:
-        issues.add("sent_messages_without_valid_sent_at")
-    reference = sent_at or to_utc(item.get("generated_at"))
+    if key == "holdout":
+        status, reference, field_name = "", to_utc(item.get("held_out_at")), "held_out_at"
+    else:
+        raw = item.get("status")
+        status = raw.strip().lower() if isinstance(raw, str) and len(raw) <= 40 else ""
+        if status not in MESSAGE_STATUSES:
+            issues.add("archived_messages_with_odd_status")
+            status = ""
+        sent_at = to_utc(item.get("sent_at")) if status == "sent" else None
+        if status == "sent" and sent_at is None:
+            issues.add("sent_messages_without_valid_sent_at")
+        reference, field_name = sent_at or to_utc(item.get("generated_at")), "generated_at"
     if reference is None:
-        issues.add("archived_messages_without_valid_generated_at")
+        issues.add(f"archived_{key}_without_valid_{field_name}")
         return None
-    return Observation(user_id, "treated", status, reference, usable_id(item.get("event_id")), message_traits(item))
-
-
-def holdout_observation(item: Mapping[str, Any], issues: DataIssues) -> Observation | None:
-    """A held-out member from a holdout record, from ``held_out_at``, or None (counted)."""
-    user_id = usable_id(item.get("user_id"))
-    if user_id is None:
-        issues.add("archived_holdout_without_usable_user_id")
-        return None
-    held_out_at = to_utc(item.get("held_out_at"))
-    if held_out_at is None:
-        issues.add("archived_holdout_without_valid_held_out_at")
-        return None
-    return Observation(user_id, "holdout", "", held_out_at, usable_id(item.get("event_id")), holdout_traits(item))
+    arm = "holdout" if key == "holdout" else "treated"
+    return Observation(user_id, arm, status, reference, usable_id(item.get("event_id")), record_traits(item, key))
 
 
 # --- what the breakdowns read of each archived record (issue 22): every value untrusted, bounded ----------
@@ -9034,25 +8825,18 @@ def segment_text(value: Any, default: str = "unknown") -> str:
     return clean_text(value.strip().lower(), 40)[0] or default
 
 
-def plain_number(value: Any) -> float | None:
-    ok = isinstance(value, (int, float)) and not isinstance(value, bool) and math.isfinite(value)
-    return float(value) if ok else None
+BANDS = {  # dimension: (the bisect, the range banded, its inner edges, each band's name, outside the range)
+    "confidence": (bisect.bisect_right, 0, 100, (70, 80, 90), ("under 70", "70-79", "80-89", "90-100"), "unknown"),
+    "days_inactive": (bisect.bisect_left, 31, 90, (45, 60), ("31-45", "46-60", "61-90"), "other"),  # the growth lead's
+}
 
 
-def confidence_band(value: Any) -> str:
-    """``70-79``, ``80-89``, ``90-100``; ``under 70`` and ``unknown`` otherwise."""
-    found = plain_number(value)
-    if found is None or not 0 <= found <= 100:
+def band(value: Any, dimension: str) -> str:
+    """The band (``BANDS``) a number falls in; ``unknown`` for anything but a finite number."""
+    find, low, high, edges, names, outside = BANDS[dimension]
+    if not isinstance(value, (int, float)) or isinstance(value, bool) or not math.isfinite(value):
         return "unknown"
-    return "under 70" if found < 70 else "70-79" if found < 80 else "80-89" if found < 90 else "90-100"
-
-
-def days_band(value: Any) -> str:
-    """The days-inactive bands the growth lead reads: ``31-45``, ``46-60``, ``61-90``; else ``other``."""
-    found = plain_number(value)
-    if found is None:
-        return "unknown"
-    return "31-45" if 31 <= found <= 45 else "46-60" if 45 < found <= 60 else "61-90" if 60 < found <= 90 else "other"
+    return names[find(edges, value)] if low <= value <= high else outside
 
 
 def yes_no(value: Any) -> str:
@@ -9064,8 +8848,7 @@ REASONING_SIGNALS = (("of this host's events", "host"), ("events of this series"
 
 
 def signal_of(match: Mapping[str, Any]) -> str:
-    """The deciding signal a match records (``deciding_signal``); for archives written before it, read from
-    the rules' reasoning ("Their own history decided: ..."), else ``profile`` for the rules, ``unknown`` else."""
+    """The deciding signal a match records; in older archives, read from the rules' reasoning."""
     recorded = match.get("deciding_signal")
     if isinstance(recorded, str) and recorded in DECIDING_SIGNALS:
         return recorded
@@ -9087,77 +8870,48 @@ def same_place_of(match: Mapping[str, Any]) -> str:
     return yes_no(NeighbourhoodMap.canonical(home) == NeighbourhoodMap.canonical(where))
 
 
-def message_traits(item: Mapping[str, Any]) -> tuple[tuple[str, str], ...]:
-    """A message's own segments: writer, tone (today's wording before ``--variants`` existed), confidence."""
-    return (("writer", segment_text(item.get("generator"))), ("variant", segment_text(item.get("variant"), DEFAULT_TONE)),
-            ("confidence", confidence_band(item.get("confidence_percentage"))))
-
-
-def holdout_traits(item: Mapping[str, Any]) -> tuple[tuple[str, str], ...]:
-    """A holdout record's segments (the rules' pick they would have had)."""
-    return (("variant", segment_text(item.get("variant"), DEFAULT_TONE)),
-            ("confidence", confidence_band(item.get("confidence_percentage"))),
-            ("days_inactive", days_band(item.get("days_inactive"))),
-            ("deciding_signal", signal_of({**item, "matcher": "rules"})),
-            ("same_neighbourhood", yes_no(item.get("same_neighbourhood"))))
-
-
-def match_traits_by_member(matches: Iterable[Mapping[str, Any]]) -> dict[str, tuple[tuple[str, str], ...]]:
-    """Each messaged member's match segments: matcher, days inactive, deciding signal, same neighbourhood."""
-    found: dict[str, tuple[tuple[str, str], ...]] = {}
-    for match in matches:
-        user_id = usable_id(match.get("user_id"))
-        if user_id is None or user_id in found:
-            continue
-        user = match.get("user") if isinstance(match.get("user"), Mapping) else {}
-        found[user_id] = (("matcher", segment_text(match.get("matcher"))),
-                          ("days_inactive", days_band(user.get("days_inactive"))),
-                          ("deciding_signal", signal_of(match)), ("same_neighbourhood", same_place_of(match)))
-    return found
-
-
-def first_per_member(observations: Iterable[Observation]) -> dict[str, Observation]:
-    kept: dict[str, Observation] = {}
-    for observation in observations:
-        kept.setdefault(observation.user_id, observation)
-    return kept
-
-
-def campaign_members(treated: Sequence[Observation], held_out: Sequence[Observation],
-                     issues: DataIssues) -> tuple[Observation, ...]:
-    """Each member once per campaign (their first record); a member both messaged and held out in one
-    campaign belongs to neither group (counted), as no one can tell which they were."""
-    messaged, holdout = first_per_member(treated), first_per_member(held_out)
-    issues.add("repeated_members_in_a_campaign", len(treated) - len(messaged) + len(held_out) - len(holdout))
-    both = messaged.keys() & holdout.keys()
-    issues.add("members_both_messaged_and_held_out", len(both))
-    return tuple(o for o in [*messaged.values(), *holdout.values()] if o.user_id not in both)
+def record_traits(record: Mapping[str, Any], key: str) -> tuple[tuple[str, str], ...]:
+    """The segments (``BREAKDOWNS``) an archived message, holdout record or match tells of its member."""
+    if key == "matches":
+        user = record.get("user") if isinstance(record.get("user"), Mapping) else {}
+        return (("matcher", segment_text(record.get("matcher"))),
+                ("days_inactive", band(user.get("days_inactive"), "days_inactive")),
+                ("deciding_signal", signal_of(record)), ("same_neighbourhood", same_place_of(record)))
+    pick = (("variant", segment_text(record.get("variant"), DEFAULT_TONE)),
+            ("confidence", band(record.get("confidence_percentage"), "confidence")))
+    if key == "messages":
+        return (("writer", segment_text(record.get("generator"))), *pick)
+    return (*pick, ("days_inactive", band(record.get("days_inactive"), "days_inactive")),
+            ("deciding_signal", signal_of({**record, "matcher": "rules"})),
+            ("same_neighbourhood", yes_no(record.get("same_neighbourhood"))))
 
 
 def metadata_moment(metadata: Any) -> datetime | None:
     return to_utc(metadata.get("created_at")) if isinstance(metadata, Mapping) else None
 
 
-def metadata_status(metadata: Any) -> str:
-    status = metadata.get("status") if isinstance(metadata, Mapping) else None
-    return clean_text(status, 40)[0] or "unknown" if isinstance(status, str) else "unknown"
-
-
 def archived_campaign(campaign_id: str, metadata: Any, messages: Any, holdout: Any,
                       issues: DataIssues, matches: Any = None) -> ArchivedCampaign:
-    """One campaign from its archived ``metadata``, ``messages`` and ``holdout``, as read (and ``matches``,
-    for the treated members' breakdown traits)."""
+    """One campaign as read; a member both messaged and held out is in neither group (counted)."""
     if metadata is not None and not isinstance(metadata, Mapping):
         issues.add("archived_metadata_not_objects")
-    matched = match_traits_by_member(archive_records(matches, "matches", issues) if matches is not None else [])
-    treated = [o._replace(traits=o.traits + matched.get(o.user_id, ()))
-               for item in archive_records(messages, "messages", issues)
-               if (o := message_observation(item, issues)) is not None]
-    held_out = [o for item in archive_records(holdout, "holdout", issues)
-                if (o := holdout_observation(item, issues)) is not None]
-    members = campaign_members(treated, held_out, issues)
+    matched: dict[str, tuple[tuple[str, str], ...]] = {}
+    for match in archive_records(matches, "matches", issues):
+        if (user_id := usable_id(match.get("user_id"))) is not None and user_id not in matched:
+            matched[user_id] = record_traits(match, "matches")
+    arms = []
+    for key, value in (("messages", messages), ("holdout", holdout)):
+        found = [o for item in archive_records(value, key, issues) if (o := observation(item, key, issues)) is not None]
+        arms.append({o.user_id: o for o in reversed(found)})  # reversed: a member's first record wins
+        issues.add("repeated_members_in_a_campaign", len(found) - len(arms[-1]))
+    both = arms[0].keys() & arms[1].keys()
+    issues.add("members_both_messaged_and_held_out", len(both))
+    members = tuple(o._replace(traits=o.traits + matched.get(o.user_id, ())) if o.arm == "treated" else o
+                    for arm in arms for o in arm.values() if o.user_id not in both)
     created_at = metadata_moment(metadata) or min((o.reference for o in members), default=None)
-    return ArchivedCampaign(campaign_id, created_at, metadata_status(metadata), members)
+    status = metadata.get("status") if isinstance(metadata, Mapping) else None
+    shown = clean_text(status, 40)[0] or "unknown" if isinstance(status, str) else "unknown"
+    return ArchivedCampaign(campaign_id, created_at, shown, members)
 
 
 # --- following members: who came back ------------------------------------------------------------
@@ -9171,10 +8925,18 @@ class Followed(NamedTuple):
     came_back: bool
     came_to_suggested: bool
 
+    def segment(self, dimension: str) -> str:
+        return dict(self.observation.traits).get(dimension, "unknown")
+
+
+def window_end(reference: datetime, days: int) -> datetime:
+    """``days`` after ``reference``, or the calendar's last usable day (a date in 9999 never overflows)."""
+    window = timedelta(days=days)
+    return reference + window if LATEST_DATE - reference > window else LATEST_DATE
+
 
 class Attendance:
-    """The followed members' events in start order, so "did they come back within W days of t" is a
-    bisect. Events of any type count, as they do for step 1's activity; odd entries are counted."""
+    """The followed members' events of any type in start order: "back within W days of t" is a bisect."""
 
     def __init__(self, events: Iterable[Mapping[str, Any]], members: set[str], issues: DataIssues) -> None:
         found: dict[str, list[tuple[datetime, str]]] = {}
@@ -9187,76 +8949,66 @@ class Attendance:
                 found.setdefault(member, []).append((start, event_id))
         self.events = {member: sorted(seen) for member, seen in found.items()}
 
-    def between(self, member: str, after: datetime, until: datetime) -> set[str]:
-        """The events ``member`` joined or hosted that start after ``after`` and at the latest ``until``."""
-        seen = self.events.get(member, [])
-        first = bisect.bisect_right(seen, after, key=lambda entry: entry[0])
-        last = bisect.bisect_right(seen, until, key=lambda entry: entry[0])
-        return {event_id for _, event_id in seen[first:last]}
+    def follow(self, observation: Observation, now: datetime, days: int) -> Followed:
+        """Did this member come back (to any event, and to the suggested one) within the window?"""
+        end = window_end(observation.reference, days)
+        seen = self.events.get(observation.user_id, [])
+        first = bisect.bisect_right(seen, observation.reference, key=lambda entry: entry[0])
+        last = bisect.bisect_right(seen, end, key=lambda entry: entry[0])
+        went = {event_id for _, event_id in seen[first:last]}
+        return Followed(observation, end > now, bool(went), observation.event_id in went)
 
 
-def window_end(reference: datetime, days: int) -> datetime:
-    """``days`` after ``reference``, or the calendar's last usable day (a date in 9999 never overflows)."""
-    window = timedelta(days=days)
-    return reference + window if LATEST_DATE - reference > window else LATEST_DATE
-
-
-def follow(observation: Observation, attendance: Attendance, now: datetime, days: int) -> Followed:
-    """Did this member come back (to any event, and to the suggested one) within the window?"""
-    end = window_end(observation.reference, days)
-    went = attendance.between(observation.user_id, observation.reference, end)
-    return Followed(observation, end > now, bool(went), observation.event_id in went)
-
-
-def tally(followed: Iterable[Followed]) -> Tally:
-    """One group's counts; open windows apart."""
-    closed, still_open = [], []
-    for f in followed:
-        (still_open if f.open else closed).append(f)
-    return Tally(len(closed), sum(f.came_back for f in closed), sum(f.came_to_suggested for f in closed),
-                 len(still_open), sum(f.came_back for f in still_open))
-
-
-def group_tallies(followed: Sequence[Followed]) -> dict[str, Tally]:
-    """The groups of one campaign: every message ("treated"), the reviewed subsets when some message has
-    such a status, and the holdout."""
-    treated = [f for f in followed if f.observation.arm == "treated"]
-    groups = {"treated": tally(treated)}
-    for name, statuses in REVIEWED_GROUPS.items():
-        subset = [f for f in treated if f.observation.status in statuses]
-        if subset:
-            groups[name] = tally(subset)
-    groups["holdout"] = tally(f for f in followed if f.observation.arm == "holdout")
-    return groups
+def follow_campaigns(campaigns: Sequence[ArchivedCampaign], events: Sequence[Mapping[str, Any]], now: datetime,
+                     days: int, issues: DataIssues) -> list[tuple[ArchivedCampaign, list[Followed]]]:
+    """Every campaign's members followed through their windows; their suggested event's category (the first
+    the host wrote, cleaned) and name are traits ("event_category", "event")."""
+    attendance = Attendance(events, {o.user_id for c in campaigns for o in c.observations}, issues)
+    wanted = {o.event_id for c in campaigns for o in c.observations if o.event_id}
+    named = {event_id: (("event_category", segment_text(next(iter(text_list(event, "categories")), None), "none")),
+                        ("event", clean_text(text_field(event, "name") or "", 80)[0]))
+             for event in events if (event_id := id_of(event.get("_id"))) in wanted}
+    unnamed = (("event_category", "unknown"),)
+    return [(c, [attendance.follow(o._replace(traits=(*o.traits, *named.get(o.event_id or "", unnamed))), now, days)
+                 for o in c.observations]) for c in campaigns]
 
 
 @dataclass(frozen=True)
 class Measurement:
-    """One block of the table: a campaign's (or the pooled) groups, each treated group's lift over the
-    holdout, and, when treated-against-holdout has no lift, why."""
+    """One block of the table: a campaign's (or the pooled) groups."""
 
     groups: dict[str, Tally]
-    lifts: dict[str, Lift | None]
-    note: str | None  # a LIFT_NOTES key
 
+    @classmethod
+    def of(cls, followed: Sequence[Followed]) -> Measurement:
+        treated = [f for f in followed if f.observation.arm == "treated"]
+        groups = {"treated": Tally.of(treated)}
+        for name, statuses in REVIEWED_GROUPS.items():
+            if subset := [f for f in treated if f.observation.status in statuses]:
+                groups[name] = Tally.of(subset)
+        return cls(groups | {"holdout": Tally.of(f for f in followed if f.observation.arm == "holdout")})
 
-def measurement(groups: Mapping[str, Tally]) -> Measurement:
-    holdout = groups["holdout"]
-    lifts = {name: lift(t, holdout) for name, t in groups.items() if name != "holdout"}
-    return Measurement(dict(groups), lifts, lift_note(groups["treated"], holdout))
+    @classmethod
+    def pooled(cls, blocks: Sequence[Measurement]) -> Measurement:
+        """The campaigns added up (``POOLING_TEXT``): each (campaign, member) once."""
+        names = [n for n in MEASURE_GROUPS if n in ("treated", "holdout") or any(n in b.groups for b in blocks)]
+        return cls({n: sum((b.groups[n] for b in blocks if n in b.groups), Tally()) for n in names})
 
-
-def pooled_measurement(blocks: Sequence[Measurement]) -> Measurement:
-    """The campaigns added up (``POOLING_TEXT``): each (campaign, member) once."""
-    names = [n for n in MEASURE_GROUPS if n in ("treated", "holdout") or any(n in b.groups for b in blocks)]
-    return measurement({n: sum_tallies(b.groups[n] for b in blocks if n in b.groups) for n in names})
+    def json(self) -> dict[str, Any]:
+        """Each group, each treated group's lift over the holdout and, when treated-against-holdout has none, why."""
+        treated, holdout = self.groups["treated"], self.groups["holdout"]
+        lifts = {name: lift_json(t, holdout) for name, t in self.groups.items() if name != "holdout"}
+        note = ("no_holdout" if not holdout.size and not holdout.open else "holdout_open" if not holdout.size
+                else "treated_open" if not treated.size else None)
+        return {"groups": {name: t.json() for name, t in self.groups.items()},
+                "lift_computable": lifts["treated"] is not None, "lift": lifts,
+                "note": LIFT_NOTES[note][0] if note else None, "note_code": note}
 
 
 # --- breakdowns (issue 22): which members and events come back, which tone works, week by week -------
 
 MIN_SEGMENT = 20  # members (closed windows) a segment needs before its rate is shown: fewer is "too few"
 TOP_EVENTS = 10
-POWER = 0.80  # the power the "members each arm still needs" figure is computed for
 BREAKDOWNS = {  # dimension: (its title, the holdout it is compared with)
     "matcher": ("Matcher", "whole"),
     "writer": ("Writer", "whole"),
@@ -9284,136 +9036,70 @@ SAMPLE_SIZE_TEXT = (f"Members each arm still needs: the normal-approximation sam
 WEEKLY_TEXT = "Week by week: members by the UTC week (Monday) of their reference time, closed windows only."
 
 
-def trait(f: Followed, name: str) -> str:
-    return dict(f.observation.traits).get(name, "unknown")
-
-
-def event_categories(events: Iterable[Mapping[str, Any]], wanted: set[str]) -> dict[str, tuple[str, str]]:
-    """(category, name) of the suggested events: the first category as the host wrote it, cleaned."""
-    found = {}
-    for event in events:
-        event_id = id_of(event.get("_id"))
-        if event_id in wanted:
-            found[event_id] = (segment_text(next(iter(text_list(event, "categories")), None), "none"),
-                               clean_text(text_field(event, "name") or "", 80)[0])
+def by_segment(followed: Iterable[Followed], dimension: str, arm: str) -> dict[str, list[Followed]]:
+    """The members of one arm by their segment of ``dimension``."""
+    found: dict[str, list[Followed]] = {}
+    for f in followed:
+        if f.observation.arm == arm:
+            found.setdefault(f.segment(dimension), []).append(f)
     return found
 
 
-def follow_campaigns(campaigns: Sequence[ArchivedCampaign], events: Sequence[Mapping[str, Any]], now: datetime,
-                     days: int, issues: DataIssues) -> list[tuple[ArchivedCampaign, list[Followed]]]:
-    """Every campaign's members followed through their windows, each with their event's category as a trait."""
-    attendance = Attendance(events, {o.user_id for c in campaigns for o in c.observations}, issues)
-    named = event_categories(events, {o.event_id for c in campaigns for o in c.observations if o.event_id})
-    return [(c, [follow(o._replace(traits=(*o.traits, ("event_category", named.get(o.event_id or "", ("unknown",))[0]))),
-                        attendance, now, days) for o in c.observations]) for c in campaigns]
+def rate_json(returns: int, n: int) -> dict[str, Any]:
+    """A segment's rate and its Wilson interval; None when it has too few members (``MIN_SEGMENT``)."""
+    too_few = n < MIN_SEGMENT
+    return {"rate": None if too_few else round(returns / n, 4),
+            "interval_95": None if too_few else [rounded(v) for v in wilson_interval(returns, n)], "too_few": too_few}
 
 
 def segment_json(segment: str, treated: Tally, holdout: Tally | None) -> dict[str, Any]:
-    """One segment: n, returns, rate and interval (None when too few), and the lift over its holdout."""
-    too_few = treated.size < MIN_SEGMENT
-    compared = holdout is not None and holdout.size >= MIN_SEGMENT and not too_few
+    """One segment: n, returns, rate and interval, and the lift over its holdout (none when either is too few)."""
+    compared = holdout is not None and min(holdout.size, treated.size) >= MIN_SEGMENT
     return {"segment": segment, "n": treated.size, "returns": treated.came_back,
-            "rate": None if too_few else rounded(treated.rate),
-            "interval_95": None if too_few else [rounded(v) for v in wilson_interval(treated.came_back, treated.size)],
-            "too_few": too_few, "open": treated.open,
+            **rate_json(treated.came_back, treated.size), "open": treated.open,
             "holdout": None if holdout is None else {"n": holdout.size, "returns": holdout.came_back,
                                                      "rate": rounded(holdout.rate) if holdout.size >= MIN_SEGMENT
                                                      else None},
-            "lift": lift_json(lift(treated, holdout)) if compared and holdout is not None else None}
+            "lift": lift_json(treated, holdout) if compared and holdout is not None else None}
 
 
 def breakdown(followed: Sequence[Followed], dimension: str) -> dict[str, Any]:
     """One dimension's segments, largest first, each against its holdout (``BREAKDOWNS``)."""
     title, basis = BREAKDOWNS[dimension]
-    treated = [f for f in followed if f.observation.arm == "treated"]
-    held = [f for f in followed if f.observation.arm == "holdout"]
-    whole = tally(held) if held else None
-    segments = Counter(trait(f, dimension) for f in treated)
-    rows = []
-    for segment in sorted(segments, key=lambda s: (-segments[s], s)):
-        mine = tally(f for f in treated if trait(f, dimension) == segment)
-        theirs = whole if basis == "whole" else tally(f for f in held if trait(f, dimension) == segment) if held else None
-        rows.append(segment_json(segment, mine, theirs))
+    treated, held = by_segment(followed, dimension, "treated"), by_segment(followed, dimension, "holdout")
+    whole = Tally.of(f for fs in held.values() for f in fs) if held else None
+    rows = [segment_json(segment, Tally.of(treated[segment]), whole if basis == "whole" or not held
+                         else Tally.of(held.get(segment, [])))
+            for segment in sorted(treated, key=lambda s: (-len(treated[s]), s))]
     return {"dimension": dimension, "title": title, "compared_with": HOLDOUT_BASIS[basis], "segments": rows}
 
 
-def top_events(followed: Sequence[Followed], names: Mapping[str, tuple[str, str]]) -> dict[str, Any]:
+def top_events(followed: Sequence[Followed]) -> dict[str, Any]:
     """The suggested events that brought most members back to them: returns / invited (closed windows)."""
     invited: dict[str, list[Followed]] = {}
     for f in followed:
         if f.observation.arm == "treated" and not f.open and f.observation.event_id:
             invited.setdefault(f.observation.event_id, []).append(f)
-    ranked = sorted(invited.items(), key=lambda kv: (-sum(f.came_to_suggested for f in kv[1]), -len(kv[1]), kv[0]))
-    rows = []
-    for event_id, people in ranked[:TOP_EVENTS]:
-        returns = sum(f.came_to_suggested for f in people)
-        too_few = len(people) < MIN_SEGMENT
-        rows.append({"segment": names.get(event_id, ("", ""))[1] or event_id, "event_id": event_id,
-                     "n": len(people), "returns": returns, "came_back_anywhere": sum(f.came_back for f in people),
-                     "rate": None if too_few else round(returns / len(people), 4),
-                     "interval_95": None if too_few else [rounded(v) for v in wilson_interval(returns, len(people))],
-                     "too_few": too_few})
+    ranked = sorted(((sum(f.came_to_suggested for f in people), event_id, people)
+                     for event_id, people in invited.items()), key=lambda row: (-row[0], -len(row[2]), row[1]))
+    rows = [{"segment": dict(people[0].observation.traits).get("event") or event_id, "event_id": event_id,
+             "n": len(people), "returns": returns, "came_back_anywhere": sum(f.came_back for f in people),
+             **rate_json(returns, len(people))} for returns, event_id, people in ranked[:TOP_EVENTS]]
     return {"dimension": "event", "title": "Events that brought most members back (returns to the event / invited)",
             "compared_with": None, "segments": rows}
 
 
-def holm_adjust(p_values: Sequence[float]) -> list[float]:
-    """Holm's step-down adjustment (Holm 1979): the k-th smallest of m p-values times (m - k + 1), kept
-    non-decreasing and at most 1; returned in the input's order. It controls the family-wise error rate."""
-    m = len(p_values)
-    adjusted, running = [0.0] * m, 0.0
-    for rank, i in enumerate(sorted(range(m), key=lambda j: p_values[j])):
-        running = max(running, min(1.0, (m - rank) * p_values[i]))
-        adjusted[i] = running
-    return adjusted
-
-
-def members_per_arm(p1: float, p2: float, alpha: float, power: float = POWER) -> int | None:
-    """Members per arm for a two-sided two-proportion test to detect ``p1`` against ``p2`` (Fleiss' normal
-    approximation, no continuity correction); None when the rates are equal (no difference to detect)."""
-    if p1 == p2:
-        return None
-    z_a, z_b = NormalDist().inv_cdf(1 - alpha / 2), NormalDist().inv_cdf(power)
-    mean = (p1 + p2) / 2
-    root = z_a * math.sqrt(2 * mean * (1 - mean)) + z_b * math.sqrt(p1 * (1 - p1) + p2 * (1 - p2))
-    return math.ceil((root / (p1 - p2)) ** 2)
-
-
-def tone_pairs(arms: Mapping[str, Tally]) -> list[dict[str, Any]]:
-    """Each pair of tones with closed windows: the difference, its interval, z, p and Holm's adjusted p."""
-    pairs = [(a, b) for a, b in itertools.combinations(sorted(arms), 2) if arms[a].size and arms[b].size]
-    rows = []
-    for a, b in pairs:
-        x = (arms[a].came_back, arms[a].size, arms[b].came_back, arms[b].size)
-        low, high = newcombe_interval(*x)
-        z, p_value = two_proportion_z_test(*x)
-        rows.append({"a": a, "b": b, "difference_pp": round(100 * (x[0] / x[1] - x[2] / x[3]), 2),
-                     "interval_pp": [round(100 * low, 2), round(100 * high, 2)], "z": round(z, 4), "p_value": p_value})
-    for row, adjusted in zip(rows, holm_adjust([r["p_value"] for r in rows]), strict=True):
-        row["p_value"], row["p_holm"] = float(f"{row['p_value']:.4g}"), float(f"{adjusted:.4g}")
-    return rows
-
-
-def tone_winner(arms: Mapping[str, Tally], pairs: Sequence[Mapping[str, Any]]) -> str | None:
-    """The tone that beats every other with a Holm-adjusted p below 0.05, or None."""
-    for tone in arms:
-        mine = [p for p in pairs if tone in (p["a"], p["b"])]
-        if mine and len(mine) == len(arms) - 1 and all(
-                p["p_holm"] < 1 - CONFIDENCE and (p["difference_pp"] > 0) == (p["a"] == tone) for p in mine):
-            return tone
-    return None
-
-
 def variant_comparison(followed: Sequence[Followed]) -> dict[str, Any]:
-    """The tone A/B: each tone's rate and lift over the whole holdout, each pair with Holm-adjusted p-values,
-    and a winner only when one is significant after adjustment; otherwise how many more members each arm needs."""
-    treated = [f for f in followed if f.observation.arm == "treated"]
-    holdout = tally(f for f in followed if f.observation.arm == "holdout")
-    arms = {tone: tally(f for f in treated if trait(f, "variant") == tone)
-            for tone in sorted({trait(f, "variant") for f in treated})}
-    pairs = tone_pairs(arms)
-    winner = tone_winner(arms, pairs)
-    verdict, needed = variant_verdict(arms, pairs, winner)
+    """The tone A/B: each tone against the whole holdout, each pair of tones (``HOLM_TEXT``), the verdict."""
+    tones = by_segment(followed, "variant", "treated")
+    arms = {tone: Tally.of(tones[tone]) for tone in sorted(tones)}
+    holdout = Tally.of(f for f in followed if f.observation.arm == "holdout")
+    lifts = [(a, b, found) for a, b in itertools.combinations(arms, 2) if (found := lift(arms[a], arms[b])) is not None]
+    pairs = [{"a": a, "b": b, "difference_pp": round(found.difference_pp, 2),
+              "interval_pp": [round(found.low_pp, 2), round(found.high_pp, 2)], "z": round(found.z, 4),
+              "p_value": float(f"{found.p_value:.4g}"), "p_holm": float(f"{adjusted:.4g}")}
+             for (a, b, found), adjusted in zip(lifts, holm_adjust([f.p_value for *_, f in lifts]), strict=True)]
+    winner, verdict, needed = variant_verdict(arms, pairs)
     return {"arms": [{**segment_json(tone, t, holdout if holdout.size else None), "variant": tone}
                      for tone, t in arms.items()],
             "compared_with": "the whole holdout (tones are assigned independently of it)",
@@ -9421,50 +9107,44 @@ def variant_comparison(followed: Sequence[Followed]) -> dict[str, Any]:
             "method": HOLM_TEXT + " " + SAMPLE_SIZE_TEXT}
 
 
-def variant_verdict(arms: Mapping[str, Tally], pairs: Sequence[Mapping[str, Any]],
-                    winner: str | None) -> tuple[str, dict[str, int] | None]:
-    """The sentence a growth lead reads, and (no winner yet) the members each arm still needs."""
+def variant_verdict(arms: Mapping[str, Tally],
+                    pairs: Sequence[Mapping[str, Any]]) -> tuple[str | None, str, dict[str, int] | None]:
+    """The winner or None, the sentence a growth lead reads, and the members each arm still needs."""
     if len(arms) < 2:
-        return "One tone only: nothing to compare (run the campaign with --variants).", None
-    if winner is not None:
-        return f"{winner} wins: it beats every other tone after Holm's adjustment.", None
+        return None, "One tone only: nothing to compare (run the campaign with --variants).", None
+    for tone in arms:
+        mine = [p for p in pairs if tone in (p["a"], p["b"])]
+        if len(mine) == len(arms) - 1 and all(
+                p["p_holm"] < 1 - CONFIDENCE and (p["difference_pp"] > 0) == (p["a"] == tone) for p in mine):
+            return tone, f"{tone} wins: it beats every other tone after Holm's adjustment.", None
     closed = {t: a for t, a in arms.items() if a.size}
     if len(closed) < 2:
-        return "No winner yet: fewer than two tones have closed windows.", None
+        return None, "No winner yet: fewer than two tones have closed windows.", None
     best, runner = sorted(closed, key=lambda t: -(closed[t].rate or 0.0))[:2]
     n = members_per_arm(closed[best].rate or 0.0, closed[runner].rate or 0.0, (1 - CONFIDENCE) / max(1, len(pairs)))
     if n is None:
-        return "No winner yet: the tones' rates are equal so far; no sample size can tell them apart.", None
+        return None, "No winner yet: the tones' rates are equal so far; no sample size can tell them apart.", None
     more = {t: max(0, n - a.size) for t, a in arms.items()}
-    return (f"No winner yet (no pair significant after Holm's adjustment). To detect {best} against {runner} "
-            f"({percent(closed[best].rate)} against {percent(closed[runner].rate)}) each arm needs about {n} members: "
-            + ", ".join(f"{t} {m} more" for t, m in more.items()) + "."), more
-
-
-def week_of(moment: datetime) -> str:
-    day = moment.astimezone(UTC).date()
-    return (day - timedelta(days=day.weekday())).isoformat()
+    return None, (f"No winner yet (no pair significant after Holm's adjustment). To detect {best} against {runner} "
+                  f"({percent(closed[best].rate)} against {percent(closed[runner].rate)}) each arm needs about {n} "
+                  "members: " + ", ".join(f"{t} {m} more" for t, m in more.items()) + "."), more
 
 
 def weekly_rates(followed: Sequence[Followed]) -> list[dict[str, Any]]:
-    """Treated and holdout return rates per week of reference time, with Wilson intervals and the lift."""
+    """Treated and holdout return rates and the lift per week (``WEEKLY_TEXT``)."""
     weeks: dict[str, dict[str, list[Followed]]] = {}
     for f in followed:
         if not f.open:
-            arm = "treated" if f.observation.arm == "treated" else "holdout"
-            weeks.setdefault(week_of(f.observation.reference), {"treated": [], "holdout": []})[arm].append(f)
-    rows = []
-    for week in sorted(weeks):
-        t, h = tally(weeks[week]["treated"]), tally(weeks[week]["holdout"])
-        rows.append({"week": week, "treated": tally_json(t), "holdout": tally_json(h), "lift": lift_json(lift(t, h))})
-    return rows
+            day = f.observation.reference.astimezone(UTC).date()
+            week = (day - timedelta(days=day.weekday())).isoformat()
+            weeks.setdefault(week, {"treated": [], "holdout": []})[f.observation.arm].append(f)
+    tallies = ((week, Tally.of(weeks[week]["treated"]), Tally.of(weeks[week]["holdout"])) for week in sorted(weeks))
+    return [{"week": week, "treated": t.json(), "holdout": h.json(), "lift": lift_json(t, h)} for week, t, h in tallies]
 
 
-def learned_json(followed: Sequence[Followed], events: Sequence[Mapping[str, Any]]) -> dict[str, Any]:
-    """What the report gains from issue 22: ``breakdowns`` (one entry per dimension, then the top events),
-    ``variants`` (the tone A/B) and ``weekly``."""
-    names = event_categories(events, {f.observation.event_id for f in followed if f.observation.event_id})
-    return {"breakdowns": [*(breakdown(followed, d) for d in BREAKDOWNS), top_events(followed, names)],
+def learned_json(followed: Sequence[Followed]) -> dict[str, Any]:
+    """What the report gains from issue 22: the breakdowns, the tone A/B, week by week."""
+    return {"breakdowns": [*(breakdown(followed, d) for d in BREAKDOWNS), top_events(followed)],
             "variants": variant_comparison(followed), "weekly": weekly_rates(followed),
             "breakdown_method": BREAKDOWN_TEXT, "weekly_method": WEEKLY_TEXT}
 
@@ -9472,60 +9152,25 @@ def learned_json(followed: Sequence[Followed], events: Sequence[Mapping[str, Any
 # --- the report: JSON, Markdown and the console table --------------------------------------------
 
 
-def rounded(value: float | None, digits: int = 4) -> float | None:
-    return None if value is None else round(value, digits)
-
-
-def tally_json(t: Tally) -> dict[str, Any]:
-    interval = [rounded(v) for v in wilson_interval(t.came_back, t.size)] if t.size else None
-    return {"size": t.size, "came_back": t.came_back, "rate": rounded(t.rate), "rate_interval": interval,
-            "came_to_suggested": t.came_to_suggested,
-            "suggested_rate": rounded(t.came_to_suggested / t.size if t.size else None),
-            "open": t.open, "open_came_back": t.open_came_back}
-
-
-def lift_json(found: Lift | None) -> dict[str, Any] | None:
-    if found is None:
-        return None
-    return {"difference_pp": round(found.difference_pp, 2),
-            "interval_pp": [round(found.low_pp, 2), round(found.high_pp, 2)],
-            "relative_lift": rounded(found.relative), "z": round(found.z, 4), "p_value": float(f"{found.p_value:.4g}"),
-            "detectable_lift_pp": rounded(found.detectable_pp, 1), "too_small_to_tell": found.too_small_to_tell}
-
-
-def measurement_json(m: Measurement) -> dict[str, Any]:
-    return {"groups": {name: tally_json(t) for name, t in m.groups.items()},
-            "lift_computable": m.lifts["treated"] is not None,
-            "lift": {name: lift_json(found) for name, found in m.lifts.items()},
-            "note": LIFT_NOTES[m.note][0] if m.note else None, "note_code": m.note}
-
-
 def measure_report(*, run_date: datetime, now: datetime, window_days: int, dates: DateRange,
                    campaign: str | None, source_label: str, archive: str,
-                   measured: Sequence[tuple[ArchivedCampaign, Measurement]], pooled: Measurement,
+                   measured: Sequence[tuple[ArchivedCampaign, Measurement]],
                    issues: DataIssues, errors: Sequence[str], empty_input: Sequence[str],
                    events_note: str | None = None) -> dict[str, Any]:
-    """The report's JSON: the settings, the method in words, pooled and per-campaign blocks, what was odd;
-    ``events_note`` says when nobody could have come back yet (``stale_events_note``)."""
+    """The report's JSON: the settings, the method in words, pooled (``POOLING_TEXT``) and per-campaign blocks,
+    what was odd."""
     return {
-        "kind": "measure",
-        "run_date": iso_utc(run_date),
-        "as_of": iso_utc(now),
-        "window_days": window_days,
-        "since": iso_utc(dates.since),
-        "until": iso_utc(dates.until),  # exclusive
-        "campaign": campaign,
-        "source": source_label,
-        "archive": archive,
-        "empty_input": list(empty_input),
+        "kind": "measure", "run_date": iso_utc(run_date), "as_of": iso_utc(now), "window_days": window_days,
+        "since": iso_utc(dates.since), "until": iso_utc(dates.until),  # exclusive
+        "campaign": campaign, "source": source_label, "archive": archive, "empty_input": list(empty_input),
         "events_note": events_note,
         "method": {"came_back": PROXY_TEXT.format(days=window_days), "reference_time": REFERENCE_TEXT,
                    "interval": INTERVAL_METHOD, "test": TEST_METHOD, "confidence": CONFIDENCE,
                    "pooling": POOLING_TEXT, "reviewed_groups": REVIEWED_TEXT, "power": POWER_METHOD},
         "campaigns_measured": len(measured),
-        "pooled": measurement_json(pooled),
+        "pooled": Measurement.pooled([m for _, m in measured]).json(),
         "campaigns": [{"campaign_id": c.campaign_id, "created_at": iso_utc(c.created_at), "status": c.status,
-                       **measurement_json(m)} for c, m in measured],
+                       **m.json()} for c, m in measured],
         "data_issues": issues.as_dict(),
         "errors": list(errors),
     }
@@ -9535,56 +9180,52 @@ def percent(rate: float | None) -> str:
     return "-" if rate is None else f"{100 * rate:.1f}%"
 
 
-def group_row(name: str, g: Mapping[str, Any]) -> list[str]:
-    """One group as table cells: size, came back, rate with its Wilson interval, suggested event, open."""
-    interval = g["rate_interval"]
-    rate = percent(g["rate"]) + (f" ({percent(interval[0])}-{percent(interval[1])})" if interval else "")
-    return [name, str(g["size"]), str(g["came_back"]), rate, str(g["came_to_suggested"]),
-            f"{g['open']} ({g['open_came_back']} back)"]
-
-
-MEASURE_COLUMNS = ["group", "size", "came back", "rate (95% CI)", "to suggested event", "open (already back)"]
-
-
 def p_value_text(p_value: float) -> str:
     return "< 0.0001" if p_value < 0.0001 else f"{p_value:.4f}"
 
 
-def p_text(p_value: float) -> str:
-    shown = p_value_text(p_value)
-    return f"p {shown}" if shown.startswith("<") else f"p = {shown}"
+def difference_text(found: Mapping[str, Any]) -> str:
+    """``+4.0 (+1.2 to +6.8)``: a difference in points with its interval."""
+    return f"{found['difference_pp']:+.1f} ({found['interval_pp'][0]:+.1f} to {found['interval_pp'][1]:+.1f})"
+
+
+MEASURE_COLUMNS = ["group", "size", "came back", "rate (95% CI)", "to suggested event", "open (already back)"]
+CAMPAIGN_COLUMNS = ["campaign", "treated", "holdout", "lift, pp (95% CI)", "p", "open"]
+SEGMENT_COLUMNS = ["segment", "n", "returns", "rate (95% CI)", "lift vs holdout, pp (95% CI)", "p"]
+
+
+def block_rows(block: Mapping[str, Any]) -> list[list[str]]:
+    """A block's groups as a table, header first."""
+    rows = [MEASURE_COLUMNS]
+    for name, g in block["groups"].items():
+        interval = g["rate_interval"]
+        rate = percent(g["rate"]) + (f" ({percent(interval[0])}-{percent(interval[1])})" if interval else "")
+        rows.append([name, str(g["size"]), str(g["came_back"]), rate, str(g["came_to_suggested"]),
+                     f"{g['open']} ({g['open_came_back']} back)"])
+    return rows
 
 
 def lift_lines(block: Mapping[str, Any]) -> list[str]:
-    """The lift of each treated group over the holdout as sentences, or the plain reason there is none."""
+    """Each treated group's lift over the holdout as a sentence (too small to tell: said first), or why none."""
     lines = [] if block["note"] is None else [block["note"]]  # the sentence of LIFT_NOTES
     for name, found in block["lift"].items():
         if found is None:
             continue
-        relative = found["relative_lift"]
-        if found.get("too_small_to_tell"):
-            lines.append(too_small_line(name, found, block["groups"]))
+        low, high = found["interval_pp"]
+        if found["too_small_to_tell"]:
+            detectable = found["detectable_lift_pp"]
+            could = ("no lift is detectable" if detectable is None or detectable >= 100
+                     else f"only a lift of {detectable:.0f} pp or more is detectable")
+            lines.append(f"lift {name} vs holdout: too small to tell ({block['groups'][name]['size']} against "
+                         f"{block['groups']['holdout']['size']} held out: {could} with 80% power; "
+                         f"{found['difference_pp']:+.1f} pp, 95% CI {low:+.1f} to {high:+.1f} pp)")
             continue
-        lines.append(f"lift {name} vs holdout: {found['difference_pp']:+.1f} pp (95% CI {found['interval_pp'][0]:+.1f} "
-                     f"to {found['interval_pp'][1]:+.1f} pp), relative "
-                     f"{'n/a (no holdout member came back)' if relative is None else f'{100 * relative:+.1f}%'}, "
-                     f"{p_text(found['p_value'])}")
+        relative = found["relative_lift"]
+        relative_text = "n/a (no holdout member came back)" if relative is None else f"{100 * relative:+.1f}%"
+        shown = p_value_text(found["p_value"])
+        lines.append(f"lift {name} vs holdout: {found['difference_pp']:+.1f} pp (95% CI {low:+.1f} to {high:+.1f} pp), "
+                     f"relative {relative_text}, {'p' if shown.startswith('<') else 'p ='} {shown}")
     return lines
-
-
-def too_small_line(name: str, found: Mapping[str, Any], groups: Mapping[str, Any]) -> str:
-    """A lift the groups are too small to tell from chance, said so first, its figures after."""
-    detectable = found["detectable_lift_pp"]
-    could = ("no lift is detectable" if detectable is None or detectable >= 100
-             else f"only a lift of {detectable:.0f} pp or more is detectable")
-    low, high = found["interval_pp"]
-    return (f"lift {name} vs holdout: too small to tell ({groups[name]['size']} against "
-            f"{groups['holdout']['size']} held out: {could} with 80% power; {found['difference_pp']:+.1f} pp, "
-            f"95% CI {low:+.1f} to {high:+.1f} pp)")
-
-
-def block_rows(block: Mapping[str, Any]) -> list[list[str]]:
-    return [group_row(name, g) for name, g in block["groups"].items()]
 
 
 def text_table(rows: Sequence[Sequence[str]], indent: str = "  ") -> list[str]:
@@ -9594,14 +9235,6 @@ def text_table(rows: Sequence[Sequence[str]], indent: str = "  ") -> list[str]:
             for row in rows]
 
 
-def campaign_title(entry: Mapping[str, Any]) -> str:
-    """A campaign's heading; its id as read, made safe to show (no bidi or zero-width tricks, bounded)."""
-    return f"{clean_text(entry['campaign_id'], 100)[0]} (created {entry['created_at']}, {entry['status']})"
-
-
-CAMPAIGN_COLUMNS = ["campaign", "treated", "holdout", "lift, pp (95% CI)", "p", "open"]
-
-
 def share(g: Mapping[str, Any]) -> str:
     """``came back/size rate``; a group with no closed window says how many are open instead."""
     if not g["size"]:
@@ -9609,32 +9242,31 @@ def share(g: Mapping[str, Any]) -> str:
     return f"{g['came_back']}/{g['size']} {percent(g['rate'])}"
 
 
-def campaign_row(entry: Mapping[str, Any]) -> list[str]:
-    """One campaign on one line: treated and holdout came back / size, the lift (or why none), open windows."""
-    groups, found = entry["groups"], entry["lift"]["treated"]
-    if found is None:
-        lift_cells = [LIFT_NOTES[entry["note_code"]][1], ""]
-    else:
-        low, high = found["interval_pp"]
-        figures = f"{found['difference_pp']:+.1f} ({low:+.1f} to {high:+.1f})"
-        if found.get("too_small_to_tell"):
-            figures = f"too small to tell ({found['difference_pp']:+.1f}, {low:+.1f} to {high:+.1f})"
-        lift_cells = [figures, p_value_text(found["p_value"])]
-    return [clean_text(entry["campaign_id"], 100)[0], share(groups["treated"]), share(groups["holdout"]), *lift_cells,
-            str(groups["treated"]["open"] + groups["holdout"]["open"])]
+def campaign_rows(report: Mapping[str, Any]) -> list[list[str]]:
+    """One line per campaign, header first; each id as read, made safe to show."""
+    rows = [CAMPAIGN_COLUMNS]
+    for entry in report["campaigns"]:
+        groups, found = entry["groups"], entry["lift"]["treated"]
+        if found is None:
+            lift_cells = [LIFT_NOTES[entry["note_code"]][1], ""]
+        else:
+            figures = difference_text(found)  # "+4.0 (+1.2 to +6.8)", or "too small to tell (+4.0, +1.2 to +6.8)"
+            lift_cells = [f"too small to tell ({figures.replace(' (', ', ', 1)}" if found["too_small_to_tell"]
+                          else figures, p_value_text(found["p_value"])]
+        rows.append([clean_text(entry["campaign_id"], 100)[0], share(groups["treated"]), share(groups["holdout"]),
+                     *lift_cells, str(groups["treated"]["open"] + groups["holdout"]["open"])])
+    return rows
 
 
 def measure_console(report: Mapping[str, Any], report_path: Path) -> str:
-    """The console table: one line per campaign, then the pooled block in full, the method, the report's path
-    (a year of daily campaigns stays a readable table; the report has every campaign in full)."""
+    """One line per campaign (a year of daily campaigns stays readable), then the pooled block in full."""
     lines = [f"Measure: {plural(report['campaigns_measured'], 'campaign')}, window {report['window_days']} days, "
              + f"as of {report['as_of']}", *([report["events_note"]] if report.get("events_note") else []), ""]
     if report["campaigns"]:
-        lines += text_table([CAMPAIGN_COLUMNS, *(campaign_row(c) for c in report["campaigns"])], indent="") + [""]
+        lines += text_table(campaign_rows(report), indent="") + [""]
     pooled = report["pooled"]
     lines += [f"pooled ({plural(report['campaigns_measured'], 'campaign')}, each campaign-member once)",
-              *text_table([MEASURE_COLUMNS, *block_rows(pooled)])]
-    lines += [f"  {line}" for line in lift_lines(pooled)]
+              *text_table(block_rows(pooled)), *(f"  {line}" for line in lift_lines(pooled))]
     if any(name in pooled["groups"] for name in REVIEWED_GROUPS):
         lines.append(f"  {REVIEWED_TEXT}")
     if "variants" in report:
@@ -9657,23 +9289,26 @@ def range_text(report: Mapping[str, Any]) -> str:
     return dates + (f"; only campaign {cell(campaign)}" if campaign else "")
 
 
-def segment_cells(row: Mapping[str, Any]) -> list[str]:
-    """One segment as table cells: n, returns, the rate and interval (or "too few"), the lift over its holdout."""
-    if row["too_few"]:
-        return [cell(row["segment"]), str(row["n"]), str(row["returns"]), "too few", "", ""]
-    low, high = row["interval_95"]
-    found = row.get("lift")
-    lift_cells = ["-", ""] if found is None else [difference_text(found), p_value_text(found["p_value"])]
-    return [cell(row["segment"]), str(row["n"]), str(row["returns"]),
-            f"{percent(row['rate'])} ({percent(low)}-{percent(high)})", *lift_cells]
+def segment_rows(segments: Sequence[Mapping[str, Any]], columns: Sequence[str] = SEGMENT_COLUMNS) -> list[list[str]]:
+    """Segments as a table, header first, as many cells as ``columns`` (the top events have no lift)."""
+    rows = [list(columns)]
+    for row in segments:
+        found = row.get("lift")
+        cells = [cell(row["segment"]), str(row["n"]), str(row["returns"])]
+        if row["too_few"]:
+            cells += ["too few", "", ""]
+        else:
+            low, high = row["interval_95"]
+            cells += [f"{percent(row['rate'])} ({percent(low)}-{percent(high)})",
+                      *(["-", ""] if found is None else [difference_text(found), p_value_text(found["p_value"])])]
+        rows.append(cells[: len(columns)])
+    return rows
 
 
-def difference_text(found: Mapping[str, Any]) -> str:
-    """``+4.0 (+1.2 to +6.8)``: a difference in points with its interval."""
-    return f"{found['difference_pp']:+.1f} ({found['interval_pp'][0]:+.1f} to {found['interval_pp'][1]:+.1f})"
-
-
-SEGMENT_COLUMNS = ["segment", "n", "returns", "rate (95% CI)", "lift vs holdout, pp (95% CI)", "p"]
+def breakdown_rows(entry: Mapping[str, Any]) -> list[list[str]]:
+    """A breakdown's table; the top events' (no ``compared_with``) has no lift."""
+    columns = ["event", "invited", "returns", "rate (95% CI)"]
+    return segment_rows(entry["segments"], SEGMENT_COLUMNS if entry["compared_with"] else columns)
 
 
 def learned_markdown(report: Mapping[str, Any]) -> list[str]:
@@ -9681,8 +9316,7 @@ def learned_markdown(report: Mapping[str, Any]) -> list[str]:
     if "breakdowns" not in report:
         return []
     variants = report["variants"]
-    lines = ["", "## Message tones (A/B)", "", variants["verdict"], "",
-             *markdown_table([SEGMENT_COLUMNS, *(segment_cells(a) for a in variants["arms"])])]
+    lines = ["", "## Message tones (A/B)", "", variants["verdict"], "", *markdown_table(segment_rows(variants["arms"]))]
     if variants["pairs"]:
         lines += ["", *markdown_table([["pair", "difference, pp (95% CI)", "p", "p (Holm)"],
                                        *([f"{p['a']} - {p['b']}", difference_text(p), p_value_text(p["p_value"]),
@@ -9691,17 +9325,14 @@ def learned_markdown(report: Mapping[str, Any]) -> list[str]:
     for entry in report["breakdowns"]:
         lines += ["", f"### {entry['title']}", ""]
         if entry["compared_with"]:
-            lines.append(f"Compared with {entry['compared_with']}.")
-            lines += ["", *markdown_table([SEGMENT_COLUMNS, *(segment_cells(r) for r in entry["segments"])])]
-        else:
-            lines += markdown_table([["event", "invited", "returns", "rate (95% CI)"],
-                                     *(segment_cells(r)[:4] for r in entry["segments"])])
+            lines += [f"Compared with {entry['compared_with']}.", ""]
+        lines += markdown_table(breakdown_rows(entry))
         if not entry["segments"]:
             lines.append("No member in any segment.")
+    weeks = [[w["week"], share(w["treated"]), share(w["holdout"]), difference_text(w["lift"]) if w["lift"] else "-"]
+             for w in report["weekly"]]
     lines += ["", "## Week by week", "", report["weekly_method"], "",
-              *markdown_table([["week", "treated", "holdout", "lift, pp (95% CI)"],
-                               *([w["week"], share(w["treated"]), share(w["holdout"]),
-                                  "-" if w["lift"] is None else difference_text(w["lift"])] for w in report["weekly"])])]
+              *markdown_table([["week", "treated", "holdout", "lift, pp (95% CI)"], *weeks])]
     return lines
 
 
@@ -9717,21 +9348,19 @@ def measure_markdown(report: Mapping[str, Any]) -> str:
              "", "## What \"came back\" means", "", method["came_back"], "", method["reference_time"],
              "", "## Method", "", f"- {INTERVAL_METHOD}.", f"- {TEST_METHOD}.", f"- {method['pooling']}",
              f"- Too small to tell: a lift whose {POWER_METHOD} exceeds {TELLABLE_LIFT_PP:g} pp.",
-             f"- {method['reviewed_groups']}",
-             "", "## Pooled", "", *markdown_table([MEASURE_COLUMNS, *block_rows(report["pooled"])]), ""]
-    lines += [f"- {line}" for line in lift_lines(report["pooled"])]
+             f"- {method['reviewed_groups']}", "", "## Pooled", "", *markdown_table(block_rows(report["pooled"])), "",
+             *(f"- {line}" for line in lift_lines(report["pooled"]))]
     if report["campaigns"]:
-        lines += ["", "## Campaigns at a glance", "",
-                  *markdown_table([CAMPAIGN_COLUMNS, *(campaign_row(c) for c in report["campaigns"])])]
+        lines += ["", "## Campaigns at a glance", "", *markdown_table(campaign_rows(report))]
     lines += learned_markdown(report)
     if report.get("charts"):
         lines += ["", "## Charts", "", f"Self-contained HTML report: {report['charts']['html']}", "",
                   *(f"![{name}]({report['charts'][name]})" for name in CHARTS if name in report["charts"])]
     lines += ["", "## Per campaign"]
     for entry in report["campaigns"]:
-        lines += ["", f"### {cell(campaign_title(entry))}", "", *markdown_table([MEASURE_COLUMNS, *block_rows(entry)]),
-                  ""]
-        lines += [f"- {line}" for line in lift_lines(entry)]
+        title = f"{clean_text(entry['campaign_id'], 100)[0]} (created {entry['created_at']}, {entry['status']})"
+        lines += ["", f"### {cell(title)}", "", *markdown_table(block_rows(entry)), "",
+                  *(f"- {line}" for line in lift_lines(entry))]
     if not report["campaigns"]:
         lines += ["", "No archived campaign in range."]
     lines += ["", "## Data issues (records skipped or treated as missing)", ""]
@@ -9745,9 +9374,9 @@ def measure_markdown(report: Mapping[str, Any]) -> str:
 # for it. Each chart is a PNG beside the Markdown report and is embedded (base64) in the HTML report, which
 # therefore opens in a browser with no network.
 
-CHARTS = ("weekly", "lift", "funnel")
+CHARTS = {"weekly": "Return rates per week", "lift": "Lift over the holdout", "funnel": "Campaign funnel"}
 MAX_FUNNEL_REPORT_BYTES = 5_000_000  # a campaign report larger than this is not read for its funnel
-MAX_WEEK_TICKS = 12  # more weeks than this are ticked by matplotlib's date locator
+MAX_WEEK_TICKS = 12  # more weeks are ticked by matplotlib's date locator (fewer labels to lay out than daily)
 CHAR_WIDTH = 0.0092  # a 10 pt label character's mean width, as a fraction of the 8-inch chart (funnel's margin)
 # Fixed margins instead of a layout engine: "constrained" layout drew each figure twice (once to measure, once to
 # render) and cost about half of the charts' time; the slanted dates' bottom margin comes from autofmt_xdate.
@@ -9756,10 +9385,8 @@ TITLE_Y = 1.0  # a fixed title height: matplotlib then skips measuring every tic
 
 
 def report_funnel(reports: Path, campaign_ids: Collection[str]) -> list[tuple[str, int]]:
-    """The step-8 funnels (``funnel``: [{stage, count}]) of the measured campaigns' reports under ``reports``
-    (``--out``'s ``reports/``), added up by stage in the first report's order; [] when none has one. Files are
-    read as every file under ``--out`` is (``read_regular_file``); odd files and values are passed over."""
-    totals: dict[str, int] = {}
+    """The measured campaigns' step-8 funnels added up by stage, read as every file under ``--out`` is."""
+    totals: Counter[str] = Counter()
     for path in sorted(reports.glob("return_to_table_report_*.json")) if reports.is_dir() else []:
         try:
             data = read_regular_file(path, reports.parent, MAX_FUNNEL_REPORT_BYTES)
@@ -9771,66 +9398,42 @@ def report_funnel(reports: Path, campaign_ids: Collection[str]) -> list[tuple[st
         for stage in found.get("funnel") if isinstance(found.get("funnel"), list) else []:
             name, count = (stage.get("stage"), stage.get("count")) if isinstance(stage, dict) else (None, None)
             if isinstance(name, str) and isinstance(count, int) and not isinstance(count, bool) and count >= 0:
-                key = clean_text(name, 40)[0]
-                totals[key] = totals.get(key, 0) + count
+                totals[clean_text(name, 40)[0]] += count
     return list(totals.items())
 
 
 def measure_funnel(report: Mapping[str, Any], campaign_stages: Sequence[tuple[str, int]]) -> list[dict[str, Any]]:
-    """The campaign funnel: the campaigns' own stages when their reports have them (else what the archive
-    holds: drafted, held out), then what followed: approved or sent, sent, came back (closed windows)."""
+    """The campaigns' own stages (else drafted, held out), then approved or sent, sent, came back."""
     groups = report["pooled"]["groups"]
-    treated = groups["treated"]
-    stages = list(campaign_stages) or [("drafted", treated["size"] + treated["open"]),
-                                        ("held out", groups["holdout"]["size"] + groups["holdout"]["open"])]
-    for name, label in (("approved_or_sent", "approved or sent"), ("sent", "sent")):
-        if name in groups:
-            stages.append((label, groups[name]["size"] + groups[name]["open"]))
-    stages.append(("came back (closed windows)", treated["came_back"]))
+    reached = {name: g["size"] + g["open"] for name, g in groups.items()}
+    stages = [*(campaign_stages or [("drafted", reached["treated"]), ("held out", reached["holdout"])]),
+              *((label, reached[name]) for name, label in (("approved_or_sent", "approved or sent"), ("sent", "sent"))
+                if name in groups), ("came back (closed windows)", groups["treated"]["came_back"])]
     return [{"stage": name, "count": count} for name, count in stages]
 
 
-def week_dates(weekly: Sequence[Mapping[str, Any]]) -> list[datetime]:
-    return [datetime.fromisoformat(w["week"]) for w in weekly]
-
-
-def weekly_chart(figure: Any, weekly: Sequence[Mapping[str, Any]]) -> None:
+def weekly_chart(axes: Any, weekly: Sequence[Mapping[str, Any]], days: Sequence[datetime]) -> None:
     """Treated and holdout return rates per week, each with its Wilson 95% band."""
-    axes = figure.subplots()
     for arm, colour in (("treated", "tab:blue"), ("holdout", "tab:grey")):
-        rows = [(d, w[arm]) for d, w in zip(week_dates(weekly), weekly, strict=True) if w[arm]["size"]]
+        rows = [(d, w[arm]) for d, w in zip(days, weekly, strict=True) if w[arm]["size"]]
         if rows:
-            days = [d for d, _ in rows]
+            shown = [d for d, _ in rows]
             rates = [100 * g["rate"] for _, g in rows]
             low, high = [100 * g["rate_interval"][0] for _, g in rows], [100 * g["rate_interval"][1] for _, g in rows]
-            axes.errorbar(days, rates, yerr=[[r - lo for r, lo in zip(rates, low, strict=True)],
-                                             [hi - r for r, hi in zip(rates, high, strict=True)]],
+            axes.errorbar(shown, rates, yerr=[[r - lo for r, lo in zip(rates, low, strict=True)],
+                                              [hi - r for r, hi in zip(rates, high, strict=True)]],
                           marker="o", capsize=4, color=colour, label=arm)
-            axes.fill_between(days, low, high, color=colour, alpha=0.2)
+            axes.fill_between(shown, low, high, color=colour, alpha=0.2)
     axes.set_title("Came back within the window, per week (95% Wilson bands)", y=TITLE_Y)
     axes.set(ylabel="% came back", xlabel="week of the message (or hold-out)")
     if weekly:
         axes.legend()
-    pad_dates(axes, week_dates(weekly))
 
 
-def pad_dates(axes: Any, days: Sequence[datetime]) -> None:
-    """A week either side of the weeks shown (one week alone would otherwise span years), dates slanted; up to
-    MAX_WEEK_TICKS weeks are ticked at their own Mondays (fewer labels to lay out than the daily auto ticks)."""
-    from matplotlib.dates import DateFormatter
-
-    if days:
-        axes.set_xlim(min(days) - timedelta(days=7), max(days) + timedelta(days=7))
-        if len(days) <= MAX_WEEK_TICKS:
-            axes.set_xticks(days)
-            axes.xaxis.set_major_formatter(DateFormatter("%Y-%m-%d"))
-    axes.figure.autofmt_xdate()
-
-
-def lift_chart(figure: Any, weekly: Sequence[Mapping[str, Any]], pooled: Mapping[str, Any] | None) -> None:
+def lift_chart(axes: Any, weekly: Sequence[Mapping[str, Any]], days: Sequence[datetime],
+               pooled: Mapping[str, Any] | None) -> None:
     """The lift (treated minus holdout, points) per week with its Newcombe 95% interval, and the pooled lift."""
-    axes = figure.subplots()
-    rows = [(d, w["lift"]) for d, w in zip(week_dates(weekly), weekly, strict=True) if w["lift"]]
+    rows = [(d, w["lift"]) for d, w in zip(days, weekly, strict=True) if w["lift"]]
     if rows:
         axes.errorbar([d for d, _ in rows], [f["difference_pp"] for _, f in rows], fmt="o", color="tab:blue",
                       yerr=[[f["difference_pp"] - f["interval_pp"][0] for _, f in rows],
@@ -9846,7 +9449,6 @@ def lift_chart(figure: Any, weekly: Sequence[Mapping[str, Any]], pooled: Mapping
     else:
         axes.text(0.5, 0.5, "no lift computable yet (no holdout, or no closed window)", ha="center",
                   transform=axes.transAxes)
-    pad_dates(axes, week_dates(weekly))
 
 
 def funnel_chart(figure: Any, funnel: Sequence[Mapping[str, Any]]) -> None:
@@ -9866,17 +9468,28 @@ def chart_images(report: Mapping[str, Any]) -> dict[str, bytes]:
     """The three charts as PNG bytes (matplotlib's Agg renderer, imported here only)."""
     import io
 
+    from matplotlib.dates import DateFormatter
     from matplotlib.figure import Figure
 
-    pooled = report["pooled"]["lift"].get("treated")
-    draw = {"weekly": lambda f: weekly_chart(f, report["weekly"]),
-            "lift": lambda f: lift_chart(f, report["weekly"], pooled),
-            "funnel": lambda f: funnel_chart(f, report["funnel"])}
-    images = {}
+    weekly, images = report["weekly"], {}
+    days = [datetime.fromisoformat(w["week"]) for w in weekly]
     for name in CHARTS:
         figure = Figure(figsize=(8, 4.5), dpi=100)
         figure.subplots_adjust(**CHART_MARGINS)
-        draw[name](figure)
+        if name == "funnel":
+            funnel_chart(figure, report["funnel"])
+        else:
+            axes = figure.subplots()
+            if name == "weekly":
+                weekly_chart(axes, weekly, days)
+            else:
+                lift_chart(axes, weekly, days, report["pooled"]["lift"].get("treated"))
+            if days:  # a week either side (one week alone would span years); up to MAX_WEEK_TICKS ticked at Mondays
+                axes.set_xlim(min(days) - timedelta(days=7), max(days) + timedelta(days=7))
+                if len(days) <= MAX_WEEK_TICKS:
+                    axes.set_xticks(days)
+                    axes.xaxis.set_major_formatter(DateFormatter("%Y-%m-%d"))
+            figure.autofmt_xdate()
         buffer = io.BytesIO()
         figure.savefig(buffer, format="png", metadata={"Software": None})
         images[name] = buffer.getvalue()
@@ -9911,35 +9524,28 @@ def measure_html(report: Mapping[str, Any], images: Mapping[str, bytes]) -> str:
     import base64
     import html
 
-    def text(value: Any) -> str:
-        return f"<p>{html.escape(str(value))}</p>"
+    def text(value: Any, tag: str = "<p>") -> str:
+        return f"{tag}{html.escape(str(value))}</p>"
 
     def note(value: Any) -> str:
-        return f'<p class="note">{html.escape(str(value))}</p>'
+        return text(value, '<p class="note">')
 
-    titles = {"weekly": "Return rates per week", "lift": "Lift over the holdout", "funnel": "Campaign funnel"}
     parts = ["<h1>Return To Table measure: did the campaigns bring anyone back?</h1>",
              text(f"As of {report['as_of']}; window {report['window_days']} days; {range_text(report)}; "
                   f"{report['campaigns_measured']} campaigns measured."),
-             "<h2>Pooled</h2>", html_table([MEASURE_COLUMNS, *block_rows(report["pooled"])]),
+             "<h2>Pooled</h2>", html_table(block_rows(report["pooled"])),
              *(text(line) for line in lift_lines(report["pooled"]))]
-    for name in CHARTS:
-        parts.append(f"<h2>{titles[name]}</h2>")
-        if name in images:
-            encoded = base64.b64encode(images[name]).decode("ascii")
-            parts.append(f'<img alt="{titles[name]}" src="data:image/png;base64,{encoded}">')
-        else:
-            parts.append(note("chart not drawn (matplotlib is not installed)"))
+    for name, title in CHARTS.items():
+        encoded = base64.b64encode(images[name]).decode("ascii") if name in images else None
+        parts += [f"<h2>{title}</h2>", note("chart not drawn (matplotlib is not installed)") if encoded is None
+                  else f'<img alt="{title}" src="data:image/png;base64,{encoded}">']
     variants = report["variants"]
-    parts += ["<h2>Message tones (A/B)</h2>", text(variants["verdict"]),
-              html_table([SEGMENT_COLUMNS, *(segment_cells(a) for a in variants["arms"])]), note(variants["method"]),
-              "<h2>Who comes back: breakdowns</h2>", note(report["breakdown_method"])]
+    parts += ["<h2>Message tones (A/B)</h2>", text(variants["verdict"]), html_table(segment_rows(variants["arms"])),
+              note(variants["method"]), "<h2>Who comes back: breakdowns</h2>", note(report["breakdown_method"])]
     for entry in report["breakdowns"]:
-        columns = SEGMENT_COLUMNS if entry["compared_with"] else ["event", "invited", "returns", "rate (95% CI)"]
-        rows = [segment_cells(r)[: len(columns)] for r in entry["segments"]]
         parts += [f"<h3>{html.escape(entry['title'])}</h3>",
                   note(f"Compared with {entry['compared_with']}.") if entry["compared_with"] else "",
-                  html_table([columns, *rows]) if rows else note("No member in any segment.")]
+                  html_table(breakdown_rows(entry)) if entry["segments"] else note("No member in any segment.")]
     parts += ["<h2>Method</h2>", note(INTERVAL_METHOD + "."), note(TEST_METHOD + "."),
               note(report["method"]["came_back"]), note(report["method"]["pooling"])]
     return ("<!DOCTYPE html>\n<html lang=\"en\"><head><meta charset=\"utf-8\"><title>Return To Table measure</title>"
@@ -9975,9 +9581,8 @@ class MeasureOptions:
 
 def read_campaigns(transport: FirebaseTransport, options: MeasureOptions, issues: DataIssues,
                    errors: list[str]) -> list[ArchivedCampaign]:
-    """The archived campaigns in range (or ``--campaign``), read only: the ids from a shallow listing, each
-    one's metadata, then its messages and holdout. An id the database could not hold is counted; a
-    campaign that cannot be read is named in ``errors`` and skipped. A listing that fails raises."""
+    """The archived campaigns in range (or ``--campaign``); one unreadable is named in ``errors``; a listing that
+    fails raises."""
     ids = [options.campaign] if options.campaign else transport.child_keys("campaigns")
     campaigns = []
     for campaign_id in ids:
@@ -9989,9 +9594,8 @@ def read_campaigns(transport: FirebaseTransport, options: MeasureOptions, issues
             created = metadata_moment(metadata)
             if created is not None and not options.dates.holds(created):
                 continue
-            messages, _ = transport.get(f"campaigns/{campaign_id}/messages")
-            holdout, _ = transport.get(f"campaigns/{campaign_id}/holdout")
-            matches, _ = transport.get(f"campaigns/{campaign_id}/matches")
+            messages, holdout, matches = (transport.get(f"campaigns/{campaign_id}/{part}")[0]
+                                          for part in ("messages", "holdout", "matches"))
         except FirebaseError as exc:
             errors.append(f"campaign {campaign_id}: not read ({exc})")
             continue
@@ -10006,8 +9610,7 @@ def read_campaigns(transport: FirebaseTransport, options: MeasureOptions, issues
 
 
 def read_events(source: DataSource, issues: DataIssues) -> tuple[list[dict[str, Any]], list[str]]:
-    """The source's events, screened as the campaign screens them (read only), and ``["events"]`` when
-    there were none (empty input)."""
+    """The source's events, screened as the campaign screens them, and ``["events"]`` when there are none."""
     data = source.read()
     issues.add("unreadable_extended_json_values", data.bad_values)
     issues.add_all({kind: n for kind, n in data.skipped.items() if kind.startswith("events")})
@@ -10016,13 +9619,6 @@ def read_events(source: DataSource, issues: DataIssues) -> tuple[list[dict[str, 
     events, repeated = dedupe_by_id(screened.records)
     issues.add("repeated_event_ids", repeated)
     return events, [name for name in empty_collections(data) if name == "events"]
-
-
-def measure_campaigns(campaigns: Sequence[ArchivedCampaign], events: Sequence[Mapping[str, Any]], now: datetime,
-                      days: int, issues: DataIssues) -> list[tuple[ArchivedCampaign, Measurement]]:
-    """Every campaign's members followed through their windows and grouped."""
-    return [(c, measurement(group_tallies(followed)))
-            for c, followed in follow_campaigns(campaigns, events, now, days, issues)]
 
 
 def measure_report_paths(out_dir: Path, started: datetime) -> tuple[Path, Path]:
@@ -10034,16 +9630,8 @@ def measure_report_paths(out_dir: Path, started: datetime) -> tuple[Path, Path]:
     return reports / f"{stem}.json", reports / f"{stem}.md"
 
 
-def measure_exit_code(report: Mapping[str, Any]) -> int:
-    """3 when something needs a look (a campaign unreadable, no events or none after the messages, no campaign
-    measured), else 0."""
-    needs_a_look = report["errors"] or report["empty_input"] or report.get("events_note")
-    return EXIT_ATTENTION if needs_a_look or not report["campaigns_measured"] else EXIT_OK
-
-
 def stale_events_note(events: Iterable[Mapping[str, Any]], campaigns: Sequence[ArchivedCampaign]) -> str | None:
-    """When every event of the source starts before the first message (or hold-out) measured, nobody could have
-    come back yet: the sentence that says so plainly, else None."""
+    """The sentence saying nobody could have come back yet when every event starts before the first message."""
     first = min((o.reference for c in campaigns for o in c.observations), default=None)
     latest = max((start for e in events if (start := to_utc(e.get("startDate"))) is not None), default=None)
     if first is None or latest is None or latest > first:
@@ -10132,17 +9720,17 @@ def run_measure(args: argparse.Namespace, env: Mapping[str, str] | None, mongo_c
     issues, errors = DataIssues(), []
     campaigns = read_campaigns(transport, options, issues, errors)
     source = make_source(options.run, settings, logger, mongo_client)
+    closing.callback(source.close)
     if isinstance(source, MongoSource) and mongo_client is None:
         closing.callback(source.client.close)
     events, empty = read_events(source, issues)
     followed = follow_campaigns(campaigns, events, options.run.now, options.window_days, issues)
-    measured = [(c, measurement(group_tallies(f))) for c, f in followed]
+    measured = [(c, Measurement.of(f)) for c, f in followed]
     report = measure_report(run_date=started, now=options.run.now, window_days=options.window_days,
                             dates=options.dates, campaign=options.campaign, source_label=source.label,
-                            archive=transport.description, measured=measured,
-                            pooled=pooled_measurement([m for _, m in measured]), issues=issues, errors=errors,
+                            archive=transport.description, measured=measured, issues=issues, errors=errors,
                             empty_input=empty, events_note=stale_events_note(events, campaigns))
-    report.update(learned_json([f for _, fs in followed for f in fs], events))
+    report.update(learned_json([f for _, fs in followed for f in fs]))
     report["funnel"] = measure_funnel(report, report_funnel(options.run.out_dir / "reports",
                                                             {c.campaign_id for c in campaigns}))
     json_path, md_path = measure_report_paths(options.run.out_dir, started)
@@ -10153,7 +9741,8 @@ def run_measure(args: argparse.Namespace, env: Mapping[str, str] | None, mongo_c
     print(measure_console(report, md_path), end="")
     for problem in measure_problems(report, source):
         print(problem, file=sys.stderr)
-    return measure_exit_code(report)
+    needs_a_look = report["errors"] or report["empty_input"] or report["events_note"]  # MEASURE_EXIT_CODES_HELP
+    return EXIT_ATTENTION if needs_a_look or not report["campaigns_measured"] else EXIT_OK
 
 
 def measure_problems(report: Mapping[str, Any], source: DataSource) -> list[str]:
@@ -10165,7 +9754,6 @@ def measure_problems(report: Mapping[str, Any], source: DataSource) -> list[str]
     if not report["campaigns_measured"]:
         problems.append(f"warning: no archived campaign in range in {report['archive']}")
     return problems
-
 
 
 # =============================================================================================
