@@ -5161,12 +5161,14 @@ def frozen_gc() -> Iterator[None]:
     """No cyclic garbage collection while the read decodes (its records hold no cycles), and what it read kept
     out of every later collection (``gc.freeze``; ``close`` unfreezes): a million-member read leaves millions of
     objects that each collection would walk again (at 1M members, ~4 s of CPU in steps 1-2, measured)."""
+    enabled = gc.isenabled()
     gc.disable()
     try:
         yield
         gc.freeze()
     finally:
-        gc.enable()
+        if enabled:
+            gc.enable()
 
 
 def consent_rows_of_file(path: Path, keys: Collection[str], control: RunControl | None = None,
@@ -5319,12 +5321,12 @@ def engine_records(path: Path) -> str:
     form = "array" if body.startswith(b"[") else "newline_delimited"
     name = str(path).replace("'", "''")
     return (f"(SELECT ordinality AS n, json AS doc FROM read_json_objects('{name}', format='{form}',"
-            f" maximum_object_size={ENGINE_MAX_RECORD_BYTES}) WITH ORDINALITY)")
+            f" maximum_object_size={ENGINE_OBJECT_BYTES}) WITH ORDINALITY)")
 
 
-# The longest record the engine reads: twice MongoDB's 16 MB document limit (a longer one makes the folder read the
-# literal way). The engine's read buffers grow with it: at 1 GB, reading 300 MB of members held ~370 MB, at this ~140 MB.
-ENGINE_MAX_RECORD_BYTES = 32 * 2**20
+# The engine's ``maximum_object_size``: its read buffers grow with it (reading 300 MB of members held ~370 MB at 1 GB,
+# ~140 MB at this); a longer record is still read (one of 40 MB was, measured).
+ENGINE_OBJECT_BYTES = 32 * 2**20
 
 
 # Each file is read once: the events first (each one's id, members, start, and its text when step 1 reads it
