@@ -5380,8 +5380,8 @@ ENGINE_DORMANT = """
 CREATE TEMP TABLE dormant AS SELECT u.n, u.key, a.events, a.last FROM users_kept u JOIN activity a ON a.member = u.key
 WHERE a.last > $after AND a.last <= $until
 """
-# What step 1 reads whole, kept apart (the texts of the dormant members and of step 2's candidates, those naming a
-# member who has a preference key), and each dormant member's events, read when the walk reaches them
+# What step 1 reads whole, kept apart (the texts of the dormant members, of step 2's candidates and of the members
+# holding a consent key), and each dormant member's events, read when the walk reaches them
 # (``EngineHistory``) as ``member_history`` reads them: id, host, place, tags, venue and name (start and members:
 # the engine's). Then the scans' tables go, before Python decodes the texts.
 ENGINE_KEEP = """
