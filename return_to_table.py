@@ -5325,8 +5325,8 @@ def engine_records(path: Path) -> str:
 
 
 # The engine's ``maximum_object_size``: its read buffers grow with it (reading 300 MB of members held ~370 MB at 1 GB,
-# ~140 MB at this); a longer record is still read (one of 40 MB was, measured).
-ENGINE_OBJECT_BYTES = 32 * 2**20
+# ~140 MB at 32 MB, ~110 MB at this); a longer record is still read (one of 40 MB was, measured).
+ENGINE_OBJECT_BYTES = 16 * 2**20
 
 
 # Each file is read once: the events first (each one's id, members, start, and its text when step 1 reads it
