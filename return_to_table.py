@@ -58,6 +58,8 @@ import sys
 # (3.11), a thread whose stack it could not map, a compiled module it could not map.
 OUT_OF_MEMORY_SIGNS = {SystemError: "without exception set", RuntimeError: "can't start new thread",
                        ImportError: "failed to map segment"}
+OUT_OF_MEMORY = ("out of memory (MemoryError): stopped, nothing half-written; give the run more memory (ulimit -v, "
+                 "the container's limit) or a smaller input")
 
 
 def out_of_memory(exc: BaseException) -> bool:
@@ -68,15 +70,10 @@ def out_of_memory(exc: BaseException) -> bool:
             or (sign is not None and sign in str(exc)) or type(exc).__name__ == "OutOfMemoryException")
 
 
-OUT_OF_MEMORY = ("out of memory (MemoryError): stopped, nothing half-written; give the run more memory (ulimit -v, "
-                 "the container's limit) or a smaller input")
-
-
 def stop_at_once(signum: int, _frame: object) -> None:
-    """A signal outside a run's steps (while the script starts, parses, checks its settings, or after
-    the report): one line, then exit 130 (SIGINT) or 143 (SIGTERM) at once. Nothing is held then and every
-    file is written atomically, so nothing is left half-done. ``os.write``: no buffered stream is re-entered."""
-    name = "SIGINT" if signum == signal.SIGINT else "SIGTERM" if signum == signal.SIGTERM else f"signal {signum}"
+    """SIGINT or SIGTERM outside a run's steps (starting, parsing, checking settings, after the report): one line,
+    exit 130/143 at once; nothing is held then, every file is written atomically. ``os.write`` re-enters no stream."""
+    name = signal.Signals(signum).name
     os.write(2, f"error: interrupted by {name}; stopped at once (no run's steps were under way)\n".encode())
     os._exit(128 + signum)
 
@@ -105,6 +102,7 @@ import dataclasses
 import difflib
 import fcntl
 import functools
+import gc
 import hashlib
 import heapq
 import itertools
@@ -123,7 +121,7 @@ import threading
 import time
 import unicodedata
 from collections import Counter
-from collections.abc import Collection, Iterable, Iterator, Mapping, Sequence
+from collections.abc import Callable, Collection, Iterable, Iterator, Mapping, Sequence
 from concurrent.futures import ThreadPoolExecutor
 from contextlib import ExitStack
 from dataclasses import dataclass, field, replace
@@ -132,11 +130,12 @@ from datetime import time as dt_time
 from enum import Enum, IntEnum
 from pathlib import Path
 from statistics import NormalDist
-from types import MappingProxyType
-from typing import Any, NamedTuple, NotRequired, Protocol, Self, TypedDict
+from types import MappingProxyType, SimpleNamespace
+from typing import Any, NamedTuple, NotRequired, Protocol, TypedDict
 from urllib.parse import quote_plus
 from zoneinfo import ZoneInfo, ZoneInfoNotFoundError
 
+import numpy as np
 import phonenumbers
 import phonenumbers.timezone
 from bson import ObjectId, json_util
@@ -239,33 +238,26 @@ class ServiceTimeout(ServiceError):
 
 
 class RunControl:
-    """When the run must stop starting new work: a signal (SIGINT/SIGTERM) or the deadline.
-
-    Every remote call asks it for its time budget, so no service can hold the run past the
-    deadline, and after a stop, calls in flight get ``GRACE_SECONDS`` at most.
-    """
+    """When the run must stop starting new work: a signal (SIGINT/SIGTERM) or the deadline. Every remote call asks
+    it for its time budget, so no service holds the run past the deadline, nor past ``GRACE_SECONDS`` after a stop."""
 
     def __init__(self, deadline_seconds: float | None = None, clock: Any = time.monotonic) -> None:
         self.clock = clock
-        self.deadline = None if deadline_seconds is None else clock() + deadline_seconds
+        self.deadline = math.inf if deadline_seconds is None else clock() + deadline_seconds
         self.signal: int | None = None
-        self._stopped_at: float | None = None
-        self._event = threading.Event()
+        self._stopped_at = math.inf
 
     def request_stop(self, signum: int) -> None:
         """The first signal: finish what is in flight, then report. (The handler exits on the second.)"""
         self.signal = signum
         self._stopped_at = self.clock()
-        self._event.set()
 
     @property
     def status(self) -> str:
         """``completed``, ``interrupted`` (a signal) or ``deadline``: the report's ``status``."""
         if self.signal is not None:
             return "interrupted"
-        if self.deadline is not None and self.clock() >= self.deadline:
-            return "deadline"
-        return "completed"
+        return "deadline" if self.clock() >= self.deadline else "completed"
 
     @property
     def stopping(self) -> bool:
@@ -274,24 +266,18 @@ class RunControl:
     def until_deadline(self) -> float:
         """Seconds left until the deadline (``math.inf`` without one): how long the run may wait for a helper
         of its own work. A signal does not cut it, as it cuts ``budget``: the report still needs that work."""
-        return math.inf if self.deadline is None else max(0.0, self.deadline - self.clock())
+        return max(0.0, self.deadline - self.clock())
 
     def budget(self, wanted: float) -> float:
         """Seconds a new or running call may take: ``wanted``, cut at the deadline (plus grace once stopped)."""
         now = self.clock()
-        limits = [wanted]
-        if self._stopped_at is not None:
-            limits.append(self._stopped_at + GRACE_SECONDS - now)
-        if self.deadline is not None:
-            limits.append(self.deadline + (GRACE_SECONDS if now >= self.deadline else 0.0) - now)
-        return max(0.0, min(limits))
+        deadline = self.deadline + (GRACE_SECONDS if now >= self.deadline else 0.0)
+        return max(0.0, min(wanted, self._stopped_at + GRACE_SECONDS - now, deadline - now))
 
 
 class Worker:
-    """``fn()`` in a daemon thread whose outcome reaches the thread that waits for it: the value, or the
-    exception raised again there (a MemoryError too), so a helper's failure is never lost in its thread
-    and never printed by it. Every helper thread of a run is one of these (``bounded_call``), so one rule
-    holds for all: ``wait`` is bounded."""
+    """``fn()`` in a daemon thread whose value, or exception (a MemoryError too), reaches the thread that waits for
+    it, never lost or printed in its own. Every helper thread of a run is one (``bounded_call``): waits are bounded."""
 
     def __init__(self, fn: Any, name: str) -> None:
         self._box: dict[str, Any] = {}
@@ -319,11 +305,8 @@ UNTIL_THE_DEADLINE = "(waited for until the run's --deadline-minutes)"  # a help
 
 
 def bounded_call(fn: Any, seconds: float, what: str) -> Any:
-    """``fn()`` in a daemon thread, waited for at most ``seconds`` of wall time.
-
-    Per-read socket timeouts cannot stop a server that answers one byte at a time; this can. A call
-    that overruns is abandoned (its thread dies with the process) and raises ServiceTimeout.
-    """
+    """``fn()`` waited for at most ``seconds`` of wall time, which per-read socket timeouts cannot promise (a server
+    may answer one byte at a time); an overrun is abandoned (a daemon thread) and raises ServiceTimeout."""
     return Worker(fn, f"call-{what}").wait(seconds, what)
 
 
@@ -337,35 +320,31 @@ class QuietHours(NamedTuple):
     end: dt_time
 
     @classmethod
-    def parse(cls, text: str) -> QuietHours:
-        """``"21:00-08:00"`` (HH:MM-HH:MM, 24-hour); a usage error otherwise."""
+    def setting(cls, text: str) -> QuietHours:
+        """``QUIET_HOURS`` (HH:MM-HH:MM, 24-hour), at least ``DEFAULT_QUIET_HOURS``: the hours it leaves for sending
+        lie within 8am-9pm local (a stricter window is fine); else a usage error that says which rule it breaks."""
         found = re.fullmatch(r"\s*(\d{1,2}):(\d{2})\s*-\s*(\d{1,2}):(\d{2})\s*", text)
         if not found:
             raise UsageError(f"QUIET_HOURS={text!r} must be HH:MM-HH:MM, e.g. 21:00-08:00")
         h1, m1, h2, m2 = (int(g) for g in found.groups())
         if not (h1 < 24 and h2 < 24 and m1 < 60 and m2 < 60) or (h1, m1) == (h2, m2):
             raise UsageError(f"QUIET_HOURS={text!r} must be two different times of day, e.g. 21:00-08:00")
-        return cls(dt_time(h1, m1), dt_time(h2, m2))
+        quiet = cls(dt_time(h1, m1), dt_time(h2, m2))
+        if not DEFAULT_QUIET.end <= quiet.end < quiet.start <= DEFAULT_QUIET.start:
+            raise UsageError(f"QUIET_HOURS={text!r} would let texts go out before 8am or after 9pm local: it names "
+                             f"the hours when no text may go out, at least {DEFAULT_QUIET_HOURS} (a longer quiet "
+                             "window such as 20:00-09:00 is fine)")
+        return quiet
 
 
-DEFAULT_QUIET = QuietHours.parse(DEFAULT_QUIET_HOURS)
-
-
-def quiet_hours_setting(text: str) -> QuietHours:
-    """``QUIET_HOURS`` parsed, and at least ``DEFAULT_QUIET_HOURS``: the hours it leaves for sending lie
-    within 8am-9pm local (a stricter window is fine); else a usage error that says so."""
-    quiet = QuietHours.parse(text)
-    if not DEFAULT_QUIET.end <= quiet.end < quiet.start <= DEFAULT_QUIET.start:
-        raise UsageError(f"QUIET_HOURS={text!r} would let texts go out before 8am or after 9pm local: it names "
-                         f"the hours when no text may go out, at least {DEFAULT_QUIET_HOURS} (a longer quiet window "
-                         "such as 20:00-09:00 is fine)")
-    return quiet
+DEFAULT_QUIET = QuietHours(dt_time(21, 0), dt_time(8, 0))  # DEFAULT_QUIET_HOURS
 DEFAULT_OPT_OUT_FIELDS = ("smsOptOut", "sms_opt_out", "unsubscribed", "doNotText", "optOut.sms")
 DEFAULT_CONSENT_FIELDS = ("smsConsent", "allowSms", "notificationSettings.sms", "preferences.sms")
 
 
-def field_paths(text: str | None, default: tuple[str, ...], name: str) -> tuple[str, ...]:
-    """A comma-separated list of dotted field paths (``SMS_OPT_OUT_FIELDS``); unset: ``default``."""
+def field_paths(get: Any, name: str, default: tuple[str, ...]) -> tuple[str, ...]:
+    """The comma-separated dotted field paths variable ``name`` holds (``SMS_OPT_OUT_FIELDS``); unset: ``default``."""
+    text = get(name)
     if text is None:
         return default
     paths = tuple(p.strip() for p in text.split(",") if p.strip())
@@ -388,29 +367,30 @@ class SmsPolicy:
     opt_out_added_later: bool = False  # SMS_OPT_OUT_TEXT=none: the sending system adds the opt-out text
 
     @classmethod
-    def from_env(cls, get: Any, env: Mapping[str, str] | None = None) -> SmsPolicy:
-        """The policy from ``get`` (a variable's stripped value, None when unset or empty); ``env`` tells an
-        empty SMS_DEFAULT_REGION from an unset one. Every value is checked here, before anything runs: a
-        sender or opt-out text that breaks the SMS contract is a usage error (``sms_policy_problem``)."""
-        region = sms_region(get("SMS_DEFAULT_REGION"), "SMS_DEFAULT_REGION" in (env or {}))
+    def from_env(cls, get: Any, env: Mapping[str, str]) -> SmsPolicy:
+        """The policy from ``get`` (a variable's stripped value, None when unset or empty), each value checked before
+        anything runs: a text no message could carry (``sms_policy_problem``) would skip every member."""
+        if get("SMS_DEFAULT_REGION") is None and "SMS_DEFAULT_REGION" in env:  # national numbers in no region
+            raise UsageError("SMS_DEFAULT_REGION is set but empty: set a region such as US, or remove the line")
+        region = (get("SMS_DEFAULT_REGION") or "US").upper()
+        if region not in phonenumbers.SUPPORTED_REGIONS:  # XX, ZZ too
+            raise UsageError(f"SMS_DEFAULT_REGION={region[:20]!r} is not a region phonenumbers knows "
+                             "(two letters, such as US or GB)")
         sender, opt_out = get("SMS_SENDER"), get("SMS_OPT_OUT_TEXT")
         added_later = (opt_out or "").lower() == OPT_OUT_ADDED_LATER
         opt_out = None if added_later else opt_out
         for name, value in (("SMS_SENDER", sender), ("SMS_OPT_OUT_TEXT", opt_out)):
             if value is not None and (len(value) > 60 or any(unicodedata.category(ch)[0] == "C" for ch in value)):
                 raise UsageError(f"{name} must be one line of at most 60 characters")
-        return cls(default_region=region,
-                   opt_out_fields=field_paths(get("SMS_OPT_OUT_FIELDS"), DEFAULT_OPT_OUT_FIELDS, "SMS_OPT_OUT_FIELDS"),
-                   consent_fields=field_paths(get("SMS_CONSENT_FIELDS"), DEFAULT_CONSENT_FIELDS, "SMS_CONSENT_FIELDS"),
-                   quiet_hours=quiet_hours_setting(get("QUIET_HOURS") or DEFAULT_QUIET_HOURS),
-                   sender=sender, opt_out_text=opt_out, opt_out_added_later=added_later).checked()
-
-    def checked(self) -> SmsPolicy:
-        """This policy, or a usage error naming the variable whose text no message could carry."""
-        problem = sms_policy_problem(self)
-        if problem:  # otherwise every member would be skipped, each for a message that cannot be sent
+        policy = cls(default_region=region,
+                     opt_out_fields=field_paths(get, "SMS_OPT_OUT_FIELDS", DEFAULT_OPT_OUT_FIELDS),
+                     consent_fields=field_paths(get, "SMS_CONSENT_FIELDS", DEFAULT_CONSENT_FIELDS),
+                     quiet_hours=QuietHours.setting(get("QUIET_HOURS") or DEFAULT_QUIET_HOURS),
+                     sender=sender, opt_out_text=opt_out, opt_out_added_later=added_later)
+        problem = sms_policy_problem(policy)
+        if problem:
             raise UsageError(problem)
-        return self
+        return policy
 
     def compliance_problem(self) -> str | None:
         """Why a run may not write messages for review with this policy, or None: every message names the
@@ -430,18 +410,6 @@ class SmsPolicy:
                        opt_out_added_later=False)
 
 
-def sms_region(value: str | None, present: bool) -> str:
-    """``SMS_DEFAULT_REGION``: a region phonenumbers knows (``US``, ``GB``); unset means US, set but empty
-    (or ``XX``, ``ZZ``) is a usage error: national numbers would be read in no region at all."""
-    if value is None and present:
-        raise UsageError("SMS_DEFAULT_REGION is set but empty: set a region such as US, or remove the line")
-    region = (value or "US").upper()
-    if region not in phonenumbers.SUPPORTED_REGIONS:
-        raise UsageError(f"SMS_DEFAULT_REGION={region[:20]!r} is not a region phonenumbers knows "
-                         "(two letters, such as US or GB)")
-    return region
-
-
 OPT_OUT_ADDED_LATER = "none"  # SMS_OPT_OUT_TEXT=none: no opt-out text in the message, the sending system adds it
 DEMO_SENDER, DEMO_OPT_OUT_TEXT = "Cuculi", "Reply STOP to opt out"  # --demo's sample compliance text
 
@@ -451,23 +419,10 @@ CONFIG_PREFIXES = ("MONGO_", "FIREBASE_", "GOOGLE_APPLICATION_CREDENTIALS", "ANT
                    "QUIET_HOURS", "NEIGHBOURHOODS_CSV")  # the variables this tool reads (the README's table)
 
 
-def placeholder_problem(env: Mapping[str, str]) -> str | None:
-    """Which of this tool's variables still hold a ``<...>`` placeholder (a .env copied unchanged from
-    .env.example), or None; names only, never a value (a real one may be a secret)."""
-    names = sorted(name for name, value in env.items()
-                   if name.startswith(CONFIG_PREFIXES) and isinstance(value, str) and PLACEHOLDER.search(value))
-    if not names:
-        return None
-    return (f"{', '.join(names)} still {'holds a placeholder' if len(names) == 1 else 'hold placeholders'} "
-            "like <...> from .env.example: set real values or delete those lines")
-
-
 @dataclass(frozen=True)
 class Settings:
-    """What the environment (and ``.env``) configures: services, secrets and the campaign zone.
-
-    No secret, host or database name has a default here: an unset value means "not configured".
-    """
+    """What the environment (and ``.env``) configures: services, secrets and the campaign zone. No secret, host
+    or database name has a default here: an unset value means "not configured"."""
 
     mongo_uri: str | None = None
     mongo_db_name: str | None = None
@@ -485,24 +440,24 @@ class Settings:
 
     @classmethod
     def from_env(cls, env: Mapping[str, str]) -> Settings:
-        """Read settings from a mapping (the process environment over ``.env``); a ``<...>`` placeholder
-        left from .env.example is a usage error before anything is used (``placeholder_problem``)."""
-        problem = placeholder_problem(env)
-        if problem:
-            raise UsageError(problem)
+        """Read settings from a mapping (the process environment over ``.env``); a ``<...>`` placeholder left
+        from .env.example is a usage error before anything is used, naming the variables, never a value (a secret)."""
+        names = sorted(name for name, value in env.items()
+                       if name.startswith(CONFIG_PREFIXES) and isinstance(value, str) and PLACEHOLDER.search(value))
+        if names:
+            hold = "holds a placeholder" if len(names) == 1 else "hold placeholders"
+            raise UsageError(f"{', '.join(names)} still {hold} like <...> from .env.example: set real values or "
+                             "delete those lines")
 
         def get(name: str) -> str | None:
-            value = (env.get(name) or "").strip()
-            return value or None
+            return (env.get(name) or "").strip() or None
 
-        mongo_uri = get("MONGO_URI")
-        if not mongo_uri and get("MONGO_HOST"):
-            user, password, host = get("MONGO_USERNAME"), get("MONGO_PASSWORD"), get("MONGO_HOST")
+        mongo_uri, host = get("MONGO_URI"), get("MONGO_HOST")
+        if not mongo_uri and host:
+            user, password = get("MONGO_USERNAME"), get("MONGO_PASSWORD")
             if not (user and password):
-                raise UsageError("MONGO_HOST is set: set MONGO_USERNAME and MONGO_PASSWORD too "
-                                 "(or one MONGO_URI)")
-            credentials = f"{quote_plus(user)}:{quote_plus(password)}"
-            mongo_uri = f"mongodb+srv://{credentials}@{host}/?retryWrites=true&w=majority"
+                raise UsageError("MONGO_HOST is set: set MONGO_USERNAME and MONGO_PASSWORD too (or one MONGO_URI)")
+            mongo_uri = f"mongodb+srv://{quote_plus(user)}:{quote_plus(password)}@{host}/?retryWrites=true&w=majority"
         try:
             firebase_timeout = float(get("FIREBASE_TIMEOUT") or cls.firebase_timeout)
         except ValueError:
@@ -548,24 +503,15 @@ def segment_price(text: str | None) -> float | None:
     return price
 
 
-BASE_PATH_RULE = ("a path inside the database: names separated by '/', none of them '.' or '..', "
-                  "empty, or holding . $ # [ ] \\ or control characters")
-
-
 def database_path(text: str) -> str:
-    """``FIREBASE_BASE_PATH`` as the database path it names, or UsageError (exit 2).
-
-    It is a path inside the database, never on disk: the local mirror joins it under ``--out``, so
-    nothing that could leave that folder is accepted (``..``, ``../../x``, ``a//b``, a backslash, a
-    name the database would refuse as a key). Slashes at either end name the database's root, as in
-    its URLs (``/Staging/`` is ``Staging``; ``/`` alone is the root itself).
-    """
+    """``FIREBASE_BASE_PATH`` as the database path it names (the local mirror joins it under ``--out``: nothing
+    that could leave it passes), or UsageError; slashes at either end name the root (``/Staging/``: ``Staging``)."""
     inner = text.strip().strip("/")
     segments = inner.split("/") if inner else []
-    for segment in segments:
-        if (not segment or "\\" in segment or FORBIDDEN_KEY.search(segment)
-                or len(segment.encode("utf-8")) > MAX_KEY_BYTES):
-            raise UsageError(f"FIREBASE_BASE_PATH={text[:100]!r} is not {BASE_PATH_RULE}")
+    if any(not segment or "\\" in segment or FORBIDDEN_KEY.search(segment)
+           or len(segment.encode("utf-8")) > MAX_KEY_BYTES for segment in segments):
+        raise UsageError(f"FIREBASE_BASE_PATH={text[:100]!r} is not a path inside the database: names separated "
+                         "by '/', none of them '.' or '..', empty, or holding . $ # [ ] \\ or control characters")
     return "/".join(segments)
 
 
@@ -626,7 +572,8 @@ class RunOptions:
 
     def report_stem(self, campaign_id: str) -> Path:
         """``reports/return_to_table_report_{campaign_id}`` (``_dry-run`` after it for a rehearsal)."""
-        return self.out_dir / "reports" / f"return_to_table_report_{campaign_id}{'_' + DRY_RUN_NAME if self.dry_run else ''}"
+        rehearsal = f"_{DRY_RUN_NAME}" if self.dry_run else ""
+        return self.out_dir / "reports" / f"return_to_table_report_{campaign_id}{rehearsal}"
 
 
 DRY_RUN_NAME = "dry-run"  # a rehearsal's data folder (data/dry-run/) and report names say so
@@ -635,43 +582,34 @@ DRY_RUN_NAME = "dry-run"  # a rehearsal's data folder (data/dry-run/) and report
 class QuietFileHandler(logging.FileHandler):
     """The run's log file; a failing write (full disk) never prints a traceback to cron mail."""
 
-    failed = False
-
     def handleError(self, record: logging.LogRecord) -> None:
-        self.failed = True
+        pass
 
 
-class ConsoleFilter(logging.Filter):
-    """The console's level, except that the final summary line (``extra={"summary": True}``) always shows,
+@dataclass(frozen=True)
+class ConsoleFilter:
+    """The console's ``level``, except that the final summary line (``extra={"summary": True}``) always shows,
     and a line for the log file only (``FILE_ONLY``: an error ``raw_main`` prints on stderr) never does."""
 
-    def __init__(self, level: int) -> None:
-        super().__init__()
-        self.level = level
+    level: int
 
     def filter(self, record: logging.LogRecord) -> bool:
-        if getattr(record, "file_only", False):
-            return False
-        return record.levelno >= self.level or getattr(record, "summary", False)
+        summary = getattr(record, "summary", False)
+        return not getattr(record, "file_only", False) and (record.levelno >= self.level or summary)
 
 
 FILE_ONLY = {"file_only": True}  # ``extra=`` of a log line cron mail already gets once, on stderr
 
 
-def setup_logging(out_dir: Path, now: datetime, *, verbose: bool = False, quiet: bool = False,
-                  keep_logs_days: int = 0) -> tuple[logging.Logger, Path]:
-    """The plan's logging: a timestamped DEBUG file under ``logs/`` and INFO on the console.
-
-    ``--quiet`` keeps the console to warnings and the final summary, so cron mail stays short.
-    Console and INFO lines never carry an email address or a phone number.
-    """
-    log_dir = out_dir / "logs"
+def setup_logging(options: RunOptions) -> logging.Logger:
+    """The plan's logging: a timestamped DEBUG file under ``logs/``, INFO on the console (``--quiet``: warnings
+    and the summary, for short cron mail). Console and INFO lines never carry an email address or a phone number."""
+    log_dir, now = options.out_dir / "logs", datetime.now(UTC)
     try:
         log_dir.mkdir(parents=True, exist_ok=True)
-        pruned = prune_logs(log_dir, now, keep_logs_days)
+        pruned = prune_logs(log_dir, now, options.keep_logs_days)
         log_file = log_dir / f"return_to_table_{now.strftime('%Y-%m-%d_%H-%M-%S')}.log"
-        fd = os.open(log_file, os.O_WRONLY | os.O_CREAT | os.O_APPEND, 0o600)  # it names members
-        os.close(fd)
+        os.close(os.open(log_file, os.O_WRONLY | os.O_CREAT | os.O_APPEND, 0o600))  # it names members
         file_handler = QuietFileHandler(log_file, encoding="utf-8")
     except OSError as exc:
         raise OutputError(f"{log_dir}: cannot write the log ({exc.strerror or exc.__class__.__name__})") from None
@@ -679,19 +617,18 @@ def setup_logging(out_dir: Path, now: datetime, *, verbose: bool = False, quiet:
     logger.setLevel(logging.DEBUG)
     logger.propagate = False
     close_logging(logger)  # a second run in the same process starts clean
-    file_handler.setLevel(logging.DEBUG)
     file_handler.setFormatter(logging.Formatter(
         "%(asctime)s - %(name)s - %(levelname)s - %(message)s", datefmt="%Y-%m-%d %H:%M:%S"))
     console = logging.StreamHandler(sys.stdout)
-    console.setLevel(logging.DEBUG)
-    console.addFilter(ConsoleFilter(logging.WARNING if quiet else logging.DEBUG if verbose else logging.INFO))
+    console.addFilter(ConsoleFilter(logging.WARNING if options.quiet else logging.DEBUG if options.verbose
+                                    else logging.INFO))
     console.setFormatter(logging.Formatter("%(levelname)s - %(message)s"))
     logger.addHandler(file_handler)
     logger.addHandler(console)
     logger.info("Logging initialized. Log file: %s", log_file)
     if pruned:
-        logger.info("Removed %d log files older than %d days", pruned, keep_logs_days)
-    return logger, log_file
+        logger.info("Removed %d log files older than %d days", pruned, options.keep_logs_days)
+    return logger
 
 
 def prune_logs(log_dir: Path, now: datetime, keep_days: int) -> int:
@@ -701,13 +638,11 @@ def prune_logs(log_dir: Path, now: datetime, keep_days: int) -> int:
     cutoff = days_before(now, keep_days).timestamp()
     removed = 0
     for path in log_dir.iterdir():
-        try:
+        with contextlib.suppress(OSError):
             if LOG_FILE_PATTERN.match(path.name) and path.is_file() and not path.is_symlink() \
                     and path.stat().st_mtime < cutoff:
                 path.unlink()
                 removed += 1
-        except OSError:
-            continue
     return removed
 
 
@@ -717,33 +652,25 @@ def close_logging(logger: logging.Logger) -> None:
         logger.removeHandler(handler)
 
 
-class RunLock:
+@contextlib.contextmanager
+def run_lock(out_dir: Path) -> Iterator[None]:
     """One run at a time per ``--out``: ``flock`` on a lock file, released by the kernel when the process
     ends, however it ends, so a killed run leaves no stale lock."""
-
-    def __init__(self, out_dir: Path) -> None:
-        self.path = out_dir / LOCK_FILE
-        self.fd: int | None = None
-
-    def __enter__(self) -> Self:
+    path = out_dir / LOCK_FILE
+    try:
+        fd = os.open(path, os.O_RDWR | os.O_CREAT, 0o600)
+    except OSError as exc:
+        raise OutputError(f"{path}: cannot open the lock file ({exc.strerror})") from None
+    try:
         try:
-            self.fd = os.open(self.path, os.O_RDWR | os.O_CREAT, 0o600)
-        except OSError as exc:
-            raise OutputError(f"{self.path}: cannot open the lock file ({exc.strerror})") from None
-        try:
-            fcntl.flock(self.fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
         except BlockingIOError:
-            os.close(self.fd)
-            self.fd = None
-            raise Locked(f"another run holds the lock {self.path}; not started") from None
-        os.ftruncate(self.fd, 0)
-        os.write(self.fd, f"{os.getpid()}\n".encode())  # for the operator: who holds it
-        return self
-
-    def __exit__(self, *exc: object) -> None:
-        if self.fd is not None:
-            os.close(self.fd)  # closing releases the flock
-            self.fd = None
+            raise Locked(f"another run holds the lock {path}; not started") from None
+        os.ftruncate(fd, 0)
+        os.write(fd, f"{os.getpid()}\n".encode())  # for the operator: who holds it
+        yield
+    finally:
+        os.close(fd)  # closing releases the flock
 
 
 # --- files read back from under --out: regular files only, bounded, never through a link ----------
@@ -756,8 +683,7 @@ class RefusedFile(OSError):
 
 
 def exists_without_links(path: Path, under: Path) -> bool:
-    """Whether ``path`` exists inside ``under``; RefusedFile when it is outside, or a symbolic link is on
-    the way from ``under`` down to it (itself included)."""
+    """Whether ``path`` exists inside ``under``; RefusedFile when it is outside, or a symbolic link is on the way."""
     try:
         steps = path.relative_to(under).parts
     except ValueError:
@@ -774,12 +700,8 @@ def exists_without_links(path: Path, under: Path) -> bool:
 
 
 def read_regular_file(path: Path, under: Path, limit: int | None = None) -> bytes | None:
-    """The bytes of ``path``, a regular file inside ``under`` reached without any symbolic link (none from
-    ``under`` down, nor the file itself), at most ``limit`` bytes; None when it does not exist.
-
-    The one way files under ``--out`` are read back (the local mirror, so ``measure`` too): a link to
-    ``/dev/zero``, a FIFO, a device or a huge file raises RefusedFile instead of being read until memory
-    runs out or forever."""
+    """The bytes of ``path``, a regular file inside ``under`` reached through no symbolic link, at most ``limit``
+    bytes, or None when missing: how files under ``--out`` are read back (a FIFO, a huge file: RefusedFile)."""
     limit = MAX_READ_BYTES if limit is None else limit
     if not exists_without_links(path, under):
         return None
@@ -800,18 +722,8 @@ def read_regular_file(path: Path, under: Path, limit: int | None = None) -> byte
 
 
 def atomic_write(path: Path, write: Any, *, private: bool = False) -> None:
-    """Write a file so that a kill at any moment leaves the old file or the new one, never a torn one.
-
-    A uniquely named temporary file in the same folder is written through ``write(handle)``, flushed
-    and synced, then renamed over ``path``. Any OSError (full disk, read-only folder) removes the
-    temporary file and becomes an OutputError; the old file stays as it was.
-    """
-    commit_staged(staged_write(path, write, private=private), path)
-
-
-def staged_write(path: Path, write: Any, *, private: bool = False) -> str:
-    """``atomic_write`` up to the rename: the synced temporary file's path, for ``commit_staged`` (or
-    ``discard_staged``) to put in place later."""
+    """Write ``path`` through ``write(handle)`` so that a kill at any moment leaves the old file or the new one:
+    a temporary file beside it, synced, renamed over it. An OSError (full disk) is an OutputError, the old kept."""
     tmp: str | None = None
     try:
         path.parent.mkdir(parents=True, exist_ok=True)
@@ -821,32 +733,14 @@ def staged_write(path: Path, write: Any, *, private: bool = False) -> str:
             write(handle)
             handle.flush()
             os.fsync(handle.fileno())
-        staged, tmp = tmp, None
-        return staged
+        os.replace(tmp, path)
+        tmp = None
     except OSError as exc:
-        raise write_failure(path, exc) from None
+        raise OutputError(f"cannot write {path} ({exc.strerror or exc.__class__.__name__})") from None
     finally:
         if tmp is not None:
-            discard_staged(tmp)
-
-
-def commit_staged(tmp: str, path: Path) -> None:
-    """A staged file renamed over ``path`` (atomic); on failure it is removed and the old file stays."""
-    try:
-        os.replace(tmp, path)
-    except OSError as exc:
-        discard_staged(tmp)
-        raise write_failure(path, exc) from None
-
-
-def write_failure(path: Path, exc: OSError) -> OutputError:
-    """The one-line error of a file that could not be written (staged or put in place)."""
-    return OutputError(f"cannot write {path} ({exc.strerror or exc.__class__.__name__})")
-
-
-def discard_staged(tmp: str) -> None:
-    with contextlib.suppress(OSError):
-        os.unlink(tmp)
+            with contextlib.suppress(OSError):
+                os.unlink(tmp)
 
 
 def write_json(path: Path, value: Any, *, private: bool = False) -> None:
@@ -858,36 +752,29 @@ JSON_CHUNK_ITEMS = 1000  # a list is written this many items at a time: never th
 
 
 def dump_json(value: Any, handle: Any) -> None:
-    """``value`` as ``json.dump(indent=2, ensure_ascii=False, default=str)`` lays it out, and a line feed.
-
-    A list (a member list can be hundreds of megabytes) is written ``JSON_CHUNK_ITEMS`` items at a time:
-    each slice encoded as one indented list (``json_bytes``: orjson lays a list's items out as the whole
-    list's), its brackets dropped, the slices joined as a list's items are."""
-    handle.flush()
-    out = handle.buffer
+    """``value`` as ``json.dump(indent=2, ensure_ascii=False, default=str)`` lays it out, and a line feed; a list
+    ``JSON_CHUNK_ITEMS`` items at a time, each slice encoded as one list (``json_bytes``), its brackets dropped."""
     if not isinstance(value, (list, tuple)) or not value:
-        out.write(json_bytes(value) + b"\n")
+        handle.flush()
+        handle.buffer.write(json_bytes(value) + b"\n")
         return
-    out.write(b"[\n")
-    for first in range(0, len(value), JSON_CHUNK_ITEMS):
-        items = json_bytes(list(value[first:first + JSON_CHUNK_ITEMS]))  # b"[\n  ...\n]"
-        out.write((b",\n" if first else b"") + items[2:-2])
-    out.write(b"\n]\n")
+    dump_items(handle, (json_bytes(list(value[first:first + JSON_CHUNK_ITEMS]))[2:-2]  # b"[\n  ...\n]"
+                        for first in range(0, len(value), JSON_CHUNK_ITEMS)))
+
+
+def dump_items(handle: Any, items: Iterable[bytes], empty: bytes = b"[]\n") -> None:
+    """Encoded items as a JSON list, laid out as ``dump_json`` lays one out (``empty`` when there are none)."""
+    handle.flush()
+    out, first = handle.buffer, True
+    for item in items:
+        out.write(b"[\n" + item if first else b",\n" + item)
+        first = False
+    out.write(empty if first else b"\n]\n")
 
 
 def write_json_items(path: Path, items: Iterable[bytes], *, private: bool = False) -> None:
-    """A JSON list of ``json_item`` bytes (or runs of them joined by ``b",\\n"``), atomically, laid out as
-    ``write_json`` lays out the list."""
-
-    def write(handle: Any) -> None:
-        handle.flush()
-        out, first = handle.buffer, True
-        for item in items:
-            out.write(b"[\n" + item if first else b",\n" + item)
-            first = False
-        out.write(b"[]\n" if first else b"\n]\n")
-
-    atomic_write(path, write, private=private)
+    """A JSON list of ``json_item`` bytes (or runs of them joined by ``b",\\n"``), atomically."""
+    atomic_write(path, lambda handle: dump_items(handle, items), private=private)
 
 
 def json_item(value: Any) -> bytes:
@@ -900,10 +787,9 @@ JSON_OPTIONS = (orjson.OPT_INDENT_2 | orjson.OPT_NON_STR_KEYS | orjson.OPT_PASST
 
 
 def json_bytes(value: Any) -> bytes:
-    """``value`` as indented UTF-8 JSON, through orjson when installed (the standard encoder is pure Python
-    once indented: seconds for a big member list); what orjson refuses (an integer beyond 64 bits, a lone
-    surrogate) goes the standard way. Both read back as the same values; only float spellings may differ
-    (``1e16`` for ``1e+16``), and orjson writes NaN as null (the records hold none: ``to_plain``)."""
+    """``value`` as indented UTF-8 JSON, through orjson when installed (the standard encoder is pure Python once
+    indented: seconds for a big member list); what orjson refuses (an integer beyond 64 bits, a lone surrogate)
+    the standard way. Both read back alike; float spellings may differ (``1e16``), NaN is null (``to_plain``)."""
     if orjson is not None:
         try:
             return orjson.dumps(value, default=str, option=JSON_OPTIONS)
@@ -927,55 +813,42 @@ def write_text_private(path: Path, text: str) -> None:
 
 
 def write_raw(path: Path, docs: Iterable[Mapping[str, Any]]) -> int:
-    """What was read, as a relaxed Extended JSON array, readable by the owner only (it is personal data).
-
-    Streamed document by document as ``docs`` yields them (a cursor is written as it is read), never
-    built in memory as one text; returns how many documents were written."""
+    """What was read, as a relaxed Extended JSON array readable by the owner only (personal data), streamed
+    document by document as ``docs`` yields them (a cursor is written as it is read); returns how many."""
     written = 0
 
-    def write(handle: Any) -> None:
+    def encoded() -> Iterator[bytes]:
         nonlocal written
-        handle.write("[")
         for doc in docs:
-            handle.write(",\n" if written else "\n")
-            handle.write(json_util.dumps(doc, json_options=json_util.RELAXED_JSON_OPTIONS))
+            yield json_util.dumps(doc, json_options=json_util.RELAXED_JSON_OPTIONS).encode("utf-8")
             written += 1
-        handle.write("\n]\n" if written else "]")
 
-    atomic_write(path, write, private=True)
+    atomic_write(path, lambda handle: dump_items(handle, encoded(), b"[]"), private=True)
     return written
 
 
 def copy_raw(path: Path, source: Path) -> None:
-    """A source file's bytes, readable by the owner only: ``data/raw/`` keeps exactly what was read.
-
-    A JSON array is copied as it is (without a byte-order mark); JSON Lines become an array of the
-    same lines' bytes, so ``data/raw/`` is always one JSON array, whatever the source's form."""
+    """A source file's bytes, readable by the owner only: ``data/raw/`` keeps exactly what was read. A JSON
+    array is copied as it is (without a byte-order mark); JSON Lines become an array of the same lines' bytes."""
 
     def write(handle: Any) -> None:
         handle.flush()
-        out = handle.buffer
         with source.open("rb") as original:
-            head = original.read(4096)
-            body = head.removeprefix(b"\xef\xbb\xbf")
+            body = original.read(4096).removeprefix(b"\xef\xbb\xbf")
             if body.lstrip().startswith(b"["):
-                out.write(body)
-                shutil.copyfileobj(original, out, 1 << 20)
+                handle.buffer.write(body)
+                shutil.copyfileobj(original, handle.buffer, 1 << 20)
                 return
-            first = True
-            for line in itertools.chain((body + original.readline()).split(b"\n"), original):
-                if line.strip():
-                    out.write(b"[\n" if first else b",\n")
-                    out.write(line.strip(b" \t\r\n"))
-                    first = False
-            out.write(b"[]" if first else b"\n]\n")
+            lines = itertools.chain((body + original.readline()).split(b"\n"), original)
+            dump_items(handle, (line.strip(b" \t\r\n") for line in lines if line.strip()), b"[]")
 
     atomic_write(path, write, private=True)
 
 
 def write_texts(path: Path, texts: Iterable[str]) -> None:
     """Records' JSON texts as one JSON array, readable by the owner only (``data/raw/``)."""
-    atomic_write(path, lambda handle: handle.write("[\n" + ",\n".join(texts) + "\n]\n"), private=True)
+    atomic_write(path, lambda handle: dump_items(handle, (text.encode("utf-8") for text in texts), b"[\n\n]\n"),
+                 private=True)
 
 
 # =============================================================================================
@@ -1287,19 +1160,6 @@ def clean_document(value: Any, found: Counter[str], limit: int = MAX_TEXT_CHARS,
     if value is None or isinstance(value, (bool, int, float, datetime, ObjectId)):
         return value
     return clean_document(str(value), found, limit, level)  # other BSON values (code, regex, binary) as text
-
-
-def usable_ids(values: Sequence[Any]) -> list[str | None]:
-    """``usable_id`` of each value, the usual form (a clean string) without a call."""
-    found: list[str | None] = []
-    for value in values:
-        if type(value) is str:
-            key = value.strip()
-            if key and len(key) <= MAX_TEXT_CHARS and key.isprintable():
-                found.append(key)
-                continue
-        found.append(usable_id(value))
-    return found
 
 
 def usable_id(value: Any) -> str | None:
@@ -1692,6 +1552,11 @@ class ActivityIndex(Mapping[str, Activity]):
     def __len__(self) -> int:
         return sum(1 for _ in self)
 
+    def expect(self, members: Sequence[str]) -> None:
+        """The members the walk will reach, in its order: ``history`` may read several at once."""
+        if self.history is not None:
+            self.history.expect([m for m in members if m in self.counted])
+
     def attended(self, member: str) -> tuple[Attended, ...]:
         """The member's dated events in start order, each with everyone at it."""
         if self.history is not None and member in self.counted:
@@ -1741,11 +1606,7 @@ def clean_interests(value: Any) -> list[str]:
     """The usable interests: non-empty strings from a list, trimmed, each once, in order."""
     if not isinstance(value, list):
         return []
-    seen: dict[str, None] = {}
-    for item in value:
-        if isinstance(item, str) and item.strip():
-            seen.setdefault(item.strip(), None)
-    return list(seen)
+    return list(dict.fromkeys(text for text in (item.strip() for item in value if isinstance(item, str)) if text))
 
 
 def derive_engagement(last_event: datetime | None, now: datetime) -> tuple[int | None, str]:
@@ -2447,15 +2308,13 @@ CONTACT_CLUE = re.compile(r"[\d@:]")  # every contact detail holds one: text wit
 
 
 def first_contact(text: str) -> re.Match[str] | None:
-    """The first contact detail (``CONTACT_DETAIL``) in ``text`` as it stands, or None."""
     return CONTACT_DETAIL.search(text) if CONTACT_CLUE.search(text) else None
 
 
 def contact_kinds(text: str) -> list[str]:
     """The kinds of contact detail (``CONTACT_KINDS``' keys) in ``text`` as it stands, each once, in order."""
-    if not CONTACT_CLUE.search(text):
-        return []
-    return list(dict.fromkeys(str(found.lastgroup) for found in CONTACT_DETAIL.finditer(text)))
+    found = CONTACT_DETAIL.finditer(text) if CONTACT_CLUE.search(text) else ()
+    return list(dict.fromkeys(str(match.lastgroup) for match in found))
 
 
 def readable(text: str) -> str:
@@ -2470,21 +2329,17 @@ def readable(text: str) -> str:
 
 @functools.lru_cache(maxsize=65536)  # names repeat across members: each spelling is read once
 def holds_contact(text: str) -> bool:
-    """Whether ``text`` holds a contact detail (``CONTACT_DETAIL``: an email address, a phone number in
-    digits or letters, an IP host, a tel:/sms:/mailto: scheme)."""
     return first_contact(readable(text)) is not None
 
 
 def without_contacts(text: str) -> str:
-    """``text`` (read plainly) with every contact detail (``CONTACT_DETAIL``) blanked: the one filter
-    every member and host field passes through on its way into a prompt."""
+    """``text`` read plainly, every contact detail blanked: the one filter of every field bound for a prompt."""
     plain = readable(text)
     return CONTACT_DETAIL.sub(" ", plain) if CONTACT_CLUE.search(plain) else plain
 
 
 def person_name(user: Mapping[str, Any], name: str) -> str | None:
-    """``firstName`` or ``lastName`` as text; missing when it holds an email address or a phone number
-    (names are text, not contact details: never greeted, summarised, shown or logged)."""
+    """``firstName`` or ``lastName``; None when it holds a contact detail (never greeted, shown or logged)."""
     value = text_field(user, name)
     return None if value is None or holds_contact(value) else value
 
@@ -2499,8 +2354,7 @@ def plural(n: float, word: str) -> str:
 
 
 def user_summary(user: Mapping[str, Any], last: datetime | None = None) -> str:
-    """Step 3: the plan's member summary, leaving out what is missing instead of printing None; ``last``
-    is ``last_event_date`` when the caller has it as a moment (step 1: not read back from its text)."""
+    """Step 3: the plan's member summary without what is missing; ``last``: ``last_event_date`` as a moment."""
     occupation = text_field(user, "occupation")
     hood = text_field(user, "homeNeighborhood")
     head = full_name(user) + " is "
@@ -2524,19 +2378,12 @@ def user_summary(user: Mapping[str, Any], last: datetime | None = None) -> str:
 
 def event_summary(event: Mapping[str, Any]) -> str:
     """Step 4: the plan's event summary, leaving out what is missing."""
-    name = text_field(event, "name") or "Untitled event"
-    head = f"Event: {name}"
-    if text_field(event, "venueName"):
-        head += f" at {event['venueName'].strip()}"
-    if text_field(event, "neighborhood"):
-        head += f" in {event['neighborhood'].strip()}"
+    head = f"Event: {text_field(event, 'name') or 'Untitled event'}"
+    for word, key in ((" at", "venueName"), (" in", "neighborhood")):
+        head += f"{word} {text_field(event, key)}" if text_field(event, key) else ""
     parts = [head + "."]
-    tags = []
-    if text_list(event, "categories"):
-        tags.append(f"Categories: {', '.join(text_list(event, 'categories'))}.")
-    if text_list(event, "features"):
-        tags.append(f"Features: {', '.join(text_list(event, 'features'))}.")
-    parts.extend(tags)
+    for label, key in (("Categories", "categories"), ("Features", "features")):
+        parts += [f"{label}: {', '.join(text_list(event, key))}."] if text_list(event, key) else []
     capacity = positive_number(event.get("maxParticipants"))
     count = event.get("participantCount", 0)
     if count is None:  # more participants listed than is plausible: unknown
@@ -2549,9 +2396,7 @@ def event_summary(event: Mapping[str, Any]) -> str:
     start = to_utc(event.get("startDate"))
     if start is not None:
         parts.append(f"Date: {start.strftime('%Y-%m-%d %H:%M')} UTC.")
-    if text_field(event, "description"):
-        parts.append(event["description"].strip())
-    return " ".join(parts)
+    return " ".join(filter(None, [*parts, text_field(event, "description")]))
 
 
 # =============================================================================================
@@ -3124,310 +2969,200 @@ class RememberedPlaces:
         return self.remembered(self.distances, self.hoods.distance_km, a, b)
 
 
-@dataclass(frozen=True)
 class CandidateIndex:
-    """Step 2's open future events indexed once by tag, with what each one can score at most. ``ranked``
-    narrows the events to those carrying a tag one of the member's interests wants (``interest_tags``, as
-    ``matched_interests`` tries them) and yields the member's candidates best first, scoring through
-    ``score_candidates`` (the ranking and its values come from there alone) only the events whose upper
-    bound (``bounds``) can still beat what was found: with thousands of open events a member's first
-    candidates cost a few dozen scorings, not thousands."""
+    """Step 2's open events that carry a tag, as columns of numbers (numpy), with what each can score at most.
+    ``ranked`` bounds every event for a member at once (``bounds``: at least its ``Candidate.total``; none
+    when no tag of it is one the member's interests want, as ``matched_interests`` tries them) and scores
+    through ``score_candidates`` (the ranking and its values come from there alone) only the events whose
+    bound can still beat what was found: a member's first candidates cost a few dozen scorings, not
+    thousands. (Columns, not groups of events: on a world of few places and tags nearly every event is a
+    group of its own, and bounding thousands of events one by one was most of the walk: issue 21.)"""
 
-    events: Sequence[Mapping[str, Any]]  # the list indexed, as step 2 gave it
-    places: RememberedPlaces
-    now: datetime
-    facts: Mapping[int, EventFacts]  # position -> what ``bounds`` reads of the open event there
-    weights: MatchWeights = BUILT_IN_MATCH_WEIGHTS  # what ``bounds`` and ``score_candidates`` both read
-    # host, series key and event id -> positions: the events a member's own hosts, series or company name
-    personal: Mapping[str, Mapping[str, tuple[int, ...]]] = field(default_factory=dict)
-    groups: Sequence[EventGroup] = ()  # the open events by place and tags (``event_groups``)
-    tag_groups: Mapping[str, tuple[int, ...]] = field(default_factory=dict)  # normalised tag -> ``groups`` positions
-    group_of: Mapping[int, int] = field(default_factory=dict)  # event position -> its group's
-    by_zone: dict[str | None, dict[int, tuple[str, str]]] = field(default_factory=dict)  # ``local_times``
+    def __init__(self, events: Sequence[Mapping[str, Any]], hoods: NeighbourhoodMap, now: datetime,
+                 weights: MatchWeights = BUILT_IN_MATCH_WEIGHTS) -> None:
+        self.events, self.places, self.now, self.weights = events, RememberedPlaces(hoods), now, weights
+        self.codes: dict[str, dict[str | None, int]] = {"tag": {}, "place": {"": 0}, "where": {}}
+        self.personal: dict[str, dict[str, list[int]]] = {"host": {}, "series": {}, "event": {}}  # key -> rows
+        self.cache: dict[tuple[str, str | None], Any] = {}  # per interest, home and zone (``cached``)
+        self.cached_bytes = 0
+        positions, columns, pairs = [], [], []
+        for n, event in enumerate(events):
+            features = event_features(event)
+            if event.get("remaining_spots") == 0 or not features.tags:
+                continue  # (an event without a tag serves no interest)
+            row, (days, (_, fill)) = len(positions), (days_ahead(features.start, now), event_fill(event))
+            positions.append(n)
+            place = NeighbourhoodMap.canonical(features.place) if features.place else ""
+            columns.append((timing_factor(days, weights), plan_index(1, 0, fill, days), self.code("place", place),
+                            self.code("where", text_field(event, "neighborhood"))))
+            pairs += [(row, self.code("tag", tag)) for tag in features.tags]
+            for kind, keys in (("host", (features.host or "",)), ("series", features.series),
+                               ("event", (str(event.get("_id")),))):
+                for key in keys:
+                    self.personal[kind].setdefault(key, []).append(row)
+        self.positions_of = np.array(positions, dtype=np.intp)  # row -> position in ``events`` (step 2's order)
+        table, pair = np.array(columns, dtype=float).reshape(-1, 4), np.array(pairs, dtype=np.intp).reshape(-1, 2)
+        self.timing, self.plan_base = table[:, 0], table[:, 1]  # ``timing_factor``; ``plan_index``'s low digits
+        self.place, self.where = table[:, 2].astype(np.intp), table[:, 3].astype(np.intp)  # canonical; as stored
+        self.tags = pair[:, 1]  # every row's normalised tags (``event_tags``), row after row
+        self.tag_counts = np.bincount(pair[:, 0], minlength=len(positions))
+        self.tag_starts = np.cumsum(self.tag_counts) - self.tag_counts  # where each row's tags start
 
     @classmethod
     def build(cls, events: Sequence[Mapping[str, Any]], hoods: NeighbourhoodMap, now: datetime,
               weights: MatchWeights = BUILT_IN_MATCH_WEIGHTS) -> CandidateIndex:
-        facts: dict[int, EventFacts] = {}
-        for n, event in enumerate(events):
-            if event.get("remaining_spots") == 0:
-                continue
-            features = event_features(event)
-            days_until, (_, fill) = days_ahead(features.start, now), event_fill(event)
-            facts[n] = EventFacts(
-                str(event.get("_id")), features.host or "", features.series,
-                NeighbourhoodMap.canonical(features.place) if features.place else "", tuple(features.tags),
-                text_field(event, "neighborhood"), timing_factor(days_until, weights), plan_index(1, 0, fill, days_until))
-        groups = event_groups(facts)
-        tag_groups: dict[str, list[int]] = {}
-        for g, group in enumerate(groups):
-            for tag in group.facts.tags:
-                tag_groups.setdefault(tag, []).append(g)
-        return cls(events, RememberedPlaces(hoods), now, facts, weights, personal=personal_positions(facts), groups=groups,
-                   tag_groups={t: tuple(g) for t, g in tag_groups.items()},
-                   group_of={n: g for g, group in enumerate(groups) for n in group.positions})
+        return cls(events, hoods, now, weights)
 
-    def positions(self, user: Mapping[str, Any]) -> list[int]:
-        """Where the open events carrying a tag one of the member's interests wants are, in step 2's order."""
-        groups = self.narrowed_groups(clean_interests(user.get("interests")))
-        return sorted(n for g in groups for n in self.groups[g].positions)
+    def code(self, kind: str, value: str | None) -> int:
+        """A tag's, place's or stored neighbourhood's number, given on first sight."""
+        return self.codes[kind].setdefault(value, len(self.codes[kind]))
 
     def ranked(self, user: Mapping[str, Any]) -> Iterator[Candidate]:
-        """The member's candidates in ``score_candidates``' order, scored as they are needed: a candidate
-        is given only once nothing left unscored can reach its total. What is left is a heap of events,
-        each under its bound (at least its total; ``rank_key`` starts with the total), and of groups of
-        events (``EventGroup``) under a bound of all their events': a group on top is opened (its events
-        bounded one by one), an event on top scored (``RANKED_BATCH`` at a time, through ``score_candidates``),
-        so a member's first candidates cost a few hundred bounds and a few dozen scorings, not thousands."""
-        reader = self.reader(user)
-        own = self.own_positions(reader.habits)
-        pending = self.pending(reader, self.narrowed_groups(reader.interests), own)
+        """The member's candidates in ``score_candidates``' order, scored as they are needed: a candidate is
+        given only once no event left unscored has a bound (at least its total; ``rank_key`` starts with the
+        total) that reaches it. Events are scored ``RANKED_BATCH`` at a time, highest bound first."""
+        batches = self.best_first(self.bounds(self.reader(user)))
+        ceiling, batch = next(batches, (0.0, None))
         found: list[tuple[tuple[Any, ...], Candidate]] = []
         while True:
-            if pending and (not found or -pending[0][0] >= -found[0][0][0]):
-                batch = self.next_events(reader, pending, own)
+            if batch is not None and (not found or ceiling >= -found[0][0][0]):
                 for c in score_candidates(user, [self.events[n] for n in batch], self.places, self.now,  # type: ignore[arg-type]
                                           self.weights):
                     heapq.heappush(found, (c.rank_key, c))
+                ceiling, batch = next(batches, (0.0, None))
                 continue
             if not found:
                 return
             yield heapq.heappop(found)[1]
 
-    def narrowed_groups(self, interests: Sequence[str]) -> list[int]:
-        """The groups carrying a tag one of these interests (``clean_interests``) wants, as ``matched_interests``
-        tries them (``interest_tags``)."""
-        found: set[int] = set()
-        for interest in interests:
-            for tag in interest_tags(interest):
-                found.update(self.tag_groups.get(tag, ()))
-        return sorted(found)
-
-    def pending(self, reader: BoundReader, groups: Sequence[int], own: set[int]) -> list[tuple[float, int, int]]:
-        """``ranked``'s heap at the start: (-bound, 1, group) for each group, and (-bound, 0, position) for
-        each event of them the member's history names (``own``, ``own_positions``: a group's bound leaves
-        them out)."""
-        tiers: dict[str | None, int] = {}
-        by_tags: dict[tuple[str, ...], tuple[int, float]] = {}
-        best = self.best_local_time(reader.habits)
-        pending = [(-self.event_bound(reader, group.facts, best, tiers, by_tags), 1, g)
-                   for g, group in ((g, self.groups[g]) for g in groups)]
-        wanted = set(groups)
-        pending += [(-b, 0, n) for b, n in self.bounds(reader, sorted(n for n in own if self.group_of[n] in wanted))]
-        heapq.heapify(pending)
-        return pending
-
-    def next_events(self, reader: BoundReader, pending: list[tuple[float, int, int]], own: set[int]) -> list[int]:
-        """Up to ``RANKED_BATCH`` events off the top of ``ranked``'s heap, groups that come to the top opened
-        (but for ``own``, already in the heap)."""
-        batch: list[int] = []
-        while pending and len(batch) < RANKED_BATCH:
-            _, kind, item = heapq.heappop(pending)
-            if kind == 0:
-                batch.append(item)
-                continue
-            opened = [n for n in self.groups[item].positions if n not in own]
-            for bound, n in self.bounds(reader, opened):
-                heapq.heappush(pending, (-bound, 0, n))
-        return batch
+    def best_first(self, bounds: Any) -> Iterator[tuple[float, list[int]]]:
+        """The positions of the events with a bound, highest bound first, ``RANKED_BATCH`` at a time with the
+        bound of the first: the ``BEST_FIRST`` highest found in linear time, the rest sorted only if reached
+        (a member's candidates are nearly always among the first)."""
+        rows = np.flatnonzero(bounds > -np.inf)
+        if len(rows) > BEST_FIRST:
+            rows = rows[np.argpartition(-bounds[rows], BEST_FIRST - 1)]
+        for part in (rows[:BEST_FIRST], rows[BEST_FIRST:]):
+            part = part[np.argsort(-bounds[part], kind="stable")]
+            for at in range(0, len(part), RANKED_BATCH):
+                yield float(bounds[part[at]]), self.positions_of[part[at:at + RANKED_BATCH]].tolist()
 
     def reader(self, user: Mapping[str, Any]) -> BoundReader:
         """What ``bounds`` reads of a member, once per member."""
-        return BoundReader(habit_bounds(member_habits(user)), tuple(clean_interests(user.get("interests"))),
+        return BoundReader(member_habits(user), tuple(clean_interests(user.get("interests"))),
                            text_field(user, "homeNeighborhood"))
 
-    def bound(self, reader: BoundReader, n: int) -> float:
-        """``bounds`` of the one event at position ``n``."""
-        return self.bounds(reader, [n])[0][0]
+    def bounds(self, reader: BoundReader) -> Any:
+        """Per row, at least the total the event can score for the member (``Candidate.total``), -inf where no
+        tag of it is one their interests want: the history's points (``history_points``) and the plan's tiers
+        as ``score_candidates`` reads them."""
+        tier = self.interest_tiers(reader.interests)
+        near = self.cached("home", reader.home, lambda: np.array(
+            [self.location_tier(reader.home, where) for where in self.codes["where"]], dtype=float))[self.where]
+        w = self.weights
+        plan = w.plan * (self.plan_base + ((np.maximum(tier, 1) - 1) * 11 + near) * 16) / PLAN_INDEX_MAX
+        points = self.history_points(reader.habits) * self.timing if reader.habits is not None else 0.0
+        return np.where(tier > 0, points + plan + BOUND_MARGIN, -np.inf)
 
-    def bounds(self, reader: BoundReader, positions: Sequence[int]) -> list[tuple[float, int]]:
-        """(at least the total the event can score for the member (``Candidate.total``), position), for
-        the events at ``positions``: the history's points as ``history_bound`` reads them, and the plan's
-        tiers as ``score_candidates`` reads them, from facts computed once per event (``EventFacts``)."""
-        habits = reader.habits
-        zone = habits.habits.zone if habits is not None else None
-        local = self.local_times(zone)
-        tiers: dict[str | None, int] = {}  # the member's location tier per event place
-        by_tags: dict[tuple[str, ...], tuple[int, float]] = {}  # interest tier and tag share per tags
-        found = []
-        for n in positions:
-            weekday_part = local.get(n)
-            if weekday_part is None:
-                weekday_part = local[n] = self.local_time(zone, n)
-            found.append((self.event_bound(reader, self.facts[n], weekday_part, tiers, by_tags), n))
+    def bound(self, reader: BoundReader, n: int) -> float:
+        """``bounds`` of the event at position ``n``."""
+        return float(self.bounds(reader)[np.searchsorted(self.positions_of, n)])
+
+    def positions(self, user: Mapping[str, Any]) -> list[int]:
+        """Where the open events carrying a tag one of the member's interests wants are, in step 2's order."""
+        return self.positions_of[self.interest_tiers(tuple(clean_interests(user.get("interests")))) > 0].tolist()
+
+    def location_tier(self, home: str | None, where: str | None) -> int:
+        same = self.places.same_place(home, where)
+        return proximity_tier(same, 0.0 if same else self.places.distance_km(home, where))
+
+    def cached(self, kind: str, key: str | None, compute: Callable[[], Any]) -> Any:
+        """``compute()`` (an array), kept per kind and key while the cache has room (``MAX_INDEX_CACHE_BYTES``)."""
+        found = self.cache.get((kind, key))
+        if found is None:
+            found = compute()
+            if self.cached_bytes + found.nbytes <= MAX_INDEX_CACHE_BYTES:
+                self.cache[(kind, key)], self.cached_bytes = found, self.cached_bytes + found.nbytes
         return found
 
-    def event_bound(self, reader: BoundReader, f: EventFacts, weekday_part: tuple[str, str],
-                    tiers: dict[str | None, int], by_tags: dict[tuple[str, ...], tuple[int, float]]) -> float:
-        """``bounds`` of an event with facts ``f`` (its normalised tags included), ``tiers`` and ``by_tags``
-        remembered for the member. Every step is non-decreasing in each fact and count it reads, so facts
-        that are each at least an event's give at least that event's bound (``EventGroup``)."""
-        habits = reader.habits
-        near = tiers.get(f.where)
-        if near is None:
-            same = self.places.same_place(reader.home, f.where)
-            near = tiers[f.where] = proximity_tier(same, 0.0 if same else self.places.distance_km(reader.home, f.where))
-        tagged = by_tags.get(f.tags)
-        if tagged is None:  # the interest tier as ``score_candidates`` reads it (1 at least: a bound)
-            tagged = by_tags[f.tags] = (max(1, self.interest_tier(reader.interests, f.tags)),
-                                        mean_share(habits.tags, f.tags) if habits is not None else 0.0)
-        w = self.weights
-        points = history_bound(habits, f, weekday_part, tagged[1], w.signals) * f.timing if habits is not None else 0.0
-        plan = w.plan * (f.plan_base + ((tagged[0] - 1) * 11 + near) * 16) / PLAN_INDEX_MAX
-        return points + plan + BOUND_MARGIN
+    def interest_tiers(self, interests: Sequence[str]) -> Any:
+        """Per row, ``interest_alignment(matched_interests(interests, tags))``: how many distinct tags the
+        interests match (each its first of ``interest_tags`` the event carries), up to 3."""
+        if not interests:
+            return np.zeros(len(self.positions_of), dtype=np.intp)
+        hit = np.sort(np.stack([self.cached("interest", norm_tag(i), lambda i=i: self.matched_tags(i))
+                                for i in interests]), axis=0)
+        return np.minimum((hit[0] >= 0) + ((hit[1:] != hit[:-1]) & (hit[1:] >= 0)).sum(axis=0), 3)
 
-    @staticmethod
-    def interest_tier(interests: Sequence[str], tags: tuple[str, ...]) -> int:
-        """``interest_alignment(matched_interests(interests, event_tags(event)))`` from the event's normalised
-        tags alone (each is ``norm_tag`` of its spelling): the same tier without reading the event (issue 21)."""
-        present, hit = set(tags), set()
-        for interest in interests:  # as ``matched_interests`` tries them: the first wanted tag present
-            for wanted in interest_tags(interest):
-                if wanted in present:
-                    hit.add(wanted)
-                    break
-        return min(len(hit), 3)
+    def matched_tags(self, interest: str) -> Any:
+        """Per row, the tag ``matched_interests`` matches this interest with (the first of ``interest_tags``
+        the event carries), or -1."""
+        wanted = [c for tag in interest_tags(interest) if (c := self.codes["tag"].get(tag)) is not None]
+        rank = np.full(len(self.codes["tag"]), len(wanted))
+        rank[wanted] = np.arange(len(wanted))
+        first = np.minimum.reduceat(rank[self.tags], self.tag_starts) if len(self.tags) else rank[:0]
+        return np.array([*wanted, -1], dtype=np.int32)[first]
 
-    @staticmethod
-    def best_local_time(habits: HabitBounds | None) -> tuple[str, str]:
-        """The weekday and the part of the day the member's history counts most (``history_bound`` reads
-        each as a count): at least what any event's own gives."""
-        if habits is None:
-            return ("", "")
-        def most(counts: Mapping[str, Any]) -> str:  # "" (counted 0) when no count is above 0
-            key = max(counts, key=lambda k: int(counts[k]), default="")
-            return key if key and int(counts[key]) > 0 else ""
-        return (most(habits.weekdays), most(habits.day_parts))
+    def history_points(self, habits: Habits) -> Any:
+        """Per row, at least ``history_signals(...).points`` before timing, each signal as
+        ``HistorySignals.contributions`` counts it: host, series and company on the rows the history names
+        (``personal``); with enough past events, place, tags, weekday and part of the day on every row."""
+        host, series, company, place, tags, weekday, day_part = self.weights.signals
+        h, points, best_series = habits.history, np.zeros(len(self.positions_of)), np.zeros(len(self.positions_of))
+        n = max(int(h["events"]), 1)
+        for key, count in (h.get("hosts") or {}).items():
+            points[self.personal["host"].get(key, [])] += host * int(count) / n
+        for key, count in (h.get("company_going") or {}).items():
+            points[self.personal["event"].get(key, [])] += company * min(int(count), COMPANY_CAP) / COMPANY_CAP
+        for key, count in (h.get("series") or {}).items():
+            rows = self.personal["series"].get(key, [])
+            best_series[rows] = np.maximum(best_series[rows], int(count))
+        points += series * best_series / n
+        if not habits.patterns:
+            return points
+        shares = self.shares("place", habits.places)
+        shares[0] = 0.0  # no neighbourhood, no share
+        weekdays, parts = self.cached("zone", habits.zone.key if habits.zone else None,
+                                      lambda: self.local_times(habits.zone))
+        counts = [np.array([int(got.get(name, 0)) for name in (*names, "")], dtype=float) for got, names in
+                  ((h.get("weekdays") or {}, WEEKDAYS), (h.get("day_parts") or {}, DAY_PART_NAMES))]
+        tag_share = np.add.reduceat(self.shares("tag", h.get("tags") or {})[self.tags], self.tag_starts) / self.tag_counts
+        return (points + place * shares[self.place] + tags * tag_share + weekday * counts[0][weekdays] / n
+                + day_part * counts[1][parts] / n)
 
-    def own_positions(self, habits: HabitBounds | None) -> set[int]:
-        """The events whose host, series or id the member's history counts (``history_bound``'s terms that
-        are 0 for every other event, and for a group's bound)."""
-        if habits is None:
-            return set()
-        own: set[int] = set()
-        for kind, named in (("host", habits.hosts), ("series", habits.series), ("event", habits.company)):
-            index = self.personal.get(kind, {})
-            for key in named:
-                own.update(index.get(key, ()))
-        return own
+    def shares(self, kind: str, shares: Mapping[str, Any]) -> Any:
+        """A member's shares per tag or place, by the index's numbers for them (0 for the rest)."""
+        found = np.zeros(len(self.codes[kind]))
+        for key, share in shares.items():
+            if (c := self.codes[kind].get(key)) is not None:
+                found[c] = float(share)
+        return found
 
-    def local_times(self, zone: ZoneInfo | None) -> dict[int, tuple[str, str]]:
-        """Position -> the event's local weekday and part of the day in ``zone`` (filled as asked for)."""
-        return self.by_zone.setdefault(zone.key if zone is not None else None, {})
-
-    def local_time(self, zone: ZoneInfo | None, n: int) -> tuple[str, str]:
-        """The event's local weekday and part of the day in ``zone``, as ``history_signals`` reads them."""
-        return local_weekday_part(event_features(self.events[n]).start, zone)
+    def local_times(self, zone: ZoneInfo | None) -> Any:
+        """Per row, the local weekday (in ``WEEKDAYS``, 7 when unknown) and part of the day (in
+        ``DAY_PART_NAMES``, 4 when unknown) in ``zone``, as ``history_signals`` reads them: two rows."""
+        local = [local_weekday_part(event_features(self.events[n]).start, zone) for n in self.positions_of.tolist()]
+        return np.array([[WEEKDAYS.index(d) if d else 7 for d, _ in local],
+                         [DAY_PART_NAMES.index(p) if p else 4 for _, p in local]], dtype=np.int8).reshape(2, -1)
 
     def score(self, user: Mapping[str, Any]) -> list[Candidate]:
         """``score_candidates(user, events, hoods, now, weights)`` for one member, over the narrowed events."""
         return list(self.ranked(user))
 
 
-class EventGroup(NamedTuple):
-    """Open events of one place and one set of tags, with facts (``EventFacts``) that are each at least
-    every one of theirs: no host, series or id, the largest timing factor and plan tiers. A member's bound
-    of them (``CandidateIndex.event_bound``, the member's best weekday and part of the day) is at least
-    each event's bound but for the events the member's history names."""
-
-    positions: tuple[int, ...]
-    facts: EventFacts
-    first: int  # one of the positions (its tags, as ``event_bound`` reads them)
-
-
-def event_groups(facts: Mapping[int, EventFacts]) -> list[EventGroup]:
-    """The open events grouped by place and set of tags (``EventGroup``), in step 2's order of their first event.
-    (A world whose events mix a few categories and features each has a group per event or nearly: issue 21's
-    shape, 1,523 groups for 1,856 open events at 100k members; its members' events are bounded one by one.)"""
-    found: dict[tuple[Any, ...], list[int]] = {}
-    for n, f in facts.items():
-        found.setdefault((f.where, f.place, tuple(sorted(f.tags))), []).append(n)
-    groups = []
-    for (where, place, tags), positions in found.items():
-        timing = max(facts[n].timing for n in positions)
-        plan_base = max(facts[n].plan_base for n in positions)
-        groups.append(EventGroup(tuple(positions), EventFacts("", "", (), place, tags, where, timing, plan_base),
-                                 positions[0]))
-    return groups
-
-
-def personal_positions(facts: Mapping[int, EventFacts]) -> dict[str, dict[str, tuple[int, ...]]]:
-    """``CandidateIndex.personal``: per kind ("host", "series", "event"), each key's positions."""
-    found: dict[str, dict[str, list[int]]] = {"host": {}, "series": {}, "event": {}}
-    for n, f in facts.items():
-        for kind, keys in (("host", (f.host,)), ("series", f.series), ("event", (f.event_id,))):
-            for key in keys:
-                found[kind].setdefault(key, []).append(n)
-    return {kind: {k: tuple(v) for k, v in keys.items()} for kind, keys in found.items()}
-
-
+DAY_PART_NAMES = tuple(name for _, name in DAY_PARTS)
+MAX_INDEX_CACHE_BYTES = 32 << 20  # a ``CandidateIndex``'s columns per interest, home and zone (1M members: ~3 MB)
 RANKED_BATCH = 16  # events scored together by ``CandidateIndex.ranked``
+BEST_FIRST = 64  # events ``CandidateIndex.best_first`` sorts first
 BOUND_MARGIN = 1e-6  # above any rounding of a total (``Candidate.total`` rounds to 9 places)
-
-
-class HabitBounds(NamedTuple):
-    """A member's ``Habits`` as ``history_bound`` reads them, once per member (each part of the history
-    as ``history_signals`` reads it)."""
-
-    habits: Habits
-    events: int  # past events (at least 1), as ``HistorySignals.contributions`` divides by
-    hosts: Mapping[str, Any]
-    series: Mapping[str, Any]
-    company: Mapping[str, Any]
-    tags: Mapping[str, Any]
-    weekdays: Mapping[str, Any]
-    day_parts: Mapping[str, Any]
-
-
-def habit_bounds(habits: Habits | None) -> HabitBounds | None:
-    if habits is None:
-        return None
-    h = habits.history
-    return HabitBounds(habits, max(int(h["events"]), 1), h.get("hosts") or {}, h.get("series") or {},
-                       h.get("company_going") or {}, h.get("tags") or {}, h.get("weekdays") or {},
-                       h.get("day_parts") or {})
 
 
 class BoundReader(NamedTuple):
     """What ``CandidateIndex.bounds`` reads of one member."""
 
-    habits: HabitBounds | None
+    habits: Habits | None  # ``member_habits``
     interests: tuple[str, ...]  # ``clean_interests``
     home: str | None
-
-
-class EventFacts(NamedTuple):
-    """What ``CandidateIndex.bounds`` reads of one open event, computed once per event."""
-
-    event_id: str
-    host: str  # "" when none
-    series: tuple[str, ...]  # ``series_keys``
-    place: str  # the neighbourhood as ``NeighbourhoodMap.canonical`` spells it ("" when none)
-    tags: tuple[str, ...]  # normalised tags (``event_tags``)
-    where: str | None  # the neighbourhood as stored, for the location tier
-    timing: float  # ``timing_factor`` of its start
-    plan_base: int  # ``plan_index`` of its fill and timing tiers (the low digits)
-
-
-def history_bound(bounds: HabitBounds, f: EventFacts, local: tuple[str, str], tag_share: float,
-                  signals: tuple[float, ...]) -> float:
-    """At least ``history_signals(...).points`` before timing: each signal as ``HistorySignals.contributions``
-    counts it with the weights ``signals`` (``MatchWeights.signals``; the parts the member has no history for
-    skipped), the weekday and part of the day from ``local`` (``CandidateIndex.local_time``), ``tag_share``
-    the event's tags' mean share (``mean_share``)."""
-    b, n = bounds, bounds.events
-    host, series, company, place, tags, weekday, day_part = signals
-    points = 0.0
-    if b.hosts:
-        points += host * int(b.hosts.get(f.host, 0)) / n
-    if b.series and f.series:
-        points += series * max(int(b.series.get(k, 0)) for k in f.series) / n
-    if b.company:
-        points += company * min(int(b.company.get(f.event_id, 0)), COMPANY_CAP) / COMPANY_CAP
-    if b.habits.patterns:
-        points += (place * (b.habits.places.get(f.place, 0.0) if f.place else 0.0) + tags * tag_share
-                   + weekday * int(b.weekdays.get(local[0], 0)) / n + day_part * int(b.day_parts.get(local[1], 0)) / n)
-    return points
 
 
 class Match(TypedDict):
@@ -3736,15 +3471,13 @@ def hidden_characters(text: str) -> list[str]:
 
 
 def phone_view(text: str) -> str:
-    """``text`` as a phone's link detector may read it: ``readable``, and without any other ``C``
-    (surrogate, private-use, unassigned) or combining ``M`` character either, so "ｅｖｉｌ．ｒｕ",
-    "evil\u200b.ru", "evil。ru" and "evil\ufe0f.ru" all read "evil.ru"; links are looked for here."""
+    """``text`` as a phone's link detector may read it: ``readable``, without any ``C`` or combining ``M``
+    character, so "ｅｖｉｌ．ｒｕ", "evil\u200b.ru", "evil。ru" and "evil\ufe0f.ru" all read "evil.ru"."""
     return "".join(ch for ch in readable(text) if unicodedata.category(ch)[0] not in "CM")
 
 
 def first_tappable(view: str) -> int | None:
-    """Where the first thing a phone would make tappable (a link, or a contact detail: ``CONTACT_DETAIL``)
-    starts in a ``phone_view``, or None."""
+    """Where the first link or contact detail starts in a ``phone_view``, or None."""
     found = [m.start() for m in (URL_PATTERN.search(view), first_contact(view)) if m]
     return min(found, default=None)
 
@@ -3769,10 +3502,6 @@ def sms_size(text: str) -> SmsSize:
         return SmsSize("GSM-7", units, 1 if units <= 160 else math.ceil(units / 153))
     units = len(text.encode("utf-16-le")) // 2
     return SmsSize("UCS-2", units, 1 if units <= 70 else math.ceil(units / 67))
-
-
-def event_link(event_id: str) -> str:
-    return EVENT_LINK_PREFIX + event_id
 
 
 def greeting_name(first_name: Any) -> str | None:
@@ -3806,7 +3535,7 @@ class MessageFacts:
 
     @property
     def link(self) -> str:
-        return event_link(self.event_id)
+        return EVENT_LINK_PREFIX + self.event_id
 
     @property
     def dressed(self) -> bool:
@@ -3816,35 +3545,23 @@ class MessageFacts:
     @property
     def allowed_numbers(self) -> set[str]:
         """The only numbers a message may contain outside the link, names and interests."""
-        numbers = set(re.findall(r"\d+", self.when))
-        numbers |= {str(self.going)} if self.going else set()
-        numbers |= {str(self.company)} if self.company else set()
-        if self.spots_left is not None:
-            numbers.add(str(self.spots_left))
-        return numbers
+        counts = (self.going or None, self.company or None, self.spots_left)
+        return set(re.findall(r"\d+", self.when)) | {str(n) for n in counts if n is not None}
 
 
 def message_facts(match: Match, zone: ZoneInfo, now: datetime, *, sender: str | None = None,
                   opt_out_text: str | None = None, tone: str = "standard") -> MessageFacts:
-    """What an SMS about this match may say, the day and time in ``zone``; plus the sender and opt-out
-    text every message must carry (``SmsPolicy``), when set."""
+    """What an SMS about this match may say (the time in ``zone``), and the sender and opt-out text to carry."""
     event = match["event"]
     start = to_utc(event.get("startDate")) or now
     spots = event.get("remaining_spots")
     return MessageFacts(
-        first_name=greeting_name(match["user"].get("firstName")),
-        event_id=match["event_id"],
+        first_name=greeting_name(match["user"].get("firstName")), event_id=match["event_id"],
         event_name=phone_safe_name(match["event_name"]) or "our next table",
-        interests=tuple(match["matched_interests"]),
-        when=local_when(start, zone, now),
+        interests=tuple(match["matched_interests"]), when=local_when(start, zone, now),
         spots_left=int(spots) if isinstance(spots, (int, float)) else None,
-        going=int(event.get("participantCount") or 0),
-        neighbourhood=text_field(event, "neighborhood"),
-        sender=sender,
-        opt_out_text=opt_out_text,
-        company=company_count(match["user"], match["event_id"]),
-        tone=tone,
-    )
+        going=int(event.get("participantCount") or 0), neighbourhood=text_field(event, "neighborhood"),
+        sender=sender, opt_out_text=opt_out_text, company=company_count(match["user"], match["event_id"]), tone=tone)
 
 
 def company_count(user: Mapping[str, Any], event_id: str) -> int:
@@ -3879,21 +3596,14 @@ def _cut_ends(words: Sequence[str]) -> list[int]:
 
 def word_starts(words: Sequence[str]) -> list[int]:
     """Where each word starts in ``" ".join(words)``."""
-    starts, at = [], 0
-    for word in words:
-        starts.append(at)
-        at += len(word) + 1
-    return starts
+    return list(itertools.accumulate((len(word) + 1 for word in words[:-1]), initial=0)) if words else []
 
 
 @functools.lru_cache(maxsize=256)
 def phone_safe_name(name: str) -> str:
-    """The event name as it may reach a phone: one line, no control or invisible characters, and cut
-    at a word boundary before the first link, email address or phone number in it (as ``phone_view``
-    reads it): "Jazz Brunch at evil-login.ru" is "Jazz Brunch". "" when nothing is left: such an event
-    is never offered (``unofferable``). The facts, the template and the SMS contract all name the event
-    by it. Linear in the name's length (and cached: the contract asks for it once per wording).
-    """
+    """The event name as facts, template and contract name it: one line, no hidden characters, cut at a word
+    before the first link or contact detail ("Jazz Brunch at evil-login.ru" is "Jazz Brunch"); "" when
+    nothing is left, and such an event is never offered (``unofferable``). Linear in the name's length."""
     words = [w for w in ("".join(ch for ch in w if unicodedata.category(ch) not in HIDDEN_CATEGORIES)
                          for w in name.split()) if w]
     views = [phone_view(w) for w in words]
@@ -3907,12 +3617,8 @@ def phone_safe_name(name: str) -> str:
 
 
 def shortened_names(name: str, max_len: int | None = None) -> list[str]:
-    """The event name, then ever shorter cuts at word boundaries (ending in "..."), longest first;
-    with ``max_len``, only those of at most that many characters (built in time linear in the name).
-
-    A cut never ends on a connector ("Gallery Walk &..." becomes "Gallery Walk..."). The ellipsis
-    is three dots, not "…", which would push the whole text out of GSM-7 into UCS-2.
-    """
+    """The event name, then ever shorter cuts at words ending in "..." (three dots: "…" is not GSM-7), longest
+    first; with ``max_len``, only those that short. A cut never ends on a connector ("Gallery Walk &...")."""
     words = name.split()
     cuts = [name] if max_len is None or len(name) <= max_len else []
     seen = set(cuts)
@@ -3952,11 +3658,7 @@ def _name_stems(name: str) -> tuple[str, int, tuple[str, ...], tuple[tuple[int, 
 
 
 def mentions_event(text: str, name: str) -> str | None:
-    """The form of the event name the text uses (whole, or cut at a word boundary), if any.
-
-    Only cuts no longer than the text are tried, so a long name costs the length of the text, not
-    of the name.
-    """
+    """The form of the event name the text uses (whole, or cut at a word), if any; only cuts that fit are tried."""
     folded = _fold(text)
     whole, least, words, cuts = _name_stems(name)
     if whole and whole in folded:
@@ -3972,12 +3674,6 @@ def mentions_event(text: str, name: str) -> str | None:
 
 def _count_near(text: str, number: int, words: str) -> bool:
     return re.search(rf"(?<![\d.]){number}\s+(?:[\w'’-]+\s+){{0,2}}?(?:{words})\b", text, re.IGNORECASE) is not None
-
-
-@functools.lru_cache(maxsize=256)
-def _name_words(name: str) -> frozenset[str]:
-    """The letter words of an event name (ALL-CAPS there is not shouting), once per name."""
-    return frozenset(LETTER_WORDS.findall(name))
 
 
 GOING_WORDS = r"going|joining|attending|signed|booked|already|people|members|diners|guests|friends|others"
@@ -4036,11 +3732,9 @@ def without_sender_parts(body: str, facts: MessageFacts) -> tuple[str, list[str]
 def validate_sms(text: str, facts: MessageFacts) -> list[str]:
     """The SMS contract, for template and Claude alike: every problem found, empty when fine.
 
-    Nothing a phone could make tappable may appear but the one link: no other scheme, ``www.`` or bare
-    domain (``URL_PATTERN``: any ``label.label`` with a letter-only top-level domain), and no contact
-    detail (``CONTACT_DETAIL``: email address, phone number in digits or letters, IP host, tel:/sms:/mailto:),
-    looked for in ``phone_view`` so Unicode spellings count; and no control or invisible character at all.
-    The event is named by its ``phone_safe_name``. One greeting; at most one question mark in the whole text.
+    Nothing a phone could make tappable but the one link (``URL_PATTERN``, ``CONTACT_DETAIL``, read in
+    ``phone_view`` so Unicode spellings count); no hidden character; the event named by its ``phone_safe_name``;
+    one greeting; at most one question mark in the whole text.
     """
     problems: list[str] = []
     if not isinstance(text, str) or not text.strip():
@@ -4089,7 +3783,7 @@ def validate_sms(text: str, facts: MessageFacts) -> list[str]:
         problems.append(f"must say {facts.spots_left} spots left{hint}")
     if "going" in required and not said["going"]:
         problems.append(f"must say {facts.going} people are going{hint}")
-    protected = _name_words(name) | set(LETTER_WORDS.findall(" ".join([facts.first_name or "", *facts.interests])))
+    protected = set(LETTER_WORDS.findall(" ".join([name, facts.first_name or "", *facts.interests])))
     shouting = [w for w in LETTER_WORDS.findall(body)
                 if w.isupper() and w not in ALLOWED_ACRONYMS and w not in protected]
     if shouting:
@@ -4100,9 +3794,8 @@ def validate_sms(text: str, facts: MessageFacts) -> list[str]:
         problems.append('no "!!"')
     scrubbed = body
     fixed_words = {named or "", facts.first_name or "", *facts.interests, *map(interest_label, facts.interests)}
-    for fixed in sorted(fixed_words, key=len, reverse=True):
-        if fixed:
-            scrubbed = re.sub(re.escape(fixed), " ", scrubbed, flags=re.IGNORECASE)
+    for fixed in sorted(filter(None, fixed_words), key=len, reverse=True):
+        scrubbed = re.sub(re.escape(fixed), " ", scrubbed, flags=re.IGNORECASE)
     invented = sorted(set(re.findall(r"\d+", scrubbed)) - facts.allowed_numbers)
     invented += sorted({w.lower() for w in NUMBER_WORDS.findall(scrubbed)})
     if invented:
@@ -4128,69 +3821,18 @@ def opt_out_clause(facts: MessageFacts) -> str:
     return facts.opt_out_text if facts.opt_out_text[-1] in ".!?" else facts.opt_out_text + "."
 
 
-def fact_levels(facts: MessageFacts) -> list[MessageFacts]:
-    """The facts the template tries to say, most first: all of them; with a sender or opt-out text to
-    carry, then without the going count, then without the spots too, then without the interest too."""
-    if not facts.dressed:
-        return [facts]
-    fewer = replace(facts, going=0)
-    fewest = replace(fewer, spots_left=None)
-    return list(dict.fromkeys([facts, fewer, fewest, replace(fewest, interests=())]))
-
-
 def template_attempts(facts: MessageFacts, names: Sequence[str]) -> Iterator[tuple[str, MessageFacts]]:
-    """(cut of the event name, facts to say) in the template's order of preference. With a sender or
-    opt-out text to carry, the going count and then the spots give way before the event name is cut; the
-    interest only when no cut of the name fits beside it."""
-    levels = fact_levels(facts)
+    """(cut of the event name, facts to say) in the template's order of preference. With a sender or opt-out
+    text to carry, the going count, then the spots, then the interest give way (``OPTIONAL_FACTS``): the first
+    two before the event name is cut, the interest only when no cut of the name fits beside it."""
+    levels = [facts]
+    if facts.dressed:
+        fewer = replace(facts, going=0)
+        fewest = replace(fewer, spots_left=None)
+        levels = list(dict.fromkeys([facts, fewer, fewest, replace(fewest, interests=())]))
     personal = [level for level in levels if level.interests or not facts.interests]
     yield from ((name, level) for name in names for level in personal)
     yield from ((name, level) for name in names for level in levels if level not in personal)
-
-
-class PhraseParts(NamedTuple):
-    """The pieces every template wording (today's and each tone's) is built from, said once."""
-
-    greet: str  # "Hi Maya!" or "Hi there!"
-    first: str  # "Maya", or "Hi" with no usable first name
-    proof: str  # "12 going, 2 spots left"
-    short_proof: str  # "12 going, 2 left"
-    hood: str  # " in Hells Kitchen", or ""
-
-
-def phrase_parts(facts: MessageFacts) -> PhraseParts:
-    going = f"{facts.going} going" if facts.going else ""
-    spots = "" if facts.spots_left is None else (
-        f"{facts.spots_left} spot left" if facts.spots_left == 1 else f"{facts.spots_left} spots left")
-    short_spots = "" if facts.spots_left is None else f"{facts.spots_left} left"
-    return PhraseParts(f"Hi {facts.first_name}!" if facts.first_name else "Hi there!", facts.first_name or "Hi",
-                       ", ".join(p for p in (going, spots) if p), ", ".join(p for p in (going, short_spots) if p),
-                       f" in {facts.neighbourhood.replace('-', ' ').title()}" if facts.neighbourhood else "")
-
-
-def interest_order(facts: MessageFacts) -> list[str]:
-    """The matched interests as the wordings try them: the first, then the rest shortest first ("" for none)."""
-    labels = [interest_label(i) for i in facts.interests]
-    return labels[:1] + sorted(labels[1:], key=len) or [""]
-
-
-def template_wordings(facts: MessageFacts, name: str) -> Iterator[tuple[str, str]]:
-    """The template's wordings naming the event ``name``, richest first, for each matched interest:
-    (the text before the call to action, the call to action before the link)."""
-    greet, first, proof, short_proof, hood = phrase_parts(facts)
-    for interest in interest_order(facts):
-        fans = f"one for {interest} fans" if interest else "a good one"
-        yield from [
-            (f"{greet} Welcome back, we miss you. {name} is {fans}: {facts.when}{hood}. {proof}.", "Tap to RSVP: "),
-            (f"{greet} Welcome back, we miss you. {name} is {fans}: {facts.when}. {proof}.", "Tap to RSVP: "),
-            (f"{greet} Welcome back. {name} is {fans}: {facts.when}. {proof}.", "Tap to RSVP: "),
-            (f"{greet} Welcome back. {name}, {fans}: {facts.when}. {proof}.", "RSVP: "),
-            (f"{greet} Welcome back. {name} for {interest} fans, {facts.when}. {proof}.", ""),
-            (f"{greet} Welcome back. {name} ({interest}) {facts.when}. {proof}.", ""),
-            (f"{greet} Welcome back. {name} ({interest}) {facts.when}, {short_proof}.", ""),
-            (f"{first}, welcome back! {name} ({interest}) {facts.when}: {short_proof}.", ""),
-            (f"{first}, welcome back! {name} ({interest}) {facts.when}, {short_proof}", ""),
-        ]
 
 
 # --- message tones (issue 22): the A/B test's wording families, every one held to the same SMS contract ---
@@ -4206,19 +3848,49 @@ TONES = {
 }
 DEFAULT_TONE = "standard"
 TONE_SALT = "tone-variant"  # the tone's own hash salt, so tone and holdout (``holdout_share``) never correlate
-
-
-def tone_share(campaign_name: str, member_id: str) -> float:
-    """A member's stable place in [0, 1) for the tone A/B: like ``holdout_share``, with its own salt."""
-    digest = hashlib.sha256(f"{TONE_SALT}\x00{campaign_name}\x00{member_id}".encode()).digest()
-    return int.from_bytes(digest[:8], "big") / 2**64
+# Each tone's wordings, richest first: (the text before the call to action, the call to action before the link),
+# the fields filled in by ``template_wordings``.
+WORDINGS = {
+    "standard": (
+        ("{greet} Welcome back, we miss you. {name} is {fans}: {when}{hood}. {proof}.", "Tap to RSVP: "),
+        ("{greet} Welcome back, we miss you. {name} is {fans}: {when}. {proof}.", "Tap to RSVP: "),
+        ("{greet} Welcome back. {name} is {fans}: {when}. {proof}.", "Tap to RSVP: "),
+        ("{greet} Welcome back. {name}, {fans}: {when}. {proof}.", "RSVP: "),
+        ("{greet} Welcome back. {name} for {interest} fans, {when}. {proof}.", ""),
+        ("{greet} Welcome back. {name} ({interest}) {when}. {proof}.", ""),
+        ("{greet} Welcome back. {name} ({interest}) {when}, {short_proof}.", ""),
+        ("{first}, welcome back! {name} ({interest}) {when}: {short_proof}.", ""),
+        ("{first}, welcome back! {name} ({interest}) {when}, {short_proof}", ""),
+    ),
+    "warm": (
+        (("{greet} Welcome back, we've missed you and would love to see you again. {name} is {fans}: {when}{hood}. "
+          "{proof}."), "Join us: "),
+        ("{greet} Welcome back, we've missed you. {name} is {fans}: {when}{hood}. {proof}.", "Join us: "),
+        ("{greet} Welcome back, we've missed you. {name} is {fans}: {when}. {proof}.", "Join us: "),
+        ("{greet} Welcome back, we've missed you. {name}, {fans}: {when}. {proof}.", ""),
+        ("{greet} Welcome back, we've missed you. {name} ({interest}) {when}. {proof}.", ""),
+        ("{first}, welcome back, we've missed you! {name} ({interest}) {when}, {short_proof}", ""),
+        ("{first}, welcome back, missed you! {name} ({interest}) {when}, {short_proof}", ""),
+    ),
+    "brief": (
+        ("{first}, welcome back! {name} ({interest}) {when}. {proof}.", "RSVP: "),
+        ("{first}, welcome back! {name} ({interest}) {when}, {short_proof}.", ""),
+    ),
+    "social": (
+        ("{greet} Welcome back. {lead}, {fans}: {when}. {counts}.", "Tap to RSVP: "),
+        ("{greet} Welcome back. {lead} ({interest}) {when}. {counts}.", ""),
+        ("{first}, welcome back! {lead} ({interest}) {when}. {counts}", ""),
+        ("{first}, welcome back! {lead} ({interest}) {when}, {short_counts}", ""),
+    ),
+}
 
 
 def member_tone(campaign_name: str, member_id: str, variants: Sequence[str]) -> str:
-    """The member's tone among ``variants``: equal shares by ``tone_share``, the same run after run."""
+    """The member's tone among ``variants``: equal shares by a stable hash salted apart from the holdout's."""
     if len(variants) <= 1:
         return variants[0] if variants else DEFAULT_TONE
-    return variants[min(len(variants) - 1, int(tone_share(campaign_name, member_id) * len(variants)))]
+    share = holdout_share(f"{TONE_SALT}\x00{campaign_name}", member_id)
+    return variants[min(len(variants) - 1, int(share * len(variants)))]
 
 
 def tone_names(text: str) -> tuple[str, ...]:
@@ -4231,51 +3903,29 @@ def tone_names(text: str) -> tuple[str, ...]:
     return names
 
 
-def social_lead(facts: MessageFacts, name: str) -> tuple[str, str]:
-    """The social tone's opening (who is going, then the event) and what it still has to say of the counts."""
-    spots = "" if facts.spots_left is None else (
-        f"{facts.spots_left} spot left" if facts.spots_left == 1 else f"{facts.spots_left} spots left")
+def template_wordings(facts: MessageFacts, name: str, tone: str = DEFAULT_TONE) -> Iterator[tuple[str, str]]:
+    """The ``tone``'s wordings (``WORDINGS``) naming the event ``name``, for each matched interest in turn (the
+    first, then the rest shortest first). The social tone leads with the people: those the member sat with
+    before who are going (a count, never who), else the going count."""
+    going = f"{facts.going} going" if facts.going else ""
+    spots, short_spots = ("", "") if facts.spots_left is None else (
+        f"{facts.spots_left} spot{'' if facts.spots_left == 1 else 's'} left", f"{facts.spots_left} left")
+    proof, short_proof = (", ".join(p for p in (going, tail) if p) for tail in (spots, short_spots))
     if facts.company:
-        faces = "familiar face" if facts.company == 1 else "familiar faces"  # people they dined with, a count only
-        return f"See {facts.company} {faces} at {name}", ", ".join(
-            p for p in (f"{facts.going} going" if facts.going else "", spots) if p)
-    if facts.going:
-        return f"Join {facts.going} {'other' if facts.going == 1 else 'others'} at {name}", spots
-    return f"Meet new people at {name}", spots
-
-
-def short_counts(counts: str) -> str:
-    """"12 going, 2 spots left" as "12 going, 2 left": the short form today's shortest wordings use."""
-    return re.sub(r"(\d+) spots? left", r"\1 left", counts)
-
-
-def tone_family(facts: MessageFacts, name: str) -> Iterator[tuple[str, str]]:
-    """The tone's own wordings naming the event ``name``, richest first (none for ``standard``)."""
-    if facts.tone not in ("warm", "brief", "social"):
-        return
-    greet, first, proof, short_proof, hood = phrase_parts(facts)
-    for interest in interest_order(facts):
-        fans = f"one for {interest} fans" if interest else "a good one"
-        if facts.tone == "warm":
-            yield from [
-                ((f"{greet} Welcome back, we've missed you and would love to see you again. {name} is {fans}: "
-                  f"{facts.when}{hood}. {proof}."), "Join us: "),
-                (f"{greet} Welcome back, we've missed you. {name} is {fans}: {facts.when}{hood}. {proof}.", "Join us: "),
-                (f"{greet} Welcome back, we've missed you. {name} is {fans}: {facts.when}. {proof}.", "Join us: "),
-                (f"{greet} Welcome back, we've missed you. {name}, {fans}: {facts.when}. {proof}.", ""),
-                (f"{greet} Welcome back, we've missed you. {name} ({interest}) {facts.when}. {proof}.", ""),
-                (f"{first}, welcome back, we've missed you! {name} ({interest}) {facts.when}, {short_proof}", ""),
-                (f"{first}, welcome back, missed you! {name} ({interest}) {facts.when}, {short_proof}", ""),
-            ]
-        elif facts.tone == "brief":
-            yield from [(f"{first}, welcome back! {name} ({interest}) {facts.when}. {proof}.", "RSVP: "),
-                        (f"{first}, welcome back! {name} ({interest}) {facts.when}, {short_proof}.", "")]
-        else:
-            lead, counts = social_lead(facts, name)
-            yield from [(f"{greet} Welcome back. {lead}, {fans}: {facts.when}. {counts}.", "Tap to RSVP: "),
-                        (f"{greet} Welcome back. {lead} ({interest}) {facts.when}. {counts}.", ""),
-                        (f"{first}, welcome back! {lead} ({interest}) {facts.when}. {counts}", ""),
-                        (f"{first}, welcome back! {lead} ({interest}) {facts.when}, {short_counts(counts)}", "")]
+        faces = "familiar face" if facts.company == 1 else "familiar faces"
+        lead, counts, short_counts = f"See {facts.company} {faces}", proof, short_proof
+    elif facts.going:
+        lead, counts, short_counts = f"Join {facts.going} other{'' if facts.going == 1 else 's'}", spots, short_spots
+    else:
+        lead, counts, short_counts = "Meet new people", spots, short_spots
+    fields = {"greet": f"Hi {facts.first_name}!" if facts.first_name else "Hi there!",
+              "first": facts.first_name or "Hi", "name": name, "when": facts.when, "proof": proof,
+              "short_proof": short_proof, "lead": f"{lead} at {name}", "counts": counts, "short_counts": short_counts,
+              "hood": f" in {facts.neighbourhood.replace('-', ' ').title()}" if facts.neighbourhood else ""}
+    labels = [interest_label(i) for i in facts.interests]
+    for interest in labels[:1] + sorted(labels[1:], key=len) or [""]:
+        fields.update(interest=interest, fans=f"one for {interest} fans" if interest else "a good one")
+        yield from ((body.format_map(fields), action) for body, action in WORDINGS[tone])
 
 
 def dress(facts: MessageFacts, body: str, action: str) -> str:
@@ -4289,33 +3939,27 @@ def dress(facts: MessageFacts, body: str, action: str) -> str:
 
 
 def write_template_sms(facts: MessageFacts) -> str | None:
-    """Step 6 by template: the richest wording that passes the contract, shortening as needed.
-
-    None when no wording fits (a long non-GSM-7 name, a name that is only a web address): the caller
-    tries the next event. A plain return, so an unrelated bug can never pass for "no wording fits".
-    Linear in the name's length: only the cuts of its ``phone_safe_name`` short enough to fit beside
-    the link (and the sender and opt-out text) are built and tried. With a sender or opt-out text set,
-    the going count, the spots and the interest give way in turn (``fact_levels``, ``template_attempts``);
-    the greeting, the event name (cut at a word boundary at most), the day and time and the link never do.
-    """
+    """Step 6 by template: the richest wording that passes the contract, shortening the name (only the cuts that
+    fit are tried: linear in its length); None when none fits, and the caller tries the next event. A tone never
+    costs a fact, a cut of the name or a message: today's wording otherwise."""
     safe = phone_safe_name(facts.event_name)
     carried = len(sender_prefix(facts)) + (len(opt_out_clause(facts)) + 1 if facts.opt_out_text else 0)
     names = shortened_names(safe, max_len=GSM7_LIMIT - carried - len(facts.link) - 1) if safe else []
-    standard = next(template_texts(facts, names, template_wordings), None)
+    standard = next(template_texts(facts, names), None)
     if standard is None or facts.tone == DEFAULT_TONE:
         return standard[0] if standard else None
-    kept = facts_said(facts, standard[0])  # a tone never costs a fact, a cut of the name or a message
+    kept = facts_said(facts, standard[0])
     allowed = names[: names.index(standard[1]) + 1]
-    return next((text for text, _ in template_texts(facts, allowed, tone_family) if facts_said(facts, text) >= kept),
+    return next((text for text, _ in template_texts(facts, allowed, facts.tone) if facts_said(facts, text) >= kept),
                 standard[0])
 
 
-def template_texts(facts: MessageFacts, names: Sequence[str], wordings: Any) -> Iterator[tuple[str, str]]:
-    """(text, the cut of the name it uses) of every wording within the SMS contract, in the template's order
-    of preference (``template_attempts``); ``wordings`` is ``template_wordings`` or a tone's ``tone_family``."""
+def template_texts(facts: MessageFacts, names: Sequence[str], tone: str = DEFAULT_TONE) -> Iterator[tuple[str, str]]:
+    """(text, the cut of the name it uses) of every ``tone`` wording within the SMS contract, in the template's
+    order of preference (``template_attempts``)."""
     tried: set[str] = set()
     for name, level in template_attempts(facts, names):
-        for body, action in wordings(level, name):
+        for body, action in template_wordings(level, name, tone):
             text = dress(facts, body, action)
             if text in tried:
                 continue
@@ -4359,10 +4003,9 @@ def sms_policy_problem(policy: SmsPolicy) -> str | None:
     message may hold one), and they must leave room for the greeting, the event and its time."""
     texts = {name: value for name, value in (("SMS_SENDER", policy.sender), ("SMS_OPT_OUT_TEXT", policy.opt_out_text))
              if value}
-    for name, value in texts.items():
-        problem = sms_setting_problem(name, value)
-        if problem:
-            return problem
+    problem = next(filter(None, (sms_setting_problem(name, value) for name, value in texts.items())), None)
+    if problem:
+        return problem
     asking = [name for name, value in texts.items() if "?" in phone_view(value)]
     if sum(phone_view(value).count("?") for value in texts.values()) > 1:
         return (f"{' and '.join(asking)} may hold one question mark at most"
@@ -4395,24 +4038,18 @@ def utc_offset(moment: datetime, zone: ZoneInfo) -> timedelta:
     return moment.astimezone(zone).utcoffset() or timedelta(0)
 
 
-def offset_change(lo: datetime, hi: datetime, zone: ZoneInfo) -> datetime:
-    """The first instant after ``lo`` whose UTC offset is not ``lo``'s, given that ``hi``'s is not (to the
-    microsecond, by bisection: zoneinfo does not list its transitions)."""
-    before = utc_offset(lo, zone)
-    while hi - lo > ONE_MICROSECOND:
-        mid = lo + (hi - lo) / 2
-        lo, hi = (mid, hi) if utc_offset(mid, zone) == before else (lo, mid)
-    return hi
-
-
 def steady_offsets(lo: datetime, hi: datetime, zone: ZoneInfo) -> list[tuple[datetime, datetime, timedelta]]:
-    """``[lo, hi)`` (at most a day or so) cut where the zone's UTC offset changes: (from, to, offset).
-    A change and its undoing within one such span would go unseen; no zone has one."""
+    """``[lo, hi)`` (at most a day or so) cut where the zone's UTC offset changes: (from, to, offset), each change
+    found to the microsecond by bisection (zoneinfo does not list its transitions). A change and its undoing
+    within one such span would go unseen; no zone has one."""
     pieces = []
     while lo < hi:
         offset, end = utc_offset(lo, zone), hi
         if utc_offset(hi - ONE_MICROSECOND, zone) != offset:
-            end = offset_change(lo, hi - ONE_MICROSECOND, zone)
+            steady, end = lo, hi - ONE_MICROSECOND
+            while end - steady > ONE_MICROSECOND:
+                mid = steady + (end - steady) / 2
+                steady, end = (mid, end) if utc_offset(mid, zone) == offset else (steady, mid)
         pieces.append((lo, end, offset))
         lo = end
     return pieces
@@ -4431,11 +4068,8 @@ def allowed_wall_spans(lo: datetime, hi: datetime, quiet: QuietHours) -> Iterato
 
 
 def allowed_spans(lo: datetime, hi: datetime, zone: ZoneInfo, quiet: QuietHours) -> list[tuple[datetime, datetime]]:
-    """The UTC spans within ``[lo, hi)`` whose local time in ``zone`` is outside quiet hours, in order.
-
-    Exact across daylight-saving changes: within a steady offset the wall clock is UTC plus that offset,
-    so a local time the clocks skip is never allowed and one they repeat is allowed both times it occurs.
-    """
+    """The UTC spans within ``[lo, hi)`` whose local time in ``zone`` is outside quiet hours, in order. Exact
+    across daylight-saving changes: a local time the clocks skip is never allowed, one they repeat is twice."""
     spans: list[tuple[datetime, datetime]] = []
     for start, end, offset in steady_offsets(lo, hi, zone):
         wall = [(moment + offset).replace(tzinfo=None) for moment in (start, end)]
@@ -4470,14 +4104,11 @@ def allowed_end(lo: datetime, hi: datetime, zone: ZoneInfo, quiet: QuietHours) -
 @functools.lru_cache(maxsize=8192)
 def send_window(start: datetime, now: datetime, zone: ZoneInfo, quiet: QuietHours,
                 min_lead: timedelta) -> SendWindow | None:
-    """When a message about an event starting at ``start`` may go out to a member in ``zone``, or None.
+    """When a message about an event starting at ``start`` may go out to a member in ``zone``, or None (the event
+    starts too soon, only quiet hours remain before it, or a date is at the end of datetime's range).
 
-    ``send_after`` is the first moment at or after ``now`` outside quiet hours, local time; ``send_before``
-    is exclusive: the end of the last allowed span before ``start - min_lead`` (the start of quiet hours,
-    21:00 local by default, or ``start - min_lead`` itself when that falls in allowed hours). So every
-    moment in the window is more than ``min_lead`` before the event. None when no moment is left: the
-    event starts too soon, only quiet hours remain before it, or a date is at the end of datetime's range.
-    Cached: members in one zone share each event's window.
+    ``send_after``: the first moment from ``now`` on outside quiet hours, local time; ``send_before``
+    (exclusive): the end of the last allowed span before ``start - min_lead``. Cached: a zone shares each window.
     """
     start, now = start.astimezone(UTC), now.astimezone(UTC)  # the spans' arithmetic is on UTC instants
     cutoff = start - min_lead
@@ -4519,27 +4150,14 @@ def build_message(match: Match, text: str, *, generator: str, notes: str, now: d
     """The dashboard's record of one drafted SMS, with when it may be sent and in which zone that is judged."""
     size = sms_size(text)
     message = Message(
-        user_name=match["user_name"],
-        user_id=match["user_id"],
-        user_email=text_field(match["user"], "email"),
+        user_name=match["user_name"], user_id=match["user_id"], user_email=text_field(match["user"], "email"),
         user_phone=match["user"].get("phone_e164"),  # E.164: what the sender needs; the stored form is on the user
-        event_name=match["event_name"],
-        event_id=match["event_id"],
-        message_text=text,
-        personalization_notes=notes,
-        character_count=size.units,
-        similarity_score=match["confidence_percentage"],
-        confidence_percentage=match["confidence_percentage"],
-        reasoning=match["reasoning"],
-        status="pending",
-        generated_at=iso_utc(now) or "",
-        generator=generator,
-        sms_encoding=size.encoding,
-        sms_segments=size.segments,
-        send_after=iso_utc(window.send_after) or "",
-        send_before=iso_utc(window.send_before) or "",
-        recipient_timezone=zone.key,
-    )
+        event_name=match["event_name"], event_id=match["event_id"], message_text=text, personalization_notes=notes,
+        character_count=size.units, similarity_score=match["confidence_percentage"],
+        confidence_percentage=match["confidence_percentage"], reasoning=match["reasoning"], status="pending",
+        generated_at=iso_utc(now) or "", generator=generator, sms_encoding=size.encoding, sms_segments=size.segments,
+        send_after=iso_utc(window.send_after) or "", send_before=iso_utc(window.send_before) or "",
+        recipient_timezone=zone.key)
     if variant is not None:  # only in a tone A/B: a default run's messages are as before
         message["variant"] = variant
     return message
@@ -4588,19 +4206,13 @@ def holdout_record(rank: int, match: Match, *, campaign_id: str, fraction: float
 def template_notes(facts: MessageFacts, text: str) -> str:
     """The reviewer's line on what the template's ``text`` personalised, and what it left out to fit."""
     said = optional_facts_said(without_sender_parts(text.removesuffix(facts.link), facts)[0], facts)
-    parts = ["Welcome back, time away acknowledged"]
-    if said.get("interest"):
-        parts.append(f"interest: {interest_label(facts.interests[0])}")
-    parts.append(f"local time {facts.when}")
-    if said.get("spots"):
-        parts.append(f"{facts.spots_left} spots left")
-    if said.get("going"):
-        parts.append(f"{facts.going} going")
-    parts += [part for part, value in (("sender named", facts.sender), ("opt-out text", facts.opt_out_text)) if value]
-    left_out = [name for name in OPTIONAL_FACTS if said.get(name) is False]
-    if left_out:
-        parts.append(f"left out to fit: {', '.join(left_out)}")
-    return "; ".join(parts)
+    left_out = ", ".join(name for name in OPTIONAL_FACTS if said.get(name) is False)
+    parts = ["Welcome back, time away acknowledged",
+             said.get("interest") and f"interest: {interest_label(facts.interests[0])}", f"local time {facts.when}",
+             said.get("spots") and f"{facts.spots_left} spots left", said.get("going") and f"{facts.going} going",
+             facts.sender and "sender named", facts.opt_out_text and "opt-out text",
+             left_out and f"left out to fit: {left_out}"]
+    return "; ".join(part for part in parts if part)
 
 
 # =============================================================================================
@@ -4610,31 +4222,17 @@ def template_notes(facts: MessageFacts, text: str) -> str:
 
 def dashboard_user(user: Mapping[str, Any]) -> dict[str, Any]:
     """A member as the dashboard reads it (plan's users schema)."""
-    record = dict(user)
-    record.update({
-        "id": user["_id"],
-        "name": full_name(user),
-        "summary": user["summary"],
-        "event_count": user.get("eventCount", 0),
-        "user_id": user["_id"],
-        "neighborhood": user.get("homeNeighborhood"),
-    })
-    return record
+    return {**user, "id": user["_id"], "name": full_name(user), "summary": user["summary"],
+            "event_count": user.get("eventCount", 0), "user_id": user["_id"],
+            "neighborhood": user.get("homeNeighborhood")}
 
 
 def dashboard_event(event: Mapping[str, Any]) -> dict[str, Any]:
     """An event as the dashboard reads it (plan's events schema)."""
-    record = dict(event)
-    record.update({
-        "id": event["_id"],
-        "event_id": event["_id"],
-        "capacity": event.get("maxParticipants"),
-        "participants_count": event.get("participantCount", 0),
-        "fill_rate_percent": round(float(event.get("participationPercentage") or 0.0), 1),
-        "summary": event["summary"],
-    })
-    record.setdefault("maxParticipants", None)
-    return record
+    return {**event, "id": event["_id"], "event_id": event["_id"], "capacity": event.get("maxParticipants"),
+            "participants_count": event.get("participantCount", 0),
+            "fill_rate_percent": round(float(event.get("participationPercentage") or 0.0), 1),
+            "summary": event["summary"], "maxParticipants": event.get("maxParticipants")}
 
 
 def listing(name: str, items: Sequence[Mapping[str, Any]], updated_at: str) -> dict[str, Any]:
@@ -4663,28 +4261,31 @@ class Skip:
     code: str = "no_matching_event"
 
 
-SKIP_REASONS = (  # dormant_users.json's skip_reason for an eligible member not selected, in walk order
-    "cooldown",                 # messaged (or held out) within --cooldown-days
-    "no_valid_phone",           # no phone, or not a valid number that can receive SMS
-    "opted_out",                # an opt-out field set, or consent explicitly refused (or in doubt), on any record with the number
-    "shared_phone",             # the number was messaged or held out for another member (this run or the cooldown)
-    "holdout",                  # the control group: recorded, never texted
-    "no_matching_event",        # no open future event shares an interest
-    "no_event_in_send_window",  # every candidate starts too soon or leaves only quiet hours to send
-    "seats_exhausted",          # every candidate already has as many open invitations as it can seat
-    "below_min_confidence",     # the best match is below --min-confidence
-    "no_sms_within_contract",   # no SMS within the contract for the chosen event or the next ones
-    "failed",                   # an unexpected error on this member (see the log)
-    "not_started",              # the run stopped (signal or deadline) before this member
-    "below_limit",              # --limit members were messaged before this one's turn
-)
+FUNNEL_STAGES = ("eligible", "outside cooldown", "reached", "textable", "not opted out", "event in send window",
+                 "matched", "drafted")  # the funnel: eligible to drafted, one count per stage (console, Markdown, JSON)
+HELD_OUT_STAGE = "held out"  # after "drafted", apart: matched, recorded, never texted
+# dormant_users.json's skip_reason for an eligible member not selected, in walk order, and the first funnel
+# stage a member left out for it does not reach:
+REASON_STAGES = {
+    "cooldown": "outside cooldown",  # messaged (or held out) within --cooldown-days
+    "no_valid_phone": "textable",  # no phone, or not a valid number that can receive SMS
+    "opted_out": "not opted out",  # an opt-out field set, or consent refused (or in doubt), on a record with the number
+    "shared_phone": "textable",  # the number was messaged or held out for another member (this run or the cooldown)
+    "holdout": "drafted",  # the control group: matched, recorded, never texted (counted apart as HELD_OUT_STAGE)
+    "no_matching_event": "event in send window",  # no open future event shares an interest
+    "no_event_in_send_window": "event in send window",  # every candidate starts too soon or leaves only quiet hours
+    "seats_exhausted": "matched",  # every candidate already has as many open invitations as it can seat
+    "below_min_confidence": "matched",  # the best match is below --min-confidence
+    "no_sms_within_contract": "drafted",  # no SMS within the contract for the chosen event or the next ones
+    "failed": "drafted",  # an unexpected error on this member in steps 5-6 (see the log)
+    "not_started": "reached",  # the run stopped (signal or deadline) before this member
+    "below_limit": "reached",  # --limit members were messaged before this one's turn
+}
+SKIP_REASONS = tuple(REASON_STAGES)
 
 
 class IdleReason(Enum):
-    """Why a day drafted no message: the one line cron mail gets, and the exit code (3: look; 0: as planned).
-
-    ``idle_reason`` finds it from the walk's decisions; a step that knows before the walk (the per-day
-    limit: ``DAY_LIMIT_DRAFTED``) hands it over to ``idle_reason`` as its ``hint``."""
+    """Why a day drafted no message: the one line cron mail gets (``IDLE_LINES``), and the exit code."""
 
     NOBODY_DORMANT = "nobody_dormant"
     ALL_IN_COOLDOWN = "all_in_cooldown"
@@ -4717,8 +4318,8 @@ NOT_REACHED = frozenset({"cooldown", "below_limit", "not_started"})
 
 def idle_reason(eligible: int, decisions: Mapping[str, str], messages: int,
                 hint: IdleReason | None = None) -> IdleReason | None:
-    """Why no message was drafted (``decisions``: each eligible member's ``selected`` or skip code), or None
-    when one was. ``hint``: a reason known before the walk (today's limit already drafted)."""
+    """Why no message was drafted (from each member's ``selected`` or skip code), or None when one was;
+    ``hint``: a reason known before the walk (today's limit already drafted)."""
     if messages:
         return None
     if hint is not None:
@@ -4785,8 +4386,7 @@ def ours(item: Mapping[str, Any]) -> bool:
 def tally_history(messages: Iterable[Mapping[str, Any]], holdout: Iterable[Mapping[str, Any]],
                   day: tuple[datetime, datetime], seats_since: datetime) -> DashboardHistory:
     """This tool's messages and holdout records of the campaign ``day``, and its open invitations per event
-    (pending or approved, generated at or after ``seats_since``): the arithmetic of the daily limit and of
-    the seats, apart from the reading."""
+    (pending or approved, generated at or after ``seats_since``)."""
     drafted, held, members, invitations = 0, 0, set(), Counter[str]()
     for item in messages:
         when = to_utc(item.get("generated_at")) if ours(item) else None
@@ -4847,35 +4447,14 @@ def volume_lines(report: Mapping[str, Any]) -> list[str]:
     lines.append(f"Seats exhausted (members whose first choice had no seat left, by event): {seen}." if exhausted
                  else "Seats exhausted: none (no member's first choice was full).")
     return [*lines, ""]
-CONTACT_SKIPS = ("no_valid_phone", "opted_out", "shared_phone")  # decided when the walk reaches a member (counted on the console)
 
 
-# --- the funnel: eligible to drafted, one count per stage (console, Markdown and JSON alike) -------
-
-FUNNEL_STAGES = ("eligible", "outside cooldown", "reached", "textable", "not opted out", "event in send window",
-                 "matched", "drafted")
-HELD_OUT_STAGE = "held out"  # after "drafted", apart: matched, recorded, never texted
-REASON_STAGES = {  # each skip_reason: the first funnel stage a member left out for it does not reach
-    "cooldown": "outside cooldown",
-    "below_limit": "reached",              # the walk stopped (--limit) before this member
-    "not_started": "reached",              # the run stopped (signal or deadline) before this member
-    "no_valid_phone": "textable",
-    "shared_phone": "textable",            # the number already gets a text (another member's)
-    "opted_out": "not opted out",
-    "no_matching_event": "event in send window",
-    "no_event_in_send_window": "event in send window",
-    "below_min_confidence": "matched",
-    "seats_exhausted": "matched",          # every matching event already has its invitations
-    "no_sms_within_contract": "drafted",
-    "failed": "drafted",                   # an error in steps 5-6
-    "holdout": "drafted",                  # matched, held out: counted apart as HELD_OUT_STAGE
-}
+# --- the funnel (``FUNNEL_STAGES``) -------------------------------------------------------------------
 
 
 def reason_stage(code: str) -> str:
-    """The funnel stage a member left out for ``code`` does not reach, as ``REASON_STAGES`` says; a reason added to
-    SKIP_REASONS without one takes the stage of the nearest reason before it (SKIP_REASONS is in walk order);
-    any other code, the last stage (the member was looked at and not drafted)."""
+    """The funnel stage a member left out for ``code`` does not reach (``REASON_STAGES``); a reason without one
+    takes that of the nearest reason before it in SKIP_REASONS (walk order); an unknown code, the last stage."""
     if code in REASON_STAGES:
         return REASON_STAGES[code]
     earlier = SKIP_REASONS[:SKIP_REASONS.index(code)] if code in SKIP_REASONS else ()
@@ -4890,9 +4469,8 @@ class FunnelStage(TypedDict):
 
 
 def run_funnel(eligible: int, reasons: Mapping[str, int]) -> list[FunnelStage]:
-    """The funnel, computed once from the eligible count and the skip_reason counts (``skip_reason_counts``):
-    every eligible member not left out for a reason was drafted, and each reason drops its members at its
-    stage (``reason_stage``); the held-out members come last, apart."""
+    """The funnel from the eligible count and the skip_reason counts: each reason drops its members at its
+    stage (``reason_stage``), the rest were drafted; the held-out members come last, apart."""
     dropped = Counter[str]()
     for code, n in reasons.items():
         dropped[reason_stage(code)] += n
@@ -4911,17 +4489,14 @@ def funnel_text(funnel: Sequence[Mapping[str, Any]]) -> str:
 
 def funnel_lines(funnel: Sequence[Mapping[str, Any]], reasons: Mapping[str, int]) -> list[str]:
     """The funnel as a Markdown table: each stage, its members, and the reasons that left members out before it."""
-    lines = ["## Funnel", "", "| stage | members | left out before this stage |", "| --- | --- | --- |"]
-    for row in funnel:
-        left = ", ".join(f"{n} {code}" for code, n in reasons.items()
-                         if row["stage"] != HELD_OUT_STAGE and reason_stage(code) == row["stage"])
-        lines.append(f"| {row['stage']} | {row['count']} | {left or '-'} |")
-    return lines + [""]
+    rows = [[row["stage"], str(row["count"]), ", ".join(f"{n} {code}" for code, n in reasons.items()
+             if row["stage"] != HELD_OUT_STAGE and reason_stage(code) == row["stage"]) or "-"] for row in funnel]
+    return ["## Funnel", "", *markdown_table([["stage", "members", "left out before this stage"], *rows]), ""]
 
 
 def skip_list_rows(eligible: Sequence[Mapping[str, Any]], decisions: Mapping[str, str]) -> Iterator[list[str]]:
-    """``skipped.csv``'s rows, in rank order: each member the walk reached and left out (not drafted, not held
-    out), as member id and skip_reason only. An id that is an email or phone number is withheld (its rank said)."""
+    """``skipped.csv``'s rows in rank order: member id and skip_reason of each member the walk reached and left
+    out (not held out); an id that is a contact detail is withheld (its rank said)."""
     looked_at = set(FUNNEL_STAGES[FUNNEL_STAGES.index("reached") + 1:])
     for rank, user in enumerate(eligible, 1):
         code = decisions.get(user["_id"], "below_limit")
@@ -4930,8 +4505,7 @@ def skip_list_rows(eligible: Sequence[Mapping[str, Any]], decisions: Mapping[str
 
 
 def contact_like_id(member_id: str) -> bool:
-    """An id that is a contact detail (``CONTACT_DETAIL``: an email address, a phone number as people write one
-    with a ``+`` or punctuation among the digits, ...); plain digits and ObjectIds are ids."""
+    """An id that is a contact detail (``CONTACT_DETAIL``); plain digits and ObjectIds are ids."""
     plain = readable(member_id)
     return not plain.isalnum() and first_contact(plain) is not None
 
@@ -4970,17 +4544,14 @@ def send_window_text(message: Mapping[str, Any]) -> str:
             f"{before.tzname()}")
 
 
-def one_line_reason(reasoning: str, limit: int = 120) -> str:
-    """The reasoning's first sentence, on one line, at most ``limit`` characters."""
-    first = one_line(reasoning).split(". ")[0].rstrip(".")
-    return first if len(first) <= limit else first[:limit - 1].rstrip() + "\u2026"
-
-
 def preview_row(user: Mapping[str, Any], message: Mapping[str, Any]) -> PreviewRow:
-    """A drafted message's preview row: the first name we greet by, never the full name."""
+    """A drafted message's preview row: the first name we greet by, never the full name; the reasoning's first
+    sentence, at most 120 characters."""
+    reason = one_line(message["reasoning"]).split(". ")[0].rstrip(".")
     row = PreviewRow(first_name=greeting_name(user.get("firstName")) or "-", event_name=message["event_name"],
                      send_window=send_window_text(message), encoding=message["sms_encoding"],
-                     segments=message["sms_segments"], reason=one_line_reason(message["reasoning"]))
+                     segments=message["sms_segments"],
+                     reason=reason if len(reason) <= 120 else reason[:119].rstrip() + "\u2026")
     if message.get("variant"):
         row["variant"] = str(message["variant"])
     return row
@@ -4998,8 +4569,8 @@ def preview_lines(preview: Sequence[Mapping[str, Any]]) -> list[str]:
 
 
 def run_cost(segments: int, price: float | None, claude_usd: float | None, claude_used: bool) -> dict[str, Any]:
-    """The day's cost: SMS segments times ``SMS_SEGMENT_PRICE`` (segments only when it is unset) beside Claude's
-    estimate (None when its prices are unknown); the total only when every part is known."""
+    """The day's cost: SMS segments times ``SMS_SEGMENT_PRICE`` beside Claude's estimate (None when its prices
+    are unknown); the total only when every part is known."""
     sms_usd = None if price is None else round(segments * price, 6)
     claude = claude_usd if claude_used else 0.0
     total = None if sms_usd is None or claude is None else round(sms_usd + claude, 6)
@@ -5088,7 +4659,7 @@ def dominant_reason_advice(reasons: Mapping[str, int], drafted: int) -> list[str
 def crowded_event_advice(messages: Sequence[Mapping[str, Any]]) -> list[str]:
     """An event taking most of the invitations: one event's seats cannot take them all."""
     events = Counter(m["event_name"] for m in messages)
-    if len(messages) < 3 or not events:
+    if len(messages) < 3:
         return []
     name, n = events.most_common(1)[0]
     if n / len(messages) < CROWDED_EVENT_SHARE:
@@ -5124,20 +4695,17 @@ def message_advice(summary: Mapping[str, Any], reasons: Mapping[str, int], cost:
     return []
 
 
-def fallback_advice(fallbacks: Mapping[str, Any]) -> list[str]:
-    n = fallbacks.get("matching", 0) + fallbacks.get("writing", 0)
-    return [f"Claude fell back to the rules or the template {n} times: see Claude fallbacks."] if n else []
-
-
 def recommendations(report: Mapping[str, Any]) -> list[str]:
     """What this run's figures suggest doing (a dominant skip reason, a crowded event, a holdout too small,
     segments, fallbacks); a day with nothing to say says so."""
-    reasons, summary = report["skip_reasons"], report["summary"]
+    reasons, summary, fallbacks = report["skip_reasons"], report["summary"], report["fallbacks"]
+    fell_back = fallbacks.get("matching", 0) + fallbacks.get("writing", 0)
     found = [*message_advice(summary, reasons, report["cost"]),
              *dominant_reason_advice(reasons, summary.get("total_messages_generated", 0)),
              *crowded_event_advice(report["preview"]),
              *holdout_advice(report["holdout"], report["holdout_power"]),
-             *fallback_advice(report["fallbacks"])]
+             *([f"Claude fell back to the rules or the template {fell_back} times: see Claude fallbacks."]
+               if fell_back else [])]
     return found or ["Nothing in this run's figures calls for a change."]
 
 
@@ -5148,18 +4716,15 @@ def cell(value: Any) -> str:
 
 def empty_input_lines(empty: Sequence[str]) -> list[str]:
     """The report's line for empty input: a run that read nothing is not a day that found nobody."""
-    if not empty:
-        return []
-    line = (f"- **Empty input:** the source has no {' and no '.join(empty)}; check it before reading this run "
-            "as a day that found nobody")
-    return [line]
+    return [(f"- **Empty input:** the source has no {' and no '.join(empty)}; check it before reading this run "
+             "as a day that found nobody")] if empty else []
 
 
 def skip_reason_lines(reasons: Mapping[str, int], holdout: Mapping[str, Any],
                       details: Mapping[str, int] | None = None) -> list[str]:
     """Why eligible members were not texted (counts only), and the control group."""
-    lines = ["## Who was texted", "", "| eligible members not texted, by reason | count |", "| --- | --- |"]
-    lines += [f"| {code} | {n} |" for code, n in reasons.items()] or ["| (none) | 0 |"]
+    rows = [[code, str(n)] for code, n in reasons.items()] or [["(none)", "0"]]
+    lines = ["## Who was texted", "", *markdown_table([["eligible members not texted, by reason", "count"], *rows])]
     lines += [f"\nOf these, {n}: {cell(detail)}." for detail, n in (details or {}).items()]
     if holdout.get("fraction"):
         ranks = ", ".join(str(r) for r in holdout.get("ranks", [])) or "none"
@@ -5172,6 +4737,14 @@ def report_markdown(report: Mapping[str, Any]) -> str:
     """The human report: goal, run summary, who was tried, matches, messages, recommendations."""
     s, st = report["summary"], report["statistics"]
     matcher = "claude" if report["llm"] == "claude" else "rules"
+    figures = [[key.replace("_", " "), "—" if s.get(key) is None else str(s[key])] for key in (
+        "total_dormant_users_found", "total_users_with_complete_profiles", "users_left_out_by_cooldown",
+        "total_future_events", "total_matches_created", "total_messages_generated", "total_sms_segments",
+        "average_days_inactive", "average_confidence_score", "error_count")]
+    messages = {m["user_id"]: m for m in report.get("messages", [])}
+    matches = [[m["user_name"], m["event_name"], str(m["confidence_percentage"]), m["matcher"],
+                *(str(messages.get(m["user_id"], {}).get(key, "")) for key in ("message_text", "sms_segments"))]
+               for m in report.get("matches", [])]
     lines = [
         f"# Return To Table report: {report['campaign_id']}",
         "",
@@ -5186,31 +4759,21 @@ def report_markdown(report: Mapping[str, Any]) -> str:
         "",
         "## Run summary",
         "",
-        "| figure | value |",
-        "| --- | --- |",
-    ]
-    for key in ("total_dormant_users_found", "total_users_with_complete_profiles",
-                "users_left_out_by_cooldown", "total_future_events", "total_matches_created",
-                "total_messages_generated", "total_sms_segments", "average_days_inactive",
-                "average_confidence_score", "error_count"):
-        lines.append(f"| {key.replace('_', ' ')} | {'—' if s.get(key) is None else s.get(key)} |")
-    lines += ["", f"Future events considered: {st['events_processed']}. Cost: {cost_text(report['cost'])}.", ""]
-    if report.get("places_not_located"):
-        lines += [places_line(report["places_not_located"]), ""]
-    lines += volume_lines(report)
-    lines += funnel_lines(report["funnel"], report.get("skip_reasons", {}))
-    lines += ["## Recommendations", "", *(f"- {r}" for r in report["recommendations"]), ""]
-    lines += skip_reason_lines(report.get("skip_reasons", {}), report.get("holdout", {}), report.get("skip_details", {}))
-    lines += power_lines(report["holdout_power"])
-    lines += preview_lines(report["preview"])
-    lines += ["## Matches and messages", "", "| member | event | confidence | matcher | SMS | segments |",
-              "| --- | --- | --- | --- | --- | --- |"]
-    messages = {m["user_id"]: m for m in report.get("messages", [])}
-    for match in report.get("matches", []):
-        msg = messages.get(match["user_id"], {})
-        lines.append(f"| {cell(match['user_name'])} | {cell(match['event_name'])} | {match['confidence_percentage']} "
-                     f"| {match['matcher']} | {cell(msg.get('message_text', ''))} | {msg.get('sms_segments', '')} |")
-    lines += ["", "## Members skipped", "", *skipped_lines(report)]
+        *markdown_table([["figure", "value"], *figures]),
+        "",
+        f"Future events considered: {st['events_processed']}. Cost: {cost_text(report['cost'])}.",
+        "",
+        *([places_line(report["places_not_located"]), ""] if report.get("places_not_located") else []),
+        *volume_lines(report),
+        *funnel_lines(report["funnel"], report.get("skip_reasons", {})),
+        "## Recommendations", "", *(f"- {r}" for r in report["recommendations"]), "",
+        *skip_reason_lines(report.get("skip_reasons", {}), report.get("holdout", {}), report.get("skip_details", {})),
+        *power_lines(report["holdout_power"]),
+        *preview_lines(report["preview"]),
+        "## Matches and messages",
+        "",
+        *markdown_table([["member", "event", "confidence", "matcher", "SMS", "segments"], *matches]),
+        "", "## Members skipped", "", *skipped_lines(report)]
     fallbacks = report.get("fallbacks", {})
     if fallbacks.get("reasons"):
         lines += ["", f"## Claude fallbacks ({fallbacks['matching']} matches, {fallbacks['writing']} messages)", ""]
@@ -5241,8 +4804,7 @@ def report_markdown(report: Mapping[str, Any]) -> str:
 
 
 def skipped_lines(report: Mapping[str, Any]) -> list[str]:
-    """The members left out, as the funnel counts them (the walk's reasons), then why each member steps 5-6
-    looked at was skipped; the list for data clean-up is ``skipped.csv``."""
+    """The members left out, by the walk's reasons, then why each member steps 5-6 looked at was skipped."""
     reasons = {code: n for code, n in report.get("skip_reasons", {}).items() if code != "holdout"}
     if not reasons:
         return ["None."]
@@ -5287,9 +4849,8 @@ class Fallback:
 
 @dataclass
 class UserOutcome:
-    """One member the walk reached, after steps 5 and 6: a match and message, a holdout record (the
-    control group), or a reason for neither. ``rank`` orders the dashboard writes; ``eligible_rank``
-    is the member's place in the eligible list (1-based)."""
+    """One member the walk reached, after steps 5 and 6: a match and message, a holdout record, or a reason for
+    neither. ``rank`` orders the dashboard writes; ``eligible_rank``: the place in the eligible list (1-based)."""
 
     rank: int
     user: DormantMember
@@ -5305,24 +4866,16 @@ class UserOutcome:
 
 def walk_codes(outcomes: Iterable[UserOutcome]) -> dict[str, str]:
     """Each reached member's decision: ``selected`` (messaged), ``holdout``, or the skip's code."""
-    codes: dict[str, str] = {}
-    for o in outcomes:
-        if o.message is not None:
-            codes[o.user["_id"]] = "selected"
-        elif o.holdout is not None:
-            codes[o.user["_id"]] = "holdout"
-        elif o.skip is not None:
-            codes[o.user["_id"]] = o.skip.code
-    return codes
+    codes = {o.user["_id"]: "selected" if o.message else "holdout" if o.holdout else o.skip.code if o.skip else ""
+             for o in outcomes}
+    return {user_id: code for user_id, code in codes.items() if code}
 
 
 def walk_listing(eligible: Sequence[DormantMember], decisions: Mapping[str, str],
                  details: Mapping[str, str] | None = None) -> Iterator[bytes]:
-    """``dormant_users.json``'s items (``write_json_items``), ``JSON_CHUNK_ITEMS`` at a time: every eligible
-    member in rank order, with ``selected`` and, for those not selected, ``skip_reason`` (a member the walk
-    never decided on is ``below_limit``) and its ``skip_detail`` when ``details`` has one. The keys are
-    appended to each record's JSON, the records are not copied (160,000 copies at a million members were a
-    second)."""
+    """``dormant_users.json``'s items, ``JSON_CHUNK_ITEMS`` at a time: every eligible member in rank order with
+    its ``decision_keys`` (undecided: ``below_limit``), appended to each record's JSON without copying records
+    (160,000 copies at a million members were a second)."""
     tails: dict[tuple[str, str | None], bytes] = {}
     details = details or {}
     for first in range(0, len(eligible), JSON_CHUNK_ITEMS):
@@ -5370,14 +4923,9 @@ def build_report(*, campaign_id: str, run_started: datetime, finished: datetime,
                  empty_input: Sequence[str] = (), places_not_located: Mapping[str, int] | None = None,
                  sms_segment_price: float | None = None, earlier_30_days: tuple[int, int] | None = None,
                  volume: Mapping[str, Any] | None = None, idle: IdleReason | None = None) -> dict[str, Any]:
-    """Step 8: the plan's statistics and summary, plus the funnel, a preview of every message, the cost, who
-    was skipped, the holdout's power, services, errors and recommendations from these figures.
-
-    ``empty_input`` names the collections the source had no documents in (``"users"``, ``"events"``);
-    ``decisions`` is each eligible member's ``selected`` or skip code; ``earlier_30_days`` the members
-    messaged and held out in the dashboard in the 30 days before this run (None: not read); ``idle`` why
-    no message was drafted.
-    """
+    """Step 8: the plan's statistics and summary, plus the funnel, a preview of every message, the cost, who was
+    skipped, the holdout's power, services, errors and recommendations. ``earlier_30_days``: the members
+    messaged and held out in the 30 days before this run (None: not read)."""
     reasons = skip_reason_counts(decisions)
     held_out = [o.holdout for o in outcomes if o.holdout is not None]
     matches = [o.match for o in outcomes if o.match is not None]
@@ -5449,21 +4997,17 @@ def build_report(*, campaign_id: str, run_started: datetime, finished: datetime,
     return report
 
 
-def console_summary(report: Mapping[str, Any], report_path: Path) -> str:
-    """The run's one summary line on the console: the funnel, segments and cost, errors, the report's path."""
-    s = report["summary"]
-    empty = report.get("empty_input") or []
-    status = report["status"] + (f", empty input: {', '.join(empty)}" if empty else "")
-    return (f"Step 8 ({status}): {s['total_dormant_users_found']} dormant; funnel {funnel_text(report['funnel'])}; "
-            f"{cost_text(report['cost'])}; {s['error_count']} errors. Report: {report_path}")
-
-
 def write_report(stem: Path, report: Mapping[str, Any], logger: logging.Logger) -> Path:
-    """Step 8's files, ``<stem>.json`` and ``<stem>.md`` (private), and the console's summary line; the .md's path."""
+    """Step 8's files, ``<stem>.json`` and ``<stem>.md`` (private), and the console's one summary line (the funnel,
+    segments and cost, errors, the report's path); the .md's path."""
     write_json(stem.with_name(stem.name + ".json"), report, private=True)
     report_path = stem.with_name(stem.name + ".md")
     write_text_private(report_path, report_markdown(report))
-    logger.info("%s", console_summary(report, report_path), extra={"summary": True})
+    s, empty = report["summary"], report.get("empty_input") or []
+    status = report["status"] + (f", empty input: {', '.join(empty)}" if empty else "")
+    logger.info("Step 8 (%s): %s dormant; funnel %s; %s; %s errors. Report: %s", status, s["total_dormant_users_found"],
+                funnel_text(report["funnel"]), cost_text(report["cost"]), s["error_count"], report_path,
+                extra={"summary": True})
     return report_path
 
 
@@ -5542,8 +5086,9 @@ class DataSource(Protocol):
 class FolderSource:
     """A folder of ``mongoexport`` output: ``users.json`` and ``events.json``."""
 
-    def __init__(self, folder: Path, control: RunControl | None = None) -> None:
+    def __init__(self, folder: Path, control: RunControl | None = None, consent_paths: Sequence[str] = ()) -> None:
         self.folder = folder
+        self.consent_paths = consent_paths or sms_field_paths(SmsPolicy())  # read in the members' scan (``consent_rows``)
         self.label = f"folder {folder}"
         self.control = control or RunControl()  # the engine's queries are interrupted at its deadline
         self.engine: FolderEngine | None = None
@@ -5568,8 +5113,10 @@ class FolderSource:
         return SourceData(users, events, decoder.bad_values, +skipped, dict(zip(("users", "events"), files)))
 
     def consent_rows(self, paths: Sequence[str]) -> Iterator[dict[str, Any]]:
-        path = self.folder / "users.json"
-        return consent_rows_of_file(path, consent_keys(paths), self.control) if path.is_file() else iter(())
+        """Read by the members' scan when ``paths`` are the source's ``consent_paths``, else by one more scan."""
+        path, keys = self.folder / "users.json", consent_keys(paths)
+        texts = self.engine.consent_texts() if self.engine is not None and set(self.engine.consent_keys) == keys else None
+        return consent_rows_of_file(path, keys, self.control, texts) if path.is_file() else iter(())
 
 
     def read_dormant(self, now: datetime, progress: Any = None) -> SourceData:
@@ -5586,9 +5133,11 @@ class FolderSource:
         with (progress or no_progress)(total, "B") as bar:
             self.close()
             # open until ``close``: the walk reads it, its lookups bounded as any call (``RunControl.budget``)
-            self.engine = FolderEngine(files["users"], files["events"], self.control.until_deadline)
+            self.engine = FolderEngine(files["users"], files["events"], self.control.until_deadline,
+                                       consent_keys(self.consent_paths))
             try:
-                data = engine_read(self.engine, now, lambda: bar.update(total // 2) if bar is not None else None)
+                with frozen_gc():
+                    data = engine_read(self.engine, now, lambda: bar.update(total // 2) if bar is not None else None)
                 self.engine.watch.limit = lambda: self.control.budget(math.inf)
                 return data
             except duckdb.InterruptException:
@@ -5604,17 +5153,35 @@ class FolderSource:
         if self.engine is not None:
             self.engine.close()
             self.engine = None
+            gc.unfreeze()
 
 
-def consent_rows_of_file(path: Path, keys: Collection[str], control: RunControl | None = None
-                         ) -> Iterator[dict[str, Any]]:
+@contextlib.contextmanager
+def frozen_gc() -> Iterator[None]:
+    """No cyclic garbage collection while the read decodes (its records hold no cycles), and what it read kept
+    out of every later collection (``gc.freeze``; ``close`` unfreezes): a million-member read leaves millions of
+    objects that each collection would walk again (at 1M members, ~4 s of CPU in steps 1-2, measured)."""
+    enabled = gc.isenabled()
+    gc.disable()
+    try:
+        yield
+        gc.freeze()
+    finally:
+        if enabled:
+            gc.enable()
+
+
+def consent_rows_of_file(path: Path, keys: Collection[str], control: RunControl | None = None,
+                         texts: Sequence[str] | None = None) -> Iterator[dict[str, Any]]:
     """``consent_rows`` of a mongoexport users file: the engine selects the members with a value (a null
-    included) under one of ``keys``, one query, never every member in memory; each is decoded whole as ``read``
-    decodes it (``keep_unreadable``: an unreadable value is ``UNREADABLE``) and given by ``consent_row``. A file
-    the engine cannot read is decoded whole, as ``read`` decodes it."""
+    included) under one of ``keys`` (``texts``: already selected, by the members' scan), never every member in
+    memory; each is decoded whole as ``read`` decodes it (``keep_unreadable``: an unreadable value is
+    ``UNREADABLE``) and given by ``consent_row``. A file the engine cannot read is decoded whole, as ``read``
+    decodes it."""
     decoder = ExtendedJsonDecoder(keep_unreadable=True)
     try:
-        texts = engine_consent_texts(path, sorted(keys), (control or RunControl()).until_deadline)
+        if texts is None:
+            texts = engine_consent_texts(path, sorted(keys), (control or RunControl()).until_deadline)
     except EngineRefused:
         docs, _ = load_collection_file(path, decoder)
         yield from filter(None, (consent_row(doc, keys) for doc in docs))
@@ -5629,34 +5196,31 @@ def consent_rows_of_file(path: Path, keys: Collection[str], control: RunControl 
             yield row
 
 
+def consent_json_paths(keys: Iterable[str]) -> list[str]:
+    """Each key as a JSON path to that top-level key (a literal dotted key a key); the engine reads a key written
+    escaped as Python does."""
+    return ['$."' + key.replace("\\", "\\\\").replace('"', '\\"') + '"' for key in keys]
+
+
+def sql_text(text: str) -> str:
+    """A SQL string literal."""
+    return "'" + text.replace("'", "''") + "'"
+
+
 def engine_consent_texts(path: Path, keys: Sequence[str], limit: Any = lambda: math.inf) -> list[str]:
-    """The JSON text of each record of ``path`` holding one of ``keys`` (top-level, a literal dotted key a key);
+    """The JSON text of each record of ``path`` holding one of ``keys`` (``json_exists``: one parse a record);
     EngineRefused when the engine cannot read the file; ServiceTimeout when ``limit()`` (``EngineWatch``) ran out."""
     import duckdb
 
-    paths = ['$."' + key.replace("\\", "\\\\").replace('"', '\\"') + '"' for key in keys]
-    held = " OR ".join(f"json_type(doc, '{json_path.replace(chr(39), chr(39) * 2)}') IS NOT NULL" for json_path in paths)
-    held = f"({consent_text_filter(keys)}) AND ({held})" if held else held
+    paths = ", ".join(map(sql_text, consent_json_paths(keys)))
     try:
         with contextlib.closing(duckdb.connect()) as db, contextlib.closing(EngineWatch(db, limit)):
             return [text for (text,) in db.execute(
-                f"SELECT doc FROM {engine_records(path)} WHERE {held or 'false'} ORDER BY n").fetchall()]
+                f"SELECT doc FROM {engine_records(path)} WHERE {f'list_contains(json_exists(doc, [{paths}]), true)' if keys else 'false'} ORDER BY n").fetchall()]
     except duckdb.InterruptException:
         raise ServiceTimeout(f"reading the consent fields of {path} {UNTIL_THE_DEADLINE}: not done") from None
     except duckdb.Error:
         raise EngineRefused(str(path)) from None
-
-
-
-
-def consent_text_filter(keys: Sequence[str]) -> str:
-    """SQL true of every record that may hold one of ``keys``: its text names one (``"key"``) or holds an escape
-    (a key may be written escaped), so ``json_type`` parses only those (parsing every record cost ~0.6 s at
-    100,000 members, this ~0.1 s). A key with a quote, backslash or control character (escaped in the text) lets all pass."""
-    if any(re.search(r'["\\\x00-\x1f]', key) for key in keys):
-        return "true"
-    pattern = '\\\\|"(' + "|".join(re.escape(key) for key in keys) + ')"'  # (one pass: RE2 alternation)
-    return f"regexp_matches(doc::VARCHAR, '{pattern.replace(chr(39), chr(39) * 2)}')"
 
 
 def read_source(source: DataSource, now: datetime, progress: Any = None) -> SourceData:
@@ -5733,14 +5297,16 @@ def sql_macros() -> str:
     CREATE MACRO rtt_start(j) AS CASE WHEN j IS NULL THEN NULL ELSE CASE json_type(j)
         WHEN 'VARCHAR' THEN coalesce(rtt_text_start(json_extract_string(j, '$'), '{SQL_ISO}'),
             CASE WHEN contains(json_extract_string(j, '$'), '-') THEN {SQL_ODD_START} END)
-        WHEN 'OBJECT' THEN CASE WHEN json_keys(j) = ['$date'] THEN rtt_date(json_extract(j, '$."$date"')) ELSE {SQL_ODD_START} END
+        WHEN 'OBJECT' THEN CASE WHEN json_keys(j) = ['$date'] THEN rtt_date(json_extract(j, '$."$date"'))
+            WHEN json_keys(j) = ['$numberLong'] THEN rtt_date(j) ELSE {SQL_ODD_START} END
         WHEN 'NULL' THEN NULL WHEN 'BOOLEAN' THEN NULL WHEN 'ARRAY' THEN NULL
         ELSE rtt_millis(j) END END;
-    CREATE MACRO rtt_deep(doc) AS length(doc) > {MAX_NESTING_DEPTH} AND length(doc) - length(replace(replace(
+    CREATE MACRO rtt_deep(doc) AS strlen(doc) > {MAX_NESTING_DEPTH} AND strlen(doc) - strlen(replace(replace(
         doc::VARCHAR, '{{', ''), '[', '')) > {MAX_NESTING_DEPTH};
     CREATE MACRO rtt_count(doc, part) AS (strlen(doc) - strlen(replace(doc, part, ''))) // strlen(part);
     CREATE MACRO rtt_plain(doc) AS CASE
-        WHEN regexp_matches(doc, '\\\\|{sql_control_class()}|[^"]{{{MAX_TEXT_CHARS + 1},}}') THEN {FORM_SLOW}
+        WHEN regexp_matches(doc, '\\\\|{sql_control_class()}|[^"]{{{MAX_TEXT_CHARS + 1},}}|{_BIG_INTEGER.pattern.decode()}')
+            THEN {FORM_SLOW}
         WHEN NOT contains(doc, '"$') THEN {FORM_PLAIN}
         WHEN rtt_count(doc, '"$') = rtt_count(doc, '"$oid"') + rtt_count(doc, '"$date"')
             + rtt_count(doc, '"$numberLong"') + rtt_count(doc, '"$numberInt"') + rtt_count(doc, '"$numberDouble"')
@@ -5755,38 +5321,45 @@ def engine_records(path: Path) -> str:
     form = "array" if body.startswith(b"[") else "newline_delimited"
     name = str(path).replace("'", "''")
     return (f"(SELECT ordinality AS n, json AS doc FROM read_json_objects('{name}', format='{form}',"
-            " maximum_object_size=1073741824) WITH ORDINALITY)")
+            f" maximum_object_size={ENGINE_OBJECT_BYTES}) WITH ORDINALITY)")
 
 
+# The engine's ``maximum_object_size``: its read buffers grow with it (reading 300 MB of members held ~370 MB at 1 GB,
+# ~140 MB at 32 MB, ~110 MB at this); a longer record is still read (one of 40 MB was, measured).
+ENGINE_OBJECT_BYTES = 16 * 2**20
+
+
+# Each file is read once: the events first (each one's id, members, start, and its text when step 1 reads it
+# whole: step 2's candidates and the odd ones), then the members, their text kept when the events make them
+# dormant or they are odd. (A subquery's column is computed once; a name in the same SELECT would be recomputed.)
 ENGINE_EVENTS = """
-CREATE TEMP TABLE events_fields AS SELECT n, starts_with(ltrim(doc::VARCHAR), '{{') AS object, rtt_deep(doc)
-    OR regexp_matches(doc::VARCHAR, '"ownerId"[\\s\\S]*"ownerId"|"participants"[\\s\\S]*"participants"|'
-        || '"startDate"[\\s\\S]*"startDate"|"type"[\\s\\S]*"type"|"active"[\\s\\S]*"active"')
-    AS odd_doc, json_extract(doc, ['$._id', '$.ownerId', '$.participants', '$.startDate', '$.type', '$.active',
-        '$.neighborhood', '$.categories', '$.features', '$.venueName', '$.name']) AS f
-FROM {records};
-CREATE TEMP TABLE events_read AS
-SELECT n, key, members, start, object, public, host, slim, odd_owner, odd_list, odd_entries,
-    coalesce(key = {odd} OR list_contains(members, {odd}) OR start = {odd_start} OR odd_doc, false) AS odd
-FROM (SELECT n, object, odd_doc, key, list_distinct(list_filter([host] || ids, lambda m: m IS NOT NULL)) AS members,
+CREATE TEMP TABLE events_read AS SELECT * EXCLUDE (doc), CASE WHEN odd OR (public AND start > $now) THEN doc END AS doc
+FROM (SELECT *, coalesce(key = {odd} OR list_contains(members, {odd}) OR start = {odd_start} OR odd_doc, false) AS odd
+FROM (SELECT n, doc, object, odd_doc, key, list_distinct(list_filter([host] || ids, lambda m: m IS NOT NULL)) AS members,
     start, coalesce(owner_type <> 'NULL' AND host IS NULL, false) AS odd_owner,
     coalesce(list_type NOT IN ('NULL', 'ARRAY'), false) AS odd_list, len(list_filter(ids, lambda i: i IS NULL)) AS odd_entries,
     host, json_object('_id', key, 'ownerId', host, 'neighborhood', f[7],
         'categories', f[8], 'features', f[9], 'venueName', f[10], 'name', f[11])::VARCHAR AS slim, public
-FROM (SELECT n, object, odd_doc, f, rtt_record_id(f[1]) AS key, rtt_id(f[2]) AS host, json_type(f[2]) AS owner_type,
+FROM (SELECT n, doc, object, odd_doc, f, rtt_record_id(f[1]) AS key, rtt_id(f[2]) AS host, json_type(f[2]) AS owner_type,
     json_type(f[3]) AS list_type, rtt_start(f[4]) AS start,
     CASE WHEN json_type(f[3]) = 'ARRAY' THEN list_transform(f[3]::JSON[], lambda p: rtt_id(p)) ELSE [] END AS ids,
     coalesce(json_extract_string(f[5], '$') = 'public' AND json_type(f[5]) = 'VARCHAR' AND json_type(f[6]) = 'BOOLEAN'
-        AND json_extract_string(f[6], '$') = 'true', false) AS public FROM events_fields));
-DROP TABLE events_fields
+        AND json_extract_string(f[6], '$') = 'true', false) AS public
+FROM (SELECT n, doc, starts_with(doc::VARCHAR, '{{') AS object, rtt_deep(doc) OR regexp_matches(doc::VARCHAR,
+        '"ownerId"[\\s\\S]*"ownerId"|"participants"[\\s\\S]*"participants"|'
+        || '"startDate"[\\s\\S]*"startDate"|"type"[\\s\\S]*"type"|"active"[\\s\\S]*"active"') AS odd_doc,
+    json_extract(doc, ['$._id', '$.ownerId', '$.participants', '$.startDate', '$.type', '$.active',
+        '$.neighborhood', '$.categories', '$.features', '$.venueName', '$.name']) AS f FROM {records}))))
 """
+# (``consent``: the text of a member holding one of the consent keys, for ``consent_rows``.)
 ENGINE_USERS = """
-CREATE TEMP TABLE users_fields AS SELECT n, starts_with(ltrim(doc::VARCHAR), '{{') AS object,
-    rtt_deep(doc) OR regexp_matches(doc::VARCHAR, '"_id"[\\s\\S]*"_id"') AS odd_doc, json_extract(doc, '$._id') AS id FROM {records};
-CREATE TEMP TABLE users_read AS
-SELECT n, key, object, coalesce(key = {odd} OR odd_doc, false) AS odd
-FROM (SELECT n, object, odd_doc, rtt_record_id(id) AS key FROM users_fields);
-DROP TABLE users_fields
+CREATE TEMP TABLE users_read AS SELECT n, key, object, odd, CASE WHEN odd OR w.member IS NOT NULL THEN doc END AS doc,
+    consent FROM (SELECT n, doc, object, key, coalesce(key = {odd} OR odd_doc, false) AS odd,
+        CASE WHEN list_count(f[2:]) > 0 THEN doc END AS consent
+    FROM (SELECT n, doc, object, odd_doc, f, rtt_record_id(f[1]) AS key
+    FROM (SELECT n, doc, starts_with(doc::VARCHAR, '{{') AS object, rtt_deep(doc) OR rtt_count(doc::VARCHAR, '"_id"') > 1
+        AS odd_doc, json_extract(doc, ['$._id'{consent_paths}]) AS f FROM {records}))) u
+LEFT JOIN (SELECT member FROM activity WHERE last > $after AND last <= $until) w ON w.member = u.key
 """
 # The records read, once Python has read the odd ones (``python_read``), each id kept once (the first).
 ENGINE_KEPT = """
@@ -5807,17 +5380,18 @@ ENGINE_DORMANT = """
 CREATE TEMP TABLE dormant AS SELECT u.n, u.key, a.events, a.last FROM users_kept u JOIN activity a ON a.member = u.key
 WHERE a.last > $after AND a.last <= $until
 """
-# The events step 1 reads whole: those naming a dormant member (their history) and step 2's candidates.
-ENGINE_CANDIDATES = """
-SELECT n, doc, rtt_plain(doc), start, members FROM {records} JOIN events_kept USING (n)
-WHERE n IN (SELECT n FROM events_kept WHERE public AND start > $now) ORDER BY n
-"""
-# Each dormant member's events, read when the walk reaches them (``EngineHistory``), as ``member_history``
-# reads them: id, host, place, tags, venue and name (start and members: the engine's).
-ENGINE_MEMBER_EVENTS = """
+# What step 1 reads whole, kept apart (the texts of the dormant members, of step 2's candidates and of the members
+# holding a consent key), and each dormant member's events, read when the walk reaches them
+# (``EngineHistory``) as ``member_history`` reads them: id, host, place, tags, venue and name (start and members:
+# the engine's). Then the scans' tables go, before Python decodes the texts.
+ENGINE_KEEP = """
+CREATE TEMP TABLE dormant_texts AS SELECT n, r.doc, rtt_plain(r.doc) AS plain FROM dormant JOIN users_read r USING (n);
+CREATE TEMP TABLE candidate_texts AS SELECT n, r.doc, rtt_plain(r.doc) AS plain, k.start, k.members
+FROM events_kept k JOIN events_read r USING (n) WHERE k.public AND k.start > {now};
+CREATE TEMP TABLE consent_texts AS SELECT n, consent FROM users_read WHERE consent IS NOT NULL;
 CREATE TEMP TABLE member_events AS SELECT e.member, e.n FROM (SELECT n, unnest(members) AS member FROM events_kept) e
 JOIN dormant d ON d.key = e.member ORDER BY e.member;
-CREATE TEMP TABLE history_events AS SELECT n, r.slim, rtt_plain(r.slim) AS plain, e.start, e.members
+CREATE TEMP TABLE history_events AS SELECT n, r.slim, e.start, e.members
 FROM events_kept e JOIN events_read r USING (n) WHERE n IN (SELECT n FROM member_events) ORDER BY n;
 DROP TABLE users_read; DROP TABLE users_kept; DROP TABLE users_python; DROP TABLE activity; DROP TABLE dormant;
 DROP TABLE events_read; DROP TABLE events_kept; DROP TABLE events_python
@@ -5827,10 +5401,14 @@ DROP TABLE events_read; DROP TABLE events_kept; DROP TABLE events_python
 class FolderEngine:
     """One DuckDB connection over a mongoexport folder's two files: the SQL of the counting read."""
 
-    def __init__(self, users: Path, events: Path, limit: Any = lambda: math.inf) -> None:
+    def __init__(self, users: Path, events: Path, limit: Any = lambda: math.inf, consent: Collection[str] = ()) -> None:
         import duckdb
 
-        self.db = duckdb.connect(config={"preserve_insertion_order": False})
+        self.consent_keys = sorted(consent)  # the consent keys whose holders' texts the members' scan keeps
+        self.consent_kept = False  # (``consent_texts``: until read)
+        # (memory the engine frees goes back to the system at once: a million members' scans free hundreds of MB)
+        self.db = duckdb.connect(config={"preserve_insertion_order": False, "allocator_flush_threshold": "8MB",
+                                         "allocator_bulk_deallocation_flush_threshold": "8MB"})
         self.watch = EngineWatch(self.db, limit)  # every query bounded: interrupted once ``limit()`` is 0
         self.db.execute(sql_macros())
         self.files = {"users": users, "events": events}
@@ -5841,48 +5419,49 @@ class FolderEngine:
         self.db.close()
 
     def sql(self, text: str, **params: Any) -> Any:
-        return self.db.execute(text.format(odd=SQL_ODD, odd_start=SQL_ODD_START, **self.records), params or None)
+        return self.db.execute(text, params or None)
 
-    def scan(self) -> None:
-        """Each record's id, members and start, read once (``events_read``, ``users_read``)."""
-        self.sql(ENGINE_EVENTS.replace("{records}", self.records["events"]))
-        self.sql(ENGINE_USERS.replace("{records}", self.records["users"]))
+    def scan(self, name: str, **params: Any) -> None:
+        """``{name}_read``: each record's id (and an event's members and start), read once, with its text when step 1
+        reads it whole (``ENGINE_EVENTS``, ``ENGINE_USERS``); EngineRefused when a record is not a document."""
+        query = ENGINE_EVENTS if name == "events" else ENGINE_USERS
+        paths = "".join(f", {sql_text(path)}" for path in consent_json_paths(self.consent_keys))
+        self.sql(query.format(odd=SQL_ODD, odd_start=SQL_ODD_START, records=self.records[name], consent_paths=paths),
+                 **params)
+        if self.db.execute(f"SELECT count(*) FROM {name}_read WHERE NOT object").fetchone()[0]:
+            raise EngineRefused("not a list of documents")  # (the literal read refuses such a file)
 
-    def odd_texts(self, name: str) -> list[tuple[int, str]]:
-        """The records only Python can read, with their place in the file."""
-        if not self.db.execute(f"SELECT count(*) FROM {name}_read WHERE odd").fetchone()[0]:
-            return []
-        return self.db.execute(f"SELECT r.n, f.doc FROM {self.records[name]} f JOIN {name}_read r USING (n) "
-                               "WHERE r.odd ORDER BY r.n").fetchall()
-
-    def texts(self, name: str, wanted: str) -> Iterator[list[tuple[Any, ...]]]:
-        """(n, JSON text, ``rtt_plain``) of the records of ``name`` whose ``n`` the query ``wanted`` gives, in
-        file order, in batches; ``wanted`` may instead be a whole query giving such rows (and more columns)."""
-        query = wanted if wanted.lstrip().startswith("SELECT n, doc") else (
-            f"SELECT n, doc, rtt_plain(doc) FROM {self.records[name]} WHERE n IN ({wanted}) ORDER BY n")
-        cursor = self.db.execute(query.format(records=self.records[name]))
+    def batches(self, query: str, **params: Any) -> Iterator[list[tuple[Any, ...]]]:
+        """The rows of ``query``, in batches."""
+        cursor = self.sql(query, **params)
         while rows := cursor.fetchmany(10_000):
             self.watch.check()  # (the decoding between batches is Python's, which no interrupt reaches)
             yield rows
 
     def python_read(self, name: str, rows: Sequence[tuple[Any, ...]], columns: str) -> None:
-        """What Python read of the odd records (``rows``: n, key, and for events members, start, public)."""
+        """What Python read of the odd records (``rows``: n, key, and for events members, start, public, host)."""
         types = {"n": "BIGINT", "key": "VARCHAR", "members": "VARCHAR[]", "start": "BIGINT", "public": "BOOLEAN",
                  "host": "VARCHAR"}
-        self.db.execute(f"CREATE TEMP TABLE {name}_python ({', '.join(f'{c} {types[c]}' for c in columns.split(', '))})")
-        if rows:
-            self.db.executemany(f"INSERT INTO {name}_python VALUES ({', '.join('?' * len(rows[0]))})", rows)
+        names = columns.split(", ")
+        self.db.execute(f"CREATE TEMP TABLE {name}_python AS SELECT "
+                        + ", ".join(f"unnest(${n}::{types[c]}[]) AS {c}" for n, c in enumerate(names, 1)),
+                        [list(column) for column in zip(*rows, strict=True)] if rows else [[] for _ in names])
         self.db.execute(ENGINE_KEPT.format(name=name, columns=columns))
 
-    def non_documents(self) -> int:
-        """Records that are not JSON objects (the literal read refuses such a file)."""
-        return sum(self.db.execute(f"SELECT count(*) FROM {name}_read WHERE NOT object").fetchone()[0]
-                   for name in ("users", "events"))
+    def consent_texts(self) -> list[str] | None:
+        """The texts of the members holding a consent key, kept by the members' scan (once; then None)."""
+        if not self.consent_kept:
+            return None
+        self.consent_kept = False
+        texts = [text for (text,) in self.db.execute("SELECT consent FROM consent_texts ORDER BY n").fetchall()]
+        self.db.execute("DROP TABLE consent_texts")
+        return texts
 
     def raw_kept(self, skipped: Mapping[str, int]) -> dict[str, list[str]]:
         """For ``data/raw/``, of a file with records screening skips: the JSON texts of the others."""
         kept = "SELECT n FROM {0}_read WHERE NOT odd AND key IS NOT NULL UNION ALL SELECT n FROM {0}_python WHERE key IS NOT NULL"
-        return {name: [row[1] for batch in self.texts(name, kept.format(name)) for row in batch]
+        return {name: [row[1] for batch in self.batches(
+                    f"SELECT n, doc FROM {self.records[name]} WHERE n IN ({kept.format(name)}) ORDER BY n") for row in batch]
                 for name in ("users", "events")
                 if skipped.get(f"{name}_without_usable_id") or skipped.get(f"{name}_nested_too_deep")}
 
@@ -5890,12 +5469,10 @@ class FolderEngine:
         """Records read, skipped (no usable id) and repeated, per file; events without a start."""
         found: dict[str, int] = {}
         for name in ("users", "events"):
-            total, unusable = self.db.execute(
-                f"SELECT count(*), count(*) FILTER (WHERE NOT odd AND key IS NULL) FROM {name}_read").fetchone()
-            (kept,) = self.db.execute(f"SELECT count(*) FROM {name}_kept").fetchone()
-            (python,) = self.db.execute(f"SELECT count(*) FROM {name}_python WHERE key IS NOT NULL").fetchone()
-            (usable,) = self.db.execute(f"SELECT count(*) FROM {name}_read WHERE NOT odd AND key IS NOT NULL"
-                                        ).fetchone()
+            total, unusable, usable, python, kept = self.db.execute(
+                f"SELECT count(*), count(*) FILTER (WHERE NOT odd AND key IS NULL), count(*) FILTER (WHERE NOT odd AND"
+                f" key IS NOT NULL), (SELECT count(key) FROM {name}_python), (SELECT count(*) FROM {name}_kept)"
+                f" FROM {name}_read").fetchone()
             found |= {f"{name}_read": total, f"{name}_without_usable_id": unusable,
                       f"repeated_{name[:-1]}_ids": usable + python - kept}
         (found["events_without_valid_start_date"],) = self.db.execute(
@@ -5951,9 +5528,9 @@ class EngineRefused(Exception):
 def decode_text(text: str, what: str, decoder: ExtendedJsonDecoder, issues: Counter[str]) -> dict[str, Any] | None:
     """One record's JSON text decoded and screened (``screen_records``), or None when screening skips it
     (counted in ``issues``)."""
-    doc = fast_record(text.encode(), decoder)
+    docs = fast_decode(f"[{text}]".encode(), decoder)  # (orjson, or None for the literal decoder)
     try:
-        doc = decoder.loads(text) if doc is None else doc
+        doc = decoder.loads(text) if docs is None else docs[0]
     except RecursionError:
         issues[f"{what}_nested_too_deep"] += 1
         return None
@@ -5964,19 +5541,6 @@ def decode_text(text: str, what: str, decoder: ExtendedJsonDecoder, issues: Coun
     screened = screen_records([doc], what)
     issues.update(screened.issues)
     return screened.records[0] if screened.records else None
-
-
-def fast_record(data: bytes, decoder: ExtendedJsonDecoder) -> Any:
-    """One record through orjson and ``extended_values`` (what ``json_util`` gives), or None for the literal
-    decoder to read (``fast_decode``'s refusals)."""
-    if orjson is None or _BIG_INTEGER.search(data):
-        return None
-    bad_before = decoder.bad_values
-    try:
-        return extended_values(orjson.loads(data), decoder)
-    except (orjson.JSONDecodeError, FastPathRefused, RecursionError):
-        decoder.bad_values = bad_before
-        return None
 
 
 def epoch_micros(moment: datetime | None) -> int | None:
@@ -6001,7 +5565,7 @@ def odd_records(engine: FolderEngine, name: str, decoder: ExtendedJsonDecoder, i
     rows: list[tuple[Any, ...]] = []
     records: dict[int, dict[str, Any]] = {}
     found = DataIssues()  # (odd member entries, counted for the odd events as the engine counts the others)
-    for n, text in engine.odd_texts(name):
+    for n, text in engine.sql(f"SELECT n, doc FROM {name}_read WHERE odd ORDER BY n").fetchall():
         record = decode_text(text, name, decoder, issues)
         key = id_of(record["_id"]) if record is not None else None
         if record is not None:
@@ -6014,28 +5578,30 @@ def odd_records(engine: FolderEngine, name: str, decoder: ExtendedJsonDecoder, i
     return OddRecords(rows, records)
 
 
-def wanted_records(engine: FolderEngine, name: str, wanted: str, odd: OddRecords, decoder: ExtendedJsonDecoder,
-                   issues: Counter[str]) -> list[tuple[dict[str, Any], tuple[Any, ...]]]:
-    """The records ``wanted`` gives, in file order, decoded and screened (an odd one: as read already; a
-    plain one, ``rtt_plain``: decoded with the others of its batch, nothing to convert or clean), each with
-    the rest of its row."""
-    return [found for batch in engine.texts(name, wanted) for found in wanted_records_of(batch, name, odd, decoder, issues)]
+def wanted_records(engine: FolderEngine, name: str, query: str, odd: OddRecords, decoder: ExtendedJsonDecoder,
+                   issues: Counter[str], **params: Any) -> list[tuple[dict[str, Any], tuple[Any, ...]]]:
+    """The records ``query`` gives (n, JSON text, ``rtt_plain``, more), in file order, decoded and screened (an
+    odd one: as read already; a plain one, ``rtt_plain``: decoded with the others of its batch, nothing to convert
+    or clean), each with the rest of its row."""
+    return [found for batch in engine.batches(query, **params)
+            for found in wanted_records_of(batch, name, odd, decoder, issues)]
 
 
 def wanted_records_of(batch: Sequence[tuple[Any, ...]], name: str, odd: OddRecords, decoder: ExtendedJsonDecoder,
                       issues: Counter[str]) -> list[tuple[dict[str, Any], tuple[Any, ...]]]:
     """``wanted_records`` of one batch of rows."""
-    found = []
     plain = plain_records([row[1] for row in batch if row[2] != FORM_SLOW and row[0] not in odd.records])
+    found = []
     for n, text, form, *rest in batch:
-        record = odd.records.get(n) if n in odd.records else None if form == FORM_SLOW or plain is None else next(plain)
-        if form == FORM_DATES_IDS and n not in odd.records and plain is not None:
-            record = extended_values(dict(record), decoder)  # (clean text: screening would change nothing)
-            record = record if type(record) is dict else None
-        elif form == FORM_PLAIN and record is not None and n not in odd.records:
-            record = PlainRecord(record)
-        if record is None and n not in odd.records:
+        if n in odd.records:
+            record = odd.records[n]
+        elif form == FORM_SLOW or plain is None:
             record = decode_text(text, name, decoder, issues)
+        elif form == FORM_PLAIN:
+            record = PlainRecord(next(plain))
+        else:  # (clean text whose Extended JSON is $oid, $date or numbers: screening would change nothing)
+            record = extended_values(next(plain), decoder)
+            record = record if type(record) is dict else decode_text(text, name, decoder, issues)
         if record is not None:
             found.append((record, tuple(rest)))
     return found
@@ -6054,50 +5620,50 @@ def engine_activity(rows: Sequence[tuple[dict[str, Any], tuple[Any, ...]]]) -> A
 
 class EngineHistory:
     """A dormant member's events, read from the engine when the walk reaches the member (``ActivityIndex.history``):
-    a million-member folder has a hundred thousand dormant members and the walk reaches a few hundred."""
+    a million-member folder has a hundred thousand dormant members and the walk reaches a few thousand."""
 
     def __init__(self, engine: FolderEngine, odd: OddRecords) -> None:
         self.engine, self.odd = engine, odd
-        self.held: dict[str, list[tuple[Any, ...]]] | None = None  # every member's rows, when they are few
-        self.calls = 0
+        self.order: list[str] = []  # the members the walk will reach, in its order (``expect``)
+        self.walk: dict[str, int] = {}  # each one's place in it
+        self.ahead: dict[str, list[tuple[Any, ...]]] = {}  # rows read with an earlier member's
 
     def __call__(self, member: str) -> tuple[Attended, ...]:
         found = self.rows(member)
         rows = wanted_records_of(found, "events", self.odd, ExtendedJsonDecoder(), Counter()) if found else []
         return engine_activity(rows).attended(member)
 
+    def expect(self, members: Sequence[str]) -> None:
+        """The members the walk will reach, in its order (``rows`` reads them ``HISTORY_AHEAD`` at a time)."""
+        self.order = list(dict.fromkeys(members))
+        self.walk = {m: n for n, m in enumerate(self.order)}
+
     def rows(self, member: str) -> list[tuple[Any, ...]]:
-        """The member's rows of ``history_events``: two lookups, or, once ``HISTORY_LOOKUPS`` members were looked up
-        and up to ``HISTORY_HELD`` rows in all, from every member's rows read at once (a lookup costs a
-        millisecond or two; reading them all ~0.5 s at 100,000 members: a walk of ten reads ten)."""
-        db = self.engine.db
-        self.calls += 1
-        if (self.held is None and self.calls == HISTORY_LOOKUPS + 1
-                and db.execute("SELECT count(*) FROM member_events").fetchone()[0] <= HISTORY_HELD):
-            self.held = {}
-            for name, *row in db.execute("SELECT m.member, h.n, h.slim, h.plain, h.start, h.members FROM member_events m"
-                                         " JOIN history_events h USING (n) ORDER BY m.member, h.n").fetchall():
-                self.held.setdefault(name, []).append(tuple(row))
-        if self.held is not None:
-            return self.held.get(member, [])
-        places = [str(n) for (n,) in db.execute("SELECT n FROM member_events WHERE member = $m", {"m": member}).fetchall()]
-        return db.execute(f"SELECT n, slim, plain, start, members FROM history_events WHERE n IN ({', '.join(places)})"
-                          " ORDER BY n").fetchall() if places else []
+        """The member's rows of ``history_events``, read with those of the next ``HISTORY_AHEAD`` members the walk
+        expects (at a million members one member's lookup scans ~0.4M rows, ~15 ms of CPU; a thousand members
+        read at once, 0.03 ms each)."""
+        if member not in self.ahead:
+            at = self.walk.get(member)
+            self.ahead = {m: [] for m in (self.order[at:at + HISTORY_AHEAD] if at is not None else [member])}
+            for name, *row in self.engine.db.execute(
+                    "SELECT m.member, h.n, h.slim, rtt_plain(h.slim), h.start, h.members FROM member_events m"
+                    " JOIN history_events h USING (n) WHERE m.member IN (SELECT unnest($m)) ORDER BY m.member, h.n", {"m": list(self.ahead)}
+                    ).fetchall():
+                self.ahead[name].append(tuple(row))
+        return self.ahead.pop(member)
 
 
-HISTORY_HELD = 200_000  # dormant members' event rows read at once (``EngineHistory``); more are looked up per member
-HISTORY_LOOKUPS = 100  # members looked up one by one before ``EngineHistory`` reads every row at once
+HISTORY_AHEAD = 1000  # members whose rows ``EngineHistory`` reads at once, in the walk's order
 
 
 def plain_records(texts: Sequence[str]) -> Iterator[dict[str, Any]] | None:
-    """Records of plain JSON (``rtt_plain``: no Extended JSON, escape, control character or long text)
-    decoded at once: what ``json_util`` and screening give them unchanged; None when orjson cannot vouch
-    for one (a big integer, NaN): each is then read alone."""
-    data = ("[" + ",".join(texts) + "]").encode()
-    if orjson is None or _BIG_INTEGER.search(data):
+    """Records of plain JSON (``rtt_plain``: no Extended JSON, escape, control character, long text or big
+    integer) decoded at once: what ``json_util`` and screening give them unchanged; None when orjson cannot
+    vouch for one (NaN): each is then read alone."""
+    if orjson is None:
         return None
     try:
-        return iter(orjson.loads(data))
+        return iter(orjson.loads("[" + ",".join(texts) + "]"))
     except orjson.JSONDecodeError:
         return None
 
@@ -6105,33 +5671,35 @@ def plain_records(texts: Sequence[str]) -> Iterator[dict[str, Any]] | None:
 def engine_read(engine: FolderEngine, now: datetime, tick: Any) -> SourceData:
     """``FolderSource.read_dormant`` through the engine: every member's activity and status counted in SQL,
     then the dormant members and the events step 1 reads (their history, step 2's candidates) decoded and
-    screened here."""
-    engine.scan()
-    if engine.non_documents():
-        raise EngineRefused("not a list of documents")
-    tick()
+    screened here. Each file is read once: the events, then the members (whose texts kept are the dormant ones)."""
     decoder, issues = ExtendedJsonDecoder(), Counter[str]()
-    odd_events, odd_users = odd_records(engine, "events", decoder, issues), odd_records(engine, "users", decoder, issues)
+    after, until = (epoch_micros(moment) for moment in dormant_window(now))
+    engine.scan("events", now=epoch_micros(now))
+    odd_events = odd_records(engine, "events", decoder, issues)
     engine.python_read("events", odd_events.rows, "n, key, members, start, public, host")
+    engine.sql(ENGINE_ACTIVITY)
+    tick()
+    engine.scan("users", after=after, until=until)
+    odd_users = odd_records(engine, "users", decoder, issues)
     engine.python_read("users", odd_users.rows, "n, key")
     skipped = Counter({kind: issues.pop(kind) for kind in list(issues) if kind.endswith(("_usable_id", "_too_deep"))})
-    engine.db.execute(ENGINE_ACTIVITY)
-    after, until = (epoch_micros(moment) for moment in dormant_window(now))
-    statuses = dict(engine.db.execute(ENGINE_STATUSES, {"after": after, "until": until}).fetchall())
-    engine.db.execute(ENGINE_DORMANT, {"after": after, "until": until})
+    statuses = dict(engine.sql(ENGINE_STATUSES, after=after, until=until).fetchall())
+    engine.sql(ENGINE_DORMANT, after=after, until=until)
     counted = {key: Activity(events, from_micros(last))
-               for key, events, last in engine.db.execute("SELECT key, events, last FROM dormant").fetchall()}
-    users = [user for user, _ in wanted_records(engine, "users", "SELECT n FROM dormant", odd_users, decoder, issues)]
-    rows = wanted_records(engine, "events", ENGINE_CANDIDATES.replace("$now", str(epoch_micros(now))), odd_events,
-                          decoder, issues)
-    activity = engine_activity(rows)  # every member's upcoming events (``company_going``)
-    activity.counted, activity.history = counted, EngineHistory(engine, odd_events)
-    events = [event for event, _ in rows]
+               for key, events, last in engine.sql("SELECT key, events, last FROM dormant").fetchall()}
     counts = engine.counts()
     skipped.update({kind: n for kind, n in counts.items() if kind.endswith("_usable_id")})
     issues.update({kind: n for kind, n in counts.items() if not kind.endswith(("_read", "_usable_id"))})
     raw_kept = engine.raw_kept(skipped)
-    engine.sql(ENGINE_MEMBER_EVENTS)
+    engine.sql(ENGINE_KEEP.format(now=epoch_micros(now)))  # (a multi-statement query takes no parameters)
+    engine.consent_kept = True
+    users = [user for user, _ in wanted_records(engine, "users", "SELECT * FROM dormant_texts ORDER BY n", odd_users,
+                                                decoder, issues)]
+    rows = wanted_records(engine, "events", "SELECT * FROM candidate_texts ORDER BY n", odd_events, decoder, issues)
+    engine.sql("DROP TABLE dormant_texts; DROP TABLE candidate_texts")
+    activity = engine_activity(rows)  # every member's upcoming events (``company_going``)
+    activity.counted, activity.history = counted, EngineHistory(engine, odd_events)
+    events = [event for event, _ in rows]
     tick()
     return SourceData(users, events, decoder.bad_values, +skipped, files=dict(engine.files), issues=+issues,
                       activity=activity, statuses=dict(sorted(statuses.items())),
@@ -6579,13 +6147,9 @@ DEMO_AREAS = ("212", "646", "917")  # NYC area codes: each demo member their own
 
 
 def build_demo_world(now: datetime) -> tuple[list[dict[str, Any]], list[dict[str, Any]]]:
-    """Return fictional raw (users, events) documents as Mongo would hand them over.
-
-    Why: the CLI must be demoable and testable without a database, so this builds
-    dormant / active / churned / eventless users and deliberately messy fields
-    (missing keys, odd id and date shapes) that the cleaning code has to survive.
-    Deterministic for a given `now` (fixed-seed RNG); all dates are relative to it.
-    """
+    """Fictional raw (users, events) as Mongo hands them over, so the CLI runs without a database: dormant,
+    active, churned and eventless users, and messy fields (missing keys, odd id and date shapes) the cleaning
+    code has to survive. Deterministic for a given ``now`` (fixed-seed RNG); all dates are relative to it."""
     rng = random.Random(20240611)
     now = now.astimezone(UTC)
     interests = [
@@ -6701,7 +6265,6 @@ def build_demo_world(now: datetime) -> tuple[list[dict[str, Any]], list[dict[str
         "no_occupation": ("occupation",), "no_hood": ("homeNeighborhood",), "no_first": ("firstName",),
         "sparse": ("lastName", "phone", "gender", "occupation", "homeNeighborhood"),
     }
-    bad_interests: dict[str, Any] = {"int_empty": [], "int_none": None, "int_blank": [""]}
     users: list[dict[str, Any]] = []
     for i in range(len(roles)):
         first = special[showcase.index(i)] if i in showcase[: len(special)] else rng.choice(firsts)
@@ -6716,14 +6279,9 @@ def build_demo_world(now: datetime) -> tuple[list[dict[str, Any]], list[dict[str
         }
         kind = messy.get(i, "")
         doc = {k: v for k, v in doc.items() if k not in drop.get(kind, ())}
-        if kind in bad_interests:
-            doc["interests"] = bad_interests[kind]
-        elif kind == "int_str":
-            doc["interests"] = ", ".join(picked)
-        elif kind == "jersey":
-            doc["homeNeighborhood"] = "jersey-city"
-        elif kind == "oid":
-            doc["_id"] = {"$oid": uid[i]}
+        doc.update({"int_empty": {"interests": []}, "int_none": {"interests": None}, "int_blank": {"interests": [""]},
+                    "int_str": {"interests": ", ".join(picked)}, "jersey": {"homeNeighborhood": "jersey-city"},
+                    "oid": {"_id": {"$oid": uid[i]}}}.get(kind, {}))
         users.append(doc)
     # Members who may not be texted, so the report's skip reasons show them (ranked low: the top is unchanged).
     for index, preference in ((0xCF, {"smsOptOut": True}), (0xF3, {"notificationSettings": {"sms": False}}),
@@ -6748,12 +6306,10 @@ def build_demo_world(now: datetime) -> tuple[list[dict[str, Any]], list[dict[str
             members[e].append(u)
             anchor[u] = e
     bucket_showcase = [1, 3, 6, 9, 11, 13, 16, 18, 21, 24]  # total events, dormant showcase
+    older_events = {"active": [0, 0, 1, 1, 2, 3, 5], "dormant": [0, 0, 1, 1, 2, 3, 4, 6], "churned": [0, 0, 0, 1, 2]}
     for role in windows:
         for k, u in enumerate(by_role[role]):
-            if role == "dormant":
-                want = bucket_showcase[k] - 1 if k < 10 else rng.choice([0, 0, 1, 1, 2, 3, 4, 6])
-            else:
-                want = rng.choice([0, 0, 1, 1, 2, 3, 5] if role == "active" else [0, 0, 0, 1, 2])
+            want = bucket_showcase[k] - 1 if role == "dormant" and k < 10 else rng.choice(older_events[role])
             older = [x for x in range(len(plan)) if starts[x] < starts[anchor[u]] and len(members[x]) < 12]
             for x in rng.sample(older, min(want, len(older))):
                 members[x].append(u)
@@ -6764,7 +6320,6 @@ def build_demo_world(now: datetime) -> tuple[list[dict[str, Any]], list[dict[str
     events: list[dict[str, Any]] = []
 
     def add(tpl: DemoEventTemplate, when: Any, seated: list[int], owner: int, **extra: Any) -> dict[str, Any]:
-        """Append one raw event document built from a template."""
         venue = rng.choice(venues)
         hood = rng.choice(hoods if rng.random() < 0.1 else city)
         doc = {
@@ -6807,10 +6362,9 @@ def build_demo_world(now: datetime) -> tuple[list[dict[str, Any]], list[dict[str
         }.get(state, round(cap * rng.uniform(0.5, 0.8)))
         extra: dict[str, Any] = {
             "maxParticipants": 0 if state == "zero" else cap, "type": "private" if state == "private" else "public",
-            "active": state != "inactive", "eventStatus": state if state in ("pending", "cancelled") else "approved",
+            "active": state != "inactive",
+            "eventStatus": state if state in ("pending", "cancelled") else None if state == "nostatus" else "approved",
         }
-        if state == "nostatus":
-            extra["eventStatus"] = None
         doc = add(tpl, fmt(at(rng.randint(1, 30), tpl.slot)), rng.sample(active, n), rng.choice(active), **extra)
         if state == "nomax":
             del doc["maxParticipants"]
@@ -7009,32 +6563,21 @@ Rejected examples, and why:
 """
 
 
+def answer_schema(**properties: Any) -> dict[str, Any]:
+    """The JSON schema of an answer object: these properties, every one required, no other."""
+    return {"type": "object", "properties": properties, "required": list(properties), "additionalProperties": False}
+
+
 def match_schema(event_ids: Sequence[str]) -> dict[str, Any]:
-    """The matching answer's JSON schema; the candidate ids are an enum, so only they are valid."""
-    return {
-        "type": "object",
-        "properties": {
-            "event_id": {"type": "string", "enum": list(event_ids)},
-            "event_name": {"type": "string"},
-            "reasoning": {"type": "string"},
-            "confidence_percentage": {"type": "integer", "description": "0 to 100"},
-            "match_purpose": {"type": "string", "enum": [MATCH_PURPOSE]},
-        },
-        "required": ["event_id", "event_name", "reasoning", "confidence_percentage", "match_purpose"],
-        "additionalProperties": False,
-    }
+    """The matching answer's schema; the candidate ids are an enum, so only they are valid."""
+    return answer_schema(event_id={"type": "string", "enum": list(event_ids)}, event_name={"type": "string"},
+                         reasoning={"type": "string"},
+                         confidence_percentage={"type": "integer", "description": "0 to 100"},
+                         match_purpose={"type": "string", "enum": [MATCH_PURPOSE]})
 
 
-SMS_SCHEMA: dict[str, Any] = {
-    "type": "object",
-    "properties": {
-        "message_text": {"type": "string"},
-        "personalization_notes": {"type": "string"},
-        "character_count": {"type": "integer"},
-    },
-    "required": ["message_text", "personalization_notes", "character_count"],
-    "additionalProperties": False,
-}
+SMS_SCHEMA = answer_schema(message_text={"type": "string"}, personalization_notes={"type": "string"},
+                           character_count={"type": "integer"})
 
 
 def host_text(value: Any, limit: int = 120) -> str:
@@ -7073,8 +6616,7 @@ def history_line(h: HistorySignals) -> str:
 
 
 def member_block(user: Mapping[str, Any]) -> str:
-    """The member as matching sees them: first name, interests, place, occupation and activity only,
-    every text through ``one_line`` (no email address or phone number, whichever field holds one)."""
+    """The member as matching sees them, every text through ``one_line``: no email address or phone number."""
     lines = [
         f"first_name: {one_line(greeting_name(user.get('firstName')) or 'unknown')}",
         f"interests: {one_line(', '.join(clean_interests(user.get('interests'))))}",
@@ -7118,16 +6660,15 @@ def facts_prompt(facts: MessageFacts, user: Mapping[str, Any]) -> str:
 
 
 def length_budget(facts: MessageFacts) -> tuple[int, int, str]:
-    """(the whole text's limit, what the sender, opt-out text and link take of it, its encoding): UCS-2's
-    134 when a name or one of those strings is outside GSM-7, as the template would write it."""
+    """(the text's limit, what the sender, opt-out text and link take of it, the encoding), as the template
+    would write it: UCS-2's 134 when a name or one of those strings is outside GSM-7."""
     fixed = dress(facts, "", "")
     size = sms_size(f"{fixed} {facts.first_name or ''} {facts.event_name}")
     return size.limit, sms_size(fixed).units, size.encoding
 
 
 def carried_lines(facts: MessageFacts) -> list[str]:
-    """The facts lines that tell Claude the exact sender and opt-out strings, the budget they leave and
-    what gives way to fit; none when neither is set."""
+    """The facts lines giving the exact sender and opt-out strings, the budget they leave and what gives way."""
     if not facts.dressed:
         return []
     limit, taken, encoding = length_budget(facts)
@@ -7178,11 +6719,8 @@ MAX_OBJECT_STARTS = 100  # "{" tried by first_json_object: each failed try costs
 
 
 def first_json_object(text: str) -> dict[str, Any] | None:
-    """The first JSON object inside prose ("Here it is: {...}"); validation decides if it is any good.
-
-    Brackets are tried in order, at most ``MAX_OBJECT_STARTS`` of them, so a wall of brackets costs linear
-    time; an object too deep for the decoder makes the answer invalid at once (InvalidAnswer).
-    """
+    """The first JSON object inside prose ("Here it is: {...}"), trying at most ``MAX_OBJECT_STARTS`` brackets
+    (a wall of them costs linear time); an object too deep for the decoder is an InvalidAnswer at once."""
     decoder = json.JSONDecoder()
     starts = (i for i, ch in enumerate(text) if ch == "{")
     for start in itertools.islice(starts, MAX_OBJECT_STARTS):
@@ -7215,9 +6753,8 @@ def check_match_answer(answer: Mapping[str, Any], candidates: Sequence[Candidate
 
 @dataclass
 class CallSlot:
-    """One Claude call's claim on a slot (``ClaudeAdvisor`` changes it under its lock): ``held`` while an
-    attempt is on the wire or its answer is checked; ``parked`` while the SDK waits to retry; ``over`` once
-    the caller has given the call up (a worker still sleeping then sends nothing more)."""
+    """One Claude call's claim on a slot (changed under ``ClaudeAdvisor``'s lock): ``held`` while an attempt is
+    on the wire or its answer checked, ``parked`` while the SDK waits to retry, ``over`` once given up."""
 
     held: bool = False
     parked: bool = False
@@ -7227,10 +6764,9 @@ class CallSlot:
 class ClaudeAdvisor:
     """Claude's two jobs, each answer validated: choose a member's event, and write the SMS.
 
-    It never decides alone what reaches a member: a bad or failed answer gets one corrective retry,
-    then the caller falls back to the rules match or the template message. After a credentials
-    error, or several failed calls in a row (each after the SDK's own retries), it stops calling
-    for the rest of the run, so a revoked key or an outage costs seconds, not minutes.
+    A bad or failed answer gets one corrective retry, then the caller falls back to the rules match or the
+    template. After a credentials error, a timeout or four failed calls in a row (each after the SDK's own
+    retries) it stops calling for the run: a revoked key or an outage costs seconds, not minutes.
     """
 
     MAX_CONSECUTIVE_FAILURES = 4
@@ -7264,10 +6800,9 @@ class ClaudeAdvisor:
         return advisor
 
     def refuse_when_down(self, request: Any, call_next: Any) -> Any:
-        """SDK middleware, run around every attempt, the SDK's own retries included: once Claude is down
-        for this run, a call abandoned at its time bound sends nothing more. An attempt that fails with
-        retries left parks its call (the slot is free while the SDK backs off: a 529 or a 429 holds up no
-        other call), and the next attempt takes a slot again before it is sent."""
+        """SDK middleware around every attempt (retries included): nothing is sent once Claude is down or the
+        call was given up. A failed attempt with retries left parks its call (a 529 or 429 backing off holds
+        no slot); the next attempt takes a slot again before it is sent."""
         slot = getattr(self._attempt, "slot", None)
         if slot is not None:
             self._resume(slot, sending=True)
@@ -7284,9 +6819,8 @@ class ClaudeAdvisor:
 
     def _may_take(self, new: bool) -> bool:
         """(Under the lock.) Slots held never exceed the failures still allowed in a row, so "stop after four
-        failures in a row" holds however many members run at once. A new call also lets parked calls
-        resume first, and takes a parked call's slot only while all is well (the latest attempt was answered,
-        no failure is counted): in an outage every parked call keeps its place and no more calls start."""
+        in a row" holds however many members run at once. A new call lets parked calls resume first and takes
+        a parked call's slot only while all is well: in an outage no more calls start."""
         room = self.MAX_CONSECUTIVE_FAILURES - self.consecutive_failures
         if self.in_flight >= room:
             return False
@@ -7294,7 +6828,6 @@ class ClaudeAdvisor:
         return not new or (not self.resuming and (lend or self.in_flight + self.parked < room))
 
     def _take(self, slot: CallSlot) -> None:
-        """(Under the lock.) ``slot`` holds a slot from now on."""
         self.in_flight += 1
         slot.held = True
         if slot.parked:
@@ -7315,9 +6848,8 @@ class ClaudeAdvisor:
                 self._lock.wait(0.1)
 
     def _resume(self, slot: CallSlot, sending: bool) -> None:
-        """A parked call takes a slot again: before its next attempt (``sending``: ClaudeDown once Claude is
-        down or the call was given up), or before its failure is counted (never more failures in a row
-        than slots allowed; once Claude is down the count no longer matters and nothing is waited for)."""
+        """A parked call takes a slot again before its next attempt (``sending``: ClaudeDown once Claude is down
+        or the call given up), or before its failure is counted (not waited for once Claude is down)."""
         with self._lock:
             self.resuming += 1
             try:
@@ -7344,7 +6876,6 @@ class ClaudeAdvisor:
                 self._lock.notify_all()
 
     def _end(self, slot: CallSlot) -> None:
-        """The call is over: its slot (or its parked place) is given back."""
         with self._lock:
             slot.over = True
             if slot.held:
@@ -7363,11 +6894,9 @@ class ClaudeAdvisor:
             self._attempt.slot = None
 
     def _call(self, step: str, check: Any, **request: Any) -> tuple[Any, Any, str]:
-        """One Messages API call (the SDK's own retries included) within its time budget, its answer checked
-        while the call still holds its slot: ``(reply, checked answer, "")``, or ``(reply, None, problem)``
-        for an invalid answer, which counts as a failed call (paid for, and of no use: "stop after four in
-        a row" holds for a model that answers every call with nonsense too). A failed call takes a slot
-        back before it is counted, if it was parked when it failed (its time bound ran out)."""
+        """One Messages API call (SDK retries included) within its time budget, checked while it holds its slot:
+        ``(reply, answer, "")``, or ``(reply, None, problem)``. An invalid answer counts as a failed call, so
+        "stop after four in a row" holds for a model that answers nonsense too."""
         slot = CallSlot()
         self._start_call(slot)
         try:
@@ -7427,8 +6956,8 @@ class ClaudeAdvisor:
         raise InvalidAnswer(f"invalid twice: {problem}")
 
     def _count_failure(self, exc: Exception) -> None:
-        """Stop calling for the rest of the run after a credentials error, a timeout or a run of failures
-        (errors and invalid answers alike)."""
+        """Stop calling for the run after a credentials error, a timeout or a run of failures (errors and
+        invalid answers alike)."""
         import anthropic
 
         fatal = (anthropic.AuthenticationError, anthropic.PermissionDeniedError, anthropic.NotFoundError)
@@ -7764,6 +7293,8 @@ class MemberWalk:
         dashboard item by item) and once more at the end.
         """
         done: list[UserOutcome] = []
+        if isinstance(self.activity, ActivityIndex):  # their histories read a thousand at once (at 1M: 40 ms each alone)
+            self.activity.expect([user["_id"] for _, user in walk if "event_history" not in user])
         waiting = list(reversed(self.reach_order(walk, events)))
         width = self.options.concurrency if self.advisor is not None else 1
         try:
@@ -7882,13 +7413,9 @@ class FirebaseTransport(Protocol):
     bytes_sent: int
 
     def get(self, path: str) -> tuple[Any, str]: ...
-
     def put(self, path: str, value: Any, if_match: str | None = None) -> PutResult: ...
-
     def patch(self, path: str, updates: Mapping[str, Any]) -> None: ...
-
     def flush(self) -> None: ...
-
     def child_keys(self, path: str) -> list[str]: ...
 
 
@@ -7924,30 +7451,21 @@ def key_digest(key: str) -> str:
     return hashlib.sha256(key.encode("utf-8", "surrogatepass")).hexdigest()[:KEY_DIGEST_LENGTH]
 
 
-def cut_utf8(text: str, limit: int) -> str:
-    """``text`` cut to at most ``limit`` UTF-8 bytes, never inside a character."""
-    return text.encode("utf-8")[:limit].decode("utf-8", "ignore")
-
-
 def storable_keys(keys: Sequence[str]) -> dict[str, str | None]:
-    """The key each of one object's keys is stored under, so that no value is lost; None drops one.
+    """The key each of one object's keys is stored under (None: dropped), whatever their order.
 
-    A storable key is kept as it is. Any other key is spelt with ``_`` for each character the
-    database forbids (an empty key becomes ``_``). When that spelling is longer than
-    ``MAX_KEY_BYTES``, or is shared with another key of the object (``a.b``, ``a/b`` and ``a_b`` all
-    spell ``a_b``), the changed key is cut to fit and suffixed with ``_`` and a digest of the key as
-    found: ``a.b`` -> ``a_b_<digest of "a.b">``, while ``a_b`` keeps its name. The result depends on
-    the set of keys only, never on their order, so a record is renamed the same way on every run.
-    A changed key whose new name is still taken (by a key that is literally ``a_b_<digest>``) is
-    dropped; every rename and drop is reported by the caller.
+    A storable key is kept; any other is spelt with ``_`` for each forbidden character (``_`` when empty).
+    A spelling too long or shared (``a.b``, ``a/b`` and ``a_b`` all spell ``a_b``) is cut to fit and given
+    ``_<digest of the key as found>``; a new name still taken (a key literally ``a_b_<digest>``) drops the key.
     """
     kept = {key for key in keys if key and not FORBIDDEN_KEY.search(key) and len(key.encode("utf-8")) <= MAX_KEY_BYTES}
     spelt = {key: FORBIDDEN_KEY.sub("_", key) or "_" for key in keys if key not in kept}
     shared = Counter(spelt.values())
     taken = set(kept)
+    room = MAX_KEY_BYTES - KEY_DIGEST_LENGTH - 1  # the cut spelling never ends inside a character
     wanted = {key: spelling if shared[spelling] == 1 and spelling not in kept
               and len(spelling.encode("utf-8")) <= MAX_KEY_BYTES
-              else f"{cut_utf8(spelling, MAX_KEY_BYTES - KEY_DIGEST_LENGTH - 1)}_{key_digest(key)}"
+              else f"{spelling.encode('utf-8')[:room].decode('utf-8', 'ignore')}_{key_digest(key)}"
               for key, spelling in spelt.items()}
     names: dict[str, str | None] = {key: key for key in kept}
     for key in sorted(wanted, key=lambda k: (wanted[k] != spelt[k], k)):  # plain spellings first, then by key
@@ -7957,25 +7475,17 @@ def storable_keys(keys: Sequence[str]) -> dict[str, str | None]:
 
 
 def firebase_ready(value: Any, changes: set[KeyChange] | None = None) -> Any:
-    """A document made storable key by key (``storable_keys``), recursively; the rest is unchanged.
-
-    Every key that was renamed or dropped is added to ``changes`` (when given) as
-    ``(key as found, stored key or None)``, so the report can say what was changed.
-    """
-    if isinstance(value, Mapping):
-        items = {str(k): v for k, v in value.items()}
-        names = storable_keys(list(items))
-        out = {}
-        for key, child in items.items():
-            name = names[key]
-            if name != key and changes is not None:
-                changes.add((key, name))
-            if name is not None:
-                out[name] = firebase_ready(child, changes)
-        return out
+    """A document made storable key by key (``storable_keys``); each key renamed or dropped is added to
+    ``changes`` as ``(key as found, stored key or None)`` for the report."""
     if isinstance(value, list):
         return [firebase_ready(v, changes) for v in value]
-    return value
+    if not isinstance(value, Mapping):
+        return value
+    items = {str(k): v for k, v in value.items()}
+    names = storable_keys(list(items))
+    if changes is not None:
+        changes.update((key, name) for key, name in names.items() if name != key)
+    return {names[key]: firebase_ready(child, changes) for key, child in items.items() if names[key] is not None}
 
 
 def rtdb_normalize(value: Any) -> Any:
@@ -7992,10 +7502,8 @@ CANONICAL_INDEX = re.compile(r"^(0|[1-9][0-9]*)$")
 
 
 def rtdb_render(value: Any) -> Any:
-    """What a read returns: an object with integer keys comes back as an array when dense enough.
-
-    The database's rule: all keys integers and the largest below twice the count; holes read as null.
-    """
+    """What a read returns: an object whose keys are all integers, the largest below twice their count,
+    comes back as an array (holes read as null), as the database does."""
     if not isinstance(value, Mapping):
         return value
     rendered = {k: rtdb_render(v) for k, v in value.items()}
@@ -8012,14 +7520,6 @@ def etag_of(value: Any) -> str:
         return NULL_ETAG
     canonical = json.dumps(value, sort_keys=True, separators=(",", ":"), ensure_ascii=False)
     return hashlib.sha256(canonical.encode("utf-8")).hexdigest()[:28]
-
-
-def tree_get(tree: Any, segments: Sequence[str]) -> Any:
-    for segment in segments:
-        if not isinstance(tree, Mapping):
-            return None
-        tree = tree.get(segment)
-    return tree
 
 
 def tree_set(tree: Any, segments: Sequence[str], value: Any) -> Any:
@@ -8041,13 +7541,10 @@ MIRROR_FILE_DEPTH = {"campaigns": 3}
 
 
 class LocalMirrorTransport:
-    """A file-backed Firebase under ``data/firebase/<base>/``, with the real database's semantics.
-
-    Arrays are stored and rendered by the database's rules, ETags are answered and stale
-    conditional writes refused, so ``--demo`` and tests exercise the same merge logic as production.
-    Files are kept in memory while the run appends to them and written (atomically) at most every
-    ``SAVE_EVERY_SECONDS`` and at ``flush()``, so a long run does not rewrite a growing file per item.
-    """
+    """A file-backed Firebase under ``data/firebase/<base>/`` with the database's semantics (arrays, ETags,
+    stale conditional writes refused), so ``--demo`` and tests run production's merge logic. Files stay in
+    memory, written atomically at most every ``save_every`` seconds and at ``flush()``: a long run does not
+    rewrite a growing file per item."""
 
     def __init__(self, root: Path, base_path: str, save_every: float = SAVE_EVERY_SECONDS,
                  anchor: Path | None = None) -> None:
@@ -8084,29 +7581,27 @@ class LocalMirrorTransport:
         self._files[file] = tree
         return tree
 
-    def _listable(self, folder: Path) -> bool:
-        """Whether ``folder`` is a folder to list; FirebaseError when a symbolic link leads to it."""
+    def _names(self, segments: list[str]) -> list[str]:
+        """The children of the folder at ``segments`` (above the file level), a file named by its key, after
+        what this process holds back is written; FirebaseError when a symbolic link leads to the folder."""
+        self.flush()
+        folder = self.root.joinpath(*segments)
         try:
-            return exists_without_links(folder, self.anchor) and real_folder(folder)
+            if not (exists_without_links(folder, self.anchor) and real_folder(folder)):
+                return []
         except RefusedFile as exc:
             raise FirebaseError(f"local mirror: not read ({exc})") from None
+        return [child.name[:-5] if child.suffix == ".json" else child.name for child in sorted(folder.iterdir())
+                if real_folder(child) or (child.suffix == ".json" and not child.name.startswith("."))]
 
     def _stored(self, segments: list[str]) -> Any:
         split = self._split(segments)
         if split is not None:
-            file, rest = split
-            return tree_get(self._load(file), rest)
-        self.flush()  # a read above the file level lists the files on disk
-        folder = self.root.joinpath(*segments)
-        if not self._listable(folder):
-            return None
-        tree: dict[str, Any] = {}
-        for child in sorted(folder.iterdir()):
-            name = child.name[:-5] if child.suffix == ".json" else child.name
-            if real_folder(child) or (child.suffix == ".json" and not child.name.startswith(".")):
-                value = self._stored([*segments, name])
-                if value is not None:
-                    tree[name] = value
+            tree = self._load(split[0])
+            for segment in split[1]:
+                tree = tree.get(segment) if isinstance(tree, Mapping) else None
+            return tree
+        tree = {name: value for name in self._names(segments) if (value := self._stored([*segments, name])) is not None}
         return tree or None
 
     def _store(self, segments: list[str], value: Any) -> None:
@@ -8144,7 +7639,6 @@ class LocalMirrorTransport:
             raise FirebaseError(f"local mirror: {len(failures)} files not saved ({failures[0]})")
 
     def checkpoint(self) -> None:
-        """Save progress if the last save is older than ``save_every``."""
         if self._dirty and time.monotonic() - self._saved_at >= self.save_every:
             self.flush()
 
@@ -8161,8 +7655,7 @@ class LocalMirrorTransport:
         self.bytes_sent += len(json.dumps(value, ensure_ascii=False).encode("utf-8"))
         self._store(segments, rtdb_normalize(value))
         self.checkpoint()
-        written, new_etag = self.get(path)
-        return PutResult(True, written, new_etag)
+        return PutResult(True, *self.get(path))
 
     def patch(self, path: str, updates: Mapping[str, Any]) -> None:
         segments = check_path(path)
@@ -8173,18 +7666,12 @@ class LocalMirrorTransport:
         self.checkpoint()
 
     def child_keys(self, path: str) -> list[str]:
-        """The names of the children at ``path`` (the database's ``shallow=true``): above the file level
-        the folder is listed, nothing in it read (a reader of every archived campaign needs only ids)."""
+        """The names of the children at ``path`` (``shallow=true``): above the file level, read from the folder."""
         segments = check_path(path)
-        if self._split(segments) is not None:
-            value = self._stored(segments)
-            return sorted(value) if isinstance(value, Mapping) else []
-        self.flush()  # what this process holds back is on disk before the folder is listed
-        folder = self.root.joinpath(*segments)
-        if not self._listable(folder):
-            return []
-        return sorted({child.name.removesuffix(".json") for child in folder.iterdir()
-                       if real_folder(child) or (child.suffix == ".json" and not child.name.startswith("."))})
+        if self._split(segments) is None:
+            return sorted(set(self._names(segments)))
+        value = self._stored(segments)
+        return sorted(value) if isinstance(value, Mapping) else []
 
 
 def real_folder(path: Path) -> bool:
@@ -8198,10 +7685,9 @@ NO_BODY = object()
 class RestTransport:
     """The Realtime Database REST API over httpx2 (installed with the anthropic SDK).
 
-    Every call has a timeout; 500/502/503/504 and connection errors are retried with backoff
-    (every request here is idempotent: GET, PUT and PATCH; nothing is ever POSTed). Credentials
-    travel as ``auth=`` (a database secret or ID token) or as an OAuth2 bearer token from a
-    service account; neither ever reaches a log line or an error message.
+    Every call has a timeout; 500/502/503/504 and connection errors are retried with backoff (GET, PUT
+    and PATCH are idempotent; nothing is POSTed). Credentials travel as ``auth=`` or an OAuth2 bearer
+    token from a service account, and never reach a log line or an error message.
     """
 
     RETRY_STATUSES = frozenset({500, 502, 503, 504})
@@ -8257,8 +7743,9 @@ class RestTransport:
                 raise FirebaseError(f"{method} {path}: no answer in time ({exc.__class__.__name__}); "
                                     "nothing more is sent to Firebase this run") from None
             except self._transport_errors as exc:
-                if attempt < self.retries and self.control.budget(self.backoff * 2 ** attempt) > 0:
-                    time.sleep(self.control.budget(self.backoff * 2 ** attempt))
+                pause = self.control.budget(self.backoff * 2 ** attempt)
+                if attempt < self.retries and pause > 0:
+                    time.sleep(pause)
                     continue
                 raise FirebaseError(f"{method} {path}: cannot reach the database ({exc.__class__.__name__})") from None
             if response.status_code in self.RETRY_STATUSES and attempt < self.retries:
@@ -8290,19 +7777,19 @@ class RestTransport:
             return FirebaseError(f"{method} {path}: 404: database not found, check FIREBASE_DATABASE_URL")
         return FirebaseError(f"{method} {path}: {status} {detail}")
 
-    def get(self, path: str) -> tuple[Any, str]:
-        response = self._send("GET", path, headers={"X-Firebase-ETag": "true"})
+    def _read(self, path: str, **options: Any) -> tuple[Any, str]:
+        """A GET's JSON value and ETag (when asked for), or FirebaseError."""
+        response = self._send("GET", path, **options)
         if response.status_code != 200:
             raise self._fail(response, "GET", path)
         return self._json(response, "GET", path), response.headers.get("ETag", "")
 
+    def get(self, path: str) -> tuple[Any, str]:
+        return self._read(path, headers={"X-Firebase-ETag": "true"})
+
     def child_keys(self, path: str) -> list[str]:
-        """The names of the children at ``path``, read with ``shallow=true`` (their values never travel);
-        a location holding a plain value, or nothing, has none."""
-        response = self._send("GET", path, query={"shallow": "true"})
-        if response.status_code != 200:
-            raise self._fail(response, "GET", path)
-        value = self._json(response, "GET", path)
+        """The names of the children at ``path``, read with ``shallow=true`` (their values never travel)."""
+        value = self._read(path, query={"shallow": "true"})[0]
         return sorted(str(key) for key in value) if isinstance(value, Mapping) else []
 
     def put(self, path: str, value: Any, if_match: str | None = None) -> PutResult:
@@ -8327,13 +7814,9 @@ class RestTransport:
 
     @staticmethod
     def _verify(response: Any, method: str, path: str, sent: Any) -> None:
-        """A write counts only when the answer's body is the JSON that was sent, as the database stores it.
-
-        Without ``print=silent`` the Realtime Database answers a PUT or PATCH with the data written, so
-        a 200 whose body is anything else (an HTML page from a proxy or captive portal, another JSON
-        value) was not written by it. No write here uses ``print=silent``: its 204 carries nothing to
-        verify and would be believed from any server. A 204, and any answer that differs, is a FirebaseError.
-        """
+        """A write counts only when the answer's body is the JSON sent, as stored: the database echoes a PUT
+        or PATCH, so a 200 with anything else (a proxy's or captive portal's page) was not written by it.
+        ``print=silent`` is never used: its 204 would be believed from any server (a 204 is a FirebaseError)."""
         if response.status_code == 200:
             try:
                 echoed = response.json()
@@ -8365,42 +7848,23 @@ def service_account_tokens(credentials_file: str) -> Any:
     """A callable giving a fresh OAuth2 access token for a service account (google-auth)."""
     try:
         from google.auth.exceptions import GoogleAuthError
-        from google.auth.transport import Request, Response
         from google.oauth2 import service_account
     except ImportError:
         raise UsageError("GOOGLE_APPLICATION_CREDENTIALS needs google-auth: pip install google-auth") from None
     import httpx2
 
-    class HttpxResponse(Response):
-        def __init__(self, r: Any) -> None:
-            self._r = r
+    client = httpx2.Client(timeout=20.0)
 
-        @property
-        def status(self) -> int:
-            return self._r.status_code
-
-        @property
-        def headers(self) -> Any:
-            return dict(self._r.headers)
-
-        @property
-        def data(self) -> bytes:
-            return self._r.content
-
-    class HttpxRequest(Request):
-        def __init__(self) -> None:
-            self.client = httpx2.Client(timeout=20.0)
-
-        def __call__(self, url: str, method: str = "GET", body: Any = None, headers: Any = None,
-                     timeout: Any = None, **kwargs: Any) -> Response:
-            return HttpxResponse(self.client.request(method, url, content=body, headers=headers))
+    def request(url: str, method: str = "GET", body: Any = None, headers: Any = None, **_: Any) -> Any:
+        """google-auth's transport (a callable answering ``status``, ``headers`` and ``data``) over httpx2."""
+        r = client.request(method, url, content=body, headers=headers)
+        return SimpleNamespace(status=r.status_code, headers=dict(r.headers), data=r.content)
 
     scopes = ["https://www.googleapis.com/auth/userinfo.email", "https://www.googleapis.com/auth/firebase.database"]
     try:
         credentials = service_account.Credentials.from_service_account_file(credentials_file, scopes=scopes)
     except (OSError, ValueError) as exc:
         raise UsageError(f"GOOGLE_APPLICATION_CREDENTIALS: cannot load the service account ({exc.__class__.__name__})") from None
-    request = HttpxRequest()
     lock = threading.Lock()
 
     def token() -> str:
@@ -8429,47 +7893,20 @@ def listing_entries(value: Any, key: str) -> list[Any]:
 
 
 def as_item_list(value: Any, key: str) -> list[dict[str, Any]]:
-    """The records (objects) of a dashboard list, in order."""
     return [item for item in listing_entries(value, key) if isinstance(item, Mapping)]
 
 
-def is_clean_listing(value: Any, key: str) -> bool:
-    """True when a dashboard list is a real array without holes and with a correct count."""
-    if value is None:
-        return True
-    if not isinstance(value, Mapping):
-        return False
-    items = value.get(key)
-    if items is None:
-        return value.get("count") in (None, 0)
-    return isinstance(items, list) and None not in items and value.get("count") == len(items)
-
-
-def refuse_foreign_shape(value: Any, key: str, path: str) -> None:
-    """A location that holds something other than a dashboard list is never rewritten."""
-    inner = value.get(key) if isinstance(value, Mapping) else None
-    if (value is not None and not isinstance(value, (Mapping, list))) or (
-            inner is not None and not isinstance(inner, (Mapping, list))):
-        raise FirebaseError(f"{path}: holds something other than a list of {key}; left untouched")
-
-
-def merge_key(item: Mapping[str, Any]) -> tuple[str, str]:
-    return (str(item.get("user_id", "")), str(item.get("event_id", "")))
-
-
 class CountNotUpdated(FirebaseError):
-    """The item was written, but the list's ``count`` and ``updatedAt`` were not, and the item could not be
-    taken back either (``DashboardWriter.heal_counts`` sets the count at the end of the run)."""
+    """The item was written, but not the list's ``count`` and ``updatedAt``, and it could not be taken back."""
 
 
 class DashboardList:
-    """One appended dashboard list (``matches`` or ``messages``), grown item by item as the run goes.
+    """One appended dashboard list (``matches``, ``messages``, ``holdout``), grown item by item.
 
-    Opening reads the list once with its ETag and heals it (holes left by a reviewer's delete, an
-    object with numeric keys, a wrong count) with a conditional write. Each new item then goes to the
-    next free index with ``if-match: null_etag``, so it can only fill an empty slot: nothing written
-    or edited by others is overwritten, and only the new item is sent. On a conflict the list is
-    read again. The merge key ``(user_id, event_id)`` keeps reruns from adding duplicates.
+    Opening reads it with its ETag and heals it (a reviewer's delete left a hole, numeric keys, a wrong
+    count) with a conditional write. Each item then goes to the next index with ``if-match: null_etag``,
+    so it only fills an empty slot and nothing of others' is overwritten; on a conflict the list is read
+    again. The merge key ``(user_id, event_id)`` keeps reruns from adding duplicates.
     """
 
     MAX_TRIES = 8
@@ -8486,13 +7923,33 @@ class DashboardList:
         self.added = 0
         self.empty_etag = NULL_ETAG
 
+    @staticmethod
+    def is_clean(value: Any, key: str) -> bool:
+        """True when a dashboard list is a real array without holes and with a correct count."""
+        if value is None:
+            return True
+        if not isinstance(value, Mapping):
+            return False
+        items = value.get(key)
+        if items is None:
+            return value.get("count") in (None, 0)
+        return isinstance(items, list) and None not in items and value.get("count") == len(items)
+
+    @staticmethod
+    def merge_key(item: Mapping[str, Any]) -> tuple[str, str]:
+        return (str(item.get("user_id", "")), str(item.get("event_id", "")))
+
     def open(self, snapshot: tuple[Any, str] | None = None) -> DashboardList:
-        """Read the list (or take a ``(value, etag)`` just read), healing it if needed."""
+        """Read the list (or take a ``(value, etag)`` just read), healing it if needed; a location that holds
+        something other than a dashboard list is never rewritten."""
         value, etag = snapshot if snapshot is not None else self.transport.get(self.path)
         for _attempt in range(self.MAX_TRIES):
-            refuse_foreign_shape(value, self.key, self.path)
+            inner = value.get(self.key) if isinstance(value, Mapping) else None
+            if (value is not None and not isinstance(value, (Mapping, list))) or (
+                    inner is not None and not isinstance(inner, (Mapping, list))):
+                raise FirebaseError(f"{self.path}: holds something other than a list of {self.key}; left untouched")
             entries = listing_entries(value, self.key)
-            if not is_clean_listing(value, self.key):
+            if not self.is_clean(value, self.key):
                 healed = ({**value, self.key: entries, "count": len(entries)} if isinstance(value, Mapping)
                           else listing(self.key, entries, self.updated_at))
                 # A server that sends no ETag cannot take a conditional write: write plainly then.
@@ -8505,42 +7962,37 @@ class DashboardList:
             return self
         raise FirebaseError(f"{self.path}: gave up healing after {self.MAX_TRIES} conflicting writes")
 
-    @property
-    def known(self) -> set[tuple[str, str]]:
-        return {merge_key(item) for item in self.items}
-
     def counted(self, record: dict[str, Any], etag: str) -> None:
-        """The list's ``count`` set to its items with the item just put at ``size``. When that write fails
-        (a dropped connection), the item is taken back if it is still as written (a conditional delete),
-        so count and items agree, and FirebaseError says it is not written; CountNotUpdated when even
-        that failed (the item stays; the count is healed at the end of the run)."""
-        slot = f"{self.path}/{self.key}/{self.size}"
+        """The ``count`` set with the item just put at ``size``. When that fails (a dropped connection) the
+        item is taken back if still as written (a conditional delete): FirebaseError, it is not written;
+        CountNotUpdated when even that failed (the item stays; ``heal_counts`` sets the count at the end)."""
+        failure = None
         try:
             self.transport.patch(self.path, {"count": self.size + 1, "updatedAt": self.updated_at})
         except FirebaseError as exc:
+            failure = exc
             try:
-                taken_back = self.transport.put(slot, None, if_match=etag or None).ok
+                taken_back = self.transport.put(f"{self.path}/{self.key}/{self.size}", None, if_match=etag or None).ok
             except FirebaseError:
                 taken_back = False
             if taken_back:
                 raise FirebaseError(f"{exc} (the item was taken back: the count stays the number of items)") from None
-            self.items.append(record)
-            self.size += 1
-            self.added += 1
-            raise CountNotUpdated(str(exc)) from None
         self.items.append(record)
         self.size += 1
         self.added += 1
+        if failure is not None:
+            raise CountNotUpdated(str(failure)) from None
 
     def add(self, item: Mapping[str, Any]) -> bool:
         """Append one item unless it is already there; True when it was added."""
         record = firebase_ready(dict(item), self.key_changes)
+        key = self.merge_key(record)
         for _attempt in range(self.MAX_TRIES):
-            if merge_key(record) in self.known:
+            if any(self.merge_key(known) == key for known in self.items):
                 return False
             result = self.transport.put(f"{self.path}/{self.key}/{self.size}", record, if_match=self.empty_etag)
             # A 412 that answers our own record means an earlier attempt landed and its answer was lost.
-            if result.ok or (isinstance(result.value, Mapping) and merge_key(result.value) == merge_key(record)):
+            if result.ok or (isinstance(result.value, Mapping) and self.merge_key(result.value) == key):
                 self.counted(record, result.etag)
                 return True
             if result.value is None and result.etag and result.etag != self.empty_etag:
@@ -8550,22 +8002,18 @@ class DashboardList:
         raise FirebaseError(f"{self.path}: gave up after {self.MAX_TRIES} conflicting appends")
 
 
-def item_label(key: str, item: Mapping[str, Any]) -> str:
-    """How the report names one dashboard item: ``matches (<user_id>, <event_id>)``."""
-    return f"{key} ({item.get('user_id')}, {item.get('event_id')})"
-
-
 class DashboardWriter:
     """Step 7's one home: everything this run writes to the dashboard, and what it could not write.
 
-    Its surface is small: the cooldown read (``recent_recipients``), ``open_lists`` before the
-    first result, ``submit`` for each member's result (written in rank order), ``save_campaign``
-    for the replaced lists and the archive, and ``writes``, the one answer to "may this run write?".
-    Failures never raise out of it: each is logged once, kept in ``errors``, and what it cost is
-    listed in ``not_written``.
+    The cooldown's reads (``recent_recipients``, ``read_history``), ``open_lists`` before the first result,
+    ``submit`` per member (written in rank order), ``save_campaign`` for the replaced lists and the archive,
+    and ``writes``, the one answer to "may this run write?". Failures never raise out of it: each is logged
+    once, kept in ``errors``, and what it cost is listed in ``not_written``.
     """
 
     LIST_KEYS = ("matches", "messages", "holdout")
+    MAX_KEY_CHANGES_LISTED = 20  # key changes named in the report; all of them are counted
+    DATED_LISTS = (("messages", "generated_at"), ("holdout", "held_out_at"))  # the cooldown's lists, dated by
 
     def __init__(self, transport: FirebaseTransport | None, logger: logging.Logger, *, dry_run: bool,
                  updated_at: str, holdout: bool = False) -> None:
@@ -8593,14 +8041,6 @@ class DashboardWriter:
         """Whether this run writes to the dashboard: a store, no dry run, nothing that made it stand down."""
         return self.transport is not None and not self.dry_run and self.stood_down is None
 
-    @property
-    def target(self) -> str:
-        return self.transport.description if self.transport is not None and not self.dry_run else "none (dry run)"
-
-    @property
-    def bytes_sent(self) -> int:
-        return self.transport.bytes_sent if self.transport is not None else 0
-
     def failed(self, what: str, exc: Exception, label: str | None = None) -> None:
         """Record a failure once: the error, the log line, and what was not written."""
         self.errors.append(f"Firebase {what}: {exc}")
@@ -8608,22 +8048,22 @@ class DashboardWriter:
         if label:
             self.not_written.append(label)
 
-    def recent_recipients(self, since: datetime) -> set[str]:
-        """Members with a message generated, or a holdout record made, at or after ``since`` (so both
-        groups are counted once per period); raises FirebaseError when either list is unreadable.
+    def _records(self, key: str) -> list[dict[str, Any]]:
+        """The records of a dashboard list, read once a run (``open_lists`` reuses the read); FirebaseError."""
+        if key not in self._cooldown_reads:
+            self._cooldown_reads[key] = self.transport.get(key)
+        return as_item_list(self._cooldown_reads[key][0], key)
 
-        An item whose date is no date (a reviewer's typo, a poisoned value) is skipped and counted in
-        ``undated_messages``; it never stops the run.
-        """
+    def recent_recipients(self, since: datetime) -> set[str]:
+        """Members with a message generated, or a holdout record made, at or after ``since`` (both groups
+        counted once per period); FirebaseError when a list is unreadable. An item whose date is no date (a
+        reviewer's typo, a poisoned value) is counted in ``undated_messages``, never a stop."""
         self.undated_messages, self.recent_phones = 0, []
         if self.transport is None:
             return set()
         recent: set[str] = set()
-        for key, dated_by in (("messages", "generated_at"), ("holdout", "held_out_at")):
-            self._cooldown_reads[key] = self.transport.get(key)
-            for item in as_item_list(self._cooldown_reads[key][0], key):
-                if not item.get("user_id"):
-                    continue
+        for key, dated_by in self.DATED_LISTS:
+            for item in filter(lambda item: item.get("user_id"), self._records(key)):
                 when = to_utc(item.get(dated_by))
                 if when is None:
                     self.undated_messages += 1
@@ -8633,38 +8073,29 @@ class DashboardWriter:
         return recent
 
     def read_history(self, day: tuple[datetime, datetime], seats_since: datetime) -> DashboardHistory:
-        """What the dashboard (or its mirror) already holds of this tool's work (``tally_history``): the
-        campaign day's messages and holdout records, and the open invitations per event since
-        ``seats_since``. The lists the cooldown read are not read again; raises FirebaseError when unreadable.
-        A dry run reads too: it counts what a real run would."""
+        """What the dashboard already holds of this tool's work (``tally_history``): the campaign day's
+        messages and holdout records, and the open invitations per event since ``seats_since``. A dry run
+        reads too (it counts what a real run would); FirebaseError when unreadable."""
         if self.transport is None:
             return DashboardHistory()
-        for key in ("messages", "holdout"):
-            if key not in self._cooldown_reads:
-                self._cooldown_reads[key] = self.transport.get(key)
-        return tally_history(as_item_list(self._cooldown_reads["messages"][0], "messages"),
-                             as_item_list(self._cooldown_reads["holdout"][0], "holdout"), day, seats_since)
+        return tally_history(self._records("messages"), self._records("holdout"), day, seats_since)
 
     def recent_members(self, since: datetime) -> tuple[int, int] | None:
-        """How many members the dashboard holds a message for (``generated_at``) and a holdout record for
-        (``held_out_at``) at or after ``since``, each member once: the report's last-30-days holdout power.
-        The cooldown's reads are reused; None when there is no dashboard or a list cannot be read."""
+        """How many members the dashboard holds a message for and a holdout record for at or after ``since``,
+        each once: the report's last-30-days holdout power. None without a dashboard or when unreadable."""
         if self.transport is None or self.stood_down:
             return None
-        found = []
-        for key, dated_by in (("messages", "generated_at"), ("holdout", "held_out_at")):
-            try:
-                value = self._cooldown_reads[key][0] if key in self._cooldown_reads else self.transport.get(key)[0]
-            except ServiceError:  # the report says "unknown"; the cooldown decides what a failed read costs
-                return None
-            found.append(len({str(item["user_id"]) for item in as_item_list(value, key) if item.get("user_id")
-                              and (when := to_utc(item.get(dated_by))) is not None and when >= since}))
-        return found[0], found[1]
+        try:  # the report says "unknown"; the cooldown decides what a failed read costs
+            found = [{str(item["user_id"]) for item in self._records(key) if item.get("user_id")
+                      and (when := to_utc(item.get(dated_by))) is not None and when >= since}
+                     for key, dated_by in self.DATED_LISTS]
+        except ServiceError:
+            return None
+        return len(found[0]), len(found[1])
 
     def claim_campaign(self, first_id: str, next_id: Any, tries: int = 60) -> str:
-        """The campaign id, claimed: its archive's metadata is created with a create-only write
-        (``if-match: null_etag``), taking the next id while one exists, so two machines sharing one
-        database never share an archive. Without writes, ``first_id`` (free under ``--out``) is used."""
+        """The campaign id, claimed with a create-only write of its metadata (``if-match: null_etag``), the
+        next id while one is taken: two machines never share an archive. Without writes: ``first_id``."""
         campaign_id = first_id
         for _attempt in range(tries):
             if not self.writes:
@@ -8712,10 +8143,8 @@ class DashboardWriter:
 
     def submit(self, rank: int, match: Match | None, message: Message | None,
                holdout: HoldoutRecord | None = None) -> None:
-        """One member's result; written once every member ranked above it is final (rank order).
-
-        After the run stood down, each item is listed as not written, so the report says what is missing.
-        """
+        """One member's result, written once every member ranked above it is final (rank order); after the
+        run stood down each item is listed as not written."""
         if self.transport is None or self.dry_run:
             return
         self._waiting[rank] = (match, message, holdout)
@@ -8727,14 +8156,19 @@ class DashboardWriter:
                 if match is not None:
                     self._append("matches", match)
             elif match is not None:
-                self.not_written.append(item_label("matches", match))  # its message was not written
+                self.not_written.append(self.item_label("matches", match))  # its message was not written
             if holdout is not None:
                 self._append("holdout", holdout)
+
+    @staticmethod
+    def item_label(key: str, item: Mapping[str, Any]) -> str:
+        """How the report names one dashboard item: ``matches (<user_id>, <event_id>)``."""
+        return f"{key} ({item.get('user_id')}, {item.get('event_id')})"
 
     def _append(self, key: str, item: Mapping[str, Any]) -> bool:
         """One item to a dashboard list (True: it is there now); after a failure the list is not retried."""
         target = self.lists.get(key) if self.writes and key not in self.broken else None
-        label = item_label(key, item)
+        label = self.item_label(key, item)
         if target is None:
             self.not_written.append(label)
             return False
@@ -8751,8 +8185,8 @@ class DashboardWriter:
         return True
 
     def heal_counts(self) -> None:
-        """Each list a write failed on read again and healed (``DashboardList.open``): its ``count`` is the
-        number of its items again, whatever a dropped connection left; a failure here is recorded."""
+        """Each list a write failed on read again and healed (``DashboardList.open``): its ``count`` is its
+        number of items again, whatever a dropped connection left."""
         for key in sorted(self.broken & self.lists.keys()):
             try:
                 self.lists[key].open()
@@ -8778,16 +8212,11 @@ class DashboardWriter:
         if users:  # a run that selects no one leaves the dashboard's users and events as they were
             plan += [("users", listing("users", users_payload, updated)),
                      ("events", listing("events", events_payload, updated))]
-        plan += [
-            (f"campaigns/{campaign_id}/metadata", {"id": campaign_id, "name": CAMPAIGN_NAME, "created_at": updated,
-                                                   "status": status, "stats": dict(stats)}),
-            (f"campaigns/{campaign_id}/users", listing("users", users_payload, updated)),
-            (f"campaigns/{campaign_id}/events", listing("events", events_payload, updated)),
-            (f"campaigns/{campaign_id}/matches", listing("matches", list(matches), updated)),
-            (f"campaigns/{campaign_id}/messages", listing("messages", list(messages), updated)),
-        ]
-        if self.holdout:
-            plan.append((f"campaigns/{campaign_id}/holdout", listing("holdout", list(holdout), updated)))
+        plan.append((f"campaigns/{campaign_id}/metadata", {"id": campaign_id, "name": CAMPAIGN_NAME,
+                                                           "created_at": updated, "status": status, "stats": dict(stats)}))
+        archive = {"users": users_payload, "events": events_payload, "matches": matches, "messages": messages,
+                   **({"holdout": holdout} if self.holdout else {})}
+        plan += [(f"campaigns/{campaign_id}/{name}", listing(name, items, updated)) for name, items in archive.items()]
         for path, payload in plan:
             if not self.writes:
                 self.not_written.append(path)
@@ -8819,26 +8248,20 @@ class DashboardWriter:
         self.logger.info("Step 7: nothing drafted, no campaign archived and the dashboard left as it was")
 
     def summary(self) -> dict[str, Any]:
-        """The report's ``firebase`` section; ``keys_renamed``/``keys_dropped`` count distinct key changes."""
+        """The report's ``firebase`` section; ``keys_renamed``/``keys_dropped`` count distinct key changes, the
+        first ones named as ``'a.b' -> 'a_b_<digest>'`` (long keys shortened, odd characters escaped)."""
+
+        def shown(key: str) -> str:
+            return repr(key) if len(key) <= 40 else f"{key[:40]!r}... ({len(key.encode('utf-8', 'surrogatepass'))} bytes)"
         changes = sorted(self.key_changes, key=lambda change: (change[1] is None, change[0], change[1] or ""))
-        return {"target": self.target, "written": list(self.written), "not_written": list(self.not_written),
-                "errors": list(self.errors), "bytes_sent": self.bytes_sent,
+        live = self.transport is not None and not self.dry_run
+        return {"target": self.transport.description if live else "none (dry run)", "written": list(self.written),
+                "not_written": list(self.not_written), "errors": list(self.errors),
+                "bytes_sent": self.transport.bytes_sent if self.transport is not None else 0,
                 "keys_renamed": sum(stored is not None for _, stored in changes),
                 "keys_dropped": sum(stored is None for _, stored in changes),
-                "key_changes": [describe_key_change(change) for change in changes[:MAX_KEY_CHANGES_LISTED]]}
-
-
-MAX_KEY_CHANGES_LISTED = 20  # key changes named in the report; all of them are counted
-
-
-def describe_key_change(change: KeyChange) -> str:
-    """``'a.b' -> 'a_b_<digest>'`` for the report, long keys shortened, odd characters escaped."""
-
-    def shown(key: str) -> str:
-        return repr(key) if len(key) <= 40 else f"{key[:40]!r}... ({len(key.encode('utf-8', 'surrogatepass'))} bytes)"
-
-    original, stored = change
-    return f"{shown(original)} -> {shown(stored) if stored is not None else 'dropped'}"
+                "key_changes": [f"{shown(found)} -> {shown(stored) if stored is not None else 'dropped'}"
+                                for found, stored in changes[:self.MAX_KEY_CHANGES_LISTED]]}
 
 
 # =============================================================================================
@@ -8859,7 +8282,6 @@ class RunResult:
     failed_members: int = 0
     signal: int | None = None
     empty_input: list[str] = field(default_factory=list)  # "users", "events": read, but there were none
-    limit_already_drafted: bool = False  # the campaign day's --limit was drafted before this run: exit 0
     idle: IdleReason | None = None  # why no message was drafted (``idle_reason``), None when one was
 
     @property
@@ -8868,8 +8290,7 @@ class RunResult:
 
     @property
     def exit_code(self) -> int:
-        """130/143 after a signal; 3 when done but something needs a look (a day without a message, but for
-        today's limit already drafted); else 0."""
+        """130/143 after a signal; 3 when something needs a look; else the idle reason's code (``idle_reason``)."""
         if self.signal is not None:
             return EXIT_SIGNALS.get(self.signal, 128 + self.signal)
         needs_a_look = (self.status == "deadline" or self.firebase_failed or self.claude_unavailable
@@ -8879,17 +8300,12 @@ class RunResult:
 
 
 class ReturnToTable:
-    """One campaign run: the plan's eight steps, in order, and nothing else.
-
-    Each step is a pure function above, steps 5-6 a ``MemberWalk``; this class only sequences them
-    and does the I/O at the edges: the source, the dashboard (``DashboardWriter``) and the files
-    under ``--out`` (the report's: ``write_report``, ``write_skip_list``).
-    """
+    """One campaign run: the plan's eight steps in order (pure functions above, steps 5-6 a ``MemberWalk``),
+    and the I/O at the edges: the source, the dashboard (``DashboardWriter``) and the files under ``--out``."""
 
     def __init__(self, options: RunOptions, settings: Settings, logger: logging.Logger, *,
                  source: DataSource, dashboard: DashboardWriter, hoods: NeighbourhoodMap,
                  advisor: ClaudeAdvisor | None = None, control: RunControl | None = None) -> None:
-        control = control or RunControl()
         self.options = options
         self.logger = logger
         self.source = source
@@ -8899,7 +8315,7 @@ class ReturnToTable:
         self.zone = settings.zone
         self.sms = settings.sms  # who may be texted, when (quiet hours), and what every message carries
         self.segment_price = settings.sms_segment_price  # SMS_SEGMENT_PRICE, USD, for the report's cost
-        self.control = control
+        self.control = control or RunControl()
         self.issues = DataIssues()
         self.empty_input: list[str] = []  # collections the source had no documents in (``empty_collections``)
         self.data_dir = options.data_dir
@@ -8915,8 +8331,8 @@ class ReturnToTable:
     # --- step 1: fetch, find and rank the dormant members -----------------------------------
 
     def fetch(self) -> StepOneInput:
-        """The source's records, screened (``screen_records``) unless the source screened them as it read
-        (``data/raw/`` keeps them as read), with the activity and statuses a counting source counted."""
+        """The source's records, screened (``screen_records``; ``data/raw/`` keeps them as read), with the
+        activity and statuses a counting source counted."""
         data = read_source(self.source, self.options.now, reading_progress if self.options.progress else None)
         self.issues.add("unreadable_extended_json_values", data.bad_values)
         self.issues.add_all(data.skipped)
@@ -8958,15 +8374,17 @@ class ReturnToTable:
         return ledger
 
     def cooldown(self) -> set[str]:
-        """Members with a message generated (or a holdout record made) within the cooldown, or later than ``now``,
-        and every member drafted or held out this campaign day (a top-up never drafts one twice, even with
-        ``--cooldown-days 0``). Reads the day's history too (``read_history``): the daily limit and the seats."""
+        """Members messaged or held out within the cooldown (or later than ``now``) or this campaign day (a top-up
+        never drafts one twice, even with ``--cooldown-days 0``); reads the day's limit and seats too."""
         recent: set[str] = set()
         try:
             if self.options.cooldown_days > 0:
                 recent = self.dashboard.recent_recipients(days_before(self.options.now, self.options.cooldown_days))
                 self.issues.add("dashboard_messages_without_valid_generated_at", self.dashboard.undated_messages)
-            self.history = self.dashboard.read_history(campaign_day(self.options.now, self.zone), self.seats_since())
+            day = campaign_day(self.options.now, self.zone)
+            # open invitations count from the cooldown's start (at the latest from the campaign day's start)
+            seats_since = min(day[0], days_before(self.options.now, self.options.cooldown_days))
+            self.history = self.dashboard.read_history(day, seats_since)
         except FirebaseError as exc:
             if self.options.dry_run:
                 self.logger.warning("Cooldown not applied in this dry run (nor the daily limit's count): %s", exc)
@@ -8981,14 +8399,9 @@ class ReturnToTable:
                          self.volume.held_out_before, self.volume.remaining)
         return recent | self.history.today_members
 
-    def seats_since(self) -> datetime:
-        """Open invitations count from the cooldown's start (at the latest from the campaign day's start)."""
-        day_start = campaign_day(self.options.now, self.zone)[0]
-        return min(day_start, days_before(self.options.now, self.options.cooldown_days))
-
     def select(self, census: DormancyCensus) -> list[tuple[int, DormantMember]]:
-        """The eligible members outside the cooldown, as ``(rank, member)`` in rank order, for the walk
-        (which checks phone and opt-out of each member it reaches: ``reachable``); the others get ``cooldown``."""
+        """The eligible members outside the cooldown as ``(rank, member)`` for the walk (which checks each one's
+        phone and opt-out: ``reachable``); the others get ``cooldown``."""
         recent = self.cooldown()
         phones = list(self.dashboard.recent_phones)  # the numbers contacted within the cooldown ...
         walk: list[tuple[int, DormantMember]] = []
@@ -9036,12 +8449,12 @@ class ReturnToTable:
                          "claude" if self.advisor else "rules", ", dry run" if options.dry_run else "")
         read = self.fetch()                                # step 1
         self.numbers = self.consent_by_number()
-        self.census = census = self.dormant_users(read)
+        census = self.dormant_users(read)
         walk = self.select(census)
         earlier = self.dashboard.recent_members(days_before(options.now, POWER_DAYS))  # before this run writes
         future = self.future_events(read.events)           # step 2 (3-4: summaries attached)
         del read
-        self.campaign_id = campaign_id = self.fresh_campaign_id(started)
+        campaign_id = self.fresh_campaign_id(started)
         self.logger.info("Campaign %s", campaign_id)
         self.dashboard.open_lists()
         clock = time.monotonic()
@@ -9050,7 +8463,7 @@ class ReturnToTable:
                              self.volume.drafted_before, options.limit, self.volume.day, extra={"summary": True})
         outcomes = self.member_walk(campaign_id).run(walk, future)  # steps 5-6
         steps_5_6_seconds = time.monotonic() - clock
-        left_out = Counter(code for code in self.decisions.values() if code in CONTACT_SKIPS)
+        left_out = Counter(code for code in self.decisions.values() if code in UNTEXTABLE)
         self.logger.info("Steps 5-6: %d members reached, %s", len(outcomes) + sum(left_out.values()),
                          ", ".join(f"{n} {code}" for code, n in sorted(left_out.items())) or "all of them textable")
         write_json_items(self.data_dir / "processed" / "dormant_users.json",
@@ -9096,8 +8509,7 @@ class ReturnToTable:
         report_path = write_report(options.report_stem(campaign_id), report, self.logger)
         return RunResult(campaign_id, report, report_path, firebase, claude_down, status,
                          failed_members=sum(o.failed for o in outcomes), signal=self.control.signal,
-                         empty_input=list(self.empty_input), limit_already_drafted=self.volume.remaining == 0,
-                         idle=idle)
+                         empty_input=list(self.empty_input), idle=idle)
 
     def final_status(self, not_started: int) -> str:
         """``interrupted`` after a signal; ``deadline`` when the deadline left members unstarted."""
@@ -9108,11 +8520,9 @@ class ReturnToTable:
 
 def wait_first(running: set[Any]) -> tuple[set[Any], set[Any]]:
     """The futures that finished (at least one), and those still running."""
-    from concurrent.futures import FIRST_COMPLETED
-    from concurrent.futures import wait as wait_futures
+    from concurrent.futures import FIRST_COMPLETED, wait
 
-    finished, still = wait_futures(running, return_when=FIRST_COMPLETED)
-    return set(finished), set(still)
+    return wait(running, return_when=FIRST_COMPLETED)
 
 
 @contextlib.contextmanager
@@ -9130,15 +8540,9 @@ def progress_bar(total: int, unit: str, *, enabled: bool, desc: str | None = Non
         yield bar
 
 
-def reading_progress(total: int, unit: str) -> Any:
-    """The progress factory a source gets on a terminal (step 1's read)."""
-    return progress_bar(total, unit, enabled=True, desc="reading")
-
-
-@contextlib.contextmanager
-def no_progress(_total: int, _unit: str) -> Iterator[None]:
-    """The progress factory when there is no terminal: no bar."""
-    yield None
+# The progress factories a source is given (``progress(total, unit)``): step 1's bar on a terminal, or none.
+reading_progress = functools.partial(progress_bar, enabled=True, desc="reading")
+no_progress = functools.partial(progress_bar, enabled=False)
 
 
 # =============================================================================================
@@ -9149,10 +8553,12 @@ def no_progress(_total: int, _unit: str) -> Iterator[None]:
 # out, for ``--window-days`` after their reference time, and compares how many came back. Pure
 # functions first (statistics, reading archived records, following members, grouping, the report),
 # then the I/O at the edges (``read_campaigns``, ``read_events``, ``run_measure``). It writes nothing
-# to Firebase or its mirror: only reads, and its two report files.
+# to Firebase or its mirror: only reads, and its report files.
 
 CONFIDENCE = 0.95
 Z_95 = NormalDist().inv_cdf(0.5 + CONFIDENCE / 2)  # 1.959964...
+POWER = 0.80  # the power of the detectable lift and of the tones' "members each arm still needs"
+Z_POWER = NormalDist().inv_cdf(POWER)  # 0.8416...
 MEASURE_GROUPS = ("treated", "approved_or_sent", "sent", "holdout")
 REVIEWED_GROUPS = {"approved_or_sent": frozenset({"approved", "sent"}), "sent": frozenset({"sent"})}
 MESSAGE_STATUSES = frozenset({"pending", "approved", "sent", "rejected"})
@@ -9174,14 +8580,16 @@ REVIEWED_TEXT = ("The approved_or_sent and sent rows are the messages reviewers 
 REFERENCE_TEXT = ("Reference time: a message's sent_at when its status is sent and sent_at is a date, else its "
                   "generated_at; a holdout member's held_out_at. A member whose window has not closed at --now is "
                   "counted as open (and whether they are already back), never as not back.")
+POWER_METHOD = ("smallest detectable lift: the normal approximation for two proportions, "
+                "(z_0.975 + z_0.80) x sqrt(p(1 - p)(1/n_treated + 1/n_holdout)), at p = 0.5, where the "
+                "variance is largest, so the figure holds whatever the return rate (80% power, two-sided 5%)")
 
 
-# --- statistics: Wilson, Newcombe's method 10, the two-proportion z-test -----------------------
+# --- statistics: Wilson, Newcombe's method 10, the two-proportion z-test, power, Holm -------------------
 
 
 def wilson_interval(successes: int, trials: int, z: float = Z_95) -> tuple[float, float]:
-    """Wilson's score interval for one rate (``trials`` > 0): unlike the textbook (Wald) interval it
-    stays inside 0-1 and does not collapse to a point at 0 or ``trials`` successes."""
+    """Wilson's score interval for one rate (``trials`` > 0): unlike Wald's, inside 0-1 and never a point."""
     p = successes / trials
     centre = 2 * trials * p + z * z
     spread = z * math.sqrt(z * z + 4 * trials * p * (1 - p))
@@ -9190,8 +8598,7 @@ def wilson_interval(successes: int, trials: int, z: float = Z_95) -> tuple[float
 
 
 def newcombe_interval(x1: int, n1: int, x2: int, n2: int, z: float = Z_95) -> tuple[float, float]:
-    """The interval for ``x1/n1 - x2/n2``, Newcombe's method 10: each limit combines the distances from
-    each rate to its Wilson limits, so it is good at small counts and at rates near 0 or 1."""
+    """The interval for ``x1/n1 - x2/n2``, Newcombe's method 10 (built on Wilson's: good at small counts)."""
     p1, p2 = x1 / n1, x2 / n2
     (l1, u1), (l2, u2) = wilson_interval(x1, n1, z), wilson_interval(x2, n2, z)
     difference = p1 - p2
@@ -9200,8 +8607,7 @@ def newcombe_interval(x1: int, n1: int, x2: int, n2: int, z: float = Z_95) -> tu
 
 
 def two_proportion_z_test(x1: int, n1: int, x2: int, n2: int) -> tuple[float, float]:
-    """(z, two-sided p) for "the two rates are equal", with the pooled standard error. When nobody or
-    everybody came back in both groups the rates are equal and nothing differs: z 0, p 1."""
+    """(z, two-sided p) for "the two rates are equal" (pooled standard error); z 0, p 1 when it is 0."""
     pooled = (x1 + x2) / (n1 + n2)
     standard_error = math.sqrt(pooled * (1 - pooled) * (1 / n1 + 1 / n2))
     if standard_error == 0:
@@ -9210,33 +8616,46 @@ def two_proportion_z_test(x1: int, n1: int, x2: int, n2: int) -> tuple[float, fl
     return z, 2 * NormalDist().cdf(-abs(z))
 
 
-POWER = 0.80
-Z_POWER = NormalDist().inv_cdf(POWER)  # 0.8416...
-POWER_METHOD = ("smallest detectable lift: the normal approximation for two proportions, "
-                "(z_0.975 + z_0.80) x sqrt(p(1 - p)(1/n_treated + 1/n_holdout)), at p = 0.5, where the "
-                "variance is largest, so the figure holds whatever the return rate (80% power, two-sided 5%)")
-
-
 def detectable_lift_pp(treated: int, held_out: int) -> float | None:
-    """The smallest lift, in percentage points, that ``treated`` against ``held_out`` members would detect
-    with 80% power in a two-sided test at 5% (``POWER_METHOD``); None when either group is empty."""
+    """The smallest lift in points these group sizes detect (``POWER_METHOD``); None when one is empty."""
     if treated <= 0 or held_out <= 0:
         return None
     return 100 * (Z_95 + Z_POWER) * math.sqrt(0.25 * (1 / treated + 1 / held_out))
 
 
-def power_figure(treated: int, held_out: int) -> dict[str, Any]:
-    """One period's sizes and the lift its holdout could detect (rounded to 0.1 pp)."""
-    found = detectable_lift_pp(treated, held_out)
-    return {"treated": treated, "held_out": held_out,
-            "detectable_lift_pp": None if found is None else round(found, 1)}
-
-
 def holdout_power(this_run: tuple[int, int], earlier_30_days: tuple[int, int] | None) -> dict[str, Any]:
     """The run report's holdout power: this run, and the last 30 days (the dashboard's members messaged and
     held out before this run, plus this run's); ``last_30_days`` is None when the dashboard was not read."""
-    last = None if earlier_30_days is None else power_figure(*(a + b for a, b in zip(this_run, earlier_30_days)))
-    return {"method": POWER_METHOD, "this_run": power_figure(*this_run), "last_30_days": last}
+    def figure(treated: int, held_out: int) -> dict[str, Any]:
+        return {"treated": treated, "held_out": held_out,
+                "detectable_lift_pp": rounded(detectable_lift_pp(treated, held_out), 1)}
+
+    last = None if earlier_30_days is None else figure(*(a + b for a, b in zip(this_run, earlier_30_days)))
+    return {"method": POWER_METHOD, "this_run": figure(*this_run), "last_30_days": last}
+
+
+def holm_adjust(p_values: Sequence[float]) -> list[float]:
+    """Holm's step-down adjustment (Holm 1979), in the input's order: it controls the family-wise error rate."""
+    m = len(p_values)
+    adjusted, running = [0.0] * m, 0.0
+    for rank, i in enumerate(sorted(range(m), key=lambda j: p_values[j])):
+        running = max(running, min(1.0, (m - rank) * p_values[i]))
+        adjusted[i] = running
+    return adjusted
+
+
+def members_per_arm(p1: float, p2: float, alpha: float, power: float = POWER) -> int | None:
+    """Members per arm to detect ``p1`` against ``p2`` (``SAMPLE_SIZE_TEXT``); None when the rates are equal."""
+    if p1 == p2:
+        return None
+    z_a, z_b = NormalDist().inv_cdf(1 - alpha / 2), NormalDist().inv_cdf(power)
+    mean = (p1 + p2) / 2
+    root = z_a * math.sqrt(2 * mean * (1 - mean)) + z_b * math.sqrt(p1 * (1 - p1) + p2 * (1 - p2))
+    return math.ceil((root / (p1 - p2)) ** 2)
+
+
+def rounded(value: float | None, digits: int = 4) -> float | None:
+    return None if value is None else round(value, digits)
 
 
 @dataclass(frozen=True)
@@ -9250,21 +8669,31 @@ class Tally:
     open: int = 0
     open_came_back: int = 0
 
+    @classmethod
+    def of(cls, followed: Iterable[Followed]) -> Tally:
+        closed, still_open = [], []
+        for f in followed:
+            (still_open if f.open else closed).append(f)
+        return cls(len(closed), sum(f.came_back for f in closed), sum(f.came_to_suggested for f in closed),
+                   len(still_open), sum(f.came_back for f in still_open))
+
+    def __add__(self, other: Tally) -> Tally:
+        return Tally(*map(operator.add, dataclasses.astuple(self), dataclasses.astuple(other)))
+
     @property
     def rate(self) -> float | None:
         return self.came_back / self.size if self.size else None
 
-
-def sum_tallies(tallies: Iterable[Tally]) -> Tally:
-    """Tallies added up (the pooled row): every count is a sum."""
-    rows = list(tallies)
-    return Tally(*(sum(getattr(t, name) for t in rows)
-                   for name in ("size", "came_back", "came_to_suggested", "open", "open_came_back")))
+    def json(self) -> dict[str, Any]:
+        interval = [rounded(v) for v in wilson_interval(self.came_back, self.size)] if self.size else None
+        return {"size": self.size, "came_back": self.came_back, "rate": rounded(self.rate),
+                "rate_interval": interval, "came_to_suggested": self.came_to_suggested,
+                "suggested_rate": rounded(self.came_to_suggested / self.size if self.size else None),
+                "open": self.open, "open_came_back": self.open_came_back}
 
 
 class Lift(NamedTuple):
-    """Treated against holdout: the difference in percentage points with its interval, the relative lift
-    (None when no holdout member came back) and the z-test."""
+    """Treated against holdout in points; ``relative`` is None when no holdout member came back."""
 
     difference_pp: float
     low_pp: float
@@ -9272,13 +8701,6 @@ class Lift(NamedTuple):
     relative: float | None
     z: float
     p_value: float
-    detectable_pp: float | None = None  # the smallest lift these sizes could detect (``detectable_lift_pp``)
-
-    @property
-    def too_small_to_tell(self) -> bool:
-        """The groups are too small for the lift to mean anything: nothing under ``TELLABLE_LIFT_PP`` is
-        detectable (the interval is then as wide as "+0.0 pp, -79 to +28")."""
-        return self.detectable_pp is None or self.detectable_pp > TELLABLE_LIFT_PP
 
 
 def lift(treated: Tally, holdout: Tally) -> Lift | None:
@@ -9290,8 +8712,19 @@ def lift(treated: Tally, holdout: Tally) -> Lift | None:
     z, p_value = two_proportion_z_test(*args)
     t_rate, h_rate = treated.came_back / treated.size, holdout.came_back / holdout.size
     relative = (t_rate - h_rate) / h_rate if h_rate else None
-    return Lift(100 * (t_rate - h_rate), 100 * low, 100 * high, relative, z, p_value,
-                detectable_lift_pp(treated.size, holdout.size))
+    return Lift(100 * (t_rate - h_rate), 100 * low, 100 * high, relative, z, p_value)
+
+
+def lift_json(treated: Tally, holdout: Tally) -> dict[str, Any] | None:
+    """The lift as reported: too small to tell when nothing under ``TELLABLE_LIFT_PP`` is detectable."""
+    if (found := lift(treated, holdout)) is None:
+        return None
+    detectable = detectable_lift_pp(treated.size, holdout.size)
+    return {"difference_pp": round(found.difference_pp, 2),
+            "interval_pp": [round(found.low_pp, 2), round(found.high_pp, 2)],
+            "relative_lift": rounded(found.relative), "z": round(found.z, 4), "p_value": float(f"{found.p_value:.4g}"),
+            "detectable_lift_pp": rounded(detectable, 1),
+            "too_small_to_tell": detectable is None or detectable > TELLABLE_LIFT_PP}
 
 
 LIFT_NOTES = {  # why treated-against-holdout has no lift: (the report's sentence, the console table's words)
@@ -9303,23 +8736,11 @@ LIFT_NOTES = {  # why treated-against-holdout has no lift: (the report's sentenc
 }
 
 
-def lift_note(treated: Tally, holdout: Tally) -> str | None:
-    """Why treated-against-holdout has no lift (a ``LIFT_NOTES`` key); None when it has one."""
-    if not holdout.size and not holdout.open:
-        return "no_holdout"
-    if not holdout.size:
-        return "holdout_open"
-    if not treated.size:
-        return "treated_open"
-    return None
-
-
 # --- archived campaigns: every value read is untrusted ----------------------------------------
 
 
 class Observation(NamedTuple):
-    """One member of one archived campaign to follow: messaged ("treated") or held out ("holdout"), from
-    when (``reference``), and the suggested event (the message's, or the rules' pick for the holdout)."""
+    """One member of one archived campaign to follow, from ``reference``, with the event suggested to them."""
 
     user_id: str
     arm: str
@@ -9330,8 +8751,7 @@ class Observation(NamedTuple):
 
 
 class ArchivedCampaign(NamedTuple):
-    """An archived campaign as measured: its date (metadata ``created_at``, the run's --now; without one,
-    its earliest reference time), its recorded status, and each of its members once."""
+    """An archived campaign as measured: its date (the run's --now, else its earliest reference) and members."""
 
     campaign_id: str
     created_at: datetime | None
@@ -9350,8 +8770,7 @@ class DateRange(NamedTuple):
 
 
 def range_bound(text: str, flag: str, *, end: bool) -> datetime:
-    """``--since``/``--until`` as an instant: a date is that whole day in UTC (``--until`` includes it), a
-    date-time that instant (``--until`` includes it too); UsageError for anything else."""
+    """``--since``/``--until`` as an instant; ``--until`` includes its day (a date) or its instant."""
     moment = flag_instant(text.strip(), flag, "a date (2026-01-31) or an ISO-8601 date-time")
     if not end:
         return moment
@@ -9364,9 +8783,7 @@ def usable_key(key: str) -> bool:
 
 
 def archive_records(value: Any, key: str, issues: DataIssues) -> list[Mapping[str, Any]]:
-    """The records of one archived list (``{key: [...], count, updatedAt}``, in any shape the database
-    returns it); a list that is no list, entries that are not objects and entries beyond
-    ``MAX_ARCHIVE_ITEMS`` are counted and skipped."""
+    """The records of one archived list, in any shape the database returns it; odd ones counted, skipped."""
     inner = value.get(key) if isinstance(value, Mapping) else value
     if inner is not None and not isinstance(inner, (Mapping, list)):
         issues.add(f"archived_{key}_lists_with_odd_shape")
@@ -9380,44 +8797,29 @@ def archive_records(value: Any, key: str, issues: DataIssues) -> list[Mapping[st
     return records
 
 
-def message_status(value: Any, issues: DataIssues) -> str:
-    """A message's status as the dashboard sets it; anything else is counted and treated as no status."""
-    status = value.strip().lower() if isinstance(value, str) and len(value) <= 40 else None
-    if status in MESSAGE_STATUSES:
-        return status
-    issues.add("archived_messages_with_odd_status")
-    return ""
-
-
-def message_observation(item: Mapping[str, Any], issues: DataIssues) -> Observation | None:
-    """A messaged member from an archived message, or None (counted): no usable ``user_id``, or no date
-    to start from. From ``sent_at`` when the status is sent and it is a date, else ``generated_at``."""
+def observation(item: Mapping[str, Any], key: str, issues: DataIssues) -> Observation | None:
+    """A member to follow from a message or holdout record (``REFERENCE_TEXT``), or None (counted)."""
     user_id = usable_id(item.get("user_id"))
     if user_id is None:
-        issues.add("archived_messages_without_usable_user_id")
+        issues.add(f"archived_{key}_without_usable_user_id")
         return None
-    status = message_status(item.get("status"), issues)
-    sent_at = to_utc(item.get("sent_at")) if status == "sent" else None
-    if status == "sent" and sent_at is None:
-        issues.add("sent_messages_without_valid_sent_at")
-    reference = sent_at or to_utc(item.get("generated_at"))
+    if key == "holdout":
+        status, reference, field_name = "", to_utc(item.get("held_out_at")), "held_out_at"
+    else:
+        raw = item.get("status")
+        status = raw.strip().lower() if isinstance(raw, str) and len(raw) <= 40 else ""
+        if status not in MESSAGE_STATUSES:
+            issues.add("archived_messages_with_odd_status")
+            status = ""
+        sent_at = to_utc(item.get("sent_at")) if status == "sent" else None
+        if status == "sent" and sent_at is None:
+            issues.add("sent_messages_without_valid_sent_at")
+        reference, field_name = sent_at or to_utc(item.get("generated_at")), "generated_at"
     if reference is None:
-        issues.add("archived_messages_without_valid_generated_at")
+        issues.add(f"archived_{key}_without_valid_{field_name}")
         return None
-    return Observation(user_id, "treated", status, reference, usable_id(item.get("event_id")), message_traits(item))
-
-
-def holdout_observation(item: Mapping[str, Any], issues: DataIssues) -> Observation | None:
-    """A held-out member from a holdout record, from ``held_out_at``, or None (counted)."""
-    user_id = usable_id(item.get("user_id"))
-    if user_id is None:
-        issues.add("archived_holdout_without_usable_user_id")
-        return None
-    held_out_at = to_utc(item.get("held_out_at"))
-    if held_out_at is None:
-        issues.add("archived_holdout_without_valid_held_out_at")
-        return None
-    return Observation(user_id, "holdout", "", held_out_at, usable_id(item.get("event_id")), holdout_traits(item))
+    arm = "holdout" if key == "holdout" else "treated"
+    return Observation(user_id, arm, status, reference, usable_id(item.get("event_id")), record_traits(item, key))
 
 
 # --- what the breakdowns read of each archived record (issue 22): every value untrusted, bounded ----------
@@ -9430,25 +8832,18 @@ def segment_text(value: Any, default: str = "unknown") -> str:
     return clean_text(value.strip().lower(), 40)[0] or default
 
 
-def plain_number(value: Any) -> float | None:
-    ok = isinstance(value, (int, float)) and not isinstance(value, bool) and math.isfinite(value)
-    return float(value) if ok else None
+BANDS = {  # dimension: (the bisect, the range banded, its inner edges, each band's name, outside the range)
+    "confidence": (bisect.bisect_right, 0, 100, (70, 80, 90), ("under 70", "70-79", "80-89", "90-100"), "unknown"),
+    "days_inactive": (bisect.bisect_left, 31, 90, (45, 60), ("31-45", "46-60", "61-90"), "other"),  # the growth lead's
+}
 
 
-def confidence_band(value: Any) -> str:
-    """``70-79``, ``80-89``, ``90-100``; ``under 70`` and ``unknown`` otherwise."""
-    found = plain_number(value)
-    if found is None or not 0 <= found <= 100:
+def band(value: Any, dimension: str) -> str:
+    """The band (``BANDS``) a number falls in; ``unknown`` for anything but a finite number."""
+    find, low, high, edges, names, outside = BANDS[dimension]
+    if not isinstance(value, (int, float)) or isinstance(value, bool) or not math.isfinite(value):
         return "unknown"
-    return "under 70" if found < 70 else "70-79" if found < 80 else "80-89" if found < 90 else "90-100"
-
-
-def days_band(value: Any) -> str:
-    """The days-inactive bands the growth lead reads: ``31-45``, ``46-60``, ``61-90``; else ``other``."""
-    found = plain_number(value)
-    if found is None:
-        return "unknown"
-    return "31-45" if 31 <= found <= 45 else "46-60" if 45 < found <= 60 else "61-90" if 60 < found <= 90 else "other"
+    return names[find(edges, value)] if low <= value <= high else outside
 
 
 def yes_no(value: Any) -> str:
@@ -9460,8 +8855,7 @@ REASONING_SIGNALS = (("of this host's events", "host"), ("events of this series"
 
 
 def signal_of(match: Mapping[str, Any]) -> str:
-    """The deciding signal a match records (``deciding_signal``); for archives written before it, read from
-    the rules' reasoning ("Their own history decided: ..."), else ``profile`` for the rules, ``unknown`` else."""
+    """The deciding signal a match records; in older archives, read from the rules' reasoning."""
     recorded = match.get("deciding_signal")
     if isinstance(recorded, str) and recorded in DECIDING_SIGNALS:
         return recorded
@@ -9483,77 +8877,48 @@ def same_place_of(match: Mapping[str, Any]) -> str:
     return yes_no(NeighbourhoodMap.canonical(home) == NeighbourhoodMap.canonical(where))
 
 
-def message_traits(item: Mapping[str, Any]) -> tuple[tuple[str, str], ...]:
-    """A message's own segments: writer, tone (today's wording before ``--variants`` existed), confidence."""
-    return (("writer", segment_text(item.get("generator"))), ("variant", segment_text(item.get("variant"), DEFAULT_TONE)),
-            ("confidence", confidence_band(item.get("confidence_percentage"))))
-
-
-def holdout_traits(item: Mapping[str, Any]) -> tuple[tuple[str, str], ...]:
-    """A holdout record's segments (the rules' pick they would have had)."""
-    return (("variant", segment_text(item.get("variant"), DEFAULT_TONE)),
-            ("confidence", confidence_band(item.get("confidence_percentage"))),
-            ("days_inactive", days_band(item.get("days_inactive"))),
-            ("deciding_signal", signal_of({**item, "matcher": "rules"})),
-            ("same_neighbourhood", yes_no(item.get("same_neighbourhood"))))
-
-
-def match_traits_by_member(matches: Iterable[Mapping[str, Any]]) -> dict[str, tuple[tuple[str, str], ...]]:
-    """Each messaged member's match segments: matcher, days inactive, deciding signal, same neighbourhood."""
-    found: dict[str, tuple[tuple[str, str], ...]] = {}
-    for match in matches:
-        user_id = usable_id(match.get("user_id"))
-        if user_id is None or user_id in found:
-            continue
-        user = match.get("user") if isinstance(match.get("user"), Mapping) else {}
-        found[user_id] = (("matcher", segment_text(match.get("matcher"))),
-                          ("days_inactive", days_band(user.get("days_inactive"))),
-                          ("deciding_signal", signal_of(match)), ("same_neighbourhood", same_place_of(match)))
-    return found
-
-
-def first_per_member(observations: Iterable[Observation]) -> dict[str, Observation]:
-    kept: dict[str, Observation] = {}
-    for observation in observations:
-        kept.setdefault(observation.user_id, observation)
-    return kept
-
-
-def campaign_members(treated: Sequence[Observation], held_out: Sequence[Observation],
-                     issues: DataIssues) -> tuple[Observation, ...]:
-    """Each member once per campaign (their first record); a member both messaged and held out in one
-    campaign belongs to neither group (counted), as no one can tell which they were."""
-    messaged, holdout = first_per_member(treated), first_per_member(held_out)
-    issues.add("repeated_members_in_a_campaign", len(treated) - len(messaged) + len(held_out) - len(holdout))
-    both = messaged.keys() & holdout.keys()
-    issues.add("members_both_messaged_and_held_out", len(both))
-    return tuple(o for o in [*messaged.values(), *holdout.values()] if o.user_id not in both)
+def record_traits(record: Mapping[str, Any], key: str) -> tuple[tuple[str, str], ...]:
+    """The segments (``BREAKDOWNS``) an archived message, holdout record or match tells of its member."""
+    if key == "matches":
+        user = record.get("user") if isinstance(record.get("user"), Mapping) else {}
+        return (("matcher", segment_text(record.get("matcher"))),
+                ("days_inactive", band(user.get("days_inactive"), "days_inactive")),
+                ("deciding_signal", signal_of(record)), ("same_neighbourhood", same_place_of(record)))
+    pick = (("variant", segment_text(record.get("variant"), DEFAULT_TONE)),
+            ("confidence", band(record.get("confidence_percentage"), "confidence")))
+    if key == "messages":
+        return (("writer", segment_text(record.get("generator"))), *pick)
+    return (*pick, ("days_inactive", band(record.get("days_inactive"), "days_inactive")),
+            ("deciding_signal", signal_of({**record, "matcher": "rules"})),
+            ("same_neighbourhood", yes_no(record.get("same_neighbourhood"))))
 
 
 def metadata_moment(metadata: Any) -> datetime | None:
     return to_utc(metadata.get("created_at")) if isinstance(metadata, Mapping) else None
 
 
-def metadata_status(metadata: Any) -> str:
-    status = metadata.get("status") if isinstance(metadata, Mapping) else None
-    return clean_text(status, 40)[0] or "unknown" if isinstance(status, str) else "unknown"
-
-
 def archived_campaign(campaign_id: str, metadata: Any, messages: Any, holdout: Any,
                       issues: DataIssues, matches: Any = None) -> ArchivedCampaign:
-    """One campaign from its archived ``metadata``, ``messages`` and ``holdout``, as read (and ``matches``,
-    for the treated members' breakdown traits)."""
+    """One campaign as read; a member both messaged and held out is in neither group (counted)."""
     if metadata is not None and not isinstance(metadata, Mapping):
         issues.add("archived_metadata_not_objects")
-    matched = match_traits_by_member(archive_records(matches, "matches", issues) if matches is not None else [])
-    treated = [o._replace(traits=o.traits + matched.get(o.user_id, ()))
-               for item in archive_records(messages, "messages", issues)
-               if (o := message_observation(item, issues)) is not None]
-    held_out = [o for item in archive_records(holdout, "holdout", issues)
-                if (o := holdout_observation(item, issues)) is not None]
-    members = campaign_members(treated, held_out, issues)
+    matched: dict[str, tuple[tuple[str, str], ...]] = {}
+    for match in archive_records(matches, "matches", issues):
+        if (user_id := usable_id(match.get("user_id"))) is not None and user_id not in matched:
+            matched[user_id] = record_traits(match, "matches")
+    arms = []
+    for key, value in (("messages", messages), ("holdout", holdout)):
+        found = [o for item in archive_records(value, key, issues) if (o := observation(item, key, issues)) is not None]
+        arms.append({o.user_id: o for o in reversed(found)})  # reversed: a member's first record wins
+        issues.add("repeated_members_in_a_campaign", len(found) - len(arms[-1]))
+    both = arms[0].keys() & arms[1].keys()
+    issues.add("members_both_messaged_and_held_out", len(both))
+    members = tuple(o._replace(traits=o.traits + matched.get(o.user_id, ())) if o.arm == "treated" else o
+                    for arm in arms for o in arm.values() if o.user_id not in both)
     created_at = metadata_moment(metadata) or min((o.reference for o in members), default=None)
-    return ArchivedCampaign(campaign_id, created_at, metadata_status(metadata), members)
+    status = metadata.get("status") if isinstance(metadata, Mapping) else None
+    shown = clean_text(status, 40)[0] or "unknown" if isinstance(status, str) else "unknown"
+    return ArchivedCampaign(campaign_id, created_at, shown, members)
 
 
 # --- following members: who came back ------------------------------------------------------------
@@ -9567,10 +8932,18 @@ class Followed(NamedTuple):
     came_back: bool
     came_to_suggested: bool
 
+    def segment(self, dimension: str) -> str:
+        return dict(self.observation.traits).get(dimension, "unknown")
+
+
+def window_end(reference: datetime, days: int) -> datetime:
+    """``days`` after ``reference``, or the calendar's last usable day (a date in 9999 never overflows)."""
+    window = timedelta(days=days)
+    return reference + window if LATEST_DATE - reference > window else LATEST_DATE
+
 
 class Attendance:
-    """The followed members' events in start order, so "did they come back within W days of t" is a
-    bisect. Events of any type count, as they do for step 1's activity; odd entries are counted."""
+    """The followed members' events of any type in start order: "back within W days of t" is a bisect."""
 
     def __init__(self, events: Iterable[Mapping[str, Any]], members: set[str], issues: DataIssues) -> None:
         found: dict[str, list[tuple[datetime, str]]] = {}
@@ -9583,76 +8956,66 @@ class Attendance:
                 found.setdefault(member, []).append((start, event_id))
         self.events = {member: sorted(seen) for member, seen in found.items()}
 
-    def between(self, member: str, after: datetime, until: datetime) -> set[str]:
-        """The events ``member`` joined or hosted that start after ``after`` and at the latest ``until``."""
-        seen = self.events.get(member, [])
-        first = bisect.bisect_right(seen, after, key=lambda entry: entry[0])
-        last = bisect.bisect_right(seen, until, key=lambda entry: entry[0])
-        return {event_id for _, event_id in seen[first:last]}
+    def follow(self, observation: Observation, now: datetime, days: int) -> Followed:
+        """Did this member come back (to any event, and to the suggested one) within the window?"""
+        end = window_end(observation.reference, days)
+        seen = self.events.get(observation.user_id, [])
+        first = bisect.bisect_right(seen, observation.reference, key=lambda entry: entry[0])
+        last = bisect.bisect_right(seen, end, key=lambda entry: entry[0])
+        went = {event_id for _, event_id in seen[first:last]}
+        return Followed(observation, end > now, bool(went), observation.event_id in went)
 
 
-def window_end(reference: datetime, days: int) -> datetime:
-    """``days`` after ``reference``, or the calendar's last usable day (a date in 9999 never overflows)."""
-    window = timedelta(days=days)
-    return reference + window if LATEST_DATE - reference > window else LATEST_DATE
-
-
-def follow(observation: Observation, attendance: Attendance, now: datetime, days: int) -> Followed:
-    """Did this member come back (to any event, and to the suggested one) within the window?"""
-    end = window_end(observation.reference, days)
-    went = attendance.between(observation.user_id, observation.reference, end)
-    return Followed(observation, end > now, bool(went), observation.event_id in went)
-
-
-def tally(followed: Iterable[Followed]) -> Tally:
-    """One group's counts; open windows apart."""
-    closed, still_open = [], []
-    for f in followed:
-        (still_open if f.open else closed).append(f)
-    return Tally(len(closed), sum(f.came_back for f in closed), sum(f.came_to_suggested for f in closed),
-                 len(still_open), sum(f.came_back for f in still_open))
-
-
-def group_tallies(followed: Sequence[Followed]) -> dict[str, Tally]:
-    """The groups of one campaign: every message ("treated"), the reviewed subsets when some message has
-    such a status, and the holdout."""
-    treated = [f for f in followed if f.observation.arm == "treated"]
-    groups = {"treated": tally(treated)}
-    for name, statuses in REVIEWED_GROUPS.items():
-        subset = [f for f in treated if f.observation.status in statuses]
-        if subset:
-            groups[name] = tally(subset)
-    groups["holdout"] = tally(f for f in followed if f.observation.arm == "holdout")
-    return groups
+def follow_campaigns(campaigns: Sequence[ArchivedCampaign], events: Sequence[Mapping[str, Any]], now: datetime,
+                     days: int, issues: DataIssues) -> list[tuple[ArchivedCampaign, list[Followed]]]:
+    """Every campaign's members followed through their windows; their suggested event's category (the first
+    the host wrote, cleaned) and name are traits ("event_category", "event")."""
+    attendance = Attendance(events, {o.user_id for c in campaigns for o in c.observations}, issues)
+    wanted = {o.event_id for c in campaigns for o in c.observations if o.event_id}
+    named = {event_id: (("event_category", segment_text(next(iter(text_list(event, "categories")), None), "none")),
+                        ("event", clean_text(text_field(event, "name") or "", 80)[0]))
+             for event in events if (event_id := id_of(event.get("_id"))) in wanted}
+    unnamed = (("event_category", "unknown"),)
+    return [(c, [attendance.follow(o._replace(traits=(*o.traits, *named.get(o.event_id or "", unnamed))), now, days)
+                 for o in c.observations]) for c in campaigns]
 
 
 @dataclass(frozen=True)
 class Measurement:
-    """One block of the table: a campaign's (or the pooled) groups, each treated group's lift over the
-    holdout, and, when treated-against-holdout has no lift, why."""
+    """One block of the table: a campaign's (or the pooled) groups."""
 
     groups: dict[str, Tally]
-    lifts: dict[str, Lift | None]
-    note: str | None  # a LIFT_NOTES key
 
+    @classmethod
+    def of(cls, followed: Sequence[Followed]) -> Measurement:
+        treated = [f for f in followed if f.observation.arm == "treated"]
+        groups = {"treated": Tally.of(treated)}
+        for name, statuses in REVIEWED_GROUPS.items():
+            if subset := [f for f in treated if f.observation.status in statuses]:
+                groups[name] = Tally.of(subset)
+        return cls(groups | {"holdout": Tally.of(f for f in followed if f.observation.arm == "holdout")})
 
-def measurement(groups: Mapping[str, Tally]) -> Measurement:
-    holdout = groups["holdout"]
-    lifts = {name: lift(t, holdout) for name, t in groups.items() if name != "holdout"}
-    return Measurement(dict(groups), lifts, lift_note(groups["treated"], holdout))
+    @classmethod
+    def pooled(cls, blocks: Sequence[Measurement]) -> Measurement:
+        """The campaigns added up (``POOLING_TEXT``): each (campaign, member) once."""
+        names = [n for n in MEASURE_GROUPS if n in ("treated", "holdout") or any(n in b.groups for b in blocks)]
+        return cls({n: sum((b.groups[n] for b in blocks if n in b.groups), Tally()) for n in names})
 
-
-def pooled_measurement(blocks: Sequence[Measurement]) -> Measurement:
-    """The campaigns added up (``POOLING_TEXT``): each (campaign, member) once."""
-    names = [n for n in MEASURE_GROUPS if n in ("treated", "holdout") or any(n in b.groups for b in blocks)]
-    return measurement({n: sum_tallies(b.groups[n] for b in blocks if n in b.groups) for n in names})
+    def json(self) -> dict[str, Any]:
+        """Each group, each treated group's lift over the holdout and, when treated-against-holdout has none, why."""
+        treated, holdout = self.groups["treated"], self.groups["holdout"]
+        lifts = {name: lift_json(t, holdout) for name, t in self.groups.items() if name != "holdout"}
+        note = ("no_holdout" if not holdout.size and not holdout.open else "holdout_open" if not holdout.size
+                else "treated_open" if not treated.size else None)
+        return {"groups": {name: t.json() for name, t in self.groups.items()},
+                "lift_computable": lifts["treated"] is not None, "lift": lifts,
+                "note": LIFT_NOTES[note][0] if note else None, "note_code": note}
 
 
 # --- breakdowns (issue 22): which members and events come back, which tone works, week by week -------
 
 MIN_SEGMENT = 20  # members (closed windows) a segment needs before its rate is shown: fewer is "too few"
 TOP_EVENTS = 10
-POWER = 0.80  # the power the "members each arm still needs" figure is computed for
 BREAKDOWNS = {  # dimension: (its title, the holdout it is compared with)
     "matcher": ("Matcher", "whole"),
     "writer": ("Writer", "whole"),
@@ -9680,136 +9043,70 @@ SAMPLE_SIZE_TEXT = (f"Members each arm still needs: the normal-approximation sam
 WEEKLY_TEXT = "Week by week: members by the UTC week (Monday) of their reference time, closed windows only."
 
 
-def trait(f: Followed, name: str) -> str:
-    return dict(f.observation.traits).get(name, "unknown")
-
-
-def event_categories(events: Iterable[Mapping[str, Any]], wanted: set[str]) -> dict[str, tuple[str, str]]:
-    """(category, name) of the suggested events: the first category as the host wrote it, cleaned."""
-    found = {}
-    for event in events:
-        event_id = id_of(event.get("_id"))
-        if event_id in wanted:
-            found[event_id] = (segment_text(next(iter(text_list(event, "categories")), None), "none"),
-                               clean_text(text_field(event, "name") or "", 80)[0])
+def by_segment(followed: Iterable[Followed], dimension: str, arm: str) -> dict[str, list[Followed]]:
+    """The members of one arm by their segment of ``dimension``."""
+    found: dict[str, list[Followed]] = {}
+    for f in followed:
+        if f.observation.arm == arm:
+            found.setdefault(f.segment(dimension), []).append(f)
     return found
 
 
-def follow_campaigns(campaigns: Sequence[ArchivedCampaign], events: Sequence[Mapping[str, Any]], now: datetime,
-                     days: int, issues: DataIssues) -> list[tuple[ArchivedCampaign, list[Followed]]]:
-    """Every campaign's members followed through their windows, each with their event's category as a trait."""
-    attendance = Attendance(events, {o.user_id for c in campaigns for o in c.observations}, issues)
-    named = event_categories(events, {o.event_id for c in campaigns for o in c.observations if o.event_id})
-    return [(c, [follow(o._replace(traits=(*o.traits, ("event_category", named.get(o.event_id or "", ("unknown",))[0]))),
-                        attendance, now, days) for o in c.observations]) for c in campaigns]
+def rate_json(returns: int, n: int) -> dict[str, Any]:
+    """A segment's rate and its Wilson interval; None when it has too few members (``MIN_SEGMENT``)."""
+    too_few = n < MIN_SEGMENT
+    return {"rate": None if too_few else round(returns / n, 4),
+            "interval_95": None if too_few else [rounded(v) for v in wilson_interval(returns, n)], "too_few": too_few}
 
 
 def segment_json(segment: str, treated: Tally, holdout: Tally | None) -> dict[str, Any]:
-    """One segment: n, returns, rate and interval (None when too few), and the lift over its holdout."""
-    too_few = treated.size < MIN_SEGMENT
-    compared = holdout is not None and holdout.size >= MIN_SEGMENT and not too_few
+    """One segment: n, returns, rate and interval, and the lift over its holdout (none when either is too few)."""
+    compared = holdout is not None and min(holdout.size, treated.size) >= MIN_SEGMENT
     return {"segment": segment, "n": treated.size, "returns": treated.came_back,
-            "rate": None if too_few else rounded(treated.rate),
-            "interval_95": None if too_few else [rounded(v) for v in wilson_interval(treated.came_back, treated.size)],
-            "too_few": too_few, "open": treated.open,
+            **rate_json(treated.came_back, treated.size), "open": treated.open,
             "holdout": None if holdout is None else {"n": holdout.size, "returns": holdout.came_back,
                                                      "rate": rounded(holdout.rate) if holdout.size >= MIN_SEGMENT
                                                      else None},
-            "lift": lift_json(lift(treated, holdout)) if compared and holdout is not None else None}
+            "lift": lift_json(treated, holdout) if compared and holdout is not None else None}
 
 
 def breakdown(followed: Sequence[Followed], dimension: str) -> dict[str, Any]:
     """One dimension's segments, largest first, each against its holdout (``BREAKDOWNS``)."""
     title, basis = BREAKDOWNS[dimension]
-    treated = [f for f in followed if f.observation.arm == "treated"]
-    held = [f for f in followed if f.observation.arm == "holdout"]
-    whole = tally(held) if held else None
-    segments = Counter(trait(f, dimension) for f in treated)
-    rows = []
-    for segment in sorted(segments, key=lambda s: (-segments[s], s)):
-        mine = tally(f for f in treated if trait(f, dimension) == segment)
-        theirs = whole if basis == "whole" else tally(f for f in held if trait(f, dimension) == segment) if held else None
-        rows.append(segment_json(segment, mine, theirs))
+    treated, held = by_segment(followed, dimension, "treated"), by_segment(followed, dimension, "holdout")
+    whole = Tally.of(f for fs in held.values() for f in fs) if held else None
+    rows = [segment_json(segment, Tally.of(treated[segment]), whole if basis == "whole" or not held
+                         else Tally.of(held.get(segment, [])))
+            for segment in sorted(treated, key=lambda s: (-len(treated[s]), s))]
     return {"dimension": dimension, "title": title, "compared_with": HOLDOUT_BASIS[basis], "segments": rows}
 
 
-def top_events(followed: Sequence[Followed], names: Mapping[str, tuple[str, str]]) -> dict[str, Any]:
+def top_events(followed: Sequence[Followed]) -> dict[str, Any]:
     """The suggested events that brought most members back to them: returns / invited (closed windows)."""
     invited: dict[str, list[Followed]] = {}
     for f in followed:
         if f.observation.arm == "treated" and not f.open and f.observation.event_id:
             invited.setdefault(f.observation.event_id, []).append(f)
-    ranked = sorted(invited.items(), key=lambda kv: (-sum(f.came_to_suggested for f in kv[1]), -len(kv[1]), kv[0]))
-    rows = []
-    for event_id, people in ranked[:TOP_EVENTS]:
-        returns = sum(f.came_to_suggested for f in people)
-        too_few = len(people) < MIN_SEGMENT
-        rows.append({"segment": names.get(event_id, ("", ""))[1] or event_id, "event_id": event_id,
-                     "n": len(people), "returns": returns, "came_back_anywhere": sum(f.came_back for f in people),
-                     "rate": None if too_few else round(returns / len(people), 4),
-                     "interval_95": None if too_few else [rounded(v) for v in wilson_interval(returns, len(people))],
-                     "too_few": too_few})
+    ranked = sorted(((sum(f.came_to_suggested for f in people), event_id, people)
+                     for event_id, people in invited.items()), key=lambda row: (-row[0], -len(row[2]), row[1]))
+    rows = [{"segment": dict(people[0].observation.traits).get("event") or event_id, "event_id": event_id,
+             "n": len(people), "returns": returns, "came_back_anywhere": sum(f.came_back for f in people),
+             **rate_json(returns, len(people))} for returns, event_id, people in ranked[:TOP_EVENTS]]
     return {"dimension": "event", "title": "Events that brought most members back (returns to the event / invited)",
             "compared_with": None, "segments": rows}
 
 
-def holm_adjust(p_values: Sequence[float]) -> list[float]:
-    """Holm's step-down adjustment (Holm 1979): the k-th smallest of m p-values times (m - k + 1), kept
-    non-decreasing and at most 1; returned in the input's order. It controls the family-wise error rate."""
-    m = len(p_values)
-    adjusted, running = [0.0] * m, 0.0
-    for rank, i in enumerate(sorted(range(m), key=lambda j: p_values[j])):
-        running = max(running, min(1.0, (m - rank) * p_values[i]))
-        adjusted[i] = running
-    return adjusted
-
-
-def members_per_arm(p1: float, p2: float, alpha: float, power: float = POWER) -> int | None:
-    """Members per arm for a two-sided two-proportion test to detect ``p1`` against ``p2`` (Fleiss' normal
-    approximation, no continuity correction); None when the rates are equal (no difference to detect)."""
-    if p1 == p2:
-        return None
-    z_a, z_b = NormalDist().inv_cdf(1 - alpha / 2), NormalDist().inv_cdf(power)
-    mean = (p1 + p2) / 2
-    root = z_a * math.sqrt(2 * mean * (1 - mean)) + z_b * math.sqrt(p1 * (1 - p1) + p2 * (1 - p2))
-    return math.ceil((root / (p1 - p2)) ** 2)
-
-
-def tone_pairs(arms: Mapping[str, Tally]) -> list[dict[str, Any]]:
-    """Each pair of tones with closed windows: the difference, its interval, z, p and Holm's adjusted p."""
-    pairs = [(a, b) for a, b in itertools.combinations(sorted(arms), 2) if arms[a].size and arms[b].size]
-    rows = []
-    for a, b in pairs:
-        x = (arms[a].came_back, arms[a].size, arms[b].came_back, arms[b].size)
-        low, high = newcombe_interval(*x)
-        z, p_value = two_proportion_z_test(*x)
-        rows.append({"a": a, "b": b, "difference_pp": round(100 * (x[0] / x[1] - x[2] / x[3]), 2),
-                     "interval_pp": [round(100 * low, 2), round(100 * high, 2)], "z": round(z, 4), "p_value": p_value})
-    for row, adjusted in zip(rows, holm_adjust([r["p_value"] for r in rows]), strict=True):
-        row["p_value"], row["p_holm"] = float(f"{row['p_value']:.4g}"), float(f"{adjusted:.4g}")
-    return rows
-
-
-def tone_winner(arms: Mapping[str, Tally], pairs: Sequence[Mapping[str, Any]]) -> str | None:
-    """The tone that beats every other with a Holm-adjusted p below 0.05, or None."""
-    for tone in arms:
-        mine = [p for p in pairs if tone in (p["a"], p["b"])]
-        if mine and len(mine) == len(arms) - 1 and all(
-                p["p_holm"] < 1 - CONFIDENCE and (p["difference_pp"] > 0) == (p["a"] == tone) for p in mine):
-            return tone
-    return None
-
-
 def variant_comparison(followed: Sequence[Followed]) -> dict[str, Any]:
-    """The tone A/B: each tone's rate and lift over the whole holdout, each pair with Holm-adjusted p-values,
-    and a winner only when one is significant after adjustment; otherwise how many more members each arm needs."""
-    treated = [f for f in followed if f.observation.arm == "treated"]
-    holdout = tally(f for f in followed if f.observation.arm == "holdout")
-    arms = {tone: tally(f for f in treated if trait(f, "variant") == tone)
-            for tone in sorted({trait(f, "variant") for f in treated})}
-    pairs = tone_pairs(arms)
-    winner = tone_winner(arms, pairs)
-    verdict, needed = variant_verdict(arms, pairs, winner)
+    """The tone A/B: each tone against the whole holdout, each pair of tones (``HOLM_TEXT``), the verdict."""
+    tones = by_segment(followed, "variant", "treated")
+    arms = {tone: Tally.of(tones[tone]) for tone in sorted(tones)}
+    holdout = Tally.of(f for f in followed if f.observation.arm == "holdout")
+    lifts = [(a, b, found) for a, b in itertools.combinations(arms, 2) if (found := lift(arms[a], arms[b])) is not None]
+    pairs = [{"a": a, "b": b, "difference_pp": round(found.difference_pp, 2),
+              "interval_pp": [round(found.low_pp, 2), round(found.high_pp, 2)], "z": round(found.z, 4),
+              "p_value": float(f"{found.p_value:.4g}"), "p_holm": float(f"{adjusted:.4g}")}
+             for (a, b, found), adjusted in zip(lifts, holm_adjust([f.p_value for *_, f in lifts]), strict=True)]
+    winner, verdict, needed = variant_verdict(arms, pairs)
     return {"arms": [{**segment_json(tone, t, holdout if holdout.size else None), "variant": tone}
                      for tone, t in arms.items()],
             "compared_with": "the whole holdout (tones are assigned independently of it)",
@@ -9817,50 +9114,44 @@ def variant_comparison(followed: Sequence[Followed]) -> dict[str, Any]:
             "method": HOLM_TEXT + " " + SAMPLE_SIZE_TEXT}
 
 
-def variant_verdict(arms: Mapping[str, Tally], pairs: Sequence[Mapping[str, Any]],
-                    winner: str | None) -> tuple[str, dict[str, int] | None]:
-    """The sentence a growth lead reads, and (no winner yet) the members each arm still needs."""
+def variant_verdict(arms: Mapping[str, Tally],
+                    pairs: Sequence[Mapping[str, Any]]) -> tuple[str | None, str, dict[str, int] | None]:
+    """The winner or None, the sentence a growth lead reads, and the members each arm still needs."""
     if len(arms) < 2:
-        return "One tone only: nothing to compare (run the campaign with --variants).", None
-    if winner is not None:
-        return f"{winner} wins: it beats every other tone after Holm's adjustment.", None
+        return None, "One tone only: nothing to compare (run the campaign with --variants).", None
+    for tone in arms:
+        mine = [p for p in pairs if tone in (p["a"], p["b"])]
+        if len(mine) == len(arms) - 1 and all(
+                p["p_holm"] < 1 - CONFIDENCE and (p["difference_pp"] > 0) == (p["a"] == tone) for p in mine):
+            return tone, f"{tone} wins: it beats every other tone after Holm's adjustment.", None
     closed = {t: a for t, a in arms.items() if a.size}
     if len(closed) < 2:
-        return "No winner yet: fewer than two tones have closed windows.", None
+        return None, "No winner yet: fewer than two tones have closed windows.", None
     best, runner = sorted(closed, key=lambda t: -(closed[t].rate or 0.0))[:2]
     n = members_per_arm(closed[best].rate or 0.0, closed[runner].rate or 0.0, (1 - CONFIDENCE) / max(1, len(pairs)))
     if n is None:
-        return "No winner yet: the tones' rates are equal so far; no sample size can tell them apart.", None
+        return None, "No winner yet: the tones' rates are equal so far; no sample size can tell them apart.", None
     more = {t: max(0, n - a.size) for t, a in arms.items()}
-    return (f"No winner yet (no pair significant after Holm's adjustment). To detect {best} against {runner} "
-            f"({percent(closed[best].rate)} against {percent(closed[runner].rate)}) each arm needs about {n} members: "
-            + ", ".join(f"{t} {m} more" for t, m in more.items()) + "."), more
-
-
-def week_of(moment: datetime) -> str:
-    day = moment.astimezone(UTC).date()
-    return (day - timedelta(days=day.weekday())).isoformat()
+    return None, (f"No winner yet (no pair significant after Holm's adjustment). To detect {best} against {runner} "
+                  f"({percent(closed[best].rate)} against {percent(closed[runner].rate)}) each arm needs about {n} "
+                  "members: " + ", ".join(f"{t} {m} more" for t, m in more.items()) + "."), more
 
 
 def weekly_rates(followed: Sequence[Followed]) -> list[dict[str, Any]]:
-    """Treated and holdout return rates per week of reference time, with Wilson intervals and the lift."""
+    """Treated and holdout return rates and the lift per week (``WEEKLY_TEXT``)."""
     weeks: dict[str, dict[str, list[Followed]]] = {}
     for f in followed:
         if not f.open:
-            arm = "treated" if f.observation.arm == "treated" else "holdout"
-            weeks.setdefault(week_of(f.observation.reference), {"treated": [], "holdout": []})[arm].append(f)
-    rows = []
-    for week in sorted(weeks):
-        t, h = tally(weeks[week]["treated"]), tally(weeks[week]["holdout"])
-        rows.append({"week": week, "treated": tally_json(t), "holdout": tally_json(h), "lift": lift_json(lift(t, h))})
-    return rows
+            day = f.observation.reference.astimezone(UTC).date()
+            week = (day - timedelta(days=day.weekday())).isoformat()
+            weeks.setdefault(week, {"treated": [], "holdout": []})[f.observation.arm].append(f)
+    tallies = ((week, Tally.of(weeks[week]["treated"]), Tally.of(weeks[week]["holdout"])) for week in sorted(weeks))
+    return [{"week": week, "treated": t.json(), "holdout": h.json(), "lift": lift_json(t, h)} for week, t, h in tallies]
 
 
-def learned_json(followed: Sequence[Followed], events: Sequence[Mapping[str, Any]]) -> dict[str, Any]:
-    """What the report gains from issue 22: ``breakdowns`` (one entry per dimension, then the top events),
-    ``variants`` (the tone A/B) and ``weekly``."""
-    names = event_categories(events, {f.observation.event_id for f in followed if f.observation.event_id})
-    return {"breakdowns": [*(breakdown(followed, d) for d in BREAKDOWNS), top_events(followed, names)],
+def learned_json(followed: Sequence[Followed]) -> dict[str, Any]:
+    """What the report gains from issue 22: the breakdowns, the tone A/B, week by week."""
+    return {"breakdowns": [*(breakdown(followed, d) for d in BREAKDOWNS), top_events(followed)],
             "variants": variant_comparison(followed), "weekly": weekly_rates(followed),
             "breakdown_method": BREAKDOWN_TEXT, "weekly_method": WEEKLY_TEXT}
 
@@ -9868,60 +9159,25 @@ def learned_json(followed: Sequence[Followed], events: Sequence[Mapping[str, Any
 # --- the report: JSON, Markdown and the console table --------------------------------------------
 
 
-def rounded(value: float | None, digits: int = 4) -> float | None:
-    return None if value is None else round(value, digits)
-
-
-def tally_json(t: Tally) -> dict[str, Any]:
-    interval = [rounded(v) for v in wilson_interval(t.came_back, t.size)] if t.size else None
-    return {"size": t.size, "came_back": t.came_back, "rate": rounded(t.rate), "rate_interval": interval,
-            "came_to_suggested": t.came_to_suggested,
-            "suggested_rate": rounded(t.came_to_suggested / t.size if t.size else None),
-            "open": t.open, "open_came_back": t.open_came_back}
-
-
-def lift_json(found: Lift | None) -> dict[str, Any] | None:
-    if found is None:
-        return None
-    return {"difference_pp": round(found.difference_pp, 2),
-            "interval_pp": [round(found.low_pp, 2), round(found.high_pp, 2)],
-            "relative_lift": rounded(found.relative), "z": round(found.z, 4), "p_value": float(f"{found.p_value:.4g}"),
-            "detectable_lift_pp": rounded(found.detectable_pp, 1), "too_small_to_tell": found.too_small_to_tell}
-
-
-def measurement_json(m: Measurement) -> dict[str, Any]:
-    return {"groups": {name: tally_json(t) for name, t in m.groups.items()},
-            "lift_computable": m.lifts["treated"] is not None,
-            "lift": {name: lift_json(found) for name, found in m.lifts.items()},
-            "note": LIFT_NOTES[m.note][0] if m.note else None, "note_code": m.note}
-
-
 def measure_report(*, run_date: datetime, now: datetime, window_days: int, dates: DateRange,
                    campaign: str | None, source_label: str, archive: str,
-                   measured: Sequence[tuple[ArchivedCampaign, Measurement]], pooled: Measurement,
+                   measured: Sequence[tuple[ArchivedCampaign, Measurement]],
                    issues: DataIssues, errors: Sequence[str], empty_input: Sequence[str],
                    events_note: str | None = None) -> dict[str, Any]:
-    """The report's JSON: the settings, the method in words, pooled and per-campaign blocks, what was odd;
-    ``events_note`` says when nobody could have come back yet (``stale_events_note``)."""
+    """The report's JSON: the settings, the method in words, pooled (``POOLING_TEXT``) and per-campaign blocks,
+    what was odd."""
     return {
-        "kind": "measure",
-        "run_date": iso_utc(run_date),
-        "as_of": iso_utc(now),
-        "window_days": window_days,
-        "since": iso_utc(dates.since),
-        "until": iso_utc(dates.until),  # exclusive
-        "campaign": campaign,
-        "source": source_label,
-        "archive": archive,
-        "empty_input": list(empty_input),
+        "kind": "measure", "run_date": iso_utc(run_date), "as_of": iso_utc(now), "window_days": window_days,
+        "since": iso_utc(dates.since), "until": iso_utc(dates.until),  # exclusive
+        "campaign": campaign, "source": source_label, "archive": archive, "empty_input": list(empty_input),
         "events_note": events_note,
         "method": {"came_back": PROXY_TEXT.format(days=window_days), "reference_time": REFERENCE_TEXT,
                    "interval": INTERVAL_METHOD, "test": TEST_METHOD, "confidence": CONFIDENCE,
                    "pooling": POOLING_TEXT, "reviewed_groups": REVIEWED_TEXT, "power": POWER_METHOD},
         "campaigns_measured": len(measured),
-        "pooled": measurement_json(pooled),
+        "pooled": Measurement.pooled([m for _, m in measured]).json(),
         "campaigns": [{"campaign_id": c.campaign_id, "created_at": iso_utc(c.created_at), "status": c.status,
-                       **measurement_json(m)} for c, m in measured],
+                       **m.json()} for c, m in measured],
         "data_issues": issues.as_dict(),
         "errors": list(errors),
     }
@@ -9931,56 +9187,52 @@ def percent(rate: float | None) -> str:
     return "-" if rate is None else f"{100 * rate:.1f}%"
 
 
-def group_row(name: str, g: Mapping[str, Any]) -> list[str]:
-    """One group as table cells: size, came back, rate with its Wilson interval, suggested event, open."""
-    interval = g["rate_interval"]
-    rate = percent(g["rate"]) + (f" ({percent(interval[0])}-{percent(interval[1])})" if interval else "")
-    return [name, str(g["size"]), str(g["came_back"]), rate, str(g["came_to_suggested"]),
-            f"{g['open']} ({g['open_came_back']} back)"]
-
-
-MEASURE_COLUMNS = ["group", "size", "came back", "rate (95% CI)", "to suggested event", "open (already back)"]
-
-
 def p_value_text(p_value: float) -> str:
     return "< 0.0001" if p_value < 0.0001 else f"{p_value:.4f}"
 
 
-def p_text(p_value: float) -> str:
-    shown = p_value_text(p_value)
-    return f"p {shown}" if shown.startswith("<") else f"p = {shown}"
+def difference_text(found: Mapping[str, Any]) -> str:
+    """``+4.0 (+1.2 to +6.8)``: a difference in points with its interval."""
+    return f"{found['difference_pp']:+.1f} ({found['interval_pp'][0]:+.1f} to {found['interval_pp'][1]:+.1f})"
+
+
+MEASURE_COLUMNS = ["group", "size", "came back", "rate (95% CI)", "to suggested event", "open (already back)"]
+CAMPAIGN_COLUMNS = ["campaign", "treated", "holdout", "lift, pp (95% CI)", "p", "open"]
+SEGMENT_COLUMNS = ["segment", "n", "returns", "rate (95% CI)", "lift vs holdout, pp (95% CI)", "p"]
+
+
+def block_rows(block: Mapping[str, Any]) -> list[list[str]]:
+    """A block's groups as a table, header first."""
+    rows = [MEASURE_COLUMNS]
+    for name, g in block["groups"].items():
+        interval = g["rate_interval"]
+        rate = percent(g["rate"]) + (f" ({percent(interval[0])}-{percent(interval[1])})" if interval else "")
+        rows.append([name, str(g["size"]), str(g["came_back"]), rate, str(g["came_to_suggested"]),
+                     f"{g['open']} ({g['open_came_back']} back)"])
+    return rows
 
 
 def lift_lines(block: Mapping[str, Any]) -> list[str]:
-    """The lift of each treated group over the holdout as sentences, or the plain reason there is none."""
+    """Each treated group's lift over the holdout as a sentence (too small to tell: said first), or why none."""
     lines = [] if block["note"] is None else [block["note"]]  # the sentence of LIFT_NOTES
     for name, found in block["lift"].items():
         if found is None:
             continue
-        relative = found["relative_lift"]
-        if found.get("too_small_to_tell"):
-            lines.append(too_small_line(name, found, block["groups"]))
+        low, high = found["interval_pp"]
+        if found["too_small_to_tell"]:
+            detectable = found["detectable_lift_pp"]
+            could = ("no lift is detectable" if detectable is None or detectable >= 100
+                     else f"only a lift of {detectable:.0f} pp or more is detectable")
+            lines.append(f"lift {name} vs holdout: too small to tell ({block['groups'][name]['size']} against "
+                         f"{block['groups']['holdout']['size']} held out: {could} with 80% power; "
+                         f"{found['difference_pp']:+.1f} pp, 95% CI {low:+.1f} to {high:+.1f} pp)")
             continue
-        lines.append(f"lift {name} vs holdout: {found['difference_pp']:+.1f} pp (95% CI {found['interval_pp'][0]:+.1f} "
-                     f"to {found['interval_pp'][1]:+.1f} pp), relative "
-                     f"{'n/a (no holdout member came back)' if relative is None else f'{100 * relative:+.1f}%'}, "
-                     f"{p_text(found['p_value'])}")
+        relative = found["relative_lift"]
+        relative_text = "n/a (no holdout member came back)" if relative is None else f"{100 * relative:+.1f}%"
+        shown = p_value_text(found["p_value"])
+        lines.append(f"lift {name} vs holdout: {found['difference_pp']:+.1f} pp (95% CI {low:+.1f} to {high:+.1f} pp), "
+                     f"relative {relative_text}, {'p' if shown.startswith('<') else 'p ='} {shown}")
     return lines
-
-
-def too_small_line(name: str, found: Mapping[str, Any], groups: Mapping[str, Any]) -> str:
-    """A lift the groups are too small to tell from chance, said so first, its figures after."""
-    detectable = found["detectable_lift_pp"]
-    could = ("no lift is detectable" if detectable is None or detectable >= 100
-             else f"only a lift of {detectable:.0f} pp or more is detectable")
-    low, high = found["interval_pp"]
-    return (f"lift {name} vs holdout: too small to tell ({groups[name]['size']} against "
-            f"{groups['holdout']['size']} held out: {could} with 80% power; {found['difference_pp']:+.1f} pp, "
-            f"95% CI {low:+.1f} to {high:+.1f} pp)")
-
-
-def block_rows(block: Mapping[str, Any]) -> list[list[str]]:
-    return [group_row(name, g) for name, g in block["groups"].items()]
 
 
 def text_table(rows: Sequence[Sequence[str]], indent: str = "  ") -> list[str]:
@@ -9990,14 +9242,6 @@ def text_table(rows: Sequence[Sequence[str]], indent: str = "  ") -> list[str]:
             for row in rows]
 
 
-def campaign_title(entry: Mapping[str, Any]) -> str:
-    """A campaign's heading; its id as read, made safe to show (no bidi or zero-width tricks, bounded)."""
-    return f"{clean_text(entry['campaign_id'], 100)[0]} (created {entry['created_at']}, {entry['status']})"
-
-
-CAMPAIGN_COLUMNS = ["campaign", "treated", "holdout", "lift, pp (95% CI)", "p", "open"]
-
-
 def share(g: Mapping[str, Any]) -> str:
     """``came back/size rate``; a group with no closed window says how many are open instead."""
     if not g["size"]:
@@ -10005,32 +9249,31 @@ def share(g: Mapping[str, Any]) -> str:
     return f"{g['came_back']}/{g['size']} {percent(g['rate'])}"
 
 
-def campaign_row(entry: Mapping[str, Any]) -> list[str]:
-    """One campaign on one line: treated and holdout came back / size, the lift (or why none), open windows."""
-    groups, found = entry["groups"], entry["lift"]["treated"]
-    if found is None:
-        lift_cells = [LIFT_NOTES[entry["note_code"]][1], ""]
-    else:
-        low, high = found["interval_pp"]
-        figures = f"{found['difference_pp']:+.1f} ({low:+.1f} to {high:+.1f})"
-        if found.get("too_small_to_tell"):
-            figures = f"too small to tell ({found['difference_pp']:+.1f}, {low:+.1f} to {high:+.1f})"
-        lift_cells = [figures, p_value_text(found["p_value"])]
-    return [clean_text(entry["campaign_id"], 100)[0], share(groups["treated"]), share(groups["holdout"]), *lift_cells,
-            str(groups["treated"]["open"] + groups["holdout"]["open"])]
+def campaign_rows(report: Mapping[str, Any]) -> list[list[str]]:
+    """One line per campaign, header first; each id as read, made safe to show."""
+    rows = [CAMPAIGN_COLUMNS]
+    for entry in report["campaigns"]:
+        groups, found = entry["groups"], entry["lift"]["treated"]
+        if found is None:
+            lift_cells = [LIFT_NOTES[entry["note_code"]][1], ""]
+        else:
+            figures = difference_text(found)  # "+4.0 (+1.2 to +6.8)", or "too small to tell (+4.0, +1.2 to +6.8)"
+            lift_cells = [f"too small to tell ({figures.replace(' (', ', ', 1)}" if found["too_small_to_tell"]
+                          else figures, p_value_text(found["p_value"])]
+        rows.append([clean_text(entry["campaign_id"], 100)[0], share(groups["treated"]), share(groups["holdout"]),
+                     *lift_cells, str(groups["treated"]["open"] + groups["holdout"]["open"])])
+    return rows
 
 
 def measure_console(report: Mapping[str, Any], report_path: Path) -> str:
-    """The console table: one line per campaign, then the pooled block in full, the method, the report's path
-    (a year of daily campaigns stays a readable table; the report has every campaign in full)."""
+    """One line per campaign (a year of daily campaigns stays readable), then the pooled block in full."""
     lines = [f"Measure: {plural(report['campaigns_measured'], 'campaign')}, window {report['window_days']} days, "
              + f"as of {report['as_of']}", *([report["events_note"]] if report.get("events_note") else []), ""]
     if report["campaigns"]:
-        lines += text_table([CAMPAIGN_COLUMNS, *(campaign_row(c) for c in report["campaigns"])], indent="") + [""]
+        lines += text_table(campaign_rows(report), indent="") + [""]
     pooled = report["pooled"]
     lines += [f"pooled ({plural(report['campaigns_measured'], 'campaign')}, each campaign-member once)",
-              *text_table([MEASURE_COLUMNS, *block_rows(pooled)])]
-    lines += [f"  {line}" for line in lift_lines(pooled)]
+              *text_table(block_rows(pooled)), *(f"  {line}" for line in lift_lines(pooled))]
     if any(name in pooled["groups"] for name in REVIEWED_GROUPS):
         lines.append(f"  {REVIEWED_TEXT}")
     if "variants" in report:
@@ -10053,23 +9296,26 @@ def range_text(report: Mapping[str, Any]) -> str:
     return dates + (f"; only campaign {cell(campaign)}" if campaign else "")
 
 
-def segment_cells(row: Mapping[str, Any]) -> list[str]:
-    """One segment as table cells: n, returns, the rate and interval (or "too few"), the lift over its holdout."""
-    if row["too_few"]:
-        return [cell(row["segment"]), str(row["n"]), str(row["returns"]), "too few", "", ""]
-    low, high = row["interval_95"]
-    found = row.get("lift")
-    lift_cells = ["-", ""] if found is None else [difference_text(found), p_value_text(found["p_value"])]
-    return [cell(row["segment"]), str(row["n"]), str(row["returns"]),
-            f"{percent(row['rate'])} ({percent(low)}-{percent(high)})", *lift_cells]
+def segment_rows(segments: Sequence[Mapping[str, Any]], columns: Sequence[str] = SEGMENT_COLUMNS) -> list[list[str]]:
+    """Segments as a table, header first, as many cells as ``columns`` (the top events have no lift)."""
+    rows = [list(columns)]
+    for row in segments:
+        found = row.get("lift")
+        cells = [cell(row["segment"]), str(row["n"]), str(row["returns"])]
+        if row["too_few"]:
+            cells += ["too few", "", ""]
+        else:
+            low, high = row["interval_95"]
+            cells += [f"{percent(row['rate'])} ({percent(low)}-{percent(high)})",
+                      *(["-", ""] if found is None else [difference_text(found), p_value_text(found["p_value"])])]
+        rows.append(cells[: len(columns)])
+    return rows
 
 
-def difference_text(found: Mapping[str, Any]) -> str:
-    """``+4.0 (+1.2 to +6.8)``: a difference in points with its interval."""
-    return f"{found['difference_pp']:+.1f} ({found['interval_pp'][0]:+.1f} to {found['interval_pp'][1]:+.1f})"
-
-
-SEGMENT_COLUMNS = ["segment", "n", "returns", "rate (95% CI)", "lift vs holdout, pp (95% CI)", "p"]
+def breakdown_rows(entry: Mapping[str, Any]) -> list[list[str]]:
+    """A breakdown's table; the top events' (no ``compared_with``) has no lift."""
+    columns = ["event", "invited", "returns", "rate (95% CI)"]
+    return segment_rows(entry["segments"], SEGMENT_COLUMNS if entry["compared_with"] else columns)
 
 
 def learned_markdown(report: Mapping[str, Any]) -> list[str]:
@@ -10077,8 +9323,7 @@ def learned_markdown(report: Mapping[str, Any]) -> list[str]:
     if "breakdowns" not in report:
         return []
     variants = report["variants"]
-    lines = ["", "## Message tones (A/B)", "", variants["verdict"], "",
-             *markdown_table([SEGMENT_COLUMNS, *(segment_cells(a) for a in variants["arms"])])]
+    lines = ["", "## Message tones (A/B)", "", variants["verdict"], "", *markdown_table(segment_rows(variants["arms"]))]
     if variants["pairs"]:
         lines += ["", *markdown_table([["pair", "difference, pp (95% CI)", "p", "p (Holm)"],
                                        *([f"{p['a']} - {p['b']}", difference_text(p), p_value_text(p["p_value"]),
@@ -10087,17 +9332,14 @@ def learned_markdown(report: Mapping[str, Any]) -> list[str]:
     for entry in report["breakdowns"]:
         lines += ["", f"### {entry['title']}", ""]
         if entry["compared_with"]:
-            lines.append(f"Compared with {entry['compared_with']}.")
-            lines += ["", *markdown_table([SEGMENT_COLUMNS, *(segment_cells(r) for r in entry["segments"])])]
-        else:
-            lines += markdown_table([["event", "invited", "returns", "rate (95% CI)"],
-                                     *(segment_cells(r)[:4] for r in entry["segments"])])
+            lines += [f"Compared with {entry['compared_with']}.", ""]
+        lines += markdown_table(breakdown_rows(entry))
         if not entry["segments"]:
             lines.append("No member in any segment.")
+    weeks = [[w["week"], share(w["treated"]), share(w["holdout"]), difference_text(w["lift"]) if w["lift"] else "-"]
+             for w in report["weekly"]]
     lines += ["", "## Week by week", "", report["weekly_method"], "",
-              *markdown_table([["week", "treated", "holdout", "lift, pp (95% CI)"],
-                               *([w["week"], share(w["treated"]), share(w["holdout"]),
-                                  "-" if w["lift"] is None else difference_text(w["lift"])] for w in report["weekly"])])]
+              *markdown_table([["week", "treated", "holdout", "lift, pp (95% CI)"], *weeks])]
     return lines
 
 
@@ -10113,21 +9355,19 @@ def measure_markdown(report: Mapping[str, Any]) -> str:
              "", "## What \"came back\" means", "", method["came_back"], "", method["reference_time"],
              "", "## Method", "", f"- {INTERVAL_METHOD}.", f"- {TEST_METHOD}.", f"- {method['pooling']}",
              f"- Too small to tell: a lift whose {POWER_METHOD} exceeds {TELLABLE_LIFT_PP:g} pp.",
-             f"- {method['reviewed_groups']}",
-             "", "## Pooled", "", *markdown_table([MEASURE_COLUMNS, *block_rows(report["pooled"])]), ""]
-    lines += [f"- {line}" for line in lift_lines(report["pooled"])]
+             f"- {method['reviewed_groups']}", "", "## Pooled", "", *markdown_table(block_rows(report["pooled"])), "",
+             *(f"- {line}" for line in lift_lines(report["pooled"]))]
     if report["campaigns"]:
-        lines += ["", "## Campaigns at a glance", "",
-                  *markdown_table([CAMPAIGN_COLUMNS, *(campaign_row(c) for c in report["campaigns"])])]
+        lines += ["", "## Campaigns at a glance", "", *markdown_table(campaign_rows(report))]
     lines += learned_markdown(report)
     if report.get("charts"):
         lines += ["", "## Charts", "", f"Self-contained HTML report: {report['charts']['html']}", "",
                   *(f"![{name}]({report['charts'][name]})" for name in CHARTS if name in report["charts"])]
     lines += ["", "## Per campaign"]
     for entry in report["campaigns"]:
-        lines += ["", f"### {cell(campaign_title(entry))}", "", *markdown_table([MEASURE_COLUMNS, *block_rows(entry)]),
-                  ""]
-        lines += [f"- {line}" for line in lift_lines(entry)]
+        title = f"{clean_text(entry['campaign_id'], 100)[0]} (created {entry['created_at']}, {entry['status']})"
+        lines += ["", f"### {cell(title)}", "", *markdown_table(block_rows(entry)), "",
+                  *(f"- {line}" for line in lift_lines(entry))]
     if not report["campaigns"]:
         lines += ["", "No archived campaign in range."]
     lines += ["", "## Data issues (records skipped or treated as missing)", ""]
@@ -10141,9 +9381,9 @@ def measure_markdown(report: Mapping[str, Any]) -> str:
 # for it. Each chart is a PNG beside the Markdown report and is embedded (base64) in the HTML report, which
 # therefore opens in a browser with no network.
 
-CHARTS = ("weekly", "lift", "funnel")
+CHARTS = {"weekly": "Return rates per week", "lift": "Lift over the holdout", "funnel": "Campaign funnel"}
 MAX_FUNNEL_REPORT_BYTES = 5_000_000  # a campaign report larger than this is not read for its funnel
-MAX_WEEK_TICKS = 12  # more weeks than this are ticked by matplotlib's date locator
+MAX_WEEK_TICKS = 12  # more weeks are ticked by matplotlib's date locator (fewer labels to lay out than daily)
 CHAR_WIDTH = 0.0092  # a 10 pt label character's mean width, as a fraction of the 8-inch chart (funnel's margin)
 # Fixed margins instead of a layout engine: "constrained" layout drew each figure twice (once to measure, once to
 # render) and cost about half of the charts' time; the slanted dates' bottom margin comes from autofmt_xdate.
@@ -10152,10 +9392,8 @@ TITLE_Y = 1.0  # a fixed title height: matplotlib then skips measuring every tic
 
 
 def report_funnel(reports: Path, campaign_ids: Collection[str]) -> list[tuple[str, int]]:
-    """The step-8 funnels (``funnel``: [{stage, count}]) of the measured campaigns' reports under ``reports``
-    (``--out``'s ``reports/``), added up by stage in the first report's order; [] when none has one. Files are
-    read as every file under ``--out`` is (``read_regular_file``); odd files and values are passed over."""
-    totals: dict[str, int] = {}
+    """The measured campaigns' step-8 funnels added up by stage, read as every file under ``--out`` is."""
+    totals: Counter[str] = Counter()
     for path in sorted(reports.glob("return_to_table_report_*.json")) if reports.is_dir() else []:
         try:
             data = read_regular_file(path, reports.parent, MAX_FUNNEL_REPORT_BYTES)
@@ -10167,66 +9405,42 @@ def report_funnel(reports: Path, campaign_ids: Collection[str]) -> list[tuple[st
         for stage in found.get("funnel") if isinstance(found.get("funnel"), list) else []:
             name, count = (stage.get("stage"), stage.get("count")) if isinstance(stage, dict) else (None, None)
             if isinstance(name, str) and isinstance(count, int) and not isinstance(count, bool) and count >= 0:
-                key = clean_text(name, 40)[0]
-                totals[key] = totals.get(key, 0) + count
+                totals[clean_text(name, 40)[0]] += count
     return list(totals.items())
 
 
 def measure_funnel(report: Mapping[str, Any], campaign_stages: Sequence[tuple[str, int]]) -> list[dict[str, Any]]:
-    """The campaign funnel: the campaigns' own stages when their reports have them (else what the archive
-    holds: drafted, held out), then what followed: approved or sent, sent, came back (closed windows)."""
+    """The campaigns' own stages (else drafted, held out), then approved or sent, sent, came back."""
     groups = report["pooled"]["groups"]
-    treated = groups["treated"]
-    stages = list(campaign_stages) or [("drafted", treated["size"] + treated["open"]),
-                                        ("held out", groups["holdout"]["size"] + groups["holdout"]["open"])]
-    for name, label in (("approved_or_sent", "approved or sent"), ("sent", "sent")):
-        if name in groups:
-            stages.append((label, groups[name]["size"] + groups[name]["open"]))
-    stages.append(("came back (closed windows)", treated["came_back"]))
+    reached = {name: g["size"] + g["open"] for name, g in groups.items()}
+    stages = [*(campaign_stages or [("drafted", reached["treated"]), ("held out", reached["holdout"])]),
+              *((label, reached[name]) for name, label in (("approved_or_sent", "approved or sent"), ("sent", "sent"))
+                if name in groups), ("came back (closed windows)", groups["treated"]["came_back"])]
     return [{"stage": name, "count": count} for name, count in stages]
 
 
-def week_dates(weekly: Sequence[Mapping[str, Any]]) -> list[datetime]:
-    return [datetime.fromisoformat(w["week"]) for w in weekly]
-
-
-def weekly_chart(figure: Any, weekly: Sequence[Mapping[str, Any]]) -> None:
+def weekly_chart(axes: Any, weekly: Sequence[Mapping[str, Any]], days: Sequence[datetime]) -> None:
     """Treated and holdout return rates per week, each with its Wilson 95% band."""
-    axes = figure.subplots()
     for arm, colour in (("treated", "tab:blue"), ("holdout", "tab:grey")):
-        rows = [(d, w[arm]) for d, w in zip(week_dates(weekly), weekly, strict=True) if w[arm]["size"]]
+        rows = [(d, w[arm]) for d, w in zip(days, weekly, strict=True) if w[arm]["size"]]
         if rows:
-            days = [d for d, _ in rows]
+            shown = [d for d, _ in rows]
             rates = [100 * g["rate"] for _, g in rows]
             low, high = [100 * g["rate_interval"][0] for _, g in rows], [100 * g["rate_interval"][1] for _, g in rows]
-            axes.errorbar(days, rates, yerr=[[r - lo for r, lo in zip(rates, low, strict=True)],
-                                             [hi - r for r, hi in zip(rates, high, strict=True)]],
+            axes.errorbar(shown, rates, yerr=[[r - lo for r, lo in zip(rates, low, strict=True)],
+                                              [hi - r for r, hi in zip(rates, high, strict=True)]],
                           marker="o", capsize=4, color=colour, label=arm)
-            axes.fill_between(days, low, high, color=colour, alpha=0.2)
+            axes.fill_between(shown, low, high, color=colour, alpha=0.2)
     axes.set_title("Came back within the window, per week (95% Wilson bands)", y=TITLE_Y)
     axes.set(ylabel="% came back", xlabel="week of the message (or hold-out)")
     if weekly:
         axes.legend()
-    pad_dates(axes, week_dates(weekly))
 
 
-def pad_dates(axes: Any, days: Sequence[datetime]) -> None:
-    """A week either side of the weeks shown (one week alone would otherwise span years), dates slanted; up to
-    MAX_WEEK_TICKS weeks are ticked at their own Mondays (fewer labels to lay out than the daily auto ticks)."""
-    from matplotlib.dates import DateFormatter
-
-    if days:
-        axes.set_xlim(min(days) - timedelta(days=7), max(days) + timedelta(days=7))
-        if len(days) <= MAX_WEEK_TICKS:
-            axes.set_xticks(days)
-            axes.xaxis.set_major_formatter(DateFormatter("%Y-%m-%d"))
-    axes.figure.autofmt_xdate()
-
-
-def lift_chart(figure: Any, weekly: Sequence[Mapping[str, Any]], pooled: Mapping[str, Any] | None) -> None:
+def lift_chart(axes: Any, weekly: Sequence[Mapping[str, Any]], days: Sequence[datetime],
+               pooled: Mapping[str, Any] | None) -> None:
     """The lift (treated minus holdout, points) per week with its Newcombe 95% interval, and the pooled lift."""
-    axes = figure.subplots()
-    rows = [(d, w["lift"]) for d, w in zip(week_dates(weekly), weekly, strict=True) if w["lift"]]
+    rows = [(d, w["lift"]) for d, w in zip(days, weekly, strict=True) if w["lift"]]
     if rows:
         axes.errorbar([d for d, _ in rows], [f["difference_pp"] for _, f in rows], fmt="o", color="tab:blue",
                       yerr=[[f["difference_pp"] - f["interval_pp"][0] for _, f in rows],
@@ -10242,7 +9456,6 @@ def lift_chart(figure: Any, weekly: Sequence[Mapping[str, Any]], pooled: Mapping
     else:
         axes.text(0.5, 0.5, "no lift computable yet (no holdout, or no closed window)", ha="center",
                   transform=axes.transAxes)
-    pad_dates(axes, week_dates(weekly))
 
 
 def funnel_chart(figure: Any, funnel: Sequence[Mapping[str, Any]]) -> None:
@@ -10262,17 +9475,28 @@ def chart_images(report: Mapping[str, Any]) -> dict[str, bytes]:
     """The three charts as PNG bytes (matplotlib's Agg renderer, imported here only)."""
     import io
 
+    from matplotlib.dates import DateFormatter
     from matplotlib.figure import Figure
 
-    pooled = report["pooled"]["lift"].get("treated")
-    draw = {"weekly": lambda f: weekly_chart(f, report["weekly"]),
-            "lift": lambda f: lift_chart(f, report["weekly"], pooled),
-            "funnel": lambda f: funnel_chart(f, report["funnel"])}
-    images = {}
+    weekly, images = report["weekly"], {}
+    days = [datetime.fromisoformat(w["week"]) for w in weekly]
     for name in CHARTS:
         figure = Figure(figsize=(8, 4.5), dpi=100)
         figure.subplots_adjust(**CHART_MARGINS)
-        draw[name](figure)
+        if name == "funnel":
+            funnel_chart(figure, report["funnel"])
+        else:
+            axes = figure.subplots()
+            if name == "weekly":
+                weekly_chart(axes, weekly, days)
+            else:
+                lift_chart(axes, weekly, days, report["pooled"]["lift"].get("treated"))
+            if days:  # a week either side (one week alone would span years); up to MAX_WEEK_TICKS ticked at Mondays
+                axes.set_xlim(min(days) - timedelta(days=7), max(days) + timedelta(days=7))
+                if len(days) <= MAX_WEEK_TICKS:
+                    axes.set_xticks(days)
+                    axes.xaxis.set_major_formatter(DateFormatter("%Y-%m-%d"))
+            figure.autofmt_xdate()
         buffer = io.BytesIO()
         figure.savefig(buffer, format="png", metadata={"Software": None})
         images[name] = buffer.getvalue()
@@ -10307,35 +9531,28 @@ def measure_html(report: Mapping[str, Any], images: Mapping[str, bytes]) -> str:
     import base64
     import html
 
-    def text(value: Any) -> str:
-        return f"<p>{html.escape(str(value))}</p>"
+    def text(value: Any, tag: str = "<p>") -> str:
+        return f"{tag}{html.escape(str(value))}</p>"
 
     def note(value: Any) -> str:
-        return f'<p class="note">{html.escape(str(value))}</p>'
+        return text(value, '<p class="note">')
 
-    titles = {"weekly": "Return rates per week", "lift": "Lift over the holdout", "funnel": "Campaign funnel"}
     parts = ["<h1>Return To Table measure: did the campaigns bring anyone back?</h1>",
              text(f"As of {report['as_of']}; window {report['window_days']} days; {range_text(report)}; "
                   f"{report['campaigns_measured']} campaigns measured."),
-             "<h2>Pooled</h2>", html_table([MEASURE_COLUMNS, *block_rows(report["pooled"])]),
+             "<h2>Pooled</h2>", html_table(block_rows(report["pooled"])),
              *(text(line) for line in lift_lines(report["pooled"]))]
-    for name in CHARTS:
-        parts.append(f"<h2>{titles[name]}</h2>")
-        if name in images:
-            encoded = base64.b64encode(images[name]).decode("ascii")
-            parts.append(f'<img alt="{titles[name]}" src="data:image/png;base64,{encoded}">')
-        else:
-            parts.append(note("chart not drawn (matplotlib is not installed)"))
+    for name, title in CHARTS.items():
+        encoded = base64.b64encode(images[name]).decode("ascii") if name in images else None
+        parts += [f"<h2>{title}</h2>", note("chart not drawn (matplotlib is not installed)") if encoded is None
+                  else f'<img alt="{title}" src="data:image/png;base64,{encoded}">']
     variants = report["variants"]
-    parts += ["<h2>Message tones (A/B)</h2>", text(variants["verdict"]),
-              html_table([SEGMENT_COLUMNS, *(segment_cells(a) for a in variants["arms"])]), note(variants["method"]),
-              "<h2>Who comes back: breakdowns</h2>", note(report["breakdown_method"])]
+    parts += ["<h2>Message tones (A/B)</h2>", text(variants["verdict"]), html_table(segment_rows(variants["arms"])),
+              note(variants["method"]), "<h2>Who comes back: breakdowns</h2>", note(report["breakdown_method"])]
     for entry in report["breakdowns"]:
-        columns = SEGMENT_COLUMNS if entry["compared_with"] else ["event", "invited", "returns", "rate (95% CI)"]
-        rows = [segment_cells(r)[: len(columns)] for r in entry["segments"]]
         parts += [f"<h3>{html.escape(entry['title'])}</h3>",
                   note(f"Compared with {entry['compared_with']}.") if entry["compared_with"] else "",
-                  html_table([columns, *rows]) if rows else note("No member in any segment.")]
+                  html_table(breakdown_rows(entry)) if entry["segments"] else note("No member in any segment.")]
     parts += ["<h2>Method</h2>", note(INTERVAL_METHOD + "."), note(TEST_METHOD + "."),
               note(report["method"]["came_back"]), note(report["method"]["pooling"])]
     return ("<!DOCTYPE html>\n<html lang=\"en\"><head><meta charset=\"utf-8\"><title>Return To Table measure</title>"
@@ -10371,9 +9588,8 @@ class MeasureOptions:
 
 def read_campaigns(transport: FirebaseTransport, options: MeasureOptions, issues: DataIssues,
                    errors: list[str]) -> list[ArchivedCampaign]:
-    """The archived campaigns in range (or ``--campaign``), read only: the ids from a shallow listing, each
-    one's metadata, then its messages and holdout. An id the database could not hold is counted; a
-    campaign that cannot be read is named in ``errors`` and skipped. A listing that fails raises."""
+    """The archived campaigns in range (or ``--campaign``); one unreadable is named in ``errors``; a listing that
+    fails raises."""
     ids = [options.campaign] if options.campaign else transport.child_keys("campaigns")
     campaigns = []
     for campaign_id in ids:
@@ -10385,9 +9601,8 @@ def read_campaigns(transport: FirebaseTransport, options: MeasureOptions, issues
             created = metadata_moment(metadata)
             if created is not None and not options.dates.holds(created):
                 continue
-            messages, _ = transport.get(f"campaigns/{campaign_id}/messages")
-            holdout, _ = transport.get(f"campaigns/{campaign_id}/holdout")
-            matches, _ = transport.get(f"campaigns/{campaign_id}/matches")
+            messages, holdout, matches = (transport.get(f"campaigns/{campaign_id}/{part}")[0]
+                                          for part in ("messages", "holdout", "matches"))
         except FirebaseError as exc:
             errors.append(f"campaign {campaign_id}: not read ({exc})")
             continue
@@ -10402,8 +9617,7 @@ def read_campaigns(transport: FirebaseTransport, options: MeasureOptions, issues
 
 
 def read_events(source: DataSource, issues: DataIssues) -> tuple[list[dict[str, Any]], list[str]]:
-    """The source's events, screened as the campaign screens them (read only), and ``["events"]`` when
-    there were none (empty input)."""
+    """The source's events, screened as the campaign screens them, and ``["events"]`` when there are none."""
     data = source.read()
     issues.add("unreadable_extended_json_values", data.bad_values)
     issues.add_all({kind: n for kind, n in data.skipped.items() if kind.startswith("events")})
@@ -10412,13 +9626,6 @@ def read_events(source: DataSource, issues: DataIssues) -> tuple[list[dict[str, 
     events, repeated = dedupe_by_id(screened.records)
     issues.add("repeated_event_ids", repeated)
     return events, [name for name in empty_collections(data) if name == "events"]
-
-
-def measure_campaigns(campaigns: Sequence[ArchivedCampaign], events: Sequence[Mapping[str, Any]], now: datetime,
-                      days: int, issues: DataIssues) -> list[tuple[ArchivedCampaign, Measurement]]:
-    """Every campaign's members followed through their windows and grouped."""
-    return [(c, measurement(group_tallies(followed)))
-            for c, followed in follow_campaigns(campaigns, events, now, days, issues)]
 
 
 def measure_report_paths(out_dir: Path, started: datetime) -> tuple[Path, Path]:
@@ -10430,16 +9637,8 @@ def measure_report_paths(out_dir: Path, started: datetime) -> tuple[Path, Path]:
     return reports / f"{stem}.json", reports / f"{stem}.md"
 
 
-def measure_exit_code(report: Mapping[str, Any]) -> int:
-    """3 when something needs a look (a campaign unreadable, no events or none after the messages, no campaign
-    measured), else 0."""
-    needs_a_look = report["errors"] or report["empty_input"] or report.get("events_note")
-    return EXIT_ATTENTION if needs_a_look or not report["campaigns_measured"] else EXIT_OK
-
-
 def stale_events_note(events: Iterable[Mapping[str, Any]], campaigns: Sequence[ArchivedCampaign]) -> str | None:
-    """When every event of the source starts before the first message (or hold-out) measured, nobody could have
-    come back yet: the sentence that says so plainly, else None."""
+    """The sentence saying nobody could have come back yet when every event starts before the first message."""
     first = min((o.reference for c in campaigns for o in c.observations), default=None)
     latest = max((start for e in events if (start := to_utc(e.get("startDate"))) is not None), default=None)
     if first is None or latest is None or latest > first:
@@ -10528,17 +9727,17 @@ def run_measure(args: argparse.Namespace, env: Mapping[str, str] | None, mongo_c
     issues, errors = DataIssues(), []
     campaigns = read_campaigns(transport, options, issues, errors)
     source = make_source(options.run, settings, logger, mongo_client)
+    closing.callback(source.close)
     if isinstance(source, MongoSource) and mongo_client is None:
         closing.callback(source.client.close)
     events, empty = read_events(source, issues)
     followed = follow_campaigns(campaigns, events, options.run.now, options.window_days, issues)
-    measured = [(c, measurement(group_tallies(f))) for c, f in followed]
+    measured = [(c, Measurement.of(f)) for c, f in followed]
     report = measure_report(run_date=started, now=options.run.now, window_days=options.window_days,
                             dates=options.dates, campaign=options.campaign, source_label=source.label,
-                            archive=transport.description, measured=measured,
-                            pooled=pooled_measurement([m for _, m in measured]), issues=issues, errors=errors,
+                            archive=transport.description, measured=measured, issues=issues, errors=errors,
                             empty_input=empty, events_note=stale_events_note(events, campaigns))
-    report.update(learned_json([f for _, fs in followed for f in fs], events))
+    report.update(learned_json([f for _, fs in followed for f in fs]))
     report["funnel"] = measure_funnel(report, report_funnel(options.run.out_dir / "reports",
                                                             {c.campaign_id for c in campaigns}))
     json_path, md_path = measure_report_paths(options.run.out_dir, started)
@@ -10549,7 +9748,8 @@ def run_measure(args: argparse.Namespace, env: Mapping[str, str] | None, mongo_c
     print(measure_console(report, md_path), end="")
     for problem in measure_problems(report, source):
         print(problem, file=sys.stderr)
-    return measure_exit_code(report)
+    needs_a_look = report["errors"] or report["empty_input"] or report["events_note"]  # MEASURE_EXIT_CODES_HELP
+    return EXIT_ATTENTION if needs_a_look or not report["campaigns_measured"] else EXIT_OK
 
 
 def measure_problems(report: Mapping[str, Any], source: DataSource) -> list[str]:
@@ -10561,7 +9761,6 @@ def measure_problems(report: Mapping[str, Any], source: DataSource) -> list[str]
     if not report["campaigns_measured"]:
         problems.append(f"warning: no archived campaign in range in {report['archive']}")
     return problems
-
 
 
 # =============================================================================================
@@ -10648,29 +9847,40 @@ def read_screened(source: DataSource) -> ScreenedInput:
     return ScreenedInput(kept_users, kept_events, issues, empty_collections(data))
 
 
+def after(timeline: Sequence[tuple[datetime, str]], day: datetime) -> int:
+    """Where the entries after ``day`` begin in a time-ordered (moment, id) list."""
+    return bisect.bisect_right(timeline, day, key=lambda entry: entry[0])
+
+
 @dataclass(frozen=True)
 class History:
-    """Members and events read once, indexed by time, so each as-of date is a slice, never a new scan.
-
-    ``events`` are the dated events by start (``starts``); ``unknown_yet`` the same events as any date
-    before their start sees them (``without_participants``). ``attended``: per member, (start, event id)
-    of every event joined or hosted; ``joined_hosts``: per member, (start, host id) of the events they
-    joined as a guest. Both in time order.
-    """
+    """Members and events read once, indexed by time, so each as-of date is a slice, never a new scan."""
 
     users: list[dict[str, Any]]
-    events: list[dict[str, Any]]
+    events: list[dict[str, Any]]  # the dated events, by start (``starts``)
     starts: list[datetime]
-    unknown_yet: list[dict[str, Any]]
-    attended: dict[str, list[tuple[datetime, str]]]
-    joined_hosts: dict[str, list[tuple[datetime, str]]]
+    unknown_yet: list[dict[str, Any]]  # the same events as a date before their start sees them
+    attended: dict[str, list[tuple[datetime, str]]]  # per member, (start, event id) joined or hosted, in time order
+    joined_hosts: dict[str, list[tuple[datetime, str]]]  # per member, (start, host id) joined as a guest, in order
 
+    def at(self, day: datetime) -> tuple[DormancyCensus, list[FutureEvent]]:
+        """Steps 1 and 2 as they would have run at ``day``, from the events started by then."""
+        cut = bisect.bisect_right(self.starts, day)
+        activity = index_member_activity(self.events[:cut], DataIssues())  # counted once, in build_history
+        return find_dormant_users(self.users, activity, day), find_future_events(self.unknown_yet[cut:], day)
 
-def without_participants(event: Mapping[str, Any]) -> dict[str, Any]:
-    """An event as a date before its start knows it: nobody going yet, nothing computed from who is."""
-    kept = {k: v for k, v in event.items() if k not in PARTICIPANT_FIELDS}
-    kept["participants"] = []
-    return kept
+    def went(self, member: str, start: datetime, end: datetime) -> set[str]:
+        """The events a member joined or hosted that start in (start, end]: the truth for one as-of date."""
+        timeline = self.attended.get(member, [])
+        return {event_id for _, event_id in timeline[after(timeline, start):after(timeline, end)]}
+
+    def favourite_hosts(self, member: str, day: datetime) -> list[str]:
+        """The hosts a member joined by ``day``, by how often, then the more recent, then the id (``host_next``)."""
+        timeline = self.joined_hosts.get(member, [])
+        joined = timeline[:after(timeline, day)]
+        counts = Counter(host for _, host in joined)
+        latest = {host: moment for moment, host in joined}  # time order: the last one stays
+        return sorted(counts, key=lambda host: (-counts[host], -latest[host].timestamp(), host))
 
 
 def build_history(users: list[dict[str, Any]], events: Sequence[dict[str, Any]], issues: DataIssues) -> History:
@@ -10686,34 +9896,9 @@ def build_history(users: list[dict[str, Any]], events: Sequence[dict[str, Any]],
             attended.setdefault(member, []).append((start, event_id))
             if host is not None and member != host:
                 joined_hosts.setdefault(member, []).append((start, host))
-    return History(users, [e for _, e in dated], [s for s, _ in dated],
-                   [without_participants(e) for _, e in dated], attended, joined_hosts)
-
-
-def world_at(history: History, day: datetime) -> tuple[DormancyCensus, list[FutureEvent]]:
-    """Steps 1 and 2 as they would have run at ``day``: dormancy from the events started by then, and the
-    future events as then known (``unknown_yet``)."""
-    cut = bisect.bisect_right(history.starts, day)
-    activity = index_member_activity(history.events[:cut], DataIssues())  # counted once, in build_history
-    return find_dormant_users(history.users, activity, day), find_future_events(history.unknown_yet[cut:], day)
-
-
-def after(timeline: Sequence[tuple[datetime, str]], day: datetime) -> int:
-    """Where the entries after ``day`` begin in a time-ordered (moment, id) list."""
-    return bisect.bisect_right(timeline, day, key=lambda entry: entry[0])
-
-
-def attended_between(history: History, member: str, start: datetime, end: datetime) -> set[str]:
-    """The events a member joined or hosted that start in (start, end]: the truth for one as-of date."""
-    timeline = history.attended.get(member, [])
-    return {event_id for _, event_id in timeline[after(timeline, start):after(timeline, end)]}
-
-
-def favourite_hosts(joined: Sequence[tuple[datetime, str]]) -> list[str]:
-    """Hosts by how often the member joined them, then the more recent, then the id (``host_next``)."""
-    counts = Counter(host for _, host in joined)
-    latest = {host: moment for moment, host in joined}  # time order: the last one stays
-    return sorted(counts, key=lambda host: (-counts[host], -latest[host].timestamp(), host))
+    unknown_yet = [{**{k: v for k, v in e.items() if k not in PARTICIPANT_FIELDS}, "participants": []}
+                   for _, e in dated]  # nobody going yet, nothing computed from who is (``NO_LEAK_RULE``)
+    return History(users, [e for _, e in dated], [s for s, _ in dated], unknown_yet, attended, joined_hosts)
 
 
 def soonest_key(c: Candidate) -> tuple[float, str]:
@@ -10729,22 +9914,19 @@ def host_next(candidates: Sequence[Candidate], hosts: Sequence[str]) -> Candidat
 
 
 class Trial(NamedTuple):
-    """One eligible member who came back within the window after one as-of date, and how each method did.
-
-    ``hits``: per method (and ``oracle``), 1.0 a hit and 0.0 a miss; ``random`` holds its expectation.
-    ``fallbacks``: the baselines that had to fall back to the soonest candidate.
-    """
+    """One eligible member who came back within the window after one as-of date, and how each method did."""
 
     member: str
-    candidates: int
-    hits: dict[str, float]
-    fallbacks: frozenset[str]
+    candidates: Sequence[Candidate]  # as scored at the date (``--fit`` ranks them again)
+    attended: set[str]  # the truth: the events they joined or hosted within the window
+    hits: dict[str, float]  # per method (and ``oracle``): 1.0 a hit, 0.0 a miss; ``random`` its expectation
+    fallbacks: frozenset[str]  # the baselines that fell back to the soonest candidate
 
 
 def score_trial(user: Mapping[str, Any], candidates: Sequence[Candidate], attended: set[str],
-                hosts: Sequence[str], pick: Picker, seated: Candidate | None = None) -> Trial:
-    """The matcher's pick and the baselines on exactly the same candidates, against what really happened;
-    ``seated`` is the matcher's pick with the seat allocation on (``allocated_pick``)."""
+                hosts: Sequence[str], pick: Picker, seated: Candidate | None) -> Trial:
+    """The matcher's pick (``seated``: with the seat allocation on) and the baselines on exactly the same
+    candidates, against what really happened."""
 
     def hit(c: Candidate | None) -> float:
         return float(c is not None and c.event["_id"] in attended)
@@ -10759,61 +9941,37 @@ def score_trial(user: Mapping[str, Any], candidates: Sequence[Candidate], attend
             "oracle": float(going > 0)}
     fell_back = frozenset(name for name, c in (("soonest_nearby", nearby), ("host_next", by_host))
                           if c is None and candidates)
-    return Trial(user["_id"], len(candidates), hits, fell_back)
+    return Trial(user["_id"], candidates, attended, hits, fell_back)
 
 
 def backtest_date(history: History, day: datetime, window_days: int, hoods: NeighbourhoodMap,
                   pick: Picker, weights: MatchWeights = BUILT_IN_MATCH_WEIGHTS) -> tuple[int, list[Trial]]:
-    """One as-of date: how many members were eligible, and a trial for each who came back within the window.
-
-    Every eligible member is matched, in rank order, so that the seat allocation (``ALLOCATION_RULE``) sees
-    the invitations of those ranked above; only members who came back are scored.
-    """
-    census, future = world_at(history, day)
+    """One as-of date: the eligible members, and a trial for each who came back within the window. Every
+    eligible member, in rank order, takes a seat at their pick among those left (``ALLOCATION_RULE``)."""
+    census, future = history.at(day)
     end = day + timedelta(days=window_days)
     seats = SeatLedger(DEFAULT_INVITES_PER_SPOT, DEFAULT_MAX_INVITES_PER_EVENT)
-    index = CandidateIndex.build(future, hoods, day, weights) if pick is rules_pick else None  # the rules' first, lazily
+    index = CandidateIndex.build(future, hoods, day, weights) if pick is rules_pick else None  # the rules', lazily
     trials = []
     for user in census.eligible:
-        attended = attended_between(history, user["_id"], day, end)
-        if not attended and index is not None:  # only their seat matters: the first candidate with one left
-            first = next(seats.open_only(user["_id"], index.ranked(user)), None)
-            if first is not None:
-                seats.reserve(user["_id"], first.event)
-            continue
-        candidates = score_candidates(user, future, hoods, day, weights)
-        seated = allocated_pick(user, candidates, pick, seats)
-        if not attended:
-            continue
-        joined = history.joined_hosts.get(user["_id"], [])
-        trials.append(score_trial(user, candidates, attended, favourite_hosts(joined[:after(joined, day)]), pick,
-                                  seated))
+        attended = history.went(user["_id"], day, end)
+        if attended or index is None:
+            candidates = score_candidates(user, future, hoods, day, weights)
+            seated = pick(user, list(seats.open_only(user["_id"], candidates)))
+        else:  # only their seat matters: the first candidate with one left
+            seated = next(seats.open_only(user["_id"], index.ranked(user)), None)
+        if seated is not None:
+            seats.reserve(user["_id"], seated.event)
+        if attended:
+            hosts = history.favourite_hosts(user["_id"], day)
+            trials.append(score_trial(user, candidates, attended, hosts, pick, seated))
     return len(census.eligible), trials
 
 
-def allocated_pick(user: Mapping[str, Any], candidates: Sequence[Candidate], pick: Picker,
-                   seats: SeatLedger) -> Candidate | None:
-    """The matcher's pick among the candidates with a seat left, the seat taken (the campaign's allocation)."""
-    chosen = pick(user, list(seats.open_only(user["_id"], candidates)))
-    if chosen is not None:
-        seats.reserve(user["_id"], chosen.event)
-    return chosen
-
-
 def as_of_dates(start: datetime, end: datetime, every_days: int) -> list[datetime]:
-    """``start``, then every ``every_days`` up to ``end`` included."""
-    days, day = [], start
-    while day <= end and len(days) <= MAX_BACKTEST_DATES:
-        days.append(day)
-        day += timedelta(days=every_days)
-    return days
-
-
-def hit_rates(trials: Sequence[Trial], names: Sequence[str]) -> dict[str, float | None]:
-    """Each method's share of hits (None when nobody came back)."""
-    if not trials:
-        return {name: None for name in names}
-    return {name: round(sum(t.hits[name] for t in trials) / len(trials), 4) for name in names}
+    """``start``, then every ``every_days`` up to ``end`` included (one past ``MAX_BACKTEST_DATES`` at most)."""
+    count = (end - start) // timedelta(days=every_days) + 1
+    return [start + timedelta(days=every_days * i) for i in range(min(count, MAX_BACKTEST_DATES + 1))]
 
 
 def percentile(ordered: Sequence[float], q: float) -> float:
@@ -10826,42 +9984,35 @@ def percentile(ordered: Sequence[float], q: float) -> float:
 
 def bootstrap_intervals(rows: Sequence[tuple[str, Mapping[str, float]]], resamples: int,
                         seed: int) -> dict[str, tuple[float, float]]:
-    """95% percentile intervals of pooled means, resampling members (with all their dates) with replacement.
-
-    ``rows`` are (member, values by name); a member seen at several dates is one unit, so the interval
-    does not pretend their dates are independent. The same rows and seed always give the same intervals.
-    """
-    if not rows:
-        return {}
+    """95% percentile intervals of pooled means from (member, values by name) rows, resampling members with
+    all their dates: a member seen at several dates is one unit, not several independent ones."""
     units: dict[str, list[Mapping[str, float]]] = {}
     for member, values in rows:
         units.setdefault(member, []).append(values)
     groups = list(units.values())
-    names = list(rows[0][1])
     sizes = [len(g) for g in groups]
-    sums = {name: [sum(v[name] for v in g) for g in groups] for name in names}
+    sums = {name: [sum(v[name] for v in g) for g in groups] for name in rows[0][1]}
     rng = random.Random(seed)
-    draws: dict[str, list[float]] = {name: [] for name in names}
+    draws: dict[str, list[float]] = {name: [] for name in sums}
     for _ in range(resamples):
         chosen = rng.choices(range(len(groups)), k=len(groups))
         n = sum(map(sizes.__getitem__, chosen))
-        for name in names:
-            draws[name].append(sum(map(sums[name].__getitem__, chosen)) / n)
+        for name, column in sums.items():
+            draws[name].append(sum(map(column.__getitem__, chosen)) / n)
     return {name: (round(percentile(sorted(v), 0.025), 4), round(percentile(sorted(v), 0.975), 4))
             for name, v in draws.items()}
 
 
 def backtest_row(day: datetime | None, eligible: int, trials: Sequence[Trial]) -> dict[str, Any]:
     """One line of the table: a date (or the pooled row, ``day`` None) and each method's hit@1."""
+    rates = {name: round(sum(t.hits[name] for t in trials) / len(trials), 4) if trials else None
+             for name in (*BACKTEST_METHODS, "oracle")}
+    oracle = rates.pop("oracle")
     return {
-        "as_of": iso_utc(day) if day is not None else "pooled",
-        "eligible": eligible,
-        "returned": len(trials),
-        "members": len({t.member for t in trials}),
-        "with_candidates": sum(t.candidates > 0 for t in trials),
-        "candidates_mean": round(sum(t.candidates for t in trials) / len(trials), 1) if trials else None,
-        "hit_at_1": hit_rates(trials, BACKTEST_METHODS),
-        "oracle": hit_rates(trials, ("oracle",))["oracle"],
+        "as_of": iso_utc(day) if day is not None else "pooled", "eligible": eligible, "returned": len(trials),
+        "members": len({t.member for t in trials}), "with_candidates": sum(bool(t.candidates) for t in trials),
+        "candidates_mean": round(sum(len(t.candidates) for t in trials) / len(trials), 1) if trials else None,
+        "hit_at_1": rates, "oracle": oracle,
         "fallbacks": {name: sum(name in t.fallbacks for t in trials) for name in ("soonest_nearby", "host_next")},
     }
 
@@ -10870,57 +10021,54 @@ def pooled_row(dated: Sequence[tuple[datetime, int, list[Trial]]], resamples: in
     """All dates together, with bootstrap intervals and the matcher's lead over the best baseline."""
     trials = [t for _, _, ts in dated for t in ts]
     row = backtest_row(None, sum(n for _, n, _ in dated), trials)
+    if not trials:
+        return {**row, "interval_95": {}, "lead": {"over": None, "points": None, "interval_95": None}}
     rates = row["hit_at_1"]
-    best = max(BASELINES, key=lambda name: (rates[name] or 0.0, name)) if trials else None
-    rows = [(t.member, {**t.hits, "lead": t.hits["rules"] - t.hits[best]}) for t in trials] if best else []
-    intervals = bootstrap_intervals(rows, resamples, seed)
-    row["interval_95"] = {name: list(intervals[name]) for name in (*BACKTEST_METHODS, "oracle")} if rows else {}
-    lead = round(rates["rules"] - rates[best], 4) if best else None
-    row["lead"] = {"over": best, "points": lead, "interval_95": list(intervals["lead"]) if rows else None}
+    best = max(BASELINES, key=lambda name: (rates[name], name))
+    intervals = bootstrap_intervals([(t.member, {**t.hits, "lead": t.hits["rules"] - t.hits[best]}) for t in trials],
+                                    resamples, seed)
+    row["interval_95"] = {name: list(intervals[name]) for name in (*BACKTEST_METHODS, "oracle")}
+    row["lead"] = {"over": best, "points": round(rates["rules"] - rates[best], 4),
+                   "interval_95": list(intervals["lead"])}
     return row
 
 
 def build_backtest_report(*, source: str, start: datetime, end: datetime, every_days: int, window_days: int,
                           dated: Sequence[tuple[datetime, int, list[Trial]]], issues: DataIssues,
                           resamples: int, seed: int, started: datetime, seconds: float,
-                          places_not_located: Mapping[str, int] | None = None) -> dict[str, Any]:
+                          places_not_located: Mapping[str, int]) -> dict[str, Any]:
     """The report: what was asked, the rules the numbers follow, one row per date, the pooled row."""
     return {
-        "kind": "backtest",
-        "generated_at": iso_utc(started),
-        "source": source,
+        "kind": "backtest", "generated_at": iso_utc(started), "source": source,
         "from": iso_utc(start), "to": iso_utc(end), "every_days": every_days, "window_days": window_days,
         "last_as_of": iso_utc(dated[-1][0]) if dated else None,
         "matcher": "rules",
         "truth": "the events a member joined or hosted that start in (D, D + window]",
         "scored": "eligible members (step 1 at D, no limit, no cooldown, no holdout) who came back in the window",
-        "candidate_set": CANDIDATE_SET,
-        "no_leak_rule": NO_LEAK_RULE,
-        "later_information": list(LATER_INFORMATION),
-        "baselines": dict(BASELINES),
-        "allocation": ALLOCATION_RULE,
+        "candidate_set": CANDIDATE_SET, "no_leak_rule": NO_LEAK_RULE, "later_information": list(LATER_INFORMATION),
+        "baselines": dict(BASELINES), "allocation": ALLOCATION_RULE,
         "bootstrap": {"resamples": resamples, "seed": seed, "unit": "member (all their dates)", "level": 0.95,
                       "interval": "percentile"},
         "dates": [backtest_row(day, n, trials) for day, n, trials in dated],
         "pooled": pooled_row(dated, resamples, seed),
         "data_issues": issues.as_dict(),
-        "places_not_located": places_report(places_not_located or {}),
+        "places_not_located": places_report(places_not_located),
         "duration_seconds": round(seconds, 3),
     }
 
 
 def backtest_table(report: Mapping[str, Any]) -> list[list[str]]:
     """The table's cells: a header, one row per date, the pooled row and its intervals."""
-    header = ["as of", "eligible", "returned", "candidates", *BACKTEST_METHODS, "oracle"]
-    cells = [header]
+    columns = (*BACKTEST_METHODS, "oracle")
+    cells = [["as of", "eligible", "returned", "candidates", *columns]]
     for row in [*report["dates"], report["pooled"]]:
+        rates = {**row["hit_at_1"], "oracle": row["oracle"]}
         cells.append([row["as_of"][:10], str(row["eligible"]), str(row["returned"]),
                       "-" if row["candidates_mean"] is None else f"{row['candidates_mean']:.1f}",
-                      *(percent(row["hit_at_1"][m]) for m in BACKTEST_METHODS), percent(row["oracle"])])
-    intervals = report["pooled"]["interval_95"]
-    if intervals:
+                      *(percent(rates[m]) for m in columns)])
+    if intervals := report["pooled"]["interval_95"]:
         cells.append(["95% interval", "", "", "", *(f"{100 * intervals[m][0]:.1f}-{100 * intervals[m][1]:.1f}"
-                                                    for m in (*BACKTEST_METHODS, "oracle"))])
+                                                    for m in columns)])
     return cells
 
 
@@ -10934,69 +10082,43 @@ def lead_line(report: Mapping[str, Any]) -> str:
             f"bootstrap resamples of members, seed {report['bootstrap']['seed']}).")
 
 
-def console_table(report: Mapping[str, Any]) -> str:
-    cells = backtest_table(report)
-    widths = [max(len(row[i]) for row in cells) for i in range(len(cells[0]))]
-    lines = ["  ".join(c.ljust(w) if i == 0 else c.rjust(w) for i, (c, w) in enumerate(zip(row, widths, strict=True)))
-             for row in cells]
-    return "\n".join([*lines, lead_line(report)])
-
-
 def backtest_markdown(report: Mapping[str, Any]) -> str:
     """The human report: the question, the rules of the game, the table and the caveats."""
-    cells = backtest_table(report)
-    lines = [
-        "# Return To Table backtest",
-        "",
-        "Would the rules matcher's pick for each eligible member have been an event they really went to?",
-        "",
+    asked = [
         (f"- Source: {cell(report['source'])}; as-of dates D from {report['from'][:10]} to {report['to'][:10]} "
          f"every {report['every_days']} days ({len(report['dates'])} dates); window W = {report['window_days']} days"),
         f"- Truth: {report['truth']}.",
         f"- Scored: {report['scored']}; hit@1 = the pick is one of the events they went to.",
-        f"- Candidates: {report['candidate_set']}",
-        f"- No leaks: {report['no_leak_rule']}",
-        f"- Seats: {report['allocation']}",
-        "",
-        "| " + " | ".join(cells[0]) + " |",
-        "| " + " | ".join("---" for _ in cells[0]) + " |",
-        *("| " + " | ".join(cell(c) for c in row) + " |" for row in cells[1:]),
-        "",
-        lead_line(report),
-        "",
+        f"- Candidates: {report['candidate_set']}", f"- No leaks: {report['no_leak_rule']}",
+        f"- Seats: {report['allocation']}"]
+    baselines = [*(f"- **{name}**: {text}." for name, text in report["baselines"].items()),
+                 f"- Fallbacks to the soonest candidate, pooled: {report['pooled']['fallbacks']}."]
+    paragraphs = [
+        "# Return To Table backtest",
+        "Would the rules matcher's pick for each eligible member have been an event they really went to?",
+        "\n".join(asked), "\n".join(markdown_table(backtest_table(report))), lead_line(report),
         ("The oracle is the share of returning members whose event was among the candidates at all: no "
          "matcher choosing among these candidates can score more."),
-        "",
-        "## Baselines (same members, same candidates)",
-        "",
-        *(f"- **{name}**: {text}." for name, text in report["baselines"].items()),
-        f"- Fallbacks to the soonest candidate, pooled: {report['pooled']['fallbacks']}.",
-        "",
-        "## What may still carry later information",
-        "",
-        *(f"- {text}" for text in report["later_information"]),
-        "",
+        "## Baselines (same members, same candidates)", "\n".join(baselines),
+        "## What may still carry later information", "\n".join(f"- {text}" for text in report["later_information"]),
         "## Data issues (records skipped or treated as missing)",
-        "",
-        *([f"- {k.replace('_', ' ')}: {v}" for k, v in report["data_issues"].items()] or ["None."]),
-        "",
-        places_line(report["places_not_located"]),
-        "",
-        *(f"{line}\n" for line in backtest_learned_lines(report)),
-        f"Computed in {report['duration_seconds']} s.",
-    ]
-    return "\n".join(lines) + "\n"
+        "\n".join([f"- {k.replace('_', ' ')}: {v}" for k, v in report["data_issues"].items()] or ["None."]),
+        places_line(report["places_not_located"]), *backtest_learned_lines(report),
+        f"Computed in {report['duration_seconds']} s."]
+    return "\n\n".join(paragraphs) + "\n"
 
 
 def backtest_learned_lines(report: Mapping[str, Any]) -> list[str]:
-    """The weights used (and their file's hash) and, with ``--fit``, what the fit found (issue 22)."""
-    used = report.get("match_weights")
-    lines = [] if used is None else [f"Weights: {MatchWeights(used['values'], used['source'], used['sha256']).label}."]
-    lines += ordering_lines(report)
-    fit = report.get("fit")
-    if fit is not None:
-        lines += fit_lines(fit, Path(fit["written"]) if fit.get("written") else None)
-    return lines
+    """The weights used (and their file's hash), the orderings with ``--limit``, the fit with ``--fit`` (issue 22)."""
+    lines = [f"Weights: {MatchWeights(**report['match_weights']).label}."]
+    if found := report.get("orderings"):
+        lines.append(f"Reach first (top {found['limit']} eligible members per date):")
+        for name, row in found["pooled"].items():
+            interval = row["hit_rate_interval_95"]
+            lines.append(f"  RANK_BY={name}: hit {percent(row['hit_rate'])}"
+                         + (f" ({percent(interval[0])}-{percent(interval[1])})" if interval else "")
+                         + f", came back {percent(row['came_back_rate'])} of {row['member_dates']} member-dates")
+    return lines + (fit_lines(report["fit"]) if "fit" in report else [])
 
 
 # --- which members to reach first (issue 22): RANK_BY=score|history against history ------------------
@@ -11025,18 +10147,17 @@ def by_history(members: Sequence[Any], totals: Sequence[float]) -> list[Any]:
 
 
 def ordering_date(history: History, day: datetime, window_days: int, hoods: NeighbourhoodMap,
-                  limit: int, weights: MatchWeights = BUILT_IN_MATCH_WEIGHTS) -> dict[str, dict[str, int]]:
+                  limit: int, weights: MatchWeights) -> dict[str, dict[str, int]]:
     """For each ordering, among the top ``limit`` eligible members at ``day``: how many came back within the
     window, and how many went to the rules' pick (a hit)."""
-    census, future = world_at(history, day)
+    census, future = history.at(day)
     end = day + timedelta(days=window_days)
     scored = [(user, score_candidates(user, future, hoods, day, weights)) for user in census.eligible]
     orders = {"score": scored, "history": by_history(scored, [best_total(c) for _, c in scored])}
     found = {}
     for name, members in orders.items():
-        top = members[:limit]
-        went = [(attended_between(history, user["_id"], day, end), rules_pick(user, c)) for user, c in top]
-        found[name] = {"members": len(top), "came_back": sum(bool(w) for w, _ in went),
+        went = [(history.went(user["_id"], day, end), rules_pick(user, c)) for user, c in members[:limit]]
+        found[name] = {"members": len(went), "came_back": sum(bool(w) for w, _ in went),
                        "hits": sum(p is not None and p.event["_id"] in w for w, p in went)}
     return found
 
@@ -11046,9 +10167,7 @@ def orderings_report(per_date: Sequence[tuple[datetime, Mapping[str, Mapping[str
     """Each ordering pooled over the dates: came back and hit rates among the top ``limit``, Wilson intervals."""
     pooled: dict[str, Any] = {}
     for name in RANK_ORDERS:
-        n = sum(found[name]["members"] for _, found in per_date)
-        back = sum(found[name]["came_back"] for _, found in per_date)
-        hits = sum(found[name]["hits"] for _, found in per_date)
+        n, back, hits = (sum(found[name][key] for _, found in per_date) for key in ("members", "came_back", "hits"))
         pooled[name] = {"member_dates": n, "came_back": back, "hits": hits,
                         "came_back_rate": rounded(back / n if n else None),
                         "hit_rate": rounded(hits / n if n else None),
@@ -11058,19 +10177,6 @@ def orderings_report(per_date: Sequence[tuple[datetime, Mapping[str, Mapping[str
             "note": ("hit: the member went to the rules' pick within the window; came back: to any event. Member-dates "
                      "are pooled (a member at several dates counts at each), so the Wilson intervals are a little "
                      "narrow. Contactability is not applied, as elsewhere in the backtest.")}
-
-
-def ordering_lines(report: Mapping[str, Any]) -> list[str]:
-    found = report.get("orderings")
-    if not found:
-        return []
-    lines = [f"Reach first (top {found['limit']} eligible members per date):"]
-    for name, row in found["pooled"].items():
-        interval = row["hit_rate_interval_95"]
-        lines.append(f"  RANK_BY={name}: hit {percent(row['hit_rate'])}"
-                     + (f" ({percent(interval[0])}-{percent(interval[1])})" if interval else "")
-                     + f", came back {percent(row['came_back_rate'])} of {row['member_dates']} member-dates")
-    return lines
 
 
 # --- the matcher's weights: MATCH_WEIGHTS, and fitting them on your own history (issue 22) -----------
@@ -11102,8 +10208,7 @@ def checked_weights(value: Any, where: str) -> dict[str, float]:
     found = value.get("weights", value) if isinstance(value, Mapping) else None
     if not isinstance(found, Mapping):
         raise UsageError(f"{where}: not a JSON object of weights ({', '.join(WEIGHT_NAMES)})")
-    unknown = sorted(set(found) - set(WEIGHT_NAMES))
-    if unknown:
+    if unknown := sorted(set(found) - set(WEIGHT_NAMES)):
         raise UsageError(f"{where}: unknown weight {str(unknown[0])[:40]!r}; known: {', '.join(WEIGHT_NAMES)}")
     weights = dict(BUILT_IN_WEIGHTS)
     for name, number in found.items():
@@ -11135,99 +10240,66 @@ def load_match_weights(env: Mapping[str, str]) -> MatchWeights:
     return MatchWeights(checked_weights(value, where), str(path), hashlib.sha256(data).hexdigest())
 
 
-def fit_candidates(history: History, dated: Sequence[tuple[datetime, int, list[Trial]]],
-                   hoods: NeighbourhoodMap) -> list[list[Candidate]]:
-    """Each trial's candidates (in trial order), scored again as the backtest scored them, for ``--fit``."""
-    seen = []
-    for day, _, trials in dated:
-        census, future = world_at(history, day)
-        users = {user["_id"]: user for user in census.eligible}
-        seen += [score_candidates(users[t.member], future, hoods, day) for t in trials]
-    return seen
+class FitData(NamedTuple):
+    """Every trial's candidates as arrays, one row each, so a set of weights re-ranks them without scoring again."""
 
-
-def unit_signals(h: HistorySignals) -> tuple[float, ...]:
-    """``HistorySignals.contributions`` with every weight 1, in ``HISTORY_WEIGHTS`` order."""
-    n = max(h.past_events, 1)
-    return (h.host_events / n, h.series_events / n, min(h.company, COMPANY_CAP) / COMPANY_CAP, h.place_share,
-            h.tag_share, h.weekday_events / n, h.day_part_events / n)
-
-
-@dataclass(frozen=True)
-class FitData:
-    """Every trial's candidates as arrays, so a set of weights re-ranks them without scoring anything again.
-
-    Row arrays (one row per candidate): ``signals`` (unit contributions), ``plan`` (plan index / max),
-    ``days`` (days until), ``hit`` (the member went), ``trial`` (its trial's index), ``order`` (its place in
-    the plan's order among its trial's candidates). Trial lists: ``members``, ``days_of``, ``baselines``.
-    """
-
-    signals: Any
-    plan: Any
-    days: Any
-    hit: Any
-    trial: Any
-    order: Any
-    members: list[str]
+    signals: Any  # ``HistorySignals.contributions`` with every weight 1
+    plan: Any  # plan index / max
+    days: Any  # days until
+    hit: Any  # 1 when the member went
+    trial: Any  # its trial's index
+    order: Any  # its place in the plan's order among its trial's candidates
+    trials: list[Trial]  # per trial, as ``days_of``
     days_of: list[datetime]
-    baselines: list[dict[str, float]]
 
+    @classmethod
+    def of(cls, dated: Sequence[tuple[datetime, int, list[Trial]]]) -> FitData:
+        """Each trial's candidates, as the backtest scored them, with what really happened."""
+        import numpy as np
 
-def fit_data(dated: Sequence[tuple[datetime, int, list[Trial]]], seen: Sequence[Sequence[Candidate]],
-             history: History, window_days: int) -> FitData:
-    """Each trial's candidates (``fit_candidates``, in trial order) with what really happened."""
-    import numpy as np
+        unit = MatchWeights(dict.fromkeys(WEIGHT_NAMES, 1.0))
+        trials = [(day, t) for day, _, ts in dated for t in ts]
+        rows: list[tuple[Any, ...]] = []
+        for index, (_, trial) in enumerate(trials):
+            plan_order = {id(c): k for k, c in enumerate(sorted(trial.candidates, key=lambda c: c.plan_key))}
+            rows += [(*c.history._replace(weights=unit).contributions().values(), c.plan_index / PLAN_INDEX_MAX,
+                      c.days_until, c.event["_id"] in trial.attended, index, plan_order[id(c)])
+                     for c in trial.candidates]
+        table = np.array(rows, dtype=float).reshape(-1, len(HISTORY_WEIGHTS) + 5)
+        k = len(HISTORY_WEIGHTS)
+        return cls(table[:, :k], table[:, k], table[:, k + 1], table[:, k + 2], table[:, k + 3].astype(int),
+                   table[:, k + 4], [t for _, t in trials], [d for d, _ in trials])
 
-    rows: list[tuple[Any, ...]] = []
-    trials = [(day, t) for day, _, ts in dated for t in ts]
-    for index, ((day, trial), candidates) in enumerate(zip(trials, seen, strict=True)):
-        went = attended_between(history, trial.member, day, day + timedelta(days=window_days))
-        plan_order = {id(c): k for k, c in enumerate(sorted(candidates, key=lambda c: c.plan_key))}
-        rows += [(*unit_signals(c.history), c.plan_index / PLAN_INDEX_MAX, c.days_until, c.event["_id"] in went,
-                  index, plan_order[id(c)]) for c in candidates]
-    table = np.array(rows, dtype=float).reshape(-1, len(HISTORY_WEIGHTS) + 5)
-    k = len(HISTORY_WEIGHTS)
-    return FitData(table[:, :k], table[:, k], table[:, k + 1], table[:, k + 2], table[:, k + 3].astype(int),
-                   table[:, k + 4], [t.member for _, t in trials], [d for d, _ in trials],
-                   [{name: t.hits[name] for name in BASELINES} for _, t in trials])
+    def hits_with(self, weights: Mapping[str, float]) -> Any:
+        """Each trial's hit (1/0) with the candidates ranked by ``weights`` as ``Candidate.rank_key`` ranks them:
+        the total (history points times timing, plus the plan's tiers), then the plan's order."""
+        import numpy as np
 
-
-def fit_hits(data: FitData, weights: Mapping[str, float]) -> Any:
-    """Each trial's hit (1/0) when the candidates are ranked with ``weights`` as ``Candidate.rank_key`` ranks
-    them: the total (history points times timing, plus the plan's tiers), then the plan's order."""
-    import numpy as np
-
-    points = data.signals @ np.array([weights[name] for name in HISTORY_WEIGHTS])
-    timing = np.where(data.days <= NEAR_DAYS, 1.0, 0.5 ** ((data.days - NEAR_DAYS) / weights["FAR_HALVING_DAYS"]))
-    total = np.round(points * timing + weights["PLAN_WEIGHT"] * data.plan, 9)
-    ranked = np.lexsort((data.order, -total, data.trial))
-    first = ranked[np.r_[True, data.trial[ranked][1:] != data.trial[ranked][:-1]]] if len(ranked) else ranked
-    hits = np.zeros(len(data.members))
-    hits[data.trial[first]] = data.hit[first]
-    return hits
-
-
-def grid_for(name: str, value: float) -> list[float]:
-    """The values coordinate search tries for one weight, within its range."""
-    low, high = WEIGHT_RANGES[name]
-    base = FIT_HALF_LIFE_GRID if name == "FAR_HALVING_DAYS" else FIT_GRID
-    return sorted(v for v in {*base, value * 0.5, value * 2} if low <= v <= high)
+        points = self.signals @ np.array([weights[name] for name in HISTORY_WEIGHTS])
+        timing = np.where(self.days <= NEAR_DAYS, 1.0, 0.5 ** ((self.days - NEAR_DAYS) / weights["FAR_HALVING_DAYS"]))
+        total = np.round(points * timing + weights["PLAN_WEIGHT"] * self.plan, 9)
+        ranked = np.lexsort((self.order, -total, self.trial))
+        first = ranked[np.r_[True, self.trial[ranked][1:] != self.trial[ranked][:-1]]] if len(ranked) else ranked
+        hits = np.zeros(len(self.trials))
+        hits[self.trial[first]] = self.hit[first]
+        return hits
 
 
 def coordinate_search(data: FitData, fitted: Any, start: Mapping[str, float], seed: int) -> dict[str, float]:
-    """``FIT_METHOD``: weights with a higher mean hit on the trials ``fitted`` (a boolean mask), each move by
-    at least ``FIT_MIN_GAIN``; the current weights when no move wins that much."""
+    """``FIT_METHOD`` on the trials ``fitted`` (a boolean mask); the current weights when no move wins enough."""
     rng = random.Random(seed)
     weights = dict(start)
     if not fitted.any():  # nobody came back on the fitted dates: nothing to fit on
         return weights
-    best = float(fit_hits(data, weights)[fitted].mean())
+    best = float(data.hits_with(weights)[fitted].mean())
     for _ in range(FIT_ROUNDS):
         improved = False
         for name in rng.sample(WEIGHT_NAMES, len(WEIGHT_NAMES)):
-            for value in grid_for(name, weights[name]):
+            (low, high), now = WEIGHT_RANGES[name], weights[name]
+            grid = FIT_HALF_LIFE_GRID if name == "FAR_HALVING_DAYS" else FIT_GRID
+            for value in sorted(v for v in {*grid, now * 0.5, now * 2} if low <= v <= high):
                 trial = {**weights, name: value}
-                score = float(fit_hits(data, trial)[fitted].mean())
+                score = float(data.hits_with(trial)[fitted].mean())
                 if score >= best + FIT_MIN_GAIN - 1e-12:
                     weights, best, improved = trial, score, True
         if not improved:
@@ -11239,14 +10311,14 @@ def held_out_figures(data: FitData, evaluated: Any, fitted_hits: Any, current_hi
                      seed: int) -> dict[str, Any]:
     """Hit@1 of both sets of weights on the evaluated dates, the lead of each over the best baseline there,
     with 95% bootstrap intervals (members resampled with all their dates, as the backtest's pooled row)."""
-    index = [i for i in range(len(data.members)) if evaluated[i]]
-    if not index:
+    held = [(i, t) for i, t in enumerate(data.trials) if evaluated[i]]
+    if not held:
         return {"trials": 0}
-    best = max(BASELINES, key=lambda b: (sum(data.baselines[i][b] for i in index), b))
-    rows = [(data.members[i], {"fitted": float(fitted_hits[i]), "current": float(current_hits[i]),
-                               "difference": float(fitted_hits[i] - current_hits[i]),
-                               "lead_fitted": float(fitted_hits[i]) - data.baselines[i][best],
-                               "lead_current": float(current_hits[i]) - data.baselines[i][best]}) for i in index]
+    best = max(BASELINES, key=lambda b: (sum(t.hits[b] for _, t in held), b))
+    rows = [(t.member, {"fitted": float(fitted_hits[i]), "current": float(current_hits[i]),
+                        "difference": float(fitted_hits[i] - current_hits[i]),
+                        "lead_fitted": float(fitted_hits[i]) - t.hits[best],
+                        "lead_current": float(current_hits[i]) - t.hits[best]}) for i, t in held]
     intervals = bootstrap_intervals(rows, resamples, seed)
     mean = {name: round(sum(r[name] for _, r in rows) / len(rows), 4) for name in rows[0][1]}
     return {"trials": len(rows), "members": len({m for m, _ in rows}), "best_baseline": best,
@@ -11267,17 +10339,18 @@ def fit_split(days: Sequence[datetime], fit_until: datetime | None) -> datetime:
     return cut
 
 
-def fit_weights(dated: Sequence[tuple[datetime, int, list[Trial]]], seen: Sequence[Sequence[Candidate]],
-                history: History, window_days: int, cut: datetime, current: MatchWeights, resamples: int,
-                seed: int) -> dict[str, Any]:
+def fit_weights(dated: Sequence[tuple[datetime, int, list[Trial]]], window_days: int, cut: datetime,
+                current: MatchWeights, resamples: int, seed: int) -> dict[str, Any]:
     """``backtest --fit``: weights fitted on the as-of dates up to ``cut``, judged on the later ones."""
     import numpy as np
 
-    data = fit_data(dated, seen, history, window_days)
+    data = FitData.of(dated)
     fitted_mask = np.array([d <= cut for d in data.days_of], dtype=bool)
     weights = coordinate_search(data, fitted_mask, current.values, seed)
-    fitted_hits, current_hits = fit_hits(data, weights), fit_hits(data, current.values)
+    fitted_hits, current_hits = data.hits_with(weights), data.hits_with(current.values)
     held = held_out_figures(data, ~fitted_mask, fitted_hits, current_hits, resamples, seed)
+    on_fitted = [round(float(hits[fitted_mask].mean()), 4) if fitted_mask.any() else None
+                 for hits in (fitted_hits, current_hits)]
     dates = sorted({d for d, _, _ in dated})
     beats = bool(held.get("trials")) and held["hit_at_1"]["fitted"]["rate"] > held["hit_at_1"]["current"]["rate"]
     return {
@@ -11285,42 +10358,42 @@ def fit_weights(dated: Sequence[tuple[datetime, int, list[Trial]]], seen: Sequen
         "split": (f"time split on the as-of dates: fitted on the {sum(d <= cut for d in dates)} dates up to "
                   f"{iso_utc(cut)}, evaluated on the {sum(d > cut for d in dates)} later dates; the windows of the "
                   f"last fitted dates reach up to {window_days} days into the evaluated period"),
-        "fitted_dates": [iso_utc(d) for d in dates if d <= cut], "evaluated_dates": [iso_utc(d) for d in dates if d > cut],
+        "fitted_dates": [iso_utc(d) for d in dates if d <= cut],
+        "evaluated_dates": [iso_utc(d) for d in dates if d > cut],
         "seed": seed, "current": current.as_json(), "weights": weights,
-        "fitted_hit_at_1_on_fitted_dates": round(float(fitted_hits[fitted_mask].mean()), 4) if fitted_mask.any() else None,
-        "current_hit_at_1_on_fitted_dates": round(float(current_hits[fitted_mask].mean()), 4) if fitted_mask.any() else None,
+        "fitted_hit_at_1_on_fitted_dates": on_fitted[0], "current_hit_at_1_on_fitted_dates": on_fitted[1],
         "held_out": held, "beats_current": beats,
     }
 
 
 def weights_document(fit: Mapping[str, Any]) -> dict[str, Any]:
     """``<out>/weights.json``: the weights (what ``MATCH_WEIGHTS`` reads), the dates, both held-out hit@1."""
+    held = fit["held_out"]
     return {"weights": fit["weights"], "fitted_dates": fit["fitted_dates"], "evaluated_dates": fit["evaluated_dates"],
-            "hit_at_1": fit["held_out"]["hit_at_1"], "lead_over_best_baseline": fit["held_out"]["lead_over_best_baseline"],
+            "hit_at_1": held["hit_at_1"], "lead_over_best_baseline": held["lead_over_best_baseline"],
             "replaces": fit["current"], "method": fit["method"], "split": fit["split"], "seed": fit["seed"]}
 
 
-def fit_lines(fit: Mapping[str, Any], written: Path | None) -> list[str]:
+def fit_lines(fit: Mapping[str, Any]) -> list[str]:
     """The fit in a few sentences (console and Markdown)."""
     held = fit["held_out"]
     if not held.get("trials"):
         return ["Fit: nobody came back within a window on the evaluated dates: nothing to judge; nothing written."]
     hits, lead = held["hit_at_1"], held["lead_over_best_baseline"]
 
-    def with_interval(entry: Mapping[str, Any], key: str) -> str:
+    def with_interval(entry: Mapping[str, Any]) -> str:
         low, high = entry["interval_95"]
-        return f"{100 * entry[key]:.1f}% (95% interval {100 * low:.1f}-{100 * high:.1f})"
+        return f"{100 * entry['rate']:.1f}% (95% interval {100 * low:.1f}-{100 * high:.1f})"
 
-    lines = [f"Fit: {fit['split']}.",
-             (f"Held-out hit@1: fitted {with_interval(hits['fitted'], 'rate')}, current "
-              f"{with_interval(hits['current'], 'rate')}, over {held['trials']} member-dates."),
-             (f"Held-out lead over the best baseline ({held['best_baseline']}): fitted "
-              f"{100 * lead['fitted']['points']:+.1f} points, current {100 * lead['current']['points']:+.1f} points."),
-             "Fitted weights: " + ", ".join(f"{k}={v:g}" for k, v in fit["weights"].items()) + "."]
-    lines.append(f"The fitted weights beat the current ones on the held-out dates: written to {written} "
-                 "(use it with MATCH_WEIGHTS)." if written else
-                 "The fitted weights do not beat the current ones on the held-out dates: nothing written.")
-    return lines
+    return [f"Fit: {fit['split']}.",
+            (f"Held-out hit@1: fitted {with_interval(hits['fitted'])}, current {with_interval(hits['current'])}, "
+             f"over {held['trials']} member-dates."),
+            (f"Held-out lead over the best baseline ({held['best_baseline']}): fitted "
+             f"{100 * lead['fitted']['points']:+.1f} points, current {100 * lead['current']['points']:+.1f} points."),
+            "Fitted weights: " + ", ".join(f"{k}={v:g}" for k, v in fit["weights"].items()) + ".",
+            (f"The fitted weights beat the current ones on the held-out dates: written to {fit['written']} "
+             "(use it with MATCH_WEIGHTS)." if fit["written"] else
+             "The fitted weights do not beat the current ones on the held-out dates: nothing written.")]
 
 
 BACKTEST_EXIT_CODES = """exit codes:
@@ -11348,8 +10421,8 @@ def backtest_parser() -> argparse.ArgumentParser:
                              "at most 365)")
     parser.add_argument("--out", metavar="DIR", type=Path, default=SCRIPT_DIR,
                         help="the report goes to DIR/reports/ (default: the script's folder)")
-    parser.add_argument("--resamples", type=at_most(positive_int, MAX_RESAMPLES), default=BACKTEST_RESAMPLES, metavar="N",
-                        help="bootstrap resamples for the pooled intervals (%(default)s; at most 100,000)")
+    parser.add_argument("--resamples", type=at_most(positive_int, MAX_RESAMPLES), default=BACKTEST_RESAMPLES,
+                        metavar="N", help="bootstrap resamples for the pooled intervals (%(default)s; at most 100,000)")
     parser.add_argument("--seed", type=int, default=BACKTEST_SEED, help="the bootstrap's seed (%(default)s)")
     parser.add_argument("--insecure-tls", action="store_true",
                         help="do not verify MongoDB's TLS certificate (logged as a warning)")
@@ -11383,36 +10456,25 @@ def backtest_days(args: argparse.Namespace, clock: datetime) -> list[datetime]:
     return days
 
 
-def backtest_source(args: argparse.Namespace, settings: Settings, out_dir: Path, clock: datetime,
-                    mongo_client: Any) -> DataSource:
-    """The campaign's readers (``make_source``): MongoDB or a mongoexport folder."""
-    kind, folder = source_choice(args.source, settings)
-    options = RunOptions(source=kind, folder=folder, now=clock, out_dir=out_dir, insecure_tls=args.insecure_tls)
-    return make_source(options, settings, logging.getLogger("ReturnToTable.backtest"), mongo_client)
-
-
 def run_backtest(history: History, days: Sequence[datetime], window_days: int, hoods: NeighbourhoodMap,
-                 pick: Picker | None = None, weights: MatchWeights = BUILT_IN_MATCH_WEIGHTS,
+                 pick: Picker = rules_pick, weights: MatchWeights = BUILT_IN_MATCH_WEIGHTS,
                  ) -> list[tuple[datetime, int, list[Trial]]]:
-    """Every as-of date: (D, eligible members, trials). ``pick`` is the matcher under test: by default
-    ``rules_pick`` as the campaign has it when the run starts; its candidates scored with ``weights``."""
-    chosen = pick or rules_pick
-    return [(day, *backtest_date(history, day, window_days, hoods, chosen, weights)) for day in days]
+    """Every as-of date: (D, eligible members, trials); ``pick`` is the matcher under test, its candidates
+    scored with ``weights``."""
+    return [(day, *backtest_date(history, day, window_days, hoods, pick, weights)) for day in days]
 
 
 def write_backtest_report(out_dir: Path, report: Mapping[str, Any], started: datetime) -> Path:
     """``reports/return_to_table_backtest_{stamp}.json`` and ``.md``, atomically; a taken stamp moves a second."""
     reports, moment = out_dir / "reports", started
-    while (reports / f"return_to_table_backtest_{moment.strftime('%Y%m%d-%H%M%S')}.json").exists():
+    while (stem := reports / f"return_to_table_backtest_{moment:%Y%m%d-%H%M%S}").with_suffix(".json").exists():
         moment += timedelta(seconds=1)
-    stem = reports / f"return_to_table_backtest_{moment.strftime('%Y%m%d-%H%M%S')}"
     write_json(stem.with_suffix(".json"), report, private=True)
     write_text_private(stem.with_suffix(".md"), backtest_markdown(report))
     return stem.with_suffix(".md")
 
 
-def backtest(args: argparse.Namespace, env: Mapping[str, str] | None, mongo_client: Any, closing: ExitStack,
-             pick: Picker | None = None) -> int:
+def backtest(args: argparse.Namespace, env: Mapping[str, str] | None, mongo_client: Any, closing: ExitStack) -> int:
     """The subcommand itself: settings, source, history, every date, the report. Errors are the caller's."""
     settings = Settings.from_env(env if env is not None else read_environment())
     started = datetime.now(UTC).replace(microsecond=0)
@@ -11421,7 +10483,10 @@ def backtest(args: argparse.Namespace, env: Mapping[str, str] | None, mongo_clie
     cut = fit_split(days, as_of_flag(args.fit_until, "--fit-until") if args.fit_until else None) if args.fit else None
     hoods = load_neighbourhoods(settings.neighbourhoods_csv)
     out_dir = usable_out_dir(args.out)
-    source = backtest_source(args, settings, out_dir, started, mongo_client)
+    kind, folder = source_choice(args.source, settings)
+    source = make_source(RunOptions(source=kind, folder=folder, now=started, out_dir=out_dir,
+                                    insecure_tls=args.insecure_tls),
+                         settings, logging.getLogger("ReturnToTable.backtest"), mongo_client)
     if isinstance(source, MongoSource) and mongo_client is None:
         closing.callback(source.client.close)
     clock = time.monotonic()
@@ -11429,29 +10494,25 @@ def backtest(args: argparse.Namespace, env: Mapping[str, str] | None, mongo_clie
     for name in screened.empty:
         print(f"warning: empty input: no {name} in {input_location(source, name)}", file=sys.stderr)
     history = build_history(screened.users, screened.events, screened.issues)
-    dated = run_backtest(history, days, args.window_days, hoods, pick, weights)
+    dated = run_backtest(history, days, args.window_days, hoods, weights=weights)
+    places = unlocated_places(hoods, [*(text_field(u, "homeNeighborhood") for u in screened.users),
+                                      *(text_field(e, "neighborhood") for e in screened.events)])
     report = build_backtest_report(source=source.label, start=days[0], end=as_of_flag(args.end, "--to"),
-                                   every_days=args.every_days,
-                                   window_days=args.window_days, dated=dated, issues=screened.issues,
-                                   resamples=args.resamples, seed=args.seed, started=started,
-                                   seconds=time.monotonic() - clock, places_not_located=unlocated_places(
-                                       hoods, [*(text_field(u, "homeNeighborhood") for u in screened.users),
-                                               *(text_field(e, "neighborhood") for e in screened.events)]))
+                                   every_days=args.every_days, window_days=args.window_days, dated=dated,
+                                   issues=screened.issues, resamples=args.resamples, seed=args.seed, started=started,
+                                   seconds=time.monotonic() - clock, places_not_located=places)
     report["match_weights"] = weights.as_json()
     if args.limit:
         report["orderings"] = orderings_report(
             [(day, ordering_date(history, day, args.window_days, hoods, args.limit, weights)) for day in days],
             args.limit)
     if cut is not None:
-        report["fit"] = fit_weights(dated, fit_candidates(history, dated, hoods), history, args.window_days, cut,
-                                    weights, args.resamples, args.seed)
-        written = out_dir / WEIGHTS_FILE if report["fit"]["beats_current"] else None
-        if written is not None:
-            write_json(written, weights_document(report["fit"]))
-        report["fit"]["written"] = str(written) if written else None
+        report["fit"] = fit = fit_weights(dated, args.window_days, cut, weights, args.resamples, args.seed)
+        fit["written"] = str(out_dir / WEIGHTS_FILE) if fit["beats_current"] else None
+        if fit["written"]:
+            write_json(out_dir / WEIGHTS_FILE, weights_document(fit))
     path = write_backtest_report(out_dir, report, started)
-    print(console_table(report))
-    for line in backtest_learned_lines(report):
+    for line in [*text_table(backtest_table(report), indent=""), lead_line(report), *backtest_learned_lines(report)]:
         print(line)
     print(f"Report: {path} (and .json)")
     if report["pooled"]["returned"] == 0:
@@ -11464,33 +10525,27 @@ def backtest(args: argparse.Namespace, env: Mapping[str, str] | None, mongo_clie
 # =============================================================================================
 
 
-def positive_int(text: str) -> int:
-    value = int(text)
-    if value < 1:
-        raise argparse.ArgumentTypeError("must be a whole number of at least 1")
-    return value
+def number_type(name: str, kind: Any, ok: Any, problem: str) -> Any:
+    """A numeric flag's argparse type: ``kind(text)`` when ``ok`` holds for it, else one line and exit 2. Named
+    ``name``, so argparse's own message for text that is no number says which type it wanted."""
+
+    def parse(text: str) -> Any:
+        value = kind(text)
+        if not ok(value):
+            raise argparse.ArgumentTypeError(problem)
+        return value
+
+    parse.__name__ = name
+    return parse
 
 
-def non_negative_int(text: str) -> int:
-    value = int(text)
-    if value < 0:
-        raise argparse.ArgumentTypeError("must be a whole number of at least 0")
-    return value
-
-
-def positive_float(text: str) -> float:
-    value = float(text)
-    if not math.isfinite(value) or value <= 0:
-        raise argparse.ArgumentTypeError("must be a number above 0")
-    return value
-
-
-def non_negative_float(text: str) -> float:
-    value = float(text)
-    if not math.isfinite(value) or value < 0:
-        raise argparse.ArgumentTypeError("must be a number from 0 up")
-    return value
-
+positive_int = number_type("positive_int", int, lambda value: value >= 1, "must be a whole number of at least 1")
+non_negative_int = number_type("non_negative_int", int, lambda value: value >= 0,
+                               "must be a whole number of at least 0")
+positive_float = number_type("positive_float", float, lambda value: math.isfinite(value) and value > 0,
+                             "must be a number above 0")
+non_negative_float = number_type("non_negative_float", float, lambda value: math.isfinite(value) and value >= 0,
+                                 "must be a number from 0 up")
 
 # The most a numeric flag may ask for: beyond it a value is a slip, and would overflow a date (--min-lead-hours
 # 1e11), make every member fail or hold the run for hours and gigabytes (--resamples 100000000).
@@ -11503,16 +10558,8 @@ MAX_RESAMPLES = 100_000
 
 def at_most(kind: Any, most: float, unit: str = "") -> Any:
     """The flag type ``kind`` (``positive_int`` ...) up to ``most``: more is one line and exit 2, never an
-    overflow deep in the run. Named as ``kind`` is, so argparse's messages stay the same."""
-
-    def parse(text: str) -> Any:
-        value = kind(text)
-        if value > most:
-            raise argparse.ArgumentTypeError(f"must be at most {most:,}{unit}")
-        return value
-
-    parse.__name__ = kind.__name__
-    return parse
+    overflow deep in the run."""
+    return number_type(kind.__name__, kind, lambda value: value <= most, f"must be at most {most:,}{unit}")
 
 
 def holdout_fraction(text: str) -> float:
@@ -11541,24 +10588,20 @@ class OneLineParser(argparse.ArgumentParser):
     ``--hold 0.1`` is not taken for ``--holdout`` (a flag another version adds must not change its meaning)."""
 
     def __init__(self, *args: Any, **kwargs: Any) -> None:
-        kwargs.setdefault("allow_abbrev", False)
-        super().__init__(*args, **kwargs)
+        super().__init__(*args, allow_abbrev=False, **kwargs)
 
     def error(self, message: str) -> Any:
         print(f"error: {message} (see --help)", file=sys.stderr)
         raise SystemExit(EXIT_USAGE)
 
 
-SUBCOMMANDS_HELP = """subcommands (each with its own --help):
-  measure   did the campaigns bring anyone back: treated against holdout (read only)
-  backtest  would the rules matcher's picks have been events members went to (read only)"""
-
-
 def build_parser() -> argparse.ArgumentParser:
     parser = OneLineParser(
         prog="return_to_table.py",
-        description="Return To Table: match dormant members with one upcoming event each and draft "
-                    "a welcome-back SMS for review.\n\n" + SUBCOMMANDS_HELP,
+        description="Return To Table: match dormant members with one upcoming event each and draft a welcome-back "
+                    "SMS for review.\n\nsubcommands (each with its own --help):\n"
+                    "  measure   did the campaigns bring anyone back: treated against holdout (read only)\n"
+                    "  backtest  would the rules matcher's picks have been events members went to (read only)",
         epilog=EXIT_CODES_HELP, formatter_class=argparse.RawDescriptionHelpFormatter)
     where = parser.add_mutually_exclusive_group()
     where.add_argument("--demo", action="store_true",
@@ -11594,21 +10637,23 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--variants", type=tone_names, default=RunOptions.variants, metavar="NAMES",
                         help="message tones to A/B test, comma-separated from " + ", ".join(TONES)
                              + " (default: standard, today's wording); each member keeps theirs run after run")
-    parser.add_argument("--invites-per-spot", type=at_most(positive_float, MAX_INVITES_PER_SPOT), default=RunOptions.invites_per_spot,
-                        metavar="R", help="an event with N spots left gets at most ceil(R x N) open invitations "
-                                          "(pending or approved, within the cooldown) (%(default)g)")
-    parser.add_argument("--max-invites-per-event", type=at_most(positive_int, MAX_INVITES_PER_EVENT), default=RunOptions.max_invites_per_event,
-                        metavar="N", help="open invitations to an event of unknown capacity (%(default)s)")
+    parser.add_argument("--invites-per-spot", type=at_most(positive_float, MAX_INVITES_PER_SPOT),
+                        default=RunOptions.invites_per_spot, metavar="R",
+                        help="an event with N spots left gets at most ceil(R x N) open invitations "
+                             "(pending or approved, within the cooldown) (%(default)g)")
+    parser.add_argument("--max-invites-per-event", type=at_most(positive_int, MAX_INVITES_PER_EVENT),
+                        default=RunOptions.max_invites_per_event, metavar="N",
+                        help="open invitations to an event of unknown capacity (%(default)s)")
     parser.add_argument("--min-lead-hours", type=at_most(non_negative_float, MAX_LEAD_HOURS, " hours (30 days)"),
-                        default=RunOptions.min_lead_hours,
-                        metavar="H", help="a message may go out until H hours before its event (%(default)g; "
-                                          "at most 720, 30 days)")
+                        default=RunOptions.min_lead_hours, metavar="H",
+                        help="a message may go out until H hours before its event (%(default)g; at most 720, 30 days)")
     parser.add_argument("--insecure-tls", action="store_true",
                         help="do not verify MongoDB's TLS certificate (logged as a warning)")
     parser.add_argument("--deadline-minutes", type=positive_float, default=RunOptions.deadline_minutes, metavar="M",
                         help="stop starting members after M minutes, finish those in flight, write what is "
                              "final and the report, exit 3 (%(default)g)")
     parser.add_argument("--keep-logs", type=non_negative_int, default=RunOptions.keep_logs_days, metavar="DAYS",
+                        dest="keep_logs_days",
                         help="delete this tool's own log files older than DAYS (%(default)s; 0 keeps all)")
     noise = parser.add_mutually_exclusive_group()
     noise.add_argument("-q", "--quiet", action="store_true",
@@ -11649,35 +10694,26 @@ def usable_out_dir(path: Path) -> Path:
 
 
 def source_choice(text: str | None, settings: Settings, hint: str = "") -> tuple[SourceKind, Path | None]:
-    """``--source`` for the campaign and both subcommands: 'mongo' (the default when MongoDB is
-    configured) or, any other value, a mongoexport folder (even one named "demo")."""
+    """``--source`` for the campaign and both subcommands: 'mongo' (the default when MongoDB is configured) or,
+    any other value, a mongoexport folder (even one named "demo"; a missing one near "mongo" or "demo" is refused)."""
     if text == "mongo" or (text is None and settings.mongo_uri):
         if not settings.mongo_uri:
             raise UsageError(MONGO_NOT_CONFIGURED)
         return SourceKind.MONGO, None
     if text:
         folder = Path(text).expanduser()
-        if not folder.is_dir():
-            near_miss(f"--source {text!r}: no such folder", text, {"mongo": "mongo", "demo": "--demo"})
+        meant = {"mongo": "mongo", "demo": "--demo"}
+        close = [] if folder.is_dir() else difflib.get_close_matches(text.lower(), list(meant), n=1, cutoff=0.75)
+        if close:
+            raise UsageError(f"--source {text!r}: no such folder; did you mean {meant[close[0]]}?")
         return SourceKind.FOLDER, folder
     raise UsageError("no data source: set MONGO_URI (or MONGO_USERNAME, MONGO_PASSWORD, MONGO_HOST) "
                      f"and MONGO_DB_NAME, or pass --source DIR{hint}")
 
 
-def near_miss(problem: str, text: str, meant: Mapping[str, str]) -> None:
-    """UsageError ``problem`` with the likely meaning when ``text`` is a near miss of one of ``meant``'s
-    keys (``--source mong``: did you mean mongo?); else nothing (the caller goes on)."""
-    close = difflib.get_close_matches(text.lower(), list(meant), n=1, cutoff=0.75)
-    if close:
-        raise UsageError(f"{problem}; did you mean {meant[close[0]]}?")
-
-
 def resolve_options(args: argparse.Namespace, settings: Settings) -> RunOptions:
-    """Turn arguments and settings into one run's options; refuse what cannot be run.
-
-    A ``--now`` more than ``MAX_NOW_AHEAD`` ahead of the clock needs ``--dry-run`` (``--demo`` too: its
-    mirror keeps a cooldown like the real dashboard), so a rehearsal never fills the cooldown for years.
-    """
+    """One run's options from the arguments (a flag named as a ``RunOptions`` field sets it) and settings; refuse
+    what cannot be run (a far ``--now`` without ``--dry-run`` would fill the cooldown for years, ``--demo`` too)."""
     now = datetime.now(UTC).replace(microsecond=0)
     if args.now is not None:
         parsed = parse_now(args.now)
@@ -11698,15 +10734,9 @@ def resolve_options(args: argparse.Namespace, settings: Settings) -> RunOptions:
         args.llm == "claude" or (args.llm == "auto" and bool(settings.anthropic_api_key)))
     if use_claude and not settings.anthropic_api_key:
         raise UsageError("--llm claude needs ANTHROPIC_API_KEY")
-    out_dir = usable_out_dir(args.out)
-    return RunOptions(source=kind, folder=folder, now=now, out_dir=out_dir, limit=args.limit,
-                      use_claude=use_claude, dry_run=args.dry_run, min_confidence=args.min_confidence,
-                      candidates=args.candidates, concurrency=args.concurrency,
-                      cooldown_days=args.cooldown_days, holdout=args.holdout, variants=args.variants,
-                      invites_per_spot=args.invites_per_spot, max_invites_per_event=args.max_invites_per_event,
-                      min_lead_hours=args.min_lead_hours, deadline_minutes=args.deadline_minutes,
-                      keep_logs_days=args.keep_logs, insecure_tls=args.insecure_tls, verbose=args.verbose,
-                      quiet=args.quiet, progress=not args.quiet and sys.stderr.isatty())
+    flags = {name: value for name, value in vars(args).items() if name in RunOptions.__dataclass_fields__}
+    return RunOptions(**{**flags, "source": kind, "folder": folder, "now": now, "out_dir": usable_out_dir(args.out),
+                         "use_claude": use_claude, "progress": not args.quiet and sys.stderr.isatty()})
 
 
 def make_source(options: RunOptions, settings: Settings, logger: logging.Logger,
@@ -11717,55 +10747,49 @@ def make_source(options: RunOptions, settings: Settings, logger: logging.Logger,
         client = mongo_client or connect_mongo(settings, options.insecure_tls, logger)
         return MongoSource(client, mongo_db_name(settings, client))
     assert options.folder is not None
-    return FolderSource(options.folder, control)
+    return FolderSource(options.folder, control, sms_field_paths(settings.sms))  # read in the members' scan
 
 
 def make_dashboard(options: RunOptions, settings: Settings, logger: logging.Logger,
                    control: RunControl | None = None) -> DashboardWriter:
-    """The dashboard: the REST API when configured (never in --demo), else the local mirror.
-
-    A dry run gets one too, to read who was messaged recently; it writes nothing.
-    """
-    updated_at = iso_utc(options.now) or ""
+    """The dashboard: the REST API when configured (never in --demo), else the local mirror. A dry run gets
+    one too, to read who was messaged recently; it writes nothing."""
+    transport: FirebaseTransport
     if options.is_demo or not settings.firebase_url:
         mirror = options.out_dir / "data" / "firebase"
         if not options.is_demo:
             logger.info("FIREBASE_DATABASE_URL is not set: using the local mirror %s", mirror)
-        transport: FirebaseTransport = LocalMirrorTransport(mirror, settings.firebase_base_path,
-                                                            anchor=options.out_dir)
-        return DashboardWriter(transport, logger, dry_run=options.dry_run, updated_at=updated_at,
-                               holdout=options.holdout > 0)
-    token_source = None
-    if not settings.firebase_auth_token and settings.google_credentials:
-        token_source = service_account_tokens(settings.google_credentials)
-    elif not settings.firebase_auth_token:
-        logger.warning("Firebase requests are unauthenticated: set FIREBASE_AUTH_TOKEN or "
-                       "GOOGLE_APPLICATION_CREDENTIALS")
-    transport = RestTransport(settings.firebase_url, settings.firebase_base_path,
-                              auth_token=settings.firebase_auth_token, token_source=token_source,
-                              timeout=settings.firebase_timeout, control=control)
-    return DashboardWriter(transport, logger, dry_run=options.dry_run, updated_at=updated_at,
+        transport = LocalMirrorTransport(mirror, settings.firebase_base_path, anchor=options.out_dir)
+    else:
+        token_source = None
+        if not settings.firebase_auth_token and settings.google_credentials:
+            token_source = service_account_tokens(settings.google_credentials)
+        elif not settings.firebase_auth_token:
+            logger.warning("Firebase requests are unauthenticated: set FIREBASE_AUTH_TOKEN or "
+                           "GOOGLE_APPLICATION_CREDENTIALS")
+        transport = RestTransport(settings.firebase_url, settings.firebase_base_path,
+                                  auth_token=settings.firebase_auth_token, token_source=token_source,
+                                  timeout=settings.firebase_timeout, control=control)
+    return DashboardWriter(transport, logger, dry_run=options.dry_run, updated_at=iso_utc(options.now) or "",
                            holdout=options.holdout > 0)
 
 
-def make_advisor(options: RunOptions, settings: Settings, logger: logging.Logger,
-                 control: RunControl | None = None) -> ClaudeAdvisor | None:
-    if not options.use_claude:
-        return None
-    advisor = ClaudeAdvisor.connect(settings, control)
-    logger.info("Claude: matching with %s, writing with %s", advisor.config.match_model, advisor.config.write_model)
-    return advisor
+def on_stop_signals(handler: Any) -> Any:
+    """``handler`` for SIGINT and SIGTERM (in the main thread only: elsewhere Python refuses); returns a function
+    that puts the previous handlers back."""
+    if threading.current_thread() is not threading.main_thread():
+        return lambda: None
+    previous = {s: signal.signal(s, handler) for s in (signal.SIGINT, signal.SIGTERM)}
+    return lambda: [signal.signal(s, h) for s, h in previous.items()]
 
 
 def handle_stop_signals(control: RunControl) -> Any:
-    """SIGINT/SIGTERM: the first asks the run to stop (members in flight finish, the report is written);
-    a second ends the process at once. Returns a function that puts the previous handlers back."""
-    if threading.current_thread() is not threading.main_thread():
-        return lambda: None
+    """The campaign's SIGINT/SIGTERM: the first asks the run to stop (members in flight finish, the report is
+    written); a second ends the process at once (every file is written atomically, the lock dies with us)."""
 
     def on_signal(signum: int, _frame: Any) -> None:
         name = signal.Signals(signum).name
-        if control.signal is not None:  # a second signal: now (every file is written atomically, the lock dies with us)
+        if control.signal is not None:
             os.write(2, f"error: {name} again: stopped at once; the report was not written\n".encode())
             os._exit(EXIT_SIGNALS.get(signal.Signals(signum), 128 + signum))
         control.request_stop(signum)
@@ -11773,34 +10797,22 @@ def handle_stop_signals(control: RunControl) -> Any:
             os.write(2, f"warning: {name}: finishing the members in flight, then writing the report "
                         "(signal again to stop at once)\n".encode())
 
-    previous = {s: signal.signal(s, on_signal) for s in (signal.SIGINT, signal.SIGTERM)}
-    return lambda: [signal.signal(s, h) for s, h in previous.items()]
+    return on_stop_signals(on_signal)
 
 
 class Interrupted(KeyboardInterrupt):
-    """SIGINT or SIGTERM during a subcommand: unwinds as Ctrl-C does (its files are written atomically)."""
+    """SIGINT or SIGTERM (its number the argument) during a subcommand: unwinds as Ctrl-C does (exit 130/143, one
+    line, no report; its files are written atomically)."""
 
-    def __init__(self, signum: int) -> None:
-        super().__init__(signum)
-        self.signum = signum
-
-
-def raise_on_stop_signals() -> Any:
-    """A subcommand's signals: SIGINT and SIGTERM raise ``Interrupted`` (exit 130/143, one line, no report).
-    Returns a function that puts the previous handlers back."""
-    if threading.current_thread() is not threading.main_thread():
-        return lambda: None
-
-    def on_signal(signum: int, _frame: Any) -> None:
-        raise Interrupted(signum)
-
-    previous = {s: signal.signal(s, on_signal) for s in (signal.SIGINT, signal.SIGTERM)}
-    return lambda: [signal.signal(s, h) for s, h in previous.items()]
+    @classmethod
+    def on_signal(cls, signum: int, _frame: Any) -> None:
+        raise cls(signum)
 
 
 def run_campaign(args: argparse.Namespace, env: Mapping[str, str] | None, mongo_client: Any,
-                 closing: ExitStack) -> RunResult:
-    """The program itself: settings, the lock, the services, one campaign. ``main`` handles the errors."""
+                 closing: ExitStack) -> int:
+    """The campaign as ``raw_main`` runs a program: settings, the lock, the services, one campaign, the lines cron
+    mail should show (``report_problems``), its exit code."""
     settings = Settings.from_env(env if env is not None else read_environment())
     weights = load_match_weights(settings.env)  # MATCH_WEIGHTS: a bad file is exit 2 before anything runs
     options = replace(resolve_options(args, settings), match_weights=weights.label, weights=weights,
@@ -11810,9 +10822,8 @@ def run_campaign(args: argparse.Namespace, env: Mapping[str, str] | None, mongo_
     hoods = load_neighbourhoods(settings.neighbourhoods_csv)  # before the lock: a bad table is exit 2 at once
     control = RunControl(options.deadline_minutes * 60)
     closing.callback(handle_stop_signals(control))
-    closing.enter_context(RunLock(options.out_dir))
-    logger, _ = setup_logging(options.out_dir, datetime.now(UTC), verbose=options.verbose, quiet=options.quiet,
-                              keep_logs_days=options.keep_logs_days)
+    closing.enter_context(run_lock(options.out_dir))
+    logger = setup_logging(options)
     closing.callback(close_logging, logger)
     source = make_source(options, settings, logger, mongo_client, control)
     closing.callback(source.close)
@@ -11821,16 +10832,19 @@ def run_campaign(args: argparse.Namespace, env: Mapping[str, str] | None, mongo_
     dashboard = make_dashboard(options, settings, logger, control)
     if isinstance(dashboard.transport, RestTransport):
         closing.callback(dashboard.transport.client.close)
-    advisor = make_advisor(options, settings, logger, control)
+    advisor = ClaudeAdvisor.connect(settings, control) if options.use_claude else None
     if advisor is not None:
         closing.callback(advisor.client.close)
+        logger.info("Claude: matching with %s, writing with %s", advisor.config.match_model, advisor.config.write_model)
     campaign = ReturnToTable(options, settings, logger, source=source, dashboard=dashboard, hoods=hoods,
                              advisor=advisor, control=control)
     try:
-        return campaign.run()
+        result = campaign.run()
     except ServiceError as exc:
         logger.error("%s", exc, extra=FILE_ONLY)  # the run's log file says why it failed; stderr says it once
         raise
+    report_problems(result)
+    return result.exit_code
 
 
 def main(argv: Sequence[str] | None = None, *, env: Mapping[str, str] | None = None,
@@ -11839,32 +10853,24 @@ def main(argv: Sequence[str] | None = None, *, env: Mapping[str, str] | None = N
     traceback for bad input, a service failure, a full disk or a held lock. ``measure`` and ``backtest``
     as the first argument run those subcommands instead (same exit codes, same funnel: ``raw_main``)."""
     argv = list(sys.argv[1:] if argv is None else argv)
-    if argv and argv[0] in SUBCOMMANDS:
-        return SUBCOMMANDS[argv[0]](argv[1:], env=env, mongo_client=mongo_client)
-    return raw_main("the run", build_parser(), campaign, argv, env, mongo_client)
-
-
-def campaign(args: argparse.Namespace, env: Mapping[str, str] | None, mongo_client: Any,
-             closing: ExitStack) -> int:
-    """The campaign as ``raw_main`` runs a program: one run, the lines cron mail should show, its exit code."""
-    result = run_campaign(args, env, mongo_client, closing)
-    report_problems(result)
-    return result.exit_code
+    if argv[:1] == ["measure"]:  # did the campaigns bring anyone back, treated against the holdout (read-only)
+        return raw_main("measure", build_measure_parser(), run_measure, argv[1:], env, mongo_client)
+    if argv[:1] == ["backtest"]:  # would the rules matcher's picks have been events members went to (read-only)
+        return raw_main("backtest", backtest_parser(), backtest, argv[1:], env, mongo_client)
+    return raw_main("the run", build_parser(), run_campaign, argv, env, mongo_client)
 
 
 def raw_main(name: str, parser: argparse.ArgumentParser, program: Any, argv: Sequence[str],
              env: Mapping[str, str] | None, mongo_client: Any) -> int:
-    """The one funnel from errors to exit codes, for the campaign and both subcommands (httpie's
-    ``raw_main``): ``program(args, env, mongo_client, closing)`` does the work and returns its code; bad
-    input is one line and exit 2, a held lock 75, a failed service or disk 1, out of memory 1 (``out_of_memory``),
-    SIGINT 130 and SIGTERM 143 (``Interrupted``; the campaign's own handlers take over while it runs). The lock, the
-    clients and the log (``closing``) are released however it ends."""
+    """The one funnel from errors to exit codes for the campaign and both subcommands (httpie's ``raw_main``):
+    ``program(args, env, mongo_client, closing)`` does the work and returns its code; every error is one line and
+    its ``ExitCode``. What ``closing`` holds (the lock, the clients, the log) is released however it ends."""
     try:
         args = parser.parse_args(list(argv))
     except SystemExit as exc:  # --help, or a usage error already printed
         return exc.code if isinstance(exc.code, int) else ExitCode.USAGE
     with ExitStack() as closing:
-        closing.callback(raise_on_stop_signals())
+        closing.callback(on_stop_signals(Interrupted.on_signal))
         try:
             return program(args, env, mongo_client, closing)
         except UsageError as exc:
@@ -11874,7 +10880,7 @@ def raw_main(name: str, parser: argparse.ArgumentParser, program: Any, argv: Seq
         except ServiceError as exc:
             return error_line(exc, ExitCode.FAILURE)
         except KeyboardInterrupt as exc:  # Ctrl-C, or ``Interrupted`` (SIGINT/SIGTERM)
-            signum = exc.signum if isinstance(exc, Interrupted) else signal.SIGINT
+            signum = exc.args[0] if isinstance(exc, Interrupted) else signal.SIGINT
             return error_line(f"{name} interrupted by {signal.Signals(signum).name}; stopped at once, nothing "
                               "half-written", EXIT_SIGNALS[signal.Signals(signum)])
         except Exception as exc:  # out of memory anywhere (here, a helper ``Worker``, a member's thread); else a bug
@@ -11887,20 +10893,6 @@ def error_line(problem: object, code: ExitCode) -> ExitCode:
     """The one line on stderr an error gets (cron mail), and its exit code."""
     print(f"error: {problem}", file=sys.stderr)
     return code
-
-
-def measure_command(argv: Sequence[str], *, env: Mapping[str, str] | None = None, mongo_client: Any = None) -> int:
-    """``measure``: did the campaigns bring anyone back, treated against the holdout (read-only)."""
-    return raw_main("measure", build_measure_parser(), run_measure, argv, env, mongo_client)
-
-
-def backtest_command(argv: Sequence[str], *, env: Mapping[str, str] | None = None, mongo_client: Any = None) -> int:
-    """``backtest``: would the rules matcher's picks have been events members really went to (read-only;
-    only the report is written)."""
-    return raw_main("backtest", backtest_parser(), backtest, argv, env, mongo_client)
-
-
-SUBCOMMANDS = {"measure": measure_command, "backtest": backtest_command}
 
 
 def report_problems(result: RunResult) -> None:
@@ -11917,12 +10909,12 @@ def report_problems(result: RunResult) -> None:
     if result.empty_input:
         print(f"warning: empty input: the source has no {' and no '.join(result.empty_input)}; the report "
               f"{result.report_path} says what was read", file=sys.stderr)
-    elif result.idle is not None and result.idle.exit_code and result.status == "completed" and not result.failed_members:
+    elif (result.idle is not None and result.idle.exit_code and result.status == "completed"
+          and not result.failed_members):
         print(f"warning: no message drafted: {result.report['no_message']['text']}", file=sys.stderr)
     if result.firebase_failed:
-        firebase = result.firebase
-        first = (firebase["errors"] or [""])[0]
-        print(f"error: {len(firebase['not_written'])} Firebase writes failed ({first}); local files and the "
+        first = (result.firebase["errors"] or [""])[0]
+        print(f"error: {len(result.firebase['not_written'])} Firebase writes failed ({first}); local files and the "
               f"report {result.report_path} are complete", file=sys.stderr)
 
 

@@ -128,9 +128,11 @@ def test_the_backtests_pick_is_the_campaigns_pick_on_the_same_world(run_cli, tmp
 
 def test_favourite_hosts_rank_by_count_then_recency_then_id():
     joined = [(D, "b"), (D + timedelta(1), "a"), (D + timedelta(2), "c"), (D + timedelta(3), "c"),
-              (D + timedelta(4), "b")]
-    assert rtt.favourite_hosts(joined) == ["b", "c", "a"]  # b and c twice: b more recently
-    assert rtt.favourite_hosts([(D, "y"), (D, "x")]) == ["x", "y"]
+              (D + timedelta(4), "b"), (D + timedelta(5), "a"), (D + timedelta(6), "a")]  # the last two after D + 4
+    history = rtt.History([], [], [], [], {}, {"m": joined, "n": [(D, "y"), (D, "x")]})
+    assert history.favourite_hosts("m", D + timedelta(4)) == ["b", "c", "a"]  # b and c twice: b more recently
+    assert history.favourite_hosts("n", D) == ["x", "y"]
+    assert history.favourite_hosts("nobody", D) == []
 
 
 # --- no leaks ----------------------------------------------------------------------------------

@@ -318,55 +318,54 @@ FLAT = {name: 0.0 for name in rtt.HISTORY_WEIGHTS}  # history ignored: the plan'
 
 @pytest.fixture(scope="module")
 def montana_backtest():
-    """A short backtest of the Montana sample (five as-of dates, 62 trials), and every returning member's
-    candidates."""
+    """A short backtest of the Montana sample (five as-of dates, 62 trials; each trial keeps its candidates)."""
     screened = rtt.read_screened(rtt.FolderSource(MONTANA))
     history = rtt.build_history(screened.users, screened.events, rtt.DataIssues())
     hoods = rtt.NeighbourhoodMap.from_csv(rtt.CENTROIDS_CSV)
     days = rtt.as_of_dates(rtt.datetime(2015, 6, 1, tzinfo=rtt.UTC), rtt.datetime(2015, 7, 27, tzinfo=rtt.UTC), 14)
     dated = rtt.run_backtest(history, days, 30, hoods)
-    return history, days, dated, rtt.fit_candidates(history, dated, hoods)
+    return history, days, dated
 
 
 def test_refitting_ranks_exactly_as_the_scorer_does(montana_backtest) -> None:
-    history, _, dated, seen = montana_backtest
-    data = rtt.fit_data(dated, seen, history, 30)
+    _, _, dated = montana_backtest
+    data = rtt.FitData.of(dated)
     trials = [t for _, _, ts in dated for t in ts]
     assert len(trials) > 50
-    assert list(rtt.fit_hits(data, rtt.BUILT_IN_WEIGHTS)) == [t.hits["rules"] for t in trials]
+    assert list(data.hits_with(rtt.BUILT_IN_WEIGHTS)) == [t.hits["rules"] for t in trials]
 
 
 def test_the_backtest_scores_with_the_weights_it_is_given(montana_backtest) -> None:
-    history, days, dated, _ = montana_backtest
+    history, days, dated = montana_backtest
     hoods = rtt.NeighbourhoodMap.from_csv(rtt.CENTROIDS_CSV)
     other = rtt.MatchWeights({**rtt.BUILT_IN_WEIGHTS, **FLAT, "PLAN_WEIGHT": 3.0, "FAR_HALVING_DAYS": 7.0})
     replayed = rtt.run_backtest(history, days[:3], 30, hoods, weights=other)  # (the first three dates: 36 trials)
     hits = [t.hits["rules"] for _, _, ts in replayed for t in ts]
-    data = rtt.fit_data(replayed, rtt.fit_candidates(history, replayed, hoods), history, 30)
-    assert list(rtt.fit_hits(data, other.values)) == hits
+    data = rtt.FitData.of(replayed)
+    assert list(data.hits_with(other.values)) == hits
     assert hits != [t.hits["rules"] for _, _, ts in dated[:3] for t in ts]  # other picks than the built-in weights'
 
 
 def test_the_fit_is_deterministic_for_a_seed(montana_backtest) -> None:
-    history, days, dated, seen = montana_backtest
+    _, days, dated = montana_backtest
     current = rtt.MatchWeights({**rtt.BUILT_IN_WEIGHTS, **FLAT})
-    first = rtt.fit_weights(dated, seen, history, 30, days[3], current, 200, 7)
-    again = rtt.fit_weights(dated, seen, history, 30, days[3], current, 200, 7)
+    first = rtt.fit_weights(dated, 30, days[3], current, 200, 7)
+    again = rtt.fit_weights(dated, 30, days[3], current, 200, 7)
     assert first == again
     assert first["fitted_dates"] == [rtt.iso_utc(d) for d in days[:4]]
     assert first["evaluated_dates"] == [rtt.iso_utc(d) for d in days[4:]]
 
 
 def test_the_fit_keeps_only_moves_that_win_the_minimum_gain(montana_backtest, monkeypatch) -> None:
-    history, days, dated, seen = montana_backtest
-    data = rtt.fit_data(dated, seen, history, 30)
+    _, days, dated = montana_backtest
+    data = rtt.FitData.of(dated)
     import numpy as np
 
     fitted = np.array([d <= days[3] for d in data.days_of], dtype=bool)
     start = {**rtt.BUILT_IN_WEIGHTS, **FLAT}
-    before = rtt.fit_hits(data, start)[fitted].mean()
+    before = data.hits_with(start)[fitted].mean()
     weights = rtt.coordinate_search(data, fitted, start, 7)
-    assert weights != start and rtt.fit_hits(data, weights)[fitted].mean() >= before + rtt.FIT_MIN_GAIN - 1e-12
+    assert weights != start and data.hits_with(weights)[fitted].mean() >= before + rtt.FIT_MIN_GAIN - 1e-12
     monkeypatch.setattr(rtt, "FIT_MIN_GAIN", 1.0)  # no move can win 100 points: the current weights are kept
     assert rtt.coordinate_search(data, fitted, start, 7) == start
 

@@ -719,10 +719,11 @@ def test_window_end_never_overflows_the_calendar() -> None:
 
 
 def test_pooled_measurement_of_nothing_has_empty_groups_and_no_lift() -> None:
-    pooled = rtt.pooled_measurement([])
+    pooled = rtt.Measurement.pooled([])
     assert pooled.groups == {"treated": rtt.Tally(), "holdout": rtt.Tally()}
-    assert pooled.lifts == {"treated": None}
-    assert pooled.note == "no_holdout"
+    found = pooled.json()
+    assert found["lift"] == {"treated": None} and not found["lift_computable"]
+    assert found["note_code"] == "no_holdout"
     assert math.isclose(rtt.Z_95, 1.959964, abs_tol=1e-6)
 
 
@@ -837,10 +838,10 @@ def test_any_archived_values_are_measured_or_counted_never_a_crash(metadata: Any
     assert len({o.user_id for o in campaign.observations}) == len(campaign.observations)
     assert all(o.reference.tzinfo is not None for o in campaign.observations)
     events = [{"_id": "e1", "startDate": "2026-01-12T00:00:00Z", "participants": ["6500000000000000000000a1"]}]
-    measured = rtt.measure_campaigns([campaign], events, AS_OF, 14, issues) if campaign.created_at else []
-    pooled = rtt.pooled_measurement([m for _, m in measured])
+    followed = rtt.follow_campaigns([campaign], events, AS_OF, 14, issues) if campaign.created_at else []
+    measured = [(c, rtt.Measurement.of(f)) for c, f in followed]
     report = rtt.measure_report(run_date=AS_OF, now=AS_OF, window_days=14, dates=rtt.DateRange(), campaign=None,
-                                source_label="test", archive="test", measured=measured, pooled=pooled,
+                                source_label="test", archive="test", measured=measured,
                                 issues=issues, errors=[], empty_input=[])
     json.dumps(report, allow_nan=False)
     assert "\u202e" not in rtt.measure_console(report, Path("r.md")) + rtt.measure_markdown(report)

@@ -765,7 +765,7 @@ def out_of_memory(*_args: Any, **_kwargs: Any) -> Any:
 def assert_out_of_memory(run: CliRun) -> None:
     assert_one_error_line(run, rtt.EXIT_FAILURE)
     assert "out of memory" in run.err
-    with rtt.RunLock(run.root):  # released: the next run may take it
+    with rtt.run_lock(run.root):  # released: the next run may take it
         pass
 
 

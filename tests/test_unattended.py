@@ -314,7 +314,7 @@ def test_a_signal_at_any_early_moment_exits_128_plus_its_number_in_one_line(
         assert json.loads(report.read_text(encoding="utf-8"))["status"] == "interrupted"
     out.mkdir(exist_ok=True)  # a signal before the run made it leaves none
     assert_outputs_whole(out)
-    with rtt.RunLock(out):  # nothing holds the lock
+    with rtt.run_lock(out):  # nothing holds the lock
         pass
 
 
@@ -379,7 +379,7 @@ def test_a_run_out_of_memory_under_ulimit_exits_1_in_one_line_and_never_hangs(
     assert run.code == rtt.EXIT_FAILURE, run.err
     [line] = run.err.splitlines()
     assert line.startswith("error: out of memory")
-    with rtt.RunLock(out):
+    with rtt.run_lock(out):
         pass
 
 
