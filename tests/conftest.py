@@ -34,7 +34,7 @@ RAM_DISK = Path("/dev/shm")
 
 
 def pytest_configure(config: pytest.Config) -> None:
-    """``tmp_path`` on the RAM disk where there is one with room: the runs' atomic writes fsync some ten
+    """``tmp_path`` on the RAM disk where there is one with room: the runs' atomic writes fsync some seven
     thousand times a suite (4 ms each on this machine's disk, nothing there). ``TMPDIR``, ``--basetemp`` or
     ``PYTEST_DEBUG_TEMPROOT`` set by hand win; pytest keeps the last three runs' folders, as under /tmp."""
     if os.environ.get("TMPDIR") or os.environ.get("PYTEST_DEBUG_TEMPROOT") or config.option.basetemp:
