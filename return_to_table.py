@@ -192,10 +192,6 @@ class ExitCode(IntEnum):
     SIGTERM = 143
 
 
-EXIT_OK, EXIT_FAILURE, EXIT_USAGE = ExitCode.OK, ExitCode.FAILURE, ExitCode.USAGE
-EXIT_ATTENTION, EXIT_LOCKED = ExitCode.ATTENTION, ExitCode.LOCKED
-EXIT_SIGNALS = {signal.SIGINT: ExitCode.SIGINT, signal.SIGTERM: ExitCode.SIGTERM}
-
 GRACE_SECONDS = 10.0  # after a stop (signal or deadline), how long calls already in flight may still take
 SAVE_EVERY_SECONDS = 2.0  # progress files are rewritten at most this often during steps 5-6, and at the end
 LOCK_FILE = ".return_to_table.lock"
@@ -4416,7 +4412,7 @@ class IdleReason(Enum):
 
     @property
     def exit_code(self) -> int:
-        return EXIT_OK if self is IdleReason.DAY_LIMIT_DRAFTED else EXIT_ATTENTION
+        return ExitCode.OK if self is IdleReason.DAY_LIMIT_DRAFTED else ExitCode.ATTENTION
 
 
 IDLE_LINES = {
@@ -6248,40 +6244,28 @@ def build_demo_world(now: datetime) -> tuple[list[dict[str, Any]], list[dict[str
     code has to survive. Deterministic for a given ``now`` (fixed-seed RNG); all dates are relative to it."""
     rng = random.Random(20240611)
     now = now.astimezone(UTC)
-    interests = [
-        "music", "clubbing", "food", "wine", "cocktails", "travel", "reading", "fashion",
-        "finance", "outdoor", "hiking", "fitness", "yoga", "art", "comedy", "theater", "film",
-        "tech", "startups", "photography", "cooking", "coffee", "brunch", "dancing", "games",
-        "sports", "networking", "jazz",
-    ]
+    interests = ["music", "clubbing", "food", "wine", "cocktails", "travel", "reading", "fashion", "finance", "outdoor",
+                 "hiking", "fitness", "yoga", "art", "comedy", "theater", "film", "tech", "startups", "photography",
+                 "cooking", "coffee", "brunch", "dancing", "games", "sports", "networking", "jazz"]
     # First interest always has an obvious event synonym, so every user is matchable.
     core = [i for i in interests if i not in ("travel", "fashion", "finance", "photography")]
-    city = [  # Manhattan + Brooklyn: where events mostly happen
-        "hells-kitchen", "west-village", "east-village", "midtown-east", "soho", "tribeca",
-        "chelsea", "lower-east-side", "upper-west-side", "upper-east-side", "harlem",
-        "financial-district", "gramercy", "murray-hill", "flatiron", "chinatown",
-        "williamsburg", "greenpoint", "bushwick", "park-slope", "dumbo", "fort-greene",
-        "crown-heights",
-    ]
+    city = ["hells-kitchen", "west-village", "east-village", "midtown-east", "soho", "tribeca", "chelsea",
+            "lower-east-side", "upper-west-side", "upper-east-side", "harlem", "financial-district", "gramercy",
+            "murray-hill", "flatiron", "chinatown", "williamsburg", "greenpoint", "bushwick", "park-slope", "dumbo",
+            "fort-greene", "crown-heights"]  # Manhattan + Brooklyn: most events
     hoods = [*city, "astoria", "long-island-city"]
-    firsts = [
-        "Aaliyah", "Mateo", "Priya", "Jamal", "Sofia", "Wei", "Fatima", "Diego", "Hannah",
-        "Kwame", "Yuki", "Isabella", "Omar", "Grace", "Dmitri", "Amara", "Luis", "Mei", "Noah",
-        "Ananya", "Tariq", "Camila", "Ethan", "Nia", "Rafael", "Leah", "Hiroshi", "Maya",
-        "Santiago", "Esther", "Kofi", "Rosa", "Jae-won", "Thandiwe", "Bogdan", "Marisol",
-    ]
+    firsts = ["Aaliyah", "Mateo", "Priya", "Jamal", "Sofia", "Wei", "Fatima", "Diego", "Hannah", "Kwame", "Yuki",
+              "Isabella", "Omar", "Grace", "Dmitri", "Amara", "Luis", "Mei", "Noah", "Ananya", "Tariq", "Camila",
+              "Ethan", "Nia", "Rafael", "Leah", "Hiroshi", "Maya", "Santiago", "Esther", "Kofi", "Rosa", "Jae-won",
+              "Thandiwe", "Bogdan", "Marisol"]
     # Non-GSM-7 letters + one very long name; given to clean dormant users (SMS encoding).
     special = ["Zoë", "Łukasz", "Siobhán", "Nguyễn", "Chloé", "Alexandrina-Konstantina-Maria"]
-    lasts = [
-        "Rivera", "Chen", "Patel", "Johnson", "Okafor", "Kim", "Goldberg", "Nguyen", "Rossi",
-        "Haddad", "Morales", "O'Brien", "Kowalski", "Tanaka", "Williams", "Mensah", "Cohen",
-        "Singh", "Garcia", "Park", "Ivanova", "Brown", "Diallo", "Ortiz",
-    ]
-    occupations = [
-        "AI Specialist", "Architect", "Editor", "Illustrator", "Urban Planner",
-        "Software Engineer", "Nurse", "Chef", "Product Designer", "Teacher", "Lawyer",
-        "Data Analyst", "Barista", "Photographer", "Consultant",
-    ]
+    lasts = ["Rivera", "Chen", "Patel", "Johnson", "Okafor", "Kim", "Goldberg", "Nguyen", "Rossi", "Haddad", "Morales",
+             "O'Brien", "Kowalski", "Tanaka", "Williams", "Mensah", "Cohen", "Singh", "Garcia", "Park", "Ivanova",
+             "Brown", "Diallo", "Ortiz"]
+    occupations = ["AI Specialist", "Architect", "Editor", "Illustrator", "Urban Planner", "Software Engineer", "Nurse",
+                   "Chef", "Product Designer", "Teacher", "Lawyer", "Data Analyst", "Barista", "Photographer",
+                   "Consultant"]
     templates = [DemoEventTemplate(*row) for row in [
         ("Karaoke Night", "MUSIC BAR", "karaoke groups", "Belt out 2000s anthems in a private room", "d"),
         ("Ramen Supper Club", "DINNER", "supper-club family-style", "Slurp four regional ramen styles at one long table", "d"),
@@ -6307,11 +6291,9 @@ def build_demo_world(now: datetime) -> tuple[list[dict[str, Any]], list[dict[str
         ("Dumpling Cooking Class", "COOKING DINNER", "cooking-class family-style", "Fold and pan-fry dumplings together", "d"),
         ("Salsa Night & Tapas", "MUSIC DINNER", "dancing live-music", "Beginner salsa lesson with shared tapas", "d"),
     ]]
-    venues = [
-        "Ember & Oak", "The Lantern Room", "Juniper Hall", "Fig & Thistle", "Saltwater Social",
-        "Blue Heron Loft", "The Tin Whistle", "Marigold Studio", "Paper Crane Kitchen",
-        "Dockside Commons", "The Velvet Note", "Copperleaf Table",
-    ]
+    venues = ["Ember & Oak", "The Lantern Room", "Juniper Hall", "Fig & Thistle", "Saltwater Social", "Blue Heron Loft",
+              "The Tin Whistle", "Marigold Studio", "Paper Crane Kitchen", "Dockside Commons", "The Velvet Note",
+              "Copperleaf Table"]
 
     def slug(text: str) -> str:
         """ASCII-fold names so fictional emails stay plain."""
@@ -7500,19 +7482,6 @@ class PutResult:
     etag: str
 
 
-class FirebaseTransport(Protocol):
-    """A Realtime Database as paths (below the base path) holding JSON, with ETag conditions."""
-
-    description: str
-    bytes_sent: int
-
-    def get(self, path: str) -> tuple[Any, str]: ...
-    def put(self, path: str, value: Any, if_match: str | None = None) -> PutResult: ...
-    def patch(self, path: str, updates: Mapping[str, Any]) -> None: ...
-    def flush(self) -> None: ...
-    def child_keys(self, path: str) -> list[str]: ...
-
-
 def check_key(key: str, where: str) -> None:
     if not key or FORBIDDEN_KEY.search(key) or len(key.encode("utf-8")) > MAX_KEY_BYTES:
         raise FirebaseError(f"{where}: key {key[:60]!r} is not allowed in Firebase (no . $ # [ ] / or control "
@@ -7922,6 +7891,11 @@ class RestTransport:
         raise FirebaseError(f"{method} {path}: {response.status_code} ({kind}) without the data written: not "
                             "counted as written; is FIREBASE_DATABASE_URL a Realtime Database, not a proxy or "
                             "captive portal?")
+
+
+# A Realtime Database as paths (below the base path) holding JSON, with ETag conditions: get, put (if-match), patch,
+# child_keys, flush, and its description and bytes_sent for the report.
+FirebaseTransport = LocalMirrorTransport | RestTransport
 
 
 def same_stored(a: Any, b: Any) -> bool:
@@ -8386,11 +8360,11 @@ class RunResult:
     def exit_code(self) -> int:
         """130/143 after a signal; 3 when something needs a look; else the idle reason's code (``idle_reason``)."""
         if self.signal is not None:
-            return EXIT_SIGNALS.get(self.signal, 128 + self.signal)
+            return ExitCode(128 + self.signal)
         needs_a_look = (self.status == "deadline" or self.firebase_failed or self.claude_unavailable
                         or self.failed_members or self.empty_input)
-        idle = self.idle.exit_code if self.idle is not None else EXIT_OK
-        return EXIT_ATTENTION if needs_a_look else idle
+        idle = self.idle.exit_code if self.idle is not None else ExitCode.OK
+        return ExitCode.ATTENTION if needs_a_look else idle
 
 
 class ReturnToTable:
@@ -9843,7 +9817,7 @@ def run_measure(args: argparse.Namespace, env: Mapping[str, str] | None, mongo_c
     for problem in measure_problems(report, source):
         print(problem, file=sys.stderr)
     needs_a_look = report["errors"] or report["empty_input"] or report["events_note"]  # MEASURE_EXIT_CODES_HELP
-    return EXIT_ATTENTION if needs_a_look or not report["campaigns_measured"] else EXIT_OK
+    return ExitCode.ATTENTION if needs_a_look or not report["campaigns_measured"] else ExitCode.OK
 
 
 def measure_problems(report: Mapping[str, Any], source: DataSource) -> list[str]:
@@ -10611,7 +10585,7 @@ def backtest(args: argparse.Namespace, env: Mapping[str, str] | None, mongo_clie
     print(f"Report: {path} (and .json)")
     if report["pooled"]["returned"] == 0:
         print("warning: nobody came back within any window: nothing was scored", file=sys.stderr)
-    return EXIT_ATTENTION if screened.empty or report["pooled"]["returned"] == 0 else EXIT_OK
+    return ExitCode.ATTENTION if screened.empty or report["pooled"]["returned"] == 0 else ExitCode.OK
 
 
 # =============================================================================================
@@ -10686,7 +10660,7 @@ class OneLineParser(argparse.ArgumentParser):
 
     def error(self, message: str) -> Any:
         print(f"error: {message} (see --help)", file=sys.stderr)
-        raise SystemExit(EXIT_USAGE)
+        raise SystemExit(ExitCode.USAGE)
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -10885,7 +10859,7 @@ def handle_stop_signals(control: RunControl) -> Any:
         name = signal.Signals(signum).name
         if control.signal is not None:
             os.write(2, f"error: {name} again: stopped at once; the report was not written\n".encode())
-            os._exit(EXIT_SIGNALS.get(signal.Signals(signum), 128 + signum))
+            os._exit(128 + signum)
         control.request_stop(signum)
         if sys.stderr.isatty():  # an operator at a terminal hears at once; cron mail gets the one final line
             os.write(2, f"warning: {name}: finishing the members in flight, then writing the report "
@@ -10976,7 +10950,7 @@ def raw_main(name: str, parser: argparse.ArgumentParser, program: Any, argv: Seq
         except KeyboardInterrupt as exc:  # Ctrl-C, or ``Interrupted`` (SIGINT/SIGTERM)
             signum = exc.args[0] if isinstance(exc, Interrupted) else signal.SIGINT
             return error_line(f"{name} interrupted by {signal.Signals(signum).name}; stopped at once, nothing "
-                              "half-written", EXIT_SIGNALS[signal.Signals(signum)])
+                              "half-written", ExitCode(128 + signum))
         except Exception as exc:  # out of memory anywhere (here, a helper ``Worker``, a member's thread); else a bug
             if not out_of_memory(exc):
                 raise

@@ -438,7 +438,7 @@ def test_a_member_that_crashes_is_skipped_as_failed_and_the_others_are_saved(
     monkeypatch.setattr(rtt, "write_template_sms", crashing)
     out = tmp_path / "out"
     run = run_main(["--source", str(firebase_world), "--now", FIREBASE_NOW_ISO, "--llm", "off"], out, rest_env(db))
-    assert run.code == rtt.EXIT_ATTENTION and "Traceback" not in run.err
+    assert run.code == rtt.ExitCode.ATTENTION and "Traceback" not in run.err
     ranked = ranked_ids(10)
     others = ranked[:3] + ranked[4:]
     assert [m["user_id"] for m in items_of(db, "matches")] == others
@@ -491,7 +491,7 @@ def assert_every_list_reported_unwritten(not_written: list[str]) -> None:
 
 def test_401_wrong_token_exits_non_zero(db: FakeRealtimeDatabase, cli: Cli) -> None:
     run = cli(rest_env(db, WRONG_TOKEN))
-    assert run.code == rtt.EXIT_ATTENTION
+    assert run.code == rtt.ExitCode.ATTENTION
     assert db.data is None
 
 
@@ -505,7 +505,7 @@ def test_401_wrong_token_prints_one_line_about_credentials_on_stderr(db: FakeRea
 
 def test_401_wrong_token_still_leaves_complete_local_files(db: FakeRealtimeDatabase, cli: Cli) -> None:
     run = cli(rest_env(db, WRONG_TOKEN))
-    assert run.code == rtt.EXIT_ATTENTION
+    assert run.code == rtt.ExitCode.ATTENTION
     processed = run.root / "data" / "processed"
     assert (processed / "matches.json").is_file(), "no local matches after a 401"
     assert sorted(m["user_id"] for m in run.matches) == sorted(ranked_ids(10))
@@ -514,7 +514,7 @@ def test_401_wrong_token_still_leaves_complete_local_files(db: FakeRealtimeDatab
 
 def test_401_wrong_token_report_lists_what_was_not_written(db: FakeRealtimeDatabase, cli: Cli) -> None:
     run = cli(rest_env(db, WRONG_TOKEN))
-    assert run.code == rtt.EXIT_ATTENTION
+    assert run.code == rtt.ExitCode.ATTENTION
     assert list((run.root / "reports").glob("*.json")), "no report after a 401"
     not_written = run.report()["firebase"]["not_written"]
     assert_every_list_reported_unwritten(not_written)
@@ -526,7 +526,7 @@ def test_401_on_writes_only_keeps_local_files_and_reports_every_unwritten_path(
     db.fail_next(401, count=1000, method="PUT", body={"error": "Permission denied"})
     db.fail_next(401, count=1000, method="PATCH", body={"error": "Permission denied"})
     run = cli(rest_env(db))
-    assert run.code == rtt.EXIT_ATTENTION
+    assert run.code == rtt.ExitCode.ATTENTION
     assert db.data is None
     assert len(run.matches) == len(run.messages) == 10
     assert_every_list_reported_unwritten(run.report()["firebase"]["not_written"])
@@ -552,7 +552,7 @@ def test_a_count_update_that_keeps_failing_takes_the_item_back_so_count_and_item
     seed_lists(db)
     db.fail_next(503, count=100, method="PATCH", path=f"{BASE}/matches")
     run = cli(rest_env(db))
-    assert run.code == rtt.EXIT_ATTENTION
+    assert run.code == rtt.ExitCode.ATTENTION
     in_firebase = set(keys_of(items_of(db, "matches")))  # items_of: count == number of items
     assert in_firebase == {("u-old", "ev-old")}  # the item written before its count was taken back
     listed = listed_unwritten(run, "matches")
@@ -567,7 +567,7 @@ def test_a_connection_dropped_on_the_count_update_leaves_count_equal_to_items(
     seed_lists(db)
     db.fail_next(0, count=4, method="PATCH", path=f"{BASE}/{key}")  # every try of the first count update dropped
     run = cli(rest_env(db))
-    assert run.code == rtt.EXIT_ATTENTION and "Traceback" not in run.err
+    assert run.code == rtt.ExitCode.ATTENTION and "Traceback" not in run.err
     for name in ("matches", "messages"):
         assert items_of(db, name)[0]["user_id"] == "u-old"  # items_of asserts count == number of items
     assert not listed_unwritten(run, key) & set(keys_of(items_of(db, key)))
@@ -588,7 +588,7 @@ def test_an_item_that_cannot_be_taken_back_has_its_count_healed_by_the_end_of_th
             db.fail_next(0, count=4, method="PUT", path=f"{BASE}/matches/matches/1")
 
     run = cli(rest_env(db))
-    assert run.code == rtt.EXIT_ATTENTION
+    assert run.code == rtt.ExitCode.ATTENTION
     old, kept = items_of(db, "matches")  # the item stayed, and the count was healed to 2
     assert old["user_id"] == "u-old"
     assert (kept["user_id"], kept["event_id"]) not in listed_unwritten(run, "matches")
@@ -601,7 +601,7 @@ def test_a_match_whose_message_could_not_be_written_is_not_written_and_listed_so
     seed_lists(db)
     db.fail_next(0, count=4, method="PUT", path=f"{BASE}/messages/messages/4")  # the fourth new message: dropped
     run = cli(rest_env(db))
-    assert run.code == rtt.EXIT_ATTENTION
+    assert run.code == rtt.ExitCode.ATTENTION
     messages, matches = keys_of(items_of(db, "messages"))[1:], keys_of(items_of(db, "matches"))[1:]
     assert len(messages) == 3 and set(matches) <= set(messages)  # no match without its message
     unwritten = listed_unwritten(run, "matches")
@@ -620,7 +620,7 @@ def test_token_never_appears_in_logs_reports_or_console(db: FakeRealtimeDatabase
 
 def test_wrong_token_never_appears_in_logs_reports_or_console(db: FakeRealtimeDatabase, cli: Cli) -> None:
     run = cli(rest_env(db, WRONG_TOKEN), "--verbose")
-    assert run.code == rtt.EXIT_ATTENTION
+    assert run.code == rtt.ExitCode.ATTENTION
     assert WRONG_TOKEN not in run.all_text()
 
 
@@ -641,7 +641,7 @@ def test_rerun_of_the_same_campaign_adds_no_match_or_message(db: FakeRealtimeDat
     assert cli(rest_env(db)).code == 0
     matches, messages = items_of(db, "matches"), items_of(db, "messages")
     second = cli(rest_env(db))
-    assert second.code == rtt.EXIT_OK and second.err == ""  # the day's --limit was drafted: nothing to look at
+    assert second.code == rtt.ExitCode.OK and second.err == ""  # the day's --limit was drafted: nothing to look at
     assert second.report()["no_message"]["reason"] == rtt.IdleReason.DAY_LIMIT_DRAFTED.value
     assert second.report()["summary"]["total_messages_generated"] == 0
     assert second.report()["summary"]["users_left_out_by_cooldown"] == 10
@@ -668,7 +668,7 @@ def test_run_that_selects_no_one_leaves_users_and_events_as_they_were(db: FakeRe
     users, events = db.get_rendered(f"{BASE}/users"), db.get_rendered(f"{BASE}/events")
     later = iso(FIREBASE_NOW + timedelta(days=1))
     second = cli(rest_env(db), "--now", later)
-    assert second.code == rtt.EXIT_ATTENTION  # nobody selected: a day without a message
+    assert second.code == rtt.ExitCode.ATTENTION  # nobody selected: a day without a message
     assert second.report()["statistics"]["users_processed"] == 0
     assert db.get_rendered(f"{BASE}/users") == users
     assert db.get_rendered(f"{BASE}/events") == events
@@ -1271,7 +1271,7 @@ def test_service_account_token_refusal_exits_non_zero_without_leaking_the_key(
         db: FakeRealtimeDatabase, cli: Cli, service_account_file: Path, token_server: TokenEndpoint) -> None:
     token_server.status = 400
     run = cli({"FIREBASE_DATABASE_URL": db.url, "GOOGLE_APPLICATION_CREDENTIALS": str(service_account_file)})
-    assert run.code == rtt.EXIT_ATTENTION  # done, Firebase writes listed
+    assert run.code == rtt.ExitCode.ATTENTION  # done, Firebase writes listed
     assert db.data is None
     lines = [line for line in run.err.splitlines() if line.strip()]
     assert len(lines) == 1 and "token" in lines[0].lower(), run.err
@@ -1354,7 +1354,7 @@ class HtmlSite(LoopbackServer):
 def test_a_url_that_is_not_a_realtime_database_fails_cleanly_with_a_report(cli: Cli) -> None:
     with HtmlSite() as site:
         run = cli({"FIREBASE_DATABASE_URL": site.url, "FIREBASE_AUTH_TOKEN": TOKEN})
-    assert run.code == rtt.EXIT_ATTENTION  # done, Firebase writes listed
+    assert run.code == rtt.ExitCode.ATTENTION  # done, Firebase writes listed
     assert run.err.startswith("error: ") and run.err.count("\n") == 1 and "not JSON" in run.err
     assert "Traceback" not in run.err
     assert len(run.messages) == 10 and run.report()["firebase"]["not_written"]
@@ -1370,6 +1370,6 @@ def test_items_written_before_a_mid_run_failure_are_reported_as_written(
             db.fail_next(400, body={"error": "quota"})
 
     run = cli(rest_env(db))
-    assert run.code == rtt.EXIT_ATTENTION  # done, Firebase writes listed
+    assert run.code == rtt.ExitCode.ATTENTION  # done, Firebase writes listed
     assert "matches (3 items before the failure)" in run.report()["firebase"]["written"]
     assert len(items_of(db, "matches")) == 3
