@@ -71,16 +71,14 @@ def out_of_memory(exc: BaseException) -> bool:
 
 
 def stop_at_once(signum: int, _frame: object) -> None:
-    """SIGINT or SIGTERM outside a run's steps (starting, parsing, checking settings, after the report): one line,
-    exit 130/143 at once; nothing is held then, every file is written atomically. ``os.write`` re-enters no stream."""
+    """SIGINT or SIGTERM outside a run's steps: one line, exit 130/143 at once (nothing is held then)."""
     name = signal.Signals(signum).name
     os.write(2, f"error: interrupted by {name}; stopped at once (no run's steps were under way)\n".encode())
     os._exit(128 + signum)
 
 
 def uncaught(kind: type[BaseException], exc: BaseException, traceback: object) -> None:
-    """The script's last resort (``sys.excepthook``): out of memory anywhere ``main`` does not see it (the
-    imports below, the arguments) is one line and exit 1; any other uncaught exception is a bug: shown."""
+    """``sys.excepthook``: out of memory where ``main`` cannot see it is one line and exit 1; anything else a bug."""
     if out_of_memory(exc):
         os.write(2, f"error: {OUT_OF_MEMORY}\n".encode())
         os._exit(1)
@@ -180,8 +178,7 @@ MAX_INVITES_PER_SPOT = 100.0  # above this the ratio is a typo, not a policy
 MAX_INVITES_PER_EVENT = 100_000
 
 class ExitCode(IntEnum):
-    """The exit codes: the table in the README and in --help. 3 tells cron "done, but look at the report".
-    Every error reaches one of them through one funnel (``raw_main``), for the campaign and each subcommand."""
+    """The exit codes (the README's and --help's table); every error reaches one through ``raw_main``."""
 
     OK = 0  # done cleanly
     FAILURE = 1  # failed, no campaign produced (source unreadable, MongoDB unreachable, out of disk)
@@ -258,8 +255,7 @@ class RunControl:
         return self.status != "completed"
 
     def until_deadline(self) -> float:
-        """Seconds left until the deadline (``math.inf`` without one): how long the run may wait for a helper
-        of its own work. A signal does not cut it, as it cuts ``budget``: the report still needs that work."""
+        """Seconds left until the deadline (``math.inf`` without one); a signal does not cut it: the report needs it."""
         return max(0.0, self.deadline - self.clock())
 
     def budget(self, wanted: float) -> float:
@@ -270,8 +266,7 @@ class RunControl:
 
 
 class Worker:
-    """``fn()`` in a daemon thread whose value, or exception (a MemoryError too), reaches the thread that waits for
-    it, never lost or printed in its own. Every helper thread of a run is one (``bounded_call``): waits are bounded."""
+    """``fn()`` in a daemon thread; its value or exception (a MemoryError too) reaches the thread that waits."""
 
     def __init__(self, fn: Any, name: str) -> None:
         self._box: dict[str, Any] = {}
@@ -285,8 +280,7 @@ class Worker:
             self._box["error"] = exc
 
     def wait(self, seconds: float, what: str) -> Any:
-        """The value, once ``fn`` is done within ``seconds`` of wall time (``math.inf``: no bound); its
-        exception raised here; ServiceTimeout when it overruns (the thread is abandoned, a daemon)."""
+        """``fn``'s value (or exception) once done within ``seconds`` (``math.inf``: unbounded); else ServiceTimeout."""
         self.thread.join(None if math.isinf(seconds) else max(seconds, 0.0))
         if self.thread.is_alive():
             raise ServiceTimeout(f"{what}: not done within {seconds:.0f} s")
@@ -299,8 +293,7 @@ UNTIL_THE_DEADLINE = "(waited for until the run's --deadline-minutes)"  # a help
 
 
 def bounded_call(fn: Any, seconds: float, what: str) -> Any:
-    """``fn()`` waited for at most ``seconds`` of wall time, which per-read socket timeouts cannot promise (a server
-    may answer one byte at a time); an overrun is abandoned (a daemon thread) and raises ServiceTimeout."""
+    """``fn()`` waited for at most ``seconds`` of wall time (socket timeouts cannot promise that): ServiceTimeout."""
     return Worker(fn, f"call-{what}").wait(seconds, what)
 
 
@@ -387,8 +380,7 @@ class SmsPolicy:
         return policy
 
     def compliance_problem(self) -> str | None:
-        """Why a run may not write messages for review with this policy, or None: every message names the
-        sender and says how to stop, unless SMS_OPT_OUT_TEXT=none says the sending system adds that."""
+        """Why a run may not write messages for review (no sender or opt-out text, unless ``none``), or None."""
         if self.opt_out_added_later or (self.sender and self.opt_out_text):
             return None
         missing = " and ".join(name for name, value in (("SMS_SENDER", self.sender),
@@ -398,8 +390,7 @@ class SmsPolicy:
                 "the opt-out; --dry-run and --demo need neither")
 
     def with_samples(self) -> SmsPolicy:
-        """The demo's policy: its messages carry a sender and an opt-out text, the sample ones wherever
-        none is configured (SMS_OPT_OUT_TEXT=none included: the demo has no sending system)."""
+        """The demo's policy: the sample sender and opt-out text wherever none is configured (``none`` included)."""
         return replace(self, sender=self.sender or DEMO_SENDER, opt_out_text=self.opt_out_text or DEMO_OPT_OUT_TEXT,
                        opt_out_added_later=False)
 
@@ -415,8 +406,7 @@ CONFIG_PREFIXES = ("MONGO_", "FIREBASE_", "GOOGLE_APPLICATION_CREDENTIALS", "ANT
 
 @dataclass(frozen=True)
 class Settings:
-    """What the environment (and ``.env``) configures: services, secrets and the campaign zone. No secret, host
-    or database name has a default here: an unset value means "not configured"."""
+    """What the environment (over ``.env``) configures; no secret, host or database name has a default."""
 
     mongo_uri: str | None = None
     mongo_db_name: str | None = None
@@ -560,8 +550,7 @@ class RunOptions:
 
     @property
     def data_dir(self) -> Path:
-        """Where the run keeps ``raw/`` and ``processed/``: a rehearsal (``--dry-run``) its own place,
-        ``data/dry-run/``, so it never overwrites what a live run left for the reviewers."""
+        """``data/``, or ``data/dry-run/`` for a rehearsal: it never overwrites what a live run left for reviewers."""
         return self.out_dir / "data" / DRY_RUN_NAME if self.dry_run else self.out_dir / "data"
 
     def report_stem(self, campaign_id: str) -> Path:
@@ -582,8 +571,7 @@ class QuietFileHandler(logging.FileHandler):
 
 @dataclass(frozen=True)
 class ConsoleFilter:
-    """The console's ``level``, except that the final summary line (``extra={"summary": True}``) always shows,
-    and a line for the log file only (``FILE_ONLY``: an error ``raw_main`` prints on stderr) never does."""
+    """The console's ``level``; the summary line (``extra={"summary": True}``) always shows, ``FILE_ONLY`` never."""
 
     level: int
 
@@ -648,8 +636,7 @@ def close_logging(logger: logging.Logger) -> None:
 
 @contextlib.contextmanager
 def run_lock(out_dir: Path) -> Iterator[None]:
-    """One run at a time per ``--out``: ``flock`` on a lock file, released by the kernel when the process
-    ends, however it ends, so a killed run leaves no stale lock."""
+    """One run at a time per ``--out``: a ``flock`` the kernel releases however the process ends."""
     path = out_dir / LOCK_FILE
     try:
         fd = os.open(path, os.O_RDWR | os.O_CREAT, 0o600)
@@ -772,8 +759,7 @@ def write_json_items(path: Path, items: Iterable[bytes], *, private: bool = Fals
 
 
 def json_item(value: Any) -> bytes:
-    """One item of a list as ``dump_json`` writes it inside the list: indented one level (a raw line feed
-    in JSON is only layout, strings escape theirs)."""
+    """One item of a list as ``dump_json`` writes it inside the list: indented one level."""
     return b"  " + json_bytes(value).replace(b"\n", b"\n  ")
 
 
@@ -807,8 +793,7 @@ def write_text_private(path: Path, text: str) -> None:
 
 
 def write_raw(path: Path, docs: Iterable[Mapping[str, Any]]) -> int:
-    """What was read, as a relaxed Extended JSON array readable by the owner only (personal data), streamed
-    document by document as ``docs`` yields them (a cursor is written as it is read); returns how many."""
+    """Documents as a relaxed Extended JSON array, owner-only, streamed as ``docs`` yields them; returns how many."""
     written = 0
 
     def encoded() -> Iterator[bytes]:
@@ -822,8 +807,7 @@ def write_raw(path: Path, docs: Iterable[Mapping[str, Any]]) -> int:
 
 
 def copy_raw(path: Path, source: Path) -> None:
-    """A source file's bytes, readable by the owner only: ``data/raw/`` keeps exactly what was read. A JSON
-    array is copied as it is (without a byte-order mark); JSON Lines become an array of the same lines' bytes."""
+    """A source file's bytes, owner-only: a JSON array as it is (no byte-order mark), JSON Lines as an array."""
 
     def write(handle: Any) -> None:
         handle.flush()
@@ -6738,8 +6722,7 @@ def facts_prompt(facts: MessageFacts, user: Mapping[str, Any]) -> str:
 
 
 def length_budget(facts: MessageFacts) -> tuple[int, int, str]:
-    """(the text's limit, what the sender, opt-out text and link take of it, the encoding), as the template
-    would write it: UCS-2's 134 when a name or one of those strings is outside GSM-7."""
+    """(limit, what sender, opt-out text and link take of it, encoding), as the template would write it."""
     fixed = dress(facts, "", "")
     size = sms_size(f"{fixed} {facts.first_name or ''} {facts.event_name}")
     return size.limit, sms_size(fixed).units, size.encoding
@@ -6831,8 +6814,7 @@ def check_match_answer(answer: Mapping[str, Any], candidates: Sequence[Candidate
 
 @dataclass
 class CallSlot:
-    """One Claude call's claim on a slot (changed under ``ClaudeAdvisor``'s lock): ``held`` while an attempt is
-    on the wire or its answer checked, ``parked`` while the SDK waits to retry, ``over`` once given up."""
+    """One Claude call's claim on a slot: ``held`` on the wire, ``parked`` while the SDK backs off, then ``over``."""
 
     held: bool = False
     parked: bool = False
@@ -6926,8 +6908,7 @@ class ClaudeAdvisor:
                 self._lock.wait(0.1)
 
     def _resume(self, slot: CallSlot, sending: bool) -> None:
-        """A parked call takes a slot again before its next attempt (``sending``: ClaudeDown once Claude is down
-        or the call given up), or before its failure is counted (not waited for once Claude is down)."""
+        """A parked call takes a slot again before its next attempt (``sending``) or before its failure is counted."""
         with self._lock:
             self.resuming += 1
             try:
@@ -7034,8 +7015,7 @@ class ClaudeAdvisor:
         raise InvalidAnswer(f"invalid twice: {problem}")
 
     def _count_failure(self, exc: Exception) -> None:
-        """Stop calling for the run after a credentials error, a timeout or a run of failures (errors and
-        invalid answers alike)."""
+        """Stop calling for the run after a credentials error, a timeout or a run of failed or invalid answers."""
         import anthropic
 
         fatal = (anthropic.AuthenticationError, anthropic.PermissionDeniedError, anthropic.NotFoundError)
@@ -7538,8 +7518,7 @@ def storable_keys(keys: Sequence[str]) -> dict[str, str | None]:
 
 
 def firebase_ready(value: Any, changes: set[KeyChange] | None = None) -> Any:
-    """A document made storable key by key (``storable_keys``); each key renamed or dropped is added to
-    ``changes`` as ``(key as found, stored key or None)`` for the report."""
+    """A document made storable key by key (``storable_keys``), each change added to ``changes`` for the report."""
     if isinstance(value, list):
         return [firebase_ready(v, changes) for v in value]
     if not isinstance(value, Mapping):
@@ -7565,8 +7544,7 @@ CANONICAL_INDEX = re.compile(r"^(0|[1-9][0-9]*)$")
 
 
 def rtdb_render(value: Any) -> Any:
-    """What a read returns: an object whose keys are all integers, the largest below twice their count,
-    comes back as an array (holes read as null), as the database does."""
+    """What a read returns: an object keyed by integers (the largest below twice their count) reads as an array."""
     if not isinstance(value, Mapping):
         return value
     rendered = {k: rtdb_render(v) for k, v in value.items()}
@@ -7645,8 +7623,7 @@ class LocalMirrorTransport:
         return tree
 
     def _names(self, segments: list[str]) -> list[str]:
-        """The children of the folder at ``segments`` (above the file level), a file named by its key, after
-        what this process holds back is written; FirebaseError when a symbolic link leads to the folder."""
+        """The children of the folder at ``segments`` (a file named by its key), once what is held back is written."""
         self.flush()
         folder = self.root.joinpath(*segments)
         try:
@@ -7948,8 +7925,7 @@ def service_account_tokens(credentials_file: str) -> Any:
 
 
 def listing_entries(value: Any, key: str) -> list[Any]:
-    """Every entry of a dashboard list in index order, holes dropped, whatever shape it came back in:
-    ``{key: [...]}``, ``{key: {"0": ...}}`` once holes made it an object, or a bare array at the path."""
+    """A dashboard list's entries in index order, holes dropped, whatever shape (array, object, bare array) it has."""
     items = value.get(key) if isinstance(value, Mapping) else value
     if isinstance(items, Mapping):
         def index(k: Any) -> tuple[int, Any]:
@@ -8008,8 +7984,7 @@ class DashboardList:
         return (str(item.get("user_id", "")), str(item.get("event_id", "")))
 
     def open(self, snapshot: tuple[Any, str] | None = None) -> DashboardList:
-        """Read the list (or take a ``(value, etag)`` just read), healing it if needed; a location that holds
-        something other than a dashboard list is never rewritten."""
+        """Read the list (or take a ``(value, etag)`` just read) and heal it; a location holding no list is left."""
         value, etag = snapshot if snapshot is not None else self.transport.get(self.path)
         for _attempt in range(self.MAX_TRIES):
             inner = value.get(self.key) if isinstance(value, Mapping) else None
@@ -8141,16 +8116,13 @@ class DashboardWriter:
         return recent
 
     def read_history(self, day: tuple[datetime, datetime], seats_since: datetime) -> DashboardHistory:
-        """What the dashboard already holds of this tool's work (``tally_history``): the campaign day's
-        messages and holdout records, and the open invitations per event since ``seats_since``. A dry run
-        reads too (it counts what a real run would); FirebaseError when unreadable."""
+        """The dashboard's messages and holdout records of the campaign day and open invitations (dry runs too)."""
         if self.transport is None:
             return DashboardHistory()
         return tally_history(self._records("messages"), self._records("holdout"), day, seats_since)
 
     def recent_members(self, since: datetime) -> tuple[int, int] | None:
-        """How many members the dashboard holds a message for and a holdout record for at or after ``since``,
-        each once: the report's last-30-days holdout power. None without a dashboard or when unreadable."""
+        """Members with a message, and with a holdout record, since ``since`` (the report's power); None: unknown."""
         if self.transport is None or self.stood_down:
             return None
         try:  # the report says "unknown"; the cooldown decides what a failed read costs
@@ -8162,8 +8134,7 @@ class DashboardWriter:
         return len(found[0]), len(found[1])
 
     def claim_campaign(self, first_id: str, next_id: Any, tries: int = 60) -> str:
-        """The campaign id, claimed with a create-only write of its metadata (``if-match: null_etag``), the
-        next id while one is taken: two machines never share an archive. Without writes: ``first_id``."""
+        """The campaign id, claimed by a create-only write of its metadata (the next while taken); else ``first_id``."""
         campaign_id = first_id
         for _attempt in range(tries):
             if not self.writes:
@@ -8211,8 +8182,7 @@ class DashboardWriter:
 
     def submit(self, rank: int, match: Match | None, message: Message | None,
                holdout: HoldoutRecord | None = None) -> None:
-        """One member's result, written once every member ranked above it is final (rank order); after the
-        run stood down each item is listed as not written."""
+        """One member's result, written once every member ranked above it is final (rank order)."""
         if self.transport is None or self.dry_run:
             return
         self._waiting[rank] = (match, message, holdout)
@@ -8253,8 +8223,7 @@ class DashboardWriter:
         return True
 
     def heal_counts(self) -> None:
-        """Each list a write failed on read again and healed (``DashboardList.open``): its ``count`` is its
-        number of items again, whatever a dropped connection left."""
+        """Each list a write failed on, read again and healed: its ``count`` is its number of items again."""
         for key in sorted(self.broken & self.lists.keys()):
             try:
                 self.lists[key].open()
@@ -8316,8 +8285,7 @@ class DashboardWriter:
         self.logger.info("Step 7: nothing drafted, no campaign archived and the dashboard left as it was")
 
     def summary(self) -> dict[str, Any]:
-        """The report's ``firebase`` section; ``keys_renamed``/``keys_dropped`` count distinct key changes, the
-        first ones named as ``'a.b' -> 'a_b_<digest>'`` (long keys shortened, odd characters escaped)."""
+        """The report's ``firebase`` section; distinct key changes counted, the first ones named (``'a.b' -> ...``)."""
 
         def shown(key: str) -> str:
             return repr(key) if len(key) <= 40 else f"{key[:40]!r}... ({len(key.encode('utf-8', 'surrogatepass'))} bytes)"
@@ -8368,8 +8336,7 @@ class RunResult:
 
 
 class ReturnToTable:
-    """One campaign run: the plan's eight steps in order (pure functions above, steps 5-6 a ``MemberWalk``),
-    and the I/O at the edges: the source, the dashboard (``DashboardWriter``) and the files under ``--out``."""
+    """One campaign run: the plan's eight steps in order, and the I/O at the edges (source, dashboard, ``--out``)."""
 
     def __init__(self, options: RunOptions, settings: Settings, logger: logging.Logger, *,
                  source: DataSource, dashboard: DashboardWriter, hoods: NeighbourhoodMap,
@@ -8399,8 +8366,7 @@ class ReturnToTable:
     # --- step 1: fetch, find and rank the dormant members -----------------------------------
 
     def fetch(self) -> StepOneInput:
-        """The source's records, screened (``screen_records``; ``data/raw/`` keeps them as read), with the
-        activity and statuses a counting source counted."""
+        """The source's records, screened (``data/raw/`` keeps them as read), with what a counting source counted."""
         data = read_source(self.source, self.options.now, reading_progress if self.options.progress else None)
         self.issues.add("unreadable_extended_json_values", data.bad_values)
         self.issues.add_all(data.skipped)
@@ -8468,8 +8434,7 @@ class ReturnToTable:
         return recent | self.history.today_members
 
     def select(self, census: DormancyCensus) -> list[tuple[int, DormantMember]]:
-        """The eligible members outside the cooldown as ``(rank, member)`` for the walk (which checks each one's
-        phone and opt-out: ``reachable``); the others get ``cooldown``."""
+        """The eligible members outside the cooldown as ``(rank, member)`` for the walk; the others get ``cooldown``."""
         recent = self.cooldown()
         phones = list(self.dashboard.recent_phones)  # the numbers contacted within the cooldown ...
         walk: list[tuple[int, DormantMember]] = []
@@ -10625,8 +10590,7 @@ MAX_RESAMPLES = 100_000
 
 
 def at_most(kind: Any, most: float, unit: str = "") -> Any:
-    """The flag type ``kind`` (``positive_int`` ...) up to ``most``: more is one line and exit 2, never an
-    overflow deep in the run."""
+    """The flag type ``kind`` up to ``most``: more is one line and exit 2, never an overflow deep in the run."""
     return number_type(kind.__name__, kind, lambda value: value <= most, f"must be at most {most:,}{unit}")
 
 
@@ -10820,8 +10784,7 @@ def make_source(options: RunOptions, settings: Settings, logger: logging.Logger,
 
 def make_dashboard(options: RunOptions, settings: Settings, logger: logging.Logger,
                    control: RunControl | None = None) -> DashboardWriter:
-    """The dashboard: the REST API when configured (never in --demo), else the local mirror. A dry run gets
-    one too, to read who was messaged recently; it writes nothing."""
+    """The REST API when configured (never in --demo), else the local mirror; a dry run reads it, writes nothing."""
     transport: FirebaseTransport
     if options.is_demo or not settings.firebase_url:
         mirror = options.out_dir / "data" / "firebase"
@@ -10843,8 +10806,7 @@ def make_dashboard(options: RunOptions, settings: Settings, logger: logging.Logg
 
 
 def on_stop_signals(handler: Any) -> Any:
-    """``handler`` for SIGINT and SIGTERM (in the main thread only: elsewhere Python refuses); returns a function
-    that puts the previous handlers back."""
+    """``handler`` for SIGINT and SIGTERM (main thread only); returns what puts the previous handlers back."""
     if threading.current_thread() is not threading.main_thread():
         return lambda: None
     previous = {s: signal.signal(s, handler) for s in (signal.SIGINT, signal.SIGTERM)}
@@ -10869,8 +10831,7 @@ def handle_stop_signals(control: RunControl) -> Any:
 
 
 class Interrupted(KeyboardInterrupt):
-    """SIGINT or SIGTERM (its number the argument) during a subcommand: unwinds as Ctrl-C does (exit 130/143, one
-    line, no report; its files are written atomically)."""
+    """SIGINT or SIGTERM (its number the argument) during a subcommand: unwinds as Ctrl-C does (exit 130/143)."""
 
     @classmethod
     def on_signal(cls, signum: int, _frame: Any) -> None:
@@ -10879,8 +10840,7 @@ class Interrupted(KeyboardInterrupt):
 
 def run_campaign(args: argparse.Namespace, env: Mapping[str, str] | None, mongo_client: Any,
                  closing: ExitStack) -> int:
-    """The campaign as ``raw_main`` runs a program: settings, the lock, the services, one campaign, the lines cron
-    mail should show (``report_problems``), its exit code."""
+    """The campaign as ``raw_main`` runs a program: settings, the lock, the services, one run, its exit code."""
     settings = Settings.from_env(env if env is not None else read_environment())
     weights = load_match_weights(settings.env)  # MATCH_WEIGHTS: a bad file is exit 2 before anything runs
     options = replace(resolve_options(args, settings), match_weights=weights.label, weights=weights,
