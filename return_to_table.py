@@ -6982,12 +6982,6 @@ class ClaudeAdvisor:
         finally:
             self._end(slot)
 
-    def _system(self, text: str, model: str) -> list[dict[str, Any]]:
-        block: dict[str, Any] = {"type": "text", "text": text}
-        if len(text) / 3 >= CACHE_MIN_TOKENS.get(model, CACHE_MIN_TOKENS_DEFAULT):  # ~3 characters a token
-            block["cache_control"] = {"type": "ephemeral"}
-        return [block]
-
     def _ask(self, step: str, model: str, system: str, prompt: str, schema: dict[str, Any],
              check: Any) -> Any:
         """One question with one corrective retry; returns the checked answer or raises InvalidAnswer."""
@@ -6997,11 +6991,14 @@ class ClaudeAdvisor:
         output_config: dict[str, Any] = {"format": {"type": "json_schema", "schema": schema}}
         if self.config.effort and not model.startswith(NO_EFFORT_MODELS):
             output_config["effort"] = self.config.effort
+        block: dict[str, Any] = {"type": "text", "text": system}
+        if len(system) / 3 >= CACHE_MIN_TOKENS.get(model, CACHE_MIN_TOKENS_DEFAULT):  # ~3 characters a token
+            block["cache_control"] = {"type": "ephemeral"}
         problem = ""
         for _attempt in (1, 2):
             try:
                 reply, answer, problem = self._call(step, check, model=model, max_tokens=2048,
-                                                    system=self._system(system, model), messages=messages,
+                                                    system=[block], messages=messages,
                                                     output_config=output_config)
             except (anthropic.APIError, ServiceTimeout, ClaudeDown) as exc:
                 raise InvalidAnswer(f"API error: {exc.__class__.__name__}") from None
@@ -7936,10 +7933,6 @@ def listing_entries(value: Any, key: str) -> list[Any]:
     return [item for item in items if item is not None]
 
 
-def as_item_list(value: Any, key: str) -> list[dict[str, Any]]:
-    return [item for item in listing_entries(value, key) if isinstance(item, Mapping)]
-
-
 class CountNotUpdated(FirebaseError):
     """The item was written, but not the list's ``count`` and ``updatedAt``, and it could not be taken back."""
 
@@ -8095,7 +8088,7 @@ class DashboardWriter:
         """The records of a dashboard list, read once a run (``open_lists`` reuses the read); FirebaseError."""
         if key not in self._cooldown_reads:
             self._cooldown_reads[key] = self.transport.get(key)
-        return as_item_list(self._cooldown_reads[key][0], key)
+        return [item for item in listing_entries(self._cooldown_reads[key][0], key) if isinstance(item, Mapping)]
 
     def recent_recipients(self, since: datetime) -> set[str]:
         """Members with a message generated, or a holdout record made, at or after ``since`` (both groups
@@ -8309,7 +8302,6 @@ class DashboardWriter:
 class RunResult:
     """What a run produced: the report and what ``main`` tells the operator. The exit-code rule lives here."""
 
-    campaign_id: str
     report: dict[str, Any]
     report_path: Path
     firebase: dict[str, Any]
@@ -8504,7 +8496,7 @@ class ReturnToTable:
         write_skip_list(self.data_dir, census.eligible, self.decisions)
         selected = [o.user for o in outcomes if not o.held_out]  # the treatment members the walk reached
         not_started = sum(code == "not_started" for code in self.decisions.values())
-        status = self.final_status(not_started)
+        status = self.control.status if self.control.signal is not None or not_started else "completed"
         if status != "completed":
             self.logger.warning("Run %s: %d members done; %d were not started", status, len(outcomes), not_started,
                                 extra=FILE_ONLY)  # stderr says it (``report_problems``): once in cron mail
@@ -8540,15 +8532,9 @@ class ReturnToTable:
                              *(text_field(e, "neighborhood") for e in future)]),
             volume=volume_report(self.volume, self.seats, len(messages), len(held_out)), idle=idle)
         report_path = write_report(options.report_stem(campaign_id), report, self.logger)
-        return RunResult(campaign_id, report, report_path, firebase, claude_down, status,
+        return RunResult(report, report_path, firebase, claude_down, status,
                          failed_members=sum(o.failed for o in outcomes), signal=self.control.signal,
                          empty_input=list(self.empty_input), idle=idle)
-
-    def final_status(self, not_started: int) -> str:
-        """``interrupted`` after a signal; ``deadline`` when the deadline left members unstarted."""
-        if self.control.signal is not None:
-            return "interrupted"
-        return "deadline" if not_started and self.control.stopping else "completed"
 
 
 def wait_first(running: set[Any]) -> tuple[set[Any], set[Any]]:
@@ -10881,10 +10867,10 @@ def main(argv: Sequence[str] | None = None, *, env: Mapping[str, str] | None = N
     traceback for bad input, a service failure, a full disk or a held lock. ``measure`` and ``backtest``
     as the first argument run those subcommands instead (same exit codes, same funnel: ``raw_main``)."""
     argv = list(sys.argv[1:] if argv is None else argv)
-    if argv[:1] == ["measure"]:  # did the campaigns bring anyone back, treated against the holdout (read-only)
-        return raw_main("measure", build_measure_parser(), run_measure, argv[1:], env, mongo_client)
-    if argv[:1] == ["backtest"]:  # would the rules matcher's picks have been events members went to (read-only)
-        return raw_main("backtest", backtest_parser(), backtest, argv[1:], env, mongo_client)
+    subcommands = {"measure": (build_measure_parser, run_measure), "backtest": (backtest_parser, backtest)}
+    if argv[:1] and argv[0] in subcommands:  # both read-only
+        parser, program = subcommands[argv[0]]
+        return raw_main(argv[0], parser(), program, argv[1:], env, mongo_client)
     return raw_main("the run", build_parser(), run_campaign, argv, env, mongo_client)
 
 

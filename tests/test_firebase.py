@@ -869,17 +869,17 @@ def test_rtdb_normalize_and_render_agree_with_the_fake(value: Any) -> None:
     assert rtdb_render(rtdb_normalize(value)) == fake.get_rendered("t")
 
 
-def test_as_item_list_puts_keys_that_are_not_array_indices_after_the_indices() -> None:
+def test_listing_entries_puts_keys_that_are_not_array_indices_after_the_indices() -> None:
     a, b, c, d = old_match("a"), old_match("b"), old_match("c"), old_match("d")
     pushed = {"-Nz1": c, "1": b, "\u00b2": d, "0": a}  # a push id and a non-ASCII digit are not indices
-    assert rtt.as_item_list({"m": pushed}, "m") == [a, b, c, d]
+    assert rtt.listing_entries({"m": pushed}, "m") == [a, b, c, d]
 
 
-def test_as_item_list_reads_both_shapes_in_index_order() -> None:
+def test_listing_entries_reads_both_shapes_in_index_order() -> None:
     a, b, c = old_match("a"), old_match("b"), old_match("c")
-    assert rtt.as_item_list({"m": {"10": c, "2": b, "0": a}}, "m") == [a, b, c]
-    assert rtt.as_item_list({"m": [a, None, b]}, "m") == [a, b]
-    assert rtt.as_item_list(None, "m") == [] and rtt.as_item_list({"count": 0}, "m") == []
+    assert rtt.listing_entries({"m": {"10": c, "2": b, "0": a}}, "m") == [a, b, c]
+    assert rtt.listing_entries({"m": [a, None, b]}, "m") == [a, b]
+    assert rtt.listing_entries(None, "m") == [] and rtt.listing_entries({"count": 0}, "m") == []
 
 
 # =============================================================================================

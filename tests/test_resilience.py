@@ -461,7 +461,7 @@ def test_help_shows_the_exit_code_table(run_cli):
 
 def result(**kwargs: Any) -> rtt.RunResult:
     firebase = {"not_written": kwargs.pop("not_written", []), "errors": kwargs.pop("errors", [])}
-    return rtt.RunResult(campaign_id="c", report={}, report_path=Path("r.json"), firebase=firebase,
+    return rtt.RunResult(report={}, report_path=Path("r.json"), firebase=firebase,
                          claude_unavailable=kwargs.pop("claude_unavailable", None), **kwargs)
 
 
