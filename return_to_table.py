@@ -229,8 +229,7 @@ class ServiceTimeout(ServiceError):
 
 
 class RunControl:
-    """When the run must stop starting new work: a signal (SIGINT/SIGTERM) or the deadline. Every remote call asks
-    it for its time budget, so no service holds the run past the deadline, nor past ``GRACE_SECONDS`` after a stop."""
+    """When the run stops starting new work (a signal, the deadline); every remote call's time budget comes from it."""
 
     def __init__(self, deadline_seconds: float | None = None, clock: Any = time.monotonic) -> None:
         self.clock = clock
@@ -308,8 +307,7 @@ class QuietHours(NamedTuple):
 
     @classmethod
     def setting(cls, text: str) -> QuietHours:
-        """``QUIET_HOURS`` (HH:MM-HH:MM, 24-hour), at least ``DEFAULT_QUIET_HOURS``: the hours it leaves for sending
-        lie within 8am-9pm local (a stricter window is fine); else a usage error that says which rule it breaks."""
+        """``QUIET_HOURS`` (HH:MM-HH:MM) covering at least ``DEFAULT_QUIET_HOURS`` (texts only 8am-9pm local)."""
         found = re.fullmatch(r"\s*(\d{1,2}):(\d{2})\s*-\s*(\d{1,2}):(\d{2})\s*", text)
         if not found:
             raise UsageError(f"QUIET_HOURS={text!r} must be HH:MM-HH:MM, e.g. 21:00-08:00")
@@ -681,8 +679,7 @@ def exists_without_links(path: Path, under: Path) -> bool:
 
 
 def read_regular_file(path: Path, under: Path, limit: int | None = None) -> bytes | None:
-    """The bytes of ``path``, a regular file inside ``under`` reached through no symbolic link, at most ``limit``
-    bytes, or None when missing: how files under ``--out`` are read back (a FIFO, a huge file: RefusedFile)."""
+    """``path``'s bytes (at most ``limit``), a regular file inside ``under`` reached through no link; None: missing."""
     limit = MAX_READ_BYTES if limit is None else limit
     if not exists_without_links(path, under):
         return None
@@ -733,8 +730,7 @@ JSON_CHUNK_ITEMS = 1000  # a list is written this many items at a time: never th
 
 
 def dump_json(value: Any, handle: Any) -> None:
-    """``value`` as ``json.dump(indent=2, ensure_ascii=False, default=str)`` lays it out, and a line feed; a list
-    ``JSON_CHUNK_ITEMS`` items at a time, each slice encoded as one list (``json_bytes``), its brackets dropped."""
+    """``value`` laid out as ``json.dump(indent=2)`` would, a list ``JSON_CHUNK_ITEMS`` items at a time."""
     if not isinstance(value, (list, tuple)) or not value:
         handle.flush()
         handle.buffer.write(json_bytes(value) + b"\n")
@@ -767,9 +763,8 @@ JSON_OPTIONS = (orjson.OPT_INDENT_2 | orjson.OPT_NON_STR_KEYS | orjson.OPT_PASST
 
 
 def json_bytes(value: Any) -> bytes:
-    """``value`` as indented UTF-8 JSON, through orjson when installed (the standard encoder is pure Python once
-    indented: seconds for a big member list); what orjson refuses (an integer beyond 64 bits, a lone surrogate)
-    the standard way. Both read back alike; float spellings may differ (``1e16``), NaN is null (``to_plain``)."""
+    """``value`` as indented UTF-8 JSON, through orjson (the standard encoder is pure Python once indented); what
+    orjson refuses (an integer beyond 64 bits, a lone surrogate) the standard way: both read back alike."""
     if orjson is not None:
         try:
             return orjson.dumps(value, default=str, option=JSON_OPTIONS)
@@ -6223,9 +6218,8 @@ DEMO_AREAS = ("212", "646", "917")  # NYC area codes: each demo member their own
 
 
 def build_demo_world(now: datetime) -> tuple[list[dict[str, Any]], list[dict[str, Any]]]:
-    """Fictional raw (users, events) as Mongo hands them over, so the CLI runs without a database: dormant,
-    active, churned and eventless users, and messy fields (missing keys, odd id and date shapes) the cleaning
-    code has to survive. Deterministic for a given ``now`` (fixed-seed RNG); all dates are relative to it."""
+    """Fictional raw (users, events) as Mongo hands them over, messy fields included (missing keys, odd id and
+    date shapes); deterministic for a given ``now`` (fixed-seed RNG), every date relative to it."""
     rng = random.Random(20240611)
     now = now.astimezone(UTC)
     interests = ["music", "clubbing", "food", "wine", "cocktails", "travel", "reading", "fashion", "finance", "outdoor",
@@ -6780,8 +6774,7 @@ MAX_OBJECT_STARTS = 100  # "{" tried by first_json_object: each failed try costs
 
 
 def first_json_object(text: str) -> dict[str, Any] | None:
-    """The first JSON object inside prose ("Here it is: {...}"), trying at most ``MAX_OBJECT_STARTS`` brackets
-    (a wall of them costs linear time); an object too deep for the decoder is an InvalidAnswer at once."""
+    """The first JSON object inside prose ("Here it is: {...}"), trying at most ``MAX_OBJECT_STARTS`` brackets."""
     decoder = json.JSONDecoder()
     starts = (i for i, ch in enumerate(text) if ch == "{")
     for start in itertools.islice(starts, MAX_OBJECT_STARTS):
@@ -6822,12 +6815,9 @@ class CallSlot:
 
 
 class ClaudeAdvisor:
-    """Claude's two jobs, each answer validated: choose a member's event, and write the SMS.
-
-    A bad or failed answer gets one corrective retry, then the caller falls back to the rules match or the
-    template. After a credentials error, a timeout or four failed calls in a row (each after the SDK's own
-    retries) it stops calling for the run: a revoked key or an outage costs seconds, not minutes.
-    """
+    """Claude's two jobs, each answer validated: choose a member's event, and write the SMS. A bad or failed answer
+    gets one corrective retry, then the caller falls back to the rules or the template. After a credentials
+    error, a timeout or four failed calls in a row it stops calling for the run (an outage costs seconds)."""
 
     MAX_CONSECUTIVE_FAILURES = 4
     MAX_QUOTED_ANSWER = 600  # characters of a bad answer quoted back in the corrective retry
@@ -6860,9 +6850,8 @@ class ClaudeAdvisor:
         return advisor
 
     def refuse_when_down(self, request: Any, call_next: Any) -> Any:
-        """SDK middleware around every attempt (retries included): nothing is sent once Claude is down or the
-        call was given up. A failed attempt with retries left parks its call (a 529 or 429 backing off holds
-        no slot); the next attempt takes a slot again before it is sent."""
+        """SDK middleware around every attempt: nothing is sent once Claude is down or the call given up; a failed
+        attempt with retries left parks its call (no slot held while backing off)."""
         slot = getattr(self._attempt, "slot", None)
         if slot is not None:
             self._resume(slot, sending=True)
@@ -6878,9 +6867,8 @@ class ClaudeAdvisor:
             self._attempted(slot, answered, retries_left=taken < self.config.max_retries)
 
     def _may_take(self, new: bool) -> bool:
-        """(Under the lock.) Slots held never exceed the failures still allowed in a row, so "stop after four
-        in a row" holds however many members run at once. A new call lets parked calls resume first and takes
-        a parked call's slot only while all is well: in an outage no more calls start."""
+        """(Under the lock.) Slots held never exceed the failures still allowed in a row; a new call lets parked
+        calls resume first and takes a parked call's slot only while all is well."""
         room = self.MAX_CONSECUTIVE_FAILURES - self.consecutive_failures
         if self.in_flight >= room:
             return False
@@ -6953,9 +6941,8 @@ class ClaudeAdvisor:
             self._attempt.slot = None
 
     def _call(self, step: str, check: Any, **request: Any) -> tuple[Any, Any, str]:
-        """One Messages API call (SDK retries included) within its time budget, checked while it holds its slot:
-        ``(reply, answer, "")``, or ``(reply, None, problem)``. An invalid answer counts as a failed call, so
-        "stop after four in a row" holds for a model that answers nonsense too."""
+        """One API call within its time budget, checked while it holds its slot: ``(reply, answer, problem)``; an
+        invalid answer counts as a failed call too."""
         slot = CallSlot()
         self._start_call(slot)
         try:
@@ -7579,10 +7566,8 @@ MIRROR_FILE_DEPTH = {"campaigns": 3}
 
 
 class LocalMirrorTransport:
-    """A file-backed Firebase under ``data/firebase/<base>/`` with the database's semantics (arrays, ETags,
-    stale conditional writes refused), so ``--demo`` and tests run production's merge logic. Files stay in
-    memory, written atomically at most every ``save_every`` seconds and at ``flush()``: a long run does not
-    rewrite a growing file per item."""
+    """A file-backed Firebase under ``data/firebase/<base>/`` with the database's semantics (arrays, ETags, stale
+    conditional writes refused); files kept in memory, saved at most every ``save_every`` s and at ``flush``."""
 
     def __init__(self, root: Path, base_path: str, save_every: float = SAVE_EVERY_SECONDS,
                  anchor: Path | None = None) -> None:
@@ -7720,12 +7705,8 @@ NO_BODY = object()
 
 
 class RestTransport:
-    """The Realtime Database REST API over httpx2 (installed with the anthropic SDK).
-
-    Every call has a timeout; 500/502/503/504 and connection errors are retried with backoff (GET, PUT
-    and PATCH are idempotent; nothing is POSTed). Credentials travel as ``auth=`` or an OAuth2 bearer
-    token from a service account, and never reach a log line or an error message.
-    """
+    """The Realtime Database REST API over httpx2: every call bounded, 5xx and connection errors retried with
+    backoff (nothing is POSTed); credentials (``auth=`` or a bearer token) never reach a log or an error."""
 
     RETRY_STATUSES = frozenset({500, 502, 503, 504})
 
@@ -7851,9 +7832,7 @@ class RestTransport:
 
     @staticmethod
     def _verify(response: Any, method: str, path: str, sent: Any) -> None:
-        """A write counts only when the answer's body is the JSON sent, as stored: the database echoes a PUT
-        or PATCH, so a 200 with anything else (a proxy's or captive portal's page) was not written by it.
-        ``print=silent`` is never used: its 204 would be believed from any server (a 204 is a FirebaseError)."""
+        """A write counts only when the body echoes what was sent (as stored): a proxy's 200 or any 204 is an error."""
         if response.status_code == 200:
             try:
                 echoed = response.json()
@@ -7938,13 +7917,9 @@ class CountNotUpdated(FirebaseError):
 
 
 class DashboardList:
-    """One appended dashboard list (``matches``, ``messages``, ``holdout``), grown item by item.
-
-    Opening reads it with its ETag and heals it (a reviewer's delete left a hole, numeric keys, a wrong
-    count) with a conditional write. Each item then goes to the next index with ``if-match: null_etag``,
-    so it only fills an empty slot and nothing of others' is overwritten; on a conflict the list is read
-    again. The merge key ``(user_id, event_id)`` keeps reruns from adding duplicates.
-    """
+    """One appended dashboard list (``matches``, ``messages``, ``holdout``), healed when opened; each item goes to
+    the next index with ``if-match: null_etag`` (it only fills an empty slot), re-read on a conflict; the
+    merge key ``(user_id, event_id)`` keeps reruns from adding duplicates."""
 
     MAX_TRIES = 8
 
@@ -7999,9 +7974,8 @@ class DashboardList:
         raise FirebaseError(f"{self.path}: gave up healing after {self.MAX_TRIES} conflicting writes")
 
     def counted(self, record: dict[str, Any], etag: str) -> None:
-        """The ``count`` set with the item just put at ``size``. When that fails (a dropped connection) the
-        item is taken back if still as written (a conditional delete): FirebaseError, it is not written;
-        CountNotUpdated when even that failed (the item stays; ``heal_counts`` sets the count at the end)."""
+        """The ``count`` set with the item just put; when that fails, the item is taken back (FirebaseError) or,
+        failing that too, stays (CountNotUpdated: ``heal_counts`` sets the count at the end)."""
         failure = None
         try:
             self.transport.patch(self.path, {"count": self.size + 1, "updatedAt": self.updated_at})
@@ -8039,13 +8013,8 @@ class DashboardList:
 
 
 class DashboardWriter:
-    """Step 7's one home: everything this run writes to the dashboard, and what it could not write.
-
-    The cooldown's reads (``recent_recipients``, ``read_history``), ``open_lists`` before the first result,
-    ``submit`` per member (written in rank order), ``save_campaign`` for the replaced lists and the archive,
-    and ``writes``, the one answer to "may this run write?". Failures never raise out of it: each is logged
-    once, kept in ``errors``, and what it cost is listed in ``not_written``.
-    """
+    """Step 7's one home: everything this run writes to the dashboard (cooldown reads, ``submit`` per member in
+    rank order, ``save_campaign``), and what it could not: failures are logged once, never raised."""
 
     LIST_KEYS = ("matches", "messages", "holdout")
     MAX_KEY_CHANGES_LISTED = 20  # key changes named in the report; all of them are counted
@@ -8091,9 +8060,8 @@ class DashboardWriter:
         return [item for item in listing_entries(self._cooldown_reads[key][0], key) if isinstance(item, Mapping)]
 
     def recent_recipients(self, since: datetime) -> set[str]:
-        """Members with a message generated, or a holdout record made, at or after ``since`` (both groups
-        counted once per period); FirebaseError when a list is unreadable. An item whose date is no date (a
-        reviewer's typo, a poisoned value) is counted in ``undated_messages``, never a stop."""
+        """Members messaged or held out at or after ``since``; an item whose date is no date is counted in
+        ``undated_messages``, never a stop; FirebaseError when a list is unreadable."""
         self.undated_messages, self.recent_phones = 0, []
         if self.transport is None:
             return set()
@@ -8400,8 +8368,7 @@ class ReturnToTable:
         return ledger
 
     def cooldown(self) -> set[str]:
-        """Members messaged or held out within the cooldown (or later than ``now``) or this campaign day (a top-up
-        never drafts one twice, even with ``--cooldown-days 0``); reads the day's limit and seats too."""
+        """Members messaged or held out within the cooldown or this campaign day; reads the day's limit and seats."""
         recent: set[str] = set()
         try:
             if self.options.cooldown_days > 0:
@@ -10602,8 +10569,7 @@ def percentage(text: str) -> float:
 
 
 class OneLineParser(argparse.ArgumentParser):
-    """Usage errors as one line on stderr and exit code 2, like every other bad input. No abbreviations:
-    ``--hold 0.1`` is not taken for ``--holdout`` (a flag another version adds must not change its meaning)."""
+    """Usage errors as one line and exit 2; no abbreviations (``--hold`` is not ``--holdout``)."""
 
     def __init__(self, *args: Any, **kwargs: Any) -> None:
         super().__init__(*args, allow_abbrev=False, **kwargs)
@@ -10684,8 +10650,7 @@ MAX_NOW_AHEAD = timedelta(days=1)  # a --now further ahead of the clock is a reh
 
 
 def flag_instant(text: str, flag: str, form: str) -> datetime:
-    """A date or date-time flag as an aware UTC instant (a date: midnight UTC), or UsageError: not ``form``,
-    or outside the years 1970-2200. One rule for ``--now``, ``--since``/``--until`` and ``--from``/``--to``."""
+    """A date or date-time flag as an aware UTC instant (years 1970-2200), or UsageError: not ``form``."""
     parsed = to_utc(text)
     if parsed is None:
         raise UsageError(f"{flag} {text!r} is not {form}")
@@ -10712,8 +10677,7 @@ def usable_out_dir(path: Path) -> Path:
 
 
 def source_choice(text: str | None, settings: Settings, hint: str = "") -> tuple[SourceKind, Path | None]:
-    """``--source`` for the campaign and both subcommands: 'mongo' (the default when MongoDB is configured) or,
-    any other value, a mongoexport folder (even one named "demo"; a missing one near "mongo" or "demo" is refused)."""
+    """``--source``: 'mongo' (default when configured) or a mongoexport folder (a missing one near a name: refused)."""
     if text == "mongo" or (text is None and settings.mongo_uri):
         if not settings.mongo_uri:
             raise UsageError(MONGO_NOT_CONFIGURED)
@@ -10730,8 +10694,7 @@ def source_choice(text: str | None, settings: Settings, hint: str = "") -> tuple
 
 
 def resolve_options(args: argparse.Namespace, settings: Settings) -> RunOptions:
-    """One run's options from the arguments (a flag named as a ``RunOptions`` field sets it) and settings; refuse
-    what cannot be run (a far ``--now`` without ``--dry-run`` would fill the cooldown for years, ``--demo`` too)."""
+    """One run's options (a flag named as a ``RunOptions`` field sets it); refuse what cannot be run."""
     now = datetime.now(UTC).replace(microsecond=0)
     if args.now is not None:
         parsed = parse_now(args.now)
@@ -10800,8 +10763,7 @@ def on_stop_signals(handler: Any) -> Any:
 
 
 def handle_stop_signals(control: RunControl) -> Any:
-    """The campaign's SIGINT/SIGTERM: the first asks the run to stop (members in flight finish, the report is
-    written); a second ends the process at once (every file is written atomically, the lock dies with us)."""
+    """The campaign's SIGINT/SIGTERM: the first stops the run (the report is written); a second exits at once."""
 
     def on_signal(signum: int, _frame: Any) -> None:
         name = signal.Signals(signum).name
@@ -10863,9 +10825,8 @@ def run_campaign(args: argparse.Namespace, env: Mapping[str, str] | None, mongo_
 
 def main(argv: Sequence[str] | None = None, *, env: Mapping[str, str] | None = None,
          mongo_client: Any = None) -> int:
-    """Run one campaign and return its exit code (``ExitCode``, the table in EXIT_CODES_HELP); never a
-    traceback for bad input, a service failure, a full disk or a held lock. ``measure`` and ``backtest``
-    as the first argument run those subcommands instead (same exit codes, same funnel: ``raw_main``)."""
+    """Run one campaign (or ``measure``, ``backtest``) and return its ``ExitCode``: never a traceback for bad input,
+    a service failure, a full disk or a held lock."""
     argv = list(sys.argv[1:] if argv is None else argv)
     subcommands = {"measure": (build_measure_parser, run_measure), "backtest": (backtest_parser, backtest)}
     if argv[:1] and argv[0] in subcommands:  # both read-only
@@ -10876,9 +10837,8 @@ def main(argv: Sequence[str] | None = None, *, env: Mapping[str, str] | None = N
 
 def raw_main(name: str, parser: argparse.ArgumentParser, program: Any, argv: Sequence[str],
              env: Mapping[str, str] | None, mongo_client: Any) -> int:
-    """The one funnel from errors to exit codes for the campaign and both subcommands (httpie's ``raw_main``):
-    ``program(args, env, mongo_client, closing)`` does the work and returns its code; every error is one line and
-    its ``ExitCode``. What ``closing`` holds (the lock, the clients, the log) is released however it ends."""
+    """The one funnel from errors to exit codes (httpie's ``raw_main``): ``program(args, env, mongo_client, closing)``
+    works and returns its code; every error is one line and its ``ExitCode``; ``closing`` is always released."""
     try:
         args = parser.parse_args(list(argv))
     except SystemExit as exc:  # --help, or a usage error already printed
