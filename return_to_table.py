@@ -6527,9 +6527,8 @@ class TokenUsage:
     def cost(self, price: tuple[float, float, float, float] | None) -> float | None:
         if price is None:
             return None
-        p_in, p_out, p_read, p_write = price
-        return round((self.input_tokens * p_in + self.output_tokens * p_out + self.cache_read_tokens * p_read
-                      + self.cache_write_tokens * p_write) / 1_000_000, 6)
+        tokens = (self.input_tokens, self.output_tokens, self.cache_read_tokens, self.cache_write_tokens)
+        return round(sum(n * p for n, p in zip(tokens, price)) / 1_000_000, 6)
 
 
 class ClaudeDown(Exception):
@@ -7923,11 +7922,10 @@ class DashboardList:
 
     MAX_TRIES = 8
 
-    def __init__(self, transport: FirebaseTransport, path: str, key: str, updated_at: str,
+    def __init__(self, transport: FirebaseTransport, key: str, updated_at: str,
                  key_changes: set[KeyChange] | None = None) -> None:
         self.transport = transport
-        self.path = path
-        self.key = key
+        self.path = self.key = key  # the list lives at the path named as its key (``matches``: ``{matches: [...]}``)
         self.updated_at = updated_at
         self.key_changes = key_changes  # keys renamed or dropped to make items storable (``firebase_ready``)
         self.items: list[dict[str, Any]] = []
@@ -8136,7 +8134,7 @@ class DashboardWriter:
         for key in self.LIST_KEYS if self.holdout else self.LIST_KEYS[:2]:
             snapshot = self._cooldown_reads.get(key)
             try:
-                self.lists[key] = DashboardList(self.transport, key, key, self.updated_at,
+                self.lists[key] = DashboardList(self.transport, key, self.updated_at,
                                                 self.key_changes).open(snapshot)
             except FirebaseError as exc:
                 self.failed(key, exc)

@@ -897,7 +897,7 @@ def exercise(transport: Any, delete: Callable[[str], None]) -> list[Any]:
     seen: list[Any] = [transport.get("matches")[0]]
     transport.put("matches", {"matches": {"0": A, "5": B, "9": C}, "count": 3, "updatedAt": "T0"})
     seen.append(transport.get("matches")[0])
-    dashboard = DashboardList(transport, "matches", "matches", "T1").open()  # heal
+    dashboard = DashboardList(transport, "matches", "T1").open()  # heal
     seen += [dashboard.size, dashboard.items, transport.get("matches")[0]]
     seen += [dashboard.add(D), dashboard.add(D), transport.get("matches")[0]]  # append, then merge-key refusal
     taken = transport.put("matches/matches/0", E, if_match=NULL_ETAG)  # slot in use
@@ -912,7 +912,7 @@ def exercise(transport: Any, delete: Callable[[str], None]) -> list[Any]:
     transport.patch("matches", {"count": 4, "updatedAt": "T2"})
     delete("matches/matches/1")  # a reviewer deletes an item: a hole
     seen.append(transport.get("matches")[0])
-    again = DashboardList(transport, "matches", "matches", "T3").open()
+    again = DashboardList(transport, "matches", "T3").open()
     seen += [again.size, transport.get("matches")[0]]
     transport.put("users", {"users": [{"id": "u1"}, {"id": "u2"}], "count": 2, "updatedAt": "T1"})
     transport.put("campaigns/c1/metadata", {"id": "c1", "stats": {"errors": [], "users_processed": 2}})
@@ -945,7 +945,7 @@ def test_put_of_null_deletes_on_both_transports(kind: str, db: FakeRealtimeDatab
 
 def test_local_mirror_splits_files_and_keeps_arrays_as_arrays(tmp_path: Path) -> None:
     mirror = LocalMirrorTransport(tmp_path, BASE)
-    dashboard = DashboardList(mirror, "matches", "matches", FIREBASE_NOW_STAMP).open()
+    dashboard = DashboardList(mirror, "matches", FIREBASE_NOW_STAMP).open()
     for item in (A, B, C):
         assert dashboard.add(item)
     mirror.put("campaigns/c1/messages", {"messages": [A], "count": 1})
@@ -980,7 +980,7 @@ def transport(db: FakeRealtimeDatabase) -> RestTransport:
 def test_dashboard_list_appends_item_by_item_at_the_next_index(
         db: FakeRealtimeDatabase, transport: RestTransport) -> None:
     db.set(f"{BASE}/matches", rtt.listing("matches", [A, B], "T0"))
-    dashboard = DashboardList(transport, "matches", "matches", "T1").open()
+    dashboard = DashboardList(transport, "matches", "T1").open()
     assert dashboard.add(C) and dashboard.add(D)
     puts = [r for r in db.requests if r.method == "PUT"]
     assert [r.path for r in puts] == [f"/{BASE}/matches/matches/2.json", f"/{BASE}/matches/matches/3.json"]
@@ -992,16 +992,16 @@ def test_dashboard_list_appends_item_by_item_at_the_next_index(
 def test_dashboard_list_does_not_add_an_item_with_a_known_merge_key(
         db: FakeRealtimeDatabase, transport: RestTransport) -> None:
     db.set(f"{BASE}/matches", rtt.listing("matches", [A], "T0"))
-    dashboard = DashboardList(transport, "matches", "matches", "T1").open()
+    dashboard = DashboardList(transport, "matches", "T1").open()
     assert not dashboard.add({**A, "reasoning": "a different text, same member and event"})
     assert [r.method for r in db.requests] == ["GET"]
 
 
 def test_dashboard_list_two_writers_both_land_without_loss_or_duplicate(
         db: FakeRealtimeDatabase, transport: RestTransport) -> None:
-    first = DashboardList(transport, "matches", "matches", "T1").open()
+    first = DashboardList(transport, "matches", "T1").open()
     second = DashboardList(rest_transport(db.url),
-                           "matches", "matches", "T2").open()
+                           "matches", "T2").open()
     assert first.add(A)
     assert second.add(B)  # its slot 0 is taken: 412, re-read, slot 1
     assert not second.add(A)  # the other writer's item is known after the re-read
@@ -1013,7 +1013,7 @@ def test_dashboard_list_heal_merges_with_the_412_answer_without_rereading(
         db: FakeRealtimeDatabase, transport: RestTransport) -> None:
     db.set(f"{BASE}/matches", {"matches": {"0": A, "4": B}, "count": 2, "updatedAt": "T0"})
     reviewer_approves(db, f"{BASE}/matches/matches/4/status", lambda r: r.method == "PUT")
-    dashboard = DashboardList(transport, "matches", "matches", "T1").open()
+    dashboard = DashboardList(transport, "matches", "T1").open()
     assert [(r.method, r.status) for r in db.requests] == [("GET", 200), ("PUT", 412), ("PUT", 200)]
     assert dashboard.items == [A, {**B, "status": "approved"}]
     assert db.get_rendered(f"{BASE}/matches/matches") == [A, {**B, "status": "approved"}]
@@ -1030,7 +1030,7 @@ def test_dashboard_list_gives_up_after_a_bounded_number_of_conflicts(
 
     db.on_request(busy_reviewer)
     with pytest.raises(FirebaseError):
-        DashboardList(transport, "matches", "matches", "T1").open()
+        DashboardList(transport, "matches", "T1").open()
     puts = [r for r in db.requests if r.method == "PUT"]
     assert 1 <= len(puts) <= DashboardList.MAX_TRIES and all(r.status == 412 for r in puts)
 
@@ -1038,7 +1038,7 @@ def test_dashboard_list_gives_up_after_a_bounded_number_of_conflicts(
 def test_dashboard_list_append_whose_answer_was_lost_is_not_duplicated(
         db: FakeRealtimeDatabase, transport: RestTransport) -> None:
     db.set(f"{BASE}/matches", rtt.listing("matches", [A], "T0"))
-    dashboard = DashboardList(transport, "matches", "matches", "T1").open()
+    dashboard = DashboardList(transport, "matches", "T1").open()
     db.fail_next(503, method="PUT", path=f"{BASE}/matches/matches/1")
 
     def applied_then_lost(request: RecordedRequest) -> None:  # the write lands, its answer is a 503
@@ -1293,14 +1293,14 @@ def test_a_bare_array_at_the_list_path_is_wrapped_not_wiped(
         db: FakeRealtimeDatabase, transport: RestTransport) -> None:
     approved = {**A, "status": "approved"}
     db.set(f"{BASE}/messages", [approved, B])
-    dashboard = DashboardList(transport, "messages", "messages", "T1").open()
+    dashboard = DashboardList(transport, "messages", "T1").open()
     assert dashboard.add(C)
     assert db.get_rendered(f"{BASE}/messages") == {"messages": [approved, B, C], "count": 3, "updatedAt": "T1"}
 
 
 def test_entries_that_are_not_records_survive_healing(db: FakeRealtimeDatabase, transport: RestTransport) -> None:
     db.set(f"{BASE}/matches", {"matches": {"0": A, "1": "a note", "5": B}, "count": 3, "owner": "dashboard"})
-    DashboardList(transport, "matches", "matches", "T1").open()
+    DashboardList(transport, "matches", "T1").open()
     assert db.get_rendered(f"{BASE}/matches") == {"matches": [A, "a note", B], "count": 3, "owner": "dashboard"}
 
 
@@ -1309,14 +1309,14 @@ def test_a_location_holding_something_else_is_left_untouched(
         db: FakeRealtimeDatabase, transport: RestTransport, foreign: Any) -> None:
     db.set(f"{BASE}/matches", foreign)
     with pytest.raises(FirebaseError, match="left untouched"):
-        DashboardList(transport, "matches", "matches", "T1").open()
+        DashboardList(transport, "matches", "T1").open()
     assert db.get_rendered(f"{BASE}/matches") == foreign
     assert [r.method for r in db.requests] == ["GET"]
 
 
 def test_our_own_write_whose_answer_was_lost_counts_as_added(
         db: FakeRealtimeDatabase, transport: RestTransport) -> None:
-    dashboard = DashboardList(transport, "matches", "matches", "T1").open()
+    dashboard = DashboardList(transport, "matches", "T1").open()
     db.set(f"{BASE}/matches/matches/0", A)  # the first PUT landed; its answer never came back
     assert dashboard.add(A)
     assert db.get_rendered(f"{BASE}/matches") == {"matches": [A], "count": 1, "updatedAt": "T1"}
@@ -1327,7 +1327,7 @@ def test_a_server_with_its_own_etag_for_empty_locations_still_gets_the_append(
     import fake_rtdb
 
     monkeypatch.setattr(fake_rtdb, "NULL_ETAG", "empty-0")  # a server that does not say null_etag
-    dashboard = DashboardList(transport, "matches", "matches", "T1").open()
+    dashboard = DashboardList(transport, "matches", "T1").open()
     assert dashboard.add(A)
     assert db.get_rendered(f"{BASE}/matches") == {"matches": [A], "count": 1, "updatedAt": "T1"}
 
