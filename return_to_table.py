@@ -6787,7 +6787,7 @@ def check_match_answer(answer: Mapping[str, Any], candidates: Sequence[Candidate
     return chosen, confidence
 
 
-@dataclass
+@dataclass(eq=False)
 class CallSlot:
     """One Claude call's claim on a slot: ``held`` on the wire, ``parked`` while the SDK backs off, then ``over``."""
 
@@ -6811,8 +6811,7 @@ class ClaudeAdvisor:
         self.usage = {"matching": TokenUsage(), "writing": TokenUsage()}
         self._lock = threading.Condition()
         self.consecutive_failures = 0
-        self.in_flight = 0  # slots held: attempts on the wire, answers being checked
-        self.parked = 0  # calls waiting out the SDK's retry backoff, holding no slot
+        self.slots: set[CallSlot] = set()  # calls under way, each ``held`` or ``parked`` (backing off, no slot held)
         self.resuming = 0  # parked calls waiting for a slot again: they go before new calls
         self.last_attempt_ok = True  # the API answered the latest attempt (a parked call's slot may be lent)
         self._attempt = threading.local()  # the CallSlot of the call the SDK is attempting in this thread
@@ -6852,17 +6851,14 @@ class ClaudeAdvisor:
         """(Under the lock.) Slots held never exceed the failures still allowed in a row; a new call lets parked
         calls resume first and takes a parked call's slot only while all is well."""
         room = self.MAX_CONSECUTIVE_FAILURES - self.consecutive_failures
-        if self.in_flight >= room:
+        if sum(slot.held for slot in self.slots) >= room:
             return False
         lend = self.last_attempt_ok and not self.consecutive_failures
-        return not new or (not self.resuming and (lend or self.in_flight + self.parked < room))
+        return not new or (not self.resuming and (lend or len(self.slots) < room))
 
     def _take(self, slot: CallSlot) -> None:
-        self.in_flight += 1
-        slot.held = True
-        if slot.parked:
-            self.parked -= 1
-            slot.parked = False
+        slot.held, slot.parked = True, False
+        self.slots.add(slot)
 
     def _start_call(self, slot: CallSlot) -> None:
         """Wait for a slot for a new call; InvalidAnswer once Claude is down or the run is stopping."""
@@ -6900,18 +6896,13 @@ class ClaudeAdvisor:
             self.last_attempt_ok = answered
             if slot is not None and slot.held and not slot.over and not answered and retries_left:
                 slot.held, slot.parked = False, True
-                self.in_flight -= 1
-                self.parked += 1
                 self._lock.notify_all()
 
     def _end(self, slot: CallSlot) -> None:
         with self._lock:
             slot.over = True
-            if slot.held:
-                self.in_flight -= 1
-            if slot.parked:
-                self.parked -= 1
             slot.held = slot.parked = False
+            self.slots.discard(slot)
             self._lock.notify_all()
 
     def _send(self, slot: CallSlot, request: Mapping[str, Any]) -> Any:
@@ -7752,7 +7743,6 @@ class RestTransport:
                 time.sleep(self.control.budget(self.backoff * 2 ** attempt))
                 continue
             return response
-        raise FirebaseError(f"{method} {path}: no answer")  # unreachable: the loop returns or raises
 
     @staticmethod
     def _json(response: Any, method: str, path: str) -> Any:
