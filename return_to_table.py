@@ -501,8 +501,6 @@ def read_environment(dotenv_path: Path | None = None) -> dict[str, str]:
 
 
 class SourceKind(Enum):
-    """Where a run reads members and events from."""
-
     DEMO = "demo"
     MONGO = "mongo"
     FOLDER = "folder"
@@ -718,7 +716,6 @@ def atomic_write(path: Path, write: Any, *, private: bool = False) -> None:
 
 
 def write_json(path: Path, value: Any, *, private: bool = False) -> None:
-    """JSON, atomically; ``private`` files are readable by the owner only."""
     atomic_write(path, lambda handle: dump_json(value, handle), private=private)
 
 
@@ -770,7 +767,6 @@ def json_bytes(value: Any) -> bytes:
 
 
 def write_csv(path: Path, header: Sequence[str], rows: Iterable[Sequence[str]]) -> None:
-    """A CSV file (a header, then ``rows``) readable by the owner only, atomically."""
     def write(handle: Any) -> None:
         out = csv.writer(handle, lineterminator="\n")
         out.writerow(header)
@@ -6292,7 +6288,6 @@ def build_demo_world(now: datetime) -> tuple[list[dict[str, Any]], list[dict[str
         return day.replace(hour=hour, minute=rng.choice([0, 30]), second=0, microsecond=0)
 
     def ref(u: int) -> str | dict[str, str]:
-        """Participant entry: mostly a plain id, sometimes wrapped."""
         r = rng.random()
         if r < 0.82:
             return uid[u]
@@ -6772,7 +6767,6 @@ def first_json_object(text: str) -> dict[str, Any] | None:
 
 
 def check_match_answer(answer: Mapping[str, Any], candidates: Sequence[Candidate]) -> tuple[Candidate, int]:
-    """The chosen candidate and confidence, or InvalidAnswer saying what is wrong."""
     by_id = {c.event["_id"]: c for c in candidates}
     chosen = by_id.get(str(answer.get("event_id")))
     if chosen is None:
@@ -7768,7 +7762,6 @@ class RestTransport:
         return FirebaseError(f"{method} {path}: {status} {detail}")
 
     def _read(self, path: str, **options: Any) -> tuple[Any, str]:
-        """A GET's JSON value and ETag (when asked for), or FirebaseError."""
         response = self._send("GET", path, **options)
         if response.status_code != 200:
             raise self._fail(response, "GET", path)
@@ -7783,7 +7776,6 @@ class RestTransport:
         return sorted(str(key) for key in value) if isinstance(value, Mapping) else []
 
     def put(self, path: str, value: Any, if_match: str | None = None) -> PutResult:
-        """Write ``value``; written only when the database echoes it back (``_verify``)."""
         check_keys(value, path)
         headers = {"if-match": if_match} if if_match is not None else {}
         response = self._send("PUT", path, body=value, headers=headers)
@@ -7795,7 +7787,6 @@ class RestTransport:
         return PutResult(True, value, response.headers.get("ETag", ""))
 
     def patch(self, path: str, updates: Mapping[str, Any]) -> None:
-        """Update children of ``path``; written only when the database echoes the updates back."""
         check_keys(updates, path)
         response = self._send("PATCH", path, body=dict(updates))
         if response.status_code not in (200, 204):
@@ -7908,7 +7899,6 @@ class DashboardList:
 
     @staticmethod
     def is_clean(value: Any, key: str) -> bool:
-        """True when a dashboard list is a real array without holes and with a correct count."""
         if value is None:
             return True
         if not isinstance(value, Mapping):
@@ -8018,7 +8008,6 @@ class DashboardWriter:
         return self.transport is not None and not self.dry_run and self.stood_down is None
 
     def failed(self, what: str, exc: Exception, label: str | None = None) -> None:
-        """Record a failure once: the error, the log line, and what was not written."""
         self.errors.append(f"Firebase {what}: {exc}")
         self.logger.error("Firebase %s: %s", what, exc)
         if label:
@@ -8101,7 +8090,6 @@ class DashboardWriter:
         self.failed(what, exc)
 
     def open_lists(self) -> None:
-        """Open the appended dashboard lists before the first result, healing them if needed."""
         if not self.writes:
             return
         for key in self.LIST_KEYS if self.holdout else self.LIST_KEYS[:2]:
@@ -8132,7 +8120,6 @@ class DashboardWriter:
 
     @staticmethod
     def item_label(key: str, item: Mapping[str, Any]) -> str:
-        """How the report names one dashboard item: ``matches (<user_id>, <event_id>)``."""
         return f"{key} ({item.get('user_id')}, {item.get('event_id')})"
 
     def _append(self, key: str, item: Mapping[str, Any]) -> bool:
@@ -8389,7 +8376,6 @@ class ReturnToTable:
         return future
 
     def member_walk(self, campaign_id: str) -> MemberWalk:
-        """Steps 5-6's walk, given what steps 1-2 found, the dashboard's seats and today's volume."""
         return MemberWalk(options=self.options, logger=self.logger, sms=self.sms, zone=self.zone, hoods=self.hoods,
                           advisor=self.advisor, control=self.control, dashboard=self.dashboard,
                           activity=self.activity, candidate_index=self.candidate_index, seats=self.seats,
@@ -8476,7 +8462,6 @@ class ReturnToTable:
 
 
 def wait_first(running: set[Any]) -> tuple[set[Any], set[Any]]:
-    """The futures that finished (at least one), and those still running."""
     from concurrent.futures import FIRST_COMPLETED, wait
 
     return wait(running, return_when=FIRST_COMPLETED)
@@ -10631,12 +10616,10 @@ def flag_instant(text: str, flag: str, form: str) -> datetime:
 
 
 def parse_now(text: str) -> datetime:
-    """``--now`` as an aware UTC instant (any subcommand)."""
     return flag_instant(text, "--now", "a valid ISO-8601 date-time (e.g. 2026-11-23T06:00:00Z)")
 
 
 def usable_out_dir(path: Path) -> Path:
-    """``--out`` resolved and created, or UsageError when it cannot be created or written."""
     out_dir = path.expanduser().resolve()
     try:
         out_dir.mkdir(parents=True, exist_ok=True)
@@ -10835,7 +10818,6 @@ def raw_main(name: str, parser: argparse.ArgumentParser, program: Any, argv: Seq
 
 
 def error_line(problem: object, code: ExitCode) -> ExitCode:
-    """The one line on stderr an error gets (cron mail), and its exit code."""
     print(f"error: {problem}", file=sys.stderr)
     return code
 
