@@ -428,9 +428,7 @@ class Settings:
             raise UsageError(f"{', '.join(names)} still {hold} like <...> from .env.example: set real values or "
                              "delete those lines")
 
-        def get(name: str) -> str | None:
-            return (env.get(name) or "").strip() or None
-
+        get = env_reader(env)
         mongo_uri, host = get("MONGO_URI"), get("MONGO_HOST")
         if not mongo_uri and host:
             user, password = get("MONGO_USERNAME"), get("MONGO_PASSWORD")
@@ -491,6 +489,11 @@ def database_path(text: str) -> str:
         raise UsageError(f"FIREBASE_BASE_PATH={text[:100]!r} is not a path inside the database: names separated "
                          "by '/', none of them '.' or '..', empty, or holding . $ # [ ] \\ or control characters")
     return "/".join(segments)
+
+
+def env_reader(env: Mapping[str, str]) -> Any:
+    """``get(name)``: a variable's stripped value, None when unset or empty (how every setting is read)."""
+    return lambda name: (env.get(name) or "").strip() or None
 
 
 def read_environment(dotenv_path: Path | None = None) -> dict[str, str]:
@@ -6456,9 +6459,7 @@ class ClaudeConfig:
 
     @classmethod
     def from_env(cls, env: Mapping[str, str]) -> ClaudeConfig:
-        def get(name: str) -> str | None:
-            return (env.get(name) or "").strip() or None
-
+        get = env_reader(env)
         model = get("ANTHROPIC_MODEL") or DEFAULT_MODEL
         prices = dict(MODEL_PRICES)
         if get("ANTHROPIC_PRICES"):
@@ -7781,21 +7782,19 @@ class RestTransport:
         response = self._send("PUT", path, body=value, headers=headers)
         if response.status_code == 412:
             return PutResult(False, self._json(response, "PUT", path), response.headers.get("ETag", ""))
-        if response.status_code not in (200, 204):
-            raise self._fail(response, "PUT", path)
         self._verify(response, "PUT", path, value)
         return PutResult(True, value, response.headers.get("ETag", ""))
 
     def patch(self, path: str, updates: Mapping[str, Any]) -> None:
         check_keys(updates, path)
         response = self._send("PATCH", path, body=dict(updates))
-        if response.status_code not in (200, 204):
-            raise self._fail(response, "PATCH", path)
         self._verify(response, "PATCH", path, dict(updates))
 
     @staticmethod
     def _verify(response: Any, method: str, path: str, sent: Any) -> None:
         """A write counts only when the body echoes what was sent (as stored): a proxy's 200 or any 204 is an error."""
+        if response.status_code not in (200, 204):
+            raise RestTransport._fail(response, method, path)
         if response.status_code == 200:
             try:
                 echoed = response.json()
@@ -8446,11 +8445,10 @@ class ReturnToTable:
         report = build_report(                             # step 8
             campaign_id=campaign_id, run_started=started, finished=datetime.now(UTC), options=options,
             source_label=self.source.label, census=census, selected=selected, decisions=self.decisions,
-            skip_details=self.skip_details,
-            future_events=future, outcomes=outcomes, steps_5_6_seconds=steps_5_6_seconds, issues=self.issues,
-            firebase=firebase, errors=list(self.dashboard.errors), status=status,
-            llm_usage=self.advisor.usage_report() if self.advisor is not None else None,
-            sms_segment_price=self.segment_price, earlier_30_days=earlier,
+            skip_details=self.skip_details, future_events=future, outcomes=outcomes,
+            steps_5_6_seconds=steps_5_6_seconds, issues=self.issues, firebase=firebase,
+            errors=list(self.dashboard.errors), status=status, sms_segment_price=self.segment_price,
+            llm_usage=self.advisor.usage_report() if self.advisor is not None else None, earlier_30_days=earlier,
             empty_input=self.empty_input, places_not_located=unlocated_places(
                 self.hoods, [*(text_field(u, "homeNeighborhood") for u in census.eligible),
                              *(text_field(e, "neighborhood") for e in future)]),
@@ -10566,8 +10564,7 @@ def build_parser() -> argparse.ArgumentParser:
                         metavar="K",
                         help="events offered to Claude per member, the rules' top K (%(default)s; at most 100)")
     parser.add_argument("--concurrency", type=at_most(positive_int, MAX_CONCURRENCY), default=RunOptions.concurrency,
-                        metavar="N",
-                        help="members handled at once on the Claude path (%(default)s; at most 64)")
+                        metavar="N", help="members handled at once on the Claude path (%(default)s; at most 64)")
     parser.add_argument("--cooldown-days", type=non_negative_int, default=RunOptions.cooldown_days, metavar="D",
                         help="leave out members messaged in the last D days (%(default)s; 0 disables; more days "
                              "than the calendar holds: every message so far)")
