@@ -564,15 +564,10 @@ class QuietFileHandler(logging.FileHandler):
         pass
 
 
-@dataclass(frozen=True)
-class ConsoleFilter:
+def console_filter(level: int) -> Any:
     """The console's ``level``; the summary line (``extra={"summary": True}``) always shows, ``FILE_ONLY`` never."""
-
-    level: int
-
-    def filter(self, record: logging.LogRecord) -> bool:
-        summary = getattr(record, "summary", False)
-        return not getattr(record, "file_only", False) and (record.levelno >= self.level or summary)
+    return lambda record: not getattr(record, "file_only", False) and (
+        record.levelno >= level or getattr(record, "summary", False))
 
 
 FILE_ONLY = {"file_only": True}  # ``extra=`` of a log line cron mail already gets once, on stderr
@@ -597,7 +592,7 @@ def setup_logging(options: RunOptions) -> logging.Logger:
     file_handler.setFormatter(logging.Formatter(
         "%(asctime)s - %(name)s - %(levelname)s - %(message)s", datefmt="%Y-%m-%d %H:%M:%S"))
     console = logging.StreamHandler(sys.stdout)
-    console.addFilter(ConsoleFilter(logging.WARNING if options.quiet else logging.DEBUG if options.verbose
+    console.addFilter(console_filter(logging.WARNING if options.quiet else logging.DEBUG if options.verbose
                                     else logging.INFO))
     console.setFormatter(logging.Formatter("%(levelname)s - %(message)s"))
     logger.addHandler(file_handler)
@@ -6198,8 +6193,7 @@ class DemoSource:
         self.now = now
 
     def read(self, progress: Any = None) -> SourceData:
-        users, events = build_demo_world(self.now)
-        return SourceData(users, events)
+        return SourceData(*build_demo_world(self.now))
 
     def close(self) -> None:
         pass

@@ -373,16 +373,16 @@ def test_quiet_and_verbose_together_are_a_usage_error(run_cli):
 
 
 def test_console_filter_passes_the_summary_record_below_its_level():
-    quiet = rtt.ConsoleFilter(rtt.logging.WARNING)
+    quiet = rtt.console_filter(rtt.logging.WARNING)
 
     def record(level: int, **extra: Any) -> rtt.logging.LogRecord:
         r = rtt.logging.LogRecord("ReturnToTable", level, __file__, 1, "m", None, None)
         r.__dict__.update(extra)
         return r
 
-    assert not quiet.filter(record(rtt.logging.INFO))
-    assert quiet.filter(record(rtt.logging.INFO, summary=True))
-    assert quiet.filter(record(rtt.logging.WARNING)) and quiet.filter(record(rtt.logging.ERROR))
+    assert not quiet(record(rtt.logging.INFO))
+    assert quiet(record(rtt.logging.INFO, summary=True))
+    assert quiet(record(rtt.logging.WARNING)) and quiet(record(rtt.logging.ERROR))
 
 
 # =============================================================================================
