@@ -480,8 +480,7 @@ def segment_price(text: str | None) -> float | None:
 
 
 def database_path(text: str) -> str:
-    """``FIREBASE_BASE_PATH`` as the database path it names (the local mirror joins it under ``--out``: nothing
-    that could leave it passes), or UsageError; slashes at either end name the root (``/Staging/``: ``Staging``)."""
+    """``FIREBASE_BASE_PATH`` as a path inside the database (the mirror joins it under ``--out``), or UsageError."""
     inner = text.strip().strip("/")
     segments = inner.split("/") if inner else []
     if any(not segment or "\\" in segment or FORBIDDEN_KEY.search(segment)
@@ -692,8 +691,7 @@ def read_regular_file(path: Path, under: Path, limit: int | None = None) -> byte
 
 
 def atomic_write(path: Path, write: Any, *, private: bool = False) -> None:
-    """Write ``path`` through ``write(handle)`` so that a kill at any moment leaves the old file or the new one:
-    a temporary file beside it, synced, renamed over it. An OSError (full disk) is an OutputError, the old kept."""
+    """``write(handle)`` to a synced temporary file renamed over ``path``: a kill leaves the old file or the new."""
     tmp: str | None = None
     try:
         path.parent.mkdir(parents=True, exist_ok=True)
@@ -754,8 +752,7 @@ JSON_OPTIONS = (orjson.OPT_INDENT_2 | orjson.OPT_NON_STR_KEYS | orjson.OPT_PASST
 
 
 def json_bytes(value: Any) -> bytes:
-    """``value`` as indented UTF-8 JSON, through orjson (the standard encoder is pure Python once indented); what
-    orjson refuses (an integer beyond 64 bits, a lone surrogate) the standard way: both read back alike."""
+    """``value`` as indented UTF-8 JSON, through orjson (fast); what it refuses, the standard way (both read alike)."""
     if orjson is not None:
         try:
             return orjson.dumps(value, default=str, option=JSON_OPTIONS)
@@ -6207,8 +6204,7 @@ DEMO_AREAS = ("212", "646", "917")  # NYC area codes: each demo member their own
 
 
 def build_demo_world(now: datetime) -> tuple[list[dict[str, Any]], list[dict[str, Any]]]:
-    """Fictional raw (users, events) as Mongo hands them over, messy fields included (missing keys, odd id and
-    date shapes); deterministic for a given ``now`` (fixed-seed RNG), every date relative to it."""
+    """Fictional raw (users, events) with messy fields, deterministic for ``now`` (every date relative to it)."""
     rng = random.Random(20240611)
     now = now.astimezone(UTC)
     interests = ["music", "clubbing", "food", "wine", "cocktails", "travel", "reading", "fashion", "finance", "outdoor",
@@ -6820,8 +6816,7 @@ class ClaudeAdvisor:
         return advisor
 
     def refuse_when_down(self, request: Any, call_next: Any) -> Any:
-        """SDK middleware around every attempt: nothing is sent once Claude is down or the call given up; a failed
-        attempt with retries left parks its call (no slot held while backing off)."""
+        """SDK middleware: nothing is sent once Claude is down; an attempt retried later parks its call (no slot)."""
         slot = getattr(self._attempt, "slot", None)
         if slot is not None:
             self._resume(slot, sending=True)
@@ -6837,8 +6832,7 @@ class ClaudeAdvisor:
             self._attempted(slot, answered, retries_left=taken < self.config.max_retries)
 
     def _may_take(self, new: bool) -> bool:
-        """(Under the lock.) Slots held never exceed the failures still allowed in a row; a new call lets parked
-        calls resume first and takes a parked call's slot only while all is well."""
+        """(Under the lock.) Slots held never exceed the failures still allowed in a row; parked calls go first."""
         room = self.MAX_CONSECUTIVE_FAILURES - self.consecutive_failures
         if sum(slot.held for slot in self.slots) >= room:
             return False
@@ -6903,8 +6897,7 @@ class ClaudeAdvisor:
             self._attempt.slot = None
 
     def _call(self, step: str, check: Any, **request: Any) -> tuple[Any, Any, str]:
-        """One API call within its time budget, checked while it holds its slot: ``(reply, answer, problem)``; an
-        invalid answer counts as a failed call too."""
+        """One API call within its budget, checked while it holds its slot; an invalid answer counts as a failure."""
         slot = CallSlot()
         self._start_call(slot)
         try:
@@ -7528,8 +7521,7 @@ MIRROR_FILE_DEPTH = {"campaigns": 3}
 
 
 class LocalMirrorTransport:
-    """A file-backed Firebase under ``data/firebase/<base>/`` with the database's semantics (arrays, ETags, stale
-    conditional writes refused); files kept in memory, saved at most every ``save_every`` s and at ``flush``."""
+    """A file-backed Firebase under ``data/firebase/<base>/`` with the database's semantics (arrays, ETags)."""
 
     def __init__(self, root: Path, base_path: str, save_every: float = SAVE_EVERY_SECONDS,
                  anchor: Path | None = None) -> None:
@@ -7667,8 +7659,7 @@ NO_BODY = object()
 
 
 class RestTransport:
-    """The Realtime Database REST API over httpx2: every call bounded, 5xx and connection errors retried with
-    backoff (nothing is POSTed); credentials (``auth=`` or a bearer token) never reach a log or an error."""
+    """The Realtime Database REST API over httpx2: calls bounded, retried; credentials never in a log or error."""
 
     RETRY_STATUSES = frozenset({500, 502, 503, 504})
 
@@ -7967,8 +7958,7 @@ class DashboardList:
 
 
 class DashboardWriter:
-    """Step 7's one home: everything this run writes to the dashboard (cooldown reads, ``submit`` per member in
-    rank order, ``save_campaign``), and what it could not: failures are logged once, never raised."""
+    """Step 7's one home: what this run writes to the dashboard, and what it could not (failures never raise)."""
 
     LIST_KEYS = ("matches", "messages", "holdout")
     MAX_KEY_CHANGES_LISTED = 20  # key changes named in the report; all of them are counted
@@ -8013,8 +8003,7 @@ class DashboardWriter:
         return [item for item in listing_entries(self._cooldown_reads[key][0], key) if isinstance(item, Mapping)]
 
     def recent_recipients(self, since: datetime) -> set[str]:
-        """Members messaged or held out at or after ``since``; an item whose date is no date is counted in
-        ``undated_messages``, never a stop; FirebaseError when a list is unreadable."""
+        """Members messaged or held out since ``since``; undated items counted (``undated_messages``), no stop."""
         self.undated_messages, self.recent_phones = 0, []
         if self.transport is None:
             return set()
@@ -10770,8 +10759,7 @@ def run_campaign(args: argparse.Namespace, env: Mapping[str, str] | None, mongo_
 
 def main(argv: Sequence[str] | None = None, *, env: Mapping[str, str] | None = None,
          mongo_client: Any = None) -> int:
-    """Run one campaign (or ``measure``, ``backtest``) and return its ``ExitCode``: never a traceback for bad input,
-    a service failure, a full disk or a held lock."""
+    """Run one campaign (or ``measure``, ``backtest``) and return its ``ExitCode``, never a traceback."""
     argv = list(sys.argv[1:] if argv is None else argv)
     subcommands = {"measure": (build_measure_parser, run_measure), "backtest": (backtest_parser, backtest)}
     if argv[:1] and argv[0] in subcommands:  # both read-only
