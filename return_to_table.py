@@ -369,8 +369,7 @@ class SmsPolicy:
                      consent_fields=field_paths(get, "SMS_CONSENT_FIELDS", DEFAULT_CONSENT_FIELDS),
                      quiet_hours=QuietHours.setting(get("QUIET_HOURS") or DEFAULT_QUIET_HOURS),
                      sender=sender, opt_out_text=opt_out, opt_out_added_later=added_later)
-        problem = sms_policy_problem(policy)
-        if problem:
+        if problem := sms_policy_problem(policy):
             raise UsageError(problem)
         return policy
 
@@ -6721,8 +6720,7 @@ def answer_json(message: Any) -> dict[str, Any]:
         raise InvalidAnswer("the answer was cut off (max_tokens)")
     text = "".join(getattr(b, "text", "") for b in getattr(message, "content", []) or []
                    if getattr(b, "type", None) == "text").strip()
-    fenced = _FENCE.match(text)
-    if fenced:
+    if fenced := _FENCE.match(text):
         text = fenced.group(1)
     try:
         value = json.loads(text)
@@ -6991,8 +6989,7 @@ class ClaudeAdvisor:
             if not isinstance(text, str):
                 raise InvalidAnswer("message_text must be a string")
             text = text.strip()
-            problems = validate_sms(text, facts)
-            if problems:
+            if problems := validate_sms(text, facts):
                 raise InvalidAnswer("; ".join(problems))
             return text, " ".join(str(answer.get("personalization_notes") or "").split())
 
