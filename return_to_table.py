@@ -7961,7 +7961,7 @@ class DashboardWriter:
     MAX_KEY_CHANGES_LISTED = 20  # key changes named in the report; all of them are counted
     DATED_LISTS = (("messages", "generated_at"), ("holdout", "held_out_at"))  # the cooldown's lists, dated by
 
-    def __init__(self, transport: FirebaseTransport | None, logger: logging.Logger, *, dry_run: bool,
+    def __init__(self, transport: FirebaseTransport, logger: logging.Logger, *, dry_run: bool,
                  updated_at: str, holdout: bool = False) -> None:
         self.transport = transport
         self.holdout = holdout  # this run keeps a control group: the holdout list and archive are written
@@ -7984,8 +7984,8 @@ class DashboardWriter:
 
     @property
     def writes(self) -> bool:
-        """Whether this run writes to the dashboard: a store, no dry run, nothing that made it stand down."""
-        return self.transport is not None and not self.dry_run and self.stood_down is None
+        """Whether this run writes to the dashboard: no dry run, nothing that made it stand down."""
+        return not self.dry_run and self.stood_down is None
 
     def failed(self, what: str, exc: Exception, label: str | None = None) -> None:
         self.errors.append(f"Firebase {what}: {exc}")
@@ -8002,8 +8002,6 @@ class DashboardWriter:
     def recent_recipients(self, since: datetime) -> set[str]:
         """Members messaged or held out since ``since``; undated items counted (``undated_messages``), no stop."""
         self.undated_messages, self.recent_phones = 0, []
-        if self.transport is None:
-            return set()
         recent: set[str] = set()
         for key, dated_by in self.DATED_LISTS:
             for item in filter(lambda item: item.get("user_id"), self._records(key)):
@@ -8017,13 +8015,11 @@ class DashboardWriter:
 
     def read_history(self, day: tuple[datetime, datetime], seats_since: datetime) -> DashboardHistory:
         """The dashboard's messages and holdout records of the campaign day and open invitations (dry runs too)."""
-        if self.transport is None:
-            return DashboardHistory()
         return tally_history(self._records("messages"), self._records("holdout"), day, seats_since)
 
     def recent_members(self, since: datetime) -> tuple[int, int] | None:
         """Members with a message, and with a holdout record, since ``since`` (the report's power); None: unknown."""
-        if self.transport is None or self.stood_down:
+        if self.stood_down:
             return None
         try:  # the report says "unknown"; the cooldown decides what a failed read costs
             found = [{str(item["user_id"]) for item in self._records(key) if item.get("user_id")
@@ -8054,7 +8050,7 @@ class DashboardWriter:
 
     def flush(self) -> bool:
         """Save what the transport holds back (the local mirror's files); False (recorded) when it failed."""
-        if self.transport is None or self.dry_run:
+        if self.dry_run:
             return True
         try:
             self.transport.flush()
@@ -8082,7 +8078,7 @@ class DashboardWriter:
     def submit(self, rank: int, match: Match | None, message: Message | None,
                holdout: HoldoutRecord | None = None) -> None:
         """One member's result, written once every member ranked above it is final (rank order)."""
-        if self.transport is None or self.dry_run:
+        if self.dry_run:
             return
         self._waiting[rank] = (match, message, holdout)
         while self._next_rank in self._waiting:
@@ -8134,7 +8130,7 @@ class DashboardWriter:
                       messages: Sequence[Message], stats: Mapping[str, Any], status: str,
                       holdout: Sequence[HoldoutRecord] = ()) -> None:
         """The dashboard's users and events (replaced), and the campaign archive (holdout included)."""
-        if self.transport is None or self.dry_run:
+        if self.dry_run:
             self.logger.info("Step 7: dry run, nothing written to Firebase")
             return
         if not messages and not holdout:
@@ -8188,10 +8184,9 @@ class DashboardWriter:
         def shown(key: str) -> str:
             return repr(key) if len(key) <= 40 else f"{key[:40]!r}... ({len(key.encode('utf-8', 'surrogatepass'))} bytes)"
         changes = sorted(self.key_changes, key=lambda change: (change[1] is None, change[0], change[1] or ""))
-        live = self.transport is not None and not self.dry_run
-        return {"target": self.transport.description if live else "none (dry run)", "written": list(self.written),
+        return {"target": "none (dry run)" if self.dry_run else self.transport.description, "written": list(self.written),
                 "not_written": list(self.not_written), "errors": list(self.errors),
-                "bytes_sent": self.transport.bytes_sent if self.transport is not None else 0,
+                "bytes_sent": self.transport.bytes_sent,
                 "keys_renamed": sum(stored is not None for _, stored in changes),
                 "keys_dropped": sum(stored is None for _, stored in changes),
                 "key_changes": [f"{shown(found)} -> {shown(stored) if stored is not None else 'dropped'}"
