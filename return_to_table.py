@@ -241,7 +241,6 @@ class RunControl:
 
     @property
     def status(self) -> str:
-        """``completed``, ``interrupted`` (a signal) or ``deadline``: the report's ``status``."""
         if self.signal is not None:
             return "interrupted"
         return "deadline" if self.clock() >= self.deadline else "completed"
@@ -6587,7 +6586,6 @@ Rejected examples, and why:
 
 
 def answer_schema(**properties: Any) -> dict[str, Any]:
-    """The JSON schema of an answer object: these properties, every one required, no other."""
     return {"type": "object", "properties": properties, "required": list(properties), "additionalProperties": False}
 
 
@@ -8245,7 +8243,6 @@ class ReturnToTable:
         self.control = control or RunControl()
         self.issues = DataIssues()
         self.empty_input: list[str] = []  # collections the source had no documents in (``empty_collections``)
-        self.data_dir = options.data_dir
         self.decisions: dict[str, str] = {}  # eligible member id -> "selected" or its skip_reason (``SKIP_REASONS``)
         self.candidate_index: CandidateIndex | None = None  # step 2's open events indexed for step 5
         self.activity: Mapping[str, Activity] = {}  # step 1's activity of every member, for ``reach_member``
@@ -8275,7 +8272,7 @@ class ReturnToTable:
         if skipped:
             self.logger.warning("Step 1: %d records skipped (nested too deep or without a usable _id); "
                                 "the report's data_issues counts them", skipped)
-        keep_raw(self.data_dir / "raw", data, {"users": screened_users, "events": screened_events})
+        keep_raw(self.options.data_dir / "raw", data, {"users": screened_users, "events": screened_events})
         users, repeated_users = dedupe_by_id(screened_users.records)
         events, repeated_events = dedupe_by_id(screened_events.records)
         self.issues.add("repeated_user_ids", repeated_users)
@@ -8288,7 +8285,7 @@ class ReturnToTable:
         census = find_dormant_users(read.users, self.activity, self.options.now, zone=self.zone.key, complete=False)
         if read.statuses is not None:
             census = dataclasses.replace(census, status_counts=read.statuses)
-        write_json(self.data_dir / "processed" / "dormant_users.json", census.eligible, private=True)
+        write_json(self.options.data_dir / "processed" / "dormant_users.json", census.eligible, private=True)
         self.logger.info("Step 1: %d dormant members, %d personalisation-ready (statuses: %s)",
                          census.dormant_total, len(census.eligible), census.status_counts)
         return census
@@ -8343,7 +8340,7 @@ class ReturnToTable:
 
     def future_events(self, events: Sequence[Mapping[str, Any]]) -> list[FutureEvent]:
         future = find_future_events(events, self.options.now, self.issues)
-        write_json(self.data_dir / "processed" / "future_events.json", future)
+        write_json(self.options.data_dir / "processed" / "future_events.json", future)
         self.candidate_index = CandidateIndex.build(future, self.hoods, self.options.now, self.options.weights)
         open_count = sum(1 for e in future if e["remaining_spots"] != 0)
         self.logger.info("Step 2: %d future public events, %d with open spots", len(future), open_count)
@@ -8389,9 +8386,9 @@ class ReturnToTable:
         left_out = Counter(code for code in self.decisions.values() if code in UNTEXTABLE)
         self.logger.info("Steps 5-6: %d members reached, %s", len(outcomes) + sum(left_out.values()),
                          ", ".join(f"{n} {code}" for code, n in sorted(left_out.items())) or "all of them textable")
-        write_json_items(self.data_dir / "processed" / "dormant_users.json",
+        write_json_items(self.options.data_dir / "processed" / "dormant_users.json",
                          walk_listing(census.eligible, self.decisions, self.skip_details), private=True)
-        write_skip_list(self.data_dir, census.eligible, self.decisions)
+        write_skip_list(self.options.data_dir, census.eligible, self.decisions)
         selected = [o.user for o in outcomes if not o.held_out]  # the treatment members the walk reached
         not_started = sum(code == "not_started" for code in self.decisions.values())
         status = self.control.status if self.control.signal is not None or not_started else "completed"
