@@ -8097,29 +8097,27 @@ class DashboardWriter:
 
 @dataclass
 class RunResult:
-    """What a run produced: the report and what ``main`` tells the operator. The exit-code rule lives here."""
+    """What a run produced: the report (its status, empty input and firebase section read from it) and what
+    ``main`` tells the operator. The exit-code rule lives here."""
 
     report: dict[str, Any]
     report_path: Path
-    firebase: dict[str, Any]
     claude_unavailable: str | None
-    status: str = "completed"
     failed_members: int = 0
     signal: int | None = None
-    empty_input: list[str] = field(default_factory=list)  # "users", "events": read, but there were none
     idle: IdleReason | None = None  # why no message was drafted (``idle_reason``), None when one was
 
     @property
     def firebase_failed(self) -> bool:
-        return bool(self.firebase["not_written"] or self.firebase["errors"])
+        return bool(self.report["firebase"]["not_written"] or self.report["firebase"]["errors"])
 
     @property
     def exit_code(self) -> int:
         """130/143 after a signal; 3 when something needs a look; else the idle reason's code (``idle_reason``)."""
         if self.signal is not None:
             return ExitCode(128 + self.signal)
-        needs_a_look = (self.status == "deadline" or self.firebase_failed or self.claude_unavailable
-                        or self.failed_members or self.empty_input)
+        needs_a_look = (self.report["status"] == "deadline" or self.firebase_failed or self.claude_unavailable
+                        or self.failed_members or self.report["empty_input"])
         idle = self.idle.exit_code if self.idle is not None else ExitCode.OK
         return ExitCode.ATTENTION if needs_a_look else idle
 
@@ -8307,7 +8305,6 @@ class ReturnToTable:
         if claude_down:
             self.logger.error("Claude was unavailable (%s): rules and template were used", claude_down,
                               extra=FILE_ONLY)  # stderr says it (``report_problems``): once in cron mail
-        firebase = self.dashboard.summary()
         # the campaign day's --limit was drafted before this run: exit 0
         hint = IdleReason.DAY_LIMIT_DRAFTED if self.volume.remaining == 0 else None
         idle = idle_reason(len(census.eligible), self.decisions, len(messages), hint)
@@ -8317,7 +8314,7 @@ class ReturnToTable:
             campaign_id=campaign_id, run_started=started, finished=datetime.now(UTC), options=options,
             source_label=self.source.label, census=census, selected=selected, decisions=self.decisions,
             skip_details=self.skip_details, future_events=future, outcomes=outcomes,
-            steps_5_6_seconds=steps_5_6_seconds, issues=self.issues, firebase=firebase,
+            steps_5_6_seconds=steps_5_6_seconds, issues=self.issues, firebase=self.dashboard.summary(),
             errors=list(self.dashboard.errors), status=status, sms_segment_price=self.segment_price,
             llm_usage=self.advisor.usage_report() if self.advisor is not None else None, earlier_30_days=earlier,
             empty_input=self.empty_input, places_not_located=unlocated_places(
@@ -8325,9 +8322,8 @@ class ReturnToTable:
                              *(text_field(e, "neighborhood") for e in future)]),
             volume=volume_report(self.volume, self.seats, len(messages), len(held_out)), idle=idle)
         report_path = write_report(options.report_stem(campaign_id), report, self.logger)
-        return RunResult(report, report_path, firebase, claude_down, status,
-                         failed_members=sum(o.failed for o in outcomes), signal=self.control.signal,
-                         empty_input=list(self.empty_input), idle=idle)
+        return RunResult(report, report_path, claude_down, failed_members=sum(o.failed for o in outcomes),
+                         signal=self.control.signal, idle=idle)
 
 
 def wait_first(running: set[Any]) -> tuple[set[Any], set[Any]]:
@@ -10691,24 +10687,25 @@ def error_line(problem: object, code: ExitCode) -> ExitCode:
 
 def report_problems(result: RunResult) -> None:
     """What cron mail should show besides the summary line: one line per kind of trouble."""
-    if result.status != "completed":
+    status, empty_input, firebase = result.report["status"], result.report["empty_input"], result.report["firebase"]
+    if status != "completed":
         by = f" by {signal.Signals(result.signal).name}" if result.signal is not None else ""
-        print(f"warning: run {result.status}{by}: {result.report['summary']['users_not_started']} members not "
+        print(f"warning: run {status}{by}: {result.report['summary']['users_not_started']} members not "
               f"started; the report {result.report_path} says what was done", file=sys.stderr)
     if result.claude_unavailable:
         print(f"warning: Claude was unavailable ({result.claude_unavailable}); the rules matcher and the "
               "template wrote this run's messages", file=sys.stderr)
     if result.failed_members:
         print(f"warning: {result.failed_members} members failed (see the log); the others are done", file=sys.stderr)
-    if result.empty_input:
-        print(f"warning: empty input: the source has no {' and no '.join(result.empty_input)}; the report "
+    if empty_input:
+        print(f"warning: empty input: the source has no {' and no '.join(empty_input)}; the report "
               f"{result.report_path} says what was read", file=sys.stderr)
-    elif (result.idle is not None and result.idle.exit_code and result.status == "completed"
+    elif (result.idle is not None and result.idle.exit_code and status == "completed"
           and not result.failed_members):
         print(f"warning: no message drafted: {result.report['no_message']['text']}", file=sys.stderr)
     if result.firebase_failed:
-        first = (result.firebase["errors"] or [""])[0]
-        print(f"error: {len(result.firebase['not_written'])} Firebase writes failed ({first}); local files and the "
+        first = (firebase["errors"] or [""])[0]
+        print(f"error: {len(firebase['not_written'])} Firebase writes failed ({first}); local files and the "
               f"report {result.report_path} are complete", file=sys.stderr)
 
 

@@ -461,7 +461,8 @@ def test_help_shows_the_exit_code_table(run_cli):
 
 def result(**kwargs: Any) -> rtt.RunResult:
     firebase = {"not_written": kwargs.pop("not_written", []), "errors": kwargs.pop("errors", [])}
-    return rtt.RunResult(report={}, report_path=Path("r.json"), firebase=firebase,
+    report = {"firebase": firebase, "status": kwargs.pop("status", "completed"), "empty_input": []}
+    return rtt.RunResult(report=report, report_path=Path("r.json"),
                          claude_unavailable=kwargs.pop("claude_unavailable", None), **kwargs)
 
 
