@@ -611,18 +611,12 @@ def setup_logging(options: RunOptions) -> logging.Logger:
         file_handler = QuietFileHandler(log_file, encoding="utf-8")
     except OSError as exc:
         raise OutputError(f"{log_dir}: cannot write the log ({exc.strerror or exc.__class__.__name__})") from None
-    logger = logging.getLogger("ReturnToTable")
-    logger.setLevel(logging.DEBUG)
-    logger.propagate = False
-    close_logging(logger)  # a second run in the same process starts clean
     file_handler.setFormatter(logging.Formatter(
         "%(asctime)s - %(name)s - %(levelname)s - %(message)s", datefmt="%Y-%m-%d %H:%M:%S"))
-    console = logging.StreamHandler(sys.stdout)
+    console = console_handler(sys.stdout)
     console.addFilter(ConsoleFilter(logging.WARNING if options.quiet else logging.DEBUG if options.verbose
                                     else logging.INFO))
-    console.setFormatter(logging.Formatter("%(levelname)s - %(message)s"))
-    logger.addHandler(file_handler)
-    logger.addHandler(console)
+    logger = own_logger("ReturnToTable", logging.DEBUG, file_handler, console)
     logger.info("Logging initialized. Log file: %s", log_file)
     if pruned:
         logger.info("Removed %d log files older than %d days", pruned, options.keep_logs_days)
@@ -648,6 +642,24 @@ def close_logging(logger: logging.Logger) -> None:
     for handler in list(logger.handlers):
         handler.close()
         logger.removeHandler(handler)
+
+
+def own_logger(name: str, level: int, *handlers: logging.Handler) -> logging.Logger:
+    """A logger not propagated, with only ``handlers``: a second run in the same process starts clean."""
+    logger = logging.getLogger(name)
+    logger.setLevel(level)
+    logger.propagate = False
+    close_logging(logger)
+    for handler in handlers:
+        logger.addHandler(handler)
+    return logger
+
+
+def console_handler(stream: Any) -> logging.Handler:
+    """The console's "LEVEL - message" lines (the campaign's on stdout, measure's warnings on stderr)."""
+    handler = logging.StreamHandler(stream)
+    handler.setFormatter(logging.Formatter("%(levelname)s - %(message)s"))
+    return handler
 
 
 @contextlib.contextmanager
@@ -4900,12 +4912,10 @@ def report_markdown(report: Mapping[str, Any]) -> str:
         lines += [f"- {cell(reason)}" for reason in fallbacks["reasons"]]
     usage = report.get("llm_usage")
     if usage:
-        header = "| step | model | calls | input | output | cache read | cache write | cost (USD) |"
-        lines += ["", "## Claude usage", "", header, "| --- " * 8 + "|"]
-        for step in ("matching", "writing"):
-            u = usage[step]
-            lines.append(f"| {step} | {u['model']} | {u['calls']} | {u['input_tokens']} | {u['output_tokens']} | "
-                         f"{u['cache_read_tokens']} | {u['cache_write_tokens']} | {u['estimated_cost_usd']} |")
+        header = ["step", "model", "calls", "input", "output", "cache read", "cache write", "cost (USD)"]
+        lines += ["", "## Claude usage", "", *markdown_table([header, *([step, *(str(usage[step][key]) for key in (
+            "model", "calls", "input_tokens", "output_tokens", "cache_read_tokens", "cache_write_tokens",
+            "estimated_cost_usd"))] for step in ("matching", "writing"))])]
         lines.append(f"\nEstimated cost in all: {usage['estimated_cost_usd']} USD.")
     firebase = report.get("firebase", {})
     lines += ["", "## Firebase", "", f"- Target: {firebase.get('target')}",
@@ -5120,15 +5130,28 @@ def build_report(*, campaign_id: str, run_started: datetime, finished: datetime,
 def write_report(stem: Path, report: Mapping[str, Any], logger: logging.Logger) -> Path:
     """Step 8's files, ``<stem>.json`` and ``<stem>.md`` (private), and the console's one summary line (the funnel,
     segments and cost, errors, the report's path); the .md's path."""
-    write_json(stem.with_name(stem.name + ".json"), report, private=True)
-    report_path = stem.with_name(stem.name + ".md")
-    write_text_private(report_path, report_markdown(report))
+    report_path = write_report_files(stem, report, report_markdown(report))
     s, empty = report["summary"], report.get("empty_input") or []
     status = report["status"] + (f", empty input: {', '.join(empty)}" if empty else "")
     logger.info("Step 8 (%s): %s dormant; funnel %s; %s; %s errors. Report: %s", status, s["total_dormant_users_found"],
                 funnel_text(report["funnel"]), cost_text(report["cost"]), s["error_count"], report_path,
                 extra={"summary": True})
     return report_path
+
+
+def write_report_files(stem: Path, report: Mapping[str, Any], markdown: str) -> Path:
+    """``<stem>.json`` and ``<stem>.md``, private and atomic (campaign, measure, backtest); the .md's path."""
+    write_json(stem.with_name(stem.name + ".json"), report, private=True)
+    write_text_private(path := stem.with_name(stem.name + ".md"), markdown)
+    return path
+
+
+def free_report_stem(out_dir: Path, kind: str, started: datetime) -> Path:
+    """``reports/return_to_table_<kind>_<UTC timestamp>`` (no suffix), a second later while its .json exists."""
+    reports, moment = out_dir / "reports", started
+    while (stem := reports / f"return_to_table_{kind}_{moment:%Y%m%d-%H%M%S}").with_suffix(".json").exists():
+        moment += timedelta(seconds=1)
+    return stem
 
 
 def write_skip_list(data_dir: Path, eligible: Sequence[Mapping[str, Any]], decisions: Mapping[str, str]) -> None:
@@ -9722,15 +9745,6 @@ def read_events(source: DataSource, issues: DataIssues) -> tuple[list[dict[str, 
     return events, [name for name in empty_collections(data) if name == "events"]
 
 
-def measure_report_paths(out_dir: Path, started: datetime) -> tuple[Path, Path]:
-    """``reports/return_to_table_measure_<UTC timestamp>.json`` and ``.md``, the next free second if taken."""
-    reports, moment = out_dir / "reports", started
-    while (reports / f"return_to_table_measure_{moment.strftime('%Y%m%d-%H%M%S')}.json").exists():
-        moment += timedelta(seconds=1)
-    stem = f"return_to_table_measure_{moment.strftime('%Y%m%d-%H%M%S')}"
-    return reports / f"{stem}.json", reports / f"{stem}.md"
-
-
 def stale_events_note(events: Iterable[Mapping[str, Any]], campaigns: Sequence[ArchivedCampaign]) -> str | None:
     """The sentence saying nobody could have come back yet when every event starts before the first message."""
     first = min((o.reference for c in campaigns for o in c.observations), default=None)
@@ -9794,25 +9808,13 @@ def measure_options(args: argparse.Namespace, settings: Settings) -> MeasureOpti
     return MeasureOptions(run, args.window_days, dates, args.campaign)
 
 
-def measure_logger() -> logging.Logger:
-    """Warnings on stderr (the table is stdout's); ``measure`` keeps no log file."""
-    logger = logging.getLogger("ReturnToTable.measure")
-    logger.setLevel(logging.WARNING)
-    logger.propagate = False
-    close_logging(logger)
-    handler = logging.StreamHandler(sys.stderr)
-    handler.setFormatter(logging.Formatter("%(levelname)s - %(message)s"))
-    logger.addHandler(handler)
-    return logger
-
-
 def run_measure(args: argparse.Namespace, env: Mapping[str, str] | None, mongo_client: Any,
                 closing: ExitStack) -> int:
     """The ``measure`` run: the archive, the events, the statistics, the report; returns the exit code."""
     started = datetime.now(UTC)
     settings = Settings.from_env(env if env is not None else read_environment())
     options = measure_options(args, settings)
-    logger = measure_logger()
+    logger = own_logger("ReturnToTable.measure", logging.WARNING, console_handler(sys.stderr))  # no log file
     closing.callback(close_logging, logger)
     transport = make_dashboard(options.run, settings, logger).transport  # dry run: it can only read
     assert transport is not None
@@ -9834,11 +9836,10 @@ def run_measure(args: argparse.Namespace, env: Mapping[str, str] | None, mongo_c
     report.update(learned_json([f for _, fs in followed for f in fs]))
     report["funnel"] = measure_funnel(report, report_funnel(options.run.out_dir / "reports",
                                                             {c.campaign_id for c in campaigns}))
-    json_path, md_path = measure_report_paths(options.run.out_dir, started)
-    charts, html_path = write_measure_charts(report, md_path)
+    stem = free_report_stem(options.run.out_dir, "measure", started)
+    charts, html_path = write_measure_charts(report, stem.with_suffix(".md"))
     report["charts"] = {name: path.name for name, path in charts.items()} | {"html": html_path.name}
-    write_json(json_path, report, private=True)
-    write_text_private(md_path, measure_markdown(report))
+    md_path = write_report_files(stem, report, measure_markdown(report))
     print(measure_console(report, md_path), end="")
     for problem in measure_problems(report, source):
         print(problem, file=sys.stderr)
@@ -10558,16 +10559,6 @@ def run_backtest(history: History, days: Sequence[datetime], window_days: int, h
     return [(day, *backtest_date(history, day, window_days, hoods, pick, weights)) for day in days]
 
 
-def write_backtest_report(out_dir: Path, report: Mapping[str, Any], started: datetime) -> Path:
-    """``reports/return_to_table_backtest_{stamp}.json`` and ``.md``, atomically; a taken stamp moves a second."""
-    reports, moment = out_dir / "reports", started
-    while (stem := reports / f"return_to_table_backtest_{moment:%Y%m%d-%H%M%S}").with_suffix(".json").exists():
-        moment += timedelta(seconds=1)
-    write_json(stem.with_suffix(".json"), report, private=True)
-    write_text_private(stem.with_suffix(".md"), backtest_markdown(report))
-    return stem.with_suffix(".md")
-
-
 def backtest(args: argparse.Namespace, env: Mapping[str, str] | None, mongo_client: Any, closing: ExitStack) -> int:
     """The subcommand itself: settings, source, history, every date, the report. Errors are the caller's."""
     settings = Settings.from_env(env if env is not None else read_environment())
@@ -10581,6 +10572,7 @@ def backtest(args: argparse.Namespace, env: Mapping[str, str] | None, mongo_clie
     source = make_source(RunOptions(source=kind, folder=folder, now=started, out_dir=out_dir,
                                     insecure_tls=args.insecure_tls),
                          settings, logging.getLogger("ReturnToTable.backtest"), mongo_client)
+    closing.callback(source.close)  # a folder source's engine, as measure and the campaign close it
     if isinstance(source, MongoSource) and mongo_client is None:
         closing.callback(source.client.close)
     clock = time.monotonic()
@@ -10605,7 +10597,7 @@ def backtest(args: argparse.Namespace, env: Mapping[str, str] | None, mongo_clie
         fit["written"] = str(out_dir / WEIGHTS_FILE) if fit["beats_current"] else None
         if fit["written"]:
             write_json(out_dir / WEIGHTS_FILE, weights_document(fit))
-    path = write_backtest_report(out_dir, report, started)
+    path = write_report_files(free_report_stem(out_dir, "backtest", started), report, backtest_markdown(report))
     for line in [*text_table(backtest_table(report), indent=""), lead_line(report), *backtest_learned_lines(report)]:
         print(line)
     print(f"Report: {path} (and .json)")
