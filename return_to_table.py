@@ -4102,8 +4102,12 @@ def template_texts(facts: MessageFacts, names: Sequence[str], tone: str = DEFAUL
 
 def facts_said(facts: MessageFacts, text: str) -> set[str]:
     """The optional facts (going, spots, interest) a whole message says."""
-    said = optional_facts_said(without_sender_parts(text.removesuffix(facts.link), facts)[0], facts)
-    return {name for name, value in said.items() if value}
+    return {name for name, value in message_facts_said(facts, text).items() if value}
+
+
+def message_facts_said(facts: MessageFacts, text: str) -> dict[str, bool]:
+    """``optional_facts_said`` of a whole message: the text before the link, without the sender's parts."""
+    return optional_facts_said(without_sender_parts(text.removesuffix(facts.link), facts)[0], facts)
 
 
 # Capitals a sender or opt-out text may use: the acronyms, and the keywords that stop texts (FCC, CTIA).
@@ -4322,12 +4326,10 @@ def holdout_record(rank: int, match: Match, *, campaign_id: str, fraction: float
     """What a holdout member gets instead of a message: a record of the rules' pick (never Claude's)."""
     user, event = match["user"], match["event"]
     record = HoldoutRecord(user_id=match["user_id"], user_name=match["user_name"], user_phone=user.get("phone_e164"),
-                           rank=rank,
-                           reactivation_score=user["reactivation_score"], days_inactive=user["days_inactive"],
-                           event_id=match["event_id"], event_name=match["event_name"],
-                           event_start=event.get("startDate"),
-                           confidence_percentage=match["confidence_percentage"],
-                           held_out_at=iso_utc(now) or "", campaign_id=campaign_id, holdout_fraction=fraction,
+                           rank=rank, reactivation_score=user["reactivation_score"], days_inactive=user["days_inactive"],
+                           event_id=match["event_id"], event_name=match["event_name"], event_start=event.get("startDate"),
+                           confidence_percentage=match["confidence_percentage"], held_out_at=iso_utc(now) or "",
+                           campaign_id=campaign_id, holdout_fraction=fraction,
                            deciding_signal=match.get("deciding_signal", "profile"),
                            same_neighbourhood=bool(match.get("same_neighbourhood")))
     if variant is not None:
@@ -4337,7 +4339,7 @@ def holdout_record(rank: int, match: Match, *, campaign_id: str, fraction: float
 
 def template_notes(facts: MessageFacts, text: str) -> str:
     """The reviewer's line on what the template's ``text`` personalised, and what it left out to fit."""
-    said = optional_facts_said(without_sender_parts(text.removesuffix(facts.link), facts)[0], facts)
+    said = message_facts_said(facts, text)
     left_out = ", ".join(name for name in OPTIONAL_FACTS if said.get(name) is False)
     parts = ["Welcome back, time away acknowledged",
              said.get("interest") and f"interest: {interest_label(facts.interests[0])}", f"local time {facts.when}",
@@ -9059,42 +9061,44 @@ def window_end(reference: datetime, days: int) -> datetime:
     return reference + window if LATEST_DATE - reference > window else LATEST_DATE
 
 
-class Attendance:
-    """The followed members' events of any type in start order: "back within W days of t" is a bisect."""
+def after(timeline: Sequence[tuple[datetime, str]], day: datetime) -> int:
+    """Where the entries after ``day`` begin in a time-ordered (moment, id) list."""
+    return bisect.bisect_right(timeline, day, key=lambda entry: entry[0])
 
-    def __init__(self, events: Iterable[Mapping[str, Any]], members: set[str], issues: DataIssues) -> None:
-        found: dict[str, list[tuple[datetime, str]]] = {}
-        for event in events:
-            start, event_id = to_utc(event.get("startDate")), id_of(event.get("_id")) or ""
-            if start is None:
-                issues.add("events_without_valid_start_date")
-                continue
-            for member in event_member_ids(event, issues) & members:
-                found.setdefault(member, []).append((start, event_id))
-        self.events = {member: sorted(seen) for member, seen in found.items()}
 
-    def follow(self, observation: Observation, now: datetime, days: int) -> Followed:
-        """Did this member come back (to any event, and to the suggested one) within the window?"""
-        end = window_end(observation.reference, days)
-        seen = self.events.get(observation.user_id, [])
-        first = bisect.bisect_right(seen, observation.reference, key=lambda entry: entry[0])
-        last = bisect.bisect_right(seen, end, key=lambda entry: entry[0])
-        went = {event_id for _, event_id in seen[first:last]}
-        return Followed(observation, end > now, bool(went), observation.event_id in went)
+def attendance(events: Iterable[Mapping[str, Any]], members: set[str],
+               issues: DataIssues) -> dict[str, list[tuple[datetime, str]]]:
+    """The followed members' (start, event id) of any type in start order: "back within W days" is a bisect."""
+    found: dict[str, list[tuple[datetime, str]]] = {}
+    for event in events:
+        start, event_id = to_utc(event.get("startDate")), id_of(event.get("_id")) or ""
+        if start is None:
+            issues.add("events_without_valid_start_date")
+            continue
+        for member in event_member_ids(event, issues) & members:
+            found.setdefault(member, []).append((start, event_id))
+    return {member: sorted(seen) for member, seen in found.items()}
+
+
+def follow(observation: Observation, seen: Sequence[tuple[datetime, str]], now: datetime, days: int) -> Followed:
+    """Did this member come back (to any event, and to the suggested one) within the window?"""
+    end = window_end(observation.reference, days)
+    went = {event_id for _, event_id in seen[after(seen, observation.reference):after(seen, end)]}
+    return Followed(observation, end > now, bool(went), observation.event_id in went)
 
 
 def follow_campaigns(campaigns: Sequence[ArchivedCampaign], events: Sequence[Mapping[str, Any]], now: datetime,
                      days: int, issues: DataIssues) -> list[tuple[ArchivedCampaign, list[Followed]]]:
     """Every campaign's members followed through their windows; their suggested event's category (the first
     the host wrote, cleaned) and name are traits ("event_category", "event")."""
-    attendance = Attendance(events, {o.user_id for c in campaigns for o in c.observations}, issues)
+    seen = attendance(events, {o.user_id for c in campaigns for o in c.observations}, issues)
     wanted = {o.event_id for c in campaigns for o in c.observations if o.event_id}
     named = {event_id: (("event_category", segment_text(next(iter(text_list(event, "categories")), None), "none")),
                         ("event", clean_text(text_field(event, "name") or "", 80)[0]))
              for event in events if (event_id := id_of(event.get("_id"))) in wanted}
     unnamed = (("event_category", "unknown"),)
-    return [(c, [attendance.follow(o._replace(traits=(*o.traits, *named.get(o.event_id or "", unnamed))), now, days)
-                 for o in c.observations]) for c in campaigns]
+    return [(c, [follow(o._replace(traits=(*o.traits, *named.get(o.event_id or "", unnamed))),
+                        seen.get(o.user_id, []), now, days) for o in c.observations]) for c in campaigns]
 
 
 @dataclass(frozen=True)
@@ -9942,11 +9946,6 @@ def read_screened(source: DataSource) -> ScreenedInput:
     return ScreenedInput(kept_users, kept_events, issues, empty_collections(data))
 
 
-def after(timeline: Sequence[tuple[datetime, str]], day: datetime) -> int:
-    """Where the entries after ``day`` begin in a time-ordered (moment, id) list."""
-    return bisect.bisect_right(timeline, day, key=lambda entry: entry[0])
-
-
 @dataclass(frozen=True)
 class History:
     """Members and events read once, indexed by time, so each as-of date is a slice, never a new scan."""
@@ -10039,28 +10038,33 @@ def score_trial(user: Mapping[str, Any], candidates: Sequence[Candidate], attend
     return Trial(user["_id"], candidates, attended, hits, fell_back)
 
 
-def backtest_date(history: History, day: datetime, window_days: int, hoods: NeighbourhoodMap,
-                  pick: Picker, weights: MatchWeights = BUILT_IN_MATCH_WEIGHTS) -> tuple[int, list[Trial]]:
-    """One as-of date: the eligible members, and a trial for each who came back within the window. Every
-    eligible member, in rank order, takes a seat at their pick among those left (``ALLOCATION_RULE``)."""
-    census, future = history.at(day)
-    end = day + timedelta(days=window_days)
-    seats = SeatLedger(DEFAULT_INVITES_PER_SPOT, DEFAULT_MAX_INVITES_PER_EVENT)
-    index = CandidateIndex.build(future, hoods, day, weights) if pick is rules_pick else None  # the rules', lazily
-    trials = []
-    for user in census.eligible:
-        attended = history.went(user["_id"], day, end)
-        if attended or index is None:
-            candidates = score_candidates(user, future, hoods, day, weights)
-            seated = pick(user, list(seats.open_only(user["_id"], candidates)))
-        else:  # only their seat matters: the first candidate with one left
-            seated = next(seats.open_only(user["_id"], index.ranked(user)), None)
-        if seated is not None:
-            seats.reserve(user["_id"], seated.event)
-        if attended:
-            hosts = history.favourite_hosts(user["_id"], day)
-            trials.append(score_trial(user, candidates, attended, hosts, pick, seated))
-    return len(census.eligible), trials
+def run_backtest(history: History, days: Sequence[datetime], window_days: int, hoods: NeighbourhoodMap,
+                 pick: Picker = rules_pick, weights: MatchWeights = BUILT_IN_MATCH_WEIGHTS,
+                 ) -> list[tuple[datetime, int, list[Trial]]]:
+    """Every as-of date D: (D, eligible members, a trial for each who came back within the window); ``pick`` is
+    the matcher under test, its candidates scored with ``weights``. Every eligible member, in rank order, takes a
+    seat at their pick among those left (``ALLOCATION_RULE``)."""
+    dated = []
+    for day in days:
+        census, future = history.at(day)
+        end = day + timedelta(days=window_days)
+        seats = SeatLedger(DEFAULT_INVITES_PER_SPOT, DEFAULT_MAX_INVITES_PER_EVENT)
+        index = CandidateIndex.build(future, hoods, day, weights) if pick is rules_pick else None  # the rules'
+        trials = []
+        for user in census.eligible:
+            attended = history.went(user["_id"], day, end)
+            if attended or index is None:
+                candidates = score_candidates(user, future, hoods, day, weights)
+                seated = pick(user, list(seats.open_only(user["_id"], candidates)))
+            else:  # only their seat matters: the first candidate with one left
+                seated = next(seats.open_only(user["_id"], index.ranked(user)), None)
+            if seated is not None:
+                seats.reserve(user["_id"], seated.event)
+            if attended:
+                hosts = history.favourite_hosts(user["_id"], day)
+                trials.append(score_trial(user, candidates, attended, hosts, pick, seated))
+        dated.append((day, len(census.eligible), trials))
+    return dated
 
 
 def as_of_dates(start: datetime, end: datetime, every_days: int) -> list[datetime]:
@@ -10549,14 +10553,6 @@ def backtest_days(args: argparse.Namespace, clock: datetime) -> list[datetime]:
         raise UsageError(f"the window after {iso_utc(days[-1])} ends after now: it has not closed, so it cannot "
                          "be scored (move --to back or shorten --window-days)")
     return days
-
-
-def run_backtest(history: History, days: Sequence[datetime], window_days: int, hoods: NeighbourhoodMap,
-                 pick: Picker = rules_pick, weights: MatchWeights = BUILT_IN_MATCH_WEIGHTS,
-                 ) -> list[tuple[datetime, int, list[Trial]]]:
-    """Every as-of date: (D, eligible members, trials); ``pick`` is the matcher under test, its candidates
-    scored with ``weights``."""
-    return [(day, *backtest_date(history, day, window_days, hoods, pick, weights)) for day in days]
 
 
 def backtest(args: argparse.Namespace, env: Mapping[str, str] | None, mongo_client: Any, closing: ExitStack) -> int:
