@@ -4880,23 +4880,16 @@ def report_markdown(report: Mapping[str, Any]) -> str:
                 *(str(messages.get(m["user_id"], {}).get(key, "")) for key in ("message_text", "sms_segments"))]
                for m in report.get("matches", [])]
     lines = [
-        f"# Return To Table report: {report['campaign_id']}",
-        "",
+        f"# Return To Table report: {report['campaign_id']}", "",
         (f"**Goal:** bring dormant members ({DORMANCY_SPAN} since their last table) back with one "
-         "well-matched upcoming event and a warm welcome-back SMS, reviewed before sending."),
-        "",
+         "well-matched upcoming event and a warm welcome-back SMS, reviewed before sending."), "",
         f"- Run date: {report['run_date']} (as of {report['as_of']})",
         f"- Source: {report['source']}; matcher: {matcher}; dry run: {report['dry_run']}",
         f"- Matcher weights: {report.get('match_weights', 'built-in')}; tones: {', '.join(report.get('variants', []))}",
         *empty_input_lines(report.get("empty_input") or []),
         *([f"- No message drafted: {report['no_message']['text']}"] if report.get("no_message") else []),
-        "",
-        "## Run summary",
-        "",
-        *markdown_table([["figure", "value"], *figures]),
-        "",
-        f"Future events considered: {st['events_processed']}. Cost: {cost_text(report['cost'])}.",
-        "",
+        "", "## Run summary", "", *markdown_table([["figure", "value"], *figures]), "",
+        f"Future events considered: {st['events_processed']}. Cost: {cost_text(report['cost'])}.", "",
         *([places_line(report["places_not_located"]), ""] if report.get("places_not_located") else []),
         *volume_lines(report),
         *funnel_lines(report["funnel"], report.get("skip_reasons", {})),
@@ -4904,8 +4897,7 @@ def report_markdown(report: Mapping[str, Any]) -> str:
         *skip_reason_lines(report.get("skip_reasons", {}), report.get("holdout", {}), report.get("skip_details", {})),
         *power_lines(report["holdout_power"]),
         *preview_lines(report["preview"]),
-        "## Matches and messages",
-        "",
+        "## Matches and messages", "",
         *markdown_table([["member", "event", "confidence", "matcher", "SMS", "segments"], *matches]),
         "", "## Members skipped", "", *skipped_lines(report)]
     fallbacks = report.get("fallbacks", {})
@@ -9542,15 +9534,15 @@ def measure_funnel(report: Mapping[str, Any], campaign_stages: Sequence[tuple[st
 
 def weekly_chart(axes: Any, weekly: Sequence[Mapping[str, Any]], days: Sequence[datetime]) -> None:
     """Treated and holdout return rates per week, each with its Wilson 95% band."""
+    import numpy as np
+
     for arm, colour in (("treated", "tab:blue"), ("holdout", "tab:grey")):
         rows = [(d, w[arm]) for d, w in zip(days, weekly, strict=True) if w[arm]["size"]]
         if rows:
             shown = [d for d, _ in rows]
-            rates = [100 * g["rate"] for _, g in rows]
-            low, high = [100 * g["rate_interval"][0] for _, g in rows], [100 * g["rate_interval"][1] for _, g in rows]
-            axes.errorbar(shown, rates, yerr=[[r - lo for r, lo in zip(rates, low, strict=True)],
-                                              [hi - r for r, hi in zip(rates, high, strict=True)]],
-                          marker="o", capsize=4, color=colour, label=arm)
+            rates, low, high = 100 * np.array([[g["rate"], *g["rate_interval"]] for _, g in rows]).T
+            axes.errorbar(shown, rates, yerr=[rates - low, high - rates], marker="o", capsize=4, color=colour,
+                          label=arm)
             axes.fill_between(shown, low, high, color=colour, alpha=0.2)
     axes.set_title("Came back within the window, per week (95% Wilson bands)", y=TITLE_Y)
     axes.set(ylabel="% came back", xlabel="week of the message (or hold-out)")
@@ -9624,14 +9616,6 @@ def chart_images(report: Mapping[str, Any]) -> dict[str, bytes]:
     return images
 
 
-def write_bytes_private(path: Path, data: bytes) -> None:
-    def write(handle: Any) -> None:
-        handle.flush()
-        handle.buffer.write(data)
-
-    atomic_write(path, write, private=True)
-
-
 HTML_STYLE = ("body{font-family:system-ui,sans-serif;max-width:60rem;margin:2rem auto;padding:0 1rem;color:#222}"
               "table{border-collapse:collapse;margin:.5rem 0 1rem}td,th{border:1px solid #ccc;padding:.25rem .5rem;"
               "text-align:right}td:first-child,th:first-child{text-align:left}img{max-width:100%}"
@@ -9688,7 +9672,7 @@ def write_measure_charts(report: Mapping[str, Any], md_path: Path) -> tuple[dict
         images = {}
     paths = {name: md_path.with_name(f"{md_path.stem}_{name}.png") for name in images}
     for name, path in paths.items():
-        write_bytes_private(path, images[name])
+        atomic_write(path, lambda handle, png=images[name]: handle.buffer.write(png), private=True)  # bytes, not text
     html_path = md_path.with_suffix(".html")
     write_text_private(html_path, measure_html(report, images))
     return paths, html_path
