@@ -8663,7 +8663,7 @@ no_progress = functools.partial(progress_bar, enabled=False)
 # ``measure`` follows every member of every archived campaign in range, messaged ("treated") or held
 # out, for ``--window-days`` after their reference time, and compares how many came back. Pure
 # functions first (statistics, reading archived records, following members, grouping, the report),
-# then the I/O at the edges (``read_campaigns``, ``read_events``, ``run_measure``). It writes nothing
+# then the I/O at the edges (``read_campaigns``, ``read_screened``, ``run_measure``). It writes nothing
 # to Firebase or its mirror: only reads, and its report files.
 
 CONFIDENCE = 0.95
@@ -9721,16 +9721,31 @@ def read_campaigns(transport: FirebaseTransport, options: MeasureOptions, issues
     return sorted(campaigns, key=lambda c: (c.created_at, c.campaign_id))
 
 
-def read_events(source: DataSource, issues: DataIssues) -> tuple[list[dict[str, Any]], list[str]]:
-    """The source's events, screened as the campaign screens them, and ``["events"]`` when there are none."""
+class ScreenedInput(NamedTuple):
+    """What a source read, screened and deduplicated as the campaign's step 1 does it."""
+
+    users: list[dict[str, Any]]
+    events: list[dict[str, Any]]
+    issues: DataIssues
+    empty: list[str]  # "users", "events": the source had none
+
+
+def read_screened(source: DataSource, issues: DataIssues | None = None,
+                  kinds: tuple[str, ...] = ("users", "events")) -> ScreenedInput:
+    """The source's ``kinds`` (measure reads only the events) through the campaign's screen (``screen_records``,
+    ``dedupe_by_id``), counted in ``issues``; nothing written."""
     data = source.read()
+    issues = DataIssues() if issues is None else issues
     issues.add("unreadable_extended_json_values", data.bad_values)
-    issues.add_all({kind: n for kind, n in data.skipped.items() if kind.startswith("events")})
-    screened = screen_records(data.events, "events")
-    issues.add_all(screened.issues)
-    events, repeated = dedupe_by_id(screened.records)
-    issues.add("repeated_event_ids", repeated)
-    return events, [name for name in empty_collections(data) if name == "events"]
+    issues.add_all({kind: n for kind, n in data.skipped.items() if kind.startswith(kinds)})
+    kept: dict[str, list[dict[str, Any]]] = {}
+    for name in kinds:
+        screened = screen_records(getattr(data, name), name)
+        issues.add_all(screened.issues)
+        kept[name], repeated = dedupe_by_id(screened.records)
+        issues.add(f"repeated_{name[:-1]}_ids", repeated)
+    return ScreenedInput(kept.get("users", []), kept.get("events", []), issues,
+                         [name for name in empty_collections(data) if name in kinds])
 
 
 def stale_events_note(events: Iterable[Mapping[str, Any]], campaigns: Sequence[ArchivedCampaign]) -> str | None:
@@ -9814,13 +9829,13 @@ def run_measure(args: argparse.Namespace, env: Mapping[str, str] | None, mongo_c
     closing.callback(source.close)
     if isinstance(source, MongoSource) and mongo_client is None:
         closing.callback(source.client.close)
-    events, empty = read_events(source, issues)
-    followed = follow_campaigns(campaigns, events, options.run.now, options.window_days, issues)
+    screened = read_screened(source, issues, ("events",))
+    followed = follow_campaigns(campaigns, screened.events, options.run.now, options.window_days, issues)
     measured = [(c, Measurement.of(f)) for c, f in followed]
     report = measure_report(run_date=started, now=options.run.now, window_days=options.window_days,
                             dates=options.dates, campaign=options.campaign, source_label=source.label,
                             archive=transport.description, measured=measured, issues=issues, errors=errors,
-                            empty_input=empty, events_note=stale_events_note(events, campaigns))
+                            empty_input=screened.empty, events_note=stale_events_note(screened.events, campaigns))
     report.update(learned_json([f for _, fs in followed for f in fs]))
     report["funnel"] = measure_funnel(report, report_funnel(options.run.out_dir / "reports",
                                                             {c.campaign_id for c in campaigns}))
@@ -9904,30 +9919,6 @@ class Picker(Protocol):
     """A matcher under test: one member's pick among their scored candidates (``rules_pick`` by default)."""
 
     def __call__(self, user: Mapping[str, Any], candidates: Sequence[Candidate]) -> Candidate | None: ...
-
-
-class ScreenedInput(NamedTuple):
-    """What a source read, screened and deduplicated as the campaign's step 1 does it."""
-
-    users: list[dict[str, Any]]
-    events: list[dict[str, Any]]
-    issues: DataIssues
-    empty: list[str]  # "users", "events": the source had none
-
-
-def read_screened(source: DataSource) -> ScreenedInput:
-    """The source's records through the campaign's screen (``screen_records``, ``dedupe_by_id``); nothing written."""
-    data = source.read()
-    issues = DataIssues()
-    issues.add("unreadable_extended_json_values", data.bad_values)
-    issues.add_all(data.skipped)
-    users, events = screen_records(data.users, "users"), screen_records(data.events, "events")
-    issues.add_all(users.issues + events.issues)
-    kept_users, repeated_users = dedupe_by_id(users.records)
-    kept_events, repeated_events = dedupe_by_id(events.records)
-    issues.add("repeated_user_ids", repeated_users)
-    issues.add("repeated_event_ids", repeated_events)
-    return ScreenedInput(kept_users, kept_events, issues, empty_collections(data))
 
 
 @dataclass(frozen=True)
