@@ -120,7 +120,7 @@ import threading
 import time
 import unicodedata
 from collections import Counter
-from collections.abc import Collection, Iterable, Iterator, Mapping, Sequence
+from collections.abc import Callable, Collection, Iterable, Iterator, Mapping, Sequence
 from concurrent.futures import ThreadPoolExecutor
 from contextlib import ExitStack
 from dataclasses import dataclass, field, replace
@@ -134,6 +134,7 @@ from typing import Any, NamedTuple, NotRequired, Protocol, TypedDict
 from urllib.parse import quote_plus
 from zoneinfo import ZoneInfo, ZoneInfoNotFoundError
 
+import numpy as np
 import phonenumbers
 import phonenumbers.timezone
 from bson import ObjectId, json_util
@@ -1575,6 +1576,11 @@ class ActivityIndex(Mapping[str, Activity]):
     def __len__(self) -> int:
         return sum(1 for _ in self)
 
+    def expect(self, members: Sequence[str]) -> None:
+        """The members the walk will reach, in its order: ``history`` may read several at once."""
+        if self.history is not None:
+            self.history.expect([m for m in members if m in self.counted])
+
     def attended(self, member: str) -> tuple[Attended, ...]:
         """The member's dated events in start order, each with everyone at it."""
         if self.history is not None and member in self.counted:
@@ -2991,310 +2997,200 @@ class RememberedPlaces:
         return self.remembered(self.distances, self.hoods.distance_km, a, b)
 
 
-@dataclass(frozen=True)
 class CandidateIndex:
-    """Step 2's open future events indexed once by tag, with what each one can score at most. ``ranked``
-    narrows the events to those carrying a tag one of the member's interests wants (``interest_tags``, as
-    ``matched_interests`` tries them) and yields the member's candidates best first, scoring through
-    ``score_candidates`` (the ranking and its values come from there alone) only the events whose upper
-    bound (``bounds``) can still beat what was found: with thousands of open events a member's first
-    candidates cost a few dozen scorings, not thousands."""
+    """Step 2's open events that carry a tag, as columns of numbers (numpy), with what each can score at most.
+    ``ranked`` bounds every event for a member at once (``bounds``: at least its ``Candidate.total``; none
+    when no tag of it is one the member's interests want, as ``matched_interests`` tries them) and scores
+    through ``score_candidates`` (the ranking and its values come from there alone) only the events whose
+    bound can still beat what was found: a member's first candidates cost a few dozen scorings, not
+    thousands. (Columns, not groups of events: on a world of few places and tags nearly every event is a
+    group of its own, and bounding thousands of events one by one was most of the walk: issue 21.)"""
 
-    events: Sequence[Mapping[str, Any]]  # the list indexed, as step 2 gave it
-    places: RememberedPlaces
-    now: datetime
-    facts: Mapping[int, EventFacts]  # position -> what ``bounds`` reads of the open event there
-    weights: MatchWeights = BUILT_IN_MATCH_WEIGHTS  # what ``bounds`` and ``score_candidates`` both read
-    # host, series key and event id -> positions: the events a member's own hosts, series or company name
-    personal: Mapping[str, Mapping[str, tuple[int, ...]]] = field(default_factory=dict)
-    groups: Sequence[EventGroup] = ()  # the open events by place and tags (``event_groups``)
-    tag_groups: Mapping[str, tuple[int, ...]] = field(default_factory=dict)  # normalised tag -> ``groups`` positions
-    group_of: Mapping[int, int] = field(default_factory=dict)  # event position -> its group's
-    by_zone: dict[str | None, dict[int, tuple[str, str]]] = field(default_factory=dict)  # ``local_times``
+    def __init__(self, events: Sequence[Mapping[str, Any]], hoods: NeighbourhoodMap, now: datetime,
+                 weights: MatchWeights = BUILT_IN_MATCH_WEIGHTS) -> None:
+        self.events, self.places, self.now, self.weights = events, RememberedPlaces(hoods), now, weights
+        self.codes: dict[str, dict[str | None, int]] = {"tag": {}, "place": {"": 0}, "where": {}}
+        self.personal: dict[str, dict[str, list[int]]] = {"host": {}, "series": {}, "event": {}}  # key -> rows
+        self.cache: dict[tuple[str, str | None], Any] = {}  # per interest, home and zone (``cached``)
+        self.cached_bytes = 0
+        positions, columns, pairs = [], [], []
+        for n, event in enumerate(events):
+            features = event_features(event)
+            if event.get("remaining_spots") == 0 or not features.tags:
+                continue  # (an event without a tag serves no interest)
+            row, (days, (_, fill)) = len(positions), (days_ahead(features.start, now), event_fill(event))
+            positions.append(n)
+            place = NeighbourhoodMap.canonical(features.place) if features.place else ""
+            columns.append((timing_factor(days, weights), plan_index(1, 0, fill, days), self.code("place", place),
+                            self.code("where", text_field(event, "neighborhood"))))
+            pairs += [(row, self.code("tag", tag)) for tag in features.tags]
+            for kind, keys in (("host", (features.host or "",)), ("series", features.series),
+                               ("event", (str(event.get("_id")),))):
+                for key in keys:
+                    self.personal[kind].setdefault(key, []).append(row)
+        self.positions_of = np.array(positions, dtype=np.intp)  # row -> position in ``events`` (step 2's order)
+        table, pair = np.array(columns, dtype=float).reshape(-1, 4), np.array(pairs, dtype=np.intp).reshape(-1, 2)
+        self.timing, self.plan_base = table[:, 0], table[:, 1]  # ``timing_factor``; ``plan_index``'s low digits
+        self.place, self.where = table[:, 2].astype(np.intp), table[:, 3].astype(np.intp)  # canonical; as stored
+        self.tags = pair[:, 1]  # every row's normalised tags (``event_tags``), row after row
+        self.tag_counts = np.bincount(pair[:, 0], minlength=len(positions))
+        self.tag_starts = np.cumsum(self.tag_counts) - self.tag_counts  # where each row's tags start
 
     @classmethod
     def build(cls, events: Sequence[Mapping[str, Any]], hoods: NeighbourhoodMap, now: datetime,
               weights: MatchWeights = BUILT_IN_MATCH_WEIGHTS) -> CandidateIndex:
-        facts: dict[int, EventFacts] = {}
-        for n, event in enumerate(events):
-            if event.get("remaining_spots") == 0:
-                continue
-            features = event_features(event)
-            days_until, (_, fill) = days_ahead(features.start, now), event_fill(event)
-            facts[n] = EventFacts(
-                str(event.get("_id")), features.host or "", features.series,
-                NeighbourhoodMap.canonical(features.place) if features.place else "", tuple(features.tags),
-                text_field(event, "neighborhood"), timing_factor(days_until, weights), plan_index(1, 0, fill, days_until))
-        groups = event_groups(facts)
-        tag_groups: dict[str, list[int]] = {}
-        for g, group in enumerate(groups):
-            for tag in group.facts.tags:
-                tag_groups.setdefault(tag, []).append(g)
-        return cls(events, RememberedPlaces(hoods), now, facts, weights, personal=personal_positions(facts), groups=groups,
-                   tag_groups={t: tuple(g) for t, g in tag_groups.items()},
-                   group_of={n: g for g, group in enumerate(groups) for n in group.positions})
+        return cls(events, hoods, now, weights)
 
-    def positions(self, user: Mapping[str, Any]) -> list[int]:
-        """Where the open events carrying a tag one of the member's interests wants are, in step 2's order."""
-        groups = self.narrowed_groups(clean_interests(user.get("interests")))
-        return sorted(n for g in groups for n in self.groups[g].positions)
+    def code(self, kind: str, value: str | None) -> int:
+        """A tag's, place's or stored neighbourhood's number, given on first sight."""
+        return self.codes[kind].setdefault(value, len(self.codes[kind]))
 
     def ranked(self, user: Mapping[str, Any]) -> Iterator[Candidate]:
-        """The member's candidates in ``score_candidates``' order, scored as they are needed: a candidate
-        is given only once nothing left unscored can reach its total. What is left is a heap of events,
-        each under its bound (at least its total; ``rank_key`` starts with the total), and of groups of
-        events (``EventGroup``) under a bound of all their events': a group on top is opened (its events
-        bounded one by one), an event on top scored (``RANKED_BATCH`` at a time, through ``score_candidates``),
-        so a member's first candidates cost a few hundred bounds and a few dozen scorings, not thousands."""
-        reader = self.reader(user)
-        own = self.own_positions(reader.habits)
-        pending = self.pending(reader, self.narrowed_groups(reader.interests), own)
+        """The member's candidates in ``score_candidates``' order, scored as they are needed: a candidate is
+        given only once no event left unscored has a bound (at least its total; ``rank_key`` starts with the
+        total) that reaches it. Events are scored ``RANKED_BATCH`` at a time, highest bound first."""
+        batches = self.best_first(self.bounds(self.reader(user)))
+        ceiling, batch = next(batches, (0.0, None))
         found: list[tuple[tuple[Any, ...], Candidate]] = []
         while True:
-            if pending and (not found or -pending[0][0] >= -found[0][0][0]):
-                batch = self.next_events(reader, pending, own)
+            if batch is not None and (not found or ceiling >= -found[0][0][0]):
                 for c in score_candidates(user, [self.events[n] for n in batch], self.places, self.now,  # type: ignore[arg-type]
                                           self.weights):
                     heapq.heappush(found, (c.rank_key, c))
+                ceiling, batch = next(batches, (0.0, None))
                 continue
             if not found:
                 return
             yield heapq.heappop(found)[1]
 
-    def narrowed_groups(self, interests: Sequence[str]) -> list[int]:
-        """The groups carrying a tag one of these interests (``clean_interests``) wants, as ``matched_interests``
-        tries them (``interest_tags``)."""
-        found: set[int] = set()
-        for interest in interests:
-            for tag in interest_tags(interest):
-                found.update(self.tag_groups.get(tag, ()))
-        return sorted(found)
-
-    def pending(self, reader: BoundReader, groups: Sequence[int], own: set[int]) -> list[tuple[float, int, int]]:
-        """``ranked``'s heap at the start: (-bound, 1, group) for each group, and (-bound, 0, position) for
-        each event of them the member's history names (``own``, ``own_positions``: a group's bound leaves
-        them out)."""
-        tiers: dict[str | None, int] = {}
-        by_tags: dict[tuple[str, ...], tuple[int, float]] = {}
-        best = self.best_local_time(reader.habits)
-        pending = [(-self.event_bound(reader, group.facts, best, tiers, by_tags), 1, g)
-                   for g, group in ((g, self.groups[g]) for g in groups)]
-        wanted = set(groups)
-        pending += [(-b, 0, n) for b, n in self.bounds(reader, sorted(n for n in own if self.group_of[n] in wanted))]
-        heapq.heapify(pending)
-        return pending
-
-    def next_events(self, reader: BoundReader, pending: list[tuple[float, int, int]], own: set[int]) -> list[int]:
-        """Up to ``RANKED_BATCH`` events off the top of ``ranked``'s heap, groups that come to the top opened
-        (but for ``own``, already in the heap)."""
-        batch: list[int] = []
-        while pending and len(batch) < RANKED_BATCH:
-            _, kind, item = heapq.heappop(pending)
-            if kind == 0:
-                batch.append(item)
-                continue
-            opened = [n for n in self.groups[item].positions if n not in own]
-            for bound, n in self.bounds(reader, opened):
-                heapq.heappush(pending, (-bound, 0, n))
-        return batch
+    def best_first(self, bounds: Any) -> Iterator[tuple[float, list[int]]]:
+        """The positions of the events with a bound, highest bound first, ``RANKED_BATCH`` at a time with the
+        bound of the first: the ``BEST_FIRST`` highest found in linear time, the rest sorted only if reached
+        (a member's candidates are nearly always among the first)."""
+        rows = np.flatnonzero(bounds > -np.inf)
+        if len(rows) > BEST_FIRST:
+            rows = rows[np.argpartition(-bounds[rows], BEST_FIRST - 1)]
+        for part in (rows[:BEST_FIRST], rows[BEST_FIRST:]):
+            part = part[np.argsort(-bounds[part], kind="stable")]
+            for at in range(0, len(part), RANKED_BATCH):
+                yield float(bounds[part[at]]), self.positions_of[part[at:at + RANKED_BATCH]].tolist()
 
     def reader(self, user: Mapping[str, Any]) -> BoundReader:
         """What ``bounds`` reads of a member, once per member."""
-        return BoundReader(habit_bounds(member_habits(user)), tuple(clean_interests(user.get("interests"))),
+        return BoundReader(member_habits(user), tuple(clean_interests(user.get("interests"))),
                            text_field(user, "homeNeighborhood"))
 
-    def bound(self, reader: BoundReader, n: int) -> float:
-        """``bounds`` of the one event at position ``n``."""
-        return self.bounds(reader, [n])[0][0]
+    def bounds(self, reader: BoundReader) -> Any:
+        """Per row, at least the total the event can score for the member (``Candidate.total``), -inf where no
+        tag of it is one their interests want: the history's points (``history_points``) and the plan's tiers
+        as ``score_candidates`` reads them."""
+        tier = self.interest_tiers(reader.interests)
+        near = self.cached("home", reader.home, lambda: np.array(
+            [self.location_tier(reader.home, where) for where in self.codes["where"]], dtype=float))[self.where]
+        w = self.weights
+        plan = w.plan * (self.plan_base + ((np.maximum(tier, 1) - 1) * 11 + near) * 16) / PLAN_INDEX_MAX
+        points = self.history_points(reader.habits) * self.timing if reader.habits is not None else 0.0
+        return np.where(tier > 0, points + plan + BOUND_MARGIN, -np.inf)
 
-    def bounds(self, reader: BoundReader, positions: Sequence[int]) -> list[tuple[float, int]]:
-        """(at least the total the event can score for the member (``Candidate.total``), position), for
-        the events at ``positions``: the history's points as ``history_bound`` reads them, and the plan's
-        tiers as ``score_candidates`` reads them, from facts computed once per event (``EventFacts``)."""
-        habits = reader.habits
-        zone = habits.habits.zone if habits is not None else None
-        local = self.local_times(zone)
-        tiers: dict[str | None, int] = {}  # the member's location tier per event place
-        by_tags: dict[tuple[str, ...], tuple[int, float]] = {}  # interest tier and tag share per tags
-        found = []
-        for n in positions:
-            weekday_part = local.get(n)
-            if weekday_part is None:
-                weekday_part = local[n] = self.local_time(zone, n)
-            found.append((self.event_bound(reader, self.facts[n], weekday_part, tiers, by_tags), n))
+    def bound(self, reader: BoundReader, n: int) -> float:
+        """``bounds`` of the event at position ``n``."""
+        return float(self.bounds(reader)[np.searchsorted(self.positions_of, n)])
+
+    def positions(self, user: Mapping[str, Any]) -> list[int]:
+        """Where the open events carrying a tag one of the member's interests wants are, in step 2's order."""
+        return self.positions_of[self.interest_tiers(tuple(clean_interests(user.get("interests")))) > 0].tolist()
+
+    def location_tier(self, home: str | None, where: str | None) -> int:
+        same = self.places.same_place(home, where)
+        return proximity_tier(same, 0.0 if same else self.places.distance_km(home, where))
+
+    def cached(self, kind: str, key: str | None, compute: Callable[[], Any]) -> Any:
+        """``compute()`` (an array), kept per kind and key while the cache has room (``MAX_INDEX_CACHE_BYTES``)."""
+        found = self.cache.get((kind, key))
+        if found is None:
+            found = compute()
+            if self.cached_bytes + found.nbytes <= MAX_INDEX_CACHE_BYTES:
+                self.cache[(kind, key)], self.cached_bytes = found, self.cached_bytes + found.nbytes
         return found
 
-    def event_bound(self, reader: BoundReader, f: EventFacts, weekday_part: tuple[str, str],
-                    tiers: dict[str | None, int], by_tags: dict[tuple[str, ...], tuple[int, float]]) -> float:
-        """``bounds`` of an event with facts ``f`` (its normalised tags included), ``tiers`` and ``by_tags``
-        remembered for the member. Every step is non-decreasing in each fact and count it reads, so facts
-        that are each at least an event's give at least that event's bound (``EventGroup``)."""
-        habits = reader.habits
-        near = tiers.get(f.where)
-        if near is None:
-            same = self.places.same_place(reader.home, f.where)
-            near = tiers[f.where] = proximity_tier(same, 0.0 if same else self.places.distance_km(reader.home, f.where))
-        tagged = by_tags.get(f.tags)
-        if tagged is None:  # the interest tier as ``score_candidates`` reads it (1 at least: a bound)
-            tagged = by_tags[f.tags] = (max(1, self.interest_tier(reader.interests, f.tags)),
-                                        mean_share(habits.tags, f.tags) if habits is not None else 0.0)
-        w = self.weights
-        points = history_bound(habits, f, weekday_part, tagged[1], w.signals) * f.timing if habits is not None else 0.0
-        plan = w.plan * (f.plan_base + ((tagged[0] - 1) * 11 + near) * 16) / PLAN_INDEX_MAX
-        return points + plan + BOUND_MARGIN
+    def interest_tiers(self, interests: Sequence[str]) -> Any:
+        """Per row, ``interest_alignment(matched_interests(interests, tags))``: how many distinct tags the
+        interests match (each its first of ``interest_tags`` the event carries), up to 3."""
+        if not interests:
+            return np.zeros(len(self.positions_of), dtype=np.intp)
+        hit = np.sort(np.stack([self.cached("interest", norm_tag(i), lambda i=i: self.matched_tags(i))
+                                for i in interests]), axis=0)
+        return np.minimum((hit[0] >= 0) + ((hit[1:] != hit[:-1]) & (hit[1:] >= 0)).sum(axis=0), 3)
 
-    @staticmethod
-    def interest_tier(interests: Sequence[str], tags: tuple[str, ...]) -> int:
-        """``interest_alignment(matched_interests(interests, event_tags(event)))`` from the event's normalised
-        tags alone (each is ``norm_tag`` of its spelling): the same tier without reading the event (issue 21)."""
-        present, hit = set(tags), set()
-        for interest in interests:  # as ``matched_interests`` tries them: the first wanted tag present
-            for wanted in interest_tags(interest):
-                if wanted in present:
-                    hit.add(wanted)
-                    break
-        return min(len(hit), 3)
+    def matched_tags(self, interest: str) -> Any:
+        """Per row, the tag ``matched_interests`` matches this interest with (the first of ``interest_tags``
+        the event carries), or -1."""
+        wanted = [c for tag in interest_tags(interest) if (c := self.codes["tag"].get(tag)) is not None]
+        rank = np.full(len(self.codes["tag"]), len(wanted))
+        rank[wanted] = np.arange(len(wanted))
+        first = np.minimum.reduceat(rank[self.tags], self.tag_starts) if len(self.tags) else rank[:0]
+        return np.array([*wanted, -1], dtype=np.int32)[first]
 
-    @staticmethod
-    def best_local_time(habits: HabitBounds | None) -> tuple[str, str]:
-        """The weekday and the part of the day the member's history counts most (``history_bound`` reads
-        each as a count): at least what any event's own gives."""
-        if habits is None:
-            return ("", "")
-        def most(counts: Mapping[str, Any]) -> str:  # "" (counted 0) when no count is above 0
-            key = max(counts, key=lambda k: int(counts[k]), default="")
-            return key if key and int(counts[key]) > 0 else ""
-        return (most(habits.weekdays), most(habits.day_parts))
+    def history_points(self, habits: Habits) -> Any:
+        """Per row, at least ``history_signals(...).points`` before timing, each signal as
+        ``HistorySignals.contributions`` counts it: host, series and company on the rows the history names
+        (``personal``); with enough past events, place, tags, weekday and part of the day on every row."""
+        host, series, company, place, tags, weekday, day_part = self.weights.signals
+        h, points, best_series = habits.history, np.zeros(len(self.positions_of)), np.zeros(len(self.positions_of))
+        n = max(int(h["events"]), 1)
+        for key, count in (h.get("hosts") or {}).items():
+            points[self.personal["host"].get(key, [])] += host * int(count) / n
+        for key, count in (h.get("company_going") or {}).items():
+            points[self.personal["event"].get(key, [])] += company * min(int(count), COMPANY_CAP) / COMPANY_CAP
+        for key, count in (h.get("series") or {}).items():
+            rows = self.personal["series"].get(key, [])
+            best_series[rows] = np.maximum(best_series[rows], int(count))
+        points += series * best_series / n
+        if not habits.patterns:
+            return points
+        shares = self.shares("place", habits.places)
+        shares[0] = 0.0  # no neighbourhood, no share
+        weekdays, parts = self.cached("zone", habits.zone.key if habits.zone else None,
+                                      lambda: self.local_times(habits.zone))
+        counts = [np.array([int(got.get(name, 0)) for name in (*names, "")], dtype=float) for got, names in
+                  ((h.get("weekdays") or {}, WEEKDAYS), (h.get("day_parts") or {}, DAY_PART_NAMES))]
+        tag_share = np.add.reduceat(self.shares("tag", h.get("tags") or {})[self.tags], self.tag_starts) / self.tag_counts
+        return (points + place * shares[self.place] + tags * tag_share + weekday * counts[0][weekdays] / n
+                + day_part * counts[1][parts] / n)
 
-    def own_positions(self, habits: HabitBounds | None) -> set[int]:
-        """The events whose host, series or id the member's history counts (``history_bound``'s terms that
-        are 0 for every other event, and for a group's bound)."""
-        if habits is None:
-            return set()
-        own: set[int] = set()
-        for kind, named in (("host", habits.hosts), ("series", habits.series), ("event", habits.company)):
-            index = self.personal.get(kind, {})
-            for key in named:
-                own.update(index.get(key, ()))
-        return own
+    def shares(self, kind: str, shares: Mapping[str, Any]) -> Any:
+        """A member's shares per tag or place, by the index's numbers for them (0 for the rest)."""
+        found = np.zeros(len(self.codes[kind]))
+        for key, share in shares.items():
+            if (c := self.codes[kind].get(key)) is not None:
+                found[c] = float(share)
+        return found
 
-    def local_times(self, zone: ZoneInfo | None) -> dict[int, tuple[str, str]]:
-        """Position -> the event's local weekday and part of the day in ``zone`` (filled as asked for)."""
-        return self.by_zone.setdefault(zone.key if zone is not None else None, {})
-
-    def local_time(self, zone: ZoneInfo | None, n: int) -> tuple[str, str]:
-        """The event's local weekday and part of the day in ``zone``, as ``history_signals`` reads them."""
-        return local_weekday_part(event_features(self.events[n]).start, zone)
+    def local_times(self, zone: ZoneInfo | None) -> Any:
+        """Per row, the local weekday (in ``WEEKDAYS``, 7 when unknown) and part of the day (in
+        ``DAY_PART_NAMES``, 4 when unknown) in ``zone``, as ``history_signals`` reads them: two rows."""
+        local = [local_weekday_part(event_features(self.events[n]).start, zone) for n in self.positions_of.tolist()]
+        return np.array([[WEEKDAYS.index(d) if d else 7 for d, _ in local],
+                         [DAY_PART_NAMES.index(p) if p else 4 for _, p in local]], dtype=np.int8).reshape(2, -1)
 
     def score(self, user: Mapping[str, Any]) -> list[Candidate]:
         """``score_candidates(user, events, hoods, now, weights)`` for one member, over the narrowed events."""
         return list(self.ranked(user))
 
 
-class EventGroup(NamedTuple):
-    """Open events of one place and one set of tags, with facts (``EventFacts``) that are each at least
-    every one of theirs: no host, series or id, the largest timing factor and plan tiers. A member's bound
-    of them (``CandidateIndex.event_bound``, the member's best weekday and part of the day) is at least
-    each event's bound but for the events the member's history names."""
-
-    positions: tuple[int, ...]
-    facts: EventFacts
-    first: int  # one of the positions (its tags, as ``event_bound`` reads them)
-
-
-def event_groups(facts: Mapping[int, EventFacts]) -> list[EventGroup]:
-    """The open events grouped by place and set of tags (``EventGroup``), in step 2's order of their first event.
-    (A world whose events mix a few categories and features each has a group per event or nearly: issue 21's
-    shape, 1,523 groups for 1,856 open events at 100k members; its members' events are bounded one by one.)"""
-    found: dict[tuple[Any, ...], list[int]] = {}
-    for n, f in facts.items():
-        found.setdefault((f.where, f.place, tuple(sorted(f.tags))), []).append(n)
-    groups = []
-    for (where, place, tags), positions in found.items():
-        timing = max(facts[n].timing for n in positions)
-        plan_base = max(facts[n].plan_base for n in positions)
-        groups.append(EventGroup(tuple(positions), EventFacts("", "", (), place, tags, where, timing, plan_base),
-                                 positions[0]))
-    return groups
-
-
-def personal_positions(facts: Mapping[int, EventFacts]) -> dict[str, dict[str, tuple[int, ...]]]:
-    """``CandidateIndex.personal``: per kind ("host", "series", "event"), each key's positions."""
-    found: dict[str, dict[str, list[int]]] = {"host": {}, "series": {}, "event": {}}
-    for n, f in facts.items():
-        for kind, keys in (("host", (f.host,)), ("series", f.series), ("event", (f.event_id,))):
-            for key in keys:
-                found[kind].setdefault(key, []).append(n)
-    return {kind: {k: tuple(v) for k, v in keys.items()} for kind, keys in found.items()}
-
-
+DAY_PART_NAMES = tuple(name for _, name in DAY_PARTS)
+MAX_INDEX_CACHE_BYTES = 32 << 20  # a ``CandidateIndex``'s columns per interest, home and zone (1M members: ~3 MB)
 RANKED_BATCH = 16  # events scored together by ``CandidateIndex.ranked``
+BEST_FIRST = 64  # events ``CandidateIndex.best_first`` sorts first
 BOUND_MARGIN = 1e-6  # above any rounding of a total (``Candidate.total`` rounds to 9 places)
-
-
-class HabitBounds(NamedTuple):
-    """A member's ``Habits`` as ``history_bound`` reads them, once per member (each part of the history
-    as ``history_signals`` reads it)."""
-
-    habits: Habits
-    events: int  # past events (at least 1), as ``HistorySignals.contributions`` divides by
-    hosts: Mapping[str, Any]
-    series: Mapping[str, Any]
-    company: Mapping[str, Any]
-    tags: Mapping[str, Any]
-    weekdays: Mapping[str, Any]
-    day_parts: Mapping[str, Any]
-
-
-def habit_bounds(habits: Habits | None) -> HabitBounds | None:
-    if habits is None:
-        return None
-    h = habits.history
-    return HabitBounds(habits, max(int(h["events"]), 1), h.get("hosts") or {}, h.get("series") or {},
-                       h.get("company_going") or {}, h.get("tags") or {}, h.get("weekdays") or {},
-                       h.get("day_parts") or {})
 
 
 class BoundReader(NamedTuple):
     """What ``CandidateIndex.bounds`` reads of one member."""
 
-    habits: HabitBounds | None
+    habits: Habits | None  # ``member_habits``
     interests: tuple[str, ...]  # ``clean_interests``
     home: str | None
-
-
-class EventFacts(NamedTuple):
-    """What ``CandidateIndex.bounds`` reads of one open event, computed once per event."""
-
-    event_id: str
-    host: str  # "" when none
-    series: tuple[str, ...]  # ``series_keys``
-    place: str  # the neighbourhood as ``NeighbourhoodMap.canonical`` spells it ("" when none)
-    tags: tuple[str, ...]  # normalised tags (``event_tags``)
-    where: str | None  # the neighbourhood as stored, for the location tier
-    timing: float  # ``timing_factor`` of its start
-    plan_base: int  # ``plan_index`` of its fill and timing tiers (the low digits)
-
-
-def history_bound(bounds: HabitBounds, f: EventFacts, local: tuple[str, str], tag_share: float,
-                  signals: tuple[float, ...]) -> float:
-    """At least ``history_signals(...).points`` before timing: each signal as ``HistorySignals.contributions``
-    counts it with the weights ``signals`` (``MatchWeights.signals``; the parts the member has no history for
-    skipped), the weekday and part of the day from ``local`` (``CandidateIndex.local_time``), ``tag_share``
-    the event's tags' mean share (``mean_share``)."""
-    b, n = bounds, bounds.events
-    host, series, company, place, tags, weekday, day_part = signals
-    points = 0.0
-    if b.hosts:
-        points += host * int(b.hosts.get(f.host, 0)) / n
-    if b.series and f.series:
-        points += series * max(int(b.series.get(k, 0)) for k in f.series) / n
-    if b.company:
-        points += company * min(int(b.company.get(f.event_id, 0)), COMPANY_CAP) / COMPANY_CAP
-    if b.habits.patterns:
-        points += (place * (b.habits.places.get(f.place, 0.0) if f.place else 0.0) + tags * tag_share
-                   + weekday * int(b.weekdays.get(local[0], 0)) / n + day_part * int(b.day_parts.get(local[1], 0)) / n)
-    return points
 
 
 class Match(TypedDict):
@@ -5735,39 +5631,40 @@ def engine_activity(rows: Sequence[tuple[dict[str, Any], tuple[Any, ...]]]) -> A
 
 class EngineHistory:
     """A dormant member's events, read from the engine when the walk reaches the member (``ActivityIndex.history``):
-    a million-member folder has a hundred thousand dormant members and the walk reaches a few hundred."""
+    a million-member folder has a hundred thousand dormant members and the walk reaches a few thousand."""
 
     def __init__(self, engine: FolderEngine, odd: OddRecords) -> None:
         self.engine, self.odd = engine, odd
-        self.held: dict[str, list[tuple[Any, ...]]] | None = None  # every member's rows, when they are few
-        self.calls = 0
+        self.order: list[str] = []  # the members the walk will reach, in its order (``expect``)
+        self.walk: dict[str, int] = {}  # each one's place in it
+        self.ahead: dict[str, list[tuple[Any, ...]]] = {}  # rows read with an earlier member's
 
     def __call__(self, member: str) -> tuple[Attended, ...]:
         found = self.rows(member)
         rows = wanted_records_of(found, "events", self.odd, ExtendedJsonDecoder(), Counter()) if found else []
         return engine_activity(rows).attended(member)
 
+    def expect(self, members: Sequence[str]) -> None:
+        """The members the walk will reach, in its order (``rows`` reads them ``HISTORY_AHEAD`` at a time)."""
+        self.order = list(dict.fromkeys(members))
+        self.walk = {m: n for n, m in enumerate(self.order)}
+
     def rows(self, member: str) -> list[tuple[Any, ...]]:
-        """The member's rows of ``history_events``: two lookups, or, once ``HISTORY_LOOKUPS`` members were looked up
-        and up to ``HISTORY_HELD`` rows in all, from every member's rows read at once (a lookup costs a
-        millisecond or two; reading them all ~0.5 s at 100,000 members: a walk of ten reads ten)."""
-        db = self.engine.db
-        self.calls += 1
-        if (self.held is None and self.calls == HISTORY_LOOKUPS + 1
-                and db.execute("SELECT count(*) FROM member_events").fetchone()[0] <= HISTORY_HELD):
-            self.held = {}
-            for name, *row in db.execute("SELECT m.member, h.n, h.slim, h.plain, h.start, h.members FROM member_events m"
-                                         " JOIN history_events h USING (n) ORDER BY m.member, h.n").fetchall():
-                self.held.setdefault(name, []).append(tuple(row))
-        if self.held is not None:
-            return self.held.get(member, [])
-        places = [str(n) for (n,) in db.execute("SELECT n FROM member_events WHERE member = $m", {"m": member}).fetchall()]
-        return db.execute(f"SELECT n, slim, plain, start, members FROM history_events WHERE n IN ({', '.join(places)})"
-                          " ORDER BY n").fetchall() if places else []
+        """The member's rows of ``history_events``, read with those of the next ``HISTORY_AHEAD`` members the walk
+        expects (at a million members one member's lookup scans ~0.4M rows, ~15 ms of CPU; a thousand members
+        read at once, 0.03 ms each)."""
+        if member not in self.ahead:
+            at = self.walk.get(member)
+            self.ahead = {m: [] for m in (self.order[at:at + HISTORY_AHEAD] if at is not None else [member])}
+            for name, *row in self.engine.db.execute(
+                    "SELECT m.member, h.n, h.slim, h.plain, h.start, h.members FROM member_events m JOIN history_events h"
+                    " USING (n) WHERE m.member IN (SELECT unnest($m)) ORDER BY m.member, h.n", {"m": list(self.ahead)}
+                    ).fetchall():
+                self.ahead[name].append(tuple(row))
+        return self.ahead.pop(member)
 
 
-HISTORY_HELD = 200_000  # dormant members' event rows read at once (``EngineHistory``); more are looked up per member
-HISTORY_LOOKUPS = 100  # members looked up one by one before ``EngineHistory`` reads every row at once
+HISTORY_AHEAD = 1000  # members whose rows ``EngineHistory`` reads at once, in the walk's order
 
 
 def plain_records(texts: Sequence[str]) -> Iterator[dict[str, Any]] | None:
@@ -7406,6 +7303,8 @@ class MemberWalk:
         dashboard item by item) and once more at the end.
         """
         done: list[UserOutcome] = []
+        if isinstance(self.activity, ActivityIndex):  # their histories read a thousand at once (at 1M: 40 ms each alone)
+            self.activity.expect([user["_id"] for _, user in walk if "event_history" not in user])
         waiting = list(reversed(self.reach_order(walk, events)))
         width = self.options.concurrency if self.advisor is not None else 1
         try:

@@ -15,6 +15,7 @@ from return_to_table import (
     CENTROIDS_CSV,
     Activity,
     CandidateIndex,
+    NeighbourhoodMap,
     event_metrics,
     event_summary,
     event_tags,
@@ -227,10 +228,13 @@ _SPELLINGS = ["MUSIC", "karaoke", "Live Music", "live_music", "DJ", "BAR", "danc
 
 @settings(max_examples=200, deadline=None)
 @given(st.lists(st.sampled_from(["music", "Clubbing", "food", "wine", "hiking", "Live Music", "dj"]), max_size=4),
-       st.lists(st.sampled_from(_SPELLINGS), max_size=5), st.lists(st.sampled_from(_SPELLINGS), max_size=3))
-def test_the_index_interest_tier_is_the_scorers_from_normalised_tags(interests, categories, features):
-    tags = event_tags({"categories": categories, "features": features})
-    assert CandidateIndex.interest_tier(interests, tuple(tags)) == interest_alignment(matched_interests(interests, tags))
+       st.lists(st.tuples(st.lists(st.sampled_from(_SPELLINGS), max_size=5),
+                          st.lists(st.sampled_from(_SPELLINGS), max_size=3)), min_size=1, max_size=4))
+def test_the_index_interest_tier_is_the_scorers_on_every_event(interests, tagged):
+    events = [{"_id": str(n), "categories": c, "features": f} for n, (c, f) in enumerate(tagged)]
+    index = CandidateIndex(events, NeighbourhoodMap({}), NOW)  # (an event without a tag is not indexed)
+    assert index.interest_tiers(interests).tolist() == [interest_alignment(matched_interests(interests, tags))
+                                                        for tags in map(event_tags, events) if tags]
 
 
 @pytest.mark.parametrize(("name", "slug"), [
