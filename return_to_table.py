@@ -4744,6 +4744,13 @@ def cell(value: Any) -> str:
     return " ".join(str(value).split()).replace("|", "\\|")
 
 
+def markdown_table(rows: Sequence[Sequence[str]]) -> list[str]:
+    """Rows as a Markdown table (the first row is the header), each body cell through ``cell``."""
+    header, *body = rows
+    return [f"| {' | '.join(header)} |", "|" + " --- |" * len(header)] + [
+        f"| {' | '.join(cell(c) for c in row)} |" for row in body]
+
+
 def empty_input_lines(empty: Sequence[str]) -> list[str]:
     """The report's line for empty input: a run that read nothing is not a day that found nobody."""
     return [(f"- **Empty input:** the source has no {' and no '.join(empty)}; check it before reading this run "
@@ -9294,12 +9301,6 @@ def measure_console(report: Mapping[str, Any], report_path: Path) -> str:
     return "\n".join(lines) + "\n"
 
 
-def markdown_table(rows: Sequence[Sequence[str]]) -> list[str]:
-    header, *body = rows
-    return [f"| {' | '.join(header)} |", "|" + " --- |" * len(header)] + [
-        f"| {' | '.join(cell(c) for c in row)} |" for row in body]
-
-
 def range_text(report: Mapping[str, Any]) -> str:
     """Which campaigns were asked for, in words (``until`` is exclusive)."""
     since, until, campaign = report["since"], report["until"], report["campaign"]
@@ -9814,10 +9815,8 @@ LATER_INFORMATION = (
 )
 
 
-class Picker(Protocol):
-    """A matcher under test: one member's pick among their scored candidates (``rules_pick`` by default)."""
-
-    def __call__(self, user: Mapping[str, Any], candidates: Sequence[Candidate]) -> Candidate | None: ...
+# A matcher under test: one member's pick among their scored candidates (``rules_pick`` by default).
+Picker = Callable[[Mapping[str, Any], Sequence[Candidate]], Candidate | None]
 
 
 @dataclass(frozen=True)
