@@ -4452,14 +4452,12 @@ class DailyVolume:
         return cls(now.astimezone(zone).date().isoformat(), limit, history.drafted_today, history.held_out_today,
                    daily_remaining(limit, history.drafted_today))
 
-    def report(self, drafted: int, held_out: int) -> dict[str, Any]:
-        return {**dataclasses.asdict(self), "drafted_this_run": drafted, "held_out_this_run": held_out,
-                "already_drafted": self.remaining == 0}
-
 
 def volume_report(volume: DailyVolume, seats: SeatLedger, drafted: int, held_out: int) -> dict[str, Any]:
     """The report's ``daily_limit``, ``seats_exhausted`` ({event id: members turned away}) and ``allocation``."""
-    return {"daily_limit": volume.report(drafted, held_out), "seats_exhausted": seats.report(),
+    daily = {**dataclasses.asdict(volume), "drafted_this_run": drafted, "held_out_this_run": held_out,
+             "already_drafted": volume.remaining == 0}
+    return {"daily_limit": daily, "seats_exhausted": seats.report(),
             "allocation": {"invites_per_spot": seats.invites_per_spot, "max_invites_per_event": seats.unknown_cap}}
 
 
