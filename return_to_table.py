@@ -614,10 +614,8 @@ def setup_logging(options: RunOptions) -> logging.Logger:
         raise OutputError(f"{log_dir}: cannot write the log ({exc.strerror or exc.__class__.__name__})") from None
     file_handler.setFormatter(logging.Formatter(
         "%(asctime)s - %(name)s - %(levelname)s - %(message)s", datefmt="%Y-%m-%d %H:%M:%S"))
-    console = console_handler(sys.stdout)
-    console.addFilter(ConsoleFilter(logging.WARNING if options.quiet else logging.DEBUG if options.verbose
-                                    else logging.INFO))
-    logger = own_logger("ReturnToTable", logging.DEBUG, file_handler, console)
+    shown = ConsoleFilter(logging.WARNING if options.quiet else logging.DEBUG if options.verbose else logging.INFO)
+    logger = own_logger("ReturnToTable", logging.DEBUG, sys.stdout, file_handler, console_filter=shown)
     logger.info("Logging initialized. Log file: %s", log_file)
     if pruned:
         logger.info("Removed %d log files older than %d days", pruned, options.keep_logs_days)
@@ -645,22 +643,21 @@ def close_logging(logger: logging.Logger) -> None:
         logger.removeHandler(handler)
 
 
-def own_logger(name: str, level: int, *handlers: logging.Handler) -> logging.Logger:
-    """A logger not propagated, with only ``handlers``: a second run in the same process starts clean."""
+def own_logger(name: str, level: int, stream: Any, *handlers: logging.Handler,
+               console_filter: logging.Filter | None = None) -> logging.Logger:
+    """A logger not propagated, with only ``handlers`` and then "LEVEL - message" lines on ``stream`` (the campaign's
+    on stdout, measure's warnings on stderr): a second run in the same process starts clean."""
     logger = logging.getLogger(name)
     logger.setLevel(level)
     logger.propagate = False
     close_logging(logger)
-    for handler in handlers:
+    console = logging.StreamHandler(stream)
+    console.setFormatter(logging.Formatter("%(levelname)s - %(message)s"))
+    if console_filter is not None:
+        console.addFilter(console_filter)
+    for handler in (*handlers, console):
         logger.addHandler(handler)
     return logger
-
-
-def console_handler(stream: Any) -> logging.Handler:
-    """The console's "LEVEL - message" lines (the campaign's on stdout, measure's warnings on stderr)."""
-    handler = logging.StreamHandler(stream)
-    handler.setFormatter(logging.Formatter("%(levelname)s - %(message)s"))
-    return handler
 
 
 @contextlib.contextmanager
@@ -3998,12 +3995,8 @@ def template_texts(facts: MessageFacts, names: Sequence[str], tone: str = DEFAUL
 
 def facts_said(facts: MessageFacts, text: str) -> set[str]:
     """The optional facts (going, spots, interest) a whole message says."""
-    return {name for name, value in message_facts_said(facts, text).items() if value}
-
-
-def message_facts_said(facts: MessageFacts, text: str) -> dict[str, bool]:
-    """``optional_facts_said`` of a whole message: the text before the link, without the sender's parts."""
-    return optional_facts_said(without_sender_parts(text.removesuffix(facts.link), facts)[0], facts)
+    said = optional_facts_said(without_sender_parts(text.removesuffix(facts.link), facts)[0], facts)
+    return {name for name, value in said.items() if value}
 
 
 # Capitals a sender or opt-out text may use: the acronyms, and the keywords that stop texts (FCC, CTIA).
@@ -4235,7 +4228,7 @@ def holdout_record(rank: int, match: Match, *, campaign_id: str, fraction: float
 
 def template_notes(facts: MessageFacts, text: str) -> str:
     """The reviewer's line on what the template's ``text`` personalised, and what it left out to fit."""
-    said = message_facts_said(facts, text)
+    said = optional_facts_said(without_sender_parts(text.removesuffix(facts.link), facts)[0], facts)
     left_out = ", ".join(name for name in OPTIONAL_FACTS if said.get(name) is False)
     parts = ["Welcome back, time away acknowledged",
              said.get("interest") and f"interest: {interest_label(facts.interests[0])}", f"local time {facts.when}",
@@ -9715,7 +9708,7 @@ def run_measure(args: argparse.Namespace, env: Mapping[str, str] | None, mongo_c
     started = datetime.now(UTC)
     settings = Settings.from_env(env if env is not None else read_environment())
     options = measure_options(args, settings)
-    logger = own_logger("ReturnToTable.measure", logging.WARNING, console_handler(sys.stderr))  # no log file
+    logger = own_logger("ReturnToTable.measure", logging.WARNING, sys.stderr)  # no log file
     closing.callback(close_logging, logger)
     transport = make_dashboard(options.run, settings, logger).transport  # dry run: it can only read
     assert transport is not None
