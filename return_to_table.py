@@ -4813,11 +4813,9 @@ def report_markdown(report: Mapping[str, Any]) -> str:
         lines.append(f"- Keys changed to be storable: {firebase.get('keys_renamed', 0)} renamed, "
                      f"{firebase.get('keys_dropped', 0)} dropped")
         lines += [f"  - {cell(change)}" for change in firebase.get("key_changes", [])]
-    issues = report.get("data_issues", {})
     lines += ["", "## Data issues (records skipped or treated as missing)", ""]
-    lines += [f"- {k.replace('_', ' ')}: {v}" for k, v in issues.items()] or ["None."]
-    lines += ["", "## Errors", ""]
-    lines += [f"- {cell(e)}" for e in report.get("errors", [])] or ["None."]
+    lines += [f"- {k.replace('_', ' ')}: {v}" for k, v in report.get("data_issues", {}).items()] or ["None."]
+    lines += ["", "## Errors", ""] + ([f"- {cell(e)}" for e in report.get("errors", [])] or ["None."])
     return "\n".join(lines) + "\n"
 
 
