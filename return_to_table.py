@@ -102,6 +102,7 @@ import dataclasses
 import difflib
 import fcntl
 import functools
+import gc
 import hashlib
 import heapq
 import itertools
@@ -1170,19 +1171,6 @@ def clean_document(value: Any, found: Counter[str], limit: int = MAX_TEXT_CHARS,
     return clean_document(str(value), found, limit, level)  # other BSON values (code, regex, binary) as text
 
 
-def usable_ids(values: Sequence[Any]) -> list[str | None]:
-    """``usable_id`` of each value, the usual form (a clean string) without a call."""
-    found: list[str | None] = []
-    for value in values:
-        if type(value) is str:
-            key = value.strip()
-            if key and len(key) <= MAX_TEXT_CHARS and key.isprintable():
-                found.append(key)
-                continue
-        found.append(usable_id(value))
-    return found
-
-
 def usable_id(value: Any) -> str | None:
     """A record's ``_id`` as an id string, or None when it is odd: no ObjectId or clean, bounded string."""
     if type(value) is str:  # the usual form, without the checks below
@@ -1627,11 +1615,7 @@ def clean_interests(value: Any) -> list[str]:
     """The usable interests: non-empty strings from a list, trimmed, each once, in order."""
     if not isinstance(value, list):
         return []
-    seen: dict[str, None] = {}
-    for item in value:
-        if isinstance(item, str) and item.strip():
-            seen.setdefault(item.strip(), None)
-    return list(seen)
+    return list(dict.fromkeys(text for text in (item.strip() for item in value if isinstance(item, str)) if text))
 
 
 def derive_engagement(last_event: datetime | None, now: datetime) -> tuple[int | None, str]:
@@ -5115,8 +5099,9 @@ class DataSource(Protocol):
 class FolderSource:
     """A folder of ``mongoexport`` output: ``users.json`` and ``events.json``."""
 
-    def __init__(self, folder: Path, control: RunControl | None = None) -> None:
+    def __init__(self, folder: Path, control: RunControl | None = None, consent_paths: Sequence[str] = ()) -> None:
         self.folder = folder
+        self.consent_paths = consent_paths or sms_field_paths(SmsPolicy())  # read in the members' scan (``consent_rows``)
         self.label = f"folder {folder}"
         self.control = control or RunControl()  # the engine's queries are interrupted at its deadline
         self.engine: FolderEngine | None = None
@@ -5141,8 +5126,10 @@ class FolderSource:
         return SourceData(users, events, decoder.bad_values, +skipped, dict(zip(("users", "events"), files)))
 
     def consent_rows(self, paths: Sequence[str]) -> Iterator[dict[str, Any]]:
-        path = self.folder / "users.json"
-        return consent_rows_of_file(path, consent_keys(paths), self.control) if path.is_file() else iter(())
+        """Read by the members' scan when ``paths`` are the source's ``consent_paths``, else by one more scan."""
+        path, keys = self.folder / "users.json", consent_keys(paths)
+        texts = self.engine.consent_texts() if self.engine is not None and set(self.engine.consent_keys) == keys else None
+        return consent_rows_of_file(path, keys, self.control, texts) if path.is_file() else iter(())
 
 
     def read_dormant(self, now: datetime, progress: Any = None) -> SourceData:
@@ -5159,9 +5146,11 @@ class FolderSource:
         with (progress or no_progress)(total, "B") as bar:
             self.close()
             # open until ``close``: the walk reads it, its lookups bounded as any call (``RunControl.budget``)
-            self.engine = FolderEngine(files["users"], files["events"], self.control.until_deadline)
+            self.engine = FolderEngine(files["users"], files["events"], self.control.until_deadline,
+                                       consent_keys(self.consent_paths))
             try:
-                data = engine_read(self.engine, now, lambda: bar.update(total // 2) if bar is not None else None)
+                with frozen_gc():
+                    data = engine_read(self.engine, now, lambda: bar.update(total // 2) if bar is not None else None)
                 self.engine.watch.limit = lambda: self.control.budget(math.inf)
                 return data
             except duckdb.InterruptException:
@@ -5177,17 +5166,35 @@ class FolderSource:
         if self.engine is not None:
             self.engine.close()
             self.engine = None
+            gc.unfreeze()
 
 
-def consent_rows_of_file(path: Path, keys: Collection[str], control: RunControl | None = None
-                         ) -> Iterator[dict[str, Any]]:
+@contextlib.contextmanager
+def frozen_gc() -> Iterator[None]:
+    """No cyclic garbage collection while the read decodes (its records hold no cycles), and what it read kept
+    out of every later collection (``gc.freeze``; ``close`` unfreezes): a million-member read leaves millions of
+    objects that each collection would walk again (at 1M members, ~4 s of CPU in steps 1-2, measured)."""
+    enabled = gc.isenabled()
+    gc.disable()
+    try:
+        yield
+        gc.freeze()
+    finally:
+        if enabled:
+            gc.enable()
+
+
+def consent_rows_of_file(path: Path, keys: Collection[str], control: RunControl | None = None,
+                         texts: Sequence[str] | None = None) -> Iterator[dict[str, Any]]:
     """``consent_rows`` of a mongoexport users file: the engine selects the members with a value (a null
-    included) under one of ``keys``, one query, never every member in memory; each is decoded whole as ``read``
-    decodes it (``keep_unreadable``: an unreadable value is ``UNREADABLE``) and given by ``consent_row``. A file
-    the engine cannot read is decoded whole, as ``read`` decodes it."""
+    included) under one of ``keys`` (``texts``: already selected, by the members' scan), never every member in
+    memory; each is decoded whole as ``read`` decodes it (``keep_unreadable``: an unreadable value is
+    ``UNREADABLE``) and given by ``consent_row``. A file the engine cannot read is decoded whole, as ``read``
+    decodes it."""
     decoder = ExtendedJsonDecoder(keep_unreadable=True)
     try:
-        texts = engine_consent_texts(path, sorted(keys), (control or RunControl()).until_deadline)
+        if texts is None:
+            texts = engine_consent_texts(path, sorted(keys), (control or RunControl()).until_deadline)
     except EngineRefused:
         docs, _ = load_collection_file(path, decoder)
         yield from filter(None, (consent_row(doc, keys) for doc in docs))
@@ -5202,34 +5209,31 @@ def consent_rows_of_file(path: Path, keys: Collection[str], control: RunControl 
             yield row
 
 
+def consent_json_paths(keys: Iterable[str]) -> list[str]:
+    """Each key as a JSON path to that top-level key (a literal dotted key a key); the engine reads a key written
+    escaped as Python does."""
+    return ['$."' + key.replace("\\", "\\\\").replace('"', '\\"') + '"' for key in keys]
+
+
+def sql_text(text: str) -> str:
+    """A SQL string literal."""
+    return "'" + text.replace("'", "''") + "'"
+
+
 def engine_consent_texts(path: Path, keys: Sequence[str], limit: Any = lambda: math.inf) -> list[str]:
-    """The JSON text of each record of ``path`` holding one of ``keys`` (top-level, a literal dotted key a key);
+    """The JSON text of each record of ``path`` holding one of ``keys`` (``json_exists``: one parse a record);
     EngineRefused when the engine cannot read the file; ServiceTimeout when ``limit()`` (``EngineWatch``) ran out."""
     import duckdb
 
-    paths = ['$."' + key.replace("\\", "\\\\").replace('"', '\\"') + '"' for key in keys]
-    held = " OR ".join(f"json_type(doc, '{json_path.replace(chr(39), chr(39) * 2)}') IS NOT NULL" for json_path in paths)
-    held = f"({consent_text_filter(keys)}) AND ({held})" if held else held
+    paths = ", ".join(map(sql_text, consent_json_paths(keys)))
     try:
         with contextlib.closing(duckdb.connect()) as db, contextlib.closing(EngineWatch(db, limit)):
             return [text for (text,) in db.execute(
-                f"SELECT doc FROM {engine_records(path)} WHERE {held or 'false'} ORDER BY n").fetchall()]
+                f"SELECT doc FROM {engine_records(path)} WHERE {f'list_contains(json_exists(doc, [{paths}]), true)' if keys else 'false'} ORDER BY n").fetchall()]
     except duckdb.InterruptException:
         raise ServiceTimeout(f"reading the consent fields of {path} {UNTIL_THE_DEADLINE}: not done") from None
     except duckdb.Error:
         raise EngineRefused(str(path)) from None
-
-
-
-
-def consent_text_filter(keys: Sequence[str]) -> str:
-    """SQL true of every record that may hold one of ``keys``: its text names one (``"key"``) or holds an escape
-    (a key may be written escaped), so ``json_type`` parses only those (parsing every record cost ~0.6 s at
-    100,000 members, this ~0.1 s). A key with a quote, backslash or control character (escaped in the text) lets all pass."""
-    if any(re.search(r'["\\\x00-\x1f]', key) for key in keys):
-        return "true"
-    pattern = '\\\\|"(' + "|".join(re.escape(key) for key in keys) + ')"'  # (one pass: RE2 alternation)
-    return f"regexp_matches(doc::VARCHAR, '{pattern.replace(chr(39), chr(39) * 2)}')"
 
 
 def read_source(source: DataSource, now: datetime, progress: Any = None) -> SourceData:
@@ -5306,14 +5310,16 @@ def sql_macros() -> str:
     CREATE MACRO rtt_start(j) AS CASE WHEN j IS NULL THEN NULL ELSE CASE json_type(j)
         WHEN 'VARCHAR' THEN coalesce(rtt_text_start(json_extract_string(j, '$'), '{SQL_ISO}'),
             CASE WHEN contains(json_extract_string(j, '$'), '-') THEN {SQL_ODD_START} END)
-        WHEN 'OBJECT' THEN CASE WHEN json_keys(j) = ['$date'] THEN rtt_date(json_extract(j, '$."$date"')) ELSE {SQL_ODD_START} END
+        WHEN 'OBJECT' THEN CASE WHEN json_keys(j) = ['$date'] THEN rtt_date(json_extract(j, '$."$date"'))
+            WHEN json_keys(j) = ['$numberLong'] THEN rtt_date(j) ELSE {SQL_ODD_START} END
         WHEN 'NULL' THEN NULL WHEN 'BOOLEAN' THEN NULL WHEN 'ARRAY' THEN NULL
         ELSE rtt_millis(j) END END;
-    CREATE MACRO rtt_deep(doc) AS length(doc) > {MAX_NESTING_DEPTH} AND length(doc) - length(replace(replace(
+    CREATE MACRO rtt_deep(doc) AS strlen(doc) > {MAX_NESTING_DEPTH} AND strlen(doc) - strlen(replace(replace(
         doc::VARCHAR, '{{', ''), '[', '')) > {MAX_NESTING_DEPTH};
     CREATE MACRO rtt_count(doc, part) AS (strlen(doc) - strlen(replace(doc, part, ''))) // strlen(part);
     CREATE MACRO rtt_plain(doc) AS CASE
-        WHEN regexp_matches(doc, '\\\\|{sql_control_class()}|[^"]{{{MAX_TEXT_CHARS + 1},}}') THEN {FORM_SLOW}
+        WHEN regexp_matches(doc, '\\\\|{sql_control_class()}|[^"]{{{MAX_TEXT_CHARS + 1},}}|{_BIG_INTEGER.pattern.decode()}')
+            THEN {FORM_SLOW}
         WHEN NOT contains(doc, '"$') THEN {FORM_PLAIN}
         WHEN rtt_count(doc, '"$') = rtt_count(doc, '"$oid"') + rtt_count(doc, '"$date"')
             + rtt_count(doc, '"$numberLong"') + rtt_count(doc, '"$numberInt"') + rtt_count(doc, '"$numberDouble"')
@@ -5328,38 +5334,45 @@ def engine_records(path: Path) -> str:
     form = "array" if body.startswith(b"[") else "newline_delimited"
     name = str(path).replace("'", "''")
     return (f"(SELECT ordinality AS n, json AS doc FROM read_json_objects('{name}', format='{form}',"
-            " maximum_object_size=1073741824) WITH ORDINALITY)")
+            f" maximum_object_size={ENGINE_OBJECT_BYTES}) WITH ORDINALITY)")
 
 
+# The engine's ``maximum_object_size``: its read buffers grow with it (reading 300 MB of members held ~370 MB at 1 GB,
+# ~140 MB at 32 MB, ~110 MB at this); a longer record is still read (one of 40 MB was, measured).
+ENGINE_OBJECT_BYTES = 16 * 2**20
+
+
+# Each file is read once: the events first (each one's id, members, start, and its text when step 1 reads it
+# whole: step 2's candidates and the odd ones), then the members, their text kept when the events make them
+# dormant or they are odd. (A subquery's column is computed once; a name in the same SELECT would be recomputed.)
 ENGINE_EVENTS = """
-CREATE TEMP TABLE events_fields AS SELECT n, starts_with(ltrim(doc::VARCHAR), '{{') AS object, rtt_deep(doc)
-    OR regexp_matches(doc::VARCHAR, '"ownerId"[\\s\\S]*"ownerId"|"participants"[\\s\\S]*"participants"|'
-        || '"startDate"[\\s\\S]*"startDate"|"type"[\\s\\S]*"type"|"active"[\\s\\S]*"active"')
-    AS odd_doc, json_extract(doc, ['$._id', '$.ownerId', '$.participants', '$.startDate', '$.type', '$.active',
-        '$.neighborhood', '$.categories', '$.features', '$.venueName', '$.name']) AS f
-FROM {records};
-CREATE TEMP TABLE events_read AS
-SELECT n, key, members, start, object, public, host, slim, odd_owner, odd_list, odd_entries,
-    coalesce(key = {odd} OR list_contains(members, {odd}) OR start = {odd_start} OR odd_doc, false) AS odd
-FROM (SELECT n, object, odd_doc, key, list_distinct(list_filter([host] || ids, lambda m: m IS NOT NULL)) AS members,
+CREATE TEMP TABLE events_read AS SELECT * EXCLUDE (doc), CASE WHEN odd OR (public AND start > $now) THEN doc END AS doc
+FROM (SELECT *, coalesce(key = {odd} OR list_contains(members, {odd}) OR start = {odd_start} OR odd_doc, false) AS odd
+FROM (SELECT n, doc, object, odd_doc, key, list_distinct(list_filter([host] || ids, lambda m: m IS NOT NULL)) AS members,
     start, coalesce(owner_type <> 'NULL' AND host IS NULL, false) AS odd_owner,
     coalesce(list_type NOT IN ('NULL', 'ARRAY'), false) AS odd_list, len(list_filter(ids, lambda i: i IS NULL)) AS odd_entries,
     host, json_object('_id', key, 'ownerId', host, 'neighborhood', f[7],
         'categories', f[8], 'features', f[9], 'venueName', f[10], 'name', f[11])::VARCHAR AS slim, public
-FROM (SELECT n, object, odd_doc, f, rtt_record_id(f[1]) AS key, rtt_id(f[2]) AS host, json_type(f[2]) AS owner_type,
+FROM (SELECT n, doc, object, odd_doc, f, rtt_record_id(f[1]) AS key, rtt_id(f[2]) AS host, json_type(f[2]) AS owner_type,
     json_type(f[3]) AS list_type, rtt_start(f[4]) AS start,
     CASE WHEN json_type(f[3]) = 'ARRAY' THEN list_transform(f[3]::JSON[], lambda p: rtt_id(p)) ELSE [] END AS ids,
     coalesce(json_extract_string(f[5], '$') = 'public' AND json_type(f[5]) = 'VARCHAR' AND json_type(f[6]) = 'BOOLEAN'
-        AND json_extract_string(f[6], '$') = 'true', false) AS public FROM events_fields));
-DROP TABLE events_fields
+        AND json_extract_string(f[6], '$') = 'true', false) AS public
+FROM (SELECT n, doc, starts_with(doc::VARCHAR, '{{') AS object, rtt_deep(doc) OR regexp_matches(doc::VARCHAR,
+        '"ownerId"[\\s\\S]*"ownerId"|"participants"[\\s\\S]*"participants"|'
+        || '"startDate"[\\s\\S]*"startDate"|"type"[\\s\\S]*"type"|"active"[\\s\\S]*"active"') AS odd_doc,
+    json_extract(doc, ['$._id', '$.ownerId', '$.participants', '$.startDate', '$.type', '$.active',
+        '$.neighborhood', '$.categories', '$.features', '$.venueName', '$.name']) AS f FROM {records}))))
 """
+# (``consent``: the text of a member holding one of the consent keys, for ``consent_rows``.)
 ENGINE_USERS = """
-CREATE TEMP TABLE users_fields AS SELECT n, starts_with(ltrim(doc::VARCHAR), '{{') AS object,
-    rtt_deep(doc) OR regexp_matches(doc::VARCHAR, '"_id"[\\s\\S]*"_id"') AS odd_doc, json_extract(doc, '$._id') AS id FROM {records};
-CREATE TEMP TABLE users_read AS
-SELECT n, key, object, coalesce(key = {odd} OR odd_doc, false) AS odd
-FROM (SELECT n, object, odd_doc, rtt_record_id(id) AS key FROM users_fields);
-DROP TABLE users_fields
+CREATE TEMP TABLE users_read AS SELECT n, key, object, odd, CASE WHEN odd OR w.member IS NOT NULL THEN doc END AS doc,
+    consent FROM (SELECT n, doc, object, key, coalesce(key = {odd} OR odd_doc, false) AS odd,
+        CASE WHEN list_count(f[2:]) > 0 THEN doc END AS consent
+    FROM (SELECT n, doc, object, odd_doc, f, rtt_record_id(f[1]) AS key
+    FROM (SELECT n, doc, starts_with(doc::VARCHAR, '{{') AS object, rtt_deep(doc) OR rtt_count(doc::VARCHAR, '"_id"') > 1
+        AS odd_doc, json_extract(doc, ['$._id'{consent_paths}]) AS f FROM {records}))) u
+LEFT JOIN (SELECT member FROM activity WHERE last > $after AND last <= $until) w ON w.member = u.key
 """
 # The records read, once Python has read the odd ones (``python_read``), each id kept once (the first).
 ENGINE_KEPT = """
@@ -5380,17 +5393,18 @@ ENGINE_DORMANT = """
 CREATE TEMP TABLE dormant AS SELECT u.n, u.key, a.events, a.last FROM users_kept u JOIN activity a ON a.member = u.key
 WHERE a.last > $after AND a.last <= $until
 """
-# The events step 1 reads whole: those naming a dormant member (their history) and step 2's candidates.
-ENGINE_CANDIDATES = """
-SELECT n, doc, rtt_plain(doc), start, members FROM {records} JOIN events_kept USING (n)
-WHERE n IN (SELECT n FROM events_kept WHERE public AND start > $now) ORDER BY n
-"""
-# Each dormant member's events, read when the walk reaches them (``EngineHistory``), as ``member_history``
-# reads them: id, host, place, tags, venue and name (start and members: the engine's).
-ENGINE_MEMBER_EVENTS = """
+# What step 1 reads whole, kept apart (the texts of the dormant members, of step 2's candidates and of the members
+# holding a consent key), and each dormant member's events, read when the walk reaches them
+# (``EngineHistory``) as ``member_history`` reads them: id, host, place, tags, venue and name (start and members:
+# the engine's). Then the scans' tables go, before Python decodes the texts.
+ENGINE_KEEP = """
+CREATE TEMP TABLE dormant_texts AS SELECT n, r.doc, rtt_plain(r.doc) AS plain FROM dormant JOIN users_read r USING (n);
+CREATE TEMP TABLE candidate_texts AS SELECT n, r.doc, rtt_plain(r.doc) AS plain, k.start, k.members
+FROM events_kept k JOIN events_read r USING (n) WHERE k.public AND k.start > {now};
+CREATE TEMP TABLE consent_texts AS SELECT n, consent FROM users_read WHERE consent IS NOT NULL;
 CREATE TEMP TABLE member_events AS SELECT e.member, e.n FROM (SELECT n, unnest(members) AS member FROM events_kept) e
 JOIN dormant d ON d.key = e.member ORDER BY e.member;
-CREATE TEMP TABLE history_events AS SELECT n, r.slim, rtt_plain(r.slim) AS plain, e.start, e.members
+CREATE TEMP TABLE history_events AS SELECT n, r.slim, e.start, e.members
 FROM events_kept e JOIN events_read r USING (n) WHERE n IN (SELECT n FROM member_events) ORDER BY n;
 DROP TABLE users_read; DROP TABLE users_kept; DROP TABLE users_python; DROP TABLE activity; DROP TABLE dormant;
 DROP TABLE events_read; DROP TABLE events_kept; DROP TABLE events_python
@@ -5400,10 +5414,14 @@ DROP TABLE events_read; DROP TABLE events_kept; DROP TABLE events_python
 class FolderEngine:
     """One DuckDB connection over a mongoexport folder's two files: the SQL of the counting read."""
 
-    def __init__(self, users: Path, events: Path, limit: Any = lambda: math.inf) -> None:
+    def __init__(self, users: Path, events: Path, limit: Any = lambda: math.inf, consent: Collection[str] = ()) -> None:
         import duckdb
 
-        self.db = duckdb.connect(config={"preserve_insertion_order": False})
+        self.consent_keys = sorted(consent)  # the consent keys whose holders' texts the members' scan keeps
+        self.consent_kept = False  # (``consent_texts``: until read)
+        # (memory the engine frees goes back to the system at once: a million members' scans free hundreds of MB)
+        self.db = duckdb.connect(config={"preserve_insertion_order": False, "allocator_flush_threshold": "8MB",
+                                         "allocator_bulk_deallocation_flush_threshold": "8MB"})
         self.watch = EngineWatch(self.db, limit)  # every query bounded: interrupted once ``limit()`` is 0
         self.db.execute(sql_macros())
         self.files = {"users": users, "events": events}
@@ -5414,48 +5432,49 @@ class FolderEngine:
         self.db.close()
 
     def sql(self, text: str, **params: Any) -> Any:
-        return self.db.execute(text.format(odd=SQL_ODD, odd_start=SQL_ODD_START, **self.records), params or None)
+        return self.db.execute(text, params or None)
 
-    def scan(self) -> None:
-        """Each record's id, members and start, read once (``events_read``, ``users_read``)."""
-        self.sql(ENGINE_EVENTS.replace("{records}", self.records["events"]))
-        self.sql(ENGINE_USERS.replace("{records}", self.records["users"]))
+    def scan(self, name: str, **params: Any) -> None:
+        """``{name}_read``: each record's id (and an event's members and start), read once, with its text when step 1
+        reads it whole (``ENGINE_EVENTS``, ``ENGINE_USERS``); EngineRefused when a record is not a document."""
+        query = ENGINE_EVENTS if name == "events" else ENGINE_USERS
+        paths = "".join(f", {sql_text(path)}" for path in consent_json_paths(self.consent_keys))
+        self.sql(query.format(odd=SQL_ODD, odd_start=SQL_ODD_START, records=self.records[name], consent_paths=paths),
+                 **params)
+        if self.db.execute(f"SELECT count(*) FROM {name}_read WHERE NOT object").fetchone()[0]:
+            raise EngineRefused("not a list of documents")  # (the literal read refuses such a file)
 
-    def odd_texts(self, name: str) -> list[tuple[int, str]]:
-        """The records only Python can read, with their place in the file."""
-        if not self.db.execute(f"SELECT count(*) FROM {name}_read WHERE odd").fetchone()[0]:
-            return []
-        return self.db.execute(f"SELECT r.n, f.doc FROM {self.records[name]} f JOIN {name}_read r USING (n) "
-                               "WHERE r.odd ORDER BY r.n").fetchall()
-
-    def texts(self, name: str, wanted: str) -> Iterator[list[tuple[Any, ...]]]:
-        """(n, JSON text, ``rtt_plain``) of the records of ``name`` whose ``n`` the query ``wanted`` gives, in
-        file order, in batches; ``wanted`` may instead be a whole query giving such rows (and more columns)."""
-        query = wanted if wanted.lstrip().startswith("SELECT n, doc") else (
-            f"SELECT n, doc, rtt_plain(doc) FROM {self.records[name]} WHERE n IN ({wanted}) ORDER BY n")
-        cursor = self.db.execute(query.format(records=self.records[name]))
+    def batches(self, query: str, **params: Any) -> Iterator[list[tuple[Any, ...]]]:
+        """The rows of ``query``, in batches."""
+        cursor = self.sql(query, **params)
         while rows := cursor.fetchmany(10_000):
             self.watch.check()  # (the decoding between batches is Python's, which no interrupt reaches)
             yield rows
 
     def python_read(self, name: str, rows: Sequence[tuple[Any, ...]], columns: str) -> None:
-        """What Python read of the odd records (``rows``: n, key, and for events members, start, public)."""
+        """What Python read of the odd records (``rows``: n, key, and for events members, start, public, host)."""
         types = {"n": "BIGINT", "key": "VARCHAR", "members": "VARCHAR[]", "start": "BIGINT", "public": "BOOLEAN",
                  "host": "VARCHAR"}
-        self.db.execute(f"CREATE TEMP TABLE {name}_python ({', '.join(f'{c} {types[c]}' for c in columns.split(', '))})")
-        if rows:
-            self.db.executemany(f"INSERT INTO {name}_python VALUES ({', '.join('?' * len(rows[0]))})", rows)
+        names = columns.split(", ")
+        self.db.execute(f"CREATE TEMP TABLE {name}_python AS SELECT "
+                        + ", ".join(f"unnest(${n}::{types[c]}[]) AS {c}" for n, c in enumerate(names, 1)),
+                        [list(column) for column in zip(*rows, strict=True)] if rows else [[] for _ in names])
         self.db.execute(ENGINE_KEPT.format(name=name, columns=columns))
 
-    def non_documents(self) -> int:
-        """Records that are not JSON objects (the literal read refuses such a file)."""
-        return sum(self.db.execute(f"SELECT count(*) FROM {name}_read WHERE NOT object").fetchone()[0]
-                   for name in ("users", "events"))
+    def consent_texts(self) -> list[str] | None:
+        """The texts of the members holding a consent key, kept by the members' scan (once; then None)."""
+        if not self.consent_kept:
+            return None
+        self.consent_kept = False
+        texts = [text for (text,) in self.db.execute("SELECT consent FROM consent_texts ORDER BY n").fetchall()]
+        self.db.execute("DROP TABLE consent_texts")
+        return texts
 
     def raw_kept(self, skipped: Mapping[str, int]) -> dict[str, list[str]]:
         """For ``data/raw/``, of a file with records screening skips: the JSON texts of the others."""
         kept = "SELECT n FROM {0}_read WHERE NOT odd AND key IS NOT NULL UNION ALL SELECT n FROM {0}_python WHERE key IS NOT NULL"
-        return {name: [row[1] for batch in self.texts(name, kept.format(name)) for row in batch]
+        return {name: [row[1] for batch in self.batches(
+                    f"SELECT n, doc FROM {self.records[name]} WHERE n IN ({kept.format(name)}) ORDER BY n") for row in batch]
                 for name in ("users", "events")
                 if skipped.get(f"{name}_without_usable_id") or skipped.get(f"{name}_nested_too_deep")}
 
@@ -5463,12 +5482,10 @@ class FolderEngine:
         """Records read, skipped (no usable id) and repeated, per file; events without a start."""
         found: dict[str, int] = {}
         for name in ("users", "events"):
-            total, unusable = self.db.execute(
-                f"SELECT count(*), count(*) FILTER (WHERE NOT odd AND key IS NULL) FROM {name}_read").fetchone()
-            (kept,) = self.db.execute(f"SELECT count(*) FROM {name}_kept").fetchone()
-            (python,) = self.db.execute(f"SELECT count(*) FROM {name}_python WHERE key IS NOT NULL").fetchone()
-            (usable,) = self.db.execute(f"SELECT count(*) FROM {name}_read WHERE NOT odd AND key IS NOT NULL"
-                                        ).fetchone()
+            total, unusable, usable, python, kept = self.db.execute(
+                f"SELECT count(*), count(*) FILTER (WHERE NOT odd AND key IS NULL), count(*) FILTER (WHERE NOT odd AND"
+                f" key IS NOT NULL), (SELECT count(key) FROM {name}_python), (SELECT count(*) FROM {name}_kept)"
+                f" FROM {name}_read").fetchone()
             found |= {f"{name}_read": total, f"{name}_without_usable_id": unusable,
                       f"repeated_{name[:-1]}_ids": usable + python - kept}
         (found["events_without_valid_start_date"],) = self.db.execute(
@@ -5524,9 +5541,9 @@ class EngineRefused(Exception):
 def decode_text(text: str, what: str, decoder: ExtendedJsonDecoder, issues: Counter[str]) -> dict[str, Any] | None:
     """One record's JSON text decoded and screened (``screen_records``), or None when screening skips it
     (counted in ``issues``)."""
-    doc = fast_record(text.encode(), decoder)
+    docs = fast_decode(f"[{text}]".encode(), decoder)  # (orjson, or None for the literal decoder)
     try:
-        doc = decoder.loads(text) if doc is None else doc
+        doc = decoder.loads(text) if docs is None else docs[0]
     except RecursionError:
         issues[f"{what}_nested_too_deep"] += 1
         return None
@@ -5537,19 +5554,6 @@ def decode_text(text: str, what: str, decoder: ExtendedJsonDecoder, issues: Coun
     screened = screen_records([doc], what)
     issues.update(screened.issues)
     return screened.records[0] if screened.records else None
-
-
-def fast_record(data: bytes, decoder: ExtendedJsonDecoder) -> Any:
-    """One record through orjson and ``extended_values`` (what ``json_util`` gives), or None for the literal
-    decoder to read (``fast_decode``'s refusals)."""
-    if orjson is None or _BIG_INTEGER.search(data):
-        return None
-    bad_before = decoder.bad_values
-    try:
-        return extended_values(orjson.loads(data), decoder)
-    except (orjson.JSONDecodeError, FastPathRefused, RecursionError):
-        decoder.bad_values = bad_before
-        return None
 
 
 def epoch_micros(moment: datetime | None) -> int | None:
@@ -5574,7 +5578,7 @@ def odd_records(engine: FolderEngine, name: str, decoder: ExtendedJsonDecoder, i
     rows: list[tuple[Any, ...]] = []
     records: dict[int, dict[str, Any]] = {}
     found = DataIssues()  # (odd member entries, counted for the odd events as the engine counts the others)
-    for n, text in engine.odd_texts(name):
+    for n, text in engine.sql(f"SELECT n, doc FROM {name}_read WHERE odd ORDER BY n").fetchall():
         record = decode_text(text, name, decoder, issues)
         key = id_of(record["_id"]) if record is not None else None
         if record is not None:
@@ -5587,28 +5591,30 @@ def odd_records(engine: FolderEngine, name: str, decoder: ExtendedJsonDecoder, i
     return OddRecords(rows, records)
 
 
-def wanted_records(engine: FolderEngine, name: str, wanted: str, odd: OddRecords, decoder: ExtendedJsonDecoder,
-                   issues: Counter[str]) -> list[tuple[dict[str, Any], tuple[Any, ...]]]:
-    """The records ``wanted`` gives, in file order, decoded and screened (an odd one: as read already; a
-    plain one, ``rtt_plain``: decoded with the others of its batch, nothing to convert or clean), each with
-    the rest of its row."""
-    return [found for batch in engine.texts(name, wanted) for found in wanted_records_of(batch, name, odd, decoder, issues)]
+def wanted_records(engine: FolderEngine, name: str, query: str, odd: OddRecords, decoder: ExtendedJsonDecoder,
+                   issues: Counter[str], **params: Any) -> list[tuple[dict[str, Any], tuple[Any, ...]]]:
+    """The records ``query`` gives (n, JSON text, ``rtt_plain``, more), in file order, decoded and screened (an
+    odd one: as read already; a plain one, ``rtt_plain``: decoded with the others of its batch, nothing to convert
+    or clean), each with the rest of its row."""
+    return [found for batch in engine.batches(query, **params)
+            for found in wanted_records_of(batch, name, odd, decoder, issues)]
 
 
 def wanted_records_of(batch: Sequence[tuple[Any, ...]], name: str, odd: OddRecords, decoder: ExtendedJsonDecoder,
                       issues: Counter[str]) -> list[tuple[dict[str, Any], tuple[Any, ...]]]:
     """``wanted_records`` of one batch of rows."""
-    found = []
     plain = plain_records([row[1] for row in batch if row[2] != FORM_SLOW and row[0] not in odd.records])
+    found = []
     for n, text, form, *rest in batch:
-        record = odd.records.get(n) if n in odd.records else None if form == FORM_SLOW or plain is None else next(plain)
-        if form == FORM_DATES_IDS and n not in odd.records and plain is not None:
-            record = extended_values(dict(record), decoder)  # (clean text: screening would change nothing)
-            record = record if type(record) is dict else None
-        elif form == FORM_PLAIN and record is not None and n not in odd.records:
-            record = PlainRecord(record)
-        if record is None and n not in odd.records:
+        if n in odd.records:
+            record = odd.records[n]
+        elif form == FORM_SLOW or plain is None:
             record = decode_text(text, name, decoder, issues)
+        elif form == FORM_PLAIN:
+            record = PlainRecord(next(plain))
+        else:  # (clean text whose Extended JSON is $oid, $date or numbers: screening would change nothing)
+            record = extended_values(next(plain), decoder)
+            record = record if type(record) is dict else decode_text(text, name, decoder, issues)
         if record is not None:
             found.append((record, tuple(rest)))
     return found
@@ -5653,8 +5659,8 @@ class EngineHistory:
             at = self.walk.get(member)
             self.ahead = {m: [] for m in (self.order[at:at + HISTORY_AHEAD] if at is not None else [member])}
             for name, *row in self.engine.db.execute(
-                    "SELECT m.member, h.n, h.slim, h.plain, h.start, h.members FROM member_events m JOIN history_events h"
-                    " USING (n) WHERE m.member IN (SELECT unnest($m)) ORDER BY m.member, h.n", {"m": list(self.ahead)}
+                    "SELECT m.member, h.n, h.slim, rtt_plain(h.slim), h.start, h.members FROM member_events m"
+                    " JOIN history_events h USING (n) WHERE m.member IN (SELECT unnest($m)) ORDER BY m.member, h.n", {"m": list(self.ahead)}
                     ).fetchall():
                 self.ahead[name].append(tuple(row))
         return self.ahead.pop(member)
@@ -5664,14 +5670,13 @@ HISTORY_AHEAD = 1000  # members whose rows ``EngineHistory`` reads at once, in t
 
 
 def plain_records(texts: Sequence[str]) -> Iterator[dict[str, Any]] | None:
-    """Records of plain JSON (``rtt_plain``: no Extended JSON, escape, control character or long text)
-    decoded at once: what ``json_util`` and screening give them unchanged; None when orjson cannot vouch
-    for one (a big integer, NaN): each is then read alone."""
-    data = ("[" + ",".join(texts) + "]").encode()
-    if orjson is None or _BIG_INTEGER.search(data):
+    """Records of plain JSON (``rtt_plain``: no Extended JSON, escape, control character, long text or big
+    integer) decoded at once: what ``json_util`` and screening give them unchanged; None when orjson cannot
+    vouch for one (NaN): each is then read alone."""
+    if orjson is None:
         return None
     try:
-        return iter(orjson.loads(data))
+        return iter(orjson.loads("[" + ",".join(texts) + "]"))
     except orjson.JSONDecodeError:
         return None
 
@@ -5679,33 +5684,35 @@ def plain_records(texts: Sequence[str]) -> Iterator[dict[str, Any]] | None:
 def engine_read(engine: FolderEngine, now: datetime, tick: Any) -> SourceData:
     """``FolderSource.read_dormant`` through the engine: every member's activity and status counted in SQL,
     then the dormant members and the events step 1 reads (their history, step 2's candidates) decoded and
-    screened here."""
-    engine.scan()
-    if engine.non_documents():
-        raise EngineRefused("not a list of documents")
-    tick()
+    screened here. Each file is read once: the events, then the members (whose texts kept are the dormant ones)."""
     decoder, issues = ExtendedJsonDecoder(), Counter[str]()
-    odd_events, odd_users = odd_records(engine, "events", decoder, issues), odd_records(engine, "users", decoder, issues)
+    after, until = (epoch_micros(moment) for moment in dormant_window(now))
+    engine.scan("events", now=epoch_micros(now))
+    odd_events = odd_records(engine, "events", decoder, issues)
     engine.python_read("events", odd_events.rows, "n, key, members, start, public, host")
+    engine.sql(ENGINE_ACTIVITY)
+    tick()
+    engine.scan("users", after=after, until=until)
+    odd_users = odd_records(engine, "users", decoder, issues)
     engine.python_read("users", odd_users.rows, "n, key")
     skipped = Counter({kind: issues.pop(kind) for kind in list(issues) if kind.endswith(("_usable_id", "_too_deep"))})
-    engine.db.execute(ENGINE_ACTIVITY)
-    after, until = (epoch_micros(moment) for moment in dormant_window(now))
-    statuses = dict(engine.db.execute(ENGINE_STATUSES, {"after": after, "until": until}).fetchall())
-    engine.db.execute(ENGINE_DORMANT, {"after": after, "until": until})
+    statuses = dict(engine.sql(ENGINE_STATUSES, after=after, until=until).fetchall())
+    engine.sql(ENGINE_DORMANT, after=after, until=until)
     counted = {key: Activity(events, from_micros(last))
-               for key, events, last in engine.db.execute("SELECT key, events, last FROM dormant").fetchall()}
-    users = [user for user, _ in wanted_records(engine, "users", "SELECT n FROM dormant", odd_users, decoder, issues)]
-    rows = wanted_records(engine, "events", ENGINE_CANDIDATES.replace("$now", str(epoch_micros(now))), odd_events,
-                          decoder, issues)
-    activity = engine_activity(rows)  # every member's upcoming events (``company_going``)
-    activity.counted, activity.history = counted, EngineHistory(engine, odd_events)
-    events = [event for event, _ in rows]
+               for key, events, last in engine.sql("SELECT key, events, last FROM dormant").fetchall()}
     counts = engine.counts()
     skipped.update({kind: n for kind, n in counts.items() if kind.endswith("_usable_id")})
     issues.update({kind: n for kind, n in counts.items() if not kind.endswith(("_read", "_usable_id"))})
     raw_kept = engine.raw_kept(skipped)
-    engine.sql(ENGINE_MEMBER_EVENTS)
+    engine.sql(ENGINE_KEEP.format(now=epoch_micros(now)))  # (a multi-statement query takes no parameters)
+    engine.consent_kept = True
+    users = [user for user, _ in wanted_records(engine, "users", "SELECT * FROM dormant_texts ORDER BY n", odd_users,
+                                                decoder, issues)]
+    rows = wanted_records(engine, "events", "SELECT * FROM candidate_texts ORDER BY n", odd_events, decoder, issues)
+    engine.sql("DROP TABLE dormant_texts; DROP TABLE candidate_texts")
+    activity = engine_activity(rows)  # every member's upcoming events (``company_going``)
+    activity.counted, activity.history = counted, EngineHistory(engine, odd_events)
+    events = [event for event, _ in rows]
     tick()
     return SourceData(users, events, decoder.bad_values, +skipped, files=dict(engine.files), issues=+issues,
                       activity=activity, statuses=dict(sorted(statuses.items())),
