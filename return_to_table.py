@@ -9211,14 +9211,12 @@ def difference_text(found: Mapping[str, Any]) -> str:
     return f"{found['difference_pp']:+.1f} ({found['interval_pp'][0]:+.1f} to {found['interval_pp'][1]:+.1f})"
 
 
-MEASURE_COLUMNS = ["group", "size", "came back", "rate (95% CI)", "to suggested event", "open (already back)"]
-CAMPAIGN_COLUMNS = ["campaign", "treated", "holdout", "lift, pp (95% CI)", "p", "open"]
 SEGMENT_COLUMNS = ["segment", "n", "returns", "rate (95% CI)", "lift vs holdout, pp (95% CI)", "p"]
 
 
 def block_rows(block: Mapping[str, Any]) -> list[list[str]]:
     """A block's groups as a table, header first."""
-    rows = [MEASURE_COLUMNS]
+    rows = [["group", "size", "came back", "rate (95% CI)", "to suggested event", "open (already back)"]]
     for name, g in block["groups"].items():
         interval = g["rate_interval"]
         rate = percent(g["rate"]) + (f" ({percent(interval[0])}-{percent(interval[1])})" if interval else "")
@@ -9266,7 +9264,7 @@ def share(g: Mapping[str, Any]) -> str:
 
 def campaign_rows(report: Mapping[str, Any]) -> list[list[str]]:
     """One line per campaign, header first; each id as read, made safe to show."""
-    rows = [CAMPAIGN_COLUMNS]
+    rows = [["campaign", "treated", "holdout", "lift, pp (95% CI)", "p", "open"]]
     for entry in report["campaigns"]:
         groups, found = entry["groups"], entry["lift"]["treated"]
         if found is None:
