@@ -4785,9 +4785,10 @@ def report_markdown(report: Mapping[str, Any]) -> str:
     usage = report.get("llm_usage")
     if usage:
         header = ["step", "model", "calls", "input", "output", "cache read", "cache write", "cost (USD)"]
-        lines += ["", "## Claude usage", "", *markdown_table([header, *([step, *(str(usage[step][key]) for key in (
-            "model", "calls", "input_tokens", "output_tokens", "cache_read_tokens", "cache_write_tokens",
-            "estimated_cost_usd"))] for step in ("matching", "writing"))])]
+        keys = ("model", "calls", "input_tokens", "output_tokens", "cache_read_tokens", "cache_write_tokens",
+                "estimated_cost_usd")
+        rows = [[step, *(str(usage[step][key]) for key in keys)] for step in ("matching", "writing")]
+        lines += ["", "## Claude usage", "", *markdown_table([header, *rows])]
         lines.append(f"\nEstimated cost in all: {usage['estimated_cost_usd']} USD.")
     firebase = report.get("firebase", {})
     lines += ["", "## Firebase", "", f"- Target: {firebase.get('target')}",
