@@ -10697,7 +10697,7 @@ def make_source(options: RunOptions, settings: Settings, logger: logging.Logger,
         client = mongo_client or connect_mongo(settings, options.insecure_tls, logger)
         return MongoSource(client, mongo_db_name(settings, client))
     assert options.folder is not None
-    return FolderSource(options.folder, control)
+    return FolderSource(options.folder, control, sms_field_paths(settings.sms))  # read in the members' scan
 
 
 def make_dashboard(options: RunOptions, settings: Settings, logger: logging.Logger,
