@@ -100,6 +100,7 @@ import dataclasses
 import difflib
 import fcntl
 import functools
+import gc
 import hashlib
 import heapq
 import itertools
@@ -583,18 +584,10 @@ def setup_logging(options: RunOptions) -> logging.Logger:
         file_handler = QuietFileHandler(log_file, encoding="utf-8")
     except OSError as exc:
         raise OutputError(f"{log_dir}: cannot write the log ({exc.strerror or exc.__class__.__name__})") from None
-    logger = logging.getLogger("ReturnToTable")
-    logger.setLevel(logging.DEBUG)
-    logger.propagate = False
-    close_logging(logger)  # a second run in the same process starts clean
     file_handler.setFormatter(logging.Formatter(
         "%(asctime)s - %(name)s - %(levelname)s - %(message)s", datefmt="%Y-%m-%d %H:%M:%S"))
-    console = logging.StreamHandler(sys.stdout)
-    console.addFilter(console_filter(logging.WARNING if options.quiet else logging.DEBUG if options.verbose
-                                    else logging.INFO))
-    console.setFormatter(logging.Formatter("%(levelname)s - %(message)s"))
-    logger.addHandler(file_handler)
-    logger.addHandler(console)
+    shown = console_filter(logging.WARNING if options.quiet else logging.DEBUG if options.verbose else logging.INFO)
+    logger = own_logger("ReturnToTable", logging.DEBUG, sys.stdout, file_handler, console_filter=shown)
     logger.info("Logging initialized. Log file: %s", log_file)
     if pruned:
         logger.info("Removed %d log files older than %d days", pruned, options.keep_logs_days)
@@ -620,6 +613,23 @@ def close_logging(logger: logging.Logger) -> None:
     for handler in list(logger.handlers):
         handler.close()
         logger.removeHandler(handler)
+
+
+def own_logger(name: str, level: int, stream: Any, *handlers: logging.Handler,
+               console_filter: Any = None) -> logging.Logger:
+    """A logger not propagated, with only ``handlers`` and then "LEVEL - message" lines on ``stream`` (the campaign's
+    on stdout, measure's warnings on stderr): a second run in the same process starts clean."""
+    logger = logging.getLogger(name)
+    logger.setLevel(level)
+    logger.propagate = False
+    close_logging(logger)
+    console = logging.StreamHandler(stream)
+    console.setFormatter(logging.Formatter("%(levelname)s - %(message)s"))
+    if console_filter is not None:
+        console.addFilter(console_filter)
+    for handler in (*handlers, console):
+        logger.addHandler(handler)
+    return logger
 
 
 @contextlib.contextmanager
@@ -1121,19 +1131,6 @@ def clean_document(value: Any, found: Counter[str], limit: int = MAX_TEXT_CHARS,
     return clean_document(str(value), found, limit, level)  # other BSON values (code, regex, binary) as text
 
 
-def usable_ids(values: Sequence[Any]) -> list[str | None]:
-    """``usable_id`` of each value, the usual form (a clean string) without a call."""
-    found: list[str | None] = []
-    for value in values:
-        if type(value) is str:
-            key = value.strip()
-            if key and len(key) <= MAX_TEXT_CHARS and key.isprintable():
-                found.append(key)
-                continue
-        found.append(usable_id(value))
-    return found
-
-
 def usable_id(value: Any) -> str | None:
     """A record's ``_id`` as an id string, or None when it is odd: no ObjectId or clean, bounded string."""
     if type(value) is str:  # the usual form, without the checks below
@@ -1578,11 +1575,7 @@ def clean_interests(value: Any) -> list[str]:
     """The usable interests: non-empty strings from a list, trimmed, each once, in order."""
     if not isinstance(value, list):
         return []
-    seen: dict[str, None] = {}
-    for item in value:
-        if isinstance(item, str) and item.strip():
-            seen.setdefault(item.strip(), None)
-    return list(seen)
+    return list(dict.fromkeys(text for text in (item.strip() for item in value if isinstance(item, str)) if text))
 
 
 def derive_engagement(last_event: datetime | None, now: datetime) -> tuple[int | None, str]:
@@ -4166,12 +4159,10 @@ def holdout_record(rank: int, match: Match, *, campaign_id: str, fraction: float
     """What a holdout member gets instead of a message: a record of the rules' pick (never Claude's)."""
     user, event = match["user"], match["event"]
     record = HoldoutRecord(user_id=match["user_id"], user_name=match["user_name"], user_phone=user.get("phone_e164"),
-                           rank=rank,
-                           reactivation_score=user["reactivation_score"], days_inactive=user["days_inactive"],
-                           event_id=match["event_id"], event_name=match["event_name"],
-                           event_start=event.get("startDate"),
-                           confidence_percentage=match["confidence_percentage"],
-                           held_out_at=iso_utc(now) or "", campaign_id=campaign_id, holdout_fraction=fraction,
+                           rank=rank, reactivation_score=user["reactivation_score"], days_inactive=user["days_inactive"],
+                           event_id=match["event_id"], event_name=match["event_name"], event_start=event.get("startDate"),
+                           confidence_percentage=match["confidence_percentage"], held_out_at=iso_utc(now) or "",
+                           campaign_id=campaign_id, holdout_fraction=fraction,
                            deciding_signal=match.get("deciding_signal", "profile"),
                            same_neighbourhood=bool(match.get("same_neighbourhood")))
     if variant is not None:
@@ -4398,14 +4389,12 @@ class DailyVolume:
         return cls(now.astimezone(zone).date().isoformat(), limit, history.drafted_today, history.held_out_today,
                    daily_remaining(limit, history.drafted_today))
 
-    def report(self, drafted: int, held_out: int) -> dict[str, Any]:
-        return {**dataclasses.asdict(self), "drafted_this_run": drafted, "held_out_this_run": held_out,
-                "already_drafted": self.remaining == 0}
-
 
 def volume_report(volume: DailyVolume, seats: SeatLedger, drafted: int, held_out: int) -> dict[str, Any]:
     """The report's ``daily_limit``, ``seats_exhausted`` ({event id: members turned away}) and ``allocation``."""
-    return {"daily_limit": volume.report(drafted, held_out), "seats_exhausted": seats.report(),
+    daily = {**dataclasses.asdict(volume), "drafted_this_run": drafted, "held_out_this_run": held_out,
+             "already_drafted": volume.remaining == 0}
+    return {"daily_limit": daily, "seats_exhausted": seats.report(),
             "allocation": {"invites_per_spot": seats.invites_per_spot, "max_invites_per_event": seats.unknown_cap}}
 
 
@@ -4690,6 +4679,13 @@ def cell(value: Any) -> str:
     return " ".join(str(value).split()).replace("|", "\\|")
 
 
+def markdown_table(rows: Sequence[Sequence[str]]) -> list[str]:
+    """Rows as a Markdown table (the first row is the header), each body cell through ``cell``."""
+    header, *body = rows
+    return [f"| {' | '.join(header)} |", "|" + " --- |" * len(header)] + [
+        f"| {' | '.join(cell(c) for c in row)} |" for row in body]
+
+
 def empty_input_lines(empty: Sequence[str]) -> list[str]:
     """The report's line for empty input: a run that read nothing is not a day that found nobody."""
     return [(f"- **Empty input:** the source has no {' and no '.join(empty)}; check it before reading this run "
@@ -4722,23 +4718,16 @@ def report_markdown(report: Mapping[str, Any]) -> str:
                 *(str(messages.get(m["user_id"], {}).get(key, "")) for key in ("message_text", "sms_segments"))]
                for m in report.get("matches", [])]
     lines = [
-        f"# Return To Table report: {report['campaign_id']}",
-        "",
+        f"# Return To Table report: {report['campaign_id']}", "",
         (f"**Goal:** bring dormant members ({DORMANCY_SPAN} since their last table) back with one "
-         "well-matched upcoming event and a warm welcome-back SMS, reviewed before sending."),
-        "",
+         "well-matched upcoming event and a warm welcome-back SMS, reviewed before sending."), "",
         f"- Run date: {report['run_date']} (as of {report['as_of']})",
         f"- Source: {report['source']}; matcher: {matcher}; dry run: {report['dry_run']}",
         f"- Matcher weights: {report.get('match_weights', 'built-in')}; tones: {', '.join(report.get('variants', []))}",
         *empty_input_lines(report.get("empty_input") or []),
         *([f"- No message drafted: {report['no_message']['text']}"] if report.get("no_message") else []),
-        "",
-        "## Run summary",
-        "",
-        *markdown_table([["figure", "value"], *figures]),
-        "",
-        f"Future events considered: {st['events_processed']}. Cost: {cost_text(report['cost'])}.",
-        "",
+        "", "## Run summary", "", *markdown_table([["figure", "value"], *figures]), "",
+        f"Future events considered: {st['events_processed']}. Cost: {cost_text(report['cost'])}.", "",
         *([places_line(report["places_not_located"]), ""] if report.get("places_not_located") else []),
         *volume_lines(report),
         *funnel_lines(report["funnel"], report.get("skip_reasons", {})),
@@ -4746,8 +4735,7 @@ def report_markdown(report: Mapping[str, Any]) -> str:
         *skip_reason_lines(report.get("skip_reasons", {}), report.get("holdout", {}), report.get("skip_details", {})),
         *power_lines(report["holdout_power"]),
         *preview_lines(report["preview"]),
-        "## Matches and messages",
-        "",
+        "## Matches and messages", "",
         *markdown_table([["member", "event", "confidence", "matcher", "SMS", "segments"], *matches]),
         "", "## Members skipped", "", *skipped_lines(report)]
     fallbacks = report.get("fallbacks", {})
@@ -4756,12 +4744,11 @@ def report_markdown(report: Mapping[str, Any]) -> str:
         lines += [f"- {cell(reason)}" for reason in fallbacks["reasons"]]
     usage = report.get("llm_usage")
     if usage:
-        header = "| step | model | calls | input | output | cache read | cache write | cost (USD) |"
-        lines += ["", "## Claude usage", "", header, "| --- " * 8 + "|"]
-        for step in ("matching", "writing"):
-            u = usage[step]
-            lines.append(f"| {step} | {u['model']} | {u['calls']} | {u['input_tokens']} | {u['output_tokens']} | "
-                         f"{u['cache_read_tokens']} | {u['cache_write_tokens']} | {u['estimated_cost_usd']} |")
+        header = ["step", "model", "calls", "input", "output", "cache read", "cache write", "cost (USD)"]
+        keys = ("model", "calls", "input_tokens", "output_tokens", "cache_read_tokens", "cache_write_tokens",
+                "estimated_cost_usd")
+        rows = [[step, *(str(usage[step][key]) for key in keys)] for step in ("matching", "writing")]
+        lines += ["", "## Claude usage", "", *markdown_table([header, *rows])]
         lines.append(f"\nEstimated cost in all: {usage['estimated_cost_usd']} USD.")
     firebase = report.get("firebase", {})
     lines += ["", "## Firebase", "", f"- Target: {firebase.get('target')}",
@@ -4771,11 +4758,9 @@ def report_markdown(report: Mapping[str, Any]) -> str:
         lines.append(f"- Keys changed to be storable: {firebase.get('keys_renamed', 0)} renamed, "
                      f"{firebase.get('keys_dropped', 0)} dropped")
         lines += [f"  - {cell(change)}" for change in firebase.get("key_changes", [])]
-    issues = report.get("data_issues", {})
     lines += ["", "## Data issues (records skipped or treated as missing)", ""]
-    lines += [f"- {k.replace('_', ' ')}: {v}" for k, v in issues.items()] or ["None."]
-    lines += ["", "## Errors", ""]
-    lines += [f"- {cell(e)}" for e in report.get("errors", [])] or ["None."]
+    lines += [f"- {k.replace('_', ' ')}: {v}" for k, v in report.get("data_issues", {}).items()] or ["None."]
+    lines += ["", "## Errors", ""] + ([f"- {cell(e)}" for e in report.get("errors", [])] or ["None."])
     return "\n".join(lines) + "\n"
 
 
@@ -4976,15 +4961,28 @@ def build_report(*, campaign_id: str, run_started: datetime, finished: datetime,
 def write_report(stem: Path, report: Mapping[str, Any], logger: logging.Logger) -> Path:
     """Step 8's files, ``<stem>.json`` and ``<stem>.md`` (private), and the console's one summary line (the funnel,
     segments and cost, errors, the report's path); the .md's path."""
-    write_json(stem.with_name(stem.name + ".json"), report, private=True)
-    report_path = stem.with_name(stem.name + ".md")
-    write_text_private(report_path, report_markdown(report))
+    report_path = write_report_files(stem, report, report_markdown(report))
     s, empty = report["summary"], report.get("empty_input") or []
     status = report["status"] + (f", empty input: {', '.join(empty)}" if empty else "")
     logger.info("Step 8 (%s): %s dormant; funnel %s; %s; %s errors. Report: %s", status, s["total_dormant_users_found"],
                 funnel_text(report["funnel"]), cost_text(report["cost"]), s["error_count"], report_path,
                 extra={"summary": True})
     return report_path
+
+
+def write_report_files(stem: Path, report: Mapping[str, Any], markdown: str) -> Path:
+    """``<stem>.json`` and ``<stem>.md``, private and atomic (campaign, measure, backtest); the .md's path."""
+    write_json(stem.with_name(stem.name + ".json"), report, private=True)
+    write_text_private(path := stem.with_name(stem.name + ".md"), markdown)
+    return path
+
+
+def free_report_stem(out_dir: Path, kind: str, started: datetime) -> Path:
+    """``reports/return_to_table_<kind>_<UTC timestamp>`` (no suffix), a second later while its .json exists."""
+    reports, moment = out_dir / "reports", started
+    while (stem := reports / f"return_to_table_{kind}_{moment:%Y%m%d-%H%M%S}").with_suffix(".json").exists():
+        moment += timedelta(seconds=1)
+    return stem
 
 
 def write_skip_list(data_dir: Path, eligible: Sequence[Mapping[str, Any]], decisions: Mapping[str, str]) -> None:
@@ -5062,8 +5060,9 @@ class DataSource(Protocol):
 class FolderSource:
     """A folder of ``mongoexport`` output: ``users.json`` and ``events.json``."""
 
-    def __init__(self, folder: Path, control: RunControl | None = None) -> None:
+    def __init__(self, folder: Path, control: RunControl | None = None, consent_paths: Sequence[str] = ()) -> None:
         self.folder = folder
+        self.consent_paths = consent_paths or sms_field_paths(SmsPolicy())  # read in the members' scan (``consent_rows``)
         self.label = f"folder {folder}"
         self.control = control or RunControl()  # the engine's queries are interrupted at its deadline
         self.engine: FolderEngine | None = None
@@ -5088,8 +5087,10 @@ class FolderSource:
         return SourceData(users, events, decoder.bad_values, +skipped, dict(zip(("users", "events"), files)))
 
     def consent_rows(self, paths: Sequence[str]) -> Iterator[dict[str, Any]]:
-        path = self.folder / "users.json"
-        return consent_rows_of_file(path, consent_keys(paths), self.control) if path.is_file() else iter(())
+        """Read by the members' scan when ``paths`` are the source's ``consent_paths``, else by one more scan."""
+        path, keys = self.folder / "users.json", consent_keys(paths)
+        texts = self.engine.consent_texts() if self.engine is not None and set(self.engine.consent_keys) == keys else None
+        return consent_rows_of_file(path, keys, self.control, texts) if path.is_file() else iter(())
 
 
     def read_dormant(self, now: datetime, progress: Any = None) -> SourceData:
@@ -5106,9 +5107,11 @@ class FolderSource:
         with (progress or no_progress)(total, "B") as bar:
             self.close()
             # open until ``close``: the walk reads it, its lookups bounded as any call (``RunControl.budget``)
-            self.engine = FolderEngine(files["users"], files["events"], self.control.until_deadline)
+            self.engine = FolderEngine(files["users"], files["events"], self.control.until_deadline,
+                                       consent_keys(self.consent_paths))
             try:
-                data = engine_read(self.engine, now, lambda: bar.update(total // 2) if bar is not None else None)
+                with frozen_gc():
+                    data = engine_read(self.engine, now, lambda: bar.update(total // 2) if bar is not None else None)
                 self.engine.watch.limit = lambda: self.control.budget(math.inf)
                 return data
             except duckdb.InterruptException:
@@ -5124,17 +5127,35 @@ class FolderSource:
         if self.engine is not None:
             self.engine.close()
             self.engine = None
+            gc.unfreeze()
 
 
-def consent_rows_of_file(path: Path, keys: Collection[str], control: RunControl | None = None
-                         ) -> Iterator[dict[str, Any]]:
+@contextlib.contextmanager
+def frozen_gc() -> Iterator[None]:
+    """No cyclic garbage collection while the read decodes (its records hold no cycles), and what it read kept
+    out of every later collection (``gc.freeze``; ``close`` unfreezes): a million-member read leaves millions of
+    objects that each collection would walk again (at 1M members, ~4 s of CPU in steps 1-2, measured)."""
+    enabled = gc.isenabled()
+    gc.disable()
+    try:
+        yield
+        gc.freeze()
+    finally:
+        if enabled:
+            gc.enable()
+
+
+def consent_rows_of_file(path: Path, keys: Collection[str], control: RunControl | None = None,
+                         texts: Sequence[str] | None = None) -> Iterator[dict[str, Any]]:
     """``consent_rows`` of a mongoexport users file: the engine selects the members with a value (a null
-    included) under one of ``keys``, one query, never every member in memory; each is decoded whole as ``read``
-    decodes it (``keep_unreadable``: an unreadable value is ``UNREADABLE``) and given by ``consent_row``. A file
-    the engine cannot read is decoded whole, as ``read`` decodes it."""
+    included) under one of ``keys`` (``texts``: already selected, by the members' scan), never every member in
+    memory; each is decoded whole as ``read`` decodes it (``keep_unreadable``: an unreadable value is
+    ``UNREADABLE``) and given by ``consent_row``. A file the engine cannot read is decoded whole, as ``read``
+    decodes it."""
     decoder = ExtendedJsonDecoder(keep_unreadable=True)
     try:
-        texts = engine_consent_texts(path, sorted(keys), (control or RunControl()).until_deadline)
+        if texts is None:
+            texts = engine_consent_texts(path, sorted(keys), (control or RunControl()).until_deadline)
     except EngineRefused:
         docs, _ = load_collection_file(path, decoder)
         yield from filter(None, (consent_row(doc, keys) for doc in docs))
@@ -5149,34 +5170,31 @@ def consent_rows_of_file(path: Path, keys: Collection[str], control: RunControl 
             yield row
 
 
+def consent_json_paths(keys: Iterable[str]) -> list[str]:
+    """Each key as a JSON path to that top-level key (a literal dotted key a key); the engine reads a key written
+    escaped as Python does."""
+    return ['$."' + key.replace("\\", "\\\\").replace('"', '\\"') + '"' for key in keys]
+
+
+def sql_text(text: str) -> str:
+    """A SQL string literal."""
+    return "'" + text.replace("'", "''") + "'"
+
+
 def engine_consent_texts(path: Path, keys: Sequence[str], limit: Any = lambda: math.inf) -> list[str]:
-    """The JSON text of each record of ``path`` holding one of ``keys`` (top-level, a literal dotted key a key);
+    """The JSON text of each record of ``path`` holding one of ``keys`` (``json_exists``: one parse a record);
     EngineRefused when the engine cannot read the file; ServiceTimeout when ``limit()`` (``EngineWatch``) ran out."""
     import duckdb
 
-    paths = ['$."' + key.replace("\\", "\\\\").replace('"', '\\"') + '"' for key in keys]
-    held = " OR ".join(f"json_type(doc, '{json_path.replace(chr(39), chr(39) * 2)}') IS NOT NULL" for json_path in paths)
-    held = f"({consent_text_filter(keys)}) AND ({held})" if held else held
+    paths = ", ".join(map(sql_text, consent_json_paths(keys)))
     try:
         with contextlib.closing(duckdb.connect()) as db, contextlib.closing(EngineWatch(db, limit)):
             return [text for (text,) in db.execute(
-                f"SELECT doc FROM {engine_records(path)} WHERE {held or 'false'} ORDER BY n").fetchall()]
+                f"SELECT doc FROM {engine_records(path)} WHERE {f'list_contains(json_exists(doc, [{paths}]), true)' if keys else 'false'} ORDER BY n").fetchall()]
     except duckdb.InterruptException:
         raise ServiceTimeout(f"reading the consent fields of {path} {UNTIL_THE_DEADLINE}: not done") from None
     except duckdb.Error:
         raise EngineRefused(str(path)) from None
-
-
-
-
-def consent_text_filter(keys: Sequence[str]) -> str:
-    """SQL true of every record that may hold one of ``keys``: its text names one (``"key"``) or holds an escape
-    (a key may be written escaped), so ``json_type`` parses only those (parsing every record cost ~0.6 s at
-    100,000 members, this ~0.1 s). A key with a quote, backslash or control character (escaped in the text) lets all pass."""
-    if any(re.search(r'["\\\x00-\x1f]', key) for key in keys):
-        return "true"
-    pattern = '\\\\|"(' + "|".join(re.escape(key) for key in keys) + ')"'  # (one pass: RE2 alternation)
-    return f"regexp_matches(doc::VARCHAR, '{pattern.replace(chr(39), chr(39) * 2)}')"
 
 
 def read_source(source: DataSource, now: datetime, progress: Any = None) -> SourceData:
@@ -5253,14 +5271,16 @@ def sql_macros() -> str:
     CREATE MACRO rtt_start(j) AS CASE WHEN j IS NULL THEN NULL ELSE CASE json_type(j)
         WHEN 'VARCHAR' THEN coalesce(rtt_text_start(json_extract_string(j, '$'), '{SQL_ISO}'),
             CASE WHEN contains(json_extract_string(j, '$'), '-') THEN {SQL_ODD_START} END)
-        WHEN 'OBJECT' THEN CASE WHEN json_keys(j) = ['$date'] THEN rtt_date(json_extract(j, '$."$date"')) ELSE {SQL_ODD_START} END
+        WHEN 'OBJECT' THEN CASE WHEN json_keys(j) = ['$date'] THEN rtt_date(json_extract(j, '$."$date"'))
+            WHEN json_keys(j) = ['$numberLong'] THEN rtt_date(j) ELSE {SQL_ODD_START} END
         WHEN 'NULL' THEN NULL WHEN 'BOOLEAN' THEN NULL WHEN 'ARRAY' THEN NULL
         ELSE rtt_millis(j) END END;
-    CREATE MACRO rtt_deep(doc) AS length(doc) > {MAX_NESTING_DEPTH} AND length(doc) - length(replace(replace(
+    CREATE MACRO rtt_deep(doc) AS strlen(doc) > {MAX_NESTING_DEPTH} AND strlen(doc) - strlen(replace(replace(
         doc::VARCHAR, '{{', ''), '[', '')) > {MAX_NESTING_DEPTH};
     CREATE MACRO rtt_count(doc, part) AS (strlen(doc) - strlen(replace(doc, part, ''))) // strlen(part);
     CREATE MACRO rtt_plain(doc) AS CASE
-        WHEN regexp_matches(doc, '\\\\|{sql_control_class()}|[^"]{{{MAX_TEXT_CHARS + 1},}}') THEN {FORM_SLOW}
+        WHEN regexp_matches(doc, '\\\\|{sql_control_class()}|[^"]{{{MAX_TEXT_CHARS + 1},}}|{_BIG_INTEGER.pattern.decode()}')
+            THEN {FORM_SLOW}
         WHEN NOT contains(doc, '"$') THEN {FORM_PLAIN}
         WHEN rtt_count(doc, '"$') = rtt_count(doc, '"$oid"') + rtt_count(doc, '"$date"')
             + rtt_count(doc, '"$numberLong"') + rtt_count(doc, '"$numberInt"') + rtt_count(doc, '"$numberDouble"')
@@ -5275,38 +5295,45 @@ def engine_records(path: Path) -> str:
     form = "array" if body.startswith(b"[") else "newline_delimited"
     name = str(path).replace("'", "''")
     return (f"(SELECT ordinality AS n, json AS doc FROM read_json_objects('{name}', format='{form}',"
-            " maximum_object_size=1073741824) WITH ORDINALITY)")
+            f" maximum_object_size={ENGINE_OBJECT_BYTES}) WITH ORDINALITY)")
 
 
+# The engine's ``maximum_object_size``: its read buffers grow with it (reading 300 MB of members held ~370 MB at 1 GB,
+# ~140 MB at 32 MB, ~110 MB at this); a longer record is still read (one of 40 MB was, measured).
+ENGINE_OBJECT_BYTES = 16 * 2**20
+
+
+# Each file is read once: the events first (each one's id, members, start, and its text when step 1 reads it
+# whole: step 2's candidates and the odd ones), then the members, their text kept when the events make them
+# dormant or they are odd. (A subquery's column is computed once; a name in the same SELECT would be recomputed.)
 ENGINE_EVENTS = """
-CREATE TEMP TABLE events_fields AS SELECT n, starts_with(ltrim(doc::VARCHAR), '{{') AS object, rtt_deep(doc)
-    OR regexp_matches(doc::VARCHAR, '"ownerId"[\\s\\S]*"ownerId"|"participants"[\\s\\S]*"participants"|'
-        || '"startDate"[\\s\\S]*"startDate"|"type"[\\s\\S]*"type"|"active"[\\s\\S]*"active"')
-    AS odd_doc, json_extract(doc, ['$._id', '$.ownerId', '$.participants', '$.startDate', '$.type', '$.active',
-        '$.neighborhood', '$.categories', '$.features', '$.venueName', '$.name']) AS f
-FROM {records};
-CREATE TEMP TABLE events_read AS
-SELECT n, key, members, start, object, public, host, slim, odd_owner, odd_list, odd_entries,
-    coalesce(key = {odd} OR list_contains(members, {odd}) OR start = {odd_start} OR odd_doc, false) AS odd
-FROM (SELECT n, object, odd_doc, key, list_distinct(list_filter([host] || ids, lambda m: m IS NOT NULL)) AS members,
+CREATE TEMP TABLE events_read AS SELECT * EXCLUDE (doc), CASE WHEN odd OR (public AND start > $now) THEN doc END AS doc
+FROM (SELECT *, coalesce(key = {odd} OR list_contains(members, {odd}) OR start = {odd_start} OR odd_doc, false) AS odd
+FROM (SELECT n, doc, object, odd_doc, key, list_distinct(list_filter([host] || ids, lambda m: m IS NOT NULL)) AS members,
     start, coalesce(owner_type <> 'NULL' AND host IS NULL, false) AS odd_owner,
     coalesce(list_type NOT IN ('NULL', 'ARRAY'), false) AS odd_list, len(list_filter(ids, lambda i: i IS NULL)) AS odd_entries,
     host, json_object('_id', key, 'ownerId', host, 'neighborhood', f[7],
         'categories', f[8], 'features', f[9], 'venueName', f[10], 'name', f[11])::VARCHAR AS slim, public
-FROM (SELECT n, object, odd_doc, f, rtt_record_id(f[1]) AS key, rtt_id(f[2]) AS host, json_type(f[2]) AS owner_type,
+FROM (SELECT n, doc, object, odd_doc, f, rtt_record_id(f[1]) AS key, rtt_id(f[2]) AS host, json_type(f[2]) AS owner_type,
     json_type(f[3]) AS list_type, rtt_start(f[4]) AS start,
     CASE WHEN json_type(f[3]) = 'ARRAY' THEN list_transform(f[3]::JSON[], lambda p: rtt_id(p)) ELSE [] END AS ids,
     coalesce(json_extract_string(f[5], '$') = 'public' AND json_type(f[5]) = 'VARCHAR' AND json_type(f[6]) = 'BOOLEAN'
-        AND json_extract_string(f[6], '$') = 'true', false) AS public FROM events_fields));
-DROP TABLE events_fields
+        AND json_extract_string(f[6], '$') = 'true', false) AS public
+FROM (SELECT n, doc, starts_with(doc::VARCHAR, '{{') AS object, rtt_deep(doc) OR regexp_matches(doc::VARCHAR,
+        '"ownerId"[\\s\\S]*"ownerId"|"participants"[\\s\\S]*"participants"|'
+        || '"startDate"[\\s\\S]*"startDate"|"type"[\\s\\S]*"type"|"active"[\\s\\S]*"active"') AS odd_doc,
+    json_extract(doc, ['$._id', '$.ownerId', '$.participants', '$.startDate', '$.type', '$.active',
+        '$.neighborhood', '$.categories', '$.features', '$.venueName', '$.name']) AS f FROM {records}))))
 """
+# (``consent``: the text of a member holding one of the consent keys, for ``consent_rows``.)
 ENGINE_USERS = """
-CREATE TEMP TABLE users_fields AS SELECT n, starts_with(ltrim(doc::VARCHAR), '{{') AS object,
-    rtt_deep(doc) OR regexp_matches(doc::VARCHAR, '"_id"[\\s\\S]*"_id"') AS odd_doc, json_extract(doc, '$._id') AS id FROM {records};
-CREATE TEMP TABLE users_read AS
-SELECT n, key, object, coalesce(key = {odd} OR odd_doc, false) AS odd
-FROM (SELECT n, object, odd_doc, rtt_record_id(id) AS key FROM users_fields);
-DROP TABLE users_fields
+CREATE TEMP TABLE users_read AS SELECT n, key, object, odd, CASE WHEN odd OR w.member IS NOT NULL THEN doc END AS doc,
+    consent FROM (SELECT n, doc, object, key, coalesce(key = {odd} OR odd_doc, false) AS odd,
+        CASE WHEN list_count(f[2:]) > 0 THEN doc END AS consent
+    FROM (SELECT n, doc, object, odd_doc, f, rtt_record_id(f[1]) AS key
+    FROM (SELECT n, doc, starts_with(doc::VARCHAR, '{{') AS object, rtt_deep(doc) OR rtt_count(doc::VARCHAR, '"_id"') > 1
+        AS odd_doc, json_extract(doc, ['$._id'{consent_paths}]) AS f FROM {records}))) u
+LEFT JOIN (SELECT member FROM activity WHERE last > $after AND last <= $until) w ON w.member = u.key
 """
 # The records read, once Python has read the odd ones (``python_read``), each id kept once (the first).
 ENGINE_KEPT = """
@@ -5327,17 +5354,18 @@ ENGINE_DORMANT = """
 CREATE TEMP TABLE dormant AS SELECT u.n, u.key, a.events, a.last FROM users_kept u JOIN activity a ON a.member = u.key
 WHERE a.last > $after AND a.last <= $until
 """
-# The events step 1 reads whole: those naming a dormant member (their history) and step 2's candidates.
-ENGINE_CANDIDATES = """
-SELECT n, doc, rtt_plain(doc), start, members FROM {records} JOIN events_kept USING (n)
-WHERE n IN (SELECT n FROM events_kept WHERE public AND start > $now) ORDER BY n
-"""
-# Each dormant member's events, read when the walk reaches them (``EngineHistory``), as ``member_history``
-# reads them: id, host, place, tags, venue and name (start and members: the engine's).
-ENGINE_MEMBER_EVENTS = """
+# What step 1 reads whole, kept apart (the texts of the dormant members, of step 2's candidates and of the members
+# holding a consent key), and each dormant member's events, read when the walk reaches them
+# (``EngineHistory``) as ``member_history`` reads them: id, host, place, tags, venue and name (start and members:
+# the engine's). Then the scans' tables go, before Python decodes the texts.
+ENGINE_KEEP = """
+CREATE TEMP TABLE dormant_texts AS SELECT n, r.doc, rtt_plain(r.doc) AS plain FROM dormant JOIN users_read r USING (n);
+CREATE TEMP TABLE candidate_texts AS SELECT n, r.doc, rtt_plain(r.doc) AS plain, k.start, k.members
+FROM events_kept k JOIN events_read r USING (n) WHERE k.public AND k.start > {now};
+CREATE TEMP TABLE consent_texts AS SELECT n, consent FROM users_read WHERE consent IS NOT NULL;
 CREATE TEMP TABLE member_events AS SELECT e.member, e.n FROM (SELECT n, unnest(members) AS member FROM events_kept) e
 JOIN dormant d ON d.key = e.member ORDER BY e.member;
-CREATE TEMP TABLE history_events AS SELECT n, r.slim, rtt_plain(r.slim) AS plain, e.start, e.members
+CREATE TEMP TABLE history_events AS SELECT n, r.slim, e.start, e.members
 FROM events_kept e JOIN events_read r USING (n) WHERE n IN (SELECT n FROM member_events) ORDER BY n;
 DROP TABLE users_read; DROP TABLE users_kept; DROP TABLE users_python; DROP TABLE activity; DROP TABLE dormant;
 DROP TABLE events_read; DROP TABLE events_kept; DROP TABLE events_python
@@ -5347,10 +5375,14 @@ DROP TABLE events_read; DROP TABLE events_kept; DROP TABLE events_python
 class FolderEngine:
     """One DuckDB connection over a mongoexport folder's two files: the SQL of the counting read."""
 
-    def __init__(self, users: Path, events: Path, limit: Any = lambda: math.inf) -> None:
+    def __init__(self, users: Path, events: Path, limit: Any = lambda: math.inf, consent: Collection[str] = ()) -> None:
         import duckdb
 
-        self.db = duckdb.connect(config={"preserve_insertion_order": False})
+        self.consent_keys = sorted(consent)  # the consent keys whose holders' texts the members' scan keeps
+        self.consent_kept = False  # (``consent_texts``: until read)
+        # (memory the engine frees goes back to the system at once: a million members' scans free hundreds of MB)
+        self.db = duckdb.connect(config={"preserve_insertion_order": False, "allocator_flush_threshold": "8MB",
+                                         "allocator_bulk_deallocation_flush_threshold": "8MB"})
         self.watch = EngineWatch(self.db, limit)  # every query bounded: interrupted once ``limit()`` is 0
         self.db.execute(sql_macros())
         self.files = {"users": users, "events": events}
@@ -5361,48 +5393,49 @@ class FolderEngine:
         self.db.close()
 
     def sql(self, text: str, **params: Any) -> Any:
-        return self.db.execute(text.format(odd=SQL_ODD, odd_start=SQL_ODD_START, **self.records), params or None)
+        return self.db.execute(text, params or None)
 
-    def scan(self) -> None:
-        """Each record's id, members and start, read once (``events_read``, ``users_read``)."""
-        self.sql(ENGINE_EVENTS.replace("{records}", self.records["events"]))
-        self.sql(ENGINE_USERS.replace("{records}", self.records["users"]))
+    def scan(self, name: str, **params: Any) -> None:
+        """``{name}_read``: each record's id (and an event's members and start), read once, with its text when step 1
+        reads it whole (``ENGINE_EVENTS``, ``ENGINE_USERS``); EngineRefused when a record is not a document."""
+        query = ENGINE_EVENTS if name == "events" else ENGINE_USERS
+        paths = "".join(f", {sql_text(path)}" for path in consent_json_paths(self.consent_keys))
+        self.sql(query.format(odd=SQL_ODD, odd_start=SQL_ODD_START, records=self.records[name], consent_paths=paths),
+                 **params)
+        if self.db.execute(f"SELECT count(*) FROM {name}_read WHERE NOT object").fetchone()[0]:
+            raise EngineRefused("not a list of documents")  # (the literal read refuses such a file)
 
-    def odd_texts(self, name: str) -> list[tuple[int, str]]:
-        """The records only Python can read, with their place in the file."""
-        if not self.db.execute(f"SELECT count(*) FROM {name}_read WHERE odd").fetchone()[0]:
-            return []
-        return self.db.execute(f"SELECT r.n, f.doc FROM {self.records[name]} f JOIN {name}_read r USING (n) "
-                               "WHERE r.odd ORDER BY r.n").fetchall()
-
-    def texts(self, name: str, wanted: str) -> Iterator[list[tuple[Any, ...]]]:
-        """(n, JSON text, ``rtt_plain``) of the records of ``name`` whose ``n`` the query ``wanted`` gives, in
-        file order, in batches; ``wanted`` may instead be a whole query giving such rows (and more columns)."""
-        query = wanted if wanted.lstrip().startswith("SELECT n, doc") else (
-            f"SELECT n, doc, rtt_plain(doc) FROM {self.records[name]} WHERE n IN ({wanted}) ORDER BY n")
-        cursor = self.db.execute(query.format(records=self.records[name]))
+    def batches(self, query: str, **params: Any) -> Iterator[list[tuple[Any, ...]]]:
+        """The rows of ``query``, in batches."""
+        cursor = self.sql(query, **params)
         while rows := cursor.fetchmany(10_000):
             self.watch.check()  # (the decoding between batches is Python's, which no interrupt reaches)
             yield rows
 
     def python_read(self, name: str, rows: Sequence[tuple[Any, ...]], columns: str) -> None:
-        """What Python read of the odd records (``rows``: n, key, and for events members, start, public)."""
+        """What Python read of the odd records (``rows``: n, key, and for events members, start, public, host)."""
         types = {"n": "BIGINT", "key": "VARCHAR", "members": "VARCHAR[]", "start": "BIGINT", "public": "BOOLEAN",
                  "host": "VARCHAR"}
-        self.db.execute(f"CREATE TEMP TABLE {name}_python ({', '.join(f'{c} {types[c]}' for c in columns.split(', '))})")
-        if rows:
-            self.db.executemany(f"INSERT INTO {name}_python VALUES ({', '.join('?' * len(rows[0]))})", rows)
+        names = columns.split(", ")
+        self.db.execute(f"CREATE TEMP TABLE {name}_python AS SELECT "
+                        + ", ".join(f"unnest(${n}::{types[c]}[]) AS {c}" for n, c in enumerate(names, 1)),
+                        [list(column) for column in zip(*rows, strict=True)] if rows else [[] for _ in names])
         self.db.execute(ENGINE_KEPT.format(name=name, columns=columns))
 
-    def non_documents(self) -> int:
-        """Records that are not JSON objects (the literal read refuses such a file)."""
-        return sum(self.db.execute(f"SELECT count(*) FROM {name}_read WHERE NOT object").fetchone()[0]
-                   for name in ("users", "events"))
+    def consent_texts(self) -> list[str] | None:
+        """The texts of the members holding a consent key, kept by the members' scan (once; then None)."""
+        if not self.consent_kept:
+            return None
+        self.consent_kept = False
+        texts = [text for (text,) in self.db.execute("SELECT consent FROM consent_texts ORDER BY n").fetchall()]
+        self.db.execute("DROP TABLE consent_texts")
+        return texts
 
     def raw_kept(self, skipped: Mapping[str, int]) -> dict[str, list[str]]:
         """For ``data/raw/``, of a file with records screening skips: the JSON texts of the others."""
         kept = "SELECT n FROM {0}_read WHERE NOT odd AND key IS NOT NULL UNION ALL SELECT n FROM {0}_python WHERE key IS NOT NULL"
-        return {name: [row[1] for batch in self.texts(name, kept.format(name)) for row in batch]
+        return {name: [row[1] for batch in self.batches(
+                    f"SELECT n, doc FROM {self.records[name]} WHERE n IN ({kept.format(name)}) ORDER BY n") for row in batch]
                 for name in ("users", "events")
                 if skipped.get(f"{name}_without_usable_id") or skipped.get(f"{name}_nested_too_deep")}
 
@@ -5410,12 +5443,10 @@ class FolderEngine:
         """Records read, skipped (no usable id) and repeated, per file; events without a start."""
         found: dict[str, int] = {}
         for name in ("users", "events"):
-            total, unusable = self.db.execute(
-                f"SELECT count(*), count(*) FILTER (WHERE NOT odd AND key IS NULL) FROM {name}_read").fetchone()
-            (kept,) = self.db.execute(f"SELECT count(*) FROM {name}_kept").fetchone()
-            (python,) = self.db.execute(f"SELECT count(*) FROM {name}_python WHERE key IS NOT NULL").fetchone()
-            (usable,) = self.db.execute(f"SELECT count(*) FROM {name}_read WHERE NOT odd AND key IS NOT NULL"
-                                        ).fetchone()
+            total, unusable, usable, python, kept = self.db.execute(
+                f"SELECT count(*), count(*) FILTER (WHERE NOT odd AND key IS NULL), count(*) FILTER (WHERE NOT odd AND"
+                f" key IS NOT NULL), (SELECT count(key) FROM {name}_python), (SELECT count(*) FROM {name}_kept)"
+                f" FROM {name}_read").fetchone()
             found |= {f"{name}_read": total, f"{name}_without_usable_id": unusable,
                       f"repeated_{name[:-1]}_ids": usable + python - kept}
         (found["events_without_valid_start_date"],) = self.db.execute(
@@ -5471,9 +5502,9 @@ class EngineRefused(Exception):
 def decode_text(text: str, what: str, decoder: ExtendedJsonDecoder, issues: Counter[str]) -> dict[str, Any] | None:
     """One record's JSON text decoded and screened (``screen_records``), or None when screening skips it
     (counted in ``issues``)."""
-    doc = fast_record(text.encode(), decoder)
+    docs = fast_decode(f"[{text}]".encode(), decoder)  # (orjson, or None for the literal decoder)
     try:
-        doc = decoder.loads(text) if doc is None else doc
+        doc = decoder.loads(text) if docs is None else docs[0]
     except RecursionError:
         issues[f"{what}_nested_too_deep"] += 1
         return None
@@ -5484,19 +5515,6 @@ def decode_text(text: str, what: str, decoder: ExtendedJsonDecoder, issues: Coun
     screened = screen_records([doc], what)
     issues.update(screened.issues)
     return screened.records[0] if screened.records else None
-
-
-def fast_record(data: bytes, decoder: ExtendedJsonDecoder) -> Any:
-    """One record through orjson and ``extended_values`` (what ``json_util`` gives), or None for the literal
-    decoder to read (``fast_decode``'s refusals)."""
-    if orjson is None or _BIG_INTEGER.search(data):
-        return None
-    bad_before = decoder.bad_values
-    try:
-        return extended_values(orjson.loads(data), decoder)
-    except (orjson.JSONDecodeError, FastPathRefused, RecursionError):
-        decoder.bad_values = bad_before
-        return None
 
 
 def epoch_micros(moment: datetime | None) -> int | None:
@@ -5521,7 +5539,7 @@ def odd_records(engine: FolderEngine, name: str, decoder: ExtendedJsonDecoder, i
     rows: list[tuple[Any, ...]] = []
     records: dict[int, dict[str, Any]] = {}
     found = DataIssues()  # (odd member entries, counted for the odd events as the engine counts the others)
-    for n, text in engine.odd_texts(name):
+    for n, text in engine.sql(f"SELECT n, doc FROM {name}_read WHERE odd ORDER BY n").fetchall():
         record = decode_text(text, name, decoder, issues)
         key = id_of(record["_id"]) if record is not None else None
         if record is not None:
@@ -5534,28 +5552,30 @@ def odd_records(engine: FolderEngine, name: str, decoder: ExtendedJsonDecoder, i
     return OddRecords(rows, records)
 
 
-def wanted_records(engine: FolderEngine, name: str, wanted: str, odd: OddRecords, decoder: ExtendedJsonDecoder,
-                   issues: Counter[str]) -> list[tuple[dict[str, Any], tuple[Any, ...]]]:
-    """The records ``wanted`` gives, in file order, decoded and screened (an odd one: as read already; a
-    plain one, ``rtt_plain``: decoded with the others of its batch, nothing to convert or clean), each with
-    the rest of its row."""
-    return [found for batch in engine.texts(name, wanted) for found in wanted_records_of(batch, name, odd, decoder, issues)]
+def wanted_records(engine: FolderEngine, name: str, query: str, odd: OddRecords, decoder: ExtendedJsonDecoder,
+                   issues: Counter[str], **params: Any) -> list[tuple[dict[str, Any], tuple[Any, ...]]]:
+    """The records ``query`` gives (n, JSON text, ``rtt_plain``, more), in file order, decoded and screened (an
+    odd one: as read already; a plain one, ``rtt_plain``: decoded with the others of its batch, nothing to convert
+    or clean), each with the rest of its row."""
+    return [found for batch in engine.batches(query, **params)
+            for found in wanted_records_of(batch, name, odd, decoder, issues)]
 
 
 def wanted_records_of(batch: Sequence[tuple[Any, ...]], name: str, odd: OddRecords, decoder: ExtendedJsonDecoder,
                       issues: Counter[str]) -> list[tuple[dict[str, Any], tuple[Any, ...]]]:
     """``wanted_records`` of one batch of rows."""
-    found = []
     plain = plain_records([row[1] for row in batch if row[2] != FORM_SLOW and row[0] not in odd.records])
+    found = []
     for n, text, form, *rest in batch:
-        record = odd.records.get(n) if n in odd.records else None if form == FORM_SLOW or plain is None else next(plain)
-        if form == FORM_DATES_IDS and n not in odd.records and plain is not None:
-            record = extended_values(dict(record), decoder)  # (clean text: screening would change nothing)
-            record = record if type(record) is dict else None
-        elif form == FORM_PLAIN and record is not None and n not in odd.records:
-            record = PlainRecord(record)
-        if record is None and n not in odd.records:
+        if n in odd.records:
+            record = odd.records[n]
+        elif form == FORM_SLOW or plain is None:
             record = decode_text(text, name, decoder, issues)
+        elif form == FORM_PLAIN:
+            record = PlainRecord(next(plain))
+        else:  # (clean text whose Extended JSON is $oid, $date or numbers: screening would change nothing)
+            record = extended_values(next(plain), decoder)
+            record = record if type(record) is dict else decode_text(text, name, decoder, issues)
         if record is not None:
             found.append((record, tuple(rest)))
     return found
@@ -5600,8 +5620,8 @@ class EngineHistory:
             at = self.walk.get(member)
             self.ahead = {m: [] for m in (self.order[at:at + HISTORY_AHEAD] if at is not None else [member])}
             for name, *row in self.engine.db.execute(
-                    "SELECT m.member, h.n, h.slim, h.plain, h.start, h.members FROM member_events m JOIN history_events h"
-                    " USING (n) WHERE m.member IN (SELECT unnest($m)) ORDER BY m.member, h.n", {"m": list(self.ahead)}
+                    "SELECT m.member, h.n, h.slim, rtt_plain(h.slim), h.start, h.members FROM member_events m"
+                    " JOIN history_events h USING (n) WHERE m.member IN (SELECT unnest($m)) ORDER BY m.member, h.n", {"m": list(self.ahead)}
                     ).fetchall():
                 self.ahead[name].append(tuple(row))
         return self.ahead.pop(member)
@@ -5611,14 +5631,13 @@ HISTORY_AHEAD = 1000  # members whose rows ``EngineHistory`` reads at once, in t
 
 
 def plain_records(texts: Sequence[str]) -> Iterator[dict[str, Any]] | None:
-    """Records of plain JSON (``rtt_plain``: no Extended JSON, escape, control character or long text)
-    decoded at once: what ``json_util`` and screening give them unchanged; None when orjson cannot vouch
-    for one (a big integer, NaN): each is then read alone."""
-    data = ("[" + ",".join(texts) + "]").encode()
-    if orjson is None or _BIG_INTEGER.search(data):
+    """Records of plain JSON (``rtt_plain``: no Extended JSON, escape, control character, long text or big
+    integer) decoded at once: what ``json_util`` and screening give them unchanged; None when orjson cannot
+    vouch for one (NaN): each is then read alone."""
+    if orjson is None:
         return None
     try:
-        return iter(orjson.loads(data))
+        return iter(orjson.loads("[" + ",".join(texts) + "]"))
     except orjson.JSONDecodeError:
         return None
 
@@ -5626,33 +5645,35 @@ def plain_records(texts: Sequence[str]) -> Iterator[dict[str, Any]] | None:
 def engine_read(engine: FolderEngine, now: datetime, tick: Any) -> SourceData:
     """``FolderSource.read_dormant`` through the engine: every member's activity and status counted in SQL,
     then the dormant members and the events step 1 reads (their history, step 2's candidates) decoded and
-    screened here."""
-    engine.scan()
-    if engine.non_documents():
-        raise EngineRefused("not a list of documents")
-    tick()
+    screened here. Each file is read once: the events, then the members (whose texts kept are the dormant ones)."""
     decoder, issues = ExtendedJsonDecoder(), Counter[str]()
-    odd_events, odd_users = odd_records(engine, "events", decoder, issues), odd_records(engine, "users", decoder, issues)
+    after, until = (epoch_micros(moment) for moment in dormant_window(now))
+    engine.scan("events", now=epoch_micros(now))
+    odd_events = odd_records(engine, "events", decoder, issues)
     engine.python_read("events", odd_events.rows, "n, key, members, start, public, host")
+    engine.sql(ENGINE_ACTIVITY)
+    tick()
+    engine.scan("users", after=after, until=until)
+    odd_users = odd_records(engine, "users", decoder, issues)
     engine.python_read("users", odd_users.rows, "n, key")
     skipped = Counter({kind: issues.pop(kind) for kind in list(issues) if kind.endswith(("_usable_id", "_too_deep"))})
-    engine.db.execute(ENGINE_ACTIVITY)
-    after, until = (epoch_micros(moment) for moment in dormant_window(now))
-    statuses = dict(engine.db.execute(ENGINE_STATUSES, {"after": after, "until": until}).fetchall())
-    engine.db.execute(ENGINE_DORMANT, {"after": after, "until": until})
+    statuses = dict(engine.sql(ENGINE_STATUSES, after=after, until=until).fetchall())
+    engine.sql(ENGINE_DORMANT, after=after, until=until)
     counted = {key: Activity(events, from_micros(last))
-               for key, events, last in engine.db.execute("SELECT key, events, last FROM dormant").fetchall()}
-    users = [user for user, _ in wanted_records(engine, "users", "SELECT n FROM dormant", odd_users, decoder, issues)]
-    rows = wanted_records(engine, "events", ENGINE_CANDIDATES.replace("$now", str(epoch_micros(now))), odd_events,
-                          decoder, issues)
-    activity = engine_activity(rows)  # every member's upcoming events (``company_going``)
-    activity.counted, activity.history = counted, EngineHistory(engine, odd_events)
-    events = [event for event, _ in rows]
+               for key, events, last in engine.sql("SELECT key, events, last FROM dormant").fetchall()}
     counts = engine.counts()
     skipped.update({kind: n for kind, n in counts.items() if kind.endswith("_usable_id")})
     issues.update({kind: n for kind, n in counts.items() if not kind.endswith(("_read", "_usable_id"))})
     raw_kept = engine.raw_kept(skipped)
-    engine.sql(ENGINE_MEMBER_EVENTS)
+    engine.sql(ENGINE_KEEP.format(now=epoch_micros(now)))  # (a multi-statement query takes no parameters)
+    engine.consent_kept = True
+    users = [user for user, _ in wanted_records(engine, "users", "SELECT * FROM dormant_texts ORDER BY n", odd_users,
+                                                decoder, issues)]
+    rows = wanted_records(engine, "events", "SELECT * FROM candidate_texts ORDER BY n", odd_events, decoder, issues)
+    engine.sql("DROP TABLE dormant_texts; DROP TABLE candidate_texts")
+    activity = engine_activity(rows)  # every member's upcoming events (``company_going``)
+    activity.counted, activity.history = counted, EngineHistory(engine, odd_events)
+    events = [event for event, _ in rows]
     tick()
     return SourceData(users, events, decoder.bad_values, +skipped, files=dict(engine.files), issues=+issues,
                       activity=activity, statuses=dict(sorted(statuses.items())),
@@ -8359,7 +8380,7 @@ no_progress = functools.partial(progress_bar, enabled=False)
 # ``measure`` follows every member of every archived campaign in range, messaged ("treated") or held
 # out, for ``--window-days`` after their reference time, and compares how many came back. Pure
 # functions first (statistics, reading archived records, following members, grouping, the report),
-# then the I/O at the edges (``read_campaigns``, ``read_events``, ``run_measure``). It writes nothing
+# then the I/O at the edges (``read_campaigns``, ``read_screened``, ``run_measure``). It writes nothing
 # to Firebase or its mirror: only reads, and its report files.
 
 CONFIDENCE = 0.95
@@ -8749,42 +8770,44 @@ def window_end(reference: datetime, days: int) -> datetime:
     return reference + window if LATEST_DATE - reference > window else LATEST_DATE
 
 
-class Attendance:
-    """The followed members' events of any type in start order: "back within W days of t" is a bisect."""
+def after(timeline: Sequence[tuple[datetime, str]], day: datetime) -> int:
+    """Where the entries after ``day`` begin in a time-ordered (moment, id) list."""
+    return bisect.bisect_right(timeline, day, key=lambda entry: entry[0])
 
-    def __init__(self, events: Iterable[Mapping[str, Any]], members: set[str], issues: DataIssues) -> None:
-        found: dict[str, list[tuple[datetime, str]]] = {}
-        for event in events:
-            start, event_id = to_utc(event.get("startDate")), id_of(event.get("_id")) or ""
-            if start is None:
-                issues.add("events_without_valid_start_date")
-                continue
-            for member in event_member_ids(event, issues) & members:
-                found.setdefault(member, []).append((start, event_id))
-        self.events = {member: sorted(seen) for member, seen in found.items()}
 
-    def follow(self, observation: Observation, now: datetime, days: int) -> Followed:
-        """Did this member come back (to any event, and to the suggested one) within the window?"""
-        end = window_end(observation.reference, days)
-        seen = self.events.get(observation.user_id, [])
-        first = bisect.bisect_right(seen, observation.reference, key=lambda entry: entry[0])
-        last = bisect.bisect_right(seen, end, key=lambda entry: entry[0])
-        went = {event_id for _, event_id in seen[first:last]}
-        return Followed(observation, end > now, bool(went), observation.event_id in went)
+def attendance(events: Iterable[Mapping[str, Any]], members: set[str],
+               issues: DataIssues) -> dict[str, list[tuple[datetime, str]]]:
+    """The followed members' (start, event id) of any type in start order: "back within W days" is a bisect."""
+    found: dict[str, list[tuple[datetime, str]]] = {}
+    for event in events:
+        start, event_id = to_utc(event.get("startDate")), id_of(event.get("_id")) or ""
+        if start is None:
+            issues.add("events_without_valid_start_date")
+            continue
+        for member in event_member_ids(event, issues) & members:
+            found.setdefault(member, []).append((start, event_id))
+    return {member: sorted(seen) for member, seen in found.items()}
+
+
+def follow(observation: Observation, seen: Sequence[tuple[datetime, str]], now: datetime, days: int) -> Followed:
+    """Did this member come back (to any event, and to the suggested one) within the window?"""
+    end = window_end(observation.reference, days)
+    went = {event_id for _, event_id in seen[after(seen, observation.reference):after(seen, end)]}
+    return Followed(observation, end > now, bool(went), observation.event_id in went)
 
 
 def follow_campaigns(campaigns: Sequence[ArchivedCampaign], events: Sequence[Mapping[str, Any]], now: datetime,
                      days: int, issues: DataIssues) -> list[tuple[ArchivedCampaign, list[Followed]]]:
     """Every campaign's members followed through their windows; their suggested event's category (the first
     the host wrote, cleaned) and name are traits ("event_category", "event")."""
-    attendance = Attendance(events, {o.user_id for c in campaigns for o in c.observations}, issues)
+    seen = attendance(events, {o.user_id for c in campaigns for o in c.observations}, issues)
     wanted = {o.event_id for c in campaigns for o in c.observations if o.event_id}
     named = {event_id: (("event_category", segment_text(next(iter(text_list(event, "categories")), None), "none")),
                         ("event", clean_text(text_field(event, "name") or "", 80)[0]))
              for event in events if (event_id := id_of(event.get("_id"))) in wanted}
     unnamed = (("event_category", "unknown"),)
-    return [(c, [attendance.follow(o._replace(traits=(*o.traits, *named.get(o.event_id or "", unnamed))), now, days)
-                 for o in c.observations]) for c in campaigns]
+    return [(c, [follow(o._replace(traits=(*o.traits, *named.get(o.event_id or "", unnamed))),
+                        seen.get(o.user_id, []), now, days) for o in c.observations]) for c in campaigns]
 
 
 @dataclass(frozen=True)
@@ -9003,14 +9026,12 @@ def difference_text(found: Mapping[str, Any]) -> str:
     return f"{found['difference_pp']:+.1f} ({found['interval_pp'][0]:+.1f} to {found['interval_pp'][1]:+.1f})"
 
 
-MEASURE_COLUMNS = ["group", "size", "came back", "rate (95% CI)", "to suggested event", "open (already back)"]
-CAMPAIGN_COLUMNS = ["campaign", "treated", "holdout", "lift, pp (95% CI)", "p", "open"]
 SEGMENT_COLUMNS = ["segment", "n", "returns", "rate (95% CI)", "lift vs holdout, pp (95% CI)", "p"]
 
 
 def block_rows(block: Mapping[str, Any]) -> list[list[str]]:
     """A block's groups as a table, header first."""
-    rows = [MEASURE_COLUMNS]
+    rows = [["group", "size", "came back", "rate (95% CI)", "to suggested event", "open (already back)"]]
     for name, g in block["groups"].items():
         interval = g["rate_interval"]
         rate = percent(g["rate"]) + (f" ({percent(interval[0])}-{percent(interval[1])})" if interval else "")
@@ -9058,7 +9079,7 @@ def share(g: Mapping[str, Any]) -> str:
 
 def campaign_rows(report: Mapping[str, Any]) -> list[list[str]]:
     """One line per campaign, header first; each id as read, made safe to show."""
-    rows = [CAMPAIGN_COLUMNS]
+    rows = [["campaign", "treated", "holdout", "lift, pp (95% CI)", "p", "open"]]
     for entry in report["campaigns"]:
         groups, found = entry["groups"], entry["lift"]["treated"]
         if found is None:
@@ -9087,12 +9108,6 @@ def measure_console(report: Mapping[str, Any], report_path: Path) -> str:
         lines += ["", f"Tones: {report['variants']['verdict']}"]
     lines += ["", INTERVAL_METHOD + "; " + TEST_METHOD + ".", f"Report: {report_path}"]
     return "\n".join(lines) + "\n"
-
-
-def markdown_table(rows: Sequence[Sequence[str]]) -> list[str]:
-    header, *body = rows
-    return [f"| {' | '.join(header)} |", "|" + " --- |" * len(header)] + [
-        f"| {' | '.join(cell(c) for c in row)} |" for row in body]
 
 
 def range_text(report: Mapping[str, Any]) -> str:
@@ -9228,15 +9243,15 @@ def measure_funnel(report: Mapping[str, Any], campaign_stages: Sequence[tuple[st
 
 def weekly_chart(axes: Any, weekly: Sequence[Mapping[str, Any]], days: Sequence[datetime]) -> None:
     """Treated and holdout return rates per week, each with its Wilson 95% band."""
+    import numpy as np
+
     for arm, colour in (("treated", "tab:blue"), ("holdout", "tab:grey")):
         rows = [(d, w[arm]) for d, w in zip(days, weekly, strict=True) if w[arm]["size"]]
         if rows:
             shown = [d for d, _ in rows]
-            rates = [100 * g["rate"] for _, g in rows]
-            low, high = [100 * g["rate_interval"][0] for _, g in rows], [100 * g["rate_interval"][1] for _, g in rows]
-            axes.errorbar(shown, rates, yerr=[[r - lo for r, lo in zip(rates, low, strict=True)],
-                                              [hi - r for r, hi in zip(rates, high, strict=True)]],
-                          marker="o", capsize=4, color=colour, label=arm)
+            rates, low, high = 100 * np.array([[g["rate"], *g["rate_interval"]] for _, g in rows]).T
+            axes.errorbar(shown, rates, yerr=[rates - low, high - rates], marker="o", capsize=4, color=colour,
+                          label=arm)
             axes.fill_between(shown, low, high, color=colour, alpha=0.2)
     axes.set_title("Came back within the window, per week (95% Wilson bands)", y=TITLE_Y)
     axes.set(ylabel="% came back", xlabel="week of the message (or hold-out)")
@@ -9310,14 +9325,6 @@ def chart_images(report: Mapping[str, Any]) -> dict[str, bytes]:
     return images
 
 
-def write_bytes_private(path: Path, data: bytes) -> None:
-    def write(handle: Any) -> None:
-        handle.flush()
-        handle.buffer.write(data)
-
-    atomic_write(path, write, private=True)
-
-
 HTML_STYLE = ("body{font-family:system-ui,sans-serif;max-width:60rem;margin:2rem auto;padding:0 1rem;color:#222}"
               "table{border-collapse:collapse;margin:.5rem 0 1rem}td,th{border:1px solid #ccc;padding:.25rem .5rem;"
               "text-align:right}td:first-child,th:first-child{text-align:left}img{max-width:100%}"
@@ -9374,7 +9381,7 @@ def write_measure_charts(report: Mapping[str, Any], md_path: Path) -> tuple[dict
         images = {}
     paths = {name: md_path.with_name(f"{md_path.stem}_{name}.png") for name in images}
     for name, path in paths.items():
-        write_bytes_private(path, images[name])
+        atomic_write(path, lambda handle, png=images[name]: handle.buffer.write(png), private=True)  # bytes, not text
     html_path = md_path.with_suffix(".html")
     write_text_private(html_path, measure_html(report, images))
     return paths, html_path
@@ -9423,25 +9430,31 @@ def read_campaigns(transport: FirebaseTransport, options: MeasureOptions, issues
     return sorted(campaigns, key=lambda c: (c.created_at, c.campaign_id))
 
 
-def read_events(source: DataSource, issues: DataIssues) -> tuple[list[dict[str, Any]], list[str]]:
-    """The source's events, screened as the campaign screens them, and ``["events"]`` when there are none."""
+class ScreenedInput(NamedTuple):
+    """What a source read, screened and deduplicated as the campaign's step 1 does it."""
+
+    users: list[dict[str, Any]]
+    events: list[dict[str, Any]]
+    issues: DataIssues
+    empty: list[str]  # "users", "events": the source had none
+
+
+def read_screened(source: DataSource, issues: DataIssues | None = None,
+                  kinds: tuple[str, ...] = ("users", "events")) -> ScreenedInput:
+    """The source's ``kinds`` (measure reads only the events) through the campaign's screen (``screen_records``,
+    ``dedupe_by_id``), counted in ``issues``; nothing written."""
     data = source.read()
+    issues = DataIssues() if issues is None else issues
     issues.add("unreadable_extended_json_values", data.bad_values)
-    issues.add_all({kind: n for kind, n in data.skipped.items() if kind.startswith("events")})
-    screened = screen_records(data.events, "events")
-    issues.add_all(screened.issues)
-    events, repeated = dedupe_by_id(screened.records)
-    issues.add("repeated_event_ids", repeated)
-    return events, [name for name in empty_collections(data) if name == "events"]
-
-
-def measure_report_paths(out_dir: Path, started: datetime) -> tuple[Path, Path]:
-    """``reports/return_to_table_measure_<UTC timestamp>.json`` and ``.md``, the next free second if taken."""
-    reports, moment = out_dir / "reports", started
-    while (reports / f"return_to_table_measure_{moment.strftime('%Y%m%d-%H%M%S')}.json").exists():
-        moment += timedelta(seconds=1)
-    stem = f"return_to_table_measure_{moment.strftime('%Y%m%d-%H%M%S')}"
-    return reports / f"{stem}.json", reports / f"{stem}.md"
+    issues.add_all({kind: n for kind, n in data.skipped.items() if kind.startswith(kinds)})
+    kept: dict[str, list[dict[str, Any]]] = {}
+    for name in kinds:
+        screened = screen_records(getattr(data, name), name)
+        issues.add_all(screened.issues)
+        kept[name], repeated = dedupe_by_id(screened.records)
+        issues.add(f"repeated_{name[:-1]}_ids", repeated)
+    return ScreenedInput(kept.get("users", []), kept.get("events", []), issues,
+                         [name for name in empty_collections(data) if name in kinds])
 
 
 def stale_events_note(events: Iterable[Mapping[str, Any]], campaigns: Sequence[ArchivedCampaign]) -> str | None:
@@ -9507,25 +9520,13 @@ def measure_options(args: argparse.Namespace, settings: Settings) -> MeasureOpti
     return MeasureOptions(run, args.window_days, dates, args.campaign)
 
 
-def measure_logger() -> logging.Logger:
-    """Warnings on stderr (the table is stdout's); ``measure`` keeps no log file."""
-    logger = logging.getLogger("ReturnToTable.measure")
-    logger.setLevel(logging.WARNING)
-    logger.propagate = False
-    close_logging(logger)
-    handler = logging.StreamHandler(sys.stderr)
-    handler.setFormatter(logging.Formatter("%(levelname)s - %(message)s"))
-    logger.addHandler(handler)
-    return logger
-
-
 def run_measure(args: argparse.Namespace, env: Mapping[str, str] | None, mongo_client: Any,
                 closing: ExitStack) -> int:
     """The ``measure`` run: the archive, the events, the statistics, the report; returns the exit code."""
     started = datetime.now(UTC)
     settings = Settings.from_env(env if env is not None else read_environment())
     options = measure_options(args, settings)
-    logger = measure_logger()
+    logger = own_logger("ReturnToTable.measure", logging.WARNING, sys.stderr)  # no log file
     closing.callback(close_logging, logger)
     transport = make_dashboard(options.run, settings, logger).transport  # dry run: it can only read
     assert transport is not None
@@ -9537,21 +9538,20 @@ def run_measure(args: argparse.Namespace, env: Mapping[str, str] | None, mongo_c
     closing.callback(source.close)
     if isinstance(source, MongoSource) and mongo_client is None:
         closing.callback(source.client.close)
-    events, empty = read_events(source, issues)
-    followed = follow_campaigns(campaigns, events, options.run.now, options.window_days, issues)
+    screened = read_screened(source, issues, ("events",))
+    followed = follow_campaigns(campaigns, screened.events, options.run.now, options.window_days, issues)
     measured = [(c, Measurement.of(f)) for c, f in followed]
     report = measure_report(run_date=started, now=options.run.now, window_days=options.window_days,
                             dates=options.dates, campaign=options.campaign, source_label=source.label,
                             archive=transport.description, measured=measured, issues=issues, errors=errors,
-                            empty_input=empty, events_note=stale_events_note(events, campaigns))
+                            empty_input=screened.empty, events_note=stale_events_note(screened.events, campaigns))
     report.update(learned_json([f for _, fs in followed for f in fs]))
     report["funnel"] = measure_funnel(report, report_funnel(options.run.out_dir / "reports",
                                                             {c.campaign_id for c in campaigns}))
-    json_path, md_path = measure_report_paths(options.run.out_dir, started)
-    charts, html_path = write_measure_charts(report, md_path)
+    stem = free_report_stem(options.run.out_dir, "measure", started)
+    charts, html_path = write_measure_charts(report, stem.with_suffix(".md"))
     report["charts"] = {name: path.name for name, path in charts.items()} | {"html": html_path.name}
-    write_json(json_path, report, private=True)
-    write_text_private(md_path, measure_markdown(report))
+    md_path = write_report_files(stem, report, measure_markdown(report))
     print(measure_console(report, md_path), end="")
     for problem in measure_problems(report, source):
         print(problem, file=sys.stderr)
@@ -9624,39 +9624,8 @@ LATER_INFORMATION = (
 )
 
 
-class Picker(Protocol):
-    """A matcher under test: one member's pick among their scored candidates (``rules_pick`` by default)."""
-
-    def __call__(self, user: Mapping[str, Any], candidates: Sequence[Candidate]) -> Candidate | None: ...
-
-
-class ScreenedInput(NamedTuple):
-    """What a source read, screened and deduplicated as the campaign's step 1 does it."""
-
-    users: list[dict[str, Any]]
-    events: list[dict[str, Any]]
-    issues: DataIssues
-    empty: list[str]  # "users", "events": the source had none
-
-
-def read_screened(source: DataSource) -> ScreenedInput:
-    """The source's records through the campaign's screen (``screen_records``, ``dedupe_by_id``); nothing written."""
-    data = source.read()
-    issues = DataIssues()
-    issues.add("unreadable_extended_json_values", data.bad_values)
-    issues.add_all(data.skipped)
-    users, events = screen_records(data.users, "users"), screen_records(data.events, "events")
-    issues.add_all(users.issues + events.issues)
-    kept_users, repeated_users = dedupe_by_id(users.records)
-    kept_events, repeated_events = dedupe_by_id(events.records)
-    issues.add("repeated_user_ids", repeated_users)
-    issues.add("repeated_event_ids", repeated_events)
-    return ScreenedInput(kept_users, kept_events, issues, empty_collections(data))
-
-
-def after(timeline: Sequence[tuple[datetime, str]], day: datetime) -> int:
-    """Where the entries after ``day`` begin in a time-ordered (moment, id) list."""
-    return bisect.bisect_right(timeline, day, key=lambda entry: entry[0])
+# A matcher under test: one member's pick among their scored candidates (``rules_pick`` by default).
+Picker = Callable[[Mapping[str, Any], Sequence[Candidate]], Candidate | None]
 
 
 @dataclass(frozen=True)
@@ -9751,28 +9720,33 @@ def score_trial(user: Mapping[str, Any], candidates: Sequence[Candidate], attend
     return Trial(user["_id"], candidates, attended, hits, fell_back)
 
 
-def backtest_date(history: History, day: datetime, window_days: int, hoods: NeighbourhoodMap,
-                  pick: Picker, weights: MatchWeights = BUILT_IN_MATCH_WEIGHTS) -> tuple[int, list[Trial]]:
-    """One as-of date: the eligible members, and a trial for each who came back within the window. Every
-    eligible member, in rank order, takes a seat at their pick among those left (``ALLOCATION_RULE``)."""
-    census, future = history.at(day)
-    end = day + timedelta(days=window_days)
-    seats = SeatLedger(DEFAULT_INVITES_PER_SPOT, DEFAULT_MAX_INVITES_PER_EVENT)
-    index = CandidateIndex.build(future, hoods, day, weights) if pick is rules_pick else None  # the rules', lazily
-    trials = []
-    for user in census.eligible:
-        attended = history.went(user["_id"], day, end)
-        if attended or index is None:
-            candidates = score_candidates(user, future, hoods, day, weights)
-            seated = pick(user, list(seats.open_only(user["_id"], candidates)))
-        else:  # only their seat matters: the first candidate with one left
-            seated = next(seats.open_only(user["_id"], index.ranked(user)), None)
-        if seated is not None:
-            seats.reserve(user["_id"], seated.event)
-        if attended:
-            hosts = history.favourite_hosts(user["_id"], day)
-            trials.append(score_trial(user, candidates, attended, hosts, pick, seated))
-    return len(census.eligible), trials
+def run_backtest(history: History, days: Sequence[datetime], window_days: int, hoods: NeighbourhoodMap,
+                 pick: Picker = rules_pick, weights: MatchWeights = BUILT_IN_MATCH_WEIGHTS,
+                 ) -> list[tuple[datetime, int, list[Trial]]]:
+    """Every as-of date D: (D, eligible members, a trial for each who came back within the window); ``pick`` is
+    the matcher under test, its candidates scored with ``weights``. Every eligible member, in rank order, takes a
+    seat at their pick among those left (``ALLOCATION_RULE``)."""
+    dated = []
+    for day in days:
+        census, future = history.at(day)
+        end = day + timedelta(days=window_days)
+        seats = SeatLedger(DEFAULT_INVITES_PER_SPOT, DEFAULT_MAX_INVITES_PER_EVENT)
+        index = CandidateIndex.build(future, hoods, day, weights) if pick is rules_pick else None  # the rules'
+        trials = []
+        for user in census.eligible:
+            attended = history.went(user["_id"], day, end)
+            if attended or index is None:
+                candidates = score_candidates(user, future, hoods, day, weights)
+                seated = pick(user, list(seats.open_only(user["_id"], candidates)))
+            else:  # only their seat matters: the first candidate with one left
+                seated = next(seats.open_only(user["_id"], index.ranked(user)), None)
+            if seated is not None:
+                seats.reserve(user["_id"], seated.event)
+            if attended:
+                hosts = history.favourite_hosts(user["_id"], day)
+                trials.append(score_trial(user, candidates, attended, hosts, pick, seated))
+        dated.append((day, len(census.eligible), trials))
+    return dated
 
 
 def as_of_dates(start: datetime, end: datetime, every_days: int) -> list[datetime]:
@@ -10263,24 +10237,6 @@ def backtest_days(args: argparse.Namespace, clock: datetime) -> list[datetime]:
     return days
 
 
-def run_backtest(history: History, days: Sequence[datetime], window_days: int, hoods: NeighbourhoodMap,
-                 pick: Picker = rules_pick, weights: MatchWeights = BUILT_IN_MATCH_WEIGHTS,
-                 ) -> list[tuple[datetime, int, list[Trial]]]:
-    """Every as-of date: (D, eligible members, trials); ``pick`` is the matcher under test, its candidates
-    scored with ``weights``."""
-    return [(day, *backtest_date(history, day, window_days, hoods, pick, weights)) for day in days]
-
-
-def write_backtest_report(out_dir: Path, report: Mapping[str, Any], started: datetime) -> Path:
-    """``reports/return_to_table_backtest_{stamp}.json`` and ``.md``, atomically; a taken stamp moves a second."""
-    reports, moment = out_dir / "reports", started
-    while (stem := reports / f"return_to_table_backtest_{moment:%Y%m%d-%H%M%S}").with_suffix(".json").exists():
-        moment += timedelta(seconds=1)
-    write_json(stem.with_suffix(".json"), report, private=True)
-    write_text_private(stem.with_suffix(".md"), backtest_markdown(report))
-    return stem.with_suffix(".md")
-
-
 def backtest(args: argparse.Namespace, env: Mapping[str, str] | None, mongo_client: Any, closing: ExitStack) -> int:
     """The subcommand itself: settings, source, history, every date, the report. Errors are the caller's."""
     settings = Settings.from_env(env if env is not None else read_environment())
@@ -10294,6 +10250,7 @@ def backtest(args: argparse.Namespace, env: Mapping[str, str] | None, mongo_clie
     source = make_source(RunOptions(source=kind, folder=folder, now=started, out_dir=out_dir,
                                     insecure_tls=args.insecure_tls),
                          settings, logging.getLogger("ReturnToTable.backtest"), mongo_client)
+    closing.callback(source.close)  # a folder source's engine, as measure and the campaign close it
     if isinstance(source, MongoSource) and mongo_client is None:
         closing.callback(source.client.close)
     clock = time.monotonic()
@@ -10318,7 +10275,7 @@ def backtest(args: argparse.Namespace, env: Mapping[str, str] | None, mongo_clie
         fit["written"] = str(out_dir / WEIGHTS_FILE) if fit["beats_current"] else None
         if fit["written"]:
             write_json(out_dir / WEIGHTS_FILE, weights_document(fit))
-    path = write_backtest_report(out_dir, report, started)
+    path = write_report_files(free_report_stem(out_dir, "backtest", started), report, backtest_markdown(report))
     for line in [*text_table(backtest_table(report), indent=""), lead_line(report), *backtest_learned_lines(report)]:
         print(line)
     print(f"Report: {path} (and .json)")
@@ -10546,7 +10503,7 @@ def make_source(options: RunOptions, settings: Settings, logger: logging.Logger,
         client = mongo_client or connect_mongo(settings, options.insecure_tls, logger)
         return MongoSource(client, mongo_db_name(settings, client))
     assert options.folder is not None
-    return FolderSource(options.folder, control)
+    return FolderSource(options.folder, control, sms_field_paths(settings.sms))  # read in the members' scan
 
 
 def make_dashboard(options: RunOptions, settings: Settings, logger: logging.Logger,

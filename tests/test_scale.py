@@ -592,8 +592,10 @@ def test_the_engine_leaves_a_record_repeating_a_key_it_reads_to_python(tmp_path)
     (tmp_path / "users.json").write_text('[{"_id": "u"}, {"_id": "v", "_id": "w"}, {"_id": "x", "y": "_idea"}]')
     (tmp_path / "events.json").write_text("[" + ",".join(events) + "]")
     engine = rtt.FolderEngine(tmp_path / "users.json", tmp_path / "events.json")
-    engine.scan()
+    engine.scan("events", now=0)
     assert engine.db.execute("SELECT list(odd ORDER BY n) FROM events_read").fetchone()[0] == [False, True, False, True]
+    engine.db.execute("CREATE TEMP TABLE activity (member VARCHAR, last BIGINT)")  # (the members' scan reads it)
+    engine.scan("users", after=0, until=0)
     assert engine.db.execute("SELECT list(odd ORDER BY n) FROM users_read").fetchone()[0] == [False, True, False]
     engine.close()
 
@@ -611,6 +613,10 @@ def test_the_engine_gives_the_consent_rows_the_literal_read_gives(tmp_path):
     literal_rows = [row for row in (rtt.consent_row(doc, keys) for doc in docs) if row is not None]
     rows = list(rtt.FolderSource(folder).consent_rows(paths))
     assert rows == literal_rows and len(rows) == 4 and rows[0]["smsOptOut"] is rtt.UNREADABLE
+    source = rtt.FolderSource(folder, consent_paths=paths)
+    source.read_dormant(NOW)  # the members' scan keeps the texts of the consent keys' holders: read from there
+    assert source.engine.consent_kept and list(source.consent_rows(paths)) == literal_rows
+    source.close()
     text = (folder / "users.json").read_text(encoding="utf-8")
     escaped = text[:-1] + ', {"_id": "y", "\\u0073msOptOut": true}]'  # a key written escaped is found too
     (folder / "users.json").write_text(escaped, encoding="utf-8")
@@ -620,3 +626,13 @@ def test_the_engine_gives_the_consent_rows_the_literal_read_gives(tmp_path):
     assert len(escaped_rows) == 5
     (folder / "users.json").write_text(text[:-1] + ', {"_id": "z", "bio": "\\ud800"}]', encoding="utf-8")
     assert list(rtt.FolderSource(folder).consent_rows(paths)) == literal_rows  # the engine refuses it: read whole
+
+
+def test_a_record_longer_than_the_engines_object_size_is_still_read_by_the_engine(tmp_path, monkeypatch):
+    users, events = messy_world(60)
+    users[0]["bio"] = "x" * 5000
+    folder = write_world(tmp_path / "w", users, events)
+    expected = rtt.FolderSource(folder).read_dormant(NOW)
+    monkeypatch.setattr(rtt, "ENGINE_OBJECT_BYTES", 4096)  # (the read buffers' size, not a limit: README, Scale)
+    data = rtt.FolderSource(folder).read_dormant(NOW)
+    assert data.activity is not None and data.users == expected.users and data.events == expected.events
