@@ -159,7 +159,10 @@ MATCH_PURPOSE = "reactivate_dormant_user"
 EVENT_LINK_PREFIX = "https://cuculi.net/events/"
 USER_COLLECTION = "user"
 EVENT_COLLECTION = "event"
-PROFILE_FIELDS = ("firstName", "lastName", "email", "phone", "gender", "interests", "occupation", "homeNeighborhood")
+PROFILE_FIELDS = (
+    "firstName", "lastName", "email", "phone", "gender", "interests", "occupation",
+    "homeNeighborhood",
+)
 MIN_PROFILE_FIELDS = 4
 ACTIVE_DAYS = 30  # a member whose latest event is at most this many whole days ago is active
 DORMANT_DAYS = 90  # ... then dormant up to this many (the campaign's members), churned beyond
@@ -459,7 +462,8 @@ class Settings:
             neighbourhoods_csv=Path(get("NEIGHBOURHOODS_CSV") or CENTROIDS_CSV).expanduser(),
             sms=SmsPolicy.from_env(get, env),
             sms_segment_price=segment_price(get("SMS_SEGMENT_PRICE")),
-            env=dict(env))
+            env=dict(env),
+        )
 
     @property
     def zone(self) -> ZoneInfo:
@@ -6208,16 +6212,19 @@ def build_demo_world(now: datetime) -> tuple[list[dict[str, Any]], list[dict[str
     uid = [f"64d0{i:020x}" for i in range(len(roles))]
     by_role = {r: [i for i, x in enumerate(roles) if x == r] for r in ("none", "dormant", "active", "churned")}
     showcase = by_role["dormant"][:10]  # clean dormant users covering all history buckets
-    # ~7% messy; the first 8 go to dormant users so filtering shows up in the demo
-    kinds = ["sparse", "int_empty", "int_blank", "int_str", "no_first", "oid", "jersey", "no_last", "no_last",
-             "no_phone", "no_phone", "no_gender", "no_occupation", "no_hood", "sparse", "sparse", "int_none", "jersey",
-             "no_first", "oid"]
+    kinds = [  # ~7% messy; the first 8 go to dormant users so filtering shows up in the demo
+        "sparse", "int_empty", "int_blank", "int_str", "no_first", "oid", "jersey", "no_last",
+        "no_last", "no_phone", "no_phone", "no_gender", "no_occupation", "no_hood", "sparse",
+        "sparse", "int_none", "jersey", "no_first", "oid",
+    ]
     others = [i for i in range(len(roles)) if roles[i] != "dormant"]
     victims = rng.sample(by_role["dormant"][10:], 8) + rng.sample(others, len(kinds) - 8)
     messy = dict(zip(victims, kinds))
-    drop = {"no_last": ("lastName",), "no_phone": ("phone",), "no_gender": ("gender",),
-            "no_occupation": ("occupation",), "no_hood": ("homeNeighborhood",), "no_first": ("firstName",),
-            "sparse": ("lastName", "phone", "gender", "occupation", "homeNeighborhood")}
+    drop = {
+        "no_last": ("lastName",), "no_phone": ("phone",), "no_gender": ("gender",),
+        "no_occupation": ("occupation",), "no_hood": ("homeNeighborhood",), "no_first": ("firstName",),
+        "sparse": ("lastName", "phone", "gender", "occupation", "homeNeighborhood"),
+    }
     users: list[dict[str, Any]] = []
     for i in range(len(roles)):
         first = special[showcase.index(i)] if i in showcase[: len(special)] else rng.choice(firsts)
@@ -6228,7 +6235,8 @@ def build_demo_world(now: datetime) -> tuple[list[dict[str, Any]], list[dict[str
             "_id": uid[i], "firstName": first, "lastName": last,
             "email": f"{slug(first)}.{slug(last)}{i}@example.com", "phone": f"+1{DEMO_AREAS[i // 100]}55501{i % 100:02d}",
             "gender": rng.choices(["female", "male", "non-binary"], [48, 46, 6])[0],
-            "interests": picked, "occupation": rng.choice(occupations), "homeNeighborhood": rng.choice(hoods)}
+            "interests": picked, "occupation": rng.choice(occupations), "homeNeighborhood": rng.choice(hoods),
+        }
         kind = messy.get(i, "")
         doc = {k: v for k, v in doc.items() if k not in drop.get(kind, ())}
         doc.update({"int_empty": {"interests": []}, "int_none": {"interests": None}, "int_blank": {"interests": [""]},
@@ -6241,8 +6249,11 @@ def build_demo_world(now: datetime) -> tuple[list[dict[str, Any]], list[dict[str
         users[index].update(preference)
 
     # --- past events: pick day offsets per window, then seat users --------------
-    days = sorted([rng.randint(1, 28) for _ in range(25)] + [rng.randint(33, 88) for _ in range(20)]
-                  + [rng.randint(93, 400) for _ in range(55)], reverse=True)
+    days = sorted(
+        [rng.randint(1, 28) for _ in range(25)] + [rng.randint(33, 88) for _ in range(20)]
+        + [rng.randint(93, 400) for _ in range(55)],
+        reverse=True,
+    )
     plan = [(rng.choice(templates), d) for d in days]
     starts = [at(-d, tpl.slot) for tpl, d in plan]
     members: list[list[int]] = [[] for _ in plan]
@@ -6278,7 +6289,8 @@ def build_demo_world(now: datetime) -> tuple[list[dict[str, Any]], list[dict[str
             "maxParticipants": max(len(seated), rng.randint(4, 20)), "startDate": when,
             "type": "private" if rng.random() < 0.1 else "public", "active": rng.random() > 0.08,
             "eventStatus": rng.choices(["approved", "pending", "cancelled", None], [85, 4, 5, 6])[0],
-            "ownerId": uid[owner]}
+            "ownerId": uid[owner],
+        }
         doc.update(extra)
         if doc["eventStatus"] is None:
             del doc["eventStatus"]
@@ -6292,9 +6304,11 @@ def build_demo_world(now: datetime) -> tuple[list[dict[str, Any]], list[dict[str
         plist.append(plist[0] if odd == "dup" else odd)
 
     # --- future events: first pass of templates all open; then the edge cases ----
-    states = {23: "full", 24: "full", 25: "full", 26: "full", 27: "over", 28: "nomax", 29: "zero", 30: "private",
-              31: "private", 32: "private", 33: "inactive", 34: "inactive", 35: "pending", 36: "cancelled",
-              37: "nostatus"}
+    states = {
+        23: "full", 24: "full", 25: "full", 26: "full", 27: "over", 28: "nomax", 29: "zero",
+        30: "private", 31: "private", 32: "private", 33: "inactive", 34: "inactive",
+        35: "pending", 36: "cancelled", 37: "nostatus",
+    }
     active = by_role["active"][:60]  # only some active users already hold a future RSVP
     for f in range(50):
         tpl = templates[f % len(templates)]
@@ -6302,12 +6316,15 @@ def build_demo_world(now: datetime) -> tuple[list[dict[str, Any]], list[dict[str
             tpl = tpl._replace(name=tpl.name + ": Orange, Pét-Nat & Skin-Contact Pours from Finger Lakes Producers")
         state = states.get(f, ("low", "mid", "high")[f % 3])
         cap = rng.randint(12, 20) if state == "high" else rng.randint(4, 20)
-        n = {"low": int(cap * rng.uniform(0, 0.29)), "high": cap - rng.randint(1, 2), "full": cap, "over": cap + 2,
-             "nomax": rng.randint(2, 8), "zero": rng.randint(1, 3)}.get(state, round(cap * rng.uniform(0.5, 0.8)))
+        n = {
+            "low": int(cap * rng.uniform(0, 0.29)), "high": cap - rng.randint(1, 2), "full": cap,
+            "over": cap + 2, "nomax": rng.randint(2, 8), "zero": rng.randint(1, 3),
+        }.get(state, round(cap * rng.uniform(0.5, 0.8)))
         extra: dict[str, Any] = {
             "maxParticipants": 0 if state == "zero" else cap, "type": "private" if state == "private" else "public",
             "active": state != "inactive",
-            "eventStatus": state if state in ("pending", "cancelled") else None if state == "nostatus" else "approved"}
+            "eventStatus": state if state in ("pending", "cancelled") else None if state == "nostatus" else "approved",
+        }
         doc = add(tpl, fmt(at(rng.randint(1, 30), tpl.slot)), rng.sample(active, n), rng.choice(active), **extra)
         if state == "nomax":
             del doc["maxParticipants"]
