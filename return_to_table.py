@@ -71,16 +71,14 @@ def out_of_memory(exc: BaseException) -> bool:
 
 
 def stop_at_once(signum: int, _frame: object) -> None:
-    """SIGINT or SIGTERM outside a run's steps (starting, parsing, checking settings, after the report): one line,
-    exit 130/143 at once; nothing is held then, every file is written atomically. ``os.write`` re-enters no stream."""
+    """SIGINT or SIGTERM outside a run's steps: one line, exit 130/143 at once (nothing is held then)."""
     name = signal.Signals(signum).name
     os.write(2, f"error: interrupted by {name}; stopped at once (no run's steps were under way)\n".encode())
     os._exit(128 + signum)
 
 
 def uncaught(kind: type[BaseException], exc: BaseException, traceback: object) -> None:
-    """The script's last resort (``sys.excepthook``): out of memory anywhere ``main`` does not see it (the
-    imports below, the arguments) is one line and exit 1; any other uncaught exception is a bug: shown."""
+    """``sys.excepthook``: out of memory where ``main`` cannot see it is one line and exit 1; anything else a bug."""
     if out_of_memory(exc):
         os.write(2, f"error: {OUT_OF_MEMORY}\n".encode())
         os._exit(1)
@@ -182,8 +180,7 @@ MAX_INVITES_PER_SPOT = 100.0  # above this the ratio is a typo, not a policy
 MAX_INVITES_PER_EVENT = 100_000
 
 class ExitCode(IntEnum):
-    """The exit codes: the table in the README and in --help. 3 tells cron "done, but look at the report".
-    Every error reaches one of them through one funnel (``raw_main``), for the campaign and each subcommand."""
+    """The exit codes (the README's and --help's table); every error reaches one through ``raw_main``."""
 
     OK = 0  # done cleanly
     FAILURE = 1  # failed, no campaign produced (source unreadable, MongoDB unreachable, out of disk)
@@ -193,10 +190,6 @@ class ExitCode(IntEnum):
     SIGINT = 130  # 128 + the signal's number
     SIGTERM = 143
 
-
-EXIT_OK, EXIT_FAILURE, EXIT_USAGE = ExitCode.OK, ExitCode.FAILURE, ExitCode.USAGE
-EXIT_ATTENTION, EXIT_LOCKED = ExitCode.ATTENTION, ExitCode.LOCKED
-EXIT_SIGNALS = {signal.SIGINT: ExitCode.SIGINT, signal.SIGTERM: ExitCode.SIGTERM}
 
 GRACE_SECONDS = 10.0  # after a stop (signal or deadline), how long calls already in flight may still take
 SAVE_EVERY_SECONDS = 2.0  # progress files are rewritten at most this often during steps 5-6, and at the end
@@ -238,8 +231,7 @@ class ServiceTimeout(ServiceError):
 
 
 class RunControl:
-    """When the run must stop starting new work: a signal (SIGINT/SIGTERM) or the deadline. Every remote call asks
-    it for its time budget, so no service holds the run past the deadline, nor past ``GRACE_SECONDS`` after a stop."""
+    """When the run stops starting new work (a signal, the deadline); every remote call's time budget comes from it."""
 
     def __init__(self, deadline_seconds: float | None = None, clock: Any = time.monotonic) -> None:
         self.clock = clock
@@ -254,7 +246,6 @@ class RunControl:
 
     @property
     def status(self) -> str:
-        """``completed``, ``interrupted`` (a signal) or ``deadline``: the report's ``status``."""
         if self.signal is not None:
             return "interrupted"
         return "deadline" if self.clock() >= self.deadline else "completed"
@@ -264,8 +255,7 @@ class RunControl:
         return self.status != "completed"
 
     def until_deadline(self) -> float:
-        """Seconds left until the deadline (``math.inf`` without one): how long the run may wait for a helper
-        of its own work. A signal does not cut it, as it cuts ``budget``: the report still needs that work."""
+        """Seconds left until the deadline (``math.inf`` without one); a signal does not cut it: the report needs it."""
         return max(0.0, self.deadline - self.clock())
 
     def budget(self, wanted: float) -> float:
@@ -276,8 +266,7 @@ class RunControl:
 
 
 class Worker:
-    """``fn()`` in a daemon thread whose value, or exception (a MemoryError too), reaches the thread that waits for
-    it, never lost or printed in its own. Every helper thread of a run is one (``bounded_call``): waits are bounded."""
+    """``fn()`` in a daemon thread; its value or exception (a MemoryError too) reaches the thread that waits."""
 
     def __init__(self, fn: Any, name: str) -> None:
         self._box: dict[str, Any] = {}
@@ -291,8 +280,7 @@ class Worker:
             self._box["error"] = exc
 
     def wait(self, seconds: float, what: str) -> Any:
-        """The value, once ``fn`` is done within ``seconds`` of wall time (``math.inf``: no bound); its
-        exception raised here; ServiceTimeout when it overruns (the thread is abandoned, a daemon)."""
+        """``fn``'s value (or exception) once done within ``seconds`` (``math.inf``: unbounded); else ServiceTimeout."""
         self.thread.join(None if math.isinf(seconds) else max(seconds, 0.0))
         if self.thread.is_alive():
             raise ServiceTimeout(f"{what}: not done within {seconds:.0f} s")
@@ -305,8 +293,7 @@ UNTIL_THE_DEADLINE = "(waited for until the run's --deadline-minutes)"  # a help
 
 
 def bounded_call(fn: Any, seconds: float, what: str) -> Any:
-    """``fn()`` waited for at most ``seconds`` of wall time, which per-read socket timeouts cannot promise (a server
-    may answer one byte at a time); an overrun is abandoned (a daemon thread) and raises ServiceTimeout."""
+    """``fn()`` waited for at most ``seconds`` of wall time (socket timeouts cannot promise that): ServiceTimeout."""
     return Worker(fn, f"call-{what}").wait(seconds, what)
 
 
@@ -321,8 +308,7 @@ class QuietHours(NamedTuple):
 
     @classmethod
     def setting(cls, text: str) -> QuietHours:
-        """``QUIET_HOURS`` (HH:MM-HH:MM, 24-hour), at least ``DEFAULT_QUIET_HOURS``: the hours it leaves for sending
-        lie within 8am-9pm local (a stricter window is fine); else a usage error that says which rule it breaks."""
+        """``QUIET_HOURS`` (HH:MM-HH:MM) covering at least ``DEFAULT_QUIET_HOURS`` (texts only 8am-9pm local)."""
         found = re.fullmatch(r"\s*(\d{1,2}):(\d{2})\s*-\s*(\d{1,2}):(\d{2})\s*", text)
         if not found:
             raise UsageError(f"QUIET_HOURS={text!r} must be HH:MM-HH:MM, e.g. 21:00-08:00")
@@ -387,14 +373,12 @@ class SmsPolicy:
                      consent_fields=field_paths(get, "SMS_CONSENT_FIELDS", DEFAULT_CONSENT_FIELDS),
                      quiet_hours=QuietHours.setting(get("QUIET_HOURS") or DEFAULT_QUIET_HOURS),
                      sender=sender, opt_out_text=opt_out, opt_out_added_later=added_later)
-        problem = sms_policy_problem(policy)
-        if problem:
+        if problem := sms_policy_problem(policy):
             raise UsageError(problem)
         return policy
 
     def compliance_problem(self) -> str | None:
-        """Why a run may not write messages for review with this policy, or None: every message names the
-        sender and says how to stop, unless SMS_OPT_OUT_TEXT=none says the sending system adds that."""
+        """Why a run may not write messages for review (no sender or opt-out text, unless ``none``), or None."""
         if self.opt_out_added_later or (self.sender and self.opt_out_text):
             return None
         missing = " and ".join(name for name, value in (("SMS_SENDER", self.sender),
@@ -404,8 +388,7 @@ class SmsPolicy:
                 "the opt-out; --dry-run and --demo need neither")
 
     def with_samples(self) -> SmsPolicy:
-        """The demo's policy: its messages carry a sender and an opt-out text, the sample ones wherever
-        none is configured (SMS_OPT_OUT_TEXT=none included: the demo has no sending system)."""
+        """The demo's policy: the sample sender and opt-out text wherever none is configured (``none`` included)."""
         return replace(self, sender=self.sender or DEMO_SENDER, opt_out_text=self.opt_out_text or DEMO_OPT_OUT_TEXT,
                        opt_out_added_later=False)
 
@@ -421,8 +404,7 @@ CONFIG_PREFIXES = ("MONGO_", "FIREBASE_", "GOOGLE_APPLICATION_CREDENTIALS", "ANT
 
 @dataclass(frozen=True)
 class Settings:
-    """What the environment (and ``.env``) configures: services, secrets and the campaign zone. No secret, host
-    or database name has a default here: an unset value means "not configured"."""
+    """What the environment (over ``.env``) configures; no secret, host or database name has a default."""
 
     mongo_uri: str | None = None
     mongo_db_name: str | None = None
@@ -449,9 +431,7 @@ class Settings:
             raise UsageError(f"{', '.join(names)} still {hold} like <...> from .env.example: set real values or "
                              "delete those lines")
 
-        def get(name: str) -> str | None:
-            return (env.get(name) or "").strip() or None
-
+        get = env_reader(env)
         mongo_uri, host = get("MONGO_URI"), get("MONGO_HOST")
         if not mongo_uri and host:
             user, password = get("MONGO_USERNAME"), get("MONGO_PASSWORD")
@@ -504,8 +484,7 @@ def segment_price(text: str | None) -> float | None:
 
 
 def database_path(text: str) -> str:
-    """``FIREBASE_BASE_PATH`` as the database path it names (the local mirror joins it under ``--out``: nothing
-    that could leave it passes), or UsageError; slashes at either end name the root (``/Staging/``: ``Staging``)."""
+    """``FIREBASE_BASE_PATH`` as a path inside the database (the mirror joins it under ``--out``), or UsageError."""
     inner = text.strip().strip("/")
     segments = inner.split("/") if inner else []
     if any(not segment or "\\" in segment or FORBIDDEN_KEY.search(segment)
@@ -513,6 +492,11 @@ def database_path(text: str) -> str:
         raise UsageError(f"FIREBASE_BASE_PATH={text[:100]!r} is not a path inside the database: names separated "
                          "by '/', none of them '.' or '..', empty, or holding . $ # [ ] \\ or control characters")
     return "/".join(segments)
+
+
+def env_reader(env: Mapping[str, str]) -> Any:
+    """``get(name)``: a variable's stripped value, None when unset or empty (how every setting is read)."""
+    return lambda name: (env.get(name) or "").strip() or None
 
 
 def read_environment(dotenv_path: Path | None = None) -> dict[str, str]:
@@ -523,8 +507,6 @@ def read_environment(dotenv_path: Path | None = None) -> dict[str, str]:
 
 
 class SourceKind(Enum):
-    """Where a run reads members and events from."""
-
     DEMO = "demo"
     MONGO = "mongo"
     FOLDER = "folder"
@@ -566,8 +548,7 @@ class RunOptions:
 
     @property
     def data_dir(self) -> Path:
-        """Where the run keeps ``raw/`` and ``processed/``: a rehearsal (``--dry-run``) its own place,
-        ``data/dry-run/``, so it never overwrites what a live run left for the reviewers."""
+        """``data/``, or ``data/dry-run/`` for a rehearsal: it never overwrites what a live run left for reviewers."""
         return self.out_dir / "data" / DRY_RUN_NAME if self.dry_run else self.out_dir / "data"
 
     def report_stem(self, campaign_id: str) -> Path:
@@ -586,16 +567,10 @@ class QuietFileHandler(logging.FileHandler):
         pass
 
 
-@dataclass(frozen=True)
-class ConsoleFilter:
-    """The console's ``level``, except that the final summary line (``extra={"summary": True}``) always shows,
-    and a line for the log file only (``FILE_ONLY``: an error ``raw_main`` prints on stderr) never does."""
-
-    level: int
-
-    def filter(self, record: logging.LogRecord) -> bool:
-        summary = getattr(record, "summary", False)
-        return not getattr(record, "file_only", False) and (record.levelno >= self.level or summary)
+def console_filter(level: int) -> Any:
+    """The console's ``level``; the summary line (``extra={"summary": True}``) always shows, ``FILE_ONLY`` never."""
+    return lambda record: not getattr(record, "file_only", False) and (
+        record.levelno >= level or getattr(record, "summary", False))
 
 
 FILE_ONLY = {"file_only": True}  # ``extra=`` of a log line cron mail already gets once, on stderr
@@ -613,18 +588,10 @@ def setup_logging(options: RunOptions) -> logging.Logger:
         file_handler = QuietFileHandler(log_file, encoding="utf-8")
     except OSError as exc:
         raise OutputError(f"{log_dir}: cannot write the log ({exc.strerror or exc.__class__.__name__})") from None
-    logger = logging.getLogger("ReturnToTable")
-    logger.setLevel(logging.DEBUG)
-    logger.propagate = False
-    close_logging(logger)  # a second run in the same process starts clean
     file_handler.setFormatter(logging.Formatter(
         "%(asctime)s - %(name)s - %(levelname)s - %(message)s", datefmt="%Y-%m-%d %H:%M:%S"))
-    console = logging.StreamHandler(sys.stdout)
-    console.addFilter(ConsoleFilter(logging.WARNING if options.quiet else logging.DEBUG if options.verbose
-                                    else logging.INFO))
-    console.setFormatter(logging.Formatter("%(levelname)s - %(message)s"))
-    logger.addHandler(file_handler)
-    logger.addHandler(console)
+    shown = console_filter(logging.WARNING if options.quiet else logging.DEBUG if options.verbose else logging.INFO)
+    logger = own_logger("ReturnToTable", logging.DEBUG, sys.stdout, file_handler, console_filter=shown)
     logger.info("Logging initialized. Log file: %s", log_file)
     if pruned:
         logger.info("Removed %d log files older than %d days", pruned, options.keep_logs_days)
@@ -652,10 +619,26 @@ def close_logging(logger: logging.Logger) -> None:
         logger.removeHandler(handler)
 
 
+def own_logger(name: str, level: int, stream: Any, *handlers: logging.Handler,
+               console_filter: Any = None) -> logging.Logger:
+    """A logger not propagated, with only ``handlers`` and then "LEVEL - message" lines on ``stream`` (the campaign's
+    on stdout, measure's warnings on stderr): a second run in the same process starts clean."""
+    logger = logging.getLogger(name)
+    logger.setLevel(level)
+    logger.propagate = False
+    close_logging(logger)
+    console = logging.StreamHandler(stream)
+    console.setFormatter(logging.Formatter("%(levelname)s - %(message)s"))
+    if console_filter is not None:
+        console.addFilter(console_filter)
+    for handler in (*handlers, console):
+        logger.addHandler(handler)
+    return logger
+
+
 @contextlib.contextmanager
 def run_lock(out_dir: Path) -> Iterator[None]:
-    """One run at a time per ``--out``: ``flock`` on a lock file, released by the kernel when the process
-    ends, however it ends, so a killed run leaves no stale lock."""
+    """One run at a time per ``--out``: a ``flock`` the kernel releases however the process ends."""
     path = out_dir / LOCK_FILE
     try:
         fd = os.open(path, os.O_RDWR | os.O_CREAT, 0o600)
@@ -700,8 +683,7 @@ def exists_without_links(path: Path, under: Path) -> bool:
 
 
 def read_regular_file(path: Path, under: Path, limit: int | None = None) -> bytes | None:
-    """The bytes of ``path``, a regular file inside ``under`` reached through no symbolic link, at most ``limit``
-    bytes, or None when missing: how files under ``--out`` are read back (a FIFO, a huge file: RefusedFile)."""
+    """``path``'s bytes (at most ``limit``), a regular file inside ``under`` reached through no link; None: missing."""
     limit = MAX_READ_BYTES if limit is None else limit
     if not exists_without_links(path, under):
         return None
@@ -722,8 +704,7 @@ def read_regular_file(path: Path, under: Path, limit: int | None = None) -> byte
 
 
 def atomic_write(path: Path, write: Any, *, private: bool = False) -> None:
-    """Write ``path`` through ``write(handle)`` so that a kill at any moment leaves the old file or the new one:
-    a temporary file beside it, synced, renamed over it. An OSError (full disk) is an OutputError, the old kept."""
+    """``write(handle)`` to a synced temporary file renamed over ``path``: a kill leaves the old file or the new."""
     tmp: str | None = None
     try:
         path.parent.mkdir(parents=True, exist_ok=True)
@@ -744,7 +725,6 @@ def atomic_write(path: Path, write: Any, *, private: bool = False) -> None:
 
 
 def write_json(path: Path, value: Any, *, private: bool = False) -> None:
-    """JSON, atomically; ``private`` files are readable by the owner only."""
     atomic_write(path, lambda handle: dump_json(value, handle), private=private)
 
 
@@ -752,8 +732,7 @@ JSON_CHUNK_ITEMS = 1000  # a list is written this many items at a time: never th
 
 
 def dump_json(value: Any, handle: Any) -> None:
-    """``value`` as ``json.dump(indent=2, ensure_ascii=False, default=str)`` lays it out, and a line feed; a list
-    ``JSON_CHUNK_ITEMS`` items at a time, each slice encoded as one list (``json_bytes``), its brackets dropped."""
+    """``value`` laid out as ``json.dump(indent=2)`` would, a list ``JSON_CHUNK_ITEMS`` items at a time."""
     if not isinstance(value, (list, tuple)) or not value:
         handle.flush()
         handle.buffer.write(json_bytes(value) + b"\n")
@@ -778,8 +757,7 @@ def write_json_items(path: Path, items: Iterable[bytes], *, private: bool = Fals
 
 
 def json_item(value: Any) -> bytes:
-    """One item of a list as ``dump_json`` writes it inside the list: indented one level (a raw line feed
-    in JSON is only layout, strings escape theirs)."""
+    """One item of a list as ``dump_json`` writes it inside the list: indented one level."""
     return b"  " + json_bytes(value).replace(b"\n", b"\n  ")
 
 
@@ -787,9 +765,7 @@ JSON_OPTIONS = (orjson.OPT_INDENT_2 | orjson.OPT_NON_STR_KEYS | orjson.OPT_PASST
 
 
 def json_bytes(value: Any) -> bytes:
-    """``value`` as indented UTF-8 JSON, through orjson when installed (the standard encoder is pure Python once
-    indented: seconds for a big member list); what orjson refuses (an integer beyond 64 bits, a lone surrogate)
-    the standard way. Both read back alike; float spellings may differ (``1e16``), NaN is null (``to_plain``)."""
+    """``value`` as indented UTF-8 JSON, through orjson (fast); what it refuses, the standard way (both read alike)."""
     if orjson is not None:
         try:
             return orjson.dumps(value, default=str, option=JSON_OPTIONS)
@@ -799,7 +775,6 @@ def json_bytes(value: Any) -> bytes:
 
 
 def write_csv(path: Path, header: Sequence[str], rows: Iterable[Sequence[str]]) -> None:
-    """A CSV file (a header, then ``rows``) readable by the owner only, atomically."""
     def write(handle: Any) -> None:
         out = csv.writer(handle, lineterminator="\n")
         out.writerow(header)
@@ -813,8 +788,7 @@ def write_text_private(path: Path, text: str) -> None:
 
 
 def write_raw(path: Path, docs: Iterable[Mapping[str, Any]]) -> int:
-    """What was read, as a relaxed Extended JSON array readable by the owner only (personal data), streamed
-    document by document as ``docs`` yields them (a cursor is written as it is read); returns how many."""
+    """Documents as a relaxed Extended JSON array, owner-only, streamed as ``docs`` yields them; returns how many."""
     written = 0
 
     def encoded() -> Iterator[bytes]:
@@ -828,8 +802,7 @@ def write_raw(path: Path, docs: Iterable[Mapping[str, Any]]) -> int:
 
 
 def copy_raw(path: Path, source: Path) -> None:
-    """A source file's bytes, readable by the owner only: ``data/raw/`` keeps exactly what was read. A JSON
-    array is copied as it is (without a byte-order mark); JSON Lines become an array of the same lines' bytes."""
+    """A source file's bytes, owner-only: a JSON array as it is (no byte-order mark), JSON Lines as an array."""
 
     def write(handle: Any) -> None:
         handle.flush()
@@ -4190,12 +4163,10 @@ def holdout_record(rank: int, match: Match, *, campaign_id: str, fraction: float
     """What a holdout member gets instead of a message: a record of the rules' pick (never Claude's)."""
     user, event = match["user"], match["event"]
     record = HoldoutRecord(user_id=match["user_id"], user_name=match["user_name"], user_phone=user.get("phone_e164"),
-                           rank=rank,
-                           reactivation_score=user["reactivation_score"], days_inactive=user["days_inactive"],
-                           event_id=match["event_id"], event_name=match["event_name"],
-                           event_start=event.get("startDate"),
-                           confidence_percentage=match["confidence_percentage"],
-                           held_out_at=iso_utc(now) or "", campaign_id=campaign_id, holdout_fraction=fraction,
+                           rank=rank, reactivation_score=user["reactivation_score"], days_inactive=user["days_inactive"],
+                           event_id=match["event_id"], event_name=match["event_name"], event_start=event.get("startDate"),
+                           confidence_percentage=match["confidence_percentage"], held_out_at=iso_utc(now) or "",
+                           campaign_id=campaign_id, holdout_fraction=fraction,
                            deciding_signal=match.get("deciding_signal", "profile"),
                            same_neighbourhood=bool(match.get("same_neighbourhood")))
     if variant is not None:
@@ -4296,7 +4267,7 @@ class IdleReason(Enum):
 
     @property
     def exit_code(self) -> int:
-        return EXIT_OK if self is IdleReason.DAY_LIMIT_DRAFTED else EXIT_ATTENTION
+        return ExitCode.OK if self is IdleReason.DAY_LIMIT_DRAFTED else ExitCode.ATTENTION
 
 
 IDLE_LINES = {
@@ -4422,14 +4393,12 @@ class DailyVolume:
         return cls(now.astimezone(zone).date().isoformat(), limit, history.drafted_today, history.held_out_today,
                    daily_remaining(limit, history.drafted_today))
 
-    def report(self, drafted: int, held_out: int) -> dict[str, Any]:
-        return {**dataclasses.asdict(self), "drafted_this_run": drafted, "held_out_this_run": held_out,
-                "already_drafted": self.remaining == 0}
-
 
 def volume_report(volume: DailyVolume, seats: SeatLedger, drafted: int, held_out: int) -> dict[str, Any]:
     """The report's ``daily_limit``, ``seats_exhausted`` ({event id: members turned away}) and ``allocation``."""
-    return {"daily_limit": volume.report(drafted, held_out), "seats_exhausted": seats.report(),
+    daily = {**dataclasses.asdict(volume), "drafted_this_run": drafted, "held_out_this_run": held_out,
+             "already_drafted": volume.remaining == 0}
+    return {"daily_limit": daily, "seats_exhausted": seats.report(),
             "allocation": {"invites_per_spot": seats.invites_per_spot, "max_invites_per_event": seats.unknown_cap}}
 
 
@@ -4714,6 +4683,13 @@ def cell(value: Any) -> str:
     return " ".join(str(value).split()).replace("|", "\\|")
 
 
+def markdown_table(rows: Sequence[Sequence[str]]) -> list[str]:
+    """Rows as a Markdown table (the first row is the header), each body cell through ``cell``."""
+    header, *body = rows
+    return [f"| {' | '.join(header)} |", "|" + " --- |" * len(header)] + [
+        f"| {' | '.join(cell(c) for c in row)} |" for row in body]
+
+
 def empty_input_lines(empty: Sequence[str]) -> list[str]:
     """The report's line for empty input: a run that read nothing is not a day that found nobody."""
     return [(f"- **Empty input:** the source has no {' and no '.join(empty)}; check it before reading this run "
@@ -4746,23 +4722,16 @@ def report_markdown(report: Mapping[str, Any]) -> str:
                 *(str(messages.get(m["user_id"], {}).get(key, "")) for key in ("message_text", "sms_segments"))]
                for m in report.get("matches", [])]
     lines = [
-        f"# Return To Table report: {report['campaign_id']}",
-        "",
+        f"# Return To Table report: {report['campaign_id']}", "",
         (f"**Goal:** bring dormant members ({DORMANCY_SPAN} since their last table) back with one "
-         "well-matched upcoming event and a warm welcome-back SMS, reviewed before sending."),
-        "",
+         "well-matched upcoming event and a warm welcome-back SMS, reviewed before sending."), "",
         f"- Run date: {report['run_date']} (as of {report['as_of']})",
         f"- Source: {report['source']}; matcher: {matcher}; dry run: {report['dry_run']}",
         f"- Matcher weights: {report.get('match_weights', 'built-in')}; tones: {', '.join(report.get('variants', []))}",
         *empty_input_lines(report.get("empty_input") or []),
         *([f"- No message drafted: {report['no_message']['text']}"] if report.get("no_message") else []),
-        "",
-        "## Run summary",
-        "",
-        *markdown_table([["figure", "value"], *figures]),
-        "",
-        f"Future events considered: {st['events_processed']}. Cost: {cost_text(report['cost'])}.",
-        "",
+        "", "## Run summary", "", *markdown_table([["figure", "value"], *figures]), "",
+        f"Future events considered: {st['events_processed']}. Cost: {cost_text(report['cost'])}.", "",
         *([places_line(report["places_not_located"]), ""] if report.get("places_not_located") else []),
         *volume_lines(report),
         *funnel_lines(report["funnel"], report.get("skip_reasons", {})),
@@ -4770,8 +4739,7 @@ def report_markdown(report: Mapping[str, Any]) -> str:
         *skip_reason_lines(report.get("skip_reasons", {}), report.get("holdout", {}), report.get("skip_details", {})),
         *power_lines(report["holdout_power"]),
         *preview_lines(report["preview"]),
-        "## Matches and messages",
-        "",
+        "## Matches and messages", "",
         *markdown_table([["member", "event", "confidence", "matcher", "SMS", "segments"], *matches]),
         "", "## Members skipped", "", *skipped_lines(report)]
     fallbacks = report.get("fallbacks", {})
@@ -4780,12 +4748,11 @@ def report_markdown(report: Mapping[str, Any]) -> str:
         lines += [f"- {cell(reason)}" for reason in fallbacks["reasons"]]
     usage = report.get("llm_usage")
     if usage:
-        header = "| step | model | calls | input | output | cache read | cache write | cost (USD) |"
-        lines += ["", "## Claude usage", "", header, "| --- " * 8 + "|"]
-        for step in ("matching", "writing"):
-            u = usage[step]
-            lines.append(f"| {step} | {u['model']} | {u['calls']} | {u['input_tokens']} | {u['output_tokens']} | "
-                         f"{u['cache_read_tokens']} | {u['cache_write_tokens']} | {u['estimated_cost_usd']} |")
+        header = ["step", "model", "calls", "input", "output", "cache read", "cache write", "cost (USD)"]
+        keys = ("model", "calls", "input_tokens", "output_tokens", "cache_read_tokens", "cache_write_tokens",
+                "estimated_cost_usd")
+        rows = [[step, *(str(usage[step][key]) for key in keys)] for step in ("matching", "writing")]
+        lines += ["", "## Claude usage", "", *markdown_table([header, *rows])]
         lines.append(f"\nEstimated cost in all: {usage['estimated_cost_usd']} USD.")
     firebase = report.get("firebase", {})
     lines += ["", "## Firebase", "", f"- Target: {firebase.get('target')}",
@@ -4795,11 +4762,9 @@ def report_markdown(report: Mapping[str, Any]) -> str:
         lines.append(f"- Keys changed to be storable: {firebase.get('keys_renamed', 0)} renamed, "
                      f"{firebase.get('keys_dropped', 0)} dropped")
         lines += [f"  - {cell(change)}" for change in firebase.get("key_changes", [])]
-    issues = report.get("data_issues", {})
     lines += ["", "## Data issues (records skipped or treated as missing)", ""]
-    lines += [f"- {k.replace('_', ' ')}: {v}" for k, v in issues.items()] or ["None."]
-    lines += ["", "## Errors", ""]
-    lines += [f"- {cell(e)}" for e in report.get("errors", [])] or ["None."]
+    lines += [f"- {k.replace('_', ' ')}: {v}" for k, v in report.get("data_issues", {}).items()] or ["None."]
+    lines += ["", "## Errors", ""] + ([f"- {cell(e)}" for e in report.get("errors", [])] or ["None."])
     return "\n".join(lines) + "\n"
 
 
@@ -5000,15 +4965,28 @@ def build_report(*, campaign_id: str, run_started: datetime, finished: datetime,
 def write_report(stem: Path, report: Mapping[str, Any], logger: logging.Logger) -> Path:
     """Step 8's files, ``<stem>.json`` and ``<stem>.md`` (private), and the console's one summary line (the funnel,
     segments and cost, errors, the report's path); the .md's path."""
-    write_json(stem.with_name(stem.name + ".json"), report, private=True)
-    report_path = stem.with_name(stem.name + ".md")
-    write_text_private(report_path, report_markdown(report))
+    report_path = write_report_files(stem, report, report_markdown(report))
     s, empty = report["summary"], report.get("empty_input") or []
     status = report["status"] + (f", empty input: {', '.join(empty)}" if empty else "")
     logger.info("Step 8 (%s): %s dormant; funnel %s; %s; %s errors. Report: %s", status, s["total_dormant_users_found"],
                 funnel_text(report["funnel"]), cost_text(report["cost"]), s["error_count"], report_path,
                 extra={"summary": True})
     return report_path
+
+
+def write_report_files(stem: Path, report: Mapping[str, Any], markdown: str) -> Path:
+    """``<stem>.json`` and ``<stem>.md``, private and atomic (campaign, measure, backtest); the .md's path."""
+    write_json(stem.with_name(stem.name + ".json"), report, private=True)
+    write_text_private(path := stem.with_name(stem.name + ".md"), markdown)
+    return path
+
+
+def free_report_stem(out_dir: Path, kind: str, started: datetime) -> Path:
+    """``reports/return_to_table_<kind>_<UTC timestamp>`` (no suffix), a second later while its .json exists."""
+    reports, moment = out_dir / "reports", started
+    while (stem := reports / f"return_to_table_{kind}_{moment:%Y%m%d-%H%M%S}").with_suffix(".json").exists():
+        moment += timedelta(seconds=1)
+    return stem
 
 
 def write_skip_list(data_dir: Path, eligible: Sequence[Mapping[str, Any]], decisions: Mapping[str, str]) -> None:
@@ -6132,8 +6110,7 @@ class DemoSource:
         self.now = now
 
     def read(self, progress: Any = None) -> SourceData:
-        users, events = build_demo_world(self.now)
-        return SourceData(users, events)
+        return SourceData(*build_demo_world(self.now))
 
     def close(self) -> None:
         pass
@@ -6147,45 +6124,31 @@ DEMO_AREAS = ("212", "646", "917")  # NYC area codes: each demo member their own
 
 
 def build_demo_world(now: datetime) -> tuple[list[dict[str, Any]], list[dict[str, Any]]]:
-    """Fictional raw (users, events) as Mongo hands them over, so the CLI runs without a database: dormant,
-    active, churned and eventless users, and messy fields (missing keys, odd id and date shapes) the cleaning
-    code has to survive. Deterministic for a given ``now`` (fixed-seed RNG); all dates are relative to it."""
+    """Fictional raw (users, events) with messy fields, deterministic for ``now`` (every date relative to it)."""
     rng = random.Random(20240611)
     now = now.astimezone(UTC)
-    interests = [
-        "music", "clubbing", "food", "wine", "cocktails", "travel", "reading", "fashion",
-        "finance", "outdoor", "hiking", "fitness", "yoga", "art", "comedy", "theater", "film",
-        "tech", "startups", "photography", "cooking", "coffee", "brunch", "dancing", "games",
-        "sports", "networking", "jazz",
-    ]
+    interests = ["music", "clubbing", "food", "wine", "cocktails", "travel", "reading", "fashion", "finance", "outdoor",
+                 "hiking", "fitness", "yoga", "art", "comedy", "theater", "film", "tech", "startups", "photography",
+                 "cooking", "coffee", "brunch", "dancing", "games", "sports", "networking", "jazz"]
     # First interest always has an obvious event synonym, so every user is matchable.
     core = [i for i in interests if i not in ("travel", "fashion", "finance", "photography")]
-    city = [  # Manhattan + Brooklyn: where events mostly happen
-        "hells-kitchen", "west-village", "east-village", "midtown-east", "soho", "tribeca",
-        "chelsea", "lower-east-side", "upper-west-side", "upper-east-side", "harlem",
-        "financial-district", "gramercy", "murray-hill", "flatiron", "chinatown",
-        "williamsburg", "greenpoint", "bushwick", "park-slope", "dumbo", "fort-greene",
-        "crown-heights",
-    ]
+    city = ["hells-kitchen", "west-village", "east-village", "midtown-east", "soho", "tribeca", "chelsea",
+            "lower-east-side", "upper-west-side", "upper-east-side", "harlem", "financial-district", "gramercy",
+            "murray-hill", "flatiron", "chinatown", "williamsburg", "greenpoint", "bushwick", "park-slope", "dumbo",
+            "fort-greene", "crown-heights"]  # Manhattan + Brooklyn: most events
     hoods = [*city, "astoria", "long-island-city"]
-    firsts = [
-        "Aaliyah", "Mateo", "Priya", "Jamal", "Sofia", "Wei", "Fatima", "Diego", "Hannah",
-        "Kwame", "Yuki", "Isabella", "Omar", "Grace", "Dmitri", "Amara", "Luis", "Mei", "Noah",
-        "Ananya", "Tariq", "Camila", "Ethan", "Nia", "Rafael", "Leah", "Hiroshi", "Maya",
-        "Santiago", "Esther", "Kofi", "Rosa", "Jae-won", "Thandiwe", "Bogdan", "Marisol",
-    ]
+    firsts = ["Aaliyah", "Mateo", "Priya", "Jamal", "Sofia", "Wei", "Fatima", "Diego", "Hannah", "Kwame", "Yuki",
+              "Isabella", "Omar", "Grace", "Dmitri", "Amara", "Luis", "Mei", "Noah", "Ananya", "Tariq", "Camila",
+              "Ethan", "Nia", "Rafael", "Leah", "Hiroshi", "Maya", "Santiago", "Esther", "Kofi", "Rosa", "Jae-won",
+              "Thandiwe", "Bogdan", "Marisol"]
     # Non-GSM-7 letters + one very long name; given to clean dormant users (SMS encoding).
     special = ["Zoë", "Łukasz", "Siobhán", "Nguyễn", "Chloé", "Alexandrina-Konstantina-Maria"]
-    lasts = [
-        "Rivera", "Chen", "Patel", "Johnson", "Okafor", "Kim", "Goldberg", "Nguyen", "Rossi",
-        "Haddad", "Morales", "O'Brien", "Kowalski", "Tanaka", "Williams", "Mensah", "Cohen",
-        "Singh", "Garcia", "Park", "Ivanova", "Brown", "Diallo", "Ortiz",
-    ]
-    occupations = [
-        "AI Specialist", "Architect", "Editor", "Illustrator", "Urban Planner",
-        "Software Engineer", "Nurse", "Chef", "Product Designer", "Teacher", "Lawyer",
-        "Data Analyst", "Barista", "Photographer", "Consultant",
-    ]
+    lasts = ["Rivera", "Chen", "Patel", "Johnson", "Okafor", "Kim", "Goldberg", "Nguyen", "Rossi", "Haddad", "Morales",
+             "O'Brien", "Kowalski", "Tanaka", "Williams", "Mensah", "Cohen", "Singh", "Garcia", "Park", "Ivanova",
+             "Brown", "Diallo", "Ortiz"]
+    occupations = ["AI Specialist", "Architect", "Editor", "Illustrator", "Urban Planner", "Software Engineer", "Nurse",
+                   "Chef", "Product Designer", "Teacher", "Lawyer", "Data Analyst", "Barista", "Photographer",
+                   "Consultant"]
     templates = [DemoEventTemplate(*row) for row in [
         ("Karaoke Night", "MUSIC BAR", "karaoke groups", "Belt out 2000s anthems in a private room", "d"),
         ("Ramen Supper Club", "DINNER", "supper-club family-style", "Slurp four regional ramen styles at one long table", "d"),
@@ -6211,11 +6174,9 @@ def build_demo_world(now: datetime) -> tuple[list[dict[str, Any]], list[dict[str
         ("Dumpling Cooking Class", "COOKING DINNER", "cooking-class family-style", "Fold and pan-fry dumplings together", "d"),
         ("Salsa Night & Tapas", "MUSIC DINNER", "dancing live-music", "Beginner salsa lesson with shared tapas", "d"),
     ]]
-    venues = [
-        "Ember & Oak", "The Lantern Room", "Juniper Hall", "Fig & Thistle", "Saltwater Social",
-        "Blue Heron Loft", "The Tin Whistle", "Marigold Studio", "Paper Crane Kitchen",
-        "Dockside Commons", "The Velvet Note", "Copperleaf Table",
-    ]
+    venues = ["Ember & Oak", "The Lantern Room", "Juniper Hall", "Fig & Thistle", "Saltwater Social", "Blue Heron Loft",
+              "The Tin Whistle", "Marigold Studio", "Paper Crane Kitchen", "Dockside Commons", "The Velvet Note",
+              "Copperleaf Table"]
 
     def slug(text: str) -> str:
         """ASCII-fold names so fictional emails stay plain."""
@@ -6240,7 +6201,6 @@ def build_demo_world(now: datetime) -> tuple[list[dict[str, Any]], list[dict[str
         return day.replace(hour=hour, minute=rng.choice([0, 30]), second=0, microsecond=0)
 
     def ref(u: int) -> str | dict[str, str]:
-        """Participant entry: mostly a plain id, sometimes wrapped."""
         r = rng.random()
         if r < 0.82:
             return uid[u]
@@ -6422,9 +6382,7 @@ class ClaudeConfig:
 
     @classmethod
     def from_env(cls, env: Mapping[str, str]) -> ClaudeConfig:
-        def get(name: str) -> str | None:
-            return (env.get(name) or "").strip() or None
-
+        get = env_reader(env)
         model = get("ANTHROPIC_MODEL") or DEFAULT_MODEL
         prices = dict(MODEL_PRICES)
         if get("ANTHROPIC_PRICES"):
@@ -6471,9 +6429,8 @@ class TokenUsage:
     def cost(self, price: tuple[float, float, float, float] | None) -> float | None:
         if price is None:
             return None
-        p_in, p_out, p_read, p_write = price
-        return round((self.input_tokens * p_in + self.output_tokens * p_out + self.cache_read_tokens * p_read
-                      + self.cache_write_tokens * p_write) / 1_000_000, 6)
+        tokens = (self.input_tokens, self.output_tokens, self.cache_read_tokens, self.cache_write_tokens)
+        return round(sum(n * p for n, p in zip(tokens, price)) / 1_000_000, 6)
 
 
 class ClaudeDown(Exception):
@@ -6564,7 +6521,6 @@ Rejected examples, and why:
 
 
 def answer_schema(**properties: Any) -> dict[str, Any]:
-    """The JSON schema of an answer object: these properties, every one required, no other."""
     return {"type": "object", "properties": properties, "required": list(properties), "additionalProperties": False}
 
 
@@ -6660,8 +6616,7 @@ def facts_prompt(facts: MessageFacts, user: Mapping[str, Any]) -> str:
 
 
 def length_budget(facts: MessageFacts) -> tuple[int, int, str]:
-    """(the text's limit, what the sender, opt-out text and link take of it, the encoding), as the template
-    would write it: UCS-2's 134 when a name or one of those strings is outside GSM-7."""
+    """(limit, what sender, opt-out text and link take of it, encoding), as the template would write it."""
     fixed = dress(facts, "", "")
     size = sms_size(f"{fixed} {facts.first_name or ''} {facts.event_name}")
     return size.limit, sms_size(fixed).units, size.encoding
@@ -6698,8 +6653,7 @@ def answer_json(message: Any) -> dict[str, Any]:
         raise InvalidAnswer("the answer was cut off (max_tokens)")
     text = "".join(getattr(b, "text", "") for b in getattr(message, "content", []) or []
                    if getattr(b, "type", None) == "text").strip()
-    fenced = _FENCE.match(text)
-    if fenced:
+    if fenced := _FENCE.match(text):
         text = fenced.group(1)
     try:
         value = json.loads(text)
@@ -6719,8 +6673,7 @@ MAX_OBJECT_STARTS = 100  # "{" tried by first_json_object: each failed try costs
 
 
 def first_json_object(text: str) -> dict[str, Any] | None:
-    """The first JSON object inside prose ("Here it is: {...}"), trying at most ``MAX_OBJECT_STARTS`` brackets
-    (a wall of them costs linear time); an object too deep for the decoder is an InvalidAnswer at once."""
+    """The first JSON object inside prose ("Here it is: {...}"), trying at most ``MAX_OBJECT_STARTS`` brackets."""
     decoder = json.JSONDecoder()
     starts = (i for i, ch in enumerate(text) if ch == "{")
     for start in itertools.islice(starts, MAX_OBJECT_STARTS):
@@ -6736,7 +6689,6 @@ def first_json_object(text: str) -> dict[str, Any] | None:
 
 
 def check_match_answer(answer: Mapping[str, Any], candidates: Sequence[Candidate]) -> tuple[Candidate, int]:
-    """The chosen candidate and confidence, or InvalidAnswer saying what is wrong."""
     by_id = {c.event["_id"]: c for c in candidates}
     chosen = by_id.get(str(answer.get("event_id")))
     if chosen is None:
@@ -6751,10 +6703,9 @@ def check_match_answer(answer: Mapping[str, Any], candidates: Sequence[Candidate
     return chosen, confidence
 
 
-@dataclass
+@dataclass(eq=False)
 class CallSlot:
-    """One Claude call's claim on a slot (changed under ``ClaudeAdvisor``'s lock): ``held`` while an attempt is
-    on the wire or its answer checked, ``parked`` while the SDK waits to retry, ``over`` once given up."""
+    """One Claude call's claim on a slot: ``held`` on the wire, ``parked`` while the SDK backs off, then ``over``."""
 
     held: bool = False
     parked: bool = False
@@ -6762,12 +6713,9 @@ class CallSlot:
 
 
 class ClaudeAdvisor:
-    """Claude's two jobs, each answer validated: choose a member's event, and write the SMS.
-
-    A bad or failed answer gets one corrective retry, then the caller falls back to the rules match or the
-    template. After a credentials error, a timeout or four failed calls in a row (each after the SDK's own
-    retries) it stops calling for the run: a revoked key or an outage costs seconds, not minutes.
-    """
+    """Claude's two jobs, each answer validated: choose a member's event, and write the SMS. A bad or failed answer
+    gets one corrective retry, then the caller falls back to the rules or the template. After a credentials
+    error, a timeout or four failed calls in a row it stops calling for the run (an outage costs seconds)."""
 
     MAX_CONSECUTIVE_FAILURES = 4
     MAX_QUOTED_ANSWER = 600  # characters of a bad answer quoted back in the corrective retry
@@ -6779,8 +6727,7 @@ class ClaudeAdvisor:
         self.usage = {"matching": TokenUsage(), "writing": TokenUsage()}
         self._lock = threading.Condition()
         self.consecutive_failures = 0
-        self.in_flight = 0  # slots held: attempts on the wire, answers being checked
-        self.parked = 0  # calls waiting out the SDK's retry backoff, holding no slot
+        self.slots: set[CallSlot] = set()  # calls under way, each ``held`` or ``parked`` (backing off, no slot held)
         self.resuming = 0  # parked calls waiting for a slot again: they go before new calls
         self.last_attempt_ok = True  # the API answered the latest attempt (a parked call's slot may be lent)
         self._attempt = threading.local()  # the CallSlot of the call the SDK is attempting in this thread
@@ -6800,9 +6747,7 @@ class ClaudeAdvisor:
         return advisor
 
     def refuse_when_down(self, request: Any, call_next: Any) -> Any:
-        """SDK middleware around every attempt (retries included): nothing is sent once Claude is down or the
-        call was given up. A failed attempt with retries left parks its call (a 529 or 429 backing off holds
-        no slot); the next attempt takes a slot again before it is sent."""
+        """SDK middleware: nothing is sent once Claude is down; an attempt retried later parks its call (no slot)."""
         slot = getattr(self._attempt, "slot", None)
         if slot is not None:
             self._resume(slot, sending=True)
@@ -6818,21 +6763,16 @@ class ClaudeAdvisor:
             self._attempted(slot, answered, retries_left=taken < self.config.max_retries)
 
     def _may_take(self, new: bool) -> bool:
-        """(Under the lock.) Slots held never exceed the failures still allowed in a row, so "stop after four
-        in a row" holds however many members run at once. A new call lets parked calls resume first and takes
-        a parked call's slot only while all is well: in an outage no more calls start."""
+        """(Under the lock.) Slots held never exceed the failures still allowed in a row; parked calls go first."""
         room = self.MAX_CONSECUTIVE_FAILURES - self.consecutive_failures
-        if self.in_flight >= room:
+        if sum(slot.held for slot in self.slots) >= room:
             return False
         lend = self.last_attempt_ok and not self.consecutive_failures
-        return not new or (not self.resuming and (lend or self.in_flight + self.parked < room))
+        return not new or (not self.resuming and (lend or len(self.slots) < room))
 
     def _take(self, slot: CallSlot) -> None:
-        self.in_flight += 1
-        slot.held = True
-        if slot.parked:
-            self.parked -= 1
-            slot.parked = False
+        slot.held, slot.parked = True, False
+        self.slots.add(slot)
 
     def _start_call(self, slot: CallSlot) -> None:
         """Wait for a slot for a new call; InvalidAnswer once Claude is down or the run is stopping."""
@@ -6848,8 +6788,7 @@ class ClaudeAdvisor:
                 self._lock.wait(0.1)
 
     def _resume(self, slot: CallSlot, sending: bool) -> None:
-        """A parked call takes a slot again before its next attempt (``sending``: ClaudeDown once Claude is down
-        or the call given up), or before its failure is counted (not waited for once Claude is down)."""
+        """A parked call takes a slot again before its next attempt (``sending``) or before its failure is counted."""
         with self._lock:
             self.resuming += 1
             try:
@@ -6871,18 +6810,13 @@ class ClaudeAdvisor:
             self.last_attempt_ok = answered
             if slot is not None and slot.held and not slot.over and not answered and retries_left:
                 slot.held, slot.parked = False, True
-                self.in_flight -= 1
-                self.parked += 1
                 self._lock.notify_all()
 
     def _end(self, slot: CallSlot) -> None:
         with self._lock:
             slot.over = True
-            if slot.held:
-                self.in_flight -= 1
-            if slot.parked:
-                self.parked -= 1
             slot.held = slot.parked = False
+            self.slots.discard(slot)
             self._lock.notify_all()
 
     def _send(self, slot: CallSlot, request: Mapping[str, Any]) -> Any:
@@ -6894,9 +6828,7 @@ class ClaudeAdvisor:
             self._attempt.slot = None
 
     def _call(self, step: str, check: Any, **request: Any) -> tuple[Any, Any, str]:
-        """One Messages API call (SDK retries included) within its time budget, checked while it holds its slot:
-        ``(reply, answer, "")``, or ``(reply, None, problem)``. An invalid answer counts as a failed call, so
-        "stop after four in a row" holds for a model that answers nonsense too."""
+        """One API call within its budget, checked while it holds its slot; an invalid answer counts as a failure."""
         slot = CallSlot()
         self._start_call(slot)
         try:
@@ -6923,12 +6855,6 @@ class ClaudeAdvisor:
         finally:
             self._end(slot)
 
-    def _system(self, text: str, model: str) -> list[dict[str, Any]]:
-        block: dict[str, Any] = {"type": "text", "text": text}
-        if len(text) / 3 >= CACHE_MIN_TOKENS.get(model, CACHE_MIN_TOKENS_DEFAULT):  # ~3 characters a token
-            block["cache_control"] = {"type": "ephemeral"}
-        return [block]
-
     def _ask(self, step: str, model: str, system: str, prompt: str, schema: dict[str, Any],
              check: Any) -> Any:
         """One question with one corrective retry; returns the checked answer or raises InvalidAnswer."""
@@ -6938,11 +6864,14 @@ class ClaudeAdvisor:
         output_config: dict[str, Any] = {"format": {"type": "json_schema", "schema": schema}}
         if self.config.effort and not model.startswith(NO_EFFORT_MODELS):
             output_config["effort"] = self.config.effort
+        block: dict[str, Any] = {"type": "text", "text": system}
+        if len(system) / 3 >= CACHE_MIN_TOKENS.get(model, CACHE_MIN_TOKENS_DEFAULT):  # ~3 characters a token
+            block["cache_control"] = {"type": "ephemeral"}
         problem = ""
         for _attempt in (1, 2):
             try:
                 reply, answer, problem = self._call(step, check, model=model, max_tokens=2048,
-                                                    system=self._system(system, model), messages=messages,
+                                                    system=[block], messages=messages,
                                                     output_config=output_config)
             except (anthropic.APIError, ServiceTimeout, ClaudeDown) as exc:
                 raise InvalidAnswer(f"API error: {exc.__class__.__name__}") from None
@@ -6956,8 +6885,7 @@ class ClaudeAdvisor:
         raise InvalidAnswer(f"invalid twice: {problem}")
 
     def _count_failure(self, exc: Exception) -> None:
-        """Stop calling for the run after a credentials error, a timeout or a run of failures (errors and
-        invalid answers alike)."""
+        """Stop calling for the run after a credentials error, a timeout or a run of failed or invalid answers."""
         import anthropic
 
         fatal = (anthropic.AuthenticationError, anthropic.PermissionDeniedError, anthropic.NotFoundError)
@@ -6994,8 +6922,7 @@ class ClaudeAdvisor:
             if not isinstance(text, str):
                 raise InvalidAnswer("message_text must be a string")
             text = text.strip()
-            problems = validate_sms(text, facts)
-            if problems:
+            if problems := validate_sms(text, facts):
                 raise InvalidAnswer("; ".join(problems))
             return text, " ".join(str(answer.get("personalization_notes") or "").split())
 
@@ -7406,19 +7333,6 @@ class PutResult:
     etag: str
 
 
-class FirebaseTransport(Protocol):
-    """A Realtime Database as paths (below the base path) holding JSON, with ETag conditions."""
-
-    description: str
-    bytes_sent: int
-
-    def get(self, path: str) -> tuple[Any, str]: ...
-    def put(self, path: str, value: Any, if_match: str | None = None) -> PutResult: ...
-    def patch(self, path: str, updates: Mapping[str, Any]) -> None: ...
-    def flush(self) -> None: ...
-    def child_keys(self, path: str) -> list[str]: ...
-
-
 def check_key(key: str, where: str) -> None:
     if not key or FORBIDDEN_KEY.search(key) or len(key.encode("utf-8")) > MAX_KEY_BYTES:
         raise FirebaseError(f"{where}: key {key[:60]!r} is not allowed in Firebase (no . $ # [ ] / or control "
@@ -7475,8 +7389,7 @@ def storable_keys(keys: Sequence[str]) -> dict[str, str | None]:
 
 
 def firebase_ready(value: Any, changes: set[KeyChange] | None = None) -> Any:
-    """A document made storable key by key (``storable_keys``); each key renamed or dropped is added to
-    ``changes`` as ``(key as found, stored key or None)`` for the report."""
+    """A document made storable key by key (``storable_keys``), each change added to ``changes`` for the report."""
     if isinstance(value, list):
         return [firebase_ready(v, changes) for v in value]
     if not isinstance(value, Mapping):
@@ -7502,8 +7415,7 @@ CANONICAL_INDEX = re.compile(r"^(0|[1-9][0-9]*)$")
 
 
 def rtdb_render(value: Any) -> Any:
-    """What a read returns: an object whose keys are all integers, the largest below twice their count,
-    comes back as an array (holes read as null), as the database does."""
+    """What a read returns: an object keyed by integers (the largest below twice their count) reads as an array."""
     if not isinstance(value, Mapping):
         return value
     rendered = {k: rtdb_render(v) for k, v in value.items()}
@@ -7541,10 +7453,7 @@ MIRROR_FILE_DEPTH = {"campaigns": 3}
 
 
 class LocalMirrorTransport:
-    """A file-backed Firebase under ``data/firebase/<base>/`` with the database's semantics (arrays, ETags,
-    stale conditional writes refused), so ``--demo`` and tests run production's merge logic. Files stay in
-    memory, written atomically at most every ``save_every`` seconds and at ``flush()``: a long run does not
-    rewrite a growing file per item."""
+    """A file-backed Firebase under ``data/firebase/<base>/`` with the database's semantics (arrays, ETags)."""
 
     def __init__(self, root: Path, base_path: str, save_every: float = SAVE_EVERY_SECONDS,
                  anchor: Path | None = None) -> None:
@@ -7582,8 +7491,7 @@ class LocalMirrorTransport:
         return tree
 
     def _names(self, segments: list[str]) -> list[str]:
-        """The children of the folder at ``segments`` (above the file level), a file named by its key, after
-        what this process holds back is written; FirebaseError when a symbolic link leads to the folder."""
+        """The children of the folder at ``segments`` (a file named by its key), once what is held back is written."""
         self.flush()
         folder = self.root.joinpath(*segments)
         try:
@@ -7683,12 +7591,7 @@ NO_BODY = object()
 
 
 class RestTransport:
-    """The Realtime Database REST API over httpx2 (installed with the anthropic SDK).
-
-    Every call has a timeout; 500/502/503/504 and connection errors are retried with backoff (GET, PUT
-    and PATCH are idempotent; nothing is POSTed). Credentials travel as ``auth=`` or an OAuth2 bearer
-    token from a service account, and never reach a log line or an error message.
-    """
+    """The Realtime Database REST API over httpx2: calls bounded, retried; credentials never in a log or error."""
 
     RETRY_STATUSES = frozenset({500, 502, 503, 504})
 
@@ -7752,7 +7655,6 @@ class RestTransport:
                 time.sleep(self.control.budget(self.backoff * 2 ** attempt))
                 continue
             return response
-        raise FirebaseError(f"{method} {path}: no answer")  # unreachable: the loop returns or raises
 
     @staticmethod
     def _json(response: Any, method: str, path: str) -> Any:
@@ -7778,7 +7680,6 @@ class RestTransport:
         return FirebaseError(f"{method} {path}: {status} {detail}")
 
     def _read(self, path: str, **options: Any) -> tuple[Any, str]:
-        """A GET's JSON value and ETag (when asked for), or FirebaseError."""
         response = self._send("GET", path, **options)
         if response.status_code != 200:
             raise self._fail(response, "GET", path)
@@ -7793,30 +7694,24 @@ class RestTransport:
         return sorted(str(key) for key in value) if isinstance(value, Mapping) else []
 
     def put(self, path: str, value: Any, if_match: str | None = None) -> PutResult:
-        """Write ``value``; written only when the database echoes it back (``_verify``)."""
         check_keys(value, path)
         headers = {"if-match": if_match} if if_match is not None else {}
         response = self._send("PUT", path, body=value, headers=headers)
         if response.status_code == 412:
             return PutResult(False, self._json(response, "PUT", path), response.headers.get("ETag", ""))
-        if response.status_code not in (200, 204):
-            raise self._fail(response, "PUT", path)
         self._verify(response, "PUT", path, value)
         return PutResult(True, value, response.headers.get("ETag", ""))
 
     def patch(self, path: str, updates: Mapping[str, Any]) -> None:
-        """Update children of ``path``; written only when the database echoes the updates back."""
         check_keys(updates, path)
         response = self._send("PATCH", path, body=dict(updates))
-        if response.status_code not in (200, 204):
-            raise self._fail(response, "PATCH", path)
         self._verify(response, "PATCH", path, dict(updates))
 
     @staticmethod
     def _verify(response: Any, method: str, path: str, sent: Any) -> None:
-        """A write counts only when the answer's body is the JSON sent, as stored: the database echoes a PUT
-        or PATCH, so a 200 with anything else (a proxy's or captive portal's page) was not written by it.
-        ``print=silent`` is never used: its 204 would be believed from any server (a 204 is a FirebaseError)."""
+        """A write counts only when the body echoes what was sent (as stored): a proxy's 200 or any 204 is an error."""
+        if response.status_code not in (200, 204):
+            raise RestTransport._fail(response, method, path)
         if response.status_code == 200:
             try:
                 echoed = response.json()
@@ -7828,6 +7723,11 @@ class RestTransport:
         raise FirebaseError(f"{method} {path}: {response.status_code} ({kind}) without the data written: not "
                             "counted as written; is FIREBASE_DATABASE_URL a Realtime Database, not a proxy or "
                             "captive portal?")
+
+
+# A Realtime Database as paths (below the base path) holding JSON, with ETag conditions: get, put (if-match), patch,
+# child_keys, flush, and its description and bytes_sent for the report.
+FirebaseTransport = LocalMirrorTransport | RestTransport
 
 
 def same_stored(a: Any, b: Any) -> bool:
@@ -7880,8 +7780,7 @@ def service_account_tokens(credentials_file: str) -> Any:
 
 
 def listing_entries(value: Any, key: str) -> list[Any]:
-    """Every entry of a dashboard list in index order, holes dropped, whatever shape it came back in:
-    ``{key: [...]}``, ``{key: {"0": ...}}`` once holes made it an object, or a bare array at the path."""
+    """A dashboard list's entries in index order, holes dropped, whatever shape (array, object, bare array) it has."""
     items = value.get(key) if isinstance(value, Mapping) else value
     if isinstance(items, Mapping):
         def index(k: Any) -> tuple[int, Any]:
@@ -7892,30 +7791,21 @@ def listing_entries(value: Any, key: str) -> list[Any]:
     return [item for item in items if item is not None]
 
 
-def as_item_list(value: Any, key: str) -> list[dict[str, Any]]:
-    return [item for item in listing_entries(value, key) if isinstance(item, Mapping)]
-
-
 class CountNotUpdated(FirebaseError):
     """The item was written, but not the list's ``count`` and ``updatedAt``, and it could not be taken back."""
 
 
 class DashboardList:
-    """One appended dashboard list (``matches``, ``messages``, ``holdout``), grown item by item.
-
-    Opening reads it with its ETag and heals it (a reviewer's delete left a hole, numeric keys, a wrong
-    count) with a conditional write. Each item then goes to the next index with ``if-match: null_etag``,
-    so it only fills an empty slot and nothing of others' is overwritten; on a conflict the list is read
-    again. The merge key ``(user_id, event_id)`` keeps reruns from adding duplicates.
-    """
+    """One appended dashboard list (``matches``, ``messages``, ``holdout``), healed when opened; each item goes to
+    the next index with ``if-match: null_etag`` (it only fills an empty slot), re-read on a conflict; the
+    merge key ``(user_id, event_id)`` keeps reruns from adding duplicates."""
 
     MAX_TRIES = 8
 
-    def __init__(self, transport: FirebaseTransport, path: str, key: str, updated_at: str,
+    def __init__(self, transport: FirebaseTransport, key: str, updated_at: str,
                  key_changes: set[KeyChange] | None = None) -> None:
         self.transport = transport
-        self.path = path
-        self.key = key
+        self.path = self.key = key  # the list lives at the path named as its key (``matches``: ``{matches: [...]}``)
         self.updated_at = updated_at
         self.key_changes = key_changes  # keys renamed or dropped to make items storable (``firebase_ready``)
         self.items: list[dict[str, Any]] = []
@@ -7925,7 +7815,6 @@ class DashboardList:
 
     @staticmethod
     def is_clean(value: Any, key: str) -> bool:
-        """True when a dashboard list is a real array without holes and with a correct count."""
         if value is None:
             return True
         if not isinstance(value, Mapping):
@@ -7940,8 +7829,7 @@ class DashboardList:
         return (str(item.get("user_id", "")), str(item.get("event_id", "")))
 
     def open(self, snapshot: tuple[Any, str] | None = None) -> DashboardList:
-        """Read the list (or take a ``(value, etag)`` just read), healing it if needed; a location that holds
-        something other than a dashboard list is never rewritten."""
+        """Read the list (or take a ``(value, etag)`` just read) and heal it; a location holding no list is left."""
         value, etag = snapshot if snapshot is not None else self.transport.get(self.path)
         for _attempt in range(self.MAX_TRIES):
             inner = value.get(self.key) if isinstance(value, Mapping) else None
@@ -7963,9 +7851,8 @@ class DashboardList:
         raise FirebaseError(f"{self.path}: gave up healing after {self.MAX_TRIES} conflicting writes")
 
     def counted(self, record: dict[str, Any], etag: str) -> None:
-        """The ``count`` set with the item just put at ``size``. When that fails (a dropped connection) the
-        item is taken back if still as written (a conditional delete): FirebaseError, it is not written;
-        CountNotUpdated when even that failed (the item stays; ``heal_counts`` sets the count at the end)."""
+        """The ``count`` set with the item just put; when that fails, the item is taken back (FirebaseError) or,
+        failing that too, stays (CountNotUpdated: ``heal_counts`` sets the count at the end)."""
         failure = None
         try:
             self.transport.patch(self.path, {"count": self.size + 1, "updatedAt": self.updated_at})
@@ -8003,19 +7890,13 @@ class DashboardList:
 
 
 class DashboardWriter:
-    """Step 7's one home: everything this run writes to the dashboard, and what it could not write.
-
-    The cooldown's reads (``recent_recipients``, ``read_history``), ``open_lists`` before the first result,
-    ``submit`` per member (written in rank order), ``save_campaign`` for the replaced lists and the archive,
-    and ``writes``, the one answer to "may this run write?". Failures never raise out of it: each is logged
-    once, kept in ``errors``, and what it cost is listed in ``not_written``.
-    """
+    """Step 7's one home: what this run writes to the dashboard, and what it could not (failures never raise)."""
 
     LIST_KEYS = ("matches", "messages", "holdout")
     MAX_KEY_CHANGES_LISTED = 20  # key changes named in the report; all of them are counted
     DATED_LISTS = (("messages", "generated_at"), ("holdout", "held_out_at"))  # the cooldown's lists, dated by
 
-    def __init__(self, transport: FirebaseTransport | None, logger: logging.Logger, *, dry_run: bool,
+    def __init__(self, transport: FirebaseTransport, logger: logging.Logger, *, dry_run: bool,
                  updated_at: str, holdout: bool = False) -> None:
         self.transport = transport
         self.holdout = holdout  # this run keeps a control group: the holdout list and archive are written
@@ -8038,11 +7919,10 @@ class DashboardWriter:
 
     @property
     def writes(self) -> bool:
-        """Whether this run writes to the dashboard: a store, no dry run, nothing that made it stand down."""
-        return self.transport is not None and not self.dry_run and self.stood_down is None
+        """Whether this run writes to the dashboard: no dry run, nothing that made it stand down."""
+        return not self.dry_run and self.stood_down is None
 
     def failed(self, what: str, exc: Exception, label: str | None = None) -> None:
-        """Record a failure once: the error, the log line, and what was not written."""
         self.errors.append(f"Firebase {what}: {exc}")
         self.logger.error("Firebase %s: %s", what, exc)
         if label:
@@ -8052,15 +7932,11 @@ class DashboardWriter:
         """The records of a dashboard list, read once a run (``open_lists`` reuses the read); FirebaseError."""
         if key not in self._cooldown_reads:
             self._cooldown_reads[key] = self.transport.get(key)
-        return as_item_list(self._cooldown_reads[key][0], key)
+        return [item for item in listing_entries(self._cooldown_reads[key][0], key) if isinstance(item, Mapping)]
 
     def recent_recipients(self, since: datetime) -> set[str]:
-        """Members with a message generated, or a holdout record made, at or after ``since`` (both groups
-        counted once per period); FirebaseError when a list is unreadable. An item whose date is no date (a
-        reviewer's typo, a poisoned value) is counted in ``undated_messages``, never a stop."""
+        """Members messaged or held out since ``since``; undated items counted (``undated_messages``), no stop."""
         self.undated_messages, self.recent_phones = 0, []
-        if self.transport is None:
-            return set()
         recent: set[str] = set()
         for key, dated_by in self.DATED_LISTS:
             for item in filter(lambda item: item.get("user_id"), self._records(key)):
@@ -8073,17 +7949,12 @@ class DashboardWriter:
         return recent
 
     def read_history(self, day: tuple[datetime, datetime], seats_since: datetime) -> DashboardHistory:
-        """What the dashboard already holds of this tool's work (``tally_history``): the campaign day's
-        messages and holdout records, and the open invitations per event since ``seats_since``. A dry run
-        reads too (it counts what a real run would); FirebaseError when unreadable."""
-        if self.transport is None:
-            return DashboardHistory()
+        """The dashboard's messages and holdout records of the campaign day and open invitations (dry runs too)."""
         return tally_history(self._records("messages"), self._records("holdout"), day, seats_since)
 
     def recent_members(self, since: datetime) -> tuple[int, int] | None:
-        """How many members the dashboard holds a message for and a holdout record for at or after ``since``,
-        each once: the report's last-30-days holdout power. None without a dashboard or when unreadable."""
-        if self.transport is None or self.stood_down:
+        """Members with a message, and with a holdout record, since ``since`` (the report's power); None: unknown."""
+        if self.stood_down:
             return None
         try:  # the report says "unknown"; the cooldown decides what a failed read costs
             found = [{str(item["user_id"]) for item in self._records(key) if item.get("user_id")
@@ -8094,8 +7965,7 @@ class DashboardWriter:
         return len(found[0]), len(found[1])
 
     def claim_campaign(self, first_id: str, next_id: Any, tries: int = 60) -> str:
-        """The campaign id, claimed with a create-only write of its metadata (``if-match: null_etag``), the
-        next id while one is taken: two machines never share an archive. Without writes: ``first_id``."""
+        """The campaign id, claimed by a create-only write of its metadata (the next while taken); else ``first_id``."""
         campaign_id = first_id
         for _attempt in range(tries):
             if not self.writes:
@@ -8115,7 +7985,7 @@ class DashboardWriter:
 
     def flush(self) -> bool:
         """Save what the transport holds back (the local mirror's files); False (recorded) when it failed."""
-        if self.transport is None or self.dry_run:
+        if self.dry_run:
             return True
         try:
             self.transport.flush()
@@ -8130,22 +8000,20 @@ class DashboardWriter:
         self.failed(what, exc)
 
     def open_lists(self) -> None:
-        """Open the appended dashboard lists before the first result, healing them if needed."""
         if not self.writes:
             return
         for key in self.LIST_KEYS if self.holdout else self.LIST_KEYS[:2]:
             snapshot = self._cooldown_reads.get(key)
             try:
-                self.lists[key] = DashboardList(self.transport, key, key, self.updated_at,
+                self.lists[key] = DashboardList(self.transport, key, self.updated_at,
                                                 self.key_changes).open(snapshot)
             except FirebaseError as exc:
                 self.failed(key, exc)
 
     def submit(self, rank: int, match: Match | None, message: Message | None,
                holdout: HoldoutRecord | None = None) -> None:
-        """One member's result, written once every member ranked above it is final (rank order); after the
-        run stood down each item is listed as not written."""
-        if self.transport is None or self.dry_run:
+        """One member's result, written once every member ranked above it is final (rank order)."""
+        if self.dry_run:
             return
         self._waiting[rank] = (match, message, holdout)
         while self._next_rank in self._waiting:
@@ -8162,7 +8030,6 @@ class DashboardWriter:
 
     @staticmethod
     def item_label(key: str, item: Mapping[str, Any]) -> str:
-        """How the report names one dashboard item: ``matches (<user_id>, <event_id>)``."""
         return f"{key} ({item.get('user_id')}, {item.get('event_id')})"
 
     def _append(self, key: str, item: Mapping[str, Any]) -> bool:
@@ -8185,8 +8052,7 @@ class DashboardWriter:
         return True
 
     def heal_counts(self) -> None:
-        """Each list a write failed on read again and healed (``DashboardList.open``): its ``count`` is its
-        number of items again, whatever a dropped connection left."""
+        """Each list a write failed on, read again and healed: its ``count`` is its number of items again."""
         for key in sorted(self.broken & self.lists.keys()):
             try:
                 self.lists[key].open()
@@ -8199,7 +8065,7 @@ class DashboardWriter:
                       messages: Sequence[Message], stats: Mapping[str, Any], status: str,
                       holdout: Sequence[HoldoutRecord] = ()) -> None:
         """The dashboard's users and events (replaced), and the campaign archive (holdout included)."""
-        if self.transport is None or self.dry_run:
+        if self.dry_run:
             self.logger.info("Step 7: dry run, nothing written to Firebase")
             return
         if not messages and not holdout:
@@ -8248,16 +8114,14 @@ class DashboardWriter:
         self.logger.info("Step 7: nothing drafted, no campaign archived and the dashboard left as it was")
 
     def summary(self) -> dict[str, Any]:
-        """The report's ``firebase`` section; ``keys_renamed``/``keys_dropped`` count distinct key changes, the
-        first ones named as ``'a.b' -> 'a_b_<digest>'`` (long keys shortened, odd characters escaped)."""
+        """The report's ``firebase`` section; distinct key changes counted, the first ones named (``'a.b' -> ...``)."""
 
         def shown(key: str) -> str:
             return repr(key) if len(key) <= 40 else f"{key[:40]!r}... ({len(key.encode('utf-8', 'surrogatepass'))} bytes)"
         changes = sorted(self.key_changes, key=lambda change: (change[1] is None, change[0], change[1] or ""))
-        live = self.transport is not None and not self.dry_run
-        return {"target": self.transport.description if live else "none (dry run)", "written": list(self.written),
+        return {"target": "none (dry run)" if self.dry_run else self.transport.description, "written": list(self.written),
                 "not_written": list(self.not_written), "errors": list(self.errors),
-                "bytes_sent": self.transport.bytes_sent if self.transport is not None else 0,
+                "bytes_sent": self.transport.bytes_sent,
                 "keys_renamed": sum(stored is not None for _, stored in changes),
                 "keys_dropped": sum(stored is None for _, stored in changes),
                 "key_changes": [f"{shown(found)} -> {shown(stored) if stored is not None else 'dropped'}"
@@ -8271,37 +8135,33 @@ class DashboardWriter:
 
 @dataclass
 class RunResult:
-    """What a run produced: the report and what ``main`` tells the operator. The exit-code rule lives here."""
+    """What a run produced: the report (its status, empty input and firebase section read from it) and what
+    ``main`` tells the operator. The exit-code rule lives here."""
 
-    campaign_id: str
     report: dict[str, Any]
     report_path: Path
-    firebase: dict[str, Any]
     claude_unavailable: str | None
-    status: str = "completed"
     failed_members: int = 0
     signal: int | None = None
-    empty_input: list[str] = field(default_factory=list)  # "users", "events": read, but there were none
     idle: IdleReason | None = None  # why no message was drafted (``idle_reason``), None when one was
 
     @property
     def firebase_failed(self) -> bool:
-        return bool(self.firebase["not_written"] or self.firebase["errors"])
+        return bool(self.report["firebase"]["not_written"] or self.report["firebase"]["errors"])
 
     @property
     def exit_code(self) -> int:
         """130/143 after a signal; 3 when something needs a look; else the idle reason's code (``idle_reason``)."""
         if self.signal is not None:
-            return EXIT_SIGNALS.get(self.signal, 128 + self.signal)
-        needs_a_look = (self.status == "deadline" or self.firebase_failed or self.claude_unavailable
-                        or self.failed_members or self.empty_input)
-        idle = self.idle.exit_code if self.idle is not None else EXIT_OK
-        return EXIT_ATTENTION if needs_a_look else idle
+            return ExitCode(128 + self.signal)
+        needs_a_look = (self.report["status"] == "deadline" or self.firebase_failed or self.claude_unavailable
+                        or self.failed_members or self.report["empty_input"])
+        idle = self.idle.exit_code if self.idle is not None else ExitCode.OK
+        return ExitCode.ATTENTION if needs_a_look else idle
 
 
 class ReturnToTable:
-    """One campaign run: the plan's eight steps in order (pure functions above, steps 5-6 a ``MemberWalk``),
-    and the I/O at the edges: the source, the dashboard (``DashboardWriter``) and the files under ``--out``."""
+    """One campaign run: the plan's eight steps in order, and the I/O at the edges (source, dashboard, ``--out``)."""
 
     def __init__(self, options: RunOptions, settings: Settings, logger: logging.Logger, *,
                  source: DataSource, dashboard: DashboardWriter, hoods: NeighbourhoodMap,
@@ -8318,7 +8178,6 @@ class ReturnToTable:
         self.control = control or RunControl()
         self.issues = DataIssues()
         self.empty_input: list[str] = []  # collections the source had no documents in (``empty_collections``)
-        self.data_dir = options.data_dir
         self.decisions: dict[str, str] = {}  # eligible member id -> "selected" or its skip_reason (``SKIP_REASONS``)
         self.candidate_index: CandidateIndex | None = None  # step 2's open events indexed for step 5
         self.activity: Mapping[str, Activity] = {}  # step 1's activity of every member, for ``reach_member``
@@ -8331,8 +8190,7 @@ class ReturnToTable:
     # --- step 1: fetch, find and rank the dormant members -----------------------------------
 
     def fetch(self) -> StepOneInput:
-        """The source's records, screened (``screen_records``; ``data/raw/`` keeps them as read), with the
-        activity and statuses a counting source counted."""
+        """The source's records, screened (``data/raw/`` keeps them as read), with what a counting source counted."""
         data = read_source(self.source, self.options.now, reading_progress if self.options.progress else None)
         self.issues.add("unreadable_extended_json_values", data.bad_values)
         self.issues.add_all(data.skipped)
@@ -8349,7 +8207,7 @@ class ReturnToTable:
         if skipped:
             self.logger.warning("Step 1: %d records skipped (nested too deep or without a usable _id); "
                                 "the report's data_issues counts them", skipped)
-        keep_raw(self.data_dir / "raw", data, {"users": screened_users, "events": screened_events})
+        keep_raw(self.options.data_dir / "raw", data, {"users": screened_users, "events": screened_events})
         users, repeated_users = dedupe_by_id(screened_users.records)
         events, repeated_events = dedupe_by_id(screened_events.records)
         self.issues.add("repeated_user_ids", repeated_users)
@@ -8362,7 +8220,7 @@ class ReturnToTable:
         census = find_dormant_users(read.users, self.activity, self.options.now, zone=self.zone.key, complete=False)
         if read.statuses is not None:
             census = dataclasses.replace(census, status_counts=read.statuses)
-        write_json(self.data_dir / "processed" / "dormant_users.json", census.eligible, private=True)
+        write_json(self.options.data_dir / "processed" / "dormant_users.json", census.eligible, private=True)
         self.logger.info("Step 1: %d dormant members, %d personalisation-ready (statuses: %s)",
                          census.dormant_total, len(census.eligible), census.status_counts)
         return census
@@ -8374,8 +8232,7 @@ class ReturnToTable:
         return ledger
 
     def cooldown(self) -> set[str]:
-        """Members messaged or held out within the cooldown (or later than ``now``) or this campaign day (a top-up
-        never drafts one twice, even with ``--cooldown-days 0``); reads the day's limit and seats too."""
+        """Members messaged or held out within the cooldown or this campaign day; reads the day's limit and seats."""
         recent: set[str] = set()
         try:
             if self.options.cooldown_days > 0:
@@ -8400,8 +8257,7 @@ class ReturnToTable:
         return recent | self.history.today_members
 
     def select(self, census: DormancyCensus) -> list[tuple[int, DormantMember]]:
-        """The eligible members outside the cooldown as ``(rank, member)`` for the walk (which checks each one's
-        phone and opt-out: ``reachable``); the others get ``cooldown``."""
+        """The eligible members outside the cooldown as ``(rank, member)`` for the walk; the others get ``cooldown``."""
         recent = self.cooldown()
         phones = list(self.dashboard.recent_phones)  # the numbers contacted within the cooldown ...
         walk: list[tuple[int, DormantMember]] = []
@@ -8419,14 +8275,13 @@ class ReturnToTable:
 
     def future_events(self, events: Sequence[Mapping[str, Any]]) -> list[FutureEvent]:
         future = find_future_events(events, self.options.now, self.issues)
-        write_json(self.data_dir / "processed" / "future_events.json", future)
+        write_json(self.options.data_dir / "processed" / "future_events.json", future)
         self.candidate_index = CandidateIndex.build(future, self.hoods, self.options.now, self.options.weights)
         open_count = sum(1 for e in future if e["remaining_spots"] != 0)
         self.logger.info("Step 2: %d future public events, %d with open spots", len(future), open_count)
         return future
 
     def member_walk(self, campaign_id: str) -> MemberWalk:
-        """Steps 5-6's walk, given what steps 1-2 found, the dashboard's seats and today's volume."""
         return MemberWalk(options=self.options, logger=self.logger, sms=self.sms, zone=self.zone, hoods=self.hoods,
                           advisor=self.advisor, control=self.control, dashboard=self.dashboard,
                           activity=self.activity, candidate_index=self.candidate_index, seats=self.seats,
@@ -8466,12 +8321,12 @@ class ReturnToTable:
         left_out = Counter(code for code in self.decisions.values() if code in UNTEXTABLE)
         self.logger.info("Steps 5-6: %d members reached, %s", len(outcomes) + sum(left_out.values()),
                          ", ".join(f"{n} {code}" for code, n in sorted(left_out.items())) or "all of them textable")
-        write_json_items(self.data_dir / "processed" / "dormant_users.json",
+        write_json_items(self.options.data_dir / "processed" / "dormant_users.json",
                          walk_listing(census.eligible, self.decisions, self.skip_details), private=True)
-        write_skip_list(self.data_dir, census.eligible, self.decisions)
+        write_skip_list(self.options.data_dir, census.eligible, self.decisions)
         selected = [o.user for o in outcomes if not o.held_out]  # the treatment members the walk reached
         not_started = sum(code == "not_started" for code in self.decisions.values())
-        status = self.final_status(not_started)
+        status = self.control.status if self.control.signal is not None or not_started else "completed"
         if status != "completed":
             self.logger.warning("Run %s: %d members done; %d were not started", status, len(outcomes), not_started,
                                 extra=FILE_ONLY)  # stderr says it (``report_problems``): once in cron mail
@@ -8488,7 +8343,6 @@ class ReturnToTable:
         if claude_down:
             self.logger.error("Claude was unavailable (%s): rules and template were used", claude_down,
                               extra=FILE_ONLY)  # stderr says it (``report_problems``): once in cron mail
-        firebase = self.dashboard.summary()
         # the campaign day's --limit was drafted before this run: exit 0
         hint = IdleReason.DAY_LIMIT_DRAFTED if self.volume.remaining == 0 else None
         idle = idle_reason(len(census.eligible), self.decisions, len(messages), hint)
@@ -8497,29 +8351,20 @@ class ReturnToTable:
         report = build_report(                             # step 8
             campaign_id=campaign_id, run_started=started, finished=datetime.now(UTC), options=options,
             source_label=self.source.label, census=census, selected=selected, decisions=self.decisions,
-            skip_details=self.skip_details,
-            future_events=future, outcomes=outcomes, steps_5_6_seconds=steps_5_6_seconds, issues=self.issues,
-            firebase=firebase, errors=list(self.dashboard.errors), status=status,
-            llm_usage=self.advisor.usage_report() if self.advisor is not None else None,
-            sms_segment_price=self.segment_price, earlier_30_days=earlier,
+            skip_details=self.skip_details, future_events=future, outcomes=outcomes,
+            steps_5_6_seconds=steps_5_6_seconds, issues=self.issues, firebase=self.dashboard.summary(),
+            errors=list(self.dashboard.errors), status=status, sms_segment_price=self.segment_price,
+            llm_usage=self.advisor.usage_report() if self.advisor is not None else None, earlier_30_days=earlier,
             empty_input=self.empty_input, places_not_located=unlocated_places(
                 self.hoods, [*(text_field(u, "homeNeighborhood") for u in census.eligible),
                              *(text_field(e, "neighborhood") for e in future)]),
             volume=volume_report(self.volume, self.seats, len(messages), len(held_out)), idle=idle)
         report_path = write_report(options.report_stem(campaign_id), report, self.logger)
-        return RunResult(campaign_id, report, report_path, firebase, claude_down, status,
-                         failed_members=sum(o.failed for o in outcomes), signal=self.control.signal,
-                         empty_input=list(self.empty_input), idle=idle)
-
-    def final_status(self, not_started: int) -> str:
-        """``interrupted`` after a signal; ``deadline`` when the deadline left members unstarted."""
-        if self.control.signal is not None:
-            return "interrupted"
-        return "deadline" if not_started and self.control.stopping else "completed"
+        return RunResult(report, report_path, claude_down, failed_members=sum(o.failed for o in outcomes),
+                         signal=self.control.signal, idle=idle)
 
 
 def wait_first(running: set[Any]) -> tuple[set[Any], set[Any]]:
-    """The futures that finished (at least one), and those still running."""
     from concurrent.futures import FIRST_COMPLETED, wait
 
     return wait(running, return_when=FIRST_COMPLETED)
@@ -8552,7 +8397,7 @@ no_progress = functools.partial(progress_bar, enabled=False)
 # ``measure`` follows every member of every archived campaign in range, messaged ("treated") or held
 # out, for ``--window-days`` after their reference time, and compares how many came back. Pure
 # functions first (statistics, reading archived records, following members, grouping, the report),
-# then the I/O at the edges (``read_campaigns``, ``read_events``, ``run_measure``). It writes nothing
+# then the I/O at the edges (``read_campaigns``, ``read_screened``, ``run_measure``). It writes nothing
 # to Firebase or its mirror: only reads, and its report files.
 
 CONFIDENCE = 0.95
@@ -8942,42 +8787,44 @@ def window_end(reference: datetime, days: int) -> datetime:
     return reference + window if LATEST_DATE - reference > window else LATEST_DATE
 
 
-class Attendance:
-    """The followed members' events of any type in start order: "back within W days of t" is a bisect."""
+def after(timeline: Sequence[tuple[datetime, str]], day: datetime) -> int:
+    """Where the entries after ``day`` begin in a time-ordered (moment, id) list."""
+    return bisect.bisect_right(timeline, day, key=lambda entry: entry[0])
 
-    def __init__(self, events: Iterable[Mapping[str, Any]], members: set[str], issues: DataIssues) -> None:
-        found: dict[str, list[tuple[datetime, str]]] = {}
-        for event in events:
-            start, event_id = to_utc(event.get("startDate")), id_of(event.get("_id")) or ""
-            if start is None:
-                issues.add("events_without_valid_start_date")
-                continue
-            for member in event_member_ids(event, issues) & members:
-                found.setdefault(member, []).append((start, event_id))
-        self.events = {member: sorted(seen) for member, seen in found.items()}
 
-    def follow(self, observation: Observation, now: datetime, days: int) -> Followed:
-        """Did this member come back (to any event, and to the suggested one) within the window?"""
-        end = window_end(observation.reference, days)
-        seen = self.events.get(observation.user_id, [])
-        first = bisect.bisect_right(seen, observation.reference, key=lambda entry: entry[0])
-        last = bisect.bisect_right(seen, end, key=lambda entry: entry[0])
-        went = {event_id for _, event_id in seen[first:last]}
-        return Followed(observation, end > now, bool(went), observation.event_id in went)
+def attendance(events: Iterable[Mapping[str, Any]], members: set[str],
+               issues: DataIssues) -> dict[str, list[tuple[datetime, str]]]:
+    """The followed members' (start, event id) of any type in start order: "back within W days" is a bisect."""
+    found: dict[str, list[tuple[datetime, str]]] = {}
+    for event in events:
+        start, event_id = to_utc(event.get("startDate")), id_of(event.get("_id")) or ""
+        if start is None:
+            issues.add("events_without_valid_start_date")
+            continue
+        for member in event_member_ids(event, issues) & members:
+            found.setdefault(member, []).append((start, event_id))
+    return {member: sorted(seen) for member, seen in found.items()}
+
+
+def follow(observation: Observation, seen: Sequence[tuple[datetime, str]], now: datetime, days: int) -> Followed:
+    """Did this member come back (to any event, and to the suggested one) within the window?"""
+    end = window_end(observation.reference, days)
+    went = {event_id for _, event_id in seen[after(seen, observation.reference):after(seen, end)]}
+    return Followed(observation, end > now, bool(went), observation.event_id in went)
 
 
 def follow_campaigns(campaigns: Sequence[ArchivedCampaign], events: Sequence[Mapping[str, Any]], now: datetime,
                      days: int, issues: DataIssues) -> list[tuple[ArchivedCampaign, list[Followed]]]:
     """Every campaign's members followed through their windows; their suggested event's category (the first
     the host wrote, cleaned) and name are traits ("event_category", "event")."""
-    attendance = Attendance(events, {o.user_id for c in campaigns for o in c.observations}, issues)
+    seen = attendance(events, {o.user_id for c in campaigns for o in c.observations}, issues)
     wanted = {o.event_id for c in campaigns for o in c.observations if o.event_id}
     named = {event_id: (("event_category", segment_text(next(iter(text_list(event, "categories")), None), "none")),
                         ("event", clean_text(text_field(event, "name") or "", 80)[0]))
              for event in events if (event_id := id_of(event.get("_id"))) in wanted}
     unnamed = (("event_category", "unknown"),)
-    return [(c, [attendance.follow(o._replace(traits=(*o.traits, *named.get(o.event_id or "", unnamed))), now, days)
-                 for o in c.observations]) for c in campaigns]
+    return [(c, [follow(o._replace(traits=(*o.traits, *named.get(o.event_id or "", unnamed))),
+                        seen.get(o.user_id, []), now, days) for o in c.observations]) for c in campaigns]
 
 
 @dataclass(frozen=True)
@@ -9196,14 +9043,12 @@ def difference_text(found: Mapping[str, Any]) -> str:
     return f"{found['difference_pp']:+.1f} ({found['interval_pp'][0]:+.1f} to {found['interval_pp'][1]:+.1f})"
 
 
-MEASURE_COLUMNS = ["group", "size", "came back", "rate (95% CI)", "to suggested event", "open (already back)"]
-CAMPAIGN_COLUMNS = ["campaign", "treated", "holdout", "lift, pp (95% CI)", "p", "open"]
 SEGMENT_COLUMNS = ["segment", "n", "returns", "rate (95% CI)", "lift vs holdout, pp (95% CI)", "p"]
 
 
 def block_rows(block: Mapping[str, Any]) -> list[list[str]]:
     """A block's groups as a table, header first."""
-    rows = [MEASURE_COLUMNS]
+    rows = [["group", "size", "came back", "rate (95% CI)", "to suggested event", "open (already back)"]]
     for name, g in block["groups"].items():
         interval = g["rate_interval"]
         rate = percent(g["rate"]) + (f" ({percent(interval[0])}-{percent(interval[1])})" if interval else "")
@@ -9251,7 +9096,7 @@ def share(g: Mapping[str, Any]) -> str:
 
 def campaign_rows(report: Mapping[str, Any]) -> list[list[str]]:
     """One line per campaign, header first; each id as read, made safe to show."""
-    rows = [CAMPAIGN_COLUMNS]
+    rows = [["campaign", "treated", "holdout", "lift, pp (95% CI)", "p", "open"]]
     for entry in report["campaigns"]:
         groups, found = entry["groups"], entry["lift"]["treated"]
         if found is None:
@@ -9280,12 +9125,6 @@ def measure_console(report: Mapping[str, Any], report_path: Path) -> str:
         lines += ["", f"Tones: {report['variants']['verdict']}"]
     lines += ["", INTERVAL_METHOD + "; " + TEST_METHOD + ".", f"Report: {report_path}"]
     return "\n".join(lines) + "\n"
-
-
-def markdown_table(rows: Sequence[Sequence[str]]) -> list[str]:
-    header, *body = rows
-    return [f"| {' | '.join(header)} |", "|" + " --- |" * len(header)] + [
-        f"| {' | '.join(cell(c) for c in row)} |" for row in body]
 
 
 def range_text(report: Mapping[str, Any]) -> str:
@@ -9421,15 +9260,15 @@ def measure_funnel(report: Mapping[str, Any], campaign_stages: Sequence[tuple[st
 
 def weekly_chart(axes: Any, weekly: Sequence[Mapping[str, Any]], days: Sequence[datetime]) -> None:
     """Treated and holdout return rates per week, each with its Wilson 95% band."""
+    import numpy as np
+
     for arm, colour in (("treated", "tab:blue"), ("holdout", "tab:grey")):
         rows = [(d, w[arm]) for d, w in zip(days, weekly, strict=True) if w[arm]["size"]]
         if rows:
             shown = [d for d, _ in rows]
-            rates = [100 * g["rate"] for _, g in rows]
-            low, high = [100 * g["rate_interval"][0] for _, g in rows], [100 * g["rate_interval"][1] for _, g in rows]
-            axes.errorbar(shown, rates, yerr=[[r - lo for r, lo in zip(rates, low, strict=True)],
-                                              [hi - r for r, hi in zip(rates, high, strict=True)]],
-                          marker="o", capsize=4, color=colour, label=arm)
+            rates, low, high = 100 * np.array([[g["rate"], *g["rate_interval"]] for _, g in rows]).T
+            axes.errorbar(shown, rates, yerr=[rates - low, high - rates], marker="o", capsize=4, color=colour,
+                          label=arm)
             axes.fill_between(shown, low, high, color=colour, alpha=0.2)
     axes.set_title("Came back within the window, per week (95% Wilson bands)", y=TITLE_Y)
     axes.set(ylabel="% came back", xlabel="week of the message (or hold-out)")
@@ -9503,14 +9342,6 @@ def chart_images(report: Mapping[str, Any]) -> dict[str, bytes]:
     return images
 
 
-def write_bytes_private(path: Path, data: bytes) -> None:
-    def write(handle: Any) -> None:
-        handle.flush()
-        handle.buffer.write(data)
-
-    atomic_write(path, write, private=True)
-
-
 HTML_STYLE = ("body{font-family:system-ui,sans-serif;max-width:60rem;margin:2rem auto;padding:0 1rem;color:#222}"
               "table{border-collapse:collapse;margin:.5rem 0 1rem}td,th{border:1px solid #ccc;padding:.25rem .5rem;"
               "text-align:right}td:first-child,th:first-child{text-align:left}img{max-width:100%}"
@@ -9567,7 +9398,7 @@ def write_measure_charts(report: Mapping[str, Any], md_path: Path) -> tuple[dict
         images = {}
     paths = {name: md_path.with_name(f"{md_path.stem}_{name}.png") for name in images}
     for name, path in paths.items():
-        write_bytes_private(path, images[name])
+        atomic_write(path, lambda handle, png=images[name]: handle.buffer.write(png), private=True)  # bytes, not text
     html_path = md_path.with_suffix(".html")
     write_text_private(html_path, measure_html(report, images))
     return paths, html_path
@@ -9616,25 +9447,31 @@ def read_campaigns(transport: FirebaseTransport, options: MeasureOptions, issues
     return sorted(campaigns, key=lambda c: (c.created_at, c.campaign_id))
 
 
-def read_events(source: DataSource, issues: DataIssues) -> tuple[list[dict[str, Any]], list[str]]:
-    """The source's events, screened as the campaign screens them, and ``["events"]`` when there are none."""
+class ScreenedInput(NamedTuple):
+    """What a source read, screened and deduplicated as the campaign's step 1 does it."""
+
+    users: list[dict[str, Any]]
+    events: list[dict[str, Any]]
+    issues: DataIssues
+    empty: list[str]  # "users", "events": the source had none
+
+
+def read_screened(source: DataSource, issues: DataIssues | None = None,
+                  kinds: tuple[str, ...] = ("users", "events")) -> ScreenedInput:
+    """The source's ``kinds`` (measure reads only the events) through the campaign's screen (``screen_records``,
+    ``dedupe_by_id``), counted in ``issues``; nothing written."""
     data = source.read()
+    issues = DataIssues() if issues is None else issues
     issues.add("unreadable_extended_json_values", data.bad_values)
-    issues.add_all({kind: n for kind, n in data.skipped.items() if kind.startswith("events")})
-    screened = screen_records(data.events, "events")
-    issues.add_all(screened.issues)
-    events, repeated = dedupe_by_id(screened.records)
-    issues.add("repeated_event_ids", repeated)
-    return events, [name for name in empty_collections(data) if name == "events"]
-
-
-def measure_report_paths(out_dir: Path, started: datetime) -> tuple[Path, Path]:
-    """``reports/return_to_table_measure_<UTC timestamp>.json`` and ``.md``, the next free second if taken."""
-    reports, moment = out_dir / "reports", started
-    while (reports / f"return_to_table_measure_{moment.strftime('%Y%m%d-%H%M%S')}.json").exists():
-        moment += timedelta(seconds=1)
-    stem = f"return_to_table_measure_{moment.strftime('%Y%m%d-%H%M%S')}"
-    return reports / f"{stem}.json", reports / f"{stem}.md"
+    issues.add_all({kind: n for kind, n in data.skipped.items() if kind.startswith(kinds)})
+    kept: dict[str, list[dict[str, Any]]] = {}
+    for name in kinds:
+        screened = screen_records(getattr(data, name), name)
+        issues.add_all(screened.issues)
+        kept[name], repeated = dedupe_by_id(screened.records)
+        issues.add(f"repeated_{name[:-1]}_ids", repeated)
+    return ScreenedInput(kept.get("users", []), kept.get("events", []), issues,
+                         [name for name in empty_collections(data) if name in kinds])
 
 
 def stale_events_note(events: Iterable[Mapping[str, Any]], campaigns: Sequence[ArchivedCampaign]) -> str | None:
@@ -9700,25 +9537,13 @@ def measure_options(args: argparse.Namespace, settings: Settings) -> MeasureOpti
     return MeasureOptions(run, args.window_days, dates, args.campaign)
 
 
-def measure_logger() -> logging.Logger:
-    """Warnings on stderr (the table is stdout's); ``measure`` keeps no log file."""
-    logger = logging.getLogger("ReturnToTable.measure")
-    logger.setLevel(logging.WARNING)
-    logger.propagate = False
-    close_logging(logger)
-    handler = logging.StreamHandler(sys.stderr)
-    handler.setFormatter(logging.Formatter("%(levelname)s - %(message)s"))
-    logger.addHandler(handler)
-    return logger
-
-
 def run_measure(args: argparse.Namespace, env: Mapping[str, str] | None, mongo_client: Any,
                 closing: ExitStack) -> int:
     """The ``measure`` run: the archive, the events, the statistics, the report; returns the exit code."""
     started = datetime.now(UTC)
     settings = Settings.from_env(env if env is not None else read_environment())
     options = measure_options(args, settings)
-    logger = measure_logger()
+    logger = own_logger("ReturnToTable.measure", logging.WARNING, sys.stderr)  # no log file
     closing.callback(close_logging, logger)
     transport = make_dashboard(options.run, settings, logger).transport  # dry run: it can only read
     assert transport is not None
@@ -9730,26 +9555,25 @@ def run_measure(args: argparse.Namespace, env: Mapping[str, str] | None, mongo_c
     closing.callback(source.close)
     if isinstance(source, MongoSource) and mongo_client is None:
         closing.callback(source.client.close)
-    events, empty = read_events(source, issues)
-    followed = follow_campaigns(campaigns, events, options.run.now, options.window_days, issues)
+    screened = read_screened(source, issues, ("events",))
+    followed = follow_campaigns(campaigns, screened.events, options.run.now, options.window_days, issues)
     measured = [(c, Measurement.of(f)) for c, f in followed]
     report = measure_report(run_date=started, now=options.run.now, window_days=options.window_days,
                             dates=options.dates, campaign=options.campaign, source_label=source.label,
                             archive=transport.description, measured=measured, issues=issues, errors=errors,
-                            empty_input=empty, events_note=stale_events_note(events, campaigns))
+                            empty_input=screened.empty, events_note=stale_events_note(screened.events, campaigns))
     report.update(learned_json([f for _, fs in followed for f in fs]))
     report["funnel"] = measure_funnel(report, report_funnel(options.run.out_dir / "reports",
                                                             {c.campaign_id for c in campaigns}))
-    json_path, md_path = measure_report_paths(options.run.out_dir, started)
-    charts, html_path = write_measure_charts(report, md_path)
+    stem = free_report_stem(options.run.out_dir, "measure", started)
+    charts, html_path = write_measure_charts(report, stem.with_suffix(".md"))
     report["charts"] = {name: path.name for name, path in charts.items()} | {"html": html_path.name}
-    write_json(json_path, report, private=True)
-    write_text_private(md_path, measure_markdown(report))
+    md_path = write_report_files(stem, report, measure_markdown(report))
     print(measure_console(report, md_path), end="")
     for problem in measure_problems(report, source):
         print(problem, file=sys.stderr)
     needs_a_look = report["errors"] or report["empty_input"] or report["events_note"]  # MEASURE_EXIT_CODES_HELP
-    return EXIT_ATTENTION if needs_a_look or not report["campaigns_measured"] else EXIT_OK
+    return ExitCode.ATTENTION if needs_a_look or not report["campaigns_measured"] else ExitCode.OK
 
 
 def measure_problems(report: Mapping[str, Any], source: DataSource) -> list[str]:
@@ -9817,39 +9641,8 @@ LATER_INFORMATION = (
 )
 
 
-class Picker(Protocol):
-    """A matcher under test: one member's pick among their scored candidates (``rules_pick`` by default)."""
-
-    def __call__(self, user: Mapping[str, Any], candidates: Sequence[Candidate]) -> Candidate | None: ...
-
-
-class ScreenedInput(NamedTuple):
-    """What a source read, screened and deduplicated as the campaign's step 1 does it."""
-
-    users: list[dict[str, Any]]
-    events: list[dict[str, Any]]
-    issues: DataIssues
-    empty: list[str]  # "users", "events": the source had none
-
-
-def read_screened(source: DataSource) -> ScreenedInput:
-    """The source's records through the campaign's screen (``screen_records``, ``dedupe_by_id``); nothing written."""
-    data = source.read()
-    issues = DataIssues()
-    issues.add("unreadable_extended_json_values", data.bad_values)
-    issues.add_all(data.skipped)
-    users, events = screen_records(data.users, "users"), screen_records(data.events, "events")
-    issues.add_all(users.issues + events.issues)
-    kept_users, repeated_users = dedupe_by_id(users.records)
-    kept_events, repeated_events = dedupe_by_id(events.records)
-    issues.add("repeated_user_ids", repeated_users)
-    issues.add("repeated_event_ids", repeated_events)
-    return ScreenedInput(kept_users, kept_events, issues, empty_collections(data))
-
-
-def after(timeline: Sequence[tuple[datetime, str]], day: datetime) -> int:
-    """Where the entries after ``day`` begin in a time-ordered (moment, id) list."""
-    return bisect.bisect_right(timeline, day, key=lambda entry: entry[0])
+# A matcher under test: one member's pick among their scored candidates (``rules_pick`` by default).
+Picker = Callable[[Mapping[str, Any], Sequence[Candidate]], Candidate | None]
 
 
 @dataclass(frozen=True)
@@ -9944,28 +9737,33 @@ def score_trial(user: Mapping[str, Any], candidates: Sequence[Candidate], attend
     return Trial(user["_id"], candidates, attended, hits, fell_back)
 
 
-def backtest_date(history: History, day: datetime, window_days: int, hoods: NeighbourhoodMap,
-                  pick: Picker, weights: MatchWeights = BUILT_IN_MATCH_WEIGHTS) -> tuple[int, list[Trial]]:
-    """One as-of date: the eligible members, and a trial for each who came back within the window. Every
-    eligible member, in rank order, takes a seat at their pick among those left (``ALLOCATION_RULE``)."""
-    census, future = history.at(day)
-    end = day + timedelta(days=window_days)
-    seats = SeatLedger(DEFAULT_INVITES_PER_SPOT, DEFAULT_MAX_INVITES_PER_EVENT)
-    index = CandidateIndex.build(future, hoods, day, weights) if pick is rules_pick else None  # the rules', lazily
-    trials = []
-    for user in census.eligible:
-        attended = history.went(user["_id"], day, end)
-        if attended or index is None:
-            candidates = score_candidates(user, future, hoods, day, weights)
-            seated = pick(user, list(seats.open_only(user["_id"], candidates)))
-        else:  # only their seat matters: the first candidate with one left
-            seated = next(seats.open_only(user["_id"], index.ranked(user)), None)
-        if seated is not None:
-            seats.reserve(user["_id"], seated.event)
-        if attended:
-            hosts = history.favourite_hosts(user["_id"], day)
-            trials.append(score_trial(user, candidates, attended, hosts, pick, seated))
-    return len(census.eligible), trials
+def run_backtest(history: History, days: Sequence[datetime], window_days: int, hoods: NeighbourhoodMap,
+                 pick: Picker = rules_pick, weights: MatchWeights = BUILT_IN_MATCH_WEIGHTS,
+                 ) -> list[tuple[datetime, int, list[Trial]]]:
+    """Every as-of date D: (D, eligible members, a trial for each who came back within the window); ``pick`` is
+    the matcher under test, its candidates scored with ``weights``. Every eligible member, in rank order, takes a
+    seat at their pick among those left (``ALLOCATION_RULE``)."""
+    dated = []
+    for day in days:
+        census, future = history.at(day)
+        end = day + timedelta(days=window_days)
+        seats = SeatLedger(DEFAULT_INVITES_PER_SPOT, DEFAULT_MAX_INVITES_PER_EVENT)
+        index = CandidateIndex.build(future, hoods, day, weights) if pick is rules_pick else None  # the rules'
+        trials = []
+        for user in census.eligible:
+            attended = history.went(user["_id"], day, end)
+            if attended or index is None:
+                candidates = score_candidates(user, future, hoods, day, weights)
+                seated = pick(user, list(seats.open_only(user["_id"], candidates)))
+            else:  # only their seat matters: the first candidate with one left
+                seated = next(seats.open_only(user["_id"], index.ranked(user)), None)
+            if seated is not None:
+                seats.reserve(user["_id"], seated.event)
+            if attended:
+                hosts = history.favourite_hosts(user["_id"], day)
+                trials.append(score_trial(user, candidates, attended, hosts, pick, seated))
+        dated.append((day, len(census.eligible), trials))
+    return dated
 
 
 def as_of_dates(start: datetime, end: datetime, every_days: int) -> list[datetime]:
@@ -10456,24 +10254,6 @@ def backtest_days(args: argparse.Namespace, clock: datetime) -> list[datetime]:
     return days
 
 
-def run_backtest(history: History, days: Sequence[datetime], window_days: int, hoods: NeighbourhoodMap,
-                 pick: Picker = rules_pick, weights: MatchWeights = BUILT_IN_MATCH_WEIGHTS,
-                 ) -> list[tuple[datetime, int, list[Trial]]]:
-    """Every as-of date: (D, eligible members, trials); ``pick`` is the matcher under test, its candidates
-    scored with ``weights``."""
-    return [(day, *backtest_date(history, day, window_days, hoods, pick, weights)) for day in days]
-
-
-def write_backtest_report(out_dir: Path, report: Mapping[str, Any], started: datetime) -> Path:
-    """``reports/return_to_table_backtest_{stamp}.json`` and ``.md``, atomically; a taken stamp moves a second."""
-    reports, moment = out_dir / "reports", started
-    while (stem := reports / f"return_to_table_backtest_{moment:%Y%m%d-%H%M%S}").with_suffix(".json").exists():
-        moment += timedelta(seconds=1)
-    write_json(stem.with_suffix(".json"), report, private=True)
-    write_text_private(stem.with_suffix(".md"), backtest_markdown(report))
-    return stem.with_suffix(".md")
-
-
 def backtest(args: argparse.Namespace, env: Mapping[str, str] | None, mongo_client: Any, closing: ExitStack) -> int:
     """The subcommand itself: settings, source, history, every date, the report. Errors are the caller's."""
     settings = Settings.from_env(env if env is not None else read_environment())
@@ -10487,6 +10267,7 @@ def backtest(args: argparse.Namespace, env: Mapping[str, str] | None, mongo_clie
     source = make_source(RunOptions(source=kind, folder=folder, now=started, out_dir=out_dir,
                                     insecure_tls=args.insecure_tls),
                          settings, logging.getLogger("ReturnToTable.backtest"), mongo_client)
+    closing.callback(source.close)  # a folder source's engine, as measure and the campaign close it
     if isinstance(source, MongoSource) and mongo_client is None:
         closing.callback(source.client.close)
     clock = time.monotonic()
@@ -10511,13 +10292,13 @@ def backtest(args: argparse.Namespace, env: Mapping[str, str] | None, mongo_clie
         fit["written"] = str(out_dir / WEIGHTS_FILE) if fit["beats_current"] else None
         if fit["written"]:
             write_json(out_dir / WEIGHTS_FILE, weights_document(fit))
-    path = write_backtest_report(out_dir, report, started)
+    path = write_report_files(free_report_stem(out_dir, "backtest", started), report, backtest_markdown(report))
     for line in [*text_table(backtest_table(report), indent=""), lead_line(report), *backtest_learned_lines(report)]:
         print(line)
     print(f"Report: {path} (and .json)")
     if report["pooled"]["returned"] == 0:
         print("warning: nobody came back within any window: nothing was scored", file=sys.stderr)
-    return EXIT_ATTENTION if screened.empty or report["pooled"]["returned"] == 0 else EXIT_OK
+    return ExitCode.ATTENTION if screened.empty or report["pooled"]["returned"] == 0 else ExitCode.OK
 
 
 # =============================================================================================
@@ -10557,8 +10338,7 @@ MAX_RESAMPLES = 100_000
 
 
 def at_most(kind: Any, most: float, unit: str = "") -> Any:
-    """The flag type ``kind`` (``positive_int`` ...) up to ``most``: more is one line and exit 2, never an
-    overflow deep in the run."""
+    """The flag type ``kind`` up to ``most``: more is one line and exit 2, never an overflow deep in the run."""
     return number_type(kind.__name__, kind, lambda value: value <= most, f"must be at most {most:,}{unit}")
 
 
@@ -10584,15 +10364,14 @@ def percentage(text: str) -> float:
 
 
 class OneLineParser(argparse.ArgumentParser):
-    """Usage errors as one line on stderr and exit code 2, like every other bad input. No abbreviations:
-    ``--hold 0.1`` is not taken for ``--holdout`` (a flag another version adds must not change its meaning)."""
+    """Usage errors as one line and exit 2; no abbreviations (``--hold`` is not ``--holdout``)."""
 
     def __init__(self, *args: Any, **kwargs: Any) -> None:
         super().__init__(*args, allow_abbrev=False, **kwargs)
 
     def error(self, message: str) -> Any:
         print(f"error: {message} (see --help)", file=sys.stderr)
-        raise SystemExit(EXIT_USAGE)
+        raise SystemExit(ExitCode.USAGE)
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -10626,8 +10405,7 @@ def build_parser() -> argparse.ArgumentParser:
                         metavar="K",
                         help="events offered to Claude per member, the rules' top K (%(default)s; at most 100)")
     parser.add_argument("--concurrency", type=at_most(positive_int, MAX_CONCURRENCY), default=RunOptions.concurrency,
-                        metavar="N",
-                        help="members handled at once on the Claude path (%(default)s; at most 64)")
+                        metavar="N", help="members handled at once on the Claude path (%(default)s; at most 64)")
     parser.add_argument("--cooldown-days", type=non_negative_int, default=RunOptions.cooldown_days, metavar="D",
                         help="leave out members messaged in the last D days (%(default)s; 0 disables; more days "
                              "than the calendar holds: every message so far)")
@@ -10666,8 +10444,7 @@ MAX_NOW_AHEAD = timedelta(days=1)  # a --now further ahead of the clock is a reh
 
 
 def flag_instant(text: str, flag: str, form: str) -> datetime:
-    """A date or date-time flag as an aware UTC instant (a date: midnight UTC), or UsageError: not ``form``,
-    or outside the years 1970-2200. One rule for ``--now``, ``--since``/``--until`` and ``--from``/``--to``."""
+    """A date or date-time flag as an aware UTC instant (years 1970-2200), or UsageError: not ``form``."""
     parsed = to_utc(text)
     if parsed is None:
         raise UsageError(f"{flag} {text!r} is not {form}")
@@ -10677,12 +10454,10 @@ def flag_instant(text: str, flag: str, form: str) -> datetime:
 
 
 def parse_now(text: str) -> datetime:
-    """``--now`` as an aware UTC instant (any subcommand)."""
     return flag_instant(text, "--now", "a valid ISO-8601 date-time (e.g. 2026-11-23T06:00:00Z)")
 
 
 def usable_out_dir(path: Path) -> Path:
-    """``--out`` resolved and created, or UsageError when it cannot be created or written."""
     out_dir = path.expanduser().resolve()
     try:
         out_dir.mkdir(parents=True, exist_ok=True)
@@ -10694,8 +10469,7 @@ def usable_out_dir(path: Path) -> Path:
 
 
 def source_choice(text: str | None, settings: Settings, hint: str = "") -> tuple[SourceKind, Path | None]:
-    """``--source`` for the campaign and both subcommands: 'mongo' (the default when MongoDB is configured) or,
-    any other value, a mongoexport folder (even one named "demo"; a missing one near "mongo" or "demo" is refused)."""
+    """``--source``: 'mongo' (default when configured) or a mongoexport folder (a missing one near a name: refused)."""
     if text == "mongo" or (text is None and settings.mongo_uri):
         if not settings.mongo_uri:
             raise UsageError(MONGO_NOT_CONFIGURED)
@@ -10712,8 +10486,7 @@ def source_choice(text: str | None, settings: Settings, hint: str = "") -> tuple
 
 
 def resolve_options(args: argparse.Namespace, settings: Settings) -> RunOptions:
-    """One run's options from the arguments (a flag named as a ``RunOptions`` field sets it) and settings; refuse
-    what cannot be run (a far ``--now`` without ``--dry-run`` would fill the cooldown for years, ``--demo`` too)."""
+    """One run's options (a flag named as a ``RunOptions`` field sets it); refuse what cannot be run."""
     now = datetime.now(UTC).replace(microsecond=0)
     if args.now is not None:
         parsed = parse_now(args.now)
@@ -10752,8 +10525,7 @@ def make_source(options: RunOptions, settings: Settings, logger: logging.Logger,
 
 def make_dashboard(options: RunOptions, settings: Settings, logger: logging.Logger,
                    control: RunControl | None = None) -> DashboardWriter:
-    """The dashboard: the REST API when configured (never in --demo), else the local mirror. A dry run gets
-    one too, to read who was messaged recently; it writes nothing."""
+    """The REST API when configured (never in --demo), else the local mirror; a dry run reads it, writes nothing."""
     transport: FirebaseTransport
     if options.is_demo or not settings.firebase_url:
         mirror = options.out_dir / "data" / "firebase"
@@ -10775,8 +10547,7 @@ def make_dashboard(options: RunOptions, settings: Settings, logger: logging.Logg
 
 
 def on_stop_signals(handler: Any) -> Any:
-    """``handler`` for SIGINT and SIGTERM (in the main thread only: elsewhere Python refuses); returns a function
-    that puts the previous handlers back."""
+    """``handler`` for SIGINT and SIGTERM (main thread only); returns what puts the previous handlers back."""
     if threading.current_thread() is not threading.main_thread():
         return lambda: None
     previous = {s: signal.signal(s, handler) for s in (signal.SIGINT, signal.SIGTERM)}
@@ -10784,14 +10555,13 @@ def on_stop_signals(handler: Any) -> Any:
 
 
 def handle_stop_signals(control: RunControl) -> Any:
-    """The campaign's SIGINT/SIGTERM: the first asks the run to stop (members in flight finish, the report is
-    written); a second ends the process at once (every file is written atomically, the lock dies with us)."""
+    """The campaign's SIGINT/SIGTERM: the first stops the run (the report is written); a second exits at once."""
 
     def on_signal(signum: int, _frame: Any) -> None:
         name = signal.Signals(signum).name
         if control.signal is not None:
             os.write(2, f"error: {name} again: stopped at once; the report was not written\n".encode())
-            os._exit(EXIT_SIGNALS.get(signal.Signals(signum), 128 + signum))
+            os._exit(128 + signum)
         control.request_stop(signum)
         if sys.stderr.isatty():  # an operator at a terminal hears at once; cron mail gets the one final line
             os.write(2, f"warning: {name}: finishing the members in flight, then writing the report "
@@ -10801,8 +10571,7 @@ def handle_stop_signals(control: RunControl) -> Any:
 
 
 class Interrupted(KeyboardInterrupt):
-    """SIGINT or SIGTERM (its number the argument) during a subcommand: unwinds as Ctrl-C does (exit 130/143, one
-    line, no report; its files are written atomically)."""
+    """SIGINT or SIGTERM (its number the argument) during a subcommand: unwinds as Ctrl-C does (exit 130/143)."""
 
     @classmethod
     def on_signal(cls, signum: int, _frame: Any) -> None:
@@ -10811,8 +10580,7 @@ class Interrupted(KeyboardInterrupt):
 
 def run_campaign(args: argparse.Namespace, env: Mapping[str, str] | None, mongo_client: Any,
                  closing: ExitStack) -> int:
-    """The campaign as ``raw_main`` runs a program: settings, the lock, the services, one campaign, the lines cron
-    mail should show (``report_problems``), its exit code."""
+    """The campaign as ``raw_main`` runs a program: settings, the lock, the services, one run, its exit code."""
     settings = Settings.from_env(env if env is not None else read_environment())
     weights = load_match_weights(settings.env)  # MATCH_WEIGHTS: a bad file is exit 2 before anything runs
     options = replace(resolve_options(args, settings), match_weights=weights.label, weights=weights,
@@ -10849,22 +10617,19 @@ def run_campaign(args: argparse.Namespace, env: Mapping[str, str] | None, mongo_
 
 def main(argv: Sequence[str] | None = None, *, env: Mapping[str, str] | None = None,
          mongo_client: Any = None) -> int:
-    """Run one campaign and return its exit code (``ExitCode``, the table in EXIT_CODES_HELP); never a
-    traceback for bad input, a service failure, a full disk or a held lock. ``measure`` and ``backtest``
-    as the first argument run those subcommands instead (same exit codes, same funnel: ``raw_main``)."""
+    """Run one campaign (or ``measure``, ``backtest``) and return its ``ExitCode``, never a traceback."""
     argv = list(sys.argv[1:] if argv is None else argv)
-    if argv[:1] == ["measure"]:  # did the campaigns bring anyone back, treated against the holdout (read-only)
-        return raw_main("measure", build_measure_parser(), run_measure, argv[1:], env, mongo_client)
-    if argv[:1] == ["backtest"]:  # would the rules matcher's picks have been events members went to (read-only)
-        return raw_main("backtest", backtest_parser(), backtest, argv[1:], env, mongo_client)
+    subcommands = {"measure": (build_measure_parser, run_measure), "backtest": (backtest_parser, backtest)}
+    if argv[:1] and argv[0] in subcommands:  # both read-only
+        parser, program = subcommands[argv[0]]
+        return raw_main(argv[0], parser(), program, argv[1:], env, mongo_client)
     return raw_main("the run", build_parser(), run_campaign, argv, env, mongo_client)
 
 
 def raw_main(name: str, parser: argparse.ArgumentParser, program: Any, argv: Sequence[str],
              env: Mapping[str, str] | None, mongo_client: Any) -> int:
-    """The one funnel from errors to exit codes for the campaign and both subcommands (httpie's ``raw_main``):
-    ``program(args, env, mongo_client, closing)`` does the work and returns its code; every error is one line and
-    its ``ExitCode``. What ``closing`` holds (the lock, the clients, the log) is released however it ends."""
+    """The one funnel from errors to exit codes (httpie's ``raw_main``): ``program(args, env, mongo_client, closing)``
+    works and returns its code; every error is one line and its ``ExitCode``; ``closing`` is always released."""
     try:
         args = parser.parse_args(list(argv))
     except SystemExit as exc:  # --help, or a usage error already printed
@@ -10882,7 +10647,7 @@ def raw_main(name: str, parser: argparse.ArgumentParser, program: Any, argv: Seq
         except KeyboardInterrupt as exc:  # Ctrl-C, or ``Interrupted`` (SIGINT/SIGTERM)
             signum = exc.args[0] if isinstance(exc, Interrupted) else signal.SIGINT
             return error_line(f"{name} interrupted by {signal.Signals(signum).name}; stopped at once, nothing "
-                              "half-written", EXIT_SIGNALS[signal.Signals(signum)])
+                              "half-written", ExitCode(128 + signum))
         except Exception as exc:  # out of memory anywhere (here, a helper ``Worker``, a member's thread); else a bug
             if not out_of_memory(exc):
                 raise
@@ -10890,31 +10655,31 @@ def raw_main(name: str, parser: argparse.ArgumentParser, program: Any, argv: Seq
 
 
 def error_line(problem: object, code: ExitCode) -> ExitCode:
-    """The one line on stderr an error gets (cron mail), and its exit code."""
     print(f"error: {problem}", file=sys.stderr)
     return code
 
 
 def report_problems(result: RunResult) -> None:
     """What cron mail should show besides the summary line: one line per kind of trouble."""
-    if result.status != "completed":
+    status, empty_input, firebase = result.report["status"], result.report["empty_input"], result.report["firebase"]
+    if status != "completed":
         by = f" by {signal.Signals(result.signal).name}" if result.signal is not None else ""
-        print(f"warning: run {result.status}{by}: {result.report['summary']['users_not_started']} members not "
+        print(f"warning: run {status}{by}: {result.report['summary']['users_not_started']} members not "
               f"started; the report {result.report_path} says what was done", file=sys.stderr)
     if result.claude_unavailable:
         print(f"warning: Claude was unavailable ({result.claude_unavailable}); the rules matcher and the "
               "template wrote this run's messages", file=sys.stderr)
     if result.failed_members:
         print(f"warning: {result.failed_members} members failed (see the log); the others are done", file=sys.stderr)
-    if result.empty_input:
-        print(f"warning: empty input: the source has no {' and no '.join(result.empty_input)}; the report "
+    if empty_input:
+        print(f"warning: empty input: the source has no {' and no '.join(empty_input)}; the report "
               f"{result.report_path} says what was read", file=sys.stderr)
-    elif (result.idle is not None and result.idle.exit_code and result.status == "completed"
+    elif (result.idle is not None and result.idle.exit_code and status == "completed"
           and not result.failed_members):
         print(f"warning: no message drafted: {result.report['no_message']['text']}", file=sys.stderr)
     if result.firebase_failed:
-        first = (result.firebase["errors"] or [""])[0]
-        print(f"error: {len(result.firebase['not_written'])} Firebase writes failed ({first}); local files and the "
+        first = (firebase["errors"] or [""])[0]
+        print(f"error: {len(firebase['not_written'])} Firebase writes failed ({first}); local files and the "
               f"report {result.report_path} are complete", file=sys.stderr)
 
 

@@ -466,7 +466,7 @@ def test_429_with_retry_after_ms_is_honoured_then_success(fake, folder, tmp_path
 def test_persistent_500_falls_back_to_rules_and_template_and_exits_3(tmp_path, folder):
     with FakeMessagesAPI(default=lambda r: error_reply(500, "api_error", headers=FAST)) as fake:
         run = claude_cli(fake, folder, tmp_path / "out", "--limit", "1")
-    assert run.code == rtt.EXIT_ATTENTION  # Claude never answered: done, but look at this
+    assert run.code == rtt.ExitCode.ATTENTION  # Claude never answered: done, but look at this
     assert len(fake.requests) == 2 * 3  # each step: 1 try + ANTHROPIC_MAX_RETRIES=2, no corrective turn
     assert run.matches[0]["matcher"] == "rules"
     assert run.messages[0]["generator"] == "template"
@@ -478,7 +478,7 @@ def test_persistent_500_falls_back_to_rules_and_template_and_exits_3(tmp_path, f
 def test_400_is_not_retried_and_falls_back_with_exit_3(tmp_path, folder):
     with FakeMessagesAPI(default=lambda r: error_reply(400, "invalid_request_error")) as fake:
         run = claude_cli(fake, folder, tmp_path / "out", "--limit", "2", "--concurrency", "1")
-    assert run.code == rtt.EXIT_ATTENTION
+    assert run.code == rtt.ExitCode.ATTENTION
     assert len(fake.requests) == 4
     assert run.report()["summary"]["matchers"] == {"rules": 2}
     assert run.report()["summary"]["generators"] == {"template": 2}
@@ -489,7 +489,7 @@ def test_unreachable_api_falls_back_and_exits_3(tmp_path, folder):
         base_url = fake.base_url  # stopped again: nothing listens there
     run = claude_cli(base_url, folder, tmp_path / "out", "--limit", "1",
                   env={"ANTHROPIC_MAX_RETRIES": "0", "ANTHROPIC_TIMEOUT": "2"})
-    assert run.code == rtt.EXIT_ATTENTION
+    assert run.code == rtt.ExitCode.ATTENTION
     assert run.report()["summary"]["matchers"] == {"rules": 1}
     assert run.report()["summary"]["generators"] == {"template": 1}
 
@@ -508,7 +508,7 @@ def test_anthropic_timeout_is_honoured(fake, folder, tmp_path):
     run = claude_cli(fake, folder, tmp_path / "out", "--limit", "1",
                   env={"ANTHROPIC_MAX_RETRIES": "0", "ANTHROPIC_TIMEOUT": "1"})
     assert time.monotonic() - started < 2.4
-    assert run.code == rtt.EXIT_ATTENTION  # a timeout means Claude is down for the rest of the run
+    assert run.code == rtt.ExitCode.ATTENTION  # a timeout means Claude is down for the rest of the run
     assert run.matches[0]["matcher"] == "rules"
     assert any("Timeout" in r for r in run.report()["fallbacks"]["reasons"])
     assert len(fake.requests) == 1  # the writing step did not ask again
@@ -962,7 +962,7 @@ def test_json_inside_prose_is_read(fake, folder, tmp_path):
 def test_a_rejected_key_stops_all_calls_for_the_run(folder, tmp_path):
     with FakeMessagesAPI(default=lambda r: error_reply(401, "authentication_error")) as fake:
         run = claude_cli(fake, folder, tmp_path / "out", "--concurrency", "1")
-    assert run.code == rtt.EXIT_ATTENTION
+    assert run.code == rtt.ExitCode.ATTENTION
     assert len(fake.requests) == 1  # no retry of a 401, and no further call once the key is refused
     assert run.report()["summary"]["matchers"] == {"rules": len(MEMBERS)}
     assert "AuthenticationError" in run.report()["llm_usage"]["unavailable"]
@@ -978,7 +978,7 @@ def test_invalid_answers_count_as_failures_and_stop_calling_after_four_in_a_row(
         run = claude_cli(fake, folder, tmp_path / "out", "--concurrency", concurrency)
     limit = rtt.ClaudeAdvisor.MAX_CONSECUTIVE_FAILURES
     assert len(fake.requests) == limit  # paid calls: four, not two per step per member
-    assert run.code == rtt.EXIT_ATTENTION
+    assert run.code == rtt.ExitCode.ATTENTION
     assert "an invalid answer" in run.report()["llm_usage"]["unavailable"]
     assert run.report()["summary"]["matchers"] == {"rules": len(MEMBERS)}
     assert run.err.startswith("warning: Claude was unavailable") and "invalid answer" in run.err
@@ -988,7 +988,7 @@ def test_an_invalid_answer_then_a_valid_one_resets_the_run_of_failures(fake, fol
     bad = (lambda r: text_reply("Wine, definitely."))
     fake.queue(bad, smart, bad, smart, bad, smart)  # each member's first try is invalid, the retry good
     run = claude_cli(fake, folder, tmp_path / "out", "--concurrency", "1")
-    assert run.code == rtt.EXIT_OK, run.err
+    assert run.code == rtt.ExitCode.OK, run.err
     assert run.report()["llm_usage"]["unavailable"] is None
 
 
@@ -997,5 +997,5 @@ def test_an_outage_stops_calling_after_a_run_of_failures(folder, tmp_path):
         run = claude_cli(fake, folder, tmp_path / "out", "--concurrency", "1")
     limit = rtt.ClaudeAdvisor.MAX_CONSECUTIVE_FAILURES
     assert len(fake.requests) == limit * 3  # each failed call: 1 try + 2 SDK retries; then no more calls
-    assert run.code == rtt.EXIT_ATTENTION
+    assert run.code == rtt.ExitCode.ATTENTION
     assert run.report()["summary"]["generators"] == {"template": len(MEMBERS)}

@@ -274,7 +274,8 @@ def test_invalid_json_exits_2_naming_the_file(run_cli, world_folder, text):
 def test_an_invalid_objectid_is_no_id_and_skips_that_event_counted(run_cli, world_folder):
     (world_folder / "events.json").write_text('[{"_id": {"$oid": "zz"}}]', encoding="utf-8")
     run = run_cli("--source", str(world_folder), "--now", NOW_ISO, "--dry-run")
-    assert run.code == rtt.EXIT_ATTENTION, run.err  # no event left: nobody was ever at a table, so nobody is dormant
+    # no event left: nobody was ever at a table, so nobody is dormant
+    assert run.code == rtt.ExitCode.ATTENTION, run.err
     assert run.err == f"warning: no message drafted: {rtt.IDLE_LINES[rtt.IdleReason.NOBODY_DORMANT]}\n"
     assert run.report()["data_issues"]["events_without_usable_id"] == 1
 
@@ -362,7 +363,7 @@ def test_bad_single_records_are_counted_in_the_report_not_fatal(tmp_path, world)
 
 def test_member_below_min_confidence_is_skipped_and_named_in_the_report(tmp_path, world):
     run = folder_run(tmp_path, world, "relaxed", "--min-confidence", "100")
-    assert run.code == rtt.EXIT_ATTENTION, run.err  # a day without a message: one line says why
+    assert run.code == rtt.ExitCode.ATTENTION, run.err  # a day without a message: one line says why
     assert "below_min_confidence for 2 of 2 textable members" in run.err and run.err.count("\n") == 1
     skipped = {s["user_id"]: s for s in run.report()["skipped"]}
     assert set(skipped) == {str(ZOE), str(MAYA)}

@@ -255,13 +255,13 @@ def test_the_field_lists_are_configurable(run_cli, tmp_path: Path) -> None:
                                              ("SMS_DEFAULT_REGION", "USA"), ("QUIET_HOURS", "9pm-8am")])
 def test_a_bad_sms_setting_is_a_one_line_usage_error(run_cli, name: str, value: str) -> None:
     run = run_cli("--demo", "--dry-run", env={name: value})
-    assert run.code == rtt.EXIT_USAGE
+    assert run.code == rtt.ExitCode.USAGE
     assert run.err.count("\n") == 1 and name in run.err and "Traceback" not in run.err
 
 
 def assert_refused_at_start(run: Any, name: str) -> None:
     """Exit 2 before anything runs: one line naming the variable, no traceback, nothing written."""
-    assert run.code == rtt.EXIT_USAGE, run.err
+    assert run.code == rtt.ExitCode.USAGE, run.err
     assert run.err.startswith("error: ") and run.err.count("\n") == 1 and name in run.err, run.err
     assert "Traceback" not in run.err + run.out and not (run.root / "reports").exists()
 
@@ -331,7 +331,7 @@ def test_the_holdout_takes_its_fraction_of_ten_thousand_ids_within_two_points(fr
 @pytest.mark.parametrize("value", ["0.6", "-0.1", "x", "nan"])
 def test_a_holdout_outside_0_to_half_is_a_usage_error(run_cli, value: str) -> None:
     run = run_cli("--demo", "--dry-run", "--holdout", value)
-    assert run.code == rtt.EXIT_USAGE and "--holdout" in run.err
+    assert run.code == rtt.ExitCode.USAGE and "--holdout" in run.err
 
 
 def holdout_world(folder: Path) -> tuple[Path, list[str], list[str]]:
@@ -460,7 +460,7 @@ def test_a_member_whose_events_cannot_be_phrased_is_skipped_as_no_sms_within_con
     monkeypatch.setattr(rtt, "write_template_sms", lambda _facts: None)  # no wording fits, for any event
     user, past = member("m-long", 60)
     run = run_cli("--source", str(write(tmp_path / "w", [(user, past)])), "--now", NOW_ISO, "--dry-run")
-    assert run.code == rtt.EXIT_ATTENTION, run.err  # the day drafted nothing
+    assert run.code == rtt.ExitCode.ATTENTION, run.err  # the day drafted nothing
     assert decisions(run) == {"m-long": "no_sms_within_contract"} and run.matches == []
     assert run.report()["skip_reasons"] == {"no_sms_within_contract": 1}
 
@@ -554,7 +554,7 @@ def test_a_number_messaged_or_held_out_within_the_cooldown_is_not_texted_for_ano
     newcomers = [member("m-same-a", 70, phone="(646) 555-0180"), member(treated[1], 65, phone="646 555 0181")]
     second = run_cli("--source", str(write(tmp_path / "w", first + newcomers)), "--now", later,
                      "--holdout", str(FRACTION), root=out)
-    assert second.code == rtt.EXIT_ATTENTION, second.err  # nobody left to text today, and the line says why
+    assert second.code == rtt.ExitCode.ATTENTION, second.err  # nobody left to text today, and the line says why
     assert second.err == f"warning: no message drafted: {rtt.IDLE_LINES[rtt.IdleReason.NOBODY_TEXTABLE]}\n"
     assert decisions(second) == {treated[0]: "cooldown", held: "cooldown", "m-same-a": "shared_phone",
                                  treated[1]: "shared_phone"}

@@ -438,7 +438,7 @@ def test_a_member_that_crashes_is_skipped_as_failed_and_the_others_are_saved(
     monkeypatch.setattr(rtt, "write_template_sms", crashing)
     out = tmp_path / "out"
     run = run_main(["--source", str(firebase_world), "--now", FIREBASE_NOW_ISO, "--llm", "off"], out, rest_env(db))
-    assert run.code == rtt.EXIT_ATTENTION and "Traceback" not in run.err
+    assert run.code == rtt.ExitCode.ATTENTION and "Traceback" not in run.err
     ranked = ranked_ids(10)
     others = ranked[:3] + ranked[4:]
     assert [m["user_id"] for m in items_of(db, "matches")] == others
@@ -491,7 +491,7 @@ def assert_every_list_reported_unwritten(not_written: list[str]) -> None:
 
 def test_401_wrong_token_exits_non_zero(db: FakeRealtimeDatabase, cli: Cli) -> None:
     run = cli(rest_env(db, WRONG_TOKEN))
-    assert run.code == rtt.EXIT_ATTENTION
+    assert run.code == rtt.ExitCode.ATTENTION
     assert db.data is None
 
 
@@ -505,7 +505,7 @@ def test_401_wrong_token_prints_one_line_about_credentials_on_stderr(db: FakeRea
 
 def test_401_wrong_token_still_leaves_complete_local_files(db: FakeRealtimeDatabase, cli: Cli) -> None:
     run = cli(rest_env(db, WRONG_TOKEN))
-    assert run.code == rtt.EXIT_ATTENTION
+    assert run.code == rtt.ExitCode.ATTENTION
     processed = run.root / "data" / "processed"
     assert (processed / "matches.json").is_file(), "no local matches after a 401"
     assert sorted(m["user_id"] for m in run.matches) == sorted(ranked_ids(10))
@@ -514,7 +514,7 @@ def test_401_wrong_token_still_leaves_complete_local_files(db: FakeRealtimeDatab
 
 def test_401_wrong_token_report_lists_what_was_not_written(db: FakeRealtimeDatabase, cli: Cli) -> None:
     run = cli(rest_env(db, WRONG_TOKEN))
-    assert run.code == rtt.EXIT_ATTENTION
+    assert run.code == rtt.ExitCode.ATTENTION
     assert list((run.root / "reports").glob("*.json")), "no report after a 401"
     not_written = run.report()["firebase"]["not_written"]
     assert_every_list_reported_unwritten(not_written)
@@ -526,7 +526,7 @@ def test_401_on_writes_only_keeps_local_files_and_reports_every_unwritten_path(
     db.fail_next(401, count=1000, method="PUT", body={"error": "Permission denied"})
     db.fail_next(401, count=1000, method="PATCH", body={"error": "Permission denied"})
     run = cli(rest_env(db))
-    assert run.code == rtt.EXIT_ATTENTION
+    assert run.code == rtt.ExitCode.ATTENTION
     assert db.data is None
     assert len(run.matches) == len(run.messages) == 10
     assert_every_list_reported_unwritten(run.report()["firebase"]["not_written"])
@@ -552,7 +552,7 @@ def test_a_count_update_that_keeps_failing_takes_the_item_back_so_count_and_item
     seed_lists(db)
     db.fail_next(503, count=100, method="PATCH", path=f"{BASE}/matches")
     run = cli(rest_env(db))
-    assert run.code == rtt.EXIT_ATTENTION
+    assert run.code == rtt.ExitCode.ATTENTION
     in_firebase = set(keys_of(items_of(db, "matches")))  # items_of: count == number of items
     assert in_firebase == {("u-old", "ev-old")}  # the item written before its count was taken back
     listed = listed_unwritten(run, "matches")
@@ -567,7 +567,7 @@ def test_a_connection_dropped_on_the_count_update_leaves_count_equal_to_items(
     seed_lists(db)
     db.fail_next(0, count=4, method="PATCH", path=f"{BASE}/{key}")  # every try of the first count update dropped
     run = cli(rest_env(db))
-    assert run.code == rtt.EXIT_ATTENTION and "Traceback" not in run.err
+    assert run.code == rtt.ExitCode.ATTENTION and "Traceback" not in run.err
     for name in ("matches", "messages"):
         assert items_of(db, name)[0]["user_id"] == "u-old"  # items_of asserts count == number of items
     assert not listed_unwritten(run, key) & set(keys_of(items_of(db, key)))
@@ -588,7 +588,7 @@ def test_an_item_that_cannot_be_taken_back_has_its_count_healed_by_the_end_of_th
             db.fail_next(0, count=4, method="PUT", path=f"{BASE}/matches/matches/1")
 
     run = cli(rest_env(db))
-    assert run.code == rtt.EXIT_ATTENTION
+    assert run.code == rtt.ExitCode.ATTENTION
     old, kept = items_of(db, "matches")  # the item stayed, and the count was healed to 2
     assert old["user_id"] == "u-old"
     assert (kept["user_id"], kept["event_id"]) not in listed_unwritten(run, "matches")
@@ -601,7 +601,7 @@ def test_a_match_whose_message_could_not_be_written_is_not_written_and_listed_so
     seed_lists(db)
     db.fail_next(0, count=4, method="PUT", path=f"{BASE}/messages/messages/4")  # the fourth new message: dropped
     run = cli(rest_env(db))
-    assert run.code == rtt.EXIT_ATTENTION
+    assert run.code == rtt.ExitCode.ATTENTION
     messages, matches = keys_of(items_of(db, "messages"))[1:], keys_of(items_of(db, "matches"))[1:]
     assert len(messages) == 3 and set(matches) <= set(messages)  # no match without its message
     unwritten = listed_unwritten(run, "matches")
@@ -620,7 +620,7 @@ def test_token_never_appears_in_logs_reports_or_console(db: FakeRealtimeDatabase
 
 def test_wrong_token_never_appears_in_logs_reports_or_console(db: FakeRealtimeDatabase, cli: Cli) -> None:
     run = cli(rest_env(db, WRONG_TOKEN), "--verbose")
-    assert run.code == rtt.EXIT_ATTENTION
+    assert run.code == rtt.ExitCode.ATTENTION
     assert WRONG_TOKEN not in run.all_text()
 
 
@@ -641,7 +641,7 @@ def test_rerun_of_the_same_campaign_adds_no_match_or_message(db: FakeRealtimeDat
     assert cli(rest_env(db)).code == 0
     matches, messages = items_of(db, "matches"), items_of(db, "messages")
     second = cli(rest_env(db))
-    assert second.code == rtt.EXIT_OK and second.err == ""  # the day's --limit was drafted: nothing to look at
+    assert second.code == rtt.ExitCode.OK and second.err == ""  # the day's --limit was drafted: nothing to look at
     assert second.report()["no_message"]["reason"] == rtt.IdleReason.DAY_LIMIT_DRAFTED.value
     assert second.report()["summary"]["total_messages_generated"] == 0
     assert second.report()["summary"]["users_left_out_by_cooldown"] == 10
@@ -668,7 +668,7 @@ def test_run_that_selects_no_one_leaves_users_and_events_as_they_were(db: FakeRe
     users, events = db.get_rendered(f"{BASE}/users"), db.get_rendered(f"{BASE}/events")
     later = iso(FIREBASE_NOW + timedelta(days=1))
     second = cli(rest_env(db), "--now", later)
-    assert second.code == rtt.EXIT_ATTENTION  # nobody selected: a day without a message
+    assert second.code == rtt.ExitCode.ATTENTION  # nobody selected: a day without a message
     assert second.report()["statistics"]["users_processed"] == 0
     assert db.get_rendered(f"{BASE}/users") == users
     assert db.get_rendered(f"{BASE}/events") == events
@@ -869,17 +869,17 @@ def test_rtdb_normalize_and_render_agree_with_the_fake(value: Any) -> None:
     assert rtdb_render(rtdb_normalize(value)) == fake.get_rendered("t")
 
 
-def test_as_item_list_puts_keys_that_are_not_array_indices_after_the_indices() -> None:
+def test_listing_entries_puts_keys_that_are_not_array_indices_after_the_indices() -> None:
     a, b, c, d = old_match("a"), old_match("b"), old_match("c"), old_match("d")
     pushed = {"-Nz1": c, "1": b, "\u00b2": d, "0": a}  # a push id and a non-ASCII digit are not indices
-    assert rtt.as_item_list({"m": pushed}, "m") == [a, b, c, d]
+    assert rtt.listing_entries({"m": pushed}, "m") == [a, b, c, d]
 
 
-def test_as_item_list_reads_both_shapes_in_index_order() -> None:
+def test_listing_entries_reads_both_shapes_in_index_order() -> None:
     a, b, c = old_match("a"), old_match("b"), old_match("c")
-    assert rtt.as_item_list({"m": {"10": c, "2": b, "0": a}}, "m") == [a, b, c]
-    assert rtt.as_item_list({"m": [a, None, b]}, "m") == [a, b]
-    assert rtt.as_item_list(None, "m") == [] and rtt.as_item_list({"count": 0}, "m") == []
+    assert rtt.listing_entries({"m": {"10": c, "2": b, "0": a}}, "m") == [a, b, c]
+    assert rtt.listing_entries({"m": [a, None, b]}, "m") == [a, b]
+    assert rtt.listing_entries(None, "m") == [] and rtt.listing_entries({"count": 0}, "m") == []
 
 
 # =============================================================================================
@@ -897,7 +897,7 @@ def exercise(transport: Any, delete: Callable[[str], None]) -> list[Any]:
     seen: list[Any] = [transport.get("matches")[0]]
     transport.put("matches", {"matches": {"0": A, "5": B, "9": C}, "count": 3, "updatedAt": "T0"})
     seen.append(transport.get("matches")[0])
-    dashboard = DashboardList(transport, "matches", "matches", "T1").open()  # heal
+    dashboard = DashboardList(transport, "matches", "T1").open()  # heal
     seen += [dashboard.size, dashboard.items, transport.get("matches")[0]]
     seen += [dashboard.add(D), dashboard.add(D), transport.get("matches")[0]]  # append, then merge-key refusal
     taken = transport.put("matches/matches/0", E, if_match=NULL_ETAG)  # slot in use
@@ -912,7 +912,7 @@ def exercise(transport: Any, delete: Callable[[str], None]) -> list[Any]:
     transport.patch("matches", {"count": 4, "updatedAt": "T2"})
     delete("matches/matches/1")  # a reviewer deletes an item: a hole
     seen.append(transport.get("matches")[0])
-    again = DashboardList(transport, "matches", "matches", "T3").open()
+    again = DashboardList(transport, "matches", "T3").open()
     seen += [again.size, transport.get("matches")[0]]
     transport.put("users", {"users": [{"id": "u1"}, {"id": "u2"}], "count": 2, "updatedAt": "T1"})
     transport.put("campaigns/c1/metadata", {"id": "c1", "stats": {"errors": [], "users_processed": 2}})
@@ -945,7 +945,7 @@ def test_put_of_null_deletes_on_both_transports(kind: str, db: FakeRealtimeDatab
 
 def test_local_mirror_splits_files_and_keeps_arrays_as_arrays(tmp_path: Path) -> None:
     mirror = LocalMirrorTransport(tmp_path, BASE)
-    dashboard = DashboardList(mirror, "matches", "matches", FIREBASE_NOW_STAMP).open()
+    dashboard = DashboardList(mirror, "matches", FIREBASE_NOW_STAMP).open()
     for item in (A, B, C):
         assert dashboard.add(item)
     mirror.put("campaigns/c1/messages", {"messages": [A], "count": 1})
@@ -980,7 +980,7 @@ def transport(db: FakeRealtimeDatabase) -> RestTransport:
 def test_dashboard_list_appends_item_by_item_at_the_next_index(
         db: FakeRealtimeDatabase, transport: RestTransport) -> None:
     db.set(f"{BASE}/matches", rtt.listing("matches", [A, B], "T0"))
-    dashboard = DashboardList(transport, "matches", "matches", "T1").open()
+    dashboard = DashboardList(transport, "matches", "T1").open()
     assert dashboard.add(C) and dashboard.add(D)
     puts = [r for r in db.requests if r.method == "PUT"]
     assert [r.path for r in puts] == [f"/{BASE}/matches/matches/2.json", f"/{BASE}/matches/matches/3.json"]
@@ -992,16 +992,16 @@ def test_dashboard_list_appends_item_by_item_at_the_next_index(
 def test_dashboard_list_does_not_add_an_item_with_a_known_merge_key(
         db: FakeRealtimeDatabase, transport: RestTransport) -> None:
     db.set(f"{BASE}/matches", rtt.listing("matches", [A], "T0"))
-    dashboard = DashboardList(transport, "matches", "matches", "T1").open()
+    dashboard = DashboardList(transport, "matches", "T1").open()
     assert not dashboard.add({**A, "reasoning": "a different text, same member and event"})
     assert [r.method for r in db.requests] == ["GET"]
 
 
 def test_dashboard_list_two_writers_both_land_without_loss_or_duplicate(
         db: FakeRealtimeDatabase, transport: RestTransport) -> None:
-    first = DashboardList(transport, "matches", "matches", "T1").open()
+    first = DashboardList(transport, "matches", "T1").open()
     second = DashboardList(rest_transport(db.url),
-                           "matches", "matches", "T2").open()
+                           "matches", "T2").open()
     assert first.add(A)
     assert second.add(B)  # its slot 0 is taken: 412, re-read, slot 1
     assert not second.add(A)  # the other writer's item is known after the re-read
@@ -1013,7 +1013,7 @@ def test_dashboard_list_heal_merges_with_the_412_answer_without_rereading(
         db: FakeRealtimeDatabase, transport: RestTransport) -> None:
     db.set(f"{BASE}/matches", {"matches": {"0": A, "4": B}, "count": 2, "updatedAt": "T0"})
     reviewer_approves(db, f"{BASE}/matches/matches/4/status", lambda r: r.method == "PUT")
-    dashboard = DashboardList(transport, "matches", "matches", "T1").open()
+    dashboard = DashboardList(transport, "matches", "T1").open()
     assert [(r.method, r.status) for r in db.requests] == [("GET", 200), ("PUT", 412), ("PUT", 200)]
     assert dashboard.items == [A, {**B, "status": "approved"}]
     assert db.get_rendered(f"{BASE}/matches/matches") == [A, {**B, "status": "approved"}]
@@ -1030,7 +1030,7 @@ def test_dashboard_list_gives_up_after_a_bounded_number_of_conflicts(
 
     db.on_request(busy_reviewer)
     with pytest.raises(FirebaseError):
-        DashboardList(transport, "matches", "matches", "T1").open()
+        DashboardList(transport, "matches", "T1").open()
     puts = [r for r in db.requests if r.method == "PUT"]
     assert 1 <= len(puts) <= DashboardList.MAX_TRIES and all(r.status == 412 for r in puts)
 
@@ -1038,7 +1038,7 @@ def test_dashboard_list_gives_up_after_a_bounded_number_of_conflicts(
 def test_dashboard_list_append_whose_answer_was_lost_is_not_duplicated(
         db: FakeRealtimeDatabase, transport: RestTransport) -> None:
     db.set(f"{BASE}/matches", rtt.listing("matches", [A], "T0"))
-    dashboard = DashboardList(transport, "matches", "matches", "T1").open()
+    dashboard = DashboardList(transport, "matches", "T1").open()
     db.fail_next(503, method="PUT", path=f"{BASE}/matches/matches/1")
 
     def applied_then_lost(request: RecordedRequest) -> None:  # the write lands, its answer is a 503
@@ -1271,7 +1271,7 @@ def test_service_account_token_refusal_exits_non_zero_without_leaking_the_key(
         db: FakeRealtimeDatabase, cli: Cli, service_account_file: Path, token_server: TokenEndpoint) -> None:
     token_server.status = 400
     run = cli({"FIREBASE_DATABASE_URL": db.url, "GOOGLE_APPLICATION_CREDENTIALS": str(service_account_file)})
-    assert run.code == rtt.EXIT_ATTENTION  # done, Firebase writes listed
+    assert run.code == rtt.ExitCode.ATTENTION  # done, Firebase writes listed
     assert db.data is None
     lines = [line for line in run.err.splitlines() if line.strip()]
     assert len(lines) == 1 and "token" in lines[0].lower(), run.err
@@ -1293,14 +1293,14 @@ def test_a_bare_array_at_the_list_path_is_wrapped_not_wiped(
         db: FakeRealtimeDatabase, transport: RestTransport) -> None:
     approved = {**A, "status": "approved"}
     db.set(f"{BASE}/messages", [approved, B])
-    dashboard = DashboardList(transport, "messages", "messages", "T1").open()
+    dashboard = DashboardList(transport, "messages", "T1").open()
     assert dashboard.add(C)
     assert db.get_rendered(f"{BASE}/messages") == {"messages": [approved, B, C], "count": 3, "updatedAt": "T1"}
 
 
 def test_entries_that_are_not_records_survive_healing(db: FakeRealtimeDatabase, transport: RestTransport) -> None:
     db.set(f"{BASE}/matches", {"matches": {"0": A, "1": "a note", "5": B}, "count": 3, "owner": "dashboard"})
-    DashboardList(transport, "matches", "matches", "T1").open()
+    DashboardList(transport, "matches", "T1").open()
     assert db.get_rendered(f"{BASE}/matches") == {"matches": [A, "a note", B], "count": 3, "owner": "dashboard"}
 
 
@@ -1309,14 +1309,14 @@ def test_a_location_holding_something_else_is_left_untouched(
         db: FakeRealtimeDatabase, transport: RestTransport, foreign: Any) -> None:
     db.set(f"{BASE}/matches", foreign)
     with pytest.raises(FirebaseError, match="left untouched"):
-        DashboardList(transport, "matches", "matches", "T1").open()
+        DashboardList(transport, "matches", "T1").open()
     assert db.get_rendered(f"{BASE}/matches") == foreign
     assert [r.method for r in db.requests] == ["GET"]
 
 
 def test_our_own_write_whose_answer_was_lost_counts_as_added(
         db: FakeRealtimeDatabase, transport: RestTransport) -> None:
-    dashboard = DashboardList(transport, "matches", "matches", "T1").open()
+    dashboard = DashboardList(transport, "matches", "T1").open()
     db.set(f"{BASE}/matches/matches/0", A)  # the first PUT landed; its answer never came back
     assert dashboard.add(A)
     assert db.get_rendered(f"{BASE}/matches") == {"matches": [A], "count": 1, "updatedAt": "T1"}
@@ -1327,7 +1327,7 @@ def test_a_server_with_its_own_etag_for_empty_locations_still_gets_the_append(
     import fake_rtdb
 
     monkeypatch.setattr(fake_rtdb, "NULL_ETAG", "empty-0")  # a server that does not say null_etag
-    dashboard = DashboardList(transport, "matches", "matches", "T1").open()
+    dashboard = DashboardList(transport, "matches", "T1").open()
     assert dashboard.add(A)
     assert db.get_rendered(f"{BASE}/matches") == {"matches": [A], "count": 1, "updatedAt": "T1"}
 
@@ -1354,7 +1354,7 @@ class HtmlSite(LoopbackServer):
 def test_a_url_that_is_not_a_realtime_database_fails_cleanly_with_a_report(cli: Cli) -> None:
     with HtmlSite() as site:
         run = cli({"FIREBASE_DATABASE_URL": site.url, "FIREBASE_AUTH_TOKEN": TOKEN})
-    assert run.code == rtt.EXIT_ATTENTION  # done, Firebase writes listed
+    assert run.code == rtt.ExitCode.ATTENTION  # done, Firebase writes listed
     assert run.err.startswith("error: ") and run.err.count("\n") == 1 and "not JSON" in run.err
     assert "Traceback" not in run.err
     assert len(run.messages) == 10 and run.report()["firebase"]["not_written"]
@@ -1370,6 +1370,6 @@ def test_items_written_before_a_mid_run_failure_are_reported_as_written(
             db.fail_next(400, body={"error": "quota"})
 
     run = cli(rest_env(db))
-    assert run.code == rtt.EXIT_ATTENTION  # done, Firebase writes listed
+    assert run.code == rtt.ExitCode.ATTENTION  # done, Firebase writes listed
     assert "matches (3 items before the failure)" in run.report()["firebase"]["written"]
     assert len(items_of(db, "matches")) == 3

@@ -305,7 +305,7 @@ def test_a_huge_cooldown_leaves_out_everyone_ever_messaged(tmp_path):
     first = run_main(["--source", str(folder), "--now", NOW_ISO], tmp_path / "out")
     assert first.code == 0 and len(first.messages) == 2
     second = run_main(["--source", str(folder), "--now", NOW_ISO, "--cooldown-days", str(10**12)], tmp_path / "out")
-    assert second.code == rtt.EXIT_ATTENTION, second.err  # nobody left to message today
+    assert second.code == rtt.ExitCode.ATTENTION, second.err  # nobody left to message today
     assert latest_report(second)["summary"]["users_left_out_by_cooldown"] == 2
 
 

@@ -606,7 +606,7 @@ def test_measure_reads_no_link_no_device_no_fifo_and_no_oversized_file_under_out
     (outside / "c-linked" / "metadata.json").write_text(json.dumps({"created_at": iso(FIRST_RUN)}), "utf-8")
     (campaigns / "c-linked").symlink_to(outside / "c-linked", target_is_directory=True)
     run = measure_as_a_script(root, tmp_path / "events")
-    assert run.code == rtt.EXIT_ATTENTION, run.err
+    assert run.code == rtt.ExitCode.ATTENTION, run.err
     assert "Traceback" not in run.err
     report = report_of(run)
     assert [c["campaign_id"] for c in report["campaigns"]] == ["return-to-table-20260110-110000"]  # the good one

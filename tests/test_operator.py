@@ -21,7 +21,7 @@ COMPLIANT = {"SMS_SENDER": "Cuculi", "SMS_OPT_OUT_TEXT": "Reply STOP to opt out"
 
 def assert_refused(run: CliRun, *fragments: str) -> None:
     """Exit 2 in one line on stderr, no traceback, and nothing written: not even the ``--out`` folder."""
-    assert run.code == rtt.EXIT_USAGE == 2, (run.out, run.err)
+    assert run.code == rtt.ExitCode.USAGE == 2, (run.out, run.err)
     assert run.err.startswith("error: ") and run.err.count("\n") == 1, run.err
     assert "Traceback" not in run.out + run.err
     for fragment in fragments:
@@ -49,13 +49,13 @@ def test_a_live_run_without_the_compliance_decision_exits_2_before_anything_is_w
 
 def test_the_same_run_rehearsed_needs_no_compliance_text(run_cli, world_folder):
     run = run_cli("--source", str(world_folder), "--now", NOW_ISO, "--llm", "off", "--dry-run", env=UNSET)
-    assert run.code == rtt.EXIT_OK, run.err
+    assert run.code == rtt.ExitCode.OK, run.err
     assert run.messages
 
 
 def test_with_both_set_every_message_names_the_sender_and_says_how_to_stop(run_cli, world_folder):
     run = live(run_cli, world_folder, env=COMPLIANT)
-    assert run.code == rtt.EXIT_OK, run.err
+    assert run.code == rtt.ExitCode.OK, run.err
     assert run.messages
     for message in run.messages:
         assert message["message_text"].startswith("Cuculi: ")
@@ -65,14 +65,14 @@ def test_with_both_set_every_message_names_the_sender_and_says_how_to_stop(run_c
 @pytest.mark.parametrize("none", ["none", "NONE"])
 def test_opt_out_none_is_the_sending_systems_job_and_no_opt_out_text_is_drafted(run_cli, world_folder, none):
     run = live(run_cli, world_folder, env={**UNSET, "SMS_OPT_OUT_TEXT": none})
-    assert run.code == rtt.EXIT_OK, run.err
+    assert run.code == rtt.ExitCode.OK, run.err
     assert run.messages and not any("STOP" in m["message_text"] or "none" in m["message_text"].lower()
                                     for m in run.messages)
 
 
 def test_demo_messages_carry_the_sample_sender_and_opt_out_text(run_cli):
     run = run_cli("--demo", "--now", NOW_ISO, env=UNSET)
-    assert run.code == rtt.EXIT_OK, run.err
+    assert run.code == rtt.ExitCode.OK, run.err
     assert run.messages
     for message in run.messages:
         text = message["message_text"]
@@ -103,7 +103,7 @@ def test_one_placeholder_left_is_exit_2_naming_it_for_the_campaign_and_both_subc
 
 def test_a_variable_this_tool_does_not_read_may_hold_angle_brackets(run_cli, world_folder):
     run = live(run_cli, world_folder, env={"PS1": "<prompt>", "HOME_NOTE": "<x>"})
-    assert run.code == rtt.EXIT_OK, run.err
+    assert run.code == rtt.ExitCode.OK, run.err
 
 
 # --- a day that drafts no message -----------------------------------------------------------------------------
@@ -115,7 +115,7 @@ def idle_line(reason: rtt.IdleReason) -> str:
 
 def assert_idle(run: CliRun, reason: rtt.IdleReason) -> None:
     """Exit 3, the one line saying why, and a report that says it too and shows no average of nothing."""
-    assert run.code == rtt.EXIT_ATTENTION, run.err
+    assert run.code == rtt.ExitCode.ATTENTION, run.err
     assert run.err == idle_line(reason)
     assert "No message drafted" not in run.out  # once in cron mail; the log keeps it
     [log] = (run.root / "logs").glob("*.log")
@@ -135,9 +135,9 @@ def test_nobody_dormant_exits_3_saying_so(run_cli, tmp_path, world):
 
 
 def test_everyone_in_cooldown_exits_3_saying_so(run_cli, world_folder):
-    assert live(run_cli, world_folder).code == rtt.EXIT_OK
+    assert live(run_cli, world_folder).code == rtt.ExitCode.OK
     again = live(run_cli, world_folder, "--now", "2026-01-16T12:00:00Z")
-    assert again.code == rtt.EXIT_ATTENTION and again.err == idle_line(rtt.IdleReason.ALL_IN_COOLDOWN)
+    assert again.code == rtt.ExitCode.ATTENTION and again.err == idle_line(rtt.IdleReason.ALL_IN_COOLDOWN)
 
 
 def test_nobody_textable_exits_3_saying_so(run_cli, tmp_path, world):
@@ -155,23 +155,23 @@ def test_no_open_event_in_the_send_window_exits_3_saying_so(run_cli, world_folde
 
 def test_every_other_reason_names_the_commonest_skip(run_cli, world_folder):
     run = live(run_cli, world_folder, "--min-confidence", "100")
-    assert run.code == rtt.EXIT_ATTENTION
+    assert run.code == rtt.ExitCode.ATTENTION
     assert run.err == ("warning: no message drafted: no member reached was messaged: below_min_confidence for 2 "
                        "of 2 textable members\n")
 
 
 def test_todays_limit_already_drafted_is_exit_0_and_no_warning(run_cli, world_folder):
     """The per-day limit hands its reason over (``idle_hint``): a third run of the day drafts nothing, as planned."""
-    assert live(run_cli, world_folder, "--limit", "1").code == rtt.EXIT_OK
+    assert live(run_cli, world_folder, "--limit", "1").code == rtt.ExitCode.OK
     again = live(run_cli, world_folder, "--limit", "1", "--now", "2026-01-15T13:00:00Z")
-    assert again.code == rtt.EXIT_OK and again.err == ""
+    assert again.code == rtt.ExitCode.OK and again.err == ""
     latest = max((again.root / "reports").glob("return_to_table_report_*.json"))  # campaign ids sort by time
     assert json.loads(latest.read_text(encoding="utf-8"))["no_message"]["reason"] == "day_limit_drafted"
 
 
 def test_a_day_with_messages_has_no_idle_reason(run_cli, world_folder):
     run = live(run_cli, world_folder)
-    assert run.code == rtt.EXIT_OK and run.err == ""
+    assert run.code == rtt.ExitCode.OK and run.err == ""
     assert run.report()["no_message"] is None and run.report()["summary"]["average_confidence_score"] > 0
 
 
@@ -180,12 +180,12 @@ def test_a_day_with_messages_has_no_idle_reason(run_cli, world_folder):
 
 def test_a_dry_run_writes_its_own_data_and_report_and_leaves_the_live_runs_alone(run_cli, world_folder):
     first = live(run_cli, world_folder, "--limit", "1")
-    assert first.code == rtt.EXIT_OK and len(first.messages) == 1
+    assert first.code == rtt.ExitCode.OK and len(first.messages) == 1
     processed = first.root / "data" / "processed"
     before = {p.name: p.read_bytes() for p in [*processed.iterdir(), *(first.root / "data" / "raw").iterdir()]}
     rehearsal = run_cli("--source", str(world_folder), "--now", NOW_ISO, "--llm", "off", "--dry-run",
                         "--cooldown-days", "0", "--limit", "5")
-    assert rehearsal.code == rtt.EXIT_OK, rehearsal.err
+    assert rehearsal.code == rtt.ExitCode.OK, rehearsal.err
     after = {p.name: p.read_bytes() for p in [*processed.iterdir(), *(first.root / "data" / "raw").iterdir()]}
     assert after == before
     assert rehearsal.messages  # read from data/dry-run/processed/
@@ -205,7 +205,7 @@ def test_a_fraction_for_min_confidence_asks_for_the_percentage(run_cli, fraction
 
 
 def test_a_whole_percentage_is_taken(run_cli):
-    assert run_cli("--demo", "--now", NOW_ISO, "--min-confidence", "1").code == rtt.EXIT_OK
+    assert run_cli("--demo", "--now", NOW_ISO, "--min-confidence", "1").code == rtt.ExitCode.OK
 
 
 @pytest.mark.parametrize("argv", [
@@ -227,7 +227,7 @@ def test_a_near_miss_of_mongo_suggests_it(run_cli, tmp_path, monkeypatch, comman
 
 def test_main_help_lists_the_subcommands(run_cli):
     run = run_cli("--help")
-    assert run.code == rtt.EXIT_OK
+    assert run.code == rtt.ExitCode.OK
     assert "measure" in run.out and "backtest" in run.out and "subcommands" in run.out
 
 
@@ -238,7 +238,7 @@ def test_main_help_lists_the_subcommands(run_cli):
 def test_unreachable_mongodb_is_one_line_in_cron_mail_and_kept_in_the_log(run_cli, quiet):
     env = {"MONGO_URI": "mongodb://127.0.0.1:9/campaign?serverSelectionTimeoutMS=300", "MONGO_DB_NAME": "campaign"}
     run = run_cli("--source", "mongo", "--now", NOW_ISO, *quiet, env={**env, **COMPLIANT})
-    assert run.code == rtt.EXIT_FAILURE
+    assert run.code == rtt.ExitCode.FAILURE
     assert run.err.startswith("error: MongoDB: ") and run.err.count("\n") == 1
     assert "MongoDB" not in run.out  # stdout and stderr both land in cron mail: once is enough
     [log] = (run.root / "logs").glob("*.log")
@@ -251,7 +251,6 @@ def test_unreachable_mongodb_is_one_line_in_cron_mail_and_kept_in_the_log(run_cl
 def test_the_exit_codes_keep_their_numbers():
     assert {c.name: int(c) for c in rtt.ExitCode} == {
         "OK": 0, "FAILURE": 1, "USAGE": 2, "ATTENTION": 3, "LOCKED": 75, "SIGINT": 130, "SIGTERM": 143}
-    assert (rtt.EXIT_OK, rtt.EXIT_FAILURE, rtt.EXIT_USAGE, rtt.EXIT_ATTENTION, rtt.EXIT_LOCKED) == (0, 1, 2, 3, 75)
 
 
 @pytest.mark.parametrize(("command", "program"), [([], "run_campaign"), (["measure"], "run_measure"),

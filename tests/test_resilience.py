@@ -184,7 +184,7 @@ def test_a_full_disk_ends_the_run_with_exit_1_in_one_line_and_earlier_files_stay
     tried = disk_full_under(monkeypatch, tmp_path / "out" / full)
     run = run_cli("--demo", "--now", NOW_ISO)
     assert tried, "no write was tried under the full folder"
-    assert_one_error_line(run, rtt.EXIT_FAILURE)
+    assert_one_error_line(run, rtt.ExitCode.FAILURE)
     assert "No space left on device" in run.err
     assert (run.root / "data" / "raw" / "users.json").is_file()
     assert_all_json_valid(run.root)
@@ -198,7 +198,7 @@ def test_a_file_where_a_folder_must_be_ends_the_run_with_exit_1_in_one_line(run_
     root.mkdir()
     (root / blocked).write_text("in the way\n", encoding="utf-8")
     run = run_cli("--demo", "--now", NOW_ISO)
-    assert_one_error_line(run, rtt.EXIT_FAILURE)
+    assert_one_error_line(run, rtt.ExitCode.FAILURE)
     assert blocked in run.err
     assert (root / blocked).read_text(encoding="utf-8") == "in the way\n"
     assert_all_json_valid(root)
@@ -209,7 +209,7 @@ def test_a_full_disk_under_the_local_mirror_is_a_firebase_failure_exit_3_with_a_
         run_cli, tmp_path, monkeypatch):
     disk_full_under(monkeypatch, tmp_path / "out" / "data" / "firebase")
     run = run_cli("--demo", "--now", NOW_ISO, complete=True)
-    assert run.code == rtt.EXIT_ATTENTION
+    assert run.code == rtt.ExitCode.ATTENTION
     assert run.report()["firebase"]["errors"]
     assert run.err.startswith("error: ") and run.err.count("\n") == 1 and "Traceback" not in run.err
     assert_all_json_valid(run.root)
@@ -233,7 +233,7 @@ def test_a_mirror_that_could_not_be_saved_is_not_reported_as_written(run_cli, tm
 def test_out_under_a_regular_file_cannot_be_created_and_exits_2(run_cli, tmp_path):
     (tmp_path / "a-file").write_text("x", encoding="utf-8")
     run = run_cli("--demo", root=tmp_path / "a-file" / "out")
-    assert_one_error_line(run, rtt.EXIT_USAGE)
+    assert_one_error_line(run, rtt.ExitCode.USAGE)
     assert "--out" in run.err
 
 
@@ -242,7 +242,7 @@ def test_out_that_is_not_writable_exits_2(run_cli, tmp_path, monkeypatch):
     real_access = rtt.os.access
     monkeypatch.setattr(rtt.os, "access", lambda p, mode, **kw: False if Path(p) == out else real_access(p, mode, **kw))
     run = run_cli("--demo", root=out)  # root can write anywhere, so "not writable" is simulated
-    assert_one_error_line(run, rtt.EXIT_USAGE)
+    assert_one_error_line(run, rtt.ExitCode.USAGE)
     assert "not writable" in run.err
     assert list(out.iterdir()) == []
 
@@ -368,21 +368,21 @@ def test_without_quiet_the_console_has_the_info_lines(run_cli):
 
 def test_quiet_and_verbose_together_are_a_usage_error(run_cli):
     run = run_cli("--demo", "--quiet", "--verbose")
-    assert_one_error_line(run, rtt.EXIT_USAGE)
+    assert_one_error_line(run, rtt.ExitCode.USAGE)
     assert not (run.root / "logs").exists()
 
 
 def test_console_filter_passes_the_summary_record_below_its_level():
-    quiet = rtt.ConsoleFilter(rtt.logging.WARNING)
+    quiet = rtt.console_filter(rtt.logging.WARNING)
 
     def record(level: int, **extra: Any) -> rtt.logging.LogRecord:
         r = rtt.logging.LogRecord("ReturnToTable", level, __file__, 1, "m", None, None)
         r.__dict__.update(extra)
         return r
 
-    assert not quiet.filter(record(rtt.logging.INFO))
-    assert quiet.filter(record(rtt.logging.INFO, summary=True))
-    assert quiet.filter(record(rtt.logging.WARNING)) and quiet.filter(record(rtt.logging.ERROR))
+    assert not quiet(record(rtt.logging.INFO))
+    assert quiet(record(rtt.logging.INFO, summary=True))
+    assert quiet(record(rtt.logging.WARNING)) and quiet(record(rtt.logging.ERROR))
 
 
 # =============================================================================================
@@ -392,7 +392,7 @@ def test_console_filter_passes_the_summary_record_below_its_level():
 
 def test_a_clean_demo_exits_0(run_cli):
     run = run_cli("--demo", "--now", NOW_ISO, complete=True)
-    assert run.code == rtt.EXIT_OK == 0
+    assert run.code == rtt.ExitCode.OK == 0
     assert run.report()["status"] == "completed"
 
 
@@ -402,7 +402,7 @@ def test_a_clean_demo_exits_0(run_cli):
 ])
 def test_a_bad_flag_value_exits_2_in_one_line(run_cli, flags):
     run = run_cli("--demo", *flags)
-    assert_one_error_line(run, rtt.EXIT_USAGE)
+    assert_one_error_line(run, rtt.ExitCode.USAGE)
     assert flags[0] in run.err
 
 
@@ -412,14 +412,14 @@ def test_a_bad_flag_value_exits_2_in_one_line(run_cli, flags):
 ])
 def test_a_numeric_flag_beyond_its_bound_exits_2_in_one_line(run_cli, flags):
     run = run_cli("--demo", "--dry-run", *flags)
-    assert_one_error_line(run, rtt.EXIT_USAGE)
+    assert_one_error_line(run, rtt.ExitCode.USAGE)
     assert flags[0] in run.err and "must be at most" in run.err
 
 
 @pytest.mark.parametrize("flags", [["--min-lead-hours", "720"], ["--candidates", "100", "--concurrency", "64"]])
 def test_a_numeric_flag_at_its_bound_runs(run_cli, flags):
     run = run_cli("--demo", "--dry-run", *flags)
-    assert run.code == rtt.EXIT_OK, run.err
+    assert run.code == rtt.ExitCode.OK, run.err
     assert "Traceback" not in run.out + run.err and run.report()["status"] == "completed"
     assert run.report()["summary"]["users_failed"] == 0
 
@@ -436,7 +436,7 @@ def test_a_member_that_crashes_is_skipped_as_failed_the_others_are_done_and_the_
 
     monkeypatch.setattr(rtt, "write_template_sms", crash_on_the_second)
     run = run_cli("--demo", "--now", NOW_ISO, "--limit", "4", "--dry-run", complete=True)
-    assert run.code == rtt.EXIT_ATTENTION
+    assert run.code == rtt.ExitCode.ATTENTION
     report = run.report()
     assert report["summary"]["users_failed"] == 1
     [failed] = [s for s in report["skipped"] if s["reason"].startswith("failed:")]
@@ -461,7 +461,8 @@ def test_help_shows_the_exit_code_table(run_cli):
 
 def result(**kwargs: Any) -> rtt.RunResult:
     firebase = {"not_written": kwargs.pop("not_written", []), "errors": kwargs.pop("errors", [])}
-    return rtt.RunResult(campaign_id="c", report={}, report_path=Path("r.json"), firebase=firebase,
+    report = {"firebase": firebase, "status": kwargs.pop("status", "completed"), "empty_input": []}
+    return rtt.RunResult(report=report, report_path=Path("r.json"),
                          claude_unavailable=kwargs.pop("claude_unavailable", None), **kwargs)
 
 
@@ -512,7 +513,7 @@ def test_an_outage_under_concurrency_costs_at_most_four_calls_and_every_member_s
     limit = rtt.ClaudeAdvisor.MAX_CONSECUTIVE_FAILURES
     assert responder.peak >= 2  # the calls did overlap
     assert len(fake.requests) <= limit
-    assert run.code == rtt.EXIT_ATTENTION
+    assert run.code == rtt.ExitCode.ATTENTION
     assert [m["matcher"] for m in run.matches] == ["rules"] * len(MEMBERS)
     assert [m["generator"] for m in run.messages] == ["template"] * len(MEMBERS)
     assert f"{limit} calls in a row failed" in run.report()["llm_usage"]["unavailable"]
@@ -763,7 +764,7 @@ def out_of_memory(*_args: Any, **_kwargs: Any) -> Any:
 
 
 def assert_out_of_memory(run: CliRun) -> None:
-    assert_one_error_line(run, rtt.EXIT_FAILURE)
+    assert_one_error_line(run, rtt.ExitCode.FAILURE)
     assert "out of memory" in run.err
     with rtt.run_lock(run.root):  # released: the next run may take it
         pass
@@ -820,7 +821,7 @@ def test_a_folder_read_by_the_engine_is_interrupted_at_the_deadline_in_one_line_
     run = run_cli("--source", str(world_folder), "--now", NOW_ISO, "--llm", "off", "--dry-run",
                   "--deadline-minutes", "0.02")  # 1.2 s
     assert time.monotonic() - began < 8
-    assert run.code == rtt.EXIT_FAILURE, run.err  # (not the literal read taking over past the deadline)
+    assert run.code == rtt.ExitCode.FAILURE, run.err  # (not the literal read taking over past the deadline)
     [line] = run.err.splitlines()
     assert "--deadline-minutes" in line and str(world_folder) in line
 
@@ -862,5 +863,5 @@ def test_out_of_memory_in_a_members_thread_ends_the_run_not_only_the_member(run_
 def test_out_of_memory_in_measure_is_one_line_exit_1(run_cli, world_folder, monkeypatch):
     monkeypatch.setattr(rtt, "read_campaigns", out_of_memory)
     run = run_cli("measure", "--source", str(world_folder), "--now", NOW_ISO)
-    assert_one_error_line(run, rtt.EXIT_FAILURE)
+    assert_one_error_line(run, rtt.ExitCode.FAILURE)
     assert "out of memory" in run.err

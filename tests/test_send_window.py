@@ -208,7 +208,8 @@ def campaign(run_cli: Any, folder: Path, *flags: str, now: str = NOW_ISO, env: d
     root = folder.parent / f"out-{len(list(folder.parent.glob('out-*')))}"
     run = run_cli("--source", str(folder), "--now", now, "--dry-run", "--llm", "off", *flags, env=env, root=root,
                   complete=True)
-    assert run.code == (rtt.EXIT_OK if run.messages else rtt.EXIT_ATTENTION), run.err  # a day without a message: 3
+    # a day without a message: 3
+    assert run.code == (rtt.ExitCode.OK if run.messages else rtt.ExitCode.ATTENTION), run.err
     return run
 
 

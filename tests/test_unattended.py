@@ -167,7 +167,7 @@ def test_a_run_on_an_out_another_process_holds_exits_75_in_one_stderr_line(proce
     out = tmp_path / "out"
     processes.hold_lock(out)
     run = finish(processes.cli(out, "--demo", "--now", NOW_ISO), out)
-    assert run.code == rtt.EXIT_LOCKED == 75
+    assert run.code == rtt.ExitCode.LOCKED == 75
     assert len(run.err.splitlines()) == 1
     assert "another run holds the lock" in run.err
 
@@ -176,7 +176,7 @@ def test_a_run_refused_by_the_lock_writes_nothing_under_out(processes, tmp_path)
     out = tmp_path / "out"
     processes.hold_lock(out)
     run = finish(processes.cli(out, "--demo", "--now", NOW_ISO), out)
-    assert run.code == rtt.EXIT_LOCKED
+    assert run.code == rtt.ExitCode.LOCKED
     assert [p.name for p in out.iterdir()] == [rtt.LOCK_FILE]
 
 
@@ -186,9 +186,9 @@ def test_a_demo_started_during_a_slow_run_on_the_same_out_is_refused_and_the_slo
     slow = processes.slow_claude(slow_fake, folder, out, "--limit", "2")
     wait_for_requests(slow_fake, 1, slow)
     demo = finish(processes.cli(out, "--demo", "--now", NOW_ISO), out)
-    assert demo.code == rtt.EXIT_LOCKED, demo.err
+    assert demo.code == rtt.ExitCode.LOCKED, demo.err
     done = finish(slow, out)
-    assert done.code == rtt.EXIT_OK, done.err
+    assert done.code == rtt.ExitCode.OK, done.err
     assert done.report()["status"] == "completed"
     assert_outputs_whole(out)
     assert_mirror_lists_consistent(out)
@@ -202,14 +202,14 @@ def test_a_run_killed_with_sigkill_leaves_no_stale_lock(processes, slow_fake, fo
     assert slow.wait(timeout=10) == -signal.SIGKILL
     assert (out / rtt.LOCK_FILE).exists()  # the file stays; the flock died with the process
     run = finish(processes.cli(out, "--demo", "--now", NOW_ISO), out)
-    assert run.code == rtt.EXIT_OK, run.err
+    assert run.code == rtt.ExitCode.OK, run.err
 
 
 def test_two_demo_runs_started_together_on_one_out_leave_whole_files_and_a_consistent_mirror(processes, tmp_path):
     out = tmp_path / "out"
     first, second = (processes.cli(out, "--demo", "--now", NOW_ISO) for _ in range(2))
     codes = sorted(finish(p, out).code for p in (first, second))
-    assert codes in ([0, 0], [0, rtt.EXIT_LOCKED])  # 75 when they overlapped, else one after the other
+    assert codes in ([0, 0], [0, rtt.ExitCode.LOCKED])  # 75 when they overlapped, else one after the other
     assert_outputs_whole(out)
     assert_mirror_lists_consistent(out)
 
@@ -376,7 +376,7 @@ def test_a_run_out_of_memory_under_ulimit_exits_1_in_one_line_and_never_hangs(
                             "--dry-run", "--deadline-minutes", "0.5",
                             preexec_fn=lambda: resource.setrlimit(resource.RLIMIT_AS, (limit, limit)))
     run = finish(process, out, timeout=60)
-    assert run.code == rtt.EXIT_FAILURE, run.err
+    assert run.code == rtt.ExitCode.FAILURE, run.err
     [line] = run.err.splitlines()
     assert line.startswith("error: out of memory")
     with rtt.run_lock(out):
@@ -396,7 +396,7 @@ def test_the_deadline_ends_a_slow_run_soon_after_with_exit_3_and_members_not_sta
                       "--deadline-minutes", "0.02", env=env)  # 1.2 s; the six members need 3 s
         elapsed = time.monotonic() - began
     assert elapsed < 6, elapsed
-    assert run.code == rtt.EXIT_ATTENTION, run.err
+    assert run.code == rtt.ExitCode.ATTENTION, run.err
     report = run.report()
     assert report["status"] == "deadline"
     assert report["summary"]["users_not_started"] > 0
@@ -425,7 +425,7 @@ def test_a_firebase_that_never_answers_ends_the_run_within_seconds_with_exit_3_a
     with SilentServer(trickle=trickle) as silent:
         run, elapsed = firebase_run(run_cli, world_folder, {"FIREBASE_DATABASE_URL": silent.url})
     assert elapsed < FIREBASE_BOUND, elapsed
-    assert run.code == rtt.EXIT_ATTENTION, run.err
+    assert run.code == rtt.ExitCode.ATTENTION, run.err
     report = run.report()
     assert {"users", "events", f"campaigns/{report['campaign_id']}/metadata"} <= set(report["firebase"]["not_written"])
     assert report["firebase"]["written"] == []
@@ -453,7 +453,7 @@ def test_a_database_that_answers_reads_but_never_completes_a_write_ends_the_run_
         finally:
             release.set()
     assert elapsed < FIREBASE_BOUND, elapsed
-    assert run.code == rtt.EXIT_ATTENTION, run.err
+    assert run.code == rtt.ExitCode.ATTENTION, run.err
     assert any(r.method == "GET" and r.status == 200 for r in db.requests)
     report = run.report()
     archive = {f"campaigns/{report['campaign_id']}/{part}" for part in ARCHIVE_PARTS}
@@ -475,7 +475,7 @@ def test_a_claude_that_never_answers_ends_the_run_within_seconds_on_rules_and_te
     with SilentServer() as silent:
         run, elapsed = silent_claude_run(run_cli, folder, silent.url)
     assert elapsed < 6, elapsed
-    assert run.code == rtt.EXIT_ATTENTION, run.err
+    assert run.code == rtt.ExitCode.ATTENTION, run.err
     report = run.report()
     assert report["summary"]["matchers"] == {"rules": len(MEMBERS)}
     assert report["summary"]["generators"] == {"template": len(MEMBERS)}
@@ -529,7 +529,8 @@ def test_two_runs_started_together_on_two_outs_sharing_one_database_get_two_camp
                              env=env) for name in ("out1", "out2")]
     runs = [finish(p, tmp_path / name) for p, name in zip(started, ("out1", "out2"), strict=True)]
     drafted = [r.report()["summary"]["total_messages_generated"] for r in runs]  # one may find all in cooldown
-    assert [r.code for r in runs] == [rtt.EXIT_OK if n else rtt.EXIT_ATTENTION for n in drafted], [r.err for r in runs]
+    codes = [rtt.ExitCode.OK if n else rtt.ExitCode.ATTENTION for n in drafted]
+    assert [r.code for r in runs] == codes, [r.err for r in runs]
     ids = {r.report()["campaign_id"] for r in runs}
     archives = rtdb.get_rendered(f"{BASE}/campaigns")
     assert len(ids) == 2 and set(archives) == ids
@@ -545,7 +546,7 @@ def test_a_campaign_id_already_in_the_database_is_never_reused_or_overwritten(ru
     for campaign_id, metadata in taken.items():
         rtdb.set(f"{BASE}/campaigns/{campaign_id}/metadata", metadata)
     run = run_cli("--source", str(world_folder), "--now", NOW_ISO, "--llm", "off", env=rest_env(rtdb))
-    assert run.code == rtt.EXIT_OK, run.err
+    assert run.code == rtt.ExitCode.OK, run.err
     campaign_id = run.report()["campaign_id"]
     assert campaign_id not in taken
     assert rtdb.get_rendered(f"{BASE}/campaigns/{campaign_id}/metadata")["id"] == campaign_id

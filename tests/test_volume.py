@@ -300,7 +300,7 @@ def test_the_campaign_day_is_local():
 ])
 def test_bad_allocation_flags_exit_2_with_one_line(run_cli, plenty, flag, value):
     run = run_cli("--source", str(plenty), "--now", NOW_ISO, f"{flag}={value}")
-    assert run.code == rtt.EXIT_USAGE
+    assert run.code == rtt.ExitCode.USAGE
     assert run.err.count("\n") == 1 and flag in run.err and "Traceback" not in run.err
     assert not (run.root / "reports").exists()
 
