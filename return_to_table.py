@@ -9261,7 +9261,6 @@ def measure_funnel(report: Mapping[str, Any], campaign_stages: Sequence[tuple[st
 
 def weekly_chart(axes: Any, weekly: Sequence[Mapping[str, Any]], days: Sequence[datetime]) -> None:
     """Treated and holdout return rates per week, each with its Wilson 95% band."""
-    import numpy as np
 
     for arm, colour in (("treated", "tab:blue"), ("holdout", "tab:grey")):
         rows = [(d, w[arm]) for d, w in zip(days, weekly, strict=True) if w[arm]["size"]]
@@ -10054,7 +10053,6 @@ class FitData(NamedTuple):
     @classmethod
     def of(cls, dated: Sequence[tuple[datetime, int, list[Trial]]]) -> FitData:
         """Each trial's candidates, as the backtest scored them, with what really happened."""
-        import numpy as np
 
         unit = MatchWeights(dict.fromkeys(WEIGHT_NAMES, 1.0))
         trials = [(day, t) for day, _, ts in dated for t in ts]
@@ -10072,7 +10070,6 @@ class FitData(NamedTuple):
     def hits_with(self, weights: Mapping[str, float]) -> Any:
         """Each trial's hit (1/0) with the candidates ranked by ``weights`` as ``Candidate.rank_key`` ranks them:
         the total (history points times timing, plus the plan's tiers), then the plan's order."""
-        import numpy as np
 
         points = self.signals @ np.array([weights[name] for name in HISTORY_WEIGHTS])
         timing = np.where(self.days <= NEAR_DAYS, 1.0, 0.5 ** ((self.days - NEAR_DAYS) / weights["FAR_HALVING_DAYS"]))
@@ -10141,7 +10138,6 @@ def fit_split(days: Sequence[datetime], fit_until: datetime | None) -> datetime:
 def fit_weights(dated: Sequence[tuple[datetime, int, list[Trial]]], window_days: int, cut: datetime,
                 current: MatchWeights, resamples: int, seed: int) -> dict[str, Any]:
     """``backtest --fit``: weights fitted on the as-of dates up to ``cut``, judged on the later ones."""
-    import numpy as np
 
     data = FitData.of(dated)
     fitted_mask = np.array([d <= cut for d in data.days_of], dtype=bool)
