@@ -568,7 +568,7 @@ class QuietFileHandler(logging.FileHandler):
         pass
 
 
-def console_filter(level: int) -> Any:
+def console_filter(level: int) -> Callable[[logging.LogRecord], bool]:
     """The console's ``level``; the summary line (``extra={"summary": True}``) always shows, ``FILE_ONLY`` never."""
     return lambda record: not getattr(record, "file_only", False) and (
         record.levelno >= level or getattr(record, "summary", False))
@@ -592,7 +592,7 @@ def setup_logging(options: RunOptions) -> logging.Logger:
     file_handler.setFormatter(logging.Formatter(
         "%(asctime)s - %(name)s - %(levelname)s - %(message)s", datefmt="%Y-%m-%d %H:%M:%S"))
     shown = console_filter(logging.WARNING if options.quiet else logging.DEBUG if options.verbose else logging.INFO)
-    logger = own_logger("ReturnToTable", logging.DEBUG, sys.stdout, file_handler, console_filter=shown)
+    logger = own_logger("ReturnToTable", logging.DEBUG, sys.stdout, file_handler, shown=shown)
     logger.info("Logging initialized. Log file: %s", log_file)
     if pruned:
         logger.info("Removed %d log files older than %d days", pruned, options.keep_logs_days)
@@ -621,7 +621,7 @@ def close_logging(logger: logging.Logger) -> None:
 
 
 def own_logger(name: str, level: int, stream: Any, *handlers: logging.Handler,
-               console_filter: Any = None) -> logging.Logger:
+               shown: Callable[[logging.LogRecord], bool] | None = None) -> logging.Logger:
     """A logger not propagated, with only ``handlers`` and then "LEVEL - message" lines on ``stream`` (the campaign's
     on stdout, measure's warnings on stderr): a second run in the same process starts clean."""
     logger = logging.getLogger(name)
@@ -630,8 +630,8 @@ def own_logger(name: str, level: int, stream: Any, *handlers: logging.Handler,
     close_logging(logger)
     console = logging.StreamHandler(stream)
     console.setFormatter(logging.Formatter("%(levelname)s - %(message)s"))
-    if console_filter is not None:
-        console.addFilter(console_filter)
+    if shown is not None:  # (the console's own filter: ``console_filter``)
+        console.addFilter(shown)
     for handler in (*handlers, console):
         logger.addHandler(handler)
     return logger
