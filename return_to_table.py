@@ -8222,7 +8222,6 @@ class ReturnToTable:
         census = find_dormant_users(read.users, self.activity, self.options.now, zone=self.zone.key, complete=False)
         if read.statuses is not None:
             census = dataclasses.replace(census, status_counts=read.statuses)
-        write_json(self.options.data_dir / "processed" / "dormant_users.json", census.eligible, private=True)
         self.logger.info("Step 1: %d dormant members, %d personalisation-ready (statuses: %s)",
                          census.dormant_total, len(census.eligible), census.status_counts)
         return census
