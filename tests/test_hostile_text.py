@@ -112,6 +112,7 @@ def test_hostile_text_in_an_event_name_never_reaches_a_valid_sms(before, hazard,
 @given(hazard=st.one_of(HAZARDS, st.sampled_from(CONTROLS)), at=st.integers(0, len(GOOD) - len(LINK)),
        glue=st.sampled_from([" ", "", ". ", ":", "\u00a0"]))
 @example(hazard="4.ru", at=68, glue="")  # a top-level domain running into a digit: "4.ru6 going"
+@example(hazard="a.ru", at=97, glue="")  # a domain glued to the link: "a.ruhttps://..." matched as one scheme
 def test_hostile_text_in_a_claude_message_is_refused(hazard, at, glue):
     text = GOOD[:at] + glue + hazard + glue + GOOD[at:]
     assert rtt.validate_sms(text, FACTS) != []
